@@ -1,0 +1,24 @@
+//! What the ztunnel node agent and the waypoint share.
+//!
+//! Layering (each module only uses those above it):
+//! - [`identity`]: SPIFFE identities.
+//! - [`model`]: the mesh model the proxies query (pure, no IO); [`k8s`] builds it from YAML.
+//! - [`policy`]: PeerAuthentication and AuthorizationPolicy evaluation (pure).
+//! - [`ca`], [`certs`]: the embedded CA and the per-workload certificate cache with rotation.
+//!   Only these two modules ever hold private keys.
+//! - [`tls`]: rustls configurations and SPIFFE verification.
+//! - [`hbone`]: HTTP/2 CONNECT tunnels, client pool and server.
+//! - [`metrics`]: Prometheus metrics with Istio's names and labels.
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod certs;
+pub mod hbone;
+pub mod identity;
+pub mod k8s;
+pub mod metrics;
+pub mod model;
+pub mod policy;
+pub mod tls;
+
+pub use identity::Identity;

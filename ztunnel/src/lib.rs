@@ -1,0 +1,1 @@
+//! The ztunnel node agent.

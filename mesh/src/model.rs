@@ -152,6 +152,10 @@ pub struct Source {
     pub not_ip_blocks: Vec<IpNet>,
     pub remote_ip_blocks: Vec<IpNet>,
     pub not_remote_ip_blocks: Vec<IpNet>,
+    /// `serviceAccounts`, normalised to `<namespace>/<name>` (a bare name means the policy's
+    /// namespace).
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -250,7 +254,15 @@ impl Model {
                 continue;
             }
             for ip in &pod.ips {
-                index.pod_by_ip.insert(*ip, key.clone());
+                // A finished pod keeps its IP in `status` while the IP may already belong to a
+                // new pod: the ready claimant wins, otherwise the first by name.
+                let replace = match index.pod_by_ip.get(ip).and_then(|k| self.pods.get(k)) {
+                    None => true,
+                    Some(current) => pod.ready && !current.ready,
+                };
+                if replace {
+                    index.pod_by_ip.insert(*ip, key.clone());
+                }
             }
         }
         for (key, svc) in &self.services {
@@ -283,5 +295,316 @@ impl Model {
     /// The SPIFFE identity of `pod` in `trust_domain`.
     pub fn identity_of(&self, pod: &Pod, trust_domain: &str) -> Identity {
         Identity::new(trust_domain, &pod.namespace, &pod.service_account)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods.get(&NamespacedName::new(namespace, name))
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.get(name)
+    }
+
+    /// Pods scheduled on `node` (`spec.nodeName`), in name order.
+    pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods
+            .values()
+            .filter(move |p| p.node_name.as_deref() == Some(node))
+    }
+
+    /// Whether `pod` is enrolled in ambient mode: its own `istio.io/dataplane-mode` label
+    /// decides (`ambient` enrolls, `none` opts out); otherwise its namespace's label does.
+    /// Host-network pods share the node's network namespace, so there is nothing to capture.
+    pub fn is_ambient(&self, pod: &Pod) -> bool {
+        if pod.host_network {
+            return false;
+        }
+        match pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+            Some(AMBIENT) => true,
+            Some(NONE) => false,
+            _ => self
+                .namespace(&pod.namespace)
+                .and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL))
+                .is_some_and(|mode| mode == AMBIENT),
+        }
+    }
+
+    /// Services in the pod's namespace whose selector matches its labels, in name order.
+    /// Services without a selector never match (their endpoints are managed elsewhere).
+    pub fn services_for_pod(&self, pod: &Pod) -> Vec<&Service> {
+        self.services
+            .values()
+            .filter(|svc| svc.namespace == pod.namespace)
+            .filter(|svc| {
+                svc.selector
+                    .as_ref()
+                    .is_some_and(|sel| selector_matches(sel, &pod.labels))
+            })
+            .collect()
+    }
+
+    /// The ready endpoints of `port` of `svc`, in pod name order: ready pods with an IP,
+    /// selected by the service, with the target port resolved. A named target port is looked
+    /// up in the pod's container ports; pods without such a port are skipped (as Kubernetes
+    /// does). When the service has a cluster IP, the pod IP of the same family is used and
+    /// pods without one are skipped (a single-stack service gets single-stack endpoints);
+    /// headless services use the pod's primary IP.
+    pub fn endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
+        let Some(selector) = &svc.selector else {
+            return Vec::new();
+        };
+        let family = svc.cluster_ips.first().map(IpAddr::is_ipv4);
+        self.pods
+            .values()
+            .filter(|pod| pod.namespace == svc.namespace && pod.ready)
+            .filter(|pod| selector_matches(selector, &pod.labels))
+            .filter_map(|pod| {
+                let ip = match family {
+                    Some(v4) => pod.ips.iter().find(|ip| ip.is_ipv4() == v4),
+                    None => pod.ips.first(),
+                }?;
+                let target = match &port.target_port {
+                    TargetPort::Number(n) => *n,
+                    TargetPort::Named(name) => {
+                        pod.container_ports
+                            .iter()
+                            .find(|cp| cp.name.as_deref() == Some(name.as_str()))?
+                            .port
+                    }
+                };
+                Some(Endpoint {
+                    pod: NamespacedName::new(&pod.namespace, &pod.name),
+                    ip: *ip,
+                    port: target,
+                })
+            })
+            .collect()
+    }
+}
+
+const AMBIENT: &str = "ambient";
+const NONE: &str = "none";
+
+/// Kubernetes equality-based selection: every selector label is present with the same value.
+/// An empty selector selects everything.
+pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// An IP address (`10.0.0.1`, taken as a /32 or /128) or a CIDR (`10.0.0.0/8`), the forms
+/// Istio accepts in `ipBlocks` and in `source.ip`-like conditions.
+pub fn parse_ip_or_cidr(s: &str) -> Option<IpNet> {
+    if s.contains('/') {
+        s.parse::<IpNet>().ok()
+    } else {
+        s.parse::<IpAddr>().ok().map(IpNet::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Model queries over a small mesh written as YAML.
+
+    use super::*;
+    use crate::k8s::load_docs;
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-a
+  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]
+status: {podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-b
+  containers: [{name: app, ports: [{name: http, containerPort: 8081}]}]
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-3, namespace: shop, labels: {app: web, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-a, containers: [{name: app}]}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-4, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-a
+  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.0.0.4, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-v6, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-b
+  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: "fd00::6"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: agent, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-a
+  hostNetwork: true
+  containers: [{name: app, ports: [{name: http, containerPort: 9100}]}]
+status: {podIP: 192.168.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy, labels: {istio.io/dataplane-mode: ambient}}
+status: {podIP: 10.0.0.9, phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: new, namespace: legacy}
+status: {podIP: 10.0.0.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: legacy, labels: {app: web}}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.1
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}, {name: metrics, port: 9100, targetPort: 9100}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-headless, namespace: shop}
+spec: {clusterIP: None, selector: {app: web}, ports: [{port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: manual, namespace: shop}
+spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
+"#;
+
+    fn model() -> Model {
+        load_docs(&[("mesh.yaml".to_string(), MESH.to_string())]).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn endpoints(m: &Model, svc: &str, port: u16) -> Vec<(String, IpAddr, u16)> {
+        let svc = &m.services[&NamespacedName::new("shop", svc)];
+        let port = svc.ports.iter().find(|p| p.port == port).unwrap();
+        m.endpoints(svc, port)
+            .into_iter()
+            .map(|e| (e.pod.name, e.ip, e.port))
+            .collect()
+    }
+
+    #[test]
+    fn endpoints_resolve_named_ports_and_skip_unready_pods() {
+        let m = model();
+        // web-3 has no `http` port, web-4 is not ready, web-v6 has no IPv4 address, and the
+        // legacy pod is in another namespace.
+        assert_eq!(
+            endpoints(&m, "web", 80),
+            vec![
+                ("agent".to_string(), ip("192.168.0.10"), 9100),
+                ("web-1".to_string(), ip("10.0.0.1"), 8080),
+                ("web-2".to_string(), ip("10.0.0.2"), 8081),
+            ]
+        );
+        let numbered: Vec<String> = endpoints(&m, "web", 9100)
+            .into_iter()
+            .map(|(name, _, port)| format!("{name}:{port}"))
+            .collect();
+        assert_eq!(
+            numbered,
+            ["agent:9100", "web-1:9100", "web-2:9100", "web-3:9100"],
+            "a numbered target port needs no container port"
+        );
+        let headless: Vec<_> = endpoints(&m, "web-headless", 8080)
+            .into_iter()
+            .map(|(name, ip, _)| (name, ip))
+            .collect();
+        assert!(
+            headless.contains(&("web-v6".to_string(), ip("fd00::6"))),
+            "{headless:?}"
+        );
+        assert_eq!(
+            endpoints(&m, "manual", 80),
+            vec![],
+            "no selector, no endpoints"
+        );
+    }
+
+    #[test]
+    fn services_for_pod_match_selectors_in_the_pod_namespace() {
+        let m = model();
+        let names = |ns: &str, pod: &str| -> Vec<String> {
+            let pod = m.pod(ns, pod).unwrap();
+            m.services_for_pod(pod)
+                .into_iter()
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        assert_eq!(names("shop", "web-1"), ["web", "web-headless"]);
+        assert_eq!(names("legacy", "web-1"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn ambient_enrollment() {
+        let m = model();
+        for (ns, pod, want) in [
+            ("shop", "web-1", true),  // namespace label
+            ("shop", "web-3", false), // pod opts out
+            ("shop", "agent", false), // host network
+            ("legacy", "old", true),  // pod label in a plain namespace
+            ("legacy", "new", false), // neither
+        ] {
+            assert_eq!(m.is_ambient(m.pod(ns, pod).unwrap()), want, "{ns}/{pod}");
+        }
+    }
+
+    #[test]
+    fn lookups() {
+        let m = model();
+        let on_a: Vec<&str> = m.pods_on_node("node-a").map(|p| p.name.as_str()).collect();
+        assert_eq!(on_a, ["agent", "web-1", "web-3", "web-4"]);
+        assert_eq!(
+            m.workload_by_ip(ip("fd00::1")).map(|p| p.name.as_str()),
+            Some("web-1")
+        );
+        assert_eq!(
+            m.workload_by_ip(ip("192.168.0.10")),
+            None,
+            "host network is not a workload"
+        );
+        // A finished pod's stale IP belongs to the running pod that reuses it.
+        assert_eq!(
+            m.workload_by_ip(ip("10.0.0.9")).map(|p| p.name.as_str()),
+            Some("new")
+        );
+        let (svc, port) = m.service_by_vip(ip("10.96.0.1"), 80).unwrap();
+        assert_eq!(
+            (svc.name.as_str(), port.target_port.clone()),
+            ("web", TargetPort::Named("http".into()))
+        );
+        assert!(m.service_by_vip(ip("10.96.0.1"), 81).is_none());
+        assert!(m.pod("shop", "nope").is_none());
     }
 }

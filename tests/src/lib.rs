@@ -1,1 +1,64 @@
-//! e2e harness
+//! The end-to-end test harness: real binaries in network-namespace topologies.
+//!
+//! A [`Mesh`] is a small simulated cluster built from Linux network namespaces:
+//!
+//! ```text
+//!   pod netns <prefix><ns>.<pod>          node netns <prefix><node>          <prefix>_wire
+//!   eth0 10.244.<i>.<j>/32  ── veth ──  pod<j> 10.244.<i>.1/32
+//!                                        wire 10.255.0.<i>/24  ── veth ──  n<i> ─┐
+//!                                                                                br0 (10.255.0.254)
+//!                                        (other nodes)         ── veth ──  n<k> ─┘
+//! ```
+//!
+//! Each node namespace runs one `ztunnel` (unless declared bare); pods are their own namespaces
+//! joined to their node by a veth pair; nodes are joined by a bridge in a namespace of its own,
+//! which is where [`Mesh::capture_wire`] listens, so a capture sees every byte between nodes
+//! and nothing else. Nothing is ever linked to the root namespace and no namespace has a route
+//! out, so test traffic cannot leave the machine.
+//!
+//! Every namespace and process a mesh creates carries the mesh's unique prefix (`mt` + 6 hex
+//! digits + `-`): dropping the [`Mesh`] (also while a test panics) kills the processes and
+//! deletes the namespaces, and [`cleanup_stale`] sweeps what a killed test run left behind.
+//!
+//! ```no_run
+//! use e2e::{Ambient, Mesh, Pod, Service};
+//! # fn main() -> anyhow::Result<()> {
+//! let mesh = Mesh::builder("plain_connectivity")
+//!     .node("n1")
+//!     .node("n2")
+//!     .namespace("default", Ambient::Yes)
+//!     .pod(Pod::new("default", "client").on("n1").service_account("client"))
+//!     .pod(Pod::new("default", "server").on("n2").labels([("app", "echo")]))
+//!     .service(
+//!         Service::new("default", "echo")
+//!             .vip("10.96.0.10")
+//!             .port(80, 8080)
+//!             .selector([("app", "echo")]),
+//!     )
+//!     .build()?;
+//! let _server = mesh.spawn_echo("default/server", 8080, "v1")?;
+//! let reply = mesh.http_get("default/client", "10.96.0.10:80".parse()?, "/hello")?;
+//! assert_eq!(reply.status, 200);
+//! # Ok(())
+//! # }
+//! ```
+
+mod capture;
+pub mod echo;
+mod harness;
+pub mod http;
+mod netns;
+mod process;
+pub mod prom;
+mod spec;
+mod sys;
+mod wait;
+mod yaml;
+
+pub use capture::{parse_pcap, Capture, CaptureSummary, Packet, Proto};
+pub use harness::Mesh;
+pub use netns::{cleanup_stale, in_netns, StaleCleanup};
+pub use process::ChildGuard;
+pub use spec::{Ambient, MeshBuilder, Pod, Service};
+pub use sys::{preflight, Binaries, MARKER_ENV};
+pub use wait::{eventually, wait_until};

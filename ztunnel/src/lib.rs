@@ -1,1 +1,18 @@
-//! The ztunnel node agent.
+//! The ztunnel node agent: one process per node serving every enrolled pod on it.
+//!
+//! Data path modules are ordered like the traffic: [`redirect`] (capture rules in the pod's
+//! namespace) → [`proxy`] (listeners and the HBONE client/server) → [`conns`] (open connections,
+//! re-checked on policy change). Control: [`app`] wires [`config`], the model watcher,
+//! [`workloads`] (which pods we serve) and [`admin`] (metrics, readiness, config dump).
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod conns;
+pub mod logging;
+pub mod netns;
+pub mod proxy;
+pub mod redirect;
+pub mod socket;
+pub mod workloads;

@@ -1,0 +1,618 @@
+//! The HBONE client: CONNECT streams multiplexed over pooled mTLS HTTP/2 connections.
+//!
+//! Connections are pooled per [`PoolKey`] (source identity and IP, destination identity and
+//! address). A connection carries at most `max_streams_per_conn` streams (and never more than
+//! the peer's SETTINGS_MAX_CONCURRENT_STREAMS); when all are full another one is dialed.
+//! A connection closes after `idle_timeout` without streams, and one that failed or got a
+//! GOAWAY is never handed out again. Concurrent callers that find no room wait for a dial
+//! already under way for their key instead of each dialing their own.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::Reason;
+use http::{Request, StatusCode};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tracing::Instrument;
+
+use super::stream::H2Stream;
+use super::{HboneError, ALPN_H2, CONNECTION_WINDOW, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
+use crate::identity::Identity;
+
+/// Default cap on streams per pooled connection.
+pub const DEFAULT_MAX_STREAMS_PER_CONN: u32 = 100;
+/// Default time a connection stays open without streams.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default bound on dial + TLS + HTTP/2 handshake + CONNECT response.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often one `connect` may move on from a pooled connection that turned out to be dead
+/// (GOAWAY, reset) before giving up; each retry ends in a fresh dial at the latest.
+const MAX_STALE_RETRIES: usize = 3;
+
+/// How long an idle-expired connection may take to send its GOAWAY and close.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The TLS server name we present. HBONE peers are verified by SPIFFE identity, not by name,
+/// and rustls needs some name; this one is never sent as a DNS lookup.
+// TODO(tls): use `crate::tls::server_name()` once tls.rs provides it.
+const TLS_SERVER_NAME: &str = "hbone";
+
+/// What a pooled connection is shared by: nothing else may ride on it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src: Identity,
+    pub src_ip: IpAddr,
+    pub dst: Identity,
+    /// The destination's HBONE address (`ip:15008`).
+    pub dst_addr: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Most concurrent streams per connection (the peer's own limit applies too).
+    pub max_streams_per_conn: u32,
+    /// A connection without streams for this long is closed.
+    pub idle_timeout: Duration,
+    /// Bound on one `connect`: dial, TLS and HTTP/2 handshakes and the CONNECT response.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams_per_conn: DEFAULT_MAX_STREAMS_PER_CONN,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// A snapshot for `/config_dump` and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStats {
+    /// Open connections that may still take streams or carry some.
+    pub connections: usize,
+    /// Open CONNECT streams (and ones being opened) over all connections.
+    pub streams: usize,
+}
+
+/// The HBONE connection pool. Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    cfg: PoolConfig,
+    entries: Mutex<HashMap<PoolKey, Entry>>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Entry {
+    conns: Vec<Arc<PooledConn>>,
+    /// Set while one caller dials for this key; others wait on it.
+    dialing: Option<watch::Receiver<DialOutcome>>,
+}
+
+/// `None` while the dial runs; then whether it produced a connection.
+type DialOutcome = Option<Result<(), Arc<HboneError>>>;
+
+/// The pool's handle on one connection. Dropping the last one (with no streams left) lets
+/// h2 close the connection with a GOAWAY.
+struct PooledConn {
+    send: SendRequest<Bytes>,
+    state: Arc<ConnState>,
+}
+
+/// Per-connection accounting shared by the pool, the streams and the connection task.
+pub(crate) struct ConnState {
+    id: u64,
+    /// Streams open or being opened on this connection.
+    active: AtomicUsize,
+    /// Failed, got GOAWAY, or expired: never hand it out again.
+    closed: AtomicBool,
+    /// When a stream was last added or removed; idle expiry counts from here.
+    last_activity: Mutex<Instant>,
+    /// Wakes the connection task when the stream count drops to zero.
+    idle: Notify,
+}
+
+/// One reserved stream on a pooled connection; released on drop.
+pub(crate) struct StreamSlot {
+    state: Arc<ConnState>,
+}
+
+/// What happened to one attempt at a CONNECT on a chosen connection.
+struct OpenError {
+    error: HboneError,
+    /// The connection is unusable (GOAWAY, io error): mark it closed.
+    conn_broken: bool,
+    /// The request never reached the application: it may be tried on another connection.
+    retryable: bool,
+}
+
+enum Step {
+    Reuse(Arc<PooledConn>, StreamSlot),
+    Wait(watch::Receiver<DialOutcome>),
+    Dial(DialGuard),
+}
+
+/// Held by the one caller dialing for a key; clears the "dialing" mark even if that
+/// caller is cancelled, so waiters move on.
+struct DialGuard {
+    pool: Arc<PoolInner>,
+    key: PoolKey,
+    tx: watch::Sender<DialOutcome>,
+    finished: bool,
+}
+
+// === impl Pool ===
+
+impl Pool {
+    pub fn new(cfg: PoolConfig) -> Pool {
+        Pool {
+            inner: Arc::new(PoolInner {
+                cfg,
+                entries: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Opens a CONNECT stream for `req` on a pooled connection for `key`, dialing a new one
+    /// with `dial()` + TLS (`tls`, ALPN h2) + HTTP/2 handshake when none has room.
+    /// A response other than 200 is `Err(HboneError::Status(code))`.
+    pub async fn connect<D, F>(
+        &self,
+        key: PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        dial: D,
+        req: http::Request<()>,
+    ) -> Result<H2Stream, HboneError>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let timeout = self.inner.cfg.connect_timeout;
+        tokio::time::timeout(timeout, self.connect_inner(key, tls, dial, req))
+            .await
+            .unwrap_or(Err(HboneError::Timeout))
+    }
+
+    async fn connect_inner<D, F>(
+        &self,
+        key: PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        dial: D,
+        req: http::Request<()>,
+    ) -> Result<H2Stream, HboneError>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let mut dial = Some(dial);
+        let mut stale = 0;
+        loop {
+            let (conn, slot, fresh) = self.checkout(&key, &tls, &mut dial).await?;
+            match open_stream(&conn, slot, clone_request(&req)).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => {
+                    if e.conn_broken {
+                        conn.state.closed.store(true, Ordering::Release);
+                    }
+                    // A fresh connection failing is an answer about the destination, not a
+                    // stale pool entry: report it.
+                    if fresh || !e.retryable || stale >= MAX_STALE_RETRIES {
+                        return Err(e.error);
+                    }
+                    stale += 1;
+                    tracing::debug!(error = %e.error, dst = %key.dst_addr, "pooled connection unusable; retrying");
+                }
+            }
+        }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let entries = self.inner.lock();
+        let mut stats = PoolStats::default();
+        for conn in entries.values().flat_map(|e| e.conns.iter()) {
+            if !conn.state.closed.load(Ordering::Acquire) {
+                stats.connections += 1;
+            }
+            stats.streams += conn.state.active.load(Ordering::Acquire);
+        }
+        stats
+    }
+
+    /// A connection with a reserved stream: pooled (`false`) or freshly dialed (`true`).
+    async fn checkout<D, F>(
+        &self,
+        key: &PoolKey,
+        tls: &Arc<rustls::ClientConfig>,
+        dial: &mut Option<D>,
+    ) -> Result<(Arc<PooledConn>, StreamSlot, bool), HboneError>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        loop {
+            let step = self.inner.step(key);
+            match step {
+                Step::Reuse(conn, slot) => return Ok((conn, slot, false)),
+                Step::Wait(mut rx) => {
+                    let failed = match rx.wait_for(Option::is_some).await {
+                        Ok(outcome) => match &*outcome {
+                            Some(Err(e)) => Some(e.duplicate()),
+                            _ => None,
+                        },
+                        // The dialer was cancelled: look again (and maybe dial ourselves).
+                        Err(_) => None,
+                    };
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                }
+                Step::Dial(guard) => {
+                    // Only reachable once: a freshly dialed connection's failure is final.
+                    let Some(dial) = dial.take() else {
+                        return Err(HboneError::Closed);
+                    };
+                    return match self.establish(key, tls, dial).await {
+                        Ok(conn) => {
+                            let slot = conn.state.reserve();
+                            guard.succeed(conn.clone());
+                            Ok((conn, slot, true))
+                        }
+                        Err(e) => {
+                            let shared = Arc::new(e.duplicate());
+                            guard.fail(shared);
+                            Err(e)
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// Dial, TLS, HTTP/2 handshake; spawns the task that drives the connection.
+    async fn establish<D, F>(
+        &self,
+        key: &PoolKey,
+        tls: &Arc<rustls::ClientConfig>,
+        dial: D,
+    ) -> Result<Arc<PooledConn>, HboneError>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let tcp = dial().await.map_err(HboneError::Dial)?;
+        let name = ServerName::try_from(TLS_SERVER_NAME)
+            .map_err(|e| HboneError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let tls = tokio_rustls::TlsConnector::from(with_h2_alpn(tls))
+            .connect(name, tcp)
+            .await
+            .map_err(HboneError::Tls)?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+            return Err(HboneError::Alpn);
+        }
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(ConnState::new(id));
+        let span = tracing::debug_span!("hbone_client_conn", id, dst = %key.dst_addr);
+        tokio::spawn(
+            drive(
+                conn,
+                state.clone(),
+                Arc::downgrade(&self.inner),
+                key.clone(),
+                self.inner.cfg.idle_timeout,
+            )
+            .instrument(span),
+        );
+        tracing::debug!(id, dst = %key.dst_addr, src = %key.src, "hbone connection established");
+        Ok(Arc::new(PooledConn { send, state }))
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("cfg", &self.inner.cfg)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Sends the CONNECT on `conn` and waits for the answer.
+async fn open_stream(
+    conn: &PooledConn,
+    slot: StreamSlot,
+    req: Request<()>,
+) -> Result<H2Stream, OpenError> {
+    // Errors before the request is on the wire mean the connection is gone (GOAWAY, io).
+    let before_send = |e: h2::Error| OpenError {
+        conn_broken: e.is_go_away() || e.is_io() || e.reason().is_some(),
+        retryable: true,
+        error: HboneError::H2(e),
+    };
+    let mut send = conn.send.clone().ready().await.map_err(before_send)?;
+    let (response, send_stream) = send.send_request(req, false).map_err(before_send)?;
+    let response = response.await.map_err(|e| {
+        let conn_broken = e.is_go_away() || e.is_io();
+        // REFUSED_STREAM and streams above a GOAWAY's last id were never processed
+        // (RFC 9113 8.7); an io error means the connection died under a request that had
+        // no tunnel bytes yet.
+        let retryable = conn_broken || e.reason() == Some(Reason::REFUSED_STREAM);
+        OpenError {
+            error: HboneError::H2(e),
+            conn_broken,
+            retryable,
+        }
+    })?;
+    let status = response.status();
+    if status != StatusCode::OK {
+        return Err(OpenError {
+            error: HboneError::Status(status),
+            conn_broken: false,
+            retryable: false,
+        });
+    }
+    Ok(H2Stream::new(send_stream, response.into_body(), Some(slot)))
+}
+
+fn clone_request(req: &Request<()>) -> Request<()> {
+    let mut r = Request::new(());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
+/// The caller's config with ALPN `h2` if it lacks it (HBONE requires it; a config built
+/// for HBONE already has it, and then nothing is copied).
+fn with_h2_alpn(tls: &Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {
+    if tls.alpn_protocols.iter().any(|p| p == ALPN_H2) {
+        return tls.clone();
+    }
+    let mut cfg = (**tls).clone();
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Arc::new(cfg)
+}
+
+/// Runs one client connection until it fails, the peer closes it, or it has been idle for
+/// `idle_timeout`; then takes it out of the pool.
+async fn drive(
+    conn: h2::client::Connection<TlsStream<TcpStream>, Bytes>,
+    state: Arc<ConnState>,
+    pool: Weak<PoolInner>,
+    key: PoolKey,
+    idle_timeout: Duration,
+) {
+    tokio::pin!(conn);
+    let expired = loop {
+        let deadline = state.idle_deadline(idle_timeout);
+        tokio::select! {
+            res = &mut conn => {
+                match res {
+                    Ok(()) => tracing::debug!("hbone connection closed"),
+                    Err(e) => tracing::debug!(error = %e, "hbone connection failed"),
+                }
+                break false;
+            }
+            () = state.idle.notified() => {}
+            () = sleep_until_opt(deadline) => {
+                match pool.upgrade() {
+                    Some(pool) if pool.expire_if_idle(&key, &state, idle_timeout) => break true,
+                    Some(_) => {}
+                    None => break true,
+                }
+            }
+        }
+    };
+    state.closed.store(true, Ordering::Release);
+    if let Some(pool) = pool.upgrade() {
+        pool.remove(&key, state.id);
+    }
+    if expired {
+        tracing::debug!("hbone connection idle; closing");
+        // The pool's request handle is gone, so h2 sends GOAWAY and finishes by itself.
+        let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+// === impl PoolInner ===
+
+impl PoolInner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Entry>> {
+        // The map stays consistent under every panic point (single inserts and removals),
+        // so a poisoned lock is still usable.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Decides, under the lock, whether to reuse, wait for a dial, or dial.
+    fn step(self: &Arc<Self>, key: &PoolKey) -> Step {
+        let mut entries = self.lock();
+        let entry = entries.entry(key.clone()).or_default();
+        entry
+            .conns
+            .retain(|c| !c.state.closed.load(Ordering::Acquire));
+        for conn in &entry.conns {
+            if let Some(slot) = conn.try_reserve(self.cfg.max_streams_per_conn) {
+                return Step::Reuse(conn.clone(), slot);
+            }
+        }
+        if let Some(rx) = &entry.dialing {
+            return Step::Wait(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        entry.dialing = Some(rx);
+        Step::Dial(DialGuard {
+            pool: self.clone(),
+            key: key.clone(),
+            tx,
+            finished: false,
+        })
+    }
+
+    /// Removes the connection if it still has no streams and has been idle long enough.
+    /// Under the pool lock, so no caller can be reserving a stream on it meanwhile.
+    fn expire_if_idle(&self, key: &PoolKey, state: &ConnState, idle_timeout: Duration) -> bool {
+        let mut entries = self.lock();
+        if state.active.load(Ordering::Acquire) != 0
+            || state.last_activity() + idle_timeout > Instant::now()
+        {
+            return false;
+        }
+        state.closed.store(true, Ordering::Release);
+        Self::remove_locked(&mut entries, key, state.id);
+        true
+    }
+
+    fn remove(&self, key: &PoolKey, id: u64) {
+        let mut entries = self.lock();
+        Self::remove_locked(&mut entries, key, id);
+    }
+
+    fn remove_locked(entries: &mut HashMap<PoolKey, Entry>, key: &PoolKey, id: u64) {
+        if let Some(entry) = entries.get_mut(key) {
+            entry.conns.retain(|c| c.state.id != id);
+            if entry.conns.is_empty() && entry.dialing.is_none() {
+                entries.remove(key);
+            }
+        }
+    }
+}
+
+// === impl DialGuard ===
+
+impl DialGuard {
+    fn succeed(mut self, conn: Arc<PooledConn>) {
+        {
+            let mut entries = self.pool.lock();
+            let entry = entries.entry(self.key.clone()).or_default();
+            entry.conns.push(conn);
+            entry.dialing = None;
+        }
+        self.finished = true;
+        self.tx.send_replace(Some(Ok(())));
+    }
+
+    fn fail(mut self, error: Arc<HboneError>) {
+        self.clear();
+        self.finished = true;
+        self.tx.send_replace(Some(Err(error)));
+    }
+
+    fn clear(&self) {
+        let mut entries = self.pool.lock();
+        if let Some(entry) = entries.get_mut(&self.key) {
+            entry.dialing = None;
+            if entry.conns.is_empty() {
+                entries.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Drop for DialGuard {
+    fn drop(&mut self) {
+        // Cancelled mid-dial: unmark before `tx` drops, so woken waiters do not find the
+        // stale mark and wait on it again.
+        if !self.finished {
+            self.clear();
+        }
+    }
+}
+
+// === impl PooledConn / ConnState / StreamSlot ===
+
+impl PooledConn {
+    /// A stream slot if the connection is open and below both our cap and the peer's.
+    /// Called under the pool lock.
+    fn try_reserve(&self, max_streams: u32) -> Option<StreamSlot> {
+        if self.state.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let ours = usize::try_from(max_streams).unwrap_or(usize::MAX);
+        let cap = ours.min(self.send.current_max_send_streams());
+        if self.state.active.load(Ordering::Acquire) >= cap {
+            return None;
+        }
+        Some(self.state.reserve())
+    }
+}
+
+impl ConnState {
+    fn new(id: u64) -> Self {
+        ConnState {
+            id,
+            active: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            last_activity: Mutex::new(Instant::now()),
+            idle: Notify::new(),
+        }
+    }
+
+    fn reserve(self: &Arc<Self>) -> StreamSlot {
+        self.touch();
+        self.active.fetch_add(1, Ordering::AcqRel);
+        StreamSlot {
+            state: self.clone(),
+        }
+    }
+
+    fn touch(&self) {
+        *self
+            .last_activity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    fn last_activity(&self) -> Instant {
+        *self
+            .last_activity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn idle_deadline(&self, idle_timeout: Duration) -> Option<Instant> {
+        (self.active.load(Ordering::Acquire) == 0).then(|| self.last_activity() + idle_timeout)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        // Touch first: an expiry check that sees zero streams also sees a fresh timestamp.
+        self.state.touch();
+        if self.state.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.idle.notify_one();
+        }
+    }
+}

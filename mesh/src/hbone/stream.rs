@@ -1,0 +1,194 @@
+//! [`H2Stream`]: one end of a tunnel, a CONNECT stream seen as a byte stream.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::pool::StreamSlot;
+
+/// Most bytes handed to h2 per `poll_write`, so one writer cannot queue unbounded data.
+const MAX_WRITE_CHUNK: usize = 256 * 1024;
+
+/// Outgoing chunks are carved out of one buffer of this size, so that a busy tunnel
+/// allocates once per this many bytes rather than once per write.
+const WRITE_BUF_SIZE: usize = 64 * 1024;
+
+/// A tunnel end: `AsyncRead + AsyncWrite` over one CONNECT stream.
+///
+/// - Reading releases HTTP/2 receive window only as bytes are consumed, so a slow reader
+///   slows the sender instead of making us buffer.
+/// - Writing waits for send capacity (peer window), so a slow peer slows the writer.
+/// - `poll_shutdown` sends END_STREAM (half-close); reading continues.
+/// - Dropping the stream before both directions finished resets it (RST_STREAM CANCEL).
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received bytes not yet read.
+    pending: Bytes,
+    read_eof: bool,
+    write_closed: bool,
+    write_buf: BytesMut,
+    /// Keeps the pooled connection's stream count until the tunnel is gone.
+    _slot: Option<StreamSlot>,
+}
+
+impl std::fmt::Debug for H2Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Stream")
+            .field("stream_id", &self.send.stream_id())
+            .field("read_eof", &self.read_eof)
+            .field("write_closed", &self.write_closed)
+            .finish()
+    }
+}
+
+// === impl H2Stream ===
+
+impl H2Stream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, slot: Option<StreamSlot>) -> Self {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            read_eof: false,
+            write_closed: false,
+            write_buf: BytesMut::new(),
+            _slot: slot,
+        }
+    }
+
+    /// Resets the stream (both directions) with `reason`, e.g. when policy revokes it.
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                this.recv
+                    .flow_control()
+                    .release_capacity(n)
+                    .map_err(h2_to_io)?;
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_eof {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                // Empty DATA frames are legal; loop for the next one.
+                Some(Ok(data)) => this.pending = data,
+                // RST_STREAM(NO_ERROR) is how a peer says "done, stop sending" (RFC 9113
+                // 8.1): for the read side that is an orderly end.
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => this.read_eof = true,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => this.read_eof = true,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "hbone stream: write after shutdown",
+            )));
+        }
+        let want = buf.len().min(MAX_WRITE_CHUNK);
+        this.send.reserve_capacity(want);
+        loop {
+            let cap = this.send.capacity();
+            if cap > 0 {
+                let n = cap.min(want);
+                if this.write_buf.capacity() < n {
+                    this.write_buf.reserve(n.max(WRITE_BUF_SIZE));
+                }
+                this.write_buf.extend_from_slice(&buf[..n]);
+                let chunk = this.write_buf.split().freeze();
+                this.send.send_data(chunk, false).map_err(h2_to_io)?;
+                return Poll::Ready(Ok(n));
+            }
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                // The stream can no longer send: reset by the peer or the connection is gone.
+                None => return Poll::Ready(Err(this.closed_error(cx))),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2's connection task writes queued frames out by itself.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_closed {
+            if this.send.send_data(Bytes::new(), true).is_err() {
+                return Poll::Ready(Err(this.closed_error(cx)));
+            }
+            this.write_closed = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl H2Stream {
+    /// Why the send side is gone: the peer's reset reason when there is one.
+    fn closed_error(&mut self, cx: &mut Context<'_>) -> io::Error {
+        match self.send.poll_reset(cx) {
+            Poll::Ready(Ok(reason)) => io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("hbone stream reset by peer: {reason}"),
+            ),
+            Poll::Ready(Err(e)) => h2_to_io(e),
+            Poll::Pending => {
+                io::Error::new(io::ErrorKind::BrokenPipe, "hbone stream: send side closed")
+            }
+        }
+    }
+}
+
+/// Maps h2 errors to the io error kinds callers (and `relay`) act on.
+pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("hbone: connection io error"));
+    }
+    let kind = if e.is_go_away() {
+        io::ErrorKind::ConnectionAborted
+    } else if e.is_reset() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e)
+}

@@ -1,0 +1,1298 @@
+//! Scenario tests over real loopback sockets: pool → mTLS → server → handler → tunnel.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use http::{Method, StatusCode};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use super::*;
+use crate::identity::Identity;
+
+/// Upper bound for waiting on an event that should happen promptly; never a sync sleep.
+const EVENTUALLY: Duration = Duration::from_secs(5);
+
+// === fixtures ===
+
+/// A throwaway mesh CA with a client ("sleep") and a server ("echo") workload certificate.
+struct Pki {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn pki() -> Pki {
+    pki_with_server_alpn(true)
+}
+
+fn pki_with_server_alpn(server_alpn: bool) -> Pki {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "hbone test root");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca_der = ca_cert.der().clone();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    // The server leaf also names "hbone" because the stock webpki verifier checks the
+    // server name; the mesh verifier (tls.rs) checks the URI SAN instead.
+    let leaf = |sa: &str, dns: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(dns).unwrap();
+        let uri = Identity::new("cluster.local", "default", sa).uri();
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.try_into().unwrap()));
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone(), ca_der.clone()];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (chain, key)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der.clone()).unwrap();
+    let roots = Arc::new(roots);
+
+    let (server_chain, server_key) = leaf("echo", vec!["hbone".to_string()]);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(server_chain, server_key)
+        .unwrap();
+    if server_alpn {
+        server.alpn_protocols = vec![ALPN_H2.to_vec()];
+    }
+
+    let (client_chain, client_key) = leaf("sleep", vec![]);
+    // No ALPN here on purpose: the pool must add h2 itself.
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(client_chain, client_key)
+        .unwrap();
+    Pki {
+        client: Arc::new(client),
+        server: Arc::new(server),
+    }
+}
+
+/// An HBONE server on 127.0.0.1: TLS accept + `serve` per connection. Connections are
+/// driven inside the server task, so `kill` closes their sockets before it returns.
+struct TestServer {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    ended: mpsc::UnboundedReceiver<Result<(), HboneError>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    async fn start<H, Fut>(tls: Arc<rustls::ServerConfig>, cfg: ServerConfig, handler: H) -> Self
+    where
+        H: Fn(InboundRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (ended_tx, ended) = mpsc::unbounded_channel();
+        let handler = Arc::new(handler);
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            let mut conns = FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    Ok((tcp, _)) = listener.accept() => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let (acceptor, handler, cfg) = (acceptor.clone(), handler.clone(), cfg.clone());
+                        conns.push(async move {
+                            let tls = acceptor.accept(tcp).await.map_err(HboneError::Tls)?;
+                            serve(tls, &cfg, move |req| (*handler)(req)).await
+                        });
+                    }
+                    Some(res) = conns.next(), if !conns.is_empty() => {
+                        let _ = ended_tx.send(res);
+                    }
+                }
+            }
+        });
+        TestServer {
+            addr,
+            accepted,
+            ended,
+            task: Some(task),
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Waits until one served connection has ended and returns how.
+    async fn connection_end(&mut self) -> Result<(), HboneError> {
+        tokio::time::timeout(EVENTUALLY, self.ended.recv())
+            .await
+            .expect("a server connection ends")
+            .expect("server task alive")
+    }
+
+    /// Stops the server; its connections' sockets are closed when this returns.
+    async fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Counts how often the pool dials.
+#[derive(Clone)]
+struct Dialer {
+    addr: SocketAddr,
+    count: Arc<AtomicUsize>,
+}
+
+impl Dialer {
+    fn new(addr: SocketAddr) -> Self {
+        Dialer {
+            addr,
+            count: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn dial(&self) -> impl FnOnce() -> DialFuture {
+        let (addr, count) = (self.addr, self.count.clone());
+        move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            Box::pin(TcpStream::connect(addr))
+        }
+    }
+
+    /// A dial that only starts once `gate` is notified, so concurrent callers pile up.
+    fn gated(&self, gate: Arc<Notify>) -> impl FnOnce() -> DialFuture {
+        let (addr, count) = (self.addr, self.count.clone());
+        move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                gate.notified().await;
+                TcpStream::connect(addr).await
+            })
+        }
+    }
+
+    fn dials(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+type DialFuture = std::pin::Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
+
+fn identity(sa: &str) -> Identity {
+    Identity::new("cluster.local", "default", sa)
+}
+
+fn key_for(src_sa: &str, dst: SocketAddr) -> PoolKey {
+    PoolKey {
+        src: identity(src_sa),
+        src_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        dst: identity("echo"),
+        dst_addr: dst,
+    }
+}
+
+fn key(dst: SocketAddr) -> PoolKey {
+    key_for("sleep", dst)
+}
+
+fn headers() -> ConnectHeaders {
+    ConnectHeaders {
+        src_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
+        service_host: Some("echo.default.svc.cluster.local".to_string()),
+        baggage: vec![
+            ("k8s.namespace.name".into(), "default".into()),
+            ("k8s.pod.name".into(), "sleep-1".into()),
+            ("service.name".into(), "sleep".into()),
+            ("service.version".into(), "v1".into()),
+        ],
+        traceparent: None,
+    }
+}
+
+/// The application the tunnel is for (never dialed in these tests).
+fn target() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)), 8080)
+}
+
+fn request() -> http::Request<()> {
+    connect_request(target(), &headers())
+}
+
+/// Accepts every tunnel and echoes it, half-close included.
+async fn echo(req: InboundRequest) {
+    let Ok(stream) = req.accept() else { return };
+    let (mut r, mut w) = tokio::io::split(stream);
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
+}
+
+async fn echo_server() -> (Pki, TestServer) {
+    let pki = pki();
+    let server = TestServer::start(pki.server.clone(), ServerConfig::default(), echo).await;
+    (pki, server)
+}
+
+/// Sends one byte through and back, proving the tunnel is up end to end.
+async fn ping(tunnel: &mut H2Stream) {
+    tunnel.write_all(b"?").await.unwrap();
+    let mut b = [0u8; 1];
+    tunnel.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"?");
+}
+
+// === tunnel ===
+
+#[tokio::test]
+async fn a_tunnel_carries_a_mebibyte_each_way_intact() {
+    let (pki, server) = echo_server().await;
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(server.addr);
+    let tunnel = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            dialer.dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+
+    info!("writing 1 MiB while reading the echo, so both directions are busy at once");
+    let data: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(tunnel);
+    let write = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let read = async {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) = tokio::join!(write, read);
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "echoed bytes differ");
+}
+
+#[tokio::test]
+async fn half_close_lets_the_other_direction_finish() {
+    let pki = pki();
+    // The server reads until the client's END_STREAM, then still answers.
+    let server = TestServer::start(pki.server.clone(), ServerConfig::default(), |req| async {
+        let mut tunnel = req.accept().unwrap();
+        let mut got = Vec::new();
+        tunnel.read_to_end(&mut got).await.unwrap();
+        let reply = format!("got {} bytes: {}", got.len(), String::from_utf8_lossy(&got));
+        tunnel.write_all(reply.as_bytes()).await.unwrap();
+        tunnel.shutdown().await.unwrap();
+    })
+    .await;
+    let pool = Pool::new(PoolConfig::default());
+    let mut tunnel = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            Dialer::new(server.addr).dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+
+    tunnel.write_all(b"hello").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut reply = String::new();
+    tunnel.read_to_string(&mut reply).await.unwrap();
+    assert_eq!(reply, "got 5 bytes: hello");
+    assert_eq!(
+        tunnel.read(&mut [0u8; 8]).await.unwrap(),
+        0,
+        "EOF stays EOF"
+    );
+}
+
+#[tokio::test]
+async fn dropping_a_tunnel_end_resets_it_for_the_peer() {
+    let pki = pki();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let server = TestServer::start(pki.server.clone(), ServerConfig::default(), move |req| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let mut tunnel = req.accept().unwrap();
+            let mut b = [0u8; 1];
+            tunnel.read_exact(&mut b).await.unwrap();
+            let after = tunnel.read(&mut b).await;
+            let _ = seen_tx.send(after.map_err(|e| e.kind()));
+        }
+    })
+    .await;
+    let pool = Pool::new(PoolConfig::default());
+    let mut tunnel = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            Dialer::new(server.addr).dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    tunnel.write_all(b"x").await.unwrap();
+    drop(tunnel);
+    let after = tokio::time::timeout(EVENTUALLY, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after, Err(io::ErrorKind::ConnectionReset));
+}
+
+// === CONNECT answers ===
+
+async fn check_refusal(status: StatusCode) {
+    let pki = pki();
+    let server = TestServer::start(
+        pki.server.clone(),
+        ServerConfig::default(),
+        move |req| async move { req.reject(status) },
+    )
+    .await;
+    let pool = Pool::new(PoolConfig::default());
+    let res = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            Dialer::new(server.addr).dial(),
+            request(),
+        )
+        .await;
+    match res {
+        Err(HboneError::Status(got)) => assert_eq!(got, status),
+        other => panic!("{status}: expected Status error, got {other:?}"),
+    }
+    // A refusal is an answer, not a broken connection: the next stream reuses it.
+    assert_eq!(
+        pool.stats(),
+        PoolStats {
+            connections: 1,
+            streams: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn refusals_come_back_as_their_status() {
+    for status in [
+        StatusCode::UNAUTHORIZED,
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::BAD_REQUEST,
+    ] {
+        check_refusal(status).await;
+    }
+}
+
+#[tokio::test]
+async fn the_server_sees_forwarded_baggage_and_traceparent() {
+    let pki = pki();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let server = TestServer::start(pki.server.clone(), ServerConfig::default(), move |req| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let _ = seen_tx.send((
+                req.method().clone(),
+                req.authority().ok(),
+                req.headers().clone(),
+            ));
+            req.reject(StatusCode::UNAUTHORIZED);
+        }
+    })
+    .await;
+    let pool = Pool::new(PoolConfig::default());
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for traceparent in [None, Some(given)] {
+        let h = ConnectHeaders {
+            traceparent: traceparent.map(str::to_string),
+            ..headers()
+        };
+        let dial = Dialer::new(server.addr).dial();
+        let req = connect_request(target(), &h);
+        let _ = pool
+            .connect(key(server.addr), pki.client.clone(), dial, req)
+            .await;
+        let (method, authority, got) = seen.recv().await.unwrap();
+        assert_eq!(method, Method::CONNECT);
+        assert_eq!(authority, Some(target()));
+        let header = |name: &str| {
+            got.get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(
+            header("forwarded"),
+            r#"for="10.0.0.7";host=echo.default.svc.cluster.local"#
+        );
+        assert_eq!(
+            header("baggage"),
+            "k8s.namespace.name=default,k8s.pod.name=sleep-1,service.name=sleep,service.version=v1"
+        );
+        let tp = header("traceparent");
+        assert!(valid_traceparent(&tp), "traceparent {tp:?}");
+        if let Some(given) = traceparent {
+            assert_eq!(tp, given);
+        }
+    }
+}
+
+/// A raw HTTP/2 client over plain TCP, to send what our own client never would.
+async fn raw_h2(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// What the handler made of a request: its method and `authority()`.
+type Seen = (Method, Result<SocketAddr, String>);
+
+async fn plain_server(
+    cfg: ServerConfig,
+) -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<Seen>,
+    JoinHandle<Result<(), HboneError>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        serve(tcp, &cfg, move |req| {
+            let tx = tx.clone();
+            async move {
+                let authority = req.authority().map_err(|e| e.to_string());
+                let ok = authority.is_ok() && req.method() == Method::CONNECT;
+                let _ = tx.send((req.method().clone(), authority));
+                if ok {
+                    echo(req).await;
+                } else {
+                    req.reject(StatusCode::BAD_REQUEST);
+                }
+            }
+        })
+        .await
+    });
+    (addr, rx, task)
+}
+
+#[tokio::test]
+async fn the_handler_sees_malformed_authorities_as_errors() {
+    let (addr, mut seen, _server) = plain_server(ServerConfig::default()).await;
+    let client = raw_h2(addr).await;
+
+    async fn check_raw(
+        client: &h2::client::SendRequest<bytes::Bytes>,
+        seen: &mut mpsc::UnboundedReceiver<Seen>,
+        method: Method,
+        uri: &str,
+        want: Result<&str, &str>,
+    ) {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .body(())
+            .unwrap();
+        let (rsp, _send) = client
+            .clone()
+            .ready()
+            .await
+            .unwrap()
+            .send_request(req, false)
+            .unwrap();
+        let (got_method, authority) = seen.recv().await.unwrap();
+        assert_eq!(got_method, method, "{uri}");
+        match (want, &authority) {
+            (Ok(addr), Ok(got)) => assert_eq!(got, &addr.parse::<SocketAddr>().unwrap(), "{uri}"),
+            (Err(fragment), Err(msg)) => assert!(msg.contains(fragment), "{uri}: {msg}"),
+            _ => panic!("{uri}: want {want:?}, handler saw {authority:?}"),
+        }
+        let status = rsp.await.unwrap().status();
+        let want_status = if want.is_ok() && method == Method::CONNECT {
+            200
+        } else {
+            400
+        };
+        assert_eq!(status.as_u16(), want_status, "{uri}");
+    }
+
+    check_raw(
+        &client,
+        &mut seen,
+        Method::CONNECT,
+        "nonsense",
+        Err("\"nonsense\""),
+    )
+    .await;
+    check_raw(
+        &client,
+        &mut seen,
+        Method::CONNECT,
+        "10.1.2.3",
+        Err("10.1.2.3"),
+    )
+    .await;
+    check_raw(
+        &client,
+        &mut seen,
+        Method::CONNECT,
+        "10.1.2.3:0",
+        Err("10.1.2.3:0"),
+    )
+    .await;
+    check_raw(
+        &client,
+        &mut seen,
+        Method::CONNECT,
+        "echo.default:80",
+        Err("echo.default:80"),
+    )
+    .await;
+    check_raw(
+        &client,
+        &mut seen,
+        Method::CONNECT,
+        "10.1.2.3:8080",
+        Ok("10.1.2.3:8080"),
+    )
+    .await;
+    check_raw(
+        &client,
+        &mut seen,
+        Method::CONNECT,
+        "[fd00::1]:8080",
+        Ok("[fd00::1]:8080"),
+    )
+    .await;
+    // Not a CONNECT: the handler sees the method (and no bare authority) and refuses.
+    check_raw(
+        &client,
+        &mut seen,
+        Method::GET,
+        "http://10.1.2.3:80/",
+        Err("http://10.1.2.3:80/"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_cut_off_at_the_handshake_deadline() {
+    let cfg = ServerConfig {
+        handshake_timeout: Duration::from_millis(100),
+        ..ServerConfig::default()
+    };
+    let (addr, _seen, server) = plain_server(cfg).await;
+    info!("connecting without ever sending the HTTP/2 preface");
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(res, Err(HboneError::HandshakeTimeout)), "{res:?}");
+}
+
+#[tokio::test]
+async fn draining_finishes_open_tunnels_then_closes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let drain = async move {
+            let _ = drain_rx.await;
+        };
+        serve_with_drain(tcp, &ServerConfig::default(), echo, drain).await
+    });
+    let client = raw_h2(addr).await;
+    let (rsp, send) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request(), false)
+        .unwrap();
+    let rsp = rsp.await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    let mut tunnel = H2Stream::new(send, rsp.into_body(), None);
+
+    drain_tx.send(()).unwrap();
+    info!("the tunnel opened before the drain keeps working");
+    ping(&mut tunnel).await;
+    tunnel.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tunnel.read_to_end(&mut rest).await.unwrap();
+    drop(tunnel);
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(res.is_ok(), "{res:?}");
+}
+
+// === pool ===
+
+#[tokio::test]
+async fn sequential_streams_for_one_key_share_one_connection() {
+    let (pki, server) = echo_server().await;
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(server.addr);
+    for _ in 0..3 {
+        let mut tunnel = pool
+            .connect(
+                key(server.addr),
+                pki.client.clone(),
+                dialer.dial(),
+                request(),
+            )
+            .await
+            .unwrap();
+        ping(&mut tunnel).await;
+        assert_eq!(
+            pool.stats(),
+            PoolStats {
+                connections: 1,
+                streams: 1
+            }
+        );
+    }
+    assert_eq!(dialer.dials(), 1);
+    assert_eq!(server.accepted(), 1);
+    assert_eq!(
+        pool.stats(),
+        PoolStats {
+            connections: 1,
+            streams: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_full_connection_makes_the_pool_open_another() {
+    let (pki, server) = echo_server().await;
+    let pool = Pool::new(PoolConfig {
+        max_streams_per_conn: 2,
+        ..PoolConfig::default()
+    });
+    let dialer = Dialer::new(server.addr);
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut tunnel = pool
+            .connect(
+                key(server.addr),
+                pki.client.clone(),
+                dialer.dial(),
+                request(),
+            )
+            .await
+            .unwrap();
+        ping(&mut tunnel).await;
+        open.push(tunnel);
+    }
+    assert_eq!(dialer.dials(), 2);
+    assert_eq!(
+        pool.stats(),
+        PoolStats {
+            connections: 2,
+            streams: 3
+        }
+    );
+    drop(open);
+    assert_eq!(
+        pool.stats(),
+        PoolStats {
+            connections: 2,
+            streams: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn the_peers_stream_limit_is_honoured() {
+    let pki = pki();
+    let cfg = ServerConfig {
+        max_concurrent_streams: 1,
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(pki.server.clone(), cfg, echo).await;
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(server.addr);
+    let mut first = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            dialer.dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    // The server's SETTINGS arrived before the first 200, so the pool knows the limit.
+    let mut second = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            dialer.dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    ping(&mut first).await;
+    ping(&mut second).await;
+    assert_eq!(dialer.dials(), 2);
+    assert_eq!(
+        pool.stats(),
+        PoolStats {
+            connections: 2,
+            streams: 2
+        }
+    );
+}
+
+#[tokio::test]
+async fn different_keys_never_share_a_connection() {
+    let (pki, server) = echo_server().await;
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(server.addr);
+    let mut a = pool
+        .connect(
+            key_for("sleep", server.addr),
+            pki.client.clone(),
+            dialer.dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    let mut b = pool
+        .connect(
+            key_for("other", server.addr),
+            pki.client.clone(),
+            dialer.dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    ping(&mut a).await;
+    ping(&mut b).await;
+    assert_eq!(dialer.dials(), 2);
+    assert_eq!(
+        pool.stats(),
+        PoolStats {
+            connections: 2,
+            streams: 2
+        }
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed() {
+    let (pki, mut server) = echo_server().await;
+    let pool = Pool::new(PoolConfig {
+        idle_timeout: Duration::from_millis(100),
+        ..PoolConfig::default()
+    });
+    let mut tunnel = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            Dialer::new(server.addr).dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    ping(&mut tunnel).await;
+    drop(tunnel);
+    info!("waiting for the client to close the idle connection (GOAWAY, then EOF)");
+    let end = server.connection_end().await;
+    assert!(end.is_ok(), "clean close expected: {end:?}");
+    assert_eq!(pool.stats(), PoolStats::default());
+}
+
+#[tokio::test]
+async fn after_the_server_dies_the_next_connect_dials_afresh() {
+    let (pki, first) = echo_server().await;
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(first.addr);
+    let mut tunnel = pool
+        .connect(
+            key(first.addr),
+            pki.client.clone(),
+            dialer.dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    ping(&mut tunnel).await;
+    drop(tunnel);
+    first.kill().await;
+
+    info!("same key, the destination came back elsewhere; the dead connection must not be used");
+    let second = TestServer::start(pki.server.clone(), ServerConfig::default(), echo).await;
+    let redial = Dialer::new(second.addr);
+    let mut tunnel = pool
+        .connect(
+            key(dialer.addr),
+            pki.client.clone(),
+            redial.dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    ping(&mut tunnel).await;
+    assert_eq!(redial.dials(), 1);
+    assert_eq!(second.accepted(), 1);
+    assert_eq!(
+        pool.stats(),
+        PoolStats {
+            connections: 1,
+            streams: 1
+        }
+    );
+}
+
+#[tokio::test]
+async fn concurrent_first_connects_share_one_dial() {
+    let (pki, server) = echo_server().await;
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(server.addr);
+    let gate = Arc::new(Notify::new());
+    let connects = (0..5).map(|_| {
+        pool.connect(
+            key(server.addr),
+            pki.client.clone(),
+            dialer.gated(gate.clone()),
+            request(),
+        )
+    });
+    let all = futures::future::join_all(connects);
+    tokio::pin!(all);
+    info!("one poll brings every connect to the pool; only the first may dial");
+    assert!(futures::poll!(&mut all).is_pending());
+    gate.notify_one();
+    let mut tunnels = tokio::time::timeout(EVENTUALLY, all).await.unwrap();
+    for t in &mut tunnels {
+        ping(t.as_mut().unwrap()).await;
+    }
+    assert_eq!(dialer.dials(), 1);
+    assert_eq!(
+        pool.stats(),
+        PoolStats {
+            connections: 1,
+            streams: 5
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_failed_dial_fails_everyone_waiting_on_it_then_clears() {
+    let (pki, server) = echo_server().await;
+    let pool = Pool::new(PoolConfig::default());
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let refused = |attempts: Arc<AtomicUsize>, gate: Arc<Notify>| {
+        move || {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            async move {
+                gate.notified().await;
+                Err::<TcpStream, _>(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
+            }
+        }
+    };
+    let connects = (0..3).map(|_| {
+        pool.connect(
+            key(server.addr),
+            pki.client.clone(),
+            refused(attempts.clone(), gate.clone()),
+            request(),
+        )
+    });
+    let all = futures::future::join_all(connects);
+    tokio::pin!(all);
+    assert!(futures::poll!(&mut all).is_pending());
+    gate.notify_one();
+    for res in tokio::time::timeout(EVENTUALLY, all).await.unwrap() {
+        match res {
+            Err(HboneError::Dial(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused),
+            other => panic!("expected a dial error, got {other:?}"),
+        }
+    }
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    assert_eq!(pool.stats(), PoolStats::default());
+
+    info!("the failure is not remembered: the next connect dials again");
+    let mut tunnel = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            Dialer::new(server.addr).dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    ping(&mut tunnel).await;
+}
+
+#[tokio::test]
+async fn a_dial_that_never_answers_times_out_and_leaves_no_trace() {
+    let (pki, server) = echo_server().await;
+    let pool = Pool::new(PoolConfig {
+        connect_timeout: Duration::from_millis(100),
+        ..PoolConfig::default()
+    });
+    let hang = || std::future::pending::<io::Result<TcpStream>>();
+    let res = pool
+        .connect(key(server.addr), pki.client.clone(), hang, request())
+        .await;
+    assert!(matches!(res, Err(HboneError::Timeout)), "{res:?}");
+    assert_eq!(pool.stats(), PoolStats::default());
+    let mut tunnel = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            Dialer::new(server.addr).dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    ping(&mut tunnel).await;
+}
+
+#[tokio::test]
+async fn a_server_without_h2_alpn_is_refused() {
+    let pki = pki_with_server_alpn(false);
+    let server = TestServer::start(pki.server.clone(), ServerConfig::default(), echo).await;
+    let pool = Pool::new(PoolConfig::default());
+    let res = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            Dialer::new(server.addr).dial(),
+            request(),
+        )
+        .await;
+    assert!(matches!(res, Err(HboneError::Alpn)), "{res:?}");
+    assert_eq!(pool.stats(), PoolStats::default());
+}
+
+// === relay ===
+
+/// A connected loopback pair: (client end, server end).
+async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (client, server) = tokio::join!(
+        TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
+    (client.unwrap(), server.unwrap().0)
+}
+
+/// `left ⇄ relay(a, b) ⇄ right`, counting what `on_bytes` reports.
+struct Relayed {
+    left: TcpStream,
+    right: TcpStream,
+    relay: JoinHandle<io::Result<(u64, u64)>>,
+    reported: Arc<[AtomicUsize; 2]>,
+}
+
+async fn relayed() -> Relayed {
+    let (left, a) = tcp_pair().await;
+    let (b, right) = tcp_pair().await;
+    let reported = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let r = reported.clone();
+    let relay = tokio::spawn(relay(a, b, move |dir, n| {
+        let i = match dir {
+            Direction::AToB => 0,
+            Direction::BToA => 1,
+        };
+        r[i].fetch_add(n as usize, Ordering::SeqCst);
+    }));
+    Relayed {
+        left,
+        right,
+        relay,
+        reported,
+    }
+}
+
+impl Relayed {
+    async fn finish(self) -> (u64, u64) {
+        let totals = tokio::time::timeout(EVENTUALLY, self.relay)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let reported = (
+            self.reported[0].load(Ordering::SeqCst) as u64,
+            self.reported[1].load(Ordering::SeqCst) as u64,
+        );
+        assert_eq!(totals, reported, "on_bytes must add up to the totals");
+        totals
+    }
+}
+
+#[tokio::test]
+async fn relay_counts_what_it_moves_when_a_closes_first() {
+    let mut r = relayed().await;
+    let big = vec![7u8; 300_000];
+    r.left.write_all(&big).await.unwrap();
+    r.left.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    r.right.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got.len(), big.len(), "right sees all bytes, then EOF");
+
+    info!("after a's FIN, b → a still flows");
+    r.right.write_all(b"late reply").await.unwrap();
+    r.right.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    r.left.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"late reply");
+    assert_eq!(r.finish().await, (300_000, 10));
+}
+
+#[tokio::test]
+async fn relay_counts_what_it_moves_when_b_closes_first() {
+    let mut r = relayed().await;
+    r.right.write_all(b"banner").await.unwrap();
+    r.right.shutdown().await.unwrap();
+    let mut banner = Vec::new();
+    r.left.read_to_end(&mut banner).await.unwrap();
+    assert_eq!(banner, b"banner");
+
+    r.left
+        .write_all(b"request after the server's FIN")
+        .await
+        .unwrap();
+    r.left.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    r.right.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"request after the server's FIN");
+    assert_eq!(r.finish().await, (30, 6));
+}
+
+#[tokio::test]
+async fn relay_ends_with_an_error_when_one_side_resets() {
+    let r = relayed().await;
+    // Linger 0: close sends RST instead of FIN (and does not block, as it would with a timeout).
+    socket2::SockRef::from(&r.left)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(r.left);
+    let res = tokio::time::timeout(EVENTUALLY, r.relay)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        res.map_err(|e| e.kind()).err(),
+        Some(io::ErrorKind::ConnectionReset)
+    );
+}
+
+// === headers ===
+
+fn check<I: std::fmt::Debug + ?Sized, T: PartialEq + std::fmt::Debug>(
+    f: impl Fn(&I) -> T,
+    input: &I,
+    want: T,
+) {
+    assert_eq!(f(input), want, "input {input:?}");
+}
+
+#[test]
+fn forwarded_names_the_source_and_the_service_host() {
+    let v4 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7));
+    let v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 7));
+    let f = |(ip, host): &(IpAddr, Option<&str>)| forwarded_value(*ip, *host);
+    check(f, &(v4, None), r#"for="10.0.0.7""#.to_string());
+    check(f, &(v6, None), r#"for="[fd00::7]""#.to_string());
+    check(
+        f,
+        &(v4, Some("echo.default.svc.cluster.local")),
+        r#"for="10.0.0.7";host=echo.default.svc.cluster.local"#.to_string(),
+    );
+    check(
+        f,
+        &(v4, Some("echo:80")),
+        r#"for="10.0.0.7";host="echo:80""#.to_string(),
+    );
+    check(
+        f,
+        &(v4, Some("bad\r\nhost")),
+        r#"for="10.0.0.7""#.to_string(),
+    );
+    check(f, &(v4, Some("")), r#"for="10.0.0.7""#.to_string());
+}
+
+#[test]
+fn forwarded_for_parses_back() {
+    check(
+        parse_forwarded_for,
+        r#"for="10.0.0.7";host=echo"#,
+        Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7))),
+    );
+    check(
+        parse_forwarded_for,
+        r#"host=echo;for="[fd00::7]""#,
+        Some("fd00::7".parse().unwrap()),
+    );
+    check(
+        parse_forwarded_for,
+        r#"For="[fd00::7]:443""#,
+        Some("fd00::7".parse().unwrap()),
+    );
+    check(
+        parse_forwarded_for,
+        "for=10.0.0.7:8080, for=10.0.0.8",
+        Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7))),
+    );
+    check(parse_forwarded_for, r#"for="_hidden";host=echo"#, None);
+    check(parse_forwarded_for, "", None);
+}
+
+#[test]
+fn baggage_round_trips_and_escapes_what_it_must() {
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let enc = |v: &[(&str, &str)]| baggage_value(&pairs(v));
+    check(
+        enc,
+        &[("k8s.namespace.name", "default"), ("service.version", "v1")][..],
+        "k8s.namespace.name=default,service.version=v1".into(),
+    );
+    check(
+        enc,
+        &[("k", "a b,c;d\"%")][..],
+        "k=a%20b%2Cc%3Bd%22%25".into(),
+    );
+    check(enc, &[("bad key", "x"), ("ok", "y")][..], "ok=y".into());
+    check(enc, &[][..], String::new());
+
+    check(
+        parse_baggage,
+        "k=a%20b%2Cc%3Bd%22%25,x=1",
+        pairs(&[("k", "a b,c;d\"%"), ("x", "1")]),
+    );
+    check(
+        parse_baggage,
+        " a = 1 ;prop=2, junk ,b=%zz",
+        pairs(&[("a", "1"), ("b", "%zz")]),
+    );
+}
+
+#[test]
+fn traceparent_is_continued_only_when_well_formed() {
+    check(
+        valid_traceparent,
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        true,
+    );
+    check(
+        valid_traceparent,
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        false,
+    );
+    check(
+        valid_traceparent,
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        false,
+    );
+    check(
+        valid_traceparent,
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        false,
+    );
+    check(valid_traceparent, "00-4bf92f35-00f067aa0ba902b7-01", false);
+    check(valid_traceparent, "garbage", false);
+    for _ in 0..32 {
+        let fresh = new_traceparent();
+        assert!(valid_traceparent(&fresh), "{fresh}");
+    }
+}
+
+#[test]
+fn connect_requests_carry_an_authority_only() {
+    let authority = |a: &SocketAddr| {
+        let req = connect_request(*a, &headers());
+        assert_eq!(req.method(), Method::CONNECT);
+        assert!(req.uri().scheme().is_none() && req.uri().path_and_query().is_none());
+        req.uri().to_string()
+    };
+    check(
+        authority,
+        &"10.0.0.9:8080".parse().unwrap(),
+        "10.0.0.9:8080".to_string(),
+    );
+    check(
+        authority,
+        &"[fd00::9]:80".parse().unwrap(),
+        "[fd00::9]:80".to_string(),
+    );
+    // A scope id has no place in an authority.
+    check(
+        authority,
+        &"[fe80::1%2]:80".parse().unwrap(),
+        "[fe80::1]:80".to_string(),
+    );
+
+    let mut h = headers();
+    h.baggage.clear();
+    assert!(connect_request(target(), &h)
+        .headers()
+        .get(BAGGAGE)
+        .is_none());
+}
+
+/// The H2Stream is moved into per-connection tasks: it must stay Send, and small.
+#[test]
+fn tunnel_ends_are_send_and_small() {
+    fn send<T: Send + Unpin>() {}
+    send::<H2Stream>();
+    send::<InboundRequest>();
+    assert!(
+        std::mem::size_of::<H2Stream>() <= 128,
+        "{}",
+        std::mem::size_of::<H2Stream>()
+    );
+}

@@ -1,0 +1,321 @@
+//! The protocol logic of `mesh-echo` (the binary does only IO): deciding whether a connection
+//! speaks HTTP/1.x, reading request heads, and building the JSON reply.
+
+use std::net::SocketAddr;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+
+/// How many bytes may arrive before the server must decide: a request line longer than this
+/// is not something a test sends, so the connection is treated as raw bytes.
+pub const SNIFF_LIMIT: usize = 8 * 1024;
+
+/// Methods recognised at the start of a connection.
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// What the first bytes of a connection say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sniff {
+    /// A complete HTTP/1.0 or HTTP/1.1 request line.
+    Http,
+    /// Anything else: echo it.
+    Raw,
+    /// Still a possible request line: read more (or, at end of stream, treat as raw).
+    NeedMore,
+}
+
+/// Classifies the first bytes of a connection. Decides as early as possible, so that raw
+/// payloads that cannot be HTTP (e.g. a test marker) are echoed at once without waiting for
+/// a newline.
+pub fn sniff(buf: &[u8]) -> Sniff {
+    if buf.is_empty() {
+        return Sniff::NeedMore;
+    }
+    let could_be_method = METHODS.iter().any(|m| {
+        let token = format!("{m} ");
+        let token = token.as_bytes();
+        if buf.len() < token.len() {
+            token.starts_with(buf)
+        } else {
+            buf.starts_with(token)
+        }
+    });
+    if !could_be_method {
+        return Sniff::Raw;
+    }
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) => {
+            let line = String::from_utf8_lossy(&buf[..end]);
+            if parse_request_line(line.trim_end_matches('\r')).is_some() {
+                Sniff::Http
+            } else {
+                Sniff::Raw
+            }
+        }
+        None if buf.len() >= SNIFF_LIMIT => Sniff::Raw,
+        None => Sniff::NeedMore,
+    }
+}
+
+/// Splits `METHOD target HTTP/1.x`.
+pub fn parse_request_line(line: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = line.split(' ');
+    let method = parts.next()?;
+    let target = parts.next()?;
+    let version = parts.next()?;
+    if parts.next().is_some()
+        || !METHODS.contains(&method)
+        || target.is_empty()
+        || !matches!(version, "HTTP/1.1" | "HTTP/1.0")
+    {
+        return None;
+    }
+    Some((method, target, version))
+}
+
+/// How a request body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body.
+    None,
+    /// `content-length` bytes.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+}
+
+/// A parsed request head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Request method.
+    pub method: String,
+    /// Request target as sent.
+    pub path: String,
+    /// `HTTP/1.1` or `HTTP/1.0`.
+    pub version: String,
+    /// Header fields, names lower-cased, in arrival order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestHead {
+    /// Parses the head from its lines (request line first, without the blank line).
+    pub fn parse(lines: &[String]) -> Result<Self> {
+        let (first, rest) = lines.split_first().context("empty request head")?;
+        let (method, path, version) =
+            parse_request_line(first).with_context(|| format!("bad request line {first:?}"))?;
+        let mut headers = Vec::with_capacity(rest.len());
+        for line in rest {
+            let (name, value) = line
+                .split_once(':')
+                .with_context(|| format!("malformed header line {line:?}"))?;
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+        Ok(RequestHead {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            version: version.to_owned(),
+            headers,
+        })
+    }
+
+    /// The first value of header `name` (lower-case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn connection_has(&self, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == "connection")
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked.
+    pub fn keep_alive(&self) -> bool {
+        if self.version == "HTTP/1.0" {
+            self.connection_has("keep-alive")
+        } else {
+            !self.connection_has("close")
+        }
+    }
+
+    /// Whether the client waits for `100 Continue` before sending its body.
+    pub fn expects_continue(&self) -> bool {
+        self.header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+    }
+
+    /// How the body is delimited; a request both chunked and with a length is read as chunked
+    /// (RFC 9112 §6.3).
+    pub fn body_framing(&self) -> Result<BodyFraming> {
+        if self
+            .header("transfer-encoding")
+            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+        {
+            return Ok(BodyFraming::Chunked);
+        }
+        match self.header("content-length") {
+            None => Ok(BodyFraming::None),
+            Some(v) => match v.parse::<u64>() {
+                Ok(0) => Ok(BodyFraming::None),
+                Ok(n) => Ok(BodyFraming::Length(n)),
+                Err(_) => bail!("bad content-length {v:?}"),
+            },
+        }
+    }
+}
+
+/// The JSON body answered to every request:
+/// `{"server","peer","method","path","headers":{..},"body_bytes"}`. Repeated headers are
+/// joined with ", ".
+pub fn reply_body(server: &str, peer: SocketAddr, head: &RequestHead, body_bytes: u64) -> Value {
+    let mut headers = Map::new();
+    for (name, value) in &head.headers {
+        match headers.get_mut(name) {
+            Some(Value::String(existing)) => {
+                existing.push_str(", ");
+                existing.push_str(value);
+            }
+            _ => {
+                headers.insert(name.clone(), Value::String(value.clone()));
+            }
+        }
+    }
+    json!({
+        "server": server,
+        "peer": peer.to_string(),
+        "method": head.method,
+        "path": head.path,
+        "headers": headers,
+        "body_bytes": body_bytes,
+    })
+}
+
+/// A complete `200 OK` response carrying `body` as JSON (no body bytes for HEAD).
+pub fn response_bytes(head: &RequestHead, body: &Value, keep_alive: bool) -> Vec<u8> {
+    let text = body.to_string();
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: {}\r\n\r\n",
+        text.len(),
+        if keep_alive { "keep-alive" } else { "close" }
+    )
+    .into_bytes();
+    if head.method != "HEAD" {
+        out.extend_from_slice(text.as_bytes());
+    }
+    out
+}
+
+/// A `400 Bad Request` for heads that cannot be parsed; the connection is closed after it.
+pub fn bad_request(reason: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{reason}",
+        reason.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(first_bytes: &str, expected: Sniff) {
+        assert_eq!(sniff(first_bytes.as_bytes()), expected, "{first_bytes:?}");
+    }
+
+    #[test]
+    fn connections_are_classified_from_their_first_bytes() {
+        check("GET / HTTP/1.1\r\n", Sniff::Http);
+        check("POST /x?y=1 HTTP/1.0\n", Sniff::Http);
+        check("", Sniff::NeedMore);
+        check("G", Sniff::NeedMore);
+        check("GET", Sniff::NeedMore);
+        check("GET /", Sniff::NeedMore);
+        check("PATCH /a HTTP/1.", Sniff::NeedMore);
+        check("MARKER-1234", Sniff::Raw);
+        check("PING", Sniff::Raw);
+        check("hello", Sniff::Raw);
+        check("GETX / HTTP/1.1\r\n", Sniff::Raw);
+        check("GET me a coffee\n", Sniff::Raw);
+        check("GET / HTTP/2.0\r\n", Sniff::Raw);
+        check("PRI * HTTP/2.0\r\n", Sniff::Raw);
+        check("\u{16}\u{3}\u{1}", Sniff::Raw);
+        let long = format!("GET /{} HTTP/1.1", "a".repeat(SNIFF_LIMIT));
+        check(&long, Sniff::Raw);
+    }
+
+    fn head(lines: &[&str]) -> RequestHead {
+        let lines: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+        RequestHead::parse(&lines).expect("valid head")
+    }
+
+    #[test]
+    fn keep_alive_and_framing_follow_http_1_rules() {
+        let cases: [(&[&str], bool, BodyFraming); 6] = [
+            (&["GET / HTTP/1.1"], true, BodyFraming::None),
+            (&["GET / HTTP/1.1", "Connection: close"], false, BodyFraming::None),
+            (&["GET / HTTP/1.0"], false, BodyFraming::None),
+            (&["GET / HTTP/1.0", "connection: Keep-Alive"], true, BodyFraming::None),
+            (&["POST / HTTP/1.1", "Content-Length: 5"], true, BodyFraming::Length(5)),
+            (
+                &["POST / HTTP/1.1", "content-length: 5", "transfer-encoding: chunked"],
+                true,
+                BodyFraming::Chunked,
+            ),
+        ];
+        for (lines, keep_alive, framing) in cases {
+            let h = head(lines);
+            assert_eq!(h.keep_alive(), keep_alive, "{lines:?}");
+            assert_eq!(h.body_framing().expect("framing"), framing, "{lines:?}");
+        }
+        assert!(head(&["POST / HTTP/1.1", "content-length: x"])
+            .body_framing()
+            .is_err());
+    }
+
+    #[test]
+    fn the_reply_names_server_peer_request_and_headers() {
+        let h = head(&[
+            "GET /hello HTTP/1.1",
+            "Host: echo",
+            "X-Multi: a",
+            "x-multi: b",
+        ]);
+        let peer: SocketAddr = "10.244.1.2:40000".parse().expect("addr");
+        let body = reply_body("v1", peer, &h, 0);
+        assert_eq!(
+            body,
+            json!({
+                "server": "v1",
+                "peer": "10.244.1.2:40000",
+                "method": "GET",
+                "path": "/hello",
+                "headers": {"host": "echo", "x-multi": "a, b"},
+                "body_bytes": 0,
+            })
+        );
+        let bytes = response_bytes(&h, &body, true);
+        let response = crate::http::parse_response(&bytes).expect("valid response");
+        assert_eq!(response.status, 200);
+        assert_eq!(response.json().expect("json"), body);
+    }
+
+    #[test]
+    fn malformed_heads_are_errors() {
+        for lines in [
+            vec![],
+            vec!["GET / HTTP/1.1".to_string(), "no colon".to_string()],
+            vec!["BREW /pot HTTP/1.1".to_string()],
+        ] {
+            assert!(RequestHead::parse(&lines).is_err(), "{lines:?}");
+        }
+    }
+}

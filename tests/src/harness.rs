@@ -1,0 +1,786 @@
+//! A running mesh: the namespaces, links and processes of one test, and the handles a test
+//! uses to drive them.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::capture::Capture;
+use crate::http::{self, HttpResponse};
+use crate::netns::{self, in_netns, write_sysctl, PREFIX_HEAD};
+use crate::process::ChildGuard;
+use crate::spec::{check_yaml_file_name, MeshBuilder, NodePlan, Plan, PodPlan};
+use crate::sys::{child_path, command_line, ip, netns_command, preflight, Binaries, MARKER_ENV};
+use crate::wait::wait_until;
+use crate::yaml::render_topology;
+
+/// The bridge's own address on the wire: source of the capture sentinel.
+const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 254);
+/// The bridge device inside the wire namespace.
+const BRIDGE: &str = "br0";
+/// The node's side of its link to the bridge.
+const NODE_WIRE_IF: &str = "wire";
+/// The pod's side of its veth.
+const POD_IF: &str = "eth0";
+/// The file holding the declared topology in the config directory.
+const TOPOLOGY_FILE: &str = "topology.yaml";
+
+/// ztunnel's fixed ports inside its node namespace.
+const READINESS_PORT: u16 = 15021;
+const METRICS_PORT: u16 = 15020;
+const ADMIN_PORT: u16 = 15000;
+
+/// Bounds on everything a test does through the harness.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IO_TIMEOUT: Duration = Duration::from_secs(15);
+const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Log lines printed per ztunnel when a test fails.
+const LOG_TAIL_LINES: usize = 60;
+
+/// A topology built by [`MeshBuilder::build`]. Dropping it kills every process it started and
+/// deletes every namespace it created, also when the test panics (and then it first prints
+/// the tail of each ztunnel log). Set `E2E_KEEP=1` to keep the work directory (config, CA,
+/// logs, captures) of a failed test.
+pub struct Mesh {
+    prefix: String,
+    test_name: String,
+    spec: MeshBuilder,
+    plan: Plan,
+    binaries: Binaries,
+    work_dir: Option<tempfile::TempDir>,
+    work_path: PathBuf,
+    ztunnels: Mutex<BTreeMap<String, ChildGuard>>,
+    counter: AtomicU64,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("test", &self.test_name)
+            .field("prefix", &self.prefix)
+            .field("work_dir", &self.work_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mesh {
+    /// Starts declaring a mesh for the test `test_name` (used to derive the unique prefix).
+    pub fn builder(test_name: &str) -> MeshBuilder {
+        MeshBuilder::new(test_name)
+    }
+
+    pub(crate) fn start(spec: MeshBuilder) -> Result<Mesh> {
+        let plan = spec.plan()?;
+        let runs_ztunnel = plan.nodes.iter().any(|n| n.ztunnel);
+        preflight(runs_ztunnel)?;
+        let binaries = Binaries::locate();
+        if runs_ztunnel {
+            binaries.ztunnel()?;
+        }
+        let prefix = unique_prefix(&spec.test_name)?;
+        let work_dir = tempfile::Builder::new()
+            .prefix(&format!("e2e-{prefix}"))
+            .tempdir()
+            .context("create the mesh work directory")?;
+        let work_path = work_dir.path().to_path_buf();
+        for dir in ["config", "ca", "logs"] {
+            let path = work_path.join(dir);
+            std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
+        }
+        // From here on, Drop removes whatever exists, whichever step fails.
+        let mesh = Mesh {
+            prefix,
+            test_name: spec.test_name.clone(),
+            spec,
+            plan,
+            binaries,
+            work_dir: Some(work_dir),
+            work_path,
+            ztunnels: Mutex::new(BTreeMap::new()),
+            counter: AtomicU64::new(0),
+        };
+        mesh.create_topology()
+            .with_context(|| format!("build the topology of {}", mesh.test_name))?;
+        mesh.write_config()?;
+        mesh.start_all_ztunnels()?;
+        Ok(mesh)
+    }
+
+    // === topology ===
+
+    fn create_topology(&self) -> Result<()> {
+        let wire = self.wire_netns();
+        netns::create(&wire)?;
+        ip(&[
+            "-n",
+            &wire,
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+            "stp_state",
+            "0",
+            "mcast_snooping",
+            "0",
+        ])?;
+        ip(&[
+            "-n",
+            &wire,
+            "addr",
+            "add",
+            &format!("{BRIDGE_IP}/24"),
+            "dev",
+            BRIDGE,
+        ])?;
+        ip(&["-n", &wire, "link", "set", BRIDGE, "up"])?;
+
+        for node in &self.plan.nodes {
+            self.create_node(node, &wire)?;
+        }
+        for pod in &self.plan.pods {
+            self.create_pod(pod)?;
+        }
+        Ok(())
+    }
+
+    fn create_node(&self, node: &NodePlan, wire: &str) -> Result<()> {
+        let ns = self.netns_of_node(&node.name);
+        netns::create(&ns)?;
+        write_sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+        // Strict reverse-path filtering (inherited from the host) could drop redirected or
+        // forwarded traffic in ways that depend on the machine; the nodes route statically.
+        write_sysctl(&ns, "net/ipv4/conf/all/rp_filter", "0")?;
+        write_sysctl(&ns, "net/ipv4/conf/default/rp_filter", "0")?;
+        let bridge_port = format!("n{}", node.index);
+        // Both ends are created directly inside their namespaces: nothing ever appears in
+        // the root namespace.
+        ip(&[
+            "link",
+            "add",
+            NODE_WIRE_IF,
+            "netns",
+            &ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &bridge_port,
+            "netns",
+            wire,
+        ])?;
+        ip(&["-n", wire, "link", "set", &bridge_port, "master", BRIDGE, "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", node.wire_ip),
+            "dev",
+            NODE_WIRE_IF,
+        ])?;
+        ip(&["-n", &ns, "link", "set", NODE_WIRE_IF, "up"])?;
+        for other in self.plan.nodes.iter().filter(|o| o.index != node.index) {
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                &format!("10.244.{}.0/24", other.index),
+                "via",
+                &other.wire_ip.to_string(),
+                "dev",
+                NODE_WIRE_IF,
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn create_pod(&self, pod: &PodPlan) -> Result<()> {
+        let node_ns = self.netns_of_node(&pod.node);
+        let pod_ns = self.netns_of_pod(&pod.pod.key());
+        netns::create(&pod_ns)?;
+        let ifname = pod.node_ifname.as_str();
+        ip(&[
+            "link", "add", ifname, "netns", &node_ns, "type", "veth", "peer", "name", POD_IF,
+            "netns", &pod_ns,
+        ])?;
+        let gateway = pod.gateway.to_string();
+        let pod_ip = pod.ip.to_string();
+        ip(&[
+            "-n",
+            &node_ns,
+            "addr",
+            "add",
+            &format!("{gateway}/32"),
+            "dev",
+            ifname,
+        ])?;
+        ip(&["-n", &node_ns, "link", "set", ifname, "up"])?;
+        ip(&[
+            "-n",
+            &node_ns,
+            "route",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            ifname,
+        ])?;
+        ip(&[
+            "-n",
+            &pod_ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            POD_IF,
+        ])?;
+        ip(&["-n", &pod_ns, "link", "set", POD_IF, "up"])?;
+        ip(&[
+            "-n",
+            &pod_ns,
+            "route",
+            "add",
+            &format!("{gateway}/32"),
+            "dev",
+            POD_IF,
+            "scope",
+            "link",
+        ])?;
+        ip(&[
+            "-n", &pod_ns, "route", "add", "default", "via", &gateway, "dev", POD_IF,
+        ])?;
+        Ok(())
+    }
+
+    fn write_config(&self) -> Result<()> {
+        self.write_yaml(TOPOLOGY_FILE, &render_topology(&self.spec, &self.plan)?)?;
+        for (file, content) in &self.spec.yaml {
+            self.write_yaml(file, content)?;
+        }
+        Ok(())
+    }
+
+    // === names and addresses ===
+
+    /// The unique prefix of every namespace of this mesh (e.g. `mt1a2b3c-`); ztunnel gets it
+    /// as `--netns-prefix`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn netns_of_node(&self, node: &str) -> String {
+        format!("{}{node}", self.prefix)
+    }
+
+    fn netns_of_pod(&self, key: &str) -> String {
+        format!("{}{}", self.prefix, key.replacen('/', ".", 1))
+    }
+
+    /// The namespace holding the bridge between nodes (`<prefix>_wire`).
+    pub fn wire_netns(&self) -> String {
+        format!("{}_wire", self.prefix)
+    }
+
+    /// The namespace of node `node` (`<prefix><node>`).
+    pub fn node_netns(&self, node: &str) -> Result<String> {
+        self.plan.node(node)?;
+        Ok(self.netns_of_node(node))
+    }
+
+    /// The namespace of pod `ns/name` (`<prefix><ns>.<name>`).
+    pub fn pod_netns(&self, pod: &str) -> Result<String> {
+        self.plan.pod(pod)?;
+        Ok(self.netns_of_pod(pod))
+    }
+
+    /// The pod's IP (`status.podIP`).
+    pub fn pod_ip(&self, pod: &str) -> Result<Ipv4Addr> {
+        Ok(self.plan.pod(pod)?.ip)
+    }
+
+    /// The node's address on the wire (10.255.0.i).
+    pub fn node_ip(&self, node: &str) -> Result<Ipv4Addr> {
+        Ok(self.plan.node(node)?.wire_ip)
+    }
+
+    /// Keys (`ns/name`) of all pods, in declaration order.
+    pub fn pods(&self) -> Vec<String> {
+        self.plan.pods.iter().map(|p| p.pod.key()).collect()
+    }
+
+    /// Names of all nodes, in declaration order.
+    pub fn nodes(&self) -> Vec<String> {
+        self.plan.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// The directory of the mesh's work files (config/, ca/, logs/).
+    pub fn work_dir(&self) -> &Path {
+        &self.work_path
+    }
+
+    /// The YAML directory every ztunnel watches (`--config-dir`).
+    pub fn config_dir(&self) -> PathBuf {
+        self.work_path.join("config")
+    }
+
+    /// The CA directory shared by every ztunnel (`--ca-dir`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.work_path.join("ca")
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        self.work_path.join("logs")
+    }
+
+    /// Where the binaries under test are taken from.
+    pub fn binaries(&self) -> &Binaries {
+        &self.binaries
+    }
+
+    fn next_label(&self, owner: &str, argv0: &str) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let program = Path::new(argv0)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "cmd".to_owned());
+        format!("{}-{program}-{n}", owner.replace('/', "."))
+    }
+
+    // === running things inside pods and nodes ===
+
+    /// Runs `f` on a thread inside the pod's namespace (see [`in_netns`]).
+    pub fn in_pod<T: Send>(&self, pod: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_netns(&self.pod_netns(pod)?, f)
+    }
+
+    /// Runs `f` on a thread inside the node's namespace.
+    pub fn in_node<T: Send>(&self, node: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_netns(&self.node_netns(node)?, f)
+    }
+
+    /// Runs a command inside the pod's namespace and returns its output, whatever its exit
+    /// status; killed after 60 s.
+    pub fn exec(&self, pod: &str, argv: &[&str]) -> Result<Output> {
+        self.exec_timeout(pod, argv, EXEC_TIMEOUT)
+    }
+
+    /// [`Mesh::exec`] with an explicit time limit.
+    pub fn exec_timeout(&self, pod: &str, argv: &[&str], timeout: Duration) -> Result<Output> {
+        run_bounded(netns_command(&self.pod_netns(pod)?, &self.prefix, argv)?, timeout)
+    }
+
+    /// Runs a command inside the pod's namespace and returns its stdout; a non-zero exit is
+    /// an error quoting stderr.
+    pub fn exec_ok(&self, pod: &str, argv: &[&str]) -> Result<String> {
+        let out = self.exec(pod, argv)?;
+        if !out.status.success() {
+            bail!(
+                "`{}` in {pod} failed ({}): {}",
+                argv.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a command inside the node's namespace; killed after 60 s.
+    pub fn exec_node(&self, node: &str, argv: &[&str]) -> Result<Output> {
+        run_bounded(
+            netns_command(&self.node_netns(node)?, &self.prefix, argv)?,
+            EXEC_TIMEOUT,
+        )
+    }
+
+    /// Starts a long-running command inside the pod's namespace; it is killed when the guard
+    /// drops (and in any case when the mesh drops).
+    pub fn spawn(&self, pod: &str, argv: &[&str]) -> Result<ChildGuard> {
+        let cmd = netns_command(&self.pod_netns(pod)?, &self.prefix, argv)?;
+        let label = self.next_label(pod, argv.first().copied().unwrap_or("cmd"));
+        ChildGuard::spawn(cmd, &label, &self.log_dir())
+    }
+
+    /// Starts a long-running command inside the node's namespace.
+    pub fn spawn_node(&self, node: &str, argv: &[&str]) -> Result<ChildGuard> {
+        let cmd = netns_command(&self.node_netns(node)?, &self.prefix, argv)?;
+        let label = self.next_label(node, argv.first().copied().unwrap_or("cmd"));
+        ChildGuard::spawn(cmd, &label, &self.log_dir())
+    }
+
+    /// Starts `mesh-echo --port <port> --name <name>` in the pod and returns once it listens.
+    pub fn spawn_echo(&self, pod: &str, port: u16, name: &str) -> Result<ChildGuard> {
+        let echo = self.binaries.mesh_echo()?;
+        let echo = echo.to_string_lossy();
+        let port = port.to_string();
+        let mut guard = self.spawn(pod, &[&echo, "--port", &port, "--name", name])?;
+        guard.wait_for_stdout("listening on", LISTEN_TIMEOUT)?;
+        Ok(guard)
+    }
+
+    /// Opens a TCP connection from inside the pod (so it is subject to the pod's capture
+    /// rules, exactly like the pod's own applications). Reads and writes time out after 15 s.
+    /// For async code: `tokio::net::TcpStream::from_std` after `set_nonblocking(true)`.
+    pub fn connect(&self, pod: &str, addr: SocketAddr) -> Result<TcpStream> {
+        let stream = self
+            .in_pod(pod, move || TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))?
+            .with_context(|| format!("connect from {pod} to {addr}"))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(stream)
+    }
+
+    /// Sends `payload` from the pod to `addr`, shuts down writing, and returns everything
+    /// read back until the server closes (against mesh-echo: the payload itself).
+    pub fn echo_roundtrip(&self, pod: &str, addr: SocketAddr, payload: &[u8]) -> Result<Vec<u8>> {
+        let mut stream = self.connect(pod, addr)?;
+        stream
+            .write_all(payload)
+            .with_context(|| format!("send to {addr} from {pod}"))?;
+        stream
+            .shutdown(Shutdown::Write)
+            .with_context(|| format!("shut down writing to {addr}"))?;
+        let mut back = Vec::new();
+        stream
+            .read_to_end(&mut back)
+            .with_context(|| format!("read the echo from {addr} in {pod}"))?;
+        Ok(back)
+    }
+
+    /// `GET path` from the pod to `addr` over a fresh connection.
+    pub fn http_get(&self, pod: &str, addr: SocketAddr, path: &str) -> Result<HttpResponse> {
+        self.http_request(pod, addr, "GET", path, b"")
+    }
+
+    /// Any HTTP/1.1 request from the pod to `addr` over a fresh connection.
+    pub fn http_request(
+        &self,
+        pod: &str,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<HttpResponse> {
+        let mut stream = self.connect(pod, addr)?;
+        http::request(&mut stream, method, &addr.to_string(), path, body)
+    }
+
+    fn node_http(&self, node: &str, port: u16, method: &str, path: &str) -> Result<HttpResponse> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut stream = self
+            .in_node(node, move || TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))?
+            .with_context(|| format!("connect to {addr} in node {node}"))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        http::request(&mut stream, method, &addr.to_string(), path, b"")
+    }
+
+    fn node_http_ok(&self, node: &str, port: u16, method: &str, path: &str) -> Result<String> {
+        let response = self.node_http(node, port, method, path)?;
+        if !(200..300).contains(&response.status) {
+            bail!(
+                "{method} {path} on node {node} port {port}: status {}: {}",
+                response.status,
+                response.text()
+            );
+        }
+        Ok(response.text())
+    }
+
+    // === configuration ===
+
+    /// Writes (or replaces) a YAML file in the config directory. The write is atomic (temp
+    /// file + rename), so a watching ztunnel never reads half a file.
+    pub fn write_yaml(&self, file_name: &str, content: &str) -> Result<()> {
+        check_yaml_file_name(file_name)?;
+        let dir = self.config_dir();
+        let tmp = dir.join(format!(".{file_name}.tmp"));
+        let path = dir.join(file_name);
+        std::fs::write(&tmp, content).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
+    }
+
+    /// Removes a YAML file from the config directory.
+    pub fn remove_yaml(&self, file_name: &str) -> Result<()> {
+        check_yaml_file_name(file_name)?;
+        let path = self.config_dir().join(file_name);
+        std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))
+    }
+
+    // === ztunnel ===
+
+    fn ztunnels(&self) -> MutexGuard<'_, BTreeMap<String, ChildGuard>> {
+        // A panic elsewhere cannot leave the map inconsistent: every update is one call.
+        self.ztunnels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn start_all_ztunnels(&self) -> Result<()> {
+        let nodes: Vec<&NodePlan> = self.plan.nodes.iter().filter(|n| n.ztunnel).collect();
+        // The first ztunnel creates the shared CA; the others start once it exists, so no
+        // two processes race to generate it.
+        let Some((first, rest)) = nodes.split_first() else {
+            return Ok(());
+        };
+        self.start_ztunnel(&first.name)?;
+        for node in rest {
+            self.spawn_ztunnel(&node.name)?;
+        }
+        for node in rest {
+            self.wait_ready(&node.name)?;
+        }
+        Ok(())
+    }
+
+    fn ztunnel_log_path(&self, node: &str) -> PathBuf {
+        self.log_dir().join(format!("ztunnel-{node}.log"))
+    }
+
+    fn spawn_ztunnel(&self, node: &str) -> Result<()> {
+        let plan = self.plan.node(node)?;
+        if !plan.ztunnel {
+            bail!("node {node} is bare: it runs no ztunnel");
+        }
+        let mut ztunnels = self.ztunnels();
+        if let Some(running) = ztunnels.get_mut(node) {
+            if running.is_running() {
+                bail!("ztunnel on {node} is already running (pid {})", running.pid());
+            }
+        }
+        let binary = self.binaries.ztunnel()?;
+        let ip = crate::sys::tool("ip", "iproute2")?;
+        let mut cmd = Command::new(ip);
+        cmd.args(["netns", "exec", &self.netns_of_node(node)])
+            .arg(&binary)
+            .args(["--node-name", node, "--config-dir"])
+            .arg(self.config_dir())
+            .arg("--ca-dir")
+            .arg(self.ca_dir())
+            .args(["--netns-prefix", &self.prefix])
+            .args(&self.spec.ztunnel_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .env(MARKER_ENV, &self.prefix)
+            .env("PATH", child_path());
+        for (key, value) in &self.spec.ztunnel_env {
+            cmd.env(key, value);
+        }
+        let guard = ChildGuard::spawn_logging_to(
+            cmd,
+            &format!("ztunnel-{node}"),
+            &self.ztunnel_log_path(node),
+        )?;
+        ztunnels.insert(node.to_owned(), guard);
+        Ok(())
+    }
+
+    /// Starts the node's ztunnel (again) and waits until it reports ready.
+    pub fn start_ztunnel(&self, node: &str) -> Result<()> {
+        self.spawn_ztunnel(node)?;
+        self.wait_ready(node)
+    }
+
+    /// Stops the node's ztunnel gracefully (SIGTERM; SIGKILL after 10 s).
+    pub fn stop_ztunnel(&self, node: &str) -> Result<()> {
+        let guard = self.ztunnels().remove(node);
+        let Some(mut guard) = guard else {
+            bail!("no ztunnel running on {node}");
+        };
+        guard.terminate(STOP_GRACE)?;
+        Ok(())
+    }
+
+    /// Kills the node's ztunnel at once (SIGKILL), as a crash would.
+    pub fn kill_ztunnel(&self, node: &str) -> Result<()> {
+        let guard = self.ztunnels().remove(node);
+        let Some(mut guard) = guard else {
+            bail!("no ztunnel running on {node}");
+        };
+        guard.kill()?;
+        Ok(())
+    }
+
+    /// The pid of the node's ztunnel, if it runs.
+    pub fn ztunnel_pid(&self, node: &str) -> Option<u32> {
+        let mut ztunnels = self.ztunnels();
+        let guard = ztunnels.get_mut(node)?;
+        guard.is_running().then(|| guard.pid())
+    }
+
+    /// Everything the node's ztunnel has logged (stdout and stderr, across restarts).
+    pub fn ztunnel_log(&self, node: &str) -> String {
+        std::fs::read(self.ztunnel_log_path(node))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `GET /healthz/ready` on the node answers 200; fails early, quoting the
+    /// log, if the ztunnel exits.
+    pub fn wait_ready(&self, node: &str) -> Result<()> {
+        let result = wait_until(
+            &format!("ztunnel on {node} to report ready"),
+            self.spec.ready_timeout,
+            || {
+                let exited = self
+                    .ztunnels()
+                    .get_mut(node)
+                    .map(|g| !g.is_running())
+                    .unwrap_or(true);
+                if exited {
+                    return Err(anyhow!("ztunnel on {node} is not running"));
+                }
+                let response = self.node_http(node, READINESS_PORT, "GET", "/healthz/ready")?;
+                Ok(response.status == 200)
+            },
+        );
+        result.with_context(|| {
+            format!(
+                "ztunnel log of {node} (last lines):\n{}",
+                tail(&self.ztunnel_log(node), LOG_TAIL_LINES)
+            )
+        })
+    }
+
+    /// The node's Prometheus metrics text (`:15020/metrics`); read it with [`crate::prom`].
+    pub fn metrics(&self, node: &str) -> Result<String> {
+        self.node_http_ok(node, METRICS_PORT, "GET", "/metrics")
+    }
+
+    /// `GET` on the node's admin endpoint (`127.0.0.1:15000`), e.g. `/config_dump`.
+    pub fn admin(&self, node: &str, path: &str) -> Result<String> {
+        self.node_http_ok(node, ADMIN_PORT, "GET", path)
+    }
+
+    /// `POST` on the node's admin endpoint, e.g. `/logging?level=debug`.
+    pub fn admin_post(&self, node: &str, path: &str) -> Result<String> {
+        self.node_http_ok(node, ADMIN_PORT, "POST", path)
+    }
+
+    // === capture ===
+
+    /// Starts capturing on the bridge between the nodes. Every packet between two nodes
+    /// crosses it; nothing else does.
+    pub fn capture_wire(&self) -> Result<Capture> {
+        let first = self
+            .plan
+            .nodes
+            .first()
+            .context("a mesh has at least one node")?;
+        Capture::start(
+            &self.wire_netns(),
+            BRIDGE,
+            &self.prefix,
+            &self.log_dir(),
+            BRIDGE_IP,
+            SocketAddrV4::new(first.wire_ip, 9),
+        )
+    }
+
+    // === teardown ===
+
+    fn report_failure(&self) {
+        eprintln!(
+            "e2e: test {} failed; mesh prefix {}, work dir {}",
+            self.test_name,
+            self.prefix,
+            self.work_path.display()
+        );
+        for node in self.plan.nodes.iter().filter(|n| n.ztunnel) {
+            eprintln!(
+                "e2e: ---- ztunnel log of {} (last {LOG_TAIL_LINES} lines) ----\n{}",
+                node.name,
+                tail(&self.ztunnel_log(&node.name), LOG_TAIL_LINES)
+            );
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if panicking {
+            self.report_failure();
+        }
+        // Killing the ztunnels first stops them from reacting to the namespaces vanishing.
+        let ztunnels = std::mem::take(&mut *self.ztunnels());
+        drop(ztunnels);
+        if let Err(e) = netns::cleanup_stale(&self.prefix) {
+            eprintln!("e2e: cleaning up mesh {}: {e:#}", self.prefix);
+        }
+        if panicking && std::env::var_os("E2E_KEEP").is_some() {
+            if let Some(dir) = self.work_dir.take() {
+                let kept = dir.keep();
+                eprintln!("e2e: kept work dir {}", kept.display());
+            }
+        }
+    }
+}
+
+/// A prefix no existing namespace uses: `mt` + 6 hex digits of a hash of the test name, the
+/// process and a counter, + `-`.
+fn unique_prefix(test_name: &str) -> Result<String> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..16 {
+        let mut hasher = DefaultHasher::new();
+        test_name.hash(&mut hasher);
+        std::process::id().hash(&mut hasher);
+        COUNTER.fetch_add(1, Ordering::Relaxed).hash(&mut hasher);
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+            .hash(&mut hasher);
+        let prefix = format!("{PREFIX_HEAD}{:06x}-", hasher.finish() & 0xff_ffff);
+        if netns::list(&prefix)?.is_empty() {
+            return Ok(prefix);
+        }
+    }
+    bail!("no free netns prefix for {test_name} after 16 tries")
+}
+
+/// Runs a command with a time limit, killing its process group when the limit passes.
+fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    let line = command_line(&cmd);
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().with_context(|| format!("spawn `{line}`"))?;
+    let pgid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // The receiver only goes away after a timeout, when nobody wants the output.
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(output) => output.with_context(|| format!("wait for `{line}`")),
+        Err(_) => {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+            bail!("`{line}` did not finish within {timeout:?}; killed")
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

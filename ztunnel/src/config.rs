@@ -1,0 +1,192 @@
+//! Every setting of the node agent, read once at startup into typed values.
+//! Each default is a named constant so ARCHITECTURE.md and `--help` agree.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_CERT_TTL: &str = "24h";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
+pub const DEFAULT_CONFIG_POLL: &str = "500ms";
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+
+/// Ports bound inside every enrolled pod's network namespace.
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = 15008;
+/// Ports that must never be the original destination of a captured connection (loops).
+pub const RESERVED_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
+
+/// SO_MARK on every socket the agent opens inside a pod namespace: the redirection rules skip
+/// marked packets, so the agent never captures its own traffic.
+pub const SKIP_MARK: u32 = 0x539;
+/// Conntrack mark for inbound connections the agent delivers with the client's source IP; the
+/// application's replies carry it and are routed back to the agent's transparent socket.
+pub const INBOUND_CONNMARK: u32 = 0x111;
+/// Policy-routing table that sends marked replies to the local stack.
+pub const INBOUND_ROUTE_TABLE: u32 = 133;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum Redirect {
+    /// nftables rules inside each pod namespace.
+    Nftables,
+    /// No redirection: only explicit connections to the pod's 15001/15006/15008 (tests).
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Command line and environment (`ZTUNNEL_*`).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ztunnel", version, about = "Ambient mesh node agent")]
+pub struct Args {
+    /// Name of this node: the agent serves pods whose `spec.nodeName` equals it.
+    #[arg(long, env = "ZTUNNEL_NODE_NAME")]
+    pub node_name: String,
+    /// Directory of Kubernetes YAML (Namespaces, Pods, Services, policies); watched.
+    #[arg(long, env = "ZTUNNEL_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+    /// CA directory: a plug-in CA in Istio's `cacerts` layout, or where the generated root lives.
+    #[arg(long, env = "ZTUNNEL_CA_DIR")]
+    pub ca_dir: PathBuf,
+    /// Pod `<ns>/<name>` lives in the network namespace `<netns-dir>/<prefix><ns>.<name>`.
+    #[arg(long, env = "ZTUNNEL_NETNS_PREFIX", default_value = "")]
+    pub netns_prefix: String,
+    #[arg(long, env = "ZTUNNEL_NETNS_DIR", default_value = DEFAULT_NETNS_DIR)]
+    pub netns_dir: PathBuf,
+    #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Workload certificate lifetime (renewed at half-life), e.g. 30s, 5m, 24h.
+    #[arg(long, env = "ZTUNNEL_CERT_TTL", default_value = DEFAULT_CERT_TTL, value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    #[arg(long, env = "ZTUNNEL_REDIRECT", value_enum, default_value = "nftables")]
+    pub redirect: Redirect,
+    #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    #[arg(long, env = "ZTUNNEL_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
+    pub readiness_addr: SocketAddr,
+    /// How often the config directory is checked for changes.
+    #[arg(long, env = "ZTUNNEL_CONFIG_POLL", default_value = DEFAULT_CONFIG_POLL, value_parser = parse_duration)]
+    pub config_poll: Duration,
+    /// On SIGTERM, how long established connections may take to finish.
+    #[arg(long, env = "ZTUNNEL_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    #[arg(long, env = "ZTUNNEL_TLS_HANDSHAKE_TIMEOUT", default_value = DEFAULT_TLS_HANDSHAKE_TIMEOUT, value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    #[arg(long, env = "ZTUNNEL_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The settings as the rest of the agent sees them (and `/config_dump` shows).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    pub node_name: String,
+    pub config_dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub netns_dir: PathBuf,
+    pub netns_prefix: String,
+    pub trust_domain: String,
+    #[serde(with = "secs")]
+    pub cert_ttl: Duration,
+    pub redirect: Redirect,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    #[serde(with = "secs")]
+    pub config_poll: Duration,
+    #[serde(with = "secs")]
+    pub drain_timeout: Duration,
+    #[serde(with = "secs")]
+    pub tls_handshake_timeout: Duration,
+    #[serde(with = "secs")]
+    pub connect_timeout: Duration,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+impl From<&Args> for Config {
+    fn from(a: &Args) -> Self {
+        Config {
+            node_name: a.node_name.clone(),
+            config_dir: a.config_dir.clone(),
+            ca_dir: a.ca_dir.clone(),
+            netns_dir: a.netns_dir.clone(),
+            netns_prefix: a.netns_prefix.clone(),
+            trust_domain: a.trust_domain.clone(),
+            cert_ttl: a.cert_ttl,
+            redirect: a.redirect,
+            admin_addr: a.admin_addr,
+            metrics_addr: a.metrics_addr,
+            readiness_addr: a.readiness_addr,
+            config_poll: a.config_poll,
+            drain_timeout: a.drain_timeout,
+            tls_handshake_timeout: a.tls_handshake_timeout,
+            connect_timeout: a.connect_timeout,
+        }
+    }
+}
+
+impl Config {
+    /// The network namespace file of pod `<namespace>/<name>`.
+    pub fn pod_netns_path(&self, namespace: &str, name: &str) -> PathBuf {
+        self.netns_dir
+            .join(format!("{}{}.{}", self.netns_prefix, namespace, name))
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `24h`, `2d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?}: missing unit (ms, s, m, h, d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?}: expected a whole number before the unit"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => return Err(format!("duration {s:?}: unknown unit {unit:?}")),
+    }
+    .ok_or_else(|| format!("duration {s:?}: too large"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("5 weeks").is_err());
+    }
+}

@@ -1,0 +1,64 @@
+//! Logging: tracing to stderr (text or JSON lines), with the filter replaceable at runtime
+//! through the admin endpoint.
+
+use std::sync::{Arc, Mutex};
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+use crate::config::LogFormat;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("invalid log filter {filter:?}: {reason}")]
+    Filter { filter: String, reason: String },
+    #[error("reload log filter: {0}")]
+    Reload(String),
+}
+
+/// Changes the active filter.
+#[derive(Clone)]
+pub struct LogHandle {
+    handle: reload::Handle<EnvFilter, Registry>,
+    current: Arc<Mutex<String>>,
+}
+
+impl LogHandle {
+    pub fn set(&self, filter: &str) -> Result<(), LogError> {
+        let f = EnvFilter::try_new(filter).map_err(|e| LogError::Filter {
+            filter: filter.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.handle
+            .reload(f)
+            .map_err(|e| LogError::Reload(e.to_string()))?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = filter.to_string();
+        tracing::info!(filter, "log filter changed");
+        Ok(())
+    }
+
+    pub fn current(&self) -> String {
+        self.current
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Installs the global subscriber (startup only).
+pub fn init(format: LogFormat) -> LogHandle {
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
+        LogFormat::Text => registry.with(fmt).init(),
+    }
+    LogHandle {
+        handle,
+        current: Arc::new(Mutex::new(initial)),
+    }
+}

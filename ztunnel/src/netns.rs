@@ -1,0 +1,71 @@
+//! Network namespaces: the only module that changes a thread's namespace.
+//!
+//! The agent runs in the node's namespace and opens sockets inside each pod's namespace. A socket
+//! belongs to the namespace it was created in for its whole life, so switching is only needed
+//! around `socket()`: [`Netns::run`] enters the pod namespace on the current thread, runs a
+//! closure that must not await, and always switches back.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use nix::sched::{setns, CloneFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("open netns {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("setns into {path}: {source}")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("setns back to the agent's netns: {0}")]
+    Return(nix::Error),
+}
+
+/// An open handle on a network namespace (keeps it alive while held).
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> Result<Netns, NetnsError> {
+        let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Netns {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The namespace the agent itself runs in (opened once at startup).
+    pub fn current() -> Result<Netns, NetnsError> {
+        Netns::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the current thread inside `self`, then returns to `home`.
+    ///
+    /// `f` must be synchronous: nothing else may run on this thread while it is switched.
+    pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+            path: self.path.clone(),
+            source,
+        })?;
+        let out = f();
+        // If we cannot return, this thread would go on serving the wrong namespace and every
+        // later socket could land in a pod: stopping the process is the only safe answer.
+        if let Err(e) = setns(&home.file, CloneFlags::CLONE_NEWNET) {
+            tracing::error!(error = %NetnsError::Return(e), "cannot leave pod netns; aborting");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+}

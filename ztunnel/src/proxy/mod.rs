@@ -1,0 +1,280 @@
+//! The data path: listeners inside each enrolled pod's network namespace.
+//!
+//! - [`outbound`] (15001): the pod's own outgoing TCP, captured; sent over HBONE to in-mesh
+//!   destinations, passed through otherwise.
+//! - [`inbound`] (15008): HBONE from other workloads: mTLS, CONNECT, policy, then the app.
+//! - [`inbound_passthrough`] (15006): plaintext arriving at the pod: PeerAuthentication and
+//!   policy (no identity), then the app.
+
+pub mod inbound;
+pub mod inbound_passthrough;
+pub mod outbound;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use mesh::certs::CertManager;
+use mesh::hbone::Pool;
+use mesh::identity::Identity;
+use mesh::metrics::{Metrics, TcpLabels};
+use mesh::model::{Model, NamespacedName, Pod, Service};
+
+use crate::config::Config;
+use crate::conns::ConnTracker;
+use crate::netns::Netns;
+
+/// Why a connection was refused or failed: one flag per cause, used by logs and metrics
+/// (`response_flags`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// Denied by AuthorizationPolicy.
+    Deny,
+    /// Plaintext to a workload whose PeerAuthentication is STRICT.
+    PeerAuthn,
+    /// TLS handshake failed (no/invalid client certificate, wrong identity, not TLS 1.3...).
+    Tls,
+    /// Malformed tunnel request: not CONNECT, `:authority` not `ip:port`.
+    BadRequest,
+    /// CONNECT to an address this workload does not serve.
+    NotServed,
+    /// A connection straight to one of the agent's own ports (would loop).
+    Loop,
+    /// The upstream could not be reached.
+    UpstreamFailure,
+    /// A service without ready endpoints.
+    NoHealthyUpstream,
+    /// The HBONE peer refused the tunnel (401).
+    UpstreamDenied,
+    /// Closed because a policy change revoked it.
+    Revoked,
+    /// The original destination could not be recovered.
+    NoOriginalDst,
+}
+
+impl ResponseFlag {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::Deny => "DENY",
+            ResponseFlag::PeerAuthn => "PEERAUTHN",
+            ResponseFlag::Tls => "TLS",
+            ResponseFlag::BadRequest => "BADREQ",
+            ResponseFlag::NotServed => "NR",
+            ResponseFlag::Loop => "LOOP",
+            ResponseFlag::UpstreamFailure => "UF",
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamDenied => "UAEX",
+            ResponseFlag::Revoked => "REVOKED",
+            ResponseFlag::NoOriginalDst => "NOORIGDST",
+        }
+    }
+}
+
+impl fmt::Display for ResponseFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything the proxies share; one per agent.
+pub struct ProxyInputs {
+    pub cfg: Arc<Config>,
+    pub model: Arc<ArcSwap<Model>>,
+    pub certs: Arc<CertManager>,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    pub conns: Arc<ConnTracker>,
+    /// The agent's own network namespace, to return to after opening a socket in a pod's.
+    pub home: Arc<Netns>,
+    client_tls: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
+    round_robin: Mutex<HashMap<NamespacedName, Arc<AtomicUsize>>>,
+}
+
+impl ProxyInputs {
+    pub fn new(
+        cfg: Arc<Config>,
+        model: Arc<ArcSwap<Model>>,
+        certs: Arc<CertManager>,
+        pool: Pool,
+        metrics: Arc<Metrics>,
+        conns: Arc<ConnTracker>,
+        home: Arc<Netns>,
+    ) -> Self {
+        ProxyInputs {
+            cfg,
+            model,
+            certs,
+            pool,
+            metrics,
+            conns,
+            home,
+            client_tls: Mutex::default(),
+            round_robin: Mutex::default(),
+        }
+    }
+
+    /// A client TLS config presenting `src` and accepting only `dst`; cached because the
+    /// certificate is resolved per handshake (rotation does not invalidate it).
+    pub fn client_tls(
+        &self,
+        src: &Identity,
+        dst: &Identity,
+    ) -> Result<Arc<rustls::ClientConfig>, mesh::tls::TlsError> {
+        let key = (src.clone(), dst.clone());
+        let mut cache = self.client_tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = mesh::tls::client_config(self.certs.clone(), src.clone(), vec![dst.clone()])?;
+        cache.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// The next round-robin start index for a service.
+    pub fn next_index(&self, svc: &NamespacedName) -> usize {
+        let counter = {
+            let mut rr = self.round_robin.lock().unwrap_or_else(|e| e.into_inner());
+            rr.entry(svc.clone()).or_default().clone()
+        };
+        counter.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A pod this agent serves: what its listeners need to know about it.
+pub struct PodCtx {
+    pub key: NamespacedName,
+    pub ips: Vec<IpAddr>,
+    pub identity: Identity,
+    pub netns: Arc<Netns>,
+    pub server_tls: Arc<rustls::ServerConfig>,
+}
+
+/// Builds Istio's standard TCP metric labels.
+pub struct LabelInputs<'a> {
+    pub reporter: &'static str,
+    pub src_pod: Option<&'a Pod>,
+    pub src_identity: Option<&'a Identity>,
+    pub dst_pod: Option<&'a Pod>,
+    pub dst_identity: Option<&'a Identity>,
+    pub service: Option<&'a Service>,
+    pub flag: Option<ResponseFlag>,
+    pub mtls: bool,
+}
+
+fn workload_name(p: &Pod) -> String {
+    // Kubernetes has no workload object here; the `app` label (else the pod name) stands in,
+    // as Istio falls back to the pod name for bare pods.
+    p.labels
+        .get("app")
+        .cloned()
+        .unwrap_or_else(|| p.name.clone())
+}
+
+fn label_or_unknown(p: Option<&Pod>, keys: &[&str]) -> String {
+    p.and_then(|p| keys.iter().find_map(|k| p.labels.get(*k)).cloned())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+impl LabelInputs<'_> {
+    pub fn build(&self) -> TcpLabels {
+        let unknown = || "unknown".to_string();
+        let canonical = |p: Option<&Pod>| {
+            label_or_unknown(
+                p,
+                &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
+            )
+        };
+        let revision = |p: Option<&Pod>| {
+            label_or_unknown(
+                p,
+                &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"],
+            )
+        };
+        TcpLabels {
+            reporter: self.reporter.to_string(),
+            source_workload: self.src_pod.map(workload_name).unwrap_or_else(unknown),
+            source_workload_namespace: self
+                .src_pod
+                .map(|p| p.namespace.clone())
+                .unwrap_or_else(unknown),
+            source_principal: self.src_identity.map(|i| i.uri()).unwrap_or_else(unknown),
+            source_app: label_or_unknown(self.src_pod, &["app", "app.kubernetes.io/name"]),
+            source_version: label_or_unknown(self.src_pod, &["version", "app.kubernetes.io/version"]),
+            source_canonical_service: canonical(self.src_pod),
+            source_canonical_revision: revision(self.src_pod),
+            source_cluster: "Kubernetes".to_string(),
+            destination_workload: self.dst_pod.map(workload_name).unwrap_or_else(unknown),
+            destination_workload_namespace: self
+                .dst_pod
+                .map(|p| p.namespace.clone())
+                .unwrap_or_else(unknown),
+            destination_principal: self.dst_identity.map(|i| i.uri()).unwrap_or_else(unknown),
+            destination_app: label_or_unknown(self.dst_pod, &["app", "app.kubernetes.io/name"]),
+            destination_version: label_or_unknown(
+                self.dst_pod,
+                &["version", "app.kubernetes.io/version"],
+            ),
+            destination_service: self.service.map(|s| s.hostname()).unwrap_or_else(unknown),
+            destination_service_name: self.service.map(|s| s.name.clone()).unwrap_or_else(unknown),
+            destination_service_namespace: self
+                .service
+                .map(|s| s.namespace.clone())
+                .unwrap_or_else(unknown),
+            destination_canonical_service: canonical(self.dst_pod),
+            destination_canonical_revision: revision(self.dst_pod),
+            destination_cluster: "Kubernetes".to_string(),
+            request_protocol: "tcp".to_string(),
+            response_flags: self
+                .flag
+                .map(|f| f.as_str().to_string())
+                .unwrap_or_else(|| "-".to_string()),
+            connection_security_policy: if self.mtls {
+                "mutual_tls".to_string()
+            } else {
+                "unknown".to_string()
+            },
+        }
+    }
+}
+
+/// One structured access-log line per connection (target `access`).
+pub struct AccessLog<'a> {
+    pub direction: &'static str,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub src_identity: Option<&'a Identity>,
+    pub dst_identity: Option<&'a Identity>,
+    pub dst_workload: Option<&'a NamespacedName>,
+    pub flag: Option<ResponseFlag>,
+    pub reason: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub started: Instant,
+}
+
+impl AccessLog<'_> {
+    pub fn emit(&self) {
+        let src_id = self.src_identity.map(|i| i.to_string());
+        let dst_id = self.dst_identity.map(|i| i.to_string());
+        let dst_wl = self.dst_workload.map(|w| w.to_string());
+        tracing::info!(
+            target: "access",
+            direction = self.direction,
+            src.addr = %self.src,
+            src.identity = src_id.as_deref().unwrap_or("-"),
+            dst.addr = %self.dst,
+            dst.workload = dst_wl.as_deref().unwrap_or("-"),
+            dst.identity = dst_id.as_deref().unwrap_or("-"),
+            flags = self.flag.map(ResponseFlag::as_str).unwrap_or("-"),
+            reason = self.reason.as_deref().unwrap_or("-"),
+            bytes_sent = self.bytes_sent,
+            bytes_recv = self.bytes_received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "connection complete"
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! Traffic redirection inside a pod's network namespace (nftables backend).
+//!
+//! Rules, per pod namespace (table `inet ztunnel`):
+//! - outbound: TCP the application originates (not marked [`SKIP_MARK`], not to loopback) is
+//!   redirected to the agent's 15001 listener; the original destination is read back with
+//!   `SO_ORIGINAL_DST`.
+//! - inbound: TCP arriving from outside the pod, except to 15008 (HBONE, served directly), is
+//!   redirected to 15006.
+//! - source-IP preservation: the agent delivers inbound connections from a transparent socket
+//!   bound to the client's IP and marked [`SKIP_MARK`]; those packets cross `lo`, where the
+//!   connection gets conntrack mark [`INBOUND_CONNMARK`]. The application's replies carry that
+//!   mark and a policy-routing rule sends them to table [`INBOUND_ROUTE_TABLE`], whose `local`
+//!   default route hands them back to the agent's socket instead of the pod's default route.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::config::{
+    HBONE_PORT, INBOUND_CONNMARK, INBOUND_PLAINTEXT_PORT, INBOUND_ROUTE_TABLE, OUTBOUND_PORT,
+    SKIP_MARK,
+};
+
+pub const TABLE: &str = "ztunnel";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("run {cmd} in netns {netns}: {source}")]
+    Spawn {
+        cmd: String,
+        netns: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{cmd} in netns {netns} failed: {stderr}")]
+    Failed {
+        cmd: String,
+        netns: PathBuf,
+        stderr: String,
+    },
+}
+
+/// The nftables ruleset for one pod namespace.
+pub fn ruleset() -> String {
+    format!(
+        r#"table inet {TABLE} {{
+  chain prerouting_mangle {{
+    type filter hook prerouting priority mangle; policy accept;
+    iifname "lo" meta mark & 0xfff == {SKIP_MARK:#x} ct mark set {INBOUND_CONNMARK:#x}
+  }}
+  chain prerouting_nat {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "lo" return
+    tcp dport {HBONE_PORT} return
+    meta l4proto tcp redirect to :{INBOUND_PLAINTEXT_PORT}
+  }}
+  chain output_route {{
+    type route hook output priority mangle; policy accept;
+    ct mark & 0xfff == {INBOUND_CONNMARK:#x} meta mark set {INBOUND_CONNMARK:#x}
+  }}
+  chain output_nat {{
+    type nat hook output priority -100; policy accept;
+    meta mark & 0xfff == {SKIP_MARK:#x} return
+    oifname "lo" return
+    ip daddr 127.0.0.0/8 return
+    ip6 daddr ::1 return
+    meta l4proto tcp redirect to :{OUTBOUND_PORT}
+  }}
+}}
+"#
+    )
+}
+
+fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<(), RedirectError> {
+    let cmd = args.join(" ");
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| RedirectError::Spawn {
+            cmd: cmd.clone(),
+            netns: netns.to_path_buf(),
+            source,
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| RedirectError::Spawn {
+                cmd: cmd.clone(),
+                netns: netns.to_path_buf(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| RedirectError::Spawn {
+            cmd: cmd.clone(),
+            netns: netns.to_path_buf(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RedirectError::Failed {
+            cmd,
+            netns: netns.to_path_buf(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Installs (idempotently: replaces an earlier agent's rules) redirection in `netns`.
+pub fn install(netns: &Path) -> Result<(), RedirectError> {
+    // Flush first so a restarted agent replaces, never duplicates, its predecessor's rules.
+    let script = format!(
+        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+        ruleset()
+    );
+    run_in(netns, &["nft", "-f", "-"], Some(&script))?;
+    let mark = format!("{INBOUND_CONNMARK:#x}/0xfff");
+    let table = INBOUND_ROUTE_TABLE.to_string();
+    // `ip rule del` until none is left, then add one: idempotent across restarts.
+    delete_rules(netns, &mark, &table);
+    run_in(
+        netns,
+        &["ip", "rule", "add", "fwmark", &mark, "table", &table, "pref", "32000"],
+        None,
+    )?;
+    run_in(
+        netns,
+        &["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table],
+        None,
+    )?;
+    Ok(())
+}
+
+/// Removes what [`install`] added. Missing pieces are not an error (the pod may be gone).
+pub fn remove(netns: &Path) -> Result<(), RedirectError> {
+    let _ = run_in(netns, &["nft", "delete", "table", "inet", TABLE], None);
+    let mark = format!("{INBOUND_CONNMARK:#x}/0xfff");
+    let table = INBOUND_ROUTE_TABLE.to_string();
+    delete_rules(netns, &mark, &table);
+    let _ = run_in(netns, &["ip", "route", "flush", "table", &table], None);
+    Ok(())
+}
+
+/// Deletes our policy-routing rule until none is left (bounded: a namespace holds few rules).
+fn delete_rules(netns: &Path, mark: &str, table: &str) {
+    for _ in 0..16 {
+        if run_in(netns, &["ip", "rule", "del", "fwmark", mark, "table", table], None).is_err() {
+            break;
+        }
+    }
+}

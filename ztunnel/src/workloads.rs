@@ -1,0 +1,253 @@
+//! Which pods this agent serves, and their in-pod listeners and redirection.
+//!
+//! On every model change (and on a retry tick while something is pending) the manager
+//! compares the enrolled pods on this node with what it runs: a new pod gets its three
+//! listeners opened inside its network namespace and redirection installed; a pod that left
+//! (deleted, label removed, moved) gets its listeners closed and redirection removed, while its
+//! established connections run to completion (they are separate tasks).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use mesh::model::{Model, NamespacedName, Pod};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{Redirect, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::netns::Netns;
+use crate::proxy::{self, PodCtx, ProxyInputs};
+use crate::{redirect, socket};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error(transparent)]
+    Redirect(#[from] redirect::RedirectError),
+    #[error("tls for {pod}: {source}")]
+    Tls {
+        pod: NamespacedName,
+        source: mesh::tls::TlsError,
+    },
+    #[error("certificate for {pod}: {source}")]
+    Cert {
+        pod: NamespacedName,
+        source: mesh::ca::CaError,
+    },
+}
+
+/// What must match for a running pod to be kept as is (an IP change means re-enrolling).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+struct Fingerprint {
+    uid: Option<String>,
+    ips: Vec<IpAddr>,
+    service_account: String,
+}
+
+fn fingerprint(p: &Pod) -> Fingerprint {
+    Fingerprint {
+        uid: p.uid.clone(),
+        ips: p.ips.clone(),
+        service_account: p.service_account.clone(),
+    }
+}
+
+struct Running {
+    fp: Fingerprint,
+    ctx: Arc<PodCtx>,
+    stop: CancellationToken,
+}
+
+/// Status of one pod, for `/config_dump` and readiness.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodStatus {
+    pub pod: String,
+    pub identity: String,
+    pub ips: Vec<IpAddr>,
+    pub netns: String,
+    pub state: String,
+}
+
+pub struct Manager {
+    pi: Arc<ProxyInputs>,
+    running: BTreeMap<NamespacedName, Running>,
+    failed: BTreeMap<NamespacedName, String>,
+    ready: Arc<AtomicBool>,
+    status: Arc<std::sync::Mutex<Vec<PodStatus>>>,
+}
+
+impl Manager {
+    pub fn new(
+        pi: Arc<ProxyInputs>,
+        ready: Arc<AtomicBool>,
+        status: Arc<std::sync::Mutex<Vec<PodStatus>>>,
+    ) -> Self {
+        Manager {
+            pi,
+            running: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            ready,
+            status,
+        }
+    }
+
+    /// Brings the running set in line with `model`. Returns true when nothing is pending.
+    pub fn reconcile(&mut self, model: &Model) -> bool {
+        let node = self.pi.cfg.node_name.clone();
+        let desired: BTreeMap<NamespacedName, &Pod> = model
+            .pods_on_node(&node)
+            .filter(|p| model.is_ambient(p) && !p.ips.is_empty() && !p.host_network)
+            .map(|p| (NamespacedName::new(&p.namespace, &p.name), p))
+            .collect();
+
+        // Release pods that left, or changed in a way that needs new sockets.
+        let leaving: Vec<NamespacedName> = self
+            .running
+            .iter()
+            .filter(|(k, r)| desired.get(*k).is_none_or(|p| fingerprint(p) != r.fp))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in leaving {
+            if let Some(r) = self.running.remove(&key) {
+                self.release(&key, r);
+            }
+        }
+        self.failed.clear();
+        for (key, pod) in &desired {
+            if self.running.contains_key(key) {
+                continue;
+            }
+            match self.enroll(model, pod) {
+                Ok(r) => {
+                    tracing::info!(pod = %key, identity = %r.ctx.identity, "pod enrolled");
+                    self.running.insert(key.clone(), r);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %key, error = %e, "enrolling pod failed; will retry");
+                    self.failed.insert(key.clone(), e.to_string());
+                }
+            }
+        }
+        let done = self.failed.is_empty();
+        self.ready.store(done, Ordering::SeqCst);
+        self.publish_status();
+        done
+    }
+
+    fn enroll(&self, model: &Model, pod: &Pod) -> Result<Running, EnrollError> {
+        let key = NamespacedName::new(&pod.namespace, &pod.name);
+        let cfg = &self.pi.cfg;
+        let netns = Arc::new(Netns::open(&cfg.pod_netns_path(&pod.namespace, &pod.name))?);
+        let identity = model.identity_of(pod, &cfg.trust_domain);
+        // Issue the certificate now so the first connection does not wait for it.
+        self.pi
+            .certs
+            .certified_key(&identity)
+            .map_err(|source| EnrollError::Cert {
+                pod: key.clone(),
+                source,
+            })?;
+        let server_tls = mesh::tls::server_config(self.pi.certs.clone(), identity.clone())
+            .map_err(|source| EnrollError::Tls {
+                pod: key.clone(),
+                source,
+            })?;
+        let home = &self.pi.home;
+        let v6 = pod.ips.iter().any(IpAddr::is_ipv6);
+        let any: IpAddr = if v6 {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let lo: IpAddr = if v6 {
+            Ipv6Addr::LOCALHOST.into()
+        } else {
+            Ipv4Addr::LOCALHOST.into()
+        };
+        let outbound = socket::listen_in(&netns, home, SocketAddr::new(lo, OUTBOUND_PORT))?;
+        let plaintext =
+            socket::listen_in(&netns, home, SocketAddr::new(any, INBOUND_PLAINTEXT_PORT))?;
+        let hbone = socket::listen_in(&netns, home, SocketAddr::new(any, HBONE_PORT))?;
+        if cfg.redirect == Redirect::Nftables {
+            redirect::install(netns.path())?;
+        }
+        let ctx = Arc::new(PodCtx {
+            key: key.clone(),
+            ips: pod.ips.clone(),
+            identity,
+            netns,
+            server_tls,
+        });
+        let stop = CancellationToken::new();
+        let pi = &self.pi;
+        let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);
+        tokio::spawn(
+            proxy::outbound::run(outbound, ctx.clone(), pi.clone(), stop.clone())
+                .instrument(span("outbound")),
+        );
+        tokio::spawn(
+            proxy::inbound_passthrough::run(plaintext, ctx.clone(), pi.clone(), stop.clone())
+                .instrument(span("inbound_plaintext")),
+        );
+        tokio::spawn(
+            proxy::inbound::run(hbone, ctx.clone(), pi.clone(), stop.clone())
+                .instrument(span("inbound_hbone")),
+        );
+        Ok(Running {
+            fp: fingerprint(pod),
+            ctx,
+            stop,
+        })
+    }
+
+    fn release(&self, key: &NamespacedName, r: Running) {
+        r.stop.cancel();
+        if self.pi.cfg.redirect == Redirect::Nftables && r.ctx.netns.path().exists() {
+            if let Err(e) = redirect::remove(r.ctx.netns.path()) {
+                tracing::warn!(pod = %key, error = %e, "removing redirection failed");
+            }
+        }
+        let still_used = self
+            .running
+            .values()
+            .any(|other| other.ctx.identity == r.ctx.identity);
+        if !still_used {
+            self.pi.certs.forget(&r.ctx.identity);
+        }
+        tracing::info!(pod = %key, "pod released; established connections drain");
+    }
+
+    /// Closes every listener (shutdown); connections keep running until they finish.
+    pub fn stop_all(&mut self) {
+        for (_, r) in std::mem::take(&mut self.running) {
+            r.stop.cancel();
+        }
+    }
+
+    fn publish_status(&self) {
+        let mut out: Vec<PodStatus> = self
+            .running
+            .iter()
+            .map(|(k, r)| PodStatus {
+                pod: k.to_string(),
+                identity: r.ctx.identity.to_string(),
+                ips: r.ctx.ips.clone(),
+                netns: r.ctx.netns.path().display().to_string(),
+                state: "enrolled".to_string(),
+            })
+            .collect();
+        out.extend(self.failed.iter().map(|(k, e)| PodStatus {
+            pod: k.to_string(),
+            identity: String::new(),
+            ips: vec![],
+            netns: String::new(),
+            state: format!("pending: {e}"),
+        }));
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = out;
+    }
+}

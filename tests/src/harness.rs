@@ -90,7 +90,15 @@ impl Mesh {
         preflight(runs_ztunnel)?;
         let binaries = Binaries::locate();
         if runs_ztunnel {
-            binaries.ztunnel()?;
+            match &spec.ztunnel_binary {
+                Some(path) if !path.is_file() => {
+                    bail!("ztunnel binary {} does not exist", path.display())
+                }
+                Some(_) => {}
+                None => {
+                    binaries.ztunnel()?;
+                }
+            }
         }
         let prefix = unique_prefix(&spec.test_name)?;
         let work_dir = tempfile::Builder::new()
@@ -563,7 +571,10 @@ impl Mesh {
                 bail!("ztunnel on {node} is already running (pid {})", running.pid());
             }
         }
-        let binary = self.binaries.ztunnel()?;
+        let binary = match &self.spec.ztunnel_binary {
+            Some(path) => path.clone(),
+            None => self.binaries.ztunnel()?,
+        };
         let ip = crate::sys::tool("ip", "iproute2")?;
         let mut cmd = Command::new(ip);
         cmd.args(["netns", "exec", &self.netns_of_node(node)])
@@ -635,25 +646,33 @@ impl Mesh {
     /// Waits until `GET /healthz/ready` on the node answers 200; fails early, quoting the
     /// log, if the ztunnel exits.
     pub fn wait_ready(&self, node: &str) -> Result<()> {
+        let mut exited = None;
         let result = wait_until(
             &format!("ztunnel on {node} to report ready"),
             self.spec.ready_timeout,
             || {
-                let exited = self
-                    .ztunnels()
-                    .get_mut(node)
-                    .map(|g| !g.is_running())
-                    .unwrap_or(true);
-                if exited {
-                    return Err(anyhow!("ztunnel on {node} is not running"));
+                let mut ztunnels = self.ztunnels();
+                let Some(guard) = ztunnels.get_mut(node) else {
+                    exited = Some("it was never started or was stopped".to_owned());
+                    return Ok(true);
+                };
+                if let Some(status) = guard.wait_timeout(Duration::ZERO)? {
+                    // Waiting on would only burn the timeout: fail now.
+                    exited = Some(format!("it exited ({status})"));
+                    return Ok(true);
                 }
+                drop(ztunnels);
                 let response = self.node_http(node, READINESS_PORT, "GET", "/healthz/ready")?;
                 Ok(response.status == 200)
             },
         );
+        let result = match exited {
+            Some(why) => Err(anyhow!("ztunnel on {node} is not running: {why}")),
+            None => result,
+        };
         result.with_context(|| {
             format!(
-                "ztunnel log of {node} (last lines):\n{}",
+                "ztunnel on {node} did not become ready; last lines of its log:\n{}",
                 tail(&self.ztunnel_log(node), LOG_TAIL_LINES)
             )
         })

@@ -89,10 +89,17 @@ pub(crate) fn list(prefix: &str) -> Result<Vec<String>> {
 fn pids_in(netns: &str) -> Result<Vec<i32>> {
     let out = ip(&["netns", "pids", netns])?;
     let own = std::process::id();
+    // Belt and braces: whatever `ip` reports, never touch a process that shares the test
+    // runner's own namespace (the host's, normally).
+    let own_netns = std::fs::read_link("/proc/self/ns/net").ok();
     Ok(out
         .split_whitespace()
         .filter_map(|p| p.parse::<i32>().ok())
         .filter(|&pid| u32::try_from(pid).is_ok_and(|p| p != own))
+        .filter(|pid| {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+            theirs.is_some() && theirs != own_netns
+        })
         .collect())
 }
 

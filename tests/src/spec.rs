@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -185,6 +186,7 @@ pub struct MeshBuilder {
     pub(crate) ztunnel_env: Vec<(String, String)>,
     pub(crate) ready_timeout: Duration,
     pub(crate) without_ztunnel: bool,
+    pub(crate) ztunnel_binary: Option<PathBuf>,
 }
 
 impl MeshBuilder {
@@ -200,6 +202,7 @@ impl MeshBuilder {
             ztunnel_env: Vec::new(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             without_ztunnel: false,
+            ztunnel_binary: None,
         }
     }
 
@@ -281,6 +284,13 @@ impl MeshBuilder {
     /// Extra command-line arguments for every ztunnel (e.g. `["--cert-ttl", "30s"]`).
     pub fn ztunnel_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
         self.ztunnel_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Runs this binary as ztunnel instead of the workspace's build (e.g. a release build, or
+    /// a stand-in when testing the harness).
+    pub fn ztunnel_binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ztunnel_binary = Some(path.into());
         self
     }
 

@@ -2,11 +2,14 @@
 //! (network namespaces), real TLS, real clients.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
-use std::time::Duration;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use e2e::{eventually, prom, Ambient, Mesh, Pod, Service};
+use anyhow::{bail, ensure, Context, Result};
+use e2e::{prom, wait_until, Ambient, Mesh, Pod, Service};
+
+/// How long a config change may take to apply (the agent polls every 500 ms).
+const APPLY: Duration = Duration::from_secs(10);
 
 const VIP: &str = "10.96.0.10";
 
@@ -66,5 +69,328 @@ fn pod_to_pod_across_nodes_over_hbone_only() -> Result<()> {
     ensure!(ports == [15008].into_iter().collect(), "wire carried TCP to ports {ports:?}");
     ensure!(!summary.contains(marker), "application bytes in clear on the wire");
     ensure!(!summary.contains(b"GET /by-ip"), "HTTP request in clear on the wire");
+    Ok(())
+}
+
+fn server_addr(mesh: &Mesh, pod: &str) -> Result<SocketAddr> {
+    Ok(SocketAddr::new(mesh.pod_ip(pod)?.into(), 8080))
+}
+
+/// True when a TCP echo round trip from `from` to `to` returns the payload intact; false when
+/// the connection is refused, reset or closed without the echo (what a denial looks like to
+/// an application: the agent accepted its connect on 15001, then closed it).
+fn reaches(mesh: &Mesh, from: &str, to: SocketAddr) -> bool {
+    let payload = format!("ping from {from} to {to}");
+    matches!(mesh.echo_roundtrip(from, to, payload.as_bytes()), Ok(back) if back == payload.as_bytes())
+}
+
+fn expect_reach(mesh: &Mesh, from: &str, to: SocketAddr, allowed: bool, why: &str) -> Result<()> {
+    wait_until(why, APPLY, || Ok(reaches(mesh, from, to) == allowed))
+        .with_context(|| format!("{from} -> {to} should be {}", if allowed { "allowed" } else { "denied" }))
+}
+
+fn refused(mesh: &Mesh, node: &str, reason: &str) -> Result<f64> {
+    Ok(prom::sum(&mesh.metrics(node)?, "mesh_connections_refused_total", &[("reason", reason)]))
+}
+
+#[test]
+fn strict_refuses_plaintext_and_permissive_accepts_it() -> Result<()> {
+    let mesh = two_node_mesh("strict_permissive")?;
+    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let server = server_addr(&mesh, "default/server")?;
+    let outsider_ip = mesh.pod_ip("legacy/outsider")?;
+
+    // Default (no PeerAuthentication) is PERMISSIVE: a pod outside the mesh reaches the server
+    // in plaintext, and the server sees the outsider's own IP.
+    let r = mesh.http_get("legacy/outsider", server, "/plain")?;
+    ensure!(r.status == 200, "permissive: status {}", r.status);
+    let peer = r.json()?["peer"].as_str().unwrap_or_default().to_string();
+    ensure!(peer.starts_with(&format!("{outsider_ip}:")), "server saw {peer}");
+
+    mesh.write_yaml(
+        "peerauthn.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: STRICT\n",
+    )?;
+    expect_reach(&mesh, "legacy/outsider", server, false, "STRICT applies")?;
+    ensure!(refused(&mesh, "n2", "PEERAUTHN")? >= 1.0, "refusal not counted");
+    // mTLS from an enrolled pod is unaffected.
+    expect_reach(&mesh, "default/client", server, true, "mesh client under STRICT")?;
+
+    // A port-level PERMISSIVE on the workload overrides the namespace's STRICT.
+    mesh.write_yaml(
+        "peerauthn-port.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: echo-port\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: echo\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: PERMISSIVE\n",
+    )?;
+    expect_reach(&mesh, "legacy/outsider", server, true, "port-level PERMISSIVE")?;
+
+    // Mesh-wide STRICT in the root namespace with the overrides removed.
+    mesh.remove_yaml("peerauthn-port.yaml")?;
+    mesh.remove_yaml("peerauthn.yaml")?;
+    expect_reach(&mesh, "legacy/outsider", server, true, "back to PERMISSIVE")?;
+    mesh.write_yaml(
+        "mesh-strict.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: istio-system\nspec:\n  mtls:\n    mode: STRICT\n",
+    )?;
+    expect_reach(&mesh, "legacy/outsider", server, false, "mesh-wide STRICT")?;
+    Ok(())
+}
+
+fn policy(name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{body}"
+    )
+}
+
+/// A representative subset of the policy table, end to end: each case writes one policy and
+/// checks which of two clients (different service accounts) reach the server.
+#[test]
+fn authorization_policies_end_to_end() -> Result<()> {
+    let mesh = two_node_mesh("authz")?;
+    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let server = server_addr(&mesh, "default/server")?;
+    let client_ip = mesh.pod_ip("default/client")?;
+
+    struct Case {
+        name: &'static str,
+        body: String,
+        client: bool,
+        client2: bool,
+    }
+    let cases = [
+        Case { name: "no policy", body: String::new(), client: true, client2: true },
+        Case { name: "deny all (empty spec)", body: "  {}\n".into(), client: false, client2: false },
+        Case {
+            name: "allow one principal",
+            body: "  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/client\"]\n".into(),
+            client: true,
+            client2: false,
+        },
+        Case {
+            name: "deny a principal by suffix wildcard",
+            body: "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"*/sa/client2\"]\n".into(),
+            client: true,
+            client2: false,
+        },
+        Case {
+            name: "allow namespace but not on this port",
+            body: "  action: ALLOW\n  rules:\n  - from:\n    - source:\n        namespaces: [\"default\"]\n    to:\n    - operation:\n        ports: [\"9090\"]\n".into(),
+            client: false,
+            client2: false,
+        },
+        Case {
+            name: "deny by source ipBlock of client",
+            body: format!("  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{client_ip}/32\"]\n"),
+            client: false,
+            client2: true,
+        },
+        Case {
+            name: "allow with notPrincipals",
+            body: "  action: ALLOW\n  rules:\n  - from:\n    - source:\n        notPrincipals: [\"cluster.local/ns/default/sa/client\"]\n".into(),
+            client: false,
+            client2: true,
+        },
+        Case {
+            name: "when destination.port",
+            body: "  action: DENY\n  rules:\n  - when:\n    - key: destination.port\n      values: [\"8080\"]\n".into(),
+            client: false,
+            client2: false,
+        },
+        Case {
+            name: "L7-only ALLOW fails closed at L4",
+            body: "  action: ALLOW\n  rules:\n  - to:\n    - operation:\n        methods: [\"GET\"]\n".into(),
+            client: false,
+            client2: false,
+        },
+        Case {
+            name: "L7 DENY fails closed at L4",
+            body: "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/client\"]\n    to:\n    - operation:\n        paths: [\"/admin\"]\n".into(),
+            client: false,
+            client2: true,
+        },
+    ];
+    for case in &cases {
+        if case.body.is_empty() {
+            let _ = mesh.remove_yaml("policy.yaml");
+        } else {
+            mesh.write_yaml("policy.yaml", &policy("case", &case.body))?;
+        }
+        for (client, allowed) in [("default/client", case.client), ("default/client2", case.client2)] {
+            expect_reach(&mesh, client, server, allowed, case.name)
+                .with_context(|| format!("case {:?}", case.name))?;
+        }
+    }
+    ensure!(refused(&mesh, "n2", "DENY")? >= 1.0, "denials not counted on the destination");
+    Ok(())
+}
+
+/// Reads until the peer closes or `deadline` passes; true if it closed.
+fn closed_within(stream: &mut TcpStream, deadline: Duration) -> bool {
+    let until = Instant::now() + deadline;
+    let mut buf = [0u8; 1024];
+    while Instant::now() < until {
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+fn echo_once(stream: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    stream.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.read_exact(&mut back)?;
+    ensure!(back == msg, "echo mismatch");
+    Ok(())
+}
+
+#[test]
+fn policy_change_closes_open_connections_it_no_longer_allows() -> Result<()> {
+    let mesh = two_node_mesh("policy_recheck")?;
+    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let server = server_addr(&mesh, "default/server")?;
+    let mut kept = mesh.connect("default/client2", server)?;
+    let mut doomed = mesh.connect("default/client", server)?;
+    echo_once(&mut kept, b"hello kept")?;
+    echo_once(&mut doomed, b"hello doomed")?;
+
+    mesh.write_yaml(
+        "policy.yaml",
+        &policy("deny-client", "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/client\"]\n"),
+    )?;
+    // The poll interval is 500 ms; RELIABILITY.md asks for ≤ 1 s after the agent sees it.
+    ensure!(closed_within(&mut doomed, APPLY), "denied connection still open");
+    echo_once(&mut kept, b"still here")?;
+    Ok(())
+}
+
+#[test]
+fn renewal_and_reload_keep_a_long_lived_connection() -> Result<()> {
+    let mesh = Mesh::builder("renewal")
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .pod(Pod::new("default", "client").on("n1").service_account("client"))
+        .pod(Pod::new("default", "server").on("n2").service_account("server"))
+        .ztunnel_args(["--cert-ttl", "4s"])
+        .build()?;
+    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let server = server_addr(&mesh, "default/server")?;
+    let serial = |node: &str, sa: &str| -> Result<String> {
+        let dump: serde_json::Value = serde_json::from_str(&mesh.admin(node, "/config_dump")?)?;
+        let certs = dump["certificates"].as_array().context("certificates")?;
+        let c = certs
+            .iter()
+            .find(|c| c["identity"].as_str().unwrap_or_default().ends_with(&format!("/sa/{sa}")))
+            .context("no certificate for the identity")?;
+        ensure!(!dump.to_string().contains("PRIVATE KEY"), "config_dump leaks a private key");
+        Ok(c["serial"].as_str().unwrap_or_default().to_string())
+    };
+    let first_client = serial("n1", "client")?;
+    let first_server = serial("n2", "server")?;
+    let mut conn = mesh.connect("default/client", server)?;
+    echo_once(&mut conn, b"before renewal")?;
+
+    wait_until("both certificates renewed", Duration::from_secs(15), || {
+        Ok(serial("n1", "client")? != first_client && serial("n2", "server")? != first_server)
+    })?;
+    echo_once(&mut conn, b"after renewal")?;
+    // New connections use the renewed certificates.
+    ensure!(reaches(&mesh, "default/client", server), "new connection after renewal");
+
+    // A config reload (an unrelated change) does not disturb the connection either.
+    mesh.write_yaml(
+        "extra.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: unrelated\n",
+    )?;
+    wait_until("reload seen", APPLY, || {
+        Ok(prom::sum(&mesh.metrics("n1")?, "mesh_config_reloads_total", &[]) >= 2.0)
+    })?;
+    echo_once(&mut conn, b"after reload")?;
+    Ok(())
+}
+
+#[test]
+fn invalid_config_is_rejected_and_the_last_good_state_stays() -> Result<()> {
+    let mesh = two_node_mesh("bad_config")?;
+    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let server = server_addr(&mesh, "default/server")?;
+    mesh.write_yaml(
+        "policy.yaml",
+        &policy("deny-client", "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/client\"]\n"),
+    )?;
+    expect_reach(&mesh, "default/client", server, false, "deny applies")?;
+    // A broken document: the agent must keep denying (last good state), log why, count it.
+    mesh.write_yaml("broken.yaml", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\n  namespace: default\nstatus:\n  podIP: 10.0.0.x\n")?;
+    mesh.remove_yaml("policy.yaml")?;
+    wait_until("rejection counted", APPLY, || {
+        Ok(prom::sum(&mesh.metrics("n2")?, "mesh_config_rejections_total", &[]) >= 1.0)
+    })?;
+    ensure!(!reaches(&mesh, "default/client", server), "policy lost with a broken config");
+    let log = mesh.ztunnel_log("n2");
+    ensure!(log.contains("broken.yaml") && log.contains("podIP"), "error does not name file and field");
+    // Fixing the file applies the whole new state.
+    mesh.remove_yaml("broken.yaml")?;
+    expect_reach(&mesh, "default/client", server, true, "fixed config applies")?;
+    Ok(())
+}
+
+#[test]
+fn metrics_count_the_connections_and_bytes_sent() -> Result<()> {
+    let mesh = two_node_mesh("metrics")?;
+    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let server = server_addr(&mesh, "default/server")?;
+    const CONNS: usize = 5;
+    const SIZE: usize = 10_000;
+    let payload = vec![b'x'; SIZE];
+    for _ in 0..CONNS {
+        let back = mesh.echo_roundtrip("default/client", server, &payload)?;
+        ensure!(back.len() == SIZE, "echo returned {} bytes", back.len());
+    }
+    let src = [("reporter", "source"), ("source_principal", "spiffe://cluster.local/ns/default/sa/client")];
+    let dst = [("reporter", "destination"), ("source_principal", "spiffe://cluster.local/ns/default/sa/client")];
+    // Closed counters are updated when the relay finishes: wait for both sides to settle.
+    wait_until("all connections closed on both sides", APPLY, || {
+        Ok(prom::sum(&mesh.metrics("n1")?, "istio_tcp_connections_closed_total", &src) == CONNS as f64
+            && prom::sum(&mesh.metrics("n2")?, "istio_tcp_connections_closed_total", &dst) == CONNS as f64)
+    })?;
+    for (node, labels) in [("n1", &src), ("n2", &dst)] {
+        let text = mesh.metrics(node)?;
+        let opened = prom::sum(&text, "istio_tcp_connections_opened_total", labels);
+        let received = prom::sum(&text, "istio_tcp_received_bytes_total", labels);
+        let sent = prom::sum(&text, "istio_tcp_sent_bytes_total", labels);
+        ensure!(opened == CONNS as f64, "{node}: opened {opened}");
+        ensure!(received == (CONNS * SIZE) as f64, "{node}: received {received}");
+        ensure!(sent == (CONNS * SIZE) as f64, "{node}: sent {sent}");
+        ensure!(text.contains("connection_security_policy=\"mutual_tls\""), "{node}: no mTLS label");
+        ensure!(text.contains("process_resident_memory_bytes"), "{node}: no process metrics");
+    }
+    let text = mesh.metrics("n2")?;
+    ensure!(
+        text.contains("destination_workload_namespace=\"default\""),
+        "standard labels missing"
+    );
+    Ok(())
+}
+
+#[test]
+fn admin_endpoints_dump_config_and_change_log_level() -> Result<()> {
+    let mesh = two_node_mesh("admin")?;
+    let dump: serde_json::Value = serde_json::from_str(&mesh.admin("n1", "/config_dump")?)?;
+    let workloads = dump["workloads"].as_array().context("workloads")?;
+    let names: Vec<&str> = workloads.iter().filter_map(|w| w["pod"].as_str()).collect();
+    ensure!(names == ["default/client", "default/client2"], "n1 serves {names:?}");
+    ensure!(dump["model"]["pods"].is_object() || dump["model"]["pods"].is_array(), "model missing");
+    ensure!(dump["certificates"].as_array().is_some_and(|c| c.len() == 2), "certificates: {}", dump["certificates"]);
+    mesh.admin_post("n1", "/logging?level=debug")?;
+    let level = mesh.admin("n1", "/logging")?;
+    ensure!(level.trim() == "debug", "level is {level}");
+    if mesh.admin_post("n1", "/logging?level=info%2Cztunnel%3Dnot-a-level").is_ok() {
+        bail!("an invalid filter was accepted");
+    }
     Ok(())
 }

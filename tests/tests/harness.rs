@@ -313,3 +313,89 @@ fn asking_for_something_the_mesh_does_not_have_is_an_error() -> Result<()> {
     assert_eq!(mesh.ztunnel_log("n1"), "");
     Ok(())
 }
+
+/// Writes an executable shell script standing in for ztunnel.
+fn stand_in_ztunnel(dir: &std::path::Path, body: &str) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("ztunnel");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+#[test]
+fn node_agents_are_started_per_node_waited_for_queried_and_restarted() -> Result<()> {
+    // mesh-echo answers 200 on every path, which is all the harness needs from a ztunnel's
+    // readiness, metrics and admin ports.
+    let bin_dir = tempfile::tempdir()?;
+    let fake = stand_in_ztunnel(
+        bin_dir.path(),
+        &format!(
+            "echo \"stand-in ztunnel: $*\" >&2\nexec {} --port 15000 --port 15020 --port 15021 --name \"$2\"",
+            env!("CARGO_BIN_EXE_mesh-echo")
+        ),
+    )?;
+    let mesh = Mesh::builder("stand_in_ztunnel")
+        .node("n1")
+        .node("n2")
+        .bare_node("n3")
+        .namespace("default", Ambient::Yes)
+        .pod(Pod::new("default", "a").on("n1"))
+        .ztunnel_binary(&fake)
+        .ztunnel_args(["--redirect", "none"])
+        .build()?;
+
+    let log = mesh.ztunnel_log("n1");
+    let expected_args = format!(
+        "stand-in ztunnel: --node-name n1 --config-dir {} --ca-dir {} --netns-prefix {} --redirect none",
+        mesh.config_dir().display(),
+        mesh.ca_dir().display(),
+        mesh.prefix()
+    );
+    assert!(log.contains(&expected_args), "{log}");
+    assert_eq!(mesh.ztunnel_log("n3"), "", "a bare node runs no agent");
+
+    let metrics: serde_json::Value = serde_json::from_str(&mesh.metrics("n1")?)?;
+    assert_eq!(metrics["path"], "/metrics");
+    assert_eq!(metrics["server"], "n1");
+    let admin: serde_json::Value =
+        serde_json::from_str(&mesh.admin_post("n2", "/logging?level=debug")?)?;
+    assert_eq!(admin["method"], "POST");
+    assert_eq!(admin["server"], "n2");
+
+    let first_pid = mesh.ztunnel_pid("n1").context("n1 runs")?;
+    mesh.stop_ztunnel("n1")?;
+    assert_eq!(mesh.ztunnel_pid("n1"), None);
+    mesh.start_ztunnel("n1")?;
+    let second_pid = mesh.ztunnel_pid("n1").context("n1 runs again")?;
+    assert_ne!(first_pid, second_pid);
+    assert_eq!(mesh.ztunnel_log("n1").matches("stand-in ztunnel:").count(), 2);
+    assert!(mesh.start_ztunnel("n1").is_err(), "already running");
+
+    mesh.kill_ztunnel("n2")?;
+    assert!(mesh.wait_ready("n2").is_err());
+    Ok(())
+}
+
+#[test]
+fn a_node_agent_that_dies_at_startup_fails_the_build_with_its_log() -> Result<()> {
+    let bin_dir = tempfile::tempdir()?;
+    let fake = stand_in_ztunnel(bin_dir.path(), "echo 'error: unknown flag --frobnicate' >&2\nexit 2")?;
+    let started = std::time::Instant::now();
+
+    let err = Mesh::builder("dying_ztunnel")
+        .node("n1")
+        .namespace("default", Ambient::Yes)
+        .ztunnel_binary(&fake)
+        .build()
+        .expect_err("the agent exits");
+
+    let text = format!("{err:#}");
+    assert!(text.contains("unknown flag --frobnicate"), "{text}");
+    assert!(text.contains("exited"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "a dead agent must fail fast, not wait out the readiness timeout"
+    );
+    Ok(())
+}

@@ -137,15 +137,23 @@ async fn route(kind: Kind, st: &AdminState, req: Request<Incoming>) -> Response<
 fn config_dump(st: &AdminState) -> Response<Full<Bytes>> {
     let model = st.pi.model.load_full();
     let pods = st.pods.lock().map(|p| p.clone()).unwrap_or_default();
-    let dump = serde_json::json!({
-        "config": &*st.pi.cfg,
-        "ready": st.ready.load(Ordering::SeqCst),
-        "workloads": pods,
-        "certificates": st.pi.certs.dump(),
-        "open_connections": st.pi.conns.len(),
-        "pool": format!("{:?}", st.pi.pool.stats()),
-        "model": &*model,
-    });
+    // The model's maps are keyed by structs, which JSON objects cannot be: dump them as lists.
+    let dump = ConfigDump {
+        config: &st.pi.cfg,
+        ready: st.ready.load(Ordering::SeqCst),
+        workloads: pods,
+        certificates: st.pi.certs.dump(),
+        open_connections: st.pi.conns.len(),
+        pool: format!("{:?}", st.pi.pool.stats()),
+        model: ModelDump {
+            namespaces: model.namespaces.values().collect(),
+            service_accounts: model.service_accounts.iter().collect(),
+            pods: model.pods.values().collect(),
+            services: model.services.values().collect(),
+            peer_authentications: &model.peer_authentications,
+            authorization_policies: &model.authorization_policies,
+        },
+    };
     match serde_json::to_vec_pretty(&dump) {
         Ok(body) => reply(StatusCode::OK, "application/json", body),
         Err(e) => reply(
@@ -156,13 +164,34 @@ fn config_dump(st: &AdminState) -> Response<Full<Bytes>> {
     }
 }
 
+#[derive(serde::Serialize)]
+struct ConfigDump<'a> {
+    config: &'a crate::config::Config,
+    ready: bool,
+    workloads: Vec<PodStatus>,
+    certificates: Vec<mesh::certs::CertSummary>,
+    open_connections: usize,
+    pool: String,
+    model: ModelDump<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ModelDump<'a> {
+    namespaces: Vec<&'a mesh::model::Namespace>,
+    service_accounts: Vec<&'a mesh::model::NamespacedName>,
+    pods: Vec<&'a mesh::model::Pod>,
+    services: Vec<&'a mesh::model::Service>,
+    peer_authentications: &'a [mesh::model::PeerAuthentication],
+    authorization_policies: &'a [mesh::model::AuthorizationPolicy],
+}
+
 /// `GET /logging` shows the filter; `POST /logging?level=<filter>` replaces it
 /// (`level=debug`, or full directives like `level=info,ztunnel::proxy=debug`).
 fn logging(st: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let level = req.uri().query().and_then(|q| {
         q.split('&')
             .find_map(|kv| kv.strip_prefix("level="))
-            .map(|v| v.replace("%2C", ",").replace("%3D", "="))
+            .map(percent_decode)
     });
     match (req.method(), level) {
         (&Method::POST, Some(level)) => match st.log.set(&level) {
@@ -175,5 +204,52 @@ fn logging(st: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain",
             "use POST /logging?level=<filter>\n",
         ),
+    }
+}
+
+/// Decodes `%XX` escapes and `+` in a query value; invalid escapes are kept as they are.
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(percent_decode("info%2Cztunnel%3Ddebug"), "info,ztunnel=debug");
+        assert_eq!(percent_decode("a+b"), "a b");
+        assert_eq!(percent_decode("bad%zz"), "bad%zz");
+        assert_eq!(percent_decode("trailing%2"), "trailing%2");
+        assert_eq!(percent_decode("%"), "%");
     }
 }

@@ -147,7 +147,8 @@ struct OpenError {
 enum Step {
     Reuse(Arc<PooledConn>, StreamSlot),
     Wait(watch::Receiver<DialOutcome>),
-    Dial(DialGuard),
+    // Boxed: the key makes the guard large, and this is the rare step.
+    Dial(Box<DialGuard>),
 }
 
 /// Held by the one caller dialing for a key; clears the "dialing" mark even if that
@@ -473,12 +474,12 @@ impl PoolInner {
         }
         let (tx, rx) = watch::channel(None);
         entry.dialing = Some(rx);
-        Step::Dial(DialGuard {
+        Step::Dial(Box::new(DialGuard {
             pool: self.clone(),
             key: key.clone(),
             tx,
             finished: false,
-        })
+        }))
     }
 
     /// Removes the connection if it still has no streams and has been idle long enough.
@@ -513,7 +514,7 @@ impl PoolInner {
 // === impl DialGuard ===
 
 impl DialGuard {
-    fn succeed(mut self, conn: Arc<PooledConn>) {
+    fn succeed(mut self: Box<Self>, conn: Arc<PooledConn>) {
         {
             let mut entries = self.pool.lock();
             let entry = entries.entry(self.key.clone()).or_default();
@@ -524,7 +525,7 @@ impl DialGuard {
         self.tx.send_replace(Some(Ok(())));
     }
 
-    fn fail(mut self, error: Arc<HboneError>) {
+    fn fail(mut self: Box<Self>, error: Arc<HboneError>) {
         self.clear();
         self.finished = true;
         self.tx.send_replace(Some(Err(error)));

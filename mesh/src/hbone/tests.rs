@@ -357,6 +357,7 @@ async fn dropping_a_tunnel_end_resets_it_for_the_peer() {
             let mut tunnel = req.accept().unwrap();
             let mut b = [0u8; 1];
             tunnel.read_exact(&mut b).await.unwrap();
+            tunnel.write_all(&b).await.unwrap();
             let after = tunnel.read(&mut b).await;
             let _ = seen_tx.send(after.map_err(|e| e.kind()));
         }
@@ -372,7 +373,9 @@ async fn dropping_a_tunnel_end_resets_it_for_the_peer() {
         )
         .await
         .unwrap();
-    tunnel.write_all(b"x").await.unwrap();
+    // A round trip first: data still queued when a stream is reset is discarded.
+    ping(&mut tunnel).await;
+    info!("dropping the tunnel without a shutdown");
     drop(tunnel);
     let after = tokio::time::timeout(EVENTUALLY, seen.recv())
         .await

@@ -136,7 +136,9 @@ impl Capture {
             if Instant::now() >= next_send {
                 socket
                     .send_to(sentinel.as_bytes(), self.sentinel_to)
-                    .with_context(|| format!("send the capture sentinel to {}", self.sentinel_to))?;
+                    .with_context(|| {
+                        format!("send the capture sentinel to {}", self.sentinel_to)
+                    })?;
                 next_send = Instant::now() + SENTINEL_INTERVAL;
             }
             let raw = std::fs::read(&self.file).unwrap_or_default();
@@ -221,7 +223,9 @@ impl Packet {
 
     /// A TCP connection attempt: SYN without ACK.
     pub fn is_syn(&self) -> bool {
-        self.proto == Proto::Tcp && self.tcp_flags & Self::SYN != 0 && self.tcp_flags & Self::ACK == 0
+        self.proto == Proto::Tcp
+            && self.tcp_flags & Self::SYN != 0
+            && self.tcp_flags & Self::ACK == 0
     }
 }
 
@@ -471,9 +475,18 @@ mod tests {
     #[test]
     fn a_tcp_exchange_summarises_as_one_connection_to_its_server_port() {
         let frames = [
-            ethernet(0x0800, &ipv4(6, CLIENT, SERVER, &tcp(40000, 15008, 0x02, b""))),
-            ethernet(0x0800, &ipv4(6, SERVER, CLIENT, &tcp(15008, 40000, 0x12, b""))),
-            ethernet(0x0800, &ipv4(6, CLIENT, SERVER, &tcp(40000, 15008, 0x18, b"secret"))),
+            ethernet(
+                0x0800,
+                &ipv4(6, CLIENT, SERVER, &tcp(40000, 15008, 0x02, b"")),
+            ),
+            ethernet(
+                0x0800,
+                &ipv4(6, SERVER, CLIENT, &tcp(15008, 40000, 0x12, b"")),
+            ),
+            ethernet(
+                0x0800,
+                &ipv4(6, CLIENT, SERVER, &tcp(40000, 15008, 0x18, b"secret")),
+            ),
             ethernet(0x0806, &[0; 28]),
             ethernet(0x0800, &ipv4(17, CLIENT, SERVER, &udp(5353, 53, b"q"))),
         ];
@@ -512,7 +525,10 @@ mod tests {
         assert!(parse_pcap(b"").is_err());
         assert!(parse_pcap(b"\x0a\x0d\x0d\x0a rest").is_err());
         assert!(parse_pcap(&[0xd4, 0xc3, 0xb2, 0xa1, 0, 0]).is_err());
-        let whole = pcap(&[ethernet(0x0800, &ipv4(6, CLIENT, SERVER, &tcp(1, 2, 0x02, b"")))]);
+        let whole = pcap(&[ethernet(
+            0x0800,
+            &ipv4(6, CLIENT, SERVER, &tcp(1, 2, 0x02, b"")),
+        )]);
         for cut in 24..whole.len() {
             let (packets, _) = parse_pcap(&whole[..cut]).expect("header intact");
             assert!(packets.is_empty(), "cut at {cut}");

@@ -261,12 +261,28 @@ mod tests {
     fn keep_alive_and_framing_follow_http_1_rules() {
         let cases: [(&[&str], bool, BodyFraming); 6] = [
             (&["GET / HTTP/1.1"], true, BodyFraming::None),
-            (&["GET / HTTP/1.1", "Connection: close"], false, BodyFraming::None),
-            (&["GET / HTTP/1.0"], false, BodyFraming::None),
-            (&["GET / HTTP/1.0", "connection: Keep-Alive"], true, BodyFraming::None),
-            (&["POST / HTTP/1.1", "Content-Length: 5"], true, BodyFraming::Length(5)),
             (
-                &["POST / HTTP/1.1", "content-length: 5", "transfer-encoding: chunked"],
+                &["GET / HTTP/1.1", "Connection: close"],
+                false,
+                BodyFraming::None,
+            ),
+            (&["GET / HTTP/1.0"], false, BodyFraming::None),
+            (
+                &["GET / HTTP/1.0", "connection: Keep-Alive"],
+                true,
+                BodyFraming::None,
+            ),
+            (
+                &["POST / HTTP/1.1", "Content-Length: 5"],
+                true,
+                BodyFraming::Length(5),
+            ),
+            (
+                &[
+                    "POST / HTTP/1.1",
+                    "content-length: 5",
+                    "transfer-encoding: chunked",
+                ],
                 true,
                 BodyFraming::Chunked,
             ),

@@ -194,7 +194,16 @@ impl Mesh {
             "netns",
             wire,
         ])?;
-        ip(&["-n", wire, "link", "set", &bridge_port, "master", BRIDGE, "up"])?;
+        ip(&[
+            "-n",
+            wire,
+            "link",
+            "set",
+            &bridge_port,
+            "master",
+            BRIDGE,
+            "up",
+        ])?;
         ip(&[
             "-n",
             &ns,
@@ -392,7 +401,10 @@ impl Mesh {
 
     /// [`Mesh::exec`] with an explicit time limit.
     pub fn exec_timeout(&self, pod: &str, argv: &[&str], timeout: Duration) -> Result<Output> {
-        run_bounded(netns_command(&self.pod_netns(pod)?, &self.prefix, argv)?, timeout)
+        run_bounded(
+            netns_command(&self.pod_netns(pod)?, &self.prefix, argv)?,
+            timeout,
+        )
     }
 
     /// Runs a command inside the pod's namespace and returns its stdout; a non-zero exit is
@@ -448,7 +460,9 @@ impl Mesh {
     /// For async code: `tokio::net::TcpStream::from_std` after `set_nonblocking(true)`.
     pub fn connect(&self, pod: &str, addr: SocketAddr) -> Result<TcpStream> {
         let stream = self
-            .in_pod(pod, move || TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))?
+            .in_pod(pod, move || {
+                TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+            })?
             .with_context(|| format!("connect from {pod} to {addr}"))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -493,7 +507,9 @@ impl Mesh {
     fn node_http(&self, node: &str, port: u16, method: &str, path: &str) -> Result<HttpResponse> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut stream = self
-            .in_node(node, move || TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))?
+            .in_node(node, move || {
+                TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+            })?
             .with_context(|| format!("connect to {addr} in node {node}"))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -568,7 +584,10 @@ impl Mesh {
         let mut ztunnels = self.ztunnels();
         if let Some(running) = ztunnels.get_mut(node) {
             if running.is_running() {
-                bail!("ztunnel on {node} is already running (pid {})", running.pid());
+                bail!(
+                    "ztunnel on {node} is already running (pid {})",
+                    running.pid()
+                );
             }
         }
         let binary = match &self.spec.ztunnel_binary {

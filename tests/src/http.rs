@@ -193,24 +193,40 @@ mod tests {
     use super::*;
 
     fn check(raw: &str, status: u16, body: &str) {
-        let response = parse_response(raw.as_bytes())
-            .unwrap_or_else(|e| panic!("parse {raw:?}: {e:#}"));
+        let response =
+            parse_response(raw.as_bytes()).unwrap_or_else(|e| panic!("parse {raw:?}: {e:#}"));
         assert_eq!(response.status, status, "{raw:?}");
         assert_eq!(response.text(), body, "{raw:?}");
     }
 
     #[test]
     fn bodies_are_framed_by_length_chunks_or_end_of_stream() {
-        check("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", 200, "hello");
-        check("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhello", 200, "he");
+        check(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            200,
+            "hello",
+        );
+        check(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhello",
+            200,
+            "he",
+        );
         check(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n1\r\n!\r\n0\r\nx-trailer: 1\r\n\r\n",
             200,
             "hello!",
         );
-        check("HTTP/1.0 503 Service Unavailable\r\n\r\nnot ready", 503, "not ready");
+        check(
+            "HTTP/1.0 503 Service Unavailable\r\n\r\nnot ready",
+            503,
+            "not ready",
+        );
         check("HTTP/1.1 204 No Content\r\n\r\n", 204, "");
-        check("HTTP/1.1 200 OK\nx: y\n\nbare newlines", 200, "bare newlines");
+        check(
+            "HTTP/1.1 200 OK\nx: y\n\nbare newlines",
+            200,
+            "bare newlines",
+        );
     }
 
     #[test]

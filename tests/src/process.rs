@@ -31,10 +31,10 @@ impl ChildGuard {
     pub(crate) fn spawn(cmd: Command, label: &str, log_dir: &Path) -> Result<Self> {
         let stdout_path = log_dir.join(format!("{label}.out"));
         let stderr_path = log_dir.join(format!("{label}.err"));
-        let stdout =
-            File::create(&stdout_path).with_context(|| format!("create {}", stdout_path.display()))?;
-        let stderr =
-            File::create(&stderr_path).with_context(|| format!("create {}", stderr_path.display()))?;
+        let stdout = File::create(&stdout_path)
+            .with_context(|| format!("create {}", stdout_path.display()))?;
+        let stderr = File::create(&stderr_path)
+            .with_context(|| format!("create {}", stderr_path.display()))?;
         Self::spawn_with(cmd, label, (stdout, stdout_path), (stderr, stderr_path))
     }
 

@@ -121,7 +121,11 @@ not a sample line
             &[("reporter", "destination"), ("source_workload", "client")],
             3.0,
         );
-        check("istio_tcp_connections_opened_total", &[("reporter", "x")], 0.0);
+        check(
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "x")],
+            0.0,
+        );
         check(
             "istio_tcp_sent_bytes_total",
             &[("note", "a \"quoted\", value")],

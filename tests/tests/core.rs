@@ -20,12 +20,35 @@ fn two_node_mesh(name: &str) -> Result<Mesh> {
         .node("n2")
         .namespace("default", Ambient::Yes)
         .namespace("legacy", Ambient::No)
-        .pod(Pod::new("default", "client").on("n1").service_account("client"))
-        .pod(Pod::new("default", "client2").on("n1").service_account("client2"))
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(
+            Pod::new("default", "client2")
+                .on("n1")
+                .service_account("client2"),
+        )
         .pod(Pod::new("legacy", "outsider").on("n1"))
-        .pod(Pod::new("default", "server").on("n2").service_account("server").labels([("app", "echo")]))
-        .pod(Pod::new("default", "server2").on("n2").service_account("server").labels([("app", "echo")]))
-        .service(Service::new("default", "echo").vip(VIP).port(80, 8080).selector([("app", "echo")]))
+        .pod(
+            Pod::new("default", "server")
+                .on("n2")
+                .service_account("server")
+                .labels([("app", "echo")]),
+        )
+        .pod(
+            Pod::new("default", "server2")
+                .on("n2")
+                .service_account("server")
+                .labels([("app", "echo")]),
+        )
+        .service(
+            Service::new("default", "echo")
+                .vip(VIP)
+                .port(80, 8080)
+                .selector([("app", "echo")]),
+        )
         .build()
 }
 
@@ -43,12 +66,19 @@ fn pod_to_pod_across_nodes_over_hbone_only() -> Result<()> {
     let capture = mesh.capture_wire()?;
 
     // By pod IP: the echo server sees the client's own pod IP (source preserved).
-    let reply = mesh.http_get("default/client", SocketAddr::new(server_ip.into(), 8080), "/by-ip")?;
+    let reply = mesh.http_get(
+        "default/client",
+        SocketAddr::new(server_ip.into(), 8080),
+        "/by-ip",
+    )?;
     ensure!(reply.status == 200, "status {}", reply.status);
     let body = reply.json()?;
     ensure!(body["server"] == "server", "answered by {}", body["server"]);
     let peer = body["peer"].as_str().context("peer")?;
-    ensure!(peer.starts_with(&format!("{client_ip}:")), "server saw {peer}, client is {client_ip}");
+    ensure!(
+        peer.starts_with(&format!("{client_ip}:")),
+        "server saw {peer}, client is {client_ip}"
+    );
 
     // By VIP: both endpoints answer (round robin).
     let mut servers = std::collections::BTreeSet::new();
@@ -62,13 +92,26 @@ fn pod_to_pod_across_nodes_over_hbone_only() -> Result<()> {
     // A raw TCP echo with a marker that must never appear in clear on the wire.
     let marker = b"SECRET-MARKER-hbone-only-0123456789";
     let back = mesh.echo_roundtrip("default/client", vip(80), marker)?;
-    ensure!(back == marker, "echo returned {:?}", String::from_utf8_lossy(&back));
+    ensure!(
+        back == marker,
+        "echo returned {:?}",
+        String::from_utf8_lossy(&back)
+    );
 
     let summary = capture.stop()?;
     let ports = summary.tcp_server_ports();
-    ensure!(ports == [15008].into_iter().collect(), "wire carried TCP to ports {ports:?}");
-    ensure!(!summary.contains(marker), "application bytes in clear on the wire");
-    ensure!(!summary.contains(b"GET /by-ip"), "HTTP request in clear on the wire");
+    ensure!(
+        ports == [15008].into_iter().collect(),
+        "wire carried TCP to ports {ports:?}"
+    );
+    ensure!(
+        !summary.contains(marker),
+        "application bytes in clear on the wire"
+    );
+    ensure!(
+        !summary.contains(b"GET /by-ip"),
+        "HTTP request in clear on the wire"
+    );
     Ok(())
 }
 
@@ -85,12 +128,20 @@ fn reaches(mesh: &Mesh, from: &str, to: SocketAddr) -> bool {
 }
 
 fn expect_reach(mesh: &Mesh, from: &str, to: SocketAddr, allowed: bool, why: &str) -> Result<()> {
-    wait_until(why, APPLY, || Ok(reaches(mesh, from, to) == allowed))
-        .with_context(|| format!("{from} -> {to} should be {}", if allowed { "allowed" } else { "denied" }))
+    wait_until(why, APPLY, || Ok(reaches(mesh, from, to) == allowed)).with_context(|| {
+        format!(
+            "{from} -> {to} should be {}",
+            if allowed { "allowed" } else { "denied" }
+        )
+    })
 }
 
 fn refused(mesh: &Mesh, node: &str, reason: &str) -> Result<f64> {
-    Ok(prom::sum(&mesh.metrics(node)?, "mesh_connections_refused_total", &[("reason", reason)]))
+    Ok(prom::sum(
+        &mesh.metrics(node)?,
+        "mesh_connections_refused_total",
+        &[("reason", reason)],
+    ))
 }
 
 #[test]
@@ -105,23 +156,41 @@ fn strict_refuses_plaintext_and_permissive_accepts_it() -> Result<()> {
     let r = mesh.http_get("legacy/outsider", server, "/plain")?;
     ensure!(r.status == 200, "permissive: status {}", r.status);
     let peer = r.json()?["peer"].as_str().unwrap_or_default().to_string();
-    ensure!(peer.starts_with(&format!("{outsider_ip}:")), "server saw {peer}");
+    ensure!(
+        peer.starts_with(&format!("{outsider_ip}:")),
+        "server saw {peer}"
+    );
 
     mesh.write_yaml(
         "peerauthn.yaml",
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: STRICT\n",
     )?;
     expect_reach(&mesh, "legacy/outsider", server, false, "STRICT applies")?;
-    ensure!(refused(&mesh, "n2", "PEERAUTHN")? >= 1.0, "refusal not counted");
+    ensure!(
+        refused(&mesh, "n2", "PEERAUTHN")? >= 1.0,
+        "refusal not counted"
+    );
     // mTLS from an enrolled pod is unaffected.
-    expect_reach(&mesh, "default/client", server, true, "mesh client under STRICT")?;
+    expect_reach(
+        &mesh,
+        "default/client",
+        server,
+        true,
+        "mesh client under STRICT",
+    )?;
 
     // A port-level PERMISSIVE on the workload overrides the namespace's STRICT.
     mesh.write_yaml(
         "peerauthn-port.yaml",
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: echo-port\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: echo\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: PERMISSIVE\n",
     )?;
-    expect_reach(&mesh, "legacy/outsider", server, true, "port-level PERMISSIVE")?;
+    expect_reach(
+        &mesh,
+        "legacy/outsider",
+        server,
+        true,
+        "port-level PERMISSIVE",
+    )?;
 
     // Mesh-wide STRICT in the root namespace with the overrides removed.
     mesh.remove_yaml("peerauthn-port.yaml")?;
@@ -214,12 +283,18 @@ fn authorization_policies_end_to_end() -> Result<()> {
         } else {
             mesh.write_yaml("policy.yaml", &policy("case", &case.body))?;
         }
-        for (client, allowed) in [("default/client", case.client), ("default/client2", case.client2)] {
+        for (client, allowed) in [
+            ("default/client", case.client),
+            ("default/client2", case.client2),
+        ] {
             expect_reach(&mesh, client, server, allowed, case.name)
                 .with_context(|| format!("case {:?}", case.name))?;
         }
     }
-    ensure!(refused(&mesh, "n2", "DENY")? >= 1.0, "denials not counted on the destination");
+    ensure!(
+        refused(&mesh, "n2", "DENY")? >= 1.0,
+        "denials not counted on the destination"
+    );
     Ok(())
 }
 
@@ -232,7 +307,14 @@ fn closed_within(stream: &mut TcpStream, deadline: Duration) -> bool {
         match stream.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
             Err(_) => return true,
         }
     }
@@ -263,7 +345,10 @@ fn policy_change_closes_open_connections_it_no_longer_allows() -> Result<()> {
         &policy("deny-client", "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/client\"]\n"),
     )?;
     // The poll interval is 500 ms; RELIABILITY.md asks for ≤ 1 s after the agent sees it.
-    ensure!(closed_within(&mut doomed, APPLY), "denied connection still open");
+    ensure!(
+        closed_within(&mut doomed, APPLY),
+        "denied connection still open"
+    );
     echo_once(&mut kept, b"still here")?;
     Ok(())
 }
@@ -274,8 +359,16 @@ fn renewal_and_reload_keep_a_long_lived_connection() -> Result<()> {
         .node("n1")
         .node("n2")
         .namespace("default", Ambient::Yes)
-        .pod(Pod::new("default", "client").on("n1").service_account("client"))
-        .pod(Pod::new("default", "server").on("n2").service_account("server"))
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(
+            Pod::new("default", "server")
+                .on("n2")
+                .service_account("server"),
+        )
         .ztunnel_args(["--cert-ttl", "4s"])
         .build()?;
     let _s = mesh.spawn_echo("default/server", 8080, "server")?;
@@ -285,9 +378,17 @@ fn renewal_and_reload_keep_a_long_lived_connection() -> Result<()> {
         let certs = dump["certificates"].as_array().context("certificates")?;
         let c = certs
             .iter()
-            .find(|c| c["identity"].as_str().unwrap_or_default().ends_with(&format!("/sa/{sa}")))
+            .find(|c| {
+                c["identity"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .ends_with(&format!("/sa/{sa}"))
+            })
             .context("no certificate for the identity")?;
-        ensure!(!dump.to_string().contains("PRIVATE KEY"), "config_dump leaks a private key");
+        ensure!(
+            !dump.to_string().contains("PRIVATE KEY"),
+            "config_dump leaks a private key"
+        );
         Ok(c["serial"].as_str().unwrap_or_default().to_string())
     };
     let first_client = serial("n1", "client")?;
@@ -300,7 +401,10 @@ fn renewal_and_reload_keep_a_long_lived_connection() -> Result<()> {
     })?;
     echo_once(&mut conn, b"after renewal")?;
     // New connections use the renewed certificates.
-    ensure!(reaches(&mesh, "default/client", server), "new connection after renewal");
+    ensure!(
+        reaches(&mesh, "default/client", server),
+        "new connection after renewal"
+    );
 
     // A config reload (an unrelated change) does not disturb the connection either.
     mesh.write_yaml(
@@ -330,12 +434,24 @@ fn invalid_config_is_rejected_and_the_last_good_state_stays() -> Result<()> {
     wait_until("rejection counted", APPLY, || {
         Ok(prom::sum(&mesh.metrics("n2")?, "mesh_config_rejections_total", &[]) >= 1.0)
     })?;
-    ensure!(!reaches(&mesh, "default/client", server), "policy lost with a broken config");
+    ensure!(
+        !reaches(&mesh, "default/client", server),
+        "policy lost with a broken config"
+    );
     let log = mesh.ztunnel_log("n2");
-    ensure!(log.contains("broken.yaml") && log.contains("podIP"), "error does not name file and field");
+    ensure!(
+        log.contains("broken.yaml") && log.contains("podIP"),
+        "error does not name file and field"
+    );
     // Fixing the file applies the whole new state.
     mesh.remove_yaml("broken.yaml")?;
-    expect_reach(&mesh, "default/client", server, true, "fixed config applies")?;
+    expect_reach(
+        &mesh,
+        "default/client",
+        server,
+        true,
+        "fixed config applies",
+    )?;
     Ok(())
 }
 
@@ -351,12 +467,32 @@ fn metrics_count_the_connections_and_bytes_sent() -> Result<()> {
         let back = mesh.echo_roundtrip("default/client", server, &payload)?;
         ensure!(back.len() == SIZE, "echo returned {} bytes", back.len());
     }
-    let src = [("reporter", "source"), ("source_principal", "spiffe://cluster.local/ns/default/sa/client")];
-    let dst = [("reporter", "destination"), ("source_principal", "spiffe://cluster.local/ns/default/sa/client")];
+    let src = [
+        ("reporter", "source"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/default/sa/client",
+        ),
+    ];
+    let dst = [
+        ("reporter", "destination"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/default/sa/client",
+        ),
+    ];
     // Closed counters are updated when the relay finishes: wait for both sides to settle.
     wait_until("all connections closed on both sides", APPLY, || {
-        Ok(prom::sum(&mesh.metrics("n1")?, "istio_tcp_connections_closed_total", &src) == CONNS as f64
-            && prom::sum(&mesh.metrics("n2")?, "istio_tcp_connections_closed_total", &dst) == CONNS as f64)
+        Ok(prom::sum(
+            &mesh.metrics("n1")?,
+            "istio_tcp_connections_closed_total",
+            &src,
+        ) == CONNS as f64
+            && prom::sum(
+                &mesh.metrics("n2")?,
+                "istio_tcp_connections_closed_total",
+                &dst,
+            ) == CONNS as f64)
     })?;
     for (node, labels) in [("n1", &src), ("n2", &dst)] {
         let text = mesh.metrics(node)?;
@@ -364,10 +500,19 @@ fn metrics_count_the_connections_and_bytes_sent() -> Result<()> {
         let received = prom::sum(&text, "istio_tcp_received_bytes_total", labels);
         let sent = prom::sum(&text, "istio_tcp_sent_bytes_total", labels);
         ensure!(opened == CONNS as f64, "{node}: opened {opened}");
-        ensure!(received == (CONNS * SIZE) as f64, "{node}: received {received}");
+        ensure!(
+            received == (CONNS * SIZE) as f64,
+            "{node}: received {received}"
+        );
         ensure!(sent == (CONNS * SIZE) as f64, "{node}: sent {sent}");
-        ensure!(text.contains("connection_security_policy=\"mutual_tls\""), "{node}: no mTLS label");
-        ensure!(text.contains("process_resident_memory_bytes"), "{node}: no process metrics");
+        ensure!(
+            text.contains("connection_security_policy=\"mutual_tls\""),
+            "{node}: no mTLS label"
+        );
+        ensure!(
+            text.contains("process_resident_memory_bytes"),
+            "{node}: no process metrics"
+        );
     }
     let text = mesh.metrics("n2")?;
     ensure!(
@@ -383,14 +528,85 @@ fn admin_endpoints_dump_config_and_change_log_level() -> Result<()> {
     let dump: serde_json::Value = serde_json::from_str(&mesh.admin("n1", "/config_dump")?)?;
     let workloads = dump["workloads"].as_array().context("workloads")?;
     let names: Vec<&str> = workloads.iter().filter_map(|w| w["pod"].as_str()).collect();
-    ensure!(names == ["default/client", "default/client2"], "n1 serves {names:?}");
-    ensure!(dump["model"]["pods"].is_object() || dump["model"]["pods"].is_array(), "model missing");
-    ensure!(dump["certificates"].as_array().is_some_and(|c| c.len() == 2), "certificates: {}", dump["certificates"]);
+    ensure!(
+        names == ["default/client", "default/client2"],
+        "n1 serves {names:?}"
+    );
+    ensure!(
+        dump["model"]["pods"].is_object() || dump["model"]["pods"].is_array(),
+        "model missing"
+    );
+    ensure!(
+        dump["certificates"]
+            .as_array()
+            .is_some_and(|c| c.len() == 2),
+        "certificates: {}",
+        dump["certificates"]
+    );
     mesh.admin_post("n1", "/logging?level=debug")?;
     let level = mesh.admin("n1", "/logging")?;
     ensure!(level.trim() == "debug", "level is {level}");
-    if mesh.admin_post("n1", "/logging?level=info%2Cztunnel%3Dnot-a-level").is_ok() {
+    if mesh
+        .admin_post("n1", "/logging?level=info%2Cztunnel%3Dnot-a-level")
+        .is_ok()
+    {
         bail!("an invalid filter was accepted");
     }
+    Ok(())
+}
+
+#[test]
+fn outside_the_mesh_passes_through_and_a_dead_endpoint_is_skipped() -> Result<()> {
+    let mesh = two_node_mesh("passthrough_failover")?;
+    // Only server2 runs the app: every request to the VIP must still succeed, because a
+    // failed endpoint (server: nothing listening, the agent answers 503) is skipped.
+    let _s2 = mesh.spawn_echo("default/server2", 8080, "server2")?;
+    for i in 0..6 {
+        let r = mesh.http_get("default/client", vip(80), &format!("/try-{i}"))?;
+        ensure!(r.status == 200, "request {i}: status {}", r.status);
+        ensure!(
+            r.json()?["server"] == "server2",
+            "request {i} answered by {}",
+            r.json()?["server"]
+        );
+    }
+    // A destination outside the mesh is reached in plaintext from the client's own IP.
+    let _o = mesh.spawn_echo("legacy/outsider", 8080, "outsider")?;
+    let client_ip = mesh.pod_ip("default/client")?;
+    let r = mesh.http_get(
+        "default/client",
+        server_addr(&mesh, "legacy/outsider")?,
+        "/out",
+    )?;
+    ensure!(r.status == 200, "passthrough status {}", r.status);
+    let peer = r.json()?["peer"].as_str().unwrap_or_default().to_string();
+    ensure!(
+        peer.starts_with(&format!("{client_ip}:")),
+        "outsider saw {peer}"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_lets_established_connections_finish() -> Result<()> {
+    let mesh = two_node_mesh("drain")?;
+    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let server = server_addr(&mesh, "default/server")?;
+    let mut conn = mesh.connect("default/client", server)?;
+    echo_once(&mut conn, b"before sigterm")?;
+    let pid = mesh.ztunnel_pid("n2").context("n2 ztunnel pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    // Draining: the open connection keeps working while the agent waits for it.
+    echo_once(&mut conn, b"while draining")?;
+    // Once the last connection is gone the agent exits on its own, before the deadline.
+    drop(conn);
+    wait_until(
+        "n2 agent exits after draining",
+        Duration::from_secs(8),
+        || Ok(mesh.ztunnel_pid("n2").is_none()),
+    )?;
     Ok(())
 }

@@ -65,7 +65,8 @@ fn http_requests_on_one_keep_alive_connection_are_each_answered_in_json() -> Res
 
     stream.write_all(b"GET /first HTTP/1.1\r\nHost: echo\r\nX-Test: 1\r\n\r\n")?;
     let first = read_one(&mut reader)?;
-    stream.write_all(b"POST /second?q=2 HTTP/1.1\r\nHost: echo\r\nContent-Length: 5\r\n\r\nhello")?;
+    stream
+        .write_all(b"POST /second?q=2 HTTP/1.1\r\nHost: echo\r\nContent-Length: 5\r\n\r\nhello")?;
     let second = read_one(&mut reader)?;
 
     assert_eq!(first.status, 200);

@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use e2e::{cleanup_stale, eventually, wait_until, Ambient, ChildGuard, Mesh, Pod, Service, MARKER_ENV};
+use e2e::{
+    cleanup_stale, eventually, wait_until, Ambient, ChildGuard, Mesh, Pod, Service, MARKER_ENV,
+};
 
 /// Two nodes with two pods each, no node agent: traffic is plain routed IPv4.
 fn two_nodes_two_pods_each(test: &str) -> Result<Mesh> {
@@ -129,8 +131,14 @@ fn the_wire_capture_sees_cross_node_bytes_in_clear_and_nothing_node_local() -> R
     assert_eq!(back, local);
     let summary = capture.stop()?;
 
-    assert!(summary.contains(across), "cross-node bytes missing from the capture");
-    assert!(!summary.contains(local), "node-local bytes must not cross the wire");
+    assert!(
+        summary.contains(across),
+        "cross-node bytes missing from the capture"
+    );
+    assert!(
+        !summary.contains(local),
+        "node-local bytes must not cross the wire"
+    );
     let server = std::net::SocketAddrV4::new(mesh.pod_ip("default/b1")?, 8080);
     let clients: BTreeSet<_> = summary
         .tcp_connections()
@@ -156,14 +164,22 @@ fn dropping_the_mesh_removes_its_namespaces_and_kills_its_processes() -> Result<
     )?;
     let stray_pid: u32 = stray.trim().parse()?;
     assert!(!is_zombie_or_gone(stray_pid));
-    assert_eq!(netns_with_prefix(&prefix)?.len(), 1 + 2 + 4, "wire, nodes, pods");
+    assert_eq!(
+        netns_with_prefix(&prefix)?.len(),
+        1 + 2 + 4,
+        "wire, nodes, pods"
+    );
 
     drop(mesh);
 
     assert_eq!(netns_with_prefix(&prefix)?, Vec::<String>::new());
     assert_eq!(live_marked_processes(&prefix), Vec::<u32>::new());
     assert!(is_zombie_or_gone(stray_pid));
-    assert!(!work_dir.exists(), "work dir {} left behind", work_dir.display());
+    assert!(
+        !work_dir.exists(),
+        "work dir {} left behind",
+        work_dir.display()
+    );
     drop(server);
     Ok(())
 }
@@ -174,7 +190,9 @@ fn a_test_that_panics_still_leaves_nothing_behind() -> Result<()> {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mesh = two_nodes_two_pods_each("panic_cleans").expect("mesh builds");
         *prefix.lock().expect("not poisoned") = mesh.prefix().to_owned();
-        let _server = mesh.spawn_echo("default/b1", 8080, "b1").expect("echo starts");
+        let _server = mesh
+            .spawn_echo("default/b1", 8080, "b1")
+            .expect("echo starts");
         panic!("the test body fails while the mesh is up");
     }));
 
@@ -197,13 +215,21 @@ fn cleanup_stale_removes_what_a_killed_test_run_left_behind() -> Result<()> {
         assert!(status.success());
     }
     let mut orphan = Command::new("ip")
-        .args(["netns", "exec", &format!("{prefix}default.x"), "sleep", "300"])
+        .args([
+            "netns",
+            "exec",
+            &format!("{prefix}default.x"),
+            "sleep",
+            "300",
+        ])
         .env(MARKER_ENV, &prefix)
         .spawn()?;
     let orphan_comm = format!("/proc/{}/comm", orphan.id());
-    wait_until("the orphan to run inside its netns", Duration::from_secs(10), || {
-        Ok(std::fs::read_to_string(&orphan_comm)?.trim() == "sleep")
-    })?;
+    wait_until(
+        "the orphan to run inside its netns",
+        Duration::from_secs(10),
+        || Ok(std::fs::read_to_string(&orphan_comm)?.trim() == "sleep"),
+    )?;
 
     let swept = cleanup_stale(&prefix)?;
 
@@ -226,23 +252,31 @@ fn sweeping_a_prefix_that_is_not_the_harness_s_is_refused() {
 }
 
 #[test]
-fn pods_have_their_address_and_a_default_route_via_their_node_which_has_no_way_out(
-) -> Result<()> {
+fn pods_have_their_address_and_a_default_route_via_their_node_which_has_no_way_out() -> Result<()> {
     let mesh = two_nodes_two_pods_each("routes")?;
 
-    let addrs = mesh.exec_ok("default/b2", &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?;
+    let addrs = mesh.exec_ok(
+        "default/b2",
+        &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+    )?;
     assert!(addrs.contains("10.244.2.3/32"), "{addrs}");
     let routes = mesh.exec_ok("default/b2", &["ip", "-4", "route", "show"])?;
-    assert!(routes.contains("default via 10.244.2.1 dev eth0"), "{routes}");
+    assert!(
+        routes.contains("default via 10.244.2.1 dev eth0"),
+        "{routes}"
+    );
 
     for node in mesh.nodes() {
         let out = mesh.exec_node(&node, &["ip", "-4", "route", "show"])?;
         let routes = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success());
-        assert!(!routes.contains("default"), "node {node} has a way out: {routes}");
+        assert!(
+            !routes.contains("default"),
+            "node {node} has a way out: {routes}"
+        );
     }
-    let n1_routes = String::from_utf8_lossy(&mesh.exec_node("n1", &["ip", "route"])?.stdout)
-        .into_owned();
+    let n1_routes =
+        String::from_utf8_lossy(&mesh.exec_node("n1", &["ip", "route"])?.stdout).into_owned();
     assert!(
         n1_routes.contains("10.244.2.0/24 via 10.255.0.2 dev wire"),
         "{n1_routes}"
@@ -268,7 +302,9 @@ fn the_config_directory_holds_the_topology_and_takes_extra_files() -> Result<()>
 
     mesh.write_yaml("policy.yaml", "kind: AuthorizationPolicy\n")?;
     let written = eventually("policy file visible", Duration::from_secs(1), || {
-        Ok(std::fs::read_to_string(mesh.config_dir().join("policy.yaml"))?)
+        Ok(std::fs::read_to_string(
+            mesh.config_dir().join("policy.yaml"),
+        )?)
     })?;
     assert_eq!(written, "kind: AuthorizationPolicy\n");
     mesh.remove_yaml("policy.yaml")?;
@@ -369,7 +405,10 @@ fn node_agents_are_started_per_node_waited_for_queried_and_restarted() -> Result
     mesh.start_ztunnel("n1")?;
     let second_pid = mesh.ztunnel_pid("n1").context("n1 runs again")?;
     assert_ne!(first_pid, second_pid);
-    assert_eq!(mesh.ztunnel_log("n1").matches("stand-in ztunnel:").count(), 2);
+    assert_eq!(
+        mesh.ztunnel_log("n1").matches("stand-in ztunnel:").count(),
+        2
+    );
     assert!(mesh.start_ztunnel("n1").is_err(), "already running");
 
     mesh.kill_ztunnel("n2")?;
@@ -380,7 +419,10 @@ fn node_agents_are_started_per_node_waited_for_queried_and_restarted() -> Result
 #[test]
 fn a_node_agent_that_dies_at_startup_fails_the_build_with_its_log() -> Result<()> {
     let bin_dir = tempfile::tempdir()?;
-    let fake = stand_in_ztunnel(bin_dir.path(), "echo 'error: unknown flag --frobnicate' >&2\nexit 2")?;
+    let fake = stand_in_ztunnel(
+        bin_dir.path(),
+        "echo 'error: unknown flag --frobnicate' >&2\nexit 2",
+    )?;
     let started = std::time::Instant::now();
 
     let err = Mesh::builder("dying_ztunnel")

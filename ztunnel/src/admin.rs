@@ -195,10 +195,18 @@ fn logging(st: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     });
     match (req.method(), level) {
         (&Method::POST, Some(level)) => match st.log.set(&level) {
-            Ok(()) => reply(StatusCode::OK, "text/plain", format!("log level set to {level}\n")),
+            Ok(()) => reply(
+                StatusCode::OK,
+                "text/plain",
+                format!("log level set to {level}\n"),
+            ),
             Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
         },
-        (&Method::GET, _) => reply(StatusCode::OK, "text/plain", format!("{}\n", st.log.current())),
+        (&Method::GET, _) => reply(
+            StatusCode::OK,
+            "text/plain",
+            format!("{}\n", st.log.current()),
+        ),
         _ => reply(
             StatusCode::BAD_REQUEST,
             "text/plain",
@@ -246,7 +254,10 @@ mod tests {
 
     #[test]
     fn query_values_are_decoded() {
-        assert_eq!(percent_decode("info%2Cztunnel%3Ddebug"), "info,ztunnel=debug");
+        assert_eq!(
+            percent_decode("info%2Cztunnel%3Ddebug"),
+            "info,ztunnel=debug"
+        );
         assert_eq!(percent_decode("a+b"), "a b");
         assert_eq!(percent_decode("bad%zz"), "bad%zz");
         assert_eq!(percent_decode("trailing%2"), "trailing%2");

@@ -89,8 +89,15 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
 
     let (tx, rx) = watch::channel(());
     tokio::spawn(
-        watch_config(cfg.clone(), model.clone(), metrics.clone(), config_loaded, tx, stop.clone())
-            .instrument(tracing::info_span!("config")),
+        watch_config(
+            cfg.clone(),
+            model.clone(),
+            metrics.clone(),
+            config_loaded,
+            tx,
+            stop.clone(),
+        )
+        .instrument(tracing::info_span!("config")),
     );
     let manager = Manager::new(pi.clone(), ready, pod_status);
     let manager_task = tokio::spawn(
@@ -100,19 +107,30 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     tracing::info!(node = %cfg.node_name, config_dir = %cfg.config_dir.display(), "ztunnel started");
 
     shutdown_signal().await;
-    tracing::info!(open = conns.len(), "shutting down: listeners closed, draining connections");
+    tracing::info!(
+        open = conns.len(),
+        "shutting down: listeners closed, draining connections"
+    );
     stop.cancel();
     let _ = manager_task.await;
-    if tokio::time::timeout(cfg.drain_timeout, conns.drained()).await.is_err() {
-        tracing::warn!(open = conns.len(), "drain deadline reached; closing remaining connections");
+    if tokio::time::timeout(cfg.drain_timeout, conns.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = conns.len(),
+            "drain deadline reached; closing remaining connections"
+        );
     }
     Ok(())
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the agent can only be killed; keep serving.
         std::future::pending::<()>().await;
         return;

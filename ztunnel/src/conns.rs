@@ -117,9 +117,7 @@ pub fn still_allowed(model: &Model, c: &TrackedConn) -> Result<(), Revoked> {
     let pod = model
         .pod(&c.pod.namespace, &c.pod.name)
         .ok_or(Revoked::PodGone)?;
-    if !c.mtls
-        && policy::peer_authn_mode(model, pod, c.request.dst_port) == PeerAuthnMode::Strict
-    {
+    if !c.mtls && policy::peer_authn_mode(model, pod, c.request.dst_port) == PeerAuthnMode::Strict {
         return Err(Revoked::PlaintextNotAllowed);
     }
     let policies = policy::policies_for(model, pod);

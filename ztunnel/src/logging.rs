@@ -39,10 +39,7 @@ impl LogHandle {
     }
 
     pub fn current(&self) -> String {
-        self.current
-            .lock()
-            .map(|c| c.clone())
-            .unwrap_or_default()
+        self.current.lock().map(|c| c.clone()).unwrap_or_default()
     }
 }
 

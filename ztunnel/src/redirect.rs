@@ -129,12 +129,24 @@ pub fn install(netns: &Path) -> Result<(), RedirectError> {
     delete_rules(netns, &mark, &table);
     run_in(
         netns,
-        &["ip", "rule", "add", "fwmark", &mark, "table", &table, "pref", "32000"],
+        &[
+            "ip", "rule", "add", "fwmark", &mark, "table", &table, "pref", "32000",
+        ],
         None,
     )?;
     run_in(
         netns,
-        &["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table],
+        &[
+            "ip",
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ],
         None,
     )?;
     Ok(())
@@ -153,7 +165,13 @@ pub fn remove(netns: &Path) -> Result<(), RedirectError> {
 /// Deletes our policy-routing rule until none is left (bounded: a namespace holds few rules).
 fn delete_rules(netns: &Path, mark: &str, table: &str) {
     for _ in 0..16 {
-        if run_in(netns, &["ip", "rule", "del", "fwmark", mark, "table", table], None).is_err() {
+        if run_in(
+            netns,
+            &["ip", "rule", "del", "fwmark", mark, "table", table],
+            None,
+        )
+        .is_err()
+        {
             break;
         }
     }

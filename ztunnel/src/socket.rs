@@ -44,7 +44,11 @@ fn domain(addr: &SocketAddr) -> Domain {
 }
 
 /// Binds a listener on `addr` inside `netns`.
-pub fn listen_in(netns: &Netns, home: &Netns, addr: SocketAddr) -> Result<TcpListener, SocketError> {
+pub fn listen_in(
+    netns: &Netns,
+    home: &Netns,
+    addr: SocketAddr,
+) -> Result<TcpListener, SocketError> {
     let bind_err = |source| SocketError::Bind {
         addr,
         netns: netns.path().display().to_string(),
@@ -111,6 +115,10 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
         SocketAddr::V4(_) => sock.original_dst()?,
         SocketAddr::V6(_) => sock.original_dst_ipv6()?,
     };
-    addr.as_socket()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original dst is not an IP address"))
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original dst is not an IP address",
+        )
+    })
 }

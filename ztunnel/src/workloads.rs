@@ -32,12 +32,12 @@ pub enum EnrollError {
     #[error("tls for {pod}: {source}")]
     Tls {
         pod: NamespacedName,
-        source: mesh::tls::TlsError,
+        source: Box<mesh::tls::TlsError>,
     },
     #[error("certificate for {pod}: {source}")]
     Cert {
         pod: NamespacedName,
-        source: mesh::ca::CaError,
+        source: Box<mesh::ca::CaError>,
     },
 }
 
@@ -150,12 +150,12 @@ impl Manager {
             .certified_key(&identity)
             .map_err(|source| EnrollError::Cert {
                 pod: key.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let server_tls = mesh::tls::server_config(self.pi.certs.clone(), identity.clone())
             .map_err(|source| EnrollError::Tls {
                 pod: key.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let home = &self.pi.home;
         let v6 = pod.ips.iter().any(IpAddr::is_ipv6);

@@ -18,9 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use e2e::echo::{
-    bad_request, reply_body, response_bytes, sniff, BodyFraming, RequestHead, Sniff,
-};
+use e2e::echo::{bad_request, reply_body, response_bytes, sniff, BodyFraming, RequestHead, Sniff};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};

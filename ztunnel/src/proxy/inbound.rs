@@ -130,7 +130,11 @@ async fn handle_stream(
         .build()
     };
     // Refusals are answered, logged and counted the same way whatever the cause.
-    let refuse = |req: InboundRequest, mut log: AccessLog<'_>, status: StatusCode, flag: ResponseFlag, reason: String| {
+    let refuse = |req: InboundRequest,
+                  mut log: AccessLog<'_>,
+                  status: StatusCode,
+                  flag: ResponseFlag,
+                  reason: String| {
         req.reject(status);
         pi.metrics.refused(REPORTER, flag.as_str());
         let l = labels(Some(flag));
@@ -143,27 +147,57 @@ async fn handle_stream(
 
     if req.method() != Method::CONNECT {
         let reason = format!("method {} is not CONNECT", req.method());
-        return refuse(req, log, StatusCode::METHOD_NOT_ALLOWED, ResponseFlag::BadRequest, reason);
+        return refuse(
+            req,
+            log,
+            StatusCode::METHOD_NOT_ALLOWED,
+            ResponseFlag::BadRequest,
+            reason,
+        );
     }
     let dst = match req.authority() {
         Ok(a) => a,
         Err(e) => {
             let reason = format!("bad :authority: {e}");
-            return refuse(req, log, StatusCode::BAD_REQUEST, ResponseFlag::BadRequest, reason);
+            return refuse(
+                req,
+                log,
+                StatusCode::BAD_REQUEST,
+                ResponseFlag::BadRequest,
+                reason,
+            );
         }
     };
     log.dst = dst;
     if !pod.ips.contains(&dst.ip()) {
         let reason = format!("{dst} is not served by {}", pod.key);
-        return refuse(req, log, StatusCode::UNAUTHORIZED, ResponseFlag::NotServed, reason);
+        return refuse(
+            req,
+            log,
+            StatusCode::UNAUTHORIZED,
+            ResponseFlag::NotServed,
+            reason,
+        );
     }
     if RESERVED_PORTS.contains(&dst.port()) {
         let reason = format!("{dst} is an agent port");
-        return refuse(req, log, StatusCode::UNAUTHORIZED, ResponseFlag::Loop, reason);
+        return refuse(
+            req,
+            log,
+            StatusCode::UNAUTHORIZED,
+            ResponseFlag::Loop,
+            reason,
+        );
     }
     let Some(dst_pod_model) = dst_pod else {
         let reason = format!("{} is no longer in the model", pod.key);
-        return refuse(req, log, StatusCode::SERVICE_UNAVAILABLE, ResponseFlag::NotServed, reason);
+        return refuse(
+            req,
+            log,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlag::NotServed,
+            reason,
+        );
     };
     let request = L4Request {
         src_identity: Some((*peer_id).clone()),
@@ -174,8 +208,17 @@ async fn handle_stream(
     let policies = policy::policies_for(&model, dst_pod_model);
     let eval = policy::evaluate_l4(&policies, &request);
     if let Decision::Deny { policy } = eval.decision {
-        let reason = format!("denied by {}", policy.as_deref().unwrap_or("no matching ALLOW policy"));
-        return refuse(req, log, StatusCode::UNAUTHORIZED, ResponseFlag::Deny, reason);
+        let reason = format!(
+            "denied by {}",
+            policy.as_deref().unwrap_or("no matching ALLOW policy")
+        );
+        return refuse(
+            req,
+            log,
+            StatusCode::UNAUTHORIZED,
+            ResponseFlag::Deny,
+            reason,
+        );
     }
 
     let cancel = CancellationToken::new();

@@ -88,21 +88,38 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
 
     let dst = match socket::original_dst(&tcp) {
         Ok(d) => d,
-        Err(e) => return refuse(log, ResponseFlag::NoOriginalDst, format!("SO_ORIGINAL_DST: {e}")),
+        Err(e) => {
+            return refuse(
+                log,
+                ResponseFlag::NoOriginalDst,
+                format!("SO_ORIGINAL_DST: {e}"),
+            )
+        }
     };
     log.dst = dst;
     if RESERVED_PORTS.contains(&dst.port()) || !pod.ips.contains(&dst.ip()) {
-        return refuse(log, ResponseFlag::Loop, format!("{dst} is an agent port or not this pod"));
+        return refuse(
+            log,
+            ResponseFlag::Loop,
+            format!("{dst} is an agent port or not this pod"),
+        );
     }
     let Some(dst_pod_model) = dst_pod else {
-        return refuse(log, ResponseFlag::NotServed, format!("{} left the model", pod.key));
+        return refuse(
+            log,
+            ResponseFlag::NotServed,
+            format!("{} left the model", pod.key),
+        );
     };
     let mode = policy::peer_authn_mode(&model, dst_pod_model, dst.port());
     if mode == PeerAuthnMode::Strict {
         return refuse(
             log,
             ResponseFlag::PeerAuthn,
-            format!("plaintext to port {} refused: PeerAuthentication STRICT", dst.port()),
+            format!(
+                "plaintext to port {} refused: PeerAuthentication STRICT",
+                dst.port()
+            ),
         );
     }
     let request = L4Request {
@@ -113,7 +130,10 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
     };
     let policies = policy::policies_for(&model, dst_pod_model);
     if let Decision::Deny { policy } = policy::evaluate_l4(&policies, &request).decision {
-        let reason = format!("denied by {}", policy.as_deref().unwrap_or("no matching ALLOW policy"));
+        let reason = format!(
+            "denied by {}",
+            policy.as_deref().unwrap_or("no matching ALLOW policy")
+        );
         return refuse(log, ResponseFlag::Deny, reason);
     }
     let cancel = CancellationToken::new();

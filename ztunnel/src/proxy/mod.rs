@@ -185,13 +185,21 @@ impl LabelInputs<'_> {
         let canonical = |p: Option<&Pod>| {
             label_or_unknown(
                 p,
-                &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
+                &[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ],
             )
         };
         let revision = |p: Option<&Pod>| {
             label_or_unknown(
                 p,
-                &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"],
+                &[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ],
             )
         };
         TcpLabels {
@@ -203,7 +211,10 @@ impl LabelInputs<'_> {
                 .unwrap_or_else(unknown),
             source_principal: self.src_identity.map(|i| i.uri()).unwrap_or_else(unknown),
             source_app: label_or_unknown(self.src_pod, &["app", "app.kubernetes.io/name"]),
-            source_version: label_or_unknown(self.src_pod, &["version", "app.kubernetes.io/version"]),
+            source_version: label_or_unknown(
+                self.src_pod,
+                &["version", "app.kubernetes.io/version"],
+            ),
             source_canonical_service: canonical(self.src_pod),
             source_canonical_revision: revision(self.src_pod),
             source_cluster: "Kubernetes".to_string(),

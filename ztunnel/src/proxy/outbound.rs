@@ -97,7 +97,13 @@ fn plan<'a>(
     if let Some(p) = model.workload_by_ip(dst.ip()) {
         return Ok((None, vec![hop_to(p, dst)]));
     }
-    Ok((None, vec![Hop::Plain { pod: None, target: dst }]))
+    Ok((
+        None,
+        vec![Hop::Plain {
+            pod: None,
+            target: dst,
+        }],
+    ))
 }
 
 async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<ProxyInputs>) {
@@ -118,34 +124,47 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
         bytes_received: 0,
         started,
     };
-    let refuse = |mut log: AccessLog<'_>, flag: ResponseFlag, reason: String, svc: Option<&Service>| {
-        pi.metrics.refused(REPORTER, flag.as_str());
-        let l = LabelInputs {
-            reporter: REPORTER,
-            src_pod,
-            src_identity: Some(&pod.identity),
-            dst_pod: None,
-            dst_identity: None,
-            service: svc,
-            flag: Some(flag),
-            mtls: false,
-        }
-        .build();
-        pi.metrics.tcp_opened(&l);
-        pi.metrics.tcp_closed(&l);
-        log.flag = Some(flag);
-        log.reason = Some(reason);
-        log.emit();
-    };
+    let refuse =
+        |mut log: AccessLog<'_>, flag: ResponseFlag, reason: String, svc: Option<&Service>| {
+            pi.metrics.refused(REPORTER, flag.as_str());
+            let l = LabelInputs {
+                reporter: REPORTER,
+                src_pod,
+                src_identity: Some(&pod.identity),
+                dst_pod: None,
+                dst_identity: None,
+                service: svc,
+                flag: Some(flag),
+                mtls: false,
+            }
+            .build();
+            pi.metrics.tcp_opened(&l);
+            pi.metrics.tcp_closed(&l);
+            log.flag = Some(flag);
+            log.reason = Some(reason);
+            log.emit();
+        };
 
     let dst = match socket::original_dst(&tcp) {
         Ok(d) => d,
-        Err(e) => return refuse(log, ResponseFlag::NoOriginalDst, format!("SO_ORIGINAL_DST: {e}"), None),
+        Err(e) => {
+            return refuse(
+                log,
+                ResponseFlag::NoOriginalDst,
+                format!("SO_ORIGINAL_DST: {e}"),
+                None,
+            )
+        }
     };
     log.dst = dst;
     // A connection made straight to 127.0.0.1:15001 (not redirected) would loop forever.
     if dst.ip().is_loopback() && RESERVED_PORTS.contains(&dst.port()) {
-        return refuse(log, ResponseFlag::Loop, format!("{dst} is the agent itself"), None);
+        return refuse(
+            log,
+            ResponseFlag::Loop,
+            format!("{dst} is the agent itself"),
+            None,
+        );
     }
     let (svc, hops) = match plan(&model, &pi, dst) {
         Ok(p) => p,
@@ -156,7 +175,11 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
     let mut last_flag = ResponseFlag::UpstreamFailure;
     for hop in &hops {
         match hop {
-            Hop::Hbone { pod: dst_pod, identity, target } => {
+            Hop::Hbone {
+                pod: dst_pod,
+                identity,
+                target,
+            } => {
                 match open_hbone(&pi, &pod, identity, *target, svc).await {
                     Ok(tunnel) => {
                         log.dst = *target;
@@ -178,7 +201,9 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                     }
                     Err(e) => {
                         last_flag = match &e {
-                            HboneError::Status(s) if s.as_u16() == 401 => ResponseFlag::UpstreamDenied,
+                            HboneError::Status(s) if s.as_u16() == 401 => {
+                                ResponseFlag::UpstreamDenied
+                            }
                             _ => ResponseFlag::UpstreamFailure,
                         };
                         last_err = format!("hbone to {target} ({identity}): {e}");
@@ -191,9 +216,18 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                     }
                 }
             }
-            Hop::Plain { pod: dst_pod, target } => {
-                match socket::connect_in(&pod.netns, &pi.home, *target, None, pi.cfg.connect_timeout)
-                    .await
+            Hop::Plain {
+                pod: dst_pod,
+                target,
+            } => {
+                match socket::connect_in(
+                    &pod.netns,
+                    &pi.home,
+                    *target,
+                    None,
+                    pi.cfg.connect_timeout,
+                )
+                .await
                 {
                     Ok(up) => {
                         log.dst = *target;

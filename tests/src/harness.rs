@@ -648,6 +648,16 @@ impl Mesh {
         Ok(())
     }
 
+    /// Sends `signal` to the node's ztunnel (e.g. SIGTERM to test draining) without
+    /// forgetting it: [`Mesh::ztunnel_pid`] turns `None` once it has exited.
+    pub fn signal_ztunnel(&self, node: &str, signal: Signal) -> Result<()> {
+        let ztunnels = self.ztunnels();
+        let guard = ztunnels
+            .get(node)
+            .with_context(|| format!("no ztunnel running on {node}"))?;
+        guard.signal(signal)
+    }
+
     /// The pid of the node's ztunnel, if it runs.
     pub fn ztunnel_pid(&self, node: &str) -> Option<u32> {
         let mut ztunnels = self.ztunnels();

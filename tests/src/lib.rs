@@ -58,6 +58,7 @@ mod yaml;
 pub use capture::{parse_pcap, Capture, CaptureSummary, Packet, Proto};
 pub use harness::Mesh;
 pub use netns::{cleanup_stale, in_netns, StaleCleanup};
+pub use nix::sys::signal::Signal;
 pub use process::ChildGuard;
 pub use spec::{Ambient, MeshBuilder, Pod, Service};
 pub use sys::{preflight, Binaries, MARKER_ENV};

@@ -411,8 +411,20 @@ fn node_agents_are_started_per_node_waited_for_queried_and_restarted() -> Result
     );
     assert!(mesh.start_ztunnel("n1").is_err(), "already running");
 
+    mesh.signal_ztunnel("n2", nix::sys::signal::Signal::SIGTERM)?;
+    wait_until("n2's agent to exit", Duration::from_secs(10), || {
+        Ok(mesh.ztunnel_pid("n2").is_none())
+    })?;
+    assert!(
+        mesh.wait_ready("n2").is_err(),
+        "an exited agent is not ready"
+    );
+    mesh.start_ztunnel("n2")?;
     mesh.kill_ztunnel("n2")?;
-    assert!(mesh.wait_ready("n2").is_err());
+    assert!(
+        mesh.wait_ready("n2").is_err(),
+        "a killed agent is not ready"
+    );
     Ok(())
 }
 

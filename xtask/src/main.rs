@@ -4,13 +4,19 @@
 //! - `test [-- <cargo test args>]`: build every binary, run every test (the e2e tests need
 //!   root for network namespaces), then check that no test namespace or process is left.
 //! - `clean`: remove the namespaces and processes that killed test runs left behind.
+//! - `up [--config DIR] [--once]`: a local ambient mesh from Kubernetes YAML (default
+//!   `examples/local-mesh`), exercised and described; stays up until Ctrl-C.
+//! - `down`: tear down the mesh of a running or crashed `up`.
 //!
 //! Test leftovers are recognised exactly as the e2e harness names them: namespaces
 //! `mt<6 hex>-*` and processes whose environment has `MESH_E2E_PREFIX=mt<6 hex>-`. Nothing is
-//! ever matched by process name.
+//! ever matched by process name. The mesh of a live `up` is built the same way and is left
+//! alone by `clean` (its prefix is in `up`'s state file).
+
+mod local_mesh;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -44,11 +50,44 @@ enum Cmd {
     },
     /// Remove test network namespaces and processes left by killed test runs.
     Clean,
+    /// Start a local ambient mesh from Kubernetes YAML, send traffic, show what happened,
+    /// and stay up until Ctrl-C (needs root).
+    Up {
+        /// Directory of Kubernetes YAML [default: examples/local-mesh].
+        #[arg(long, value_name = "DIR")]
+        config: Option<PathBuf>,
+        /// Exit after the report (tearing everything down); fail if a probe went against
+        /// its `local-mesh/send-to` expectation.
+        #[arg(long)]
+        once: bool,
+        /// Build and run release binaries.
+        #[arg(long)]
+        release: bool,
+        /// Do not build: use the binaries already in the target directory.
+        #[arg(long)]
+        no_build: bool,
+        /// If a mesh is already up, tear it down first instead of refusing.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Tear down the mesh of a running or crashed `cargo xtask up`.
+    Down,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    // Errors are printed plainly: a backtrace of xtask itself never helps.
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Cmd) -> Result<()> {
+    match command {
         Cmd::Ci => ci(),
         Cmd::Test { args } => test(&args),
         Cmd::Clean => {
@@ -56,6 +95,20 @@ fn main() -> Result<()> {
             println!("xtask clean: {}", removed.describe());
             Ok(())
         }
+        Cmd::Up {
+            config,
+            once,
+            release,
+            no_build,
+            replace,
+        } => local_mesh::up(&local_mesh::UpOptions {
+            config,
+            once,
+            release,
+            no_build,
+            replace,
+        }),
+        Cmd::Down => local_mesh::down(),
     }
 }
 
@@ -65,6 +118,14 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| manifest_dir.to_path_buf())
+}
+
+/// Where cargo puts build output: `CARGO_TARGET_DIR`, else `<workspace>/target`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
 }
 
 fn cargo() -> Command {
@@ -165,10 +226,24 @@ impl Removed {
     }
 }
 
-/// Kills leftover test processes and deletes leftover test namespaces.
+/// Kills leftover test processes and deletes leftover test namespaces, except those of the
+/// mesh a live `cargo xtask up` runs.
 fn clean() -> Result<Removed> {
-    let netns = leftover_netns()?;
-    let mut pids = marked_pids();
+    let keep = local_mesh::running_prefix();
+    if let Some(prefix) = &keep {
+        println!(
+            "xtask: leaving the running local mesh ({prefix}*) alone; `cargo xtask down` \
+             removes it"
+        );
+    }
+    let kept = |prefix: &str| keep.as_deref() == Some(prefix);
+    let mut netns = leftover_netns()?;
+    netns.retain(|name| !name.get(..9).is_some_and(kept));
+    let mut pids: Vec<u32> = marked_pids()
+        .into_iter()
+        .filter(|(_, prefix)| !kept(prefix))
+        .map(|(pid, _)| pid)
+        .collect();
     if !netns.is_empty() {
         let ip = find_tool("ip").context("`ip` not found: install iproute2")?;
         let own_netns = std::fs::read_link("/proc/self/ns/net").ok();
@@ -230,29 +305,40 @@ fn leftover_netns() -> Result<Vec<String>> {
     };
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| name.len() > 9 && is_harness_prefix(&name[..9]))
+        .filter(|name| name.len() > 9 && name.get(..9).is_some_and(is_harness_prefix))
         .collect();
     names.sort();
     Ok(names)
 }
 
-/// Processes carrying the harness marker with a harness prefix.
-fn marked_pids() -> Vec<u32> {
+/// Processes carrying the harness marker with a harness prefix, with that prefix.
+fn marked_pids() -> Vec<(u32, String)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-                env.split(|&b| b == 0).any(|var| {
-                    std::str::from_utf8(var)
-                        .ok()
-                        .and_then(|v| v.strip_prefix(MARKER_ENV)?.strip_prefix('='))
-                        .is_some_and(is_harness_prefix)
-                })
-            })
+        .filter_map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let prefix = env.split(|&b| b == 0).find_map(|var| {
+                std::str::from_utf8(var)
+                    .ok()
+                    .and_then(|v| v.strip_prefix(MARKER_ENV)?.strip_prefix('='))
+                    .filter(|p| is_harness_prefix(p))
+                    .map(str::to_owned)
+            })?;
+            Some((pid, prefix))
         })
+        .collect()
+}
+
+/// Names of the network namespaces starting with `prefix`.
+fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir(NETNS_DIR)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with(prefix))
         .collect()
 }
 

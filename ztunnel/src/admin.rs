@@ -117,11 +117,26 @@ async fn route(kind: Kind, st: &AdminState, req: Request<Incoming>) -> Response<
             }
         }
         (Kind::Metrics, &Method::GET, "/metrics") | (Kind::Admin, &Method::GET, "/metrics") => {
-            reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                st.pi.metrics.encode(),
-            )
+            // OpenMetrics for scrapers that ask for it (Prometheus does), the classic text
+            // format for everyone else (curl, promtool).
+            let wants_openmetrics = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            if wants_openmetrics {
+                reply(
+                    StatusCode::OK,
+                    mesh::metrics::CONTENT_TYPE,
+                    st.pi.metrics.encode(),
+                )
+            } else {
+                reply(
+                    StatusCode::OK,
+                    mesh::metrics::TEXT_CONTENT_TYPE,
+                    st.pi.metrics.encode_text(),
+                )
+            }
         }
         (Kind::Admin, &Method::GET, "/config_dump") => config_dump(st),
         (Kind::Admin, _, "/logging") => logging(st, &req),

@@ -54,6 +54,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
         ..PoolConfig::default()
     });
     let conns = Arc::new(ConnTracker::default());
+    let stop = CancellationToken::new();
     let pi = Arc::new(ProxyInputs::new(
         cfg.clone(),
         model.clone(),
@@ -62,6 +63,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
         metrics.clone(),
         conns.clone(),
         home,
+        stop.clone(),
     ));
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -73,7 +75,6 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
         pods: pod_status.clone(),
         log,
     });
-    let stop = CancellationToken::new();
     let admin = Server::admin(cfg.admin_addr).await?;
     let metrics_srv = Server::metrics(cfg.metrics_addr).await?;
     let readiness = Server::readiness(cfg.readiness_addr).await?;

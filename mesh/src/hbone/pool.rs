@@ -19,7 +19,6 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::Reason;
 use http::{Request, StatusCode};
-use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -43,11 +42,6 @@ const MAX_STALE_RETRIES: usize = 3;
 
 /// How long an idle-expired connection may take to send its GOAWAY and close.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// The TLS server name we present. HBONE peers are verified by SPIFFE identity, not by name,
-/// and rustls needs some name; this one is never sent as a DNS lookup.
-// TODO(tls): use `crate::tls::server_name()` once tls.rs provides it.
-const TLS_SERVER_NAME: &str = "hbone";
 
 /// What a pooled connection is shared by: nothing else may ride on it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -300,10 +294,9 @@ impl Pool {
         F: Future<Output = io::Result<TcpStream>>,
     {
         let tcp = dial().await.map_err(HboneError::Dial)?;
-        let name = ServerName::try_from(TLS_SERVER_NAME)
-            .map_err(|e| HboneError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        // HBONE peers are verified by SPIFFE identity, not by name; SNI is off.
         let tls = tokio_rustls::TlsConnector::from(with_h2_alpn(tls))
-            .connect(name, tcp)
+            .connect(crate::tls::server_name(), tcp)
             .await
             .map_err(HboneError::Tls)?;
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {

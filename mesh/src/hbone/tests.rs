@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::{Method, StatusCode};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
@@ -35,65 +33,23 @@ fn pki() -> Pki {
     pki_with_server_alpn(true)
 }
 
+/// The mesh's real TLS configurations (`crate::tls`) over an in-memory CA: a server for
+/// `default/echo` and a client for `default/sleep` expecting it.
 fn pki_with_server_alpn(server_alpn: bool) -> Pki {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "hbone test root");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let ca_der = ca_cert.der().clone();
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    // The server leaf also names "hbone" because the stock webpki verifier checks the
-    // server name; the mesh verifier (tls.rs) checks the URI SAN instead.
-    let leaf = |sa: &str, dns: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(dns).unwrap();
-        let uri = Identity::new("cluster.local", "default", sa).uri();
-        params
-            .subject_alt_names
-            .push(SanType::URI(uri.try_into().unwrap()));
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone(), ca_der.clone()];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        (chain, key)
+    let ca = Arc::new(crate::ca::Ca::ephemeral("cluster.local").unwrap());
+    let certs = crate::certs::CertManager::new(ca, std::time::Duration::from_secs(3600));
+    let echo = Identity::new("cluster.local", "default", "echo");
+    let sleep = Identity::new("cluster.local", "default", "sleep");
+    let server = crate::tls::server_config(certs.clone(), echo.clone()).unwrap();
+    let server = if server_alpn {
+        server
+    } else {
+        let mut s = (*server).clone();
+        s.alpn_protocols.clear();
+        Arc::new(s)
     };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca_der.clone()).unwrap();
-    let roots = Arc::new(roots);
-
-    let (server_chain, server_key) = leaf("echo", vec!["hbone".to_string()]);
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots.clone(),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(server_chain, server_key)
-        .unwrap();
-    if server_alpn {
-        server.alpn_protocols = vec![ALPN_H2.to_vec()];
-    }
-
-    let (client_chain, client_key) = leaf("sleep", vec![]);
-    // No ALPN here on purpose: the pool must add h2 itself.
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(client_chain, client_key)
-        .unwrap();
-    Pki {
-        client: Arc::new(client),
-        server: Arc::new(server),
-    }
+    let client = crate::tls::client_config(certs, sleep, vec![echo]).unwrap();
+    Pki { client, server }
 }
 
 /// An HBONE server on 127.0.0.1: TLS accept + `serve` per connection. Connections are
@@ -891,6 +847,55 @@ async fn after_the_server_dies_the_next_connect_dials_afresh() {
             streams: 1
         }
     );
+}
+
+#[tokio::test]
+async fn after_a_goaway_the_pool_dials_afresh() {
+    let pki = pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
+    let _server = AbortOnDrop(tokio::spawn(async move {
+        info!("first connection: GOAWAY is queued before the 200, so the client sees it first");
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+        conn.graceful_shutdown();
+        let open = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        let first = AbortOnDrop(tokio::spawn(async move {
+            let _open = open;
+            while conn.accept().await.is_some() {}
+        }));
+        info!("second connection: a normal server");
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let _ = serve(tls, &ServerConfig::default(), echo).await;
+        drop(first);
+    }));
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(addr);
+    let _first = pool
+        .connect(key(addr), pki.client.clone(), dialer.dial(), request())
+        .await
+        .unwrap();
+    let mut second = pool
+        .connect(key(addr), pki.client.clone(), dialer.dial(), request())
+        .await
+        .unwrap();
+    ping(&mut second).await;
+    assert_eq!(dialer.dials(), 2);
+}
+
+/// Aborts a spawned task when the test ends, whatever way it ends.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[tokio::test]

@@ -84,9 +84,13 @@ async fn handle_conn(
     };
     let cfg = hbone::ServerConfig::default();
     let peer_id = Arc::new(peer_id);
-    let result = hbone::serve(tls, &cfg, move |req| {
-        handle_stream(req, peer, peer_id.clone(), pod.clone(), pi.clone())
-    })
+    let drain = pi.drain.clone().cancelled_owned();
+    let result = hbone::serve_with_drain(
+        tls,
+        &cfg,
+        move |req| handle_stream(req, peer, peer_id.clone(), pod.clone(), pi.clone()),
+        drain,
+    )
     .await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "hbone connection ended with an error");

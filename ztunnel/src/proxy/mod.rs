@@ -90,11 +90,14 @@ pub struct ProxyInputs {
     pub conns: Arc<ConnTracker>,
     /// The agent's own network namespace, to return to after opening a socket in a pod's.
     pub home: Arc<Netns>,
+    /// Cancelled on shutdown: HBONE servers send GOAWAY and stop taking new streams.
+    pub drain: tokio_util::sync::CancellationToken,
     client_tls: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
     round_robin: Mutex<HashMap<NamespacedName, Arc<AtomicUsize>>>,
 }
 
 impl ProxyInputs {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Arc<Config>,
         model: Arc<ArcSwap<Model>>,
@@ -103,6 +106,7 @@ impl ProxyInputs {
         metrics: Arc<Metrics>,
         conns: Arc<ConnTracker>,
         home: Arc<Netns>,
+        drain: tokio_util::sync::CancellationToken,
     ) -> Self {
         ProxyInputs {
             cfg,
@@ -112,6 +116,7 @@ impl ProxyInputs {
             metrics,
             conns,
             home,
+            drain,
             client_tls: Mutex::default(),
             round_robin: Mutex::default(),
         }

@@ -1,0 +1,1033 @@
+//! The local mesh's input: a directory of Kubernetes YAML, translated once into the topology
+//! the e2e harness builds, the traffic to send, and the documents handed to the node agents
+//! unchanged. Only [`LocalMesh::load`] reads files; the translation works on strings, so it is
+//! unit-tested.
+//!
+//! - `Namespace` → a harness namespace (ambient when labelled `istio.io/dataplane-mode:
+//!   ambient`), with its labels;
+//! - `Pod` → a harness pod on `spec.nodeName` (nodes are created from these names), with its
+//!   labels and `spec.serviceAccountName`; any `status` is ignored (the harness assigns IPs);
+//! - `Service` → a harness service (`clusterIP`, numeric `targetPort`s, selector, labels);
+//! - `ServiceAccount` → dropped: the harness declares one for every pod's account;
+//! - anything else (policies, …) → passed through unchanged, one output file per input file.
+//!
+//! Two annotations on Pods drive the local mesh:
+//! - `local-mesh/run: echo` runs `mesh-echo` on the pod's container ports (8080 if none); a
+//!   pod labelled `app: echo` gets it too unless annotated `local-mesh/run: none`;
+//! - `local-mesh/send-to: "echo.demo:80=200, demo/echo-v1:8080=refused"` makes the pod send
+//!   HTTP requests to each target once the mesh is up. A target is `<service>[.<namespace>
+//!   [.svc[.cluster.local]]]:<port>` (a Service port, sent to its clusterIP), `<namespace>/
+//!   <pod>:<port>` (the pod's IP) or `<ipv4>:<port>`; `=200` (any status) or `=refused`
+//!   states what should happen, which `up --once` checks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use e2e::{Ambient, MeshBuilder, Pod, Service};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+/// Annotation choosing what runs in a pod (`echo` or `none`).
+pub const ANNOTATION_RUN: &str = "local-mesh/run";
+/// Annotation listing the requests a pod sends once the mesh is up.
+pub const ANNOTATION_SEND_TO: &str = "local-mesh/send-to";
+/// The label that enrolls a namespace in the mesh.
+const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// The port `mesh-echo` listens on when an echo pod declares no container port.
+const DEFAULT_ECHO_PORT: u16 = 8080;
+/// The namespace of objects that name none, as in Kubernetes.
+const DEFAULT_NAMESPACE: &str = "default";
+/// The service account of pods that name none, as in Kubernetes.
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// The file the harness writes the topology to; an input file of that name is renamed.
+const HARNESS_TOPOLOGY_FILE: &str = "topology.yaml";
+/// A local mesh's whole configuration is a few KiB; refuse runaway files instead of reading.
+const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Everything `cargo xtask up` needs from the YAML directory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalMesh {
+    /// Node names, sorted (so `n1` is node 1 and owns 10.244.1.0/24).
+    pub nodes: Vec<String>,
+    /// Declared namespaces in file order, then namespaces only pods mention.
+    pub namespaces: Vec<NamespaceDecl>,
+    /// Pods in file order.
+    pub pods: Vec<PodDecl>,
+    /// Services in file order.
+    pub services: Vec<ServiceDecl>,
+    /// Documents for the node agents as they are: (file name, multi-document YAML).
+    pub passthrough: Vec<(String, String)>,
+}
+
+/// A namespace to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceDecl {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// False when no Namespace document declares it (pods in it still run, outside the mesh
+    /// unless they carry the ambient label themselves).
+    pub declared: bool,
+}
+
+impl NamespaceDecl {
+    /// Whether its pods are enrolled.
+    pub fn ambient(&self) -> bool {
+        self.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+    }
+}
+
+/// A pod to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodDecl {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    /// Ports `mesh-echo` listens on; empty when the pod runs nothing.
+    pub echo_ports: Vec<u16>,
+    /// Requests it sends once the mesh is up.
+    pub probes: Vec<Probe>,
+}
+
+impl PodDecl {
+    /// `namespace/name`, as the harness names pods.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Service to declare.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceDecl {
+    pub namespace: String,
+    pub name: String,
+    pub vip: Option<Ipv4Addr>,
+    pub ports: Vec<ServicePortDecl>,
+    pub selector: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortDecl {
+    pub name: String,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// One `local-mesh/send-to` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// The entry as written, without the expectation (`echo.demo:80`).
+    pub text: String,
+    pub target: Target,
+    pub expect: Option<Expect>,
+}
+
+/// Where a probe goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A Service port, resolved to its clusterIP.
+    Service {
+        namespace: String,
+        name: String,
+        addr: SocketAddrV4,
+    },
+    /// A pod (`namespace/name`); its IP is known once the mesh is built.
+    Pod { key: String, port: u16 },
+    /// A literal address.
+    Addr(SocketAddrV4),
+}
+
+/// What a probe should see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Every request answered with this HTTP status.
+    Status(u16),
+    /// No HTTP answer: the connection is refused, reset or closed.
+    Refused,
+}
+
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expect::Status(code) => write!(f, "{code}"),
+            Expect::Refused => f.write_str("refused"),
+        }
+    }
+}
+
+// === impl LocalMesh ===
+
+impl LocalMesh {
+    /// Reads every `*.yaml`/`*.yml` file of `dir` (not dot-files, not subdirectories), in
+    /// name order.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::from_files(&read_yaml_dir(dir)?)
+            .with_context(|| format!("local mesh config {}", dir.display()))
+    }
+
+    /// Translates (file name, content) pairs.
+    pub fn from_files(files: &[(String, String)]) -> Result<Self> {
+        let mut namespaces: Vec<NamespaceDecl> = Vec::new();
+        let mut raw_pods: Vec<(String, RawPod)> = Vec::new();
+        let mut services: Vec<ServiceDecl> = Vec::new();
+        let mut passthrough: Vec<(String, String)> = Vec::new();
+
+        for (file, content) in files {
+            let mut kept: Vec<Value> = Vec::new();
+            for (index, doc) in documents(content)
+                .with_context(|| format!("{file}: not valid YAML"))?
+                .into_iter()
+                .enumerate()
+            {
+                let at = format!("{file} doc {}", index + 1);
+                for object in flatten_lists(doc) {
+                    let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
+                    let api_version = object
+                        .get("apiVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    match (api_version, kind) {
+                        ("v1", "Namespace") => {
+                            let ns = namespace(&object).with_context(|| at.clone())?;
+                            if namespaces.iter().any(|n| n.name == ns.name) {
+                                bail!("{at}: Namespace {} declared twice", ns.name);
+                            }
+                            namespaces.push(ns);
+                        }
+                        ("v1", "Pod") => {
+                            let pod = raw_pod(&object).with_context(|| at.clone())?;
+                            raw_pods.push((at.clone(), pod));
+                        }
+                        ("v1", "Service") => {
+                            let svc = service(&object).with_context(|| at.clone())?;
+                            if services
+                                .iter()
+                                .any(|s| s.namespace == svc.namespace && s.name == svc.name)
+                            {
+                                bail!(
+                                    "{at}: Service {}/{} declared twice",
+                                    svc.namespace,
+                                    svc.name
+                                );
+                            }
+                            services.push(svc);
+                        }
+                        // The harness declares every pod's service account; a second
+                        // declaration would be a duplicate object for the agents.
+                        ("v1", "ServiceAccount") => {}
+                        _ => kept.push(object),
+                    }
+                }
+            }
+            if !kept.is_empty() {
+                passthrough.push((passthrough_name(file), render_documents(file, &kept)?));
+            }
+        }
+
+        let mut keys = BTreeSet::new();
+        for (at, pod) in &raw_pods {
+            if !keys.insert(pod.key()) {
+                bail!("{at}: Pod {} declared twice", pod.key());
+            }
+        }
+        for (_, pod) in &raw_pods {
+            if !namespaces.iter().any(|n| n.name == pod.namespace) {
+                namespaces.push(NamespaceDecl {
+                    name: pod.namespace.clone(),
+                    labels: BTreeMap::new(),
+                    declared: false,
+                });
+            }
+        }
+        let mut pods = Vec::new();
+        for (at, pod) in raw_pods {
+            let probes = parse_probes(&pod, &keys, &services).with_context(|| {
+                format!("{at}: Pod {}: annotation {ANNOTATION_SEND_TO}", pod.key())
+            })?;
+            pods.push(PodDecl {
+                namespace: pod.namespace,
+                name: pod.name,
+                node: pod.node,
+                service_account: pod.service_account,
+                labels: pod.labels,
+                echo_ports: pod.echo_ports,
+                probes,
+            });
+        }
+        let nodes: BTreeSet<String> = pods.iter().map(|p| p.node.clone()).collect();
+        if nodes.is_empty() {
+            bail!("no Pods: the local mesh creates its nodes from the pods' spec.nodeName");
+        }
+        Ok(LocalMesh {
+            nodes: nodes.into_iter().collect(),
+            namespaces,
+            pods,
+            services,
+            passthrough,
+        })
+    }
+
+    /// The harness declaration of this mesh (topology and pass-through documents).
+    pub fn builder(&self, name: &str) -> MeshBuilder {
+        let mut builder = e2e::Mesh::builder(name);
+        for node in &self.nodes {
+            builder = builder.node(node);
+        }
+        for ns in &self.namespaces {
+            let ambient = if ns.ambient() {
+                Ambient::Yes
+            } else {
+                Ambient::No
+            };
+            builder = builder
+                .namespace(&ns.name, ambient)
+                .namespace_labels(&ns.name, ns.labels.clone());
+        }
+        for pod in &self.pods {
+            builder = builder.pod(
+                Pod::new(&pod.namespace, &pod.name)
+                    .on(&pod.node)
+                    .service_account(&pod.service_account)
+                    .labels(pod.labels.clone()),
+            );
+        }
+        for svc in &self.services {
+            let mut service = Service::new(&svc.namespace, &svc.name)
+                .selector(svc.selector.clone())
+                .labels(svc.labels.clone());
+            if let Some(vip) = svc.vip {
+                service = service.vip(&vip.to_string());
+            }
+            for port in &svc.ports {
+                service = service.named_port(&port.name, port.port, port.target_port);
+            }
+            builder = builder.service(service);
+        }
+        for (file, content) in &self.passthrough {
+            builder = builder.yaml(file, content);
+        }
+        builder
+    }
+
+    /// Whether `other` differs only in the pass-through documents (which can be re-applied
+    /// to a running mesh; anything else needs a new one).
+    pub fn same_topology(&self, other: &LocalMesh) -> bool {
+        self.nodes == other.nodes
+            && self.namespaces == other.namespaces
+            && self.pods == other.pods
+            && self.services == other.services
+    }
+
+    /// Number of probes over all pods.
+    pub fn probe_count(&self) -> usize {
+        self.pods.iter().map(|p| p.probes.len()).sum()
+    }
+}
+
+/// The files of `dir` the local mesh reads, with their content.
+pub fn read_yaml_dir(dir: &Path) -> Result<Vec<(String, String)>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?;
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("read {}", dir.display()))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if is_yaml && !name.starts_with('.') && entry.path().is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    if names.is_empty() {
+        bail!("no .yaml files in {}", dir.display());
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(&name);
+            let mut content = String::new();
+            std::fs::File::open(&path)
+                .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut content))
+                .with_context(|| format!("read {}", path.display()))?;
+            if content.len() as u64 > MAX_FILE_BYTES {
+                bail!("{} is larger than {MAX_FILE_BYTES} bytes", path.display());
+            }
+            Ok((name, content))
+        })
+        .collect()
+}
+
+// === documents ===
+
+fn documents(content: &str) -> Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(content) {
+        let value = Value::deserialize(doc)?;
+        // `---` at the end of a file, or a file of comments, yields an empty document.
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+/// A `v1` `List` stands for its items.
+fn flatten_lists(doc: Value) -> Vec<Value> {
+    let is_list = doc.get("apiVersion").and_then(Value::as_str) == Some("v1")
+        && doc.get("kind").and_then(Value::as_str) == Some("List");
+    if !is_list {
+        return vec![doc];
+    }
+    match doc.get("items").and_then(Value::as_sequence) {
+        Some(items) => items.iter().cloned().flat_map(flatten_lists).collect(),
+        None => Vec::new(),
+    }
+}
+
+fn passthrough_name(file: &str) -> String {
+    if file == HARNESS_TOPOLOGY_FILE {
+        format!("user-{file}")
+    } else {
+        file.to_owned()
+    }
+}
+
+fn render_documents(file: &str, docs: &[Value]) -> Result<String> {
+    let mut out = format!(
+        "# From {file}, as written (its Namespaces, Pods, Services and ServiceAccounts are in \
+         {HARNESS_TOPOLOGY_FILE}).\n"
+    );
+    for doc in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(doc).with_context(|| format!("render {file}"))?);
+    }
+    Ok(out)
+}
+
+// === objects ===
+
+/// `metadata.name` and `metadata.namespace` (defaulted) of a namespaced object.
+fn name_and_namespace(object: &Value, kind: &str) -> Result<(String, String)> {
+    let name = str_at(object, &["metadata", "name"])
+        .with_context(|| format!("{kind}: metadata.name is required"))?;
+    let namespace = str_at(object, &["metadata", "namespace"]).unwrap_or(DEFAULT_NAMESPACE);
+    Ok((name.to_owned(), namespace.to_owned()))
+}
+
+fn namespace(object: &Value) -> Result<NamespaceDecl> {
+    let name =
+        str_at(object, &["metadata", "name"]).context("Namespace: metadata.name is required")?;
+    let labels =
+        string_map(object, &["metadata", "labels"]).with_context(|| format!("Namespace {name}"))?;
+    Ok(NamespaceDecl {
+        name: name.to_owned(),
+        labels,
+        declared: true,
+    })
+}
+
+/// A Pod before its annotations are resolved against the other objects.
+struct RawPod {
+    namespace: String,
+    name: String,
+    node: String,
+    service_account: String,
+    labels: BTreeMap<String, String>,
+    echo_ports: Vec<u16>,
+    send_to: Option<String>,
+}
+
+impl RawPod {
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+fn raw_pod(object: &Value) -> Result<RawPod> {
+    let (name, namespace) = name_and_namespace(object, "Pod")?;
+    let what = format!("Pod {namespace}/{name}");
+    let node = str_at(object, &["spec", "nodeName"]).with_context(|| {
+        format!("{what}: spec.nodeName is required (it places the pod on a node, e.g. n1)")
+    })?;
+    let service_account = str_at(object, &["spec", "serviceAccountName"])
+        .or_else(|| str_at(object, &["spec", "serviceAccount"]))
+        .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
+    let labels = string_map(object, &["metadata", "labels"]).with_context(|| what.clone())?;
+    let annotations =
+        string_map(object, &["metadata", "annotations"]).with_context(|| what.clone())?;
+    let runs_echo = match annotations.get(ANNOTATION_RUN).map(String::as_str) {
+        Some("echo") => true,
+        Some("none") => false,
+        Some(other) => {
+            bail!("{what}: annotation {ANNOTATION_RUN}: {other:?} is neither \"echo\" nor \"none\"")
+        }
+        None => labels.get("app").map(String::as_str) == Some("echo"),
+    };
+    let echo_ports = if runs_echo {
+        let mut ports = container_ports(object).with_context(|| what.clone())?;
+        if ports.is_empty() {
+            ports.push(DEFAULT_ECHO_PORT);
+        }
+        ports
+    } else {
+        Vec::new()
+    };
+    Ok(RawPod {
+        namespace,
+        name,
+        node: node.to_owned(),
+        service_account: service_account.to_owned(),
+        labels,
+        echo_ports,
+        send_to: annotations.get(ANNOTATION_SEND_TO).cloned(),
+    })
+}
+
+/// The TCP `containerPort`s of all containers, deduplicated, in order.
+fn container_ports(object: &Value) -> Result<Vec<u16>> {
+    let mut ports = Vec::new();
+    let containers = at(object, &["spec", "containers"])
+        .and_then(Value::as_sequence)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (i, container) in containers.iter().enumerate() {
+        let declared = container
+            .get("ports")
+            .and_then(Value::as_sequence)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for (j, port) in declared.iter().enumerate() {
+            let protocol = port
+                .get("protocol")
+                .and_then(Value::as_str)
+                .unwrap_or("TCP");
+            if protocol != "TCP" {
+                continue;
+            }
+            let number = port
+                .get("containerPort")
+                .and_then(Value::as_u64)
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|&n| n != 0)
+                .with_context(|| {
+                    format!("spec.containers[{i}].ports[{j}].containerPort: expected a port number")
+                })?;
+            if !ports.contains(&number) {
+                ports.push(number);
+            }
+        }
+    }
+    Ok(ports)
+}
+
+fn service(object: &Value) -> Result<ServiceDecl> {
+    let (name, namespace) = name_and_namespace(object, "Service")?;
+    let what = format!("Service {namespace}/{name}");
+    let vip = match str_at(object, &["spec", "clusterIP"]) {
+        None | Some("None") | Some("") => None,
+        Some(ip) => Some(
+            ip.parse::<Ipv4Addr>()
+                .with_context(|| format!("{what}: spec.clusterIP {ip:?} is not an IPv4 address"))?,
+        ),
+    };
+    let mut ports = Vec::new();
+    let declared = at(object, &["spec", "ports"])
+        .and_then(Value::as_sequence)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (i, port) in declared.iter().enumerate() {
+        let field = format!("{what}: spec.ports[{i}]");
+        let protocol = port
+            .get("protocol")
+            .and_then(Value::as_str)
+            .unwrap_or("TCP");
+        if protocol != "TCP" {
+            continue;
+        }
+        let number = port
+            .get("port")
+            .and_then(Value::as_u64)
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|&n| n != 0)
+            .with_context(|| format!("{field}.port: expected a port number"))?;
+        let target_port = match port.get("targetPort") {
+            None | Some(Value::Null) => number,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|&n| n != 0)
+                .with_context(|| format!("{field}.targetPort: {n} is not a port number"))?,
+            Some(Value::String(s)) => match s.parse::<u16>() {
+                Ok(n) if n != 0 => n,
+                _ => bail!(
+                    "{field}.targetPort: named target ports ({s:?}) are not supported by the \
+                     local mesh; use the container port number"
+                ),
+            },
+            Some(_) => bail!("{field}.targetPort: expected a port number"),
+        };
+        let port_name = port
+            .get("name")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("port-{number}"));
+        ports.push(ServicePortDecl {
+            name: port_name,
+            port: number,
+            target_port,
+        });
+    }
+    Ok(ServiceDecl {
+        selector: string_map(object, &["spec", "selector"]).with_context(|| what.clone())?,
+        labels: string_map(object, &["metadata", "labels"]).with_context(|| what.clone())?,
+        namespace,
+        name,
+        vip,
+        ports,
+    })
+}
+
+// === probes ===
+
+fn parse_probes(
+    pod: &RawPod,
+    pods: &BTreeSet<String>,
+    services: &[ServiceDecl],
+) -> Result<Vec<Probe>> {
+    let Some(list) = &pod.send_to else {
+        return Ok(Vec::new());
+    };
+    list.split([',', '\n'])
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| parse_probe(entry, &pod.namespace, pods, services))
+        .collect()
+}
+
+fn parse_probe(
+    entry: &str,
+    client_namespace: &str,
+    pods: &BTreeSet<String>,
+    services: &[ServiceDecl],
+) -> Result<Probe> {
+    let (text, expect) = match entry.split_once('=') {
+        None => (entry, None),
+        Some((text, expect)) => (text.trim(), Some(parse_expect(expect.trim())?)),
+    };
+    let (host, port) = text
+        .rsplit_once(':')
+        .with_context(|| format!("{text:?}: expected <host>:<port>"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
+        .with_context(|| format!("{text:?}: {port:?} is not a port number"))?;
+    let target = if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        Target::Addr(SocketAddrV4::new(ip, port))
+    } else if let Some((namespace, name)) = host.split_once('/') {
+        let key = format!("{namespace}/{name}");
+        if !pods.contains(&key) {
+            bail!("{text:?}: no Pod {key}");
+        }
+        Target::Pod { key, port }
+    } else {
+        let short = host
+            .strip_suffix(".svc.cluster.local")
+            .or_else(|| host.strip_suffix(".svc"))
+            .unwrap_or(host);
+        // Like cluster DNS: a bare name is a Service in the client's own namespace.
+        let (name, namespace) = short.split_once('.').unwrap_or((short, client_namespace));
+        let svc = services
+            .iter()
+            .find(|s| s.name == name && s.namespace == namespace)
+            .with_context(|| format!("{text:?}: no Service {namespace}/{name}"))?;
+        let vip = svc
+            .vip
+            .with_context(|| format!("{text:?}: Service {namespace}/{name} has no clusterIP"))?;
+        if !svc.ports.iter().any(|p| p.port == port) {
+            bail!("{text:?}: Service {namespace}/{name} has no port {port}");
+        }
+        Target::Service {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            addr: SocketAddrV4::new(vip, port),
+        }
+    };
+    Ok(Probe {
+        text: text.to_owned(),
+        target,
+        expect,
+    })
+}
+
+fn parse_expect(text: &str) -> Result<Expect> {
+    if text == "refused" {
+        return Ok(Expect::Refused);
+    }
+    match text.parse::<u16>() {
+        Ok(code) if (100..=599).contains(&code) => Ok(Expect::Status(code)),
+        _ => bail!("expectation {text:?}: expected an HTTP status (e.g. 200) or \"refused\""),
+    }
+}
+
+// === untyped YAML access ===
+
+fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter()
+        .try_fold(value, |v, key| v.get(*key))
+        .filter(|v| !v.is_null())
+}
+
+fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
+    at(value, path).and_then(Value::as_str)
+}
+
+/// A map of strings (labels, annotations, selectors). Numbers and booleans are taken as
+/// their text, as `kubectl` would after quoting them.
+fn string_map(value: &Value, path: &[&str]) -> Result<BTreeMap<String, String>> {
+    let Some(found) = at(value, path) else {
+        return Ok(BTreeMap::new());
+    };
+    let field = path.join(".");
+    let map = found
+        .as_mapping()
+        .with_context(|| format!("{field}: expected a mapping"))?;
+    map.iter()
+        .map(|(k, v)| {
+            let key = k
+                .as_str()
+                .with_context(|| format!("{field}: keys must be strings"))?;
+            let value = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => bail!("{field}.{key}: expected a string"),
+            };
+            Ok((key.to_owned(), value))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(docs: &[(&str, &str)]) -> Vec<(String, String)> {
+        docs.iter()
+            .map(|(f, c)| ((*f).to_owned(), (*c).to_owned()))
+            .collect()
+    }
+
+    const NAMESPACES: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+";
+
+    const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: echo}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+";
+
+    fn pod(namespace: &str, name: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n{extra}"
+        )
+    }
+
+    #[test]
+    fn the_sample_translates_to_two_nodes_and_its_probes() {
+        let dir = crate::workspace_root().join("examples/local-mesh");
+        let mesh = LocalMesh::load(&dir).expect("the sample loads");
+        assert_eq!(mesh.nodes, ["n1", "n2"]);
+        let ambient: Vec<(&str, bool)> = mesh
+            .namespaces
+            .iter()
+            .map(|n| (n.name.as_str(), n.ambient()))
+            .collect();
+        assert_eq!(ambient, [("demo", true), ("legacy", false)]);
+        let echo: Vec<(String, &str, Vec<u16>)> = mesh
+            .pods
+            .iter()
+            .filter(|p| !p.echo_ports.is_empty())
+            .map(|p| (p.key(), p.node.as_str(), p.echo_ports.clone()))
+            .collect();
+        assert_eq!(
+            echo,
+            [
+                ("demo/echo-v1".to_owned(), "n2", vec![8080]),
+                ("demo/echo-v2".to_owned(), "n2", vec![8080]),
+            ]
+        );
+        let sleep = mesh
+            .pods
+            .iter()
+            .find(|p| p.key() == "demo/sleep")
+            .expect("sleep");
+        assert_eq!(
+            (sleep.node.as_str(), sleep.service_account.as_str()),
+            ("n1", "sleep")
+        );
+        assert_eq!(
+            sleep.probes,
+            [Probe {
+                text: "echo.demo:80".into(),
+                target: Target::Service {
+                    namespace: "demo".into(),
+                    name: "echo".into(),
+                    addr: "10.96.0.20:80".parse().expect("addr"),
+                },
+                expect: Some(Expect::Status(200)),
+            }]
+        );
+        let kinds: Vec<&str> = mesh
+            .passthrough
+            .iter()
+            .flat_map(|(_, text)| text.lines())
+            .filter_map(|l| l.strip_prefix("kind: "))
+            .collect();
+        assert_eq!(kinds, ["PeerAuthentication", "AuthorizationPolicy"]);
+        assert_eq!(mesh.probe_count(), 3);
+    }
+
+    fn check_probe(entry: &str, expected: Result<(Target, Option<Expect>), &str>) {
+        let sleep = pod(
+            "demo",
+            "sleep",
+            &format!(
+                "  annotations:\n    local-mesh/send-to: \"{entry}\"\nspec:\n  nodeName: n1\n"
+            ),
+        );
+        let echo = pod("demo", "echo-v1", "spec:\n  nodeName: n2\n");
+        let got = LocalMesh::from_files(&files(&[
+            ("a.yaml", NAMESPACES),
+            ("b.yaml", &sleep),
+            ("c.yaml", &echo),
+            ("d.yaml", SERVICE),
+        ]));
+        match (got, expected) {
+            (Ok(mesh), Ok((target, expect))) => {
+                let probe = &mesh.pods[0].probes[0];
+                assert_eq!((&probe.target, probe.expect), (&target, expect), "{entry}");
+            }
+            (Err(e), Err(needle)) => {
+                let text = format!("{e:#}");
+                assert!(text.contains(needle), "{entry}: {text:?} lacks {needle:?}");
+            }
+            (got, want) => panic!("{entry}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn probe_targets_resolve_like_cluster_dns_and_bad_ones_say_why() {
+        let service = Target::Service {
+            namespace: "demo".into(),
+            name: "echo".into(),
+            addr: "10.96.0.20:80".parse().expect("addr"),
+        };
+        check_probe(
+            "echo.demo:80=200",
+            Ok((service.clone(), Some(Expect::Status(200)))),
+        );
+        check_probe("echo:80", Ok((service.clone(), None)));
+        check_probe(
+            "echo.demo.svc.cluster.local:80",
+            Ok((service.clone(), None)),
+        );
+        check_probe(
+            "demo/echo-v1:8080 = refused",
+            Ok((
+                Target::Pod {
+                    key: "demo/echo-v1".into(),
+                    port: 8080,
+                },
+                Some(Expect::Refused),
+            )),
+        );
+        check_probe(
+            "10.1.2.3:9=503",
+            Ok((
+                Target::Addr("10.1.2.3:9".parse().expect("addr")),
+                Some(Expect::Status(503)),
+            )),
+        );
+        check_probe("echo.demo:81", Err("has no port 81"));
+        check_probe("echo.other:80", Err("no Service other/echo"));
+        check_probe("demo/nope:8080", Err("no Pod demo/nope"));
+        check_probe("echo.demo", Err("expected <host>:<port>"));
+        check_probe("echo.demo:http", Err("not a port number"));
+        check_probe("echo.demo:80=ok", Err("expected an HTTP status"));
+    }
+
+    fn check_error(docs: &[(&str, &str)], needle: &str) {
+        let err = LocalMesh::from_files(&files(docs)).expect_err("must be refused");
+        let text = format!("{err:#}");
+        assert!(text.contains(needle), "{text:?} lacks {needle:?}");
+    }
+
+    #[test]
+    fn bad_input_is_refused_naming_the_file_and_object() {
+        check_error(&[("a.yaml", "key: [unclosed")], "a.yaml: not valid YAML");
+        check_error(&[("a.yaml", NAMESPACES)], "no Pods");
+        check_error(
+            &[("a.yaml", &pod("demo", "x", "spec: {}\n"))],
+            "a.yaml doc 1: Pod demo/x: spec.nodeName is required",
+        );
+        let twice = format!(
+            "{}---\n{}",
+            pod("demo", "x", "spec: {nodeName: n1}\n"),
+            pod("demo", "x", "spec: {nodeName: n2}\n")
+        );
+        check_error(
+            &[("a.yaml", &twice)],
+            "a.yaml doc 2: Pod demo/x declared twice",
+        );
+        check_error(
+            &[(
+                "a.yaml",
+                &pod(
+                    "demo",
+                    "x",
+                    "  annotations: {local-mesh/run: nginx}\nspec: {nodeName: n1}\n",
+                ),
+            )],
+            "neither \"echo\" nor \"none\"",
+        );
+        let named_target = SERVICE.replace("targetPort: 8080", "targetPort: http");
+        check_error(
+            &[("a.yaml", &named_target)],
+            "named target ports (\"http\") are not supported",
+        );
+        let bad_vip = SERVICE.replace("10.96.0.20", "fd00::20");
+        check_error(&[("a.yaml", &bad_vip)], "is not an IPv4 address");
+    }
+
+    #[test]
+    fn echo_pods_listen_on_their_container_ports_or_8080() {
+        let docs = [
+            pod(
+                "demo",
+                "labelled",
+                "  labels: {app: echo}\nspec:\n  nodeName: n1\n  containers:\n  - name: a\n    \
+                 ports: [{containerPort: 9000}, {containerPort: 53, protocol: UDP}]\n  - name: b\n    \
+                 ports: [{containerPort: 9001}, {containerPort: 9000}]\n",
+            ),
+            pod(
+                "demo",
+                "annotated",
+                "  annotations: {local-mesh/run: echo}\nspec: {nodeName: n1}\n",
+            ),
+            pod(
+                "demo",
+                "opted-out",
+                "  labels: {app: echo}\n  annotations: {local-mesh/run: none}\nspec: {nodeName: n1}\n",
+            ),
+            pod("demo", "plain", "spec: {nodeName: n1}\n"),
+        ]
+        .join("---\n");
+        let mesh = LocalMesh::from_files(&files(&[("p.yaml", &docs)])).expect("valid");
+        let ports: Vec<(&str, Vec<u16>)> = mesh
+            .pods
+            .iter()
+            .map(|p| (p.name.as_str(), p.echo_ports.clone()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("labelled", vec![9000, 9001]),
+                ("annotated", vec![8080]),
+                ("opted-out", vec![]),
+                ("plain", vec![]),
+            ]
+        );
+        // No Namespace document: the namespace exists, outside the mesh.
+        assert_eq!(
+            mesh.namespaces,
+            [NamespaceDecl {
+                name: "demo".into(),
+                labels: BTreeMap::new(),
+                declared: false,
+            }]
+        );
+    }
+
+    #[test]
+    fn everything_but_the_topology_is_passed_through_per_file() {
+        let policy = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: demo}
+spec: {mtls: {mode: STRICT}}
+";
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: ServiceAccount\n  \
+             metadata: {{name: sleep, namespace: demo}}\n- {}",
+            policy.replace('\n', "\n  ")
+        );
+        let mixed = format!(
+            "{}---\n{policy}---\n",
+            pod("demo", "a", "spec: {nodeName: n1}\n")
+        );
+        let mesh = LocalMesh::from_files(&files(&[
+            ("list.yaml", &list),
+            ("topology.yaml", &mixed),
+            (
+                "pods-only.yaml",
+                &pod("demo", "b", "spec: {nodeName: n2}\n"),
+            ),
+        ]))
+        .expect("valid");
+        let names: Vec<&str> = mesh.passthrough.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(names, ["list.yaml", "user-topology.yaml"]);
+        for (file, text) in &mesh.passthrough {
+            let docs = documents(text).expect("rendered YAML parses");
+            assert_eq!(docs.len(), 1, "{file}: {text}");
+            assert_eq!(docs[0]["kind"], Value::from("PeerAuthentication"), "{file}");
+            assert_eq!(docs[0]["spec"]["mtls"]["mode"], Value::from("STRICT"));
+        }
+        assert_eq!(mesh.nodes, ["n1", "n2"]);
+    }
+
+    #[test]
+    fn only_passthrough_edits_keep_the_topology() {
+        let base = files(&[
+            ("a.yaml", NAMESPACES),
+            ("b.yaml", &pod("demo", "a", "spec: {nodeName: n1}\n")),
+        ]);
+        let mesh = LocalMesh::from_files(&base).expect("valid");
+        let mut with_policy = base.clone();
+        with_policy.push((
+            "p.yaml".into(),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: demo}\nspec: {}\n".into(),
+        ));
+        let policy_added = LocalMesh::from_files(&with_policy).expect("valid");
+        assert!(mesh.same_topology(&policy_added));
+        assert_ne!(mesh, policy_added);
+        let moved = LocalMesh::from_files(&files(&[
+            ("a.yaml", NAMESPACES),
+            ("b.yaml", &pod("demo", "a", "spec: {nodeName: n2}\n")),
+        ]))
+        .expect("valid");
+        assert!(!mesh.same_topology(&moved));
+    }
+}

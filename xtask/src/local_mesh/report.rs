@@ -1,0 +1,377 @@
+//! Turning a [`Report`] and a running mesh into the text `cargo xtask up` prints. Pure string
+//! building, so the wording the README quotes is tested.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::config::Target;
+use super::run::{ProbeReport, Report, Response, Running, Wire};
+
+/// Longest access-log line shown (the full line is in the log file).
+const MAX_LOG_LINE: usize = 240;
+
+/// What each probe did, then the per-node connection counters.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    if report.probes.is_empty() {
+        out.push_str(
+            "No traffic declared: annotate a pod with local-mesh/send-to (see \
+             examples/local-mesh/README.md).\n",
+        );
+    }
+    for probe in &report.probes {
+        render_probe(&mut out, probe);
+        out.push('\n');
+    }
+    out.push_str("istio_tcp_connections_opened_total per node:\n");
+    for (node, by_reporter) in &report.opened {
+        let total: u64 = by_reporter.values().sum();
+        let parts: Vec<String> = by_reporter
+            .iter()
+            .map(|(reporter, n)| format!("{reporter} {n}"))
+            .collect();
+        let _ = writeln!(out, "  {node}: {total} ({})", parts.join(", "));
+    }
+    out
+}
+
+fn render_probe(out: &mut String, probe: &ProbeReport) {
+    let _ = writeln!(out, "{} -> {} ({})", probe.client, probe.target, probe.addr);
+
+    let answers: Vec<String> = probe
+        .responses
+        .iter()
+        .map(|r| match r {
+            Response::Http {
+                status,
+                server: Some(server),
+            } => format!("{status} from {server}"),
+            Response::Http {
+                status,
+                server: None,
+            } => status.to_string(),
+            Response::Failed(why) => format!("refused ({why})"),
+        })
+        .collect();
+    let servers: std::collections::BTreeSet<&str> = probe
+        .responses
+        .iter()
+        .filter_map(|r| match r {
+            Response::Http { server, .. } => server.as_deref(),
+            Response::Failed(_) => None,
+        })
+        .collect();
+    let round_robin = if servers.len() > 1 {
+        " (round robin)"
+    } else {
+        ""
+    };
+    let _ = writeln!(out, "  {}{round_robin}", answers.join(", "));
+
+    // One line per (source, destination, security), with each node's count.
+    let mut flows: BTreeMap<(&str, &str, &str), Vec<String>> = BTreeMap::new();
+    for f in &probe.flows {
+        flows
+            .entry((&f.source_principal, &f.destination_principal, &f.security))
+            .or_default()
+            .push(format!("{} opened {} ({})", f.node, f.count, f.reporter));
+    }
+    for ((src, dst, security), counts) in &flows {
+        // The agents label a connection `unknown` unless it completed mTLS (a refused
+        // tunnel, plaintext from outside the mesh).
+        let how = if *security == "mutual_tls" {
+            "over HBONE"
+        } else {
+            "without mTLS"
+        };
+        let _ = writeln!(
+            out,
+            "  {how} {src} -> {dst} ({security}): {}",
+            counts.join(", ")
+        );
+    }
+    for r in &probe.refusals {
+        let _ = writeln!(
+            out,
+            "  {}: mesh_connections_refused_total{{reason=\"{}\"}} +{} (reporter={})",
+            r.node, r.reason, r.count, r.reporter
+        );
+    }
+    for (node, line) in &probe.access_log {
+        let _ = writeln!(
+            out,
+            "  {node} access log: {}",
+            shorten(line.trim(), MAX_LOG_LINE)
+        );
+    }
+    if probe.flows.is_empty() && probe.refusals.is_empty() {
+        out.push_str("  no node agent counted this traffic\n");
+    }
+    let _ = writeln!(out, "  {}", describe_wire(&probe.wire, probe));
+    match (probe.met(), probe.expect) {
+        (Some(true), Some(expect)) => {
+            let _ = writeln!(out, "  as expected ({expect})");
+        }
+        (Some(false), Some(expect)) => {
+            let _ = writeln!(out, "  NOT AS EXPECTED: the YAML expects {expect}");
+        }
+        _ => {}
+    }
+}
+
+fn describe_wire(wire: &Wire, probe: &ProbeReport) -> String {
+    if wire.packets == 0 {
+        return "nothing crossed the wire between the nodes".to_owned();
+    }
+    if wire.only_hbone() {
+        return "wire carried only TCP to 15008 (TLS); 0 bytes of application data in clear"
+            .to_owned();
+    }
+    let ports: Vec<String> = wire.server_ports.iter().map(u16::to_string).collect();
+    let mut text = format!(
+        "wire carried TCP to port(s) {}; {} bytes of application data in clear",
+        ports.join(", "),
+        wire.clear_bytes
+    );
+    if wire.request_in_clear {
+        text.push_str(", the request readable on the wire");
+    }
+    if !probe.client_in_mesh {
+        let _ = write!(text, " ({} is outside the mesh)", probe.client);
+    }
+    text
+}
+
+fn shorten(line: &str, max: usize) -> String {
+    if line.chars().count() <= max {
+        return line.to_owned();
+    }
+    let cut: String = line.chars().take(max).collect();
+    format!("{cut}…")
+}
+
+/// Where everything is, and how to look at it.
+pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
+    let mesh = running.mesh();
+    let config = running.config();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "The mesh (network namespaces prefixed {}):",
+        mesh.prefix()
+    );
+    let _ = writeln!(
+        out,
+        "  config dir  {}  <- live: edit or add YAML here, the agents reload within 1 s",
+        mesh.config_dir().display()
+    );
+    if let Some(source) = running.config_source() {
+        let _ = writeln!(
+            out,
+            "  source      {}  <- policy edits here are copied to the config dir while `up` runs",
+            source.display()
+        );
+    }
+    let logs = mesh.work_dir().join("logs");
+    let _ = writeln!(out, "  logs        {}", logs.display());
+    for node in &config.nodes {
+        let _ = writeln!(
+            out,
+            "                ztunnel-{node}.log  (node agent {node}, access log included)"
+        );
+    }
+    for (pod, label) in running.echo_servers() {
+        let _ = writeln!(out, "                {label}.out  (mesh-echo in {pod})");
+    }
+    if let Some(state) = state_file {
+        let _ = writeln!(out, "  state       {}", state.display());
+    }
+    for node in &config.nodes {
+        let (Ok(netns), Ok(ip)) = (mesh.node_netns(node), mesh.node_ip(node)) else {
+            continue;
+        };
+        let _ = writeln!(out, "  node {node}     netns {netns}, wire address {ip}");
+        let _ = writeln!(
+            out,
+            "     admin    ip netns exec {netns} curl -s 127.0.0.1:15000/config_dump"
+        );
+        let _ = writeln!(
+            out,
+            "     metrics  ip netns exec {netns} curl -s 127.0.0.1:15020/metrics"
+        );
+    }
+    out.push_str("  pods\n");
+    for pod in &config.pods {
+        let key = pod.key();
+        let (Ok(ip), Ok(netns)) = (mesh.pod_ip(&key), mesh.pod_netns(&key)) else {
+            continue;
+        };
+        let mut notes = vec![if running.in_mesh(pod) {
+            "in the mesh".to_owned()
+        } else {
+            "outside the mesh".to_owned()
+        }];
+        if !pod.echo_ports.is_empty() {
+            let ports: Vec<String> = pod.echo_ports.iter().map(|p| format!(":{p}")).collect();
+            notes.push(format!("mesh-echo {}", ports.join(" ")));
+        }
+        let _ = writeln!(
+            out,
+            "     {key:<20} {ip:<12} on {}  netns {netns}  ({})",
+            pod.node,
+            notes.join(", ")
+        );
+    }
+    if !config.services.is_empty() {
+        out.push_str("  services\n");
+        for svc in &config.services {
+            let vip = svc
+                .vip
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "no clusterIP".to_owned());
+            let ports: Vec<String> = svc
+                .ports
+                .iter()
+                .map(|p| format!("{}->{}", p.port, p.target_port))
+                .collect();
+            let _ = writeln!(
+                out,
+                "     {:<20} {vip:<12} ports {}",
+                format!("{}/{}", svc.namespace, svc.name),
+                ports.join(" ")
+            );
+        }
+    }
+    // A command to paste: the first probe that goes to a Service, from its pod.
+    let first = config.pods.iter().find_map(|pod| {
+        pod.probes.iter().find_map(|probe| match &probe.target {
+            Target::Service { addr, .. } => Some((pod.key(), *addr)),
+            _ => None,
+        })
+    });
+    if let Some((pod, addr)) = first {
+        if let Ok(netns) = mesh.pod_netns(&pod) {
+            let _ = writeln!(
+                out,
+                "  try         ip netns exec {netns} curl -s http://{addr}/hello"
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local_mesh::config::Expect;
+    use crate::local_mesh::run::{Flow, Refusal};
+
+    fn probe(responses: Vec<Response>, expect: Expect, wire: Wire) -> ProbeReport {
+        ProbeReport {
+            client: "demo/sleep".into(),
+            client_in_mesh: true,
+            target: "echo.demo:80".into(),
+            addr: "10.96.0.20:80".parse().expect("addr"),
+            expect: Some(expect),
+            responses,
+            flows: Vec::new(),
+            refusals: Vec::new(),
+            access_log: Vec::new(),
+            wire,
+        }
+    }
+
+    fn ok(server: &str) -> Response {
+        Response::Http {
+            status: 200,
+            server: Some(server.into()),
+        }
+    }
+
+    fn hbone_wire() -> Wire {
+        Wire {
+            packets: 20,
+            server_ports: [15008].into(),
+            clear_bytes: 0,
+            request_in_clear: false,
+        }
+    }
+
+    fn check(probe: ProbeReport, expected_lines: &[&str]) {
+        let mut text = String::new();
+        render_probe(&mut text, &probe);
+        for line in expected_lines {
+            assert!(
+                text.lines().any(|l| l.trim() == *line),
+                "missing line {line:?} in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_allowed_probe_names_the_replicas_the_identities_and_the_clean_wire() {
+        let mut p = probe(
+            vec![ok("echo-v1"), ok("echo-v2"), ok("echo-v1")],
+            Expect::Status(200),
+            hbone_wire(),
+        );
+        p.flows = vec![Flow {
+            node: "n2".into(),
+            reporter: "destination".into(),
+            source_principal: "spiffe://cluster.local/ns/demo/sa/sleep".into(),
+            destination_principal: "spiffe://cluster.local/ns/demo/sa/echo".into(),
+            security: "mutual_tls".into(),
+            count: 3,
+        }];
+        check(
+            p,
+            &[
+                "demo/sleep -> echo.demo:80 (10.96.0.20:80)",
+                "200 from echo-v1, 200 from echo-v2, 200 from echo-v1 (round robin)",
+                "over HBONE spiffe://cluster.local/ns/demo/sa/sleep -> \
+                 spiffe://cluster.local/ns/demo/sa/echo (mutual_tls): n2 opened 3 (destination)",
+                "wire carried only TCP to 15008 (TLS); 0 bytes of application data in clear",
+                "as expected (200)",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_refused_probe_shows_the_flag_and_the_plaintext_it_sent() {
+        let mut p = probe(
+            vec![Response::Failed("connection reset by peer".into())],
+            Expect::Refused,
+            Wire {
+                packets: 8,
+                server_ports: [8080].into(),
+                clear_bytes: 95,
+                request_in_clear: true,
+            },
+        );
+        p.client = "legacy/curl".into();
+        p.client_in_mesh = false;
+        p.refusals = vec![Refusal {
+            node: "n2".into(),
+            reporter: "destination".into(),
+            reason: "PEERAUTHN".into(),
+            count: 1,
+        }];
+        check(
+            p,
+            &[
+                "refused (connection reset by peer)",
+                "n2: mesh_connections_refused_total{reason=\"PEERAUTHN\"} +1 (reporter=destination)",
+                "wire carried TCP to port(s) 8080; 95 bytes of application data in clear, the \
+                 request readable on the wire (legacy/curl is outside the mesh)",
+                "as expected (refused)",
+            ],
+        );
+    }
+
+    #[test]
+    fn an_unmet_expectation_is_loud() {
+        let p = probe(vec![ok("echo-v1")], Expect::Refused, hbone_wire());
+        check(p, &["NOT AS EXPECTED: the YAML expects refused"]);
+    }
+}

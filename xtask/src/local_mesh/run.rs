@@ -1,0 +1,739 @@
+//! A [`LocalMesh`] made real: the harness mesh (namespaces, one ztunnel per node), the echo
+//! servers, and the traffic its pods are annotated to send, observed three ways: what the
+//! client got, what the node agents counted (metrics and access log), and what crossed the
+//! wire between the nodes. The result is a [`Report`] of facts; `report.rs` renders it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use e2e::prom::{self, Sample};
+use e2e::{eventually, ChildGuard, Mesh, Proto};
+
+use super::config::{Expect, LocalMesh, PodDecl, Probe, Target};
+
+/// The harness "test name" of the local mesh (it seeds the namespace prefix).
+const MESH_NAME: &str = "local-mesh";
+/// Requests per probe: enough to see a Service's endpoints take turns.
+const REQUESTS_PER_PROBE: usize = 4;
+/// How long `mesh-echo` may take to listen.
+const ECHO_LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agents' counters may take to reflect a probe. The counters are updated
+/// before a connection is answered, so this only bounds a wait that normally ends at once;
+/// it runs out only when no agent sees the traffic (a destination outside the mesh).
+const METRICS_SETTLE: Duration = Duration::from_secs(2);
+/// The HBONE port: the only one in-mesh traffic uses between nodes.
+const HBONE_PORT: u16 = 15008;
+const OPENED: &str = "istio_tcp_connections_opened_total";
+const REFUSED: &str = "mesh_connections_refused_total";
+/// Log lines of the node agents that describe one finished connection.
+const ACCESS_LOG_MARK: &str = "connection complete";
+/// The access-log fields worth a line in the report (the log file has them all).
+const ACCESS_LOG_FIELDS: [&str; 5] = [
+    "direction",
+    "src.identity",
+    "dst.workload",
+    "flags",
+    "reason",
+];
+
+/// A running local mesh. Dropping it stops every process and removes every namespace.
+pub struct Running {
+    // Declared before `mesh`: the echo servers stop before the namespaces go.
+    echoes: Vec<(String, ChildGuard)>,
+    mesh: Mesh,
+    /// What the mesh runs (topology as built, pass-through documents as last applied).
+    config: LocalMesh,
+    config_source: Option<PathBuf>,
+    /// The YAML directory as last read, so each edit is reported once.
+    last_read: Option<LocalMesh>,
+}
+
+/// What the traffic did.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub probes: Vec<ProbeReport>,
+    /// `istio_tcp_connections_opened_total` per node, by reporter, after all probes.
+    pub opened: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// One `local-mesh/send-to` entry, sent.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    /// `namespace/name` of the sending pod.
+    pub client: String,
+    pub client_in_mesh: bool,
+    /// The target as written (`echo.demo:80`).
+    pub target: String,
+    pub addr: SocketAddrV4,
+    pub expect: Option<Expect>,
+    /// One entry per request, in order; the first failure ends the probe.
+    pub responses: Vec<Response>,
+    /// Connections the agents counted as opened during the probe.
+    pub flows: Vec<Flow>,
+    /// Connections the agents counted as refused during the probe.
+    pub refusals: Vec<Refusal>,
+    /// The agents' access-log lines about the refusals.
+    pub access_log: Vec<(String, String)>,
+    pub wire: Wire,
+}
+
+/// What one request got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// An HTTP answer, and the echo server that sent it (`server` in its JSON).
+    Http { status: u16, server: Option<String> },
+    /// No HTTP answer; the innermost error.
+    Failed(String),
+}
+
+/// Connections opened, as counted by one node's agent.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Flow {
+    pub node: String,
+    pub reporter: String,
+    pub source_principal: String,
+    pub destination_principal: String,
+    /// `connection_security_policy`: `mutual_tls` for HBONE.
+    pub security: String,
+    pub count: u64,
+}
+
+/// Connections refused, as counted by one node's agent.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Refusal {
+    pub node: String,
+    pub reporter: String,
+    /// The response flag (`PEERAUTHN`, `DENY`, …).
+    pub reason: String,
+    pub count: u64,
+}
+
+/// What crossed the wire between the nodes during one probe.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wire {
+    /// IPv4 packets seen.
+    pub packets: usize,
+    /// Server ports of the TCP connections opened across the wire.
+    pub server_ports: BTreeSet<u16>,
+    /// TCP payload bytes outside HBONE (neither end on port 15008), i.e. readable by anyone
+    /// on the wire.
+    pub clear_bytes: usize,
+    /// Whether the probe's own request or the echo's answer appeared in clear.
+    pub request_in_clear: bool,
+}
+
+impl Wire {
+    /// Only HBONE crossed, and no application byte was readable.
+    pub fn only_hbone(&self) -> bool {
+        self.packets > 0
+            && self.server_ports == BTreeSet::from([HBONE_PORT])
+            && self.clear_bytes == 0
+            && !self.request_in_clear
+    }
+}
+
+impl ProbeReport {
+    /// Whether the probe went as its annotation says (`None`: it says nothing).
+    pub fn met(&self) -> Option<bool> {
+        let expect = self.expect?;
+        Some(
+            !self.responses.is_empty()
+                && self.responses.iter().all(|r| match (expect, r) {
+                    (Expect::Status(want), Response::Http { status, .. }) => *status == want,
+                    (Expect::Refused, Response::Failed(_)) => true,
+                    _ => false,
+                }),
+        )
+    }
+}
+
+/// Per node, the samples of the two counters the report reads.
+type Snapshot = BTreeMap<String, Vec<Sample>>;
+
+// === impl Running ===
+
+impl Running {
+    /// Builds the mesh with the binaries in `bin_dir` and starts the echo servers.
+    /// `config_source` is the YAML directory it came from (shown to the user, re-read by
+    /// [`Running::reapply`]).
+    pub fn start(
+        config: LocalMesh,
+        bin_dir: &Path,
+        config_source: Option<PathBuf>,
+    ) -> Result<Self> {
+        let ztunnel = bin_dir.join("ztunnel");
+        let echo = bin_dir.join("mesh-echo");
+        for binary in [&ztunnel, &echo] {
+            if !binary.is_file() {
+                bail!(
+                    "{} not found: build it with `cargo build --workspace --bins`",
+                    binary.display()
+                );
+            }
+        }
+        let mesh = config
+            .builder(MESH_NAME)
+            .ztunnel_binary(&ztunnel)
+            .build()
+            .context("build the local mesh")?;
+        let mut running = Running {
+            echoes: Vec::new(),
+            mesh,
+            config,
+            config_source,
+            last_read: None,
+        };
+        let echo = echo.to_string_lossy().into_owned();
+        for pod in running.config.pods.clone() {
+            if pod.echo_ports.is_empty() {
+                continue;
+            }
+            let mut argv: Vec<String> = vec![echo.clone()];
+            for port in &pod.echo_ports {
+                argv.extend(["--port".to_owned(), port.to_string()]);
+            }
+            argv.extend(["--name".to_owned(), pod.name.clone()]);
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let mut guard = running.mesh.spawn(&pod.key(), &argv)?;
+            for port in &pod.echo_ports {
+                guard
+                    .wait_for_stdout(&format!("listening on 0.0.0.0:{port}"), ECHO_LISTEN_TIMEOUT)
+                    .with_context(|| format!("mesh-echo in {}", pod.key()))?;
+            }
+            running.echoes.push((pod.key(), guard));
+        }
+        Ok(running)
+    }
+
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    pub fn config(&self) -> &LocalMesh {
+        &self.config
+    }
+
+    pub fn config_source(&self) -> Option<&Path> {
+        self.config_source.as_deref()
+    }
+
+    /// Pods running `mesh-echo`, with the name its output files carry in the log
+    /// directory (`<label>.out`, `<label>.err`).
+    pub fn echo_servers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.echoes.iter().map(|(pod, g)| (pod.as_str(), g.label()))
+    }
+
+    /// Sends every probe, one after the other; `stop` is asked between probes so that a
+    /// Ctrl-C does not wait for the rest.
+    pub fn exercise(&self, stop: &dyn Fn() -> bool) -> Result<Report> {
+        let mut probes = Vec::new();
+        let mut index = 0;
+        for pod in &self.config.pods {
+            for probe in &pod.probes {
+                if stop() {
+                    bail!("stopped by a signal before every probe was sent");
+                }
+                index += 1;
+                probes.push(
+                    self.probe(pod, probe, index)
+                        .with_context(|| format!("{} -> {}", pod.key(), probe.text))?,
+                );
+            }
+        }
+        let mut opened = BTreeMap::new();
+        for (node, samples) in self.snapshot()? {
+            let mut by_reporter: BTreeMap<String, u64> = BTreeMap::new();
+            for sample in samples.iter().filter(|s| s.name == OPENED) {
+                let reporter = sample.labels.get("reporter").cloned().unwrap_or_default();
+                *by_reporter.entry(reporter).or_default() += count(sample.value);
+            }
+            opened.insert(node, by_reporter);
+        }
+        Ok(Report { probes, opened })
+    }
+
+    fn probe(&self, pod: &PodDecl, probe: &Probe, index: usize) -> Result<ProbeReport> {
+        let client = pod.key();
+        let addr = self.resolve(&probe.target)?;
+        let before = self.snapshot()?;
+        let log_marks: BTreeMap<String, usize> = self
+            .config
+            .nodes
+            .iter()
+            .map(|n| (n.clone(), self.mesh.ztunnel_log(n).len()))
+            .collect();
+        let capture = self.mesh.capture_wire()?;
+
+        // A marker in every request path: if it shows up in the capture, the request
+        // crossed the wire in clear.
+        let marker = format!("local-mesh-probe-{index}-");
+        let mut responses = Vec::new();
+        for i in 0..REQUESTS_PER_PROBE {
+            let path = format!("/{marker}{i}");
+            match self.mesh.http_get(&client, SocketAddr::V4(addr), &path) {
+                Ok(reply) => responses.push(Response::Http {
+                    status: reply.status,
+                    server: reply
+                        .json()
+                        .ok()
+                        .and_then(|body| body["server"].as_str().map(str::to_owned)),
+                }),
+                Err(e) => {
+                    responses.push(Response::Failed(e.root_cause().to_string()));
+                    break;
+                }
+            }
+        }
+
+        let answered = responses
+            .iter()
+            .filter(|r| matches!(r, Response::Http { .. }))
+            .count() as u64;
+        let failed = responses.len() as u64 - answered;
+        let after = eventually("the node agents to count the probe", METRICS_SETTLE, || {
+            let after = self.snapshot()?;
+            let opened = deltas(&before, &after, OPENED);
+            let refused = deltas(&before, &after, REFUSED);
+            let counted_opened: u64 = opened
+                .iter()
+                .filter(|(_, labels, _)| {
+                    labels.get("reporter").map(String::as_str) == Some("destination")
+                })
+                .map(|(_, _, n)| n)
+                .sum();
+            let counted_refused: u64 = refused.iter().map(|(_, _, n)| n).sum();
+            if counted_opened >= answered && (failed == 0 || counted_refused > 0) {
+                Ok(after)
+            } else {
+                bail!("opened {counted_opened}/{answered}, refused {counted_refused}")
+            }
+        });
+        // No agent seeing the traffic is a fact to report, not an error.
+        let after = match after {
+            Ok(after) => after,
+            Err(_) => self.snapshot()?,
+        };
+        let summary = capture.stop()?;
+
+        let mut flows: BTreeMap<(String, String, String, String, String), u64> = BTreeMap::new();
+        for (node, labels, n) in deltas(&before, &after, OPENED) {
+            let label = |k: &str| labels.get(k).cloned().unwrap_or_else(|| "unknown".into());
+            *flows
+                .entry((
+                    node,
+                    label("reporter"),
+                    label("source_principal"),
+                    label("destination_principal"),
+                    label("connection_security_policy"),
+                ))
+                .or_default() += n;
+        }
+        let flows = flows
+            .into_iter()
+            .map(
+                |((node, reporter, source_principal, destination_principal, security), count)| {
+                    Flow {
+                        node,
+                        reporter,
+                        source_principal,
+                        destination_principal,
+                        security,
+                        count,
+                    }
+                },
+            )
+            .collect();
+        let mut refusals: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+        for (node, labels, n) in deltas(&before, &after, REFUSED) {
+            let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+            *refusals
+                .entry((node, label("reporter"), label("reason")))
+                .or_default() += n;
+        }
+        let refusals: Vec<Refusal> = refusals
+            .into_iter()
+            .map(|((node, reporter, reason), count)| Refusal {
+                node,
+                reporter,
+                reason,
+                count,
+            })
+            .collect();
+
+        let mut access_log = Vec::new();
+        for (node, mark) in &log_marks {
+            let log = self.mesh.ztunnel_log(node);
+            let new = log.get(*mark..).unwrap_or_default();
+            for line in new.lines().filter(|l| l.contains(ACCESS_LOG_MARK)) {
+                let line = strip_ansi(line);
+                if refusals
+                    .iter()
+                    .any(|r| &r.node == node && line.contains(&r.reason))
+                {
+                    access_log.push((node.clone(), access_fields(&line)));
+                }
+            }
+        }
+
+        let clear_bytes = summary
+            .packets
+            .iter()
+            .filter(|p| {
+                p.proto == Proto::Tcp && p.src.port() != HBONE_PORT && p.dst.port() != HBONE_PORT
+            })
+            .map(|p| p.payload_len)
+            .sum();
+        let wire = Wire {
+            packets: summary.packets.len(),
+            server_ports: summary.tcp_server_ports(),
+            clear_bytes,
+            request_in_clear: summary.contains(marker.as_bytes())
+                || summary.contains(b"\"server\":"),
+        };
+
+        Ok(ProbeReport {
+            client,
+            client_in_mesh: self.in_mesh(pod),
+            target: probe.text.clone(),
+            addr,
+            expect: probe.expect,
+            responses,
+            flows,
+            refusals,
+            access_log,
+            wire,
+        })
+    }
+
+    fn resolve(&self, target: &Target) -> Result<SocketAddrV4> {
+        Ok(match target {
+            Target::Service { addr, .. } | Target::Addr(addr) => *addr,
+            Target::Pod { key, port } => SocketAddrV4::new(self.mesh.pod_ip(key)?, *port),
+        })
+    }
+
+    /// Whether the pod is enrolled: its namespace is ambient and the pod does not opt out,
+    /// or the pod opts in itself.
+    pub fn in_mesh(&self, pod: &PodDecl) -> bool {
+        match pod
+            .labels
+            .get("istio.io/dataplane-mode")
+            .map(String::as_str)
+        {
+            Some("ambient") => true,
+            Some(_) => false,
+            None => self
+                .config
+                .namespaces
+                .iter()
+                .any(|n| n.name == pod.namespace && n.ambient()),
+        }
+    }
+
+    fn snapshot(&self) -> Result<Snapshot> {
+        self.config
+            .nodes
+            .iter()
+            .map(|node| {
+                let text = self.mesh.metrics(node)?;
+                let samples = prom::parse(&text)
+                    .into_iter()
+                    .filter(|s| s.name == OPENED || s.name == REFUSED)
+                    .collect();
+                Ok((node.clone(), samples))
+            })
+            .collect()
+    }
+
+    /// Re-reads the YAML directory and writes changed pass-through documents (policies) into
+    /// the running mesh's config directory, where the agents pick them up. Topology changes
+    /// cannot apply to a running mesh; they are reported. Returns what it did, for the user
+    /// (nothing when the directory is as last read).
+    pub fn reapply(&mut self) -> Result<Vec<String>> {
+        let Some(source) = self.config_source.clone() else {
+            return Ok(Vec::new());
+        };
+        let fresh = LocalMesh::load(&source)?;
+        if self.last_read.as_ref().unwrap_or(&self.config) == &fresh {
+            return Ok(Vec::new());
+        }
+        let mut changed = Vec::new();
+        for (file, content) in &fresh.passthrough {
+            let old = self.config.passthrough.iter().find(|(f, _)| f == file);
+            if old.map(|(_, c)| c) != Some(content) {
+                self.mesh.write_yaml(file, content)?;
+                changed.push(format!("wrote {file}"));
+            }
+        }
+        for (file, _) in &self.config.passthrough {
+            if !fresh.passthrough.iter().any(|(f, _)| f == file) {
+                self.mesh.remove_yaml(file)?;
+                changed.push(format!("removed {file}"));
+            }
+        }
+        let mut messages = Vec::new();
+        if !changed.is_empty() {
+            messages.push(format!(
+                "{}: re-applied ({}); the agents reload within 1 s",
+                source.display(),
+                changed.join(", ")
+            ));
+        }
+        let topology_changed = !self.config.same_topology(&fresh);
+        let was_reported = self
+            .last_read
+            .as_ref()
+            .is_some_and(|last| last.same_topology(&fresh));
+        if topology_changed && !was_reported {
+            messages.push(format!(
+                "{}: namespaces, pods or services changed; they apply to a new mesh only \
+                 (`cargo xtask down && cargo xtask up`)",
+                source.display()
+            ));
+        }
+        self.config.passthrough = fresh.passthrough.clone();
+        self.last_read = Some(fresh);
+        Ok(messages)
+    }
+}
+
+/// Positive changes of counter `name` between two snapshots: (node, labels, increase).
+fn deltas(
+    before: &Snapshot,
+    after: &Snapshot,
+    name: &str,
+) -> Vec<(String, BTreeMap<String, String>, u64)> {
+    let mut out = Vec::new();
+    for (node, samples) in after {
+        let old = before.get(node).map(Vec::as_slice).unwrap_or_default();
+        for sample in samples.iter().filter(|s| s.name == name) {
+            let was = old
+                .iter()
+                .find(|o| o.name == name && o.labels == sample.labels)
+                .map_or(0, |o| count(o.value));
+            let now = count(sample.value);
+            if now > was {
+                out.push((node.clone(), sample.labels.clone(), now - was));
+            }
+        }
+    }
+    out
+}
+
+/// A counter's value as a count (counters are whole numbers, exposed as floats).
+fn count(value: f64) -> u64 {
+    if value.is_finite() && value > 0.0 {
+        value.round() as u64
+    } else {
+        0
+    }
+}
+
+/// The interesting `key=value` fields of a text access-log line, or the line itself when it
+/// has none of them (another log format).
+fn access_fields(line: &str) -> String {
+    let fields: Vec<String> = ACCESS_LOG_FIELDS
+        .iter()
+        .filter_map(|key| {
+            let needle = format!(" {key}=");
+            let start = line.find(&needle)? + needle.len();
+            let rest = &line[start..];
+            let value = match rest.strip_prefix('"') {
+                // Quoted values escape their quotes; find the closing one.
+                Some(quoted) => {
+                    let mut close = None;
+                    let mut escaped = false;
+                    for (i, c) in quoted.char_indices() {
+                        match c {
+                            '\\' if !escaped => escaped = true,
+                            '"' if !escaped => {
+                                close = Some(i);
+                                break;
+                            }
+                            _ => escaped = false,
+                        }
+                    }
+                    // Opening quote, the value, closing quote; all of it if unterminated.
+                    close.map_or(rest, |i| &rest[..i + 2])
+                }
+                None => rest.split_whitespace().next().unwrap_or_default(),
+            };
+            Some(format!("{key}={value}"))
+        })
+        .collect();
+    if fields.is_empty() {
+        line.trim().to_owned()
+    } else {
+        fields.join(" ")
+    }
+}
+
+/// Removes terminal colour sequences (`ESC [ … m`), which log files may carry.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local_mesh::report;
+
+    fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
+        Sample {
+            name: name.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            value,
+        }
+    }
+
+    #[test]
+    fn deltas_count_only_increases_and_new_label_sets() {
+        let before = Snapshot::from([(
+            "n2".to_owned(),
+            vec![
+                sample(REFUSED, &[("reason", "DENY")], 2.0),
+                sample(REFUSED, &[("reason", "TLS")], 1.0),
+            ],
+        )]);
+        let after = Snapshot::from([(
+            "n2".to_owned(),
+            vec![
+                sample(REFUSED, &[("reason", "DENY")], 3.0),
+                sample(REFUSED, &[("reason", "TLS")], 1.0),
+                sample(REFUSED, &[("reason", "PEERAUTHN")], 1.0),
+                sample(OPENED, &[("reporter", "destination")], 5.0),
+            ],
+        )]);
+        let got: Vec<(String, u64)> = deltas(&before, &after, REFUSED)
+            .into_iter()
+            .map(|(_, labels, n)| (labels["reason"].clone(), n))
+            .collect();
+        assert_eq!(got, [("DENY".to_owned(), 1), ("PEERAUTHN".to_owned(), 1)]);
+    }
+
+    #[test]
+    fn access_log_lines_are_cut_to_the_fields_that_explain_a_refusal() {
+        let line = r#"2026-01-01T00:00:00Z  INFO access: connection complete direction="inbound" src.addr=10.244.1.3:1 src.identity="spiffe://cluster.local/ns/demo/sa/other" dst.workload="demo/echo-v1" flags="DENY" reason="denied by \"demo/allow\"" bytes_sent=0"#;
+        assert_eq!(
+            access_fields(line),
+            r#"direction="inbound" src.identity="spiffe://cluster.local/ns/demo/sa/other" dst.workload="demo/echo-v1" flags="DENY" reason="denied by \"demo/allow\"""#
+        );
+        assert_eq!(
+            access_fields(r#" {"flags":"DENY"} "#),
+            r#"{"flags":"DENY"}"#
+        );
+        assert_eq!(access_fields("x flags=DENY"), "flags=DENY");
+        assert_eq!(
+            access_fields(r#"x reason="unterminated"#),
+            r#"reason="unterminated"#
+        );
+    }
+
+    #[test]
+    fn colour_codes_are_stripped_from_log_lines() {
+        assert_eq!(
+            strip_ansi("\u{1b}[32m INFO\u{1b}[0m \u{1b}[2maccess\u{1b}[0m: flags=DENY"),
+            " INFO access: flags=DENY"
+        );
+    }
+
+    fn probe<'a>(report: &'a Report, client: &str) -> &'a ProbeReport {
+        report
+            .probes
+            .iter()
+            .find(|p| p.client == client)
+            .unwrap_or_else(|| panic!("no probe from {client}: {report:#?}"))
+    }
+
+    /// What `cargo xtask up --once` does with the sample, minus the state file and signals:
+    /// the facts the README promises must hold.
+    #[test]
+    fn the_sample_mesh_serves_the_vip_over_hbone_and_refuses_what_its_policies_refuse() -> Result<()>
+    {
+        let dir = crate::workspace_root().join("examples/local-mesh");
+        let config = LocalMesh::load(&dir)?;
+        let bin_dir = e2e::Binaries::locate().dir().to_path_buf();
+        let running = Running::start(config, &bin_dir, Some(dir))?;
+        let report = running.exercise(&|| false)?;
+        let text = report::render(&report);
+        println!("{text}");
+
+        // demo/sleep -> echo.demo:80: 200 from both replicas, over HBONE with the SPIFFE
+        // identities of the two service accounts, and nothing readable on the wire.
+        let sleep = probe(&report, "demo/sleep");
+        assert_eq!(sleep.met(), Some(true), "{sleep:#?}");
+        let servers: BTreeSet<&str> = sleep
+            .responses
+            .iter()
+            .filter_map(|r| match r {
+                Response::Http { server, .. } => server.as_deref(),
+                Response::Failed(_) => None,
+            })
+            .collect();
+        assert_eq!(servers, BTreeSet::from(["echo-v1", "echo-v2"]));
+        assert!(
+            sleep.flows.iter().any(|f| f.node == "n2"
+                && f.reporter == "destination"
+                && f.source_principal == "spiffe://cluster.local/ns/demo/sa/sleep"
+                && f.destination_principal == "spiffe://cluster.local/ns/demo/sa/echo"
+                && f.security == "mutual_tls"
+                && f.count == REQUESTS_PER_PROBE as u64),
+            "{:#?}",
+            sleep.flows
+        );
+        assert!(sleep.wire.only_hbone(), "{:?}", sleep.wire);
+        assert!(text.contains(
+            "wire carried only TCP to 15008 (TLS); 0 bytes of application data in clear"
+        ));
+
+        // legacy/curl -> echo-v1's IP: plaintext from outside the mesh, refused by STRICT.
+        let curl = probe(&report, "legacy/curl");
+        assert_eq!(curl.met(), Some(true), "{curl:#?}");
+        assert!(
+            curl.refusals
+                .iter()
+                .any(|r| r.node == "n2" && r.reason == "PEERAUTHN"),
+            "{:#?}",
+            curl.refusals
+        );
+        assert!(text.contains("mesh_connections_refused_total{reason=\"PEERAUTHN\"}"));
+
+        // demo/other: in the mesh, but not the identity the AuthorizationPolicy allows.
+        let other = probe(&report, "demo/other");
+        assert_eq!(other.met(), Some(true), "{other:#?}");
+        assert!(
+            other
+                .refusals
+                .iter()
+                .any(|r| r.node == "n2" && r.reason == "DENY"),
+            "{:#?}",
+            other.refusals
+        );
+
+        let n1 = report.opened.get("n1").and_then(|r| r.get("source"));
+        assert!(
+            n1.is_some_and(|&n| n >= REQUESTS_PER_PROBE as u64),
+            "{report:#?}"
+        );
+        Ok(())
+    }
+}

@@ -477,9 +477,15 @@ fn generate_root(trust_domain: &str) -> Result<(CertificateDer<'static>, KeyPair
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate("root key"))?;
     let now = SystemTime::now();
     let mut params = CertificateParams::default();
+    let (serial, serial_hex) = random_serial();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
-    dn.push(DnType::CommonName, "mesh root ca");
+    // A distinct name per generated root: a peer from an unrelated root is then reported as
+    // an unknown issuer, not as a bad signature from a namesake.
+    dn.push(
+        DnType::CommonName,
+        format!("mesh root ca {}", &serial_hex[..8]),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
@@ -487,7 +493,7 @@ fn generate_root(trust_domain: &str) -> Result<(CertificateDer<'static>, KeyPair
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params.serial_number = Some(random_serial().0);
+    params.serial_number = Some(serial);
     let bad_time = || CaError::Generate {
         what: "root validity",
         source: rcgen::Error::Time,

@@ -29,7 +29,7 @@ use rustls::{
     CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
     OtherError, RootCertStore, ServerConfig, SignatureScheme,
 };
-use tracing::{debug, warn};
+use tracing::{info, warn};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
@@ -359,7 +359,7 @@ impl ResolvesServerCert for ServerCertResolver {
             .alpn()
             .is_some_and(|mut protocols| protocols.any(|p| p == ALPN_H2));
         if !offers_h2 {
-            debug!(local = %self.local, "refusing tls client that does not offer alpn h2");
+            info!(local = %self.local, "refusing tls client: it does not offer alpn h2 (HBONE is HTTP/2 only)");
             return None;
         }
         match self.certs.certified_key(&self.local) {

@@ -176,7 +176,9 @@ where
         };
         let (req, respond) = next?;
         let (parts, body) = req.into_parts();
-        let span = tracing::debug_span!(
+        // Child of the caller's connection span (pod, peer), so the handler's logs carry both.
+        let span = tracing::info_span!(
+            parent: tracing::Span::current(),
             "hbone_stream",
             id = %respond.stream_id().as_u32(),
             authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or_default(),

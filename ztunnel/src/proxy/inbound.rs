@@ -88,7 +88,7 @@ async fn handle_conn(
     let result = hbone::serve_with_drain(
         tls,
         &cfg,
-        move |req| handle_stream(req, peer, peer_id.clone(), pod.clone(), pi.clone()),
+        move |req| handle_stream(req, peer, local, peer_id.clone(), pod.clone(), pi.clone()),
         drain,
     )
     .await;
@@ -100,6 +100,7 @@ async fn handle_conn(
 async fn handle_stream(
     req: InboundRequest,
     peer: SocketAddr,
+    local: SocketAddr,
     peer_id: Arc<Identity>,
     pod: Arc<PodCtx>,
     pi: Arc<ProxyInputs>,
@@ -110,7 +111,7 @@ async fn handle_stream(
     let mut log = AccessLog {
         direction: "inbound",
         src: peer,
-        dst: peer,
+        dst: local,
         src_identity: Some(&peer_id),
         dst_identity: Some(&pod.identity),
         dst_workload: Some(&pod.key),

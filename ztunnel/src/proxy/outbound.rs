@@ -11,7 +11,6 @@ use std::time::Instant;
 use mesh::hbone::{self, ConnectHeaders, HboneError, PoolKey};
 use mesh::identity::Identity;
 use mesh::model::{Endpoint, Model, NamespacedName, Pod, Service};
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -124,26 +123,30 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
         bytes_received: 0,
         started,
     };
-    let refuse =
-        |mut log: AccessLog<'_>, flag: ResponseFlag, reason: String, svc: Option<&Service>| {
-            pi.metrics.refused(REPORTER, flag.as_str());
-            let l = LabelInputs {
-                reporter: REPORTER,
-                src_pod,
-                src_identity: Some(&pod.identity),
-                dst_pod: None,
-                dst_identity: None,
-                service: svc,
-                flag: Some(flag),
-                mtls: false,
-            }
-            .build();
-            pi.metrics.tcp_opened(&l);
-            pi.metrics.tcp_closed(&l);
-            log.flag = Some(flag);
-            log.reason = Some(reason);
-            log.emit();
-        };
+    // `hbone`: the in-mesh destination that refused or failed, for the labels.
+    let refuse = |mut log: AccessLog<'_>,
+                  flag: ResponseFlag,
+                  reason: String,
+                  svc: Option<&Service>,
+                  hbone: Option<(&Pod, &Identity)>| {
+        pi.metrics.refused(REPORTER, flag.as_str());
+        let l = LabelInputs {
+            reporter: REPORTER,
+            src_pod,
+            src_identity: Some(&pod.identity),
+            dst_pod: hbone.map(|(p, _)| p),
+            dst_identity: hbone.map(|(_, i)| i),
+            service: svc,
+            flag: Some(flag),
+            mtls: hbone.is_some(),
+        }
+        .build();
+        pi.metrics.tcp_opened(&l);
+        pi.metrics.tcp_closed(&l);
+        log.flag = Some(flag);
+        log.reason = Some(reason);
+        log.emit();
+    };
 
     let dst = match socket::original_dst(&tcp) {
         Ok(d) => d,
@@ -152,6 +155,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                 log,
                 ResponseFlag::NoOriginalDst,
                 format!("SO_ORIGINAL_DST: {e}"),
+                None,
                 None,
             )
         }
@@ -164,15 +168,25 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
             ResponseFlag::Loop,
             format!("{dst} is the agent itself"),
             None,
+            None,
         );
     }
     let (svc, hops) = match plan(&model, &pi, dst) {
         Ok(p) => p,
-        Err(flag) => return refuse(log, flag, format!("no ready endpoint for {dst}"), None),
+        Err(flag) => {
+            return refuse(
+                log,
+                flag,
+                format!("no ready endpoint for {dst}"),
+                None,
+                None,
+            )
+        }
     };
 
     let mut last_err = String::new();
     let mut last_flag = ResponseFlag::UpstreamFailure;
+    let mut last_hbone = None;
     for hop in &hops {
         match hop {
             Hop::Hbone {
@@ -200,6 +214,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                         return relay(tcp, tunnel, &pi, &labels, log).await;
                     }
                     Err(e) => {
+                        last_hbone = Some((*dst_pod, identity));
                         last_flag = match &e {
                             HboneError::Status(s) if s.as_u16() == 401 => {
                                 ResponseFlag::UpstreamDenied
@@ -244,12 +259,15 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                         .build();
                         return relay(tcp, up, &pi, &labels, log).await;
                     }
-                    Err(e) => last_err = e.to_string(),
+                    Err(e) => {
+                        last_hbone = None;
+                        last_err = e.to_string();
+                    }
                 }
             }
         }
     }
-    refuse(log, last_flag, last_err, svc);
+    refuse(log, last_flag, last_err, svc, last_hbone);
 }
 
 async fn open_hbone(
@@ -319,9 +337,4 @@ async fn relay<S>(
     }
     pi.metrics.tcp_closed(labels);
     log.emit();
-}
-
-#[allow(dead_code)]
-async fn shutdown(mut s: TcpStream) {
-    let _ = s.shutdown().await;
 }

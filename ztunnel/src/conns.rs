@@ -10,14 +10,22 @@ use mesh::policy::{self, Decision, L4Request};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// What re-checking a connection needs.
+use crate::proxy::ResponseFlag;
+
+/// What admitting an inbound connection depends on (checked at accept and on every change).
 #[derive(Clone, Debug)]
-pub struct TrackedConn {
-    /// The destination workload (inbound connections are checked against its policies).
+pub struct Admission {
+    /// The destination workload: its policies decide.
     pub pod: NamespacedName,
     pub request: L4Request,
     /// Arrived over mTLS (HBONE) rather than plaintext.
     pub mtls: bool,
+}
+
+/// An admitted connection: cancelled when a new model no longer admits it.
+#[derive(Clone, Debug)]
+pub struct TrackedConn {
+    pub admission: Admission,
     pub cancel: CancellationToken,
 }
 
@@ -47,12 +55,41 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Why an open connection is no longer allowed.
+/// Why a connection is not (or no longer) allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Revoked {
+pub enum NotAllowed {
+    /// The destination pod left the model.
     PodGone,
-    PlaintextNotAllowed,
+    /// Plaintext to a port whose PeerAuthentication is STRICT.
+    PlaintextNotAllowed { port: u16 },
+    /// AuthorizationPolicy: the deciding DENY policy, or `None` when no ALLOW policy matched.
     Denied(Option<String>),
+}
+
+impl NotAllowed {
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            NotAllowed::PodGone => ResponseFlag::NotServed,
+            NotAllowed::PlaintextNotAllowed { .. } => ResponseFlag::PeerAuthn,
+            NotAllowed::Denied(_) => ResponseFlag::Deny,
+        }
+    }
+}
+
+impl std::fmt::Display for NotAllowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotAllowed::PodGone => f.write_str("destination pod is no longer in the model"),
+            NotAllowed::PlaintextNotAllowed { port } => {
+                write!(
+                    f,
+                    "plaintext to port {port} refused: PeerAuthentication STRICT"
+                )
+            }
+            NotAllowed::Denied(Some(p)) => write!(f, "denied by {p}"),
+            NotAllowed::Denied(None) => f.write_str("denied: no ALLOW policy matched"),
+        }
+    }
 }
 
 impl ConnTracker {
@@ -85,12 +122,13 @@ impl ConnTracker {
         let conns: Vec<TrackedConn> = self.lock().values().cloned().collect();
         let mut closed = 0;
         for c in conns {
-            if let Err(why) = still_allowed(model, &c) {
+            if let Err(why) = admit(model, &c.admission) {
+                let a = &c.admission;
                 tracing::info!(
-                    pod = %c.pod,
-                    src = %c.request.src_ip,
-                    dst = %format!("{}:{}", c.request.dst_ip, c.request.dst_port),
-                    reason = ?why,
+                    pod = %a.pod,
+                    src = %a.request.src_ip,
+                    dst = %format!("{}:{}", a.request.dst_ip, a.request.dst_port),
+                    reason = %why,
                     "closing connection no longer allowed by policy"
                 );
                 c.cancel.cancel();
@@ -112,17 +150,19 @@ impl ConnTracker {
     }
 }
 
-/// The inbound admission decision, shared by first admission and re-checks.
-pub fn still_allowed(model: &Model, c: &TrackedConn) -> Result<(), Revoked> {
+/// The inbound admission decision, the same at accept time and on every re-check:
+/// PeerAuthentication (plaintext only), then AuthorizationPolicy.
+pub fn admit(model: &Model, a: &Admission) -> Result<(), NotAllowed> {
     let pod = model
-        .pod(&c.pod.namespace, &c.pod.name)
-        .ok_or(Revoked::PodGone)?;
-    if !c.mtls && policy::peer_authn_mode(model, pod, c.request.dst_port) == PeerAuthnMode::Strict {
-        return Err(Revoked::PlaintextNotAllowed);
+        .pod(&a.pod.namespace, &a.pod.name)
+        .ok_or(NotAllowed::PodGone)?;
+    let port = a.request.dst_port;
+    if !a.mtls && policy::peer_authn_mode(model, pod, port) == PeerAuthnMode::Strict {
+        return Err(NotAllowed::PlaintextNotAllowed { port });
     }
     let policies = policy::policies_for(model, pod);
-    match policy::evaluate_l4(&policies, &c.request).decision {
+    match policy::evaluate_l4(&policies, &a.request).decision {
         Decision::Allow => Ok(()),
-        Decision::Deny { policy } => Err(Revoked::Denied(policy)),
+        Decision::Deny { policy } => Err(NotAllowed::Denied(policy)),
     }
 }

@@ -1,8 +1,9 @@
 //! Port 15008 inside a pod: HBONE from other workloads.
 //!
 //! accept → TLS 1.3 (client certificate required) → HTTP/2 → per CONNECT stream:
-//! validate method and `:authority` → policy → dial the app with the client's source IP → 200 →
-//! relay. Nothing is dialled and no byte reaches the app before policy has allowed it.
+//! validate method and `:authority` → admission (policy) → dial the app with the client's
+//! source IP → 200 → relay. Nothing is dialled and no byte reaches the app before policy has
+//! allowed it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,14 +12,16 @@ use std::time::Instant;
 use http::{Method, StatusCode};
 use mesh::hbone::{self, InboundRequest};
 use mesh::identity::Identity;
-use mesh::policy::{self, Decision, L4Request};
-use tokio::net::TcpListener;
+use mesh::policy::L4Request;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use super::{AccessLog, LabelInputs, PodCtx, ProxyInputs, ResponseFlag};
-use crate::config::RESERVED_PORTS;
-use crate::conns::TrackedConn;
+use super::{
+    accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
+    ResponseFlag,
+};
+use crate::config::{Redirect, RESERVED_PORTS};
+use crate::conns::{admit, Admission, TrackedConn};
 use crate::socket;
 
 const REPORTER: &str = "destination";
@@ -29,49 +32,31 @@ pub async fn run(
     pi: Arc<ProxyInputs>,
     stop: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: shed this one, keep serving.
-                    tracing::warn!(error = %e, "hbone accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let span = tracing::info_span!("inbound", pod = %pod.key, peer = %peer);
-        tokio::spawn(handle_conn(tcp, peer, pod.clone(), pi.clone()).instrument(span));
-    }
+    let key = pod.key.clone();
+    accept_loop(listener, stop, "inbound_hbone", &key, |tcp, peer| {
+        handle_conn(tcp, peer, pod.clone(), pi.clone())
+    })
+    .await;
 }
 
-async fn handle_conn(
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-    pod: Arc<PodCtx>,
-    pi: Arc<ProxyInputs>,
-) {
-    let _ = tcp.set_nodelay(true);
+async fn handle_conn(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<ProxyInputs>) {
     let local = tcp.local_addr().unwrap_or(peer);
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.server_tls.clone());
     let refuse = |reason: String| {
-        pi.metrics.refused(REPORTER, ResponseFlag::Tls.as_str());
-        AccessLog {
-            direction: "inbound",
-            src: peer,
-            dst: local,
+        let model = pi.model.load();
+        let labels = LabelInputs {
+            reporter: REPORTER,
+            src_pod: model.workload_by_ip(peer.ip()),
             src_identity: None,
+            dst_pod: model.pod(&pod.key.namespace, &pod.key.name),
             dst_identity: Some(&pod.identity),
-            dst_workload: Some(&pod.key),
-            flag: Some(ResponseFlag::Tls),
-            reason: Some(reason),
-            bytes_sent: 0,
-            bytes_received: 0,
-            started: Instant::now(),
-        }
-        .emit();
+            service: None,
+            flag: None,
+            mtls: false,
+        };
+        let log = AccessLog::new("inbound", peer, local, Instant::now())
+            .to(Some(&pod.key), Some(&pod.identity));
+        record_refusal(&pi, labels, log, ResponseFlag::Tls, reason);
     };
     let tls = match tokio::time::timeout(pi.cfg.tls_handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -79,11 +64,10 @@ async fn handle_conn(
         Err(_) => return refuse("tls handshake timed out".to_string()),
     };
     let peer_id = match mesh::tls::peer_identity(tls.get_ref().1) {
-        Ok(id) => id,
+        Ok(id) => Arc::new(id),
         Err(e) => return refuse(format!("peer identity: {e}")),
     };
     let cfg = hbone::ServerConfig::default();
-    let peer_id = Arc::new(peer_id);
     let drain = pi.drain.clone().cancelled_owned();
     let result = hbone::serve_with_drain(
         tls,
@@ -97,6 +81,42 @@ async fn handle_conn(
     }
 }
 
+/// Validates one CONNECT stream; `Err` is the answer, flag and reason of a refusal.
+fn check_connect(
+    req: &InboundRequest,
+    pod: &PodCtx,
+) -> Result<SocketAddr, (StatusCode, ResponseFlag, String)> {
+    if req.method() != Method::CONNECT {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            ResponseFlag::BadRequest,
+            format!("method {} is not CONNECT", req.method()),
+        ));
+    }
+    let dst = req.authority().map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            ResponseFlag::BadRequest,
+            format!("bad :authority: {e}"),
+        )
+    })?;
+    if !pod.ips.contains(&dst.ip()) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            ResponseFlag::NotServed,
+            format!("{dst} is not served by {}", pod.key),
+        ));
+    }
+    if RESERVED_PORTS.contains(&dst.port()) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            ResponseFlag::Loop,
+            format!("{dst} is an agent port"),
+        ));
+    }
+    Ok(dst)
+}
+
 async fn handle_stream(
     req: InboundRequest,
     peer: SocketAddr,
@@ -105,149 +125,65 @@ async fn handle_stream(
     pod: Arc<PodCtx>,
     pi: Arc<ProxyInputs>,
 ) {
-    let started = Instant::now();
     let model = pi.model.load_full();
-    let dst_pod = model.pod(&pod.key.namespace, &pod.key.name);
-    let mut log = AccessLog {
-        direction: "inbound",
-        src: peer,
-        dst: local,
+    let mut log = AccessLog::new("inbound", peer, local, Instant::now())
+        .from(Some(&peer_id))
+        .to(Some(&pod.key), Some(&pod.identity));
+    let labels = LabelInputs {
+        reporter: REPORTER,
+        src_pod: model.workload_by_ip(peer.ip()),
         src_identity: Some(&peer_id),
+        dst_pod: model.pod(&pod.key.namespace, &pod.key.name),
         dst_identity: Some(&pod.identity),
-        dst_workload: Some(&pod.key),
+        service: None,
         flag: None,
-        reason: None,
-        bytes_sent: 0,
-        bytes_received: 0,
-        started,
+        mtls: true,
     };
-    let labels = |flag: Option<ResponseFlag>| {
-        LabelInputs {
-            reporter: REPORTER,
-            src_pod: model.workload_by_ip(peer.ip()),
-            src_identity: Some(&peer_id),
-            dst_pod,
-            dst_identity: Some(&pod.identity),
-            service: None,
-            flag,
-            mtls: true,
-        }
-        .build()
-    };
-    // Refusals are answered, logged and counted the same way whatever the cause.
-    let refuse = |req: InboundRequest,
-                  mut log: AccessLog<'_>,
-                  status: StatusCode,
-                  flag: ResponseFlag,
-                  reason: String| {
+    let refuse = |req: InboundRequest, log, (status, flag, reason)| {
         req.reject(status);
-        pi.metrics.refused(REPORTER, flag.as_str());
-        let l = labels(Some(flag));
-        pi.metrics.tcp_opened(&l);
-        pi.metrics.tcp_closed(&l);
-        log.flag = Some(flag);
-        log.reason = Some(reason);
-        log.emit();
+        record_refusal(&pi, labels, log, flag, reason);
     };
 
-    if req.method() != Method::CONNECT {
-        let reason = format!("method {} is not CONNECT", req.method());
-        return refuse(
-            req,
-            log,
-            StatusCode::METHOD_NOT_ALLOWED,
-            ResponseFlag::BadRequest,
-            reason,
-        );
-    }
-    let dst = match req.authority() {
-        Ok(a) => a,
-        Err(e) => {
-            let reason = format!("bad :authority: {e}");
-            return refuse(
-                req,
-                log,
-                StatusCode::BAD_REQUEST,
-                ResponseFlag::BadRequest,
-                reason,
-            );
-        }
+    let dst = match check_connect(&req, &pod) {
+        Ok(dst) => dst,
+        Err(refusal) => return refuse(req, log, refusal),
     };
     log.dst = dst;
-    if !pod.ips.contains(&dst.ip()) {
-        let reason = format!("{dst} is not served by {}", pod.key);
-        return refuse(
-            req,
-            log,
-            StatusCode::UNAUTHORIZED,
-            ResponseFlag::NotServed,
-            reason,
-        );
-    }
-    if RESERVED_PORTS.contains(&dst.port()) {
-        let reason = format!("{dst} is an agent port");
-        return refuse(
-            req,
-            log,
-            StatusCode::UNAUTHORIZED,
-            ResponseFlag::Loop,
-            reason,
-        );
-    }
-    let Some(dst_pod_model) = dst_pod else {
-        let reason = format!("{} is no longer in the model", pod.key);
-        return refuse(
-            req,
-            log,
-            StatusCode::SERVICE_UNAVAILABLE,
-            ResponseFlag::NotServed,
-            reason,
-        );
-    };
-    let request = L4Request {
-        src_identity: Some((*peer_id).clone()),
-        src_ip: peer.ip(),
-        dst_ip: dst.ip(),
-        dst_port: dst.port(),
-    };
-    let policies = policy::policies_for(&model, dst_pod_model);
-    let eval = policy::evaluate_l4(&policies, &request);
-    if let Decision::Deny { policy } = eval.decision {
-        let reason = format!(
-            "denied by {}",
-            policy.as_deref().unwrap_or("no matching ALLOW policy")
-        );
-        return refuse(
-            req,
-            log,
-            StatusCode::UNAUTHORIZED,
-            ResponseFlag::Deny,
-            reason,
-        );
-    }
-
-    let cancel = CancellationToken::new();
-    let _guard = pi.conns.register(TrackedConn {
+    let admission = Admission {
         pod: pod.key.clone(),
-        request,
+        request: L4Request {
+            src_identity: Some((*peer_id).clone()),
+            src_ip: peer.ip(),
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+        },
         mtls: true,
+    };
+    if let Err(why) = admit(&model, &admission) {
+        let status = match why {
+            crate::conns::NotAllowed::PodGone => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        return refuse(req, log, (status, why.flag(), why.to_string()));
+    }
+    let cancel = CancellationToken::new();
+    let _tracked = pi.conns.register(TrackedConn {
+        admission,
         cancel: cancel.clone(),
     });
-    let src = (pi.cfg.redirect != crate::config::Redirect::None).then_some(peer.ip());
-    let upstream =
-        match socket::connect_in(&pod.netns, &pi.home, dst, src, pi.cfg.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                let reason = e.to_string();
-                return refuse(
-                    req,
-                    log,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ResponseFlag::UpstreamFailure,
-                    reason,
-                );
-            }
-        };
+    let src = (pi.cfg.redirect != Redirect::None).then_some(peer.ip());
+    let app = match socket::connect_in(&pod.netns, &pi.home, dst, src, pi.cfg.connect_timeout).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let refusal = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlag::UpstreamFailure,
+                e.to_string(),
+            );
+            return refuse(req, log, refusal);
+        }
+    };
     let tunnel = match req.accept() {
         Ok(t) => t,
         Err(e) => {
@@ -255,23 +191,5 @@ async fn handle_stream(
             return;
         }
     };
-    let l = labels(None);
-    pi.metrics.tcp_opened(&l);
-    let counters = pi.metrics.tcp_counters(&l);
-    let relay = hbone::relay(tunnel, upstream, |dir, n| match dir {
-        hbone::Direction::AToB => counters.received(n),
-        hbone::Direction::BToA => counters.sent(n),
-    });
-    let (up, down) = tokio::select! {
-        r = relay => r.unwrap_or((0, 0)),
-        _ = cancel.cancelled() => {
-            log.flag = Some(ResponseFlag::Revoked);
-            log.reason = Some("policy changed".to_string());
-            (0, 0)
-        }
-    };
-    pi.metrics.tcp_closed(&l);
-    log.bytes_received = up;
-    log.bytes_sent = down;
-    log.emit();
+    relay_counted(tunnel, app, &pi, &labels.build(), Some(&cancel), log).await;
 }

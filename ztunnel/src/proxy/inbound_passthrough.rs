@@ -8,15 +8,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mesh::model::PeerAuthnMode;
-use mesh::policy::{self, Decision, L4Request};
+use mesh::policy::L4Request;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use super::{AccessLog, LabelInputs, PodCtx, ProxyInputs, ResponseFlag};
-use crate::config::RESERVED_PORTS;
-use crate::conns::TrackedConn;
+use super::{
+    accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
+    ResponseFlag,
+};
+use crate::config::{Redirect, RESERVED_PORTS};
+use crate::conns::{admit, Admission, TrackedConn};
 use crate::socket;
 
 const REPORTER: &str = "destination";
@@ -27,145 +28,66 @@ pub async fn run(
     pi: Arc<ProxyInputs>,
     stop: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound plaintext accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let span = tracing::info_span!("inbound_plaintext", pod = %pod.key, peer = %peer);
-        tokio::spawn(handle(tcp, peer, pod.clone(), pi.clone()).instrument(span));
-    }
+    let key = pod.key.clone();
+    accept_loop(listener, stop, "inbound_plaintext", &key, |tcp, peer| {
+        handle(tcp, peer, pod.clone(), pi.clone())
+    })
+    .await;
 }
 
 async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<ProxyInputs>) {
-    let started = Instant::now();
-    let _ = tcp.set_nodelay(true);
     let model = pi.model.load_full();
-    let dst_pod = model.pod(&pod.key.namespace, &pod.key.name);
-    let mut log = AccessLog {
-        direction: "inbound_plaintext",
-        src: peer,
-        dst: tcp.local_addr().unwrap_or(peer),
+    let local = tcp.local_addr().unwrap_or(peer);
+    let mut log = AccessLog::new("inbound_plaintext", peer, local, Instant::now())
+        .to(Some(&pod.key), Some(&pod.identity));
+    let labels = LabelInputs {
+        reporter: REPORTER,
+        src_pod: model.workload_by_ip(peer.ip()),
         src_identity: None,
+        dst_pod: model.pod(&pod.key.namespace, &pod.key.name),
         dst_identity: Some(&pod.identity),
-        dst_workload: Some(&pod.key),
+        service: None,
         flag: None,
-        reason: None,
-        bytes_sent: 0,
-        bytes_received: 0,
-        started,
+        mtls: false,
     };
-    let labels = |flag| {
-        LabelInputs {
-            reporter: REPORTER,
-            src_pod: model.workload_by_ip(peer.ip()),
-            src_identity: None,
-            dst_pod,
-            dst_identity: Some(&pod.identity),
-            service: None,
-            flag,
-            mtls: false,
-        }
-        .build()
-    };
-    let refuse = |mut log: AccessLog<'_>, flag: ResponseFlag, reason: String| {
-        pi.metrics.refused(REPORTER, flag.as_str());
-        let l = labels(Some(flag));
-        pi.metrics.tcp_opened(&l);
-        pi.metrics.tcp_closed(&l);
-        log.flag = Some(flag);
-        log.reason = Some(reason);
-        log.emit();
-        // Dropping the stream closes it before any byte is read from or sent to the app.
-    };
+    // Returning drops the stream: closed before any byte is read from or sent to the app.
+    let refuse = |log, flag, reason| record_refusal(&pi, labels, log, flag, reason);
 
     let dst = match socket::original_dst(&tcp) {
         Ok(d) => d,
         Err(e) => {
-            return refuse(
-                log,
-                ResponseFlag::NoOriginalDst,
-                format!("SO_ORIGINAL_DST: {e}"),
-            )
+            let reason = format!("SO_ORIGINAL_DST: {e}");
+            return refuse(log, ResponseFlag::NoOriginalDst, reason);
         }
     };
     log.dst = dst;
     if RESERVED_PORTS.contains(&dst.port()) || !pod.ips.contains(&dst.ip()) {
-        return refuse(
-            log,
-            ResponseFlag::Loop,
-            format!("{dst} is an agent port or not this pod"),
-        );
+        let reason = format!("{dst} is an agent port or not this pod");
+        return refuse(log, ResponseFlag::Loop, reason);
     }
-    let Some(dst_pod_model) = dst_pod else {
-        return refuse(
-            log,
-            ResponseFlag::NotServed,
-            format!("{} left the model", pod.key),
-        );
+    let admission = Admission {
+        pod: pod.key.clone(),
+        request: L4Request {
+            src_identity: None,
+            src_ip: peer.ip(),
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+        },
+        mtls: false,
     };
-    let mode = policy::peer_authn_mode(&model, dst_pod_model, dst.port());
-    if mode == PeerAuthnMode::Strict {
-        return refuse(
-            log,
-            ResponseFlag::PeerAuthn,
-            format!(
-                "plaintext to port {} refused: PeerAuthentication STRICT",
-                dst.port()
-            ),
-        );
-    }
-    let request = L4Request {
-        src_identity: None,
-        src_ip: peer.ip(),
-        dst_ip: dst.ip(),
-        dst_port: dst.port(),
-    };
-    let policies = policy::policies_for(&model, dst_pod_model);
-    if let Decision::Deny { policy } = policy::evaluate_l4(&policies, &request).decision {
-        let reason = format!(
-            "denied by {}",
-            policy.as_deref().unwrap_or("no matching ALLOW policy")
-        );
-        return refuse(log, ResponseFlag::Deny, reason);
+    if let Err(why) = admit(&model, &admission) {
+        return refuse(log, why.flag(), why.to_string());
     }
     let cancel = CancellationToken::new();
-    let _guard = pi.conns.register(TrackedConn {
-        pod: pod.key.clone(),
-        request,
-        mtls: false,
+    let _tracked = pi.conns.register(TrackedConn {
+        admission,
         cancel: cancel.clone(),
     });
-    let src = (pi.cfg.redirect != crate::config::Redirect::None).then_some(peer.ip());
-    let upstream =
-        match socket::connect_in(&pod.netns, &pi.home, dst, src, pi.cfg.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => return refuse(log, ResponseFlag::UpstreamFailure, e.to_string()),
-        };
-    let l = labels(None);
-    pi.metrics.tcp_opened(&l);
-    let counters = pi.metrics.tcp_counters(&l);
-    let relay = mesh::hbone::relay(tcp, upstream, |dir, n| match dir {
-        mesh::hbone::Direction::AToB => counters.received(n),
-        mesh::hbone::Direction::BToA => counters.sent(n),
-    });
-    let (up, down) = tokio::select! {
-        r = relay => r.unwrap_or((0, 0)),
-        _ = cancel.cancelled() => {
-            log.flag = Some(ResponseFlag::Revoked);
-            log.reason = Some("policy changed".to_string());
-            (0, 0)
-        }
+    let src = (pi.cfg.redirect != Redirect::None).then_some(peer.ip());
+    let app = match socket::connect_in(&pod.netns, &pi.home, dst, src, pi.cfg.connect_timeout).await
+    {
+        Ok(s) => s,
+        Err(e) => return refuse(log, ResponseFlag::UpstreamFailure, e.to_string()),
     };
-    pi.metrics.tcp_closed(&l);
-    log.bytes_received = up;
-    log.bytes_sent = down;
-    log.emit();
+    relay_counted(tcp, app, &pi, &labels.build(), Some(&cancel), log).await;
 }

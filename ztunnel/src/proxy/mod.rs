@@ -13,9 +13,11 @@ pub mod outbound;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use std::future::Future;
 
 use arc_swap::ArcSwap;
 use mesh::certs::CertManager;
@@ -23,6 +25,10 @@ use mesh::hbone::Pool;
 use mesh::identity::Identity;
 use mesh::metrics::{Metrics, TcpLabels};
 use mesh::model::{Model, NamespacedName, Pod, Service};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::conns::ConnTracker;
@@ -159,6 +165,7 @@ pub struct PodCtx {
 }
 
 /// Builds Istio's standard TCP metric labels.
+#[derive(Clone, Copy)]
 pub struct LabelInputs<'a> {
     pub reporter: &'static str,
     pub src_pod: Option<&'a Pod>,
@@ -272,7 +279,43 @@ pub struct AccessLog<'a> {
     pub started: Instant,
 }
 
-impl AccessLog<'_> {
+impl<'a> AccessLog<'a> {
+    pub fn new(
+        direction: &'static str,
+        src: SocketAddr,
+        dst: SocketAddr,
+        started: Instant,
+    ) -> Self {
+        AccessLog {
+            direction,
+            src,
+            dst,
+            src_identity: None,
+            dst_identity: None,
+            dst_workload: None,
+            flag: None,
+            reason: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            started,
+        }
+    }
+
+    pub fn from(mut self, src_identity: Option<&'a Identity>) -> Self {
+        self.src_identity = src_identity;
+        self
+    }
+
+    pub fn to(
+        mut self,
+        workload: Option<&'a NamespacedName>,
+        identity: Option<&'a Identity>,
+    ) -> Self {
+        self.dst_workload = workload;
+        self.dst_identity = identity;
+        self
+    }
+
     pub fn emit(&self) {
         let src_id = self.src_identity.map(|i| i.to_string());
         let dst_id = self.dst_identity.map(|i| i.to_string());
@@ -293,4 +336,103 @@ impl AccessLog<'_> {
             "connection complete"
         );
     }
+}
+
+// === shared by the three listeners ===
+
+/// Accepts until `stop`; each connection runs in its own task inside a span naming the
+/// listener, pod and peer. Accept errors (EMFILE...) shed that connection and keep serving.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    kind: &'static str,
+    pod: &NamespacedName,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = kind, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let span = tracing::info_span!("conn", listener = kind, pod = %pod, peer = %peer);
+        tokio::spawn(handle(tcp, peer).instrument(span));
+    }
+}
+
+/// Logs and counts a refused connection (one flag per cause).
+pub(crate) fn record_refusal(
+    pi: &ProxyInputs,
+    mut labels: LabelInputs<'_>,
+    mut log: AccessLog<'_>,
+    flag: ResponseFlag,
+    reason: String,
+) {
+    pi.metrics.refused(labels.reporter, flag.as_str());
+    labels.flag = Some(flag);
+    let l = labels.build();
+    pi.metrics.tcp_opened(&l);
+    pi.metrics.tcp_closed(&l);
+    log.flag = Some(flag);
+    log.reason = Some(reason);
+    log.emit();
+}
+
+/// Relays an admitted connection both ways, counting bytes as they move, until both sides
+/// finish or `cancel` fires (policy revoked it); then counts the close and logs the line.
+/// `down` is the client side: its bytes are `received`, the upstream's are `sent`.
+pub(crate) async fn relay_counted<A, B>(
+    down: A,
+    up: B,
+    pi: &ProxyInputs,
+    labels: &TcpLabels,
+    cancel: Option<&CancellationToken>,
+    mut log: AccessLog<'_>,
+) where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    pi.metrics.tcp_opened(labels);
+    let counters = pi.metrics.tcp_counters(labels);
+    // Totals for the access log, also when a revocation cuts the relay short.
+    let (rx, tx) = (AtomicU64::new(0), AtomicU64::new(0));
+    let relay = mesh::hbone::relay(down, up, |dir, n| match dir {
+        mesh::hbone::Direction::AToB => {
+            counters.received(n);
+            rx.fetch_add(n, Ordering::Relaxed);
+        }
+        mesh::hbone::Direction::BToA => {
+            counters.sent(n);
+            tx.fetch_add(n, Ordering::Relaxed);
+        }
+    });
+    let revoked = async {
+        match cancel {
+            Some(c) => c.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = relay => if let Err(e) = r {
+            tracing::debug!(error = %e, "relay ended with an error");
+        },
+        _ = revoked => {
+            log.flag = Some(ResponseFlag::Revoked);
+            log.reason = Some("no longer allowed by policy".to_string());
+        }
+    }
+    pi.metrics.tcp_closed(labels);
+    log.bytes_received = rx.load(Ordering::Relaxed);
+    log.bytes_sent = tx.load(Ordering::Relaxed);
+    log.emit();
 }

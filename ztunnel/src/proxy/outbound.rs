@@ -13,9 +13,11 @@ use mesh::identity::Identity;
 use mesh::model::{Endpoint, Model, NamespacedName, Pod, Service};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use super::{AccessLog, LabelInputs, PodCtx, ProxyInputs, ResponseFlag};
+use super::{
+    accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
+    ResponseFlag,
+};
 use crate::config::{HBONE_PORT, RESERVED_PORTS};
 use crate::socket;
 
@@ -27,21 +29,11 @@ pub async fn run(
     pi: Arc<ProxyInputs>,
     stop: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let span = tracing::info_span!("outbound", pod = %pod.key, peer = %peer);
-        tokio::spawn(handle(tcp, peer, pod.clone(), pi.clone()).instrument(span));
-    }
+    let key = pod.key.clone();
+    accept_loop(listener, stop, "outbound", &key, |tcp, peer| {
+        handle(tcp, peer, pod.clone(), pi.clone())
+    })
+    .await;
 }
 
 /// Where one attempt goes.
@@ -106,87 +98,44 @@ fn plan<'a>(
 }
 
 async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<ProxyInputs>) {
-    let started = Instant::now();
-    let _ = tcp.set_nodelay(true);
     let model = pi.model.load_full();
-    let src_pod = model.pod(&pod.key.namespace, &pod.key.name);
-    let mut log = AccessLog {
-        direction: "outbound",
-        src: peer,
-        dst: peer,
+    let mut log = AccessLog::new("outbound", peer, peer, Instant::now()).from(Some(&pod.identity));
+    let labels = LabelInputs {
+        reporter: REPORTER,
+        src_pod: model.pod(&pod.key.namespace, &pod.key.name),
         src_identity: Some(&pod.identity),
+        dst_pod: None,
         dst_identity: None,
-        dst_workload: None,
+        service: None,
         flag: None,
-        reason: None,
-        bytes_sent: 0,
-        bytes_received: 0,
-        started,
+        mtls: false,
     };
-    // `hbone`: the in-mesh destination that refused or failed, for the labels.
-    let refuse = |mut log: AccessLog<'_>,
-                  flag: ResponseFlag,
-                  reason: String,
-                  svc: Option<&Service>,
-                  hbone: Option<(&Pod, &Identity)>| {
-        pi.metrics.refused(REPORTER, flag.as_str());
-        let l = LabelInputs {
-            reporter: REPORTER,
-            src_pod,
-            src_identity: Some(&pod.identity),
-            dst_pod: hbone.map(|(p, _)| p),
-            dst_identity: hbone.map(|(_, i)| i),
-            service: svc,
-            flag: Some(flag),
-            mtls: hbone.is_some(),
-        }
-        .build();
-        pi.metrics.tcp_opened(&l);
-        pi.metrics.tcp_closed(&l);
-        log.flag = Some(flag);
-        log.reason = Some(reason);
-        log.emit();
-    };
+    let refuse = |labels, log, flag, reason| record_refusal(&pi, labels, log, flag, reason);
 
     let dst = match socket::original_dst(&tcp) {
         Ok(d) => d,
         Err(e) => {
-            return refuse(
-                log,
-                ResponseFlag::NoOriginalDst,
-                format!("SO_ORIGINAL_DST: {e}"),
-                None,
-                None,
-            )
+            let reason = format!("SO_ORIGINAL_DST: {e}");
+            return refuse(labels, log, ResponseFlag::NoOriginalDst, reason);
         }
     };
     log.dst = dst;
     // A connection made straight to 127.0.0.1:15001 (not redirected) would loop forever.
     if dst.ip().is_loopback() && RESERVED_PORTS.contains(&dst.port()) {
-        return refuse(
-            log,
-            ResponseFlag::Loop,
-            format!("{dst} is the agent itself"),
-            None,
-            None,
-        );
+        let reason = format!("{dst} is the agent itself");
+        return refuse(labels, log, ResponseFlag::Loop, reason);
     }
     let (svc, hops) = match plan(&model, &pi, dst) {
         Ok(p) => p,
-        Err(flag) => {
-            return refuse(
-                log,
-                flag,
-                format!("no ready endpoint for {dst}"),
-                None,
-                None,
-            )
-        }
+        Err(flag) => return refuse(labels, log, flag, format!("no ready endpoint for {dst}")),
+    };
+    let labels = LabelInputs {
+        service: svc,
+        ..labels
     };
 
-    let mut last_err = String::new();
-    let mut last_flag = ResponseFlag::UpstreamFailure;
-    let mut last_hbone = None;
+    // Try each candidate in turn; the labels of a refusal name the last one tried.
+    let mut failure = (labels, ResponseFlag::UpstreamFailure, String::new());
     for hop in &hops {
         match hop {
             Hop::Hbone {
@@ -194,40 +143,29 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                 identity,
                 target,
             } => {
+                let labels = LabelInputs {
+                    dst_pod: Some(dst_pod),
+                    dst_identity: Some(identity),
+                    mtls: true,
+                    ..labels
+                };
                 match open_hbone(&pi, &pod, identity, *target, svc).await {
                     Ok(tunnel) => {
-                        log.dst = *target;
-                        log.dst_identity = Some(identity);
                         let key = NamespacedName::new(&dst_pod.namespace, &dst_pod.name);
-                        log.dst_workload = Some(&key);
-                        let labels = LabelInputs {
-                            reporter: REPORTER,
-                            src_pod,
-                            src_identity: Some(&pod.identity),
-                            dst_pod: Some(dst_pod),
-                            dst_identity: Some(identity),
-                            service: svc,
-                            flag: None,
-                            mtls: true,
-                        }
-                        .build();
-                        return relay(tcp, tunnel, &pi, &labels, log).await;
+                        let mut log = log.to(Some(&key), Some(identity));
+                        log.dst = *target;
+                        return relay_counted(tcp, tunnel, &pi, &labels.build(), None, log).await;
                     }
                     Err(e) => {
-                        last_hbone = Some((*dst_pod, identity));
-                        last_flag = match &e {
-                            HboneError::Status(s) if s.as_u16() == 401 => {
-                                ResponseFlag::UpstreamDenied
-                            }
-                            _ => ResponseFlag::UpstreamFailure,
-                        };
-                        last_err = format!("hbone to {target} ({identity}): {e}");
-                        tracing::debug!(error = %last_err, "endpoint failed, trying the next");
-                        // A denial is a decision, not a failure: another endpoint would be
-                        // judged by the same policy, so stop here.
-                        if last_flag == ResponseFlag::UpstreamDenied {
-                            break;
+                        let denied = matches!(&e, HboneError::Status(s) if s.as_u16() == 401);
+                        let reason = format!("hbone to {target} ({identity}): {e}");
+                        tracing::debug!(error = %reason, "endpoint failed");
+                        if denied {
+                            // A denial is a decision, not a failure: another endpoint would be
+                            // judged by the same policy, so stop here.
+                            return refuse(labels, log, ResponseFlag::UpstreamDenied, reason);
                         }
+                        failure = (labels, ResponseFlag::UpstreamFailure, reason);
                     }
                 }
             }
@@ -235,39 +173,23 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                 pod: dst_pod,
                 target,
             } => {
-                match socket::connect_in(
-                    &pod.netns,
-                    &pi.home,
-                    *target,
-                    None,
-                    pi.cfg.connect_timeout,
-                )
-                .await
-                {
+                let labels = LabelInputs {
+                    dst_pod: *dst_pod,
+                    ..labels
+                };
+                let timeout = pi.cfg.connect_timeout;
+                match socket::connect_in(&pod.netns, &pi.home, *target, None, timeout).await {
                     Ok(up) => {
                         log.dst = *target;
-                        let labels = LabelInputs {
-                            reporter: REPORTER,
-                            src_pod,
-                            src_identity: Some(&pod.identity),
-                            dst_pod: *dst_pod,
-                            dst_identity: None,
-                            service: svc,
-                            flag: None,
-                            mtls: false,
-                        }
-                        .build();
-                        return relay(tcp, up, &pi, &labels, log).await;
+                        return relay_counted(tcp, up, &pi, &labels.build(), None, log).await;
                     }
-                    Err(e) => {
-                        last_hbone = None;
-                        last_err = e.to_string();
-                    }
+                    Err(e) => failure = (labels, ResponseFlag::UpstreamFailure, e.to_string()),
                 }
             }
         }
     }
-    refuse(log, last_flag, last_err, svc, last_hbone);
+    let (labels, flag, reason) = failure;
+    refuse(labels, log, flag, reason);
 }
 
 async fn open_hbone(
@@ -281,11 +203,12 @@ async fn open_hbone(
         .client_tls(&pod.identity, dst_identity)
         .map_err(|e| HboneError::Tls(std::io::Error::other(e.to_string())))?;
     let src_ip = pod.ips.first().copied().unwrap_or(target.ip());
+    let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
     let key = PoolKey {
         src: pod.identity.clone(),
         src_ip,
         dst: dst_identity.clone(),
-        dst_addr: SocketAddr::new(target.ip(), HBONE_PORT),
+        dst_addr: hbone_addr,
     };
     let headers = ConnectHeaders {
         src_ip,
@@ -301,40 +224,9 @@ async fn open_hbone(
     let home = pi.home.clone();
     let timeout = pi.cfg.connect_timeout;
     let dial = move || async move {
-        socket::connect_in(&netns, &home, key_addr(target), None, timeout)
+        socket::connect_in(&netns, &home, hbone_addr, None, timeout)
             .await
             .map_err(std::io::Error::other)
     };
     pi.pool.connect(key, tls, dial, req).await
-}
-
-fn key_addr(target: SocketAddr) -> SocketAddr {
-    SocketAddr::new(target.ip(), HBONE_PORT)
-}
-
-async fn relay<S>(
-    tcp: TcpStream,
-    upstream: S,
-    pi: &ProxyInputs,
-    labels: &mesh::metrics::TcpLabels,
-    mut log: AccessLog<'_>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    pi.metrics.tcp_opened(labels);
-    let counters = pi.metrics.tcp_counters(labels);
-    let result = hbone::relay(tcp, upstream, |dir, n| match dir {
-        hbone::Direction::AToB => counters.received(n),
-        hbone::Direction::BToA => counters.sent(n),
-    })
-    .await;
-    match result {
-        Ok((up, down)) => {
-            log.bytes_received = up;
-            log.bytes_sent = down;
-        }
-        Err(e) => tracing::debug!(error = %e, "relay ended with an error"),
-    }
-    pi.metrics.tcp_closed(labels);
-    log.emit();
 }

@@ -146,7 +146,7 @@ pub fn client_config(
     if expected.is_empty() {
         return Err(TlsError::NoExpectedIdentity(src));
     }
-    let verifier = Arc::new(ServerIdentityVerifier::new(certs.root_store(), expected));
+    let verifier = server_verifier(certs.root_store(), expected);
     let resolver = Arc::new(ClientCertResolver { certs, src });
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -162,6 +162,16 @@ pub fn client_config(
     config.enable_sni = false;
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// How an HBONE client judges a server: the chain verifies against `roots` (no DNS name
+/// check), the leaf passes the mesh's rules and its identity is one of `expected`. Public so
+/// that tests building unusual clients judge servers exactly as the mesh does.
+pub fn server_verifier(
+    roots: Arc<RootCertStore>,
+    expected: Vec<Identity>,
+) -> Arc<dyn ServerCertVerifier> {
+    Arc::new(ServerIdentityVerifier::new(roots, expected))
 }
 
 /// The SPIFFE identity of an end-entity certificate: exactly one URI SAN, `spiffe://` form, no

@@ -23,13 +23,9 @@ use e2e::{eventually, prom, Ambient, Mesh, Pod};
 use http::{Method, Request, StatusCode};
 use mesh::ca::{Ca, WorkloadCert};
 use mesh::identity::Identity;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{ring, CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
-use rustls::{
-    AlertDescription, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::ring;
+use rustls::{AlertDescription, ClientConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
@@ -87,7 +83,7 @@ fn hostile_clients_are_refused_at_15008_and_the_app_sees_nothing() -> Result<()>
         rt: &rt,
         target: SocketAddr::from((server_ip, HBONE_PORT)),
         authority: SocketAddr::from((server_ip, APP_PORT)),
-        verifier: Arc::new(MeshServerVerifier::new(mesh_ca.root_store(), server_id)),
+        verifier: mesh::tls::server_verifier(mesh_ca.root_store(), vec![server_id]),
         tls_refusals: Cell::new(0.0),
     };
 
@@ -391,7 +387,7 @@ struct HostileCtx<'a> {
     target: SocketAddr,
     /// The server pod's app, as a CONNECT authority.
     authority: SocketAddr,
-    verifier: Arc<MeshServerVerifier>,
+    verifier: Arc<dyn ServerCertVerifier>,
     /// TLS refusals n2 has counted so far.
     tls_refusals: Cell<f64>,
 }
@@ -621,7 +617,7 @@ fn outcome_of_io(e: &io::Error) -> Outcome {
 /// A TLS client config presenting `cert` (or none), verifying the server as a mesh client
 /// would, and offering what `flavour` says.
 fn client_config(
-    verifier: Arc<MeshServerVerifier>,
+    verifier: Arc<dyn ServerCertVerifier>,
     cert: Option<&WorkloadCert>,
     flavour: Flavour,
 ) -> Result<Arc<ClientConfig>> {
@@ -645,77 +641,6 @@ fn client_config(
     };
     config.enable_sni = false;
     Ok(Arc::new(config))
-}
-
-/// Server verification as a mesh client does it (chain to the mesh root, then the SPIFFE ID),
-/// so that a refusal in these tests is about the client's side only.
-#[derive(Debug)]
-struct MeshServerVerifier {
-    roots: Arc<RootCertStore>,
-    expected: Identity,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl MeshServerVerifier {
-    fn new(roots: Arc<RootCertStore>, expected: Identity) -> Self {
-        let provider: Arc<CryptoProvider> = mesh::tls::provider();
-        MeshServerVerifier {
-            roots,
-            expected,
-            algorithms: provider.signature_verification_algorithms,
-        }
-    }
-}
-
-impl ServerCertVerifier for MeshServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        let id = mesh::tls::verify_leaf(end_entity, mesh::tls::Role::Server)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        if id != self.expected {
-            return Err(rustls::Error::General(format!(
-                "server is {id}, expected {}",
-                self.expected
-            )));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }
 
 /// A TLS record header of content type alert (21) with a 2-byte body: what rustls sends when

@@ -89,6 +89,13 @@ fn pod_to_pod_across_nodes_over_hbone_only() -> Result<()> {
     }
     ensure!(servers.len() == 2, "VIP answered by {servers:?}");
 
+    // An unmodified client: curl, by VIP, gets the echo server's answer.
+    let out = mesh.exec_ok(
+        "default/client",
+        &["curl", "-sS", "--max-time", "10", "http://10.96.0.10/curl"],
+    )?;
+    ensure!(out.contains("\"path\":\"/curl\""), "curl got {out}");
+
     // A raw TCP echo with a marker that must never appear in clear on the wire.
     let marker = b"SECRET-MARKER-hbone-only-0123456789";
     let back = mesh.echo_roundtrip("default/client", vip(80), marker)?;
@@ -111,6 +118,24 @@ fn pod_to_pod_across_nodes_over_hbone_only() -> Result<()> {
     ensure!(
         !summary.contains(b"GET /by-ip"),
         "HTTP request in clear on the wire"
+    );
+
+    // One structured access-log line per connection on each side, naming both identities.
+    let src_log = mesh.ztunnel_log("n1");
+    ensure!(
+        src_log.lines().any(|l| l.contains("connection complete")
+            && l.contains("direction=\"outbound\"")
+            && l.contains("spiffe://cluster.local/ns/default/sa/client")
+            && l.contains("spiffe://cluster.local/ns/default/sa/server")),
+        "no outbound access-log line on n1"
+    );
+    ensure!(
+        mesh.ztunnel_log("n2")
+            .lines()
+            .any(|l| l.contains("connection complete")
+                && l.contains("direction=\"inbound\"")
+                && l.contains("bytes_recv=")),
+        "no inbound access-log line on n2"
     );
     Ok(())
 }

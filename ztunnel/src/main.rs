@@ -7,6 +7,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let log = ztunnel::logging::init(args.log_format);
     let cfg = Config::from(&args);
+    raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ztunnel-worker")
@@ -16,4 +17,19 @@ fn main() -> anyhow::Result<()> {
         tracing::error!(error = format!("{e:#}"), "ztunnel failed");
     }
     result
+}
+
+/// Every proxied connection holds file descriptors on both sides; the default soft limit
+/// (often 1024) would shed connections long before memory runs out. Raise it to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
+    }
 }

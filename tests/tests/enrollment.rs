@@ -1,0 +1,630 @@
+//! Live enrollment and release, and agent restarts, end to end.
+//!
+//! Pods join the mesh when `istio.io/dataplane-mode` labels change in the config directory and
+//! leave it when they change back, while unrelated long-lived connections keep flowing; a
+//! killed agent leaves its pods captured (fail closed) and its successor takes them over
+//! without duplicating rules; a probe from the node itself reaches an enrolled pod.
+//!
+//! What "enrolled" means is checked from outside the agent, in the pod's own namespace: the
+//! nftables table `inet ztunnel`, the policy-routing rule for the inbound connmark, the
+//! outbound listener on 15001, and the pod being listed under `workloads` in `/config_dump`.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use e2e::{prom, wait_until, Ambient, CaptureSummary, Mesh, Pod};
+use serde_json::Value;
+
+/// How long a config change may take to apply (the agent polls every 500 ms).
+const APPLY: Duration = Duration::from_secs(10);
+/// Where every test pod's mesh-echo listens.
+const APP_PORT: u16 = 8080;
+const HBONE_PORT: u16 = 15008;
+const OUTBOUND_PORT: u16 = 15001;
+const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// The file the harness writes the declared topology to.
+const TOPOLOGY: &str = "topology.yaml";
+/// The agent's nftables table in every enrolled pod's namespace.
+const NFT_TABLE: &str = "table inet ztunnel";
+/// The conntrack/fwmark the agent's policy-routing rule matches (inbound replies).
+const INBOUND_FWMARK: &str = "fwmark 0x111";
+const OPENED: &str = "istio_tcp_connections_opened_total";
+const REFUSED: &str = "mesh_connections_refused_total";
+
+// === scenarios ===
+
+/// `apps` starts outside the mesh. Labelling it ambient enrolls `apps/a` (n1) and `apps/b`
+/// (n2) live: a's traffic to b then crosses the wire only as HBONE and is counted by n1.
+/// Opting `a` out with `dataplane-mode: none` releases it: its new connections go to b in
+/// plaintext, past the agent. Removing the namespace label releases `b` as well. Throughout,
+/// `default/long` keeps one echo connection open to `default/server` and exchanges bytes
+/// before, during and after every change.
+#[test]
+fn pods_are_enrolled_and_released_live_while_a_long_connection_flows() -> Result<()> {
+    let mesh = Mesh::builder("enroll_release")
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .namespace("apps", Ambient::No)
+        .pod(Pod::new("default", "long").on("n1").service_account("long"))
+        .pod(
+            Pod::new("default", "server")
+                .on("n2")
+                .service_account("server"),
+        )
+        .pod(Pod::new("apps", "a").on("n1").service_account("a"))
+        .pod(Pod::new("apps", "b").on("n2").service_account("b"))
+        .build()?;
+    let _server = mesh.spawn_echo("default/server", APP_PORT, "server")?;
+    let _b = mesh.spawn_echo("apps/b", APP_PORT, "b")?;
+    let b = app_addr(&mesh, "apps/b")?;
+    let b_ip = mesh.pod_ip("apps/b")?;
+    let mut long = LongLived::open(&mesh, "default/long", app_addr(&mesh, "default/server")?)?;
+    long.exchange("before any change")?;
+
+    // Outside the mesh, nothing of the agent is in a's namespace.
+    expect_setup(&mesh, "n1", "apps/a", Setup::Released, "apps/a starts released")?;
+    expect_setup(&mesh, "n2", "apps/b", Setup::Released, "apps/b starts released")?;
+    ensure!(
+        served(&mesh, "n1")? == BTreeSet::from(["default/long".to_owned()]),
+        "n1 serves {:?} before apps is enrolled",
+        served(&mesh, "n1")?
+    );
+
+    // Enroll the namespace.
+    relabel(&mesh, Object::Namespace("apps"), DATAPLANE_MODE, Some("ambient"))?;
+    long.exchange("while apps is being enrolled")?;
+    expect_setup(&mesh, "n1", "apps/a", Setup::Enrolled, "apps ambient: a enrolled")?;
+    expect_setup(&mesh, "n2", "apps/b", Setup::Enrolled, "apps ambient: b enrolled")?;
+    for node in ["n1", "n2"] {
+        mesh.wait_ready(node)?;
+    }
+    let before = opened_from_apps(&mesh)?;
+    let marker = b"MARKER-enrolled-a-to-b-0001";
+    let wire = echo_captured(&mesh, "apps/a", b, marker)?;
+    ensure!(
+        server_ports_towards(&wire, b_ip) == BTreeSet::from([HBONE_PORT]),
+        "enrolled a reached b over ports {:?}",
+        server_ports_towards(&wire, b_ip)
+    );
+    ensure!(!wire.contains(marker), "enrolled a's bytes in clear on the wire");
+    wait_until("n1 counts a's connection as source", APPLY, || {
+        Ok(opened_from_apps(&mesh)? > before)
+    })?;
+    long.exchange("after apps was enrolled")?;
+
+    // Opt a out with the pod label: a is released, b (still enrolled) takes its plaintext.
+    relabel(&mesh, Object::Pod("apps/a"), DATAPLANE_MODE, Some("none"))?;
+    long.exchange("while a is being released")?;
+    expect_setup(&mesh, "n1", "apps/a", Setup::Released, "a opted out")?;
+    expect_setup(&mesh, "n2", "apps/b", Setup::Enrolled, "b stays enrolled")?;
+    let before = opened_from_apps(&mesh)?;
+    let marker = b"MARKER-released-a-to-b-0002";
+    let wire = echo_captured(&mesh, "apps/a", b, marker)?;
+    ensure!(
+        server_ports_towards(&wire, b_ip) == BTreeSet::from([APP_PORT]),
+        "released a reached b over ports {:?}",
+        server_ports_towards(&wire, b_ip)
+    );
+    ensure!(wire.contains(marker), "released a's plaintext not seen on the wire");
+    ensure!(
+        opened_from_apps(&mesh)? == before,
+        "n1 still counts connections from apps after a was released"
+    );
+    long.exchange("after a was released")?;
+
+    // Remove the namespace label: b is released too, and a still reaches it directly.
+    relabel(&mesh, Object::Namespace("apps"), DATAPLANE_MODE, None)?;
+    long.exchange("while b is being released")?;
+    expect_setup(&mesh, "n2", "apps/b", Setup::Released, "apps label removed")?;
+    expect_setup(&mesh, "n1", "apps/a", Setup::Released, "a stays released")?;
+    let back = mesh.echo_roundtrip("apps/a", b, b"plain-after-release")?;
+    ensure!(back == b"plain-after-release", "a -> b after both released");
+    ensure!(
+        served(&mesh, "n2")? == BTreeSet::from(["default/server".to_owned()]),
+        "n2 serves {:?} after apps left",
+        served(&mesh, "n2")?
+    );
+    long.exchange("after every change")?;
+    Ok(())
+}
+
+/// A connection a pod opened while enrolled belongs to the agent's relay; releasing the pod
+/// closes its listeners but must let that connection run to completion, on the source side
+/// (`a` opted out) and on the destination side (`b`'s namespace label removed).
+#[test]
+fn a_released_pods_established_connections_run_to_completion() -> Result<()> {
+    let mesh = Mesh::builder("release_drain")
+        .node("n1")
+        .node("n2")
+        .namespace("apps", Ambient::Yes)
+        .pod(Pod::new("apps", "a").on("n1").service_account("a"))
+        .pod(Pod::new("apps", "b").on("n2").service_account("b"))
+        .build()?;
+    let _b = mesh.spawn_echo("apps/b", APP_PORT, "b")?;
+    let b = app_addr(&mesh, "apps/b")?;
+    let mut held = LongLived::open(&mesh, "apps/a", b)?;
+    held.exchange("while a and b are enrolled")?;
+
+    relabel(&mesh, Object::Pod("apps/b"), DATAPLANE_MODE, Some("none"))?;
+    expect_setup(&mesh, "n2", "apps/b", Setup::Released, "b opted out")?;
+    if let Err(e) = held.exchange("after its source a was released") {
+        eprintln!("N1 LOG:\n{}", mesh.ztunnel_log("n1"));
+        eprintln!("N2 LOG:\n{}", mesh.ztunnel_log("n2"));
+        let o = mesh.exec("apps/a", &["conntrack", "-L"])?;
+        eprintln!("CT: {} {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        let o = mesh.exec("apps/b", &["ss", "-tanp"])?;
+        eprintln!("SS: {}", String::from_utf8_lossy(&o.stdout));
+        return Err(e);
+    }
+
+    relabel(&mesh, Object::Namespace("apps"), DATAPLANE_MODE, None)?;
+    expect_setup(&mesh, "n2", "apps/b", Setup::Released, "apps label removed")?;
+    held.exchange("after its destination b was released")?;
+    Ok(())
+}
+
+/// A crashed agent (SIGKILL) leaves its pods captured: while it is down nothing reaches them,
+/// neither plaintext from outside the mesh nor HBONE. The agent started again takes them over
+/// from its own config: HBONE and a workload-level STRICT PeerAuthentication work as before,
+/// each pod namespace holds exactly the rules it held before (one table, one ip rule), and
+/// only the new process runs.
+#[test]
+fn a_killed_agent_fails_closed_and_its_successor_takes_over_cleanly() -> Result<()> {
+    let mesh = Mesh::builder("restart")
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .namespace("legacy", Ambient::No)
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(Pod::new("legacy", "outsider").on("n1"))
+        .pod(
+            Pod::new("default", "server")
+                .on("n2")
+                .service_account("server"),
+        )
+        .pod(
+            Pod::new("default", "locked")
+                .on("n2")
+                .service_account("locked")
+                .labels([("app", "locked")]),
+        )
+        .yaml(
+            "strict-locked.yaml",
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: locked\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: locked\n  mtls:\n    mode: STRICT\n",
+        )
+        .build()?;
+    let _server = mesh.spawn_echo("default/server", APP_PORT, "server")?;
+    let _locked = mesh.spawn_echo("default/locked", APP_PORT, "locked")?;
+    let server = app_addr(&mesh, "default/server")?;
+    let locked = app_addr(&mesh, "default/locked")?;
+    let n2_pods = ["default/server", "default/locked"];
+
+    // Before: PERMISSIVE server open to plaintext, STRICT locked only to the mesh.
+    let reach_table = [
+        ("legacy/outsider", server, true),
+        ("legacy/outsider", locked, false),
+        ("default/client", server, true),
+        ("default/client", locked, true),
+    ];
+    for (from, to, allowed) in reach_table {
+        expect_reach(&mesh, from, to, allowed, "before the crash")?;
+    }
+    let mut rules_before = Vec::new();
+    for pod in n2_pods {
+        rules_before.push(redirection_of(&mesh, pod)?);
+    }
+    let old_pid = mesh.ztunnel_pid("n2").context("n2 agent runs")?;
+
+    mesh.kill_ztunnel("n2")?;
+    // Fail closed: the rules stay, so plaintext is redirected to a port nobody listens on,
+    // and HBONE finds no 15008 listener either.
+    for pod in n2_pods {
+        let setup = setup_in_pod(&mesh, pod)?;
+        ensure!(
+            setup.nft_table && setup.ip_rules == 1,
+            "{pod} lost its redirection when the agent died: {setup:?}"
+        );
+    }
+    for (from, to) in [
+        ("legacy/outsider", server),
+        ("default/client", server),
+        ("default/client", locked),
+    ] {
+        ensure!(
+            !reaches(&mesh, from, to),
+            "{from} reached {to} while n2's agent was down"
+        );
+    }
+
+    mesh.start_ztunnel("n2")?;
+    for (from, to, allowed) in reach_table {
+        expect_reach(&mesh, from, to, allowed, "after the restart")?;
+    }
+    ensure!(
+        refused_by_peer_authn(&mesh, "n2")? >= 1.0,
+        "the new agent did not count refusing plaintext to the STRICT pod"
+    );
+    let marker = b"MARKER-after-restart-0003";
+    let wire = echo_captured(&mesh, "default/client", locked, marker)?;
+    let locked_ip = mesh.pod_ip("default/locked")?;
+    ensure!(
+        server_ports_towards(&wire, locked_ip) == BTreeSet::from([HBONE_PORT]),
+        "client reached locked over ports {:?} after the restart",
+        server_ports_towards(&wire, locked_ip)
+    );
+    ensure!(!wire.contains(marker), "bytes in clear after the restart");
+
+    for (pod, before) in n2_pods.into_iter().zip(rules_before) {
+        let tables = mesh.exec_ok(pod, &["nft", "list", "tables"])?;
+        let tables: Vec<&str> = tables.lines().map(str::trim).collect();
+        ensure!(tables == [NFT_TABLE], "{pod}: nft tables {tables:?}");
+        let setup = setup_in_pod(&mesh, pod)?;
+        ensure!(
+            setup.ip_rules == 1,
+            "{pod}: {} ip rules for {INBOUND_FWMARK}",
+            setup.ip_rules
+        );
+        let after = redirection_of(&mesh, pod)?;
+        ensure!(
+            after == before,
+            "{pod}: redirection changed across the restart:\nbefore:\n{before}\nafter:\n{after}"
+        );
+    }
+
+    let new_pid = mesh.ztunnel_pid("n2").context("n2 agent runs again")?;
+    ensure!(new_pid != old_pid, "the restarted agent kept pid {old_pid}");
+    let agents = agent_pids_in_node(&mesh, "n2")?;
+    ensure!(
+        agents == [new_pid],
+        "agents in n2's namespace: {agents:?} (new {new_pid}, old {old_pid})"
+    );
+    Ok(())
+}
+
+/// A kubelet-style probe: the node itself connects to an enrolled pod's IP. The pod's inbound
+/// capture takes it (the agent counts it) and, with the default PERMISSIVE mode, delivers it
+/// to the application.
+#[test]
+fn a_probe_from_the_node_reaches_an_enrolled_pod() -> Result<()> {
+    let mesh = Mesh::builder("node_probe")
+        .node("n1")
+        .namespace("default", Ambient::Yes)
+        .pod(Pod::new("default", "web").on("n1").service_account("web"))
+        .build()?;
+    let _web = mesh.spawn_echo("default/web", APP_PORT, "web")?;
+    expect_setup(&mesh, "n1", "default/web", Setup::Enrolled, "web enrolled")?;
+    let inbound = [
+        ("reporter", "destination"),
+        ("destination_workload_namespace", "default"),
+    ];
+    let before = prom::sum(&mesh.metrics("n1")?, OPENED, &inbound);
+
+    let reply = probe_from_node(&mesh, "n1", app_addr(&mesh, "default/web")?, "/healthz")?;
+    ensure!(reply["server"] == "web", "answered by {}", reply["server"]);
+    ensure!(reply["path"] == "/healthz", "path {}", reply["path"]);
+    let peer = reply["peer"].as_str().unwrap_or_default();
+    let node_side = node_side_of(mesh.pod_ip("default/web")?);
+    ensure!(
+        peer.starts_with(&format!("{node_side}:")),
+        "the app saw {peer}, the node's side of the pod link is {node_side}"
+    );
+    wait_until("n1 counts the probe as inbound", APPLY, || {
+        Ok(prom::sum(&mesh.metrics("n1")?, OPENED, &inbound) > before)
+    })?;
+    Ok(())
+}
+
+// === enrollment as seen from the pod ===
+
+/// What the agent has set up for one pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    /// Listed by its agent, table + ip rule installed, 15001 listening.
+    Enrolled,
+    /// None of that.
+    Released,
+}
+
+/// The pieces of a pod's enrollment visible from inside its namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PodSetup {
+    nft_table: bool,
+    ip_rules: usize,
+    outbound_listener: bool,
+}
+
+fn setup_in_pod(mesh: &Mesh, pod: &str) -> Result<PodSetup> {
+    let nft = mesh.exec(pod, &["nft", "list", "table", "inet", "ztunnel"])?;
+    let rules = mesh.exec_ok(pod, &["ip", "rule", "show"])?;
+    let listeners = mesh.exec_ok(pod, &["ss", "-H", "-t", "-l", "-n"])?;
+    let outbound_port = format!(":{OUTBOUND_PORT}");
+    Ok(PodSetup {
+        nft_table: nft.status.success(),
+        ip_rules: rules.lines().filter(|l| l.contains(INBOUND_FWMARK)).count(),
+        // Columns: state, recv-q, send-q, local address:port, peer address:port.
+        outbound_listener: listeners.lines().any(|l| {
+            l.split_whitespace()
+                .nth(3)
+                .is_some_and(|local| local.ends_with(&outbound_port))
+        }),
+    })
+}
+
+/// Waits until `pod`'s agent on `node` and the pod's namespace both show `want`.
+fn expect_setup(mesh: &Mesh, node: &str, pod: &str, want: Setup, why: &str) -> Result<()> {
+    let enrolled = want == Setup::Enrolled;
+    let expected = PodSetup {
+        nft_table: enrolled,
+        ip_rules: usize::from(enrolled),
+        outbound_listener: enrolled,
+    };
+    let mut last = None;
+    let result = wait_until(why, APPLY, || {
+        let listed = served(mesh, node)?.contains(pod);
+        let setup = setup_in_pod(mesh, pod)?;
+        last = Some((listed, setup));
+        Ok(listed == enrolled && setup == expected)
+    });
+    result.with_context(|| {
+        format!("{pod} on {node} should be {want:?}; last seen (listed, setup): {last:?}")
+    })
+}
+
+/// The pods the node's agent lists under `workloads` in `/config_dump`.
+fn served(mesh: &Mesh, node: &str) -> Result<BTreeSet<String>> {
+    let dump: Value = serde_json::from_str(&mesh.admin(node, "/config_dump")?)
+        .with_context(|| format!("parse /config_dump of {node}"))?;
+    let workloads = dump["workloads"]
+        .as_array()
+        .with_context(|| format!("{node}: /config_dump has no workloads list"))?;
+    Ok(workloads
+        .iter()
+        .filter(|w| w["state"] == "enrolled")
+        .filter_map(|w| w["pod"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// The pod's redirection as text: the agent's nft table and the ip rules, to compare across
+/// agent restarts.
+fn redirection_of(mesh: &Mesh, pod: &str) -> Result<String> {
+    let table = mesh.exec_ok(pod, &["nft", "list", "table", "inet", "ztunnel"])?;
+    let rules = mesh.exec_ok(pod, &["ip", "rule", "show"])?;
+    Ok(format!("{table}\n{rules}"))
+}
+
+// === configuration ===
+
+/// An object of the harness's topology file.
+#[derive(Clone, Copy, Debug)]
+enum Object<'a> {
+    Namespace(&'a str),
+    /// `namespace/name`.
+    Pod(&'a str),
+}
+
+impl Object<'_> {
+    fn matches(&self, doc: &Value) -> bool {
+        let meta = &doc["metadata"];
+        match *self {
+            Object::Namespace(name) => doc["kind"] == "Namespace" && meta["name"] == name,
+            Object::Pod(key) => {
+                doc["kind"] == "Pod"
+                    && key.split_once('/').is_some_and(|(ns, name)| {
+                        meta["namespace"] == ns && meta["name"] == name
+                    })
+            }
+        }
+    }
+}
+
+/// Sets (`Some`) or removes (`None`) one label of one object by rewriting the harness's
+/// topology file. The object has to stay in that file: the loader rejects an object defined
+/// twice, so an override in another file would only leave the agents on their last good
+/// config.
+fn relabel(mesh: &Mesh, object: Object<'_>, key: &str, value: Option<&str>) -> Result<()> {
+    let path = mesh.config_dir().join(TOPOLOGY);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let mut docs: Vec<Value> = Vec::new();
+    for (i, doc) in text.split("\n---\n").enumerate() {
+        let value: Value = serde_yaml::from_str(doc)
+            .with_context(|| format!("{TOPOLOGY} part {i}: parse yaml"))?;
+        // The part before the first separator is the harness's header comment.
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    let target = docs
+        .iter_mut()
+        .find(|d| object.matches(d))
+        .with_context(|| format!("{object:?} is not in {TOPOLOGY}"))?;
+    let metadata = target
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+        .with_context(|| format!("{object:?} has no metadata"))?;
+    let labels = metadata
+        .entry("labels")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if labels.is_null() {
+        *labels = Value::Object(Default::default());
+    }
+    let labels = labels
+        .as_object_mut()
+        .with_context(|| format!("{object:?}: labels are not a map"))?;
+    match value {
+        Some(v) => {
+            labels.insert(key.to_owned(), Value::String(v.to_owned()));
+        }
+        None => {
+            if labels.remove(key).is_none() {
+                bail!("{object:?} has no label {key}");
+            }
+        }
+    }
+    let mut out = String::from("# Rewritten by the enrollment tests.\n");
+    for doc in &docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(doc).context("render yaml document")?);
+    }
+    mesh.write_yaml(TOPOLOGY, &out)
+}
+
+// === traffic ===
+
+fn app_addr(mesh: &Mesh, pod: &str) -> Result<SocketAddr> {
+    Ok(SocketAddr::new(mesh.pod_ip(pod)?.into(), APP_PORT))
+}
+
+/// One echo connection kept open across changes; every exchange must come back intact.
+struct LongLived {
+    from: String,
+    stream: TcpStream,
+}
+
+impl LongLived {
+    fn open(mesh: &Mesh, from: &str, to: SocketAddr) -> Result<Self> {
+        Ok(LongLived {
+            from: from.to_owned(),
+            stream: mesh.connect(from, to)?,
+        })
+    }
+
+    fn exchange(&mut self, when: &str) -> Result<()> {
+        // Never an HTTP request line, so mesh-echo treats the connection as raw bytes.
+        let msg = format!("long-lived bytes {when}");
+        let mut back = vec![0u8; msg.len()];
+        self.stream
+            .write_all(msg.as_bytes())
+            .and_then(|()| self.stream.read_exact(&mut back))
+            .with_context(|| format!("long-lived connection from {} {when}", self.from))?;
+        ensure!(
+            back == msg.as_bytes(),
+            "long-lived connection from {} {when}: got {:?}",
+            self.from,
+            String::from_utf8_lossy(&back)
+        );
+        Ok(())
+    }
+}
+
+/// Whether an echo round trip from `from` to `to` comes back intact (a refusal or reset
+/// does not).
+fn reaches(mesh: &Mesh, from: &str, to: SocketAddr) -> bool {
+    let payload = format!("ping from {from} to {to}");
+    matches!(mesh.echo_roundtrip(from, to, payload.as_bytes()), Ok(back) if back == payload.as_bytes())
+}
+
+fn expect_reach(mesh: &Mesh, from: &str, to: SocketAddr, allowed: bool, when: &str) -> Result<()> {
+    let verdict = if allowed { "allowed" } else { "refused" };
+    wait_until(&format!("{from} -> {to} {verdict} {when}"), APPLY, || {
+        Ok(reaches(mesh, from, to) == allowed)
+    })
+}
+
+/// Echoes `marker` from `from` to `to` with the wire between the nodes captured.
+fn echo_captured(
+    mesh: &Mesh,
+    from: &str,
+    to: SocketAddr,
+    marker: &[u8],
+) -> Result<CaptureSummary> {
+    let capture = mesh.capture_wire()?;
+    let back = mesh.echo_roundtrip(from, to, marker)?;
+    let summary = capture.stop()?;
+    ensure!(
+        back == marker,
+        "{from} -> {to}: echo returned {:?}",
+        String::from_utf8_lossy(&back)
+    );
+    Ok(summary)
+}
+
+/// Server ports of the TCP connections opened across the wire towards `ip`.
+fn server_ports_towards(wire: &CaptureSummary, ip: Ipv4Addr) -> BTreeSet<u16> {
+    wire.tcp_connections()
+        .into_iter()
+        .filter(|(_, server)| *server.ip() == ip)
+        .map(|(_, server)| server.port())
+        .collect()
+}
+
+/// `GET path` from the node's own namespace (as a kubelet probe would), with curl.
+fn probe_from_node(mesh: &Mesh, node: &str, to: SocketAddr, path: &str) -> Result<Value> {
+    let url = format!("http://{to}{path}");
+    let out = mesh.exec_node(
+        node,
+        &["curl", "-sS", "--fail", "--max-time", "10", url.as_str()],
+    )?;
+    ensure!(
+        out.status.success(),
+        "probe {url} from {node} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "probe {url}: reply is not json: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The node's address on a pod's link (`10.244.<node>.1`, see the harness's address plan):
+/// the source of the node's own connections to that pod.
+fn node_side_of(pod_ip: Ipv4Addr) -> Ipv4Addr {
+    let [a, b, c, _] = pod_ip.octets();
+    Ipv4Addr::new(a, b, c, 1)
+}
+
+// === metrics and processes ===
+
+/// Connections n1's agent opened for sources in namespace `apps`.
+fn opened_from_apps(mesh: &Mesh) -> Result<f64> {
+    Ok(prom::sum(
+        &mesh.metrics("n1")?,
+        OPENED,
+        &[("reporter", "source"), ("source_workload_namespace", "apps")],
+    ))
+}
+
+fn refused_by_peer_authn(mesh: &Mesh, node: &str) -> Result<f64> {
+    Ok(prom::sum(
+        &mesh.metrics(node)?,
+        REFUSED,
+        &[("reason", "PEERAUTHN")],
+    ))
+}
+
+/// Pids of the `ztunnel` processes living in the node's namespace.
+fn agent_pids_in_node(mesh: &Mesh, node: &str) -> Result<Vec<u32>> {
+    let netns = mesh.node_netns(node)?;
+    let out = Command::new("ip")
+        .args(["netns", "pids", &netns])
+        .output()
+        .with_context(|| format!("run ip netns pids {netns}"))?;
+    ensure!(
+        out.status.success(),
+        "ip netns pids {netns}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|pid| {
+            // A process may exit between the listing and this read: then it is not an agent.
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "ztunnel")
+        })
+        .collect();
+    pids.sort_unstable();
+    Ok(pids)
+}

@@ -12,8 +12,13 @@
 //
 // What is never steered:
 // - anything that is not TCP over IPv4 or IPv6;
-// - connections received on the loopback device (the pod talking to itself, and the agent
-//   delivering an inbound connection to the application);
+// - connections received on the loopback device to a loopback address, and connections from the
+//   pod's own address to itself (for a local destination the kernel reports the device of the
+//   address's route, eth0, as `ingress_ifindex`, so "came over lo" is not visible here);
+// - connections from a source address:port the agent has exempted (`agent_delivery`): the
+//   agent hands each inbound connection to the application from a socket bound to the
+//   client's address, and that connection must not be steered back to the agent (a loop).
+//   sk_lookup cannot see the socket mark, so the agent names the exact source instead.
 // - connections to the HBONE port (configured by the loader);
 // - connections from the configured probe source address (the node's kubelet probes), so
 //   health checks keep reaching the application directly.
@@ -24,7 +29,6 @@
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
 
 // The loopback device is created first in every network namespace, so its index is always 1.
 #define LOOPBACK_IFINDEX 1
@@ -37,6 +41,20 @@
 volatile const __u32 hbone_port = 15008;
 // The probe source address in network byte order; 0 = no probe bypass.
 volatile const __u32 probe_source_ip4 = 0;
+
+// Key of `agent_delivery`: the source of a connection the agent opens towards the application.
+struct delivery_key {
+	__u32 ip4;  // network order
+	__u16 port; // network order
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct delivery_key);
+	__type(value, __u8);
+} agent_delivery SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
@@ -53,9 +71,18 @@ static __always_inline int try_steer_inbound(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	if (ctx->local_port == hbone_port)
 		return SK_PASS;
-	if (ctx->family == 2 /* AF_INET */ && probe_source_ip4 != 0 &&
-	    ctx->remote_ip4 == probe_source_ip4)
-		return SK_PASS;
+	if (ctx->family == 2 /* AF_INET */) {
+		if (ctx->remote_ip4 == ctx->local_ip4)
+			return SK_PASS;
+		if (probe_source_ip4 != 0 && ctx->remote_ip4 == probe_source_ip4)
+			return SK_PASS;
+		struct delivery_key delivery = {
+			.ip4 = ctx->remote_ip4,
+			.port = (__u16)ctx->remote_port,
+		};
+		if (bpf_map_lookup_elem(&agent_delivery, &delivery))
+			return SK_PASS;
+	}
 
 	__u32 key = INBOUND_LISTENER_KEY;
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listener, &key);

@@ -8,10 +8,12 @@
 //! address is rewritten, so the accepted socket's `local_addr()` is the original destination.
 //!
 //! What is not steered: the HBONE port (the agent's own 15008 listener gets it by the normal
-//! lookup), connections received on loopback (the pod talking to itself, and the agent handing
-//! an inbound connection to the application), and connections from
+//! lookup); loopback and the pod connecting to its own address; connections from
 //! [`InboundConfig::probe_source`] (the node's kubelet probes, which must reach the application
-//! even while the agent is down, as with Istio's probe bypass).
+//! even while the agent is down, as with Istio's probe bypass); and the agent's own delivery
+//! of an inbound connection to the application, which it announces with
+//! [`InboundGuard::exempt`] before connecting (sk_lookup cannot see the socket mark, and the
+//! delivery comes from the client's address, so only its exact source tells it apart).
 //!
 //! Failure mode: when the map holds no listener (the agent's listener closed, e.g. during an
 //! agent restart) the program refuses the connection rather than let it reach the application
@@ -24,11 +26,12 @@
 //! unpins and detaches (the pod is gone), [`InboundGuard::keep_pinned`] leaves it for the next
 //! agent.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use aya::maps::{Map, MapData, MapError, SockMap};
+use aya::maps::{HashMap, Map, MapData, MapError, SockMap};
 use aya::pin::PinError;
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::{ProgramError, SkLookup};
@@ -40,11 +43,13 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inbound
 
 const PROGRAM: &str = "zt_inbound";
 const LISTENER_MAP: &str = "inbound_listener";
+const DELIVERY_MAP: &str = "agent_delivery";
 /// The listener's slot in [`LISTENER_MAP`] (`INBOUND_LISTENER_KEY` in the C program).
 const LISTENER_KEY: u32 = 0;
-/// File names inside a pin directory.
+/// File names inside a pin directory. The maps are pinned before the link, so a link pin
+/// always has its maps beside it.
 const LINK_PIN: &str = "link";
-const MAP_PIN: &str = "inbound_listener";
+const MAP_PINS: [&str; 2] = [LISTENER_MAP, DELIVERY_MAP];
 
 /// What the inbound program leaves alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,8 +89,13 @@ pub enum InboundError {
     Load(#[source] ProgramError),
     #[error("attach program {PROGRAM} to the network namespace: {0}")]
     Attach(#[source] ProgramError),
-    #[error("put the inbound listener into map {LISTENER_MAP}: {0}")]
-    Register(#[source] MapError),
+    #[error("use map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("exempt {source_addr} in map {DELIVERY_MAP}: {source}")]
+    Exempt {
+        source_addr: SocketAddrV4,
+        source: MapError,
+    },
     #[error("create pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,
@@ -116,12 +126,12 @@ pub fn attach_inbound(
     config: &InboundConfig,
 ) -> Result<InboundGuard, InboundError> {
     let loaded = load(config)?;
-    let map = sock_map(loaded.map)?;
+    let maps = Maps::new(loaded.listener, loaded.delivery)?;
     let mut guard = InboundGuard {
         link: Some(Attachment::Owned {
             _held: attach(loaded.ebpf, netns)?,
         }),
-        map,
+        maps,
         pins: None,
         adopted: false,
     };
@@ -130,13 +140,14 @@ pub fn attach_inbound(
     Ok(guard)
 }
 
-/// Like [`attach_inbound`], but the link and the map are pinned under `pin_dir` (a directory on
-/// a bpffs mount, one per pod, created if missing) so the capture survives the agent.
+/// Like [`attach_inbound`], but the link and the maps are pinned under `pin_dir` (a directory
+/// on a bpffs mount, one per pod, created if missing) so the capture survives the agent.
 ///
 /// If `pin_dir` already holds a link (an earlier agent's), that attachment is adopted:
-/// `listener` replaces the earlier one and `config` is NOT applied (the running program keeps
-/// the settings it was loaded with; detach first to change them). [`InboundGuard::adopted`]
-/// tells which happened.
+/// `listener` replaces the earlier one, the earlier agent's exemptions are cleared (its
+/// deliveries died with it), and `config` is NOT applied (the running program keeps the
+/// settings it was loaded with; detach first to change them). [`InboundGuard::adopted`] tells
+/// which happened.
 pub fn attach_inbound_pinned(
     netns: &impl AsFd,
     listener: &impl AsRawFd,
@@ -144,27 +155,17 @@ pub fn attach_inbound_pinned(
     pin_dir: &Path,
 ) -> Result<InboundGuard, InboundError> {
     let link_path = pin_dir.join(LINK_PIN);
-    let map_path = pin_dir.join(MAP_PIN);
     if link_path.exists() {
-        if !map_path.exists() {
-            return Err(InboundError::Incomplete {
-                link: link_path,
-                map: map_path,
-            });
-        }
         let link = PinnedLink::from_pin(&link_path).map_err(|source| InboundError::OpenLink {
             path: link_path.clone(),
             source,
         })?;
-        let map = MapData::from_pin(&map_path)
-            .and_then(|data| SockMap::try_from(Map::SockMap(data)))
-            .map_err(|source| InboundError::OpenMap {
-                path: map_path.clone(),
-                source,
-            })?;
+        let [listener_map, delivery_map] = MAP_PINS.map(|name| open_pinned(pin_dir, name));
+        let maps = Maps::new(listener_map?, delivery_map?)?;
+        maps.clear_exemptions();
         let mut guard = InboundGuard {
             link: Some(Attachment::Pinned(link)),
-            map,
+            maps,
             pins: Some(pin_dir.to_path_buf()),
             adopted: true,
         };
@@ -177,31 +178,36 @@ pub fn attach_inbound_pinned(
         path: pin_dir.to_path_buf(),
         source,
     })?;
-    // A map pin without a link is what an agent leaves when it dies between pinning the map
-    // and pinning the link (the link died with it): stale, replace it.
-    if map_path.exists() {
-        let _ = std::fs::remove_file(&map_path);
-    }
+    // Map pins without a link are what an agent leaves when it dies between pinning the maps
+    // and pinning the link (the link died with it): stale, replace them.
+    remove_map_pins(pin_dir);
     let loaded = load(config)?;
-    // Pin the map before the link: a link pin always has its map beside it.
-    loaded.map.pin(&map_path).map_err(|source| InboundError::Pin {
-        what: "map",
-        path: map_path.clone(),
-        source,
-    })?;
-    let map = sock_map(loaded.map)?;
-    let link = match attach(loaded.ebpf, netns)
-        .and_then(|link| pin_link(link, &link_path))
-    {
+    let pinned = [
+        (&loaded.listener, LISTENER_MAP),
+        (&loaded.delivery, DELIVERY_MAP),
+    ]
+    .into_iter()
+    .try_for_each(|(map, name)| {
+        let path = pin_dir.join(name);
+        map.pin(&path).map_err(|source| InboundError::Pin {
+            what: "map",
+            path,
+            source,
+        })
+    });
+    let link = pinned
+        .and_then(|()| attach(loaded.ebpf, netns))
+        .and_then(|link| pin_link(link, &link_path));
+    let link = match link {
         Ok(link) => link,
         Err(e) => {
-            let _ = std::fs::remove_file(&map_path);
+            remove_map_pins(pin_dir);
             return Err(e);
         }
     };
     let mut guard = InboundGuard {
         link: Some(Attachment::Pinned(link)),
-        map,
+        maps: Maps::new(loaded.listener, loaded.delivery)?,
         pins: Some(pin_dir.to_path_buf()),
         adopted: false,
     };
@@ -215,15 +221,27 @@ pub fn attach_inbound_pinned(
 pub struct InboundGuard {
     /// `None` only while dropping.
     link: Option<Attachment>,
-    map: SockMap<MapData>,
+    maps: Maps,
     pins: Option<PathBuf>,
     adopted: bool,
+}
+
+/// While alive, a new connection from `source` to the pod is not steered: the agent holds one
+/// while it connects to the application on behalf of a client. Dropping it removes the entry;
+/// drop it once the connection is established (only the SYN is looked up).
+#[must_use = "the exemption ends when this is dropped"]
+pub struct Exemption {
+    delivery: Arc<Mutex<HashMap<MapData, u64, u8>>>,
+    key: u64,
+    source: SocketAddrV4,
 }
 
 #[derive(Debug)]
 enum Attachment {
     /// The link, and the loaded object that owns the program, die with the guard.
-    Owned { _held: OwnedLink },
+    Owned {
+        _held: OwnedLink,
+    },
     Pinned(PinnedLink),
 }
 
@@ -234,9 +252,16 @@ struct OwnedLink {
     _ebpf: Ebpf,
 }
 
+struct Maps {
+    listener: SockMap<MapData>,
+    /// Shared with the [`Exemption`]s handed out, which may outlive a borrow of the guard.
+    delivery: Arc<Mutex<HashMap<MapData, u64, u8>>>,
+}
+
 struct Loaded {
     ebpf: Ebpf,
-    map: Map,
+    listener: Map,
+    delivery: Map,
 }
 
 // === impl InboundGuard ===
@@ -245,9 +270,30 @@ impl InboundGuard {
     /// Steers to `listener` from now on (e.g. after rebinding 15006). Connections already
     /// queued on the previous listener stay there.
     pub fn set_listener(&mut self, listener: &impl AsRawFd) -> Result<(), InboundError> {
-        self.map
+        self.maps
+            .listener
             .set(LISTENER_KEY, listener, 0)
-            .map_err(InboundError::Register)
+            .map_err(|source| InboundError::Map {
+                map: LISTENER_MAP,
+                source,
+            })
+    }
+
+    /// Lets the next connection from `source` (the address the agent's delivery socket is
+    /// bound to) reach the application instead of the agent.
+    pub fn exempt(&self, source: SocketAddrV4) -> Result<Exemption, InboundError> {
+        let key = delivery_key(source);
+        lock(&self.maps.delivery)
+            .insert(key, 1, 0)
+            .map_err(|e| InboundError::Exempt {
+                source_addr: source,
+                source: e,
+            })?;
+        Ok(Exemption {
+            delivery: Arc::clone(&self.maps.delivery),
+            key,
+            source,
+        })
     }
 
     /// Whether this guard took over an attachment pinned by an earlier agent.
@@ -291,11 +337,8 @@ impl Drop for InboundGuard {
                 if let Err(e) = link.unpin() {
                     warn!(pin_dir = %dir.display(), error = %e, "unpin inbound sk_lookup link");
                 }
-                let map_pin = dir.join(MAP_PIN);
-                if let Err(e) = std::fs::remove_file(&map_pin) {
-                    warn!(path = %map_pin.display(), error = %e, "remove inbound map pin");
-                }
-                // Only empty: the directory is the caller's, and may hold other pins.
+                remove_map_pins(&dir);
+                // Only if empty: the directory is the caller's, and may hold other pins.
                 let _ = std::fs::remove_dir(&dir);
                 debug!(pin_dir = %dir.display(), "detached pinned inbound sk_lookup");
             }
@@ -305,6 +348,63 @@ impl Drop for InboundGuard {
             }
         }
     }
+}
+
+// === impl Exemption ===
+
+impl std::fmt::Debug for Exemption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exemption")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Exemption {
+    fn drop(&mut self) {
+        if let Err(e) = lock(&self.delivery).remove(&self.key) {
+            warn!(source = %self.source, error = %e, "remove inbound exemption");
+        }
+    }
+}
+
+// === impl Maps ===
+
+impl Maps {
+    fn new(listener: Map, delivery: Map) -> Result<Self, InboundError> {
+        Ok(Self {
+            listener: SockMap::try_from(listener).map_err(|source| InboundError::Map {
+                map: LISTENER_MAP,
+                source,
+            })?,
+            delivery: Arc::new(Mutex::new(HashMap::try_from(delivery).map_err(
+                |source| InboundError::Map {
+                    map: DELIVERY_MAP,
+                    source,
+                },
+            )?)),
+        })
+    }
+
+    fn clear_exemptions(&self) {
+        let mut delivery = lock(&self.delivery);
+        let stale: Vec<u64> = delivery.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            let _ = delivery.remove(&key);
+        }
+    }
+}
+
+/// The map is only ever updated with single syscalls, so a poisoned lock holds nothing torn.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `struct delivery_key` of the C program: address and port in network order, 2 bytes padding.
+fn delivery_key(source: SocketAddrV4) -> u64 {
+    let [a, b, c, d] = source.ip().octets();
+    let [p, q] = source.port().to_be_bytes();
+    u64::from_ne_bytes([a, b, c, d, p, q, 0, 0])
 }
 
 // === loading ===
@@ -320,33 +420,32 @@ fn load(config: &InboundConfig) -> Result<Loaded, InboundError> {
         .set_global("probe_source_ip4", &probe_source, true)
         .load(OBJECT)
         .map_err(InboundError::Object)?;
-    let program: &mut SkLookup = ebpf
-        .program_mut(PROGRAM)
+    program(&mut ebpf)?.load().map_err(InboundError::Load)?;
+    let listener = take_map(&mut ebpf, LISTENER_MAP)?;
+    let delivery = take_map(&mut ebpf, DELIVERY_MAP)?;
+    Ok(Loaded {
+        ebpf,
+        listener,
+        delivery,
+    })
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut SkLookup, InboundError> {
+    ebpf.program_mut(PROGRAM)
         .and_then(|p| p.try_into().ok())
         .ok_or(InboundError::Missing {
             what: "sk_lookup program",
             name: PROGRAM,
-        })?;
-    program.load().map_err(InboundError::Load)?;
-    let map = ebpf.take_map(LISTENER_MAP).ok_or(InboundError::Missing {
-        what: "map",
-        name: LISTENER_MAP,
-    })?;
-    Ok(Loaded { ebpf, map })
+        })
 }
 
-fn sock_map(map: Map) -> Result<SockMap<MapData>, InboundError> {
-    SockMap::try_from(map).map_err(InboundError::Register)
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, InboundError> {
+    ebpf.take_map(name)
+        .ok_or(InboundError::Missing { what: "map", name })
 }
 
 fn attach(mut ebpf: Ebpf, netns: &impl AsFd) -> Result<OwnedLink, InboundError> {
-    let program: &mut SkLookup = ebpf
-        .program_mut(PROGRAM)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(InboundError::Missing {
-            what: "sk_lookup program",
-            name: PROGRAM,
-        })?;
+    let program = program(&mut ebpf)?;
     let id = program.attach(netns).map_err(InboundError::Attach)?;
     let link = program.take_link(id).map_err(InboundError::Attach)?;
     Ok(OwnedLink {
@@ -357,10 +456,52 @@ fn attach(mut ebpf: Ebpf, netns: &impl AsFd) -> Result<OwnedLink, InboundError> 
 
 /// The program stays loaded as long as the link references it, so the object can go.
 fn pin_link(link: OwnedLink, path: &Path) -> Result<PinnedLink, InboundError> {
-    let OwnedLink { _link, _ebpf } = link;
-    _link.pin(path).map_err(|source| InboundError::Pin {
+    link._link.pin(path).map_err(|source| InboundError::Pin {
         what: "link",
         path: path.to_path_buf(),
         source,
     })
+}
+
+fn open_pinned(dir: &Path, name: &str) -> Result<Map, InboundError> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Err(InboundError::Incomplete {
+            link: dir.join(LINK_PIN),
+            map: path,
+        });
+    }
+    let data = MapData::from_pin(&path).map_err(|source| InboundError::OpenMap {
+        path: path.clone(),
+        source,
+    })?;
+    // The map's type decides the variant the typed wrappers accept.
+    Ok(if name == LISTENER_MAP {
+        Map::SockMap(data)
+    } else {
+        Map::HashMap(data)
+    })
+}
+
+fn remove_map_pins(dir: &Path) {
+    for name in MAP_PINS {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(path = %path.display(), error = %e, "remove inbound map pin"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_key_has_the_c_struct_layout() {
+        // struct delivery_key { __u32 ip4; __u16 port; __u16 pad; }, both in network order.
+        let key = delivery_key(SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 7), 0x1f90));
+        assert_eq!(key.to_ne_bytes(), [10, 99, 0, 7, 0x1f, 0x90, 0, 0]);
+    }
 }

@@ -15,4 +15,6 @@
 
 pub mod inbound;
 
-pub use inbound::{attach_inbound, attach_inbound_pinned, InboundConfig, InboundError, InboundGuard};
+pub use inbound::{
+    attach_inbound, attach_inbound_pinned, Exemption, InboundConfig, InboundError, InboundGuard,
+};

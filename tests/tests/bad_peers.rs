@@ -845,7 +845,10 @@ fn closed_without_data(
         Err(e)
             if matches!(
                 e.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    // The agent closed before our half-close reached it.
+                    | io::ErrorKind::NotConnected
             ) =>
         {
             Ok(back)

@@ -21,6 +21,8 @@ use serde_json::Value;
 
 /// How long a config change may take to apply (the agent polls every 500 ms).
 const APPLY: Duration = Duration::from_secs(10);
+/// Bound on one echo over a long-lived connection.
+const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where every test pod's mesh-echo listens.
 const APP_PORT: u16 = 8080;
 const HBONE_PORT: u16 = 15008;
@@ -62,36 +64,44 @@ fn pods_are_enrolled_and_released_live_while_a_long_connection_flows() -> Result
     let _server = mesh.spawn_echo("default/server", APP_PORT, "server")?;
     let _b = mesh.spawn_echo("apps/b", APP_PORT, "b")?;
     let b = app_addr(&mesh, "apps/b")?;
-    let b_ip = mesh.pod_ip("apps/b")?;
+    let (a_ip, b_ip) = (mesh.pod_ip("apps/a")?, mesh.pod_ip("apps/b")?);
     let mut long = LongLived::open(&mesh, "default/long", app_addr(&mesh, "default/server")?)?;
     long.exchange("before any change")?;
 
     // Outside the mesh, nothing of the agent is in a's namespace.
-    expect_setup(&mesh, "n1", "apps/a", Setup::Released, "apps/a starts released")?;
-    expect_setup(&mesh, "n2", "apps/b", Setup::Released, "apps/b starts released")?;
+    expect_setup(&mesh, "n1", "apps/a", Setup::Gone, "a at start")?;
+    expect_setup(&mesh, "n2", "apps/b", Setup::Gone, "b at start")?;
+    let n1_serves = served(&mesh, "n1")?;
     ensure!(
-        served(&mesh, "n1")? == BTreeSet::from(["default/long".to_owned()]),
-        "n1 serves {:?} before apps is enrolled",
-        served(&mesh, "n1")?
+        n1_serves == BTreeSet::from(["default/long".to_owned()]),
+        "n1 serves {n1_serves:?} before apps is enrolled"
     );
 
     // Enroll the namespace.
-    relabel(&mesh, Object::Namespace("apps"), DATAPLANE_MODE, Some("ambient"))?;
+    relabel(
+        &mesh,
+        Object::Namespace("apps"),
+        DATAPLANE_MODE,
+        Some("ambient"),
+    )?;
     long.exchange("while apps is being enrolled")?;
-    expect_setup(&mesh, "n1", "apps/a", Setup::Enrolled, "apps ambient: a enrolled")?;
-    expect_setup(&mesh, "n2", "apps/b", Setup::Enrolled, "apps ambient: b enrolled")?;
+    expect_setup(&mesh, "n1", "apps/a", Setup::Enrolled, "apps ambient")?;
+    expect_setup(&mesh, "n2", "apps/b", Setup::Enrolled, "apps ambient")?;
     for node in ["n1", "n2"] {
         mesh.wait_ready(node)?;
     }
     let before = opened_from_apps(&mesh)?;
     let marker = b"MARKER-enrolled-a-to-b-0001";
     let wire = echo_captured(&mesh, "apps/a", b, marker)?;
+    let ports = server_ports_between(&wire, a_ip, b_ip);
     ensure!(
-        server_ports_towards(&wire, b_ip) == BTreeSet::from([HBONE_PORT]),
-        "enrolled a reached b over ports {:?}",
-        server_ports_towards(&wire, b_ip)
+        ports == BTreeSet::from([HBONE_PORT]),
+        "enrolled a reached b over ports {ports:?}"
     );
-    ensure!(!wire.contains(marker), "enrolled a's bytes in clear on the wire");
+    ensure!(
+        !wire.contains(marker),
+        "enrolled a's bytes in clear on the wire"
+    );
     wait_until("n1 counts a's connection as source", APPLY, || {
         Ok(opened_from_apps(&mesh)? > before)
     })?;
@@ -100,17 +110,20 @@ fn pods_are_enrolled_and_released_live_while_a_long_connection_flows() -> Result
     // Opt a out with the pod label: a is released, b (still enrolled) takes its plaintext.
     relabel(&mesh, Object::Pod("apps/a"), DATAPLANE_MODE, Some("none"))?;
     long.exchange("while a is being released")?;
-    expect_setup(&mesh, "n1", "apps/a", Setup::Released, "a opted out")?;
+    expect_setup(&mesh, "n1", "apps/a", Setup::Gone, "a opted out")?;
     expect_setup(&mesh, "n2", "apps/b", Setup::Enrolled, "b stays enrolled")?;
     let before = opened_from_apps(&mesh)?;
     let marker = b"MARKER-released-a-to-b-0002";
     let wire = echo_captured(&mesh, "apps/a", b, marker)?;
+    let ports = server_ports_between(&wire, a_ip, b_ip);
     ensure!(
-        server_ports_towards(&wire, b_ip) == BTreeSet::from([APP_PORT]),
-        "released a reached b over ports {:?}",
-        server_ports_towards(&wire, b_ip)
+        ports == BTreeSet::from([APP_PORT]),
+        "released a reached b over ports {ports:?}"
     );
-    ensure!(wire.contains(marker), "released a's plaintext not seen on the wire");
+    ensure!(
+        wire.contains(marker),
+        "released a's plaintext not seen on the wire"
+    );
     ensure!(
         opened_from_apps(&mesh)? == before,
         "n1 still counts connections from apps after a was released"
@@ -120,51 +133,63 @@ fn pods_are_enrolled_and_released_live_while_a_long_connection_flows() -> Result
     // Remove the namespace label: b is released too, and a still reaches it directly.
     relabel(&mesh, Object::Namespace("apps"), DATAPLANE_MODE, None)?;
     long.exchange("while b is being released")?;
-    expect_setup(&mesh, "n2", "apps/b", Setup::Released, "apps label removed")?;
-    expect_setup(&mesh, "n1", "apps/a", Setup::Released, "a stays released")?;
+    expect_setup(&mesh, "n2", "apps/b", Setup::Gone, "apps label removed")?;
+    expect_setup(&mesh, "n1", "apps/a", Setup::Gone, "a stays released")?;
     let back = mesh.echo_roundtrip("apps/a", b, b"plain-after-release")?;
     ensure!(back == b"plain-after-release", "a -> b after both released");
+    let n2_serves = served(&mesh, "n2")?;
     ensure!(
-        served(&mesh, "n2")? == BTreeSet::from(["default/server".to_owned()]),
-        "n2 serves {:?} after apps left",
-        served(&mesh, "n2")?
+        n2_serves == BTreeSet::from(["default/server".to_owned()]),
+        "n2 serves {n2_serves:?} after apps left"
     );
     long.exchange("after every change")?;
     Ok(())
 }
 
 /// A connection a pod opened while enrolled belongs to the agent's relay; releasing the pod
-/// closes its listeners but must let that connection run to completion, on the source side
-/// (`a` opted out) and on the destination side (`b`'s namespace label removed).
+/// closes its listeners but must let that connection run to completion. One change releases
+/// the source of one held connection (`a1` opts out) and the destination of another (`c` opts
+/// out); both connections must keep echoing.
 #[test]
 fn a_released_pods_established_connections_run_to_completion() -> Result<()> {
     let mesh = Mesh::builder("release_drain")
         .node("n1")
         .node("n2")
         .namespace("apps", Ambient::Yes)
-        .pod(Pod::new("apps", "a").on("n1").service_account("a"))
+        .pod(Pod::new("apps", "a1").on("n1").service_account("a1"))
+        .pod(Pod::new("apps", "a2").on("n1").service_account("a2"))
         .pod(Pod::new("apps", "b").on("n2").service_account("b"))
+        .pod(Pod::new("apps", "c").on("n2").service_account("c"))
         .build()?;
     let _b = mesh.spawn_echo("apps/b", APP_PORT, "b")?;
-    let b = app_addr(&mesh, "apps/b")?;
-    let mut held = LongLived::open(&mesh, "apps/a", b)?;
-    held.exchange("while a and b are enrolled")?;
+    let _c = mesh.spawn_echo("apps/c", APP_PORT, "c")?;
+    let mut from_released = LongLived::open(&mesh, "apps/a1", app_addr(&mesh, "apps/b")?)?;
+    let mut to_released = LongLived::open(&mesh, "apps/a2", app_addr(&mesh, "apps/c")?)?;
+    from_released.exchange("while a1 is enrolled")?;
+    to_released.exchange("while c is enrolled")?;
 
-    relabel(&mesh, Object::Pod("apps/b"), DATAPLANE_MODE, Some("none"))?;
-    expect_setup(&mesh, "n2", "apps/b", Setup::Released, "b opted out")?;
-    if let Err(e) = held.exchange("after its source a was released") {
-        eprintln!("N1 LOG:\n{}", mesh.ztunnel_log("n1"));
-        eprintln!("N2 LOG:\n{}", mesh.ztunnel_log("n2"));
-        let o = mesh.exec("apps/a", &["conntrack", "-L"])?;
-        eprintln!("CT: {} {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        let o = mesh.exec("apps/b", &["ss", "-tanp"])?;
-        eprintln!("SS: {}", String::from_utf8_lossy(&o.stdout));
-        return Err(e);
-    }
+    relabel(&mesh, Object::Pod("apps/a1"), DATAPLANE_MODE, Some("none"))?;
+    relabel(&mesh, Object::Pod("apps/c"), DATAPLANE_MODE, Some("none"))?;
+    expect_setup(&mesh, "n1", "apps/a1", Setup::Released, "a1 opted out")?;
+    expect_setup(&mesh, "n2", "apps/c", Setup::Released, "c opted out")?;
 
-    relabel(&mesh, Object::Namespace("apps"), DATAPLANE_MODE, None)?;
-    expect_setup(&mesh, "n2", "apps/b", Setup::Released, "apps label removed")?;
-    held.exchange("after its destination b was released")?;
+    // Both are tried, so one run tells which side of a release breaks connections.
+    let broken: Vec<String> = [
+        from_released.exchange("after its source a1 was released"),
+        to_released.exchange("after its destination c was released"),
+    ]
+    .into_iter()
+    .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+    .collect();
+    ensure!(
+        broken.is_empty(),
+        "established connections broken by a release: {broken:#?}"
+    );
+    // Once they finish, the rest of the released pods' redirection state goes too.
+    drop(from_released);
+    drop(to_released);
+    expect_setup(&mesh, "n1", "apps/a1", Setup::Gone, "a1 drained")?;
+    expect_setup(&mesh, "n2", "apps/c", Setup::Gone, "c drained")?;
     Ok(())
 }
 
@@ -246,22 +271,33 @@ fn a_killed_agent_fails_closed_and_its_successor_takes_over_cleanly() -> Result<
     }
 
     mesh.start_ztunnel("n2")?;
+    // The first connections after the restart dial new HBONE connections: the capture sees
+    // their SYNs.
+    let capture = mesh.capture_wire()?;
     for (from, to, allowed) in reach_table {
         expect_reach(&mesh, from, to, allowed, "after the restart")?;
     }
+    let wire = capture.stop()?;
     ensure!(
         refused_by_peer_authn(&mesh, "n2")? >= 1.0,
         "the new agent did not count refusing plaintext to the STRICT pod"
     );
-    let marker = b"MARKER-after-restart-0003";
-    let wire = echo_captured(&mesh, "default/client", locked, marker)?;
-    let locked_ip = mesh.pod_ip("default/locked")?;
-    ensure!(
-        server_ports_towards(&wire, locked_ip) == BTreeSet::from([HBONE_PORT]),
-        "client reached locked over ports {:?} after the restart",
-        server_ports_towards(&wire, locked_ip)
-    );
-    ensure!(!wire.contains(marker), "bytes in clear after the restart");
+    let client_ip = mesh.pod_ip("default/client")?;
+    for to in [server, locked] {
+        let SocketAddr::V4(to) = to else {
+            bail!("pod address {to} is not IPv4");
+        };
+        let ports = server_ports_between(&wire, client_ip, *to.ip());
+        ensure!(
+            ports == BTreeSet::from([HBONE_PORT]),
+            "client reached {to} over ports {ports:?} after the restart"
+        );
+        let ping = format!("ping from default/client to {to}");
+        ensure!(
+            !wire.contains(ping.as_bytes()),
+            "client's bytes to {to} in clear"
+        );
+    }
 
     for (pod, before) in n2_pods.into_iter().zip(rules_before) {
         let tables = mesh.exec_ok(pod, &["nft", "list", "tables"])?;
@@ -328,16 +364,21 @@ fn a_probe_from_the_node_reaches_an_enrolled_pod() -> Result<()> {
 /// What the agent has set up for one pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Setup {
-    /// Listed by its agent, table + ip rule installed, 15001 listening.
+    /// Listed by its agent, capturing (redirect rules), ip rule installed, 15001 listening.
     Enrolled,
-    /// None of that.
+    /// Not listed, not capturing, no listener. The mark handling and reply routing that its
+    /// established connections still need may remain until they finish.
     Released,
+    /// Released and nothing of the agent left in the pod (no table, no ip rule).
+    Gone,
 }
 
 /// The pieces of a pod's enrollment visible from inside its namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PodSetup {
     nft_table: bool,
+    /// The table's redirect chains hold rules (new connections are captured).
+    capturing: bool,
     ip_rules: usize,
     outbound_listener: bool,
 }
@@ -349,6 +390,8 @@ fn setup_in_pod(mesh: &Mesh, pod: &str) -> Result<PodSetup> {
     let outbound_port = format!(":{OUTBOUND_PORT}");
     Ok(PodSetup {
         nft_table: nft.status.success(),
+        capturing: nft.status.success()
+            && String::from_utf8_lossy(&nft.stdout).contains("redirect"),
         ip_rules: rules.lines().filter(|l| l.contains(INBOUND_FWMARK)).count(),
         // Columns: state, recv-q, send-q, local address:port, peer address:port.
         outbound_listener: listeners.lines().any(|l| {
@@ -362,17 +405,21 @@ fn setup_in_pod(mesh: &Mesh, pod: &str) -> Result<PodSetup> {
 /// Waits until `pod`'s agent on `node` and the pod's namespace both show `want`.
 fn expect_setup(mesh: &Mesh, node: &str, pod: &str, want: Setup, why: &str) -> Result<()> {
     let enrolled = want == Setup::Enrolled;
-    let expected = PodSetup {
-        nft_table: enrolled,
-        ip_rules: usize::from(enrolled),
-        outbound_listener: enrolled,
+    let matches = |setup: &PodSetup| match want {
+        Setup::Enrolled => {
+            setup.nft_table && setup.capturing && setup.ip_rules == 1 && setup.outbound_listener
+        }
+        Setup::Released => !setup.capturing && !setup.outbound_listener && setup.ip_rules <= 1,
+        Setup::Gone => {
+            !setup.nft_table && !setup.capturing && setup.ip_rules == 0 && !setup.outbound_listener
+        }
     };
     let mut last = None;
     let result = wait_until(why, APPLY, || {
         let listed = served(mesh, node)?.contains(pod);
         let setup = setup_in_pod(mesh, pod)?;
         last = Some((listed, setup));
-        Ok(listed == enrolled && setup == expected)
+        Ok(listed == enrolled && matches(&setup))
     });
     result.with_context(|| {
         format!("{pod} on {node} should be {want:?}; last seen (listed, setup): {last:?}")
@@ -418,9 +465,9 @@ impl Object<'_> {
             Object::Namespace(name) => doc["kind"] == "Namespace" && meta["name"] == name,
             Object::Pod(key) => {
                 doc["kind"] == "Pod"
-                    && key.split_once('/').is_some_and(|(ns, name)| {
-                        meta["namespace"] == ns && meta["name"] == name
-                    })
+                    && key
+                        .split_once('/')
+                        .is_some_and(|(ns, name)| meta["namespace"] == ns && meta["name"] == name)
             }
         }
     }
@@ -492,9 +539,13 @@ struct LongLived {
 
 impl LongLived {
     fn open(mesh: &Mesh, from: &str, to: SocketAddr) -> Result<Self> {
+        let stream = mesh.connect(from, to)?;
+        // An echo on a live connection takes milliseconds; a broken one should fail the test
+        // soon rather than after the harness's generic 15 s.
+        stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
         Ok(LongLived {
             from: from.to_owned(),
-            stream: mesh.connect(from, to)?,
+            stream,
         })
     }
 
@@ -531,12 +582,7 @@ fn expect_reach(mesh: &Mesh, from: &str, to: SocketAddr, allowed: bool, when: &s
 }
 
 /// Echoes `marker` from `from` to `to` with the wire between the nodes captured.
-fn echo_captured(
-    mesh: &Mesh,
-    from: &str,
-    to: SocketAddr,
-    marker: &[u8],
-) -> Result<CaptureSummary> {
+fn echo_captured(mesh: &Mesh, from: &str, to: SocketAddr, marker: &[u8]) -> Result<CaptureSummary> {
     let capture = mesh.capture_wire()?;
     let back = mesh.echo_roundtrip(from, to, marker)?;
     let summary = capture.stop()?;
@@ -548,12 +594,17 @@ fn echo_captured(
     Ok(summary)
 }
 
-/// Server ports of the TCP connections opened across the wire towards `ip`.
-fn server_ports_towards(wire: &CaptureSummary, ip: Ipv4Addr) -> BTreeSet<u16> {
+/// Server ports of the TCP connections opened across the wire from `client` to `server`
+/// (the agent dials HBONE from inside the pod, so from the pod's own IP).
+fn server_ports_between(
+    wire: &CaptureSummary,
+    client: Ipv4Addr,
+    server: Ipv4Addr,
+) -> BTreeSet<u16> {
     wire.tcp_connections()
         .into_iter()
-        .filter(|(_, server)| *server.ip() == ip)
-        .map(|(_, server)| server.port())
+        .filter(|(c, s)| *c.ip() == client && *s.ip() == server)
+        .map(|(_, s)| s.port())
         .collect()
 }
 
@@ -592,7 +643,10 @@ fn opened_from_apps(mesh: &Mesh) -> Result<f64> {
     Ok(prom::sum(
         &mesh.metrics("n1")?,
         OPENED,
-        &[("reporter", "source"), ("source_workload_namespace", "apps")],
+        &[
+            ("reporter", "source"),
+            ("source_workload_namespace", "apps"),
+        ],
     ))
 }
 

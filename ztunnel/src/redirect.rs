@@ -152,6 +152,18 @@ pub fn install(netns: &Path) -> Result<(), RedirectError> {
     Ok(())
 }
 
+/// Stops capturing new connections in `netns` while established ones keep working: empties
+/// only the two redirect chains. The table (and with it the mark chains), the policy-routing
+/// rule and its route stay until [`remove`]: deleting the table would unregister its NAT
+/// hooks, and the kernel then drops the address translation of connections in flight (the
+/// app's next packet leaves untranslated and is reset), while removing the reply routing would
+/// send the app's replies to inbound clients out of the pod instead of back to the agent.
+pub fn stop_capture(netns: &Path) -> Result<(), RedirectError> {
+    let script =
+        format!("flush chain inet {TABLE} output_nat\nflush chain inet {TABLE} prerouting_nat\n");
+    run_in(netns, &["nft", "-f", "-"], Some(&script))
+}
+
 /// Removes what [`install`] added. Missing pieces are not an error (the pod may be gone).
 pub fn remove(netns: &Path) -> Result<(), RedirectError> {
     let _ = run_in(netns, &["nft", "delete", "table", "inet", TABLE], None);

@@ -60,8 +60,13 @@ fn fingerprint(p: &Pod) -> Fingerprint {
 struct Running {
     fp: Fingerprint,
     ctx: Arc<PodCtx>,
-    stop: CancellationToken,
+    /// Which enrollment of this pod this is; a later one supersedes a pending cleanup.
+    epoch: u64,
 }
+
+/// The latest enrollment epoch per pod, shared with the cleanups that wait for a released
+/// pod's connections to finish.
+type Epochs = Arc<std::sync::Mutex<BTreeMap<NamespacedName, u64>>>;
 
 /// Status of one pod, for `/config_dump` and readiness.
 #[derive(Clone, Debug, Serialize)]
@@ -77,6 +82,8 @@ pub struct Manager {
     pi: Arc<ProxyInputs>,
     running: BTreeMap<NamespacedName, Running>,
     failed: BTreeMap<NamespacedName, String>,
+    epochs: Epochs,
+    next_epoch: u64,
     ready: Arc<AtomicBool>,
     status: Arc<std::sync::Mutex<Vec<PodStatus>>>,
 }
@@ -91,6 +98,8 @@ impl Manager {
             pi,
             running: BTreeMap::new(),
             failed: BTreeMap::new(),
+            epochs: Epochs::default(),
+            next_epoch: 0,
             ready,
             status,
         }
@@ -139,7 +148,7 @@ impl Manager {
         done
     }
 
-    fn enroll(&self, model: &Model, pod: &Pod) -> Result<Running, EnrollError> {
+    fn enroll(&mut self, model: &Model, pod: &Pod) -> Result<Running, EnrollError> {
         let key = NamespacedName::new(&pod.namespace, &pod.name);
         let cfg = &self.pi.cfg;
         let netns = Arc::new(Netns::open(&cfg.pod_netns_path(&pod.namespace, &pod.name))?);
@@ -176,14 +185,16 @@ impl Manager {
         if cfg.redirect == Redirect::Nftables {
             redirect::install(netns.path())?;
         }
+        let stop = CancellationToken::new();
         let ctx = Arc::new(PodCtx {
             key: key.clone(),
             ips: pod.ips.clone(),
             identity,
             netns,
             server_tls,
+            stop: stop.clone(),
+            active: Arc::default(),
         });
-        let stop = CancellationToken::new();
         let pi = &self.pi;
         let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);
         tokio::spawn(
@@ -198,19 +209,54 @@ impl Manager {
             proxy::inbound::run(hbone, ctx.clone(), pi.clone(), stop.clone())
                 .instrument(span("inbound_hbone")),
         );
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        self.epochs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, epoch);
         Ok(Running {
             fp: fingerprint(pod),
             ctx,
-            stop,
+            epoch,
         })
     }
 
+    /// Releases a pod: its listeners close and new connections are no longer captured at once;
+    /// established ones finish, and the rest of the pod's redirection state (mark handling and
+    /// reply routing they still depend on) is removed after the last one has closed.
     fn release(&self, key: &NamespacedName, r: Running) {
-        r.stop.cancel();
-        if self.pi.cfg.redirect == Redirect::Nftables && r.ctx.netns.path().exists() {
-            if let Err(e) = redirect::remove(r.ctx.netns.path()) {
-                tracing::warn!(pod = %key, error = %e, "removing redirection failed");
+        r.ctx.stop.cancel();
+        let nft = self.pi.cfg.redirect == Redirect::Nftables;
+        if nft && r.ctx.netns.path().exists() {
+            if let Err(e) = redirect::stop_capture(r.ctx.netns.path()) {
+                tracing::warn!(pod = %key, error = %e, "stopping capture failed");
             }
+            let (ctx, epochs, epoch, key) =
+                (r.ctx.clone(), self.epochs.clone(), r.epoch, key.clone());
+            tokio::spawn(async move {
+                ctx.active.idle().await;
+                let current = epochs
+                    .lock()
+                    .map(|e| e.get(&key) == Some(&epoch))
+                    .unwrap_or(false);
+                // Re-enrolled meanwhile: the new enrollment owns the rules now.
+                if !current || !ctx.netns.path().exists() {
+                    return;
+                }
+                let netns = ctx.netns.path().to_path_buf();
+                match tokio::task::spawn_blocking(move || redirect::remove(&netns)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(pod = %key, "released pod drained; redirection removed")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(pod = %key, error = %e, "removing redirection failed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %key, error = %e, "removing redirection panicked")
+                    }
+                }
+            });
         }
         let still_used = self
             .running
@@ -219,13 +265,13 @@ impl Manager {
         if !still_used {
             self.pi.certs.forget(&r.ctx.identity);
         }
-        tracing::info!(pod = %key, "pod released; established connections drain");
+        tracing::info!(pod = %key, open = r.ctx.active.len(), "pod released; established connections drain");
     }
 
     /// Closes every listener (shutdown); connections keep running until they finish.
     pub fn stop_all(&mut self) {
         for (_, r) in std::mem::take(&mut self.running) {
-            r.stop.cancel();
+            r.ctx.stop.cancel();
         }
     }
 

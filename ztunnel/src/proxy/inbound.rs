@@ -32,8 +32,8 @@ pub async fn run(
     pi: Arc<ProxyInputs>,
     stop: CancellationToken,
 ) {
-    let key = pod.key.clone();
-    accept_loop(listener, stop, "inbound_hbone", &key, |tcp, peer| {
+    let ctx = pod.clone();
+    accept_loop(listener, stop, "inbound_hbone", &ctx, |tcp, peer| {
         handle_conn(tcp, peer, pod.clone(), pi.clone())
     })
     .await;
@@ -68,7 +68,14 @@ async fn handle_conn(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc
         Err(e) => return refuse(format!("peer identity: {e}")),
     };
     let cfg = hbone::ServerConfig::default();
-    let drain = pi.drain.clone().cancelled_owned();
+    // GOAWAY when the agent shuts down or the pod is released: no new streams, open ones finish.
+    let (agent_drain, pod_released) = (pi.drain.clone(), pod.stop.clone());
+    let drain = async move {
+        tokio::select! {
+            _ = agent_drain.cancelled() => {}
+            _ = pod_released.cancelled() => {}
+        }
+    };
     let result = hbone::serve_with_drain(
         tls,
         &cfg,

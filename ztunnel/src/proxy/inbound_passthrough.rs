@@ -28,8 +28,8 @@ pub async fn run(
     pi: Arc<ProxyInputs>,
     stop: CancellationToken,
 ) {
-    let key = pod.key.clone();
-    accept_loop(listener, stop, "inbound_plaintext", &key, |tcp, peer| {
+    let ctx = pod.clone();
+    accept_loop(listener, stop, "inbound_plaintext", &ctx, |tcp, peer| {
         handle(tcp, peer, pod.clone(), pi.clone())
     })
     .await;

@@ -162,6 +162,55 @@ pub struct PodCtx {
     pub identity: Identity,
     pub netns: Arc<Netns>,
     pub server_tls: Arc<rustls::ServerConfig>,
+    /// Cancelled when the pod is released: listeners close, HBONE connections send GOAWAY.
+    pub stop: CancellationToken,
+    /// Connections of this pod still open (all three listeners), so that its remaining
+    /// redirection state is removed only once the last one has finished.
+    pub active: Arc<ActiveConns>,
+}
+
+/// Counts a pod's open connections and tells when none is left.
+#[derive(Default)]
+pub struct ActiveConns {
+    count: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One open connection; dropping it decrements the count.
+pub struct ActiveGuard(Arc<ActiveConns>);
+
+impl ActiveConns {
+    pub fn enter(self: &Arc<Self>) -> ActiveGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(self.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Builds Istio's standard TCP metric labels.
@@ -346,7 +395,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     stop: CancellationToken,
     kind: &'static str,
-    pod: &NamespacedName,
+    pod: &PodCtx,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
@@ -365,8 +414,16 @@ pub(crate) async fn accept_loop<F, Fut>(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let span = tracing::info_span!("conn", listener = kind, pod = %pod, peer = %peer);
-        tokio::spawn(handle(tcp, peer).instrument(span));
+        let span = tracing::info_span!("conn", listener = kind, pod = %pod.key, peer = %peer);
+        let active = pod.active.enter();
+        let conn = handle(tcp, peer);
+        tokio::spawn(
+            async move {
+                let _active = active;
+                conn.await
+            }
+            .instrument(span),
+        );
     }
 }
 

@@ -1,0 +1,472 @@
+//! Inbound capture with sk_lookup, in network namespaces these tests create: a "pod" namespace
+//! and a "node" namespace joined by a veth pair. The node side has two addresses: the node's
+//! own, and the probe source. Nothing is sent outside those namespaces. Needs root.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ebpf::{attach_inbound, attach_inbound_pinned, InboundConfig, InboundGuard};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::{setns, CloneFlags};
+use socket2::{Domain, Socket, Type};
+
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const PROBE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+/// A remote client's address, made local to the pod so that the test can bind to it (the
+/// agent's transparent delivery socket gets the same effect from policy routing).
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 7);
+const APP_PORT: u16 = 8080;
+/// A port nobody listens on in the pod.
+const CLOSED_PORT: u16 = 9999;
+const INBOUND_PORT: u16 = 15006;
+const HBONE_PORT: u16 = 15008;
+/// Upper bound for a connection to show up in a listener's accept queue.
+const ACCEPT_WITHIN: Duration = Duration::from_secs(5);
+
+#[test]
+fn inbound_connections_land_on_the_agent_listener_with_the_original_destination() -> Result<()> {
+    let topo = Topology::new()?;
+    let pod = topo.pod_listeners()?;
+    let config = InboundConfig::new(HBONE_PORT).with_probe_source(PROBE_IP);
+
+    let guard = attach_inbound(&topo.pod.file()?, &pod.agent, &config)?;
+    assert_eq!(
+        topo.sk_lookup_links()?,
+        1,
+        "one sk_lookup link in the pod namespace"
+    );
+    check(&topo, &pod, From::Node, APP_PORT, Lands::Agent);
+    check(&topo, &pod, From::Node, CLOSED_PORT, Lands::Agent);
+    check(&topo, &pod, From::Node, HBONE_PORT, Lands::Hbone);
+    check(&topo, &pod, From::Probe, APP_PORT, Lands::App);
+    check(&topo, &pod, From::PodLoopback, APP_PORT, Lands::App);
+    check(&topo, &pod, From::PodOwnIp, APP_PORT, Lands::App);
+
+    drop(guard);
+    assert_eq!(topo.sk_lookup_links()?, 0, "the guard detached the program");
+    check(&topo, &pod, From::Node, APP_PORT, Lands::App);
+    check(&topo, &pod, From::Node, CLOSED_PORT, Lands::Refused);
+    Ok(())
+}
+
+#[test]
+fn the_agents_delivery_to_the_app_is_not_steered_back_to_the_agent() -> Result<()> {
+    let topo = Topology::new()?;
+    ip(&[
+        "-n",
+        &topo.pod.name,
+        "route",
+        "add",
+        "local",
+        &format!("{CLIENT_IP}/32"),
+        "dev",
+        "lo",
+    ])?;
+    let pod = topo.pod_listeners()?;
+    let guard = attach_inbound(
+        &topo.pod.file()?,
+        &pod.agent,
+        &InboundConfig::new(HBONE_PORT),
+    )?;
+
+    check(
+        &topo,
+        &pod,
+        From::Delivery(Some(&guard)),
+        APP_PORT,
+        Lands::App,
+    );
+    // Unannounced (or after its exemption ended), the same connection would loop to the agent.
+    check(&topo, &pod, From::Delivery(None), APP_PORT, Lands::Agent);
+    Ok(())
+}
+
+#[test]
+fn without_the_agent_listener_connections_are_refused_not_passed_to_the_app() -> Result<()> {
+    let topo = Topology::new()?;
+    let mut pod = topo.pod_listeners()?;
+    let guard = attach_inbound(
+        &topo.pod.file()?,
+        &pod.agent,
+        &InboundConfig::new(HBONE_PORT),
+    )?;
+    check(&topo, &pod, From::Node, APP_PORT, Lands::Agent);
+
+    // The agent's listener goes away (agent restarting): the app must not be reachable.
+    pod.agent = topo.pod.run(placeholder)??;
+    check(&topo, &pod, From::Node, APP_PORT, Lands::Refused);
+    check(&topo, &pod, From::Node, HBONE_PORT, Lands::Hbone);
+    drop(guard);
+    Ok(())
+}
+
+#[test]
+fn a_pinned_capture_outlives_its_guard_and_is_adopted_by_the_next_agent() -> Result<()> {
+    let topo = Topology::new()?;
+    let bpffs = Bpffs::mount()?;
+    let pin_dir = bpffs.path.join("pod");
+    let mut pod = topo.pod_listeners()?;
+    let config = InboundConfig::new(HBONE_PORT);
+
+    let first = attach_inbound_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+    assert!(!first.adopted());
+    check(&topo, &pod, From::Node, APP_PORT, Lands::Agent);
+
+    // The first agent exits, leaving the capture in place; its listener closes with it.
+    first.keep_pinned();
+    pod.agent = topo.pod.run(placeholder)??;
+    assert_eq!(
+        topo.sk_lookup_links()?,
+        1,
+        "the pinned link survives its guard"
+    );
+    check(&topo, &pod, From::Node, APP_PORT, Lands::Refused);
+
+    // The next agent binds a new listener and adopts the pinned capture.
+    pod.agent = topo.pod.listen(INBOUND_PORT)?;
+    let second = attach_inbound_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+    assert!(second.adopted());
+    assert_eq!(topo.sk_lookup_links()?, 1, "adopted, not attached twice");
+    check(&topo, &pod, From::Node, APP_PORT, Lands::Agent);
+
+    // The pod leaves the mesh: the pins and the program go.
+    drop(second);
+    assert_eq!(topo.sk_lookup_links()?, 0, "unpinned and detached");
+    assert!(!pin_dir.exists(), "pin directory removed");
+    check(&topo, &pod, From::Node, APP_PORT, Lands::App);
+    Ok(())
+}
+
+// === scenario helper ===
+
+#[derive(Debug, Clone, Copy)]
+enum From<'a> {
+    /// The node's address, across the veth.
+    Node,
+    /// The probe source address, across the veth.
+    Probe,
+    /// Inside the pod, to 127.0.0.1.
+    PodLoopback,
+    /// Inside the pod, to the pod's own address (crosses `lo`).
+    PodOwnIp,
+    /// Inside the pod, from the client's address to the pod's (the agent handing a connection
+    /// to the app), exempted with the guard if given.
+    Delivery(Option<&'a InboundGuard>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lands {
+    Agent,
+    App,
+    Hbone,
+    Refused,
+}
+
+/// Connects `from` to `<dst>:port` and asserts which pod listener accepted it; every accepted
+/// socket must keep the original destination as its local address.
+fn check(topo: &Topology, pod: &PodListeners, from: From<'_>, port: u16, expected: Lands) {
+    let (client_ns, source, dst, exempt) = match from {
+        From::Node => (&topo.node, Some(NODE_IP), POD_IP, None),
+        From::Probe => (&topo.node, Some(PROBE_IP), POD_IP, None),
+        From::PodLoopback => (&topo.pod, None, Ipv4Addr::LOCALHOST, None),
+        From::PodOwnIp => (&topo.pod, None, POD_IP, None),
+        From::Delivery(exempt) => (&topo.pod, Some(CLIENT_IP), POD_IP, exempt),
+    };
+    let dst = SocketAddr::V4(SocketAddrV4::new(dst, port));
+    let what = format!("{from:?} -> {dst}");
+    let connected = client_ns
+        .run(move || connect(source, dst, exempt))
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let client = match connected {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            assert_eq!(expected, Lands::Refused, "{what}: refused");
+            pod.assert_nothing_pending(&what);
+            return;
+        }
+        Err(e) => panic!("{what}: connect: {e}"),
+        Ok(client) => client,
+    };
+    assert_ne!(
+        expected,
+        Lands::Refused,
+        "{what}: connected, expected a refusal"
+    );
+    let listener = match expected {
+        Lands::Agent => &pod.agent,
+        Lands::App => &pod.app,
+        Lands::Hbone => &pod.hbone,
+        Lands::Refused => unreachable!(),
+    };
+    let accepted = accept_within(listener, ACCEPT_WITHIN).unwrap_or_else(|| {
+        panic!(
+            "{what}: nothing reached the {expected:?} listener; pending: {:?}",
+            pod.pending()
+        )
+    });
+    assert_eq!(
+        accepted.peer_addr().ok(),
+        client.local_addr().ok(),
+        "{what}: peer"
+    );
+    assert_eq!(
+        accepted.local_addr().ok(),
+        Some(dst),
+        "{what}: original destination"
+    );
+    pod.assert_nothing_pending(&what);
+}
+
+/// Stands in for a closed agent listener: bound to an ephemeral loopback port no test
+/// connects to, so nothing can ever be pending on it.
+fn placeholder() -> std::io::Result<TcpListener> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+}
+
+/// Connects to `dst` from `source` (any port); with `exempt`, the way the agent delivers: bind
+/// first, announce the bound address, connect, end the exemption.
+fn connect(
+    source: Option<Ipv4Addr>,
+    dst: SocketAddr,
+    exempt: Option<&InboundGuard>,
+) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    if let Some(ip) = source {
+        socket.bind(&SocketAddr::V4(SocketAddrV4::new(ip, 0)).into())?;
+    }
+    let exemption = match (exempt, socket.local_addr()?.as_socket()) {
+        (Some(guard), Some(SocketAddr::V4(bound))) => {
+            Some(guard.exempt(bound).map_err(std::io::Error::other)?)
+        }
+        _ => None,
+    };
+    socket.connect_timeout(&dst.into(), ACCEPT_WITHIN)?;
+    drop(exemption);
+    Ok(socket.into())
+}
+
+/// Waits for a connection in `listener`'s accept queue (the client's `connect` returns on the
+/// SYN-ACK, slightly before the server side completes), at most `within`.
+fn accept_within(listener: &TcpListener, within: Duration) -> Option<TcpStream> {
+    let millis = u16::try_from(within.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(millis)) {
+        Ok(n) if n > 0 => listener.accept().ok().map(|(stream, _)| stream),
+        _ => None,
+    }
+}
+
+struct PodListeners {
+    agent: TcpListener,
+    app: TcpListener,
+    hbone: TcpListener,
+}
+
+impl PodListeners {
+    /// Names the listeners that have a connection waiting (and accepts it).
+    fn pending(&self) -> Vec<&'static str> {
+        [
+            ("agent", &self.agent),
+            ("app", &self.app),
+            ("hbone", &self.hbone),
+        ]
+        .into_iter()
+        .filter(|(_, listener)| accept_within(listener, Duration::ZERO).is_some())
+        .map(|(name, _)| name)
+        .collect()
+    }
+
+    fn assert_nothing_pending(&self, what: &str) {
+        let pending = self.pending();
+        assert!(
+            pending.is_empty(),
+            "{what}: unexpected connection on {pending:?}"
+        );
+    }
+}
+
+// === namespaces ===
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Two namespaces, pod and node, joined by a veth pair; removed on drop.
+struct Topology {
+    pod: Netns,
+    node: Netns,
+}
+
+impl Topology {
+    fn new() -> Result<Self> {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let pod = Netns::create(&format!("ebpft-pod-{id}"))?;
+        let node = Netns::create(&format!("ebpft-node-{id}"))?;
+        // Created directly inside the two namespaces: nothing appears in the host namespace.
+        ip(&[
+            "link", "add", "name", "eth0", "netns", &node.name, "type", "veth", "peer", "name",
+            "eth0", "netns", &pod.name,
+        ])?;
+        for (ns, addrs) in [(&node, vec![NODE_IP, PROBE_IP]), (&pod, vec![POD_IP])] {
+            for addr in addrs {
+                ip(&[
+                    "-n",
+                    &ns.name,
+                    "addr",
+                    "add",
+                    &format!("{addr}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
+            }
+            ip(&["-n", &ns.name, "link", "set", "eth0", "up"])?;
+        }
+        Ok(Self { pod, node })
+    }
+
+    fn pod_listeners(&self) -> Result<PodListeners> {
+        Ok(PodListeners {
+            agent: self.pod.listen(INBOUND_PORT)?,
+            app: self.pod.listen(APP_PORT)?,
+            hbone: self.pod.listen(HBONE_PORT)?,
+        })
+    }
+
+    /// sk_lookup links attached to the pod namespace, as bpftool sees them.
+    fn sk_lookup_links(&self) -> Result<usize> {
+        let ino = std::fs::metadata(self.pod.path())?.ino();
+        let out = Command::new(tool("bpftool")?)
+            .args(["-j", "link", "show"])
+            .output()
+            .context("run bpftool link show")?;
+        if !out.status.success() {
+            bail!(
+                "bpftool link show: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let ours = links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["netns_ino"].as_u64() == Some(ino) && l["attach_type"] == "sk_lookup")
+            .count();
+        Ok(ours)
+    }
+}
+
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create(name: &str) -> Result<Self> {
+        ip(&["netns", "add", name])?;
+        let ns = Self {
+            name: name.to_owned(),
+        };
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+
+    fn file(&self) -> Result<File> {
+        File::open(self.path()).with_context(|| format!("open netns {}", self.name))
+    }
+
+    /// Runs `f` on a thread inside the namespace; sockets it creates stay in the namespace.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = self.file()?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<T> {
+                    setns(file, CloneFlags::CLONE_NEWNET).context("setns")?;
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+        })
+    }
+
+    fn listen(&self, port: u16) -> Result<TcpListener> {
+        let listener = self.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+        Ok(listener)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A private bpffs instance on a fresh directory (this machine need not have /sys/fs/bpf
+/// mounted); unmounted and removed on drop.
+struct Bpffs {
+    path: PathBuf,
+}
+
+impl Bpffs {
+    fn mount() -> Result<Self> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ebpft-bpffs-{}-{n}", std::process::id()));
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        let fs = Self { path };
+        run(
+            Path::new("mount"),
+            &["-t", "bpf", "bpf", &fs.path.to_string_lossy()],
+        )?;
+        Ok(fs)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = run(Path::new("umount"), &[&self.path.to_string_lossy()]);
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(&tool("ip")?, args)
+}
+
+fn run(program: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {}", program.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {}: {}",
+            program.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Root's tools live in sbin, which a test runner's PATH may lack.
+fn tool(name: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} not found (apt-get install -y bpftool iproute2)"))
+}

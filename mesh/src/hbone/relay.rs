@@ -67,7 +67,9 @@ impl Pipe {
     fn new(dir: Direction) -> Self {
         Pipe {
             dir,
-            buf: vec![0; RELAY_BUF_SIZE].into_boxed_slice(),
+            // Allocated when there is something to read, freed when the reader goes idle:
+            // an idle tunnel (the common case with many connections) holds no buffer.
+            buf: Box::default(),
             pos: 0,
             filled: 0,
             read_eof: false,
@@ -93,6 +95,9 @@ impl Pipe {
         }
         loop {
             if self.pos == self.filled && !self.read_eof {
+                if self.buf.is_empty() {
+                    self.buf = vec![0; RELAY_BUF_SIZE].into_boxed_slice();
+                }
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
@@ -106,6 +111,8 @@ impl Pipe {
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
+                        // Nothing buffered and nothing to read: give the memory back.
+                        self.buf = Box::default();
                         // Nothing more to read right now: push out what the writer holds
                         // before sleeping, or small messages would sit in its buffer.
                         if self.need_flush {

@@ -58,7 +58,9 @@ async fn handle_conn(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc
             .to(Some(&pod.key), Some(&pod.identity));
         record_refusal(&pi, labels, log, ResponseFlag::Tls, reason);
     };
-    let tls = match tokio::time::timeout(pi.cfg.tls_handshake_timeout, acceptor.accept(tcp)).await {
+    // Boxed: the handshake state is large and needed only until the connection is up.
+    let handshake = Box::pin(acceptor.accept(tcp));
+    let tls = match tokio::time::timeout(pi.cfg.tls_handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return refuse(format!("tls handshake: {e}")),
         Err(_) => return refuse("tls handshake timed out".to_string()),

@@ -149,7 +149,9 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                     mtls: true,
                     ..labels
                 };
-                match open_hbone(&pi, &pod, identity, *target, svc).await {
+                // Boxed: the dial + handshake state is large and only needed until the tunnel
+                // opens; inline it would be carried by every connection for its whole life.
+                match Box::pin(open_hbone(&pi, &pod, identity, *target, svc)).await {
                     Ok(tunnel) => {
                         let key = NamespacedName::new(&dst_pod.namespace, &dst_pod.name);
                         let mut log = log.to(Some(&key), Some(identity));

@@ -29,6 +29,11 @@ use crate::yaml::render_topology;
 
 /// The bridge's own address on the wire: source of the capture sentinel.
 const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 254);
+/// Source of the node's own connections to its pods (kubelet probes), as Istio's CNI SNATs
+/// them; ztunnel's pod rules let this source reach the app uncaptured.
+pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
+/// Marks node-originated packets towards pods for that SNAT (cleared when crossing the veth).
+const PROBE_MARK: u32 = 0x7127;
 /// The bridge device inside the wire namespace.
 const BRIDGE: &str = "br0";
 /// The node's side of its link to the bridge.
@@ -177,6 +182,17 @@ impl Mesh {
         // forwarded traffic in ways that depend on the machine; the nodes route statically.
         write_sysctl(&ns, "net/ipv4/conf/all/rp_filter", "0")?;
         write_sysctl(&ns, "net/ipv4/conf/default/rp_filter", "0")?;
+        // Like Istio's CNI: connections the node itself opens to its pods (kubelet probes)
+        // leave from the link-local probe address, which the pods' capture rules let through.
+        // Only locally generated packets are marked (output hook); forwarded pod traffic is not.
+        let snat = format!(
+            "add table ip kubelet; \
+             add chain ip kubelet output {{ type filter hook output priority 0; policy accept; }}; \
+             add rule ip kubelet output oifname \"pod*\" meta mark set {PROBE_MARK:#x}; \
+             add chain ip kubelet postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}; \
+             add rule ip kubelet postrouting meta mark {PROBE_MARK:#x} snat to {PROBE_SOURCE}"
+        );
+        ip(&["netns", "exec", &ns, "nft", &snat])?;
         let bridge_port = format!("n{}", node.index);
         // Both ends are created directly inside their namespaces: nothing ever appears in
         // the root namespace.

@@ -31,6 +31,10 @@ pub const SKIP_MARK: u32 = 0x539;
 /// Conntrack mark for inbound connections the agent delivers with the client's source IP; the
 /// application's replies carry it and are routed back to the agent's transparent socket.
 pub const INBOUND_CONNMARK: u32 = 0x111;
+/// Source address of probes from the node (kubelet): the node SNATs its own connections to pods
+/// to this link-local address (as Istio's CNI does), and the pod's rules let it reach the app
+/// directly, so health checks keep working whatever the pod's PeerAuthentication says.
+pub const PROBE_SOURCE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
 /// Policy-routing table that sends marked replies to the local stack.
 pub const INBOUND_ROUTE_TABLE: u32 = 133;
 

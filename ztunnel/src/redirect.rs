@@ -4,8 +4,8 @@
 //! - outbound: TCP the application originates (not marked [`SKIP_MARK`], not to loopback) is
 //!   redirected to the agent's 15001 listener; the original destination is read back with
 //!   `SO_ORIGINAL_DST`.
-//! - inbound: TCP arriving from outside the pod, except to 15008 (HBONE, served directly), is
-//!   redirected to 15006.
+//! - inbound: TCP arriving from outside the pod, except to 15008 (HBONE, served directly) and
+//!   node probes (source [`PROBE_SOURCE_IP`]), is redirected to 15006.
 //! - source-IP preservation: the agent delivers inbound connections from a transparent socket
 //!   bound to the client's IP and marked [`SKIP_MARK`]; those packets cross `lo`, where the
 //!   connection gets conntrack mark [`INBOUND_CONNMARK`]. The application's replies carry that
@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 
 use crate::config::{
     HBONE_PORT, INBOUND_CONNMARK, INBOUND_PLAINTEXT_PORT, INBOUND_ROUTE_TABLE, OUTBOUND_PORT,
-    SKIP_MARK,
+    PROBE_SOURCE_IP, SKIP_MARK,
 };
 
 pub const TABLE: &str = "ztunnel";
@@ -50,6 +50,7 @@ pub fn ruleset() -> String {
   chain prerouting_nat {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname "lo" return
+    ip saddr {PROBE_SOURCE_IP} return
     tcp dport {HBONE_PORT} return
     meta l4proto tcp redirect to :{INBOUND_PLAINTEXT_PORT}
   }}

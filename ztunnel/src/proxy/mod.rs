@@ -98,7 +98,6 @@ pub struct ProxyInputs {
     pub home: Arc<Netns>,
     /// Cancelled on shutdown: HBONE servers send GOAWAY and stop taking new streams.
     pub drain: tokio_util::sync::CancellationToken,
-    client_tls: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
     round_robin: Mutex<HashMap<NamespacedName, Arc<AtomicUsize>>>,
 }
 
@@ -123,26 +122,8 @@ impl ProxyInputs {
             conns,
             home,
             drain,
-            client_tls: Mutex::default(),
             round_robin: Mutex::default(),
         }
-    }
-
-    /// A client TLS config presenting `src` and accepting only `dst`; cached because the
-    /// certificate is resolved per handshake (rotation does not invalidate it).
-    pub fn client_tls(
-        &self,
-        src: &Identity,
-        dst: &Identity,
-    ) -> Result<Arc<rustls::ClientConfig>, mesh::tls::TlsError> {
-        let key = (src.clone(), dst.clone());
-        let mut cache = self.client_tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cache.get(&key) {
-            return Ok(c.clone());
-        }
-        let c = mesh::tls::client_config(self.certs.clone(), src.clone(), vec![dst.clone()])?;
-        cache.insert(key, c.clone());
-        Ok(c)
     }
 
     /// The next round-robin start index for a service.

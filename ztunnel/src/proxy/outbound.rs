@@ -201,9 +201,14 @@ async fn open_hbone(
     target: SocketAddr,
     svc: Option<&Service>,
 ) -> Result<hbone::H2Stream, HboneError> {
-    let tls = pi
-        .client_tls(&pod.identity, dst_identity)
-        .map_err(|e| HboneError::Tls(std::io::Error::other(e.to_string())))?;
+    // Built per connection (about 0.4 µs, and used only when the pool dials): no cache to keep
+    // coherent; the certificate itself is resolved at each handshake, so rotation is picked up.
+    let tls = mesh::tls::client_config(
+        pi.certs.clone(),
+        pod.identity.clone(),
+        vec![dst_identity.clone()],
+    )
+    .map_err(|e| HboneError::Tls(std::io::Error::other(e.to_string())))?;
     let src_ip = pod.ips.first().copied().unwrap_or(target.ip());
     let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
     let key = PoolKey {

@@ -191,10 +191,17 @@ fn strict_refuses_plaintext_and_permissive_accepts_it() -> Result<()> {
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: STRICT\n",
     )?;
     expect_reach(&mesh, "legacy/outsider", server, false, "STRICT applies")?;
-    ensure!(
-        refused(&mesh, "n2", "PEERAUTHN")? >= 1.0,
-        "refusal not counted"
-    );
+    wait_until("the STRICT refusal is counted on n2", APPLY, || {
+        Ok(refused(&mesh, "n2", "PEERAUTHN")? >= 1.0)
+    })
+    .with_context(|| {
+        let log = mesh.ztunnel_log("n2");
+        let plaintext: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("inbound_plaintext") && l.contains("connection complete"))
+            .collect();
+        format!("n2 plaintext access log: {plaintext:#?}")
+    })?;
     // mTLS from an enrolled pod is unaffected.
     expect_reach(
         &mesh,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
 /// The programs, by file stem; the loader includes `$OUT_DIR/<stem>.bpf.o`.
-const PROGRAMS: &[&str] = &["inbound"];
+const PROGRAMS: &[&str] = &["capture"];
 
 fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap_or_default());

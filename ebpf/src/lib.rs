@@ -4,17 +4,17 @@
 //! objects embedded in this crate); this library loads them with `aya`, attaches them to a pod's
 //! network namespace and returns a guard whose `Drop` detaches them.
 //!
-//! What is here (first increment):
-//! - [`inbound`]: an `sk_lookup` program per pod network namespace that steers new inbound TCP
+//! - [`capture`]: an `sk_lookup` program per pod network namespace that steers new inbound TCP
 //!   connections to the agent's 15006 listener (except the HBONE port, loopback and the probe
-//!   source), keeping the original destination as the accepted socket's local address.
-//!
-//! Outbound capture (to 15001) is not here yet; the nftables backend still does it.
+//!   source) and the application's outgoing TCP to the agent's 15001 listener, keeping the
+//!   original destination as the accepted socket's local address. The policy routing that
+//!   makes outgoing TCP visible to it is the agent's (`ztunnel/src/redirect/ebpf.rs`).
 
 #![forbid(unsafe_code)]
 
-pub mod inbound;
+pub mod capture;
 
-pub use inbound::{
-    attach_inbound, attach_inbound_pinned, Exemption, InboundConfig, InboundError, InboundGuard,
+pub use capture::{
+    attach_capture, attach_capture_pinned, probe, CaptureConfig, CaptureError, CaptureGuard,
+    Exemption,
 };

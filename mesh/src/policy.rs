@@ -349,5 +349,7 @@ fn wildcard(pattern: &str, value: Option<&str>) -> bool {
     }
 }
 
+pub mod l7;
+
 #[cfg(test)]
 mod tests;

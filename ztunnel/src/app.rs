@@ -26,7 +26,10 @@ use crate::workloads::Manager;
 /// How often pods that failed to enroll (e.g. netns not there yet) are retried.
 const ENROLL_RETRY: Duration = Duration::from_secs(1);
 
-pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
+pub async fn run(mut cfg: Config, log: LogHandle) -> anyhow::Result<()> {
+    cfg.redirect = crate::redirect::resolve(cfg.redirect, &cfg.bpf_fs)
+        .context("set up the requested redirection backend")?;
+    tracing::info!(backend = ?cfg.redirect, "redirection backend");
     let cfg = Arc::new(cfg);
     let home = Arc::new(Netns::current().context("open the agent's own netns")?);
     let ca = Arc::new(

@@ -17,6 +17,8 @@ pub const DEFAULT_CONFIG_POLL: &str = "500ms";
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// Where the eBPF backend pins each pod's capture (under `ztunnel/`), so it survives restarts.
+pub const DEFAULT_BPF_FS: &str = "/sys/fs/bpf";
 
 /// Ports bound inside every enrolled pod's network namespace.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -39,7 +41,12 @@ pub const PROBE_SOURCE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254
 pub const INBOUND_ROUTE_TABLE: u32 = 133;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Redirect {
+    /// eBPF where the kernel allows it (checked at startup), else nftables.
+    Auto,
+    /// An `sk_lookup` program per pod namespace plus policy routing (see redirect/ebpf.rs).
+    Ebpf,
     /// nftables rules inside each pod namespace.
     Nftables,
     /// No redirection: only explicit connections to the pod's 15001/15006/15008 (tests).
@@ -75,8 +82,12 @@ pub struct Args {
     /// Workload certificate lifetime (renewed at half-life), e.g. 30s, 5m, 24h.
     #[arg(long, env = "ZTUNNEL_CERT_TTL", default_value = DEFAULT_CERT_TTL, value_parser = parse_duration)]
     pub cert_ttl: Duration,
-    #[arg(long, env = "ZTUNNEL_REDIRECT", value_enum, default_value = "nftables")]
+    /// How pod traffic is captured: `auto` (eBPF if the kernel allows, else nftables).
+    #[arg(long, env = "ZTUNNEL_REDIRECT", value_enum, default_value = "auto")]
     pub redirect: Redirect,
+    /// A bpffs mount (mounted there if missing) for the eBPF backend's pins.
+    #[arg(long, env = "ZTUNNEL_BPF_FS", default_value = DEFAULT_BPF_FS)]
+    pub bpf_fs: PathBuf,
     #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
     #[arg(long, env = "ZTUNNEL_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
@@ -108,7 +119,9 @@ pub struct Config {
     pub trust_domain: String,
     #[serde(with = "secs")]
     pub cert_ttl: Duration,
+    /// The backend in use: never `auto` once the agent runs (startup resolves it).
     pub redirect: Redirect,
+    pub bpf_fs: PathBuf,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
@@ -142,6 +155,7 @@ impl From<&Args> for Config {
             trust_domain: a.trust_domain.clone(),
             cert_ttl: a.cert_ttl,
             redirect: a.redirect,
+            bpf_fs: a.bpf_fs.clone(),
             admin_addr: a.admin_addr,
             metrics_addr: a.metrics_addr,
             readiness_addr: a.readiness_addr,

@@ -6,6 +6,7 @@
 //! closure that must not await, and always switches back.
 
 use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
@@ -67,5 +68,12 @@ impl Netns {
             std::process::abort();
         }
         Ok(out)
+    }
+}
+
+/// The namespace's file descriptor, e.g. to attach BPF programs to it.
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }

@@ -43,11 +43,24 @@ fn domain(addr: &SocketAddr) -> Domain {
     }
 }
 
+/// How a pod listener is set up for the redirection backend in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenFor {
+    /// nftables NAT delivers to the listener's own address; nothing special.
+    Nat,
+    /// The eBPF backend hands connections over without rewriting addresses: the listener is
+    /// `IP_TRANSPARENT` (its connections' local address may be any original destination) and
+    /// carries [`SKIP_MARK`], which accepted connections inherit, so their packets are routed
+    /// normally instead of by the pod's capture rule.
+    Ebpf,
+}
+
 /// Binds a listener on `addr` inside `netns`.
 pub fn listen_in(
     netns: &Netns,
     home: &Netns,
     addr: SocketAddr,
+    setup: ListenFor,
 ) -> Result<TcpListener, SocketError> {
     let bind_err = |source| SocketError::Bind {
         addr,
@@ -58,6 +71,11 @@ pub fn listen_in(
         let s = Socket::new(domain(&addr), Type::STREAM, Some(Protocol::TCP))?;
         s.set_reuse_address(true)?;
         s.set_nonblocking(true)?;
+        if setup == ListenFor::Ebpf {
+            // IP_TRANSPARENT also applies to IPv6 sockets (the kernel shares the flag).
+            s.set_ip_transparent(true)?;
+            s.set_mark(SKIP_MARK)?;
+        }
         s.bind(&SockAddr::from(addr))?;
         s.listen(1024)?;
         Ok(s)
@@ -68,13 +86,16 @@ pub fn listen_in(
 
 /// Connects to `dst` from inside `netns`, marked so that redirection ignores it.
 /// With `transparent_src`, the connection comes from that (non-local) address: used to
-/// deliver inbound traffic with the client's IP preserved.
+/// deliver inbound traffic with the client's IP preserved. With `capture` (the eBPF backend's
+/// guard for the pod), the bound source is exempted from capture while the connection is made,
+/// so that the delivery is not steered back to the agent.
 pub async fn connect_in(
     netns: &Netns,
     home: &Netns,
     dst: SocketAddr,
     transparent_src: Option<IpAddr>,
     timeout: Duration,
+    capture: Option<&ebpf::CaptureGuard>,
 ) -> Result<TcpStream, SocketError> {
     let netns_name = || netns.path().display().to_string();
     let err = |source| SocketError::Connect {
@@ -97,6 +118,15 @@ pub async fn connect_in(
             Ok(s)
         })?
         .map_err(err)?;
+    // Held until the handshake is over: only the SYN is looked up.
+    let _exemption = match (capture, sock.local_addr().map(|a| a.as_socket())) {
+        (Some(guard), Ok(Some(SocketAddr::V4(bound)))) if transparent_src.is_some() => Some(
+            guard
+                .exempt(bound)
+                .map_err(|e| err(io::Error::other(e.to_string())))?,
+        ),
+        _ => None,
+    };
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(r) => r.map_err(err),
@@ -108,8 +138,15 @@ pub async fn connect_in(
     }
 }
 
-/// The destination a redirected connection was originally sent to (`SO_ORIGINAL_DST`).
-pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// The destination a captured connection was originally sent to: with NAT (nftables) the
+/// conntrack entry's (`SO_ORIGINAL_DST`); with the eBPF backend, which rewrites nothing, the
+/// socket's own local address.
+pub fn original_dst(stream: &TcpStream, nat: bool) -> io::Result<SocketAddr> {
+    if !nat {
+        let local = stream.local_addr()?;
+        // A dual-stack listener reports IPv4 destinations as v4-mapped IPv6.
+        return Ok(SocketAddr::new(local.ip().to_canonical(), local.port()));
+    }
     let sock = SockRef::from(stream);
     let addr = match stream.local_addr()? {
         SocketAddr::V4(_) => sock.original_dst()?,

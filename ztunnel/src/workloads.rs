@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::config::{Redirect, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::netns::Netns;
 use crate::proxy::{self, PodCtx, ProxyInputs};
+use crate::socket::ListenFor;
 use crate::{redirect, socket};
 
 #[derive(Debug, thiserror::Error)]
@@ -178,13 +179,27 @@ impl Manager {
         } else {
             Ipv4Addr::LOCALHOST.into()
         };
-        let outbound = socket::listen_in(&netns, home, SocketAddr::new(lo, OUTBOUND_PORT))?;
-        let plaintext =
-            socket::listen_in(&netns, home, SocketAddr::new(any, INBOUND_PLAINTEXT_PORT))?;
-        let hbone = socket::listen_in(&netns, home, SocketAddr::new(any, HBONE_PORT))?;
-        if cfg.redirect == Redirect::Nftables {
-            redirect::install(netns.path())?;
-        }
+        let setup = match cfg.redirect {
+            Redirect::Ebpf => ListenFor::Ebpf,
+            _ => ListenFor::Nat,
+        };
+        let listen = |ip, port| socket::listen_in(&netns, home, SocketAddr::new(ip, port), setup);
+        let outbound = listen(lo, OUTBOUND_PORT)?;
+        let plaintext = listen(any, INBOUND_PLAINTEXT_PORT)?;
+        let hbone = listen(any, HBONE_PORT)?;
+        let capture = match cfg.redirect {
+            Redirect::Nftables => {
+                redirect::nft::install(netns.path())?;
+                None
+            }
+            Redirect::Ebpf => {
+                let pins = redirect::ebpf::pin_dir(&cfg.bpf_fs, netns.path());
+                let guard =
+                    redirect::ebpf::install(&netns, &pod.ips, &plaintext, &outbound, &pins)?;
+                Some(Arc::new(guard))
+            }
+            Redirect::Auto | Redirect::None => None,
+        };
         let stop = CancellationToken::new();
         let ctx = Arc::new(PodCtx {
             key: key.clone(),
@@ -194,6 +209,7 @@ impl Manager {
             server_tls,
             stop: stop.clone(),
             active: Arc::default(),
+            capture,
         });
         let pi = &self.pi;
         let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);
@@ -227,9 +243,14 @@ impl Manager {
     /// reply routing they still depend on) is removed after the last one has closed.
     fn release(&self, key: &NamespacedName, r: Running) {
         r.ctx.stop.cancel();
-        let nft = self.pi.cfg.redirect == Redirect::Nftables;
-        if nft && r.ctx.netns.path().exists() {
-            if let Err(e) = redirect::stop_capture(r.ctx.netns.path()) {
+        let backend = self.pi.cfg.redirect;
+        if matches!(backend, Redirect::Nftables | Redirect::Ebpf) && r.ctx.netns.path().exists() {
+            let netns = r.ctx.netns.path();
+            let stopped = match backend {
+                Redirect::Ebpf => redirect::ebpf::stop_capture(netns, &r.ctx.active.flows()),
+                _ => redirect::nft::stop_capture(netns),
+            };
+            if let Err(e) = stopped {
                 tracing::warn!(pod = %key, error = %e, "stopping capture failed");
             }
             let (ctx, epochs, epoch, key) =
@@ -245,7 +266,11 @@ impl Manager {
                     return;
                 }
                 let netns = ctx.netns.path().to_path_buf();
-                match tokio::task::spawn_blocking(move || redirect::remove(&netns)).await {
+                let remove = move || match backend {
+                    Redirect::Ebpf => redirect::ebpf::remove(&netns),
+                    _ => redirect::nft::remove(&netns),
+                };
+                match tokio::task::spawn_blocking(remove).await {
                     Ok(Ok(())) => {
                         tracing::info!(pod = %key, "released pod drained; redirection removed")
                     }
@@ -268,9 +293,14 @@ impl Manager {
         tracing::info!(pod = %key, open = r.ctx.active.len(), "pod released; established connections drain");
     }
 
-    /// Closes every listener (shutdown); connections keep running until they finish.
+    /// Closes every listener (shutdown); connections keep running until they finish. The
+    /// pods stay captured (eBPF: the pinned programs stay attached; nftables: the rules stay),
+    /// failing closed until the next agent takes over.
     pub fn stop_all(&mut self) {
         for (_, r) in std::mem::take(&mut self.running) {
+            if let Some(capture) = &r.ctx.capture {
+                capture.keep_pinned();
+            }
             r.ctx.stop.cancel();
         }
     }

@@ -20,9 +20,8 @@ use super::{
     accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
     ResponseFlag,
 };
-use crate::config::{Redirect, RESERVED_PORTS};
+use crate::config::RESERVED_PORTS;
 use crate::conns::{admit, Admission, TrackedConn};
-use crate::socket;
 
 const REPORTER: &str = "destination";
 
@@ -180,10 +179,8 @@ async fn handle_stream(
         admission,
         cancel: cancel.clone(),
     });
-    let src = (pi.cfg.redirect != Redirect::None).then_some(peer.ip());
-    let app = match socket::connect_in(&pod.netns, &pi.home, dst, src, pi.cfg.connect_timeout).await
-    {
-        Ok(s) => s,
+    let (app, _flow) = match pod.deliver(&pi, dst, peer.ip()).await {
+        Ok(x) => x,
         Err(e) => {
             let refusal = (
                 StatusCode::SERVICE_UNAVAILABLE,

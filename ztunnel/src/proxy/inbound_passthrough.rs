@@ -53,10 +53,10 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
     // Returning drops the stream: closed before any byte is read from or sent to the app.
     let refuse = |log, flag, reason| record_refusal(&pi, labels, log, flag, reason);
 
-    let dst = match socket::original_dst(&tcp) {
+    let dst = match socket::original_dst(&tcp, pi.cfg.redirect == Redirect::Nftables) {
         Ok(d) => d,
         Err(e) => {
-            let reason = format!("SO_ORIGINAL_DST: {e}");
+            let reason = format!("original destination: {e}");
             return refuse(log, ResponseFlag::NoOriginalDst, reason);
         }
     };
@@ -83,10 +83,8 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
         admission,
         cancel: cancel.clone(),
     });
-    let src = (pi.cfg.redirect != Redirect::None).then_some(peer.ip());
-    let app = match socket::connect_in(&pod.netns, &pi.home, dst, src, pi.cfg.connect_timeout).await
-    {
-        Ok(s) => s,
+    let (app, _flow) = match pod.deliver(&pi, dst, peer.ip()).await {
+        Ok(x) => x,
         Err(e) => return refuse(log, ResponseFlag::UpstreamFailure, e.to_string()),
     };
     relay_counted(tcp, app, &pi, &labels.build(), Some(&cancel), log).await;

@@ -30,9 +30,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, Redirect};
 use crate::conns::ConnTracker;
 use crate::netns::Netns;
+use crate::redirect::ebpf::Flow;
 
 /// Why a connection was refused or failed: one flag per cause, used by logs and metrics
 /// (`response_flags`).
@@ -148,13 +149,71 @@ pub struct PodCtx {
     /// Connections of this pod still open (all three listeners), so that its remaining
     /// redirection state is removed only once the last one has finished.
     pub active: Arc<ActiveConns>,
+    /// The eBPF backend's capture (None with nftables): exempts the agent's deliveries.
+    pub capture: Option<Arc<ebpf::CaptureGuard>>,
 }
 
-/// Counts a pod's open connections and tells when none is left.
+impl PodCtx {
+    /// Connects to the application at `dst` on behalf of a client at `client`, from the
+    /// client's address when redirection is on (the app sees who called), and records the
+    /// connection as a flow for [`ActiveConns::flows`] while the returned guard lives.
+    pub(crate) async fn deliver(
+        &self,
+        pi: &ProxyInputs,
+        dst: SocketAddr,
+        client: IpAddr,
+    ) -> Result<(TcpStream, Option<FlowGuard>), crate::socket::SocketError> {
+        let src = (pi.cfg.redirect != Redirect::None).then_some(client);
+        let app = crate::socket::connect_in(
+            &self.netns,
+            &pi.home,
+            dst,
+            src,
+            pi.cfg.connect_timeout,
+            self.capture.as_deref(),
+        )
+        .await?;
+        let flow = self.track_flow(dst, app.local_addr());
+        Ok((app, flow))
+    }
+
+    /// Records a flow between the application's `app` end and the agent's `peer` end, when the
+    /// backend needs it (eBPF: see [`crate::redirect::ebpf::stop_capture`]).
+    pub(crate) fn track_flow(
+        &self,
+        app: SocketAddr,
+        peer: std::io::Result<SocketAddr>,
+    ) -> Option<FlowGuard> {
+        let peer = peer.ok().filter(|_| self.capture.is_some())?;
+        Some(self.active.flow(Flow { app, peer }))
+    }
+}
+
+/// Counts a pod's open connections and tells when none is left. Also knows the TCP flows
+/// between the application and the agent (see [`Flow`]), which the eBPF backend keeps routed
+/// to the agent while a released pod drains.
 #[derive(Default)]
 pub struct ActiveConns {
     count: AtomicUsize,
     idle: tokio::sync::Notify,
+    flows: Mutex<HashMap<u64, Flow>>,
+    next_flow: AtomicU64,
+}
+
+/// One recorded flow; dropping it forgets the flow.
+pub struct FlowGuard {
+    conns: Arc<ActiveConns>,
+    id: u64,
+}
+
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        self.conns
+            .flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
 
 /// One open connection; dropping it decrements the count.
@@ -168,6 +227,25 @@ impl ActiveConns {
 
     pub fn len(&self) -> usize {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// Records a flow between the application and the agent until the guard is dropped.
+    pub fn flow(self: &Arc<Self>, flow: Flow) -> FlowGuard {
+        let id = self.next_flow.fetch_add(1, Ordering::Relaxed);
+        self.flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, flow);
+        FlowGuard {
+            conns: self.clone(),
+            id,
+        }
+    }
+
+    /// The flows open now.
+    pub fn flows(&self) -> Vec<Flow> {
+        let flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        flows.values().copied().collect()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -18,7 +18,7 @@ use super::{
     accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
     ResponseFlag,
 };
-use crate::config::{HBONE_PORT, RESERVED_PORTS};
+use crate::config::{Redirect, HBONE_PORT, RESERVED_PORTS};
 use crate::socket;
 
 const REPORTER: &str = "source";
@@ -112,14 +112,15 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
     };
     let refuse = |labels, log, flag, reason| record_refusal(&pi, labels, log, flag, reason);
 
-    let dst = match socket::original_dst(&tcp) {
+    let dst = match socket::original_dst(&tcp, pi.cfg.redirect == Redirect::Nftables) {
         Ok(d) => d,
         Err(e) => {
-            let reason = format!("SO_ORIGINAL_DST: {e}");
+            let reason = format!("original destination: {e}");
             return refuse(labels, log, ResponseFlag::NoOriginalDst, reason);
         }
     };
     log.dst = dst;
+    let _flow = pod.track_flow(peer, tcp.local_addr());
     // A connection made straight to 127.0.0.1:15001 (not redirected) would loop forever.
     if dst.ip().is_loopback() && RESERVED_PORTS.contains(&dst.port()) {
         let reason = format!("{dst} is the agent itself");
@@ -180,7 +181,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                     ..labels
                 };
                 let timeout = pi.cfg.connect_timeout;
-                match socket::connect_in(&pod.netns, &pi.home, *target, None, timeout).await {
+                match socket::connect_in(&pod.netns, &pi.home, *target, None, timeout, None).await {
                     Ok(up) => {
                         log.dst = *target;
                         return relay_counted(tcp, up, &pi, &labels.build(), None, log).await;
@@ -231,7 +232,7 @@ async fn open_hbone(
     let home = pi.home.clone();
     let timeout = pi.cfg.connect_timeout;
     let dial = move || async move {
-        socket::connect_in(&netns, &home, hbone_addr, None, timeout)
+        socket::connect_in(&netns, &home, hbone_addr, None, timeout, None)
             .await
             .map_err(std::io::Error::other)
     };

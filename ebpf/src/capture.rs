@@ -1,34 +1,45 @@
-//! Inbound capture with `sk_lookup` (program `zt_inbound` in `inbound.bpf.c`).
+//! Capture with `sk_lookup` (program `zt_capture` in `capture.bpf.c`).
 //!
 //! How it is attached: one program instance per pod, loaded with the pod's settings as
 //! read-only globals, attached to the pod's network namespace with a BPF link
-//! (`BPF_SK_LOOKUP` takes a netns fd; no cgroup is involved). The agent's 15006 listener is put
-//! into the program's one-slot `SOCKMAP`; for every TCP SYN that arrives from outside the pod on
-//! any port but the HBONE port, the kernel's listener lookup returns that socket instead. No
-//! address is rewritten, so the accepted socket's `local_addr()` is the original destination.
+//! (`BPF_SK_LOOKUP` takes a netns fd; no cgroup is involved). The agent's listeners go into the
+//! program's two-slot `SOCKMAP`:
+//! - inbound (15006): for every TCP SYN that arrives from outside the pod on any port but the
+//!   HBONE port, the kernel's listener lookup returns that socket instead;
+//! - outbound (15001, optional): for every TCP SYN the application sends to a destination
+//!   outside the pod. Those only reach a listener lookup because the agent's policy routing
+//!   delivers the pod's own outgoing TCP locally over `lo` (a `local default dev lo` route in a
+//!   separate table, selected for `iif lo ipproto tcp` unless the agent's mark is set): the
+//!   program recognises them as "arrived on lo, to an address that is not loopback". The
+//!   outbound listener must be `IP_TRANSPARENT`, because its connections' local address is the
+//!   (non-local) original destination.
+//!
+//! No address is rewritten, so the accepted socket's `local_addr()` is the original
+//! destination in both directions.
 //!
 //! What is not steered: the HBONE port (the agent's own 15008 listener gets it by the normal
-//! lookup); loopback and the pod connecting to its own address; connections from
-//! [`InboundConfig::probe_source`] (the node's kubelet probes, which must reach the application
+//! lookup); loopback destinations and the pod connecting to its own address; connections from
+//! [`CaptureConfig::probe_source`] (the node's kubelet probes, which must reach the application
 //! even while the agent is down, as with Istio's probe bypass); and the agent's own delivery
 //! of an inbound connection to the application, which it announces with
-//! [`InboundGuard::exempt`] before connecting (sk_lookup cannot see the socket mark, and the
+//! [`CaptureGuard::exempt`] before connecting (sk_lookup cannot see the socket mark, and the
 //! delivery comes from the client's address, so only its exact source tells it apart).
 //!
-//! Failure mode: when the map holds no listener (the agent's listener closed, e.g. during an
-//! agent restart) the program refuses the connection rather than let it reach the application
-//! without policy: fail closed.
+//! Failure mode: when the map holds no listener for a direction (the agent's listener closed,
+//! e.g. during an agent restart) the program refuses the connection rather than let it reach
+//! the application, or leave the pod, without policy: fail closed.
 //!
-//! Lifetimes: [`attach_inbound`] ties the attachment to the guard (and so to the agent's
-//! process: a crash detaches it). [`attach_inbound_pinned`] also pins the link and the map in a
-//! bpffs directory so the capture outlives the agent: a restarted agent calls it again with the
-//! same directory, adopts the attachment and registers its new listener; dropping the guard
-//! unpins and detaches (the pod is gone), [`InboundGuard::keep_pinned`] leaves it for the next
-//! agent.
+//! Lifetimes: [`attach_capture`] ties the attachment to the guard (and so to the agent's
+//! process: a crash detaches it). [`attach_capture_pinned`] also pins the link and the maps in
+//! a bpffs directory so the capture outlives the agent: a restarted agent calls it again with
+//! the same directory, adopts the attachment and registers its new listeners; dropping the
+//! guard unpins and detaches (the pod is gone), unless [`CaptureGuard::keep_pinned`] was
+//! called, which leaves it for the next agent.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use aya::maps::{HashMap, Map, MapData, MapError, SockMap};
@@ -38,29 +49,30 @@ use aya::programs::{ProgramError, SkLookup};
 use aya::{include_bytes_aligned, Ebpf, EbpfError, EbpfLoader};
 use tracing::{debug, warn};
 
-/// The compiled `inbound.bpf.c` (see build.rs).
-static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inbound.bpf.o"));
+/// The compiled `capture.bpf.c` (see build.rs).
+static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture.bpf.o"));
 
-const PROGRAM: &str = "zt_inbound";
-const LISTENER_MAP: &str = "inbound_listener";
+const PROGRAM: &str = "zt_capture";
+const LISTENER_MAP: &str = "listeners";
 const DELIVERY_MAP: &str = "agent_delivery";
-/// The listener's slot in [`LISTENER_MAP`] (`INBOUND_LISTENER_KEY` in the C program).
-const LISTENER_KEY: u32 = 0;
+/// The listeners' slots in [`LISTENER_MAP`] (`*_LISTENER_KEY` in the C program).
+const INBOUND_KEY: u32 = 0;
+const OUTBOUND_KEY: u32 = 1;
 /// File names inside a pin directory. The maps are pinned before the link, so a link pin
 /// always has its maps beside it.
 const LINK_PIN: &str = "link";
 const MAP_PINS: [&str; 2] = [LISTENER_MAP, DELIVERY_MAP];
 
-/// What the inbound program leaves alone.
+/// What the program leaves alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InboundConfig {
+pub struct CaptureConfig {
     /// Connections to this port reach whoever listens on it (the agent's HBONE listener).
     pub hbone_port: u16,
     /// Connections from this address reach the application directly (node health probes).
     pub probe_source: Option<Ipv4Addr>,
 }
 
-impl InboundConfig {
+impl CaptureConfig {
     pub const fn new(hbone_port: u16) -> Self {
         Self {
             hbone_port,
@@ -77,7 +89,7 @@ impl InboundConfig {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum InboundError {
+pub enum CaptureError {
     #[error("parse the embedded {PROGRAM} eBPF object: {0}")]
     Object(#[source] EbpfError),
     #[error("the embedded eBPF object has no {what} {name}")]
@@ -115,66 +127,69 @@ pub enum InboundError {
     Incomplete { link: PathBuf, map: PathBuf },
 }
 
-/// Steers the pod's inbound TCP to `listener` until the guard is dropped.
+/// Steers the pod's inbound TCP to `listener` until the guard is dropped (outbound too, once
+/// [`CaptureGuard::set_outbound_listener`] has registered a listener for it).
 ///
 /// `netns` is the pod's network namespace (e.g. `/var/run/netns/<pod>` opened read-only);
 /// `listener` is a listening TCP socket created inside it (a `SOCKMAP` takes any TCP socket in
 /// `LISTEN` state; it need not be bound to the destination port).
-pub fn attach_inbound(
+pub fn attach_capture(
     netns: &impl AsFd,
     listener: &impl AsRawFd,
-    config: &InboundConfig,
-) -> Result<InboundGuard, InboundError> {
+    config: &CaptureConfig,
+) -> Result<CaptureGuard, CaptureError> {
     let loaded = load(config)?;
     let maps = Maps::new(loaded.listener, loaded.delivery)?;
-    let mut guard = InboundGuard {
+    let mut guard = CaptureGuard {
         link: Some(Attachment::Owned {
             _held: attach(loaded.ebpf, netns)?,
         }),
         maps,
         pins: None,
+        keep: AtomicBool::new(false),
         adopted: false,
     };
-    guard.set_listener(listener)?;
-    debug!(hbone_port = config.hbone_port, "attached inbound sk_lookup");
+    guard.set_inbound_listener(listener)?;
+    debug!(hbone_port = config.hbone_port, "attached capture sk_lookup");
     Ok(guard)
 }
 
-/// Like [`attach_inbound`], but the link and the maps are pinned under `pin_dir` (a directory
+/// Like [`attach_capture`], but the link and the maps are pinned under `pin_dir` (a directory
 /// on a bpffs mount, one per pod, created if missing) so the capture survives the agent.
 ///
 /// If `pin_dir` already holds a link (an earlier agent's), that attachment is adopted:
 /// `listener` replaces the earlier one, the earlier agent's exemptions are cleared (its
 /// deliveries died with it), and `config` is NOT applied (the running program keeps the
-/// settings it was loaded with; detach first to change them). [`InboundGuard::adopted`] tells
+/// settings it was loaded with; detach first to change them). [`CaptureGuard::adopted`] tells
 /// which happened.
-pub fn attach_inbound_pinned(
+pub fn attach_capture_pinned(
     netns: &impl AsFd,
     listener: &impl AsRawFd,
-    config: &InboundConfig,
+    config: &CaptureConfig,
     pin_dir: &Path,
-) -> Result<InboundGuard, InboundError> {
+) -> Result<CaptureGuard, CaptureError> {
     let link_path = pin_dir.join(LINK_PIN);
     if link_path.exists() {
-        let link = PinnedLink::from_pin(&link_path).map_err(|source| InboundError::OpenLink {
+        let link = PinnedLink::from_pin(&link_path).map_err(|source| CaptureError::OpenLink {
             path: link_path.clone(),
             source,
         })?;
         let [listener_map, delivery_map] = MAP_PINS.map(|name| open_pinned(pin_dir, name));
         let maps = Maps::new(listener_map?, delivery_map?)?;
         maps.clear_exemptions();
-        let mut guard = InboundGuard {
+        let mut guard = CaptureGuard {
             link: Some(Attachment::Pinned(link)),
             maps,
             pins: Some(pin_dir.to_path_buf()),
+            keep: AtomicBool::new(false),
             adopted: true,
         };
-        guard.set_listener(listener)?;
-        debug!(pin_dir = %pin_dir.display(), "adopted pinned inbound sk_lookup");
+        guard.set_inbound_listener(listener)?;
+        debug!(pin_dir = %pin_dir.display(), "adopted pinned capture sk_lookup");
         return Ok(guard);
     }
 
-    std::fs::create_dir_all(pin_dir).map_err(|source| InboundError::PinDir {
+    std::fs::create_dir_all(pin_dir).map_err(|source| CaptureError::PinDir {
         path: pin_dir.to_path_buf(),
         source,
     })?;
@@ -189,7 +204,7 @@ pub fn attach_inbound_pinned(
     .into_iter()
     .try_for_each(|(map, name)| {
         let path = pin_dir.join(name);
-        map.pin(&path).map_err(|source| InboundError::Pin {
+        map.pin(&path).map_err(|source| CaptureError::Pin {
             what: "map",
             path,
             source,
@@ -205,24 +220,27 @@ pub fn attach_inbound_pinned(
             return Err(e);
         }
     };
-    let mut guard = InboundGuard {
+    let mut guard = CaptureGuard {
         link: Some(Attachment::Pinned(link)),
         maps: Maps::new(loaded.listener, loaded.delivery)?,
         pins: Some(pin_dir.to_path_buf()),
+        keep: AtomicBool::new(false),
         adopted: false,
     };
-    guard.set_listener(listener)?;
-    debug!(pin_dir = %pin_dir.display(), hbone_port = config.hbone_port, "attached pinned inbound sk_lookup");
+    guard.set_inbound_listener(listener)?;
+    debug!(pin_dir = %pin_dir.display(), hbone_port = config.hbone_port, "attached pinned capture sk_lookup");
     Ok(guard)
 }
 
-/// An attached inbound program. Dropping it detaches the program (and removes its pins, if
-/// any); see [`InboundGuard::keep_pinned`] to hand a pinned attachment to the next agent.
-pub struct InboundGuard {
+/// An attached capture program. Dropping it detaches the program (and removes its pins, if
+/// any); see [`CaptureGuard::keep_pinned`] to hand a pinned attachment to the next agent.
+pub struct CaptureGuard {
     /// `None` only while dropping.
     link: Option<Attachment>,
     maps: Maps,
     pins: Option<PathBuf>,
+    /// Set by [`CaptureGuard::keep_pinned`]: dropping leaves a pinned attachment in place.
+    keep: AtomicBool,
     adopted: bool,
 }
 
@@ -264,16 +282,27 @@ struct Loaded {
     delivery: Map,
 }
 
-// === impl InboundGuard ===
+// === impl CaptureGuard ===
 
-impl InboundGuard {
-    /// Steers to `listener` from now on (e.g. after rebinding 15006). Connections already
-    /// queued on the previous listener stay there.
-    pub fn set_listener(&mut self, listener: &impl AsRawFd) -> Result<(), InboundError> {
+impl CaptureGuard {
+    /// Steers inbound connections to `listener` from now on (e.g. after rebinding 15006).
+    /// Connections already queued on the previous listener stay there.
+    pub fn set_inbound_listener(&mut self, listener: &impl AsRawFd) -> Result<(), CaptureError> {
+        self.set(INBOUND_KEY, listener)
+    }
+
+    /// Steers the application's outgoing connections to `listener` (15001, `IP_TRANSPARENT`)
+    /// from now on. Only connections that the pod's routing delivers over `lo` are seen; see
+    /// the module docs.
+    pub fn set_outbound_listener(&mut self, listener: &impl AsRawFd) -> Result<(), CaptureError> {
+        self.set(OUTBOUND_KEY, listener)
+    }
+
+    fn set(&mut self, key: u32, listener: &impl AsRawFd) -> Result<(), CaptureError> {
         self.maps
             .listener
-            .set(LISTENER_KEY, listener, 0)
-            .map_err(|source| InboundError::Map {
+            .set(key, listener, 0)
+            .map_err(|source| CaptureError::Map {
                 map: LISTENER_MAP,
                 source,
             })
@@ -281,11 +310,11 @@ impl InboundGuard {
 
     /// Lets the next connection from `source` (the address the agent's delivery socket is
     /// bound to) reach the application instead of the agent.
-    pub fn exempt(&self, source: SocketAddrV4) -> Result<Exemption, InboundError> {
+    pub fn exempt(&self, source: SocketAddrV4) -> Result<Exemption, CaptureError> {
         let key = delivery_key(source);
         lock(&self.maps.delivery)
             .insert(key, 1, 0)
-            .map_err(|e| InboundError::Exempt {
+            .map_err(|e| CaptureError::Exempt {
                 source_addr: source,
                 source: e,
             })?;
@@ -306,19 +335,19 @@ impl InboundGuard {
         self.pins.as_deref()
     }
 
-    /// Lets go of a pinned attachment without detaching it, so the pod stays captured (failing
-    /// closed while no listener is registered) until an agent calls [`attach_inbound_pinned`]
-    /// with the same directory. For an unpinned attachment this is the same as dropping.
-    pub fn keep_pinned(mut self) {
-        if self.pins.take().is_some() {
-            debug!("left pinned inbound sk_lookup attached");
-        }
+    /// Lets go of a pinned attachment without detaching it when the guard is dropped, so the
+    /// pod stays captured (failing closed while no listener is registered) until an agent calls
+    /// [`attach_capture_pinned`] with the same directory. For an unpinned attachment this
+    /// changes nothing. Takes `&self` because the guard is shared with the connections that
+    /// use [`CaptureGuard::exempt`].
+    pub fn keep_pinned(&self) {
+        self.keep.store(true, Ordering::SeqCst);
     }
 }
 
-impl std::fmt::Debug for InboundGuard {
+impl std::fmt::Debug for CaptureGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InboundGuard")
+        f.debug_struct("CaptureGuard")
             .field("link", &self.link)
             .field("pins", &self.pins)
             .field("adopted", &self.adopted)
@@ -326,25 +355,29 @@ impl std::fmt::Debug for InboundGuard {
     }
 }
 
-impl Drop for InboundGuard {
+impl Drop for CaptureGuard {
     fn drop(&mut self) {
         let Some(link) = self.link.take() else {
             return;
         };
+        let keep = self.keep.load(Ordering::SeqCst);
         match (link, self.pins.take()) {
+            (Attachment::Pinned(_), Some(dir)) if keep => {
+                debug!(pin_dir = %dir.display(), "left pinned capture sk_lookup attached");
+            }
             (Attachment::Pinned(link), Some(dir)) => {
                 // Removing the pin drops the kernel's reference; closing our fd then detaches.
                 if let Err(e) = link.unpin() {
-                    warn!(pin_dir = %dir.display(), error = %e, "unpin inbound sk_lookup link");
+                    warn!(pin_dir = %dir.display(), error = %e, "unpin capture sk_lookup link");
                 }
                 remove_map_pins(&dir);
                 // Only if empty: the directory is the caller's, and may hold other pins.
                 let _ = std::fs::remove_dir(&dir);
-                debug!(pin_dir = %dir.display(), "detached pinned inbound sk_lookup");
+                debug!(pin_dir = %dir.display(), "detached pinned capture sk_lookup");
             }
             (link, _) => {
                 drop(link);
-                debug!("detached inbound sk_lookup");
+                debug!("detached capture sk_lookup");
             }
         }
     }
@@ -363,7 +396,7 @@ impl std::fmt::Debug for Exemption {
 impl Drop for Exemption {
     fn drop(&mut self) {
         if let Err(e) = lock(&self.delivery).remove(&self.key) {
-            warn!(source = %self.source, error = %e, "remove inbound exemption");
+            warn!(source = %self.source, error = %e, "remove capture exemption");
         }
     }
 }
@@ -371,14 +404,14 @@ impl Drop for Exemption {
 // === impl Maps ===
 
 impl Maps {
-    fn new(listener: Map, delivery: Map) -> Result<Self, InboundError> {
+    fn new(listener: Map, delivery: Map) -> Result<Self, CaptureError> {
         Ok(Self {
-            listener: SockMap::try_from(listener).map_err(|source| InboundError::Map {
+            listener: SockMap::try_from(listener).map_err(|source| CaptureError::Map {
                 map: LISTENER_MAP,
                 source,
             })?,
             delivery: Arc::new(Mutex::new(HashMap::try_from(delivery).map_err(
-                |source| InboundError::Map {
+                |source| CaptureError::Map {
                     map: DELIVERY_MAP,
                     source,
                 },
@@ -409,7 +442,15 @@ fn delivery_key(source: SocketAddrV4) -> u64 {
 
 // === loading ===
 
-fn load(config: &InboundConfig) -> Result<Loaded, InboundError> {
+/// Whether this kernel accepts the capture program: loads it (and its maps) without
+/// attaching anything, then unloads it. The agent's automatic backend choice calls this and
+/// falls back to nftables on an error, which says why (no BPF, no BTF, no sk_lookup, no
+/// privilege).
+pub fn probe() -> Result<(), CaptureError> {
+    load(&CaptureConfig::new(0)).map(drop)
+}
+
+fn load(config: &CaptureConfig) -> Result<Loaded, CaptureError> {
     let hbone_port = u32::from(config.hbone_port);
     // The C side compares against `remote_ip4`, which holds the address in network order.
     let probe_source = config
@@ -419,8 +460,8 @@ fn load(config: &InboundConfig) -> Result<Loaded, InboundError> {
         .set_global("hbone_port", &hbone_port, true)
         .set_global("probe_source_ip4", &probe_source, true)
         .load(OBJECT)
-        .map_err(InboundError::Object)?;
-    program(&mut ebpf)?.load().map_err(InboundError::Load)?;
+        .map_err(CaptureError::Object)?;
+    program(&mut ebpf)?.load().map_err(CaptureError::Load)?;
     let listener = take_map(&mut ebpf, LISTENER_MAP)?;
     let delivery = take_map(&mut ebpf, DELIVERY_MAP)?;
     Ok(Loaded {
@@ -430,24 +471,24 @@ fn load(config: &InboundConfig) -> Result<Loaded, InboundError> {
     })
 }
 
-fn program(ebpf: &mut Ebpf) -> Result<&mut SkLookup, InboundError> {
+fn program(ebpf: &mut Ebpf) -> Result<&mut SkLookup, CaptureError> {
     ebpf.program_mut(PROGRAM)
         .and_then(|p| p.try_into().ok())
-        .ok_or(InboundError::Missing {
+        .ok_or(CaptureError::Missing {
             what: "sk_lookup program",
             name: PROGRAM,
         })
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, InboundError> {
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, CaptureError> {
     ebpf.take_map(name)
-        .ok_or(InboundError::Missing { what: "map", name })
+        .ok_or(CaptureError::Missing { what: "map", name })
 }
 
-fn attach(mut ebpf: Ebpf, netns: &impl AsFd) -> Result<OwnedLink, InboundError> {
+fn attach(mut ebpf: Ebpf, netns: &impl AsFd) -> Result<OwnedLink, CaptureError> {
     let program = program(&mut ebpf)?;
-    let id = program.attach(netns).map_err(InboundError::Attach)?;
-    let link = program.take_link(id).map_err(InboundError::Attach)?;
+    let id = program.attach(netns).map_err(CaptureError::Attach)?;
+    let link = program.take_link(id).map_err(CaptureError::Attach)?;
     Ok(OwnedLink {
         _link: link.into(),
         _ebpf: ebpf,
@@ -455,23 +496,23 @@ fn attach(mut ebpf: Ebpf, netns: &impl AsFd) -> Result<OwnedLink, InboundError> 
 }
 
 /// The program stays loaded as long as the link references it, so the object can go.
-fn pin_link(link: OwnedLink, path: &Path) -> Result<PinnedLink, InboundError> {
-    link._link.pin(path).map_err(|source| InboundError::Pin {
+fn pin_link(link: OwnedLink, path: &Path) -> Result<PinnedLink, CaptureError> {
+    link._link.pin(path).map_err(|source| CaptureError::Pin {
         what: "link",
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn open_pinned(dir: &Path, name: &str) -> Result<Map, InboundError> {
+fn open_pinned(dir: &Path, name: &str) -> Result<Map, CaptureError> {
     let path = dir.join(name);
     if !path.exists() {
-        return Err(InboundError::Incomplete {
+        return Err(CaptureError::Incomplete {
             link: dir.join(LINK_PIN),
             map: path,
         });
     }
-    let data = MapData::from_pin(&path).map_err(|source| InboundError::OpenMap {
+    let data = MapData::from_pin(&path).map_err(|source| CaptureError::OpenMap {
         path: path.clone(),
         source,
     })?;
@@ -489,7 +530,7 @@ fn remove_map_pins(dir: &Path) {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(path = %path.display(), error = %e, "remove inbound map pin"),
+            Err(e) => warn!(path = %path.display(), error = %e, "remove capture map pin"),
         }
     }
 }

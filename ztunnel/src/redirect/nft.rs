@@ -1,4 +1,4 @@
-//! Traffic redirection inside a pod's network namespace (nftables backend).
+//! nftables backend: redirection with NAT rules inside the pod's network namespace.
 //!
 //! Rules, per pod namespace (table `inet ztunnel`):
 //! - outbound: TCP the application originates (not marked [`SKIP_MARK`], not to loopback) is
@@ -12,32 +12,15 @@
 //!   mark and a policy-routing rule sends them to table [`INBOUND_ROUTE_TABLE`], whose `local`
 //!   default route hands them back to the agent's socket instead of the pod's default route.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
+use super::{run_in, RedirectError};
 use crate::config::{
     HBONE_PORT, INBOUND_CONNMARK, INBOUND_PLAINTEXT_PORT, INBOUND_ROUTE_TABLE, OUTBOUND_PORT,
     PROBE_SOURCE_IP, SKIP_MARK,
 };
 
 pub const TABLE: &str = "ztunnel";
-
-#[derive(Debug, thiserror::Error)]
-pub enum RedirectError {
-    #[error("run {cmd} in netns {netns}: {source}")]
-    Spawn {
-        cmd: String,
-        netns: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{cmd} in netns {netns} failed: {stderr}")]
-    Failed {
-        cmd: String,
-        netns: PathBuf,
-        stderr: String,
-    },
-}
 
 /// The nftables ruleset for one pod namespace.
 pub fn ruleset() -> String {
@@ -69,51 +52,6 @@ pub fn ruleset() -> String {
 }}
 "#
     )
-}
-
-fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<(), RedirectError> {
-    let cmd = args.join(" ");
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("--")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| RedirectError::Spawn {
-            cmd: cmd.clone(),
-            netns: netns.to_path_buf(),
-            source,
-        })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .map_err(|source| RedirectError::Spawn {
-                cmd: cmd.clone(),
-                netns: netns.to_path_buf(),
-                source,
-            })?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| RedirectError::Spawn {
-            cmd: cmd.clone(),
-            netns: netns.to_path_buf(),
-            source,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(RedirectError::Failed {
-            cmd,
-            netns: netns.to_path_buf(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
 }
 
 /// Installs (idempotently: replaces an earlier agent's rules) redirection in `netns`.

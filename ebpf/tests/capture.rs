@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ebpf::{attach_inbound, attach_inbound_pinned, InboundConfig, InboundGuard};
+use ebpf::{attach_capture, attach_capture_pinned, CaptureConfig, CaptureGuard};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{setns, CloneFlags};
 use socket2::{Domain, Socket, Type};
@@ -29,6 +29,9 @@ const APP_PORT: u16 = 8080;
 const CLOSED_PORT: u16 = 9999;
 const INBOUND_PORT: u16 = 15006;
 const HBONE_PORT: u16 = 15008;
+const OUTBOUND_PORT: u16 = 15001;
+/// The agent's socket mark (ztunnel's `SKIP_MARK`).
+const SKIP_MARK: u32 = 0x539;
 /// Upper bound for a connection to show up in a listener's accept queue.
 const ACCEPT_WITHIN: Duration = Duration::from_secs(5);
 
@@ -36,9 +39,9 @@ const ACCEPT_WITHIN: Duration = Duration::from_secs(5);
 fn inbound_connections_land_on_the_agent_listener_with_the_original_destination() -> Result<()> {
     let topo = Topology::new()?;
     let pod = topo.pod_listeners()?;
-    let config = InboundConfig::new(HBONE_PORT).with_probe_source(PROBE_IP);
+    let config = CaptureConfig::new(HBONE_PORT).with_probe_source(PROBE_IP);
 
-    let guard = attach_inbound(&topo.pod.file()?, &pod.agent, &config)?;
+    let guard = attach_capture(&topo.pod.file()?, &pod.agent, &config)?;
     assert_eq!(
         topo.sk_lookup_links()?,
         1,
@@ -72,10 +75,10 @@ fn the_agents_delivery_to_the_app_is_not_steered_back_to_the_agent() -> Result<(
         "lo",
     ])?;
     let pod = topo.pod_listeners()?;
-    let guard = attach_inbound(
+    let guard = attach_capture(
         &topo.pod.file()?,
         &pod.agent,
-        &InboundConfig::new(HBONE_PORT),
+        &CaptureConfig::new(HBONE_PORT),
     )?;
 
     check(
@@ -94,10 +97,10 @@ fn the_agents_delivery_to_the_app_is_not_steered_back_to_the_agent() -> Result<(
 fn without_the_agent_listener_connections_are_refused_not_passed_to_the_app() -> Result<()> {
     let topo = Topology::new()?;
     let mut pod = topo.pod_listeners()?;
-    let guard = attach_inbound(
+    let guard = attach_capture(
         &topo.pod.file()?,
         &pod.agent,
-        &InboundConfig::new(HBONE_PORT),
+        &CaptureConfig::new(HBONE_PORT),
     )?;
     check(&topo, &pod, From::Node, APP_PORT, Lands::Agent);
 
@@ -115,14 +118,15 @@ fn a_pinned_capture_outlives_its_guard_and_is_adopted_by_the_next_agent() -> Res
     let bpffs = Bpffs::mount()?;
     let pin_dir = bpffs.path.join("pod");
     let mut pod = topo.pod_listeners()?;
-    let config = InboundConfig::new(HBONE_PORT);
+    let config = CaptureConfig::new(HBONE_PORT);
 
-    let first = attach_inbound_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+    let first = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
     assert!(!first.adopted());
     check(&topo, &pod, From::Node, APP_PORT, Lands::Agent);
 
     // The first agent exits, leaving the capture in place; its listener closes with it.
     first.keep_pinned();
+    drop(first);
     pod.agent = topo.pod.run(placeholder)??;
     assert_eq!(
         topo.sk_lookup_links()?,
@@ -133,7 +137,7 @@ fn a_pinned_capture_outlives_its_guard_and_is_adopted_by_the_next_agent() -> Res
 
     // The next agent binds a new listener and adopts the pinned capture.
     pod.agent = topo.pod.listen(INBOUND_PORT)?;
-    let second = attach_inbound_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+    let second = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
     assert!(second.adopted());
     assert_eq!(topo.sk_lookup_links()?, 1, "adopted, not attached twice");
     check(&topo, &pod, From::Node, APP_PORT, Lands::Agent);
@@ -143,6 +147,115 @@ fn a_pinned_capture_outlives_its_guard_and_is_adopted_by_the_next_agent() -> Res
     assert_eq!(topo.sk_lookup_links()?, 0, "unpinned and detached");
     assert!(!pin_dir.exists(), "pin directory removed");
     check(&topo, &pod, From::Node, APP_PORT, Lands::App);
+    Ok(())
+}
+
+#[test]
+fn outgoing_connections_routed_over_lo_land_on_the_outbound_listener() -> Result<()> {
+    let topo = Topology::new()?;
+    let pod = topo.pod_listeners()?;
+    // The agent's routing (ztunnel/src/redirect/ebpf.rs) in miniature: the pod's own TCP is
+    // delivered locally unless it carries the agent's mark.
+    let pod_ns = topo.pod.name.as_str();
+    let table = "133";
+    let skip = format!("{SKIP_MARK:#x}/0xfff");
+    ip(&[
+        "-n", pod_ns, "rule", "add", "fwmark", &skip, "lookup", "main", "pref", "31999",
+    ])?;
+    ip(&[
+        "-n", pod_ns, "rule", "add", "iif", "lo", "ipproto", "tcp", "lookup", table, "pref",
+        "32000",
+    ])?;
+    let src = POD_IP.to_string();
+    ip(&[
+        "-n",
+        pod_ns,
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "src",
+        &src,
+        "table",
+        table,
+    ])?;
+    let outbound = topo.pod.run(|| -> std::io::Result<TcpListener> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.set_ip_transparent(true)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)).into())?;
+        s.listen(16)?;
+        Ok(s.into())
+    })??;
+    let node_app = topo.node.listen(APP_PORT)?;
+
+    let mut guard = attach_capture(
+        &topo.pod.file()?,
+        &pod.agent,
+        &CaptureConfig::new(HBONE_PORT),
+    )?;
+    guard.set_outbound_listener(&outbound)?;
+
+    // The application connecting out lands on the outbound listener, which sees the pod's
+    // address as the peer and the original destination as its own address.
+    let dst = SocketAddr::from((NODE_IP, APP_PORT));
+    let client = topo.pod.run(move || connect(None, dst, None))??;
+    let accepted =
+        accept_within(&outbound, ACCEPT_WITHIN).context("nothing reached the outbound listener")?;
+    assert_eq!(accepted.local_addr()?, dst, "original destination");
+    assert_eq!(accepted.peer_addr()?, client.local_addr()?, "peer");
+    assert_eq!(
+        client.local_addr()?.ip(),
+        POD_IP,
+        "the pod's address is the source"
+    );
+    assert!(
+        accept_within(&node_app, Duration::ZERO).is_none(),
+        "nothing left the pod"
+    );
+    // Data flows both ways over the captured connection.
+    echo_once(&client, &accepted)?;
+
+    // Loopback and the pod's own address are not captured.
+    check(&topo, &pod, From::PodLoopback, APP_PORT, Lands::App);
+    check(&topo, &pod, From::PodOwnIp, APP_PORT, Lands::App);
+
+    // The agent's own connections (marked) leave the pod.
+    let marked = topo.pod.run(move || -> std::io::Result<TcpStream> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.set_mark(SKIP_MARK)?;
+        s.connect_timeout(&dst.into(), ACCEPT_WITHIN)?;
+        Ok(s.into())
+    })??;
+    let at_node = accept_within(&node_app, ACCEPT_WITHIN)
+        .context("the marked connection did not reach the node")?;
+    assert_eq!(at_node.peer_addr()?, marked.local_addr()?);
+    assert!(accept_within(&outbound, Duration::ZERO).is_none());
+
+    // Without an outbound listener registered, outgoing connections fail closed.
+    drop(accepted);
+    drop(outbound);
+    let refused = topo.pod.run(move || connect(None, dst, None))?;
+    assert!(refused.is_err(), "connected without the agent: {refused:?}");
+    assert!(
+        accept_within(&node_app, Duration::ZERO).is_none(),
+        "nothing left the pod"
+    );
+    Ok(())
+}
+
+/// Sends a byte each way between the two ends of one connection.
+fn echo_once(a: &TcpStream, b: &TcpStream) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 1];
+    for (from, to) in [(a, b), (b, a)] {
+        (&*from).write_all(b"x")?;
+        to.set_read_timeout(Some(ACCEPT_WITHIN))?;
+        (&*to).read_exact(&mut buf)?;
+        assert_eq!(&buf, b"x");
+    }
     Ok(())
 }
 
@@ -160,7 +273,7 @@ enum From<'a> {
     PodOwnIp,
     /// Inside the pod, from the client's address to the pod's (the agent handing a connection
     /// to the app), exempted with the guard if given.
-    Delivery(Option<&'a InboundGuard>),
+    Delivery(Option<&'a CaptureGuard>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +349,7 @@ fn placeholder() -> std::io::Result<TcpListener> {
 fn connect(
     source: Option<Ipv4Addr>,
     dst: SocketAddr,
-    exempt: Option<&InboundGuard>,
+    exempt: Option<&CaptureGuard>,
 ) -> std::io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     if let Some(ip) = source {

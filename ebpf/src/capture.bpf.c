@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Capture for one pod network namespace: an `sk_lookup` program that hands new TCP connections
+// to the agent's listeners.
+//
+// - Inbound: every new connection arriving from outside the pod goes to the agent's inbound
+//   (15006) listener, except connections to the HBONE port, which the agent's own 15008
+//   listener receives by the normal socket lookup.
+// - Outbound: the application's own connections to destinations outside the pod reach this
+//   program because the agent's policy routing (see the loader's docs) delivers locally
+//   generated TCP locally, over `lo`; they go to the agent's outbound (15001) listener.
+//
+// sk_lookup runs when the kernel looks up a listening socket for a SYN, after routing has
+// decided the packet is local, and it does not rewrite any address: the socket the agent
+// accepts keeps the ORIGINAL destination as its local address, so no conntrack and no
+// SO_ORIGINAL_DST are needed.
+//
+// How the two directions are told apart: `ingress_ifindex` is the device of the route that
+// made the packet local. For the pod's own address that is eth0 (the address's device), for a
+// loopback address and for the capture route (`local default dev lo`) it is `lo`. So a SYN
+// "received" on lo for a destination that is not a loopback address is the application
+// connecting out.
+//
+// What is never steered:
+// - anything that is not TCP over IPv4 or IPv6;
+// - connections to a loopback address, and connections from the pod's own address to itself;
+// - connections from a source address:port the agent has exempted (`agent_delivery`): the
+//   agent hands each inbound connection to the application from a socket bound to the
+//   client's address, and that connection must not be steered back to the agent (a loop).
+//   sk_lookup cannot see the socket mark, so the agent names the exact source instead.
+// - inbound connections to the HBONE port (configured by the loader);
+// - inbound connections from the configured probe source address (the node's kubelet
+//   probes), so health checks keep reaching the application directly.
+//
+// Fail closed: when the agent's listener for a direction is missing from the map (the agent
+// restarts, or has not registered yet) the connection is refused instead of reaching the
+// application, or leaving the pod, unchecked.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+// The loopback device is created first in every network namespace, so its index is always 1.
+#define LOOPBACK_IFINDEX 1
+
+// Slots of the agent's listeners in `listeners`.
+#define INBOUND_LISTENER_KEY 0
+#define OUTBOUND_LISTENER_KEY 1
+
+// Set by the loader before the program is loaded (`.rodata`, so the verifier sees constants).
+// Ports in host byte order (sk_lookup's `local_port` is host order).
+volatile const __u32 hbone_port = 15008;
+// The probe source address in network byte order; 0 = no probe bypass.
+volatile const __u32 probe_source_ip4 = 0;
+
+// Key of `agent_delivery`: the source of a connection the agent opens towards the application.
+struct delivery_key {
+	__u32 ip4;  // network order
+	__u16 port; // network order
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct delivery_key);
+	__type(value, __u8);
+} agent_delivery SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u32); // a socket fd on update (aya checks a 4-byte value)
+} listeners SEC(".maps");
+
+static __always_inline int steer(struct bpf_sk_lookup *ctx, __u32 key)
+{
+	struct bpf_sock *sk = bpf_map_lookup_elem(&listeners, &key);
+	if (!sk)
+		return SK_DROP;
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
+}
+
+static __always_inline int is_loopback(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->family == 2 /* AF_INET */)
+		// 127.0.0.0/8; local_ip4 is in network order, so its first byte is the first octet.
+		return (ctx->local_ip4 & 0xff) == 127;
+	// ::1
+	return ctx->local_ip6[0] == 0 && ctx->local_ip6[1] == 0 && ctx->local_ip6[2] == 0 &&
+	       ctx->local_ip6[3] == bpf_htonl(1);
+}
+
+static __always_inline int to_itself(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->family == 2 /* AF_INET */)
+		return ctx->remote_ip4 == ctx->local_ip4;
+	return ctx->remote_ip6[0] == ctx->local_ip6[0] && ctx->remote_ip6[1] == ctx->local_ip6[1] &&
+	       ctx->remote_ip6[2] == ctx->local_ip6[2] && ctx->remote_ip6[3] == ctx->local_ip6[3];
+}
+
+static __always_inline int try_steer(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX) {
+		if (is_loopback(ctx))
+			return SK_PASS;
+		return steer(ctx, OUTBOUND_LISTENER_KEY);
+	}
+	if (ctx->local_port == hbone_port)
+		return SK_PASS;
+	if (to_itself(ctx))
+		return SK_PASS;
+	if (ctx->family == 2 /* AF_INET */) {
+		if (probe_source_ip4 != 0 && ctx->remote_ip4 == probe_source_ip4)
+			return SK_PASS;
+		struct delivery_key delivery = {
+			.ip4 = ctx->remote_ip4,
+			.port = (__u16)ctx->remote_port,
+		};
+		if (bpf_map_lookup_elem(&agent_delivery, &delivery))
+			return SK_PASS;
+	}
+	return steer(ctx, INBOUND_LISTENER_KEY);
+}
+
+SEC("sk_lookup")
+int zt_capture(struct bpf_sk_lookup *ctx)
+{
+	return try_steer(ctx);
+}
+
+// No GPL-only helper is used, so the project licence can be declared as is.
+char LICENSE[] SEC("license") = "Apache-2.0";

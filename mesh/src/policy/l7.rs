@@ -1,0 +1,448 @@
+//! AuthorizationPolicy at L7, as a waypoint enforces it. Pure functions over the model, like
+//! the L4 evaluation next to it, and with the same structure: a matching `DENY` denies; with
+//! no `ALLOW` policy the request is allowed; a matching `ALLOW` allows; otherwise it is denied
+//! (403, body [`DENIED_BODY`]). Rules, clauses and lists combine exactly as at L4; what is new
+//! is that every HTTP attribute can be seen.
+//!
+//! Which policies apply ([`policies_for_waypoint`]) follows istiod's attachment rules for
+//! waypoints: only `targetRefs` count. A policy applies when it targets
+//! - the waypoint's `Gateway` (same namespace, same name),
+//! - the destination `Service` (same namespace as the policy, same name), or
+//! - the `GatewayClass` `istio-waypoint`, from the root namespace.
+//!
+//! Selector-based and namespace-wide policies (no `targetRefs`) are for ztunnel; a waypoint
+//! ignores them, as Istio's does.
+//!
+//! Attribute semantics, where Istio's translation to Envoy RBAC defines them:
+//! - **Wildcards.** Principals, namespaces, request principals, hosts, methods, paths and
+//!   `when` values match exactly, `*` (any non-empty value), `prefix*` or `*suffix`. Paths
+//!   also take Istio's templates: `{*}` is one path segment, `{**}` (last) the rest.
+//! - **Hosts** match the `:authority` case-insensitively, with or without its port.
+//! - **Paths** match the request path without its query string.
+//! - **Missing attributes** (no peer identity, no JWT, no such header): a positive value never
+//!   matches, a `not` value always does.
+//! - **`request.headers[name]`**: values of repeated headers are joined with `,` (as Envoy
+//!   does) and the pattern may match the whole or any comma-separated element.
+//! - **`request.auth.claims[a][b]`** walks nested objects; a string claim, a boolean claim
+//!   (`"true"`/`"false"`) or any string of a list claim may match.
+//! - **`source.ip`** is the downstream peer address and **`remote.ip`** (with
+//!   `remoteIpBlocks`) the original client address the caller derived (from
+//!   `X-Forwarded-For` or the HBONE `forwarded` header); they are equal when it knows no
+//!   better.
+//! - **Attributes we cannot evaluate** (`connection.sni` has no value over HBONE;
+//!   `experimental.envoy.filters.*` needs Envoy metadata) behave as missing, except that an
+//!   unknown *kind* of attribute makes a DENY or AUDIT condition match (fail closed) and an
+//!   ALLOW condition not match.
+//! - **`CUSTOM`** (external authorization) is not supported: a matching CUSTOM policy denies,
+//!   because silently skipping a check the user asked for would fail open. Its rules are
+//!   evaluated like a DENY's.
+//! - **Dry-run** and **`AUDIT`** are reported in [`Evaluation`] as at L4.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use serde_json::Value as Json;
+
+use super::{one_of, policy_key, wildcard, Decision, Evaluation};
+use crate::identity::Identity;
+use crate::model::{
+    parse_ip_or_cidr, Action, AuthorizationPolicy, Condition, Model, NamespacedName, Operation,
+    Rule, Source, TargetRef, ROOT_NAMESPACE,
+};
+
+/// Status a denied request is answered with.
+pub const DENIED_STATUS: u16 = 403;
+/// Body of that answer, as Envoy's RBAC filter writes it.
+pub const DENIED_BODY: &str = "RBAC: access denied";
+
+/// The `GatewayClass` of waypoints; root-namespace policies targeting it apply to all.
+pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
+
+const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+
+/// What a waypoint knows about a request when it authorizes it.
+#[derive(Clone, Copy, Debug)]
+pub struct L7Request<'a> {
+    /// The peer's certificate identity (the source workload over HBONE); `None` for
+    /// plaintext.
+    pub src_identity: Option<&'a Identity>,
+    /// The downstream peer address (`source.ip`, `ipBlocks`).
+    pub src_ip: IpAddr,
+    /// The original client address (`remote.ip`, `remoteIpBlocks`).
+    pub remote_ip: IpAddr,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+    /// `:authority` (or `Host`), possibly with a port.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// Path and query, as received.
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The validated JWT, when the request carried one (`RequestAuthentication`).
+    pub auth: Option<&'a RequestAuth>,
+}
+
+/// What a validated JWT contributes to authorization.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RequestAuth {
+    /// `iss`
+    pub issuer: String,
+    /// `sub`
+    pub subject: String,
+    /// `aud` (a string claim becomes one entry).
+    pub audiences: Vec<String>,
+    /// `azp`
+    pub presenter: Option<String>,
+    /// The whole payload, for `request.auth.claims[..]`.
+    pub claims: Json,
+}
+
+impl RequestAuth {
+    /// `iss/sub`, the form `requestPrincipals` and `request.auth.principal` use.
+    pub fn principal(&self) -> String {
+        format!("{}/{}", self.issuer, self.subject)
+    }
+}
+
+// === policy selection ===
+
+/// The policies a waypoint `waypoint` (its Gateway's namespace and name) enforces for a
+/// request to `service` (`None`: addressed to a workload, not a service), in model order.
+pub fn policies_for_waypoint<'a>(
+    model: &'a Model,
+    waypoint: &NamespacedName,
+    service: Option<&NamespacedName>,
+) -> Vec<&'a AuthorizationPolicy> {
+    model
+        .authorization_policies
+        .iter()
+        .filter(|p| {
+            p.target_refs
+                .iter()
+                .any(|t| targets(p, t, waypoint, service))
+        })
+        .collect()
+}
+
+fn targets(
+    policy: &AuthorizationPolicy,
+    target: &TargetRef,
+    waypoint: &NamespacedName,
+    service: Option<&NamespacedName>,
+) -> bool {
+    let group = canonical_group(&target.group);
+    match (group, target.kind.as_str()) {
+        ("", "Service") => {
+            service.is_some_and(|svc| svc.namespace == policy.namespace && svc.name == target.name)
+        }
+        (GATEWAY_API_GROUP, "Gateway") => {
+            waypoint.namespace == policy.namespace && waypoint.name == target.name
+        }
+        (GATEWAY_API_GROUP, "GatewayClass") => {
+            policy.namespace == ROOT_NAMESPACE && target.name == WAYPOINT_GATEWAY_CLASS
+        }
+        _ => false,
+    }
+}
+
+/// The core API group may be written `""` or `core`.
+fn canonical_group(group: &str) -> &str {
+    if group == "core" {
+        ""
+    } else {
+        group
+    }
+}
+
+// === evaluation ===
+
+/// Decides a request against `policies` (normally [`policies_for_waypoint`]).
+pub fn evaluate_l7(policies: &[&AuthorizationPolicy], req: &L7Request<'_>) -> Evaluation {
+    let attrs = Attributes::of(req);
+    let mut audited = Vec::new();
+    let mut dry_run_denied = Vec::new();
+    let mut denied_by: Option<(u8, String)> = None;
+    let (mut allow_exists, mut allowed) = (false, false);
+    let (mut dry_allows, mut dry_allowed) = (Vec::new(), false);
+
+    for policy in policies {
+        match policy.action {
+            Action::Audit => {
+                if matches_policy(policy, &attrs, FailClosed::Yes) {
+                    audited.push(policy_key(policy));
+                }
+            }
+            // Envoy runs the CUSTOM filter before RBAC; rank it first so that it names the
+            // denial when both would deny.
+            Action::Custom | Action::Deny => {
+                if matches_policy(policy, &attrs, FailClosed::Yes) {
+                    let rank = u8::from(policy.action != Action::Custom);
+                    if policy.dry_run {
+                        dry_run_denied.push(policy_key(policy));
+                    } else if denied_by.as_ref().is_none_or(|(r, _)| rank < *r) {
+                        denied_by = Some((rank, policy_key(policy)));
+                    }
+                }
+            }
+            Action::Allow => {
+                let matched = matches_policy(policy, &attrs, FailClosed::No);
+                if policy.dry_run {
+                    dry_allows.push(policy_key(policy));
+                    dry_allowed |= matched;
+                } else {
+                    allow_exists = true;
+                    allowed |= matched;
+                }
+            }
+        }
+    }
+    if !dry_allowed {
+        dry_run_denied.extend(dry_allows);
+    }
+    let decision = match denied_by {
+        Some((_, policy)) => Decision::Deny {
+            policy: Some(policy),
+        },
+        None if !allow_exists || allowed => Decision::Allow,
+        None => Decision::Deny { policy: None },
+    };
+    Evaluation {
+        decision,
+        audited,
+        dry_run_denied,
+    }
+}
+
+/// [`evaluate_l7`] over [`policies_for_waypoint`].
+pub fn authorize_l7(
+    model: &Model,
+    waypoint: &NamespacedName,
+    service: Option<&NamespacedName>,
+    req: &L7Request<'_>,
+) -> Evaluation {
+    evaluate_l7(&policies_for_waypoint(model, waypoint, service), req)
+}
+
+/// What an attribute we cannot evaluate does to a condition.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FailClosed {
+    /// ALLOW: it does not match.
+    No,
+    /// DENY, CUSTOM, AUDIT: it matches.
+    Yes,
+}
+
+/// The request with derived values computed once per evaluation.
+struct Attributes<'r> {
+    req: &'r L7Request<'r>,
+    principal: Option<String>,
+    request_principal: Option<String>,
+    /// The path without query string.
+    path: &'r str,
+}
+
+impl<'r> Attributes<'r> {
+    fn of(req: &'r L7Request<'r>) -> Self {
+        Attributes {
+            req,
+            principal: req.src_identity.map(Identity::principal),
+            request_principal: req.auth.map(RequestAuth::principal),
+            path: req.path.split(['?', '#']).next().unwrap_or_default(),
+        }
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.req.src_identity.map(|i| i.namespace.as_str())
+    }
+
+    fn service_account_is(&self, ns_sa: &str) -> bool {
+        let (ns, sa) = ns_sa.split_once('/').unwrap_or(("default", ns_sa));
+        self.req
+            .src_identity
+            .is_some_and(|id| id.namespace == ns && id.service_account == sa)
+    }
+}
+
+fn matches_policy(policy: &AuthorizationPolicy, attrs: &Attributes<'_>, fc: FailClosed) -> bool {
+    policy
+        .rules
+        .iter()
+        .any(|rule| matches_rule(rule, attrs, fc))
+}
+
+fn matches_rule(rule: &Rule, attrs: &Attributes<'_>, fc: FailClosed) -> bool {
+    (rule.from.is_empty() || rule.from.iter().any(|s| matches_source(s, attrs)))
+        && (rule.to.is_empty() || rule.to.iter().any(|op| matches_operation(op, attrs)))
+        && rule.when.iter().all(|c| matches_condition(c, attrs, fc))
+}
+
+fn matches_source(s: &Source, attrs: &Attributes<'_>) -> bool {
+    let (src_ip, remote_ip) = (attrs.req.src_ip, attrs.req.remote_ip);
+    one_of(&s.principals, &s.not_principals, |p| {
+        wildcard(p, attrs.principal.as_deref())
+    }) && one_of(&s.request_principals, &s.not_request_principals, |p| {
+        wildcard(p, attrs.request_principal.as_deref())
+    }) && one_of(&s.namespaces, &s.not_namespaces, |n| {
+        wildcard(n, attrs.namespace())
+    }) && one_of(&s.service_accounts, &s.not_service_accounts, |sa| {
+        attrs.service_account_is(sa)
+    }) && one_of(&s.ip_blocks, &s.not_ip_blocks, |n| n.contains(&src_ip))
+        && one_of(&s.remote_ip_blocks, &s.not_remote_ip_blocks, |n| {
+            n.contains(&remote_ip)
+        })
+}
+
+fn matches_operation(op: &Operation, attrs: &Attributes<'_>) -> bool {
+    let req = attrs.req;
+    one_of(&op.hosts, &op.not_hosts, |h| host_matches(h, req.host))
+        && one_of(&op.ports, &op.not_ports, |p| *p == req.dst_port)
+        && one_of(&op.methods, &op.not_methods, |m| {
+            wildcard(m, Some(req.method))
+        })
+        && one_of(&op.paths, &op.not_paths, |p| path_matches(p, attrs.path))
+}
+
+/// Case-insensitive wildcard match against the authority with and without its port.
+fn host_matches(pattern: &str, authority: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    let authority = authority.to_ascii_lowercase();
+    wildcard(&pattern, Some(&authority)) || wildcard(&pattern, Some(strip_port(&authority)))
+}
+
+/// `host:port` → `host`, `[v6]:port` → `[v6]`; anything else unchanged.
+fn strip_port(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.contains(':') || host.ends_with(']')) =>
+        {
+            host
+        }
+        _ => authority,
+    }
+}
+
+fn path_matches(pattern: &str, path: &str) -> bool {
+    if pattern.contains("{*}") || pattern.contains("{**}") {
+        let pattern: Vec<&str> = pattern.split('/').collect();
+        let path: Vec<&str> = path.split('/').collect();
+        template_matches(&pattern, &path)
+    } else {
+        wildcard(pattern, Some(path))
+    }
+}
+
+/// Istio path templates, segment by segment: `{*}` is exactly one non-empty segment, `{**}`
+/// one or more segments up to the end (Istio only accepts it last).
+fn template_matches(pattern: &[&str], path: &[&str]) -> bool {
+    match (pattern.split_first(), path.split_first()) {
+        (None, None) => true,
+        (Some((&"{**}", _)), Some(_)) => path.iter().any(|s| !s.is_empty()),
+        (Some((&"{*}", rest)), Some((seg, path_rest))) => {
+            !seg.is_empty() && template_matches(rest, path_rest)
+        }
+        (Some((lit, rest)), Some((seg, path_rest))) => {
+            lit == seg && template_matches(rest, path_rest)
+        }
+        _ => false,
+    }
+}
+
+fn matches_condition(c: &Condition, attrs: &Attributes<'_>, fc: FailClosed) -> bool {
+    let req = attrs.req;
+    let ip_in = |ip: IpAddr| move |v: &String| parse_ip_or_cidr(v).is_some_and(|n| n.contains(&ip));
+    let text = |value: Option<&str>| one_of(&c.values, &c.not_values, |v| wildcard(v, value));
+    let key = c.key.as_str();
+    match key {
+        "source.ip" => one_of(&c.values, &c.not_values, ip_in(req.src_ip)),
+        "remote.ip" => one_of(&c.values, &c.not_values, ip_in(req.remote_ip)),
+        "destination.ip" => one_of(&c.values, &c.not_values, ip_in(req.dst_ip)),
+        "destination.port" => one_of(&c.values, &c.not_values, |v| {
+            v.parse::<u16>() == Ok(req.dst_port)
+        }),
+        "source.namespace" => text(attrs.namespace()),
+        "source.principal" => text(attrs.principal.as_deref()),
+        "source.serviceAccount" => {
+            one_of(&c.values, &c.not_values, |v| attrs.service_account_is(v))
+        }
+        "request.auth.principal" => text(attrs.request_principal.as_deref()),
+        "request.auth.presenter" => text(req.auth.and_then(|a| a.presenter.as_deref())),
+        "request.auth.audiences" => one_of(&c.values, &c.not_values, |v| {
+            req.auth
+                .is_some_and(|a| a.audiences.iter().any(|aud| wildcard(v, Some(aud))))
+        }),
+        // No SNI inside an HBONE tunnel: the attribute is always missing.
+        "connection.sni" => text(None),
+        _ => {
+            if let Some(name) = bracketed(key, "request.headers")
+                .or_else(|| bracketed(key, "request.experimental.inline.headers"))
+            {
+                one_of(&c.values, &c.not_values, |v| {
+                    header_matches(req.headers, name, v)
+                })
+            } else if let Some(path) = key.strip_prefix("request.auth.claims") {
+                let claim = claim_at(req.auth.map(|a| &a.claims), path);
+                one_of(&c.values, &c.not_values, |v| claim_matches(claim, v))
+            } else {
+                fc == FailClosed::Yes
+            }
+        }
+    }
+}
+
+/// `prefix[name]` → `name`.
+fn bracketed<'k>(key: &'k str, prefix: &str) -> Option<&'k str> {
+    key.strip_prefix(prefix)?
+        .strip_prefix('[')?
+        .strip_suffix(']')
+        .filter(|name| !name.is_empty() && !name.contains(['[', ']']))
+}
+
+fn header_matches(headers: &HeaderMap, name: &str, pattern: &str) -> bool {
+    let mut values = headers.get_all(name).iter().peekable();
+    if values.peek().is_none() {
+        return false;
+    }
+    // Non-UTF-8 bytes cannot match a YAML string pattern; keep the rest comparable.
+    let joined = values
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect::<Vec<_>>()
+        .join(",");
+    if pattern == "*" {
+        // Presence, even of an empty value.
+        return true;
+    }
+    wildcard(pattern, Some(&joined))
+        || (joined.contains(',') && joined.split(',').any(|e| wildcard(pattern, Some(e))))
+}
+
+/// Follows `[a][b]...` into the JWT payload.
+fn claim_at<'j>(claims: Option<&'j Json>, path: &str) -> Option<&'j Json> {
+    let mut node = claims?;
+    let mut rest = path;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let inner = rest.strip_prefix('[')?;
+        let (name, after) = inner.split_once(']')?;
+        node = node.as_object()?.get(name)?;
+        rest = after;
+    }
+    Some(node)
+}
+
+fn claim_matches(claim: Option<&Json>, pattern: &str) -> bool {
+    match claim {
+        Some(Json::String(s)) => wildcard(pattern, Some(s)),
+        Some(Json::Bool(b)) => wildcard(pattern, Some(if *b { "true" } else { "false" })),
+        Some(Json::Array(items)) => items
+            .iter()
+            .any(|i| i.as_str().is_some_and(|s| wildcard(pattern, Some(s)))),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

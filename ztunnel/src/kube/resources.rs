@@ -1,0 +1,343 @@
+//! The kinds the agent watches and how an API object becomes a loader document.
+//!
+//! Pure functions, no IO. Objects arrive as [`DynamicObject`]s (only `metadata` is typed), so a
+//! field the Kubernetes types would refuse to deserialize reaches the loader, which names the
+//! object and field, instead of breaking the whole list for everyone.
+
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use serde_json::{Map, Value};
+
+/// Annotation `kubectl apply` stores the whole previous object in: often the largest field
+/// of an object, never read by the mesh.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Which parts of an object's body (everything beside `metadata`) the loader is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Body {
+    /// Namespace and ServiceAccount: the loader reads only metadata.
+    None,
+    /// Pod: only the fields the loader reads (see [`pod_body`]); the rest of a pod (volumes,
+    /// env, container statuses with restart counts and timestamps) is large and changes all
+    /// the time, which would make every kubelet status update look like a config change.
+    Pod,
+    /// Service and the Istio policies: `spec` as it is. Policy specs must stay verbatim
+    /// because the loader refuses unknown fields in them.
+    Spec,
+}
+
+/// One watched kind.
+#[derive(Clone, Debug)]
+pub(crate) struct Kind {
+    pub(crate) resource: ApiResource,
+    /// A kind whose API may be absent (Istio CRDs not installed): a 404 counts as an empty
+    /// list, so a cluster without Istio's CRDs still gets a model.
+    pub(crate) optional: bool,
+    pub(crate) body: Body,
+}
+
+/// Everything the model is built from, in the order the loader documents them.
+pub(crate) fn kinds() -> Vec<Kind> {
+    use k8s_openapi::api::core::v1;
+    let core = |resource: ApiResource, body: Body| Kind {
+        resource,
+        optional: false,
+        body,
+    };
+    // `security.istio.io/v1` is served by every Istio since 1.22; the loader also reads
+    // v1beta1, but one version per kind keeps each object seen once.
+    let istio = |kind: &str, plural: &str| Kind {
+        resource: ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("security.istio.io", "v1", kind),
+            plural,
+        ),
+        optional: true,
+        body: Body::Spec,
+    };
+    vec![
+        core(ApiResource::erase::<v1::Namespace>(&()), Body::None),
+        core(ApiResource::erase::<v1::ServiceAccount>(&()), Body::None),
+        core(ApiResource::erase::<v1::Pod>(&()), Body::Pod),
+        core(ApiResource::erase::<v1::Service>(&()), Body::Spec),
+        istio("PeerAuthentication", "peerauthentications"),
+        istio("AuthorizationPolicy", "authorizationpolicies"),
+    ]
+}
+
+/// Identifies an object within its kind.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct ObjectKey {
+    /// Empty for cluster-scoped kinds.
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+}
+
+impl ObjectKey {
+    pub(crate) fn of(obj: &DynamicObject) -> ObjectKey {
+        ObjectKey {
+            namespace: obj.metadata.namespace.clone().unwrap_or_default(),
+            name: obj.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// `Pod default/web`, `Namespace prod`: how logs and rejections name an object.
+pub(crate) fn describe(kind: &Kind, key: &ObjectKey) -> String {
+    if key.namespace.is_empty() {
+        format!("{} {}", kind.resource.kind, key.name)
+    } else {
+        format!("{} {}/{}", kind.resource.kind, key.namespace, key.name)
+    }
+}
+
+/// The pseudo file name the loader's errors cite: the object's API path relative to its
+/// group version, e.g. `pods/default/web`, unique across everything watched.
+pub(crate) fn file_name(kind: &Kind, key: &ObjectKey) -> String {
+    if key.namespace.is_empty() {
+        format!("{}/{}", kind.resource.plural, key.name)
+    } else {
+        format!("{}/{}/{}", kind.resource.plural, key.namespace, key.name)
+    }
+}
+
+/// The object as the loader reads it from a file: `apiVersion`, `kind`, `metadata` and the
+/// body fields of [`Body`]. List items from the API server carry no `apiVersion`/`kind`, so
+/// they come from the watched kind.
+pub(crate) fn document(kind: &Kind, obj: &DynamicObject) -> Value {
+    let mut doc = Map::new();
+    doc.insert(
+        "apiVersion".into(),
+        Value::String(kind.resource.api_version.clone()),
+    );
+    doc.insert("kind".into(), Value::String(kind.resource.kind.clone()));
+    doc.insert("metadata".into(), metadata(obj));
+    match kind.body {
+        Body::None => {}
+        Body::Pod => {
+            for (field, value) in pod_body(&obj.data) {
+                doc.insert(field.into(), value);
+            }
+        }
+        Body::Spec => {
+            if let Some(spec) = obj.data.get("spec") {
+                doc.insert("spec".into(), spec.clone());
+            }
+        }
+    }
+    Value::Object(doc)
+}
+
+/// The metadata the loader reads; `resourceVersion`, `managedFields` and the like change on
+/// every write and would make identical objects look different.
+fn metadata(obj: &DynamicObject) -> Value {
+    let m = &obj.metadata;
+    let mut out = Map::new();
+    let mut put = |key: &str, value: Option<Value>| {
+        if let Some(v) = value {
+            out.insert(key.into(), v);
+        }
+    };
+    put("name", m.name.clone().map(Value::String));
+    put("namespace", m.namespace.clone().map(Value::String));
+    put("uid", m.uid.clone().map(Value::String));
+    let strings = |map: &std::collections::BTreeMap<String, String>| {
+        let kept: Map<String, Value> = map
+            .iter()
+            .filter(|(k, _)| k.as_str() != LAST_APPLIED)
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        Some(Value::Object(kept)).filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
+    };
+    put("labels", m.labels.as_ref().and_then(strings));
+    put("annotations", m.annotations.as_ref().and_then(strings));
+    Value::Object(out)
+}
+
+/// Pod `spec` and `status` reduced to what `mesh::k8s` reads: service account, node,
+/// host networking, container ports, IPs, phase and the `Ready` condition's status.
+/// (If the loader learns to read another Pod field, add it here.)
+fn pod_body(data: &Value) -> Vec<(&'static str, Value)> {
+    let mut body = Vec::new();
+    if let Some(spec) = data.get("spec") {
+        let mut out = pick(
+            spec,
+            &[
+                "serviceAccountName",
+                "serviceAccount",
+                "nodeName",
+                "hostNetwork",
+            ],
+        );
+        if let Some(containers) = spec.get("containers") {
+            let reduced = match containers {
+                Value::Array(items) => Value::Array(
+                    items
+                        .iter()
+                        .map(|c| Value::Object(pick(c, &["name", "ports"])))
+                        .collect(),
+                ),
+                // Not a list: pass it on so the loader rejects it by field.
+                other => other.clone(),
+            };
+            out.insert("containers".into(), reduced);
+        }
+        body.push(("spec", Value::Object(out)));
+    }
+    if let Some(status) = data.get("status") {
+        let mut out = pick(status, &["phase", "podIP", "podIPs"]);
+        if let Some(conditions) = status.get("conditions") {
+            let reduced = match conditions {
+                // Timestamps and messages change on every probe; only type and status matter.
+                Value::Array(items) => Value::Array(
+                    items
+                        .iter()
+                        .map(|c| Value::Object(pick(c, &["type", "status"])))
+                        .collect(),
+                ),
+                other => other.clone(),
+            };
+            out.insert("conditions".into(), reduced);
+        }
+        body.push(("status", Value::Object(out)));
+    }
+    body
+}
+
+/// The listed fields of an object (nothing when `value` is not an object).
+fn pick(value: &Value, fields: &[&str]) -> Map<String, Value> {
+    fields
+        .iter()
+        .filter_map(|f| value.get(*f).map(|v| ((*f).to_string(), v.clone())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(value: Value) -> DynamicObject {
+        serde_json::from_value(value).expect("dynamic object")
+    }
+
+    fn kind(name: &str) -> Kind {
+        kinds()
+            .into_iter()
+            .find(|k| k.resource.kind == name)
+            .expect("watched kind")
+    }
+
+    fn check(kind_name: &str, input: Value, expected: Value) {
+        let got = document(&kind(kind_name), &object(input));
+        assert_eq!(got, expected, "{kind_name}");
+    }
+
+    #[test]
+    fn list_items_get_their_type_and_lose_volatile_metadata() {
+        check(
+            "Namespace",
+            json!({
+                "metadata": {
+                    "name": "prod",
+                    "uid": "u1",
+                    "resourceVersion": "42",
+                    "managedFields": [{"manager": "kubectl"}],
+                    "labels": {"istio.io/dataplane-mode": "ambient"},
+                    "annotations": {LAST_APPLIED: "{...}"},
+                },
+                "spec": {"finalizers": ["kubernetes"]},
+                "status": {"phase": "Active"},
+            }),
+            json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": "prod",
+                    "uid": "u1",
+                    "labels": {"istio.io/dataplane-mode": "ambient"},
+                },
+            }),
+        );
+    }
+
+    #[test]
+    fn pods_keep_only_what_the_loader_reads() {
+        check(
+            "Pod",
+            json!({
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {
+                    "serviceAccountName": "web",
+                    "nodeName": "n1",
+                    "volumes": [{"name": "token"}],
+                    "containers": [{
+                        "name": "app",
+                        "image": "echo",
+                        "env": [{"name": "A", "value": "1"}],
+                        "ports": [{"containerPort": 8080, "name": "http"}],
+                    }],
+                },
+                "status": {
+                    "phase": "Running",
+                    "podIP": "10.0.0.5",
+                    "podIPs": [{"ip": "10.0.0.5"}],
+                    "conditions": [{"type": "Ready", "status": "True",
+                                    "lastTransitionTime": "2025-01-01T00:00:00Z"}],
+                    "containerStatuses": [{"restartCount": 3}],
+                },
+            }),
+            json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {
+                    "serviceAccountName": "web",
+                    "nodeName": "n1",
+                    "containers": [{"name": "app",
+                                    "ports": [{"containerPort": 8080, "name": "http"}]}],
+                },
+                "status": {
+                    "phase": "Running",
+                    "podIP": "10.0.0.5",
+                    "podIPs": [{"ip": "10.0.0.5"}],
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
+            }),
+        );
+    }
+
+    #[test]
+    fn policy_specs_pass_verbatim_so_the_loader_can_refuse_unknown_fields() {
+        check(
+            "AuthorizationPolicy",
+            json!({
+                "apiVersion": "security.istio.io/v1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {"name": "deny", "namespace": "prod", "generation": 3},
+                "spec": {"action": "DENY", "rulez": []},
+                "status": {"conditions": []},
+            }),
+            json!({
+                "apiVersion": "security.istio.io/v1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {"name": "deny", "namespace": "prod"},
+                "spec": {"action": "DENY", "rulez": []},
+            }),
+        );
+    }
+
+    #[test]
+    fn objects_are_named_by_kind_and_api_path() {
+        let key = ObjectKey {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        assert_eq!(describe(&kind("Pod"), &key), "Pod default/web");
+        assert_eq!(file_name(&kind("Pod"), &key), "pods/default/web");
+        let ns = ObjectKey {
+            namespace: String::new(),
+            name: "prod".into(),
+        };
+        assert_eq!(describe(&kind("Namespace"), &ns), "Namespace prod");
+        assert_eq!(file_name(&kind("Namespace"), &ns), "namespaces/prod");
+    }
+}

@@ -1,0 +1,395 @@
+//! The watched objects, each already checked by the loader on its own.
+//!
+//! Pure state, no IO: the watch loop feeds it events and asks it for a model. Every object
+//! version is translated alone when it arrives (so a refusal names that object at once), and
+//! the model is built from the accepted versions of all objects. A refused version never
+//! replaces a good one: the object stays at its last accepted version (or absent, if it never
+//! had one) until a good version or its deletion arrives. That keeps one bad write from
+//! changing what others see, and in particular keeps a refused edit of a DENY policy from
+//! silently removing the policy.
+
+use std::collections::BTreeMap;
+
+use kube::api::DynamicObject;
+use mesh::k8s::{load_docs, ConfigError};
+use mesh::model::Model;
+
+use super::resources::{describe, document, file_name, Kind, ObjectKey};
+use super::Rejection;
+
+/// One object: its last accepted document and, if its latest version was refused, why.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Entry {
+    /// YAML text of the last version the loader accepted.
+    accepted: Option<String>,
+    refused: Option<Refused>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Refused {
+    /// The refused document, so that seeing the same version again (a re-list) is not
+    /// counted as a new rejection.
+    text: String,
+    error: String,
+}
+
+type Objects = BTreeMap<ObjectKey, Entry>;
+
+struct KindState {
+    kind: Kind,
+    /// Whether a complete list of this kind has arrived (or the kind is not served).
+    listed: bool,
+    objects: Objects,
+    /// Objects of a list in progress; replaces `objects` when the list completes.
+    relist: Option<Objects>,
+}
+
+/// What an event changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Change {
+    /// The set of accepted documents changed: the model must be rebuilt.
+    pub(crate) model: bool,
+    /// The set of refused objects changed.
+    pub(crate) rejections: bool,
+    /// An object version refused for the first time (to be logged and counted once).
+    pub(crate) refused: Option<Rejection>,
+}
+
+impl Change {
+    pub(crate) fn any(&self) -> bool {
+        self.model || self.rejections
+    }
+}
+
+pub(crate) struct Store {
+    kinds: Vec<KindState>,
+}
+
+// === impl Store ===
+
+impl Store {
+    pub(crate) fn new(kinds: Vec<Kind>) -> Store {
+        Store {
+            kinds: kinds
+                .into_iter()
+                .map(|kind| KindState {
+                    kind,
+                    listed: false,
+                    objects: Objects::new(),
+                    relist: None,
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn kind(&self, i: usize) -> Option<&Kind> {
+        self.kinds.get(i).map(|k| &k.kind)
+    }
+
+    /// Every kind has been listed once: before that a model would be missing objects (and
+    /// e.g. release pods that are merely not listed yet).
+    pub(crate) fn listed(&self) -> bool {
+        self.kinds.iter().all(|k| k.listed)
+    }
+
+    pub(crate) fn is_listed(&self, i: usize) -> bool {
+        self.kinds.get(i).is_some_and(|k| k.listed)
+    }
+
+    /// An object was added or modified.
+    pub(crate) fn apply(&mut self, i: usize, obj: &DynamicObject) -> Change {
+        let Some(state) = self.kinds.get_mut(i) else {
+            return Change::default();
+        };
+        let key = ObjectKey::of(obj);
+        let old = state.objects.get(&key).cloned().unwrap_or_default();
+        let (entry, refused) = admit(&state.kind, &key, &old, obj);
+        let change = Change {
+            model: entry.accepted != old.accepted,
+            rejections: entry.refused.as_ref().map(|r| &r.error)
+                != old.refused.as_ref().map(|r| &r.error),
+            refused,
+        };
+        if entry.accepted.is_none() && entry.refused.is_none() {
+            state.objects.remove(&key);
+        } else {
+            state.objects.insert(key, entry);
+        }
+        change
+    }
+
+    /// An object was deleted: its refusal goes with it.
+    pub(crate) fn delete(&mut self, i: usize, obj: &DynamicObject) -> Change {
+        let Some(state) = self.kinds.get_mut(i) else {
+            return Change::default();
+        };
+        match state.objects.remove(&ObjectKey::of(obj)) {
+            None => Change::default(),
+            Some(old) => Change {
+                model: old.accepted.is_some(),
+                rejections: old.refused.is_some(),
+                refused: None,
+            },
+        }
+    }
+
+    /// A (re-)list starts: objects not listed again before [`Store::relist_done`] are gone.
+    pub(crate) fn relist_start(&mut self, i: usize) {
+        if let Some(state) = self.kinds.get_mut(i) {
+            state.relist = Some(Objects::new());
+        }
+    }
+
+    /// An object of the list in progress.
+    pub(crate) fn relist_item(&mut self, i: usize, obj: &DynamicObject) -> Option<Rejection> {
+        let state = self.kinds.get_mut(i)?;
+        let key = ObjectKey::of(obj);
+        let old = state.objects.get(&key).cloned().unwrap_or_default();
+        let (entry, refused) = admit(&state.kind, &key, &old, obj);
+        let relist = state.relist.get_or_insert_with(Objects::new);
+        if entry.accepted.is_some() || entry.refused.is_some() {
+            relist.insert(key, entry);
+        }
+        refused
+    }
+
+    /// The list is complete: it replaces what the kind had.
+    pub(crate) fn relist_done(&mut self, i: usize) -> Change {
+        let Some(state) = self.kinds.get_mut(i) else {
+            return Change::default();
+        };
+        let new = state.relist.take().unwrap_or_default();
+        let accepted = |o: &Objects| {
+            o.iter()
+                .filter_map(|(k, e)| e.accepted.as_ref().map(|t| (k.clone(), t.clone())))
+                .collect::<Vec<_>>()
+        };
+        let refused = |o: &Objects| {
+            o.iter()
+                .filter_map(|(k, e)| e.refused.as_ref().map(|r| (k.clone(), r.error.clone())))
+                .collect::<Vec<_>>()
+        };
+        let change = Change {
+            // The first list always produces a model, even an empty one.
+            model: !state.listed || accepted(&new) != accepted(&state.objects),
+            rejections: refused(&new) != refused(&state.objects),
+            refused: None,
+        };
+        state.objects = new;
+        state.listed = true;
+        change
+    }
+
+    /// The kind's API is not served (an optional CRD is not installed): it counts as listed
+    /// and empty until a list succeeds.
+    pub(crate) fn absent(&mut self, i: usize) -> Change {
+        let Some(state) = self.kinds.get_mut(i) else {
+            return Change::default();
+        };
+        if state.listed {
+            return Change::default();
+        }
+        state.relist = Some(Objects::new());
+        self.relist_done(i)
+    }
+
+    /// Objects whose latest version was refused, by kind then name.
+    pub(crate) fn rejections(&self) -> Vec<Rejection> {
+        self.kinds
+            .iter()
+            .flat_map(|state| {
+                state.objects.iter().filter_map(|(key, entry)| {
+                    entry.refused.as_ref().map(|r| Rejection {
+                        object: describe(&state.kind, key),
+                        error: r.error.clone(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// The model of every accepted object. Each was accepted alone and the loader checks
+    /// nothing across objects but duplicates, which the keys rule out, so this only fails if
+    /// that ever changes; the caller then keeps its last model.
+    pub(crate) fn build(&self) -> Result<Model, ConfigError> {
+        let docs: Vec<(String, String)> = self
+            .kinds
+            .iter()
+            .flat_map(|state| {
+                state.objects.iter().filter_map(|(key, entry)| {
+                    let text = entry.accepted.as_ref()?;
+                    Some((file_name(&state.kind, key), text.clone()))
+                })
+            })
+            .collect();
+        load_docs(&docs)
+    }
+}
+
+/// Translates one object version alone. Returns the object's new entry, and the rejection if
+/// this version is refused and was not already refused before.
+fn admit(
+    kind: &Kind,
+    key: &ObjectKey,
+    old: &Entry,
+    obj: &DynamicObject,
+) -> (Entry, Option<Rejection>) {
+    let file = file_name(kind, key);
+    let text = match serde_yaml::to_string(&document(kind, obj)) {
+        Ok(text) => text,
+        // A JSON value always serializes; kept as a refusal rather than a panic.
+        Err(e) => format!("# {file}: serialize: {e}\n"),
+    };
+    if old.accepted.as_ref() == Some(&text) {
+        return (
+            Entry {
+                accepted: Some(text),
+                refused: None,
+            },
+            None,
+        );
+    }
+    if let Some(refused) = old.refused.as_ref().filter(|r| r.text == text) {
+        let entry = Entry {
+            accepted: old.accepted.clone(),
+            refused: Some(refused.clone()),
+        };
+        return (entry, None);
+    }
+    match load_docs(&[(file, text.clone())]) {
+        Ok(_) => (
+            Entry {
+                accepted: Some(text),
+                refused: None,
+            },
+            None,
+        ),
+        Err(e) => {
+            let rejection = Rejection {
+                object: describe(kind, key),
+                error: e.to_string(),
+            };
+            let entry = Entry {
+                accepted: old.accepted.clone(),
+                refused: Some(Refused {
+                    text,
+                    error: rejection.error.clone(),
+                }),
+            };
+            (entry, Some(rejection))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::resources::kinds;
+    use mesh::model::NamespacedName;
+    use serde_json::json;
+
+    const NAMESPACE: usize = 0;
+    const POD: usize = 2;
+
+    fn pod(ip: &str, mode: Option<&str>) -> DynamicObject {
+        let labels = match mode {
+            Some(m) => json!({"istio.io/dataplane-mode": m}),
+            None => json!({}),
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default", "labels": labels},
+            "spec": {"nodeName": "n1"},
+            "status": {"podIP": ip},
+        }))
+        .expect("pod")
+    }
+
+    fn namespace() -> DynamicObject {
+        serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("namespace")
+    }
+
+    fn listed_store() -> Store {
+        let mut store = Store::new(kinds());
+        for i in 0..6 {
+            store.relist_start(i);
+            store.relist_done(i);
+        }
+        store
+    }
+
+    fn enrolled(store: &Store) -> bool {
+        let model = store.build().expect("model");
+        let key = NamespacedName::new("default", "web");
+        let found = model
+            .pods_on_node("n1")
+            .any(|p| NamespacedName::new(&p.namespace, &p.name) == key && model.is_ambient(p));
+        found
+    }
+
+    #[test]
+    fn no_model_until_every_kind_is_listed() {
+        let mut store = Store::new(kinds());
+        for i in 0..5 {
+            store.relist_start(i);
+            store.relist_done(i);
+        }
+        assert!(!store.listed());
+        assert!(
+            store.absent(5).model,
+            "an absent optional kind still completes the list"
+        );
+        assert!(store.listed());
+    }
+
+    #[test]
+    fn a_refused_version_keeps_the_last_good_one_and_is_reported_once() {
+        let mut store = listed_store();
+        store.apply(NAMESPACE, &namespace());
+        assert!(store.apply(POD, &pod("10.0.0.5", Some("ambient"))).model);
+        assert!(enrolled(&store));
+
+        let change = store.apply(POD, &pod("10.0.0.x", None));
+        assert!(
+            !change.model,
+            "the refused version must not change the model"
+        );
+        assert!(change.rejections);
+        let refused = change.refused.expect("refusal");
+        assert_eq!(refused.object, "Pod default/web");
+        assert!(refused.error.contains("status.podIP"), "{}", refused.error);
+        assert!(enrolled(&store), "last good version stays");
+
+        // The same bad version again (a re-list) is not a new rejection.
+        assert_eq!(store.apply(POD, &pod("10.0.0.x", None)), Change::default());
+        assert_eq!(store.rejections().len(), 1);
+
+        // A good version clears the refusal.
+        let change = store.apply(POD, &pod("10.0.0.5", None));
+        assert!(change.model && change.rejections);
+        assert!(!enrolled(&store));
+        assert!(store.rejections().is_empty());
+    }
+
+    #[test]
+    fn a_relist_drops_objects_it_no_longer_lists() {
+        let mut store = listed_store();
+        store.apply(NAMESPACE, &namespace());
+        store.apply(POD, &pod("10.0.0.5", Some("ambient")));
+        store.relist_start(POD);
+        assert!(
+            enrolled(&store),
+            "objects stay while the list is in progress"
+        );
+        assert!(store.relist_done(POD).model);
+        assert!(!enrolled(&store));
+    }
+
+    #[test]
+    fn an_unchanged_relist_changes_nothing() {
+        let mut store = listed_store();
+        store.apply(POD, &pod("10.0.0.5", None));
+        store.relist_start(POD);
+        assert_eq!(store.relist_item(POD, &pod("10.0.0.5", None)), None);
+        assert_eq!(store.relist_done(POD), Change::default());
+    }
+}

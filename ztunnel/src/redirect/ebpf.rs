@@ -1,0 +1,230 @@
+//! eBPF backend: the `sk_lookup` capture program of the `ebpf` crate, plus the policy routing
+//! that lets it see the application's outgoing connections.
+//!
+//! Per pod network namespace:
+//! - the capture program, pinned under `<bpf-fs>/ztunnel/<netns file name>/` so that it
+//!   outlives the agent (a restarted agent adopts it; while no agent listens the pod fails
+//!   closed), with the pod's 15006 and 15001 listeners in its socket map;
+//! - policy routing, per address family the pod has (rules are ours by their preference):
+//!   - [`PREF_PROBE`]: replies to the node's probe source leave normally (v4 only);
+//!   - [`PREF_SKIP`]: anything the agent sends (socket mark [`SKIP_MARK`]) leaves normally;
+//!   - [`PREF_CAPTURE`]: every other TCP the pod sends (`iif lo`: locally generated) looks up
+//!     table [`INBOUND_ROUTE_TABLE`], whose `local default dev lo src <pod address>` route
+//!     delivers it locally, where the capture program hands new connections to 15001. The same
+//!     rule brings the application's replies to inbound clients (whose addresses the agent
+//!     borrows with transparent sockets) back to the agent.
+//!
+//! Release without resets ([`stop_capture`]): replacing the broad capture rule by one exact
+//! rule per connection still open ([`PREF_FLOW`]) keeps those connections routed to the agent
+//! while every new connection leaves the pod directly. [`remove`] deletes the rest once the
+//! last one has closed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ::ebpf::{CaptureConfig, CaptureGuard};
+
+use super::{run_in, RedirectError};
+use crate::config::{HBONE_PORT, INBOUND_ROUTE_TABLE, PROBE_SOURCE_IP, SKIP_MARK};
+use crate::netns::Netns;
+
+/// Rule preferences (lower is checked first); all below the kernel's `main` rule (32766).
+pub const PREF_FLOW: u32 = 31989;
+pub const PREF_PROBE: u32 = 31990;
+pub const PREF_SKIP: u32 = 31991;
+pub const PREF_CAPTURE: u32 = 31992;
+const OUR_PREFS: [u32; 4] = [PREF_FLOW, PREF_PROBE, PREF_SKIP, PREF_CAPTURE];
+
+/// `f_type` of a bpffs mount (`BPF_FS_MAGIC` in linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// One connection between the application and the agent that must keep being routed to the
+/// agent while a released pod drains: `app` is the application's end (the pod's address),
+/// `peer` the other end as the application sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Flow {
+    pub app: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+/// Checks that the capture program loads and that `bpf_fs` is a bpffs (mounting one there if
+/// nothing is mounted, as systemd does at boot).
+pub fn available(bpf_fs: &Path) -> Result<(), RedirectError> {
+    ensure_bpffs(bpf_fs)?;
+    ::ebpf::probe().map_err(|source| RedirectError::Capture {
+        netns: PathBuf::from("(probe)"),
+        source,
+    })
+}
+
+fn ensure_bpffs(path: &Path) -> Result<(), RedirectError> {
+    let err = |reason: String| RedirectError::Bpffs {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    };
+    std::fs::create_dir_all(path).map_err(|e| err(format!("create: {e}")))?;
+    if is_bpffs(path).map_err(|e| err(format!("statfs: {e}")))? {
+        return Ok(());
+    }
+    let out = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(path)
+        .output()
+        .map_err(|e| err(format!("run mount: {e}")))?;
+    if !out.status.success() {
+        return Err(err(format!(
+            "not a bpffs, and mounting one failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    match is_bpffs(path) {
+        Ok(true) => Ok(()),
+        _ => Err(err("still not a bpffs after mounting".into())),
+    }
+}
+
+/// Where a pod's capture is pinned: one directory per pod network namespace.
+pub fn pin_dir(bpf_fs: &Path, netns: &Path) -> PathBuf {
+    let name = netns
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| netns.display().to_string().replace('/', "_"));
+    pin_root(bpf_fs).join(name)
+}
+
+/// The directory holding every pod's pins.
+pub fn pin_root(bpf_fs: &Path) -> PathBuf {
+    bpf_fs.join("ztunnel")
+}
+
+/// Installs (idempotently: adopts an earlier agent's attachment and replaces its rules) capture
+/// in `netns` for a pod with addresses `ips`. `inbound` and `outbound` are the pod's 15006 and
+/// 15001 listeners; `outbound` must be `IP_TRANSPARENT` (its connections' local address is the
+/// original destination), and every agent socket in the pod must carry [`SKIP_MARK`].
+pub fn install(
+    netns: &Netns,
+    ips: &[IpAddr],
+    inbound: &impl AsRawFd,
+    outbound: &impl AsRawFd,
+    pin_dir: &Path,
+) -> Result<CaptureGuard, RedirectError> {
+    install_routing(netns.path(), ips)?;
+    let config = CaptureConfig::new(HBONE_PORT).with_probe_source(PROBE_SOURCE_IP);
+    let capture_err = |source| RedirectError::Capture {
+        netns: netns.path().to_path_buf(),
+        source,
+    };
+    let mut guard =
+        ::ebpf::attach_capture_pinned(netns, inbound, &config, pin_dir).map_err(capture_err)?;
+    guard.set_outbound_listener(outbound).map_err(capture_err)?;
+    Ok(guard)
+}
+
+fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
+    delete_rules(netns, &OUR_PREFS);
+    let table = INBOUND_ROUTE_TABLE;
+    for (family, default, src) in families(ips) {
+        // `ip -batch` takes no per-line options: one batch per address family.
+        let mut batch = String::new();
+        if family == "-4" {
+            batch += &format!("rule add pref {PREF_PROBE} to {PROBE_SOURCE_IP} lookup main\n");
+        }
+        batch += &format!(
+            "rule add pref {PREF_SKIP} fwmark {SKIP_MARK:#x}/0xfff lookup main\n\
+             rule add pref {PREF_CAPTURE} iif lo ipproto tcp lookup {table}\n\
+             route replace local {default} dev lo src {src} table {table}\n"
+        );
+        run_in(netns, &["ip", family, "-batch", "-"], Some(&batch))?;
+    }
+    Ok(())
+}
+
+/// The address families of `ips`: `ip` flag, default prefix, and the pod's source address.
+fn families(ips: &[IpAddr]) -> Vec<(&'static str, &'static str, IpAddr)> {
+    let v4 = ips
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .map(|ip| ("-4", "0.0.0.0/0", *ip));
+    let v6 = ips
+        .iter()
+        .find(|ip| ip.is_ipv6())
+        .map(|ip| ("-6", "::/0", *ip));
+    v4.into_iter().chain(v6).collect()
+}
+
+/// Stops capturing new connections while `flows` keep working (see the module docs). The
+/// caller drops the pod's [`CaptureGuard`] too, so that inbound connections reach the
+/// application directly.
+pub fn stop_capture(netns: &Path, flows: &[Flow]) -> Result<(), RedirectError> {
+    let table = INBOUND_ROUTE_TABLE;
+    for (family, v4) in [("-4", true), ("-6", false)] {
+        let batch: String = flows
+            .iter()
+            .filter(|f| f.app.is_ipv4() == v4)
+            .map(|f| {
+                format!(
+                    "rule add pref {PREF_FLOW} iif lo ipproto tcp from {} sport {} to {} dport {} lookup {table}\n",
+                    f.app.ip(),
+                    f.app.port(),
+                    f.peer.ip(),
+                    f.peer.port()
+                )
+            })
+            .collect();
+        if !batch.is_empty() {
+            run_in(netns, &["ip", family, "-batch", "-"], Some(&batch))?;
+        }
+    }
+    delete_rules(netns, &[PREF_CAPTURE]);
+    Ok(())
+}
+
+/// Removes the routing [`install`] and [`stop_capture`] added. Missing pieces are not an
+/// error (the pod may be gone). The capture program goes with its guard.
+pub fn remove(netns: &Path) -> Result<(), RedirectError> {
+    delete_rules(netns, &OUR_PREFS);
+    let table = INBOUND_ROUTE_TABLE.to_string();
+    for family in ["-4", "-6"] {
+        let _ = run_in(
+            netns,
+            &["ip", family, "route", "flush", "table", &table],
+            None,
+        );
+    }
+    Ok(())
+}
+
+/// Deletes every rule with one of `prefs`, in both families. `ip rule del pref N` removes
+/// one rule per call, so it repeats until it fails (bounded: flows are one rule each, and a
+/// released pod has at most as many as it had connections).
+fn delete_rules(netns: &Path, prefs: &[u32]) {
+    const MAX_RULES: usize = 100_000;
+    for family in ["-4", "-6"] {
+        for pref in prefs {
+            let pref = pref.to_string();
+            // One batch of many deletions; `-force` keeps going past the first failure, and
+            // the batch is repeated while it deleted something.
+            let mut deleted = 0;
+            while deleted < MAX_RULES {
+                let line = format!("rule del pref {pref}\n");
+                let chunk = 64;
+                let batch = line.repeat(chunk);
+                let out = run_in(
+                    netns,
+                    &["ip", family, "-force", "-batch", "-"],
+                    Some(&batch),
+                );
+                deleted += chunk;
+                // Any failure means a deletion found nothing: the pref is now empty.
+                if out.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}

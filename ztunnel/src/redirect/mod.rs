@@ -1,0 +1,94 @@
+//! Traffic redirection inside a pod's network namespace, with two backends that behave the
+//! same from the outside:
+//! - [`ebpf`] (the default where the kernel allows it): an `sk_lookup` program hands new
+//!   connections to the agent's listeners without rewriting addresses, plus policy routing
+//!   that makes the application's outgoing TCP visible to it;
+//! - [`nft`]: nftables NAT rules and conntrack.
+//!
+//! [`resolve`] picks the backend at startup (`--redirect auto` tries eBPF, then falls back to
+//! nftables, saying why).
+
+pub mod ebpf;
+pub mod nft;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::config::Redirect;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("run {cmd} in netns {netns}: {source}")]
+    Spawn {
+        cmd: String,
+        netns: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{cmd} in netns {netns} failed: {stderr}")]
+    Failed {
+        cmd: String,
+        netns: PathBuf,
+        stderr: String,
+    },
+    #[error("bpffs at {path}: {reason}")]
+    Bpffs { path: PathBuf, reason: String },
+    #[error("ebpf capture in netns {netns}: {source}")]
+    Capture {
+        netns: PathBuf,
+        source: ::ebpf::CaptureError,
+    },
+}
+
+/// Turns the configured backend into the one the agent runs: `auto` becomes `ebpf` when the
+/// kernel loads the capture program and a bpffs is (or can be) mounted at `bpf_fs`, else
+/// `nftables`; an explicit `ebpf` that cannot work is an error (the operator asked for it).
+pub fn resolve(requested: Redirect, bpf_fs: &Path) -> Result<Redirect, RedirectError> {
+    match requested {
+        Redirect::Auto => match ebpf::available(bpf_fs) {
+            Ok(()) => Ok(Redirect::Ebpf),
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF redirection unavailable; using nftables");
+                Ok(Redirect::Nftables)
+            }
+        },
+        Redirect::Ebpf => ebpf::available(bpf_fs).map(|()| Redirect::Ebpf),
+        other => Ok(other),
+    }
+}
+
+/// Runs `args` inside `netns` (with `nsenter`), feeding `stdin` if given.
+fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<(), RedirectError> {
+    let cmd = args.join(" ");
+    let spawn_err = |source| RedirectError::Spawn {
+        cmd: cmd.clone(),
+        netns: netns.to_path_buf(),
+        source,
+    };
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RedirectError::Failed {
+            cmd,
+            netns: netns.to_path_buf(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}

@@ -18,11 +18,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
+use crate::bpffs::Bpffs;
 use crate::capture::Capture;
 use crate::http::{self, HttpResponse};
 use crate::netns::{self, in_netns, write_sysctl, PREFIX_HEAD};
 use crate::process::ChildGuard;
-use crate::spec::{check_yaml_file_name, MeshBuilder, NodePlan, Plan, PodPlan};
+use crate::spec::{check_yaml_file_name, MeshBuilder, NodePlan, Plan, PodPlan, Redirect};
 use crate::sys::{child_path, command_line, ip, netns_command, preflight, Binaries, MARKER_ENV};
 use crate::wait::wait_until;
 use crate::yaml::render_topology;
@@ -70,6 +71,10 @@ pub struct Mesh {
     work_dir: Option<tempfile::TempDir>,
     work_path: PathBuf,
     ztunnels: Mutex<BTreeMap<String, ChildGuard>>,
+    /// The backend the harness asks for (`None`: the ztunnel arguments name one).
+    redirect: Option<Redirect>,
+    /// The nodes' bpffs, for the eBPF backend; unmounted after the ztunnels are gone.
+    bpffs: Option<Bpffs>,
     counter: AtomicU64,
 }
 
@@ -115,8 +120,13 @@ impl Mesh {
             let path = work_path.join(dir);
             std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
         }
+        let redirect = if spec.ztunnel_args.iter().any(|a| a == "--redirect") {
+            None
+        } else {
+            Some(spec.redirect.map_or_else(Redirect::from_env, Ok)?)
+        };
         // From here on, Drop removes whatever exists, whichever step fails.
-        let mesh = Mesh {
+        let mut mesh = Mesh {
             prefix,
             test_name: spec.test_name.clone(),
             spec,
@@ -125,8 +135,13 @@ impl Mesh {
             work_dir: Some(work_dir),
             work_path,
             ztunnels: Mutex::new(BTreeMap::new()),
+            redirect,
+            bpffs: None,
             counter: AtomicU64::new(0),
         };
+        if redirect == Some(Redirect::Ebpf) && runs_ztunnel {
+            mesh.bpffs = Some(Bpffs::mount(&mesh.work_path.join("bpffs"))?);
+        }
         mesh.create_topology()
             .with_context(|| format!("build the topology of {}", mesh.test_name))?;
         mesh.write_config()?;
@@ -344,6 +359,33 @@ impl Mesh {
         Ok(self.netns_of_pod(pod))
     }
 
+    /// Ids of the `sk_lookup` BPF links attached to the pod's network namespace (the eBPF
+    /// backend's capture), as `bpftool link show` reports them.
+    pub fn capture_links(&self, pod: &str) -> Result<Vec<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        let path = netns::netns_path(&self.pod_netns(pod)?);
+        let ino = std::fs::metadata(&path)
+            .with_context(|| format!("stat {}", path.display()))?
+            .ino();
+        let out = Command::new(crate::sys::tool("bpftool", "bpftool")?)
+            .args(["-j", "link", "show"])
+            .output()
+            .context("run bpftool link show")?;
+        if !out.status.success() {
+            bail!(
+                "bpftool link show: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let links: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).context("parse bpftool link show -j")?;
+        Ok(links
+            .iter()
+            .filter(|l| l["netns_ino"].as_u64() == Some(ino) && l["attach_type"] == "sk_lookup")
+            .filter_map(|l| l["id"].as_u64())
+            .collect())
+    }
+
     /// The pod's IP (`status.podIP`).
     pub fn pod_ip(&self, pod: &str) -> Result<Ipv4Addr> {
         Ok(self.plan.pod(pod)?.ip)
@@ -362,6 +404,17 @@ impl Mesh {
     /// Names of all nodes, in declaration order.
     pub fn nodes(&self) -> Vec<String> {
         self.plan.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// The redirection backend the ztunnels were started with (`None`: the test's own
+    /// `--redirect` argument decides).
+    pub fn redirect(&self) -> Option<Redirect> {
+        self.redirect
+    }
+
+    /// The nodes' bpffs (eBPF backend): the agents pin each pod's capture under `ztunnel/`.
+    pub fn bpf_fs(&self) -> Option<&Path> {
+        self.bpffs.as_ref().map(Bpffs::path)
     }
 
     /// The directory of the mesh's work files (config/, ca/, logs/).
@@ -619,6 +672,16 @@ impl Mesh {
             .arg("--ca-dir")
             .arg(self.ca_dir())
             .args(["--netns-prefix", &self.prefix])
+            .args(
+                self.redirect
+                    .iter()
+                    .flat_map(|r| ["--redirect", r.as_str()]),
+            )
+            .args(
+                self.bpffs
+                    .iter()
+                    .flat_map(|fs| [std::ffi::OsStr::new("--bpf-fs"), fs.path().as_os_str()]),
+            )
             .args(&self.spec.ztunnel_args)
             .env(
                 "RUST_LOG",
@@ -786,6 +849,8 @@ impl Drop for Mesh {
         // Killing the ztunnels first stops them from reacting to the namespaces vanishing.
         let ztunnels = std::mem::take(&mut *self.ztunnels());
         drop(ztunnels);
+        // After the agents: unmounting releases every pin they left (and so their programs).
+        drop(self.bpffs.take());
         if let Err(e) = netns::cleanup_stale(&self.prefix) {
             eprintln!("e2e: cleaning up mesh {}: {e:#}", self.prefix);
         }

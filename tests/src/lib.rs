@@ -43,6 +43,7 @@
 //! # }
 //! ```
 
+mod bpffs;
 mod capture;
 pub mod echo;
 mod harness;
@@ -60,6 +61,6 @@ pub use harness::{Mesh, PROBE_SOURCE};
 pub use netns::{cleanup_stale, in_netns, StaleCleanup};
 pub use nix::sys::signal::Signal;
 pub use process::ChildGuard;
-pub use spec::{Ambient, MeshBuilder, Pod, Service};
+pub use spec::{Ambient, MeshBuilder, Pod, Redirect, Service, REDIRECT_ENV};
 pub use sys::{preflight, Binaries, MARKER_ENV};
 pub use wait::{eventually, wait_until};

@@ -141,6 +141,8 @@ pub struct StaleCleanup {
     pub netns: Vec<String>,
     /// Processes killed.
     pub killed: Vec<i32>,
+    /// bpffs mounts (the eBPF backend's pins) unmounted.
+    pub bpffs: Vec<PathBuf>,
 }
 
 /// Kills every process inside a namespace whose name starts with `prefix` or carrying the
@@ -172,8 +174,10 @@ pub fn cleanup_stale(prefix: &str) -> Result<StaleCleanup> {
     for name in &names {
         ip(&["netns", "del", name])?;
     }
+    let bpffs = crate::bpffs::unmount_stale(prefix)?;
     Ok(StaleCleanup {
         netns: names,
         killed: victims,
+        bpffs,
     })
 }

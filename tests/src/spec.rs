@@ -187,6 +187,41 @@ pub struct MeshBuilder {
     pub(crate) ready_timeout: Duration,
     pub(crate) without_ztunnel: bool,
     pub(crate) ztunnel_binary: Option<PathBuf>,
+    pub(crate) redirect: Option<Redirect>,
+}
+
+/// How the mesh's ztunnels capture pod traffic (`ztunnel --redirect`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redirect {
+    /// The `sk_lookup` program and policy routing; the harness gives every ztunnel of the
+    /// mesh one bpffs for its pins (as a node's `/sys/fs/bpf`), which outlives restarts.
+    Ebpf,
+    Nftables,
+}
+
+/// Environment variable choosing the backend of meshes that do not set one.
+pub const REDIRECT_ENV: &str = "E2E_REDIRECT";
+
+impl Redirect {
+    /// The flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Redirect::Ebpf => "ebpf",
+            Redirect::Nftables => "nftables",
+        }
+    }
+
+    /// From [`REDIRECT_ENV`] (`ebpf` or `nftables`); eBPF when unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(REDIRECT_ENV) {
+            Err(_) => Ok(Redirect::Ebpf),
+            Ok(v) => match v.as_str() {
+                "ebpf" => Ok(Redirect::Ebpf),
+                "nftables" => Ok(Redirect::Nftables),
+                other => bail!("{REDIRECT_ENV}={other:?}: expected ebpf or nftables"),
+            },
+        }
+    }
 }
 
 impl MeshBuilder {
@@ -203,7 +238,15 @@ impl MeshBuilder {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             without_ztunnel: false,
             ztunnel_binary: None,
+            redirect: None,
         }
+    }
+
+    /// The redirection backend (default: [`Redirect::from_env`]). Ignored when the ztunnel
+    /// arguments name one (`--redirect none`).
+    pub fn redirect(mut self, backend: Redirect) -> Self {
+        self.redirect = Some(backend);
+        self
     }
 
     /// Adds a node running a ztunnel. Nodes are numbered from 1 in declaration order.

@@ -6,8 +6,11 @@
 //! without duplicating rules; a probe from the node itself reaches an enrolled pod.
 //!
 //! What "enrolled" means is checked from outside the agent, in the pod's own namespace: the
-//! nftables table `inet ztunnel`, the policy-routing rule for the inbound connmark, the
-//! outbound listener on 15001, and the pod being listed under `workloads` in `/config_dump`.
+//! capture (nftables backend: the table `inet ztunnel` and its redirect rules; eBPF backend:
+//! the `sk_lookup` link attached to the pod's namespace), the policy-routing rule to the
+//! agent's table, the outbound listener on 15001, and the pod being listed under `workloads`
+//! in `/config_dump`. Every test runs against the backend the harness picks
+//! (`E2E_REDIRECT`); `cargo xtask test` runs the file once per backend.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -16,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use e2e::{prom, wait_until, Ambient, CaptureSummary, Mesh, Pod};
+use e2e::{prom, wait_until, Ambient, CaptureSummary, Mesh, Pod, Redirect};
 use serde_json::Value;
 
 /// How long a config change may take to apply (the agent polls every 500 ms).
@@ -32,8 +35,12 @@ const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 const TOPOLOGY: &str = "topology.yaml";
 /// The agent's nftables table in every enrolled pod's namespace.
 const NFT_TABLE: &str = "table inet ztunnel";
-/// The conntrack/fwmark the agent's policy-routing rule matches (inbound replies).
-const INBOUND_FWMARK: &str = "fwmark 0x111";
+/// What every policy-routing rule of the agent has in common: it selects the agent's table
+/// (nftables: the inbound connmark's replies; eBPF: the pod's outgoing TCP, and the flows of
+/// a released pod that still drain).
+const AGENT_RULE: &str = "lookup 133";
+/// The eBPF backend's rule that captures every new outgoing connection.
+const EBPF_CAPTURE_RULE: &str = "iif lo ipproto tcp lookup 133";
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const REFUSED: &str = "mesh_connections_refused_total";
 
@@ -255,7 +262,7 @@ fn a_killed_agent_fails_closed_and_its_successor_takes_over_cleanly() -> Result<
     for pod in n2_pods {
         let setup = setup_in_pod(&mesh, pod)?;
         ensure!(
-            setup.nft_table && setup.ip_rules == 1,
+            setup.installed && setup.ip_rules == 1,
             "{pod} lost its redirection when the agent died: {setup:?}"
         );
     }
@@ -302,11 +309,15 @@ fn a_killed_agent_fails_closed_and_its_successor_takes_over_cleanly() -> Result<
     for (pod, before) in n2_pods.into_iter().zip(rules_before) {
         let tables = mesh.exec_ok(pod, &["nft", "list", "tables"])?;
         let tables: Vec<&str> = tables.lines().map(str::trim).collect();
-        ensure!(tables == [NFT_TABLE], "{pod}: nft tables {tables:?}");
+        let want: &[&str] = match backend(&mesh) {
+            Redirect::Nftables => &[NFT_TABLE],
+            Redirect::Ebpf => &[],
+        };
+        ensure!(tables == want, "{pod}: nft tables {tables:?}");
         let setup = setup_in_pod(&mesh, pod)?;
         ensure!(
             setup.ip_rules == 1,
-            "{pod}: {} ip rules for {INBOUND_FWMARK}",
+            "{pod}: {} ip rules for {AGENT_RULE}",
             setup.ip_rules
         );
         let after = redirection_of(&mesh, pod)?;
@@ -375,6 +386,65 @@ fn a_probe_from_the_node_reaches_an_enrolled_pod_even_under_strict() -> Result<(
     Ok(())
 }
 
+/// The agent dials its upstream connections from inside the pod (HBONE to the peer's 15008,
+/// and plain TCP to destinations outside the mesh), marked so the pod's capture leaves them
+/// alone. Were they captured, each would come back to the agent's own 15001 listener: a second
+/// outbound connection per application connection, refused as a loop to the agent itself. So
+/// one connection of the app to an enrolled server and one to a server outside the mesh must
+/// be exactly two outbound connections for n1's agent, with no refusal, and the pod holds the
+/// agent's HBONE connection to the server's 15008 directly.
+#[test]
+fn the_agents_own_upstream_connections_are_not_captured() -> Result<()> {
+    let mesh = Mesh::builder("no_loops")
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .namespace("legacy", Ambient::No)
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(
+            Pod::new("default", "server")
+                .on("n2")
+                .service_account("server"),
+        )
+        .pod(Pod::new("legacy", "outside").on("n2"))
+        .build()?;
+    let _server = mesh.spawn_echo("default/server", APP_PORT, "server")?;
+    let _outside = mesh.spawn_echo("legacy/outside", APP_PORT, "outside")?;
+    let server = app_addr(&mesh, "default/server")?;
+    let outside = app_addr(&mesh, "legacy/outside")?;
+
+    let mut to_server = LongLived::open(&mesh, "default/client", server)?;
+    to_server.exchange("to the enrolled server")?;
+    let mut to_outside = LongLived::open(&mesh, "default/client", outside)?;
+    to_outside.exchange("to the server outside the mesh")?;
+
+    let metrics = mesh.metrics("n1")?;
+    let opened = prom::sum(&metrics, OPENED, &[("reporter", "source")]);
+    let refused = prom::sum(&metrics, REFUSED, &[]);
+    ensure!(
+        opened == 2.0 && refused == 0.0,
+        "n1's agent counted {opened} outbound connections and {refused} refusals for 2 app \
+         connections: its own upstream connections were captured"
+    );
+    let hbone = format!("{}:{HBONE_PORT}", server.ip());
+    let established = mesh.exec_ok(
+        "default/client",
+        &["ss", "-H", "-t", "-n", "state", "established"],
+    )?;
+    let upstream = established.lines().filter(|l| l.contains(&hbone)).count();
+    ensure!(
+        upstream == 1,
+        "the client pod should hold one HBONE connection to {hbone}, has {upstream}:\n{established}"
+    );
+    to_server.exchange("after the checks")?;
+    to_outside.exchange("after the checks")?;
+    Ok(())
+}
+
 // === enrollment as seen from the pod ===
 
 /// What the agent has set up for one pod.
@@ -392,23 +462,44 @@ enum Setup {
 /// The pieces of a pod's enrollment visible from inside its namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PodSetup {
-    nft_table: bool,
-    /// The table's redirect chains hold rules (new connections are captured).
+    /// The backend's capture exists (nftables: the table; eBPF: one `sk_lookup` link).
+    installed: bool,
+    /// New connections are captured (nftables: the redirect chains hold rules; eBPF: the link
+    /// and the outgoing-capture rule).
     capturing: bool,
+    /// The agent's policy-routing rules.
     ip_rules: usize,
     outbound_listener: bool,
 }
 
+fn backend(mesh: &Mesh) -> Redirect {
+    mesh.redirect().unwrap_or(Redirect::Nftables)
+}
+
 fn setup_in_pod(mesh: &Mesh, pod: &str) -> Result<PodSetup> {
-    let nft = mesh.exec(pod, &["nft", "list", "table", "inet", "ztunnel"])?;
     let rules = mesh.exec_ok(pod, &["ip", "rule", "show"])?;
     let listeners = mesh.exec_ok(pod, &["ss", "-H", "-t", "-l", "-n"])?;
     let outbound_port = format!(":{OUTBOUND_PORT}");
+    let (installed, capturing) = match backend(mesh) {
+        Redirect::Nftables => {
+            let nft = mesh.exec(pod, &["nft", "list", "table", "inet", "ztunnel"])?;
+            let ok = nft.status.success();
+            (
+                ok,
+                ok && String::from_utf8_lossy(&nft.stdout).contains("redirect"),
+            )
+        }
+        Redirect::Ebpf => {
+            let links = mesh.capture_links(pod)?;
+            ensure!(links.len() <= 1, "{pod}: {} capture links", links.len());
+            let attached = links.len() == 1;
+            (attached, attached && rules.contains(EBPF_CAPTURE_RULE))
+        }
+    };
     Ok(PodSetup {
-        nft_table: nft.status.success(),
-        capturing: nft.status.success()
-            && String::from_utf8_lossy(&nft.stdout).contains("redirect"),
-        ip_rules: rules.lines().filter(|l| l.contains(INBOUND_FWMARK)).count(),
+        installed,
+        capturing,
+        ip_rules: rules.lines().filter(|l| l.contains(AGENT_RULE)).count(),
         // Columns: state, recv-q, send-q, local address:port, peer address:port.
         outbound_listener: listeners.lines().any(|l| {
             l.split_whitespace()
@@ -423,11 +514,11 @@ fn expect_setup(mesh: &Mesh, node: &str, pod: &str, want: Setup, why: &str) -> R
     let enrolled = want == Setup::Enrolled;
     let matches = |setup: &PodSetup| match want {
         Setup::Enrolled => {
-            setup.nft_table && setup.capturing && setup.ip_rules == 1 && setup.outbound_listener
+            setup.installed && setup.capturing && setup.ip_rules == 1 && setup.outbound_listener
         }
         Setup::Released => !setup.capturing && !setup.outbound_listener && setup.ip_rules <= 1,
         Setup::Gone => {
-            !setup.nft_table && !setup.capturing && setup.ip_rules == 0 && !setup.outbound_listener
+            !setup.installed && !setup.capturing && setup.ip_rules == 0 && !setup.outbound_listener
         }
     };
     let mut last = None;
@@ -456,12 +547,15 @@ fn served(mesh: &Mesh, node: &str) -> Result<BTreeSet<String>> {
         .collect())
 }
 
-/// The pod's redirection as text: the agent's nft table and the ip rules, to compare across
-/// agent restarts.
+/// The pod's redirection as text, to compare across agent restarts: the agent's nft table or
+/// capture link (an adopted link keeps its id), and the ip rules.
 fn redirection_of(mesh: &Mesh, pod: &str) -> Result<String> {
-    let table = mesh.exec_ok(pod, &["nft", "list", "table", "inet", "ztunnel"])?;
+    let capture = match backend(mesh) {
+        Redirect::Nftables => mesh.exec_ok(pod, &["nft", "list", "table", "inet", "ztunnel"])?,
+        Redirect::Ebpf => format!("sk_lookup links {:?}", mesh.capture_links(pod)?),
+    };
     let rules = mesh.exec_ok(pod, &["ip", "rule", "show"])?;
-    Ok(format!("{table}\n{rules}"))
+    Ok(format!("{capture}\n{rules}"))
 }
 
 // === configuration ===

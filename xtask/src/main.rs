@@ -186,10 +186,24 @@ fn test(extra: &[String]) -> Result<()> {
     }
     // The e2e tests run the workspace's binaries (ztunnel, mesh-echo) from the target dir.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    let tests = run(cargo().args(["test", "--workspace"]).args(extra));
+    // Every test with the default backend (eBPF), then the end-to-end suites again with the
+    // nftables fallback: both backends must pass the same suite.
+    let tests = run(cargo().args(["test", "--workspace"]).args(extra)).and_then(|()| {
+        let mut nft = cargo();
+        nft.env("E2E_REDIRECT", "nftables")
+            .args(["test", "-p", "e2e"])
+            .args(E2E_SUITES.iter().flat_map(|t| ["--test", t]))
+            .args(extra);
+        println!("xtask: the end-to-end suites again, with E2E_REDIRECT=nftables");
+        run(&mut nft)
+    });
 
     let left = clean()?;
     tests?;
+    let programs = capture_programs();
+    if !programs.is_empty() {
+        bail!("capture programs left loaded after the tests: {programs:?}");
+    }
     if !left.is_empty() {
         bail!(
             "the tests left things behind (now removed): {}",
@@ -200,16 +214,43 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The e2e test targets that run once per redirection backend.
+const E2E_SUITES: [&str; 3] = ["core", "enrollment", "bad_peers"];
+/// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
+/// truncated to 15 characters by the kernel, which this fits).
+const CAPTURE_PROGRAM: &str = "zt_capture";
+
+/// Ids of loaded capture programs (`bpftool prog show`): none may outlive the tests, except
+/// those of a running `cargo xtask up`. Empty when bpftool is missing.
+fn capture_programs() -> Vec<u64> {
+    if local_mesh::running_prefix().is_some() {
+        return Vec::new();
+    }
+    let Some(bpftool) = find_tool("bpftool") else {
+        return Vec::new();
+    };
+    let Ok(out) = Command::new(bpftool).args(["-j", "prog", "show"]).output() else {
+        return Vec::new();
+    };
+    let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    progs
+        .iter()
+        .filter(|p| p["name"].as_str() == Some(CAPTURE_PROGRAM))
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
 /// What a sweep found and removed.
 #[derive(Debug, Default)]
 struct Removed {
     netns: Vec<String>,
     pids: Vec<u32>,
+    bpffs: Vec<String>,
 }
 
 impl Removed {
     fn is_empty(&self) -> bool {
-        self.netns.is_empty() && self.pids.is_empty()
+        self.netns.is_empty() && self.pids.is_empty() && self.bpffs.is_empty()
     }
 
     fn describe(&self) -> String {
@@ -217,11 +258,13 @@ impl Removed {
             return "nothing to remove".to_owned();
         }
         format!(
-            "{} namespace(s) [{}], {} process(es) {:?}",
+            "{} namespace(s) [{}], {} process(es) {:?}, {} bpffs mount(s) [{}]",
             self.netns.len(),
             self.netns.join(" "),
             self.pids.len(),
-            self.pids
+            self.pids,
+            self.bpffs.len(),
+            self.bpffs.join(" ")
         )
     }
 }
@@ -294,7 +337,39 @@ fn clean() -> Result<Removed> {
             }
         }
     }
-    Ok(Removed { netns, pids })
+    let bpffs = stale_bpffs(&kept);
+    for mount_point in &bpffs {
+        let status = Command::new("umount")
+            .args(["-l", mount_point])
+            .status()
+            .with_context(|| format!("umount {mount_point}"))?;
+        if !status.success() {
+            bail!("umount {mount_point} failed ({status})");
+        }
+    }
+    Ok(Removed { netns, pids, bpffs })
+}
+
+/// bpffs mounts inside a harness work directory (`/tmp/e2e-<prefix>…/bpffs`) whose mesh is
+/// not kept.
+fn stale_bpffs(kept: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let (fields, tail) = line.split_once(" - ")?;
+            let mount_point = fields.split(' ').nth(4)?;
+            (tail.split(' ').next()? == "bpf").then_some(mount_point)
+        })
+        .filter(|mount_point| {
+            Path::new(mount_point).components().any(|c| {
+                let name = c.as_os_str().to_string_lossy();
+                name.strip_prefix("e2e-")
+                    .and_then(|rest| rest.get(..9))
+                    .is_some_and(|prefix| is_harness_prefix(prefix) && !kept(prefix))
+            })
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 fn leftover_netns() -> Result<Vec<String>> {

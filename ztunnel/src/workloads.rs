@@ -143,6 +143,9 @@ impl Manager {
                 }
             }
         }
+        if self.pi.cfg.redirect == Redirect::Ebpf {
+            self.sweep_pins(&desired);
+        }
         let done = self.failed.is_empty();
         self.ready.store(done, Ordering::SeqCst);
         self.publish_status();
@@ -193,10 +196,10 @@ impl Manager {
                 None
             }
             Redirect::Ebpf => {
-                let pins = redirect::ebpf::pin_dir(&cfg.bpf_fs, netns.path());
-                let guard =
-                    redirect::ebpf::install(&netns, &pod.ips, &plaintext, &outbound, &pins)?;
-                Some(Arc::new(guard))
+                let pins = redirect::ebpf::pin_dir(&cfg.bpf_fs, &key, &netns)?;
+                Some(redirect::ebpf::install(
+                    &netns, &pod.ips, &plaintext, &outbound, &pins,
+                )?)
             }
             Redirect::Auto | Redirect::None => None,
         };
@@ -209,7 +212,7 @@ impl Manager {
             server_tls,
             stop: stop.clone(),
             active: Arc::default(),
-            capture,
+            capture: proxy::CaptureSlot::new(capture),
         });
         let pi = &self.pi;
         let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);
@@ -253,6 +256,9 @@ impl Manager {
             if let Err(e) = stopped {
                 tracing::warn!(pod = %key, error = %e, "stopping capture failed");
             }
+            // Detaches the program (and removes its pins) once no delivery holds it: new
+            // inbound connections then reach the application directly.
+            drop(r.ctx.capture.take());
             let (ctx, epochs, epoch, key) =
                 (r.ctx.clone(), self.epochs.clone(), r.epoch, key.clone());
             tokio::spawn(async move {
@@ -298,10 +304,27 @@ impl Manager {
     /// failing closed until the next agent takes over.
     pub fn stop_all(&mut self) {
         for (_, r) in std::mem::take(&mut self.running) {
-            if let Some(capture) = &r.ctx.capture {
+            if let Some(capture) = r.ctx.capture.take() {
                 capture.keep_pinned();
             }
             r.ctx.stop.cancel();
+        }
+    }
+
+    /// Unpins captures that no pod of this node owns any more (see
+    /// [`redirect::ebpf::sweep_pins`]): what pods deleted while no agent ran left behind.
+    fn sweep_pins(&self, desired: &BTreeMap<NamespacedName, &Pod>) {
+        let current: Vec<(NamespacedName, std::path::PathBuf)> = self
+            .running
+            .iter()
+            .filter_map(|(k, r)| {
+                let dir = r.ctx.capture.get()?.pin_dir()?.to_path_buf();
+                Some((k.clone(), dir))
+            })
+            .collect();
+        let wanted: Vec<NamespacedName> = desired.keys().cloned().collect();
+        for dir in redirect::ebpf::sweep_pins(&self.pi.cfg.bpf_fs, &current, &wanted) {
+            tracing::info!(dir = %dir.display(), "removed the capture of a pod no longer here");
         }
     }
 

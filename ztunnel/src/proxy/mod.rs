@@ -149,8 +149,37 @@ pub struct PodCtx {
     /// Connections of this pod still open (all three listeners), so that its remaining
     /// redirection state is removed only once the last one has finished.
     pub active: Arc<ActiveConns>,
-    /// The eBPF backend's capture (None with nftables): exempts the agent's deliveries.
-    pub capture: Option<Arc<ebpf::CaptureGuard>>,
+    /// The eBPF backend's capture (empty with nftables, and once the pod is released).
+    pub capture: CaptureSlot,
+}
+
+/// Holds a pod's eBPF capture while the pod is enrolled. Connections borrow it for the time
+/// of a delivery (to exempt it); releasing the pod takes it out, so the program detaches as
+/// soon as no delivery is in progress, while the pod's established connections drain.
+#[derive(Default)]
+pub struct CaptureSlot {
+    guard: Mutex<Option<Arc<ebpf::CaptureGuard>>>,
+    /// Set for the eBPF backend: its flows must be known to release without resets.
+    tracks_flows: bool,
+}
+
+impl CaptureSlot {
+    pub fn new(guard: Option<ebpf::CaptureGuard>) -> Self {
+        Self {
+            tracks_flows: guard.is_some(),
+            guard: Mutex::new(guard.map(Arc::new)),
+        }
+    }
+
+    /// The capture, while the pod is enrolled.
+    pub fn get(&self) -> Option<Arc<ebpf::CaptureGuard>> {
+        self.guard.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes the capture out (release, shutdown).
+    pub fn take(&self) -> Option<Arc<ebpf::CaptureGuard>> {
+        self.guard.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 impl PodCtx {
@@ -164,13 +193,14 @@ impl PodCtx {
         client: IpAddr,
     ) -> Result<(TcpStream, Option<FlowGuard>), crate::socket::SocketError> {
         let src = (pi.cfg.redirect != Redirect::None).then_some(client);
+        let capture = self.capture.get();
         let app = crate::socket::connect_in(
             &self.netns,
             &pi.home,
             dst,
             src,
             pi.cfg.connect_timeout,
-            self.capture.as_deref(),
+            capture.as_deref(),
         )
         .await?;
         let flow = self.track_flow(dst, app.local_addr());
@@ -184,7 +214,7 @@ impl PodCtx {
         app: SocketAddr,
         peer: std::io::Result<SocketAddr>,
     ) -> Option<FlowGuard> {
-        let peer = peer.ok().filter(|_| self.capture.is_some())?;
+        let peer = peer.ok().filter(|_| self.capture.tracks_flows)?;
         Some(self.active.flow(Flow { app, peer }))
     }
 }

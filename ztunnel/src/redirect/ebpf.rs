@@ -21,10 +21,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ::ebpf::{CaptureConfig, CaptureGuard};
+use mesh::model::NamespacedName;
 
 use super::{run_in, RedirectError};
 use crate::config::{HBONE_PORT, INBOUND_ROUTE_TABLE, PROBE_SOURCE_IP, SKIP_MARK};
@@ -55,7 +57,7 @@ pub fn available(bpf_fs: &Path) -> Result<(), RedirectError> {
     ensure_bpffs(bpf_fs)?;
     ::ebpf::probe().map_err(|source| RedirectError::Capture {
         netns: PathBuf::from("(probe)"),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -65,7 +67,7 @@ fn ensure_bpffs(path: &Path) -> Result<(), RedirectError> {
         reason,
     };
     let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
     };
     std::fs::create_dir_all(path).map_err(|e| err(format!("create: {e}")))?;
     if is_bpffs(path).map_err(|e| err(format!("statfs: {e}")))? {
@@ -88,18 +90,72 @@ fn ensure_bpffs(path: &Path) -> Result<(), RedirectError> {
     }
 }
 
-/// Where a pod's capture is pinned: one directory per pod network namespace.
-pub fn pin_dir(bpf_fs: &Path, netns: &Path) -> PathBuf {
-    let name = netns
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| netns.display().to_string().replace('/', "_"));
-    pin_root(bpf_fs).join(name)
+/// Where a pod's capture is pinned: one directory per pod and network namespace,
+/// `<namespace>_<pod>_<netns inode>`. bpffs refuses names containing `.` (reserved for the
+/// kernel's own files), so dots in pod names become `_`, which Kubernetes names never contain,
+/// so the mapping stays one-to-one. The inode tells a recreated pod (same name, new namespace)
+/// from the one an earlier agent pinned: its capture is never adopted for the wrong namespace.
+pub fn pin_dir(
+    bpf_fs: &Path,
+    pod: &NamespacedName,
+    netns: &Netns,
+) -> Result<PathBuf, RedirectError> {
+    let inode = std::fs::metadata(netns.path())
+        .map_err(|e| RedirectError::Bpffs {
+            path: netns.path().to_path_buf(),
+            reason: format!("stat the pod's netns: {e}"),
+        })?
+        .ino();
+    Ok(pin_root(bpf_fs).join(format!("{}{inode}", pin_prefix(pod))))
+}
+
+/// The part of a pin directory's name that names the pod.
+fn pin_prefix(pod: &NamespacedName) -> String {
+    format!("{}_{}_", pod.namespace, pod.name).replace('.', "_")
 }
 
 /// The directory holding every pod's pins.
 pub fn pin_root(bpf_fs: &Path) -> PathBuf {
     bpf_fs.join("ztunnel")
+}
+
+/// Removes the pins of captures no pod of `current` owns: pods deleted or released while no
+/// agent ran (their programs detach once unpinned), and earlier namespaces of recreated pods.
+/// A pod in `current` keeps only the directory `current` names for it. `wanted` pods that are
+/// not enrolled yet (still pending) keep theirs, so they stay captured, failing closed, until
+/// their enrollment adopts it.
+pub fn sweep_pins(
+    bpf_fs: &Path,
+    current: &[(NamespacedName, PathBuf)],
+    wanted: &[NamespacedName],
+) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(pin_root(bpf_fs)) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let owner = |pod: &NamespacedName| {
+            let prefix = pin_prefix(pod);
+            name.strip_prefix(&prefix)
+                .is_some_and(|ino| ino.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let keep = current.iter().any(|(pod, dir)| owner(pod) && *dir == path)
+            || wanted
+                .iter()
+                .filter(|pod| !current.iter().any(|(c, _)| c == *pod))
+                .any(owner);
+        if !keep {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "remove stale capture pins")
+                }
+            }
+        }
+    }
+    removed
 }
 
 /// Installs (idempotently: adopts an earlier agent's attachment and replaces its rules) capture
@@ -117,7 +173,7 @@ pub fn install(
     let config = CaptureConfig::new(HBONE_PORT).with_probe_source(PROBE_SOURCE_IP);
     let capture_err = |source| RedirectError::Capture {
         netns: netns.path().to_path_buf(),
-        source,
+        source: Box::new(source),
     };
     let mut guard =
         ::ebpf::attach_capture_pinned(netns, inbound, &config, pin_dir).map_err(capture_err)?;

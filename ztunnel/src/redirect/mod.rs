@@ -36,7 +36,8 @@ pub enum RedirectError {
     #[error("ebpf capture in netns {netns}: {source}")]
     Capture {
         netns: PathBuf,
-        source: ::ebpf::CaptureError,
+        // Boxed: aya's errors are large, and this enum travels on every enrollment path.
+        source: Box<::ebpf::CaptureError>,
     },
 }
 

@@ -337,6 +337,75 @@ fn a_killed_agent_fails_closed_and_its_successor_takes_over_cleanly() -> Result<
     Ok(())
 }
 
+/// A pod opted out while its agent is down keeps failing closed only until the next agent
+/// starts: that one finds the old capture (eBPF: the pinned program and its pins; nftables:
+/// the table) in a pod it does not enroll and removes it, so the pod is reachable directly and
+/// nothing of the old agent is left in it.
+#[test]
+fn a_pod_released_while_its_agent_is_down_is_cleaned_up_by_the_next_agent() -> Result<()> {
+    let mesh = Mesh::builder("release_while_down")
+        .node("n1")
+        .namespace("default", Ambient::Yes)
+        .namespace("legacy", Ambient::No)
+        .pod(Pod::new("default", "web").on("n1").service_account("web"))
+        .pod(Pod::new("legacy", "outsider").on("n1"))
+        .build()?;
+    let _web = mesh.spawn_echo("default/web", APP_PORT, "web")?;
+    let web = app_addr(&mesh, "default/web")?;
+    expect_setup(&mesh, "n1", "default/web", Setup::Enrolled, "web enrolled")?;
+    let pins = |mesh: &Mesh| -> Vec<String> {
+        let dir = mesh.bpf_fs().map(|fs| fs.join("ztunnel"));
+        dir.and_then(|d| std::fs::read_dir(d).ok())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect()
+    };
+    if backend(&mesh) == Redirect::Ebpf {
+        let pinned = pins(&mesh);
+        ensure!(
+            pinned.len() == 1 && pinned[0].starts_with("default_web_"),
+            "pins while enrolled: {pinned:?}"
+        );
+    }
+
+    mesh.kill_ztunnel("n1")?;
+    ensure!(
+        !reaches(&mesh, "legacy/outsider", web),
+        "web was reachable while its agent was down (the capture must fail closed)"
+    );
+    relabel(
+        &mesh,
+        Object::Pod("default/web"),
+        DATAPLANE_MODE,
+        Some("none"),
+    )?;
+    mesh.start_ztunnel("n1")?;
+
+    expect_setup(
+        &mesh,
+        "n1",
+        "default/web",
+        Setup::Gone,
+        "web released by the new agent",
+    )?;
+    expect_reach(
+        &mesh,
+        "legacy/outsider",
+        web,
+        true,
+        "after the new agent released web",
+    )?;
+    let tables = mesh.exec_ok("default/web", &["nft", "list", "tables"])?;
+    ensure!(
+        tables.trim().is_empty(),
+        "web still has nft tables: {tables}"
+    );
+    let pinned = pins(&mesh);
+    ensure!(pinned.is_empty(), "pins left after the release: {pinned:?}");
+    Ok(())
+}
+
 /// A kubelet-style probe: the node itself connects to an enrolled pod's IP. The node sends it
 /// from the link-local probe address (as Istio's CNI arranges), which the pod's capture lets
 /// through to the application uncaptured, so probes work even when the pod is STRICT.

@@ -87,6 +87,9 @@ pub struct Manager {
     next_epoch: u64,
     ready: Arc<AtomicBool>,
     status: Arc<std::sync::Mutex<Vec<PodStatus>>>,
+    /// Whether the first reconcile has removed what an earlier agent left in pods that are no
+    /// longer enrolled.
+    swept_leftovers: bool,
 }
 
 impl Manager {
@@ -103,6 +106,7 @@ impl Manager {
             next_epoch: 0,
             ready,
             status,
+            swept_leftovers: false,
         }
     }
 
@@ -126,6 +130,10 @@ impl Manager {
             if let Some(r) = self.running.remove(&key) {
                 self.release(&key, r);
             }
+        }
+        if !self.swept_leftovers {
+            self.swept_leftovers = true;
+            self.remove_leftovers(model, &desired);
         }
         self.failed.clear();
         for (key, pod) in &desired {
@@ -308,6 +316,35 @@ impl Manager {
                 capture.keep_pinned();
             }
             r.ctx.stop.cancel();
+        }
+    }
+
+    /// Once, at the first reconcile: pods of this node that are not (or no longer) enrolled may
+    /// still hold the redirection an earlier agent installed (released while no agent ran);
+    /// it is removed, so they reach the network directly instead of failing closed forever.
+    /// Pods whose namespace cannot be found are gone, and their redirection with them.
+    fn remove_leftovers(&self, model: &Model, desired: &BTreeMap<NamespacedName, &Pod>) {
+        let backend = self.pi.cfg.redirect;
+        if !matches!(backend, Redirect::Nftables | Redirect::Ebpf) {
+            return;
+        }
+        let node = &self.pi.cfg.node_name;
+        for pod in model.pods_on_node(node).filter(|p| !p.host_network) {
+            let key = NamespacedName::new(&pod.namespace, &pod.name);
+            if desired.contains_key(&key) {
+                continue;
+            }
+            let netns = self.pi.cfg.pod_netns_path(&pod.namespace, &pod.name);
+            if !netns.exists() {
+                continue;
+            }
+            let removed = match backend {
+                Redirect::Ebpf => redirect::ebpf::remove(&netns),
+                _ => redirect::nft::remove(&netns),
+            };
+            if let Err(e) = removed {
+                tracing::warn!(pod = %key, error = %e, "removing an earlier agent's redirection failed");
+            }
         }
     }
 

@@ -161,6 +161,16 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
         "The mesh (network namespaces prefixed {}):",
         mesh.prefix()
     );
+    let capture = match (mesh.redirect(), mesh.bpf_fs()) {
+        (Some(e2e::Redirect::Ebpf), Some(fs)) => format!(
+            "eBPF sk_lookup + policy routing per pod (pins under {}/ztunnel; \
+             E2E_REDIRECT=nftables for the fallback)",
+            fs.display()
+        ),
+        (Some(e2e::Redirect::Nftables), _) => "nftables rules per pod".to_owned(),
+        _ => "as the ztunnel arguments say".to_owned(),
+    };
+    let _ = writeln!(out, "  capture     {capture}");
     let _ = writeln!(
         out,
         "  config dir  {}  <- live: edit or add YAML here, the agents reload within 1 s",

@@ -66,9 +66,8 @@ fn ensure_bpffs(path: &Path) -> Result<(), RedirectError> {
         path: path.to_path_buf(),
         reason,
     };
-    let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-    };
+    let is_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     std::fs::create_dir_all(path).map_err(|e| err(format!("create: {e}")))?;
     if is_bpffs(path).map_err(|e| err(format!("statfs: {e}")))? {
         return Ok(());

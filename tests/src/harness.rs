@@ -58,6 +58,15 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Log lines printed per ztunnel when a test fails.
 const LOG_TAIL_LINES: usize = 60;
 
+/// An object whose labels [`Mesh::set_labels`] replaces: a namespace by name, a pod or a
+/// service as `namespace/name`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Labelled<'a> {
+    Namespace(&'a str),
+    Pod(&'a str),
+    Service(&'a str),
+}
+
 /// A topology built by [`MeshBuilder::build`]. Dropping it kills every process it started and
 /// deletes every namespace it created, also when the test panics (and then it first prints
 /// the tail of each ztunnel log). Set `E2E_KEEP=1` to keep the work directory (config, CA,
@@ -316,6 +325,51 @@ impl Mesh {
             "-n", &pod_ns, "route", "add", "default", "via", &gateway, "dev", POD_IF,
         ])?;
         Ok(())
+    }
+
+    /// Replaces the labels of a declared namespace, pod or service and rewrites the topology
+    /// file, so the agents see the change as a cluster's watch would (e.g. enrolling a
+    /// namespace live). The labels given are all the object's labels.
+    pub fn set_labels(
+        &mut self,
+        object: Labelled<'_>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        match object {
+            Labelled::Namespace(name) => {
+                let ns = self
+                    .spec
+                    .namespaces
+                    .iter_mut()
+                    .find(|ns| ns.name == name)
+                    .with_context(|| format!("namespace {name} is not declared"))?;
+                // The labels say whether it is ambient now.
+                ns.ambient = crate::spec::Ambient::No;
+                ns.labels = labels;
+            }
+            Labelled::Pod(key) => {
+                let plan = self
+                    .plan
+                    .pods
+                    .iter_mut()
+                    .find(|p| p.pod.key() == key)
+                    .with_context(|| format!("pod {key} is not declared"))?;
+                plan.pod.labels = labels.clone();
+                if let Some(pod) = self.spec.pods.iter_mut().find(|p| p.key() == key) {
+                    pod.labels = labels;
+                }
+            }
+            Labelled::Service(key) => {
+                let svc = self
+                    .spec
+                    .services
+                    .iter_mut()
+                    .find(|s| format!("{}/{}", s.namespace, s.name) == key)
+                    .with_context(|| format!("service {key} is not declared"))?;
+                svc.labels = labels;
+            }
+        }
+        self.write_yaml(TOPOLOGY_FILE, &render_topology(&self.spec, &self.plan)?)
     }
 
     fn write_config(&self) -> Result<()> {

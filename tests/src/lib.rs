@@ -57,7 +57,7 @@ mod wait;
 mod yaml;
 
 pub use capture::{parse_pcap, Capture, CaptureSummary, Packet, Proto};
-pub use harness::{Mesh, PROBE_SOURCE};
+pub use harness::{Labelled, Mesh, PROBE_SOURCE};
 pub use netns::{cleanup_stale, in_netns, StaleCleanup};
 pub use nix::sys::signal::Signal;
 pub use process::ChildGuard;

@@ -324,6 +324,17 @@ impl LocalMesh {
             && self.services == other.services
     }
 
+    /// The same topology with every namespace, pod and service label removed: two meshes that
+    /// are equal this way differ only in labels, which a running mesh can take.
+    pub fn without_labels(&self) -> LocalMesh {
+        let mut bare = self.clone();
+        bare.passthrough.clear();
+        bare.namespaces.iter_mut().for_each(|n| n.labels.clear());
+        bare.pods.iter_mut().for_each(|p| p.labels.clear());
+        bare.services.iter_mut().for_each(|s| s.labels.clear());
+        bare
+    }
+
     /// Number of probes over all pods.
     pub fn probe_count(&self) -> usize {
         self.pods.iter().map(|p| p.probes.len()).sum()

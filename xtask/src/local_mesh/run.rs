@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use e2e::prom::{self, Sample};
-use e2e::{eventually, ChildGuard, Mesh, Proto};
+use e2e::{eventually, ChildGuard, Labelled, Mesh, Proto};
 
 use super::config::{Expect, LocalMesh, PodDecl, Probe, Target};
 
@@ -448,6 +448,44 @@ impl Running {
             .collect()
     }
 
+    /// Applies label changes (only when labels are all that changed in the topology) to the
+    /// running mesh, e.g. `istio.io/dataplane-mode` on a namespace: the harness rewrites its
+    /// topology file, which the agents reload. Returns what changed.
+    fn relabel(&mut self, fresh: &LocalMesh) -> Result<Vec<String>> {
+        if self.config.same_topology(fresh)
+            || self.config.without_labels() != fresh.without_labels()
+        {
+            return Ok(Vec::new());
+        }
+        let mut changed = Vec::new();
+        for (old, new) in self.config.namespaces.iter().zip(&fresh.namespaces) {
+            if old.labels != new.labels {
+                self.mesh
+                    .set_labels(Labelled::Namespace(&new.name), new.labels.clone())?;
+                changed.push(format!("namespace {}", new.name));
+            }
+        }
+        for (old, new) in self.config.pods.iter().zip(&fresh.pods) {
+            if old.labels != new.labels {
+                self.mesh
+                    .set_labels(Labelled::Pod(&new.key()), new.labels.clone())?;
+                changed.push(format!("pod {}", new.key()));
+            }
+        }
+        for (old, new) in self.config.services.iter().zip(&fresh.services) {
+            if old.labels != new.labels {
+                let key = format!("{}/{}", new.namespace, new.name);
+                self.mesh
+                    .set_labels(Labelled::Service(&key), new.labels.clone())?;
+                changed.push(format!("service {key}"));
+            }
+        }
+        self.config.namespaces = fresh.namespaces.clone();
+        self.config.pods = fresh.pods.clone();
+        self.config.services = fresh.services.clone();
+        Ok(changed)
+    }
+
     /// Re-reads the YAML directory and writes changed pass-through documents (policies) into
     /// the running mesh's config directory, where the agents pick them up. Topology changes
     /// cannot apply to a running mesh; they are reported. Returns what it did, for the user
@@ -480,6 +518,14 @@ impl Running {
                 "{}: re-applied ({}); the agents reload within 1 s",
                 source.display(),
                 changed.join(", ")
+            ));
+        }
+        let relabelled = self.relabel(&fresh)?;
+        if !relabelled.is_empty() {
+            messages.push(format!(
+                "{}: relabelled {}; the agents reload within 1 s",
+                source.display(),
+                relabelled.join(", ")
             ));
         }
         let topology_changed = !self.config.same_topology(&fresh);
@@ -734,6 +780,61 @@ mod tests {
             n1.is_some_and(|&n| n >= REQUESTS_PER_PROBE as u64),
             "{report:#?}"
         );
+        Ok(())
+    }
+
+    /// Labelling `legacy` ambient in the source directory of a running mesh enrolls its pod
+    /// live: `reapply` rewrites the harness topology and n1's agent picks `legacy/curl` up.
+    #[test]
+    fn a_namespace_label_edited_in_the_source_enrolls_its_pods_live() -> Result<()> {
+        let sample = crate::workspace_root().join("examples/local-mesh");
+        let dir = tempfile::tempdir()?;
+        for (name, content) in super::super::config::read_yaml_dir(&sample)? {
+            std::fs::write(dir.path().join(name), content)?;
+        }
+        let config = LocalMesh::load(dir.path())?;
+        let bin_dir = e2e::Binaries::locate().dir().to_path_buf();
+        let mut running = Running::start(config, &bin_dir, Some(dir.path().to_path_buf()))?;
+        let enrolled = |running: &Running| -> Result<bool> {
+            let dump: serde_json::Value =
+                serde_json::from_str(&running.mesh().admin("n1", "/config_dump")?)?;
+            Ok(dump["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|w| w["pod"] == "legacy/curl" && w["state"] == "enrolled"))
+        };
+        assert!(!enrolled(&running)?, "legacy/curl starts outside the mesh");
+        assert!(running.reapply()?.is_empty(), "nothing changed yet");
+
+        let namespaces = dir.path().join("namespaces.yaml");
+        let text = std::fs::read_to_string(&namespaces)?;
+        let labelled = text.replacen(
+            "  name: legacy\n",
+            "  name: legacy\n  labels:\n    istio.io/dataplane-mode: ambient\n",
+            1,
+        );
+        assert_ne!(
+            text, labelled,
+            "the sample declares namespace legacy without labels"
+        );
+        std::fs::write(&namespaces, labelled)?;
+        let messages = running.reapply()?;
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("relabelled namespace legacy")),
+            "{messages:?}"
+        );
+        assert!(
+            !messages
+                .iter()
+                .any(|m| m.contains("apply to a new mesh only")),
+            "{messages:?}"
+        );
+        e2e::wait_until("legacy/curl enrolled", Duration::from_secs(10), || {
+            enrolled(&running)
+        })?;
         Ok(())
     }
 }

@@ -391,4 +391,75 @@ mod tests {
         assert_eq!(lines.len(), 1);
         assert!(lines[0].starts_with("no local mesh is up"), "{lines:?}");
     }
+
+    /// Ids of every BPF link loaded now.
+    fn link_ids() -> Vec<u64> {
+        let out = std::process::Command::new(crate::find_tool("bpftool").expect("bpftool"))
+            .args(["-j", "link", "show"])
+            .output()
+            .expect("run bpftool");
+        let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+        links.iter().filter_map(|l| l["id"].as_u64()).collect()
+    }
+
+    /// An `up` that dies without tearing down (SIGKILL) leaves its agents, echo servers,
+    /// namespaces, the nodes' bpffs with the pinned capture programs and the work directory.
+    /// `down` removes all of it: afterwards nothing of the mesh is listed anywhere.
+    #[test]
+    fn down_after_a_crashed_up_leaves_nothing_behind() -> anyhow::Result<()> {
+        let sample = crate::workspace_root().join(SAMPLE_DIR);
+        let config = LocalMesh::load(&sample)?;
+        let bin_dir = e2e::Binaries::locate().dir().to_path_buf();
+        let running = Running::start(config, &bin_dir, None)?;
+        let prefix = running.mesh().prefix().to_owned();
+        let work_dir = running.mesh().work_dir().to_owned();
+        let mut links = Vec::new();
+        for pod in ["demo/sleep", "demo/echo-v1"] {
+            links.extend(running.mesh().capture_links(pod)?);
+        }
+        if running.mesh().redirect() == Some(e2e::Redirect::Ebpf) {
+            assert_eq!(
+                links.len(),
+                2,
+                "one capture link per enrolled pod: {links:?}"
+            );
+        }
+        // The crash: no destructor runs, every process of the mesh keeps running.
+        std::mem::forget(running);
+
+        let dir =
+            Scratch(std::env::temp_dir().join(format!("xtask-down-crash-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0)?;
+        let crashed = State {
+            pid: std::process::id(),
+            // Not this process's start time: the recorded `up` is gone.
+            start_time: 0,
+            prefix: Some(prefix.clone()),
+            work_dir: Some(work_dir.clone()),
+        };
+        std::fs::write(state::path(&dir.0), crashed.render())?;
+        let lines = down_in(&dir.0)?;
+        println!("{lines:#?}");
+
+        assert!(
+            crate::netns_with_prefix(&prefix).is_empty(),
+            "namespaces left: {lines:?}"
+        );
+        assert!(!work_dir.exists(), "work dir left: {lines:?}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        assert!(
+            !mounts.lines().any(|l| l.contains(&format!("e2e-{prefix}"))),
+            "mounts left:\n{mounts}"
+        );
+        let live = link_ids();
+        let left: Vec<&u64> = links.iter().filter(|id| live.contains(id)).collect();
+        assert!(left.is_empty(), "capture links left: {left:?}");
+        let marked = crate::marked_pids();
+        assert!(
+            !marked.iter().any(|(_, p)| *p == prefix),
+            "processes left: {marked:?}"
+        );
+        assert!(state::read(&dir.0)?.is_none(), "state file left");
+        Ok(())
+    }
 }

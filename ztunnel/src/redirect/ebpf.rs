@@ -55,7 +55,7 @@ pub fn available(bpf_fs: &Path) -> Result<(), RedirectError> {
     ensure_bpffs(bpf_fs)?;
     ::ebpf::probe().map_err(|source| RedirectError::Capture {
         netns: PathBuf::from("(probe)"),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -65,6 +65,8 @@ fn ensure_bpffs(path: &Path) -> Result<(), RedirectError> {
         reason,
     };
     let is_bpffs = |p: &Path| {
+        // `f_type`'s integer type differs between targets (a no-op cast on x86_64 glibc).
+        #[allow(clippy::unnecessary_cast)]
         nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
     };
     std::fs::create_dir_all(path).map_err(|e| err(format!("create: {e}")))?;
@@ -88,11 +90,19 @@ fn ensure_bpffs(path: &Path) -> Result<(), RedirectError> {
     }
 }
 
-/// Where a pod's capture is pinned: one directory per pod network namespace.
+/// Where a pod's capture is pinned: one directory per pod network namespace. A named
+/// namespace (`/var/run/netns/<name>`) is pinned under its name; one reached through a process
+/// (`/proc/<pid>/ns/net`, as `--config-source kube` finds pods) under its nsfs inode, which,
+/// unlike the pid or the path, names that namespace for its whole life, so that a restarted
+/// agent adopts the same pins.
 pub fn pin_dir(bpf_fs: &Path, netns: &Path) -> PathBuf {
-    let name = netns
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
+    let by_inode = netns
+        .ends_with("ns/net")
+        .then(|| crate::podns::ns_id(netns).ok())
+        .flatten()
+        .map(|id| format!("netns-{}-{}", id.dev, id.inode));
+    let name = by_inode
+        .or_else(|| netns.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| netns.display().to_string().replace('/', "_"));
     pin_root(bpf_fs).join(name)
 }
@@ -117,7 +127,7 @@ pub fn install(
     let config = CaptureConfig::new(HBONE_PORT).with_probe_source(PROBE_SOURCE_IP);
     let capture_err = |source| RedirectError::Capture {
         netns: netns.path().to_path_buf(),
-        source,
+        source: Box::new(source),
     };
     let mut guard =
         ::ebpf::attach_capture_pinned(netns, inbound, &config, pin_dir).map_err(capture_err)?;
@@ -226,5 +236,29 @@ fn delete_rules(netns: &Path, prefs: &[u32]) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_are_per_namespace_whichever_way_it_was_reached() {
+        let fs = Path::new("/sys/fs/bpf");
+        assert_eq!(
+            pin_dir(fs, Path::new("/var/run/netns/mt1a2b3c-n1-web")),
+            Path::new("/sys/fs/bpf/ztunnel/mt1a2b3c-n1-web")
+        );
+        // Two paths to the same namespace (this process and this thread): one pin directory,
+        // named by the namespace, not by `net`.
+        let by_pid = pin_dir(fs, Path::new("/proc/self/ns/net"));
+        let by_thread = pin_dir(fs, Path::new("/proc/thread-self/ns/net"));
+        assert_eq!(by_pid, by_thread);
+        let name = by_pid.file_name().map(|n| n.to_string_lossy().into_owned());
+        assert!(
+            name.as_deref().is_some_and(|n| n.starts_with("netns-")),
+            "{by_pid:?}"
+        );
     }
 }

@@ -36,7 +36,8 @@ pub enum RedirectError {
     #[error("ebpf capture in netns {netns}: {source}")]
     Capture {
         netns: PathBuf,
-        source: ::ebpf::CaptureError,
+        // Boxed: aya's errors are large and would make every `Result` of this module so.
+        source: Box<::ebpf::CaptureError>,
     },
 }
 

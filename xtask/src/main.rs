@@ -1,6 +1,9 @@
 //! `cargo xtask <command>`: the project's automation. CI runs exactly `cargo xtask ci`.
 //!
-//! - `ci`: `cargo fmt --check`, `cargo clippy --workspace --all-targets -D warnings`, `test`.
+//! - `ci`: `cargo fmt --check`, `cargo clippy --workspace --all-targets -D warnings`,
+//!   `manifests`, `test`.
+//! - `manifests`: validate every `manifests/*.yaml` offline against the Kubernetes API schemas
+//!   (`kubernetes-validate --strict`, Kubernetes [`MANIFESTS_K8S_VERSION`]).
 //! - `test [-- <cargo test args>]`: build every binary, run every test (the e2e tests need
 //!   root for network namespaces), then check that no test namespace or process is left.
 //! - `clean`: remove the namespaces and processes that killed test runs left behind.
@@ -28,6 +31,11 @@ const MARKER_ENV: &str = "MESH_E2E_PREFIX";
 const NETNS_DIR: &str = "/var/run/netns";
 /// Root's tools live in sbin, which a CI or sudo PATH may lack.
 const SBIN_DIRS: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
+/// The Kubernetes version the manifests are validated against: the oldest the agent supports
+/// (k8s-openapi's `v1_32` feature in the workspace Cargo.toml).
+const MANIFESTS_K8S_VERSION: &str = "1.32.0";
+/// The validator (PyPI package `kubernetes-validate`, which ships the schemas: no network).
+const VALIDATOR: &str = "kubernetes-validate";
 /// How long killed leftovers get to disappear.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,8 +48,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Format check, clippy with warnings denied, then `test` (what CI runs).
+    /// Format check, clippy with warnings denied, `manifests`, then `test` (what CI runs).
     Ci,
+    /// Validate the Kubernetes manifests (manifests/*.yaml) offline, strictly.
+    Manifests,
     /// Build all binaries, run all tests (needs root), check nothing was left behind.
     Test {
         /// Extra arguments passed to `cargo test` (e.g. `-- --test-threads 1`).
@@ -89,6 +99,7 @@ fn main() -> ExitCode {
 fn dispatch(command: Cmd) -> Result<()> {
     match command {
         Cmd::Ci => ci(),
+        Cmd::Manifests => manifests(),
         Cmd::Test { args } => test(&args),
         Cmd::Clean => {
             let removed = clean()?;
@@ -160,7 +171,49 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    manifests()?;
     test(&[])
+}
+
+/// `kubernetes-validate --strict` on every manifest: unknown fields, wrong types and missing
+/// required fields fail, against the schemas of [`MANIFESTS_K8S_VERSION`] shipped in the
+/// package (nothing is fetched).
+fn manifests() -> Result<()> {
+    let dir = workspace_root().join("manifests");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no manifests (*.yaml) in {}", dir.display());
+    }
+    let mut cmd = match find_tool(VALIDATOR) {
+        Some(tool) => Command::new(tool),
+        // Installed by pip into a directory not on PATH: the module runs the same.
+        None if python_has_validator() => {
+            let mut cmd = Command::new("python3");
+            cmd.args(["-m", "kubernetes_validate"]);
+            cmd
+        }
+        None => bail!(
+            "`{VALIDATOR}` not found: install it with `pip install {VALIDATOR}` (.ci/run does)"
+        ),
+    };
+    cmd.args(["--strict", "--kubernetes-version", MANIFESTS_K8S_VERSION])
+        .args(&files)
+        .current_dir(workspace_root());
+    run(&mut cmd)
+}
+
+fn python_has_validator() -> bool {
+    Command::new("python3")
+        .args(["-c", "import kubernetes_validate"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn test(extra: &[String]) -> Result<()> {

@@ -37,6 +37,9 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     pub config_loaded: Arc<AtomicBool>,
     pub pods: Arc<std::sync::Mutex<Vec<PodStatus>>>,
+    /// Objects the API server watch refused (kept at their last accepted version); always
+    /// empty with a config directory, whose refusals are whole-directory.
+    pub rejections: tokio::sync::watch::Receiver<Vec<crate::kube::Rejection>>,
     pub log: LogHandle,
 }
 
@@ -156,6 +159,7 @@ fn config_dump(st: &AdminState) -> Response<Full<Bytes>> {
     let dump = ConfigDump {
         config: &st.pi.cfg,
         ready: st.ready.load(Ordering::SeqCst),
+        config_rejections: st.rejections.borrow().clone(),
         workloads: pods,
         certificates: st.pi.certs.dump(),
         open_connections: st.pi.conns.len(),
@@ -183,6 +187,7 @@ fn config_dump(st: &AdminState) -> Response<Full<Bytes>> {
 struct ConfigDump<'a> {
     config: &'a crate::config::Config,
     ready: bool,
+    config_rejections: Vec<crate::kube::Rejection>,
     workloads: Vec<PodStatus>,
     certificates: Vec<mesh::certs::CertSummary>,
     open_connections: usize,

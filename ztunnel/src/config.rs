@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Where the model comes from unless told otherwise: a directory of YAML (local mode).
+pub const DEFAULT_CONFIG_SOURCE: &str = "dir";
 pub const DEFAULT_CERT_TTL: &str = "24h";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
@@ -53,6 +55,19 @@ pub enum Redirect {
     None,
 }
 
+/// Where the mesh model comes from (both feed the one translator, `mesh::k8s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigSource {
+    /// A directory of Kubernetes YAML (`--config-dir`), polled for changes; pods' network
+    /// namespaces are named files under `--netns-dir` (local mode, tests).
+    Dir,
+    /// The Kubernetes API server, listed and watched (in-cluster service account, else
+    /// `$KUBECONFIG`); pods' network namespaces are found by pod IP among the node's
+    /// processes (see `podns.rs`; the DaemonSet runs with `hostPID`).
+    Kube,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 pub enum LogFormat {
     Text,
@@ -66,13 +81,18 @@ pub struct Args {
     /// Name of this node: the agent serves pods whose `spec.nodeName` equals it.
     #[arg(long, env = "ZTUNNEL_NODE_NAME")]
     pub node_name: String,
-    /// Directory of Kubernetes YAML (Namespaces, Pods, Services, policies); watched.
+    /// Where the model comes from: `dir` (`--config-dir`) or `kube` (the API server).
+    #[arg(long, env = "ZTUNNEL_CONFIG_SOURCE", value_enum, default_value = DEFAULT_CONFIG_SOURCE)]
+    pub config_source: ConfigSource,
+    /// Directory of Kubernetes YAML (Namespaces, Pods, Services, policies); watched. Required
+    /// with `--config-source dir`.
     #[arg(long, env = "ZTUNNEL_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    pub config_dir: Option<PathBuf>,
     /// CA directory: a plug-in CA in Istio's `cacerts` layout, or where the generated root lives.
     #[arg(long, env = "ZTUNNEL_CA_DIR")]
     pub ca_dir: PathBuf,
-    /// Pod `<ns>/<name>` lives in the network namespace `<netns-dir>/<prefix><ns>.<name>`.
+    /// Pod `<ns>/<name>` lives in the network namespace `<netns-dir>/<prefix><ns>.<name>`
+    /// (`--config-source dir` only).
     #[arg(long, env = "ZTUNNEL_NETNS_PREFIX", default_value = "")]
     pub netns_prefix: String,
     #[arg(long, env = "ZTUNNEL_NETNS_DIR", default_value = DEFAULT_NETNS_DIR)]
@@ -108,11 +128,27 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+impl Args {
+    /// Rules across flags that clap's attributes cannot state (`required_if_eq` ignores a
+    /// defaulted `--config-source`).
+    pub fn check(&self) -> Result<(), clap::Error> {
+        if self.config_source == ConfigSource::Dir && self.config_dir.is_none() {
+            return Err(<Args as clap::CommandFactory>::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--config-source dir (the default) needs --config-dir <DIR> (or ZTUNNEL_CONFIG_DIR)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The settings as the rest of the agent sees them (and `/config_dump` shows).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
     pub node_name: String,
-    pub config_dir: PathBuf,
+    pub config_source: ConfigSource,
+    /// Set when `config_source` is `dir`.
+    pub config_dir: Option<PathBuf>,
     pub ca_dir: PathBuf,
     pub netns_dir: PathBuf,
     pub netns_prefix: String,
@@ -148,6 +184,7 @@ impl From<&Args> for Config {
     fn from(a: &Args) -> Self {
         Config {
             node_name: a.node_name.clone(),
+            config_source: a.config_source,
             config_dir: a.config_dir.clone(),
             ca_dir: a.ca_dir.clone(),
             netns_dir: a.netns_dir.clone(),
@@ -209,5 +246,26 @@ mod tests {
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("5 weeks").is_err());
+    }
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        let base = ["ztunnel", "--node-name", "n1", "--ca-dir", "/ca"];
+        let args = Args::try_parse_from(base.iter().chain(args))?;
+        args.check()?;
+        Ok(args)
+    }
+
+    #[test]
+    fn the_config_source_decides_whether_a_directory_is_needed() {
+        let dir = parse(&["--config-dir", "/cfg"]).expect("dir mode with a directory");
+        assert_eq!(dir.config_source, ConfigSource::Dir);
+        assert!(
+            parse(&[]).is_err(),
+            "the default source (dir) needs --config-dir"
+        );
+        let kube = parse(&["--config-source", "kube"]).expect("kube mode needs no directory");
+        assert_eq!(kube.config_source, ConfigSource::Kube);
+        assert_eq!(kube.config_dir, None);
+        assert!(parse(&["--config-source", "etcd"]).is_err());
     }
 }

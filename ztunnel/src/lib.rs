@@ -13,6 +13,7 @@ pub mod conns;
 pub mod kube;
 pub mod logging;
 pub mod netns;
+pub mod netns_source;
 pub mod podns;
 pub mod proxy;
 pub mod redirect;

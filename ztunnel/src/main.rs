@@ -10,6 +10,9 @@ use ztunnel::config::{Args, Config};
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Err(e) = args.check() {
+        e.exit();
+    }
     let log = ztunnel::logging::init(args.log_format);
     let cfg = Config::from(&args);
     raise_fd_limit();

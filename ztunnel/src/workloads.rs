@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{Redirect, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use crate::netns::Netns;
 use crate::proxy::{self, PodCtx, ProxyInputs};
 use crate::socket::ListenFor;
 use crate::{redirect, socket};
@@ -28,6 +27,8 @@ pub enum EnrollError {
     Socket(#[from] socket::SocketError),
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
+    #[error(transparent)]
+    PodNetns(#[from] crate::netns_source::PodNetnsError),
     #[error(transparent)]
     Redirect(#[from] redirect::RedirectError),
     #[error("tls for {pod}: {source}")]
@@ -163,7 +164,7 @@ impl Manager {
     fn enroll(&mut self, model: &Model, pod: &Pod) -> Result<Running, EnrollError> {
         let key = NamespacedName::new(&pod.namespace, &pod.name);
         let cfg = &self.pi.cfg;
-        let netns = Arc::new(Netns::open(&cfg.pod_netns_path(&pod.namespace, &pod.name))?);
+        let netns = Arc::new(self.pi.pod_netns.open(pod)?);
         let identity = model.identity_of(pod, &cfg.trust_domain);
         // Issue the certificate now so the first connection does not wait for it.
         self.pi
@@ -334,8 +335,12 @@ impl Manager {
             if desired.contains_key(&key) {
                 continue;
             }
-            let netns = self.pi.cfg.pod_netns_path(&pod.namespace, &pod.name);
-            if !netns.exists() {
+            // Not found: the pod is gone, and its redirection with its namespace.
+            let Ok(netns) = self.pi.pod_netns.open(pod) else {
+                continue;
+            };
+            let netns = netns.path().to_path_buf();
+            if !redirect::has_leftovers(&netns) {
                 continue;
             }
             let removed = match backend {

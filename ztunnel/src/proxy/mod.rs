@@ -33,6 +33,7 @@ use tracing::Instrument;
 use crate::config::{Config, Redirect};
 use crate::conns::ConnTracker;
 use crate::netns::Netns;
+use crate::netns_source::PodNetnsSource;
 use crate::redirect::ebpf::Flow;
 
 /// Why a connection was refused or failed: one flag per cause, used by logs and metrics
@@ -97,6 +98,8 @@ pub struct ProxyInputs {
     pub conns: Arc<ConnTracker>,
     /// The agent's own network namespace, to return to after opening a socket in a pod's.
     pub home: Arc<Netns>,
+    /// How an enrolled pod's network namespace is found (named file, or by pod IP).
+    pub pod_netns: PodNetnsSource,
     /// Cancelled on shutdown: HBONE servers send GOAWAY and stop taking new streams.
     pub drain: tokio_util::sync::CancellationToken,
     round_robin: Mutex<HashMap<NamespacedName, Arc<AtomicUsize>>>,
@@ -112,6 +115,7 @@ impl ProxyInputs {
         metrics: Arc<Metrics>,
         conns: Arc<ConnTracker>,
         home: Arc<Netns>,
+        pod_netns: PodNetnsSource,
         drain: tokio_util::sync::CancellationToken,
     ) -> Self {
         ProxyInputs {
@@ -122,6 +126,7 @@ impl ProxyInputs {
             metrics,
             conns,
             home,
+            pod_netns,
             drain,
             round_robin: Mutex::default(),
         }

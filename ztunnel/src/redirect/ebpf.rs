@@ -283,3 +283,53 @@ fn delete_rules(netns: &Path, prefs: &[u32]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_are_named_by_pod_and_namespace_whichever_way_it_was_reached() {
+        let fs = Path::new("/sys/fs/bpf");
+        let pod = NamespacedName::new("default", "web.v1");
+        let open = |p: &str| Netns::open(Path::new(p)).expect("open own netns");
+        // Two paths to the same namespace (this process and this thread): one pin directory.
+        let by_pid = pin_dir(fs, &pod, &open("/proc/self/ns/net")).expect("pin dir");
+        let by_thread = pin_dir(fs, &pod, &open("/proc/thread-self/ns/net")).expect("pin dir");
+        assert_eq!(by_pid, by_thread);
+        let inode = std::fs::metadata("/proc/self/ns/net").expect("stat").ino();
+        assert_eq!(
+            by_pid,
+            Path::new(&format!("/sys/fs/bpf/ztunnel/default_web_v1_{inode}")),
+            "bpffs refuses dots in names"
+        );
+    }
+
+    #[test]
+    fn the_sweep_keeps_the_pins_of_enrolled_and_pending_pods_only() {
+        let fs = tempfile::tempdir().expect("tempdir");
+        let root = pin_root(fs.path());
+        for dir in [
+            "default_web_1",
+            "default_web_2",
+            "default_db_3",
+            "gone_pod_4",
+            "default_webapp_5",
+        ] {
+            std::fs::create_dir_all(root.join(dir)).expect("mkdir");
+        }
+        let web = NamespacedName::new("default", "web");
+        let db = NamespacedName::new("default", "db");
+        let current = [(web.clone(), root.join("default_web_1"))];
+        let removed = sweep_pins(fs.path(), &current, &[web, db]);
+        let mut removed: Vec<String> = removed
+            .iter()
+            .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+            .collect();
+        removed.sort();
+        // web's earlier namespace and the pod that left go; db (pending) keeps its capture;
+        // `webapp` is another pod, not web's.
+        assert_eq!(removed, ["default_web_2", "default_webapp_5", "gone_pod_4"]);
+        assert!(root.join("default_web_1").exists() && root.join("default_db_3").exists());
+    }
+}

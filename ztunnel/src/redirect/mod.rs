@@ -58,6 +58,43 @@ pub fn resolve(requested: Redirect, bpf_fs: &Path) -> Result<Redirect, RedirectE
     }
 }
 
+/// Whether `netns` holds redirection state an agent installed (either backend): a policy
+/// routing rule to the agent's table, or the nftables table. Two cheap commands, so that a
+/// restarted agent can look at every pod of its node and only clean where needed.
+pub fn has_leftovers(netns: &Path) -> bool {
+    let table = format!("lookup {}", crate::config::INBOUND_ROUTE_TABLE);
+    let rules = output_in(netns, &["ip", "rule", "show"]).unwrap_or_default();
+    let tables = output_in(netns, &["nft", "list", "tables"]).unwrap_or_default();
+    rules.contains(&table)
+        || tables
+            .lines()
+            .any(|l| l.trim() == format!("table inet {}", nft::TABLE))
+}
+
+/// Runs `args` inside `netns` and returns what it printed.
+fn output_in(netns: &Path, args: &[&str]) -> Result<String, RedirectError> {
+    let cmd = args.join(" ");
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| RedirectError::Spawn {
+            cmd: cmd.clone(),
+            netns: netns.to_path_buf(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(RedirectError::Failed {
+            cmd,
+            netns: netns.to_path_buf(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Runs `args` inside `netns` (with `nsenter`), feeding `stdin` if given.
 fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<(), RedirectError> {
     let cmd = args.join(" ");

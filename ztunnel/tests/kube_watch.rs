@@ -1,0 +1,336 @@
+//! `ztunnel::kube::watch` against a fake API server that speaks the real list/watch
+//! protocol, reached through a kubeconfig on 127.0.0.1: what the agent's model becomes as the
+//! cluster changes.
+
+mod support;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use mesh::metrics::Metrics;
+use mesh::model::{Model, NamespacedName};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use support::apiserver::{FakeApiServer, WAIT};
+use ztunnel::kube::{Options, Rejection};
+
+const NODE: &str = "n1";
+
+fn namespace(name: &str, ambient: bool) -> Value {
+    let labels = if ambient {
+        json!({"istio.io/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "uid": format!("uid-ns-{name}"), "labels": labels},
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"},
+    })
+}
+
+fn pod(name: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": "default", "uid": format!("uid-{name}"),
+            "labels": labels,
+            "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+        },
+        "spec": {
+            "nodeName": NODE,
+            "serviceAccountName": "default",
+            "containers": [{"name": "app", "image": "echo",
+                            "ports": [{"containerPort": 8080, "name": "http"}]}],
+        },
+        "status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": "True",
+                            "lastTransitionTime": "2025-01-01T00:00:00Z"}],
+        },
+    })
+}
+
+fn deny_policy() -> Value {
+    json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-all", "namespace": "default"},
+        "spec": {"action": "DENY", "rules": [{}]},
+    })
+}
+
+fn strict() -> Value {
+    json!({
+        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": "istio-system"},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    })
+}
+
+/// The watch under test, with fast timings, and what it publishes.
+struct Agent {
+    models: watch::Receiver<Arc<Model>>,
+    rejections: watch::Receiver<Vec<Rejection>>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    async fn start(server: &FakeApiServer) -> Result<Agent> {
+        let dir = tempfile::tempdir()?;
+        let client = server.client(dir.path()).await?;
+        let (tx, models) = watch::channel(Arc::new(Model::default()));
+        let (rejections_tx, rejections) = watch::channel(Vec::new());
+        let metrics = Metrics::new();
+        let opts = Options {
+            debounce: Duration::from_millis(20),
+            max_delay: Duration::from_millis(200),
+            retry_min: Duration::from_millis(20),
+            retry_max: Duration::from_millis(200),
+            metrics: Some(metrics.clone()),
+            rejections: Some(rejections_tx),
+        };
+        let stop = CancellationToken::new();
+        tokio::spawn(ztunnel::kube::watch(client, tx, opts, stop.clone()));
+        Ok(Agent {
+            models,
+            rejections,
+            metrics,
+            stop,
+            _dir: dir,
+        })
+    }
+
+    /// Waits for a published model for which `done` holds.
+    async fn model(&mut self, what: &str, done: impl Fn(&Model) -> bool) -> Result<Arc<Model>> {
+        let found = tokio::time::timeout(WAIT, self.models.wait_for(|m| done(m)))
+            .await
+            .with_context(|| format!("timed out waiting for a model where {what}"))?
+            .context("the watch stopped")?;
+        Ok(found.clone())
+    }
+
+    fn rejections_total(&self) -> u64 {
+        let text = self.metrics.encode_text();
+        text.lines()
+            .find(|l| l.starts_with("mesh_config_rejections_total{source=\"kube\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn has_pod(m: &Model, name: &str) -> bool {
+    m.pods.contains_key(&NamespacedName::new("default", name))
+}
+
+fn enrolled(m: &Model, name: &str) -> bool {
+    m.pods_on_node(NODE)
+        .any(|p| p.name == name && p.namespace == "default" && m.is_ambient(p))
+}
+
+fn pod_ip(m: &Model, name: &str) -> Option<IpAddr> {
+    m.pods
+        .get(&NamespacedName::new("default", name))
+        .and_then(|p| p.ips.first().copied())
+}
+
+#[tokio::test]
+async fn the_first_model_waits_until_every_kind_is_listed() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("default", true))?;
+    server.apply(pod("web", "10.0.0.5", json!({})))?;
+    server.apply(deny_policy())?;
+    server.hold_list("AuthorizationPolicy")?;
+    let mut agent = Agent::start(&server).await?;
+
+    info!("every other kind is listed and watched; authorization policies are still listing");
+    server
+        .wait_for(
+            "every kind but AuthorizationPolicy listed and watched",
+            |r| {
+                r.iter().all(|(kind, r)| {
+                    r.lists >= 1 && (*kind == "AuthorizationPolicy" || r.watches >= 1)
+                })
+            },
+        )
+        .await?;
+    // A model now would lack the DENY policy: nothing may be published. Bounded by several
+    // times the longest publication delay (max_delay).
+    let early = tokio::time::timeout(Duration::from_millis(1000), agent.models.changed()).await;
+    assert!(
+        early.is_err(),
+        "a model was published before every kind was listed"
+    );
+
+    server.release_list("AuthorizationPolicy")?;
+    let model = agent
+        .model("the pod and the policy are in", |m| {
+            has_pod(m, "web") && !m.authorization_policies.is_empty()
+        })
+        .await?;
+    assert!(enrolled(&model, "web"));
+    assert_eq!(model.authorization_policies.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_added_labelled_and_removed_shows_in_the_model() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("default", false))?;
+    let mut agent = Agent::start(&server).await?;
+    agent
+        .model("the namespace is in", |m| {
+            m.namespaces.contains_key("default")
+        })
+        .await?;
+
+    info!("a pod is created, not in the mesh");
+    server.apply(pod("web", "10.0.0.5", json!({"app": "web"})))?;
+    let m = agent.model("web exists", |m| has_pod(m, "web")).await?;
+    assert!(!enrolled(&m, "web"), "no ambient label yet");
+
+    info!("the pod is labelled ambient");
+    server.apply(pod(
+        "web",
+        "10.0.0.5",
+        json!({"app": "web", "istio.io/dataplane-mode": "ambient"}),
+    ))?;
+    agent
+        .model("web is enrolled", |m| enrolled(m, "web"))
+        .await?;
+
+    info!("the pod is deleted");
+    server.delete("Pod", "default", "web")?;
+    agent.model("web is gone", |m| !has_pod(m, "web")).await?;
+    assert_eq!(agent.rejections_total(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_watch_relists_and_drops_what_was_deleted_meanwhile() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("default", true))?;
+    server.apply(pod("a", "10.0.0.1", json!({})))?;
+    server.apply(pod("b", "10.0.0.2", json!({})))?;
+    let mut agent = Agent::start(&server).await?;
+    agent
+        .model("both pods are in", |m| has_pod(m, "a") && has_pod(m, "b"))
+        .await?;
+    server
+        .wait_for("pods watched", |r| r["Pod"].watches >= 1)
+        .await?;
+
+    info!("b is deleted and the event lost to a compaction; the watch is told 410 Gone");
+    server.delete_silently("Pod", "default", "b")?;
+    server.expire_watches("Pod")?;
+    let m = agent.model("b is gone", |m| !has_pod(m, "b")).await?;
+    assert!(has_pod(&m, "a"), "a is still listed");
+    assert_eq!(
+        server.requests("Pod")?.lists,
+        2,
+        "one list at start, one after 410"
+    );
+
+    info!("the watch resumes from the new list: later changes still arrive");
+    server.apply(pod("c", "10.0.0.3", json!({})))?;
+    agent.model("c is in", |m| has_pod(m, "c")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_malformed_object_is_refused_and_its_last_good_version_kept() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("default", true))?;
+    server.apply(pod("web", "10.0.0.5", json!({})))?;
+    let mut agent = Agent::start(&server).await?;
+    agent.model("web is in", |m| enrolled(m, "web")).await?;
+
+    info!("web gets a status.podIP that is not an IP, then another pod is added");
+    server.apply(pod("web", "10.0.0.999", json!({})))?;
+    server.apply(pod("api", "10.0.0.6", json!({})))?;
+    let m = agent.model("api is in", |m| has_pod(m, "api")).await?;
+    assert_eq!(
+        pod_ip(&m, "web"),
+        Some("10.0.0.5".parse()?),
+        "web stays at its last good version"
+    );
+    assert!(enrolled(&m, "web"));
+    let rejections = tokio::time::timeout(WAIT, agent.rejections.wait_for(|r| !r.is_empty()))
+        .await
+        .context("timed out waiting for the rejection")??
+        .clone();
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    assert_eq!(rejections[0].object, "Pod default/web");
+    assert!(
+        rejections[0].error.contains("podIP"),
+        "the error names the field: {}",
+        rejections[0].error
+    );
+    assert_eq!(agent.rejections_total(), 1);
+
+    info!("a good version clears the refusal");
+    server.apply(pod("web", "10.0.0.7", json!({})))?;
+    agent
+        .model("web has its new IP", |m| {
+            pod_ip(m, "web") == "10.0.0.7".parse().ok()
+        })
+        .await?;
+    tokio::time::timeout(WAIT, agent.rejections.wait_for(|r| r.is_empty()))
+        .await
+        .context("timed out waiting for the rejection to clear")??;
+    assert_eq!(agent.rejections_total(), 1, "counted once");
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_istio_crds_the_model_has_no_policies() -> Result<()> {
+    let server = FakeApiServer::without_istio_crds().await?;
+    server.apply(namespace("default", true))?;
+    server.apply(pod("web", "10.0.0.5", json!({})))?;
+    let mut agent = Agent::start(&server).await?;
+    let m = agent.model("web is in", |m| enrolled(m, "web")).await?;
+    assert!(m.authorization_policies.is_empty());
+    assert!(m.peer_authentications.is_empty());
+    let r = server.requests("PeerAuthentication")?;
+    assert!(r.lists >= 1 && r.watches == 0, "{r:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn policies_follow_the_cluster() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("default", true))?;
+    let mut agent = Agent::start(&server).await?;
+    agent
+        .model("the namespace is in", |m| {
+            m.namespaces.contains_key("default")
+        })
+        .await?;
+    server.apply(strict())?;
+    server.apply(deny_policy())?;
+    agent
+        .model("both policies are in", |m| {
+            m.peer_authentications.len() == 1 && m.authorization_policies.len() == 1
+        })
+        .await?;
+    server.delete("AuthorizationPolicy", "default", "deny-all")?;
+    agent
+        .model("the DENY policy is gone", |m| {
+            m.authorization_policies.is_empty()
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,530 @@
+//! A fake Kubernetes API server: plain HTTP/1.1 on 127.0.0.1, reached through a kubeconfig,
+//! speaking the real list/watch protocol for the kinds the agent watches.
+//!
+//! - `GET <collection>` answers a `<Kind>List` whose `metadata.resourceVersion` is the
+//!   server's current version; every object carries its own `metadata.resourceVersion`.
+//! - `GET <collection>?watch=true&resourceVersion=N` (also `watch=1`) streams newline-delimited
+//!   watch events: every change after `N` (`ADDED`, `MODIFIED`, `DELETED`), then a `BOOKMARK`
+//!   at the current version, then changes as they happen. A version older than the last
+//!   compaction gets one `ERROR` event with a `410 Gone` Status, as a real API server does, and
+//!   [`FakeApiServer::expire_watches`] sends that to open watches (forcing a re-list).
+//! - A kind whose CRD is not installed answers `404` with a `NotFound` Status.
+//! - A kind's list can be held back ([`FakeApiServer::hold_list`]) to see what the client
+//!   does before it has everything.
+//!
+//! One global resource version, like etcd's revision. History is kept whole (tests are small).
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use futures::channel::mpsc;
+use futures::SinkExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch, Notify};
+use tokio::task::JoinHandle;
+
+/// How long [`FakeApiServer::wait_for`] waits for the client to do something.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The kinds the agent watches: collection path (all namespaces), apiVersion, kind.
+pub const KINDS: [(&str, &str, &str); 6] = [
+    ("/api/v1/namespaces", "v1", "Namespace"),
+    ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
+    ("/api/v1/pods", "v1", "Pod"),
+    ("/api/v1/services", "v1", "Service"),
+    (
+        "/apis/security.istio.io/v1/peerauthentications",
+        "security.istio.io/v1",
+        "PeerAuthentication",
+    ),
+    (
+        "/apis/security.istio.io/v1/authorizationpolicies",
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+    ),
+];
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// What clients asked for one kind so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    pub lists: usize,
+    pub watches: usize,
+}
+
+struct Collection {
+    api_version: &'static str,
+    kind: &'static str,
+    installed: bool,
+    objects: BTreeMap<(String, String), Value>,
+    /// Every change: (resource version, event type, object).
+    history: Vec<(u64, &'static str, Value)>,
+    /// Watches from a version below this get `410 Gone`.
+    compacted: u64,
+    requests: Requests,
+    /// `true` while lists of this kind are held back.
+    hold: watch::Sender<bool>,
+}
+
+struct Inner {
+    version: u64,
+    collections: HashMap<&'static str, Collection>,
+}
+
+#[derive(Clone, Debug)]
+enum Broadcast {
+    Event {
+        path: &'static str,
+        version: u64,
+        line: Bytes,
+    },
+    /// Every open watch of `path` gets `410 Gone` and ends.
+    Expire { path: &'static str },
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<Broadcast>,
+    /// Woken on every request, for [`FakeApiServer::wait_for`].
+    requested: Notify,
+}
+
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+// === impl FakeApiServer ===
+
+impl FakeApiServer {
+    /// Serves every watched kind (Istio's CRDs installed).
+    pub async fn start() -> Result<FakeApiServer> {
+        Self::start_with(true).await
+    }
+
+    /// Serves the core kinds only: the Istio kinds answer 404, as without Istio's CRDs.
+    pub async fn without_istio_crds() -> Result<FakeApiServer> {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(istio_crds: bool) -> Result<FakeApiServer> {
+        let collections = KINDS
+            .iter()
+            .map(|&(path, api_version, kind)| {
+                let collection = Collection {
+                    api_version,
+                    kind,
+                    installed: istio_crds || !path.starts_with("/apis/security.istio.io/"),
+                    objects: BTreeMap::new(),
+                    history: Vec::new(),
+                    compacted: 0,
+                    requests: Requests::default(),
+                    hold: watch::channel(false).0,
+                };
+                (path, collection)
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                version: 1,
+                collections,
+            }),
+            events: broadcast::channel(1024).0,
+            requested: Notify::new(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("bind the fake api server")?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(serve(listener, shared.clone()));
+        Ok(FakeApiServer { addr, shared, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig for this server into `dir` and returns its path.
+    pub fn write_kubeconfig(&self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\n\
+             kind: Config\n\
+             clusters:\n\
+             - name: fake\n  cluster:\n    server: {url}\n\
+             users:\n\
+             - name: agent\n  user:\n    token: not-checked\n\
+             contexts:\n\
+             - name: fake\n  context:\n    cluster: fake\n    user: agent\n\
+             current-context: fake\n",
+            url = self.url()
+        );
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// A client for this server, configured from a kubeconfig file as an operator's would be.
+    pub async fn client(&self, dir: &Path) -> Result<kube::Client> {
+        let path = self.write_kubeconfig(dir)?;
+        let kubeconfig = kube::config::Kubeconfig::read_from(&path)?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.shared.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates or replaces an object (an `ADDED` or `MODIFIED` event). `obj` names its `kind`.
+    pub fn apply(&self, mut obj: Value) -> Result<()> {
+        let kind = obj["kind"]
+            .as_str()
+            .context("object without kind")?
+            .to_owned();
+        let key = key_of(&obj)?;
+        let mut inner = self.lock();
+        inner.version += 1;
+        let version = inner.version;
+        let (path, c) = inner.collection(&kind)?;
+        obj["metadata"]["resourceVersion"] = json!(version.to_string());
+        let event = if c.objects.insert(key, obj.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        c.history.push((version, event, obj.clone()));
+        let _ = self.shared.events.send(Broadcast::Event {
+            path,
+            version,
+            line: event_line(event, &obj),
+        });
+        Ok(())
+    }
+
+    /// Deletes an object (a `DELETED` event).
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        inner.version += 1;
+        let version = inner.version;
+        let (path, c) = inner.collection(kind)?;
+        let Some(mut obj) = c.objects.remove(&(namespace.to_owned(), name.to_owned())) else {
+            bail!("delete {kind} {namespace}/{name}: no such object");
+        };
+        obj["metadata"]["resourceVersion"] = json!(version.to_string());
+        c.history.push((version, "DELETED", obj.clone()));
+        let _ = self.shared.events.send(Broadcast::Event {
+            path,
+            version,
+            line: event_line("DELETED", &obj),
+        });
+        Ok(())
+    }
+
+    /// Deletes an object without telling any watch, as when the event is lost to a
+    /// compaction: only a re-list shows the object is gone.
+    pub fn delete_silently(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        inner.version += 1;
+        let (_, c) = inner.collection(kind)?;
+        c.objects
+            .remove(&(namespace.to_owned(), name.to_owned()))
+            .with_context(|| format!("delete {kind} {namespace}/{name}: no such object"))?;
+        Ok(())
+    }
+
+    /// Compacts history: every version so far is too old to watch from, and open watches of
+    /// `kind` get `410 Gone`.
+    pub fn expire_watches(&self, kind: &str) -> Result<()> {
+        let mut inner = self.lock();
+        inner.version += 1;
+        let version = inner.version;
+        let (path, c) = inner.collection(kind)?;
+        c.compacted = version;
+        let _ = self.shared.events.send(Broadcast::Expire { path });
+        Ok(())
+    }
+
+    /// Lists of `kind` wait until [`FakeApiServer::release_list`].
+    pub fn hold_list(&self, kind: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let (_, c) = inner.collection(kind)?;
+        c.hold.send_replace(true);
+        Ok(())
+    }
+
+    pub fn release_list(&self, kind: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let (_, c) = inner.collection(kind)?;
+        c.hold.send_replace(false);
+        Ok(())
+    }
+
+    /// What clients asked for `kind` so far.
+    pub fn requests(&self, kind: &str) -> Result<Requests> {
+        let mut inner = self.lock();
+        Ok(inner.collection(kind)?.1.requests)
+    }
+
+    /// Waits until `done` holds for the request counts of every kind, by kind name.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        done: impl Fn(&HashMap<&'static str, Requests>) -> bool,
+    ) -> Result<()> {
+        let wait = async {
+            loop {
+                let notified = self.shared.requested.notified();
+                let counts: HashMap<&'static str, Requests> = self
+                    .lock()
+                    .collections
+                    .values()
+                    .map(|c| (c.kind, c.requests))
+                    .collect();
+                if done(&counts) {
+                    return counts;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(WAIT, wait)
+            .await
+            .map(|_| ())
+            .with_context(|| format!("fake api server: timed out waiting for {what}"))
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn collection(&mut self, kind: &str) -> Result<(&'static str, &mut Collection)> {
+        self.collections
+            .iter_mut()
+            .find(|(_, c)| c.kind == kind)
+            .map(|(path, c)| (*path, c))
+            .with_context(|| format!("the fake api server does not serve kind {kind}"))
+    }
+}
+
+fn key_of(obj: &Value) -> Result<(String, String)> {
+    let meta = &obj["metadata"];
+    let name = meta["name"]
+        .as_str()
+        .context("object without metadata.name")?;
+    let namespace = meta["namespace"].as_str().unwrap_or_default();
+    Ok((namespace.to_owned(), name.to_owned()))
+}
+
+fn event_line(event: &str, obj: &Value) -> Bytes {
+    let mut line = json!({"type": event, "object": obj}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+// === the HTTP side ===
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn full(code: StatusCode, body: &Value) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let not_found = || {
+        full(
+            StatusCode::NOT_FOUND,
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        )
+    };
+    let hold = {
+        let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(c) = inner.collections.get_mut(path.as_str()) else {
+            return not_found();
+        };
+        if watching {
+            c.requests.watches += 1;
+        } else {
+            c.requests.lists += 1;
+        }
+        shared.requested.notify_waiters();
+        if !c.installed {
+            return not_found();
+        }
+        c.hold.subscribe()
+    };
+    if watching {
+        let version = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        watch_response(shared, &path, version)
+    } else {
+        // Held lists wait; a dropped sender (server gone) ends the wait.
+        let mut hold = hold;
+        let _ = hold.wait_for(|held| !held).await;
+        list_response(shared, &path)
+    }
+}
+
+fn list_response(shared: &Shared, path: &str) -> Response<Body> {
+    let inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = inner.collections.get(path) else {
+        return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "gone"));
+    };
+    let list = json!({
+        "kind": format!("{}List", c.kind),
+        "apiVersion": c.api_version,
+        "metadata": {"resourceVersion": inner.version.to_string()},
+        "items": c.objects.values().collect::<Vec<_>>(),
+    });
+    full(StatusCode::OK, &list)
+}
+
+fn watch_response(shared: &Shared, path: &str, from: u64) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let body = StreamBody::new(rx).boxed();
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+
+    // Subscribed under the lock that orders changes, so that nothing falls between the
+    // replayed history and the live events.
+    let (backlog, live, current, key) = {
+        let inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((key, c)) = inner.collections.get_key_value(path) else {
+            return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "gone"));
+        };
+        if from < c.compacted {
+            let gone = status(
+                410,
+                "Expired",
+                &format!("too old resource version: {from} ({})", c.compacted),
+            );
+            let line = event_line("ERROR", &gone);
+            tokio::spawn(async move {
+                let mut tx = tx;
+                let _ = tx.send(Ok(Frame::data(line))).await;
+            });
+            return resp;
+        }
+        let backlog: Vec<Bytes> = c
+            .history
+            .iter()
+            .filter(|(v, _, _)| *v > from)
+            .map(|(_, event, obj)| event_line(event, obj))
+            .collect();
+        let bookmark = json!({
+            "kind": c.kind,
+            "apiVersion": c.api_version,
+            "metadata": {"resourceVersion": inner.version.to_string()},
+        });
+        let mut backlog = backlog;
+        backlog.push(event_line("BOOKMARK", &bookmark));
+        (backlog, shared.events.subscribe(), inner.version, *key)
+    };
+    tokio::spawn(async move {
+        let mut tx = tx;
+        let mut live = live;
+        for line in backlog {
+            if tx.send(Ok(Frame::data(line))).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            match live.recv().await {
+                Ok(Broadcast::Event {
+                    path,
+                    version,
+                    line,
+                }) if path == key && version > current => {
+                    if tx.send(Ok(Frame::data(line))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Broadcast::Expire { path }) if path == key => {
+                    let gone = status(410, "Expired", "too old resource version");
+                    let _ = tx.send(Ok(Frame::data(event_line("ERROR", &gone)))).await;
+                    return;
+                }
+                Ok(_) => {}
+                // Lagged or closed: end the watch; the client resumes from its last version.
+                Err(_) => return,
+            }
+        }
+    });
+    resp
+}

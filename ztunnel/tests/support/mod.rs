@@ -1,0 +1,6 @@
+//! Shared by the integration tests: a fake API server and test network namespaces.
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+pub mod apiserver;
+pub mod netns;

@@ -103,7 +103,7 @@ impl Req {
         );
         self
     }
-    fn to_service(mut self, svc: Option<(&str, &str)>) -> Self {
+    fn for_service(mut self, svc: Option<(&str, &str)>) -> Self {
         self.service = svc.map(|(ns, n)| NamespacedName::new(ns, n));
         self
     }
@@ -311,7 +311,7 @@ fn which_policies_apply() {
                 "svc",
                 &format!("{{targetRefs: [{{kind: Service, name: web}}], {deny_all}}}"),
             ),
-            req().to_service(None),
+            req().for_service(None),
             allow(),
         ),
         (

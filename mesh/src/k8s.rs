@@ -10,13 +10,15 @@
 //!
 //! Understood kinds: `v1` `Namespace`, `ServiceAccount`, `Pod`, `Service` (and `List` of
 //! them), `security.istio.io/v1` or `v1beta1` `PeerAuthentication` and
-//! `AuthorizationPolicy`. Every other kind is skipped with a debug log, so the same files can
+//! `AuthorizationPolicy`, `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
+//! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses). Every other kind is skipped with a debug log, so the same files can
 //! also carry Deployments, Gateways and the like for other consumers.
 //!
 //! Core kinds ignore fields they do not use (real manifests carry many); policy specs reject
 //! unknown fields, because a misspelt field silently changes what a policy matches.
 
 mod core;
+mod gateway;
 mod security;
 mod yaml;
 
@@ -32,7 +34,8 @@ use serde_yaml::Value;
 use tracing::debug;
 
 use crate::model::{
-    AuthorizationPolicy, Labels, Model, Namespace, NamespacedName, PeerAuthentication, Pod, Service,
+    AuthorizationPolicy, Gateway, Labels, Model, Namespace, NamespacedName, PeerAuthentication,
+    Pod, Service,
 };
 use yaml::{FieldError, FieldResult, Node};
 
@@ -241,6 +244,7 @@ struct Loader {
     services: BTreeMap<NamespacedName, Service>,
     peer_authentications: BTreeMap<NamespacedName, PeerAuthentication>,
     authorization_policies: BTreeMap<NamespacedName, AuthorizationPolicy>,
+    gateways: BTreeMap<NamespacedName, Gateway>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
 }
@@ -254,6 +258,7 @@ enum Kind {
     Service,
     PeerAuthentication,
     AuthorizationPolicy,
+    Gateway,
 }
 
 impl Kind {
@@ -272,6 +277,7 @@ impl Kind {
             ("security.istio.io", "AuthorizationPolicy") => {
                 (Kind::AuthorizationPolicy, &["v1", "v1beta1"])
             }
+            ("gateway.networking.k8s.io", "Gateway") => (Kind::Gateway, &["v1", "v1beta1"]),
             _ => return Ok(None),
         };
         if versions.contains(&version) {
@@ -406,6 +412,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.authorization_policies.insert(key, ap);
             }
+            Kind::Gateway => {
+                let gw = gateway::gateway(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.gateways.insert(key, gw);
+            }
         }
         Ok(())
     }
@@ -438,6 +449,7 @@ impl Loader {
             self.peer_authentications.into_values().collect(),
             self.authorization_policies.into_values().collect(),
         )
+        .with_gateways(self.gateways)
     }
 }
 

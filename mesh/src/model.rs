@@ -9,6 +9,13 @@ use serde::Serialize;
 
 use crate::identity::Identity;
 
+mod waypoint;
+
+pub use waypoint::{
+    use_waypoint, WaypointAddress, WaypointFor, WaypointTarget, GATEWAY_NAME_LABEL,
+    USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_FOR_LABEL, WAYPOINT_GATEWAY_CLASS,
+};
+
 pub type Labels = BTreeMap<String, String>;
 
 /// The Istio root namespace: policies here apply mesh-wide.
@@ -200,6 +207,31 @@ pub struct AuthorizationPolicy {
     pub dry_run: bool,
 }
 
+/// A Gateway API `Gateway` (`gateway.networking.k8s.io/v1`). Only those of class
+/// [`WAYPOINT_GATEWAY_CLASS`] mean anything to the data plane: they are waypoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Gateway {
+    pub name: String,
+    pub namespace: String,
+    /// `spec.gatewayClassName`.
+    pub class: String,
+    pub labels: Labels,
+    /// `istio.io/waypoint-for` (waypoints only; `service` when absent).
+    pub waypoint_for: WaypointFor,
+    /// IP addresses from `status.addresses`, else `spec.addresses` (type `IPAddress`).
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Gateway {
+    pub fn key(&self) -> NamespacedName {
+        NamespacedName::new(&self.namespace, &self.name)
+    }
+
+    pub fn is_waypoint(&self) -> bool {
+        self.class == WAYPOINT_GATEWAY_CLASS
+    }
+}
+
 /// The whole mesh as the proxies see it. Construct with [`Model::new`], which builds the
 /// indexes; treat as immutable afterwards (a new config builds a new `Model`).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -210,6 +242,8 @@ pub struct Model {
     pub services: BTreeMap<NamespacedName, Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// Gateways of every class; see [`Model::waypoint_for_service`].
+    pub gateways: BTreeMap<NamespacedName, Gateway>,
     #[serde(skip)]
     index: Index,
 }
@@ -241,10 +275,18 @@ impl Model {
             services,
             peer_authentications,
             authorization_policies,
+            gateways: BTreeMap::new(),
             index: Index::default(),
         };
         m.reindex();
         m
+    }
+
+    /// The model with `gateways` (kept apart from [`Model::new`] so that its callers need
+    /// not know about Gateways).
+    pub fn with_gateways(mut self, gateways: BTreeMap<NamespacedName, Gateway>) -> Self {
+        self.gateways = gateways;
+        self
     }
 
     fn reindex(&mut self) {
@@ -315,8 +357,9 @@ impl Model {
     /// Whether `pod` is enrolled in ambient mode: its own `istio.io/dataplane-mode` label
     /// decides (`ambient` enrolls, `none` opts out); otherwise its namespace's label does.
     /// Host-network pods share the node's network namespace, so there is nothing to capture.
+    /// A waypoint's own pod is never captured: it terminates HBONE on 15008 itself.
     pub fn is_ambient(&self, pod: &Pod) -> bool {
-        if pod.host_network {
+        if pod.host_network || self.is_waypoint_pod(pod) {
             return false;
         }
         match pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {

@@ -54,6 +54,7 @@ pub mod prom;
 mod spec;
 mod sys;
 mod wait;
+pub mod waypoint;
 mod yaml;
 
 pub use capture::{parse_pcap, Capture, CaptureSummary, Packet, Proto};

@@ -282,8 +282,8 @@ metadata: {name: web}
 spec: {replicas: "not even valid"}
 ---
 apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint}
+kind: HTTPRoute
+metadata: {name: route}
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -802,4 +802,67 @@ fn load_dir_reads_yaml_files_in_name_order() {
         .unwrap_err()
         .to_string()
         .starts_with("read "));
+}
+
+#[test]
+fn gateways() {
+    const GW: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop, labels: {istio.io/waypoint-for: all}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+  addresses: [{type: IPAddress, value: 10.0.0.8}]
+status:
+  addresses: [{type: Hostname, value: wp.example}, {value: 10.0.0.9}]
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: Gateway
+metadata: {name: default-for, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, addresses: [{type: IPAddress, value: "fd00::9"}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: skipped, namespace: shop}
+spec: {}
+"#;
+    check(
+        "waypoint gateways",
+        &[("gw.yaml", GW)],
+        Expect::Model(|m| {
+            let gw = &m.gateways[&NamespacedName::new("shop", "waypoint")];
+            assert!(gw.is_waypoint());
+            assert_eq!(gw.waypoint_for, crate::model::WaypointFor::All);
+            assert_eq!(gw.addresses, vec![ip("10.0.0.9")], "status wins over spec");
+            let other = &m.gateways[&NamespacedName::new("shop", "default-for")];
+            assert_eq!(other.waypoint_for, crate::model::WaypointFor::Service);
+            assert_eq!(other.addresses, vec![ip("fd00::9")]);
+            assert_eq!(m.gateways.len(), 2, "HTTPRoute is not a Gateway");
+        }),
+    );
+    for (case, doc, want) in [
+        (
+            "bad waypoint-for",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: w, labels: {istio.io/waypoint-for: pods}}\nspec: {gatewayClassName: istio-waypoint}\n",
+            "gw.yaml doc 1: Gateway default/w: metadata.labels.istio.io/waypoint-for: invalid value \"pods\"",
+        ),
+        (
+            "no class",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: w}\nspec: {}\n",
+            "spec.gatewayClassName",
+        ),
+        (
+            "bad address",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: w}\nspec: {gatewayClassName: istio-waypoint, addresses: [{value: 10.0.0.x}]}\n",
+            "spec.addresses[0].value",
+        ),
+        (
+            "old version",
+            "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: Gateway\nmetadata: {name: w}\nspec: {gatewayClassName: istio-waypoint}\n",
+            "unsupported version \"v1alpha2\"",
+        ),
+    ] {
+        check(case, &[("gw.yaml", doc)], Expect::Error(want));
+    }
 }

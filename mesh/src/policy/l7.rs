@@ -56,7 +56,7 @@ pub const DENIED_STATUS: u16 = 403;
 pub const DENIED_BODY: &str = "RBAC: access denied";
 
 /// The `GatewayClass` of waypoints; root-namespace policies targeting it apply to all.
-pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
+pub const WAYPOINT_GATEWAY_CLASS: &str = crate::model::WAYPOINT_GATEWAY_CLASS;
 
 const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
 

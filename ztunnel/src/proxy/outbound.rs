@@ -3,14 +3,20 @@
 //! original destination → Service VIP:port (round robin over ready endpoints, next one on
 //! failure) or pod IP → in the mesh: HBONE to `<endpoint>:15008` presenting the source pod's
 //! certificate and expecting the destination pod's identity; outside the mesh: plain TCP.
+//!
+//! A destination that uses a waypoint (`istio.io/use-waypoint` on the Service, or on the pod
+//! for traffic to its IP; see `mesh::model::waypoint`) goes to the waypoint instead: HBONE to
+//! `<waypoint-ip>:15008`, expecting the waypoint's identity, `:authority` = the original
+//! destination (the VIP:port, not an endpoint): the waypoint picks the endpoint per request.
+//! Traffic from the waypoint itself is never steered back to it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use mesh::hbone::{self, ConnectHeaders, HboneError, PoolKey};
 use mesh::identity::Identity;
-use mesh::model::{Endpoint, Model, NamespacedName, Pod, Service};
+use mesh::model::{Endpoint, Model, NamespacedName, Pod, Service, WaypointTarget};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -47,14 +53,55 @@ enum Hop<'a> {
         pod: Option<&'a Pod>,
         target: SocketAddr,
     },
+    /// Through the destination's waypoint.
+    Waypoint {
+        pod: Option<&'a Pod>,
+        identity: Identity,
+        /// The waypoint's IP (HBONE on 15008).
+        ip: IpAddr,
+        /// `:authority`: the original destination.
+        authority: SocketAddr,
+    },
+}
+
+/// Why no hop could be planned.
+type NoPlan = (ResponseFlag, String);
+
+/// The hop through `wp` for traffic from `src` to `dst`; `Ok(None)` when `src` is the
+/// waypoint itself (it reaches destinations directly). A waypoint without an address fails
+/// the connection: sending it around the waypoint would skip its policy.
+fn waypoint_hop<'a>(
+    wp: WaypointTarget<'a>,
+    src: &PodCtx,
+    dst: SocketAddr,
+    td: &str,
+) -> Result<Option<Hop<'a>>, NoPlan> {
+    let Some(addr) = wp.address else {
+        let reason = format!("waypoint {} has no address", wp.gateway.key());
+        return Err((ResponseFlag::NoHealthyUpstream, reason));
+    };
+    let is_source = src.ips.contains(&addr.ip)
+        || addr
+            .pod
+            .is_some_and(|p| p.namespace == src.key.namespace && p.name == src.key.name);
+    if is_source {
+        return Ok(None);
+    }
+    Ok(Some(Hop::Waypoint {
+        pod: addr.pod,
+        identity: wp.identity(td),
+        ip: addr.ip,
+        authority: dst,
+    }))
 }
 
 /// The candidate hops for `dst`, in the order to try them.
 fn plan<'a>(
     model: &'a Model,
     pi: &ProxyInputs,
+    src: &PodCtx,
     dst: SocketAddr,
-) -> Result<(Option<&'a Service>, Vec<Hop<'a>>), ResponseFlag> {
+) -> Result<(Option<&'a Service>, Vec<Hop<'a>>), NoPlan> {
     let td = &pi.cfg.trust_domain;
     let hop_to = |pod: &'a Pod, target: SocketAddr| {
         if model.is_ambient(pod) {
@@ -71,9 +118,15 @@ fn plan<'a>(
         }
     };
     if let Some((svc, port)) = model.service_by_vip(dst.ip(), dst.port()) {
+        if let Some(wp) = model.waypoint_for_service(svc) {
+            if let Some(hop) = waypoint_hop(wp, src, dst, td)? {
+                return Ok((Some(svc), vec![hop]));
+            }
+        }
         let eps = model.endpoints(svc, port);
         if eps.is_empty() {
-            return Err(ResponseFlag::NoHealthyUpstream);
+            let reason = format!("no ready endpoint for {dst}");
+            return Err((ResponseFlag::NoHealthyUpstream, reason));
         }
         let start = pi.next_index(&NamespacedName::new(&svc.namespace, &svc.name));
         let hops = (0..eps.len())
@@ -86,6 +139,11 @@ fn plan<'a>(
         return Ok((Some(svc), hops));
     }
     if let Some(p) = model.workload_by_ip(dst.ip()) {
+        if let Some(wp) = model.waypoint_for_workload(p) {
+            if let Some(hop) = waypoint_hop(wp, src, dst, td)? {
+                return Ok((None, vec![hop]));
+            }
+        }
         return Ok((None, vec![hop_to(p, dst)]));
     }
     Ok((
@@ -126,9 +184,9 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
         let reason = format!("{dst} is the agent itself");
         return refuse(labels, log, ResponseFlag::Loop, reason);
     }
-    let (svc, hops) = match plan(&model, &pi, dst) {
+    let (svc, hops) = match plan(&model, &pi, &pod, dst) {
         Ok(p) => p,
-        Err(flag) => return refuse(labels, log, flag, format!("no ready endpoint for {dst}")),
+        Err((flag, reason)) => return refuse(labels, log, flag, reason),
     };
     let labels = LabelInputs {
         service: svc,
@@ -152,7 +210,8 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                 };
                 // Boxed: the dial + handshake state is large and only needed until the tunnel
                 // opens; inline it would be carried by every connection for its whole life.
-                match Box::pin(open_hbone(&pi, &pod, identity, *target, svc)).await {
+                let hbone = SocketAddr::new(target.ip(), HBONE_PORT);
+                match Box::pin(open_hbone(&pi, &pod, identity, hbone, *target, svc)).await {
                     Ok(tunnel) => {
                         let key = NamespacedName::new(&dst_pod.namespace, &dst_pod.name);
                         let mut log = log.to(Some(&key), Some(identity));
@@ -169,6 +228,38 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                             return refuse(labels, log, ResponseFlag::UpstreamDenied, reason);
                         }
                         failure = (labels, ResponseFlag::UpstreamFailure, reason);
+                    }
+                }
+            }
+            Hop::Waypoint {
+                pod: wp_pod,
+                identity,
+                ip,
+                authority,
+            } => {
+                let labels = LabelInputs {
+                    dst_pod: *wp_pod,
+                    dst_identity: Some(identity),
+                    mtls: true,
+                    ..labels
+                };
+                let hbone = SocketAddr::new(*ip, HBONE_PORT);
+                match Box::pin(open_hbone(&pi, &pod, identity, hbone, *authority, svc)).await {
+                    Ok(tunnel) => {
+                        let key = wp_pod.map(|p| NamespacedName::new(&p.namespace, &p.name));
+                        let mut log = log.to(key.as_ref(), Some(identity));
+                        log.dst = hbone;
+                        return relay_counted(tcp, tunnel, &pi, &labels.build(), None, log).await;
+                    }
+                    Err(e) => {
+                        let denied = matches!(&e, HboneError::Status(s) if s.as_u16() == 401);
+                        let flag = if denied {
+                            ResponseFlag::UpstreamDenied
+                        } else {
+                            ResponseFlag::UpstreamFailure
+                        };
+                        let reason = format!("hbone to waypoint {hbone} ({identity}): {e}");
+                        return refuse(labels, log, flag, reason);
                     }
                 }
             }
@@ -195,10 +286,13 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
     refuse(labels, log, flag, reason);
 }
 
+/// A CONNECT to `target` (the `:authority`) over HBONE to `hbone_addr`, whose certificate
+/// must carry `dst_identity`: the destination pod's own 15008, or a waypoint's.
 async fn open_hbone(
     pi: &ProxyInputs,
     pod: &PodCtx,
     dst_identity: &Identity,
+    hbone_addr: SocketAddr,
     target: SocketAddr,
     svc: Option<&Service>,
 ) -> Result<hbone::H2Stream, HboneError> {
@@ -211,7 +305,6 @@ async fn open_hbone(
     )
     .map_err(|e| HboneError::Tls(std::io::Error::other(e.to_string())))?;
     let src_ip = pod.ips.first().copied().unwrap_or(target.ip());
-    let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
     let key = PoolKey {
         src: pod.identity.clone(),
         src_ip,

@@ -1,0 +1,380 @@
+//! Waypoints end to end: a client pod on n1 calls a Service labelled
+//! `istio.io/use-waypoint`; its ztunnel sends the connection to the waypoint (a real
+//! `waypoint` process in its own pod namespace on n2), which authorizes each request at L7
+//! and forwards it over HBONE, under its own identity, to the server pods (one per node).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Context, Result};
+use e2e::prom;
+use e2e::waypoint::{gateway_yaml, GATEWAY_NAME_LABEL};
+use e2e::{Ambient, Mesh, Pod, Service};
+use serde_json::Value;
+
+const CLIENT: &str = "default/client";
+const WAYPOINT: &str = "default/waypoint";
+/// Through the waypoint.
+const ECHO_VIP: &str = "10.96.0.10";
+/// Same pods, through the waypoint, ports that are not declared HTTP.
+const TCP_VIP: &str = "10.96.0.12";
+/// Same pods, no waypoint.
+const DIRECT_VIP: &str = "10.96.0.11";
+const WAYPOINT_SA: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
+const CLIENT_SA: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+/// An L7 DENY on the waypoint for `/admin*` (attached to the Service), and at the servers an
+/// L4 ALLOW for the identities that may reach them: the waypoint's, and the client's for the
+/// Service that has no waypoint.
+const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: servers, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/default/sa/waypoint, cluster.local/ns/default/sa/client]}
+"#;
+
+fn mesh(test: &str) -> Result<Mesh> {
+    Mesh::builder(test)
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(
+            Pod::new("default", "waypoint")
+                .on("n2")
+                .service_account("waypoint")
+                .labels([(GATEWAY_NAME_LABEL, "waypoint")]),
+        )
+        .pod(
+            Pod::new("default", "server-1")
+                .on("n2")
+                .service_account("server")
+                .labels([("app", "echo")]),
+        )
+        .pod(
+            Pod::new("default", "server-2")
+                .on("n1")
+                .service_account("server")
+                .labels([("app", "echo")]),
+        )
+        .service(
+            Service::new("default", "echo")
+                .vip(ECHO_VIP)
+                .named_port("http", 80, 8080)
+                .selector([("app", "echo")])
+                .labels([("istio.io/use-waypoint", "waypoint")]),
+        )
+        .service(
+            // Not covered by the `/admin` DENY: at L4 its path rule would deny everything
+            // (an L7 rule fails closed where only bytes are seen).
+            Service::new("default", "echo-tcp")
+                .vip(TCP_VIP)
+                .named_port("tcp-echo", 9000, 8080)
+                .named_port("web", 9100, 8080)
+                .selector([("app", "echo")])
+                .labels([("istio.io/use-waypoint", "waypoint")]),
+        )
+        .service(
+            Service::new("default", "direct")
+                .vip(DIRECT_VIP)
+                .named_port("http", 80, 8080)
+                .selector([("app", "echo")]),
+        )
+        .yaml(
+            "waypoint.yaml",
+            &gateway_yaml("default", "waypoint", "service"),
+        )
+        .yaml("policies.yaml", POLICIES)
+        .build()
+}
+
+/// One curl from the client pod: (status, HTTP version, body) of each URL, in order (several
+/// URLs share one connection).
+fn curl(mesh: &Mesh, extra: &[&str], urls: &[String]) -> Result<Vec<(u16, String, String)>> {
+    const MARK: &str = "\n--curl-end--";
+    let fmt = format!("{MARK} %{{http_code}} %{{http_version}}\n");
+    let mut argv = vec!["curl", "-sS", "-m", "10", "-w", &fmt];
+    argv.extend_from_slice(extra);
+    argv.extend(urls.iter().map(String::as_str));
+    let out = mesh.exec_ok(CLIENT, &argv)?;
+    let mut results = Vec::new();
+    let mut rest = out.as_str();
+    while let Some(at) = rest.find(MARK) {
+        let body = rest[..at].to_string();
+        let after = &rest[at + MARK.len()..];
+        let line_end = after.find('\n').unwrap_or(after.len());
+        let mut fields = after[..line_end].split_whitespace();
+        let status = fields.next().context("status")?.parse()?;
+        let version = fields.next().context("version")?.to_string();
+        results.push((status, version, body));
+        rest = after.get(line_end + 1..).unwrap_or_default();
+    }
+    if results.len() != urls.len() {
+        bail!(
+            "curl printed {} results for {} urls: {out:?}",
+            results.len(),
+            urls.len()
+        );
+    }
+    Ok(results)
+}
+
+fn json(body: &str) -> Result<Value> {
+    serde_json::from_str(body).with_context(|| format!("echo reply is not json: {body:?}"))
+}
+
+/// The IP the echo server saw the request come from.
+fn peer_ip(reply: &Value) -> Result<Ipv4Addr> {
+    let peer = reply["peer"].as_str().context("peer")?;
+    let ip = peer.rsplit_once(':').context("peer ip:port")?.0;
+    Ok(ip.parse()?)
+}
+
+fn url(vip: &str, path: &str) -> String {
+    format!("http://{vip}{path}")
+}
+
+#[test]
+fn requests_to_a_service_with_a_waypoint_are_authorized_per_request_and_balanced() -> Result<()> {
+    let mesh = mesh("waypoint_l7")?;
+    let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
+    let _s2 = mesh.spawn_echo("default/server-2", 8080, "server-2")?;
+    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+    with_log(&wp, l7_checks(&mesh))
+}
+
+/// `result`, with the end of the waypoint's log added to an error.
+fn with_log(wp: &e2e::ChildGuard, result: Result<()>) -> Result<()> {
+    result.map_err(|e| {
+        let log = wp.stderr();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        e.context(format!("last lines of the waypoint's log:\n{tail}"))
+    })
+}
+
+fn l7_checks(mesh: &Mesh) -> Result<()> {
+    let waypoint_ip = mesh.pod_ip(WAYPOINT)?;
+    let client_ip = mesh.pod_ip(CLIENT)?;
+
+    // Through the waypoint: the server sees the waypoint as its caller; the waypoint added a
+    // request id and passed the client's traceparent on.
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let tp_header = format!("traceparent: {traceparent}");
+    let replies = curl(mesh, &["-H", &tp_header], &[url(ECHO_VIP, "/hello")])?;
+    let (status, _, body) = &replies[0];
+    assert_eq!(*status, 200, "{body}");
+    let reply = json(body)?;
+    assert_eq!(
+        peer_ip(&reply)?,
+        waypoint_ip,
+        "the server is called by the waypoint: {reply}"
+    );
+    assert_eq!(reply["path"], "/hello");
+    assert_eq!(reply["headers"]["traceparent"], traceparent, "{reply}");
+    let request_id = reply["headers"]["x-request-id"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(request_id.len(), 36, "a generated x-request-id: {reply}");
+
+    // L7 policy: one path denied, others allowed, on the same connection.
+    let replies = curl(
+        mesh,
+        &[],
+        &[url(ECHO_VIP, "/admin/users"), url(ECHO_VIP, "/public")],
+    )?;
+    assert_eq!(replies[0].0, 403, "{:?}", replies[0]);
+    assert_eq!(replies[0].2, "RBAC: access denied");
+    assert_eq!(replies[1].0, 200, "{:?}", replies[1]);
+
+    // Balanced per request: six requests on one client connection reach both servers.
+    let urls: Vec<String> = (0..6).map(|i| url(ECHO_VIP, &format!("/rr/{i}"))).collect();
+    let mut servers = std::collections::BTreeSet::new();
+    for (status, _, body) in curl(mesh, &[], &urls)? {
+        assert_eq!(status, 200, "{body}");
+        servers.insert(
+            json(&body)?["server"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert_eq!(
+        servers.into_iter().collect::<Vec<_>>(),
+        ["server-1", "server-2"],
+        "round robin per request over one connection"
+    );
+
+    // HTTP/2 from the client (prior knowledge); HTTP/1.1 to the `http` port's backends.
+    // (One URL per curl: curl 7.88 fails to reuse a prior-knowledge HTTP/2 connection.)
+    let h2 = ["--http2-prior-knowledge"];
+    let ok = curl(mesh, &h2, &[url(ECHO_VIP, "/h2")])?.remove(0);
+    assert_eq!((ok.0, ok.1.as_str()), (200, "2"), "{ok:?}");
+    assert_eq!(peer_ip(&json(&ok.2)?)?, waypoint_ip);
+    let denied = curl(mesh, &h2, &[url(ECHO_VIP, "/admin")])?.remove(0);
+    assert_eq!(
+        (denied.0, denied.1.as_str(), denied.2.as_str()),
+        (403, "2", "RBAC: access denied")
+    );
+
+    // The waypoint counted every request: 1 + 2 + 6 + 2 = 11, three of them denied.
+    let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+    let requests = |code: &str| {
+        prom::sum(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("response_code", code),
+                ("source_principal", CLIENT_SA),
+                ("destination_service", "echo.default.svc.cluster.local"),
+            ],
+        )
+    };
+    assert_eq!(requests("200"), 9.0, "{metrics}");
+    assert_eq!(requests("403"), 2.0, "{metrics}");
+    assert_eq!(
+        prom::sum(
+            &metrics,
+            "istio_request_duration_milliseconds_count",
+            &[("reporter", "waypoint")]
+        ),
+        11.0
+    );
+    assert_eq!(
+        prom::sum(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("response_code", "200"),
+                ("destination_workload", "echo"),
+                (
+                    "destination_principal",
+                    "spiffe://cluster.local/ns/default/sa/server"
+                ),
+                ("request_protocol", "http"),
+                ("connection_security_policy", "mutual_tls"),
+            ]
+        ),
+        9.0,
+        "{metrics}"
+    );
+
+    // The destination ztunnel saw the waypoint's identity (L4 policy allowed it as such).
+    let n2 = mesh.metrics("n2")?;
+    let from_waypoint = prom::sum(
+        &n2,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", WAYPOINT_SA),
+        ],
+    );
+    assert!(from_waypoint >= 1.0, "{n2}");
+    let client_to_waypoint = prom::sum(
+        &mesh.metrics("n1")?,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("destination_principal", WAYPOINT_SA),
+        ],
+    );
+    assert!(
+        client_to_waypoint >= 1.0,
+        "the client's ztunnel steered to the waypoint"
+    );
+
+    // A Service without a waypoint is unchanged: straight from the client, /admin allowed,
+    // and the waypoint sees none of it.
+    let replies = curl(mesh, &[], &[url(DIRECT_VIP, "/admin")])?;
+    assert_eq!(replies[0].0, 200, "{:?}", replies[0]);
+    assert_eq!(peer_ip(&json(&replies[0].2)?)?, client_ip);
+    let after = mesh.waypoint_metrics(WAYPOINT)?;
+    assert_eq!(
+        prom::sum(&after, "istio_requests_total", &[("reporter", "waypoint")]),
+        11.0
+    );
+
+    // A `tcp-` port is relayed at L4 by the waypoint (bytes in, same bytes out), counted as
+    // TCP; a port that declares nothing is detected: HTTP is served at L7, other bytes at L4.
+    let tcp_vip = format!("{TCP_VIP}:9000").parse()?;
+    let back = mesh.echo_roundtrip(CLIENT, tcp_vip, b"MARKER-tcp-through-waypoint")?;
+    assert_eq!(back, b"MARKER-tcp-through-waypoint");
+    let undeclared = format!("{TCP_VIP}:9100").parse()?;
+    let back = mesh.echo_roundtrip(CLIENT, undeclared, b"MARKER-detected-opaque")?;
+    assert_eq!(back, b"MARKER-detected-opaque");
+    let detected = curl(mesh, &[], &[format!("http://{TCP_VIP}:9100/detected")])?.remove(0);
+    assert_eq!(detected.0, 200, "{detected:?}");
+    let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+    let tcp = prom::sum(
+        &metrics,
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "waypoint"),
+            ("request_protocol", "tcp"),
+            ("source_principal", CLIENT_SA),
+        ],
+    );
+    assert_eq!(tcp, 2.0, "{metrics}");
+    assert_eq!(
+        prom::sum(
+            &metrics,
+            "istio_requests_total",
+            &[("reporter", "waypoint")]
+        ),
+        12.0
+    );
+    Ok(())
+}
+
+#[test]
+fn plain_tcp_to_the_waypoint_hbone_port_is_refused() -> Result<()> {
+    let mesh = mesh("waypoint_relay")?;
+    let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
+    let _wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+    // Straight to the waypoint's 15008 without mTLS (the client's ztunnel passes it through:
+    // the waypoint pod is not captured).
+    let waypoint_ip = mesh.pod_ip(WAYPOINT)?;
+    let out = mesh.exec(
+        CLIENT,
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{waypoint_ip}:15008/"),
+        ],
+    )?;
+    // Plain HTTP to 15008 is not TLS: the waypoint closes it (curl reports 000).
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000");
+    let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+    assert!(
+        prom::sum(
+            &metrics,
+            "mesh_connections_refused_total",
+            &[("reporter", "waypoint"), ("reason", "TLS")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    Ok(())
+}

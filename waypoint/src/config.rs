@@ -1,0 +1,182 @@
+//! Every setting of the waypoint, read once at startup into typed values. Each default is a
+//! named constant so ARCHITECTURE.md and `--help` agree.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use mesh::identity::Identity;
+use mesh::model::NamespacedName;
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_CERT_TTL: &str = "24h";
+pub const DEFAULT_HBONE_ADDR: &str = "0.0.0.0:15008";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+pub const DEFAULT_CONFIG_POLL: &str = "500ms";
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// How long a connection on a port that declares no protocol may stay silent before it is
+/// relayed as bytes (server-first protocols never speak first).
+pub const DEFAULT_DETECT_TIMEOUT: &str = "1s";
+/// Idle upstream HTTP/1.1 connections kept per endpoint.
+pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 32;
+/// An idle pooled upstream HTTP connection is closed after this long.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: &str = "60s";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Command line and environment (`WAYPOINT_*`).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "waypoint", version, about = "Ambient mesh waypoint (L7 proxy)")]
+pub struct Args {
+    /// Name of the waypoint's `Gateway` (class `istio-waypoint`).
+    #[arg(long, env = "WAYPOINT_NAME")]
+    pub name: String,
+    /// Namespace of the Gateway (and of the waypoint's identity).
+    #[arg(long, env = "WAYPOINT_NAMESPACE")]
+    pub namespace: String,
+    /// Service account of the waypoint's identity; default: the Gateway's name (as Istio's
+    /// waypoint Deployment does).
+    #[arg(long, env = "WAYPOINT_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// Directory of Kubernetes YAML (the same one every ztunnel reads); watched.
+    #[arg(long, env = "WAYPOINT_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+    /// CA directory: a plug-in CA in Istio's `cacerts` layout, or where the generated root lives.
+    #[arg(long, env = "WAYPOINT_CA_DIR")]
+    pub ca_dir: PathBuf,
+    #[arg(long, env = "WAYPOINT_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Certificate lifetime (renewed at half-life), e.g. 30s, 5m, 24h.
+    #[arg(long, env = "WAYPOINT_CERT_TTL", default_value = DEFAULT_CERT_TTL, value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    /// HBONE listener (mTLS, HTTP/2 CONNECT).
+    #[arg(long, env = "WAYPOINT_HBONE_ADDR", default_value = DEFAULT_HBONE_ADDR)]
+    pub hbone_addr: SocketAddr,
+    /// Prometheus `/metrics`.
+    #[arg(long, env = "WAYPOINT_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// `/healthz/ready`.
+    #[arg(long, env = "WAYPOINT_READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
+    pub readiness_addr: SocketAddr,
+    /// How often the config directory is checked for changes.
+    #[arg(long, env = "WAYPOINT_CONFIG_POLL", default_value = DEFAULT_CONFIG_POLL, value_parser = parse_duration)]
+    pub config_poll: Duration,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, env = "WAYPOINT_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    #[arg(long, env = "WAYPOINT_TLS_HANDSHAKE_TIMEOUT", default_value = DEFAULT_TLS_HANDSHAKE_TIMEOUT, value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Bound on opening an upstream connection (dial, TLS, HTTP/2, CONNECT).
+    #[arg(long, env = "WAYPOINT_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Protocol detection on ports that declare none: silence this long means "not HTTP".
+    #[arg(long, env = "WAYPOINT_DETECT_TIMEOUT", default_value = DEFAULT_DETECT_TIMEOUT, value_parser = parse_duration)]
+    pub detect_timeout: Duration,
+    #[arg(long, env = "WAYPOINT_UPSTREAM_IDLE_TIMEOUT", default_value = DEFAULT_UPSTREAM_IDLE_TIMEOUT, value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+    #[arg(long, env = "WAYPOINT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The settings as the rest of the waypoint sees them.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The waypoint's Gateway.
+    pub gateway: NamespacedName,
+    /// The identity it presents and is expected to have.
+    pub identity: Identity,
+    pub config_dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub trust_domain: String,
+    pub cert_ttl: Duration,
+    pub hbone_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub config_poll: Duration,
+    pub drain_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub detect_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub max_idle_per_endpoint: usize,
+}
+
+impl From<&Args> for Config {
+    fn from(a: &Args) -> Self {
+        let sa = a.service_account.clone().unwrap_or_else(|| a.name.clone());
+        Config {
+            gateway: NamespacedName::new(&a.namespace, &a.name),
+            identity: Identity::new(&a.trust_domain, &a.namespace, sa),
+            config_dir: a.config_dir.clone(),
+            ca_dir: a.ca_dir.clone(),
+            trust_domain: a.trust_domain.clone(),
+            cert_ttl: a.cert_ttl,
+            hbone_addr: a.hbone_addr,
+            metrics_addr: a.metrics_addr,
+            readiness_addr: a.readiness_addr,
+            config_poll: a.config_poll,
+            drain_timeout: a.drain_timeout,
+            tls_handshake_timeout: a.tls_handshake_timeout,
+            connect_timeout: a.connect_timeout,
+            detect_timeout: a.detect_timeout,
+            upstream_idle_timeout: a.upstream_idle_timeout,
+            max_idle_per_endpoint: DEFAULT_MAX_IDLE_PER_ENDPOINT,
+        }
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `24h`, `2d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?}: missing unit (ms, s, m, h, d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?}: expected a whole number before the unit"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => return Err(format!("duration {s:?}: unknown unit {unit:?}")),
+    }
+    .ok_or_else(|| format!("duration {s:?}: too large"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_defaults_to_the_gateway_name_as_service_account() {
+        let args = Args::parse_from([
+            "waypoint",
+            "--name",
+            "wp",
+            "--namespace",
+            "shop",
+            "--config-dir",
+            "/c",
+            "--ca-dir",
+            "/ca",
+        ]);
+        let cfg = Config::from(&args);
+        assert_eq!(cfg.identity.uri(), "spiffe://cluster.local/ns/shop/sa/wp");
+        assert_eq!(cfg.gateway, NamespacedName::new("shop", "wp"));
+        assert_eq!(cfg.hbone_addr.port(), 15008);
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5").is_err());
+    }
+}

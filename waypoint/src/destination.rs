@@ -1,0 +1,287 @@
+//! What a CONNECT to this waypoint asks for, and where requests for it may go. Pure over the
+//! model, table-tested.
+//!
+//! The `:authority` is a Service VIP:port (service traffic) or a pod IP:port (workload
+//! traffic). The waypoint serves it only when the model says that destination uses *this*
+//! waypoint: anything else is refused, so the waypoint is never an open relay.
+
+use std::net::SocketAddr;
+
+use mesh::model::{Model, NamespacedName, Service, ServicePort};
+
+use crate::protocol::Declared;
+use crate::upstream::Endpoint;
+
+/// A destination this waypoint serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A Service (by key) and one of its ports.
+    Service { svc: NamespacedName, port: u16 },
+    /// A pod addressed directly, and the port asked for.
+    Workload { pod: NamespacedName, port: u16 },
+}
+
+/// Why a CONNECT is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotServed {
+    #[error("{0} is not a service port or workload of the mesh")]
+    Unknown(SocketAddr),
+    #[error("{addr} ({what}) does not use waypoint {waypoint}")]
+    OtherWaypoint {
+        addr: SocketAddr,
+        what: String,
+        waypoint: NamespacedName,
+    },
+}
+
+/// The destination `authority` names, if `waypoint` serves it.
+pub fn resolve(
+    model: &Model,
+    waypoint: &NamespacedName,
+    authority: SocketAddr,
+) -> Result<Target, NotServed> {
+    let ours = |gw: Option<NamespacedName>| gw.as_ref() == Some(waypoint);
+    if let Some((svc, port)) = model.service_by_vip(authority.ip(), authority.port()) {
+        let key = NamespacedName::new(&svc.namespace, &svc.name);
+        if !ours(model.waypoint_for_service(svc).map(|t| t.gateway.key())) {
+            return Err(NotServed::OtherWaypoint {
+                addr: authority,
+                what: format!("service {key}"),
+                waypoint: waypoint.clone(),
+            });
+        }
+        return Ok(Target::Service {
+            svc: key,
+            port: port.port,
+        });
+    }
+    if let Some(pod) = model.workload_by_ip(authority.ip()) {
+        let key = NamespacedName::new(&pod.namespace, &pod.name);
+        if !ours(model.waypoint_for_workload(pod).map(|t| t.gateway.key())) {
+            return Err(NotServed::OtherWaypoint {
+                addr: authority,
+                what: format!("pod {key}"),
+                waypoint: waypoint.clone(),
+            });
+        }
+        return Ok(Target::Workload {
+            pod: key,
+            port: authority.port(),
+        });
+    }
+    Err(NotServed::Unknown(authority))
+}
+
+/// What the waypoint needs to know about a target now (re-read from the current model on
+/// every request, so endpoints follow config changes).
+#[derive(Clone, Debug)]
+pub struct Resolved<'m> {
+    pub service: Option<&'m Service>,
+    pub port: Option<&'m ServicePort>,
+    /// Ready endpoints, in the model's order (round robin starts from an offset).
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Target {
+    pub fn service_key(&self) -> Option<&NamespacedName> {
+        match self {
+            Target::Service { svc, .. } => Some(svc),
+            Target::Workload { .. } => None,
+        }
+    }
+
+    /// The protocol the destination declares (workloads declare none).
+    pub fn declared(&self, model: &Model) -> Declared {
+        match self.lookup(model, "") {
+            Some(Resolved {
+                port: Some(port), ..
+            }) => Declared::of(port),
+            _ => Declared::Unknown,
+        }
+    }
+
+    /// The target in `model`; `None` when it has gone from the model.
+    pub fn lookup<'m>(&self, model: &'m Model, trust_domain: &str) -> Option<Resolved<'m>> {
+        match self {
+            Target::Service { svc, port } => {
+                let service = model.services.get(svc)?;
+                let sp = service.ports.iter().find(|p| p.port == *port)?;
+                let endpoints = model
+                    .endpoints(service, sp)
+                    .into_iter()
+                    .filter_map(|ep| {
+                        let pod = model.pod(&ep.pod.namespace, &ep.pod.name)?;
+                        let addr = SocketAddr::new(ep.ip, ep.port);
+                        Some(Endpoint::of(model, pod, addr, trust_domain))
+                    })
+                    .collect();
+                Some(Resolved {
+                    service: Some(service),
+                    port: Some(sp),
+                    endpoints,
+                })
+            }
+            Target::Workload { pod, port } => {
+                let p = model.pod(&pod.namespace, &pod.name)?;
+                let ip = *p.ips.first()?;
+                let endpoints = if p.ready {
+                    vec![Endpoint::of(
+                        model,
+                        p,
+                        SocketAddr::new(ip, *port),
+                        trust_domain,
+                    )]
+                } else {
+                    Vec::new()
+                };
+                Some(Resolved {
+                    service: None,
+                    port: None,
+                    endpoints,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh::k8s::load_docs;
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: app, labels: {istio.io/waypoint-for: all}}
+spec: {gatewayClassName: istio-waypoint}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: other, namespace: app}
+spec: {gatewayClassName: istio-waypoint}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-pod, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {serviceAccountName: wp}
+status: {podIP: 10.0.0.100}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: app, labels: {app: web, istio.io/use-waypoint: wp}}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: app, labels: {app: web, istio.io/dataplane-mode: none}}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: app, labels: {istio.io/use-waypoint: wp}}
+spec:
+  clusterIP: 10.96.0.1
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp-raw, port: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: elsewhere, namespace: app, labels: {istio.io/use-waypoint: other}}
+spec: {clusterIP: 10.96.0.2, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: direct, namespace: app}
+spec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{port: 80}]}
+"#;
+
+    fn model() -> Model {
+        load_docs(&[("mesh.yaml".to_string(), MESH.to_string())]).expect("valid mesh")
+    }
+
+    fn check(authority: &str, want: Result<&str, &str>) {
+        let m = model();
+        let wp = NamespacedName::new("app", "wp");
+        let addr: SocketAddr = authority.parse().expect("addr");
+        let got = match resolve(&m, &wp, addr) {
+            Ok(Target::Service { svc, port }) => Ok(format!("service {svc}:{port}")),
+            Ok(Target::Workload { pod, port }) => Ok(format!("pod {pod}:{port}")),
+            Err(e) => Err(e.to_string()),
+        };
+        match (&got, want) {
+            (Ok(g), Ok(w)) => assert_eq!(g, w, "{authority}"),
+            (Err(g), Err(w)) => assert!(g.contains(w), "{authority}: {g:?} lacks {w:?}"),
+            _ => panic!("{authority}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn only_destinations_that_use_this_waypoint_are_served() {
+        check("10.96.0.1:80", Ok("service app/web:80"));
+        check("10.96.0.1:9000", Ok("service app/web:9000"));
+        check("10.96.0.1:81", Err("not a service port or workload"));
+        check(
+            "10.96.0.2:80",
+            Err("service app/elsewhere) does not use waypoint app/wp"),
+        );
+        check("10.96.0.3:80", Err("does not use waypoint"));
+        check("10.0.0.1:8080", Ok("pod app/web-1:8080"));
+        check("10.0.0.2:8080", Err("pod app/web-2) does not use waypoint"));
+        check("10.0.0.100:15008", Err("does not use waypoint"));
+        check("192.168.1.1:80", Err("not a service port or workload"));
+    }
+
+    #[test]
+    fn endpoints_carry_the_identity_to_expect_or_none_outside_the_mesh() {
+        let m = model();
+        let target = Target::Service {
+            svc: NamespacedName::new("app", "web"),
+            port: 80,
+        };
+        assert_eq!(target.declared(&m), Declared::Http);
+        let r = target.lookup(&m, "cluster.local").expect("in the model");
+        let eps: Vec<(String, String, Option<String>)> = r
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.pod.name.clone(),
+                    e.addr.to_string(),
+                    e.identity.as_ref().map(|i| i.principal()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                (
+                    "web-1".to_string(),
+                    "10.0.0.1:8080".to_string(),
+                    Some("cluster.local/ns/app/sa/default".to_string())
+                ),
+                ("web-2".to_string(), "10.0.0.2:8080".to_string(), None),
+            ]
+        );
+        let tcp = Target::Service {
+            svc: NamespacedName::new("app", "web"),
+            port: 9000,
+        };
+        assert_eq!(tcp.declared(&m), Declared::Tcp);
+        let pod = Target::Workload {
+            pod: NamespacedName::new("app", "web-1"),
+            port: 8080,
+        };
+        assert_eq!(pod.declared(&m), Declared::Unknown);
+        assert_eq!(
+            pod.lookup(&m, "cluster.local")
+                .expect("pod")
+                .endpoints
+                .len(),
+            1
+        );
+    }
+}

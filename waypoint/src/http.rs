@@ -1,0 +1,660 @@
+//! HTTP on a tunnel: hyper serves HTTP/1.1 or HTTP/2 on the decrypted CONNECT stream, and
+//! every request passes the same fixed sequence of phases (as pingora structures a proxy):
+//!
+//! 1. **downstream**: read method, authority and path; drop hop-by-hop headers; add
+//!    `x-request-id` when absent (`traceparent` and the other headers pass unchanged);
+//! 2. **authorize**: L7 AuthorizationPolicy ([`mesh::policy::l7::authorize_l7`]) for this
+//!    waypoint and the destination Service; a denial is answered `403 RBAC: access denied`;
+//! 3. **select**: the destination's ready endpoints from the current model, round robin per
+//!    request (so one long-lived HTTP/2 client is spread over all endpoints);
+//! 4. **connect**: a pooled upstream connection to the endpoint, the next endpoint when one
+//!    cannot be reached (the request has not been sent, so this is always safe);
+//! 5. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the port declares);
+//! 6. **respond**: hop-by-hop headers dropped; metrics and the access-log line are written
+//!    when the response body ends (or the client goes away).
+//!
+//! Errors are classified by where they come from ([`ResponseFlag`]): policy (`DENY`, 403),
+//! no endpoint (`UH`, 503), connect failure (`UF`, 503), upstream reset before a response
+//! (`UC`, 503), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh::policy::l7::{authorize_l7, L7Request, DENIED_BODY};
+use mesh::policy::Decision;
+
+use crate::inbound::rr_key;
+use crate::io::Io;
+use crate::protocol::Declared;
+use crate::proxy::{ConnCtx, Inputs};
+use crate::telemetry::{AccessLog, HttpMetrics, LabelInputs, ResponseFlag};
+use crate::upstream::{UpBody, UpstreamProto};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// Endpoints tried for one request before it fails with `UF`.
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+/// Largest request head accepted (HTTP/1.1 buffer, HTTP/2 header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Concurrent requests on one downstream HTTP/2 connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Rapid-reset bound (CVE-2023-44487): streams reset before we answered.
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Serves HTTP on one tunnel until the client closes it or the waypoint drains.
+pub async fn serve<I: Io>(io: I, h2: bool, ctx: Arc<ConnCtx>, inputs: Arc<Inputs>) {
+    let drain = inputs.drain.clone();
+    let svc = service_fn(move |req| {
+        let (ctx, inputs) = (ctx.clone(), inputs.clone());
+        async move { Ok::<_, Infallible>(handle(req, &ctx, &inputs, h2).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .initial_stream_window_size(mesh::hbone::STREAM_WINDOW)
+            .initial_connection_window_size(mesh::hbone::CONNECTION_WINDOW);
+        let conn = builder.serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = drain.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .max_buf_size(MAX_HEADER_BYTES.max(8192));
+        let conn = builder.serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = drain.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, h2, "downstream http connection ended with an error");
+    }
+}
+
+/// One request through the phases; always answers.
+async fn handle(
+    req: Request<Incoming>,
+    ctx: &ConnCtx,
+    inputs: &Arc<Inputs>,
+    downstream_h2: bool,
+) -> Response<Observed> {
+    let started = Instant::now();
+    let model = inputs.model.load_full();
+
+    // 1. downstream
+    let (mut parts, body) = req.into_parts();
+    let authority =
+        request_authority(&parts.uri, &parts.headers).unwrap_or_else(|| ctx.authority.to_string());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    strip_hop_by_hop(&mut parts.headers, !downstream_h2);
+    let request_id = match parts
+        .headers
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => {
+            let id = new_request_id();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                parts.headers.insert(X_REQUEST_ID, v);
+            }
+            id
+        }
+    };
+    let resolved = ctx.target.lookup(&model, &inputs.cfg.trust_domain);
+    let grpc = ctx.declared == Declared::Grpc
+        || parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+    let mut labels = LabelInputs {
+        src_pod: model.workload_by_ip(ctx.remote_ip).cloned(),
+        src_identity: Some(ctx.peer_identity.clone()),
+        dst_pod: None,
+        dst_identity: None,
+        service: resolved.as_ref().and_then(|r| r.service).cloned(),
+        protocol: if grpc { "grpc" } else { "http" },
+        mtls: true,
+    };
+    let mut log = AccessLog {
+        started,
+        src: ctx.peer,
+        src_identity: Some(ctx.peer_identity.clone()),
+        protocol: if downstream_h2 { "HTTP/2" } else { "HTTP/1.1" },
+        method: parts.method.to_string(),
+        authority: authority.clone(),
+        path: path.clone(),
+        request_id,
+        service: ctx.target.service_key().map(|k| k.to_string()),
+        upstream: None,
+        reason: None,
+    };
+    let req_bytes = Arc::new(AtomicU64::new(0));
+    let local =
+        |status: StatusCode, body: &'static str, flag, labels, log: AccessLog, reason: String| {
+            let log = AccessLog {
+                reason: Some(reason),
+                ..log
+            };
+            local_reply(
+                status,
+                body,
+                flag,
+                labels,
+                log,
+                &inputs.http_metrics,
+                &req_bytes,
+            )
+        };
+
+    // 2. authorize
+    let l7 = L7Request {
+        src_identity: Some(&ctx.peer_identity),
+        src_ip: ctx.peer.ip(),
+        remote_ip: ctx.remote_ip,
+        dst_ip: ctx.authority.ip(),
+        dst_port: ctx.authority.port(),
+        host: &authority,
+        method: parts.method.as_str(),
+        path: &path,
+        headers: &parts.headers,
+        auth: None,
+    };
+    let eval = authorize_l7(&model, &inputs.cfg.gateway, ctx.target.service_key(), &l7);
+    for policy in &eval.audited {
+        tracing::info!(%policy, request_id = %log.request_id, "audit policy matched");
+    }
+    for policy in &eval.dry_run_denied {
+        tracing::info!(%policy, request_id = %log.request_id, "dry-run policy would deny");
+    }
+    if let Decision::Deny { policy } = eval.decision {
+        let reason = policy.map_or_else(
+            || "no ALLOW policy matched".to_string(),
+            |p| format!("denied by {p}"),
+        );
+        return local(
+            StatusCode::FORBIDDEN,
+            DENIED_BODY,
+            ResponseFlag::Deny,
+            labels,
+            log,
+            reason,
+        );
+    }
+
+    // 3. select
+    let Some(resolved) = resolved.filter(|r| !r.endpoints.is_empty()) else {
+        let reason = format!("no ready endpoint for {}", ctx.authority);
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+            ResponseFlag::NoHealthyUpstream,
+            labels,
+            log,
+            reason,
+        );
+    };
+    let eps = resolved.endpoints;
+    let host = resolved.service.map(|s| s.hostname());
+    drop(model);
+    let start = inputs.upstreams.next_index(&rr_key(&ctx.target));
+    let proto = ctx.upstream_proto(downstream_h2);
+
+    // 4. connect
+    let mut chosen = None;
+    let mut last = String::new();
+    for i in 0..eps.len().min(MAX_CONNECT_ATTEMPTS) {
+        let ep = &eps[(start + i) % eps.len()];
+        match inputs
+            .upstreams
+            .checkout(ep, proto, ctx.local.ip(), host.clone())
+            .await
+        {
+            Ok(sender) => {
+                chosen = Some((ep.clone(), sender));
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "endpoint failed");
+                last = e.to_string();
+                labels.dst_pod = Some(ep.pod.clone());
+                labels.dst_identity = ep.identity.clone();
+            }
+        }
+    }
+    let Some((ep, sender)) = chosen else {
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error",
+            ResponseFlag::UpstreamFailure,
+            labels,
+            log,
+            last,
+        );
+    };
+    labels.dst_pod = Some(ep.pod.clone());
+    labels.dst_identity = ep.identity.clone();
+    log.upstream = Some(ep.addr);
+
+    // 5. upstream
+    let upstream_req =
+        match upstream_request(parts, body, &authority, &path, proto, req_bytes.clone()) {
+            Ok(r) => r,
+            Err(reason) => {
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    "bad request",
+                    ResponseFlag::BadRequest,
+                    labels,
+                    log,
+                    reason,
+                )
+            }
+        };
+    let response = match inputs.upstreams.send(&ep, sender, upstream_req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let reason = format!("upstream {}: {e}", ep.addr);
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers",
+                ResponseFlag::UpstreamReset,
+                labels,
+                log,
+                reason,
+            );
+        }
+    };
+
+    // 6. respond
+    let (mut rsp, body) = response.into_parts();
+    strip_hop_by_hop(&mut rsp.headers, false);
+    rsp.version = Version::default();
+    let status = rsp.status.as_u16();
+    let grpc_status = rsp
+        .headers
+        .get(GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = Observed::new(
+        body.boxed_unsync(),
+        Finish {
+            metrics: inputs.http_metrics.clone(),
+            labels,
+            code: status,
+            flag: None,
+            grpc_status,
+            log,
+            req_bytes,
+        },
+    );
+    Response::from_parts(rsp, body)
+}
+
+/// The request as it goes upstream: origin-form URI and `Host` for HTTP/1.1, absolute URI
+/// (`:scheme`/`:authority`) for HTTP/2. `Err` when the result is not a valid request.
+fn upstream_request(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    authority: &str,
+    path: &str,
+    proto: UpstreamProto,
+    counter: Arc<AtomicU64>,
+) -> Result<Request<UpBody>, String> {
+    match proto {
+        UpstreamProto::Http1 => {
+            parts.version = Version::HTTP_11;
+            parts.uri = path
+                .parse::<Uri>()
+                .map_err(|e| format!("path {path:?}: {e}"))?;
+            if !parts.headers.contains_key(header::HOST) {
+                let host = HeaderValue::from_str(authority)
+                    .map_err(|e| format!("authority {authority:?}: {e}"))?;
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        UpstreamProto::Http2 => {
+            parts.version = Version::HTTP_2;
+            let uri = format!("http://{authority}{path}");
+            parts.uri = uri
+                .parse::<Uri>()
+                .map_err(|e| format!("uri {uri:?}: {e}"))?;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    let body = Counted {
+        inner: body,
+        counter,
+    }
+    .boxed_unsync();
+    Ok(Request::from_parts(parts, body))
+}
+
+/// `:authority` (HTTP/2, absolute-form) or `Host`.
+fn request_authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    if let Some(a) = uri.authority() {
+        return Some(a.as_str().to_string());
+    }
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+}
+
+/// Drops hop-by-hop headers and those the `Connection` header names. `te: trailers` is
+/// end-to-end in HTTP/2 (gRPC needs it) and kept unless `http1_only`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, http1_only: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("trailers"));
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if trailers && !http1_only {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A random version-4 UUID, as Envoy generates request ids.
+pub fn new_request_id() -> String {
+    let r = rand::random::<u128>();
+    let r = (r & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let hex = format!("{r:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// A reply the waypoint makes itself.
+fn local_reply(
+    status: StatusCode,
+    body: &'static str,
+    flag: ResponseFlag,
+    labels: LabelInputs,
+    log: AccessLog,
+    metrics: &HttpMetrics,
+    req_bytes: &Arc<AtomicU64>,
+) -> Response<Observed> {
+    tracing::debug!(%status, %flag, reason = log.reason.as_deref().unwrap_or("-"), "local reply");
+    let full = Full::new(Bytes::from_static(body.as_bytes()))
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync();
+    let body = Observed::new(
+        full,
+        Finish {
+            metrics: metrics.clone(),
+            labels,
+            code: status.as_u16(),
+            flag: Some(flag),
+            grpc_status: None,
+            log,
+            req_bytes: req_bytes.clone(),
+        },
+    );
+    let mut rsp = Response::new(body);
+    *rsp.status_mut() = status;
+    rsp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    rsp
+}
+
+// === bodies ===
+
+/// The downstream request body, counting its bytes for `istio_request_bytes`.
+struct Counted {
+    inner: Incoming,
+    counter: Arc<AtomicU64>,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame {
+            if let Some(data) = f.data_ref() {
+                this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What is recorded once a response has been sent.
+struct Finish {
+    metrics: HttpMetrics,
+    labels: LabelInputs,
+    code: u16,
+    flag: Option<ResponseFlag>,
+    grpc_status: Option<String>,
+    log: AccessLog,
+    req_bytes: Arc<AtomicU64>,
+}
+
+impl Finish {
+    fn record(self, rsp_bytes: u64, downstream_gone: bool) {
+        let flag = match self.flag {
+            None if downstream_gone => Some(ResponseFlag::DownstreamClosed),
+            f => f,
+        };
+        let l = self
+            .labels
+            .build(self.code, flag, self.grpc_status.as_deref());
+        let req_bytes = self.req_bytes.load(Ordering::Relaxed);
+        let ms = self.log.started.elapsed().as_secs_f64() * 1000.0;
+        self.metrics.record(&l, ms, req_bytes, rsp_bytes);
+        self.log.emit(self.code, flag, req_bytes, rsp_bytes);
+    }
+}
+
+/// The response body: passes frames through, counts bytes, picks up `grpc-status` from
+/// trailers, and records metrics and the access log when it ends or is dropped.
+pub struct Observed {
+    inner: UpBody,
+    finish: Option<Box<Finish>>,
+    bytes: u64,
+}
+
+impl Observed {
+    fn new(inner: UpBody, finish: Finish) -> Self {
+        Observed {
+            inner,
+            finish: Some(Box::new(finish)),
+            bytes: 0,
+        }
+    }
+
+    fn done(&mut self, downstream_gone: bool) {
+        if let Some(f) = self.finish.take() {
+            f.record(self.bytes, downstream_gone);
+        }
+    }
+}
+
+impl Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                if let (Some(trailers), Some(finish)) = (f.trailers_ref(), this.finish.as_mut()) {
+                    if let Some(s) = trailers.get(GRPC_STATUS).and_then(|v| v.to_str().ok()) {
+                        finish.grpc_status = Some(s.to_string());
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(finish) = this.finish.as_mut() {
+                    finish.flag.get_or_insert(ResponseFlag::UpstreamReset);
+                }
+                this.done(false);
+            }
+            None => this.done(false),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        let gone = !self.inner.is_end_stream();
+        self.done(gone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let id = new_request_id();
+        let parts: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('4'), "{id}");
+        assert!(
+            matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'),
+            "{id}"
+        );
+        assert_ne!(new_request_id(), id);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            ("x-request-id", "abc"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let mut h2 = h.clone();
+        strip_hop_by_hop(&mut h, true);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["traceparent", "x-request-id"]);
+        strip_hop_by_hop(&mut h2, false);
+        assert_eq!(h2.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+    }
+
+    #[test]
+    fn the_authority_comes_from_the_uri_else_host() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("web.shop:80"));
+        let origin: Uri = "/a?b".parse().expect("uri");
+        let absolute: Uri = "http://api.shop/a".parse().expect("uri");
+        assert_eq!(
+            request_authority(&origin, &h).as_deref(),
+            Some("web.shop:80")
+        );
+        assert_eq!(
+            request_authority(&absolute, &h).as_deref(),
+            Some("api.shop")
+        );
+        assert_eq!(request_authority(&origin, &HeaderMap::new()), None);
+    }
+}

@@ -1,0 +1,384 @@
+//! Port 15008: HBONE from node agents (and other waypoints' clients).
+//!
+//! accept → TLS 1.3 (client certificate required; the caller's SPIFFE identity from its URI
+//! SAN) → HTTP/2 → per CONNECT stream: method, `:authority` → is it a destination that uses
+//! this waypoint (else 401: no open relay) → by the port's protocol:
+//! - declared `tcp`-like: L4 policy, dial an endpoint, `200`, relay bytes (nothing is dialled
+//!   before policy allowed it);
+//! - otherwise `200`, then detect HTTP/1.1 or HTTP/2 from the first bytes (an undeclared port
+//!   that stays silent or speaks something else falls back to the L4 path) and serve HTTP
+//!   ([`crate::http`]).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use http::{Method, StatusCode};
+use mesh::hbone::{self, InboundRequest, FORWARDED};
+use mesh::identity::Identity;
+use mesh::policy::{Decision, L4Request};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use crate::destination;
+use crate::io::{Io, Rewind};
+use crate::protocol::{detect, Declared, Detected, SNIFF_LIMIT};
+use crate::proxy::{ConnCtx, Inputs};
+use crate::telemetry::{LabelInputs, REPORTER};
+use crate::upstream::Endpoint;
+
+/// How long a client on a port declared HTTP may take to send its first request bytes.
+pub const HTTP_FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error("bind hbone listener {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("hbone server tls config for {identity}: {source}")]
+    Tls {
+        identity: Identity,
+        source: mesh::tls::TlsError,
+    },
+}
+
+/// The bound HBONE listener: binding happens in `new`, so a taken port fails startup.
+pub struct Inbound {
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    inputs: Arc<Inputs>,
+}
+
+/// Refusal of one CONNECT: status, `response_flags`/reason label, message.
+type Refusal = (StatusCode, &'static str, String);
+
+// === impl Inbound ===
+
+impl Inbound {
+    pub async fn new(addr: SocketAddr, inputs: Arc<Inputs>) -> Result<Inbound, InboundError> {
+        let identity = inputs.cfg.identity.clone();
+        let tls = mesh::tls::server_config(inputs.certs.clone(), identity.clone())
+            .map_err(|source| InboundError::Tls { identity, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| InboundError::Bind { addr, source })?;
+        Ok(Inbound {
+            listener,
+            tls,
+            inputs,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts until the drain signal; each connection runs in its own task and span.
+    /// Accept errors (EMFILE...) shed that connection and keep serving.
+    pub async fn run(self) {
+        let drain = self.inputs.drain.clone();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = drain.cancelled() => return,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "hbone accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let span = tracing::info_span!("conn", peer = %peer);
+            let active = self.inputs.active.enter();
+            let (tls, inputs) = (self.tls.clone(), self.inputs.clone());
+            tokio::spawn(
+                async move {
+                    let _active = active;
+                    handle_conn(tcp, peer, tls, inputs).await;
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+async fn handle_conn(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    inputs: Arc<Inputs>,
+) {
+    let local = tcp.local_addr().unwrap_or(peer);
+    let refuse = |reason: String| {
+        inputs.metrics.refused(REPORTER, "TLS");
+        tracing::info!(target: "access", src_addr = %peer, flags = "TLS", %reason, "connection refused");
+    };
+    // Boxed: the handshake state is large and needed only until the connection is up.
+    let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(tls).accept(tcp));
+    let stream = match tokio::time::timeout(inputs.cfg.tls_handshake_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return refuse(format!("tls handshake: {e}")),
+        Err(_) => return refuse("tls handshake timed out".to_string()),
+    };
+    let peer_id = match mesh::tls::peer_identity(stream.get_ref().1) {
+        Ok(id) => id,
+        Err(e) => return refuse(format!("peer identity: {e}")),
+    };
+    let cfg = hbone::ServerConfig::default();
+    let drain = inputs.drain.clone();
+    let result = hbone::serve_with_drain(
+        stream,
+        &cfg,
+        move |req| handle_stream(req, peer, local, peer_id.clone(), inputs.clone()),
+        async move { drain.cancelled().await },
+    )
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "hbone connection ended with an error");
+    }
+}
+
+/// Validates one CONNECT and resolves what it is for.
+fn check_connect(
+    req: &InboundRequest,
+    peer: SocketAddr,
+    local: SocketAddr,
+    peer_identity: Identity,
+    inputs: &Inputs,
+) -> Result<ConnCtx, Refusal> {
+    if req.method() != Method::CONNECT {
+        let reason = format!("method {} is not CONNECT", req.method());
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "BADREQ", reason));
+    }
+    let authority = req.authority().map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            "BADREQ",
+            format!("bad :authority: {e}"),
+        )
+    })?;
+    let model = inputs.model.load();
+    let target = destination::resolve(&model, &inputs.cfg.gateway, authority)
+        .map_err(|e| (StatusCode::UNAUTHORIZED, "NR", e.to_string()))?;
+    let remote_ip = req
+        .headers()
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(hbone::parse_forwarded_for)
+        .unwrap_or(peer.ip());
+    let declared = target.declared(&model);
+    Ok(ConnCtx {
+        peer,
+        local,
+        peer_identity,
+        remote_ip,
+        authority,
+        target,
+        declared,
+    })
+}
+
+async fn handle_stream(
+    req: InboundRequest,
+    peer: SocketAddr,
+    local: SocketAddr,
+    peer_identity: Identity,
+    inputs: Arc<Inputs>,
+) {
+    let authority = req.authority_str().unwrap_or("-").to_string();
+    let refuse = |req: InboundRequest, (status, flag, reason): Refusal| {
+        req.reject(status);
+        inputs.metrics.refused(REPORTER, flag);
+        tracing::info!(
+            target: "access",
+            src_addr = %peer,
+            src_identity = %peer_identity,
+            authority = %authority,
+            flags = flag,
+            %reason,
+            "tunnel refused"
+        );
+    };
+    let ctx = match check_connect(&req, peer, local, peer_identity.clone(), &inputs) {
+        Ok(ctx) => ctx,
+        Err(refusal) => return refuse(req, refusal),
+    };
+    let ctx = Arc::new(ctx);
+
+    if ctx.declared == Declared::Tcp {
+        // Decide and dial before answering: no byte reaches the destination before policy.
+        let upstream = match open_l4(&ctx, &inputs).await {
+            Ok(u) => u,
+            Err(refusal) => return refuse(req, refusal),
+        };
+        let tunnel = match req.accept() {
+            Ok(t) => t,
+            Err(e) => {
+                return tracing::debug!(error = %e, "client went away before the tunnel opened")
+            }
+        };
+        return relay_l4(tunnel, upstream, &ctx, &inputs).await;
+    }
+
+    let mut tunnel = match req.accept() {
+        Ok(t) => t,
+        Err(e) => return tracing::debug!(error = %e, "client went away before the tunnel opened"),
+    };
+    let timeout = if ctx.declared.is_http() {
+        HTTP_FIRST_BYTES_TIMEOUT
+    } else {
+        inputs.cfg.detect_timeout
+    };
+    let (first, detected) = sniff(&mut tunnel, timeout).await;
+    let down = Rewind::new(first.freeze(), tunnel);
+    match (ctx.declared.is_http(), detected) {
+        (_, Detected::Http2) => crate::http::serve(down, true, ctx, inputs).await,
+        // A declared HTTP port is served as HTTP/1.1 whatever arrives: hyper answers 400 to
+        // bytes that are not HTTP.
+        (true, _) | (false, Detected::Http1) => crate::http::serve(down, false, ctx, inputs).await,
+        (false, Detected::Opaque | Detected::NeedMore) => match open_l4(&ctx, &inputs).await {
+            Ok(upstream) => relay_l4(down, upstream, &ctx, &inputs).await,
+            Err((_, flag, reason)) => {
+                inputs.metrics.refused(REPORTER, flag);
+                tracing::info!(target: "access", src_addr = %peer, flags = flag, %reason, "tunnel closed");
+            }
+        },
+    }
+}
+
+/// Reads the first bytes until they tell the protocol, `timeout` passes, the stream ends or
+/// [`SNIFF_LIMIT`] bytes have arrived.
+async fn sniff<T: Io>(stream: &mut T, timeout: Duration) -> (BytesMut, Detected) {
+    let mut buf = BytesMut::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match detect(&buf) {
+            Detected::NeedMore if buf.len() < SNIFF_LIMIT => {}
+            Detected::NeedMore => return (buf, Detected::Opaque),
+            decided => return (buf, decided),
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            // End of stream, error or silence: whatever arrived is all there is to judge.
+            _ => {
+                let decided = match detect(&buf) {
+                    Detected::NeedMore => Detected::Opaque,
+                    d => d,
+                };
+                return (buf, decided);
+            }
+        }
+    }
+}
+
+/// L4 path: policy for the connection (L7 rules fail closed), then a connection to the first
+/// endpoint (round robin) that answers.
+async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoint), Refusal> {
+    let model = inputs.model.load_full();
+    let policies = mesh::policy::l7::policies_for_waypoint(
+        &model,
+        &inputs.cfg.gateway,
+        ctx.target.service_key(),
+    );
+    let eval = mesh::policy::evaluate_l4(
+        &policies,
+        &L4Request {
+            src_identity: Some(ctx.peer_identity.clone()),
+            src_ip: ctx.remote_ip,
+            dst_ip: ctx.authority.ip(),
+            dst_port: ctx.authority.port(),
+        },
+    );
+    if let Decision::Deny { policy } = eval.decision {
+        let by = policy.map_or_else(
+            || "no ALLOW policy matched".to_string(),
+            |p| format!("denied by {p}"),
+        );
+        return Err((StatusCode::UNAUTHORIZED, "DENY", format!("rbac: {by}")));
+    }
+    let resolved = ctx
+        .target
+        .lookup(&model, &inputs.cfg.trust_domain)
+        .filter(|r| !r.endpoints.is_empty())
+        .ok_or_else(|| {
+            let reason = format!("no ready endpoint for {}", ctx.authority);
+            (StatusCode::SERVICE_UNAVAILABLE, "UH", reason)
+        })?;
+    let rr_key = rr_key(&ctx.target);
+    let eps = &resolved.endpoints;
+    let start = inputs.upstreams.next_index(&rr_key);
+    let host = resolved.service.map(|s| s.hostname());
+    let mut last = String::new();
+    for i in 0..eps.len() {
+        let ep = &eps[(start + i) % eps.len()];
+        match inputs
+            .upstreams
+            .connect(ep, ctx.local.ip(), host.clone())
+            .await
+        {
+            Ok(io) => return Ok((io, ep.clone())),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err((StatusCode::SERVICE_UNAVAILABLE, "UF", last))
+}
+
+/// The round-robin counter a target's requests share.
+pub fn rr_key(target: &destination::Target) -> mesh::model::NamespacedName {
+    match target {
+        destination::Target::Service { svc, .. } => svc.clone(),
+        destination::Target::Workload { pod, .. } => pod.clone(),
+    }
+}
+
+/// Relays an opened L4 connection both ways with Istio's TCP metrics and an access line.
+async fn relay_l4<D: Io>(
+    down: D,
+    (up, ep): (Box<dyn Io>, Endpoint),
+    ctx: &ConnCtx,
+    inputs: &Inputs,
+) {
+    let started = Instant::now();
+    let model = inputs.model.load();
+    let labels = LabelInputs {
+        src_pod: model.workload_by_ip(ctx.remote_ip).cloned(),
+        src_identity: Some(ctx.peer_identity.clone()),
+        dst_pod: Some(ep.pod.clone()),
+        dst_identity: ep.identity.clone(),
+        service: ctx
+            .target
+            .service_key()
+            .and_then(|k| model.services.get(k))
+            .cloned(),
+        protocol: "tcp",
+        mtls: true,
+    };
+    drop(model);
+    let tcp = labels.build_tcp();
+    inputs.metrics.tcp_opened(&tcp);
+    let counters = inputs.metrics.tcp_counters(&tcp);
+    let result = hbone::relay(down, up, |dir, n| match dir {
+        hbone::Direction::AToB => counters.received(n),
+        hbone::Direction::BToA => counters.sent(n),
+    })
+    .await;
+    inputs.metrics.tcp_closed(&tcp);
+    let (recv, sent) = result.as_ref().map_or((0, 0), |t| *t);
+    tracing::info!(
+        target: "access",
+        src_addr = %ctx.peer,
+        src_identity = %ctx.peer_identity,
+        protocol = "tcp",
+        authority = %ctx.authority,
+        upstream = %ep.addr,
+        bytes_recv = recv,
+        bytes_sent = sent,
+        error = result.err().map(|e| e.to_string()).as_deref().unwrap_or("-"),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "connection complete"
+    );
+}

@@ -1,0 +1,27 @@
+//! The waypoint: an L7 proxy for the Services (or workloads) that use it.
+//!
+//! Node agents send traffic for such destinations here over HBONE (port 15008, mTLS with
+//! the client's identity, `CONNECT <service-vip>:<port>`). The waypoint authenticates the
+//! caller, checks the destination uses this waypoint, parses HTTP/1.1 or HTTP/2 inside the
+//! tunnel, authorizes each request with L7 AuthorizationPolicy, picks an endpoint per request
+//! and forwards it over HBONE under its own identity. Ports that do not carry HTTP are
+//! relayed at L4.
+//!
+//! Data path, in order: [`inbound`] (HBONE listener, CONNECT, protocol choice) →
+//! [`http`] (request phases) → [`upstream`] (endpoints, HBONE client, connection pool).
+//! Pure parts: [`destination`] (what a CONNECT is for), [`protocol`] (declared / detected).
+//! [`telemetry`] metrics and access log, [`stats`] `/metrics` and readiness, [`app`] wiring,
+//! [`config`] every setting.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod destination;
+pub mod http;
+pub mod inbound;
+pub mod io;
+pub mod protocol;
+pub mod proxy;
+pub mod stats;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,33 @@
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use waypoint::config::{Args, Config, LogFormat};
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let cfg = Config::from(&args);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("waypoint-worker")
+        .build()?;
+    let result = rt.block_on(waypoint::app::run(cfg));
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "waypoint failed");
+    }
+    result
+}
+
+/// tracing to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+        LogFormat::Text => fmt.init(),
+    }
+}

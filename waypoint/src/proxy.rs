@@ -1,0 +1,110 @@
+//! What the data path shares: the inputs of every connection, and what is known about one
+//! downstream tunnel.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use mesh::certs::CertManager;
+use mesh::identity::Identity;
+use mesh::metrics::Metrics;
+use mesh::model::Model;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::destination::Target;
+use crate::protocol::Declared;
+use crate::telemetry::HttpMetrics;
+use crate::upstream::{UpstreamProto, Upstreams};
+
+/// Everything the proxy shares; one per process.
+pub struct Inputs {
+    pub cfg: Arc<Config>,
+    pub model: Arc<ArcSwap<Model>>,
+    pub certs: Arc<CertManager>,
+    pub metrics: Arc<Metrics>,
+    pub http_metrics: HttpMetrics,
+    pub upstreams: Arc<Upstreams>,
+    /// Cancelled on shutdown: HBONE connections send GOAWAY, HTTP connections finish the
+    /// requests in flight and close.
+    pub drain: CancellationToken,
+    /// Downstream connections still open.
+    pub active: Arc<Active>,
+}
+
+/// One downstream tunnel: who sent it and what it is for.
+#[derive(Clone, Debug)]
+pub struct ConnCtx {
+    /// The HBONE peer (the client's node agent, from the client pod's address).
+    pub peer: SocketAddr,
+    /// Our own address on that connection.
+    pub local: SocketAddr,
+    /// The client's identity, from its certificate.
+    pub peer_identity: Identity,
+    /// The original client address (`forwarded: for=`, else the peer's).
+    pub remote_ip: IpAddr,
+    /// The CONNECT `:authority`.
+    pub authority: SocketAddr,
+    pub target: Target,
+    pub declared: Declared,
+}
+
+impl ConnCtx {
+    /// The HTTP version to speak upstream: what the port declares, else what the client
+    /// spoke (Envoy's `USE_DOWNSTREAM_PROTOCOL` for undeclared ports).
+    pub fn upstream_proto(&self, downstream_h2: bool) -> UpstreamProto {
+        match self.declared {
+            Declared::Http => UpstreamProto::Http1,
+            Declared::Http2 | Declared::Grpc => UpstreamProto::Http2,
+            Declared::Tcp | Declared::Unknown if downstream_h2 => UpstreamProto::Http2,
+            Declared::Tcp | Declared::Unknown => UpstreamProto::Http1,
+        }
+    }
+}
+
+/// Counts open downstream connections and tells when none is left.
+#[derive(Debug, Default)]
+pub struct Active {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// One open connection; dropping it decrements the count.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Active>);
+
+impl Active {
+    pub fn enter(self: &Arc<Self>) -> ActiveGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(self.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}

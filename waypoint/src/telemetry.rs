@@ -1,0 +1,296 @@
+//! Istio's HTTP metrics (`reporter="waypoint"`) and the per-request access log.
+//!
+//! - `istio_requests_total`, `istio_request_duration_milliseconds` (histogram, Istio's
+//!   buckets), `istio_request_bytes`, `istio_response_bytes` (histograms) with the standard
+//!   labels plus `response_code` and `grpc_response_status`;
+//! - one `access` log line per request.
+//!
+//! Registered in the same registry as the shared `mesh::metrics` families (TCP metrics for
+//! L4-relayed ports, refusals, config reloads, process), so one scrape returns everything.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mesh::identity::Identity;
+use mesh::metrics::{Metrics, TcpLabels, UNKNOWN};
+use mesh::model::{Pod, Service};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `reporter` label of everything a waypoint reports.
+pub const REPORTER: &str = "waypoint";
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Istio's buckets for request and response sizes (bytes).
+const SIZE_BUCKETS: [f64; 8] = [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1e6, 1e7];
+
+/// Why a request did not get an upstream answer: one flag per cause, in logs and in
+/// `response_flags` (Envoy's names where Envoy has one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// AuthorizationPolicy denied the request (403).
+    Deny,
+    /// No ready endpoint (503).
+    NoHealthyUpstream,
+    /// Every endpoint tried failed to connect (503).
+    UpstreamFailure,
+    /// The upstream reset or closed before answering (503).
+    UpstreamReset,
+    /// The request could not be forwarded as it is (400).
+    BadRequest,
+    /// The downstream went away before the response finished.
+    DownstreamClosed,
+}
+
+impl ResponseFlag {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::Deny => "DENY",
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamFailure => "UF",
+            ResponseFlag::UpstreamReset => "UC",
+            ResponseFlag::BadRequest => "BADREQ",
+            ResponseFlag::DownstreamClosed => "DC",
+        }
+    }
+}
+
+impl fmt::Display for ResponseFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub response_code: String,
+    pub grpc_response_status: String,
+    /// Last: the derive can only flatten the final field.
+    #[prometheus(flatten)]
+    pub base: TcpLabels,
+}
+
+/// The HTTP families.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: Family<HttpLabels, Counter>,
+    duration: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    request_bytes: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    response_bytes: Family<HttpLabels, Histogram, fn() -> Histogram>,
+}
+
+impl fmt::Debug for HttpMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpMetrics").finish_non_exhaustive()
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(SIZE_BUCKETS)
+}
+
+impl HttpMetrics {
+    /// The shared metrics with the HTTP families registered in the same registry.
+    pub fn new() -> (Arc<Metrics>, HttpMetrics) {
+        let http = HttpMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(size_histogram),
+            response_bytes: Family::new_with_constructor(size_histogram),
+        };
+        let registered = http.clone();
+        let metrics = Metrics::new_with(move |r: &mut Registry| {
+            r.register(
+                "istio_requests",
+                "Requests processed by the waypoint",
+                registered.requests,
+            );
+            r.register(
+                "istio_request_duration_milliseconds",
+                "Request duration, until the last byte of the response",
+                registered.duration,
+            );
+            r.register(
+                "istio_request_bytes",
+                "Request body sizes",
+                registered.request_bytes,
+            );
+            r.register(
+                "istio_response_bytes",
+                "Response body sizes",
+                registered.response_bytes,
+            );
+        });
+        (metrics, http)
+    }
+
+    pub fn record(
+        &self,
+        l: &HttpLabels,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        self.requests.get_or_create(l).inc();
+        self.duration.get_or_create(l).observe(duration_ms);
+        self.request_bytes
+            .get_or_create(l)
+            .observe(request_bytes as f64);
+        self.response_bytes
+            .get_or_create(l)
+            .observe(response_bytes as f64);
+    }
+}
+
+/// What labels are made of (owned: it outlives the request handler, until the response
+/// body ends).
+#[derive(Clone, Debug, Default)]
+pub struct LabelInputs {
+    pub src_pod: Option<Pod>,
+    pub src_identity: Option<Identity>,
+    pub dst_pod: Option<Pod>,
+    pub dst_identity: Option<Identity>,
+    pub service: Option<Service>,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// Whether the upstream hop is mTLS (HBONE).
+    pub mtls: bool,
+}
+
+impl LabelInputs {
+    pub fn build(&self, code: u16, flag: Option<ResponseFlag>, grpc: Option<&str>) -> HttpLabels {
+        let unknown = || UNKNOWN.to_string();
+        let label = |p: Option<&Pod>, keys: &[&str]| {
+            p.and_then(|p| keys.iter().find_map(|k| p.labels.get(*k).cloned()))
+                .unwrap_or_else(unknown)
+        };
+        let canonical = [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ];
+        let revision = [
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ];
+        let (src, dst) = (self.src_pod.as_ref(), self.dst_pod.as_ref());
+        let svc = self.service.as_ref();
+        let base = TcpLabels {
+            reporter: REPORTER.to_string(),
+            source_workload: src.map(workload_name).unwrap_or_else(unknown),
+            source_workload_namespace: src.map(|p| p.namespace.clone()).unwrap_or_else(unknown),
+            source_principal: self
+                .src_identity
+                .as_ref()
+                .map(Identity::uri)
+                .unwrap_or_else(unknown),
+            source_app: label(src, &["app", "app.kubernetes.io/name"]),
+            source_version: label(src, &["version", "app.kubernetes.io/version"]),
+            source_canonical_service: label(src, &canonical),
+            source_canonical_revision: label(src, &revision),
+            source_cluster: "Kubernetes".to_string(),
+            destination_workload: dst.map(workload_name).unwrap_or_else(unknown),
+            destination_workload_namespace: dst
+                .map(|p| p.namespace.clone())
+                .unwrap_or_else(unknown),
+            destination_principal: self
+                .dst_identity
+                .as_ref()
+                .map(Identity::uri)
+                .unwrap_or_else(unknown),
+            destination_app: label(dst, &["app", "app.kubernetes.io/name"]),
+            destination_version: label(dst, &["version", "app.kubernetes.io/version"]),
+            destination_service: svc.map(Service::hostname).unwrap_or_else(unknown),
+            destination_service_name: svc.map(|s| s.name.clone()).unwrap_or_else(unknown),
+            destination_service_namespace: svc.map(|s| s.namespace.clone()).unwrap_or_else(unknown),
+            destination_canonical_service: label(dst, &canonical),
+            destination_canonical_revision: label(dst, &revision),
+            destination_cluster: "Kubernetes".to_string(),
+            request_protocol: self.protocol.to_string(),
+            response_flags: flag.map_or("-", ResponseFlag::as_str).to_string(),
+            connection_security_policy: if self.mtls { "mutual_tls" } else { "unknown" }
+                .to_string(),
+        };
+        HttpLabels {
+            base,
+            response_code: code.to_string(),
+            grpc_response_status: grpc.unwrap_or("").to_string(),
+        }
+    }
+}
+
+impl LabelInputs {
+    /// Istio's TCP labels, for connections relayed at L4.
+    pub fn build_tcp(&self) -> TcpLabels {
+        let mut base = self.build(0, None, None).base;
+        base.request_protocol = "tcp".to_string();
+        base
+    }
+}
+
+/// The `app` label, else the pod name, as ztunnel reports workloads.
+fn workload_name(p: &Pod) -> String {
+    p.labels
+        .get("app")
+        .cloned()
+        .unwrap_or_else(|| p.name.clone())
+}
+
+/// One access-log line per request (target `access`).
+#[derive(Debug)]
+pub struct AccessLog {
+    pub started: Instant,
+    pub src: SocketAddr,
+    pub src_identity: Option<Identity>,
+    pub protocol: &'static str,
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    pub request_id: String,
+    /// `ns/name` of the Service (or `-`).
+    pub service: Option<String>,
+    /// The endpoint the request went to.
+    pub upstream: Option<SocketAddr>,
+    pub reason: Option<String>,
+}
+
+impl AccessLog {
+    pub fn emit(&self, code: u16, flag: Option<ResponseFlag>, req_bytes: u64, rsp_bytes: u64) {
+        let src_id = self.src_identity.as_ref().map(Identity::to_string);
+        let upstream = self.upstream.map(|u| u.to_string());
+        tracing::info!(
+            target: "access",
+            src_addr = %self.src,
+            src_identity = src_id.as_deref().unwrap_or("-"),
+            protocol = self.protocol,
+            method = %self.method,
+            authority = %self.authority,
+            path = %self.path,
+            request_id = %self.request_id,
+            service = self.service.as_deref().unwrap_or("-"),
+            upstream = upstream.as_deref().unwrap_or("-"),
+            code,
+            flags = flag.map_or("-", ResponseFlag::as_str),
+            reason = self.reason.as_deref().unwrap_or("-"),
+            bytes_recv = req_bytes,
+            bytes_sent = rsp_bytes,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "request complete"
+        );
+    }
+}

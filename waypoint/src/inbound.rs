@@ -361,7 +361,7 @@ async fn relay_l4<D: Io>(
     let tcp = labels.build_tcp();
     inputs.metrics.tcp_opened(&tcp);
     let counters = inputs.metrics.tcp_counters(&tcp);
-    let result = hbone::relay(down, up, |dir, n| match dir {
+    let result = hbone::relay(hbone::AsyncIo(down), up, |dir, n| match dir {
         hbone::Direction::AToB => counters.received(n),
         hbone::Direction::BToA => counters.sent(n),
     })

@@ -29,7 +29,7 @@ mod stream;
 mod tests;
 
 pub use pool::{Pool, PoolConfig, PoolKey, PoolStats};
-pub use relay::{relay, Direction};
+pub use relay::{read_chunk, relay, write_chunk, AsyncIo, Direction, RelayIo};
 pub use server::{serve, serve_with_drain, InboundRequest, ServerConfig};
 pub use stream::H2Stream;
 

@@ -1,15 +1,24 @@
 //! [`relay`]: copy bytes both ways between two streams, propagating half-close.
+//!
+//! Bytes move as [`Bytes`] chunks rather than through a borrowed buffer, so that an HBONE
+//! tunnel end ([`super::H2Stream`]) hands the frames HTTP/2 received straight to the socket
+//! write, and sends what a socket read filled as the DATA payload, without copying either
+//! (see [`RelayIo`]). A plain socket reads into memory it does not zero first.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
-/// Per-direction buffer. 16 KiB matches one default HTTP/2 DATA frame and a typical TCP
-/// receive chunk; allocated once per relay, reused for every chunk.
-pub const RELAY_BUF_SIZE: usize = 16 * 1024;
+/// Most bytes one read takes from a socket. 64 KiB lets one read drain a burst from the
+/// kernel (four default HTTP/2 DATA frames) while an idle tunnel holds nothing (below).
+pub const RELAY_BUF_SIZE: usize = 64 * 1024;
+/// A read buffer with less room than this left is replaced rather than topped up.
+const MIN_READ_ROOM: usize = 4 * 1024;
 
 /// Which way bytes moved, relative to `relay(a, b, ..)`'s arguments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -19,6 +28,130 @@ pub enum Direction {
     /// Read from `b`, written to `a`.
     BToA,
 }
+
+/// One end of a relay: a byte stream read and written in [`Bytes`] chunks.
+///
+/// Implemented natively by [`super::H2Stream`] (no copy), and for sockets and other
+/// `AsyncRead + AsyncWrite` types through [`read_chunk`] / [`write_chunk`] (one copy each,
+/// as any read or write does); wrap another such type in [`AsyncIo`].
+pub trait RelayIo: Unpin {
+    /// The next bytes read, `None` at end of stream. `scratch` is the caller's buffer for
+    /// ends that must read into memory; the returned bytes may be split off it.
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        scratch: &mut BytesMut,
+    ) -> Poll<io::Result<Option<Bytes>>>;
+
+    /// Writes a prefix of `chunk`, advancing it past what was taken; returns how much.
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>>;
+
+    fn poll_flush_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Half-close: no more writes (TCP FIN, END_STREAM).
+    fn poll_shutdown_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// Reads from an `AsyncRead` into `scratch` (grown to [`RELAY_BUF_SIZE`] when short of room,
+/// never zeroed) and splits off what arrived.
+pub fn read_chunk<R: AsyncRead + Unpin + ?Sized>(
+    reader: &mut R,
+    cx: &mut Context<'_>,
+    scratch: &mut BytesMut,
+) -> Poll<io::Result<Option<Bytes>>> {
+    if scratch.capacity() - scratch.len() < MIN_READ_ROOM {
+        *scratch = BytesMut::with_capacity(RELAY_BUF_SIZE);
+    }
+    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(reader), cx, scratch))?;
+    if n == 0 {
+        return Poll::Ready(Ok(None));
+    }
+    Poll::Ready(Ok(Some(scratch.split().freeze())))
+}
+
+/// Writes a prefix of `chunk` to an `AsyncWrite`.
+pub fn write_chunk<W: AsyncWrite + Unpin + ?Sized>(
+    writer: &mut W,
+    cx: &mut Context<'_>,
+    chunk: &mut Bytes,
+) -> Poll<io::Result<usize>> {
+    let n = ready!(Pin::new(writer).poll_write(cx, chunk))?;
+    chunk.advance(n);
+    Poll::Ready(Ok(n))
+}
+
+/// Any `AsyncRead + AsyncWrite` stream as a relay end.
+#[derive(Debug)]
+pub struct AsyncIo<T>(pub T);
+
+macro_rules! relay_io_via_async {
+    ($($(#[$doc:meta])* [$($generics:tt)*] $ty:ty),* $(,)?) => {$(
+        $(#[$doc])*
+        impl<$($generics)*> RelayIo for $ty {
+            fn poll_read_chunk(
+                &mut self,
+                cx: &mut Context<'_>,
+                scratch: &mut BytesMut,
+            ) -> Poll<io::Result<Option<Bytes>>> {
+                read_chunk(self.as_io(), cx, scratch)
+            }
+
+            fn poll_write_chunk(
+                &mut self,
+                cx: &mut Context<'_>,
+                chunk: &mut Bytes,
+            ) -> Poll<io::Result<usize>> {
+                write_chunk(self.as_io(), cx, chunk)
+            }
+
+            fn poll_flush_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(self.as_io()).poll_flush(cx)
+            }
+
+            fn poll_shutdown_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(self.as_io()).poll_shutdown(cx)
+            }
+        }
+    )*};
+}
+
+/// The stream a [`relay_io_via_async!`] type reads and writes.
+trait AsIo {
+    type Io: AsyncRead + AsyncWrite + Unpin + ?Sized;
+    fn as_io(&mut self) -> &mut Self::Io;
+}
+
+impl AsIo for TcpStream {
+    type Io = TcpStream;
+    fn as_io(&mut self) -> &mut TcpStream {
+        self
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsIo for AsyncIo<T> {
+    type Io = T;
+    fn as_io(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + ?Sized> AsIo for Box<T> {
+    type Io = T;
+    fn as_io(&mut self) -> &mut T {
+        self
+    }
+}
+
+relay_io_via_async!(
+    [] TcpStream,
+    [T: AsyncRead + AsyncWrite + Unpin] AsyncIo<T>,
+    /// A boxed stream (e.g. `Box<dyn AsyncRead + AsyncWrite + Unpin>`).
+    [T: AsyncRead + AsyncWrite + Unpin + ?Sized] Box<T>,
+);
 
 /// Copies bytes both ways until both directions have finished. EOF on one side becomes a
 /// write shutdown (TCP FIN / END_STREAM) on the other while the opposite direction keeps
@@ -31,8 +164,8 @@ pub async fn relay<A, B>(
     mut on_bytes: impl FnMut(Direction, u64),
 ) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: RelayIo,
+    B: RelayIo,
 {
     let mut a_to_b = Pipe::new(Direction::AToB);
     let mut b_to_a = Pipe::new(Direction::BToA);
@@ -50,10 +183,10 @@ where
 /// One direction's copy state.
 struct Pipe {
     dir: Direction,
-    buf: Box<[u8]>,
-    /// Bytes `buf[pos..filled]` are read but not yet written.
-    pos: usize,
-    filled: usize,
+    /// Read memory for socket ends; empty (no allocation) while the reader is idle.
+    scratch: BytesMut,
+    /// Read but not yet written.
+    chunk: Bytes,
     read_eof: bool,
     /// Written bytes the writer may still buffer.
     need_flush: bool,
@@ -67,11 +200,8 @@ impl Pipe {
     fn new(dir: Direction) -> Self {
         Pipe {
             dir,
-            // Allocated when there is something to read, freed when the reader goes idle:
-            // an idle tunnel (the common case with many connections) holds no buffer.
-            buf: Box::default(),
-            pos: 0,
-            filled: 0,
+            scratch: BytesMut::new(),
+            chunk: Bytes::new(),
             read_eof: false,
             need_flush: false,
             done: false,
@@ -87,36 +217,26 @@ impl Pipe {
         on_bytes: &mut impl FnMut(Direction, u64),
     ) -> Poll<io::Result<()>>
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        R: RelayIo,
+        W: RelayIo,
     {
         if self.done {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if self.pos == self.filled && !self.read_eof {
-                if self.buf.is_empty() {
-                    self.buf = vec![0; RELAY_BUF_SIZE].into_boxed_slice();
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_eof = true;
-                        } else {
-                            self.pos = 0;
-                            self.filled = n;
-                        }
-                    }
+            if self.chunk.is_empty() && !self.read_eof {
+                match reader.poll_read_chunk(cx, &mut self.scratch) {
+                    Poll::Ready(Ok(Some(chunk))) => self.chunk = chunk,
+                    Poll::Ready(Ok(None)) => self.read_eof = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
-                        // Nothing buffered and nothing to read: give the memory back.
-                        self.buf = Box::default();
-                        // Nothing more to read right now: push out what the writer holds
-                        // before sleeping, or small messages would sit in its buffer.
+                        // Nothing buffered and nothing to read: give the memory back (an
+                        // idle tunnel, the common case with many connections, holds none).
+                        self.scratch = BytesMut::new();
+                        // Push out what the writer holds before sleeping, or small messages
+                        // would sit in its buffer.
                         if self.need_flush {
-                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                            ready!(writer.poll_flush_io(cx))?;
                             self.need_flush = false;
                         }
                         return Poll::Pending;
@@ -124,27 +244,24 @@ impl Pipe {
                 }
             }
 
-            while self.pos < self.filled {
-                let n = ready!(
-                    Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.filled])
-                )?;
+            while !self.chunk.is_empty() {
+                let n = ready!(writer.poll_write_chunk(cx, &mut self.chunk))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::WriteZero,
                         "relay: writer accepted zero bytes",
                     )));
                 }
-                self.pos += n;
                 self.need_flush = true;
                 let n = n as u64;
                 self.total += n;
                 on_bytes(self.dir, n);
             }
 
-            if self.read_eof && self.pos == self.filled {
-                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+            if self.read_eof {
+                ready!(writer.poll_flush_io(cx))?;
                 self.need_flush = false;
-                match ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
+                match ready!(writer.poll_shutdown_io(cx)) {
                     Ok(()) => {}
                     // The other side is already fully closed: the half-close has nowhere to
                     // go, which is not an error for the relay.

@@ -9,6 +9,7 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::pool::StreamSlot;
+use super::relay::RelayIo;
 
 /// Most bytes handed to h2 per `poll_write`, so one writer cannot queue unbounded data.
 const MAX_WRITE_CHUNK: usize = 256 * 1024;
@@ -67,6 +68,53 @@ impl H2Stream {
     }
 }
 
+impl H2Stream {
+    /// Fills `pending` with the next received bytes unless it holds some; `false` at the end
+    /// of the stream. Releases no window: the caller does, as bytes are consumed.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        while self.pending.is_empty() {
+            if self.read_eof {
+                return Poll::Ready(Ok(false));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                // Empty DATA frames are legal; loop for the next one.
+                Some(Ok(data)) => self.pending = data,
+                // RST_STREAM(NO_ERROR) is how a peer says "done, stop sending" (RFC 9113
+                // 8.1): for the read side that is an orderly end.
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => self.read_eof = true,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => self.read_eof = true,
+            }
+        }
+        Poll::Ready(Ok(true))
+    }
+
+    /// Waits for send capacity (the peer's window) for up to `want` bytes; returns how many
+    /// may be sent now.
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "hbone stream: write after shutdown",
+            )));
+        }
+        let want = want.min(MAX_WRITE_CHUNK);
+        self.send.reserve_capacity(want);
+        loop {
+            let cap = self.send.capacity();
+            if cap > 0 {
+                return Poll::Ready(Ok(cap.min(want)));
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                // The stream can no longer send: reset by the peer or the connection is gone.
+                None => return Poll::Ready(Err(self.closed_error(cx))),
+            }
+        }
+    }
+}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -74,33 +122,62 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if buf.remaining() == 0 {
+        if buf.remaining() == 0 || !ready!(this.poll_pending(cx))? {
             return Poll::Ready(Ok(()));
         }
-        loop {
-            if !this.pending.is_empty() {
-                let n = this.pending.len().min(buf.remaining());
-                buf.put_slice(&this.pending[..n]);
-                this.pending.advance(n);
-                this.recv
-                    .flow_control()
-                    .release_capacity(n)
-                    .map_err(h2_to_io)?;
-                return Poll::Ready(Ok(()));
-            }
-            if this.read_eof {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                // Empty DATA frames are legal; loop for the next one.
-                Some(Ok(data)) => this.pending = data,
-                // RST_STREAM(NO_ERROR) is how a peer says "done, stop sending" (RFC 9113
-                // 8.1): for the read side that is an orderly end.
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => this.read_eof = true,
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => this.read_eof = true,
-            }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        this.recv
+            .flow_control()
+            .release_capacity(n)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Zero-copy relaying: received DATA payloads are handed out as they are, and chunks to
+/// send become DATA payloads without being copied.
+impl RelayIo for H2Stream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _scratch: &mut BytesMut,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        if !ready!(self.poll_pending(cx))? {
+            return Poll::Ready(Ok(None));
         }
+        let chunk = std::mem::take(&mut self.pending);
+        // The window reopens as the relay takes the bytes: it holds at most this chunk on
+        // top of what the window lets the peer send.
+        self.recv
+            .flow_control()
+            .release_capacity(chunk.len())
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(Some(chunk)))
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_send_capacity(cx, chunk.len()))?;
+        self.send
+            .send_data(chunk.split_to(n), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_flush(cx)
+    }
+
+    fn poll_shutdown_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
     }
 }
 
@@ -114,33 +191,14 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if this.write_closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "hbone stream: write after shutdown",
-            )));
+        let n = ready!(this.poll_send_capacity(cx, buf.len()))?;
+        if this.write_buf.capacity() < n {
+            this.write_buf.reserve(n.max(WRITE_BUF_SIZE));
         }
-        let want = buf.len().min(MAX_WRITE_CHUNK);
-        this.send.reserve_capacity(want);
-        loop {
-            let cap = this.send.capacity();
-            if cap > 0 {
-                let n = cap.min(want);
-                if this.write_buf.capacity() < n {
-                    this.write_buf.reserve(n.max(WRITE_BUF_SIZE));
-                }
-                this.write_buf.extend_from_slice(&buf[..n]);
-                let chunk = this.write_buf.split().freeze();
-                this.send.send_data(chunk, false).map_err(h2_to_io)?;
-                return Poll::Ready(Ok(n));
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                // The stream can no longer send: reset by the peer or the connection is gone.
-                None => return Poll::Ready(Err(this.closed_error(cx))),
-            }
-        }
+        this.write_buf.extend_from_slice(&buf[..n]);
+        let chunk = this.write_buf.split().freeze();
+        this.send.send_data(chunk, false).map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

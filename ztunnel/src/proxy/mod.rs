@@ -550,8 +550,8 @@ pub(crate) async fn relay_counted<A, B>(
     cancel: Option<&CancellationToken>,
     mut log: AccessLog<'_>,
 ) where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: mesh::hbone::RelayIo,
+    B: mesh::hbone::RelayIo,
 {
     pi.metrics.tcp_opened(labels);
     let counters = pi.metrics.tcp_counters(labels);

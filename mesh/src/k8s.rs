@@ -11,14 +11,17 @@
 //! Understood kinds: `v1` `Namespace`, `ServiceAccount`, `Pod`, `Service` (and `List` of
 //! them), `security.istio.io/v1` or `v1beta1` `PeerAuthentication` and
 //! `AuthorizationPolicy`, `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
-//! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses). Every other kind is skipped with a debug log, so the same files can
-//! also carry Deployments, Gateways and the like for other consumers.
+//! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses) and `HTTPRoute`
+//! (parents, matches, filters, weighted backends, timeouts: `k8s/route.rs`). Every other kind
+//! is skipped with a debug log, so the same files can also carry Deployments and the like for
+//! other consumers.
 //!
 //! Core kinds ignore fields they do not use (real manifests carry many); policy specs reject
 //! unknown fields, because a misspelt field silently changes what a policy matches.
 
 mod core;
 mod gateway;
+mod route;
 mod security;
 mod yaml;
 
@@ -34,8 +37,8 @@ use serde_yaml::Value;
 use tracing::debug;
 
 use crate::model::{
-    AuthorizationPolicy, Gateway, Labels, Model, Namespace, NamespacedName, PeerAuthentication,
-    Pod, Service,
+    AuthorizationPolicy, Gateway, HttpRoute, Labels, Model, Namespace, NamespacedName,
+    PeerAuthentication, Pod, Service,
 };
 use yaml::{FieldError, FieldResult, Node};
 
@@ -245,6 +248,7 @@ struct Loader {
     peer_authentications: BTreeMap<NamespacedName, PeerAuthentication>,
     authorization_policies: BTreeMap<NamespacedName, AuthorizationPolicy>,
     gateways: BTreeMap<NamespacedName, Gateway>,
+    http_routes: Vec<HttpRoute>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
 }
@@ -259,6 +263,7 @@ enum Kind {
     PeerAuthentication,
     AuthorizationPolicy,
     Gateway,
+    HttpRoute,
 }
 
 impl Kind {
@@ -278,6 +283,7 @@ impl Kind {
                 (Kind::AuthorizationPolicy, &["v1", "v1beta1"])
             }
             ("gateway.networking.k8s.io", "Gateway") => (Kind::Gateway, &["v1", "v1beta1"]),
+            ("gateway.networking.k8s.io", "HTTPRoute") => (Kind::HttpRoute, &["v1", "v1beta1"]),
             _ => return Ok(None),
         };
         if versions.contains(&version) {
@@ -417,6 +423,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.gateways.insert(key, gw);
             }
+            Kind::HttpRoute => {
+                let route = route::http_route(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.http_routes.push(route);
+            }
         }
         Ok(())
     }
@@ -450,6 +461,7 @@ impl Loader {
             self.authorization_policies.into_values().collect(),
         )
         .with_gateways(self.gateways)
+        .with_http_routes(self.http_routes)
     }
 }
 
@@ -546,3 +558,6 @@ pub(crate) fn dns_subdomain(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod route_tests;

@@ -4,6 +4,7 @@
 //! - [`identity`]: SPIFFE identities.
 //! - [`model`]: the mesh model the proxies query (pure, no IO); [`k8s`] builds it from YAML.
 //! - [`policy`]: PeerAuthentication and AuthorizationPolicy evaluation (pure).
+//! - [`route`]: path normalisation and HTTPRoute matching, backends, filters (pure).
 //! - [`ca`], [`certs`]: the embedded CA and the per-workload certificate cache with rotation.
 //!   Only these two modules ever hold private keys.
 //! - [`tls`]: rustls configurations and SPIFFE verification.
@@ -19,6 +20,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod route;
 pub mod tls;
 
 pub use identity::Identity;

@@ -9,7 +9,14 @@ use serde::Serialize;
 
 use crate::identity::Identity;
 
+mod route;
 mod waypoint;
+
+pub use route::{
+    BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, ParentKind, ParentRef, PathMatch,
+    PathModifier, Pattern, QueryMatch, RequestRedirect, RouteMatch, RouteRule, Scheme, Timeouts,
+    UrlRewrite, ValueMatch,
+};
 
 pub use waypoint::{
     use_waypoint, WaypointAddress, WaypointFor, WaypointTarget, GATEWAY_NAME_LABEL,
@@ -244,6 +251,9 @@ pub struct Model {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Gateways of every class; see [`Model::waypoint_for_service`].
     pub gateways: BTreeMap<NamespacedName, Gateway>,
+    /// HTTPRoutes, oldest first (`creationTimestamp`, routes without one last), then by
+    /// namespace and name: the order the Gateway API settles equal matches by.
+    pub http_routes: Vec<HttpRoute>,
     #[serde(skip)]
     index: Index,
 }
@@ -276,6 +286,7 @@ impl Model {
             peer_authentications,
             authorization_policies,
             gateways: BTreeMap::new(),
+            http_routes: Vec::new(),
             index: Index::default(),
         };
         m.reindex();
@@ -286,6 +297,20 @@ impl Model {
     /// not know about Gateways).
     pub fn with_gateways(mut self, gateways: BTreeMap<NamespacedName, Gateway>) -> Self {
         self.gateways = gateways;
+        self
+    }
+
+    /// The model with `routes`, put in precedence order (see [`Model::http_routes`]).
+    pub fn with_http_routes(mut self, mut routes: Vec<HttpRoute>) -> Self {
+        routes.sort_by(|a, b| {
+            (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
+                b.created.is_none(),
+                &b.created,
+                &b.namespace,
+                &b.name,
+            ))
+        });
+        self.http_routes = routes;
         self
     }
 

@@ -2,6 +2,7 @@
 //! speaks HTTP/1.x, reading request heads, and building the JSON reply.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
@@ -9,6 +10,9 @@ use serde_json::{json, Map, Value};
 /// How many bytes may arrive before the server must decide: a request line longer than this
 /// is not something a test sends, so the connection is treated as raw bytes.
 pub const SNIFF_LIMIT: usize = 8 * 1024;
+
+/// Longest delay a request may ask for with `?delay_ms=`.
+pub const MAX_DELAY: Duration = Duration::from_secs(10);
 
 /// Methods recognised at the start of a connection.
 const METHODS: [&str; 9] = [
@@ -213,6 +217,17 @@ pub fn response_bytes(head: &RequestHead, body: &Value, keep_alive: bool) -> Vec
     out
 }
 
+/// How long to wait before answering a request for `target`: its `delay_ms` query parameter
+/// (first occurrence), capped at [`MAX_DELAY`]; none when absent or not a number.
+pub fn requested_delay(target: &str) -> Option<Duration> {
+    let query = target.split_once('?')?.1;
+    let value = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("delay_ms="))?;
+    let ms: u64 = value.parse().ok()?;
+    Some(Duration::from_millis(ms).min(MAX_DELAY))
+}
+
 /// A `400 Bad Request` for heads that cannot be parsed; the connection is closed after it.
 pub fn bad_request(reason: &str) -> Vec<u8> {
     format!(
@@ -322,6 +337,22 @@ mod tests {
         let response = crate::http::parse_response(&bytes).expect("valid response");
         assert_eq!(response.status, 200);
         assert_eq!(response.json().expect("json"), body);
+    }
+
+    #[test]
+    fn delays_come_from_the_query_and_are_bounded() {
+        let ms = |n| Some(Duration::from_millis(n));
+        for (target, want) in [
+            ("/slow?delay_ms=250", ms(250)),
+            ("/slow?a=1&delay_ms=5", ms(5)),
+            ("/slow?delay_ms=99999999", Some(MAX_DELAY)),
+            ("/slow?delay_ms=", None),
+            ("/slow?delay_ms=-1", None),
+            ("/slow?xdelay_ms=5", None),
+            ("/slow", None),
+        ] {
+            assert_eq!(requested_delay(target), want, "{target}");
+        }
     }
 
     #[test]

@@ -1,28 +1,41 @@
 //! HTTP on a tunnel: hyper serves HTTP/1.1 or HTTP/2 on the decrypted CONNECT stream, and
 //! every request passes the same fixed sequence of phases (as pingora structures a proxy):
 //!
-//! 1. **downstream**: read method, authority and path; drop hop-by-hop headers; add
-//!    `x-request-id` when absent (`traceparent` and the other headers pass unchanged);
+//! 1. **downstream**: read method, authority and path; drop hop-by-hop headers and
+//!    client-supplied internal control headers (`x-envoy-*`, `x-istio-*`, `x-mesh-*`,
+//!    `x-forwarded-client-cert`); add `x-request-id` when absent (`traceparent` and the other
+//!    headers pass unchanged); normalise the path once ([`mesh::route::normalize_path`]; a
+//!    path it refuses is answered 400) — policy, routing and the upstream all see that path;
 //! 2. **authorize**: L7 AuthorizationPolicy ([`mesh::policy::l7::authorize_l7`]) for this
 //!    waypoint and the destination Service; a denial is answered `403 RBAC: access denied`;
-//! 3. **select**: the destination's ready endpoints from the current model, round robin per
+//! 3. **route**: the HTTPRoute rule for the request ([`mesh::route::route`]): none attached →
+//!    the Service itself; attached but no rule matches → 404; a `RequestRedirect` is answered
+//!    here (301/302 + `Location`, nothing sent upstream); otherwise a backend picked by weight
+//!    for this request, request-header modifiers and `URLRewrite` applied, response-header
+//!    modifiers and timeouts kept for later;
+//! 4. **select**: the backend's ready endpoints from the current model, round robin per
 //!    request (so one long-lived HTTP/2 client is spread over all endpoints);
-//! 4. **connect**: a pooled upstream connection to the endpoint, the next endpoint when one
+//! 5. **connect**: a pooled upstream connection to the endpoint, the next endpoint when one
 //!    cannot be reached (the request has not been sent, so this is always safe);
-//! 5. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the port declares);
-//! 6. **respond**: hop-by-hop headers dropped; metrics and the access-log line are written
-//!    when the response body ends (or the client goes away).
+//! 6. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the backend port declares),
+//!    within `timeouts.backendRequest` for the attempt and `timeouts.request` from the
+//!    request's arrival (both until the response headers);
+//! 7. **respond**: hop-by-hop headers dropped, response-header modifiers applied; metrics
+//!    (`destination_service` = the backend used) and the access-log line (with the rule and
+//!    backend) are written when the response body ends (or the client goes away).
 //!
 //! Errors are classified by where they come from ([`ResponseFlag`]): policy (`DENY`, 403),
-//! no endpoint (`UH`, 503), connect failure (`UF`, 503), upstream reset before a response
-//! (`UC`, 503), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
+//! no matching rule (`NR`, 404), no usable backend (`NC`, 500), no endpoint (`UH`, 503),
+//! connect failure (`UF`, 503), upstream reset before a response (`UC`, 503), timeout (`UT`,
+//! 504), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -31,18 +44,33 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh::model::{HeaderModifier, Timeouts};
 use mesh::policy::l7::{authorize_l7, L7Request, DENIED_BODY};
 use mesh::policy::Decision;
+use mesh::route::{
+    self, modify_headers, modify_path, normalize_path, pick_backend, redirect_location,
+    NormalizedPath, RouteRequest, Routing, Selected,
+};
 
+use crate::destination::Target;
 use crate::inbound::rr_key;
 use crate::io::Io;
 use crate::protocol::Declared;
-use crate::proxy::{ConnCtx, Inputs};
+use crate::proxy::{upstream_proto, ConnCtx, Inputs};
 use crate::telemetry::{AccessLog, HttpMetrics, LabelInputs, ResponseFlag};
-use crate::upstream::{UpBody, UpstreamProto};
+use crate::upstream::{Endpoint, UpBody, UpstreamProto};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// Set on a request whose path a `URLRewrite` changed: the path before (as Envoy does).
+pub const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+
+/// Headers that steer proxies or carry identity inside the mesh: a client never sets them
+/// (RELIABILITY 26), whatever it sends is dropped before policy and routing. Envoy's
+/// (`x-envoy-*`: retry/timeout overrides, upstream info), Istio's (`x-istio-*`), ours
+/// (`x-mesh-*`, reserved for internal use) and the client-certificate header.
+const INTERNAL_HEADER_PREFIXES: [&str; 3] = ["x-envoy-", "x-istio-", "x-mesh-"];
+const INTERNAL_HEADERS: [&str; 1] = ["x-forwarded-client-cert"];
 
 /// Endpoints tried for one request before it fails with `UF`.
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -125,12 +153,16 @@ async fn handle(
     let (mut parts, body) = req.into_parts();
     let authority =
         request_authority(&parts.uri, &parts.headers).unwrap_or_else(|| ctx.authority.to_string());
-    let path = parts
+    let raw_target = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".to_string());
     strip_hop_by_hop(&mut parts.headers, !downstream_h2);
+    let stripped = strip_internal(&mut parts.headers);
+    if stripped > 0 {
+        tracing::debug!(stripped, "dropped client-supplied internal headers");
+    }
     let request_id = match parts
         .headers
         .get(X_REQUEST_ID)
@@ -168,29 +200,50 @@ async fn handle(
         protocol: if downstream_h2 { "HTTP/2" } else { "HTTP/1.1" },
         method: parts.method.to_string(),
         authority: authority.clone(),
-        path: path.clone(),
+        path: raw_target.clone(),
         request_id,
         service: ctx.target.service_key().map(|k| k.to_string()),
+        route: None,
+        backend: None,
         upstream: None,
         reason: None,
     };
     let req_bytes = Arc::new(AtomicU64::new(0));
-    let local =
-        |status: StatusCode, body: &'static str, flag, labels, log: AccessLog, reason: String| {
-            let log = AccessLog {
-                reason: Some(reason),
-                ..log
-            };
-            local_reply(
-                status,
-                body,
-                flag,
+    let local = |status: StatusCode,
+                 body: &'static str,
+                 flag: Option<ResponseFlag>,
+                 labels,
+                 log: AccessLog,
+                 reason: String| {
+        let log = AccessLog {
+            reason: Some(reason),
+            ..log
+        };
+        local_reply(
+            status,
+            body,
+            flag,
+            labels,
+            log,
+            &inputs.http_metrics,
+            &req_bytes,
+        )
+    };
+    // One normalised path for policy, routing and the upstream (RELIABILITY 21).
+    let normalized = match normalize_path(&raw_target) {
+        Ok(n) => n,
+        Err(e) => {
+            return local(
+                StatusCode::BAD_REQUEST,
+                "bad request",
+                Some(ResponseFlag::BadRequest),
                 labels,
                 log,
-                &inputs.http_metrics,
-                &req_bytes,
+                format!("path: {e}"),
             )
-        };
+        }
+    };
+    let path = normalized.path_and_query();
 
     // 2. authorize
     let l7 = L7Request {
@@ -220,20 +273,162 @@ async fn handle(
         return local(
             StatusCode::FORBIDDEN,
             DENIED_BODY,
-            ResponseFlag::Deny,
+            Some(ResponseFlag::Deny),
             labels,
             log,
             reason,
         );
     }
 
-    // 3. select
-    let Some(resolved) = resolved.filter(|r| !r.endpoints.is_empty()) else {
-        let reason = format!("no ready endpoint for {}", ctx.authority);
+    // 3. route: which backend Service, with which filters and timeouts.
+    let mut backend = ctx.target.clone();
+    let mut upstream_path = path.clone();
+    let mut upstream_authority = authority.clone();
+    let mut response_mods: Vec<HeaderModifier> = Vec::new();
+    let mut timeouts = Timeouts::default();
+    if let Some((svc, port)) = resolved.as_ref().and_then(|r| r.service.zip(r.port)) {
+        let request = RouteRequest {
+            host: &authority,
+            method: parts.method.as_str(),
+            path: &normalized.path,
+            query: normalized.query.as_deref(),
+            headers: &parts.headers,
+        };
+        match route::route(&model, &inputs.cfg.gateway, svc, port, &request) {
+            Routing::Default => {}
+            Routing::NoMatch => {
+                return local(
+                    StatusCode::NOT_FOUND,
+                    "route not found",
+                    Some(ResponseFlag::NoRoute),
+                    labels,
+                    log,
+                    "no HTTPRoute rule matches".to_string(),
+                )
+            }
+            Routing::Matched(sel) => {
+                let rule = sel.rule;
+                log.route = Some(rule_label(&sel));
+                if let Some(redirect) = &rule.filters.redirect {
+                    let location = redirect_location(
+                        redirect,
+                        &authority,
+                        ctx.authority.port(),
+                        &normalized.path,
+                        normalized.query.as_deref(),
+                        sel.matched,
+                    );
+                    let status =
+                        StatusCode::from_u16(redirect.status_code).unwrap_or(StatusCode::FOUND);
+                    let reason = format!("redirect to {location}");
+                    let mut rsp = local(status, "", None, labels, log, reason);
+                    if let Ok(v) = HeaderValue::from_str(&location) {
+                        rsp.headers_mut().insert(header::LOCATION, v);
+                    }
+                    return rsp;
+                }
+                let Some(chosen) = pick_backend(&rule.backends, rand::random()) else {
+                    return local(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "no backend",
+                        Some(ResponseFlag::NoCluster),
+                        labels,
+                        log,
+                        "the rule has no backend with a weight above 0".to_string(),
+                    );
+                };
+                log.backend = Some(format!("{}:{}", chosen.service, chosen.port));
+                if chosen.service.namespace != sel.route.namespace {
+                    // The Gateway API needs a ReferenceGrant for this; without support for
+                    // them, refuse rather than let a route reach into any namespace.
+                    return local(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "no backend",
+                        Some(ResponseFlag::NoCluster),
+                        labels,
+                        log,
+                        "cross-namespace backendRef needs a ReferenceGrant (not supported)"
+                            .to_string(),
+                    );
+                }
+                backend = Target::Service {
+                    svc: chosen.service.clone(),
+                    port: chosen.port,
+                };
+                timeouts = rule.timeouts;
+                for filters in [&rule.filters, &chosen.filters] {
+                    if let Some(m) = &filters.request_headers {
+                        modify_headers(&mut parts.headers, m);
+                    }
+                    if let Some(m) = &filters.response_headers {
+                        response_mods.push(m.clone());
+                    }
+                }
+                if let Some(rewrite) = &rule.filters.url_rewrite {
+                    if let Some(host) = &rewrite.hostname {
+                        upstream_authority = host.clone();
+                        if let Ok(v) = HeaderValue::from_str(host) {
+                            parts.headers.insert(header::HOST, v);
+                        }
+                    }
+                    if let Some(modifier) = &rewrite.path {
+                        let new_path = modify_path(&normalized.path, sel.matched, modifier);
+                        if new_path != normalized.path {
+                            if let Ok(v) = HeaderValue::from_str(&normalized.path) {
+                                parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
+                            }
+                        }
+                        upstream_path = NormalizedPath {
+                            path: new_path,
+                            query: normalized.query.clone(),
+                        }
+                        .path_and_query();
+                    }
+                }
+            }
+        }
+    }
+
+    // 4. select: the ready endpoints of the backend.
+    let routed = backend != ctx.target;
+    let (backend_resolved, proto) = if routed {
+        let r = backend.lookup(&model, &inputs.cfg.trust_domain);
+        let declared = r
+            .as_ref()
+            .and_then(|r| r.port)
+            .map_or(Declared::Unknown, Declared::of);
+        (r, upstream_proto(declared, downstream_h2))
+    } else {
+        (resolved, ctx.upstream_proto(downstream_h2))
+    };
+    if routed {
+        match &backend_resolved {
+            Some(r) => labels.service = r.service.cloned(),
+            None => {
+                let reason = format!(
+                    "backend {} is not in the model",
+                    log.backend.as_deref().unwrap_or("-")
+                );
+                return local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "no backend",
+                    Some(ResponseFlag::NoCluster),
+                    labels,
+                    log,
+                    reason,
+                );
+            }
+        }
+    }
+    let Some(resolved) = backend_resolved.filter(|r| !r.endpoints.is_empty()) else {
+        let reason = match &log.backend {
+            Some(b) => format!("no ready endpoint for backend {b}"),
+            None => format!("no ready endpoint for {}", ctx.authority),
+        };
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             "no healthy upstream",
-            ResponseFlag::NoHealthyUpstream,
+            Some(ResponseFlag::NoHealthyUpstream),
             labels,
             log,
             reason,
@@ -242,78 +437,58 @@ async fn handle(
     let eps = resolved.endpoints;
     let host = resolved.service.map(|s| s.hostname());
     drop(model);
-    let start = inputs.upstreams.next_index(&rr_key(&ctx.target));
-    let proto = ctx.upstream_proto(downstream_h2);
+    let start = inputs.upstreams.next_index(&rr_key(&backend));
 
-    // 4. connect
+    // 4.-5. connect and send, within `timeouts.request` (from the request's arrival) and
+    // `timeouts.backendRequest` (the attempt).
     let mut chosen = None;
-    let mut last = String::new();
-    for i in 0..eps.len().min(MAX_CONNECT_ATTEMPTS) {
-        let ep = &eps[(start + i) % eps.len()];
-        match inputs
-            .upstreams
-            .checkout(ep, proto, ctx.local.ip(), host.clone())
-            .await
-        {
-            Ok(sender) => {
-                chosen = Some((ep.clone(), sender));
-                break;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "endpoint failed");
-                last = e.to_string();
-                labels.dst_pod = Some(ep.pod.clone());
-                labels.dst_identity = ep.identity.clone();
+    let build = || {
+        upstream_request(
+            parts,
+            body,
+            &upstream_authority,
+            &upstream_path,
+            proto,
+            req_bytes.clone(),
+        )
+    };
+    let attempt = forward(
+        inputs,
+        ctx.local.ip(),
+        &eps,
+        start,
+        proto,
+        host,
+        timeouts.backend_request,
+        build,
+        &mut chosen,
+    );
+    let result = match timeouts.request {
+        Some(limit) => {
+            let deadline = tokio::time::Instant::from_std(started) + limit;
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::timeout(format!("request timeout {limit:?}"))),
             }
         }
+        None => attempt.await,
+    };
+    if let Some(ep) = &chosen {
+        labels.dst_pod = Some(ep.pod.clone());
+        labels.dst_identity = ep.identity.clone();
     }
-    let Some((ep, sender)) = chosen else {
-        return local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream connect error",
-            ResponseFlag::UpstreamFailure,
-            labels,
-            log,
-            last,
-        );
-    };
-    labels.dst_pod = Some(ep.pod.clone());
-    labels.dst_identity = ep.identity.clone();
-    log.upstream = Some(ep.addr);
-
-    // 5. upstream
-    let upstream_req =
-        match upstream_request(parts, body, &authority, &path, proto, req_bytes.clone()) {
-            Ok(r) => r,
-            Err(reason) => {
-                return local(
-                    StatusCode::BAD_REQUEST,
-                    "bad request",
-                    ResponseFlag::BadRequest,
-                    labels,
-                    log,
-                    reason,
-                )
-            }
-        };
-    let response = match inputs.upstreams.send(&ep, sender, upstream_req).await {
+    let response = match result {
         Ok(r) => r,
-        Err(e) => {
-            let reason = format!("upstream {}: {e}", ep.addr);
-            return local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers",
-                ResponseFlag::UpstreamReset,
-                labels,
-                log,
-                reason,
-            );
-        }
+        Err(f) => return local(f.status, f.body, Some(f.flag), labels, log, f.reason),
     };
+    log.upstream = chosen.as_ref().map(|ep| ep.addr);
 
     // 6. respond
     let (mut rsp, body) = response.into_parts();
     strip_hop_by_hop(&mut rsp.headers, false);
+    for m in &response_mods {
+        modify_headers(&mut rsp.headers, m);
+    }
     rsp.version = Version::default();
     let status = rsp.status.as_u16();
     let grpc_status = rsp
@@ -334,6 +509,100 @@ async fn handle(
         },
     );
     Response::from_parts(rsp, body)
+}
+
+/// Why a request got no upstream response: status, body and flag of the local reply.
+struct Failure {
+    status: StatusCode,
+    body: &'static str,
+    flag: ResponseFlag,
+    reason: String,
+}
+
+impl Failure {
+    fn timeout(reason: String) -> Failure {
+        Failure {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            body: "upstream request timeout",
+            flag: ResponseFlag::UpstreamTimeout,
+            reason,
+        }
+    }
+}
+
+/// Phases 4 and 5: a connection to one of `eps` (from `start`, the next endpoint when one
+/// cannot be reached: nothing has been sent yet, so this is always safe), then the request
+/// built by `request`, waiting at most `attempt_timeout` for the response headers. `chosen`
+/// is the endpoint last tried.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    inputs: &Arc<Inputs>,
+    local_ip: IpAddr,
+    eps: &[Endpoint],
+    start: usize,
+    proto: UpstreamProto,
+    host: Option<String>,
+    attempt_timeout: Option<Duration>,
+    request: impl FnOnce() -> Result<Request<UpBody>, String>,
+    chosen: &mut Option<Endpoint>,
+) -> Result<Response<Incoming>, Failure> {
+    let mut connected = None;
+    let mut last = String::new();
+    for i in 0..eps.len().min(MAX_CONNECT_ATTEMPTS) {
+        let ep = &eps[(start + i) % eps.len()];
+        *chosen = Some(ep.clone());
+        match inputs
+            .upstreams
+            .checkout(ep, proto, local_ip, host.clone())
+            .await
+        {
+            Ok(sender) => {
+                connected = Some((ep, sender));
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "endpoint failed");
+                last = e.to_string();
+            }
+        }
+    }
+    let Some((ep, sender)) = connected else {
+        return Err(Failure {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: "upstream connect error",
+            flag: ResponseFlag::UpstreamFailure,
+            reason: last,
+        });
+    };
+    let req = request().map_err(|reason| Failure {
+        status: StatusCode::BAD_REQUEST,
+        body: "bad request",
+        flag: ResponseFlag::BadRequest,
+        reason,
+    })?;
+    let send = inputs.upstreams.send(ep, sender, req);
+    let sent = match attempt_timeout {
+        Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| {
+            Failure::timeout(format!("backendRequest timeout {limit:?} at {}", ep.addr))
+        })?,
+        None => send.await,
+    };
+    sent.map_err(|e| Failure {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        body: "upstream connect error or disconnect/reset before headers",
+        flag: ResponseFlag::UpstreamReset,
+        reason: format!("upstream {}: {e}", ep.addr),
+    })
+}
+
+/// `ns/route/rule` for the access log (the rule's index when it has no name).
+fn rule_label(sel: &Selected<'_>) -> String {
+    let rule = sel
+        .rule
+        .name
+        .clone()
+        .unwrap_or_else(|| sel.rule_index.to_string());
+    format!("{}/{}", sel.route.key(), rule)
 }
 
 /// The request as it goes upstream: origin-form URI and `Host` for HTTP/1.1, absolute URI
@@ -412,6 +681,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, http1_only: bool) {
     }
 }
 
+/// Drops the client's copies of [`INTERNAL_HEADER_PREFIXES`] and [`INTERNAL_HEADERS`];
+/// returns how many names were dropped.
+fn strip_internal(headers: &mut HeaderMap) -> usize {
+    let internal: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            INTERNAL_HEADERS.contains(&name)
+                || INTERNAL_HEADER_PREFIXES.iter().any(|p| name.starts_with(p))
+        })
+        .cloned()
+        .collect();
+    for name in &internal {
+        headers.remove(name);
+    }
+    internal.len()
+}
+
 /// A random version-4 UUID, as Envoy generates request ids.
 pub fn new_request_id() -> String {
     let r = rand::random::<u128>();
@@ -431,13 +718,14 @@ pub fn new_request_id() -> String {
 fn local_reply(
     status: StatusCode,
     body: &'static str,
-    flag: ResponseFlag,
+    flag: Option<ResponseFlag>,
     labels: LabelInputs,
     log: AccessLog,
     metrics: &HttpMetrics,
     req_bytes: &Arc<AtomicU64>,
 ) -> Response<Observed> {
-    tracing::debug!(%status, %flag, reason = log.reason.as_deref().unwrap_or("-"), "local reply");
+    let flag_name = flag.map_or("-", ResponseFlag::as_str);
+    tracing::debug!(%status, flag = flag_name, reason = log.reason.as_deref().unwrap_or("-"), "local reply");
     let full = Full::new(Bytes::from_static(body.as_bytes()))
         .map_err(|never: Infallible| match never {})
         .boxed_unsync();
@@ -447,7 +735,7 @@ fn local_reply(
             metrics: metrics.clone(),
             labels,
             code: status.as_u16(),
-            flag: Some(flag),
+            flag,
             grpc_status: None,
             log,
             req_bytes: req_bytes.clone(),
@@ -639,6 +927,30 @@ mod tests {
         assert_eq!(names, ["traceparent", "x-request-id"]);
         strip_hop_by_hop(&mut h2, false);
         assert_eq!(h2.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+    }
+
+    #[test]
+    fn internal_control_headers_from_the_client_are_dropped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-envoy-upstream-rq-timeout-ms", "1"),
+            ("x-envoy-retry-on", "5xx"),
+            ("x-envoy-original-path", "/admin"),
+            ("x-istio-attributes", "x"),
+            ("x-mesh-internal", "1"),
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://cluster.local/ns/a/sa/b",
+            ),
+            ("x-envoyish", "kept"),
+            ("x-request-id", "abc"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        assert_eq!(strip_internal(&mut h), 6);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["x-envoyish", "x-request-id"]);
     }
 
     #[test]

@@ -55,12 +55,17 @@ impl ConnCtx {
     /// The HTTP version to speak upstream: what the port declares, else what the client
     /// spoke (Envoy's `USE_DOWNSTREAM_PROTOCOL` for undeclared ports).
     pub fn upstream_proto(&self, downstream_h2: bool) -> UpstreamProto {
-        match self.declared {
-            Declared::Http => UpstreamProto::Http1,
-            Declared::Http2 | Declared::Grpc => UpstreamProto::Http2,
-            Declared::Tcp | Declared::Unknown if downstream_h2 => UpstreamProto::Http2,
-            Declared::Tcp | Declared::Unknown => UpstreamProto::Http1,
-        }
+        upstream_proto(self.declared, downstream_h2)
+    }
+}
+
+/// The HTTP version to speak to a port that declares `declared`.
+pub fn upstream_proto(declared: Declared, downstream_h2: bool) -> UpstreamProto {
+    match declared {
+        Declared::Http => UpstreamProto::Http1,
+        Declared::Http2 | Declared::Grpc => UpstreamProto::Http2,
+        Declared::Tcp | Declared::Unknown if downstream_h2 => UpstreamProto::Http2,
+        Declared::Tcp | Declared::Unknown => UpstreamProto::Http1,
     }
 }
 

@@ -50,6 +50,13 @@ pub enum ResponseFlag {
     BadRequest,
     /// The downstream went away before the response finished.
     DownstreamClosed,
+    /// HTTPRoutes apply to the destination but none of their rules matches (404).
+    NoRoute,
+    /// The chosen rule has no usable backend: none, all of weight 0, or one the model does
+    /// not have or may not be used (cross-namespace without a ReferenceGrant) (500).
+    NoCluster,
+    /// `timeouts.request` or `timeouts.backendRequest` expired before the response (504).
+    UpstreamTimeout,
 }
 
 impl ResponseFlag {
@@ -61,6 +68,9 @@ impl ResponseFlag {
             ResponseFlag::UpstreamReset => "UC",
             ResponseFlag::BadRequest => "BADREQ",
             ResponseFlag::DownstreamClosed => "DC",
+            ResponseFlag::NoRoute => "NR",
+            ResponseFlag::NoCluster => "NC",
+            ResponseFlag::UpstreamTimeout => "UT",
         }
     }
 }
@@ -264,6 +274,10 @@ pub struct AccessLog {
     pub request_id: String,
     /// `ns/name` of the Service (or `-`).
     pub service: Option<String>,
+    /// `ns/name/rule` of the HTTPRoute rule taken (rule index when it has no name).
+    pub route: Option<String>,
+    /// `ns/name:port` of the backend Service used (differs from `service` when routed).
+    pub backend: Option<String>,
     /// The endpoint the request went to.
     pub upstream: Option<SocketAddr>,
     pub reason: Option<String>,
@@ -283,6 +297,8 @@ impl AccessLog {
             path = %self.path,
             request_id = %self.request_id,
             service = self.service.as_deref().unwrap_or("-"),
+            route = self.route.as_deref().unwrap_or("-"),
+            backend = self.backend.as_deref().unwrap_or("-"),
             upstream = upstream.as_deref().unwrap_or("-"),
             code,
             flags = flag.map_or("-", ResponseFlag::as_str),

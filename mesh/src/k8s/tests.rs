@@ -281,8 +281,8 @@ kind: Deployment
 metadata: {name: web}
 spec: {replicas: "not even valid"}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
 metadata: {name: route}
 ---
 apiVersion: v1

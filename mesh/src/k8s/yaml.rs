@@ -103,6 +103,16 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// An integer.
+    pub fn int(&self) -> FieldResult<i64> {
+        match self.value {
+            Value::Number(n) => n
+                .as_i64()
+                .ok_or_else(|| self.err(format!("expected an integer, found {n}"))),
+            _ => Err(self.expected("an integer")),
+        }
+    }
+
     /// A TCP/UDP port number, 1-65535.
     pub fn port(&self) -> FieldResult<u16> {
         match self.value {

@@ -7,7 +7,8 @@
 //! Prints `listening on <addr>` once per bound port (port 0 picks a free one). A connection
 //! whose first bytes are an HTTP/1.x request line is served as HTTP with keep-alive: every
 //! request is answered `200` with a JSON body naming the server, the peer as seen by the
-//! server, the method, path and headers (see `e2e::echo::reply_body`). Any other connection
+//! server, the method, path and headers (see `e2e::echo::reply_body`), after the delay a
+//! `?delay_ms=N` query asks for (at most 10 s). Any other connection
 //! gets its bytes echoed back until the client shuts down writing; then the server finishes
 //! echoing and shuts down its side.
 
@@ -18,7 +19,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use e2e::echo::{bad_request, reply_body, response_bytes, sniff, BodyFraming, RequestHead, Sniff};
+use e2e::echo::{
+    bad_request, reply_body, requested_delay, response_bytes, sniff, BodyFraming, RequestHead,
+    Sniff,
+};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -149,6 +153,9 @@ async fn serve_http<R: AsyncBufRead + Unpin>(
             BodyFraming::Length(n) => discard_exactly(&mut reader, n).await?,
             BodyFraming::Chunked => discard_chunked(&mut reader).await?,
         };
+        if let Some(delay) = requested_delay(&head.path) {
+            tokio::time::sleep(delay).await;
+        }
         let keep_alive = head.keep_alive();
         let body = reply_body(name, peer, &head, body_bytes);
         write

@@ -1,0 +1,259 @@
+//! HTTPRoute translation: what a valid route becomes, and the named error of each invalid one.
+
+use std::time::Duration;
+
+use super::*;
+use crate::model::{ParentKind, PathMatch, PathModifier, Scheme, ValueMatch};
+
+/// Loads `route` (a YAML `spec` body, indented by two) as `default/r`; `Ok` the route, `Err`
+/// the message.
+fn load(spec: &str) -> Result<HttpRoute, String> {
+    let doc = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: r, namespace: default}}\nspec:\n{spec}"
+    );
+    load_docs(&[("routes.yaml".to_string(), doc)])
+        .map(|m| m.http_routes[0].clone())
+        .map_err(|e| e.to_string())
+}
+
+fn check(spec: &str, expected: Result<fn(&HttpRoute), &str>) {
+    match (load(spec), expected) {
+        (Ok(route), Ok(assert)) => assert(&route),
+        (Err(got), Err(want)) => assert!(got.contains(want), "{got:?} lacks {want:?}\n{spec}"),
+        (got, _) => panic!("unexpected {got:?} for\n{spec}"),
+    }
+}
+
+#[test]
+fn a_full_route_becomes_typed_model_data() {
+    check(
+        r#"
+  parentRefs:
+  - {group: "", kind: Service, name: echo, port: 80}
+  - {name: waypoint, sectionName: mesh}
+  hostnames: ["*.example.com"]
+  rules:
+  - name: v2
+    matches:
+    - path: {type: PathPrefix, value: /api/}
+      headers: [{name: X-Version, value: v2}, {type: RegularExpression, name: x-b, value: "a|b"}]
+      queryParams: [{name: q, value: "1"}]
+      method: GET
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-a, value: "1"}], add: [{name: x-b, value: "2"}], remove: [x-c]}
+    - type: URLRewrite
+      urlRewrite: {hostname: new.example.com, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    backendRefs:
+    - {name: echo-v2, port: 80, weight: 80}
+    - {name: echo-v1, namespace: other, port: 80, weight: 0}
+    timeouts: {request: 1m30s, backendRequest: 500ms}
+  - matches: [{path: {type: Exact, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, hostname: new.example.com, port: 8443, statusCode: 301, path: {type: ReplaceFullPath, replaceFullPath: /new}}
+"#,
+        Ok(|r| {
+            assert_eq!(r.parents.len(), 2);
+            assert_eq!(r.parents[0].kind, ParentKind::Service);
+            assert_eq!(r.parents[0].port, Some(80));
+            assert_eq!(r.parents[1].kind, ParentKind::Gateway);
+            assert_eq!(
+                r.parents[1].target,
+                NamespacedName::new("default", "waypoint")
+            );
+            let rule = &r.rules[0];
+            let m = &rule.matches[0];
+            assert_eq!(
+                m.path,
+                PathMatch::Prefix("/api".into()),
+                "trailing slash dropped"
+            );
+            assert_eq!(m.headers[0].name.as_str(), "x-version");
+            assert!(
+                matches!(&m.headers[1].value, ValueMatch::RegularExpression(p) if p.is_match("b") && !p.is_match("ab"))
+            );
+            assert_eq!(m.method.as_deref(), Some("GET"));
+            let headers = rule.filters.request_headers.as_ref().expect("modifier");
+            assert_eq!(
+                (headers.set.len(), headers.add.len(), headers.remove.len()),
+                (1, 1, 1)
+            );
+            let rewrite = rule.filters.url_rewrite.as_ref().expect("rewrite");
+            assert_eq!(
+                rewrite.path,
+                Some(PathModifier::ReplacePrefixMatch("/v2".into()))
+            );
+            assert_eq!(rule.backends[0].weight, 80);
+            assert_eq!(
+                rule.backends[1].service,
+                NamespacedName::new("other", "echo-v1")
+            );
+            assert_eq!(rule.backends[1].weight, 0);
+            assert_eq!(rule.timeouts.request, Some(Duration::from_secs(90)));
+            assert_eq!(
+                rule.timeouts.backend_request,
+                Some(Duration::from_millis(500))
+            );
+            let redirect = r.rules[1].filters.redirect.as_ref().expect("redirect");
+            assert_eq!(redirect.scheme, Some(Scheme::Https));
+            assert_eq!(redirect.status_code, 301);
+            assert!(r.rules[1].backends.is_empty());
+        }),
+    );
+    // Defaults: no matches = PathPrefix /, weight 1, redirect 302, `0s` = no timeout.
+    check(
+        r#"
+  parentRefs: [{kind: Service, group: "", name: echo}]
+  rules:
+  - backendRefs: [{name: echo, port: 80}]
+    timeouts: {request: 0s}
+  - matches: [{path: {value: /x}}]
+    filters: [{type: RequestRedirect, requestRedirect: {}}]
+"#,
+        Ok(|r| {
+            assert_eq!(r.rules[0].matches[0].path, PathMatch::Prefix("/".into()));
+            assert_eq!(r.rules[0].backends[0].weight, 1);
+            assert_eq!(r.rules[0].timeouts.request, None);
+            assert_eq!(r.rules[1].matches[0].path, PathMatch::Prefix("/x".into()));
+            assert_eq!(
+                r.rules[1].filters.redirect.as_ref().map(|r| r.status_code),
+                Some(302)
+            );
+        }),
+    );
+}
+
+#[test]
+fn invalid_routes_are_refused_with_file_doc_and_field() {
+    let bad = |spec: &str, want: &str| check(spec, Err(want));
+    bad(
+        "  parentRefs: [{kind: Service, group: '', name: echo}]\n  rules: [{matches: [{path: {type: Exact, value: admin}}]}]\n",
+        "routes.yaml doc 1: HTTPRoute default/r: spec.rules[0].matches[0].path.value: path \"admin\" must be absolute",
+    );
+    bad(
+        "  rules: [{matches: [{path: {type: Exact, value: /a%2Fb}}]}]\n",
+        "spec.rules[0].matches[0].path.value: path has an encoded slash",
+    );
+    bad(
+        "  rules: [{matches: [{path: {type: Glob, value: /a}}]}]\n",
+        "spec.rules[0].matches[0].path: unknown path match type \"Glob\"",
+    );
+    bad(
+        "  rules: [{matches: [{path: {type: RegularExpression, value: '(unclosed'}}]}]\n",
+        "spec.rules[0].matches[0].path.value: invalid regular expression",
+    );
+    bad(
+        "  rules: [{matches: [{path: {type: RegularExpression, value: '\\w{1000}\\w{1000}\\w{1000}'}}]}]\n",
+        "spec.rules[0].matches[0].path.value: regular expression too large",
+    );
+    bad(
+        "  rules: [{matches: [{headers: [{name: 'bad header', value: x}]}]}]\n",
+        "spec.rules[0].matches[0].headers[0].name: invalid header name",
+    );
+    bad(
+        "  rules: [{matches: [{method: get}]}]\n",
+        "spec.rules[0].matches[0].method: unknown method \"get\"",
+    );
+    bad(
+        "  rules: [{backendRefs: [{name: echo, port: 80, weight: -1}]}]\n",
+        "spec.rules[0].backendRefs[0].weight: weight -1 out of range",
+    );
+    bad(
+        "  rules: [{backendRefs: [{name: echo}]}]\n",
+        "spec.rules[0].backendRefs[0].port: required",
+    );
+    bad(
+        "  rules: [{backendRefs: [{kind: ServiceImport, group: multicluster.x-k8s.io, name: echo, port: 80}]}]\n",
+        "spec.rules[0].backendRefs[0]: unsupported backend",
+    );
+    bad(
+        "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m, port: 80}}}]}]\n",
+        "spec.rules[0].filters[0].type: filter type RequestMirror is not supported",
+    );
+    bad(
+        "  rules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 307}}]}]\n",
+        "spec.rules[0].filters[0].requestRedirect.statusCode: status code 307",
+    );
+    bad(
+        "  rules: [{filters: [{type: RequestRedirect, requestRedirect: {}}], backendRefs: [{name: e, port: 80}]}]\n",
+        "spec.rules[0]: RequestRedirect filter must not be used together with backendRefs",
+    );
+    bad(
+        "  rules: [{matches: [{path: {type: Exact, value: /a}}], filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]}]\n",
+        "spec.rules[0].filters: ReplacePrefixMatch is only compatible with PathPrefix",
+    );
+    bad(
+        "  rules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x, value: \"a\\r\\nb\"}]}}]}]\n",
+        "spec.rules[0].filters[0].requestHeaderModifier.set[0].value: invalid header value",
+    );
+    bad(
+        "  rules: [{timeouts: {request: 1s, backendRequest: 2s}}]\n",
+        "spec.rules[0].timeouts.backendRequest: must not be longer than timeouts.request",
+    );
+    bad(
+        "  rules: [{timeouts: {request: 1.5s}}]\n",
+        "spec.rules[0].timeouts.request: invalid duration \"1.5s\"",
+    );
+    bad(
+        "  rules: [{retry: {attempts: 2}}]\n",
+        "spec.rules[0].retry: unknown field",
+    );
+    bad(
+        "  parentRefs: [{kind: Ingress, name: x}]\n",
+        "spec.parentRefs[0]: unsupported parent",
+    );
+    bad(
+        "  hostnames: ['Upper.Example']\n",
+        "spec.hostnames[0]: invalid hostname",
+    );
+    let many: Vec<String> = (0..17).map(|i| format!("{{name: r{i}}}")).collect();
+    bad(
+        &format!("  rules: [{}]\n", many.join(", ")),
+        "spec.rules: at most 16 entries allowed, found 17",
+    );
+    // A hostile route cannot hold an unbounded number of regexes.
+    let regex_match = "{path: {type: RegularExpression, value: '/a.*'}, headers: [{type: RegularExpression, name: x, value: 'b.*'}]}";
+    let matches = vec![regex_match; 64].join(", ");
+    let rules = vec![format!("{{matches: [{matches}]}}"); 2].join(", ");
+    bad(
+        &format!("  rules: [{rules}]\n"),
+        "more than 128 regular expressions in one route",
+    );
+}
+
+#[test]
+fn a_bad_route_keeps_the_rest_of_the_directory_from_loading() {
+    let good = "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+    let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {rules: [{matches: [{method: BREW}]}]}\n";
+    let got = load_docs(&[
+        ("a.yaml".to_string(), good.to_string()),
+        ("b.yaml".to_string(), bad.to_string()),
+    ]);
+    let err = got.expect_err("refused").to_string();
+    assert!(
+        err.starts_with("b.yaml doc 1: HTTPRoute default/r: spec.rules[0].matches[0].method"),
+        "{err}"
+    );
+}
+
+#[test]
+fn gateway_api_durations() {
+    for (s, want) in [
+        ("1s", Some(Duration::from_secs(1))),
+        ("500ms", Some(Duration::from_millis(500))),
+        ("1h2m3s4ms", Some(Duration::from_millis(3_723_004))),
+        ("0s", Some(Duration::ZERO)),
+        ("99999s", Some(Duration::from_secs(99_999))),
+        ("100000s", None),
+        ("1h1h1h1h1h", None),
+        ("", None),
+        ("1", None),
+        ("s", None),
+        ("1d", None),
+        ("-1s", None),
+    ] {
+        assert_eq!(route::parse_duration(s), want, "{s:?}");
+    }
+}

@@ -1,0 +1,534 @@
+//! HTTP routing as a waypoint does it: path normalisation, which `HTTPRoute` rule a request
+//! takes, which weighted backend serves it, and what the filters change. Pure functions over
+//! the model (no IO, no clock, randomness passed in), table-tested.
+//!
+//! ## Path normalisation ([`normalize_path`])
+//! One normalised path is used for authorization, routing and forwarding, so a policy on
+//! `/admin` cannot be walked around (RELIABILITY 21). In order:
+//! 1. the fragment (`#...`) is dropped and the query (`?...`) split off, untouched;
+//! 2. the path must be absolute (`/...`), else the request is refused;
+//! 3. percent-escapes: an invalid one (`%zz`, `%4`) is refused; `%2F`/`%2f` (encoded `/`),
+//!    `%5C`/`%5c` (encoded `\`) and `%00` are refused, as Envoy's
+//!    `path_with_escaped_slashes_action: REJECT_REQUEST` does, because backends disagree on
+//!    whether they are separators; escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`,
+//!    RFC 3986 §6.2.2.2) are decoded, so `%2e%2e` is `..`; every other escape is kept, with
+//!    upper-case hex;
+//! 4. a literal `\` becomes `/` (as Envoy's `normalize_path`);
+//! 5. runs of `/` are merged (`//admin` → `/admin`, Istio's `MERGE_SLASHES`);
+//! 6. `.` segments are removed and `..` removes the segment before it, never above the root
+//!    (RFC 3986 §5.2.4); a trailing `/` (or a final `.`/`..`) is kept as a trailing `/`.
+//!
+//! ## Which routes apply ([`routes_for`])
+//! Only routes in the namespace of what they attach to count (a Service's producer routes, a
+//! waypoint's own routes: Istio's default `allowedRoutes: Same`). Routes whose `parentRefs`
+//! name the destination Service (and its port by `port` or `sectionName`, when given) win;
+//! only when there are none do routes attached to the waypoint `Gateway` (with `port` = the
+//! Service port, when given) apply. With no route at all, the request goes to the Service
+//! itself ([`Routing::Default`]); with routes but no matching rule it is answered 404
+//! ([`Routing::NoMatch`], Envoy's `NR`), as the Gateway API requires.
+//!
+//! ## Which rule ([`select`])
+//! Across every match of every rule of those routes, the Gateway API's precedence (Istio's
+//! `sortHTTPRoutes`): for Gateway-attached routes first the longest matching exact hostname,
+//! then the longest matching wildcard hostname; then path Exact > PathPrefix >
+//! RegularExpression, longer values first; then a method match; then more header matches; then
+//! more query-parameter matches; then the oldest route (`creationTimestamp`), then
+//! `namespace/name`, then rule and match order. The first match of that order wins.
+//!
+//! Hostnames are compared case-insensitively without the request's port (RELIABILITY 22);
+//! headers by name case-insensitively, any of their values may match; query parameters by
+//! their percent-decoded name, the first occurrence counts (as Envoy does).
+
+use std::cmp::Ordering;
+
+use http::HeaderMap;
+
+use crate::model::{
+    BackendRef, HeaderModifier, HttpRoute, Model, NamespacedName, ParentKind, PathMatch,
+    PathModifier, RequestRedirect, RouteMatch, RouteRule, Scheme, Service, ServicePort,
+};
+
+// === path normalisation ===
+
+/// Why a request path is refused (400).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path {0:?} is not absolute")]
+    NotAbsolute(String),
+    #[error("path has an invalid percent-escape")]
+    BadEscape,
+    #[error("path has an encoded slash or backslash (%2F, %5C)")]
+    EncodedSeparator,
+    #[error("path has an encoded NUL (%00)")]
+    EncodedNul,
+}
+
+/// A request target after [`normalize_path`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NormalizedPath {
+    /// The normalised path, always starting with `/`.
+    pub path: String,
+    /// The query string as received (without `?`), when there was one.
+    pub query: Option<String>,
+}
+
+impl NormalizedPath {
+    /// `path?query`, what is authorized and forwarded.
+    pub fn path_and_query(&self) -> String {
+        match &self.query {
+            Some(q) => format!("{}?{q}", self.path),
+            None => self.path.clone(),
+        }
+    }
+}
+
+/// Normalises a request target (origin form: path and query); see the module docs.
+pub fn normalize_path(target: &str) -> Result<NormalizedPath, PathError> {
+    let target = target.split('#').next().unwrap_or_default();
+    let (raw, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_string())),
+        None => (target, None),
+    };
+    if !raw.starts_with('/') && !raw.starts_with('\\') {
+        return Err(PathError::NotAbsolute(raw.to_string()));
+    }
+    let decoded = decode_path(raw)?;
+    let trailing = decoded.ends_with('/')
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+        || decoded == "."
+        || decoded == "..";
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    path.push('/');
+    path.push_str(&segments.join("/"));
+    if trailing && !segments.is_empty() {
+        path.push('/');
+    }
+    Ok(NormalizedPath { path, query })
+}
+
+/// Step 3 and 4 of the normalisation: escapes and backslashes.
+fn decode_path(raw: &str) -> Result<String, PathError> {
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+                let (Some(hi), Some(lo)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) else {
+                    return Err(PathError::BadEscape);
+                };
+                let b = (hi * 16 + lo) as u8;
+                match b {
+                    b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+                    0 => return Err(PathError::EncodedNul),
+                    b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => {
+                        out.push(b as char)
+                    }
+                    b => out.push_str(&format!("%{b:02X}")),
+                }
+                i += 3;
+            }
+            b'\\' => {
+                out.push('/');
+                i += 1;
+            }
+            _ => {
+                // Copy the run up to the next special byte (keeps multi-byte UTF-8 intact).
+                let end = bytes[i..]
+                    .iter()
+                    .position(|b| matches!(b, b'%' | b'\\'))
+                    .map_or(bytes.len(), |n| i + n);
+                out.push_str(&raw[i..end]);
+                i = end;
+            }
+        }
+    }
+    Ok(out)
+}
+
+// === which routes apply ===
+
+/// What a request for a Service port looks like to routing.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteRequest<'a> {
+    /// `:authority` / `Host`, possibly with a port.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// Normalised path, without query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// The rule a request takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Selected<'m> {
+    pub route: &'m HttpRoute,
+    pub rule_index: usize,
+    pub rule: &'m RouteRule,
+    /// The match that selected the rule (for `ReplacePrefixMatch`).
+    pub matched: &'m RouteMatch,
+}
+
+/// The outcome of routing.
+#[derive(Clone, Copy, Debug)]
+pub enum Routing<'m> {
+    /// No HTTPRoute applies: the destination Service itself.
+    Default,
+    /// Routes apply but no rule matches: 404.
+    NoMatch,
+    Matched(Selected<'m>),
+}
+
+/// The routes for traffic to `port` of `svc` through `waypoint`, in model order, and which
+/// kind of parent they were attached by; see the module docs.
+pub fn routes_for<'m>(
+    model: &'m Model,
+    waypoint: &NamespacedName,
+    svc: &Service,
+    port: &ServicePort,
+) -> (Vec<&'m HttpRoute>, ParentKind) {
+    let service_routes: Vec<&HttpRoute> = model
+        .http_routes
+        .iter()
+        .filter(|r| {
+            r.namespace == svc.namespace
+                && r.parents.iter().any(|p| {
+                    p.kind == ParentKind::Service
+                        && p.target.namespace == svc.namespace
+                        && p.target.name == svc.name
+                        && p.port.is_none_or(|n| n == port.port)
+                        && p.section_name
+                            .as_deref()
+                            .is_none_or(|s| port.name.as_deref() == Some(s))
+                })
+        })
+        .collect();
+    if !service_routes.is_empty() {
+        return (service_routes, ParentKind::Service);
+    }
+    let gateway_routes = model
+        .http_routes
+        .iter()
+        .filter(|r| {
+            r.namespace == waypoint.namespace
+                && r.parents.iter().any(|p| {
+                    p.kind == ParentKind::Gateway
+                        && &p.target == waypoint
+                        && p.port.is_none_or(|n| n == port.port)
+                })
+        })
+        .collect();
+    (gateway_routes, ParentKind::Gateway)
+}
+
+/// [`select`] over [`routes_for`].
+pub fn route<'m>(
+    model: &'m Model,
+    waypoint: &NamespacedName,
+    svc: &Service,
+    port: &ServicePort,
+    req: &RouteRequest<'_>,
+) -> Routing<'m> {
+    let (routes, kind) = routes_for(model, waypoint, svc, port);
+    select(&routes, kind, req)
+}
+
+/// Precedence of one match; greater wins (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    host_exact: usize,
+    host_wildcard: usize,
+    path_kind: u8,
+    path_len: usize,
+    method: bool,
+    headers: usize,
+    query_params: usize,
+}
+
+/// The rule `req` takes among `routes` (already in model order), attached as `kind`.
+pub fn select<'m>(
+    routes: &[&'m HttpRoute],
+    kind: ParentKind,
+    req: &RouteRequest<'_>,
+) -> Routing<'m> {
+    if routes.is_empty() {
+        return Routing::Default;
+    }
+    let host = host_without_port(req.host).to_ascii_lowercase();
+    let query = Query::parse(req.query);
+    let mut best: Option<(Rank, Selected<'m>)> = None;
+    for route in routes {
+        let host_rank = match kind {
+            ParentKind::Service => Some((0, 0)),
+            ParentKind::Gateway => hostname_rank(&route.hostnames, &host),
+        };
+        let Some((host_exact, host_wildcard)) = host_rank else {
+            continue;
+        };
+        for (rule_index, rule) in route.rules.iter().enumerate() {
+            for m in &rule.matches {
+                if !matches(m, req, &query) {
+                    continue;
+                }
+                let (path_kind, path_len) = match &m.path {
+                    PathMatch::Exact(v) => (3, v.len()),
+                    PathMatch::Prefix(v) => (2, v.len()),
+                    PathMatch::RegularExpression(p) => (1, p.source.len()),
+                };
+                let rank = Rank {
+                    host_exact,
+                    host_wildcard,
+                    path_kind,
+                    path_len,
+                    method: m.method.is_some(),
+                    headers: m.headers.len(),
+                    query_params: m.query_params.len(),
+                };
+                // Strictly greater: among equals, the first in model order stays.
+                if best
+                    .as_ref()
+                    .is_none_or(|(b, _)| rank.cmp(b) == Ordering::Greater)
+                {
+                    best = Some((
+                        rank,
+                        Selected {
+                            route,
+                            rule_index,
+                            rule,
+                            matched: m,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    best.map_or(Routing::NoMatch, |(_, s)| Routing::Matched(s))
+}
+
+/// `(exact length, wildcard length)` of the best of `hostnames` matching `host`
+/// (lower-case, no port); `Some((0, 0))` when the route names none; `None` when none match.
+fn hostname_rank(hostnames: &[String], host: &str) -> Option<(usize, usize)> {
+    if hostnames.is_empty() {
+        return Some((0, 0));
+    }
+    let mut best = None;
+    for h in hostnames {
+        let rank = match h.strip_prefix("*.") {
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .and_then(|label| label.strip_suffix('.'))
+                .filter(|label| !label.is_empty())
+                .map(|_| (0, h.len())),
+            None => (h == host).then_some((h.len(), 0)),
+        };
+        if rank > best {
+            best = rank;
+        }
+    }
+    best
+}
+
+/// `host:port` → `host`, `[v6]:port` → `[v6]`; anything else unchanged.
+pub fn host_without_port(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.contains(':') || host.ends_with(']')) =>
+        {
+            host
+        }
+        _ => authority,
+    }
+}
+
+fn matches(m: &RouteMatch, req: &RouteRequest<'_>, query: &Query) -> bool {
+    let path_ok = match &m.path {
+        PathMatch::Exact(v) => req.path == v,
+        PathMatch::Prefix(v) => prefix_matches(v, req.path),
+        PathMatch::RegularExpression(p) => p.is_match(req.path),
+    };
+    path_ok
+        && m.method
+            .as_deref()
+            .is_none_or(|method| method == req.method)
+        && m.headers.iter().all(|h| {
+            req.headers
+                .get_all(&h.name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| h.value.matches(v))
+        })
+        && m.query_params
+            .iter()
+            .all(|q| query.first(&q.name).is_some_and(|v| q.value.matches(v)))
+}
+
+/// Element-wise prefix match; `prefix` has no trailing `/` unless it is `/`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Query parameters, percent-decoded, in order.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(query: Option<&str>) -> Query {
+        let pairs = query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(k), percent_decode(v))
+            })
+            .collect();
+        Query(pairs)
+    }
+
+    fn first(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Lenient percent-decoding (invalid escapes stay as written; invalid UTF-8 is replaced).
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// === backends ===
+
+/// The backend a roll of the dice picks, by weight: `roll` is any random number (reduced
+/// modulo the total weight). `None` when every weight is 0 (or there is no backend).
+pub fn pick_backend(backends: &[BackendRef], roll: u64) -> Option<&BackendRef> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = roll % total;
+    for b in backends {
+        let w = u64::from(b.weight);
+        if point < w {
+            return Some(b);
+        }
+        point -= w;
+    }
+    None
+}
+
+// === filters ===
+
+/// The path after a `URLRewrite` or `RequestRedirect` path modifier. `ReplacePrefixMatch`
+/// replaces what the `PathPrefix` of `matched` covered (validation only allows it with
+/// prefix matches; with another match it leaves the path unchanged).
+pub fn modify_path(path: &str, matched: &RouteMatch, modifier: &PathModifier) -> String {
+    match modifier {
+        PathModifier::ReplaceFullPath(p) => p.clone(),
+        PathModifier::ReplacePrefixMatch(new) => {
+            let PathMatch::Prefix(prefix) = &matched.path else {
+                return path.to_string();
+            };
+            let rest = if prefix == "/" {
+                path
+            } else {
+                path.strip_prefix(prefix.as_str()).unwrap_or(path)
+            };
+            let joined = format!("{}{rest}", new.trim_end_matches('/'));
+            if joined.is_empty() {
+                "/".to_string()
+            } else if !joined.starts_with('/') {
+                format!("/{joined}")
+            } else {
+                joined
+            }
+        }
+    }
+}
+
+/// Applies a header modifier: `remove`, then `set`, then `add`.
+pub fn modify_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
+    for name in &m.remove {
+        headers.remove(name);
+    }
+    for (name, value) in &m.set {
+        headers.insert(name.clone(), value.clone());
+    }
+    for (name, value) in &m.add {
+        headers.append(name.clone(), value.clone());
+    }
+}
+
+/// The `Location` of a `RequestRedirect`: the request's own scheme (`http` inside the mesh),
+/// host (without port) and path unless the filter replaces them; the port is the filter's,
+/// else the new scheme's well-known port, else `dst_port` (the Service port), and is left out
+/// when it is the scheme's well-known port. The query is kept.
+pub fn redirect_location(
+    r: &RequestRedirect,
+    host: &str,
+    dst_port: u16,
+    path: &str,
+    query: Option<&str>,
+    matched: &RouteMatch,
+) -> String {
+    let scheme = r.scheme.unwrap_or(Scheme::Http);
+    let hostname = r
+        .hostname
+        .clone()
+        .unwrap_or_else(|| host_without_port(host).to_string());
+    let port = r
+        .port
+        .or(r.scheme.map(Scheme::default_port))
+        .unwrap_or(dst_port);
+    let path = match &r.path {
+        Some(m) => modify_path(path, matched, m),
+        None => path.to_string(),
+    };
+    let mut location = format!("{}://{hostname}", scheme.as_str());
+    if port != scheme.default_port() {
+        location.push_str(&format!(":{port}"));
+    }
+    location.push_str(&path);
+    if let Some(q) = query {
+        location.push('?');
+        location.push_str(q);
+    }
+    location
+}
+
+#[cfg(test)]
+mod tests;

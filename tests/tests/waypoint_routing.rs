@@ -1,0 +1,368 @@
+//! HTTPRoute routing through a waypoint, end to end: a client pod on n1 calls Service `echo`
+//! (labelled `istio.io/use-waypoint`); the waypoint on n2 routes each request by the route
+//! attached to `echo` to Service `echo-v1` (pod on n2) or `echo-v2` (pod on n1), each a
+//! mesh-echo naming itself, or answers itself (redirect, timeout, 404, policy).
+//!
+//! Requests go over one keep-alive HTTP/1.1 connection from the client pod with a small
+//! client (paths are sent exactly as written, so `/public/../admin` reaches the waypoint
+//! un-normalised).
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use e2e::http::{read_response, HttpResponse};
+use e2e::prom;
+use e2e::waypoint::{gateway_yaml, GATEWAY_NAME_LABEL};
+use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
+use serde_json::Value;
+
+const CLIENT: &str = "default/client";
+const WAYPOINT: &str = "default/waypoint";
+const ECHO_VIP: &str = "10.96.0.20";
+const V1_HOST: &str = "echo-v1.default.svc.cluster.local";
+const V2_HOST: &str = "echo-v2.default.svc.cluster.local";
+/// Requests of the weighted split, and the share of echo-v1 they must show (±5 points).
+const SPLIT_REQUESTS: usize = 2000;
+const V1_SHARE: f64 = 0.80;
+const SHARE_TOLERANCE: f64 = 0.05;
+
+const ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - name: header-v2
+    matches: [{headers: [{name: x-version, value: v2}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - name: path-v1
+    matches: [{path: {type: PathPrefix, value: /v1}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - name: split
+    matches: [{path: {type: PathPrefix, value: /split}}]
+    backendRefs: [{name: echo-v1, port: 80, weight: 80}, {name: echo-v2, port: 80, weight: 20}]
+  - name: rewrite
+    matches: [{path: {type: PathPrefix, value: /old-api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /api/v2}}
+    backendRefs: [{name: echo-v2, port: 80}]
+  - name: moved
+    matches: [{path: {type: Exact, value: /moved}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        hostname: new.example.com
+        statusCode: 301
+        path: {type: ReplaceFullPath, replaceFullPath: /here}
+  - name: headers
+    matches: [{path: {type: PathPrefix, value: /headers}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-route, value: headers}]
+        add: [{name: x-added, value: "yes"}]
+        remove: [x-remove-me]
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-from-route, value: headers}]}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - name: slow
+    matches: [{path: {type: PathPrefix, value: /slow}}]
+    timeouts: {request: 500ms}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - name: everything-else
+    backendRefs: [{name: echo, port: 80}]
+"#;
+
+/// L7 DENY on `/admin*` at the waypoint for Service `echo`.
+const POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"#;
+
+fn mesh(test: &str) -> Result<Mesh> {
+    Mesh::builder(test)
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(
+            Pod::new("default", "waypoint")
+                .on("n2")
+                .service_account("waypoint")
+                .labels([(GATEWAY_NAME_LABEL, "waypoint")]),
+        )
+        .pod(
+            Pod::new("default", "echo-v1")
+                .on("n2")
+                .service_account("echo")
+                .labels([("app", "echo"), ("version", "v1")]),
+        )
+        .pod(
+            Pod::new("default", "echo-v2")
+                .on("n1")
+                .service_account("echo")
+                .labels([("app", "echo"), ("version", "v2")]),
+        )
+        .service(
+            Service::new("default", "echo")
+                .vip(ECHO_VIP)
+                .named_port("http", 80, 8080)
+                .selector([("app", "echo")])
+                .labels([("istio.io/use-waypoint", "waypoint")]),
+        )
+        .service(
+            Service::new("default", "echo-v1")
+                .vip("10.96.0.21")
+                .named_port("http", 80, 8080)
+                .selector([("version", "v1")]),
+        )
+        .service(
+            Service::new("default", "echo-v2")
+                .vip("10.96.0.22")
+                .named_port("http", 80, 8080)
+                .selector([("version", "v2")]),
+        )
+        .yaml(
+            "waypoint.yaml",
+            &gateway_yaml("default", "waypoint", "service"),
+        )
+        .yaml("route.yaml", ROUTE)
+        .yaml("policy.yaml", POLICY)
+        .build()
+}
+
+/// One keep-alive HTTP/1.1 connection from a pod.
+struct Client {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn connect(mesh: &Mesh, pod: &str, addr: SocketAddr) -> Result<Client> {
+        let stream = mesh.connect(pod, addr)?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Client { stream, reader })
+    }
+
+    /// `GET target` (sent as written) with extra headers.
+    fn get(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
+        let mut head = format!("GET {target} HTTP/1.1\r\nhost: echo\r\nuser-agent: e2e\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.stream
+            .write_all(head.as_bytes())
+            .with_context(|| format!("send GET {target}"))?;
+        read_response(&mut self.reader).with_context(|| format!("response to GET {target}"))
+    }
+
+    /// `GET target`, which must be answered 200 by mesh-echo: its JSON reply.
+    fn echo(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<Value> {
+        let r = self.get(target, headers)?;
+        anyhow::ensure!(r.status == 200, "GET {target}: {} {}", r.status, r.text());
+        r.json()
+    }
+}
+
+fn server(reply: &Value) -> String {
+    reply["server"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn httproutes_route_split_rewrite_redirect_and_time_out_at_the_waypoint() -> Result<()> {
+    let mesh = mesh("waypoint_routing")?;
+    let _v1 = mesh.spawn_echo("default/echo-v1", 8080, "echo-v1")?;
+    let _v2 = mesh.spawn_echo("default/echo-v2", 8080, "echo-v2")?;
+    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+    with_log(&wp, routing_checks(&mesh, &wp))
+}
+
+/// `result`, with the end of the waypoint's log added to an error.
+fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
+    result.map_err(|e| {
+        let log = wp.stderr();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        e.context(format!("last lines of the waypoint's log:\n{tail}"))
+    })
+}
+
+fn routing_checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
+    let vip: SocketAddr = format!("{ECHO_VIP}:80").parse()?;
+    let mut c = Client::connect(mesh, CLIENT, vip)?;
+    // Requests the waypoint sent to each backend Service, for the metrics check at the end.
+    let mut to_v1 = 0.0;
+    let mut to_v2 = 0.0;
+
+    // Header-based: `x-version: v2` goes to echo-v2; without it, the catch-all rule sends it
+    // to `echo` itself, balanced over both pods.
+    for _ in 0..4 {
+        let reply = c.echo("/hdr", &[("x-version", "v2")])?;
+        assert_eq!(server(&reply), "echo-v2", "{reply}");
+        to_v2 += 1.0;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(server(&c.echo("/hdr", &[])?));
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["echo-v1", "echo-v2"]);
+
+    // Path-based: a longer path prefix outranks a header match; client-supplied internal
+    // control headers do not reach the backend.
+    for i in 0..4 {
+        let reply = c.echo(
+            &format!("/v1/item/{i}"),
+            &[
+                ("x-version", "v2"),
+                ("x-envoy-upstream-rq-timeout-ms", "1"),
+                ("x-envoy-original-path", "/forged"),
+            ],
+        )?;
+        assert_eq!(server(&reply), "echo-v1", "{reply}");
+        assert_eq!(reply["path"], format!("/v1/item/{i}"));
+        let headers = reply["headers"].as_object().context("headers")?;
+        assert!(
+            !headers.keys().any(|k| k.starts_with("x-envoy-")),
+            "internal headers stripped: {reply}"
+        );
+        to_v1 += 1.0;
+    }
+
+    // Weighted 80/20, chosen per request on one connection.
+    let started = Instant::now();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..SPLIT_REQUESTS {
+        let reply = c.echo(&format!("/split/{i}"), &[])?;
+        *counts.entry(server(&reply)).or_default() += 1;
+    }
+    let v1 = counts.get("echo-v1").copied().unwrap_or_default();
+    let v2 = counts.get("echo-v2").copied().unwrap_or_default();
+    assert_eq!(v1 + v2, SPLIT_REQUESTS, "{counts:?}");
+    let share = v1 as f64 / SPLIT_REQUESTS as f64;
+    assert!(
+        (share - V1_SHARE).abs() <= SHARE_TOLERANCE,
+        "echo-v1 got {share:.3} of the split, want {V1_SHARE} ± {SHARE_TOLERANCE}: {counts:?}"
+    );
+    eprintln!(
+        "split: {counts:?} in {:?} over one connection",
+        started.elapsed()
+    );
+    to_v1 += v1 as f64;
+    to_v2 += v2 as f64;
+
+    // URLRewrite: the matched prefix is replaced, the rest and the query kept; the original
+    // path travels in `x-envoy-original-path` as Envoy sends it.
+    let reply = c.echo("/old-api/users?page=2", &[])?;
+    assert_eq!(server(&reply), "echo-v2");
+    assert_eq!(reply["path"], "/api/v2/users?page=2", "{reply}");
+    assert_eq!(reply["headers"]["x-envoy-original-path"], "/old-api/users");
+    to_v2 += 1.0;
+
+    // RequestRedirect: answered by the waypoint, nothing sent upstream.
+    let r = c.get("/moved?from=test", &[])?;
+    assert_eq!(r.status, 301, "{}", r.text());
+    assert_eq!(
+        r.header("location"),
+        Some("http://new.example.com/here?from=test")
+    );
+
+    // RequestHeaderModifier at the backend, ResponseHeaderModifier at the client.
+    let r = c.get(
+        "/headers",
+        &[("x-remove-me", "1"), ("x-route", "from-client")],
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-from-route"), Some("headers"));
+    let reply = r.json()?;
+    assert_eq!(reply["headers"]["x-route"], "headers", "{reply}");
+    assert_eq!(reply["headers"]["x-added"], "yes", "{reply}");
+    assert!(reply["headers"].get("x-remove-me").is_none(), "{reply}");
+    to_v1 += 1.0;
+
+    // Path normalisation: one path for policy and routing. Every spelling of /admin is
+    // denied; encoded slashes are refused; dot segments are resolved before forwarding.
+    for target in [
+        "/admin",
+        "/public/../admin",
+        "//admin",
+        "/public/%2e%2e/admin/users",
+        "/%61dmin",
+        "/public/..%5Cadmin",
+    ] {
+        let r = c.get(target, &[])?;
+        let want = if target.contains("%5C") { 400 } else { 403 };
+        assert_eq!(r.status, want, "{target}: {}", r.text());
+    }
+    assert_eq!(c.get("/a%2Fb", &[])?.status, 400);
+    let reply = c.echo("/public/./x//y/../z", &[])?;
+    assert_eq!(reply["path"], "/public/x/z", "{reply}");
+
+    // timeouts.request: the backend answers after 3 s, the waypoint gives up at 500 ms.
+    let before = Instant::now();
+    let r = c.get("/slow?delay_ms=3000", &[])?;
+    let waited = before.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.text(), "upstream request timeout");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_millis(2500),
+        "answered after {waited:?}"
+    );
+    // The connection is still usable after a timeout.
+    let reply = c.echo("/slow?delay_ms=10", &[])?;
+    assert_eq!(server(&reply), "echo-v1");
+    to_v1 += 1.0;
+
+    // Metrics: `destination_service` is the backend actually used.
+    let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+    let requests = |labels: &[(&str, &str)]| prom::sum(&metrics, "istio_requests_total", labels);
+    let ok_to = |host: &str| requests(&[("response_code", "200"), ("destination_service", host)]);
+    assert_eq!(ok_to(V1_HOST), to_v1, "{metrics}");
+    assert_eq!(ok_to(V2_HOST), to_v2, "{metrics}");
+    assert_eq!(
+        requests(&[("response_code", "504"), ("response_flags", "UT")]),
+        1.0
+    );
+    assert_eq!(
+        requests(&[("response_code", "403"), ("response_flags", "DENY")]),
+        5.0
+    );
+    assert_eq!(
+        requests(&[("response_code", "301"), ("response_flags", "-")]),
+        1.0
+    );
+
+    // A route the translator refuses leaves the last good routes in place.
+    mesh.write_yaml(
+        "route-bad.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {name: bad, namespace: default}\n\
+         spec: {rules: [{matches: [{path: {type: RegularExpression, value: '(unclosed'}}]}]}\n",
+    )?;
+    wait_until(
+        "the waypoint to reject the bad route",
+        Duration::from_secs(10),
+        || {
+            let log = wp.stderr();
+            Ok(log.contains("config rejected")
+                && log.contains("route-bad.yaml doc 1: HTTPRoute default/bad"))
+        },
+    )?;
+    let reply = c.echo("/v1/still", &[])?;
+    assert_eq!(server(&reply), "echo-v1", "{reply}");
+    Ok(())
+}

@@ -10,6 +10,8 @@
 //! - `up [--config DIR] [--once]`: a local ambient mesh from Kubernetes YAML (default
 //!   `examples/local-mesh`), exercised and described; stays up until Ctrl-C.
 //! - `down`: tear down the mesh of a running or crashed `up`.
+//! - `waypoint apply|delete|list`: deploy, remove and show waypoints, in a local mesh's YAML
+//!   directory or (`--kubectl`) in a cluster ([`waypoint_cli`]).
 //!
 //! Test leftovers are recognised exactly as the e2e harness names them: namespaces
 //! `mt<6 hex>-*` and processes whose environment has `MESH_E2E_PREFIX=mt<6 hex>-`. Nothing is
@@ -17,6 +19,7 @@
 //! alone by `clean` (its prefix is in `up`'s state file).
 
 mod local_mesh;
+mod waypoint_cli;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -82,6 +85,11 @@ enum Cmd {
     },
     /// Tear down the mesh of a running or crashed `cargo xtask up`.
     Down,
+    /// Waypoints (L7 proxies): `apply`, `delete`, `list`, locally or with --kubectl.
+    Waypoint {
+        #[command(subcommand)]
+        command: waypoint_cli::WaypointCmd,
+    },
 }
 
 fn main() -> ExitCode {
@@ -120,6 +128,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             replace,
         }),
         Cmd::Down => local_mesh::down(),
+        Cmd::Waypoint { command } => waypoint_cli::run(command),
     }
 }
 
@@ -518,6 +527,72 @@ mod tests {
         check("mtproto-x", false);
         check("docker-01", false);
         check("", false);
+    }
+
+    fn parse(args: &[&str]) -> Result<Cmd, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cargo xtask").chain(args.iter().copied()))
+            .map(|c| c.command)
+    }
+
+    #[test]
+    fn the_waypoint_commands_parse_as_documented() {
+        use waypoint_cli::render::WaypointFor;
+        use waypoint_cli::WaypointCmd;
+        let cmd = parse(&[
+            "waypoint",
+            "apply",
+            "-n",
+            "demo",
+            "--for",
+            "all",
+            "--service-account",
+            "l7",
+            "--enroll-namespace",
+            "--config",
+            "/tmp/x",
+        ])
+        .expect("parses");
+        let Cmd::Waypoint {
+            command: WaypointCmd::Apply(a),
+        } = cmd
+        else {
+            panic!("not apply: {cmd:?}");
+        };
+        assert_eq!(
+            (a.namespace.as_str(), a.name.as_str(), a.waypoint_for),
+            ("demo", "waypoint", WaypointFor::All)
+        );
+        assert_eq!(a.service_account.as_deref(), Some("l7"));
+        assert!(a.enroll_namespace && !a.mode.kubectl);
+        assert!(parse(&["waypoint", "apply", "-n", "demo", "--kubectl", "--print"]).is_ok());
+        assert!(parse(&["waypoint", "delete", "-n", "demo", "--name", "wp"]).is_ok());
+        assert!(parse(&["waypoint", "list"]).is_ok());
+        assert!(parse(&["waypoint", "list", "-n", "demo", "--kubectl"]).is_ok());
+        for bad in [
+            &["waypoint", "apply"][..],
+            &["waypoint", "apply", "-n", "demo", "--for", "none"],
+            &["waypoint", "apply", "-n", "demo", "--print"],
+            &[
+                "waypoint",
+                "apply",
+                "-n",
+                "demo",
+                "--kubectl",
+                "--config",
+                "/tmp",
+            ],
+            &[
+                "waypoint",
+                "apply",
+                "-n",
+                "demo",
+                "--kubectl",
+                "--node",
+                "n1",
+            ],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} must be refused");
+        }
     }
 
     #[test]

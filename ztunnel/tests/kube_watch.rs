@@ -73,6 +73,47 @@ fn strict() -> Value {
     })
 }
 
+/// A waypoint as `cargo xtask waypoint apply --kubectl` applies it: a Gateway of class
+/// `istio-waypoint` (no address: no control plane assigns one) ...
+fn waypoint_gateway() -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "waypoint", "namespace": "default",
+                     "labels": {"istio.io/waypoint-for": "service"}},
+        "spec": {
+            "gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+        "status": {"conditions": [{"type": "Accepted", "status": "Unknown",
+                                   "lastTransitionTime": "2025-01-01T00:00:00Z"}]},
+    })
+}
+
+/// ... and a Service that uses it.
+fn service_using_the_waypoint() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo", "namespace": "default",
+                     "labels": {"istio.io/use-waypoint": "waypoint"}},
+        "spec": {"clusterIP": "10.96.0.20", "selector": {"app": "echo"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    })
+}
+
+/// The address and identity (`namespace/sa`) of the waypoint traffic to Service
+/// `default/echo` is sent to, if it uses one.
+fn echo_waypoint(m: &Model) -> Option<(Option<IpAddr>, String)> {
+    let svc = m.services.get(&NamespacedName::new("default", "echo"))?;
+    let target = m.waypoint_for_service(svc)?;
+    Some((
+        target.address.map(|a| a.ip),
+        format!(
+            "{}/{}",
+            target.service_account.namespace, target.service_account.name
+        ),
+    ))
+}
+
 /// The watch under test, with fast timings, and what it publishes.
 struct Agent {
     models: watch::Receiver<Arc<Model>>,
@@ -332,5 +373,87 @@ async fn policies_follow_the_cluster() -> Result<()> {
             m.authorization_policies.is_empty()
         })
         .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_waypoint_gateway_steers_its_services_once_its_pod_is_up() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("default", true))?;
+    server.apply(service_using_the_waypoint())?;
+    server.apply(pod("echo", "10.0.0.5", json!({"app": "echo"})))?;
+    let mut agent = Agent::start(&server).await?;
+    let m = agent
+        .model("the service is in", |m| {
+            m.services
+                .contains_key(&NamespacedName::new("default", "echo"))
+        })
+        .await?;
+    assert_eq!(
+        echo_waypoint(&m),
+        None,
+        "no Gateway yet: traffic goes direct"
+    );
+
+    info!("the waypoint's Gateway is created, its pod not yet: steered, but nowhere to go");
+    server.apply(waypoint_gateway())?;
+    let m = agent
+        .model("the gateway is in", |m| !m.gateways.is_empty())
+        .await?;
+    assert_eq!(
+        echo_waypoint(&m),
+        Some((None, "default/waypoint".to_owned())),
+        "a waypoint without an address fails connections rather than being bypassed"
+    );
+
+    info!("the waypoint's pod (labelled with the Gateway's name) comes up");
+    let mut wp = pod(
+        "waypoint",
+        "10.0.0.9",
+        json!({"gateway.networking.k8s.io/gateway-name": "waypoint"}),
+    );
+    wp["spec"]["serviceAccountName"] = json!("waypoint");
+    server.apply(wp)?;
+    let m = agent
+        .model("the waypoint has an address", |m| {
+            echo_waypoint(m).is_some_and(|(ip, _)| ip.is_some())
+        })
+        .await?;
+    assert_eq!(
+        echo_waypoint(&m),
+        Some((Some("10.0.0.9".parse()?), "default/waypoint".to_owned()))
+    );
+    let waypoint_pod = m
+        .pods
+        .get(&NamespacedName::new("default", "waypoint"))
+        .context("waypoint pod")?;
+    assert!(m.is_waypoint_pod(waypoint_pod), "never captured");
+
+    info!("the Gateway is deleted: the service's traffic goes direct again");
+    server.delete("Gateway", "default", "waypoint")?;
+    let m = agent
+        .model("the gateway is gone", |m| m.gateways.is_empty())
+        .await?;
+    assert_eq!(echo_waypoint(&m), None);
+    assert_eq!(agent.rejections_total(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_gateway_api_crds_the_model_has_no_waypoints() -> Result<()> {
+    let server = FakeApiServer::without_gateway_api_crds().await?;
+    server.apply(namespace("default", true))?;
+    server.apply(service_using_the_waypoint())?;
+    server.apply(pod("web", "10.0.0.5", json!({})))?;
+    let mut agent = Agent::start(&server).await?;
+    let m = agent.model("web is in", |m| enrolled(m, "web")).await?;
+    assert!(m.gateways.is_empty());
+    assert_eq!(
+        echo_waypoint(&m),
+        None,
+        "the label names no Gateway: direct"
+    );
+    let r = server.requests("Gateway")?;
+    assert!(r.lists >= 1 && r.watches == 0, "{r:?}");
     Ok(())
 }

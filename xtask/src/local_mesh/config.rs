@@ -9,6 +9,9 @@
 //!   labels and `spec.serviceAccountName`; any `status` is ignored (the harness assigns IPs);
 //! - `Service` → a harness service (`clusterIP`, numeric `targetPort`s, selector, labels);
 //! - `ServiceAccount` → dropped: the harness declares one for every pod's account;
+//! - `Gateway` of class `istio-waypoint` → a waypoint: passed through (the agents steer to
+//!   it), and every pod of its namespace labelled `gateway.networking.k8s.io/gateway-name:
+//!   <gateway>` runs the `waypoint` process (identity: the pod's service account);
 //! - anything else (policies, …) → passed through unchanged, one output file per input file.
 //!
 //! Two annotations on Pods drive the local mesh:
@@ -36,6 +39,8 @@ pub const ANNOTATION_RUN: &str = "local-mesh/run";
 pub const ANNOTATION_SEND_TO: &str = "local-mesh/send-to";
 /// The label that enrolls a namespace in the mesh.
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// On a pod: the Gateway (waypoint) it runs.
+const GATEWAY_NAME_LABEL: &str = mesh::model::GATEWAY_NAME_LABEL;
 /// The port `mesh-echo` listens on when an echo pod declares no container port.
 const DEFAULT_ECHO_PORT: u16 = 8080;
 /// The namespace of objects that name none, as in Kubernetes.
@@ -58,6 +63,8 @@ pub struct LocalMesh {
     pub pods: Vec<PodDecl>,
     /// Services in file order.
     pub services: Vec<ServiceDecl>,
+    /// Waypoint Gateways (class `istio-waypoint`) in file order.
+    pub waypoints: Vec<WaypointDecl>,
     /// Documents for the node agents as they are: (file name, multi-document YAML).
     pub passthrough: Vec<(String, String)>,
 }
@@ -89,6 +96,8 @@ pub struct PodDecl {
     pub labels: BTreeMap<String, String>,
     /// Ports `mesh-echo` listens on; empty when the pod runs nothing.
     pub echo_ports: Vec<u16>,
+    /// The waypoint Gateway (in the pod's namespace) this pod runs, if any.
+    pub waypoint: Option<String>,
     /// Requests it sends once the mesh is up.
     pub probes: Vec<Probe>,
 }
@@ -109,6 +118,22 @@ pub struct ServiceDecl {
     pub ports: Vec<ServicePortDecl>,
     pub selector: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
+}
+
+/// A waypoint: a `Gateway` of class `istio-waypoint`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaypointDecl {
+    pub namespace: String,
+    pub name: String,
+    /// `istio.io/waypoint-for` (`service` when absent).
+    pub waypoint_for: String,
+}
+
+impl WaypointDecl {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 /// One Service port.
@@ -176,6 +201,7 @@ impl LocalMesh {
         let mut namespaces: Vec<NamespaceDecl> = Vec::new();
         let mut raw_pods: Vec<(String, RawPod)> = Vec::new();
         let mut services: Vec<ServiceDecl> = Vec::new();
+        let mut waypoints: Vec<WaypointDecl> = Vec::new();
         let mut passthrough: Vec<(String, String)> = Vec::new();
 
         for (file, content) in files {
@@ -221,6 +247,12 @@ impl LocalMesh {
                         // The harness declares every pod's service account; a second
                         // declaration would be a duplicate object for the agents.
                         ("v1", "ServiceAccount") => {}
+                        (api, "Gateway") if api.starts_with("gateway.networking.k8s.io/") => {
+                            if let Some(wp) = waypoint(&object).with_context(|| at.clone())? {
+                                waypoints.push(wp);
+                            }
+                            kept.push(object);
+                        }
                         _ => kept.push(object),
                     }
                 }
@@ -247,6 +279,23 @@ impl LocalMesh {
         }
         let mut pods = Vec::new();
         for (at, pod) in raw_pods {
+            let waypoint = pod
+                .gateway_name
+                .clone()
+                .filter(|gw| {
+                    waypoints
+                        .iter()
+                        .any(|w| w.namespace == pod.namespace && &w.name == gw)
+                })
+                .filter(|_| pod.run.as_deref() != Some("none"));
+            if waypoint.is_some() && pod.run.as_deref() == Some("echo") {
+                bail!(
+                    "{at}: Pod {}: runs waypoint {} (label {GATEWAY_NAME_LABEL}); it cannot also \
+                     run echo",
+                    pod.key(),
+                    waypoint.as_deref().unwrap_or_default()
+                );
+            }
             let probes = parse_probes(&pod, &keys, &services).with_context(|| {
                 format!("{at}: Pod {}: annotation {ANNOTATION_SEND_TO}", pod.key())
             })?;
@@ -256,7 +305,12 @@ impl LocalMesh {
                 node: pod.node,
                 service_account: pod.service_account,
                 labels: pod.labels,
-                echo_ports: pod.echo_ports,
+                echo_ports: if waypoint.is_some() {
+                    Vec::new()
+                } else {
+                    pod.echo_ports
+                },
+                waypoint,
                 probes,
             });
         }
@@ -269,6 +323,7 @@ impl LocalMesh {
             namespaces,
             pods,
             services,
+            waypoints,
             passthrough,
         })
     }
@@ -322,6 +377,7 @@ impl LocalMesh {
             && self.namespaces == other.namespaces
             && self.pods == other.pods
             && self.services == other.services
+            && self.waypoints == other.waypoints
     }
 
     /// The same topology with every namespace, pod and service label removed: two meshes that
@@ -333,6 +389,29 @@ impl LocalMesh {
         bare.pods.iter_mut().for_each(|p| p.labels.clear());
         bare.services.iter_mut().for_each(|s| s.labels.clear());
         bare
+    }
+
+    /// Services whose traffic goes through waypoint `wp`: labelled `istio.io/use-waypoint`
+    /// (or in a namespace so labelled, the most specific label deciding), when `wp` takes
+    /// Service traffic. Same rule as the agents' (`mesh::model::use_waypoint`).
+    pub fn services_using(&self, wp: &WaypointDecl) -> Vec<String> {
+        if !matches!(wp.waypoint_for.as_str(), "service" | "all") {
+            return Vec::new();
+        }
+        let key = mesh::model::NamespacedName::new(&wp.namespace, &wp.name);
+        self.services
+            .iter()
+            .filter(|svc| {
+                let ns_labels = self
+                    .namespaces
+                    .iter()
+                    .find(|n| n.name == svc.namespace)
+                    .map(|n| &n.labels);
+                mesh::model::use_waypoint(&svc.labels, &svc.namespace, ns_labels).as_ref()
+                    == Some(&key)
+            })
+            .map(|svc| format!("{}/{}", svc.namespace, svc.name))
+            .collect()
     }
 
     /// Number of probes over all pods.
@@ -453,6 +532,10 @@ struct RawPod {
     labels: BTreeMap<String, String>,
     echo_ports: Vec<u16>,
     send_to: Option<String>,
+    /// `local-mesh/run`, as written.
+    run: Option<String>,
+    /// Label `gateway.networking.k8s.io/gateway-name`.
+    gateway_name: Option<String>,
 }
 
 impl RawPod {
@@ -490,6 +573,7 @@ fn raw_pod(object: &Value) -> Result<RawPod> {
     } else {
         Vec::new()
     };
+    let gateway_name = labels.get(GATEWAY_NAME_LABEL).cloned();
     Ok(RawPod {
         namespace,
         name,
@@ -498,6 +582,8 @@ fn raw_pod(object: &Value) -> Result<RawPod> {
         labels,
         echo_ports,
         send_to: annotations.get(ANNOTATION_SEND_TO).cloned(),
+        run: annotations.get(ANNOTATION_RUN).cloned(),
+        gateway_name,
     })
 }
 
@@ -536,6 +622,24 @@ fn container_ports(object: &Value) -> Result<Vec<u16>> {
         }
     }
     Ok(ports)
+}
+
+/// A Gateway of class `istio-waypoint` as a waypoint; `None` for other classes.
+fn waypoint(object: &Value) -> Result<Option<WaypointDecl>> {
+    let (name, namespace) = name_and_namespace(object, "Gateway")?;
+    if str_at(object, &["spec", "gatewayClassName"]) != Some(mesh::model::WAYPOINT_GATEWAY_CLASS) {
+        return Ok(None);
+    }
+    let labels = string_map(object, &["metadata", "labels"])
+        .with_context(|| format!("Gateway {namespace}/{name}"))?;
+    Ok(Some(WaypointDecl {
+        waypoint_for: labels
+            .get(mesh::model::WAYPOINT_FOR_LABEL)
+            .cloned()
+            .unwrap_or_else(|| "service".to_owned()),
+        namespace,
+        name,
+    }))
 }
 
 fn service(object: &Value) -> Result<ServiceDecl> {
@@ -801,15 +905,25 @@ spec:
         );
         assert_eq!(
             sleep.probes,
-            [Probe {
-                text: "echo.demo:80".into(),
-                target: Target::Service {
-                    namespace: "demo".into(),
-                    name: "echo".into(),
-                    addr: "10.96.0.20:80".parse().expect("addr"),
+            [
+                Probe {
+                    text: "echo.demo:80".into(),
+                    target: Target::Service {
+                        namespace: "demo".into(),
+                        name: "echo".into(),
+                        addr: "10.96.0.20:80".parse().expect("addr"),
+                    },
+                    expect: Some(Expect::Status(200)),
                 },
-                expect: Some(Expect::Status(200)),
-            }]
+                Probe {
+                    text: "demo/echo-v1:8080".into(),
+                    target: Target::Pod {
+                        key: "demo/echo-v1".into(),
+                        port: 8080,
+                    },
+                    expect: Some(Expect::Refused),
+                },
+            ]
         );
         let kinds: Vec<&str> = mesh
             .passthrough
@@ -817,8 +931,31 @@ spec:
             .flat_map(|(_, text)| text.lines())
             .filter_map(|l| l.strip_prefix("kind: "))
             .collect();
-        assert_eq!(kinds, ["PeerAuthentication", "AuthorizationPolicy"]);
-        assert_eq!(mesh.probe_count(), 3);
+        assert_eq!(
+            kinds,
+            [
+                "PeerAuthentication",
+                "AuthorizationPolicy",
+                "AuthorizationPolicy",
+                "Gateway"
+            ]
+        );
+        assert_eq!(mesh.probe_count(), 4);
+
+        // The waypoint of `demo`, run in its own pod, and the Service that uses it.
+        let waypoint = WaypointDecl {
+            namespace: "demo".into(),
+            name: "waypoint".into(),
+            waypoint_for: "service".into(),
+        };
+        assert_eq!(mesh.waypoints, std::slice::from_ref(&waypoint));
+        let runs: Vec<(String, &str, &str)> = mesh
+            .pods
+            .iter()
+            .filter_map(|p| Some((p.key(), p.waypoint.as_deref()?, p.service_account.as_str())))
+            .collect();
+        assert_eq!(runs, [("demo/waypoint".to_owned(), "waypoint", "waypoint")]);
+        assert_eq!(mesh.services_using(&waypoint), ["demo/echo"]);
     }
 
     fn check_probe(entry: &str, expected: Result<(Target, Option<Expect>), &str>) {
@@ -979,6 +1116,83 @@ spec:
                 labels: BTreeMap::new(),
                 declared: false,
             }]
+        );
+    }
+
+    #[test]
+    fn pods_labelled_with_a_waypoint_gateway_run_it_and_nothing_else() {
+        let gateway = |name: &str, class: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, \
+                 namespace: demo, labels: {{istio.io/waypoint-for: all}}}}\nspec: {{gatewayClassName: {class}}}\n"
+            )
+        };
+        let labelled = |pod_name: &str, gw: &str, extra: &str| {
+            pod(
+                "demo",
+                pod_name,
+                &format!(
+                    "  labels: {{gateway.networking.k8s.io/gateway-name: {gw}, app: echo}}\n{extra}\
+                     spec: {{nodeName: n1, serviceAccountName: wp-sa}}\n"
+                ),
+            )
+        };
+        let docs = [
+            gateway("wp", "istio-waypoint"),
+            gateway("ingress", "istio"),
+            labelled("wp-1", "wp", ""),
+            labelled("wp-2", "wp", "  annotations: {local-mesh/run: none}\n"),
+            labelled("in-1", "ingress", ""),
+            labelled("nogw-1", "missing", ""),
+        ]
+        .join("---\n");
+        let mesh = LocalMesh::from_files(&files(&[("a.yaml", &docs)])).expect("valid");
+        assert_eq!(
+            mesh.waypoints,
+            [WaypointDecl {
+                namespace: "demo".into(),
+                name: "wp".into(),
+                waypoint_for: "all".into(),
+            }]
+        );
+        let runs: Vec<(&str, Option<&str>, bool)> = mesh
+            .pods
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.waypoint.as_deref(),
+                    p.echo_ports.is_empty(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                ("wp-1", Some("wp"), true),
+                ("wp-2", None, true),
+                ("in-1", None, false),
+                ("nogw-1", None, false),
+            ],
+            "a waypoint pod runs no echo; `run: none` opts out; other classes are no waypoints"
+        );
+        // The Gateways go to the agents as they are.
+        let passed: usize = mesh
+            .passthrough
+            .iter()
+            .map(|(_, t)| t.matches("kind: Gateway").count())
+            .sum();
+        assert_eq!(passed, 2);
+        check_error(
+            &[(
+                "a.yaml",
+                &[
+                    gateway("wp", "istio-waypoint"),
+                    labelled("wp-1", "wp", "  annotations: {local-mesh/run: echo}\n"),
+                ]
+                .join("---\n"),
+            )],
+            "runs waypoint wp (label gateway.networking.k8s.io/gateway-name); it cannot also run echo",
         );
     }
 

@@ -33,6 +33,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long `down` gives `up` to tear down by itself before killing it. Long enough for an
 /// `up` that is still building its mesh (each agent may take 30 s to become ready).
 const DOWN_GRACE: Duration = Duration::from_secs(90);
+/// Where the e2e harness takes the binaries it starts itself (the waypoints) from.
+const BIN_DIR_ENV: &str = "E2E_BIN_DIR";
 /// How long a killed process may take to disappear.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -80,6 +82,11 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         crate::run(&mut build)?;
     }
     let bin_dir = crate::target_dir().join(if opts.release { "release" } else { "debug" });
+    // The harness starts waypoints from its own binary directory: make it this one (with
+    // `--release` it would otherwise be xtask's own, the debug one).
+    if std::env::var_os(BIN_DIR_ENV).is_none() {
+        std::env::set_var(BIN_DIR_ENV, &bin_dir);
+    }
     if let Some(signal) = signals.received() {
         bail!("stopped by {signal} before the mesh was built");
     }
@@ -92,8 +99,8 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         source.display()
     );
     let started = Instant::now();
-    let mut running = Running::start(config, &bin_dir, Some(source))?;
-    state_file.record_mesh(running.mesh().prefix(), running.mesh().work_dir())?;
+    let mut running = Running::start(config, &bin_dir, Some(source.clone()))?;
+    state_file.record_mesh(running.mesh().prefix(), running.mesh().work_dir(), &source)?;
     println!(
         "xtask up: mesh ready in {:.1} s; sending {} probe(s)\n",
         started.elapsed().as_secs_f64(),
@@ -342,6 +349,15 @@ fn wait_gone(state: &State, timeout: Duration) -> bool {
     true
 }
 
+/// The YAML directory a live `up` was started from (`waypoint apply` edits it by default).
+pub fn running_source() -> Option<PathBuf> {
+    state::read(Path::new(STATE_DIR))
+        .ok()
+        .flatten()
+        .filter(State::is_running)
+        .and_then(|s| s.source)
+}
+
 /// The prefix of the mesh a live `up` runs, which `cargo xtask clean` must leave alone.
 pub fn running_prefix() -> Option<String> {
     state::read(Path::new(STATE_DIR))
@@ -436,6 +452,7 @@ mod tests {
             start_time: 0,
             prefix: Some(prefix.clone()),
             work_dir: Some(work_dir.clone()),
+            source: None,
         };
         std::fs::write(state::path(&dir.0), crashed.render())?;
         let lines = down_in(&dir.0)?;

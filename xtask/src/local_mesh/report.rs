@@ -98,6 +98,18 @@ fn render_probe(out: &mut String, probe: &ProbeReport) {
             r.node, r.reason, r.count, r.reporter
         );
     }
+    for w in &probe.waypoint_requests {
+        let flags = if w.response_flags == "-" {
+            String::new()
+        } else {
+            format!(", flags {}", w.response_flags)
+        };
+        let _ = writeln!(
+            out,
+            "  waypoint {}: istio_requests_total{{response_code=\"{}\"}} +{} ({} -> {}{flags})",
+            w.waypoint, w.response_code, w.count, w.source_principal, w.destination_service
+        );
+    }
     for (node, line) in &probe.access_log {
         let _ = writeln!(
             out,
@@ -105,7 +117,7 @@ fn render_probe(out: &mut String, probe: &ProbeReport) {
             shorten(line.trim(), MAX_LOG_LINE)
         );
     }
-    if probe.flows.is_empty() && probe.refusals.is_empty() {
+    if probe.flows.is_empty() && probe.refusals.is_empty() && probe.waypoint_requests.is_empty() {
         out.push_str("  no node agent counted this traffic\n");
     }
     let _ = writeln!(out, "  {}", describe_wire(&probe.wire, probe));
@@ -194,6 +206,15 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
     for (pod, label) in running.echo_servers() {
         let _ = writeln!(out, "                {label}.out  (mesh-echo in {pod})");
     }
+    for wp in running.waypoints() {
+        let _ = writeln!(
+            out,
+            "                {}.err  (waypoint {} in {}, access log included)",
+            wp.log_label(),
+            wp.gateway.key(),
+            wp.pod
+        );
+    }
     if let Some(state) = state_file {
         let _ = writeln!(out, "  state       {}", state.display());
     }
@@ -211,13 +232,63 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
             "     metrics  ip netns exec {netns} curl -s 127.0.0.1:15020/metrics"
         );
     }
+    if !config.waypoints.is_empty() {
+        out.push_str("  waypoints\n");
+    }
+    for decl in &config.waypoints {
+        let services = config.services_using(decl);
+        let used_by = if services.is_empty() {
+            "no service uses it".to_owned()
+        } else {
+            format!("used by {}", services.join(", "))
+        };
+        let runs: Vec<_> = running
+            .waypoints()
+            .iter()
+            .filter(|w| w.gateway == *decl)
+            .collect();
+        if runs.is_empty() {
+            let _ = writeln!(
+                out,
+                "     {:<20} for {}, not running: no pod labelled {}={} ({used_by}; their \
+                 connections fail)",
+                decl.key(),
+                decl.waypoint_for,
+                mesh::model::GATEWAY_NAME_LABEL,
+                decl.name
+            );
+        }
+        for wp in runs {
+            let (Ok(ip), Ok(netns)) = (mesh.pod_ip(&wp.pod), mesh.pod_netns(&wp.pod)) else {
+                continue;
+            };
+            let node = config
+                .pods
+                .iter()
+                .find(|p| p.key() == wp.pod)
+                .map_or("?", |p| p.node.as_str());
+            let _ = writeln!(
+                out,
+                "     {:<20} {ip:<12} on {node}  for {}, {used_by}",
+                decl.key(),
+                decl.waypoint_for
+            );
+            let _ = writeln!(out, "       identity {}", wp.identity());
+            let _ = writeln!(
+                out,
+                "       metrics  ip netns exec {netns} curl -s 127.0.0.1:15020/metrics"
+            );
+        }
+    }
     out.push_str("  pods\n");
     for pod in &config.pods {
         let key = pod.key();
         let (Ok(ip), Ok(netns)) = (mesh.pod_ip(&key), mesh.pod_netns(&key)) else {
             continue;
         };
-        let mut notes = vec![if running.in_mesh(pod) {
+        let mut notes = vec![if let Some(gw) = &pod.waypoint {
+            format!("runs waypoint {}/{gw}", pod.namespace)
+        } else if running.in_mesh(pod) {
             "in the mesh".to_owned()
         } else {
             "outside the mesh".to_owned()
@@ -288,6 +359,7 @@ mod tests {
             flows: Vec::new(),
             refusals: Vec::new(),
             access_log: Vec::new(),
+            waypoint_requests: Vec::new(),
             wire,
         }
     }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use e2e::prom::{self, Sample};
 use e2e::{eventually, ChildGuard, Labelled, Mesh, Proto};
 
-use super::config::{Expect, LocalMesh, PodDecl, Probe, Target};
+use super::config::{Expect, LocalMesh, PodDecl, Probe, Target, WaypointDecl};
 
 /// The harness "test name" of the local mesh (it seeds the namespace prefix).
 const MESH_NAME: &str = "local-mesh";
@@ -28,6 +28,8 @@ const METRICS_SETTLE: Duration = Duration::from_secs(2);
 const HBONE_PORT: u16 = 15008;
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const REFUSED: &str = "mesh_connections_refused_total";
+/// What a waypoint counts per request.
+const REQUESTS: &str = "istio_requests_total";
 /// Log lines of the node agents that describe one finished connection.
 const ACCESS_LOG_MARK: &str = "connection complete";
 /// The access-log fields worth a line in the report (the log file has them all).
@@ -41,7 +43,8 @@ const ACCESS_LOG_FIELDS: [&str; 5] = [
 
 /// A running local mesh. Dropping it stops every process and removes every namespace.
 pub struct Running {
-    // Declared before `mesh`: the echo servers stop before the namespaces go.
+    // Declared before `mesh`: the waypoints and echo servers stop before the namespaces go.
+    waypoints: Vec<WaypointRun>,
     echoes: Vec<(String, ChildGuard)>,
     mesh: Mesh,
     /// What the mesh runs (topology as built, pass-through documents as last applied).
@@ -50,6 +53,33 @@ pub struct Running {
     /// The YAML directory as last read, so each edit is reported once.
     last_read: Option<LocalMesh>,
 }
+
+/// A `waypoint` process the mesh runs, in the pod labelled with its Gateway's name.
+pub struct WaypointRun {
+    pub gateway: WaypointDecl,
+    /// `namespace/name` of its pod.
+    pub pod: String,
+    pub service_account: String,
+    guard: ChildGuard,
+}
+
+impl WaypointRun {
+    /// Its SPIFFE identity.
+    pub fn identity(&self) -> String {
+        format!(
+            "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
+            self.gateway.namespace, self.service_account
+        )
+    }
+
+    /// The name of its output files in the log directory (`<label>.err` is its log).
+    pub fn log_label(&self) -> &str {
+        self.guard.label()
+    }
+}
+
+/// The trust domain of the local mesh's identities.
+const TRUST_DOMAIN: &str = "cluster.local";
 
 /// What the traffic did.
 #[derive(Clone, Debug)]
@@ -77,7 +107,22 @@ pub struct ProbeReport {
     pub refusals: Vec<Refusal>,
     /// The agents' access-log lines about the refusals.
     pub access_log: Vec<(String, String)>,
+    /// Requests the waypoints handled during the probe.
+    pub waypoint_requests: Vec<WaypointRequests>,
     pub wire: Wire,
+}
+
+/// Requests one waypoint counted (`istio_requests_total`), by outcome.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WaypointRequests {
+    /// `namespace/name` of the Gateway.
+    pub waypoint: String,
+    pub source_principal: String,
+    pub destination_service: String,
+    pub response_code: String,
+    /// `-` when nothing went wrong, else `DENY`, `UH`, …
+    pub response_flags: String,
+    pub count: u64,
 }
 
 /// What one request got.
@@ -166,7 +211,12 @@ impl Running {
     ) -> Result<Self> {
         let ztunnel = bin_dir.join("ztunnel");
         let echo = bin_dir.join("mesh-echo");
-        for binary in [&ztunnel, &echo] {
+        let waypoint = bin_dir.join("waypoint");
+        let mut binaries = vec![&ztunnel, &echo];
+        if config.pods.iter().any(|p| p.waypoint.is_some()) {
+            binaries.push(&waypoint);
+        }
+        for binary in binaries {
             if !binary.is_file() {
                 bail!(
                     "{} not found: build it with `cargo build --workspace --bins`",
@@ -180,6 +230,7 @@ impl Running {
             .build()
             .context("build the local mesh")?;
         let mut running = Running {
+            waypoints: Vec::new(),
             echoes: Vec::new(),
             mesh,
             config,
@@ -205,7 +256,44 @@ impl Running {
             }
             running.echoes.push((pod.key(), guard));
         }
+        // The waypoints last: each reports ready once it has loaded the mesh's config.
+        for pod in running.config.pods.clone() {
+            let Some(gateway) = &pod.waypoint else {
+                continue;
+            };
+            let decl = running
+                .config
+                .waypoints
+                .iter()
+                .find(|w| w.namespace == pod.namespace && &w.name == gateway)
+                .cloned()
+                .with_context(|| format!("no Gateway {}/{gateway}", pod.namespace))?;
+            let found = running.mesh.waypoint_binary()?;
+            if found != waypoint {
+                bail!(
+                    "the harness would run {} instead of {}: set E2E_BIN_DIR={}",
+                    found.display(),
+                    waypoint.display(),
+                    bin_dir.display()
+                );
+            }
+            let guard = running
+                .mesh
+                .spawn_waypoint(&pod.key(), &pod.namespace, gateway, &pod.service_account)
+                .with_context(|| format!("start waypoint {} in {}", decl.key(), pod.key()))?;
+            running.waypoints.push(WaypointRun {
+                gateway: decl,
+                pod: pod.key(),
+                service_account: pod.service_account.clone(),
+                guard,
+            });
+        }
         Ok(running)
+    }
+
+    /// The waypoint processes, in pod order.
+    pub fn waypoints(&self) -> &[WaypointRun] {
+        &self.waypoints
     }
 
     pub fn mesh(&self) -> &Mesh {
@@ -259,6 +347,7 @@ impl Running {
         let client = pod.key();
         let addr = self.resolve(&probe.target)?;
         let before = self.snapshot()?;
+        let waypoints_before = self.waypoint_snapshot()?;
         let log_marks: BTreeMap<String, usize> = self
             .config
             .nodes
@@ -305,10 +394,22 @@ impl Running {
                 .map(|(_, _, n)| n)
                 .sum();
             let counted_refused: u64 = refused.iter().map(|(_, _, n)| n).sum();
-            if counted_opened >= answered && (failed == 0 || counted_refused > 0) {
+            // A waypoint answers requests itself (a 403) and pools its upstream
+            // connections: its request count accounts for answers too.
+            let through_waypoints: u64 =
+                deltas(&waypoints_before, &self.waypoint_snapshot()?, REQUESTS)
+                    .iter()
+                    .map(|(_, _, n)| n)
+                    .sum();
+            if counted_opened + through_waypoints >= answered
+                && (failed == 0 || counted_refused > 0)
+            {
                 Ok(after)
             } else {
-                bail!("opened {counted_opened}/{answered}, refused {counted_refused}")
+                bail!(
+                    "opened {counted_opened} + {through_waypoints} through waypoints of \
+                     {answered}, refused {counted_refused}"
+                )
             }
         });
         // No agent seeing the traffic is a fact to report, not an error.
@@ -317,6 +418,45 @@ impl Running {
             Err(_) => self.snapshot()?,
         };
         let summary = capture.stop()?;
+        let waypoints_after = self.waypoint_snapshot()?;
+        let mut waypoint_requests: BTreeMap<(String, String, String, String, String), u64> =
+            BTreeMap::new();
+        for (waypoint, labels, n) in deltas(&waypoints_before, &waypoints_after, REQUESTS) {
+            let label = |k: &str| labels.get(k).cloned().unwrap_or_else(|| "unknown".into());
+            *waypoint_requests
+                .entry((
+                    waypoint,
+                    label("source_principal"),
+                    label("destination_service"),
+                    label("response_code"),
+                    label("response_flags"),
+                ))
+                .or_default() += n;
+        }
+        let waypoint_requests = waypoint_requests
+            .into_iter()
+            .map(
+                |(
+                    (
+                        waypoint,
+                        source_principal,
+                        destination_service,
+                        response_code,
+                        response_flags,
+                    ),
+                    count,
+                )| {
+                    WaypointRequests {
+                        waypoint,
+                        source_principal,
+                        destination_service,
+                        response_code,
+                        response_flags,
+                        count,
+                    }
+                },
+            )
+            .collect();
 
         let mut flows: BTreeMap<(String, String, String, String, String), u64> = BTreeMap::new();
         for (node, labels, n) in deltas(&before, &after, OPENED) {
@@ -404,6 +544,7 @@ impl Running {
             flows,
             refusals,
             access_log,
+            waypoint_requests,
             wire,
         })
     }
@@ -431,6 +572,25 @@ impl Running {
                 .iter()
                 .any(|n| n.name == pod.namespace && n.ambient()),
         }
+    }
+
+    /// Per waypoint process (`<gateway> in <pod>`), the samples of `istio_requests_total`.
+    fn waypoint_snapshot(&self) -> Result<Snapshot> {
+        let mut out = Snapshot::new();
+        for wp in &self.waypoints {
+            let text = self
+                .mesh
+                .waypoint_metrics(&wp.pod)
+                .with_context(|| format!("metrics of waypoint {}", wp.gateway.key()))?;
+            out.entry(format!("{} in {}", wp.gateway.key(), wp.pod))
+                .or_default()
+                .extend(
+                    prom::parse(&text)
+                        .into_iter()
+                        .filter(|s| s.name == REQUESTS),
+                );
+        }
+        Ok(out)
     }
 
     fn snapshot(&self) -> Result<Snapshot> {
@@ -702,13 +862,18 @@ mod tests {
         );
     }
 
-    fn probe<'a>(report: &'a Report, client: &str) -> &'a ProbeReport {
+    fn probe<'a>(report: &'a Report, client: &str, target: &str) -> &'a ProbeReport {
         report
             .probes
             .iter()
-            .find(|p| p.client == client)
-            .unwrap_or_else(|| panic!("no probe from {client}: {report:#?}"))
+            .find(|p| p.client == client && p.target == target)
+            .unwrap_or_else(|| panic!("no probe {client} -> {target}: {report:#?}"))
     }
+
+    const SLEEP: &str = "spiffe://cluster.local/ns/demo/sa/sleep";
+    const OTHER: &str = "spiffe://cluster.local/ns/demo/sa/other";
+    const ECHO: &str = "spiffe://cluster.local/ns/demo/sa/echo";
+    const WAYPOINT: &str = "spiffe://cluster.local/ns/demo/sa/waypoint";
 
     /// What `cargo xtask up --once` does with the sample, minus the state file and signals:
     /// the facts the README promises must hold.
@@ -722,10 +887,27 @@ mod tests {
         let report = running.exercise(&|| false)?;
         let text = report::render(&report);
         println!("{text}");
+        let whereabouts = report::whereabouts(&running, None);
+        println!("{whereabouts}");
 
-        // demo/sleep -> echo.demo:80: 200 from both replicas, over HBONE with the SPIFFE
-        // identities of the two service accounts, and nothing readable on the wire.
-        let sleep = probe(&report, "demo/sleep");
+        // The waypoint of `demo` runs in its own pod, with its own identity.
+        let waypoints = running.waypoints();
+        assert_eq!(waypoints.len(), 1);
+        assert_eq!(waypoints[0].gateway.key(), "demo/waypoint");
+        assert_eq!(waypoints[0].identity(), WAYPOINT);
+        let waypoint_ip = running.mesh().pod_ip("demo/waypoint")?;
+        assert!(
+            whereabouts.lines().any(|l| l.contains("demo/waypoint")
+                && l.contains(&waypoint_ip.to_string())
+                && l.contains("used by demo/echo")),
+            "{whereabouts}"
+        );
+        assert!(whereabouts.contains(&format!("identity {WAYPOINT}")));
+
+        // demo/sleep -> echo.demo:80: through the waypoint (sleep's identity to the
+        // waypoint's), which answers from both replicas in turn, calling them under its own
+        // identity; nothing readable on the wire.
+        let sleep = probe(&report, "demo/sleep", "echo.demo:80");
         assert_eq!(sleep.met(), Some(true), "{sleep:#?}");
         let servers: BTreeSet<&str> = sleep
             .responses
@@ -737,22 +919,72 @@ mod tests {
             .collect();
         assert_eq!(servers, BTreeSet::from(["echo-v1", "echo-v2"]));
         assert!(
-            sleep.flows.iter().any(|f| f.node == "n2"
-                && f.reporter == "destination"
-                && f.source_principal == "spiffe://cluster.local/ns/demo/sa/sleep"
-                && f.destination_principal == "spiffe://cluster.local/ns/demo/sa/echo"
+            sleep.flows.iter().any(|f| f.node == "n1"
+                && f.reporter == "source"
+                && f.source_principal == SLEEP
+                && f.destination_principal == WAYPOINT
                 && f.security == "mutual_tls"
                 && f.count == REQUESTS_PER_PROBE as u64),
+            "sleep's agent sends every connection to the waypoint: {:#?}",
+            sleep.flows
+        );
+        // The waypoint pools its upstream connections: at most one per request.
+        let upstream: u64 = sleep
+            .flows
+            .iter()
+            .filter(|f| {
+                f.node == "n2"
+                    && f.reporter == "destination"
+                    && f.source_principal == WAYPOINT
+                    && f.destination_principal == ECHO
+                    && f.security == "mutual_tls"
+            })
+            .map(|f| f.count)
+            .sum();
+        assert!(
+            (1..=REQUESTS_PER_PROBE as u64).contains(&upstream),
             "{:#?}",
             sleep.flows
+        );
+        assert!(
+            !sleep
+                .flows
+                .iter()
+                .any(|f| f.node == "n2" && f.source_principal == SLEEP),
+            "the echo pods never see sleep itself: {:#?}",
+            sleep.flows
+        );
+        assert_eq!(
+            sleep
+                .waypoint_requests
+                .iter()
+                .filter(|w| w.response_code == "200" && w.source_principal == SLEEP)
+                .map(|w| w.count)
+                .sum::<u64>(),
+            REQUESTS_PER_PROBE as u64,
+            "{:#?}",
+            sleep.waypoint_requests
         );
         assert!(sleep.wire.only_hbone(), "{:?}", sleep.wire);
         assert!(text.contains(
             "wire carried only TCP to 15008 (TLS); 0 bytes of application data in clear"
         ));
 
+        // demo/sleep -> echo-v1's IP: around the waypoint, refused by the pod's agent (its
+        // L4 policy admits only the waypoint).
+        let direct = probe(&report, "demo/sleep", "demo/echo-v1:8080");
+        assert_eq!(direct.met(), Some(true), "{direct:#?}");
+        assert!(
+            direct
+                .refusals
+                .iter()
+                .any(|r| r.node == "n2" && r.reason == "DENY"),
+            "{:#?}",
+            direct.refusals
+        );
+
         // legacy/curl -> echo-v1's IP: plaintext from outside the mesh, refused by STRICT.
-        let curl = probe(&report, "legacy/curl");
+        let curl = probe(&report, "legacy/curl", "demo/echo-v1:8080");
         assert_eq!(curl.met(), Some(true), "{curl:#?}");
         assert!(
             curl.refusals
@@ -763,17 +995,27 @@ mod tests {
         );
         assert!(text.contains("mesh_connections_refused_total{reason=\"PEERAUTHN\"}"));
 
-        // demo/other: in the mesh, but not the identity the AuthorizationPolicy allows.
-        let other = probe(&report, "demo/other");
+        // demo/other: in the mesh, but not the identity the waypoint's L7 policy allows: 403
+        // from the waypoint, nothing reaches the echo pods.
+        let other = probe(&report, "demo/other", "echo.demo:80");
         assert_eq!(other.met(), Some(true), "{other:#?}");
         assert!(
             other
-                .refusals
+                .waypoint_requests
                 .iter()
-                .any(|r| r.node == "n2" && r.reason == "DENY"),
+                .any(|w| w.response_code == "403"
+                    && w.response_flags == "DENY"
+                    && w.source_principal == OTHER
+                    && w.count == REQUESTS_PER_PROBE as u64),
             "{:#?}",
-            other.refusals
+            other.waypoint_requests
         );
+        assert!(
+            !other.flows.iter().any(|f| f.node == "n2"),
+            "denied at the waypoint, before any upstream: {:#?}",
+            other.flows
+        );
+        assert!(text.contains("istio_requests_total{response_code=\"403\"}"));
 
         let n1 = report.opened.get("n1").and_then(|r| r.get("source"));
         assert!(

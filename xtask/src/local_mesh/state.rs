@@ -10,6 +10,7 @@
 //! start_time=1234567
 //! prefix=mt1a2b3c-
 //! work_dir=/tmp/e2e-mt1a2b3c-Ab12Cd
+//! source=/home/me/ambient/examples/local-mesh
 //! ```
 
 use std::io::ErrorKind;
@@ -32,6 +33,8 @@ pub struct State {
     pub prefix: Option<String>,
     /// The mesh's work directory (config, CA, logs), once it exists.
     pub work_dir: Option<PathBuf>,
+    /// The YAML directory it was built from (which `waypoint apply` edits by default).
+    pub source: Option<PathBuf>,
 }
 
 /// What [`StateFile::claim`] found.
@@ -63,6 +66,7 @@ impl State {
             start_time,
             prefix: None,
             work_dir: None,
+            source: None,
         })
     }
 
@@ -74,6 +78,9 @@ impl State {
         if let Some(dir) = &self.work_dir {
             out.push_str(&format!("work_dir={}\n", dir.display()));
         }
+        if let Some(dir) = &self.source {
+            out.push_str(&format!("source={}\n", dir.display()));
+        }
         out
     }
 
@@ -82,6 +89,7 @@ impl State {
         let mut start = None;
         let mut prefix = None;
         let mut work_dir = None;
+        let mut source = None;
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let (key, value) = line
                 .split_once('=')
@@ -91,6 +99,7 @@ impl State {
                 "start_time" => start = Some(value.parse::<u64>().context("state start_time")?),
                 "prefix" => prefix = Some(value.to_owned()),
                 "work_dir" => work_dir = Some(PathBuf::from(value)),
+                "source" => source = Some(PathBuf::from(value)),
                 // Written by a newer xtask: not needed to tear down.
                 _ => {}
             }
@@ -103,6 +112,7 @@ impl State {
             start_time,
             prefix,
             work_dir,
+            source,
         })
     }
 
@@ -194,10 +204,11 @@ impl StateFile {
         }
     }
 
-    /// Records the mesh this process now runs.
-    pub fn record_mesh(&mut self, prefix: &str, work_dir: &Path) -> Result<()> {
+    /// Records the mesh this process now runs, and the YAML directory it came from.
+    pub fn record_mesh(&mut self, prefix: &str, work_dir: &Path, source: &Path) -> Result<()> {
         self.state.prefix = Some(prefix.to_owned());
         self.state.work_dir = Some(work_dir.to_owned());
+        self.state.source = Some(source.to_owned());
         let file = path(&self.dir);
         let tmp = write_atomic(&self.dir, STATE_FILE, &self.state.render())?;
         std::fs::rename(&tmp, &file).with_context(|| format!("rename to {}", file.display()))
@@ -241,6 +252,7 @@ mod tests {
             start_time: 7,
             prefix: Some("mt1a2b3c-".into()),
             work_dir: Some("/tmp/e2e-mt1a2b3c-x".into()),
+            source: Some("/src/examples/local-mesh".into()),
         };
         assert_eq!(State::parse(&state.render()).expect("parses"), state);
         let bare = State {
@@ -273,11 +285,20 @@ mod tests {
         let Claim::Claimed(mut file) = StateFile::claim(&dir, me.clone()).expect("claim") else {
             panic!("an empty directory must be claimable");
         };
-        file.record_mesh("mt000001-", Path::new("/tmp/e2e-mt000001-x"))
-            .expect("record");
+        file.record_mesh(
+            "mt000001-",
+            Path::new("/tmp/e2e-mt000001-x"),
+            Path::new("/src/examples/local-mesh"),
+        )
+        .expect("record");
         match StateFile::claim(&dir, me.clone()).expect("second claim") {
             Claim::Taken(Some(found)) => {
                 assert_eq!(found.prefix.as_deref(), Some("mt000001-"));
+                assert_eq!(
+                    found.source.as_deref(),
+                    Some(Path::new("/src/examples/local-mesh")),
+                    "`waypoint apply` finds the running mesh's source"
+                );
                 assert!(found.is_running());
             }
             other => panic!("second claim must find the first: {other:?}"),
@@ -296,6 +317,7 @@ mod tests {
             start_time: 1,
             prefix: None,
             work_dir: None,
+            source: None,
         };
         let new = State {
             pid: 2,

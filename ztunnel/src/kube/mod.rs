@@ -6,9 +6,11 @@
 //! sources mean exactly the same thing.
 //!
 //! - Watched, in all namespaces: Namespaces, ServiceAccounts, Pods and Services (a service's
-//!   endpoints are pods on every node), and Istio's `security.istio.io/v1`
-//!   PeerAuthentication and AuthorizationPolicy (as [`DynamicObject`]s: there are no
-//!   generated types). A cluster without Istio's CRDs gets a model without policies.
+//!   endpoints are pods on every node), Istio's `security.istio.io/v1`
+//!   PeerAuthentication and AuthorizationPolicy, and `gateway.networking.k8s.io/v1`
+//!   Gateways (waypoints; as [`DynamicObject`]s: there are no generated types). A cluster
+//!   without Istio's CRDs gets a model without policies; one without the Gateway API CRDs a
+//!   model without waypoints (services labelled `istio.io/use-waypoint` then go direct).
 //! - Each kind is listed, then watched from the list's `resourceVersion`; a dropped watch is
 //!   resumed, an expired one (`410 Gone`) re-listed, failures retried with jittered
 //!   exponential backoff ([`Options::retry_min`] .. [`Options::retry_max`]).

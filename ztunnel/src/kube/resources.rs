@@ -23,14 +23,19 @@ pub(crate) enum Body {
     /// Service and the Istio policies: `spec` as it is. Policy specs must stay verbatim
     /// because the loader refuses unknown fields in them.
     Spec,
+    /// Gateway: `spec` as it is, and of `status` only `addresses` (where a control plane
+    /// put the waypoint, which wins over `spec.addresses`); its conditions carry timestamps
+    /// that change without changing the mesh.
+    Gateway,
 }
 
 /// One watched kind.
 #[derive(Clone, Debug)]
 pub(crate) struct Kind {
     pub(crate) resource: ApiResource,
-    /// A kind whose API may be absent (Istio CRDs not installed): a 404 counts as an empty
-    /// list, so a cluster without Istio's CRDs still gets a model.
+    /// A kind whose API may be absent (Istio or Gateway API CRDs not installed): a 404
+    /// counts as an empty list, so a cluster without those CRDs still gets a model (without
+    /// policies, without waypoints).
     pub(crate) optional: bool,
     pub(crate) body: Body,
 }
@@ -53,6 +58,16 @@ pub(crate) fn kinds() -> Vec<Kind> {
         optional: true,
         body: Body::Spec,
     };
+    // Waypoints are Gateways of class `istio-waypoint` (Gateway API v1, GA since 1.0); the
+    // CRDs are installed separately from Kubernetes, so the kind is optional too.
+    let gateway = Kind {
+        resource: ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
+            "gateways",
+        ),
+        optional: true,
+        body: Body::Gateway,
+    };
     vec![
         core(ApiResource::erase::<v1::Namespace>(&()), Body::None),
         core(ApiResource::erase::<v1::ServiceAccount>(&()), Body::None),
@@ -60,6 +75,7 @@ pub(crate) fn kinds() -> Vec<Kind> {
         core(ApiResource::erase::<v1::Service>(&()), Body::Spec),
         istio("PeerAuthentication", "peerauthentications"),
         istio("AuthorizationPolicy", "authorizationpolicies"),
+        gateway,
     ]
 }
 
@@ -120,6 +136,17 @@ pub(crate) fn document(kind: &Kind, obj: &DynamicObject) -> Value {
         Body::Spec => {
             if let Some(spec) = obj.data.get("spec") {
                 doc.insert("spec".into(), spec.clone());
+            }
+        }
+        Body::Gateway => {
+            if let Some(spec) = obj.data.get("spec") {
+                doc.insert("spec".into(), spec.clone());
+            }
+            if let Some(status) = obj.data.get("status") {
+                let kept = pick(status, &["addresses"]);
+                if !kept.is_empty() {
+                    doc.insert("status".into(), Value::Object(kept));
+                }
             }
         }
     }
@@ -322,6 +349,54 @@ mod tests {
                 "metadata": {"name": "deny", "namespace": "prod"},
                 "spec": {"action": "DENY", "rulez": []},
             }),
+        );
+    }
+
+    #[test]
+    fn gateways_keep_their_spec_and_only_the_addresses_of_their_status() {
+        let spec = json!({
+            "gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        });
+        check(
+            "Gateway",
+            json!({
+                "metadata": {"name": "waypoint", "namespace": "demo",
+                             "labels": {"istio.io/waypoint-for": "service"}},
+                "spec": spec,
+                "status": {
+                    "addresses": [{"type": "IPAddress", "value": "10.96.0.99"}],
+                    "conditions": [{"type": "Programmed", "status": "True",
+                                    "lastTransitionTime": "2025-01-01T00:00:00Z"}],
+                },
+            }),
+            json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "waypoint", "namespace": "demo",
+                             "labels": {"istio.io/waypoint-for": "service"}},
+                "spec": spec,
+                "status": {"addresses": [{"type": "IPAddress", "value": "10.96.0.99"}]},
+            }),
+        );
+        // No addresses yet (nothing assigned one): no status at all.
+        check(
+            "Gateway",
+            json!({
+                "metadata": {"name": "waypoint", "namespace": "demo"},
+                "spec": spec,
+                "status": {"conditions": []},
+            }),
+            json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "waypoint", "namespace": "demo"},
+                "spec": spec,
+            }),
+        );
+        assert!(
+            kind("Gateway").optional,
+            "clusters without the Gateway API CRDs"
         );
     }
 

@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 pub const WAIT: Duration = Duration::from_secs(20);
 
 /// The kinds the agent watches: collection path (all namespaces), apiVersion, kind.
-pub const KINDS: [(&str, &str, &str); 6] = [
+pub const KINDS: [(&str, &str, &str); 7] = [
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
     ("/api/v1/pods", "v1", "Pod"),
@@ -55,7 +55,17 @@ pub const KINDS: [(&str, &str, &str); 6] = [
         "security.istio.io/v1",
         "AuthorizationPolicy",
     ),
+    (
+        "/apis/gateway.networking.k8s.io/v1/gateways",
+        "gateway.networking.k8s.io/v1",
+        "Gateway",
+    ),
 ];
+
+/// Collections served only when Istio's CRDs are installed.
+const ISTIO_CRDS: &str = "/apis/security.istio.io/";
+/// Collections served only when the Gateway API CRDs are installed.
+const GATEWAY_API_CRDS: &str = "/apis/gateway.networking.k8s.io/";
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -112,24 +122,30 @@ pub struct FakeApiServer {
 // === impl FakeApiServer ===
 
 impl FakeApiServer {
-    /// Serves every watched kind (Istio's CRDs installed).
+    /// Serves every watched kind (Istio's and the Gateway API's CRDs installed).
     pub async fn start() -> Result<FakeApiServer> {
-        Self::start_with(true).await
+        Self::start_with(true, true).await
     }
 
-    /// Serves the core kinds only: the Istio kinds answer 404, as without Istio's CRDs.
+    /// The Istio kinds answer 404, as without Istio's CRDs.
     pub async fn without_istio_crds() -> Result<FakeApiServer> {
-        Self::start_with(false).await
+        Self::start_with(false, true).await
     }
 
-    async fn start_with(istio_crds: bool) -> Result<FakeApiServer> {
+    /// Gateways answer 404, as in a cluster without the Gateway API CRDs.
+    pub async fn without_gateway_api_crds() -> Result<FakeApiServer> {
+        Self::start_with(true, false).await
+    }
+
+    async fn start_with(istio_crds: bool, gateway_api_crds: bool) -> Result<FakeApiServer> {
         let collections = KINDS
             .iter()
             .map(|&(path, api_version, kind)| {
                 let collection = Collection {
                     api_version,
                     kind,
-                    installed: istio_crds || !path.starts_with("/apis/security.istio.io/"),
+                    installed: (istio_crds || !path.starts_with(ISTIO_CRDS))
+                        && (gateway_api_crds || !path.starts_with(GATEWAY_API_CRDS)),
                     objects: BTreeMap::new(),
                     history: Vec::new(),
                     compacted: 0,

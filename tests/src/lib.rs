@@ -43,6 +43,7 @@
 //! # }
 //! ```
 
+pub mod bench;
 mod capture;
 pub mod echo;
 mod harness;

@@ -7,6 +7,9 @@
 //! - `up [--config DIR] [--once]`: a local ambient mesh from Kubernetes YAML (default
 //!   `examples/local-mesh`), exercised and described; stays up until Ctrl-C.
 //! - `down`: tear down the mesh of a running or crashed `up`.
+//! - `bench [--quick]`: build release binaries, measure every data path (direct, ztunnel
+//!   with each redirection backend, haproxy and nginx baselines) and write `BENCHMARKS.md`
+//!   and `BENCHMARKS.png` (`tests/src/bin/mesh-bench.rs`).
 //!
 //! Test leftovers are recognised exactly as the e2e harness names them: namespaces
 //! `mt<6 hex>-*` and processes whose environment has `MESH_E2E_PREFIX=mt<6 hex>-`. Nothing is
@@ -72,6 +75,13 @@ enum Cmd {
     },
     /// Tear down the mesh of a running or crashed `cargo xtask up`.
     Down,
+    /// Build release binaries, benchmark every data path against direct connections and
+    /// haproxy/nginx baselines, and write BENCHMARKS.md + BENCHMARKS.png (needs root).
+    Bench {
+        /// Short runs (under 3 minutes) for development.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -109,6 +119,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             replace,
         }),
         Cmd::Down => local_mesh::down(),
+        Cmd::Bench { quick } => bench(quick),
     }
 }
 
@@ -197,6 +208,52 @@ fn test(extra: &[String]) -> Result<()> {
         );
     }
     println!("xtask: no test namespaces or processes left behind");
+    Ok(())
+}
+
+/// Builds the release binaries and runs `mesh-bench`, which writes the report at the
+/// workspace root (and the raw samples under `target/bench/`).
+fn bench(quick: bool) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    require_root("the benchmarks create network namespaces")?;
+    run(cargo().args(["build", "--release", "-p", "ztunnel", "-p", "e2e", "--bins"]))?;
+    let root = workspace_root();
+    let release = target_dir().join("release");
+    // Ctrl-C reaches mesh-bench (same terminal process group), which stops between steps
+    // and removes what it created; xtask must outlive it rather than die first.
+    // `Command` clears the signal mask of the child it starts.
+    let mut stops = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        stops.add(signal);
+    }
+    stops
+        .thread_block()
+        .context("block SIGINT, SIGTERM and SIGHUP while mesh-bench runs")?;
+    let mut cmd = Command::new(release.join("mesh-bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    cmd.arg("--out")
+        .arg(root.join("BENCHMARKS.md"))
+        .arg("--chart")
+        .arg(root.join("BENCHMARKS.png"))
+        .arg("--json")
+        .arg(target_dir().join("bench").join("results.json"))
+        .arg("--repo")
+        .arg(&root)
+        .env("E2E_BIN_DIR", &release);
+    run(&mut cmd)
+}
+
+fn require_root(why: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the effective uid of the process reading it.
+    let uid = std::fs::metadata("/proc/self")
+        .context("stat /proc/self")?
+        .uid();
+    if uid != 0 {
+        bail!("{why} and need root: run `sudo -E cargo xtask ...` (or as root)");
+    }
     Ok(())
 }
 

@@ -88,13 +88,16 @@ fn ensure_bpffs(path: &Path) -> Result<(), RedirectError> {
     }
 }
 
-/// Where a pod's capture is pinned: one directory per pod network namespace.
+/// Where a pod's capture is pinned: one directory per pod network namespace. bpffs refuses
+/// user-created names containing `.` (EPERM; dots are reserved for the kernel's own files),
+/// and pod namespaces are named `<prefix><ns>.<pod>`, so dots become `_` (neither
+/// Kubernetes names nor our prefixes contain `_`, so the mapping stays one-to-one).
 pub fn pin_dir(bpf_fs: &Path, netns: &Path) -> PathBuf {
     let name = netns
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| netns.display().to_string().replace('/', "_"));
-    pin_root(bpf_fs).join(name)
+    pin_root(bpf_fs).join(name.replace('.', "_"))
 }
 
 /// The directory holding every pod's pins.
@@ -226,5 +229,23 @@ fn delete_rules(netns: &Path, prefs: &[u32]) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_directories_have_no_dots_bpffs_would_refuse() {
+        let fs = Path::new("/sys/fs/bpf");
+        assert_eq!(
+            pin_dir(fs, Path::new("/var/run/netns/mt1a2b3c-default.client")),
+            PathBuf::from("/sys/fs/bpf/ztunnel/mt1a2b3c-default_client")
+        );
+        assert_eq!(
+            pin_dir(fs, Path::new("/var/run/netns/cni-1234")),
+            PathBuf::from("/sys/fs/bpf/ztunnel/cni-1234")
+        );
     }
 }

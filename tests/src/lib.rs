@@ -43,6 +43,7 @@
 //! # }
 //! ```
 
+pub mod bench;
 mod bpffs;
 mod capture;
 pub mod echo;

@@ -12,6 +12,9 @@
 //! - `down`: tear down the mesh of a running or crashed `up`.
 //! - `waypoint apply|delete|list`: deploy, remove and show waypoints, in a local mesh's YAML
 //!   directory or (`--kubectl`) in a cluster ([`waypoint_cli`]).
+//! - `bench [--quick]`: build release binaries, measure every data path (direct, ztunnel
+//!   with each redirection backend, haproxy and nginx baselines) and write `BENCHMARKS.md`
+//!   and `BENCHMARKS.png` (`tests/src/bin/mesh-bench.rs`).
 //!
 //! Test leftovers are recognised exactly as the e2e harness names them: namespaces
 //! `mt<6 hex>-*` and processes whose environment has `MESH_E2E_PREFIX=mt<6 hex>-`. Nothing is
@@ -90,6 +93,13 @@ enum Cmd {
         #[command(subcommand)]
         command: waypoint_cli::WaypointCmd,
     },
+    /// Build release binaries, benchmark every data path against direct connections and
+    /// haproxy/nginx baselines, and write BENCHMARKS.md + BENCHMARKS.png (needs root).
+    Bench {
+        /// Short runs (under 3 minutes) for development.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -129,6 +139,7 @@ fn dispatch(command: Cmd) -> Result<()> {
         }),
         Cmd::Down => local_mesh::down(),
         Cmd::Waypoint { command } => waypoint_cli::run(command),
+        Cmd::Bench { quick } => bench(quick),
     }
 }
 
@@ -226,17 +237,7 @@ fn python_has_validator() -> bool {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the effective uid of the process reading it.
-    let uid = std::fs::metadata("/proc/self")
-        .context("stat /proc/self")?
-        .uid();
-    if uid != 0 {
-        bail!(
-            "the tests create network namespaces and need root: run `sudo -E cargo xtask test` \
-             (or as root)"
-        );
-    }
+    require_root("the tests create network namespaces")?;
     find_tool("ip").context("`ip` not found: install iproute2")?;
 
     let stale = clean()?;
@@ -277,7 +278,7 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 4] = ["core", "enrollment", "bad_peers", "waypoint"];
+const E2E_SUITES: [&str; 5] = ["core", "enrollment", "bad_peers", "waypoint", "waypoint_routing"];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
 /// truncated to 15 characters by the kernel, which this fits).
 const CAPTURE_PROGRAM: &str = "zt_capture";
@@ -300,6 +301,52 @@ fn capture_programs() -> Vec<u64> {
         .filter(|p| p["name"].as_str() == Some(CAPTURE_PROGRAM))
         .filter_map(|p| p["id"].as_u64())
         .collect()
+}
+
+/// Builds the release binaries and runs `mesh-bench`, which writes the report at the
+/// workspace root (and the raw samples under `target/bench/`).
+fn bench(quick: bool) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    require_root("the benchmarks create network namespaces")?;
+    run(cargo().args(["build", "--release", "-p", "ztunnel", "-p", "e2e", "--bins"]))?;
+    let root = workspace_root();
+    let release = target_dir().join("release");
+    // Ctrl-C reaches mesh-bench (same terminal process group), which stops between steps
+    // and removes what it created; xtask must outlive it rather than die first.
+    // `Command` clears the signal mask of the child it starts.
+    let mut stops = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        stops.add(signal);
+    }
+    stops
+        .thread_block()
+        .context("block SIGINT, SIGTERM and SIGHUP while mesh-bench runs")?;
+    let mut cmd = Command::new(release.join("mesh-bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    cmd.arg("--out")
+        .arg(root.join("BENCHMARKS.md"))
+        .arg("--chart")
+        .arg(root.join("BENCHMARKS.png"))
+        .arg("--json")
+        .arg(target_dir().join("bench").join("results.json"))
+        .arg("--repo")
+        .arg(&root)
+        .env("E2E_BIN_DIR", &release);
+    run(&mut cmd)
+}
+
+fn require_root(why: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the effective uid of the process reading it.
+    let uid = std::fs::metadata("/proc/self")
+        .context("stat /proc/self")?
+        .uid();
+    if uid != 0 {
+        bail!("{why} and need root: run `sudo -E cargo xtask ...` (or as root)");
+    }
+    Ok(())
 }
 
 /// What a sweep found and removed.

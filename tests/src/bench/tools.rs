@@ -169,7 +169,8 @@ Transfer/sec:      2.40MB
         let run = parse_iperf3(json).expect("valid");
         assert_eq!(run.bytes, 1_240_000_000.0);
         assert_eq!(run.bits_per_second, 9_920_000_000.0);
-        let failed = r#"{"start":{},"end":{},"error":"unable to connect to server: Connection refused"}"#;
+        let failed =
+            r#"{"start":{},"end":{},"error":"unable to connect to server: Connection refused"}"#;
         let err = parse_iperf3(failed).expect_err("error run");
         assert!(format!("{err}").contains("Connection refused"));
         assert!(parse_iperf3("not json").is_err());

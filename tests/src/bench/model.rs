@@ -1,0 +1,394 @@
+//! What a benchmark run measures and what it found: data paths, metrics, samples. Pure data
+//! (serialisable, so a run can be kept as JSON and compared with a later one).
+
+use serde::{Deserialize, Serialize};
+
+use super::stats::Spread;
+
+/// One way for the client pod's traffic to reach the server pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum DataPath {
+    /// client → server, no proxy: the limit of this machine.
+    Direct,
+    /// client → ztunnel (n1) → HBONE → ztunnel (n2) → server, captured by eBPF.
+    ZtunnelEbpf,
+    /// The same, captured by nftables.
+    ZtunnelNftables,
+    /// L4 baseline: haproxy TCP → mTLS on n1, mTLS → TCP on n2 (one TLS connection per TCP
+    /// connection; no multiplexing).
+    HaproxyTls,
+    /// L7 baseline: nginx as an HTTP/1.1 reverse proxy on n1 (keep-alive upstream).
+    NginxHttp,
+    /// ztunnel + waypoint (L7). The waypoint does not exist yet (issue 5): always a slot.
+    Waypoint,
+}
+
+impl DataPath {
+    /// Every path, in report order.
+    pub const ALL: [DataPath; 6] = [
+        DataPath::Direct,
+        DataPath::ZtunnelEbpf,
+        DataPath::ZtunnelNftables,
+        DataPath::HaproxyTls,
+        DataPath::NginxHttp,
+        DataPath::Waypoint,
+    ];
+
+    /// How the report names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            DataPath::Direct => "direct (no proxy)",
+            DataPath::ZtunnelEbpf => "ztunnel L4, eBPF",
+            DataPath::ZtunnelNftables => "ztunnel L4, nftables",
+            DataPath::HaproxyTls => "haproxy mTLS pair (L4 baseline)",
+            DataPath::NginxHttp => "nginx HTTP proxy (L7 baseline)",
+            DataPath::Waypoint => "ztunnel + waypoint (L7)",
+        }
+    }
+
+    /// A short name for the chart and the JSON.
+    pub fn short(self) -> &'static str {
+        match self {
+            DataPath::Direct => "direct",
+            DataPath::ZtunnelEbpf => "zt-ebpf",
+            DataPath::ZtunnelNftables => "zt-nft",
+            DataPath::HaproxyTls => "haproxy",
+            DataPath::NginxHttp => "nginx",
+            DataPath::Waypoint => "waypoint",
+        }
+    }
+
+    /// The established proxy in the same position, which ratios are taken against.
+    pub fn baseline(self) -> Option<DataPath> {
+        match self {
+            DataPath::ZtunnelEbpf | DataPath::ZtunnelNftables => Some(DataPath::HaproxyTls),
+            DataPath::Waypoint => Some(DataPath::NginxHttp),
+            DataPath::Direct | DataPath::HaproxyTls | DataPath::NginxHttp => None,
+        }
+    }
+
+    /// Whether it carries any TCP stream (iperf3, idle connections), not only HTTP.
+    pub fn carries_tcp(self) -> bool {
+        !matches!(self, DataPath::NginxHttp | DataPath::Waypoint)
+    }
+
+    /// Whether it involves proxy processes whose CPU and memory are measured.
+    pub fn has_proxy(self) -> bool {
+        !matches!(self, DataPath::Direct)
+    }
+
+    /// Whether this run can measure it at all.
+    pub fn exists(self) -> bool {
+        !matches!(self, DataPath::Waypoint)
+    }
+
+    /// Whether the path runs ztunnel (so it has an enrollment to time).
+    pub fn is_ztunnel(self) -> bool {
+        matches!(self, DataPath::ZtunnelEbpf | DataPath::ZtunnelNftables)
+    }
+}
+
+/// Which node's proxy process a per-process metric belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Side {
+    /// Node 1, the client's side.
+    Client,
+    /// Node 2, the server's side.
+    Server,
+}
+
+impl Side {
+    pub const BOTH: [Side; 2] = [Side::Client, Side::Server];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Client => "node 1 (client side)",
+            Side::Server => "node 2 (server side)",
+        }
+    }
+}
+
+/// A latency percentile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Quantile {
+    P50,
+    P90,
+    P99,
+}
+
+impl Quantile {
+    pub const ALL: [Quantile; 3] = [Quantile::P50, Quantile::P90, Quantile::P99];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Quantile::P50 => "p50",
+            Quantile::P90 => "p90",
+            Quantile::P99 => "p99",
+        }
+    }
+
+    /// The value of this percentile in `p`.
+    pub fn of(self, p: &super::stats::Percentiles) -> f64 {
+        match self {
+            Quantile::P50 => p.p50,
+            Quantile::P90 => p.p90,
+            Quantile::P99 => p.p99,
+        }
+    }
+}
+
+/// Whether more of a metric is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+/// One measured quantity. Units are in [`Metric::unit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Metric {
+    /// iperf3 throughput as the receiver counted it, Gbit/s.
+    Throughput { streams: u16 },
+    /// HTTP/1.1 keep-alive latency at a fixed offered rate, µs.
+    FixedRateLatency { rate: u32, q: Quantile },
+    /// The rate actually completed during a fixed-rate run, req/s.
+    FixedRateAchieved { rate: u32 },
+    /// wrk at saturation: requests per second.
+    SaturationRate { conns: u16 },
+    /// wrk at saturation: latency, µs.
+    SaturationLatency { conns: u16, q: Quantile },
+    /// New connections per second, one small request on each.
+    ConnectionRate,
+    /// CPU seconds of one proxy process per GB (10^9 bytes) moved by iperf3.
+    CpuPerGb { side: Side },
+    /// CPU seconds of one proxy process per 10,000 requests at 1,000 req/s.
+    CpuPer10kRequests { side: Side },
+    /// CPU of one proxy process at 1,000 req/s, in cores.
+    CpuCoresAt1k { side: Side },
+    /// Resident memory before any traffic, bytes.
+    RssStart { side: Side },
+    /// Resident memory idle, just before the idle-connection test, bytes.
+    RssIdle { side: Side },
+    /// Resident memory holding the idle tunneled connections, bytes.
+    RssLoaded { side: Side },
+    /// (loaded − idle) / connections, KiB.
+    BytesPerConnection { side: Side },
+    /// How many idle connections the memory test held on the path.
+    IdleConnections,
+    /// Resident memory after those connections closed, bytes.
+    RssAfterClose { side: Side },
+    /// From writing a new pod's YAML to its first successful request through the mesh, ms.
+    EnrollToFirstRequest,
+    /// The first successful connection + request of a freshly enrolled pod (certificate
+    /// issue + mTLS/HTTP2 handshake + CONNECT), ms.
+    FirstConnection,
+    /// The pod's second connection + request (pooled HBONE connection), ms.
+    WarmConnection,
+}
+
+impl Metric {
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::Throughput { .. } => "Gbit/s",
+            Metric::FixedRateLatency { .. } | Metric::SaturationLatency { .. } => "µs",
+            Metric::FixedRateAchieved { .. } | Metric::SaturationRate { .. } => "req/s",
+            Metric::ConnectionRate => "conn/s",
+            Metric::CpuPerGb { .. } => "CPU-s/GB",
+            Metric::CpuPer10kRequests { .. } => "CPU-s/10k req",
+            Metric::CpuCoresAt1k { .. } => "cores",
+            Metric::RssStart { .. }
+            | Metric::RssIdle { .. }
+            | Metric::RssLoaded { .. }
+            | Metric::RssAfterClose { .. } => "MiB",
+            Metric::BytesPerConnection { .. } => "KiB/conn",
+            Metric::IdleConnections => "connections",
+            Metric::EnrollToFirstRequest | Metric::FirstConnection | Metric::WarmConnection => "ms",
+        }
+    }
+
+    pub fn better(self) -> Better {
+        match self {
+            Metric::Throughput { .. }
+            | Metric::FixedRateAchieved { .. }
+            | Metric::SaturationRate { .. }
+            | Metric::ConnectionRate => Better::Higher,
+            _ => Better::Lower,
+        }
+    }
+
+    /// The same metric for the other side, for per-process metrics.
+    pub fn per_side(self) -> Option<fn(Side) -> Metric> {
+        Some(match self {
+            Metric::CpuPerGb { .. } => |side| Metric::CpuPerGb { side },
+            Metric::CpuPer10kRequests { .. } => |side| Metric::CpuPer10kRequests { side },
+            Metric::CpuCoresAt1k { .. } => |side| Metric::CpuCoresAt1k { side },
+            Metric::RssStart { .. } => |side| Metric::RssStart { side },
+            Metric::RssIdle { .. } => |side| Metric::RssIdle { side },
+            Metric::RssLoaded { .. } => |side| Metric::RssLoaded { side },
+            Metric::BytesPerConnection { .. } => |side| Metric::BytesPerConnection { side },
+            Metric::RssAfterClose { .. } => |side| Metric::RssAfterClose { side },
+            _ => return None,
+        })
+    }
+}
+
+/// One value of one metric on one path in one repetition (already in the metric's unit).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub path: DataPath,
+    pub metric: Metric,
+    pub rep: usize,
+    pub value: f64,
+}
+
+/// Where and how the run happened.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// e.g. "Intel Xeon …, 2 CPUs, 23.5 GiB RAM, Linux 6.x, Debian 12".
+    pub machine: String,
+    /// UTC, RFC 3339.
+    pub date: String,
+    /// `git rev-parse HEAD` (+ `-dirty`).
+    pub commit: String,
+    pub quick: bool,
+    pub reps: usize,
+    /// Seconds per throughput / HTTP run.
+    pub run_secs: f64,
+    /// How many idle connections the memory test held.
+    pub idle_connections: usize,
+    /// Versions of the external tools, e.g. "iperf3 3.12".
+    pub tools: Vec<String>,
+    /// Anything worth knowing about this run (skipped paths, failures).
+    pub notes: Vec<String>,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub samples: Vec<Sample>,
+}
+
+impl Results {
+    pub fn record(&mut self, path: DataPath, metric: Metric, rep: usize, value: f64) {
+        if value.is_finite() {
+            self.samples.push(Sample {
+                path,
+                metric,
+                rep,
+                value,
+            });
+        }
+    }
+
+    /// Median and range of `metric` on `path` over repetitions.
+    pub fn spread(&self, path: DataPath, metric: Metric) -> Option<Spread> {
+        let values: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|s| s.path == path && s.metric == metric)
+            .map(|s| s.value)
+            .collect();
+        Spread::of(&values)
+    }
+
+    pub fn median(&self, path: DataPath, metric: Metric) -> Option<f64> {
+        self.spread(path, metric).map(|s| s.median)
+    }
+
+    /// The per-repetition sum over both sides of a per-process metric, summarised. A
+    /// repetition counts only when every side that has samples in the run has one in it.
+    pub fn spread_both_sides(&self, path: DataPath, metric: Metric) -> Option<Spread> {
+        let per_side = metric.per_side()?;
+        let sides: Vec<Side> = Side::BOTH
+            .into_iter()
+            .filter(|&side| self.spread(path, per_side(side)).is_some())
+            .collect();
+        if sides.is_empty() {
+            return None;
+        }
+        let mut reps: Vec<usize> = self
+            .samples
+            .iter()
+            .filter(|s| s.path == path && s.metric == per_side(sides[0]))
+            .map(|s| s.rep)
+            .collect();
+        reps.sort_unstable();
+        reps.dedup();
+        let sums: Vec<f64> = reps
+            .into_iter()
+            .filter_map(|rep| {
+                sides
+                    .iter()
+                    .map(|&side| {
+                        self.samples
+                            .iter()
+                            .find(|s| s.path == path && s.metric == per_side(side) && s.rep == rep)
+                            .map(|s| s.value)
+                    })
+                    .sum::<Option<f64>>()
+            })
+            .collect();
+        Spread::of(&sums)
+    }
+
+    /// Whether anything at all was measured on `path`.
+    pub fn has(&self, path: DataPath) -> bool {
+        self.samples.iter().any(|s| s.path == path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads_are_per_path_and_metric() {
+        let mut r = Results::default();
+        let m = Metric::Throughput { streams: 1 };
+        for (rep, v) in [3.0, 1.0, 2.0].into_iter().enumerate() {
+            r.record(DataPath::Direct, m, rep, v);
+        }
+        r.record(DataPath::HaproxyTls, m, 0, 9.0);
+        r.record(DataPath::Direct, m, 3, f64::NAN);
+        let s = r.spread(DataPath::Direct, m).expect("direct");
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        assert_eq!(r.median(DataPath::HaproxyTls, m), Some(9.0));
+        assert_eq!(r.spread(DataPath::ZtunnelEbpf, m), None);
+        assert!(r.has(DataPath::Direct) && !r.has(DataPath::Waypoint));
+    }
+
+    #[test]
+    fn both_sides_are_summed_per_repetition() {
+        let mut r = Results::default();
+        let gb = |side| Metric::CpuPerGb { side };
+        r.record(DataPath::HaproxyTls, gb(Side::Client), 0, 1.0);
+        r.record(DataPath::HaproxyTls, gb(Side::Server), 0, 2.0);
+        r.record(DataPath::HaproxyTls, gb(Side::Client), 1, 3.0);
+        r.record(DataPath::HaproxyTls, gb(Side::Server), 1, 4.0);
+        // A repetition missing one side is not summed.
+        r.record(DataPath::HaproxyTls, gb(Side::Client), 2, 100.0);
+        let s = r
+            .spread_both_sides(DataPath::HaproxyTls, gb(Side::Client))
+            .expect("sums");
+        assert_eq!((s.min, s.max, s.n), (3.0, 7.0, 2));
+        // A one-process proxy is its own sum.
+        r.record(DataPath::NginxHttp, gb(Side::Client), 0, 5.0);
+        let s = r
+            .spread_both_sides(DataPath::NginxHttp, gb(Side::Client))
+            .expect("one side");
+        assert_eq!(s.median, 5.0);
+        assert!(r
+            .spread_both_sides(DataPath::Direct, Metric::ConnectionRate)
+            .is_none());
+    }
+
+    #[test]
+    fn baselines_sit_in_the_same_position() {
+        assert_eq!(DataPath::ZtunnelEbpf.baseline(), Some(DataPath::HaproxyTls));
+        assert_eq!(DataPath::Waypoint.baseline(), Some(DataPath::NginxHttp));
+        assert_eq!(DataPath::HaproxyTls.baseline(), None);
+        assert!(!DataPath::Waypoint.exists());
+        assert!(!DataPath::NginxHttp.carries_tcp());
+    }
+}

@@ -68,6 +68,15 @@ pub struct CertSummary {
     pub chain_pem: String,
 }
 
+/// The validity of one cached certificate, for the node dashboard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertExpiry {
+    pub identity: Identity,
+    pub not_after: SystemTime,
+    pub next_renewal: SystemTime,
+    pub renewal_failures: u32,
+}
+
 // === impl CertManager ===
 
 impl CertManager {
@@ -183,6 +192,23 @@ impl CertManager {
                 next_renewal: rfc3339(e.next_attempt),
                 renewal_failures: e.failures,
                 chain_pem: certs_to_pem(&e.chain),
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    /// When each cached certificate expires and is next renewed, by identity (for the node
+    /// dashboard; cheaper than [`CertManager::dump`], which renders the chains).
+    pub fn expiries(&self) -> Vec<CertExpiry> {
+        let entries = self.lock();
+        let mut out: Vec<CertExpiry> = entries
+            .iter()
+            .map(|(id, e)| CertExpiry {
+                identity: id.clone(),
+                not_after: e.not_after,
+                next_renewal: e.next_attempt,
+                renewal_failures: e.failures,
             })
             .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
@@ -428,6 +454,19 @@ mod tests {
         assert!(dump[0].chain_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(!dump[0].chain_pem.contains("PRIVATE"));
         assert!(dump[0].not_before.ends_with('Z'), "{}", dump[0].not_before);
+    }
+
+    #[test]
+    fn expiries_name_each_cached_identity_and_its_validity() {
+        let certs = manager(Duration::from_secs(3600));
+        let before = SystemTime::now();
+        certs.certified_key(&web()).unwrap();
+        let e = certs.expiries();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].identity, web());
+        assert!(e[0].not_after > before + Duration::from_secs(3000));
+        assert!(e[0].next_renewal < e[0].not_after);
+        assert_eq!(e[0].renewal_failures, 0);
     }
 
     #[test]

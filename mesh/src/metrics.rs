@@ -7,6 +7,8 @@
 //!   `mesh_config_reloads_total`;
 //! - `process_*` read from `/proc/self` at scrape time.
 //!
+//! [`Metrics::snapshot`] reads them all back, typed, for the node dashboard.
+//!
 //! prometheus-client appends `_total` to counter names itself, so counters are registered
 //! without it.
 
@@ -293,6 +295,233 @@ fn openmetrics_to_text(om: &str) -> String {
 impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+// === snapshot ===
+
+/// Every counter of the registry at one moment, typed, for views that summarise them (the
+/// node dashboard) without keeping counters of their own.
+///
+/// prometheus-client has no public way to iterate a [`Family`], so a snapshot is read back
+/// from the registry's own exposition ([`Metrics::encode`]): the same numbers a scrape sees,
+/// at the cost of one scrape, and nothing on the connection path.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// One entry per TCP label set, with its four counters (absent ones read 0).
+    pub tcp: Vec<TcpSample>,
+    /// `mesh_connections_refused_total`, by (reporter, reason).
+    pub refused: Vec<RefusedSample>,
+    /// `mesh_config_rejections_total`, by source.
+    pub config_rejections: Vec<(String, u64)>,
+    /// `mesh_config_reloads_total`.
+    pub config_reloads: u64,
+    pub process: ProcessSample,
+}
+
+/// The TCP counters of one label set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TcpSample {
+    pub labels: TcpLabels,
+    pub opened: u64,
+    pub closed: u64,
+    /// Bytes sent to the client (`istio_tcp_sent_bytes_total`).
+    pub sent_bytes: u64,
+    /// Bytes received from the client (`istio_tcp_received_bytes_total`).
+    pub received_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RefusedSample {
+    pub reporter: String,
+    pub reason: String,
+    pub count: u64,
+}
+
+/// The `process_*` metrics; `None` when `/proc` could not tell.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcessSample {
+    pub rss_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub threads: Option<u64>,
+    /// Seconds since the epoch.
+    pub start_time_seconds: Option<f64>,
+}
+
+impl Metrics {
+    /// The registry's counters now (one encode of the registry; see [`Snapshot`]).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::parse(&self.encode())
+    }
+}
+
+impl Snapshot {
+    /// Reads the metrics this module registers out of exposition text (OpenMetrics or classic);
+    /// other metrics and lines that do not parse are skipped.
+    pub fn parse(text: &str) -> Snapshot {
+        let mut snap = Snapshot::default();
+        let mut tcp: Vec<TcpSample> = Vec::new();
+        let mut tcp_index: std::collections::HashMap<TcpLabels, usize> =
+            std::collections::HashMap::new();
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((name, labels, value)) = parse_sample(line) else {
+                continue;
+            };
+            let count = || counter_value(value);
+            match name {
+                "istio_tcp_connections_opened_total"
+                | "istio_tcp_connections_closed_total"
+                | "istio_tcp_sent_bytes_total"
+                | "istio_tcp_received_bytes_total" => {
+                    let mut l = TcpLabels::default();
+                    for (k, v) in labels {
+                        l.set(&k, v);
+                    }
+                    let i = *tcp_index.entry(l.clone()).or_insert_with(|| {
+                        tcp.push(TcpSample {
+                            labels: l,
+                            ..TcpSample::default()
+                        });
+                        tcp.len() - 1
+                    });
+                    let Some(s) = tcp.get_mut(i) else { continue };
+                    let n = count();
+                    match name {
+                        "istio_tcp_connections_opened_total" => s.opened = n,
+                        "istio_tcp_connections_closed_total" => s.closed = n,
+                        "istio_tcp_sent_bytes_total" => s.sent_bytes = n,
+                        _ => s.received_bytes = n,
+                    }
+                }
+                "mesh_connections_refused_total" => {
+                    let get = |k: &str| {
+                        labels
+                            .iter()
+                            .find(|(key, _)| key == k)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_else(|| UNKNOWN.to_string())
+                    };
+                    snap.refused.push(RefusedSample {
+                        reporter: get("reporter"),
+                        reason: get("reason"),
+                        count: count(),
+                    });
+                }
+                "mesh_config_rejections_total" => {
+                    let source = labels
+                        .into_iter()
+                        .find(|(k, _)| k == "source")
+                        .map(|(_, v)| v)
+                        .unwrap_or_else(|| UNKNOWN.to_string());
+                    snap.config_rejections.push((source, count()));
+                }
+                "mesh_config_reloads_total" => snap.config_reloads = count(),
+                "process_resident_memory_bytes" => snap.process.rss_bytes = Some(count()),
+                "process_cpu_seconds_total" => snap.process.cpu_seconds = Some(value),
+                "process_open_fds" => snap.process.open_fds = Some(count()),
+                "process_max_fds" => snap.process.max_fds = Some(count()),
+                "process_threads" => snap.process.threads = Some(count()),
+                "process_start_time_seconds" => snap.process.start_time_seconds = Some(value),
+                _ => {}
+            }
+        }
+        snap.tcp = tcp;
+        snap
+    }
+}
+
+/// Label names and unescaped values, in exposition order.
+type LabelPairs = Vec<(String, String)>;
+
+/// A counter or gauge read back as a whole number (negative or NaN → 0).
+fn counter_value(v: f64) -> u64 {
+    if v.is_finite() && v > 0.0 {
+        // Saturates at u64::MAX; counters here are whole numbers.
+        v as u64
+    } else {
+        0
+    }
+}
+
+/// `name{k="v",...} value [timestamp]` → (name, labels, value). Label values are unescaped
+/// (`\\`, `\"`, `\n`).
+fn parse_sample(line: &str) -> Option<(&str, LabelPairs, f64)> {
+    let end = line.find(|c: char| c == '{' || c.is_whitespace())?;
+    let name = &line[..end];
+    let mut rest = &line[end..];
+    let mut labels = Vec::new();
+    if let Some(mut s) = rest.strip_prefix('{') {
+        loop {
+            s = s.trim_start_matches([' ', ',']);
+            if let Some(after) = s.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let (key, after) = s.split_once('=')?;
+            let after = after.strip_prefix('"')?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let close = loop {
+                let (i, c) = chars.next()?;
+                match c {
+                    '"' => break i,
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        other => value.push(other),
+                    },
+                    c => value.push(c),
+                }
+            };
+            labels.push((key.trim().to_string(), value));
+            s = after.get(close + 1..)?;
+        }
+    }
+    let value = match rest.split_whitespace().next()? {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some((name, labels, value))
+}
+
+// === impl TcpLabels ===
+
+impl TcpLabels {
+    /// Sets the label named `key`; unknown names are ignored (returns false).
+    pub fn set(&mut self, key: &str, value: String) -> bool {
+        let field = match key {
+            "reporter" => &mut self.reporter,
+            "source_workload" => &mut self.source_workload,
+            "source_workload_namespace" => &mut self.source_workload_namespace,
+            "source_principal" => &mut self.source_principal,
+            "source_app" => &mut self.source_app,
+            "source_version" => &mut self.source_version,
+            "source_canonical_service" => &mut self.source_canonical_service,
+            "source_canonical_revision" => &mut self.source_canonical_revision,
+            "source_cluster" => &mut self.source_cluster,
+            "destination_workload" => &mut self.destination_workload,
+            "destination_workload_namespace" => &mut self.destination_workload_namespace,
+            "destination_principal" => &mut self.destination_principal,
+            "destination_app" => &mut self.destination_app,
+            "destination_version" => &mut self.destination_version,
+            "destination_service" => &mut self.destination_service,
+            "destination_service_name" => &mut self.destination_service_name,
+            "destination_service_namespace" => &mut self.destination_service_namespace,
+            "destination_canonical_service" => &mut self.destination_canonical_service,
+            "destination_canonical_revision" => &mut self.destination_canonical_revision,
+            "destination_cluster" => &mut self.destination_cluster,
+            "request_protocol" => &mut self.request_protocol,
+            "response_flags" => &mut self.response_flags,
+            "connection_security_policy" => &mut self.connection_security_policy,
+            _ => return false,
+        };
+        *field = value;
+        true
     }
 }
 
@@ -645,6 +874,86 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_every_counter_and_label() {
+        let m = Metrics::new();
+        let l = labels();
+        m.tcp_opened(&l);
+        m.tcp_opened(&l);
+        m.tcp_closed(&l);
+        m.tcp_sent(&l, 100);
+        m.tcp_received(&l, 7);
+        let other = TcpLabels {
+            reporter: "source".into(),
+            response_flags: "DENY".into(),
+            ..TcpLabels::default()
+        };
+        m.tcp_opened(&other);
+        m.tcp_closed(&other);
+        m.refused("destination", "DENY");
+        m.refused("destination", "DENY");
+        m.config_rejected("local");
+        m.config_loaded();
+        let snap = m.snapshot();
+        let mut tcp = snap.tcp.clone();
+        tcp.sort_by(|a, b| a.labels.reporter.cmp(&b.labels.reporter));
+        assert_eq!(
+            tcp,
+            vec![
+                TcpSample {
+                    labels: l,
+                    opened: 2,
+                    closed: 1,
+                    sent_bytes: 100,
+                    received_bytes: 7,
+                },
+                TcpSample {
+                    labels: other,
+                    opened: 1,
+                    closed: 1,
+                    ..TcpSample::default()
+                },
+            ]
+        );
+        assert_eq!(
+            snap.refused,
+            vec![RefusedSample {
+                reporter: "destination".into(),
+                reason: "DENY".into(),
+                count: 2
+            }]
+        );
+        assert_eq!(snap.config_rejections, vec![("local".to_string(), 1)]);
+        assert_eq!(snap.config_reloads, 1);
+        assert!(snap.process.rss_bytes.is_some_and(|r| r > 0));
+        assert!(snap.process.open_fds.is_some());
+        assert!(snap.process.cpu_seconds.is_some());
+        // The classic format reads the same.
+        assert_eq!(Snapshot::parse(&m.encode_text()).tcp.len(), 2);
+    }
+
+    #[test]
+    fn snapshots_skip_what_does_not_parse() {
+        let text = concat!(
+            "garbage line\n",
+            "istio_tcp_connections_opened_total{reporter=\"source\"\n",
+            "istio_tcp_connections_opened_total{reporter=\"a \\\"q\\\" b\",bogus=\"x\"} 3\n",
+            "mesh_config_reloads_total NaN\n",
+            "mesh_connections_refused_total{reason=\"TLS\"} -4\n",
+            "process_cpu_seconds_total 1.5\n",
+            "other_metric 7\n",
+        );
+        let snap = Snapshot::parse(text);
+        assert_eq!(snap.tcp.len(), 1);
+        assert_eq!(snap.tcp[0].labels.reporter, "a \"q\" b");
+        assert_eq!(snap.tcp[0].opened, 3);
+        assert_eq!(snap.config_reloads, 0);
+        assert_eq!(snap.refused[0].reporter, UNKNOWN);
+        assert_eq!(snap.refused[0].count, 0);
+        assert_eq!(snap.process.cpu_seconds, Some(1.5));
+        assert_eq!(Snapshot::parse(""), Snapshot::default());
     }
 
     fn check<T: PartialEq + fmt::Debug>(parse: impl Fn(&str) -> T, input: &str, want: T) {

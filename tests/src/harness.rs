@@ -845,6 +845,12 @@ impl Mesh {
         self.node_http_ok(node, METRICS_PORT, "GET", "/metrics")
     }
 
+    /// `GET` on the node's metrics port (`:15020`): `/metrics`, the node dashboard's
+    /// `/dashboard` page and its `/stats` JSON. The whole response, whatever its status.
+    pub fn metrics_port_get(&self, node: &str, path: &str) -> Result<HttpResponse> {
+        self.node_http(node, METRICS_PORT, "GET", path)
+    }
+
     /// `GET` on the node's admin endpoint (`127.0.0.1:15000`), e.g. `/config_dump`.
     pub fn admin(&self, node: &str, path: &str) -> Result<String> {
         self.node_http_ok(node, ADMIN_PORT, "GET", path)

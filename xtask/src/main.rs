@@ -3,7 +3,9 @@
 //! - `ci`: `cargo fmt --check`, `cargo clippy --workspace --all-targets -D warnings`,
 //!   `manifests`, `test`.
 //! - `manifests`: validate every `manifests/*.yaml` offline against the Kubernetes API schemas
-//!   (`kubernetes-validate --strict`, Kubernetes [`MANIFESTS_K8S_VERSION`]).
+//!   (`kubernetes-validate --strict`, Kubernetes [`MANIFESTS_K8S_VERSION`]), and the Grafana
+//!   dashboards in `manifests/dashboards/` ([`dashboards`]: shape, variables, metric names,
+//!   PromQL through `promtool check rules`).
 //! - `test [-- <cargo test args>]`: build every binary, run every test (the e2e tests need
 //!   root for network namespaces), then check that no test namespace or process is left.
 //! - `clean`: remove the namespaces and processes that killed test runs left behind.
@@ -21,6 +23,7 @@
 //! ever matched by process name. The mesh of a live `up` is built the same way and is left
 //! alone by `clean` (its prefix is in `up`'s state file).
 
+mod dashboards;
 mod local_mesh;
 mod waypoint_cli;
 
@@ -224,7 +227,10 @@ fn manifests() -> Result<()> {
     cmd.args(["--strict", "--kubernetes-version", MANIFESTS_K8S_VERSION])
         .args(&files)
         .current_dir(workspace_root());
-    run(&mut cmd)
+    run(&mut cmd)?;
+    let queries = dashboards::check_dir(&dir.join("dashboards"))?;
+    println!("xtask: dashboards ok ({queries} queries checked)");
+    Ok(())
 }
 
 fn python_has_validator() -> bool {
@@ -278,12 +284,13 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 5] = [
+const E2E_SUITES: [&str; 6] = [
     "core",
     "enrollment",
     "bad_peers",
     "waypoint",
     "waypoint_routing",
+    "dashboard",
 ];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
 /// truncated to 15 characters by the kernel, which this fits).

@@ -1,6 +1,6 @@
 //! The agent's own HTTP endpoints, in the node's network namespace:
-//! admin (`/config_dump`, `/logging`) on 127.0.0.1:15000, `/metrics` on :15020,
-//! `/healthz/ready` on :15021.
+//! admin (`/config_dump`, `/logging`) on 127.0.0.1:15000, `/metrics` and the node dashboard
+//! (`/dashboard`, `/stats`: see [`crate::dashboard`]) on :15020, `/healthz/ready` on :15021.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -141,14 +141,53 @@ async fn route(kind: Kind, st: &AdminState, req: Request<Incoming>) -> Response<
                 )
             }
         }
+        (Kind::Metrics | Kind::Admin, &Method::GET, "/dashboard") => reply(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::dashboard::PAGE,
+        ),
+        (Kind::Metrics | Kind::Admin, &Method::GET, "/stats") => stats(st),
         (Kind::Admin, &Method::GET, "/config_dump") => config_dump(st),
         (Kind::Admin, _, "/logging") => logging(st, &req),
         (Kind::Admin, &Method::GET, "/") => reply(
             StatusCode::OK,
             "text/plain",
-            "endpoints: /config_dump /logging?level=<filter> /metrics\n",
+            "endpoints: /config_dump /logging?level=<filter> /metrics /dashboard /stats\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// The node dashboard's JSON, from the agent's state and one read of its metrics registry.
+fn stats(st: &AdminState) -> Response<Full<Bytes>> {
+    let pods = st.pods.lock().map(|p| p.clone()).unwrap_or_default();
+    let certs = st.pi.certs.expiries();
+    let metrics = st.pi.metrics.snapshot();
+    let rejected = st.rejections.borrow().clone();
+    let view = crate::dashboard::stats(&crate::dashboard::NodeState {
+        node: &st.pi.cfg.node_name,
+        backend: st.pi.cfg.redirect,
+        ready: st.ready.load(Ordering::SeqCst) && st.config_loaded.load(Ordering::SeqCst),
+        pods: &pods,
+        certs: &certs,
+        metrics: &metrics,
+        rejected_objects: &rejected,
+        now: std::time::SystemTime::now(),
+    });
+    match serde_json::to_vec(&view) {
+        Ok(body) => {
+            let mut r = reply(StatusCode::OK, "application/json", body);
+            r.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
+            r
+        }
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("stats: {e}\n"),
+        ),
     }
 }
 

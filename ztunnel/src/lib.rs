@@ -3,13 +3,15 @@
 //! Data path modules are ordered like the traffic: [`redirect`] (capture rules in the pod's
 //! namespace) → [`proxy`] (listeners and the HBONE client/server) → [`conns`] (open connections,
 //! re-checked on policy change). Control: [`app`] wires [`config`], the model watcher,
-//! [`workloads`] (which pods we serve) and [`admin`] (metrics, readiness, config dump).
+//! [`workloads`] (which pods we serve) and [`admin`] (metrics, readiness, config dump), which
+//! serves the node [`dashboard`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod conns;
+pub mod dashboard;
 pub mod kube;
 pub mod logging;
 pub mod netns;

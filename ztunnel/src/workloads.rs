@@ -78,6 +78,10 @@ pub struct PodStatus {
     pub ips: Vec<IpAddr>,
     pub netns: String,
     pub state: String,
+    /// The pod's open connections (all three listeners) while it is enrolled; read by the
+    /// node dashboard, not dumped.
+    #[serde(skip)]
+    pub active: Option<Arc<proxy::ActiveConns>>,
 }
 
 pub struct Manager {
@@ -380,6 +384,7 @@ impl Manager {
                 ips: r.ctx.ips.clone(),
                 netns: r.ctx.netns.path().display().to_string(),
                 state: "enrolled".to_string(),
+                active: Some(r.ctx.active.clone()),
             })
             .collect();
         out.extend(self.failed.iter().map(|(k, e)| PodStatus {
@@ -388,6 +393,7 @@ impl Manager {
             ips: vec![],
             netns: String::new(),
             state: format!("pending: {e}"),
+            active: None,
         }));
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = out;
     }

@@ -9,6 +9,7 @@
 //! - [`signals`]: Ctrl-C and friends as messages, so teardown always runs.
 
 pub mod config;
+pub mod forward;
 pub mod report;
 pub mod run;
 pub mod signals;

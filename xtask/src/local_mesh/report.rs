@@ -231,6 +231,17 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
             out,
             "     metrics  ip netns exec {netns} curl -s 127.0.0.1:15020/metrics"
         );
+        if let Some(f) = running.forwards().iter().find(|f| f.node == *node) {
+            let _ = writeln!(
+                out,
+                "     dashboard {}  <- open in a browser on this machine (forwarded into the node while `up` runs)",
+                f.dashboard_url()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "               ip netns exec {netns} curl -s 127.0.0.1:15020/dashboard  (its data: /stats)"
+        );
     }
     if !config.waypoints.is_empty() {
         out.push_str("  waypoints\n");

@@ -13,6 +13,7 @@ use e2e::prom::{self, Sample};
 use e2e::{eventually, ChildGuard, Labelled, Mesh, Proto};
 
 use super::config::{Expect, LocalMesh, PodDecl, Probe, Target, WaypointDecl};
+use super::forward::{Forward, FIRST_LOCAL_PORT};
 
 /// The harness "test name" of the local mesh (it seeds the namespace prefix).
 const MESH_NAME: &str = "local-mesh";
@@ -43,7 +44,9 @@ const ACCESS_LOG_FIELDS: [&str; 5] = [
 
 /// A running local mesh. Dropping it stops every process and removes every namespace.
 pub struct Running {
-    // Declared before `mesh`: the waypoints and echo servers stop before the namespaces go.
+    // Declared before `mesh`: the forwards, waypoints and echo servers stop before the
+    // namespaces go.
+    forwards: Vec<Forward>,
     waypoints: Vec<WaypointRun>,
     echoes: Vec<(String, ChildGuard)>,
     mesh: Mesh,
@@ -230,6 +233,7 @@ impl Running {
             .build()
             .context("build the local mesh")?;
         let mut running = Running {
+            forwards: Vec::new(),
             waypoints: Vec::new(),
             echoes: Vec::new(),
             mesh,
@@ -255,6 +259,17 @@ impl Running {
                     .with_context(|| format!("mesh-echo in {}", pod.key()))?;
             }
             running.echoes.push((pod.key(), guard));
+        }
+        // Each node's dashboard, reachable from a browser on this machine.
+        for (i, node) in running.config.nodes.clone().iter().enumerate() {
+            let netns = running.mesh.node_netns(node)?;
+            let port = u16::try_from(i)
+                .ok()
+                .and_then(|i| FIRST_LOCAL_PORT.checked_add(i))
+                .unwrap_or(0);
+            let forward = Forward::start(node, &netns, port)
+                .with_context(|| format!("forward the dashboard of {node}"))?;
+            running.forwards.push(forward);
         }
         // The waypoints last: each reports ready once it has loaded the mesh's config.
         for pod in running.config.pods.clone() {
@@ -289,6 +304,11 @@ impl Running {
             });
         }
         Ok(running)
+    }
+
+    /// The local forwards to each node's dashboard, in node order.
+    pub fn forwards(&self) -> &[Forward] {
+        &self.forwards
     }
 
     /// The waypoint processes, in pod order.
@@ -889,6 +909,18 @@ mod tests {
         println!("{text}");
         let whereabouts = report::whereabouts(&running, None);
         println!("{whereabouts}");
+
+        // Each node's dashboard is named, and its forward reaches the node's agent.
+        assert_eq!(running.forwards().len(), running.config().nodes.len());
+        for f in running.forwards() {
+            assert!(whereabouts.contains(&f.dashboard_url()), "{whereabouts}");
+            let mut s = std::net::TcpStream::connect(f.local)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let stats = e2e::http::request(&mut s, "GET", &f.local.to_string(), "/stats", b"")?;
+            assert_eq!(stats.status, 200);
+            assert_eq!(stats.json()?["node"], f.node.as_str());
+        }
+        assert!(whereabouts.contains("127.0.0.1:15020/dashboard"));
 
         // The waypoint of `demo` runs in its own pod, with its own identity.
         let waypoints = running.waypoints();

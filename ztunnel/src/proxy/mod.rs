@@ -235,6 +235,14 @@ pub struct ActiveConns {
     next_flow: AtomicU64,
 }
 
+impl fmt::Debug for ActiveConns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ActiveConns")
+            .field("count", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// One recorded flow; dropping it forgets the flow.
 pub struct FlowGuard {
     conns: Arc<ActiveConns>,

@@ -152,6 +152,66 @@ fn policy_l7(c: &mut Criterion) {
     });
 }
 
+// === route matching ===
+
+/// A Service with 16 HTTPRoute rules (the Gateway API's limit) of every match kind; the request matches a header rule
+/// near the end, so every rule is looked at.
+fn route_model() -> mesh::model::Model {
+    let mut docs = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{name: http, port: 80}]}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {name: web-v2, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.4, selector: {app: web}, ports: [{name: http, port: 80}]}\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {name: web, namespace: shop}\nspec:\n\
+         \x20 parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n",
+    );
+    for i in 0..4 {
+        docs += &format!(
+            "  - matches: [{{path: {{type: Exact, value: /exact/{i}}}}}]\n    backendRefs: [{{name: web, port: 80}}]\n\
+             \x20 - matches: [{{path: {{type: PathPrefix, value: /prefix/{i}}}}}]\n    backendRefs: [{{name: web, port: 80}}]\n\
+             \x20 - matches: [{{path: {{type: RegularExpression, value: \"/re/{i}/[a-z]+/[0-9]+\"}}}}]\n    backendRefs: [{{name: web, port: 80}}]\n\
+             \x20 - matches: [{{path: {{type: PathPrefix, value: /api}}, headers: [{{name: x-version, value: v{i}}}], queryParams: [{{name: tenant, value: t{i}}}]}}]\n    \
+             backendRefs: [{{name: web, port: 80, weight: 80}}, {{name: web-v2, port: 80, weight: 20}}]\n"
+        );
+    }
+    mesh::k8s::load_docs(&[("routes.yaml".to_owned(), docs)]).expect("valid routes")
+}
+
+fn route_matching(c: &mut Criterion) {
+    let model = route_model();
+    let waypoint = NamespacedName::new("shop", "waypoint");
+    let svc = model
+        .services
+        .get(&NamespacedName::new("shop", "web"))
+        .expect("service");
+    let port = &svc.ports[0];
+    let mut headers = HeaderMap::new();
+    headers.insert("x-version", "v3".parse().unwrap());
+    let target = "/api/items/42?tenant=t3&page=2";
+    let normalized = mesh::route::normalize_path(target).expect("path");
+    let req = mesh::route::RouteRequest {
+        host: "web.shop.svc.cluster.local",
+        method: "GET",
+        path: &normalized.path,
+        query: normalized.query.as_deref(),
+        headers: &headers,
+    };
+    assert!(matches!(
+        mesh::route::route(&model, &waypoint, svc, port, &req),
+        mesh::route::Routing::Matched(_)
+    ));
+    c.bench_function("route/normalize_path", |b| {
+        b.iter(|| mesh::route::normalize_path(black_box(target)).map(|p| p.path.len()))
+    });
+    c.bench_function("route/select_of_16_rules", |b| {
+        b.iter(|| {
+            let routing = mesh::route::route(black_box(&model), &waypoint, svc, port, &req);
+            black_box(matches!(routing, mesh::route::Routing::Matched(_)))
+        })
+    });
+}
+
 // === certificates ===
 
 fn certs(c: &mut Criterion) {
@@ -318,6 +378,7 @@ criterion_group!(
     benches,
     policy_l4,
     policy_l7,
+    route_matching,
     certs,
     relay_copy,
     hbone_tunnel

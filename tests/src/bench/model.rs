@@ -19,7 +19,8 @@ pub enum DataPath {
     HaproxyTls,
     /// L7 baseline: nginx as an HTTP/1.1 reverse proxy on n1 (keep-alive upstream).
     NginxHttp,
-    /// ztunnel + waypoint (L7). The waypoint does not exist yet (issue 5): always a slot.
+    /// ztunnel + waypoint (L7): client → ztunnel (n1) → waypoint (n2) → ztunnel (n2) →
+    /// server, HTTP only, eBPF capture.
     Waypoint,
 }
 
@@ -75,11 +76,6 @@ impl DataPath {
     /// Whether it involves proxy processes whose CPU and memory are measured.
     pub fn has_proxy(self) -> bool {
         !matches!(self, DataPath::Direct)
-    }
-
-    /// Whether this run can measure it at all.
-    pub fn exists(self) -> bool {
-        !matches!(self, DataPath::Waypoint)
     }
 
     /// Whether the path runs ztunnel (so it has an enrollment to time).
@@ -388,7 +384,6 @@ mod tests {
         assert_eq!(DataPath::ZtunnelEbpf.baseline(), Some(DataPath::HaproxyTls));
         assert_eq!(DataPath::Waypoint.baseline(), Some(DataPath::NginxHttp));
         assert_eq!(DataPath::HaproxyTls.baseline(), None);
-        assert!(!DataPath::Waypoint.exists());
         assert!(!DataPath::NginxHttp.carries_tcp());
     }
 }

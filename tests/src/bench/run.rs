@@ -31,9 +31,14 @@ use super::report::{FIXED_RATES, SATURATION_CONNS, STREAMS};
 use super::signals::Stop;
 use super::stats::percentiles_us;
 use super::tools::{parse_iperf3, parse_wrk};
-use crate::{in_netns, wait_until, Ambient, ChildGuard, Mesh, Pod, Redirect};
+use crate::waypoint::{gateway_yaml, GATEWAY_NAME_LABEL};
+use crate::{in_netns, wait_until, Ambient, ChildGuard, Mesh, Pod, Redirect, Service};
 
 const CLIENT: &str = "default/client";
+const WAYPOINT: &str = "default/waypoint";
+/// The VIP of the Service that uses the waypoint, and its (HTTP) port.
+const WAYPOINT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+const WAYPOINT_PORT: u16 = 80;
 const SERVER: &str = "default/server";
 const IPERF_PORT: u16 = 5201;
 const HTTP_PORT: u16 = 8080;
@@ -130,6 +135,8 @@ struct World {
     children: Vec<ChildGuard>,
     haproxy: Option<(u32, u32)>,
     nginx: Option<u32>,
+    /// The waypoint's pid (the eBPF world runs one for the L7 path).
+    waypoint: Option<u32>,
     fresh: Vec<String>,
     mesh: Mesh,
 }
@@ -151,6 +158,7 @@ impl World {
             children: Vec::new(),
             haproxy: None,
             nginx: None,
+            waypoint: None,
             fresh: Vec::new(),
             mesh,
         };
@@ -194,6 +202,27 @@ impl World {
                     .labels([("app", "server")]),
             )
             .yaml("peerauthn.yaml", STRICT_YAML);
+        if backend == Redirect::Ebpf {
+            // The L7 path: the same server behind a Service that uses a waypoint on n2.
+            builder = builder
+                .pod(
+                    Pod::new("default", "waypoint")
+                        .on("n2")
+                        .service_account("waypoint")
+                        .labels([(GATEWAY_NAME_LABEL, "waypoint")]),
+                )
+                .service(
+                    Service::new("default", "server-l7")
+                        .vip(&WAYPOINT_VIP.to_string())
+                        .named_port("http", WAYPOINT_PORT, HTTP_PORT)
+                        .selector([("app", "server")])
+                        .labels([("istio.io/use-waypoint", "waypoint")]),
+                )
+                .yaml(
+                    "waypoint.yaml",
+                    &gateway_yaml("default", "waypoint", "service"),
+                );
+        }
         let fresh: Vec<String> = (1..=fresh_pods).map(|i| format!("fresh-{i}")).collect();
         for name in &fresh {
             builder = builder.pod(Pod::new("default", name).on("n1").unlisted());
@@ -208,11 +237,24 @@ impl World {
             children: Vec::new(),
             haproxy: None,
             nginx: None,
+            waypoint: None,
             fresh,
             mesh,
         };
         world.tune()?;
         world.start_servers(nofile)?;
+        if backend == Redirect::Ebpf {
+            let guard = world
+                .mesh
+                .spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+            world.waypoint = Some(guard.pid());
+            world.children.push(guard);
+            let addr = SocketAddr::from((WAYPOINT_VIP, WAYPOINT_PORT));
+            let netns = world.mesh.pod_netns(CLIENT)?;
+            wait_until("the waypoint to carry client → server", READY, || {
+                Ok(in_netns(&netns, || load::try_request(addr, ENROLL_ATTEMPT))?.is_some())
+            })?;
+        }
         // The client must reach the server through the mesh before anything is measured.
         let addr = SocketAddr::from((world.server_ip()?, HTTP_PORT));
         let netns = world.mesh.pod_netns(CLIENT)?;
@@ -485,9 +527,27 @@ impl Worlds {
                 .transpose()?,
             DataPath::ZtunnelNftables => self.nftables.as_ref().map(ztunnel_route).transpose()?,
             DataPath::ZtunnelEbpf => self.ebpf.as_ref().map(ztunnel_route).transpose()?,
-            DataPath::Waypoint => None,
+            DataPath::Waypoint => self
+                .ebpf
+                .as_ref()
+                .map(waypoint_route)
+                .transpose()?
+                .flatten(),
         })
     }
+}
+
+/// client → ztunnel (n1) → waypoint (n2) → ztunnel (n2) → server, by the Service's VIP; the
+/// waypoint's CPU and memory count on the server's side. `None` when the world runs none.
+fn waypoint_route(w: &World) -> Result<Option<Route<'_>>> {
+    let Some(waypoint) = w.waypoint else {
+        return Ok(None);
+    };
+    let mut route = ztunnel_route(w)?;
+    route.host = WAYPOINT_VIP;
+    route.http_port = WAYPOINT_PORT;
+    route.proxies.push((Side::Server, waypoint));
+    Ok(Some(route))
 }
 
 fn ztunnel_route(w: &World) -> Result<Route<'_>> {

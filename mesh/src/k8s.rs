@@ -9,8 +9,8 @@
 //! The caller keeps its previous model when loading fails.
 //!
 //! Understood kinds: `v1` `Namespace`, `ServiceAccount`, `Pod`, `Service` (and `List` of
-//! them), `security.istio.io/v1` or `v1beta1` `PeerAuthentication` and
-//! `AuthorizationPolicy`, `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
+//! them), `security.istio.io/v1` or `v1beta1` `PeerAuthentication`,
+//! `AuthorizationPolicy` and `RequestAuthentication` (JWT rules: `k8s/jwt.rs`), `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
 //! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses) and `HTTPRoute`
 //! (parents, matches, filters, weighted backends, timeouts: `k8s/route.rs`). Every other kind
 //! is skipped with a debug log, so the same files can also carry Deployments and the like for
@@ -21,6 +21,7 @@
 
 mod core;
 mod gateway;
+mod jwt;
 mod route;
 mod security;
 mod yaml;
@@ -38,7 +39,7 @@ use tracing::debug;
 
 use crate::model::{
     AuthorizationPolicy, Gateway, HttpRoute, Labels, Model, Namespace, NamespacedName,
-    PeerAuthentication, Pod, Service,
+    PeerAuthentication, Pod, RequestAuthentication, Service,
 };
 use yaml::{FieldError, FieldResult, Node};
 
@@ -247,6 +248,7 @@ struct Loader {
     services: BTreeMap<NamespacedName, Service>,
     peer_authentications: BTreeMap<NamespacedName, PeerAuthentication>,
     authorization_policies: BTreeMap<NamespacedName, AuthorizationPolicy>,
+    request_authentications: BTreeMap<NamespacedName, RequestAuthentication>,
     gateways: BTreeMap<NamespacedName, Gateway>,
     http_routes: Vec<HttpRoute>,
     /// First definition of each object, to report duplicates.
@@ -262,6 +264,7 @@ enum Kind {
     Service,
     PeerAuthentication,
     AuthorizationPolicy,
+    RequestAuthentication,
     Gateway,
     HttpRoute,
 }
@@ -281,6 +284,9 @@ impl Kind {
             }
             ("security.istio.io", "AuthorizationPolicy") => {
                 (Kind::AuthorizationPolicy, &["v1", "v1beta1"])
+            }
+            ("security.istio.io", "RequestAuthentication") => {
+                (Kind::RequestAuthentication, &["v1", "v1beta1"])
             }
             ("gateway.networking.k8s.io", "Gateway") => (Kind::Gateway, &["v1", "v1beta1"]),
             ("gateway.networking.k8s.io", "HTTPRoute") => (Kind::HttpRoute, &["v1", "v1beta1"]),
@@ -418,6 +424,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.authorization_policies.insert(key, ap);
             }
+            Kind::RequestAuthentication => {
+                let ra = jwt::request_authentication(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.request_authentications.insert(key, ra);
+            }
             Kind::Gateway => {
                 let gw = gateway::gateway(obj, meta).map_err(invalid)?;
                 self.remember(origin, &object)?;
@@ -462,6 +473,7 @@ impl Loader {
         )
         .with_gateways(self.gateways)
         .with_http_routes(self.http_routes)
+        .with_request_authentications(self.request_authentications.into_values().collect())
     }
 }
 
@@ -561,3 +573,6 @@ mod tests;
 
 #[cfg(test)]
 mod route_tests;
+
+#[cfg(test)]
+mod jwt_tests;

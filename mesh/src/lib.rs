@@ -2,6 +2,8 @@
 //!
 //! Layering (each module only uses those above it):
 //! - [`identity`]: SPIFFE identities.
+//! - [`jwt`]: JWT and JWKS parsing and verification (pure; `ring`); [`jwt::authn`] (which
+//!   uses the model and policy types) decides a request's authentication.
 //! - [`model`]: the mesh model the proxies query (pure, no IO); [`k8s`] builds it from YAML.
 //! - [`policy`]: PeerAuthentication and AuthorizationPolicy evaluation (pure).
 //! - [`route`]: path normalisation and HTTPRoute matching, backends, filters (pure).
@@ -16,6 +18,7 @@ pub mod ca;
 pub mod certs;
 pub mod hbone;
 pub mod identity;
+pub mod jwt;
 pub mod k8s;
 pub mod metrics;
 pub mod model;

@@ -9,8 +9,11 @@ use serde::Serialize;
 
 use crate::identity::Identity;
 
+mod jwt;
 mod route;
 mod waypoint;
+
+pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
 
 pub use route::{
     BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, ParentKind, ParentRef, PathMatch,
@@ -254,6 +257,8 @@ pub struct Model {
     /// HTTPRoutes, oldest first (`creationTimestamp`, routes without one last), then by
     /// namespace and name: the order the Gateway API settles equal matches by.
     pub http_routes: Vec<HttpRoute>,
+    /// RequestAuthentications in (namespace, name) order.
+    pub request_authentications: Vec<RequestAuthentication>,
     #[serde(skip)]
     index: Index,
 }
@@ -287,6 +292,7 @@ impl Model {
             authorization_policies,
             gateways: BTreeMap::new(),
             http_routes: Vec::new(),
+            request_authentications: Vec::new(),
             index: Index::default(),
         };
         m.reindex();
@@ -311,6 +317,15 @@ impl Model {
             ))
         });
         self.http_routes = routes;
+        self
+    }
+
+    /// The model with `request_authentications` (in the order given).
+    pub fn with_request_authentications(
+        mut self,
+        request_authentications: Vec<RequestAuthentication>,
+    ) -> Self {
+        self.request_authentications = request_authentications;
         self
     }
 

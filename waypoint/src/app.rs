@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::inbound::Inbound;
+use crate::jwks::JwksCache;
 use crate::proxy::{Active, Inputs};
 use crate::stats::{StatsServer, StatsState};
 use crate::telemetry::HttpMetrics;
@@ -61,6 +62,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         certs.clone(),
     );
     let stop = CancellationToken::new();
+    let jwks = JwksCache::new(cfg.jwks, http_metrics.clone());
     let inputs = Arc::new(Inputs {
         cfg: cfg.clone(),
         model: model.clone(),
@@ -68,6 +70,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         http_metrics,
         upstreams,
+        jwks: jwks.clone(),
         drain: stop.clone(),
         active: Arc::new(Active::default()),
     });
@@ -88,6 +91,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     tokio::spawn(certs.clone().run_rotation(stop.clone()));
+    tokio::spawn(
+        jwks.run(model.clone(), stop.clone())
+            .instrument(tracing::info_span!("jwks")),
+    );
     tokio::spawn(
         watch_config(cfg.clone(), model, metrics, config_loaded, stop.clone())
             .instrument(tracing::info_span!("config")),

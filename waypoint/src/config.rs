@@ -25,6 +25,16 @@ pub const DEFAULT_DETECT_TIMEOUT: &str = "1s";
 pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 32;
 /// An idle pooled upstream HTTP connection is closed after this long.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: &str = "60s";
+/// How often a fetched `jwksUri` is fetched again (Envoy's default cache duration is 5m,
+/// istiod's refresh 20m).
+pub const DEFAULT_JWKS_REFRESH: &str = "20m";
+/// Wait before retrying a `jwksUri` that could not be fetched, and the least time between
+/// two refreshes triggered by tokens with an unknown `kid`.
+pub const DEFAULT_JWKS_RETRY: &str = "5s";
+/// How long the last good keys of a `jwksUri` are used while it cannot be fetched; after
+/// that its tokens are refused.
+pub const DEFAULT_JWKS_MAX_STALE: &str = "1h";
+pub const DEFAULT_JWKS_FETCH_TIMEOUT: &str = "5s";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 pub enum LogFormat {
@@ -84,6 +94,17 @@ pub struct Args {
     pub upstream_idle_timeout: Duration,
     #[arg(long, env = "WAYPOINT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Refresh period of keys fetched from a RequestAuthentication `jwksUri`.
+    #[arg(long, env = "WAYPOINT_JWKS_REFRESH", default_value = DEFAULT_JWKS_REFRESH, value_parser = parse_duration)]
+    pub jwks_refresh: Duration,
+    /// Retry period of a `jwksUri` that failed, and rate limit of unknown-`kid` refreshes.
+    #[arg(long, env = "WAYPOINT_JWKS_RETRY", default_value = DEFAULT_JWKS_RETRY, value_parser = parse_duration)]
+    pub jwks_retry: Duration,
+    /// Keep using the last good keys of a failing `jwksUri` this long, then fail closed.
+    #[arg(long, env = "WAYPOINT_JWKS_MAX_STALE", default_value = DEFAULT_JWKS_MAX_STALE, value_parser = parse_duration)]
+    pub jwks_max_stale: Duration,
+    #[arg(long, env = "WAYPOINT_JWKS_FETCH_TIMEOUT", default_value = DEFAULT_JWKS_FETCH_TIMEOUT, value_parser = parse_duration)]
+    pub jwks_fetch_timeout: Duration,
 }
 
 /// The settings as the rest of the waypoint sees them.
@@ -107,6 +128,16 @@ pub struct Config {
     pub detect_timeout: Duration,
     pub upstream_idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
+    pub jwks: JwksSettings,
+}
+
+/// How remote JWKS are fetched and cached (`crate::jwks`).
+#[derive(Clone, Copy, Debug)]
+pub struct JwksSettings {
+    pub refresh: Duration,
+    pub retry: Duration,
+    pub max_stale: Duration,
+    pub fetch_timeout: Duration,
 }
 
 impl From<&Args> for Config {
@@ -129,6 +160,12 @@ impl From<&Args> for Config {
             detect_timeout: a.detect_timeout,
             upstream_idle_timeout: a.upstream_idle_timeout,
             max_idle_per_endpoint: DEFAULT_MAX_IDLE_PER_ENDPOINT,
+            jwks: JwksSettings {
+                refresh: a.jwks_refresh,
+                retry: a.jwks_retry,
+                max_stale: a.jwks_max_stale,
+                fetch_timeout: a.jwks_fetch_timeout,
+            },
         }
     }
 }

@@ -6,25 +6,33 @@
 //!    `x-forwarded-client-cert`); add `x-request-id` when absent (`traceparent` and the other
 //!    headers pass unchanged); normalise the path once ([`mesh::route::normalize_path`]; a
 //!    path it refuses is answered 400) — policy, routing and the upstream all see that path;
-//! 2. **authorize**: L7 AuthorizationPolicy ([`mesh::policy::l7::authorize_l7`]) for this
+//! 2. **authenticate**: the RequestAuthentication rules for this waypoint and the
+//!    destination Service ([`mesh::jwt::authn`]): client copies of their
+//!    `outputPayloadToHeader` headers dropped; no token → unauthenticated; an invalid token
+//!    (or one whose `jwksUri` keys are not available: fail closed) → `401 Jwt verification
+//!    fails` (flag `JWT`, `waypoint_jwt_rejected_total{reason}`); a valid one gives
+//!    `request.auth.*` to the next phase, its header removed unless `forwardOriginalToken`,
+//!    its payload written to `outputPayloadToHeader`;
+//! 3. **authorize**: L7 AuthorizationPolicy ([`mesh::policy::l7::authorize_l7`]) for this
 //!    waypoint and the destination Service; a denial is answered `403 RBAC: access denied`;
-//! 3. **route**: the HTTPRoute rule for the request ([`mesh::route::route`]): none attached →
+//! 4. **route**: the HTTPRoute rule for the request ([`mesh::route::route`]): none attached →
 //!    the Service itself; attached but no rule matches → 404; a `RequestRedirect` is answered
 //!    here (301/302 + `Location`, nothing sent upstream); otherwise a backend picked by weight
 //!    for this request, request-header modifiers and `URLRewrite` applied, response-header
 //!    modifiers and timeouts kept for later;
-//! 4. **select**: the backend's ready endpoints from the current model, round robin per
+//! 5. **select**: the backend's ready endpoints from the current model, round robin per
 //!    request (so one long-lived HTTP/2 client is spread over all endpoints);
-//! 5. **connect**: a pooled upstream connection to the endpoint, the next endpoint when one
+//! 6. **connect**: a pooled upstream connection to the endpoint, the next endpoint when one
 //!    cannot be reached (the request has not been sent, so this is always safe);
-//! 6. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the backend port declares),
+//! 7. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the backend port declares),
 //!    within `timeouts.backendRequest` for the attempt and `timeouts.request` from the
 //!    request's arrival (both until the response headers);
-//! 7. **respond**: hop-by-hop headers dropped, response-header modifiers applied; metrics
+//! 8. **respond**: hop-by-hop headers dropped, response-header modifiers applied; metrics
 //!    (`destination_service` = the backend used) and the access-log line (with the rule and
 //!    backend) are written when the response body ends (or the client goes away).
 //!
-//! Errors are classified by where they come from ([`ResponseFlag`]): policy (`DENY`, 403),
+//! Errors are classified by where they come from ([`ResponseFlag`]): JWT (`JWT`, 401),
+//! policy (`DENY`, 403),
 //! no matching rule (`NR`, 404), no usable backend (`NC`, 500), no endpoint (`UH`, 503),
 //! connect failure (`UF`, 503), upstream reset before a response (`UC`, 503), timeout (`UT`,
 //! 504), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
@@ -44,7 +52,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh::model::{HeaderModifier, Timeouts};
+use mesh::jwt::authn::{authenticate, output_headers, rules_for_waypoint, Outcome};
+use mesh::jwt::{JwtError, VERIFICATION_FAILED_BODY};
+use mesh::model::{HeaderModifier, JwksSource, Timeouts};
 use mesh::policy::l7::{authorize_l7, L7Request, DENIED_BODY};
 use mesh::policy::Decision;
 use mesh::route::{
@@ -245,7 +255,65 @@ async fn handle(
     };
     let path = normalized.path_and_query();
 
-    // 2. authorize
+    // 2. authenticate: RequestAuthentication (JWT) for this waypoint and destination.
+    let jwt_rules = rules_for_waypoint(&model, &inputs.cfg.gateway, ctx.target.service_key());
+    for name in output_headers(&jwt_rules) {
+        // Only the waypoint writes these (RELIABILITY 26).
+        parts.headers.remove(name);
+    }
+    let outcome = if jwt_rules.is_empty() {
+        Outcome::Anonymous
+    } else {
+        authenticate(
+            &jwt_rules,
+            &parts.headers,
+            normalized.query.as_deref(),
+            unix_now(),
+            |rule| match &rule.jwks {
+                JwksSource::Inline { keys, .. } => Some(keys.clone()),
+                JwksSource::Uri(uri) => inputs.jwks.keys(uri),
+            },
+        )
+    };
+    let request_auth = match outcome {
+        Outcome::Anonymous => None,
+        Outcome::Authenticated(a) => {
+            for name in &a.remove_headers {
+                parts.headers.remove(name.as_str());
+            }
+            for (name, value) in &a.output_headers {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    parts.headers.insert(n, v);
+                }
+            }
+            Some(a.auth)
+        }
+        Outcome::Denied(d) => {
+            if let (JwtError::UnknownKid, Some(uri)) = (&d.error, &d.jwks_uri) {
+                inputs.jwks.request_refresh(uri);
+            }
+            inputs.http_metrics.jwt_rejected(d.error.reason());
+            tracing::info!(request_id = %log.request_id, reason = d.error.reason(), error = %d.error, "jwt rejected");
+            let mut rsp = local(
+                StatusCode::UNAUTHORIZED,
+                VERIFICATION_FAILED_BODY,
+                Some(ResponseFlag::JwtDenied),
+                labels,
+                log,
+                format!("jwt: {}", d.error),
+            );
+            rsp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+            return rsp;
+        }
+    };
+
+    // 3. authorize
     let l7 = L7Request {
         src_identity: Some(&ctx.peer_identity),
         src_ip: ctx.peer.ip(),
@@ -256,7 +324,7 @@ async fn handle(
         method: parts.method.as_str(),
         path: &path,
         headers: &parts.headers,
-        auth: None,
+        auth: request_auth.as_ref(),
     };
     let eval = authorize_l7(&model, &inputs.cfg.gateway, ctx.target.service_key(), &l7);
     for policy in &eval.audited {
@@ -280,7 +348,7 @@ async fn handle(
         );
     }
 
-    // 3. route: which backend Service, with which filters and timeouts.
+    // 4. route: which backend Service, with which filters and timeouts.
     let mut backend = ctx.target.clone();
     let mut upstream_path = path.clone();
     let mut upstream_authority = authority.clone();
@@ -389,7 +457,7 @@ async fn handle(
         }
     }
 
-    // 4. select: the ready endpoints of the backend.
+    // 5. select: the ready endpoints of the backend.
     let routed = backend != ctx.target;
     let (backend_resolved, proto) = if routed {
         let r = backend.lookup(&model, &inputs.cfg.trust_domain);
@@ -439,7 +507,7 @@ async fn handle(
     drop(model);
     let start = inputs.upstreams.next_index(&rr_key(&backend));
 
-    // 4.-5. connect and send, within `timeouts.request` (from the request's arrival) and
+    // 6.-7. connect and send, within `timeouts.request` (from the request's arrival) and
     // `timeouts.backendRequest` (the attempt).
     let mut chosen = None;
     let build = || {
@@ -483,7 +551,7 @@ async fn handle(
     };
     log.upstream = chosen.as_ref().map(|ep| ep.addr);
 
-    // 6. respond
+    // 8. respond
     let (mut rsp, body) = response.into_parts();
     strip_hop_by_hop(&mut rsp.headers, false);
     for m in &response_mods {
@@ -697,6 +765,14 @@ fn strip_internal(headers: &mut HeaderMap) -> usize {
         headers.remove(name);
     }
     internal.len()
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it: every `exp` then passes,
+/// but signatures still have to verify).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A random version-4 UUID, as Envoy generates request ids.

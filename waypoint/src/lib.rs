@@ -11,7 +11,7 @@
 //! Data path, in order: [`inbound`] (HBONE listener, CONNECT, protocol choice) →
 //! [`http`] (request phases) → [`upstream`] (endpoints, HBONE client, connection pool).
 //! Pure parts: [`destination`] (what a CONNECT is for), [`protocol`] (declared / detected).
-//! [`telemetry`] metrics and access log, [`stats`] `/metrics` and readiness, [`app`] wiring,
+//! [`jwks`] remote JWT keys for RequestAuthentication. [`telemetry`] metrics and access log, [`stats`] `/metrics` and readiness, [`app`] wiring,
 //! [`config`] every setting.
 #![forbid(unsafe_code)]
 
@@ -21,6 +21,7 @@ pub mod destination;
 pub mod http;
 pub mod inbound;
 pub mod io;
+pub mod jwks;
 pub mod protocol;
 pub mod proxy;
 pub mod stats;

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::destination::Target;
+use crate::jwks::JwksCache;
 use crate::protocol::Declared;
 use crate::telemetry::HttpMetrics;
 use crate::upstream::{UpstreamProto, Upstreams};
@@ -27,6 +28,8 @@ pub struct Inputs {
     pub metrics: Arc<Metrics>,
     pub http_metrics: HttpMetrics,
     pub upstreams: Arc<Upstreams>,
+    /// Keys of RequestAuthentication `jwksUri`s.
+    pub jwks: Arc<JwksCache>,
     /// Cancelled on shutdown: HBONE connections send GOAWAY, HTTP connections finish the
     /// requests in flight and close.
     pub drain: CancellationToken,

@@ -57,6 +57,8 @@ pub enum ResponseFlag {
     NoCluster,
     /// `timeouts.request` or `timeouts.backendRequest` expired before the response (504).
     UpstreamTimeout,
+    /// RequestAuthentication refused the request's JWT (401).
+    JwtDenied,
 }
 
 impl ResponseFlag {
@@ -71,6 +73,7 @@ impl ResponseFlag {
             ResponseFlag::NoRoute => "NR",
             ResponseFlag::NoCluster => "NC",
             ResponseFlag::UpstreamTimeout => "UT",
+            ResponseFlag::JwtDenied => "JWT",
         }
     }
 }
@@ -79,6 +82,19 @@ impl fmt::Display for ResponseFlag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// `reason` of `waypoint_jwt_rejected_total` (`mesh::jwt::JwtError::reason`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// `waypoint_jwks_fetches_total{uri, result}`; `result` is `ok` or why it failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwksFetchLabels {
+    pub uri: String,
+    pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,6 +113,8 @@ pub struct HttpMetrics {
     duration: Family<HttpLabels, Histogram, fn() -> Histogram>,
     request_bytes: Family<HttpLabels, Histogram, fn() -> Histogram>,
     response_bytes: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    jwt_rejected: Family<ReasonLabels, Counter>,
+    jwks_fetches: Family<JwksFetchLabels, Counter>,
 }
 
 impl fmt::Debug for HttpMetrics {
@@ -121,6 +139,8 @@ impl HttpMetrics {
             duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::new_with_constructor(size_histogram),
             response_bytes: Family::new_with_constructor(size_histogram),
+            jwt_rejected: Family::default(),
+            jwks_fetches: Family::default(),
         };
         let registered = http.clone();
         let metrics = Metrics::new_with(move |r: &mut Registry| {
@@ -144,8 +164,35 @@ impl HttpMetrics {
                 "Response body sizes",
                 registered.response_bytes,
             );
+            r.register(
+                "waypoint_jwt_rejected",
+                "Requests refused by RequestAuthentication (401), by reason",
+                registered.jwt_rejected,
+            );
+            r.register(
+                "waypoint_jwks_fetches",
+                "Fetches of RequestAuthentication jwksUri documents, by result",
+                registered.jwks_fetches,
+            );
         });
         (metrics, http)
+    }
+
+    pub fn jwt_rejected(&self, reason: &str) {
+        self.jwt_rejected
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn jwks_fetched(&self, uri: &str, result: &str) {
+        self.jwks_fetches
+            .get_or_create(&JwksFetchLabels {
+                uri: uri.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     pub fn record(

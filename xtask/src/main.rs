@@ -284,13 +284,14 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 6] = [
+const E2E_SUITES: [&str; 7] = [
     "core",
     "enrollment",
     "bad_peers",
     "waypoint",
     "waypoint_routing",
     "dashboard",
+    "waypoint_jwt",
 ];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
 /// truncated to 15 characters by the kernel, which this fits).

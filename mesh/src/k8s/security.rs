@@ -65,7 +65,7 @@ fn mtls_mode(mtls: &Node<'_>) -> FieldResult<PeerAuthnMode> {
 }
 
 /// `spec.selector.matchLabels`; `Some` (possibly empty) when `selector` is present.
-fn workload_selector(spec: &Node<'_>) -> FieldResult<Option<Labels>> {
+pub(super) fn workload_selector(spec: &Node<'_>) -> FieldResult<Option<Labels>> {
     let Some(selector) = spec.get("selector")? else {
         return Ok(None);
     };
@@ -191,7 +191,7 @@ fn parse_go_bool(s: &str) -> Option<bool> {
     }
 }
 
-fn target_ref(node: &Node<'_>) -> FieldResult<TargetRef> {
+pub(super) fn target_ref(node: &Node<'_>) -> FieldResult<TargetRef> {
     node.only(&["group", "kind", "name", "namespace"])?;
     if node.get("namespace")?.is_some() {
         return Err(node.err(

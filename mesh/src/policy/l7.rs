@@ -130,16 +130,27 @@ fn targets(
     waypoint: &NamespacedName,
     service: Option<&NamespacedName>,
 ) -> bool {
+    target_applies(&policy.namespace, target, waypoint, service)
+}
+
+/// Whether `target`, in an object of namespace `namespace`, attaches it to waypoint
+/// `waypoint` for a request to `service` (also used for RequestAuthentication).
+pub fn target_applies(
+    namespace: &str,
+    target: &TargetRef,
+    waypoint: &NamespacedName,
+    service: Option<&NamespacedName>,
+) -> bool {
     let group = canonical_group(&target.group);
     match (group, target.kind.as_str()) {
         ("", "Service") => {
-            service.is_some_and(|svc| svc.namespace == policy.namespace && svc.name == target.name)
+            service.is_some_and(|svc| svc.namespace == namespace && svc.name == target.name)
         }
         (GATEWAY_API_GROUP, "Gateway") => {
-            waypoint.namespace == policy.namespace && waypoint.name == target.name
+            waypoint.namespace == namespace && waypoint.name == target.name
         }
         (GATEWAY_API_GROUP, "GatewayClass") => {
-            policy.namespace == ROOT_NAMESPACE && target.name == WAYPOINT_GATEWAY_CLASS
+            namespace == ROOT_NAMESPACE && target.name == WAYPOINT_GATEWAY_CLASS
         }
         _ => false,
     }

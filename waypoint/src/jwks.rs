@@ -1,0 +1,381 @@
+//! Keys of RequestAuthentication rules that name a `jwksUri`: fetched by the waypoint over
+//! HTTP, cached, refreshed every `--jwks-refresh`, retried every `--jwks-retry` while they
+//! fail, and refreshed early (at most once per `--jwks-retry`) when a token names a `kid`
+//! the cached set lacks (key rotation at the issuer).
+//!
+//! Fail closed: until a URI has been fetched once, and after its last good keys are older
+//! than `--jwks-refresh` + `--jwks-max-stale`, [`JwksCache::keys`] has nothing, so tokens of
+//! that issuer are refused (401, reason `jwks_unavailable`). Every fetch is logged on failure
+//! and counted in `waypoint_jwks_fetches_total{uri,result}`. Responses are bounded
+//! ([`mesh::jwt::MAX_JWKS_BYTES`]) and must be `200` with a valid JWKS.
+//!
+//! `https` URIs are accepted by the translator but not fetched yet (no root store in the
+//! waypoint): they fail closed with result `unsupported`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use mesh::jwt::authn::jwks_uri;
+use mesh::jwt::{Jwks, JwksError, MAX_JWKS_BYTES};
+use mesh::model::Model;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::JwksSettings;
+use crate::telemetry::HttpMetrics;
+
+/// Why a fetch failed; [`FetchError::result`] is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("invalid jwksUri")]
+    BadUri,
+    #[error("https jwksUri is not supported yet")]
+    Unsupported,
+    #[error("resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("status {0}")]
+    Status(StatusCode),
+    #[error("response larger than {MAX_JWKS_BYTES} bytes or broken")]
+    Body,
+    #[error("{0}")]
+    Invalid(#[from] JwksError),
+    #[error("timed out")]
+    Timeout,
+}
+
+impl FetchError {
+    pub fn result(&self) -> &'static str {
+        match self {
+            FetchError::BadUri => "bad_uri",
+            FetchError::Unsupported => "unsupported",
+            FetchError::Resolve { .. } | FetchError::Connect(_) => "connect",
+            FetchError::Http(_) => "http",
+            FetchError::Status(_) => "status",
+            FetchError::Body => "body",
+            FetchError::Invalid(_) => "invalid",
+            FetchError::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    keys: Option<Arc<Jwks>>,
+    /// When `keys` were fetched.
+    fetched_at: Option<Instant>,
+    last_attempt: Option<Instant>,
+    failing: bool,
+    /// A token named a `kid` the keys lack.
+    refresh_wanted: bool,
+}
+
+/// The remote key sets, shared by the request path (reads) and [`JwksCache::run`] (fetches).
+pub struct JwksCache {
+    settings: JwksSettings,
+    entries: Mutex<HashMap<String, Entry>>,
+    wake: Notify,
+    metrics: HttpMetrics,
+}
+
+impl JwksCache {
+    pub fn new(settings: JwksSettings, metrics: HttpMetrics) -> Arc<Self> {
+        Arc::new(JwksCache {
+            settings,
+            entries: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            metrics,
+        })
+    }
+
+    fn entries(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // The map holds plain data: a panic elsewhere cannot leave it inconsistent.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The usable keys of `uri`, `None` (fail closed) when never fetched or too stale.
+    pub fn keys(&self, uri: &str) -> Option<Arc<Jwks>> {
+        let max_age = self.settings.refresh + self.settings.max_stale;
+        let entries = self.entries();
+        let e = entries.get(uri)?;
+        match (&e.keys, e.fetched_at) {
+            (Some(keys), Some(at)) if at.elapsed() <= max_age => Some(keys.clone()),
+            _ => None,
+        }
+    }
+
+    /// Asks for an early refresh of `uri` (rate limited by `--jwks-retry`).
+    pub fn request_refresh(&self, uri: &str) {
+        let mut entries = self.entries();
+        if let Some(e) = entries.get_mut(uri) {
+            if !e.refresh_wanted {
+                e.refresh_wanted = true;
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Keeps the cache in step with the model until `stop`.
+    pub async fn run(self: Arc<Self>, model: Arc<ArcSwap<Model>>, stop: CancellationToken) {
+        let tick = self.settings.retry.min(Duration::from_secs(1));
+        loop {
+            let uris = uris_in(&model.load());
+            let due = self.due(&uris);
+            for uri in due {
+                let result = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = tokio::time::timeout(self.settings.fetch_timeout, fetch(&uri)) => {
+                        r.unwrap_or(Err(FetchError::Timeout))
+                    }
+                };
+                self.record(&uri, result);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Drops entries the model no longer names; returns the URIs to fetch now.
+    fn due(&self, uris: &[String]) -> Vec<String> {
+        let s = self.settings;
+        let mut entries = self.entries();
+        entries.retain(|uri, _| uris.contains(uri));
+        let mut due = Vec::new();
+        for uri in uris {
+            let e = entries.entry(uri.clone()).or_default();
+            let since_attempt = e.last_attempt.map(|t| t.elapsed());
+            let is_due = match (since_attempt, e.fetched_at) {
+                (None, _) => true,
+                (Some(since), _) if e.failing || e.refresh_wanted => since >= s.retry,
+                (Some(_), Some(at)) => at.elapsed() >= s.refresh,
+                (Some(since), None) => since >= s.retry,
+            };
+            if is_due {
+                due.push(uri.clone());
+            }
+        }
+        due
+    }
+
+    fn record(&self, uri: &str, result: Result<Jwks, FetchError>) {
+        let mut entries = self.entries();
+        let Some(e) = entries.get_mut(uri) else {
+            return;
+        };
+        e.last_attempt = Some(Instant::now());
+        e.refresh_wanted = false;
+        match result {
+            Ok(keys) => {
+                if e.failing || e.keys.is_none() {
+                    tracing::info!(uri, keys = keys.len(), "jwks fetched");
+                }
+                e.keys = Some(Arc::new(keys));
+                e.fetched_at = Some(Instant::now());
+                e.failing = false;
+                self.metrics.jwks_fetched(uri, "ok");
+            }
+            Err(err) => {
+                let usable = e.fetched_at.is_some_and(|at| {
+                    at.elapsed() <= self.settings.refresh + self.settings.max_stale
+                });
+                tracing::warn!(
+                    uri,
+                    error = %err,
+                    keeping_last_keys = usable,
+                    "jwks fetch failed; tokens of this issuer are refused while no keys are usable"
+                );
+                e.failing = true;
+                self.metrics.jwks_fetched(uri, err.result());
+            }
+        }
+    }
+}
+
+/// Every `jwksUri` in the model, without duplicates.
+fn uris_in(model: &Model) -> Vec<String> {
+    let mut uris: Vec<String> = Vec::new();
+    for ra in &model.request_authentications {
+        for rule in &ra.jwt_rules {
+            if let Some(uri) = jwks_uri(rule) {
+                if !uris.iter().any(|u| u == uri) {
+                    uris.push(uri.to_string());
+                }
+            }
+        }
+    }
+    uris
+}
+
+/// One GET of `uri` (HTTP/1.1, one connection), the body bounded and parsed.
+pub async fn fetch(uri: &str) -> Result<Jwks, FetchError> {
+    let parsed: Uri = uri.parse().map_err(|_| FetchError::BadUri)?;
+    match parsed.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(FetchError::Unsupported),
+        _ => return Err(FetchError::BadUri),
+    }
+    let authority = parsed.authority().ok_or(FetchError::BadUri)?.clone();
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = authority.port_u16().unwrap_or(80);
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|source| FetchError::Resolve {
+            host: host.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| FetchError::Resolve {
+            host: host.clone(),
+            source: std::io::Error::other("no address"),
+        })?;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(FetchError::Connect)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "jwks connection ended with an error");
+        }
+    });
+    let path = parsed
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let req = Request::get(path)
+        .header(header::HOST, authority.as_str())
+        .header(header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| FetchError::BadUri)?;
+    let rsp = sender.send_request(req).await?;
+    if rsp.status() != StatusCode::OK {
+        conn.abort();
+        return Err(FetchError::Status(rsp.status()));
+    }
+    let body = Limited::new(rsp.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|_| FetchError::Body)?
+        .to_bytes();
+    conn.abort();
+    Ok(Jwks::parse(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+
+    /// A one-shot HTTP server answering every connection with `status` and `body`.
+    async fn serve(status: &'static str, body: String) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let _ = s.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}/jwks.json")
+    }
+
+    #[tokio::test]
+    async fn fetches_are_bounded_and_checked() {
+        let ok = serve("200 OK", JWKS.to_string()).await;
+        assert_eq!(fetch(&ok).await.expect("jwks").len(), 1);
+        let missing = serve("404 Not Found", String::new()).await;
+        assert_eq!(
+            fetch(&missing).await.err().map(|e| e.result()),
+            Some("status")
+        );
+        let huge = serve("200 OK", " ".repeat(MAX_JWKS_BYTES + 1)).await;
+        assert_eq!(fetch(&huge).await.err().map(|e| e.result()), Some("body"));
+        let junk = serve("200 OK", "<html>".to_string()).await;
+        assert_eq!(
+            fetch(&junk).await.err().map(|e| e.result()),
+            Some("invalid")
+        );
+        // Nothing listens there.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let down = format!("http://{closed}/jwks");
+        assert_eq!(
+            fetch(&down).await.err().map(|e| e.result()),
+            Some("connect")
+        );
+        assert_eq!(
+            fetch("https://example.com/jwks")
+                .await
+                .err()
+                .map(|e| e.result()),
+            Some("unsupported")
+        );
+    }
+
+    #[test]
+    fn keys_fail_closed_until_fetched_and_after_going_stale() {
+        let (_, metrics) = HttpMetrics::new();
+        let settings = JwksSettings {
+            refresh: Duration::from_millis(20),
+            retry: Duration::from_millis(10),
+            max_stale: Duration::from_millis(30),
+            fetch_timeout: Duration::from_secs(1),
+        };
+        let cache = JwksCache::new(settings, metrics);
+        let uri = "http://keys/jwks".to_string();
+        let uris = std::slice::from_ref(&uri);
+        assert_eq!(cache.due(uris), uris);
+        assert!(cache.keys(&uri).is_none(), "not fetched yet");
+        cache.record(&uri, Err(FetchError::Timeout));
+        assert!(cache.keys(&uri).is_none(), "failed");
+        assert!(
+            cache.due(std::slice::from_ref(&uri)).is_empty(),
+            "retry later"
+        );
+        std::thread::sleep(Duration::from_millis(15));
+        assert_eq!(cache.due(uris).len(), 1, "retry now");
+        cache.record(&uri, Ok(Jwks::parse(JWKS.as_bytes()).expect("jwks")));
+        assert!(cache.keys(&uri).is_some());
+        // Refresh failing: the last keys stay usable until refresh + max_stale, then not.
+        cache.record(&uri, Err(FetchError::Timeout));
+        assert!(cache.keys(&uri).is_some(), "stale but usable");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(cache.keys(&uri).is_none(), "too stale: fail closed");
+        // Gone from the model: forgotten.
+        assert!(cache.due(&[]).is_empty());
+        assert!(cache.keys(&uri).is_none());
+    }
+}

@@ -322,7 +322,9 @@ fn capture_programs() -> Vec<u64> {
 fn bench(quick: bool) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     require_root("the benchmarks create network namespaces")?;
-    run(cargo().args(["build", "--release", "-p", "ztunnel", "-p", "e2e", "--bins"]))?;
+    run(cargo().args([
+        "build", "--release", "-p", "ztunnel", "-p", "waypoint", "-p", "e2e", "--bins",
+    ]))?;
     let root = workspace_root();
     let release = target_dir().join("release");
     // Ctrl-C reaches mesh-bench (same terminal process group), which stops between steps

@@ -278,7 +278,13 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 5] = ["core", "enrollment", "bad_peers", "waypoint", "waypoint_routing"];
+const E2E_SUITES: [&str; 5] = [
+    "core",
+    "enrollment",
+    "bad_peers",
+    "waypoint",
+    "waypoint_routing",
+];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
 /// truncated to 15 characters by the kernel, which this fits).
 const CAPTURE_PROGRAM: &str = "zt_capture";

@@ -358,7 +358,9 @@ async fn relay_l4<D: Io>(
         mtls: true,
     };
     drop(model);
-    let tcp = labels.build_tcp();
+    // Interned: the relay holds one pointer, not 23 strings (nor the label inputs' clones).
+    let tcp = inputs.metrics.intern(labels.build_tcp());
+    drop(labels);
     inputs.metrics.tcp_opened(&tcp);
     let counters = inputs.metrics.tcp_counters(&tcp);
     let result = hbone::relay(hbone::AsyncIo(down), up, |dir, n| match dir {

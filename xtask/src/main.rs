@@ -323,7 +323,15 @@ fn bench(quick: bool) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     require_root("the benchmarks create network namespaces")?;
     run(cargo().args([
-        "build", "--release", "-p", "ztunnel", "-p", "waypoint", "-p", "e2e", "--bins",
+        "build",
+        "--release",
+        "-p",
+        "ztunnel",
+        "-p",
+        "waypoint",
+        "-p",
+        "e2e",
+        "--bins",
     ]))?;
     let root = workspace_root();
     let release = target_dir().join("release");

@@ -47,11 +47,26 @@ impl Drop for ConnGuard {
         let empty = {
             let mut conns = self.tracker.lock();
             conns.remove(&self.id);
+            shrink_after_burst(&mut conns);
             conns.is_empty()
         };
         if empty {
             self.tracker.drained.notify_waiters();
         }
+    }
+}
+
+/// Tables below this many slots are left alone.
+const MIN_SHRINK_CAPACITY: usize = 64;
+
+/// Gives a per-connection table's memory back once most of a burst has closed: a `HashMap`
+/// never shrinks by itself, so 10,000 connections that came and went would otherwise keep
+/// their slots for the life of the agent. Shrinking to twice the length when it falls under a
+/// quarter of the capacity keeps the cost amortised O(1) per removal.
+pub(crate) fn shrink_after_burst<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    let cap = map.capacity();
+    if cap > MIN_SHRINK_CAPACITY && map.len() * 4 < cap {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -164,5 +179,29 @@ pub fn admit(model: &Model, a: &Admission) -> Result<(), NotAllowed> {
     match policy::evaluate_l4(&policies, &a.request).decision {
         Decision::Allow => Ok(()),
         Decision::Deny { policy } => Err(NotAllowed::Denied(policy)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_shrinks_once_a_burst_has_closed() {
+        let mut map: HashMap<u64, [u8; 64]> = HashMap::new();
+        for i in 0..10_000 {
+            map.insert(i, [0; 64]);
+        }
+        let peak = map.capacity();
+        for i in 0..10_000 {
+            map.remove(&i);
+            shrink_after_burst(&mut map);
+            assert!(map.capacity() >= map.len());
+        }
+        assert!(
+            map.capacity() <= MIN_SHRINK_CAPACITY * 2,
+            "{} of {peak}",
+            map.capacity()
+        );
     }
 }

@@ -227,7 +227,13 @@ impl Pipe {
             if self.chunk.is_empty() && !self.read_eof {
                 match reader.poll_read_chunk(cx, &mut self.scratch) {
                     Poll::Ready(Ok(Some(chunk))) => self.chunk = chunk,
-                    Poll::Ready(Ok(None)) => self.read_eof = true,
+                    Poll::Ready(Ok(None)) => {
+                        self.read_eof = true;
+                        // Nothing more will be read: the buffer the last read allocated
+                        // (64 KiB, for a read that found the end) must not wait for the
+                        // other direction to finish.
+                        self.scratch = BytesMut::new();
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Nothing buffered and nothing to read: give the memory back (an
@@ -257,6 +263,10 @@ impl Pipe {
                 self.total += n;
                 on_bytes(self.dir, n);
             }
+            // A written-out chunk is empty but may still share the memory it came from (a
+            // socket read's 64 KiB buffer, or the HTTP/2 connection's read buffer); drop it so
+            // an idle tunnel pins neither.
+            self.chunk = Bytes::new();
 
             if self.read_eof {
                 ready!(writer.poll_flush_io(cx))?;
@@ -272,5 +282,99 @@ impl Pipe {
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands out one prepared chunk, then has nothing more (pending, or the end).
+    struct OneChunk {
+        chunk: Option<Bytes>,
+        then_eof: bool,
+    }
+
+    impl RelayIo for OneChunk {
+        fn poll_read_chunk(
+            &mut self,
+            _cx: &mut Context<'_>,
+            _scratch: &mut BytesMut,
+        ) -> Poll<io::Result<Option<Bytes>>> {
+            match self.chunk.take() {
+                Some(c) => Poll::Ready(Ok(Some(c))),
+                None if self.then_eof => Poll::Ready(Ok(None)),
+                None => Poll::Pending,
+            }
+        }
+
+        fn poll_write_chunk(
+            &mut self,
+            _cx: &mut Context<'_>,
+            chunk: &mut Bytes,
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(chunk.len()))
+        }
+
+        fn poll_flush_io(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown_io(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_pipe_pins_no_buffer_it_has_written_out() {
+        // The writer is a socket end, which advances the chunk it wrote rather than splitting
+        // it: the empty remainder must not keep the reader's buffer alive.
+        let (mut writer, mut peer) = tokio::io::duplex(1024);
+        let buffer = Bytes::from(vec![7u8; 100]);
+        let mut reader = OneChunk {
+            chunk: Some(buffer.slice(..10)),
+            then_eof: false,
+        };
+        let mut pipe = Pipe::new(Direction::AToB);
+        let mut on_bytes = |_: Direction, _: u64| {};
+        let polled = poll_fn(|cx| {
+            Poll::Ready(pipe.poll_copy(cx, &mut reader, &mut AsyncIo(&mut writer), &mut on_bytes))
+        })
+        .await;
+        assert!(polled.is_pending(), "idle after one chunk");
+        assert_eq!(pipe.total, 10);
+        assert_eq!(pipe.scratch.capacity(), 0);
+        assert!(
+            buffer.is_unique(),
+            "the written chunk still shares the read buffer"
+        );
+        let mut got = [0u8; 10];
+        tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got)
+            .await
+            .expect("the bytes reached the writer's peer");
+    }
+
+    #[tokio::test]
+    async fn a_finished_direction_holds_no_read_buffer() {
+        // The other end is gone at once: the first read finds the end of the stream.
+        let (a, other) = tokio::io::duplex(1024);
+        drop(other);
+        let mut reader = AsyncIo(a);
+        let mut writer = OneChunk {
+            chunk: None,
+            then_eof: true,
+        };
+        let mut pipe = Pipe::new(Direction::AToB);
+        let mut on_bytes = |_: Direction, _: u64| {};
+        let done =
+            poll_fn(|cx| Poll::Ready(pipe.poll_copy(cx, &mut reader, &mut writer, &mut on_bytes)))
+                .await;
+        assert!(matches!(done, Poll::Ready(Ok(()))));
+        assert!(pipe.done);
+        assert_eq!(
+            pipe.scratch.capacity(),
+            0,
+            "the read that found the end kept its buffer"
+        );
     }
 }

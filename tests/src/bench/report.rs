@@ -43,6 +43,11 @@ struct Table<'a> {
 
 /// Renders the whole report. `chart` is the chart's file name (next to the report), if one
 /// was drawn.
+/// Everything after this line of an existing report is hand-written analysis, which
+/// `mesh-bench` keeps when it writes the report again.
+pub const KEPT_MARKER: &str =
+    "<!-- Written by hand below this line; `cargo xtask bench` keeps it. -->";
+
 pub fn render(results: &Results, chart: Option<&str>) -> String {
     let mut out = String::new();
     header(&mut out, results, chart);

@@ -1084,6 +1084,136 @@ fn first_connection(world: &World, name: &str) -> Result<(Duration, Duration, Du
     Ok((enroll, first, warm))
 }
 
+// === the memory probe ===
+
+/// What [`memory_probe`] measures, and when.
+#[derive(Clone, Debug)]
+pub struct ProbePlan {
+    /// Idle connections held at once.
+    pub connections: usize,
+    pub backend: Redirect,
+    /// Delays after the close at which memory is sampled (from the moment the client closed).
+    pub after_close: Vec<Duration>,
+}
+
+/// One labelled snapshot of both ztunnels.
+#[derive(Clone, Debug)]
+pub struct ProbeSample {
+    pub label: String,
+    pub usage: Vec<(Side, Usage)>,
+}
+
+/// The probe's result: `idle`, `loaded`, then one sample per `after_close` delay.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    pub connections: usize,
+    pub backend: Redirect,
+    pub opened_in: Duration,
+    pub samples: Vec<ProbeSample>,
+}
+
+impl ProbeReport {
+    /// KiB of resident memory per idle connection on `side` (loaded − idle, over N).
+    pub fn kib_per_connection(&self, side: Side) -> Option<f64> {
+        let rss = |label: &str| {
+            self.samples
+                .iter()
+                .find(|s| s.label == label)?
+                .usage
+                .iter()
+                .find(|(s, _)| *s == side)
+                .map(|(_, u)| u.rss_bytes as f64)
+        };
+        Some((rss("loaded")? - rss("idle")?) / self.connections as f64 / 1024.0)
+    }
+
+    /// A Markdown table: one row per sample, RSS and descriptors of each side.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "ztunnel ({}), {} idle connections (opened in {:.1} s)\n\n\
+             | when | RSS MiB n1 | fds n1 | RSS MiB n2 | fds n2 |\n|---|---:|---:|---:|---:|\n",
+            self.backend.as_str(),
+            self.connections,
+            self.opened_in.as_secs_f64()
+        );
+        for s in &self.samples {
+            let cell = |side: Side| {
+                s.usage
+                    .iter()
+                    .find(|(x, _)| *x == side)
+                    .map(|(_, u)| (u.rss_bytes as f64 / MIB, u.fds))
+                    .unwrap_or_default()
+            };
+            let ((r1, f1), (r2, f2)) = (cell(Side::Client), cell(Side::Server));
+            out.push_str(&format!(
+                "| {} | {r1:.1} | {f1} | {r2:.1} | {f2} |\n",
+                s.label
+            ));
+        }
+        for side in Side::BOTH {
+            if let Some(k) = self.kib_per_connection(side) {
+                out.push_str(&format!("\nKiB per idle connection, {side:?}: {k:.2}"));
+            }
+        }
+        out.push('\n');
+        out
+    }
+}
+
+/// Only the idle-connection memory measure, on one ztunnel world (`mesh-bench --memory N`):
+/// RSS of both ztunnels idle, with `connections` idle tunneled connections open (one byte
+/// echoed on each, so every hop is established), and at each `after_close` delay once the
+/// client has closed them. Fast enough to run before and after a change in the same session.
+pub fn memory_probe(plan: &ProbePlan, stop: &Stop) -> Result<ProbeReport> {
+    let nofile = raise_nofile()?;
+    let n = plan
+        .connections
+        .min(conns_for(nofile, 1).saturating_sub(100) as usize);
+    let world = World::ztunnel(plan.backend, 0, nofile)?;
+    stop.check()?;
+    let route = ztunnel_route(&world)?;
+    let mut samples = Vec::new();
+    std::thread::sleep(SETTLE);
+    samples.push(ProbeSample {
+        label: "idle".into(),
+        usage: route.usage()?,
+    });
+    let t = Instant::now();
+    let conns = load::open_idle(
+        &route.client_netns()?,
+        route.addr(ECHO_PORT),
+        n,
+        IDLE_WORKERS,
+    )?;
+    let opened_in = t.elapsed();
+    std::thread::sleep(SETTLE);
+    samples.push(ProbeSample {
+        label: "loaded".into(),
+        usage: route.usage()?,
+    });
+    stop.check()?;
+    drop(conns);
+    let closed = Instant::now();
+    let mut delays = plan.after_close.clone();
+    delays.sort();
+    for d in delays {
+        if let Some(left) = d.checked_sub(closed.elapsed()) {
+            std::thread::sleep(left);
+        }
+        samples.push(ProbeSample {
+            label: format!("{:.0} s after close", d.as_secs_f64()),
+            usage: route.usage()?,
+        });
+        stop.check()?;
+    }
+    Ok(ProbeReport {
+        connections: n,
+        backend: plan.backend,
+        opened_in,
+        samples,
+    })
+}
+
 /// Raises the open-file limit for us and every child (10,000 idle connections cost haproxy
 /// two descriptors each): to [`NOFILE`] where allowed, else to the hard limit. Returns the
 /// soft limit now in force.

@@ -38,7 +38,12 @@ pub async fn run(
     .await;
 }
 
-async fn handle_conn(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<ProxyInputs>) {
+pub(crate) async fn handle_conn(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodCtx>,
+    pi: Arc<ProxyInputs>,
+) {
     let local = tcp.local_addr().unwrap_or(peer);
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.server_tls.clone());
     let refuse = |reason: String| {
@@ -125,7 +130,7 @@ fn check_connect(
     Ok(dst)
 }
 
-async fn handle_stream(
+pub(crate) async fn handle_stream(
     req: InboundRequest,
     peer: SocketAddr,
     local: SocketAddr,
@@ -197,5 +202,13 @@ async fn handle_stream(
             return;
         }
     };
-    relay_counted(tunnel, app, &pi, &labels.build(), Some(&cancel), log).await;
+    relay_counted(
+        tunnel,
+        app,
+        &pi,
+        pi.metrics.intern(labels.build()),
+        Some(&cancel),
+        log,
+    )
+    .await;
 }

@@ -35,7 +35,12 @@ pub async fn run(
     .await;
 }
 
-async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<ProxyInputs>) {
+pub(crate) async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodCtx>,
+    pi: Arc<ProxyInputs>,
+) {
     let model = pi.model.load_full();
     let local = tcp.local_addr().unwrap_or(peer);
     let mut log = AccessLog::new("inbound_plaintext", peer, local, Instant::now())
@@ -87,5 +92,13 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
         Ok(x) => x,
         Err(e) => return refuse(log, ResponseFlag::UpstreamFailure, e.to_string()),
     };
-    relay_counted(tcp, app, &pi, &labels.build(), Some(&cancel), log).await;
+    relay_counted(
+        tcp,
+        app,
+        &pi,
+        pi.metrics.intern(labels.build()),
+        Some(&cancel),
+        log,
+    )
+    .await;
 }

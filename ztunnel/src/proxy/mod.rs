@@ -10,6 +10,9 @@ pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
 
+#[cfg(test)]
+mod sizes;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -251,11 +254,9 @@ pub struct FlowGuard {
 
 impl Drop for FlowGuard {
     fn drop(&mut self) {
-        self.conns
-            .flows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        let mut flows = self.conns.flows.lock().unwrap_or_else(|e| e.into_inner());
+        flows.remove(&self.id);
+        crate::conns::shrink_after_burst(&mut flows);
     }
 }
 
@@ -550,19 +551,22 @@ pub(crate) fn record_refusal(
 /// Relays an admitted connection both ways, counting bytes as they move, until both sides
 /// finish or `cancel` fires (policy revoked it); then counts the close and logs the line.
 /// `down` is the client side: its bytes are `received`, the upstream's are `sent`.
+///
+/// `labels` is the interned label set ([`mesh::metrics::Metrics::intern`]): an open
+/// connection holds one pointer to it, not its own copy of the 23 strings.
 pub(crate) async fn relay_counted<A, B>(
     down: A,
     up: B,
     pi: &ProxyInputs,
-    labels: &TcpLabels,
+    labels: Arc<TcpLabels>,
     cancel: Option<&CancellationToken>,
     mut log: AccessLog<'_>,
 ) where
     A: mesh::hbone::RelayIo,
     B: mesh::hbone::RelayIo,
 {
-    pi.metrics.tcp_opened(labels);
-    let counters = pi.metrics.tcp_counters(labels);
+    pi.metrics.tcp_opened(&labels);
+    let counters = pi.metrics.tcp_counters(&labels);
     // Totals for the access log, also when a revocation cuts the relay short.
     let (rx, tx) = (AtomicU64::new(0), AtomicU64::new(0));
     let relay = mesh::hbone::relay(down, up, |dir, n| match dir {
@@ -590,7 +594,7 @@ pub(crate) async fn relay_counted<A, B>(
             log.reason = Some("no longer allowed by policy".to_string());
         }
     }
-    pi.metrics.tcp_closed(labels);
+    pi.metrics.tcp_closed(&labels);
     log.bytes_received = rx.load(Ordering::Relaxed);
     log.bytes_sent = tx.load(Ordering::Relaxed);
     log.emit();

@@ -155,7 +155,12 @@ fn plan<'a>(
     ))
 }
 
-async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<ProxyInputs>) {
+pub(crate) async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodCtx>,
+    pi: Arc<ProxyInputs>,
+) {
     let model = pi.model.load_full();
     let mut log = AccessLog::new("outbound", peer, peer, Instant::now()).from(Some(&pod.identity));
     let labels = LabelInputs {
@@ -216,7 +221,15 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                         let key = NamespacedName::new(&dst_pod.namespace, &dst_pod.name);
                         let mut log = log.to(Some(&key), Some(identity));
                         log.dst = *target;
-                        return relay_counted(tcp, tunnel, &pi, &labels.build(), None, log).await;
+                        return relay_counted(
+                            tcp,
+                            tunnel,
+                            &pi,
+                            pi.metrics.intern(labels.build()),
+                            None,
+                            log,
+                        )
+                        .await;
                     }
                     Err(e) => {
                         let denied = matches!(&e, HboneError::Status(s) if s.as_u16() == 401);
@@ -249,7 +262,15 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                         let key = wp_pod.map(|p| NamespacedName::new(&p.namespace, &p.name));
                         let mut log = log.to(key.as_ref(), Some(identity));
                         log.dst = hbone;
-                        return relay_counted(tcp, tunnel, &pi, &labels.build(), None, log).await;
+                        return relay_counted(
+                            tcp,
+                            tunnel,
+                            &pi,
+                            pi.metrics.intern(labels.build()),
+                            None,
+                            log,
+                        )
+                        .await;
                     }
                     Err(e) => {
                         let denied = matches!(&e, HboneError::Status(s) if s.as_u16() == 401);
@@ -275,7 +296,15 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<Prox
                 match socket::connect_in(&pod.netns, &pi.home, *target, None, timeout, None).await {
                     Ok(up) => {
                         log.dst = *target;
-                        return relay_counted(tcp, up, &pi, &labels.build(), None, log).await;
+                        return relay_counted(
+                            tcp,
+                            up,
+                            &pi,
+                            pi.metrics.intern(labels.build()),
+                            None,
+                            log,
+                        )
+                        .await;
                     }
                     Err(e) => failure = (labels, ResponseFlag::UpstreamFailure, e.to_string()),
                 }

@@ -12,10 +12,12 @@
 //! - [`tls`]: rustls configurations and SPIFFE verification.
 //! - [`hbone`]: HTTP/2 CONNECT tunnels, client pool and server.
 //! - [`metrics`]: Prometheus metrics with Istio's names and labels.
+//! - [`duration`]: the `500ms` / `30s` / `24h` durations of the proxies' flags.
 #![forbid(unsafe_code)]
 
 pub mod ca;
 pub mod certs;
+pub mod duration;
 pub mod hbone;
 pub mod identity;
 pub mod jwt;

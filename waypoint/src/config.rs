@@ -170,27 +170,7 @@ impl From<&Args> for Config {
     }
 }
 
-/// Parses `500ms`, `30s`, `5m`, `24h`, `2d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?}: missing unit (ms, s, m, h, d)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?}: expected a whole number before the unit"))?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1_000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        "d" => n.checked_mul(86_400_000),
-        _ => return Err(format!("duration {s:?}: unknown unit {unit:?}")),
-    }
-    .ok_or_else(|| format!("duration {s:?}: too large"))?;
-    Ok(Duration::from_millis(ms))
-}
+pub use mesh::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {

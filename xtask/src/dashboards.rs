@@ -187,7 +187,10 @@ fn promtool_check(queries: &[Query]) -> Result<()> {
         .map(|(i, q)| serde_json::json!({ "record": format!("dashboard:query_{i}"), "expr": q.expr }))
         .collect();
     let file = serde_json::json!({ "groups": [{ "name": "dashboards", "rules": rules }] });
-    let dir = std::env::temp_dir().join(format!("xtask-dashboards-{}", std::process::id()));
+    // One directory per check: tests run checks concurrently in one process.
+    static CHECKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("xtask-dashboards-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let path = dir.join("rules.yaml");
     // JSON is YAML.

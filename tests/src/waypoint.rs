@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::harness::Mesh;
 use crate::http::{self, HttpResponse};
 use crate::process::ChildGuard;
+use crate::spec::Pod;
 use crate::wait::wait_until;
 
 /// The label that makes a pod a Gateway's waypoint.
@@ -24,6 +25,15 @@ pub const WAYPOINT_READINESS_PORT: u16 = 15021;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pod that runs Gateway `<namespace>/<gateway>`'s waypoint on `node`: labelled with the
+/// Gateway's name, its service account named after the Gateway (the waypoint's identity).
+pub fn waypoint_pod(namespace: &str, gateway: &str, node: &str) -> Pod {
+    Pod::new(namespace, gateway)
+        .on(node)
+        .service_account(gateway)
+        .labels([(GATEWAY_NAME_LABEL, gateway)])
+}
 
 /// The `Gateway` of a waypoint for `namespace`, as `waypoint apply` writes it.
 pub fn gateway_yaml(namespace: &str, name: &str, waypoint_for: &str) -> String {

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context, Result};
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, GATEWAY_NAME_LABEL};
+use e2e::waypoint::{gateway_yaml, waypoint_pod};
 use e2e::{Ambient, Mesh, Pod, Service};
 use serde_json::Value;
 
@@ -55,12 +55,7 @@ fn mesh(test: &str) -> Result<Mesh> {
                 .on("n1")
                 .service_account("client"),
         )
-        .pod(
-            Pod::new("default", "waypoint")
-                .on("n2")
-                .service_account("waypoint")
-                .labels([(GATEWAY_NAME_LABEL, "waypoint")]),
-        )
+        .pod(waypoint_pod("default", "waypoint", "n2"))
         .pod(
             Pod::new("default", "server-1")
                 .on("n2")

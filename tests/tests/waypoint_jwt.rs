@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, GATEWAY_NAME_LABEL};
+use e2e::waypoint::{gateway_yaml, waypoint_pod};
 use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
@@ -130,12 +130,7 @@ fn mesh(test: &str) -> Result<Mesh> {
                 .on("n1")
                 .service_account("client"),
         )
-        .pod(
-            Pod::new("default", "waypoint")
-                .on("n2")
-                .service_account("waypoint")
-                .labels([(GATEWAY_NAME_LABEL, "waypoint")]),
-        )
+        .pod(waypoint_pod("default", "waypoint", "n2"))
         .pod(
             Pod::new("default", "server")
                 .on("n2")

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use e2e::http::{read_response, HttpResponse};
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, GATEWAY_NAME_LABEL};
+use e2e::waypoint::{gateway_yaml, waypoint_pod};
 use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
 use serde_json::Value;
 
@@ -99,12 +99,7 @@ fn mesh(test: &str) -> Result<Mesh> {
                 .on("n1")
                 .service_account("client"),
         )
-        .pod(
-            Pod::new("default", "waypoint")
-                .on("n2")
-                .service_account("waypoint")
-                .labels([(GATEWAY_NAME_LABEL, "waypoint")]),
-        )
+        .pod(waypoint_pod("default", "waypoint", "n2"))
         .pod(
             Pod::new("default", "echo-v1")
                 .on("n2")

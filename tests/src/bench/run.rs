@@ -31,7 +31,7 @@ use super::report::{FIXED_RATES, SATURATION_CONNS, STREAMS};
 use super::signals::Stop;
 use super::stats::percentiles_us;
 use super::tools::{parse_iperf3, parse_wrk};
-use crate::waypoint::{gateway_yaml, GATEWAY_NAME_LABEL};
+use crate::waypoint::{gateway_yaml, waypoint_pod};
 use crate::{in_netns, wait_until, Ambient, ChildGuard, Mesh, Pod, Redirect, Service};
 
 const CLIENT: &str = "default/client";
@@ -205,12 +205,7 @@ impl World {
         if backend == Redirect::Ebpf {
             // The L7 path: the same server behind a Service that uses a waypoint on n2.
             builder = builder
-                .pod(
-                    Pod::new("default", "waypoint")
-                        .on("n2")
-                        .service_account("waypoint")
-                        .labels([(GATEWAY_NAME_LABEL, "waypoint")]),
-                )
+                .pod(waypoint_pod("default", "waypoint", "n2"))
                 .service(
                     Service::new("default", "server-l7")
                         .vip(&WAYPOINT_VIP.to_string())

@@ -552,6 +552,7 @@ fn backend_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<BackendRef> {
     Ok(BackendRef {
         service,
         port,
+        subset: None,
         weight,
         filters: filter_list(node, "filters", false)?,
     })

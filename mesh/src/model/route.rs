@@ -202,6 +202,9 @@ pub struct Filters {
 pub struct BackendRef {
     pub service: NamespacedName,
     pub port: u16,
+    /// A `DestinationRule` subset of the Service (only a VirtualService destination names
+    /// one); `None` = every endpoint.
+    pub subset: Option<String>,
     /// 0 = never chosen; default 1.
     pub weight: u32,
     /// Header modifiers applied only when this backend is chosen.

@@ -358,6 +358,7 @@ fn backends(weights: &[u32]) -> Vec<BackendRef> {
         .map(|(i, w)| BackendRef {
             service: NamespacedName::new("ns", format!("b{i}")),
             port: 80,
+            subset: None,
             weight: *w,
             filters: Filters::default(),
         })

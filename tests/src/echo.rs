@@ -203,10 +203,21 @@ pub fn reply_body(server: &str, peer: SocketAddr, head: &RequestHead, body_bytes
 
 /// A complete `200 OK` response carrying `body` as JSON (no body bytes for HEAD).
 pub fn response_bytes(head: &RequestHead, body: &Value, keep_alive: bool) -> Vec<u8> {
+    response_bytes_with_status(head, 200, body, keep_alive)
+}
+
+/// A complete response with `status` carrying `body` as JSON (no body bytes for HEAD).
+pub fn response_bytes_with_status(
+    head: &RequestHead,
+    status: u16,
+    body: &Value,
+    keep_alive: bool,
+) -> Vec<u8> {
     let text = body.to_string();
     let mut out = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
          connection: {}\r\n\r\n",
+        reason_phrase(status),
         text.len(),
         if keep_alive { "keep-alive" } else { "close" }
     )
@@ -215,6 +226,100 @@ pub fn response_bytes(head: &RequestHead, body: &Value, keep_alive: bool) -> Vec
         out.extend_from_slice(text.as_bytes());
     }
     out
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        409 => "Conflict",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+/// The first value of query parameter `name` in `target`.
+fn query_param<'a>(target: &'a str, name: &str) -> Option<&'a str> {
+    let query = target.split_once('?')?.1;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// What a request asks the echo server to do besides answering, from its query:
+///
+/// - `status=N` (200-599): answer with status `N` instead of 200;
+/// - `only=NAME[,NAME..]`: `status` and `delay_ms` apply only on the servers named (the
+///   others answer 200 at once), e.g. one bad endpoint among several;
+/// - `fail_first=N&key=K`: only the first `N` requests with key `K` that this server sees get
+///   `status` (default 503) and `delay_ms`; later ones are answered 200 at once (a backend that
+///   fails once, for retry tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Behaviour {
+    pub status: u16,
+    pub delay: Option<Duration>,
+}
+
+/// Per-server memory for [`behaviour`]: how many requests each `key` has had, and how many
+/// requests each `Host` sent (for `GET /_requests`).
+#[derive(Debug, Default)]
+pub struct Seen {
+    keys: std::collections::HashMap<String, u64>,
+    hosts: std::collections::BTreeMap<String, u64>,
+    total: u64,
+}
+
+impl Seen {
+    /// Counts `head` (except `/_requests` itself).
+    pub fn record(&mut self, head: &RequestHead) {
+        if head.path.starts_with("/_requests") {
+            return;
+        }
+        self.total += 1;
+        let host = head.header("host").unwrap_or("-").to_string();
+        *self.hosts.entry(host).or_default() += 1;
+    }
+
+    /// `{"server", "total", "hosts": {host: count}}`, the answer to `GET /_requests`.
+    pub fn report(&self, server: &str) -> Value {
+        json!({"server": server, "total": self.total, "hosts": self.hosts})
+    }
+}
+
+/// How server `server` answers `target`; see [`Behaviour`]. Updates `seen` for `fail_first`.
+pub fn behaviour(server: &str, target: &str, seen: &mut Seen) -> Behaviour {
+    let plain = Behaviour {
+        status: 200,
+        delay: None,
+    };
+    let status = query_param(target, "status").and_then(|s| s.parse::<u16>().ok());
+    let delay = requested_delay(target);
+    if let Some(only) = query_param(target, "only") {
+        if !only.split(',').any(|n| n == server) {
+            return plain;
+        }
+    }
+    if let Some(first) = query_param(target, "fail_first").and_then(|n| n.parse::<u64>().ok()) {
+        let key = query_param(target, "key").unwrap_or_default().to_string();
+        let count = seen.keys.entry(key).or_default();
+        *count += 1;
+        if *count > first {
+            return plain;
+        }
+        return Behaviour {
+            status: status.filter(|s| (200..600).contains(s)).unwrap_or(503),
+            delay,
+        };
+    }
+    Behaviour {
+        status: status.filter(|s| (200..600).contains(s)).unwrap_or(200),
+        delay,
+    }
 }
 
 /// How long to wait before answering a request for `target`: its `delay_ms` query parameter
@@ -337,6 +442,55 @@ mod tests {
         let response = crate::http::parse_response(&bytes).expect("valid response");
         assert_eq!(response.status, 200);
         assert_eq!(response.json().expect("json"), body);
+    }
+
+    #[test]
+    fn behaviours_come_from_the_query() {
+        let mut seen = Seen::default();
+        let ms = |n| Some(Duration::from_millis(n));
+        let b = |server: &str, target: &str, seen: &mut Seen| {
+            let b = behaviour(server, target, seen);
+            (b.status, b.delay)
+        };
+        assert_eq!(b("v1", "/", &mut seen), (200, None));
+        assert_eq!(b("v1", "/?status=503", &mut seen), (503, None));
+        assert_eq!(b("v1", "/?status=99", &mut seen), (200, None));
+        assert_eq!(b("v1", "/?status=503&only=v2,v3", &mut seen), (200, None));
+        assert_eq!(b("v2", "/?status=503&only=v2,v3", &mut seen), (503, None));
+        assert_eq!(b("v2", "/?delay_ms=5&only=v1", &mut seen), (200, None));
+        // fail_first counts per key: the first N fail, the rest are answered at once.
+        let t = "/?fail_first=2&key=a&delay_ms=7";
+        assert_eq!(b("v1", t, &mut seen), (503, ms(7)));
+        assert_eq!(b("v1", t, &mut seen), (503, ms(7)));
+        assert_eq!(b("v1", t, &mut seen), (200, None));
+        assert_eq!(
+            b("v1", "/?fail_first=1&key=b&status=500", &mut seen),
+            (500, None)
+        );
+        assert_eq!(
+            b("v1", "/?fail_first=1&key=b&status=500", &mut seen),
+            (200, None)
+        );
+    }
+
+    #[test]
+    fn requests_are_counted_by_host() {
+        let mut seen = Seen::default();
+        for (path, host) in [
+            ("/a", "x"),
+            ("/b", "x"),
+            ("/c", "y-shadow"),
+            ("/_requests", "x"),
+        ] {
+            seen.record(&head(&[
+                &format!("GET {path} HTTP/1.1"),
+                &format!("host: {host}"),
+            ]));
+        }
+        assert_eq!(
+            seen.report("v1"),
+            json!({"server": "v1", "total": 3, "hosts": {"x": 2, "y-shadow": 1}})
+        );
     }
 
     #[test]

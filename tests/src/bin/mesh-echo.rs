@@ -8,20 +8,22 @@
 //! whose first bytes are an HTTP/1.x request line is served as HTTP with keep-alive: every
 //! request is answered `200` with a JSON body naming the server, the peer as seen by the
 //! server, the method, path and headers (see `e2e::echo::reply_body`), after the delay a
-//! `?delay_ms=N` query asks for (at most 10 s). Any other connection
+//! `?delay_ms=N` query asks for (at most 10 s); `?status=`, `?only=` and `?fail_first=&key=`
+//! change the status (see `e2e::echo::Behaviour`), and `GET /_requests` reports how many
+//! requests the server has seen, by `Host`. Any other connection
 //! gets its bytes echoed back until the client shuts down writing; then the server finishes
 //! echoing and shuts down its side.
 
 use std::io::Cursor;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use e2e::echo::{
-    bad_request, reply_body, requested_delay, response_bytes, sniff, BodyFraming, RequestHead,
-    Sniff,
+    bad_request, behaviour, reply_body, response_bytes_with_status, sniff, BodyFraming,
+    RequestHead, Seen, Sniff,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -53,6 +55,7 @@ struct Args {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let name: Arc<str> = Arc::from(args.name);
+    let seen = Arc::new(Mutex::new(Seen::default()));
     let mut servers = JoinSet::new();
     for port in args.ports {
         let addr = SocketAddr::new(args.listen, port);
@@ -64,7 +67,7 @@ async fn main() -> Result<()> {
             .with_context(|| format!("local address of {addr}"))?;
         // Tests wait for this line before connecting.
         println!("listening on {local}");
-        servers.spawn(accept_loop(listener, local, name.clone()));
+        servers.spawn(accept_loop(listener, local, name.clone(), seen.clone()));
     }
     while let Some(joined) = servers.join_next().await {
         joined.context("accept loop panicked")?;
@@ -72,13 +75,18 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, local: SocketAddr, name: Arc<str>) {
+async fn accept_loop(
+    listener: TcpListener,
+    local: SocketAddr,
+    name: Arc<str>,
+    seen: Arc<Mutex<Seen>>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let name = name.clone();
+                let (name, seen) = (name.clone(), seen.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve(stream, peer, &name).await {
+                    if let Err(e) = serve(stream, peer, &name, &seen).await {
                         eprintln!("mesh-echo {local}: connection from {peer}: {e:#}");
                     }
                 });
@@ -91,7 +99,7 @@ async fn accept_loop(listener: TcpListener, local: SocketAddr, name: Arc<str>) {
     }
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
+async fn serve(stream: TcpStream, peer: SocketAddr, name: &str, seen: &Mutex<Seen>) -> Result<()> {
     stream.set_nodelay(true).context("set TCP_NODELAY")?;
     let (mut read, write) = stream.into_split();
     let mut first = Vec::with_capacity(1024);
@@ -108,7 +116,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
     // What was read while sniffing is replayed before the rest of the stream.
     let reader = BufReader::new(Cursor::new(first).chain(read));
     match kind {
-        Sniff::Http => serve_http(reader, write, peer, name).await,
+        Sniff::Http => serve_http(reader, write, peer, name, seen).await,
         _ => echo(reader, write).await,
     }
 }
@@ -127,6 +135,7 @@ async fn serve_http<R: AsyncBufRead + Unpin>(
     mut write: OwnedWriteHalf,
     peer: SocketAddr,
     name: &str,
+    seen: &Mutex<Seen>,
 ) -> Result<()> {
     loop {
         let Some(lines) = read_head(&mut reader).await? else {
@@ -153,13 +162,24 @@ async fn serve_http<R: AsyncBufRead + Unpin>(
             BodyFraming::Length(n) => discard_exactly(&mut reader, n).await?,
             BodyFraming::Chunked => discard_chunked(&mut reader).await?,
         };
-        if let Some(delay) = requested_delay(&head.path) {
+        let (todo, report) = {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.record(&head);
+            let report = (head.path == "/_requests").then(|| seen.report(name));
+            (behaviour(name, &head.path, &mut seen), report)
+        };
+        if let Some(delay) = todo.delay {
             tokio::time::sleep(delay).await;
         }
         let keep_alive = head.keep_alive();
-        let body = reply_body(name, peer, &head, body_bytes);
+        let body = report.unwrap_or_else(|| reply_body(name, peer, &head, body_bytes));
         write
-            .write_all(&response_bytes(&head, &body, keep_alive))
+            .write_all(&response_bytes_with_status(
+                &head,
+                todo.status,
+                &body,
+                keep_alive,
+            ))
             .await
             .context("write response")?;
         if !keep_alive {

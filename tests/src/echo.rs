@@ -322,6 +322,33 @@ pub fn behaviour(server: &str, target: &str, seen: &mut Seen) -> Behaviour {
     }
 }
 
+/// The protocol a request asks to switch to (`Connection: upgrade` + `Upgrade: <token>`),
+/// lower-cased.
+pub fn upgrade_requested(head: &RequestHead) -> Option<String> {
+    let asks = head
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "connection")
+        .flat_map(|(_, v)| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let token = head.header("upgrade")?.trim().to_ascii_lowercase();
+    (asks && !token.is_empty()).then_some(token)
+}
+
+/// The `101 Switching Protocols` answer to an upgrade to `protocol`; `accept` is the
+/// `Sec-WebSocket-Accept` value for a WebSocket handshake. `x-echo-server` names the server.
+pub fn switching_protocols(protocol: &str, accept: Option<&str>, server: &str) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\n\
+         x-echo-server: {server}\r\n"
+    );
+    if let Some(accept) = accept {
+        out.push_str(&format!("sec-websocket-accept: {accept}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
 /// How long to wait before answering a request for `target`: its `delay_ms` query parameter
 /// (first occurrence), capped at [`MAX_DELAY`]; none when absent or not a number.
 pub fn requested_delay(target: &str) -> Option<Duration> {

@@ -373,3 +373,100 @@ fn plain_tcp_to_the_waypoint_hbone_port_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn websocket_and_other_upgrades_pass_through_the_waypoint() -> Result<()> {
+    let mesh = mesh("waypoint_upgrade")?;
+    let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
+    let _s2 = mesh.spawn_echo("default/server-2", 8080, "server-2")?;
+    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+    with_log(&wp, upgrade_checks(&mesh))
+}
+
+fn upgrade_checks(mesh: &Mesh) -> Result<()> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+    use tungstenite::Message;
+
+    let addr = format!("{ECHO_VIP}:80");
+    // A WebSocket session: one server answers every message of the connection.
+    let mut servers = mesh.in_pod(CLIENT, || -> Result<Vec<String>> {
+        let tcp = TcpStream::connect(&addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let (mut ws, rsp) = tungstenite::client(format!("ws://{addr}/chat"), tcp)
+            .map_err(|e| anyhow::anyhow!("websocket handshake: {e}"))?;
+        anyhow::ensure!(rsp.status() == 101, "handshake status {}", rsp.status());
+        let mut servers = Vec::new();
+        for i in 0..5 {
+            ws.send(Message::text(format!("hello {i}")))?;
+            let reply = ws.read()?;
+            let text = reply.to_text()?.to_string();
+            let (server, echoed) = text.split_once(": ").context("reply shape")?;
+            anyhow::ensure!(echoed == format!("hello {i}"), "echo {text:?}");
+            servers.push(server.to_string());
+        }
+        ws.close(None)?;
+        Ok(servers)
+    })??;
+    servers.dedup();
+    assert_eq!(
+        servers.len(),
+        1,
+        "one upgraded connection, one server: {servers:?}"
+    );
+
+    // Policy still applies to the upgrade request: `/admin*` is denied before anything opens.
+    let denied = mesh.in_pod(CLIENT, || -> Result<u16> {
+        let tcp = TcpStream::connect(&addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        match tungstenite::client(format!("ws://{addr}/admin/ws"), tcp) {
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(rsp))) => {
+                Ok(rsp.status().as_u16())
+            }
+            Err(e) => Err(anyhow::anyhow!("unexpected handshake error: {e}")),
+            Ok(_) => Ok(101),
+        }
+    })??;
+    assert_eq!(denied, 403);
+
+    // Any other protocol: the bytes after `101` are spliced both ways.
+    let echoed = mesh.in_pod(CLIENT, || -> Result<(String, Vec<u8>)> {
+        let mut tcp = TcpStream::connect(&addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.write_all(
+            b"GET /raw HTTP/1.1\r\nhost: echo\r\nconnection: upgrade\r\nupgrade: mesh-raw\r\n\r\n",
+        )?;
+        let mut reader = BufReader::new(tcp.try_clone()?);
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            if line.trim().is_empty() {
+                break;
+            }
+        }
+        tcp.write_all(b"RAW-BYTES-AFTER-UPGRADE")?;
+        tcp.shutdown(std::net::Shutdown::Write)?;
+        let mut back = Vec::new();
+        reader.read_to_end(&mut back)?;
+        Ok((status.trim().to_string(), back))
+    })??;
+    assert_eq!(echoed.0, "HTTP/1.1 101 Switching Protocols");
+    assert_eq!(echoed.1, b"RAW-BYTES-AFTER-UPGRADE");
+
+    let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+    for (code, n) in [("101", 2.0), ("403", 1.0)] {
+        assert_eq!(
+            prom::sum(
+                &metrics,
+                "istio_requests_total",
+                &[("reporter", "waypoint"), ("response_code", code)]
+            ),
+            n,
+            "{code}: {metrics}"
+        );
+    }
+    Ok(())
+}

@@ -27,7 +27,9 @@
 //! 7. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the backend port declares),
 //!    within `timeouts.backendRequest` for the attempt and `timeouts.request` from the
 //!    request's arrival (both until the response headers);
-//! 8. **respond**: hop-by-hop headers dropped, response-header modifiers applied; metrics
+//! 8. **respond**: hop-by-hop headers dropped, response-header modifiers applied (a
+//!    `101 Switching Protocols` to an upgrade request keeps `Upgrade`/`Connection` and the
+//!    two connections are spliced from then on: [`crate::upgrade`]); metrics
 //!    (`destination_service` = the backend used) and the access-log line (with the rule and
 //!    backend) are written when the response body ends (or the client goes away).
 //!
@@ -51,6 +53,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh::jwt::authn::{authenticate, output_headers, rules_for_waypoint, Outcome};
 use mesh::jwt::{JwtError, VERIFICATION_FAILED_BODY};
@@ -68,6 +71,7 @@ use crate::io::Io;
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, ConnCtx, Inputs};
 use crate::telemetry::{AccessLog, HttpMetrics, LabelInputs, ResponseFlag};
+use crate::upgrade;
 use crate::upstream::{Endpoint, UpBody, UpstreamProto};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -134,7 +138,7 @@ pub async fn serve<I: Io>(io: I, h2: bool, ctx: Arc<ConnCtx>, inputs: Arc<Inputs
         builder
             .timer(TokioTimer::new())
             .max_buf_size(MAX_HEADER_BYTES.max(8192));
-        let conn = builder.serve_connection(io, svc);
+        let conn = builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => r,
@@ -168,7 +172,15 @@ async fn handle(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".to_string());
+    // A protocol switch keeps its two hop-by-hop headers (see `crate::upgrade`).
+    let upgrade = upgrade::requested(&parts.headers, downstream_h2);
+    let downstream_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<OnUpgrade>());
     strip_hop_by_hop(&mut parts.headers, !downstream_h2);
+    if let Some(u) = &upgrade {
+        upgrade::restore(&mut parts.headers, u.clone());
+    }
     let stripped = strip_internal(&mut parts.headers);
     if stripped > 0 {
         tracing::debug!(stripped, "dropped client-supplied internal headers");
@@ -488,6 +500,12 @@ async fn handle(
             }
         }
     }
+    // An upgrade needs HTTP/1.1 upstream.
+    let proto = if upgrade.is_some() {
+        UpstreamProto::Http1
+    } else {
+        proto
+    };
     let Some(resolved) = backend_resolved.filter(|r| !r.endpoints.is_empty()) else {
         let reason = match &log.backend {
             Some(b) => format!("no ready endpoint for backend {b}"),
@@ -545,15 +563,31 @@ async fn handle(
         labels.dst_pod = Some(ep.pod.clone());
         labels.dst_identity = ep.identity.clone();
     }
-    let response = match result {
+    let mut response = match result {
         Ok(r) => r,
         Err(f) => return local(f.status, f.body, Some(f.flag), labels, log, f.reason),
     };
     log.upstream = chosen.as_ref().map(|ep| ep.addr);
 
     // 8. respond
+    let switched = match (downstream_upgrade, &upgrade) {
+        (Some(down), Some(_)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let up = hyper::upgrade::on(&mut response);
+            let what = format!(
+                "{} -> {}",
+                ctx.peer,
+                log.upstream.map_or_else(String::new, |a| a.to_string())
+            );
+            upgrade::splice(down, up, what);
+            response.headers().get(header::UPGRADE).cloned()
+        }
+        _ => None,
+    };
     let (mut rsp, body) = response.into_parts();
     strip_hop_by_hop(&mut rsp.headers, false);
+    if let Some(u) = switched {
+        upgrade::restore(&mut rsp.headers, u);
+    }
     for m in &response_mods {
         modify_headers(&mut rsp.headers, m);
     }

@@ -26,4 +26,5 @@ pub mod protocol;
 pub mod proxy;
 pub mod stats;
 pub mod telemetry;
+pub mod upgrade;
 pub mod upstream;

@@ -247,7 +247,8 @@ impl Upstreams {
                     .map_err(|source| UpstreamError::Handshake { addr, source })?;
                 tokio::spawn(
                     async move {
-                        if let Err(e) = conn.await {
+                        // `with_upgrades`: a `101` hands the connection to `crate::upgrade`.
+                        if let Err(e) = conn.with_upgrades().await {
                             tracing::debug!(error = %e, "upstream connection ended");
                         }
                     }

@@ -10,7 +10,9 @@
 //! server, the method, path and headers (see `e2e::echo::reply_body`), after the delay a
 //! `?delay_ms=N` query asks for (at most 10 s); `?status=`, `?only=` and `?fail_first=&key=`
 //! change the status (see `e2e::echo::Behaviour`), and `GET /_requests` reports how many
-//! requests the server has seen, by `Host`. Any other connection
+//! requests the server has seen, by `Host`. An upgrade request (`Connection: upgrade`) is
+//! answered `101`: `Upgrade: websocket` then echoes each message (text as `<name>: <text>`),
+//! any other protocol echoes raw bytes. Any other connection
 //! gets its bytes echoed back until the client shuts down writing; then the server finishes
 //! echoing and shuts down its side.
 
@@ -22,13 +24,18 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use e2e::echo::{
-    bad_request, behaviour, reply_body, response_bytes_with_status, sniff, BodyFraming,
-    RequestHead, Seen, Sniff,
+    bad_request, behaviour, reply_body, response_bytes_with_status, sniff, switching_protocols,
+    upgrade_requested, BodyFraming, RequestHead, Seen, Sniff,
 };
+use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 /// Longest request-head line accepted.
 const MAX_LINE: u64 = 16 * 1024;
@@ -154,6 +161,9 @@ async fn serve_http<R: AsyncBufRead + Unpin>(
                 return Ok(());
             }
         };
+        if let Some(protocol) = upgrade_requested(&head) {
+            return serve_upgraded(reader, write, &head, &protocol, name).await;
+        }
         if head.expects_continue() && framing != BodyFraming::None {
             write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
         }
@@ -187,6 +197,45 @@ async fn serve_http<R: AsyncBufRead + Unpin>(
             return Ok(());
         }
     }
+}
+
+/// Answers an upgrade with `101`, then speaks WebSocket (echoing messages, text prefixed with
+/// the server's name) or, for any other protocol, echoes raw bytes.
+async fn serve_upgraded<R: AsyncBufRead + Unpin>(
+    reader: R,
+    mut write: OwnedWriteHalf,
+    head: &RequestHead,
+    protocol: &str,
+    name: &str,
+) -> Result<()> {
+    if protocol != "websocket" {
+        write
+            .write_all(&switching_protocols(protocol, None, name))
+            .await
+            .context("write 101")?;
+        return echo(reader, write).await;
+    }
+    let key = head
+        .header("sec-websocket-key")
+        .context("websocket upgrade without sec-websocket-key")?;
+    let accept = derive_accept_key(key.as_bytes());
+    write
+        .write_all(&switching_protocols(protocol, Some(&accept), name))
+        .await
+        .context("write 101")?;
+    let mut ws =
+        WebSocketStream::from_raw_socket(tokio::io::join(reader, write), Role::Server, None).await;
+    while let Some(msg) = ws.next().await {
+        let reply = match msg.context("websocket read")? {
+            Message::Text(t) => Message::text(format!("{name}: {}", t.as_str())),
+            Message::Binary(b) => Message::Binary(b),
+            Message::Close(_) => break,
+            // Pings are answered by tungstenite itself.
+            _ => continue,
+        };
+        ws.send(reply).await.context("websocket write")?;
+    }
+    Ok(())
 }
 
 /// Reads a request head up to its blank line; `None` on a clean end of stream before it.

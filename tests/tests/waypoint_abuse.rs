@@ -1,0 +1,358 @@
+//! HTTP/2 abuse against the waypoint (RELIABILITY 29-31), end to end: a hostile client pod
+//! speaks raw HTTP/2 frames (h2c, prior knowledge) to a Service that uses a waypoint; its
+//! ztunnel carries the bytes over HBONE and the waypoint's HTTP/2 server sees exactly what the
+//! attacker wrote. Each attack must end with the connection closed (or throttled by
+//! backpressure) while the waypoint's memory and CPU stay bounded and another client pod's
+//! requests keep succeeding.
+//!
+//! The frames are written by hand (not with the `h2` crate, which would refuse to misbehave).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use e2e::waypoint::{gateway_yaml, waypoint_pod};
+use e2e::{Ambient, ChildGuard, Mesh, Pod, Service};
+
+const ATTACKER: &str = "default/attacker";
+const CLIENT: &str = "default/client";
+const WAYPOINT: &str = "default/waypoint";
+const ECHO_VIP: &str = "10.96.0.30";
+/// Growth of the waypoint's RSS an attack may cause.
+const RSS_BUDGET_KIB: u64 = 16 * 1024;
+/// CPU seconds the waypoint may spend on one attack.
+const CPU_BUDGET: Duration = Duration::from_secs(8);
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+/// RST_STREAM error code CANCEL.
+const CANCEL: u32 = 0x8;
+
+fn mesh(test: &str) -> Result<Mesh> {
+    Mesh::builder(test)
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .pod(
+            Pod::new("default", "attacker")
+                .on("n1")
+                .service_account("attacker"),
+        )
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(waypoint_pod("default", "waypoint", "n2"))
+        .pod(
+            Pod::new("default", "server")
+                .on("n2")
+                .service_account("server")
+                .labels([("app", "echo")]),
+        )
+        .service(
+            Service::new("default", "echo")
+                .vip(ECHO_VIP)
+                .named_port("http", 80, 8080)
+                .selector([("app", "echo")])
+                .labels([("istio.io/use-waypoint", "waypoint")]),
+        )
+        .yaml(
+            "waypoint.yaml",
+            &gateway_yaml("default", "waypoint", "service"),
+        )
+        .build()
+}
+
+/// One frame: 9-byte header and payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&len.to_be_bytes()[1..]);
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK for `GET http://echo/`: static-table indices and one literal without indexing.
+fn request_block() -> Vec<u8> {
+    let mut b = vec![0x82, 0x86, 0x84, 0x01, 4];
+    b.extend_from_slice(b"echo");
+    b
+}
+
+/// A literal header (new name, without indexing) `x-junk: <n bytes>` (lengths < 2^21).
+fn junk_header(n: usize) -> Vec<u8> {
+    let mut b = vec![0x00, 6];
+    b.extend_from_slice(b"x-junk");
+    b.extend(hpack_len(n));
+    b.extend(std::iter::repeat_n(b'a', n));
+    b
+}
+
+/// An HPACK string length with a 7-bit prefix (Huffman bit clear).
+fn hpack_len(mut n: usize) -> Vec<u8> {
+    if n < 127 {
+        return vec![n as u8];
+    }
+    let mut out = vec![127];
+    n -= 127;
+    while n >= 128 {
+        out.push((n % 128) as u8 | 0x80);
+        n /= 128;
+    }
+    out.push(n as u8);
+    out
+}
+
+/// What the waypoint sent back on the attack connection.
+#[derive(Debug, Default)]
+struct Seen {
+    goaway: Option<u32>,
+    closed: bool,
+    bytes: u64,
+}
+
+/// After `pause` (a peer that does not read), reads frames until GOAWAY, end of stream or
+/// `limit`; records what came.
+fn read_frames(mut tcp: TcpStream, pause: Duration, limit: Duration) -> Seen {
+    std::thread::sleep(pause);
+    let deadline = Instant::now() + limit;
+    let mut seen = Seen::default();
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    while Instant::now() < deadline {
+        match tcp.read(&mut chunk) {
+            Ok(0) => {
+                seen.closed = true;
+                break;
+            }
+            Ok(n) => {
+                seen.bytes += n as u64;
+                buf.extend_from_slice(&chunk[..n]);
+                while buf.len() >= 9 {
+                    let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                    if buf.len() < 9 + len {
+                        break;
+                    }
+                    if buf[3] == GOAWAY && len >= 8 {
+                        let code = u32::from_be_bytes([buf[13], buf[14], buf[15], buf[16]]);
+                        seen.goaway.get_or_insert(code);
+                    }
+                    buf.drain(..9 + len);
+                }
+                if seen.goaway.is_some() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                seen.closed = true;
+                break;
+            }
+        }
+    }
+    seen
+}
+
+/// The waypoint process's resident memory (KiB) and CPU time.
+fn usage(wp: &ChildGuard) -> Result<(u64, Duration)> {
+    let pid = wp.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(") ").context("stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // USER_HZ is 100 on Linux.
+    Ok((rss, Duration::from_millis(ticks * 10)))
+}
+
+/// Runs `attack` (writing on the attack connection, whose replies a reader thread collects
+/// after `pause`)
+/// from the attacker pod while the client pod keeps making requests; checks that the
+/// waypoint stayed within budget and the client was never refused. Returns what the
+/// attacker saw.
+fn under_attack(
+    mesh: &Mesh,
+    wp: &ChildGuard,
+    name: &str,
+    pause: Duration,
+    attack: impl FnOnce(&mut TcpStream) -> Result<()> + Send,
+) -> Result<Seen> {
+    let (rss_before, cpu_before) = usage(wp)?;
+    let stop = AtomicBool::new(false);
+    let addr = format!("{ECHO_VIP}:80");
+    let (seen, client) = std::thread::scope(|s| {
+        let client = s.spawn(|| -> Result<u32> {
+            let mut ok = 0;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let r = mesh.http_get(CLIENT, addr.parse()?, "/during-attack")?;
+                anyhow::ensure!(r.status == 200, "client got {} during {name}", r.status);
+                ok += 1;
+            }
+            Ok(ok)
+        });
+        let seen = mesh.in_pod(ATTACKER, || -> Result<Seen> {
+            let mut tcp = TcpStream::connect(&addr)?;
+            tcp.set_read_timeout(Some(Duration::from_millis(200)))?;
+            tcp.set_write_timeout(Some(Duration::from_secs(5)))?;
+            let reader = tcp.try_clone()?;
+            let collector =
+                std::thread::spawn(move || read_frames(reader, pause, Duration::from_secs(30)));
+            tcp.write_all(PREFACE)?;
+            tcp.write_all(&frame(SETTINGS, 0, 0, &[]))?;
+            // A write error means the waypoint closed the connection: the attack is over.
+            let _ = attack(&mut tcp);
+            let _ = tcp.shutdown(std::net::Shutdown::Write);
+            collector
+                .join()
+                .map_err(|_| anyhow::anyhow!("frame reader panicked"))
+        });
+        stop.store(true, Ordering::Relaxed);
+        (seen, client.join())
+    });
+    let seen = seen??;
+    let served = client.map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    // One more request after the attack: the waypoint is still serving.
+    let after = mesh.http_get(CLIENT, addr.parse()?, "/after-attack")?;
+    assert_eq!(after.status, 200, "{name}: request after the attack");
+    let (rss_after, cpu_after) = usage(wp)?;
+    let grew = rss_after.saturating_sub(rss_before);
+    let cpu = cpu_after.saturating_sub(cpu_before);
+    eprintln!(
+        "{name}: attacker saw {seen:?}; waypoint RSS +{grew} KiB, CPU {cpu:?}; \
+         {served} client requests served meanwhile"
+    );
+    assert!(grew <= RSS_BUDGET_KIB, "{name}: RSS grew {grew} KiB");
+    assert!(cpu <= CPU_BUDGET, "{name}: CPU {cpu:?}");
+    assert!(
+        served >= 1,
+        "{name}: no client request completed during the attack"
+    );
+    Ok(seen)
+}
+
+#[test]
+fn http2_abuse_of_the_waypoint_is_bounded_and_spares_other_clients() -> Result<()> {
+    let mesh = mesh("waypoint_abuse")?;
+    let _server = mesh.spawn_echo("default/server", 8080, "server")?;
+    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+    let result = abuse_checks(&mesh, &wp);
+    if std::env::var_os("ABUSE_LOG").is_some() {
+        eprintln!("{}", wp.stderr());
+    }
+    result.map_err(|e| {
+        let log = wp.stderr();
+        let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+        e.context(format!("waypoint log (last lines, newest first):\n{tail}"))
+    })
+}
+
+fn abuse_checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
+    // 29. Rapid reset: open a stream and cancel it at once, 20,000 times.
+    let seen = under_attack(mesh, wp, "rapid reset", Duration::ZERO, |tcp| {
+        let block = request_block();
+        let mut batch = Vec::new();
+        for i in 0..20_000u32 {
+            let id = 2 * i + 1;
+            batch.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+            batch.extend(frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+            if batch.len() > 16 * 1024 {
+                tcp.write_all(&batch)?;
+                batch.clear();
+            }
+        }
+        tcp.write_all(&batch)?;
+        Ok(())
+    })?;
+    assert!(
+        seen.goaway.is_some() || seen.closed,
+        "rapid reset: the connection was neither sent GOAWAY nor closed: {seen:?}"
+    );
+
+    // 30. CONTINUATION flood: a header block that never ends, 1 KiB at a time, 4 MiB in all.
+    let seen = under_attack(mesh, wp, "continuation flood", Duration::ZERO, |tcp| {
+        tcp.write_all(&frame(HEADERS, 0, 1, &request_block()))?;
+        let piece = junk_header(1000);
+        for _ in 0..4096 {
+            tcp.write_all(&frame(CONTINUATION, 0, 1, &piece))?;
+        }
+        Ok(())
+    })?;
+    assert!(
+        seen.goaway.is_some() || seen.closed,
+        "continuation flood: connection still open: {seen:?}"
+    );
+
+    // 30. A header list over 64 KiB in one request: refused, the connection may stay.
+    under_attack(mesh, wp, "oversized headers", Duration::ZERO, |tcp| {
+        let mut block = request_block();
+        block.extend(junk_header(100 * 1024));
+        let (first, rest) = block.split_at(16 * 1024);
+        tcp.write_all(&frame(HEADERS, END_STREAM, 1, first))?;
+        let chunks: Vec<&[u8]> = rest.chunks(16 * 1024).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let flags = if i + 1 == chunks.len() {
+                END_HEADERS
+            } else {
+                0
+            };
+            tcp.write_all(&frame(CONTINUATION, flags, 1, c))?;
+        }
+        Ok(())
+    })?;
+
+    // 31. PING and SETTINGS floods from a peer that never reads its replies (the reader
+    // thread only starts reading after a pause): bounded by backpressure, then closed.
+    for (name, kind) in [("ping flood", PING), ("settings flood", SETTINGS)] {
+        under_attack(mesh, wp, name, Duration::from_secs(6), |tcp| {
+            let payload: &[u8] = if kind == PING { &[0u8; 8] } else { &[] };
+            let one = frame(kind, 0, 0, payload);
+            let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // At most 200,000 frames, 5 s.
+            for _ in 0..50 {
+                if Instant::now() > deadline {
+                    break;
+                }
+                tcp.write_all(&batch)?;
+            }
+            Ok(())
+        })?;
+    }
+
+    // 31. Empty DATA frames on an open stream.
+    under_attack(mesh, wp, "empty data flood", Duration::ZERO, |tcp| {
+        tcp.write_all(&frame(HEADERS, END_HEADERS, 1, &request_block()))?;
+        let one = frame(DATA, 0, 1, &[]);
+        let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 8192).collect();
+        for _ in 0..25 {
+            tcp.write_all(&batch)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}

@@ -470,3 +470,207 @@ fn upgrade_checks(mesh: &Mesh) -> Result<()> {
     }
     Ok(())
 }
+
+/// Zero trust across namespaces: `backend` denies everything at L4 except its own waypoint's
+/// identity; the waypoint allows `GET /api*` only to `frontend/web`, and `/status` to the
+/// whole `frontend` namespace. `other/intruder` gets nothing, and `frontend/web` cannot
+/// bypass the waypoint by dialling a server pod directly.
+const ZERO_TRUST: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: backend}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-the-waypoint, namespace: backend}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/backend/sa/waypoint]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-callers, namespace: backend}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/frontend/sa/web]}}]
+    to: [{operation: {methods: [GET], paths: ["/api*"]}}]
+  - from: [{source: {namespaces: [frontend]}}]
+    to: [{operation: {paths: [/status]}}]
+"#;
+
+const API_VIP: &str = "10.96.1.10";
+
+#[test]
+fn deny_all_with_allow_by_principal_across_namespaces_through_the_waypoint() -> Result<()> {
+    let mesh = Mesh::builder("waypoint_zero_trust")
+        .node("n1")
+        .node("n2")
+        .namespace("frontend", Ambient::Yes)
+        .namespace("other", Ambient::Yes)
+        .namespace("backend", Ambient::Yes)
+        .pod(Pod::new("frontend", "web").on("n1").service_account("web"))
+        .pod(
+            Pod::new("frontend", "batch")
+                .on("n1")
+                .service_account("batch"),
+        )
+        .pod(
+            Pod::new("other", "intruder")
+                .on("n2")
+                .service_account("intruder"),
+        )
+        .pod(waypoint_pod("backend", "waypoint", "n2"))
+        .pod(
+            Pod::new("backend", "api-1")
+                .on("n1")
+                .service_account("api")
+                .labels([("app", "api")]),
+        )
+        .pod(
+            Pod::new("backend", "api-2")
+                .on("n2")
+                .service_account("api")
+                .labels([("app", "api")]),
+        )
+        .pod(
+            Pod::new("backend", "api-3")
+                .on("n1")
+                .service_account("api")
+                .labels([("app", "api")]),
+        )
+        .service(
+            Service::new("backend", "api")
+                .vip(API_VIP)
+                .named_port("http", 80, 8080)
+                .selector([("app", "api")])
+                .labels([("istio.io/use-waypoint", "waypoint")]),
+        )
+        .yaml(
+            "waypoint.yaml",
+            &gateway_yaml("backend", "waypoint", "service"),
+        )
+        .yaml("zero-trust.yaml", ZERO_TRUST)
+        .build()?;
+    let _a1 = mesh.spawn_echo("backend/api-1", 8080, "api-1")?;
+    let _a2 = mesh.spawn_echo("backend/api-2", 8080, "api-2")?;
+    let _a3 = mesh.spawn_echo("backend/api-3", 8080, "api-3")?;
+    let wp = mesh.spawn_waypoint("backend/waypoint", "backend", "waypoint", "waypoint")?;
+    with_log(&wp, zero_trust_checks(&mesh))
+}
+
+fn zero_trust_checks(mesh: &Mesh) -> Result<()> {
+    let vip: std::net::SocketAddr = format!("{API_VIP}:80").parse()?;
+    let status =
+        |pod: &str, path: &str| -> Result<u16> { Ok(mesh.http_get(pod, vip, path)?.status) };
+    let mut servers = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let r = mesh.http_get("frontend/web", vip, &format!("/api/items/{i}"))?;
+        assert_eq!(r.status, 200, "web GET /api: {}", r.text());
+        let reply = json(&r.text())?;
+        servers.insert(reply["server"].as_str().unwrap_or_default().to_string());
+        // The server sees the waypoint, never the client, as its peer (L4 allows only it).
+        assert_eq!(
+            peer_ip(&reply)?,
+            mesh.pod_ip("backend/waypoint")?,
+            "{reply}"
+        );
+    }
+    assert!(servers.len() >= 2, "api pods that served web: {servers:?}");
+    assert_eq!(status("frontend/web", "/admin")?, 403, "web outside /api");
+    assert_eq!(
+        mesh.http_request("frontend/web", vip, "POST", "/api/items", b"{}")?
+            .status,
+        403,
+        "web POST"
+    );
+    assert_eq!(status("frontend/web", "/status")?, 200, "namespace rule");
+    assert_eq!(status("frontend/batch", "/status")?, 200, "namespace rule");
+    assert_eq!(
+        status("frontend/batch", "/api/items/1")?,
+        403,
+        "batch is not web"
+    );
+    assert_eq!(
+        status("other/intruder", "/api/items/1")?,
+        403,
+        "other namespace"
+    );
+    assert_eq!(status("other/intruder", "/status")?, 403, "other namespace");
+
+    // Bypassing the waypoint: straight to a server pod, the destination's L4 policy (only the
+    // waypoint's identity) refuses the connection before any byte reaches the server.
+    let pod: std::net::SocketAddr = format!("{}:8080", mesh.pod_ip("backend/api-2")?).parse()?;
+    for who in ["frontend/web", "other/intruder"] {
+        match mesh.http_get(who, pod, "/api/items/1") {
+            Ok(r) => bail!(
+                "{who} reached the server directly: {} {}",
+                r.status,
+                r.text()
+            ),
+            Err(e) => eprintln!("{who} direct to {pod}: refused ({e:#})"),
+        }
+    }
+    h2_connection_is_balanced(mesh)?;
+
+    let refused = prom::sum(
+        &mesh.metrics("n2")?,
+        "mesh_connections_refused_total",
+        &[("reason", "DENY")],
+    );
+    assert!(refused >= 2.0, "policy refusals on n2: {refused}");
+    Ok(())
+}
+
+/// One HTTP/2 connection (h2load, prior knowledge, one client, one stream at a time): its
+/// requests are balanced per request, so every endpoint serves some of them (counted by each
+/// server's `GET /_requests`, asked inside its pod).
+fn h2_connection_is_balanced(mesh: &Mesh) -> Result<()> {
+    const REQUESTS: usize = 30;
+    let pods = ["backend/api-1", "backend/api-2", "backend/api-3"];
+    let seen = || -> Result<Vec<f64>> {
+        pods.iter()
+            .map(|pod| {
+                let local: std::net::SocketAddr = "127.0.0.1:8080".parse()?;
+                let r = mesh.http_get(pod, local, "/_requests")?;
+                json(&r.text())?["total"].as_f64().context("total")
+            })
+            .collect()
+    };
+    let before = seen()?;
+    let out = mesh.exec_ok(
+        "frontend/web",
+        &[
+            "h2load",
+            "-n",
+            &REQUESTS.to_string(),
+            "-c",
+            "1",
+            "-m",
+            "1",
+            &format!("http://{API_VIP}/api/h2"),
+        ],
+    )?;
+    assert!(out.contains("Application protocol: h2c"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "requests: {REQUESTS} total, {REQUESTS} started, {REQUESTS} done, {REQUESTS} succeeded"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("status codes: {REQUESTS} 2xx")),
+        "{out}"
+    );
+    let after = seen()?;
+    let counts: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(counts.iter().sum::<f64>(), REQUESTS as f64, "{counts:?}");
+    assert!(
+        counts.iter().all(|&n| n >= 1.0),
+        "one HTTP/2 connection reached every endpoint: {counts:?}"
+    );
+    Ok(())
+}

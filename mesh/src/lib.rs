@@ -17,6 +17,10 @@
 
 pub mod ca;
 pub mod certs;
+/// The in-cluster configuration source (kube-rs list/watch), shared by ztunnel and the
+/// waypoint; feature `kube`.
+#[cfg(feature = "kube")]
+pub mod cluster;
 pub mod duration;
 pub mod hbone;
 pub mod identity;

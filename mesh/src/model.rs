@@ -263,6 +263,21 @@ pub struct Model {
     index: Index,
 }
 
+/// The model as JSON can show it (`/config_dump` of both proxies): maps keyed by
+/// [`NamespacedName`] become lists of their values (each value names itself).
+#[derive(Debug, Serialize)]
+pub struct ModelDump<'a> {
+    pub namespaces: Vec<&'a Namespace>,
+    pub service_accounts: Vec<&'a NamespacedName>,
+    pub pods: Vec<&'a Pod>,
+    pub services: Vec<&'a Service>,
+    pub peer_authentications: &'a [PeerAuthentication],
+    pub authorization_policies: &'a [AuthorizationPolicy],
+    pub gateways: Vec<&'a Gateway>,
+    pub http_routes: &'a [HttpRoute],
+    pub request_authentications: &'a [RequestAuthentication],
+}
+
 #[derive(Clone, Debug, Default)]
 struct Index {
     pod_by_ip: std::collections::HashMap<IpAddr, NamespacedName>,
@@ -297,6 +312,21 @@ impl Model {
         };
         m.reindex();
         m
+    }
+
+    /// A view of the model that serializes to JSON.
+    pub fn dump(&self) -> ModelDump<'_> {
+        ModelDump {
+            namespaces: self.namespaces.values().collect(),
+            service_accounts: self.service_accounts.iter().collect(),
+            pods: self.pods.values().collect(),
+            services: self.services.values().collect(),
+            peer_authentications: &self.peer_authentications,
+            authorization_policies: &self.authorization_policies,
+            gateways: self.gateways.values().collect(),
+            http_routes: &self.http_routes,
+            request_authentications: &self.request_authentications,
+        }
     }
 
     /// The model with `gateways` (kept apart from [`Model::new`] so that its callers need

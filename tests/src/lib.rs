@@ -43,6 +43,7 @@
 //! # }
 //! ```
 
+pub mod apiserver;
 pub mod bench;
 mod bpffs;
 mod capture;

@@ -1,10 +1,12 @@
 //! Wiring only: builds the components from the config and runs them until a signal.
 //!
 //! Configuration is read exactly as the node agent reads it: the same YAML directory
-//! (polled, reloaded on change, an invalid change rejected and the last good model kept),
-//! the same CA directory (the waypoint issues its own certificate from it).
+//! (polled, reloaded on change, an invalid change rejected and the last good model kept) or
+//! the API server (`mesh::cluster::watch` with the waypoint's kinds: also HTTPRoutes and
+//! RequestAuthentications), the same CA directory (the waypoint issues its own certificate
+//! from it). Not ready until a first good model is in.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -14,14 +16,15 @@ use mesh::ca::Ca;
 use mesh::certs::CertManager;
 use mesh::metrics::Metrics;
 use mesh::model::Model;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 use crate::inbound::Inbound;
 use crate::jwks::JwksCache;
 use crate::proxy::{Active, Inputs};
-use crate::stats::{StatsServer, StatsState};
+use crate::stats::{Endpoints, StatsServer, StatsState};
 use crate::telemetry::HttpMetrics;
 use crate::upstream::{UpstreamConfig, Upstreams};
 
@@ -38,18 +41,34 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("issue a certificate for {}", cfg.identity))?;
     let (metrics, http_metrics) = HttpMetrics::new();
     let config_loaded = Arc::new(AtomicBool::new(false));
-    let initial = match mesh::k8s::load_dir(&cfg.config_dir) {
-        Ok(m) => {
-            metrics.config_loaded();
-            config_loaded.store(true, Ordering::SeqCst);
-            check_gateway(&m, &cfg);
-            m
-        }
-        Err(e) => {
-            metrics.config_rejected("local");
-            tracing::error!(error = %e, dir = %cfg.config_dir.display(), "config rejected; not ready until a valid config arrives");
-            Model::default()
-        }
+    let source = match cfg.config_source {
+        ConfigSource::Dir => Source::Dir(
+            cfg.config_dir
+                .clone()
+                .context("--config-source dir needs --config-dir")?,
+        ),
+        ConfigSource::Kube => Source::Kube(
+            mesh::cluster::client()
+                .await
+                .context("set up the kubernetes api client")?,
+        ),
+    };
+    let initial = match &source {
+        Source::Dir(dir) => match mesh::k8s::load_dir(dir) {
+            Ok(m) => {
+                metrics.config_loaded();
+                config_loaded.store(true, Ordering::SeqCst);
+                check_gateway(&m, &cfg);
+                m
+            }
+            Err(e) => {
+                metrics.config_rejected("local");
+                tracing::error!(error = %e, dir = %dir.display(), "config rejected; not ready until a valid config arrives");
+                Model::default()
+            }
+        },
+        // Not ready until the watch has listed every kind.
+        Source::Kube(_) => Model::default(),
     };
     let model = Arc::new(ArcSwap::from_pointee(initial));
     let upstreams = Upstreams::new(
@@ -79,12 +98,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let state = Arc::new(StatsState {
         metrics: metrics.clone(),
         ready: config_loaded.clone(),
+        model: model.clone(),
     });
-    for (addr, what) in [
-        (cfg.metrics_addr, "metrics"),
-        (cfg.readiness_addr, "readiness"),
+    for (addr, what, endpoints) in [
+        (cfg.metrics_addr, "metrics", Endpoints::Public),
+        (cfg.readiness_addr, "readiness", Endpoints::Public),
+        (cfg.admin_addr, "admin", Endpoints::Admin),
     ] {
-        let srv = StatsServer::new(addr, what).await?;
+        let srv = StatsServer::new(addr, what, endpoints).await?;
         tokio::spawn(
             srv.run(state.clone(), stop.clone())
                 .instrument(tracing::info_span!("stats", what)),
@@ -95,15 +116,46 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         jwks.run(model.clone(), stop.clone())
             .instrument(tracing::info_span!("jwks")),
     );
-    tokio::spawn(
-        watch_config(cfg.clone(), model, metrics, config_loaded, stop.clone())
-            .instrument(tracing::info_span!("config")),
-    );
+    let source_name = match &source {
+        Source::Dir(dir) => dir.display().to_string(),
+        Source::Kube(_) => "kubernetes api server".to_string(),
+    };
+    match source {
+        Source::Dir(dir) => {
+            tokio::spawn(
+                watch_config(
+                    cfg.clone(),
+                    dir,
+                    model,
+                    metrics,
+                    config_loaded,
+                    stop.clone(),
+                )
+                .instrument(tracing::info_span!("config")),
+            );
+        }
+        Source::Kube(client) => {
+            let (models_tx, models) = watch::channel(Arc::new(Model::default()));
+            let opts = mesh::cluster::Options {
+                metrics: Some(metrics.clone()),
+                scope: mesh::cluster::Scope::Waypoint,
+                ..mesh::cluster::Options::default()
+            };
+            tokio::spawn(
+                mesh::cluster::watch(client, models_tx, opts, stop.clone())
+                    .instrument(tracing::info_span!("kube")),
+            );
+            tokio::spawn(
+                follow_models(cfg.clone(), models, model, config_loaded, stop.clone())
+                    .instrument(tracing::info_span!("config")),
+            );
+        }
+    }
     tracing::info!(
         gateway = %cfg.gateway,
         identity = %cfg.identity,
         hbone = %inbound.local_addr().unwrap_or(cfg.hbone_addr),
-        config_dir = %cfg.config_dir.display(),
+        config = %source_name,
         "waypoint started"
     );
     let inbound_task = tokio::spawn(inbound.run().instrument(tracing::info_span!("inbound")));
@@ -125,6 +177,41 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where the model comes from.
+enum Source {
+    Dir(PathBuf),
+    Kube(mesh::cluster::Client),
+}
+
+/// Installs every model the API server watch publishes (only complete, accepted models: the
+/// first once every kind was listed; a refused object keeps its last accepted version).
+async fn follow_models(
+    cfg: Arc<Config>,
+    mut models: watch::Receiver<Arc<Model>>,
+    model: Arc<ArcSwap<Model>>,
+    loaded: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = models.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let next = models.borrow_and_update().clone();
+        check_gateway(&next, &cfg);
+        model.store(next);
+        if !loaded.swap(true, Ordering::SeqCst) {
+            tracing::info!("first model from the api server installed");
+        } else {
+            tracing::debug!("model from the api server installed");
+        }
+    }
 }
 
 /// Says so when the model does not (yet) know this waypoint: then no destination uses it and
@@ -161,12 +248,13 @@ async fn shutdown_signal() {
 /// with its error logged and counted, and the last good model stays.
 async fn watch_config(
     cfg: Arc<Config>,
+    dir: PathBuf,
     model: Arc<ArcSwap<Model>>,
     metrics: Arc<Metrics>,
     loaded: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
-    let dir: &Path = &cfg.config_dir;
+    let dir: &Path = &dir;
     let mut last = mesh::k8s::dir_fingerprint(dir).ok();
     let mut tick = tokio::time::interval(cfg.config_poll);
     loop {

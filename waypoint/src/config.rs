@@ -14,6 +14,8 @@ pub const DEFAULT_CERT_TTL: &str = "24h";
 pub const DEFAULT_HBONE_ADDR: &str = "0.0.0.0:15008";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+/// `/config_dump` shows the whole mesh: loopback only by default (as Envoy's admin).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_CONFIG_POLL: &str = "500ms";
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
@@ -36,6 +38,16 @@ pub const DEFAULT_JWKS_RETRY: &str = "5s";
 pub const DEFAULT_JWKS_MAX_STALE: &str = "1h";
 pub const DEFAULT_JWKS_FETCH_TIMEOUT: &str = "5s";
 
+/// Where the model comes from (both feed the one translator, `mesh::k8s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConfigSource {
+    /// A directory of Kubernetes YAML (`--config-dir`), polled (local mode, tests).
+    Dir,
+    /// The Kubernetes API server, listed and watched (`mesh::cluster`, in-cluster service
+    /// account, else `$KUBECONFIG`): the waypoint's RBAC must allow list/watch of the kinds.
+    Kube,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 pub enum LogFormat {
     Text,
@@ -56,9 +68,22 @@ pub struct Args {
     /// waypoint Deployment does).
     #[arg(long, env = "WAYPOINT_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
-    /// Directory of Kubernetes YAML (the same one every ztunnel reads); watched.
-    #[arg(long, env = "WAYPOINT_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    /// Where the configuration comes from.
+    #[arg(
+        long,
+        env = "WAYPOINT_CONFIG_SOURCE",
+        value_enum,
+        default_value = "dir"
+    )]
+    pub config_source: ConfigSource,
+    /// Directory of Kubernetes YAML (the same one every ztunnel reads); watched. Needed with
+    /// `--config-source dir`.
+    #[arg(
+        long,
+        env = "WAYPOINT_CONFIG_DIR",
+        required_if_eq("config_source", "dir")
+    )]
+    pub config_dir: Option<PathBuf>,
     /// CA directory: a plug-in CA in Istio's `cacerts` layout, or where the generated root lives.
     #[arg(long, env = "WAYPOINT_CA_DIR")]
     pub ca_dir: PathBuf,
@@ -76,6 +101,9 @@ pub struct Args {
     /// `/healthz/ready`.
     #[arg(long, env = "WAYPOINT_READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
     pub readiness_addr: SocketAddr,
+    /// `/config_dump` (and the public endpoints).
+    #[arg(long, env = "WAYPOINT_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
     /// How often the config directory is checked for changes.
     #[arg(long, env = "WAYPOINT_CONFIG_POLL", default_value = DEFAULT_CONFIG_POLL, value_parser = parse_duration)]
     pub config_poll: Duration,
@@ -114,13 +142,16 @@ pub struct Config {
     pub gateway: NamespacedName,
     /// The identity it presents and is expected to have.
     pub identity: Identity,
-    pub config_dir: PathBuf,
+    pub config_source: ConfigSource,
+    /// Set when `config_source` is `dir`.
+    pub config_dir: Option<PathBuf>,
     pub ca_dir: PathBuf,
     pub trust_domain: String,
     pub cert_ttl: Duration,
     pub hbone_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub config_poll: Duration,
     pub drain_timeout: Duration,
     pub tls_handshake_timeout: Duration,
@@ -146,6 +177,7 @@ impl From<&Args> for Config {
         Config {
             gateway: NamespacedName::new(&a.namespace, &a.name),
             identity: Identity::new(&a.trust_domain, &a.namespace, sa),
+            config_source: a.config_source,
             config_dir: a.config_dir.clone(),
             ca_dir: a.ca_dir.clone(),
             trust_domain: a.trust_domain.clone(),
@@ -153,6 +185,7 @@ impl From<&Args> for Config {
             hbone_addr: a.hbone_addr,
             metrics_addr: a.metrics_addr,
             readiness_addr: a.readiness_addr,
+            admin_addr: a.admin_addr,
             config_poll: a.config_poll,
             drain_timeout: a.drain_timeout,
             tls_handshake_timeout: a.tls_handshake_timeout,
@@ -195,5 +228,26 @@ mod tests {
         assert_eq!(cfg.hbone_addr.port(), 15008);
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("5").is_err());
+    }
+
+    #[test]
+    fn a_directory_is_needed_only_for_the_dir_source() {
+        let base = [
+            "waypoint",
+            "--name",
+            "wp",
+            "--namespace",
+            "shop",
+            "--ca-dir",
+            "/ca",
+        ];
+        assert!(
+            Args::try_parse_from(base).is_err(),
+            "dir without --config-dir"
+        );
+        let kube = Args::try_parse_from(base.iter().copied().chain(["--config-source", "kube"]))
+            .expect("kube needs no directory");
+        assert_eq!(Config::from(&kube).config_source, ConfigSource::Kube);
+        assert_eq!(Config::from(&kube).config_dir, None);
     }
 }

@@ -1,11 +1,14 @@
 //! The waypoint's own HTTP endpoints: `/metrics` on :15020 and `/healthz/ready` on :15021
-//! (both paths are served on both ports).
+//! (both paths are served on both ports), and on the admin address (loopback :15000 by
+//! default: it shows the whole mesh) also `/config_dump`, the model the waypoint applies as
+//! JSON, as Envoy's admin `config_dump` is.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -13,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use mesh::metrics::Metrics;
+use mesh::model::Model;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,19 +35,38 @@ pub struct StatsState {
     pub metrics: Arc<Metrics>,
     /// True once a config has loaded and the waypoint's certificate was issued.
     pub ready: Arc<AtomicBool>,
+    /// The model in force, for `/config_dump`.
+    pub model: Arc<ArcSwap<Model>>,
+}
+
+/// Which endpoints a server answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// `/metrics` and `/healthz/ready`.
+    Public,
+    /// Also `/config_dump`.
+    Admin,
 }
 
 /// A bound endpoint server: binding happens in `new`, so a taken port fails startup.
 pub struct StatsServer {
     listener: TcpListener,
+    endpoints: Endpoints,
 }
 
 impl StatsServer {
-    pub async fn new(addr: SocketAddr, what: &'static str) -> Result<Self, StatsError> {
+    pub async fn new(
+        addr: SocketAddr,
+        what: &'static str,
+        endpoints: Endpoints,
+    ) -> Result<Self, StatsError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StatsError::Bind { what, addr, source })?;
-        Ok(StatsServer { listener })
+        Ok(StatsServer {
+            listener,
+            endpoints,
+        })
     }
 
     pub async fn run(self, state: Arc<StatsState>, stop: CancellationToken) {
@@ -60,10 +83,11 @@ impl StatsServer {
                 },
             };
             let state = state.clone();
+            let endpoints = self.endpoints;
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, &req)) }
+                    async move { Ok::<_, Infallible>(route(&state, &req, endpoints)) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
@@ -87,8 +111,23 @@ fn reply(
     r
 }
 
-fn route(st: &StatsState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(st: &StatsState, req: &Request<Incoming>, endpoints: Endpoints) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/config_dump") if endpoints == Endpoints::Admin => {
+            let model = st.model.load_full();
+            let dump = serde_json::json!({
+                "ready": st.ready.load(Ordering::SeqCst),
+                "model": model.dump(),
+            });
+            match serde_json::to_vec_pretty(&dump) {
+                Ok(json) => reply(StatusCode::OK, "application/json", json),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("serialize the model: {e}\n"),
+                ),
+            }
+        }
         (&Method::GET, "/healthz/ready") => {
             if st.ready.load(Ordering::SeqCst) {
                 reply(StatusCode::OK, "text/plain", "ready\n")

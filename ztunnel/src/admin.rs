@@ -39,7 +39,7 @@ pub struct AdminState {
     pub pods: Arc<std::sync::Mutex<Vec<PodStatus>>>,
     /// Objects the API server watch refused (kept at their last accepted version); always
     /// empty with a config directory, whose refusals are whole-directory.
-    pub rejections: tokio::sync::watch::Receiver<Vec<crate::kube::Rejection>>,
+    pub rejections: tokio::sync::watch::Receiver<Vec<mesh::cluster::Rejection>>,
     pub log: LogHandle,
 }
 
@@ -194,7 +194,6 @@ fn stats(st: &AdminState) -> Response<Full<Bytes>> {
 fn config_dump(st: &AdminState) -> Response<Full<Bytes>> {
     let model = st.pi.model.load_full();
     let pods = st.pods.lock().map(|p| p.clone()).unwrap_or_default();
-    // The model's maps are keyed by structs, which JSON objects cannot be: dump them as lists.
     let dump = ConfigDump {
         config: &st.pi.cfg,
         ready: st.ready.load(Ordering::SeqCst),
@@ -203,14 +202,7 @@ fn config_dump(st: &AdminState) -> Response<Full<Bytes>> {
         certificates: st.pi.certs.dump(),
         open_connections: st.pi.conns.len(),
         pool: format!("{:?}", st.pi.pool.stats()),
-        model: ModelDump {
-            namespaces: model.namespaces.values().collect(),
-            service_accounts: model.service_accounts.iter().collect(),
-            pods: model.pods.values().collect(),
-            services: model.services.values().collect(),
-            peer_authentications: &model.peer_authentications,
-            authorization_policies: &model.authorization_policies,
-        },
+        model: model.dump(),
     };
     match serde_json::to_vec_pretty(&dump) {
         Ok(body) => reply(StatusCode::OK, "application/json", body),
@@ -226,22 +218,12 @@ fn config_dump(st: &AdminState) -> Response<Full<Bytes>> {
 struct ConfigDump<'a> {
     config: &'a crate::config::Config,
     ready: bool,
-    config_rejections: Vec<crate::kube::Rejection>,
+    config_rejections: Vec<mesh::cluster::Rejection>,
     workloads: Vec<PodStatus>,
     certificates: Vec<mesh::certs::CertSummary>,
     open_connections: usize,
     pool: String,
-    model: ModelDump<'a>,
-}
-
-#[derive(serde::Serialize)]
-struct ModelDump<'a> {
-    namespaces: Vec<&'a mesh::model::Namespace>,
-    service_accounts: Vec<&'a mesh::model::NamespacedName>,
-    pods: Vec<&'a mesh::model::Pod>,
-    services: Vec<&'a mesh::model::Service>,
-    peer_authentications: &'a [mesh::model::PeerAuthentication],
-    authorization_policies: &'a [mesh::model::AuthorizationPolicy],
+    model: mesh::model::ModelDump<'a>,
 }
 
 /// `GET /logging` shows the filter; `POST /logging?level=<filter>` replaces it

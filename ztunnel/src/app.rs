@@ -57,7 +57,7 @@ pub async fn run(mut cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             Source::Dir(dir)
         }
         ConfigSource::Kube => Source::Kube(
-            crate::kube::client()
+            mesh::cluster::client()
                 .await
                 .context("set up the kubernetes api client")?,
         ),
@@ -145,13 +145,13 @@ pub async fn run(mut cfg: Config, log: LogHandle) -> anyhow::Result<()> {
         }
         Source::Kube(client) => {
             let (models_tx, models) = watch::channel(Arc::new(Model::default()));
-            let opts = crate::kube::Options {
+            let opts = mesh::cluster::Options {
                 metrics: Some(metrics.clone()),
                 rejections: Some(rejections_tx),
-                ..crate::kube::Options::default()
+                ..mesh::cluster::Options::default()
             };
             tokio::spawn(
-                crate::kube::watch(client, models_tx, opts, stop.clone())
+                mesh::cluster::watch(client, models_tx, opts, stop.clone())
                     .instrument(tracing::info_span!("kube")),
             );
             tokio::spawn(
@@ -269,7 +269,7 @@ async fn watch_config(
     }
 }
 
-/// Installs every model the API server watch publishes (`crate::kube::watch` publishes only
+/// Installs every model the API server watch publishes (`mesh::cluster::watch` publishes only
 /// complete, accepted models, the first one after every kind was listed), then tells the
 /// workload manager, exactly as a directory reload does.
 async fn follow_models(

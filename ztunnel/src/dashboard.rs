@@ -15,8 +15,8 @@ use mesh::metrics::{Snapshot, TcpSample, UNKNOWN};
 use serde::Serialize;
 
 use crate::config::Redirect;
-use crate::kube::Rejection;
 use crate::workloads::PodStatus;
+use mesh::cluster::Rejection;
 
 /// The page, served as is.
 pub const PAGE: &str = include_str!("dashboard.html");

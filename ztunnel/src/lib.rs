@@ -12,7 +12,6 @@ pub mod app;
 pub mod config;
 pub mod conns;
 pub mod dashboard;
-pub mod kube;
 pub mod logging;
 pub mod netns;
 pub mod netns_source;

@@ -1,4 +1,4 @@
-//! `ztunnel::kube::watch` against a fake API server that speaks the real list/watch
+//! `mesh::cluster::watch` against a fake API server that speaks the real list/watch
 //! protocol, reached through a kubeconfig on 127.0.0.1: what the agent's model becomes as the
 //! cluster changes.
 
@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use support::apiserver::{FakeApiServer, WAIT};
-use ztunnel::kube::{Options, Rejection};
+use mesh::cluster::{Options, Rejection, Scope};
+use support::apiserver::{FakeApiServer, WAIT, WAYPOINT_ONLY_KINDS};
 
 const NODE: &str = "n1";
 
@@ -125,6 +125,10 @@ struct Agent {
 
 impl Agent {
     async fn start(server: &FakeApiServer) -> Result<Agent> {
+        Self::start_scoped(server, Scope::Node).await
+    }
+
+    async fn start_scoped(server: &FakeApiServer, scope: Scope) -> Result<Agent> {
         let dir = tempfile::tempdir()?;
         let client = server.client(dir.path()).await?;
         let (tx, models) = watch::channel(Arc::new(Model::default()));
@@ -137,9 +141,10 @@ impl Agent {
             retry_max: Duration::from_millis(200),
             metrics: Some(metrics.clone()),
             rejections: Some(rejections_tx),
+            scope,
         };
         let stop = CancellationToken::new();
-        tokio::spawn(ztunnel::kube::watch(client, tx, opts, stop.clone()));
+        tokio::spawn(mesh::cluster::watch(client, tx, opts, stop.clone()));
         Ok(Agent {
             models,
             rejections,
@@ -202,9 +207,11 @@ async fn the_first_model_waits_until_every_kind_is_listed() -> Result<()> {
         .wait_for(
             "every kind but AuthorizationPolicy listed and watched",
             |r| {
-                r.iter().all(|(kind, r)| {
-                    r.lists >= 1 && (*kind == "AuthorizationPolicy" || r.watches >= 1)
-                })
+                r.iter()
+                    .filter(|(kind, _)| !WAYPOINT_ONLY_KINDS.contains(kind))
+                    .all(|(kind, r)| {
+                        r.lists >= 1 && (*kind == "AuthorizationPolicy" || r.watches >= 1)
+                    })
             },
         )
         .await?;
@@ -455,5 +462,79 @@ async fn without_gateway_api_crds_the_model_has_no_waypoints() -> Result<()> {
     );
     let r = server.requests("Gateway")?;
     assert!(r.lists >= 1 && r.watches == 0, "{r:?}");
+    Ok(())
+}
+
+fn http_route(path: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "echo", "namespace": "default"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 80}],
+            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": path}}]}]
+        }
+    })
+}
+
+fn route_prefix(m: &Model) -> Option<String> {
+    let rule = m.http_routes.first()?.rules.first()?;
+    match &rule.matches.first()?.path {
+        mesh::model::PathMatch::Prefix(p) => Some(p.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_waypoint_watch_also_follows_routes_and_jwt_rules_and_the_node_watch_does_not(
+) -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("default", true))?;
+    server.apply(http_route("/v1"))?;
+    server.apply(json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "RequestAuthentication",
+        "metadata": {"name": "jwt", "namespace": "default"},
+        "spec": {"jwtRules": [{"issuer": "https://issuer.example", "jwksUri": "http://127.0.0.1:1/keys"}]}
+    }))?;
+    let mut waypoint = Agent::start_scoped(&server, Scope::Waypoint).await?;
+    let mut node = Agent::start(&server).await?;
+    let m = waypoint
+        .model("the route is in", |m| route_prefix(m).is_some())
+        .await?;
+    assert_eq!(route_prefix(&m).as_deref(), Some("/v1"));
+    assert_eq!(m.request_authentications.len(), 1);
+    let n = node
+        .model("the namespace is in", |m| !m.namespaces.is_empty())
+        .await?;
+    assert!(n.http_routes.is_empty() && n.request_authentications.is_empty());
+    assert_eq!(
+        server.requests("HTTPRoute")?.lists,
+        1,
+        "only the waypoint lists routes"
+    );
+
+    info!("the route changes, then a malformed version keeps the last good one");
+    server.apply(http_route("/v2"))?;
+    waypoint
+        .model("the route moved", |m| {
+            route_prefix(m).as_deref() == Some("/v2")
+        })
+        .await?;
+    server.apply(http_route("no-slash"))?;
+    let rejections = tokio::time::timeout(WAIT, waypoint.rejections.wait_for(|r| !r.is_empty()))
+        .await
+        .context("timed out waiting for the rejection")??
+        .clone();
+    assert_eq!(
+        rejections[0].object, "HTTPRoute default/echo",
+        "{rejections:?}"
+    );
+    let m = waypoint.models.borrow().clone();
+    assert_eq!(
+        route_prefix(&m).as_deref(),
+        Some("/v2"),
+        "last good version kept"
+    );
     Ok(())
 }

@@ -218,6 +218,7 @@ fn rename(doc: &mut Value, wp: &Waypoint) -> Result<()> {
     let name = match kind.as_str() {
         "ServiceAccount" => wp.service_account.clone(),
         "Deployment" | "Service" => wp.name.clone(),
+        "ClusterRoleBinding" => cluster_role_binding_name(&wp.namespace, &wp.name),
         other => bail!("manifests/waypoint.yaml: unexpected kind {other:?}"),
     };
     let metadata = doc
@@ -225,7 +226,19 @@ fn rename(doc: &mut Value, wp: &Waypoint) -> Result<()> {
         .and_then(Value::as_mapping_mut)
         .with_context(|| format!("manifests/waypoint.yaml: {kind} without metadata"))?;
     metadata.insert("name".into(), name.into());
-    metadata.insert("namespace".into(), wp.namespace.clone().into());
+    if kind == "ClusterRoleBinding" {
+        // Cluster-scoped: no namespace; it binds the waypoint's service account.
+        let subjects = doc
+            .get_mut("subjects")
+            .and_then(Value::as_sequence_mut)
+            .context("manifests/waypoint.yaml: ClusterRoleBinding without subjects")?;
+        for subject in subjects.iter_mut().filter_map(Value::as_mapping_mut) {
+            subject.insert("name".into(), wp.service_account.clone().into());
+            subject.insert("namespace".into(), wp.namespace.clone().into());
+        }
+    } else {
+        metadata.insert("namespace".into(), wp.namespace.clone().into());
+    }
     set_gateway_name(doc, &wp.name);
     if kind == "Deployment" {
         let pod = doc
@@ -240,6 +253,11 @@ fn rename(doc: &mut Value, wp: &Waypoint) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The (cluster-scoped) binding of waypoint `namespace/name` to the `ambient-waypoint` role.
+fn cluster_role_binding_name(namespace: &str, name: &str) -> String {
+    format!("ambient-waypoint-{namespace}-{name}")
 }
 
 /// Sets every `gateway.networking.k8s.io/gateway-name` key (labels, selectors) to `name`.
@@ -320,6 +338,14 @@ pub fn kubectl_delete(namespace: &str, name: &str) -> Vec<Kubectl> {
             "deployments,services,serviceaccounts",
             "-l",
             &selector,
+            "--ignore-not-found",
+        ]),
+        Kubectl::new(&[
+            "delete",
+            &format!(
+                "clusterrolebindings.rbac.authorization.k8s.io/{}",
+                cluster_role_binding_name(namespace, name)
+            ),
             "--ignore-not-found",
         ]),
     ]
@@ -476,9 +502,18 @@ mod tests {
         let kinds: Vec<&str> = rendered.iter().filter_map(|d| d["kind"].as_str()).collect();
         assert_eq!(
             kinds,
-            ["Gateway", "ServiceAccount", "Deployment", "Service"]
+            [
+                "Gateway",
+                "ServiceAccount",
+                "ClusterRoleBinding",
+                "Deployment",
+                "Service"
+            ]
         );
-        for doc in &rendered {
+        for doc in rendered
+            .iter()
+            .filter(|d| d["kind"] != "ClusterRoleBinding")
+        {
             assert_eq!(doc["metadata"]["namespace"], "shop", "{doc:?}");
         }
         let by_kind = |k: &str| {
@@ -488,6 +523,12 @@ mod tests {
                 .expect("kind present")
         };
         assert_eq!(by_kind("ServiceAccount")["metadata"]["name"], "cart-l7");
+        let binding = by_kind("ClusterRoleBinding");
+        assert_eq!(binding["metadata"]["name"], "ambient-waypoint-shop-cart-wp");
+        assert!(binding["metadata"]["namespace"].is_null(), "{binding:?}");
+        assert_eq!(binding["roleRef"]["name"], "ambient-waypoint");
+        assert_eq!(binding["subjects"][0]["name"], "cart-l7");
+        assert_eq!(binding["subjects"][0]["namespace"], "shop");
         let deployment = by_kind("Deployment");
         assert_eq!(deployment["metadata"]["name"], "cart-wp");
         assert_eq!(
@@ -535,6 +576,8 @@ mod tests {
                  --ignore-not-found",
                 "kubectl delete -n demo deployments,services,serviceaccounts \
                  -l gateway.networking.k8s.io/gateway-name=waypoint --ignore-not-found",
+                "kubectl delete clusterrolebindings.rbac.authorization.k8s.io/\
+                 ambient-waypoint-demo-waypoint --ignore-not-found",
             ]
         );
         let list = kubectl_list(Some("demo"));

@@ -1,6 +1,6 @@
 //! Shared by the integration tests: a fake API server and test network namespaces.
 // Each test binary uses its own part of this module.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-pub mod apiserver;
+pub use e2e::apiserver;
 pub mod netns;

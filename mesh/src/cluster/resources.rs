@@ -40,8 +40,19 @@ pub(crate) struct Kind {
     pub(crate) body: Body,
 }
 
-/// Everything the model is built from, in the order the loader documents them.
-pub(crate) fn kinds() -> Vec<Kind> {
+/// What a consumer of the model needs watched.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// What the node agent uses: core kinds, PeerAuthentication, AuthorizationPolicy,
+    /// Gateways.
+    #[default]
+    Node,
+    /// Also what a waypoint applies: HTTPRoutes and RequestAuthentications.
+    Waypoint,
+}
+
+/// The kinds `scope` needs, in the order the loader documents them.
+pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
     use k8s_openapi::api::core::v1;
     let core = |resource: ApiResource, body: Body| Kind {
         resource,
@@ -68,7 +79,7 @@ pub(crate) fn kinds() -> Vec<Kind> {
         optional: true,
         body: Body::Gateway,
     };
-    vec![
+    let mut kinds = vec![
         core(ApiResource::erase::<v1::Namespace>(&()), Body::None),
         core(ApiResource::erase::<v1::ServiceAccount>(&()), Body::None),
         core(ApiResource::erase::<v1::Pod>(&()), Body::Pod),
@@ -76,7 +87,26 @@ pub(crate) fn kinds() -> Vec<Kind> {
         istio("PeerAuthentication", "peerauthentications"),
         istio("AuthorizationPolicy", "authorizationpolicies"),
         gateway,
-    ]
+    ];
+    if scope == Scope::Waypoint {
+        // Optional like the other CRD kinds: a cluster without them has no routes / JWT rules.
+        let crd = |group: &str, version: &str, kind: &str, plural: &str| Kind {
+            resource: ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version, kind),
+                plural,
+            ),
+            optional: true,
+            body: Body::Spec,
+        };
+        kinds.push(crd(
+            "gateway.networking.k8s.io",
+            "v1",
+            "HTTPRoute",
+            "httproutes",
+        ));
+        kinds.push(istio("RequestAuthentication", "requestauthentications"));
+    }
+    kinds
 }
 
 /// Identifies an object within its kind.
@@ -247,7 +277,7 @@ mod tests {
     }
 
     fn kind(name: &str) -> Kind {
-        kinds()
+        kinds_for(Scope::Node)
             .into_iter()
             .find(|k| k.resource.kind == name)
             .expect("watched kind")

@@ -39,8 +39,9 @@ use tokio::task::JoinHandle;
 /// How long [`FakeApiServer::wait_for`] waits for the client to do something.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The kinds the agent watches: collection path (all namespaces), apiVersion, kind.
-pub const KINDS: [(&str, &str, &str); 7] = [
+/// The kinds the agents watch (ztunnel the first 7, a waypoint all): collection path (all
+/// namespaces), apiVersion, kind.
+pub const KINDS: [(&str, &str, &str); 9] = [
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
     ("/api/v1/pods", "v1", "Pod"),
@@ -60,7 +61,21 @@ pub const KINDS: [(&str, &str, &str); 7] = [
         "gateway.networking.k8s.io/v1",
         "Gateway",
     ),
+    // What a waypoint also watches.
+    (
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "gateway.networking.k8s.io/v1",
+        "HTTPRoute",
+    ),
+    (
+        "/apis/security.istio.io/v1/requestauthentications",
+        "security.istio.io/v1",
+        "RequestAuthentication",
+    ),
 ];
+
+/// The kinds of [`KINDS`] only a waypoint watches (`mesh::cluster::Scope::Waypoint`).
+pub const WAYPOINT_ONLY_KINDS: [&str; 2] = ["HTTPRoute", "RequestAuthentication"];
 
 /// Collections served only when Istio's CRDs are installed.
 const ISTIO_CRDS: &str = "/apis/security.istio.io/";

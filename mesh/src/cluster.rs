@@ -8,7 +8,8 @@
 //! - Watched, in all namespaces: Namespaces, ServiceAccounts, Pods and Services (a service's
 //!   endpoints are pods on every node), Istio's `security.istio.io/v1`
 //!   PeerAuthentication and AuthorizationPolicy, and `gateway.networking.k8s.io/v1`
-//!   Gateways (waypoints; as [`DynamicObject`]s: there are no generated types). A cluster
+//!   Gateways (waypoints; as [`DynamicObject`]s: there are no generated types); for a
+//!   waypoint ([`Scope::Waypoint`]) also HTTPRoutes and RequestAuthentications. A cluster
 //!   without Istio's CRDs gets a model without policies; one without the Gateway API CRDs a
 //!   model without waypoints (services labelled `istio.io/use-waypoint` then go direct).
 //! - Each kind is listed, then watched from the list's `resourceVersion`; a dropped watch is
@@ -32,19 +33,20 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::metrics::Metrics;
+use crate::model::Model;
 use futures::StreamExt;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::Client;
-use mesh::metrics::Metrics;
-use mesh::model::Model;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+pub use kube::Client;
+pub use resources::Scope;
 use store::{Change, Store};
 
 /// Default quiet period before a change is published.
@@ -86,6 +88,8 @@ pub struct Options {
     pub metrics: Option<Arc<Metrics>>,
     /// Receives the refused objects whenever that set changes (for `/config_dump`).
     pub rejections: Option<watch::Sender<Vec<Rejection>>>,
+    /// Which kinds are watched (the node agent's, or also the waypoint's).
+    pub scope: Scope,
 }
 
 impl Default for Options {
@@ -97,6 +101,7 @@ impl Default for Options {
             retry_max: DEFAULT_RETRY_MAX,
             metrics: None,
             rejections: None,
+            scope: Scope::Node,
         }
     }
 }
@@ -117,7 +122,7 @@ pub async fn watch(
     opts: Options,
     stop: CancellationToken,
 ) {
-    let kinds = resources::kinds();
+    let kinds = resources::kinds_for(opts.scope);
     let streams = kinds.iter().enumerate().map(|(i, kind)| {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.resource);
         // `any_semantic`: the initial list is served from the API server's watch cache

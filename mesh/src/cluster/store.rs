@@ -10,9 +10,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::k8s::{load_docs, ConfigError};
+use crate::model::Model;
 use kube::api::DynamicObject;
-use mesh::k8s::{load_docs, ConfigError};
-use mesh::model::Model;
 
 use super::resources::{describe, document, file_name, Kind, ObjectKey};
 use super::Rejection;
@@ -284,8 +284,12 @@ fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kube::resources::kinds;
-    use mesh::model::NamespacedName;
+    use crate::cluster::resources::{kinds_for, Scope};
+
+    fn kinds() -> Vec<super::Kind> {
+        kinds_for(Scope::Node)
+    }
+    use crate::model::NamespacedName;
     use serde_json::json;
 
     const NAMESPACE: usize = 0;

@@ -81,7 +81,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         certs.clone(),
     );
     let stop = CancellationToken::new();
-    let jwks = JwksCache::new(cfg.jwks, http_metrics.clone());
+    let jwks_tls =
+        crate::jwks::tls_config(cfg.jwks_ca_file.as_deref()).context("roots for https jwksUri")?;
+    let jwks = JwksCache::new(cfg.jwks, jwks_tls, http_metrics.clone());
     let inputs = Arc::new(Inputs {
         cfg: cfg.clone(),
         model: model.clone(),

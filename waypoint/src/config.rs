@@ -133,6 +133,9 @@ pub struct Args {
     pub jwks_max_stale: Duration,
     #[arg(long, env = "WAYPOINT_JWKS_FETCH_TIMEOUT", default_value = DEFAULT_JWKS_FETCH_TIMEOUT, value_parser = parse_duration)]
     pub jwks_fetch_timeout: Duration,
+    /// PEM roots trusted for `https` jwksUri besides the Mozilla roots (a private issuer).
+    #[arg(long, env = "WAYPOINT_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
 }
 
 /// The settings as the rest of the waypoint sees them.
@@ -160,6 +163,7 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
     pub jwks: JwksSettings,
+    pub jwks_ca_file: Option<PathBuf>,
 }
 
 /// How remote JWKS are fetched and cached (`crate::jwks`).
@@ -199,6 +203,7 @@ impl From<&Args> for Config {
                 max_stale: a.jwks_max_stale,
                 fetch_timeout: a.jwks_fetch_timeout,
             },
+            jwks_ca_file: a.jwks_ca_file.clone(),
         }
     }
 }

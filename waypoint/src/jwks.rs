@@ -9,8 +9,10 @@
 //! and counted in `waypoint_jwks_fetches_total{uri,result}`. Responses are bounded
 //! ([`mesh::jwt::MAX_JWKS_BYTES`]) and must be `200` with a valid JWKS.
 //!
-//! `https` URIs are accepted by the translator but not fetched yet (no root store in the
-//! waypoint): they fail closed with result `unsupported`.
+//! `https` URIs are fetched over TLS (rustls, HTTP/1.1), the server's certificate checked
+//! against the Mozilla roots (`webpki-roots`, compiled in) plus the PEM roots of
+//! `--jwks-ca-file` (a private issuer's CA); a certificate that does not verify fails the
+//! fetch (result `tls`) and so fails closed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -35,8 +37,8 @@ use crate::telemetry::HttpMetrics;
 pub enum FetchError {
     #[error("invalid jwksUri")]
     BadUri,
-    #[error("https jwksUri is not supported yet")]
-    Unsupported,
+    #[error("tls: {0}")]
+    Tls(std::io::Error),
     #[error("resolve {host}: {source}")]
     Resolve {
         host: String,
@@ -60,7 +62,7 @@ impl FetchError {
     pub fn result(&self) -> &'static str {
         match self {
             FetchError::BadUri => "bad_uri",
-            FetchError::Unsupported => "unsupported",
+            FetchError::Tls(_) => "tls",
             FetchError::Resolve { .. } | FetchError::Connect(_) => "connect",
             FetchError::Http(_) => "http",
             FetchError::Status(_) => "status",
@@ -85,15 +87,22 @@ struct Entry {
 /// The remote key sets, shared by the request path (reads) and [`JwksCache::run`] (fetches).
 pub struct JwksCache {
     settings: JwksSettings,
+    tls: Arc<rustls::ClientConfig>,
     entries: Mutex<HashMap<String, Entry>>,
     wake: Notify,
     metrics: HttpMetrics,
 }
 
 impl JwksCache {
-    pub fn new(settings: JwksSettings, metrics: HttpMetrics) -> Arc<Self> {
+    /// `tls` verifies `https` jwksUri servers ([`tls_config`]).
+    pub fn new(
+        settings: JwksSettings,
+        tls: Arc<rustls::ClientConfig>,
+        metrics: HttpMetrics,
+    ) -> Arc<Self> {
         Arc::new(JwksCache {
             settings,
+            tls,
             entries: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             metrics,
@@ -136,7 +145,7 @@ impl JwksCache {
             for uri in due {
                 let result = tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = tokio::time::timeout(self.settings.fetch_timeout, fetch(&uri)) => {
+                    r = tokio::time::timeout(self.settings.fetch_timeout, fetch(&uri, &self.tls)) => {
                         r.unwrap_or(Err(FetchError::Timeout))
                     }
                 };
@@ -221,21 +230,79 @@ fn uris_in(model: &Model) -> Vec<String> {
     uris
 }
 
-/// One GET of `uri` (HTTP/1.1, one connection), the body bounded and parsed.
-pub async fn fetch(uri: &str) -> Result<Jwks, FetchError> {
-    let parsed: Uri = uri.parse().map_err(|_| FetchError::BadUri)?;
-    match parsed.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(FetchError::Unsupported),
-        _ => return Err(FetchError::BadUri),
+/// Why the roots for `https` jwksUri could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate")]
+    Empty { path: String },
+    #[error("{path}: {source}")]
+    BadCert { path: String, source: rustls::Error },
+}
+
+/// The client config of `https` jwksUri fetches: the Mozilla roots, plus every PEM
+/// certificate of `extra_roots` when given.
+pub fn tls_config(
+    extra_roots: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_roots {
+        let shown = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| TlsSetupError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|source| TlsSetupError::Read {
+                path: shown.clone(),
+                source,
+            })?;
+            roots.add(cert).map_err(|source| TlsSetupError::BadCert {
+                path: shown.clone(),
+                source,
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(TlsSetupError::Empty { path: shown });
+        }
     }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|source| TlsSetupError::BadCert {
+        path: "-".to_string(),
+        source,
+    })?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// One GET of `uri` (HTTP/1.1 over TCP, or TLS for `https`; one connection), the body
+/// bounded and parsed.
+pub async fn fetch(uri: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Jwks, FetchError> {
+    let parsed: Uri = uri.parse().map_err(|_| FetchError::BadUri)?;
+    let https = match parsed.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(FetchError::BadUri),
+    };
     let authority = parsed.authority().ok_or(FetchError::BadUri)?.clone();
     let host = authority
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addr = tokio::net::lookup_host((host.as_str(), port))
         .await
         .map_err(|source| FetchError::Resolve {
@@ -247,9 +314,20 @@ pub async fn fetch(uri: &str) -> Result<Jwks, FetchError> {
             host: host.clone(),
             source: std::io::Error::other("no address"),
         })?;
-    let stream = tokio::net::TcpStream::connect(addr)
+    let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(FetchError::Connect)?;
+    let stream: Box<dyn crate::io::Io> = if https {
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|_| FetchError::BadUri)?;
+        let tls = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(FetchError::Tls)?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let conn = tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -312,37 +390,110 @@ mod tests {
 
     #[tokio::test]
     async fn fetches_are_bounded_and_checked() {
+        let tls = tls_config(None).expect("roots");
+        let fetch = |uri: String| {
+            let tls = tls.clone();
+            async move { fetch(&uri, &tls).await }
+        };
         let ok = serve("200 OK", JWKS.to_string()).await;
-        assert_eq!(fetch(&ok).await.expect("jwks").len(), 1);
+        assert_eq!(fetch(ok).await.expect("jwks").len(), 1);
         let missing = serve("404 Not Found", String::new()).await;
         assert_eq!(
-            fetch(&missing).await.err().map(|e| e.result()),
+            fetch(missing).await.err().map(|e| e.result()),
             Some("status")
         );
         let huge = serve("200 OK", " ".repeat(MAX_JWKS_BYTES + 1)).await;
-        assert_eq!(fetch(&huge).await.err().map(|e| e.result()), Some("body"));
+        assert_eq!(fetch(huge).await.err().map(|e| e.result()), Some("body"));
         let junk = serve("200 OK", "<html>".to_string()).await;
-        assert_eq!(
-            fetch(&junk).await.err().map(|e| e.result()),
-            Some("invalid")
-        );
+        assert_eq!(fetch(junk).await.err().map(|e| e.result()), Some("invalid"));
         // Nothing listens there.
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr")
         };
         let down = format!("http://{closed}/jwks");
+        assert_eq!(fetch(down).await.err().map(|e| e.result()), Some("connect"));
         assert_eq!(
-            fetch(&down).await.err().map(|e| e.result()),
-            Some("connect")
-        );
-        assert_eq!(
-            fetch("https://example.com/jwks")
+            fetch("ftp://example.com/jwks".to_string())
                 .await
                 .err()
                 .map(|e| e.result()),
-            Some("unsupported")
+            Some("bad_uri")
         );
+    }
+
+    /// A TLS server for `localhost` with a certificate from a CA made here; returns the
+    /// `https` URI and the CA's PEM.
+    async fn serve_tls(body: String) -> (String, String) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
+            .expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("cert");
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, body) = (acceptor.clone(), body.clone());
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 2048];
+                    let _ = s.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        (format!("https://localhost:{port}/jwks.json"), ca.pem())
+    }
+
+    #[tokio::test]
+    async fn https_jwks_are_fetched_only_from_servers_the_roots_vouch_for() {
+        let (uri, ca_pem) = serve_tls(JWKS.to_string()).await;
+        // The Mozilla roots alone do not know this CA: the fetch fails (and fails closed).
+        let public = tls_config(None).expect("roots");
+        assert_eq!(
+            fetch(&uri, &public).await.err().map(|e| e.result()),
+            Some("tls")
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_pem).expect("write ca");
+        let private = tls_config(Some(&ca_file)).expect("roots");
+        assert_eq!(fetch(&uri, &private).await.expect("jwks").len(), 1);
+        // A root file without certificates is a startup error, not an empty trust store.
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate").expect("write");
+        assert!(matches!(
+            tls_config(Some(&empty)),
+            Err(TlsSetupError::Empty { .. })
+        ));
     }
 
     #[test]
@@ -354,7 +505,7 @@ mod tests {
             max_stale: Duration::from_millis(30),
             fetch_timeout: Duration::from_secs(1),
         };
-        let cache = JwksCache::new(settings, metrics);
+        let cache = JwksCache::new(settings, tls_config(None).expect("roots"), metrics);
         let uri = "http://keys/jwks".to_string();
         let uris = std::slice::from_ref(&uri);
         assert_eq!(cache.due(uris), uris);

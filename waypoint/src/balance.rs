@@ -117,6 +117,10 @@ pub struct ConnLimits {
     pub max_pending: Option<u32>,
     /// `maxRequestsPerConnection` (`None` or 0: unlimited).
     pub max_requests_per_connection: Option<u32>,
+    /// `tcp.connectTimeout` (else the waypoint's `--connect-timeout`).
+    pub connect_timeout: Option<Duration>,
+    /// `http.idleTimeout` of idle HTTP/1.1 connections (else the waypoint's default).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// `cluster` label of `waypoint_outlier_ejections_total`.
@@ -285,6 +289,8 @@ impl Cluster {
             max_connections: cp.max_connections,
             max_pending: cp.http1_max_pending_requests,
             max_requests_per_connection: cp.max_requests_per_connection.filter(|n| *n > 0),
+            connect_timeout: cp.connect_timeout,
+            idle_timeout: cp.idle_timeout,
         }
     }
 

@@ -1,0 +1,400 @@
+//! DestinationRule at the waypoint, end to end: three mesh-echo pods (`v1` on n1, `v2` and
+//! `v3` on n2) serve several Services, each labelled `istio.io/use-waypoint` and each with
+//! its own DestinationRule, so one waypoint (on n2) shows every policy without reloads:
+//!
+//! - `hash`: `consistentHash.httpHeaderName: x-user` (a user sticks to one pod, users spread);
+//! - `sticky`: `consistentHash.httpCookie` with a `ttl` (the waypoint sets the cookie);
+//! - `spread`: `LEAST_REQUEST` (sequential requests reach every pod);
+//! - `outlier`: `consecutive5xxErrors: 3` (the pod answering 503 is ejected, the rest
+//!   answer everything);
+//! - `pool`: `http2MaxRequests: 1` (concurrent slow requests overflow with `503 UO`).
+//!
+//! A malformed DestinationRule is refused and the last good rules stay in force.
+//! Requests come from a client pod on n1 over keep-alive HTTP/1.1 connections.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Barrier;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use e2e::http::{read_response, HttpResponse};
+use e2e::prom;
+use e2e::waypoint::{gateway_yaml, waypoint_pod};
+use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
+use serde_json::Value;
+
+const CLIENT: &str = "default/client";
+const WAYPOINT: &str = "default/waypoint";
+
+/// Each Service and its VIP.
+const SERVICES: [(&str, &str); 5] = [
+    ("hash", "10.96.0.30"),
+    ("sticky", "10.96.0.31"),
+    ("spread", "10.96.0.32"),
+    ("outlier", "10.96.0.33"),
+    ("pool", "10.96.0.34"),
+];
+
+const RULES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hash, namespace: default}
+spec:
+  host: hash
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: sticky, namespace: default}
+spec:
+  host: sticky.default.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpCookie: {name: sticky, path: /, ttl: 60s}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: spread, namespace: default}
+spec:
+  host: spread
+  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: outlier, namespace: default}
+spec:
+  host: outlier
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 5m}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pool, namespace: default}
+spec:
+  host: pool
+  trafficPolicy:
+    connectionPool: {http: {http2MaxRequests: 1}}
+"#;
+
+fn mesh(test: &str) -> Result<Mesh> {
+    let mut b = Mesh::builder(test)
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(waypoint_pod("default", "waypoint", "n2"));
+    for (name, node) in [("v1", "n1"), ("v2", "n2"), ("v3", "n2")] {
+        b = b.pod(
+            Pod::new("default", name)
+                .on(node)
+                .service_account("echo")
+                .labels([("app", "echo"), ("version", name)]),
+        );
+    }
+    for (name, vip) in SERVICES {
+        b = b.service(
+            Service::new("default", name)
+                .vip(vip)
+                .named_port("http", 80, 8080)
+                .selector([("app", "echo")])
+                .labels([("istio.io/use-waypoint", "waypoint")]),
+        );
+    }
+    b.yaml(
+        "waypoint.yaml",
+        &gateway_yaml("default", "waypoint", "service"),
+    )
+    .yaml("rules.yaml", RULES)
+    .build()
+}
+
+fn vip(service: &str) -> Result<SocketAddr> {
+    let (_, ip) = SERVICES
+        .iter()
+        .find(|(n, _)| *n == service)
+        .context("unknown service")?;
+    Ok(format!("{ip}:80").parse()?)
+}
+
+/// One keep-alive HTTP/1.1 connection from a pod.
+struct Client {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn connect(mesh: &Mesh, service: &str) -> Result<Client> {
+        let stream = mesh.connect(CLIENT, vip(service)?)?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Client { stream, reader })
+    }
+
+    fn get(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
+        let mut head = format!("GET {target} HTTP/1.1\r\nhost: echo\r\nuser-agent: e2e\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.stream
+            .write_all(head.as_bytes())
+            .with_context(|| format!("send GET {target}"))?;
+        read_response(&mut self.reader).with_context(|| format!("response to GET {target}"))
+    }
+
+    /// The mesh-echo server that answered `GET target` with 200.
+    fn server(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<String> {
+        let r = self.get(target, headers)?;
+        anyhow::ensure!(r.status == 200, "GET {target}: {} {}", r.status, r.text());
+        Ok(server(&r.json()?))
+    }
+}
+
+fn server(reply: &Value) -> String {
+    reply["server"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn destination_rules_balance_eject_and_limit_at_the_waypoint() -> Result<()> {
+    let mesh = mesh("waypoint_traffic")?;
+    let _echo: Vec<ChildGuard> = ["v1", "v2", "v3"]
+        .into_iter()
+        .map(|n| mesh.spawn_echo(&format!("default/{n}"), 8080, n))
+        .collect::<Result<_>>()?;
+    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+    with_log(&wp, checks(&mesh, &wp))
+}
+
+/// `result`, with the end of the waypoint's log added to an error.
+fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
+    result.map_err(|e| {
+        let log = wp.stderr();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        e.context(format!("last lines of the waypoint's log:\n{tail}"))
+    })
+}
+
+fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
+    consistent_hash_on_a_header(mesh)?;
+    consistent_hash_on_a_generated_cookie(mesh)?;
+    least_request_reaches_every_pod(mesh)?;
+    outlier_detection_ejects_the_failing_pod(mesh)?;
+    connection_pool_overflow_answers_503_uo(mesh)?;
+    a_bad_rule_keeps_the_last_good_rules(mesh, wp)
+}
+
+/// The same `x-user` reaches the same pod every time; different users spread.
+fn consistent_hash_on_a_header(mesh: &Mesh) -> Result<()> {
+    let mut c = Client::connect(mesh, "hash")?;
+    let first = c.server("/who", &[("x-user", "alice")])?;
+    for i in 0..50 {
+        let s = c.server(&format!("/who/{i}"), &[("x-user", "alice")])?;
+        assert_eq!(s, first, "request {i} of alice moved");
+    }
+    let mut by_user = BTreeMap::new();
+    for u in 0..20 {
+        let user = format!("user-{u}");
+        by_user.insert(user.clone(), c.server("/who", &[("x-user", &user)])?);
+    }
+    let pods: BTreeSet<&String> = by_user.values().collect();
+    eprintln!("hash: 20 users on {pods:?}");
+    assert!(pods.len() >= 2, "20 users all on one pod: {by_user:?}");
+    // Asked again, each user is where it was.
+    for (user, pod) in &by_user {
+        assert_eq!(&c.server("/again", &[("x-user", user)])?, pod, "{user}");
+    }
+    Ok(())
+}
+
+/// No cookie: the waypoint picks a pod and sets `sticky`; with it, the same pod answers.
+fn consistent_hash_on_a_generated_cookie(mesh: &Mesh) -> Result<()> {
+    let mut c = Client::connect(mesh, "sticky")?;
+    let r = c.get("/first", &[])?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let set = r
+        .header("set-cookie")
+        .context("a set-cookie for the generated cookie")?
+        .to_string();
+    assert!(set.starts_with("sticky=\""), "{set}");
+    assert!(
+        set.contains("Max-Age=60") && set.contains("Path=/"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap_or_default().to_string();
+    let pinned = c.server("/pinned", &[("cookie", &cookie)])?;
+    for i in 0..20 {
+        let r = c.get(&format!("/pinned/{i}"), &[("cookie", &cookie)])?;
+        assert_eq!(r.status, 200);
+        assert!(r.header("set-cookie").is_none(), "no new cookie when sent");
+        assert_eq!(server(&r.json()?), pinned, "request {i} moved");
+    }
+    Ok(())
+}
+
+/// LEAST_REQUEST over idle pods is two random choices: every pod gets requests.
+fn least_request_reaches_every_pod(mesh: &Mesh) -> Result<()> {
+    let mut c = Client::connect(mesh, "spread")?;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..60 {
+        *counts
+            .entry(c.server(&format!("/spread/{i}"), &[])?)
+            .or_default() += 1;
+    }
+    eprintln!("least request: {counts:?}");
+    assert_eq!(
+        counts.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["v1", "v2", "v3"],
+        "{counts:?}"
+    );
+    Ok(())
+}
+
+/// v2 answers 503 (`?status=503&only=v2`); after 3 in a row it is ejected, and the next 30
+/// requests all reach v1 or v3 and get 200.
+fn outlier_detection_ejects_the_failing_pod(mesh: &Mesh) -> Result<()> {
+    let mut c = Client::connect(mesh, "outlier")?;
+    let target = "/flaky?status=503&only=v2";
+    let mut failures = 0;
+    let mut sent = 0;
+    // Round robin: every third request reaches v2 until it is ejected at its third 503.
+    while failures < 3 {
+        anyhow::ensure!(
+            sent < 30,
+            "v2 failed only {failures} times in {sent} requests"
+        );
+        let r = c.get(target, &[])?;
+        sent += 1;
+        if r.status == 503 {
+            assert_eq!(server(&r.json()?), "v2", "only v2 fails");
+            failures += 1;
+        }
+    }
+    let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+    assert_eq!(
+        prom::sum(
+            &metrics,
+            "waypoint_outlier_ejections_total",
+            &[("cluster", "outbound|80||outlier.default.svc.cluster.local")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..30 {
+        let r = c.get(target, &[])?;
+        assert_eq!(
+            r.status,
+            200,
+            "request {i} after the ejection: {}",
+            r.text()
+        );
+        *counts.entry(server(&r.json()?)).or_default() += 1;
+    }
+    eprintln!("outlier: after {sent} requests v2 was ejected; then {counts:?}");
+    assert!(!counts.contains_key("v2"), "{counts:?}");
+    assert_eq!(counts.len(), 2, "v1 and v3 share the load: {counts:?}");
+    Ok(())
+}
+
+/// `http2MaxRequests: 1` and 6 concurrent requests that each take 500 ms: one at a time is
+/// let through, the others are answered `503` with flag `UO`, and the waypoint's
+/// `istio_requests_total{response_flags="UO"}` counts exactly those.
+fn connection_pool_overflow_answers_503_uo(mesh: &Mesh) -> Result<()> {
+    const CONCURRENT: usize = 6;
+    let mut clients: Vec<Client> = (0..CONCURRENT)
+        .map(|_| Client::connect(mesh, "pool"))
+        .collect::<Result<_>>()?;
+    // One request on each connection first, so the tunnels are open before the race.
+    for c in &mut clients {
+        c.server("/warm", &[])?;
+    }
+    let start = Barrier::new(CONCURRENT);
+    let statuses: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter_mut()
+            .map(|c| {
+                let start = &start;
+                s.spawn(move || -> Result<(u16, String)> {
+                    start.wait();
+                    let r = c.get("/slow?delay_ms=500", &[])?;
+                    Ok((r.status, r.text()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    let overflowed: Vec<&String> = statuses
+        .iter()
+        .filter(|(s, _)| *s == 503)
+        .map(|(_, body)| body)
+        .collect();
+    eprintln!("pool: {ok} answered, {} overflowed", overflowed.len());
+    assert_eq!(ok + overflowed.len(), CONCURRENT, "{statuses:?}");
+    assert!(ok >= 1, "{statuses:?}");
+    assert!(!overflowed.is_empty(), "{statuses:?}");
+    for body in &overflowed {
+        assert!(body.contains("overflow"), "{body}");
+    }
+    // The metric is written when the response ends: it matches once every response is in.
+    let host = "pool.default.svc.cluster.local";
+    wait_until(
+        "istio_requests_total{response_flags=UO} to count the 503s",
+        Duration::from_secs(5),
+        || {
+            let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+            let uo = prom::sum(
+                &metrics,
+                "istio_requests_total",
+                &[
+                    ("response_flags", "UO"),
+                    ("response_code", "503"),
+                    ("destination_service", host),
+                ],
+            );
+            Ok(uo == overflowed.len() as f64)
+        },
+    )?;
+    // Sequential requests fit in the limit.
+    let c = &mut clients[0];
+    for i in 0..5 {
+        c.server(&format!("/after/{i}"), &[])?;
+    }
+    Ok(())
+}
+
+/// A DestinationRule the translator refuses leaves the last good rules in place.
+fn a_bad_rule_keeps_the_last_good_rules(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
+    mesh.write_yaml(
+        "rules-bad.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: bad, namespace: default}\n\
+         spec: {host: hash, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}\n",
+    )?;
+    wait_until(
+        "the waypoint to reject the bad DestinationRule",
+        Duration::from_secs(10),
+        || {
+            let log = wp.stderr();
+            Ok(log.contains("config rejected")
+                && log.contains("rules-bad.yaml doc 1: DestinationRule default/bad"))
+        },
+    )?;
+    let mut c = Client::connect(mesh, "hash")?;
+    let first = c.server("/who", &[("x-user", "bob")])?;
+    for _ in 0..10 {
+        assert_eq!(c.server("/who", &[("x-user", "bob")])?, first);
+    }
+    Ok(())
+}

@@ -7,7 +7,9 @@
 //! - `spread`: `LEAST_REQUEST` (sequential requests reach every pod);
 //! - `outlier`: `consecutive5xxErrors: 3` (the pod answering 503 is ejected, the rest
 //!   answer everything);
-//! - `pool`: `http2MaxRequests: 1` (concurrent slow requests overflow with `503 UO`).
+//! - `pool`: `http2MaxRequests: 1` (concurrent slow requests overflow with `503 UO`);
+//! - `conns` (pod v1 only): `tcp.maxConnections: 1`, `http1MaxPendingRequests: 1` (one
+//!   request waits for the one connection, the rest overflow).
 //!
 //! A malformed DestinationRule is refused and the last good rules stay in force.
 //! Requests come from a client pod on n1 over keep-alive HTTP/1.1 connections.
@@ -16,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Barrier;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use e2e::http::{read_response, HttpResponse};
@@ -28,13 +30,14 @@ use serde_json::Value;
 const CLIENT: &str = "default/client";
 const WAYPOINT: &str = "default/waypoint";
 
-/// Each Service and its VIP.
-const SERVICES: [(&str, &str); 5] = [
+/// Each Service and its VIP (all select the three pods, `conns` only v1).
+const SERVICES: [(&str, &str); 6] = [
     ("hash", "10.96.0.30"),
     ("sticky", "10.96.0.31"),
     ("spread", "10.96.0.32"),
     ("outlier", "10.96.0.33"),
     ("pool", "10.96.0.34"),
+    ("conns", "10.96.0.35"),
 ];
 
 const RULES: &str = r#"
@@ -75,6 +78,14 @@ spec:
   host: pool
   trafficPolicy:
     connectionPool: {http: {http2MaxRequests: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: conns, namespace: default}
+spec:
+  host: conns
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
 "#;
 
 fn mesh(test: &str) -> Result<Mesh> {
@@ -97,11 +108,16 @@ fn mesh(test: &str) -> Result<Mesh> {
         );
     }
     for (name, vip) in SERVICES {
+        let selector = if name == "conns" {
+            ("version", "v1")
+        } else {
+            ("app", "echo")
+        };
         b = b.service(
             Service::new("default", name)
                 .vip(vip)
                 .named_port("http", 80, 8080)
-                .selector([("app", "echo")])
+                .selector([selector])
                 .labels([("istio.io/use-waypoint", "waypoint")]),
         );
     }
@@ -185,6 +201,7 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
     least_request_reaches_every_pod(mesh)?;
     outlier_detection_ejects_the_failing_pod(mesh)?;
     connection_pool_overflow_answers_503_uo(mesh)?;
+    one_connection_per_endpoint_with_one_waiting(mesh)?;
     a_bad_rule_keeps_the_last_good_rules(mesh, wp)
 }
 
@@ -313,27 +330,10 @@ fn connection_pool_overflow_answers_503_uo(mesh: &Mesh) -> Result<()> {
     for c in &mut clients {
         c.server("/warm", &[])?;
     }
-    let start = Barrier::new(CONCURRENT);
-    let statuses: Vec<(u16, String)> = std::thread::scope(|s| {
-        let handles: Vec<_> = clients
-            .iter_mut()
-            .map(|c| {
-                let start = &start;
-                s.spawn(move || -> Result<(u16, String)> {
-                    start.wait();
-                    let r = c.get("/slow?delay_ms=500", &[])?;
-                    Ok((r.status, r.text()))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
-            })
-            .collect::<Result<Vec<_>>>()
-    })?;
+    let statuses: Vec<(u16, String)> = concurrently(&mut clients, "/slow?delay_ms=500")?
+        .into_iter()
+        .map(|(status, body, _)| (status, body))
+        .collect();
     let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
     let overflowed: Vec<&String> = statuses
         .iter()
@@ -395,6 +395,78 @@ fn a_bad_rule_keeps_the_last_good_rules(mesh: &Mesh, wp: &ChildGuard) -> Result<
     let first = c.server("/who", &[("x-user", "bob")])?;
     for _ in 0..10 {
         assert_eq!(c.server("/who", &[("x-user", "bob")])?, first);
+    }
+    Ok(())
+}
+
+/// `GET target` on every client at once: status, body and how long each took.
+fn concurrently(clients: &mut [Client], target: &str) -> Result<Vec<(u16, String, Duration)>> {
+    let start = Barrier::new(clients.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter_mut()
+            .map(|c| {
+                let start = &start;
+                s.spawn(move || -> Result<(u16, String, Duration)> {
+                    start.wait();
+                    let sent = Instant::now();
+                    let r = c.get(target, &[])?;
+                    Ok((r.status, r.text(), sent.elapsed()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+}
+
+/// `tcp.maxConnections: 1` and `http1MaxPendingRequests: 1` to the one pod of `conns`, 4
+/// concurrent requests of 400 ms: one goes out on the connection, one waits for it (and
+/// so takes at least two delays), the others are answered `503 UO` at once.
+fn one_connection_per_endpoint_with_one_waiting(mesh: &Mesh) -> Result<()> {
+    const CONCURRENT: usize = 4;
+    const DELAY: Duration = Duration::from_millis(400);
+    let mut clients: Vec<Client> = (0..CONCURRENT)
+        .map(|_| Client::connect(mesh, "conns"))
+        .collect::<Result<_>>()?;
+    for c in &mut clients {
+        assert_eq!(c.server("/warm", &[])?, "v1");
+    }
+    let target = format!("/slow?delay_ms={}", DELAY.as_millis());
+    let results = concurrently(&mut clients, &target)?;
+    let ok: Vec<Duration> = results
+        .iter()
+        .filter(|(s, _, _)| *s == 200)
+        .map(|(_, _, took)| *took)
+        .collect();
+    let overflowed: Vec<&(u16, String, Duration)> =
+        results.iter().filter(|(s, _, _)| *s == 503).collect();
+    eprintln!(
+        "conns: answered after {ok:?}, {} overflowed",
+        overflowed.len()
+    );
+    assert_eq!(ok.len() + overflowed.len(), CONCURRENT, "{results:?}");
+    assert!(ok.len() >= 2, "one sent, one waiting: {results:?}");
+    assert!(!overflowed.is_empty(), "{results:?}");
+    for (_, body, took) in &overflowed {
+        assert!(body.contains("overflow"), "{body}");
+        assert!(
+            *took < DELAY,
+            "an overflow is answered at once, not after {took:?}"
+        );
+    }
+    // One connection: the answered requests went out one after another, the n-th
+    // answered after at least n delays.
+    let mut ok = ok;
+    ok.sort();
+    for (i, took) in ok.iter().enumerate() {
+        let least = DELAY * (i as u32 + 1) - Duration::from_millis(50);
+        assert!(*took >= least, "answer {i} after {took:?}: {ok:?}");
     }
     Ok(())
 }

@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -111,6 +111,9 @@ pub struct Overflow {
 /// The per-endpoint connection limits the pool keeps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnLimits {
+    /// Which connection pool: each cluster has its own (0: the pool of requests outside
+    /// any cluster).
+    pub pool: u64,
     /// `tcp.maxConnections` per endpoint.
     pub max_connections: Option<u32>,
     /// `http1MaxPendingRequests`: requests waiting for an HTTP/1.1 connection.
@@ -128,6 +131,9 @@ pub struct ConnLimits {
 pub struct ClusterLabels {
     pub cluster: String,
 }
+
+/// Pool ids, from 1 (0 is [`ConnLimits::default`]'s).
+static NEXT_POOL: AtomicU64 = AtomicU64::new(1);
 
 /// Every cluster's state.
 #[derive(Default)]
@@ -152,6 +158,7 @@ impl Clusters {
                 .or_insert_with(|| {
                     Arc::new(Cluster {
                         name: key.name(),
+                        pool: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
                         state: Mutex::new(State::default()),
                         in_flight: Arc::new(AtomicU32::new(0)),
                         retries: Arc::new(AtomicU32::new(0)),
@@ -173,6 +180,8 @@ impl Clusters {
 /// One cluster's balancer state.
 pub struct Cluster {
     name: String,
+    /// Unique per cluster: its connection pool ([`ConnLimits::pool`]).
+    pool: u64,
     state: Mutex<State>,
     in_flight: Arc<AtomicU32>,
     retries: Arc<AtomicU32>,
@@ -286,6 +295,7 @@ impl Cluster {
         let st = self.state();
         let cp = &st.policy.connection_pool;
         ConnLimits {
+            pool: self.pool,
             max_connections: cp.max_connections,
             max_pending: cp.http1_max_pending_requests,
             max_requests_per_connection: cp.max_requests_per_connection.filter(|n| *n > 0),

@@ -8,6 +8,7 @@
 //! - HTTP/1.1 upstream connections (one tunnel each) return to an idle list when their
 //!   exchange has finished, at most `max_idle` per endpoint, closed after `idle_timeout`.
 //!   HTTP/2 upstream connections are shared by all requests to the endpoint.
+//! - Each cluster (Service, port, subset) has a pool of its own, as in Envoy.
 //! - DestinationRule connection-pool limits ([`ConnLimits`], per endpoint): at most
 //!   `tcp.maxConnections` HTTP/1.1 connections open (idle or busy); a request that finds
 //!   none free waits for one (at most [`MAX_PENDING_WAIT`]), with at most
@@ -117,6 +118,7 @@ pub enum Sender {
 
 /// An HTTP/1.1 upstream connection and what its limits need.
 pub struct Http1Conn {
+    key: Key,
     sender: http1::SendRequest<UpBody>,
     /// Holds one of `tcp.maxConnections` while the connection lives.
     slot: Option<ConnSlot>,
@@ -158,6 +160,9 @@ impl Drop for Pending {
 struct Key {
     addr: SocketAddr,
     identity: Option<Identity>,
+    /// The cluster's pool ([`ConnLimits::pool`]): clusters do not share connections, so
+    /// one cluster's limits count only its own.
+    pool: u64,
 }
 
 struct Idle {
@@ -330,6 +335,7 @@ impl Upstreams {
         let key = Key {
             addr: ep.addr,
             identity: ep.identity.clone(),
+            pool: limits.pool,
         };
         let idle_timeout = limits.idle_timeout.unwrap_or(self.cfg.idle_timeout);
         let slot = match proto {
@@ -366,6 +372,7 @@ impl Upstreams {
                     .instrument(span),
                 );
                 Ok(Sender::Http1(Http1Conn {
+                    key: key.clone(),
                     sender,
                     slot,
                     served: 0,
@@ -488,7 +495,8 @@ impl Upstreams {
     /// exchange (including the response body) has finished.
     pub async fn send(
         self: &Arc<Self>,
-        ep: &Endpoint,
+        // The connection knows its endpoint; kept so callers read the same.
+        _ep: &Endpoint,
         sender: Sender,
         req: Request<UpBody>,
     ) -> Result<Response<Incoming>, hyper::Error> {
@@ -497,10 +505,7 @@ impl Upstreams {
             Sender::Http1(mut conn) => {
                 let response = conn.sender.send_request(req);
                 conn.served = conn.served.saturating_add(1);
-                let key = Key {
-                    addr: ep.addr,
-                    identity: ep.identity.clone(),
-                };
+                let key = conn.key.clone();
                 let this = self.clone();
                 tokio::spawn(async move {
                     // Resolves once the response body has been read to its end; an error

@@ -28,6 +28,10 @@
 //! The state lives in [`Clusters`] (one per waypoint, in [`crate::upstream::Upstreams`]),
 //! keyed by cluster and endpoint address, so it survives model updates. The decisions are
 //! pure over that state, a clock (`now`) and a random source passed in, and table-tested.
+//!
+//! Only HTTP requests are balanced here; connections relayed at L4 (TCP ports) keep plain
+//! round robin ([`crate::upstream::Upstreams::next_index`]). Requests to a pod addressed
+//! directly form a cluster keyed by the pod, with the default policy.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -20,14 +20,24 @@
 //!    here (301/302 + `Location`, nothing sent upstream); otherwise a backend picked by weight
 //!    for this request, request-header modifiers and `URLRewrite` applied, response-header
 //!    modifiers and timeouts kept for later;
-//! 5. **select**: the backend's ready endpoints from the current model, round robin per
-//!    request (so one long-lived HTTP/2 client is spread over all endpoints);
-//! 6. **connect**: a pooled upstream connection to the endpoint, the next endpoint when one
-//!    cannot be reached (the request has not been sent, so this is always safe);
+//! 5. **select**: the backend's ready endpoints from the current model and the cluster
+//!    (Service, port, subset) they form, with its DestinationRule policy
+//!    ([`mesh::model::effective_policy`]): an unknown subset → `503 NC`, the subset's
+//!    endpoints (pod labels; none → `503 UH`), the consistent-hash key of the request,
+//!    one of `http2MaxRequests` slots (else `503 UO`); then per attempt an endpoint from
+//!    [`crate::balance::Cluster::choose`] (round robin by default, per request, so one
+//!    long-lived HTTP/2 client is spread over all endpoints; ejected endpoints skipped,
+//!    all ejected → `503 UH`);
+//! 6. **connect**: a pooled upstream connection to the endpoint within the cluster's
+//!    connection limits (`maxConnections`, `http1MaxPendingRequests` → `503 UO`), the next
+//!    endpoint when one cannot be reached (the request has not been sent, so this is always
+//!    safe); each attempt's outcome goes to outlier detection
+//!    ([`crate::balance::Cluster::report`]);
 //! 7. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the backend port declares),
 //!    within `timeouts.backendRequest` for the attempt and `timeouts.request` from the
 //!    request's arrival (both until the response headers);
-//! 8. **respond**: hop-by-hop headers dropped, response-header modifiers applied; metrics
+//! 8. **respond**: hop-by-hop headers dropped, response-header modifiers applied (and a
+//!    generated consistent-hash cookie set); metrics
 //!    (`destination_service` = the backend used) and the access-log line (with the rule and
 //!    backend) are written when the response body ends (or the client goes away).
 //!
@@ -35,7 +45,7 @@
 //! policy (`DENY`, 403),
 //! no matching rule (`NR`, 404), no usable backend (`NC`, 500), no endpoint (`UH`, 503),
 //! connect failure (`UF`, 503), upstream reset before a response (`UC`, 503), timeout (`UT`,
-//! 504), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
+//! 504), connection-pool overflow (`UO`, 503), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};

@@ -9,7 +9,9 @@
 //!   answer everything);
 //! - `pool`: `http2MaxRequests: 1` (concurrent slow requests overflow with `503 UO`);
 //! - `conns` (pod v1 only): `tcp.maxConnections: 1`, `http1MaxPendingRequests: 1` (one
-//!   request waits for the one connection, the rest overflow).
+//!   request waits for the one connection, the rest overflow);
+//! - `perconn` (pod v1 only): `maxRequestsPerConnection: 2` (a new upstream connection every
+//!   two requests, seen by mesh-echo as a new peer).
 //!
 //! A malformed DestinationRule is refused and the last good rules stay in force.
 //! Requests come from a client pod on n1 over keep-alive HTTP/1.1 connections.
@@ -30,14 +32,15 @@ use serde_json::Value;
 const CLIENT: &str = "default/client";
 const WAYPOINT: &str = "default/waypoint";
 
-/// Each Service and its VIP (all select the three pods, `conns` only v1).
-const SERVICES: [(&str, &str); 6] = [
+/// Each Service and its VIP (all select the three pods, `conns` and `perconn` only v1).
+const SERVICES: [(&str, &str); 7] = [
     ("hash", "10.96.0.30"),
     ("sticky", "10.96.0.31"),
     ("spread", "10.96.0.32"),
     ("outlier", "10.96.0.33"),
     ("pool", "10.96.0.34"),
     ("conns", "10.96.0.35"),
+    ("perconn", "10.96.0.36"),
 ];
 
 const RULES: &str = r#"
@@ -86,6 +89,14 @@ spec:
   host: conns
   trafficPolicy:
     connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: perconn, namespace: default}
+spec:
+  host: perconn
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {maxRequestsPerConnection: 2}}
 "#;
 
 fn mesh(test: &str) -> Result<Mesh> {
@@ -108,7 +119,7 @@ fn mesh(test: &str) -> Result<Mesh> {
         );
     }
     for (name, vip) in SERVICES {
-        let selector = if name == "conns" {
+        let selector = if name == "conns" || name == "perconn" {
             ("version", "v1")
         } else {
             ("app", "echo")
@@ -202,6 +213,7 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
     outlier_detection_ejects_the_failing_pod(mesh)?;
     connection_pool_overflow_answers_503_uo(mesh)?;
     one_connection_per_endpoint_with_one_waiting(mesh)?;
+    connections_are_replaced_after_max_requests(mesh)?;
     a_bad_rule_keeps_the_last_good_rules(mesh, wp)
 }
 
@@ -468,5 +480,24 @@ fn one_connection_per_endpoint_with_one_waiting(mesh: &Mesh) -> Result<()> {
         let least = DELAY * (i as u32 + 1) - Duration::from_millis(50);
         assert!(*took >= least, "answer {i} after {took:?}: {ok:?}");
     }
+    Ok(())
+}
+
+/// `maxRequestsPerConnection: 2` (and one connection at a time, so each request waits for
+/// the previous one's connection): 10 requests reach v1 over 5 upstream connections, each
+/// a peer (source port) of its own at mesh-echo, each carrying exactly 2 requests.
+fn connections_are_replaced_after_max_requests(mesh: &Mesh) -> Result<()> {
+    let mut c = Client::connect(mesh, "perconn")?;
+    let mut peers: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..10 {
+        let r = c.get(&format!("/conn/{i}"), &[])?;
+        anyhow::ensure!(r.status == 200, "request {i}: {} {}", r.status, r.text());
+        let reply = r.json()?;
+        let peer = reply["peer"].as_str().context("peer")?.to_string();
+        *peers.entry(peer).or_default() += 1;
+    }
+    eprintln!("perconn: {peers:?}");
+    assert_eq!(peers.len(), 5, "{peers:?}");
+    assert!(peers.values().all(|n| *n == 2), "{peers:?}");
     Ok(())
 }

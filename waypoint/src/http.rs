@@ -64,7 +64,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh::jwt::authn::{authenticate, output_headers, rules_for_waypoint, Outcome};
 use mesh::jwt::{JwtError, VERIFICATION_FAILED_BODY};
-use mesh::model::{effective_policy, EffectivePolicy, HeaderModifier, JwksSource, Timeouts};
+use mesh::model::{HeaderModifier, JwksSource, Timeouts};
 use mesh::policy::l7::{authorize_l7, L7Request, DENIED_BODY};
 use mesh::policy::Decision;
 use mesh::route::{
@@ -72,10 +72,8 @@ use mesh::route::{
     NormalizedPath, RouteRequest, Routing, Selected,
 };
 
-use crate::balance::{
-    self, hash_key, new_cookie_value, subset_endpoints, Active, Cluster, ClusterKey, RequestGuard,
-};
-use crate::destination::Target;
+use crate::balance::{self, hash_key, new_cookie_value, Active, Cluster, ClusterKey, RequestGuard};
+use crate::destination::{Target, Unselectable};
 use crate::inbound::rr_key;
 use crate::io::Io;
 use crate::protocol::Declared;
@@ -520,54 +518,38 @@ async fn handle(
             reason,
         );
     };
-    // The cluster (service, port, subset) and its DestinationRule policy.
-    let policy = match resolved.service.zip(resolved.port) {
-        Some((svc, port)) => {
-            match effective_policy(
-                &model,
-                &inputs.cfg.gateway.namespace,
-                svc,
-                port.port,
-                subset.as_deref(),
-            ) {
-                Ok(p) => p,
-                Err(e) => {
-                    return local(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no healthy upstream",
-                        Some(ResponseFlag::NoCluster),
-                        labels,
-                        log,
-                        e.to_string(),
-                    )
-                }
-            }
-        }
-        None => EffectivePolicy::default(),
-    };
-    let subset_labels = subset.as_deref().and_then(|name| {
-        let (svc, _) = resolved.service.zip(resolved.port)?;
-        let dr = model.destination_rule_for(&inputs.cfg.gateway.namespace, svc)?;
-        Some(dr.subset(name)?.labels.clone())
-    });
-    let eps = subset_endpoints(resolved.endpoints, subset_labels.as_ref());
-    if eps.is_empty() {
-        let what = match (&log.backend, &subset) {
-            (Some(b), Some(s)) => format!("backend {b} subset {s}"),
-            (Some(b), None) => format!("backend {b}"),
-            (None, _) => ctx.authority.to_string(),
-        };
-        return local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy upstream",
-            Some(ResponseFlag::NoHealthyUpstream),
-            labels,
-            log,
-            format!("no ready endpoint for {what}"),
-        );
-    }
+    // The cluster (service, port, subset): its DestinationRule policy and endpoints.
     let host = resolved.service.map(|s| s.hostname());
     let cluster_port = resolved.port.map_or(ctx.authority.port(), |p| p.port);
+    let (policy, eps) =
+        match resolved.cluster(&model, &inputs.cfg.gateway.namespace, subset.as_deref()) {
+            Ok(selected) => selected,
+            Err(Unselectable::NoCluster(e)) => {
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    Some(ResponseFlag::NoCluster),
+                    labels,
+                    log,
+                    e.to_string(),
+                )
+            }
+            Err(Unselectable::NoEndpoint) => {
+                let what = match (&log.backend, &subset) {
+                    (Some(b), Some(s)) => format!("backend {b} subset {s}"),
+                    (Some(b), None) => format!("backend {b}"),
+                    (None, _) => ctx.authority.to_string(),
+                };
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    Some(ResponseFlag::NoHealthyUpstream),
+                    labels,
+                    log,
+                    format!("no ready endpoint for {what}"),
+                );
+            }
+        };
     drop(model);
     let cluster = inputs.upstreams.clusters.cluster(
         &ClusterKey {

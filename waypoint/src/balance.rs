@@ -136,6 +136,9 @@ pub struct ClusterLabels {
     pub cluster: String,
 }
 
+/// Clusters kept before idle ones are forgotten.
+const MAX_CLUSTERS: usize = 4096;
+
 /// Pool ids, from 1 (0 is [`ConnLimits::default`]'s).
 static NEXT_POOL: AtomicU64 = AtomicU64::new(1);
 
@@ -158,6 +161,11 @@ impl Clusters {
     pub fn cluster(&self, key: &ClusterKey, policy: &EffectivePolicy) -> Arc<Cluster> {
         let cluster = {
             let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() >= MAX_CLUSTERS && !map.contains_key(key) {
+                // Bounded: forget the clusters no request is using now (their round-robin
+                // position and ejections start afresh if they come back).
+                map.retain(|_, c| Arc::strong_count(c) > 1);
+            }
             map.entry(key.clone())
                 .or_insert_with(|| {
                     Arc::new(Cluster {

@@ -45,6 +45,9 @@ use tracing::Instrument;
 use crate::balance::{ClusterLabels, Clusters, ConnLimits};
 use crate::io::Io;
 
+/// Per-endpoint limit counters kept before idle ones are forgotten.
+const MAX_SLOT_ENTRIES: usize = 4096;
+
 /// Longest a request waits for a free HTTP/1.1 connection when `tcp.maxConnections` are
 /// open, before it is answered `503 UO`.
 pub const MAX_PENDING_WAIT: Duration = Duration::from_secs(30);
@@ -419,7 +422,14 @@ impl Upstreams {
         let Some(max) = limits.max_connections else {
             return Ok(self.pooled_h1(key).ok_or(None));
         };
-        let slots = self.conns().slots.entry(key.clone()).or_default().clone();
+        let slots = {
+            let mut conns = self.conns();
+            if conns.slots.len() >= MAX_SLOT_ENTRIES {
+                // Endpoints come and go: forget those without a connection or a waiter.
+                conns.slots.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            conns.slots.entry(key.clone()).or_default().clone()
+        };
         let deadline = tokio::time::Instant::now() + MAX_PENDING_WAIT;
         let mut waiting: Option<Pending> = None;
         loop {

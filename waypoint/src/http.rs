@@ -45,7 +45,8 @@
 //! policy (`DENY`, 403),
 //! no matching rule (`NR`, 404), no usable backend (`NC`, 500), no endpoint (`UH`, 503),
 //! connect failure (`UF`, 503), upstream reset before a response (`UC`, 503), timeout (`UT`,
-//! 504), connection-pool overflow (`UO`, 503), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
+//! 504), connection-pool overflow (`UO`, 503), a request that cannot be forwarded
+//! (`BADREQ`, 400), downstream gone (`DC`).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -508,7 +509,7 @@ async fn handle(
         }
     }
     let Some(resolved) = backend_resolved else {
-        let reason = format!("{} is not in the model", ctx.authority);
+        let reason = format!("no ready endpoint for {}: not in the model", ctx.authority);
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             "no healthy upstream",

@@ -323,6 +323,9 @@ struct Meta {
     uid: Option<String>,
     labels: Labels,
     annotations: Labels,
+    /// `creationTimestamp` (RFC 3339, so it orders as a string): the tie-breaker of routes
+    /// and DestinationRules.
+    created: Option<String>,
 }
 
 impl Meta {
@@ -563,6 +566,13 @@ fn metadata(obj: &Node<'_>, kind: Kind) -> FieldResult<Meta> {
         uid: meta.opt_str("uid")?.map(str::to_string),
         labels: meta.opt_string_map("labels")?,
         annotations: meta.opt_string_map("annotations")?,
+        // Read only where it decides something (core kinds ignore what they do not use).
+        created: match kind {
+            Kind::HttpRoute | Kind::DestinationRule => {
+                meta.opt_str("creationTimestamp")?.map(str::to_string)
+            }
+            _ => None,
+        },
     })
 }
 

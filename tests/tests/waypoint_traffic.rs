@@ -17,15 +17,13 @@
 //! Requests come from a client pod on n1 over keep-alive HTTP/1.1 connections.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use e2e::http::{read_response, HttpResponse};
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, waypoint_pod};
+use e2e::waypoint::{gateway_yaml, waypoint_pod, with_log, Client};
 use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
 use serde_json::Value;
 
@@ -148,37 +146,14 @@ fn vip(service: &str) -> Result<SocketAddr> {
     Ok(format!("{ip}:80").parse()?)
 }
 
-/// One keep-alive HTTP/1.1 connection from a pod.
-struct Client {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
+/// A keep-alive connection from the client pod to `service`.
+fn connect(mesh: &Mesh, service: &str) -> Result<Client> {
+    Client::connect(mesh, CLIENT, vip(service)?)
 }
 
-impl Client {
-    fn connect(mesh: &Mesh, service: &str) -> Result<Client> {
-        let stream = mesh.connect(CLIENT, vip(service)?)?;
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(Client { stream, reader })
-    }
-
-    fn get(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
-        let mut head = format!("GET {target} HTTP/1.1\r\nhost: echo\r\nuser-agent: e2e\r\n");
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        self.stream
-            .write_all(head.as_bytes())
-            .with_context(|| format!("send GET {target}"))?;
-        read_response(&mut self.reader).with_context(|| format!("response to GET {target}"))
-    }
-
-    /// The mesh-echo server that answered `GET target` with 200.
-    fn server(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<String> {
-        let r = self.get(target, headers)?;
-        anyhow::ensure!(r.status == 200, "GET {target}: {} {}", r.status, r.text());
-        Ok(server(&r.json()?))
-    }
+/// The mesh-echo server that answered `GET target` with 200.
+fn server_of(c: &mut Client, target: &str, headers: &[(&str, &str)]) -> Result<String> {
+    Ok(server(&c.echo(target, headers)?))
 }
 
 fn server(reply: &Value) -> String {
@@ -196,16 +171,6 @@ fn destination_rules_balance_eject_and_limit_at_the_waypoint() -> Result<()> {
     with_log(&wp, checks(&mesh, &wp))
 }
 
-/// `result`, with the end of the waypoint's log added to an error.
-fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
-    result.map_err(|e| {
-        let log = wp.stderr();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        e.context(format!("last lines of the waypoint's log:\n{tail}"))
-    })
-}
-
 fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
     consistent_hash_on_a_header(mesh)?;
     consistent_hash_on_a_generated_cookie(mesh)?;
@@ -219,30 +184,37 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
 
 /// The same `x-user` reaches the same pod every time; different users spread.
 fn consistent_hash_on_a_header(mesh: &Mesh) -> Result<()> {
-    let mut c = Client::connect(mesh, "hash")?;
-    let first = c.server("/who", &[("x-user", "alice")])?;
+    let mut c = connect(mesh, "hash")?;
+    let first = server_of(&mut c, "/who", &[("x-user", "alice")])?;
     for i in 0..50 {
-        let s = c.server(&format!("/who/{i}"), &[("x-user", "alice")])?;
+        let s = server_of(&mut c, &format!("/who/{i}"), &[("x-user", "alice")])?;
         assert_eq!(s, first, "request {i} of alice moved");
     }
     let mut by_user = BTreeMap::new();
     for u in 0..20 {
         let user = format!("user-{u}");
-        by_user.insert(user.clone(), c.server("/who", &[("x-user", &user)])?);
+        by_user.insert(
+            user.clone(),
+            server_of(&mut c, "/who", &[("x-user", &user)])?,
+        );
     }
     let pods: BTreeSet<&String> = by_user.values().collect();
     eprintln!("hash: 20 users on {pods:?}");
     assert!(pods.len() >= 2, "20 users all on one pod: {by_user:?}");
     // Asked again, each user is where it was.
     for (user, pod) in &by_user {
-        assert_eq!(&c.server("/again", &[("x-user", user)])?, pod, "{user}");
+        assert_eq!(
+            &server_of(&mut c, "/again", &[("x-user", user)])?,
+            pod,
+            "{user}"
+        );
     }
     Ok(())
 }
 
 /// No cookie: the waypoint picks a pod and sets `sticky`; with it, the same pod answers.
 fn consistent_hash_on_a_generated_cookie(mesh: &Mesh) -> Result<()> {
-    let mut c = Client::connect(mesh, "sticky")?;
+    let mut c = connect(mesh, "sticky")?;
     let r = c.get("/first", &[])?;
     assert_eq!(r.status, 200, "{}", r.text());
     let set = r
@@ -255,7 +227,7 @@ fn consistent_hash_on_a_generated_cookie(mesh: &Mesh) -> Result<()> {
         "{set}"
     );
     let cookie = set.split(';').next().unwrap_or_default().to_string();
-    let pinned = c.server("/pinned", &[("cookie", &cookie)])?;
+    let pinned = server_of(&mut c, "/pinned", &[("cookie", &cookie)])?;
     for i in 0..20 {
         let r = c.get(&format!("/pinned/{i}"), &[("cookie", &cookie)])?;
         assert_eq!(r.status, 200);
@@ -267,11 +239,11 @@ fn consistent_hash_on_a_generated_cookie(mesh: &Mesh) -> Result<()> {
 
 /// LEAST_REQUEST over idle pods is two random choices: every pod gets requests.
 fn least_request_reaches_every_pod(mesh: &Mesh) -> Result<()> {
-    let mut c = Client::connect(mesh, "spread")?;
+    let mut c = connect(mesh, "spread")?;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..60 {
         *counts
-            .entry(c.server(&format!("/spread/{i}"), &[])?)
+            .entry(server_of(&mut c, &format!("/spread/{i}"), &[])?)
             .or_default() += 1;
     }
     eprintln!("least request: {counts:?}");
@@ -286,7 +258,7 @@ fn least_request_reaches_every_pod(mesh: &Mesh) -> Result<()> {
 /// v2 answers 503 (`?status=503&only=v2`); after 3 in a row it is ejected, and the next 30
 /// requests all reach v1 or v3 and get 200.
 fn outlier_detection_ejects_the_failing_pod(mesh: &Mesh) -> Result<()> {
-    let mut c = Client::connect(mesh, "outlier")?;
+    let mut c = connect(mesh, "outlier")?;
     let target = "/flaky?status=503&only=v2";
     let mut failures = 0;
     let mut sent = 0;
@@ -336,11 +308,11 @@ fn outlier_detection_ejects_the_failing_pod(mesh: &Mesh) -> Result<()> {
 fn connection_pool_overflow_answers_503_uo(mesh: &Mesh) -> Result<()> {
     const CONCURRENT: usize = 6;
     let mut clients: Vec<Client> = (0..CONCURRENT)
-        .map(|_| Client::connect(mesh, "pool"))
+        .map(|_| connect(mesh, "pool"))
         .collect::<Result<_>>()?;
     // One request on each connection first, so the tunnels are open before the race.
     for c in &mut clients {
-        c.server("/warm", &[])?;
+        server_of(c, "/warm", &[])?;
     }
     let statuses: Vec<(u16, String)> = concurrently(&mut clients, "/slow?delay_ms=500")?
         .into_iter()
@@ -381,7 +353,7 @@ fn connection_pool_overflow_answers_503_uo(mesh: &Mesh) -> Result<()> {
     // Sequential requests fit in the limit.
     let c = &mut clients[0];
     for i in 0..5 {
-        c.server(&format!("/after/{i}"), &[])?;
+        server_of(c, &format!("/after/{i}"), &[])?;
     }
     Ok(())
 }
@@ -403,10 +375,10 @@ fn a_bad_rule_keeps_the_last_good_rules(mesh: &Mesh, wp: &ChildGuard) -> Result<
                 && log.contains("rules-bad.yaml doc 1: DestinationRule default/bad"))
         },
     )?;
-    let mut c = Client::connect(mesh, "hash")?;
-    let first = c.server("/who", &[("x-user", "bob")])?;
+    let mut c = connect(mesh, "hash")?;
+    let first = server_of(&mut c, "/who", &[("x-user", "bob")])?;
     for _ in 0..10 {
-        assert_eq!(c.server("/who", &[("x-user", "bob")])?, first);
+        assert_eq!(server_of(&mut c, "/who", &[("x-user", "bob")])?, first);
     }
     Ok(())
 }
@@ -444,10 +416,10 @@ fn one_connection_per_endpoint_with_one_waiting(mesh: &Mesh) -> Result<()> {
     const CONCURRENT: usize = 4;
     const DELAY: Duration = Duration::from_millis(400);
     let mut clients: Vec<Client> = (0..CONCURRENT)
-        .map(|_| Client::connect(mesh, "conns"))
+        .map(|_| connect(mesh, "conns"))
         .collect::<Result<_>>()?;
     for c in &mut clients {
-        assert_eq!(c.server("/warm", &[])?, "v1");
+        assert_eq!(server_of(c, "/warm", &[])?, "v1");
     }
     let target = format!("/slow?delay_ms={}", DELAY.as_millis());
     let results = concurrently(&mut clients, &target)?;
@@ -487,7 +459,7 @@ fn one_connection_per_endpoint_with_one_waiting(mesh: &Mesh) -> Result<()> {
 /// the previous one's connection): 10 requests reach v1 over 5 upstream connections, each
 /// a peer (source port) of its own at mesh-echo, each carrying exactly 2 requests.
 fn connections_are_replaced_after_max_requests(mesh: &Mesh) -> Result<()> {
-    let mut c = Client::connect(mesh, "perconn")?;
+    let mut c = connect(mesh, "perconn")?;
     let mut peers: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..10 {
         let r = c.get(&format!("/conn/{i}"), &[])?;

@@ -29,12 +29,6 @@ const UNSUPPORTED_POLICY: [&str; 3] = ["tls", "tunnel", "proxyProtocol"];
 const UNSUPPORTED_LB: [&str; 2] = ["localityLbSetting", "warmupDurationSecs"];
 
 pub(super) fn destination_rule(obj: &Node<'_>, meta: Meta) -> FieldResult<DestinationRule> {
-    let created = obj
-        .get("metadata")?
-        .map(|m| m.opt_str("creationTimestamp"))
-        .transpose()?
-        .flatten()
-        .map(str::to_string);
     let spec = obj.required("spec")?;
     unsupported(&spec, &UNSUPPORTED_SPEC)?;
     spec.only(&["host", "trafficPolicy", "subsets"])?;
@@ -63,7 +57,7 @@ pub(super) fn destination_rule(obj: &Node<'_>, meta: Meta) -> FieldResult<Destin
     Ok(DestinationRule {
         name: meta.name,
         namespace: meta.namespace,
-        created,
+        created: meta.created,
         host,
         traffic_policy,
         subsets,

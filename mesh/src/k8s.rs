@@ -12,7 +12,9 @@
 //! them), `security.istio.io/v1` or `v1beta1` `PeerAuthentication`,
 //! `AuthorizationPolicy` and `RequestAuthentication` (JWT rules: `k8s/jwt.rs`), `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
 //! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses) and `HTTPRoute`
-//! (parents, matches, filters, weighted backends, timeouts: `k8s/route.rs`). Every other kind
+//! (parents, matches, filters, weighted backends, timeouts: `k8s/route.rs`),
+//! `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`) `DestinationRule` (subsets, load
+//! balancing, connection pool, outlier detection: `k8s/destination_rule.rs`). Every other kind
 //! is skipped with a debug log, so the same files can also carry Deployments and the like for
 //! other consumers.
 //!
@@ -20,6 +22,7 @@
 //! unknown fields, because a misspelt field silently changes what a policy matches.
 
 mod core;
+mod destination_rule;
 mod gateway;
 mod jwt;
 mod route;
@@ -38,8 +41,8 @@ use serde_yaml::Value;
 use tracing::debug;
 
 use crate::model::{
-    AuthorizationPolicy, Gateway, HttpRoute, Labels, Model, Namespace, NamespacedName,
-    PeerAuthentication, Pod, RequestAuthentication, Service,
+    AuthorizationPolicy, DestinationRule, Gateway, HttpRoute, Labels, Model, Namespace,
+    NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service,
 };
 use yaml::{FieldError, FieldResult, Node};
 
@@ -251,6 +254,7 @@ struct Loader {
     request_authentications: BTreeMap<NamespacedName, RequestAuthentication>,
     gateways: BTreeMap<NamespacedName, Gateway>,
     http_routes: Vec<HttpRoute>,
+    destination_rules: Vec<DestinationRule>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
 }
@@ -267,6 +271,7 @@ enum Kind {
     RequestAuthentication,
     Gateway,
     HttpRoute,
+    DestinationRule,
 }
 
 impl Kind {
@@ -290,6 +295,9 @@ impl Kind {
             }
             ("gateway.networking.k8s.io", "Gateway") => (Kind::Gateway, &["v1", "v1beta1"]),
             ("gateway.networking.k8s.io", "HTTPRoute") => (Kind::HttpRoute, &["v1", "v1beta1"]),
+            ("networking.istio.io", "DestinationRule") => {
+                (Kind::DestinationRule, &["v1", "v1beta1", "v1alpha3"])
+            }
             _ => return Ok(None),
         };
         if versions.contains(&version) {
@@ -315,6 +323,9 @@ struct Meta {
     uid: Option<String>,
     labels: Labels,
     annotations: Labels,
+    /// `creationTimestamp` (RFC 3339, so it orders as a string): the tie-breaker of routes
+    /// and DestinationRules.
+    created: Option<String>,
 }
 
 impl Meta {
@@ -439,6 +450,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.http_routes.push(route);
             }
+            Kind::DestinationRule => {
+                let dr = destination_rule::destination_rule(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.destination_rules.push(dr);
+            }
         }
         Ok(())
     }
@@ -473,6 +489,7 @@ impl Loader {
         )
         .with_gateways(self.gateways)
         .with_http_routes(self.http_routes)
+        .with_destination_rules(self.destination_rules)
         .with_request_authentications(self.request_authentications.into_values().collect())
     }
 }
@@ -549,6 +566,13 @@ fn metadata(obj: &Node<'_>, kind: Kind) -> FieldResult<Meta> {
         uid: meta.opt_str("uid")?.map(str::to_string),
         labels: meta.opt_string_map("labels")?,
         annotations: meta.opt_string_map("annotations")?,
+        // Read only where it decides something (core kinds ignore what they do not use).
+        created: match kind {
+            Kind::HttpRoute | Kind::DestinationRule => {
+                meta.opt_str("creationTimestamp")?.map(str::to_string)
+            }
+            _ => None,
+        },
     })
 }
 
@@ -576,3 +600,6 @@ mod route_tests;
 
 #[cfg(test)]
 mod jwt_tests;
+
+#[cfg(test)]
+mod destination_rule_tests;

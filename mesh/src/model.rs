@@ -11,6 +11,7 @@ use crate::identity::Identity;
 
 mod jwt;
 mod route;
+mod traffic;
 mod waypoint;
 
 pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
@@ -19,6 +20,12 @@ pub use route::{
     BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, ParentKind, ParentRef, PathMatch,
     PathModifier, Pattern, QueryMatch, RequestRedirect, RouteMatch, RouteRule, Scheme, Timeouts,
     UrlRewrite, ValueMatch,
+};
+
+pub use traffic::{
+    effective_policy, ConnectionPool, DestinationRule, EffectivePolicy, Ejection, HashKey,
+    LoadBalancer, OutlierDetection, PortTrafficPolicy, Subset, SubsetError, TrafficPolicy,
+    DEFAULT_MAX_RETRIES, MAX_EJECTION_TIME,
 };
 
 pub use waypoint::{
@@ -259,6 +266,9 @@ pub struct Model {
     pub http_routes: Vec<HttpRoute>,
     /// RequestAuthentications in (namespace, name) order.
     pub request_authentications: Vec<RequestAuthentication>,
+    /// DestinationRules, oldest first, then by namespace and name (see
+    /// [`Model::destination_rule_for`]).
+    pub destination_rules: Vec<DestinationRule>,
     #[serde(skip)]
     index: Index,
 }
@@ -308,6 +318,7 @@ impl Model {
             gateways: BTreeMap::new(),
             http_routes: Vec::new(),
             request_authentications: Vec::new(),
+            destination_rules: Vec::new(),
             index: Index::default(),
         };
         m.reindex();

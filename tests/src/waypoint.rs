@@ -2,9 +2,13 @@
 //! runs a waypoint: a pod labelled `gateway.networking.k8s.io/gateway-name=<gateway>` whose
 //! IP is the waypoint's address (see `mesh::model::waypoint`).
 //!
+//! Also the small keep-alive HTTP/1.1 [`Client`] the waypoint suites send requests with,
+//! and [`with_log`] to show the waypoint's log when a check fails.
+//!
 //! Kept out of `harness.rs` on purpose: only the public `Mesh` API is used, so the harness
 //! can start waypoints itself later by calling [`Mesh::spawn_waypoint`].
 
+use std::io::{BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::harness::Mesh;
-use crate::http::{self, HttpResponse};
+use crate::http::{self, read_response, HttpResponse};
 use crate::process::ChildGuard;
 use crate::spec::Pod;
 use crate::wait::wait_until;
@@ -124,4 +128,49 @@ impl Mesh {
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         http::request(&mut stream, "GET", &addr.to_string(), path, b"")
     }
+}
+
+/// One keep-alive HTTP/1.1 connection from a pod, for requests through a waypoint: the
+/// request target is sent exactly as written (so un-normalised paths reach the waypoint).
+pub struct Client {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(mesh: &Mesh, pod: &str, addr: SocketAddr) -> Result<Client> {
+        let stream = mesh.connect(pod, addr)?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Client { stream, reader })
+    }
+
+    /// `GET target` with extra headers.
+    pub fn get(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
+        let mut head = format!("GET {target} HTTP/1.1\r\nhost: echo\r\nuser-agent: e2e\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.stream
+            .write_all(head.as_bytes())
+            .with_context(|| format!("send GET {target}"))?;
+        read_response(&mut self.reader).with_context(|| format!("response to GET {target}"))
+    }
+
+    /// `GET target`, which must be answered 200 by mesh-echo: its JSON reply.
+    pub fn echo(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<serde_json::Value> {
+        let r = self.get(target, headers)?;
+        anyhow::ensure!(r.status == 200, "GET {target}: {} {}", r.status, r.text());
+        r.json()
+    }
+}
+
+/// `result`, with the last 40 lines of the waypoint's log added to an error.
+pub fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
+    result.map_err(|e| {
+        let log = wp.stderr();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        e.context(format!("last lines of the waypoint's log:\n{tail}"))
+    })
 }

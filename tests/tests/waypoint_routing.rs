@@ -8,14 +8,12 @@
 //! un-normalised).
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use e2e::http::{read_response, HttpResponse};
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, waypoint_pod};
+use e2e::waypoint::{gateway_yaml, waypoint_pod, with_log, Client};
 use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
 use serde_json::Value;
 
@@ -140,40 +138,6 @@ fn mesh(test: &str) -> Result<Mesh> {
         .build()
 }
 
-/// One keep-alive HTTP/1.1 connection from a pod.
-struct Client {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl Client {
-    fn connect(mesh: &Mesh, pod: &str, addr: SocketAddr) -> Result<Client> {
-        let stream = mesh.connect(pod, addr)?;
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(Client { stream, reader })
-    }
-
-    /// `GET target` (sent as written) with extra headers.
-    fn get(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
-        let mut head = format!("GET {target} HTTP/1.1\r\nhost: echo\r\nuser-agent: e2e\r\n");
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        self.stream
-            .write_all(head.as_bytes())
-            .with_context(|| format!("send GET {target}"))?;
-        read_response(&mut self.reader).with_context(|| format!("response to GET {target}"))
-    }
-
-    /// `GET target`, which must be answered 200 by mesh-echo: its JSON reply.
-    fn echo(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<Value> {
-        let r = self.get(target, headers)?;
-        anyhow::ensure!(r.status == 200, "GET {target}: {} {}", r.status, r.text());
-        r.json()
-    }
-}
-
 fn server(reply: &Value) -> String {
     reply["server"].as_str().unwrap_or_default().to_string()
 }
@@ -185,16 +149,6 @@ fn httproutes_route_split_rewrite_redirect_and_time_out_at_the_waypoint() -> Res
     let _v2 = mesh.spawn_echo("default/echo-v2", 8080, "echo-v2")?;
     let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
     with_log(&wp, routing_checks(&mesh, &wp))
-}
-
-/// `result`, with the end of the waypoint's log added to an error.
-fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
-    result.map_err(|e| {
-        let log = wp.stderr();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        e.context(format!("last lines of the waypoint's log:\n{tail}"))
-    })
 }
 
 fn routing_checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {

@@ -77,6 +77,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.upstream_idle_timeout,
             max_idle: cfg.max_idle_per_endpoint,
+            outlier_ejections: http_metrics.outlier_ejections.clone(),
         },
         certs.clone(),
     );

@@ -7,7 +7,9 @@
 
 use std::net::SocketAddr;
 
-use mesh::model::{Model, NamespacedName, Service, ServicePort};
+use mesh::model::{
+    effective_policy, EffectivePolicy, Model, NamespacedName, Service, ServicePort, SubsetError,
+};
 
 use crate::protocol::Declared;
 use crate::upstream::Endpoint;
@@ -80,6 +82,46 @@ pub struct Resolved<'m> {
     pub port: Option<&'m ServicePort>,
     /// Ready endpoints, in the model's order (round robin starts from an offset).
     pub endpoints: Vec<Endpoint>,
+}
+
+/// Why a resolved target has nothing to send a request to.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unselectable {
+    /// The subset is not defined (`503 NC`).
+    #[error(transparent)]
+    NoCluster(#[from] SubsetError),
+    /// No ready endpoint, or none in the subset (`503 UH`).
+    #[error("no ready endpoint")]
+    NoEndpoint,
+}
+
+impl Resolved<'_> {
+    /// The cluster these endpoints form with `subset`, as a waypoint in `client_ns` sees it:
+    /// its DestinationRule policy ([`effective_policy`]; defaults for a pod addressed
+    /// directly) and the endpoints in the subset (pod labels), never empty.
+    pub fn cluster(
+        self,
+        model: &Model,
+        client_ns: &str,
+        subset: Option<&str>,
+    ) -> Result<(EffectivePolicy, Vec<Endpoint>), Unselectable> {
+        let Some((svc, port)) = self.service.zip(self.port) else {
+            return match self.endpoints.is_empty() {
+                true => Err(Unselectable::NoEndpoint),
+                false => Ok((EffectivePolicy::default(), self.endpoints)),
+            };
+        };
+        let policy = effective_policy(model, client_ns, svc, port.port, subset)?;
+        let labels = subset.and_then(|name| {
+            let dr = model.destination_rule_for(client_ns, svc)?;
+            Some(dr.subset(name)?.labels.clone())
+        });
+        let eps = crate::balance::subset_endpoints(self.endpoints, labels.as_ref());
+        if eps.is_empty() {
+            return Err(Unselectable::NoEndpoint);
+        }
+        Ok((policy, eps))
+    }
 }
 
 impl Target {
@@ -201,6 +243,80 @@ spec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{port: 80}]}
 
     fn model() -> Model {
         load_docs(&[("mesh.yaml".to_string(), MESH.to_string())]).expect("valid mesh")
+    }
+
+    const RULE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: app}
+spec:
+  host: web
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+  subsets:
+  - {name: meshed, labels: {istio.io/use-waypoint: wp}}
+  - name: off
+    labels: {istio.io/dataplane-mode: none}
+    trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+  - {name: empty, labels: {app: nothing}}
+"#;
+
+    #[test]
+    fn subsets_pick_endpoints_by_pod_labels_and_their_policy() {
+        use mesh::model::LoadBalancer;
+        let m = load_docs(&[
+            ("mesh.yaml".to_string(), MESH.to_string()),
+            ("dr.yaml".to_string(), RULE.to_string()),
+        ])
+        .expect("valid mesh");
+        let web = Target::Service {
+            svc: NamespacedName::new("app", "web"),
+            port: 80,
+        };
+        let check = |subset: Option<&str>, want: Result<(LoadBalancer, Vec<&str>), &str>| {
+            let r = web.lookup(&m, "cluster.local").expect("web");
+            let got = r
+                .cluster(&m, "app", subset)
+                .map(|(p, eps)| {
+                    let names: Vec<String> = eps.into_iter().map(|e| e.pod.name).collect();
+                    (p.load_balancer, names)
+                })
+                .map_err(|e| e.to_string());
+            match (got, want) {
+                (Ok((lb, names)), Ok((want_lb, want_names))) => {
+                    assert_eq!(
+                        (lb, names),
+                        (
+                            want_lb,
+                            want_names.iter().map(|n| n.to_string()).collect::<Vec<_>>()
+                        ),
+                        "{subset:?}"
+                    )
+                }
+                (Err(e), Err(w)) => assert!(e.contains(w), "{subset:?}: {e}"),
+                (got, want) => panic!("{subset:?}: got {got:?}, want {want:?}"),
+            }
+        };
+        check(None, Ok((LoadBalancer::Random, vec!["web-1", "web-2"])));
+        check(Some("meshed"), Ok((LoadBalancer::Random, vec!["web-1"])));
+        check(Some("off"), Ok((LoadBalancer::LeastRequest, vec!["web-2"])));
+        check(Some("empty"), Err("no ready endpoint"));
+        check(Some("v9"), Err("subset \"v9\" is not defined"));
+        // No rule for the Service: defaults, and every subset is unknown.
+        let plain = model();
+        let r = web.lookup(&plain, "cluster.local").expect("web");
+        let (p, eps) = r.clone().cluster(&plain, "app", None).expect("default");
+        assert_eq!((p, eps.len()), (EffectivePolicy::default(), 2));
+        assert!(matches!(
+            r.cluster(&plain, "app", Some("v1")),
+            Err(Unselectable::NoCluster(_))
+        ));
+        // A pod addressed directly: its one endpoint, default policy.
+        let pod = Target::Workload {
+            pod: NamespacedName::new("app", "web-1"),
+            port: 8080,
+        };
+        let r = pod.lookup(&m, "cluster.local").expect("pod");
+        assert_eq!(r.cluster(&m, "app", None).map(|(_, e)| e.len()), Ok(1));
     }
 
     fn check(authority: &str, want: Result<&str, &str>) {

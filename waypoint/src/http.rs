@@ -20,16 +20,26 @@
 //!    here (301/302 + `Location`, nothing sent upstream); otherwise a backend picked by weight
 //!    for this request, request-header modifiers and `URLRewrite` applied, response-header
 //!    modifiers and timeouts kept for later;
-//! 5. **select**: the backend's ready endpoints from the current model, round robin per
-//!    request (so one long-lived HTTP/2 client is spread over all endpoints);
-//! 6. **connect**: a pooled upstream connection to the endpoint, the next endpoint when one
-//!    cannot be reached (the request has not been sent, so this is always safe);
+//! 5. **select**: the backend's ready endpoints from the current model and the cluster
+//!    (Service, port, subset) they form, with its DestinationRule policy
+//!    ([`mesh::model::effective_policy`]): an unknown subset → `503 NC`, the subset's
+//!    endpoints (pod labels; none → `503 UH`), the consistent-hash key of the request,
+//!    one of `http2MaxRequests` slots (else `503 UO`); then per attempt an endpoint from
+//!    [`crate::balance::Cluster::choose`] (round robin by default, per request, so one
+//!    long-lived HTTP/2 client is spread over all endpoints; ejected endpoints skipped,
+//!    all ejected → `503 UH`);
+//! 6. **connect**: a pooled upstream connection to the endpoint within the cluster's
+//!    connection limits (`maxConnections`, `http1MaxPendingRequests` → `503 UO`), the next
+//!    endpoint when one cannot be reached (the request has not been sent, so this is always
+//!    safe); each attempt's outcome goes to outlier detection
+//!    ([`crate::balance::Cluster::report`]);
 //! 7. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the backend port declares),
 //!    within `timeouts.backendRequest` for the attempt and `timeouts.request` from the
 //!    request's arrival (both until the response headers);
-//! 8. **respond**: hop-by-hop headers dropped, response-header modifiers applied (a
-//!    `101 Switching Protocols` to an upgrade request keeps `Upgrade`/`Connection` and the
-//!    two connections are spliced from then on: [`crate::upgrade`]); metrics
+//! 8. **respond**: hop-by-hop headers dropped, response-header modifiers applied (and a
+//!    generated consistent-hash cookie set; a `101 Switching Protocols` to an upgrade
+//!    request keeps `Upgrade`/`Connection` and the two connections are spliced from then on:
+//!    [`crate::upgrade`]); metrics
 //!    (`destination_service` = the backend used) and the access-log line (with the rule and
 //!    backend) are written when the response body ends (or the client goes away).
 //!
@@ -37,10 +47,11 @@
 //! policy (`DENY`, 403),
 //! no matching rule (`NR`, 404), no usable backend (`NC`, 500), no endpoint (`UH`, 503),
 //! connect failure (`UF`, 503), upstream reset before a response (`UC`, 503), timeout (`UT`,
-//! 504), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
+//! 504), connection-pool overflow (`UO`, 503), a request that cannot be forwarded
+//! (`BADREQ`, 400), downstream gone (`DC`).
 
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -65,14 +76,15 @@ use mesh::route::{
     NormalizedPath, RouteRequest, Routing, Selected,
 };
 
-use crate::destination::Target;
+use crate::balance::{self, hash_key, new_cookie_value, Active, Cluster, ClusterKey, RequestGuard};
+use crate::destination::{Target, Unselectable};
 use crate::inbound::rr_key;
 use crate::io::Io;
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, ConnCtx, Inputs};
 use crate::telemetry::{AccessLog, HttpMetrics, LabelInputs, ResponseFlag};
 use crate::upgrade;
-use crate::upstream::{Endpoint, UpBody, UpstreamProto};
+use crate::upstream::{Endpoint, UpBody, UpstreamError, UpstreamProto};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -85,6 +97,10 @@ pub const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-o
 /// (`x-mesh-*`, reserved for internal use) and the client-certificate header.
 const INTERNAL_HEADER_PREFIXES: [&str; 3] = ["x-envoy-", "x-istio-", "x-mesh-"];
 const INTERNAL_HEADERS: [&str; 1] = ["x-forwarded-client-cert"];
+
+/// The body of a `503 UO` (connection pool overflow), as Envoy writes it.
+const OVERFLOW_BODY: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
 /// Endpoints tried for one request before it fails with `UF`.
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -366,6 +382,9 @@ async fn handle(
     let mut upstream_authority = authority.clone();
     let mut response_mods: Vec<HeaderModifier> = Vec::new();
     let mut timeouts = Timeouts::default();
+    // The DestinationRule subset the backend names (VirtualService destinations; HTTPRoute
+    // backends have none).
+    let mut subset: Option<String> = None;
     if let Some((svc, port)) = resolved.as_ref().and_then(|r| r.service.zip(r.port)) {
         let request = RouteRequest {
             host: &authority,
@@ -435,6 +454,7 @@ async fn handle(
                     svc: chosen.service.clone(),
                     port: chosen.port,
                 };
+                subset = chosen.subset.clone();
                 timeouts = rule.timeouts;
                 for filters in [&rule.filters, &chosen.filters] {
                     if let Some(m) = &filters.request_headers {
@@ -506,11 +526,8 @@ async fn handle(
     } else {
         proto
     };
-    let Some(resolved) = backend_resolved.filter(|r| !r.endpoints.is_empty()) else {
-        let reason = match &log.backend {
-            Some(b) => format!("no ready endpoint for backend {b}"),
-            None => format!("no ready endpoint for {}", ctx.authority),
-        };
+    let Some(resolved) = backend_resolved else {
+        let reason = format!("no ready endpoint for {}: not in the model", ctx.authority);
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             "no healthy upstream",
@@ -520,14 +537,73 @@ async fn handle(
             reason,
         );
     };
-    let eps = resolved.endpoints;
+    // The cluster (service, port, subset): its DestinationRule policy and endpoints.
     let host = resolved.service.map(|s| s.hostname());
+    let cluster_port = resolved.port.map_or(ctx.authority.port(), |p| p.port);
+    let (policy, eps) =
+        match resolved.cluster(&model, &inputs.cfg.gateway.namespace, subset.as_deref()) {
+            Ok(selected) => selected,
+            Err(Unselectable::NoCluster(e)) => {
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    Some(ResponseFlag::NoCluster),
+                    labels,
+                    log,
+                    e.to_string(),
+                )
+            }
+            Err(Unselectable::NoEndpoint) => {
+                let what = match (&log.backend, &subset) {
+                    (Some(b), Some(s)) => format!("backend {b} subset {s}"),
+                    (Some(b), None) => format!("backend {b}"),
+                    (None, _) => ctx.authority.to_string(),
+                };
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    Some(ResponseFlag::NoHealthyUpstream),
+                    labels,
+                    log,
+                    format!("no ready endpoint for {what}"),
+                );
+            }
+        };
     drop(model);
-    let start = inputs.upstreams.next_index(&rr_key(&backend));
+    let cluster = inputs.upstreams.clusters.cluster(
+        &ClusterKey {
+            service: rr_key(&backend),
+            port: cluster_port,
+            subset,
+        },
+        &policy,
+    );
+    let hash = hash_key(
+        &policy.load_balancer,
+        &parts.headers,
+        normalized.query.as_deref(),
+        ctx.remote_ip,
+        new_cookie_value,
+    );
+    let request_slot = match cluster.admit() {
+        Ok(slot) => slot,
+        Err(e) => {
+            tracing::info!(request_id = %log.request_id, error = %e, "connection pool overflow");
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                OVERFLOW_BODY,
+                Some(ResponseFlag::UpstreamOverflow),
+                labels,
+                log,
+                e.to_string(),
+            );
+        }
+    };
 
     // 6.-7. connect and send, within `timeouts.request` (from the request's arrival) and
     // `timeouts.backendRequest` (the attempt).
     let mut chosen = None;
+    let mut active = None;
     let build = || {
         upstream_request(
             parts,
@@ -541,13 +617,15 @@ async fn handle(
     let attempt = forward(
         inputs,
         ctx.local.ip(),
+        &cluster,
         &eps,
-        start,
+        hash.key,
         proto,
         host,
         timeouts.backend_request,
         build,
         &mut chosen,
+        &mut active,
     );
     let result = match timeouts.request {
         Some(limit) => {
@@ -565,7 +643,12 @@ async fn handle(
     }
     let mut response = match result {
         Ok(r) => r,
-        Err(f) => return local(f.status, f.body, Some(f.flag), labels, log, f.reason),
+        Err(f) => {
+            if f.flag == ResponseFlag::UpstreamOverflow {
+                tracing::info!(request_id = %log.request_id, reason = %f.reason, "connection pool overflow");
+            }
+            return local(f.status, f.body, Some(f.flag), labels, log, f.reason);
+        }
     };
     log.upstream = chosen.as_ref().map(|ep| ep.addr);
 
@@ -591,6 +674,9 @@ async fn handle(
     for m in &response_mods {
         modify_headers(&mut rsp.headers, m);
     }
+    if let Some(cookie) = hash.set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        rsp.headers.append(header::SET_COOKIE, cookie);
+    }
     rsp.version = Version::default();
     let status = rsp.status.as_u16();
     let grpc_status = rsp
@@ -608,6 +694,10 @@ async fn handle(
             grpc_status,
             log,
             req_bytes,
+            _held: Some(Held {
+                _request: request_slot,
+                _endpoint: active,
+            }),
         },
     );
     Response::from_parts(rsp, body)
@@ -632,38 +722,78 @@ impl Failure {
     }
 }
 
-/// Phases 4 and 5: a connection to one of `eps` (from `start`, the next endpoint when one
-/// cannot be reached: nothing has been sent yet, so this is always safe), then the request
-/// built by `request`, waiting at most `attempt_timeout` for the response headers. `chosen`
-/// is the endpoint last tried.
+/// Phases 6 and 7 for one request: an endpoint of `eps` chosen by `cluster` (hook 1,
+/// [`Cluster::choose`]: balancer, ejections, skipping endpoints already tried), a
+/// connection to it (the next endpoint when one cannot be reached: nothing has been sent
+/// yet, so this is always safe), then the request built by `request`, waiting at most
+/// `attempt_timeout` for the response headers; every attempt's outcome goes to outlier
+/// detection (hook 2, [`Cluster::report`]). `chosen` is the endpoint last tried, `active`
+/// counts the request as in flight to it (for `LEAST_REQUEST`) until dropped.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     inputs: &Arc<Inputs>,
     local_ip: IpAddr,
+    cluster: &Cluster,
     eps: &[Endpoint],
-    start: usize,
+    hash: Option<u64>,
     proto: UpstreamProto,
     host: Option<String>,
     attempt_timeout: Option<Duration>,
     request: impl FnOnce() -> Result<Request<UpBody>, String>,
     chosen: &mut Option<Endpoint>,
+    active: &mut Option<Active>,
 ) -> Result<Response<Incoming>, Failure> {
     let mut connected = None;
     let mut last = String::new();
-    for i in 0..eps.len().min(MAX_CONNECT_ATTEMPTS) {
-        let ep = &eps[(start + i) % eps.len()];
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let limits = cluster.conn_limits();
+    for _ in 0..eps.len().min(MAX_CONNECT_ATTEMPTS) {
+        let pick = match cluster.choose(eps, hash, &tried, Instant::now(), &mut rand::rng()) {
+            Ok(pick) => pick,
+            Err(e) if tried.is_empty() => {
+                return Err(Failure {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    body: "no healthy upstream",
+                    flag: ResponseFlag::NoHealthyUpstream,
+                    reason: format!("{}: {e}", cluster.name()),
+                })
+            }
+            Err(_) => break,
+        };
+        let ep = &eps[pick.index];
+        tried.push(ep.addr);
         *chosen = Some(ep.clone());
+        *active = Some(pick.active);
         match inputs
             .upstreams
-            .checkout(ep, proto, local_ip, host.clone())
+            .checkout_limited(ep, proto, local_ip, host.clone(), limits)
             .await
         {
             Ok(sender) => {
                 connected = Some((ep, sender));
                 break;
             }
+            Err(UpstreamError::Overflow { .. }) => {
+                return Err(Failure {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    body: OVERFLOW_BODY,
+                    flag: ResponseFlag::UpstreamOverflow,
+                    reason: format!(
+                        "{}: {} pending requests for a connection to {} (http1MaxPendingRequests)",
+                        cluster.name(),
+                        limits.max_pending.unwrap_or(0),
+                        ep.addr
+                    ),
+                })
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "endpoint failed");
+                cluster.report(
+                    ep.addr,
+                    balance::Outcome::ConnectFailure,
+                    eps.len(),
+                    Instant::now(),
+                );
                 last = e.to_string();
             }
         }
@@ -684,11 +814,28 @@ async fn forward(
     })?;
     let send = inputs.upstreams.send(ep, sender, req);
     let sent = match attempt_timeout {
-        Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| {
-            Failure::timeout(format!("backendRequest timeout {limit:?} at {}", ep.addr))
-        })?,
+        Some(limit) => match tokio::time::timeout(limit, send).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                cluster.report(
+                    ep.addr,
+                    balance::Outcome::Timeout,
+                    eps.len(),
+                    Instant::now(),
+                );
+                return Err(Failure::timeout(format!(
+                    "backendRequest timeout {limit:?} at {}",
+                    ep.addr
+                )));
+            }
+        },
         None => send.await,
     };
+    let outcome = match &sent {
+        Ok(rsp) => balance::Outcome::Status(rsp.status().as_u16()),
+        Err(_) => balance::Outcome::Reset,
+    };
+    cluster.report(ep.addr, outcome, eps.len(), Instant::now());
     sent.map_err(|e| Failure {
         status: StatusCode::SERVICE_UNAVAILABLE,
         body: "upstream connect error or disconnect/reset before headers",
@@ -849,6 +996,7 @@ fn local_reply(
             grpc_status: None,
             log,
             req_bytes: req_bytes.clone(),
+            _held: None,
         },
     );
     let mut rsp = Response::new(body);
@@ -902,6 +1050,14 @@ struct Finish {
     grpc_status: Option<String>,
     log: AccessLog,
     req_bytes: Arc<AtomicU64>,
+    /// Counted as in flight (cluster and endpoint) until the response ends.
+    _held: Option<Held>,
+}
+
+/// What a forwarded request holds until its response body ends.
+struct Held {
+    _request: RequestGuard,
+    _endpoint: Option<Active>,
 }
 
 impl Finish {

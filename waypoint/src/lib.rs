@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod balance;
 pub mod config;
 pub mod destination;
 pub mod http;

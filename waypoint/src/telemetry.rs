@@ -3,6 +3,8 @@
 //! - `istio_requests_total`, `istio_request_duration_milliseconds` (histogram, Istio's
 //!   buckets), `istio_request_bytes`, `istio_response_bytes` (histograms) with the standard
 //!   labels plus `response_code` and `grpc_response_status`;
+//! - `waypoint_outlier_ejections_total{cluster}`: DestinationRule outlier-detection
+//!   ejections (cluster = Envoy's `outbound|<port>|<subset>|<host>`);
 //! - one `access` log line per request.
 //!
 //! Registered in the same registry as the shared `mesh::metrics` families (TCP metrics for
@@ -21,6 +23,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::balance::ClusterLabels;
 
 /// The `reporter` label of everything a waypoint reports.
 pub const REPORTER: &str = "waypoint";
@@ -59,6 +63,9 @@ pub enum ResponseFlag {
     UpstreamTimeout,
     /// RequestAuthentication refused the request's JWT (401).
     JwtDenied,
+    /// A DestinationRule connection-pool limit was reached: `http2MaxRequests` in flight,
+    /// or `http1MaxPendingRequests` already waiting for a connection (503).
+    UpstreamOverflow,
 }
 
 impl ResponseFlag {
@@ -74,6 +81,7 @@ impl ResponseFlag {
             ResponseFlag::NoCluster => "NC",
             ResponseFlag::UpstreamTimeout => "UT",
             ResponseFlag::JwtDenied => "JWT",
+            ResponseFlag::UpstreamOverflow => "UO",
         }
     }
 }
@@ -115,6 +123,8 @@ pub struct HttpMetrics {
     response_bytes: Family<HttpLabels, Histogram, fn() -> Histogram>,
     jwt_rejected: Family<ReasonLabels, Counter>,
     jwks_fetches: Family<JwksFetchLabels, Counter>,
+    /// `waypoint_outlier_ejections_total{cluster}`, counted by [`crate::balance`].
+    pub outlier_ejections: Family<ClusterLabels, Counter>,
 }
 
 impl fmt::Debug for HttpMetrics {
@@ -141,6 +151,7 @@ impl HttpMetrics {
             response_bytes: Family::new_with_constructor(size_histogram),
             jwt_rejected: Family::default(),
             jwks_fetches: Family::default(),
+            outlier_ejections: Family::default(),
         };
         let registered = http.clone();
         let metrics = Metrics::new_with(move |r: &mut Registry| {
@@ -173,6 +184,11 @@ impl HttpMetrics {
                 "waypoint_jwks_fetches",
                 "Fetches of RequestAuthentication jwksUri documents, by result",
                 registered.jwks_fetches,
+            );
+            r.register(
+                "waypoint_outlier_ejections",
+                "Endpoints ejected by DestinationRule outlier detection, by cluster",
+                registered.outlier_ejections,
             );
         });
         (metrics, http)

@@ -8,11 +8,21 @@
 //! - HTTP/1.1 upstream connections (one tunnel each) return to an idle list when their
 //!   exchange has finished, at most `max_idle` per endpoint, closed after `idle_timeout`.
 //!   HTTP/2 upstream connections are shared by all requests to the endpoint.
+//! - Each cluster (Service, port, subset) has a pool of its own, as in Envoy.
+//! - DestinationRule connection-pool limits ([`ConnLimits`], per endpoint): at most
+//!   `tcp.maxConnections` HTTP/1.1 connections open (idle or busy); a request that finds
+//!   none free waits for one (at most [`MAX_PENDING_WAIT`]), with at most
+//!   `http1MaxPendingRequests` waiting, beyond that [`UpstreamError::Overflow`] (`503 UO`).
+//!   `maxRequestsPerConnection`: an HTTP/1.1 connection is closed after that many requests,
+//!   a shared HTTP/2 connection gets no new streams after that many (a fresh one is opened;
+//!   the old one closes when its streams end, so for a moment two may be open).
+//!   `tcp.connectTimeout` and `http.idleTimeout` replace the waypoint's defaults.
+//! - The balancer state of every cluster ([`Clusters`]) lives here too, beside the pool.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,10 +36,21 @@ use mesh::certs::CertManager;
 use mesh::hbone::{self, ConnectHeaders, HboneError, PoolKey, HBONE_PORT};
 use mesh::identity::Identity;
 use mesh::model::{Model, NamespacedName, Pod};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::Instrument;
 
+use crate::balance::{ClusterLabels, Clusters, ConnLimits};
 use crate::io::Io;
+
+/// Per-endpoint limit counters kept before idle ones are forgotten.
+const MAX_SLOT_ENTRIES: usize = 4096;
+
+/// Longest a request waits for a free HTTP/1.1 connection when `tcp.maxConnections` are
+/// open, before it is answered `503 UO`.
+pub const MAX_PENDING_WAIT: Duration = Duration::from_secs(30);
 
 /// The body of a request sent upstream.
 pub type UpBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -55,6 +76,10 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// `http1MaxPendingRequests` already wait for a connection, or none became free within
+    /// [`MAX_PENDING_WAIT`].
+    #[error("upstream {addr}: connection pool overflow ({why})")]
+    Overflow { addr: SocketAddr, why: &'static str },
 }
 
 /// One endpoint of a destination.
@@ -90,25 +115,75 @@ pub enum UpstreamProto {
 
 /// A connection to send one request on.
 pub enum Sender {
-    Http1(http1::SendRequest<UpBody>),
+    Http1(Http1Conn),
     Http2(http2::SendRequest<UpBody>),
+}
+
+/// An HTTP/1.1 upstream connection and what its limits need.
+pub struct Http1Conn {
+    key: Key,
+    sender: http1::SendRequest<UpBody>,
+    /// Holds one of `tcp.maxConnections` while the connection lives.
+    slot: Option<ConnSlot>,
+    /// Requests sent on it so far.
+    served: u32,
+    max_requests: Option<u32>,
+    idle_timeout: Duration,
+}
+
+/// Open-connection and waiting-request counts of one endpoint.
+#[derive(Default)]
+struct Slots {
+    open: AtomicU32,
+    pending: AtomicU32,
+    /// Woken when a connection closes or becomes idle.
+    freed: Notify,
+}
+
+/// One open connection of `tcp.maxConnections`.
+struct ConnSlot(Arc<Slots>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// One request waiting for a connection.
+struct Pending(Arc<Slots>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
     addr: SocketAddr,
     identity: Option<Identity>,
+    /// The cluster's pool ([`ConnLimits::pool`]): clusters do not share connections, so
+    /// one cluster's limits count only its own.
+    pool: u64,
 }
 
 struct Idle {
-    sender: http1::SendRequest<UpBody>,
+    conn: Http1Conn,
     since: Instant,
+}
+
+/// A shared HTTP/2 connection and the streams opened on it.
+struct Shared {
+    sender: http2::SendRequest<UpBody>,
+    streams: u32,
 }
 
 #[derive(Default)]
 struct Conns {
     http1: HashMap<Key, Vec<Idle>>,
-    http2: HashMap<Key, http2::SendRequest<UpBody>>,
+    http2: HashMap<Key, Shared>,
+    slots: HashMap<Key, Arc<Slots>>,
 }
 
 /// Settings of [`Upstreams`].
@@ -119,6 +194,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
+    /// Where outlier-detection ejections are counted.
+    pub outlier_ejections: Family<ClusterLabels, Counter>,
 }
 
 /// Opens and pools upstream connections. Shared as `Arc<Upstreams>`.
@@ -128,6 +205,8 @@ pub struct Upstreams {
     hbone: hbone::Pool,
     conns: Mutex<Conns>,
     round_robin: Mutex<HashMap<NamespacedName, Arc<AtomicUsize>>>,
+    /// Balancer state per (service, port, subset).
+    pub clusters: Clusters,
 }
 
 // === impl Upstreams ===
@@ -138,12 +217,14 @@ impl Upstreams {
             connect_timeout: cfg.connect_timeout,
             ..hbone::PoolConfig::default()
         });
+        let clusters = Clusters::new(cfg.outlier_ejections.clone());
         Arc::new(Upstreams {
             cfg,
             certs,
             hbone,
             conns: Mutex::default(),
             round_robin: Mutex::default(),
+            clusters,
         })
     }
 
@@ -173,8 +254,19 @@ impl Upstreams {
         local_ip: IpAddr,
         service_host: Option<String>,
     ) -> Result<Box<dyn Io>, UpstreamError> {
+        self.connect_within(ep, local_ip, service_host, self.cfg.connect_timeout)
+            .await
+    }
+
+    /// [`Upstreams::connect`] with its own connect timeout (`tcp.connectTimeout`).
+    async fn connect_within(
+        &self,
+        ep: &Endpoint,
+        local_ip: IpAddr,
+        service_host: Option<String>,
+        timeout: Duration,
+    ) -> Result<Box<dyn Io>, UpstreamError> {
         let addr = ep.addr;
-        let timeout = self.cfg.connect_timeout;
         let Some(dst) = &ep.identity else {
             let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
                 .await
@@ -229,14 +321,43 @@ impl Upstreams {
         local_ip: IpAddr,
         service_host: Option<String>,
     ) -> Result<Sender, UpstreamError> {
+        self.checkout_limited(ep, proto, local_ip, service_host, ConnLimits::default())
+            .await
+    }
+
+    /// [`Upstreams::checkout`] within a DestinationRule's connection-pool `limits` (see the
+    /// module docs).
+    pub async fn checkout_limited(
+        self: &Arc<Self>,
+        ep: &Endpoint,
+        proto: UpstreamProto,
+        local_ip: IpAddr,
+        service_host: Option<String>,
+        limits: ConnLimits,
+    ) -> Result<Sender, UpstreamError> {
         let key = Key {
             addr: ep.addr,
             identity: ep.identity.clone(),
+            pool: limits.pool,
         };
-        if let Some(sender) = self.pooled(&key, proto) {
-            return Ok(sender);
-        }
-        let io = TokioIo::new(self.connect(ep, local_ip, service_host).await?);
+        let idle_timeout = limits.idle_timeout.unwrap_or(self.cfg.idle_timeout);
+        let slot = match proto {
+            UpstreamProto::Http2 => {
+                if let Some(sender) = self.pooled_h2(&key, limits.max_requests_per_connection) {
+                    return Ok(Sender::Http2(sender));
+                }
+                None
+            }
+            UpstreamProto::Http1 => match self.http1_slot(&key, limits).await? {
+                Ok(conn) => return Ok(Sender::Http1(conn)),
+                Err(slot) => slot,
+            },
+        };
+        let timeout = limits.connect_timeout.unwrap_or(self.cfg.connect_timeout);
+        let io = TokioIo::new(
+            self.connect_within(ep, local_ip, service_host, timeout)
+                .await?,
+        );
         let addr = ep.addr;
         let span = tracing::debug_span!("upstream_conn", %addr, ?proto);
         match proto {
@@ -254,7 +375,14 @@ impl Upstreams {
                     }
                     .instrument(span),
                 );
-                Ok(Sender::Http1(sender))
+                Ok(Sender::Http1(Http1Conn {
+                    key: key.clone(),
+                    sender,
+                    slot,
+                    served: 0,
+                    max_requests: limits.max_requests_per_connection,
+                    idle_timeout,
+                }))
             }
             UpstreamProto::Http2 => {
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -273,60 +401,128 @@ impl Upstreams {
                     }
                     .instrument(span),
                 );
-                self.conns().http2.insert(key, sender.clone());
+                self.conns().http2.insert(
+                    key,
+                    Shared {
+                        sender: sender.clone(),
+                        streams: 1,
+                    },
+                );
                 Ok(Sender::Http2(sender))
             }
         }
     }
 
-    fn pooled(&self, key: &Key, proto: UpstreamProto) -> Option<Sender> {
-        let mut conns = self.conns();
-        match proto {
-            UpstreamProto::Http2 => {
-                let sender = conns.http2.get(key)?;
-                if sender.is_closed() {
-                    conns.http2.remove(key);
-                    return None;
-                }
-                Some(Sender::Http2(sender.clone()))
+    /// An idle HTTP/1.1 connection (`Ok(Ok)`), or leave to open a new one (`Ok(Err)`, with
+    /// its `tcp.maxConnections` slot when limited), waiting while the limit is reached.
+    async fn http1_slot(
+        &self,
+        key: &Key,
+        limits: ConnLimits,
+    ) -> Result<Result<Http1Conn, Option<ConnSlot>>, UpstreamError> {
+        let Some(max) = limits.max_connections else {
+            return Ok(self.pooled_h1(key).ok_or(None));
+        };
+        let slots = {
+            let mut conns = self.conns();
+            if conns.slots.len() >= MAX_SLOT_ENTRIES {
+                // Endpoints come and go: forget those without a connection or a waiter.
+                conns.slots.retain(|_, s| Arc::strong_count(s) > 1);
             }
-            UpstreamProto::Http1 => {
-                let idle = conns.http1.get_mut(key)?;
-                while let Some(entry) = idle.pop() {
-                    if entry.since.elapsed() < self.cfg.idle_timeout
-                        && !entry.sender.is_closed()
-                        && entry.sender.is_ready()
-                    {
-                        return Some(Sender::Http1(entry.sender));
-                    }
+            conns.slots.entry(key.clone()).or_default().clone()
+        };
+        let deadline = tokio::time::Instant::now() + MAX_PENDING_WAIT;
+        let mut waiting: Option<Pending> = None;
+        loop {
+            let freed = slots.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(conn) = self.pooled_h1(key) {
+                return Ok(Ok(conn));
+            }
+            let took = slots
+                .open
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok();
+            if took {
+                return Ok(Err(Some(ConnSlot(slots.clone()))));
+            }
+            if waiting.is_none() {
+                let limit = limits.max_pending.unwrap_or(u32::MAX);
+                let queued = slots
+                    .pending
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < limit).then_some(n + 1)
+                    })
+                    .is_ok();
+                if !queued {
+                    return Err(UpstreamError::Overflow {
+                        addr: key.addr,
+                        why: "http1MaxPendingRequests requests already wait",
+                    });
                 }
-                None
+                waiting = Some(Pending(slots.clone()));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(UpstreamError::Overflow {
+                    addr: key.addr,
+                    why: "no connection became free in time",
+                });
             }
         }
+    }
+
+    fn pooled_h2(&self, key: &Key, max_streams: Option<u32>) -> Option<http2::SendRequest<UpBody>> {
+        let mut conns = self.conns();
+        let shared = conns.http2.get_mut(key)?;
+        let spent = max_streams.is_some_and(|max| shared.streams >= max);
+        if shared.sender.is_closed() || spent {
+            // Spent: new streams go to a fresh connection; this one closes when its
+            // streams end and the last sender is dropped.
+            conns.http2.remove(key);
+            return None;
+        }
+        shared.streams = shared.streams.saturating_add(1);
+        Some(shared.sender.clone())
+    }
+
+    fn pooled_h1(&self, key: &Key) -> Option<Http1Conn> {
+        let mut conns = self.conns();
+        let idle = conns.http1.get_mut(key)?;
+        while let Some(entry) = idle.pop() {
+            if entry.since.elapsed() < entry.conn.idle_timeout
+                && !entry.conn.sender.is_closed()
+                && entry.conn.sender.is_ready()
+            {
+                return Some(entry.conn);
+            }
+        }
+        None
     }
 
     /// Sends `req` on `sender`; an HTTP/1.1 connection goes back to the idle list once the
     /// exchange (including the response body) has finished.
     pub async fn send(
         self: &Arc<Self>,
-        ep: &Endpoint,
+        // The connection knows its endpoint; kept so callers read the same.
+        _ep: &Endpoint,
         sender: Sender,
         req: Request<UpBody>,
     ) -> Result<Response<Incoming>, hyper::Error> {
         match sender {
             Sender::Http2(mut s) => s.send_request(req).await,
-            Sender::Http1(mut s) => {
-                let response = s.send_request(req);
-                let key = Key {
-                    addr: ep.addr,
-                    identity: ep.identity.clone(),
-                };
+            Sender::Http1(mut conn) => {
+                let response = conn.sender.send_request(req);
+                conn.served = conn.served.saturating_add(1);
+                let key = conn.key.clone();
                 let this = self.clone();
                 tokio::spawn(async move {
                     // Resolves once the response body has been read to its end; an error
                     // means the connection is gone and is simply dropped.
-                    if s.ready().await.is_ok() {
-                        this.checkin(key, s);
+                    if conn.sender.ready().await.is_ok() {
+                        this.checkin(key, conn);
                     }
                 });
                 response.await
@@ -334,15 +530,27 @@ impl Upstreams {
         }
     }
 
-    fn checkin(&self, key: Key, sender: http1::SendRequest<UpBody>) {
-        let mut conns = self.conns();
-        let idle = conns.http1.entry(key).or_default();
-        idle.retain(|e| e.since.elapsed() < self.cfg.idle_timeout && !e.sender.is_closed());
-        if idle.len() < self.cfg.max_idle {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+    fn checkin(&self, key: Key, conn: Http1Conn) {
+        if conn.max_requests.is_some_and(|max| conn.served >= max) {
+            // maxRequestsPerConnection: dropping it closes the connection (and frees its
+            // slot).
+            return;
+        }
+        let freed = conn.slot.as_ref().map(|s| s.0.clone());
+        {
+            let mut conns = self.conns();
+            let idle = conns.http1.entry(key).or_default();
+            idle.retain(|e| e.since.elapsed() < e.conn.idle_timeout && !e.conn.sender.is_closed());
+            if idle.len() < self.cfg.max_idle {
+                idle.push(Idle {
+                    conn,
+                    since: Instant::now(),
+                });
+            }
+        }
+        // A request waiting for a connection may take this one.
+        if let Some(slots) = freed {
+            slots.freed.notify_one();
         }
     }
 

@@ -43,12 +43,6 @@ pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 pub const MAX_REGEXES_PER_ROUTE: usize = 128;
 
 pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
-    let created = obj
-        .get("metadata")?
-        .map(|m| m.opt_str("creationTimestamp"))
-        .transpose()?
-        .flatten()
-        .map(str::to_string);
     let spec = obj.required("spec")?;
     spec.only(&["parentRefs", "hostnames", "rules"])?;
     let mut parents = Vec::new();
@@ -77,7 +71,7 @@ pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
     Ok(HttpRoute {
         name: meta.name,
         namespace: meta.namespace,
-        created,
+        created: meta.created,
         parents,
         hostnames,
         rules,

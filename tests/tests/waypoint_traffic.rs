@@ -1,0 +1,475 @@
+//! DestinationRule at the waypoint, end to end: three mesh-echo pods (`v1` on n1, `v2` and
+//! `v3` on n2) serve several Services, each labelled `istio.io/use-waypoint` and each with
+//! its own DestinationRule, so one waypoint (on n2) shows every policy without reloads:
+//!
+//! - `hash`: `consistentHash.httpHeaderName: x-user` (a user sticks to one pod, users spread);
+//! - `sticky`: `consistentHash.httpCookie` with a `ttl` (the waypoint sets the cookie);
+//! - `spread`: `LEAST_REQUEST` (sequential requests reach every pod);
+//! - `outlier`: `consecutive5xxErrors: 3` (the pod answering 503 is ejected, the rest
+//!   answer everything);
+//! - `pool`: `http2MaxRequests: 1` (concurrent slow requests overflow with `503 UO`);
+//! - `conns` (pod v1 only): `tcp.maxConnections: 1`, `http1MaxPendingRequests: 1` (one
+//!   request waits for the one connection, the rest overflow);
+//! - `perconn` (pod v1 only): `maxRequestsPerConnection: 2` (a new upstream connection every
+//!   two requests, seen by mesh-echo as a new peer).
+//!
+//! A malformed DestinationRule is refused and the last good rules stay in force.
+//! Requests come from a client pod on n1 over keep-alive HTTP/1.1 connections.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use e2e::prom;
+use e2e::waypoint::{gateway_yaml, waypoint_pod, with_log, Client};
+use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
+use serde_json::Value;
+
+const CLIENT: &str = "default/client";
+const WAYPOINT: &str = "default/waypoint";
+
+/// Each Service and its VIP (all select the three pods, `conns` and `perconn` only v1).
+const SERVICES: [(&str, &str); 7] = [
+    ("hash", "10.96.0.30"),
+    ("sticky", "10.96.0.31"),
+    ("spread", "10.96.0.32"),
+    ("outlier", "10.96.0.33"),
+    ("pool", "10.96.0.34"),
+    ("conns", "10.96.0.35"),
+    ("perconn", "10.96.0.36"),
+];
+
+const RULES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hash, namespace: default}
+spec:
+  host: hash
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: sticky, namespace: default}
+spec:
+  host: sticky.default.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpCookie: {name: sticky, path: /, ttl: 60s}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: spread, namespace: default}
+spec:
+  host: spread
+  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: outlier, namespace: default}
+spec:
+  host: outlier
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 5m}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pool, namespace: default}
+spec:
+  host: pool
+  trafficPolicy:
+    connectionPool: {http: {http2MaxRequests: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: conns, namespace: default}
+spec:
+  host: conns
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: perconn, namespace: default}
+spec:
+  host: perconn
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {maxRequestsPerConnection: 2}}
+"#;
+
+fn mesh(test: &str) -> Result<Mesh> {
+    let mut b = Mesh::builder(test)
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(waypoint_pod("default", "waypoint", "n2"));
+    for (name, node) in [("v1", "n1"), ("v2", "n2"), ("v3", "n2")] {
+        b = b.pod(
+            Pod::new("default", name)
+                .on(node)
+                .service_account("echo")
+                .labels([("app", "echo"), ("version", name)]),
+        );
+    }
+    for (name, vip) in SERVICES {
+        let selector = if name == "conns" || name == "perconn" {
+            ("version", "v1")
+        } else {
+            ("app", "echo")
+        };
+        b = b.service(
+            Service::new("default", name)
+                .vip(vip)
+                .named_port("http", 80, 8080)
+                .selector([selector])
+                .labels([("istio.io/use-waypoint", "waypoint")]),
+        );
+    }
+    b.yaml(
+        "waypoint.yaml",
+        &gateway_yaml("default", "waypoint", "service"),
+    )
+    .yaml("rules.yaml", RULES)
+    .build()
+}
+
+fn vip(service: &str) -> Result<SocketAddr> {
+    let (_, ip) = SERVICES
+        .iter()
+        .find(|(n, _)| *n == service)
+        .context("unknown service")?;
+    Ok(format!("{ip}:80").parse()?)
+}
+
+/// A keep-alive connection from the client pod to `service`.
+fn connect(mesh: &Mesh, service: &str) -> Result<Client> {
+    Client::connect(mesh, CLIENT, vip(service)?)
+}
+
+/// The mesh-echo server that answered `GET target` with 200.
+fn server_of(c: &mut Client, target: &str, headers: &[(&str, &str)]) -> Result<String> {
+    Ok(server(&c.echo(target, headers)?))
+}
+
+fn server(reply: &Value) -> String {
+    reply["server"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn destination_rules_balance_eject_and_limit_at_the_waypoint() -> Result<()> {
+    let mesh = mesh("waypoint_traffic")?;
+    let _echo: Vec<ChildGuard> = ["v1", "v2", "v3"]
+        .into_iter()
+        .map(|n| mesh.spawn_echo(&format!("default/{n}"), 8080, n))
+        .collect::<Result<_>>()?;
+    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+    with_log(&wp, checks(&mesh, &wp))
+}
+
+fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
+    consistent_hash_on_a_header(mesh)?;
+    consistent_hash_on_a_generated_cookie(mesh)?;
+    least_request_reaches_every_pod(mesh)?;
+    outlier_detection_ejects_the_failing_pod(mesh)?;
+    connection_pool_overflow_answers_503_uo(mesh)?;
+    one_connection_per_endpoint_with_one_waiting(mesh)?;
+    connections_are_replaced_after_max_requests(mesh)?;
+    a_bad_rule_keeps_the_last_good_rules(mesh, wp)
+}
+
+/// The same `x-user` reaches the same pod every time; different users spread.
+fn consistent_hash_on_a_header(mesh: &Mesh) -> Result<()> {
+    let mut c = connect(mesh, "hash")?;
+    let first = server_of(&mut c, "/who", &[("x-user", "alice")])?;
+    for i in 0..50 {
+        let s = server_of(&mut c, &format!("/who/{i}"), &[("x-user", "alice")])?;
+        assert_eq!(s, first, "request {i} of alice moved");
+    }
+    let mut by_user = BTreeMap::new();
+    for u in 0..20 {
+        let user = format!("user-{u}");
+        by_user.insert(
+            user.clone(),
+            server_of(&mut c, "/who", &[("x-user", &user)])?,
+        );
+    }
+    let pods: BTreeSet<&String> = by_user.values().collect();
+    eprintln!("hash: 20 users on {pods:?}");
+    assert!(pods.len() >= 2, "20 users all on one pod: {by_user:?}");
+    // Asked again, each user is where it was.
+    for (user, pod) in &by_user {
+        assert_eq!(
+            &server_of(&mut c, "/again", &[("x-user", user)])?,
+            pod,
+            "{user}"
+        );
+    }
+    Ok(())
+}
+
+/// No cookie: the waypoint picks a pod and sets `sticky`; with it, the same pod answers.
+fn consistent_hash_on_a_generated_cookie(mesh: &Mesh) -> Result<()> {
+    let mut c = connect(mesh, "sticky")?;
+    let r = c.get("/first", &[])?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let set = r
+        .header("set-cookie")
+        .context("a set-cookie for the generated cookie")?
+        .to_string();
+    assert!(set.starts_with("sticky=\""), "{set}");
+    assert!(
+        set.contains("Max-Age=60") && set.contains("Path=/"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap_or_default().to_string();
+    let pinned = server_of(&mut c, "/pinned", &[("cookie", &cookie)])?;
+    for i in 0..20 {
+        let r = c.get(&format!("/pinned/{i}"), &[("cookie", &cookie)])?;
+        assert_eq!(r.status, 200);
+        assert!(r.header("set-cookie").is_none(), "no new cookie when sent");
+        assert_eq!(server(&r.json()?), pinned, "request {i} moved");
+    }
+    Ok(())
+}
+
+/// LEAST_REQUEST over idle pods is two random choices: every pod gets requests.
+fn least_request_reaches_every_pod(mesh: &Mesh) -> Result<()> {
+    let mut c = connect(mesh, "spread")?;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..60 {
+        *counts
+            .entry(server_of(&mut c, &format!("/spread/{i}"), &[])?)
+            .or_default() += 1;
+    }
+    eprintln!("least request: {counts:?}");
+    assert_eq!(
+        counts.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["v1", "v2", "v3"],
+        "{counts:?}"
+    );
+    Ok(())
+}
+
+/// v2 answers 503 (`?status=503&only=v2`); after 3 in a row it is ejected, and the next 30
+/// requests all reach v1 or v3 and get 200.
+fn outlier_detection_ejects_the_failing_pod(mesh: &Mesh) -> Result<()> {
+    let mut c = connect(mesh, "outlier")?;
+    let target = "/flaky?status=503&only=v2";
+    let mut failures = 0;
+    let mut sent = 0;
+    // Round robin: every third request reaches v2 until it is ejected at its third 503.
+    while failures < 3 {
+        anyhow::ensure!(
+            sent < 30,
+            "v2 failed only {failures} times in {sent} requests"
+        );
+        let r = c.get(target, &[])?;
+        sent += 1;
+        if r.status == 503 {
+            assert_eq!(server(&r.json()?), "v2", "only v2 fails");
+            failures += 1;
+        }
+    }
+    let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+    assert_eq!(
+        prom::sum(
+            &metrics,
+            "waypoint_outlier_ejections_total",
+            &[("cluster", "outbound|80||outlier.default.svc.cluster.local")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..30 {
+        let r = c.get(target, &[])?;
+        assert_eq!(
+            r.status,
+            200,
+            "request {i} after the ejection: {}",
+            r.text()
+        );
+        *counts.entry(server(&r.json()?)).or_default() += 1;
+    }
+    eprintln!("outlier: after {sent} requests v2 was ejected; then {counts:?}");
+    assert!(!counts.contains_key("v2"), "{counts:?}");
+    assert_eq!(counts.len(), 2, "v1 and v3 share the load: {counts:?}");
+    Ok(())
+}
+
+/// `http2MaxRequests: 1` and 6 concurrent requests that each take 500 ms: one at a time is
+/// let through, the others are answered `503` with flag `UO`, and the waypoint's
+/// `istio_requests_total{response_flags="UO"}` counts exactly those.
+fn connection_pool_overflow_answers_503_uo(mesh: &Mesh) -> Result<()> {
+    const CONCURRENT: usize = 6;
+    let mut clients: Vec<Client> = (0..CONCURRENT)
+        .map(|_| connect(mesh, "pool"))
+        .collect::<Result<_>>()?;
+    // One request on each connection first, so the tunnels are open before the race.
+    for c in &mut clients {
+        server_of(c, "/warm", &[])?;
+    }
+    let statuses: Vec<(u16, String)> = concurrently(&mut clients, "/slow?delay_ms=500")?
+        .into_iter()
+        .map(|(status, body, _)| (status, body))
+        .collect();
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    let overflowed: Vec<&String> = statuses
+        .iter()
+        .filter(|(s, _)| *s == 503)
+        .map(|(_, body)| body)
+        .collect();
+    eprintln!("pool: {ok} answered, {} overflowed", overflowed.len());
+    assert_eq!(ok + overflowed.len(), CONCURRENT, "{statuses:?}");
+    assert!(ok >= 1, "{statuses:?}");
+    assert!(!overflowed.is_empty(), "{statuses:?}");
+    for body in &overflowed {
+        assert!(body.contains("overflow"), "{body}");
+    }
+    // The metric is written when the response ends: it matches once every response is in.
+    let host = "pool.default.svc.cluster.local";
+    wait_until(
+        "istio_requests_total{response_flags=UO} to count the 503s",
+        Duration::from_secs(5),
+        || {
+            let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+            let uo = prom::sum(
+                &metrics,
+                "istio_requests_total",
+                &[
+                    ("response_flags", "UO"),
+                    ("response_code", "503"),
+                    ("destination_service", host),
+                ],
+            );
+            Ok(uo == overflowed.len() as f64)
+        },
+    )?;
+    // Sequential requests fit in the limit.
+    let c = &mut clients[0];
+    for i in 0..5 {
+        server_of(c, &format!("/after/{i}"), &[])?;
+    }
+    Ok(())
+}
+
+/// A DestinationRule the translator refuses leaves the last good rules in place.
+fn a_bad_rule_keeps_the_last_good_rules(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
+    mesh.write_yaml(
+        "rules-bad.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: bad, namespace: default}\n\
+         spec: {host: hash, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}\n",
+    )?;
+    wait_until(
+        "the waypoint to reject the bad DestinationRule",
+        Duration::from_secs(10),
+        || {
+            let log = wp.stderr();
+            Ok(log.contains("config rejected")
+                && log.contains("rules-bad.yaml doc 1: DestinationRule default/bad"))
+        },
+    )?;
+    let mut c = connect(mesh, "hash")?;
+    let first = server_of(&mut c, "/who", &[("x-user", "bob")])?;
+    for _ in 0..10 {
+        assert_eq!(server_of(&mut c, "/who", &[("x-user", "bob")])?, first);
+    }
+    Ok(())
+}
+
+/// `GET target` on every client at once: status, body and how long each took.
+fn concurrently(clients: &mut [Client], target: &str) -> Result<Vec<(u16, String, Duration)>> {
+    let start = Barrier::new(clients.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter_mut()
+            .map(|c| {
+                let start = &start;
+                s.spawn(move || -> Result<(u16, String, Duration)> {
+                    start.wait();
+                    let sent = Instant::now();
+                    let r = c.get(target, &[])?;
+                    Ok((r.status, r.text(), sent.elapsed()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+}
+
+/// `tcp.maxConnections: 1` and `http1MaxPendingRequests: 1` to the one pod of `conns`, 4
+/// concurrent requests of 400 ms: one goes out on the connection, one waits for it (and
+/// so takes at least two delays), the others are answered `503 UO` at once.
+fn one_connection_per_endpoint_with_one_waiting(mesh: &Mesh) -> Result<()> {
+    const CONCURRENT: usize = 4;
+    const DELAY: Duration = Duration::from_millis(400);
+    let mut clients: Vec<Client> = (0..CONCURRENT)
+        .map(|_| connect(mesh, "conns"))
+        .collect::<Result<_>>()?;
+    for c in &mut clients {
+        assert_eq!(server_of(c, "/warm", &[])?, "v1");
+    }
+    let target = format!("/slow?delay_ms={}", DELAY.as_millis());
+    let results = concurrently(&mut clients, &target)?;
+    let ok: Vec<Duration> = results
+        .iter()
+        .filter(|(s, _, _)| *s == 200)
+        .map(|(_, _, took)| *took)
+        .collect();
+    let overflowed: Vec<&(u16, String, Duration)> =
+        results.iter().filter(|(s, _, _)| *s == 503).collect();
+    eprintln!(
+        "conns: answered after {ok:?}, {} overflowed",
+        overflowed.len()
+    );
+    assert_eq!(ok.len() + overflowed.len(), CONCURRENT, "{results:?}");
+    assert!(ok.len() >= 2, "one sent, one waiting: {results:?}");
+    assert!(!overflowed.is_empty(), "{results:?}");
+    for (_, body, took) in &overflowed {
+        assert!(body.contains("overflow"), "{body}");
+        assert!(
+            *took < DELAY,
+            "an overflow is answered at once, not after {took:?}"
+        );
+    }
+    // One connection: the answered requests went out one after another, the n-th
+    // answered after at least n delays.
+    let mut ok = ok;
+    ok.sort();
+    for (i, took) in ok.iter().enumerate() {
+        let least = DELAY * (i as u32 + 1) - Duration::from_millis(50);
+        assert!(*took >= least, "answer {i} after {took:?}: {ok:?}");
+    }
+    Ok(())
+}
+
+/// `maxRequestsPerConnection: 2` (and one connection at a time, so each request waits for
+/// the previous one's connection): 10 requests reach v1 over 5 upstream connections, each
+/// a peer (source port) of its own at mesh-echo, each carrying exactly 2 requests.
+fn connections_are_replaced_after_max_requests(mesh: &Mesh) -> Result<()> {
+    let mut c = connect(mesh, "perconn")?;
+    let mut peers: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..10 {
+        let r = c.get(&format!("/conn/{i}"), &[])?;
+        anyhow::ensure!(r.status == 200, "request {i}: {} {}", r.status, r.text());
+        let reply = r.json()?;
+        let peer = reply["peer"].as_str().context("peer")?.to_string();
+        *peers.entry(peer).or_default() += 1;
+    }
+    eprintln!("perconn: {peers:?}");
+    assert_eq!(peers.len(), 5, "{peers:?}");
+    assert!(peers.values().all(|n| *n == 2), "{peers:?}");
+    Ok(())
+}

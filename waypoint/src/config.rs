@@ -78,11 +78,7 @@ pub struct Args {
     pub config_source: ConfigSource,
     /// Directory of Kubernetes YAML (the same one every ztunnel reads); watched. Needed with
     /// `--config-source dir`.
-    #[arg(
-        long,
-        env = "WAYPOINT_CONFIG_DIR",
-        required_if_eq("config_source", "dir")
-    )]
+    #[arg(long, env = "WAYPOINT_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
     /// CA directory: a plug-in CA in Istio's `cacerts` layout, or where the generated root lives.
     #[arg(long, env = "WAYPOINT_CA_DIR")]
@@ -136,6 +132,20 @@ pub struct Args {
     /// PEM roots trusted for `https` jwksUri besides the Mozilla roots (a private issuer).
     #[arg(long, env = "WAYPOINT_JWKS_CA_FILE")]
     pub jwks_ca_file: Option<PathBuf>,
+}
+
+impl Args {
+    /// Rules across flags that clap's attributes cannot state (`required_if_eq` ignores a
+    /// defaulted `--config-source`).
+    pub fn check(&self) -> Result<(), clap::Error> {
+        if self.config_source == ConfigSource::Dir && self.config_dir.is_none() {
+            return Err(<Args as clap::CommandFactory>::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--config-source dir (the default) needs --config-dir <DIR> (or WAYPOINT_CONFIG_DIR)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The settings as the rest of the waypoint sees them.
@@ -246,10 +256,8 @@ mod tests {
             "--ca-dir",
             "/ca",
         ];
-        assert!(
-            Args::try_parse_from(base).is_err(),
-            "dir without --config-dir"
-        );
+        let dir = Args::try_parse_from(base).expect("parses");
+        assert!(dir.check().is_err(), "dir without --config-dir");
         let kube = Args::try_parse_from(base.iter().copied().chain(["--config-source", "kube"]))
             .expect("kube needs no directory");
         assert_eq!(Config::from(&kube).config_source, ConfigSource::Kube);

@@ -6,6 +6,9 @@ use waypoint::config::{Args, Config, LogFormat};
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Err(e) = args.check() {
+        e.exit();
+    }
     init_logging(args.log_format);
     let cfg = Config::from(&args);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -12,7 +12,9 @@
 //! them), `security.istio.io/v1` or `v1beta1` `PeerAuthentication`,
 //! `AuthorizationPolicy` and `RequestAuthentication` (JWT rules: `k8s/jwt.rs`), `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
 //! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses) and `HTTPRoute`
-//! (parents, matches, filters, weighted backends, timeouts: `k8s/route.rs`). Every other kind
+//! (parents, matches, filters, weighted backends, timeouts, mirrors: `k8s/route.rs`), and
+//! `networking.istio.io/v1`, `v1beta1` or `v1alpha3` `VirtualService` (mesh HTTP routes,
+//! retries, faults, mirrors: `k8s/virtual_service.rs`). Every other kind
 //! is skipped with a debug log, so the same files can also carry Deployments and the like for
 //! other consumers.
 //!
@@ -24,6 +26,7 @@ mod gateway;
 mod jwt;
 mod route;
 mod security;
+mod virtual_service;
 mod yaml;
 
 use std::collections::hash_map::DefaultHasher;
@@ -39,7 +42,7 @@ use tracing::debug;
 
 use crate::model::{
     AuthorizationPolicy, Gateway, HttpRoute, Labels, Model, Namespace, NamespacedName,
-    PeerAuthentication, Pod, RequestAuthentication, Service,
+    PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
 };
 use yaml::{FieldError, FieldResult, Node};
 
@@ -251,6 +254,7 @@ struct Loader {
     request_authentications: BTreeMap<NamespacedName, RequestAuthentication>,
     gateways: BTreeMap<NamespacedName, Gateway>,
     http_routes: Vec<HttpRoute>,
+    virtual_services: Vec<VirtualService>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
 }
@@ -267,6 +271,7 @@ enum Kind {
     RequestAuthentication,
     Gateway,
     HttpRoute,
+    VirtualService,
 }
 
 impl Kind {
@@ -290,6 +295,9 @@ impl Kind {
             }
             ("gateway.networking.k8s.io", "Gateway") => (Kind::Gateway, &["v1", "v1beta1"]),
             ("gateway.networking.k8s.io", "HTTPRoute") => (Kind::HttpRoute, &["v1", "v1beta1"]),
+            ("networking.istio.io", "VirtualService") => {
+                (Kind::VirtualService, &["v1", "v1beta1", "v1alpha3"])
+            }
             _ => return Ok(None),
         };
         if versions.contains(&version) {
@@ -439,6 +447,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.http_routes.push(route);
             }
+            Kind::VirtualService => {
+                let vs = virtual_service::virtual_service(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.virtual_services.push(vs);
+            }
         }
         Ok(())
     }
@@ -473,6 +486,7 @@ impl Loader {
         )
         .with_gateways(self.gateways)
         .with_http_routes(self.http_routes)
+        .with_virtual_services(self.virtual_services)
         .with_request_authentications(self.request_authentications.into_values().collect())
     }
 }
@@ -576,3 +590,6 @@ mod route_tests;
 
 #[cfg(test)]
 mod jwt_tests;
+
+#[cfg(test)]
+mod virtual_service_tests;

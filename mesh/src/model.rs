@@ -16,9 +16,10 @@ mod waypoint;
 pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
 
 pub use route::{
-    BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, ParentKind, ParentRef, PathMatch,
-    PathModifier, Pattern, QueryMatch, RequestRedirect, RouteMatch, RouteRule, Scheme, Timeouts,
-    UrlRewrite, ValueMatch,
+    AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters, HeaderMatch,
+    HeaderModifier, HttpRoute, Mirror, ParentKind, ParentRef, PathMatch, PathModifier, Pattern,
+    QueryMatch, RequestRedirect, RetryOn, RetryPolicy, RouteMatch, RouteRule, Scheme, Timeouts,
+    UrlRewrite, ValueMatch, VirtualService,
 };
 
 pub use waypoint::{
@@ -257,6 +258,9 @@ pub struct Model {
     /// HTTPRoutes, oldest first (`creationTimestamp`, routes without one last), then by
     /// namespace and name: the order the Gateway API settles equal matches by.
     pub http_routes: Vec<HttpRoute>,
+    /// VirtualServices, oldest first (`creationTimestamp`, those without one last), then by
+    /// namespace and name: for one Service host the first that names it applies.
+    pub virtual_services: Vec<VirtualService>,
     /// RequestAuthentications in (namespace, name) order.
     pub request_authentications: Vec<RequestAuthentication>,
     #[serde(skip)]
@@ -292,6 +296,7 @@ impl Model {
             authorization_policies,
             gateways: BTreeMap::new(),
             http_routes: Vec::new(),
+            virtual_services: Vec::new(),
             request_authentications: Vec::new(),
             index: Index::default(),
         };
@@ -321,6 +326,20 @@ impl Model {
     }
 
     /// The model with `request_authentications` (in the order given).
+    /// The model with `vs`, put in precedence order (see [`Model::virtual_services`]).
+    pub fn with_virtual_services(mut self, mut vs: Vec<VirtualService>) -> Self {
+        vs.sort_by(|a, b| {
+            (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
+                b.created.is_none(),
+                &b.created,
+                &b.namespace,
+                &b.name,
+            ))
+        });
+        self.virtual_services = vs;
+        self
+    }
+
     pub fn with_request_authentications(
         mut self,
         request_authentications: Vec<RequestAuthentication>,

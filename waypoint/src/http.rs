@@ -38,7 +38,7 @@
 //! 504), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
 
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -54,9 +54,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh::jwt::authn::{authenticate, output_headers, rules_for_waypoint, Outcome};
 use mesh::jwt::{JwtError, VERIFICATION_FAILED_BODY};
-use mesh::model::{HeaderModifier, JwksSource, Timeouts};
+use mesh::model::{AbortStatus, HeaderModifier, JwksSource, Mirror, RetryPolicy, Timeouts};
 use mesh::policy::l7::{authorize_l7, L7Request, DENIED_BODY};
 use mesh::policy::Decision;
+use mesh::resilience::{self, should_retry, AttemptOutcome};
 use mesh::route::{
     self, modify_headers, modify_path, normalize_path, pick_backend, redirect_location,
     NormalizedPath, RouteRequest, Routing, Selected,
@@ -65,10 +66,16 @@ use mesh::route::{
 use crate::destination::Target;
 use crate::inbound::rr_key;
 use crate::io::Io;
+use crate::mirror;
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, ConnCtx, Inputs};
 use crate::telemetry::{AccessLog, HttpMetrics, LabelInputs, ResponseFlag};
 use crate::upstream::{Endpoint, UpBody, UpstreamProto};
+
+/// The body of a fault-injected abort (Envoy's).
+pub const FAULT_ABORT_BODY: &str = "fault filter abort";
+/// Largest request body buffered for retries and mirrors (by its `content-length`).
+pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -213,6 +220,7 @@ async fn handle(
         path: raw_target.clone(),
         request_id,
         service: ctx.target.service_key().map(|k| k.to_string()),
+        attempts: 0,
         route: None,
         backend: None,
         upstream: None,
@@ -231,7 +239,7 @@ async fn handle(
         };
         local_reply(
             status,
-            body,
+            Bytes::from_static(body.as_bytes()),
             flag,
             labels,
             log,
@@ -354,6 +362,14 @@ async fn handle(
     let mut upstream_authority = authority.clone();
     let mut response_mods: Vec<HeaderModifier> = Vec::new();
     let mut timeouts = Timeouts::default();
+    // Istio gives every HTTP route a retry policy; a rule's own replaces it.
+    let mut retry_policy = RetryPolicy::default();
+    let mut fault = None;
+    let mut mirrors: Vec<Mirror> = Vec::new();
+    let service_port = resolved
+        .as_ref()
+        .and_then(|r| r.port)
+        .map_or(ctx.authority.port(), |p| p.port);
     if let Some((svc, port)) = resolved.as_ref().and_then(|r| r.service.zip(r.port)) {
         let request = RouteRequest {
             host: &authority,
@@ -361,6 +377,7 @@ async fn handle(
             path: &normalized.path,
             query: normalized.query.as_deref(),
             headers: &parts.headers,
+            source: labels.src_pod.as_ref(),
         };
         match route::route(&model, &inputs.cfg.gateway, svc, port, &request) {
             Routing::Default => {}
@@ -371,12 +388,33 @@ async fn handle(
                     Some(ResponseFlag::NoRoute),
                     labels,
                     log,
-                    "no HTTPRoute rule matches".to_string(),
+                    "no HTTPRoute or VirtualService rule matches".to_string(),
                 )
             }
             Routing::Matched(sel) => {
                 let rule = sel.rule;
                 log.route = Some(rule_label(&sel));
+                if let Some(direct) = &rule.filters.direct_response {
+                    let status = StatusCode::from_u16(direct.status)
+                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    let log = AccessLog {
+                        reason: Some("direct response".to_string()),
+                        ..log
+                    };
+                    let mut rsp = local_reply(
+                        status,
+                        direct.body.clone(),
+                        None,
+                        labels,
+                        log,
+                        &inputs.http_metrics,
+                        &req_bytes,
+                    );
+                    if let Some(m) = &rule.filters.response_headers {
+                        modify_headers(rsp.headers_mut(), m);
+                    }
+                    return rsp;
+                }
                 if let Some(redirect) = &rule.filters.redirect {
                     let location = redirect_location(
                         redirect,
@@ -406,7 +444,10 @@ async fn handle(
                     );
                 };
                 log.backend = Some(format!("{}:{}", chosen.service, chosen.port));
-                if chosen.service.namespace != sel.route.namespace {
+                // VirtualService destinations may name any namespace (Istio allows it).
+                if !sel.route.is_virtual_service()
+                    && chosen.service.namespace != sel.route.namespace()
+                {
                     // The Gateway API needs a ReferenceGrant for this; without support for
                     // them, refuse rather than let a route reach into any namespace.
                     return local(
@@ -419,11 +460,23 @@ async fn handle(
                             .to_string(),
                     );
                 }
+                // Port 0: a VirtualService destination without a port, the request's own.
+                let backend_port = if chosen.port == 0 {
+                    service_port
+                } else {
+                    chosen.port
+                };
+                log.backend = Some(format!("{}:{backend_port}", chosen.service));
                 backend = Target::Service {
                     svc: chosen.service.clone(),
-                    port: chosen.port,
+                    port: backend_port,
                 };
                 timeouts = rule.timeouts;
+                if let Some(r) = &rule.retries {
+                    retry_policy = r.clone();
+                }
+                fault = rule.fault.clone();
+                mirrors = rule.filters.mirrors.clone();
                 for filters in [&rule.filters, &chosen.filters] {
                     if let Some(m) = &filters.request_headers {
                         modify_headers(&mut parts.headers, m);
@@ -454,6 +507,23 @@ async fn handle(
                     }
                 }
             }
+        }
+    }
+
+    // 4b. faults (VirtualService `fault`): a delay, then maybe an abort.
+    let mut delayed = false;
+    if let Some(f) = &fault {
+        let decision = resilience::fault(
+            f,
+            rand::random::<f64>() * 100.0,
+            rand::random::<f64>() * 100.0,
+        );
+        if let Some(d) = decision.delay {
+            tokio::time::sleep(d).await;
+            delayed = true;
+        }
+        if let Some(abort) = decision.abort {
+            return fault_abort(abort, labels, log, &inputs.http_metrics, &req_bytes);
         }
     }
 
@@ -504,33 +574,68 @@ async fn handle(
     };
     let eps = resolved.endpoints;
     let host = resolved.service.map(|s| s.hostname());
+    let mirror_targets = mirror::targets(
+        &model,
+        &inputs.cfg.trust_domain,
+        &mirrors,
+        backend_port_of(&backend),
+    );
     drop(model);
     let start = inputs.upstreams.next_index(&rr_key(&backend));
 
-    // 6.-7. connect and send, within `timeouts.request` (from the request's arrival) and
-    // `timeouts.backendRequest` (the attempt).
-    let mut chosen = None;
-    let build = || {
-        upstream_request(
-            parts,
-            body,
+    // 6. the request body: buffered when small, so that it can be replayed by a retry and
+    // copied to mirrors; otherwise streamed once.
+    let mut body = match RequestBody::new(body, &parts.headers, req_bytes.clone()).await {
+        Ok(b) => b,
+        Err(e) => {
+            return local(
+                StatusCode::BAD_REQUEST,
+                "bad request",
+                Some(ResponseFlag::DownstreamClosed),
+                labels,
+                log,
+                format!("request body: {e}"),
+            )
+        }
+    };
+    let head = RequestHead {
+        method: parts.method.clone(),
+        headers: parts.headers.clone(),
+    };
+    for (target, percent) in mirror_targets {
+        if !resilience::selected(percent, rand::random::<f64>() * 100.0) {
+            continue;
+        }
+        mirror::spawn(
+            inputs,
+            ctx.local.ip(),
+            target,
+            &head,
+            body.replay(),
             &upstream_authority,
             &upstream_path,
-            proto,
-            req_bytes.clone(),
-        )
-    };
-    let attempt = forward(
+        );
+    }
+
+    // 7. connect and send, attempt by attempt (retries), within `timeouts.request` (from
+    // the request's arrival).
+    let mut chosen = None;
+    let mut attempts = 0;
+    let per_try = retry_policy.per_try_timeout.or(timeouts.backend_request);
+    let plan = Attempts {
         inputs,
-        ctx.local.ip(),
-        &eps,
+        local_ip: ctx.local.ip(),
+        backend: &backend,
+        eps: &eps,
         start,
         proto,
         host,
-        timeouts.backend_request,
-        build,
-        &mut chosen,
-    );
+        per_try,
+        policy: &retry_policy,
+        authority: &upstream_authority,
+        path: &upstream_path,
+    };
+    let attempt = forward(&plan, &head, &mut body, &mut chosen, &mut attempts);
     let result = match timeouts.request {
         Some(limit) => {
             let deadline = tokio::time::Instant::from_std(started) + limit;
@@ -541,11 +646,12 @@ async fn handle(
         }
         None => attempt.await,
     };
+    log.attempts = attempts;
     if let Some(ep) = &chosen {
         labels.dst_pod = Some(ep.pod.clone());
         labels.dst_identity = ep.identity.clone();
     }
-    let response = match result {
+    let (response, exhausted) = match result {
         Ok(r) => r,
         Err(f) => return local(f.status, f.body, Some(f.flag), labels, log, f.reason),
     };
@@ -570,7 +676,14 @@ async fn handle(
             metrics: inputs.http_metrics.clone(),
             labels,
             code: status,
-            flag: None,
+            // URX: retries ran out on a retriable response; DI: a fault delay was injected.
+            flag: if exhausted {
+                Some(ResponseFlag::RetryLimitExceeded)
+            } else if delayed {
+                Some(ResponseFlag::DelayInjected)
+            } else {
+                None
+            },
             grpc_status,
             log,
             req_bytes,
@@ -598,69 +711,262 @@ impl Failure {
     }
 }
 
-/// Phases 4 and 5: a connection to one of `eps` (from `start`, the next endpoint when one
-/// cannot be reached: nothing has been sent yet, so this is always safe), then the request
-/// built by `request`, waiting at most `attempt_timeout` for the response headers. `chosen`
-/// is the endpoint last tried.
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    inputs: &Arc<Inputs>,
+/// What stays the same across the attempts of one request.
+struct Attempts<'a> {
+    inputs: &'a Arc<Inputs>,
     local_ip: IpAddr,
-    eps: &[Endpoint],
+    backend: &'a Target,
+    eps: &'a [Endpoint],
+    /// Round-robin offset for this request.
     start: usize,
     proto: UpstreamProto,
     host: Option<String>,
-    attempt_timeout: Option<Duration>,
-    request: impl FnOnce() -> Result<Request<UpBody>, String>,
+    /// One attempt's limit (connect and response headers).
+    per_try: Option<Duration>,
+    policy: &'a RetryPolicy,
+    authority: &'a str,
+    path: &'a str,
+}
+
+/// Method and headers of the request as it goes upstream (cloned for each attempt).
+pub struct RequestHead {
+    pub method: http::Method,
+    pub headers: HeaderMap,
+}
+
+/// Phase 7: attempts, one endpoint each, until one gives a response that is not retried.
+/// A connect failure moves to the next endpoint (nothing was sent, always safe) up to
+/// [`MAX_CONNECT_ATTEMPTS`] endpoints, and beyond that counts as a retry; other failures
+/// and responses are retried when the policy's `retryOn` says so, retries remain and the
+/// body can be sent again, after a jittered exponential backoff. `Ok((response, true))`:
+/// the response is retriable but the retries ran out (`URX`).
+async fn forward(
+    plan: &Attempts<'_>,
+    head: &RequestHead,
+    body: &mut RequestBody,
     chosen: &mut Option<Endpoint>,
-) -> Result<Response<Incoming>, Failure> {
-    let mut connected = None;
-    let mut last = String::new();
-    for i in 0..eps.len().min(MAX_CONNECT_ATTEMPTS) {
-        let ep = &eps[(start + i) % eps.len()];
+    attempts: &mut u32,
+) -> Result<(Response<Incoming>, bool), Failure> {
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut retries = 0u32;
+    let mut free_connect_retries = MAX_CONNECT_ATTEMPTS.saturating_sub(1);
+    loop {
+        let ep = choose_endpoint(plan.backend, plan.eps, plan.start, &tried).clone();
+        tried.push(ep.addr);
         *chosen = Some(ep.clone());
-        match inputs
-            .upstreams
-            .checkout(ep, proto, local_ip, host.clone())
-            .await
+        *attempts += 1;
+        let result = attempt(plan, &ep, head, body).await;
+        let outcome = match &result {
+            Ok(rsp) => AttemptOutcome::Response {
+                status: rsp.status().as_u16(),
+                grpc_status: rsp
+                    .headers()
+                    .get(GRPC_STATUS)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+            },
+            Err((outcome, _)) => *outcome,
+        };
+        report_outcome(plan.inputs, plan.backend, &ep, &outcome);
+        let retriable = should_retry(&plan.policy.retry_on, &outcome);
+        let replayable = body.replayable();
+        if outcome == AttemptOutcome::ConnectFailure
+            && free_connect_retries > 0
+            && tried.len() < plan.eps.len().max(1)
         {
-            Ok(sender) => {
-                connected = Some((ep, sender));
-                break;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "endpoint failed");
-                last = e.to_string();
-            }
+            // Today's behaviour, independent of the policy: another endpoint at once.
+            free_connect_retries -= 1;
+            continue;
         }
+        let again = retriable && replayable && retries < plan.policy.attempts;
+        if !again {
+            return match result {
+                Ok(rsp) => {
+                    let exhausted =
+                        retriable && plan.policy.attempts > 0 && retries >= plan.policy.attempts;
+                    Ok((rsp, exhausted))
+                }
+                Err((_, f)) => Err(f),
+            };
+        }
+        retries += 1;
+        plan.inputs.http_metrics.retried(outcome.as_str());
+        tracing::debug!(retry = retries, outcome = outcome.as_str(), endpoint = %ep.addr, "retrying");
+        drop(result);
+        tokio::time::sleep(resilience::backoff(retries, rand::random::<f64>())).await;
     }
-    let Some((ep, sender)) = connected else {
-        return Err(Failure {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            body: "upstream connect error",
-            flag: ResponseFlag::UpstreamFailure,
-            reason: last,
-        });
+}
+
+/// Hook: the endpoint for the next attempt. Round robin from the request's offset,
+/// preferring an endpoint not tried yet by this request (all tried: round robin again).
+/// (DestinationRule load balancing and outlier detection choose here.)
+fn choose_endpoint<'e>(
+    _backend: &Target,
+    eps: &'e [Endpoint],
+    start: usize,
+    tried: &[SocketAddr],
+) -> &'e Endpoint {
+    let n = eps.len().max(1);
+    (0..n)
+        .map(|i| &eps[(start + i) % eps.len()])
+        .find(|ep| !tried.contains(&ep.addr))
+        .unwrap_or(&eps[(start + tried.len()) % eps.len()])
+}
+
+/// Hook: what one attempt at `ep` came to (DestinationRule outlier detection counts
+/// failures here). Logged at debug level.
+fn report_outcome(_inputs: &Inputs, backend: &Target, ep: &Endpoint, outcome: &AttemptOutcome) {
+    tracing::debug!(?backend, endpoint = %ep.addr, outcome = ?outcome, "upstream attempt");
+}
+
+/// One attempt at one endpoint: a pooled connection, then the request, waiting at most the
+/// per-try timeout for the response headers.
+async fn attempt(
+    plan: &Attempts<'_>,
+    ep: &Endpoint,
+    head: &RequestHead,
+    body: &mut RequestBody,
+) -> Result<Response<Incoming>, (AttemptOutcome, Failure)> {
+    let connect = plan
+        .inputs
+        .upstreams
+        .checkout(ep, plan.proto, plan.local_ip, plan.host.clone());
+    let connected = match plan.per_try {
+        Some(limit) => match tokio::time::timeout(limit, connect).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Err((
+                    AttemptOutcome::Timeout,
+                    Failure::timeout(format!(
+                        "per-try timeout {limit:?} connecting to {}",
+                        ep.addr
+                    )),
+                ))
+            }
+        },
+        None => connect.await,
     };
-    let req = request().map_err(|reason| Failure {
-        status: StatusCode::BAD_REQUEST,
-        body: "bad request",
-        flag: ResponseFlag::BadRequest,
-        reason,
+    let sender = connected.map_err(|e| {
+        tracing::debug!(error = %e, "endpoint failed");
+        (
+            AttemptOutcome::ConnectFailure,
+            Failure {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: "upstream connect error",
+                flag: ResponseFlag::UpstreamFailure,
+                reason: e.to_string(),
+            },
+        )
     })?;
-    let send = inputs.upstreams.send(ep, sender, req);
-    let sent = match attempt_timeout {
+    let Some(up_body) = body.take() else {
+        return Err((
+            AttemptOutcome::Reset,
+            Failure {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: "upstream connect error or disconnect/reset before headers",
+                flag: ResponseFlag::UpstreamReset,
+                reason: "the streamed request body was already sent".to_string(),
+            },
+        ));
+    };
+    let mut req = Request::new(up_body);
+    *req.method_mut() = head.method.clone();
+    *req.headers_mut() = head.headers.clone();
+    let req = upstream_request(req, plan.authority, plan.path, plan.proto).map_err(|reason| {
+        (
+            AttemptOutcome::Reset,
+            Failure {
+                status: StatusCode::BAD_REQUEST,
+                body: "bad request",
+                flag: ResponseFlag::BadRequest,
+                reason,
+            },
+        )
+    })?;
+    let send = plan.inputs.upstreams.send(ep, sender, req);
+    let sent = match plan.per_try {
         Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| {
-            Failure::timeout(format!("backendRequest timeout {limit:?} at {}", ep.addr))
+            (
+                AttemptOutcome::Timeout,
+                Failure::timeout(format!("per-try timeout {limit:?} at {}", ep.addr)),
+            )
         })?,
         None => send.await,
     };
-    sent.map_err(|e| Failure {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        body: "upstream connect error or disconnect/reset before headers",
-        flag: ResponseFlag::UpstreamReset,
-        reason: format!("upstream {}: {e}", ep.addr),
+    sent.map_err(|e| {
+        let refused = format!("{e:?}").contains("REFUSED_STREAM");
+        (
+            if refused {
+                AttemptOutcome::RefusedStream
+            } else {
+                AttemptOutcome::Reset
+            },
+            Failure {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: "upstream connect error or disconnect/reset before headers",
+                flag: ResponseFlag::UpstreamReset,
+                reason: format!("upstream {}: {e}", ep.addr),
+            },
+        )
     })
+}
+
+/// The Service port of a routed target (0 for a workload).
+fn backend_port_of(t: &Target) -> u16 {
+    match t {
+        Target::Service { port, .. } | Target::Workload { port, .. } => *port,
+    }
+}
+
+/// A fault abort: the HTTP status, or for a gRPC status HTTP 200 with `grpc-status`.
+fn fault_abort(
+    abort: AbortStatus,
+    labels: LabelInputs,
+    log: AccessLog,
+    metrics: &HttpMetrics,
+    req_bytes: &Arc<AtomicU64>,
+) -> Response<Observed> {
+    let log = AccessLog {
+        reason: Some("fault injected: abort".to_string()),
+        ..log
+    };
+    let body = Bytes::from_static(FAULT_ABORT_BODY.as_bytes());
+    match abort {
+        AbortStatus::Http(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            local_reply(
+                status,
+                body,
+                Some(ResponseFlag::FaultInjected),
+                labels,
+                log,
+                metrics,
+                req_bytes,
+            )
+        }
+        AbortStatus::Grpc(code) => {
+            let mut rsp = local_reply(
+                StatusCode::OK,
+                Bytes::new(),
+                Some(ResponseFlag::FaultInjected),
+                labels,
+                log,
+                metrics,
+                req_bytes,
+            );
+            let h = rsp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert(GRPC_STATUS, HeaderValue::from(code));
+            h.insert(
+                HeaderName::from_static("grpc-message"),
+                HeaderValue::from_static(FAULT_ABORT_BODY),
+            );
+            rsp
+        }
+    }
 }
 
 /// `ns/route/rule` for the access log (the rule's index when it has no name).
@@ -675,14 +981,13 @@ fn rule_label(sel: &Selected<'_>) -> String {
 
 /// The request as it goes upstream: origin-form URI and `Host` for HTTP/1.1, absolute URI
 /// (`:scheme`/`:authority`) for HTTP/2. `Err` when the result is not a valid request.
-fn upstream_request(
-    mut parts: http::request::Parts,
-    body: Incoming,
+pub(crate) fn upstream_request(
+    req: Request<UpBody>,
     authority: &str,
     path: &str,
     proto: UpstreamProto,
-    counter: Arc<AtomicU64>,
 ) -> Result<Request<UpBody>, String> {
+    let (mut parts, body) = req.into_parts();
     match proto {
         UpstreamProto::Http1 => {
             parts.version = Version::HTTP_11;
@@ -704,11 +1009,6 @@ fn upstream_request(
             parts.headers.remove(header::HOST);
         }
     }
-    let body = Counted {
-        inner: body,
-        counter,
-    }
-    .boxed_unsync();
     Ok(Request::from_parts(parts, body))
 }
 
@@ -793,7 +1093,7 @@ pub fn new_request_id() -> String {
 /// A reply the waypoint makes itself.
 fn local_reply(
     status: StatusCode,
-    body: &'static str,
+    body: Bytes,
     flag: Option<ResponseFlag>,
     labels: LabelInputs,
     log: AccessLog,
@@ -802,7 +1102,7 @@ fn local_reply(
 ) -> Response<Observed> {
     let flag_name = flag.map_or("-", ResponseFlag::as_str);
     tracing::debug!(%status, flag = flag_name, reason = log.reason.as_deref().unwrap_or("-"), "local reply");
-    let full = Full::new(Bytes::from_static(body.as_bytes()))
+    let full = Full::new(body)
         .map_err(|never: Infallible| match never {})
         .boxed_unsync();
     let body = Observed::new(
@@ -825,6 +1125,106 @@ fn local_reply(
 }
 
 // === bodies ===
+
+/// The request body as the attempts and mirrors see it.
+enum RequestBody {
+    /// Small (`content-length` up to [`MAX_BUFFERED_BODY`], or none): read whole, sent again
+    /// by each attempt and copied to mirrors.
+    Buffered {
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Large or of unknown length: streamed once; `None` once an attempt took it.
+    Streaming(Option<Counted>),
+}
+
+impl RequestBody {
+    async fn new(
+        body: Incoming,
+        headers: &HeaderMap,
+        counter: Arc<AtomicU64>,
+    ) -> Result<RequestBody, hyper::Error> {
+        let length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .or(body.size_hint().exact());
+        let small = body.is_end_stream() || length.is_some_and(|l| l <= MAX_BUFFERED_BODY);
+        let counted = Counted {
+            inner: body,
+            counter,
+        };
+        if !small {
+            return Ok(RequestBody::Streaming(Some(counted)));
+        }
+        let collected = counted.collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok(RequestBody::Buffered {
+            data: collected.to_bytes(),
+            trailers,
+        })
+    }
+
+    /// Whether another attempt can still send the body.
+    fn replayable(&self) -> bool {
+        match self {
+            RequestBody::Buffered { .. } => true,
+            RequestBody::Streaming(b) => b.is_some(),
+        }
+    }
+
+    /// The body for one attempt; `None` when a streamed body was already sent.
+    fn take(&mut self) -> Option<UpBody> {
+        match self {
+            RequestBody::Buffered { .. } => self.replay(),
+            RequestBody::Streaming(b) => b.take().map(BodyExt::boxed_unsync),
+        }
+    }
+
+    /// A copy of a buffered body (for a mirror); `None` for a streamed one.
+    fn replay(&self) -> Option<UpBody> {
+        match self {
+            RequestBody::Buffered { data, trailers } => Some(
+                Replay {
+                    data: (!data.is_empty()).then(|| data.clone()),
+                    trailers: trailers.clone(),
+                }
+                .boxed_unsync(),
+            ),
+            RequestBody::Streaming(_) => None,
+        }
+    }
+}
+
+/// A buffered body sent again: its data, then its trailers.
+pub struct Replay {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
 
 /// The downstream request body, counting its bytes for `istio_request_bytes`.
 struct Counted {

@@ -4,7 +4,8 @@
 //! response) to Service `echo-v1` (one pod, on n2) or `echo-v2` (one pod, on n1), retries
 //! failed attempts (Istio's default policy, `attempts: 0`, `perTryTimeout`), injects faults
 //! (abort and delay by percentage) and mirrors requests to `echo-mirror`, whose
-//! `GET /_requests` counts what it received by `Host`.
+//! `GET /_requests` counts what it received by `Host`. Service `web` has an HTTPRoute with a
+//! `RequestMirror` filter to the same mirror.
 //!
 //! Requests go over one keep-alive HTTP/1.1 connection from the client pod (as in
 //! `waypoint_routing.rs`); every wait is bounded (`wait_until`).
@@ -25,6 +26,7 @@ const CLIENT: &str = "default/client";
 const WAYPOINT: &str = "default/waypoint";
 const ECHO_VIP: &str = "10.96.0.30";
 const MIRROR_VIP: &str = "10.96.0.33";
+const WEB_VIP: &str = "10.96.0.34";
 const V1_HOST: &str = "echo-v1.default.svc.cluster.local";
 /// Weighted split: requests and the share echo-v1 must get (±5 points).
 const SPLIT_REQUESTS: usize = 2000;
@@ -39,6 +41,20 @@ const DELAY_REQUESTS: usize = 200;
 const DELAY: Duration = Duration::from_millis(100);
 const DELAY_TOLERANCE: f64 = 0.12;
 const MIRRORED_REQUESTS: usize = 50;
+const ROUTE_MIRRORED_REQUESTS: usize = 10;
+
+/// HTTPRoute `RequestMirror` for Service `web`.
+const ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: echo-mirror, port: 80}, percent: 100}}
+    backendRefs: [{name: echo-v2, port: 80}]
+"#;
 
 const VIRTUAL_SERVICE: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -152,7 +168,15 @@ fn mesh(test: &str) -> Result<Mesh> {
             "waypoint.yaml",
             &gateway_yaml("default", "waypoint", "service"),
         )
+        .service(
+            Service::new("default", "web")
+                .vip(WEB_VIP)
+                .named_port("http", 80, 8080)
+                .selector([("version", "v2")])
+                .labels([("istio.io/use-waypoint", "waypoint")]),
+        )
         .yaml("virtual-service.yaml", VIRTUAL_SERVICE)
+        .yaml("route.yaml", ROUTE)
         .build()
 }
 
@@ -160,23 +184,29 @@ fn mesh(test: &str) -> Result<Mesh> {
 struct Client {
     stream: TcpStream,
     reader: BufReader<TcpStream>,
+    /// The `host` header sent.
+    host: &'static str,
     /// Requests sent on this connection.
     sent: usize,
 }
 
 impl Client {
-    fn connect(mesh: &Mesh, pod: &str, addr: SocketAddr) -> Result<Client> {
+    fn connect(mesh: &Mesh, pod: &str, addr: SocketAddr, host: &'static str) -> Result<Client> {
         let stream = mesh.connect(pod, addr)?;
         let reader = BufReader::new(stream.try_clone()?);
         Ok(Client {
             stream,
             reader,
+            host,
             sent: 0,
         })
     }
 
     fn get(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
-        let mut head = format!("GET {target} HTTP/1.1\r\nhost: echo\r\nuser-agent: e2e\r\n");
+        let mut head = format!(
+            "GET {target} HTTP/1.1\r\nhost: {}\r\nuser-agent: e2e\r\n",
+            self.host
+        );
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -221,7 +251,7 @@ fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
 
 fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
     let vip: SocketAddr = format!("{ECHO_VIP}:80").parse()?;
-    let mut c = Client::connect(mesh, CLIENT, vip)?;
+    let mut c = Client::connect(mesh, CLIENT, vip, "echo")?;
 
     // Routing: the first matching http[] entry wins, in order (the header entry is listed
     // before the prefix one); a uri prefix is a plain string prefix.
@@ -327,20 +357,31 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         let reply = c.echo(&format!("/mirror/{i}"), &[])?;
         assert_eq!(server(&reply), "echo-v1", "{reply}");
     }
+    // The HTTPRoute RequestMirror filter does the same for Service `web`.
+    let web_vip: SocketAddr = format!("{WEB_VIP}:80").parse()?;
+    let mut w = Client::connect(mesh, CLIENT, web_vip, "web")?;
+    for i in 0..ROUTE_MIRRORED_REQUESTS {
+        let reply = w.echo(&format!("/web/{i}"), &[])?;
+        assert_eq!(server(&reply), "echo-v2", "{reply}");
+    }
     let mirror_vip: SocketAddr = format!("{MIRROR_VIP}:80").parse()?;
-    let mut m = Client::connect(mesh, CLIENT, mirror_vip)?;
+    let mut m = Client::connect(mesh, CLIENT, mirror_vip, "echo-mirror")?;
     let mut last = Value::Null;
     let counted = wait_until(
         "the mirror to count every mirrored request",
         Duration::from_secs(15),
         || {
             last = m.echo("/_requests", &[])?;
-            Ok(last["hosts"]["echo-shadow"].as_u64() == Some(MIRRORED_REQUESTS as u64))
+            Ok(
+                last["hosts"]["echo-shadow"].as_u64() == Some(MIRRORED_REQUESTS as u64)
+                    && last["hosts"]["web-shadow"].as_u64() == Some(ROUTE_MIRRORED_REQUESTS as u64),
+            )
         },
     );
     counted.with_context(|| format!("mirror saw {last}"))?;
     assert_eq!(
-        last["total"], MIRRORED_REQUESTS,
+        last["total"],
+        MIRRORED_REQUESTS + ROUTE_MIRRORED_REQUESTS,
         "only shadow copies: {last}"
     );
 
@@ -359,14 +400,20 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
 
     // Metrics: one istio_requests_total per client request (mirrors and retries are not
     // requests); flags for the faults, retries and their reasons.
-    let sent = c.sent as f64;
+    let sent = (c.sent + w.sent) as f64;
     let expected_aborts = aborted as f64;
     wait_until(
-        "istio_requests_total to count every request",
+        "istio_requests_total to count every request, and every mirror copy its answer",
         Duration::from_secs(10),
         || {
             let metrics = mesh.waypoint_metrics(WAYPOINT)?;
-            Ok(prom::sum(&metrics, "istio_requests_total", &[]) == sent)
+            let mirrored = prom::sum(
+                &metrics,
+                "waypoint_mirror_requests_total",
+                &[("result", "sent")],
+            );
+            Ok(prom::sum(&metrics, "istio_requests_total", &[]) == sent
+                && mirrored == (MIRRORED_REQUESTS + ROUTE_MIRRORED_REQUESTS) as f64)
         },
     )?;
     let metrics = mesh.waypoint_metrics(WAYPOINT)?;
@@ -411,7 +458,7 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
             "waypoint_mirror_requests_total",
             &[("result", "sent")]
         ),
-        MIRRORED_REQUESTS as f64,
+        (MIRRORED_REQUESTS + ROUTE_MIRRORED_REQUESTS) as f64,
         "{metrics}"
     );
     Ok(())

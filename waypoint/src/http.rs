@@ -366,6 +366,7 @@ async fn handle(
     let mut retry_policy = RetryPolicy::default();
     let mut fault = None;
     let mut mirrors: Vec<Mirror> = Vec::new();
+    let mut backend_subset: Option<String> = None;
     let service_port = resolved
         .as_ref()
         .and_then(|r| r.port)
@@ -476,6 +477,7 @@ async fn handle(
                     retry_policy = r.clone();
                 }
                 fault = rule.fault.clone();
+                backend_subset = chosen.subset.clone();
                 mirrors = rule.filters.mirrors.clone();
                 for filters in [&rule.filters, &chosen.filters] {
                     if let Some(m) = &filters.request_headers {
@@ -626,6 +628,7 @@ async fn handle(
         inputs,
         local_ip: ctx.local.ip(),
         backend: &backend,
+        subset: backend_subset.as_deref(),
         eps: &eps,
         start,
         proto,
@@ -716,6 +719,8 @@ struct Attempts<'a> {
     inputs: &'a Arc<Inputs>,
     local_ip: IpAddr,
     backend: &'a Target,
+    /// The DestinationRule subset the route named for this backend, if any.
+    subset: Option<&'a str>,
     eps: &'a [Endpoint],
     /// Round-robin offset for this request.
     start: usize,
@@ -751,7 +756,14 @@ async fn forward(
     let mut retries = 0u32;
     let mut free_connect_retries = MAX_CONNECT_ATTEMPTS.saturating_sub(1);
     loop {
-        let ep = choose_endpoint(plan.backend, plan.eps, plan.start, &tried).clone();
+        let Some(ep) = choose_endpoint(plan, &tried).cloned() else {
+            return Err(Failure {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: "no healthy upstream",
+                flag: ResponseFlag::NoHealthyUpstream,
+                reason: "no endpoint to try".to_string(),
+            });
+        };
         tried.push(ep.addr);
         *chosen = Some(ep.clone());
         *attempts += 1;
@@ -767,7 +779,7 @@ async fn forward(
             },
             Err((outcome, _)) => *outcome,
         };
-        report_outcome(plan.inputs, plan.backend, &ep, &outcome);
+        report_outcome(plan.inputs, plan, &ep, &outcome);
         let retriable = should_retry(&plan.policy.retry_on, &outcome);
         let replayable = body.replayable();
         if outcome == AttemptOutcome::ConnectFailure
@@ -797,26 +809,34 @@ async fn forward(
     }
 }
 
-/// Hook: the endpoint for the next attempt. Round robin from the request's offset,
-/// preferring an endpoint not tried yet by this request (all tried: round robin again).
-/// (DestinationRule load balancing and outlier detection choose here.)
-fn choose_endpoint<'e>(
-    _backend: &Target,
+/// Hook: the endpoint for the next attempt of the request `plan` describes (its backend,
+/// `subset`, endpoints and round-robin offset), given the endpoints `tried` so far (in
+/// order, repeats included). DestinationRule load balancing and outlier detection choose
+/// here. Today: [`next_endpoint`].
+fn choose_endpoint<'e>(plan: &Attempts<'e>, tried: &[SocketAddr]) -> Option<&'e Endpoint> {
+    next_endpoint(plan.eps, plan.start, tried)
+}
+
+/// Round robin from `start`, preferring an endpoint not tried yet (all tried: round robin
+/// on from where the tries left off). `None` only when there is no endpoint.
+fn next_endpoint<'e>(
     eps: &'e [Endpoint],
     start: usize,
     tried: &[SocketAddr],
-) -> &'e Endpoint {
-    let n = eps.len().max(1);
-    (0..n)
+) -> Option<&'e Endpoint> {
+    if eps.is_empty() {
+        return None;
+    }
+    (0..eps.len())
         .map(|i| &eps[(start + i) % eps.len()])
         .find(|ep| !tried.contains(&ep.addr))
-        .unwrap_or(&eps[(start + tried.len()) % eps.len()])
+        .or_else(|| eps.get((start + tried.len()) % eps.len()))
 }
 
 /// Hook: what one attempt at `ep` came to (DestinationRule outlier detection counts
 /// failures here). Logged at debug level.
-fn report_outcome(_inputs: &Inputs, backend: &Target, ep: &Endpoint, outcome: &AttemptOutcome) {
-    tracing::debug!(?backend, endpoint = %ep.addr, outcome = ?outcome, "upstream attempt");
+fn report_outcome(_inputs: &Inputs, plan: &Attempts<'_>, ep: &Endpoint, outcome: &AttemptOutcome) {
+    tracing::debug!(backend = ?plan.backend, subset = plan.subset.unwrap_or("-"), endpoint = %ep.addr, outcome = ?outcome, "upstream attempt");
 }
 
 /// One attempt at one endpoint: a pooled connection, then the request, waiting at most the
@@ -1361,6 +1381,84 @@ impl Drop for Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoints(n: usize) -> Vec<Endpoint> {
+        (0..n)
+            .map(|i| Endpoint {
+                pod: mesh::model::Pod {
+                    name: format!("p{i}"),
+                    namespace: "ns".to_string(),
+                    uid: None,
+                    service_account: "default".to_string(),
+                    node_name: None,
+                    ips: Vec::new(),
+                    labels: Default::default(),
+                    annotations: Default::default(),
+                    host_network: false,
+                    container_ports: Vec::new(),
+                    ready: true,
+                },
+                addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)),
+                identity: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attempts_prefer_endpoints_not_tried_yet() {
+        let eps = endpoints(3);
+        let addr = |i: usize| eps[i].addr;
+        let pick =
+            |start: usize, tried: &[SocketAddr]| next_endpoint(&eps, start, tried).map(|e| e.addr);
+        // (start, tried, expected)
+        assert_eq!(pick(0, &[]), Some(addr(0)));
+        assert_eq!(pick(1, &[]), Some(addr(1)));
+        assert_eq!(pick(1, &[addr(1)]), Some(addr(2)));
+        assert_eq!(pick(1, &[addr(1), addr(2)]), Some(addr(0)));
+        assert_eq!(pick(2, &[addr(2), addr(0)]), Some(addr(1)));
+        // All tried: round robin on.
+        assert_eq!(pick(0, &[addr(0), addr(1), addr(2)]), Some(addr(0)));
+        assert_eq!(
+            pick(0, &[addr(0), addr(1), addr(2), addr(0)]),
+            Some(addr(1))
+        );
+        let one = endpoints(1);
+        assert_eq!(
+            next_endpoint(&one, 5, &[one[0].addr]).map(|e| e.addr),
+            Some(one[0].addr),
+            "a single endpoint is retried"
+        );
+        assert!(next_endpoint(&[], 0, &[]).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_buffered_body_is_replayed_whole_with_its_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-timeout", HeaderValue::from_static("1S"));
+        let body = RequestBody::Buffered {
+            data: Bytes::from_static(b"hello"),
+            trailers: Some(trailers),
+        };
+        for _ in 0..2 {
+            let replay = body.replay().expect("buffered");
+            assert_eq!(replay.size_hint().exact(), Some(5));
+            let collected = replay.collect().await.expect("body");
+            assert_eq!(
+                collected
+                    .trailers()
+                    .and_then(|t| t.get("grpc-timeout"))
+                    .map(|v| v.as_bytes()),
+                Some(&b"1S"[..])
+            );
+            assert_eq!(collected.to_bytes(), Bytes::from_static(b"hello"));
+        }
+        assert!(body.replayable());
+        let empty = RequestBody::Buffered {
+            data: Bytes::new(),
+            trailers: None,
+        };
+        assert!(empty.replay().expect("buffered").is_end_stream());
+    }
 
     #[test]
     fn request_ids_are_version_4_uuids() {

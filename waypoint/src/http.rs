@@ -15,27 +15,42 @@
 //!    its payload written to `outputPayloadToHeader`;
 //! 3. **authorize**: L7 AuthorizationPolicy ([`mesh::policy::l7::authorize_l7`]) for this
 //!    waypoint and the destination Service; a denial is answered `403 RBAC: access denied`;
-//! 4. **route**: the HTTPRoute rule for the request ([`mesh::route::route`]): none attached →
-//!    the Service itself; attached but no rule matches → 404; a `RequestRedirect` is answered
-//!    here (301/302 + `Location`, nothing sent upstream); otherwise a backend picked by weight
-//!    for this request, request-header modifiers and `URLRewrite` applied, response-header
-//!    modifiers and timeouts kept for later;
-//! 5. **select**: the backend's ready endpoints from the current model, round robin per
-//!    request (so one long-lived HTTP/2 client is spread over all endpoints);
-//! 6. **connect**: a pooled upstream connection to the endpoint, the next endpoint when one
-//!    cannot be reached (the request has not been sent, so this is always safe);
-//! 7. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the backend port declares),
-//!    within `timeouts.backendRequest` for the attempt and `timeouts.request` from the
-//!    request's arrival (both until the response headers);
-//! 8. **respond**: hop-by-hop headers dropped, response-header modifiers applied; metrics
-//!    (`destination_service` = the backend used) and the access-log line (with the rule and
-//!    backend) are written when the response body ends (or the client goes away).
+//! 4. **route**: the HTTPRoute or VirtualService rule for the request
+//!    ([`mesh::route::route`]): none applies → the Service itself; one applies but no rule
+//!    matches → 404; a redirect or a VirtualService `directResponse` is answered here
+//!    (nothing sent upstream); otherwise a backend picked by weight for this request,
+//!    request-header modifiers and rewrites applied, response-header modifiers, timeouts,
+//!    the retry policy (Istio's default when the rule has none), fault and mirrors kept for
+//!    later;
+//! 5. **fault**: a VirtualService `fault` delay (flag `DI` on the response), then maybe an
+//!    abort (`FI`, body `fault filter abort`; a gRPC status as HTTP 200 + `grpc-status`),
+//!    decided by [`mesh::resilience::fault`];
+//! 6. **select**: the backend's ready endpoints from the current model;
+//! 7. **body**: a request body with `content-length` ≤ [`MAX_BUFFERED_BODY`] (or none) is
+//!    read whole so that retries can replay it and mirrors copy it; a larger one streams
+//!    once;
+//! 8. **mirror**: copies sent in the background ([`crate::mirror`]), never waited for;
+//! 9. **attempts** (`forward`): per attempt one endpoint (`choose_endpoint`: round
+//!    robin, endpoints not tried yet first), a pooled upstream connection, the request
+//!    (HTTP/1.1 or HTTP/2 as the backend port declares) within the per-try timeout
+//!    (`perTryTimeout`, else `timeouts.backendRequest`), the outcome reported
+//!    (`report_outcome`); a connect failure moves on to another endpoint at once (up to
+//!    [`MAX_CONNECT_ATTEMPTS`] endpoints: nothing was sent); other retriable outcomes
+//!    ([`mesh::resilience::should_retry`]) are retried after a jittered backoff while
+//!    retries remain and the body can be sent again; the route's `timeout`
+//!    (`timeouts.request`) bounds all attempts from the request's arrival; retries running
+//!    out on a retriable response pass it on with flag `URX`;
+//! 10. **respond**: hop-by-hop headers dropped, response-header modifiers applied; metrics
+//!     (`destination_service` = the backend used) and the access-log line (with the rule,
+//!     backend and attempts) are written when the response body ends (or the client goes
+//!     away).
 //!
 //! Errors are classified by where they come from ([`ResponseFlag`]): JWT (`JWT`, 401),
 //! policy (`DENY`, 403),
 //! no matching rule (`NR`, 404), no usable backend (`NC`, 500), no endpoint (`UH`, 503),
 //! connect failure (`UF`, 503), upstream reset before a response (`UC`, 503), timeout (`UT`,
-//! 504), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
+//! 504), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`),
+//! retries exhausted (`URX`), fault delay (`DI`) and abort (`FI`).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -512,7 +527,7 @@ async fn handle(
         }
     }
 
-    // 4b. faults (VirtualService `fault`): a delay, then maybe an abort.
+    // 5. fault (VirtualService `fault`): a delay, then maybe an abort.
     let mut delayed = false;
     if let Some(f) = &fault {
         let decision = resilience::fault(
@@ -529,7 +544,7 @@ async fn handle(
         }
     }
 
-    // 5. select: the ready endpoints of the backend.
+    // 6. select: the ready endpoints of the backend.
     let routed = backend != ctx.target;
     let (backend_resolved, proto) = if routed {
         let r = backend.lookup(&model, &inputs.cfg.trust_domain);
@@ -585,7 +600,7 @@ async fn handle(
     drop(model);
     let start = inputs.upstreams.next_index(&rr_key(&backend));
 
-    // 6. the request body: buffered when small, so that it can be replayed by a retry and
+    // 7. body: buffered when small, so that it can be replayed by a retry and
     // copied to mirrors; otherwise streamed once.
     let mut body = match RequestBody::new(body, &parts.headers, req_bytes.clone()).await {
         Ok(b) => b,
@@ -604,6 +619,7 @@ async fn handle(
         method: parts.method.clone(),
         headers: parts.headers.clone(),
     };
+    // 8. mirror: copies in the background.
     for (target, percent) in mirror_targets {
         if !resilience::selected(percent, rand::random::<f64>() * 100.0) {
             continue;
@@ -619,7 +635,7 @@ async fn handle(
         );
     }
 
-    // 7. connect and send, attempt by attempt (retries), within `timeouts.request` (from
+    // 9. attempts: connect and send, attempt by attempt (retries), within `timeouts.request` (from
     // the request's arrival).
     let mut chosen = None;
     let mut attempts = 0;
@@ -660,7 +676,7 @@ async fn handle(
     };
     log.upstream = chosen.as_ref().map(|ep| ep.addr);
 
-    // 8. respond
+    // 10. respond
     let (mut rsp, body) = response.into_parts();
     strip_hop_by_hop(&mut rsp.headers, false);
     for m in &response_mods {

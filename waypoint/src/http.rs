@@ -591,12 +591,7 @@ async fn handle(
     };
     let eps = resolved.endpoints;
     let host = resolved.service.map(|s| s.hostname());
-    let mirror_targets = mirror::targets(
-        &model,
-        &inputs.cfg.trust_domain,
-        &mirrors,
-        backend_port_of(&backend),
-    );
+    let mirror_targets = mirror::targets(&model, &inputs.cfg.trust_domain, &mirrors, service_port);
     drop(model);
     let start = inputs.upstreams.next_index(&rr_key(&backend));
 
@@ -945,13 +940,6 @@ async fn attempt(
             },
         )
     })
-}
-
-/// The Service port of a routed target (0 for a workload).
-fn backend_port_of(t: &Target) -> u16 {
-    match t {
-        Target::Service { port, .. } | Target::Workload { port, .. } => *port,
-    }
 }
 
 /// A fault abort: the HTTP status, or for a gRPC status HTTP 200 with `grpc-status`.
@@ -1474,6 +1462,52 @@ mod tests {
             trailers: None,
         };
         assert!(empty.replay().expect("buffered").is_end_stream());
+    }
+
+    fn access_log() -> AccessLog {
+        AccessLog {
+            started: Instant::now(),
+            src: SocketAddr::from(([10, 0, 0, 9], 40000)),
+            src_identity: None,
+            protocol: "HTTP/1.1",
+            method: "GET".to_string(),
+            authority: "echo".to_string(),
+            path: "/".to_string(),
+            request_id: "r".to_string(),
+            service: None,
+            attempts: 0,
+            route: None,
+            backend: None,
+            upstream: None,
+            reason: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn fault_aborts_answer_the_http_or_grpc_status() {
+        let (_registry, metrics) = HttpMetrics::new();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let rsp = fault_abort(
+            AbortStatus::Http(418),
+            LabelInputs::default(),
+            access_log(),
+            &metrics,
+            &bytes,
+        );
+        assert_eq!(rsp.status(), 418);
+        let body = rsp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, FAULT_ABORT_BODY.as_bytes());
+        let rsp = fault_abort(
+            AbortStatus::Grpc(14),
+            LabelInputs::default(),
+            access_log(),
+            &metrics,
+            &bytes,
+        );
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(rsp.headers()["grpc-status"], "14");
+        assert_eq!(rsp.headers()["content-type"], "application/grpc");
+        assert_eq!(rsp.headers()["grpc-message"], FAULT_ABORT_BODY);
     }
 
     #[test]

@@ -99,11 +99,10 @@ pub fn spawn(
         metrics.mirrored("skipped_body");
         return;
     };
-    if IN_FLIGHT.fetch_add(1, Ordering::AcqRel) >= MAX_MIRRORS_IN_FLIGHT {
-        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    let Some(slot) = Slot::acquire(&IN_FLIGHT, MAX_MIRRORS_IN_FLIGHT) else {
         metrics.mirrored("skipped_limit");
         return;
-    }
+    };
     let mut headers = head.headers.clone();
     let host = headers
         .get(header::HOST)
@@ -122,7 +121,7 @@ pub fn spawn(
     let span = tracing::debug_span!("mirror", service = %target.service);
     tokio::spawn(
         async move {
-            let _slot = Slot;
+            let _slot = slot;
             let result = match built {
                 Ok(req) => {
                     tokio::time::timeout(MIRROR_TIMEOUT, send(&inputs, local_ip, &target, req))
@@ -146,12 +145,22 @@ pub fn spawn(
     );
 }
 
-/// Gives the in-flight slot back when the mirror task ends, however it ends.
-struct Slot;
+/// One of `limit` places in flight; given back when the mirror task ends, however it ends.
+struct Slot(&'static AtomicUsize);
+
+impl Slot {
+    fn acquire(counter: &'static AtomicUsize, limit: usize) -> Option<Slot> {
+        if counter.fetch_add(1, Ordering::AcqRel) >= limit {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(counter))
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -176,4 +185,22 @@ async fn send(
     // Read to the end so an HTTP/1.1 connection can go back to the pool.
     rsp.into_body().collect().await.map_err(|e| e.to_string())?;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirrors_in_flight_are_bounded_and_slots_come_back() {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let a = Slot::acquire(&COUNTER, 2).expect("first");
+        let b = Slot::acquire(&COUNTER, 2).expect("second");
+        assert!(Slot::acquire(&COUNTER, 2).is_none(), "over the limit");
+        assert_eq!(COUNTER.load(Ordering::Acquire), 2);
+        drop(a);
+        let c = Slot::acquire(&COUNTER, 2).expect("a slot came back");
+        drop((b, c));
+        assert_eq!(COUNTER.load(Ordering::Acquire), 0);
+    }
 }

@@ -258,7 +258,10 @@ pub struct Filters {
 /// One `backendRefs` entry: a Service port and its weight.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendRef {
+    /// A VirtualService destination host that is not a Service name has an empty namespace
+    /// (no Service has one): routing there answers 500 `NC`.
     pub service: NamespacedName,
+    /// 0 = the port the request was for (a VirtualService destination without a port).
     pub port: u16,
     /// A `DestinationRule` subset of the Service (only a VirtualService destination names
     /// one); `None` = every endpoint.

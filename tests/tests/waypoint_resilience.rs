@@ -218,6 +218,23 @@ impl Client {
         read_response(&mut self.reader).with_context(|| format!("response to GET {target}"))
     }
 
+    /// `POST target` with `len` body bytes; mesh-echo's 200 JSON reply.
+    fn post(&mut self, target: &str, len: usize) -> Result<Value> {
+        let head = format!(
+            "POST {target} HTTP/1.1\r\nhost: {}\r\ncontent-length: {len}\r\n\r\n",
+            self.host
+        );
+        self.stream
+            .write_all(head.as_bytes())
+            .with_context(|| format!("send POST {target}"))?;
+        self.stream.write_all(&vec![b'x'; len])?;
+        self.sent += 1;
+        let r = read_response(&mut self.reader)
+            .with_context(|| format!("response to POST {target}"))?;
+        anyhow::ensure!(r.status == 200, "POST {target}: {} {}", r.status, r.text());
+        r.json()
+    }
+
     fn echo(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<Value> {
         let r = self.get(target, headers)?;
         anyhow::ensure!(r.status == 200, "GET {target}: {} {}", r.status, r.text());
@@ -293,6 +310,16 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
     let r = c.get("/retry-default?fail_first=3&key=default-3", &[])?;
     assert_eq!(r.status, 200, "the fourth request with the key passes");
 
+    // A small body is buffered and sent again by the retry; a large one (over 64 KiB) is
+    // streamed, so a 503 after it was sent is not retried.
+    let reply = c.post("/retry-default?fail_first=1&key=post-small", 1000)?;
+    assert_eq!(reply["body_bytes"], 1000, "{reply}");
+    let reply = c.post("/retry-default?key=post-large-ok", 200 * 1024)?;
+    assert_eq!(reply["body_bytes"], 200 * 1024, "{reply}");
+    let r = c.post("/retry-default?fail_first=1&key=post-large", 200 * 1024);
+    let err = r.expect_err("the streamed body's 503 reaches the client");
+    assert!(format!("{err:#}").contains("503"), "{err:#}");
+
     // perTryTimeout: the first attempt would answer after 2 s; the waypoint gives up on it
     // at 300 ms and the second attempt answers at once.
     let before = Instant::now();
@@ -348,8 +375,12 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
     let share = slow as f64 / DELAY_REQUESTS as f64;
     assert!(
         (share - 0.5).abs() <= DELAY_TOLERANCE,
-        "delayed {slow} of {DELAY_REQUESTS}"
+        "slower than the delay: {slow} of {DELAY_REQUESTS}"
     );
+
+    // A streamed (large) body is not mirrored: skipped and counted.
+    let reply = c.post("/mirror/large", 100 * 1024)?;
+    assert_eq!(server(&reply), "echo-v1", "{reply}");
 
     // Mirroring: the client sees only the primary; the mirror gets a copy of each request
     // with `-shadow` appended to the host.
@@ -423,10 +454,11 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         expected_aborts,
         "{metrics}"
     );
-    assert_eq!(
-        requests(&[("response_flags", "DI")]),
-        slow as f64,
-        "{metrics}"
+    // Every delayed request is slow (a busy machine may make a few others slow too).
+    let delayed = requests(&[("response_flags", "DI")]);
+    assert!(
+        delayed <= slow as f64 && (delayed / DELAY_REQUESTS as f64 - 0.5).abs() <= DELAY_TOLERANCE,
+        "DI on {delayed}, {slow} slow, of {DELAY_REQUESTS}"
     );
     assert_eq!(
         requests(&[("response_code", "503"), ("response_flags", "URX")]),
@@ -439,8 +471,8 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
             ("response_flags", "-"),
             ("destination_service", V1_HOST)
         ]),
-        1.0,
-        "the attempts: 0 request: {metrics}"
+        2.0,
+        "the attempts: 0 request and the streamed POST: {metrics}"
     );
     let retries = |reason: &str| {
         prom::sum(
@@ -449,9 +481,19 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
             &[("reason", reason)],
         )
     };
-    // 1 (default policy, one 503) + 2 (three 503s) retried responses; one per-try timeout.
-    assert_eq!(retries("response"), 3.0, "{metrics}");
+    // 1 (default policy, one 503) + 2 (three 503s) + 1 (small POST) retried responses;
+    // one per-try timeout.
+    assert_eq!(retries("response"), 4.0, "{metrics}");
     assert_eq!(retries("per-try-timeout"), 1.0, "{metrics}");
+    assert_eq!(
+        prom::sum(
+            &metrics,
+            "waypoint_mirror_requests_total",
+            &[("result", "skipped_body")]
+        ),
+        1.0,
+        "{metrics}"
+    );
     assert_eq!(
         prom::sum(
             &metrics,

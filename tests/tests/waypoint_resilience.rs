@@ -503,5 +503,24 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         (MIRRORED_REQUESTS + ROUTE_MIRRORED_REQUESTS) as f64,
         "{metrics}"
     );
+
+    // A VirtualService the translator refuses leaves the last good config in place.
+    mesh.write_yaml(
+        "vs-bad.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {name: bad, namespace: default}\n\
+         spec: {hosts: [echo], http: [{route: [{destination: {host: echo-v2}}], retries: {retryOn: sometimes}}]}\n",
+    )?;
+    wait_until(
+        "the waypoint to reject the bad VirtualService",
+        Duration::from_secs(10),
+        || {
+            let log = wp.stderr();
+            Ok(log.contains("config rejected")
+                && log.contains("vs-bad.yaml doc 1: VirtualService default/bad"))
+        },
+    )?;
+    let reply = c.echo("/v1/still", &[])?;
+    assert_eq!(server(&reply), "echo-v1", "{reply}");
     Ok(())
 }

@@ -196,6 +196,7 @@ fn route_matching(c: &mut Criterion) {
         path: &normalized.path,
         query: normalized.query.as_deref(),
         headers: &headers,
+        source: None,
     };
     assert!(matches!(
         mesh::route::route(&model, &waypoint, svc, port, &req),

@@ -12,9 +12,11 @@
 //! them), `security.istio.io/v1` or `v1beta1` `PeerAuthentication`,
 //! `AuthorizationPolicy` and `RequestAuthentication` (JWT rules: `k8s/jwt.rs`), `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
 //! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses) and `HTTPRoute`
-//! (parents, matches, filters, weighted backends, timeouts: `k8s/route.rs`),
+//! (parents, matches, filters, weighted backends, timeouts, mirrors: `k8s/route.rs`), and
 //! `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`) `DestinationRule` (subsets, load
-//! balancing, connection pool, outlier detection: `k8s/destination_rule.rs`). Every other kind
+//! balancing, connection pool, outlier detection: `k8s/destination_rule.rs`) and
+//! `VirtualService` (mesh HTTP routes, retries, faults, mirrors: `k8s/virtual_service.rs`).
+//! Every other kind
 //! is skipped with a debug log, so the same files can also carry Deployments and the like for
 //! other consumers.
 //!
@@ -27,6 +29,7 @@ mod gateway;
 mod jwt;
 mod route;
 mod security;
+mod virtual_service;
 mod yaml;
 
 use std::collections::hash_map::DefaultHasher;
@@ -42,7 +45,7 @@ use tracing::debug;
 
 use crate::model::{
     AuthorizationPolicy, DestinationRule, Gateway, HttpRoute, Labels, Model, Namespace,
-    NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service,
+    NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
 };
 use yaml::{FieldError, FieldResult, Node};
 
@@ -255,6 +258,7 @@ struct Loader {
     gateways: BTreeMap<NamespacedName, Gateway>,
     http_routes: Vec<HttpRoute>,
     destination_rules: Vec<DestinationRule>,
+    virtual_services: Vec<VirtualService>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
 }
@@ -272,6 +276,7 @@ enum Kind {
     Gateway,
     HttpRoute,
     DestinationRule,
+    VirtualService,
 }
 
 impl Kind {
@@ -297,6 +302,9 @@ impl Kind {
             ("gateway.networking.k8s.io", "HTTPRoute") => (Kind::HttpRoute, &["v1", "v1beta1"]),
             ("networking.istio.io", "DestinationRule") => {
                 (Kind::DestinationRule, &["v1", "v1beta1", "v1alpha3"])
+            }
+            ("networking.istio.io", "VirtualService") => {
+                (Kind::VirtualService, &["v1", "v1beta1", "v1alpha3"])
             }
             _ => return Ok(None),
         };
@@ -455,6 +463,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.destination_rules.push(dr);
             }
+            Kind::VirtualService => {
+                let vs = virtual_service::virtual_service(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.virtual_services.push(vs);
+            }
         }
         Ok(())
     }
@@ -490,6 +503,7 @@ impl Loader {
         .with_gateways(self.gateways)
         .with_http_routes(self.http_routes)
         .with_destination_rules(self.destination_rules)
+        .with_virtual_services(self.virtual_services)
         .with_request_authentications(self.request_authentications.into_values().collect())
     }
 }
@@ -603,3 +617,6 @@ mod jwt_tests;
 
 #[cfg(test)]
 mod destination_rule_tests;
+
+#[cfg(test)]
+mod virtual_service_tests;

@@ -6,7 +6,8 @@
 //!   uses the model and policy types) decides a request's authentication.
 //! - [`model`]: the mesh model the proxies query (pure, no IO); [`k8s`] builds it from YAML.
 //! - [`policy`]: PeerAuthentication and AuthorizationPolicy evaluation (pure).
-//! - [`route`]: path normalisation and HTTPRoute matching, backends, filters (pure).
+//! - [`route`]: path normalisation, HTTPRoute and VirtualService matching, backends,
+//!   filters (pure); [`resilience`]: retry, backoff, fault and mirror decisions (pure).
 //! - [`ca`], [`certs`]: the embedded CA and the per-workload certificate cache with rotation.
 //!   Only these two modules ever hold private keys.
 //! - [`tls`]: rustls configurations and SPIFFE verification.
@@ -29,6 +30,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod resilience;
 pub mod route;
 pub mod tls;
 

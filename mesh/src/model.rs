@@ -17,9 +17,10 @@ mod waypoint;
 pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
 
 pub use route::{
-    BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, ParentKind, ParentRef, PathMatch,
-    PathModifier, Pattern, QueryMatch, RequestRedirect, RouteMatch, RouteRule, Scheme, Timeouts,
-    UrlRewrite, ValueMatch,
+    AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters, HeaderMatch,
+    HeaderModifier, HttpRoute, Mirror, ParentKind, ParentRef, PathMatch, PathModifier, Pattern,
+    QueryMatch, RequestRedirect, RetryOn, RetryPolicy, RouteMatch, RouteRule, Scheme, Timeouts,
+    UrlRewrite, ValueMatch, VirtualService,
 };
 
 pub use traffic::{
@@ -264,6 +265,9 @@ pub struct Model {
     /// HTTPRoutes, oldest first (`creationTimestamp`, routes without one last), then by
     /// namespace and name: the order the Gateway API settles equal matches by.
     pub http_routes: Vec<HttpRoute>,
+    /// VirtualServices, oldest first (`creationTimestamp`, those without one last), then by
+    /// namespace and name: for one Service host the first that names it applies.
+    pub virtual_services: Vec<VirtualService>,
     /// RequestAuthentications in (namespace, name) order.
     pub request_authentications: Vec<RequestAuthentication>,
     /// DestinationRules, oldest first, then by namespace and name (see
@@ -286,6 +290,8 @@ pub struct ModelDump<'a> {
     pub gateways: Vec<&'a Gateway>,
     pub http_routes: &'a [HttpRoute],
     pub request_authentications: &'a [RequestAuthentication],
+    pub virtual_services: &'a [VirtualService],
+    pub destination_rules: &'a [DestinationRule],
 }
 
 #[derive(Clone, Debug, Default)]
@@ -317,6 +323,7 @@ impl Model {
             authorization_policies,
             gateways: BTreeMap::new(),
             http_routes: Vec::new(),
+            virtual_services: Vec::new(),
             request_authentications: Vec::new(),
             destination_rules: Vec::new(),
             index: Index::default(),
@@ -337,6 +344,8 @@ impl Model {
             gateways: self.gateways.values().collect(),
             http_routes: &self.http_routes,
             request_authentications: &self.request_authentications,
+            virtual_services: &self.virtual_services,
+            destination_rules: &self.destination_rules,
         }
     }
 
@@ -362,6 +371,20 @@ impl Model {
     }
 
     /// The model with `request_authentications` (in the order given).
+    /// The model with `vs`, put in precedence order (see [`Model::virtual_services`]).
+    pub fn with_virtual_services(mut self, mut vs: Vec<VirtualService>) -> Self {
+        vs.sort_by(|a, b| {
+            (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
+                b.created.is_none(),
+                &b.created,
+                &b.namespace,
+                &b.name,
+            ))
+        });
+        self.virtual_services = vs;
+        self
+    }
+
     pub fn with_request_authentications(
         mut self,
         request_authentications: Vec<RequestAuthentication>,

@@ -27,6 +27,17 @@
 //! itself ([`Routing::Default`]); with routes but no matching rule it is answered 404
 //! ([`Routing::NoMatch`], Envoy's `NR`), as the Gateway API requires.
 //!
+//! ## Which routing object applies ([`route`])
+//! For a Service, in this order (first non-empty wins): HTTPRoutes attached to the Service;
+//! else the first VirtualService ([`virtual_service_for`]) whose `hosts` name the Service's
+//! FQDN (exactly, by a `*.suffix` wildcard, or `*`) and that applies to mesh traffic
+//! (`gateways` empty or containing `mesh`), VirtualServices taken oldest first
+//! (`creationTimestamp`, those without one last), then by namespace and name, in any
+//! namespace (Istio exports them everywhere by default); else HTTPRoutes attached to the
+//! waypoint Gateway; else the Service itself. A VirtualService's `http[]` entries are tried
+//! in order and the first whose `match` (any of them; none = everything) holds wins
+//! ([`select_virtual_service`]); none → 404 (`NR`).
+//!
 //! ## Which rule ([`select`])
 //! Across every match of every rule of those routes, the Gateway API's precedence (Istio's
 //! `sortHTTPRoutes`): for Gateway-attached routes first the longest matching exact hostname,
@@ -45,7 +56,8 @@ use http::HeaderMap;
 
 use crate::model::{
     BackendRef, HeaderModifier, HttpRoute, Model, NamespacedName, ParentKind, PathMatch,
-    PathModifier, RequestRedirect, RouteMatch, RouteRule, Scheme, Service, ServicePort,
+    PathModifier, Pod, RequestRedirect, RouteMatch, RouteRule, Scheme, Service, ServicePort,
+    ValueMatch, VirtualService,
 };
 
 // === path normalisation ===
@@ -170,12 +182,41 @@ pub struct RouteRequest<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The calling pod, when known (VirtualService `sourceLabels` / `sourceNamespace`).
+    pub source: Option<&'a Pod>,
+}
+
+/// The object a selected rule belongs to.
+#[derive(Clone, Copy, Debug)]
+pub enum RouteOwner<'m> {
+    HttpRoute(&'m HttpRoute),
+    VirtualService(&'m VirtualService),
+}
+
+impl RouteOwner<'_> {
+    pub fn key(&self) -> NamespacedName {
+        match self {
+            RouteOwner::HttpRoute(r) => r.key(),
+            RouteOwner::VirtualService(v) => v.key(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        match self {
+            RouteOwner::HttpRoute(r) => &r.namespace,
+            RouteOwner::VirtualService(v) => &v.namespace,
+        }
+    }
+
+    pub fn is_virtual_service(&self) -> bool {
+        matches!(self, RouteOwner::VirtualService(_))
+    }
 }
 
 /// The rule a request takes.
 #[derive(Clone, Copy, Debug)]
 pub struct Selected<'m> {
-    pub route: &'m HttpRoute,
+    pub route: RouteOwner<'m>,
     pub rule_index: usize,
     pub rule: &'m RouteRule,
     /// The match that selected the rule (for `ReplacePrefixMatch`).
@@ -185,7 +226,7 @@ pub struct Selected<'m> {
 /// The outcome of routing.
 #[derive(Clone, Copy, Debug)]
 pub enum Routing<'m> {
-    /// No HTTPRoute applies: the destination Service itself.
+    /// No HTTPRoute or VirtualService applies: the destination Service itself.
     Default,
     /// Routes apply but no rule matches: 404.
     NoMatch,
@@ -234,7 +275,8 @@ pub fn routes_for<'m>(
     (gateway_routes, ParentKind::Gateway)
 }
 
-/// [`select`] over [`routes_for`].
+/// The rule for `req`: Service-attached HTTPRoutes, else a VirtualService, else
+/// Gateway-attached HTTPRoutes (see the module docs).
 pub fn route<'m>(
     model: &'m Model,
     waypoint: &NamespacedName,
@@ -243,7 +285,55 @@ pub fn route<'m>(
     req: &RouteRequest<'_>,
 ) -> Routing<'m> {
     let (routes, kind) = routes_for(model, waypoint, svc, port);
+    if kind == ParentKind::Service && !routes.is_empty() {
+        return select(&routes, kind, req);
+    }
+    if let Some(vs) = virtual_service_for(model, svc) {
+        return select_virtual_service(vs, port.port, req);
+    }
     select(&routes, kind, req)
+}
+
+/// The VirtualService that applies to traffic for `svc` through a waypoint: the first in
+/// model order (oldest, then namespace/name) that applies to mesh traffic and whose `hosts`
+/// name the Service's FQDN.
+pub fn virtual_service_for<'m>(model: &'m Model, svc: &Service) -> Option<&'m VirtualService> {
+    let fqdn = svc.hostname().to_ascii_lowercase();
+    model
+        .virtual_services
+        .iter()
+        .find(|vs| vs.mesh && vs.hosts.iter().any(|h| vs_host_matches(h, &fqdn)))
+}
+
+/// A VirtualService host (`*`, `*.suffix` or an FQDN) against a Service FQDN.
+fn vs_host_matches(host: &str, fqdn: &str) -> bool {
+    match host.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) if suffix.starts_with('.') => fqdn.ends_with(suffix),
+        _ => host == fqdn,
+    }
+}
+
+/// The first `http[]` entry of `vs` with a match that holds for `req` on Service port `port`.
+pub fn select_virtual_service<'m>(
+    vs: &'m VirtualService,
+    port: u16,
+    req: &RouteRequest<'_>,
+) -> Routing<'m> {
+    let query = Query::parse(req.query);
+    for (rule_index, rule) in vs.rules.iter().enumerate() {
+        for m in &rule.matches {
+            if m.port.is_none_or(|p| p == port) && matches(m, req, &query) {
+                return Routing::Matched(Selected {
+                    route: RouteOwner::VirtualService(vs),
+                    rule_index,
+                    rule,
+                    matched: m,
+                });
+            }
+        }
+    }
+    Routing::NoMatch
 }
 
 /// Precedence of one match; greater wins (see the module docs).
@@ -285,7 +375,7 @@ pub fn select<'m>(
                 }
                 let (path_kind, path_len) = match &m.path {
                     PathMatch::Exact(v) => (3, v.len()),
-                    PathMatch::Prefix(v) => (2, v.len()),
+                    PathMatch::Prefix(v) | PathMatch::StringPrefix(v) => (2, v.len()),
                     PathMatch::RegularExpression(p) => (1, p.source.len()),
                 };
                 let rank = Rank {
@@ -305,7 +395,7 @@ pub fn select<'m>(
                     best = Some((
                         rank,
                         Selected {
-                            route,
+                            route: RouteOwner::HttpRoute(route),
                             rule_index,
                             rule,
                             matched: m,
@@ -356,25 +446,58 @@ pub fn host_without_port(authority: &str) -> &str {
 }
 
 fn matches(m: &RouteMatch, req: &RouteRequest<'_>, query: &Query) -> bool {
+    let lowered;
+    let path = if m.ignore_uri_case {
+        lowered = req.path.to_ascii_lowercase();
+        lowered.as_str()
+    } else {
+        req.path
+    };
+    // With `ignoreUriCase` the configured value was lower-cased at translation.
     let path_ok = match &m.path {
-        PathMatch::Exact(v) => req.path == v,
-        PathMatch::Prefix(v) => prefix_matches(v, req.path),
-        PathMatch::RegularExpression(p) => p.is_match(req.path),
+        PathMatch::Exact(v) => path == v,
+        PathMatch::Prefix(v) => prefix_matches(v, path),
+        PathMatch::StringPrefix(v) => path.starts_with(v.as_str()),
+        PathMatch::RegularExpression(p) => p.is_match(path),
+    };
+    let header_matches = |h: &crate::model::HeaderMatch| {
+        req.headers
+            .get_all(&h.name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| h.value.matches(v))
     };
     path_ok
         && m.method
             .as_deref()
             .is_none_or(|method| method == req.method)
-        && m.headers.iter().all(|h| {
-            req.headers
-                .get_all(&h.name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .any(|v| h.value.matches(v))
-        })
+        && m.method_match
+            .as_ref()
+            .is_none_or(|v| v.matches(req.method))
+        && m.authority
+            .as_ref()
+            .is_none_or(|v| authority_matches(v, req.host))
+        && m.headers.iter().all(header_matches)
+        && !m.without_headers.iter().any(header_matches)
         && m.query_params
             .iter()
             .all(|q| query.first(&q.name).is_some_and(|v| q.value.matches(v)))
+        && (m.source_labels.is_empty()
+            || req.source.is_some_and(|p| {
+                m.source_labels
+                    .iter()
+                    .all(|(k, v)| p.labels.get(k) == Some(v))
+            }))
+        && m.source_namespace
+            .as_deref()
+            .is_none_or(|ns| req.source.is_some_and(|p| p.namespace == ns))
+}
+
+/// A VirtualService `authority` match: against the host without its port (lower-case), or
+/// the authority exactly as sent.
+fn authority_matches(v: &ValueMatch, authority: &str) -> bool {
+    let host = host_without_port(authority).to_ascii_lowercase();
+    v.matches(&host) || v.matches(authority)
 }
 
 /// Element-wise prefix match; `prefix` has no trailing `/` unless it is `/`.
@@ -459,6 +582,30 @@ pub fn pick_backend(backends: &[BackendRef], roll: u64) -> Option<&BackendRef> {
 pub fn modify_path(path: &str, matched: &RouteMatch, modifier: &PathModifier) -> String {
     match modifier {
         PathModifier::ReplaceFullPath(p) => p.clone(),
+        PathModifier::ReplaceMatchedPrefixOrPath(new) => {
+            let prefix = match &matched.path {
+                PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => p,
+                _ => return new.clone(),
+            };
+            let rest = if matched.ignore_uri_case {
+                path.get(..prefix.len())
+                    .filter(|head| head.eq_ignore_ascii_case(prefix))
+                    .map(|_| &path[prefix.len()..])
+            } else {
+                path.strip_prefix(prefix.as_str())
+            };
+            match rest {
+                Some(rest) => {
+                    let joined = format!("{new}{rest}");
+                    if joined.starts_with('/') {
+                        joined
+                    } else {
+                        format!("/{joined}")
+                    }
+                }
+                None => new.clone(),
+            }
+        }
         PathModifier::ReplacePrefixMatch(new) => {
             let PathMatch::Prefix(prefix) = &matched.path else {
                 return path.to_string();
@@ -532,3 +679,6 @@ pub fn redirect_location(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod vs_tests;

@@ -41,7 +41,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// The kinds the agents watch (ztunnel the first 7, a waypoint all): collection path (all
 /// namespaces), apiVersion, kind.
-pub const KINDS: [(&str, &str, &str); 9] = [
+pub const KINDS: [(&str, &str, &str); 11] = [
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
     ("/api/v1/pods", "v1", "Pod"),
@@ -72,10 +72,25 @@ pub const KINDS: [(&str, &str, &str); 9] = [
         "security.istio.io/v1",
         "RequestAuthentication",
     ),
+    (
+        "/apis/networking.istio.io/v1/virtualservices",
+        "networking.istio.io/v1",
+        "VirtualService",
+    ),
+    (
+        "/apis/networking.istio.io/v1/destinationrules",
+        "networking.istio.io/v1",
+        "DestinationRule",
+    ),
 ];
 
 /// The kinds of [`KINDS`] only a waypoint watches (`mesh::cluster::Scope::Waypoint`).
-pub const WAYPOINT_ONLY_KINDS: [&str; 2] = ["HTTPRoute", "RequestAuthentication"];
+pub const WAYPOINT_ONLY_KINDS: [&str; 4] = [
+    "HTTPRoute",
+    "RequestAuthentication",
+    "VirtualService",
+    "DestinationRule",
+];
 
 /// Collections served only when Istio's CRDs are installed.
 const ISTIO_CRDS: &str = "/apis/security.istio.io/";

@@ -15,40 +15,54 @@
 //!    its payload written to `outputPayloadToHeader`;
 //! 3. **authorize**: L7 AuthorizationPolicy ([`mesh::policy::l7::authorize_l7`]) for this
 //!    waypoint and the destination Service; a denial is answered `403 RBAC: access denied`;
-//! 4. **route**: the HTTPRoute rule for the request ([`mesh::route::route`]): none attached →
-//!    the Service itself; attached but no rule matches → 404; a `RequestRedirect` is answered
-//!    here (301/302 + `Location`, nothing sent upstream); otherwise a backend picked by weight
-//!    for this request, request-header modifiers and `URLRewrite` applied, response-header
-//!    modifiers and timeouts kept for later;
-//! 5. **select**: the backend's ready endpoints from the current model and the cluster
+//! 4. **route**: the HTTPRoute or VirtualService rule for the request
+//!    ([`mesh::route::route`]): none applies → the Service itself; one applies but no rule
+//!    matches → 404; a redirect or a VirtualService `directResponse` is answered here
+//!    (nothing sent upstream); otherwise a backend picked by weight for this request,
+//!    request-header modifiers and rewrites applied, response-header modifiers, timeouts,
+//!    the retry policy (Istio's default when the rule has none), fault and mirrors kept for
+//!    later;
+//! 5. **fault**: a VirtualService `fault` delay (flag `DI` on the response), then maybe an
+//!    abort (`FI`, body `fault filter abort`; a gRPC status as HTTP 200 + `grpc-status`),
+//!    decided by [`mesh::resilience::fault`];
+//! 6. **select**: the backend's ready endpoints from the current model and the cluster
 //!    (Service, port, subset) they form, with its DestinationRule policy
 //!    ([`mesh::model::effective_policy`]): an unknown subset → `503 NC`, the subset's
 //!    endpoints (pod labels; none → `503 UH`), the consistent-hash key of the request,
-//!    one of `http2MaxRequests` slots (else `503 UO`); then per attempt an endpoint from
-//!    [`crate::balance::Cluster::choose`] (round robin by default, per request, so one
-//!    long-lived HTTP/2 client is spread over all endpoints; ejected endpoints skipped,
-//!    all ejected → `503 UH`);
-//! 6. **connect**: a pooled upstream connection to the endpoint within the cluster's
-//!    connection limits (`maxConnections`, `http1MaxPendingRequests` → `503 UO`), the next
-//!    endpoint when one cannot be reached (the request has not been sent, so this is always
-//!    safe); each attempt's outcome goes to outlier detection
-//!    ([`crate::balance::Cluster::report`]);
-//! 7. **upstream**: send the request (HTTP/1.1 or HTTP/2 as the backend port declares),
-//!    within `timeouts.backendRequest` for the attempt and `timeouts.request` from the
-//!    request's arrival (both until the response headers);
-//! 8. **respond**: hop-by-hop headers dropped, response-header modifiers applied (and a
-//!    generated consistent-hash cookie set; a `101 Switching Protocols` to an upgrade
-//!    request keeps `Upgrade`/`Connection` and the two connections are spliced from then on:
-//!    [`crate::upgrade`]); metrics
-//!    (`destination_service` = the backend used) and the access-log line (with the rule and
-//!    backend) are written when the response body ends (or the client goes away).
+//!    one of `http2MaxRequests` slots (else `503 UO`);
+//! 7. **body**: a request body with `content-length` ≤ [`MAX_BUFFERED_BODY`] (or none) is
+//!    read whole so that retries can replay it and mirrors copy it; a larger one streams
+//!    once;
+//! 8. **mirror**: copies sent in the background ([`crate::mirror`]), never waited for;
+//! 9. **attempts** (`forward`): per attempt one endpoint (`choose_endpoint`:
+//!    [`crate::balance::Cluster::choose`], round robin by default, per request, so one
+//!    long-lived HTTP/2 client is spread over all endpoints; endpoints not tried yet first,
+//!    ejected ones skipped), a pooled upstream connection within the cluster's limits
+//!    (`maxConnections`, `http1MaxPendingRequests` → `503 UO`), the request
+//!    (HTTP/1.1 or HTTP/2 as the backend port declares) within the per-try timeout
+//!    (`perTryTimeout`, else `timeouts.backendRequest`), the outcome reported to outlier
+//!    detection (`report_outcome`: [`crate::balance::Cluster::report`]); a connect failure moves on to another endpoint at once (up to
+//!    [`MAX_CONNECT_ATTEMPTS`] endpoints: nothing was sent); other retriable outcomes
+//!    ([`mesh::resilience::should_retry`]) are retried after a jittered backoff while
+//!    retries remain (and the cluster's `maxRetries` budget allows) and the body can be sent
+//!    again; the route's `timeout`
+//!    (`timeouts.request`) bounds all attempts from the request's arrival; retries running
+//!    out on a retriable response pass it on with flag `URX`;
+//! 10. **respond**: hop-by-hop headers dropped, response-header modifiers applied (and a
+//!     generated consistent-hash cookie set; a `101 Switching Protocols` to an upgrade
+//!     request keeps `Upgrade`/`Connection` and the two connections are spliced from then
+//!     on: [`crate::upgrade`]); metrics
+//!     (`destination_service` = the backend used) and the access-log line (with the rule,
+//!     backend and attempts) are written when the response body ends (or the client goes
+//!     away).
 //!
 //! Errors are classified by where they come from ([`ResponseFlag`]): JWT (`JWT`, 401),
 //! policy (`DENY`, 403),
 //! no matching rule (`NR`, 404), no usable backend (`NC`, 500), no endpoint (`UH`, 503),
 //! connect failure (`UF`, 503), upstream reset before a response (`UC`, 503), timeout (`UT`,
 //! 504), connection-pool overflow (`UO`, 503), a request that cannot be forwarded
-//! (`BADREQ`, 400), downstream gone (`DC`).
+//! (`BADREQ`, 400), downstream gone (`DC`), retries exhausted (`URX`), fault delay (`DI`)
+//! and abort (`FI`).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -68,23 +82,32 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh::jwt::authn::{authenticate, output_headers, rules_for_waypoint, Outcome};
 use mesh::jwt::{JwtError, VERIFICATION_FAILED_BODY};
-use mesh::model::{HeaderModifier, JwksSource, Timeouts};
+use mesh::model::{AbortStatus, HeaderModifier, JwksSource, Mirror, RetryPolicy, Timeouts};
 use mesh::policy::l7::{authorize_l7, L7Request, DENIED_BODY};
 use mesh::policy::Decision;
+use mesh::resilience::{self, should_retry, AttemptOutcome};
 use mesh::route::{
     self, modify_headers, modify_path, normalize_path, pick_backend, redirect_location,
     NormalizedPath, RouteRequest, Routing, Selected,
 };
 
-use crate::balance::{self, hash_key, new_cookie_value, Active, Cluster, ClusterKey, RequestGuard};
+use crate::balance::{
+    self, hash_key, new_cookie_value, Active, Cluster, ClusterKey, RequestGuard, RetryGuard,
+};
 use crate::destination::{Target, Unselectable};
 use crate::inbound::rr_key;
 use crate::io::Io;
+use crate::mirror;
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, ConnCtx, Inputs};
 use crate::telemetry::{AccessLog, HttpMetrics, LabelInputs, ResponseFlag};
 use crate::upgrade;
 use crate::upstream::{Endpoint, UpBody, UpstreamError, UpstreamProto};
+
+/// The body of a fault-injected abort (Envoy's).
+pub const FAULT_ABORT_BODY: &str = "fault filter abort";
+/// Largest request body buffered for retries and mirrors (by its `content-length`).
+pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -241,6 +264,7 @@ async fn handle(
         path: raw_target.clone(),
         request_id,
         service: ctx.target.service_key().map(|k| k.to_string()),
+        attempts: 0,
         route: None,
         backend: None,
         upstream: None,
@@ -259,7 +283,7 @@ async fn handle(
         };
         local_reply(
             status,
-            body,
+            Bytes::from_static(body.as_bytes()),
             flag,
             labels,
             log,
@@ -382,9 +406,15 @@ async fn handle(
     let mut upstream_authority = authority.clone();
     let mut response_mods: Vec<HeaderModifier> = Vec::new();
     let mut timeouts = Timeouts::default();
-    // The DestinationRule subset the backend names (VirtualService destinations; HTTPRoute
-    // backends have none).
-    let mut subset: Option<String> = None;
+    // Istio gives every HTTP route a retry policy; a rule's own replaces it.
+    let mut retry_policy = RetryPolicy::default();
+    let mut fault = None;
+    let mut mirrors: Vec<Mirror> = Vec::new();
+    let mut backend_subset: Option<String> = None;
+    let service_port = resolved
+        .as_ref()
+        .and_then(|r| r.port)
+        .map_or(ctx.authority.port(), |p| p.port);
     if let Some((svc, port)) = resolved.as_ref().and_then(|r| r.service.zip(r.port)) {
         let request = RouteRequest {
             host: &authority,
@@ -392,6 +422,7 @@ async fn handle(
             path: &normalized.path,
             query: normalized.query.as_deref(),
             headers: &parts.headers,
+            source: labels.src_pod.as_ref(),
         };
         match route::route(&model, &inputs.cfg.gateway, svc, port, &request) {
             Routing::Default => {}
@@ -402,12 +433,33 @@ async fn handle(
                     Some(ResponseFlag::NoRoute),
                     labels,
                     log,
-                    "no HTTPRoute rule matches".to_string(),
+                    "no HTTPRoute or VirtualService rule matches".to_string(),
                 )
             }
             Routing::Matched(sel) => {
                 let rule = sel.rule;
                 log.route = Some(rule_label(&sel));
+                if let Some(direct) = &rule.filters.direct_response {
+                    let status = StatusCode::from_u16(direct.status)
+                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    let log = AccessLog {
+                        reason: Some("direct response".to_string()),
+                        ..log
+                    };
+                    let mut rsp = local_reply(
+                        status,
+                        direct.body.clone(),
+                        None,
+                        labels,
+                        log,
+                        &inputs.http_metrics,
+                        &req_bytes,
+                    );
+                    if let Some(m) = &rule.filters.response_headers {
+                        modify_headers(rsp.headers_mut(), m);
+                    }
+                    return rsp;
+                }
                 if let Some(redirect) = &rule.filters.redirect {
                     let location = redirect_location(
                         redirect,
@@ -437,7 +489,10 @@ async fn handle(
                     );
                 };
                 log.backend = Some(format!("{}:{}", chosen.service, chosen.port));
-                if chosen.service.namespace != sel.route.namespace {
+                // VirtualService destinations may name any namespace (Istio allows it).
+                if !sel.route.is_virtual_service()
+                    && chosen.service.namespace != sel.route.namespace()
+                {
                     // The Gateway API needs a ReferenceGrant for this; without support for
                     // them, refuse rather than let a route reach into any namespace.
                     return local(
@@ -450,12 +505,24 @@ async fn handle(
                             .to_string(),
                     );
                 }
+                // Port 0: a VirtualService destination without a port, the request's own.
+                let backend_port = if chosen.port == 0 {
+                    service_port
+                } else {
+                    chosen.port
+                };
+                log.backend = Some(format!("{}:{backend_port}", chosen.service));
                 backend = Target::Service {
                     svc: chosen.service.clone(),
-                    port: chosen.port,
+                    port: backend_port,
                 };
-                subset = chosen.subset.clone();
                 timeouts = rule.timeouts;
+                if let Some(r) = &rule.retries {
+                    retry_policy = r.clone();
+                }
+                fault = rule.fault.clone();
+                backend_subset = chosen.subset.clone();
+                mirrors = rule.filters.mirrors.clone();
                 for filters in [&rule.filters, &chosen.filters] {
                     if let Some(m) = &filters.request_headers {
                         modify_headers(&mut parts.headers, m);
@@ -489,7 +556,24 @@ async fn handle(
         }
     }
 
-    // 5. select: the ready endpoints of the backend.
+    // 5. fault (VirtualService `fault`): a delay, then maybe an abort.
+    let mut delayed = false;
+    if let Some(f) = &fault {
+        let decision = resilience::fault(
+            f,
+            rand::random::<f64>() * 100.0,
+            rand::random::<f64>() * 100.0,
+        );
+        if let Some(d) = decision.delay {
+            tokio::time::sleep(d).await;
+            delayed = true;
+        }
+        if let Some(abort) = decision.abort {
+            return fault_abort(abort, labels, log, &inputs.http_metrics, &req_bytes);
+        }
+    }
+
+    // 6. select: the ready endpoints of the backend.
     let routed = backend != ctx.target;
     let (backend_resolved, proto) = if routed {
         let r = backend.lookup(&model, &inputs.cfg.trust_domain);
@@ -540,41 +624,45 @@ async fn handle(
     // The cluster (service, port, subset): its DestinationRule policy and endpoints.
     let host = resolved.service.map(|s| s.hostname());
     let cluster_port = resolved.port.map_or(ctx.authority.port(), |p| p.port);
-    let (policy, eps) =
-        match resolved.cluster(&model, &inputs.cfg.gateway.namespace, subset.as_deref()) {
-            Ok(selected) => selected,
-            Err(Unselectable::NoCluster(e)) => {
-                return local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no healthy upstream",
-                    Some(ResponseFlag::NoCluster),
-                    labels,
-                    log,
-                    e.to_string(),
-                )
-            }
-            Err(Unselectable::NoEndpoint) => {
-                let what = match (&log.backend, &subset) {
-                    (Some(b), Some(s)) => format!("backend {b} subset {s}"),
-                    (Some(b), None) => format!("backend {b}"),
-                    (None, _) => ctx.authority.to_string(),
-                };
-                return local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no healthy upstream",
-                    Some(ResponseFlag::NoHealthyUpstream),
-                    labels,
-                    log,
-                    format!("no ready endpoint for {what}"),
-                );
-            }
-        };
+    let (policy, eps) = match resolved.cluster(
+        &model,
+        &inputs.cfg.gateway.namespace,
+        backend_subset.as_deref(),
+    ) {
+        Ok(selected) => selected,
+        Err(Unselectable::NoCluster(e)) => {
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                Some(ResponseFlag::NoCluster),
+                labels,
+                log,
+                e.to_string(),
+            )
+        }
+        Err(Unselectable::NoEndpoint) => {
+            let what = match (&log.backend, &backend_subset) {
+                (Some(b), Some(s)) => format!("backend {b} subset {s}"),
+                (Some(b), None) => format!("backend {b}"),
+                (None, _) => ctx.authority.to_string(),
+            };
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                Some(ResponseFlag::NoHealthyUpstream),
+                labels,
+                log,
+                format!("no ready endpoint for {what}"),
+            );
+        }
+    };
+    let mirror_targets = mirror::targets(&model, &inputs.cfg.trust_domain, &mirrors, service_port);
     drop(model);
     let cluster = inputs.upstreams.clusters.cluster(
         &ClusterKey {
             service: rr_key(&backend),
             port: cluster_port,
-            subset,
+            subset: backend_subset.clone(),
         },
         &policy,
     );
@@ -600,32 +688,69 @@ async fn handle(
         }
     };
 
-    // 6.-7. connect and send, within `timeouts.request` (from the request's arrival) and
-    // `timeouts.backendRequest` (the attempt).
-    let mut chosen = None;
-    let mut active = None;
-    let build = || {
-        upstream_request(
-            parts,
-            body,
+    // 7. body: buffered when small, so that it can be replayed by a retry and
+    // copied to mirrors; otherwise streamed once.
+    let mut body = match RequestBody::new(body, &parts.headers, req_bytes.clone()).await {
+        Ok(b) => b,
+        Err(e) => {
+            return local(
+                StatusCode::BAD_REQUEST,
+                "bad request",
+                Some(ResponseFlag::DownstreamClosed),
+                labels,
+                log,
+                format!("request body: {e}"),
+            )
+        }
+    };
+    let head = RequestHead {
+        method: parts.method.clone(),
+        headers: parts.headers.clone(),
+    };
+    // 8. mirror: copies in the background.
+    for (target, percent) in mirror_targets {
+        if !resilience::selected(percent, rand::random::<f64>() * 100.0) {
+            continue;
+        }
+        mirror::spawn(
+            inputs,
+            ctx.local.ip(),
+            target,
+            &head,
+            body.replay(),
             &upstream_authority,
             &upstream_path,
-            proto,
-            req_bytes.clone(),
-        )
-    };
-    let attempt = forward(
+        );
+    }
+
+    // 9. attempts: connect and send, attempt by attempt (retries), within `timeouts.request` (from
+    // the request's arrival).
+    let mut chosen = None;
+    let mut active = None;
+    let mut attempts = 0;
+    let per_try = retry_policy.per_try_timeout.or(timeouts.backend_request);
+    let plan = Attempts {
         inputs,
-        ctx.local.ip(),
-        &cluster,
-        &eps,
-        hash.key,
+        local_ip: ctx.local.ip(),
+        backend: &backend,
+        subset: backend_subset.as_deref(),
+        eps: &eps,
+        cluster: &cluster,
+        hash: hash.key,
         proto,
         host,
-        timeouts.backend_request,
-        build,
+        per_try,
+        policy: &retry_policy,
+        authority: &upstream_authority,
+        path: &upstream_path,
+    };
+    let attempt = forward(
+        &plan,
+        &head,
+        &mut body,
         &mut chosen,
         &mut active,
+        &mut attempts,
     );
     let result = match timeouts.request {
         Some(limit) => {
@@ -637,11 +762,12 @@ async fn handle(
         }
         None => attempt.await,
     };
+    log.attempts = attempts;
     if let Some(ep) = &chosen {
         labels.dst_pod = Some(ep.pod.clone());
         labels.dst_identity = ep.identity.clone();
     }
-    let mut response = match result {
+    let (mut response, exhausted) = match result {
         Ok(r) => r,
         Err(f) => {
             if f.flag == ResponseFlag::UpstreamOverflow {
@@ -652,7 +778,7 @@ async fn handle(
     };
     log.upstream = chosen.as_ref().map(|ep| ep.addr);
 
-    // 8. respond
+    // 10. respond
     let switched = match (downstream_upgrade, &upgrade) {
         (Some(down), Some(_)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let up = hyper::upgrade::on(&mut response);
@@ -690,7 +816,14 @@ async fn handle(
             metrics: inputs.http_metrics.clone(),
             labels,
             code: status,
-            flag: None,
+            // URX: retries ran out on a retriable response; DI: a fault delay was injected.
+            flag: if exhausted {
+                Some(ResponseFlag::RetryLimitExceeded)
+            } else if delayed {
+                Some(ResponseFlag::DelayInjected)
+            } else {
+                None
+            },
             grpc_status,
             log,
             req_bytes,
@@ -722,126 +855,317 @@ impl Failure {
     }
 }
 
-/// Phases 6 and 7 for one request: an endpoint of `eps` chosen by `cluster` (hook 1,
-/// [`Cluster::choose`]: balancer, ejections, skipping endpoints already tried), a
-/// connection to it (the next endpoint when one cannot be reached: nothing has been sent
-/// yet, so this is always safe), then the request built by `request`, waiting at most
-/// `attempt_timeout` for the response headers; every attempt's outcome goes to outlier
-/// detection (hook 2, [`Cluster::report`]). `chosen` is the endpoint last tried, `active`
-/// counts the request as in flight to it (for `LEAST_REQUEST`) until dropped.
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    inputs: &Arc<Inputs>,
+/// What stays the same across the attempts of one request.
+struct Attempts<'a> {
+    inputs: &'a Arc<Inputs>,
     local_ip: IpAddr,
-    cluster: &Cluster,
-    eps: &[Endpoint],
+    backend: &'a Target,
+    /// The DestinationRule subset the route named for this backend, if any.
+    subset: Option<&'a str>,
+    eps: &'a [Endpoint],
+    /// The cluster's balancer, outlier detection, limits and retry budget.
+    cluster: &'a Cluster,
+    /// The request's consistent-hash key, when the cluster balances by one.
     hash: Option<u64>,
     proto: UpstreamProto,
     host: Option<String>,
-    attempt_timeout: Option<Duration>,
-    request: impl FnOnce() -> Result<Request<UpBody>, String>,
+    /// One attempt's limit (connect and response headers).
+    per_try: Option<Duration>,
+    policy: &'a RetryPolicy,
+    authority: &'a str,
+    path: &'a str,
+}
+
+/// Method and headers of the request as it goes upstream (cloned for each attempt).
+pub struct RequestHead {
+    pub method: http::Method,
+    pub headers: HeaderMap,
+}
+
+/// Phase 7: attempts, one endpoint each, until one gives a response that is not retried.
+/// A connect failure moves to the next endpoint (nothing was sent, always safe) up to
+/// [`MAX_CONNECT_ATTEMPTS`] endpoints, and beyond that counts as a retry; other failures
+/// and responses are retried when the policy's `retryOn` says so, retries remain and the
+/// body can be sent again, after a jittered exponential backoff. `Ok((response, true))`:
+/// the response is retriable but the retries ran out (`URX`).
+async fn forward(
+    plan: &Attempts<'_>,
+    head: &RequestHead,
+    body: &mut RequestBody,
     chosen: &mut Option<Endpoint>,
     active: &mut Option<Active>,
-) -> Result<Response<Incoming>, Failure> {
-    let mut connected = None;
-    let mut last = String::new();
+    attempts: &mut u32,
+) -> Result<(Response<Incoming>, bool), Failure> {
     let mut tried: Vec<SocketAddr> = Vec::new();
-    let limits = cluster.conn_limits();
-    for _ in 0..eps.len().min(MAX_CONNECT_ATTEMPTS) {
-        let pick = match cluster.choose(eps, hash, &tried, Instant::now(), &mut rand::rng()) {
-            Ok(pick) => pick,
-            Err(e) if tried.is_empty() => {
+    let mut retries = 0u32;
+    let mut free_connect_retries = MAX_CONNECT_ATTEMPTS.saturating_sub(1);
+    // Held for the attempt it was taken for (the cluster's `maxRetries` budget).
+    let mut _retry: Option<RetryGuard> = None;
+    loop {
+        let (ep, in_flight) = match choose_endpoint(plan.cluster, plan.eps, plan.hash, &tried) {
+            Ok((ep, in_flight)) => (ep.clone(), in_flight),
+            Err(e) => {
                 return Err(Failure {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     body: "no healthy upstream",
                     flag: ResponseFlag::NoHealthyUpstream,
-                    reason: format!("{}: {e}", cluster.name()),
+                    reason: format!("{}: {e}", plan.cluster.name()),
                 })
             }
-            Err(_) => break,
         };
-        let ep = &eps[pick.index];
         tried.push(ep.addr);
         *chosen = Some(ep.clone());
-        *active = Some(pick.active);
-        match inputs
-            .upstreams
-            .checkout_limited(ep, proto, local_ip, host.clone(), limits)
-            .await
+        *active = Some(in_flight);
+        *attempts += 1;
+        let result = attempt(plan, &ep, head, body).await;
+        let outcome = match &result {
+            Ok(rsp) => AttemptOutcome::Response {
+                status: rsp.status().as_u16(),
+                grpc_status: rsp
+                    .headers()
+                    .get(GRPC_STATUS)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+            },
+            // Not the endpoint's doing (connection pool overflow): no report, no retry.
+            Err((None, _)) => return result.map(|r| (r, false)).map_err(|(_, f)| f),
+            Err((Some(outcome), _)) => *outcome,
+        };
+        report_outcome(plan.inputs, plan, &ep, &outcome);
+        let retriable = should_retry(&plan.policy.retry_on, &outcome);
+        let replayable = body.replayable();
+        if outcome == AttemptOutcome::ConnectFailure
+            && free_connect_retries > 0
+            && tried.len() < plan.eps.len().max(1)
         {
-            Ok(sender) => {
-                connected = Some((ep, sender));
-                break;
+            // Today's behaviour, independent of the policy: another endpoint at once.
+            free_connect_retries -= 1;
+            continue;
+        }
+        let mut again = retriable && replayable && retries < plan.policy.attempts;
+        if again {
+            _retry = plan.cluster.try_retry();
+            if _retry.is_none() {
+                tracing::debug!(cluster = %plan.cluster.name(), "retry budget (maxRetries) exhausted");
+                again = false;
             }
-            Err(UpstreamError::Overflow { .. }) => {
-                return Err(Failure {
+        }
+        if !again {
+            return match result {
+                Ok(rsp) => {
+                    let exhausted =
+                        retriable && plan.policy.attempts > 0 && retries >= plan.policy.attempts;
+                    Ok((rsp, exhausted))
+                }
+                Err((_, f)) => Err(f),
+            };
+        }
+        retries += 1;
+        plan.inputs.http_metrics.retried(outcome.as_str());
+        tracing::debug!(retry = retries, outcome = outcome.as_str(), endpoint = %ep.addr, "retrying");
+        drop(result);
+        tokio::time::sleep(resilience::backoff(retries, rand::random::<f64>())).await;
+    }
+}
+
+/// Hook: the endpoint for the next attempt of the request `plan` describes (its cluster's
+/// balancer: consistent hash, least request, random or round robin; ejected endpoints
+/// skipped), given the endpoints `tried` so far: one not tried yet when there is one, else
+/// any (a retry may go back to the only endpoint). The [`Active`] counts the request as in
+/// flight to it.
+fn choose_endpoint<'e>(
+    cluster: &Cluster,
+    eps: &'e [Endpoint],
+    hash: Option<u64>,
+    tried: &[SocketAddr],
+) -> Result<(&'e Endpoint, Active), balance::NoEndpoint> {
+    let mut rng = rand::rng();
+    let pick = match cluster.choose(eps, hash, tried, Instant::now(), &mut rng) {
+        Err(balance::NoEndpoint::AllTried) => {
+            cluster.choose(eps, hash, &[], Instant::now(), &mut rng)?
+        }
+        other => other?,
+    };
+    Ok((&eps[pick.index], pick.active))
+}
+
+/// Hook: what one attempt at `ep` came to, for the cluster's outlier detection
+/// ([`Cluster::report`]: connect failures, resets and timeouts count as 5xx).
+fn report_outcome(_inputs: &Inputs, plan: &Attempts<'_>, ep: &Endpoint, outcome: &AttemptOutcome) {
+    tracing::debug!(backend = ?plan.backend, subset = plan.subset.unwrap_or("-"), endpoint = %ep.addr, outcome = ?outcome, "upstream attempt");
+    let outcome = match outcome {
+        AttemptOutcome::ConnectFailure => balance::Outcome::ConnectFailure,
+        AttemptOutcome::RefusedStream | AttemptOutcome::Reset => balance::Outcome::Reset,
+        AttemptOutcome::Timeout => balance::Outcome::Timeout,
+        AttemptOutcome::Response { status, .. } => balance::Outcome::Status(*status),
+    };
+    plan.cluster
+        .report(ep.addr, outcome, plan.eps.len(), Instant::now());
+}
+
+/// One attempt at one endpoint: a pooled connection, then the request, waiting at most the
+/// per-try timeout for the response headers.
+/// `Err((None, _))`: the cluster's connection pool is full (`UO`), which says nothing
+/// about the endpoint.
+async fn attempt(
+    plan: &Attempts<'_>,
+    ep: &Endpoint,
+    head: &RequestHead,
+    body: &mut RequestBody,
+) -> Result<Response<Incoming>, (Option<AttemptOutcome>, Failure)> {
+    let limits = plan.cluster.conn_limits();
+    let connect = plan.inputs.upstreams.checkout_limited(
+        ep,
+        plan.proto,
+        plan.local_ip,
+        plan.host.clone(),
+        limits,
+    );
+    let connected = match plan.per_try {
+        Some(limit) => match tokio::time::timeout(limit, connect).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Err((
+                    Some(AttemptOutcome::Timeout),
+                    Failure::timeout(format!(
+                        "per-try timeout {limit:?} connecting to {}",
+                        ep.addr
+                    )),
+                ))
+            }
+        },
+        None => connect.await,
+    };
+    let sender = connected.map_err(|e| {
+        if let UpstreamError::Overflow { .. } = e {
+            return (
+                None,
+                Failure {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     body: OVERFLOW_BODY,
                     flag: ResponseFlag::UpstreamOverflow,
                     reason: format!(
                         "{}: {} pending requests for a connection to {} (http1MaxPendingRequests)",
-                        cluster.name(),
+                        plan.cluster.name(),
                         limits.max_pending.unwrap_or(0),
                         ep.addr
                     ),
-                })
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "endpoint failed");
-                cluster.report(
-                    ep.addr,
-                    balance::Outcome::ConnectFailure,
-                    eps.len(),
-                    Instant::now(),
-                );
-                last = e.to_string();
-            }
+                },
+            );
         }
-    }
-    let Some((ep, sender)) = connected else {
-        return Err(Failure {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            body: "upstream connect error",
-            flag: ResponseFlag::UpstreamFailure,
-            reason: last,
-        });
-    };
-    let req = request().map_err(|reason| Failure {
-        status: StatusCode::BAD_REQUEST,
-        body: "bad request",
-        flag: ResponseFlag::BadRequest,
-        reason,
+        tracing::debug!(error = %e, "endpoint failed");
+        (
+            Some(AttemptOutcome::ConnectFailure),
+            Failure {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: "upstream connect error",
+                flag: ResponseFlag::UpstreamFailure,
+                reason: e.to_string(),
+            },
+        )
     })?;
-    let send = inputs.upstreams.send(ep, sender, req);
-    let sent = match attempt_timeout {
-        Some(limit) => match tokio::time::timeout(limit, send).await {
-            Ok(sent) => sent,
-            Err(_) => {
-                cluster.report(
-                    ep.addr,
-                    balance::Outcome::Timeout,
-                    eps.len(),
-                    Instant::now(),
-                );
-                return Err(Failure::timeout(format!(
-                    "backendRequest timeout {limit:?} at {}",
-                    ep.addr
-                )));
-            }
-        },
+    let Some(up_body) = body.take() else {
+        return Err((
+            Some(AttemptOutcome::Reset),
+            Failure {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: "upstream connect error or disconnect/reset before headers",
+                flag: ResponseFlag::UpstreamReset,
+                reason: "the streamed request body was already sent".to_string(),
+            },
+        ));
+    };
+    let mut req = Request::new(up_body);
+    *req.method_mut() = head.method.clone();
+    *req.headers_mut() = head.headers.clone();
+    let req = upstream_request(req, plan.authority, plan.path, plan.proto).map_err(|reason| {
+        (
+            Some(AttemptOutcome::Reset),
+            Failure {
+                status: StatusCode::BAD_REQUEST,
+                body: "bad request",
+                flag: ResponseFlag::BadRequest,
+                reason,
+            },
+        )
+    })?;
+    let send = plan.inputs.upstreams.send(ep, sender, req);
+    let sent = match plan.per_try {
+        Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| {
+            (
+                Some(AttemptOutcome::Timeout),
+                Failure::timeout(format!("per-try timeout {limit:?} at {}", ep.addr)),
+            )
+        })?,
         None => send.await,
     };
-    let outcome = match &sent {
-        Ok(rsp) => balance::Outcome::Status(rsp.status().as_u16()),
-        Err(_) => balance::Outcome::Reset,
-    };
-    cluster.report(ep.addr, outcome, eps.len(), Instant::now());
-    sent.map_err(|e| Failure {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        body: "upstream connect error or disconnect/reset before headers",
-        flag: ResponseFlag::UpstreamReset,
-        reason: format!("upstream {}: {e}", ep.addr),
+    sent.map_err(|e| {
+        let refused = format!("{e:?}").contains("REFUSED_STREAM");
+        (
+            Some(if refused {
+                AttemptOutcome::RefusedStream
+            } else {
+                AttemptOutcome::Reset
+            }),
+            Failure {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: "upstream connect error or disconnect/reset before headers",
+                flag: ResponseFlag::UpstreamReset,
+                reason: format!("upstream {}: {e}", ep.addr),
+            },
+        )
     })
+}
+
+/// A fault abort: the HTTP status, or for a gRPC status HTTP 200 with `grpc-status`.
+fn fault_abort(
+    abort: AbortStatus,
+    labels: LabelInputs,
+    log: AccessLog,
+    metrics: &HttpMetrics,
+    req_bytes: &Arc<AtomicU64>,
+) -> Response<Observed> {
+    let log = AccessLog {
+        reason: Some("fault injected: abort".to_string()),
+        ..log
+    };
+    let body = Bytes::from_static(FAULT_ABORT_BODY.as_bytes());
+    match abort {
+        AbortStatus::Http(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            local_reply(
+                status,
+                body,
+                Some(ResponseFlag::FaultInjected),
+                labels,
+                log,
+                metrics,
+                req_bytes,
+            )
+        }
+        AbortStatus::Grpc(code) => {
+            let mut rsp = local_reply(
+                StatusCode::OK,
+                Bytes::new(),
+                Some(ResponseFlag::FaultInjected),
+                labels,
+                log,
+                metrics,
+                req_bytes,
+            );
+            let h = rsp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert(GRPC_STATUS, HeaderValue::from(code));
+            h.insert(
+                HeaderName::from_static("grpc-message"),
+                HeaderValue::from_static(FAULT_ABORT_BODY),
+            );
+            rsp
+        }
+    }
 }
 
 /// `ns/route/rule` for the access log (the rule's index when it has no name).
@@ -856,14 +1180,13 @@ fn rule_label(sel: &Selected<'_>) -> String {
 
 /// The request as it goes upstream: origin-form URI and `Host` for HTTP/1.1, absolute URI
 /// (`:scheme`/`:authority`) for HTTP/2. `Err` when the result is not a valid request.
-fn upstream_request(
-    mut parts: http::request::Parts,
-    body: Incoming,
+pub(crate) fn upstream_request(
+    req: Request<UpBody>,
     authority: &str,
     path: &str,
     proto: UpstreamProto,
-    counter: Arc<AtomicU64>,
 ) -> Result<Request<UpBody>, String> {
+    let (mut parts, body) = req.into_parts();
     match proto {
         UpstreamProto::Http1 => {
             parts.version = Version::HTTP_11;
@@ -885,11 +1208,6 @@ fn upstream_request(
             parts.headers.remove(header::HOST);
         }
     }
-    let body = Counted {
-        inner: body,
-        counter,
-    }
-    .boxed_unsync();
     Ok(Request::from_parts(parts, body))
 }
 
@@ -974,7 +1292,7 @@ pub fn new_request_id() -> String {
 /// A reply the waypoint makes itself.
 fn local_reply(
     status: StatusCode,
-    body: &'static str,
+    body: Bytes,
     flag: Option<ResponseFlag>,
     labels: LabelInputs,
     log: AccessLog,
@@ -983,7 +1301,7 @@ fn local_reply(
 ) -> Response<Observed> {
     let flag_name = flag.map_or("-", ResponseFlag::as_str);
     tracing::debug!(%status, flag = flag_name, reason = log.reason.as_deref().unwrap_or("-"), "local reply");
-    let full = Full::new(Bytes::from_static(body.as_bytes()))
+    let full = Full::new(body)
         .map_err(|never: Infallible| match never {})
         .boxed_unsync();
     let body = Observed::new(
@@ -1007,6 +1325,106 @@ fn local_reply(
 }
 
 // === bodies ===
+
+/// The request body as the attempts and mirrors see it.
+enum RequestBody {
+    /// Small (`content-length` up to [`MAX_BUFFERED_BODY`], or none): read whole, sent again
+    /// by each attempt and copied to mirrors.
+    Buffered {
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Large or of unknown length: streamed once; `None` once an attempt took it.
+    Streaming(Option<Counted>),
+}
+
+impl RequestBody {
+    async fn new(
+        body: Incoming,
+        headers: &HeaderMap,
+        counter: Arc<AtomicU64>,
+    ) -> Result<RequestBody, hyper::Error> {
+        let length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .or(body.size_hint().exact());
+        let small = body.is_end_stream() || length.is_some_and(|l| l <= MAX_BUFFERED_BODY);
+        let counted = Counted {
+            inner: body,
+            counter,
+        };
+        if !small {
+            return Ok(RequestBody::Streaming(Some(counted)));
+        }
+        let collected = counted.collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok(RequestBody::Buffered {
+            data: collected.to_bytes(),
+            trailers,
+        })
+    }
+
+    /// Whether another attempt can still send the body.
+    fn replayable(&self) -> bool {
+        match self {
+            RequestBody::Buffered { .. } => true,
+            RequestBody::Streaming(b) => b.is_some(),
+        }
+    }
+
+    /// The body for one attempt; `None` when a streamed body was already sent.
+    fn take(&mut self) -> Option<UpBody> {
+        match self {
+            RequestBody::Buffered { .. } => self.replay(),
+            RequestBody::Streaming(b) => b.take().map(BodyExt::boxed_unsync),
+        }
+    }
+
+    /// A copy of a buffered body (for a mirror); `None` for a streamed one.
+    fn replay(&self) -> Option<UpBody> {
+        match self {
+            RequestBody::Buffered { data, trailers } => Some(
+                Replay {
+                    data: (!data.is_empty()).then(|| data.clone()),
+                    trailers: trailers.clone(),
+                }
+                .boxed_unsync(),
+            ),
+            RequestBody::Streaming(_) => None,
+        }
+    }
+}
+
+/// A buffered body sent again: its data, then its trailers.
+pub struct Replay {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
 
 /// The downstream request body, counting its bytes for `istio_request_bytes`.
 struct Counted {
@@ -1151,6 +1569,137 @@ impl Drop for Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoints(n: usize) -> Vec<Endpoint> {
+        (0..n)
+            .map(|i| Endpoint {
+                pod: mesh::model::Pod {
+                    name: format!("p{i}"),
+                    namespace: "ns".to_string(),
+                    uid: None,
+                    service_account: "default".to_string(),
+                    node_name: None,
+                    ips: Vec::new(),
+                    labels: Default::default(),
+                    annotations: Default::default(),
+                    host_network: false,
+                    container_ports: Vec::new(),
+                    ready: true,
+                },
+                addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)),
+                identity: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attempts_prefer_endpoints_not_tried_yet_and_may_go_back_to_the_only_one() {
+        let clusters = balance::Clusters::new(Default::default());
+        let key = |name: &str| ClusterKey {
+            service: mesh::model::NamespacedName::new("ns", name),
+            port: 80,
+            subset: None,
+        };
+        let policy = mesh::model::EffectivePolicy::default();
+        let eps = endpoints(3);
+        let cluster = clusters.cluster(&key("three"), &policy);
+        let pick = |tried: &[SocketAddr]| {
+            choose_endpoint(&cluster, &eps, None, tried).map(|(ep, _)| ep.addr)
+        };
+        // Round robin across requests, untried endpoints first within one.
+        let first = pick(&[]).expect("an endpoint");
+        let second = pick(&[first]).expect("an endpoint");
+        let third = pick(&[first, second]).expect("an endpoint");
+        let mut all = vec![first, second, third];
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 3, "three attempts, three endpoints");
+        // All tried: any of them again (a retry of a one-endpoint service).
+        assert!(pick(&[first, second, third]).is_ok());
+        let one = endpoints(1);
+        let single = clusters.cluster(&key("one"), &policy);
+        assert_eq!(
+            choose_endpoint(&single, &one, None, &[one[0].addr]).map(|(ep, _)| ep.addr),
+            Ok(one[0].addr),
+            "a single endpoint is retried"
+        );
+        assert!(choose_endpoint(&single, &[], None, &[]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_buffered_body_is_replayed_whole_with_its_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-timeout", HeaderValue::from_static("1S"));
+        let body = RequestBody::Buffered {
+            data: Bytes::from_static(b"hello"),
+            trailers: Some(trailers),
+        };
+        for _ in 0..2 {
+            let replay = body.replay().expect("buffered");
+            assert_eq!(replay.size_hint().exact(), Some(5));
+            let collected = replay.collect().await.expect("body");
+            assert_eq!(
+                collected
+                    .trailers()
+                    .and_then(|t| t.get("grpc-timeout"))
+                    .map(|v| v.as_bytes()),
+                Some(&b"1S"[..])
+            );
+            assert_eq!(collected.to_bytes(), Bytes::from_static(b"hello"));
+        }
+        assert!(body.replayable());
+        let empty = RequestBody::Buffered {
+            data: Bytes::new(),
+            trailers: None,
+        };
+        assert!(empty.replay().expect("buffered").is_end_stream());
+    }
+
+    fn access_log() -> AccessLog {
+        AccessLog {
+            started: Instant::now(),
+            src: SocketAddr::from(([10, 0, 0, 9], 40000)),
+            src_identity: None,
+            protocol: "HTTP/1.1",
+            method: "GET".to_string(),
+            authority: "echo".to_string(),
+            path: "/".to_string(),
+            request_id: "r".to_string(),
+            service: None,
+            attempts: 0,
+            route: None,
+            backend: None,
+            upstream: None,
+            reason: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn fault_aborts_answer_the_http_or_grpc_status() {
+        let (_registry, metrics) = HttpMetrics::new();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let rsp = fault_abort(
+            AbortStatus::Http(418),
+            LabelInputs::default(),
+            access_log(),
+            &metrics,
+            &bytes,
+        );
+        assert_eq!(rsp.status(), 418);
+        let body = rsp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, FAULT_ABORT_BODY.as_bytes());
+        let rsp = fault_abort(
+            AbortStatus::Grpc(14),
+            LabelInputs::default(),
+            access_log(),
+            &metrics,
+            &bytes,
+        );
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(rsp.headers()["grpc-status"], "14");
+        assert_eq!(rsp.headers()["content-type"], "application/grpc");
+        assert_eq!(rsp.headers()["grpc-message"], FAULT_ABORT_BODY);
+    }
 
     #[test]
     fn request_ids_are_version_4_uuids() {

@@ -23,6 +23,7 @@ pub mod http;
 pub mod inbound;
 pub mod io;
 pub mod jwks;
+pub mod mirror;
 pub mod protocol;
 pub mod proxy;
 pub mod stats;

@@ -66,6 +66,12 @@ pub enum ResponseFlag {
     /// A DestinationRule connection-pool limit was reached: `http2MaxRequests` in flight,
     /// or `http1MaxPendingRequests` already waiting for a connection (503).
     UpstreamOverflow,
+    /// Retries ran out on a retriable upstream response (which is passed on).
+    RetryLimitExceeded,
+    /// A VirtualService fault delayed the request.
+    DelayInjected,
+    /// A VirtualService fault aborted the request.
+    FaultInjected,
 }
 
 impl ResponseFlag {
@@ -82,6 +88,9 @@ impl ResponseFlag {
             ResponseFlag::UpstreamTimeout => "UT",
             ResponseFlag::JwtDenied => "JWT",
             ResponseFlag::UpstreamOverflow => "UO",
+            ResponseFlag::RetryLimitExceeded => "URX",
+            ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::FaultInjected => "FI",
         }
     }
 }
@@ -96,6 +105,12 @@ impl fmt::Display for ResponseFlag {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
+}
+
+/// `result` of `waypoint_mirror_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
 }
 
 /// `waypoint_jwks_fetches_total{uri, result}`; `result` is `ok` or why it failed.
@@ -125,6 +140,8 @@ pub struct HttpMetrics {
     jwks_fetches: Family<JwksFetchLabels, Counter>,
     /// `waypoint_outlier_ejections_total{cluster}`, counted by [`crate::balance`].
     pub outlier_ejections: Family<ClusterLabels, Counter>,
+    retries: Family<ReasonLabels, Counter>,
+    mirrors: Family<ResultLabels, Counter>,
 }
 
 impl fmt::Debug for HttpMetrics {
@@ -152,6 +169,8 @@ impl HttpMetrics {
             jwt_rejected: Family::default(),
             jwks_fetches: Family::default(),
             outlier_ejections: Family::default(),
+            retries: Family::default(),
+            mirrors: Family::default(),
         };
         let registered = http.clone();
         let metrics = Metrics::new_with(move |r: &mut Registry| {
@@ -190,6 +209,16 @@ impl HttpMetrics {
                 "Endpoints ejected by DestinationRule outlier detection, by cluster",
                 registered.outlier_ejections,
             );
+            r.register(
+                "waypoint_upstream_retries",
+                "Upstream attempts retried, by what the failed attempt came to",
+                registered.retries,
+            );
+            r.register(
+                "waypoint_mirror_requests",
+                "Mirrored request copies, by result (sent, failed, or why skipped)",
+                registered.mirrors,
+            );
         });
         (metrics, http)
     }
@@ -198,6 +227,22 @@ impl HttpMetrics {
         self.jwt_rejected
             .get_or_create(&ReasonLabels {
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn retried(&self, reason: &str) {
+        self.retries
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn mirrored(&self, result: &str) {
+        self.mirrors
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
             })
             .inc();
     }
@@ -337,7 +382,9 @@ pub struct AccessLog {
     pub request_id: String,
     /// `ns/name` of the Service (or `-`).
     pub service: Option<String>,
-    /// `ns/name/rule` of the HTTPRoute rule taken (rule index when it has no name).
+    /// Upstream attempts made (retries + 1; 0 when nothing was sent).
+    pub attempts: u32,
+    /// `ns/name/rule` of the HTTPRoute or VirtualService rule taken (rule index when it has no name).
     pub route: Option<String>,
     /// `ns/name:port` of the backend Service used (differs from `service` when routed).
     pub backend: Option<String>,
@@ -362,6 +409,7 @@ impl AccessLog {
             service = self.service.as_deref().unwrap_or("-"),
             route = self.route.as_deref().unwrap_or("-"),
             backend = self.backend.as_deref().unwrap_or("-"),
+            attempts = self.attempts,
             upstream = upstream.as_deref().unwrap_or("-"),
             code,
             flags = flag.map_or("-", ResponseFlag::as_str),

@@ -47,7 +47,8 @@ pub enum Scope {
     /// Gateways.
     #[default]
     Node,
-    /// Also what a waypoint applies: HTTPRoutes and RequestAuthentications.
+    /// Also what a waypoint applies: HTTPRoutes, RequestAuthentications, VirtualServices and
+    /// DestinationRules.
     Waypoint,
 }
 
@@ -105,6 +106,18 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
             "httproutes",
         ));
         kinds.push(istio("RequestAuthentication", "requestauthentications"));
+        kinds.push(crd(
+            "networking.istio.io",
+            "v1",
+            "VirtualService",
+            "virtualservices",
+        ));
+        kinds.push(crd(
+            "networking.istio.io",
+            "v1",
+            "DestinationRule",
+            "destinationrules",
+        ));
     }
     kinds
 }

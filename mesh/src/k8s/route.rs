@@ -3,10 +3,11 @@
 //! each core type, `ReplacePrefixMatch` only with `PathPrefix`, no redirect together with
 //! backends or a rewrite), plus what this data plane needs to stay bounded: regular
 //! expressions are compiled once with a size limit (RELIABILITY 34) and at most
-//! [`MAX_REGEXES_PER_ROUTE`] per route. Unknown fields and unsupported features
-//! (`RequestMirror`, `ExtensionRef`, `CORS`, non-Service backends) are refused with a named
-//! error rather than ignored, because ignoring them would route differently from what the
-//! user wrote.
+//! [`MAX_REGEXES_PER_ROUTE`] per route. `RequestMirror` (a Service `backendRef`, `percent`
+//! or `fraction`) is understood and may be given several times. Unknown fields and
+//! unsupported features (`ExtensionRef`, `CORS`, non-Service backends) are refused with a
+//! named error rather than ignored, because ignoring them would route differently from what
+//! the user wrote.
 
 use std::time::Duration;
 
@@ -15,9 +16,9 @@ use http::{HeaderName, HeaderValue};
 use super::yaml::{FieldResult, Node};
 use super::{dns_label, dns_subdomain, Meta};
 use crate::model::{
-    BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, NamespacedName, ParentKind,
-    ParentRef, PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect, RouteMatch,
-    RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch,
+    BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, Mirror, NamespacedName,
+    ParentKind, ParentRef, PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect,
+    RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch,
 };
 use crate::route::normalize_path;
 
@@ -66,6 +67,8 @@ pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
             filters: Filters::default(),
             backends: Vec::new(),
             timeouts: Timeouts::default(),
+            retries: None,
+            fault: None,
         });
     }
     Ok(HttpRoute {
@@ -79,7 +82,7 @@ pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
 }
 
 /// The items of list `key`, refused when longer than `max`.
-fn bounded<'a>(node: &Node<'a>, key: &str, max: usize) -> FieldResult<Vec<Node<'a>>> {
+pub(super) fn bounded<'a>(node: &Node<'a>, key: &str, max: usize) -> FieldResult<Vec<Node<'a>>> {
     let items = node.opt_items(key)?;
     if items.len() > max {
         let list = node.required(key)?;
@@ -121,7 +124,7 @@ fn parent_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<ParentRef> {
     })
 }
 
-fn namespace(node: &Node<'_>, default: &str) -> FieldResult<String> {
+pub(super) fn namespace(node: &Node<'_>, default: &str) -> FieldResult<String> {
     match node.get("namespace")? {
         None => Ok(default.to_string()),
         Some(n) => {
@@ -134,7 +137,7 @@ fn namespace(node: &Node<'_>, default: &str) -> FieldResult<String> {
     }
 }
 
-fn object_name(node: &Node<'_>) -> FieldResult<String> {
+pub(super) fn object_name(node: &Node<'_>) -> FieldResult<String> {
     let name = node.str()?;
     if !dns_subdomain(name) {
         return Err(node.err(format!("invalid name {name:?}")));
@@ -166,7 +169,7 @@ fn rule(node: &Node<'_>, route_ns: &str, regexes: &mut usize) -> FieldResult<Rou
         matches.push(RouteMatch::default());
     }
     let filters_node = node.get("filters")?;
-    let filters = filter_list(node, "filters", true)?;
+    let filters = filter_list(node, "filters", true, route_ns)?;
     if let (Some(rewrite), Some(f)) = (&filters.url_rewrite, &filters_node) {
         if matches!(rewrite.path, Some(PathModifier::ReplacePrefixMatch(_))) {
             prefix_only(&matches, f)?;
@@ -194,6 +197,8 @@ fn rule(node: &Node<'_>, route_ns: &str, regexes: &mut usize) -> FieldResult<Rou
         filters,
         backends,
         timeouts,
+        retries: None,
+        fault: None,
     })
 }
 
@@ -277,7 +282,7 @@ fn route_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<RouteMatch> 
 
 /// An Exact/PathPrefix value: absolute, no fragment, no encoded slash, within bounds; stored
 /// normalised so that it compares with normalised request paths.
-fn match_path(node: &Node<'_>, value: &str) -> FieldResult<String> {
+pub(super) fn match_path(node: &Node<'_>, value: &str) -> FieldResult<String> {
     if value.len() > MAX_VALUE_LEN {
         return Err(node.err(format!("longer than {MAX_VALUE_LEN} characters")));
     }
@@ -312,7 +317,7 @@ fn value_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<ValueMatch> 
 }
 
 /// Compiles `source` anchored at both ends, bounded in length and compiled size.
-fn pattern(node: &Node<'_>, source: &str, regexes: &mut usize) -> FieldResult<Pattern> {
+pub(super) fn pattern(node: &Node<'_>, source: &str, regexes: &mut usize) -> FieldResult<Pattern> {
     *regexes += 1;
     if *regexes > MAX_REGEXES_PER_ROUTE {
         return Err(node.err(format!(
@@ -354,18 +359,18 @@ fn first_line(s: &str) -> String {
         .join(" ")
 }
 
-fn header_name(node: &Node<'_>) -> FieldResult<HeaderName> {
+pub(super) fn header_name(node: &Node<'_>) -> FieldResult<HeaderName> {
     let s = node.str()?;
     HeaderName::from_bytes(s.as_bytes()).map_err(|_| node.err(format!("invalid header name {s:?}")))
 }
 
-fn header_value(node: &Node<'_>) -> FieldResult<HeaderValue> {
+pub(super) fn header_value(node: &Node<'_>) -> FieldResult<HeaderValue> {
     let s = node.str()?;
     HeaderValue::from_str(s).map_err(|_| node.err(format!("invalid header value {s:?}")))
 }
 
 /// `filters` of a rule (`rule_level`) or of a backend (header modifiers only).
-fn filter_list(node: &Node<'_>, key: &str, rule_level: bool) -> FieldResult<Filters> {
+fn filter_list(node: &Node<'_>, key: &str, rule_level: bool, ns: &str) -> FieldResult<Filters> {
     let mut out = Filters::default();
     for f in bounded(node, key, MAX_FILTERS)? {
         let type_node = f.required("type")?;
@@ -375,7 +380,8 @@ fn filter_list(node: &Node<'_>, key: &str, rule_level: bool) -> FieldResult<Filt
             "ResponseHeaderModifier" => ("responseHeaderModifier", true),
             "URLRewrite" => ("urlRewrite", rule_level),
             "RequestRedirect" => ("requestRedirect", rule_level),
-            "RequestMirror" | "ExtensionRef" | "CORS" => {
+            "RequestMirror" => ("requestMirror", rule_level),
+            "ExtensionRef" | "CORS" => {
                 return Err(type_node.err(format!("filter type {kind} is not supported")))
             }
             other => return Err(type_node.err(format!("unknown filter type {other:?}"))),
@@ -405,6 +411,7 @@ fn filter_list(node: &Node<'_>, key: &str, rule_level: bool) -> FieldResult<Filt
                 }
                 out.url_rewrite = Some(url_rewrite(&body)?);
             }
+            "RequestMirror" => out.mirrors.push(request_mirror(&body, ns)?),
             _ => {
                 if out.redirect.is_some() {
                     return Err(duplicate());
@@ -420,7 +427,7 @@ fn filter_list(node: &Node<'_>, key: &str, rule_level: bool) -> FieldResult<Filt
     Ok(out)
 }
 
-fn header_modifier(node: &Node<'_>) -> FieldResult<HeaderModifier> {
+pub(super) fn header_modifier(node: &Node<'_>) -> FieldResult<HeaderModifier> {
     node.only(&["set", "add", "remove"])?;
     let mut m = HeaderModifier::default();
     let pairs = |key: &str| -> FieldResult<Vec<(HeaderName, HeaderValue)>> {
@@ -438,6 +445,37 @@ fn header_modifier(node: &Node<'_>) -> FieldResult<HeaderModifier> {
     };
     m.set = pairs("set")?;
     m.add = pairs("add")?;
+    for item in bounded(node, "remove", MAX_HEADER_MODIFICATIONS)? {
+        m.remove.push(header_name(&item)?);
+    }
+    Ok(m)
+}
+
+/// A VirtualService `headers.request`/`response`: `set` and `add` as maps, `remove` a list.
+pub(super) fn header_modifier_map(node: &Node<'_>) -> FieldResult<HeaderModifier> {
+    node.only(&["set", "add", "remove"])?;
+    let pairs = |key: &str| -> FieldResult<Vec<(HeaderName, HeaderValue)>> {
+        let mut out = Vec::new();
+        if let Some(map) = node.get(key)? {
+            let entries = map.entries()?;
+            if entries.len() > MAX_HEADER_MODIFICATIONS {
+                return Err(map.err(format!(
+                    "at most {MAX_HEADER_MODIFICATIONS} entries allowed"
+                )));
+            }
+            for (name, v) in entries {
+                let name = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| v.err(format!("invalid header name {name:?}")))?;
+                out.push((name, header_value(&v)?));
+            }
+        }
+        Ok(out)
+    };
+    let mut m = HeaderModifier {
+        set: pairs("set")?,
+        add: pairs("add")?,
+        remove: Vec::new(),
+    };
     for item in bounded(node, "remove", MAX_HEADER_MODIFICATIONS)? {
         m.remove.push(header_name(&item)?);
     }
@@ -548,7 +586,55 @@ fn backend_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<BackendRef> {
         port,
         subset: None,
         weight,
-        filters: filter_list(node, "filters", false)?,
+        filters: filter_list(node, "filters", false, route_ns)?,
+    })
+}
+
+/// `requestMirror`: a Service `backendRef` and the share mirrored (`percent` 0-100 or
+/// `fraction` numerator/denominator; default everything).
+fn request_mirror(node: &Node<'_>, route_ns: &str) -> FieldResult<Mirror> {
+    node.only(&["backendRef", "percent", "fraction"])?;
+    let b = node.required("backendRef")?;
+    b.only(&["group", "kind", "name", "namespace", "port"])?;
+    let group = b.opt_str("group")?.unwrap_or("");
+    let kind = b.opt_str("kind")?.unwrap_or("Service");
+    if !matches!(group, "" | "core") || kind != "Service" {
+        return Err(b.err(format!(
+            "unsupported mirror backend {group:?}/{kind} (expected a core Service)"
+        )));
+    }
+    let service = NamespacedName::new(namespace(&b, route_ns)?, object_name(&b.required("name")?)?);
+    let port = Some(b.required("port")?.port()?);
+    let percent = match (node.get("percent")?, node.get("fraction")?) {
+        (Some(_), Some(_)) => return Err(node.err("percent and fraction are mutually exclusive")),
+        (Some(p), None) => {
+            let v = p.int()?;
+            if !(0..=100).contains(&v) {
+                return Err(p.err(format!("percent {v} out of range 0-100")));
+            }
+            v as f64
+        }
+        (None, Some(f)) => {
+            f.only(&["numerator", "denominator"])?;
+            let num = f.required("numerator")?.int()?;
+            let den = match f.get("denominator")? {
+                Some(d) => d.int()?,
+                None => 100,
+            };
+            if den <= 0 || num < 0 || num > den {
+                return Err(f.err(format!(
+                    "fraction {num}/{den}: need 0 <= numerator <= denominator, denominator > 0"
+                )));
+            }
+            num as f64 * 100.0 / den as f64
+        }
+        (None, None) => 100.0,
+    };
+    Ok(Mirror {
+        service,
+        port,
+        subset: None,
+        percent,
     })
 }
 

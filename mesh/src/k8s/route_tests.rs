@@ -169,8 +169,20 @@ fn invalid_routes_are_refused_with_file_doc_and_field() {
         "spec.rules[0].backendRefs[0]: unsupported backend",
     );
     bad(
-        "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m, port: 80}}}]}]\n",
-        "spec.rules[0].filters[0].type: filter type RequestMirror is not supported",
+        "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m, port: 80}, percent: 101}}]}]\n",
+        "spec.rules[0].filters[0].requestMirror.percent: percent 101 out of range 0-100",
+    );
+    bad(
+        "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m, port: 80}, fraction: {numerator: 3, denominator: 2}}}]}]\n",
+        "spec.rules[0].filters[0].requestMirror.fraction: fraction 3/2",
+    );
+    bad(
+        "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m}}}]}]\n",
+        "spec.rules[0].filters[0].requestMirror.backendRef.port: required",
+    );
+    bad(
+        "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {kind: Pod, name: m, port: 80}}}]}]\n",
+        "requestMirror.backendRef: unsupported mirror backend",
     );
     bad(
         "  rules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 307}}]}]\n",
@@ -256,4 +268,33 @@ fn gateway_api_durations() {
     ] {
         assert_eq!(route::parse_duration(s), want, "{s:?}");
     }
+}
+
+#[test]
+fn request_mirrors_name_a_service_and_a_share() {
+    check(
+        r#"
+  rules:
+  - filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: m, port: 80}}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: n, namespace: other, port: 81}, percent: 25}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: f, port: 80}, fraction: {numerator: 1, denominator: 8}}}
+    backendRefs: [{name: echo, port: 80}]
+"#,
+        Ok(|r| {
+            let m = &r.rules[0].filters.mirrors;
+            let got: Vec<(String, Option<u16>, f64)> = m
+                .iter()
+                .map(|m| (m.service.to_string(), m.port, m.percent))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    ("default/m".to_string(), Some(80), 100.0),
+                    ("other/n".to_string(), Some(81), 25.0),
+                    ("default/f".to_string(), Some(80), 12.5),
+                ]
+            );
+        }),
+    );
 }

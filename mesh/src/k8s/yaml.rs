@@ -113,6 +113,16 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// A number (integer or not).
+    pub fn float(&self) -> FieldResult<f64> {
+        match self.value {
+            Value::Number(n) => n
+                .as_f64()
+                .ok_or_else(|| self.err(format!("expected a number, found {n}"))),
+            _ => Err(self.expected("a number")),
+        }
+    }
+
     /// A TCP/UDP port number, 1-65535.
     pub fn port(&self) -> FieldResult<u16> {
         match self.value {

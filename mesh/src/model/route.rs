@@ -1,11 +1,17 @@
-//! Gateway API `HTTPRoute` (`gateway.networking.k8s.io/v1`) as the waypoint uses it: typed,
-//! validated data built by [`crate::k8s`]; which route and rule a request takes is decided by
-//! the pure functions in [`crate::route`].
+//! Gateway API `HTTPRoute` (`gateway.networking.k8s.io/v1`) and Istio `VirtualService`
+//! (`networking.istio.io/v1`) as the waypoint uses them: typed, validated data built by
+//! [`crate::k8s`]; which route and rule a request takes is decided by the pure functions in
+//! [`crate::route`]. Both APIs become the same rule and action types ([`RouteRule`],
+//! [`RouteMatch`], [`Filters`], [`BackendRef`]), extended where a VirtualService says more
+//! (plain string prefixes, `prefix` header matches, authority, `withoutHeaders`,
+//! `ignoreUriCase`, source labels/namespace, direct responses, retries, faults, mirrors), so
+//! the waypoint applies one action type for both.
 //!
 //! Everything here is already parsed: header names are [`http::HeaderName`], values
 //! [`http::HeaderValue`], regular expressions compiled (with a size limit), durations
 //! [`Duration`]s. Nothing is re-parsed per request.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
@@ -74,13 +80,18 @@ pub enum PathMatch {
     /// without a trailing `/` (except the root `/`).
     Prefix(String),
     RegularExpression(Pattern),
+    /// A VirtualService `uri.prefix`: a plain string prefix (`/foo` matches `/foobar`), as
+    /// Envoy's `prefix` route match.
+    StringPrefix(String),
 }
 
-/// A string value matched exactly or by a regular expression (headers, query parameters).
+/// A string value matched exactly, by a plain prefix (VirtualService only) or by a regular
+/// expression (headers, query parameters, authority).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum ValueMatch {
     Exact(String),
     RegularExpression(Pattern),
+    Prefix(String),
 }
 
 impl ValueMatch {
@@ -88,6 +99,7 @@ impl ValueMatch {
         match self {
             ValueMatch::Exact(v) => v == value,
             ValueMatch::RegularExpression(p) => p.is_match(value),
+            ValueMatch::Prefix(v) => value.starts_with(v.as_str()),
         }
     }
 }
@@ -115,6 +127,20 @@ pub struct RouteMatch {
     pub query_params: Vec<QueryMatch>,
     /// Upper-case method name.
     pub method: Option<String>,
+    /// VirtualService `method` given as a prefix or regex (the Gateway API has exact only).
+    pub method_match: Option<ValueMatch>,
+    /// VirtualService `authority`: the request's host (without port, lower-case).
+    pub authority: Option<ValueMatch>,
+    /// VirtualService `withoutHeaders`: none of these may match.
+    pub without_headers: Vec<HeaderMatch>,
+    /// VirtualService `ignoreUriCase`: the path is compared case-insensitively.
+    pub ignore_uri_case: bool,
+    /// VirtualService `port`: the Service port the request is for.
+    pub port: Option<u16>,
+    /// VirtualService `sourceLabels`: every label must be on the calling pod.
+    pub source_labels: BTreeMap<String, String>,
+    /// VirtualService `sourceNamespace`: the calling pod's namespace.
+    pub source_namespace: Option<String>,
 }
 
 impl Default for RouteMatch {
@@ -124,6 +150,13 @@ impl Default for RouteMatch {
             headers: Vec::new(),
             query_params: Vec::new(),
             method: None,
+            method_match: None,
+            authority: None,
+            without_headers: Vec::new(),
+            ignore_uri_case: false,
+            port: None,
+            source_labels: BTreeMap::new(),
+            source_namespace: None,
         }
     }
 }
@@ -146,6 +179,9 @@ pub enum PathModifier {
     ReplaceFullPath(String),
     /// Replaces the part of the path the rule's `PathPrefix` matched.
     ReplacePrefixMatch(String),
+    /// VirtualService `rewrite.uri`: replaces the matched prefix (plain string, as Envoy's
+    /// `prefix_rewrite`) when the match was a prefix, else the whole path.
+    ReplaceMatchedPrefixOrPath(String),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -183,24 +219,49 @@ pub struct RequestRedirect {
     pub hostname: Option<String>,
     pub port: Option<u16>,
     pub path: Option<PathModifier>,
-    /// 301 or 302 (default).
+    /// 301 or 302 (default); a VirtualService also allows 303, 307 and 308.
     pub status_code: u16,
+}
+
+/// VirtualService `directResponse`: the waypoint answers with this status and body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DirectResponse {
+    pub status: u16,
+    #[serde(serialize_with = "bytes_lossy")]
+    pub body: bytes::Bytes,
+}
+
+/// A copy of the request sent to another backend, its response discarded (HTTPRoute
+/// `RequestMirror`, VirtualService `mirror`/`mirrors`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Mirror {
+    pub service: NamespacedName,
+    /// `None`: the port of the request's own Service.
+    pub port: Option<u16>,
+    pub subset: Option<String>,
+    /// Share of requests mirrored, 0.0-100.0.
+    pub percent: f64,
 }
 
 /// The filters of a rule (or of one backend), by type. The Gateway API allows each core
 /// filter type at most once per list.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Filters {
     pub request_headers: Option<HeaderModifier>,
     pub response_headers: Option<HeaderModifier>,
     pub url_rewrite: Option<UrlRewrite>,
     pub redirect: Option<RequestRedirect>,
+    pub direct_response: Option<DirectResponse>,
+    pub mirrors: Vec<Mirror>,
 }
 
 /// One `backendRefs` entry: a Service port and its weight.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendRef {
+    /// A VirtualService destination host that is not a Service name has an empty namespace
+    /// (no Service has one): routing there answers 500 `NC`.
     pub service: NamespacedName,
+    /// 0 = the port the request was for (a VirtualService destination without a port).
     pub port: u16,
     /// A `DestinationRule` subset of the Service (only a VirtualService destination names
     /// one); `None` = every endpoint.
@@ -220,7 +281,7 @@ pub struct Timeouts {
     pub backend_request: Option<Duration>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RouteRule {
     /// `rules[].name` when given.
     pub name: Option<String>,
@@ -230,9 +291,111 @@ pub struct RouteRule {
     /// Empty: nothing to forward to (only a redirect can answer; otherwise 500).
     pub backends: Vec<BackendRef>,
     pub timeouts: Timeouts,
+    /// `None`: the default policy ([`RetryPolicy::default`]), as Istio gives every route.
+    pub retries: Option<RetryPolicy>,
+    pub fault: Option<Fault>,
 }
 
+/// What a failed attempt is retried on (Envoy's `retry_on`, as Istio's `retryOn` names it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx response, a reset, a connect failure or a per-try timeout.
+    pub five_xx: bool,
+    /// `gateway-error`: 502, 503, 504, a reset, a connect failure or a per-try timeout.
+    pub gateway_error: bool,
+    /// `reset`: no response (disconnect, reset, per-try timeout).
+    pub reset: bool,
+    pub connect_failure: bool,
+    /// `retriable-4xx`: 409.
+    pub retriable_4xx: bool,
+    /// `refused-stream`: the upstream refused the HTTP/2 stream.
+    pub refused_stream: bool,
+    /// Responses with these statuses (`retriable-status-codes` with the listed codes).
+    pub status_codes: Vec<u16>,
+    /// gRPC statuses from the response's `grpc-status` header (`cancelled` 1,
+    /// `deadline-exceeded` 4, `resource-exhausted` 8, `internal` 13, `unavailable` 14).
+    pub grpc_statuses: Vec<u32>,
+}
+
+/// Retries of one route.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt; 0 disables retries.
+    pub attempts: u32,
+    /// `None`: the rule's `backendRequest` timeout, else none.
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+}
+
+impl Default for RetryPolicy {
+    /// Istio's default for every HTTP route: 2 retries on
+    /// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` (503).
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn {
+                connect_failure: true,
+                refused_stream: true,
+                status_codes: vec![503],
+                grpc_statuses: vec![14, 1],
+                ..RetryOn::default()
+            },
+        }
+    }
+}
+
+/// VirtualService `fault`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FaultDelay {
+    pub fixed_delay: Duration,
+    /// 0.0-100.0 (default 100).
+    pub percent: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FaultAbort {
+    pub status: AbortStatus,
+    /// 0.0-100.0 (default 100).
+    pub percent: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum AbortStatus {
+    Http(u16),
+    /// A gRPC status code, answered as HTTP 200 with `grpc-status`.
+    Grpc(u32),
+}
+
+/// An Istio `VirtualService` as the waypoint applies it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VirtualService {
+    pub name: String,
+    pub namespace: String,
+    /// `metadata.creationTimestamp`, for "oldest first".
+    pub created: Option<String>,
+    /// Lower-case FQDNs (short names resolved against the VS namespace), `*.suffix`
+    /// wildcards or `*`.
+    pub hosts: Vec<String>,
+    /// `gateways` is empty or names `mesh`: it applies to waypoint (mesh) traffic.
+    pub mesh: bool,
+    /// `http[]`, in order: the first whose match holds wins.
+    pub rules: Vec<RouteRule>,
+}
+
+impl VirtualService {
+    pub fn key(&self) -> NamespacedName {
+        NamespacedName::new(&self.namespace, &self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HttpRoute {
     pub name: String,
     pub namespace: String,
@@ -268,4 +431,8 @@ fn header_pairs<S: Serializer>(
             .iter()
             .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()))),
     )
+}
+
+fn bytes_lossy<S: Serializer>(b: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(b))
 }

@@ -220,6 +220,7 @@ fn check(m: &Model, input: Req<'_>, expected: &str) {
         path: &n.path,
         query: n.query.as_deref(),
         headers: &headers,
+        source: None,
     };
     let wp = NamespacedName::new("shop", input.waypoint);
     let got = match route(m, &wp, svc, sp, &r) {

@@ -11,8 +11,9 @@
 //! Understood kinds: `v1` `Namespace`, `ServiceAccount`, `Pod`, `Service` (and `List` of
 //! them), `security.istio.io/v1` or `v1beta1` `PeerAuthentication`,
 //! `AuthorizationPolicy` and `RequestAuthentication` (JWT rules: `k8s/jwt.rs`), `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
-//! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses) and `HTTPRoute`
-//! (parents, matches, filters, weighted backends, timeouts: `k8s/route.rs`). Every other kind
+//! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses), `HTTPRoute`
+//! (parents, matches, filters, weighted backends, timeouts: `k8s/route.rs`) and `GRPCRoute`
+//! (`v1`; translated into the same model route: `k8s/grpc_route.rs`). Every other kind
 //! is skipped with a debug log, so the same files can also carry Deployments and the like for
 //! other consumers.
 //!
@@ -21,6 +22,7 @@
 
 mod core;
 mod gateway;
+mod grpc_route;
 mod jwt;
 mod route;
 mod security;
@@ -267,6 +269,7 @@ enum Kind {
     RequestAuthentication,
     Gateway,
     HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
@@ -290,6 +293,7 @@ impl Kind {
             }
             ("gateway.networking.k8s.io", "Gateway") => (Kind::Gateway, &["v1", "v1beta1"]),
             ("gateway.networking.k8s.io", "HTTPRoute") => (Kind::HttpRoute, &["v1", "v1beta1"]),
+            ("gateway.networking.k8s.io", "GRPCRoute") => (Kind::GrpcRoute, &["v1"]),
             _ => return Ok(None),
         };
         if versions.contains(&version) {
@@ -439,6 +443,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.http_routes.push(route);
             }
+            Kind::GrpcRoute => {
+                let route = grpc_route::grpc_route(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.http_routes.push(route);
+            }
         }
         Ok(())
     }
@@ -576,3 +585,6 @@ mod route_tests;
 
 #[cfg(test)]
 mod jwt_tests;
+
+#[cfg(test)]
+mod grpc_route_tests;

@@ -16,9 +16,9 @@ mod waypoint;
 pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
 
 pub use route::{
-    BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, ParentKind, ParentRef, PathMatch,
-    PathModifier, Pattern, QueryMatch, RequestRedirect, RouteMatch, RouteRule, Scheme, Timeouts,
-    UrlRewrite, ValueMatch,
+    BackendRef, Filters, GrpcMethodMatch, HeaderMatch, HeaderModifier, HttpRoute, ParentKind,
+    ParentRef, PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect, RouteKind,
+    RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch,
 };
 
 pub use waypoint::{
@@ -254,8 +254,9 @@ pub struct Model {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Gateways of every class; see [`Model::waypoint_for_service`].
     pub gateways: BTreeMap<NamespacedName, Gateway>,
-    /// HTTPRoutes, oldest first (`creationTimestamp`, routes without one last), then by
-    /// namespace and name: the order the Gateway API settles equal matches by.
+    /// HTTPRoutes and GRPCRoutes ([`HttpRoute::kind`]), oldest first (`creationTimestamp`,
+    /// routes without one last), then by namespace and name: the order the Gateway API
+    /// settles equal matches (and HTTPRoute/GRPCRoute conflicts) by.
     pub http_routes: Vec<HttpRoute>,
     /// RequestAuthentications in (namespace, name) order.
     pub request_authentications: Vec<RequestAuthentication>,
@@ -309,12 +310,20 @@ impl Model {
     /// The model with `routes`, put in precedence order (see [`Model::http_routes`]).
     pub fn with_http_routes(mut self, mut routes: Vec<HttpRoute>) -> Self {
         routes.sort_by(|a, b| {
-            (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
-                b.created.is_none(),
-                &b.created,
-                &b.namespace,
-                &b.name,
-            ))
+            (
+                a.created.is_none(),
+                &a.created,
+                &a.namespace,
+                &a.name,
+                a.kind,
+            )
+                .cmp(&(
+                    b.created.is_none(),
+                    &b.created,
+                    &b.namespace,
+                    &b.name,
+                    b.kind,
+                ))
         });
         self.http_routes = routes;
         self

@@ -16,25 +16,25 @@ use super::yaml::{FieldResult, Node};
 use super::{dns_label, dns_subdomain, Meta};
 use crate::model::{
     BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, NamespacedName, ParentKind,
-    ParentRef, PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect, RouteMatch,
-    RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch,
+    ParentRef, PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect, RouteKind,
+    RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch,
 };
 use crate::route::normalize_path;
 
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// The Gateway API's `maxItems`.
-const MAX_PARENT_REFS: usize = 32;
-const MAX_HOSTNAMES: usize = 16;
-const MAX_RULES: usize = 16;
+pub(super) const MAX_PARENT_REFS: usize = 32;
+pub(super) const MAX_HOSTNAMES: usize = 16;
+pub(super) const MAX_RULES: usize = 16;
 const MAX_MATCHES: usize = 64;
-const MAX_HEADER_MATCHES: usize = 16;
+pub(super) const MAX_HEADER_MATCHES: usize = 16;
 const MAX_QUERY_MATCHES: usize = 16;
-const MAX_FILTERS: usize = 16;
-const MAX_BACKEND_REFS: usize = 16;
+pub(super) const MAX_FILTERS: usize = 16;
+pub(super) const MAX_BACKEND_REFS: usize = 16;
 const MAX_HEADER_MODIFICATIONS: usize = 16;
 /// Longest path value or regular expression accepted (the Gateway API's `maxLength`).
-const MAX_VALUE_LEN: usize = 1024;
+pub(super) const MAX_VALUE_LEN: usize = 1024;
 /// Largest weight (the Gateway API's maximum).
 const MAX_WEIGHT: i64 = 1_000_000;
 /// Compiled size of one regular expression (program and lazy-DFA cache each).
@@ -75,6 +75,7 @@ pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
         });
     }
     Ok(HttpRoute {
+        kind: RouteKind::Http,
         name: meta.name,
         namespace: meta.namespace,
         created,
@@ -85,7 +86,7 @@ pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
 }
 
 /// The items of list `key`, refused when longer than `max`.
-fn bounded<'a>(node: &Node<'a>, key: &str, max: usize) -> FieldResult<Vec<Node<'a>>> {
+pub(super) fn bounded<'a>(node: &Node<'a>, key: &str, max: usize) -> FieldResult<Vec<Node<'a>>> {
     let items = node.opt_items(key)?;
     if items.len() > max {
         let list = node.required(key)?;
@@ -97,7 +98,7 @@ fn bounded<'a>(node: &Node<'a>, key: &str, max: usize) -> FieldResult<Vec<Node<'
     Ok(items)
 }
 
-fn parent_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<ParentRef> {
+pub(super) fn parent_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<ParentRef> {
     node.only(&["group", "kind", "namespace", "name", "sectionName", "port"])?;
     let group = node.opt_str("group")?.unwrap_or(GATEWAY_GROUP);
     let kind_name = node.opt_str("kind")?.unwrap_or("Gateway");
@@ -149,7 +150,7 @@ fn object_name(node: &Node<'_>) -> FieldResult<String> {
 }
 
 /// A hostname; `*.`-wildcards only where `wildcard`. Lower-case as the API requires.
-fn hostname(node: &Node<'_>, wildcard: bool) -> FieldResult<String> {
+pub(super) fn hostname(node: &Node<'_>, wildcard: bool) -> FieldResult<String> {
     let h = node.str()?;
     let bare = match h.strip_prefix("*.") {
         Some(rest) if wildcard => rest,
@@ -297,7 +298,7 @@ fn match_path(node: &Node<'_>, value: &str) -> FieldResult<String> {
         .map_err(|e| node.err(e.to_string()))
 }
 
-fn value_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<ValueMatch> {
+pub(super) fn value_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<ValueMatch> {
     let kind = node.opt_str("type")?.unwrap_or("Exact");
     let value_node = node.required("value")?;
     let value = value_node.str()?;
@@ -318,7 +319,7 @@ fn value_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<ValueMatch> 
 }
 
 /// Compiles `source` anchored at both ends, bounded in length and compiled size.
-fn pattern(node: &Node<'_>, source: &str, regexes: &mut usize) -> FieldResult<Pattern> {
+pub(super) fn pattern(node: &Node<'_>, source: &str, regexes: &mut usize) -> FieldResult<Pattern> {
     *regexes += 1;
     if *regexes > MAX_REGEXES_PER_ROUTE {
         return Err(node.err(format!(
@@ -360,7 +361,7 @@ fn first_line(s: &str) -> String {
         .join(" ")
 }
 
-fn header_name(node: &Node<'_>) -> FieldResult<HeaderName> {
+pub(super) fn header_name(node: &Node<'_>) -> FieldResult<HeaderName> {
     let s = node.str()?;
     HeaderName::from_bytes(s.as_bytes()).map_err(|_| node.err(format!("invalid header name {s:?}")))
 }
@@ -426,7 +427,7 @@ fn filter_list(node: &Node<'_>, key: &str, rule_level: bool) -> FieldResult<Filt
     Ok(out)
 }
 
-fn header_modifier(node: &Node<'_>) -> FieldResult<HeaderModifier> {
+pub(super) fn header_modifier(node: &Node<'_>) -> FieldResult<HeaderModifier> {
     node.only(&["set", "add", "remove"])?;
     let mut m = HeaderModifier::default();
     let pairs = |key: &str| -> FieldResult<Vec<(HeaderName, HeaderValue)>> {
@@ -517,7 +518,7 @@ fn redirect(node: &Node<'_>) -> FieldResult<RequestRedirect> {
     })
 }
 
-fn backend_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<BackendRef> {
+pub(super) fn backend_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<BackendRef> {
     node.only(&[
         "group",
         "kind",

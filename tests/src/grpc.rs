@@ -520,6 +520,44 @@ pub fn parse_lines(stdout: &str) -> Result<Vec<Value>> {
         .collect()
 }
 
+// === in a mesh ===
+
+impl crate::Mesh {
+    /// Starts `mesh-grpc server --port <port> --name <name>` in the pod and returns once it
+    /// listens; killed when the guard drops.
+    pub fn spawn_grpc(&self, pod: &str, port: u16, name: &str) -> Result<crate::ChildGuard> {
+        let bin = self.binaries().mesh_grpc()?;
+        let bin = bin.to_string_lossy();
+        let port = port.to_string();
+        let mut guard = self.spawn(pod, &[&bin, "server", "--port", &port, "--name", name])?;
+        guard.wait_for_stdout("listening on", Duration::from_secs(10))?;
+        Ok(guard)
+    }
+
+    /// Runs `mesh-grpc client --addr <addr> --calls <calls> <args>` in the pod (one channel,
+    /// `calls` calls) and returns one JSON value per call (see [`run_calls`]); an error when
+    /// the client fails or prints another number of lines.
+    pub fn grpc_calls(
+        &self,
+        pod: &str,
+        addr: &str,
+        calls: usize,
+        args: &[&str],
+    ) -> Result<Vec<Value>> {
+        let bin = self.binaries().mesh_grpc()?;
+        let bin = bin.to_string_lossy();
+        let calls_text = calls.to_string();
+        let mut argv = vec![&*bin, "client", "--addr", addr, "--calls", &calls_text];
+        argv.extend_from_slice(args);
+        let out = self.exec_ok(pod, &argv)?;
+        let lines = parse_lines(&out)?;
+        if lines.len() != calls {
+            bail!("{calls} calls but {} lines: {out}", lines.len());
+        }
+        Ok(lines)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use e2e::grpc::{parse_lines, SERVER_HEADER};
+use e2e::grpc::SERVER_HEADER;
 use e2e::prom;
 use e2e::waypoint::{gateway_yaml, waypoint_pod};
 use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod};
@@ -98,6 +98,16 @@ spec:
     backendRefs: [{name: grpc-a, port: 9000}]
   - name: rest
     backendRefs: [{name: grpc-bc, port: 9000}]
+---
+# grpc-empty (no endpoints) gets one method, served by grpc-a; its other methods find no rule.
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc-empty, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: grpc-empty}]
+  rules:
+  - matches: [{method: {service: echo.v1.Echo, method: ServerStream}}]
+    backendRefs: [{name: grpc-a, port: 9000}]
 "#;
 
 fn mesh(test: &str) -> Result<Mesh> {
@@ -143,18 +153,7 @@ fn client(
     calls: usize,
     args: &[&str],
 ) -> Result<Vec<Value>> {
-    let bin = mesh.binaries().dir().join("mesh-grpc");
-    let bin = bin.to_string_lossy();
-    let calls_text = calls.to_string();
-    let mut argv = vec![&*bin, "client", "--addr", addr, "--calls", &calls_text];
-    argv.extend_from_slice(args);
-    let out = mesh.exec_ok(CLIENT, &argv)?;
-    let lines = parse_lines(&out)?;
-    ensure!(
-        lines.len() == calls,
-        "{calls} calls, {} lines: {out}",
-        lines.len()
-    );
+    let lines = mesh.grpc_calls(CLIENT, addr, calls, args)?;
     for l in &lines {
         *tally.0.entry(l["code"].as_i64().unwrap_or(-1)).or_default() += 1;
     }
@@ -181,18 +180,9 @@ fn all_ok(lines: &[Value]) -> Result<()> {
 #[test]
 fn grpc_calls_are_balanced_routed_denied_and_counted_at_the_waypoint() -> Result<()> {
     let mesh = mesh("waypoint_grpc")?;
-    let bin = mesh.binaries().dir().join("mesh-grpc");
-    ensure!(
-        bin.is_file(),
-        "mesh-grpc not found at {}: run `cargo build --workspace --bins` first",
-        bin.display()
-    );
-    let bin = bin.to_string_lossy().into_owned();
-    let mut guards = Vec::new();
+    let mut servers = Vec::new();
     for (pod, _, version) in SERVERS {
-        let mut g = mesh.spawn(pod, &[&bin, "server", "--port", "9000", "--name", version])?;
-        g.wait_for_stdout("listening on", Duration::from_secs(10))?;
-        guards.push(g);
+        servers.push(mesh.spawn_grpc(pod, 9000, version)?);
     }
     let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
     with_log(&wp, checks(&mesh))
@@ -428,6 +418,17 @@ fn checks(mesh: &Mesh) -> Result<()> {
         servers(&lines)
     );
 
+    // A method no rule of the attached GRPCRoute matches: UNIMPLEMENTED (the 404 `NR`);
+    // the method it routes is served by grpc-a although grpc-empty has no endpoint.
+    let lines = client(mesh, &mut tally, EMPTY, 2, &["--kind", "unary"])?;
+    for l in &lines {
+        assert_eq!(l["code"], 12, "{l}");
+        assert_eq!(l["message"], "route not found", "{l}");
+    }
+    let lines = client(mesh, &mut tally, EMPTY, 2, &["--kind", "server-stream"])?;
+    all_ok(&lines)?;
+    assert_eq!(servers(&lines).keys().collect::<Vec<_>>(), ["a"]);
+
     // Metrics: one istio_requests_total sample per call, by the gRPC status the client saw;
     // the waypoint's own replies are HTTP 200 with their gRPC status and flag.
     let metrics = mesh.waypoint_metrics(WAYPOINT)?;
@@ -463,6 +464,15 @@ fn checks(mesh: &Mesh) -> Result<()> {
             ("grpc_response_status", "14"),
             ("response_code", "200"),
             ("response_flags", "UH")
+        ]),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        requests(&[
+            ("grpc_response_status", "12"),
+            ("response_code", "200"),
+            ("response_flags", "NR")
         ]),
         2.0,
         "{metrics}"

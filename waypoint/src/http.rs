@@ -15,11 +15,11 @@
 //!    its payload written to `outputPayloadToHeader`;
 //! 3. **authorize**: L7 AuthorizationPolicy ([`mesh::policy::l7::authorize_l7`]) for this
 //!    waypoint and the destination Service; a denial is answered `403 RBAC: access denied`;
-//! 4. **route**: the HTTPRoute rule for the request ([`mesh::route::route`]): none attached →
-//!    the Service itself; attached but no rule matches → 404; a `RequestRedirect` is answered
-//!    here (301/302 + `Location`, nothing sent upstream); otherwise a backend picked by weight
-//!    for this request, request-header modifiers and `URLRewrite` applied, response-header
-//!    modifiers and timeouts kept for later;
+//! 4. **route**: the HTTPRoute or GRPCRoute rule for the request ([`mesh::route::route`]):
+//!    none attached → the Service itself; attached but no rule matches → 404; a
+//!    `RequestRedirect` is answered here (301/302 + `Location`, nothing sent upstream);
+//!    otherwise a backend picked by weight for this request, request-header modifiers and
+//!    `URLRewrite` applied, response-header modifiers and timeouts kept for later;
 //! 5. **select**: the backend's ready endpoints from the current model, round robin per
 //!    request (so one long-lived HTTP/2 client is spread over all endpoints);
 //! 6. **connect**: a pooled upstream connection to the endpoint, the next endpoint when one
@@ -36,6 +36,11 @@
 //! no matching rule (`NR`, 404), no usable backend (`NC`, 500), no endpoint (`UH`, 503),
 //! connect failure (`UF`, 503), upstream reset before a response (`UC`, 503), timeout (`UT`,
 //! 504), a request that cannot be forwarded (`BADREQ`, 400), downstream gone (`DC`).
+//! A gRPC request (`content-type: application/grpc[+codec|;...]`) gets these local replies as
+//! Envoy sends them to gRPC clients (`local_reply`): HTTP 200, trailers-only, `grpc-status`
+//! by [`grpc_status_for`] (403 → 7 PERMISSION_DENIED, 401 → 16 UNAUTHENTICATED, 404 → 12
+//! UNIMPLEMENTED, 503/504 → 14 UNAVAILABLE, 400 → 13 INTERNAL, `NC` → 14) and `grpc-message`
+//! the text; `response_code` is the 200 sent, `grpc_response_status` that status.
 
 use std::convert::Infallible;
 use std::net::IpAddr;

@@ -2,18 +2,23 @@
 //! (`appProtocol: grpc`, labelled `istio.io/use-waypoint`) with the repo's `mesh-grpc`
 //! client, which opens ONE channel (one HTTP/2 connection) per run; the waypoint on n2
 //! balances each call over the three `mesh-grpc` servers (one on n1, two on n2), routes by a
-//! GRPCRoute, denies by an AuthorizationPolicy with a gRPC status, and counts every call in
+//! GRPCRoute, refuses by AuthorizationPolicy and RequestAuthentication (a JWT signed here,
+//! ES256, key made per run) with gRPC statuses, and counts every call in
 //! `istio_requests_total{grpc_response_status}`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use e2e::grpc::SERVER_HEADER;
 use e2e::prom;
 use e2e::waypoint::{gateway_yaml, waypoint_pod};
 use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod};
-use serde_json::Value;
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use serde_json::{json, Value};
 
 const CLIENT: &str = "default/client";
 const WAYPOINT: &str = "default/waypoint";
@@ -110,7 +115,53 @@ spec:
     backendRefs: [{name: grpc-a, port: 9000}]
 "#;
 
-fn mesh(test: &str) -> Result<Mesh> {
+/// An ES256 signing key (kid `k1`), made per run.
+fn key() -> Result<EcdsaKeyPair> {
+    let rng = SystemRandom::new();
+    let pk8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .map_err(|_| anyhow!("generate key"))?;
+    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pk8.as_ref(), &rng)
+        .map_err(|_| anyhow!("load key"))
+}
+
+/// RequestAuthentication for Service `grpc` with `key`'s public half as inline JWKS.
+fn jwt_yaml(key: &EcdsaKeyPair) -> String {
+    let p = key.public_key().as_ref();
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "use": "sig",
+        "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..65])}]})
+    .to_string();
+    let jwks = serde_json::to_string(&jwks).unwrap_or_default();
+    format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: grpc}}]
+  jwtRules: [{{issuer: grpc-issuer, jwks: {jwks}}}]
+"#
+    )
+}
+
+/// A token from `grpc-issuer` for `alice`, signed by `key`, valid for 10 minutes.
+fn token(key: &EcdsaKeyPair) -> Result<String> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let header = json!({"alg": "ES256", "kid": "k1", "typ": "JWT"});
+    let claims = json!({"iss": "grpc-issuer", "sub": "alice", "exp": now + 600, "iat": now});
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig = key
+        .sign(&SystemRandom::new(), input.as_bytes())
+        .map_err(|_| anyhow!("sign"))?;
+    Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
+}
+
+fn mesh(test: &str, jwt: &str) -> Result<Mesh> {
     let mut b = Mesh::builder(test)
         .node("n1")
         .node("n2")
@@ -137,6 +188,7 @@ fn mesh(test: &str) -> Result<Mesh> {
     )
     .yaml("services.yaml", SERVICES)
     .yaml("policy.yaml", POLICY)
+    .yaml("jwt.yaml", jwt)
     .build()
 }
 
@@ -179,13 +231,16 @@ fn all_ok(lines: &[Value]) -> Result<()> {
 
 #[test]
 fn grpc_calls_are_balanced_routed_denied_and_counted_at_the_waypoint() -> Result<()> {
-    let mesh = mesh("waypoint_grpc")?;
+    let signer = key()?;
+    let mesh = mesh("waypoint_grpc", &jwt_yaml(&signer))?;
     let mut servers = Vec::new();
     for (pod, _, version) in SERVERS {
         servers.push(mesh.spawn_grpc(pod, 9000, version)?);
     }
     let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
-    with_log(&wp, checks(&mesh))
+    let good = token(&signer)?;
+    let forged = token(&key()?)?;
+    with_log(&wp, checks(&mesh, &good, &forged))
 }
 
 /// `result`, with the end of the waypoint's log added to an error.
@@ -198,7 +253,7 @@ fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
     })
 }
 
-fn checks(mesh: &Mesh) -> Result<()> {
+fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
     let mut tally = Tally::default();
 
     // Unary: one channel's 30 calls are spread over all three endpoints (per request, not
@@ -339,6 +394,36 @@ fn checks(mesh: &Mesh) -> Result<()> {
     )?;
     all_ok(&lines)?;
 
+    // RequestAuthentication: a valid token passes (and is not forwarded), one signed by
+    // another key is UNAUTHENTICATED.
+    let bearer = format!("authorization=Bearer {good_token}");
+    let lines = client(
+        mesh,
+        &mut tally,
+        GRPC,
+        2,
+        &["--kind", "unary", "--metadata", &bearer],
+    )?;
+    all_ok(&lines)?;
+    for l in &lines {
+        assert!(
+            l["echoed"].get("authorization").is_none(),
+            "token removed: {l}"
+        );
+    }
+    let bearer = format!("authorization=Bearer {forged_token}");
+    let lines = client(
+        mesh,
+        &mut tally,
+        GRPC,
+        3,
+        &["--kind", "bidi", "--metadata", &bearer],
+    )?;
+    for l in &lines {
+        assert_eq!(l["code"], 16, "{l}");
+        assert_eq!(l["message"], "Jwt verification fails", "{l}");
+    }
+
     // No endpoint behind the waypoint: UNAVAILABLE.
     let lines = client(mesh, &mut tally, EMPTY, 2, &["--kind", "unary"])?;
     for l in &lines {
@@ -475,6 +560,15 @@ fn checks(mesh: &Mesh) -> Result<()> {
             ("response_flags", "NR")
         ]),
         2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        requests(&[
+            ("grpc_response_status", "16"),
+            ("response_code", "200"),
+            ("response_flags", "JWT")
+        ]),
+        3.0,
         "{metrics}"
     );
     eprintln!("calls by gRPC status: {:?}", tally.0);

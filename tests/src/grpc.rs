@@ -378,6 +378,8 @@ pub struct CallSpec {
     pub count: u32,
     /// gRPC status the server is asked to answer with (0 = OK).
     pub status: i32,
+    /// Unary: how long the server waits before answering.
+    pub delay_ms: u32,
     /// Request metadata added to every call.
     pub metadata: Vec<(String, String)>,
     /// `grpc-timeout` of every call.
@@ -442,7 +444,7 @@ async fn call(grpc: &mut tonic::client::Grpc<tonic::transport::Channel>, spec: &
             count: spec.count,
             status: spec.status,
             status_message: String::new(),
-            delay_ms: 0,
+            delay_ms: spec.delay_ms,
         };
         let rsp = match spec.kind {
             Kind::Unary | Kind::ServerStream => {
@@ -584,6 +586,7 @@ mod tests {
             message: "hi".to_string(),
             count: 3,
             status,
+            delay_ms: 0,
             metadata: vec![("x-test".to_string(), "yes".to_string())],
             timeout: Some(Duration::from_secs(5)),
         };

@@ -24,6 +24,7 @@ const CLIENT: &str = "default/client";
 const WAYPOINT: &str = "default/waypoint";
 const GRPC: &str = "10.96.0.30:9000";
 const EMPTY: &str = "10.96.0.33:9000";
+const SLOW: &str = "10.96.0.34:9000";
 const SERVERS: [(&str, &str, &str); 3] = [
     ("default/grpc-a", "n1", "a"),
     ("default/grpc-b", "n2", "b"),
@@ -67,6 +68,24 @@ spec:
   clusterIP: 10.96.0.33
   selector: {app: nothing}
   ports: [{name: rpc, port: 9000, targetPort: 9000, appProtocol: grpc}]
+---
+# The same pods; an HTTPRoute with a request timeout applies to its gRPC calls.
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-slow, namespace: default, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.34
+  selector: {app: grpc}
+  ports: [{name: rpc, port: 9000, targetPort: 9000, appProtocol: grpc}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: grpc-slow, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: grpc-slow}]
+  rules:
+  - timeouts: {request: 300ms}
+    backendRefs: [{name: grpc-slow, port: 9000}]
 "#;
 
 /// DENY `Unary` calls that carry `x-deny: yes` (other methods with it pass).
@@ -424,6 +443,28 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
         assert_eq!(l["message"], "Jwt verification fails", "{l}");
     }
 
+    // An HTTPRoute's request timeout on a gRPC call: UNAVAILABLE, as Envoy maps its 504 (`UT`);
+    // a call within the timeout passes.
+    let lines = client(
+        mesh,
+        &mut tally,
+        SLOW,
+        2,
+        &["--kind", "unary", "--delay-ms", "3000"],
+    )?;
+    for l in &lines {
+        assert_eq!(l["code"], 14, "{l}");
+        assert_eq!(l["message"], "upstream request timeout", "{l}");
+    }
+    let lines = client(
+        mesh,
+        &mut tally,
+        SLOW,
+        2,
+        &["--kind", "unary", "--delay-ms", "10"],
+    )?;
+    all_ok(&lines)?;
+
     // No endpoint behind the waypoint: UNAVAILABLE.
     let lines = client(mesh, &mut tally, EMPTY, 2, &["--kind", "unary"])?;
     for l in &lines {
@@ -535,42 +576,21 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
         total as f64,
         "{metrics}"
     );
-    assert_eq!(
-        requests(&[
-            ("grpc_response_status", "7"),
+    // The waypoint's own replies: HTTP 200 with the gRPC status, the flag names the cause.
+    for (status, flag, calls) in [
+        ("7", "DENY", 4.0),
+        ("16", "JWT", 3.0),
+        ("14", "UT", 2.0),
+        ("14", "UH", 2.0),
+        ("12", "NR", 2.0),
+    ] {
+        let labels = [
+            ("grpc_response_status", status),
             ("response_code", "200"),
-            ("response_flags", "DENY")
-        ]),
-        4.0,
-        "{metrics}"
-    );
-    assert_eq!(
-        requests(&[
-            ("grpc_response_status", "14"),
-            ("response_code", "200"),
-            ("response_flags", "UH")
-        ]),
-        2.0,
-        "{metrics}"
-    );
-    assert_eq!(
-        requests(&[
-            ("grpc_response_status", "12"),
-            ("response_code", "200"),
-            ("response_flags", "NR")
-        ]),
-        2.0,
-        "{metrics}"
-    );
-    assert_eq!(
-        requests(&[
-            ("grpc_response_status", "16"),
-            ("response_code", "200"),
-            ("response_flags", "JWT")
-        ]),
-        3.0,
-        "{metrics}"
-    );
+            ("response_flags", flag),
+        ];
+        assert_eq!(requests(&labels), calls, "{labels:?}: {metrics}");
+    }
     eprintln!("calls by gRPC status: {:?}", tally.0);
     Ok(())
 }

@@ -3,8 +3,8 @@
 //! ```text
 //! mesh-grpc server --port 9000 [--name v1] [--listen 0.0.0.0]
 //! mesh-grpc client --addr 10.96.0.30:9000 [--kind unary|server-stream|client-stream|bidi]
-//!                  [--calls N] [--count M] [--status CODE] [--metadata k=v]... [--authority A]
-//!                  [--timeout-ms T] [--message TEXT]
+//!                  [--calls N] [--count M] [--status CODE] [--delay-ms D] [--metadata k=v]...
+//!                  [--authority A] [--timeout-ms T] [--message TEXT]
 //! ```
 //!
 //! The server prints `listening on <addr>` and serves `echo.v1.Echo` over h2c. The client
@@ -56,6 +56,9 @@ enum Cmd {
         /// gRPC status code the server is asked to answer with.
         #[arg(long, default_value_t = 0)]
         status: i32,
+        /// Unary: the server waits this long before answering (at most 10 s).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u32,
         #[arg(long, default_value = "hello")]
         message: String,
         /// Request metadata `name=value`; repeatable.
@@ -99,6 +102,7 @@ async fn main() -> Result<()> {
             calls,
             count,
             status,
+            delay_ms,
             message,
             metadata,
             authority,
@@ -110,6 +114,7 @@ async fn main() -> Result<()> {
                 message,
                 count,
                 status,
+                delay_ms,
                 metadata,
                 timeout: timeout_ms.map(Duration::from_millis),
             };

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 
 const CLIENT: &str = "default/client";
 const WAYPOINT: &str = "default/waypoint";
+const WAYPOINT_SA: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
 const GRPC: &str = "10.96.0.30:9000";
 const EMPTY: &str = "10.96.0.33:9000";
 const SLOW: &str = "10.96.0.34:9000";
@@ -275,8 +276,20 @@ fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
 fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
     let mut tally = Tally::default();
 
-    // Unary: one channel's 30 calls are spread over all three endpoints (per request, not
-    // per connection), each reply names its server and echoes the metadata the server saw.
+    // Unary: one channel's 30 calls (one connection: the client's agent opens one to the
+    // waypoint) are spread over all three endpoints (per request, not per connection), each
+    // reply names its server and echoes the metadata the server saw.
+    let to_waypoint = || -> Result<f64> {
+        Ok(prom::sum(
+            &mesh.metrics("n1")?,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                ("destination_principal", WAYPOINT_SA),
+            ],
+        ))
+    };
+    let before = to_waypoint()?;
     let lines = client(
         mesh,
         &mut tally,
@@ -301,6 +314,11 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
         assert_eq!(l["headers"][SERVER_HEADER], l["server"], "{l}");
         assert_eq!(l["trailers"]["grpc-status"], "0", "trailers intact: {l}");
     }
+    assert_eq!(
+        to_waypoint()? - before,
+        1.0,
+        "one connection for the 30 calls"
+    );
     eprintln!("unary over one channel: {seen:?}");
 
     // Server streaming: every reply of a call comes from one server, the trailers end it.

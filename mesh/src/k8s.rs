@@ -15,7 +15,8 @@
 //! (parents, matches, filters, weighted backends, timeouts, mirrors: `k8s/route.rs`), and
 //! `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`) `DestinationRule` (subsets, load
 //! balancing, connection pool, outlier detection: `k8s/destination_rule.rs`) and
-//! `VirtualService` (mesh HTTP routes, retries, faults, mirrors: `k8s/virtual_service.rs`).
+//! `VirtualService` (mesh HTTP routes, retries, faults, mirrors: `k8s/virtual_service.rs`),
+//! and `GRPCRoute` (`v1`; translated into the same model route: `k8s/grpc_route.rs`).
 //! Every other kind
 //! is skipped with a debug log, so the same files can also carry Deployments and the like for
 //! other consumers.
@@ -26,6 +27,7 @@
 mod core;
 mod destination_rule;
 mod gateway;
+mod grpc_route;
 mod jwt;
 mod route;
 mod security;
@@ -277,6 +279,7 @@ enum Kind {
     HttpRoute,
     DestinationRule,
     VirtualService,
+    GrpcRoute,
 }
 
 impl Kind {
@@ -306,6 +309,7 @@ impl Kind {
             ("networking.istio.io", "VirtualService") => {
                 (Kind::VirtualService, &["v1", "v1beta1", "v1alpha3"])
             }
+            ("gateway.networking.k8s.io", "GRPCRoute") => (Kind::GrpcRoute, &["v1"]),
             _ => return Ok(None),
         };
         if versions.contains(&version) {
@@ -468,6 +472,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.virtual_services.push(vs);
             }
+            Kind::GrpcRoute => {
+                let route = grpc_route::grpc_route(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.http_routes.push(route);
+            }
         }
         Ok(())
     }
@@ -620,3 +629,6 @@ mod destination_rule_tests;
 
 #[cfg(test)]
 mod virtual_service_tests;
+
+#[cfg(test)]
+mod grpc_route_tests;

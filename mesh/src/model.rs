@@ -17,10 +17,10 @@ mod waypoint;
 pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
 
 pub use route::{
-    AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters, HeaderMatch,
-    HeaderModifier, HttpRoute, Mirror, ParentKind, ParentRef, PathMatch, PathModifier, Pattern,
-    QueryMatch, RequestRedirect, RetryOn, RetryPolicy, RouteMatch, RouteRule, Scheme, Timeouts,
-    UrlRewrite, ValueMatch, VirtualService,
+    AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters,
+    GrpcMethodMatch, HeaderMatch, HeaderModifier, HttpRoute, Mirror, ParentKind, ParentRef,
+    PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect, RetryOn, RetryPolicy, RouteKind,
+    RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch, VirtualService,
 };
 
 pub use traffic::{
@@ -262,8 +262,9 @@ pub struct Model {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Gateways of every class; see [`Model::waypoint_for_service`].
     pub gateways: BTreeMap<NamespacedName, Gateway>,
-    /// HTTPRoutes, oldest first (`creationTimestamp`, routes without one last), then by
-    /// namespace and name: the order the Gateway API settles equal matches by.
+    /// HTTPRoutes and GRPCRoutes ([`HttpRoute::kind`]), oldest first (`creationTimestamp`,
+    /// routes without one last), then by namespace and name: the order the Gateway API
+    /// settles equal matches (and HTTPRoute/GRPCRoute conflicts) by.
     pub http_routes: Vec<HttpRoute>,
     /// VirtualServices, oldest first (`creationTimestamp`, those without one last), then by
     /// namespace and name: for one Service host the first that names it applies.
@@ -359,12 +360,20 @@ impl Model {
     /// The model with `routes`, put in precedence order (see [`Model::http_routes`]).
     pub fn with_http_routes(mut self, mut routes: Vec<HttpRoute>) -> Self {
         routes.sort_by(|a, b| {
-            (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
-                b.created.is_none(),
-                &b.created,
-                &b.namespace,
-                &b.name,
-            ))
+            (
+                a.created.is_none(),
+                &a.created,
+                &a.namespace,
+                &a.name,
+                a.kind,
+            )
+                .cmp(&(
+                    b.created.is_none(),
+                    &b.created,
+                    &b.namespace,
+                    &b.name,
+                    b.kind,
+                ))
         });
         self.http_routes = routes;
         self

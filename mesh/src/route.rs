@@ -27,6 +27,12 @@
 //! itself ([`Routing::Default`]); with routes but no matching rule it is answered 404
 //! ([`Routing::NoMatch`], Envoy's `NR`), as the Gateway API requires.
 //!
+//! GRPCRoutes ([`RouteKind::Grpc`]) attach the same way, but the two kinds are never merged:
+//! for a Service parent, GRPCRoutes win and its HTTPRoutes are ignored (GEP-1426, as the
+//! GAMMA conformance expects); for the waypoint Gateway, an HTTPRoute and a GRPCRoute whose
+//! hostnames intersect (no hostnames = every host) conflict and only the older one (then the
+//! first by `namespace/name`) applies, as the GRPCRoute spec requires for one Listener.
+//!
 //! ## Which routing object applies ([`route`])
 //! For a Service, in this order (first non-empty wins): HTTPRoutes attached to the Service;
 //! else the first VirtualService ([`virtual_service_for`]) whose `hosts` name the Service's
@@ -45,6 +51,9 @@
 //! RegularExpression, longer values first; then a method match; then more header matches; then
 //! more query-parameter matches; then the oldest route (`creationTimestamp`), then
 //! `namespace/name`, then rule and match order. The first match of that order wins.
+//! GRPCRoute matches rank, after the hostnames, by the characters of the matching gRPC
+//! service, then of the method, then the number of header matches (the GRPCRoute spec; the
+//! match type, Exact or RegularExpression, does not count).
 //!
 //! Hostnames are compared case-insensitively without the request's port (RELIABILITY 22);
 //! headers by name case-insensitively, any of their values may match; query parameters by
@@ -56,8 +65,8 @@ use http::HeaderMap;
 
 use crate::model::{
     BackendRef, HeaderModifier, HttpRoute, Model, NamespacedName, ParentKind, PathMatch,
-    PathModifier, Pod, RequestRedirect, RouteMatch, RouteRule, Scheme, Service, ServicePort,
-    ValueMatch, VirtualService,
+    PathModifier, Pod, RequestRedirect, RouteKind, RouteMatch, RouteRule, Scheme, Service,
+    ServicePort, ValueMatch, VirtualService,
 };
 
 // === path normalisation ===
@@ -258,9 +267,15 @@ pub fn routes_for<'m>(
         })
         .collect();
     if !service_routes.is_empty() {
-        return (service_routes, ParentKind::Service);
+        // GEP-1426: a GRPCRoute on the Service wins over its HTTPRoutes.
+        let grpc = service_routes.iter().any(|r| r.kind == RouteKind::Grpc);
+        let kept = service_routes
+            .into_iter()
+            .filter(|r| !grpc || r.kind == RouteKind::Grpc)
+            .collect();
+        return (kept, ParentKind::Service);
     }
-    let gateway_routes = model
+    let gateway_routes: Vec<&HttpRoute> = model
         .http_routes
         .iter()
         .filter(|r| {
@@ -272,7 +287,44 @@ pub fn routes_for<'m>(
                 })
         })
         .collect();
-    (gateway_routes, ParentKind::Gateway)
+    (without_kind_conflicts(gateway_routes), ParentKind::Gateway)
+}
+
+/// `routes` (in model order, oldest first) without each route that shares a hostname with
+/// an older, kept route of the other kind (HTTPRoute vs GRPCRoute on one Listener).
+fn without_kind_conflicts(routes: Vec<&HttpRoute>) -> Vec<&HttpRoute> {
+    let mut kept: Vec<&HttpRoute> = Vec::with_capacity(routes.len());
+    for r in routes {
+        let conflict = kept
+            .iter()
+            .any(|k| k.kind != r.kind && hostnames_intersect(&k.hostnames, &r.hostnames));
+        if !conflict {
+            kept.push(r);
+        }
+    }
+    kept
+}
+
+/// Whether two routes' `hostnames` can both match one host (an empty list matches all).
+pub fn hostnames_intersect(a: &[String], b: &[String]) -> bool {
+    if a.is_empty() || b.is_empty() {
+        return true;
+    }
+    a.iter()
+        .any(|x| b.iter().any(|y| hostname_pair_intersects(x, y)))
+}
+
+fn hostname_pair_intersects(a: &str, b: &str) -> bool {
+    // `*.s` covers every name with at least one label before `.s`.
+    let covers = |wild: &str, name: &str| {
+        wild.strip_prefix("*.").is_some_and(|suffix| {
+            let name = name.strip_prefix("*.").unwrap_or(name);
+            name.strip_suffix(suffix)
+                .and_then(|label| label.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty())
+        })
+    };
+    a == b || covers(a, b) || covers(b, a)
 }
 
 /// The rule for `req`: Service-attached HTTPRoutes, else a VirtualService, else
@@ -341,6 +393,10 @@ pub fn select_virtual_service<'m>(
 struct Rank {
     host_exact: usize,
     host_wildcard: usize,
+    /// GRPCRoute only (0 for HTTPRoute; the two kinds never compete, see [`routes_for`]).
+    grpc_service: usize,
+    grpc_method: usize,
+    /// HTTPRoute only (0 for GRPCRoute).
     path_kind: u8,
     path_len: usize,
     method: bool,
@@ -373,14 +429,23 @@ pub fn select<'m>(
                 if !matches(m, req, &query) {
                     continue;
                 }
-                let (path_kind, path_len) = match &m.path {
-                    PathMatch::Exact(v) => (3, v.len()),
-                    PathMatch::Prefix(v) | PathMatch::StringPrefix(v) => (2, v.len()),
-                    PathMatch::RegularExpression(p) => (1, p.source.len()),
+                let (path_kind, path_len) = match (&m.path, route.kind) {
+                    (_, RouteKind::Grpc) => (0, 0),
+                    (PathMatch::Exact(v), _) => (3, v.len()),
+                    (PathMatch::Prefix(v) | PathMatch::StringPrefix(v), _) => (2, v.len()),
+                    (PathMatch::RegularExpression(p), _) => (1, p.source.len()),
+                };
+                let grpc_len = |f: fn(&crate::model::GrpcMethodMatch) -> &Option<String>| {
+                    m.grpc
+                        .as_ref()
+                        .and_then(|g| f(g).as_ref())
+                        .map_or(0, String::len)
                 };
                 let rank = Rank {
                     host_exact,
                     host_wildcard,
+                    grpc_service: grpc_len(|g| &g.service),
+                    grpc_method: grpc_len(|g| &g.method),
                     path_kind,
                     path_len,
                     method: m.method.is_some(),
@@ -682,3 +747,6 @@ mod tests;
 
 #[cfg(test)]
 mod vs_tests;
+
+#[cfg(test)]
+mod grpc_tests;

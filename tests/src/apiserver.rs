@@ -41,7 +41,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// The kinds the agents watch (ztunnel the first 7, a waypoint all): collection path (all
 /// namespaces), apiVersion, kind.
-pub const KINDS: [(&str, &str, &str); 11] = [
+pub const KINDS: [(&str, &str, &str); 12] = [
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
     ("/api/v1/pods", "v1", "Pod"),
@@ -68,6 +68,11 @@ pub const KINDS: [(&str, &str, &str); 11] = [
         "HTTPRoute",
     ),
     (
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+        "gateway.networking.k8s.io/v1",
+        "GRPCRoute",
+    ),
+    (
         "/apis/security.istio.io/v1/requestauthentications",
         "security.istio.io/v1",
         "RequestAuthentication",
@@ -85,8 +90,9 @@ pub const KINDS: [(&str, &str, &str); 11] = [
 ];
 
 /// The kinds of [`KINDS`] only a waypoint watches (`mesh::cluster::Scope::Waypoint`).
-pub const WAYPOINT_ONLY_KINDS: [&str; 4] = [
+pub const WAYPOINT_ONLY_KINDS: [&str; 5] = [
     "HTTPRoute",
+    "GRPCRoute",
     "RequestAuthentication",
     "VirtualService",
     "DestinationRule",

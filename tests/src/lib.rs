@@ -48,6 +48,7 @@ pub mod bench;
 mod bpffs;
 mod capture;
 pub mod echo;
+pub mod grpc;
 mod harness;
 pub mod http;
 mod netns;

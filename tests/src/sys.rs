@@ -162,6 +162,12 @@ impl Binaries {
         self.binary("mesh-echo")
     }
 
+    /// Path of the `mesh-grpc` binary (gRPC test server and client), or an error saying how
+    /// to build it.
+    pub fn mesh_grpc(&self) -> Result<PathBuf> {
+        self.binary("mesh-grpc")
+    }
+
     fn binary(&self, name: &str) -> Result<PathBuf> {
         let path = self.dir.join(name);
         if !path.is_file() {

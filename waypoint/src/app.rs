@@ -2,8 +2,8 @@
 //!
 //! Configuration is read exactly as the node agent reads it: the same YAML directory
 //! (polled, reloaded on change, an invalid change rejected and the last good model kept) or
-//! the API server (`mesh::cluster::watch` with the waypoint's kinds: also HTTPRoutes and
-//! RequestAuthentications), the same CA directory (the waypoint issues its own certificate
+//! the API server (`mesh::cluster::watch` with the waypoint's kinds: also HTTPRoutes,
+//! GRPCRoutes, RequestAuthentications, VirtualServices and DestinationRules), the same CA directory (the waypoint issues its own certificate
 //! from it). Not ready until a first good model is in.
 
 use std::path::{Path, PathBuf};

@@ -15,7 +15,7 @@
 //!    its payload written to `outputPayloadToHeader`;
 //! 3. **authorize**: L7 AuthorizationPolicy ([`mesh::policy::l7::authorize_l7`]) for this
 //!    waypoint and the destination Service; a denial is answered `403 RBAC: access denied`;
-//! 4. **route**: the HTTPRoute or VirtualService rule for the request
+//! 4. **route**: the HTTPRoute, GRPCRoute or VirtualService rule for the request
 //!    ([`mesh::route::route`]): none applies → the Service itself; one applies but no rule
 //!    matches → 404; a redirect or a VirtualService `directResponse` is answered here
 //!    (nothing sent upstream); otherwise a backend picked by weight for this request,
@@ -63,6 +63,11 @@
 //! 504), connection-pool overflow (`UO`, 503), a request that cannot be forwarded
 //! (`BADREQ`, 400), downstream gone (`DC`), retries exhausted (`URX`), fault delay (`DI`)
 //! and abort (`FI`).
+//! A gRPC request (`content-type: application/grpc[+codec|;...]`) gets these local replies as
+//! Envoy sends them to gRPC clients (`local_reply`): HTTP 200, trailers-only, `grpc-status`
+//! by [`grpc_status_for`] (403 → 7 PERMISSION_DENIED, 401 → 16 UNAUTHENTICATED, 404 → 12
+//! UNIMPLEMENTED, 503/504 → 14 UNAVAILABLE, 400 → 13 INTERNAL, `NC` → 14) and `grpc-message`
+//! the text; `response_code` is the 200 sent, `grpc_response_status` that status.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -111,6 +116,7 @@ pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// Set on a request whose path a `URLRewrite` changed: the path before (as Envoy does).
 pub const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 
@@ -239,12 +245,9 @@ async fn handle(
         }
     };
     let resolved = ctx.target.lookup(&model, &inputs.cfg.trust_domain);
-    let grpc = ctx.declared == Declared::Grpc
-        || parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/grpc"));
+    // A gRPC request gets its local replies as gRPC statuses (see `local_reply`).
+    let grpc_request = is_grpc_request(&parts.headers);
+    let grpc = ctx.declared == Declared::Grpc || grpc_request;
     let mut labels = LabelInputs {
         src_pod: model.workload_by_ip(ctx.remote_ip).cloned(),
         src_identity: Some(ctx.peer_identity.clone()),
@@ -285,6 +288,7 @@ async fn handle(
             status,
             Bytes::from_static(body.as_bytes()),
             flag,
+            grpc_request,
             labels,
             log,
             &inputs.http_metrics,
@@ -446,10 +450,12 @@ async fn handle(
                         reason: Some("direct response".to_string()),
                         ..log
                     };
+                    // A direct response is sent as written, also to a gRPC client.
                     let mut rsp = local_reply(
                         status,
                         direct.body.clone(),
                         None,
+                        false,
                         labels,
                         log,
                         &inputs.http_metrics,
@@ -569,7 +575,14 @@ async fn handle(
             delayed = true;
         }
         if let Some(abort) = decision.abort {
-            return fault_abort(abort, labels, log, &inputs.http_metrics, &req_bytes);
+            return fault_abort(
+                abort,
+                grpc_request,
+                labels,
+                log,
+                &inputs.http_metrics,
+                &req_bytes,
+            );
         }
     }
 
@@ -1120,6 +1133,7 @@ async fn attempt(
 /// A fault abort: the HTTP status, or for a gRPC status HTTP 200 with `grpc-status`.
 fn fault_abort(
     abort: AbortStatus,
+    grpc: bool,
     labels: LabelInputs,
     log: AccessLog,
     metrics: &HttpMetrics,
@@ -1137,6 +1151,7 @@ fn fault_abort(
                 status,
                 body,
                 Some(ResponseFlag::FaultInjected),
+                grpc,
                 labels,
                 log,
                 metrics,
@@ -1148,6 +1163,7 @@ fn fault_abort(
                 StatusCode::OK,
                 Bytes::new(),
                 Some(ResponseFlag::FaultInjected),
+                false,
                 labels,
                 log,
                 metrics,
@@ -1289,38 +1305,112 @@ pub fn new_request_id() -> String {
     )
 }
 
-/// A reply the waypoint makes itself.
+/// Whether a request is gRPC as Envoy decides it for local replies: `content-type`
+/// `application/grpc`, or `application/grpc+<codec>` / `application/grpc;...` (not gRPC-Web).
+pub fn is_grpc_request(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct.trim();
+            ct == "application/grpc"
+                || ct.starts_with("application/grpc+")
+                || ct.starts_with("application/grpc;")
+        })
+}
+
+/// The gRPC status of a local reply that would have had HTTP `status`: Envoy's mapping (the
+/// one in gRPC's `http-grpc-status-mapping.md`): 400 → INTERNAL (13), 401 → UNAUTHENTICATED
+/// (16), 403 → PERMISSION_DENIED (7), 404 → UNIMPLEMENTED (12), 429/502/503/504 →
+/// UNAVAILABLE (14), anything else UNKNOWN (2); except that no usable backend (`NC`) is
+/// UNAVAILABLE, as the GRPCRoute spec requires for invalid `backendRefs`.
+pub fn grpc_status_for(status: StatusCode, flag: Option<ResponseFlag>) -> u16 {
+    if flag == Some(ResponseFlag::NoCluster) {
+        return 14;
+    }
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// `grpc-message`: percent-encoded outside printable ASCII, and `%` itself (gRPC's HTTP/2
+/// protocol spec).
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A reply the waypoint makes itself. For a gRPC request (`grpc`) it is what a gRPC client
+/// understands, as Envoy answers: HTTP 200, `content-type: application/grpc`, no body, and
+/// the status in the headers ("trailers-only": `grpc-status` from [`grpc_status_for`],
+/// `grpc-message` the text the HTTP reply would have had); the metrics record
+/// `response_code` 200 (what was sent) and `grpc_response_status` that status. Otherwise
+/// `status` with `body` as `text/plain`.
+#[allow(clippy::too_many_arguments)]
 fn local_reply(
     status: StatusCode,
     body: Bytes,
     flag: Option<ResponseFlag>,
+    grpc: bool,
     labels: LabelInputs,
     log: AccessLog,
     metrics: &HttpMetrics,
     req_bytes: &Arc<AtomicU64>,
 ) -> Response<Observed> {
     let flag_name = flag.map_or("-", ResponseFlag::as_str);
-    tracing::debug!(%status, flag = flag_name, reason = log.reason.as_deref().unwrap_or("-"), "local reply");
-    let full = Full::new(body)
+    let grpc_status = grpc.then(|| grpc_status_for(status, flag));
+    tracing::debug!(%status, ?grpc_status, flag = flag_name, reason = log.reason.as_deref().unwrap_or("-"), "local reply");
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let content = if grpc { Bytes::new() } else { body };
+    let full = Full::new(content)
         .map_err(|never: Infallible| match never {})
         .boxed_unsync();
+    let sent = if grpc { StatusCode::OK } else { status };
     let body = Observed::new(
         full,
         Finish {
             metrics: metrics.clone(),
             labels,
-            code: status.as_u16(),
+            code: sent.as_u16(),
             flag,
-            grpc_status: None,
+            grpc_status: grpc_status.map(|s| s.to_string()),
             log,
             req_bytes: req_bytes.clone(),
             _held: None,
         },
     );
     let mut rsp = Response::new(body);
-    *rsp.status_mut() = status;
-    rsp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    *rsp.status_mut() = sent;
+    let headers = rsp.headers_mut();
+    match grpc_status {
+        Some(code) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(GRPC_STATUS, HeaderValue::from(code));
+            if let Ok(v) = HeaderValue::from_str(&grpc_message(&text)) {
+                if !v.is_empty() {
+                    headers.insert(GRPC_MESSAGE, v);
+                }
+            }
+        }
+        None => {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+    }
     rsp
 }
 
@@ -1680,6 +1770,7 @@ mod tests {
         let bytes = Arc::new(AtomicU64::new(0));
         let rsp = fault_abort(
             AbortStatus::Http(418),
+            false,
             LabelInputs::default(),
             access_log(),
             &metrics,
@@ -1690,6 +1781,7 @@ mod tests {
         assert_eq!(body, FAULT_ABORT_BODY.as_bytes());
         let rsp = fault_abort(
             AbortStatus::Grpc(14),
+            true,
             LabelInputs::default(),
             access_log(),
             &metrics,
@@ -1766,6 +1858,55 @@ mod tests {
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["x-envoyish", "x-request-id"]);
+    }
+
+    #[test]
+    fn grpc_requests_are_recognised_by_content_type_as_envoy_does() {
+        let check = |ct: Option<&str>, expected: bool| {
+            let mut h = HeaderMap::new();
+            if let Some(ct) = ct {
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_str(ct).expect("value"),
+                );
+            }
+            assert_eq!(is_grpc_request(&h), expected, "{ct:?}");
+        };
+        check(Some("application/grpc"), true);
+        check(Some("application/grpc+proto"), true);
+        check(Some("application/grpc;charset=utf-8"), true);
+        check(Some("application/grpc-web"), false);
+        check(Some("application/grpcx"), false);
+        check(Some("application/json"), false);
+        check(None, false);
+    }
+
+    #[test]
+    fn local_replies_map_to_grpc_statuses_as_envoy_maps_them() {
+        let check = |status: u16, flag: Option<ResponseFlag>, expected: u16| {
+            let s = StatusCode::from_u16(status).expect("status");
+            assert_eq!(grpc_status_for(s, flag), expected, "{status} {flag:?}");
+        };
+        check(403, Some(ResponseFlag::Deny), 7);
+        check(401, Some(ResponseFlag::JwtDenied), 16);
+        check(404, Some(ResponseFlag::NoRoute), 12);
+        check(503, Some(ResponseFlag::NoHealthyUpstream), 14);
+        check(503, Some(ResponseFlag::UpstreamFailure), 14);
+        check(503, Some(ResponseFlag::UpstreamReset), 14);
+        check(504, Some(ResponseFlag::UpstreamTimeout), 14);
+        check(400, Some(ResponseFlag::BadRequest), 13);
+        check(500, Some(ResponseFlag::NoCluster), 14);
+        check(429, None, 14);
+        check(502, None, 14);
+        check(302, None, 2);
+        check(500, None, 2);
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(grpc_message("RBAC: access denied"), "RBAC: access denied");
+        assert_eq!(grpc_message("100% done"), "100%25 done");
+        assert_eq!(grpc_message("caf\u{e9}\n"), "caf%C3%A9%0A");
     }
 
     #[test]

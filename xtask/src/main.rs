@@ -284,7 +284,7 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 9] = [
+const E2E_SUITES: [&str; 10] = [
     "core",
     "enrollment",
     "bad_peers",
@@ -294,6 +294,7 @@ const E2E_SUITES: [&str; 9] = [
     "waypoint_jwt",
     "waypoint_traffic",
     "waypoint_resilience",
+    "waypoint_grpc",
 ];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
 /// truncated to 15 characters by the kernel, which this fits).

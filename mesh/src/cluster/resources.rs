@@ -47,8 +47,8 @@ pub enum Scope {
     /// Gateways.
     #[default]
     Node,
-    /// Also what a waypoint applies: HTTPRoutes, RequestAuthentications, VirtualServices and
-    /// DestinationRules.
+    /// Also what a waypoint applies: HTTPRoutes, GRPCRoutes, RequestAuthentications,
+    /// VirtualServices and DestinationRules.
     Waypoint,
 }
 
@@ -104,6 +104,12 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
             "v1",
             "HTTPRoute",
             "httproutes",
+        ));
+        kinds.push(crd(
+            "gateway.networking.k8s.io",
+            "v1",
+            "GRPCRoute",
+            "grpcroutes",
         ));
         kinds.push(istio("RequestAuthentication", "requestauthentications"));
         kinds.push(crd(

@@ -18,24 +18,24 @@ use super::{dns_label, dns_subdomain, Meta};
 use crate::model::{
     BackendRef, Filters, HeaderMatch, HeaderModifier, HttpRoute, Mirror, NamespacedName,
     ParentKind, ParentRef, PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect,
-    RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch,
+    RouteKind, RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch,
 };
 use crate::route::normalize_path;
 
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// The Gateway API's `maxItems`.
-const MAX_PARENT_REFS: usize = 32;
-const MAX_HOSTNAMES: usize = 16;
-const MAX_RULES: usize = 16;
+pub(super) const MAX_PARENT_REFS: usize = 32;
+pub(super) const MAX_HOSTNAMES: usize = 16;
+pub(super) const MAX_RULES: usize = 16;
 const MAX_MATCHES: usize = 64;
-const MAX_HEADER_MATCHES: usize = 16;
+pub(super) const MAX_HEADER_MATCHES: usize = 16;
 const MAX_QUERY_MATCHES: usize = 16;
-const MAX_FILTERS: usize = 16;
-const MAX_BACKEND_REFS: usize = 16;
+pub(super) const MAX_FILTERS: usize = 16;
+pub(super) const MAX_BACKEND_REFS: usize = 16;
 const MAX_HEADER_MODIFICATIONS: usize = 16;
 /// Longest path value or regular expression accepted (the Gateway API's `maxLength`).
-const MAX_VALUE_LEN: usize = 1024;
+pub(super) const MAX_VALUE_LEN: usize = 1024;
 /// Largest weight (the Gateway API's maximum).
 const MAX_WEIGHT: i64 = 1_000_000;
 /// Compiled size of one regular expression (program and lazy-DFA cache each).
@@ -72,6 +72,7 @@ pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
         });
     }
     Ok(HttpRoute {
+        kind: RouteKind::Http,
         name: meta.name,
         namespace: meta.namespace,
         created: meta.created,
@@ -94,7 +95,7 @@ pub(super) fn bounded<'a>(node: &Node<'a>, key: &str, max: usize) -> FieldResult
     Ok(items)
 }
 
-fn parent_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<ParentRef> {
+pub(super) fn parent_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<ParentRef> {
     node.only(&["group", "kind", "namespace", "name", "sectionName", "port"])?;
     let group = node.opt_str("group")?.unwrap_or(GATEWAY_GROUP);
     let kind_name = node.opt_str("kind")?.unwrap_or("Gateway");
@@ -146,7 +147,7 @@ pub(super) fn object_name(node: &Node<'_>) -> FieldResult<String> {
 }
 
 /// A hostname; `*.`-wildcards only where `wildcard`. Lower-case as the API requires.
-fn hostname(node: &Node<'_>, wildcard: bool) -> FieldResult<String> {
+pub(super) fn hostname(node: &Node<'_>, wildcard: bool) -> FieldResult<String> {
     let h = node.str()?;
     let bare = match h.strip_prefix("*.") {
         Some(rest) if wildcard => rest,
@@ -296,7 +297,7 @@ pub(super) fn match_path(node: &Node<'_>, value: &str) -> FieldResult<String> {
         .map_err(|e| node.err(e.to_string()))
 }
 
-fn value_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<ValueMatch> {
+pub(super) fn value_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<ValueMatch> {
     let kind = node.opt_str("type")?.unwrap_or("Exact");
     let value_node = node.required("value")?;
     let value = value_node.str()?;
@@ -549,7 +550,7 @@ fn redirect(node: &Node<'_>) -> FieldResult<RequestRedirect> {
     })
 }
 
-fn backend_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<BackendRef> {
+pub(super) fn backend_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<BackendRef> {
     node.only(&[
         "group",
         "kind",

@@ -7,6 +7,11 @@
 //! `ignoreUriCase`, source labels/namespace, direct responses, retries, faults, mirrors), so
 //! the waypoint applies one action type for both.
 //!
+//! A `GRPCRoute` is translated into the same [`HttpRoute`] (with [`RouteKind::Grpc`]): its
+//! method match becomes a path match on `/<service>/<method>` (kept as written in
+//! [`RouteMatch::grpc`] for the GRPCRoute precedence), its header matches and filters are
+//! the HTTPRoute ones, so the waypoint applies both kinds the same way.
+//!
 //! Everything here is already parsed: header names are [`http::HeaderName`], values
 //! [`http::HeaderValue`], regular expressions compiled (with a size limit), durations
 //! [`Duration`]s. Nothing is re-parsed per request.
@@ -118,6 +123,17 @@ pub struct QueryMatch {
     pub value: ValueMatch,
 }
 
+/// A GRPCRoute `matches[].method` as written (its [`RouteMatch::path`] is what is matched).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GrpcMethodMatch {
+    /// `None`: any service.
+    pub service: Option<String>,
+    /// `None`: any method.
+    pub method: Option<String>,
+    /// `type: RegularExpression` (else `Exact`).
+    pub regex: bool,
+}
+
 /// One `matches[]` entry; every present condition must hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RouteMatch {
@@ -141,6 +157,9 @@ pub struct RouteMatch {
     pub source_labels: BTreeMap<String, String>,
     /// VirtualService `sourceNamespace`: the calling pod's namespace.
     pub source_namespace: Option<String>,
+    /// GRPCRoute only: the method match `path` was made from (ranks the match).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcMethodMatch>,
 }
 
 impl Default for RouteMatch {
@@ -157,6 +176,7 @@ impl Default for RouteMatch {
             port: None,
             source_labels: BTreeMap::new(),
             source_namespace: None,
+            grpc: None,
         }
     }
 }
@@ -318,6 +338,24 @@ pub struct RetryOn {
 }
 
 /// Retries of one route.
+/// Which Gateway API kind a route was written as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum RouteKind {
+    #[default]
+    Http,
+    Grpc,
+}
+
+impl RouteKind {
+    /// The Kubernetes kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RetryPolicy {
     /// Retries after the first attempt; 0 disables retries.
@@ -397,6 +435,8 @@ impl VirtualService {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HttpRoute {
+    /// `HTTPRoute` or `GRPCRoute` (see [`crate::route::routes_for`] for how they combine).
+    pub kind: RouteKind,
     pub name: String,
     pub namespace: String,
     /// `metadata.creationTimestamp` (RFC 3339), for "oldest route wins" ties.

@@ -13,14 +13,14 @@
 //! The method match as written is kept in [`RouteMatch::grpc`]: precedence among GRPCRoute
 //! rules counts the characters of the matching service, then of the method, then header
 //! matches (see [`crate::route`]). `parentRefs`, `hostnames`, header matches, the
-//! `RequestHeaderModifier` / `ResponseHeaderModifier` filters and weighted `backendRefs`
-//! (with their own header-modifier filters) are those of HTTPRoute (`k8s/route.rs`), with
-//! GRPCRoute's bounds (at most 8 matches per rule). Unknown fields, and
-//! `RequestMirror`, `ExtensionRef` and `sessionPersistence` (not supported here), are refused
-//! with a named error rather than ignored.
+//! `RequestHeaderModifier` / `ResponseHeaderModifier` / `RequestMirror` (rule level) filters
+//! and weighted `backendRefs` (with their own header-modifier filters) are those of HTTPRoute
+//! (`k8s/route.rs`), with GRPCRoute's bounds (at most 8 matches per rule). Unknown fields,
+//! and `ExtensionRef`, `sessionPersistence` and a backend-level `RequestMirror` (not
+//! supported here), are refused with a named error rather than ignored.
 
 use super::route::{
-    backend_ref, bounded, header_modifier, header_name, hostname, parent_ref, pattern, value_match,
+    backend_ref, bounded, header_modifier, header_name, request_mirror, hostname, parent_ref, pattern, value_match,
     MAX_BACKEND_REFS, MAX_FILTERS, MAX_HEADER_MATCHES, MAX_HOSTNAMES, MAX_PARENT_REFS, MAX_RULES,
     MAX_VALUE_LEN,
 };
@@ -111,7 +111,7 @@ fn rule(node: &Node<'_>, route_ns: &str, regexes: &mut usize) -> FieldResult<Rou
     if matches.is_empty() {
         matches.push(RouteMatch::default());
     }
-    let filters = filters(node)?;
+    let filters = filters(node, Some(route_ns))?;
     let mut backends = Vec::new();
     for b in bounded(node, "backendRefs", MAX_BACKEND_REFS)? {
         backends.push(backend_ref(&b, route_ns)?);
@@ -216,8 +216,10 @@ fn valid_method(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// A rule's `filters`: the two header modifiers, each at most once.
-fn filters(node: &Node<'_>) -> FieldResult<Filters> {
+/// A rule's `filters` (`mirror_ns`: the route's namespace, where a rule-level mirror may
+/// point; `None` for a backend's filters): the two header modifiers, each at most once, and
+/// mirrors.
+fn filters(node: &Node<'_>, mirror_ns: Option<&str>) -> FieldResult<Filters> {
     let mut out = Filters::default();
     for f in bounded(node, "filters", MAX_FILTERS)? {
         let type_node = f.required("type")?;
@@ -225,6 +227,13 @@ fn filters(node: &Node<'_>) -> FieldResult<Filters> {
         let field = match kind {
             "RequestHeaderModifier" => "requestHeaderModifier",
             "ResponseHeaderModifier" => "responseHeaderModifier",
+            "RequestMirror" if mirror_ns.is_some() => {
+                f.only(&["type", "requestMirror"])?;
+                let ns = mirror_ns.unwrap_or_default();
+                out.mirrors
+                    .push(request_mirror(&f.required("requestMirror")?, ns)?);
+                continue;
+            }
             "RequestMirror" | "ExtensionRef" => {
                 return Err(type_node.err(format!("filter type {kind} is not supported")))
             }

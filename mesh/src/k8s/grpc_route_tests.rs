@@ -181,8 +181,8 @@ fn invalid_grpc_routes_are_refused_by_name() {
         "header a matched twice",
     );
     bad(
-        "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: x, port: 1}}}]}]\n",
-        "filter type RequestMirror is not supported",
+        "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: x}}}]}]\n",
+        "port",
     );
     bad(
         "  rules: [{filters: [{type: URLRewrite, urlRewrite: {hostname: a}}]}]\n",
@@ -243,4 +243,17 @@ fn an_httproute_and_a_grpcroute_may_share_a_name() {
     let m = load_docs(&[("r.yaml".to_string(), docs.to_string())]).expect("both load");
     let kinds: Vec<RouteKind> = m.http_routes.iter().map(|r| r.kind).collect();
     assert_eq!(kinds, [RouteKind::Http, RouteKind::Grpc]);
+}
+
+#[test]
+fn a_rule_level_request_mirror_is_read_as_httproute_s() {
+    let r = load(
+        "  parentRefs: [{group: \"\", kind: Service, name: echo}]\n  rules:\n  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 9000}, percent: 25}}]\n    backendRefs: [{name: echo, port: 9000}]\n",
+    )
+    .expect("valid");
+    let mirrors = &r.rules[0].filters.mirrors;
+    assert_eq!(mirrors.len(), 1, "{mirrors:?}");
+    assert_eq!(mirrors[0].service.name, "shadow");
+    assert_eq!(mirrors[0].percent, 25.0);
+    assert_eq!(mirrors[0].port, Some(9000));
 }

@@ -593,7 +593,7 @@ pub(super) fn backend_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<Backen
 
 /// `requestMirror`: a Service `backendRef` and the share mirrored (`percent` 0-100 or
 /// `fraction` numerator/denominator; default everything).
-fn request_mirror(node: &Node<'_>, route_ns: &str) -> FieldResult<Mirror> {
+pub(super) fn request_mirror(node: &Node<'_>, route_ns: &str) -> FieldResult<Mirror> {
     node.only(&["backendRef", "percent", "fraction"])?;
     let b = node.required("backendRef")?;
     b.only(&["group", "kind", "name", "namespace", "port"])?;

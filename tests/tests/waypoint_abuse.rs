@@ -1,4 +1,4 @@
-//! HTTP/2 abuse against the waypoint (RELIABILITY 29-31), end to end: a hostile client pod
+//! HTTP/2 abuse against the waypoint (RELIABILITY 29-32), end to end: a hostile client pod
 //! speaks raw HTTP/2 frames (h2c, prior knowledge) to a Service that uses a waypoint; its
 //! ztunnel carries the bytes over HBONE and the waypoint's HTTP/2 server sees exactly what the
 //! attacker wrote. Each attack must end with the connection closed (or throttled by
@@ -22,6 +22,9 @@ const WAYPOINT: &str = "default/waypoint";
 const ECHO_VIP: &str = "10.96.0.30";
 /// Growth of the waypoint's RSS an attack may cause.
 const RSS_BUDGET_KIB: u64 = 16 * 1024;
+/// 1,000 requests in flight at once (then 1,000 upstream connections) are legitimate load:
+/// at most 64 KiB each.
+const STREAMS_RSS_BUDGET_KIB: u64 = 64 * 1000;
 /// CPU seconds the waypoint may spend on one attack.
 const CPU_BUDGET: Duration = Duration::from_secs(8);
 
@@ -71,8 +74,29 @@ fn mesh(test: &str) -> Result<Mesh> {
             "waypoint.yaml",
             &gateway_yaml("default", "waypoint", "service"),
         )
+        .yaml("slow.yaml", SLOW)
         .build()
 }
+
+/// `/slow` waits 2 s in the waypoint (a fault delay) before going upstream: streams that
+/// stay open without costing an upstream connection each.
+const SLOW: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [echo]
+  http:
+  - match: [{uri: {prefix: /slow}}]
+    fault: {delay: {fixedDelay: 2s, percentage: {value: 100}}}
+    route: [{destination: {host: echo}}]
+  - route: [{destination: {host: echo}}]
+"#;
+/// The waypoint's limit on concurrent streams per downstream HTTP/2 connection
+/// (`waypoint::http::MAX_CONCURRENT_STREAMS`).
+const WAYPOINT_MAX_STREAMS: usize = 1_000;
+/// RST_STREAM error code REFUSED_STREAM.
+const REFUSED_STREAM: u32 = 0x7;
 
 /// One frame: 9-byte header and payload.
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -89,6 +113,15 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 /// HPACK for `GET http://echo/`: static-table indices and one literal without indexing.
 fn request_block() -> Vec<u8> {
     let mut b = vec![0x82, 0x86, 0x84, 0x01, 4];
+    b.extend_from_slice(b"echo");
+    b
+}
+
+/// HPACK for `GET http://echo/slow`.
+fn slow_request_block() -> Vec<u8> {
+    let mut b = vec![0x82, 0x86, 0x04, 5];
+    b.extend_from_slice(b"/slow");
+    b.extend_from_slice(&[0x01, 4]);
     b.extend_from_slice(b"echo");
     b
 }
@@ -123,6 +156,10 @@ struct Seen {
     goaway: Option<u32>,
     closed: bool,
     bytes: u64,
+    /// Response HEADERS frames.
+    responses: usize,
+    /// RST_STREAM frames with REFUSED_STREAM.
+    refused: usize,
 }
 
 /// After `pause` (a peer that does not read), reads frames until GOAWAY, end of stream or
@@ -150,6 +187,15 @@ fn read_frames(mut tcp: TcpStream, pause: Duration, limit: Duration) -> Seen {
                     if buf[3] == GOAWAY && len >= 8 {
                         let code = u32::from_be_bytes([buf[13], buf[14], buf[15], buf[16]]);
                         seen.goaway.get_or_insert(code);
+                    }
+                    if buf[3] == HEADERS {
+                        seen.responses += 1;
+                    }
+                    if buf[3] == RST_STREAM
+                        && len == 4
+                        && u32::from_be_bytes([buf[9], buf[10], buf[11], buf[12]]) == REFUSED_STREAM
+                    {
+                        seen.refused += 1;
                     }
                     buf.drain(..9 + len);
                 }
@@ -199,6 +245,7 @@ fn under_attack(
     wp: &ChildGuard,
     name: &str,
     pause: Duration,
+    rss_budget_kib: u64,
     attack: impl FnOnce(&mut TcpStream) -> Result<()> + Send,
 ) -> Result<Seen> {
     let (rss_before, cpu_before) = usage(wp)?;
@@ -246,7 +293,7 @@ fn under_attack(
         "{name}: attacker saw {seen:?}; waypoint RSS +{grew} KiB, CPU {cpu:?}; \
          {served} client requests served meanwhile"
     );
-    assert!(grew <= RSS_BUDGET_KIB, "{name}: RSS grew {grew} KiB");
+    assert!(grew <= rss_budget_kib, "{name}: RSS grew {grew} KiB");
     assert!(cpu <= CPU_BUDGET, "{name}: CPU {cpu:?}");
     assert!(
         served >= 1,
@@ -273,86 +320,154 @@ fn http2_abuse_of_the_waypoint_is_bounded_and_spares_other_clients() -> Result<(
 
 fn abuse_checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
     // 29. Rapid reset: open a stream and cancel it at once, 20,000 times.
-    let seen = under_attack(mesh, wp, "rapid reset", Duration::ZERO, |tcp| {
-        let block = request_block();
-        let mut batch = Vec::new();
-        for i in 0..20_000u32 {
-            let id = 2 * i + 1;
-            batch.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
-            batch.extend(frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
-            if batch.len() > 16 * 1024 {
-                tcp.write_all(&batch)?;
-                batch.clear();
+    let seen = under_attack(
+        mesh,
+        wp,
+        "rapid reset",
+        Duration::ZERO,
+        RSS_BUDGET_KIB,
+        |tcp| {
+            let block = request_block();
+            let mut batch = Vec::new();
+            for i in 0..20_000u32 {
+                let id = 2 * i + 1;
+                batch.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+                batch.extend(frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+                if batch.len() > 16 * 1024 {
+                    tcp.write_all(&batch)?;
+                    batch.clear();
+                }
             }
-        }
-        tcp.write_all(&batch)?;
-        Ok(())
-    })?;
+            tcp.write_all(&batch)?;
+            Ok(())
+        },
+    )?;
     assert!(
         seen.goaway.is_some() || seen.closed,
         "rapid reset: the connection was neither sent GOAWAY nor closed: {seen:?}"
     );
 
     // 30. CONTINUATION flood: a header block that never ends, 1 KiB at a time, 4 MiB in all.
-    let seen = under_attack(mesh, wp, "continuation flood", Duration::ZERO, |tcp| {
-        tcp.write_all(&frame(HEADERS, 0, 1, &request_block()))?;
-        let piece = junk_header(1000);
-        for _ in 0..4096 {
-            tcp.write_all(&frame(CONTINUATION, 0, 1, &piece))?;
-        }
-        Ok(())
-    })?;
+    let seen = under_attack(
+        mesh,
+        wp,
+        "continuation flood",
+        Duration::ZERO,
+        RSS_BUDGET_KIB,
+        |tcp| {
+            tcp.write_all(&frame(HEADERS, 0, 1, &request_block()))?;
+            let piece = junk_header(1000);
+            for _ in 0..4096 {
+                tcp.write_all(&frame(CONTINUATION, 0, 1, &piece))?;
+            }
+            Ok(())
+        },
+    )?;
     assert!(
         seen.goaway.is_some() || seen.closed,
         "continuation flood: connection still open: {seen:?}"
     );
 
     // 30. A header list over 64 KiB in one request: refused, the connection may stay.
-    under_attack(mesh, wp, "oversized headers", Duration::ZERO, |tcp| {
-        let mut block = request_block();
-        block.extend(junk_header(100 * 1024));
-        let (first, rest) = block.split_at(16 * 1024);
-        tcp.write_all(&frame(HEADERS, END_STREAM, 1, first))?;
-        let chunks: Vec<&[u8]> = rest.chunks(16 * 1024).collect();
-        for (i, c) in chunks.iter().enumerate() {
-            let flags = if i + 1 == chunks.len() {
-                END_HEADERS
-            } else {
-                0
-            };
-            tcp.write_all(&frame(CONTINUATION, flags, 1, c))?;
-        }
-        Ok(())
-    })?;
+    under_attack(
+        mesh,
+        wp,
+        "oversized headers",
+        Duration::ZERO,
+        RSS_BUDGET_KIB,
+        |tcp| {
+            let mut block = request_block();
+            block.extend(junk_header(100 * 1024));
+            let (first, rest) = block.split_at(16 * 1024);
+            tcp.write_all(&frame(HEADERS, END_STREAM, 1, first))?;
+            let chunks: Vec<&[u8]> = rest.chunks(16 * 1024).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                let flags = if i + 1 == chunks.len() {
+                    END_HEADERS
+                } else {
+                    0
+                };
+                tcp.write_all(&frame(CONTINUATION, flags, 1, c))?;
+            }
+            Ok(())
+        },
+    )?;
 
     // 31. PING and SETTINGS floods from a peer that never reads its replies (the reader
     // thread only starts reading after a pause): bounded by backpressure, then closed.
     for (name, kind) in [("ping flood", PING), ("settings flood", SETTINGS)] {
-        under_attack(mesh, wp, name, Duration::from_secs(6), |tcp| {
-            let payload: &[u8] = if kind == PING { &[0u8; 8] } else { &[] };
-            let one = frame(kind, 0, 0, payload);
-            let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            // At most 200,000 frames, 5 s.
-            for _ in 0..50 {
-                if Instant::now() > deadline {
-                    break;
+        under_attack(
+            mesh,
+            wp,
+            name,
+            Duration::from_secs(6),
+            RSS_BUDGET_KIB,
+            |tcp| {
+                let payload: &[u8] = if kind == PING { &[0u8; 8] } else { &[] };
+                let one = frame(kind, 0, 0, payload);
+                let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                // At most 200,000 frames, 5 s.
+                for _ in 0..50 {
+                    if Instant::now() > deadline {
+                        break;
+                    }
+                    tcp.write_all(&batch)?;
                 }
+                Ok(())
+            },
+        )?;
+    }
+
+    // 32. More streams than allowed (the waypoint allows 1000 at a time): 1,100 requests
+    // that each wait 2 s in the waypoint, sent at once by a client that ignores the limit.
+    // The extra ones are refused (RST_STREAM REFUSED_STREAM) and the connection stays: the
+    // others are answered.
+    let seen = under_attack(
+        mesh,
+        wp,
+        "too many streams",
+        Duration::ZERO,
+        STREAMS_RSS_BUDGET_KIB,
+        |tcp| {
+            let block = slow_request_block();
+            let mut batch = Vec::new();
+            for i in 0..1_100u32 {
+                batch.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
+            }
+            tcp.write_all(&batch)?;
+            // Keep the connection open until the delayed answers are in.
+            std::thread::sleep(Duration::from_secs(5));
+            Ok(())
+        },
+    )?;
+    assert!(
+        seen.refused >= 1_100 - WAYPOINT_MAX_STREAMS,
+        "streams over the limit refused: {seen:?}"
+    );
+    assert_eq!(seen.goaway, None, "the connection stays: {seen:?}");
+    assert_eq!(
+        seen.responses + seen.refused,
+        1_100,
+        "every stream answered or refused: {seen:?}"
+    );
+
+    // 31. Empty DATA frames on an open stream.
+    under_attack(
+        mesh,
+        wp,
+        "empty data flood",
+        Duration::ZERO,
+        RSS_BUDGET_KIB,
+        |tcp| {
+            tcp.write_all(&frame(HEADERS, END_HEADERS, 1, &request_block()))?;
+            let one = frame(DATA, 0, 1, &[]);
+            let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 8192).collect();
+            for _ in 0..25 {
                 tcp.write_all(&batch)?;
             }
             Ok(())
-        })?;
-    }
-
-    // 31. Empty DATA frames on an open stream.
-    under_attack(mesh, wp, "empty data flood", Duration::ZERO, |tcp| {
-        tcp.write_all(&frame(HEADERS, END_HEADERS, 1, &request_block()))?;
-        let one = frame(DATA, 0, 1, &[]);
-        let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 8192).collect();
-        for _ in 0..25 {
-            tcp.write_all(&batch)?;
-        }
-        Ok(())
-    })?;
+        },
+    )?;
     Ok(())
 }

@@ -20,9 +20,9 @@
 //! supported here), are refused with a named error rather than ignored.
 
 use super::route::{
-    backend_ref, bounded, header_modifier, header_name, request_mirror, hostname, parent_ref, pattern, value_match,
-    MAX_BACKEND_REFS, MAX_FILTERS, MAX_HEADER_MATCHES, MAX_HOSTNAMES, MAX_PARENT_REFS, MAX_RULES,
-    MAX_VALUE_LEN,
+    backend_ref, bounded, header_modifier, header_name, hostname, parent_ref, pattern,
+    request_mirror, value_match, MAX_BACKEND_REFS, MAX_FILTERS, MAX_HEADER_MATCHES, MAX_HOSTNAMES,
+    MAX_PARENT_REFS, MAX_RULES, MAX_VALUE_LEN,
 };
 use super::yaml::{FieldResult, Node};
 use super::Meta;

@@ -591,7 +591,7 @@ fn metadata(obj: &Node<'_>, kind: Kind) -> FieldResult<Meta> {
         annotations: meta.opt_string_map("annotations")?,
         // Read only where it decides something (core kinds ignore what they do not use).
         created: match kind {
-            Kind::HttpRoute | Kind::DestinationRule => {
+            Kind::HttpRoute | Kind::GrpcRoute | Kind::DestinationRule | Kind::VirtualService => {
                 meta.opt_str("creationTimestamp")?.map(str::to_string)
             }
             _ => None,

@@ -20,9 +20,8 @@
 //! supported here), are refused with a named error rather than ignored.
 
 use super::route::{
-    backend_ref, bounded, header_modifier, header_name, hostname, parent_ref, pattern,
-    request_mirror, value_match, MAX_BACKEND_REFS, MAX_FILTERS, MAX_HEADER_MATCHES, MAX_HOSTNAMES,
-    MAX_PARENT_REFS, MAX_RULES, MAX_VALUE_LEN,
+    backend_ref, bounded, header_modifier, header_name, pattern, request_mirror, route_spec,
+    value_match, MAX_BACKEND_REFS, MAX_FILTERS, MAX_HEADER_MATCHES, MAX_RULES, MAX_VALUE_LEN,
 };
 use super::yaml::{FieldResult, Node};
 use super::Meta;
@@ -36,22 +35,8 @@ use crate::model::{
 const MAX_MATCHES: usize = 8;
 
 pub(super) fn grpc_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
-    let created = obj
-        .get("metadata")?
-        .map(|m| m.opt_str("creationTimestamp"))
-        .transpose()?
-        .flatten()
-        .map(str::to_string);
-    let spec = obj.required("spec")?;
-    spec.only(&["parentRefs", "hostnames", "rules"])?;
-    let mut parents = Vec::new();
-    for node in bounded(&spec, "parentRefs", MAX_PARENT_REFS)? {
-        parents.push(parent_ref(&node, &meta.namespace)?);
-    }
-    let mut hostnames = Vec::new();
-    for node in bounded(&spec, "hostnames", MAX_HOSTNAMES)? {
-        hostnames.push(hostname(&node, true)?);
-    }
+    let (spec, parents, hostnames) = route_spec(obj, &meta)?;
+    let created = meta.created.clone();
     let mut regexes = 0;
     let mut rules = Vec::new();
     for node in bounded(&spec, "rules", MAX_RULES)? {

@@ -44,16 +44,7 @@ pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 pub const MAX_REGEXES_PER_ROUTE: usize = 128;
 
 pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
-    let spec = obj.required("spec")?;
-    spec.only(&["parentRefs", "hostnames", "rules"])?;
-    let mut parents = Vec::new();
-    for node in bounded(&spec, "parentRefs", MAX_PARENT_REFS)? {
-        parents.push(parent_ref(&node, &meta.namespace)?);
-    }
-    let mut hostnames = Vec::new();
-    for node in bounded(&spec, "hostnames", MAX_HOSTNAMES)? {
-        hostnames.push(hostname(&node, true)?);
-    }
+    let (spec, parents, hostnames) = route_spec(obj, &meta)?;
     let mut regexes = 0;
     let mut rules = Vec::new();
     for node in bounded(&spec, "rules", MAX_RULES)? {
@@ -80,6 +71,25 @@ pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
         hostnames,
         rules,
     })
+}
+
+/// What HTTPRoute and GRPCRoute share: `spec` (only `parentRefs`, `hostnames`, `rules`), its
+/// parents and hostnames.
+pub(super) fn route_spec<'a>(
+    obj: &Node<'a>,
+    meta: &Meta,
+) -> FieldResult<(Node<'a>, Vec<ParentRef>, Vec<String>)> {
+    let spec = obj.required("spec")?;
+    spec.only(&["parentRefs", "hostnames", "rules"])?;
+    let mut parents = Vec::new();
+    for node in bounded(&spec, "parentRefs", MAX_PARENT_REFS)? {
+        parents.push(parent_ref(&node, &meta.namespace)?);
+    }
+    let mut hostnames = Vec::new();
+    for node in bounded(&spec, "hostnames", MAX_HOSTNAMES)? {
+        hostnames.push(hostname(&node, true)?);
+    }
+    Ok((spec, parents, hostnames))
 }
 
 /// The items of list `key`, refused when longer than `max`.

@@ -46,12 +46,7 @@ pub const MAX_DIRECT_BODY: usize = 4096;
 const CLUSTER_SUFFIX: &str = "svc.cluster.local";
 
 pub(super) fn virtual_service(obj: &Node<'_>, meta: Meta) -> FieldResult<VirtualService> {
-    let created = obj
-        .get("metadata")?
-        .map(|m| m.opt_str("creationTimestamp"))
-        .transpose()?
-        .flatten()
-        .map(str::to_string);
+    let created = meta.created.clone();
     let spec = obj.required("spec")?;
     spec.only(&["hosts", "gateways", "http", "exportTo", "tcp", "tls"])?;
     for unsupported in ["tcp", "tls"] {

@@ -529,18 +529,18 @@ fn url_rewrite(node: &Node<'_>) -> FieldResult<UrlRewrite> {
     })
 }
 
+/// A redirect's `scheme`: `http` or `https`.
+pub(super) fn scheme(n: &Node<'_>) -> FieldResult<Scheme> {
+    match n.str()? {
+        "http" => Ok(Scheme::Http),
+        "https" => Ok(Scheme::Https),
+        other => Err(n.err(format!("unknown scheme {other:?} (expected http or https)"))),
+    }
+}
+
 fn redirect(node: &Node<'_>) -> FieldResult<RequestRedirect> {
     node.only(&["scheme", "hostname", "path", "port", "statusCode"])?;
-    let scheme = match node.get("scheme")? {
-        None => None,
-        Some(n) => Some(match n.str()? {
-            "http" => Scheme::Http,
-            "https" => Scheme::Https,
-            other => {
-                return Err(n.err(format!("unknown scheme {other:?} (expected http or https)")))
-            }
-        }),
-    };
+    let scheme = node.get("scheme")?.map(|n| scheme(&n)).transpose()?;
     let status_code = match node.get("statusCode")? {
         None => 302,
         Some(n) => match n.int()? {

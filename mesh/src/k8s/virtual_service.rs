@@ -31,7 +31,7 @@ use super::{dns_label, dns_subdomain, Meta};
 use crate::model::{
     AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters, HeaderMatch,
     Mirror, NamespacedName, PathMatch, PathModifier, QueryMatch, RequestRedirect, RetryOn,
-    RetryPolicy, RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch, VirtualService,
+    RetryPolicy, RouteMatch, RouteRule, Timeouts, UrlRewrite, ValueMatch, VirtualService,
 };
 
 const MAX_HOSTS: usize = 64;
@@ -417,16 +417,10 @@ fn headers(
 
 fn vs_redirect(node: &Node<'_>) -> FieldResult<RequestRedirect> {
     node.only(&["uri", "authority", "port", "scheme", "redirectCode"])?;
-    let scheme = match node.get("scheme")? {
-        None => None,
-        Some(n) => Some(match n.str()? {
-            "http" => Scheme::Http,
-            "https" => Scheme::Https,
-            other => {
-                return Err(n.err(format!("unknown scheme {other:?} (expected http or https)")))
-            }
-        }),
-    };
+    let scheme = node
+        .get("scheme")?
+        .map(|n| super::route::scheme(&n))
+        .transpose()?;
     let status_code = match node.get("redirectCode")? {
         None => 301,
         Some(n) => match n.int()? {

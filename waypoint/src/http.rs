@@ -912,8 +912,9 @@ async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries = 0u32;
     let mut free_connect_retries = MAX_CONNECT_ATTEMPTS.saturating_sub(1);
-    // Held for the attempt it was taken for (the cluster's `maxRetries` budget).
-    let mut _retry: Option<RetryGuard> = None;
+    // A slot of the cluster's `maxRetries` budget, held while its retry runs (replaced by
+    // the next retry's).
+    let mut retry_slot: Option<RetryGuard>;
     loop {
         let (ep, in_flight) = match choose_endpoint(plan.cluster, plan.eps, plan.hash, &tried) {
             Ok((ep, in_flight)) => (ep.clone(), in_flight),
@@ -957,8 +958,8 @@ async fn forward(
         }
         let mut again = retriable && replayable && retries < plan.policy.attempts;
         if again {
-            _retry = plan.cluster.try_retry();
-            if _retry.is_none() {
+            retry_slot = plan.cluster.try_retry();
+            if retry_slot.is_none() {
                 tracing::debug!(cluster = %plan.cluster.name(), "retry budget (maxRetries) exhausted");
                 again = false;
             }

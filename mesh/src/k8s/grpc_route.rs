@@ -52,16 +52,7 @@ pub(super) fn grpc_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
         rules.push(rule);
     }
     if rules.is_empty() {
-        // A route without rules still attaches: one rule matching everything, no backend.
-        rules.push(RouteRule {
-            name: None,
-            matches: vec![RouteMatch::default()],
-            filters: Filters::default(),
-            backends: Vec::new(),
-            timeouts: Timeouts::default(),
-            retries: None,
-            fault: None,
-        });
+        rules.push(RouteRule::without_backend());
     }
     Ok(HttpRoute {
         kind: RouteKind::Grpc,

@@ -51,16 +51,7 @@ pub(super) fn http_route(obj: &Node<'_>, meta: Meta) -> FieldResult<HttpRoute> {
         rules.push(rule(&node, &meta.namespace, &mut regexes)?);
     }
     if rules.is_empty() {
-        // A route without rules still attaches: one rule, default match, no backend (500).
-        rules.push(RouteRule {
-            name: None,
-            matches: vec![RouteMatch::default()],
-            filters: Filters::default(),
-            backends: Vec::new(),
-            timeouts: Timeouts::default(),
-            retries: None,
-            fault: None,
-        });
+        rules.push(RouteRule::without_backend());
     }
     Ok(HttpRoute {
         kind: RouteKind::Http,

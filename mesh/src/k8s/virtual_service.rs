@@ -521,37 +521,31 @@ fn percentage(node: &Node<'_>) -> FieldResult<f64> {
 fn mirrors(node: &Node<'_>, ns: &str) -> FieldResult<Vec<Mirror>> {
     let mut out = Vec::new();
     if let Some(m) = node.get("mirror")? {
-        let (service, port, subset) = destination_parts(&m, ns)?;
-        let percent = node
-            .get("mirrorPercentage")?
-            .map(|p| percentage(&p))
-            .transpose()?
-            .unwrap_or(100.0);
-        out.push(Mirror {
-            service,
-            port: (port != 0).then_some(port),
-            subset,
-            percent,
-        });
+        out.push(mirror(&m, node.get("mirrorPercentage")?, ns)?);
     } else if let Some(p) = node.get("mirrorPercentage")? {
         return Err(p.err("mirrorPercentage needs mirror"));
     }
     for m in bounded(node, "mirrors", MAX_MIRRORS)? {
         m.only(&["destination", "percentage"])?;
-        let (service, port, subset) = destination_parts(&m.required("destination")?, ns)?;
-        let percent = m
-            .get("percentage")?
-            .map(|p| percentage(&p))
-            .transpose()?
-            .unwrap_or(100.0);
-        out.push(Mirror {
-            service,
-            port: (port != 0).then_some(port),
-            subset,
-            percent,
-        });
+        out.push(mirror(
+            &m.required("destination")?,
+            m.get("percentage")?,
+            ns,
+        )?);
     }
     Ok(out)
+}
+
+/// One mirror: its destination, and the share of requests it gets (default all).
+fn mirror(destination: &Node<'_>, share: Option<Node<'_>>, ns: &str) -> FieldResult<Mirror> {
+    let (service, port, subset) = destination_parts(destination, ns)?;
+    let percent = share.map(|p| percentage(&p)).transpose()?.unwrap_or(100.0);
+    Ok(Mirror {
+        service,
+        port: (port != 0).then_some(port),
+        subset,
+        percent,
+    })
 }
 
 /// A protobuf-JSON duration (`1.5s`, `300ms`, `2m`, `1h`).

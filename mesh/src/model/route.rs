@@ -433,6 +433,22 @@ impl VirtualService {
     }
 }
 
+impl RouteRule {
+    /// What a route without `rules` holds: it still attaches, with one rule that matches
+    /// everything and has no backend (answered 500).
+    pub fn without_backend() -> RouteRule {
+        RouteRule {
+            name: None,
+            matches: vec![RouteMatch::default()],
+            filters: Filters::default(),
+            backends: Vec::new(),
+            timeouts: Timeouts::default(),
+            retries: None,
+            fault: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HttpRoute {
     /// `HTTPRoute` or `GRPCRoute` (see [`crate::route::routes_for`] for how they combine).

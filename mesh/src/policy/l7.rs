@@ -317,21 +317,8 @@ fn matches_operation(op: &Operation, attrs: &Attributes<'_>) -> bool {
 fn host_matches(pattern: &str, authority: &str) -> bool {
     let pattern = pattern.to_ascii_lowercase();
     let authority = authority.to_ascii_lowercase();
-    wildcard(&pattern, Some(&authority)) || wildcard(&pattern, Some(strip_port(&authority)))
-}
-
-/// `host:port` → `host`, `[v6]:port` → `[v6]`; anything else unchanged.
-fn strip_port(authority: &str) -> &str {
-    match authority.rsplit_once(':') {
-        Some((host, port))
-            if !port.is_empty()
-                && port.bytes().all(|b| b.is_ascii_digit())
-                && (!host.contains(':') || host.ends_with(']')) =>
-        {
-            host
-        }
-        _ => authority,
-    }
+    wildcard(&pattern, Some(&authority))
+        || wildcard(&pattern, Some(crate::route::host_without_port(&authority)))
 }
 
 fn path_matches(pattern: &str, path: &str) -> bool {

@@ -832,10 +832,10 @@ fn istio_task_deny_all_then_allow_by_principal_and_method() {
 
 #[test]
 fn helpers() {
-    assert_eq!(strip_port("web:8080"), "web");
-    assert_eq!(strip_port("[fd00::1]:80"), "[fd00::1]");
-    assert_eq!(strip_port("fd00::1"), "fd00::1");
-    assert_eq!(strip_port("web"), "web");
+    assert_eq!(crate::route::host_without_port("web:8080"), "web");
+    assert_eq!(crate::route::host_without_port("[fd00::1]:80"), "[fd00::1]");
+    assert_eq!(crate::route::host_without_port("fd00::1"), "fd00::1");
+    assert_eq!(crate::route::host_without_port("web"), "web");
     assert_eq!(
         bracketed("request.headers[x]", "request.headers"),
         Some("x")

@@ -89,7 +89,7 @@ pub const KINDS: [(&str, &str, &str); 12] = [
     ),
 ];
 
-/// The kinds of [`KINDS`] only a waypoint watches (`mesh::cluster::Scope::Waypoint`).
+/// The kinds of [`KINDS`] only a waypoint watches (`mesh_kube::Scope::Waypoint`).
 pub const WAYPOINT_ONLY_KINDS: [&str; 5] = [
     "HTTPRoute",
     "GRPCRoute",

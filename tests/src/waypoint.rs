@@ -1,6 +1,6 @@
 //! Running the real `waypoint` binary inside a pod's network namespace, as the local mode
 //! runs a waypoint: a pod labelled `gateway.networking.k8s.io/gateway-name=<gateway>` whose
-//! IP is the waypoint's address (see `mesh::model::waypoint`).
+//! IP is the waypoint's address (see `mesh_model::model::waypoint`).
 //!
 //! Also the small keep-alive HTTP/1.1 [`Client`] the waypoint suites send requests with,
 //! and [`with_log`] to show the waypoint's log when a check fails.

@@ -21,8 +21,8 @@ use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use e2e::{eventually, prom, Ambient, Mesh, Pod};
 use http::{Method, Request, StatusCode};
-use mesh::ca::{Ca, WorkloadCert};
-use mesh::identity::Identity;
+use mesh_model::identity::Identity;
+use mesh_pki::ca::{Ca, WorkloadCert};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::ring;
 use rustls::{AlertDescription, ClientConfig};
@@ -83,7 +83,7 @@ fn hostile_clients_are_refused_at_15008_and_the_app_sees_nothing() -> Result<()>
         rt: &rt,
         target: SocketAddr::from((server_ip, HBONE_PORT)),
         authority: SocketAddr::from((server_ip, APP_PORT)),
-        verifier: mesh::tls::server_verifier(mesh_ca.root_store(), vec![server_id]),
+        verifier: mesh_pki::tls::server_verifier(mesh_ca.root_store(), vec![server_id]),
         tls_refusals: Cell::new(0.0),
     };
 
@@ -496,7 +496,7 @@ impl HostileCtx<'_> {
         self.rt.block_on(async move {
             let tcp = async_tcp(tcp)?;
             let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(mesh::tls::server_name(), tcp)
+                .connect(mesh_pki::tls::server_name(), tcp)
                 .await
                 .context("tls handshake with a valid certificate")?;
             let (mut h2, conn) = h2::client::handshake(tls)
@@ -552,7 +552,7 @@ impl HostileCtx<'_> {
 async fn handshake_verdict(tcp: std::net::TcpStream, config: Arc<ClientConfig>) -> Result<Outcome> {
     let tcp = async_tcp(tcp)?;
     let mut tls = match tokio_rustls::TlsConnector::from(config)
-        .connect(mesh::tls::server_name(), tcp)
+        .connect(mesh_pki::tls::server_name(), tcp)
         .await
     {
         Ok(tls) => tls,
@@ -624,7 +624,7 @@ fn client_config(
     let (provider, version) = match flavour {
         // The mesh provider has TLS 1.3 suites only; a TLS 1.2 client needs ring's full set.
         Flavour::Tls12Only => (Arc::new(ring::default_provider()), &rustls::version::TLS12),
-        _ => (mesh::tls::provider(), &rustls::version::TLS13),
+        _ => (mesh_pki::tls::provider(), &rustls::version::TLS13),
     };
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[version])?
@@ -699,10 +699,8 @@ impl RogueServer {
                         }
                     };
                     lock(&handshakes).push(Handshake::Completed);
-                    let _ = mesh::hbone::serve(
-                        tls,
-                        &mesh::hbone::ServerConfig::default(),
-                        move |req| {
+                    let _ =
+                        mesh_hbone::serve(tls, &mesh_hbone::ServerConfig::default(), move |req| {
                             lock(&tunnels).push(req.authority_str().unwrap_or_default().to_owned());
                             async move {
                                 let Ok(stream) = req.accept() else { return };
@@ -710,9 +708,8 @@ impl RogueServer {
                                 let _ = tokio::io::copy(&mut r, &mut w).await;
                                 let _ = w.shutdown().await;
                             }
-                        },
-                    )
-                    .await;
+                        })
+                        .await;
                 });
             }
         });
@@ -737,7 +734,7 @@ impl RogueServer {
 /// What an HBONE server offers: TLS 1.3, ALPN h2; no client authentication (the rogue does
 /// not care who calls).
 fn server_config(cert: &WorkloadCert) -> Result<Arc<rustls::ServerConfig>> {
-    let mut config = rustls::ServerConfig::builder_with_provider(mesh::tls::provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(mesh_pki::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;

@@ -2,7 +2,7 @@
 //!
 //! Configuration is read exactly as the node agent reads it: the same YAML directory
 //! (polled, reloaded on change, an invalid change rejected and the last good model kept) or
-//! the API server (`mesh::cluster::watch` with the waypoint's kinds: also HTTPRoutes,
+//! the API server (`mesh_kube::watch` with the waypoint's kinds: also HTTPRoutes,
 //! GRPCRoutes, RequestAuthentications, VirtualServices and DestinationRules), the same CA directory (the waypoint issues its own certificate
 //! from it). Not ready until a first good model is in.
 
@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use mesh::ca::Ca;
-use mesh::certs::CertManager;
-use mesh::metrics::Metrics;
-use mesh::model::Model;
+use mesh_model::model::Model;
+use mesh_pki::ca::Ca;
+use mesh_pki::certs::CertManager;
+use mesh_telemetry::Metrics;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -48,13 +48,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .context("--config-source dir needs --config-dir")?,
         ),
         ConfigSource::Kube => Source::Kube(
-            mesh::cluster::client()
+            mesh_kube::client()
                 .await
                 .context("set up the kubernetes api client")?,
         ),
     };
     let initial = match &source {
-        Source::Dir(dir) => match mesh::k8s::load_dir(dir) {
+        Source::Dir(dir) => match mesh_model::k8s::load_dir(dir) {
             Ok(m) => {
                 metrics.config_loaded();
                 config_loaded.store(true, Ordering::SeqCst);
@@ -139,13 +139,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         Source::Kube(client) => {
             let (models_tx, models) = watch::channel(Arc::new(Model::default()));
-            let opts = mesh::cluster::Options {
+            let opts = mesh_kube::Options {
                 metrics: Some(metrics.clone()),
-                scope: mesh::cluster::Scope::Waypoint,
-                ..mesh::cluster::Options::default()
+                scope: mesh_kube::Scope::Waypoint,
+                ..mesh_kube::Options::default()
             };
             tokio::spawn(
-                mesh::cluster::watch(client, models_tx, opts, stop.clone())
+                mesh_kube::watch(client, models_tx, opts, stop.clone())
                     .instrument(tracing::info_span!("kube")),
             );
             tokio::spawn(
@@ -185,7 +185,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// Where the model comes from.
 enum Source {
     Dir(PathBuf),
-    Kube(mesh::cluster::Client),
+    Kube(mesh_kube::Client),
 }
 
 /// Installs every model the API server watch publishes (only complete, accepted models: the
@@ -258,14 +258,14 @@ async fn watch_config(
     stop: CancellationToken,
 ) {
     let dir: &Path = &dir;
-    let mut last = mesh::k8s::dir_fingerprint(dir).ok();
+    let mut last = mesh_model::k8s::dir_fingerprint(dir).ok();
     let mut tick = tokio::time::interval(cfg.config_poll);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let fp = match mesh::k8s::dir_fingerprint(dir) {
+        let fp = match mesh_model::k8s::dir_fingerprint(dir) {
             Ok(fp) => Some(fp),
             Err(e) => {
                 tracing::warn!(error = %e, "reading config dir failed; keeping the last good config");
@@ -276,7 +276,7 @@ async fn watch_config(
             continue;
         }
         last = fp;
-        match mesh::k8s::load_dir(dir) {
+        match mesh_model::k8s::load_dir(dir) {
             Ok(m) => {
                 check_gateway(&m, &cfg);
                 model.store(Arc::new(m));

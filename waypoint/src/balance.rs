@@ -1,6 +1,6 @@
 //! Load balancing, request limits and outlier detection per upstream *cluster* — one
 //! (Service, port, subset), as Envoy names them `outbound|<port>|<subset>|<host>` — as a
-//! `DestinationRule` asks for ([`mesh::model::EffectivePolicy`]).
+//! `DestinationRule` asks for ([`mesh_model::model::EffectivePolicy`]).
 //!
 //! The request path calls two hooks per attempt:
 //! 1. [`Cluster::choose`]: an endpoint for this attempt, skipping those already tried and
@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap};
-use mesh::model::{EffectivePolicy, Ejection, HashKey, LoadBalancer, NamespacedName};
+use mesh_model::model::{EffectivePolicy, Ejection, HashKey, LoadBalancer, NamespacedName};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -560,7 +560,7 @@ fn max_ejected(o: &Ejection, total: usize) -> usize {
 /// `baseEjectionTime × times`, capped at Envoy's 300 s `max_ejection_time` (or the base
 /// itself when that is longer).
 fn ejection_time(o: &Ejection, times: u32) -> Duration {
-    let cap = mesh::model::MAX_EJECTION_TIME.max(o.base_ejection_time);
+    let cap = mesh_model::model::MAX_EJECTION_TIME.max(o.base_ejection_time);
     o.base_ejection_time.saturating_mul(times).min(cap)
 }
 
@@ -675,12 +675,15 @@ pub fn new_cookie_value() -> String {
 }
 
 /// The endpoints of `eps` in subset `labels` (all of them when `None`).
-pub fn subset_endpoints(eps: Vec<Endpoint>, labels: Option<&mesh::model::Labels>) -> Vec<Endpoint> {
+pub fn subset_endpoints(
+    eps: Vec<Endpoint>,
+    labels: Option<&mesh_model::model::Labels>,
+) -> Vec<Endpoint> {
     match labels {
         None => eps,
         Some(l) => eps
             .into_iter()
-            .filter(|e| mesh::model::selector_matches(l, &e.pod.labels))
+            .filter(|e| mesh_model::model::selector_matches(l, &e.pod.labels))
             .collect(),
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use http::HeaderValue;
-use mesh::model::{ConnectionPool, Labels, OutlierDetection, Pod};
+use mesh_model::model::{ConnectionPool, Labels, OutlierDetection, Pod};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 

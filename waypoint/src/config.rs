@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use mesh::identity::Identity;
-use mesh::model::NamespacedName;
+use mesh_model::identity::Identity;
+use mesh_model::model::NamespacedName;
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_CERT_TTL: &str = "24h";
@@ -38,12 +38,12 @@ pub const DEFAULT_JWKS_RETRY: &str = "5s";
 pub const DEFAULT_JWKS_MAX_STALE: &str = "1h";
 pub const DEFAULT_JWKS_FETCH_TIMEOUT: &str = "5s";
 
-/// Where the model comes from (both feed the one translator, `mesh::k8s`).
+/// Where the model comes from (both feed the one translator, `mesh_model::k8s`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ConfigSource {
     /// A directory of Kubernetes YAML (`--config-dir`), polled (local mode, tests).
     Dir,
-    /// The Kubernetes API server, listed and watched (`mesh::cluster`, in-cluster service
+    /// The Kubernetes API server, listed and watched (`mesh_kube`, in-cluster service
     /// account, else `$KUBECONFIG`): the waypoint's RBAC must allow list/watch of the kinds.
     Kube,
 }
@@ -218,7 +218,7 @@ impl From<&Args> for Config {
     }
 }
 
-pub use mesh::duration::parse_duration;
+pub use mesh_model::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 
-use mesh::model::{
+use mesh_model::model::{
     effective_policy, EffectivePolicy, Model, NamespacedName, Service, ServicePort, SubsetError,
 };
 
@@ -189,7 +189,7 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh::k8s::load_docs;
+    use mesh_model::k8s::load_docs;
 
     const MESH: &str = r#"
 apiVersion: v1
@@ -262,7 +262,7 @@ spec:
 
     #[test]
     fn subsets_pick_endpoints_by_pod_labels_and_their_policy() {
-        use mesh::model::LoadBalancer;
+        use mesh_model::model::LoadBalancer;
         let m = load_docs(&[
             ("mesh.yaml".to_string(), MESH.to_string()),
             ("dr.yaml".to_string(), RULE.to_string()),

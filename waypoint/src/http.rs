@@ -4,19 +4,19 @@
 //! 1. **downstream**: read method, authority and path; drop hop-by-hop headers and
 //!    client-supplied internal control headers (`x-envoy-*`, `x-istio-*`, `x-mesh-*`,
 //!    `x-forwarded-client-cert`); add `x-request-id` when absent (`traceparent` and the other
-//!    headers pass unchanged); normalise the path once ([`mesh::route::normalize_path`]; a
+//!    headers pass unchanged); normalise the path once ([`mesh_model::route::normalize_path`]; a
 //!    path it refuses is answered 400) — policy, routing and the upstream all see that path;
 //! 2. **authenticate**: the RequestAuthentication rules for this waypoint and the
-//!    destination Service ([`mesh::jwt::authn`]): client copies of their
+//!    destination Service ([`mesh_model::policy::authn`]): client copies of their
 //!    `outputPayloadToHeader` headers dropped; no token → unauthenticated; an invalid token
 //!    (or one whose `jwksUri` keys are not available: fail closed) → `401 Jwt verification
 //!    fails` (flag `JWT`, `waypoint_jwt_rejected_total{reason}`); a valid one gives
 //!    `request.auth.*` to the next phase, its header removed unless `forwardOriginalToken`,
 //!    its payload written to `outputPayloadToHeader`;
-//! 3. **authorize**: L7 AuthorizationPolicy ([`mesh::policy::l7::authorize_l7`]) for this
+//! 3. **authorize**: L7 AuthorizationPolicy ([`mesh_model::policy::l7::authorize_l7`]) for this
 //!    waypoint and the destination Service; a denial is answered `403 RBAC: access denied`;
 //! 4. **route**: the HTTPRoute, GRPCRoute or VirtualService rule for the request
-//!    ([`mesh::route::route`]): none applies → the Service itself; one applies but no rule
+//!    ([`mesh_model::route::route`]): none applies → the Service itself; one applies but no rule
 //!    matches → 404; a redirect or a VirtualService `directResponse` is answered here
 //!    (nothing sent upstream); otherwise a backend picked by weight for this request,
 //!    request-header modifiers and rewrites applied, response-header modifiers, timeouts,
@@ -24,10 +24,10 @@
 //!    later;
 //! 5. **fault**: a VirtualService `fault` delay (flag `DI` on the response), then maybe an
 //!    abort (`FI`, body `fault filter abort`; a gRPC status as HTTP 200 + `grpc-status`),
-//!    decided by [`mesh::resilience::fault`];
+//!    decided by [`mesh_model::resilience::fault`];
 //! 6. **select**: the backend's ready endpoints from the current model and the cluster
 //!    (Service, port, subset) they form, with its DestinationRule policy
-//!    ([`mesh::model::effective_policy`]): an unknown subset → `503 NC`, the subset's
+//!    ([`mesh_model::model::effective_policy`]): an unknown subset → `503 NC`, the subset's
 //!    endpoints (pod labels; none → `503 UH`), the consistent-hash key of the request,
 //!    one of `http2MaxRequests` slots (else `503 UO`);
 //! 7. **body**: a request body with `content-length` ≤ [`MAX_BUFFERED_BODY`] (or none) is
@@ -43,7 +43,7 @@
 //!    (`perTryTimeout`, else `timeouts.backendRequest`), the outcome reported to outlier
 //!    detection (`report_outcome`: [`crate::balance::Cluster::report`]); a connect failure moves on to another endpoint at once (up to
 //!    [`MAX_CONNECT_ATTEMPTS`] endpoints: nothing was sent); other retriable outcomes
-//!    ([`mesh::resilience::should_retry`]) are retried after a jittered backoff while
+//!    ([`mesh_model::resilience::should_retry`]) are retried after a jittered backoff while
 //!    retries remain (and the cluster's `maxRetries` budget allows) and the body can be sent
 //!    again; the route's `timeout`
 //!    (`timeouts.request`) bounds all attempts from the request's arrival; retries running
@@ -85,13 +85,13 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh::jwt::authn::{authenticate, output_headers, rules_for_waypoint, Outcome};
-use mesh::jwt::{JwtError, VERIFICATION_FAILED_BODY};
-use mesh::model::{AbortStatus, HeaderModifier, JwksSource, Mirror, RetryPolicy, Timeouts};
-use mesh::policy::l7::{authorize_l7, L7Request, DENIED_BODY};
-use mesh::policy::Decision;
-use mesh::resilience::{self, should_retry, AttemptOutcome};
-use mesh::route::{
+use mesh_model::jwt::{JwtError, VERIFICATION_FAILED_BODY};
+use mesh_model::model::{AbortStatus, HeaderModifier, JwksSource, Mirror, RetryPolicy, Timeouts};
+use mesh_model::policy::authn::{authenticate, output_headers, rules_for_waypoint, Outcome};
+use mesh_model::policy::l7::{authorize_l7, L7Request, DENIED_BODY};
+use mesh_model::policy::Decision;
+use mesh_model::resilience::{self, should_retry, AttemptOutcome};
+use mesh_model::route::{
     self, modify_headers, modify_path, normalize_path, pick_backend, redirect_location,
     NormalizedPath, RouteRequest, Routing, Selected,
 };
@@ -167,8 +167,8 @@ pub async fn serve<I: Io>(io: I, h2: bool, ctx: Arc<ConnCtx>, inputs: Arc<Inputs
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
-            .initial_stream_window_size(mesh::hbone::STREAM_WINDOW)
-            .initial_connection_window_size(mesh::hbone::CONNECTION_WINDOW);
+            .initial_stream_window_size(mesh_hbone::STREAM_WINDOW)
+            .initial_connection_window_size(mesh_hbone::CONNECTION_WINDOW);
         let conn = builder.serve_connection(io, svc);
         tokio::pin!(conn);
         tokio::select! {
@@ -1664,7 +1664,7 @@ mod tests {
     fn endpoints(n: usize) -> Vec<Endpoint> {
         (0..n)
             .map(|i| Endpoint {
-                pod: mesh::model::Pod {
+                pod: mesh_model::model::Pod {
                     name: format!("p{i}"),
                     namespace: "ns".to_string(),
                     uid: None,
@@ -1687,11 +1687,11 @@ mod tests {
     fn attempts_prefer_endpoints_not_tried_yet_and_may_go_back_to_the_only_one() {
         let clusters = balance::Clusters::new(Default::default());
         let key = |name: &str| ClusterKey {
-            service: mesh::model::NamespacedName::new("ns", name),
+            service: mesh_model::model::NamespacedName::new("ns", name),
             port: 80,
             subset: None,
         };
-        let policy = mesh::model::EffectivePolicy::default();
+        let policy = mesh_model::model::EffectivePolicy::default();
         let eps = endpoints(3);
         let cluster = clusters.cluster(&key("three"), &policy);
         let pick = |tried: &[SocketAddr]| {

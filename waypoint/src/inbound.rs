@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::{Method, StatusCode};
-use mesh::hbone::{self, InboundRequest, FORWARDED};
-use mesh::identity::Identity;
-use mesh::policy::{Decision, L4Request};
+use mesh_hbone::{self as hbone, InboundRequest, FORWARDED};
+use mesh_model::identity::Identity;
+use mesh_model::policy::{Decision, L4Request};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -40,7 +40,7 @@ pub enum InboundError {
     #[error("hbone server tls config for {identity}: {source}")]
     Tls {
         identity: Identity,
-        source: mesh::tls::TlsError,
+        source: mesh_pki::tls::TlsError,
     },
 }
 
@@ -59,7 +59,7 @@ type Refusal = (StatusCode, &'static str, String);
 impl Inbound {
     pub async fn new(addr: SocketAddr, inputs: Arc<Inputs>) -> Result<Inbound, InboundError> {
         let identity = inputs.cfg.identity.clone();
-        let tls = mesh::tls::server_config(inputs.certs.clone(), identity.clone())
+        let tls = mesh_pki::tls::server_config(inputs.certs.clone(), identity.clone())
             .map_err(|source| InboundError::Tls { identity, source })?;
         let listener = TcpListener::bind(addr)
             .await
@@ -124,7 +124,7 @@ async fn handle_conn(
         Ok(Err(e)) => return refuse(format!("tls handshake: {e}")),
         Err(_) => return refuse("tls handshake timed out".to_string()),
     };
-    let peer_id = match mesh::tls::peer_identity(stream.get_ref().1) {
+    let peer_id = match mesh_pki::tls::peer_identity(stream.get_ref().1) {
         Ok(id) => id,
         Err(e) => return refuse(format!("peer identity: {e}")),
     };
@@ -279,12 +279,12 @@ async fn sniff<T: Io>(stream: &mut T, timeout: Duration) -> (BytesMut, Detected)
 /// endpoint (round robin) that answers.
 async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoint), Refusal> {
     let model = inputs.model.load_full();
-    let policies = mesh::policy::l7::policies_for_waypoint(
+    let policies = mesh_model::policy::l7::policies_for_waypoint(
         &model,
         &inputs.cfg.gateway,
         ctx.target.service_key(),
     );
-    let eval = mesh::policy::evaluate_l4(
+    let eval = mesh_model::policy::evaluate_l4(
         &policies,
         &L4Request {
             src_identity: Some(ctx.peer_identity.clone()),
@@ -328,7 +328,7 @@ async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoin
 }
 
 /// The round-robin counter a target's requests share.
-pub fn rr_key(target: &destination::Target) -> mesh::model::NamespacedName {
+pub fn rr_key(target: &destination::Target) -> mesh_model::model::NamespacedName {
     match target {
         destination::Target::Service { svc, .. } => svc.clone(),
         destination::Target::Workload { pod, .. } => pod.clone(),

@@ -7,7 +7,7 @@
 //! than `--jwks-refresh` + `--jwks-max-stale`, [`JwksCache::keys`] has nothing, so tokens of
 //! that issuer are refused (401, reason `jwks_unavailable`). Every fetch is logged on failure
 //! and counted in `waypoint_jwks_fetches_total{uri,result}`. Responses are bounded
-//! ([`mesh::jwt::MAX_JWKS_BYTES`]) and must be `200` with a valid JWKS.
+//! ([`mesh_model::jwt::MAX_JWKS_BYTES`]) and must be `200` with a valid JWKS.
 //!
 //! `https` URIs are fetched over TLS (rustls, HTTP/1.1), the server's certificate checked
 //! against the Mozilla roots (`webpki-roots`, compiled in) plus the PEM roots of
@@ -23,9 +23,9 @@ use bytes::Bytes;
 use http::{header, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use mesh::jwt::authn::jwks_uri;
-use mesh::jwt::{Jwks, JwksError, MAX_JWKS_BYTES};
-use mesh::model::Model;
+use mesh_model::jwt::{Jwks, JwksError, MAX_JWKS_BYTES};
+use mesh_model::model::Model;
+use mesh_model::policy::authn::jwks_uri;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 

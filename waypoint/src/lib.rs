@@ -4,7 +4,7 @@
 //! the client's identity, `CONNECT <service-vip>:<port>`). The waypoint authenticates the
 //! caller, checks the destination uses this waypoint, parses HTTP/1.1 or HTTP/2 inside the
 //! tunnel, authorizes each request with L7 AuthorizationPolicy on its normalised path, routes
-//! it by HTTPRoute or GRPCRoute (`mesh::route`) to a backend Service, picks an endpoint per request and
+//! it by HTTPRoute or GRPCRoute (`mesh_model::route`) to a backend Service, picks an endpoint per request and
 //! forwards it over HBONE under its own identity. Ports that do not carry HTTP are
 //! relayed at L4.
 //!

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Request};
 use http_body_util::BodyExt;
-use mesh::model::{Mirror, Model, NamespacedName};
-use mesh::resilience::shadow_authority;
+use mesh_model::model::{Mirror, Model, NamespacedName};
+use mesh_model::resilience::shadow_authority;
 use tracing::Instrument;
 
 use crate::destination::Target;

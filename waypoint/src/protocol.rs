@@ -1,7 +1,7 @@
 //! Which protocol a tunnelled connection speaks: declared by the Service port, or detected
 //! from its first bytes. Pure, table-tested.
 
-use mesh::model::ServicePort;
+use mesh_model::model::ServicePort;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -120,7 +120,7 @@ fn detect_http1(buf: &[u8]) -> Detected {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh::model::TargetPort;
+    use mesh_model::model::TargetPort;
 
     fn port(name: Option<&str>, app: Option<&str>) -> ServicePort {
         ServicePort {

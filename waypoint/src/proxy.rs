@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use mesh::certs::CertManager;
-use mesh::identity::Identity;
-use mesh::metrics::Metrics;
-use mesh::model::Model;
+use mesh_model::identity::Identity;
+use mesh_model::model::Model;
+use mesh_pki::certs::CertManager;
+use mesh_telemetry::Metrics;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 

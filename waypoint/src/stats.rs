@@ -15,8 +15,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use mesh::metrics::Metrics;
-use mesh::model::Model;
+use mesh_model::model::Model;
+use mesh_telemetry::Metrics;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -144,13 +144,13 @@ fn route(st: &StatsState, req: &Request<Incoming>, endpoints: Endpoints) -> Resp
             if wants_openmetrics {
                 reply(
                     StatusCode::OK,
-                    mesh::metrics::CONTENT_TYPE,
+                    mesh_telemetry::CONTENT_TYPE,
                     st.metrics.encode(),
                 )
             } else {
                 reply(
                     StatusCode::OK,
-                    mesh::metrics::TEXT_CONTENT_TYPE,
+                    mesh_telemetry::TEXT_CONTENT_TYPE,
                     st.metrics.encode_text(),
                 )
             }

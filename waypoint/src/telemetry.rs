@@ -7,7 +7,7 @@
 //!   ejections (cluster = Envoy's `outbound|<port>|<subset>|<host>`);
 //! - one `access` log line per request.
 //!
-//! Registered in the same registry as the shared `mesh::metrics` families (TCP metrics for
+//! Registered in the same registry as the shared `mesh_telemetry` families (TCP metrics for
 //! L4-relayed ports, refusals, config reloads, process), so one scrape returns everything.
 
 use std::fmt;
@@ -15,9 +15,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mesh::identity::Identity;
-use mesh::metrics::{Metrics, TcpLabels, UNKNOWN};
-use mesh::model::{Pod, Service};
+use mesh_model::identity::Identity;
+use mesh_model::model::{Pod, Service};
+use mesh_telemetry::{Metrics, TcpLabels, UNKNOWN};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -101,7 +101,7 @@ impl fmt::Display for ResponseFlag {
     }
 }
 
-/// `reason` of `waypoint_jwt_rejected_total` (`mesh::jwt::JwtError::reason`).
+/// `reason` of `waypoint_jwt_rejected_total` (`mesh_model::jwt::JwtError::reason`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,

@@ -4,7 +4,7 @@
 //! - An endpoint in the mesh is reached over HBONE, as ztunnel's outbound does it: mTLS with
 //!   the waypoint's own certificate, the endpoint's identity expected, `CONNECT
 //!   <pod-ip>:<target-port>` to `<pod-ip>:15008`, multiplexed on pooled connections
-//!   ([`mesh::hbone::Pool`]). An endpoint outside the mesh gets plain TCP.
+//!   ([`mesh_hbone::Pool`]). An endpoint outside the mesh gets plain TCP.
 //! - HTTP/1.1 upstream connections (one tunnel each) return to an idle list when their
 //!   exchange has finished, at most `max_idle` per endpoint, closed after `idle_timeout`.
 //!   HTTP/2 upstream connections are shared by all requests to the endpoint.
@@ -32,10 +32,10 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh::certs::CertManager;
-use mesh::hbone::{self, ConnectHeaders, HboneError, PoolKey, HBONE_PORT};
-use mesh::identity::Identity;
-use mesh::model::{Model, NamespacedName, Pod};
+use mesh_hbone::{self as hbone, ConnectHeaders, HboneError, PoolKey, HBONE_PORT};
+use mesh_model::identity::Identity;
+use mesh_model::model::{Model, NamespacedName, Pod};
+use mesh_pki::certs::CertManager;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::net::TcpStream;
@@ -60,7 +60,7 @@ pub enum UpstreamError {
     #[error("upstream {addr}: tls config: {source}")]
     Tls {
         addr: SocketAddr,
-        source: mesh::tls::TlsError,
+        source: mesh_pki::tls::TlsError,
     },
     #[error("upstream {addr}: {source}")]
     Hbone {
@@ -275,7 +275,7 @@ impl Upstreams {
             let _ = tcp.set_nodelay(true);
             return Ok(Box::new(tcp));
         };
-        let tls = mesh::tls::client_config(
+        let tls = mesh_pki::tls::client_config(
             self.certs.clone(),
             self.cfg.identity.clone(),
             vec![dst.clone()],

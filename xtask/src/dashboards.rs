@@ -50,7 +50,7 @@ pub fn check_dir(dir: &Path) -> Result<usize> {
 
 /// The metric names (as scraped) of the agent's registry.
 fn exported_metrics() -> BTreeSet<String> {
-    mesh::metrics::Metrics::new()
+    mesh_telemetry::Metrics::new()
         .encode_text()
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

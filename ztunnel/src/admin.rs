@@ -39,7 +39,7 @@ pub struct AdminState {
     pub pods: Arc<std::sync::Mutex<Vec<PodStatus>>>,
     /// Objects the API server watch refused (kept at their last accepted version); always
     /// empty with a config directory, whose refusals are whole-directory.
-    pub rejections: tokio::sync::watch::Receiver<Vec<mesh::cluster::Rejection>>,
+    pub rejections: tokio::sync::watch::Receiver<Vec<mesh_kube::Rejection>>,
     pub log: LogHandle,
 }
 
@@ -130,13 +130,13 @@ async fn route(kind: Kind, st: &AdminState, req: Request<Incoming>) -> Response<
             if wants_openmetrics {
                 reply(
                     StatusCode::OK,
-                    mesh::metrics::CONTENT_TYPE,
+                    mesh_telemetry::CONTENT_TYPE,
                     st.pi.metrics.encode(),
                 )
             } else {
                 reply(
                     StatusCode::OK,
-                    mesh::metrics::TEXT_CONTENT_TYPE,
+                    mesh_telemetry::TEXT_CONTENT_TYPE,
                     st.pi.metrics.encode_text(),
                 )
             }
@@ -218,12 +218,12 @@ fn config_dump(st: &AdminState) -> Response<Full<Bytes>> {
 struct ConfigDump<'a> {
     config: &'a crate::config::Config,
     ready: bool,
-    config_rejections: Vec<mesh::cluster::Rejection>,
+    config_rejections: Vec<mesh_kube::Rejection>,
     workloads: Vec<PodStatus>,
-    certificates: Vec<mesh::certs::CertSummary>,
+    certificates: Vec<mesh_pki::certs::CertSummary>,
     open_connections: usize,
     pool: String,
-    model: mesh::model::ModelDump<'a>,
+    model: mesh_model::model::ModelDump<'a>,
 }
 
 /// `GET /logging` shows the filter; `POST /logging?level=<filter>` replaces it

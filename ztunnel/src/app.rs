@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use mesh::ca::Ca;
-use mesh::certs::CertManager;
-use mesh::hbone::{Pool, PoolConfig};
-use mesh::metrics::Metrics;
-use mesh::model::Model;
+use mesh_hbone::{Pool, PoolConfig};
+use mesh_model::model::Model;
+use mesh_pki::ca::Ca;
+use mesh_pki::certs::CertManager;
+use mesh_telemetry::Metrics;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -57,13 +57,13 @@ pub async fn run(mut cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             Source::Dir(dir)
         }
         ConfigSource::Kube => Source::Kube(
-            mesh::cluster::client()
+            mesh_kube::client()
                 .await
                 .context("set up the kubernetes api client")?,
         ),
     };
     let (initial, loaded) = match &source {
-        Source::Dir(dir) => match mesh::k8s::load_dir(dir) {
+        Source::Dir(dir) => match mesh_model::k8s::load_dir(dir) {
             Ok(m) => {
                 metrics.config_loaded();
                 (m, true)
@@ -145,13 +145,13 @@ pub async fn run(mut cfg: Config, log: LogHandle) -> anyhow::Result<()> {
         }
         Source::Kube(client) => {
             let (models_tx, models) = watch::channel(Arc::new(Model::default()));
-            let opts = mesh::cluster::Options {
+            let opts = mesh_kube::Options {
                 metrics: Some(metrics.clone()),
                 rejections: Some(rejections_tx),
-                ..mesh::cluster::Options::default()
+                ..mesh_kube::Options::default()
             };
             tokio::spawn(
-                mesh::cluster::watch(client, models_tx, opts, stop.clone())
+                mesh_kube::watch(client, models_tx, opts, stop.clone())
                     .instrument(tracing::info_span!("kube")),
             );
             tokio::spawn(
@@ -235,14 +235,14 @@ async fn watch_config(
     tx: watch::Sender<()>,
     stop: CancellationToken,
 ) {
-    let mut last = mesh::k8s::dir_fingerprint(&dir).ok();
+    let mut last = mesh_model::k8s::dir_fingerprint(&dir).ok();
     let mut tick = tokio::time::interval(poll);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let fp = match mesh::k8s::dir_fingerprint(&dir) {
+        let fp = match mesh_model::k8s::dir_fingerprint(&dir) {
             Ok(fp) => Some(fp),
             Err(e) => {
                 tracing::warn!(error = %e, "reading config dir failed; keeping the last good config");
@@ -253,7 +253,7 @@ async fn watch_config(
             continue;
         }
         last = fp;
-        match mesh::k8s::load_dir(&dir) {
+        match mesh_model::k8s::load_dir(&dir) {
             Ok(m) => {
                 model.store(Arc::new(m));
                 loaded.store(true, Ordering::SeqCst);
@@ -269,7 +269,7 @@ async fn watch_config(
     }
 }
 
-/// Installs every model the API server watch publishes (`mesh::cluster::watch` publishes only
+/// Installs every model the API server watch publishes (`mesh_kube::watch` publishes only
 /// complete, accepted models, the first one after every kind was listed), then tells the
 /// workload manager, exactly as a directory reload does.
 async fn follow_models(

@@ -55,7 +55,7 @@ pub enum Redirect {
     None,
 }
 
-/// Where the mesh model comes from (both feed the one translator, `mesh::k8s`).
+/// Where the mesh model comes from (both feed the one translator, `mesh_model::k8s`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConfigSource {
@@ -212,7 +212,7 @@ impl Config {
     }
 }
 
-pub use mesh::duration::parse_duration;
+pub use mesh_model::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use mesh::model::{Model, NamespacedName, PeerAuthnMode};
-use mesh::policy::{self, Decision, L4Request};
+use mesh_model::model::{Model, NamespacedName, PeerAuthnMode};
+use mesh_model::policy::{self, Decision, L4Request};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 

@@ -10,13 +10,13 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use mesh::certs::CertExpiry;
-use mesh::metrics::{Snapshot, TcpSample, UNKNOWN};
+use mesh_pki::certs::CertExpiry;
+use mesh_telemetry::{Snapshot, TcpSample, UNKNOWN};
 use serde::Serialize;
 
 use crate::config::Redirect;
 use crate::workloads::PodStatus;
-use mesh::cluster::Rejection;
+use mesh_kube::Rejection;
 
 /// The page, served as is.
 pub const PAGE: &str = include_str!("dashboard.html");
@@ -417,8 +417,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use mesh::identity::Identity;
-    use mesh::metrics::{ProcessSample, RefusedSample, TcpLabels};
+    use mesh_model::identity::Identity;
+    use mesh_telemetry::{ProcessSample, RefusedSample, TcpLabels};
 
     use super::*;
     use crate::proxy::ActiveConns;

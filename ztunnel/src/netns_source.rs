@@ -12,7 +12,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use mesh::model::{NamespacedName, Pod};
+use mesh_model::model::{NamespacedName, Pod};
 
 use crate::config::Config;
 use crate::netns::{Netns, NetnsError};

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use mesh::model::{Model, NamespacedName, Pod};
+use mesh_model::model::{Model, NamespacedName, Pod};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -34,12 +34,12 @@ pub enum EnrollError {
     #[error("tls for {pod}: {source}")]
     Tls {
         pod: NamespacedName,
-        source: Box<mesh::tls::TlsError>,
+        source: Box<mesh_pki::tls::TlsError>,
     },
     #[error("certificate for {pod}: {source}")]
     Cert {
         pod: NamespacedName,
-        source: Box<mesh::ca::CaError>,
+        source: Box<mesh_pki::ca::CaError>,
     },
 }
 
@@ -178,7 +178,7 @@ impl Manager {
                 pod: key.clone(),
                 source: Box::new(source),
             })?;
-        let server_tls = mesh::tls::server_config(self.pi.certs.clone(), identity.clone())
+        let server_tls = mesh_pki::tls::server_config(self.pi.certs.clone(), identity.clone())
             .map_err(|source| EnrollError::Tls {
                 pod: key.clone(),
                 source: Box::new(source),

@@ -1,4 +1,4 @@
-//! `mesh::cluster::watch` against a fake API server that speaks the real list/watch
+//! `mesh_kube::watch` against a fake API server that speaks the real list/watch
 //! protocol, reached through a kubeconfig on 127.0.0.1: what the agent's model becomes as the
 //! cluster changes.
 
@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mesh::metrics::Metrics;
-use mesh::model::{Model, NamespacedName};
+use mesh_model::model::{Model, NamespacedName};
+use mesh_telemetry::Metrics;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use mesh::cluster::{Options, Rejection, Scope};
+use mesh_kube::{Options, Rejection, Scope};
 use support::apiserver::{FakeApiServer, WAIT, WAYPOINT_ONLY_KINDS};
 
 const NODE: &str = "n1";
@@ -144,7 +144,7 @@ impl Agent {
             scope,
         };
         let stop = CancellationToken::new();
-        tokio::spawn(mesh::cluster::watch(client, tx, opts, stop.clone()));
+        tokio::spawn(mesh_kube::watch(client, tx, opts, stop.clone()));
         Ok(Agent {
             models,
             rejections,
@@ -480,7 +480,7 @@ fn http_route(path: &str) -> Value {
 fn route_prefix(m: &Model) -> Option<String> {
     let rule = m.http_routes.first()?.rules.first()?;
     match &rule.matches.first()?.path {
-        mesh::model::PathMatch::Prefix(p) => Some(p.clone()),
+        mesh_model::model::PathMatch::Prefix(p) => Some(p.clone()),
         _ => None,
     }
 }

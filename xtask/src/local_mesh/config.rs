@@ -40,7 +40,7 @@ pub const ANNOTATION_SEND_TO: &str = "local-mesh/send-to";
 /// The label that enrolls a namespace in the mesh.
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// On a pod: the Gateway (waypoint) it runs.
-const GATEWAY_NAME_LABEL: &str = mesh::model::GATEWAY_NAME_LABEL;
+const GATEWAY_NAME_LABEL: &str = mesh_model::model::GATEWAY_NAME_LABEL;
 /// The port `mesh-echo` listens on when an echo pod declares no container port.
 const DEFAULT_ECHO_PORT: u16 = 8080;
 /// The namespace of objects that name none, as in Kubernetes.
@@ -393,12 +393,12 @@ impl LocalMesh {
 
     /// Services whose traffic goes through waypoint `wp`: labelled `istio.io/use-waypoint`
     /// (or in a namespace so labelled, the most specific label deciding), when `wp` takes
-    /// Service traffic. Same rule as the agents' (`mesh::model::use_waypoint`).
+    /// Service traffic. Same rule as the agents' (`mesh_model::model::use_waypoint`).
     pub fn services_using(&self, wp: &WaypointDecl) -> Vec<String> {
         if !matches!(wp.waypoint_for.as_str(), "service" | "all") {
             return Vec::new();
         }
-        let key = mesh::model::NamespacedName::new(&wp.namespace, &wp.name);
+        let key = mesh_model::model::NamespacedName::new(&wp.namespace, &wp.name);
         self.services
             .iter()
             .filter(|svc| {
@@ -407,7 +407,7 @@ impl LocalMesh {
                     .iter()
                     .find(|n| n.name == svc.namespace)
                     .map(|n| &n.labels);
-                mesh::model::use_waypoint(&svc.labels, &svc.namespace, ns_labels).as_ref()
+                mesh_model::model::use_waypoint(&svc.labels, &svc.namespace, ns_labels).as_ref()
                     == Some(&key)
             })
             .map(|svc| format!("{}/{}", svc.namespace, svc.name))
@@ -627,14 +627,16 @@ fn container_ports(object: &Value) -> Result<Vec<u16>> {
 /// A Gateway of class `istio-waypoint` as a waypoint; `None` for other classes.
 fn waypoint(object: &Value) -> Result<Option<WaypointDecl>> {
     let (name, namespace) = name_and_namespace(object, "Gateway")?;
-    if str_at(object, &["spec", "gatewayClassName"]) != Some(mesh::model::WAYPOINT_GATEWAY_CLASS) {
+    if str_at(object, &["spec", "gatewayClassName"])
+        != Some(mesh_model::model::WAYPOINT_GATEWAY_CLASS)
+    {
         return Ok(None);
     }
     let labels = string_map(object, &["metadata", "labels"])
         .with_context(|| format!("Gateway {namespace}/{name}"))?;
     Ok(Some(WaypointDecl {
         waypoint_for: labels
-            .get(mesh::model::WAYPOINT_FOR_LABEL)
+            .get(mesh_model::model::WAYPOINT_FOR_LABEL)
             .cloned()
             .unwrap_or_else(|| "service".to_owned()),
         namespace,

@@ -265,7 +265,7 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
                  connections fail)",
                 decl.key(),
                 decl.waypoint_for,
-                mesh::model::GATEWAY_NAME_LABEL,
+                mesh_model::model::GATEWAY_NAME_LABEL,
                 decl.name
             );
         }

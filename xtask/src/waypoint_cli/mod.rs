@@ -14,7 +14,7 @@
 //!
 //! [`render`] and [`edit`] are pure; [`plan_apply`], [`plan_delete`] and [`list`] decide on
 //! file contents given as strings and check the result loads through the agents' translator
-//! (`mesh::k8s::load_docs`) and the local mesh's own reader, so nothing is written that the
+//! (`mesh_model::k8s::load_docs`) and the local mesh's own reader, so nothing is written that the
 //! mesh would refuse. Only [`run`] reads, writes and runs anything.
 
 pub mod edit;
@@ -324,7 +324,7 @@ fn objects(files: &[(String, String)]) -> Result<Vec<Object>> {
 fn namespace_of(v: &Value) -> &str {
     v["metadata"]["namespace"]
         .as_str()
-        .unwrap_or(mesh::k8s::DEFAULT_NAMESPACE)
+        .unwrap_or(mesh_model::k8s::DEFAULT_NAMESPACE)
 }
 
 fn is_kind(v: &Value, api_version: &str, kind: &str) -> bool {
@@ -597,7 +597,7 @@ fn after(files: &[(String, String)], plan: &Plan) -> Vec<(String, String)> {
 /// The directory after `plan` must load in the agents' translator and in the local mesh.
 fn check_loads(files: &[(String, String)], plan: &Plan) -> Result<()> {
     let new = after(files, plan);
-    mesh::k8s::load_docs(&new)
+    mesh_model::k8s::load_docs(&new)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("the result would not load in the node agents (nothing written)")?;
     LocalMesh::from_files(&new)
@@ -609,10 +609,10 @@ fn check_loads(files: &[(String, String)], plan: &Plan) -> Result<()> {
 /// identity and what uses it.
 pub fn list(files: &[(String, String)], namespace: Option<&str>, dir: &str) -> Result<String> {
     use std::fmt::Write as _;
-    let model = mesh::k8s::load_docs(files).map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
+    let model = mesh_model::k8s::load_docs(files).map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;
     let objects = objects(files)?;
     let mut out = String::new();
-    let gateways: Vec<&mesh::model::Gateway> = model
+    let gateways: Vec<&mesh_model::model::Gateway> = model
         .gateways
         .values()
         .filter(|g| g.is_waypoint())
@@ -643,7 +643,7 @@ pub fn list(files: &[(String, String)], namespace: Option<&str>, dir: &str) -> R
             "{}/{}  for {waypoint_for}  ({file})",
             gw.namespace, gw.name
         );
-        let pods: Vec<&mesh::model::Pod> = model
+        let pods: Vec<&mesh_model::model::Pod> = model
             .pods
             .values()
             .filter(|p| {
@@ -674,12 +674,12 @@ pub fn list(files: &[(String, String)], namespace: Option<&str>, dir: &str) -> R
                 p.node_name.as_deref().unwrap_or("?")
             );
         }
-        let key = mesh::model::NamespacedName::new(&gw.namespace, &gw.name);
+        let key = mesh_model::model::NamespacedName::new(&gw.namespace, &gw.name);
         let namespaces: Vec<&str> = model
             .namespaces
             .values()
             .filter(|ns| {
-                mesh::model::use_waypoint(&ns.labels, &ns.name, None).as_ref() == Some(&key)
+                mesh_model::model::use_waypoint(&ns.labels, &ns.name, None).as_ref() == Some(&key)
             })
             .map(|ns| ns.name.as_str())
             .collect();
@@ -789,10 +789,10 @@ mod tests {
         );
         assert!(edited.starts_with("# Two namespaces"), "comments kept");
 
-        let model = mesh::k8s::load_docs(&new).expect("loads in the agents");
+        let model = mesh_model::k8s::load_docs(&new).expect("loads in the agents");
         let echo = model
             .services
-            .get(&mesh::model::NamespacedName::new("demo", "echo"))
+            .get(&mesh_model::model::NamespacedName::new("demo", "echo"))
             .expect("echo");
         let target = model.waypoint_for_service(echo).expect("steered");
         assert_eq!(target.gateway.name, "waypoint");
@@ -918,7 +918,7 @@ mod tests {
             plan.notes
         );
         let new = after(&files, &plan);
-        let model = mesh::k8s::load_docs(&new).expect("loads");
+        let model = mesh_model::k8s::load_docs(&new).expect("loads");
         assert!(model.gateways.is_empty());
 
         // Written by hand amid other documents: only those documents go.

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde_yaml::Value;
 
 // The names Istio gives these labels and the class, as the agents' model reads them.
-pub use mesh::model::{
+pub use mesh_model::model::{
     GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_FOR_LABEL,
     WAYPOINT_GATEWAY_CLASS as WAYPOINT_CLASS,
 };
@@ -138,7 +138,7 @@ pub fn gateway(wp: &Waypoint) -> String {
 
 /// The local mesh's file for a waypoint: its Gateway and the pod `cargo xtask up` runs the
 /// `waypoint` process in (on `node`): the pod's IP is the waypoint's address and its service
-/// account the waypoint's identity (see `mesh::model::waypoint`).
+/// account the waypoint's identity (see `mesh_model::model::waypoint`).
 pub fn local_file(wp: &Waypoint, node: &str) -> String {
     format!(
         "# Written by `cargo xtask waypoint apply -n {namespace} --name {name}`; \
@@ -425,11 +425,11 @@ mod tests {
         ] {
             let w = wp("demo", "wp", Some("l7"), waypoint_for);
             let text = local_file(&w, "n2");
-            let model = mesh::k8s::load_docs(&[(local_file_name(&w), text.clone())])
+            let model = mesh_model::k8s::load_docs(&[(local_file_name(&w), text.clone())])
                 .unwrap_or_else(|e| panic!("{e}\n{text}"));
             let gw = model
                 .gateways
-                .get(&mesh::model::NamespacedName::new("demo", "wp"))
+                .get(&mesh_model::model::NamespacedName::new("demo", "wp"))
                 .expect("gateway");
             assert!(gw.is_waypoint());
             assert_eq!(
@@ -438,7 +438,7 @@ mod tests {
             );
             let pod = model
                 .pods
-                .get(&mesh::model::NamespacedName::new("demo", "wp"))
+                .get(&mesh_model::model::NamespacedName::new("demo", "wp"))
                 .expect("pod");
             assert_eq!(pod.service_account, "l7");
             assert_eq!(pod.node_name.as_deref(), Some("n2"));

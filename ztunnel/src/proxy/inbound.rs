@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Method, StatusCode};
-use mesh::hbone::{self, InboundRequest};
-use mesh::identity::Identity;
-use mesh::policy::L4Request;
+use mesh_hbone::{self as hbone, InboundRequest};
+use mesh_model::identity::Identity;
+use mesh_model::policy::L4Request;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -69,7 +69,7 @@ pub(crate) async fn handle_conn(
         Ok(Err(e)) => return refuse(format!("tls handshake: {e}")),
         Err(_) => return refuse("tls handshake timed out".to_string()),
     };
-    let peer_id = match mesh::tls::peer_identity(tls.get_ref().1) {
+    let peer_id = match mesh_pki::tls::peer_identity(tls.get_ref().1) {
         Ok(id) => Arc::new(id),
         Err(e) => return refuse(format!("peer identity: {e}")),
     };

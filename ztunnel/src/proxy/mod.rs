@@ -23,11 +23,11 @@ use std::time::Instant;
 use std::future::Future;
 
 use arc_swap::ArcSwap;
-use mesh::certs::CertManager;
-use mesh::hbone::Pool;
-use mesh::identity::Identity;
-use mesh::metrics::{Metrics, TcpLabels};
-use mesh::model::{Model, NamespacedName, Pod, Service};
+use mesh_hbone::Pool;
+use mesh_model::identity::Identity;
+use mesh_model::model::{Model, NamespacedName, Pod, Service};
+use mesh_pki::certs::CertManager;
+use mesh_telemetry::{Metrics, TcpLabels};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -552,7 +552,7 @@ pub(crate) fn record_refusal(
 /// finish or `cancel` fires (policy revoked it); then counts the close and logs the line.
 /// `down` is the client side: its bytes are `received`, the upstream's are `sent`.
 ///
-/// `labels` is the interned label set ([`mesh::metrics::Metrics::intern`]): an open
+/// `labels` is the interned label set ([`mesh_telemetry::Metrics::intern`]): an open
 /// connection holds one pointer to it, not its own copy of the 23 strings.
 pub(crate) async fn relay_counted<A, B>(
     down: A,
@@ -562,19 +562,19 @@ pub(crate) async fn relay_counted<A, B>(
     cancel: Option<&CancellationToken>,
     mut log: AccessLog<'_>,
 ) where
-    A: mesh::hbone::RelayIo,
-    B: mesh::hbone::RelayIo,
+    A: mesh_hbone::RelayIo,
+    B: mesh_hbone::RelayIo,
 {
     pi.metrics.tcp_opened(&labels);
     let counters = pi.metrics.tcp_counters(&labels);
     // Totals for the access log, also when a revocation cuts the relay short.
     let (rx, tx) = (AtomicU64::new(0), AtomicU64::new(0));
-    let relay = mesh::hbone::relay(down, up, |dir, n| match dir {
-        mesh::hbone::Direction::AToB => {
+    let relay = mesh_hbone::relay(down, up, |dir, n| match dir {
+        mesh_hbone::Direction::AToB => {
             counters.received(n);
             rx.fetch_add(n, Ordering::Relaxed);
         }
-        mesh::hbone::Direction::BToA => {
+        mesh_hbone::Direction::BToA => {
             counters.sent(n);
             tx.fetch_add(n, Ordering::Relaxed);
         }

@@ -5,7 +5,7 @@
 //! certificate and expecting the destination pod's identity; outside the mesh: plain TCP.
 //!
 //! A destination that uses a waypoint (`istio.io/use-waypoint` on the Service, or on the pod
-//! for traffic to its IP; see `mesh::model::waypoint`) goes to the waypoint instead: HBONE to
+//! for traffic to its IP; see `mesh_model::model::waypoint`) goes to the waypoint instead: HBONE to
 //! `<waypoint-ip>:15008`, expecting the waypoint's identity, `:authority` = the original
 //! destination (the VIP:port, not an endpoint): the waypoint picks the endpoint per request.
 //! Traffic from the waypoint itself is never steered back to it.
@@ -14,9 +14,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use mesh::hbone::{self, ConnectHeaders, HboneError, PoolKey};
-use mesh::identity::Identity;
-use mesh::model::{Endpoint, Model, NamespacedName, Pod, Service, WaypointTarget};
+use mesh_hbone::{self as hbone, ConnectHeaders, HboneError, PoolKey};
+use mesh_model::identity::Identity;
+use mesh_model::model::{Endpoint, Model, NamespacedName, Pod, Service, WaypointTarget};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -327,7 +327,7 @@ async fn open_hbone(
 ) -> Result<hbone::H2Stream, HboneError> {
     // Built per connection (about 0.4 µs, and used only when the pool dials): no cache to keep
     // coherent; the certificate itself is resolved at each handshake, so rotation is picked up.
-    let tls = mesh::tls::client_config(
+    let tls = mesh_pki::tls::client_config(
         pi.certs.clone(),
         pod.identity.clone(),
         vec![dst_identity.clone()],

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use clap::Parser;
-use mesh::certs::CertManager;
-use mesh::hbone::{Pool, PoolConfig};
-use mesh::identity::Identity;
-use mesh::metrics::Metrics;
-use mesh::model::{Model, NamespacedName};
+use mesh_hbone::{Pool, PoolConfig};
+use mesh_model::identity::Identity;
+use mesh_model::model::{Model, NamespacedName};
+use mesh_pki::certs::CertManager;
+use mesh_telemetry::Metrics;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +38,7 @@ const INBOUND_STREAM_LIMIT: usize = 2_400;
 const PASSTHROUGH_LIMIT: usize = 1_700;
 
 fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
-    let ca = mesh::ca::Ca::ephemeral("cluster.local").expect("ephemeral ca");
+    let ca = mesh_pki::ca::Ca::ephemeral("cluster.local").expect("ephemeral ca");
     let certs = CertManager::new(Arc::new(ca), Duration::from_secs(3600));
     let args = Args::try_parse_from([
         "ztunnel",
@@ -54,7 +54,7 @@ fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
     let home = Arc::new(Netns::current().expect("own netns"));
     let identity = Identity::new("cluster.local", "default", "client");
     let server_tls =
-        mesh::tls::server_config(certs.clone(), identity.clone()).expect("server config");
+        mesh_pki::tls::server_config(certs.clone(), identity.clone()).expect("server config");
     let pi = Arc::new(ProxyInputs::new(
         cfg.clone(),
         Arc::new(ArcSwap::from_pointee(Model::default())),
@@ -144,8 +144,8 @@ async fn inbound_stream_future_stays_small() {
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 15_008));
     let peer_id = Arc::new(Identity::new("cluster.local", "default", "server"));
     let server = tokio::spawn(async move {
-        let cfg = mesh::hbone::ServerConfig::default();
-        let _ = mesh::hbone::serve(server_io, &cfg, move |req| {
+        let cfg = mesh_hbone::ServerConfig::default();
+        let _ = mesh_hbone::serve(server_io, &cfg, move |req| {
             let fut =
                 inbound::handle_stream(req, peer, local, peer_id.clone(), pod.clone(), pi.clone());
             let _ = tx.send(std::mem::size_of_val(&fut));

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ::ebpf::{CaptureConfig, CaptureGuard};
-use mesh::model::NamespacedName;
+use mesh_model::model::NamespacedName;
 
 use super::{run_in, RedirectError};
 use crate::config::{HBONE_PORT, INBOUND_ROUTE_TABLE, PROBE_SOURCE_IP, SKIP_MARK};

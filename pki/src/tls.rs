@@ -34,7 +34,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use crate::certs::CertManager;
-use crate::identity::{Identity, IdentityError};
+use mesh_model::identity::{Identity, IdentityError};
 
 /// The only application protocol spoken on HBONE connections.
 pub const ALPN_H2: &[u8] = b"h2";

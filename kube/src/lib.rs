@@ -2,7 +2,7 @@
 //!
 //! The local mode reads a directory of YAML; in a cluster the same resources come from the
 //! API server. This module only *fetches*: every object is turned into the document a YAML
-//! file would hold ([`resources`]) and handed to the one translator, `mesh::k8s`, so both
+//! file would hold ([`resources`]) and handed to the one translator, `mesh_model::k8s`, so both
 //! sources mean exactly the same thing.
 //!
 //! - Watched, in all namespaces: Namespaces, ServiceAccounts, Pods and Services (a service's
@@ -34,12 +34,12 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::metrics::Metrics;
-use crate::model::Model;
 use futures::StreamExt;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
+use mesh_model::model::Model;
+use mesh_telemetry::Metrics;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;

@@ -22,9 +22,9 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 
-use super::{Jwks, JwtError, Token};
+use crate::jwt::{Jwks, JwtError, RequestAuth, Token};
 use crate::model::{JwksSource, JwtRule, Model, NamespacedName};
-use crate::policy::l7::{target_applies, RequestAuth};
+use crate::policy::l7::target_applies;
 
 /// Default token header and prefix (matched case-insensitively), and query parameter.
 pub const DEFAULT_HEADER: &str = "authorization";

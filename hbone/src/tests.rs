@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use super::*;
-use crate::identity::Identity;
+use mesh_model::identity::Identity;
 
 /// Upper bound for waiting on an event that should happen promptly; never a sync sleep.
 const EVENTUALLY: Duration = Duration::from_secs(5);
@@ -36,11 +36,11 @@ fn pki() -> Pki {
 /// The mesh's real TLS configurations (`crate::tls`) over an in-memory CA: a server for
 /// `default/echo` and a client for `default/sleep` expecting it.
 fn pki_with_server_alpn(server_alpn: bool) -> Pki {
-    let ca = Arc::new(crate::ca::Ca::ephemeral("cluster.local").unwrap());
-    let certs = crate::certs::CertManager::new(ca, std::time::Duration::from_secs(3600));
+    let ca = Arc::new(mesh_pki::ca::Ca::ephemeral("cluster.local").unwrap());
+    let certs = mesh_pki::certs::CertManager::new(ca, std::time::Duration::from_secs(3600));
     let echo = Identity::new("cluster.local", "default", "echo");
     let sleep = Identity::new("cluster.local", "default", "sleep");
-    let server = crate::tls::server_config(certs.clone(), echo.clone()).unwrap();
+    let server = mesh_pki::tls::server_config(certs.clone(), echo.clone()).unwrap();
     let server = if server_alpn {
         server
     } else {
@@ -48,7 +48,7 @@ fn pki_with_server_alpn(server_alpn: bool) -> Pki {
         s.alpn_protocols.clear();
         Arc::new(s)
     };
-    let client = crate::tls::client_config(certs, sleep, vec![echo]).unwrap();
+    let client = mesh_pki::tls::client_config(certs, sleep, vec![echo]).unwrap();
     Pki { client, server }
 }
 

@@ -45,6 +45,7 @@ use serde_json::Value as Json;
 
 use super::{one_of, policy_key, wildcard, Decision, Evaluation};
 use crate::identity::Identity;
+use crate::jwt::RequestAuth;
 use crate::model::{
     parse_ip_or_cidr, Action, AuthorizationPolicy, Condition, Model, NamespacedName, Operation,
     Rule, Source, TargetRef, ROOT_NAMESPACE,
@@ -80,28 +81,6 @@ pub struct L7Request<'a> {
     pub headers: &'a HeaderMap,
     /// The validated JWT, when the request carried one (`RequestAuthentication`).
     pub auth: Option<&'a RequestAuth>,
-}
-
-/// What a validated JWT contributes to authorization.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RequestAuth {
-    /// `iss`
-    pub issuer: String,
-    /// `sub`
-    pub subject: String,
-    /// `aud` (a string claim becomes one entry).
-    pub audiences: Vec<String>,
-    /// `azp`
-    pub presenter: Option<String>,
-    /// The whole payload, for `request.auth.claims[..]`.
-    pub claims: Json,
-}
-
-impl RequestAuth {
-    /// `iss/sub`, the form `requestPrincipals` and `request.auth.principal` use.
-    pub fn principal(&self) -> String {
-        format!("{}/{}", self.issuer, self.subject)
-    }
 }
 
 // === policy selection ===

@@ -26,8 +26,6 @@ use base64::Engine as _;
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value as Json};
 
-use crate::policy::l7::RequestAuth;
-
 /// Largest token accepted (Envoy's header limits make larger ones useless anyway).
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Largest JWKS document accepted, inline or fetched.
@@ -36,6 +34,28 @@ pub const MAX_JWKS_BYTES: usize = 64 * 1024;
 pub const MAX_JWKS_KEYS: usize = 32;
 /// Leeway for `exp` and `nbf` (Envoy's default `clock_skew_seconds`).
 pub const CLOCK_SKEW_SECS: u64 = 60;
+
+/// What a validated JWT contributes to authorization.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RequestAuth {
+    /// `iss`
+    pub issuer: String,
+    /// `sub`
+    pub subject: String,
+    /// `aud` (a string claim becomes one entry).
+    pub audiences: Vec<String>,
+    /// `azp`
+    pub presenter: Option<String>,
+    /// The whole payload, for `request.auth.claims[..]`.
+    pub claims: Json,
+}
+
+impl RequestAuth {
+    /// `iss/sub`, the form `requestPrincipals` and `request.auth.principal` use.
+    pub fn principal(&self) -> String {
+        format!("{}/{}", self.issuer, self.subject)
+    }
+}
 
 /// Body of the 401 an invalid token gets, as Envoy writes it.
 pub const VERIFICATION_FAILED_BODY: &str = "Jwt verification fails";
@@ -458,8 +478,6 @@ fn json_object(segment: &str, which: Segment) -> Result<Map<String, Json>, JwtEr
         _ => Err(JwtError::Json(which)),
     }
 }
-
-pub mod authn;
 
 #[cfg(test)]
 mod tests;

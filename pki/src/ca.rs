@@ -28,7 +28,7 @@ use rcgen::{
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 
-use crate::identity::Identity;
+use mesh_model::identity::Identity;
 
 /// Trust domain used when none is configured (as in Istio).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";

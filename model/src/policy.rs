@@ -349,6 +349,7 @@ fn wildcard(pattern: &str, value: Option<&str>) -> bool {
     }
 }
 
+pub mod authn;
 pub mod l7;
 
 #[cfg(test)]

@@ -228,7 +228,7 @@ fn metadata(obj: &DynamicObject) -> Value {
     Value::Object(out)
 }
 
-/// Pod `spec` and `status` reduced to what `mesh::k8s` reads: service account, node,
+/// Pod `spec` and `status` reduced to what `mesh_model::k8s` reads: service account, node,
 /// host networking, container ports, IPs, phase and the `Ready` condition's status.
 /// (If the loader learns to read another Pod field, add it here.)
 fn pod_body(data: &Value) -> Vec<(&'static str, Value)> {

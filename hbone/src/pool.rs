@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use super::stream::H2Stream;
 use super::{HboneError, ALPN_H2, CONNECTION_WINDOW, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
-use crate::identity::Identity;
+use mesh_model::identity::Identity;
 
 /// Default cap on streams per pooled connection.
 pub const DEFAULT_MAX_STREAMS_PER_CONN: u32 = 100;
@@ -296,7 +296,7 @@ impl Pool {
         let tcp = dial().await.map_err(HboneError::Dial)?;
         // HBONE peers are verified by SPIFFE identity, not by name; SNI is off.
         let tls = tokio_rustls::TlsConnector::from(with_h2_alpn(tls))
-            .connect(crate::tls::server_name(), tcp)
+            .connect(mesh_pki::tls::server_name(), tcp)
             .await
             .map_err(HboneError::Tls)?;
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {

@@ -10,9 +10,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::k8s::{load_docs, ConfigError};
-use crate::model::Model;
 use kube::api::DynamicObject;
+use mesh_model::k8s::{load_docs, ConfigError};
+use mesh_model::model::Model;
 
 use super::resources::{describe, document, file_name, Kind, ObjectKey};
 use super::Rejection;
@@ -284,12 +284,12 @@ fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::resources::{kinds_for, Scope};
+    use crate::resources::{kinds_for, Scope};
 
     fn kinds() -> Vec<super::Kind> {
         kinds_for(Scope::Node)
     }
-    use crate::model::NamespacedName;
+    use mesh_model::model::NamespacedName;
     use serde_json::json;
 
     const NAMESPACE: usize = 0;

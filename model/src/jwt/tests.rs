@@ -13,9 +13,9 @@ use ring::signature::{
 };
 use serde_json::{json, Value as Json};
 
-use super::authn::{authenticate, Outcome};
 use super::*;
 use crate::model::{JwksSource, JwtHeader, JwtRule};
+use crate::policy::authn::{authenticate, Outcome};
 
 const RSA_DER: &[u8] = include_bytes!("testdata/rsa2048.der");
 const RSA_OTHER_DER: &[u8] = include_bytes!("testdata/rsa2048-other.der");
@@ -510,7 +510,7 @@ fn invalid_tokens_deny_even_next_to_a_valid_one() {
         assert_eq!(denied(&o), Some(&want), "{h:?}");
     }
     // Too many distinct tokens.
-    let many: Vec<String> = (0..=super::authn::MAX_TOKENS)
+    let many: Vec<String> = (0..=crate::policy::authn::MAX_TOKENS)
         .map(|i| format!("Bearer t{i}"))
         .collect();
     let h: Vec<(&str, &str)> = many.iter().map(|v| ("authorization", v.as_str())).collect();

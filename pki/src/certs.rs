@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::ca::{certs_to_pem, Ca, CaError, WorkloadCert};
-use crate::identity::Identity;
+use mesh_model::identity::Identity;
 
 /// Shorter lifetimes cannot be honoured: X.509 times have a resolution of one second, and the
 /// cache needs room to renew before expiry.

@@ -1,6 +1,6 @@
 //! `RequestAuthentication` (`security.istio.io/v1`) as typed data: which JWTs a waypoint
 //! accepts, where it finds them and what it does with them. Built by `k8s/jwt.rs`; evaluated
-//! by [`crate::jwt::authn`].
+//! by [`crate::policy::authn`].
 
 use std::sync::Arc;
 

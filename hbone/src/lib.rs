@@ -12,6 +12,7 @@
 //!
 //! This module never builds TLS configurations: it is handed a `rustls::ClientConfig` or an
 //! already-terminated stream, so it holds no keys.
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::io;

@@ -25,6 +25,7 @@
 //!   `mesh_config_rejections_total{source="kube"}`, and listed in [`Options::rejections`];
 //!   every other object still applies. Unlike a file, a cluster cannot be rolled back to its
 //!   last good state as a whole, and one team's bad object must not freeze everyone's.
+#![forbid(unsafe_code)]
 
 mod resources;
 mod store;

@@ -11,6 +11,7 @@
 //!
 //! prometheus-client appends `_total` to counter names itself, so counters are registered
 //! without it.
+#![forbid(unsafe_code)]
 
 use std::collections::HashSet;
 use std::fmt;

@@ -5,6 +5,22 @@
 //! - [`inbound`] (15008): HBONE from other workloads: mTLS, CONNECT, policy, then the app.
 //! - [`inbound_passthrough`] (15006): plaintext arriving at the pod: PeerAuthentication and
 //!   policy (no identity), then the app.
+//!
+//! The path of one connection: the outbound proxy resolves the original destination in the
+//! model (Service VIP:port → a ready endpoint, round robin, next on failure; pod IP → that
+//! pod; unknown → plain passthrough) and, for in-mesh destinations, opens an HTTP/2 CONNECT
+//! stream (`:authority` = `<pod-ip>:<target-port>`) over mTLS to `<pod-ip>:15008`, pooled per
+//! (source identity, source IP, destination identity, destination address)
+//! ([`mesh_hbone::Pool`]). When the destination Service (or pod, for `workload`/`all`
+//! waypoints) uses a waypoint ([`mesh_model::model::use_waypoint`], the most specific label
+//! wins), the tunnel goes to `<waypoint-ip>:15008` instead, expecting the waypoint's
+//! identity, with `:authority` = the original VIP:port. The destination agent terminates
+//! TLS (client certificate required, SPIFFE identity from the URI SAN), checks the CONNECT
+//! (method, an authority this pod serves, not an agent port), evaluates AuthorizationPolicy
+//! ([`crate::conns`]), then dials the app from a transparent socket bound to the client's
+//! IP, answers 200 and relays bytes; END_STREAM ⇄ FIN. Plaintext arriving at an enrolled pod
+//! is redirected to 15006: PeerAuthentication (STRICT refuses), then AuthorizationPolicy
+//! without identity.
 
 pub mod inbound;
 pub mod inbound_passthrough;

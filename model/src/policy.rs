@@ -151,56 +151,81 @@ pub fn policies_for<'a>(model: &'a Model, pod: &Pod) -> Vec<&'a AuthorizationPol
 /// Decides a connection against `policies` (normally [`policies_for`] the destination).
 pub fn evaluate_l4(policies: &[&AuthorizationPolicy], req: &L4Request) -> Evaluation {
     let peer = Peer::of(req);
-    let mut audited = Vec::new();
-    let mut dry_run_denied = Vec::new();
-    let mut denied_by = None;
-    let (mut allow_exists, mut allowed) = (false, false);
-    let (mut dry_allows, mut dry_allowed) = (Vec::new(), false);
-
+    let mut tally = Tally::default();
     for policy in policies {
         match policy.action {
             // External authorization needs a waypoint; ztunnel ignores it.
             Action::Custom => {}
-            Action::Audit => {
-                if matches_policy(policy, &peer, L7::Dropped) {
-                    audited.push(policy_key(policy));
-                }
-            }
-            Action::Deny => {
-                if matches_policy(policy, &peer, L7::Dropped) {
-                    if policy.dry_run {
-                        dry_run_denied.push(policy_key(policy));
-                    } else if denied_by.is_none() {
-                        denied_by = Some(policy_key(policy));
-                    }
-                }
-            }
+            Action::Audit => tally.audit(policy, matches_policy(policy, &peer, L7::Dropped)),
+            Action::Deny => tally.deny(policy, 0, matches_policy(policy, &peer, L7::Dropped)),
             Action::Allow => {
-                let matched = matches_policy(policy, &peer, L7::RuleNeverMatches);
-                if policy.dry_run {
-                    dry_allows.push(policy_key(policy));
-                    dry_allowed |= matched;
-                } else {
-                    allow_exists = true;
-                    allowed |= matched;
-                }
+                tally.allow(policy, matches_policy(policy, &peer, L7::RuleNeverMatches))
             }
         }
     }
-    if !dry_allowed {
-        dry_run_denied.extend(dry_allows);
+    tally.finish()
+}
+
+/// Istio's order of AuthorizationPolicy actions over the policies that matched, shared by
+/// the L4 and L7 evaluations: any (non-dry-run) DENY denies, naming the one of lowest rank
+/// (the first among equals); otherwise ALLOW policies, when there are any, must match one;
+/// dry-run policies only report what they would have done.
+#[derive(Default)]
+pub(crate) struct Tally {
+    audited: Vec<String>,
+    dry_run_denied: Vec<String>,
+    denied_by: Option<(u8, String)>,
+    allow_exists: bool,
+    allowed: bool,
+    dry_allows: Vec<String>,
+    dry_allowed: bool,
+}
+
+impl Tally {
+    pub(crate) fn audit(&mut self, policy: &AuthorizationPolicy, matched: bool) {
+        if matched {
+            self.audited.push(policy_key(policy));
+        }
     }
-    let decision = match denied_by {
-        Some(policy) => Decision::Deny {
-            policy: Some(policy),
-        },
-        None if !allow_exists || allowed => Decision::Allow,
-        None => Decision::Deny { policy: None },
-    };
-    Evaluation {
-        decision,
-        audited,
-        dry_run_denied,
+
+    /// A DENY (or CUSTOM) policy; `rank` orders which one names the denial (lower first).
+    pub(crate) fn deny(&mut self, policy: &AuthorizationPolicy, rank: u8, matched: bool) {
+        if !matched {
+            return;
+        }
+        if policy.dry_run {
+            self.dry_run_denied.push(policy_key(policy));
+        } else if self.denied_by.as_ref().is_none_or(|(r, _)| rank < *r) {
+            self.denied_by = Some((rank, policy_key(policy)));
+        }
+    }
+
+    pub(crate) fn allow(&mut self, policy: &AuthorizationPolicy, matched: bool) {
+        if policy.dry_run {
+            self.dry_allows.push(policy_key(policy));
+            self.dry_allowed |= matched;
+        } else {
+            self.allow_exists = true;
+            self.allowed |= matched;
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> Evaluation {
+        if !self.dry_allowed {
+            self.dry_run_denied.append(&mut self.dry_allows);
+        }
+        let decision = match self.denied_by {
+            Some((_, policy)) => Decision::Deny {
+                policy: Some(policy),
+            },
+            None if !self.allow_exists || self.allowed => Decision::Allow,
+            None => Decision::Deny { policy: None },
+        };
+        Evaluation {
+            decision,
+            audited: self.audited,
+            dry_run_denied: self.dry_run_denied,
+        }
     }
 }
 

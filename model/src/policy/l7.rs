@@ -43,7 +43,7 @@ use std::net::IpAddr;
 use http::HeaderMap;
 use serde_json::Value as Json;
 
-use super::{one_of, policy_key, wildcard, Decision, Evaluation};
+use super::{one_of, wildcard, Evaluation, Tally};
 use crate::identity::Identity;
 use crate::jwt::RequestAuth;
 use crate::model::{
@@ -149,58 +149,24 @@ fn canonical_group(group: &str) -> &str {
 /// Decides a request against `policies` (normally [`policies_for_waypoint`]).
 pub fn evaluate_l7(policies: &[&AuthorizationPolicy], req: &L7Request<'_>) -> Evaluation {
     let attrs = Attributes::of(req);
-    let mut audited = Vec::new();
-    let mut dry_run_denied = Vec::new();
-    let mut denied_by: Option<(u8, String)> = None;
-    let (mut allow_exists, mut allowed) = (false, false);
-    let (mut dry_allows, mut dry_allowed) = (Vec::new(), false);
-
+    let mut tally = Tally::default();
     for policy in policies {
         match policy.action {
-            Action::Audit => {
-                if matches_policy(policy, &attrs, FailClosed::Yes) {
-                    audited.push(policy_key(policy));
-                }
-            }
+            Action::Audit => tally.audit(policy, matches_policy(policy, &attrs, FailClosed::Yes)),
             // Envoy runs the CUSTOM filter before RBAC; rank it first so that it names the
             // denial when both would deny.
             Action::Custom | Action::Deny => {
-                if matches_policy(policy, &attrs, FailClosed::Yes) {
-                    let rank = u8::from(policy.action != Action::Custom);
-                    if policy.dry_run {
-                        dry_run_denied.push(policy_key(policy));
-                    } else if denied_by.as_ref().is_none_or(|(r, _)| rank < *r) {
-                        denied_by = Some((rank, policy_key(policy)));
-                    }
-                }
+                let rank = u8::from(policy.action != Action::Custom);
+                tally.deny(
+                    policy,
+                    rank,
+                    matches_policy(policy, &attrs, FailClosed::Yes),
+                )
             }
-            Action::Allow => {
-                let matched = matches_policy(policy, &attrs, FailClosed::No);
-                if policy.dry_run {
-                    dry_allows.push(policy_key(policy));
-                    dry_allowed |= matched;
-                } else {
-                    allow_exists = true;
-                    allowed |= matched;
-                }
-            }
+            Action::Allow => tally.allow(policy, matches_policy(policy, &attrs, FailClosed::No)),
         }
     }
-    if !dry_allowed {
-        dry_run_denied.extend(dry_allows);
-    }
-    let decision = match denied_by {
-        Some((_, policy)) => Decision::Deny {
-            policy: Some(policy),
-        },
-        None if !allow_exists || allowed => Decision::Allow,
-        None => Decision::Deny { policy: None },
-    };
-    Evaluation {
-        decision,
-        audited,
-        dry_run_denied,
-    }
+    tally.finish()
 }
 
 /// [`evaluate_l7`] over [`policies_for_waypoint`].

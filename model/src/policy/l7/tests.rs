@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::*;
 use crate::k8s::load_docs;
+use crate::policy::Decision;
 
 /// One AuthorizationPolicy document; `spec` is YAML flow style.
 fn ap(namespace: &str, name: &str, spec: &str) -> String {

@@ -23,7 +23,9 @@ use crate::capture::Capture;
 use crate::http::{self, HttpResponse};
 use crate::netns::{self, in_netns, write_sysctl, PREFIX_HEAD};
 use crate::process::ChildGuard;
-use crate::spec::{check_yaml_file_name, MeshBuilder, NodePlan, Plan, PodPlan, Redirect};
+use crate::spec::{
+    check_yaml_file_name, Ambient, MeshBuilder, NodePlan, Plan, Pod, PodPlan, Redirect,
+};
 use crate::sys::{child_path, command_line, ip, netns_command, preflight, Binaries, MARKER_ENV};
 use crate::wait::wait_until;
 use crate::yaml::render_topology;
@@ -101,6 +103,20 @@ impl Mesh {
     /// Starts declaring a mesh for the test `test_name` (used to derive the unique prefix).
     pub fn builder(test_name: &str) -> MeshBuilder {
         MeshBuilder::new(test_name)
+    }
+
+    /// The start most suites share: nodes `n1` and `n2`, the ambient namespace `default`, and
+    /// pod `default/client` (service account `client`) on `n1`. Add what the suite needs.
+    pub fn two_nodes(test_name: &str) -> MeshBuilder {
+        MeshBuilder::new(test_name)
+            .node("n1")
+            .node("n2")
+            .namespace("default", Ambient::Yes)
+            .pod(
+                Pod::new("default", "client")
+                    .on("n1")
+                    .service_account("client"),
+            )
     }
 
     pub(crate) fn start(spec: MeshBuilder) -> Result<Mesh> {

@@ -69,6 +69,17 @@ pub enum Labelled<'a> {
     Service(&'a str),
 }
 
+/// Sends `msg` on an open connection to an echo server and checks the same bytes come back
+/// (within the harness's I/O bound): proof that a long-lived connection still works.
+pub fn echo_once(stream: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    stream.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.read_exact(&mut back)?;
+    anyhow::ensure!(back == msg, "echo mismatch");
+    Ok(())
+}
+
 /// A topology built by [`MeshBuilder::build`]. Dropping it kills every process it started and
 /// deletes every namespace it created, also when the test panics (and then it first prints
 /// the tail of each ztunnel log). Set `E2E_KEEP=1` to keep the work directory (config, CA,

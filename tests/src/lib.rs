@@ -62,7 +62,7 @@ pub mod waypoint;
 mod yaml;
 
 pub use capture::{parse_pcap, Capture, CaptureSummary, Packet, Proto};
-pub use harness::{Labelled, Mesh, PROBE_SOURCE};
+pub use harness::{echo_once, Labelled, Mesh, PROBE_SOURCE};
 pub use netns::{cleanup_stale, in_netns, StaleCleanup};
 pub use nix::sys::signal::Signal;
 pub use process::ChildGuard;

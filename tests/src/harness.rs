@@ -23,7 +23,9 @@ use crate::capture::Capture;
 use crate::http::{self, HttpResponse};
 use crate::netns::{self, in_netns, write_sysctl, PREFIX_HEAD};
 use crate::process::ChildGuard;
-use crate::spec::{check_yaml_file_name, MeshBuilder, NodePlan, Plan, PodPlan, Redirect};
+use crate::spec::{
+    check_yaml_file_name, Ambient, MeshBuilder, NodePlan, Plan, Pod, PodPlan, Redirect,
+};
 use crate::sys::{child_path, command_line, ip, netns_command, preflight, Binaries, MARKER_ENV};
 use crate::wait::wait_until;
 use crate::yaml::render_topology;
@@ -67,6 +69,17 @@ pub enum Labelled<'a> {
     Service(&'a str),
 }
 
+/// Sends `msg` on an open connection to an echo server and checks the same bytes come back
+/// (within the harness's I/O bound): proof that a long-lived connection still works.
+pub fn echo_once(stream: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    stream.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.read_exact(&mut back)?;
+    anyhow::ensure!(back == msg, "echo mismatch");
+    Ok(())
+}
+
 /// A topology built by [`MeshBuilder::build`]. Dropping it kills every process it started and
 /// deletes every namespace it created, also when the test panics (and then it first prints
 /// the tail of each ztunnel log). Set `E2E_KEEP=1` to keep the work directory (config, CA,
@@ -101,6 +114,20 @@ impl Mesh {
     /// Starts declaring a mesh for the test `test_name` (used to derive the unique prefix).
     pub fn builder(test_name: &str) -> MeshBuilder {
         MeshBuilder::new(test_name)
+    }
+
+    /// The start most suites share: nodes `n1` and `n2`, the ambient namespace `default`, and
+    /// pod `default/client` (service account `client`) on `n1`. Add what the suite needs.
+    pub fn two_nodes(test_name: &str) -> MeshBuilder {
+        MeshBuilder::new(test_name)
+            .node("n1")
+            .node("n2")
+            .namespace("default", Ambient::Yes)
+            .pod(
+                Pod::new("default", "client")
+                    .on("n1")
+                    .service_account("client"),
+            )
     }
 
     pub(crate) fn start(spec: MeshBuilder) -> Result<Mesh> {

@@ -97,6 +97,28 @@ impl ChildGuard {
         read_lossy(&self.stderr_path)
     }
 
+    /// The last `lines` lines of its stderr, oldest first: what a failed check shows of its log.
+    pub fn stderr_tail(&self, lines: usize) -> String {
+        let log = self.stderr();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits until its stderr (its log) satisfies `holds`, e.g. shows that a config file was
+    /// rejected; `what` names the awaited line in the error.
+    pub fn wait_for_stderr(
+        &self,
+        what: &str,
+        timeout: Duration,
+        holds: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        wait_until(
+            &format!("{}'s log to show {what}", self.label),
+            timeout,
+            || Ok(holds(&self.stderr())),
+        )
+    }
+
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

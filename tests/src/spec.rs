@@ -50,6 +50,15 @@ impl Pod {
         }
     }
 
+    /// Pod `default/name` on `node` with service account `server` and label `app: echo`: one
+    /// of the echo servers behind the suites' `echo` Service.
+    pub fn echo_server(name: &str, node: &str) -> Self {
+        Pod::new("default", name)
+            .on(node)
+            .service_account("server")
+            .labels([("app", "echo")])
+    }
+
     /// Places the pod on `node` (required).
     pub fn on(mut self, node: &str) -> Self {
         self.node = Some(node.to_owned());

@@ -2,8 +2,10 @@
 //! runs a waypoint: a pod labelled `gateway.networking.k8s.io/gateway-name=<gateway>` whose
 //! IP is the waypoint's address (see `mesh_model::model::waypoint`).
 //!
-//! Also the small keep-alive HTTP/1.1 [`Client`] the waypoint suites send requests with,
-//! and [`with_log`] to show the waypoint's log when a check fails.
+//! Also what the waypoint suites share: the mesh they start from ([`waypoint_mesh`]), the
+//! small keep-alive HTTP/1.1 [`Client`] they send requests with, [`with_log`] to show the
+//! waypoint's log when a check fails and [`wait_for_rejection`] to wait for a bad config
+//! file to be refused.
 //!
 //! Kept out of `harness.rs` on purpose: only the public `Mesh` API is used, so the harness
 //! can start waypoints itself later by calling [`Mesh::spawn_waypoint`].
@@ -18,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use crate::harness::Mesh;
 use crate::http::{self, read_response, HttpResponse};
 use crate::process::ChildGuard;
-use crate::spec::Pod;
+use crate::spec::{MeshBuilder, Pod, Service};
 use crate::wait::wait_until;
 
 /// The label that makes a pod a Gateway's waypoint.
@@ -27,8 +29,63 @@ pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 pub const WAYPOINT_METRICS_PORT: u16 = 15020;
 pub const WAYPOINT_READINESS_PORT: u16 = 15021;
 
+/// The client pod of [`waypoint_mesh`] and its waypoint's pod (Gateway `default/waypoint`).
+pub const CLIENT: &str = "default/client";
+pub const WAYPOINT: &str = "default/waypoint";
+/// The label that sends a Service's traffic through a waypoint.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the waypoint may take to notice a changed config file (it polls the directory).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lines of the waypoint's log [`with_log`] adds to an error.
+const LOG_TAIL_LINES: usize = 40;
+
+/// The mesh every waypoint suite starts from: [`Mesh::two_nodes`] (nodes n1 and n2, ambient
+/// namespace `default`, [`CLIENT`] on n1) plus Gateway `default/waypoint` (a waypoint for
+/// Services) and its pod [`WAYPOINT`] on n2. Start the waypoint with
+/// [`Mesh::spawn_default_waypoint`] once the mesh is built.
+pub fn waypoint_mesh(test: &str) -> MeshBuilder {
+    Mesh::two_nodes(test)
+        .pod(waypoint_pod("default", "waypoint", "n2"))
+        .yaml(
+            "waypoint.yaml",
+            &gateway_yaml("default", "waypoint", "service"),
+        )
+}
+
+/// Service `default/<name>` at `vip` with port `http` 80 → 8080, selecting `selector`.
+pub fn http_service(name: &str, vip: &str, selector: (&str, &str)) -> Service {
+    Service::new("default", name)
+        .vip(vip)
+        .named_port("http", 80, 8080)
+        .selector([selector])
+}
+
+/// [`http_service`] whose traffic goes through the waypoint of [`waypoint_mesh`].
+pub fn waypoint_service(name: &str, vip: &str, selector: (&str, &str)) -> Service {
+    http_service(name, vip, selector).labels([(USE_WAYPOINT_LABEL, "waypoint")])
+}
+
+/// Two versions of an echo app behind the waypoint: pods `echo-v1` on n2 and `echo-v2` on n1
+/// (service account `echo`, labels `app: echo` and `version`), Service `echo` over both (through
+/// the waypoint) and Services `echo-v1` and `echo-v2` over one each. `vips`: of `echo`,
+/// `echo-v1` and `echo-v2`.
+pub fn with_two_versions(mesh: MeshBuilder, vips: [&str; 3]) -> MeshBuilder {
+    let [echo, v1, v2] = vips;
+    let version = |name: &str, node: &str, version: &str| {
+        Pod::new("default", name)
+            .on(node)
+            .service_account("echo")
+            .labels([("app", "echo"), ("version", version)])
+    };
+    mesh.pod(version("echo-v1", "n2", "v1"))
+        .pod(version("echo-v2", "n1", "v2"))
+        .service(waypoint_service("echo", echo, ("app", "echo")))
+        .service(http_service("echo-v1", v1, ("version", "v1")))
+        .service(http_service("echo-v2", v2, ("version", "v2")))
+}
 
 /// The pod that runs Gateway `<namespace>/<gateway>`'s waypoint on `node`: labelled with the
 /// Gateway's name, its service account named after the Gateway (the waypoint's identity).
@@ -110,6 +167,12 @@ impl Mesh {
         Ok(guard)
     }
 
+    /// Starts the waypoint of [`waypoint_mesh`] (Gateway `default/waypoint`, identity
+    /// `default/waypoint`) in [`WAYPOINT`].
+    pub fn spawn_default_waypoint(&self) -> Result<ChildGuard> {
+        self.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")
+    }
+
     /// The waypoint's Prometheus text (`:15020/metrics` inside its pod).
     pub fn waypoint_metrics(&self, pod: &str) -> Result<String> {
         let r = self.waypoint_http(pod, WAYPOINT_METRICS_PORT, "/metrics")?;
@@ -135,18 +198,41 @@ impl Mesh {
 pub struct Client {
     stream: TcpStream,
     reader: BufReader<TcpStream>,
+    /// The `host` header sent.
+    host: String,
+    /// Requests sent on this connection.
+    sent: usize,
 }
 
 impl Client {
+    /// A connection from `pod` to `addr` that sends `host: echo`.
     pub fn connect(mesh: &Mesh, pod: &str, addr: SocketAddr) -> Result<Client> {
+        Client::connect_as(mesh, pod, addr, "echo")
+    }
+
+    /// A connection from `pod` to `addr` that sends `host: <host>`.
+    pub fn connect_as(mesh: &Mesh, pod: &str, addr: SocketAddr, host: &str) -> Result<Client> {
         let stream = mesh.connect(pod, addr)?;
         let reader = BufReader::new(stream.try_clone()?);
-        Ok(Client { stream, reader })
+        Ok(Client {
+            stream,
+            reader,
+            host: host.to_owned(),
+            sent: 0,
+        })
+    }
+
+    /// Requests sent on this connection so far.
+    pub fn sent(&self) -> usize {
+        self.sent
     }
 
     /// `GET target` with extra headers.
     pub fn get(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
-        let mut head = format!("GET {target} HTTP/1.1\r\nhost: echo\r\nuser-agent: e2e\r\n");
+        let mut head = format!(
+            "GET {target} HTTP/1.1\r\nhost: {}\r\nuser-agent: e2e\r\n",
+            self.host
+        );
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -154,7 +240,26 @@ impl Client {
         self.stream
             .write_all(head.as_bytes())
             .with_context(|| format!("send GET {target}"))?;
+        self.sent += 1;
         read_response(&mut self.reader).with_context(|| format!("response to GET {target}"))
+    }
+
+    /// `POST target` with `len` body bytes, which must be answered 200 by mesh-echo: its JSON
+    /// reply.
+    pub fn post(&mut self, target: &str, len: usize) -> Result<serde_json::Value> {
+        let head = format!(
+            "POST {target} HTTP/1.1\r\nhost: {}\r\ncontent-length: {len}\r\n\r\n",
+            self.host
+        );
+        self.stream
+            .write_all(head.as_bytes())
+            .with_context(|| format!("send POST {target}"))?;
+        self.stream.write_all(&vec![b'x'; len])?;
+        self.sent += 1;
+        let r = read_response(&mut self.reader)
+            .with_context(|| format!("response to POST {target}"))?;
+        anyhow::ensure!(r.status == 200, "POST {target}: {} {}", r.status, r.text());
+        r.json()
     }
 
     /// `GET target`, which must be answered 200 by mesh-echo: its JSON reply.
@@ -165,12 +270,23 @@ impl Client {
     }
 }
 
-/// `result`, with the last 40 lines of the waypoint's log added to an error.
-pub fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
+/// The `server` mesh-echo names itself with in a JSON reply.
+pub fn server(reply: &serde_json::Value) -> String {
+    reply["server"].as_str().unwrap_or_default().to_string()
+}
+
+/// `result`, with the last lines of the waypoint's log added to an error.
+pub fn with_log<T>(wp: &ChildGuard, result: Result<T>) -> Result<T> {
     result.map_err(|e| {
-        let log = wp.stderr();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        let tail = wp.stderr_tail(LOG_TAIL_LINES);
         e.context(format!("last lines of the waypoint's log:\n{tail}"))
+    })
+}
+
+/// Waits until the waypoint logs that it rejected a config document, `what` being how the log
+/// names it (`route-bad.yaml doc 1: HTTPRoute default/bad`).
+pub fn wait_for_rejection(wp: &ChildGuard, what: &str) -> Result<()> {
+    wp.wait_for_stderr(&format!("{what} rejected"), RELOAD_TIMEOUT, |log| {
+        log.contains("config rejected") && log.contains(what)
     })
 }

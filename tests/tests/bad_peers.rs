@@ -50,16 +50,8 @@ const CERT_TTL: Duration = Duration::from_secs(3600);
 /// the mesh on n1, so nothing captures their traffic on the way.
 #[test]
 fn hostile_clients_are_refused_at_15008_and_the_app_sees_nothing() -> Result<()> {
-    let mesh = Mesh::builder("bad_clients")
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
+    let mesh = Mesh::two_nodes("bad_clients")
         .namespace("legacy", Ambient::No)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
         .pod(Pod::new("legacy", "outsider").on("n1"))
         .pod(
             Pod::new("default", "server")

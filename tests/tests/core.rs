@@ -1,12 +1,12 @@
 //! The node agent end to end: real `ztunnel` processes (one per node namespace), real pods
 //! (network namespaces), real TLS, real clients.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use e2e::{prom, wait_until, Ambient, Mesh, Pod, Service};
+use e2e::{echo_once, prom, wait_until, Ambient, Mesh, Pod, Service};
 
 /// How long a config change may take to apply (the agent polls every 500 ms).
 const APPLY: Duration = Duration::from_secs(10);
@@ -15,34 +15,16 @@ const VIP: &str = "10.96.0.10";
 
 /// Two nodes, two pods each; `echo` service over the two servers on n2.
 fn two_node_mesh(name: &str) -> Result<Mesh> {
-    Mesh::builder(name)
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
+    Mesh::two_nodes(name)
         .namespace("legacy", Ambient::No)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
         .pod(
             Pod::new("default", "client2")
                 .on("n1")
                 .service_account("client2"),
         )
         .pod(Pod::new("legacy", "outsider").on("n1"))
-        .pod(
-            Pod::new("default", "server")
-                .on("n2")
-                .service_account("server")
-                .labels([("app", "echo")]),
-        )
-        .pod(
-            Pod::new("default", "server2")
-                .on("n2")
-                .service_account("server")
-                .labels([("app", "echo")]),
-        )
+        .pod(Pod::echo_server("server", "n2"))
+        .pod(Pod::echo_server("server2", "n2"))
         .service(
             Service::new("default", "echo")
                 .vip(VIP)
@@ -357,15 +339,6 @@ fn closed_within(stream: &mut TcpStream, deadline: Duration) -> bool {
     false
 }
 
-fn echo_once(stream: &mut TcpStream, msg: &[u8]) -> Result<()> {
-    stream.write_all(msg)?;
-    let mut back = vec![0u8; msg.len()];
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.read_exact(&mut back)?;
-    ensure!(back == msg, "echo mismatch");
-    Ok(())
-}
-
 #[test]
 fn policy_change_closes_open_connections_it_no_longer_allows() -> Result<()> {
     let mesh = two_node_mesh("policy_recheck")?;
@@ -391,15 +364,7 @@ fn policy_change_closes_open_connections_it_no_longer_allows() -> Result<()> {
 
 #[test]
 fn renewal_and_reload_keep_a_long_lived_connection() -> Result<()> {
-    let mesh = Mesh::builder("renewal")
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
+    let mesh = Mesh::two_nodes("renewal")
         .pod(
             Pod::new("default", "server")
                 .on("n2")

@@ -2,12 +2,11 @@
 //! after real traffic through the mesh, and the page rendered by a headless Chromium inside
 //! the node's network namespace.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use e2e::{eventually, wait_until, Ambient, Mesh, Pod};
+use e2e::{echo_once, eventually, wait_until, Mesh, Pod};
 use serde_json::Value;
 
 /// How long a counter or a config change may take to show in `/stats`.
@@ -18,26 +17,13 @@ const ALLOWED: u64 = 3;
 /// `client` and `intruder` on n1, `server` (app `echo`) on n2; a policy on the server denies
 /// the `intruder` service account.
 fn dashboard_mesh(name: &str) -> Result<Mesh> {
-    Mesh::builder(name)
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
+    Mesh::two_nodes(name)
         .pod(
             Pod::new("default", "intruder")
                 .on("n1")
                 .service_account("intruder"),
         )
-        .pod(
-            Pod::new("default", "server")
-                .on("n2")
-                .service_account("server")
-                .labels([("app", "echo")]),
-        )
+        .pod(Pod::echo_server("server", "n2"))
         .yaml(
             "deny-intruder.yaml",
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-intruder\n  namespace: default\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/intruder\"]\n",
@@ -81,14 +67,6 @@ fn refusals(stats: &Value, dir: &str, reason: &str) -> u64 {
         .filter(|r| r["direction"] == dir && r["reason"] == reason)
         .filter_map(|r| r["count"].as_u64())
         .sum()
-}
-
-fn echo_once(stream: &mut TcpStream, msg: &[u8]) -> Result<()> {
-    stream.write_all(msg)?;
-    let mut back = vec![0u8; msg.len()];
-    stream.read_exact(&mut back)?;
-    ensure!(back == msg, "echo mismatch");
-    Ok(())
 }
 
 #[test]

@@ -207,16 +207,8 @@ fn a_released_pods_established_connections_run_to_completion() -> Result<()> {
 /// only the new process runs.
 #[test]
 fn a_killed_agent_fails_closed_and_its_successor_takes_over_cleanly() -> Result<()> {
-    let mesh = Mesh::builder("restart")
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
+    let mesh = Mesh::two_nodes("restart")
         .namespace("legacy", Ambient::No)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
         .pod(Pod::new("legacy", "outsider").on("n1"))
         .pod(
             Pod::new("default", "server")
@@ -464,16 +456,8 @@ fn a_probe_from_the_node_reaches_an_enrolled_pod_even_under_strict() -> Result<(
 /// agent's HBONE connection to the server's 15008 directly.
 #[test]
 fn the_agents_own_upstream_connections_are_not_captured() -> Result<()> {
-    let mesh = Mesh::builder("no_loops")
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
+    let mesh = Mesh::two_nodes("no_loops")
         .namespace("legacy", Ambient::No)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
         .pod(
             Pod::new("default", "server")
                 .on("n2")

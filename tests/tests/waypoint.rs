@@ -7,12 +7,13 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context, Result};
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, waypoint_pod};
-use e2e::{Ambient, Mesh, Pod, Service};
+use e2e::waypoint::{
+    gateway_yaml, http_service, waypoint_mesh, waypoint_pod, waypoint_service, with_log, CLIENT,
+    USE_WAYPOINT_LABEL, WAYPOINT,
+};
+use e2e::{run_scenarios, scenarios, Ambient, Mesh, Pod, Service};
 use serde_json::Value;
 
-const CLIENT: &str = "default/client";
-const WAYPOINT: &str = "default/waypoint";
 /// Through the waypoint.
 const ECHO_VIP: &str = "10.96.0.10";
 /// Same pods, through the waypoint, ports that are not declared HTTP.
@@ -46,35 +47,10 @@ spec:
 "#;
 
 fn mesh(test: &str) -> Result<Mesh> {
-    Mesh::builder(test)
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
-        .pod(waypoint_pod("default", "waypoint", "n2"))
-        .pod(
-            Pod::new("default", "server-1")
-                .on("n2")
-                .service_account("server")
-                .labels([("app", "echo")]),
-        )
-        .pod(
-            Pod::new("default", "server-2")
-                .on("n1")
-                .service_account("server")
-                .labels([("app", "echo")]),
-        )
-        .service(
-            Service::new("default", "echo")
-                .vip(ECHO_VIP)
-                .named_port("http", 80, 8080)
-                .selector([("app", "echo")])
-                .labels([("istio.io/use-waypoint", "waypoint")]),
-        )
+    waypoint_mesh(test)
+        .pod(Pod::echo_server("server-1", "n2"))
+        .pod(Pod::echo_server("server-2", "n1"))
+        .service(waypoint_service("echo", ECHO_VIP, ("app", "echo")))
         .service(
             // Not covered by the `/admin` DENY: at L4 its path rule would deny everything
             // (an L7 rule fails closed where only bytes are seen).
@@ -83,18 +59,9 @@ fn mesh(test: &str) -> Result<Mesh> {
                 .named_port("tcp-echo", 9000, 8080)
                 .named_port("web", 9100, 8080)
                 .selector([("app", "echo")])
-                .labels([("istio.io/use-waypoint", "waypoint")]),
+                .labels([(USE_WAYPOINT_LABEL, "waypoint")]),
         )
-        .service(
-            Service::new("default", "direct")
-                .vip(DIRECT_VIP)
-                .named_port("http", 80, 8080)
-                .selector([("app", "echo")]),
-        )
-        .yaml(
-            "waypoint.yaml",
-            &gateway_yaml("default", "waypoint", "service"),
-        )
+        .service(http_service("direct", DIRECT_VIP, ("app", "echo")))
         .yaml("policies.yaml", POLICIES)
         .build()
 }
@@ -145,31 +112,44 @@ fn url(vip: &str, path: &str) -> String {
     format!("http://{vip}{path}")
 }
 
+/// What the L7 scenarios share: the mesh and the addresses the servers see callers by.
+struct L7<'a> {
+    mesh: &'a Mesh,
+    waypoint_ip: Ipv4Addr,
+    client_ip: Ipv4Addr,
+}
+
+/// One mesh for the L7 scenarios; they run in order, and the metrics scenarios count the
+/// requests of the scenarios before them.
 #[test]
 fn requests_to_a_service_with_a_waypoint_are_authorized_per_request_and_balanced() -> Result<()> {
     let mesh = mesh("waypoint_l7")?;
     let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
     let _s2 = mesh.spawn_echo("default/server-2", 8080, "server-2")?;
-    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
-    with_log(&wp, l7_checks(&mesh))
+    let wp = mesh.spawn_default_waypoint()?;
+    let mut l7 = L7 {
+        mesh: &mesh,
+        waypoint_ip: mesh.pod_ip(WAYPOINT)?,
+        client_ip: mesh.pod_ip(CLIENT)?,
+    };
+    let scenarios = scenarios![
+        the_server_is_called_by_the_waypoint_which_adds_a_request_id,
+        an_l7_policy_denies_one_path_and_allows_another_on_one_connection,
+        requests_on_one_connection_are_balanced_over_both_servers,
+        http2_from_the_client_is_served_and_authorized,
+        the_waypoint_counts_every_request_with_both_identities,
+        the_agents_see_the_waypoint_between_client_and_server,
+        a_service_without_a_waypoint_is_reached_directly,
+        tcp_ports_are_relayed_and_undeclared_ports_detected,
+    ];
+    with_log(&wp, run_scenarios(&mut l7, &scenarios))
 }
 
-/// `result`, with the end of the waypoint's log added to an error.
-fn with_log(wp: &e2e::ChildGuard, result: Result<()>) -> Result<()> {
-    result.map_err(|e| {
-        let log = wp.stderr();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        e.context(format!("last lines of the waypoint's log:\n{tail}"))
-    })
-}
-
-fn l7_checks(mesh: &Mesh) -> Result<()> {
-    let waypoint_ip = mesh.pod_ip(WAYPOINT)?;
-    let client_ip = mesh.pod_ip(CLIENT)?;
-
-    // Through the waypoint: the server sees the waypoint as its caller; the waypoint added a
-    // request id and passed the client's traceparent on.
+/// Through the waypoint: the server sees the waypoint as its caller; the waypoint added a
+/// request id and passed the client's traceparent on.
+fn the_server_is_called_by_the_waypoint_which_adds_a_request_id(l: &mut L7<'_>) -> Result<()> {
+    let mesh = l.mesh;
+    let waypoint_ip = l.waypoint_ip;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let tp_header = format!("traceparent: {traceparent}");
     let replies = curl(mesh, &["-H", &tp_header], &[url(ECHO_VIP, "/hello")])?;
@@ -187,8 +167,12 @@ fn l7_checks(mesh: &Mesh) -> Result<()> {
         .as_str()
         .unwrap_or_default();
     assert_eq!(request_id.len(), 36, "a generated x-request-id: {reply}");
+    Ok(())
+}
 
-    // L7 policy: one path denied, others allowed, on the same connection.
+/// L7 policy: one path denied, others allowed, on the same connection.
+fn an_l7_policy_denies_one_path_and_allows_another_on_one_connection(l: &mut L7<'_>) -> Result<()> {
+    let mesh = l.mesh;
     let replies = curl(
         mesh,
         &[],
@@ -197,8 +181,12 @@ fn l7_checks(mesh: &Mesh) -> Result<()> {
     assert_eq!(replies[0].0, 403, "{:?}", replies[0]);
     assert_eq!(replies[0].2, "RBAC: access denied");
     assert_eq!(replies[1].0, 200, "{:?}", replies[1]);
+    Ok(())
+}
 
-    // Balanced per request: six requests on one client connection reach both servers.
+/// Balanced per request: six requests on one client connection reach both servers.
+fn requests_on_one_connection_are_balanced_over_both_servers(l: &mut L7<'_>) -> Result<()> {
+    let mesh = l.mesh;
     let urls: Vec<String> = (0..6).map(|i| url(ECHO_VIP, &format!("/rr/{i}"))).collect();
     let mut servers = std::collections::BTreeSet::new();
     for (status, _, body) in curl(mesh, &[], &urls)? {
@@ -215,9 +203,14 @@ fn l7_checks(mesh: &Mesh) -> Result<()> {
         ["server-1", "server-2"],
         "round robin per request over one connection"
     );
+    Ok(())
+}
 
-    // HTTP/2 from the client (prior knowledge); HTTP/1.1 to the `http` port's backends.
-    // (One URL per curl: curl 7.88 fails to reuse a prior-knowledge HTTP/2 connection.)
+/// HTTP/2 from the client (prior knowledge); HTTP/1.1 to the `http` port's backends.
+/// (One URL per curl: curl 7.88 fails to reuse a prior-knowledge HTTP/2 connection.)
+fn http2_from_the_client_is_served_and_authorized(l: &mut L7<'_>) -> Result<()> {
+    let mesh = l.mesh;
+    let waypoint_ip = l.waypoint_ip;
     let h2 = ["--http2-prior-knowledge"];
     let ok = curl(mesh, &h2, &[url(ECHO_VIP, "/h2")])?.remove(0);
     assert_eq!((ok.0, ok.1.as_str()), (200, "2"), "{ok:?}");
@@ -227,8 +220,12 @@ fn l7_checks(mesh: &Mesh) -> Result<()> {
         (denied.0, denied.1.as_str(), denied.2.as_str()),
         (403, "2", "RBAC: access denied")
     );
+    Ok(())
+}
 
-    // The waypoint counted every request: 1 + 2 + 6 + 2 = 11, three of them denied.
+/// The waypoint counted every request: 1 + 2 + 6 + 2 = 11, three of them denied.
+fn the_waypoint_counts_every_request_with_both_identities(l: &mut L7<'_>) -> Result<()> {
+    let mesh = l.mesh;
     let metrics = mesh.waypoint_metrics(WAYPOINT)?;
     let requests = |code: &str| {
         prom::sum(
@@ -270,8 +267,12 @@ fn l7_checks(mesh: &Mesh) -> Result<()> {
         9.0,
         "{metrics}"
     );
+    Ok(())
+}
 
-    // The destination ztunnel saw the waypoint's identity (L4 policy allowed it as such).
+/// The destination ztunnel saw the waypoint's identity (L4 policy allowed it as such).
+fn the_agents_see_the_waypoint_between_client_and_server(l: &mut L7<'_>) -> Result<()> {
+    let mesh = l.mesh;
     let n2 = mesh.metrics("n2")?;
     let from_waypoint = prom::sum(
         &n2,
@@ -294,9 +295,14 @@ fn l7_checks(mesh: &Mesh) -> Result<()> {
         client_to_waypoint >= 1.0,
         "the client's ztunnel steered to the waypoint"
     );
+    Ok(())
+}
 
-    // A Service without a waypoint is unchanged: straight from the client, /admin allowed,
-    // and the waypoint sees none of it.
+/// A Service without a waypoint is unchanged: straight from the client, /admin allowed,
+/// and the waypoint sees none of it.
+fn a_service_without_a_waypoint_is_reached_directly(l: &mut L7<'_>) -> Result<()> {
+    let mesh = l.mesh;
+    let client_ip = l.client_ip;
     let replies = curl(mesh, &[], &[url(DIRECT_VIP, "/admin")])?;
     assert_eq!(replies[0].0, 200, "{:?}", replies[0]);
     assert_eq!(peer_ip(&json(&replies[0].2)?)?, client_ip);
@@ -305,9 +311,13 @@ fn l7_checks(mesh: &Mesh) -> Result<()> {
         prom::sum(&after, "istio_requests_total", &[("reporter", "waypoint")]),
         11.0
     );
+    Ok(())
+}
 
-    // A `tcp-` port is relayed at L4 by the waypoint (bytes in, same bytes out), counted as
-    // TCP; a port that declares nothing is detected: HTTP is served at L7, other bytes at L4.
+/// A `tcp-` port is relayed at L4 by the waypoint (bytes in, same bytes out), counted as
+/// TCP; a port that declares nothing is detected: HTTP is served at L7, other bytes at L4.
+fn tcp_ports_are_relayed_and_undeclared_ports_detected(l: &mut L7<'_>) -> Result<()> {
+    let mesh = l.mesh;
     let tcp_vip = format!("{TCP_VIP}:9000").parse()?;
     let back = mesh.echo_roundtrip(CLIENT, tcp_vip, b"MARKER-tcp-through-waypoint")?;
     assert_eq!(back, b"MARKER-tcp-through-waypoint");
@@ -342,7 +352,7 @@ fn l7_checks(mesh: &Mesh) -> Result<()> {
 fn plain_tcp_to_the_waypoint_hbone_port_is_refused() -> Result<()> {
     let mesh = mesh("waypoint_relay")?;
     let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
-    let _wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+    let _wp = mesh.spawn_default_waypoint()?;
     // Straight to the waypoint's 15008 without mTLS (the client's ztunnel passes it through:
     // the waypoint pod is not captured).
     let waypoint_ip = mesh.pod_ip(WAYPOINT)?;
@@ -379,7 +389,7 @@ fn websocket_and_other_upgrades_pass_through_the_waypoint() -> Result<()> {
     let mesh = mesh("waypoint_upgrade")?;
     let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
     let _s2 = mesh.spawn_echo("default/server-2", 8080, "server-2")?;
-    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
+    let wp = mesh.spawn_default_waypoint()?;
     with_log(&wp, upgrade_checks(&mesh))
 }
 

@@ -14,14 +14,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use e2e::grpc::SERVER_HEADER;
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, waypoint_pod};
-use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod};
+use e2e::waypoint::{waypoint_mesh, with_log, CLIENT, WAYPOINT};
+use e2e::{run_scenarios, scenarios, wait_until, Mesh, Pod};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::{json, Value};
 
-const CLIENT: &str = "default/client";
-const WAYPOINT: &str = "default/waypoint";
 const WAYPOINT_SA: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
 const GRPC: &str = "10.96.0.30:9000";
 const EMPTY: &str = "10.96.0.33:9000";
@@ -182,16 +180,7 @@ fn token(key: &EcdsaKeyPair) -> Result<String> {
 }
 
 fn mesh(test: &str, jwt: &str) -> Result<Mesh> {
-    let mut b = Mesh::builder(test)
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
-        .pod(waypoint_pod("default", "waypoint", "n2"));
+    let mut b = waypoint_mesh(test);
     for (pod, node, version) in SERVERS {
         let name = pod.trim_start_matches("default/");
         let tier = if version == "a" { "a" } else { "bc" };
@@ -202,14 +191,10 @@ fn mesh(test: &str, jwt: &str) -> Result<Mesh> {
                 .labels([("app", "grpc"), ("version", version), ("tier", tier)]),
         );
     }
-    b.yaml(
-        "waypoint.yaml",
-        &gateway_yaml("default", "waypoint", "service"),
-    )
-    .yaml("services.yaml", SERVICES)
-    .yaml("policy.yaml", POLICY)
-    .yaml("jwt.yaml", jwt)
-    .build()
+    b.yaml("services.yaml", SERVICES)
+        .yaml("policy.yaml", POLICY)
+        .yaml("jwt.yaml", jwt)
+        .build()
 }
 
 /// Every call the tests made, by the gRPC status the client saw (for the metrics check).
@@ -249,36 +234,56 @@ fn all_ok(lines: &[Value]) -> Result<()> {
     Ok(())
 }
 
+/// What the scenarios share: the mesh, the two tokens, and every call's status (for the
+/// metrics scenario).
+struct Grpc<'a> {
+    mesh: &'a Mesh,
+    tally: Tally,
+    good_token: String,
+    forged_token: String,
+}
+
+/// One mesh for all scenarios; they run in order. The GRPCRoute scenario attaches a route to
+/// Service `grpc` and `grpc-empty` that the scenarios after it rely on, and the metrics
+/// scenario counts the calls of all before it.
 #[test]
-fn grpc_calls_are_balanced_routed_denied_and_counted_at_the_waypoint() -> Result<()> {
+fn grpc_through_the_waypoint() -> Result<()> {
     let signer = key()?;
     let mesh = mesh("waypoint_grpc", &jwt_yaml(&signer))?;
     let mut servers = Vec::new();
     for (pod, _, version) in SERVERS {
         servers.push(mesh.spawn_grpc(pod, 9000, version)?);
     }
-    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
-    let good = token(&signer)?;
-    let forged = token(&key()?)?;
-    with_log(&wp, checks(&mesh, &good, &forged))
+    let wp = mesh.spawn_default_waypoint()?;
+    let mut grpc = Grpc {
+        mesh: &mesh,
+        tally: Tally::default(),
+        good_token: token(&signer)?,
+        forged_token: token(&key()?)?,
+    };
+    let scenarios = scenarios![
+        unary_calls_on_one_channel_are_balanced_over_every_endpoint,
+        a_server_stream_stays_on_one_server_and_streams_are_balanced,
+        a_client_stream_delivers_every_message,
+        a_bidi_stream_answers_every_message_in_order,
+        a_status_the_server_chooses_passes_through_with_its_trailer,
+        an_authorization_policy_denies_one_method_with_permission_denied,
+        a_valid_jwt_passes_and_a_forged_one_is_unauthenticated,
+        a_route_timeout_is_unavailable_and_a_faster_call_passes,
+        no_endpoint_behind_the_waypoint_is_unavailable,
+        a_grpc_route_routes_by_method_and_header,
+        a_method_no_grpc_route_matches_is_unimplemented,
+        metrics_count_every_call_by_grpc_status,
+    ];
+    with_log(&wp, run_scenarios(&mut grpc, &scenarios))
 }
 
-/// `result`, with the end of the waypoint's log added to an error.
-fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
-    result.map_err(|e| {
-        let log = wp.stderr();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        e.context(format!("last lines of the waypoint's log:\n{tail}"))
-    })
-}
-
-fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
-    let mut tally = Tally::default();
-
-    // Unary: one channel's 30 calls (one connection: the client's agent opens one to the
-    // waypoint) are spread over all three endpoints (per request, not per connection), each
-    // reply names its server and echoes the metadata the server saw.
+/// Unary: one channel's 30 calls (one connection: the client's agent opens one to the
+/// waypoint) are spread over all three endpoints (per request, not per connection), each
+/// reply names its server and echoes the metadata the server saw.
+fn unary_calls_on_one_channel_are_balanced_over_every_endpoint(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
     let to_waypoint = || -> Result<f64> {
         Ok(prom::sum(
             &mesh.metrics("n1")?,
@@ -292,7 +297,7 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
     let before = to_waypoint()?;
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         BALANCED_CALLS,
         &["--kind", "unary", "--metadata", "x-test=1"],
@@ -320,11 +325,16 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
         "one connection for the 30 calls"
     );
     eprintln!("unary over one channel: {seen:?}");
+    Ok(())
+}
 
-    // Server streaming: every reply of a call comes from one server, the trailers end it.
+/// Server streaming: every reply of a call comes from one server, the trailers end it.
+fn a_server_stream_stays_on_one_server_and_streams_are_balanced(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         6,
         &["--kind", "server-stream", "--count", "5"],
@@ -346,11 +356,16 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
         "streams balanced: {:?}",
         servers(&lines)
     );
+    Ok(())
+}
 
-    // Client streaming: the server counted every message.
+/// Client streaming: the server counted every message.
+fn a_client_stream_delivers_every_message(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         3,
         &["--kind", "client-stream", "--count", "7"],
@@ -360,30 +375,28 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
         assert_eq!(l["received"], 7, "{l}");
         assert_eq!(l["trailers"]["grpc-status"], "0", "{l}");
     }
+    Ok(())
+}
 
-    // Bidi: one reply per message, in order, from one server.
-    let lines = client(
-        mesh,
-        &mut tally,
-        GRPC,
-        3,
-        &["--kind", "bidi", "--count", "4"],
-    )?;
+/// Bidi: one reply per message, in order, from one server.
+fn a_bidi_stream_answers_every_message_in_order(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
+    let lines = client(mesh, tally, GRPC, 3, &["--kind", "bidi", "--count", "4"])?;
     all_ok(&lines)?;
     for l in &lines {
         assert_eq!(l["replies"], 4, "{l}");
         assert_eq!(l["trailers"]["grpc-status"], "0", "{l}");
     }
+    Ok(())
+}
 
-    // A status the server chooses passes through, with the server's own trailer: as a
-    // trailers-only response (unary) and after data (server streaming).
-    let lines = client(
-        mesh,
-        &mut tally,
-        GRPC,
-        3,
-        &["--kind", "unary", "--status", "9"],
-    )?;
+/// A status the server chooses passes through, with the server's own trailer: as a
+/// trailers-only response (unary) and after data (server streaming).
+fn a_status_the_server_chooses_passes_through_with_its_trailer(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
+    let lines = client(mesh, tally, GRPC, 3, &["--kind", "unary", "--status", "9"])?;
     for l in &lines {
         assert_eq!(l["code"], 9, "{l}");
         assert!(
@@ -393,7 +406,7 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
     }
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         2,
         &["--kind", "server-stream", "--count", "3", "--status", "5"],
@@ -406,13 +419,20 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
             "server trailer: {l}"
         );
     }
+    Ok(())
+}
 
-    // AuthorizationPolicy DENY on the Unary method path: the client sees PERMISSION_DENIED
-    // (HTTP 200, trailers-only, as Envoy answers gRPC); other methods with the same header
-    // pass.
+/// AuthorizationPolicy DENY on the Unary method path: the client sees PERMISSION_DENIED
+/// (HTTP 200, trailers-only, as Envoy answers gRPC); other methods with the same header
+/// pass.
+fn an_authorization_policy_denies_one_method_with_permission_denied(
+    g: &mut Grpc<'_>,
+) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         4,
         &["--kind", "unary", "--metadata", "x-deny=yes"],
@@ -424,19 +444,24 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
     }
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         2,
         &["--kind", "server-stream", "--metadata", "x-deny=yes"],
     )?;
     all_ok(&lines)?;
+    Ok(())
+}
 
-    // RequestAuthentication: a valid token passes (and is not forwarded), one signed by
-    // another key is UNAUTHENTICATED.
-    let bearer = format!("authorization=Bearer {good_token}");
+/// RequestAuthentication: a valid token passes (and is not forwarded), one signed by
+/// another key is UNAUTHENTICATED.
+fn a_valid_jwt_passes_and_a_forged_one_is_unauthenticated(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
+    let bearer = format!("authorization=Bearer {}", g.good_token);
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         2,
         &["--kind", "unary", "--metadata", &bearer],
@@ -448,10 +473,10 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
             "token removed: {l}"
         );
     }
-    let bearer = format!("authorization=Bearer {forged_token}");
+    let bearer = format!("authorization=Bearer {}", g.forged_token);
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         3,
         &["--kind", "bidi", "--metadata", &bearer],
@@ -460,12 +485,17 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
         assert_eq!(l["code"], 16, "{l}");
         assert_eq!(l["message"], "Jwt verification fails", "{l}");
     }
+    Ok(())
+}
 
-    // An HTTPRoute's request timeout on a gRPC call: UNAVAILABLE, as Envoy maps its 504 (`UT`);
-    // a call within the timeout passes.
+/// An HTTPRoute's request timeout on a gRPC call: UNAVAILABLE, as Envoy maps its 504 (`UT`);
+/// a call within the timeout passes.
+fn a_route_timeout_is_unavailable_and_a_faster_call_passes(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         SLOW,
         2,
         &["--kind", "unary", "--delay-ms", "3000"],
@@ -476,28 +506,38 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
     }
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         SLOW,
         2,
         &["--kind", "unary", "--delay-ms", "10"],
     )?;
     all_ok(&lines)?;
+    Ok(())
+}
 
-    // No endpoint behind the waypoint: UNAVAILABLE.
-    let lines = client(mesh, &mut tally, EMPTY, 2, &["--kind", "unary"])?;
+/// No endpoint behind the waypoint: UNAVAILABLE.
+fn no_endpoint_behind_the_waypoint_is_unavailable(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
+    let lines = client(mesh, tally, EMPTY, 2, &["--kind", "unary"])?;
     for l in &lines {
         assert_eq!(l["code"], 14, "{l}");
         assert_eq!(l["message"], "no healthy upstream", "{l}");
     }
+    Ok(())
+}
 
-    // GRPCRoute: ServerStream to grpc-a, `x-canary: yes` to grpc-a (with header filters),
-    // everything else to grpc-bc.
+/// GRPCRoute: ServerStream to grpc-a, `x-canary: yes` to grpc-a (with header filters),
+/// everything else to grpc-bc.
+fn a_grpc_route_routes_by_method_and_header(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
     mesh.write_yaml("route.yaml", ROUTE)?;
     wait_until("the GRPCRoute to apply", ROUTE_WAIT, || {
-        let lines = client(mesh, &mut tally, GRPC, 6, &["--kind", "unary"])?;
+        let lines = client(mesh, tally, GRPC, 6, &["--kind", "unary"])?;
         Ok(servers(&lines).keys().all(|s| s == "b" || s == "c"))
     })?;
-    let lines = client(mesh, &mut tally, GRPC, 10, &["--kind", "unary"])?;
+    let lines = client(mesh, tally, GRPC, 10, &["--kind", "unary"])?;
     all_ok(&lines)?;
     let seen = servers(&lines);
     assert_eq!(
@@ -507,7 +547,7 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
     );
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         6,
         &["--kind", "server-stream", "--count", "2"],
@@ -520,7 +560,7 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
     );
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         6,
         &[
@@ -550,7 +590,7 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
     }
     let lines = client(
         mesh,
-        &mut tally,
+        tally,
         GRPC,
         4,
         &["--kind", "client-stream", "--metadata", "x-canary=no"],
@@ -561,20 +601,30 @@ fn checks(mesh: &Mesh, good_token: &str, forged_token: &str) -> Result<()> {
         "{:?}",
         servers(&lines)
     );
+    Ok(())
+}
 
-    // A method no rule of the attached GRPCRoute matches: UNIMPLEMENTED (the 404 `NR`);
-    // the method it routes is served by grpc-a although grpc-empty has no endpoint.
-    let lines = client(mesh, &mut tally, EMPTY, 2, &["--kind", "unary"])?;
+/// A method no rule of the attached GRPCRoute matches: UNIMPLEMENTED (the 404 `NR`);
+/// the method it routes is served by grpc-a although grpc-empty has no endpoint.
+fn a_method_no_grpc_route_matches_is_unimplemented(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
+    let lines = client(mesh, tally, EMPTY, 2, &["--kind", "unary"])?;
     for l in &lines {
         assert_eq!(l["code"], 12, "{l}");
         assert_eq!(l["message"], "route not found", "{l}");
     }
-    let lines = client(mesh, &mut tally, EMPTY, 2, &["--kind", "server-stream"])?;
+    let lines = client(mesh, tally, EMPTY, 2, &["--kind", "server-stream"])?;
     all_ok(&lines)?;
     assert_eq!(servers(&lines).keys().collect::<Vec<_>>(), ["a"]);
+    Ok(())
+}
 
-    // Metrics: one istio_requests_total sample per call, by the gRPC status the client saw;
-    // the waypoint's own replies are HTTP 200 with their gRPC status and flag.
+/// Metrics: one istio_requests_total sample per call, by the gRPC status the client saw;
+/// the waypoint's own replies are HTTP 200 with their gRPC status and flag.
+fn metrics_count_every_call_by_grpc_status(g: &mut Grpc<'_>) -> Result<()> {
+    let mesh = g.mesh;
+    let tally = &mut g.tally;
     let metrics = mesh.waypoint_metrics(WAYPOINT)?;
     let requests = |labels: &[(&str, &str)]| prom::sum(&metrics, "istio_requests_total", labels);
     for (code, calls) in &tally.0 {

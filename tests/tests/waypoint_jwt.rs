@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,14 +16,13 @@ use anyhow::{bail, Context, Result};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, waypoint_pod};
-use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
+use e2e::waypoint::{waypoint_mesh, waypoint_service, with_log, CLIENT, WAYPOINT};
+use e2e::{run_scenarios, scenarios, wait_until, Ambient, Mesh, Pod};
+use nix::sys::socket::{shutdown, Shutdown};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::{json, Value};
 
-const CLIENT: &str = "default/client";
-const WAYPOINT: &str = "default/waypoint";
 const JWKS_POD: &str = "keys/jwks";
 const JWKS_PORT: u16 = 8000;
 const ECHO_VIP: &str = "10.96.0.30";
@@ -120,35 +120,11 @@ spec:
 }
 
 fn mesh(test: &str) -> Result<Mesh> {
-    Mesh::builder(test)
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
+    waypoint_mesh(test)
         .namespace("keys", Ambient::No)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
-        .pod(waypoint_pod("default", "waypoint", "n2"))
-        .pod(
-            Pod::new("default", "server")
-                .on("n2")
-                .service_account("server")
-                .labels([("app", "echo")]),
-        )
+        .pod(Pod::echo_server("server", "n2"))
         .pod(Pod::new("keys", "jwks").on("n1"))
-        .service(
-            Service::new("default", "echo")
-                .vip(ECHO_VIP)
-                .named_port("http", 80, 8080)
-                .selector([("app", "echo")])
-                .labels([("istio.io/use-waypoint", "waypoint")]),
-        )
-        .yaml(
-            "waypoint.yaml",
-            &gateway_yaml("default", "waypoint", "service"),
-        )
+        .service(waypoint_service("echo", ECHO_VIP, ("app", "echo")))
         .build()
 }
 
@@ -174,6 +150,8 @@ fn bearer(token: &str) -> Vec<String> {
 /// A JWKS document served over HTTP/1.1 from inside a pod's network namespace until dropped.
 struct JwksServer {
     stop: Arc<AtomicBool>,
+    /// The listening socket, shut down on drop to end the blocked `accept`.
+    listener: TcpListener,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -182,30 +160,29 @@ impl JwksServer {
         let listener = mesh
             .in_pod(pod, || TcpListener::bind(("0.0.0.0", JWKS_PORT)))?
             .context("bind the jwks server")?;
-        listener.set_nonblocking(true)?;
+        let accepting = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                        let mut buf = [0u8; 4096];
-                        let _ = s.read(&mut buf);
-                        let rsp = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                             content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = s.write_all(rsp.as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            for conn in accepting.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
                 }
+                let Ok(mut s) = conn else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let rsp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(rsp.as_bytes());
             }
         });
         Ok(JwksServer {
             stop,
+            listener,
             thread: Some(thread),
         })
     }
@@ -214,39 +191,56 @@ impl JwksServer {
 impl Drop for JwksServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Shutting a listening socket down wakes the thread blocked in `accept` (EINVAL).
+        let _ = shutdown(self.listener.as_raw_fd(), Shutdown::Read);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-/// `result`, with the end of the waypoint's log added to an error.
-fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
-    result.map_err(|e| {
-        let log = wp.stderr();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        e.context(format!("last lines of the waypoint's log:\n{tail}"))
-    })
+/// What the scenarios share: the mesh, the local and remote signing keys, and tokens for
+/// alice (no groups) and bob (group `admins`) signed by the local key.
+struct Jwt<'a> {
+    mesh: &'a Mesh,
+    local: Key,
+    remote: Key,
+    alice: String,
+    bob: String,
 }
 
+/// One mesh for all scenarios; they run in order, and the JWKS server is started only by the
+/// last (the one that checks the remote keys are fetched once it answers).
 #[test]
-fn jwt_authentication_and_request_principals_at_the_waypoint() -> Result<()> {
+fn jwt_authentication_at_the_waypoint() -> Result<()> {
     let mesh = mesh("waypoint_jwt")?;
     let local = Key::new("local-1")?;
     let remote = Key::new("remote-1")?;
     let jwks_ip = mesh.pod_ip(JWKS_POD)?.to_string();
     mesh.write_yaml("jwt.yaml", &config(&local.jwks(), &jwks_ip))?;
     let _server = mesh.spawn_echo("default/server", 8080, "server")?;
-    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
-    with_log(&wp, checks(&mesh, &local, &remote))
+    let wp = mesh.spawn_default_waypoint()?;
+    let mut jwt = Jwt {
+        mesh: &mesh,
+        alice: local.sign(&claims("issuer", "alice", &[]))?,
+        bob: local.sign(&claims("issuer", "bob", &["admins"]))?,
+        local,
+        remote,
+    };
+    let scenarios = scenarios![
+        without_a_token_public_paths_pass_and_secure_ones_are_denied,
+        an_allowed_principal_passes_and_only_the_token_payload_is_forwarded,
+        a_groups_claim_opens_what_the_principal_alone_does_not,
+        invalid_tokens_are_refused_with_401_everywhere_and_counted,
+        jwks_uri_fails_closed_until_its_server_answers,
+    ];
+    with_log(&wp, run_scenarios(&mut jwt, &scenarios))
 }
 
-fn checks(mesh: &Mesh, local: &Key, remote: &Key) -> Result<()> {
-    let alice = local.sign(&claims("issuer", "alice", &[]))?;
-    let bob = local.sign(&claims("issuer", "bob", &["admins"]))?;
-
-    // No token: unauthenticated, fine where no principal is required, 403 where one is.
+/// No token: unauthenticated, fine where no principal is required, 403 where one is; a
+/// client's copy of the output header is dropped.
+fn without_a_token_public_paths_pass_and_secure_ones_are_denied(j: &mut Jwt<'_>) -> Result<()> {
+    let mesh = j.mesh;
     let forged = vec!["x-jwt-payload: forged".to_string()];
     let (status, body) = get(mesh, "/public", &forged)?;
     assert_eq!(status, 200, "{body}");
@@ -259,22 +253,36 @@ fn checks(mesh: &Mesh, local: &Key, remote: &Key) -> Result<()> {
         get(mesh, "/secure", &[])?,
         (403, "RBAC: access denied".into())
     );
+    Ok(())
+}
 
-    // Alice may; the token is not forwarded, its payload is.
-    let (status, body) = get(mesh, "/secure/data", &bearer(&alice))?;
+/// Alice may; the token is not forwarded, its payload is.
+fn an_allowed_principal_passes_and_only_the_token_payload_is_forwarded(
+    j: &mut Jwt<'_>,
+) -> Result<()> {
+    let (status, body) = get(j.mesh, "/secure/data", &bearer(&j.alice))?;
     assert_eq!(status, 200, "{body}");
     let reply: Value = serde_json::from_str(&body)?;
     assert!(reply["headers"]["authorization"].is_null(), "{reply}");
-    let payload = alice.split('.').nth(1).context("payload")?;
+    let payload = j.alice.split('.').nth(1).context("payload")?;
     assert_eq!(reply["headers"]["x-jwt-payload"], payload, "{reply}");
+    Ok(())
+}
 
-    // Bob is authenticated but not allowed on /secure; his groups claim opens /admins.
-    assert_eq!(get(mesh, "/secure", &bearer(&bob))?.0, 403);
-    assert_eq!(get(mesh, "/admins", &bearer(&bob))?.0, 200);
-    assert_eq!(get(mesh, "/admins", &bearer(&alice))?.0, 403);
+/// Bob is authenticated but not allowed on /secure; his groups claim opens /admins.
+fn a_groups_claim_opens_what_the_principal_alone_does_not(j: &mut Jwt<'_>) -> Result<()> {
+    let mesh = j.mesh;
+    assert_eq!(get(mesh, "/secure", &bearer(&j.bob))?.0, 403);
+    assert_eq!(get(mesh, "/admins", &bearer(&j.bob))?.0, 200);
+    assert_eq!(get(mesh, "/admins", &bearer(&j.alice))?.0, 403);
     assert_eq!(get(mesh, "/admins", &[])?.0, 403);
+    Ok(())
+}
 
-    // Invalid tokens: 401 wherever they are sent, even to /public.
+/// Invalid tokens: 401 wherever they are sent, even to /public, counted by reason.
+fn invalid_tokens_are_refused_with_401_everywhere_and_counted(j: &mut Jwt<'_>) -> Result<()> {
+    let (mesh, local, alice) = (j.mesh, &j.local, &j.alice);
+    let payload = alice.split('.').nth(1).context("payload")?;
     let (h, rest) = alice.split_once('.').context("token")?;
     let (_, sig) = rest.split_once('.').context("token")?;
     let as_root = URL_SAFE_NO_PAD.encode(claims("issuer", "root", &[]).to_string());
@@ -324,7 +332,13 @@ fn checks(mesh: &Mesh, local: &Key, remote: &Key) -> Result<()> {
         "{metrics}"
     );
 
-    // jwksUri: while the server is down, remote tokens are refused (fail closed).
+    Ok(())
+}
+
+/// jwksUri: while the server is down, remote tokens are refused (fail closed); once it is
+/// up, the next retry fetches the keys and the token is accepted.
+fn jwks_uri_fails_closed_until_its_server_answers(j: &mut Jwt<'_>) -> Result<()> {
+    let (mesh, remote) = (j.mesh, &j.remote);
     let remote_alice = remote.sign(&claims("remote-issuer", "alice", &[]))?;
     let x_token = vec![format!("x-token: {remote_alice}")];
     assert_eq!(get(mesh, "/secure", &x_token)?.0, 401);

@@ -11,19 +11,18 @@
 //! `waypoint_routing.rs`); every wait is bounded (`wait_until`).
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use e2e::http::{read_response, HttpResponse};
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, waypoint_pod};
-use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
+use e2e::waypoint::{
+    http_service, server, wait_for_rejection, waypoint_mesh, waypoint_service, with_log,
+    with_two_versions, Client, CLIENT, WAYPOINT,
+};
+use e2e::{run_scenarios, scenarios, wait_until, ChildGuard, Mesh, Pod};
 use serde_json::Value;
 
-const CLIENT: &str = "default/client";
-const WAYPOINT: &str = "default/waypoint";
 const ECHO_VIP: &str = "10.96.0.30";
 const MIRROR_VIP: &str = "10.96.0.33";
 const WEB_VIP: &str = "10.96.0.34";
@@ -111,180 +110,89 @@ spec:
 "#;
 
 fn mesh(test: &str) -> Result<Mesh> {
-    Mesh::builder(test)
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
-        .pod(waypoint_pod("default", "waypoint", "n2"))
-        .pod(
-            Pod::new("default", "echo-v1")
-                .on("n2")
-                .service_account("echo")
-                .labels([("app", "echo"), ("version", "v1")]),
-        )
-        .pod(
-            Pod::new("default", "echo-v2")
-                .on("n1")
-                .service_account("echo")
-                .labels([("app", "echo"), ("version", "v2")]),
-        )
+    with_two_versions(waypoint_mesh(test), [ECHO_VIP, "10.96.0.31", "10.96.0.32"])
         .pod(
             Pod::new("default", "echo-mirror")
                 .on("n1")
                 .service_account("mirror")
                 .labels([("app", "mirror")]),
         )
-        .service(
-            Service::new("default", "echo")
-                .vip(ECHO_VIP)
-                .named_port("http", 80, 8080)
-                .selector([("app", "echo")])
-                .labels([("istio.io/use-waypoint", "waypoint")]),
-        )
-        .service(
-            Service::new("default", "echo-v1")
-                .vip("10.96.0.31")
-                .named_port("http", 80, 8080)
-                .selector([("version", "v1")]),
-        )
-        .service(
-            Service::new("default", "echo-v2")
-                .vip("10.96.0.32")
-                .named_port("http", 80, 8080)
-                .selector([("version", "v2")]),
-        )
-        .service(
-            Service::new("default", "echo-mirror")
-                .vip(MIRROR_VIP)
-                .named_port("http", 80, 8080)
-                .selector([("app", "mirror")]),
-        )
-        .yaml(
-            "waypoint.yaml",
-            &gateway_yaml("default", "waypoint", "service"),
-        )
-        .service(
-            Service::new("default", "web")
-                .vip(WEB_VIP)
-                .named_port("http", 80, 8080)
-                .selector([("version", "v2")])
-                .labels([("istio.io/use-waypoint", "waypoint")]),
-        )
+        .service(http_service("echo-mirror", MIRROR_VIP, ("app", "mirror")))
+        .service(waypoint_service("web", WEB_VIP, ("version", "v2")))
         .yaml("virtual-service.yaml", VIRTUAL_SERVICE)
         .yaml("route.yaml", ROUTE)
         .build()
 }
 
-/// One keep-alive HTTP/1.1 connection from a pod.
-struct Client {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    /// The `host` header sent.
-    host: &'static str,
-    /// Requests sent on this connection.
-    sent: usize,
+/// What the scenarios share: the mesh, the waypoint, one keep-alive connection to `echo`, and
+/// what the metrics scenario checks the counters against.
+struct Resilience<'a> {
+    mesh: &'a Mesh,
+    wp: &'a ChildGuard,
+    c: Client,
+    /// Requests sent to Service `web` (on their own connection).
+    web_sent: usize,
+    /// Requests the abort fault answered.
+    aborted: usize,
+    /// Requests slower than the delay fault.
+    slow: usize,
 }
 
-impl Client {
-    fn connect(mesh: &Mesh, pod: &str, addr: SocketAddr, host: &'static str) -> Result<Client> {
-        let stream = mesh.connect(pod, addr)?;
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(Client {
-            stream,
-            reader,
-            host,
-            sent: 0,
-        })
-    }
-
-    fn get(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
-        let mut head = format!(
-            "GET {target} HTTP/1.1\r\nhost: {}\r\nuser-agent: e2e\r\n",
-            self.host
-        );
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        self.stream
-            .write_all(head.as_bytes())
-            .with_context(|| format!("send GET {target}"))?;
-        self.sent += 1;
-        read_response(&mut self.reader).with_context(|| format!("response to GET {target}"))
-    }
-
-    /// `POST target` with `len` body bytes; mesh-echo's 200 JSON reply.
-    fn post(&mut self, target: &str, len: usize) -> Result<Value> {
-        let head = format!(
-            "POST {target} HTTP/1.1\r\nhost: {}\r\ncontent-length: {len}\r\n\r\n",
-            self.host
-        );
-        self.stream
-            .write_all(head.as_bytes())
-            .with_context(|| format!("send POST {target}"))?;
-        self.stream.write_all(&vec![b'x'; len])?;
-        self.sent += 1;
-        let r = read_response(&mut self.reader)
-            .with_context(|| format!("response to POST {target}"))?;
-        anyhow::ensure!(r.status == 200, "POST {target}: {} {}", r.status, r.text());
-        r.json()
-    }
-
-    fn echo(&mut self, target: &str, headers: &[(&str, &str)]) -> Result<Value> {
-        let r = self.get(target, headers)?;
-        anyhow::ensure!(r.status == 200, "GET {target}: {} {}", r.status, r.text());
-        r.json()
-    }
-}
-
-fn server(reply: &Value) -> String {
-    reply["server"].as_str().unwrap_or_default().to_string()
-}
-
+/// One mesh for all scenarios (building it is most of the suite's time); they run in order on
+/// one connection, and the metrics scenario counts what the ones before it sent.
 #[test]
-fn virtual_services_route_retry_inject_faults_and_mirror_at_the_waypoint() -> Result<()> {
+fn virtual_services_at_the_waypoint() -> Result<()> {
     let mesh = mesh("waypoint_resilience")?;
     let _v1 = mesh.spawn_echo("default/echo-v1", 8080, "echo-v1")?;
     let _v2 = mesh.spawn_echo("default/echo-v2", 8080, "echo-v2")?;
     let _mirror = mesh.spawn_echo("default/echo-mirror", 8080, "echo-mirror")?;
-    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
-    with_log(&wp, checks(&mesh, &wp))
-}
-
-/// `result`, with the end of the waypoint's log added to an error.
-fn with_log(wp: &ChildGuard, result: Result<()>) -> Result<()> {
-    result.map_err(|e| {
-        let log = wp.stderr();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        e.context(format!("last lines of the waypoint's log:\n{tail}"))
-    })
-}
-
-fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
+    let wp = mesh.spawn_default_waypoint()?;
     let vip: SocketAddr = format!("{ECHO_VIP}:80").parse()?;
-    let mut c = Client::connect(mesh, CLIENT, vip, "echo")?;
+    let c = with_log(&wp, Client::connect(&mesh, CLIENT, vip))?;
+    let mut resilience = Resilience {
+        mesh: &mesh,
+        wp: &wp,
+        c,
+        web_sent: 0,
+        aborted: 0,
+        slow: 0,
+    };
+    let scenarios = scenarios![
+        the_first_matching_entry_wins_and_no_match_is_404,
+        a_weighted_split_is_chosen_per_request,
+        retries_turn_a_503_into_a_200_unless_disabled_or_exhausted,
+        a_small_body_is_retried_and_a_streamed_one_is_not,
+        a_per_try_timeout_gives_up_on_a_slow_attempt,
+        fault_abort_answers_half_the_requests,
+        fault_delay_slows_half_the_requests,
+        mirrors_get_a_shadow_copy_of_each_request_but_not_of_a_streamed_body,
+        redirect_rewrite_and_direct_response_are_answered,
+        metrics_count_client_requests_faults_retries_and_mirrors,
+        a_rejected_virtual_service_keeps_the_last_good_config,
+    ];
+    with_log(&wp, run_scenarios(&mut resilience, &scenarios))
+}
 
-    // Routing: the first matching http[] entry wins, in order (the header entry is listed
-    // before the prefix one); a uri prefix is a plain string prefix.
+/// The first matching http[] entry wins, in order (the header entry is listed before the
+/// prefix one); a uri prefix is a plain string prefix.
+fn the_first_matching_entry_wins_and_no_match_is_404(r: &mut Resilience<'_>) -> Result<()> {
+    let c = &mut r.c;
     let reply = c.echo("/v1/x", &[("x-version", "v2")])?;
     assert_eq!(server(&reply), "echo-v2", "{reply}");
     for target in ["/v1/x", "/v1x"] {
         let reply = c.echo(target, &[])?;
         assert_eq!(server(&reply), "echo-v1", "{target}: {reply}");
     }
-    let r = c.get("/nothing-matches", &[])?;
-    assert_eq!(r.status, 404, "{}", r.text());
+    let rsp = c.get("/nothing-matches", &[])?;
+    assert_eq!(rsp.status, 404, "{}", rsp.text());
+    Ok(())
+}
 
-    // Weighted 80/20, chosen per request on one connection.
+/// Weighted 80/20, chosen per request on one connection.
+fn a_weighted_split_is_chosen_per_request(r: &mut Resilience<'_>) -> Result<()> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..SPLIT_REQUESTS {
-        let reply = c.echo(&format!("/split/{i}"), &[])?;
+        let reply = r.c.echo(&format!("/split/{i}"), &[])?;
         *counts.entry(server(&reply)).or_default() += 1;
     }
     let v1 = counts.get("echo-v1").copied().unwrap_or_default();
@@ -297,33 +205,46 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         (share - V1_SHARE).abs() <= SHARE_TOLERANCE,
         "echo-v1 got {share:.3}, want {V1_SHARE} ± {SHARE_TOLERANCE}: {counts:?}"
     );
+    Ok(())
+}
 
-    // Retries: Istio's default policy turns one 503 of the single endpoint into a 200;
-    // with `attempts: 0` the 503 reaches the client; when every attempt fails the last 503
-    // is passed on, flagged URX (1 attempt + 2 retries).
+/// Istio's default policy turns one 503 of the single endpoint into a 200; with
+/// `attempts: 0` the 503 reaches the client; when every attempt fails the last 503 is passed
+/// on, flagged URX (1 attempt + 2 retries).
+fn retries_turn_a_503_into_a_200_unless_disabled_or_exhausted(
+    r: &mut Resilience<'_>,
+) -> Result<()> {
+    let c = &mut r.c;
     let reply = c.echo("/retry-default?fail_first=1&key=default-1", &[])?;
     assert_eq!(server(&reply), "echo-v1");
-    let r = c.get("/no-retry?fail_first=1&key=none-1", &[])?;
-    assert_eq!(r.status, 503, "{}", r.text());
-    let r = c.get("/retry-default?fail_first=3&key=default-3", &[])?;
-    assert_eq!(r.status, 503, "{}", r.text());
-    let r = c.get("/retry-default?fail_first=3&key=default-3", &[])?;
-    assert_eq!(r.status, 200, "the fourth request with the key passes");
+    let rsp = c.get("/no-retry?fail_first=1&key=none-1", &[])?;
+    assert_eq!(rsp.status, 503, "{}", rsp.text());
+    let rsp = c.get("/retry-default?fail_first=3&key=default-3", &[])?;
+    assert_eq!(rsp.status, 503, "{}", rsp.text());
+    let rsp = c.get("/retry-default?fail_first=3&key=default-3", &[])?;
+    assert_eq!(rsp.status, 200, "the fourth request with the key passes");
+    Ok(())
+}
 
-    // A small body is buffered and sent again by the retry; a large one (over 64 KiB) is
-    // streamed, so a 503 after it was sent is not retried.
+/// A small body is buffered and sent again by the retry; a large one (over 64 KiB) is
+/// streamed, so a 503 after it was sent is not retried.
+fn a_small_body_is_retried_and_a_streamed_one_is_not(r: &mut Resilience<'_>) -> Result<()> {
+    let c = &mut r.c;
     let reply = c.post("/retry-default?fail_first=1&key=post-small", 1000)?;
     assert_eq!(reply["body_bytes"], 1000, "{reply}");
     let reply = c.post("/retry-default?key=post-large-ok", 200 * 1024)?;
     assert_eq!(reply["body_bytes"], 200 * 1024, "{reply}");
-    let r = c.post("/retry-default?fail_first=1&key=post-large", 200 * 1024);
-    let err = r.expect_err("the streamed body's 503 reaches the client");
+    let rsp = c.post("/retry-default?fail_first=1&key=post-large", 200 * 1024);
+    let err = rsp.expect_err("the streamed body's 503 reaches the client");
     assert!(format!("{err:#}").contains("503"), "{err:#}");
+    Ok(())
+}
 
-    // perTryTimeout: the first attempt would answer after 2 s; the waypoint gives up on it
-    // at 300 ms and the second attempt answers at once.
+/// perTryTimeout: the first attempt would answer after 2 s; the waypoint gives up on it at
+/// 300 ms and the second attempt answers at once.
+fn a_per_try_timeout_gives_up_on_a_slow_attempt(r: &mut Resilience<'_>) -> Result<()> {
     let before = Instant::now();
-    let reply = c.echo(
+    let reply = r.c.echo(
         "/per-try?fail_first=1&key=slow-1&delay_ms=2000&status=200",
         &[],
     )?;
@@ -333,70 +254,78 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         waited >= Duration::from_millis(280) && waited < Duration::from_millis(1500),
         "answered after {waited:?}"
     );
-    wait_until(
-        "the access log to show 2 attempts for the per-try request",
+    r.wp.wait_for_stderr(
+        "2 attempts for the per-try request",
         Duration::from_secs(10),
-        || {
-            Ok(wp
-                .stderr()
-                .lines()
-                .any(|l| l.contains("slow-1") && l.contains("attempts=2")))
+        |log| {
+            log.lines()
+                .any(|l| l.contains("slow-1") && l.contains("attempts=2"))
         },
-    )?;
+    )
+}
 
-    // Fault abort on 50 %: answered by the waypoint with Envoy's body.
-    let mut aborted = 0;
+/// Fault abort on 50 %: answered by the waypoint with Envoy's body.
+fn fault_abort_answers_half_the_requests(r: &mut Resilience<'_>) -> Result<()> {
     for i in 0..ABORT_REQUESTS {
-        let r = c.get(&format!("/abort/{i}"), &[])?;
-        match r.status {
+        let rsp = r.c.get(&format!("/abort/{i}"), &[])?;
+        match rsp.status {
             503 => {
-                assert_eq!(r.text(), "fault filter abort");
-                aborted += 1;
+                assert_eq!(rsp.text(), "fault filter abort");
+                r.aborted += 1;
             }
             200 => {}
-            other => anyhow::bail!("abort: unexpected {other} {}", r.text()),
+            other => anyhow::bail!("abort: unexpected {other} {}", rsp.text()),
         }
     }
-    let share = aborted as f64 / ABORT_REQUESTS as f64;
+    let share = r.aborted as f64 / ABORT_REQUESTS as f64;
     assert!(
         (share - 0.5).abs() <= ABORT_TOLERANCE,
-        "aborted {aborted} of {ABORT_REQUESTS}"
+        "aborted {} of {ABORT_REQUESTS}",
+        r.aborted
     );
+    Ok(())
+}
 
-    // Fault delay on 50 %: count requests slower than the delay.
-    let mut slow = 0;
+/// Fault delay on 50 %: count requests slower than the delay.
+fn fault_delay_slows_half_the_requests(r: &mut Resilience<'_>) -> Result<()> {
     for i in 0..DELAY_REQUESTS {
         let before = Instant::now();
-        c.echo(&format!("/delay/{i}"), &[])?;
+        r.c.echo(&format!("/delay/{i}"), &[])?;
         if before.elapsed() >= DELAY {
-            slow += 1;
+            r.slow += 1;
         }
     }
-    let share = slow as f64 / DELAY_REQUESTS as f64;
+    let share = r.slow as f64 / DELAY_REQUESTS as f64;
     assert!(
         (share - 0.5).abs() <= DELAY_TOLERANCE,
-        "slower than the delay: {slow} of {DELAY_REQUESTS}"
+        "slower than the delay: {} of {DELAY_REQUESTS}",
+        r.slow
     );
+    Ok(())
+}
 
-    // A streamed (large) body is not mirrored: skipped and counted.
-    let reply = c.post("/mirror/large", 100 * 1024)?;
+/// A streamed (large) body is not mirrored: skipped (and counted, see the metrics scenario).
+/// Otherwise the client sees only the primary and the mirror gets a copy of each request with
+/// `-shadow` appended to the host; the HTTPRoute RequestMirror filter does the same for
+/// Service `web`.
+fn mirrors_get_a_shadow_copy_of_each_request_but_not_of_a_streamed_body(
+    r: &mut Resilience<'_>,
+) -> Result<()> {
+    let reply = r.c.post("/mirror/large", 100 * 1024)?;
     assert_eq!(server(&reply), "echo-v1", "{reply}");
-
-    // Mirroring: the client sees only the primary; the mirror gets a copy of each request
-    // with `-shadow` appended to the host.
     for i in 0..MIRRORED_REQUESTS {
-        let reply = c.echo(&format!("/mirror/{i}"), &[])?;
+        let reply = r.c.echo(&format!("/mirror/{i}"), &[])?;
         assert_eq!(server(&reply), "echo-v1", "{reply}");
     }
-    // The HTTPRoute RequestMirror filter does the same for Service `web`.
     let web_vip: SocketAddr = format!("{WEB_VIP}:80").parse()?;
-    let mut w = Client::connect(mesh, CLIENT, web_vip, "web")?;
+    let mut w = Client::connect_as(r.mesh, CLIENT, web_vip, "web")?;
     for i in 0..ROUTE_MIRRORED_REQUESTS {
         let reply = w.echo(&format!("/web/{i}"), &[])?;
         assert_eq!(server(&reply), "echo-v2", "{reply}");
     }
+    r.web_sent = w.sent();
     let mirror_vip: SocketAddr = format!("{MIRROR_VIP}:80").parse()?;
-    let mut m = Client::connect(mesh, CLIENT, mirror_vip, "echo-mirror")?;
+    let mut m = Client::connect_as(r.mesh, CLIENT, mirror_vip, "echo-mirror")?;
     let mut last = Value::Null;
     let counted = wait_until(
         "the mirror to count every mirrored request",
@@ -415,24 +344,33 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         MIRRORED_REQUESTS + ROUTE_MIRRORED_REQUESTS,
         "only shadow copies: {last}"
     );
+    Ok(())
+}
 
-    // Redirect, rewrite and direct response, once each.
-    let r = c.get("/moved?from=test", &[])?;
-    assert_eq!(r.status, 301, "{}", r.text());
+/// Redirect, rewrite and direct response, once each.
+fn redirect_rewrite_and_direct_response_are_answered(r: &mut Resilience<'_>) -> Result<()> {
+    let c = &mut r.c;
+    let rsp = c.get("/moved?from=test", &[])?;
+    assert_eq!(rsp.status, 301, "{}", rsp.text());
     assert_eq!(
-        r.header("location"),
+        rsp.header("location"),
         Some("http://new.example.com/here?from=test")
     );
     let reply = c.echo("/old-api/users?page=2", &[])?;
     assert_eq!(server(&reply), "echo-v2");
     assert_eq!(reply["path"], "/api/v2/users?page=2", "{reply}");
-    let r = c.get("/teapot", &[])?;
-    assert_eq!((r.status, r.text().as_str()), (418, "short and stout"));
+    let rsp = c.get("/teapot", &[])?;
+    assert_eq!((rsp.status, rsp.text().as_str()), (418, "short and stout"));
+    Ok(())
+}
 
-    // Metrics: one istio_requests_total per client request (mirrors and retries are not
-    // requests); flags for the faults, retries and their reasons.
-    let sent = (c.sent + w.sent) as f64;
-    let expected_aborts = aborted as f64;
+/// One istio_requests_total per client request of the scenarios before (mirrors and retries
+/// are not requests); flags for the faults, retries and their reasons.
+fn metrics_count_client_requests_faults_retries_and_mirrors(r: &mut Resilience<'_>) -> Result<()> {
+    let mesh = r.mesh;
+    let sent = (r.c.sent() + r.web_sent) as f64;
+    let expected_aborts = r.aborted as f64;
+    let slow = r.slow;
     wait_until(
         "istio_requests_total to count every request, and every mirror copy its answer",
         Duration::from_secs(10),
@@ -504,23 +442,19 @@ fn checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         "{metrics}"
     );
 
-    // A VirtualService the translator refuses leaves the last good config in place.
-    mesh.write_yaml(
+    Ok(())
+}
+
+/// A VirtualService the translator refuses leaves the last good config in place.
+fn a_rejected_virtual_service_keeps_the_last_good_config(r: &mut Resilience<'_>) -> Result<()> {
+    r.mesh.write_yaml(
         "vs-bad.yaml",
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
          metadata: {name: bad, namespace: default}\n\
          spec: {hosts: [echo], http: [{route: [{destination: {host: echo-v2}}], retries: {retryOn: sometimes}}]}\n",
     )?;
-    wait_until(
-        "the waypoint to reject the bad VirtualService",
-        Duration::from_secs(10),
-        || {
-            let log = wp.stderr();
-            Ok(log.contains("config rejected")
-                && log.contains("vs-bad.yaml doc 1: VirtualService default/bad"))
-        },
-    )?;
-    let reply = c.echo("/v1/still", &[])?;
+    wait_for_rejection(r.wp, "vs-bad.yaml doc 1: VirtualService default/bad")?;
+    let reply = r.c.echo("/v1/still", &[])?;
     assert_eq!(server(&reply), "echo-v1", "{reply}");
     Ok(())
 }

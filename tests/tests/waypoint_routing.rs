@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use e2e::prom;
-use e2e::waypoint::{gateway_yaml, waypoint_pod, with_log, Client};
-use e2e::{wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
-use serde_json::Value;
+use e2e::waypoint::{
+    server, wait_for_rejection, waypoint_mesh, with_log, with_two_versions, Client, CLIENT,
+    WAYPOINT,
+};
+use e2e::{run_scenarios, scenarios, ChildGuard, Mesh};
 
-const CLIENT: &str = "default/client";
-const WAYPOINT: &str = "default/waypoint";
 const ECHO_VIP: &str = "10.96.0.20";
 const V1_HOST: &str = "echo-v1.default.svc.cluster.local";
 const V2_HOST: &str = "echo-v2.default.svc.cluster.local";
@@ -88,93 +88,80 @@ spec:
 "#;
 
 fn mesh(test: &str) -> Result<Mesh> {
-    Mesh::builder(test)
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
-        .pod(waypoint_pod("default", "waypoint", "n2"))
-        .pod(
-            Pod::new("default", "echo-v1")
-                .on("n2")
-                .service_account("echo")
-                .labels([("app", "echo"), ("version", "v1")]),
-        )
-        .pod(
-            Pod::new("default", "echo-v2")
-                .on("n1")
-                .service_account("echo")
-                .labels([("app", "echo"), ("version", "v2")]),
-        )
-        .service(
-            Service::new("default", "echo")
-                .vip(ECHO_VIP)
-                .named_port("http", 80, 8080)
-                .selector([("app", "echo")])
-                .labels([("istio.io/use-waypoint", "waypoint")]),
-        )
-        .service(
-            Service::new("default", "echo-v1")
-                .vip("10.96.0.21")
-                .named_port("http", 80, 8080)
-                .selector([("version", "v1")]),
-        )
-        .service(
-            Service::new("default", "echo-v2")
-                .vip("10.96.0.22")
-                .named_port("http", 80, 8080)
-                .selector([("version", "v2")]),
-        )
-        .yaml(
-            "waypoint.yaml",
-            &gateway_yaml("default", "waypoint", "service"),
-        )
+    with_two_versions(waypoint_mesh(test), [ECHO_VIP, "10.96.0.21", "10.96.0.22"])
         .yaml("route.yaml", ROUTE)
         .yaml("policy.yaml", POLICY)
         .build()
 }
 
-fn server(reply: &Value) -> String {
-    reply["server"].as_str().unwrap_or_default().to_string()
+/// What the scenarios share: the mesh, the waypoint, one keep-alive connection to `echo`, and
+/// the requests the waypoint sent to each backend Service (for the metrics scenario).
+struct Routing<'a> {
+    mesh: &'a Mesh,
+    wp: &'a ChildGuard,
+    c: Client,
+    to_v1: f64,
+    to_v2: f64,
 }
 
+/// One mesh for all scenarios (building it is most of the suite's time); they run in order on
+/// one connection, and the metrics scenario counts what the ones before it sent.
 #[test]
-fn httproutes_route_split_rewrite_redirect_and_time_out_at_the_waypoint() -> Result<()> {
+fn httproutes_at_the_waypoint() -> Result<()> {
     let mesh = mesh("waypoint_routing")?;
     let _v1 = mesh.spawn_echo("default/echo-v1", 8080, "echo-v1")?;
     let _v2 = mesh.spawn_echo("default/echo-v2", 8080, "echo-v2")?;
-    let wp = mesh.spawn_waypoint(WAYPOINT, "default", "waypoint", "waypoint")?;
-    with_log(&wp, routing_checks(&mesh, &wp))
+    let wp = mesh.spawn_default_waypoint()?;
+    let vip: SocketAddr = format!("{ECHO_VIP}:80").parse()?;
+    let c = with_log(&wp, Client::connect(&mesh, CLIENT, vip))?;
+    let mut routing = Routing {
+        mesh: &mesh,
+        wp: &wp,
+        c,
+        to_v1: 0.0,
+        to_v2: 0.0,
+    };
+    let scenarios = scenarios![
+        a_header_match_picks_its_backend_and_the_catch_all_balances_over_both,
+        a_longer_path_prefix_outranks_a_header_and_internal_headers_are_stripped,
+        a_weighted_split_is_chosen_per_request,
+        url_rewrite_replaces_the_prefix_and_keeps_the_original_path,
+        request_redirect_is_answered_by_the_waypoint,
+        header_modifiers_apply_to_request_and_response,
+        policy_and_routing_see_one_normalised_path,
+        a_request_timeout_answers_504_and_keeps_the_connection,
+        metrics_name_the_backend_actually_used,
+        a_rejected_route_keeps_the_last_good_routes,
+    ];
+    with_log(&wp, run_scenarios(&mut routing, &scenarios))
 }
 
-fn routing_checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
-    let vip: SocketAddr = format!("{ECHO_VIP}:80").parse()?;
-    let mut c = Client::connect(mesh, CLIENT, vip)?;
-    // Requests the waypoint sent to each backend Service, for the metrics check at the end.
-    let mut to_v1 = 0.0;
-    let mut to_v2 = 0.0;
-
-    // Header-based: `x-version: v2` goes to echo-v2; without it, the catch-all rule sends it
-    // to `echo` itself, balanced over both pods.
+/// `x-version: v2` goes to echo-v2; without it, the catch-all rule sends it to `echo` itself,
+/// balanced over both pods.
+fn a_header_match_picks_its_backend_and_the_catch_all_balances_over_both(
+    r: &mut Routing<'_>,
+) -> Result<()> {
+    let c = &mut r.c;
     for _ in 0..4 {
         let reply = c.echo("/hdr", &[("x-version", "v2")])?;
         assert_eq!(server(&reply), "echo-v2", "{reply}");
-        to_v2 += 1.0;
+        r.to_v2 += 1.0;
     }
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..4 {
         seen.insert(server(&c.echo("/hdr", &[])?));
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["echo-v1", "echo-v2"]);
+    Ok(())
+}
 
-    // Path-based: a longer path prefix outranks a header match; client-supplied internal
-    // control headers do not reach the backend.
+/// A longer path prefix outranks a header match; client-supplied internal control headers do
+/// not reach the backend.
+fn a_longer_path_prefix_outranks_a_header_and_internal_headers_are_stripped(
+    r: &mut Routing<'_>,
+) -> Result<()> {
     for i in 0..4 {
-        let reply = c.echo(
+        let reply = r.c.echo(
             &format!("/v1/item/{i}"),
             &[
                 ("x-version", "v2"),
@@ -189,14 +176,17 @@ fn routing_checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
             !headers.keys().any(|k| k.starts_with("x-envoy-")),
             "internal headers stripped: {reply}"
         );
-        to_v1 += 1.0;
+        r.to_v1 += 1.0;
     }
+    Ok(())
+}
 
-    // Weighted 80/20, chosen per request on one connection.
+/// Weighted 80/20, chosen per request on one connection.
+fn a_weighted_split_is_chosen_per_request(r: &mut Routing<'_>) -> Result<()> {
     let started = Instant::now();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..SPLIT_REQUESTS {
-        let reply = c.echo(&format!("/split/{i}"), &[])?;
+        let reply = r.c.echo(&format!("/split/{i}"), &[])?;
         *counts.entry(server(&reply)).or_default() += 1;
     }
     let v1 = counts.get("echo-v1").copied().unwrap_or_default();
@@ -211,40 +201,53 @@ fn routing_checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         "split: {counts:?} in {:?} over one connection",
         started.elapsed()
     );
-    to_v1 += v1 as f64;
-    to_v2 += v2 as f64;
+    r.to_v1 += v1 as f64;
+    r.to_v2 += v2 as f64;
+    Ok(())
+}
 
-    // URLRewrite: the matched prefix is replaced, the rest and the query kept; the original
-    // path travels in `x-envoy-original-path` as Envoy sends it.
-    let reply = c.echo("/old-api/users?page=2", &[])?;
+/// URLRewrite: the matched prefix is replaced, the rest and the query kept; the original path
+/// travels in `x-envoy-original-path` as Envoy sends it.
+fn url_rewrite_replaces_the_prefix_and_keeps_the_original_path(r: &mut Routing<'_>) -> Result<()> {
+    let reply = r.c.echo("/old-api/users?page=2", &[])?;
     assert_eq!(server(&reply), "echo-v2");
     assert_eq!(reply["path"], "/api/v2/users?page=2", "{reply}");
     assert_eq!(reply["headers"]["x-envoy-original-path"], "/old-api/users");
-    to_v2 += 1.0;
+    r.to_v2 += 1.0;
+    Ok(())
+}
 
-    // RequestRedirect: answered by the waypoint, nothing sent upstream.
-    let r = c.get("/moved?from=test", &[])?;
-    assert_eq!(r.status, 301, "{}", r.text());
+/// RequestRedirect: answered by the waypoint, nothing sent upstream.
+fn request_redirect_is_answered_by_the_waypoint(r: &mut Routing<'_>) -> Result<()> {
+    let rsp = r.c.get("/moved?from=test", &[])?;
+    assert_eq!(rsp.status, 301, "{}", rsp.text());
     assert_eq!(
-        r.header("location"),
+        rsp.header("location"),
         Some("http://new.example.com/here?from=test")
     );
+    Ok(())
+}
 
-    // RequestHeaderModifier at the backend, ResponseHeaderModifier at the client.
-    let r = c.get(
+/// RequestHeaderModifier at the backend, ResponseHeaderModifier at the client.
+fn header_modifiers_apply_to_request_and_response(r: &mut Routing<'_>) -> Result<()> {
+    let rsp = r.c.get(
         "/headers",
         &[("x-remove-me", "1"), ("x-route", "from-client")],
     )?;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.header("x-from-route"), Some("headers"));
-    let reply = r.json()?;
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    assert_eq!(rsp.header("x-from-route"), Some("headers"));
+    let reply = rsp.json()?;
     assert_eq!(reply["headers"]["x-route"], "headers", "{reply}");
     assert_eq!(reply["headers"]["x-added"], "yes", "{reply}");
     assert!(reply["headers"].get("x-remove-me").is_none(), "{reply}");
-    to_v1 += 1.0;
+    r.to_v1 += 1.0;
+    Ok(())
+}
 
-    // Path normalisation: one path for policy and routing. Every spelling of /admin is
-    // denied; encoded slashes are refused; dot segments are resolved before forwarding.
+/// Path normalisation: one path for policy and routing. Every spelling of /admin is denied;
+/// encoded slashes are refused; dot segments are resolved before forwarding.
+fn policy_and_routing_see_one_normalised_path(r: &mut Routing<'_>) -> Result<()> {
+    let c = &mut r.c;
     for target in [
         "/admin",
         "/public/../admin",
@@ -253,35 +256,41 @@ fn routing_checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         "/%61dmin",
         "/public/..%5Cadmin",
     ] {
-        let r = c.get(target, &[])?;
+        let rsp = c.get(target, &[])?;
         let want = if target.contains("%5C") { 400 } else { 403 };
-        assert_eq!(r.status, want, "{target}: {}", r.text());
+        assert_eq!(rsp.status, want, "{target}: {}", rsp.text());
     }
     assert_eq!(c.get("/a%2Fb", &[])?.status, 400);
     let reply = c.echo("/public/./x//y/../z", &[])?;
     assert_eq!(reply["path"], "/public/x/z", "{reply}");
+    Ok(())
+}
 
-    // timeouts.request: the backend answers after 3 s, the waypoint gives up at 500 ms.
+/// timeouts.request: the backend answers after 3 s, the waypoint gives up at 500 ms; the
+/// connection is still usable afterwards.
+fn a_request_timeout_answers_504_and_keeps_the_connection(r: &mut Routing<'_>) -> Result<()> {
     let before = Instant::now();
-    let r = c.get("/slow?delay_ms=3000", &[])?;
+    let rsp = r.c.get("/slow?delay_ms=3000", &[])?;
     let waited = before.elapsed();
-    assert_eq!(r.status, 504, "{}", r.text());
-    assert_eq!(r.text(), "upstream request timeout");
+    assert_eq!(rsp.status, 504, "{}", rsp.text());
+    assert_eq!(rsp.text(), "upstream request timeout");
     assert!(
         waited >= Duration::from_millis(450) && waited < Duration::from_millis(2500),
         "answered after {waited:?}"
     );
-    // The connection is still usable after a timeout.
-    let reply = c.echo("/slow?delay_ms=10", &[])?;
+    let reply = r.c.echo("/slow?delay_ms=10", &[])?;
     assert_eq!(server(&reply), "echo-v1");
-    to_v1 += 1.0;
+    r.to_v1 += 1.0;
+    Ok(())
+}
 
-    // Metrics: `destination_service` is the backend actually used.
-    let metrics = mesh.waypoint_metrics(WAYPOINT)?;
+/// `destination_service` is the backend actually used, counted over the scenarios before.
+fn metrics_name_the_backend_actually_used(r: &mut Routing<'_>) -> Result<()> {
+    let metrics = r.mesh.waypoint_metrics(WAYPOINT)?;
     let requests = |labels: &[(&str, &str)]| prom::sum(&metrics, "istio_requests_total", labels);
     let ok_to = |host: &str| requests(&[("response_code", "200"), ("destination_service", host)]);
-    assert_eq!(ok_to(V1_HOST), to_v1, "{metrics}");
-    assert_eq!(ok_to(V2_HOST), to_v2, "{metrics}");
+    assert_eq!(ok_to(V1_HOST), r.to_v1, "{metrics}");
+    assert_eq!(ok_to(V2_HOST), r.to_v2, "{metrics}");
     assert_eq!(
         requests(&[("response_code", "504"), ("response_flags", "UT")]),
         1.0
@@ -294,24 +303,19 @@ fn routing_checks(mesh: &Mesh, wp: &ChildGuard) -> Result<()> {
         requests(&[("response_code", "301"), ("response_flags", "-")]),
         1.0
     );
+    Ok(())
+}
 
-    // A route the translator refuses leaves the last good routes in place.
-    mesh.write_yaml(
+/// A route the translator refuses leaves the last good routes in place.
+fn a_rejected_route_keeps_the_last_good_routes(r: &mut Routing<'_>) -> Result<()> {
+    r.mesh.write_yaml(
         "route-bad.yaml",
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
          metadata: {name: bad, namespace: default}\n\
          spec: {rules: [{matches: [{path: {type: RegularExpression, value: '(unclosed'}}]}]}\n",
     )?;
-    wait_until(
-        "the waypoint to reject the bad route",
-        Duration::from_secs(10),
-        || {
-            let log = wp.stderr();
-            Ok(log.contains("config rejected")
-                && log.contains("route-bad.yaml doc 1: HTTPRoute default/bad"))
-        },
-    )?;
-    let reply = c.echo("/v1/still", &[])?;
+    wait_for_rejection(r.wp, "route-bad.yaml doc 1: HTTPRoute default/bad")?;
+    let reply = r.c.echo("/v1/still", &[])?;
     assert_eq!(server(&reply), "echo-v1", "{reply}");
     Ok(())
 }

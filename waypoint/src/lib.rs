@@ -9,7 +9,7 @@
 //! relayed at L4.
 //!
 //! Data path, in order: [`inbound`] (HBONE listener, CONNECT, protocol choice) →
-//! [`http`] (request phases) → [`upstream`] (endpoints, HBONE client, connection pool).
+//! [`http`] (drives the request phases of [`engine`]) → [`upstream`] (endpoints, HBONE client, connection pool).
 //! Pure parts: [`destination`] (what a CONNECT is for), [`protocol`] (declared / detected).
 //! [`jwks`] remote JWT keys for RequestAuthentication. [`telemetry`] metrics and access log, [`stats`] `/metrics` and readiness, [`app`] wiring,
 //! [`config`] every setting.
@@ -19,6 +19,7 @@ pub mod app;
 pub mod balance;
 pub mod config;
 pub mod destination;
+pub mod engine;
 pub mod http;
 pub mod inbound;
 pub mod io;

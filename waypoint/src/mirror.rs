@@ -4,7 +4,7 @@
 //! Envoy does); its response is read and discarded. A mirror never delays or fails the real
 //! request: it runs in its own task, at most [`MAX_MIRRORS_IN_FLIGHT`] at once (beyond that
 //! copies are skipped and counted), and only requests whose body was buffered (small, see
-//! [`crate::http::MAX_BUFFERED_BODY`]) are mirrored; others are skipped with a debug log.
+//! [`crate::engine::body::MAX_BUFFERED_BODY`]) are mirrored; others are skipped with a debug log.
 //! Every copy is counted in `waypoint_mirror_requests_total{result}` (`sent`, `failed`,
 //! `skipped_limit`, `skipped_body`, `no_backend`).
 
@@ -20,7 +20,7 @@ use mesh_model::resilience::shadow_authority;
 use tracing::Instrument;
 
 use crate::destination::Target;
-use crate::http::{upstream_request, RequestHead};
+use crate::engine::attempts::{upstream_request, RequestHead};
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, Inputs};
 use crate::upstream::{Endpoint, UpBody, UpstreamProto};

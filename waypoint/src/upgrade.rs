@@ -64,15 +64,7 @@ pub fn splice(downstream: OnUpgrade, upstream: OnUpgrade, what: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header::HeaderName;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        h
-    }
+    use crate::engine::testing::headers;
 
     #[test]
     fn only_an_http1_request_naming_upgrade_in_connection_asks_for_one() {

@@ -1,0 +1,177 @@
+//! Phase 2, authenticate: the RequestAuthentication rules for this waypoint and the
+//! destination Service ([`mesh_model::policy::authn`]). Client copies of their
+//! `outputPayloadToHeader` headers are dropped; no token → unauthenticated; an invalid token
+//! (or one whose `jwksUri` keys are not available: fail closed) → `401 Jwt verification
+//! fails` (flag `JWT`, `waypoint_jwt_rejected_total{reason}`); a valid one gives
+//! `request.auth.*` to the next phase, its header removed unless `forwardOriginalToken`, its
+//! payload written to `outputPayloadToHeader`.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+use mesh_model::jwt::{Jwks, JwtError, RequestAuth, VERIFICATION_FAILED_BODY};
+use mesh_model::model::{JwksSource, Model, NamespacedName};
+use mesh_model::policy::authn::{self, output_headers, rules_for_waypoint, Denial, Outcome};
+use mesh_model::route::NormalizedPath;
+
+use super::{LocalReply, RequestContext};
+use crate::proxy::{ConnCtx, Inputs};
+use crate::telemetry::ResponseFlag;
+
+/// The phase: the principal of the request `rq` (`None`: no token), or the `401`.
+pub fn run(
+    model: &Model,
+    inputs: &Inputs,
+    ctx: &ConnCtx,
+    rq: &mut RequestContext,
+    path: &NormalizedPath,
+) -> Result<Option<RequestAuth>, LocalReply> {
+    let outcome = authenticate(
+        model,
+        &inputs.cfg.gateway,
+        ctx.target.service_key(),
+        &mut rq.parts.headers,
+        path.query.as_deref(),
+        unix_now(),
+        |uri| inputs.jwks.keys(uri),
+    );
+    outcome.map_err(|d| {
+        if let (JwtError::UnknownKid, Some(uri)) = (&d.error, &d.jwks_uri) {
+            inputs.jwks.request_refresh(uri);
+        }
+        inputs.http_metrics.jwt_rejected(d.error.reason());
+        tracing::info!(request_id = %rq.log.request_id, reason = d.error.reason(), error = %d.error, "jwt rejected");
+        rejection(&d)
+    })
+}
+
+/// Authenticates a request for `service` at `now` (Unix seconds) with the rules `waypoint`
+/// applies, editing its `headers` as the rules say; `remote` gives a `jwksUri`'s current
+/// keys.
+pub fn authenticate(
+    model: &Model,
+    waypoint: &NamespacedName,
+    service: Option<&NamespacedName>,
+    headers: &mut HeaderMap,
+    query: Option<&str>,
+    now: u64,
+    remote: impl Fn(&str) -> Option<Arc<Jwks>>,
+) -> Result<Option<RequestAuth>, Denial> {
+    let rules = rules_for_waypoint(model, waypoint, service);
+    for name in output_headers(&rules) {
+        // Only the waypoint writes these (RELIABILITY 26).
+        headers.remove(name);
+    }
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let outcome = authn::authenticate(&rules, headers, query, now, |rule| match &rule.jwks {
+        JwksSource::Inline { keys, .. } => Some(keys.clone()),
+        JwksSource::Uri(uri) => remote(uri),
+    });
+    match outcome {
+        Outcome::Anonymous => Ok(None),
+        Outcome::Authenticated(a) => {
+            for name in &a.remove_headers {
+                headers.remove(name.as_str());
+            }
+            for (name, value) in &a.output_headers {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    headers.insert(n, v);
+                }
+            }
+            Ok(Some(a.auth))
+        }
+        Outcome::Denied(d) => Err(d),
+    }
+}
+
+/// The `401` of a refused token.
+fn rejection(d: &Denial) -> LocalReply {
+    LocalReply::new(
+        StatusCode::UNAUTHORIZED,
+        VERIFICATION_FAILED_BODY,
+        Some(ResponseFlag::JwtDenied),
+        format!("jwt: {}", d.error),
+    )
+    .with_header(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    )
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it: every `exp` then passes,
+/// but signatures still have to verify).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::{model, waypoint};
+
+    /// One P-256 key (public, from RFC 7515 A.3).
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+
+    fn rules() -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n\
+             metadata: {{name: jwt, namespace: app}}\n\
+             spec:\n  targetRefs: [{{kind: Service, group: \"\", name: web}}]\n  jwtRules:\n  \
+             - issuer: https://issuer\n    jwks: '{JWKS}'\n    outputPayloadToHeader: X-Payload\n"
+        )
+    }
+
+    fn check(
+        model: &Model,
+        service: &str,
+        headers: &[(&'static str, &'static str)],
+    ) -> (Result<Option<RequestAuth>, Denial>, HeaderMap) {
+        let mut h = crate::engine::testing::headers(headers);
+        let svc = NamespacedName::new("app", service);
+        let got = authenticate(model, &waypoint(), Some(&svc), &mut h, None, 1, |_| None);
+        (got, h)
+    }
+
+    #[test]
+    fn no_token_is_anonymous_and_client_copies_of_output_headers_are_dropped() {
+        let m = model(&[&rules()]);
+        let (got, h) = check(&m, "web", &[("x-payload", "forged"), ("x-other", "1")]);
+        assert_eq!(got, Ok(None));
+        assert!(h.get("x-payload").is_none(), "only the waypoint sets it");
+        assert!(h.get("x-other").is_some());
+        // A Service no rule targets: its headers are its own.
+        let (got, h) = check(&m, "api", &[("x-payload", "kept")]);
+        assert_eq!(got, Ok(None));
+        assert_eq!(h["x-payload"], "kept");
+    }
+
+    #[test]
+    fn an_invalid_token_is_a_401_with_the_bearer_challenge() {
+        let m = model(&[&rules()]);
+        let (got, _) = check(&m, "web", &[("authorization", "Bearer not.a.jwt")]);
+        let denial = got.expect_err("refused");
+        let reply = rejection(&denial);
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.body, VERIFICATION_FAILED_BODY.as_bytes());
+        assert_eq!(reply.flag, Some(ResponseFlag::JwtDenied));
+        assert_eq!(
+            reply.headers,
+            [(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\"")
+            )]
+        );
+        // Without rules the same token is not looked at.
+        let (got, h) = check(&model(&[]), "web", &[("authorization", "Bearer not.a.jwt")]);
+        assert_eq!(got, Ok(None));
+        assert!(h.get("authorization").is_some());
+    }
+}

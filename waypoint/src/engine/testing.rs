@@ -1,0 +1,142 @@
+//! What the phase tests share: a small mesh, a request context, a response body's text.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use mesh_model::identity::Identity;
+use mesh_model::k8s::load_docs;
+use mesh_model::model::{Model, NamespacedName};
+
+use super::response::Observed;
+use super::RequestContext;
+use crate::destination::Target;
+use crate::protocol::Declared;
+use crate::proxy::ConnCtx;
+use crate::telemetry::{AccessLog, LabelInputs};
+
+/// A waypoint `app/wp` for the Service `app/web` (VIP 10.96.0.1, ports 80 http and 9000
+/// grpc) with two ready pods (`version: v1` and `v2`), and `app/api` (10.96.0.2:80, one
+/// pod).
+pub const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: app, labels: {istio.io/waypoint-for: all}}
+spec: {gatewayClassName: istio-waypoint}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: app, labels: {app: web, version: v1}}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: app, labels: {app: web, version: v2}}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: app, labels: {app: api}}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: app, labels: {istio.io/use-waypoint: wp}}
+spec:
+  clusterIP: 10.96.0.1
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: grpc, port: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: app, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 80}]}
+"#;
+
+/// [`MESH`] and more documents.
+pub fn model(more: &[&str]) -> Model {
+    let mut files = vec![("0-mesh.yaml".to_string(), MESH.to_string())];
+    for (i, doc) in more.iter().enumerate() {
+        files.push((format!("{}-more.yaml", i + 1), doc.to_string()));
+    }
+    load_docs(&files).expect("valid mesh")
+}
+
+pub fn waypoint() -> NamespacedName {
+    NamespacedName::new("app", "wp")
+}
+
+/// A tunnel from a client pod to `app/web:80`.
+pub fn conn() -> ConnCtx {
+    ConnCtx {
+        peer: SocketAddr::from(([10, 0, 0, 9], 40000)),
+        local: SocketAddr::from(([10, 0, 0, 100], 15008)),
+        peer_identity: Identity::new("cluster.local", "app", "client"),
+        remote_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
+        authority: SocketAddr::from(([10, 96, 0, 1], 80)),
+        target: Target::Service {
+            svc: NamespacedName::new("app", "web"),
+            port: 80,
+        },
+        declared: Declared::Http,
+    }
+}
+
+/// A `GET /` as the downstream phase leaves it (gRPC by content type when `grpc`).
+pub fn request_context(grpc: bool) -> RequestContext {
+    let mut builder = Request::get("/").header("host", "web.app");
+    if grpc {
+        builder = builder.header("content-type", "application/grpc");
+    }
+    let (parts, ()) = builder.body(()).expect("request").into_parts();
+    let started = Instant::now();
+    RequestContext {
+        parts,
+        authority: "web.app".to_string(),
+        raw_target: "/".to_string(),
+        grpc_request: grpc,
+        downstream_h2: grpc,
+        upgrade: None,
+        downstream_upgrade: None,
+        labels: LabelInputs::default(),
+        log: AccessLog {
+            started,
+            src: SocketAddr::from(([10, 0, 0, 9], 40000)),
+            src_identity: None,
+            protocol: "HTTP/1.1",
+            method: "GET".to_string(),
+            authority: "web.app".to_string(),
+            path: "/".to_string(),
+            request_id: "r".to_string(),
+            service: None,
+            attempts: 0,
+            route: None,
+            backend: None,
+            upstream: None,
+            reason: None,
+        },
+        req_bytes: Arc::default(),
+        started,
+    }
+}
+
+/// Headers from `(name, value)` pairs, in order (a name may repeat).
+pub fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    h
+}
+
+/// The whole body of a response, as text.
+pub async fn body_of(rsp: Response<Observed>) -> String {
+    let bytes = rsp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}

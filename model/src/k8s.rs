@@ -128,6 +128,12 @@ impl fmt::Display for ObjectRef {
 /// Parses every `*.yaml` / `*.yml` file directly in `dir`, in file-name order, into a model.
 /// Hidden files (editor lock files such as `.#pods.yaml`) and subdirectories are ignored.
 pub fn load_dir(dir: &Path) -> Result<Model, ConfigError> {
+    load_docs(&read_dir(dir)?)
+}
+
+/// The `(file name, contents)` pairs [`load_dir`] reads from `dir`, in file-name order, each
+/// within [`MAX_FILE_BYTES`].
+pub fn read_dir(dir: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     let mut files = Vec::new();
     for path in config_files(dir).map_err(|source| ConfigError::Read {
         path: dir.to_path_buf(),
@@ -139,34 +145,42 @@ pub fn load_dir(dir: &Path) -> Result<Model, ConfigError> {
             String::from_utf8(bytes).map_err(|_| ConfigError::NotUtf8 { file: name.clone() })?;
         files.push((name, text));
     }
-    load_docs(&files)
+    Ok(files)
 }
 
 /// Like [`load_dir`], from `(file name, contents)` pairs.
 pub fn load_docs(files: &[(String, String)]) -> Result<Model, ConfigError> {
-    let mut sorted: Vec<&(String, String)> = files.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut loader = Loader::default();
-    for (file, text) in sorted {
-        if text.len() as u64 > MAX_FILE_BYTES {
-            return Err(ConfigError::TooLarge {
-                file: file.clone(),
-                limit: MAX_FILE_BYTES,
-            });
-        }
-        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let doc = i + 1;
-            // serde_yaml bounds nesting depth and alias expansion ("repetition limit
-            // exceeded"), so a billion-laughs document fails here instead of exhausting memory.
-            let value = Value::deserialize(document).map_err(|source| ConfigError::Yaml {
-                file: file.clone(),
-                doc,
-                source,
-            })?;
-            loader.document(file, doc, &value)?;
-        }
-    }
+    loader.files(files)?;
     Ok(loader.finish())
+}
+
+/// One object as written, and where: a document, or an item of a `v1` `List`.
+#[derive(Clone, Debug)]
+pub struct SourceObject {
+    pub file: String,
+    /// 1-based document number within the file (a `List`'s items share its number).
+    pub doc: usize,
+    pub api_version: String,
+    pub kind: String,
+    /// The object's key in the [`Model`] for the kinds this module translates (namespace
+    /// empty for a `Namespace`); `None` for kinds it skips.
+    pub key: Option<NamespacedName>,
+    pub value: Value,
+}
+
+/// Like [`load_docs`], also returning every object read (empty documents left out), in file
+/// then document order: for consumers that need the order or the fields the model drops.
+pub fn load_docs_with_sources(
+    files: &[(String, String)],
+) -> Result<(Model, Vec<SourceObject>), ConfigError> {
+    let mut loader = Loader {
+        sources: Some(Vec::new()),
+        ..Loader::default()
+    };
+    loader.files(files)?;
+    let sources = loader.sources.take().unwrap_or_default();
+    Ok((loader.finish(), sources))
 }
 
 /// A fingerprint of the names and contents of the files [`load_dir`] would read, so a
@@ -263,6 +277,8 @@ struct Loader {
     virtual_services: Vec<VirtualService>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
+    /// Every object read, when the caller asked for them.
+    sources: Option<Vec<SourceObject>>,
 }
 
 /// The kinds this module translates.
@@ -347,6 +363,33 @@ impl Meta {
 }
 
 impl Loader {
+    /// Reads `files` in file-name order.
+    fn files(&mut self, files: &[(String, String)]) -> Result<(), ConfigError> {
+        let mut sorted: Vec<&(String, String)> = files.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        for (file, text) in sorted {
+            if text.len() as u64 > MAX_FILE_BYTES {
+                return Err(ConfigError::TooLarge {
+                    file: file.clone(),
+                    limit: MAX_FILE_BYTES,
+                });
+            }
+            for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+                let doc = i + 1;
+                // serde_yaml bounds nesting depth and alias expansion ("repetition limit
+                // exceeded"), so a billion-laughs document fails here instead of exhausting
+                // memory.
+                let value = Value::deserialize(document).map_err(|source| ConfigError::Yaml {
+                    file: file.clone(),
+                    doc,
+                    source,
+                })?;
+                self.document(file, doc, &value)?;
+            }
+        }
+        Ok(())
+    }
+
     fn document(&mut self, file: &str, doc: usize, value: &Value) -> Result<(), ConfigError> {
         if matches!(value, Value::Null) {
             // An empty document (a trailing `---`, or comments only).
@@ -396,6 +439,7 @@ impl Loader {
                     kind = kind_name,
                     "skipping unknown kind"
                 );
+                self.source(origin, obj, api_version, kind_name, None);
                 return Ok(());
             }
             Err(reason) => {
@@ -414,6 +458,7 @@ impl Loader {
         let invalid = |e: FieldError| origin.invalid(object.clone(), e);
         let meta = metadata(obj, kind).map_err(invalid)?;
         let key = meta.key();
+        self.source(origin, obj, api_version, kind_name, Some(key.clone()));
         match kind {
             Kind::Namespace => {
                 let ns = Namespace {
@@ -479,6 +524,28 @@ impl Loader {
             }
         }
         Ok(())
+    }
+
+    /// Keeps `obj` for [`load_docs_with_sources`]; an error later fails the whole load, so
+    /// recording before translating is safe.
+    fn source(
+        &mut self,
+        origin: Origin<'_>,
+        obj: &Node<'_>,
+        api_version: &str,
+        kind: &str,
+        key: Option<NamespacedName>,
+    ) {
+        if let Some(sources) = &mut self.sources {
+            sources.push(SourceObject {
+                file: origin.file.to_string(),
+                doc: origin.doc,
+                api_version: api_version.to_string(),
+                kind: kind.to_string(),
+                key,
+                value: obj.value().clone(),
+            });
+        }
     }
 
     /// Records where `object` was defined; a second definition is an error because which one

@@ -1,7 +1,8 @@
 //! `cargo xtask <command>`: the project's automation. CI runs exactly `cargo xtask ci`.
 //!
 //! - `ci`: `cargo fmt --check`, `cargo clippy --workspace --all-targets -D warnings`,
-//!   `manifests`, `test`.
+//!   `layers`, `manifests`, `test`.
+//! - `layers`: the crates' dependency graph against the intended layers ([`layers`]).
 //! - `manifests`: validate every `manifests/*.yaml` offline against the Kubernetes API schemas
 //!   (`kubernetes-validate --strict`, Kubernetes [`MANIFESTS_K8S_VERSION`]), and the Grafana
 //!   dashboards in `manifests/dashboards/` ([`dashboards`]: shape, variables, metric names,
@@ -24,6 +25,7 @@
 //! alone by `clean` (its prefix is in `up`'s state file).
 
 mod dashboards;
+mod layers;
 mod local_mesh;
 mod waypoint_cli;
 
@@ -57,8 +59,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Format check, clippy with warnings denied, `manifests`, then `test` (what CI runs).
+    /// Format check, clippy with warnings denied, `layers`, `manifests`, then `test` (what
+    /// CI runs).
     Ci,
+    /// Check the crates' dependencies against the intended layers (mesh-model does no IO).
+    Layers,
     /// Validate the Kubernetes manifests (manifests/*.yaml) offline, strictly.
     Manifests,
     /// Build all binaries, run all tests (needs root), check nothing was left behind.
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
 fn dispatch(command: Cmd) -> Result<()> {
     match command {
         Cmd::Ci => ci(),
+        Cmd::Layers => layers::check_workspace(),
         Cmd::Manifests => manifests(),
         Cmd::Test { args } => test(&args),
         Cmd::Clean => {
@@ -194,6 +200,7 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    layers::check_workspace()?;
     manifests()?;
     test(&[])
 }

@@ -38,6 +38,10 @@ impl<'a> Node<'a> {
         &self.path
     }
 
+    pub fn value(&self) -> &'a Value {
+        self.value
+    }
+
     pub fn err(&self, reason: impl Into<String>) -> FieldError {
         FieldError {
             field: self.path.clone(),

@@ -1,7 +1,9 @@
 //! The local mesh's input: a directory of Kubernetes YAML, translated once into the topology
 //! the e2e harness builds, the traffic to send, and the documents handed to the node agents
-//! unchanged. Only [`LocalMesh::load`] reads files; the translation works on strings, so it is
-//! unit-tested.
+//! unchanged. The YAML is read once, by the agents' own translator
+//! (`mesh_model::k8s::load_docs_with_sources`: its checks, its size limit, its file order);
+//! the declarations come from the typed model, in the order the objects are written. Only
+//! [`LocalMesh::load`] reads files; the translation works on strings, so it is unit-tested.
 //!
 //! - `Namespace` → a harness namespace (ambient when labelled `istio.io/dataplane-mode:
 //!   ambient`), with its labels;
@@ -24,13 +26,13 @@
 //!   states what should happen, which `up --once` checks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use e2e::{Ambient, MeshBuilder, Pod, Service};
-use serde::Deserialize;
+use mesh_model::k8s::{ConfigError, SourceObject};
+use mesh_model::model::{NamespacedName, TargetPort, WaypointFor};
 use serde_yaml::Value;
 
 /// Annotation choosing what runs in a pod (`echo` or `none`).
@@ -43,14 +45,8 @@ const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 const GATEWAY_NAME_LABEL: &str = mesh_model::model::GATEWAY_NAME_LABEL;
 /// The port `mesh-echo` listens on when an echo pod declares no container port.
 const DEFAULT_ECHO_PORT: u16 = 8080;
-/// The namespace of objects that name none, as in Kubernetes.
-const DEFAULT_NAMESPACE: &str = "default";
-/// The service account of pods that name none, as in Kubernetes.
-const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// The file the harness writes the topology to; an input file of that name is renamed.
 const HARNESS_TOPOLOGY_FILE: &str = "topology.yaml";
-/// A local mesh's whole configuration is a few KiB; refuse runaway files instead of reading.
-const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// Everything `cargo xtask up` needs from the YAML directory.
 #[derive(Clone, Debug, PartialEq)]
@@ -196,78 +192,65 @@ impl LocalMesh {
             .with_context(|| format!("local mesh config {}", dir.display()))
     }
 
-    /// Translates (file name, content) pairs.
+    /// Translates (file name, content) pairs, read in file-name order by the agents'
+    /// translator (`mesh_model::k8s`): what it refuses, the local mesh refuses too.
     pub fn from_files(files: &[(String, String)]) -> Result<Self> {
+        let (model, objects) =
+            mesh_model::k8s::load_docs_with_sources(files).map_err(config_error)?;
         let mut namespaces: Vec<NamespaceDecl> = Vec::new();
         let mut raw_pods: Vec<(String, RawPod)> = Vec::new();
         let mut services: Vec<ServiceDecl> = Vec::new();
         let mut waypoints: Vec<WaypointDecl> = Vec::new();
-        let mut passthrough: Vec<(String, String)> = Vec::new();
+        // Objects for the agents as they are, grouped by file (objects come in file order).
+        let mut kept: Vec<(&str, Vec<&Value>)> = Vec::new();
 
-        for (file, content) in files {
-            let mut kept: Vec<Value> = Vec::new();
-            for (index, doc) in documents(content)
-                .with_context(|| format!("{file}: not valid YAML"))?
-                .into_iter()
-                .enumerate()
-            {
-                let at = format!("{file} doc {}", index + 1);
-                for object in flatten_lists(doc) {
-                    let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
-                    let api_version = object
-                        .get("apiVersion")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    match (api_version, kind) {
-                        ("v1", "Namespace") => {
-                            let ns = namespace(&object).with_context(|| at.clone())?;
-                            if namespaces.iter().any(|n| n.name == ns.name) {
-                                bail!("{at}: Namespace {} declared twice", ns.name);
-                            }
-                            namespaces.push(ns);
-                        }
-                        ("v1", "Pod") => {
-                            let pod = raw_pod(&object).with_context(|| at.clone())?;
-                            raw_pods.push((at.clone(), pod));
-                        }
-                        ("v1", "Service") => {
-                            let svc = service(&object).with_context(|| at.clone())?;
-                            if services
-                                .iter()
-                                .any(|s| s.namespace == svc.namespace && s.name == svc.name)
-                            {
-                                bail!(
-                                    "{at}: Service {}/{} declared twice",
-                                    svc.namespace,
-                                    svc.name
-                                );
-                            }
-                            services.push(svc);
-                        }
-                        // The harness declares every pod's service account; a second
-                        // declaration would be a duplicate object for the agents.
-                        ("v1", "ServiceAccount") => {}
-                        (api, "Gateway") if api.starts_with("gateway.networking.k8s.io/") => {
-                            if let Some(wp) = waypoint(&object).with_context(|| at.clone())? {
-                                waypoints.push(wp);
-                            }
-                            kept.push(object);
-                        }
-                        _ => kept.push(object),
-                    }
+        for object in &objects {
+            let at = format!("{} doc {}", object.file, object.doc);
+            // Only the kinds the translator read carry a key: a `Pod` of another API group
+            // is passed through like any other object.
+            let translated = object.key.as_ref().map(|key| (object.kind.as_str(), key));
+            match translated {
+                Some(("Namespace", key)) => {
+                    let ns = model
+                        .namespace(&key.name)
+                        .with_context(|| missing(&at, key))?;
+                    namespaces.push(NamespaceDecl {
+                        name: ns.name.clone(),
+                        labels: ns.labels.clone(),
+                        declared: true,
+                    });
                 }
-            }
-            if !kept.is_empty() {
-                passthrough.push((passthrough_name(file), render_documents(file, &kept)?));
+                Some(("Pod", key)) => {
+                    let pod = model.pods.get(key).with_context(|| missing(&at, key))?;
+                    raw_pods.push((at.clone(), raw_pod(pod).with_context(|| at.clone())?));
+                }
+                Some(("Service", key)) => {
+                    let svc = model.services.get(key).with_context(|| missing(&at, key))?;
+                    services.push(service(svc).with_context(|| at.clone())?);
+                }
+                // The harness declares every pod's service account; a second declaration
+                // would be a duplicate object for the agents.
+                Some(("ServiceAccount", _)) => {}
+                Some(("Gateway", key)) => {
+                    let gw = model.gateways.get(key).with_context(|| missing(&at, key))?;
+                    if gw.is_waypoint() {
+                        waypoints.push(WaypointDecl {
+                            namespace: gw.namespace.clone(),
+                            name: gw.name.clone(),
+                            waypoint_for: waypoint_for_name(gw.waypoint_for).to_owned(),
+                        });
+                    }
+                    keep(&mut kept, object);
+                }
+                _ => keep(&mut kept, object),
             }
         }
+        let passthrough = kept
+            .into_iter()
+            .map(|(file, docs)| Ok((passthrough_name(file), render_documents(file, &docs)?)))
+            .collect::<Result<Vec<_>>>()?;
 
-        let mut keys = BTreeSet::new();
-        for (at, pod) in &raw_pods {
-            if !keys.insert(pod.key()) {
-                bail!("{at}: Pod {} declared twice", pod.key());
-            }
-        }
+        let keys: BTreeSet<String> = raw_pods.iter().map(|(_, pod)| pod.key()).collect();
         for (_, pod) in &raw_pods {
             if !namespaces.iter().any(|n| n.name == pod.namespace) {
                 namespaces.push(NamespaceDecl {
@@ -420,64 +403,47 @@ impl LocalMesh {
     }
 }
 
-/// The files of `dir` the local mesh reads, with their content.
+/// The files of `dir` the local mesh reads, with their content: what the agents read
+/// (`mesh_model::k8s::read_dir`, its size limit), and at least one.
 pub fn read_yaml_dir(dir: &Path) -> Result<Vec<(String, String)>> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?;
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("read {}", dir.display()))?;
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
-        let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-        if is_yaml && !name.starts_with('.') && entry.path().is_file() {
-            names.push(name);
-        }
-    }
-    names.sort();
-    if names.is_empty() {
+    let files = mesh_model::k8s::read_dir(dir)?;
+    if files.is_empty() {
         bail!("no .yaml files in {}", dir.display());
     }
-    names
-        .into_iter()
-        .map(|name| {
-            let path = dir.join(&name);
-            let mut content = String::new();
-            std::fs::File::open(&path)
-                .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut content))
-                .with_context(|| format!("read {}", path.display()))?;
-            if content.len() as u64 > MAX_FILE_BYTES {
-                bail!("{} is larger than {MAX_FILE_BYTES} bytes", path.display());
-            }
-            Ok((name, content))
-        })
-        .collect()
+    Ok(files)
 }
 
 // === documents ===
 
-fn documents(content: &str) -> Result<Vec<Value>> {
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(content) {
-        let value = Value::deserialize(doc)?;
-        // `---` at the end of a file, or a file of comments, yields an empty document.
-        if !value.is_null() {
-            docs.push(value);
+/// The translator's errors, with the local mesh's words for the two a user meets most.
+fn config_error(e: ConfigError) -> anyhow::Error {
+    match e {
+        ConfigError::Yaml { file, doc, source } => {
+            anyhow!("{file}: not valid YAML (doc {doc}): {source}")
         }
+        ConfigError::Duplicate {
+            file,
+            doc,
+            object,
+            first_file,
+            first_doc,
+        } => anyhow!(
+            "{file} doc {doc}: {object} declared twice (first in {first_file} doc {first_doc})"
+        ),
+        other => other.into(),
     }
-    Ok(docs)
 }
 
-/// A `v1` `List` stands for its items.
-fn flatten_lists(doc: Value) -> Vec<Value> {
-    let is_list = doc.get("apiVersion").and_then(Value::as_str) == Some("v1")
-        && doc.get("kind").and_then(Value::as_str) == Some("List");
-    if !is_list {
-        return vec![doc];
-    }
-    match doc.get("items").and_then(Value::as_sequence) {
-        Some(items) => items.iter().cloned().flat_map(flatten_lists).collect(),
-        None => Vec::new(),
+/// The translator keys every object it keeps in the model, so a miss is a bug.
+fn missing(at: &str, key: &NamespacedName) -> String {
+    format!("{at}: {key:?} missing from the translated model")
+}
+
+/// Adds `object` to its file's group.
+fn keep<'a>(kept: &mut Vec<(&'a str, Vec<&'a Value>)>, object: &'a SourceObject) {
+    match kept.last_mut() {
+        Some((file, docs)) if *file == object.file => docs.push(&object.value),
+        _ => kept.push((&object.file, vec![&object.value])),
     }
 }
 
@@ -489,7 +455,7 @@ fn passthrough_name(file: &str) -> String {
     }
 }
 
-fn render_documents(file: &str, docs: &[Value]) -> Result<String> {
+fn render_documents(file: &str, docs: &[&Value]) -> Result<String> {
     let mut out = format!(
         "# From {file}, as written (its Namespaces, Pods, Services and ServiceAccounts are in \
          {HARNESS_TOPOLOGY_FILE}).\n"
@@ -503,24 +469,14 @@ fn render_documents(file: &str, docs: &[Value]) -> Result<String> {
 
 // === objects ===
 
-/// `metadata.name` and `metadata.namespace` (defaulted) of a namespaced object.
-fn name_and_namespace(object: &Value, kind: &str) -> Result<(String, String)> {
-    let name = str_at(object, &["metadata", "name"])
-        .with_context(|| format!("{kind}: metadata.name is required"))?;
-    let namespace = str_at(object, &["metadata", "namespace"]).unwrap_or(DEFAULT_NAMESPACE);
-    Ok((name.to_owned(), namespace.to_owned()))
-}
-
-fn namespace(object: &Value) -> Result<NamespaceDecl> {
-    let name =
-        str_at(object, &["metadata", "name"]).context("Namespace: metadata.name is required")?;
-    let labels =
-        string_map(object, &["metadata", "labels"]).with_context(|| format!("Namespace {name}"))?;
-    Ok(NamespaceDecl {
-        name: name.to_owned(),
-        labels,
-        declared: true,
-    })
+/// `istio.io/waypoint-for` as written.
+fn waypoint_for_name(wf: WaypointFor) -> &'static str {
+    match wf {
+        WaypointFor::Service => "service",
+        WaypointFor::Workload => "workload",
+        WaypointFor::All => "all",
+        WaypointFor::None => "none",
+    }
 }
 
 /// A Pod before its annotations are resolved against the other objects.
@@ -544,170 +500,81 @@ impl RawPod {
     }
 }
 
-fn raw_pod(object: &Value) -> Result<RawPod> {
-    let (name, namespace) = name_and_namespace(object, "Pod")?;
-    let what = format!("Pod {namespace}/{name}");
-    let node = str_at(object, &["spec", "nodeName"]).with_context(|| {
+fn raw_pod(pod: &mesh_model::model::Pod) -> Result<RawPod> {
+    let what = format!("Pod {}/{}", pod.namespace, pod.name);
+    let node = pod.node_name.as_deref().with_context(|| {
         format!("{what}: spec.nodeName is required (it places the pod on a node, e.g. n1)")
     })?;
-    let service_account = str_at(object, &["spec", "serviceAccountName"])
-        .or_else(|| str_at(object, &["spec", "serviceAccount"]))
-        .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
-    let labels = string_map(object, &["metadata", "labels"]).with_context(|| what.clone())?;
-    let annotations =
-        string_map(object, &["metadata", "annotations"]).with_context(|| what.clone())?;
+    let annotations = &pod.annotations;
     let runs_echo = match annotations.get(ANNOTATION_RUN).map(String::as_str) {
         Some("echo") => true,
         Some("none") => false,
         Some(other) => {
             bail!("{what}: annotation {ANNOTATION_RUN}: {other:?} is neither \"echo\" nor \"none\"")
         }
-        None => labels.get("app").map(String::as_str) == Some("echo"),
+        None => pod.labels.get("app").map(String::as_str) == Some("echo"),
     };
-    let echo_ports = if runs_echo {
-        let mut ports = container_ports(object).with_context(|| what.clone())?;
-        if ports.is_empty() {
-            ports.push(DEFAULT_ECHO_PORT);
+    let mut echo_ports = Vec::new();
+    if runs_echo {
+        // The TCP container ports of all containers, deduplicated, in order.
+        for port in &pod.container_ports {
+            if !echo_ports.contains(&port.port) {
+                echo_ports.push(port.port);
+            }
         }
-        ports
-    } else {
-        Vec::new()
-    };
-    let gateway_name = labels.get(GATEWAY_NAME_LABEL).cloned();
+        if echo_ports.is_empty() {
+            echo_ports.push(DEFAULT_ECHO_PORT);
+        }
+    }
     Ok(RawPod {
-        namespace,
-        name,
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
         node: node.to_owned(),
-        service_account: service_account.to_owned(),
-        labels,
+        service_account: pod.service_account.clone(),
+        labels: pod.labels.clone(),
         echo_ports,
         send_to: annotations.get(ANNOTATION_SEND_TO).cloned(),
         run: annotations.get(ANNOTATION_RUN).cloned(),
-        gateway_name,
+        gateway_name: pod.labels.get(GATEWAY_NAME_LABEL).cloned(),
     })
 }
 
-/// The TCP `containerPort`s of all containers, deduplicated, in order.
-fn container_ports(object: &Value) -> Result<Vec<u16>> {
-    let mut ports = Vec::new();
-    let containers = at(object, &["spec", "containers"])
-        .and_then(Value::as_sequence)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for (i, container) in containers.iter().enumerate() {
-        let declared = container
-            .get("ports")
-            .and_then(Value::as_sequence)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        for (j, port) in declared.iter().enumerate() {
-            let protocol = port
-                .get("protocol")
-                .and_then(Value::as_str)
-                .unwrap_or("TCP");
-            if protocol != "TCP" {
-                continue;
-            }
-            let number = port
-                .get("containerPort")
-                .and_then(Value::as_u64)
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|&n| n != 0)
-                .with_context(|| {
-                    format!("spec.containers[{i}].ports[{j}].containerPort: expected a port number")
-                })?;
-            if !ports.contains(&number) {
-                ports.push(number);
-            }
-        }
-    }
-    Ok(ports)
-}
-
-/// A Gateway of class `istio-waypoint` as a waypoint; `None` for other classes.
-fn waypoint(object: &Value) -> Result<Option<WaypointDecl>> {
-    let (name, namespace) = name_and_namespace(object, "Gateway")?;
-    if str_at(object, &["spec", "gatewayClassName"])
-        != Some(mesh_model::model::WAYPOINT_GATEWAY_CLASS)
-    {
-        return Ok(None);
-    }
-    let labels = string_map(object, &["metadata", "labels"])
-        .with_context(|| format!("Gateway {namespace}/{name}"))?;
-    Ok(Some(WaypointDecl {
-        waypoint_for: labels
-            .get(mesh_model::model::WAYPOINT_FOR_LABEL)
-            .cloned()
-            .unwrap_or_else(|| "service".to_owned()),
-        namespace,
-        name,
-    }))
-}
-
-fn service(object: &Value) -> Result<ServiceDecl> {
-    let (name, namespace) = name_and_namespace(object, "Service")?;
-    let what = format!("Service {namespace}/{name}");
-    let vip = match str_at(object, &["spec", "clusterIP"]) {
-        None | Some("None") | Some("") => None,
-        Some(ip) => Some(
-            ip.parse::<Ipv4Addr>()
-                .with_context(|| format!("{what}: spec.clusterIP {ip:?} is not an IPv4 address"))?,
-        ),
+fn service(svc: &mesh_model::model::Service) -> Result<ServiceDecl> {
+    let what = format!("Service {}/{}", svc.namespace, svc.name);
+    let vip = match svc.cluster_ips.first() {
+        None => None,
+        Some(IpAddr::V4(ip)) => Some(*ip),
+        Some(ip) => bail!("{what}: spec.clusterIP {ip} is not an IPv4 address"),
     };
-    let mut ports = Vec::new();
-    let declared = at(object, &["spec", "ports"])
-        .and_then(Value::as_sequence)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for (i, port) in declared.iter().enumerate() {
-        let field = format!("{what}: spec.ports[{i}]");
-        let protocol = port
-            .get("protocol")
-            .and_then(Value::as_str)
-            .unwrap_or("TCP");
-        if protocol != "TCP" {
-            continue;
-        }
-        let number = port
-            .get("port")
-            .and_then(Value::as_u64)
-            .and_then(|n| u16::try_from(n).ok())
-            .filter(|&n| n != 0)
-            .with_context(|| format!("{field}.port: expected a port number"))?;
-        let target_port = match port.get("targetPort") {
-            None | Some(Value::Null) => number,
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|&n| n != 0)
-                .with_context(|| format!("{field}.targetPort: {n} is not a port number"))?,
-            Some(Value::String(s)) => match s.parse::<u16>() {
-                Ok(n) if n != 0 => n,
-                _ => bail!(
-                    "{field}.targetPort: named target ports ({s:?}) are not supported by the \
-                     local mesh; use the container port number"
+    let ports = svc
+        .ports
+        .iter()
+        .map(|port| {
+            let target_port = match &port.target_port {
+                TargetPort::Number(n) => *n,
+                TargetPort::Named(name) => bail!(
+                    "{what}: port {}: named target ports ({name:?}) are not supported by the \
+                     local mesh; use the container port number",
+                    port.port
                 ),
-            },
-            Some(_) => bail!("{field}.targetPort: expected a port number"),
-        };
-        let port_name = port
-            .get("name")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("port-{number}"));
-        ports.push(ServicePortDecl {
-            name: port_name,
-            port: number,
-            target_port,
-        });
-    }
+            };
+            Ok(ServicePortDecl {
+                name: port
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("port-{}", port.port)),
+                port: port.port,
+                target_port,
+            })
+        })
+        .collect::<Result<_>>()?;
     Ok(ServiceDecl {
-        selector: string_map(object, &["spec", "selector"]).with_context(|| what.clone())?,
-        labels: string_map(object, &["metadata", "labels"]).with_context(|| what.clone())?,
-        namespace,
-        name,
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
         vip,
         ports,
+        selector: svc.selector.clone().unwrap_or_default(),
+        labels: svc.labels.clone(),
     })
 }
 
@@ -792,44 +659,6 @@ fn parse_expect(text: &str) -> Result<Expect> {
         Ok(code) if (100..=599).contains(&code) => Ok(Expect::Status(code)),
         _ => bail!("expectation {text:?}: expected an HTTP status (e.g. 200) or \"refused\""),
     }
-}
-
-// === untyped YAML access ===
-
-fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    path.iter()
-        .try_fold(value, |v, key| v.get(*key))
-        .filter(|v| !v.is_null())
-}
-
-fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
-    at(value, path).and_then(Value::as_str)
-}
-
-/// A map of strings (labels, annotations, selectors). Numbers and booleans are taken as
-/// their text, as `kubectl` would after quoting them.
-fn string_map(value: &Value, path: &[&str]) -> Result<BTreeMap<String, String>> {
-    let Some(found) = at(value, path) else {
-        return Ok(BTreeMap::new());
-    };
-    let field = path.join(".");
-    let map = found
-        .as_mapping()
-        .with_context(|| format!("{field}: expected a mapping"))?;
-    map.iter()
-        .map(|(k, v)| {
-            let key = k
-                .as_str()
-                .with_context(|| format!("{field}: keys must be strings"))?;
-            let value = match v {
-                Value::String(s) => s.clone(),
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                _ => bail!("{field}.{key}: expected a string"),
-            };
-            Ok((key.to_owned(), value))
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -1211,9 +1040,11 @@ spec: {mtls: {mode: STRICT}}
              metadata: {{name: sleep, namespace: demo}}\n- {}",
             policy.replace('\n', "\n  ")
         );
+        // A second policy of its own name: the agents refuse one object defined twice.
         let mixed = format!(
-            "{}---\n{policy}---\n",
-            pod("demo", "a", "spec: {nodeName: n1}\n")
+            "{}---\n{}---\n",
+            pod("demo", "a", "spec: {nodeName: n1}\n"),
+            policy.replace("name: default", "name: strict")
         );
         let mesh = LocalMesh::from_files(&files(&[
             ("list.yaml", &list),
@@ -1227,7 +1058,10 @@ spec: {mtls: {mode: STRICT}}
         let names: Vec<&str> = mesh.passthrough.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(names, ["list.yaml", "user-topology.yaml"]);
         for (file, text) in &mesh.passthrough {
-            let docs = documents(text).expect("rendered YAML parses");
+            let (_, objects) =
+                mesh_model::k8s::load_docs_with_sources(&[(file.clone(), text.clone())])
+                    .expect("rendered YAML parses");
+            let docs: Vec<&Value> = objects.iter().map(|o| &o.value).collect();
             assert_eq!(docs.len(), 1, "{file}: {text}");
             assert_eq!(docs[0]["kind"], Value::from("PeerAuthentication"), "{file}");
             assert_eq!(docs[0]["spec"]["mtls"]["mode"], Value::from("STRICT"));

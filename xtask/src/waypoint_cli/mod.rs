@@ -27,7 +27,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use serde::Deserialize;
+use mesh_model::k8s::SourceObject;
 use serde_yaml::Value;
 
 use crate::local_mesh::config::{read_yaml_dir, LocalMesh};
@@ -292,33 +292,11 @@ fn kubectl(commands: &[Kubectl], print: bool) -> Result<()> {
 
 // === plans (pure) ===
 
-/// One object of the directory: file, 1-based document number, the object (list items
-/// flattened, so that conflicts are found there too).
-struct Object {
-    file: String,
-    doc: usize,
-    value: Value,
-}
-
-fn objects(files: &[(String, String)]) -> Result<Vec<Object>> {
-    let mut out = Vec::new();
-    for (file, text) in files {
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value =
-                Value::deserialize(doc).with_context(|| format!("{file}: not valid YAML"))?;
-            let items = if value["apiVersion"] == "v1" && value["kind"] == "List" {
-                value["items"].as_sequence().cloned().unwrap_or_default()
-            } else {
-                vec![value]
-            };
-            out.extend(items.into_iter().map(|value| Object {
-                file: file.clone(),
-                doc: i + 1,
-                value,
-            }));
-        }
-    }
-    Ok(out)
+/// The objects of the directory as the agents' translator reads them (file, 1-based document
+/// number, the object; list items flattened, so that conflicts are found there too).
+fn objects(files: &[(String, String)]) -> Result<Vec<SourceObject>> {
+    let (_, objects) = mesh_model::k8s::load_docs_with_sources(files)?;
+    Ok(objects)
 }
 
 fn namespace_of(v: &Value) -> &str {

@@ -1,8 +1,12 @@
 //! `cargo xtask <command>`: the project's automation. CI runs exactly `cargo xtask ci`.
 //!
-//! - `ci`: `cargo fmt --check`, `cargo clippy --workspace --all-targets -D warnings`,
-//!   `layers`, `manifests`, `test`.
+//! - `ci`: `setup --for ci`, `cargo fmt --check`, `cargo clippy --workspace --all-targets
+//!   -D warnings`, `layers`, `cargo deny check bans licenses sources` (`deny.toml`),
+//!   `manifests`, `test`.
 //! - `layers`: the crates' dependency graph against the intended layers ([`layers`]).
+//! - `setup --for up|test|ci|bench`: install what that command needs beyond cargo (Debian
+//!   packages, the pinned `kubernetes-validate`, `cargo-deny`); `up`, `test`, `ci` and
+//!   `bench` do it themselves first ([`setup`]).
 //! - `manifests`: validate every `manifests/*.yaml` offline against the Kubernetes API schemas
 //!   (`kubernetes-validate --strict`, Kubernetes [`MANIFESTS_K8S_VERSION`]), and the Grafana
 //!   dashboards in `manifests/dashboards/` ([`dashboards`]: shape, variables, metric names,
@@ -27,6 +31,7 @@
 mod dashboards;
 mod layers;
 mod local_mesh;
+mod setup;
 mod waypoint_cli;
 
 use std::path::{Path, PathBuf};
@@ -59,11 +64,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Format check, clippy with warnings denied, `layers`, `manifests`, then `test` (what
-    /// CI runs).
+    /// Setup, format check, clippy with warnings denied, `layers`, `cargo deny`, `manifests`,
+    /// then `test` (what CI runs).
     Ci,
     /// Check the crates' dependencies against the intended layers (mesh-model does no IO).
     Layers,
+    /// Install what a command needs beyond cargo (as root on Debian; else print how).
+    Setup {
+        /// The command to prepare the machine for.
+        #[arg(long = "for", value_enum, default_value_t = setup::Purpose::Ci)]
+        purpose: setup::Purpose,
+    },
     /// Validate the Kubernetes manifests (manifests/*.yaml) offline, strictly.
     Manifests,
     /// Build all binaries, run all tests (needs root), check nothing was left behind.
@@ -126,6 +137,11 @@ fn dispatch(command: Cmd) -> Result<()> {
     match command {
         Cmd::Ci => ci(),
         Cmd::Layers => layers::check_workspace(),
+        Cmd::Setup { purpose } => {
+            setup::ensure(purpose)?;
+            println!("xtask setup: everything {purpose:?} needs is installed");
+            Ok(())
+        }
         Cmd::Manifests => manifests(),
         Cmd::Test { args } => test(&args),
         Cmd::Clean => {
@@ -139,12 +155,14 @@ fn dispatch(command: Cmd) -> Result<()> {
             release,
             no_build,
             replace,
-        } => local_mesh::up(&local_mesh::UpOptions {
-            config,
-            once,
-            release,
-            no_build,
-            replace,
+        } => setup::ensure(setup::Purpose::Up).and_then(|()| {
+            local_mesh::up(&local_mesh::UpOptions {
+                config,
+                once,
+                release,
+                no_build,
+                replace,
+            })
         }),
         Cmd::Down => local_mesh::down(),
         Cmd::Waypoint { command } => waypoint_cli::run(command),
@@ -191,6 +209,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
+    setup::ensure(setup::Purpose::Ci)?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -201,6 +220,9 @@ fn ci() -> Result<()> {
         "warnings",
     ]))?;
     layers::check_workspace()?;
+    // The dependency policy in deny.toml (licences, one crypto backend, crates.io only);
+    // advisories are left out: their database comes from the network.
+    run(cargo().args(["deny", "check", "bans", "licenses", "sources"]))?;
     manifests()?;
     test(&[])
 }
@@ -228,7 +250,8 @@ fn manifests() -> Result<()> {
             cmd
         }
         None => bail!(
-            "`{VALIDATOR}` not found: install it with `pip install {VALIDATOR}` (.ci/run does)"
+            "`{VALIDATOR}` not found: `cargo xtask setup --for ci` installs it (pip install {})",
+            setup::KUBERNETES_VALIDATE
         ),
     };
     cmd.args(["--strict", "--kubernetes-version", MANIFESTS_K8S_VERSION])
@@ -251,7 +274,7 @@ fn python_has_validator() -> bool {
 
 fn test(extra: &[String]) -> Result<()> {
     require_root("the tests create network namespaces")?;
-    find_tool("ip").context("`ip` not found: install iproute2")?;
+    setup::ensure(setup::Purpose::Test)?;
 
     let stale = clean()?;
     if !stale.is_empty() {
@@ -332,6 +355,7 @@ fn capture_programs() -> Vec<u64> {
 fn bench(quick: bool) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     require_root("the benchmarks create network namespaces")?;
+    setup::ensure(setup::Purpose::Bench)?;
     run(cargo().args([
         "build",
         "--release",

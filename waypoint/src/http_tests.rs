@@ -29,33 +29,32 @@ spec:
   rules: [{matches: [{path: {type: Exact, value: /known}}], backendRefs: [{name: api, port: 80}]}]
 "#;
 
-/// Aborts every request for `app/web` with 418, routed to a Service without endpoints.
-const ABORT_TO_NOWHERE: &str = r#"
+/// A Service of the mesh without endpoints.
+const EMPTY: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: empty, namespace: app, labels: {istio.io/use-waypoint: wp}}
 spec: {clusterIP: 10.96.0.9, selector: {app: none}, ports: [{name: http, port: 80}]}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web, namespace: app}
-spec:
-  hosts: [web]
-  http: [{fault: {abort: {httpStatus: 418, percentage: {value: 100}}}, route: [{destination: {host: empty}}]}]
 "#;
 
-const TO_NOWHERE: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: empty, namespace: app, labels: {istio.io/use-waypoint: wp}}
-spec: {clusterIP: 10.96.0.9, selector: {app: none}, ports: [{name: http, port: 80}]}
----
+/// Sends every request for `app/web` to [`EMPTY`].
+const TO_EMPTY: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: web, namespace: app}
 spec:
   hosts: [web]
   http: [{route: [{destination: {host: empty}}]}]
+"#;
+
+/// [`TO_EMPTY`], aborting every request with 418.
+const ABORT_TO_EMPTY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: app}
+spec:
+  hosts: [web]
+  http: [{fault: {abort: {httpStatus: 418, percentage: {value: 100}}}, route: [{destination: {host: empty}}]}]
 "#;
 
 const JWT: &str = r#"
@@ -127,13 +126,13 @@ async fn the_first_phase_that_refuses_a_request_answers_it() {
     check(got, 404, "route not found");
     // fault before endpoint selection.
     let got = answer(
-        &[ABORT_TO_NOWHERE],
+        &[EMPTY, ABORT_TO_EMPTY],
         get("/").body(empty()).expect("request"),
     )
     .await;
     check(got, 418, "fault filter abort");
     // endpoint selection.
-    let got = answer(&[TO_NOWHERE], get("/").body(empty()).expect("request")).await;
+    let got = answer(&[EMPTY, TO_EMPTY], get("/").body(empty()).expect("request")).await;
     check(got, 503, "no healthy upstream");
 }
 

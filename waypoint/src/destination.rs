@@ -125,6 +125,14 @@ impl Resolved<'_> {
 }
 
 impl Target {
+    /// The key of the round-robin counter and the cluster the target's requests share.
+    pub fn rr_key(&self) -> NamespacedName {
+        match self {
+            Target::Service { svc, .. } => svc.clone(),
+            Target::Workload { pod, .. } => pod.clone(),
+        }
+    }
+
     pub fn service_key(&self) -> Option<&NamespacedName> {
         match self {
             Target::Service { svc, .. } => Some(svc),

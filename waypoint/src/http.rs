@@ -115,7 +115,7 @@ async fn phases(
     let resolved = ctx.target.lookup(&model, scope.trust_domain);
     rq.labels.service = resolved.as_ref().and_then(|r| r.service).cloned();
     let path = downstream::normalize(rq)?;
-    let auth = authn::run(&model, inputs, ctx, rq, &path)?;
+    let auth = authn::run(&model, scope.gateway, inputs, ctx, rq, &path)?;
     authz::run(
         &model,
         scope.gateway,
@@ -180,3 +180,7 @@ async fn phases(
 #[cfg(test)]
 #[path = "http_sizes.rs"]
 mod sizes;
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod tests;

@@ -308,7 +308,7 @@ async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoin
             let reason = format!("no ready endpoint for {}", ctx.authority);
             (StatusCode::SERVICE_UNAVAILABLE, "UH", reason)
         })?;
-    let rr_key = rr_key(&ctx.target);
+    let rr_key = ctx.target.rr_key();
     let eps = &resolved.endpoints;
     let start = inputs.upstreams.next_index(&rr_key);
     let host = resolved.service.map(|s| s.hostname());
@@ -325,14 +325,6 @@ async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoin
         }
     }
     Err((StatusCode::SERVICE_UNAVAILABLE, "UF", last))
-}
-
-/// The round-robin counter a target's requests share.
-pub fn rr_key(target: &destination::Target) -> mesh_model::model::NamespacedName {
-    match target {
-        destination::Target::Service { svc, .. } => svc.clone(),
-        destination::Target::Workload { pod, .. } => pod.clone(),
-    }
 }
 
 /// Relays an opened L4 connection both ways with Istio's TCP metrics and an access line.

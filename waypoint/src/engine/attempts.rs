@@ -1,4 +1,4 @@
-//! Phase 9, attempts: per attempt one endpoint ([`choose_endpoint`]:
+//! Phase 9, attempts: per attempt one endpoint (`choose_endpoint`:
 //! [`crate::balance::Cluster::choose`], round robin by default, per request, so one
 //! long-lived HTTP/2 client is spread over all endpoints; endpoints not tried yet first,
 //! ejected ones skipped), a pooled upstream connection within the cluster's limits

@@ -22,6 +22,7 @@ use crate::telemetry::ResponseFlag;
 /// The phase: the principal of the request `rq` (`None`: no token), or the `401`.
 pub fn run(
     model: &Model,
+    gateway: &NamespacedName,
     inputs: &Inputs,
     ctx: &ConnCtx,
     rq: &mut RequestContext,
@@ -29,7 +30,7 @@ pub fn run(
 ) -> Result<Option<RequestAuth>, LocalReply> {
     let outcome = authenticate(
         model,
-        &inputs.cfg.gateway,
+        gateway,
         ctx.target.service_key(),
         &mut rq.parts.headers,
         path.query.as_deref(),

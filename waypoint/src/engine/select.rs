@@ -16,7 +16,6 @@ use crate::balance::{
     hash_key, new_cookie_value, Cluster, ClusterKey, Clusters, HashInput, RequestGuard,
 };
 use crate::destination::{Resolved, Unselectable};
-use crate::inbound::rr_key;
 use crate::mirror::{self, MirrorTarget};
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, ConnCtx};
@@ -109,7 +108,7 @@ pub fn run(
     let mirrors = mirror::targets(model, scope.trust_domain, &plan.mirrors, plan.service_port);
     let cluster = clusters.cluster(
         &ClusterKey {
-            service: rr_key(&plan.backend),
+            service: plan.backend.rr_key(),
             port: cluster_port,
             subset: plan.subset.clone(),
         },

@@ -140,3 +140,52 @@ pub async fn body_of(rsp: Response<Observed>) -> String {
     let bytes = rsp.into_body().collect().await.expect("body").to_bytes();
     String::from_utf8_lossy(&bytes).into_owned()
 }
+
+/// The waypoint `app/wp`'s shared inputs with `model` (upstreams that are never dialled by
+/// the tests that use this).
+pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
+    use crate::config::{Args, Config};
+    use crate::telemetry::HttpMetrics;
+    use crate::upstream::{UpstreamConfig, Upstreams};
+    use clap::Parser;
+    let args = Args::try_parse_from([
+        "waypoint",
+        "--name",
+        "wp",
+        "--namespace",
+        "app",
+        "--config-dir",
+        "/nonexistent",
+        "--ca-dir",
+        "/nonexistent",
+    ])
+    .expect("default arguments");
+    let cfg = Arc::new(Config::from(&args));
+    let ca = mesh_pki::ca::Ca::ephemeral("cluster.local").expect("ephemeral ca");
+    let certs =
+        mesh_pki::certs::CertManager::new(Arc::new(ca), std::time::Duration::from_secs(3600));
+    let (metrics, http_metrics) = HttpMetrics::new();
+    let upstreams = Upstreams::new(
+        UpstreamConfig {
+            identity: cfg.identity.clone(),
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.upstream_idle_timeout,
+            max_idle: cfg.max_idle_per_endpoint,
+            outlier_ejections: http_metrics.outlier_ejections.clone(),
+        },
+        certs.clone(),
+    );
+    let jwks_tls = crate::jwks::tls_config(None).expect("webpki roots");
+    let jwks = crate::jwks::JwksCache::new(cfg.jwks, jwks_tls, http_metrics.clone());
+    Arc::new(crate::proxy::Inputs {
+        cfg,
+        model: Arc::new(arc_swap::ArcSwap::from_pointee(model)),
+        certs,
+        metrics,
+        http_metrics,
+        upstreams,
+        jwks,
+        drain: tokio_util::sync::CancellationToken::new(),
+        active: Arc::default(),
+    })
+}

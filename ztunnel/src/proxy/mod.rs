@@ -39,57 +39,8 @@ use crate::netns::Netns;
 use crate::netns_source::PodNetnsSource;
 use crate::redirect::ebpf::Flow;
 
-/// Why a connection was refused or failed: one flag per cause, used by logs and metrics
-/// (`response_flags`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResponseFlag {
-    /// Denied by AuthorizationPolicy.
-    Deny,
-    /// Plaintext to a workload whose PeerAuthentication is STRICT.
-    PeerAuthn,
-    /// TLS handshake failed (no/invalid client certificate, wrong identity, not TLS 1.3...).
-    Tls,
-    /// Malformed tunnel request: not CONNECT, `:authority` not `ip:port`.
-    BadRequest,
-    /// CONNECT to an address this workload does not serve.
-    NotServed,
-    /// A connection straight to one of the agent's own ports (would loop).
-    Loop,
-    /// The upstream could not be reached.
-    UpstreamFailure,
-    /// A service without ready endpoints.
-    NoHealthyUpstream,
-    /// The HBONE peer refused the tunnel (401).
-    UpstreamDenied,
-    /// Closed because a policy change revoked it.
-    Revoked,
-    /// The original destination could not be recovered.
-    NoOriginalDst,
-}
-
-impl ResponseFlag {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResponseFlag::Deny => "DENY",
-            ResponseFlag::PeerAuthn => "PEERAUTHN",
-            ResponseFlag::Tls => "TLS",
-            ResponseFlag::BadRequest => "BADREQ",
-            ResponseFlag::NotServed => "NR",
-            ResponseFlag::Loop => "LOOP",
-            ResponseFlag::UpstreamFailure => "UF",
-            ResponseFlag::NoHealthyUpstream => "UH",
-            ResponseFlag::UpstreamDenied => "UAEX",
-            ResponseFlag::Revoked => "REVOKED",
-            ResponseFlag::NoOriginalDst => "NOORIGDST",
-        }
-    }
-}
-
-impl fmt::Display for ResponseFlag {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Shared with the waypoint: one enum of causes for logs and `response_flags`.
+pub use mesh_telemetry::ResponseFlag;
 
 /// Everything the proxies share; one per agent.
 pub struct ProxyInputs {

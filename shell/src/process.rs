@@ -129,6 +129,28 @@ impl<A> AppHandle<A> {
     }
 }
 
+/// A binary's `run`: starts the app with the process's log handle, waits for SIGTERM,
+/// SIGINT or `/quitquitquit`, then drains it.
+pub async fn run_until_signalled<A, E, S, F>(
+    log: crate::logging::LogHandle,
+    start: S,
+) -> Result<(), E>
+where
+    S: FnOnce(crate::admin::Control) -> F,
+    F: Future<Output = Result<AppHandle<A>, E>>,
+    E: From<tokio::task::JoinError>,
+{
+    let shutdown = Shutdown::new();
+    let app = start(crate::admin::Control {
+        log: Some(log),
+        shutdown: shutdown.clone(),
+    })
+    .await?;
+    shutdown.signalled().await;
+    app.shutdown();
+    Ok(app.join().await?)
+}
+
 /// Waits for open connections to finish (`idle`) at most `deadline`; says how many were
 /// left (`open`) when it gives up. Returns whether everything drained.
 pub async fn drain<F>(deadline: Duration, idle: F, open: impl Fn() -> usize) -> bool

@@ -15,7 +15,7 @@ use mesh_pki::ca::Ca;
 use mesh_pki::certs::CertManager;
 use mesh_shell::admin::Control;
 use mesh_shell::logging::LogHandle;
-use mesh_shell::process::{spawn, AppHandle, Shutdown};
+use mesh_shell::process::{spawn, AppHandle};
 use mesh_shell::source::{Installed, Source};
 use tokio_util::sync::CancellationToken;
 use tracing::info_span;
@@ -38,18 +38,7 @@ pub struct Addrs {
 
 /// Runs the waypoint until SIGTERM, SIGINT or `/quitquitquit`, then drains.
 pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new();
-    let app = start(
-        cfg,
-        Control {
-            log: Some(log),
-            shutdown: shutdown.clone(),
-        },
-    )
-    .await?;
-    shutdown.signalled().await;
-    app.shutdown();
-    app.join().await.context("the waypoint's main task")
+    mesh_shell::process::run_until_signalled(log, |ctl| start(cfg, ctl)).await
 }
 
 /// Starts the waypoint: every listener is bound and serving when this returns. The

@@ -12,7 +12,7 @@ use mesh_pki::ca::Ca;
 use mesh_pki::certs::CertManager;
 use mesh_shell::admin::Control;
 use mesh_shell::logging::LogHandle;
-use mesh_shell::process::{spawn, AppHandle, Shutdown};
+use mesh_shell::process::{spawn, AppHandle};
 use mesh_shell::source::{Installed, Source};
 use mesh_telemetry::Metrics;
 use tokio::sync::watch;
@@ -36,18 +36,7 @@ pub type Addrs = mesh_shell::admin::Addrs;
 
 /// Runs the agent until SIGTERM, SIGINT or `/quitquitquit`, then drains.
 pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new();
-    let app = start(
-        cfg,
-        Control {
-            log: Some(log),
-            shutdown: shutdown.clone(),
-        },
-    )
-    .await?;
-    shutdown.signalled().await;
-    app.shutdown();
-    app.join().await.context("the agent's main task")
+    mesh_shell::process::run_until_signalled(log, |ctl| start(cfg, ctl)).await
 }
 
 /// Starts the agent: everything is bound and running when this returns; the handle's

@@ -444,7 +444,8 @@ impl<'a> AccessLog<'a> {
 // === shared by the three listeners ===
 
 /// Accepts until `stop`; each connection runs in its own task inside a span naming the
-/// listener, pod and peer. Accept errors (EMFILE...) shed that connection and keep serving.
+/// listener, pod and peer. Accept errors back off while the process is out of descriptors
+/// (EMFILE...) and serving resumes when some are freed (`mesh_shell::accept`).
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     stop: CancellationToken,
@@ -455,18 +456,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, listener = kind, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
         let _ = tcp.set_nodelay(true);
         let span = tracing::info_span!("conn", listener = kind, pod = %pod.key, peer = %peer);
         let active = pod.active.enter();
@@ -478,7 +468,8 @@ pub(crate) async fn accept_loop<F, Fut>(
             }
             .instrument(span),
         );
-    }
+    };
+    mesh_shell::accept::serve(kind, || listener.accept(), accepted, stop).await
 }
 
 /// Logs and counts a refused connection (one flag per cause).

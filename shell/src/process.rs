@@ -6,8 +6,33 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
+
+use crate::config::LogFormat;
+use crate::logging::LogHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+/// The body of every binary's `main` once its flags are parsed: installs logging, raises
+/// the open-file limit, runs `run` (given the log handle, for `/logging`) on a multi-threaded
+/// runtime whose threads are named `<name>-worker`, and logs a failure before returning it.
+pub fn main<F, Fut, E>(name: &str, log_format: LogFormat, run: F) -> Result<(), E>
+where
+    F: FnOnce(LogHandle) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: From<std::io::Error> + std::fmt::Display,
+{
+    let log = crate::logging::init(log_format);
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(format!("{name}-worker"))
+        .build()?;
+    let result = rt.block_on(run(log));
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "{name} failed");
+    }
+    result
+}
 
 /// Spawns `fut` inside `span`, so everything it logs says which task it came from
 /// (`spawn(info_span!("config"), watch_config(..))`).
@@ -131,10 +156,7 @@ impl<A> AppHandle<A> {
 
 /// A binary's `run`: starts the app with the process's log handle, waits for SIGTERM,
 /// SIGINT or `/quitquitquit`, then drains it.
-pub async fn run_until_signalled<A, E, S, F>(
-    log: crate::logging::LogHandle,
-    start: S,
-) -> Result<(), E>
+pub async fn run_until_signalled<A, E, S, F>(log: LogHandle, start: S) -> Result<(), E>
 where
     S: FnOnce(crate::admin::Control) -> F,
     F: Future<Output = Result<AppHandle<A>, E>>,

@@ -13,16 +13,8 @@ fn main() -> anyhow::Result<()> {
     if let Err(e) = args.check() {
         e.exit();
     }
-    let log = mesh_shell::logging::init(args.process.log_format);
     let cfg = Config::from(&args);
-    mesh_shell::process::raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("waypoint-worker")
-        .build()?;
-    let result = rt.block_on(waypoint::app::run(cfg, log));
-    if let Err(e) = &result {
-        tracing::error!(error = format!("{e:#}"), "waypoint failed");
-    }
-    result
+    mesh_shell::process::main("waypoint", args.process.log_format, |log| {
+        waypoint::app::run(cfg, log)
+    })
 }

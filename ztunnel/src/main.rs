@@ -11,16 +11,8 @@ fn main() -> anyhow::Result<()> {
     if let Err(e) = args.check() {
         e.exit();
     }
-    let log = mesh_shell::logging::init(args.process.log_format);
     let cfg = Config::from(&args);
-    mesh_shell::process::raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ztunnel-worker")
-        .build()?;
-    let result = rt.block_on(ztunnel::app::run(cfg, log));
-    if let Err(e) = &result {
-        tracing::error!(error = format!("{e:#}"), "ztunnel failed");
-    }
-    result
+    mesh_shell::process::main("ztunnel", args.process.log_format, |log| {
+        ztunnel::app::run(cfg, log)
+    })
 }

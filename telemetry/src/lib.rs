@@ -7,6 +7,8 @@
 //!   `mesh_config_reloads_total`;
 //! - `process_*` read from `/proc/self` at scrape time.
 //!
+//! [`ResponseFlag`] names why a connection or request was refused, in both binaries.
+//!
 //! [`Metrics::snapshot`] reads them all back, typed, for the node dashboard.
 //!
 //! prometheus-client appends `_total` to counter names itself, so counters are registered
@@ -23,6 +25,9 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
+
+mod flags;
+pub use flags::ResponseFlag;
 
 /// The `Content-Type` for [`Metrics::encode`]'s output (OpenMetrics 1.0, ends in `# EOF`).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

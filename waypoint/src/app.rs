@@ -6,29 +6,45 @@
 //! GRPCRoutes, RequestAuthentications, VirtualServices and DestinationRules), the same CA directory (the waypoint issues its own certificate
 //! from it). Not ready until a first good model is in.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use mesh_model::model::Model;
 use mesh_pki::ca::Ca;
 use mesh_pki::certs::CertManager;
-use mesh_telemetry::Metrics;
-use tokio::sync::watch;
+use mesh_shell::admin::Control;
+use mesh_shell::logging::LogHandle;
+use mesh_shell::process::{spawn, AppHandle};
+use mesh_shell::source::{Installed, Source};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::info_span;
 
-use crate::config::{Config, ConfigSource};
+use crate::config::Config;
 use crate::inbound::Inbound;
 use crate::jwks::JwksCache;
 use crate::proxy::{Active, Inputs};
-use crate::stats::{Endpoints, StatsServer, StatsState};
+use crate::stats::{StatsState, LISTENERS};
 use crate::telemetry::HttpMetrics;
 use crate::upstream::{UpstreamConfig, Upstreams};
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// The waypoint's listeners as bound (the ports chosen for `:0`).
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    pub hbone: SocketAddr,
+    /// Admin, metrics, readiness.
+    pub endpoints: mesh_shell::admin::Addrs,
+}
+
+/// Runs the waypoint until SIGTERM, SIGINT or `/quitquitquit`, then drains.
+pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
+    mesh_shell::process::run_until_signalled(log, |ctl| start(cfg, ctl)).await
+}
+
+/// Starts the waypoint: every listener is bound and serving when this returns. The
+/// handle's shutdown (or `ctl.shutdown`: `/quitquitquit`) closes the HBONE listener and
+/// drains open connections for at most `drain_timeout`.
+pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>> {
     let cfg = Arc::new(cfg);
     let ca = Arc::new(
         Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)
@@ -40,37 +56,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .certified_key(&cfg.identity)
         .with_context(|| format!("issue a certificate for {}", cfg.identity))?;
     let (metrics, http_metrics) = HttpMetrics::new();
-    let config_loaded = Arc::new(AtomicBool::new(false));
-    let source = match cfg.config_source {
-        ConfigSource::Dir => Source::Dir(
-            cfg.config_dir
-                .clone()
-                .context("--config-source dir needs --config-dir")?,
-        ),
-        ConfigSource::Kube => Source::Kube(
-            mesh_kube::client()
-                .await
-                .context("set up the kubernetes api client")?,
-        ),
-    };
-    let initial = match &source {
-        Source::Dir(dir) => match mesh_model::k8s::load_dir(dir) {
-            Ok(m) => {
-                metrics.config_loaded();
-                config_loaded.store(true, Ordering::SeqCst);
-                check_gateway(&m, &cfg);
-                m
-            }
-            Err(e) => {
-                metrics.config_rejected("local");
-                tracing::error!(error = %e, dir = %dir.display(), "config rejected; not ready until a valid config arrives");
-                Model::default()
-            }
-        },
-        // Not ready until the watch has listed every kind.
-        Source::Kube(_) => Model::default(),
-    };
-    let model = Arc::new(ArcSwap::from_pointee(initial));
+    let source = Source::open(cfg.config_source, cfg.config_dir.as_deref())
+        .await
+        .context("set up the config source")?;
+    // Not ready until a first good model is in (with the API server: once every kind was
+    // listed).
+    let (installed, _) = Installed::new(source.initial(&metrics), metrics.clone(), {
+        let cfg = cfg.clone();
+        move |m: &Model| check_gateway(m, &cfg)
+    });
+    let model = installed.model.clone();
     let upstreams = Upstreams::new(
         UpstreamConfig {
             identity: cfg.identity.clone(),
@@ -98,123 +93,62 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
 
     let inbound = Inbound::new(cfg.hbone_addr, inputs.clone()).await?;
+    let hbone = inbound.local_addr().unwrap_or(cfg.hbone_addr);
     let state = Arc::new(StatsState {
         metrics: metrics.clone(),
-        ready: config_loaded.clone(),
+        ready: installed.loaded.clone(),
         model: model.clone(),
     });
-    for (addr, what, endpoints) in [
-        (cfg.metrics_addr, "metrics", Endpoints::Public),
-        (cfg.readiness_addr, "readiness", Endpoints::Public),
-        (cfg.admin_addr, "admin", Endpoints::Admin),
-    ] {
-        let srv = StatsServer::new(addr, what, endpoints).await?;
-        tokio::spawn(
-            srv.run(state.clone(), stop.clone())
-                .instrument(tracing::info_span!("stats", what)),
-        );
-    }
-    tokio::spawn(certs.clone().run_rotation(stop.clone()));
-    tokio::spawn(
-        jwks.run(model.clone(), stop.clone())
-            .instrument(tracing::info_span!("jwks")),
-    );
-    let source_name = match &source {
-        Source::Dir(dir) => dir.display().to_string(),
-        Source::Kube(_) => "kubernetes api server".to_string(),
+    let endpoints = mesh_shell::admin::Addrs {
+        admin: cfg.admin_addr,
+        metrics: cfg.metrics_addr,
+        readiness: cfg.readiness_addr,
     };
-    match source {
-        Source::Dir(dir) => {
-            tokio::spawn(
-                watch_config(
-                    cfg.clone(),
-                    dir,
-                    model,
-                    metrics,
-                    config_loaded,
-                    stop.clone(),
-                )
-                .instrument(tracing::info_span!("config")),
-            );
-        }
-        Source::Kube(client) => {
-            let (models_tx, models) = watch::channel(Arc::new(Model::default()));
-            let opts = mesh_kube::Options {
-                metrics: Some(metrics.clone()),
-                scope: mesh_kube::Scope::Waypoint,
-                ..mesh_kube::Options::default()
-            };
-            tokio::spawn(
-                mesh_kube::watch(client, models_tx, opts, stop.clone())
-                    .instrument(tracing::info_span!("kube")),
-            );
-            tokio::spawn(
-                follow_models(cfg.clone(), models, model, config_loaded, stop.clone())
-                    .instrument(tracing::info_span!("config")),
-            );
-        }
-    }
+    let endpoints =
+        mesh_shell::admin::start(endpoints, LISTENERS, state, ctl.clone(), stop.clone()).await?;
+    spawn(
+        info_span!("cert_rotation"),
+        certs.clone().run_rotation(stop.clone()),
+    );
+    spawn(info_span!("jwks"), jwks.run(model.clone(), stop.clone()));
+    let source_name = source.describe();
+    source.run(
+        cfg.config_poll,
+        installed,
+        mesh_kube::Options {
+            scope: mesh_kube::Scope::Waypoint,
+            ..mesh_kube::Options::default()
+        },
+        stop.clone(),
+    );
     tracing::info!(
         gateway = %cfg.gateway,
         identity = %cfg.identity,
-        hbone = %inbound.local_addr().unwrap_or(cfg.hbone_addr),
+        hbone = %hbone,
         config = %source_name,
         "waypoint started"
     );
-    let inbound_task = tokio::spawn(inbound.run().instrument(tracing::info_span!("inbound")));
+    let inbound_task = spawn(info_span!("inbound"), inbound.run());
 
-    shutdown_signal().await;
-    tracing::info!(
-        open = inputs.active.len(),
-        "shutting down: listener closed, draining connections"
-    );
-    stop.cancel();
-    let _ = inbound_task.await;
-    if tokio::time::timeout(cfg.drain_timeout, inputs.active.idle())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
+    let shutdown = ctl.shutdown.clone();
+    let done = tokio::spawn(async move {
+        shutdown.triggered().await;
+        tracing::info!(
             open = inputs.active.len(),
-            "drain deadline reached; closing remaining connections"
+            "shutting down: listener closed, draining connections"
         );
-    }
-    Ok(())
-}
-
-/// Where the model comes from.
-enum Source {
-    Dir(PathBuf),
-    Kube(mesh_kube::Client),
-}
-
-/// Installs every model the API server watch publishes (only complete, accepted models: the
-/// first once every kind was listed; a refused object keeps its last accepted version).
-async fn follow_models(
-    cfg: Arc<Config>,
-    mut models: watch::Receiver<Arc<Model>>,
-    model: Arc<ArcSwap<Model>>,
-    loaded: Arc<AtomicBool>,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            changed = models.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
-        }
-        let next = models.borrow_and_update().clone();
-        check_gateway(&next, &cfg);
-        model.store(next);
-        if !loaded.swap(true, Ordering::SeqCst) {
-            tracing::info!("first model from the api server installed");
-        } else {
-            tracing::debug!("model from the api server installed");
-        }
-    }
+        stop.cancel();
+        let _ = inbound_task.await;
+        mesh_shell::process::drain(cfg.drain_timeout, inputs.active.idle(), || {
+            inputs.active.len()
+        })
+        .await;
+    });
+    Ok(AppHandle::new(
+        Addrs { hbone, endpoints },
+        ctl.shutdown,
+        done,
+    ))
 }
 
 /// Says so when the model does not (yet) know this waypoint: then no destination uses it and
@@ -227,67 +161,6 @@ fn check_gateway(model: &Model, cfg: &Config) {
         }
         None => {
             tracing::warn!(gateway = %cfg.gateway, "no such Gateway in the config; nothing will be routed here")
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can only be killed; keep serving.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-}
-
-/// Polls the config directory; a valid change replaces the model, an invalid one is rejected
-/// with its error logged and counted, and the last good model stays.
-async fn watch_config(
-    cfg: Arc<Config>,
-    dir: PathBuf,
-    model: Arc<ArcSwap<Model>>,
-    metrics: Arc<Metrics>,
-    loaded: Arc<AtomicBool>,
-    stop: CancellationToken,
-) {
-    let dir: &Path = &dir;
-    let mut last = mesh_model::k8s::dir_fingerprint(dir).ok();
-    let mut tick = tokio::time::interval(cfg.config_poll);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let fp = match mesh_model::k8s::dir_fingerprint(dir) {
-            Ok(fp) => Some(fp),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading config dir failed; keeping the last good config");
-                continue;
-            }
-        };
-        if fp == last && loaded.load(Ordering::SeqCst) {
-            continue;
-        }
-        last = fp;
-        match mesh_model::k8s::load_dir(dir) {
-            Ok(m) => {
-                check_gateway(&m, &cfg);
-                model.store(Arc::new(m));
-                loaded.store(true, Ordering::SeqCst);
-                metrics.config_loaded();
-                tracing::info!("config reloaded");
-            }
-            Err(e) => {
-                metrics.config_rejected("local");
-                tracing::error!(error = %e, "config rejected; keeping the last good config");
-            }
         }
     }
 }

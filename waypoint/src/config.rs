@@ -5,21 +5,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use mesh_model::identity::Identity;
 use mesh_model::model::NamespacedName;
 
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-pub const DEFAULT_CERT_TTL: &str = "24h";
+/// The shared flags, defaults and types (`mesh_shell::config`), as the waypoint's own.
+pub use mesh_shell::config::{
+    parse_duration, ConfigSource, LogFormat, ProcessArgs, DEFAULT_ADMIN_ADDR, DEFAULT_CERT_TTL,
+    DEFAULT_CONFIG_POLL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_METRICS_ADDR,
+    DEFAULT_READINESS_ADDR, DEFAULT_TLS_HANDSHAKE_TIMEOUT, DEFAULT_TRUST_DOMAIN,
+};
+
+/// Every flag without an explicit env var is read from `WAYPOINT_<FLAG>` too.
+pub const ENV_PREFIX: &str = "WAYPOINT";
 pub const DEFAULT_HBONE_ADDR: &str = "0.0.0.0:15008";
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
-pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
-/// `/config_dump` shows the whole mesh: loopback only by default (as Envoy's admin).
-pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
-pub const DEFAULT_CONFIG_POLL: &str = "500ms";
-pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
-pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
-pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 /// How long a connection on a port that declares no protocol may stay silent before it is
 /// relayed as bytes (server-first protocols never speak first).
 pub const DEFAULT_DETECT_TIMEOUT: &str = "1s";
@@ -38,22 +37,6 @@ pub const DEFAULT_JWKS_RETRY: &str = "5s";
 pub const DEFAULT_JWKS_MAX_STALE: &str = "1h";
 pub const DEFAULT_JWKS_FETCH_TIMEOUT: &str = "5s";
 
-/// Where the model comes from (both feed the one translator, `mesh_model::k8s`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ConfigSource {
-    /// A directory of Kubernetes YAML (`--config-dir`), polled (local mode, tests).
-    Dir,
-    /// The Kubernetes API server, listed and watched (`mesh_kube`, in-cluster service
-    /// account, else `$KUBECONFIG`): the waypoint's RBAC must allow list/watch of the kinds.
-    Kube,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 /// Command line and environment (`WAYPOINT_*`).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "waypoint", version, about = "Ambient mesh waypoint (L7 proxy)")]
@@ -68,56 +51,20 @@ pub struct Args {
     /// waypoint Deployment does).
     #[arg(long, env = "WAYPOINT_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
-    /// Where the configuration comes from.
-    #[arg(
-        long,
-        env = "WAYPOINT_CONFIG_SOURCE",
-        value_enum,
-        default_value = "dir"
-    )]
-    pub config_source: ConfigSource,
-    /// Directory of Kubernetes YAML (the same one every ztunnel reads); watched. Needed with
-    /// `--config-source dir`.
-    #[arg(long, env = "WAYPOINT_CONFIG_DIR")]
-    pub config_dir: Option<PathBuf>,
-    /// CA directory: a plug-in CA in Istio's `cacerts` layout, or where the generated root lives.
-    #[arg(long, env = "WAYPOINT_CA_DIR")]
-    pub ca_dir: PathBuf,
-    #[arg(long, env = "WAYPOINT_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
-    /// Certificate lifetime (renewed at half-life), e.g. 30s, 5m, 24h.
-    #[arg(long, env = "WAYPOINT_CERT_TTL", default_value = DEFAULT_CERT_TTL, value_parser = parse_duration)]
-    pub cert_ttl: Duration,
     /// HBONE listener (mTLS, HTTP/2 CONNECT).
     #[arg(long, env = "WAYPOINT_HBONE_ADDR", default_value = DEFAULT_HBONE_ADDR)]
     pub hbone_addr: SocketAddr,
-    /// Prometheus `/metrics`.
-    #[arg(long, env = "WAYPOINT_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
-    /// `/healthz/ready`.
-    #[arg(long, env = "WAYPOINT_READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
-    pub readiness_addr: SocketAddr,
-    /// `/config_dump` (and the public endpoints).
-    #[arg(long, env = "WAYPOINT_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
-    pub admin_addr: SocketAddr,
-    /// How often the config directory is checked for changes.
-    #[arg(long, env = "WAYPOINT_CONFIG_POLL", default_value = DEFAULT_CONFIG_POLL, value_parser = parse_duration)]
-    pub config_poll: Duration,
-    /// On SIGTERM, how long open connections may take to finish.
-    #[arg(long, env = "WAYPOINT_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
-    pub drain_timeout: Duration,
-    #[arg(long, env = "WAYPOINT_TLS_HANDSHAKE_TIMEOUT", default_value = DEFAULT_TLS_HANDSHAKE_TIMEOUT, value_parser = parse_duration)]
-    pub tls_handshake_timeout: Duration,
-    /// Bound on opening an upstream connection (dial, TLS, HTTP/2, CONNECT).
-    #[arg(long, env = "WAYPOINT_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration)]
-    pub connect_timeout: Duration,
+    // The flags every mesh binary has (`WAYPOINT_<FLAG>`): config source and directory (the
+    // same one every node agent reads), CA, trust domain, certificate lifetime, the admin
+    // (`/config_dump`, `/logging`, `/quitquitquit`), metrics and readiness addresses,
+    // timeouts, log format.
+    #[command(flatten)]
+    pub process: ProcessArgs,
     /// Protocol detection on ports that declare none: silence this long means "not HTTP".
     #[arg(long, env = "WAYPOINT_DETECT_TIMEOUT", default_value = DEFAULT_DETECT_TIMEOUT, value_parser = parse_duration)]
     pub detect_timeout: Duration,
     #[arg(long, env = "WAYPOINT_UPSTREAM_IDLE_TIMEOUT", default_value = DEFAULT_UPSTREAM_IDLE_TIMEOUT, value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
-    #[arg(long, env = "WAYPOINT_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
     /// Refresh period of keys fetched from a RequestAuthentication `jwksUri`.
     #[arg(long, env = "WAYPOINT_JWKS_REFRESH", default_value = DEFAULT_JWKS_REFRESH, value_parser = parse_duration)]
     pub jwks_refresh: Duration,
@@ -138,13 +85,12 @@ impl Args {
     /// Rules across flags that clap's attributes cannot state (`required_if_eq` ignores a
     /// defaulted `--config-source`).
     pub fn check(&self) -> Result<(), clap::Error> {
-        if self.config_source == ConfigSource::Dir && self.config_dir.is_none() {
-            return Err(<Args as clap::CommandFactory>::command().error(
-                clap::error::ErrorKind::MissingRequiredArgument,
-                "--config-source dir (the default) needs --config-dir <DIR> (or WAYPOINT_CONFIG_DIR)",
-            ));
-        }
-        Ok(())
+        self.process.check::<Args>(ENV_PREFIX)
+    }
+
+    /// The process's arguments and environment (exits with usage on error).
+    pub fn from_env() -> Self {
+        mesh_shell::config::parse(ENV_PREFIX)
     }
 }
 
@@ -186,17 +132,21 @@ pub struct JwksSettings {
 }
 
 impl From<&Args> for Config {
-    fn from(a: &Args) -> Self {
-        let sa = a.service_account.clone().unwrap_or_else(|| a.name.clone());
+    fn from(args: &Args) -> Self {
+        let a = &args.process;
+        let sa = args
+            .service_account
+            .clone()
+            .unwrap_or_else(|| args.name.clone());
         Config {
-            gateway: NamespacedName::new(&a.namespace, &a.name),
-            identity: Identity::new(&a.trust_domain, &a.namespace, sa),
+            gateway: NamespacedName::new(&args.namespace, &args.name),
+            identity: Identity::new(&a.trust_domain, &args.namespace, sa),
             config_source: a.config_source,
             config_dir: a.config_dir.clone(),
             ca_dir: a.ca_dir.clone(),
             trust_domain: a.trust_domain.clone(),
             cert_ttl: a.cert_ttl,
-            hbone_addr: a.hbone_addr,
+            hbone_addr: args.hbone_addr,
             metrics_addr: a.metrics_addr,
             readiness_addr: a.readiness_addr,
             admin_addr: a.admin_addr,
@@ -204,21 +154,19 @@ impl From<&Args> for Config {
             drain_timeout: a.drain_timeout,
             tls_handshake_timeout: a.tls_handshake_timeout,
             connect_timeout: a.connect_timeout,
-            detect_timeout: a.detect_timeout,
-            upstream_idle_timeout: a.upstream_idle_timeout,
+            detect_timeout: args.detect_timeout,
+            upstream_idle_timeout: args.upstream_idle_timeout,
             max_idle_per_endpoint: DEFAULT_MAX_IDLE_PER_ENDPOINT,
             jwks: JwksSettings {
-                refresh: a.jwks_refresh,
-                retry: a.jwks_retry,
-                max_stale: a.jwks_max_stale,
-                fetch_timeout: a.jwks_fetch_timeout,
+                refresh: args.jwks_refresh,
+                retry: args.jwks_retry,
+                max_stale: args.jwks_max_stale,
+                fetch_timeout: args.jwks_fetch_timeout,
             },
-            jwks_ca_file: a.jwks_ca_file.clone(),
+            jwks_ca_file: args.jwks_ca_file.clone(),
         }
     }
 }
-
-pub use mesh_model::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {
@@ -262,5 +210,36 @@ mod tests {
             .expect("kube needs no directory");
         assert_eq!(Config::from(&kube).config_source, ConfigSource::Kube);
         assert_eq!(Config::from(&kube).config_dir, None);
+    }
+
+    #[test]
+    fn every_setting_keeps_its_env_var() {
+        let expected = [
+            "WAYPOINT_ADMIN_ADDR",
+            "WAYPOINT_CA_DIR",
+            "WAYPOINT_CERT_TTL",
+            "WAYPOINT_CONFIG_DIR",
+            "WAYPOINT_CONFIG_POLL",
+            "WAYPOINT_CONFIG_SOURCE",
+            "WAYPOINT_CONNECT_TIMEOUT",
+            "WAYPOINT_DETECT_TIMEOUT",
+            "WAYPOINT_DRAIN_TIMEOUT",
+            "WAYPOINT_HBONE_ADDR",
+            "WAYPOINT_JWKS_CA_FILE",
+            "WAYPOINT_JWKS_FETCH_TIMEOUT",
+            "WAYPOINT_JWKS_MAX_STALE",
+            "WAYPOINT_JWKS_REFRESH",
+            "WAYPOINT_JWKS_RETRY",
+            "WAYPOINT_LOG_FORMAT",
+            "WAYPOINT_METRICS_ADDR",
+            "WAYPOINT_NAME",
+            "WAYPOINT_NAMESPACE",
+            "WAYPOINT_READINESS_ADDR",
+            "WAYPOINT_SERVICE_ACCOUNT",
+            "WAYPOINT_TLS_HANDSHAKE_TIMEOUT",
+            "WAYPOINT_TRUST_DOMAIN",
+            "WAYPOINT_UPSTREAM_IDLE_TIMEOUT",
+        ];
+        assert_eq!(mesh_shell::config::env_names::<Args>(ENV_PREFIX), expected);
     }
 }

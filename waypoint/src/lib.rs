@@ -11,8 +11,9 @@
 //! Data path, in order: [`inbound`] (HBONE listener, CONNECT, protocol choice) →
 //! [`http`] (drives the request phases of [`engine`]) → [`upstream`] (endpoints, HBONE client, connection pool).
 //! Pure parts: [`destination`] (what a CONNECT is for), [`protocol`] (declared / detected).
-//! [`jwks`] remote JWT keys for RequestAuthentication. [`telemetry`] metrics and access log, [`stats`] `/metrics` and readiness, [`app`] wiring,
-//! [`config`] every setting.
+//! [`jwks`] remote JWT keys for RequestAuthentication. [`telemetry`] metrics and access log, [`stats`] what the waypoint plugs into `mesh_shell`'s
+//! endpoints (`/metrics`, readiness, `/config_dump`), [`app`] wiring (`start` returns a handle,
+//! so tests run the whole waypoint in-process), [`config`] every setting.
 #![forbid(unsafe_code)]
 
 pub mod app;

@@ -2,7 +2,6 @@
 //! downstream tunnel.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -10,7 +9,6 @@ use mesh_model::identity::Identity;
 use mesh_model::model::Model;
 use mesh_pki::certs::CertManager;
 use mesh_telemetry::Metrics;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -72,47 +70,6 @@ pub fn upstream_proto(declared: Declared, downstream_h2: bool) -> UpstreamProto 
     }
 }
 
-/// Counts open downstream connections and tells when none is left.
-#[derive(Debug, Default)]
-pub struct Active {
-    count: AtomicUsize,
-    idle: Notify,
-}
-
-/// One open connection; dropping it decrements the count.
-#[derive(Debug)]
-pub struct ActiveGuard(Arc<Active>);
-
-impl Active {
-    pub fn enter(self: &Arc<Self>) -> ActiveGuard {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        ActiveGuard(self.clone())
-    }
-
-    pub fn len(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Resolves once no connection is open.
-    pub async fn idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.is_empty() {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
+/// Counts open downstream connections and tells when none is left (shared with every
+/// binary: `mesh_shell::conns`).
+pub use mesh_shell::conns::{Active, ActiveGuard};

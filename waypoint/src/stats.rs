@@ -1,34 +1,22 @@
-//! The waypoint's own HTTP endpoints: `/metrics` on :15020 and `/healthz/ready` on :15021
-//! (both paths are served on both ports), and on the admin address (loopback :15000 by
-//! default: it shows the whole mesh) also `/config_dump`, the model the waypoint applies as
-//! JSON, as Envoy's admin `config_dump` is.
+//! What the waypoint plugs into `mesh_shell`'s endpoints: `/metrics` and `/healthz/ready`
+//! on :15020 and :15021 (both paths on both ports), and on the admin address (loopback
+//! :15000 by default: it shows the whole mesh) also `/config_dump` (the model the waypoint
+//! applies as JSON, as Envoy's admin `config_dump` is), `/logging` and `/quitquitquit`.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use mesh_model::model::Model;
+use mesh_shell::admin::{AdminApp, Endpoints, Role};
 use mesh_telemetry::Metrics;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StatsError {
-    #[error("bind {what} on {addr}: {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
+/// Which shared endpoints each of the waypoint's listeners answers.
+pub const LISTENERS: [(Role, Endpoints); 3] = [
+    (Role::Admin, Endpoints::ALL),
+    (Role::Metrics, Endpoints::PUBLIC),
+    (Role::Readiness, Endpoints::PUBLIC),
+];
 
 /// What the endpoints read.
 pub struct StatsState {
@@ -39,122 +27,20 @@ pub struct StatsState {
     pub model: Arc<ArcSwap<Model>>,
 }
 
-/// Which endpoints a server answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoints {
-    /// `/metrics` and `/healthz/ready`.
-    Public,
-    /// Also `/config_dump`.
-    Admin,
-}
-
-/// A bound endpoint server: binding happens in `new`, so a taken port fails startup.
-pub struct StatsServer {
-    listener: TcpListener,
-    endpoints: Endpoints,
-}
-
-impl StatsServer {
-    pub async fn new(
-        addr: SocketAddr,
-        what: &'static str,
-        endpoints: Endpoints,
-    ) -> Result<Self, StatsError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StatsError::Bind { what, addr, source })?;
-        Ok(StatsServer {
-            listener,
-            endpoints,
-        })
+impl AdminApp for StatsState {
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
-    pub async fn run(self, state: Arc<StatsState>, stop: CancellationToken) {
-        loop {
-            let (tcp, _) = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = self.listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "stats accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let state = state.clone();
-            let endpoints = self.endpoints;
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, &req, endpoints)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
     }
-}
 
-fn reply(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    r
-}
-
-fn route(st: &StatsState, req: &Request<Incoming>, endpoints: Endpoints) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/config_dump") if endpoints == Endpoints::Admin => {
-            let model = st.model.load_full();
-            let dump = serde_json::json!({
-                "ready": st.ready.load(Ordering::SeqCst),
-                "model": model.dump(),
-            });
-            match serde_json::to_vec_pretty(&dump) {
-                Ok(json) => reply(StatusCode::OK, "application/json", json),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("serialize the model: {e}\n"),
-                ),
-            }
-        }
-        (&Method::GET, "/healthz/ready") => {
-            if st.ready.load(Ordering::SeqCst) {
-                reply(StatusCode::OK, "text/plain", "ready\n")
-            } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
-            }
-        }
-        (&Method::GET, "/metrics") => {
-            let wants_openmetrics = req
-                .headers()
-                .get(http::header::ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.contains("application/openmetrics-text"));
-            if wants_openmetrics {
-                reply(
-                    StatusCode::OK,
-                    mesh_telemetry::CONTENT_TYPE,
-                    st.metrics.encode(),
-                )
-            } else {
-                reply(
-                    StatusCode::OK,
-                    mesh_telemetry::TEXT_CONTENT_TYPE,
-                    st.metrics.encode_text(),
-                )
-            }
-        }
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    fn config_dump(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let model = self.model.load_full();
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "ready": self.ready(),
+            "model": model.dump(),
+        }))
     }
 }

@@ -38,68 +38,8 @@ const DURATION_BUCKETS_MS: [f64; 19] = [
 /// Istio's buckets for request and response sizes (bytes).
 const SIZE_BUCKETS: [f64; 8] = [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1e6, 1e7];
 
-/// Why a request did not get an upstream answer: one flag per cause, in logs and in
-/// `response_flags` (Envoy's names where Envoy has one).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResponseFlag {
-    /// AuthorizationPolicy denied the request (403).
-    Deny,
-    /// No ready endpoint (503).
-    NoHealthyUpstream,
-    /// Every endpoint tried failed to connect (503).
-    UpstreamFailure,
-    /// The upstream reset or closed before answering (503).
-    UpstreamReset,
-    /// The request could not be forwarded as it is (400).
-    BadRequest,
-    /// The downstream went away before the response finished.
-    DownstreamClosed,
-    /// HTTPRoutes apply to the destination but none of their rules matches (404).
-    NoRoute,
-    /// The chosen rule has no usable backend: none, all of weight 0, or one the model does
-    /// not have or may not be used (cross-namespace without a ReferenceGrant) (500).
-    NoCluster,
-    /// `timeouts.request` or `timeouts.backendRequest` expired before the response (504).
-    UpstreamTimeout,
-    /// RequestAuthentication refused the request's JWT (401).
-    JwtDenied,
-    /// A DestinationRule connection-pool limit was reached: `http2MaxRequests` in flight,
-    /// or `http1MaxPendingRequests` already waiting for a connection (503).
-    UpstreamOverflow,
-    /// Retries ran out on a retriable upstream response (which is passed on).
-    RetryLimitExceeded,
-    /// A VirtualService fault delayed the request.
-    DelayInjected,
-    /// A VirtualService fault aborted the request.
-    FaultInjected,
-}
-
-impl ResponseFlag {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResponseFlag::Deny => "DENY",
-            ResponseFlag::NoHealthyUpstream => "UH",
-            ResponseFlag::UpstreamFailure => "UF",
-            ResponseFlag::UpstreamReset => "UC",
-            ResponseFlag::BadRequest => "BADREQ",
-            ResponseFlag::DownstreamClosed => "DC",
-            ResponseFlag::NoRoute => "NR",
-            ResponseFlag::NoCluster => "NC",
-            ResponseFlag::UpstreamTimeout => "UT",
-            ResponseFlag::JwtDenied => "JWT",
-            ResponseFlag::UpstreamOverflow => "UO",
-            ResponseFlag::RetryLimitExceeded => "URX",
-            ResponseFlag::DelayInjected => "DI",
-            ResponseFlag::FaultInjected => "FI",
-        }
-    }
-}
-
-impl fmt::Display for ResponseFlag {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Shared with the node agent: one enum of causes for logs and `response_flags`.
+pub use mesh_telemetry::ResponseFlag;
 
 /// `reason` of `waypoint_jwt_rejected_total` (`mesh_model::jwt::JwtError::reason`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -1,6 +1,5 @@
 //! Wiring only: builds the components from the config and runs them until a signal.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,15 +10,18 @@ use mesh_hbone::{Pool, PoolConfig};
 use mesh_model::model::Model;
 use mesh_pki::ca::Ca;
 use mesh_pki::certs::CertManager;
+use mesh_shell::admin::Control;
+use mesh_shell::logging::LogHandle;
+use mesh_shell::process::{spawn, AppHandle};
+use mesh_shell::source::{Installed, Source};
 use mesh_telemetry::Metrics;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::info_span;
 
-use crate::admin::{AdminState, Server};
+use crate::admin::{AdminState, LISTENERS};
 use crate::config::{Config, ConfigSource};
 use crate::conns::ConnTracker;
-use crate::logging::LogHandle;
 use crate::netns::Netns;
 use crate::netns_source::PodNetnsSource;
 use crate::podns::PodNetnsFinder;
@@ -29,7 +31,17 @@ use crate::workloads::Manager;
 /// How often pods that failed to enroll (e.g. netns not there yet) are retried.
 const ENROLL_RETRY: Duration = Duration::from_secs(1);
 
-pub async fn run(mut cfg: Config, log: LogHandle) -> anyhow::Result<()> {
+/// The agent's endpoint listeners as bound (admin, metrics, readiness).
+pub type Addrs = mesh_shell::admin::Addrs;
+
+/// Runs the agent until SIGTERM, SIGINT or `/quitquitquit`, then drains.
+pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
+    mesh_shell::process::run_until_signalled(log, |ctl| start(cfg, ctl)).await
+}
+
+/// Starts the agent: everything is bound and running when this returns; the handle's
+/// shutdown (or `ctl.shutdown`) drains it.
+pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>> {
     cfg.redirect = crate::redirect::resolve(cfg.redirect, &cfg.bpf_fs)
         .context("set up the requested redirection backend")?;
     tracing::info!(backend = ?cfg.redirect, "redirection backend");
@@ -41,50 +53,23 @@ pub async fn run(mut cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     );
     let certs = CertManager::new(ca, cfg.cert_ttl);
     let metrics = Metrics::new();
-    // `config_loaded`: the source has a good model. `serving` (what readiness reads): the
-    // workload manager has reconciled such a model, so readiness never reports pods that are
-    // not enrolled yet.
-    let config_loaded = Arc::new(AtomicBool::new(false));
-    let serving = Arc::new(AtomicBool::new(false));
     // The source is set up before anything listens, so a missing directory or API server
     // configuration fails startup instead of leaving an agent that is never ready.
-    let source = match cfg.config_source {
-        ConfigSource::Dir => {
-            let dir = cfg
-                .config_dir
-                .clone()
-                .context("--config-source dir needs --config-dir")?;
-            Source::Dir(dir)
-        }
-        ConfigSource::Kube => Source::Kube(
-            mesh_kube::client()
-                .await
-                .context("set up the kubernetes api client")?,
-        ),
-    };
-    let (initial, loaded) = match &source {
-        Source::Dir(dir) => match mesh_model::k8s::load_dir(dir) {
-            Ok(m) => {
-                metrics.config_loaded();
-                (m, true)
-            }
-            Err(e) => {
-                metrics.config_rejected("local");
-                tracing::error!(error = %e, dir = %dir.display(), "config rejected; not ready until a valid config arrives");
-                (Model::default(), false)
-            }
-        },
-        // Not ready until the first complete list of every watched kind.
-        Source::Kube(_) => (Model::default(), false),
-    };
-    config_loaded.store(loaded, Ordering::SeqCst);
+    let source = Source::open(cfg.config_source, cfg.config_dir.as_deref())
+        .await
+        .context("set up the config source")?;
+    // `installed.loaded`: the source has a good model. `serving` (what readiness reads):
+    // the workload manager has reconciled such a model, so readiness never reports pods that
+    // are not enrolled yet.
+    let (installed, changed) = Installed::new(source.initial(&metrics), metrics.clone(), |_| {});
+    let serving = Arc::new(AtomicBool::new(false));
     let pod_netns = match cfg.config_source {
         ConfigSource::Dir => PodNetnsSource::Named(cfg.clone()),
         ConfigSource::Kube => PodNetnsSource::ByIp(Arc::new(
             PodNetnsFinder::new(home.clone()).context("set up the pod netns finder")?,
         )),
     };
-    let model = Arc::new(ArcSwap::from_pointee(initial));
+    let model = installed.model.clone();
     let pool = Pool::new(PoolConfig {
         connect_timeout: cfg.connect_timeout,
         ..PoolConfig::default()
@@ -112,192 +97,57 @@ pub async fn run(mut cfg: Config, log: LogHandle) -> anyhow::Result<()> {
         config_loaded: serving.clone(),
         pods: pod_status.clone(),
         rejections,
-        log,
     });
-    let admin = Server::admin(cfg.admin_addr).await?;
-    let metrics_srv = Server::metrics(cfg.metrics_addr).await?;
-    let readiness = Server::readiness(cfg.readiness_addr).await?;
-    for srv in [admin, metrics_srv, readiness] {
-        tokio::spawn(srv.run(state.clone(), stop.clone()));
-    }
-    tokio::spawn(
-        certs
-            .clone()
-            .run_rotation(stop.clone())
-            .instrument(tracing::info_span!("cert_rotation")),
+    let endpoints = mesh_shell::admin::Addrs {
+        admin: cfg.admin_addr,
+        metrics: cfg.metrics_addr,
+        readiness: cfg.readiness_addr,
+    };
+    let endpoints =
+        mesh_shell::admin::start(endpoints, LISTENERS, state, ctl.clone(), stop.clone()).await?;
+    spawn(
+        info_span!("cert_rotation"),
+        certs.clone().run_rotation(stop.clone()),
     );
 
-    let (tx, rx) = watch::channel(());
-    match source {
-        Source::Dir(dir) => {
-            tokio::spawn(
-                watch_config(
-                    dir,
-                    cfg.config_poll,
-                    model.clone(),
-                    metrics.clone(),
-                    config_loaded.clone(),
-                    tx,
-                    stop.clone(),
-                )
-                .instrument(tracing::info_span!("config")),
-            );
-        }
-        Source::Kube(client) => {
-            let (models_tx, models) = watch::channel(Arc::new(Model::default()));
-            let opts = mesh_kube::Options {
-                metrics: Some(metrics.clone()),
-                rejections: Some(rejections_tx),
-                ..mesh_kube::Options::default()
-            };
-            tokio::spawn(
-                mesh_kube::watch(client, models_tx, opts, stop.clone())
-                    .instrument(tracing::info_span!("kube")),
-            );
-            tokio::spawn(
-                follow_models(
-                    models,
-                    model.clone(),
-                    config_loaded.clone(),
-                    tx,
-                    stop.clone(),
-                )
-                .instrument(tracing::info_span!("config")),
-            );
-        }
-    }
+    source.run(
+        cfg.config_poll,
+        installed.clone(),
+        mesh_kube::Options {
+            rejections: Some(rejections_tx),
+            ..mesh_kube::Options::default()
+        },
+        stop.clone(),
+    );
     let manager = Manager::new(pi.clone(), ready, pod_status);
-    let manager_task = tokio::spawn(
+    let manager_task = spawn(
+        info_span!("workloads"),
         manage_workloads(
             manager,
             model,
             Loaded {
-                source: config_loaded,
+                source: installed.loaded.clone(),
                 serving,
             },
             conns.clone(),
-            rx,
+            changed,
             stop.clone(),
-        )
-        .instrument(tracing::info_span!("workloads")),
+        ),
     );
     tracing::info!(node = %cfg.node_name, source = ?cfg.config_source, config_dir = ?cfg.config_dir, "ztunnel started");
 
-    shutdown_signal().await;
-    tracing::info!(
-        open = conns.len(),
-        "shutting down: listeners closed, draining connections"
-    );
-    stop.cancel();
-    let _ = manager_task.await;
-    if tokio::time::timeout(cfg.drain_timeout, conns.drained())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
+    let shutdown = ctl.shutdown.clone();
+    let done = tokio::spawn(async move {
+        shutdown.triggered().await;
+        tracing::info!(
             open = conns.len(),
-            "drain deadline reached; closing remaining connections"
+            "shutting down: listeners closed, draining connections"
         );
-    }
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the agent can only be killed; keep serving.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-}
-
-/// Where the model comes from, set up and ready to run.
-enum Source {
-    Dir(PathBuf),
-    Kube(::kube::Client),
-}
-
-/// Polls the config directory; a valid change replaces the model, an invalid one is rejected
-/// with its error logged and counted, and the last good model stays.
-async fn watch_config(
-    dir: PathBuf,
-    poll: Duration,
-    model: Arc<ArcSwap<Model>>,
-    metrics: Arc<Metrics>,
-    loaded: Arc<AtomicBool>,
-    tx: watch::Sender<()>,
-    stop: CancellationToken,
-) {
-    let mut last = mesh_model::k8s::dir_fingerprint(&dir).ok();
-    let mut tick = tokio::time::interval(poll);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let fp = match mesh_model::k8s::dir_fingerprint(&dir) {
-            Ok(fp) => Some(fp),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading config dir failed; keeping the last good config");
-                continue;
-            }
-        };
-        if fp == last && loaded.load(Ordering::SeqCst) {
-            continue;
-        }
-        last = fp;
-        match mesh_model::k8s::load_dir(&dir) {
-            Ok(m) => {
-                model.store(Arc::new(m));
-                loaded.store(true, Ordering::SeqCst);
-                metrics.config_loaded();
-                tracing::info!("config reloaded");
-                let _ = tx.send(());
-            }
-            Err(e) => {
-                metrics.config_rejected("local");
-                tracing::error!(error = %e, "config rejected; keeping the last good config");
-            }
-        }
-    }
-}
-
-/// Installs every model the API server watch publishes (`mesh_kube::watch` publishes only
-/// complete, accepted models, the first one after every kind was listed), then tells the
-/// workload manager, exactly as a directory reload does.
-async fn follow_models(
-    mut models: watch::Receiver<Arc<Model>>,
-    model: Arc<ArcSwap<Model>>,
-    loaded: Arc<AtomicBool>,
-    tx: watch::Sender<()>,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            changed = models.changed() => {
-                if changed.is_err() {
-                    // The watch only ends on shutdown; the last model stays in force.
-                    return;
-                }
-            }
-        }
-        let next = models.borrow_and_update().clone();
-        model.store(next);
-        if !loaded.swap(true, Ordering::SeqCst) {
-            tracing::info!("first model from the api server installed");
-        } else {
-            tracing::debug!("model from the api server installed");
-        }
-        let _ = tx.send(());
-    }
+        stop.cancel();
+        let _ = manager_task.await;
+        mesh_shell::process::drain(cfg.drain_timeout, conns.drained(), || conns.len()).await;
+    });
+    Ok(AppHandle::new(endpoints, ctl.shutdown, done))
 }
 
 /// Whether a good model is in: at the source, and reconciled by the workload manager.

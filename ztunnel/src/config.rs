@@ -7,18 +7,17 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-/// Where the model comes from unless told otherwise: a directory of YAML (local mode).
-pub const DEFAULT_CONFIG_SOURCE: &str = "dir";
-pub const DEFAULT_CERT_TTL: &str = "24h";
-pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
-pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+/// The shared flags, defaults and types (`mesh_shell::config`), as the agent's own.
+pub use mesh_shell::config::{
+    parse_duration, ConfigSource, LogFormat, ProcessArgs, DEFAULT_ADMIN_ADDR, DEFAULT_CERT_TTL,
+    DEFAULT_CONFIG_POLL, DEFAULT_CONFIG_SOURCE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_METRICS_ADDR, DEFAULT_READINESS_ADDR, DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+    DEFAULT_TRUST_DOMAIN,
+};
+
+/// Every flag without an explicit env var is read from `ZTUNNEL_<FLAG>` too.
+pub const ENV_PREFIX: &str = "ZTUNNEL";
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
-pub const DEFAULT_CONFIG_POLL: &str = "500ms";
-pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
-pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
-pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 /// Where the eBPF backend pins each pod's capture (under `ztunnel/`), so it survives restarts.
 pub const DEFAULT_BPF_FS: &str = "/sys/fs/bpf";
 
@@ -55,25 +54,6 @@ pub enum Redirect {
     None,
 }
 
-/// Where the mesh model comes from (both feed the one translator, `mesh_model::k8s`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConfigSource {
-    /// A directory of Kubernetes YAML (`--config-dir`), polled for changes; pods' network
-    /// namespaces are named files under `--netns-dir` (local mode, tests).
-    Dir,
-    /// The Kubernetes API server, listed and watched (in-cluster service account, else
-    /// `$KUBECONFIG`); pods' network namespaces are found by pod IP among the node's
-    /// processes (see `podns.rs`; the DaemonSet runs with `hostPID`).
-    Kube,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 /// Command line and environment (`ZTUNNEL_*`).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "ztunnel", version, about = "Ambient mesh node agent")]
@@ -81,64 +61,36 @@ pub struct Args {
     /// Name of this node: the agent serves pods whose `spec.nodeName` equals it.
     #[arg(long, env = "ZTUNNEL_NODE_NAME")]
     pub node_name: String,
-    /// Where the model comes from: `dir` (`--config-dir`) or `kube` (the API server).
-    #[arg(long, env = "ZTUNNEL_CONFIG_SOURCE", value_enum, default_value = DEFAULT_CONFIG_SOURCE)]
-    pub config_source: ConfigSource,
-    /// Directory of Kubernetes YAML (Namespaces, Pods, Services, policies); watched. Required
-    /// with `--config-source dir`.
-    #[arg(long, env = "ZTUNNEL_CONFIG_DIR")]
-    pub config_dir: Option<PathBuf>,
-    /// CA directory: a plug-in CA in Istio's `cacerts` layout, or where the generated root lives.
-    #[arg(long, env = "ZTUNNEL_CA_DIR")]
-    pub ca_dir: PathBuf,
     /// Pod `<ns>/<name>` lives in the network namespace `<netns-dir>/<prefix><ns>.<name>`
     /// (`--config-source dir` only).
     #[arg(long, env = "ZTUNNEL_NETNS_PREFIX", default_value = "")]
     pub netns_prefix: String,
     #[arg(long, env = "ZTUNNEL_NETNS_DIR", default_value = DEFAULT_NETNS_DIR)]
     pub netns_dir: PathBuf,
-    #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
-    /// Workload certificate lifetime (renewed at half-life), e.g. 30s, 5m, 24h.
-    #[arg(long, env = "ZTUNNEL_CERT_TTL", default_value = DEFAULT_CERT_TTL, value_parser = parse_duration)]
-    pub cert_ttl: Duration,
     /// How pod traffic is captured: `auto` (eBPF if the kernel allows, else nftables).
     #[arg(long, env = "ZTUNNEL_REDIRECT", value_enum, default_value = "auto")]
     pub redirect: Redirect,
     /// A bpffs mount (mounted there if missing) for the eBPF backend's pins.
     #[arg(long, env = "ZTUNNEL_BPF_FS", default_value = DEFAULT_BPF_FS)]
     pub bpf_fs: PathBuf,
-    #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
-    pub admin_addr: SocketAddr,
-    #[arg(long, env = "ZTUNNEL_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
-    #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
-    pub readiness_addr: SocketAddr,
-    /// How often the config directory is checked for changes.
-    #[arg(long, env = "ZTUNNEL_CONFIG_POLL", default_value = DEFAULT_CONFIG_POLL, value_parser = parse_duration)]
-    pub config_poll: Duration,
-    /// On SIGTERM, how long established connections may take to finish.
-    #[arg(long, env = "ZTUNNEL_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
-    pub drain_timeout: Duration,
-    #[arg(long, env = "ZTUNNEL_TLS_HANDSHAKE_TIMEOUT", default_value = DEFAULT_TLS_HANDSHAKE_TIMEOUT, value_parser = parse_duration)]
-    pub tls_handshake_timeout: Duration,
-    #[arg(long, env = "ZTUNNEL_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration)]
-    pub connect_timeout: Duration,
-    #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    // The flags every mesh binary has (`ZTUNNEL_<FLAG>`): config source, CA, addresses,
+    // timeouts, log format. Pods' network namespaces are named files under `--netns-dir`
+    // with `--config-source dir`, and found by pod IP among the node's processes with
+    // `kube` (see `podns.rs`; the DaemonSet runs with `hostPID`).
+    #[command(flatten)]
+    pub process: ProcessArgs,
 }
 
 impl Args {
     /// Rules across flags that clap's attributes cannot state (`required_if_eq` ignores a
     /// defaulted `--config-source`).
     pub fn check(&self) -> Result<(), clap::Error> {
-        if self.config_source == ConfigSource::Dir && self.config_dir.is_none() {
-            return Err(<Args as clap::CommandFactory>::command().error(
-                clap::error::ErrorKind::MissingRequiredArgument,
-                "--config-source dir (the default) needs --config-dir <DIR> (or ZTUNNEL_CONFIG_DIR)",
-            ));
-        }
-        Ok(())
+        self.process.check::<Args>(ENV_PREFIX)
+    }
+
+    /// The process's arguments and environment (exits with usage on error).
+    pub fn from_env() -> Self {
+        mesh_shell::config::parse(ENV_PREFIX)
     }
 }
 
@@ -181,18 +133,19 @@ mod secs {
 }
 
 impl From<&Args> for Config {
-    fn from(a: &Args) -> Self {
+    fn from(args: &Args) -> Self {
+        let a = &args.process;
         Config {
-            node_name: a.node_name.clone(),
+            node_name: args.node_name.clone(),
             config_source: a.config_source,
             config_dir: a.config_dir.clone(),
             ca_dir: a.ca_dir.clone(),
-            netns_dir: a.netns_dir.clone(),
-            netns_prefix: a.netns_prefix.clone(),
+            netns_dir: args.netns_dir.clone(),
+            netns_prefix: args.netns_prefix.clone(),
             trust_domain: a.trust_domain.clone(),
             cert_ttl: a.cert_ttl,
-            redirect: a.redirect,
-            bpf_fs: a.bpf_fs.clone(),
+            redirect: args.redirect,
+            bpf_fs: args.bpf_fs.clone(),
             admin_addr: a.admin_addr,
             metrics_addr: a.metrics_addr,
             readiness_addr: a.readiness_addr,
@@ -212,8 +165,6 @@ impl Config {
     }
 }
 
-pub use mesh_model::duration::parse_duration;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,14 +179,39 @@ mod tests {
     #[test]
     fn the_config_source_decides_whether_a_directory_is_needed() {
         let dir = parse(&["--config-dir", "/cfg"]).expect("dir mode with a directory");
-        assert_eq!(dir.config_source, ConfigSource::Dir);
+        assert_eq!(dir.process.config_source, ConfigSource::Dir);
         assert!(
             parse(&[]).is_err(),
             "the default source (dir) needs --config-dir"
         );
         let kube = parse(&["--config-source", "kube"]).expect("kube mode needs no directory");
-        assert_eq!(kube.config_source, ConfigSource::Kube);
-        assert_eq!(kube.config_dir, None);
+        assert_eq!(kube.process.config_source, ConfigSource::Kube);
+        assert_eq!(kube.process.config_dir, None);
         assert!(parse(&["--config-source", "etcd"]).is_err());
+    }
+
+    #[test]
+    fn every_setting_keeps_its_env_var() {
+        let expected = [
+            "ZTUNNEL_ADMIN_ADDR",
+            "ZTUNNEL_BPF_FS",
+            "ZTUNNEL_CA_DIR",
+            "ZTUNNEL_CERT_TTL",
+            "ZTUNNEL_CONFIG_DIR",
+            "ZTUNNEL_CONFIG_POLL",
+            "ZTUNNEL_CONFIG_SOURCE",
+            "ZTUNNEL_CONNECT_TIMEOUT",
+            "ZTUNNEL_DRAIN_TIMEOUT",
+            "ZTUNNEL_LOG_FORMAT",
+            "ZTUNNEL_METRICS_ADDR",
+            "ZTUNNEL_NETNS_DIR",
+            "ZTUNNEL_NETNS_PREFIX",
+            "ZTUNNEL_NODE_NAME",
+            "ZTUNNEL_READINESS_ADDR",
+            "ZTUNNEL_REDIRECT",
+            "ZTUNNEL_TLS_HANDSHAKE_TIMEOUT",
+            "ZTUNNEL_TRUST_DOMAIN",
+        ];
+        assert_eq!(mesh_shell::config::env_names::<Args>(ENV_PREFIX), expected);
     }
 }

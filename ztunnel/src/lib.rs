@@ -3,8 +3,8 @@
 //! Data path modules are ordered like the traffic: [`redirect`] (capture rules in the pod's
 //! namespace) → [`proxy`] (listeners and the HBONE client/server) → [`conns`] (open connections,
 //! re-checked on policy change). Control: [`app`] wires [`config`], the model watcher,
-//! [`workloads`] (which pods we serve) and [`admin`] (metrics, readiness, config dump), which
-//! serves the node [`dashboard`].
+//! [`workloads`] (which pods we serve) and [`admin`] (what the agent plugs into
+//! `mesh_shell`'s endpoints: its config dump, readiness and the node [`dashboard`]).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -12,7 +12,6 @@ pub mod app;
 pub mod config;
 pub mod conns;
 pub mod dashboard;
-pub mod logging;
 pub mod netns;
 pub mod netns_source;
 pub mod podns;

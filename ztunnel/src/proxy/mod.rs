@@ -55,57 +55,8 @@ use crate::netns::Netns;
 use crate::netns_source::PodNetnsSource;
 use crate::redirect::ebpf::Flow;
 
-/// Why a connection was refused or failed: one flag per cause, used by logs and metrics
-/// (`response_flags`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResponseFlag {
-    /// Denied by AuthorizationPolicy.
-    Deny,
-    /// Plaintext to a workload whose PeerAuthentication is STRICT.
-    PeerAuthn,
-    /// TLS handshake failed (no/invalid client certificate, wrong identity, not TLS 1.3...).
-    Tls,
-    /// Malformed tunnel request: not CONNECT, `:authority` not `ip:port`.
-    BadRequest,
-    /// CONNECT to an address this workload does not serve.
-    NotServed,
-    /// A connection straight to one of the agent's own ports (would loop).
-    Loop,
-    /// The upstream could not be reached.
-    UpstreamFailure,
-    /// A service without ready endpoints.
-    NoHealthyUpstream,
-    /// The HBONE peer refused the tunnel (401).
-    UpstreamDenied,
-    /// Closed because a policy change revoked it.
-    Revoked,
-    /// The original destination could not be recovered.
-    NoOriginalDst,
-}
-
-impl ResponseFlag {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResponseFlag::Deny => "DENY",
-            ResponseFlag::PeerAuthn => "PEERAUTHN",
-            ResponseFlag::Tls => "TLS",
-            ResponseFlag::BadRequest => "BADREQ",
-            ResponseFlag::NotServed => "NR",
-            ResponseFlag::Loop => "LOOP",
-            ResponseFlag::UpstreamFailure => "UF",
-            ResponseFlag::NoHealthyUpstream => "UH",
-            ResponseFlag::UpstreamDenied => "UAEX",
-            ResponseFlag::Revoked => "REVOKED",
-            ResponseFlag::NoOriginalDst => "NOORIGDST",
-        }
-    }
-}
-
-impl fmt::Display for ResponseFlag {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Shared with the waypoint: one enum of causes for logs and `response_flags`.
+pub use mesh_telemetry::ResponseFlag;
 
 /// Everything the proxies share; one per agent.
 pub struct ProxyInputs {
@@ -509,7 +460,8 @@ impl<'a> AccessLog<'a> {
 // === shared by the three listeners ===
 
 /// Accepts until `stop`; each connection runs in its own task inside a span naming the
-/// listener, pod and peer. Accept errors (EMFILE...) shed that connection and keep serving.
+/// listener, pod and peer. Accept errors back off while the process is out of descriptors
+/// (EMFILE...) and serving resumes when some are freed (`mesh_shell::accept`).
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     stop: CancellationToken,
@@ -520,18 +472,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, listener = kind, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
         let _ = tcp.set_nodelay(true);
         let span = tracing::info_span!("conn", listener = kind, pod = %pod.key, peer = %peer);
         let active = pod.active.enter();
@@ -543,7 +484,8 @@ pub(crate) async fn accept_loop<F, Fut>(
             }
             .instrument(span),
         );
-    }
+    };
+    mesh_shell::accept::serve(kind, || listener.accept(), accepted, stop).await
 }
 
 /// Logs and counts a refused connection (one flag per cause).

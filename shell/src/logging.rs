@@ -1,5 +1,5 @@
-//! Logging: tracing to stderr (text or JSON lines), with the filter replaceable at runtime
-//! through the admin endpoint.
+//! Logging: tracing to stderr (text or JSON lines), filtered by `RUST_LOG` (default `info`),
+//! with the filter replaceable at runtime through the admin endpoint `/logging`.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,6 +8,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config::LogFormat;
+
+/// The filter when `RUST_LOG` is unset or invalid.
+pub const DEFAULT_FILTER: &str = "info";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -43,10 +46,11 @@ impl LogHandle {
     }
 }
 
-/// Installs the global subscriber (startup only).
+/// Installs the global subscriber (startup only: a second call in one process panics, as
+/// `tracing_subscriber`'s `init` does).
 pub fn init(format: LogFormat) -> LogHandle {
-    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
-    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| DEFAULT_FILTER.to_string());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     // Colour only for a person at a terminal; log files and collectors get plain text.

@@ -1,0 +1,229 @@
+//! The flags every mesh binary has, read once at startup into typed values. Each default is
+//! a named constant so ARCHITECTURE.md and `--help` agree.
+//!
+//! A binary flattens [`ProcessArgs`] into its own `clap::Parser` and parses with
+//! [`parse`], which names each shared flag's env var after the binary
+//! (`--ca-dir` is `ZTUNNEL_CA_DIR` for the node agent, `WAYPOINT_CA_DIR` for the waypoint).
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches, ValueEnum};
+
+pub use mesh_model::duration::parse_duration;
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Where the model comes from unless told otherwise: a directory of YAML (local mode).
+pub const DEFAULT_CONFIG_SOURCE: &str = "dir";
+pub const DEFAULT_CERT_TTL: &str = "24h";
+/// `/config_dump` and `/logging` show and change the whole process: loopback only by default
+/// (as Envoy's admin).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+pub const DEFAULT_CONFIG_POLL: &str = "500ms";
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+pub const DEFAULT_LOG_FORMAT: &str = "text";
+
+/// Where the mesh model comes from (both feed the one translator, `mesh_model::k8s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigSource {
+    /// A directory of Kubernetes YAML (`--config-dir`), polled for changes (local mode, tests).
+    Dir,
+    /// The Kubernetes API server, listed and watched (`mesh_kube`: in-cluster service
+    /// account, else `$KUBECONFIG`); RBAC must allow list/watch of the kinds the binary reads.
+    Kube,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The flags every binary has. No `env` here: [`parse`] names them after the binary.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProcessArgs {
+    /// Where the model comes from: `dir` (`--config-dir`) or `kube` (the API server).
+    #[arg(long, value_enum, default_value = DEFAULT_CONFIG_SOURCE)]
+    pub config_source: ConfigSource,
+    /// Directory of Kubernetes YAML (the same one every node agent and waypoint reads);
+    /// watched. Needed with `--config-source dir`.
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
+    /// CA directory: a plug-in CA in Istio's `cacerts` layout, or where the generated root lives.
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Certificate lifetime (renewed at half-life), e.g. 30s, 5m, 24h.
+    #[arg(long, default_value = DEFAULT_CERT_TTL, value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    /// Admin endpoints: `/config_dump`, `/logging`, `/quitquitquit` (and `/metrics`).
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// Prometheus `/metrics`.
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// `/healthz/ready`.
+    #[arg(long, default_value = DEFAULT_READINESS_ADDR)]
+    pub readiness_addr: SocketAddr,
+    /// How often the config directory is checked for changes.
+    #[arg(long, default_value = DEFAULT_CONFIG_POLL, value_parser = parse_duration)]
+    pub config_poll: Duration,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    #[arg(long, default_value = DEFAULT_TLS_HANDSHAKE_TIMEOUT, value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Bound on opening an upstream connection.
+    #[arg(long, default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    #[arg(long, value_enum, default_value = DEFAULT_LOG_FORMAT)]
+    pub log_format: LogFormat,
+}
+
+impl ProcessArgs {
+    /// Rules across flags that clap's attributes cannot state (`required_if_eq` ignores a
+    /// defaulted `--config-source`). `A` is the binary's parser, for the usage in the error.
+    pub fn check<A: CommandFactory>(&self, env_prefix: &str) -> Result<(), clap::Error> {
+        if self.config_source == ConfigSource::Dir && self.config_dir.is_none() {
+            return Err(command::<A>(env_prefix).error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                format!(
+                    "--config-source dir (the default) needs --config-dir <DIR> (or {})",
+                    env_name(env_prefix, "config_dir")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The binary's command with an env var for every flag that does not name one:
+/// `<prefix>_<FLAG>` (`ZTUNNEL` + `--ca-dir` = `ZTUNNEL_CA_DIR`).
+pub fn command<A: CommandFactory>(env_prefix: &str) -> clap::Command {
+    A::command().mut_args(|arg| {
+        let named = arg.get_long().is_some() && arg.get_env().is_none();
+        let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+        if named && !builtin {
+            let name = env_name(env_prefix, arg.get_id().as_str());
+            // Startup only, once per flag: clap keeps env names as `&'static str`.
+            arg.env(&*Box::leak(name.into_boxed_str()))
+        } else {
+            arg
+        }
+    })
+}
+
+/// Parses the process's arguments and environment (exits with usage on error, as
+/// `clap::Parser::parse`).
+pub fn parse<A: CommandFactory + FromArgMatches>(env_prefix: &str) -> A {
+    parse_from(env_prefix, std::env::args_os())
+}
+
+/// [`parse`] of the given arguments (the first is the program name).
+pub fn parse_from<A, I, T>(env_prefix: &str, args: I) -> A
+where
+    A: CommandFactory + FromArgMatches,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    match try_parse_from(env_prefix, args) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    }
+}
+
+/// [`parse_from`] that returns the error instead of exiting.
+pub fn try_parse_from<A, I, T>(env_prefix: &str, args: I) -> Result<A, clap::Error>
+where
+    A: CommandFactory + FromArgMatches,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut cmd = command::<A>(env_prefix);
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    A::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
+/// Every env var the binary reads, sorted (to check that none was renamed or lost).
+pub fn env_names<A: CommandFactory>(env_prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = command::<A>(env_prefix)
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn env_name(prefix: &str, id: &str) -> String {
+    format!("{prefix}_{}", id.replace('-', "_").to_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    #[command(name = "probe")]
+    struct Probe {
+        #[arg(long, env = "PROBE_OWN_NAME")]
+        name: String,
+        #[command(flatten)]
+        process: ProcessArgs,
+    }
+
+    fn check(args: &[&str], expected: Result<(), ()>) {
+        let base = ["probe", "--name", "n", "--ca-dir", "/ca"];
+        let parsed = try_parse_from::<Probe, _, _>("PROBE", base.iter().chain(args))
+            .and_then(|p| p.process.check::<Probe>("PROBE"));
+        assert_eq!(parsed.map_err(|_| ()), expected, "{args:?}");
+    }
+
+    #[test]
+    fn the_config_source_decides_whether_a_directory_is_needed() {
+        check(&["--config-dir", "/cfg"], Ok(()));
+        check(&[], Err(()));
+        check(&["--config-source", "kube"], Ok(()));
+        check(&["--config-source", "etcd"], Err(()));
+        check(&["--cert-ttl", "5"], Err(()));
+    }
+
+    #[test]
+    fn every_shared_flag_is_named_after_the_binary_and_explicit_names_stay() {
+        let cmd = command::<Probe>("PROBE");
+        let env = |id: &str| {
+            cmd.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned())
+        };
+        assert_eq!(env("ca_dir").as_deref(), Some("PROBE_CA_DIR"));
+        assert_eq!(
+            env("tls_handshake_timeout").as_deref(),
+            Some("PROBE_TLS_HANDSHAKE_TIMEOUT")
+        );
+        assert_eq!(env("name").as_deref(), Some("PROBE_OWN_NAME"));
+        assert_eq!(env("help"), None);
+    }
+
+    #[test]
+    fn the_defaults_are_the_documented_ones() {
+        let p: Probe = parse_from("PROBE", ["probe", "--name", "n", "--ca-dir", "/ca"]);
+        let a = p.process;
+        assert_eq!(a.admin_addr, "127.0.0.1:15000".parse().expect("addr"));
+        assert_eq!(a.metrics_addr.port(), 15020);
+        assert_eq!(a.readiness_addr.port(), 15021);
+        assert_eq!(a.config_poll, Duration::from_millis(500));
+        assert_eq!(a.cert_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(a.log_format, LogFormat::Text);
+        assert_eq!(a.config_source, ConfigSource::Dir);
+    }
+}

@@ -1,0 +1,24 @@
+//! The process shell every mesh binary shares (the node agent, the waypoint, and the
+//! control plane and ingress gateway to come), so that they cannot drift apart:
+//!
+//! - [`config`]: the flags every binary has (config source, CA, trust domain, the three
+//!   endpoint addresses, timeouts, log format) as one `#[command(flatten)]` struct, each
+//!   default a named constant, env vars under the binary's prefix (`ZTUNNEL_*`, `WAYPOINT_*`);
+//! - [`source`]: where the model comes from (a polled YAML directory or the API server) and
+//!   the loops that install each good model;
+//! - [`logging`]: tracing to stderr with a filter replaceable at runtime;
+//! - [`admin`]: `/metrics`, `/healthz/ready`, and on the loopback admin port `/config_dump`,
+//!   `/logging`, `/quitquitquit`; each binary adds its own dump and routes;
+//! - [`accept`]: the accept loop that backs off while the process is out of file descriptors;
+//! - [`process`]: the open-file limit, SIGTERM/SIGINT and `/quitquitquit` as one shutdown
+//!   trigger, the drain deadline, and [`process::spawn`] (every task carries a span);
+//! - [`conns`]: a count of open connections that shutdown waits on.
+#![forbid(unsafe_code)]
+
+pub mod accept;
+pub mod admin;
+pub mod config;
+pub mod conns;
+pub mod logging;
+pub mod process;
+pub mod source;

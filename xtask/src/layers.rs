@@ -45,8 +45,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("mesh-hbone", &["mesh-model", "mesh-pki"]),
     // The API-server config source.
     ("mesh-kube", &["mesh-model", "mesh-telemetry"]),
-    // The process shell (signals, drain, admin server) the binaries share.
-    ("mesh-shell", &["mesh-model", "mesh-telemetry"]),
+    // The process shell every binary shares: flags, config source (a directory or the API
+    // server), logging, admin server, signals and drain, accept loops.
+    ("mesh-shell", &["mesh-model", "mesh-telemetry", "mesh-kube"]),
     // The waypoint's L7 engine (routing, policy, retries over HTTP).
     (
         "mesh-l7",

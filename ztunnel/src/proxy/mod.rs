@@ -33,6 +33,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use mesh_shell::conns::{Active, ActiveGuard};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -199,8 +201,8 @@ impl PodCtx {
 /// to the agent while a released pod drains.
 #[derive(Default)]
 pub struct ActiveConns {
-    count: AtomicUsize,
-    idle: tokio::sync::Notify,
+    /// The count every binary's drain waits on.
+    open: Arc<Active>,
     flows: Mutex<HashMap<u64, Flow>>,
     next_flow: AtomicU64,
 }
@@ -227,17 +229,14 @@ impl Drop for FlowGuard {
     }
 }
 
-/// One open connection; dropping it decrements the count.
-pub struct ActiveGuard(Arc<ActiveConns>);
-
 impl ActiveConns {
-    pub fn enter(self: &Arc<Self>) -> ActiveGuard {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        ActiveGuard(self.clone())
+    /// Counts one open connection until the guard drops.
+    pub fn enter(&self) -> ActiveGuard {
+        self.open.enter()
     }
 
     pub fn len(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
+        self.open.len()
     }
 
     /// Records a flow between the application and the agent until the guard is dropped.
@@ -260,26 +259,12 @@ impl ActiveConns {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.open.is_empty()
     }
 
     /// Resolves once no connection is open.
     pub async fn idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.is_empty() {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.open.idle().await
     }
 }
 

@@ -76,25 +76,20 @@ impl Inbound {
     }
 
     /// Accepts until the drain signal; each connection runs in its own task and span.
-    /// Accept errors (EMFILE...) shed that connection and keep serving.
+    /// Accept errors back off while descriptors are short (`mesh_shell::accept`) and never
+    /// end the listener.
     pub async fn run(self) {
-        let drain = self.inputs.drain.clone();
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = drain.cancelled() => return,
-                r = self.listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "hbone accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        let Inbound {
+            listener,
+            tls,
+            inputs,
+        } = self;
+        let drain = inputs.drain.clone();
+        let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
             let _ = tcp.set_nodelay(true);
             let span = tracing::info_span!("conn", peer = %peer);
-            let active = self.inputs.active.enter();
-            let (tls, inputs) = (self.tls.clone(), self.inputs.clone());
+            let active = inputs.active.enter();
+            let (tls, inputs) = (tls.clone(), inputs.clone());
             tokio::spawn(
                 async move {
                     let _active = active;
@@ -102,7 +97,8 @@ impl Inbound {
                 }
                 .instrument(span),
             );
-        }
+        };
+        mesh_shell::accept::serve("hbone", || listener.accept(), accepted, drain).await
     }
 }
 

@@ -51,6 +51,7 @@ pub mod echo;
 pub mod grpc;
 mod harness;
 pub mod http;
+pub mod jwt;
 mod netns;
 mod process;
 pub mod prom;

@@ -15,54 +15,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use e2e::jwt::Key;
 use e2e::prom;
 use e2e::waypoint::{waypoint_mesh, waypoint_service, with_log, CLIENT, WAYPOINT};
 use e2e::{run_scenarios, scenarios, wait_until, Ambient, Mesh, Pod};
 use nix::sys::socket::{shutdown, Shutdown};
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::{json, Value};
 
 const JWKS_POD: &str = "keys/jwks";
 const JWKS_PORT: u16 = 8000;
 const ECHO_VIP: &str = "10.96.0.30";
-
-struct Key {
-    pair: EcdsaKeyPair,
-    kid: &'static str,
-}
-
-impl Key {
-    fn new(kid: &'static str) -> Result<Key> {
-        let rng = SystemRandom::new();
-        let pk8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .map_err(|_| anyhow::anyhow!("generate key"))?;
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pk8.as_ref(), &rng)
-            .map_err(|_| anyhow::anyhow!("load key"))?;
-        Ok(Key { pair, kid })
-    }
-
-    fn jwks(&self) -> String {
-        let p = self.pair.public_key().as_ref();
-        json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": self.kid, "use": "sig",
-            "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..65])}]})
-        .to_string()
-    }
-
-    fn sign(&self, claims: &Value) -> Result<String> {
-        let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let sig = self
-            .pair
-            .sign(&SystemRandom::new(), input.as_bytes())
-            .map_err(|_| anyhow::anyhow!("sign"))?;
-        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
-    }
-}
 
 fn now() -> u64 {
     SystemTime::now()

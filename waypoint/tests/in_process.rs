@@ -1,323 +1,644 @@
-//! The whole waypoint in this process, on loopback, without root or namespaces: a CA in a
-//! temp dir, a YAML config dir, `waypoint::app::start`, and the test playing both the node
-//! agents around it: a client that tunnels into the waypoint over real HBONE (mTLS as
-//! `app/sleep`), and the backends' HBONE servers (`<pod-ip>:15008`, mTLS as `app/echo`)
-//! that relay each tunnel to an HTTP echo on the pod's IP. Each pod gets its own 127.x.y.z
-//! address, so parallel runs do not collide.
+//! The waypoint's behaviours that need no capture, each test on a mesh of its own in this
+//! process (see `support`): L7 authorization, path normalisation, HTTPRoute and
+//! VirtualService routing, faults and retries, DestinationRule hashing, JWT authentication,
+//! which tunnels and certificates the waypoint accepts, and the request metrics. No root, no
+//! namespaces: `cargo test -p waypoint --test in_process`. The e2e suites
+//! (`tests/tests/waypoint*.rs`) cover the same features with capture around them.
 
-use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+mod support;
 
-use anyhow::{bail, Context, Result};
-use bytes::Bytes;
-use clap::Parser;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use mesh_hbone::{connect_request, ConnectHeaders, Pool, PoolConfig, PoolKey, HBONE_PORT};
-use mesh_model::identity::Identity;
-use mesh_pki::ca::Ca;
-use mesh_pki::certs::CertManager;
-use mesh_shell::admin::Control;
-use tokio::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use e2e::jwt::Key;
+use mesh_hbone::HboneError;
+use serde_json::json;
+use support::{accepts, identity, quit, Mesh, BYPASS, ECHO_H2, TRUST_DOMAIN};
 use tracing::info;
 
-const TRUST_DOMAIN: &str = "cluster.local";
-/// Bound on anything that should happen promptly.
-const EVENTUALLY: Duration = Duration::from_secs(10);
+/// Every request an L7 policy refuses gets this body (Envoy's).
+const DENIED: &str = "RBAC: access denied";
 
-/// The mesh: the waypoint `app/wp` serves Service `app/echo`, whose HTTPRoute sends
-/// `/public/v2...` to Service `app/echo-v2` and the rest to `echo`; only `/public/*` is
-/// allowed by L7 AuthorizationPolicy.
-fn mesh_yaml(ip: impl Fn(u8) -> Ipv4Addr) -> String {
-    let (wp, sleep, v1, v2) = (ip(WAYPOINT), ip(SLEEP), ip(ECHO_V1), ip(ECHO_V2));
+/// A policy on Service `echo` (`action` and `rules` as YAML flow sequences).
+fn policy(name: &str, action: &str, rules: &str) -> String {
     format!(
-        r#"
-apiVersion: v1
-kind: Namespace
-metadata: {{name: app, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: wp, namespace: app, labels: {{istio.io/waypoint-for: service}}}}
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: app}}
 spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: wp-0, namespace: app, labels: {{gateway.networking.k8s.io/gateway-name: wp}}}}
-spec: {{serviceAccountName: wp}}
-status: {{podIP: {wp}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: sleep, namespace: app, labels: {{app: sleep}}}}
-spec: {{serviceAccountName: sleep}}
-status: {{podIP: {sleep}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: echo-v1, namespace: app, labels: {{app: echo, version: v1}}}}
-spec: {{serviceAccountName: echo}}
-status: {{podIP: {v1}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: echo-v2, namespace: app, labels: {{app: echo-v2, version: v2}}}}
-spec: {{serviceAccountName: echo}}
-status: {{podIP: {v2}}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: app, labels: {{istio.io/use-waypoint: wp}}}}
-spec:
-  clusterIP: 10.96.0.20
-  selector: {{app: echo}}
-  ports: [{{name: http, port: 80, targetPort: {ECHO_PORT}}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: echo-v2, namespace: app}}
-spec:
-  clusterIP: 10.96.0.21
-  selector: {{app: echo-v2}}
-  ports: [{{name: http, port: 80, targetPort: {ECHO_PORT}}}]
----
-apiVersion: gateway.networking.k8s.io/v1
+  targetRefs: [{{kind: Service, group: "", name: echo}}]
+  action: {action}
+  rules: {rules}
+"#
+    )
+}
+
+/// An HTTPRoute on port 80 of Service `echo` with `rules` (YAML, indented by two).
+fn route(rules: &str) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: echo, namespace: app}}
 spec:
   parentRefs: [{{group: "", kind: Service, name: echo, port: 80}}]
   rules:
-  - matches: [{{path: {{type: PathPrefix, value: /public/v2}}}}]
-    backendRefs: [{{name: echo-v2, port: 80}}]
-  - backendRefs: [{{name: echo, port: 80}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: public-only, namespace: app}}
-spec:
-  targetRefs: [{{kind: Service, group: "", name: echo}}]
-  action: ALLOW
-  rules: [{{to: [{{operation: {{paths: ["/public/*"]}}}}]}}]
-"#
+{rules}"#
     )
 }
 
-/// The last octet of each pod's address.
-const WAYPOINT: u8 = 100;
-const SLEEP: u8 = 1;
-const ECHO_V1: u8 = 2;
-const ECHO_V2: u8 = 3;
-const ECHO_PORT: u16 = 8080;
-const ECHO_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)), 80);
-
-/// A /24 of loopback addresses for this run: 127.<pid>.<pid>.x.
-fn pod_ip_fn() -> impl Fn(u8) -> Ipv4Addr + Copy {
-    let pid = std::process::id();
-    let (a, b) = (((pid >> 8) & 0xff) as u8, (pid & 0xff) as u8);
-    // 127.0.0.x is what everything else on the host uses.
-    let a = a.max(1);
-    move |last| Ipv4Addr::new(127, a, b, last)
+/// A VirtualService for `echo` with `http` entries (YAML, indented by two).
+fn virtual_service(http: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: app}}
+spec:
+  hosts: [echo]
+  http:
+{http}"#
+    )
 }
 
-fn identity(sa: &str) -> Identity {
-    Identity::new(TRUST_DOMAIN, "app", sa)
-}
-
-/// An HTTP/1.1 echo on `addr` answering `<name> <path>`.
-async fn echo(addr: SocketAddr, name: &'static str) -> Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind echo {addr}"))?;
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let svc = service_fn(
-                move |req: http::Request<hyper::body::Incoming>| async move {
-                    let body = format!("{name} {}", req.uri().path());
-                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
-                },
-            );
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc),
-            );
-        }
-    });
-    Ok(())
-}
-
-/// The node agent in front of a backend pod: HBONE on `<ip>:15008` as `app/echo`, each
-/// tunnel relayed to the `:authority` it names.
-async fn hbone_server(ip: Ipv4Addr, certs: Arc<CertManager>) -> Result<()> {
-    let addr = SocketAddr::new(ip.into(), HBONE_PORT);
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind hbone {addr}"))?;
-    let tls = mesh_pki::tls::server_config(certs, identity("echo"))?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let cfg = mesh_hbone::ServerConfig::default();
-                let _ = mesh_hbone::serve(tls, &cfg, |req| async move {
-                    let Ok(target) = req.authority() else {
-                        return;
-                    };
-                    let Ok(mut upstream) = TcpStream::connect(target).await else {
-                        req.reject(http::StatusCode::SERVICE_UNAVAILABLE);
-                        return;
-                    };
-                    if let Ok(mut tunnel) = req.accept() {
-                        let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
-                    }
-                })
-                .await;
-            });
-        }
-    });
-    Ok(())
-}
-
-/// The node agent in front of `app/sleep`: tunnels to the waypoint as the sleep pod.
-struct Client {
-    pool: Pool,
-    tls: Arc<rustls::ClientConfig>,
-    src_ip: Ipv4Addr,
-    waypoint: SocketAddr,
-}
-
-impl Client {
-    /// `GET <path>` to the echo Service through the waypoint: status and body.
-    async fn get(&self, path: &str) -> Result<(u16, String)> {
-        let key = PoolKey {
-            src: identity("sleep"),
-            src_ip: self.src_ip.into(),
-            dst: identity("wp"),
-            dst_addr: self.waypoint,
-        };
-        let headers = ConnectHeaders {
-            src_ip: self.src_ip.into(),
-            service_host: Some("echo.app.svc.cluster.local".into()),
-            baggage: vec![],
-            traceparent: None,
-        };
-        let waypoint = self.waypoint;
-        let tunnel = self
-            .pool
-            .connect(
-                key,
-                self.tls.clone(),
-                move || TcpStream::connect(waypoint),
-                connect_request(ECHO_VIP, &headers),
-            )
-            .await
-            .context("tunnel to the waypoint")?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header(http::header::HOST, "echo.app.svc.cluster.local")
-            .body(Empty::<Bytes>::new())?;
-        let rsp = tokio::time::timeout(EVENTUALLY, send.send_request(req))
-            .await
-            .context("response in time")??;
-        let status = rsp.status().as_u16();
-        let body = rsp.into_body().collect().await?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+/// Asserts `status` and `body` for each target, from `client`.
+async fn expect(client: &support::Client, cases: &[(&str, u16, &str)]) -> Result<()> {
+    for (target, status, body) in cases {
+        let reply = client.get(target).await?;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (*status, *body),
+            "{target}"
+        );
     }
+    Ok(())
 }
 
-fn waypoint_config(config_dir: &Path, ca_dir: &Path, ip: Ipv4Addr) -> waypoint::config::Config {
-    // Every listener on the waypoint pod's address, on a port the kernel picks.
-    let any = format!("{ip}:0");
-    let args = waypoint::config::Args::parse_from([
-        "waypoint",
-        "--name=wp",
-        "--namespace=app",
-        &format!("--config-dir={}", config_dir.display()),
-        &format!("--ca-dir={}", ca_dir.display()),
-        &format!("--hbone-addr={any}"),
-        &format!("--admin-addr={any}"),
-        &format!("--metrics-addr={any}"),
-        &format!("--readiness-addr={any}"),
-    ]);
-    waypoint::config::Config::from(&args)
+/// Asserts that `target` reaches a backend (200) with the path the backend saw.
+async fn expect_path(client: &support::Client, target: &str, path: &str) -> Result<()> {
+    let reply = client.get(target).await?;
+    assert_eq!(reply.status, 200, "{target}: {reply:?}");
+    assert_eq!(reply.json()?["path"], path, "{target}");
+    Ok(())
+}
+
+// --- authorization ---
+
+/// Starts a mesh with `yaml`, then sends each request of `cases` (client `ns/sa`, method,
+/// path) and checks its status: 403 must come with [`DENIED`], 200 from a backend that saw
+/// the path as sent.
+async fn check_policy(yaml: &str, cases: &[(&str, &str, &str, u16)]) -> Result<()> {
+    let mesh = Mesh::start(yaml).await?;
+    for (who, method, path, want) in cases {
+        let (ns, sa) = who.split_once('/').context("ns/sa")?;
+        let reply = mesh
+            .client(identity(ns, sa))?
+            .send(method, path, &[])
+            .await?;
+        let case = format!("{who} {method} {path}: {reply:?}");
+        assert_eq!(reply.status, *want, "{case}");
+        match want {
+            403 => assert_eq!(reply.body, DENIED, "{case}"),
+            200 => assert_eq!(reply.json()?["path"], *path, "{case}"),
+            _ => {}
+        }
+    }
+    mesh.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policy_and_routes_apply_to_requests_through_the_waypoint_in_process() -> Result<()> {
-    let ip = pod_ip_fn();
-    let dir = tempfile::tempdir()?;
-    let (config_dir, ca_dir) = (dir.path().join("config"), dir.path().join("ca"));
-    std::fs::create_dir_all(&config_dir)?;
-    std::fs::write(config_dir.join("mesh.yaml"), mesh_yaml(ip))?;
-    // The CA the waypoint loads from `--ca-dir`, written first so both sides share it.
-    let ca = Arc::new(Ca::load_or_create(&ca_dir, TRUST_DOMAIN)?);
-    let certs = CertManager::new(ca, Duration::from_secs(3600));
-
-    info!("backends: an echo per pod, behind an HBONE server on the pod's address");
-    for (last, name) in [(ECHO_V1, "v1"), (ECHO_V2, "v2")] {
-        echo(SocketAddr::new(ip(last).into(), ECHO_PORT), name).await?;
-        hbone_server(ip(last), certs.clone()).await?;
-    }
-
-    info!("the waypoint, started in this process");
-    let app = waypoint::app::start(
-        waypoint_config(&config_dir, &ca_dir, ip(WAYPOINT)),
-        Control::default(),
-    )
-    .await?;
-    let client = Client {
-        pool: Pool::new(PoolConfig::default()),
-        tls: mesh_pki::tls::client_config(certs, identity("sleep"), vec![identity("wp")])?,
-        src_ip: ip(SLEEP),
-        waypoint: app.addrs.hbone,
-    };
-
-    info!("a path the AuthorizationPolicy allows reaches echo (the route's catch-all rule)");
-    assert_eq!(client.get("/public/a").await?, (200, "v1 /public/a".into()));
-    info!("a path it does not allow is denied by the waypoint");
-    let (status, _) = client.get("/private").await?;
-    assert_eq!(status, 403);
-    info!("the HTTPRoute's /public/v2 rule sends the request to echo-v2");
-    assert_eq!(
-        client.get("/public/v2/b").await?,
-        (200, "v2 /public/v2/b".into())
-    );
-
-    info!("the admin endpoints answer on the bound addresses; /quitquitquit drains the waypoint");
-    let ready = admin(app.addrs.endpoints.readiness, "GET", "/healthz/ready").await?;
-    assert_eq!(ready.0, 200, "{}", ready.1);
-    let quit = admin(app.addrs.endpoints.admin, "POST", "/quitquitquit").await?;
-    assert_eq!(quit.0, 200);
-    tokio::time::timeout(EVENTUALLY, app.join())
-        .await
-        .context("the waypoint drains and ends")??;
-    Ok(())
+async fn an_allow_policy_on_paths_admits_them_and_denies_everything_else() -> Result<()> {
+    let rules = r#"[{to: [{operation: {paths: ["/public/*"]}}]}]"#;
+    let cases = [
+        ("app/sleep", "GET", "/public/a", 200),
+        ("app/sleep", "GET", "/private", 403),
+        ("app/sleep", "GET", "/publicity", 403),
+    ];
+    check_policy(&policy("public", "ALLOW", rules), &cases).await
 }
 
-/// One HTTP/1.1 request to an admin listener.
-async fn admin(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
-    let tcp = TcpStream::connect(addr).await?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, "localhost")
-        .body(Empty::<Bytes>::new())?;
-    let rsp = send.send_request(req).await?;
-    let status = rsp.status().as_u16();
-    let body = rsp.into_body().collect().await?.to_bytes();
-    if status >= 500 {
-        bail!("{path}: {status}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_policy_on_a_principal_refuses_only_that_client() -> Result<()> {
+    let rules = "[{from: [{source: {principals: [cluster.local/ns/app/sa/batch]}}]}]";
+    let cases = [
+        ("app/batch", "GET", "/x", 403),
+        ("app/sleep", "GET", "/x", 200),
+    ];
+    check_policy(&policy("no-batch", "DENY", rules), &cases).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_policy_on_a_principal_admits_only_that_client() -> Result<()> {
+    let rules = "[{from: [{source: {principals: [cluster.local/ns/app/sa/sleep]}}]}]";
+    let cases = [
+        ("app/sleep", "GET", "/x", 200),
+        ("app/batch", "GET", "/x", 403),
+    ];
+    check_policy(&policy("only-sleep", "ALLOW", rules), &cases).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_policy_on_a_namespace_admits_its_clients_only() -> Result<()> {
+    let rules = "[{from: [{source: {namespaces: [frontend]}}]}]";
+    let cases = [
+        ("frontend/web", "GET", "/api", 200),
+        ("frontend/batch", "GET", "/api", 200),
+        ("other/web", "GET", "/api", 403),
+    ];
+    check_policy(&policy("frontend", "ALLOW", rules), &cases).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_policy_on_a_method_admits_get_and_denies_post() -> Result<()> {
+    let rules = "[{to: [{operation: {methods: [GET, HEAD]}}]}]";
+    let cases = [
+        ("app/sleep", "GET", "/items", 200),
+        ("app/sleep", "POST", "/items", 403),
+        ("app/sleep", "DELETE", "/items", 403),
+    ];
+    check_policy(&policy("read-only", "ALLOW", rules), &cases).await
+}
+
+/// DENY on `/admin*`.
+fn no_admin() -> String {
+    policy(
+        "no-admin",
+        "DENY",
+        r#"[{to: [{operation: {paths: ["/admin*"]}}]}]"#,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_applies_to_http2_clients_as_to_http1_ones() -> Result<()> {
+    let mesh = Mesh::start(&no_admin()).await?;
+    let h2 = mesh.sleep()?.http2();
+    expect(&h2, &[("/admin", 403, DENIED)]).await?;
+    expect_path(&h2, "/ok", "/ok").await?;
+    mesh.stop().await
+}
+
+// --- path normalisation ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_denied_path_is_denied() -> Result<()> {
+    let spellings = [
+        "/admin",
+        "/public/../admin",
+        "//admin",
+        "/public/%2e%2e/admin/users",
+        "/%2E%2E/admin",
+        "/%61dmin",
+    ];
+    let cases: Vec<_> = spellings
+        .iter()
+        .map(|path| ("app/sleep", "GET", *path, 403))
+        .collect();
+    check_policy(&no_admin(), &cases).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoded_slash_is_refused_and_dot_segments_are_resolved_before_forwarding() -> Result<()>
+{
+    let mesh = Mesh::start(&no_admin()).await?;
+    let c = mesh.sleep()?;
+    for target in ["/a%2Fb", "/admin%2fusers"] {
+        assert_eq!(c.get(target).await?.status, 400, "{target}");
     }
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    expect_path(&c, "/public/./x//y/../z", "/public/x/z").await?;
+    mesh.stop().await
+}
+
+// --- HTTPRoute ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_header_match_picks_its_backend() -> Result<()> {
+    let mesh = Mesh::start(&route(
+        r#"  - matches: [{headers: [{name: x-version, value: v2}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - backendRefs: [{name: echo-v1, port: 80}]
+"#,
+    ))
+    .await?;
+    let c = mesh.sleep()?;
+    let v2 = c.spread(10, "/h", &[("x-version", "v2")]).await?;
+    assert_eq!(v2.into_iter().collect::<Vec<_>>(), [("echo-v2".into(), 10)]);
+    let rest = c.spread(10, "/h", &[("x-version", "v3")]).await?;
+    assert_eq!(
+        rest.into_iter().collect::<Vec<_>>(),
+        [("echo-v1".into(), 10)]
+    );
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_path_prefix_matches_whole_segments_and_outranks_a_header() -> Result<()> {
+    let mesh = Mesh::start(&route(
+        r#"  - matches: [{headers: [{name: x-version, value: v2}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /v1}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: Exact, value: /exact}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+"#,
+    ))
+    .await?;
+    let c = mesh.sleep()?;
+    for (target, headers, server) in [
+        ("/v1/item", &[("x-version", "v2")][..], "echo-v1"),
+        ("/v1", &[][..], "echo-v1"),
+        ("/exact", &[][..], "echo-v2"),
+    ] {
+        let reply = c.get_with(target, headers).await?;
+        assert_eq!(reply.server()?, server, "{target}");
+    }
+    // `/v1x` is not under the prefix `/v1`, and `/exact/more` is not `/exact`: no rule.
+    for target in ["/v1x", "/exact/more"] {
+        assert_eq!(c.get(target).await?.status, 404, "{target}");
+    }
+    mesh.stop().await
+}
+
+/// Requests of a weighted split, and how far (in points) echo-v1's share may stray from 80 %:
+/// 10 points is five standard deviations at 400 requests, so this does not flake.
+const SPLIT_REQUESTS: usize = 400;
+const SPLIT_TOLERANCE: f64 = 0.10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_weighted_split_sends_about_80_percent_to_the_heavier_backend() -> Result<()> {
+    let mesh = Mesh::start(&route(
+        r#"  - backendRefs: [{name: echo-v1, port: 80, weight: 80}, {name: echo-v2, port: 80, weight: 20}]
+"#,
+    ))
+    .await?;
+    let counts = mesh.sleep()?.spread(SPLIT_REQUESTS, "/split", &[]).await?;
+    let v1 = counts.get("echo-v1").copied().unwrap_or_default();
+    let v2 = counts.get("echo-v2").copied().unwrap_or_default();
+    assert_eq!(v1 + v2, SPLIT_REQUESTS, "{counts:?}");
+    let share = v1 as f64 / SPLIT_REQUESTS as f64;
+    assert!(
+        (share - 0.8).abs() <= SPLIT_TOLERANCE,
+        "echo-v1 got {share:.3}: {counts:?}"
+    );
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_url_rewrite_replaces_the_prefix_and_keeps_the_query() -> Result<()> {
+    let mesh = Mesh::start(&route(
+        r#"  - matches: [{path: {type: PathPrefix, value: /old-api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /api/v2}}
+    backendRefs: [{name: echo-v2, port: 80}]
+"#,
+    ))
+    .await?;
+    let reply = mesh.sleep()?.get("/old-api/users?page=2").await?;
+    let echo = reply.json()?;
+    assert_eq!(echo["server"], "echo-v2");
+    assert_eq!(echo["path"], "/api/v2/users?page=2");
+    assert_eq!(echo["headers"]["x-envoy-original-path"], "/old-api/users");
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_request_redirect_is_answered_by_the_waypoint() -> Result<()> {
+    let mesh = Mesh::start(&route(
+        r#"  - matches: [{path: {type: Exact, value: /moved}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        hostname: new.example.com
+        statusCode: 301
+        path: {type: ReplaceFullPath, replaceFullPath: /here}
+"#,
+    ))
+    .await?;
+    let reply = mesh.sleep()?.get("/moved?from=test").await?;
+    assert_eq!(reply.status, 301, "{reply:?}");
+    assert_eq!(
+        reply.header("location"),
+        Some("http://new.example.com/here?from=test")
+    );
+    assert_eq!(mesh.requests(&[("response_code", "301")], 1.0).await?, 1.0);
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httproute_header_modifiers_change_the_request_and_the_response() -> Result<()> {
+    let mesh = Mesh::start(&route(
+        r#"  - filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-route, value: headers}]
+        add: [{name: x-added, value: "yes"}]
+        remove: [x-remove-me]
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-from-route, value: headers}]}
+    backendRefs: [{name: echo-v1, port: 80}]
+"#,
+    ))
+    .await?;
+    let reply = mesh
+        .sleep()?
+        .get_with("/h", &[("x-remove-me", "1"), ("x-route", "from-client")])
+        .await?;
+    assert_eq!(reply.header("x-from-route"), Some("headers"));
+    let seen = &reply.json()?["headers"];
+    assert_eq!(seen["x-route"], "headers", "{seen}");
+    assert_eq!(seen["x-added"], "yes", "{seen}");
+    assert!(seen.get("x-remove-me").is_none(), "{seen}");
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_request_timeout_answers_504_flagged_ut() -> Result<()> {
+    let mesh = Mesh::start(&route(
+        r#"  - timeouts: {request: 200ms}
+    backendRefs: [{name: echo-v1, port: 80}]
+"#,
+    ))
+    .await?;
+    let c = mesh.sleep()?;
+    let before = Instant::now();
+    expect(
+        &c,
+        &[("/slow?delay_ms=3000", 504, "upstream request timeout")],
+    )
+    .await?;
+    let waited = before.elapsed();
+    assert!(
+        waited >= Duration::from_millis(190) && waited < Duration::from_millis(2500),
+        "answered after {waited:?}"
+    );
+    expect_path(&c, "/fast?delay_ms=10", "/fast?delay_ms=10").await?;
+    let timed_out = [("response_code", "504"), ("response_flags", "UT")];
+    assert_eq!(mesh.requests(&timed_out, 1.0).await?, 1.0);
+    mesh.stop().await
+}
+
+// --- VirtualService ---
+
+/// `/retry*` with Istio's default retries, `/no-retry*` with none (both to echo-v1).
+const RETRIES: &str = r#"  - match: [{uri: {prefix: /no-retry}}]
+    retries: {attempts: 0}
+    route: [{destination: {host: echo-v1}}]
+  - match: [{uri: {prefix: /retry}}]
+    route: [{destination: {host: echo-v1}}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_service_retries_a_503_into_a_200() -> Result<()> {
+    let mesh = Mesh::start(&virtual_service(RETRIES)).await?;
+    let reply = mesh.sleep()?.get("/retry?fail_first=1&key=once").await?;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.server()?, "echo-v1");
+    assert_eq!(
+        mesh.counted(
+            "waypoint_upstream_retries_total",
+            &[("reason", "response")],
+            1.0
+        )
+        .await?,
+        1.0
+    );
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_service_with_zero_attempts_passes_the_failure_on() -> Result<()> {
+    let mesh = Mesh::start(&virtual_service(RETRIES)).await?;
+    let c = mesh.sleep()?;
+    assert_eq!(c.get("/no-retry?fail_first=1&key=k").await?.status, 503);
+    // The backend's second answer for the key is a 200: the failure was not retried.
+    assert_eq!(c.get("/no-retry?fail_first=1&key=k").await?.status, 200);
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_service_fault_abort_at_100_percent_answers_every_request() -> Result<()> {
+    let mesh = Mesh::start(&virtual_service(
+        r#"  - fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    route: [{destination: {host: echo-v1}}]
+"#,
+    ))
+    .await?;
+    let c = mesh.sleep()?;
+    for i in 0..5 {
+        expect(&c, &[(&format!("/abort/{i}"), 503, "fault filter abort")]).await?;
+    }
+    let aborted = [("response_code", "503"), ("response_flags", "FI")];
+    assert_eq!(mesh.requests(&aborted, 5.0).await?, 5.0);
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_service_direct_response_is_answered_by_the_waypoint() -> Result<()> {
+    let mesh = Mesh::start(&virtual_service(
+        r#"  - match: [{uri: {exact: /teapot}}]
+    directResponse: {status: 418, body: {string: short and stout}}
+  - route: [{destination: {host: echo-v2}}]
+"#,
+    ))
+    .await?;
+    let c = mesh.sleep()?;
+    expect(&c, &[("/teapot", 418, "short and stout")]).await?;
+    assert_eq!(c.get("/teapot/not").await?.server()?, "echo-v2");
+    mesh.stop().await
+}
+
+// --- DestinationRule ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consistent_hash_on_a_header_keeps_a_user_on_one_endpoint() -> Result<()> {
+    let mesh = Mesh::start(
+        r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: app}
+spec:
+  host: echo
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+"#,
+    )
+    .await?;
+    let c = mesh.sleep()?;
+    let mut pods = std::collections::BTreeSet::new();
+    for u in 0..16 {
+        let user = format!("user-{u}");
+        let counts = c.spread(4, "/who", &[("x-user", &user)]).await?;
+        assert_eq!(counts.len(), 1, "{user} moved: {counts:?}");
+        pods.extend(counts.into_keys());
+    }
+    info!(?pods, "users spread over");
+    // Sixteen users all on one of two pods by chance: one in 32768.
+    assert_eq!(pods.len(), 2, "every user on {pods:?}");
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_destination_rule_requests_are_balanced_over_both_endpoints() -> Result<()> {
+    let mesh = Mesh::start("").await?;
+    let counts = mesh.sleep()?.spread(6, "/rr", &[]).await?;
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        [("echo-v1".into(), 3), ("echo-v2".into(), 3)],
+        "round robin per request"
+    );
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_port_is_served_over_http2_to_the_backend() -> Result<()> {
+    let mesh = Mesh::start("").await?;
+    let reply = mesh.sleep()?.to(ECHO_H2).get("/h2").await?;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.json()?["version"], "HTTP/2.0");
+    let reply = mesh.sleep()?.get("/h1").await?;
+    assert_eq!(reply.json()?["version"], "HTTP/1.1");
+    mesh.stop().await
+}
+
+// --- RequestAuthentication ---
+
+/// An inline JWKS for issuer `issuer` on Service `echo`; `/secure*` only for `issuer/alice`.
+fn jwt_config(key: &Key) -> Result<String> {
+    let jwks = serde_json::to_string(&key.jwks())?;
+    let rules = r#"[{to: [{operation: {notPaths: ["/secure*"]}}]},
+    {from: [{source: {requestPrincipals: [issuer/alice]}}], to: [{operation: {paths: ["/secure*"]}}]}]"#;
+    Ok(format!(
+        r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: app}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: echo}}]
+  jwtRules: [{{issuer: issuer, audiences: [echo], jwks: {jwks}}}]
+---
+{}"#,
+        policy("jwt", "ALLOW", rules)
+    ))
+}
+
+/// `authorization: Bearer <a token for sub from iss, audience echo, valid ten minutes>`.
+fn bearer(key: &Key, iss: &str, sub: &str) -> Result<(&'static str, String)> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = json!({"iss": iss, "sub": sub, "aud": "echo", "iat": now, "exp": now + 600});
+    Ok(("authorization", format!("Bearer {}", key.sign(&claims)?)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_jwt_is_accepted_and_its_request_principal_allowed() -> Result<()> {
+    let key = Key::new("k1")?;
+    let mesh = Mesh::start(&jwt_config(&key)?).await?;
+    let c = mesh.sleep()?;
+    for (sub, status) in [("alice", 200), ("bob", 403)] {
+        let (name, value) = bearer(&key, "issuer", sub)?;
+        let reply = c.get_with("/secure/data", &[(name, &value)]).await?;
+        assert_eq!(reply.status, status, "{sub}: {reply:?}");
+    }
+    expect(&c, &[("/secure", 403, DENIED)]).await?;
+    expect_path(&c, "/public", "/public").await?;
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_jwt_is_refused_with_401_even_where_no_principal_is_needed() -> Result<()> {
+    let key = Key::new("k1")?;
+    let mesh = Mesh::start(&jwt_config(&key)?).await?;
+    // Same kid, same claims, another key.
+    let (name, value) = bearer(&Key::new("k1")?, "issuer", "alice")?;
+    for target in ["/secure", "/public"] {
+        let reply = mesh.sleep()?.get_with(target, &[(name, &value)]).await?;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (401, "Jwt verification fails"),
+            "{target}"
+        );
+    }
+    let refused = [("response_code", "401"), ("response_flags", "JWT")];
+    assert_eq!(mesh.requests(&refused, 2.0).await?, 2.0);
+    mesh.stop().await
+}
+
+// --- tunnels and certificates ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_a_service_that_does_not_use_the_waypoint_is_refused_401() -> Result<()> {
+    let mesh = Mesh::start("").await?;
+    match mesh.sleep()?.to(BYPASS).tunnel().await {
+        Err(HboneError::Status(s)) => assert_eq!(s.as_u16(), 401),
+        Err(e) => anyhow::bail!("expected a 401 CONNECT answer, got {e}"),
+        Ok(_) => anyhow::bail!("the waypoint accepted a tunnel to {BYPASS:?}"),
+    }
+    let refused = [("reporter", "waypoint"), ("reason", "NR")];
+    let n = mesh
+        .counted("mesh_connections_refused_total", &refused, 1.0)
+        .await?;
+    assert_eq!(n, 1.0);
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_a_foreign_ca_is_refused_at_the_handshake() -> Result<()> {
+    let mesh = Mesh::start("").await?;
+    let sleep = identity("app", "sleep");
+    let foreign =
+        mesh_pki::ca::Ca::ephemeral(TRUST_DOMAIN)?.issue(&sleep, Duration::from_secs(600))?;
+    // The client judges the waypoint as the mesh does; only its own certificate is foreign.
+    let mut tls = rustls::ClientConfig::builder_with_provider(mesh_pki::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(mesh_pki::tls::server_verifier(
+            mesh.roots(),
+            vec![identity("app", "wp")],
+        ))
+        .with_client_auth_cert(foreign.chain, foreign.key)?;
+    tls.alpn_protocols = vec![mesh_hbone::ALPN_H2.to_vec()];
+    tls.enable_sni = false;
+    let client = mesh.client_with_tls(sleep, std::sync::Arc::new(tls));
+    let refused = client.tunnel().await;
+    assert!(refused.is_err(), "a foreign certificate opened a tunnel");
+    let tls_refused = [("reporter", "waypoint"), ("reason", "TLS")];
+    let n = mesh
+        .counted("mesh_connections_refused_total", &tls_refused, 1.0)
+        .await?;
+    assert_eq!(n, 1.0);
+    mesh.stop().await
+}
+
+// --- metrics and lifecycle ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_counted_once_with_its_code_flags_and_identities() -> Result<()> {
+    let mesh = Mesh::start(&no_admin()).await?;
+    let c = mesh.sleep()?;
+    for i in 0..7 {
+        expect_path(&c, &format!("/ok/{i}"), &format!("/ok/{i}")).await?;
+    }
+    for _ in 0..3 {
+        expect(&c, &[("/admin", 403, DENIED)]).await?;
+    }
+    assert_eq!(c.get("/?status=500").await?.status, 500);
+    let who = [
+        ("source_principal", "spiffe://cluster.local/ns/app/sa/sleep"),
+        ("destination_service", "echo.app.svc.cluster.local"),
+    ];
+    for (code, flags, n) in [("200", "-", 7.0), ("403", "DENY", 3.0), ("500", "-", 1.0)] {
+        let mut labels = vec![("response_code", code), ("response_flags", flags)];
+        labels.extend_from_slice(&who);
+        assert_eq!(mesh.requests(&labels, n).await?, n, "{code} {flags}");
+    }
+    assert_eq!(mesh.requests(&[], 11.0).await?, 11.0, "and nothing else");
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waypoint_is_ready_and_quitquitquit_closes_its_listener() -> Result<()> {
+    let mesh = Mesh::start("").await?;
+    assert_eq!(mesh.ready().await?, 200);
+    let hbone = mesh.hbone_addr();
+    assert!(accepts(hbone).await, "hbone listener before the quit");
+    assert_eq!(quit(&mesh).await?, 200);
+    mesh.stop().await.context("drained after /quitquitquit")?;
+    assert!(!accepts(hbone).await, "hbone listener after the quit");
+    Ok(())
 }

@@ -68,7 +68,7 @@ spec:
   - route: [{destination: {host: echo}}]
 "#;
 /// The waypoint's limit on concurrent streams per downstream HTTP/2 connection
-/// (`waypoint::http::MAX_CONCURRENT_STREAMS`).
+/// (`mesh_l7::http::MAX_CONCURRENT_STREAMS`).
 const WAYPOINT_MAX_STREAMS: usize = 1_000;
 /// RST_STREAM error code REFUSED_STREAM.
 const REFUSED_STREAM: u32 = 0x7;

@@ -10,10 +10,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use mesh_l7::jwks::JwksCache;
+use mesh_l7::proxy::Inputs;
+use mesh_l7::telemetry::HttpMetrics;
+use mesh_l7::upstream::{UpstreamConfig, Upstreams};
 use mesh_model::model::Model;
 use mesh_pki::ca::Ca;
 use mesh_pki::certs::CertManager;
 use mesh_shell::admin::Control;
+use mesh_shell::conns::Active;
 use mesh_shell::logging::LogHandle;
 use mesh_shell::process::{spawn, AppHandle};
 use mesh_shell::source::{Installed, Source};
@@ -21,12 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info_span;
 
 use crate::config::Config;
-use crate::inbound::Inbound;
-use crate::jwks::JwksCache;
-use crate::proxy::{Active, Inputs};
+use crate::inbound::{Inbound, InboundConfig};
 use crate::stats::{StatsState, LISTENERS};
-use crate::telemetry::HttpMetrics;
-use crate::upstream::{UpstreamConfig, Upstreams};
 
 /// The waypoint's listeners as bound (the ports chosen for `:0`).
 #[derive(Clone, Copy, Debug)]
@@ -77,11 +78,11 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         certs.clone(),
     );
     let stop = CancellationToken::new();
-    let jwks_tls =
-        crate::jwks::tls_config(cfg.jwks_ca_file.as_deref()).context("roots for https jwksUri")?;
+    let jwks_tls = mesh_l7::jwks::tls_config(cfg.jwks_ca_file.as_deref())
+        .context("roots for https jwksUri")?;
     let jwks = JwksCache::new(cfg.jwks, jwks_tls, http_metrics.clone());
     let inputs = Arc::new(Inputs {
-        cfg: cfg.clone(),
+        cfg: cfg.engine(),
         model: model.clone(),
         certs: certs.clone(),
         metrics: metrics.clone(),
@@ -89,10 +90,19 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         upstreams,
         jwks: jwks.clone(),
         drain: stop.clone(),
-        active: Arc::new(Active::default()),
     });
+    let active = Arc::new(Active::default());
 
-    let inbound = Inbound::new(cfg.hbone_addr, inputs.clone()).await?;
+    let inbound = Inbound::new(
+        InboundConfig {
+            addr: cfg.hbone_addr,
+            tls_handshake_timeout: cfg.tls_handshake_timeout,
+            detect_timeout: cfg.detect_timeout,
+        },
+        inputs,
+        active.clone(),
+    )
+    .await?;
     let hbone = inbound.local_addr().unwrap_or(cfg.hbone_addr);
     let state = Arc::new(StatsState {
         metrics: metrics.clone(),
@@ -134,15 +144,12 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
     let done = tokio::spawn(async move {
         shutdown.triggered().await;
         tracing::info!(
-            open = inputs.active.len(),
+            open = active.len(),
             "shutting down: listener closed, draining connections"
         );
         stop.cancel();
         let _ = inbound_task.await;
-        mesh_shell::process::drain(cfg.drain_timeout, inputs.active.idle(), || {
-            inputs.active.len()
-        })
-        .await;
+        mesh_shell::process::drain(cfg.drain_timeout, active.idle(), || active.len()).await;
     });
     Ok(AppHandle::new(
         Addrs { hbone, endpoints },

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use mesh_l7::EngineConfig;
 use mesh_model::identity::Identity;
 use mesh_model::model::NamespacedName;
 
@@ -122,13 +123,18 @@ pub struct Config {
     pub jwks_ca_file: Option<PathBuf>,
 }
 
-/// How remote JWKS are fetched and cached (`crate::jwks`).
-#[derive(Clone, Copy, Debug)]
-pub struct JwksSettings {
-    pub refresh: Duration,
-    pub retry: Duration,
-    pub max_stale: Duration,
-    pub fetch_timeout: Duration,
+/// How remote JWKS are fetched and cached (`mesh_l7::jwks`).
+pub use mesh_l7::JwksSettings;
+
+impl Config {
+    /// Who the L7 engine runs as: this waypoint's Gateway and identity.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            gateway: self.gateway.clone(),
+            identity: self.identity.clone(),
+            trust_domain: self.trust_domain.clone(),
+        }
+    }
 }
 
 impl From<&Args> for Config {

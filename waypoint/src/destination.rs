@@ -1,5 +1,5 @@
-//! What a CONNECT to this waypoint asks for, and where requests for it may go. Pure over the
-//! model, table-tested.
+//! What a CONNECT to this waypoint asks for: the engine's [`Target`], if this waypoint
+//! serves it. Pure over the model, table-tested.
 //!
 //! The `:authority` is a Service VIP:port (service traffic) or a pod IP:port (workload
 //! traffic). The waypoint serves it only when the model says that destination uses *this*
@@ -7,21 +7,8 @@
 
 use std::net::SocketAddr;
 
-use mesh_model::model::{
-    effective_policy, EffectivePolicy, Model, NamespacedName, Service, ServicePort, SubsetError,
-};
-
-use crate::protocol::Declared;
-use crate::upstream::Endpoint;
-
-/// A destination this waypoint serves.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// A Service (by key) and one of its ports.
-    Service { svc: NamespacedName, port: u16 },
-    /// A pod addressed directly, and the port asked for.
-    Workload { pod: NamespacedName, port: u16 },
-}
+pub use mesh_l7::target::Target;
+use mesh_model::model::{Model, NamespacedName};
 
 /// Why a CONNECT is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -72,126 +59,6 @@ pub fn resolve(
         });
     }
     Err(NotServed::Unknown(authority))
-}
-
-/// What the waypoint needs to know about a target now (re-read from the current model on
-/// every request, so endpoints follow config changes).
-#[derive(Clone, Debug)]
-pub struct Resolved<'m> {
-    pub service: Option<&'m Service>,
-    pub port: Option<&'m ServicePort>,
-    /// Ready endpoints, in the model's order (round robin starts from an offset).
-    pub endpoints: Vec<Endpoint>,
-}
-
-/// Why a resolved target has nothing to send a request to.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Unselectable {
-    /// The subset is not defined (`503 NC`).
-    #[error(transparent)]
-    NoCluster(#[from] SubsetError),
-    /// No ready endpoint, or none in the subset (`503 UH`).
-    #[error("no ready endpoint")]
-    NoEndpoint,
-}
-
-impl Resolved<'_> {
-    /// The cluster these endpoints form with `subset`, as a waypoint in `client_ns` sees it:
-    /// its DestinationRule policy ([`effective_policy`]; defaults for a pod addressed
-    /// directly) and the endpoints in the subset (pod labels), never empty.
-    pub fn cluster(
-        self,
-        model: &Model,
-        client_ns: &str,
-        subset: Option<&str>,
-    ) -> Result<(EffectivePolicy, Vec<Endpoint>), Unselectable> {
-        let Some((svc, port)) = self.service.zip(self.port) else {
-            return match self.endpoints.is_empty() {
-                true => Err(Unselectable::NoEndpoint),
-                false => Ok((EffectivePolicy::default(), self.endpoints)),
-            };
-        };
-        let policy = effective_policy(model, client_ns, svc, port.port, subset)?;
-        let labels = subset.and_then(|name| {
-            let dr = model.destination_rule_for(client_ns, svc)?;
-            Some(dr.subset(name)?.labels.clone())
-        });
-        let eps = crate::balance::subset_endpoints(self.endpoints, labels.as_ref());
-        if eps.is_empty() {
-            return Err(Unselectable::NoEndpoint);
-        }
-        Ok((policy, eps))
-    }
-}
-
-impl Target {
-    /// The key of the round-robin counter and the cluster the target's requests share.
-    pub fn rr_key(&self) -> NamespacedName {
-        match self {
-            Target::Service { svc, .. } => svc.clone(),
-            Target::Workload { pod, .. } => pod.clone(),
-        }
-    }
-
-    pub fn service_key(&self) -> Option<&NamespacedName> {
-        match self {
-            Target::Service { svc, .. } => Some(svc),
-            Target::Workload { .. } => None,
-        }
-    }
-
-    /// The protocol the destination declares (workloads declare none).
-    pub fn declared(&self, model: &Model) -> Declared {
-        match self.lookup(model, "") {
-            Some(Resolved {
-                port: Some(port), ..
-            }) => Declared::of(port),
-            _ => Declared::Unknown,
-        }
-    }
-
-    /// The target in `model`; `None` when it has gone from the model.
-    pub fn lookup<'m>(&self, model: &'m Model, trust_domain: &str) -> Option<Resolved<'m>> {
-        match self {
-            Target::Service { svc, port } => {
-                let service = model.services.get(svc)?;
-                let sp = service.ports.iter().find(|p| p.port == *port)?;
-                let endpoints = model
-                    .endpoints(service, sp)
-                    .into_iter()
-                    .filter_map(|ep| {
-                        let pod = model.pod(&ep.pod.namespace, &ep.pod.name)?;
-                        let addr = SocketAddr::new(ep.ip, ep.port);
-                        Some(Endpoint::of(model, pod, addr, trust_domain))
-                    })
-                    .collect();
-                Some(Resolved {
-                    service: Some(service),
-                    port: Some(sp),
-                    endpoints,
-                })
-            }
-            Target::Workload { pod, port } => {
-                let p = model.pod(&pod.namespace, &pod.name)?;
-                let ip = *p.ips.first()?;
-                let endpoints = if p.ready {
-                    vec![Endpoint::of(
-                        model,
-                        p,
-                        SocketAddr::new(ip, *port),
-                        trust_domain,
-                    )]
-                } else {
-                    Vec::new()
-                };
-                Some(Resolved {
-                    service: None,
-                    port: None,
-                    endpoints,
-                })
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -253,80 +120,6 @@ spec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{port: 80}]}
         load_docs(&[("mesh.yaml".to_string(), MESH.to_string())]).expect("valid mesh")
     }
 
-    const RULE: &str = r#"
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web, namespace: app}
-spec:
-  host: web
-  trafficPolicy: {loadBalancer: {simple: RANDOM}}
-  subsets:
-  - {name: meshed, labels: {istio.io/use-waypoint: wp}}
-  - name: off
-    labels: {istio.io/dataplane-mode: none}
-    trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
-  - {name: empty, labels: {app: nothing}}
-"#;
-
-    #[test]
-    fn subsets_pick_endpoints_by_pod_labels_and_their_policy() {
-        use mesh_model::model::LoadBalancer;
-        let m = load_docs(&[
-            ("mesh.yaml".to_string(), MESH.to_string()),
-            ("dr.yaml".to_string(), RULE.to_string()),
-        ])
-        .expect("valid mesh");
-        let web = Target::Service {
-            svc: NamespacedName::new("app", "web"),
-            port: 80,
-        };
-        let check = |subset: Option<&str>, want: Result<(LoadBalancer, Vec<&str>), &str>| {
-            let r = web.lookup(&m, "cluster.local").expect("web");
-            let got = r
-                .cluster(&m, "app", subset)
-                .map(|(p, eps)| {
-                    let names: Vec<String> = eps.into_iter().map(|e| e.pod.name).collect();
-                    (p.load_balancer, names)
-                })
-                .map_err(|e| e.to_string());
-            match (got, want) {
-                (Ok((lb, names)), Ok((want_lb, want_names))) => {
-                    assert_eq!(
-                        (lb, names),
-                        (
-                            want_lb,
-                            want_names.iter().map(|n| n.to_string()).collect::<Vec<_>>()
-                        ),
-                        "{subset:?}"
-                    )
-                }
-                (Err(e), Err(w)) => assert!(e.contains(w), "{subset:?}: {e}"),
-                (got, want) => panic!("{subset:?}: got {got:?}, want {want:?}"),
-            }
-        };
-        check(None, Ok((LoadBalancer::Random, vec!["web-1", "web-2"])));
-        check(Some("meshed"), Ok((LoadBalancer::Random, vec!["web-1"])));
-        check(Some("off"), Ok((LoadBalancer::LeastRequest, vec!["web-2"])));
-        check(Some("empty"), Err("no ready endpoint"));
-        check(Some("v9"), Err("subset \"v9\" is not defined"));
-        // No rule for the Service: defaults, and every subset is unknown.
-        let plain = model();
-        let r = web.lookup(&plain, "cluster.local").expect("web");
-        let (p, eps) = r.clone().cluster(&plain, "app", None).expect("default");
-        assert_eq!((p, eps.len()), (EffectivePolicy::default(), 2));
-        assert!(matches!(
-            r.cluster(&plain, "app", Some("v1")),
-            Err(Unselectable::NoCluster(_))
-        ));
-        // A pod addressed directly: its one endpoint, default policy.
-        let pod = Target::Workload {
-            pod: NamespacedName::new("app", "web-1"),
-            port: 8080,
-        };
-        let r = pod.lookup(&m, "cluster.local").expect("pod");
-        assert_eq!(r.cluster(&m, "app", None).map(|(_, e)| e.len()), Ok(1));
-    }
-
     fn check(authority: &str, want: Result<&str, &str>) {
         let m = model();
         let wp = NamespacedName::new("app", "wp");
@@ -357,55 +150,5 @@ spec:
         check("10.0.0.2:8080", Err("pod app/web-2) does not use waypoint"));
         check("10.0.0.100:15008", Err("does not use waypoint"));
         check("192.168.1.1:80", Err("not a service port or workload"));
-    }
-
-    #[test]
-    fn endpoints_carry_the_identity_to_expect_or_none_outside_the_mesh() {
-        let m = model();
-        let target = Target::Service {
-            svc: NamespacedName::new("app", "web"),
-            port: 80,
-        };
-        assert_eq!(target.declared(&m), Declared::Http);
-        let r = target.lookup(&m, "cluster.local").expect("in the model");
-        let eps: Vec<(String, String, Option<String>)> = r
-            .endpoints
-            .iter()
-            .map(|e| {
-                (
-                    e.pod.name.clone(),
-                    e.addr.to_string(),
-                    e.identity.as_ref().map(|i| i.principal()),
-                )
-            })
-            .collect();
-        assert_eq!(
-            eps,
-            [
-                (
-                    "web-1".to_string(),
-                    "10.0.0.1:8080".to_string(),
-                    Some("cluster.local/ns/app/sa/default".to_string())
-                ),
-                ("web-2".to_string(), "10.0.0.2:8080".to_string(), None),
-            ]
-        );
-        let tcp = Target::Service {
-            svc: NamespacedName::new("app", "web"),
-            port: 9000,
-        };
-        assert_eq!(tcp.declared(&m), Declared::Tcp);
-        let pod = Target::Workload {
-            pod: NamespacedName::new("app", "web-1"),
-            port: 8080,
-        };
-        assert_eq!(pod.declared(&m), Declared::Unknown);
-        assert_eq!(
-            pod.lookup(&m, "cluster.local")
-                .expect("pod")
-                .endpoints
-                .len(),
-            1
-        );
     }
 }

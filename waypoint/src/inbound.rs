@@ -7,7 +7,7 @@
 //!   before policy allowed it);
 //! - otherwise `200`, then detect HTTP/1.1 or HTTP/2 from the first bytes (an undeclared port
 //!   that stays silent or speaks something else falls back to the L4 path) and serve HTTP
-//!   ([`crate::http`]).
+//!   ([`mesh_l7::http`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,18 +17,19 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use http::{Method, StatusCode};
 use mesh_hbone::{self as hbone, InboundRequest, FORWARDED};
+use mesh_l7::io::{Io, Rewind};
+use mesh_l7::protocol::{detect, Declared, Detected, SNIFF_LIMIT};
+use mesh_l7::proxy::{ConnCtx, Inputs};
+use mesh_l7::telemetry::{LabelInputs, REPORTER};
+use mesh_l7::upstream::Endpoint;
 use mesh_model::identity::Identity;
 use mesh_model::policy::{Decision, L4Request};
+use mesh_shell::conns::Active;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use crate::destination;
-use crate::io::{Io, Rewind};
-use crate::protocol::{detect, Declared, Detected, SNIFF_LIMIT};
-use crate::proxy::{ConnCtx, Inputs};
-use crate::telemetry::{LabelInputs, REPORTER};
-use crate::upstream::Endpoint;
 
 /// How long a client on a port declared HTTP may take to send its first request bytes.
 pub const HTTP_FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,11 +45,24 @@ pub enum InboundError {
     },
 }
 
+/// The listener's own settings (the engine's are in [`Inputs`]).
+#[derive(Clone, Copy, Debug)]
+pub struct InboundConfig {
+    pub addr: SocketAddr,
+    /// A client must finish its TLS handshake within this.
+    pub tls_handshake_timeout: Duration,
+    /// Protocol detection on ports that declare none: silence this long means "not HTTP".
+    pub detect_timeout: Duration,
+}
+
 /// The bound HBONE listener: binding happens in `new`, so a taken port fails startup.
 pub struct Inbound {
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    cfg: InboundConfig,
     inputs: Arc<Inputs>,
+    /// Downstream connections still open.
+    active: Arc<Active>,
 }
 
 /// Refusal of one CONNECT: status, `response_flags`/reason label, message.
@@ -57,7 +71,12 @@ type Refusal = (StatusCode, &'static str, String);
 // === impl Inbound ===
 
 impl Inbound {
-    pub async fn new(addr: SocketAddr, inputs: Arc<Inputs>) -> Result<Inbound, InboundError> {
+    pub async fn new(
+        cfg: InboundConfig,
+        inputs: Arc<Inputs>,
+        active: Arc<Active>,
+    ) -> Result<Inbound, InboundError> {
+        let addr = cfg.addr;
         let identity = inputs.cfg.identity.clone();
         let tls = mesh_pki::tls::server_config(inputs.certs.clone(), identity.clone())
             .map_err(|source| InboundError::Tls { identity, source })?;
@@ -67,7 +86,9 @@ impl Inbound {
         Ok(Inbound {
             listener,
             tls,
+            cfg,
             inputs,
+            active,
         })
     }
 
@@ -82,18 +103,20 @@ impl Inbound {
         let Inbound {
             listener,
             tls,
+            cfg,
             inputs,
+            active,
         } = self;
         let drain = inputs.drain.clone();
         let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
             let _ = tcp.set_nodelay(true);
             let span = tracing::info_span!("conn", peer = %peer);
-            let active = inputs.active.enter();
+            let guard = active.enter();
             let (tls, inputs) = (tls.clone(), inputs.clone());
             tokio::spawn(
                 async move {
-                    let _active = active;
-                    handle_conn(tcp, peer, tls, inputs).await;
+                    let _active = guard;
+                    handle_conn(tcp, peer, tls, cfg, inputs).await;
                 }
                 .instrument(span),
             );
@@ -106,6 +129,7 @@ async fn handle_conn(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
+    cfg: InboundConfig,
     inputs: Arc<Inputs>,
 ) {
     let local = tcp.local_addr().unwrap_or(peer);
@@ -115,7 +139,7 @@ async fn handle_conn(
     };
     // Boxed: the handshake state is large and needed only until the connection is up.
     let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(tls).accept(tcp));
-    let stream = match tokio::time::timeout(inputs.cfg.tls_handshake_timeout, handshake).await {
+    let stream = match tokio::time::timeout(cfg.tls_handshake_timeout, handshake).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return refuse(format!("tls handshake: {e}")),
         Err(_) => return refuse("tls handshake timed out".to_string()),
@@ -124,12 +148,22 @@ async fn handle_conn(
         Ok(id) => id,
         Err(e) => return refuse(format!("peer identity: {e}")),
     };
-    let cfg = hbone::ServerConfig::default();
+    let detect_timeout = cfg.detect_timeout;
+    let hbone_cfg = hbone::ServerConfig::default();
     let drain = inputs.drain.clone();
     let result = hbone::serve_with_drain(
         stream,
-        &cfg,
-        move |req| handle_stream(req, peer, local, peer_id.clone(), inputs.clone()),
+        &hbone_cfg,
+        move |req| {
+            handle_stream(
+                req,
+                peer,
+                local,
+                peer_id.clone(),
+                detect_timeout,
+                inputs.clone(),
+            )
+        },
         async move { drain.cancelled().await },
     )
     .await;
@@ -183,6 +217,7 @@ async fn handle_stream(
     peer: SocketAddr,
     local: SocketAddr,
     peer_identity: Identity,
+    detect_timeout: Duration,
     inputs: Arc<Inputs>,
 ) {
     let authority = req.authority_str().unwrap_or("-").to_string();
@@ -227,15 +262,17 @@ async fn handle_stream(
     let timeout = if ctx.declared.is_http() {
         HTTP_FIRST_BYTES_TIMEOUT
     } else {
-        inputs.cfg.detect_timeout
+        detect_timeout
     };
     let (first, detected) = sniff(&mut tunnel, timeout).await;
     let down = Rewind::new(first.freeze(), tunnel);
     match (ctx.declared.is_http(), detected) {
-        (_, Detected::Http2) => crate::http::serve(down, true, ctx, inputs).await,
+        (_, Detected::Http2) => mesh_l7::http::serve(down, true, ctx, inputs).await,
         // A declared HTTP port is served as HTTP/1.1 whatever arrives: hyper answers 400 to
         // bytes that are not HTTP.
-        (true, _) | (false, Detected::Http1) => crate::http::serve(down, false, ctx, inputs).await,
+        (true, _) | (false, Detected::Http1) => {
+            mesh_l7::http::serve(down, false, ctx, inputs).await
+        }
         (false, Detected::Opaque | Detected::NeedMore) => match open_l4(&ctx, &inputs).await {
             Ok(upstream) => relay_l4(down, upstream, &ctx, &inputs).await,
             Err((_, flag, reason)) => {

@@ -48,7 +48,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The process shell every binary shares: flags, config source (a directory or the API
     // server), logging, admin server, signals and drain, accept loops.
     ("mesh-shell", &["mesh-model", "mesh-telemetry", "mesh-kube"]),
-    // The waypoint's L7 engine (routing, policy, retries over HTTP).
+    // The proxies' L7 engine (request phases: policy, routing, retries over HTTP; the
+    // upstream pool): the waypoint's, and the ingress gateway's to come. No shell, no kube.
     (
         "mesh-l7",
         &["mesh-model", "mesh-pki", "mesh-hbone", "mesh-telemetry"],

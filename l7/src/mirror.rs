@@ -19,10 +19,10 @@ use mesh_model::model::{Mirror, Model, NamespacedName};
 use mesh_model::resilience::shadow_authority;
 use tracing::Instrument;
 
-use crate::destination::Target;
 use crate::engine::attempts::{upstream_request, RequestHead};
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, Inputs};
+use crate::target::Target;
 use crate::upstream::{Endpoint, UpBody, UpstreamProto};
 
 /// Mirrored copies in flight across the waypoint.

@@ -6,21 +6,32 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use mesh_model::identity::Identity;
-use mesh_model::model::Model;
+use mesh_model::model::{Model, NamespacedName};
 use mesh_pki::certs::CertManager;
 use mesh_telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::destination::Target;
 use crate::jwks::JwksCache;
 use crate::protocol::Declared;
+use crate::target::Target;
 use crate::telemetry::HttpMetrics;
 use crate::upstream::{UpstreamProto, Upstreams};
 
+/// Who the proxy running the engine is (a waypoint, a gateway): the binary fills this from
+/// its flags.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The Gateway the proxy implements: its policies, routes and DestinationRules apply.
+    pub gateway: NamespacedName,
+    /// The identity the proxy presents (and opens upstream tunnels with).
+    pub identity: Identity,
+    /// The trust domain of the endpoints' identities.
+    pub trust_domain: String,
+}
+
 /// Everything the proxy shares; one per process.
 pub struct Inputs {
-    pub cfg: Arc<Config>,
+    pub cfg: EngineConfig,
     pub model: Arc<ArcSwap<Model>>,
     pub certs: Arc<CertManager>,
     pub metrics: Arc<Metrics>,
@@ -31,8 +42,6 @@ pub struct Inputs {
     /// Cancelled on shutdown: HBONE connections send GOAWAY, HTTP connections finish the
     /// requests in flight and close.
     pub drain: CancellationToken,
-    /// Downstream connections still open.
-    pub active: Arc<Active>,
 }
 
 /// One downstream tunnel: who sent it and what it is for.
@@ -69,7 +78,3 @@ pub fn upstream_proto(declared: Declared, downstream_h2: bool) -> UpstreamProto 
         Declared::Tcp | Declared::Unknown => UpstreamProto::Http1,
     }
 }
-
-/// Counts open downstream connections and tells when none is left (shared with every
-/// binary: `mesh_shell::conns`).
-pub use mesh_shell::conns::{Active, ActiveGuard};

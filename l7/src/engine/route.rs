@@ -18,8 +18,8 @@ use mesh_model::route::{
 
 use super::reply::Shape;
 use super::{LocalReply, RequestContext};
-use crate::destination::{Resolved, Target};
 use crate::proxy::ConnCtx;
+use crate::target::{Resolved, Target};
 use crate::telemetry::ResponseFlag;
 
 /// Set on a request whose path a `URLRewrite` changed: the path before (as Envoy does).

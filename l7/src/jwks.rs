@@ -1,18 +1,18 @@
-//! Keys of RequestAuthentication rules that name a `jwksUri`: fetched by the waypoint over
-//! HTTP, cached, refreshed every `--jwks-refresh`, retried every `--jwks-retry` while they
-//! fail, and refreshed early (at most once per `--jwks-retry`) when a token names a `kid`
-//! the cached set lacks (key rotation at the issuer).
+//! Keys of RequestAuthentication rules that name a `jwksUri`: fetched by the proxy over
+//! HTTP, cached, refreshed every [`JwksSettings::refresh`] (the waypoint's `--jwks-refresh`),
+//! retried every [`JwksSettings::retry`] while they fail, and refreshed early (at most once
+//! per `retry`) when a token names a `kid` the cached set lacks (key rotation at the issuer).
 //!
 //! Fail closed: until a URI has been fetched once, and after its last good keys are older
-//! than `--jwks-refresh` + `--jwks-max-stale`, [`JwksCache::keys`] has nothing, so tokens of
+//! than `refresh` + [`JwksSettings::max_stale`], [`JwksCache::keys`] has nothing, so tokens of
 //! that issuer are refused (401, reason `jwks_unavailable`). Every fetch is logged on failure
 //! and counted in `waypoint_jwks_fetches_total{uri,result}`. Responses are bounded
 //! ([`mesh_model::jwt::MAX_JWKS_BYTES`]) and must be `200` with a valid JWKS.
 //!
 //! `https` URIs are fetched over TLS (rustls, HTTP/1.1), the server's certificate checked
-//! against the Mozilla roots (`webpki-roots`, compiled in) plus the PEM roots of
-//! `--jwks-ca-file` (a private issuer's CA); a certificate that does not verify fails the
-//! fetch (result `tls`) and so fails closed.
+//! against the Mozilla roots (`webpki-roots`, compiled in) plus the PEM roots of a file the
+//! proxy names ([`tls_config`]; the waypoint's `--jwks-ca-file`: a private issuer's CA); a
+//! certificate that does not verify fails the fetch (result `tls`) and so fails closed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -29,8 +29,19 @@ use mesh_model::policy::authn::jwks_uri;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::JwksSettings;
 use crate::telemetry::HttpMetrics;
+
+/// How remote JWKS are fetched and cached (filled by the binary from its flags).
+#[derive(Clone, Copy, Debug)]
+pub struct JwksSettings {
+    /// Refresh period of keys fetched from a `jwksUri`.
+    pub refresh: Duration,
+    /// Retry period of a `jwksUri` that failed, and rate limit of unknown-`kid` refreshes.
+    pub retry: Duration,
+    /// Keep using the last good keys of a failing `jwksUri` this long, then fail closed.
+    pub max_stale: Duration,
+    pub fetch_timeout: Duration,
+}
 
 /// Why a fetch failed; [`FetchError::result`] is the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +136,7 @@ impl JwksCache {
         }
     }
 
-    /// Asks for an early refresh of `uri` (rate limited by `--jwks-retry`).
+    /// Asks for an early refresh of `uri` (rate limited by [`JwksSettings::retry`]).
     pub fn request_refresh(&self, uri: &str) {
         let mut entries = self.entries();
         if let Some(e) = entries.get_mut(uri) {

@@ -1,5 +1,5 @@
 //! Phase 3, authorize: L7 AuthorizationPolicy ([`mesh_model::policy::l7::authorize_l7`]) for
-//! this waypoint and the destination Service, on the normalised path and with the
+//! the proxy's Gateway and the destination Service, on the normalised path and with the
 //! principal the authn phase found; a denial is answered `403 RBAC: access denied`
 //! (flag `DENY`). Audit and dry-run matches are logged.
 

@@ -1,4 +1,4 @@
-//! Replies the waypoint makes itself, classified and rendered in one place.
+//! Replies the proxy makes itself, classified and rendered in one place.
 //!
 //! Every phase that answers a request returns a [`LocalReply`]: its status, its
 //! [`ResponseFlag`] (where the error came from: JWT, policy, routing, upstream...), the text,
@@ -44,7 +44,7 @@ pub enum Shape {
     Grpc(u32),
 }
 
-/// A reply the waypoint makes itself instead of forwarding the request.
+/// A reply the proxy makes itself instead of forwarding the request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalReply {
     pub status: StatusCode,

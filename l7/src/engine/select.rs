@@ -15,10 +15,10 @@ use super::{LocalReply, RequestContext, Scope};
 use crate::balance::{
     hash_key, new_cookie_value, Cluster, ClusterKey, Clusters, HashInput, RequestGuard,
 };
-use crate::destination::{Resolved, Unselectable};
 use crate::mirror::{self, MirrorTarget};
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, ConnCtx};
+use crate::target::{Resolved, Unselectable};
 use crate::telemetry::ResponseFlag;
 use crate::upstream::{Endpoint, UpstreamProto};
 
@@ -142,8 +142,8 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::destination::Target;
     use crate::engine::testing::{conn, model, request_context, waypoint};
+    use crate::target::Target;
     use mesh_model::model::NamespacedName;
     use mesh_model::route::normalize_path;
 

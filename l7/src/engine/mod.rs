@@ -5,8 +5,9 @@
 //!    client-supplied internal control headers; add `x-request-id` when absent; normalise the
 //!    path once (a path it refuses is answered 400) — policy, routing and the upstream all
 //!    see that path;
-//! 2. [`authn`]: RequestAuthentication (JWT) for this waypoint and the destination Service
-//!    ([`mesh_model::policy::authn`]); an invalid token → `401 Jwt verification fails`;
+//! 2. [`authn`]: RequestAuthentication (JWT) for the proxy's Gateway and the destination
+//!    Service ([`mesh_model::policy::authn`]); an invalid token → `401 Jwt verification
+//!    fails`;
 //! 3. [`authz`]: L7 AuthorizationPolicy; a denial → `403 RBAC: access denied`;
 //! 4. [`route`]: the HTTPRoute, GRPCRoute or VirtualService rule (none applies → the Service
 //!    itself; no rule matches → 404; redirects and direct responses answered here) and what

@@ -37,7 +37,7 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// Rapid-reset bound (CVE-2023-44487): streams reset before we answered.
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 
-/// Serves HTTP on one tunnel until the client closes it or the waypoint drains.
+/// Serves HTTP on one tunnel until the client closes it or the proxy drains.
 pub async fn serve<I: Io>(io: I, h2: bool, ctx: Arc<ConnCtx>, inputs: Arc<Inputs>) {
     let drain = inputs.drain.clone();
     let svc = service_fn(move |req| {

@@ -2,7 +2,7 @@
 //! HTTP connections kept open over those tunnels.
 //!
 //! - An endpoint in the mesh is reached over HBONE, as ztunnel's outbound does it: mTLS with
-//!   the waypoint's own certificate, the endpoint's identity expected, `CONNECT
+//!   the proxy's own certificate, the endpoint's identity expected, `CONNECT
 //!   <pod-ip>:<target-port>` to `<pod-ip>:15008`, multiplexed on pooled connections
 //!   ([`mesh_hbone::Pool`]). An endpoint outside the mesh gets plain TCP.
 //! - HTTP/1.1 upstream connections (one tunnel each) return to an idle list when their
@@ -189,7 +189,7 @@ struct Conns {
 /// Settings of [`Upstreams`].
 #[derive(Clone, Debug)]
 pub struct UpstreamConfig {
-    /// The identity the waypoint presents.
+    /// The identity the proxy presents.
     pub identity: Identity,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,

@@ -12,9 +12,9 @@ use mesh_model::model::{Model, NamespacedName};
 
 use super::response::Observed;
 use super::RequestContext;
-use crate::destination::Target;
 use crate::protocol::Declared;
 use crate::proxy::ConnCtx;
+use crate::target::Target;
 use crate::telemetry::{AccessLog, LabelInputs};
 
 /// A waypoint `app/wp` for the Service `app/web` (VIP 10.96.0.1, ports 80 http and 9000
@@ -142,41 +142,40 @@ pub async fn body_of(rsp: Response<Observed>) -> String {
 }
 
 /// The waypoint `app/wp`'s shared inputs with `model` (upstreams that are never dialled by
-/// the tests that use this).
+/// the tests that use this), with the waypoint's default settings.
 pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
-    use crate::config::{Args, Config};
+    use std::time::Duration;
+
+    use crate::jwks::JwksSettings;
+    use crate::proxy::EngineConfig;
     use crate::telemetry::HttpMetrics;
     use crate::upstream::{UpstreamConfig, Upstreams};
-    use clap::Parser;
-    let args = Args::try_parse_from([
-        "waypoint",
-        "--name",
-        "wp",
-        "--namespace",
-        "app",
-        "--config-dir",
-        "/nonexistent",
-        "--ca-dir",
-        "/nonexistent",
-    ])
-    .expect("default arguments");
-    let cfg = Arc::new(Config::from(&args));
+    let cfg = EngineConfig {
+        gateway: NamespacedName::new("app", "wp"),
+        identity: Identity::new("cluster.local", "app", "wp"),
+        trust_domain: "cluster.local".to_string(),
+    };
     let ca = mesh_pki::ca::Ca::ephemeral("cluster.local").expect("ephemeral ca");
-    let certs =
-        mesh_pki::certs::CertManager::new(Arc::new(ca), std::time::Duration::from_secs(3600));
+    let certs = mesh_pki::certs::CertManager::new(Arc::new(ca), Duration::from_secs(3600));
     let (metrics, http_metrics) = HttpMetrics::new();
     let upstreams = Upstreams::new(
         UpstreamConfig {
             identity: cfg.identity.clone(),
-            connect_timeout: cfg.connect_timeout,
-            idle_timeout: cfg.upstream_idle_timeout,
-            max_idle: cfg.max_idle_per_endpoint,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 32,
             outlier_ejections: http_metrics.outlier_ejections.clone(),
         },
         certs.clone(),
     );
+    let jwks_settings = JwksSettings {
+        refresh: Duration::from_secs(20 * 60),
+        retry: Duration::from_secs(5),
+        max_stale: Duration::from_secs(3600),
+        fetch_timeout: Duration::from_secs(5),
+    };
     let jwks_tls = crate::jwks::tls_config(None).expect("webpki roots");
-    let jwks = crate::jwks::JwksCache::new(cfg.jwks, jwks_tls, http_metrics.clone());
+    let jwks = crate::jwks::JwksCache::new(jwks_settings, jwks_tls, http_metrics.clone());
     Arc::new(crate::proxy::Inputs {
         cfg,
         model: Arc::new(arc_swap::ArcSwap::from_pointee(model)),
@@ -186,6 +185,5 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
         upstreams,
         jwks,
         drain: tokio_util::sync::CancellationToken::new(),
-        active: Arc::default(),
     })
 }

@@ -29,8 +29,8 @@ use super::route::RoutePlan;
 use super::select::Selection;
 use super::{LocalReply, RequestContext};
 use crate::balance::{self, Active, Cluster, RetryGuard};
-use crate::destination::Target;
 use crate::proxy::Inputs;
+use crate::target::Target;
 use crate::telemetry::ResponseFlag;
 use crate::upstream::{Endpoint, UpBody, UpstreamError, UpstreamProto};
 

@@ -1,4 +1,4 @@
-//! Phase 2, authenticate: the RequestAuthentication rules for this waypoint and the
+//! Phase 2, authenticate: the RequestAuthentication rules for the proxy's Gateway and the
 //! destination Service ([`mesh_model::policy::authn`]). Client copies of their
 //! `outputPayloadToHeader` headers are dropped; no token → unauthenticated; an invalid token
 //! (or one whose `jwksUri` keys are not available: fail closed) → `401 Jwt verification

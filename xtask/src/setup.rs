@@ -237,6 +237,10 @@ fn has_pip() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The cargo-deny release `ci` installs when it is missing: pinned, so a fresh machine gets
+/// the one this project's `deny.toml` was checked with (and that builds with its toolchain).
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
 /// `cargo deny` for the dependency policy in `deny.toml`.
 fn ensure_cargo_deny() -> Result<()> {
     let present = cargo()
@@ -249,7 +253,13 @@ fn ensure_cargo_deny() -> Result<()> {
         return Ok(());
     }
     println!("xtask setup: installing cargo-deny");
-    run(cargo().args(["install", "cargo-deny", "--locked"]))
+    run(cargo().args([
+        "install",
+        "cargo-deny",
+        "--version",
+        CARGO_DENY_VERSION,
+        "--locked",
+    ]))
 }
 
 fn is_root() -> bool {

@@ -22,12 +22,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     string::Ia5String, BasicConstraints, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-    PKCS_ECDSA_P256_SHA256,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 
+use crate::csr::Csr;
 use mesh_model::identity::Identity;
 
 /// Trust domain used when none is configured (as in Istio).
@@ -98,6 +99,17 @@ pub struct Ca {
     root_store: Arc<RootCertStore>,
     /// Leaves never outlive the certificate that signs them.
     signer_not_after: SystemTime,
+}
+
+/// A certificate signed for a key the CA never saw (from a CSR).
+#[derive(Debug)]
+pub struct Signed {
+    /// Leaf first, then intermediates (not the root).
+    pub chain: Vec<CertificateDer<'static>>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Lower-case hex.
+    pub serial: String,
 }
 
 /// A freshly issued workload certificate and its key (in memory only).
@@ -207,6 +219,64 @@ impl Ca {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCert, CaError> {
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| CaError::Sign {
+                id: id.clone(),
+                source,
+            })?;
+        let signed = self.sign_for(id, not_before, not_after, &key)?;
+        Ok(WorkloadCert {
+            identity: id.clone(),
+            chain: signed.chain,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+            serial: signed.serial,
+        })
+    }
+
+    /// Signs the public key of `csr` as `id`'s leaf, valid from now for `ttl` (or until the
+    /// signing certificate expires, if sooner). The CSR must name `id` as its one URI SAN:
+    /// what the CA signs is exactly what the caller asked for and was authorized to hold.
+    pub fn sign_csr(&self, csr: &Csr, id: &Identity, ttl: Duration) -> Result<Signed, CaError> {
+        let invalid = |reason: String| CaError::Validity {
+            id: id.clone(),
+            reason,
+        };
+        if id.trust_domain != self.trust_domain {
+            return Err(CaError::ForeignTrustDomain {
+                id: id.clone(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        if csr.uri_sans() != [id.uri()] {
+            return Err(invalid(format!(
+                "the csr names {:?}, not only {}",
+                csr.uri_sans(),
+                id.uri()
+            )));
+        }
+        let now = SystemTime::now();
+        let not_before = floor_to_second(now).ok_or_else(|| invalid("clock before 1970".into()))?;
+        let not_after = not_before
+            .checked_add(ttl)
+            .ok_or_else(|| invalid("ttl out of range".into()))?
+            .min(self.signer_not_after);
+        if not_after <= now {
+            return Err(invalid("the signing certificate has expired".into()));
+        }
+        self.sign_for(id, not_before, not_after, csr.public_key())
+    }
+
+    /// The leaf for `id` (no subject, one critical URI SAN, like Istio's) over `public_key`,
+    /// followed by this CA's intermediates.
+    fn sign_for(
+        &self,
+        id: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        public_key: &impl PublicKeyData,
+    ) -> Result<Signed, CaError> {
         let invalid = |reason: &str| CaError::Validity {
             id: id.clone(),
             reason: reason.to_string(),
@@ -228,7 +298,6 @@ impl Ca {
         let not_before = floor_to_second(not_before).ok_or_else(|| invalid("time before 1970"))?;
         let not_after = floor_to_second(not_after).ok_or_else(|| invalid("time before 1970"))?;
 
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(sign)?;
         let (serial, serial_hex) = random_serial();
         let mut params = CertificateParams::default();
         // Like Istio: no subject, so the SAN extension is critical and carries the identity.
@@ -244,19 +313,55 @@ impl Ca {
         params.serial_number = Some(serial);
         params.not_before = to_asn1_time(not_before).ok_or_else(|| invalid("time out of range"))?;
         params.not_after = to_asn1_time(not_after).ok_or_else(|| invalid("time out of range"))?;
-        let cert = params.signed_by(&key, &self.issuer).map_err(sign)?;
+        let cert = params.signed_by(public_key, &self.issuer).map_err(sign)?;
 
         let mut chain = Vec::with_capacity(1 + self.intermediates.len());
         chain.push(cert.der().clone());
         chain.extend(self.intermediates.iter().cloned());
-        Ok(WorkloadCert {
-            identity: id.clone(),
+        Ok(Signed {
             chain,
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             not_before,
             not_after,
             serial: serial_hex,
         })
+    }
+
+    /// A TLS server certificate for the CA's own gRPC endpoint: the DNS names clients dial
+    /// (`istiod.istio-system.svc`, ...), signed by this CA so every agent already trusts it.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let generate = |source| CaError::Generate {
+            what: "ca serving certificate",
+            source,
+        };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
+        let now = SystemTime::now();
+        let bad_time = || generate(rcgen::Error::Time);
+        let not_before = floor_to_second(now).ok_or_else(bad_time)?;
+        let not_after = not_before
+            .checked_add(ttl)
+            .ok_or_else(bad_time)?
+            .min(self.signer_not_after);
+        let (serial, _) = random_serial();
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(generate)?;
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(serial);
+        params.not_before = to_asn1_time(not_before).ok_or_else(bad_time)?;
+        params.not_after = to_asn1_time(not_after).ok_or_else(bad_time)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(generate)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok((
+            chain,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
     }
 
     /// Test hook: sign arbitrary leaf parameters (two SANs, CA:TRUE, missing EKU, ...) with
@@ -780,6 +885,63 @@ mod tests {
 
     fn web() -> Identity {
         Identity::new("cluster.local", "default", "web")
+    }
+
+    #[test]
+    fn a_csr_is_signed_for_its_one_identity_and_the_chain_verifies() {
+        let ca = Ca::ephemeral("cluster.local").unwrap();
+        let (pem, _key) = crate::csr::generate(&web()).unwrap();
+        let csr = Csr::parse_pem(&pem).unwrap();
+        let signed = ca
+            .sign_csr(&csr, &web(), Duration::from_secs(3600))
+            .unwrap();
+        assert!(verifies(&signed.chain, &ca.roots()));
+        let (_, leaf) = parse_x509_certificate(&signed.chain[0]).unwrap();
+        let sans: Vec<String> = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect();
+        assert_eq!(sans, [format!("{:?}", GeneralName::URI(&web().uri()))]);
+        let lifetime = signed.not_after.duration_since(signed.not_before).unwrap();
+        assert_eq!(lifetime, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_csr_for_another_identity_or_trust_domain_is_not_signed() {
+        let ca = Ca::ephemeral("cluster.local").unwrap();
+        let (pem, _key) = crate::csr::generate(&web()).unwrap();
+        let csr = Csr::parse_pem(&pem).unwrap();
+        let admin = Identity::new("cluster.local", "default", "admin");
+        assert!(matches!(
+            ca.sign_csr(&csr, &admin, Duration::from_secs(60)),
+            Err(CaError::Validity { .. })
+        ));
+        let foreign = Identity::new("evil.example", "default", "web");
+        let (pem, _key) = crate::csr::generate(&foreign).unwrap();
+        let csr = Csr::parse_pem(&pem).unwrap();
+        assert!(matches!(
+            ca.sign_csr(&csr, &foreign, Duration::from_secs(60)),
+            Err(CaError::ForeignTrustDomain { .. })
+        ));
+    }
+
+    #[test]
+    fn the_serving_certificate_names_the_dns_names_asked_for() {
+        let ca = Ca::ephemeral("cluster.local").unwrap();
+        let names = vec!["istiod.istio-system.svc".to_string()];
+        let (chain, _key) = ca.issue_server(&names, Duration::from_secs(3600)).unwrap();
+        let (_, leaf) = parse_x509_certificate(&chain[0]).unwrap();
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        assert!(san
+            .value
+            .general_names
+            .iter()
+            .any(|n| matches!(n, GeneralName::DNSName("istiod.istio-system.svc"))));
     }
 
     /// Verifies a leaf chain against `roots` the way peers will (webpki, client usage).

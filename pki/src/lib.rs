@@ -15,4 +15,6 @@
 
 pub mod ca;
 pub mod certs;
+pub mod csr;
+pub mod proto;
 pub mod tls;

@@ -67,7 +67,7 @@ pub use harness::{echo_once, Labelled, Mesh, PROBE_SOURCE};
 pub use netns::{cleanup_stale, in_netns, StaleCleanup};
 pub use nix::sys::signal::Signal;
 pub use process::ChildGuard;
-pub use scenario::{run_scenarios, Scenario};
+pub use scenario::{Scenario, Suite};
 pub use spec::{Ambient, MeshBuilder, Pod, Redirect, Service, REDIRECT_ENV};
 pub use sys::{preflight, Binaries, MARKER_ENV};
 pub use wait::{eventually, wait_until};

@@ -277,10 +277,14 @@ pub fn server(reply: &serde_json::Value) -> String {
 
 /// `result`, with the last lines of the waypoint's log added to an error.
 pub fn with_log<T>(wp: &ChildGuard, result: Result<T>) -> Result<T> {
-    result.map_err(|e| {
-        let tail = wp.stderr_tail(LOG_TAIL_LINES);
-        e.context(format!("last lines of the waypoint's log:\n{tail}"))
-    })
+    result.map_err(|e| log_tail(wp, e))
+}
+
+/// `err` with the last lines of the waypoint's log added (a scenario suite's
+/// [`Suite::explain`](crate::Suite::explain)).
+pub fn log_tail(wp: &ChildGuard, err: anyhow::Error) -> anyhow::Error {
+    let tail = wp.stderr_tail(LOG_TAIL_LINES);
+    err.context(format!("last lines of the waypoint's log:\n{tail}"))
 }
 
 /// Waits until the waypoint logs that it rejected a config document, `what` being how the log

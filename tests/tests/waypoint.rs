@@ -4,14 +4,15 @@
 //! and forwards it over HBONE, under its own identity, to the server pods (one per node).
 
 use std::net::Ipv4Addr;
+use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use e2e::prom;
 use e2e::waypoint::{
-    gateway_yaml, http_service, waypoint_mesh, waypoint_pod, waypoint_service, with_log, CLIENT,
-    USE_WAYPOINT_LABEL, WAYPOINT,
+    gateway_yaml, http_service, log_tail, waypoint_mesh, waypoint_pod, waypoint_service, with_log,
+    CLIENT, USE_WAYPOINT_LABEL, WAYPOINT,
 };
-use e2e::{run_scenarios, scenarios, Ambient, Mesh, Pod, Service};
+use e2e::{scenarios, tests, Ambient, ChildGuard, Mesh, Pod, Service, Suite};
 use serde_json::Value;
 
 /// Through the waypoint.
@@ -113,42 +114,65 @@ fn url(vip: &str, path: &str) -> String {
 }
 
 /// What the L7 scenarios share: the mesh and the addresses the servers see callers by.
-struct L7<'a> {
-    mesh: &'a Mesh,
+struct L7 {
     waypoint_ip: Ipv4Addr,
     client_ip: Ipv4Addr,
+    wp: ChildGuard,
+    _servers: [ChildGuard; 2],
+    /// Last: dropped once the processes in it are gone.
+    mesh: Mesh,
 }
 
-/// One mesh for the L7 scenarios; they run in order, and the metrics scenarios count the
-/// requests of the scenarios before them.
-#[test]
-fn requests_to_a_service_with_a_waypoint_are_authorized_per_request_and_balanced() -> Result<()> {
-    let mesh = mesh("waypoint_l7")?;
-    let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
-    let _s2 = mesh.spawn_echo("default/server-2", 8080, "server-2")?;
-    let wp = mesh.spawn_default_waypoint()?;
-    let mut l7 = L7 {
-        mesh: &mesh,
-        waypoint_ip: mesh.pod_ip(WAYPOINT)?,
-        client_ip: mesh.pod_ip(CLIENT)?,
-    };
-    let scenarios = scenarios![
-        the_server_is_called_by_the_waypoint_which_adds_a_request_id,
-        an_l7_policy_denies_one_path_and_allows_another_on_one_connection,
-        requests_on_one_connection_are_balanced_over_both_servers,
-        http2_from_the_client_is_served_and_authorized,
-        the_waypoint_counts_every_request_with_both_identities,
-        the_agents_see_the_waypoint_between_client_and_server,
-        a_service_without_a_waypoint_is_reached_directly,
-        tcp_ports_are_relayed_and_undeclared_ports_detected,
-    ];
-    with_log(&wp, run_scenarios(&mut l7, &scenarios))
+impl L7 {
+    fn build() -> Result<Self> {
+        let mesh = mesh("waypoint_l7")?;
+        let s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
+        let s2 = mesh.spawn_echo("default/server-2", 8080, "server-2")?;
+        let wp = mesh.spawn_default_waypoint()?;
+        Ok(L7 {
+            waypoint_ip: mesh.pod_ip(WAYPOINT)?,
+            client_ip: mesh.pod_ip(CLIENT)?,
+            wp,
+            _servers: [s1, s2],
+            mesh,
+        })
+    }
+}
+
+impl Suite for L7 {
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        log_tail(&self.wp, err)
+    }
+}
+
+/// One mesh for the L7 scenarios (requests to a Service with a waypoint are authorized per
+/// request and balanced); they run in order, and the metrics scenarios count the requests of
+/// the scenarios before them. The other tests build meshes of their own, and run first.
+fn main() -> ExitCode {
+    e2e::scenario::main(
+        L7::build,
+        &scenarios![
+            the_server_is_called_by_the_waypoint_which_adds_a_request_id,
+            an_l7_policy_denies_one_path_and_allows_another_on_one_connection,
+            requests_on_one_connection_are_balanced_over_both_servers,
+            http2_from_the_client_is_served_and_authorized,
+            the_waypoint_counts_every_request_with_both_identities,
+            the_agents_see_the_waypoint_between_client_and_server,
+            a_service_without_a_waypoint_is_reached_directly,
+            tcp_ports_are_relayed_and_undeclared_ports_detected,
+        ],
+        &tests![
+            plain_tcp_to_the_waypoint_hbone_port_is_refused,
+            websocket_and_other_upgrades_pass_through_the_waypoint,
+            deny_all_with_allow_by_principal_across_namespaces_through_the_waypoint,
+        ],
+    )
 }
 
 /// Through the waypoint: the server sees the waypoint as its caller; the waypoint added a
 /// request id and passed the client's traceparent on.
-fn the_server_is_called_by_the_waypoint_which_adds_a_request_id(l: &mut L7<'_>) -> Result<()> {
-    let mesh = l.mesh;
+fn the_server_is_called_by_the_waypoint_which_adds_a_request_id(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
     let waypoint_ip = l.waypoint_ip;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let tp_header = format!("traceparent: {traceparent}");
@@ -171,8 +195,8 @@ fn the_server_is_called_by_the_waypoint_which_adds_a_request_id(l: &mut L7<'_>) 
 }
 
 /// L7 policy: one path denied, others allowed, on the same connection.
-fn an_l7_policy_denies_one_path_and_allows_another_on_one_connection(l: &mut L7<'_>) -> Result<()> {
-    let mesh = l.mesh;
+fn an_l7_policy_denies_one_path_and_allows_another_on_one_connection(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
     let replies = curl(
         mesh,
         &[],
@@ -185,8 +209,8 @@ fn an_l7_policy_denies_one_path_and_allows_another_on_one_connection(l: &mut L7<
 }
 
 /// Balanced per request: six requests on one client connection reach both servers.
-fn requests_on_one_connection_are_balanced_over_both_servers(l: &mut L7<'_>) -> Result<()> {
-    let mesh = l.mesh;
+fn requests_on_one_connection_are_balanced_over_both_servers(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
     let urls: Vec<String> = (0..6).map(|i| url(ECHO_VIP, &format!("/rr/{i}"))).collect();
     let mut servers = std::collections::BTreeSet::new();
     for (status, _, body) in curl(mesh, &[], &urls)? {
@@ -208,8 +232,8 @@ fn requests_on_one_connection_are_balanced_over_both_servers(l: &mut L7<'_>) -> 
 
 /// HTTP/2 from the client (prior knowledge); HTTP/1.1 to the `http` port's backends.
 /// (One URL per curl: curl 7.88 fails to reuse a prior-knowledge HTTP/2 connection.)
-fn http2_from_the_client_is_served_and_authorized(l: &mut L7<'_>) -> Result<()> {
-    let mesh = l.mesh;
+fn http2_from_the_client_is_served_and_authorized(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
     let waypoint_ip = l.waypoint_ip;
     let h2 = ["--http2-prior-knowledge"];
     let ok = curl(mesh, &h2, &[url(ECHO_VIP, "/h2")])?.remove(0);
@@ -224,8 +248,8 @@ fn http2_from_the_client_is_served_and_authorized(l: &mut L7<'_>) -> Result<()> 
 }
 
 /// The waypoint counted every request: 1 + 2 + 6 + 2 = 11, three of them denied.
-fn the_waypoint_counts_every_request_with_both_identities(l: &mut L7<'_>) -> Result<()> {
-    let mesh = l.mesh;
+fn the_waypoint_counts_every_request_with_both_identities(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
     let metrics = mesh.waypoint_metrics(WAYPOINT)?;
     let requests = |code: &str| {
         prom::sum(
@@ -271,8 +295,8 @@ fn the_waypoint_counts_every_request_with_both_identities(l: &mut L7<'_>) -> Res
 }
 
 /// The destination ztunnel saw the waypoint's identity (L4 policy allowed it as such).
-fn the_agents_see_the_waypoint_between_client_and_server(l: &mut L7<'_>) -> Result<()> {
-    let mesh = l.mesh;
+fn the_agents_see_the_waypoint_between_client_and_server(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
     let n2 = mesh.metrics("n2")?;
     let from_waypoint = prom::sum(
         &n2,
@@ -300,8 +324,8 @@ fn the_agents_see_the_waypoint_between_client_and_server(l: &mut L7<'_>) -> Resu
 
 /// A Service without a waypoint is unchanged: straight from the client, /admin allowed,
 /// and the waypoint sees none of it.
-fn a_service_without_a_waypoint_is_reached_directly(l: &mut L7<'_>) -> Result<()> {
-    let mesh = l.mesh;
+fn a_service_without_a_waypoint_is_reached_directly(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
     let client_ip = l.client_ip;
     let replies = curl(mesh, &[], &[url(DIRECT_VIP, "/admin")])?;
     assert_eq!(replies[0].0, 200, "{:?}", replies[0]);
@@ -316,8 +340,8 @@ fn a_service_without_a_waypoint_is_reached_directly(l: &mut L7<'_>) -> Result<()
 
 /// A `tcp-` port is relayed at L4 by the waypoint (bytes in, same bytes out), counted as
 /// TCP; a port that declares nothing is detected: HTTP is served at L7, other bytes at L4.
-fn tcp_ports_are_relayed_and_undeclared_ports_detected(l: &mut L7<'_>) -> Result<()> {
-    let mesh = l.mesh;
+fn tcp_ports_are_relayed_and_undeclared_ports_detected(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
     let tcp_vip = format!("{TCP_VIP}:9000").parse()?;
     let back = mesh.echo_roundtrip(CLIENT, tcp_vip, b"MARKER-tcp-through-waypoint")?;
     assert_eq!(back, b"MARKER-tcp-through-waypoint");
@@ -348,7 +372,6 @@ fn tcp_ports_are_relayed_and_undeclared_ports_detected(l: &mut L7<'_>) -> Result
     Ok(())
 }
 
-#[test]
 fn plain_tcp_to_the_waypoint_hbone_port_is_refused() -> Result<()> {
     let mesh = mesh("waypoint_relay")?;
     let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
@@ -384,7 +407,6 @@ fn plain_tcp_to_the_waypoint_hbone_port_is_refused() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn websocket_and_other_upgrades_pass_through_the_waypoint() -> Result<()> {
     let mesh = mesh("waypoint_upgrade")?;
     let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
@@ -514,7 +536,6 @@ spec:
 
 const API_VIP: &str = "10.96.1.10";
 
-#[test]
 fn deny_all_with_allow_by_principal_across_namespaces_through_the_waypoint() -> Result<()> {
     let mesh = Mesh::builder("waypoint_zero_trust")
         .node("n1")

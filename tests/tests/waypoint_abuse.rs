@@ -9,13 +9,14 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use e2e::waypoint::{waypoint_mesh, waypoint_service, with_log, CLIENT};
-use e2e::{run_scenarios, scenarios, wait_until, ChildGuard, Mesh, Pod};
+use e2e::waypoint::{log_tail, waypoint_mesh, waypoint_service, CLIENT};
+use e2e::{scenarios, wait_until, ChildGuard, Mesh, Pod, Suite};
 
 const ATTACKER: &str = "default/attacker";
 const ECHO_VIP: &str = "10.96.0.30";
@@ -295,42 +296,61 @@ fn under_attack(
 
 /// What the scenarios share: the mesh and its waypoint, whose memory and CPU each attack
 /// measures.
-struct Abuse<'a> {
-    mesh: &'a Mesh,
-    wp: &'a ChildGuard,
+struct Abuse {
+    wp: ChildGuard,
+    _server: ChildGuard,
+    /// Last: dropped once the processes in it are gone.
+    mesh: Mesh,
+}
+
+impl Abuse {
+    fn build() -> Result<Self> {
+        let mesh = mesh("waypoint_abuse")?;
+        let server = mesh.spawn_echo("default/server", 8080, "server")?;
+        let wp = mesh.spawn_default_waypoint()?;
+        Ok(Abuse {
+            wp,
+            _server: server,
+            mesh,
+        })
+    }
+}
+
+impl Suite for Abuse {
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        log_tail(&self.wp, err)
+    }
+}
+
+/// With `ABUSE_LOG` set, the waypoint's whole log once the attacks are over.
+impl Drop for Abuse {
+    fn drop(&mut self) {
+        if std::env::var_os("ABUSE_LOG").is_some() {
+            eprintln!("{}", self.wp.stderr());
+        }
+    }
 }
 
 /// One mesh for all attacks, one after the other (each measures the waypoint's growth over
 /// its own run, and checks the client is served throughout).
-#[test]
-fn http2_abuse_of_the_waypoint_is_bounded_and_spares_other_clients() -> Result<()> {
-    let mesh = mesh("waypoint_abuse")?;
-    let _server = mesh.spawn_echo("default/server", 8080, "server")?;
-    let wp = mesh.spawn_default_waypoint()?;
-    let scenarios = scenarios![
-        rapid_reset_is_cut_off,
-        a_continuation_flood_is_cut_off,
-        a_header_list_over_64_kib_is_refused,
-        ping_and_settings_floods_from_a_peer_that_does_not_read_are_bounded,
-        streams_over_the_limit_are_refused_and_the_connection_stays,
-        an_empty_data_flood_is_bounded,
-    ];
-    let result = run_scenarios(
-        &mut Abuse {
-            mesh: &mesh,
-            wp: &wp,
-        },
-        &scenarios,
-    );
-    if std::env::var_os("ABUSE_LOG").is_some() {
-        eprintln!("{}", wp.stderr());
-    }
-    with_log(&wp, result)
+fn main() -> ExitCode {
+    e2e::scenario::main(
+        Abuse::build,
+        &scenarios![
+            rapid_reset_is_cut_off,
+            a_continuation_flood_is_cut_off,
+            a_header_list_over_64_kib_is_refused,
+            ping_and_settings_floods_from_a_peer_that_does_not_read_are_bounded,
+            streams_over_the_limit_are_refused_and_the_connection_stays,
+            an_empty_data_flood_is_bounded,
+        ],
+        &[],
+    )
 }
 
 /// RELIABILITY 29: Rapid reset: open a stream and cancel it at once, 20,000 times.
-fn rapid_reset_is_cut_off(a: &mut Abuse<'_>) -> Result<()> {
-    let (mesh, wp) = (a.mesh, a.wp);
+fn rapid_reset_is_cut_off(a: &mut Abuse) -> Result<()> {
+    let (mesh, wp) = (&a.mesh, &a.wp);
     let seen = under_attack(
         mesh,
         wp,
@@ -361,8 +381,8 @@ fn rapid_reset_is_cut_off(a: &mut Abuse<'_>) -> Result<()> {
 }
 
 /// RELIABILITY 30: CONTINUATION flood: a header block that never ends, 1 KiB at a time, 4 MiB in all.
-fn a_continuation_flood_is_cut_off(a: &mut Abuse<'_>) -> Result<()> {
-    let (mesh, wp) = (a.mesh, a.wp);
+fn a_continuation_flood_is_cut_off(a: &mut Abuse) -> Result<()> {
+    let (mesh, wp) = (&a.mesh, &a.wp);
     let seen = under_attack(
         mesh,
         wp,
@@ -386,8 +406,8 @@ fn a_continuation_flood_is_cut_off(a: &mut Abuse<'_>) -> Result<()> {
 }
 
 /// RELIABILITY 30: A header list over 64 KiB in one request: refused, the connection may stay.
-fn a_header_list_over_64_kib_is_refused(a: &mut Abuse<'_>) -> Result<()> {
-    let (mesh, wp) = (a.mesh, a.wp);
+fn a_header_list_over_64_kib_is_refused(a: &mut Abuse) -> Result<()> {
+    let (mesh, wp) = (&a.mesh, &a.wp);
     under_attack(
         mesh,
         wp,
@@ -417,9 +437,9 @@ fn a_header_list_over_64_kib_is_refused(a: &mut Abuse<'_>) -> Result<()> {
 /// RELIABILITY 31: PING and SETTINGS floods from a peer that never reads its replies (the reader
 /// thread only starts reading after a pause): bounded by backpressure, then closed.
 fn ping_and_settings_floods_from_a_peer_that_does_not_read_are_bounded(
-    a: &mut Abuse<'_>,
+    a: &mut Abuse,
 ) -> Result<()> {
-    let (mesh, wp) = (a.mesh, a.wp);
+    let (mesh, wp) = (&a.mesh, &a.wp);
     for (name, kind) in [("ping flood", PING), ("settings flood", SETTINGS)] {
         under_attack(
             mesh,
@@ -450,8 +470,8 @@ fn ping_and_settings_floods_from_a_peer_that_does_not_read_are_bounded(
 /// that each wait 2 s in the waypoint, sent at once by a client that ignores the limit.
 /// The extra ones are refused (RST_STREAM REFUSED_STREAM) and the connection stays: the
 /// others are answered.
-fn streams_over_the_limit_are_refused_and_the_connection_stays(a: &mut Abuse<'_>) -> Result<()> {
-    let (mesh, wp) = (a.mesh, a.wp);
+fn streams_over_the_limit_are_refused_and_the_connection_stays(a: &mut Abuse) -> Result<()> {
+    let (mesh, wp) = (&a.mesh, &a.wp);
     let seen = under_attack(
         mesh,
         wp,
@@ -486,8 +506,8 @@ fn streams_over_the_limit_are_refused_and_the_connection_stays(a: &mut Abuse<'_>
 }
 
 /// RELIABILITY 31: Empty DATA frames on an open stream.
-fn an_empty_data_flood_is_bounded(a: &mut Abuse<'_>) -> Result<()> {
-    let (mesh, wp) = (a.mesh, a.wp);
+fn an_empty_data_flood_is_bounded(a: &mut Abuse) -> Result<()> {
+    let (mesh, wp) = (&a.mesh, &a.wp);
     under_attack(
         mesh,
         wp,

@@ -7,6 +7,7 @@
 //! `istio_requests_total{grpc_response_status}`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, ensure, Context, Result};
@@ -14,8 +15,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use e2e::grpc::SERVER_HEADER;
 use e2e::prom;
-use e2e::waypoint::{waypoint_mesh, with_log, CLIENT, WAYPOINT};
-use e2e::{run_scenarios, scenarios, wait_until, Mesh, Pod};
+use e2e::waypoint::{log_tail, waypoint_mesh, CLIENT, WAYPOINT};
+use e2e::{scenarios, wait_until, ChildGuard, Mesh, Pod, Suite};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::{json, Value};
@@ -236,53 +237,71 @@ fn all_ok(lines: &[Value]) -> Result<()> {
 
 /// What the scenarios share: the mesh, the two tokens, and every call's status (for the
 /// metrics scenario).
-struct Grpc<'a> {
-    mesh: &'a Mesh,
+struct Grpc {
     tally: Tally,
     good_token: String,
     forged_token: String,
+    wp: ChildGuard,
+    _servers: Vec<ChildGuard>,
+    /// Last: dropped once the processes in it are gone.
+    mesh: Mesh,
+}
+
+impl Grpc {
+    fn build() -> Result<Self> {
+        let signer = key()?;
+        let mesh = mesh("waypoint_grpc", &jwt_yaml(&signer))?;
+        let mut servers = Vec::new();
+        for (pod, _, version) in SERVERS {
+            servers.push(mesh.spawn_grpc(pod, 9000, version)?);
+        }
+        let wp = mesh.spawn_default_waypoint()?;
+        Ok(Grpc {
+            tally: Tally::default(),
+            good_token: token(&signer)?,
+            forged_token: token(&key()?)?,
+            wp,
+            _servers: servers,
+            mesh,
+        })
+    }
+}
+
+impl Suite for Grpc {
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        log_tail(&self.wp, err)
+    }
 }
 
 /// One mesh for all scenarios; they run in order. The GRPCRoute scenario attaches a route to
 /// Service `grpc` and `grpc-empty` that the scenarios after it rely on, and the metrics
 /// scenario counts the calls of all before it.
-#[test]
-fn grpc_through_the_waypoint() -> Result<()> {
-    let signer = key()?;
-    let mesh = mesh("waypoint_grpc", &jwt_yaml(&signer))?;
-    let mut servers = Vec::new();
-    for (pod, _, version) in SERVERS {
-        servers.push(mesh.spawn_grpc(pod, 9000, version)?);
-    }
-    let wp = mesh.spawn_default_waypoint()?;
-    let mut grpc = Grpc {
-        mesh: &mesh,
-        tally: Tally::default(),
-        good_token: token(&signer)?,
-        forged_token: token(&key()?)?,
-    };
-    let scenarios = scenarios![
-        unary_calls_on_one_channel_are_balanced_over_every_endpoint,
-        a_server_stream_stays_on_one_server_and_streams_are_balanced,
-        a_client_stream_delivers_every_message,
-        a_bidi_stream_answers_every_message_in_order,
-        a_status_the_server_chooses_passes_through_with_its_trailer,
-        an_authorization_policy_denies_one_method_with_permission_denied,
-        a_valid_jwt_passes_and_a_forged_one_is_unauthenticated,
-        a_route_timeout_is_unavailable_and_a_faster_call_passes,
-        no_endpoint_behind_the_waypoint_is_unavailable,
-        a_grpc_route_routes_by_method_and_header,
-        a_method_no_grpc_route_matches_is_unimplemented,
-        metrics_count_every_call_by_grpc_status,
-    ];
-    with_log(&wp, run_scenarios(&mut grpc, &scenarios))
+fn main() -> ExitCode {
+    e2e::scenario::main(
+        Grpc::build,
+        &scenarios![
+            unary_calls_on_one_channel_are_balanced_over_every_endpoint,
+            a_server_stream_stays_on_one_server_and_streams_are_balanced,
+            a_client_stream_delivers_every_message,
+            a_bidi_stream_answers_every_message_in_order,
+            a_status_the_server_chooses_passes_through_with_its_trailer,
+            an_authorization_policy_denies_one_method_with_permission_denied,
+            a_valid_jwt_passes_and_a_forged_one_is_unauthenticated,
+            a_route_timeout_is_unavailable_and_a_faster_call_passes,
+            no_endpoint_behind_the_waypoint_is_unavailable,
+            a_grpc_route_routes_by_method_and_header,
+            a_method_no_grpc_route_matches_is_unimplemented,
+            metrics_count_every_call_by_grpc_status,
+        ],
+        &[],
+    )
 }
 
 /// Unary: one channel's 30 calls (one connection: the client's agent opens one to the
 /// waypoint) are spread over all three endpoints (per request, not per connection), each
 /// reply names its server and echoes the metadata the server saw.
-fn unary_calls_on_one_channel_are_balanced_over_every_endpoint(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn unary_calls_on_one_channel_are_balanced_over_every_endpoint(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let to_waypoint = || -> Result<f64> {
         Ok(prom::sum(
@@ -329,8 +348,8 @@ fn unary_calls_on_one_channel_are_balanced_over_every_endpoint(g: &mut Grpc<'_>)
 }
 
 /// Server streaming: every reply of a call comes from one server, the trailers end it.
-fn a_server_stream_stays_on_one_server_and_streams_are_balanced(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn a_server_stream_stays_on_one_server_and_streams_are_balanced(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let lines = client(
         mesh,
@@ -360,8 +379,8 @@ fn a_server_stream_stays_on_one_server_and_streams_are_balanced(g: &mut Grpc<'_>
 }
 
 /// Client streaming: the server counted every message.
-fn a_client_stream_delivers_every_message(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn a_client_stream_delivers_every_message(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let lines = client(
         mesh,
@@ -379,8 +398,8 @@ fn a_client_stream_delivers_every_message(g: &mut Grpc<'_>) -> Result<()> {
 }
 
 /// Bidi: one reply per message, in order, from one server.
-fn a_bidi_stream_answers_every_message_in_order(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn a_bidi_stream_answers_every_message_in_order(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let lines = client(mesh, tally, GRPC, 3, &["--kind", "bidi", "--count", "4"])?;
     all_ok(&lines)?;
@@ -393,8 +412,8 @@ fn a_bidi_stream_answers_every_message_in_order(g: &mut Grpc<'_>) -> Result<()> 
 
 /// A status the server chooses passes through, with the server's own trailer: as a
 /// trailers-only response (unary) and after data (server streaming).
-fn a_status_the_server_chooses_passes_through_with_its_trailer(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn a_status_the_server_chooses_passes_through_with_its_trailer(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let lines = client(mesh, tally, GRPC, 3, &["--kind", "unary", "--status", "9"])?;
     for l in &lines {
@@ -425,10 +444,8 @@ fn a_status_the_server_chooses_passes_through_with_its_trailer(g: &mut Grpc<'_>)
 /// AuthorizationPolicy DENY on the Unary method path: the client sees PERMISSION_DENIED
 /// (HTTP 200, trailers-only, as Envoy answers gRPC); other methods with the same header
 /// pass.
-fn an_authorization_policy_denies_one_method_with_permission_denied(
-    g: &mut Grpc<'_>,
-) -> Result<()> {
-    let mesh = g.mesh;
+fn an_authorization_policy_denies_one_method_with_permission_denied(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let lines = client(
         mesh,
@@ -455,8 +472,8 @@ fn an_authorization_policy_denies_one_method_with_permission_denied(
 
 /// RequestAuthentication: a valid token passes (and is not forwarded), one signed by
 /// another key is UNAUTHENTICATED.
-fn a_valid_jwt_passes_and_a_forged_one_is_unauthenticated(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn a_valid_jwt_passes_and_a_forged_one_is_unauthenticated(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let bearer = format!("authorization=Bearer {}", g.good_token);
     let lines = client(
@@ -490,8 +507,8 @@ fn a_valid_jwt_passes_and_a_forged_one_is_unauthenticated(g: &mut Grpc<'_>) -> R
 
 /// An HTTPRoute's request timeout on a gRPC call: UNAVAILABLE, as Envoy maps its 504 (`UT`);
 /// a call within the timeout passes.
-fn a_route_timeout_is_unavailable_and_a_faster_call_passes(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn a_route_timeout_is_unavailable_and_a_faster_call_passes(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let lines = client(
         mesh,
@@ -516,8 +533,8 @@ fn a_route_timeout_is_unavailable_and_a_faster_call_passes(g: &mut Grpc<'_>) -> 
 }
 
 /// No endpoint behind the waypoint: UNAVAILABLE.
-fn no_endpoint_behind_the_waypoint_is_unavailable(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn no_endpoint_behind_the_waypoint_is_unavailable(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let lines = client(mesh, tally, EMPTY, 2, &["--kind", "unary"])?;
     for l in &lines {
@@ -529,8 +546,8 @@ fn no_endpoint_behind_the_waypoint_is_unavailable(g: &mut Grpc<'_>) -> Result<()
 
 /// GRPCRoute: ServerStream to grpc-a, `x-canary: yes` to grpc-a (with header filters),
 /// everything else to grpc-bc.
-fn a_grpc_route_routes_by_method_and_header(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn a_grpc_route_routes_by_method_and_header(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     mesh.write_yaml("route.yaml", ROUTE)?;
     wait_until("the GRPCRoute to apply", ROUTE_WAIT, || {
@@ -606,8 +623,8 @@ fn a_grpc_route_routes_by_method_and_header(g: &mut Grpc<'_>) -> Result<()> {
 
 /// A method no rule of the attached GRPCRoute matches: UNIMPLEMENTED (the 404 `NR`);
 /// the method it routes is served by grpc-a although grpc-empty has no endpoint.
-fn a_method_no_grpc_route_matches_is_unimplemented(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn a_method_no_grpc_route_matches_is_unimplemented(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let lines = client(mesh, tally, EMPTY, 2, &["--kind", "unary"])?;
     for l in &lines {
@@ -622,8 +639,8 @@ fn a_method_no_grpc_route_matches_is_unimplemented(g: &mut Grpc<'_>) -> Result<(
 
 /// Metrics: one istio_requests_total sample per call, by the gRPC status the client saw;
 /// the waypoint's own replies are HTTP 200 with their gRPC status and flag.
-fn metrics_count_every_call_by_grpc_status(g: &mut Grpc<'_>) -> Result<()> {
-    let mesh = g.mesh;
+fn metrics_count_every_call_by_grpc_status(g: &mut Grpc) -> Result<()> {
+    let mesh = &g.mesh;
     let tally = &mut g.tally;
     let metrics = mesh.waypoint_metrics(WAYPOINT)?;
     let requests = |labels: &[(&str, &str)]| prom::sum(&metrics, "istio_requests_total", labels);

@@ -7,6 +7,7 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,8 +18,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use e2e::jwt::Key;
 use e2e::prom;
-use e2e::waypoint::{waypoint_mesh, waypoint_service, with_log, CLIENT, WAYPOINT};
-use e2e::{run_scenarios, scenarios, wait_until, Ambient, Mesh, Pod};
+use e2e::waypoint::{log_tail, waypoint_mesh, waypoint_service, CLIENT, WAYPOINT};
+use e2e::{scenarios, wait_until, Ambient, ChildGuard, Mesh, Pod, Suite};
 use nix::sys::socket::{shutdown, Shutdown};
 use serde_json::{json, Value};
 
@@ -163,46 +164,64 @@ impl Drop for JwksServer {
 
 /// What the scenarios share: the mesh, the local and remote signing keys, and tokens for
 /// alice (no groups) and bob (group `admins`) signed by the local key.
-struct Jwt<'a> {
-    mesh: &'a Mesh,
+struct Jwt {
     local: Key,
     remote: Key,
     alice: String,
     bob: String,
+    wp: ChildGuard,
+    _server: ChildGuard,
+    /// Last: dropped once the processes in it are gone.
+    mesh: Mesh,
+}
+
+impl Jwt {
+    fn build() -> Result<Self> {
+        let mesh = mesh("waypoint_jwt")?;
+        let local = Key::new("local-1")?;
+        let remote = Key::new("remote-1")?;
+        let jwks_ip = mesh.pod_ip(JWKS_POD)?.to_string();
+        mesh.write_yaml("jwt.yaml", &config(&local.jwks(), &jwks_ip))?;
+        let server = mesh.spawn_echo("default/server", 8080, "server")?;
+        let wp = mesh.spawn_default_waypoint()?;
+        Ok(Jwt {
+            alice: local.sign(&claims("issuer", "alice", &[]))?,
+            bob: local.sign(&claims("issuer", "bob", &["admins"]))?,
+            local,
+            remote,
+            wp,
+            _server: server,
+            mesh,
+        })
+    }
+}
+
+impl Suite for Jwt {
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        log_tail(&self.wp, err)
+    }
 }
 
 /// One mesh for all scenarios; they run in order, and the JWKS server is started only by the
 /// last (the one that checks the remote keys are fetched once it answers).
-#[test]
-fn jwt_authentication_at_the_waypoint() -> Result<()> {
-    let mesh = mesh("waypoint_jwt")?;
-    let local = Key::new("local-1")?;
-    let remote = Key::new("remote-1")?;
-    let jwks_ip = mesh.pod_ip(JWKS_POD)?.to_string();
-    mesh.write_yaml("jwt.yaml", &config(&local.jwks(), &jwks_ip))?;
-    let _server = mesh.spawn_echo("default/server", 8080, "server")?;
-    let wp = mesh.spawn_default_waypoint()?;
-    let mut jwt = Jwt {
-        mesh: &mesh,
-        alice: local.sign(&claims("issuer", "alice", &[]))?,
-        bob: local.sign(&claims("issuer", "bob", &["admins"]))?,
-        local,
-        remote,
-    };
-    let scenarios = scenarios![
-        without_a_token_public_paths_pass_and_secure_ones_are_denied,
-        an_allowed_principal_passes_and_only_the_token_payload_is_forwarded,
-        a_groups_claim_opens_what_the_principal_alone_does_not,
-        invalid_tokens_are_refused_with_401_everywhere_and_counted,
-        jwks_uri_fails_closed_until_its_server_answers,
-    ];
-    with_log(&wp, run_scenarios(&mut jwt, &scenarios))
+fn main() -> ExitCode {
+    e2e::scenario::main(
+        Jwt::build,
+        &scenarios![
+            without_a_token_public_paths_pass_and_secure_ones_are_denied,
+            an_allowed_principal_passes_and_only_the_token_payload_is_forwarded,
+            a_groups_claim_opens_what_the_principal_alone_does_not,
+            invalid_tokens_are_refused_with_401_everywhere_and_counted,
+            jwks_uri_fails_closed_until_its_server_answers,
+        ],
+        &[],
+    )
 }
 
 /// No token: unauthenticated, fine where no principal is required, 403 where one is; a
 /// client's copy of the output header is dropped.
-fn without_a_token_public_paths_pass_and_secure_ones_are_denied(j: &mut Jwt<'_>) -> Result<()> {
-    let mesh = j.mesh;
+fn without_a_token_public_paths_pass_and_secure_ones_are_denied(j: &mut Jwt) -> Result<()> {
+    let mesh = &j.mesh;
     let forged = vec!["x-jwt-payload: forged".to_string()];
     let (status, body) = get(mesh, "/public", &forged)?;
     assert_eq!(status, 200, "{body}");
@@ -219,10 +238,8 @@ fn without_a_token_public_paths_pass_and_secure_ones_are_denied(j: &mut Jwt<'_>)
 }
 
 /// Alice may; the token is not forwarded, its payload is.
-fn an_allowed_principal_passes_and_only_the_token_payload_is_forwarded(
-    j: &mut Jwt<'_>,
-) -> Result<()> {
-    let (status, body) = get(j.mesh, "/secure/data", &bearer(&j.alice))?;
+fn an_allowed_principal_passes_and_only_the_token_payload_is_forwarded(j: &mut Jwt) -> Result<()> {
+    let (status, body) = get(&j.mesh, "/secure/data", &bearer(&j.alice))?;
     assert_eq!(status, 200, "{body}");
     let reply: Value = serde_json::from_str(&body)?;
     assert!(reply["headers"]["authorization"].is_null(), "{reply}");
@@ -232,8 +249,8 @@ fn an_allowed_principal_passes_and_only_the_token_payload_is_forwarded(
 }
 
 /// Bob is authenticated but not allowed on /secure; his groups claim opens /admins.
-fn a_groups_claim_opens_what_the_principal_alone_does_not(j: &mut Jwt<'_>) -> Result<()> {
-    let mesh = j.mesh;
+fn a_groups_claim_opens_what_the_principal_alone_does_not(j: &mut Jwt) -> Result<()> {
+    let mesh = &j.mesh;
     assert_eq!(get(mesh, "/secure", &bearer(&j.bob))?.0, 403);
     assert_eq!(get(mesh, "/admins", &bearer(&j.bob))?.0, 200);
     assert_eq!(get(mesh, "/admins", &bearer(&j.alice))?.0, 403);
@@ -242,8 +259,8 @@ fn a_groups_claim_opens_what_the_principal_alone_does_not(j: &mut Jwt<'_>) -> Re
 }
 
 /// Invalid tokens: 401 wherever they are sent, even to /public, counted by reason.
-fn invalid_tokens_are_refused_with_401_everywhere_and_counted(j: &mut Jwt<'_>) -> Result<()> {
-    let (mesh, local, alice) = (j.mesh, &j.local, &j.alice);
+fn invalid_tokens_are_refused_with_401_everywhere_and_counted(j: &mut Jwt) -> Result<()> {
+    let (mesh, local, alice) = (&j.mesh, &j.local, &j.alice);
     let payload = alice.split('.').nth(1).context("payload")?;
     let (h, rest) = alice.split_once('.').context("token")?;
     let (_, sig) = rest.split_once('.').context("token")?;
@@ -299,8 +316,8 @@ fn invalid_tokens_are_refused_with_401_everywhere_and_counted(j: &mut Jwt<'_>) -
 
 /// jwksUri: while the server is down, remote tokens are refused (fail closed); once it is
 /// up, the next retry fetches the keys and the token is accepted.
-fn jwks_uri_fails_closed_until_its_server_answers(j: &mut Jwt<'_>) -> Result<()> {
-    let (mesh, remote) = (j.mesh, &j.remote);
+fn jwks_uri_fails_closed_until_its_server_answers(j: &mut Jwt) -> Result<()> {
+    let (mesh, remote) = (&j.mesh, &j.remote);
     let remote_alice = remote.sign(&claims("remote-issuer", "alice", &[]))?;
     let x_token = vec![format!("x-token: {remote_alice}")];
     assert_eq!(get(mesh, "/secure", &x_token)?.0, 401);

@@ -12,15 +12,16 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use e2e::prom;
 use e2e::waypoint::{
-    http_service, server, wait_for_rejection, waypoint_mesh, waypoint_service, with_log,
+    http_service, log_tail, server, wait_for_rejection, waypoint_mesh, waypoint_service, with_log,
     with_two_versions, Client, CLIENT, WAYPOINT,
 };
-use e2e::{run_scenarios, scenarios, wait_until, ChildGuard, Mesh, Pod};
+use e2e::{scenarios, wait_until, ChildGuard, Mesh, Pod, Suite};
 use serde_json::Value;
 
 const ECHO_VIP: &str = "10.96.0.30";
@@ -126,9 +127,7 @@ fn mesh(test: &str) -> Result<Mesh> {
 
 /// What the scenarios share: the mesh, the waypoint, one keep-alive connection to `echo`, and
 /// what the metrics scenario checks the counters against.
-struct Resilience<'a> {
-    mesh: &'a Mesh,
-    wp: &'a ChildGuard,
+struct Resilience {
     c: Client,
     /// Requests sent to Service `web` (on their own connection).
     web_sent: usize,
@@ -136,46 +135,64 @@ struct Resilience<'a> {
     aborted: usize,
     /// Requests slower than the delay fault.
     slow: usize,
+    wp: ChildGuard,
+    _backends: [ChildGuard; 3],
+    /// Last: dropped once the processes in it are gone.
+    mesh: Mesh,
+}
+
+impl Resilience {
+    fn build() -> Result<Self> {
+        let mesh = mesh("waypoint_resilience")?;
+        let v1 = mesh.spawn_echo("default/echo-v1", 8080, "echo-v1")?;
+        let v2 = mesh.spawn_echo("default/echo-v2", 8080, "echo-v2")?;
+        let mirror = mesh.spawn_echo("default/echo-mirror", 8080, "echo-mirror")?;
+        let wp = mesh.spawn_default_waypoint()?;
+        let vip: SocketAddr = format!("{ECHO_VIP}:80").parse()?;
+        let c = with_log(&wp, Client::connect(&mesh, CLIENT, vip))?;
+        Ok(Resilience {
+            c,
+            web_sent: 0,
+            aborted: 0,
+            slow: 0,
+            wp,
+            _backends: [v1, v2, mirror],
+            mesh,
+        })
+    }
+}
+
+impl Suite for Resilience {
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        log_tail(&self.wp, err)
+    }
 }
 
 /// One mesh for all scenarios (building it is most of the suite's time); they run in order on
 /// one connection, and the metrics scenario counts what the ones before it sent.
-#[test]
-fn virtual_services_at_the_waypoint() -> Result<()> {
-    let mesh = mesh("waypoint_resilience")?;
-    let _v1 = mesh.spawn_echo("default/echo-v1", 8080, "echo-v1")?;
-    let _v2 = mesh.spawn_echo("default/echo-v2", 8080, "echo-v2")?;
-    let _mirror = mesh.spawn_echo("default/echo-mirror", 8080, "echo-mirror")?;
-    let wp = mesh.spawn_default_waypoint()?;
-    let vip: SocketAddr = format!("{ECHO_VIP}:80").parse()?;
-    let c = with_log(&wp, Client::connect(&mesh, CLIENT, vip))?;
-    let mut resilience = Resilience {
-        mesh: &mesh,
-        wp: &wp,
-        c,
-        web_sent: 0,
-        aborted: 0,
-        slow: 0,
-    };
-    let scenarios = scenarios![
-        the_first_matching_entry_wins_and_no_match_is_404,
-        a_weighted_split_is_chosen_per_request,
-        retries_turn_a_503_into_a_200_unless_disabled_or_exhausted,
-        a_small_body_is_retried_and_a_streamed_one_is_not,
-        a_per_try_timeout_gives_up_on_a_slow_attempt,
-        fault_abort_answers_half_the_requests,
-        fault_delay_slows_half_the_requests,
-        mirrors_get_a_shadow_copy_of_each_request_but_not_of_a_streamed_body,
-        redirect_rewrite_and_direct_response_are_answered,
-        metrics_count_client_requests_faults_retries_and_mirrors,
-        a_rejected_virtual_service_keeps_the_last_good_config,
-    ];
-    with_log(&wp, run_scenarios(&mut resilience, &scenarios))
+fn main() -> ExitCode {
+    e2e::scenario::main(
+        Resilience::build,
+        &scenarios![
+            the_first_matching_entry_wins_and_no_match_is_404,
+            a_weighted_split_is_chosen_per_request,
+            retries_turn_a_503_into_a_200_unless_disabled_or_exhausted,
+            a_small_body_is_retried_and_a_streamed_one_is_not,
+            a_per_try_timeout_gives_up_on_a_slow_attempt,
+            fault_abort_answers_half_the_requests,
+            fault_delay_slows_half_the_requests,
+            mirrors_get_a_shadow_copy_of_each_request_but_not_of_a_streamed_body,
+            redirect_rewrite_and_direct_response_are_answered,
+            metrics_count_client_requests_faults_retries_and_mirrors,
+            a_rejected_virtual_service_keeps_the_last_good_config,
+        ],
+        &[],
+    )
 }
 
 /// The first matching http[] entry wins, in order (the header entry is listed before the
 /// prefix one); a uri prefix is a plain string prefix.
-fn the_first_matching_entry_wins_and_no_match_is_404(r: &mut Resilience<'_>) -> Result<()> {
+fn the_first_matching_entry_wins_and_no_match_is_404(r: &mut Resilience) -> Result<()> {
     let c = &mut r.c;
     let reply = c.echo("/v1/x", &[("x-version", "v2")])?;
     assert_eq!(server(&reply), "echo-v2", "{reply}");
@@ -189,7 +206,7 @@ fn the_first_matching_entry_wins_and_no_match_is_404(r: &mut Resilience<'_>) -> 
 }
 
 /// Weighted 80/20, chosen per request on one connection.
-fn a_weighted_split_is_chosen_per_request(r: &mut Resilience<'_>) -> Result<()> {
+fn a_weighted_split_is_chosen_per_request(r: &mut Resilience) -> Result<()> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..SPLIT_REQUESTS {
         let reply = r.c.echo(&format!("/split/{i}"), &[])?;
@@ -211,9 +228,7 @@ fn a_weighted_split_is_chosen_per_request(r: &mut Resilience<'_>) -> Result<()> 
 /// Istio's default policy turns one 503 of the single endpoint into a 200; with
 /// `attempts: 0` the 503 reaches the client; when every attempt fails the last 503 is passed
 /// on, flagged URX (1 attempt + 2 retries).
-fn retries_turn_a_503_into_a_200_unless_disabled_or_exhausted(
-    r: &mut Resilience<'_>,
-) -> Result<()> {
+fn retries_turn_a_503_into_a_200_unless_disabled_or_exhausted(r: &mut Resilience) -> Result<()> {
     let c = &mut r.c;
     let reply = c.echo("/retry-default?fail_first=1&key=default-1", &[])?;
     assert_eq!(server(&reply), "echo-v1");
@@ -228,7 +243,7 @@ fn retries_turn_a_503_into_a_200_unless_disabled_or_exhausted(
 
 /// A small body is buffered and sent again by the retry; a large one (over 64 KiB) is
 /// streamed, so a 503 after it was sent is not retried.
-fn a_small_body_is_retried_and_a_streamed_one_is_not(r: &mut Resilience<'_>) -> Result<()> {
+fn a_small_body_is_retried_and_a_streamed_one_is_not(r: &mut Resilience) -> Result<()> {
     let c = &mut r.c;
     let reply = c.post("/retry-default?fail_first=1&key=post-small", 1000)?;
     assert_eq!(reply["body_bytes"], 1000, "{reply}");
@@ -242,7 +257,7 @@ fn a_small_body_is_retried_and_a_streamed_one_is_not(r: &mut Resilience<'_>) -> 
 
 /// perTryTimeout: the first attempt would answer after 2 s; the waypoint gives up on it at
 /// 300 ms and the second attempt answers at once.
-fn a_per_try_timeout_gives_up_on_a_slow_attempt(r: &mut Resilience<'_>) -> Result<()> {
+fn a_per_try_timeout_gives_up_on_a_slow_attempt(r: &mut Resilience) -> Result<()> {
     let before = Instant::now();
     let reply = r.c.echo(
         "/per-try?fail_first=1&key=slow-1&delay_ms=2000&status=200",
@@ -265,7 +280,7 @@ fn a_per_try_timeout_gives_up_on_a_slow_attempt(r: &mut Resilience<'_>) -> Resul
 }
 
 /// Fault abort on 50 %: answered by the waypoint with Envoy's body.
-fn fault_abort_answers_half_the_requests(r: &mut Resilience<'_>) -> Result<()> {
+fn fault_abort_answers_half_the_requests(r: &mut Resilience) -> Result<()> {
     for i in 0..ABORT_REQUESTS {
         let rsp = r.c.get(&format!("/abort/{i}"), &[])?;
         match rsp.status {
@@ -287,7 +302,7 @@ fn fault_abort_answers_half_the_requests(r: &mut Resilience<'_>) -> Result<()> {
 }
 
 /// Fault delay on 50 %: count requests slower than the delay.
-fn fault_delay_slows_half_the_requests(r: &mut Resilience<'_>) -> Result<()> {
+fn fault_delay_slows_half_the_requests(r: &mut Resilience) -> Result<()> {
     for i in 0..DELAY_REQUESTS {
         let before = Instant::now();
         r.c.echo(&format!("/delay/{i}"), &[])?;
@@ -309,7 +324,7 @@ fn fault_delay_slows_half_the_requests(r: &mut Resilience<'_>) -> Result<()> {
 /// `-shadow` appended to the host; the HTTPRoute RequestMirror filter does the same for
 /// Service `web`.
 fn mirrors_get_a_shadow_copy_of_each_request_but_not_of_a_streamed_body(
-    r: &mut Resilience<'_>,
+    r: &mut Resilience,
 ) -> Result<()> {
     let reply = r.c.post("/mirror/large", 100 * 1024)?;
     assert_eq!(server(&reply), "echo-v1", "{reply}");
@@ -318,14 +333,14 @@ fn mirrors_get_a_shadow_copy_of_each_request_but_not_of_a_streamed_body(
         assert_eq!(server(&reply), "echo-v1", "{reply}");
     }
     let web_vip: SocketAddr = format!("{WEB_VIP}:80").parse()?;
-    let mut w = Client::connect_as(r.mesh, CLIENT, web_vip, "web")?;
+    let mut w = Client::connect_as(&r.mesh, CLIENT, web_vip, "web")?;
     for i in 0..ROUTE_MIRRORED_REQUESTS {
         let reply = w.echo(&format!("/web/{i}"), &[])?;
         assert_eq!(server(&reply), "echo-v2", "{reply}");
     }
     r.web_sent = w.sent();
     let mirror_vip: SocketAddr = format!("{MIRROR_VIP}:80").parse()?;
-    let mut m = Client::connect_as(r.mesh, CLIENT, mirror_vip, "echo-mirror")?;
+    let mut m = Client::connect_as(&r.mesh, CLIENT, mirror_vip, "echo-mirror")?;
     let mut last = Value::Null;
     let counted = wait_until(
         "the mirror to count every mirrored request",
@@ -348,7 +363,7 @@ fn mirrors_get_a_shadow_copy_of_each_request_but_not_of_a_streamed_body(
 }
 
 /// Redirect, rewrite and direct response, once each.
-fn redirect_rewrite_and_direct_response_are_answered(r: &mut Resilience<'_>) -> Result<()> {
+fn redirect_rewrite_and_direct_response_are_answered(r: &mut Resilience) -> Result<()> {
     let c = &mut r.c;
     let rsp = c.get("/moved?from=test", &[])?;
     assert_eq!(rsp.status, 301, "{}", rsp.text());
@@ -366,8 +381,8 @@ fn redirect_rewrite_and_direct_response_are_answered(r: &mut Resilience<'_>) -> 
 
 /// One istio_requests_total per client request of the scenarios before (mirrors and retries
 /// are not requests); flags for the faults, retries and their reasons.
-fn metrics_count_client_requests_faults_retries_and_mirrors(r: &mut Resilience<'_>) -> Result<()> {
-    let mesh = r.mesh;
+fn metrics_count_client_requests_faults_retries_and_mirrors(r: &mut Resilience) -> Result<()> {
+    let mesh = &r.mesh;
     let sent = (r.c.sent() + r.web_sent) as f64;
     let expected_aborts = r.aborted as f64;
     let slow = r.slow;
@@ -446,14 +461,14 @@ fn metrics_count_client_requests_faults_retries_and_mirrors(r: &mut Resilience<'
 }
 
 /// A VirtualService the translator refuses leaves the last good config in place.
-fn a_rejected_virtual_service_keeps_the_last_good_config(r: &mut Resilience<'_>) -> Result<()> {
+fn a_rejected_virtual_service_keeps_the_last_good_config(r: &mut Resilience) -> Result<()> {
     r.mesh.write_yaml(
         "vs-bad.yaml",
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
          metadata: {name: bad, namespace: default}\n\
          spec: {hosts: [echo], http: [{route: [{destination: {host: echo-v2}}], retries: {retryOn: sometimes}}]}\n",
     )?;
-    wait_for_rejection(r.wp, "vs-bad.yaml doc 1: VirtualService default/bad")?;
+    wait_for_rejection(&r.wp, "vs-bad.yaml doc 1: VirtualService default/bad")?;
     let reply = r.c.echo("/v1/still", &[])?;
     assert_eq!(server(&reply), "echo-v1", "{reply}");
     Ok(())

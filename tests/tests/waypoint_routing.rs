@@ -9,15 +9,16 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use e2e::prom;
 use e2e::waypoint::{
-    server, wait_for_rejection, waypoint_mesh, with_log, with_two_versions, Client, CLIENT,
-    WAYPOINT,
+    log_tail, server, wait_for_rejection, waypoint_mesh, with_log, with_two_versions, Client,
+    CLIENT, WAYPOINT,
 };
-use e2e::{run_scenarios, scenarios, ChildGuard, Mesh};
+use e2e::{scenarios, ChildGuard, Mesh, Suite};
 
 const ECHO_VIP: &str = "10.96.0.20";
 const V1_HOST: &str = "echo-v1.default.svc.cluster.local";
@@ -96,50 +97,66 @@ fn mesh(test: &str) -> Result<Mesh> {
 
 /// What the scenarios share: the mesh, the waypoint, one keep-alive connection to `echo`, and
 /// the requests the waypoint sent to each backend Service (for the metrics scenario).
-struct Routing<'a> {
-    mesh: &'a Mesh,
-    wp: &'a ChildGuard,
+struct Routing {
     c: Client,
     to_v1: f64,
     to_v2: f64,
+    wp: ChildGuard,
+    _backends: [ChildGuard; 2],
+    /// Last: dropped once the processes in it are gone.
+    mesh: Mesh,
+}
+
+impl Routing {
+    fn build() -> Result<Self> {
+        let mesh = mesh("waypoint_routing")?;
+        let v1 = mesh.spawn_echo("default/echo-v1", 8080, "echo-v1")?;
+        let v2 = mesh.spawn_echo("default/echo-v2", 8080, "echo-v2")?;
+        let wp = mesh.spawn_default_waypoint()?;
+        let vip: SocketAddr = format!("{ECHO_VIP}:80").parse()?;
+        let c = with_log(&wp, Client::connect(&mesh, CLIENT, vip))?;
+        Ok(Routing {
+            c,
+            to_v1: 0.0,
+            to_v2: 0.0,
+            wp,
+            _backends: [v1, v2],
+            mesh,
+        })
+    }
+}
+
+impl Suite for Routing {
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        log_tail(&self.wp, err)
+    }
 }
 
 /// One mesh for all scenarios (building it is most of the suite's time); they run in order on
 /// one connection, and the metrics scenario counts what the ones before it sent.
-#[test]
-fn httproutes_at_the_waypoint() -> Result<()> {
-    let mesh = mesh("waypoint_routing")?;
-    let _v1 = mesh.spawn_echo("default/echo-v1", 8080, "echo-v1")?;
-    let _v2 = mesh.spawn_echo("default/echo-v2", 8080, "echo-v2")?;
-    let wp = mesh.spawn_default_waypoint()?;
-    let vip: SocketAddr = format!("{ECHO_VIP}:80").parse()?;
-    let c = with_log(&wp, Client::connect(&mesh, CLIENT, vip))?;
-    let mut routing = Routing {
-        mesh: &mesh,
-        wp: &wp,
-        c,
-        to_v1: 0.0,
-        to_v2: 0.0,
-    };
-    let scenarios = scenarios![
-        a_header_match_picks_its_backend_and_the_catch_all_balances_over_both,
-        a_longer_path_prefix_outranks_a_header_and_internal_headers_are_stripped,
-        a_weighted_split_is_chosen_per_request,
-        url_rewrite_replaces_the_prefix_and_keeps_the_original_path,
-        request_redirect_is_answered_by_the_waypoint,
-        header_modifiers_apply_to_request_and_response,
-        policy_and_routing_see_one_normalised_path,
-        a_request_timeout_answers_504_and_keeps_the_connection,
-        metrics_name_the_backend_actually_used,
-        a_rejected_route_keeps_the_last_good_routes,
-    ];
-    with_log(&wp, run_scenarios(&mut routing, &scenarios))
+fn main() -> ExitCode {
+    e2e::scenario::main(
+        Routing::build,
+        &scenarios![
+            a_header_match_picks_its_backend_and_the_catch_all_balances_over_both,
+            a_longer_path_prefix_outranks_a_header_and_internal_headers_are_stripped,
+            a_weighted_split_is_chosen_per_request,
+            url_rewrite_replaces_the_prefix_and_keeps_the_original_path,
+            request_redirect_is_answered_by_the_waypoint,
+            header_modifiers_apply_to_request_and_response,
+            policy_and_routing_see_one_normalised_path,
+            a_request_timeout_answers_504_and_keeps_the_connection,
+            metrics_name_the_backend_actually_used,
+            a_rejected_route_keeps_the_last_good_routes,
+        ],
+        &[],
+    )
 }
 
 /// `x-version: v2` goes to echo-v2; without it, the catch-all rule sends it to `echo` itself,
 /// balanced over both pods.
 fn a_header_match_picks_its_backend_and_the_catch_all_balances_over_both(
-    r: &mut Routing<'_>,
+    r: &mut Routing,
 ) -> Result<()> {
     let c = &mut r.c;
     for _ in 0..4 {
@@ -158,7 +175,7 @@ fn a_header_match_picks_its_backend_and_the_catch_all_balances_over_both(
 /// A longer path prefix outranks a header match; client-supplied internal control headers do
 /// not reach the backend.
 fn a_longer_path_prefix_outranks_a_header_and_internal_headers_are_stripped(
-    r: &mut Routing<'_>,
+    r: &mut Routing,
 ) -> Result<()> {
     for i in 0..4 {
         let reply = r.c.echo(
@@ -182,7 +199,7 @@ fn a_longer_path_prefix_outranks_a_header_and_internal_headers_are_stripped(
 }
 
 /// Weighted 80/20, chosen per request on one connection.
-fn a_weighted_split_is_chosen_per_request(r: &mut Routing<'_>) -> Result<()> {
+fn a_weighted_split_is_chosen_per_request(r: &mut Routing) -> Result<()> {
     let started = Instant::now();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..SPLIT_REQUESTS {
@@ -208,7 +225,7 @@ fn a_weighted_split_is_chosen_per_request(r: &mut Routing<'_>) -> Result<()> {
 
 /// URLRewrite: the matched prefix is replaced, the rest and the query kept; the original path
 /// travels in `x-envoy-original-path` as Envoy sends it.
-fn url_rewrite_replaces_the_prefix_and_keeps_the_original_path(r: &mut Routing<'_>) -> Result<()> {
+fn url_rewrite_replaces_the_prefix_and_keeps_the_original_path(r: &mut Routing) -> Result<()> {
     let reply = r.c.echo("/old-api/users?page=2", &[])?;
     assert_eq!(server(&reply), "echo-v2");
     assert_eq!(reply["path"], "/api/v2/users?page=2", "{reply}");
@@ -218,7 +235,7 @@ fn url_rewrite_replaces_the_prefix_and_keeps_the_original_path(r: &mut Routing<'
 }
 
 /// RequestRedirect: answered by the waypoint, nothing sent upstream.
-fn request_redirect_is_answered_by_the_waypoint(r: &mut Routing<'_>) -> Result<()> {
+fn request_redirect_is_answered_by_the_waypoint(r: &mut Routing) -> Result<()> {
     let rsp = r.c.get("/moved?from=test", &[])?;
     assert_eq!(rsp.status, 301, "{}", rsp.text());
     assert_eq!(
@@ -229,7 +246,7 @@ fn request_redirect_is_answered_by_the_waypoint(r: &mut Routing<'_>) -> Result<(
 }
 
 /// RequestHeaderModifier at the backend, ResponseHeaderModifier at the client.
-fn header_modifiers_apply_to_request_and_response(r: &mut Routing<'_>) -> Result<()> {
+fn header_modifiers_apply_to_request_and_response(r: &mut Routing) -> Result<()> {
     let rsp = r.c.get(
         "/headers",
         &[("x-remove-me", "1"), ("x-route", "from-client")],
@@ -246,7 +263,7 @@ fn header_modifiers_apply_to_request_and_response(r: &mut Routing<'_>) -> Result
 
 /// Path normalisation: one path for policy and routing. Every spelling of /admin is denied;
 /// encoded slashes are refused; dot segments are resolved before forwarding.
-fn policy_and_routing_see_one_normalised_path(r: &mut Routing<'_>) -> Result<()> {
+fn policy_and_routing_see_one_normalised_path(r: &mut Routing) -> Result<()> {
     let c = &mut r.c;
     for target in [
         "/admin",
@@ -268,7 +285,7 @@ fn policy_and_routing_see_one_normalised_path(r: &mut Routing<'_>) -> Result<()>
 
 /// timeouts.request: the backend answers after 3 s, the waypoint gives up at 500 ms; the
 /// connection is still usable afterwards.
-fn a_request_timeout_answers_504_and_keeps_the_connection(r: &mut Routing<'_>) -> Result<()> {
+fn a_request_timeout_answers_504_and_keeps_the_connection(r: &mut Routing) -> Result<()> {
     let before = Instant::now();
     let rsp = r.c.get("/slow?delay_ms=3000", &[])?;
     let waited = before.elapsed();
@@ -285,7 +302,7 @@ fn a_request_timeout_answers_504_and_keeps_the_connection(r: &mut Routing<'_>) -
 }
 
 /// `destination_service` is the backend actually used, counted over the scenarios before.
-fn metrics_name_the_backend_actually_used(r: &mut Routing<'_>) -> Result<()> {
+fn metrics_name_the_backend_actually_used(r: &mut Routing) -> Result<()> {
     let metrics = r.mesh.waypoint_metrics(WAYPOINT)?;
     let requests = |labels: &[(&str, &str)]| prom::sum(&metrics, "istio_requests_total", labels);
     let ok_to = |host: &str| requests(&[("response_code", "200"), ("destination_service", host)]);
@@ -307,14 +324,14 @@ fn metrics_name_the_backend_actually_used(r: &mut Routing<'_>) -> Result<()> {
 }
 
 /// A route the translator refuses leaves the last good routes in place.
-fn a_rejected_route_keeps_the_last_good_routes(r: &mut Routing<'_>) -> Result<()> {
+fn a_rejected_route_keeps_the_last_good_routes(r: &mut Routing) -> Result<()> {
     r.mesh.write_yaml(
         "route-bad.yaml",
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
          metadata: {name: bad, namespace: default}\n\
          spec: {rules: [{matches: [{path: {type: RegularExpression, value: '(unclosed'}}]}]}\n",
     )?;
-    wait_for_rejection(r.wp, "route-bad.yaml doc 1: HTTPRoute default/bad")?;
+    wait_for_rejection(&r.wp, "route-bad.yaml doc 1: HTTPRoute default/bad")?;
     let reply = r.c.echo("/v1/still", &[])?;
     assert_eq!(server(&reply), "echo-v1", "{reply}");
     Ok(())

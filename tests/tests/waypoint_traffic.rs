@@ -18,15 +18,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use e2e::prom;
 use e2e::waypoint::{
-    server, wait_for_rejection, waypoint_mesh, waypoint_service, with_log, Client, CLIENT, WAYPOINT,
+    log_tail, server, wait_for_rejection, waypoint_mesh, waypoint_service, Client, CLIENT, WAYPOINT,
 };
-use e2e::{run_scenarios, scenarios, wait_until, ChildGuard, Mesh, Pod};
+use e2e::{scenarios, wait_until, ChildGuard, Mesh, Pod, Suite};
 
 /// Each Service and its VIP (all select the three pods, `conns` and `perconn` only v1).
 const SERVICES: [(&str, &str); 7] = [
@@ -135,41 +136,57 @@ fn server_of(c: &mut Client, target: &str, headers: &[(&str, &str)]) -> Result<S
 }
 
 /// What the scenarios share: the mesh and its waypoint.
-struct Traffic<'a> {
-    mesh: &'a Mesh,
-    wp: &'a ChildGuard,
+struct Traffic {
+    wp: ChildGuard,
+    _echo: Vec<ChildGuard>,
+    /// Last: dropped once the processes in it are gone.
+    mesh: Mesh,
+}
+
+impl Traffic {
+    fn build() -> Result<Self> {
+        let mesh = mesh("waypoint_traffic")?;
+        let echo: Vec<ChildGuard> = ["v1", "v2", "v3"]
+            .into_iter()
+            .map(|n| mesh.spawn_echo(&format!("default/{n}"), 8080, n))
+            .collect::<Result<_>>()?;
+        let wp = mesh.spawn_default_waypoint()?;
+        Ok(Traffic {
+            wp,
+            _echo: echo,
+            mesh,
+        })
+    }
+}
+
+impl Suite for Traffic {
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        log_tail(&self.wp, err)
+    }
 }
 
 /// One mesh for all scenarios: each Service has its own DestinationRule, so no scenario
 /// changes what another sees (the last adds a rule the waypoint refuses).
-#[test]
-fn destination_rules_at_the_waypoint() -> Result<()> {
-    let mesh = mesh("waypoint_traffic")?;
-    let _echo: Vec<ChildGuard> = ["v1", "v2", "v3"]
-        .into_iter()
-        .map(|n| mesh.spawn_echo(&format!("default/{n}"), 8080, n))
-        .collect::<Result<_>>()?;
-    let wp = mesh.spawn_default_waypoint()?;
-    let mut traffic = Traffic {
-        mesh: &mesh,
-        wp: &wp,
-    };
-    let scenarios = scenarios![
-        consistent_hash_on_a_header,
-        consistent_hash_on_a_generated_cookie,
-        least_request_reaches_every_pod,
-        outlier_detection_ejects_the_failing_pod,
-        connection_pool_overflow_answers_503_uo,
-        one_connection_per_endpoint_with_one_waiting,
-        connections_are_replaced_after_max_requests,
-        a_bad_rule_keeps_the_last_good_rules,
-    ];
-    with_log(&wp, run_scenarios(&mut traffic, &scenarios))
+fn main() -> ExitCode {
+    e2e::scenario::main(
+        Traffic::build,
+        &scenarios![
+            consistent_hash_on_a_header,
+            consistent_hash_on_a_generated_cookie,
+            least_request_reaches_every_pod,
+            outlier_detection_ejects_the_failing_pod,
+            connection_pool_overflow_answers_503_uo,
+            one_connection_per_endpoint_with_one_waiting,
+            connections_are_replaced_after_max_requests,
+            a_bad_rule_keeps_the_last_good_rules,
+        ],
+        &[],
+    )
 }
 
 /// The same `x-user` reaches the same pod every time; different users spread.
-fn consistent_hash_on_a_header(t: &mut Traffic<'_>) -> Result<()> {
-    let mesh = t.mesh;
+fn consistent_hash_on_a_header(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
     let mut c = connect(mesh, "hash")?;
     let first = server_of(&mut c, "/who", &[("x-user", "alice")])?;
     for i in 0..50 {
@@ -199,8 +216,8 @@ fn consistent_hash_on_a_header(t: &mut Traffic<'_>) -> Result<()> {
 }
 
 /// No cookie: the waypoint picks a pod and sets `sticky`; with it, the same pod answers.
-fn consistent_hash_on_a_generated_cookie(t: &mut Traffic<'_>) -> Result<()> {
-    let mesh = t.mesh;
+fn consistent_hash_on_a_generated_cookie(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
     let mut c = connect(mesh, "sticky")?;
     let r = c.get("/first", &[])?;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -225,8 +242,8 @@ fn consistent_hash_on_a_generated_cookie(t: &mut Traffic<'_>) -> Result<()> {
 }
 
 /// LEAST_REQUEST over idle pods is two random choices: every pod gets requests.
-fn least_request_reaches_every_pod(t: &mut Traffic<'_>) -> Result<()> {
-    let mesh = t.mesh;
+fn least_request_reaches_every_pod(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
     let mut c = connect(mesh, "spread")?;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..60 {
@@ -247,8 +264,8 @@ fn least_request_reaches_every_pod(t: &mut Traffic<'_>) -> Result<()> {
 /// requests all reach v1 or v3 and get 200. (Istio's default retry policy retries a 503 on
 /// another endpoint, so clients may see 200 even before the ejection: the ejection is read
 /// from the metric, and v2's own request count shows that nothing reaches it afterwards.)
-fn outlier_detection_ejects_the_failing_pod(t: &mut Traffic<'_>) -> Result<()> {
-    let mesh = t.mesh;
+fn outlier_detection_ejects_the_failing_pod(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
     let mut c = connect(mesh, "outlier")?;
     let target = "/flaky?status=503&only=v2";
     let ejections = || -> Result<f64> {
@@ -295,8 +312,8 @@ fn outlier_detection_ejects_the_failing_pod(t: &mut Traffic<'_>) -> Result<()> {
 /// `http2MaxRequests: 1` and 6 concurrent requests that each take 500 ms: one at a time is
 /// let through, the others are answered `503` with flag `UO`, and the waypoint's
 /// `istio_requests_total{response_flags="UO"}` counts exactly those.
-fn connection_pool_overflow_answers_503_uo(t: &mut Traffic<'_>) -> Result<()> {
-    let mesh = t.mesh;
+fn connection_pool_overflow_answers_503_uo(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
     const CONCURRENT: usize = 6;
     let mut clients: Vec<Client> = (0..CONCURRENT)
         .map(|_| connect(mesh, "pool"))
@@ -350,15 +367,15 @@ fn connection_pool_overflow_answers_503_uo(t: &mut Traffic<'_>) -> Result<()> {
 }
 
 /// A DestinationRule the translator refuses leaves the last good rules in place.
-fn a_bad_rule_keeps_the_last_good_rules(t: &mut Traffic<'_>) -> Result<()> {
-    let mesh = t.mesh;
+fn a_bad_rule_keeps_the_last_good_rules(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
     mesh.write_yaml(
         "rules-bad.yaml",
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
          metadata: {name: bad, namespace: default}\n\
          spec: {host: hash, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}\n",
     )?;
-    wait_for_rejection(t.wp, "rules-bad.yaml doc 1: DestinationRule default/bad")?;
+    wait_for_rejection(&t.wp, "rules-bad.yaml doc 1: DestinationRule default/bad")?;
     let mut c = connect(mesh, "hash")?;
     let first = server_of(&mut c, "/who", &[("x-user", "bob")])?;
     for _ in 0..10 {
@@ -396,8 +413,8 @@ fn concurrently(clients: &mut [Client], target: &str) -> Result<Vec<(u16, String
 /// `tcp.maxConnections: 1` and `http1MaxPendingRequests: 1` to the one pod of `conns`, 4
 /// concurrent requests of 400 ms: one goes out on the connection, one waits for it (and
 /// so takes at least two delays), the others are answered `503 UO` at once.
-fn one_connection_per_endpoint_with_one_waiting(t: &mut Traffic<'_>) -> Result<()> {
-    let mesh = t.mesh;
+fn one_connection_per_endpoint_with_one_waiting(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
     const CONCURRENT: usize = 4;
     const DELAY: Duration = Duration::from_millis(400);
     let mut clients: Vec<Client> = (0..CONCURRENT)
@@ -443,8 +460,8 @@ fn one_connection_per_endpoint_with_one_waiting(t: &mut Traffic<'_>) -> Result<(
 /// `maxRequestsPerConnection: 2` (and one connection at a time, so each request waits for
 /// the previous one's connection): 10 requests reach v1 over 5 upstream connections, each
 /// a peer (source port) of its own at mesh-echo, each carrying exactly 2 requests.
-fn connections_are_replaced_after_max_requests(t: &mut Traffic<'_>) -> Result<()> {
-    let mesh = t.mesh;
+fn connections_are_replaced_after_max_requests(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
     let mut c = connect(mesh, "perconn")?;
     let mut peers: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..10 {

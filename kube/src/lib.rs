@@ -29,6 +29,7 @@
 
 mod resources;
 mod store;
+pub mod token_review;
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;

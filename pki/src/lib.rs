@@ -1,6 +1,8 @@
 //! The mesh's PKI: the CA, per-workload certificates and the TLS configurations built on them.
 //!
-//! - [`ca`]: the embedded CA (generated root or Istio's `cacerts` plug-in layout).
+//! - [`ca`]: the CA's signing (generated root or Istio's `cacerts` plug-in layout); only the
+//!   CA process (`control`) and single-process test setups hold it.
+//! - [`csr`], [`proto`], [`ca_client`]: certificate requests, Istio's CA service, its client.
 //! - [`certs`]: the per-workload certificate cache with rotation at half-life.
 //! - [`tls`]: rustls configurations (TLS 1.3, ALPN `h2`) and SPIFFE URI-SAN verification.
 //!
@@ -14,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod ca_client;
 pub mod certs;
 pub mod csr;
 pub mod proto;

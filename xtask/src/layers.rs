@@ -67,6 +67,17 @@ const LAYERS: &[(&str, &[&str])] = &[
             "ebpf",
         ],
     ),
+    // The control plane (the CA service): holds the only signing key.
+    (
+        "control",
+        &[
+            "mesh-model",
+            "mesh-pki",
+            "mesh-telemetry",
+            "mesh-kube",
+            "mesh-shell",
+        ],
+    ),
     (
         "waypoint",
         &[

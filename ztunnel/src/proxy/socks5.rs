@@ -249,6 +249,38 @@ mod tests {
         assert!(got.expect_err("truncated").contains("handshake"));
     }
 
+    /// Capture modes take the destination from the socket and never read a byte of the
+    /// client's: a SOCKS5 greeting there is application data, not a request to the agent.
+    #[tokio::test]
+    async fn only_loopback_mode_speaks_socks5() {
+        use crate::config::Redirect;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let model = Model::default();
+        let request = [&HELLO[..], &[5, 1, 0, 1, 127, 9, 9, 9, 0, 80]].concat();
+        for (redirect, want) in [
+            (Redirect::Ebpf, addr),
+            (Redirect::None, addr),
+            (Redirect::Loopback, "127.9.9.9:80".parse().expect("addr")),
+        ] {
+            let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            client.write_all(&request).await.expect("write");
+            let (mut tcp, _) = listener.accept().await.expect("accept");
+            let got = crate::proxy::original_dst(&mut tcp, redirect, &model).await;
+            assert_eq!(got, Ok(want), "{redirect:?}");
+            if redirect != Redirect::Loopback {
+                let mut left = vec![0; request.len()];
+                tcp.read_exact(&mut left).await.expect("unread bytes");
+                assert_eq!(
+                    left, request,
+                    "{redirect:?}: the agent read the client's bytes"
+                );
+            }
+        }
+    }
+
     #[test]
     fn names_resolve_to_service_vips() {
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\n\

@@ -28,7 +28,7 @@ use crate::spec::{
 };
 use crate::sys::{child_path, command_line, ip, netns_command, preflight, Binaries, MARKER_ENV};
 use crate::wait::wait_until;
-use crate::yaml::render_topology;
+use crate::yaml::{render_topology, TOPOLOGY_FILE};
 
 /// The bridge's own address on the wire: source of the capture sentinel.
 const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 254);
@@ -43,8 +43,6 @@ const BRIDGE: &str = "br0";
 const NODE_WIRE_IF: &str = "wire";
 /// The pod's side of its veth.
 const POD_IF: &str = "eth0";
-/// The file holding the declared topology in the config directory.
-const TOPOLOGY_FILE: &str = "topology.yaml";
 
 /// ztunnel's fixed ports inside its node namespace.
 const READINESS_PORT: u16 = 15021;

@@ -71,3 +71,4 @@ pub use scenario::{Scenario, Suite};
 pub use spec::{Ambient, MeshBuilder, Pod, Redirect, Service, REDIRECT_ENV};
 pub use sys::{preflight, Binaries, MARKER_ENV};
 pub use wait::{eventually, wait_until};
+pub use yaml::Rendered;

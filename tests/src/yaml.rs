@@ -1,11 +1,15 @@
 //! Kubernetes YAML for a declared topology: what ztunnel reads from its config directory.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 
 use crate::spec::{Ambient, MeshBuilder, Plan};
+
+/// The file the declared topology is written to in the config directory.
+pub(crate) const TOPOLOGY_FILE: &str = "topology.yaml";
 
 /// The label that enrolls a namespace or pod.
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -98,6 +102,48 @@ pub(crate) fn render_topology(spec: &MeshBuilder, plan: &Plan) -> Result<String>
     }
 
     join_documents(&docs)
+}
+
+/// A declared topology as the files of a config directory, for a harness that runs the agents
+/// itself (in one process, pods as loopback addresses: `ztunnel/tests/support/agents.rs`).
+#[derive(Clone, Debug)]
+pub struct Rendered {
+    /// `topology.yaml` (what [`MeshBuilder::build`] writes), then the [`MeshBuilder::yaml`]
+    /// files, as (file name, content).
+    pub files: Vec<(String, String)>,
+    /// The nodes that run an agent, in declaration order.
+    pub nodes: Vec<String>,
+    /// Each pod (`"ns/name"`) and its node and address.
+    pub pods: BTreeMap<String, (String, Ipv4Addr)>,
+}
+
+impl MeshBuilder {
+    /// The topology and its files as `build()` would write them, except that pod `host` of
+    /// node `node` (both counted from 1, as in 10.244.`node`.`host + 1`) gets address
+    /// `ip(node, host)`. Nothing is created.
+    pub fn render(&self, ip: impl Fn(u8, u8) -> Ipv4Addr) -> Result<Rendered> {
+        let mut plan = self.plan()?;
+        for pod in &mut plan.pods {
+            let [_, _, node, host] = pod.ip.octets();
+            pod.ip = ip(node, host - 1);
+        }
+        let mut files = vec![(TOPOLOGY_FILE.to_owned(), render_topology(self, &plan)?)];
+        files.extend(self.yaml.iter().cloned());
+        Ok(Rendered {
+            files,
+            nodes: plan
+                .nodes
+                .iter()
+                .filter(|n| n.ztunnel)
+                .map(|n| n.name.clone())
+                .collect(),
+            pods: plan
+                .pods
+                .iter()
+                .map(|p| (p.pod.key(), (p.node.clone(), p.ip)))
+                .collect(),
+        })
+    }
 }
 
 fn join_documents(docs: &[Value]) -> Result<String> {

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info_span;
 
 use crate::admin::{AdminState, LISTENERS};
-use crate::config::{Config, ConfigSource};
+use crate::config::{Config, ConfigSource, Redirect};
 use crate::conns::ConnTracker;
 use crate::netns::Netns;
 use crate::netns_source::PodNetnsSource;
@@ -64,6 +64,7 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
     let (installed, changed) = Installed::new(source.initial(&metrics), metrics.clone(), |_| {});
     let serving = Arc::new(AtomicBool::new(false));
     let pod_netns = match cfg.config_source {
+        _ if cfg.redirect == Redirect::Loopback => PodNetnsSource::Agent(home.clone()),
         ConfigSource::Dir => PodNetnsSource::Named(cfg.clone()),
         ConfigSource::Kube => PodNetnsSource::ByIp(Arc::new(
             PodNetnsFinder::new(home.clone()).context("set up the pod netns finder")?,

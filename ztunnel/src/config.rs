@@ -52,6 +52,11 @@ pub enum Redirect {
     Nftables,
     /// No redirection: only explicit connections to the pod's 15001/15006/15008 (tests).
     None,
+    /// Tests and development, without root: no pod namespaces and no capture. Each local pod
+    /// is an address in the agent's own namespace (e.g. in 127.0.0.0/8, which needs no
+    /// setup) and its listeners bind on that address; a client names the destination of a
+    /// connection to 15001 (outbound) or 15006 (inbound plaintext) with a SOCKS5 CONNECT.
+    Loopback,
 }
 
 /// Command line and environment (`ZTUNNEL_*`).
@@ -68,6 +73,8 @@ pub struct Args {
     #[arg(long, env = "ZTUNNEL_NETNS_DIR", default_value = DEFAULT_NETNS_DIR)]
     pub netns_dir: PathBuf,
     /// How pod traffic is captured: `auto` (eBPF if the kernel allows, else nftables).
+    /// `loopback` (tests, no root): pods are addresses on this host, and clients tell 15001
+    /// and 15006 where to connect with SOCKS5 (see ARCHITECTURE.md).
     #[arg(long, env = "ZTUNNEL_REDIRECT", value_enum, default_value = "auto")]
     pub redirect: Redirect,
     /// A bpffs mount (mounted there if missing) for the eBPF backend's pins.

@@ -360,6 +360,7 @@ fn backend_name(r: Redirect) -> &'static str {
         Redirect::Ebpf => "eBPF",
         Redirect::Nftables => "nftables",
         Redirect::None => "none",
+        Redirect::Loopback => "loopback",
         Redirect::Auto => "auto",
     }
 }

@@ -4,6 +4,10 @@
 //! belongs to the namespace it was created in for its whole life, so switching is only needed
 //! around `socket()`: [`Netns::run`] enters the pod namespace on the current thread, runs a
 //! closure that must not await, and always switches back.
+//!
+//! With `--redirect loopback` a pod's "namespace" is the agent's own ([`Netns::current`]):
+//! every thread is already in it (that is this module's invariant), so running there switches
+//! nothing and needs no privilege.
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -29,6 +33,9 @@ pub enum NetnsError {
 pub struct Netns {
     file: File,
     path: PathBuf,
+    /// The agent's own namespace: [`Netns::run`] need not (and, without `CAP_SYS_ADMIN`,
+    /// could not) switch to it.
+    own: bool,
 }
 
 impl Netns {
@@ -40,12 +47,20 @@ impl Netns {
         Ok(Netns {
             file,
             path: path.to_path_buf(),
+            own: false,
         })
     }
 
     /// The namespace the agent itself runs in (opened once at startup).
     pub fn current() -> Result<Netns, NetnsError> {
-        Netns::open(Path::new("/proc/thread-self/ns/net"))
+        let netns = Netns::open(Path::new("/proc/thread-self/ns/net"))?;
+        Ok(Netns { own: true, ..netns })
+    }
+
+    /// Whether this is the agent's own namespace (a pod with `--redirect loopback`), where
+    /// sockets are made without switching and no capture rule is there to skip.
+    pub fn is_own(&self) -> bool {
+        self.own
     }
 
     pub fn path(&self) -> &Path {
@@ -56,6 +71,10 @@ impl Netns {
     ///
     /// `f` must be synchronous: nothing else may run on this thread while it is switched.
     pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        if self.own {
+            // The thread is in the agent's namespace already (it only ever leaves it here).
+            return Ok(f());
+        }
         setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
             path: self.path.clone(),
             source,

@@ -5,6 +5,8 @@
 //! - In a cluster (`--config-source kube`): nothing names the pod's namespace, so it is found
 //!   by pod IP among the namespaces of the node's processes ([`crate::podns`], which needs the
 //!   DaemonSet's `hostPID`).
+//! - Without namespaces (`--redirect loopback`, tests and development): every pod is an
+//!   address in the agent's own namespace, which is what "its namespace" is.
 //!
 //! Either way the result is an open [`Netns`] whose path the redirection backends can enter
 //! with `nsenter` (for a found namespace: `/proc/<pid>/ns/net` of a process inside it).
@@ -44,6 +46,8 @@ pub enum PodNetnsSource {
     Named(Arc<Config>),
     /// By pod IP, among the namespaces of the node's processes.
     ByIp(Arc<PodNetnsFinder>),
+    /// The agent's own namespace for every pod (`--redirect loopback`).
+    Agent(Arc<Netns>),
 }
 
 // === impl PodNetnsSource ===
@@ -54,13 +58,16 @@ impl PodNetnsSource {
     /// [`PodNetnsSource::ByIp`] may scan `/proc` and enter many namespaces: on a
     /// multi-threaded runtime that runs under `block_in_place`, so the other tasks of this
     /// worker move on meanwhile.
-    pub fn open(&self, pod: &Pod) -> Result<Netns, PodNetnsError> {
+    pub fn open(&self, pod: &Pod) -> Result<Arc<Netns>, PodNetnsError> {
         let key = || NamespacedName::new(&pod.namespace, &pod.name);
         match self {
             PodNetnsSource::Named(cfg) => {
                 let path = cfg.pod_netns_path(&pod.namespace, &pod.name);
-                Netns::open(&path).map_err(|source| PodNetnsError::Named { pod: key(), source })
+                let netns = Netns::open(&path)
+                    .map_err(|source| PodNetnsError::Named { pod: key(), source })?;
+                Ok(Arc::new(netns))
             }
+            PodNetnsSource::Agent(home) => Ok(home.clone()),
             PodNetnsSource::ByIp(finder) => {
                 let find = || find_by_ips(finder, &pod.ips);
                 let found = match tokio::runtime::Handle::try_current() {
@@ -70,7 +77,7 @@ impl PodNetnsSource {
                     _ => find(),
                 };
                 match found {
-                    Ok(netns) => Ok(netns),
+                    Ok(netns) => Ok(Arc::new(netns)),
                     Err(None) => Err(PodNetnsError::NoIp { pod: key() }),
                     Err(Some((ip, source))) => Err(PodNetnsError::Find {
                         pod: key(),

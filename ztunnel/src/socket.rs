@@ -89,6 +89,11 @@ pub fn listen_in(
 /// deliver inbound traffic with the client's IP preserved. With `capture` (the eBPF backend's
 /// guard for the pod), the bound source is exempted from capture while the connection is made,
 /// so that the delivery is not steered back to the agent.
+///
+/// In the agent's own namespace (`--redirect loopback`, [`Netns::is_own`]) nothing captures,
+/// so nothing is marked (`SO_MARK` would need `CAP_NET_ADMIN`), and `transparent_src` is bound
+/// as an ordinary local address when both it and `dst` are loopback addresses (every pod
+/// address is then local); otherwise the kernel picks the source.
 pub async fn connect_in(
     netns: &Netns,
     home: &Netns,
@@ -103,17 +108,27 @@ pub async fn connect_in(
         netns: netns_name(),
         source,
     };
+    let own = netns.is_own();
     let sock = netns
         .run(home, || -> io::Result<Socket> {
             let s = Socket::new(domain(&dst), Type::STREAM, Some(Protocol::TCP))?;
-            s.set_mark(SKIP_MARK)?;
+            if !own {
+                s.set_mark(SKIP_MARK)?;
+            }
             s.set_nonblocking(true)?;
             s.set_nodelay(true)?;
-            // IPv6 source preservation needs IPV6_TRANSPARENT, which socket2 lacks; v6 inbound
-            // connections reach the app from the agent's address for now.
-            if let Some(src @ IpAddr::V4(_)) = transparent_src {
-                s.set_ip_transparent(true)?;
-                s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+            match transparent_src {
+                Some(src) if own && src.is_loopback() && dst.ip().is_loopback() => {
+                    s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+                }
+                Some(_) if own => {}
+                // IPv6 source preservation needs IPV6_TRANSPARENT, which socket2 lacks; v6
+                // inbound connections reach the app from the agent's address for now.
+                Some(src @ IpAddr::V4(_)) => {
+                    s.set_ip_transparent(true)?;
+                    s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+                }
+                _ => {}
             }
             Ok(s)
         })?

@@ -59,6 +59,19 @@ fn fingerprint(p: &Pod) -> Fingerprint {
     }
 }
 
+/// Where a pod's listeners bind: (outbound, inbound). In the pod's own namespace outbound
+/// listens on its loopback (only the pod's own connections reach it) and inbound on every
+/// address; with `--redirect loopback` the pod is an address in the agent's namespace, and
+/// all its listeners bind on its first address.
+fn listen_ips(redirect: Redirect, ips: &[IpAddr]) -> (IpAddr, IpAddr) {
+    let v6 = ips.iter().any(IpAddr::is_ipv6);
+    match ips.first() {
+        Some(ip) if redirect == Redirect::Loopback => (*ip, *ip),
+        _ if v6 => (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::UNSPECIFIED.into()),
+        _ => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::UNSPECIFIED.into()),
+    }
+}
+
 struct Running {
     fp: Fingerprint,
     ctx: Arc<PodCtx>,
@@ -168,7 +181,7 @@ impl Manager {
     fn enroll(&mut self, model: &Model, pod: &Pod) -> Result<Running, EnrollError> {
         let key = NamespacedName::new(&pod.namespace, &pod.name);
         let cfg = &self.pi.cfg;
-        let netns = Arc::new(self.pi.pod_netns.open(pod)?);
+        let netns = self.pi.pod_netns.open(pod)?;
         let identity = model.identity_of(pod, &cfg.trust_domain);
         // Issue the certificate now so the first connection does not wait for it.
         self.pi
@@ -184,17 +197,7 @@ impl Manager {
                 source: Box::new(source),
             })?;
         let home = &self.pi.home;
-        let v6 = pod.ips.iter().any(IpAddr::is_ipv6);
-        let any: IpAddr = if v6 {
-            Ipv6Addr::UNSPECIFIED.into()
-        } else {
-            Ipv4Addr::UNSPECIFIED.into()
-        };
-        let lo: IpAddr = if v6 {
-            Ipv6Addr::LOCALHOST.into()
-        } else {
-            Ipv4Addr::LOCALHOST.into()
-        };
+        let (lo, any) = listen_ips(cfg.redirect, &pod.ips);
         let setup = match cfg.redirect {
             Redirect::Ebpf => ListenFor::Ebpf,
             _ => ListenFor::Nat,
@@ -214,7 +217,7 @@ impl Manager {
                     &netns, &pod.ips, &plaintext, &outbound, &pins,
                 )?)
             }
-            Redirect::Auto | Redirect::None => None,
+            Redirect::Auto | Redirect::None | Redirect::Loopback => None,
         };
         let stop = CancellationToken::new();
         let ctx = Arc::new(PodCtx {
@@ -396,5 +399,43 @@ impl Manager {
             active: None,
         }));
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = out;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(redirect: Redirect, ips: &[&str], want: (&str, &str)) {
+        let ips: Vec<IpAddr> = ips.iter().map(|ip| ip.parse().expect("ip")).collect();
+        let got = listen_ips(redirect, &ips);
+        let want = (want.0.parse().expect("ip"), want.1.parse().expect("ip"));
+        assert_eq!(got, want, "{redirect:?} {ips:?}");
+    }
+
+    #[test]
+    fn listeners_bind_in_the_pod_namespace_or_on_the_pods_address() {
+        check(Redirect::Ebpf, &["10.244.1.2"], ("127.0.0.1", "0.0.0.0"));
+        check(
+            Redirect::Nftables,
+            &["10.244.1.2"],
+            ("127.0.0.1", "0.0.0.0"),
+        );
+        check(Redirect::None, &["10.244.1.2"], ("127.0.0.1", "0.0.0.0"));
+        check(
+            Redirect::Nftables,
+            &["10.244.1.2", "fd00::2"],
+            ("::1", "::"),
+        );
+        check(
+            Redirect::Loopback,
+            &["127.3.4.5"],
+            ("127.3.4.5", "127.3.4.5"),
+        );
+        check(
+            Redirect::Loopback,
+            &["127.3.4.5", "::1"],
+            ("127.3.4.5", "127.3.4.5"),
+        );
     }
 }

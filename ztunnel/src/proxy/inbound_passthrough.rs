@@ -1,6 +1,8 @@
 //! Port 15006 inside a pod: plaintext TCP that arrived at the pod from outside the mesh (or
 //! from a workload without an agent), redirected here by the pod's rules.
 //!
+//! With `--redirect loopback` the client names the destination with SOCKS5 instead.
+//!
 //! Allowed only when the workload's PeerAuthentication for that port is not STRICT, and then
 //! only if AuthorizationPolicy allows a connection without identity.
 
@@ -13,12 +15,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
-    ResponseFlag,
+    accept_loop, original_dst, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx,
+    ProxyInputs, ResponseFlag,
 };
-use crate::config::{Redirect, RESERVED_PORTS};
+use crate::config::RESERVED_PORTS;
 use crate::conns::{admit, Admission, TrackedConn};
-use crate::socket;
 
 const REPORTER: &str = "destination";
 
@@ -36,12 +37,14 @@ pub async fn run(
 }
 
 pub(crate) async fn handle(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodCtx>,
     pi: Arc<ProxyInputs>,
 ) {
     let model = pi.model.load_full();
+    // First, while the connection's state is small (the SOCKS5 handshake awaits here).
+    let dst = original_dst(&mut tcp, pi.cfg.redirect, &model).await;
     let local = tcp.local_addr().unwrap_or(peer);
     let mut log = AccessLog::new("inbound_plaintext", peer, local, Instant::now())
         .to(Some(&pod.key), Some(&pod.identity));
@@ -58,7 +61,7 @@ pub(crate) async fn handle(
     // Returning drops the stream: closed before any byte is read from or sent to the app.
     let refuse = |log, flag, reason| record_refusal(&pi, labels, log, flag, reason);
 
-    let dst = match socket::original_dst(&tcp, pi.cfg.redirect == Redirect::Nftables) {
+    let dst = match dst {
         Ok(d) => d,
         Err(e) => {
             let reason = format!("original destination: {e}");

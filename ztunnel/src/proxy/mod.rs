@@ -21,10 +21,16 @@
 //! IP, answers 200 and relays bytes; END_STREAM ⇄ FIN. Plaintext arriving at an enrolled pod
 //! is redirected to 15006: PeerAuthentication (STRICT refuses), then AuthorizationPolicy
 //! without identity.
+//!
+//! With `--redirect loopback` (tests and development, no root) nothing is captured and no pod
+//! has a namespace: each pod's listeners bind on its address in the agent's own namespace,
+//! clients name the destination of their connections to 15001 and 15006 with SOCKS5
+//! ([`socks5`]), and the paths above run unchanged from there.
 
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
+pub mod socks5;
 
 #[cfg(test)]
 mod sizes;
@@ -182,6 +188,14 @@ impl PodCtx {
         .await?;
         let flow = self.track_flow(dst, app.local_addr());
         Ok((app, flow))
+    }
+
+    /// The source address for the pod's outgoing connections: none inside the pod's
+    /// namespace (its sockets have the pod's address); the pod's address when the pod is an
+    /// address in the agent's own namespace (`--redirect loopback`), so that peers see who
+    /// called there too.
+    pub(crate) fn dial_source(&self) -> Option<IpAddr> {
+        self.ips.first().copied().filter(|_| self.netns.is_own())
     }
 
     /// Records a flow between the application's `app` end and the agent's `peer` end, when the
@@ -471,6 +485,32 @@ pub(crate) async fn accept_loop<F, Fut>(
         );
     };
     mesh_shell::accept::serve(kind, || listener.accept(), accepted, stop).await
+}
+
+/// Where a connection accepted on 15001 or 15006 was going: what the capture backend left in
+/// the socket (its local address, or with NAT the conntrack entry's), or with
+/// `--redirect loopback`, which captures nothing, what the client asked for in a SOCKS5
+/// CONNECT ([`socks5`]; names resolved in `model`).
+pub(crate) fn original_dst<'a>(
+    tcp: &'a mut TcpStream,
+    redirect: Redirect,
+    model: &'a Model,
+) -> impl Future<Output = Result<SocketAddr, String>> + Send + 'a {
+    use futures::future::{ready, Either};
+    if redirect == Redirect::Loopback {
+        // Boxed: the handshake is short-lived and would otherwise sit in the connection's state.
+        let handshake = async move {
+            let resolve = |name: &str| socks5::resolve(model, name);
+            socks5::accept(tcp, resolve)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        return Either::Left(Box::pin(handshake));
+    }
+    let nat = redirect == Redirect::Nftables;
+    Either::Right(ready(
+        crate::socket::original_dst(tcp, nat).map_err(|e| e.to_string()),
+    ))
 }
 
 /// Logs and counts a refused connection (one flag per cause).

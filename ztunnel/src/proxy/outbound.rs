@@ -21,10 +21,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
-    ResponseFlag,
+    accept_loop, original_dst, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx,
+    ProxyInputs, ResponseFlag,
 };
-use crate::config::{Redirect, HBONE_PORT, RESERVED_PORTS};
+use crate::config::{HBONE_PORT, RESERVED_PORTS};
 use crate::socket;
 
 const REPORTER: &str = "source";
@@ -156,12 +156,14 @@ fn plan<'a>(
 }
 
 pub(crate) async fn handle(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodCtx>,
     pi: Arc<ProxyInputs>,
 ) {
     let model = pi.model.load_full();
+    // First, while the connection's state is small (the SOCKS5 handshake awaits here).
+    let dst = original_dst(&mut tcp, pi.cfg.redirect, &model).await;
     let mut log = AccessLog::new("outbound", peer, peer, Instant::now()).from(Some(&pod.identity));
     let labels = LabelInputs {
         reporter: REPORTER,
@@ -175,7 +177,7 @@ pub(crate) async fn handle(
     };
     let refuse = |labels, log, flag, reason| record_refusal(&pi, labels, log, flag, reason);
 
-    let dst = match socket::original_dst(&tcp, pi.cfg.redirect == Redirect::Nftables) {
+    let dst = match dst {
         Ok(d) => d,
         Err(e) => {
             let reason = format!("original destination: {e}");
@@ -293,7 +295,8 @@ pub(crate) async fn handle(
                     ..labels
                 };
                 let timeout = pi.cfg.connect_timeout;
-                match socket::connect_in(&pod.netns, &pi.home, *target, None, timeout, None).await {
+                let src = pod.dial_source();
+                match socket::connect_in(&pod.netns, &pi.home, *target, src, timeout, None).await {
                     Ok(up) => {
                         log.dst = *target;
                         return relay_counted(
@@ -353,8 +356,9 @@ async fn open_hbone(
     let netns = pod.netns.clone();
     let home = pi.home.clone();
     let timeout = pi.cfg.connect_timeout;
+    let src = pod.dial_source();
     let dial = move || async move {
-        socket::connect_in(&netns, &home, hbone_addr, None, timeout, None)
+        socket::connect_in(&netns, &home, hbone_addr, src, timeout, None)
             .await
             .map_err(std::io::Error::other)
     };

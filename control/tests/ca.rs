@@ -3,167 +3,55 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use control::app::Addrs;
-use control::config::Args;
 use control::token::{TokenAuthority, TokenClaims};
-use mesh_model::identity::Identity;
-use mesh_pki::ca_client::{CaClient, CaClientConfig, CaClientError, Fetched};
+use mesh_pki::ca_client::{CaClientError, Fetched};
 use mesh_pki::proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use mesh_pki::proto::IstioCertificateRequest;
-use mesh_shell::admin::Control;
-use mesh_shell::process::AppHandle;
 use rustls::RootCertStore;
 
-const PODS: &str = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, namespace: demo, uid: u-web-1}
-spec: {nodeName: n1, serviceAccountName: web}
-status: {podIP: 10.0.1.10}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db-1, namespace: demo, uid: u-db-1}
-spec: {nodeName: n2, serviceAccountName: db}
-status: {podIP: 10.0.2.10}
-"#;
+mod support;
+use support::{id, Ca, SERVER_NAME};
 
-const SERVER_NAME: &str = "istiod.istio-system.svc";
-
-struct Ca {
-    dir: tempfile::TempDir,
-    app: AppHandle<Addrs>,
-    roots: Arc<RootCertStore>,
-    tokens: TokenAuthority,
-}
-
-impl Ca {
-    async fn start(extra: &[&str]) -> Ca {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("config");
-        std::fs::create_dir_all(&cfg).unwrap();
-        std::fs::write(cfg.join("pods.yaml"), PODS).unwrap();
-        let ca_dir = dir.path().join("ca");
-        let mut argv: Vec<String> = [
-            "control",
-            "--ca-dir",
-            &ca_dir.display().to_string(),
-            "--config-dir",
-            &cfg.display().to_string(),
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--readiness-addr",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        argv.extend(extra.iter().map(|s| s.to_string()));
-        let args = Args::try_parse_from(argv).unwrap();
-        let app = control::app::start(args, Control::default()).await.unwrap();
-        let ca = mesh_pki::ca::Ca::load_or_create(&ca_dir, "cluster.local").unwrap();
-        let tokens = TokenAuthority::load_or_create(&ca_dir).unwrap();
-        Ca {
-            roots: ca.root_store(),
-            dir,
-            app,
-            tokens,
-        }
-    }
-
-    fn mint(&self, ns: &str, sa: &str, node: Option<&str>, audience: &str) -> String {
-        self.tokens
-            .mint(&TokenClaims {
-                namespace: ns.into(),
-                service_account: sa.into(),
-                node: node.map(str::to_string),
-                pod: None,
-                audience: audience.into(),
-                ttl: Duration::from_secs(600),
-            })
-            .unwrap()
-    }
-
-    fn token(&self, ns: &str, sa: &str, node: Option<&str>) -> PathBuf {
-        self.token_file(&self.mint(ns, sa, node, "istio-ca"))
-    }
-
-    fn token_file(&self, token: &str) -> PathBuf {
-        let file = tempfile::NamedTempFile::new_in(self.dir.path()).unwrap();
-        std::fs::write(file.path(), token).unwrap();
-        file.into_temp_path().keep().unwrap()
-    }
-
-    fn client(&self, token: &Path) -> CaClient {
-        CaClient::new(CaClientConfig {
-            address: format!("https://127.0.0.1:{}", self.app.addrs.grpc.port()),
-            server_name: Some(SERVER_NAME.into()),
-            roots: self.roots.clone(),
-            token_path: token.to_path_buf(),
-            timeout: Duration::from_secs(5),
-        })
+/// A raw request, as a client that is not ours might send it.
+async fn raw(ca: &Ca, token: Option<&Path>, csr: String) -> tonic::Status {
+    let mut tls = rustls::ClientConfig::builder_with_provider(mesh_pki::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
+        .with_root_certificates(ca.roots.clone())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let port = ca.app.addrs.grpc.port();
+    let channel = tonic::transport::Endpoint::from_static("https://istiod.istio-system.svc")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let name = rustls_pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 60,
+        metadata: None,
+    });
+    if let Some(path) = token {
+        let t = std::fs::read_to_string(path).unwrap();
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
-
-    async fn admin(&self, path: &str) -> String {
-        let addr = self.app.addrs.endpoints.admin;
-        let out = tokio::process::Command::new("curl")
-            .args(["-sf", &format!("http://{addr}{path}")])
-            .output()
-            .await
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// A raw request, as a client that is not ours might send it.
-    async fn raw(&self, token: Option<&Path>, csr: String) -> tonic::Status {
-        let mut tls = rustls::ClientConfig::builder_with_provider(mesh_pki::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(self.roots.clone())
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-        let port = self.app.addrs.grpc.port();
-        let channel = tonic::transport::Endpoint::from_static("https://istiod.istio-system.svc")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let connector = connector.clone();
-                async move {
-                    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-                    let name = rustls_pki_types::ServerName::try_from(SERVER_NAME).unwrap();
-                    let tls = connector.connect(name, tcp).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-                }
-            }))
-            .await
-            .unwrap();
-        let mut req = tonic::Request::new(IstioCertificateRequest {
-            csr,
-            validity_duration: 60,
-            metadata: None,
-        });
-        if let Some(path) = token {
-            let t = std::fs::read_to_string(path).unwrap();
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {t}").parse().unwrap());
-        }
-        IstioCertificateServiceClient::new(channel)
-            .create_certificate(req)
-            .await
-            .expect_err("refused")
-    }
-}
-
-fn id(ns: &str, sa: &str) -> Identity {
-    Identity::new("cluster.local", ns, sa)
+    IstioCertificateServiceClient::new(channel)
+        .create_certificate(req)
+        .await
+        .expect_err("refused")
 }
 
 /// The reason a refusal carries, or "issued".
@@ -323,7 +211,7 @@ async fn bad_requests_are_refused_and_nothing_is_signed() {
         ),
     ];
     for (token, csr, code, reason) in cases {
-        let status = ca.raw(token, csr).await;
+        let status = raw(&ca, token, csr).await;
         assert_eq!(status.code(), code, "{reason}: {status:?}");
         assert!(status.message().starts_with(reason), "{reason}: {status:?}");
     }

@@ -75,6 +75,8 @@ pub enum CaError {
         id: Identity,
         source: Box<rustls::Error>,
     },
+    #[error("certificate for {id} not issued yet: {reason}")]
+    Pending { id: Identity, reason: String },
     #[error("check the ca by verifying a probe certificate: {0}")]
     SelfCheck(webpki::Error),
 }

@@ -17,7 +17,10 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use arc_swap::ArcSwap;
+
 use crate::ca::{certs_to_pem, Ca, CaError, WorkloadCert};
+use crate::ca_client::{CaClient, CaClientError, Fetched};
 use mesh_model::identity::Identity;
 
 /// Shorter lifetimes cannot be honoured: X.509 times have a resolution of one second, and the
@@ -32,9 +35,11 @@ const MAX_IDLE: Duration = Duration::from_secs(60);
 
 /// Per-workload certificate cache with rotation. Cheap to share as `Arc`.
 pub struct CertManager {
-    ca: Arc<Ca>,
+    issuer: Issuer,
     ttl: Duration,
     entries: Mutex<HashMap<Identity, Entry>>,
+    /// Remote mode: identities wanted but not (yet) issued, with why.
+    pending: Mutex<HashMap<Identity, Pending>>,
     /// Wakes the rotation task when an entry is added (its schedule may now be earlier).
     wake: Notify,
     /// Bumped whenever [`CertManager::dump`] would change.
@@ -52,6 +57,48 @@ struct Entry {
     /// When to try renewing: half-life at first, then backoff after failures.
     next_attempt: SystemTime,
     failures: u32,
+}
+
+/// Where certificates come from.
+enum Issuer {
+    /// A signing key in this process (single-process setups and tests).
+    Local(Arc<Ca>),
+    /// A CA service (`control`, or istiod): no key here; certificates are fetched.
+    Remote(Box<Remote>),
+}
+
+struct Remote {
+    client: CaClient,
+    trust_domain: String,
+    /// Ask with `ImpersonatedIdentity` (a node agent asking for its pods' identities).
+    impersonate: bool,
+    /// Roots given at startup (the file the CA's serving certificate chains to).
+    configured_roots: Vec<CertificateDer<'static>>,
+    /// Configured roots plus every root the CA sent; swapped whole.
+    roots: ArcSwap<(Vec<CertificateDer<'static>>, Arc<rustls::RootCertStore>)>,
+}
+
+/// Requests in flight at once to a remote CA.
+const FETCH_CONCURRENCY: usize = 8;
+
+/// A wanted identity without a certificate yet.
+#[derive(Clone, Debug)]
+struct Pending {
+    since: SystemTime,
+    next_attempt: SystemTime,
+    failures: u32,
+    last_error: Option<String>,
+}
+
+/// An identity waiting for its first certificate, for `/config_dump` and the dashboard.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PendingSummary {
+    pub identity: String,
+    /// RFC 3339.
+    pub since: String,
+    pub attempts: u32,
+    /// The CA's reason for the last refusal (`no_such_pod_on_node`, `unavailable`, ...).
+    pub last_error: Option<String>,
 }
 
 /// One cached certificate, for `/config_dump`. Never includes the key.
@@ -81,6 +128,33 @@ pub struct CertExpiry {
 
 impl CertManager {
     pub fn new(ca: Arc<Ca>, ttl: Duration) -> Arc<Self> {
+        Self::build(Issuer::Local(ca), ttl)
+    }
+
+    /// Certificates from a CA service: no signing key in this process. `impersonate`: ask
+    /// for identities on others' behalf (a node agent); `roots`: trusted from the start (the
+    /// CA's own trust bundle file), extended with every root the CA sends.
+    pub fn remote(
+        client: CaClient,
+        trust_domain: &str,
+        ttl: Duration,
+        impersonate: bool,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Arc<Self> {
+        let store = root_store_of(&roots);
+        Self::build(
+            Issuer::Remote(Box::new(Remote {
+                client,
+                trust_domain: trust_domain.to_string(),
+                impersonate,
+                configured_roots: roots.clone(),
+                roots: ArcSwap::from_pointee((roots, store)),
+            })),
+            ttl,
+        )
+    }
+
+    fn build(issuer: Issuer, ttl: Duration) -> Arc<Self> {
         let ttl = if ttl < MIN_TTL {
             warn!(?ttl, min = ?MIN_TTL, "workload certificate ttl too short, using the minimum");
             MIN_TTL
@@ -88,9 +162,10 @@ impl CertManager {
             ttl
         };
         Arc::new(CertManager {
-            ca,
+            issuer,
             ttl,
             entries: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             generation: watch::Sender::new(0),
             #[cfg(test)]
@@ -99,7 +174,15 @@ impl CertManager {
     }
 
     pub fn trust_domain(&self) -> &str {
-        self.ca.trust_domain()
+        match &self.issuer {
+            Issuer::Local(ca) => ca.trust_domain(),
+            Issuer::Remote(r) => &r.trust_domain,
+        }
+    }
+
+    /// True when certificates come from a CA service (no key in this process).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.issuer, Issuer::Remote(_))
     }
 
     pub fn ttl(&self) -> Duration {
@@ -108,12 +191,18 @@ impl CertManager {
 
     /// Every trusted root (DER).
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
-        self.ca.roots()
+        match &self.issuer {
+            Issuer::Local(ca) => ca.roots(),
+            Issuer::Remote(r) => r.roots.load().0.clone(),
+        }
     }
 
     /// The trusted roots as rustls trust anchors, parsed once.
     pub fn root_store(&self) -> Arc<rustls::RootCertStore> {
-        self.ca.root_store()
+        match &self.issuer {
+            Issuer::Local(ca) => ca.root_store(),
+            Issuer::Remote(r) => r.roots.load().1.clone(),
+        }
     }
 
     /// Cached; issued on first request. Returns the *current* key (after rotation, the new one).
@@ -122,6 +211,14 @@ impl CertManager {
     pub fn certified_key(&self, id: &Identity) -> Result<Arc<CertifiedKey>, CaError> {
         if let Some(key) = self.current(id, SystemTime::now()) {
             return Ok(key);
+        }
+        if self.is_remote() {
+            // Nothing to sign with here: ask the CA (in the background) and refuse this one.
+            let reason = self.want(id);
+            return Err(CaError::Pending {
+                id: id.clone(),
+                reason: reason.unwrap_or_else(|| "requested".into()),
+            });
         }
         // Issue outside the lock: handshakes for other workloads must not wait on signing.
         let fresh = self.issue(id)?;
@@ -145,7 +242,8 @@ impl CertManager {
 
     /// Stop renewing an identity no longer on this node (drops its key).
     pub fn forget(&self, id: &Identity) {
-        if self.lock().remove(id).is_some() {
+        let was_pending = self.lock_pending().remove(id).is_some();
+        if self.lock().remove(id).is_some() || was_pending {
             debug!(identity = %id, "forgot workload certificate");
             self.bump();
         }
@@ -164,6 +262,10 @@ impl CertManager {
                     _ = self.wake.notified() => continue,
                     _ = tokio::time::sleep(wait) => {}
                 }
+                if let Issuer::Remote(remote) = &self.issuer {
+                    self.fetch_due(remote, SystemTime::now()).await;
+                    continue;
+                }
                 // Key generation and signing are CPU work: keep them off the reactor threads.
                 let this = self.clone();
                 let span = tracing::Span::current();
@@ -177,6 +279,162 @@ impl CertManager {
         }
         .instrument(span)
         .await
+    }
+
+    /// Asks for `id`'s certificate ahead of its first use (a pod enrolled on this node).
+    /// Local mode: issued now. Remote mode: queued for the CA, fetched in the background by
+    /// [`CertManager::run_rotation`]. Returns the last refusal while it is pending.
+    pub fn want(&self, id: &Identity) -> Option<String> {
+        if !self.is_remote() {
+            return self.certified_key(id).err().map(|e| e.to_string());
+        }
+        if self.current(id, SystemTime::now()).is_some() {
+            return None;
+        }
+        let mut pending = self.lock_pending();
+        if let Some(p) = pending.get(id) {
+            return p.last_error.clone();
+        }
+        let now = SystemTime::now();
+        pending.insert(
+            id.clone(),
+            Pending {
+                since: now,
+                next_attempt: now,
+                failures: 0,
+                last_error: None,
+            },
+        );
+        drop(pending);
+        self.wake.notify_one();
+        self.bump();
+        None
+    }
+
+    /// True when every identity in `ids` has a valid certificate.
+    pub fn has_all<'a>(&self, ids: impl IntoIterator<Item = &'a Identity>) -> bool {
+        let now = SystemTime::now();
+        let entries = self.lock();
+        ids.into_iter()
+            .all(|id| entries.get(id).is_some_and(|e| now < e.not_after))
+    }
+
+    /// Identities waiting for their first certificate (remote mode), by identity.
+    pub fn pending(&self) -> Vec<PendingSummary> {
+        let pending = self.lock_pending();
+        let mut out: Vec<PendingSummary> = pending
+            .iter()
+            .map(|(id, p)| PendingSummary {
+                identity: id.to_string(),
+                since: rfc3339(p.since),
+                attempts: p.failures,
+                last_error: p.last_error.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    /// Remote mode: fetches what is pending or due for renewal, at most
+    /// [`FETCH_CONCURRENCY`] at once.
+    async fn fetch_due(&self, remote: &Remote, now: SystemTime) {
+        use futures::stream::{self, StreamExt};
+        let mut due: Vec<Identity> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.next_attempt <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        due.extend(
+            self.lock_pending()
+                .iter()
+                .filter(|(_, p)| p.next_attempt <= now)
+                .map(|(id, _)| id.clone()),
+        );
+        let results: Vec<(Identity, Result<Fetched, CaClientError>)> = stream::iter(due)
+            .map(|id| async move {
+                let r = remote.client.fetch(&id, remote.impersonate, self.ttl).await;
+                (id, r)
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        for (id, result) in results {
+            self.apply_fetch(remote, id, result);
+        }
+    }
+
+    fn apply_fetch(&self, remote: &Remote, id: Identity, result: Result<Fetched, CaClientError>) {
+        let now = SystemTime::now();
+        match result {
+            Ok(fetched) => {
+                self.learn_roots(remote, &fetched.roots);
+                let cert = WorkloadCert {
+                    identity: fetched.identity,
+                    chain: fetched.chain,
+                    key: fetched.key,
+                    not_before: fetched.not_before,
+                    not_after: fetched.not_after,
+                    serial: fetched.serial,
+                };
+                let entry = match Entry::new(cert, now) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        warn!(identity = %id, error = %e, "the certificate the ca sent is unusable");
+                        return;
+                    }
+                };
+                let was_pending = self.lock_pending().remove(&id).is_some();
+                let mut entries = self.lock();
+                // Forgotten while we were asking: do not bring it back.
+                if !was_pending && !entries.contains_key(&id) {
+                    return;
+                }
+                info!(identity = %id, serial = %entry.serial, "certificate from the ca");
+                entries.insert(id, entry);
+            }
+            Err(error) => {
+                let reason = error.reason();
+                let mut pending = self.lock_pending();
+                if let Some(p) = pending.get_mut(&id) {
+                    p.failures = p.failures.saturating_add(1);
+                    p.next_attempt = now + backoff(p.failures);
+                    p.last_error = Some(reason.clone());
+                    warn!(identity = %id, %error, attempts = p.failures, "no certificate yet; the workload waits");
+                } else {
+                    drop(pending);
+                    let mut entries = self.lock();
+                    let Some(entry) = entries.get_mut(&id) else {
+                        return;
+                    };
+                    entry.failures = entry.failures.saturating_add(1);
+                    let delay = backoff(entry.failures);
+                    entry.next_attempt = now + delay;
+                    warn!(identity = %id, %error, failures = entry.failures, retry_in = ?delay,
+                        expires = %rfc3339(entry.not_after),
+                        "renewing from the ca failed, keeping the current certificate");
+                }
+            }
+        }
+        self.bump();
+    }
+
+    /// Adds roots the CA sent to the trust bundle (old and new roots are trusted together
+    /// during a root rotation).
+    fn learn_roots(&self, remote: &Remote, sent: &[CertificateDer<'static>]) {
+        let current = remote.roots.load();
+        if sent.iter().all(|r| current.0.contains(r)) {
+            return;
+        }
+        let mut roots = remote.configured_roots.clone();
+        for r in current.0.iter().chain(sent) {
+            if !roots.contains(r) {
+                roots.push(r.clone());
+            }
+        }
+        info!(roots = roots.len(), "trust bundle updated from the ca");
+        let store = root_store_of(&roots);
+        remote.roots.store(Arc::new((roots, store)));
     }
 
     /// For /config_dump: identity, serial, validity (RFC 3339), chain PEM. No keys.
@@ -243,7 +501,13 @@ impl CertManager {
                 reason: "injected failure".into(),
             });
         }
-        let cert = self.ca.issue(id, self.ttl)?;
+        let Issuer::Local(ca) = &self.issuer else {
+            return Err(CaError::Pending {
+                id: id.clone(),
+                reason: "certificates come from the ca service".into(),
+            });
+        };
+        let cert = ca.issue(id, self.ttl)?;
         Entry::new(cert, SystemTime::now())
     }
 
@@ -286,12 +550,23 @@ impl CertManager {
     }
 
     fn next_wait(&self, now: SystemTime) -> Duration {
-        self.lock()
+        let until = |t: SystemTime| t.duration_since(now).unwrap_or(Duration::ZERO);
+        let entries = self.lock().values().map(|e| until(e.next_attempt)).min();
+        let pending = self
+            .lock_pending()
             .values()
-            .map(|e| e.next_attempt.duration_since(now).unwrap_or(Duration::ZERO))
+            .map(|p| until(p.next_attempt))
+            .min();
+        entries
+            .into_iter()
+            .chain(pending)
             .min()
             .unwrap_or(MAX_IDLE)
             .min(MAX_IDLE)
+    }
+
+    fn lock_pending(&self) -> MutexGuard<'_, HashMap<Identity, Pending>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Identity, Entry>> {
@@ -351,6 +626,15 @@ impl Entry {
             failures: 0,
         })
     }
+}
+
+fn root_store_of(roots: &[CertificateDer<'static>]) -> Arc<rustls::RootCertStore> {
+    let mut store = rustls::RootCertStore::empty();
+    let (added, ignored) = store.add_parsable_certificates(roots.iter().cloned());
+    if ignored > 0 {
+        warn!(added, ignored, "some trust roots could not be parsed");
+    }
+    Arc::new(store)
 }
 
 /// Exponential backoff with "equal jitter": half the delay fixed, half random, so node agents

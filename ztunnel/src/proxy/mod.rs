@@ -32,7 +32,7 @@ mod sizes;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use mesh_shell::conns::{Active, ActiveGuard};
 use std::sync::{Arc, Mutex};
@@ -44,6 +44,7 @@ use arc_swap::ArcSwap;
 use mesh_hbone::Pool;
 use mesh_model::identity::Identity;
 use mesh_model::model::{Model, NamespacedName, Pod, Service};
+use mesh_model::round_robin::RoundRobin;
 use mesh_pki::certs::CertManager;
 use mesh_telemetry::{Metrics, TcpLabels};
 
@@ -74,7 +75,7 @@ pub struct ProxyInputs {
     pub pod_netns: PodNetnsSource,
     /// Cancelled on shutdown: HBONE servers send GOAWAY and stop taking new streams.
     pub drain: tokio_util::sync::CancellationToken,
-    round_robin: Mutex<HashMap<NamespacedName, Arc<AtomicUsize>>>,
+    round_robin: RoundRobin<NamespacedName>,
 }
 
 impl ProxyInputs {
@@ -100,17 +101,13 @@ impl ProxyInputs {
             home,
             pod_netns,
             drain,
-            round_robin: Mutex::default(),
+            round_robin: RoundRobin::default(),
         }
     }
 
     /// The next round-robin start index for a service.
     pub fn next_index(&self, svc: &NamespacedName) -> usize {
-        let counter = {
-            let mut rr = self.round_robin.lock().unwrap_or_else(|e| e.into_inner());
-            rr.entry(svc.clone()).or_default().clone()
-        };
-        counter.fetch_add(1, Ordering::Relaxed)
+        self.round_robin.next(svc)
     }
 }
 

@@ -184,11 +184,16 @@ impl AdminServer {
     }
 }
 
-/// The three listeners' addresses: as configured, and as bound (the ports chosen for `:0`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The three listeners' addresses: as configured ([`crate::config::ProcessArgs::endpoints`]),
+/// and as bound (the ports chosen for `:0`). Serialized under the flags' names
+/// (`admin_addr`, ...), as a binary's config dump shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Addrs {
+    #[serde(rename = "admin_addr")]
     pub admin: SocketAddr,
+    #[serde(rename = "metrics_addr")]
     pub metrics: SocketAddr,
+    #[serde(rename = "readiness_addr")]
     pub readiness: SocketAddr,
 }
 

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use mesh_model::identity::Identity;
 use mesh_model::model::{Pod, Service};
-use mesh_telemetry::{Metrics, TcpLabels, UNKNOWN};
+use mesh_telemetry::{Metrics, TcpLabels};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -214,8 +214,8 @@ impl HttpMetrics {
     }
 }
 
-/// What labels are made of (owned: it outlives the request handler, until the response
-/// body ends).
+/// What labels are made of: the owned form of [`mesh_telemetry::LabelInputs`] (it outlives
+/// the request handler, until the response body ends).
 #[derive(Clone, Debug, Default)]
 pub struct LabelInputs {
     pub src_pod: Option<Pod>,
@@ -230,83 +230,33 @@ pub struct LabelInputs {
 }
 
 impl LabelInputs {
+    /// The request's labels: Istio's standard set ([`mesh_telemetry::LabelInputs`], the
+    /// builder the node agent uses too) with `reporter="waypoint"`, plus the response.
     pub fn build(&self, code: u16, flag: Option<ResponseFlag>, grpc: Option<&str>) -> HttpLabels {
-        let unknown = || UNKNOWN.to_string();
-        let label = |p: Option<&Pod>, keys: &[&str]| {
-            p.and_then(|p| keys.iter().find_map(|k| p.labels.get(*k).cloned()))
-                .unwrap_or_else(unknown)
-        };
-        let canonical = [
-            "service.istio.io/canonical-name",
-            "app.kubernetes.io/name",
-            "app",
-        ];
-        let revision = [
-            "service.istio.io/canonical-revision",
-            "app.kubernetes.io/version",
-            "version",
-        ];
-        let (src, dst) = (self.src_pod.as_ref(), self.dst_pod.as_ref());
-        let svc = self.service.as_ref();
-        let base = TcpLabels {
-            reporter: REPORTER.to_string(),
-            source_workload: src.map(workload_name).unwrap_or_else(unknown),
-            source_workload_namespace: src.map(|p| p.namespace.clone()).unwrap_or_else(unknown),
-            source_principal: self
-                .src_identity
-                .as_ref()
-                .map(Identity::uri)
-                .unwrap_or_else(unknown),
-            source_app: label(src, &["app", "app.kubernetes.io/name"]),
-            source_version: label(src, &["version", "app.kubernetes.io/version"]),
-            source_canonical_service: label(src, &canonical),
-            source_canonical_revision: label(src, &revision),
-            source_cluster: "Kubernetes".to_string(),
-            destination_workload: dst.map(workload_name).unwrap_or_else(unknown),
-            destination_workload_namespace: dst
-                .map(|p| p.namespace.clone())
-                .unwrap_or_else(unknown),
-            destination_principal: self
-                .dst_identity
-                .as_ref()
-                .map(Identity::uri)
-                .unwrap_or_else(unknown),
-            destination_app: label(dst, &["app", "app.kubernetes.io/name"]),
-            destination_version: label(dst, &["version", "app.kubernetes.io/version"]),
-            destination_service: svc.map(Service::hostname).unwrap_or_else(unknown),
-            destination_service_name: svc.map(|s| s.name.clone()).unwrap_or_else(unknown),
-            destination_service_namespace: svc.map(|s| s.namespace.clone()).unwrap_or_else(unknown),
-            destination_canonical_service: label(dst, &canonical),
-            destination_canonical_revision: label(dst, &revision),
-            destination_cluster: "Kubernetes".to_string(),
-            request_protocol: self.protocol.to_string(),
-            response_flags: flag.map_or("-", ResponseFlag::as_str).to_string(),
-            connection_security_policy: if self.mtls { "mutual_tls" } else { "unknown" }
-                .to_string(),
-        };
         HttpLabels {
-            base,
+            base: self.shared(flag).build_for(self.protocol),
             response_code: code.to_string(),
             grpc_response_status: grpc.unwrap_or("").to_string(),
         }
     }
-}
 
-impl LabelInputs {
     /// Istio's TCP labels, for connections relayed at L4.
     pub fn build_tcp(&self) -> TcpLabels {
-        let mut base = self.build(0, None, None).base;
-        base.request_protocol = "tcp".to_string();
-        base
+        self.shared(None).build()
     }
-}
 
-/// The `app` label, else the pod name, as ztunnel reports workloads.
-fn workload_name(p: &Pod) -> String {
-    p.labels
-        .get("app")
-        .cloned()
-        .unwrap_or_else(|| p.name.clone())
+    fn shared(&self, flag: Option<ResponseFlag>) -> mesh_telemetry::LabelInputs<'_> {
+        mesh_telemetry::LabelInputs {
+            reporter: REPORTER,
+            src_pod: self.src_pod.as_ref(),
+            src_identity: self.src_identity.as_ref(),
+            dst_pod: self.dst_pod.as_ref(),
+            dst_identity: self.dst_identity.as_ref(),
+            service: self.service.as_ref(),
+            flag,
+            mtls: self.mtls,
+        }
+    }
 }
 
 /// One access-log line per request (target `access`).

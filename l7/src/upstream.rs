@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_hbone::{self as hbone, ConnectHeaders, HboneError, PoolKey, HBONE_PORT};
 use mesh_model::identity::Identity;
 use mesh_model::model::{Model, NamespacedName, Pod};
+use mesh_model::round_robin::RoundRobin;
 use mesh_pki::certs::CertManager;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -204,7 +205,7 @@ pub struct Upstreams {
     certs: Arc<CertManager>,
     hbone: hbone::Pool,
     conns: Mutex<Conns>,
-    round_robin: Mutex<HashMap<NamespacedName, Arc<AtomicUsize>>>,
+    round_robin: RoundRobin<NamespacedName>,
     /// Balancer state per (service, port, subset).
     pub clusters: Clusters,
 }
@@ -223,18 +224,14 @@ impl Upstreams {
             certs,
             hbone,
             conns: Mutex::default(),
-            round_robin: Mutex::default(),
+            round_robin: RoundRobin::default(),
             clusters,
         })
     }
 
     /// The next round-robin start index for `svc`.
     pub fn next_index(&self, svc: &NamespacedName) -> usize {
-        let counter = {
-            let mut rr = self.round_robin.lock().unwrap_or_else(|e| e.into_inner());
-            rr.entry(svc.clone()).or_default().clone()
-        };
-        counter.fetch_add(1, Ordering::Relaxed)
+        self.round_robin.next(svc)
     }
 
     pub fn hbone_stats(&self) -> hbone::PoolStats {

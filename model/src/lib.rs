@@ -13,6 +13,7 @@
 //!   [`policy::authn`], a request's RequestAuthentication outcome.
 //! - [`route`]: path normalisation, HTTPRoute / GRPCRoute / VirtualService matching,
 //!   backends, filters; [`resilience`]: retry, backoff, fault and mirror decisions.
+//! - [`round_robin`]: the per-destination rotating start index both proxies balance with.
 #![forbid(unsafe_code)]
 
 pub mod duration;
@@ -22,6 +23,7 @@ pub mod k8s;
 pub mod model;
 pub mod policy;
 pub mod resilience;
+pub mod round_robin;
 pub mod route;
 
 pub use identity::Identity;

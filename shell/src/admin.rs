@@ -4,7 +4,8 @@
 //! - `/metrics` (OpenMetrics when asked for, else Prometheus text) and `/healthz/ready`;
 //! - on the admin listener (loopback by default): `/config_dump` (the binary's dump),
 //!   `GET /logging` (the filter) and `POST /logging?level=<filter>`, `POST /quitquitquit`
-//!   (drain and exit, as Envoy's), and `/` (the list).
+//!   (drain and exit, as Envoy's), `GET /debug/pprof/profile?seconds=N` (a CPU profile,
+//!   [`crate::profile`]), and `/` (the list).
 //!
 //! A binary implements [`AdminApp`] for its dump, its readiness, and its own routes
 //! (the node agent's `/dashboard` and `/stats`), which are tried first.
@@ -168,9 +169,18 @@ impl AdminServer {
             |(tcp, _)| {
                 let app = app.clone();
                 let ctl = ctl.clone();
-                let svc = service_fn(move |req| {
-                    let resp = route(&*app, &ctl, role, endpoints, &req);
-                    async move { Ok::<_, Infallible>(resp) }
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    // A CPU profile takes seconds: the one answer that is not immediate.
+                    let now = match is_profile(endpoints, &req) {
+                        true => Err(req.uri().query().map(str::to_owned)),
+                        false => Ok(route(&*app, &ctl, role, endpoints, &req)),
+                    };
+                    async move {
+                        Ok::<_, Infallible>(match now {
+                            Ok(resp) => resp,
+                            Err(query) => crate::profile::serve(query).await,
+                        })
+                    }
                 });
                 crate::process::spawn(span.clone(), async move {
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -184,11 +194,16 @@ impl AdminServer {
     }
 }
 
-/// The three listeners' addresses: as configured, and as bound (the ports chosen for `:0`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The three listeners' addresses: as configured ([`crate::config::ProcessArgs::endpoints`]),
+/// and as bound (the ports chosen for `:0`). Serialized under the flags' names
+/// (`admin_addr`, ...), as a binary's config dump shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Addrs {
+    #[serde(rename = "admin_addr")]
     pub admin: SocketAddr,
+    #[serde(rename = "metrics_addr")]
     pub metrics: SocketAddr,
+    #[serde(rename = "readiness_addr")]
     pub readiness: SocketAddr,
 }
 
@@ -245,6 +260,11 @@ pub fn json(what: &str, body: Result<Vec<u8>, serde_json::Error>) -> Response<Bo
     }
 }
 
+/// `GET /debug/pprof/profile` on a listener with the admin endpoints.
+fn is_profile(endpoints: Endpoints, req: &Request<Incoming>) -> bool {
+    endpoints.admin && req.method() == Method::GET && req.uri().path() == crate::profile::PATH
+}
+
 fn route<A: AdminApp>(
     app: &A,
     ctl: &Control,
@@ -277,6 +297,7 @@ fn route<A: AdminApp>(
                 "/logging?level=<filter>",
                 "/quitquitquit",
                 "/metrics",
+                "/debug/pprof/profile?seconds=<1-60>",
             ];
             if endpoints.ready {
                 list.push("/healthz/ready");
@@ -417,53 +438,60 @@ mod tests {
 
     /// One HTTP/1.1 request over a fresh connection; returns the status and body.
     async fn call(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+        let (status, body) = call_bytes(addr, method, path).await;
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn call_bytes(addr: SocketAddr, method: &str, path: &str) -> (u16, Vec<u8>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let req = format!(
             "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
         );
         tcp.write_all(req.as_bytes()).await.expect("write");
-        let mut buf = String::new();
-        tcp.read_to_string(&mut buf).await.expect("read");
-        let status = buf
+        let mut buf = Vec::new();
+        tcp.read_to_end(&mut buf).await.expect("read");
+        let head_end = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a complete head");
+        let head = String::from_utf8_lossy(&buf[..head_end]);
+        let status = head
             .split(' ')
             .nth(1)
             .and_then(|s| s.parse().ok())
             .expect("status");
-        let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-        (status, body)
+        (status, buf[head_end + 4..].to_vec())
     }
 
-    #[tokio::test]
-    async fn each_listener_answers_its_endpoints_and_quitquitquit_triggers_shutdown() {
+    /// The three listeners of a test app on loopback ports the kernel picks.
+    async fn start_app(ctl: Control, stop: CancellationToken) -> Addrs {
         let app = Arc::new(App {
             metrics: Metrics::new(),
         });
-        let ctl = Control::default();
-        let stop = CancellationToken::new();
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let listeners = [
             (Role::Admin, Endpoints::ALL),
             (Role::Metrics, Endpoints::METRICS),
             (Role::Readiness, Endpoints::READY),
         ];
+        let addrs = Addrs {
+            admin: any,
+            metrics: any,
+            readiness: any,
+        };
+        start(addrs, listeners, app, ctl, stop).await.expect("bind")
+    }
+
+    #[tokio::test]
+    async fn each_listener_answers_its_endpoints_and_quitquitquit_triggers_shutdown() {
+        let ctl = Control::default();
+        let stop = CancellationToken::new();
         let Addrs {
             admin,
             metrics,
             readiness,
-        } = start(
-            Addrs {
-                admin: any,
-                metrics: any,
-                readiness: any,
-            },
-            listeners,
-            app,
-            ctl.clone(),
-            stop.clone(),
-        )
-        .await
-        .expect("bind");
+        } = start_app(ctl.clone(), stop.clone()).await;
         assert_eq!(call(readiness, "GET", "/healthz/ready").await.0, 200);
         assert_eq!(call(readiness, "GET", "/metrics").await.0, 404);
         assert_eq!(call(metrics, "GET", "/metrics").await.0, 200);
@@ -481,6 +509,65 @@ mod tests {
         assert!(!ctl.shutdown.is_triggered());
         assert_eq!(call(admin, "POST", "/quitquitquit").await.0, 200);
         assert!(ctl.shutdown.is_triggered());
+        stop.cancel();
+    }
+
+    /// Spins until `running` is cleared: CPU time for the profiler to sample.
+    fn burn_cpu(running: &std::sync::atomic::AtomicBool) -> u64 {
+        let mut x = 0u64;
+        while running.load(std::sync::atomic::Ordering::Relaxed) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        x
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_admin_listener_takes_one_cpu_profile_at_a_time() {
+        use crate::profile::{check_well_formed, proto, Busy};
+        use prost::Message;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+
+        let stop = CancellationToken::new();
+        let Addrs { admin, metrics, .. } = start_app(Control::default(), stop.clone()).await;
+        let path = |q: &str| format!("{}?{q}", crate::profile::PATH);
+        assert_eq!(call(admin, "GET", &path("seconds=0")).await.0, 400);
+        assert_eq!(call(admin, "GET", &path("seconds=61")).await.0, 400);
+        assert_eq!(call(metrics, "GET", &path("seconds=1")).await.0, 404);
+
+        let running = Arc::new(AtomicBool::new(true));
+        let burner = std::thread::spawn({
+            let running = running.clone();
+            move || burn_cpu(&running)
+        });
+        let first = tokio::spawn({
+            let p = path("seconds=1");
+            async move { call_bytes(admin, "GET", &p).await }
+        });
+        // Once the first profile is under way, a second request is refused.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !Busy::in_progress() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the first profile starts");
+        let (status, body) = call(admin, "GET", &path("seconds=1")).await;
+        assert_eq!(status, 409, "{body}");
+
+        let (status, body) = first.await.expect("first request");
+        running.store(false, Ordering::Relaxed);
+        burner.join().expect("burner");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        assert!(!Busy::in_progress(), "the slot is free again");
+        let profile = proto::Profile::decode(body.as_slice()).expect("a pprof protobuf");
+        check_well_formed(&profile).expect("well formed");
+        assert!(!profile.sample.is_empty(), "no samples in a busy second");
+        assert!(
+            profile.string_table.iter().any(|s| s.contains("burn_cpu")),
+            "the busy function is named: {:?}",
+            profile.string_table
+        );
         stop.cancel();
     }
 }

@@ -89,6 +89,16 @@ pub struct ProcessArgs {
 }
 
 impl ProcessArgs {
+    /// Where the endpoint listeners bind (`--admin-addr`, `--metrics-addr`,
+    /// `--readiness-addr`): what [`crate::admin::start`] takes.
+    pub fn endpoints(&self) -> crate::admin::Addrs {
+        crate::admin::Addrs {
+            admin: self.admin_addr,
+            metrics: self.metrics_addr,
+            readiness: self.readiness_addr,
+        }
+    }
+
     /// Rules across flags that clap's attributes cannot state (`required_if_eq` ignores a
     /// defaulted `--config-source`). `A` is the binary's parser, for the usage in the error.
     pub fn check<A: CommandFactory>(&self, env_prefix: &str) -> Result<(), clap::Error> {
@@ -218,9 +228,14 @@ mod tests {
     fn the_defaults_are_the_documented_ones() {
         let p: Probe = parse_from("PROBE", ["probe", "--name", "n", "--ca-dir", "/ca"]);
         let a = p.process;
-        assert_eq!(a.admin_addr, "127.0.0.1:15000".parse().expect("addr"));
-        assert_eq!(a.metrics_addr.port(), 15020);
-        assert_eq!(a.readiness_addr.port(), 15021);
+        assert_eq!(
+            a.endpoints(),
+            crate::admin::Addrs {
+                admin: "127.0.0.1:15000".parse().expect("addr"),
+                metrics: "0.0.0.0:15020".parse().expect("addr"),
+                readiness: "0.0.0.0:15021".parse().expect("addr"),
+            }
+        );
         assert_eq!(a.config_poll, Duration::from_millis(500));
         assert_eq!(a.cert_ttl, Duration::from_secs(24 * 3600));
         assert_eq!(a.log_format, LogFormat::Text);

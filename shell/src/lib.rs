@@ -8,7 +8,8 @@
 //!   the loops that install each good model;
 //! - [`logging`]: tracing to stderr with a filter replaceable at runtime;
 //! - [`admin`]: `/metrics`, `/healthz/ready`, and on the loopback admin port `/config_dump`,
-//!   `/logging`, `/quitquitquit`; each binary adds its own dump and routes;
+//!   `/logging`, `/quitquitquit`, `/debug/pprof/profile` ([`profile`]: CPU profiles in the
+//!   pprof format); each binary adds its own dump and routes;
 //! - [`accept`]: the accept loop that backs off while the process is out of file descriptors;
 //! - [`process`]: the open-file limit, SIGTERM/SIGINT and `/quitquitquit` as one shutdown
 //!   trigger, the drain deadline, and [`process::spawn`] (every task carries a span);
@@ -21,4 +22,5 @@ pub mod config;
 pub mod conns;
 pub mod logging;
 pub mod process;
+pub mod profile;
 pub mod source;

@@ -7,7 +7,9 @@
 //!   `mesh_config_reloads_total`;
 //! - `process_*` read from `/proc/self` at scrape time.
 //!
-//! [`ResponseFlag`] names why a connection or request was refused, in both binaries.
+//! [`ResponseFlag`] names why a connection or request was refused, in both binaries;
+//! [`LabelInputs`] builds every Istio label set from the model's pods, Services and
+//! identities (the agent's TCP labels and the base of the waypoint's request labels).
 //!
 //! [`Metrics::snapshot`] reads them all back, typed, for the node dashboard.
 //!
@@ -27,7 +29,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 mod flags;
+pub mod labels;
 pub use flags::ResponseFlag;
+pub use labels::LabelInputs;
 
 /// The `Content-Type` for [`Metrics::encode`]'s output (OpenMetrics 1.0, ends in `# EOF`).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -39,8 +43,8 @@ pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The value Istio uses for a label it cannot fill.
 pub const UNKNOWN: &str = "unknown";
 
-/// Istio's standard TCP metric labels. Fill what is not known with [`UNKNOWN`]
-/// (`TcpLabels::default()` starts with every label unknown).
+/// Istio's standard TCP metric labels, built by [`LabelInputs`]. Fill what is not known
+/// with [`UNKNOWN`] (`TcpLabels::default()` starts with every label unknown).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: String,

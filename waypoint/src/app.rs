@@ -109,13 +109,9 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         ready: installed.loaded.clone(),
         model: model.clone(),
     });
-    let endpoints = mesh_shell::admin::Addrs {
-        admin: cfg.admin_addr,
-        metrics: cfg.metrics_addr,
-        readiness: cfg.readiness_addr,
-    };
     let endpoints =
-        mesh_shell::admin::start(endpoints, LISTENERS, state, ctl.clone(), stop.clone()).await?;
+        mesh_shell::admin::start(cfg.endpoints, LISTENERS, state, ctl.clone(), stop.clone())
+            .await?;
     spawn(
         info_span!("cert_rotation"),
         certs.clone().run_rotation(stop.clone()),

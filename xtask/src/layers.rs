@@ -35,8 +35,9 @@ const NO_IO_FORBIDDEN: [&str; 8] = [
 const LAYERS: &[(&str, &[&str])] = &[
     // The mesh model and the YAML translator: pure, no IO.
     ("mesh-model", &[]),
-    // Metrics and logging: below everything that reports.
-    ("mesh-telemetry", &[]),
+    // Metrics and Istio's labels (built from the model's pods, Services and identities):
+    // below everything that reports.
+    ("mesh-telemetry", &["mesh-model"]),
     // The eBPF capture programs and their loader.
     ("ebpf", &[]),
     // Certificates, CA client, identity.

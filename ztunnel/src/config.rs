@@ -1,7 +1,6 @@
 //! Every setting of the node agent, read once at startup into typed values.
 //! Each default is a named constant so ARCHITECTURE.md and `--help` agree.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -117,9 +116,9 @@ pub struct Config {
     /// The backend in use: never `auto` once the agent runs (startup resolves it).
     pub redirect: Redirect,
     pub bpf_fs: PathBuf,
-    pub admin_addr: SocketAddr,
-    pub metrics_addr: SocketAddr,
-    pub readiness_addr: SocketAddr,
+    /// The endpoint listeners (`admin_addr`, `metrics_addr`, `readiness_addr` in the dump).
+    #[serde(flatten)]
+    pub endpoints: mesh_shell::admin::Addrs,
     #[serde(with = "secs")]
     pub config_poll: Duration,
     #[serde(with = "secs")]
@@ -153,9 +152,7 @@ impl From<&Args> for Config {
             cert_ttl: a.cert_ttl,
             redirect: args.redirect,
             bpf_fs: args.bpf_fs.clone(),
-            admin_addr: a.admin_addr,
-            metrics_addr: a.metrics_addr,
-            readiness_addr: a.readiness_addr,
+            endpoints: a.endpoints(),
             config_poll: a.config_poll,
             drain_timeout: a.drain_timeout,
             tls_handshake_timeout: a.tls_handshake_timeout,
@@ -195,6 +192,45 @@ mod tests {
         assert_eq!(kube.process.config_source, ConfigSource::Kube);
         assert_eq!(kube.process.config_dir, None);
         assert!(parse(&["--config-source", "etcd"]).is_err());
+    }
+
+    /// `/config_dump` shows the settings under these names; tools and tests read them.
+    #[test]
+    fn the_dump_keeps_every_setting_name() {
+        let args =
+            parse(&["--config-dir", "/cfg", "--metrics-addr", "0.0.0.0:9020"]).expect("parses");
+        let dump = serde_json::to_value(Config::from(&args)).expect("serializes");
+        let mut keys: Vec<&str> = dump
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        let mut expected = [
+            "node_name",
+            "config_source",
+            "config_dir",
+            "ca_dir",
+            "netns_dir",
+            "netns_prefix",
+            "trust_domain",
+            "cert_ttl",
+            "redirect",
+            "bpf_fs",
+            "admin_addr",
+            "metrics_addr",
+            "readiness_addr",
+            "config_poll",
+            "drain_timeout",
+            "tls_handshake_timeout",
+            "connect_timeout",
+        ];
+        expected.sort_unstable();
+        assert_eq!(keys, expected);
+        assert_eq!(dump["admin_addr"], "127.0.0.1:15000");
+        assert_eq!(dump["metrics_addr"], "0.0.0.0:9020");
+        assert_eq!(dump["readiness_addr"], "0.0.0.0:15021");
     }
 
     #[test]

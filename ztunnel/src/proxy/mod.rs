@@ -38,7 +38,7 @@ mod sizes;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use mesh_shell::conns::{Active, ActiveGuard};
 use std::sync::{Arc, Mutex};
@@ -49,7 +49,8 @@ use std::future::Future;
 use arc_swap::ArcSwap;
 use mesh_hbone::Pool;
 use mesh_model::identity::Identity;
-use mesh_model::model::{Model, NamespacedName, Pod, Service};
+use mesh_model::model::{Model, NamespacedName};
+use mesh_model::round_robin::RoundRobin;
 use mesh_pki::certs::CertManager;
 use mesh_telemetry::{Metrics, TcpLabels};
 
@@ -63,8 +64,9 @@ use crate::netns::Netns;
 use crate::netns_source::PodNetnsSource;
 use crate::redirect::ebpf::Flow;
 
-/// Shared with the waypoint: one enum of causes for logs and `response_flags`.
-pub use mesh_telemetry::ResponseFlag;
+/// Shared with the waypoint: one enum of causes for logs and `response_flags`, and one
+/// builder of Istio's labels.
+pub use mesh_telemetry::{LabelInputs, ResponseFlag};
 
 /// Everything the proxies share; one per agent.
 pub struct ProxyInputs {
@@ -80,7 +82,7 @@ pub struct ProxyInputs {
     pub pod_netns: PodNetnsSource,
     /// Cancelled on shutdown: HBONE servers send GOAWAY and stop taking new streams.
     pub drain: tokio_util::sync::CancellationToken,
-    round_robin: Mutex<HashMap<NamespacedName, Arc<AtomicUsize>>>,
+    round_robin: RoundRobin<NamespacedName>,
 }
 
 impl ProxyInputs {
@@ -106,17 +108,13 @@ impl ProxyInputs {
             home,
             pod_netns,
             drain,
-            round_robin: Mutex::default(),
+            round_robin: RoundRobin::default(),
         }
     }
 
     /// The next round-robin start index for a service.
     pub fn next_index(&self, svc: &NamespacedName) -> usize {
-        let counter = {
-            let mut rr = self.round_robin.lock().unwrap_or_else(|e| e.into_inner());
-            rr.entry(svc.clone()).or_default().clone()
-        };
-        counter.fetch_add(1, Ordering::Relaxed)
+        self.round_robin.next(svc)
     }
 }
 
@@ -279,106 +277,6 @@ impl ActiveConns {
     /// Resolves once no connection is open.
     pub async fn idle(&self) {
         self.open.idle().await
-    }
-}
-
-/// Builds Istio's standard TCP metric labels.
-#[derive(Clone, Copy)]
-pub struct LabelInputs<'a> {
-    pub reporter: &'static str,
-    pub src_pod: Option<&'a Pod>,
-    pub src_identity: Option<&'a Identity>,
-    pub dst_pod: Option<&'a Pod>,
-    pub dst_identity: Option<&'a Identity>,
-    pub service: Option<&'a Service>,
-    pub flag: Option<ResponseFlag>,
-    pub mtls: bool,
-}
-
-fn workload_name(p: &Pod) -> String {
-    // Kubernetes has no workload object here; the `app` label (else the pod name) stands in,
-    // as Istio falls back to the pod name for bare pods.
-    p.labels
-        .get("app")
-        .cloned()
-        .unwrap_or_else(|| p.name.clone())
-}
-
-fn label_or_unknown(p: Option<&Pod>, keys: &[&str]) -> String {
-    p.and_then(|p| keys.iter().find_map(|k| p.labels.get(*k)).cloned())
-        .unwrap_or_else(|| "unknown".to_string())
-}
-
-impl LabelInputs<'_> {
-    pub fn build(&self) -> TcpLabels {
-        let unknown = || "unknown".to_string();
-        let canonical = |p: Option<&Pod>| {
-            label_or_unknown(
-                p,
-                &[
-                    "service.istio.io/canonical-name",
-                    "app.kubernetes.io/name",
-                    "app",
-                ],
-            )
-        };
-        let revision = |p: Option<&Pod>| {
-            label_or_unknown(
-                p,
-                &[
-                    "service.istio.io/canonical-revision",
-                    "app.kubernetes.io/version",
-                    "version",
-                ],
-            )
-        };
-        TcpLabels {
-            reporter: self.reporter.to_string(),
-            source_workload: self.src_pod.map(workload_name).unwrap_or_else(unknown),
-            source_workload_namespace: self
-                .src_pod
-                .map(|p| p.namespace.clone())
-                .unwrap_or_else(unknown),
-            source_principal: self.src_identity.map(|i| i.uri()).unwrap_or_else(unknown),
-            source_app: label_or_unknown(self.src_pod, &["app", "app.kubernetes.io/name"]),
-            source_version: label_or_unknown(
-                self.src_pod,
-                &["version", "app.kubernetes.io/version"],
-            ),
-            source_canonical_service: canonical(self.src_pod),
-            source_canonical_revision: revision(self.src_pod),
-            source_cluster: "Kubernetes".to_string(),
-            destination_workload: self.dst_pod.map(workload_name).unwrap_or_else(unknown),
-            destination_workload_namespace: self
-                .dst_pod
-                .map(|p| p.namespace.clone())
-                .unwrap_or_else(unknown),
-            destination_principal: self.dst_identity.map(|i| i.uri()).unwrap_or_else(unknown),
-            destination_app: label_or_unknown(self.dst_pod, &["app", "app.kubernetes.io/name"]),
-            destination_version: label_or_unknown(
-                self.dst_pod,
-                &["version", "app.kubernetes.io/version"],
-            ),
-            destination_service: self.service.map(|s| s.hostname()).unwrap_or_else(unknown),
-            destination_service_name: self.service.map(|s| s.name.clone()).unwrap_or_else(unknown),
-            destination_service_namespace: self
-                .service
-                .map(|s| s.namespace.clone())
-                .unwrap_or_else(unknown),
-            destination_canonical_service: canonical(self.dst_pod),
-            destination_canonical_revision: revision(self.dst_pod),
-            destination_cluster: "Kubernetes".to_string(),
-            request_protocol: "tcp".to_string(),
-            response_flags: self
-                .flag
-                .map(|f| f.as_str().to_string())
-                .unwrap_or_else(|| "-".to_string()),
-            connection_security_policy: if self.mtls {
-                "mutual_tls".to_string()
-            } else {
-                "unknown".to_string()
-            },
-        }
     }
 }
 

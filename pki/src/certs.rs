@@ -778,8 +778,10 @@ mod tests {
         let certs = manager(Duration::from_secs(3600));
         let now = SystemTime::now();
         let hour = Duration::from_secs(3600);
-        let expired = certs
-            .ca
+        let Issuer::Local(ca) = &certs.issuer else {
+            unreachable!("a local manager")
+        };
+        let expired = ca
             .issue_with_validity(&web(), now - 2 * hour, now - hour)
             .unwrap();
         let stale_serial = expired.serial.clone();

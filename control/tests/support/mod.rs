@@ -40,7 +40,11 @@ pub struct Ca {
 
 impl Ca {
     pub async fn start(extra: &[&str]) -> Ca {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra).await
+    }
+
+    /// Starts the CA on an existing directory (a restart keeps its root and token key).
+    pub async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Ca {
         let cfg = dir.path().join("config");
         std::fs::create_dir_all(&cfg).unwrap();
         std::fs::write(cfg.join("pods.yaml"), PODS).unwrap();
@@ -63,6 +67,11 @@ impl Ca {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if extra.contains(&"--grpc-addr") {
+            // The caller's address replaces the default `127.0.0.1:0`.
+            let at = argv.iter().position(|a| a == "--grpc-addr").unwrap();
+            argv.drain(at..at + 2);
+        }
         argv.extend(extra.iter().map(|s| s.to_string()));
         let args = Args::try_parse_from(argv).unwrap();
         let app = control::app::start(args, Control::default()).await.unwrap();

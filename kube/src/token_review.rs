@@ -1,7 +1,21 @@
 //! `TokenReview`: the API server says whose a service-account token is (the CA's callers in
-//! cluster mode). The CA's own service account needs `create` on `tokenreviews`.
+//! cluster mode).
+//!
+//! RBAC the CA's own service account needs in cluster mode (a ClusterRole bound to it with a
+//! ClusterRoleBinding; the manifests are written elsewhere):
+//! - `create` on `tokenreviews` in API group `authentication.k8s.io` (cluster-scoped): one
+//!   review per certificate request. Without it every request is refused
+//!   `token_review_unavailable` (the API server answers `403 Forbidden`).
+//! - `list` and `watch` on what `mesh_kube::watch` reads for `Scope::Node`: `pods`,
+//!   `namespaces`, `serviceaccounts`, `services` (core group), `peerauthentications` and
+//!   `authorizationpolicies` (`security.istio.io`), `gateways`
+//!   (`gateway.networking.k8s.io`). The CA uses only pods (node, service account, uid), but
+//!   it is not ready until every kind was listed; a kind whose CRD is absent is skipped, one
+//!   forbidden by RBAC is retried and keeps the CA not ready.
+//! - Nothing on `serviceaccounts/token`: the CA never mints Kubernetes tokens.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
@@ -28,7 +42,11 @@ pub enum ReviewError {
     Unavailable(String),
 }
 
-/// Asks the API server whether `token` is valid for `audience`.
+/// How long a review may take. The client's own timeouts are the kube client's (minutes,
+/// sized for watches); a CA request must not hold its slot that long on a wedged API server.
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the API server whether `token` is valid for `audience` (at most [`REVIEW_TIMEOUT`]).
 pub async fn review_token(
     client: &Client,
     token: &str,
@@ -42,10 +60,13 @@ pub async fn review_token(
         ..TokenReview::default()
     };
     let api: Api<TokenReview> = Api::all(client.clone());
-    let reviewed = api
-        .create(&PostParams::default(), &review)
-        .await
-        .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
+    let reviewed =
+        tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
+            .await
+            .map_err(|_| {
+                ReviewError::Unavailable(format!("no answer within {}s", REVIEW_TIMEOUT.as_secs()))
+            })?
+            .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
     let status = reviewed
         .status
         .ok_or_else(|| ReviewError::Unavailable("the review came back without a status".into()))?;

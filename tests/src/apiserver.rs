@@ -11,6 +11,12 @@
 //! - A kind whose CRD is not installed answers `404` with a `NotFound` Status.
 //! - A kind's list can be held back ([`FakeApiServer::hold_list`]) to see what the client
 //!   does before it has everything.
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews` answers as a real API server does for
+//!   the tokens a test registered ([`FakeApiServer::add_token`]): authenticated with the
+//!   user and the audiences both sides share; else `authenticated: false` with an error (an
+//!   unknown token, no audience in common, or a token bound to a pod that is gone or was
+//!   recreated with another uid). [`FakeApiServer::fail_token_reviews`] makes it answer an
+//!   error Status instead (RBAC missing, API server failing).
 //!
 //! One global resource version, like etcd's revision. History is kept whole (tests are small).
 
@@ -98,6 +104,16 @@ pub const WAYPOINT_ONLY_KINDS: [&str; 5] = [
     "DestinationRule",
 ];
 
+/// Where `TokenReview`s are created.
+pub const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+/// The audience a review asks for when its `spec.audiences` is empty: the API server's own.
+pub const API_SERVER_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// `status.user.extra` keys of a token bound to a pod (and, since Kubernetes 1.30, its node).
+pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+
 /// Collections served only when Istio's CRDs are installed.
 const ISTIO_CRDS: &str = "/apis/security.istio.io/";
 /// Collections served only when the Gateway API CRDs are installed.
@@ -110,6 +126,76 @@ type Body = BoxBody<Bytes, Infallible>;
 pub struct Requests {
     pub lists: usize,
     pub watches: usize,
+}
+
+/// Who a registered token belongs to, as `TokenReview` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenUser {
+    /// `system:serviceaccount:<ns>:<sa>` for a service-account token.
+    pub username: String,
+    pub uid: String,
+    /// Defaults to what the API server gives a service account (see [`TokenUser::service_account`]).
+    pub groups: Vec<String>,
+    /// The audiences the token was issued for (`aud`).
+    pub audiences: Vec<String>,
+    /// `authentication.kubernetes.io/pod-name` and the like.
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl TokenUser {
+    /// A projected token of service account `ns/sa` for `audience`, bound to nothing.
+    pub fn service_account(ns: &str, sa: &str, audience: &str) -> TokenUser {
+        TokenUser {
+            username: format!("system:serviceaccount:{ns}:{sa}"),
+            uid: format!("uid-sa-{ns}-{sa}"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{ns}"),
+                "system:authenticated".into(),
+            ],
+            audiences: vec![audience.into()],
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Bound to pod `name` (in the service account's namespace) with `uid`: valid only while
+    /// that pod exists with that uid.
+    pub fn bound_to_pod(mut self, name: &str, uid: &str) -> TokenUser {
+        self.extra.insert(EXTRA_POD_NAME.into(), vec![name.into()]);
+        self.extra.insert(EXTRA_POD_UID.into(), vec![uid.into()]);
+        self
+    }
+
+    /// Naming the node its pod runs on.
+    pub fn on_node(mut self, node: &str) -> TokenUser {
+        self.extra.insert(EXTRA_NODE_NAME.into(), vec![node.into()]);
+        self
+    }
+
+    /// The namespace of a service-account username.
+    fn namespace(&self) -> Option<&str> {
+        let rest = self.username.strip_prefix("system:serviceaccount:")?;
+        rest.split_once(':').map(|(ns, _)| ns)
+    }
+}
+
+/// How [`FakeApiServer::fail_token_reviews`] makes reviews fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReviewFailure {
+    /// `403 Forbidden`, as when the reviewer's RBAC lacks `create` on `tokenreviews`.
+    Forbidden,
+    /// `500 InternalError`, as when the API server cannot reach its authenticator.
+    Internal,
+    /// No answer at all (an API server wedged, or a network partition).
+    Hang,
+}
+
+/// Registered tokens and what reviews saw.
+#[derive(Default)]
+struct Reviews {
+    tokens: HashMap<String, TokenUser>,
+    failure: Option<ReviewFailure>,
+    count: usize,
 }
 
 struct Collection {
@@ -129,6 +215,7 @@ struct Collection {
 struct Inner {
     version: u64,
     collections: HashMap<&'static str, Collection>,
+    reviews: Reviews,
 }
 
 #[derive(Clone, Debug)]
@@ -195,6 +282,7 @@ impl FakeApiServer {
             inner: Mutex::new(Inner {
                 version: 1,
                 collections,
+                reviews: Reviews::default(),
             }),
             events: broadcast::channel(1024).0,
             requested: Notify::new(),
@@ -330,6 +418,27 @@ impl FakeApiServer {
         Ok(())
     }
 
+    /// Registers a token: reviews of it answer `user` (while its audiences and bound pod
+    /// hold). Registering it again replaces the user.
+    pub fn add_token(&self, token: &str, user: TokenUser) {
+        self.lock().reviews.tokens.insert(token.to_owned(), user);
+    }
+
+    /// Forgets a token (as when it expired): reviews answer not authenticated.
+    pub fn remove_token(&self, token: &str) {
+        self.lock().reviews.tokens.remove(token);
+    }
+
+    /// `Some`: every review answers that error Status; `None`: reviews are answered again.
+    pub fn fail_token_reviews(&self, failure: Option<ReviewFailure>) {
+        self.lock().reviews.failure = failure;
+    }
+
+    /// How many `TokenReview`s were asked for (answered or failed).
+    pub fn token_reviews(&self) -> usize {
+        self.lock().reviews.count
+    }
+
     /// What clients asked for `kind` so far.
     pub fn requests(&self, kind: &str) -> Result<Requests> {
         let mut inner = self.lock();
@@ -441,6 +550,38 @@ fn full(code: StatusCode, body: &Value) -> Response<Body> {
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    if path == TOKEN_REVIEWS {
+        if req.method() != http::Method::POST {
+            return full(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &status(405, "MethodNotAllowed", "tokenreviews can only be created"),
+            );
+        }
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    &status(400, "BadRequest", &format!("read the body: {e}")),
+                )
+            }
+        };
+        let hang = {
+            let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let hang = inner.reviews.failure == Some(ReviewFailure::Hang);
+            if hang {
+                inner.reviews.count += 1;
+            }
+            hang
+        };
+        if hang {
+            shared.requested.notify_waiters();
+            std::future::pending::<()>().await;
+        }
+        let (code, answer) = token_review(shared, &body);
+        shared.requested.notify_waiters();
+        return full(code, &answer);
+    }
     let query: HashMap<String, String> = req
         .uri()
         .query()
@@ -488,6 +629,122 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         let _ = hold.wait_for(|held| !held).await;
         list_response(shared, &path)
     }
+}
+
+/// Answers one `TokenReview` (the request body): `201 Created` with the review and its
+/// status, `400` for a body that is not one, or the failure set by the test.
+fn token_review(shared: &Shared, body: &[u8]) -> (StatusCode, Value) {
+    let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+    inner.reviews.count += 1;
+    match inner.reviews.failure {
+        Some(ReviewFailure::Forbidden) => {
+            return (
+                StatusCode::FORBIDDEN,
+                status(
+                    403,
+                    "Forbidden",
+                    "tokenreviews.authentication.k8s.io is forbidden: User \"system:serviceaccount:istio-system:control\" cannot create resource \"tokenreviews\" in API group \"authentication.k8s.io\" at the cluster scope",
+                ),
+            )
+        }
+        Some(ReviewFailure::Internal) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                status(500, "InternalError", "Internal error occurred: authenticator unavailable"),
+            )
+        }
+        Some(ReviewFailure::Hang) | None => {}
+    }
+    let review: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) if v["kind"] == "TokenReview" => v,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", "the body is not a TokenReview"),
+            )
+        }
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let mut wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if wanted.is_empty() {
+        wanted.push(API_SERVER_AUDIENCE.to_owned());
+    }
+    let outcome = check_token(&inner, token, &wanted);
+    let status = match outcome {
+        Ok((user, audiences)) => json!({
+            "authenticated": true,
+            "user": {
+                "username": user.username,
+                "uid": user.uid,
+                "groups": user.groups,
+                "extra": user.extra,
+            },
+            "audiences": audiences,
+        }),
+        // A real API server leaves `authenticated` out when false, and the user empty.
+        Err(error) => json!({"user": {}, "error": error}),
+    };
+    let answer = json!({
+        "kind": "TokenReview",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"creationTimestamp": null},
+        "spec": review["spec"],
+        "status": status,
+    });
+    (StatusCode::CREATED, answer)
+}
+
+/// The user of `token` and the audiences of `wanted` it is valid for, or why it is not valid.
+fn check_token(
+    inner: &Inner,
+    token: &str,
+    wanted: &[String],
+) -> std::result::Result<(TokenUser, Vec<String>), String> {
+    let invalid = |why: &str| format!("[invalid bearer token, {why}]");
+    let user = inner
+        .reviews
+        .tokens
+        .get(token)
+        .ok_or_else(|| invalid("token lookup failed"))?;
+    let audiences: Vec<String> = wanted
+        .iter()
+        .filter(|a| user.audiences.contains(a))
+        .cloned()
+        .collect();
+    if audiences.is_empty() {
+        return Err(invalid(
+            "token audiences is invalid for the target audiences",
+        ));
+    }
+    if let Some(pod) = user.extra.get(EXTRA_POD_NAME).and_then(|v| v.first()) {
+        let namespace = user.namespace().unwrap_or_default();
+        let found = inner
+            .collections
+            .values()
+            .find(|c| c.kind == "Pod")
+            .and_then(|c| c.objects.get(&(namespace.to_owned(), pod.clone())));
+        let Some(found) = found else {
+            return Err(invalid(&format!(
+                "pods \"{pod}\" not found: the bound object was deleted"
+            )));
+        };
+        let bound_uid = user.extra.get(EXTRA_POD_UID).and_then(|v| v.first());
+        if let Some(uid) = bound_uid {
+            if found["metadata"]["uid"].as_str() != Some(uid.as_str()) {
+                return Err(invalid(&format!(
+                    "the UID in the bound object reference ({uid}) does not match the UID in record; the object might have been deleted and then recreated"
+                )));
+            }
+        }
+    }
+    Ok((user.clone(), audiences))
 }
 
 fn list_response(shared: &Shared, path: &str) -> Response<Body> {
@@ -579,4 +836,104 @@ fn watch_response(shared: &Shared, path: &str, from: u64) -> Response<Body> {
         }
     });
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use mesh_kube::token_review::{review_token, ReviewError};
+
+    fn pod(name: &str, uid: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "istio-system", "uid": uid},
+               "spec": {"nodeName": "n1", "serviceAccountName": "ztunnel"}})
+    }
+
+    /// `Ok(username)` or the rejection's message; `Unavailable` panics.
+    async fn review(client: &kube::Client, token: &str, audience: &str) -> Result<String, String> {
+        match review_token(client, token, audience).await {
+            Ok(user) => Ok(user.username),
+            Err(ReviewError::Rejected(m)) => Err(m),
+            Err(e @ ReviewError::Unavailable(_)) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registered_token_is_reviewed_as_a_real_api_server_would() {
+        let fake = FakeApiServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let client = fake.client(dir.path()).await.unwrap();
+        let user = TokenUser::service_account("istio-system", "ztunnel", "istio-ca")
+            .bound_to_pod("ztunnel-a", "u-a")
+            .on_node("n1");
+        fake.add_token("agent", user);
+        fake.apply(pod("ztunnel-a", "u-a")).unwrap();
+
+        let got = review_token(&client, "agent", "istio-ca").await.unwrap();
+        assert_eq!(got.username, "system:serviceaccount:istio-system:ztunnel");
+        assert_eq!(got.audiences, ["istio-ca"]);
+        assert_eq!(got.extra[EXTRA_POD_NAME], ["ztunnel-a"]);
+        assert_eq!(got.extra[EXTRA_POD_UID], ["u-a"]);
+        assert_eq!(got.extra[EXTRA_NODE_NAME], ["n1"]);
+
+        let unknown = review(&client, "nobody", "istio-ca").await.unwrap_err();
+        assert!(unknown.contains("invalid bearer token"), "{unknown}");
+        let audience = review(&client, "agent", "vault").await.unwrap_err();
+        assert!(audience.contains("audiences"), "{audience}");
+
+        // Recreated with another uid: the token was bound to the old pod.
+        fake.apply(pod("ztunnel-a", "u-other")).unwrap();
+        let recreated = review(&client, "agent", "istio-ca").await.unwrap_err();
+        assert!(recreated.contains("(u-a) does not match"), "{recreated}");
+        fake.delete("Pod", "istio-system", "ztunnel-a").unwrap();
+        let deleted = review(&client, "agent", "istio-ca").await.unwrap_err();
+        assert!(deleted.contains("not found"), "{deleted}");
+        assert_eq!(fake.token_reviews(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_failing_review_endpoint_leaves_the_token_unknown() {
+        let fake = FakeApiServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let client = fake.client(dir.path()).await.unwrap();
+        fake.add_token(
+            "waypoint",
+            TokenUser::service_account("demo", "waypoint", "istio-ca"),
+        );
+        for (failure, code) in [
+            (ReviewFailure::Forbidden, "403"),
+            (ReviewFailure::Internal, "500"),
+        ] {
+            fake.fail_token_reviews(Some(failure));
+            match review_token(&client, "waypoint", "istio-ca").await {
+                Err(ReviewError::Unavailable(m)) => assert!(m.contains(code), "{m}"),
+                other => panic!("{failure:?}: {other:?}"),
+            }
+        }
+        fake.fail_token_reviews(None);
+        assert_eq!(
+            review(&client, "waypoint", "istio-ca").await,
+            Ok("system:serviceaccount:demo:waypoint".to_string())
+        );
+        assert_eq!(fake.token_reviews(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_review_without_an_answer_gives_up_after_its_timeout() {
+        let fake = FakeApiServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let client = fake.client(dir.path()).await.unwrap();
+        fake.fail_token_reviews(Some(ReviewFailure::Hang));
+        let started = std::time::Instant::now();
+        match review_token(&client, "anything", "istio-ca").await {
+            Err(ReviewError::Unavailable(m)) => assert!(m.contains("no answer"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let took = started.elapsed();
+        let limit = mesh_kube::token_review::REVIEW_TIMEOUT;
+        assert!(took >= limit && took < limit * 2, "{took:?}");
+        assert_eq!(fake.token_reviews(), 1);
+    }
 }

@@ -48,9 +48,13 @@ pub async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
 /// Starts the CA: every listener is bound and serving when this returns.
 pub async fn start(args: Args, ctl: Control) -> anyhow::Result<AppHandle<Addrs>> {
     let p = &args.process;
+    let ca_dir =
+        p.ca.ca_dir
+            .clone()
+            .context("the CA service signs: it needs --ca-dir")?;
     let ca = Arc::new(
-        Ca::load_or_create(&p.ca_dir, &p.trust_domain)
-            .with_context(|| format!("load CA from {}", p.ca_dir.display()))?,
+        Ca::load_or_create(&ca_dir, &p.trust_domain)
+            .with_context(|| format!("load CA from {}", ca_dir.display()))?,
     );
     let source = Source::open(p.config_source, p.config_dir.as_deref())
         .await
@@ -61,7 +65,7 @@ pub async fn start(args: Args, ctl: Control) -> anyhow::Result<AppHandle<Addrs>>
             audience: args.token_audience.clone(),
         },
         (_, ConfigSource::Dir | ConfigSource::Kube) => Authenticator::Local {
-            tokens: TokenAuthority::load_or_create(&p.ca_dir)?,
+            tokens: TokenAuthority::load_or_create(&ca_dir)?,
             audience: args.token_audience.clone(),
         },
     };

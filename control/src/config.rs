@@ -125,6 +125,12 @@ impl Args {
     }
 
     pub fn check(&self) -> Result<(), clap::Error> {
+        if self.process.ca.ca_address.is_some() {
+            return Err(mesh_shell::config::command::<Args>(ENV_PREFIX).error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "the CA service signs with --ca-dir; --ca-address is for its clients",
+            ));
+        }
         self.process.check::<Args>(ENV_PREFIX)
     }
 }

@@ -46,6 +46,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// Istio's path of the projected service-account token a CA client presents.
+pub const DEFAULT_CA_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
+
+/// Where a process's certificates come from: the CA service (`--ca-address`, the normal
+/// case: no signing key here) or a CA directory signing in this process (`--ca-dir`: the CA
+/// service itself, and single-process tests). Exactly one of the two.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CaArgs {
+    /// CA directory (a plug-in CA in Istio's `cacerts` layout, or where a generated root
+    /// lives): this process signs. For the CA service; elsewhere only for single-process tests.
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+    /// The CA service, e.g. `https://control.istio-system.svc:15012` (Istio's `CA_ADDRESS`):
+    /// certificates are requested from it, no signing key is held here.
+    #[arg(long)]
+    pub ca_address: Option<String>,
+    /// Service-account token presented to the CA (audience `istio-ca`), read on every request.
+    #[arg(long, default_value = DEFAULT_CA_TOKEN_FILE)]
+    pub ca_token_file: PathBuf,
+    /// PEM roots the CA service's certificate must chain to (the mesh root; public). Needed
+    /// with `--ca-address`.
+    #[arg(long)]
+    pub ca_root_file: Option<PathBuf>,
+    /// Name the CA's certificate is checked against; default: `--ca-address`'s host.
+    #[arg(long)]
+    pub ca_server_name: Option<String>,
+}
+
 /// The flags every binary has. No `env` here: [`parse`] names them after the binary.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProcessArgs {
@@ -56,9 +84,9 @@ pub struct ProcessArgs {
     /// watched. Needed with `--config-source dir`.
     #[arg(long)]
     pub config_dir: Option<PathBuf>,
-    /// CA directory: a plug-in CA in Istio's `cacerts` layout, or where the generated root lives.
-    #[arg(long)]
-    pub ca_dir: PathBuf,
+    /// Where certificates come from: these flags, flattened.
+    #[command(flatten)]
+    pub ca: CaArgs,
     #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Certificate lifetime (renewed at half-life), e.g. 30s, 5m, 24h.
@@ -102,6 +130,32 @@ impl ProcessArgs {
     /// Rules across flags that clap's attributes cannot state (`required_if_eq` ignores a
     /// defaulted `--config-source`). `A` is the binary's parser, for the usage in the error.
     pub fn check<A: CommandFactory>(&self, env_prefix: &str) -> Result<(), clap::Error> {
+        let usage = |kind, msg: String| Err(command::<A>(env_prefix).error(kind, msg));
+        match (&self.ca.ca_dir, &self.ca.ca_address, &self.ca.ca_root_file) {
+            (Some(_), Some(_), _) => {
+                return usage(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--ca-dir (sign here) and --ca-address (ask the CA service) exclude each other".into(),
+                )
+            }
+            (None, None, _) => {
+                return usage(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    format!(
+                        "certificates need --ca-address <URL> (the CA service) or --ca-dir <DIR> (or {} / {})",
+                        env_name(env_prefix, "ca_address"),
+                        env_name(env_prefix, "ca_dir")
+                    ),
+                )
+            }
+            (None, Some(_), None) => {
+                return usage(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "--ca-address needs --ca-root-file <PEM> (the roots its certificate chains to)".into(),
+                )
+            }
+            _ => {}
+        }
         if self.config_source == ConfigSource::Dir && self.config_dir.is_none() {
             return Err(command::<A>(env_prefix).error(
                 clap::error::ErrorKind::MissingRequiredArgument,
@@ -207,6 +261,29 @@ mod tests {
     }
 
     #[test]
+    fn certificates_come_from_exactly_one_place() {
+        use clap::error::ErrorKind::{ArgumentConflict, MissingRequiredArgument};
+        let parse = |args: &[&str]| {
+            let base = ["probe", "--name", "n", "--config-source", "kube"];
+            try_parse_from::<Probe, _, _>("PROBE", base.iter().chain(args))
+                .and_then(|p| p.process.check::<Probe>("PROBE"))
+                .map_err(|e| e.kind())
+        };
+        let remote = [
+            "--ca-address",
+            "https://ca:15012",
+            "--ca-root-file",
+            "/r.pem",
+        ];
+        assert_eq!(parse(&["--ca-dir", "/ca"]), Ok(()));
+        assert_eq!(parse(&remote), Ok(()));
+        assert_eq!(parse(&[]), Err(MissingRequiredArgument));
+        assert_eq!(parse(&remote[..2]), Err(MissingRequiredArgument));
+        let both = [&remote[..], &["--ca-dir", "/ca"]].concat();
+        assert_eq!(parse(&both), Err(ArgumentConflict));
+    }
+
+    #[test]
     fn every_shared_flag_is_named_after_the_binary_and_explicit_names_stay() {
         let cmd = command::<Probe>("PROBE");
         let env = |id: &str| {
@@ -227,6 +304,10 @@ mod tests {
     #[test]
     fn the_defaults_are_the_documented_ones() {
         let p: Probe = parse_from("PROBE", ["probe", "--name", "n", "--ca-dir", "/ca"]);
+        assert_eq!(
+            p.process.ca.ca_token_file,
+            PathBuf::from("/var/run/secrets/tokens/istio-token")
+        );
         let a = p.process;
         assert_eq!(
             a.endpoints(),

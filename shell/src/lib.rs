@@ -13,11 +13,14 @@
 //! - [`accept`]: the accept loop that backs off while the process is out of file descriptors;
 //! - [`process`]: the open-file limit, SIGTERM/SIGINT and `/quitquitquit` as one shutdown
 //!   trigger, the drain deadline, and [`process::spawn`] (every task carries a span);
-//! - [`conns`]: a count of open connections that shutdown waits on.
+//! - [`conns`]: a count of open connections that shutdown waits on;
+//! - [`certs`]: the certificate manager the CA flags describe (the CA service, or a CA
+//!   directory signing in process).
 #![forbid(unsafe_code)]
 
 pub mod accept;
 pub mod admin;
+pub mod certs;
 pub mod config;
 pub mod conns;
 pub mod logging;

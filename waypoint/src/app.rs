@@ -15,8 +15,6 @@ use mesh_l7::proxy::Inputs;
 use mesh_l7::telemetry::HttpMetrics;
 use mesh_l7::upstream::{UpstreamConfig, Upstreams};
 use mesh_model::model::Model;
-use mesh_pki::ca::Ca;
-use mesh_pki::certs::CertManager;
 use mesh_shell::admin::Control;
 use mesh_shell::conns::Active;
 use mesh_shell::logging::LogHandle;
@@ -47,15 +45,18 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
 /// drains open connections for at most `drain_timeout`.
 pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>> {
     let cfg = Arc::new(cfg);
-    let ca = Arc::new(
-        Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)
-            .with_context(|| format!("load CA from {}", cfg.ca_dir.display()))?,
-    );
-    let certs = CertManager::new(ca, cfg.cert_ttl);
-    // Issued now so that a CA problem fails startup instead of the first handshake.
-    certs
-        .certified_key(&cfg.identity)
-        .with_context(|| format!("issue a certificate for {}", cfg.identity))?;
+    // The waypoint asks for its own identity only.
+    let certs = mesh_shell::certs::open(&cfg.ca, &cfg.trust_domain, cfg.cert_ttl, false)
+        .context("set up certificates")?;
+    if certs.is_remote() {
+        // Fetched in the background (rotation task); not ready until it arrives.
+        certs.want(&cfg.identity);
+    } else {
+        // Issued now so that a CA problem fails startup instead of the first handshake.
+        certs
+            .certified_key(&cfg.identity)
+            .with_context(|| format!("issue a certificate for {}", cfg.identity))?;
+    }
     let (metrics, http_metrics) = HttpMetrics::new();
     let source = Source::open(cfg.config_source, cfg.config_dir.as_deref())
         .await
@@ -108,6 +109,8 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         metrics: metrics.clone(),
         ready: installed.loaded.clone(),
         model: model.clone(),
+        certs: certs.clone(),
+        identity: cfg.identity.clone(),
     });
     let endpoints =
         mesh_shell::admin::start(cfg.endpoints, LISTENERS, state, ctl.clone(), stop.clone())

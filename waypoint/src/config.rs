@@ -105,7 +105,8 @@ pub struct Config {
     pub config_source: ConfigSource,
     /// Set when `config_source` is `dir`.
     pub config_dir: Option<PathBuf>,
-    pub ca_dir: PathBuf,
+    /// Where certificates come from.
+    pub ca: mesh_shell::config::CaArgs,
     pub trust_domain: String,
     pub cert_ttl: Duration,
     pub hbone_addr: SocketAddr,
@@ -148,7 +149,7 @@ impl From<&Args> for Config {
             identity: Identity::new(&a.trust_domain, &args.namespace, sa),
             config_source: a.config_source,
             config_dir: a.config_dir.clone(),
-            ca_dir: a.ca_dir.clone(),
+            ca: a.ca.clone(),
             trust_domain: a.trust_domain.clone(),
             cert_ttl: a.cert_ttl,
             hbone_addr: args.hbone_addr,
@@ -219,7 +220,11 @@ mod tests {
     fn every_setting_keeps_its_env_var() {
         let expected = [
             "WAYPOINT_ADMIN_ADDR",
+            "WAYPOINT_CA_ADDRESS",
             "WAYPOINT_CA_DIR",
+            "WAYPOINT_CA_ROOT_FILE",
+            "WAYPOINT_CA_SERVER_NAME",
+            "WAYPOINT_CA_TOKEN_FILE",
             "WAYPOINT_CERT_TTL",
             "WAYPOINT_CONFIG_DIR",
             "WAYPOINT_CONFIG_POLL",

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use mesh_model::identity::Identity;
 use mesh_model::model::Model;
+use mesh_pki::certs::CertManager;
 use mesh_shell::admin::{AdminApp, Endpoints, Role};
 use mesh_telemetry::Metrics;
 
@@ -25,6 +27,10 @@ pub struct StatsState {
     pub ready: Arc<AtomicBool>,
     /// The model in force, for `/config_dump`.
     pub model: Arc<ArcSwap<Model>>,
+    /// The waypoint's certificate (from the CA service, or signed here in single-process
+    /// mode): not ready without it.
+    pub certs: Arc<CertManager>,
+    pub identity: Identity,
 }
 
 impl AdminApp for StatsState {
@@ -33,13 +39,15 @@ impl AdminApp for StatsState {
     }
 
     fn ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.certs.has_all([&self.identity])
     }
 
     fn config_dump(&self) -> Result<Vec<u8>, serde_json::Error> {
         let model = self.model.load_full();
         serde_json::to_vec_pretty(&serde_json::json!({
             "ready": self.ready(),
+            "certificates": self.certs.dump(),
+            "certificates_pending": self.certs.pending(),
             "model": model.dump(),
         }))
     }

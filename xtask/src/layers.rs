@@ -48,7 +48,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("mesh-kube", &["mesh-model", "mesh-telemetry"]),
     // The process shell every binary shares: flags, config source (a directory or the API
     // server), logging, admin server, signals and drain, accept loops.
-    ("mesh-shell", &["mesh-model", "mesh-telemetry", "mesh-kube"]),
+    (
+        "mesh-shell",
+        &["mesh-model", "mesh-pki", "mesh-telemetry", "mesh-kube"],
+    ),
     // The proxies' L7 engine (request phases: policy, routing, retries over HTTP; the
     // upstream pool): the waypoint's, and the ingress gateway's to come. No shell, no kube.
     (

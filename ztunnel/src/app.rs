@@ -8,8 +8,6 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use mesh_hbone::{Pool, PoolConfig};
 use mesh_model::model::Model;
-use mesh_pki::ca::Ca;
-use mesh_pki::certs::CertManager;
 use mesh_shell::admin::Control;
 use mesh_shell::logging::LogHandle;
 use mesh_shell::process::{spawn, AppHandle};
@@ -47,11 +45,9 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
     tracing::info!(backend = ?cfg.redirect, "redirection backend");
     let cfg = Arc::new(cfg);
     let home = Arc::new(Netns::current().context("open the agent's own netns")?);
-    let ca = Arc::new(
-        Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)
-            .with_context(|| format!("load CA from {}", cfg.ca_dir.display()))?,
-    );
-    let certs = CertManager::new(ca, cfg.cert_ttl);
+    // A node agent asks the CA for its pods' identities (`ImpersonatedIdentity`).
+    let certs = mesh_shell::certs::open(&cfg.ca, &cfg.trust_domain, cfg.cert_ttl, true)
+        .context("set up certificates")?;
     let metrics = Metrics::new();
     // The source is set up before anything listens, so a missing directory or API server
     // configuration fails startup instead of leaving an agent that is never ready.
@@ -122,6 +118,7 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
         manage_workloads(
             manager,
             model,
+            certs.subscribe(),
             Loaded {
                 source: installed.loaded.clone(),
                 serving,
@@ -167,6 +164,7 @@ impl Loaded {
 async fn manage_workloads(
     mut manager: Manager,
     model: Arc<ArcSwap<Model>>,
+    mut certs: watch::Receiver<u64>,
     loaded: Loaded,
     conns: Arc<ConnTracker>,
     mut rx: watch::Receiver<()>,
@@ -197,6 +195,8 @@ async fn manage_workloads(
                 }
             }
             _ = retry => settled = loaded.reconcile(&mut manager, &model),
+            // A certificate arrived, was renewed or refused: readiness and pod states.
+            Ok(()) = certs.changed() => manager.refresh(),
         }
     }
 }

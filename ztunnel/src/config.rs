@@ -107,7 +107,10 @@ pub struct Config {
     pub config_source: ConfigSource,
     /// Set when `config_source` is `dir`.
     pub config_dir: Option<PathBuf>,
-    pub ca_dir: PathBuf,
+    /// Where certificates come from (`ca_dir`, `ca_address`, `ca_token_file`,
+    /// `ca_root_file`, `ca_server_name` in the dump).
+    #[serde(flatten)]
+    pub ca: mesh_shell::config::CaArgs,
     pub netns_dir: PathBuf,
     pub netns_prefix: String,
     pub trust_domain: String,
@@ -145,7 +148,7 @@ impl From<&Args> for Config {
             node_name: args.node_name.clone(),
             config_source: a.config_source,
             config_dir: a.config_dir.clone(),
-            ca_dir: a.ca_dir.clone(),
+            ca: a.ca.clone(),
             netns_dir: args.netns_dir.clone(),
             netns_prefix: args.netns_prefix.clone(),
             trust_domain: a.trust_domain.clone(),
@@ -212,6 +215,10 @@ mod tests {
             "config_source",
             "config_dir",
             "ca_dir",
+            "ca_address",
+            "ca_token_file",
+            "ca_root_file",
+            "ca_server_name",
             "netns_dir",
             "netns_prefix",
             "trust_domain",
@@ -238,7 +245,11 @@ mod tests {
         let expected = [
             "ZTUNNEL_ADMIN_ADDR",
             "ZTUNNEL_BPF_FS",
+            "ZTUNNEL_CA_ADDRESS",
             "ZTUNNEL_CA_DIR",
+            "ZTUNNEL_CA_ROOT_FILE",
+            "ZTUNNEL_CA_SERVER_NAME",
+            "ZTUNNEL_CA_TOKEN_FILE",
             "ZTUNNEL_CERT_TTL",
             "ZTUNNEL_CONFIG_DIR",
             "ZTUNNEL_CONFIG_POLL",

@@ -173,9 +173,20 @@ impl Manager {
             self.sweep_pins(&desired);
         }
         let done = self.failed.is_empty();
-        self.ready.store(done, Ordering::SeqCst);
-        self.publish_status();
+        self.refresh();
         done
+    }
+
+    /// Readiness and the pods' states after a certificate arrived or was refused: ready once
+    /// every pod is enrolled and holds its certificate.
+    pub fn refresh(&self) {
+        let certified = self
+            .pi
+            .certs
+            .has_all(self.running.values().map(|r| &r.ctx.identity));
+        self.ready
+            .store(self.failed.is_empty() && certified, Ordering::SeqCst);
+        self.publish_status();
     }
 
     fn enroll(&mut self, model: &Model, pod: &Pod) -> Result<Running, EnrollError> {
@@ -183,14 +194,21 @@ impl Manager {
         let cfg = &self.pi.cfg;
         let netns = self.pi.pod_netns.open(pod)?;
         let identity = model.identity_of(pod, &cfg.trust_domain);
-        // Issue the certificate now so the first connection does not wait for it.
-        self.pi
-            .certs
-            .certified_key(&identity)
-            .map_err(|source| EnrollError::Cert {
-                pod: key.clone(),
-                source: Box::new(source),
-            })?;
+        if self.pi.certs.is_remote() {
+            // Asked of the CA service now; until it answers, the pod is captured but its
+            // connections fail closed (no certificate to present), and the pod shows as
+            // waiting with the CA's reason.
+            self.pi.certs.want(&identity);
+        } else {
+            // Issue the certificate now so the first connection does not wait for it.
+            self.pi
+                .certs
+                .certified_key(&identity)
+                .map_err(|source| EnrollError::Cert {
+                    pod: key.clone(),
+                    source: Box::new(source),
+                })?;
+        }
         let server_tls = mesh_pki::tls::server_config(self.pi.certs.clone(), identity.clone())
             .map_err(|source| EnrollError::Tls {
                 pod: key.clone(),
@@ -378,16 +396,33 @@ impl Manager {
     }
 
     fn publish_status(&self) {
+        let pending: BTreeMap<String, Option<String>> = self
+            .pi
+            .certs
+            .pending()
+            .into_iter()
+            .map(|p| (p.identity, p.last_error))
+            .collect();
         let mut out: Vec<PodStatus> = self
             .running
             .iter()
-            .map(|(k, r)| PodStatus {
-                pod: k.to_string(),
-                identity: r.ctx.identity.to_string(),
-                ips: r.ctx.ips.clone(),
-                netns: r.ctx.netns.path().display().to_string(),
-                state: "enrolled".to_string(),
-                active: Some(r.ctx.active.clone()),
+            .map(|(k, r)| {
+                let identity = r.ctx.identity.to_string();
+                let state = match pending.get(&identity) {
+                    None => "enrolled".to_string(),
+                    Some(reason) => format!(
+                        "pending: waiting for its certificate from the ca ({})",
+                        reason.as_deref().unwrap_or("requested")
+                    ),
+                };
+                PodStatus {
+                    pod: k.to_string(),
+                    identity,
+                    ips: r.ctx.ips.clone(),
+                    netns: r.ctx.netns.path().display().to_string(),
+                    state,
+                    active: Some(r.ctx.active.clone()),
+                }
             })
             .collect();
         out.extend(self.failed.iter().map(|(k, e)| PodStatus {

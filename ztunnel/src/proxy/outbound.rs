@@ -215,6 +215,11 @@ pub(crate) async fn handle(
                     mtls: true,
                     ..labels
                 };
+                // Without its certificate (the CA has not issued it yet, or refused it) the
+                // pod cannot be a mesh client: fail closed, with the CA's reason.
+                if let Err(e) = pi.certs.certified_key(&pod.identity) {
+                    return refuse(labels, log, ResponseFlag::Tls, e.to_string());
+                }
                 // Boxed: the dial + handshake state is large and only needed until the tunnel
                 // opens; inline it would be carried by every connection for its whole life.
                 let hbone = SocketAddr::new(target.ip(), HBONE_PORT);

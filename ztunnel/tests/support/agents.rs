@@ -82,6 +82,8 @@ impl From<(&str, u16)> for Dest {
 /// Running agents (one per node), their shared config directory and CA.
 pub struct Cluster {
     agents: BTreeMap<String, AppHandle<Addrs>>,
+    /// The CA service, when the agents get their certificates from it.
+    ca_service: Option<AppHandle<control::app::Addrs>>,
     pods: BTreeMap<String, (String, Ipv4Addr)>,
     config_dir: PathBuf,
     ca_dir: PathBuf,
@@ -92,6 +94,25 @@ pub struct Cluster {
 impl Cluster {
     /// The declared topology on loopback, and one ready agent per node.
     pub async fn start(spec: MeshBuilder) -> Result<Cluster> {
+        Self::start_with(spec, None).await
+    }
+
+    /// Like [`Cluster::start`], but the agents hold no signing key: the CA service
+    /// (`control`, in this process, on the same config directory) issues their pods'
+    /// certificates. `token_node(node)` is the node the agent's token is bound to (its own,
+    /// or another's to play a stolen token). Only agents whose token names their own node
+    /// are waited for.
+    pub async fn start_with_ca(
+        spec: MeshBuilder,
+        token_node: impl Fn(&str) -> String,
+    ) -> Result<Cluster> {
+        Self::start_with(spec, Some(&token_node)).await
+    }
+
+    async fn start_with(
+        spec: MeshBuilder,
+        token_node: Option<&dyn Fn(&str) -> String>,
+    ) -> Result<Cluster> {
         init_logging();
         let ip = next_subnet();
         let rendered = spec.render(|node, host| {
@@ -110,10 +131,31 @@ impl Cluster {
         // Written before any agent starts, so the agents and the test's peers share it.
         let ca = Arc::new(Ca::load_or_create(&ca_dir, TRUST_DOMAIN)?);
         let certs = CertManager::new(ca, CERT_TTL);
+        let ca_service = match token_node {
+            Some(_) => Some(start_ca(&config_dir, &ca_dir, ip(0)).await?),
+            None => None,
+        };
         let mut agents = BTreeMap::new();
+        let mut wait = Vec::new();
         for (i, node) in rendered.nodes.iter().enumerate() {
             let endpoints = ip(u8::try_from(i + 1)?);
-            let cfg = agent_config(node, &config_dir, &ca_dir, endpoints)?;
+            let source = match (token_node, &ca_service) {
+                (Some(token_node), Some(ca)) => {
+                    let bound = token_node(node);
+                    if bound == *node {
+                        wait.push(node.clone());
+                    }
+                    CertSource::Service {
+                        grpc: ca.addrs.grpc,
+                        token: node_token(&ca_dir, dir.path(), &bound)?,
+                    }
+                }
+                _ => {
+                    wait.push(node.clone());
+                    CertSource::Dir
+                }
+            };
+            let cfg = agent_config(node, &config_dir, &ca_dir, &source, endpoints)?;
             let app = ztunnel::app::start(cfg, Control::default())
                 .await
                 .with_context(|| format!("start the agent of {node}"))?;
@@ -121,13 +163,14 @@ impl Cluster {
         }
         let cluster = Cluster {
             agents,
+            ca_service,
             pods: rendered.pods,
             config_dir,
             ca_dir,
             certs,
             _dir: dir,
         };
-        for node in cluster.agents.keys() {
+        for node in &wait {
             cluster.wait_ready(node).await?;
         }
         Ok(cluster)
@@ -240,6 +283,20 @@ impl Cluster {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Whether the node's agent says it is ready.
+    pub async fn is_ready(&self, node: &str) -> Result<bool> {
+        let (status, _) = http_get(self.agent(node)?.addrs.readiness, "/healthz/ready").await?;
+        Ok(status == 200)
+    }
+
+    /// The CA service's `/config_dump` (with [`Cluster::start_with_ca`]).
+    pub async fn ca_dump(&self) -> Result<serde_json::Value> {
+        let ca = self.ca_service.as_ref().context("no CA service")?;
+        let (status, body) = http_get(ca.addrs.endpoints.admin, "/config_dump").await?;
+        ensure!(status == 200, "ca /config_dump: {status}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
     async fn wait_ready(&self, node: &str) -> Result<()> {
         let addr = self.agent(node)?.addrs.readiness;
         let deadline = Instant::now() + EVENTUALLY;
@@ -336,33 +393,97 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if let Some(ca) = &self.ca_service {
+            ca.shutdown();
+        }
         for app in self.agents.values() {
             app.shutdown();
         }
     }
 }
 
+/// Where an agent's certificates come from.
+enum CertSource {
+    /// It signs them itself (`--ca-dir`).
+    Dir,
+    /// The CA service, with a node token.
+    Service { grpc: SocketAddr, token: PathBuf },
+}
+
+/// The CA service on `ip`, reading the agents' config directory and holding the CA.
+async fn start_ca(
+    config_dir: &Path,
+    ca_dir: &Path,
+    ip: Ipv4Addr,
+) -> Result<AppHandle<control::app::Addrs>> {
+    let any = format!("{ip}:0");
+    let args = control::config::Args::try_parse_from([
+        "control",
+        &format!("--ca-dir={}", ca_dir.display()),
+        &format!("--config-dir={}", config_dir.display()),
+        &format!("--config-poll={CONFIG_POLL}"),
+        &format!("--grpc-addr={any}"),
+        &format!("--admin-addr={any}"),
+        &format!("--metrics-addr={any}"),
+        &format!("--readiness-addr={any}"),
+    ])?;
+    control::app::start(args, Control::default())
+        .await
+        .context("start the CA service")
+}
+
+/// A node agent's token (`istio-system/ztunnel` bound to `node`), in a file.
+fn node_token(ca_dir: &Path, dir: &Path, node: &str) -> Result<PathBuf> {
+    let tokens = control::token::TokenAuthority::load_or_create(ca_dir)?;
+    let token = tokens.mint(&control::token::TokenClaims {
+        namespace: "istio-system".into(),
+        service_account: "ztunnel".into(),
+        node: Some(node.into()),
+        pod: None,
+        audience: control::token::DEFAULT_AUDIENCE.into(),
+        ttl: Duration::from_secs(3600),
+    })?;
+    let path = dir.join(format!("token-{node}-{}", rand::random::<u32>()));
+    std::fs::write(&path, token)?;
+    Ok(path)
+}
+
 fn agent_config(
     node: &str,
     config_dir: &Path,
     ca_dir: &Path,
+    certs: &CertSource,
     endpoints: Ipv4Addr,
 ) -> Result<ztunnel::config::Config> {
     // The endpoint listeners on an address of the node's own, on ports the kernel picks.
     let any = format!("{endpoints}:0");
-    let args = <ztunnel::config::Args as clap::Parser>::try_parse_from([
-        "ztunnel",
-        &format!("--node-name={node}"),
-        "--redirect=loopback",
-        &format!("--config-dir={}", config_dir.display()),
-        &format!("--ca-dir={}", ca_dir.display()),
-        &format!("--admin-addr={any}"),
-        &format!("--metrics-addr={any}"),
-        &format!("--readiness-addr={any}"),
-        &format!("--config-poll={CONFIG_POLL}"),
-        "--drain-timeout=5s",
-        "--connect-timeout=2s",
-    ])?;
+    let ca_flags = match certs {
+        CertSource::Dir => vec![format!("--ca-dir={}", ca_dir.display())],
+        CertSource::Service { grpc, token } => vec![
+            format!("--ca-address=https://{grpc}"),
+            format!("--ca-root-file={}", ca_dir.join("root-cert.pem").display()),
+            format!("--ca-token-file={}", token.display()),
+            "--ca-server-name=istiod.istio-system.svc".to_string(),
+        ],
+    };
+    let args = <ztunnel::config::Args as clap::Parser>::try_parse_from(
+        [
+            "ztunnel".to_string(),
+            format!("--node-name={node}"),
+            "--redirect=loopback".to_string(),
+            format!("--config-dir={}", config_dir.display()),
+        ]
+        .into_iter()
+        .chain(ca_flags)
+        .chain([
+            format!("--admin-addr={any}"),
+            format!("--metrics-addr={any}"),
+            format!("--readiness-addr={any}"),
+            format!("--config-poll={CONFIG_POLL}"),
+            "--drain-timeout=5s".to_string(),
+            "--connect-timeout=2s".to_string(),
+        ]),
+    )?;
     Ok(ztunnel::config::Config::from(&args))
 }
 

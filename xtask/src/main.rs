@@ -10,7 +10,8 @@
 //! - `manifests`: validate every `manifests/*.yaml` offline against the Kubernetes API schemas
 //!   (`kubernetes-validate --strict`, Kubernetes [`MANIFESTS_K8S_VERSION`]), and the Grafana
 //!   dashboards in `manifests/dashboards/` ([`dashboards`]: shape, variables, metric names,
-//!   PromQL through `promtool check rules`).
+//!   PromQL through `promtool check rules`); and that only the CA's manifest references the
+//!   signing key ([`key_holder`]).
 //! - `test [-- <cargo test args>]`: build every binary, run every test (the e2e tests need
 //!   root for network namespaces), then check that no test namespace or process is left.
 //! - `clean`: remove the namespaces and processes that killed test runs left behind.
@@ -29,6 +30,7 @@
 //! alone by `clean` (its prefix is in `up`'s state file).
 
 mod dashboards;
+mod key_holder;
 mod layers;
 mod local_mesh;
 mod setup;
@@ -75,7 +77,8 @@ enum Cmd {
         #[arg(long = "for", value_enum, default_value_t = setup::Purpose::Ci)]
         purpose: setup::Purpose,
     },
-    /// Validate the Kubernetes manifests (manifests/*.yaml) offline, strictly.
+    /// Validate the Kubernetes manifests (manifests/*.yaml) offline, strictly; only the CA's
+    /// references the signing key.
     Manifests,
     /// Build all binaries, run all tests (needs root), check nothing was left behind.
     Test {
@@ -229,9 +232,15 @@ fn ci() -> Result<()> {
 
 /// `kubernetes-validate --strict` on every manifest: unknown fields, wrong types and missing
 /// required fields fail, against the schemas of [`MANIFESTS_K8S_VERSION`] shipped in the
-/// package (nothing is fetched).
+/// package (nothing is fetched). First, that no manifest but the CA's references the signing
+/// key ([`key_holder`]).
 fn manifests() -> Result<()> {
     let dir = workspace_root().join("manifests");
+    key_holder::check_dir(&dir)?;
+    println!(
+        "xtask: only manifests/{} references the CA's signing key",
+        key_holder::KEY_HOLDER
+    );
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("read {}", dir.display()))?
         .filter_map(|e| Some(e.ok()?.path()))

@@ -147,12 +147,16 @@ impl TokenAuthority {
 
     /// A signed token for `claims`, valid from now.
     pub fn mint(&self, claims: &TokenClaims) -> Result<String, TokenError> {
+        self.mint_at(claims, unix_now())
+    }
+
+    /// A signed token for `claims`, valid from `now` (seconds since the Unix epoch).
+    fn mint_at(&self, claims: &TokenClaims, now: u64) -> Result<String, TokenError> {
         if claims.namespace.is_empty() || claims.service_account.is_empty() {
             return Err(TokenError::Subject(
                 "namespace and service account are required".into(),
             ));
         }
-        let now = unix_now();
         let ttl = claims.ttl.min(MAX_TOKEN_TTL).as_secs().max(1);
         let mut k8s = json!({
             "namespace": claims.namespace,
@@ -316,6 +320,24 @@ mod tests {
             reason(ta.verify(&spliced, DEFAULT_AUDIENCE)),
             Err("token_forged")
         );
+    }
+
+    #[test]
+    fn an_expired_token_is_refused_as_expired() {
+        let ta = TokenAuthority::ephemeral().unwrap();
+        // Issued two days ago for a day: well past any clock skew allowance.
+        let day = 24 * 60 * 60;
+        let old = ta
+            .mint_at(
+                &TokenClaims {
+                    ttl: Duration::from_secs(day),
+                    ..claims()
+                },
+                unix_now() - 2 * day,
+            )
+            .unwrap();
+        let got = ta.verify(&old, DEFAULT_AUDIENCE).map(|_| ()).map_err(|e| e.reason());
+        assert_eq!(got, Err("token_expired"));
     }
 
     #[test]

@@ -121,7 +121,7 @@ pub fn server_config(
             trust_domain: certs.trust_domain().to_string(),
         });
     }
-    let verifier = client_verifier(&certs)?;
+    let verifier = client_verifier(certs.clone())?;
     let resolver = Arc::new(ServerCertResolver { certs, local });
     Ok(Arc::new(build_server_config(verifier, resolver)?))
 }
@@ -254,16 +254,24 @@ fn build_server_config(
     Ok(config)
 }
 
-fn client_verifier(certs: &CertManager) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+fn client_verifier(certs: Arc<CertManager>) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let roots = certs.root_store();
+    let inner = webpki_client_verifier(roots.clone())?;
+    Ok(Arc::new(ClientIdentityVerifier {
+        trust_domain: certs.trust_domain().to_string(),
+        current: std::sync::Mutex::new((roots, inner)),
+        certs,
+    }))
+}
+
+fn webpki_client_verifier(
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::server::VerifierBuilderError> {
     // No root hints: they only lengthen every CertificateRequest, and a mesh client has one
     // certificate to offer anyway.
-    let inner = WebPkiClientVerifier::builder_with_provider(certs.root_store(), provider())
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
         .clear_root_hint_subjects()
-        .build()?;
-    Ok(Arc::new(ClientIdentityVerifier {
-        inner,
-        trust_domain: certs.trust_domain().to_string(),
-    }))
+        .build()
 }
 
 fn parse<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, TlsError> {
@@ -413,12 +421,40 @@ impl ResolvesClientCert for ClientCertResolver {
 
 // === impl ClientIdentityVerifier ===
 
-/// Server side: webpki chain verification (client usage), then the mesh's leaf rules and the
-/// trust domain.
-#[derive(Debug)]
+/// Server side: webpki chain verification (client usage) against the roots in force *now*
+/// (a trust bundle learned from the CA can change: root rotation), then the mesh's leaf rules
+/// and the trust domain.
 struct ClientIdentityVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    certs: Arc<CertManager>,
+    /// The webpki verifier of the roots it was built for; rebuilt when they change.
+    current: std::sync::Mutex<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>,
     trust_domain: String,
+}
+
+impl fmt::Debug for ClientIdentityVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentityVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientIdentityVerifier {
+    /// The verifier of the current roots (one pointer comparison when they did not change).
+    fn inner(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let roots = self.certs.root_store();
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !Arc::ptr_eq(&current.0, &roots) {
+            let inner = webpki_client_verifier(roots.clone())
+                .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
+            info!(roots = roots.roots.len(), "trust bundle changed: client verifier rebuilt");
+            *current = (roots, inner);
+        }
+        Ok(current.1.clone())
+    }
 }
 
 impl ClientCertVerifier for ClientIdentityVerifier {
@@ -427,7 +463,8 @@ impl ClientCertVerifier for ClientIdentityVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // Cleared (see `webpki_client_verifier`).
+        &[]
     }
 
     fn verify_client_cert(
@@ -436,7 +473,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
+        self.inner()?
             .verify_client_cert(end_entity, intermediates, now)?;
         let id = verify_leaf(end_entity, Role::Client).map_err(reject)?;
         if id.trust_domain != self.trust_domain {
@@ -454,7 +491,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.inner()?.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -463,11 +500,13 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.inner()?.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        PROVIDER
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

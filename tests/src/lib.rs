@@ -47,6 +47,7 @@ pub mod apiserver;
 pub mod bench;
 mod bpffs;
 mod capture;
+mod control;
 pub mod echo;
 pub mod grpc;
 mod harness;
@@ -63,12 +64,16 @@ pub mod waypoint;
 mod yaml;
 
 pub use capture::{parse_pcap, Capture, CaptureSummary, Packet, Proto};
+pub use control::CA_SERVER_NAME;
 pub use harness::{echo_once, Labelled, Mesh, PROBE_SOURCE};
 pub use netns::{cleanup_stale, in_netns, StaleCleanup};
 pub use nix::sys::signal::Signal;
 pub use process::ChildGuard;
 pub use scenario::{Scenario, Suite};
-pub use spec::{Ambient, MeshBuilder, Pod, Redirect, Service, REDIRECT_ENV};
+pub use spec::{
+    Ambient, CaMode, MeshBuilder, Pod, Redirect, Service, CONTROL_GRPC_PORT, CONTROL_IP,
+    REDIRECT_ENV,
+};
 pub use sys::{preflight, Binaries, MARKER_ENV};
 pub use wait::{eventually, wait_until};
 pub use yaml::Rendered;

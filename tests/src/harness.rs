@@ -718,30 +718,33 @@ impl Mesh {
 
     fn start_all_ztunnels(&self) -> Result<()> {
         let nodes: Vec<&NodePlan> = self.plan.nodes.iter().filter(|n| n.ztunnel).collect();
-        // With `--ca-dir` the first ztunnel creates the shared CA; the others start once it
-        // exists, so no two processes race to generate it. The CA service made it already.
-        let rest = if self.spec.ca_mode == CaMode::LocalDir {
-            let Some((first, rest)) = nodes.split_first() else {
-                return Ok(());
-            };
-            self.start_ztunnel(&first.name)?;
-            rest.to_vec()
-        } else {
-            nodes
+        // The first ztunnel starts alone: with `--ca-dir` it creates the shared CA, so no two
+        // processes race to generate it; and the agents share one bpffs, where an agent's
+        // startup sweep removes the pins of pods that are not its own, so a second agent
+        // starting alongside could remove the first one's fresh pins (each node would have
+        // its own bpffs in a cluster).
+        let Some((first, rest)) = nodes.split_first() else {
+            return Ok(());
         };
-        for node in &rest {
+        self.spawn_ztunnel(&first.name)?;
+        self.wait_started(&first.name)?;
+        for node in rest {
             self.spawn_ztunnel(&node.name)?;
         }
-        for node in &rest {
-            if self.spec.token_nodes.contains_key(&node.name) {
-                // Another node's token: its pods never get a certificate, so it never
-                // reports ready; it is up once its readiness endpoint answers at all.
-                self.wait_answering(&node.name)?;
-            } else {
-                self.wait_ready(&node.name)?;
-            }
+        for node in rest {
+            self.wait_started(&node.name)?;
         }
         Ok(())
+    }
+
+    /// Waits until a freshly started agent is ready, or, holding another node's token (its
+    /// pods never get a certificate, so it never reports ready), until it answers at all.
+    fn wait_started(&self, node: &str) -> Result<()> {
+        if self.spec.token_nodes.contains_key(node) {
+            self.wait_answering(node)
+        } else {
+            self.wait_ready(node)
+        }
     }
 
     fn ztunnel_log_path(&self, node: &str) -> PathBuf {

@@ -16,6 +16,11 @@
 //! and nothing else. Nothing is ever linked to the root namespace and no namespace has a route
 //! out, so test traffic cannot leave the machine.
 //!
+//! The CA service (`control`, the only process holding the signing key) runs in a namespace of
+//! its own, `<prefix>_control`, joined to the bridge like a node (10.255.0.253); the agents and
+//! waypoints are its clients with tokens it minted ([`CaMode::Service`], the default;
+//! [`CaMode::LocalDir`] has every process sign with `--ca-dir` instead).
+//!
 //! Every namespace and process a mesh creates carries the mesh's unique prefix (`mt` + 6 hex
 //! digits + `-`): dropping the [`Mesh`] (also while a test panics) kills the processes and
 //! deletes the namespaces, and [`cleanup_stale`] sweeps what a killed test run left behind.

@@ -24,7 +24,7 @@ use crate::http::{self, HttpResponse};
 use crate::netns::{self, in_netns, write_sysctl, PREFIX_HEAD};
 use crate::process::ChildGuard;
 use crate::spec::{
-    check_yaml_file_name, Ambient, MeshBuilder, NodePlan, Plan, Pod, PodPlan, Redirect,
+    check_yaml_file_name, Ambient, CaMode, MeshBuilder, NodePlan, Plan, Pod, PodPlan, Redirect,
 };
 use crate::sys::{child_path, command_line, ip, netns_command, preflight, Binaries, MARKER_ENV};
 use crate::wait::wait_until;
@@ -38,9 +38,9 @@ pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 /// Marks node-originated packets towards pods for that SNAT (cleared when crossing the veth).
 const PROBE_MARK: u32 = 0x7127;
 /// The bridge device inside the wire namespace.
-const BRIDGE: &str = "br0";
+pub(crate) const BRIDGE: &str = "br0";
 /// The node's side of its link to the bridge.
-const NODE_WIRE_IF: &str = "wire";
+pub(crate) const NODE_WIRE_IF: &str = "wire";
 /// The pod's side of its veth.
 const POD_IF: &str = "eth0";
 
@@ -50,13 +50,13 @@ const METRICS_PORT: u16 = 15020;
 const ADMIN_PORT: u16 = 15000;
 
 /// Bounds on everything a test does through the harness.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const IO_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(15);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
-const STOP_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Log lines printed per ztunnel when a test fails.
-const LOG_TAIL_LINES: usize = 60;
+pub(crate) const LOG_TAIL_LINES: usize = 60;
 
 /// An object whose labels [`Mesh::set_labels`] replaces: a namespace by name, a pod or a
 /// service as `namespace/name`.
@@ -83,14 +83,16 @@ pub fn echo_once(stream: &mut TcpStream, msg: &[u8]) -> Result<()> {
 /// the tail of each ztunnel log). Set `E2E_KEEP=1` to keep the work directory (config, CA,
 /// logs, captures) of a failed test.
 pub struct Mesh {
-    prefix: String,
+    pub(crate) prefix: String,
     test_name: String,
-    spec: MeshBuilder,
-    plan: Plan,
-    binaries: Binaries,
+    pub(crate) spec: MeshBuilder,
+    pub(crate) plan: Plan,
+    pub(crate) binaries: Binaries,
     work_dir: Option<tempfile::TempDir>,
     work_path: PathBuf,
     ztunnels: Mutex<BTreeMap<String, ChildGuard>>,
+    /// The CA service (with [`CaMode::Service`]); see `control.rs`.
+    pub(crate) control: Mutex<Option<ChildGuard>>,
     /// The backend the harness asks for (`None`: the ztunnel arguments name one).
     redirect: Option<Redirect>,
     /// The nodes' bpffs, for the eBPF backend; unmounted after the ztunnels are gone.
@@ -150,7 +152,7 @@ impl Mesh {
             .tempdir()
             .context("create the mesh work directory")?;
         let work_path = work_dir.path().to_path_buf();
-        for dir in ["config", "ca", "logs"] {
+        for dir in ["config", "ca", "logs", "tokens"] {
             let path = work_path.join(dir);
             std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
         }
@@ -169,6 +171,7 @@ impl Mesh {
             work_dir: Some(work_dir),
             work_path,
             ztunnels: Mutex::new(BTreeMap::new()),
+            control: Mutex::new(None),
             redirect,
             bpffs: None,
             counter: AtomicU64::new(0),
@@ -179,6 +182,10 @@ impl Mesh {
         mesh.create_topology()
             .with_context(|| format!("build the topology of {}", mesh.test_name))?;
         mesh.write_config()?;
+        if runs_ztunnel && mesh.spec.ca_mode == CaMode::Service {
+            mesh.create_control_netns()?;
+            mesh.start_control()?;
+        }
         mesh.start_all_ztunnels()?;
         Ok(mesh)
     }
@@ -511,7 +518,7 @@ impl Mesh {
         self.work_path.join("ca")
     }
 
-    fn log_dir(&self) -> PathBuf {
+    pub(crate) fn log_dir(&self) -> PathBuf {
         self.work_path.join("logs")
     }
 
@@ -652,7 +659,13 @@ impl Mesh {
         http::request(&mut stream, method, &addr.to_string(), path, body)
     }
 
-    fn node_http(&self, node: &str, port: u16, method: &str, path: &str) -> Result<HttpResponse> {
+    pub(crate) fn node_http(
+        &self,
+        node: &str,
+        port: u16,
+        method: &str,
+        path: &str,
+    ) -> Result<HttpResponse> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut stream = self
             .in_node(node, move || {
@@ -705,19 +718,33 @@ impl Mesh {
 
     fn start_all_ztunnels(&self) -> Result<()> {
         let nodes: Vec<&NodePlan> = self.plan.nodes.iter().filter(|n| n.ztunnel).collect();
-        // The first ztunnel creates the shared CA; the others start once it exists, so no
-        // two processes race to generate it.
+        // The first ztunnel starts alone: with `--ca-dir` it creates the shared CA, so no two
+        // processes race to generate it; and the agents share one bpffs, where an agent's
+        // startup sweep removes the pins of pods that are not its own, so a second agent
+        // starting alongside could remove the first one's fresh pins (each node would have
+        // its own bpffs in a cluster).
         let Some((first, rest)) = nodes.split_first() else {
             return Ok(());
         };
-        self.start_ztunnel(&first.name)?;
+        self.spawn_ztunnel(&first.name)?;
+        self.wait_started(&first.name)?;
         for node in rest {
             self.spawn_ztunnel(&node.name)?;
         }
         for node in rest {
-            self.wait_ready(&node.name)?;
+            self.wait_started(&node.name)?;
         }
         Ok(())
+    }
+
+    /// Waits until a freshly started agent is ready, or, holding another node's token (its
+    /// pods never get a certificate, so it never reports ready), until it answers at all.
+    fn wait_started(&self, node: &str) -> Result<()> {
+        if self.spec.token_nodes.contains_key(node) {
+            self.wait_answering(node)
+        } else {
+            self.wait_ready(node)
+        }
     }
 
     fn ztunnel_log_path(&self, node: &str) -> PathBuf {
@@ -743,13 +770,19 @@ impl Mesh {
             None => self.binaries.ztunnel()?,
         };
         let ip = crate::sys::tool("ip", "iproute2")?;
+        let ca_args = match self.spec.ca_mode {
+            CaMode::LocalDir => vec!["--ca-dir".into(), self.ca_dir().into_os_string()],
+            CaMode::Service => {
+                let bound = self.spec.token_nodes.get(node).map_or(node, String::as_str);
+                self.ca_client_args(&self.node_token(node, bound)?)
+            }
+        };
         let mut cmd = Command::new(ip);
         cmd.args(["netns", "exec", &self.netns_of_node(node)])
             .arg(&binary)
             .args(["--node-name", node, "--config-dir"])
             .arg(self.config_dir())
-            .arg("--ca-dir")
-            .arg(self.ca_dir())
+            .args(ca_args)
             .args(["--netns-prefix", &self.prefix])
             .args(
                 self.redirect
@@ -865,6 +898,36 @@ impl Mesh {
         })
     }
 
+    /// The status of the node's `GET /healthz/ready` (200 ready, 503 not yet).
+    pub fn readiness_status(&self, node: &str) -> Result<u16> {
+        Ok(self
+            .node_http(node, READINESS_PORT, "GET", "/healthz/ready")?
+            .status)
+    }
+
+    /// Waits until the node's `/healthz/ready` answers at all (ready or not); fails early if
+    /// the ztunnel exits.
+    pub fn wait_answering(&self, node: &str) -> Result<()> {
+        wait_until(
+            &format!("ztunnel on {node} to answer on its readiness port"),
+            self.spec.ready_timeout,
+            || {
+                let mut ztunnels = self.ztunnels();
+                let guard = ztunnels
+                    .get_mut(node)
+                    .with_context(|| format!("no ztunnel on {node}"))?;
+                if let Some(status) = guard.wait_timeout(Duration::ZERO)? {
+                    bail!("ztunnel on {node} exited ({status})");
+                }
+                drop(ztunnels);
+                Ok(self
+                    .node_http(node, READINESS_PORT, "GET", "/healthz/ready")
+                    .is_ok())
+            },
+        )
+        .with_context(|| tail(&self.ztunnel_log(node), LOG_TAIL_LINES))
+    }
+
     /// The node's Prometheus metrics text (`:15020/metrics`); read it with [`crate::prom`].
     pub fn metrics(&self, node: &str) -> Result<String> {
         self.node_http_ok(node, METRICS_PORT, "GET", "/metrics")
@@ -922,6 +985,12 @@ impl Mesh {
                 tail(&self.ztunnel_log(&node.name), LOG_TAIL_LINES)
             );
         }
+        if self.spec.ca_mode == CaMode::Service {
+            eprintln!(
+                "e2e: ---- CA (control) log (last {LOG_TAIL_LINES} lines) ----\n{}",
+                tail(&self.control_log(), LOG_TAIL_LINES)
+            );
+        }
     }
 }
 
@@ -934,6 +1003,7 @@ impl Drop for Mesh {
         // Killing the ztunnels first stops them from reacting to the namespaces vanishing.
         let ztunnels = std::mem::take(&mut *self.ztunnels());
         drop(ztunnels);
+        drop(self.control_guard().take());
         // After the agents: unmounting releases every pin they left (and so their programs).
         drop(self.bpffs.take());
         if let Err(e) = netns::cleanup_stale(&self.prefix) {
@@ -994,7 +1064,7 @@ fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -16,6 +16,11 @@
 //! and nothing else. Nothing is ever linked to the root namespace and no namespace has a route
 //! out, so test traffic cannot leave the machine.
 //!
+//! The CA service (`control`, the only process holding the signing key) runs in a namespace of
+//! its own, `<prefix>_control`, joined to the bridge like a node (10.255.0.253); the agents and
+//! waypoints are its clients with tokens it minted ([`CaMode::Service`], the default;
+//! [`CaMode::LocalDir`] has every process sign with `--ca-dir` instead).
+//!
 //! Every namespace and process a mesh creates carries the mesh's unique prefix (`mt` + 6 hex
 //! digits + `-`): dropping the [`Mesh`] (also while a test panics) kills the processes and
 //! deletes the namespaces, and [`cleanup_stale`] sweeps what a killed test run left behind.
@@ -47,6 +52,7 @@ pub mod apiserver;
 pub mod bench;
 mod bpffs;
 mod capture;
+mod control;
 pub mod echo;
 pub mod grpc;
 mod harness;
@@ -63,12 +69,16 @@ pub mod waypoint;
 mod yaml;
 
 pub use capture::{parse_pcap, Capture, CaptureSummary, Packet, Proto};
+pub use control::CA_SERVER_NAME;
 pub use harness::{echo_once, Labelled, Mesh, PROBE_SOURCE};
 pub use netns::{cleanup_stale, in_netns, StaleCleanup};
 pub use nix::sys::signal::Signal;
 pub use process::ChildGuard;
 pub use scenario::{Scenario, Suite};
-pub use spec::{Ambient, MeshBuilder, Pod, Redirect, Service, REDIRECT_ENV};
+pub use spec::{
+    Ambient, CaMode, MeshBuilder, Pod, Redirect, Service, CONTROL_GRPC_PORT, CONTROL_IP,
+    REDIRECT_ENV,
+};
 pub use sys::{preflight, Binaries, MARKER_ENV};
 pub use wait::{eventually, wait_until};
 pub use yaml::Rendered;

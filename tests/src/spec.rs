@@ -197,7 +197,30 @@ pub struct MeshBuilder {
     pub(crate) without_ztunnel: bool,
     pub(crate) ztunnel_binary: Option<PathBuf>,
     pub(crate) redirect: Option<Redirect>,
+    pub(crate) ca_mode: CaMode,
+    /// Node → the node its agent's token is bound to, when not its own (a stolen token).
+    pub(crate) token_nodes: BTreeMap<String, String>,
+    pub(crate) control_args: Vec<String>,
 }
+
+/// Where the mesh's agents and waypoints get their certificates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CaMode {
+    /// The CA service: the `control` binary in a namespace of its own (`<prefix>_control`,
+    /// on the wire at [`CONTROL_IP`]), the only process holding the signing key. Each agent
+    /// presents a token bound to its node, each waypoint one for its service account.
+    #[default]
+    Service,
+    /// Every agent and waypoint signs for itself with `--ca-dir` (the shared CA directory):
+    /// no CA process, the key in every process. For tests that are about something else and
+    /// need the old single-process setup.
+    LocalDir,
+}
+
+/// The CA's address on the wire (the bridge is .254; nodes are .1 up to .250).
+pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 253);
+/// The CA's gRPC port (Istio's).
+pub const CONTROL_GRPC_PORT: u16 = 15012;
 
 /// How the mesh's ztunnels capture pod traffic (`ztunnel --redirect`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,7 +271,31 @@ impl MeshBuilder {
             without_ztunnel: false,
             ztunnel_binary: None,
             redirect: None,
+            ca_mode: CaMode::default(),
+            token_nodes: BTreeMap::new(),
+            control_args: Vec::new(),
         }
+    }
+
+    /// Where certificates come from (default: [`CaMode::Service`], the CA as its own process).
+    pub fn ca_mode(mut self, mode: CaMode) -> Self {
+        self.ca_mode = mode;
+        self
+    }
+
+    /// Gives `node`'s agent a token bound to `bound_to` instead of its own node (a stolen
+    /// token): the CA refuses it its pods' identities, so the harness does not wait for that
+    /// agent to be ready, only for it to answer.
+    pub fn node_token(mut self, node: &str, bound_to: &str) -> Self {
+        self.token_nodes
+            .insert(node.to_owned(), bound_to.to_owned());
+        self
+    }
+
+    /// Extra command-line arguments for the CA (e.g. `["--max-cert-ttl", "4s"]`).
+    pub fn control_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.control_args.extend(args.into_iter().map(Into::into));
+        self
     }
 
     /// The redirection backend (default: [`Redirect::from_env`]). Ignored when the ztunnel
@@ -448,6 +495,17 @@ impl MeshBuilder {
         }
         for (file, _) in &self.yaml {
             check_yaml_file_name(file)?;
+        }
+        for (node, bound) in &self.token_nodes {
+            for name in [node, bound] {
+                check_name("node", name)?;
+            }
+            if !nodes.iter().any(|n| &n.name == node) {
+                bail!("node_token: node {node} is not declared");
+            }
+            if self.ca_mode != CaMode::Service {
+                bail!("node_token({node}, {bound}): tokens need CaMode::Service");
+            }
         }
         Ok(Plan { nodes, pods })
     }

@@ -157,6 +157,11 @@ impl Binaries {
         self.binary("ztunnel")
     }
 
+    /// Path of the `control` binary (the CA service), or an error saying how to build it.
+    pub fn control(&self) -> Result<PathBuf> {
+        self.binary("control")
+    }
+
     /// Path of the `mesh-echo` binary, or an error saying how to build it.
     pub fn mesh_echo(&self) -> Result<PathBuf> {
         self.binary("mesh-echo")

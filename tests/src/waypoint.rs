@@ -121,7 +121,9 @@ impl Mesh {
 
     /// Starts the waypoint for Gateway `<namespace>/<gateway>` with identity
     /// `<namespace>/<service_account>` inside pod `pod` (`ns/name`), reading the mesh's config
-    /// and CA directories, and returns once it reports ready. Killed when the guard drops.
+    /// directory and getting its certificate from the mesh's CA (a token for its service
+    /// account; with [`crate::CaMode::LocalDir`], signing itself from the CA directory), and
+    /// returns once it reports ready. Killed when the guard drops.
     pub fn spawn_waypoint(
         &self,
         pod: &str,
@@ -129,26 +131,8 @@ impl Mesh {
         gateway: &str,
         service_account: &str,
     ) -> Result<ChildGuard> {
-        let binary = self.waypoint_binary()?;
-        let binary = binary.to_string_lossy();
-        let config = self.config_dir();
-        let ca = self.ca_dir();
-        let mut guard = self.spawn(
-            pod,
-            &[
-                &binary,
-                "--name",
-                gateway,
-                "--namespace",
-                namespace,
-                "--service-account",
-                service_account,
-                "--config-dir",
-                &config.to_string_lossy(),
-                "--ca-dir",
-                &ca.to_string_lossy(),
-            ],
-        )?;
+        let mut guard =
+            self.start_waypoint(pod, namespace, gateway, service_account, service_account)?;
         let ready = wait_until(
             &format!("waypoint in {pod} to report ready"),
             READY_TIMEOUT,
@@ -156,15 +140,65 @@ impl Mesh {
                 if !guard.is_running() {
                     bail!("the waypoint exited");
                 }
-                Ok(self
-                    .waypoint_http(pod, WAYPOINT_READINESS_PORT, "/healthz/ready")
-                    .is_ok_and(|r| r.status == 200))
+                Ok(self.waypoint_ready(pod))
             },
         );
         if let Err(e) = ready {
             bail!("{e:#}; its log:\n{}", guard.stderr());
         }
         Ok(guard)
+    }
+
+    /// Starts the waypoint as [`Mesh::spawn_waypoint`] does, without waiting for it to be
+    /// ready. `token_account`: the service account (in `namespace`) its CA token is for,
+    /// normally `service_account`; another one plays a waypoint configured to claim an
+    /// identity its credentials do not give it.
+    pub fn start_waypoint(
+        &self,
+        pod: &str,
+        namespace: &str,
+        gateway: &str,
+        service_account: &str,
+        token_account: &str,
+    ) -> Result<ChildGuard> {
+        let binary = self.waypoint_binary()?;
+        let mut argv: Vec<std::ffi::OsString> = vec![
+            binary.into_os_string(),
+            "--name".into(),
+            gateway.into(),
+            "--namespace".into(),
+            namespace.into(),
+            "--service-account".into(),
+            service_account.into(),
+            "--config-dir".into(),
+            self.config_dir().into_os_string(),
+        ];
+        match self.ca_mode() {
+            crate::CaMode::LocalDir => {
+                argv.extend(["--ca-dir".into(), self.ca_dir().into_os_string()]);
+            }
+            crate::CaMode::Service => {
+                let token = self.mint_token(
+                    &format!("waypoint-{}.token", pod.replacen('/', ".", 1)),
+                    namespace,
+                    token_account,
+                    None,
+                )?;
+                argv.extend(self.ca_client_args(&token));
+            }
+        }
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.spawn(pod, &argv)
+    }
+
+    /// Whether the waypoint in `pod` answers 200 on `/healthz/ready`.
+    pub fn waypoint_ready(&self, pod: &str) -> bool {
+        self.waypoint_http(pod, WAYPOINT_READINESS_PORT, "/healthz/ready")
+            .is_ok_and(|r| r.status == 200)
     }
 
     /// Starts the waypoint of [`waypoint_mesh`] (Gateway `default/waypoint`, identity

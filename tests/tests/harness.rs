@@ -382,13 +382,22 @@ fn node_agents_are_started_per_node_waited_for_queried_and_restarted() -> Result
         .build()?;
 
     let log = mesh.ztunnel_log("n1");
+    // The agent is a client of the mesh's CA process: the root, a token, no CA directory.
     let expected_args = format!(
-        "stand-in ztunnel: --node-name n1 --config-dir {} --ca-dir {} --netns-prefix {} --redirect none",
+        "stand-in ztunnel: --node-name n1 --config-dir {} --ca-address https://10.255.0.253:15012 \
+         --ca-root-file {} --ca-token-file {} --ca-server-name istiod.istio-system.svc \
+         --netns-prefix {} --redirect none",
         mesh.config_dir().display(),
-        mesh.ca_dir().display(),
+        mesh.ca_dir().join("root-cert.pem").display(),
+        mesh.work_dir().join("tokens/node-n1.token").display(),
         mesh.prefix()
     );
     assert!(log.contains(&expected_args), "{log}");
+    assert!(!log.contains("--ca-dir"), "{log}");
+    assert!(
+        mesh.control_pid().is_some(),
+        "the CA runs as its own process"
+    );
     assert_eq!(mesh.ztunnel_log("n3"), "", "a bare node runs no agent");
 
     let metrics: serde_json::Value = serde_json::from_str(&mesh.metrics("n1")?)?;

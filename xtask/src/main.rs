@@ -323,8 +323,9 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 10] = [
+const E2E_SUITES: [&str; 11] = [
     "core",
+    "ca_service",
     "enrollment",
     "bad_peers",
     "waypoint",

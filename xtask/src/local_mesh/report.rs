@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::config::Target;
-use super::run::{ProbeReport, Report, Response, Running, Wire};
+use super::run::{CaReport, ProbeReport, Report, Response, Running, Wire};
 
 /// Longest access-log line shown (the full line is in the log file).
 const MAX_LOG_LINE: usize = 240;
@@ -33,7 +33,70 @@ pub fn render(report: &Report) -> String {
             .collect();
         let _ = writeln!(out, "  {node}: {total} ({})", parts.join(", "));
     }
+    out.push('\n');
+    render_ca(&mut out, &report.ca);
     out
+}
+
+/// "Certificates issued": who asked the CA for which identity and on what grounds, what it
+/// refused, and whether any agent holds a signing key.
+fn render_ca(out: &mut String, ca: &CaReport) {
+    let Some(address) = &ca.address else {
+        let _ = writeln!(
+            out,
+            "Certificates: no CA service; every agent signs with the CA directory (--ca-dir)"
+        );
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "Certificates issued by the CA (control at {address}, netns {}; the only process with \
+         the signing key):",
+        ca.netns
+    );
+    if ca.issued.is_empty() {
+        out.push_str("  none\n");
+    }
+    for i in &ca.issued {
+        let grant = match i.grant.as_str() {
+            "node" => "node: a pod on the agent's node",
+            "own" => "own: the caller's identity",
+            other => other,
+        };
+        let _ = writeln!(
+            out,
+            "  {} asked for {} -> issued (grant {grant}), serial {}, until {}",
+            i.caller, i.identity, i.serial, i.not_after
+        );
+    }
+    if ca.refused.is_empty() {
+        out.push_str("  refused: none\n");
+    } else {
+        let parts: Vec<String> = ca
+            .refused
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  refused: {} (mesh_ca_requests_refused_total by reason)",
+            parts.join(", ")
+        );
+    }
+    if ca.agents_with_ca_dir.is_empty() {
+        let _ = writeln!(
+            out,
+            "  the node agents ({}) and the waypoints hold no signing key: they present a token \
+             to the CA (--ca-address, no --ca-dir); workload keys stay in their memory",
+            ca.agents_with_ca_address.join(", ")
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  NOT AS EXPECTED: the agents of {} run with a CA directory (a signing key)",
+            ca.agents_with_ca_dir.join(", ")
+        );
+    }
 }
 
 fn render_probe(out: &mut String, probe: &ProbeReport) {
@@ -243,6 +306,22 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
             "               ip netns exec {netns} curl -s 127.0.0.1:15020/dashboard  (its data: /stats)"
         );
     }
+    if let Some(address) = report_ca_address(mesh) {
+        let netns = mesh.control_netns();
+        let _ = writeln!(
+            out,
+            "  CA          netns {netns}, {address} (gRPC CreateCertificate); log {}",
+            logs.join("control.log").display()
+        );
+        let _ = writeln!(
+            out,
+            "     admin    ip netns exec {netns} curl -s 127.0.0.1:15000/config_dump  (what it issued, to whom)"
+        );
+        let _ = writeln!(
+            out,
+            "     metrics  ip netns exec {netns} curl -s 127.0.0.1:15020/metrics  (mesh_ca_*)"
+        );
+    }
     if !config.waypoints.is_empty() {
         out.push_str("  waypoints\n");
     }
@@ -353,6 +432,11 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
     out
 }
 
+/// The CA's address, when the mesh runs the CA service.
+fn report_ca_address(mesh: &e2e::Mesh) -> Option<String> {
+    (mesh.ca_mode() == e2e::CaMode::Service).then(|| mesh.ca_address())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,6 +544,48 @@ mod tests {
                 "as expected (refused)",
             ],
         );
+    }
+
+    #[test]
+    fn the_ca_section_names_who_asked_for_what_and_that_agents_hold_no_key() {
+        use crate::local_mesh::run::Issuance;
+        let ca = CaReport {
+            address: Some("https://10.255.0.253:15012".into()),
+            netns: "mt123456-_control".into(),
+            issued: vec![Issuance {
+                caller: "istio-system/ztunnel @n1".into(),
+                identity: "spiffe://cluster.local/ns/demo/sa/sleep".into(),
+                grant: "node".into(),
+                serial: "1a2b".into(),
+                not_after: "2030-01-01T00:00:00Z".into(),
+            }],
+            refused: [("no_such_pod_on_node".to_owned(), 2)].into(),
+            agents_with_ca_dir: Vec::new(),
+            agents_with_ca_address: vec!["n1".into(), "n2".into()],
+        };
+        let mut text = String::new();
+        render_ca(&mut text, &ca);
+        for line in [
+            "Certificates issued by the CA (control at https://10.255.0.253:15012, netns \
+             mt123456-_control; the only process with the signing key):",
+            "istio-system/ztunnel @n1 asked for spiffe://cluster.local/ns/demo/sa/sleep -> \
+             issued (grant node: a pod on the agent's node), serial 1a2b, until 2030-01-01T00:00:00Z",
+            "refused: no_such_pod_on_node 2 (mesh_ca_requests_refused_total by reason)",
+            "the node agents (n1, n2) and the waypoints hold no signing key: they present a \
+             token to the CA (--ca-address, no --ca-dir); workload keys stay in their memory",
+        ] {
+            assert!(
+                text.lines().any(|l| l.trim() == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        let with_key = CaReport {
+            agents_with_ca_dir: vec!["n2".into()],
+            ..ca
+        };
+        let mut text = String::new();
+        render_ca(&mut text, &with_key);
+        assert!(text.contains("NOT AS EXPECTED: the agents of n2"), "{text}");
     }
 
     #[test]

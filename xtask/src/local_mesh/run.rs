@@ -29,6 +29,8 @@ const METRICS_SETTLE: Duration = Duration::from_secs(2);
 const HBONE_PORT: u16 = 15008;
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const REFUSED: &str = "mesh_connections_refused_total";
+/// What the CA counts per refused request, by reason.
+const CA_REFUSED: &str = "mesh_ca_requests_refused_total";
 /// What a waypoint counts per request.
 const REQUESTS: &str = "istio_requests_total";
 /// Log lines of the node agents that describe one finished connection.
@@ -90,6 +92,58 @@ pub struct Report {
     pub probes: Vec<ProbeReport>,
     /// `istio_tcp_connections_opened_total` per node, by reporter, after all probes.
     pub opened: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Who the CA issued what, after all probes.
+    pub ca: CaReport,
+}
+
+/// The CA service's side of the run: its `/config_dump` and `/metrics`, and what the node
+/// agents say about where their certificates come from.
+#[derive(Clone, Debug, Default)]
+pub struct CaReport {
+    /// The address the agents and waypoints dial; `None` when the mesh signs in process
+    /// (`--ca-dir` everywhere, no CA service).
+    pub address: Option<String>,
+    /// The CA's network namespace.
+    pub netns: String,
+    /// `/config_dump` `issued`, oldest first (the CA keeps the last 256).
+    pub issued: Vec<Issuance>,
+    /// `mesh_ca_requests_refused_total` by reason.
+    pub refused: BTreeMap<String, u64>,
+    /// Node agents whose `/config_dump` names a CA directory (a signing key): none expected.
+    pub agents_with_ca_dir: Vec<String>,
+    /// Node agents whose `/config_dump` names the CA's address.
+    pub agents_with_ca_address: Vec<String>,
+}
+
+/// One certificate the CA signed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issuance {
+    /// Who asked (`istio-system/ztunnel @n1`: a node agent and its node; `ns/sa`).
+    pub caller: String,
+    pub identity: String,
+    /// `own` (the caller's identity) or `node` (a pod's, on the agent's node).
+    pub grant: String,
+    pub serial: String,
+    pub not_after: String,
+}
+
+/// The CA's ledger from its `/config_dump`.
+pub fn issuances(dump: &serde_json::Value) -> Vec<Issuance> {
+    let field = |i: &serde_json::Value, k: &str| i[k].as_str().unwrap_or_default().to_owned();
+    dump["issued"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| Issuance {
+                    caller: field(i, "caller"),
+                    identity: field(i, "identity"),
+                    grant: field(i, "grant"),
+                    serial: field(i, "serial"),
+                    not_after: field(i, "not_after"),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One `local-mesh/send-to` entry, sent.
@@ -215,7 +269,9 @@ impl Running {
         let ztunnel = bin_dir.join("ztunnel");
         let echo = bin_dir.join("mesh-echo");
         let waypoint = bin_dir.join("waypoint");
-        let mut binaries = vec![&ztunnel, &echo];
+        // The CA service: the harness runs it from its binary directory (`E2E_BIN_DIR`).
+        let control = bin_dir.join("control");
+        let mut binaries = vec![&ztunnel, &echo, &control];
         if config.pods.iter().any(|p| p.waypoint.is_some()) {
             binaries.push(&waypoint);
         }
@@ -360,7 +416,38 @@ impl Running {
             }
             opened.insert(node, by_reporter);
         }
-        Ok(Report { probes, opened })
+        let ca = self.ca_report()?;
+        Ok(Report { probes, opened, ca })
+    }
+
+    /// What the CA issued and refused, and where each agent's certificates come from.
+    fn ca_report(&self) -> Result<CaReport> {
+        let mut report = CaReport::default();
+        for node in &self.config.nodes {
+            let dump: serde_json::Value =
+                serde_json::from_str(&self.mesh.admin(node, "/config_dump")?)
+                    .with_context(|| format!("parse the /config_dump of {node}"))?;
+            if !dump["config"]["ca_dir"].is_null() {
+                report.agents_with_ca_dir.push(node.clone());
+            }
+            if dump["config"]["ca_address"].is_string() {
+                report.agents_with_ca_address.push(node.clone());
+            }
+        }
+        if self.mesh.ca_mode() != e2e::CaMode::Service {
+            return Ok(report);
+        }
+        report.address = Some(self.mesh.ca_address());
+        report.netns = self.mesh.control_netns();
+        report.issued = issuances(&self.mesh.control_dump()?);
+        for sample in prom::parse(&self.mesh.control_metrics()?)
+            .into_iter()
+            .filter(|s| s.name == CA_REFUSED)
+        {
+            let reason = sample.labels.get("reason").cloned().unwrap_or_default();
+            *report.refused.entry(reason).or_default() += count(sample.value);
+        }
+        Ok(report)
     }
 
     fn probe(&self, pod: &PodDecl, probe: &Probe, index: usize) -> Result<ProbeReport> {
@@ -921,6 +1008,22 @@ mod tests {
             assert_eq!(stats.json()?["node"], f.node.as_str());
         }
         assert!(whereabouts.contains("127.0.0.1:15020/dashboard"));
+
+        // Certificates came from the CA process, each identity to the agent of its pod's node
+        // (the waypoint's to itself); no agent holds a signing key.
+        let ca = &report.ca;
+        assert_eq!(ca.address.as_deref(), Some("https://10.255.0.253:15012"));
+        assert!(ca.agents_with_ca_dir.is_empty(), "{ca:#?}");
+        assert_eq!(ca.agents_with_ca_address, running.config().nodes);
+        let issued = |caller: &str, identity: &str, grant: &str| {
+            ca.issued
+                .iter()
+                .any(|i| i.caller == caller && i.identity == identity && i.grant == grant)
+        };
+        assert!(issued("istio-system/ztunnel @n1", SLEEP, "node"), "{ca:#?}");
+        assert!(issued("demo/waypoint", WAYPOINT, "own"), "{ca:#?}");
+        assert!(text.contains("Certificates issued by the CA"), "{text}");
+        assert!(whereabouts.contains("control.log"), "{whereabouts}");
 
         // The waypoint of `demo` runs in its own pod, with its own identity.
         let waypoints = running.waypoints();

@@ -336,7 +336,10 @@ mod tests {
                 unix_now() - 2 * day,
             )
             .unwrap();
-        let got = ta.verify(&old, DEFAULT_AUDIENCE).map(|_| ()).map_err(|e| e.reason());
+        let got = ta
+            .verify(&old, DEFAULT_AUDIENCE)
+            .map(|_| ())
+            .map_err(|e| e.reason());
         assert_eq!(got, Err("token_expired"));
     }
 

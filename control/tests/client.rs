@@ -166,7 +166,11 @@ async fn handshake(
     let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
     let accept = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        acceptor.accept(tcp).await.map(|_| ()).map_err(|e| e.to_string())
+        acceptor
+            .accept(tcp)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     });
     let client_cfg =
         mesh_pki::tls::client_config(client.clone(), src.clone(), vec![dst.clone()]).unwrap();
@@ -201,10 +205,16 @@ async fn a_root_rotation_through_the_ca_keeps_every_handshake_working() {
     }
     server.want(&web);
     client.want(&db);
-    assert!(eventually(Duration::from_secs(5), || server.has_all([&web]) && client.has_all([&db])).await);
+    assert!(
+        eventually(Duration::from_secs(5), || server.has_all([&web])
+            && client.has_all([&db]))
+        .await
+    );
     // The server's TLS config is built once, with the first root only (as at enrollment).
     let server_cfg = mesh_pki::tls::server_config(server.clone(), web.clone()).unwrap();
-    handshake(&server, &web, &client, &db, server_cfg.clone()).await.unwrap();
+    handshake(&server, &web, &client, &db, server_cfg.clone())
+        .await
+        .unwrap();
 
     // A new root R2, made elsewhere.
     let other = tempfile::tempdir().unwrap();
@@ -223,13 +233,19 @@ async fn a_root_rotation_through_the_ca_keeps_every_handshake_working() {
     std::fs::write(ca_dir.join("root-cert.pem"), format!("{r1}{r2}")).unwrap();
     let ca = support::Ca::start_in(dir, &flags).await;
     assert!(
-        eventually(Duration::from_secs(10), || server.roots().len() == 2 && client.roots().len() == 2).await,
+        eventually(Duration::from_secs(10), || server.roots().len() == 2
+            && client.roots().len() == 2)
+        .await,
         "both learned the new root"
     );
 
     // Step 2: the CA signs with R2 (and still trusts R1).
     let dir = restart(ca).await;
-    std::fs::copy(other.path().join("root-key.pem"), ca_dir.join("root-key.pem")).unwrap();
+    std::fs::copy(
+        other.path().join("root-key.pem"),
+        ca_dir.join("root-key.pem"),
+    )
+    .unwrap();
     std::fs::write(ca_dir.join("root-cert.pem"), format!("{r2}{r1}")).unwrap();
     let before = client.dump()[0].serial.clone();
     let ca = support::Ca::start_in(dir, &flags).await;
@@ -243,7 +259,9 @@ async fn a_root_rotation_through_the_ca_keeps_every_handshake_working() {
     );
     // The server's config from before the rotation accepts the R2 leaf: its verifier
     // follows the trust bundle.
-    handshake(&server, &web, &client, &db, server_cfg).await.unwrap();
+    handshake(&server, &web, &client, &db, server_cfg)
+        .await
+        .unwrap();
     drop(ca);
     stop.cancel();
 }

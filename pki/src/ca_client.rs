@@ -11,8 +11,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, RootCertStore};
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -108,6 +111,73 @@ pub struct Fetched {
 pub struct CaClient {
     cfg: CaClientConfig,
     client: IstioCertificateServiceClient<Channel>,
+    /// What the CA's serving certificate must chain to: the configured roots, then the trust
+    /// bundle as learned ([`CaClient::trust`]), so the CA can move to a new root.
+    roots: Arc<ArcSwap<RootCertStore>>,
+}
+
+/// Verifies the CA's serving certificate against the roots in force at each handshake.
+#[derive(Debug)]
+struct CurrentRoots {
+    roots: Arc<ArcSwap<RootCertStore>>,
+    /// The verifier of the roots it was built for; rebuilt when they change.
+    current: std::sync::Mutex<(Arc<RootCertStore>, Arc<WebPkiServerVerifier>)>,
+}
+
+impl CurrentRoots {
+    fn inner(&self) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+        let roots = self.roots.load_full();
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !Arc::ptr_eq(&current.0, &roots) {
+            let verifier =
+                WebPkiServerVerifier::builder_with_provider(roots.clone(), crate::tls::provider())
+                    .build()
+                    .map_err(|e| rustls::Error::General(format!("ca verifier: {e}")))?;
+            *current = (roots, verifier);
+        }
+        Ok(current.1.clone())
+    }
+}
+
+impl ServerCertVerifier for CurrentRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner()?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        crate::tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 impl std::fmt::Debug for CaClient {
@@ -135,10 +205,24 @@ impl CaClient {
         let name = cfg.server_name.clone().unwrap_or_else(|| host.clone());
         let server_name = ServerName::try_from(name.clone())
             .map_err(|e| bad(format!("server name {name:?}: {e}")))?;
+        let roots = Arc::new(ArcSwap::new(cfg.roots.clone()));
+        let verifier = CurrentRoots {
+            roots: roots.clone(),
+            current: std::sync::Mutex::new((
+                cfg.roots.clone(),
+                WebPkiServerVerifier::builder_with_provider(
+                    cfg.roots.clone(),
+                    crate::tls::provider(),
+                )
+                .build()
+                .map_err(|e| bad(format!("roots: {e}")))?,
+            )),
+        };
         let mut tls = ClientConfig::builder_with_provider(crate::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad(e.to_string()))?
-            .with_root_certificates(cfg.roots.clone())
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let connector = TlsConnector::from(Arc::new(tls));
@@ -161,7 +245,14 @@ impl CaClient {
         Ok(CaClient {
             cfg,
             client: IstioCertificateServiceClient::new(channel),
+            roots,
         })
+    }
+
+    /// Trusts `roots` for the CA's own certificate from now on (the trust bundle learned
+    /// from the CA's answers, which include a root it is moving to).
+    pub fn trust(&self, roots: Arc<RootCertStore>) {
+        self.roots.store(roots);
     }
 
     pub fn address(&self) -> &str {

@@ -434,6 +434,7 @@ impl CertManager {
         }
         info!(roots = roots.len(), "trust bundle updated from the ca");
         let store = root_store_of(&roots);
+        remote.client.trust(store.clone());
         remote.roots.store(Arc::new((roots, store)));
     }
 

@@ -450,7 +450,10 @@ impl ClientIdentityVerifier {
         if !Arc::ptr_eq(&current.0, &roots) {
             let inner = webpki_client_verifier(roots.clone())
                 .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
-            info!(roots = roots.roots.len(), "trust bundle changed: client verifier rebuilt");
+            info!(
+                roots = roots.roots.len(),
+                "trust bundle changed: client verifier rebuilt"
+            );
             *current = (roots, inner);
         }
         Ok(current.1.clone())

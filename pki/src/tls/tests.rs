@@ -85,7 +85,7 @@ impl Mesh {
     ) -> Arc<ServerConfig> {
         let signer = ring::sign::any_supported_type(&key).unwrap();
         let resolver = Arc::new(Fixed(Arc::new(CertifiedKey::new(chain, signer))));
-        let verifier = client_verifier(&self.certs).unwrap();
+        let verifier = client_verifier(self.certs.clone()).unwrap();
         Arc::new(build_server_config(verifier, resolver).unwrap())
     }
 

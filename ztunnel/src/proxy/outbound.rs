@@ -21,9 +21,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    accept_loop, original_dst, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx,
-    ProxyInputs, ResponseFlag,
+    accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
+    ResponseFlag,
 };
+use super::{with_original_dst, Accepted};
 use crate::config::{HBONE_PORT, RESERVED_PORTS};
 use crate::socket;
 
@@ -155,15 +156,33 @@ fn plan<'a>(
     ))
 }
 
-pub(crate) async fn handle(
-    mut tcp: TcpStream,
+pub(crate) fn handle(
+    tcp: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodCtx>,
     pi: Arc<ProxyInputs>,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
+    let inputs = pi.clone();
+    with_original_dst(tcp, &inputs, move |tcp, dst| {
+        serve(Box::new(Accepted {
+            tcp,
+            dst,
+            peer,
+            pod,
+            pi,
+        }))
+    })
+}
+
+async fn serve(accepted: Box<Accepted>) {
+    let Accepted {
+        tcp,
+        dst,
+        peer,
+        pod,
+        pi,
+    } = *accepted;
     let model = pi.model.load_full();
-    // First, while the connection's state is small (the SOCKS5 handshake awaits here).
-    let dst = original_dst(&mut tcp, pi.cfg.redirect, &model).await;
     let mut log = AccessLog::new("outbound", peer, peer, Instant::now()).from(Some(&pod.identity));
     let labels = LabelInputs {
         reporter: REPORTER,

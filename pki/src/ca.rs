@@ -1074,6 +1074,41 @@ mod tests {
     }
 
     #[test]
+    fn plug_in_ca_with_an_rsa_intermediate_in_pkcs1_signs_csrs() {
+        // An RSA 2048 key as older openssl writes it (`RSA PRIVATE KEY`, PKCS#1).
+        let pkcs1 = include_bytes!("../../model/src/jwt/testdata/rsa2048.der");
+        let pkcs8 = der::to_pkcs8(&PrivateKeyDer::Pkcs1(pkcs1.to_vec().into())).unwrap();
+        let inter_key = KeyPair::from_pkcs8_der_and_sign_algo(
+            &PrivatePkcs8KeyDer::from(pkcs8),
+            &rcgen::PKCS_RSA_SHA256,
+        )
+        .unwrap();
+        let root = CertifiedIssuer::self_signed(
+            ca_params("offline root"),
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap(),
+        )
+        .unwrap();
+        let inter =
+            CertifiedIssuer::signed_by(ca_params("rsa intermediate"), inter_key, &root).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(CA_CERT_FILE), inter.pem()).unwrap();
+        let pem = pem::encode(&pem::Pem::new("RSA PRIVATE KEY", pkcs1.to_vec()));
+        fs::write(dir.path().join(CA_KEY_FILE), pem).unwrap();
+        fs::write(dir.path().join(ROOT_CERT_FILE), root.pem()).unwrap();
+        fs::write(
+            dir.path().join(CERT_CHAIN_FILE),
+            format!("{}{}", inter.pem(), root.pem()),
+        )
+        .unwrap();
+        let ca = Ca::load_or_create(dir.path(), "cluster.local").unwrap();
+        let (csr, _key) = crate::csr::generate(&web()).unwrap();
+        let csr = Csr::parse_pem(&csr).unwrap();
+        let signed = ca.sign_csr(&csr, &web(), Duration::from_secs(600)).unwrap();
+        assert_eq!(signed.chain.len(), 2, "leaf and the rsa intermediate");
+        assert!(verifies(&signed.chain, &ca.roots()));
+    }
+
+    #[test]
     fn plug_in_ca_with_intermediate_issues_verifiable_chains() {
         let p = plug_in(|k| k.serialize_pem(), &[]);
         let ca = Ca::load_or_create(p.dir.path(), "cluster.local").unwrap();

@@ -502,8 +502,10 @@ impl HostileCtx<'_> {
                     .body(())?;
                 h2 = h2.ready().await.context("http/2 connection ready")?;
                 let (response, mut body) = h2.send_request(req, false)?;
-                // Bytes sent before any answer must not leak anywhere either.
-                body.send_data(Bytes::from_static(b"HOSTILE-early-data"), false)?;
+                // Bytes sent before any answer must not leak anywhere either. The agent may
+                // have answered and closed the stream already (then h2 refuses to send on
+                // it: "inactive stream"), which leaves nothing to leak.
+                let _ = body.send_data(Bytes::from_static(b"HOSTILE-early-data"), false);
                 let response = tokio::time::timeout(IO_TIMEOUT, response)
                     .await
                     .with_context(|| format!("{method} {uri}: no response"))??;

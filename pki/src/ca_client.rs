@@ -23,6 +23,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::proto::{IstioCertificateRequest, IMPERSONATED_IDENTITY};
+use crate::tls::PerRoots;
 use mesh_model::identity::Identity;
 
 /// Bound on one request (connect + TLS + token check + signing).
@@ -117,28 +118,27 @@ pub struct CaClient {
 }
 
 /// Verifies the CA's serving certificate against the roots in force at each handshake.
-#[derive(Debug)]
 struct CurrentRoots {
     roots: Arc<ArcSwap<RootCertStore>>,
-    /// The verifier of the roots it was built for; rebuilt when they change.
-    current: std::sync::Mutex<(Arc<RootCertStore>, Arc<WebPkiServerVerifier>)>,
+    current: PerRoots<WebPkiServerVerifier>,
+}
+
+impl std::fmt::Debug for CurrentRoots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CurrentRoots").finish_non_exhaustive()
+    }
+}
+
+fn webpki_server_verifier(
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<WebPkiServerVerifier>, rustls::client::VerifierBuilderError> {
+    WebPkiServerVerifier::builder_with_provider(roots, crate::tls::provider()).build()
 }
 
 impl CurrentRoots {
     fn inner(&self) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
-        let roots = self.roots.load_full();
-        let mut current = self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !Arc::ptr_eq(&current.0, &roots) {
-            let verifier =
-                WebPkiServerVerifier::builder_with_provider(roots.clone(), crate::tls::provider())
-                    .build()
-                    .map_err(|e| rustls::Error::General(format!("ca verifier: {e}")))?;
-            *current = (roots, verifier);
-        }
-        Ok(current.1.clone())
+        self.current
+            .get(self.roots.load_full(), webpki_server_verifier)
     }
 }
 
@@ -206,17 +206,11 @@ impl CaClient {
         let server_name = ServerName::try_from(name.clone())
             .map_err(|e| bad(format!("server name {name:?}: {e}")))?;
         let roots = Arc::new(ArcSwap::new(cfg.roots.clone()));
+        let first =
+            webpki_server_verifier(cfg.roots.clone()).map_err(|e| bad(format!("roots: {e}")))?;
         let verifier = CurrentRoots {
             roots: roots.clone(),
-            current: std::sync::Mutex::new((
-                cfg.roots.clone(),
-                WebPkiServerVerifier::builder_with_provider(
-                    cfg.roots.clone(),
-                    crate::tls::provider(),
-                )
-                .build()
-                .map_err(|e| bad(format!("roots: {e}")))?,
-            )),
+            current: PerRoots::new("ca server verifier", cfg.roots.clone(), first),
         };
         let mut tls = ClientConfig::builder_with_provider(crate::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])

@@ -259,9 +259,48 @@ fn client_verifier(certs: Arc<CertManager>) -> Result<Arc<dyn ClientCertVerifier
     let inner = webpki_client_verifier(roots.clone())?;
     Ok(Arc::new(ClientIdentityVerifier {
         trust_domain: certs.trust_domain().to_string(),
-        current: std::sync::Mutex::new((roots, inner)),
+        current: PerRoots::new("client verifier", roots, inner),
         certs,
     }))
+}
+
+/// A verifier built for one set of roots, rebuilt when the roots in force change (a trust
+/// bundle learned from the CA: root rotation). One pointer comparison per handshake when they
+/// did not. Used by the 15008 client-certificate verifier and the CA client's.
+pub(crate) struct PerRoots<V: ?Sized> {
+    what: &'static str,
+    current: std::sync::Mutex<(Arc<RootCertStore>, Arc<V>)>,
+}
+
+impl<V: ?Sized> PerRoots<V> {
+    pub(crate) fn new(what: &'static str, roots: Arc<RootCertStore>, verifier: Arc<V>) -> Self {
+        PerRoots {
+            what,
+            current: std::sync::Mutex::new((roots, verifier)),
+        }
+    }
+
+    /// The verifier of `roots`: the cached one, or a new one from `build`.
+    pub(crate) fn get<E: fmt::Display>(
+        &self,
+        roots: Arc<RootCertStore>,
+        build: impl FnOnce(Arc<RootCertStore>) -> Result<Arc<V>, E>,
+    ) -> Result<Arc<V>, rustls::Error> {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !Arc::ptr_eq(&current.0, &roots) {
+            let verifier = build(roots.clone())
+                .map_err(|e| rustls::Error::General(format!("{}: {e}", self.what)))?;
+            info!(
+                roots = roots.roots.len(),
+                "trust bundle changed: {} rebuilt", self.what
+            );
+            *current = (roots, verifier);
+        }
+        Ok(current.1.clone())
+    }
 }
 
 fn webpki_client_verifier(
@@ -427,7 +466,7 @@ impl ResolvesClientCert for ClientCertResolver {
 struct ClientIdentityVerifier {
     certs: Arc<CertManager>,
     /// The webpki verifier of the roots it was built for; rebuilt when they change.
-    current: std::sync::Mutex<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>,
+    current: PerRoots<dyn ClientCertVerifier>,
     trust_domain: String,
 }
 
@@ -442,21 +481,8 @@ impl fmt::Debug for ClientIdentityVerifier {
 impl ClientIdentityVerifier {
     /// The verifier of the current roots (one pointer comparison when they did not change).
     fn inner(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
-        let roots = self.certs.root_store();
-        let mut current = self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !Arc::ptr_eq(&current.0, &roots) {
-            let inner = webpki_client_verifier(roots.clone())
-                .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
-            info!(
-                roots = roots.roots.len(),
-                "trust bundle changed: client verifier rebuilt"
-            );
-            *current = (roots, inner);
-        }
-        Ok(current.1.clone())
+        self.current
+            .get(self.certs.root_store(), webpki_client_verifier)
     }
 }
 

@@ -43,16 +43,7 @@ pub(crate) fn handle(
     pod: Arc<PodCtx>,
     pi: Arc<ProxyInputs>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let inputs = pi.clone();
-    with_original_dst(tcp, &inputs, move |tcp, dst| {
-        serve(Box::new(Accepted {
-            tcp,
-            dst,
-            peer,
-            pod,
-            pi,
-        }))
-    })
+    with_original_dst(tcp, peer, pod, pi, serve)
 }
 
 async fn serve(accepted: Box<Accepted>) {

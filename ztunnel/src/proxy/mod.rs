@@ -391,27 +391,38 @@ pub(crate) async fn accept_loop<F, Fut>(
 /// entry's), read at once; or with `--redirect loopback`, which captures nothing, what the
 /// client asks for in a SOCKS5 CONNECT ([`socks5`]; names resolved in the model), in a box of
 /// its own so that a captured connection's future never carries the handshake.
-pub(crate) fn with_original_dst<S, Fut>(
+pub(crate) fn with_original_dst<Fut>(
     mut tcp: TcpStream,
-    pi: &ProxyInputs,
-    serve: S,
+    peer: SocketAddr,
+    pod: Arc<PodCtx>,
+    pi: Arc<ProxyInputs>,
+    serve: fn(Box<Accepted>) -> Fut,
 ) -> futures::future::Either<Fut, Pin<Box<dyn Future<Output = ()> + Send>>>
 where
-    S: FnOnce(TcpStream, Result<SocketAddr, String>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     use futures::future::Either;
-    if pi.cfg.redirect != Redirect::Loopback {
+    let redirect = pi.cfg.redirect;
+    let model = (redirect == Redirect::Loopback).then(|| pi.model.load_full());
+    let accepted = move |tcp, dst| {
+        Box::new(Accepted {
+            tcp,
+            dst,
+            peer,
+            pod,
+            pi,
+        })
+    };
+    let Some(model) = model else {
         // Captured: read from the socket now; the connection's future awaits nothing for it.
-        let nat = pi.cfg.redirect == Redirect::Nftables;
+        let nat = redirect == Redirect::Nftables;
         let dst = crate::socket::original_dst(&tcp, nat).map_err(|e| e.to_string());
-        return Either::Left(serve(tcp, dst));
-    }
-    let (redirect, model) = (pi.cfg.redirect, pi.model.load_full());
+        return Either::Left(serve(accepted(tcp, dst)));
+    };
     Either::Right(Box::pin(async move {
         let dst = original_dst(&mut tcp, redirect, &model).await;
         drop(model);
-        serve(tcp, dst).await
+        serve(accepted(tcp, dst)).await
     }))
 }
 

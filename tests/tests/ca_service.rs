@@ -187,7 +187,7 @@ fn a_pod_enrolled_while_the_ca_is_down_waits_then_is_served_once_it_returns() ->
         Labelled::Pod(SERVER),
         [("app".to_owned(), "echo".to_owned())].into(),
     )?;
-    let state = eventually(
+    eventually(
         "the server pending: the CA is unreachable",
         CA_ANSWER,
         || {

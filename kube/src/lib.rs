@@ -25,6 +25,10 @@
 //!   `mesh_config_rejections_total{source="kube"}`, and listed in [`Options::rejections`];
 //!   every other object still applies. Unlike a file, a cluster cannot be rolled back to its
 //!   last good state as a whole, and one team's bad object must not freeze everyone's.
+//! - Except that a refused AuthorizationPolicy or RequestAuthentication with no accepted
+//!   version fails closed: the model carries it as a `RefusedPolicy` (deny all to what it
+//!   selects / reject the tokens it would check) until it is fixed or deleted; each start
+//!   and end is logged at warn, and the set is the gauge `mesh_policies_failed_closed`.
 #![forbid(unsafe_code)]
 
 mod resources;
@@ -32,6 +36,7 @@ mod store;
 pub mod token_review;
 
 use std::collections::hash_map::RandomState;
+use std::collections::BTreeSet;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,6 +145,7 @@ pub async fn watch(
     let mut store = Store::new(kinds);
     let mut pending = Pending::default();
     let mut announced = false;
+    let mut failed_closed = FailedClosed::default();
 
     loop {
         let due = pending.due().filter(|_| store.listed());
@@ -163,7 +169,7 @@ pub async fn watch(
                     info!("initial list of every watched kind complete");
                     announced = true;
                 }
-                publish(&store, &pending, &tx, &opts);
+                publish(&store, &pending, &tx, &opts, &mut failed_closed);
                 pending = Pending::default();
             }
         }
@@ -227,7 +233,13 @@ fn not_served(e: &watcher::Error) -> bool {
     )
 }
 
-fn publish(store: &Store, pending: &Pending, tx: &watch::Sender<Arc<Model>>, opts: &Options) {
+fn publish(
+    store: &Store,
+    pending: &Pending,
+    tx: &watch::Sender<Arc<Model>>,
+    opts: &Options,
+    failed_closed: &mut FailedClosed,
+) {
     if pending.rejections {
         if let Some(r) = &opts.rejections {
             r.send_replace(store.rejections());
@@ -238,6 +250,7 @@ fn publish(store: &Store, pending: &Pending, tx: &watch::Sender<Arc<Model>>, opt
     }
     match store.build() {
         Ok(model) => {
+            failed_closed.update(&model, opts);
             tx.send_replace(Arc::new(model));
             if let Some(m) = &opts.metrics {
                 m.config_loaded();
@@ -250,6 +263,50 @@ fn publish(store: &Store, pending: &Pending, tx: &watch::Sender<Arc<Model>>, opt
             }
             error!(error = %e, "model build failed; keeping the last published model");
         }
+    }
+}
+
+// === impl FailedClosed ===
+
+/// The refused policies of the last published model, to log when each starts and ends
+/// failing closed.
+#[derive(Default)]
+struct FailedClosed {
+    /// `(kind, namespace, name)`.
+    current: BTreeSet<(String, String, String)>,
+}
+
+impl FailedClosed {
+    fn update(&mut self, model: &Model, opts: &Options) {
+        let mut now = BTreeSet::new();
+        for r in &model.refused_policies {
+            let id = (
+                r.kind.as_str().to_string(),
+                r.namespace.clone(),
+                r.name.clone(),
+            );
+            if !self.current.contains(&id) {
+                warn!(
+                    kind = r.kind.as_str(),
+                    policy = %r.key(),
+                    effect = r.effect(),
+                    scope = ?r.scope,
+                    reason = %r.reason,
+                    "refused policy enforced fail closed until it is fixed or deleted"
+                );
+            }
+            now.insert(id);
+        }
+        for (kind, namespace, name) in self.current.difference(&now) {
+            warn!(kind, policy = %format!("{namespace}/{name}"), "refused policy no longer fails closed (fixed or deleted)");
+        }
+        if let Some(m) = &opts.metrics {
+            m.set_failed_closed(
+                now.iter()
+                    .map(|(k, ns, n)| (k.as_str(), ns.as_str(), n.as_str())),
+            );
+        }
+        self.current = now;
     }
 }
 

@@ -7,12 +7,18 @@
 //! had one) until a good version or its deletion arrives. That keeps one bad write from
 //! changing what others see, and in particular keeps a refused edit of a DENY policy from
 //! silently removing the policy.
+//!
+//! An AuthorizationPolicy or RequestAuthentication refused with *no* accepted version fails
+//! closed instead of being absent: the store keeps what can still be read of it
+//! ([`mesh_model::k8s::refused_policy`]) and the model carries it as a
+//! [`RefusedPolicy`], which the evaluations enforce (deny all / reject its tokens) until the
+//! object is fixed or deleted. A refused edit of an accepted one keeps the accepted version.
 
 use std::collections::BTreeMap;
 
 use kube::api::DynamicObject;
-use mesh_model::k8s::{load_docs, ConfigError};
-use mesh_model::model::Model;
+use mesh_model::k8s::{load_docs, refused_policy, ConfigError};
+use mesh_model::model::{Model, RefusedPolicy};
 
 use super::resources::{describe, document, file_name, Kind, ObjectKey};
 use super::Rejection;
@@ -25,12 +31,25 @@ struct Entry {
     refused: Option<Refused>,
 }
 
+impl Entry {
+    /// The fail-closed policy this object stands for: its refusal, when no version of it
+    /// was ever accepted.
+    fn fail_closed(&self) -> Option<&RefusedPolicy> {
+        match &self.accepted {
+            Some(_) => None,
+            None => self.refused.as_ref()?.fail_closed.as_ref(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Refused {
     /// The refused document, so that seeing the same version again (a re-list) is not
     /// counted as a new rejection.
     text: String,
     error: String,
+    /// What of the refused version can be read, for the kinds that fail closed.
+    fail_closed: Option<RefusedPolicy>,
 }
 
 type Objects = BTreeMap<ObjectKey, Entry>;
@@ -105,7 +124,7 @@ impl Store {
         let old = state.objects.get(&key).cloned().unwrap_or_default();
         let (entry, refused) = admit(&state.kind, &key, &old, obj);
         let change = Change {
-            model: entry.accepted != old.accepted,
+            model: entry.accepted != old.accepted || entry.fail_closed() != old.fail_closed(),
             rejections: entry.refused.as_ref().map(|r| &r.error)
                 != old.refused.as_ref().map(|r| &r.error),
             refused,
@@ -126,7 +145,7 @@ impl Store {
         match state.objects.remove(&ObjectKey::of(obj)) {
             None => Change::default(),
             Some(old) => Change {
-                model: old.accepted.is_some(),
+                model: old.accepted.is_some() || old.fail_closed().is_some(),
                 rejections: old.refused.is_some(),
                 refused: None,
             },
@@ -164,6 +183,11 @@ impl Store {
                 .filter_map(|(k, e)| e.accepted.as_ref().map(|t| (k.clone(), t.clone())))
                 .collect::<Vec<_>>()
         };
+        let fail_closed = |o: &Objects| {
+            o.values()
+                .filter_map(|e| e.fail_closed().cloned())
+                .collect::<Vec<_>>()
+        };
         let refused = |o: &Objects| {
             o.iter()
                 .filter_map(|(k, e)| e.refused.as_ref().map(|r| (k.clone(), r.error.clone())))
@@ -171,7 +195,9 @@ impl Store {
         };
         let change = Change {
             // The first list always produces a model, even an empty one.
-            model: !state.listed || accepted(&new) != accepted(&state.objects),
+            model: !state.listed
+                || accepted(&new) != accepted(&state.objects)
+                || fail_closed(&new) != fail_closed(&state.objects),
             rejections: refused(&new) != refused(&state.objects),
             refused: None,
         };
@@ -208,10 +234,21 @@ impl Store {
             .collect()
     }
 
-    /// The model of every accepted object. Each was accepted alone and the loader checks
-    /// nothing across objects but duplicates, which the keys rule out, so this only fails if
-    /// that ever changes; the caller then keeps its last model.
+    /// The model of every accepted object, with the refused policies that fail closed. Each
+    /// was accepted alone and the loader checks nothing across objects but duplicates, which
+    /// the keys rule out, so this only fails if that ever changes; the caller then keeps its
+    /// last model.
     pub(crate) fn build(&self) -> Result<Model, ConfigError> {
+        let refused: Vec<RefusedPolicy> = self
+            .kinds
+            .iter()
+            .flat_map(|state| {
+                state
+                    .objects
+                    .values()
+                    .filter_map(|e| e.fail_closed().cloned())
+            })
+            .collect();
         let docs: Vec<(String, String)> = self
             .kinds
             .iter()
@@ -222,7 +259,7 @@ impl Store {
                 })
             })
             .collect();
-        load_docs(&docs)
+        Ok(load_docs(&docs)?.with_refused_policies(refused))
     }
 }
 
@@ -269,11 +306,19 @@ fn admit(
                 object: describe(kind, key),
                 error: e.to_string(),
             };
+            let fail_closed = refused_policy(
+                &kind.resource.kind,
+                &key.namespace,
+                &key.name,
+                &text,
+                &rejection.error,
+            );
             let entry = Entry {
                 accepted: old.accepted.clone(),
                 refused: Some(Refused {
                     text,
                     error: rejection.error.clone(),
+                    fail_closed,
                 }),
             };
             (entry, Some(rejection))

@@ -95,6 +95,10 @@ pub enum JwtError {
     BadSignature,
     #[error("Jwks remote fetch is failed")]
     JwksUnavailable,
+    /// The token is one a RequestAuthentication the translator refused would have checked
+    /// (fail closed: `crate::policy::authn::refused_token`).
+    #[error("Jwt would be checked by RequestAuthentication {0}, which was refused")]
+    PolicyRefused(String),
 }
 
 impl JwtError {
@@ -113,6 +117,7 @@ impl JwtError {
             JwtError::UnknownKid => "unknown_kid",
             JwtError::BadSignature => "signature",
             JwtError::JwksUnavailable => "jwks_unavailable",
+            JwtError::PolicyRefused(_) => "policy_refused",
         }
     }
 }

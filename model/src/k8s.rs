@@ -29,6 +29,7 @@ mod destination_rule;
 mod gateway;
 mod grpc_route;
 mod jwt;
+mod refused;
 mod route;
 mod security;
 mod virtual_service;
@@ -50,6 +51,8 @@ use crate::model::{
     NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
 };
 use yaml::{FieldError, FieldResult, Node};
+
+pub use refused::refused_policy;
 
 /// Files larger than this are refused rather than parsed: the whole mesh configuration of a
 /// local cluster is a few hundred KiB, and a runaway file must not exhaust memory.

@@ -10,11 +10,14 @@ use serde::Serialize;
 use crate::identity::Identity;
 
 mod jwt;
+mod refused;
 mod route;
 mod traffic;
 mod waypoint;
 
 pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
+
+pub use refused::{deny_all, RefusedJwtRule, RefusedKind, RefusedPolicy, RefusedScope};
 
 pub use route::{
     AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters,
@@ -274,6 +277,9 @@ pub struct Model {
     /// DestinationRules, oldest first, then by namespace and name (see
     /// [`Model::destination_rule_for`]).
     pub destination_rules: Vec<DestinationRule>,
+    /// Policies the API-server source refused and never accepted, enforced fail closed
+    /// (see [`RefusedPolicy`]); always empty with the directory source.
+    pub refused_policies: Vec<RefusedPolicy>,
     #[serde(skip)]
     index: Index,
 }
@@ -293,6 +299,17 @@ pub struct ModelDump<'a> {
     pub request_authentications: &'a [RequestAuthentication],
     pub virtual_services: &'a [VirtualService],
     pub destination_rules: &'a [DestinationRule],
+    pub refused_policies: Vec<RefusedDump<'a>>,
+}
+
+/// A refused policy in `/config_dump`: the entry, what it does, and the workloads the node
+/// agent closes for it (`namespace/name`; targets are in its `scope`).
+#[derive(Debug, Serialize)]
+pub struct RefusedDump<'a> {
+    #[serde(flatten)]
+    pub policy: &'a RefusedPolicy,
+    pub effect: &'static str,
+    pub workloads: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -327,6 +344,7 @@ impl Model {
             virtual_services: Vec::new(),
             request_authentications: Vec::new(),
             destination_rules: Vec::new(),
+            refused_policies: Vec::new(),
             index: Index::default(),
         };
         m.reindex();
@@ -347,7 +365,31 @@ impl Model {
             request_authentications: &self.request_authentications,
             virtual_services: &self.virtual_services,
             destination_rules: &self.destination_rules,
+            refused_policies: self
+                .refused_policies
+                .iter()
+                .map(|r| RefusedDump {
+                    policy: r,
+                    effect: r.effect(),
+                    workloads: match (r.kind, &r.deny) {
+                        (RefusedKind::AuthorizationPolicy, Some(_)) => self
+                            .pods
+                            .values()
+                            .filter(|p| r.selects_pod(p))
+                            .map(|p| format!("{}/{}", p.namespace, p.name))
+                            .collect(),
+                        _ => Vec::new(),
+                    },
+                })
+                .collect(),
         }
+    }
+
+    /// The model with `refused` (policies the API-server source refused; see
+    /// [`RefusedPolicy`]), in the order given.
+    pub fn with_refused_policies(mut self, refused: Vec<RefusedPolicy>) -> Self {
+        self.refused_policies = refused;
+        self
     }
 
     /// The model with `gateways` (kept apart from [`Model::new`] so that its callers need

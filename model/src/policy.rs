@@ -42,6 +42,11 @@
 //!   do, they are evaluated on their own and reported in [`Evaluation::dry_run_denied`]: each
 //!   matching dry-run DENY, and every dry-run ALLOW when none of them matches.
 //! - Policies with `targetRefs` are for waypoints and do not apply at L4.
+//! - **Refused policies** (API-server source; [`crate::model::RefusedPolicy`]): an
+//!   AuthorizationPolicy the translator refused and that was never accepted is enforced as
+//!   a DENY of everything for the workloads it would select (the whole namespace when even
+//!   its selector cannot be read), until it is fixed or deleted. A refused AUDIT changes
+//!   nothing.
 
 use std::net::IpAddr;
 
@@ -134,10 +139,18 @@ fn is_workload_policy(pa: &PeerAuthentication) -> bool {
 /// namespace or the pod's namespace, without a selector or with one matching the pod's
 /// labels (a root-namespace selector selects in every namespace). Policies with `targetRefs`
 /// (waypoint policies) and CUSTOM policies are left out.
+///
+/// Refused policies that fail closed ([`crate::model::RefusedPolicy`]) come last, as the
+/// DENY matching everything they are enforced as, named after the refused object.
 pub fn policies_for<'a>(model: &'a Model, pod: &Pod) -> Vec<&'a AuthorizationPolicy> {
+    let refused = model
+        .refused_policies
+        .iter()
+        .filter_map(|r| r.deny.as_ref());
     model
         .authorization_policies
         .iter()
+        .chain(refused)
         .filter(|p| p.target_refs.is_empty() && p.action != Action::Custom)
         .filter(|p| p.namespace == ROOT_NAMESPACE || p.namespace == pod.namespace)
         .filter(|p| {

@@ -4,7 +4,8 @@
 //! - `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
 //!   `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total` with [`TcpLabels`];
 //! - `mesh_connections_refused_total{reporter,reason}`, `mesh_config_rejections_total{source}`,
-//!   `mesh_config_reloads_total`;
+//!   `mesh_config_reloads_total`, `mesh_policies_failed_closed{kind,namespace,name}` (1 for
+//!   each refused policy enforced fail closed);
 //! - `process_*` read from `/proc/self` at scrape time.
 //!
 //! [`ResponseFlag`] names why a connection or request was refused, in both binaries;
@@ -25,7 +26,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 mod flags;
@@ -114,6 +115,13 @@ struct SourceLabels {
     source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    kind: String,
+    namespace: String,
+    name: String,
+}
+
 /// All metrics of one process. Shared as `Arc<Metrics>`.
 pub struct Metrics {
     registry: Registry,
@@ -124,6 +132,7 @@ pub struct Metrics {
     refused: Family<RefusedLabels, Counter>,
     config_rejections: Family<SourceLabels, Counter>,
     config_reloads: Counter,
+    failed_closed: Family<PolicyLabels, Gauge>,
     /// One shared copy of every TCP label set seen (see [`Metrics::intern`]).
     interned: Mutex<HashSet<Arc<TcpLabels>>>,
 }
@@ -154,6 +163,7 @@ impl Metrics {
         let refused = Family::default();
         let config_rejections = Family::default();
         let config_reloads = Counter::default();
+        let failed_closed = Family::default();
         registry.register(
             "istio_tcp_connections_opened",
             "The total number of TCP connections opened",
@@ -189,6 +199,11 @@ impl Metrics {
             "Configurations loaded successfully",
             config_reloads.clone(),
         );
+        registry.register(
+            "mesh_policies_failed_closed",
+            "Refused policies enforced fail closed (deny all, or reject their tokens), by kind, namespace and name",
+            failed_closed.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         register(&mut registry);
         Arc::new(Metrics {
@@ -200,6 +215,7 @@ impl Metrics {
             refused,
             config_rejections,
             config_reloads,
+            failed_closed,
             interned: Mutex::default(),
         })
     }
@@ -264,6 +280,24 @@ impl Metrics {
     /// `mesh_config_reloads_total`.
     pub fn config_loaded(&self) {
         self.config_reloads.inc();
+    }
+
+    /// `mesh_policies_failed_closed{kind,namespace,name}`: exactly the `(kind, namespace,
+    /// name)` of `policies` read 1 (the previous set is replaced).
+    pub fn set_failed_closed<'a>(
+        &self,
+        policies: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) {
+        self.failed_closed.clear();
+        for (kind, namespace, name) in policies {
+            self.failed_closed
+                .get_or_create(&PolicyLabels {
+                    kind: kind.to_string(),
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                })
+                .set(1);
+        }
     }
 
     /// The whole registry in OpenMetrics text format, ending in `# EOF`.
@@ -344,6 +378,8 @@ pub struct Snapshot {
     pub config_rejections: Vec<(String, u64)>,
     /// `mesh_config_reloads_total`.
     pub config_reloads: u64,
+    /// `mesh_policies_failed_closed`: how many refused policies are enforced fail closed.
+    pub failed_closed: u64,
     pub process: ProcessSample,
 }
 
@@ -449,6 +485,7 @@ impl Snapshot {
                     snap.config_rejections.push((source, count()));
                 }
                 "mesh_config_reloads_total" => snap.config_reloads = count(),
+                "mesh_policies_failed_closed" => snap.failed_closed += count(),
                 "process_resident_memory_bytes" => snap.process.rss_bytes = Some(count()),
                 "process_cpu_seconds_total" => snap.process.cpu_seconds = Some(value),
                 "process_open_fds" => snap.process.open_fds = Some(count()),
@@ -1039,5 +1076,28 @@ mod tests {
             "Max open files            unlimited            unlimited            files\n",
             None,
         );
+    }
+
+    #[test]
+    fn failed_closed_policies_are_a_gauge_per_policy_replaced_as_a_set() {
+        let m = Metrics::new();
+        m.set_failed_closed([
+            ("AuthorizationPolicy", "app", "allow-web"),
+            ("RequestAuthentication", "app", "jwt"),
+        ]);
+        let text = m.encode();
+        let want = r#"mesh_policies_failed_closed{kind="AuthorizationPolicy",namespace="app",name="allow-web"} 1"#;
+        assert!(
+            text.lines().any(|l| l == want),
+            "missing {want:?} in\n{text}"
+        );
+        assert_eq!(m.snapshot().failed_closed, 2);
+
+        m.set_failed_closed([("RequestAuthentication", "app", "jwt")]);
+        let text = m.encode();
+        assert!(!text.contains("allow-web"), "{text}");
+        assert_eq!(m.snapshot().failed_closed, 1);
+        m.set_failed_closed([]);
+        assert_eq!(m.snapshot().failed_closed, 0);
     }
 }

@@ -4,7 +4,8 @@
 //! (or one whose `jwksUri` keys are not available: fail closed) → `401 Jwt verification
 //! fails` (flag `JWT`, `waypoint_jwt_rejected_total{reason}`); a valid one gives
 //! `request.auth.*` to the next phase, its header removed unless `forwardOriginalToken`, its
-//! payload written to `outputPayloadToHeader`.
+//! payload written to `outputPayloadToHeader`. A token a refused RequestAuthentication
+//! would have checked is a `401` too (fail closed, reason `policy_refused`).
 
 use std::sync::Arc;
 
@@ -12,7 +13,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use mesh_model::jwt::{Jwks, JwtError, RequestAuth, VERIFICATION_FAILED_BODY};
 use mesh_model::model::{JwksSource, Model, NamespacedName};
-use mesh_model::policy::authn::{self, output_headers, rules_for_waypoint, Denial, Outcome};
+use mesh_model::policy::authn::{
+    self, output_headers, refused_for_waypoint, rules_for_waypoint, Denial, Outcome,
+};
 use mesh_model::route::NormalizedPath;
 
 use super::{LocalReply, RequestContext};
@@ -63,6 +66,10 @@ pub fn authenticate(
     for name in output_headers(&rules) {
         // Only the waypoint writes these (RELIABILITY 26).
         headers.remove(name);
+    }
+    let refused = refused_for_waypoint(model, waypoint, service);
+    if let Some(denial) = authn::refused_token(&refused, headers, query) {
+        return Err(denial);
     }
     if rules.is_empty() {
         return Ok(None);

@@ -183,7 +183,7 @@ pub(super) fn authorization_policy(obj: &Node<'_>, meta: Meta) -> FieldResult<Au
 }
 
 /// Go's `strconv.ParseBool`, which Istio uses for the dry-run annotation.
-fn parse_go_bool(s: &str) -> Option<bool> {
+pub(super) fn parse_go_bool(s: &str) -> Option<bool> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),

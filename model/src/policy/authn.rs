@@ -17,13 +17,20 @@
 //! - A valid token yields [`RequestAuth`] (`iss/sub`, audiences, `azp`, claims); unless its
 //!   rule says `forwardOriginalToken`, the header it came in is removed, and
 //!   `outputPayloadToHeader` receives its payload.
+//! - **Refused RequestAuthentications** ([`crate::model::RefusedPolicy`], API-server source)
+//!   fail closed ([`refused_token`]): a request carrying a token one of them would have
+//!   checked (its issuer, where it would have looked; any token when the rules cannot be
+//!   read) is [`JwtError::PolicyRefused`] (401). Requests without such a token are unaffected.
 
 use std::sync::Arc;
 
 use http::HeaderMap;
 
 use crate::jwt::{Jwks, JwtError, RequestAuth, Token};
-use crate::model::{JwksSource, JwtRule, Model, NamespacedName};
+use crate::model::{
+    JwksSource, JwtRule, Model, NamespacedName, RefusedKind, RefusedPolicy, RefusedScope,
+    ROOT_NAMESPACE,
+};
 use crate::policy::l7::target_applies;
 
 /// Default token header and prefix (matched case-insensitively), and query parameter.
@@ -50,6 +57,69 @@ pub fn rules_for_waypoint<'a>(
         })
         .flat_map(|ra| ra.jwt_rules.iter())
         .collect()
+}
+
+/// The refused RequestAuthentications a waypoint `waypoint` applies to a request for
+/// `service`: those whose `targetRefs` attach as an accepted one's would, and those whose
+/// selection could not be read, for every Service of their namespace (of the mesh, from the
+/// root namespace).
+pub fn refused_for_waypoint<'a>(
+    model: &'a Model,
+    waypoint: &NamespacedName,
+    service: Option<&NamespacedName>,
+) -> Vec<&'a RefusedPolicy> {
+    model
+        .refused_policies
+        .iter()
+        .filter(|r| r.kind == RefusedKind::RequestAuthentication)
+        .filter(|r| match &r.scope {
+            RefusedScope::TargetRefs(refs) => refs
+                .iter()
+                .any(|t| target_applies(&r.namespace, t, waypoint, service)),
+            RefusedScope::Namespace => {
+                service.is_some_and(|s| r.namespace == ROOT_NAMESPACE || s.namespace == r.namespace)
+            }
+            RefusedScope::Selector(_) => false,
+        })
+        .collect()
+}
+
+/// The denial for a request that carries a token one of `refused` would have checked: a
+/// token found where a rule looks (its `fromHeaders`/`fromParams`, else the defaults)
+/// whose `iss` is the rule's issuer, or any token when the issuer cannot be read or the
+/// token cannot be decoded (a valid policy would have refused it too).
+pub fn refused_token(
+    refused: &[&RefusedPolicy],
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<Denial> {
+    for policy in refused {
+        for rule in &policy.tokens {
+            let defaults = rule.from_headers.is_empty() && rule.from_params.is_empty();
+            let mut tokens = Vec::new();
+            if defaults {
+                tokens.extend(header_tokens(headers, DEFAULT_HEADER, DEFAULT_PREFIX, true));
+                tokens.extend(param_tokens(query, DEFAULT_PARAM));
+            }
+            for h in &rule.from_headers {
+                tokens.extend(header_tokens(headers, &h.name, &h.prefix, false));
+            }
+            for p in &rule.from_params {
+                tokens.extend(param_tokens(query, p));
+            }
+            let checked = |raw: &&str| match (&rule.issuer, Token::decode(raw)) {
+                (Some(issuer), Ok(token)) => token.issuer() == Some(issuer.as_str()),
+                _ => true,
+            };
+            if tokens.iter().any(checked) {
+                return Some(Denial {
+                    error: JwtError::PolicyRefused(policy.key()),
+                    jwks_uri: None,
+                });
+            }
+        }
+    }
+    None
 }
 
 /// The `outputPayloadToHeader` names of `rules`: a client must never set them itself.

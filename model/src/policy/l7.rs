@@ -13,6 +13,11 @@
 //! Selector-based and namespace-wide policies (no `targetRefs`) are for ztunnel; a waypoint
 //! ignores them, as Istio's does.
 //!
+//! Refused policies that fail closed ([`crate::model::RefusedPolicy`]) follow the accepted
+//! ones: one with `targetRefs` attaches as above; one whose selection could not be read at
+//! all applies to every Service of its namespace (of the mesh, from the root namespace).
+//! Each is a DENY matching every request.
+//!
 //! Attribute semantics, where Istio's translation to Envoy RBAC defines them:
 //! - **Wildcards.** Principals, namespaces, request principals, hosts, methods, paths and
 //!   `when` values match exactly, `*` (any non-empty value), `prefix*` or `*suffix`. Paths
@@ -48,7 +53,7 @@ use crate::identity::Identity;
 use crate::jwt::RequestAuth;
 use crate::model::{
     parse_ip_or_cidr, Action, AuthorizationPolicy, Condition, Model, NamespacedName, Operation,
-    Rule, Source, TargetRef, ROOT_NAMESPACE,
+    RefusedScope, Rule, Source, TargetRef, ROOT_NAMESPACE,
 };
 
 /// Status a denied request is answered with.
@@ -92,14 +97,22 @@ pub fn policies_for_waypoint<'a>(
     waypoint: &NamespacedName,
     service: Option<&NamespacedName>,
 ) -> Vec<&'a AuthorizationPolicy> {
+    let attached = |p: &&AuthorizationPolicy| {
+        p.target_refs
+            .iter()
+            .any(|t| targets(p, t, waypoint, service))
+    };
+    let refused = model.refused_policies.iter().filter_map(|r| {
+        let deny = r.deny.as_ref()?;
+        let whole_namespace = r.scope == RefusedScope::Namespace
+            && service.is_some_and(|s| r.namespace == ROOT_NAMESPACE || s.namespace == r.namespace);
+        (whole_namespace || attached(&deny)).then_some(deny)
+    });
     model
         .authorization_policies
         .iter()
-        .filter(|p| {
-            p.target_refs
-                .iter()
-                .any(|t| targets(p, t, waypoint, service))
-        })
+        .filter(attached)
+        .chain(refused)
         .collect()
 }
 

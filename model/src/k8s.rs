@@ -702,3 +702,6 @@ mod virtual_service_tests;
 
 #[cfg(test)]
 mod grpc_route_tests;
+
+#[cfg(test)]
+mod refused_tests;

@@ -392,3 +392,6 @@ pub mod l7;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod refused_tests;

@@ -149,6 +149,8 @@ pub struct ConfigView {
     pub rejections_by_source: Vec<SourceCount>,
     /// Objects refused one by one (API server source), with the translator's error.
     pub rejected_objects: Vec<Rejection>,
+    /// `mesh_policies_failed_closed`: refused policies enforced fail closed (deny all).
+    pub failed_closed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -321,6 +323,7 @@ pub fn stats(s: &NodeState<'_>) -> Stats {
             .fold(0u64, |n, r| n.saturating_add(r.count)),
         rejections_by_source,
         rejected_objects: s.rejected_objects.to_vec(),
+        failed_closed: s.metrics.failed_closed,
     };
 
     Stats {
@@ -552,6 +555,7 @@ mod tests {
             ],
             config_rejections: vec![("local".into(), 2)],
             config_reloads: 3,
+            failed_closed: 1,
             process: ProcessSample {
                 rss_bytes: Some(12 << 20),
                 cpu_seconds: Some(1.25),
@@ -775,6 +779,7 @@ mod tests {
         );
         assert_eq!(s.config.reloads, 3);
         assert_eq!(s.config.rejections, 2);
+        assert_eq!(s.config.failed_closed, 1);
 
         // A start time in the future (clock step) gives no uptime rather than a huge one.
         let mut m = metrics();

@@ -443,4 +443,93 @@ mod tests {
         assert_eq!(store.relist_item(POD, &pod("10.0.0.5", None)), None);
         assert_eq!(store.relist_done(POD), Change::default());
     }
+
+    const AUTHZ: usize = 5;
+
+    /// AuthorizationPolicy `default/allow-web` selecting `app=web` with `rules`.
+    fn policy(rules: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "metadata": {"name": "allow-web", "namespace": "default"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "rules": rules},
+        }))
+        .expect("policy")
+    }
+
+    fn good() -> DynamicObject {
+        policy(json!([{"from": [{"source": {"namespaces": ["default"]}}]}]))
+    }
+
+    /// `principal` is not a field (`principals` is): the translator refuses it.
+    fn bad() -> DynamicObject {
+        policy(json!([{"from": [{"source": {"principal": ["x"]}}]}]))
+    }
+
+    /// `(accepted policies, fail-closed policies)` of the model, by name.
+    fn policies(store: &Store) -> (Vec<String>, Vec<String>) {
+        let model = store.build().expect("model");
+        (
+            model
+                .authorization_policies
+                .iter()
+                .map(|p| p.name.clone())
+                .collect(),
+            model.refused_policies.iter().map(|r| r.key()).collect(),
+        )
+    }
+
+    #[test]
+    fn a_new_refused_policy_fails_closed_until_fixed_or_deleted() {
+        let mut store = listed_store();
+        let change = store.apply(AUTHZ, &bad());
+        assert!(change.model, "a fail-closed entry changes the model");
+        assert!(change.rejections);
+        assert!(change.refused.is_some());
+        assert_eq!(
+            policies(&store),
+            (vec![], vec!["default/allow-web".to_string()])
+        );
+        let model = store.build().expect("model");
+        let refused = &model.refused_policies[0];
+        assert!(refused.deny.is_some());
+        assert!(refused.reason.contains("principal"), "{}", refused.reason);
+        assert_eq!(
+            store.apply(AUTHZ, &bad()),
+            Change::default(),
+            "same version"
+        );
+
+        // Fixed: the accepted policy replaces the fail-closed entry.
+        let change = store.apply(AUTHZ, &good());
+        assert!(change.model && change.rejections);
+        assert_eq!(policies(&store), (vec!["allow-web".to_string()], vec![]));
+
+        // Refused again: now an edit of an accepted policy, which keeps that version.
+        let change = store.apply(AUTHZ, &bad());
+        assert!(!change.model, "the last accepted version stays");
+        assert!(change.rejections);
+        assert_eq!(policies(&store), (vec!["allow-web".to_string()], vec![]));
+
+        // Deleted: the policy and its refusal are gone.
+        let change = store.delete(AUTHZ, &bad());
+        assert!(change.model && change.rejections);
+        assert_eq!(policies(&store), (vec![], vec![]));
+
+        // A new refused version after the delete fails closed again; deleting it opens.
+        assert!(store.apply(AUTHZ, &bad()).model);
+        assert_eq!(policies(&store).1.len(), 1);
+        assert!(store.delete(AUTHZ, &bad()).model);
+        assert_eq!(policies(&store), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_relist_carries_refused_policies_and_drops_them_when_gone() {
+        let mut store = listed_store();
+        store.relist_start(AUTHZ);
+        assert!(store.relist_item(AUTHZ, &bad()).is_some());
+        assert!(store.relist_done(AUTHZ).model);
+        assert_eq!(policies(&store).1, vec!["default/allow-web".to_string()]);
+        store.relist_start(AUTHZ);
+        assert!(store.relist_done(AUTHZ).model);
+        assert_eq!(policies(&store), (vec![], vec![]));
+    }
 }

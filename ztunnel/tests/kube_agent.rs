@@ -28,12 +28,19 @@ const NODE: &str = "kn1";
 struct Agent {
     child: std::sync::Mutex<Child>,
     admin: SocketAddr,
+    metrics: SocketAddr,
     readiness: SocketAddr,
     log: std::path::PathBuf,
 }
 
 impl Agent {
     fn start(dir: &Path, kubeconfig: &Path, marker: &str) -> Result<Agent> {
+        Self::start_with(dir, kubeconfig, marker, "none")
+    }
+
+    /// With `--redirect <redirect>` (`none`: pods in namespaces; `loopback`: pods are
+    /// addresses here, clients name their destination over SOCKS5).
+    fn start_with(dir: &Path, kubeconfig: &Path, marker: &str, redirect: &str) -> Result<Agent> {
         let [admin, metrics, readiness] = free_ports()?;
         let log = dir.join("ztunnel.log");
         let out = std::fs::File::create(&log)?;
@@ -43,7 +50,7 @@ impl Agent {
             .args(["--node-name", NODE, "--config-source", "kube"])
             .arg("--ca-dir")
             .arg(&ca)
-            .args(["--redirect", "none"])
+            .args(["--redirect", redirect])
             .args(["--admin-addr", &admin.to_string()])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--readiness-addr", &readiness.to_string()])
@@ -60,6 +67,7 @@ impl Agent {
         Ok(Agent {
             child: std::sync::Mutex::new(child),
             admin,
+            metrics,
             readiness,
             log,
         })
@@ -274,4 +282,165 @@ async fn the_agent_serves_its_nodes_pods_from_the_api_server() -> Result<()> {
     drop(agent);
     pod_ns.kill_processes();
     Ok(())
+}
+
+/// The agent's `mesh_policies_failed_closed` samples (`name{labels} value` lines).
+async fn failed_closed_metric(agent: &Agent) -> Result<Vec<String>> {
+    let (code, body) = get(agent.metrics, "/metrics").await?;
+    if code != 200 {
+        bail!("/metrics answered {code}");
+    }
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("mesh_policies_failed_closed{"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// An AuthorizationPolicy `default/allow-web` for `app=web` with `action` and `rules`.
+fn web_policy(action: &str, rules: Value) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "allow-web", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": action, "rules": rules}})
+}
+
+/// Whether plaintext from `src` reaches `web`'s application through its agent (SOCKS5 on
+/// its 15006, where capture would send it) and echoes intact.
+async fn reaches(src: std::net::Ipv4Addr, web: SocketAddr) -> bool {
+    use support::agents::{dial, roundtrip, socks5_connect, Dest};
+    let payload = format!("ping from {src}");
+    let inbound = SocketAddr::new(web.ip(), 15006);
+    let Ok(tcp) = dial(src.into(), inbound).await else {
+        return false;
+    };
+    match socks5_connect(tcp, &Dest::Addr(web)).await {
+        Ok(mut tcp) => roundtrip(&mut tcp, payload.as_bytes())
+            .await
+            .is_ok_and(|back| back == payload.as_bytes()),
+        Err(_) => false,
+    }
+}
+
+/// A *new* AuthorizationPolicy the translator refuses must not leave its workloads open:
+/// they deny all until the policy is fixed (then it applies) or deleted (then they are open
+/// again). Real TCP through the agent (`--redirect loopback`: the pod is an address here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_new_policy_closes_its_workloads_until_fixed_or_deleted() -> Result<()> {
+    use support::agents::{closed, exchange, Echo};
+    let marker = prefix();
+    let dir = tempfile::tempdir()?;
+    let net = |last| std::net::Ipv4Addr::new(127, (std::process::id() % 254) as u8 + 1, 250, last);
+    let web = SocketAddr::new(net(10).into(), 8080);
+    let (client, stranger) = (net(20), net(21));
+    let _echo = Echo::start(web).await?;
+
+    let server = FakeApiServer::start().await?;
+    server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "default", "labels": {"istio.io/dataplane-mode": "ambient"}}}))?;
+    server.apply(pod("web", NODE, &web.ip().to_string(), None))?;
+    let kubeconfig = server.write_kubeconfig(dir.path())?;
+    let agent = Agent::start_with(dir.path(), &kubeconfig, &marker, "loopback")?;
+    agent
+        .eventually("the agent is ready", || agent.ready())
+        .await?;
+
+    info!("no policy: web is open");
+    assert!(reaches(client, web).await, "{}", agent.log_text());
+    assert!(reaches(stranger, web).await);
+    let mut open = socks5_connect_plain(client, web).await?;
+    assert_eq!(exchange(&mut open, b"before").await?, b"before");
+
+    info!("a new ALLOW policy with a misspelt field is refused: web denies all");
+    let misspelt = json!([{"from": [{"source": {"ipBlock": [client.to_string()]}}]}]);
+    server.apply(web_policy("ALLOW", misspelt))?;
+    agent
+        .eventually("the refused policy shows in config_dump", || async {
+            let dump = agent.config_dump().await?;
+            let r = &dump["model"]["refused_policies"][0];
+            Ok(r["name"] == "allow-web"
+                && r["effect"] == "deny_all"
+                && r["workloads"] == json!(["default/web"])
+                && r["reason"].as_str().is_some_and(|e| e.contains("ipBlock")))
+        })
+        .await?;
+    assert!(
+        closed(&mut open).await,
+        "the open connection is closed by the re-check"
+    );
+    assert!(
+        !reaches(client, web).await,
+        "denied while the policy is refused"
+    );
+    assert!(!reaches(stranger, web).await);
+    assert_eq!(
+        failed_closed_metric(&agent).await?,
+        [
+            r#"mesh_policies_failed_closed{kind="AuthorizationPolicy",namespace="default",name="allow-web"} 1"#
+        ]
+    );
+    assert!(agent
+        .log_text()
+        .contains("refused policy enforced fail closed"));
+
+    info!("fixed: the policy applies as written");
+    let fixed = json!([{"from": [{"source": {"ipBlocks": [client.to_string()]}}]}]);
+    server.apply(web_policy("ALLOW", fixed))?;
+    agent
+        .eventually("client is allowed", || async {
+            Ok(reaches(client, web).await)
+        })
+        .await?;
+    assert!(
+        !reaches(stranger, web).await,
+        "the fixed ALLOW does not name it"
+    );
+    assert!(failed_closed_metric(&agent).await?.is_empty());
+    let dump = agent.config_dump().await?;
+    assert_eq!(dump["model"]["refused_policies"], json!([]));
+
+    info!("refused again: an edit of an accepted policy keeps the accepted version");
+    let misspelt = json!([{"from": [{"source": {"ipBlock": [stranger.to_string()]}}]}]);
+    server.apply(web_policy("ALLOW", misspelt))?;
+    agent
+        .eventually("the refusal shows", || async {
+            let dump = agent.config_dump().await?;
+            Ok(dump["config_rejections"][0]["object"] == "AuthorizationPolicy default/allow-web")
+        })
+        .await?;
+    assert!(reaches(client, web).await);
+    assert!(!reaches(stranger, web).await);
+
+    info!("deleted: web is open again");
+    server.delete("AuthorizationPolicy", "default", "allow-web")?;
+    agent
+        .eventually("stranger is allowed", || async {
+            Ok(reaches(stranger, web).await)
+        })
+        .await?;
+    assert!(agent
+        .log_text()
+        .contains("refused policy no longer fails closed"));
+
+    info!("a refused AUDIT policy changes nothing");
+    let misspelt = json!([{"from": [{"source": {"ipBlock": [client.to_string()]}}]}]);
+    server.apply(web_policy("AUDIT", misspelt))?;
+    agent
+        .eventually("the AUDIT refusal shows", || async {
+            let dump = agent.config_dump().await?;
+            Ok(dump["model"]["refused_policies"][0]["effect"] == "none")
+        })
+        .await?;
+    assert!(reaches(client, web).await);
+    assert!(reaches(stranger, web).await);
+    Ok(())
+}
+
+/// A plaintext connection from `src` to `web` through its agent, left open.
+async fn socks5_connect_plain(
+    src: std::net::Ipv4Addr,
+    web: SocketAddr,
+) -> Result<tokio::net::TcpStream> {
+    use support::agents::{dial, socks5_connect, Dest};
+    let tcp = dial(src.into(), SocketAddr::new(web.ip(), 15006)).await?;
+    socks5_connect(tcp, &Dest::Addr(web)).await
 }

@@ -499,7 +499,7 @@ fn init_logging() {
 // === clients ===
 
 /// A TCP connection from `src` to `dst`.
-async fn dial(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
+pub async fn dial(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(src, 0))?;
     let tcp = tokio::time::timeout(EVENTUALLY, sock.connect(dst))
@@ -511,7 +511,7 @@ async fn dial(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
 }
 
 /// The client side of RFC 1928: no authentication, CONNECT to `dst`.
-async fn socks5_connect(mut tcp: TcpStream, dst: &Dest) -> Result<TcpStream> {
+pub async fn socks5_connect(mut tcp: TcpStream, dst: &Dest) -> Result<TcpStream> {
     tcp.write_all(&[5, 1, 0]).await?;
     let mut chosen = [0u8; 2];
     tcp.read_exact(&mut chosen).await.context("socks5 method")?;
@@ -606,7 +606,7 @@ pub struct Echo {
 }
 
 impl Echo {
-    async fn start(addr: SocketAddr) -> Result<Echo> {
+    pub async fn start(addr: SocketAddr) -> Result<Echo> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("bind echo {addr}"))?;

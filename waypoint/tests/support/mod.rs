@@ -174,6 +174,26 @@ impl Mesh {
     /// The shared topology plus `yaml` (the test's policies, routes...), the backends, and
     /// the waypoint, ready.
     pub async fn start(yaml: &str) -> Result<Mesh> {
+        Self::start_from(yaml, None).await
+    }
+
+    /// Like [`Mesh::start`], with the waypoint reading the same objects from `server` (a fake
+    /// API server; `--config-source kube`), and ready. Sets `KUBECONFIG` for the whole
+    /// process: one such mesh per test binary.
+    pub async fn start_kube(server: &e2e::apiserver::FakeApiServer, yaml: &str) -> Result<Mesh> {
+        let mesh = Self::start_from(yaml, Some(server)).await?;
+        let deadline = Instant::now() + EVENTUALLY;
+        while mesh.ready().await? != 200 {
+            anyhow::ensure!(Instant::now() < deadline, "the waypoint never got ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(mesh)
+    }
+
+    async fn start_from(
+        yaml: &str,
+        server: Option<&e2e::apiserver::FakeApiServer>,
+    ) -> Result<Mesh> {
         let ip = next_subnet();
         let dir = tempfile::tempdir()?;
         let (config_dir, ca_dir) = (dir.path().join("config"), dir.path().join("ca"));
@@ -183,7 +203,23 @@ impl Mesh {
             docs.push_str("---\n");
             docs.push_str(yaml);
         }
-        std::fs::write(config_dir.join("mesh.yaml"), docs)?;
+        let kube = match server {
+            None => {
+                std::fs::write(config_dir.join("mesh.yaml"), docs)?;
+                None
+            }
+            Some(server) => {
+                let files = [("mesh.yaml".to_string(), docs)];
+                let (_, objects) = mesh_model::k8s::load_docs_with_sources(&files)?;
+                for obj in objects {
+                    server.apply(serde_json::to_value(&obj.value)?)?;
+                }
+                Some(server.write_kubeconfig(dir.path())?)
+            }
+        };
+        if let Some(kubeconfig) = &kube {
+            std::env::set_var("KUBECONFIG", kubeconfig);
+        }
         // The CA the waypoint loads from `--ca-dir`, written first so both sides share it.
         let ca = Arc::new(Ca::load_or_create(&ca_dir, TRUST_DOMAIN)?);
         let certs = CertManager::new(ca, Duration::from_secs(3600));
@@ -192,7 +228,7 @@ impl Mesh {
             hbone_server(ip(last), certs.clone()).await?;
         }
         let app = waypoint::app::start(
-            waypoint_config(&config_dir, &ca_dir, ip(WAYPOINT)),
+            waypoint_config(&config_dir, &ca_dir, ip(WAYPOINT), kube.is_some()),
             Control::default(),
         )
         .await?;
@@ -267,6 +303,13 @@ impl Mesh {
         self.counted("istio_requests_total", &all, want).await
     }
 
+    /// The waypoint's `/config_dump`.
+    pub async fn config_dump(&self) -> Result<Value> {
+        let (status, body) = admin(self.app.addrs.endpoints.admin, "GET", "/config_dump").await?;
+        anyhow::ensure!(status == 200, "/config_dump: {status} {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
     /// The readiness listener's answer to `GET /healthz/ready`.
     pub async fn ready(&self) -> Result<u16> {
         Ok(
@@ -295,14 +338,20 @@ fn waypoint_config(
     config_dir: &std::path::Path,
     ca_dir: &std::path::Path,
     ip: Ipv4Addr,
+    kube: bool,
 ) -> waypoint::config::Config {
     // Every listener on the waypoint pod's address, on a port the kernel picks.
     let any = format!("{ip}:0");
+    let source = if kube {
+        "--config-source=kube".to_string()
+    } else {
+        format!("--config-dir={}", config_dir.display())
+    };
     let args = waypoint::config::Args::parse_from([
         "waypoint",
         "--name=wp",
         "--namespace=app",
-        &format!("--config-dir={}", config_dir.display()),
+        &source,
         &format!("--ca-dir={}", ca_dir.display()),
         &format!("--hbone-addr={any}"),
         &format!("--admin-addr={any}"),

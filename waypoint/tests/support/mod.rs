@@ -179,7 +179,8 @@ impl Mesh {
 
     /// Like [`Mesh::start`], with the waypoint reading the same objects from `server` (a fake
     /// API server; `--config-source kube`), and ready. Sets `KUBECONFIG` for the whole
-    /// process: one such mesh per test binary.
+    /// process: one such mesh per test binary (`kube_policy.rs`).
+    #[allow(dead_code)]
     pub async fn start_kube(server: &e2e::apiserver::FakeApiServer, yaml: &str) -> Result<Mesh> {
         let mesh = Self::start_from(yaml, Some(server)).await?;
         let deadline = Instant::now() + EVENTUALLY;
@@ -304,6 +305,7 @@ impl Mesh {
     }
 
     /// The waypoint's `/config_dump`.
+    #[allow(dead_code)]
     pub async fn config_dump(&self) -> Result<Value> {
         let (status, body) = admin(self.app.addrs.endpoints.admin, "GET", "/config_dump").await?;
         anyhow::ensure!(status == 200, "/config_dump: {status} {body}");

@@ -307,13 +307,9 @@ fn web_policy(action: &str, rules: Value) -> Value {
 /// Whether plaintext from `src` reaches `web`'s application through its agent (SOCKS5 on
 /// its 15006, where capture would send it) and echoes intact.
 async fn reaches(src: std::net::Ipv4Addr, web: SocketAddr) -> bool {
-    use support::agents::{dial, roundtrip, socks5_connect, Dest};
+    use support::agents::roundtrip;
     let payload = format!("ping from {src}");
-    let inbound = SocketAddr::new(web.ip(), 15006);
-    let Ok(tcp) = dial(src.into(), inbound).await else {
-        return false;
-    };
-    match socks5_connect(tcp, &Dest::Addr(web)).await {
+    match socks5_connect_plain(src, web).await {
         Ok(mut tcp) => roundtrip(&mut tcp, payload.as_bytes())
             .await
             .is_ok_and(|back| back == payload.as_bytes()),

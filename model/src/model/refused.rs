@@ -21,7 +21,8 @@
 use serde::Serialize;
 
 use super::{
-    selector_matches, AuthorizationPolicy, JwtHeader, Labels, Pod, TargetRef, ROOT_NAMESPACE,
+    selector_matches, AuthorizationPolicy, JwtHeader, Labels, NamespacedName, Pod, TargetRef,
+    ROOT_NAMESPACE,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -95,6 +96,14 @@ impl RefusedPolicy {
             (RefusedKind::RequestAuthentication, _) if self.tokens.is_empty() => "none",
             (RefusedKind::RequestAuthentication, _) => "reject_tokens",
         }
+    }
+
+    /// Whether its selection could not be read and `service` is in its namespace (any
+    /// namespace, from the root namespace): a waypoint then enforces it for that Service.
+    pub fn covers_service(&self, service: Option<&NamespacedName>) -> bool {
+        self.scope == RefusedScope::Namespace
+            && service
+                .is_some_and(|s| self.namespace == ROOT_NAMESPACE || s.namespace == self.namespace)
     }
 
     /// Whether the node agent enforces it for `pod` (selector or namespace scope).

@@ -29,9 +29,8 @@ use http::HeaderMap;
 use crate::jwt::{Jwks, JwtError, RequestAuth, Token};
 use crate::model::{
     JwksSource, JwtRule, Model, NamespacedName, RefusedKind, RefusedPolicy, RefusedScope,
-    ROOT_NAMESPACE,
 };
-use crate::policy::l7::target_applies;
+use crate::policy::l7::attached;
 
 /// Default token header and prefix (matched case-insensitively), and query parameter.
 pub const DEFAULT_HEADER: &str = "authorization";
@@ -50,11 +49,7 @@ pub fn rules_for_waypoint<'a>(
     model
         .request_authentications
         .iter()
-        .filter(|ra| {
-            ra.target_refs
-                .iter()
-                .any(|t| target_applies(&ra.namespace, t, waypoint, service))
-        })
+        .filter(|ra| attached(&ra.namespace, &ra.target_refs, waypoint, service))
         .flat_map(|ra| ra.jwt_rules.iter())
         .collect()
 }
@@ -73,12 +68,8 @@ pub fn refused_for_waypoint<'a>(
         .iter()
         .filter(|r| r.kind == RefusedKind::RequestAuthentication)
         .filter(|r| match &r.scope {
-            RefusedScope::TargetRefs(refs) => refs
-                .iter()
-                .any(|t| target_applies(&r.namespace, t, waypoint, service)),
-            RefusedScope::Namespace => {
-                service.is_some_and(|s| r.namespace == ROOT_NAMESPACE || s.namespace == r.namespace)
-            }
+            RefusedScope::TargetRefs(refs) => attached(&r.namespace, refs, waypoint, service),
+            RefusedScope::Namespace => r.covers_service(service),
             RefusedScope::Selector(_) => false,
         })
         .collect()

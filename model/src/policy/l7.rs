@@ -53,7 +53,7 @@ use crate::identity::Identity;
 use crate::jwt::RequestAuth;
 use crate::model::{
     parse_ip_or_cidr, Action, AuthorizationPolicy, Condition, Model, NamespacedName, Operation,
-    RefusedScope, Rule, Source, TargetRef, ROOT_NAMESPACE,
+    Rule, Source, TargetRef, ROOT_NAMESPACE,
 };
 
 /// Status a denied request is answered with.
@@ -97,32 +97,18 @@ pub fn policies_for_waypoint<'a>(
     waypoint: &NamespacedName,
     service: Option<&NamespacedName>,
 ) -> Vec<&'a AuthorizationPolicy> {
-    let attached = |p: &&AuthorizationPolicy| {
-        p.target_refs
-            .iter()
-            .any(|t| targets(p, t, waypoint, service))
-    };
+    let targeted =
+        |p: &&AuthorizationPolicy| attached(&p.namespace, &p.target_refs, waypoint, service);
     let refused = model.refused_policies.iter().filter_map(|r| {
         let deny = r.deny.as_ref()?;
-        let whole_namespace = r.scope == RefusedScope::Namespace
-            && service.is_some_and(|s| r.namespace == ROOT_NAMESPACE || s.namespace == r.namespace);
-        (whole_namespace || attached(&deny)).then_some(deny)
+        (r.covers_service(service) || targeted(&deny)).then_some(deny)
     });
     model
         .authorization_policies
         .iter()
-        .filter(attached)
+        .filter(targeted)
         .chain(refused)
         .collect()
-}
-
-fn targets(
-    policy: &AuthorizationPolicy,
-    target: &TargetRef,
-    waypoint: &NamespacedName,
-    service: Option<&NamespacedName>,
-) -> bool {
-    target_applies(&policy.namespace, target, waypoint, service)
 }
 
 /// Whether `target`, in an object of namespace `namespace`, attaches it to waypoint
@@ -146,6 +132,18 @@ pub fn target_applies(
         }
         _ => false,
     }
+}
+
+/// Whether any of `refs`, in an object of namespace `namespace`, attaches it to waypoint
+/// `waypoint` for a request to `service` ([`target_applies`]).
+pub fn attached(
+    namespace: &str,
+    refs: &[TargetRef],
+    waypoint: &NamespacedName,
+    service: Option<&NamespacedName>,
+) -> bool {
+    refs.iter()
+        .any(|t| target_applies(namespace, t, waypoint, service))
 }
 
 /// The core API group may be written `""` or `core`.

@@ -372,12 +372,16 @@ impl Model {
                     policy: r,
                     effect: r.effect(),
                     workloads: match (r.kind, &r.deny) {
-                        (RefusedKind::AuthorizationPolicy, Some(_)) => self
-                            .pods
-                            .values()
-                            .filter(|p| r.selects_pod(p))
-                            .map(|p| format!("{}/{}", p.namespace, p.name))
-                            .collect(),
+                        // A CUSTOM is the waypoint's: the agent closes no workload for it.
+                        (RefusedKind::AuthorizationPolicy, Some(d))
+                            if d.action != Action::Custom =>
+                        {
+                            self.pods
+                                .values()
+                                .filter(|p| r.selects_pod(p))
+                                .map(|p| format!("{}/{}", p.namespace, p.name))
+                                .collect()
+                        }
                         _ => Vec::new(),
                     },
                 })

@@ -10,7 +10,9 @@ use serde_yaml::Value;
 use super::security::{parse_go_bool, target_ref, workload_selector};
 use super::yaml::Node;
 use super::DRY_RUN_ANNOTATION;
-use crate::model::{deny_all, JwtHeader, RefusedJwtRule, RefusedKind, RefusedPolicy, RefusedScope};
+use crate::model::{
+    deny_all, Action, JwtHeader, RefusedJwtRule, RefusedKind, RefusedPolicy, RefusedScope,
+};
 
 /// The fail-closed entry for an object of kind `kind` (as the API names it) refused as
 /// `namespace/name` because of `reason`, from its document `text` (YAML). `None` for kinds
@@ -61,10 +63,15 @@ pub fn refused_policy(
                     Err(_) => None,
                 },
             };
-            // AUDIT never decides; every other action (or none readable) closes.
+            // AUDIT never decides; every other action (or none readable) closes. CUSTOM
+            // stays CUSTOM, so it is enforced where an accepted one is: by the waypoint
+            // (which denies a CUSTOM it matches), not by the node agent (which ignores it).
             if action != Some("AUDIT") {
-                let dry_run = dry_run(&root);
-                refused.deny = Some(deny_all(namespace, name, &refused.scope, dry_run));
+                let mut deny = deny_all(namespace, name, &refused.scope, dry_run(&root));
+                if action == Some("CUSTOM") {
+                    deny.action = Action::Custom;
+                }
+                refused.deny = Some(deny);
             }
         }
         RefusedKind::RequestAuthentication => {

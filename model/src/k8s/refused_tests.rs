@@ -28,7 +28,9 @@ fn check_ap(case: &str, annotations: &str, spec: &str, want: Deny) {
     assert!(got.reason.contains("spec"), "{case}: {}", got.reason);
     assert!(got.tokens.is_empty(), "{case}");
     let deny = got.deny.as_ref().map(|d| {
-        assert_eq!(d.action, Action::Deny, "{case}");
+        let custom = spec.contains("CUSTOM");
+        let action = if custom { Action::Custom } else { Action::Deny };
+        assert_eq!(d.action, action, "{case}");
         assert_eq!(d.rules.len(), 1, "{case}: one empty rule");
         assert!(
             d.rules[0].from.is_empty() && d.rules[0].to.is_empty() && d.rules[0].when.is_empty()
@@ -114,7 +116,7 @@ fn refused_authorization_policies_deny_what_they_would_select() {
         None,
     );
     check_ap(
-        "CUSTOM is a check that cannot be made: deny",
+        "CUSTOM stays CUSTOM: denies where a CUSTOM is enforced (the waypoint)",
         "",
         &format!("{{action: CUSTOM, selector: {{matchLabels: {{app: web}}}}, {BAD_RULES}}}"),
         Some((web(), false)),

@@ -7,10 +7,12 @@
 //! can still be read) and the evaluations treat it as what it is: a policy whose rules are
 //! not known.
 //!
-//! - An AuthorizationPolicy (ALLOW, DENY, CUSTOM, or an action that cannot be read) denies
+//! - An AuthorizationPolicy (ALLOW, DENY, or an action that cannot be read) denies
 //!   everything to what it selects ([`RefusedPolicy::deny`]: a DENY with one empty rule,
 //!   named after the refused object), enforced where an accepted policy of the same shape
 //!   would be (selector: the node agent; `targetRefs`: the waypoint). AUDIT changes nothing.
+//!   CUSTOM stays a CUSTOM with one empty rule: the waypoint denies everything for it, and
+//!   the node agent ignores it, as it ignores an accepted CUSTOM.
 //! - A RequestAuthentication rejects the tokens it would have checked
 //!   ([`RefusedPolicy::tokens`], see [`crate::policy::authn::refused_token`]).
 //! - When even the selection cannot be read, the whole namespace ([`RefusedScope::Namespace`];

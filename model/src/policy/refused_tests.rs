@@ -145,6 +145,20 @@ fn a_refused_policy_denies_what_it_would_select_where_an_accepted_one_is_enforce
             denied("istio-system/bad"),
         ),
         (
+            "CUSTOM with a selector: ignored by the agent, as an accepted one",
+            "shop",
+            format!("{{action: CUSTOM, selector: {{matchLabels: {{app: web}}}}, {BAD_RULES}}}"),
+            Decision::Allow,
+            Decision::Allow,
+        ),
+        (
+            "CUSTOM on the Service: the waypoint denies",
+            "shop",
+            format!("{{action: CUSTOM, targetRefs: [{{kind: Service, name: web}}], {BAD_RULES}}}"),
+            Decision::Allow,
+            denied("shop/bad"),
+        ),
+        (
             "AUDIT: nothing",
             "shop",
             format!("{{action: AUDIT, {BAD_RULES}}}"),

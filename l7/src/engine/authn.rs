@@ -182,4 +182,34 @@ mod tests {
         assert_eq!(got, Ok(None));
         assert!(h.get("authorization").is_some());
     }
+
+    #[test]
+    fn a_refused_request_authentication_401s_the_tokens_it_would_check() {
+        // `timeout` is not supported: the translator refuses the whole object.
+        let text = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n\
+                    metadata: {name: jwt, namespace: app}\n\
+                    spec:\n  targetRefs: [{kind: Service, name: web}]\n  \
+                    jwtRules: [{issuer: \"https://issuer\", jwksUri: \"https://k\", timeout: 5s}]\n";
+        let refused = mesh_model::k8s::refused_policy(
+            "RequestAuthentication",
+            "app",
+            "jwt",
+            text,
+            "jwtRules[0].timeout: not supported",
+        )
+        .expect("fails closed");
+        let m = model(&[]).with_refused_policies(vec![refused]);
+        // {"alg":"RS256"} . {"iss":"https://issuer"} . "sig"
+        const TOKEN: &str = "Bearer eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJodHRwczovL2lzc3VlciJ9.c2ln";
+        let (got, _) = check(&m, "web", &[("authorization", TOKEN)]);
+        let denial = got.expect_err("refused");
+        assert_eq!(denial.error.reason(), "policy_refused");
+        assert_eq!(rejection(&denial).status, 401);
+        assert_eq!(check(&m, "web", &[]).0, Ok(None), "no token: unaffected");
+        assert_eq!(
+            check(&m, "api", &[("authorization", TOKEN)]).0,
+            Ok(None),
+            "another Service"
+        );
+    }
 }

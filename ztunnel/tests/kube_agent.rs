@@ -4,6 +4,11 @@
 //! processes, as in a cluster with `hostPID`. The agent runs in this namespace on loopback
 //! ports chosen here (`--redirect none`: no capture rules); the pod is a namespace this test
 //! creates. Needs root.
+//!
+//! The fail-closed test runs the agent with `--redirect loopback` instead (no root): the pod
+//! is an address here, and plaintext reaches it over SOCKS5 on its 15006 through the agent's
+//! real policy path: a refused new policy closes it (open connections too) until fixed or
+//! deleted.
 
 mod support;
 

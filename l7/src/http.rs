@@ -93,7 +93,14 @@ async fn handle(
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let model = inputs.model.load_full();
-    let mut rq = downstream::accept(parts, ctx, &model, downstream_h2, started);
+    let mut rq = downstream::accept(
+        parts,
+        ctx,
+        &model,
+        downstream_h2,
+        started,
+        inputs.cfg.num_trusted_proxies,
+    );
     match phases(&mut rq, body, model, ctx, inputs).await {
         Ok(fwd) => response::respond(rq, fwd, &inputs.http_metrics),
         Err(reply) => reply.render(rq, &inputs.http_metrics),
@@ -114,6 +121,7 @@ async fn phases(
     };
     let resolved = ctx.target.lookup(&model, scope.trust_domain);
     rq.labels.service = resolved.as_ref().and_then(|r| r.service).cloned();
+    downstream::verdict(rq)?;
     let path = downstream::normalize(rq)?;
     let auth = authn::run(&model, scope.gateway, inputs, ctx, rq, &path)?;
     authz::run(

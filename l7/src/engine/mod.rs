@@ -34,6 +34,7 @@
 //! authenticated principal, the [`route::RoutePlan`], the [`select::Selection`] and the
 //! [`attempts::AttemptPlan`].
 
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,8 +75,13 @@ pub struct Scope<'a> {
 /// downstream phase read from it, and what its metrics and access-log line are made of.
 pub struct RequestContext {
     pub parts: Parts,
-    /// `:authority` or `Host`, else the CONNECT authority.
+    /// The request's one authority (see [`downstream`]): absolute-form target or
+    /// `:authority`, else `Host`, else the CONNECT authority.
     pub authority: String,
+    /// Why the request must be refused before any other phase sees it (see [`downstream`]).
+    pub malformed: Option<String>,
+    /// The client address for `remote.ip` / `remoteIpBlocks` ([`downstream::remote_ip`]).
+    pub remote_ip: IpAddr,
     /// The request target as received (before normalisation).
     pub raw_target: String,
     /// Whether the request is gRPC by its `content-type` (local replies are gRPC-shaped).

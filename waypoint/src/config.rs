@@ -253,6 +253,7 @@ mod tests {
             "WAYPOINT_METRICS_ADDR",
             "WAYPOINT_NAME",
             "WAYPOINT_NAMESPACE",
+            "WAYPOINT_NUM_TRUSTED_PROXIES",
             "WAYPOINT_READINESS_ADDR",
             "WAYPOINT_SERVICE_ACCOUNT",
             "WAYPOINT_TLS_HANDSHAKE_TIMEOUT",

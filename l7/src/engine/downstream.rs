@@ -20,11 +20,16 @@
 //! equal) or one that is not digits, `transfer-encoding` other than exactly one `chunked`,
 //! or together with `content-length`, a header value with NUL, CR or LF, or a `\` in the
 //! path. What hyper refuses itself with its own 400 before this phase (HTTP/1: obs-fold,
-//! whitespace before the colon, CR/LF/NUL in a header, unequal `content-length`s, a final
-//! encoding that is not `chunked`; HTTP/2: malformed header blocks, connection-specific
-//! headers) never reaches it. A `#fragment` is cut off by the request-target parser
-//! (`http::Uri`) before this phase, so policy and the upstream see the same path without
-//! it.
+//! whitespace before the colon, CR/LF/NUL in a header, unequal or listed
+//! `content-length`s, a final encoding that is not `chunked`, an unparsable chunk size;
+//! HTTP/2: malformed header blocks, connection-specific headers) never reaches it. Two
+//! forms hyper settles one way before this phase, so nothing ambiguous goes on: equal
+//! duplicate `content-length`s become one (RFC 9110 §8.6), and with both
+//! `transfer-encoding: chunked` and `content-length` the length is dropped, the body read as
+//! chunked and the connection closed after the response (RFC 9112 §6.1); the checks here
+//! still refuse both should they arrive (HTTP/2, another server stack). A `#fragment` is
+//! cut off by the request-target parser (`http::Uri`) before this phase, so policy and
+//! the upstream see the same path without it.
 //!
 //! **The client's address** (RELIABILITY 20): `source.ip` / `ipBlocks` is the address the
 //! mesh carried (the tunnel's TCP peer, never a header); `remote.ip` / `remoteIpBlocks` is

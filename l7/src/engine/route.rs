@@ -291,7 +291,10 @@ spec:
         assert_eq!(p.service_port, 80);
         assert_eq!(p.response_mods.len(), 1);
         let h = &rq.parts.headers;
-        assert!(h.get("host").is_none(), "the upstream carries `p.authority`");
+        assert!(
+            h.get("host").is_none(),
+            "the upstream carries `p.authority`"
+        );
         assert_eq!(h["x-routed"], "api");
         assert_eq!(h[X_ENVOY_ORIGINAL_PATH], "/api/items");
         assert_eq!(rq.log.route.as_deref(), Some("app/web/to-api"));

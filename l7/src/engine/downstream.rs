@@ -759,6 +759,36 @@ mod tests {
     }
 
     #[test]
+    fn the_one_authority_replaces_the_clients_host_and_a_malformed_head_is_marked() {
+        let rq = accepted(
+            Request::get("http://web.app/abs")
+                .header("host", "secret.internal")
+                .body(())
+                .expect("request"),
+        );
+        assert_eq!(rq.authority, "web.app");
+        assert_eq!(rq.log.authority, "web.app");
+        assert!(rq.parts.headers.get("host").is_none(), "never forwarded");
+        assert_eq!(verdict(&rq), Ok(()));
+        assert_eq!(rq.remote_ip, conn().peer.ip());
+
+        let rq = accepted(
+            Request::get("/")
+                .header("host", "a.app")
+                .header("host", "b.app")
+                .body(())
+                .expect("request"),
+        );
+        assert_eq!(rq.authority, "10.96.0.1:80", "the tunnel's, for the log");
+        let reply = verdict(&rq).expect_err("refused");
+        assert_eq!(
+            (reply.status.as_u16(), reply.flag),
+            (400, Some(ResponseFlag::BadRequest))
+        );
+        assert_eq!(reply.reason, "several host headers");
+    }
+
+    #[test]
     fn a_path_that_cannot_be_normalised_is_a_bad_request() {
         let mut rq = accepted(Request::get("/").body(()).expect("request"));
         rq.raw_target = "/a%2Fb".to_string();

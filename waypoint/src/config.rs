@@ -206,6 +206,24 @@ mod tests {
         assert_eq!(cfg.hbone_addr.port(), 15008);
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("5").is_err());
+        assert_eq!(
+            cfg.engine().num_trusted_proxies,
+            0,
+            "x-forwarded-for is not trusted"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_reach_the_engine() {
+        let args = Args::parse_from([
+            "waypoint",
+            "--name=wp",
+            "--namespace=shop",
+            "--config-dir=/c",
+            "--ca-dir=/ca",
+            "--num-trusted-proxies=2",
+        ]);
+        assert_eq!(Config::from(&args).engine().num_trusted_proxies, 2);
     }
 
     #[test]

@@ -508,10 +508,23 @@ mod tests {
             h.append(header::HOST, HeaderValue::from_static(host));
         }
         let got = derive_authority(&uri, &h, h2);
-        match (&got, expected) {
-            (Ok(a), Ok(e)) => assert_eq!(a.as_deref(), e, "{target} {hosts:?}"),
-            (Err(reason), Err(e)) => assert!(reason.starts_with(e), "{target} {hosts:?}: {reason}"),
-            _ => panic!("{target} {hosts:?}: got {got:?}, expected {expected:?}"),
+        outcome(
+            got.as_ref().map(Option::as_deref),
+            expected,
+            &format!("{target} {hosts:?}"),
+        );
+    }
+
+    /// `got` is `expected`, an error when its reason starts with the expected one.
+    fn outcome<T: PartialEq + std::fmt::Debug>(
+        got: Result<T, &String>,
+        expected: Result<T, &str>,
+        what: &str,
+    ) {
+        match (&got, &expected) {
+            (Ok(a), Ok(e)) => assert_eq!(a, e, "{what}"),
+            (Err(reason), Err(e)) => assert!(reason.starts_with(e), "{what}: {reason}"),
+            _ => panic!("{what}: got {got:?}, expected {expected:?}"),
         }
     }
 
@@ -589,12 +602,8 @@ mod tests {
     /// `req` (HTTP/2 when `h2`) → `Ok` or the start of the reason it is refused.
     fn check_framing(h2: bool, req: http::request::Builder, expected: Result<(), &str>) {
         let (parts, ()) = req.body(()).expect("request").into_parts();
-        let got = framing_error(&parts, h2);
-        match (&got, expected) {
-            (Ok(()), Ok(())) => {}
-            (Err(reason), Err(e)) => assert!(reason.starts_with(e), "{reason}"),
-            _ => panic!("got {got:?}, expected {expected:?}"),
-        }
+        let what = format!("{} {:?}", parts.method, parts.headers);
+        outcome(framing_error(&parts, h2).as_ref().copied(), expected, &what);
     }
 
     #[test]

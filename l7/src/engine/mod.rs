@@ -1,10 +1,11 @@
 //! The L7 engine: every request passes the same fixed sequence of phases (as pingora
 //! structures a proxy), one module each, run in order by [`crate::http`]:
 //!
-//! 1. [`downstream`]: read method, authority and path; drop hop-by-hop headers and
-//!    client-supplied internal control headers; add `x-request-id` when absent; normalise the
-//!    path once (a path it refuses is answered 400) — policy, routing and the upstream all
-//!    see that path;
+//! 1. [`downstream`]: read method, the one authority and path; refuse (400) a request a
+//!    backend could frame or read differently; drop hop-by-hop headers, the client's `Host`
+//!    and client-supplied internal control headers; add `x-request-id` when absent;
+//!    normalise the path once (a path it refuses is answered 400) — policy, routing and the
+//!    upstream all see that authority and path;
 //! 2. [`authn`]: RequestAuthentication (JWT) for the proxy's Gateway and the destination
 //!    Service ([`mesh_model::policy::authn`]); an invalid token → `401 Jwt verification
 //!    fails`;

@@ -209,3 +209,46 @@ async fn raw_heads_a_backend_could_read_differently_are_refused_before_policy() 
         assert_eq!(raw_status(&[GUARDS], raw).await, status, "{what}");
     }
 }
+
+#[tokio::test]
+async fn heads_the_http_stack_refuses_itself_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let inputs = inputs(model(&[]));
+    for (raw, reason) in [
+        (
+            &b"GET / HTTP/1.1\r\nhost: web.app\r\nx-a: 1\r\n 2\r\n\r\n"[..],
+            "malformed_request",
+        ),
+        (
+            &b"GET / HTTP/1.1\r\nhost : web.app\r\n\r\n"[..],
+            "malformed_request",
+        ),
+    ] {
+        let before = inputs.http_metrics.downstream_errors(reason);
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let served = tokio::spawn(serve(server, false, Arc::new(conn()), inputs.clone()));
+        client.write_all(raw).await.expect("write");
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.expect("read");
+        assert!(
+            answer.starts_with(b"HTTP/1.1 400"),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        served.await.expect("served");
+        assert_eq!(
+            inputs.http_metrics.downstream_errors(reason),
+            before + 1,
+            "{raw:?}"
+        );
+    }
+    // A client that only goes away is not counted.
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let served = tokio::spawn(serve(server, false, Arc::new(conn()), inputs.clone()));
+    drop(client);
+    served.await.expect("served");
+    assert_eq!(
+        inputs.http_metrics.downstream_errors("malformed_request"),
+        2
+    );
+}

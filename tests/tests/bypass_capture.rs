@@ -206,7 +206,7 @@ impl Attempt {
 /// What the attacker got: whether the connect succeeded, and every byte read back.
 #[derive(Debug)]
 struct Outcome {
-    connect: std::result::Result<(), String>,
+    connect: std::result::Result<(), ErrorKind>,
     received: Vec<u8>,
 }
 
@@ -235,7 +235,7 @@ fn try_tcp(mesh: &Mesh, pod: &str, attempt: Attempt) -> Result<Outcome> {
         Ok(s) => s,
         Err(e) => {
             return Ok(Outcome {
-                connect: Err(e.to_string()),
+                connect: Err(e.kind()),
                 received: Vec::new(),
             })
         }
@@ -470,9 +470,12 @@ fn the_agents_ports_of_another_pod_are_no_way_in(s: &mut Bypass) -> Result<()> {
 
 /// 4. IPv6 in an IPv4-only mesh: the attacker and `near` share a link that carries only IPv6
 ///    link-local addresses (as same-node pods on a bridge CNI do when the kernel has IPv6 on).
-///    The link works (UDP crosses it), but TCP to `near`'s dual-stack application is refused
-///    by `near`'s capture, with and without the skip mark: inbound IPv6 to a pod without an
-///    IPv6 address fails closed on both backends.
+///    The link works (UDP crosses it), but IPv6 TCP fails closed on both backends, marked or
+///    not: first at the attacker's own pod (`connect()` fails with `EACCES`: the agent
+///    prohibits IPv6 TCP in pods without an IPv6 address), then, once the attacker
+///    (NET_ADMIN) has deleted that rule of its own, at `near`, whose capture takes no IPv6
+///    connection and whose own replies are prohibited too: `near`'s dual-stack application
+///    never sees it.
 fn ipv6_link_local_to_an_ipv4_only_pod_fails_closed(s: &mut Bypass) -> Result<()> {
     let link = V6Link::create(&s.mesh)?;
     let to = SocketAddr::V6(SocketAddrV6::new(
@@ -492,6 +495,16 @@ fn ipv6_link_local_to_an_ipv4_only_pod_fails_closed(s: &mut Bypass) -> Result<()
         answer.as_deref().is_some_and(|a| a.starts_with(ANSWER)),
         "the IPv6 link does not work (UDP got {answer:?}): the test would prove nothing"
     );
+    for attempt in [Attempt::to(to), Attempt::to(to).marked()] {
+        let outcome = try_tcp(&s.mesh, ATTACKER, attempt)?;
+        ensure!(
+            outcome.connect == Err(ErrorKind::PermissionDenied),
+            "{attempt:?}: IPv6 TCP from the attacker's IPv4-only pod was not prohibited at \
+             connect(): {outcome:?}"
+        );
+        s.expect_blocked(&s.near, attempt, false)?;
+    }
+    let _removed = RemovedIpv6Block::remove(&s.mesh)?;
     for attempt in [Attempt::to(to), Attempt::to(to).marked()] {
         s.expect_blocked(&s.near, attempt, false)?;
     }
@@ -583,6 +596,30 @@ impl Drop for SpoofedProbeSource<'_> {
         let _ = self
             .mesh
             .exec(ATTACKER, &["ip", "addr", "del", &addr, "dev", "eth0"]);
+    }
+}
+
+/// The attacker's own IPv6 block (ztunnel's `PREF_NO_IPV6` rule), deleted as a pod with
+/// NET_ADMIN can; put back on drop.
+struct RemovedIpv6Block<'a> {
+    mesh: &'a Mesh,
+}
+
+const IPV6_BLOCK_RULE: [&str; 7] = ["pref", "31988", "iif", "lo", "ipproto", "tcp", "prohibit"];
+
+impl<'a> RemovedIpv6Block<'a> {
+    fn remove(mesh: &'a Mesh) -> Result<Self> {
+        let argv = [["ip", "-6", "rule", "del"].as_slice(), &IPV6_BLOCK_RULE].concat();
+        mesh.exec_ok(ATTACKER, &argv)
+            .context("the attacker's pod has no IPv6 block to remove")?;
+        Ok(RemovedIpv6Block { mesh })
+    }
+}
+
+impl Drop for RemovedIpv6Block<'_> {
+    fn drop(&mut self) {
+        let argv = [["ip", "-6", "rule", "add"].as_slice(), &IPV6_BLOCK_RULE].concat();
+        let _ = self.mesh.exec(ATTACKER, &argv);
     }
 }
 

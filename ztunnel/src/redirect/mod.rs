@@ -30,10 +30,15 @@ pub mod ebpf;
 pub mod nft;
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::config::Redirect;
+
+/// Policy-routing preference of the IPv6 block ([`block_ipv6`]), the same in both backends and
+/// checked before every other rule of theirs (all are below the kernel's `main` rule, 32766).
+pub const PREF_NO_IPV6: u32 = 31988;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -87,6 +92,41 @@ pub fn has_leftovers(netns: &Path) -> bool {
         || tables
             .lines()
             .any(|l| l.trim() == format!("table inet {}", nft::TABLE))
+}
+
+/// Fails closed for IPv6 TCP in a pod the mesh knows no IPv6 address of (an IPv4-only mesh
+/// whose pods still have IPv6, e.g. link-local addresses): a policy-routing rule whose action
+/// is `prohibit` makes the pod's own IPv6 TCP to anything but its local addresses (`::1`, its
+/// link-local ones: the kernel's `local` table comes first) fail at `connect()` with
+/// `EACCES`, marked or not. (A `prohibit` route in a table would not do: a link-local
+/// destination is looked up for its interface only, and a route without that interface is
+/// skipped.) Inbound IPv6 TCP is refused by each backend's capture on its own: no IPv6
+/// listener takes it. A pod with an IPv6 address gets none of this: its IPv6 is captured like
+/// its IPv4. Idempotent; a kernel without IPv6 needs nothing.
+fn block_ipv6(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
+    unblock_ipv6(netns);
+    if ips.iter().any(IpAddr::is_ipv6) || !Path::new("/proc/net/if_inet6").exists() {
+        return Ok(());
+    }
+    let pref = PREF_NO_IPV6.to_string();
+    run_in(
+        netns,
+        &[
+            "ip", "-6", "rule", "add", "pref", &pref, "iif", "lo", "ipproto", "tcp", "prohibit",
+        ],
+        None,
+    )
+}
+
+/// Removes what [`block_ipv6`] added; a missing rule is not an error.
+fn unblock_ipv6(netns: &Path) {
+    let pref = PREF_NO_IPV6.to_string();
+    // One rule per `del`; a namespace holds at most the one we added (bounded anyway).
+    for _ in 0..16 {
+        if run_in(netns, &["ip", "-6", "rule", "del", "pref", &pref], None).is_err() {
+            break;
+        }
+    }
 }
 
 /// Runs `args` inside `netns` and returns what it printed.

@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use e2e::{prom, scenarios, wait_until, Mesh, Pod, Suite, PROBE_SOURCE};
+use e2e::{prom, scenarios, wait_until, Mesh, Pod, Redirect, Suite, PROBE_SOURCE};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const ATTACKER: &str = "default/attacker";
@@ -536,6 +536,56 @@ fn udp_is_not_captured_as_documented(s: &mut Bypass) -> Result<()> {
     Ok(())
 }
 
+/// 6. A pod with NET_ADMIN can delete its own capture (the eBPF backend's policy-routing
+///    rule, or the nftables table): its outbound then leaves uncaptured (shown by plaintext to
+///    another pod's 15008 now meeting that agent's TLS directly), which gains it nothing, as
+///    each destination's own capture enforces that destination's policy. The agent does not
+///    notice the deletion (README lists it); restarting it reinstalls the rules, after which
+///    the attacker's outbound is captured again.
+fn deleting_its_own_capture_gains_a_pod_nothing(s: &mut Bypass) -> Result<()> {
+    let server_ip = s.mesh.pod_ip(SERVER)?;
+    let hbone = SocketAddr::new(server_ip.into(), 15008);
+    // The first bytes of a TLS alert record: the agent on n2 answered directly.
+    let meets_tls_directly = |s: &Bypass| -> Result<bool> {
+        Ok(try_tcp(&s.mesh, ATTACKER, Attempt::to(hbone))?
+            .received
+            .first()
+            == Some(&21))
+    };
+    ensure!(
+        !meets_tls_directly(s)?,
+        "the attacker's outbound is not captured to begin with"
+    );
+    let removal: &[&str] = match s.mesh.redirect() {
+        Some(Redirect::Nftables) => &["nft", "delete", "table", "inet", "ztunnel"],
+        _ => &["ip", "rule", "del", "pref", "31992"],
+    };
+    s.mesh.exec_ok(ATTACKER, removal)?;
+    let result = (|| {
+        ensure!(
+            meets_tls_directly(s)?,
+            "deleting its capture did not free the attacker's outbound: the test proves nothing"
+        );
+        for app in s.apps() {
+            s.expect_blocked(app, Attempt::to(s.app_addr(app.pod)?), true)?;
+        }
+        Ok(())
+    })();
+    s.mesh.stop_ztunnel("n1")?;
+    s.mesh.start_ztunnel("n1")?;
+    s.mesh.wait_ready("n1")?;
+    result?;
+    wait_until(
+        "the restarted agent captures the attacker again",
+        APPLY,
+        || Ok(!meets_tls_directly(s)?),
+    )?;
+    let to = s.app_addr(SERVER)?;
+    wait_until("the client reaches the server again", APPLY, || {
+        Ok(try_tcp(&s.mesh, CLIENT, Attempt::to(to))?.answered())
+    })
+}
+
 // === test fixtures inside pods ===
 
 /// An nftables counter inside a pod of packets from the probe source to the application's
@@ -722,6 +772,7 @@ fn main() -> ExitCode {
             the_agents_ports_of_another_pod_are_no_way_in,
             ipv6_link_local_to_an_ipv4_only_pod_fails_closed,
             udp_is_not_captured_as_documented,
+            deleting_its_own_capture_gains_a_pod_nothing,
         ],
         &[],
     )

@@ -21,10 +21,21 @@
 //!   `SO_ORIGINAL_DST`.
 //!
 //! Node probes (kubelet) are not captured: the node SNATs its own connections to pods to
-//! `169.254.7.127` (as Istio's CNI does; the test harness installs that rule on each node)
-//! and the pod's rules let that source through. Every socket the agent opens in a pod
+//! `169.254.7.127` (as Istio's CNI does) and the pod's rules let that source through. That
+//! exemption is only safe where the node also drops every packet with that source which it
+//! *forwards* (from a pod, or from another node), so no pod can pose as the probe: both rules
+//! belong to the node-level, CNI-equivalent part of an installation (the agent has no access
+//! to the node's namespace in a cluster); in the local mesh the harness installs both on each
+//! node (`tests/src/harness.rs`, `node_probe_rules`). Every socket the agent opens in a pod
 //! carries `SO_MARK 0x539`, which both backends let through, so the agent never captures
-//! itself.
+//! itself; a pod that sets the mark itself (it needs `NET_ADMIN`) only skips its own
+//! outbound capture: marks do not cross namespaces, so every destination still captures it.
+//!
+//! IPv6 in a pod the mesh knows only IPv4 addresses of fails closed on both backends
+//! ([`block_ipv6`]: a `prohibit` policy-routing rule for the pod's own IPv6 TCP; inbound IPv6
+//! finds no agent listener and is refused). UDP and other protocols are not captured. What
+//! this leaves open, and the Kubernetes settings that close it, is README's "What the mesh
+//! does not protect against"; `tests/tests/bypass_capture.rs` tries each escape.
 
 pub mod ebpf;
 pub mod nft;

@@ -13,7 +13,8 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{
-    IpAddr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV6, TcpListener, TcpStream,
+    UdpSocket,
 };
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -407,6 +408,7 @@ fn a_spoofed_probe_source_is_dropped_before_any_pod(s: &mut Bypass) -> Result<()
     let _spoofed = SpoofedProbeSource::add(&s.mesh)?;
     for (app, node) in [(&s.server, "n2"), (&s.near, "n1")] {
         let watch = ProbeWatch::install(&s.mesh, app.pod)?;
+        let dropped_before = forward_drops(&s.mesh, "n1")?;
         let to = s.app_addr(app.pod)?;
         for attempt in [
             Attempt::to(to).from(PROBE_SOURCE.into()).marked(),
@@ -419,6 +421,10 @@ fn a_spoofed_probe_source_is_dropped_before_any_pod(s: &mut Bypass) -> Result<()
             spoofed == 0,
             "{spoofed} packets from the probe source reached {} from the attacker",
             app.pod
+        );
+        ensure!(
+            forward_drops(&s.mesh, "n1")? > dropped_before,
+            "the attacker's node did not count its spoofed packets as dropped"
         );
         // The real probe: the node itself connects; its SNAT gives it the probe source.
         let probe = s
@@ -451,11 +457,12 @@ fn a_spoofed_probe_source_is_dropped_before_any_pod(s: &mut Bypass) -> Result<()
     Ok(())
 }
 
-/// 3. Straight to another pod's agent ports: 15006 and 15001 (plaintext, on the pod's IP) and
-///    15008 (plaintext to the HBONE port), with and without the skip mark: refused by the
-///    agents, never an open door to the application or an outbound proxy with the
-///    destination's identity.
-fn the_agents_ports_of_another_pod_are_no_way_in(s: &mut Bypass) -> Result<()> {
+/// 3. Straight to the agent's ports (RELIABILITY 10): another pod's 15006 and 15001
+///    (plaintext, on the pod's IP) and 15008 (plaintext to the HBONE port), with and without
+///    the skip mark, and the attacker's own 15001/15006/15008 on its pod IP and on loopback:
+///    refused and counted by the agents, never an open door to an application or an outbound
+///    proxy lending another pod's identity.
+fn the_agents_ports_are_no_way_in(s: &mut Bypass) -> Result<()> {
     for app in s.apps() {
         let ip = s.mesh.pod_ip(app.pod)?;
         for port in AGENT_PORTS {
@@ -463,6 +470,23 @@ fn the_agents_ports_of_another_pod_are_no_way_in(s: &mut Bypass) -> Result<()> {
             for attempt in [Attempt::to(to), Attempt::to(to).marked()] {
                 s.expect_blocked(app, attempt, true)?;
             }
+        }
+    }
+    // Its own ports: nothing listens there (refused by the kernel), or the agent refuses
+    // the loop and counts it.
+    let own: IpAddr = s.mesh.pod_ip(ATTACKER)?.into();
+    for ip in [own, Ipv4Addr::LOCALHOST.into()] {
+        for port in AGENT_PORTS {
+            let attempt = Attempt::to(SocketAddr::new(ip, port));
+            let before = s.refused()?;
+            let outcome = try_tcp(&s.mesh, ATTACKER, attempt)?;
+            ensure!(!outcome.answered(), "{attempt:?} answered: {outcome:?}");
+            if outcome.connect.is_ok() {
+                wait_until(&format!("{attempt:?} counted as refused"), APPLY, || {
+                    Ok(s.refused()? > before)
+                })?;
+            }
+            println!("blocked as expected: {attempt:?} -> {outcome:?}");
         }
     }
     Ok(())
@@ -610,12 +634,7 @@ impl<'a> ProbeWatch<'a> {
         let out = self
             .mesh
             .exec_ok(self.pod, &["nft", "list", "table", "inet", WATCH_TABLE])?;
-        let count = out
-            .split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .context("no counter in the watch table")?;
-        Ok(count.parse()?)
+        counter(&out)
     }
 }
 
@@ -625,6 +644,28 @@ impl Drop for ProbeWatch<'_> {
             .mesh
             .exec(self.pod, &["nft", "delete", "table", "inet", WATCH_TABLE]);
     }
+}
+
+/// Packets with the probe source that `node` refused to forward (the counter of the node's
+/// anti-spoofing rule).
+fn forward_drops(mesh: &Mesh, node: &str) -> Result<u64> {
+    let out = mesh.exec_node(node, &["nft", "list", "chain", "ip", "kubelet", "forward"])?;
+    ensure!(
+        out.status.success(),
+        "list node {node}'s forward chain: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    counter(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The packet count of the first `counter` in an `nft list` output.
+fn counter(listing: &str) -> Result<u64> {
+    let count = listing
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .context("no counter in the listing")?;
+    Ok(count.parse()?)
 }
 
 /// The probe source on the attacker's interface, removed on drop.
@@ -769,7 +810,7 @@ fn main() -> ExitCode {
             a_captured_attacker_is_refused_by_policy,
             the_skip_mark_does_not_get_past_the_destinations_capture,
             a_spoofed_probe_source_is_dropped_before_any_pod,
-            the_agents_ports_of_another_pod_are_no_way_in,
+            the_agents_ports_are_no_way_in,
             ipv6_link_local_to_an_ipv4_only_pod_fails_closed,
             udp_is_not_captured_as_documented,
             deleting_its_own_capture_gains_a_pod_nothing,

@@ -217,7 +217,7 @@ fn handle(
         }
     };
     if let Some(r) = &change.refused {
-        warn!(object = %r.object, error = %r.error, "object refused; keeping its last accepted version");
+        warn!(object = %r.object, error = %r.error, "object refused; its last accepted version stays (if it never had one: absent, or failing closed if it is a policy)");
         if let Some(m) = &opts.metrics {
             m.config_rejected(METRICS_SOURCE);
         }

@@ -15,6 +15,10 @@
 //!   requests (`503 UF`, the reason in the access log, a warning once per model) and
 //!   nothing else: the model with every other rule stays in force, and the next model
 //!   (any config change) reads the files again.
+//! - A failed handshake is a connect failure (`503 UF`), and so is a TLS alert in answer
+//!   to the first request on a new connection ([`tls_failure`]: with TLS 1.3 a server
+//!   refuses a missing or unknown client certificate only after the client has finished
+//!   its handshake).
 
 use std::collections::HashMap;
 use std::io;
@@ -203,6 +207,25 @@ fn private_key(path: &str) -> Result<PrivateKeyDer<'static>, OriginError> {
         .ok_or_else(|| OriginError::NoKey {
             path: path.to_string(),
         })
+}
+
+/// The TLS failure in `error`'s chain, if a TLS error is why it failed. With TLS 1.3 a
+/// server judges the client's certificate after the client's handshake has finished, so its
+/// refusal (an alert) arrives with the first response instead of at connect time.
+pub fn tls_failure<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(tls);
+            }
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// The [`Origin`] (or why there is none) of each (settings, host), built once per model.

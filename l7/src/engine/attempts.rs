@@ -370,6 +370,19 @@ async fn attempt(
         None => send.await,
     };
     sent.map_err(|e| {
+        if let Some(tls) = plan.origin.and_then(|_| crate::origin::tls_failure(&e)) {
+            // The server refused the TLS we originated (TLS 1.3: after our handshake, e.g.
+            // for want of a client certificate): nothing reached the application.
+            return (
+                Some(AttemptOutcome::ConnectFailure),
+                LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error",
+                    Some(ResponseFlag::UpstreamFailure),
+                    format!("upstream {}: tls origination: {tls}", ep.addr),
+                ),
+            );
+        }
         let refused = format!("{e:?}").contains("REFUSED_STREAM");
         (
             Some(if refused {

@@ -166,6 +166,8 @@ pub struct Mesh {
     app: AppHandle<Addrs>,
     certs: Arc<CertManager>,
     sleep_ip: Ipv4Addr,
+    /// The mesh's /24: `subnet(last)` is its address ending in `last`.
+    subnet: Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>,
     pool: Pool,
     _dir: tempfile::TempDir,
 }
@@ -174,7 +176,14 @@ impl Mesh {
     /// The shared topology plus `yaml` (the test's policies, routes...), the backends, and
     /// the waypoint, ready.
     pub async fn start(yaml: &str) -> Result<Mesh> {
+        Mesh::start_with(|_| yaml.to_string()).await
+    }
+
+    /// [`Mesh::start`] with YAML that names addresses of the mesh's own /24 (`ip(last)`),
+    /// e.g. pods whose servers the test runs itself (free last octets: 10-99).
+    pub async fn start_with(yaml: impl FnOnce(&dyn Fn(u8) -> Ipv4Addr) -> String) -> Result<Mesh> {
         let ip = next_subnet();
+        let yaml = &yaml(&ip);
         let dir = tempfile::tempdir()?;
         let (config_dir, ca_dir) = (dir.path().join("config"), dir.path().join("ca"));
         std::fs::create_dir_all(&config_dir)?;
@@ -200,9 +209,15 @@ impl Mesh {
             app,
             certs,
             sleep_ip: ip(SLEEP),
+            subnet: Box::new(ip),
             pool: Pool::new(PoolConfig::default()),
             _dir: dir,
         })
+    }
+
+    /// The mesh's address ending in `last` (as [`Mesh::start_with`] gave it).
+    pub fn ip(&self, last: u8) -> Ipv4Addr {
+        (self.subnet)(last)
     }
 
     /// The client pod `app/sleep` calling Service `echo`.

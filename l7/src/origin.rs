@@ -270,3 +270,125 @@ impl Origins {
         built
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_model::model::TlsMode;
+
+    use super::*;
+
+    fn simple(ca: Option<&str>) -> ClientTls {
+        ClientTls {
+            mode: TlsMode::Simple,
+            ca_certificates: ca.map(str::to_string),
+            ..ClientTls::default()
+        }
+    }
+
+    /// A CA certificate and a client certificate with its key, as PEM files in `dir`.
+    fn files(dir: &Path) -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).expect("ca");
+        let leaf_key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["client.test".to_string()])
+            .expect("params")
+            .self_signed(&leaf_key)
+            .expect("leaf");
+        let write = |name: &str, pem: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).expect("write");
+            path.display().to_string()
+        };
+        (
+            write("ca.pem", ca.pem()),
+            write("client.pem", leaf.pem()),
+            write("client.key", leaf_key.serialize_pem()),
+        )
+    }
+
+    #[test]
+    fn unusable_settings_are_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (ca, cert, key) = files(dir.path());
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not pem").expect("write");
+        let junk = junk.display().to_string();
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let mutual = |cert: &str, key: &str| ClientTls {
+            mode: TlsMode::Mutual,
+            client_certificate: Some(cert.to_string()),
+            private_key: Some(key.to_string()),
+            ..simple(Some(&ca))
+        };
+        for (tls, want) in [
+            (
+                simple(None),
+                "no caCertificates to verify the server with".to_string(),
+            ),
+            (
+                simple(Some(&missing)),
+                format!("read caCertificates {missing}: "),
+            ),
+            (
+                simple(Some(&junk)),
+                format!("caCertificates {junk}: no PEM certificate"),
+            ),
+            (
+                mutual(&junk, &key),
+                format!("clientCertificate {junk}: no PEM certificate"),
+            ),
+            (
+                mutual(&cert, &junk),
+                format!("privateKey {junk}: no PEM private key"),
+            ),
+            // A key that is not the certificate's.
+            (
+                mutual(&cert, &{
+                    let other = rcgen::KeyPair::generate().expect("key");
+                    let p = dir.path().join("other.key");
+                    std::fs::write(&p, other.serialize_pem()).expect("write");
+                    p.display().to_string()
+                }),
+                "origination client certificate".to_string(),
+            ),
+        ] {
+            match Origin::build(&tls, "web.app.svc.cluster.local") {
+                Ok(_) => panic!("{tls:?} built"),
+                Err(e) => assert!(e.to_string().contains(&want), "{e} lacks {want:?}"),
+            }
+        }
+        assert!(Origin::build(&simple(Some(&ca)), "web.app.svc.cluster.local").is_ok());
+        assert!(Origin::build(&mutual(&cert, &key), "web.app.svc.cluster.local").is_ok());
+        let skip = ClientTls {
+            insecure_skip_verify: true,
+            ..simple(None)
+        };
+        assert!(Origin::build(&skip, "web.app.svc.cluster.local").is_ok());
+    }
+
+    #[test]
+    fn settings_are_built_once_per_model() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (ca, _, _) = files(dir.path());
+        let origins = Origins::default();
+        let model = Arc::new(Model::default());
+        let tls = simple(Some(&ca));
+        let first = origins.get(&model, &tls, "a.test").expect("built");
+        let again = origins.get(&model, &tls, "a.test").expect("built");
+        assert!(Arc::ptr_eq(&first, &again), "same model: the same build");
+        let other_host = origins.get(&model, &tls, "b.test").expect("built");
+        assert_ne!(first.id, other_host.id, "the host is the default SNI");
+        // The file goes away: this model keeps its build, the next one reads again.
+        std::fs::remove_file(&ca).expect("remove");
+        assert!(origins.get(&model, &tls, "a.test").is_ok());
+        let next = Arc::new(Model::default());
+        let err = origins.get(&next, &tls, "a.test").expect_err("file gone");
+        assert!(err.to_string().contains("read caCertificates"), "{err}");
+        assert!(Arc::ptr_eq(
+            &err,
+            &origins.get(&next, &tls, "a.test").expect_err("cached")
+        ));
+    }
+}

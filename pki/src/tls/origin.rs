@@ -42,35 +42,7 @@ pub struct OriginSettings {
 /// A client config for [`OriginSettings`]. `Err` when a name is not a valid server name,
 /// the client key does not match its certificate or rustls refuses the parts.
 pub fn client_config(settings: OriginSettings) -> Result<Arc<ClientConfig>, TlsError> {
-    let algorithms = PROVIDER.signature_verification_algorithms;
-    let verifier = match settings.roots {
-        None => OriginVerifier::Insecure { algorithms },
-        Some(roots) => {
-            let roots = Arc::new(roots);
-            let webpki =
-                WebPkiServerVerifier::builder_with_provider(roots.clone(), PROVIDER.clone())
-                    .build()
-                    .map_err(|e| TlsError::Parse(format!("server verifier: {e}")))?;
-            let mut names = Vec::new();
-            let mut uris = Vec::new();
-            for san in settings.subject_alt_names {
-                if san.contains("://") {
-                    uris.push(san);
-                } else {
-                    let name = ServerName::try_from(san.clone())
-                        .map_err(|_| TlsError::Parse(format!("{san:?} is not a server name")))?;
-                    names.push(name);
-                }
-            }
-            OriginVerifier::Verify {
-                webpki,
-                roots,
-                names,
-                uris,
-                algorithms,
-            }
-        }
-    };
+    let verifier = verifier(settings.roots, settings.subject_alt_names)?;
     let builder = ClientConfig::builder_with_provider(PROVIDER.clone())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Config {
@@ -90,6 +62,39 @@ pub fn client_config(settings: OriginSettings) -> Result<Arc<ClientConfig>, TlsE
     };
     config.alpn_protocols = settings.alpn;
     Ok(Arc::new(config))
+}
+
+/// The verifier of `roots` (`None`: none) and `subject_alt_names`.
+fn verifier(
+    roots: Option<RootCertStore>,
+    subject_alt_names: Vec<String>,
+) -> Result<OriginVerifier, TlsError> {
+    let algorithms = PROVIDER.signature_verification_algorithms;
+    let Some(roots) = roots else {
+        return Ok(OriginVerifier::Insecure { algorithms });
+    };
+    let roots = Arc::new(roots);
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots.clone(), PROVIDER.clone())
+        .build()
+        .map_err(|e| TlsError::Parse(format!("server verifier: {e}")))?;
+    let mut names = Vec::new();
+    let mut uris = Vec::new();
+    for san in subject_alt_names {
+        if san.contains("://") {
+            uris.push(san);
+        } else {
+            let name = ServerName::try_from(san.clone())
+                .map_err(|_| TlsError::Parse(format!("{san:?} is not a server name")))?;
+            names.push(name);
+        }
+    }
+    Ok(OriginVerifier::Verify {
+        webpki,
+        roots,
+        names,
+        uris,
+        algorithms,
+    })
 }
 
 /// How an originating client judges the application's certificate.
@@ -211,4 +216,64 @@ fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, rustls::Error> {
         }
     }
     Ok(uris)
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+
+    use super::*;
+
+    /// A CA and a leaf it signed for DNS `api.test` and URI `spiffe://td/ns/a/sa/b`.
+    fn pki() -> (CertificateDer<'static>, CertificateDer<'static>) {
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let mut leaf = CertificateParams::default();
+        leaf.subject_alt_names = vec![
+            SanType::DnsName("api.test".try_into().expect("dns")),
+            SanType::URI("spiffe://td/ns/a/sa/b".try_into().expect("uri")),
+        ];
+        let leaf = leaf.signed_by(&key, &issuer).expect("leaf");
+        (ca_cert.der().clone(), leaf.der().clone())
+    }
+
+    #[test]
+    fn the_server_is_checked_against_the_roots_and_one_of_the_names() {
+        let (ca, leaf) = pki();
+        let (stranger, _) = pki();
+        let roots = |ca: &CertificateDer<'static>| {
+            let mut r = RootCertStore::empty();
+            r.add(ca.clone()).expect("root");
+            Some(r)
+        };
+        let sni = ServerName::try_from("api.test").expect("name");
+        let other = ServerName::try_from("web.test").expect("name");
+        let check = |roots: Option<RootCertStore>, sans: &[&str], sni: &ServerName<'_>| {
+            let v =
+                verifier(roots, sans.iter().map(|s| s.to_string()).collect()).expect("verifier");
+            v.verify_server_cert(&leaf, &[], sni, &[], UnixTime::now())
+                .is_ok()
+        };
+        for (roots, sans, name, want) in [
+            // No subjectAltNames: the SNI name.
+            (roots(&ca), &[][..], &sni, true),
+            (roots(&ca), &[], &other, false),
+            // subjectAltNames replace the SNI name; one match is enough.
+            (roots(&ca), &["web.test"], &sni, false),
+            (roots(&ca), &["web.test", "api.test"], &other, true),
+            (roots(&ca), &["spiffe://td/ns/a/sa/b"], &other, true),
+            (roots(&ca), &["spiffe://td/ns/a/sa/c"], &sni, false),
+            // Not our roots: no name helps.
+            (roots(&stranger), &["api.test"], &sni, false),
+            (roots(&stranger), &["spiffe://td/ns/a/sa/b"], &sni, false),
+            // insecureSkipVerify.
+            (None, &[], &other, true),
+        ] {
+            assert_eq!(check(roots, sans, name), want, "{sans:?} {name:?}");
+        }
+    }
 }

@@ -167,6 +167,7 @@ pub struct Mesh {
     certs: Arc<CertManager>,
     sleep_ip: Ipv4Addr,
     /// The mesh's /24: `subnet(last)` is its address ending in `last`.
+    #[allow(dead_code)] // read by `upstream_tls.rs` only
     subnet: Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>,
     pool: Pool,
     _dir: tempfile::TempDir,
@@ -216,6 +217,7 @@ impl Mesh {
     }
 
     /// The mesh's address ending in `last` (as [`Mesh::start_with`] gave it).
+    #[allow(dead_code)] // used by `upstream_tls.rs` only
     pub fn ip(&self, last: u8) -> Ipv4Addr {
         (self.subnet)(last)
     }

@@ -658,6 +658,15 @@ fn a_backend_refusing_the_tls_answers_503_uf(t: &mut Traffic) -> Result<()> {
     let r = c.get("/nocert", &[])?;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("upstream connect error"), "{}", r.text());
+    // The access log line of the request says why.
+    t.wp.wait_for_stderr(
+        "the access log of /nocert with its tls reason",
+        Duration::from_secs(5),
+        |log| {
+            log.lines()
+                .any(|l| l.contains("/nocert") && l.contains("UF") && l.contains("tls origination"))
+        },
+    )?;
     wait_until(
         "istio_requests_total{response_flags=UF} for tls-nocert",
         Duration::from_secs(5),

@@ -439,3 +439,34 @@ spec:
     assert_eq!(spread.keys().collect::<Vec<_>>(), ["echo-v2"], "{spread:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn mirrored_copies_originate_the_mirror_services_tls() -> Result<()> {
+    let pki = Pki::new(&["secure.app.svc.cluster.local"])?;
+    let rules = format!(
+        r#"{}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: app}}
+spec:
+  hosts: [echo.app.svc.cluster.local]
+  http:
+  - route: [{{destination: {{host: echo.app.svc.cluster.local}}}}]
+    mirror: {{host: secure.app.svc.cluster.local, port: {{number: 443}}}}
+    mirrorPercentage: {{value: 100}}
+"#,
+        rule(
+            "secure",
+            &format!("{{mode: SIMPLE, caCertificates: {}}}", pki.ca())
+        )
+    );
+    let (mesh, backend) = mesh(&pki, rules, false).await?;
+    let reply = mesh.sleep()?.to(ECHO).get("/mirrored").await?;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let sent = mesh
+        .counted("waypoint_mirror_requests_total", &[("result", "sent")], 1.0)
+        .await?;
+    assert_eq!(sent, 1.0, "the copy was answered");
+    assert_eq!(backend.handshakes(), 1, "the copy went over TLS");
+    Ok(())
+}

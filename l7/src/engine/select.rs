@@ -109,7 +109,13 @@ pub fn run(
             ));
         }
     };
-    let mirrors = mirror::targets(model, scope.trust_domain, &plan.mirrors, plan.service_port);
+    let mirrors = mirror::targets(
+        model,
+        scope.trust_domain,
+        &scope.gateway.namespace,
+        &plan.mirrors,
+        plan.service_port,
+    );
     let cluster = clusters.cluster(
         &ClusterKey {
             service: plan.backend.rr_key(),

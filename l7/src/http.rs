@@ -40,6 +40,7 @@ const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// Serves HTTP on one tunnel until the client closes it or the proxy drains.
 pub async fn serve<I: Io>(io: I, h2: bool, ctx: Arc<ConnCtx>, inputs: Arc<Inputs>) {
     let drain = inputs.drain.clone();
+    let metrics = inputs.http_metrics.clone();
     let svc = service_fn(move |req| {
         let (ctx, inputs) = (ctx.clone(), inputs.clone());
         async move { Ok::<_, Infallible>(handle(req, &ctx, &inputs, h2).await) }
@@ -79,7 +80,42 @@ pub async fn serve<I: Io>(io: I, h2: bool, ctx: Arc<ConnCtx>, inputs: Arc<Inputs
         }
     };
     if let Err(e) = result {
-        tracing::debug!(error = %e, h2, "downstream http connection ended with an error");
+        let reason = protocol_error(&e);
+        if let Some(reason) = reason {
+            metrics.downstream_error(reason);
+        }
+        // Debug: a flood of malformed requests must not flood the log; the metric counts.
+        tracing::debug!(error = %e, h2, ?reason, "downstream http connection ended with an error");
+    }
+}
+
+/// What a downstream connection's error says about the client, when it is the client's
+/// fault: hyper answered a malformed HTTP/1.1 head with its own `400` (obs-fold, whitespace
+/// before the colon, CR/LF/NUL in a header, conflicting lengths, a bad chunk size...) or a
+/// head too large with `431`, or the HTTP/2 peer broke the protocol. `None` for a client
+/// that just went away, a timeout or a drain.
+fn protocol_error(e: &hyper::Error) -> Option<&'static str> {
+    if e.is_parse_too_large() {
+        Some("head_too_large")
+    } else if e.is_parse() || e.is_parse_status() {
+        Some("malformed_request")
+    } else if std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason)
+        .is_some_and(|r| {
+            [
+                h2::Reason::PROTOCOL_ERROR,
+                h2::Reason::FRAME_SIZE_ERROR,
+                h2::Reason::COMPRESSION_ERROR,
+                h2::Reason::FLOW_CONTROL_ERROR,
+                h2::Reason::ENHANCE_YOUR_CALM,
+            ]
+            .contains(&r)
+        })
+    {
+        Some("http2_protocol")
+    } else {
+        None
     }
 }
 
@@ -93,7 +129,14 @@ async fn handle(
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let model = inputs.model.load_full();
-    let mut rq = downstream::accept(parts, ctx, &model, downstream_h2, started);
+    let mut rq = downstream::accept(
+        parts,
+        ctx,
+        &model,
+        downstream_h2,
+        started,
+        inputs.cfg.num_trusted_proxies,
+    );
     match phases(&mut rq, body, model, ctx, inputs).await {
         Ok(fwd) => response::respond(rq, fwd, &inputs.http_metrics),
         Err(reply) => reply.render(rq, &inputs.http_metrics),
@@ -114,6 +157,7 @@ async fn phases(
     };
     let resolved = ctx.target.lookup(&model, scope.trust_domain);
     rq.labels.service = resolved.as_ref().and_then(|r| r.service).cloned();
+    downstream::verdict(rq)?;
     let path = downstream::normalize(rq)?;
     let auth = authn::run(&model, scope.gateway, inputs, ctx, rq, &path)?;
     authz::run(

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request};
+use http::Request;
 use http_body_util::BodyExt;
 use mesh_model::model::{effective_policy, ClientTls, Mirror, Model, NamespacedName};
 use mesh_model::resilience::shadow_authority;
@@ -114,18 +114,9 @@ pub fn spawn(
         metrics.mirrored("skipped_limit");
         return;
     };
-    let mut headers = head.headers.clone();
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or(authority)
-        .to_string();
-    if let Ok(v) = HeaderValue::from_str(&shadow_authority(&host)) {
-        headers.insert(header::HOST, v);
-    }
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
-    *req.headers_mut() = headers;
+    *req.headers_mut() = head.headers.clone();
     let shadow = shadow_authority(authority);
     let built = upstream_request(req, &shadow, path, target.proto);
     let inputs = inputs.clone();

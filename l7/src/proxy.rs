@@ -1,7 +1,7 @@
 //! What the data path shares: the inputs of every connection, and what is known about one
 //! downstream tunnel.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -27,6 +27,9 @@ pub struct EngineConfig {
     pub identity: Identity,
     /// The trust domain of the endpoints' identities.
     pub trust_domain: String,
+    /// Proxies in front of the mesh whose `x-forwarded-for` entries are trusted for
+    /// `remote.ip` (Istio's `numTrustedProxies`); 0: the address the mesh carried.
+    pub num_trusted_proxies: u32,
 }
 
 /// Everything the proxy shares; one per process.
@@ -47,14 +50,14 @@ pub struct Inputs {
 /// One downstream tunnel: who sent it and what it is for.
 #[derive(Clone, Debug)]
 pub struct ConnCtx {
-    /// The HBONE peer (the client's node agent, from the client pod's address).
+    /// The HBONE peer (the client's node agent, from the client pod's address): the
+    /// client's address as the mesh carried it, for `source.ip` / `ipBlocks` (never taken
+    /// from a header).
     pub peer: SocketAddr,
     /// Our own address on that connection.
     pub local: SocketAddr,
     /// The client's identity, from its certificate.
     pub peer_identity: Identity,
-    /// The original client address (`forwarded: for=`, else the peer's).
-    pub remote_ip: IpAddr,
     /// The CONNECT `:authority`.
     pub authority: SocketAddr,
     pub target: Target,

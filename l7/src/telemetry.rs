@@ -82,6 +82,7 @@ pub struct HttpMetrics {
     pub outlier_ejections: Family<ClusterLabels, Counter>,
     retries: Family<ReasonLabels, Counter>,
     mirrors: Family<ResultLabels, Counter>,
+    downstream_errors: Family<ReasonLabels, Counter>,
 }
 
 impl fmt::Debug for HttpMetrics {
@@ -111,6 +112,7 @@ impl HttpMetrics {
             outlier_ejections: Family::default(),
             retries: Family::default(),
             mirrors: Family::default(),
+            downstream_errors: Family::default(),
         };
         let registered = http.clone();
         let metrics = Metrics::new_with(move |r: &mut Registry| {
@@ -159,6 +161,13 @@ impl HttpMetrics {
                 "Mirrored request copies, by result (sent, failed, or why skipped)",
                 registered.mirrors,
             );
+            r.register(
+                "waypoint_downstream_errors",
+                "Downstream HTTP connections the HTTP stack ended on a protocol error before a \
+                 request reached the phases (malformed head, head too large, HTTP/2 protocol \
+                 error), by reason",
+                registered.downstream_errors,
+            );
         });
         (metrics, http)
     }
@@ -177,6 +186,24 @@ impl HttpMetrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    pub fn downstream_error(&self, reason: &'static str) {
+        self.downstream_errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// How many downstream connections ended on `reason` (tests read the counter back).
+    #[cfg(test)]
+    pub fn downstream_errors(&self, reason: &str) -> u64 {
+        self.downstream_errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .get()
     }
 
     pub fn mirrored(&self, result: &str) {

@@ -37,6 +37,28 @@ const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 254);
 pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 /// Marks node-originated packets towards pods for that SNAT (cleared when crossing the veth).
 const PROBE_MARK: u32 = 0x7127;
+
+/// The node-level rules of the CNI-equivalent part of the installation (what Istio's CNI node
+/// agent installs on the host; the node agent itself has no access to the node's namespace
+/// in a cluster), in nft syntax:
+/// - connections the node itself opens to its pods (kubelet probes) leave from the link-local
+///   probe address, which the pods' capture rules let through. Only locally generated
+///   packets are marked (output hook); forwarded pod traffic is not;
+/// - anti-spoofing, which makes that exemption safe: a packet with the probe source that the
+///   node forwards (from a pod, or from another node) is dropped, so no pod can claim to be
+///   the node's probe (`tests/tests/bypass_capture.rs`). The node's own probes never pass the
+///   forward hook, and neither do their replies.
+fn node_probe_rules() -> String {
+    format!(
+        "add table ip kubelet; \
+         add chain ip kubelet output {{ type filter hook output priority 0; policy accept; }}; \
+         add rule ip kubelet output oifname \"pod*\" meta mark set {PROBE_MARK:#x}; \
+         add chain ip kubelet postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}; \
+         add rule ip kubelet postrouting meta mark {PROBE_MARK:#x} snat to {PROBE_SOURCE}; \
+         add chain ip kubelet forward {{ type filter hook forward priority filter; policy accept; }}; \
+         add rule ip kubelet forward ip saddr {PROBE_SOURCE} counter drop"
+    )
+}
 /// The bridge device inside the wire namespace.
 pub(crate) const BRIDGE: &str = "br0";
 /// The node's side of its link to the bridge.
@@ -238,17 +260,7 @@ impl Mesh {
         // forwarded traffic in ways that depend on the machine; the nodes route statically.
         write_sysctl(&ns, "net/ipv4/conf/all/rp_filter", "0")?;
         write_sysctl(&ns, "net/ipv4/conf/default/rp_filter", "0")?;
-        // Like Istio's CNI: connections the node itself opens to its pods (kubelet probes)
-        // leave from the link-local probe address, which the pods' capture rules let through.
-        // Only locally generated packets are marked (output hook); forwarded pod traffic is not.
-        let snat = format!(
-            "add table ip kubelet; \
-             add chain ip kubelet output {{ type filter hook output priority 0; policy accept; }}; \
-             add rule ip kubelet output oifname \"pod*\" meta mark set {PROBE_MARK:#x}; \
-             add chain ip kubelet postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}; \
-             add rule ip kubelet postrouting meta mark {PROBE_MARK:#x} snat to {PROBE_SOURCE}"
-        );
-        ip(&["netns", "exec", &ns, "nft", &snat])?;
+        ip(&["netns", "exec", &ns, "nft", &node_probe_rules()])?;
         let bridge_port = format!("n{}", node.index);
         // Both ends are created directly inside their namespaces: nothing ever appears in
         // the root namespace.

@@ -37,6 +37,8 @@ pub const DEFAULT_JWKS_RETRY: &str = "5s";
 /// that its tokens are refused.
 pub const DEFAULT_JWKS_MAX_STALE: &str = "1h";
 pub const DEFAULT_JWKS_FETCH_TIMEOUT: &str = "5s";
+/// No proxy in front of the mesh is trusted: `x-forwarded-for` never sets `remote.ip`.
+pub const DEFAULT_NUM_TRUSTED_PROXIES: u32 = 0;
 
 /// Command line and environment (`WAYPOINT_*`).
 #[derive(Parser, Debug, Clone)]
@@ -80,6 +82,11 @@ pub struct Args {
     /// PEM roots trusted for `https` jwksUri besides the Mozilla roots (a private issuer).
     #[arg(long, env = "WAYPOINT_JWKS_CA_FILE")]
     pub jwks_ca_file: Option<PathBuf>,
+    /// Proxies in front of the mesh whose `x-forwarded-for` entries are trusted for
+    /// `remote.ip` / `remoteIpBlocks` (Istio's `gatewayTopology.numTrustedProxies`): the
+    /// N-th address from the right. 0: the client address the mesh carried.
+    #[arg(long, env = "WAYPOINT_NUM_TRUSTED_PROXIES", default_value_t = DEFAULT_NUM_TRUSTED_PROXIES)]
+    pub num_trusted_proxies: u32,
 }
 
 impl Args {
@@ -121,6 +128,8 @@ pub struct Config {
     pub max_idle_per_endpoint: usize,
     pub jwks: JwksSettings,
     pub jwks_ca_file: Option<PathBuf>,
+    /// See [`Args::num_trusted_proxies`].
+    pub num_trusted_proxies: u32,
 }
 
 /// How remote JWKS are fetched and cached (`mesh_l7::jwks`).
@@ -133,6 +142,7 @@ impl Config {
             gateway: self.gateway.clone(),
             identity: self.identity.clone(),
             trust_domain: self.trust_domain.clone(),
+            num_trusted_proxies: self.num_trusted_proxies,
         }
     }
 }
@@ -168,6 +178,7 @@ impl From<&Args> for Config {
                 fetch_timeout: args.jwks_fetch_timeout,
             },
             jwks_ca_file: args.jwks_ca_file.clone(),
+            num_trusted_proxies: args.num_trusted_proxies,
         }
     }
 }
@@ -195,6 +206,24 @@ mod tests {
         assert_eq!(cfg.hbone_addr.port(), 15008);
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("5").is_err());
+        assert_eq!(
+            cfg.engine().num_trusted_proxies,
+            0,
+            "x-forwarded-for is not trusted"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_reach_the_engine() {
+        let args = Args::parse_from([
+            "waypoint",
+            "--name=wp",
+            "--namespace=shop",
+            "--config-dir=/c",
+            "--ca-dir=/ca",
+            "--num-trusted-proxies=2",
+        ]);
+        assert_eq!(Config::from(&args).engine().num_trusted_proxies, 2);
     }
 
     #[test]
@@ -242,6 +271,7 @@ mod tests {
             "WAYPOINT_METRICS_ADDR",
             "WAYPOINT_NAME",
             "WAYPOINT_NAMESPACE",
+            "WAYPOINT_NUM_TRUSTED_PROXIES",
             "WAYPOINT_READINESS_ADDR",
             "WAYPOINT_SERVICE_ACCOUNT",
             "WAYPOINT_TLS_HANDSHAKE_TIMEOUT",

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::{Method, StatusCode};
-use mesh_hbone::{self as hbone, InboundRequest, FORWARDED};
+use mesh_hbone::{self as hbone, InboundRequest};
 use mesh_l7::io::{Io, Rewind};
 use mesh_l7::protocol::{detect, Declared, Detected, SNIFF_LIMIT};
 use mesh_l7::proxy::{ConnCtx, Inputs};
@@ -194,18 +194,13 @@ fn check_connect(
     let model = inputs.model.load();
     let target = destination::resolve(&model, &inputs.cfg.gateway, authority)
         .map_err(|e| (StatusCode::UNAUTHORIZED, "NR", e.to_string()))?;
-    let remote_ip = req
-        .headers()
-        .get(FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(hbone::parse_forwarded_for)
-        .unwrap_or(peer.ip());
+    // The source is the tunnel's TCP peer (the client pod's address: its agent dials from
+    // inside the pod), never the CONNECT's `forwarded` header, which the peer writes.
     let declared = target.declared(&model);
     Ok(ConnCtx {
         peer,
         local,
         peer_identity,
-        remote_ip,
         authority,
         target,
         declared,
@@ -321,7 +316,8 @@ async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoin
         &policies,
         &L4Request {
             src_identity: Some(ctx.peer_identity.clone()),
-            src_ip: ctx.remote_ip,
+            // At L4 `remoteIpBlocks` is this address too (`evaluate_l4`).
+            src_ip: ctx.peer.ip(),
             dst_ip: ctx.authority.ip(),
             dst_port: ctx.authority.port(),
         },
@@ -370,7 +366,7 @@ async fn relay_l4<D: Io>(
     let started = Instant::now();
     let model = inputs.model.load();
     let labels = LabelInputs {
-        src_pod: model.workload_by_ip(ctx.remote_ip).cloned(),
+        src_pod: model.workload_by_ip(ctx.peer.ip()).cloned(),
         src_identity: Some(ctx.peer_identity.clone()),
         dst_pod: Some(ep.pod.clone()),
         dst_identity: ep.identity.clone(),

@@ -115,6 +115,37 @@ async fn an_allow_policy_on_paths_admits_them_and_denies_everything_else() -> Re
     check_policy(&policy("public", "ALLOW", rules), &cases).await
 }
 
+/// RELIABILITY 20: the CONNECT's `forwarded` header and a request's `x-forwarded-for` are
+/// the peer's word: with no trusted proxy (the default) neither sets `source.ip` or
+/// `remote.ip`, so naming the one allowed range opens nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_client_address_does_not_pass_ip_block_rules() -> Result<()> {
+    let rules = r#"
+  - from: [{source: {notIpBlocks: ["10.99.0.0/16"]}}]
+    to: [{operation: {paths: ["/ip-only*"]}}]
+  - from: [{source: {notRemoteIpBlocks: ["10.99.0.0/16"]}}]
+    to: [{operation: {paths: ["/remote-only*"]}}]"#;
+    let mesh = Mesh::start(&policy("forged", "DENY", rules)).await?;
+    let forged = std::net::Ipv4Addr::new(10, 99, 0, 1);
+    let liar = mesh.sleep()?.claiming(forged);
+    let xff = [
+        ("x-forwarded-for", "10.99.0.1"),
+        ("forwarded", "for=10.99.0.1"),
+    ];
+    for path in ["/ip-only", "/remote-only"] {
+        for headers in [&[][..], &xff[..]] {
+            let reply = liar.get_with(path, headers).await?;
+            assert_eq!(
+                (reply.status, reply.body.as_str()),
+                (403, DENIED),
+                "{path} {headers:?}"
+            );
+        }
+    }
+    expect_path(&liar, "/public", "/public").await?;
+    mesh.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deny_policy_on_a_principal_refuses_only_that_client() -> Result<()> {
     let rules = "[{from: [{source: {principals: [cluster.local/ns/app/sa/batch]}}]}]";

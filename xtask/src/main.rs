@@ -323,7 +323,7 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 11] = [
+const E2E_SUITES: [&str; 13] = [
     "core",
     "ca_service",
     "enrollment",
@@ -335,6 +335,8 @@ const E2E_SUITES: [&str; 11] = [
     "waypoint_traffic",
     "waypoint_resilience",
     "waypoint_grpc",
+    "bypass_l7",
+    "bypass_capture",
 ];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
 /// truncated to 15 characters by the kernel, which this fits).

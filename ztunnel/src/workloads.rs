@@ -226,7 +226,7 @@ impl Manager {
         let hbone = listen(any, HBONE_PORT)?;
         let capture = match cfg.redirect {
             Redirect::Nftables => {
-                redirect::nft::install(netns.path())?;
+                redirect::nft::install(netns.path(), &pod.ips)?;
                 None
             }
             Redirect::Ebpf => {

@@ -473,6 +473,50 @@ async fn a_connect_to_a_pod_not_served_here_or_to_an_agent_port_is_refused() -> 
     mesh.stop().await
 }
 
+/// RELIABILITY 20: `ipBlocks` sees the address the connection came from; a CONNECT whose
+/// `forwarded` header names the one allowed address opens nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_forwarded_header_does_not_pass_an_ip_blocks_policy() -> Result<()> {
+    let mesh = Cluster::start(two_nodes("forged_forwarded")).await?;
+    let app = mesh.echo("default/server", APP).await?;
+    let (client, client2) = (mesh.ip("default/client")?, mesh.ip("default/client2")?);
+    let body = format!(
+        "  action: ALLOW\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{client2}/32\"]\n"
+    );
+    mesh.apply("policy.yaml", &policy("only-client2", &body), false)
+        .await?;
+    let server = identity("default", "server");
+    let target = mesh.addr("default/server", APP)?;
+    let forged = format!("for={client2}");
+    let tls = mesh.mesh_tls(&identity("default", "client"), &server)?;
+    let mut h2 = Hbone::open(client, mesh.addr("default/server", HBONE)?, tls).await?;
+    for headers in [
+        vec![("forwarded", forged.as_str())],
+        vec![
+            ("forwarded", forged.as_str()),
+            ("x-forwarded-for", forged.as_str()),
+        ],
+    ] {
+        let (status, _) = h2.connect_with(target, &headers, b"forged").await?;
+        ensure!(status != http::StatusCode::OK, "{headers:?}: {status}");
+    }
+    let n = mesh.refused("n2", "destination", "DENY", 2.0).await?;
+    ensure!(n == 2.0, "{n} DENY refusals on n2");
+    ensure!(app.peers().is_empty(), "the app saw {:?}", app.peers());
+    // From the allowed address, whatever `forwarded` claims, the policy admits it.
+    let tls = mesh.mesh_tls(&identity("default", "client2"), &server)?;
+    let mut h2 = Hbone::open(client2, mesh.addr("default/server", HBONE)?, tls).await?;
+    let claim = format!("for={client}");
+    let (status, back) = h2
+        .connect_with(target, &[("forwarded", claim.as_str())], b"allowed")
+        .await?;
+    ensure!(
+        status == http::StatusCode::OK && back == b"allowed",
+        "from the allowed address: {status} {back:?}"
+    );
+    mesh.stop().await
+}
+
 // === config changes at run time ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -396,7 +396,9 @@ async fn attempt(
 }
 
 /// The request as it goes upstream: origin-form URI and `Host` for HTTP/1.1, absolute URI
-/// (`:scheme`/`:authority`) for HTTP/2. `Err` when the result is not a valid request.
+/// (`:scheme`/`:authority`) for HTTP/2, both from `authority` (the request's one authority,
+/// or a route's rewrite of it): a `Host` header in `req` is replaced. `Err` when the result
+/// is not a valid request.
 pub(crate) fn upstream_request(
     req: Request<UpBody>,
     authority: &str,
@@ -410,11 +412,9 @@ pub(crate) fn upstream_request(
             parts.uri = path
                 .parse::<Uri>()
                 .map_err(|e| format!("path {path:?}: {e}"))?;
-            if !parts.headers.contains_key(header::HOST) {
-                let host = HeaderValue::from_str(authority)
-                    .map_err(|e| format!("authority {authority:?}: {e}"))?;
-                parts.headers.insert(header::HOST, host);
-            }
+            let host = HeaderValue::from_str(authority)
+                .map_err(|e| format!("authority {authority:?}: {e}"))?;
+            parts.headers.insert(header::HOST, host);
         }
         UpstreamProto::Http2 => {
             parts.version = Version::HTTP_2;
@@ -518,8 +518,8 @@ mod tests {
         .expect("valid");
         assert_eq!(
             r.headers()["host"],
-            "web.app",
-            "a Host the rule set is kept"
+            "api.app",
+            "a client's Host never goes upstream: the one authority does"
         );
         let r = upstream_request(
             request(Some("web.app")),

@@ -26,7 +26,7 @@ pub fn run(
     let l7 = L7Request {
         src_identity: Some(&ctx.peer_identity),
         src_ip: ctx.peer.ip(),
-        remote_ip: ctx.remote_ip,
+        remote_ip: rq.remote_ip,
         dst_ip: ctx.authority.ip(),
         dst_port: ctx.authority.port(),
         host: &rq.authority,

@@ -1,6 +1,9 @@
 //! Phase 7, body: a request body with `content-length` ≤ [`MAX_BUFFERED_BODY`] (or none) is
 //! read whole so that retries can replay it and mirrors copy it; a larger one streams once.
-//! Its bytes are counted for `istio_request_bytes` either way.
+//! Its bytes are counted for `istio_request_bytes` either way. Of a streamed body, what
+//! already arrived with the head is read before anything goes upstream, so a body that is
+//! malformed from its start (an absurd chunk size, RELIABILITY 25) is answered 400 and its
+//! head never reaches a backend.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,11 +64,13 @@ impl RequestBody {
             .and_then(|v| v.parse::<u64>().ok())
             .or(body.size_hint().exact());
         let small = body.is_end_stream() || length.is_some_and(|l| l <= MAX_BUFFERED_BODY);
-        let counted = Counted {
+        let mut counted = Counted {
             inner: body,
             counter,
+            first: None,
         };
         if !small {
+            counted.read_arrived()?;
             return Ok(RequestBody::Streaming(Some(counted)));
         }
         let collected = counted.collect().await?;
@@ -141,6 +146,26 @@ impl Body for Replay {
 pub struct Counted {
     inner: Incoming,
     counter: Arc<AtomicU64>,
+    /// A frame read ahead by [`Counted::read_arrived`], returned first.
+    first: Option<Frame<Bytes>>,
+}
+
+impl Counted {
+    /// Reads the first frame if it is there without waiting (it came with the head), so
+    /// that a body malformed from its start fails here, before the upstream request; a
+    /// client that has sent nothing yet (it waits for `100 Continue`, or streams later) is
+    /// not waited for.
+    fn read_arrived(&mut self) -> Result<(), hyper::Error> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Some(frame)) = Pin::new(&mut self.inner).poll_frame(&mut cx) {
+            let frame = frame?;
+            if let Some(data) = frame.data_ref() {
+                self.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            self.first = Some(frame);
+        }
+        Ok(())
+    }
 }
 
 impl Body for Counted {
@@ -152,6 +177,9 @@ impl Body for Counted {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if let Some(Ok(f)) = &frame {
             if let Some(data) = f.data_ref() {
@@ -162,11 +190,22 @@ impl Body for Counted {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let ahead = self
+            .first
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |d| d.len() as u64);
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(ahead));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(ahead));
+        }
+        hint
     }
 }
 

@@ -1,10 +1,11 @@
 //! The L7 engine: every request passes the same fixed sequence of phases (as pingora
 //! structures a proxy), one module each, run in order by [`crate::http`]:
 //!
-//! 1. [`downstream`]: read method, authority and path; drop hop-by-hop headers and
-//!    client-supplied internal control headers; add `x-request-id` when absent; normalise the
-//!    path once (a path it refuses is answered 400) — policy, routing and the upstream all
-//!    see that path;
+//! 1. [`downstream`]: read method, the one authority and path; refuse (400) a request a
+//!    backend could frame or read differently; drop hop-by-hop headers, the client's `Host`
+//!    and client-supplied internal control headers; add `x-request-id` when absent;
+//!    normalise the path once (a path it refuses is answered 400) — policy, routing and the
+//!    upstream all see that authority and path;
 //! 2. [`authn`]: RequestAuthentication (JWT) for the proxy's Gateway and the destination
 //!    Service ([`mesh_model::policy::authn`]); an invalid token → `401 Jwt verification
 //!    fails`;
@@ -34,6 +35,7 @@
 //! authenticated principal, the [`route::RoutePlan`], the [`select::Selection`] and the
 //! [`attempts::AttemptPlan`].
 
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,8 +76,13 @@ pub struct Scope<'a> {
 /// downstream phase read from it, and what its metrics and access-log line are made of.
 pub struct RequestContext {
     pub parts: Parts,
-    /// `:authority` or `Host`, else the CONNECT authority.
+    /// The request's one authority (see [`downstream`]): absolute-form target or
+    /// `:authority`, else `Host`, else the CONNECT authority.
     pub authority: String,
+    /// Why the request must be refused before any other phase sees it (see [`downstream`]).
+    pub malformed: Option<String>,
+    /// The client address for `remote.ip` / `remoteIpBlocks` ([`downstream::remote_ip`]).
+    pub remote_ip: IpAddr,
     /// The request target as received (before normalisation).
     pub raw_target: String,
     /// Whether the request is gRPC by its `content-type` (local replies are gRPC-shaped).

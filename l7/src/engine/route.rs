@@ -168,12 +168,16 @@ pub fn run(
             plan.response_mods.push(m.clone());
         }
     }
+    // A `Host` the rule's header modifiers set is its authority for the upstream; the
+    // header itself never goes on (the upstream request carries `plan.authority`).
+    if let Some(host) = rq.parts.headers.remove(header::HOST) {
+        if let Ok(host) = host.to_str() {
+            plan.authority = host.to_string();
+        }
+    }
     if let Some(rewrite) = &rule.filters.url_rewrite {
         if let Some(host) = &rewrite.hostname {
             plan.authority = host.clone();
-            if let Ok(v) = HeaderValue::from_str(host) {
-                rq.parts.headers.insert(header::HOST, v);
-            }
         }
         if let Some(modifier) = &rewrite.path {
             let new_path = modify_path(&normalized.path, sel.matched, modifier);
@@ -287,7 +291,10 @@ spec:
         assert_eq!(p.service_port, 80);
         assert_eq!(p.response_mods.len(), 1);
         let h = &rq.parts.headers;
-        assert_eq!(h["host"], "api.app");
+        assert!(
+            h.get("host").is_none(),
+            "the upstream carries `p.authority`"
+        );
         assert_eq!(h["x-routed"], "api");
         assert_eq!(h[X_ENVOY_ORIGINAL_PATH], "/api/items");
         assert_eq!(rq.log.route.as_deref(), Some("app/web/to-api"));

@@ -128,7 +128,7 @@ pub fn run(
         &policy.load_balancer,
         &rq.parts.headers,
         normalized.query.as_deref(),
-        ctx.remote_ip,
+        ctx.peer.ip(),
         new_cookie_value,
     );
     let slot = match cluster.admit() {

@@ -78,7 +78,6 @@ pub fn conn() -> ConnCtx {
         peer: SocketAddr::from(([10, 0, 0, 9], 40000)),
         local: SocketAddr::from(([10, 0, 0, 100], 15008)),
         peer_identity: Identity::new("cluster.local", "app", "client"),
-        remote_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
         authority: SocketAddr::from(([10, 96, 0, 1], 80)),
         target: Target::Service {
             svc: NamespacedName::new("app", "web"),
@@ -99,6 +98,8 @@ pub fn request_context(grpc: bool) -> RequestContext {
     RequestContext {
         parts,
         authority: "web.app".to_string(),
+        malformed: None,
+        remote_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
         raw_target: "/".to_string(),
         grpc_request: grpc,
         downstream_h2: grpc,
@@ -154,6 +155,7 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
         gateway: NamespacedName::new("app", "wp"),
         identity: Identity::new("cluster.local", "app", "wp"),
         trust_domain: "cluster.local".to_string(),
+        num_trusted_proxies: 0,
     };
     let ca = mesh_pki::ca::Ca::ephemeral("cluster.local").expect("ephemeral ca");
     let certs = mesh_pki::certs::CertManager::new(Arc::new(ca), Duration::from_secs(3600));

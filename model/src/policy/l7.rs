@@ -26,9 +26,9 @@
 //! - **`request.auth.claims[a][b]`** walks nested objects; a string claim, a boolean claim
 //!   (`"true"`/`"false"`) or any string of a list claim may match.
 //! - **`source.ip`** is the downstream peer address and **`remote.ip`** (with
-//!   `remoteIpBlocks`) the original client address the caller derived (from
-//!   `X-Forwarded-For` or the HBONE `forwarded` header); they are equal when it knows no
-//!   better.
+//!   `remoteIpBlocks`) the original client address the caller derived (the waypoint: from
+//!   `X-Forwarded-For` only when it trusts proxies in front of it, never from the HBONE
+//!   `forwarded` header); they are equal when it knows no better.
 //! - **Attributes we cannot evaluate** (`connection.sni` has no value over HBONE;
 //!   `experimental.envoy.filters.*` needs Envoy metadata) behave as missing, except that an
 //!   unknown *kind* of attribute makes a DENY or AUDIT condition match (fail closed) and an

@@ -245,6 +245,7 @@ impl Mesh {
             tls,
             identity: who,
             src_ip: self.sleep_ip,
+            claimed_ip: None,
             waypoint: self.app.addrs.hbone,
             target: ECHO,
             http2: false,
@@ -497,6 +498,9 @@ pub struct Client {
     tls: Arc<rustls::ClientConfig>,
     identity: Identity,
     src_ip: Ipv4Addr,
+    /// The address the CONNECT's `forwarded` header claims, when not `src_ip` (a peer
+    /// lying about its client).
+    claimed_ip: Option<Ipv4Addr>,
     waypoint: SocketAddr,
     target: Target,
     http2: bool,
@@ -538,6 +542,12 @@ impl Client {
         self
     }
 
+    /// The same client, its CONNECTs claiming (`forwarded: for=`) to come from `ip`.
+    pub fn claiming(mut self, ip: Ipv4Addr) -> Client {
+        self.claimed_ip = Some(ip);
+        self
+    }
+
     /// The same client speaking HTTP/2 (prior knowledge) in its tunnels.
     pub fn http2(mut self) -> Client {
         self.http2 = true;
@@ -553,7 +563,7 @@ impl Client {
             dst_addr: self.waypoint,
         };
         let headers = ConnectHeaders {
-            src_ip: self.src_ip.into(),
+            src_ip: self.claimed_ip.unwrap_or(self.src_ip).into(),
             service_host: Some(self.target.host.into()),
             baggage: vec![],
             traceparent: None,

@@ -13,6 +13,8 @@
 //!     delivers it locally, where the capture program hands new connections to 15001. The same
 //!     rule brings the application's replies to inbound clients (whose addresses the agent
 //!     borrows with transparent sockets) back to the agent.
+//!   - [`PREF_NO_IPV6`] (a pod without an IPv6 address only): its IPv6 TCP fails closed (see
+//!     [`super::block_ipv6`]).
 //!
 //! Release without resets ([`stop_capture`]): replacing the broad capture rule by one exact
 //! rule per connection still open ([`PREF_FLOW`]) keeps those connections routed to the agent
@@ -28,7 +30,7 @@ use std::process::Command;
 use ::ebpf::{CaptureConfig, CaptureGuard};
 use mesh_model::model::NamespacedName;
 
-use super::{run_in, RedirectError};
+use super::{block_ipv6, run_in, unblock_ipv6, RedirectError, PREF_NO_IPV6};
 use crate::config::{HBONE_PORT, INBOUND_ROUTE_TABLE, PROBE_SOURCE_IP, SKIP_MARK};
 use crate::netns::Netns;
 
@@ -37,7 +39,7 @@ pub const PREF_FLOW: u32 = 31989;
 pub const PREF_PROBE: u32 = 31990;
 pub const PREF_SKIP: u32 = 31991;
 pub const PREF_CAPTURE: u32 = 31992;
-const OUR_PREFS: [u32; 4] = [PREF_FLOW, PREF_PROBE, PREF_SKIP, PREF_CAPTURE];
+const OUR_PREFS: [u32; 5] = [PREF_NO_IPV6, PREF_FLOW, PREF_PROBE, PREF_SKIP, PREF_CAPTURE];
 
 /// `f_type` of a bpffs mount (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -196,7 +198,7 @@ fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
         );
         run_in(netns, &["ip", family, "-batch", "-"], Some(&batch))?;
     }
-    Ok(())
+    block_ipv6(netns, ips)
 }
 
 /// The address families of `ips`: `ip` flag, default prefix, and the pod's source address.
@@ -236,6 +238,7 @@ pub fn stop_capture(netns: &Path, flows: &[Flow]) -> Result<(), RedirectError> {
         }
     }
     delete_rules(netns, &[PREF_CAPTURE]);
+    unblock_ipv6(netns);
     Ok(())
 }
 

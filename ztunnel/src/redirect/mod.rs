@@ -21,19 +21,35 @@
 //!   `SO_ORIGINAL_DST`.
 //!
 //! Node probes (kubelet) are not captured: the node SNATs its own connections to pods to
-//! `169.254.7.127` (as Istio's CNI does; the test harness installs that rule on each node)
-//! and the pod's rules let that source through. Every socket the agent opens in a pod
+//! `169.254.7.127` (as Istio's CNI does) and the pod's rules let that source through. That
+//! exemption is only safe where the node also drops every packet with that source which it
+//! *forwards* (from a pod, or from another node), so no pod can pose as the probe: both rules
+//! belong to the node-level, CNI-equivalent part of an installation (the agent has no access
+//! to the node's namespace in a cluster); in the local mesh the harness installs both on each
+//! node (`tests/src/harness.rs`, `node_probe_rules`). Every socket the agent opens in a pod
 //! carries `SO_MARK 0x539`, which both backends let through, so the agent never captures
-//! itself.
+//! itself; a pod that sets the mark itself (it needs `NET_ADMIN`) only skips its own
+//! outbound capture: marks do not cross namespaces, so every destination still captures it.
+//!
+//! IPv6 in a pod the mesh knows only IPv4 addresses of fails closed on both backends
+//! ([`block_ipv6`]: a `prohibit` policy-routing rule for the pod's own IPv6 TCP; inbound IPv6
+//! finds no agent listener and is refused). UDP and other protocols are not captured. What
+//! this leaves open, and the Kubernetes settings that close it, is README's "What the mesh
+//! does not protect against"; `tests/tests/bypass_capture.rs` tries each escape.
 
 pub mod ebpf;
 pub mod nft;
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::config::Redirect;
+
+/// Policy-routing preference of the IPv6 block ([`block_ipv6`]), the same in both backends and
+/// checked before every other rule of theirs (all are below the kernel's `main` rule, 32766).
+pub const PREF_NO_IPV6: u32 = 31988;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -87,6 +103,41 @@ pub fn has_leftovers(netns: &Path) -> bool {
         || tables
             .lines()
             .any(|l| l.trim() == format!("table inet {}", nft::TABLE))
+}
+
+/// Fails closed for IPv6 TCP in a pod the mesh knows no IPv6 address of (an IPv4-only mesh
+/// whose pods still have IPv6, e.g. link-local addresses): a policy-routing rule whose action
+/// is `prohibit` makes the pod's own IPv6 TCP to anything but its local addresses (`::1`, its
+/// link-local ones: the kernel's `local` table comes first) fail at `connect()` with
+/// `EACCES`, marked or not. (A `prohibit` route in a table would not do: a link-local
+/// destination is looked up for its interface only, and a route without that interface is
+/// skipped.) Inbound IPv6 TCP is refused by each backend's capture on its own: no IPv6
+/// listener takes it. A pod with an IPv6 address gets none of this: its IPv6 is captured like
+/// its IPv4. Idempotent; a kernel without IPv6 needs nothing.
+fn block_ipv6(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
+    unblock_ipv6(netns);
+    if ips.iter().any(IpAddr::is_ipv6) || !Path::new("/proc/net/if_inet6").exists() {
+        return Ok(());
+    }
+    let pref = PREF_NO_IPV6.to_string();
+    run_in(
+        netns,
+        &[
+            "ip", "-6", "rule", "add", "pref", &pref, "iif", "lo", "ipproto", "tcp", "prohibit",
+        ],
+        None,
+    )
+}
+
+/// Removes what [`block_ipv6`] added; a missing rule is not an error.
+fn unblock_ipv6(netns: &Path) {
+    let pref = PREF_NO_IPV6.to_string();
+    // One rule per `del`; a namespace holds at most the one we added (bounded anyway).
+    for _ in 0..16 {
+        if run_in(netns, &["ip", "-6", "rule", "del", "pref", &pref], None).is_err() {
+            break;
+        }
+    }
 }
 
 /// Runs `args` inside `netns` and returns what it printed.

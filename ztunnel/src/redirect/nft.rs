@@ -11,10 +11,12 @@
 //!   connection gets conntrack mark [`INBOUND_CONNMARK`]. The application's replies carry that
 //!   mark and a policy-routing rule sends them to table [`INBOUND_ROUTE_TABLE`], whose `local`
 //!   default route hands them back to the agent's socket instead of the pod's default route.
+//! - IPv6 in a pod without an IPv6 address fails closed (see [`super::block_ipv6`]).
 
+use std::net::IpAddr;
 use std::path::Path;
 
-use super::{run_in, RedirectError};
+use super::{block_ipv6, run_in, unblock_ipv6, RedirectError};
 use crate::config::{
     HBONE_PORT, INBOUND_CONNMARK, INBOUND_PLAINTEXT_PORT, INBOUND_ROUTE_TABLE, OUTBOUND_PORT,
     PROBE_SOURCE_IP, SKIP_MARK,
@@ -54,8 +56,9 @@ pub fn ruleset() -> String {
     )
 }
 
-/// Installs (idempotently: replaces an earlier agent's rules) redirection in `netns`.
-pub fn install(netns: &Path) -> Result<(), RedirectError> {
+/// Installs (idempotently: replaces an earlier agent's rules) redirection in `netns`, for a
+/// pod with addresses `ips`.
+pub fn install(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
     // Flush first so a restarted agent replaces, never duplicates, its predecessor's rules.
     let script = format!(
         "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
@@ -88,7 +91,7 @@ pub fn install(netns: &Path) -> Result<(), RedirectError> {
         ],
         None,
     )?;
-    Ok(())
+    block_ipv6(netns, ips)
 }
 
 /// Stops capturing new connections in `netns` while established ones keep working: empties
@@ -100,7 +103,9 @@ pub fn install(netns: &Path) -> Result<(), RedirectError> {
 pub fn stop_capture(netns: &Path) -> Result<(), RedirectError> {
     let script =
         format!("flush chain inet {TABLE} output_nat\nflush chain inet {TABLE} prerouting_nat\n");
-    run_in(netns, &["nft", "-f", "-"], Some(&script))
+    run_in(netns, &["nft", "-f", "-"], Some(&script))?;
+    unblock_ipv6(netns);
+    Ok(())
 }
 
 /// Removes what [`install`] added. Missing pieces are not an error (the pod may be gone).
@@ -110,6 +115,7 @@ pub fn remove(netns: &Path) -> Result<(), RedirectError> {
     let table = INBOUND_ROUTE_TABLE.to_string();
     delete_rules(netns, &mark, &table);
     let _ = run_in(netns, &["ip", "route", "flush", "table", &table], None);
+    unblock_ipv6(netns);
     Ok(())
 }
 

@@ -706,10 +706,23 @@ impl Hbone {
         authority: SocketAddr,
         payload: &'static [u8],
     ) -> Result<(http::StatusCode, Vec<u8>)> {
-        let req = http::Request::builder()
+        self.connect_with(authority, &[], payload).await
+    }
+
+    /// [`Hbone::connect`] with extra CONNECT headers (what a hostile peer may write).
+    pub async fn connect_with(
+        &mut self,
+        authority: SocketAddr,
+        headers: &[(&str, &str)],
+        payload: &'static [u8],
+    ) -> Result<(http::StatusCode, Vec<u8>)> {
+        let mut req = http::Request::builder()
             .method(http::Method::CONNECT)
-            .uri(authority.to_string())
-            .body(())?;
+            .uri(authority.to_string());
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(())?;
         let mut send = self.send.clone().ready().await?;
         let (response, mut body) = send.send_request(req, false)?;
         let response = tokio::time::timeout(EVENTUALLY, response)

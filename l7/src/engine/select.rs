@@ -32,8 +32,9 @@ pub struct Selection {
     /// The backend Service's hostname (TLS server name of its endpoints).
     pub host: Option<String>,
     /// The DestinationRule `tls` the proxy originates to the endpoints (`SIMPLE`,
-    /// `MUTUAL`), if any.
-    pub tls: Option<ClientTls>,
+    /// `MUTUAL`), if any (boxed: the selection lives in every request's future, see
+    /// `http_sizes.rs`).
+    pub tls: Option<Box<ClientTls>>,
     pub hash: HashInput,
     /// The request's `http2MaxRequests` slot, held until its response ends.
     pub slot: RequestGuard,
@@ -139,7 +140,7 @@ pub fn run(
         }
     };
     Ok(Selection {
-        tls: policy.origination().cloned(),
+        tls: policy.origination().cloned().map(Box::new),
         cluster,
         eps,
         proto,

@@ -11,6 +11,7 @@
 //! forwarded over HBONE under the proxy's identity ([`upstream`]), with retries, timeouts,
 //! faults and mirrors ([`mirror`]).
 //!
+//! Upstream TLS origination (DestinationRule `tls` `SIMPLE`/`MUTUAL`) is [`origin`].
 //! Also here: [`protocol`] (declared / detected), [`upgrade`] (WebSocket and other
 //! upgrades), [`io`] (the byte streams), [`jwks`] (remote JWT keys for
 //! RequestAuthentication), [`telemetry`] (request metrics, response flags, access log).
@@ -23,6 +24,7 @@ pub mod http;
 pub mod io;
 pub mod jwks;
 pub mod mirror;
+pub mod origin;
 pub mod protocol;
 pub mod proxy;
 pub mod target;

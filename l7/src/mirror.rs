@@ -6,7 +6,9 @@
 //! copies are skipped and counted), and only requests whose body was buffered (small, see
 //! [`crate::engine::body::MAX_BUFFERED_BODY`]) are mirrored; others are skipped with a debug log.
 //! Every copy is counted in `waypoint_mirror_requests_total{result}` (`sent`, `failed`,
-//! `skipped_limit`, `skipped_body`, `no_backend`).
+//! `skipped_limit`, `skipped_body`, `no_backend`). The mirror Service's DestinationRule
+//! `tls` (`SIMPLE`/`MUTUAL`, port level, no subset) applies to its copies as to requests
+//! ([`crate::origin`]); its other parts (balancing, limits) do not.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,10 +17,11 @@ use std::time::Duration;
 
 use http::Request;
 use http_body_util::BodyExt;
-use mesh_model::model::{Mirror, Model, NamespacedName};
+use mesh_model::model::{effective_policy, ClientTls, Mirror, Model, NamespacedName};
 use mesh_model::resilience::shadow_authority;
 use tracing::Instrument;
 
+use crate::balance::ConnLimits;
 use crate::engine::attempts::{upstream_request, RequestHead};
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, Inputs};
@@ -38,14 +41,18 @@ pub struct MirrorTarget {
     host: String,
     proto: UpstreamProto,
     eps: Vec<Endpoint>,
+    /// The DestinationRule `tls` the proxy originates to the mirror's endpoints, if any.
+    tls: Option<ClientTls>,
 }
 
 /// The mirrors of a rule resolved in the current model, with their percentages; `Err` names
 /// a mirror with no Service or no ready endpoint. `port` is the request's Service port (for
-/// a VirtualService mirror without one).
+/// a VirtualService mirror without one); `client_ns` the proxy's namespace (which
+/// DestinationRule applies).
 pub fn targets(
     model: &Model,
     trust_domain: &str,
+    client_ns: &str,
     mirrors: &[Mirror],
     port: u16,
 ) -> Vec<(Result<MirrorTarget, String>, f64)> {
@@ -65,6 +72,10 @@ pub fn targets(
                     service: m.service.clone(),
                     host: r.service.map(|s| s.hostname()).unwrap_or_default(),
                     proto: upstream_proto(r.port.map_or(Declared::Unknown, Declared::of), false),
+                    tls: r.service.zip(r.port).and_then(|(svc, p)| {
+                        let policy = effective_policy(model, client_ns, svc, p.port, None).ok()?;
+                        policy.origination().cloned()
+                    }),
                     eps: r.endpoints,
                 }),
                 None => Err(format!("mirror {}:{port} has no ready endpoint", m.service)),
@@ -162,9 +173,26 @@ async fn send(
     req: Request<UpBody>,
 ) -> Result<u16, String> {
     let ep = &target.eps[rand::random::<u32>() as usize % target.eps.len()];
+    let origin = match &target.tls {
+        None => None,
+        Some(tls) => Some(
+            inputs
+                .upstreams
+                .origins
+                .get(&inputs.model.load_full(), tls, &target.host)
+                .map_err(|e| format!("tls origination settings: {e}"))?,
+        ),
+    };
     let sender = inputs
         .upstreams
-        .checkout(ep, target.proto, local_ip, Some(target.host.clone()))
+        .checkout_limited(
+            ep,
+            target.proto,
+            local_ip,
+            Some(target.host.clone()),
+            ConnLimits::default(),
+            origin.as_deref(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let rsp = inputs

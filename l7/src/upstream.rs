@@ -5,6 +5,10 @@
 //!   the proxy's own certificate, the endpoint's identity expected, `CONNECT
 //!   <pod-ip>:<target-port>` to `<pod-ip>:15008`, multiplexed on pooled connections
 //!   ([`mesh_hbone::Pool`]). An endpoint outside the mesh gets plain TCP.
+//! - When the cluster's DestinationRule says `tls` `SIMPLE` or `MUTUAL`, the proxy
+//!   originates TLS to the application over that stream ([`crate::origin`]); connections
+//!   are pooled per origin, so a changed `tls` block never reuses a connection made under
+//!   the old one. A failed handshake is a connect failure (`503 UF`, its reason logged).
 //! - HTTP/1.1 upstream connections (one tunnel each) return to an idle list when their
 //!   exchange has finished, at most `max_idle` per endpoint, closed after `idle_timeout`.
 //!   HTTP/2 upstream connections are shared by all requests to the endpoint.
@@ -45,6 +49,7 @@ use tracing::Instrument;
 
 use crate::balance::{ClusterLabels, Clusters, ConnLimits};
 use crate::io::Io;
+use crate::origin::{Origin, Origins};
 
 /// Per-endpoint limit counters kept before idle ones are forgotten.
 const MAX_SLOT_ENTRIES: usize = 4096;
@@ -70,6 +75,12 @@ pub enum UpstreamError {
     },
     #[error("upstream {addr}: connect: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
+    #[error("upstream {addr}: tls origination to {server}: {source}")]
+    Origin {
+        addr: SocketAddr,
+        server: String,
+        source: io::Error,
+    },
     #[error("upstream {addr}: connect: timed out after {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
     #[error("upstream {addr}: http handshake: {source}")]
@@ -167,6 +178,8 @@ struct Key {
     /// The cluster's pool ([`ConnLimits::pool`]): clusters do not share connections, so
     /// one cluster's limits count only its own.
     pool: u64,
+    /// The [`Origin`] the connection's TLS was made with (0: none).
+    origin: u64,
 }
 
 struct Idle {
@@ -208,6 +221,8 @@ pub struct Upstreams {
     round_robin: RoundRobin<NamespacedName>,
     /// Balancer state per (service, port, subset).
     pub clusters: Clusters,
+    /// The TLS origination settings in use, built once per model.
+    pub origins: Origins,
 }
 
 // === impl Upstreams ===
@@ -226,6 +241,7 @@ impl Upstreams {
             conns: Mutex::default(),
             round_robin: RoundRobin::default(),
             clusters,
+            origins: Origins::default(),
         })
     }
 
@@ -253,6 +269,33 @@ impl Upstreams {
     ) -> Result<Box<dyn Io>, UpstreamError> {
         self.connect_within(ep, local_ip, service_host, self.cfg.connect_timeout)
             .await
+    }
+
+    /// [`Upstreams::connect_within`], then TLS originated over the stream when `origin`
+    /// is given (offering the ALPN of `proto`; the handshake within `timeout` too).
+    async fn connect_app(
+        &self,
+        ep: &Endpoint,
+        local_ip: IpAddr,
+        service_host: Option<String>,
+        timeout: Duration,
+        origin: Option<(&Origin, UpstreamProto)>,
+    ) -> Result<Box<dyn Io>, UpstreamError> {
+        let stream = self
+            .connect_within(ep, local_ip, service_host, timeout)
+            .await?;
+        let Some((origin, proto)) = origin else {
+            return Ok(stream);
+        };
+        let tls = origin
+            .connect(stream, proto, timeout)
+            .await
+            .map_err(|source| UpstreamError::Origin {
+                addr: ep.addr,
+                server: origin.server_name(),
+                source,
+            })?;
+        Ok(Box::new(tls))
     }
 
     /// [`Upstreams::connect`] with its own connect timeout (`tcp.connectTimeout`).
@@ -318,12 +361,19 @@ impl Upstreams {
         local_ip: IpAddr,
         service_host: Option<String>,
     ) -> Result<Sender, UpstreamError> {
-        self.checkout_limited(ep, proto, local_ip, service_host, ConnLimits::default())
-            .await
+        self.checkout_limited(
+            ep,
+            proto,
+            local_ip,
+            service_host,
+            ConnLimits::default(),
+            None,
+        )
+        .await
     }
 
     /// [`Upstreams::checkout`] within a DestinationRule's connection-pool `limits` (see the
-    /// module docs).
+    /// module docs), originating TLS with `origin` when given.
     pub async fn checkout_limited(
         self: &Arc<Self>,
         ep: &Endpoint,
@@ -331,11 +381,13 @@ impl Upstreams {
         local_ip: IpAddr,
         service_host: Option<String>,
         limits: ConnLimits,
+        origin: Option<&Origin>,
     ) -> Result<Sender, UpstreamError> {
         let key = Key {
             addr: ep.addr,
             identity: ep.identity.clone(),
             pool: limits.pool,
+            origin: origin.map_or(0, |o| o.id),
         };
         let idle_timeout = limits.idle_timeout.unwrap_or(self.cfg.idle_timeout);
         let slot = match proto {
@@ -352,8 +404,14 @@ impl Upstreams {
         };
         let timeout = limits.connect_timeout.unwrap_or(self.cfg.connect_timeout);
         let io = TokioIo::new(
-            self.connect_within(ep, local_ip, service_host, timeout)
-                .await?,
+            self.connect_app(
+                ep,
+                local_ip,
+                service_host,
+                timeout,
+                origin.map(|o| (o, proto)),
+            )
+            .await?,
         );
         let addr = ep.addr;
         let span = tracing::debug_span!("upstream_conn", %addr, ?proto);

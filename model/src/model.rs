@@ -27,9 +27,9 @@ pub use route::{
 };
 
 pub use traffic::{
-    effective_policy, ConnectionPool, DestinationRule, EffectivePolicy, Ejection, HashKey,
-    LoadBalancer, OutlierDetection, PortTrafficPolicy, Subset, SubsetError, TrafficPolicy,
-    DEFAULT_MAX_RETRIES, MAX_EJECTION_TIME,
+    effective_policy, ClientTls, ConnectionPool, DestinationRule, EffectivePolicy, Ejection,
+    HashKey, LoadBalancer, OutlierDetection, PortTrafficPolicy, Subset, SubsetError, TlsMode,
+    TrafficPolicy, DEFAULT_MAX_RETRIES, MAX_EJECTION_TIME,
 };
 
 pub use waypoint::{

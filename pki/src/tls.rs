@@ -36,6 +36,8 @@ use x509_parser::extensions::GeneralName;
 use crate::certs::CertManager;
 use mesh_model::identity::{Identity, IdentityError};
 
+pub mod origin;
+
 /// The only application protocol spoken on HBONE connections.
 pub const ALPN_H2: &[u8] = b"h2";
 

@@ -614,10 +614,23 @@ impl Mesh {
 
     /// Starts `mesh-echo --port <port> --name <name>` in the pod and returns once it listens.
     pub fn spawn_echo(&self, pod: &str, port: u16, name: &str) -> Result<ChildGuard> {
+        self.spawn_echo_with(pod, port, name, &[])
+    }
+
+    /// [`Mesh::spawn_echo`] with more `mesh-echo` flags (e.g. `--tls-cert`).
+    pub fn spawn_echo_with(
+        &self,
+        pod: &str,
+        port: u16,
+        name: &str,
+        flags: &[&str],
+    ) -> Result<ChildGuard> {
         let echo = self.binaries.mesh_echo()?;
         let echo = echo.to_string_lossy();
         let port = port.to_string();
-        let mut guard = self.spawn(pod, &[&echo, "--port", &port, "--name", name])?;
+        let mut argv = vec![&*echo, "--port", &port, "--name", name];
+        argv.extend_from_slice(flags);
+        let mut guard = self.spawn(pod, &argv)?;
         guard.wait_for_stdout("listening on", LISTEN_TIMEOUT)?;
         Ok(guard)
     }

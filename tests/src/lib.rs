@@ -64,6 +64,7 @@ pub mod prom;
 pub mod scenario;
 mod spec;
 mod sys;
+pub mod tls;
 mod wait;
 pub mod waypoint;
 mod yaml;

@@ -13,6 +13,14 @@
 //! - `perconn` (pod v1 only): `maxRequestsPerConnection: 2` (a new upstream connection every
 //!   two requests, seen by mesh-echo as a new peer).
 //!
+//! - `tls-simple`, `tls-mutual`, `tls-nocert`: `tls` `SIMPLE` / `MUTUAL` / `SIMPLE` to
+//!   mesh-echo pods outside the mesh (`istio.io/dataplane-mode: none`) that serve HTTPS
+//!   (`tls` on n1; `mtls` on n1, requiring a client certificate): the waypoint originates
+//!   TLS, the backend reports the SNI, ALPN and client certificate it saw; without a client
+//!   certificate the backend refuses and the client gets `503 UF`;
+//! - `subsets`: `tls: {mode: ISTIO_MUTUAL}` with subsets, a VirtualService routing to
+//!   subset `v3` (the mode changes nothing, the subsets apply).
+//!
 //! A malformed DestinationRule is refused and the last good rules stay in force.
 //! Requests come from a client pod on n1 over keep-alive HTTP/1.1 connections.
 
@@ -29,8 +37,9 @@ use e2e::waypoint::{
 };
 use e2e::{scenarios, wait_until, ChildGuard, Mesh, Pod, Suite};
 
-/// Each Service and its VIP (all select the three pods, `conns` and `perconn` only v1).
-const SERVICES: [(&str, &str); 7] = [
+/// Each Service and its VIP (all select the three pods, `conns` and `perconn` only v1, the
+/// `tls-*` Services the pods outside the mesh).
+const SERVICES: [(&str, &str); 11] = [
     ("hash", "10.96.0.30"),
     ("sticky", "10.96.0.31"),
     ("spread", "10.96.0.32"),
@@ -38,7 +47,99 @@ const SERVICES: [(&str, &str); 7] = [
     ("pool", "10.96.0.34"),
     ("conns", "10.96.0.35"),
     ("perconn", "10.96.0.36"),
+    ("tls-simple", "10.96.0.37"),
+    ("tls-mutual", "10.96.0.38"),
+    ("tls-nocert", "10.96.0.39"),
+    ("subsets", "10.96.0.40"),
 ];
+
+/// The pods outside the mesh that serve HTTPS on 8080: `tls` (server only) and `mtls`
+/// (client certificates of the backend CA required).
+const TLS_PODS: [(&str, &str); 2] = [("tls", "n1"), ("mtls", "n1")];
+
+/// The certificates of the `tls-*` scenarios, in a temp dir both the waypoint and the
+/// backends read: the backend CA, the backends' server certificate (for every `tls-*`
+/// Service name) and the waypoint's client certificate.
+struct TlsFiles {
+    _dir: tempfile::TempDir,
+    ca: std::path::PathBuf,
+    server: e2e::tls::Leaf,
+    client: e2e::tls::Leaf,
+}
+
+impl TlsFiles {
+    fn new() -> Result<TlsFiles> {
+        let dir = tempfile::tempdir()?;
+        let ca = e2e::tls::TestCa::new(dir.path(), "backend")?;
+        let server = ca.issue(
+            &[
+                "tls-simple.default.svc.cluster.local",
+                "tls-mutual.default.svc.cluster.local",
+                "tls-nocert.default.svc.cluster.local",
+            ],
+            false,
+        )?;
+        let client = ca.issue(&["waypoint.client.test"], true)?;
+        Ok(TlsFiles {
+            ca: ca.cert.clone(),
+            _dir: dir,
+            server,
+            client,
+        })
+    }
+
+    /// The DestinationRules of the `tls-*` Services and `subsets`, and the VirtualService
+    /// sending `subsets` to subset `v3`.
+    fn rules(&self) -> String {
+        let (ca, cert, key) = (
+            self.ca.display(),
+            self.client.cert.display(),
+            self.client.key.display(),
+        );
+        format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: tls-simple, namespace: default}}
+spec:
+  host: tls-simple
+  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {ca}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: tls-mutual, namespace: default}}
+spec:
+  host: tls-mutual
+  trafficPolicy:
+    tls: {{mode: MUTUAL, caCertificates: {ca}, clientCertificate: {cert}, privateKey: {key}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: tls-nocert, namespace: default}}
+spec:
+  host: tls-nocert
+  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {ca}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: subsets, namespace: default}}
+spec:
+  host: subsets
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v3, labels: {{version: v3}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: subsets, namespace: default}}
+spec:
+  hosts: [subsets.default.svc.cluster.local]
+  http:
+  - route: [{{destination: {{host: subsets.default.svc.cluster.local, subset: v3}}}}]
+"#
+        )
+    }
+}
 
 const RULES: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -96,8 +197,16 @@ spec:
     connectionPool: {tcp: {maxConnections: 1}, http: {maxRequestsPerConnection: 2}}
 "#;
 
-fn mesh(test: &str) -> Result<Mesh> {
+fn mesh(test: &str, tls: &TlsFiles) -> Result<Mesh> {
     let mut b = waypoint_mesh(test);
+    for (name, node) in TLS_PODS {
+        b = b.pod(
+            Pod::new("default", name)
+                .on(node)
+                .service_account("secure")
+                .labels([("app", name), ("istio.io/dataplane-mode", "none")]),
+        );
+    }
     for (name, node) in [("v1", "n1"), ("v2", "n2"), ("v3", "n2")] {
         b = b.pod(
             Pod::new("default", name)
@@ -107,14 +216,17 @@ fn mesh(test: &str) -> Result<Mesh> {
         );
     }
     for (name, vip) in SERVICES {
-        let selector = if name == "conns" || name == "perconn" {
-            ("version", "v1")
-        } else {
-            ("app", "echo")
+        let selector = match name {
+            "conns" | "perconn" => ("version", "v1"),
+            "tls-simple" => ("app", "tls"),
+            "tls-mutual" | "tls-nocert" => ("app", "mtls"),
+            _ => ("app", "echo"),
         };
         b = b.service(waypoint_service(name, vip, selector));
     }
-    b.yaml("rules.yaml", RULES).build()
+    b.yaml("rules.yaml", RULES)
+        .yaml("tls-rules.yaml", &tls.rules())
+        .build()
 }
 
 fn vip(service: &str) -> Result<SocketAddr> {
@@ -141,20 +253,32 @@ struct Traffic {
     _echo: Vec<ChildGuard>,
     /// Last: dropped once the processes in it are gone.
     mesh: Mesh,
+    _tls: TlsFiles,
 }
 
 impl Traffic {
     fn build() -> Result<Self> {
-        let mesh = mesh("waypoint_traffic")?;
-        let echo: Vec<ChildGuard> = ["v1", "v2", "v3"]
+        let tls = TlsFiles::new()?;
+        let mesh = mesh("waypoint_traffic", &tls)?;
+        let mut echo: Vec<ChildGuard> = ["v1", "v2", "v3"]
             .into_iter()
             .map(|n| mesh.spawn_echo(&format!("default/{n}"), 8080, n))
             .collect::<Result<_>>()?;
+        let (cert, key, ca) = (
+            tls.server.cert.to_string_lossy(),
+            tls.server.key.to_string_lossy(),
+            tls.ca.to_string_lossy(),
+        );
+        let server = ["--tls-cert", &*cert, "--tls-key", &*key];
+        echo.push(mesh.spawn_echo_with("default/tls", 8080, "tls", &server)?);
+        let mutual = [&server[..], &["--client-ca", &*ca]].concat();
+        echo.push(mesh.spawn_echo_with("default/mtls", 8080, "mtls", &mutual)?);
         let wp = mesh.spawn_default_waypoint()?;
         Ok(Traffic {
             wp,
             _echo: echo,
             mesh,
+            _tls: tls,
         })
     }
 }
@@ -178,6 +302,10 @@ fn main() -> ExitCode {
             connection_pool_overflow_answers_503_uo,
             one_connection_per_endpoint_with_one_waiting,
             connections_are_replaced_after_max_requests,
+            simple_tls_originates_to_a_backend_outside_the_mesh,
+            mutual_tls_presents_the_waypoints_client_certificate,
+            a_backend_refusing_the_tls_answers_503_uf,
+            an_istio_mutual_rule_routes_by_subset,
             a_bad_rule_keeps_the_last_good_rules,
         ],
         &[],
@@ -474,5 +602,97 @@ fn connections_are_replaced_after_max_requests(t: &mut Traffic) -> Result<()> {
     eprintln!("perconn: {peers:?}");
     assert_eq!(peers.len(), 5, "{peers:?}");
     assert!(peers.values().all(|n| *n == 2), "{peers:?}");
+    Ok(())
+}
+
+/// `tls-simple`: the client's plain HTTP request reaches the HTTPS pod outside the mesh
+/// over TLS the waypoint originated (SNI the Service's host name, ALPN `http/1.1`, no
+/// client certificate), from the waypoint's own address (plain TCP, not HBONE), on one
+/// pooled connection.
+fn simple_tls_originates_to_a_backend_outside_the_mesh(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
+    let mut c = connect(mesh, "tls-simple")?;
+    let mut peers = BTreeSet::new();
+    for i in 0..5 {
+        let reply = c.echo(&format!("/tls/{i}"), &[])?;
+        eprintln!("tls-simple: {reply}");
+        assert_eq!(server(&reply), "tls");
+        let tls = &reply["tls"];
+        assert_eq!(
+            tls["sni"], "tls-simple.default.svc.cluster.local",
+            "{reply}"
+        );
+        assert_eq!(tls["alpn"], "http/1.1", "{reply}");
+        assert_eq!(tls["client_names"], serde_json::json!([]), "{reply}");
+        peers.insert(reply["peer"].as_str().context("peer")?.to_string());
+    }
+    assert_eq!(peers.len(), 1, "one pooled TLS connection: {peers:?}");
+    let waypoint_ip = mesh.pod_ip(WAYPOINT)?.to_string();
+    let peer = peers.first().context("a peer")?;
+    assert!(
+        peer.starts_with(&format!("{waypoint_ip}:")),
+        "{peer} is not the waypoint ({waypoint_ip})"
+    );
+    Ok(())
+}
+
+/// `tls-mutual`: the backend requires a client certificate of its CA and sees the
+/// waypoint's (`clientCertificate`).
+fn mutual_tls_presents_the_waypoints_client_certificate(t: &mut Traffic) -> Result<()> {
+    let mut c = connect(&t.mesh, "tls-mutual")?;
+    let reply = c.echo("/mutual", &[])?;
+    assert_eq!(server(&reply), "mtls");
+    assert_eq!(
+        reply["tls"]["client_names"],
+        serde_json::json!(["waypoint.client.test"]),
+        "{reply}"
+    );
+    Ok(())
+}
+
+/// `tls-nocert` (`SIMPLE` to the backend that requires a client certificate): the backend
+/// refuses the TLS, the client gets `503` and the waypoint counts it with flag `UF`.
+fn a_backend_refusing_the_tls_answers_503_uf(t: &mut Traffic) -> Result<()> {
+    let mesh = &t.mesh;
+    let mut c = connect(mesh, "tls-nocert")?;
+    let r = c.get("/nocert", &[])?;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("upstream connect error"), "{}", r.text());
+    // The access log line of the request says why.
+    t.wp.wait_for_stderr(
+        "the access log of /nocert with its tls reason",
+        Duration::from_secs(5),
+        |log| {
+            log.lines()
+                .any(|l| l.contains("/nocert") && l.contains("UF") && l.contains("tls origination"))
+        },
+    )?;
+    wait_until(
+        "istio_requests_total{response_flags=UF} for tls-nocert",
+        Duration::from_secs(5),
+        || {
+            let uf = prom::sum(
+                &mesh.waypoint_metrics(WAYPOINT)?,
+                "istio_requests_total",
+                &[
+                    ("response_flags", "UF"),
+                    (
+                        "destination_service",
+                        "tls-nocert.default.svc.cluster.local",
+                    ),
+                ],
+            );
+            Ok(uf >= 1.0)
+        },
+    )
+}
+
+/// `subsets`: a rule with `tls: {mode: ISTIO_MUTUAL}` is applied, subsets included: every
+/// request reaches subset `v3` (over HBONE, as without the mode).
+fn an_istio_mutual_rule_routes_by_subset(t: &mut Traffic) -> Result<()> {
+    let mut c = connect(&t.mesh, "subsets")?;
+    for i in 0..10 {
+        assert_eq!(server_of(&mut c, &format!("/subset/{i}"), &[])?, "v3");
+    }
     Ok(())
 }

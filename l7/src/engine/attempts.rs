@@ -11,7 +11,9 @@
 //! while retries remain (and the cluster's `maxRetries` budget allows) and the body can be
 //! sent again; the route's `timeout` (`timeouts.request`) bounds all attempts from the
 //! request's arrival; retries running out on a retriable response pass it on with flag
-//! `URX`.
+//! `URX`. With DestinationRule `tls` `SIMPLE`/`MUTUAL` each new connection originates TLS
+//! ([`crate::origin`]); settings whose files cannot be used answer `503 UF` before any
+//! attempt, a failed handshake is a connect failure.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use super::route::RoutePlan;
 use super::select::Selection;
 use super::{LocalReply, RequestContext};
 use crate::balance::{self, Active, Cluster, RetryGuard};
+use crate::origin::Origin;
 use crate::proxy::Inputs;
 use crate::target::Target;
 use crate::telemetry::ResponseFlag;
@@ -51,6 +54,8 @@ pub struct AttemptPlan<'a> {
     /// The DestinationRule subset the route named for this backend, if any.
     pub subset: Option<&'a str>,
     pub eps: &'a [Endpoint],
+    /// The TLS originated to the endpoints, if any.
+    pub origin: Option<&'a Origin>,
     /// The cluster's balancer, outlier detection, limits and retry budget.
     pub cluster: &'a Cluster,
     /// The request's consistent-hash key, when the cluster balances by one.
@@ -93,12 +98,31 @@ pub async fn run(
     head: &RequestHead,
     body: &mut RequestBody,
 ) -> Result<Answered, LocalReply> {
+    let origin = match &sel.tls {
+        None => None,
+        Some(tls) => {
+            let model = inputs.model.load_full();
+            let host = sel.host.as_deref().unwrap_or_default();
+            match inputs.upstreams.origins.get(&model, tls, host) {
+                Ok(origin) => Some(origin),
+                Err(e) => {
+                    return Err(LocalReply::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error",
+                        Some(ResponseFlag::UpstreamFailure),
+                        format!("{}: tls origination settings: {e}", sel.cluster.name()),
+                    ))
+                }
+            }
+        }
+    };
     let plan = AttemptPlan {
         inputs,
         local_ip,
         backend: &route.backend,
         subset: route.subset.as_deref(),
         eps: &sel.eps,
+        origin: origin.as_deref(),
         cluster: &sel.cluster,
         hash: sel.hash.key,
         proto: sel.proto,
@@ -284,6 +308,7 @@ async fn attempt(
         plan.local_ip,
         plan.host.clone(),
         limits,
+        plan.origin,
     ));
     let connected = match plan.per_try {
         Some(limit) => match tokio::time::timeout(limit, connect).await {
@@ -345,6 +370,19 @@ async fn attempt(
         None => send.await,
     };
     sent.map_err(|e| {
+        if let Some(tls) = plan.origin.and_then(|_| crate::origin::tls_failure(&e)) {
+            // The server refused the TLS we originated (TLS 1.3: after our handshake, e.g.
+            // for want of a client certificate): nothing reached the application.
+            return (
+                Some(AttemptOutcome::ConnectFailure),
+                LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error",
+                    Some(ResponseFlag::UpstreamFailure),
+                    format!("upstream {}: tls origination: {tls}", ep.addr),
+                ),
+            );
+        }
         let refused = format!("{e:?}").contains("REFUSED_STREAM");
         (
             Some(if refused {

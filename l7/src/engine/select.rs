@@ -3,11 +3,12 @@
 //! ([`mesh_model::model::effective_policy`]). A backend gone from the model → `500 NC`; an
 //! unknown subset → `503 NC`; no endpoint (or none in the subset) → `503 UH`; then the
 //! consistent-hash key of the request and one of the cluster's `http2MaxRequests` slots
-//! (else `503 UO`). The mirrors of the rule are resolved in the same model.
+//! (else `503 UO`), and the `tls` the proxy originates to the endpoints. The mirrors of the
+//! rule are resolved in the same model.
 
 use std::sync::Arc;
 
-use mesh_model::model::Model;
+use mesh_model::model::{ClientTls, Model};
 use mesh_model::route::NormalizedPath;
 
 use super::route::RoutePlan;
@@ -30,6 +31,10 @@ pub struct Selection {
     pub proto: UpstreamProto,
     /// The backend Service's hostname (TLS server name of its endpoints).
     pub host: Option<String>,
+    /// The DestinationRule `tls` the proxy originates to the endpoints (`SIMPLE`,
+    /// `MUTUAL`), if any (boxed: the selection lives in every request's future, see
+    /// `http_sizes.rs`).
+    pub tls: Option<Box<ClientTls>>,
     pub hash: HashInput,
     /// The request's `http2MaxRequests` slot, held until its response ends.
     pub slot: RequestGuard,
@@ -105,7 +110,13 @@ pub fn run(
             ));
         }
     };
-    let mirrors = mirror::targets(model, scope.trust_domain, &plan.mirrors, plan.service_port);
+    let mirrors = mirror::targets(
+        model,
+        scope.trust_domain,
+        &scope.gateway.namespace,
+        &plan.mirrors,
+        plan.service_port,
+    );
     let cluster = clusters.cluster(
         &ClusterKey {
             service: plan.backend.rr_key(),
@@ -129,6 +140,7 @@ pub fn run(
         }
     };
     Ok(Selection {
+        tls: policy.origination().cloned().map(Box::new),
         cluster,
         eps,
         proto,

@@ -1,9 +1,11 @@
 //! `networking.istio.io` `DestinationRule` (`v1`, `v1beta1`, `v1alpha3`): host, subsets,
 //! and the parts of `trafficPolicy` the waypoint applies (`loadBalancer`, `connectionPool`,
-//! `outlierDetection`, `portLevelSettings`). Unknown fields are refused with a named error,
-//! and so are Istio fields this data plane does not implement (`tls`, `exportTo`,
-//! `workloadSelector`, `localityLbSetting`, `simple: PASSTHROUGH`, ...): ignoring them
-//! would balance differently from what the user wrote. `consistentHash.ringHash`,
+//! `outlierDetection`, `tls`, `portLevelSettings`). Unknown fields are refused with a named
+//! error, and so are Istio fields this data plane does not implement (`exportTo`,
+//! `workloadSelector`, `localityLbSetting`, `simple: PASSTHROUGH`, `tls.credentialName`,
+//! `tls.caCrl`, ...): ignoring them would behave differently from what the user wrote.
+//! `tls` file fields are kept as paths (absolute; read by the waypoint, see
+//! `mesh_l7::origin`). `consistentHash.ringHash`,
 //! `maglev` and `minimumRingSize` are accepted and change nothing (the waypoint hashes by
 //! rendezvous hashing, which has the stability both promise).
 
@@ -15,8 +17,8 @@ use super::yaml::{FieldResult, Node};
 use super::{dns_label, Meta};
 use crate::duration::parse_duration;
 use crate::model::{
-    ConnectionPool, DestinationRule, HashKey, LoadBalancer, OutlierDetection, PortTrafficPolicy,
-    Subset, TrafficPolicy,
+    ClientTls, ConnectionPool, DestinationRule, HashKey, LoadBalancer, OutlierDetection,
+    PortTrafficPolicy, Subset, TlsMode, TrafficPolicy,
 };
 
 /// Bounds so that a hostile rule stays small (RELIABILITY 34).
@@ -25,7 +27,10 @@ const MAX_PORT_LEVEL: usize = 64;
 
 /// Istio fields refused with "not supported" rather than "unknown field".
 const UNSUPPORTED_SPEC: [&str; 2] = ["exportTo", "workloadSelector"];
-const UNSUPPORTED_POLICY: [&str; 3] = ["tls", "tunnel", "proxyProtocol"];
+const UNSUPPORTED_POLICY: [&str; 2] = ["tunnel", "proxyProtocol"];
+/// Longest `sni`/`subjectAltNames` entry, and most `subjectAltNames`.
+const MAX_TLS_NAME: usize = 253;
+const MAX_SANS: usize = 32;
 const UNSUPPORTED_LB: [&str; 2] = ["localityLbSetting", "warmupDurationSecs"];
 
 pub(super) fn destination_rule(obj: &Node<'_>, meta: Meta) -> FieldResult<DestinationRule> {
@@ -118,10 +123,17 @@ fn traffic_policy(node: &Node<'_>, top: bool) -> FieldResult<TrafficPolicy> {
             "loadBalancer",
             "connectionPool",
             "outlierDetection",
+            "tls",
             "portLevelSettings",
         ])?;
     } else {
-        node.only(&["port", "loadBalancer", "connectionPool", "outlierDetection"])?;
+        node.only(&[
+            "port",
+            "loadBalancer",
+            "connectionPool",
+            "outlierDetection",
+            "tls",
+        ])?;
     }
     let mut port_level: Vec<PortTrafficPolicy> = Vec::new();
     if top {
@@ -145,6 +157,7 @@ fn traffic_policy(node: &Node<'_>, top: bool) -> FieldResult<TrafficPolicy> {
                 load_balancer: p.load_balancer,
                 connection_pool: p.connection_pool,
                 outlier_detection: p.outlier_detection,
+                tls: p.tls,
             });
         }
     }
@@ -161,8 +174,117 @@ fn traffic_policy(node: &Node<'_>, top: bool) -> FieldResult<TrafficPolicy> {
             .get("outlierDetection")?
             .map(|n| outlier_detection(&n))
             .transpose()?,
+        tls: node.get("tls")?.map(|n| client_tls(&n)).transpose()?,
         port_level,
     })
+}
+
+/// `tls` (`ClientTLSSettings`). The file fields are kept as absolute paths; `MUTUAL`
+/// needs a client certificate and key; file fields under a mode that reads no file are
+/// refused (as Istio refuses them under `ISTIO_MUTUAL`), so a rule never says more than
+/// it does.
+fn client_tls(node: &Node<'_>) -> FieldResult<ClientTls> {
+    node.only(&[
+        "mode",
+        "sni",
+        "subjectAltNames",
+        "caCertificates",
+        "clientCertificate",
+        "privateKey",
+        "insecureSkipVerify",
+        "credentialName",
+        "caCrl",
+    ])?;
+    if let Some(n) = node.get("credentialName")? {
+        return Err(n.err(
+            "not supported: this data plane reads no Kubernetes Secret; mount the files and \
+             set caCertificates, clientCertificate and privateKey",
+        ));
+    }
+    if let Some(n) = node.get("caCrl")? {
+        return Err(n.err("not supported: certificate revocation lists are not checked"));
+    }
+    let mode = match node.get("mode")? {
+        None => TlsMode::Disable,
+        Some(n) => match n.str()? {
+            "DISABLE" => TlsMode::Disable,
+            "SIMPLE" => TlsMode::Simple,
+            "MUTUAL" => TlsMode::Mutual,
+            "ISTIO_MUTUAL" => TlsMode::IstioMutual,
+            other => {
+                return Err(n.err(format!(
+                    "unknown tls mode {other:?} (expected DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL)"
+                )))
+            }
+        },
+    };
+    let sni = match node.get("sni")? {
+        None => None,
+        Some(n) => {
+            let name = n.str()?.to_ascii_lowercase();
+            if name.len() > MAX_TLS_NAME || !name.split('.').all(dns_label) {
+                return Err(n.err(format!("sni {name:?} is not a DNS name")));
+            }
+            Some(name)
+        }
+    };
+    let mut subject_alt_names = Vec::new();
+    if let Some(list) = node.get("subjectAltNames")? {
+        let items = list.items()?;
+        if items.len() > MAX_SANS {
+            return Err(list.err(format!(
+                "at most {MAX_SANS} names allowed, found {}",
+                items.len()
+            )));
+        }
+        for item in items {
+            subject_alt_names.push(tls_name(&item, item.str()?)?);
+        }
+    }
+    let file = |key: &str| -> FieldResult<Option<String>> {
+        let Some(n) = node.get(key)? else {
+            return Ok(None);
+        };
+        let path = n.str()?;
+        if !path.starts_with('/') || path.contains('\0') {
+            return Err(n.err(format!("{path:?} is not an absolute path")));
+        }
+        let allowed = match key {
+            "caCertificates" => matches!(mode, TlsMode::Simple | TlsMode::Mutual),
+            _ => mode == TlsMode::Mutual,
+        };
+        if !allowed {
+            let modes = match key {
+                "caCertificates" => "SIMPLE and MUTUAL",
+                _ => "MUTUAL",
+            };
+            return Err(n.err(format!("applies only to mode {modes}")));
+        }
+        Ok(Some(path.to_string()))
+    };
+    let tls = ClientTls {
+        mode,
+        sni,
+        subject_alt_names,
+        ca_certificates: file("caCertificates")?,
+        client_certificate: file("clientCertificate")?,
+        private_key: file("privateKey")?,
+        insecure_skip_verify: node.opt_bool("insecureSkipVerify")?.unwrap_or(false),
+    };
+    if mode == TlsMode::Mutual && (tls.client_certificate.is_none() || tls.private_key.is_none()) {
+        return Err(node.err("mode MUTUAL needs clientCertificate and privateKey"));
+    }
+    Ok(tls)
+}
+
+/// An `sni` or `subjectAltNames` entry: a DNS name (`*.` wildcard allowed), an IP address
+/// or a URI (`spiffe://...`), printable ASCII, not empty.
+fn tls_name(node: &Node<'_>, name: &str) -> FieldResult<String> {
+    let printable = name.bytes().all(|b| b.is_ascii_graphic());
+    if name.is_empty() || name.len() > MAX_TLS_NAME || !printable {
+        return Err(node.err(format!("invalid tls name {name:?}")));
+    }
+    Ok(name.to_string())
 }
 
 fn load_balancer(node: &Node<'_>) -> FieldResult<LoadBalancer> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 use super::*;
-use crate::model::{HashKey, LoadBalancer};
+use crate::model::{ClientTls, HashKey, LoadBalancer, TlsMode};
 
 /// Loads a DestinationRule `spec` (YAML indented by two) as `shop/r`; `Ok` the rule, `Err`
 /// the message.
@@ -146,10 +146,6 @@ fn invalid_rules_are_refused_with_the_field() {
         (
             "  host: web\n  exportTo: [\".\"]\n",
             "spec.exportTo: not supported",
-        ),
-        (
-            "  host: web\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n",
-            "spec.trafficPolicy.tls: not supported",
         ),
         (
             "  host: web\n  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}\n",
@@ -325,4 +321,181 @@ fn the_rule_for_a_service_follows_istios_lookup_order() {
     let p = crate::model::effective_policy(&m, "shop", &web, 80, None).expect("policy");
     assert_eq!(p.load_balancer, LoadBalancer::LeastRequest);
     assert!(crate::model::effective_policy(&m, "shop", &web, 80, Some("v9")).is_err());
+}
+
+/// The merged `tls` of (`port`, `subset`) of the rule `spec`.
+fn tls_at(spec: &str, port: u16, subset: Option<&str>) -> Option<ClientTls> {
+    let dr = load(spec).unwrap_or_else(|e| panic!("{e}\n{spec}"));
+    dr.policy_for(port, subset).expect("policy").tls
+}
+
+#[test]
+fn each_tls_mode_and_its_fields() {
+    let tls = |spec: &str| -> Result<Option<ClientTls>, String> {
+        load(&format!("  host: web\n  trafficPolicy: {{tls: {spec}}}\n"))
+            .map(|d| d.traffic_policy.tls)
+    };
+    let mode = |m| {
+        Ok(Some(ClientTls {
+            mode: m,
+            ..ClientTls::default()
+        }))
+    };
+    assert_eq!(tls("{mode: ISTIO_MUTUAL}"), mode(TlsMode::IstioMutual));
+    assert_eq!(tls("{mode: DISABLE}"), mode(TlsMode::Disable));
+    assert_eq!(
+        tls("{}"),
+        mode(TlsMode::Disable),
+        "mode defaults to DISABLE"
+    );
+    assert_eq!(tls("{mode: SIMPLE}"), mode(TlsMode::Simple));
+    assert_eq!(
+        tls("{mode: SIMPLE, sni: API.example.com, subjectAltNames: [api.example.com, \"spiffe://td/ns/a/sa/b\"], caCertificates: /etc/certs/ca.pem, insecureSkipVerify: false}"),
+        Ok(Some(ClientTls {
+            mode: TlsMode::Simple,
+            sni: Some("api.example.com".into()),
+            subject_alt_names: vec!["api.example.com".into(), "spiffe://td/ns/a/sa/b".into()],
+            ca_certificates: Some("/etc/certs/ca.pem".into()),
+            ..ClientTls::default()
+        }))
+    );
+    assert_eq!(
+        tls("{mode: MUTUAL, clientCertificate: /c/cert.pem, privateKey: /c/key.pem, insecureSkipVerify: true}"),
+        Ok(Some(ClientTls {
+            mode: TlsMode::Mutual,
+            client_certificate: Some("/c/cert.pem".into()),
+            private_key: Some("/c/key.pem".into()),
+            insecure_skip_verify: true,
+            ..ClientTls::default()
+        }))
+    );
+    for (m, originates) in [
+        (TlsMode::Disable, false),
+        (TlsMode::IstioMutual, false),
+        (TlsMode::Simple, true),
+        (TlsMode::Mutual, true),
+    ] {
+        let t = ClientTls {
+            mode: m,
+            ..ClientTls::default()
+        };
+        assert_eq!(t.originates(), originates, "{m:?}");
+    }
+}
+
+#[test]
+fn an_istio_mutual_rule_keeps_its_subsets() {
+    // What Istio users write for ambient: the rule (and its subsets) applies, the mode
+    // changes nothing.
+    let spec = r#"
+  host: web
+  trafficPolicy:
+    tls: {mode: ISTIO_MUTUAL}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+"#;
+    let dr = load(spec).expect("accepted");
+    assert_eq!(dr.subsets[0].labels["version"], "v1");
+    let p = dr.policy_for(80, Some("v1")).expect("v1");
+    assert_eq!(p.tls.map(|t| t.mode), Some(TlsMode::IstioMutual));
+    assert!(dr
+        .policy_for(80, Some("v1"))
+        .expect("v1")
+        .origination()
+        .is_none());
+}
+
+#[test]
+fn tls_merges_like_the_other_parts() {
+    let spec = r#"
+  host: web
+  trafficPolicy:
+    tls: {mode: SIMPLE, sni: top.example}
+    portLevelSettings:
+    - port: {number: 9443}
+      tls: {mode: SIMPLE, sni: port.example}
+    - port: {number: 9000}
+      loadBalancer: {simple: RANDOM}
+  subsets:
+  - name: plain
+    labels: {version: v1}
+    trafficPolicy:
+      tls: {mode: DISABLE}
+  - name: keeps
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {simple: RANDOM}
+  - name: ported
+    labels: {version: v3}
+    trafficPolicy:
+      portLevelSettings:
+      - port: {number: 8443}
+        tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem, sni: sub.example}
+"#;
+    let sni =
+        |port, subset| tls_at(spec, port, subset).map(|t| (t.mode, t.sni.unwrap_or_default()));
+    use TlsMode::*;
+    for (port, subset, want) in [
+        (80, None, Some((Simple, "top.example"))),
+        (9443, None, Some((Simple, "port.example"))),
+        // A port-level entry replaces every part: no tls on 9000.
+        (9000, None, None),
+        (80, Some("plain"), Some((Disable, ""))),
+        // A subset that does not set tls keeps the rule's.
+        (80, Some("keeps"), Some((Simple, "top.example"))),
+        (9443, Some("keeps"), Some((Simple, "port.example"))),
+        (80, Some("ported"), Some((Simple, "top.example"))),
+        (8443, Some("ported"), Some((Mutual, "sub.example"))),
+    ] {
+        let got = sni(port, subset);
+        assert_eq!(
+            got,
+            want.map(|(m, s)| (m, s.to_string())),
+            "{port} {subset:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_tls_is_refused_with_the_field() {
+    for (tls, want) in [
+        ("{mode: STRICT}", "spec.trafficPolicy.tls.mode: unknown tls mode \"STRICT\""),
+        ("{mode: simple}", "unknown tls mode \"simple\""),
+        ("{mode: SIMPLE, credentialName: my-secret}", "spec.trafficPolicy.tls.credentialName: not supported: this data plane reads no Kubernetes Secret"),
+        ("{mode: SIMPLE, caCrl: /crl.pem}", "spec.trafficPolicy.tls.caCrl: not supported"),
+        ("{mode: MUTUAL}", "spec.trafficPolicy.tls: mode MUTUAL needs clientCertificate and privateKey"),
+        ("{mode: MUTUAL, clientCertificate: /c.pem}", "needs clientCertificate and privateKey"),
+        ("{mode: SIMPLE, caCertificates: ca.pem}", "spec.trafficPolicy.tls.caCertificates: \"ca.pem\" is not an absolute path"),
+        ("{mode: ISTIO_MUTUAL, caCertificates: /ca.pem}", "tls.caCertificates: applies only to mode SIMPLE and MUTUAL"),
+        ("{mode: DISABLE, clientCertificate: /c.pem}", "tls.clientCertificate: applies only to mode MUTUAL"),
+        ("{mode: SIMPLE, privateKey: /k.pem}", "tls.privateKey: applies only to mode MUTUAL"),
+        ("{mode: SIMPLE, sni: \"a b\"}", "tls.sni: sni \"a b\" is not a DNS name"),
+        ("{mode: SIMPLE, subjectAltNames: [\"\"]}", "tls.subjectAltNames[0]: invalid tls name"),
+        ("{mode: SIMPLE, subjectAltNames: a.example}", "tls.subjectAltNames: expected a sequence"),
+        ("{mode: SIMPLE, insecureSkipVerify: maybe}", "tls.insecureSkipVerify"),
+        ("{mode: SIMPLE, verify: true}", "tls.verify: unknown field"),
+    ] {
+        check(
+            &format!("  host: web\n  trafficPolicy: {{tls: {tls}}}\n"),
+            Err(want),
+        );
+    }
+    // The same checks at every level, named by where the field is.
+    for (spec, want) in [
+        (
+            "  host: web\n  trafficPolicy: {portLevelSettings: [{port: {number: 443}, tls: {mode: NOPE}}]}\n",
+            "spec.trafficPolicy.portLevelSettings[0].tls.mode: unknown tls mode",
+        ),
+        (
+            "  host: web\n  subsets: [{name: v1, trafficPolicy: {tls: {mode: MUTUAL}}}]\n",
+            "spec.subsets[0].trafficPolicy.tls: mode MUTUAL needs",
+        ),
+        (
+            "  host: web\n  subsets: [{name: v1, trafficPolicy: {portLevelSettings: [{port: {number: 443}, tls: {credentialName: s}}]}}]\n",
+            "spec.subsets[0].trafficPolicy.portLevelSettings[0].tls.credentialName: not supported",
+        ),
+    ] {
+        check(spec, Err(want));
+    }
 }

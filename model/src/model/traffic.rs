@@ -1,5 +1,6 @@
 //! Istio `DestinationRule` (`networking.istio.io/v1`) as the waypoint uses it: subsets,
-//! load balancing, connection-pool limits and outlier detection for traffic to one host.
+//! load balancing, connection-pool limits, outlier detection and upstream `tls` for
+//! traffic to one host.
 //! Typed, validated data built by [`crate::k8s`]; [`Model::destination_rule_for`] finds the
 //! rule that applies and [`DestinationRule::policy_for`] merges it for one (port, subset)
 //! into an [`EffectivePolicy`] with every default filled in, the one value the waypoint's
@@ -10,6 +11,13 @@
 //! `outlierDetection` block with fields unset means `consecutive5xxErrors: 5`,
 //! `interval: 10s`, `baseEjectionTime: 30s`, `maxEjectionPercent: 10` (at least one host
 //! may still be ejected), `minHealthPercent: 0`; no `outlierDetection` means no ejection.
+//!
+//! `tls` ([`ClientTls`]) is held as written (file paths, names); the model reads no file.
+//! Only `SIMPLE` and `MUTUAL` change what the waypoint does ([`EffectivePolicy::origination`]):
+//! it originates TLS to the application (inside the HBONE tunnel for an endpoint in the
+//! mesh, over TCP for one outside it). `ISTIO_MUTUAL` and `DISABLE` change nothing: in
+//! ambient the tunnel to an endpoint in the mesh is always mTLS (HBONE), and an endpoint
+//! outside the mesh has no mesh certificate to speak mTLS with, so it gets plain TCP.
 
 use std::time::Duration;
 
@@ -49,6 +57,7 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub tls: Option<ClientTls>,
     pub port_level: Vec<PortTrafficPolicy>,
 }
 
@@ -60,6 +69,7 @@ pub struct PortTrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub tls: Option<ClientTls>,
 }
 
 /// One `subsets` entry.
@@ -99,6 +109,46 @@ pub enum HashKey {
 
 fn header_name<S: serde::Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(h.as_str())
+}
+
+/// `tls` (Istio's `ClientTLSSettings`): how the waypoint speaks to the endpoints.
+/// Validated by [`crate::k8s`]: `MUTUAL` has a client certificate and key, file fields are
+/// absolute paths and set only for `SIMPLE`/`MUTUAL`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct ClientTls {
+    pub mode: TlsMode,
+    /// The SNI sent (else the Service's host name).
+    pub sni: Option<String>,
+    /// The names the server certificate must carry one of (else the SNI name).
+    pub subject_alt_names: Vec<String>,
+    /// PEM file of the roots the server certificate must chain to.
+    pub ca_certificates: Option<String>,
+    /// PEM files of the client certificate (chain) and its key (`MUTUAL`).
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    /// Accept any server certificate (chain and name unchecked).
+    pub insecure_skip_verify: bool,
+}
+
+/// `tls.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub enum TlsMode {
+    /// Plain text to the application (HBONE still carries it for an endpoint in the mesh).
+    #[default]
+    Disable,
+    /// TLS originated by the waypoint, server verified.
+    Simple,
+    /// [`TlsMode::Simple`] plus a client certificate.
+    Mutual,
+    /// The mesh's mTLS: HBONE, as without `tls`.
+    IstioMutual,
+}
+
+impl ClientTls {
+    /// Whether the waypoint originates TLS to the application (`SIMPLE`, `MUTUAL`).
+    pub fn originates(&self) -> bool {
+        matches!(self.mode, TlsMode::Simple | TlsMode::Mutual)
+    }
 }
 
 /// `connectionPool`; `None` = not set (unlimited, or the default).
@@ -168,9 +218,16 @@ pub struct EffectivePolicy {
     pub connection_pool: ConnectionPool,
     /// `None`: no outlier detection.
     pub outlier: Option<Ejection>,
+    /// `tls` as merged (`None`: not set, i.e. `DISABLE`).
+    pub tls: Option<ClientTls>,
 }
 
 impl EffectivePolicy {
+    /// The TLS the waypoint originates to the application, if any (`SIMPLE`, `MUTUAL`).
+    pub fn origination(&self) -> Option<&ClientTls> {
+        self.tls.as_ref().filter(|t| t.originates())
+    }
+
     /// `maxRetries`, defaulted.
     pub fn max_retries(&self) -> u32 {
         self.connection_pool
@@ -186,16 +243,17 @@ pub enum SubsetError {
     Unknown { subset: String, host: String },
 }
 
-/// The three overridable parts, while merging.
+/// The four overridable parts, while merging.
 #[derive(Clone, Default)]
 struct Parts {
     load_balancer: Option<LoadBalancer>,
     connection_pool: Option<ConnectionPool>,
     outlier_detection: Option<OutlierDetection>,
+    tls: Option<ClientTls>,
 }
 
 impl Parts {
-    /// `policy` at `port`: a matching `portLevelSettings` entry replaces all three parts
+    /// `policy` at `port`: a matching `portLevelSettings` entry replaces all four parts
     /// (port-level settings do not inherit, as Istio documents).
     fn of(policy: &TrafficPolicy, port: u16) -> Parts {
         match policy.port_level.iter().find(|p| p.port == port) {
@@ -203,11 +261,13 @@ impl Parts {
                 load_balancer: p.load_balancer.clone(),
                 connection_pool: p.connection_pool.clone(),
                 outlier_detection: p.outlier_detection.clone(),
+                tls: p.tls.clone(),
             },
             None => Parts {
                 load_balancer: policy.load_balancer.clone(),
                 connection_pool: policy.connection_pool.clone(),
                 outlier_detection: policy.outlier_detection.clone(),
+                tls: policy.tls.clone(),
             },
         }
     }
@@ -250,6 +310,9 @@ impl DestinationRule {
                 if let Some(od) = &sp.outlier_detection {
                     parts.outlier_detection = Some(od.clone());
                 }
+                if let Some(tls) = &sp.tls {
+                    parts.tls = Some(tls.clone());
+                }
                 if sp.port_level.iter().any(|p| p.port == port) {
                     parts = Parts::of(sp, port);
                 }
@@ -262,6 +325,7 @@ impl DestinationRule {
                 .outlier_detection
                 .as_ref()
                 .map(OutlierDetection::resolve),
+            tls: parts.tls,
         })
     }
 }

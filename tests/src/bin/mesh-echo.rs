@@ -2,7 +2,13 @@
 //!
 //! ```text
 //! mesh-echo --port 8080 [--port 9090] [--name v1] [--listen 0.0.0.0]
+//!           [--tls-cert cert.pem --tls-key key.pem [--client-ca ca.pem]]
 //! ```
+//!
+//! With `--tls-cert`/`--tls-key` every port serves TLS (1.2 or 1.3, ALPN `http/1.1`),
+//! requiring a client certificate from `--client-ca` when given, and each HTTP reply
+//! carries a `"tls"` field: the SNI, ALPN and version the connection used and the DNS names
+//! of the client certificate (`e2e::tls::describe`).
 //!
 //! Prints `listening on <addr>` once per bound port (port 0 picks a free one). A connection
 //! whose first bytes are an HTTP/1.x request line is served as HTTP with keep-alive: every
@@ -18,6 +24,7 @@
 
 use std::io::Cursor;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,10 +35,13 @@ use e2e::echo::{
     upgrade_requested, BodyFraming, RequestHead, Seen, Sniff,
 };
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::OwnedWriteHalf;
+use serde_json::Value;
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
@@ -56,13 +66,43 @@ struct Args {
     /// Address to bind.
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     listen: IpAddr,
+    /// Serve TLS with this certificate (PEM chain); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require a client certificate issued by this CA (PEM); needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+}
+
+/// What every connection of a listener shares.
+struct Shared {
+    name: Arc<str>,
+    seen: Arc<Mutex<Seen>>,
+    tls: Option<TlsAcceptor>,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let name: Arc<str> = Arc::from(args.name);
-    let seen = Arc::new(Mutex::new(Seen::default()));
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let leaf = e2e::tls::Leaf {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            let config = e2e::tls::server_config(&leaf, args.client_ca.as_deref(), &[b"http/1.1"])?;
+            Some(TlsAcceptor::from(config))
+        }
+        _ => None,
+    };
+    let shared = Arc::new(Shared {
+        name: Arc::from(args.name),
+        seen: Arc::new(Mutex::new(Seen::default())),
+        tls,
+    });
     let mut servers = JoinSet::new();
     for port in args.ports {
         let addr = SocketAddr::new(args.listen, port);
@@ -74,7 +114,7 @@ async fn main() -> Result<()> {
             .with_context(|| format!("local address of {addr}"))?;
         // Tests wait for this line before connecting.
         println!("listening on {local}");
-        servers.spawn(accept_loop(listener, local, name.clone(), seen.clone()));
+        servers.spawn(accept_loop(listener, local, shared.clone()));
     }
     while let Some(joined) = servers.join_next().await {
         joined.context("accept loop panicked")?;
@@ -82,18 +122,13 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    local: SocketAddr,
-    name: Arc<str>,
-    seen: Arc<Mutex<Seen>>,
-) {
+async fn accept_loop(listener: TcpListener, local: SocketAddr, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let (name, seen) = (name.clone(), seen.clone());
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve(stream, peer, &name, &seen).await {
+                    if let Err(e) = accept(stream, peer, &shared).await {
                         eprintln!("mesh-echo {local}: connection from {peer}: {e:#}");
                     }
                 });
@@ -106,9 +141,28 @@ async fn accept_loop(
     }
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, name: &str, seen: &Mutex<Seen>) -> Result<()> {
+/// One accepted connection: the TLS handshake first when serving TLS.
+async fn accept(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<()> {
     stream.set_nodelay(true).context("set TCP_NODELAY")?;
-    let (mut read, write) = stream.into_split();
+    let (name, seen) = (&*shared.name, &*shared.seen);
+    match &shared.tls {
+        None => serve(stream, peer, name, seen, None).await,
+        Some(acceptor) => {
+            let tls = acceptor.accept(stream).await.context("tls handshake")?;
+            let info = e2e::tls::describe(tls.get_ref().1);
+            serve(tls, peer, name, seen, Some(info)).await
+        }
+    }
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: SocketAddr,
+    name: &str,
+    seen: &Mutex<Seen>,
+    tls: Option<Value>,
+) -> Result<()> {
+    let (mut read, write) = tokio::io::split(stream);
     let mut first = Vec::with_capacity(1024);
     let kind = loop {
         match sniff(&first) {
@@ -123,13 +177,16 @@ async fn serve(stream: TcpStream, peer: SocketAddr, name: &str, seen: &Mutex<See
     // What was read while sniffing is replayed before the rest of the stream.
     let reader = BufReader::new(Cursor::new(first).chain(read));
     match kind {
-        Sniff::Http => serve_http(reader, write, peer, name, seen).await,
+        Sniff::Http => serve_http(reader, write, peer, name, seen, tls.as_ref()).await,
         _ => echo(reader, write).await,
     }
 }
 
 /// Echoes until the client's end of stream, then half-closes our side.
-async fn echo<R: AsyncBufRead + Unpin>(mut reader: R, mut write: OwnedWriteHalf) -> Result<()> {
+async fn echo<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin>(
+    mut reader: R,
+    mut write: W,
+) -> Result<()> {
     tokio::io::copy_buf(&mut reader, &mut write)
         .await
         .context("echo")?;
@@ -137,12 +194,13 @@ async fn echo<R: AsyncBufRead + Unpin>(mut reader: R, mut write: OwnedWriteHalf)
     Ok(())
 }
 
-async fn serve_http<R: AsyncBufRead + Unpin>(
+async fn serve_http<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin>(
     mut reader: R,
-    mut write: OwnedWriteHalf,
+    mut write: W,
     peer: SocketAddr,
     name: &str,
     seen: &Mutex<Seen>,
+    tls: Option<&Value>,
 ) -> Result<()> {
     loop {
         let Some(lines) = read_head(&mut reader).await? else {
@@ -182,7 +240,10 @@ async fn serve_http<R: AsyncBufRead + Unpin>(
             tokio::time::sleep(delay).await;
         }
         let keep_alive = head.keep_alive();
-        let body = report.unwrap_or_else(|| reply_body(name, peer, &head, body_bytes));
+        let mut body = report.unwrap_or_else(|| reply_body(name, peer, &head, body_bytes));
+        if let (Some(info), Value::Object(fields)) = (tls, &mut body) {
+            fields.insert("tls".to_string(), info.clone());
+        }
         write
             .write_all(&response_bytes_with_status(
                 &head,
@@ -201,9 +262,9 @@ async fn serve_http<R: AsyncBufRead + Unpin>(
 
 /// Answers an upgrade with `101`, then speaks WebSocket (echoing messages, text prefixed with
 /// the server's name) or, for any other protocol, echoes raw bytes.
-async fn serve_upgraded<R: AsyncBufRead + Unpin>(
+async fn serve_upgraded<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin>(
     reader: R,
-    mut write: OwnedWriteHalf,
+    mut write: W,
     head: &RequestHead,
     protocol: &str,
     name: &str,

@@ -166,6 +166,9 @@ pub struct Mesh {
     app: AppHandle<Addrs>,
     certs: Arc<CertManager>,
     sleep_ip: Ipv4Addr,
+    /// The mesh's /24: `subnet(last)` is its address ending in `last`.
+    #[allow(dead_code)] // read by `upstream_tls.rs` only
+    subnet: Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>,
     pool: Pool,
     _dir: tempfile::TempDir,
 }
@@ -174,6 +177,13 @@ impl Mesh {
     /// The shared topology plus `yaml` (the test's policies, routes...), the backends, and
     /// the waypoint, ready.
     pub async fn start(yaml: &str) -> Result<Mesh> {
+        Mesh::start_with(|_| yaml.to_string()).await
+    }
+
+    /// [`Mesh::start`] with YAML that names addresses of the mesh's own /24 (`ip(last)`),
+    /// e.g. pods whose servers the test runs itself (free last octets: 10-99).
+    #[allow(dead_code)] // used by `upstream_tls.rs` only
+    pub async fn start_with(yaml: impl FnOnce(&dyn Fn(u8) -> Ipv4Addr) -> String) -> Result<Mesh> {
         Self::start_from(yaml, None).await
     }
 
@@ -182,7 +192,7 @@ impl Mesh {
     /// process: one such mesh per test binary (`kube_policy.rs`).
     #[allow(dead_code)]
     pub async fn start_kube(server: &e2e::apiserver::FakeApiServer, yaml: &str) -> Result<Mesh> {
-        let mesh = Self::start_from(yaml, Some(server)).await?;
+        let mesh = Self::start_from(|_| yaml.to_string(), Some(server)).await?;
         let deadline = Instant::now() + EVENTUALLY;
         while mesh.ready().await? != 200 {
             anyhow::ensure!(Instant::now() < deadline, "the waypoint never got ready");
@@ -192,10 +202,11 @@ impl Mesh {
     }
 
     async fn start_from(
-        yaml: &str,
+        yaml: impl FnOnce(&dyn Fn(u8) -> Ipv4Addr) -> String,
         server: Option<&e2e::apiserver::FakeApiServer>,
     ) -> Result<Mesh> {
         let ip = next_subnet();
+        let yaml = &yaml(&ip);
         let dir = tempfile::tempdir()?;
         let (config_dir, ca_dir) = (dir.path().join("config"), dir.path().join("ca"));
         std::fs::create_dir_all(&config_dir)?;
@@ -237,9 +248,16 @@ impl Mesh {
             app,
             certs,
             sleep_ip: ip(SLEEP),
+            subnet: Box::new(ip),
             pool: Pool::new(PoolConfig::default()),
             _dir: dir,
         })
+    }
+
+    /// The mesh's address ending in `last` (as [`Mesh::start_with`] gave it).
+    #[allow(dead_code)] // used by `upstream_tls.rs` only
+    pub fn ip(&self, last: u8) -> Ipv4Addr {
+        (self.subnet)(last)
     }
 
     /// The client pod `app/sleep` calling Service `echo`.

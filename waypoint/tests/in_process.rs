@@ -146,6 +146,46 @@ async fn a_forged_client_address_does_not_pass_ip_block_rules() -> Result<()> {
     mesh.stop().await
 }
 
+/// RELIABILITY 20 on the waypoint's L4 path (a `tcp` port, bytes relayed): `ipBlocks` is
+/// the tunnel's peer address, never the CONNECT's `forwarded` header. A client claiming the
+/// one allowed range is refused at the CONNECT; the same client is admitted by a policy that
+/// names the address it really comes from, whatever it claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_forwarded_header_does_not_pass_ip_blocks_at_l4() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let forged = std::net::Ipv4Addr::new(10, 99, 0, 1);
+    let only_forged = policy(
+        "forged-range",
+        "ALLOW",
+        r#"[{from: [{source: {ipBlocks: ["10.99.0.0/16"]}}]}]"#,
+    );
+    let mesh = Mesh::start(&only_forged).await?;
+    let liar = mesh.sleep()?.to(support::ECHO_TCP).claiming(forged);
+    match liar.tunnel().await {
+        Err(mesh_hbone::HboneError::Status(s)) => assert_eq!(s.as_u16(), 401),
+        Err(e) => anyhow::bail!("refused, but not by policy: {e}"),
+        Ok(_) => anyhow::bail!("a forged forwarded header passed an ipBlocks ALLOW at L4"),
+    }
+    mesh.stop().await?;
+
+    let only_loopback = policy(
+        "real-range",
+        "ALLOW",
+        r#"[{from: [{source: {ipBlocks: ["127.0.0.0/8"]}}]}]"#,
+    );
+    let mesh = Mesh::start(&only_loopback).await?;
+    let liar = mesh.sleep()?.to(support::ECHO_TCP).claiming(forged);
+    let mut tunnel = liar.tunnel().await?;
+    tunnel
+        .write_all(b"GET /l4 HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(support::EVENTUALLY, tunnel.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    mesh.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deny_policy_on_a_principal_refuses_only_that_client() -> Result<()> {
     let rules = "[{from: [{source: {principals: [cluster.local/ns/app/sa/batch]}}]}]";

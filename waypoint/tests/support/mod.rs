@@ -48,6 +48,11 @@ pub const ECHO_H2: Target = Target {
     host: "echo.app.svc.cluster.local",
     vip: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)), 81),
 };
+/// Port 82 of `echo`: declared `tcp`, so the waypoint relays bytes (its L4 path).
+pub const ECHO_TCP: Target = Target {
+    host: "echo.app.svc.cluster.local",
+    vip: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)), 82),
+};
 /// The same pods through a Service that does not use the waypoint.
 pub const BYPASS: Target = Target {
     host: "bypass.app.svc.cluster.local",
@@ -64,7 +69,7 @@ const HTTP2_PORT: u16 = 8082;
 
 /// The topology every mesh shares: Gateway `app/wp` and its pod, the client pod `app/sleep`,
 /// pods `echo-v1` and `echo-v2` (labels `app: echo`, `version: v1|v2`), Service `echo` (both
-/// pods, through the waypoint; port 80 `http`, port 81 `http2`), Services `echo-v1` and
+/// pods, through the waypoint; port 80 `http`, port 81 `http2`, port 82 `tcp`), Services `echo-v1` and
 /// `echo-v2` (one pod each) and `bypass` (both pods, no waypoint).
 fn topology(ip: impl Fn(u8) -> Ipv4Addr) -> String {
     let (wp, sleep) = (ip(WAYPOINT), ip(SLEEP));
@@ -102,6 +107,7 @@ spec:
   ports:
   - {{name: http, port: 80, targetPort: {HTTP1_PORT}}}
   - {{name: http2, port: 81, targetPort: {HTTP2_PORT}}}
+  - {{name: tcp, port: 82, targetPort: {HTTP1_PORT}}}
 ---
 apiVersion: v1
 kind: Service

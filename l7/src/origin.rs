@@ -8,7 +8,7 @@
 //!   request fails closed) unless `insecureSkipVerify: true`, and the certificate must be
 //!   valid for one of `subjectAltNames`, else for the SNI name. `MUTUAL` presents
 //!   `clientCertificate` with `privateKey`. ALPN: `h2` when the port speaks HTTP/2 or gRPC,
-//!   else `http/1.1`. TLS 1.2 or 1.3 ([`mesh_pki::tls::origin`]).
+//!   `http/1.1` for other HTTP, none for a port relayed as TCP. TLS 1.2 or 1.3 ([`mesh_pki::tls::origin`]).
 //! - Files are read, and the rustls configs built, once per (settings, host) per model
 //!   ([`Origins`]): the first request of a cluster under a new model reads them, later
 //!   ones reuse the result. A file that is missing or unusable fails that cluster's
@@ -77,6 +77,8 @@ pub struct Origin {
     pub id: u64,
     http1: Arc<ClientConfig>,
     http2: Arc<ClientConfig>,
+    /// For a port relayed as TCP: no ALPN offered (the bytes are the client's own).
+    tcp: Arc<ClientConfig>,
     server_name: ServerName<'static>,
 }
 
@@ -116,13 +118,18 @@ impl Origin {
                 client: client
                     .as_ref()
                     .map(|(chain, key)| (chain.clone(), key.clone_key())),
-                alpn: vec![alpn.to_vec()],
+                alpn: if alpn.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![alpn.to_vec()]
+                },
             })
         };
         Ok(Origin {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             http1: config(b"http/1.1")?,
             http2: config(b"h2")?,
+            tcp: config(b"")?,
             server_name,
         })
     }
@@ -143,6 +150,21 @@ impl Origin {
             UpstreamProto::Http1 => &self.http1,
             UpstreamProto::Http2 => &self.http2,
         };
+        self.handshake(config, io, timeout).await
+    }
+
+    /// The TLS handshake over `io` for a port the proxy relays as TCP (no ALPN offered),
+    /// within `timeout`.
+    pub async fn connect_tcp<S: Io>(&self, io: S, timeout: Duration) -> io::Result<TlsStream<S>> {
+        self.handshake(&self.tcp, io, timeout).await
+    }
+
+    async fn handshake<S: Io>(
+        &self,
+        config: &Arc<ClientConfig>,
+        io: S,
+        timeout: Duration,
+    ) -> io::Result<TlsStream<S>> {
         let handshake = TlsConnector::from(config.clone()).connect(self.server_name.clone(), io);
         tokio::time::timeout(timeout, handshake)
             .await

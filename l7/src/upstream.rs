@@ -271,6 +271,31 @@ impl Upstreams {
             .await
     }
 
+    /// A connection for a port the proxy relays as TCP: [`Upstreams::connect`], then TLS
+    /// originated over it (no ALPN) when `origin` is given (DestinationRule `tls` `SIMPLE` /
+    /// `MUTUAL`), the handshake within the connect timeout too.
+    pub async fn connect_tcp(
+        &self,
+        ep: &Endpoint,
+        local_ip: IpAddr,
+        service_host: Option<String>,
+        origin: Option<&Origin>,
+    ) -> Result<Box<dyn Io>, UpstreamError> {
+        let stream = self.connect(ep, local_ip, service_host).await?;
+        let Some(origin) = origin else {
+            return Ok(stream);
+        };
+        let tls = origin
+            .connect_tcp(stream, self.cfg.connect_timeout)
+            .await
+            .map_err(|source| UpstreamError::Origin {
+                addr: ep.addr,
+                server: origin.server_name(),
+                source,
+            })?;
+        Ok(Box::new(tls))
+    }
+
     /// [`Upstreams::connect_within`], then TLS originated over the stream when `origin`
     /// is given (offering the ALPN of `proto`; the handshake within `timeout` too).
     async fn connect_app(

@@ -23,6 +23,7 @@ use mesh_l7::proxy::{ConnCtx, Inputs};
 use mesh_l7::telemetry::{LabelInputs, REPORTER};
 use mesh_l7::upstream::Endpoint;
 use mesh_model::identity::Identity;
+use mesh_model::model::effective_policy;
 use mesh_model::policy::{Decision, L4Request};
 use mesh_shell::conns::Active;
 use tokio::io::AsyncReadExt;
@@ -304,7 +305,8 @@ async fn sniff<T: Io>(stream: &mut T, timeout: Duration) -> (BytesMut, Detected)
 }
 
 /// L4 path: policy for the connection (L7 rules fail closed), then a connection to the first
-/// endpoint (round robin) that answers.
+/// endpoint (round robin) that answers, with TLS originated over it when the Service's
+/// DestinationRule says `tls` `SIMPLE` / `MUTUAL` (no ALPN: the bytes are the client's).
 async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoint), Refusal> {
     let model = inputs.model.load_full();
     let policies = mesh_model::policy::l7::policies_for_waypoint(
@@ -341,12 +343,27 @@ async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoin
     let eps = &resolved.endpoints;
     let start = inputs.upstreams.next_index(&rr_key);
     let host = resolved.service.map(|s| s.hostname());
+    // DestinationRule `tls` SIMPLE / MUTUAL: TLS originated over the relayed connection.
+    let tls = resolved.service.zip(resolved.port).and_then(|(svc, port)| {
+        let policy = effective_policy(&model, &inputs.cfg.gateway.namespace, svc, port.port, None);
+        policy.ok()?.origination().cloned()
+    });
+    let origin = match (&tls, &host) {
+        (Some(tls), Some(host)) => match inputs.upstreams.origins.get(&model, tls, host) {
+            Ok(origin) => Some(origin),
+            Err(e) => {
+                let reason = format!("tls origination settings: {e}");
+                return Err((StatusCode::SERVICE_UNAVAILABLE, "UF", reason));
+            }
+        },
+        _ => None,
+    };
     let mut last = String::new();
     for i in 0..eps.len() {
         let ep = &eps[(start + i) % eps.len()];
         match inputs
             .upstreams
-            .connect(ep, ctx.local.ip(), host.clone())
+            .connect_tcp(ep, ctx.local.ip(), host.clone(), origin.as_deref())
             .await
         {
             Ok(io) => return Ok((io, ep.clone())),

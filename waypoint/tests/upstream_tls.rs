@@ -38,6 +38,11 @@ const SECURE_H2: Target = Target {
     host: "secure.app.svc.cluster.local",
     vip: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 40)), 444),
 };
+/// Port 445 of `secure`: declared `tcp`, so the waypoint relays the client's bytes.
+const SECURE_TCP: Target = Target {
+    host: "secure.app.svc.cluster.local",
+    vip: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 40)), 445),
+};
 /// Service `inmesh`: port 443 of pod `echo-v1` (in the mesh), 8443 on the pod.
 const IN_MESH: Target = Target {
     host: "inmesh.app.svc.cluster.local",
@@ -66,6 +71,7 @@ spec:
   ports:
   - {{name: http, port: 443, targetPort: {TLS_PORT}}}
   - {{name: http2, port: 444, targetPort: {TLS_PORT}}}
+  - {{name: tcp, port: 445, targetPort: {TLS_PORT}}}
 ---
 apiVersion: v1
 kind: Service
@@ -468,5 +474,49 @@ spec:
         .await?;
     assert_eq!(sent, 1.0, "the copy was answered");
     assert_eq!(backend.handshakes(), 1, "the copy went over TLS");
+    Ok(())
+}
+
+/// A port the waypoint relays as TCP originates TLS too, offering no ALPN (the bytes inside
+/// are the client's own); a server certificate from an unknown CA refuses the CONNECT with
+/// `503` before any byte is relayed.
+#[tokio::test]
+async fn a_tcp_port_originates_tls_without_alpn() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new(&["secure.app.svc.cluster.local"])?;
+    let simple = rule(
+        "secure",
+        &format!("{{mode: SIMPLE, caCertificates: {}}}", pki.ca()),
+    );
+    let (first, backend) = mesh(&pki, simple, false).await?;
+    let mut tunnel = first.sleep()?.to(SECURE_TCP).tunnel().await?;
+    tunnel
+        .write_all(b"GET / HTTP/1.1\r\nhost: secure\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(support::EVENTUALLY, tunnel.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    let body = answer.split("\r\n\r\n").nth(1).context("no body")?;
+    let tls = tls_seen(body)?;
+    assert_eq!(tls["sni"], "secure.app.svc.cluster.local", "{tls}");
+    assert!(tls["alpn"].is_null(), "no ALPN on a tcp port: {tls}");
+    assert_eq!(backend.handshakes(), 1);
+    drop(first);
+
+    let stranger = TestCa::new(pki.dir.path(), "stranger")?;
+    let untrusted = rule(
+        "secure",
+        &format!(
+            "{{mode: SIMPLE, caCertificates: {}}}",
+            stranger.cert.display()
+        ),
+    );
+    let (mesh, backend) = mesh(&pki, untrusted, false).await?;
+    match mesh.sleep()?.to(SECURE_TCP).tunnel().await {
+        Err(mesh_hbone::HboneError::Status(s)) => assert_eq!(s.as_u16(), 503),
+        Err(e) => anyhow::bail!("refused, but not with 503: {e}"),
+        Ok(_) => anyhow::bail!("relayed to a server whose certificate nobody vouches for"),
+    }
+    assert_eq!(backend.handshakes(), 0);
     Ok(())
 }

@@ -145,13 +145,18 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
         let started = std::time::Instant::now();
         stop.cancel();
         let _ = manager_task.await;
-        let drained = mesh_shell::process::drain(cfg.drain_timeout, open.idle(), || open.len()).await;
+        let drained =
+            mesh_shell::process::drain(cfg.drain_timeout, open.idle(), || open.len()).await;
         let waited_ms = started.elapsed().as_millis() as u64;
         if drained {
             tracing::info!(waited_ms, "drained: every connection finished");
         } else {
             // Exiting closes them; the count is the deadline's toll.
-            tracing::warn!(cut = open.len(), waited_ms, "drain deadline: connections cut");
+            tracing::warn!(
+                cut = open.len(),
+                waited_ms,
+                "drain deadline: connections cut"
+            );
         }
         if cfg.release_on_exit {
             release_on_exit(&cfg, &pi.model.load()).await;

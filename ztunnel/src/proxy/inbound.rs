@@ -33,9 +33,13 @@ pub async fn run(
 ) {
     let ctx = pod.clone();
     let open = pi.open.clone();
-    accept_loop(listener, stop, "inbound_hbone", (&ctx, &open), |tcp, peer| {
-        handle_conn(tcp, peer, pod.clone(), pi.clone())
-    })
+    accept_loop(
+        listener,
+        stop,
+        "inbound_hbone",
+        (&ctx, &open),
+        |tcp, peer| handle_conn(tcp, peer, pod.clone(), pi.clone()),
+    )
     .await;
 }
 

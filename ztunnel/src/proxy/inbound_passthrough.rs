@@ -32,9 +32,13 @@ pub async fn run(
 ) {
     let ctx = pod.clone();
     let open = pi.open.clone();
-    accept_loop(listener, stop, "inbound_plaintext", (&ctx, &open), |tcp, peer| {
-        handle(tcp, peer, pod.clone(), pi.clone())
-    })
+    accept_loop(
+        listener,
+        stop,
+        "inbound_plaintext",
+        (&ctx, &open),
+        |tcp, peer| handle(tcp, peer, pod.clone(), pi.clone()),
+    )
     .await;
 }
 

@@ -348,7 +348,7 @@ fn leftovers(mesh: &Mesh, pod: &str) -> Result<Option<String>> {
             found.push(format!("sk_lookup links {links:?}"));
         }
         if let Some(fs) = mesh.bpf_fs() {
-            let prefix = pod.replace('/', "_").replace('.', "_") + "_";
+            let prefix = pod.replace(['/', '.'], "_") + "_";
             let pins: Vec<String> = std::fs::read_dir(fs.join("ztunnel"))
                 .map(|d| {
                     d.flatten()

@@ -126,7 +126,6 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
             conns.clone(),
             changed,
             stop.clone(),
-            cfg.release_on_exit,
         ),
     );
     tracing::info!(node = %cfg.node_name, source = ?cfg.config_source, config_dir = ?cfg.config_dir, "ztunnel started");
@@ -206,7 +205,6 @@ async fn manage_workloads(
     conns: Arc<ConnTracker>,
     mut rx: watch::Receiver<()>,
     stop: CancellationToken,
-    release_on_exit: bool,
 ) {
     let mut settled = loaded.reconcile(&mut manager, &model);
     loop {
@@ -219,11 +217,7 @@ async fn manage_workloads(
         };
         tokio::select! {
             _ = stop.cancelled() => {
-                if release_on_exit {
-                    manager.release_all();
-                } else {
-                    manager.stop_all();
-                }
+                manager.shut_down();
                 return;
             }
             changed = rx.changed() => {

@@ -323,10 +323,11 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 13] = [
+const E2E_SUITES: [&str; 14] = [
     "core",
     "ca_service",
     "enrollment",
+    "lifecycle",
     "bad_peers",
     "waypoint",
     "waypoint_routing",

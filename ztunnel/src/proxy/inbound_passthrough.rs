@@ -31,9 +31,15 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let ctx = pod.clone();
-    accept_loop(listener, stop, "inbound_plaintext", &ctx, |tcp, peer| {
-        handle(tcp, peer, pod.clone(), pi.clone())
-    })
+    let inputs = pi.clone();
+    accept_loop(
+        listener,
+        stop,
+        "inbound_plaintext",
+        &ctx,
+        &inputs,
+        |tcp, peer| handle(tcp, peer, pod.clone(), pi.clone()),
+    )
     .await;
 }
 

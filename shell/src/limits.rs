@@ -133,6 +133,8 @@ mod secs {
 /// A cap on things held at once (connections, handshakes): [`Cap::try_enter`] never waits.
 #[derive(Debug, Clone)]
 pub struct Cap {
+    /// The flag that sets it (`max_connections`...), for the refusal's log line.
+    name: &'static str,
     sem: Arc<Semaphore>,
     max: usize,
 }
@@ -142,9 +144,11 @@ pub struct Cap {
 pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
 
 impl Cap {
-    pub fn new(max: usize) -> Self {
+    /// `name` is the flag that sets `max` (named in refusals).
+    pub fn new(name: &'static str, max: usize) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         Cap {
+            name,
             sem: Arc::new(Semaphore::new(max)),
             max,
         }
@@ -153,6 +157,22 @@ impl Cap {
     /// A slot, or `None` when all are taken (the caller refuses; nothing waits).
     pub fn try_enter(&self) -> Option<Slot> {
         self.sem.clone().try_acquire_owned().ok().map(Slot)
+    }
+
+    /// [`Cap::try_enter`] for a connection from `peer` on `listener`; when full, counts and
+    /// logs the refusal ([`refused_over_limit`]) and the caller drops the connection.
+    pub fn admit(
+        &self,
+        metrics: &mesh_telemetry::Metrics,
+        reporter: &str,
+        listener: &str,
+        peer: std::net::SocketAddr,
+    ) -> Option<Slot> {
+        let slot = self.try_enter();
+        if slot.is_none() {
+            refused_over_limit(metrics, reporter, listener, peer, self.name, self.max);
+        }
+        slot
     }
 
     pub fn max(&self) -> usize {
@@ -228,14 +248,14 @@ mod tests {
 
     #[test]
     fn a_full_cap_refuses_at_once_and_a_freed_slot_is_taken_again() {
-        let cap = Cap::new(3);
+        let cap = Cap::new("test", 3);
         let slots: Vec<_> = (0..3).map(|_| cap.try_enter().expect("free")).collect();
         assert_eq!(cap.held(), 3);
         assert!(cap.try_enter().is_none());
         drop(slots);
         assert_eq!(cap.held(), 0);
         assert!(cap.try_enter().is_some());
-        assert_eq!(Cap::new(0).max(), 1);
+        assert_eq!(Cap::new("test", 0).max(), 1);
     }
 
     #[test]

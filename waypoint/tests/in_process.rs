@@ -713,3 +713,58 @@ async fn the_waypoint_is_ready_and_quitquitquit_closes_its_listener() -> Result<
     assert!(!accepts(hbone).await, "hbone listener after the quit");
     Ok(())
 }
+
+// --- bounded resources (RELIABILITY 7, 38) ---
+
+/// Whether the waypoint closes `tcp` within `within` (EOF or reset on read).
+async fn closed_within(tcp: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_connection_cap_new_connections_are_closed_at_once_then_served_again() -> Result<()>
+{
+    let mesh = Mesh::start_with_flags("", &["--max-connections=3"]).await?;
+    let hbone = mesh.hbone_addr();
+    // A real client holds one connection (pooled, reused for every request).
+    let c = mesh.sleep()?;
+    expect_path(&c, "/before", "/before").await?;
+    // Two that never say hello take the other two slots.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(hbone).await?);
+    }
+    info!("the next connection is over the cap");
+    let started = Instant::now();
+    let mut over = tokio::net::TcpStream::connect(hbone).await?;
+    assert!(
+        closed_within(&mut over, Duration::from_millis(500)).await,
+        "a fourth connection was kept"
+    );
+    info!(took = ?started.elapsed(), "closed");
+    let refused = [("reporter", "waypoint"), ("reason", "OM")];
+    let n = mesh
+        .counted("mesh_connections_refused_total", &refused, 1.0)
+        .await?;
+    assert_eq!(n, 1.0);
+    // The open ones keep working: the real client's requests still pass.
+    expect_path(&c, "/during", "/during").await?;
+    // One slot frees: a new connection is served (a new client dials its own).
+    drop(silent.pop());
+    // Another identity: another pooled connection, so this one is dialled afresh.
+    let fresh = mesh.client(identity("app", "fresh"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if fresh.get("/after").await.is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mesh.stop().await
+}

@@ -39,22 +39,24 @@ async fn eventually_accepted(
 ) -> Result<Duration> {
     let started = Instant::now();
     loop {
-        let attempt = tokio::time::timeout(
-            Duration::from_secs(1),
-            handshake(src, dst, tls.clone()),
-        )
-        .await;
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(1), handshake(src, dst, tls.clone())).await;
         if let Ok(Ok(Handshake::Accepted)) = attempt {
             return Ok(started.elapsed());
         }
-        ensure!(started.elapsed() < within, "not served within {within:?}: {attempt:?}");
+        ensure!(
+            started.elapsed() < within,
+            "not served within {within:?}: {attempt:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_agent_backs_off_then_serves_again() -> Result<()> {
-    let prlimit = std::process::Command::new("prlimit").arg("--version").output();
+    let prlimit = std::process::Command::new("prlimit")
+        .arg("--version")
+        .output();
     ensure!(
         prlimit.is_ok_and(|o| o.status.success()),
         "needs prlimit (util-linux)"
@@ -124,10 +126,16 @@ async fn out_of_descriptors_the_agent_backs_off_then_serves_again() -> Result<()
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while !log.contains("backing off") {
-        ensure!(Instant::now() < deadline, "the agent never ran out of descriptors");
+        ensure!(
+            Instant::now() < deadline,
+            "the agent never ran out of descriptors"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    ensure!(agent.try_wait()?.is_none(), "the agent died out of descriptors");
+    ensure!(
+        agent.try_wait()?.is_none(),
+        "the agent died out of descriptors"
+    );
 
     // Free them: the agent's ends close, and the next real client is served.
     drop(silent);

@@ -69,17 +69,11 @@ pub(crate) async fn handle_conn(
         record_refusal(&pi, labels, log, ResponseFlag::Tls, reason);
     };
     // Over the cap on handshakes in progress: closed at once, never queued.
-    let Some(handshake_slot) = pi.handshake_cap.try_enter() else {
-        let max = pi.handshake_cap.max();
-        let limit = "max_tls_handshakes";
-        return mesh_shell::limits::refused_over_limit(
-            &pi.metrics,
-            REPORTER,
-            "inbound_hbone",
-            peer,
-            limit,
-            max,
-        );
+    let Some(handshake_slot) = pi
+        .handshake_cap
+        .admit(&pi.metrics, REPORTER, "inbound_hbone", peer)
+    else {
+        return;
     };
     // Boxed: the handshake state is large and needed only until the connection is up.
     let handshake = Box::pin(acceptor.accept(tcp));

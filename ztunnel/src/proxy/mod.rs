@@ -104,8 +104,8 @@ impl ProxyInputs {
         pod_netns: PodNetnsSource,
         drain: tokio_util::sync::CancellationToken,
     ) -> Self {
-        let conn_cap = Cap::new(cfg.limits.max_connections);
-        let handshake_cap = Cap::new(cfg.limits.max_tls_handshakes);
+        let conn_cap = Cap::new("max_connections", cfg.limits.max_connections);
+        let handshake_cap = Cap::new("max_tls_handshakes", cfg.limits.max_tls_handshakes);
         ProxyInputs {
             conn_cap,
             handshake_cap,
@@ -392,14 +392,11 @@ pub(crate) async fn accept_loop<F, Fut>(
     };
     let keepalive = pi.cfg.limits.keepalive();
     let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
-        let over = |limit, max| {
-            mesh_shell::limits::refused_over_limit(&pi.metrics, reporter, kind, peer, limit, max)
+        let Some(process_slot) = pi.conn_cap.admit(&pi.metrics, reporter, kind, peer) else {
+            return;
         };
-        let Some(process_slot) = pi.conn_cap.try_enter() else {
-            return over("max_connections", pi.conn_cap.max());
-        };
-        let Some(pod_slot) = pod.conn_cap.try_enter() else {
-            return over("max_connections_per_pod", pod.conn_cap.max());
+        let Some(pod_slot) = pod.conn_cap.admit(&pi.metrics, reporter, kind, peer) else {
+            return;
         };
         let _ = tcp.set_nodelay(true);
         if let Err(e) = keepalive.apply(&tcp) {

@@ -100,6 +100,8 @@ pub async fn start(args: Args, ctl: Control) -> anyhow::Result<AppHandle<Addrs>>
         serving.clone(),
         service.clone(),
         p.tls_handshake_timeout,
+        &p.limits,
+        metrics.clone(),
     )
     .await?;
     let grpc_addr = grpc.local_addr().unwrap_or(args.grpc_addr);

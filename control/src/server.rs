@@ -12,6 +12,7 @@ use hyper_util::service::TowerToHyperService;
 use mesh_pki::ca::Ca;
 use mesh_pki::proto::istio_certificate_service_server::IstioCertificateServiceServer;
 use mesh_shell::conns::Active;
+use mesh_shell::limits::{Cap, Keepalive};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
@@ -103,6 +104,12 @@ pub struct GrpcServer {
     acceptor: TlsAcceptor,
     service: CaService,
     handshake_timeout: Duration,
+    /// Open connections and TLS handshakes in progress (`--max-connections`,
+    /// `--max-tls-handshakes`): more are closed at once (flag OM).
+    conn_cap: Cap,
+    handshake_cap: Cap,
+    keepalive: Keepalive,
+    metrics: Arc<mesh_telemetry::Metrics>,
 }
 
 impl GrpcServer {
@@ -111,6 +118,8 @@ impl GrpcServer {
         cert: Arc<ServingCert>,
         service: CaService,
         handshake_timeout: Duration,
+        limits: &mesh_shell::limits::LimitArgs,
+        metrics: Arc<mesh_telemetry::Metrics>,
     ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr)
             .await
@@ -120,6 +129,10 @@ impl GrpcServer {
             acceptor: TlsAcceptor::from(tls_config(cert)?),
             service,
             handshake_timeout,
+            conn_cap: Cap::new("max_connections", limits.max_connections),
+            handshake_cap: Cap::new("max_tls_handshakes", limits.max_tls_handshakes),
+            keepalive: limits.keepalive(),
+            metrics,
         })
     }
 
@@ -135,19 +148,30 @@ impl GrpcServer {
             acceptor,
             service,
             handshake_timeout,
+            conn_cap,
+            handshake_cap,
+            keepalive,
+            metrics,
         } = self;
         let span = tracing::Span::current();
         mesh_shell::accept::serve(
             "grpc",
             || listener.accept(),
             |(tcp, peer): (tokio::net::TcpStream, SocketAddr)| {
+                let Some(slot) = conn_cap.admit(&metrics, "ca", "grpc", peer) else {
+                    return;
+                };
+                let Some(handshake) = handshake_cap.admit(&metrics, "ca", "grpc", peer) else {
+                    return;
+                };
                 let _ = tcp.set_nodelay(true);
+                let _ = keepalive.apply(&tcp);
                 let acceptor = acceptor.clone();
                 let grpc = IstioCertificateServiceServer::new(service.clone());
                 let stop = stop.clone();
                 let guard = active.enter();
                 mesh_shell::process::spawn(span.clone(), async move {
-                    let _guard = guard;
+                    let _guard = (guard, slot);
                     let tls =
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => tls,
@@ -160,6 +184,7 @@ impl GrpcServer {
                                 return;
                             }
                         };
+                    drop(handshake);
                     let svc =
                         tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                             req.extensions_mut().insert(PeerAddr(peer));

@@ -8,6 +8,7 @@
 //!   the headers back on the server side.
 //! - [`Pool`] (client) multiplexes streams over pooled connections per [`PoolKey`].
 //! - [`serve`] (server) runs the HTTP/2 side of one accepted connection.
+//! - [`tcp`]: keepalive and `TCP_USER_TIMEOUT` for every socket the mesh opens or accepts.
 //! - [`H2Stream`] is a tunnel end (`AsyncRead + AsyncWrite`), [`relay`] copies between two ends.
 //!
 //! This module never builds TLS configurations: it is handed a `rustls::ClientConfig` or an
@@ -25,6 +26,7 @@ mod pool;
 mod relay;
 mod server;
 mod stream;
+pub mod tcp;
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,6 +26,11 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 /// Default time for the peer to send the HTTP/2 preface after TLS is up.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default time an inbound connection may stay open without a stream (the client pool
+/// closes its idle connections after `pool::DEFAULT_IDLE_TIMEOUT`, 60 s; this reaps clients
+/// that never do, twice as late so that a well-behaved pool closes first).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Streams the peer may reset before we accepted them (rapid reset, CVE-2023-44487): past
 /// this h2 answers with GOAWAY(ENHANCE_YOUR_CALM).
@@ -44,6 +51,8 @@ pub struct ServerConfig {
     pub max_header_list_size: u32,
     /// Time for the HTTP/2 preface; the TLS handshake deadline is the caller's.
     pub handshake_timeout: Duration,
+    /// A connection without open streams for this long gets GOAWAY and is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +61,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_header_list_size: MAX_HEADER_LIST_SIZE,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -134,7 +144,8 @@ where
 }
 
 /// [`serve`], plus a drain signal: when `drain` completes the server sends GOAWAY, takes no
-/// new streams, and returns once the open ones have finished.
+/// new streams, and returns once the open ones have finished. The same happens after
+/// `cfg.idle_timeout` without an open stream.
 pub async fn serve_with_drain<IO, H, Fut, S>(
     io: IO,
     cfg: &ServerConfig,
@@ -162,6 +173,11 @@ where
 
     tokio::pin!(drain);
     let mut draining = false;
+    // Streams whose handler still runs; idle time counts from the last one's end.
+    let open = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(tokio::sync::Notify::new());
+    let idle = tokio::time::sleep(cfg.idle_timeout);
+    tokio::pin!(idle);
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
@@ -170,11 +186,33 @@ where
                 conn.graceful_shutdown();
                 continue;
             }
+            () = ended.notified(), if !draining => {
+                if open.load(Ordering::SeqCst) == 0 {
+                    idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                }
+                continue;
+            }
+            () = &mut idle, if !draining => {
+                if open.load(Ordering::SeqCst) == 0 {
+                    tracing::debug!(idle_timeout = ?cfg.idle_timeout, "hbone connection idle: closing");
+                    draining = true;
+                    conn.graceful_shutdown();
+                } else {
+                    // Busy: the deadline is set again when the last stream ends.
+                    idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                }
+                continue;
+            }
         };
         let Some(next) = next else {
             return Ok(());
         };
-        let (req, respond) = next?;
+        let (req, respond) = match next {
+            Ok(next) => next,
+            // After our GOAWAY the peer may close the socket before h2 wrote its last frame.
+            Err(e) if draining && e.is_io() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         let (parts, body) = req.into_parts();
         // Child of the caller's connection span (pod, peer), so the handler's logs carry both.
         let span = tracing::info_span!(
@@ -190,6 +228,31 @@ where
             body,
             respond,
         };
-        tokio::spawn(handler(req).instrument(span));
+        open.fetch_add(1, Ordering::SeqCst);
+        let stream = StreamGuard {
+            open: open.clone(),
+            ended: ended.clone(),
+        };
+        let handled = handler(req);
+        tokio::spawn(
+            async move {
+                let _stream = stream;
+                handled.await
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// One stream's handler running; dropping it tells the connection loop.
+struct StreamGuard {
+    open: Arc<AtomicUsize>,
+    ended: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        self.ended.notify_one();
     }
 }

@@ -1304,3 +1304,47 @@ fn tunnel_ends_are_send_and_small() {
         std::mem::size_of::<H2Stream>()
     );
 }
+
+#[tokio::test]
+async fn the_server_closes_a_connection_without_streams_after_its_idle_timeout() {
+    let pki = pki();
+    let idle = Duration::from_millis(300);
+    let cfg = ServerConfig {
+        idle_timeout: idle,
+        ..ServerConfig::default()
+    };
+    let mut server = TestServer::start(pki.server.clone(), cfg, echo).await;
+    // A client pool that would keep the connection for an hour: only the server closes it.
+    let pool = Pool::new(PoolConfig {
+        idle_timeout: Duration::from_secs(3600),
+        ..PoolConfig::default()
+    });
+    let mut tunnel = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            Dialer::new(server.addr).dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    info!("a stream open for three idle timeouts keeps the connection");
+    for _ in 0..3 {
+        tokio::time::sleep(idle).await;
+        ping(&mut tunnel).await;
+    }
+    assert_eq!(server.accepted(), 1);
+    drop(tunnel);
+    let closed_at = std::time::Instant::now();
+    let end = server.connection_end().await;
+    let took = closed_at.elapsed();
+    assert!(end.is_ok(), "GOAWAY and a clean close: {end:?}");
+    assert!(
+        took >= idle - Duration::from_millis(50),
+        "closed early: {took:?}"
+    );
+    assert!(
+        took < idle + Duration::from_secs(1),
+        "closed late: {took:?}"
+    );
+}

@@ -208,6 +208,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
+    /// TCP keepalive and `TCP_USER_TIMEOUT` on every upstream socket (plain and HBONE).
+    pub keepalive: hbone::tcp::Keepalive,
     /// Where outlier-detection ejections are counted.
     pub outlier_ejections: Family<ClusterLabels, Counter>,
 }
@@ -330,6 +332,7 @@ impl Upstreams {
                 .map_err(|_| UpstreamError::Timeout { addr, timeout })?
                 .map_err(|source| UpstreamError::Connect { addr, source })?;
             let _ = tcp.set_nodelay(true);
+            let _ = self.cfg.keepalive.apply(&tcp);
             return Ok(Box::new(tcp));
         };
         let tls = mesh_pki::tls::client_config(
@@ -355,11 +358,13 @@ impl Upstreams {
             traceparent: None,
         };
         let req = hbone::connect_request(addr, &headers);
+        let keepalive = self.cfg.keepalive;
         let dial = move || async move {
             let tcp = tokio::time::timeout(timeout, TcpStream::connect(hbone_addr))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
             let _ = tcp.set_nodelay(true);
+            keepalive.apply(&tcp)?;
             Ok(tcp)
         };
         let stream = self

@@ -114,6 +114,9 @@ pub struct ProcessArgs {
     pub connect_timeout: Duration,
     #[arg(long, value_enum, default_value = DEFAULT_LOG_FORMAT)]
     pub log_format: LogFormat,
+    /// Caps, timeouts and TCP keepalive ([`crate::limits`]).
+    #[command(flatten)]
+    pub limits: crate::limits::LimitArgs,
 }
 
 impl ProcessArgs {

@@ -13,6 +13,8 @@
 //! - [`accept`]: the accept loop that backs off while the process is out of file descriptors;
 //! - [`process`]: the open-file limit, SIGTERM/SIGINT and `/quitquitquit` as one shutdown
 //!   trigger, the drain deadline, and [`process::spawn`] (every task carries a span);
+//! - [`limits`]: caps on open connections and TLS handshakes, first-byte and idle
+//!   timeouts, TCP keepalive flags, and the budget of refusal log lines;
 //! - [`conns`]: a count of open connections that shutdown waits on;
 //! - [`certs`]: the certificate manager the CA flags describe (the CA service, or a CA
 //!   directory signing in process).
@@ -23,6 +25,7 @@ pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod conns;
+pub mod limits;
 pub mod logging;
 pub mod process;
 pub mod profile;

@@ -51,6 +51,9 @@ pub enum ResponseFlag {
     DelayInjected,
     /// A VirtualService fault aborted the request.
     FaultInjected,
+    /// Closed at once because a limit of this process was reached (open connections of the
+    /// process or the pod, TLS handshakes in progress): Envoy's overload-manager flag.
+    Overload,
 }
 
 impl ResponseFlag {
@@ -77,6 +80,7 @@ impl ResponseFlag {
             ResponseFlag::RetryLimitExceeded => "URX",
             ResponseFlag::DelayInjected => "DI",
             ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::Overload => "OM",
         }
     }
 }
@@ -117,5 +121,7 @@ mod tests {
         check(RetryLimitExceeded, "URX");
         check(DelayInjected, "DI");
         check(FaultInjected, "FI");
+        // Both.
+        check(Overload, "OM");
     }
 }

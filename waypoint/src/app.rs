@@ -74,6 +74,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.upstream_idle_timeout,
             max_idle: cfg.max_idle_per_endpoint,
+            keepalive: cfg.limits.keepalive(),
             outlier_ejections: http_metrics.outlier_ejections.clone(),
         },
         certs.clone(),
@@ -102,6 +103,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         },
         inputs,
         active.clone(),
+        &cfg.limits,
     )
     .await?;
     let hbone = inbound.local_addr().unwrap_or(cfg.hbone_addr);

@@ -130,6 +130,8 @@ pub struct Config {
     pub jwks_ca_file: Option<PathBuf>,
     /// See [`Args::num_trusted_proxies`].
     pub num_trusted_proxies: u32,
+    /// Caps, timeouts, keepalive (`mesh_shell::limits`).
+    pub limits: mesh_shell::limits::LimitArgs,
 }
 
 /// How remote JWKS are fetched and cached (`mesh_l7::jwks`).
@@ -179,6 +181,7 @@ impl From<&Args> for Config {
             },
             jwks_ca_file: args.jwks_ca_file.clone(),
             num_trusted_proxies: args.num_trusted_proxies,
+            limits: a.limits.clone(),
         }
     }
 }
@@ -261,19 +264,27 @@ mod tests {
             "WAYPOINT_CONNECT_TIMEOUT",
             "WAYPOINT_DETECT_TIMEOUT",
             "WAYPOINT_DRAIN_TIMEOUT",
+            "WAYPOINT_FIRST_BYTE_TIMEOUT",
             "WAYPOINT_HBONE_ADDR",
+            "WAYPOINT_HBONE_IDLE_TIMEOUT",
             "WAYPOINT_JWKS_CA_FILE",
             "WAYPOINT_JWKS_FETCH_TIMEOUT",
             "WAYPOINT_JWKS_MAX_STALE",
             "WAYPOINT_JWKS_REFRESH",
             "WAYPOINT_JWKS_RETRY",
             "WAYPOINT_LOG_FORMAT",
+            "WAYPOINT_MAX_CONNECTIONS",
+            "WAYPOINT_MAX_TLS_HANDSHAKES",
             "WAYPOINT_METRICS_ADDR",
             "WAYPOINT_NAME",
             "WAYPOINT_NAMESPACE",
             "WAYPOINT_NUM_TRUSTED_PROXIES",
             "WAYPOINT_READINESS_ADDR",
             "WAYPOINT_SERVICE_ACCOUNT",
+            "WAYPOINT_TCP_KEEPALIVE_IDLE",
+            "WAYPOINT_TCP_KEEPALIVE_INTERVAL",
+            "WAYPOINT_TCP_KEEPALIVE_PROBES",
+            "WAYPOINT_TCP_USER_TIMEOUT",
             "WAYPOINT_TLS_HANDSHAKE_TIMEOUT",
             "WAYPOINT_TRUST_DOMAIN",
             "WAYPOINT_UPSTREAM_IDLE_TIMEOUT",

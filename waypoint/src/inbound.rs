@@ -26,6 +26,7 @@ use mesh_model::identity::Identity;
 use mesh_model::model::effective_policy;
 use mesh_model::policy::{Decision, L4Request};
 use mesh_shell::conns::Active;
+use mesh_shell::limits::{Cap, LimitArgs};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -64,6 +65,12 @@ pub struct Inbound {
     inputs: Arc<Inputs>,
     /// Downstream connections still open.
     active: Arc<Active>,
+    /// Open connections (`--max-connections`) and TLS handshakes in progress
+    /// (`--max-tls-handshakes`): more are closed at once (flag OM).
+    conn_cap: Cap,
+    handshake_cap: Cap,
+    keepalive: mesh_hbone::tcp::Keepalive,
+    hbone: hbone::ServerConfig,
 }
 
 /// Refusal of one CONNECT: status, `response_flags`/reason label, message.
@@ -76,6 +83,7 @@ impl Inbound {
         cfg: InboundConfig,
         inputs: Arc<Inputs>,
         active: Arc<Active>,
+        limits: &LimitArgs,
     ) -> Result<Inbound, InboundError> {
         let addr = cfg.addr;
         let identity = inputs.cfg.identity.clone();
@@ -90,6 +98,10 @@ impl Inbound {
             cfg,
             inputs,
             active,
+            conn_cap: Cap::new("max_connections", limits.max_connections),
+            handshake_cap: Cap::new("max_tls_handshakes", limits.max_tls_handshakes),
+            keepalive: limits.keepalive(),
+            hbone: limits.hbone_server(),
         })
     }
 
@@ -99,7 +111,7 @@ impl Inbound {
 
     /// Accepts until the drain signal; each connection runs in its own task and span.
     /// Accept errors back off while descriptors are short (`mesh_shell::accept`) and never
-    /// end the listener.
+    /// end the listener. Over the connection cap a connection is closed at once (flag OM).
     pub async fn run(self) {
         let Inbound {
             listener,
@@ -107,17 +119,29 @@ impl Inbound {
             cfg,
             inputs,
             active,
+            conn_cap,
+            handshake_cap,
+            keepalive,
+            hbone,
         } = self;
+        let hbone = Arc::new(hbone);
         let drain = inputs.drain.clone();
         let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
+            let Some(slot) = conn_cap.admit(&inputs.metrics, REPORTER, "hbone", peer) else {
+                return;
+            };
             let _ = tcp.set_nodelay(true);
+            if let Err(e) = keepalive.apply(&tcp) {
+                tracing::debug!(error = %e, "tcp keepalive");
+            }
             let span = tracing::info_span!("conn", peer = %peer);
             let guard = active.enter();
-            let (tls, inputs) = (tls.clone(), inputs.clone());
+            let (tls, inputs, hbone) = (tls.clone(), inputs.clone(), hbone.clone());
+            let handshake_cap = handshake_cap.clone();
             tokio::spawn(
                 async move {
-                    let _active = guard;
-                    handle_conn(tcp, peer, tls, cfg, inputs).await;
+                    let _held = (guard, slot);
+                    handle_conn(tcp, peer, tls, cfg, &hbone, &handshake_cap, inputs).await;
                 }
                 .instrument(span),
             );
@@ -131,12 +155,21 @@ async fn handle_conn(
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     cfg: InboundConfig,
+    hbone_cfg: &hbone::ServerConfig,
+    handshake_cap: &Cap,
     inputs: Arc<Inputs>,
 ) {
     let local = tcp.local_addr().unwrap_or(peer);
     let refuse = |reason: String| {
         inputs.metrics.refused(REPORTER, "TLS");
-        tracing::info!(target: "access", src_addr = %peer, flags = "TLS", %reason, "connection refused");
+        // Within the process's budget: a handshake flood must not fill the disk.
+        if let Some(suppressed) = mesh_shell::limits::REFUSAL_LOG.allow() {
+            tracing::info!(target: "access", src_addr = %peer, flags = "TLS", %reason, suppressed, "connection refused");
+        }
+    };
+    // Over the cap on handshakes in progress: closed at once, never queued.
+    let Some(handshake_slot) = handshake_cap.admit(&inputs.metrics, REPORTER, "hbone", peer) else {
+        return;
     };
     // Boxed: the handshake state is large and needed only until the connection is up.
     let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(tls).accept(tcp));
@@ -145,16 +178,16 @@ async fn handle_conn(
         Ok(Err(e)) => return refuse(format!("tls handshake: {e}")),
         Err(_) => return refuse("tls handshake timed out".to_string()),
     };
+    drop(handshake_slot);
     let peer_id = match mesh_pki::tls::peer_identity(stream.get_ref().1) {
         Ok(id) => id,
         Err(e) => return refuse(format!("peer identity: {e}")),
     };
     let detect_timeout = cfg.detect_timeout;
-    let hbone_cfg = hbone::ServerConfig::default();
     let drain = inputs.drain.clone();
     let result = hbone::serve_with_drain(
         stream,
-        &hbone_cfg,
+        hbone_cfg,
         move |req| {
             handle_stream(
                 req,

@@ -713,3 +713,134 @@ async fn the_waypoint_is_ready_and_quitquitquit_closes_its_listener() -> Result<
     assert!(!accepts(hbone).await, "hbone listener after the quit");
     Ok(())
 }
+
+// --- bounded resources (RELIABILITY 7, 38) ---
+
+/// Whether the waypoint closes `tcp` within `within` (EOF or reset on read).
+async fn closed_within(tcp: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_connection_cap_new_connections_are_closed_at_once_then_served_again() -> Result<()>
+{
+    let mesh = Mesh::start_with_flags("", &["--max-connections=3"]).await?;
+    let hbone = mesh.hbone_addr();
+    // A real client holds one connection (pooled, reused for every request).
+    let c = mesh.sleep()?;
+    expect_path(&c, "/before", "/before").await?;
+    // Two that never say hello take the other two slots.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(hbone).await?);
+    }
+    info!("the next connection is over the cap");
+    let started = Instant::now();
+    let mut over = tokio::net::TcpStream::connect(hbone).await?;
+    assert!(
+        closed_within(&mut over, Duration::from_millis(500)).await,
+        "a fourth connection was kept"
+    );
+    info!(took = ?started.elapsed(), "closed");
+    let refused = [("reporter", "waypoint"), ("reason", "OM")];
+    let n = mesh
+        .counted("mesh_connections_refused_total", &refused, 1.0)
+        .await?;
+    assert_eq!(n, 1.0);
+    // The open ones keep working: the real client's requests still pass.
+    expect_path(&c, "/during", "/during").await?;
+    // One slot frees: a new connection is served (a new client dials its own).
+    drop(silent.pop());
+    // Another identity: another pooled connection, so this one is dialled afresh.
+    let fresh = mesh.client(identity("app", "fresh"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if fresh.get("/after").await.is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mesh.stop().await
+}
+
+/// The waypoint's server-side sockets on `addr` still open (ESTABLISHED or CLOSE_WAIT in
+/// /proc/net/tcp); per address, so tests running alongside do not disturb the count.
+fn held_sockets(addr: std::net::SocketAddr) -> Result<usize> {
+    let std::net::IpAddr::V4(ip) = addr.ip() else {
+        anyhow::bail!("IPv4 only");
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        addr.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.get(1)?, *f.get(3)?))
+        })
+        .filter(|(l, state)| *l == local && matches!(*state, "01" | "08"))
+        .count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_say_hello_are_closed_at_the_handshake_deadline() -> Result<()> {
+    let mesh = Mesh::start_with_flags("", &["--tls-handshake-timeout=1s"]).await?;
+    let hbone = mesh.hbone_addr();
+    let before = held_sockets(hbone)?;
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(tokio::net::TcpStream::connect(hbone).await?);
+    }
+    // 128 of them in handshakes (the default cap), 72 closed at once (OM); a real client
+    // dialling meanwhile may meet the full cap, so it tries until a slot is free.
+    let real = mesh.client(identity("app", "fresh"))?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if real.get("/during").await.is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "a real client was not served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ends = tokio::task::JoinSet::new();
+    for mut tcp in silent {
+        ends.spawn(async move { closed_within(&mut tcp, Duration::from_secs(5)).await });
+    }
+    let ends = ends.join_all().await;
+    let took = started.elapsed();
+    assert!(ends.iter().all(|c| *c), "a silent connection stayed open");
+    assert!(took < Duration::from_millis(2500), "closed after {took:?}");
+    let refused = |reason| [("reporter", "waypoint"), ("reason", reason)];
+    // The 128 that held a handshake slot timed out (TLS); the other 72 were refused at once
+    // (OM), as were the real client's dials that met the full cap.
+    let tls = mesh
+        .counted("mesh_connections_refused_total", &refused("TLS"), 128.0)
+        .await?;
+    let metrics = mesh.metrics().await?;
+    let om = e2e::prom::sum(&metrics, "mesh_connections_refused_total", &refused("OM"));
+    assert_eq!(tls, 128.0);
+    assert!(om >= 72.0, "{om} refused at once");
+    // Every silent one is closed on the waypoint's side too (the real client's pooled
+    // connection stays).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let after = held_sockets(hbone)?;
+        if after <= before + 1 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{after} held, {before} before");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    mesh.stop().await
+}

@@ -47,10 +47,17 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The API-server config source.
     ("mesh-kube", &["mesh-model", "mesh-telemetry"]),
     // The process shell every binary shares: flags, config source (a directory or the API
-    // server), logging, admin server, signals and drain, accept loops.
+    // server), logging, admin server, signals and drain, accept loops, listener limits
+    // (which name HBONE's server settings and TCP keepalive).
     (
         "mesh-shell",
-        &["mesh-model", "mesh-pki", "mesh-telemetry", "mesh-kube"],
+        &[
+            "mesh-model",
+            "mesh-pki",
+            "mesh-hbone",
+            "mesh-telemetry",
+            "mesh-kube",
+        ],
     ),
     // The proxies' L7 engine (request phases: policy, routing, retries over HTTP; the
     // upstream pool): the waypoint's, and the ingress gateway's to come. No shell, no kube.

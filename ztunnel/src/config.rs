@@ -20,6 +20,11 @@ pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
 /// Where the eBPF backend pins each pod's capture (under `ztunnel/`), so it survives restarts.
 pub const DEFAULT_BPF_FS: &str = "/sys/fs/bpf";
 
+/// Open connections per pod (its three listeners together), within the process-wide
+/// `--max-connections`: one pod under a flood cannot take every slot of the node's others
+/// (a node runs up to ~110 pods; 4 Ki is a busy server pod's worth).
+pub const DEFAULT_MAX_CONNECTIONS_PER_POD: usize = 4096;
+
 /// Ports bound inside every enrolled pod's network namespace.
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
@@ -89,6 +94,10 @@ pub struct Args {
     /// pods stay captured (failing closed) for the next agent to adopt: a restart.
     #[arg(long, env = "ZTUNNEL_RELEASE_ON_EXIT")]
     pub release_on_exit: bool,
+    /// Open connections per pod (15001, 15006 and 15008 together); more are closed at once
+    /// (counted with flag OM). `--max-connections` bounds the whole process.
+    #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_POD", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_POD, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections_per_pod: usize,
     // The flags every mesh binary has (`ZTUNNEL_<FLAG>`): config source, CA, addresses,
     // timeouts, log format. Pods' network namespaces are named files under `--netns-dir`
     // with `--config-source dir`, and found by pod IP among the node's processes with
@@ -142,6 +151,10 @@ pub struct Config {
     pub tls_handshake_timeout: Duration,
     #[serde(with = "secs")]
     pub connect_timeout: Duration,
+    pub max_connections_per_pod: usize,
+    /// Caps, timeouts, keepalive (`max_connections`, `max_tls_handshakes`, ... in the dump).
+    #[serde(flatten)]
+    pub limits: mesh_shell::limits::LimitArgs,
 }
 
 mod secs {
@@ -173,6 +186,8 @@ impl From<&Args> for Config {
             drain_timeout: a.drain_timeout,
             tls_handshake_timeout: a.tls_handshake_timeout,
             connect_timeout: a.connect_timeout,
+            max_connections_per_pod: args.max_connections_per_pod,
+            limits: a.limits.clone(),
         }
     }
 }
@@ -246,6 +261,15 @@ mod tests {
             "drain_timeout",
             "tls_handshake_timeout",
             "connect_timeout",
+            "max_connections_per_pod",
+            "max_connections",
+            "max_tls_handshakes",
+            "first_byte_timeout",
+            "hbone_idle_timeout",
+            "tcp_keepalive_idle",
+            "tcp_keepalive_interval",
+            "tcp_keepalive_probes",
+            "tcp_user_timeout",
         ];
         expected.sort_unstable();
         assert_eq!(keys, expected);
@@ -270,7 +294,12 @@ mod tests {
             "ZTUNNEL_CONFIG_SOURCE",
             "ZTUNNEL_CONNECT_TIMEOUT",
             "ZTUNNEL_DRAIN_TIMEOUT",
+            "ZTUNNEL_FIRST_BYTE_TIMEOUT",
+            "ZTUNNEL_HBONE_IDLE_TIMEOUT",
             "ZTUNNEL_LOG_FORMAT",
+            "ZTUNNEL_MAX_CONNECTIONS",
+            "ZTUNNEL_MAX_CONNECTIONS_PER_POD",
+            "ZTUNNEL_MAX_TLS_HANDSHAKES",
             "ZTUNNEL_METRICS_ADDR",
             "ZTUNNEL_NETNS_DIR",
             "ZTUNNEL_NETNS_PREFIX",
@@ -279,6 +308,10 @@ mod tests {
             "ZTUNNEL_REDIRECT",
             "ZTUNNEL_RELEASE_ALL",
             "ZTUNNEL_RELEASE_ON_EXIT",
+            "ZTUNNEL_TCP_KEEPALIVE_IDLE",
+            "ZTUNNEL_TCP_KEEPALIVE_INTERVAL",
+            "ZTUNNEL_TCP_KEEPALIVE_PROBES",
+            "ZTUNNEL_TCP_USER_TIMEOUT",
             "ZTUNNEL_TLS_HANDSHAKE_TIMEOUT",
             "ZTUNNEL_TRUST_DOMAIN",
         ];

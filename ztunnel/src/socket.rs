@@ -84,7 +84,8 @@ pub fn listen_in(
     TcpListener::from_std(sock.into()).map_err(bind_err)
 }
 
-/// Connects to `dst` from inside `netns`, marked so that redirection ignores it.
+/// Connects to `dst` from inside `netns`, marked so that redirection ignores it, with TCP
+/// keepalive and `TCP_USER_TIMEOUT` (a vanished peer is reaped).
 /// With `transparent_src`, the connection comes from that (non-local) address: used to
 /// deliver inbound traffic with the client's IP preserved. With `capture` (the eBPF backend's
 /// guard for the pod), the bound source is exempted from capture while the connection is made,
@@ -100,6 +101,7 @@ pub async fn connect_in(
     dst: SocketAddr,
     transparent_src: Option<IpAddr>,
     timeout: Duration,
+    keepalive: &mesh_hbone::tcp::Keepalive,
     capture: Option<&ebpf::CaptureGuard>,
 ) -> Result<TcpStream, SocketError> {
     let netns_name = || netns.path().display().to_string();
@@ -117,6 +119,7 @@ pub async fn connect_in(
             }
             s.set_nonblocking(true)?;
             s.set_nodelay(true)?;
+            keepalive.apply(&s)?;
             match transparent_src {
                 Some(src) if own && src.is_loopback() && dst.ip().is_loopback() => {
                     s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;

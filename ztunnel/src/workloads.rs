@@ -247,6 +247,10 @@ impl Manager {
             stop: stop.clone(),
             active: Arc::default(),
             capture: proxy::CaptureSlot::new(capture),
+            conn_cap: mesh_shell::limits::Cap::new(
+                "max_connections_per_pod",
+                self.pi.cfg.max_connections_per_pod,
+            ),
         });
         let pi = &self.pi;
         let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);

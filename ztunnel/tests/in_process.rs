@@ -18,6 +18,7 @@ use support::agents::{
     closed, exchange, handshake, identity, roundtrip, Cluster, Dest, Handshake, Hbone, EVENTUALLY,
     HBONE, PLAINTEXT, TRUST_DOMAIN,
 };
+use tokio::io::AsyncReadExt;
 
 const VIP: &str = "10.96.0.10";
 const APP: u16 = 8080;
@@ -663,5 +664,240 @@ async fn shutdown_through_the_handle_waits_for_open_connections() -> Result<()> 
     tokio::time::timeout(std::time::Duration::from_secs(3), join)
         .await
         .context("the agent ends once drained")??;
+    mesh.stop().await
+}
+
+// === bounded resources (RELIABILITY 7, 37, 38) ===
+
+/// The server side's TCP sockets of `addr` the kernel still has open for a process (peer
+/// connected or gone, not yet closed by us): ESTABLISHED or CLOSE_WAIT in /proc/net/tcp.
+/// Per pod address, so tests running alongside do not disturb the count.
+fn held_sockets(addr: SocketAddr) -> Result<usize> {
+    let IpAddr::V4(ip) = addr.ip() else {
+        anyhow::bail!("IPv4 only");
+    };
+    // /proc/net/tcp writes the address as the u32 in host order, in hex.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        addr.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.get(1)?, *f.get(3)?))
+        })
+        .filter(|(l, state)| *l == local && matches!(*state, "01" | "08"))
+        .count())
+}
+
+/// `ss -o` of the sockets on `addr`: the timer column says `keepalive` when SO_KEEPALIVE is
+/// on and the socket is idle.
+fn ss_timers(addr: SocketAddr) -> Result<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tno", "state", "established", "src"])
+        .arg(addr.to_string())
+        .output()
+        .context("run ss")?;
+    ensure!(out.status.success(), "ss failed");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_pod_connection_cap_new_connections_are_closed_at_once_and_counted() -> Result<()>
+{
+    let mesh =
+        Cluster::start_with_flags(two_nodes("conn_cap"), &["--max-connections-per-pod=3"]).await?;
+    let _app = mesh.echo("default/server", APP).await?;
+    let server = mesh.addr("default/server", APP)?;
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let mut conn = mesh.connect("default/client", server).await?;
+        ensure!(exchange(&mut conn, b"in").await? == b"in", "connection {i}");
+        open.push(conn);
+    }
+    // The fourth: accepted by the kernel, closed by the agent before any SOCKS5 answer.
+    let started = std::time::Instant::now();
+    let fourth = mesh.connect("default/client", server).await;
+    ensure!(fourth.is_err(), "a fourth connection was served");
+    ensure!(
+        started.elapsed() < std::time::Duration::from_millis(500),
+        "not closed at once: {:?}",
+        started.elapsed()
+    );
+    let refused = mesh.refused("n1", "source", "OM", 1.0).await?;
+    ensure!(refused == 1.0, "{refused} refusals counted with OM");
+    // The open ones keep working.
+    for conn in &mut open {
+        ensure!(
+            exchange(conn, b"still").await? == b"still",
+            "an open one broke"
+        );
+    }
+    // Another pod of the node has slots of its own.
+    ensure!(
+        mesh.reaches("default/client2", server).await,
+        "the cap of one pod refused another"
+    );
+    // One closes: a new one is served again.
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + EVENTUALLY;
+    loop {
+        if mesh.reaches("default/client", server).await {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_say_hello_are_closed_at_the_handshake_deadline() -> Result<()> {
+    let mesh = Cluster::start_with_flags(
+        two_nodes("hello_flood"),
+        &["--tls-handshake-timeout=1s", "--max-tls-handshakes=256"],
+    )
+    .await?;
+    let _app = mesh.echo("default/server", APP).await?;
+    let hbone = mesh.addr("default/server", HBONE)?;
+    let outsider = mesh.ip("legacy/outsider")?;
+    let before = held_sockets(hbone)?;
+    let started = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(support::agents::dial(outsider.into(), hbone).await?);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let held = held_sockets(hbone)?;
+    ensure!(held >= before + 200, "{held} sockets held, {before} before");
+    // A real client's handshake is served meanwhile.
+    let tls = mesh.mesh_tls(
+        &identity("default", "client"),
+        &identity("default", "server"),
+    )?;
+    let client_ip = mesh.ip("default/client")?;
+    let real = handshake(client_ip, hbone, tls).await?;
+    ensure!(
+        real == Handshake::Accepted,
+        "a real client during the flood: {real:?}"
+    );
+    // Every silent one is closed by the agent within the deadline (1 s) + 1 s.
+    let closes = silent.iter_mut().map(|tcp| async move {
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(EVENTUALLY, tcp.read(&mut b)).await;
+        (
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            std::time::Instant::now(),
+        )
+    });
+    let ends = futures::future::join_all(closes).await;
+    ensure!(
+        ends.iter().all(|(c, _)| *c),
+        "a silent connection stayed open"
+    );
+    let last = ends.iter().map(|(_, t)| *t).max().context("none")?;
+    let took = last - started;
+    ensure!(
+        took < std::time::Duration::from_secs(2) + std::time::Duration::from_millis(500),
+        "the last silent connection closed after {took:?}"
+    );
+    ensure!(
+        took >= std::time::Duration::from_millis(900),
+        "closed before the deadline: {took:?}"
+    );
+    // The agent's side of each is closed: back to what it held before.
+    drop(silent);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let after = held_sockets(hbone)?;
+        if after <= before {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{after} sockets held after, {before} before"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let tls = mesh.refused("n2", "destination", "TLS", 200.0).await?;
+    ensure!(tls == 200.0, "{tls} handshake refusals counted");
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_handshake_cap_connections_are_closed_at_once() -> Result<()> {
+    let mesh = Cluster::start_with_flags(
+        two_nodes("handshake_cap"),
+        &["--tls-handshake-timeout=3s", "--max-tls-handshakes=8"],
+    )
+    .await?;
+    let hbone = mesh.addr("default/server", HBONE)?;
+    let outsider = mesh.ip("legacy/outsider")?;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(support::agents::dial(outsider.into(), hbone).await?);
+    }
+    // 12 over the cap are closed at once (well before the 3 s deadline); 8 wait for it.
+    let reads = silent.iter_mut().map(|tcp| async move {
+        let mut b = [0u8; 1];
+        let wait = std::time::Duration::from_millis(500);
+        let r = tokio::time::timeout(wait, tcp.read(&mut b)).await;
+        matches!(r, Ok(Ok(0)) | Ok(Err(_)))
+    });
+    let closed_at_once = futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .filter(|closed| *closed)
+        .count();
+    ensure!(closed_at_once == 12, "{closed_at_once} closed at once");
+    let om = mesh.refused("n2", "destination", "OM", 12.0).await?;
+    ensure!(om == 12.0, "{om} refusals counted with OM");
+    mesh.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_hbone_connection_without_streams_is_closed_after_the_idle_timeout() -> Result<()>
+{
+    let mesh =
+        Cluster::start_with_flags(two_nodes("hbone_idle"), &["--hbone-idle-timeout=500ms"]).await?;
+    let _app = mesh.echo("default/server", APP).await?;
+    let client_ip = mesh.ip("default/client")?;
+    let tls = mesh.mesh_tls(
+        &identity("default", "client"),
+        &identity("default", "server"),
+    )?;
+    let hbone = mesh.addr("default/server", HBONE)?;
+    let mut h2 = Hbone::open(client_ip, hbone, tls).await?;
+    let (status, back) = h2.connect(mesh.addr("default/server", APP)?, b"hi").await?;
+    ensure!(status == 200 && back == b"hi", "{status} {back:?}");
+    let idle_from = std::time::Instant::now();
+    // Keepalive on the agent's accepted socket (read back by ss, once no data is in
+    // flight: the retransmission timer shows until then).
+    let mut timers = ss_timers(hbone)?;
+    while !timers.contains("timer:(keepalive") {
+        ensure!(
+            idle_from.elapsed() < std::time::Duration::from_millis(300),
+            "no keepalive: {timers}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        timers = ss_timers(hbone)?;
+    }
+    let deadline = idle_from + std::time::Duration::from_millis(1500);
+    while !h2.is_closed() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "still open after 1.5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let took = idle_from.elapsed();
+    ensure!(
+        took >= std::time::Duration::from_millis(400),
+        "closed before the idle timeout: {took:?}"
+    );
     mesh.stop().await
 }

@@ -166,6 +166,7 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             max_idle: 32,
+            keepalive: mesh_hbone::tcp::Keepalive::default(),
             outlier_ejections: http_metrics.outlier_ejections.clone(),
         },
         certs.clone(),

@@ -190,7 +190,13 @@ impl Mesh {
     /// e.g. pods whose servers the test runs itself (free last octets: 10-99).
     #[allow(dead_code)] // used by `upstream_tls.rs` only
     pub async fn start_with(yaml: impl FnOnce(&dyn Fn(u8) -> Ipv4Addr) -> String) -> Result<Mesh> {
-        Self::start_from(yaml, None).await
+        Self::start_from(yaml, None, &[]).await
+    }
+
+    /// [`Mesh::start`] with extra waypoint flags (limits, timeouts).
+    #[allow(dead_code)] // used by `in_process.rs` only
+    pub async fn start_with_flags(yaml: &str, flags: &[&str]) -> Result<Mesh> {
+        Self::start_from(|_| yaml.to_string(), None, flags).await
     }
 
     /// Like [`Mesh::start`], with the waypoint reading the same objects from `server` (a fake
@@ -198,7 +204,7 @@ impl Mesh {
     /// process: one such mesh per test binary (`kube_policy.rs`).
     #[allow(dead_code)]
     pub async fn start_kube(server: &e2e::apiserver::FakeApiServer, yaml: &str) -> Result<Mesh> {
-        let mesh = Self::start_from(|_| yaml.to_string(), Some(server)).await?;
+        let mesh = Self::start_from(|_| yaml.to_string(), Some(server), &[]).await?;
         let deadline = Instant::now() + EVENTUALLY;
         while mesh.ready().await? != 200 {
             anyhow::ensure!(Instant::now() < deadline, "the waypoint never got ready");
@@ -210,6 +216,7 @@ impl Mesh {
     async fn start_from(
         yaml: impl FnOnce(&dyn Fn(u8) -> Ipv4Addr) -> String,
         server: Option<&e2e::apiserver::FakeApiServer>,
+        flags: &[&str],
     ) -> Result<Mesh> {
         let ip = next_subnet();
         let yaml = &yaml(&ip);
@@ -246,7 +253,7 @@ impl Mesh {
             hbone_server(ip(last), certs.clone()).await?;
         }
         let app = waypoint::app::start(
-            waypoint_config(&config_dir, &ca_dir, ip(WAYPOINT), kube.is_some()),
+            waypoint_config(&config_dir, &ca_dir, ip(WAYPOINT), kube.is_some(), flags),
             Control::default(),
         )
         .await?;
@@ -366,6 +373,7 @@ fn waypoint_config(
     ca_dir: &std::path::Path,
     ip: Ipv4Addr,
     kube: bool,
+    flags: &[&str],
 ) -> waypoint::config::Config {
     // Every listener on the waypoint pod's address, on a port the kernel picks.
     let any = format!("{ip}:0");
@@ -374,18 +382,22 @@ fn waypoint_config(
     } else {
         format!("--config-dir={}", config_dir.display())
     };
-    let args = waypoint::config::Args::parse_from([
-        "waypoint",
-        "--name=wp",
-        "--namespace=app",
-        &source,
-        &format!("--ca-dir={}", ca_dir.display()),
-        &format!("--hbone-addr={any}"),
-        &format!("--admin-addr={any}"),
-        &format!("--metrics-addr={any}"),
-        &format!("--readiness-addr={any}"),
-        "--drain-timeout=2s",
-    ]);
+    let args = waypoint::config::Args::parse_from(
+        [
+            "waypoint".to_string(),
+            "--name=wp".to_string(),
+            "--namespace=app".to_string(),
+            source,
+            format!("--ca-dir={}", ca_dir.display()),
+            format!("--hbone-addr={any}"),
+            format!("--admin-addr={any}"),
+            format!("--metrics-addr={any}"),
+            format!("--readiness-addr={any}"),
+            "--drain-timeout=2s".to_string(),
+        ]
+        .into_iter()
+        .chain(flags.iter().map(|f| f.to_string())),
+    );
     waypoint::config::Config::from(&args)
 }
 

@@ -32,12 +32,13 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let ctx = pod.clone();
-    let open = pi.open.clone();
+    let inputs = pi.clone();
     accept_loop(
         listener,
         stop,
         "inbound_hbone",
-        (&ctx, &open),
+        &ctx,
+        &inputs,
         |tcp, peer| handle_conn(tcp, peer, pod.clone(), pi.clone()),
     )
     .await;
@@ -67,6 +68,13 @@ pub(crate) async fn handle_conn(
             .to(Some(&pod.key), Some(&pod.identity));
         record_refusal(&pi, labels, log, ResponseFlag::Tls, reason);
     };
+    // Over the cap on handshakes in progress: closed at once, never queued.
+    let Some(handshake_slot) = pi
+        .handshake_cap
+        .admit(&pi.metrics, REPORTER, "inbound_hbone", peer)
+    else {
+        return;
+    };
     // Boxed: the handshake state is large and needed only until the connection is up.
     let handshake = Box::pin(acceptor.accept(tcp));
     let tls = match tokio::time::timeout(pi.cfg.tls_handshake_timeout, handshake).await {
@@ -74,11 +82,12 @@ pub(crate) async fn handle_conn(
         Ok(Err(e)) => return refuse(format!("tls handshake: {e}")),
         Err(_) => return refuse("tls handshake timed out".to_string()),
     };
+    drop(handshake_slot);
     let peer_id = match mesh_pki::tls::peer_identity(tls.get_ref().1) {
         Ok(id) => Arc::new(id),
         Err(e) => return refuse(format!("peer identity: {e}")),
     };
-    let cfg = hbone::ServerConfig::default();
+    let cfg = pi.cfg.limits.hbone_server();
     // GOAWAY when the agent shuts down or the pod is released: no new streams, open ones finish.
     let (agent_drain, pod_released) = (pi.drain.clone(), pod.stop.clone());
     let drain = async move {

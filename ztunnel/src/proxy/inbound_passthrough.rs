@@ -31,12 +31,13 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let ctx = pod.clone();
-    let open = pi.open.clone();
+    let inputs = pi.clone();
     accept_loop(
         listener,
         stop,
         "inbound_plaintext",
-        (&ctx, &open),
+        &ctx,
+        &inputs,
         |tcp, peer| handle(tcp, peer, pod.clone(), pi.clone()),
     )
     .await;

@@ -42,6 +42,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mesh_shell::conns::{Active, ActiveGuard};
+use mesh_shell::limits::Cap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -86,6 +87,10 @@ pub struct ProxyInputs {
     /// Every connection accepted on any pod's 15001, 15006 or 15008 that is still open,
     /// released pods' included: what shutdown waits for (both directions).
     pub open: Arc<Active>,
+    /// Open connections of the process (`--max-connections`).
+    pub conn_cap: Cap,
+    /// TLS handshakes in progress on 15008 (`--max-tls-handshakes`).
+    pub handshake_cap: Cap,
     round_robin: RoundRobin<NamespacedName>,
 }
 
@@ -102,7 +107,11 @@ impl ProxyInputs {
         pod_netns: PodNetnsSource,
         drain: tokio_util::sync::CancellationToken,
     ) -> Self {
+        let conn_cap = Cap::new("max_connections", cfg.limits.max_connections);
+        let handshake_cap = Cap::new("max_tls_handshakes", cfg.limits.max_tls_handshakes);
         ProxyInputs {
+            conn_cap,
+            handshake_cap,
             cfg,
             model,
             certs,
@@ -137,6 +146,8 @@ pub struct PodCtx {
     pub active: Arc<ActiveConns>,
     /// The eBPF backend's capture (empty with nftables, and once the pod is released).
     pub capture: CaptureSlot,
+    /// Open connections of this pod (`--max-connections-per-pod`).
+    pub conn_cap: Cap,
 }
 
 /// Holds a pod's eBPF capture while the pod is enrolled. Connections borrow it for the time
@@ -186,6 +197,7 @@ impl PodCtx {
             dst,
             src,
             pi.cfg.connect_timeout,
+            &pi.cfg.limits.keepalive(),
             capture.as_deref(),
         )
         .await?;
@@ -364,25 +376,43 @@ impl<'a> AccessLog<'a> {
 /// Accepts until `stop`; each connection runs in its own task inside a span naming the
 /// listener, pod and peer, counted in the pod's and the agent's open connections (`open`,
 /// what shutdown drains) until it ends. Accept errors back off while the process is out of
-/// descriptors (EMFILE...) and serving resumes when some are freed (`mesh_shell::accept`).
+/// descriptors (EMFILE...) and serving resumes when some are freed (`mesh_shell::accept`). A
+/// connection over the process's or the pod's connection cap is closed at once and counted
+/// (flag OM); the others get TCP keepalive and `TCP_USER_TIMEOUT`.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     stop: CancellationToken,
     kind: &'static str,
-    (pod, open): (&PodCtx, &Arc<Active>),
+    pod: &PodCtx,
+    pi: &ProxyInputs,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let reporter = if kind == "outbound" {
+        "source"
+    } else {
+        "destination"
+    };
+    let keepalive = pi.cfg.limits.keepalive();
     let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
+        let Some(process_slot) = pi.conn_cap.admit(&pi.metrics, reporter, kind, peer) else {
+            return;
+        };
+        let Some(pod_slot) = pod.conn_cap.admit(&pi.metrics, reporter, kind, peer) else {
+            return;
+        };
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = keepalive.apply(&tcp) {
+            tracing::debug!(error = %e, "tcp keepalive");
+        }
         let span = tracing::info_span!("conn", listener = kind, pod = %pod.key, peer = %peer);
-        let active = (pod.active.enter(), open.enter());
+        let active = (pod.active.enter(), pi.open.enter());
         let conn = handle(tcp, peer);
         tokio::spawn(
             async move {
-                let _active = active;
+                let _held = (active, process_slot, pod_slot);
                 conn.await
             }
             .instrument(span),
@@ -408,6 +438,7 @@ where
 {
     use futures::future::Either;
     let redirect = pi.cfg.redirect;
+    let first_byte = pi.cfg.limits.first_byte_timeout;
     let model = (redirect == Redirect::Loopback).then(|| pi.model.load_full());
     let accepted = move |tcp, dst| {
         Box::new(Accepted {
@@ -425,7 +456,10 @@ where
         return Either::Left(serve(accepted(tcp, dst)));
     };
     Either::Right(Box::pin(async move {
-        let dst = original_dst(&mut tcp, redirect, &model).await;
+        // The client speaks first here: bounded by the first-byte timeout.
+        let dst = tokio::time::timeout(first_byte, original_dst(&mut tcp, redirect, &model))
+            .await
+            .unwrap_or_else(|_| Err(format!("no socks5 request within {first_byte:?}")));
         drop(model);
         serve(accepted(tcp, dst)).await
     }))
@@ -483,6 +517,13 @@ pub(crate) fn record_refusal(
     let l = labels.build();
     pi.metrics.tcp_opened(&l);
     pi.metrics.tcp_closed(&l);
+    // Within the process's budget: a flood of refusals must not fill the disk.
+    let Some(suppressed) = mesh_shell::limits::REFUSAL_LOG.allow() else {
+        return;
+    };
+    if suppressed > 0 {
+        tracing::warn!(target: "access", suppressed, "refusal log lines suppressed");
+    }
     log.flag = Some(flag);
     log.reason = Some(reason);
     log.emit();

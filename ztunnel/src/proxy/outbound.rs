@@ -37,8 +37,8 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let ctx = pod.clone();
-    let open = pi.open.clone();
-    accept_loop(listener, stop, "outbound", (&ctx, &open), |tcp, peer| {
+    let inputs = pi.clone();
+    accept_loop(listener, stop, "outbound", &ctx, &inputs, |tcp, peer| {
         handle(tcp, peer, pod.clone(), pi.clone())
     })
     .await;
@@ -311,8 +311,13 @@ async fn serve(accepted: Box<Accepted>) {
                     ..labels
                 };
                 let timeout = pi.cfg.connect_timeout;
+                let keepalive = pi.cfg.limits.keepalive();
                 let src = pod.dial_source();
-                match socket::connect_in(&pod.netns, &pi.home, *target, src, timeout, None).await {
+                match socket::connect_in(
+                    &pod.netns, &pi.home, *target, src, timeout, &keepalive, None,
+                )
+                .await
+                {
                     Ok(up) => {
                         log.dst = *target;
                         return relay_counted(
@@ -372,9 +377,10 @@ async fn open_hbone(
     let netns = pod.netns.clone();
     let home = pi.home.clone();
     let timeout = pi.cfg.connect_timeout;
+    let keepalive = pi.cfg.limits.keepalive();
     let src = pod.dial_source();
     let dial = move || async move {
-        socket::connect_in(&netns, &home, hbone_addr, src, timeout, None)
+        socket::connect_in(&netns, &home, hbone_addr, src, timeout, &keepalive, None)
             .await
             .map_err(std::io::Error::other)
     };

@@ -77,6 +77,7 @@ fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
         stop: CancellationToken::new(),
         active: Arc::default(),
         capture: CaptureSlot::new(None),
+        conn_cap: mesh_shell::limits::Cap::new("test", 1),
     });
     (pi, pod)
 }

@@ -94,7 +94,12 @@ pub struct Cluster {
 impl Cluster {
     /// The declared topology on loopback, and one ready agent per node.
     pub async fn start(spec: MeshBuilder) -> Result<Cluster> {
-        Self::start_with(spec, None).await
+        Self::start_with(spec, None, &[]).await
+    }
+
+    /// [`Cluster::start`] with extra flags for every agent (limits, timeouts).
+    pub async fn start_with_flags(spec: MeshBuilder, flags: &[&str]) -> Result<Cluster> {
+        Self::start_with(spec, None, flags).await
     }
 
     /// Like [`Cluster::start`], but the agents hold no signing key: the CA service
@@ -106,12 +111,13 @@ impl Cluster {
         spec: MeshBuilder,
         token_node: impl Fn(&str) -> String,
     ) -> Result<Cluster> {
-        Self::start_with(spec, Some(&token_node)).await
+        Self::start_with(spec, Some(&token_node), &[]).await
     }
 
     async fn start_with(
         spec: MeshBuilder,
         token_node: Option<&dyn Fn(&str) -> String>,
+        flags: &[&str],
     ) -> Result<Cluster> {
         init_logging();
         let ip = next_subnet();
@@ -155,7 +161,7 @@ impl Cluster {
                     CertSource::Dir
                 }
             };
-            let cfg = agent_config(node, &config_dir, &ca_dir, &source, endpoints)?;
+            let cfg = agent_config(node, &config_dir, &ca_dir, &source, endpoints, flags)?;
             let app = ztunnel::app::start(cfg, Control::default())
                 .await
                 .with_context(|| format!("start the agent of {node}"))?;
@@ -454,6 +460,7 @@ fn agent_config(
     ca_dir: &Path,
     certs: &CertSource,
     endpoints: Ipv4Addr,
+    flags: &[&str],
 ) -> Result<ztunnel::config::Config> {
     // The endpoint listeners on an address of the node's own, on ports the kernel picks.
     let any = format!("{endpoints}:0");
@@ -482,7 +489,8 @@ fn agent_config(
             format!("--config-poll={CONFIG_POLL}"),
             "--drain-timeout=5s".to_string(),
             "--connect-timeout=2s".to_string(),
-        ]),
+        ])
+        .chain(flags.iter().map(|f| f.to_string())),
     )?;
     Ok(ztunnel::config::Config::from(&args))
 }
@@ -684,6 +692,8 @@ fn outcome_of_io(e: &std::io::Error) -> Handshake {
 /// An HTTP/2 connection over mTLS to a pod's 15008.
 pub struct Hbone {
     send: h2::client::SendRequest<Bytes>,
+    /// Drives the connection; ends when the server closes it.
+    driver: tokio::task::JoinHandle<Result<(), h2::Error>>,
 }
 
 impl Hbone {
@@ -695,8 +705,13 @@ impl Hbone {
             .await
             .context("tls handshake")?;
         let (send, conn) = h2::client::handshake(stream).await?;
-        tokio::spawn(conn);
-        Ok(Hbone { send })
+        let driver = tokio::spawn(conn);
+        Ok(Hbone { send, driver })
+    }
+
+    /// Whether the connection has ended (the server closed it).
+    pub fn is_closed(&self) -> bool {
+        self.driver.is_finished()
     }
 
     /// Opens a CONNECT to `authority`: the response's status, and when it is 200 the echo of

@@ -546,3 +546,6 @@ mod tests {
         assert_eq!(key.to_ne_bytes(), [10, 99, 0, 7, 0x1f, 0x90, 0, 0]);
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

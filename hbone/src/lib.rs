@@ -4,8 +4,9 @@
 //! `:authority = <dst-ip>:<port>`, `forwarded`/`baggage`/`traceparent` headers, `200` opens the
 //! tunnel, then raw bytes in DATA frames; END_STREAM is a half-close and RST_STREAM a reset.
 //!
-//! - [`connect_request`] builds the request; [`parse_forwarded_for`] / [`parse_baggage`] read
-//!   the headers back on the server side.
+//! - [`connect_request`] builds the request; [`connect_authority`] checks its target and
+//!   [`parse_forwarded_for`] / [`parse_baggage`] / [`valid_traceparent`] read the headers back
+//!   on the server side (property tests in `prop_tests.rs`, fuzz targets in `fuzz/`).
 //! - [`Pool`] (client) multiplexes streams over pooled connections per [`PoolKey`].
 //! - [`serve`] (server) runs the HTTP/2 side of one accepted connection.
 //! - [`tcp`]: keepalive and `TCP_USER_TIMEOUT` for every socket the mesh opens or accepts.
@@ -29,11 +30,13 @@ mod stream;
 pub mod tcp;
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
 
 pub use pool::{Pool, PoolConfig, PoolKey, PoolStats};
 pub use relay::{read_chunk, relay, write_chunk, AsyncIo, Direction, RelayIo};
-pub use server::{serve, serve_with_drain, InboundRequest, ServerConfig};
+pub use server::{connect_authority, serve, serve_with_drain, InboundRequest, ServerConfig};
 pub use stream::H2Stream;
 
 /// TCP port of the HBONE listener on every mesh workload.
@@ -281,8 +284,9 @@ pub fn new_traceparent() -> String {
     format!("00-{trace_id:032x}-{span_id:016x}-01")
 }
 
-/// `00-<32 lower hex>-<16 lower hex>-<2 hex>`, ids not all zero (W3C trace context).
-fn valid_traceparent(tp: &str) -> bool {
+/// Whether `tp` is a `traceparent` we pass on: `00-<32 lower hex>-<16 lower hex>-<2 hex>`, ids
+/// not all zero (W3C trace context).
+pub fn valid_traceparent(tp: &str) -> bool {
     let parts: Vec<&str> = tp.split('-').collect();
     let hex = |s: &str, len: usize| {
         s.len() == len

@@ -86,6 +86,21 @@ impl std::fmt::Debug for InboundRequest {
     }
 }
 
+/// A `CONNECT` request target as HBONE accepts it: `ip:port` (IPv6 bracketed, port not 0),
+/// or why not.
+pub fn connect_authority(uri: &Uri) -> Result<SocketAddr, HboneError> {
+    let raw = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    // A CONNECT target has no scheme or path (h2 enforces that too); anything else means
+    // the request was not a plain CONNECT.
+    if uri.scheme().is_some() || uri.path_and_query().is_some() {
+        return Err(HboneError::Authority(uri.to_string()));
+    }
+    match raw.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr),
+        _ => Err(HboneError::Authority(raw.to_string())),
+    }
+}
+
 // === impl InboundRequest ===
 
 impl InboundRequest {
@@ -104,16 +119,7 @@ impl InboundRequest {
 
     /// `:authority` parsed as `ip:port` (IPv6 bracketed), or why not.
     pub fn authority(&self) -> Result<SocketAddr, HboneError> {
-        let raw = self.authority_str().unwrap_or_default();
-        // A CONNECT target has no scheme or path (h2 enforces that too); anything else
-        // means the request was not a plain CONNECT.
-        if self.uri.scheme().is_some() || self.uri.path_and_query().is_some() {
-            return Err(HboneError::Authority(self.uri.to_string()));
-        }
-        match raw.parse::<SocketAddr>() {
-            Ok(addr) if addr.port() != 0 => Ok(addr),
-            _ => Err(HboneError::Authority(raw.to_string())),
-        }
+        connect_authority(&self.uri)
     }
 
     /// Answers `status` with END_STREAM; the tunnel is never opened.

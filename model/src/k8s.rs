@@ -705,3 +705,6 @@ mod grpc_route_tests;
 
 #[cfg(test)]
 mod refused_tests;
+
+#[cfg(test)]
+mod prop_tests;

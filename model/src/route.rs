@@ -750,3 +750,6 @@ mod vs_tests;
 
 #[cfg(test)]
 mod grpc_tests;
+
+#[cfg(test)]
+mod prop_tests;

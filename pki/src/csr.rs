@@ -269,3 +269,6 @@ mod tests {
         assert_eq!(csr.uri_sans().len(), 2);
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

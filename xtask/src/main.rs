@@ -23,6 +23,8 @@
 //! - `bench [--quick]`: build release binaries, measure every data path (direct, ztunnel
 //!   with each redirection backend, haproxy and nginx baselines) and write `BENCHMARKS.md`
 //!   and `BENCHMARKS.png` (`tests/src/bin/mesh-bench.rs`).
+//! - `fuzz [--time SECS] [TARGET...]`: run each cargo-fuzz target in `fuzz/` for SECS
+//!   seconds (nightly + cargo-fuzz; [`fuzz`]), print executions/s, fail on a crash.
 //!
 //! Test leftovers are recognised exactly as the e2e harness names them: namespaces
 //! `mt<6 hex>-*` and processes whose environment has `MESH_E2E_PREFIX=mt<6 hex>-`. Nothing is
@@ -30,6 +32,7 @@
 //! alone by `clean` (its prefix is in `up`'s state file).
 
 mod dashboards;
+mod fuzz;
 mod key_holder;
 mod layers;
 mod local_mesh;
@@ -122,6 +125,15 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Run every cargo-fuzz target in fuzz/ (or those named) for --time seconds each, with
+    /// the nightly toolchain and cargo-fuzz; fails if one crashes.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only these targets (names as in fuzz/Cargo.toml).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -170,6 +182,7 @@ fn dispatch(command: Cmd) -> Result<()> {
         Cmd::Down => local_mesh::down(),
         Cmd::Waypoint { command } => waypoint_cli::run(command),
         Cmd::Bench { quick } => bench(quick),
+        Cmd::Fuzz { time, targets } => fuzz::fuzz(time, &targets),
     }
 }
 

@@ -254,7 +254,7 @@ fn valid_authority(raw: &[u8]) -> Result<String, String> {
 
 /// Why the head `parts` could be framed or read differently by a backend than by us (see
 /// the module docs), if it could.
-fn framing_error(parts: &Parts, h2: bool) -> Result<(), String> {
+pub fn framing_error(parts: &Parts, h2: bool) -> Result<(), String> {
     let method = parts.method.as_str();
     if let Some(m) = STANDARD_METHODS
         .iter()
@@ -807,3 +807,6 @@ mod tests {
         assert!(reply.reason.starts_with("path: "), "{}", reply.reason);
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

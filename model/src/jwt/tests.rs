@@ -554,3 +554,5 @@ fn two_issuers_share_the_default_header_and_remote_keys_fail_closed() {
         "{o:?}"
     );
 }
+
+mod props;

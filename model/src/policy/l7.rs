@@ -277,7 +277,7 @@ fn host_matches(pattern: &str, authority: &str) -> bool {
         || wildcard(&pattern, Some(crate::route::host_without_port(&authority)))
 }
 
-fn path_matches(pattern: &str, path: &str) -> bool {
+pub(crate) fn path_matches(pattern: &str, path: &str) -> bool {
     if pattern.contains("{*}") || pattern.contains("{**}") {
         let pattern: Vec<&str> = pattern.split('/').collect();
         let path: Vec<&str> = path.split('/').collect();

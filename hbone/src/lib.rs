@@ -21,6 +21,8 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
 
+mod guard;
+mod liveness;
 mod pool;
 mod relay;
 mod server;
@@ -29,6 +31,7 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
+pub use guard::AbuseReason;
 pub use pool::{Pool, PoolConfig, PoolKey, PoolStats};
 pub use relay::{read_chunk, relay, write_chunk, AsyncIo, Direction, RelayIo};
 pub use server::{serve, serve_with_drain, InboundRequest, ServerConfig};
@@ -75,6 +78,12 @@ pub enum HboneError {
     Timeout,
     #[error("hbone server: no http/2 preface within the handshake timeout")]
     HandshakeTimeout,
+    #[error("hbone: peer did not answer a ping within the timeout")]
+    PingTimeout,
+    #[error("hbone: peer connection cut: {0}")]
+    Abuse(AbuseReason),
+    #[error("hbone connect: the peer takes no more streams and the pool holds its most connections to it")]
+    PoolFull,
 }
 
 impl HboneError {
@@ -96,6 +105,20 @@ impl HboneError {
             HboneError::Closed => HboneError::Closed,
             HboneError::Timeout => HboneError::Timeout,
             HboneError::HandshakeTimeout => HboneError::HandshakeTimeout,
+            HboneError::PingTimeout => HboneError::PingTimeout,
+            HboneError::Abuse(r) => HboneError::Abuse(r),
+            HboneError::PoolFull => HboneError::PoolFull,
+        }
+    }
+
+    /// For a connection the server cut because the peer crossed a limit (flood, rapid reset,
+    /// oversized headers, no answer to PING): the reason, as a metric label.
+    pub fn abuse_reason(&self) -> Option<AbuseReason> {
+        match self {
+            HboneError::Abuse(r) => Some(*r),
+            HboneError::PingTimeout => Some("ping_timeout"),
+            HboneError::HandshakeTimeout => Some("handshake_timeout"),
+            _ => None,
         }
     }
 }

@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::RecvStream;
+use h2::{Reason, RecvStream};
 use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
+use super::guard::{AbuseReason, FrameGuard, Tripped};
+use super::liveness::Liveness;
 use super::stream::H2Stream;
 use super::{HboneError, CONNECTION_WINDOW, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
 
@@ -36,6 +38,23 @@ const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// Recently reset streams remembered, so late frames for them are not connection errors.
 const MAX_CONCURRENT_RESET_STREAMS: usize = 50;
 
+/// Bytes h2 may queue per stream beyond what the socket took. Writers wait for the peer's
+/// window first (`H2Stream`), so this is reached only when the socket itself is stuck.
+const MAX_SEND_BUFFER: usize = 256 * 1024;
+
+/// Default time a tunnel may wait for the peer's window before it is reset: long enough
+/// for a paused reader (Envoy's stream idle timeout has the same default).
+pub const DEFAULT_SEND_STALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Default interval between liveness PINGs on an inbound connection.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Default time the peer has to answer a PING before the connection is closed.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default most PING, SETTINGS, WINDOW_UPDATE, PRIORITY or empty DATA frames (each kind
+/// counted alone) a peer may send within one second. A tunnel at 10 Gbit/s with 4 MiB
+/// windows makes about 600 WINDOW_UPDATEs a second; a flood makes hundreds of thousands.
+pub const DEFAULT_MAX_CONTROL_FRAMES_PER_SEC: u32 = 5_000;
+
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Most concurrent streams one peer may open on one connection.
@@ -44,6 +63,15 @@ pub struct ServerConfig {
     pub max_header_list_size: u32,
     /// Time for the HTTP/2 preface; the TLS handshake deadline is the caller's.
     pub handshake_timeout: Duration,
+    /// A PING goes out this often (`None`: never); a peer that does not answer within
+    /// `ping_timeout` is dead (half-open, or it stopped reading) and its connection closed.
+    pub ping_interval: Option<Duration>,
+    pub ping_timeout: Duration,
+    /// Most control frames of one kind per second before the connection is cut.
+    pub max_control_frames_per_sec: u32,
+    /// A tunnel whose peer keeps its window shut this long while we have bytes to send is
+    /// reset (`None`: wait forever).
+    pub send_stall_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +80,10 @@ impl Default for ServerConfig {
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_header_list_size: MAX_HEADER_LIST_SIZE,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            ping_interval: Some(DEFAULT_PING_INTERVAL),
+            ping_timeout: DEFAULT_PING_TIMEOUT,
+            max_control_frames_per_sec: DEFAULT_MAX_CONTROL_FRAMES_PER_SEC,
+            send_stall_timeout: Some(DEFAULT_SEND_STALL_TIMEOUT),
         }
     }
 }
@@ -64,6 +96,7 @@ pub struct InboundRequest {
     headers: HeaderMap,
     body: RecvStream,
     respond: SendResponse<Bytes>,
+    stall_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for InboundRequest {
@@ -118,7 +151,7 @@ impl InboundRequest {
     /// Answers 200 and returns the tunnel.
     pub fn accept(mut self) -> Result<H2Stream, HboneError> {
         let send = self.respond.send_response(Response::new(()), false)?;
-        Ok(H2Stream::new(send, self.body, None))
+        Ok(H2Stream::new(send, self.body, None).with_stall_timeout(self.stall_timeout))
     }
 }
 
@@ -135,7 +168,47 @@ where
 
 /// [`serve`], plus a drain signal: when `drain` completes the server sends GOAWAY, takes no
 /// new streams, and returns once the open ones have finished.
+///
+/// A peer that crosses a limit (control-frame flood, rapid reset, too many small DATA
+/// frames, oversized or endless header blocks, no answer to PING) ends the connection at
+/// once with an error whose [`HboneError::abuse_reason`] names the limit.
 pub async fn serve_with_drain<IO, H, Fut, S>(
+    io: IO,
+    cfg: &ServerConfig,
+    handler: H,
+    drain: S,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(InboundRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+    S: Future<Output = ()>,
+{
+    let tripped = Tripped::default();
+    let io = FrameGuard::new(io, cfg.max_control_frames_per_sec, tripped.clone());
+    let result = serve_guarded(io, cfg, handler, drain).await;
+    match (result, tripped.get()) {
+        (Err(_), Some(reason)) => Err(HboneError::Abuse(reason)),
+        // h2 found a protocol violation or crossed one of its own limits and sent GOAWAY.
+        (Err(HboneError::H2(e)), None) if e.is_go_away() && e.is_library() => {
+            Err(HboneError::Abuse(go_away_label(e.reason())))
+        }
+        (result, _) => result,
+    }
+}
+
+fn go_away_label(reason: Option<Reason>) -> AbuseReason {
+    match reason {
+        // Rapid reset, CONTINUATION floods, too many small DATA frames or local resets.
+        Some(Reason::ENHANCE_YOUR_CALM) => "enhance_your_calm",
+        Some(Reason::FRAME_SIZE_ERROR) => "frame_size",
+        Some(Reason::COMPRESSION_ERROR) => "compression",
+        Some(Reason::FLOW_CONTROL_ERROR) => "flow_control",
+        _ => "protocol_error",
+    }
+}
+
+async fn serve_guarded<IO, H, Fut, S>(
     io: IO,
     cfg: &ServerConfig,
     handler: H,
@@ -155,10 +228,12 @@ where
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .max_concurrent_reset_streams(MAX_CONCURRENT_RESET_STREAMS)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
         .handshake::<_, Bytes>(io);
     let mut conn = tokio::time::timeout(cfg.handshake_timeout, handshake)
         .await
         .map_err(|_| HboneError::HandshakeTimeout)??;
+    let mut liveness = Liveness::new(conn.ping_pong(), cfg.ping_interval, cfg.ping_timeout);
 
     tokio::pin!(drain);
     let mut draining = false;
@@ -168,6 +243,10 @@ where
             () = &mut drain, if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
+                continue;
+            }
+            res = liveness.check() => {
+                res?;
                 continue;
             }
         };
@@ -189,6 +268,7 @@ where
             headers: parts.headers,
             body,
             respond,
+            stall_timeout: cfg.send_stall_timeout,
         };
         tokio::spawn(handler(req).instrument(span));
     }

@@ -152,6 +152,7 @@ async fn handle_conn(
     let detect_timeout = cfg.detect_timeout;
     let hbone_cfg = hbone::ServerConfig::default();
     let drain = inputs.drain.clone();
+    let metrics = inputs.metrics.clone();
     let result = hbone::serve_with_drain(
         stream,
         &hbone_cfg,
@@ -168,8 +169,16 @@ async fn handle_conn(
         async move { drain.cancelled().await },
     )
     .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "hbone connection ended with an error");
+    match result {
+        // The peer crossed a limit (flood, rapid reset, no answer to PING): counted by
+        // reason, e.g. `H2_PING_FLOOD`.
+        Err(e) if e.abuse_reason().is_some() => {
+            let reason = e.abuse_reason().unwrap_or_default().to_ascii_uppercase();
+            metrics.refused(REPORTER, &format!("H2_{reason}"));
+            tracing::info!(target: "access", src_addr = %peer, flags = %format!("H2_{reason}"), error = %e, "hbone connection cut");
+        }
+        Err(e) => tracing::debug!(error = %e, "hbone connection ended with an error"),
+        Ok(()) => {}
     }
 }
 

@@ -82,6 +82,7 @@ pub(crate) async fn handle_conn(
             _ = pod_released.cancelled() => {}
         }
     };
+    let metrics = pi.metrics.clone();
     let result = hbone::serve_with_drain(
         tls,
         &cfg,
@@ -89,8 +90,16 @@ pub(crate) async fn handle_conn(
         drain,
     )
     .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "hbone connection ended with an error");
+    match result {
+        // The peer crossed a limit (flood, rapid reset, no answer to PING): counted by
+        // reason, e.g. `H2_PING_FLOOD`.
+        Err(e) if e.abuse_reason().is_some() => {
+            let reason = e.abuse_reason().unwrap_or_default().to_ascii_uppercase();
+            metrics.refused(REPORTER, &format!("H2_{reason}"));
+            tracing::info!(target: "access", src_addr = %peer, flags = %format!("H2_{reason}"), error = %e, "hbone connection cut");
+        }
+        Err(e) => tracing::debug!(error = %e, "hbone connection ended with an error"),
+        Ok(()) => {}
     }
 }
 

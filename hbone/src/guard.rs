@@ -6,8 +6,8 @@
 //! a budget for small and empty DATA frames, rapid-reset and CONTINUATION limits), but not
 //! the CPU: a peer that keeps reading can make us answer millions of PINGs per second. This
 //! layer sits between TLS and h2, reads only the 9-byte frame headers of what h2 reads, and
-//! fails the read once the peer sent more than `max_per_sec` control frames within one
-//! second. The failed read ends h2's connection, so the socket closes at once.
+//! fails the read once the peer sent more than `max_per_sec` control frames of one kind
+//! within one second (WINDOW_UPDATE: [`WINDOW_UPDATE_FACTOR`] times that). The failed read ends h2's connection, so the socket closes at once.
 
 use std::io;
 use std::pin::Pin;
@@ -21,6 +21,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER_LEN: usize = 9;
 const WINDOW: Duration = Duration::from_secs(1);
+/// A busy reader legitimately sends many WINDOW_UPDATEs (one per half window it consumed, per
+/// stream and for the connection): they get this many times the limit of the other kinds.
+pub(crate) const WINDOW_UPDATE_FACTOR: u32 = 8;
 
 const DATA: u8 = 0x0;
 const PRIORITY: u8 = 0x2;
@@ -133,7 +136,12 @@ impl<IO> FrameGuard<IO> {
             self.counts = [0; 6];
         }
         self.counts[slot] += 1;
-        if self.counts[slot] > self.max_per_sec {
+        let max = if kind == WINDOW_UPDATE {
+            self.max_per_sec.saturating_mul(WINDOW_UPDATE_FACTOR)
+        } else {
+            self.max_per_sec
+        };
+        if self.counts[slot] > max {
             return Err(KINDS[slot]);
         }
         Ok(())
@@ -248,8 +256,10 @@ mod tests {
             g.preface_left = 0;
             let payload = if kind == DATA { vec![] } else { vec![0; 4] };
             let f = frame(kind, flags, &payload);
-            let res: Result<Vec<()>, _> = (0..11).map(|_| g.scan(&f)).collect();
-            assert_eq!(res, Err(reason));
+            let max = if kind == WINDOW_UPDATE { 80 } else { 10 };
+            let res: Result<Vec<()>, _> = (0..max).map(|_| g.scan(&f)).collect();
+            assert_eq!(res, Ok(vec![(); max]), "{reason}");
+            assert_eq!(g.scan(&f), Err(reason));
         }
     }
 }

@@ -121,6 +121,12 @@ impl HboneError {
             _ => None,
         }
     }
+
+    /// [`HboneError::abuse_reason`] as the reason label of a refusal: `H2_PING_FLOOD`.
+    pub fn abuse_label(&self) -> Option<String> {
+        self.abuse_reason()
+            .map(|r| format!("H2_{}", r.to_ascii_uppercase()))
+    }
 }
 
 /// What the client tells the destination about the connection it tunnels.

@@ -1581,7 +1581,8 @@ async fn a_settings_flood_is_cut_off() {
 async fn a_window_update_flood_is_cut_off() {
     let unit = frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes());
     // Increments of 1 would overflow the window only after 2^31 frames; the count trips first.
-    check_flood(&[], unit, 1, LIMIT, &["window_update_flood"]).await;
+    let limit = LIMIT * crate::guard::WINDOW_UPDATE_FACTOR;
+    check_flood(&[], unit, 1, limit, &["window_update_flood"]).await;
 }
 
 #[tokio::test]
@@ -1606,7 +1607,7 @@ async fn rapid_reset_is_cut_off() {
     let mut peer = RawPeer::connect(addr).await;
     let mut crossed = None;
     let limit = LIMIT;
-    for i in 0..20_000u32 {
+    for i in 0..50_000u32 {
         let id = 2 * i + 1;
         let mut unit = frame(HEADERS, END_HEADERS, id, &connect_headers());
         unit.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));

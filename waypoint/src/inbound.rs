@@ -169,16 +169,15 @@ async fn handle_conn(
         async move { drain.cancelled().await },
     )
     .await;
-    match result {
-        // The peer crossed a limit (flood, rapid reset, no answer to PING): counted by
-        // reason, e.g. `H2_PING_FLOOD`.
-        Err(e) if e.abuse_reason().is_some() => {
-            let reason = e.abuse_reason().unwrap_or_default().to_ascii_uppercase();
-            metrics.refused(REPORTER, &format!("H2_{reason}"));
-            tracing::info!(target: "access", src_addr = %peer, flags = %format!("H2_{reason}"), error = %e, "hbone connection cut");
+    // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
+    // reason, e.g. `H2_PING_FLOOD`.
+    let Err(e) = result else { return };
+    match e.abuse_label() {
+        Some(reason) => {
+            metrics.refused(REPORTER, &reason);
+            tracing::info!(target: "access", src_addr = %peer, flags = %reason, error = %e, "hbone connection cut");
         }
-        Err(e) => tracing::debug!(error = %e, "hbone connection ended with an error"),
-        Ok(()) => {}
+        None => tracing::debug!(error = %e, "hbone connection ended with an error"),
     }
 }
 

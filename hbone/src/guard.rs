@@ -23,7 +23,7 @@ const FRAME_HEADER_LEN: usize = 9;
 const WINDOW: Duration = Duration::from_secs(1);
 /// A busy reader legitimately sends many WINDOW_UPDATEs (one per half window it consumed, per
 /// stream and for the connection): they get this many times the limit of the other kinds.
-pub(crate) const WINDOW_UPDATE_FACTOR: u32 = 4;
+pub(crate) const WINDOW_UPDATE_FACTOR: u32 = 2;
 
 const DATA: u8 = 0x0;
 const PRIORITY: u8 = 0x2;
@@ -256,7 +256,7 @@ mod tests {
             g.preface_left = 0;
             let payload = if kind == DATA { vec![] } else { vec![0; 4] };
             let f = frame(kind, flags, &payload);
-            let max = if kind == WINDOW_UPDATE { 40 } else { 10 };
+            let max = if kind == WINDOW_UPDATE { 20 } else { 10 };
             let res: Result<Vec<()>, _> = (0..max).map(|_| g.scan(&f)).collect();
             assert_eq!(res, Ok(vec![(); max]), "{reason}");
             assert_eq!(g.scan(&f), Err(reason));

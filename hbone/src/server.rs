@@ -51,7 +51,7 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Default time the peer has to answer a PING before the connection is closed.
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default most PING, SETTINGS, PRIORITY, RST_STREAM or empty DATA frames (each kind
-/// counted alone) a peer may send within one second; WINDOW_UPDATE gets 4 times that. A
+/// counted alone) a peer may send within one second; WINDOW_UPDATE gets twice that. A
 /// client reading 10 Gbit/s sends about 600 WINDOW_UPDATEs a second with 4 MiB windows
 /// (ours, Istio's ztunnel's); a flood sends hundreds of thousands of frames a second, and
 /// each costs a reply or a wake-up.
@@ -70,7 +70,7 @@ pub struct ServerConfig {
     pub ping_interval: Option<Duration>,
     pub ping_timeout: Duration,
     /// Most control frames of one kind per second before the connection is cut
-    /// (WINDOW_UPDATE: 4 times this).
+    /// (WINDOW_UPDATE: twice this).
     pub max_control_frames_per_sec: u32,
     /// A tunnel whose peer keeps its window shut this long while we have bytes to send is
     /// reset (`None`: wait forever).

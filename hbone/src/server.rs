@@ -187,9 +187,73 @@ where
     Fut: Future<Output = ()> + Send + 'static,
     S: Future<Output = ()>,
 {
+    // One async fn, no nested one: the connection's future (alive as long as the
+    // connection) then holds the io once, not once per level.
     let tripped = Tripped::default();
-    let io = FrameGuard::new(io, cfg.max_control_frames_per_sec, tripped.clone());
-    let result = serve_guarded(io, cfg, handler, drain).await;
+    let result = 'serve: {
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_concurrent_streams(cfg.max_concurrent_streams)
+            .max_header_list_size(cfg.max_header_list_size)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+            .max_concurrent_reset_streams(MAX_CONCURRENT_RESET_STREAMS)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .handshake::<_, Bytes>(FrameGuard::new(
+                io,
+                cfg.max_control_frames_per_sec,
+                tripped.clone(),
+            ));
+        let mut conn = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => break 'serve Err(HboneError::H2(e)),
+            Err(_) => break 'serve Err(HboneError::HandshakeTimeout),
+        };
+        let mut liveness = Liveness::new(conn.ping_pong(), cfg.ping_interval, cfg.ping_timeout);
+
+        tokio::pin!(drain);
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                () = &mut drain, if !draining => {
+                    draining = true;
+                    conn.graceful_shutdown();
+                    continue;
+                }
+                res = liveness.check() => {
+                    if let Err(e) = res {
+                        break 'serve Err(e);
+                    }
+                    continue;
+                }
+            };
+            let (req, respond) = match next {
+                None => break 'serve Ok(()),
+                Some(Err(e)) => break 'serve Err(HboneError::H2(e)),
+                Some(Ok(next)) => next,
+            };
+            let (parts, body) = req.into_parts();
+            // Child of the caller's connection span (pod, peer), so the handler's logs carry
+            // both.
+            let span = tracing::info_span!(
+                parent: tracing::Span::current(),
+                "hbone_stream",
+                id = %respond.stream_id().as_u32(),
+                authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or_default(),
+            );
+            let req = InboundRequest {
+                method: parts.method,
+                uri: parts.uri,
+                headers: parts.headers,
+                body,
+                respond,
+                stall_timeout: cfg.send_stall_timeout,
+            };
+            tokio::spawn(handler(req).instrument(span));
+        }
+    };
     match (result, tripped.get()) {
         (Err(_), Some(reason)) => Err(HboneError::Abuse(reason)),
         // h2 found a protocol violation or crossed one of its own limits and sent GOAWAY.
@@ -208,71 +272,5 @@ fn go_away_label(reason: Option<Reason>) -> AbuseReason {
         Some(Reason::COMPRESSION_ERROR) => "compression",
         Some(Reason::FLOW_CONTROL_ERROR) => "flow_control",
         _ => "protocol_error",
-    }
-}
-
-async fn serve_guarded<IO, H, Fut, S>(
-    io: IO,
-    cfg: &ServerConfig,
-    handler: H,
-    drain: S,
-) -> Result<(), HboneError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(InboundRequest) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-    S: Future<Output = ()>,
-{
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(cfg.max_concurrent_streams)
-        .max_header_list_size(cfg.max_header_list_size)
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
-        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
-        .max_concurrent_reset_streams(MAX_CONCURRENT_RESET_STREAMS)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
-        .handshake::<_, Bytes>(io);
-    let mut conn = tokio::time::timeout(cfg.handshake_timeout, handshake)
-        .await
-        .map_err(|_| HboneError::HandshakeTimeout)??;
-    let mut liveness = Liveness::new(conn.ping_pong(), cfg.ping_interval, cfg.ping_timeout);
-
-    tokio::pin!(drain);
-    let mut draining = false;
-    loop {
-        let next = tokio::select! {
-            next = conn.accept() => next,
-            () = &mut drain, if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
-                continue;
-            }
-            res = liveness.check() => {
-                res?;
-                continue;
-            }
-        };
-        let Some(next) = next else {
-            return Ok(());
-        };
-        let (req, respond) = next?;
-        let (parts, body) = req.into_parts();
-        // Child of the caller's connection span (pod, peer), so the handler's logs carry both.
-        let span = tracing::info_span!(
-            parent: tracing::Span::current(),
-            "hbone_stream",
-            id = %respond.stream_id().as_u32(),
-            authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or_default(),
-        );
-        let req = InboundRequest {
-            method: parts.method,
-            uri: parts.uri,
-            headers: parts.headers,
-            body,
-            respond,
-            stall_timeout: cfg.send_stall_timeout,
-        };
-        tokio::spawn(handler(req).instrument(span));
     }
 }

@@ -127,6 +127,20 @@ impl HboneError {
         self.abuse_reason()
             .map(|r| format!("H2_{}", r.to_ascii_uppercase()))
     }
+
+    /// Logs how an inbound connection from `peer` ended with this error (an access-log line
+    /// when the peer crossed a limit, else debug); returns the reason to count the cut under.
+    pub fn log_inbound_end(&self, peer: SocketAddr) -> Option<String> {
+        let label = self.abuse_label();
+        match &label {
+            Some(reason) => tracing::info!(
+                target: "access", src_addr = %peer, flags = %reason, error = %self,
+                "hbone connection cut"
+            ),
+            None => tracing::debug!(error = %self, "hbone connection ended with an error"),
+        }
+        label
+    }
 }
 
 /// What the client tells the destination about the connection it tunnels.

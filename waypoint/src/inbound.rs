@@ -171,13 +171,8 @@ async fn handle_conn(
     .await;
     // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
     // reason, e.g. `H2_PING_FLOOD`.
-    let Err(e) = result else { return };
-    match e.abuse_label() {
-        Some(reason) => {
-            metrics.refused(REPORTER, &reason);
-            tracing::info!(target: "access", src_addr = %peer, flags = %reason, error = %e, "hbone connection cut");
-        }
-        None => tracing::debug!(error = %e, "hbone connection ended with an error"),
+    if let Some(reason) = result.err().and_then(|e| e.log_inbound_end(peer)) {
+        metrics.refused(REPORTER, &reason);
     }
 }
 

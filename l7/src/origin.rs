@@ -139,32 +139,19 @@ impl Origin {
         self.server_name.to_str().into_owned()
     }
 
-    /// The TLS handshake over `io`, within `timeout`, offering the ALPN of `proto`.
+    /// The TLS handshake over `io`, within `timeout`, offering the ALPN of `proto` (none
+    /// for a port relayed as TCP).
     pub async fn connect<S: Io>(
         &self,
         io: S,
-        proto: UpstreamProto,
+        proto: Option<UpstreamProto>,
         timeout: Duration,
     ) -> io::Result<TlsStream<S>> {
         let config = match proto {
-            UpstreamProto::Http1 => &self.http1,
-            UpstreamProto::Http2 => &self.http2,
+            Some(UpstreamProto::Http1) => &self.http1,
+            Some(UpstreamProto::Http2) => &self.http2,
+            None => &self.tcp,
         };
-        self.handshake(config, io, timeout).await
-    }
-
-    /// The TLS handshake over `io` for a port the proxy relays as TCP (no ALPN offered),
-    /// within `timeout`.
-    pub async fn connect_tcp<S: Io>(&self, io: S, timeout: Duration) -> io::Result<TlsStream<S>> {
-        self.handshake(&self.tcp, io, timeout).await
-    }
-
-    async fn handshake<S: Io>(
-        &self,
-        config: &Arc<ClientConfig>,
-        io: S,
-        timeout: Duration,
-    ) -> io::Result<TlsStream<S>> {
         let handshake = TlsConnector::from(config.clone()).connect(self.server_name.clone(), io);
         tokio::time::timeout(timeout, handshake)
             .await

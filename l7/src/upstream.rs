@@ -281,30 +281,22 @@ impl Upstreams {
         service_host: Option<String>,
         origin: Option<&Origin>,
     ) -> Result<Box<dyn Io>, UpstreamError> {
-        let stream = self.connect(ep, local_ip, service_host).await?;
-        let Some(origin) = origin else {
-            return Ok(stream);
-        };
-        let tls = origin
-            .connect_tcp(stream, self.cfg.connect_timeout)
+        let timeout = self.cfg.connect_timeout;
+        let origin = origin.map(|o| (o, None));
+        self.connect_app(ep, local_ip, service_host, timeout, origin)
             .await
-            .map_err(|source| UpstreamError::Origin {
-                addr: ep.addr,
-                server: origin.server_name(),
-                source,
-            })?;
-        Ok(Box::new(tls))
     }
 
     /// [`Upstreams::connect_within`], then TLS originated over the stream when `origin`
-    /// is given (offering the ALPN of `proto`; the handshake within `timeout` too).
+    /// is given (offering the ALPN of the HTTP protocol, none for TCP; the handshake within
+    /// `timeout` too).
     async fn connect_app(
         &self,
         ep: &Endpoint,
         local_ip: IpAddr,
         service_host: Option<String>,
         timeout: Duration,
-        origin: Option<(&Origin, UpstreamProto)>,
+        origin: Option<(&Origin, Option<UpstreamProto>)>,
     ) -> Result<Box<dyn Io>, UpstreamError> {
         let stream = self
             .connect_within(ep, local_ip, service_host, timeout)
@@ -434,7 +426,7 @@ impl Upstreams {
                 local_ip,
                 service_host,
                 timeout,
-                origin.map(|o| (o, proto)),
+                origin.map(|o| (o, Some(proto))),
             )
             .await?,
         );

@@ -790,6 +790,19 @@ impl Mesh {
                 );
             }
         }
+        let cmd = self.ztunnel_command(node)?;
+        let guard = ChildGuard::spawn_logging_to(
+            cmd,
+            &format!("ztunnel-{node}"),
+            &self.ztunnel_log_path(node),
+        )?;
+        ztunnels.insert(node.to_owned(), guard);
+        Ok(())
+    }
+
+    /// The node's ztunnel command line as the harness runs it (netns, config, CA, backend,
+    /// bpffs, the spec's extra arguments and environment).
+    fn ztunnel_command(&self, node: &str) -> Result<Command> {
         let binary = match &self.spec.ztunnel_binary {
             Some(path) => path.clone(),
             None => self.binaries.ztunnel()?,
@@ -829,13 +842,15 @@ impl Mesh {
         for (key, value) in &self.spec.ztunnel_env {
             cmd.env(key, value);
         }
-        let guard = ChildGuard::spawn_logging_to(
-            cmd,
-            &format!("ztunnel-{node}"),
-            &self.ztunnel_log_path(node),
-        )?;
-        ztunnels.insert(node.to_owned(), guard);
-        Ok(())
+        Ok(cmd)
+    }
+
+    /// Runs the node's ztunnel binary once with the agent's arguments plus `extra` (e.g.
+    /// `--release-all`) in the node's namespace, to completion (killed after 60 s).
+    pub fn run_ztunnel_once(&self, node: &str, extra: &[&str]) -> Result<Output> {
+        let mut cmd = self.ztunnel_command(node)?;
+        cmd.args(extra);
+        run_bounded(cmd, Duration::from_secs(60))
     }
 
     /// Starts the node's ztunnel (again) and waits until it reports ready.

@@ -327,6 +327,7 @@ const E2E_SUITES: [&str; 14] = [
     "core",
     "ca_service",
     "enrollment",
+    "lifecycle",
     "bad_peers",
     "waypoint",
     "waypoint_routing",

@@ -133,15 +133,51 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
     let shutdown = ctl.shutdown.clone();
     let done = tokio::spawn(async move {
         shutdown.triggered().await;
+        let open = pi.open.clone();
         tracing::info!(
-            open = conns.len(),
-            "shutting down: listeners closed, draining connections"
+            open = open.len(),
+            inbound_admitted = conns.len(),
+            deadline_s = cfg.drain_timeout.as_secs_f64(),
+            release = cfg.release_on_exit,
+            "shutting down: listeners closed, draining connections (both directions)"
         );
+        let started = std::time::Instant::now();
         stop.cancel();
         let _ = manager_task.await;
-        mesh_shell::process::drain(cfg.drain_timeout, conns.drained(), || conns.len()).await;
+        let drained =
+            mesh_shell::process::drain(cfg.drain_timeout, open.idle(), || open.len()).await;
+        let waited_ms = started.elapsed().as_millis() as u64;
+        if drained {
+            tracing::info!(waited_ms, "drained: every connection finished");
+        } else {
+            // Exiting closes them; the count is the deadline's toll.
+            tracing::warn!(
+                cut = open.len(),
+                waited_ms,
+                "drain deadline: connections cut"
+            );
+        }
+        if cfg.release_on_exit {
+            release_on_exit(&cfg, &pi.model.load()).await;
+        }
     });
     Ok(AppHandle::new(endpoints, ctl.shutdown, done))
+}
+
+/// `--release-on-exit`: the pods were released when the drain began (new connections go
+/// directly); this removes what the drained connections kept, for every pod of the node.
+async fn release_on_exit(cfg: &Config, model: &Model) {
+    match crate::uninstall::pod_netns(cfg) {
+        Ok(pods) => {
+            let released = crate::uninstall::release_node(cfg, model, &pods).await;
+            tracing::info!(
+                pods = released.pods,
+                pins = released.pins,
+                "released every pod's capture on exit"
+            );
+        }
+        Err(e) => tracing::error!(error = format!("{e:#}"), "release on exit"),
+    }
 }
 
 /// Whether a good model is in: at the source, and reconciled by the workload manager.
@@ -181,7 +217,7 @@ async fn manage_workloads(
         };
         tokio::select! {
             _ = stop.cancelled() => {
-                manager.stop_all();
+                manager.shut_down();
                 return;
             }
             changed = rx.changed() => {

@@ -79,6 +79,16 @@ pub struct Args {
     /// A bpffs mount (mounted there if missing) for the eBPF backend's pins.
     #[arg(long, env = "ZTUNNEL_BPF_FS", default_value = DEFAULT_BPF_FS)]
     pub bpf_fs: PathBuf,
+    /// Take the mesh off this node and exit: release every capture the agent installs
+    /// (either backend) in the namespaces of this node's pods, and their eBPF pins, so the
+    /// pods talk directly again. Idempotent; run it with no agent running on the node.
+    #[arg(long, env = "ZTUNNEL_RELEASE_ALL")]
+    pub release_all: bool,
+    /// On SIGTERM or `/quitquitquit`, release every pod's capture (new connections go
+    /// directly at once), drain, then remove what is left: an uninstall. Without it the
+    /// pods stay captured (failing closed) for the next agent to adopt: a restart.
+    #[arg(long, env = "ZTUNNEL_RELEASE_ON_EXIT")]
+    pub release_on_exit: bool,
     // The flags every mesh binary has (`ZTUNNEL_<FLAG>`): config source, CA, addresses,
     // timeouts, log format. Pods' network namespaces are named files under `--netns-dir`
     // with `--config-source dir`, and found by pod IP among the node's processes with
@@ -119,6 +129,8 @@ pub struct Config {
     /// The backend in use: never `auto` once the agent runs (startup resolves it).
     pub redirect: Redirect,
     pub bpf_fs: PathBuf,
+    /// Release every pod's capture on shutdown (`--release-on-exit`).
+    pub release_on_exit: bool,
     /// The endpoint listeners (`admin_addr`, `metrics_addr`, `readiness_addr` in the dump).
     #[serde(flatten)]
     pub endpoints: mesh_shell::admin::Addrs,
@@ -155,6 +167,7 @@ impl From<&Args> for Config {
             cert_ttl: a.cert_ttl,
             redirect: args.redirect,
             bpf_fs: args.bpf_fs.clone(),
+            release_on_exit: args.release_on_exit,
             endpoints: a.endpoints(),
             config_poll: a.config_poll,
             drain_timeout: a.drain_timeout,
@@ -225,6 +238,7 @@ mod tests {
             "cert_ttl",
             "redirect",
             "bpf_fs",
+            "release_on_exit",
             "admin_addr",
             "metrics_addr",
             "readiness_addr",
@@ -263,6 +277,8 @@ mod tests {
             "ZTUNNEL_NODE_NAME",
             "ZTUNNEL_READINESS_ADDR",
             "ZTUNNEL_REDIRECT",
+            "ZTUNNEL_RELEASE_ALL",
+            "ZTUNNEL_RELEASE_ON_EXIT",
             "ZTUNNEL_TLS_HANDSHAKE_TIMEOUT",
             "ZTUNNEL_TRUST_DOMAIN",
         ];

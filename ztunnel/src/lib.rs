@@ -18,4 +18,5 @@ pub mod podns;
 pub mod proxy;
 pub mod redirect;
 pub mod socket;
+pub mod uninstall;
 pub mod workloads;

@@ -12,6 +12,11 @@ fn main() -> anyhow::Result<()> {
         e.exit();
     }
     let cfg = Config::from(&args);
+    if args.release_all {
+        return mesh_shell::process::main("ztunnel", args.process.log_format, |_| async move {
+            ztunnel::uninstall::release_all(&cfg).await.map(|_| ())
+        });
+    }
     mesh_shell::process::main("ztunnel", args.process.log_format, |log| {
         ztunnel::app::run(cfg, log)
     })

@@ -336,6 +336,25 @@ impl Manager {
     /// Closes every listener (shutdown); connections keep running until they finish. The
     /// pods stay captured (eBPF: the pinned programs stay attached; nftables: the rules stay),
     /// failing closed until the next agent takes over.
+    /// The agent is shutting down: with `--release-on-exit` every pod is released
+    /// ([`Manager::release_all`]), else stopped with its capture kept ([`Manager::stop_all`]).
+    pub fn shut_down(&mut self) {
+        if self.pi.cfg.release_on_exit {
+            self.release_all();
+        } else {
+            self.stop_all();
+        }
+    }
+
+    /// Releases every pod as if it left the mesh, so new connections go directly at once
+    /// while established ones drain (the caller removes what they keep once the drain is
+    /// over).
+    pub fn release_all(&mut self) {
+        for (key, r) in std::mem::take(&mut self.running) {
+            self.release(&key, r);
+        }
+    }
+
     pub fn stop_all(&mut self) {
         for (_, r) in std::mem::take(&mut self.running) {
             if let Some(capture) = r.ctx.capture.take() {

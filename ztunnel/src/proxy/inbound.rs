@@ -32,9 +32,14 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let ctx = pod.clone();
-    accept_loop(listener, stop, "inbound_hbone", &ctx, |tcp, peer| {
-        handle_conn(tcp, peer, pod.clone(), pi.clone())
-    })
+    let open = pi.open.clone();
+    accept_loop(
+        listener,
+        stop,
+        "inbound_hbone",
+        (&ctx, &open),
+        |tcp, peer| handle_conn(tcp, peer, pod.clone(), pi.clone()),
+    )
     .await;
 }
 

@@ -31,9 +31,14 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let ctx = pod.clone();
-    accept_loop(listener, stop, "inbound_plaintext", &ctx, |tcp, peer| {
-        handle(tcp, peer, pod.clone(), pi.clone())
-    })
+    let open = pi.open.clone();
+    accept_loop(
+        listener,
+        stop,
+        "inbound_plaintext",
+        (&ctx, &open),
+        |tcp, peer| handle(tcp, peer, pod.clone(), pi.clone()),
+    )
     .await;
 }
 

@@ -83,6 +83,9 @@ pub struct ProxyInputs {
     pub pod_netns: PodNetnsSource,
     /// Cancelled on shutdown: HBONE servers send GOAWAY and stop taking new streams.
     pub drain: tokio_util::sync::CancellationToken,
+    /// Every connection accepted on any pod's 15001, 15006 or 15008 that is still open,
+    /// released pods' included: what shutdown waits for (both directions).
+    pub open: Arc<Active>,
     round_robin: RoundRobin<NamespacedName>,
 }
 
@@ -109,6 +112,7 @@ impl ProxyInputs {
             home,
             pod_netns,
             drain,
+            open: Arc::default(),
             round_robin: RoundRobin::default(),
         }
     }
@@ -358,13 +362,14 @@ impl<'a> AccessLog<'a> {
 // === shared by the three listeners ===
 
 /// Accepts until `stop`; each connection runs in its own task inside a span naming the
-/// listener, pod and peer. Accept errors back off while the process is out of descriptors
-/// (EMFILE...) and serving resumes when some are freed (`mesh_shell::accept`).
+/// listener, pod and peer, counted in the pod's and the agent's open connections (`open`,
+/// what shutdown drains) until it ends. Accept errors back off while the process is out of
+/// descriptors (EMFILE...) and serving resumes when some are freed (`mesh_shell::accept`).
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     stop: CancellationToken,
     kind: &'static str,
-    pod: &PodCtx,
+    (pod, open): (&PodCtx, &Arc<Active>),
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
@@ -373,7 +378,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
         let _ = tcp.set_nodelay(true);
         let span = tracing::info_span!("conn", listener = kind, pod = %pod.key, peer = %peer);
-        let active = pod.active.enter();
+        let active = (pod.active.enter(), open.enter());
         let conn = handle(tcp, peer);
         tokio::spawn(
             async move {

@@ -37,7 +37,8 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let ctx = pod.clone();
-    accept_loop(listener, stop, "outbound", &ctx, |tcp, peer| {
+    let open = pi.open.clone();
+    accept_loop(listener, stop, "outbound", (&ctx, &open), |tcp, peer| {
         handle(tcp, peer, pod.clone(), pi.clone())
     })
     .await;

@@ -120,6 +120,34 @@ pub fn pin_root(bpf_fs: &Path) -> PathBuf {
     bpf_fs.join("ztunnel")
 }
 
+/// Whether `dir_name` is one of `pod`'s pin directories (any of its namespaces).
+fn is_pin_of(dir_name: &str, pod: &NamespacedName) -> bool {
+    dir_name
+        .strip_prefix(&pin_prefix(pod))
+        .is_some_and(|ino| !ino.is_empty() && ino.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes every pin directory of `pods` (an uninstall): with no agent holding the link,
+/// its program detaches. Returns what was removed; a failure is logged and skipped.
+pub fn remove_pins_of(bpf_fs: &Path, pods: &[NamespacedName]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(pin_root(bpf_fs)) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !pods.iter().any(|pod| is_pin_of(&name, pod)) {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) => tracing::warn!(dir = %path.display(), error = %e, "remove capture pins"),
+        }
+    }
+    removed
+}
+
 /// Removes the pins of captures no pod of `current` owns: pods deleted or released while no
 /// agent ran (their programs detach once unpinned), and earlier namespaces of recreated pods.
 /// A pod in `current` keeps only the directory `current` names for it. `wanted` pods that are
@@ -137,11 +165,7 @@ pub fn sweep_pins(
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        let owner = |pod: &NamespacedName| {
-            let prefix = pin_prefix(pod);
-            name.strip_prefix(&prefix)
-                .is_some_and(|ino| ino.bytes().all(|b| b.is_ascii_digit()))
-        };
+        let owner = |pod: &NamespacedName| is_pin_of(&name, pod);
         let keep = current.iter().any(|(pod, dir)| owner(pod) && *dir == path)
             || wanted
                 .iter()

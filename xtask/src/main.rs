@@ -323,7 +323,7 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 14] = [
+const E2E_SUITES: [&str; 15] = [
     "core",
     "ca_service",
     "enrollment",

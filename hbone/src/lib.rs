@@ -23,6 +23,8 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
 
+mod guard;
+mod liveness;
 mod pool;
 mod relay;
 mod server;
@@ -34,6 +36,7 @@ mod prop_tests;
 #[cfg(test)]
 mod tests;
 
+pub use guard::AbuseReason;
 pub use pool::{Pool, PoolConfig, PoolKey, PoolStats};
 pub use relay::{read_chunk, relay, write_chunk, AsyncIo, Direction, RelayIo};
 pub use server::{connect_authority, serve, serve_with_drain, InboundRequest, ServerConfig};
@@ -80,6 +83,12 @@ pub enum HboneError {
     Timeout,
     #[error("hbone server: no http/2 preface within the handshake timeout")]
     HandshakeTimeout,
+    #[error("hbone: peer did not answer a ping within the timeout")]
+    PingTimeout,
+    #[error("hbone: peer connection cut: {0}")]
+    Abuse(AbuseReason),
+    #[error("hbone connect: the peer takes no more streams and the pool holds its most connections to it")]
+    PoolFull,
 }
 
 impl HboneError {
@@ -101,7 +110,41 @@ impl HboneError {
             HboneError::Closed => HboneError::Closed,
             HboneError::Timeout => HboneError::Timeout,
             HboneError::HandshakeTimeout => HboneError::HandshakeTimeout,
+            HboneError::PingTimeout => HboneError::PingTimeout,
+            HboneError::Abuse(r) => HboneError::Abuse(r),
+            HboneError::PoolFull => HboneError::PoolFull,
         }
+    }
+
+    /// For a connection the server cut because the peer crossed a limit (flood, rapid reset,
+    /// oversized headers, no answer to PING): the reason, as a metric label.
+    pub fn abuse_reason(&self) -> Option<AbuseReason> {
+        match self {
+            HboneError::Abuse(r) => Some(*r),
+            HboneError::PingTimeout => Some("ping_timeout"),
+            HboneError::HandshakeTimeout => Some("handshake_timeout"),
+            _ => None,
+        }
+    }
+
+    /// [`HboneError::abuse_reason`] as the reason label of a refusal: `H2_PING_FLOOD`.
+    pub fn abuse_label(&self) -> Option<String> {
+        self.abuse_reason()
+            .map(|r| format!("H2_{}", r.to_ascii_uppercase()))
+    }
+
+    /// Logs how an inbound connection from `peer` ended with this error (an access-log line
+    /// when the peer crossed a limit, else debug); returns the reason to count the cut under.
+    pub fn log_inbound_end(&self, peer: SocketAddr) -> Option<String> {
+        let label = self.abuse_label();
+        match &label {
+            Some(reason) => tracing::info!(
+                target: "access", src_addr = %peer, flags = %reason, error = %self,
+                "hbone connection cut"
+            ),
+            None => tracing::debug!(error = %self, "hbone connection ended with an error"),
+        }
+        label
     }
 }
 

@@ -6,6 +6,13 @@
 //! A connection closes after `idle_timeout` without streams, and one that failed or got a
 //! GOAWAY is never handed out again. Concurrent callers that find no room wait for a dial
 //! already under way for their key instead of each dialing their own.
+//!
+//! Hostile or broken peers (RELIABILITY 12, 32, 37): at most `max_conns_per_key`
+//! connections are open to one key, so a peer that takes no streams (SETTINGS
+//! MAX_CONCURRENT_STREAMS 0) cannot make us dial once per request; callers beyond that wait
+//! for a stream to free up, within the connect timeout, then fail with
+//! [`HboneError::PoolFull`]. Every connection is PINGed every `ping_interval`; one that does
+//! not answer within `ping_timeout` is dropped from the pool and its streams fail.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,6 +32,7 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tracing::Instrument;
 
+use super::liveness::Liveness;
 use super::stream::H2Stream;
 use super::{HboneError, ALPN_H2, CONNECTION_WINDOW, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
 use mesh_model::identity::Identity;
@@ -35,6 +43,12 @@ pub const DEFAULT_MAX_STREAMS_PER_CONN: u32 = 100;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default bound on dial + TLS + HTTP/2 handshake + CONNECT response.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default interval between liveness PINGs on a pooled connection.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Default time a peer has to answer a PING.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default most connections open to one pool key.
+pub const DEFAULT_MAX_CONNS_PER_KEY: usize = 4;
 
 /// How often one `connect` may move on from a pooled connection that turned out to be dead
 /// (GOAWAY, reset) before giving up; each retry ends in a fresh dial at the latest.
@@ -61,6 +75,15 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// Bound on one `connect`: dial, TLS and HTTP/2 handshakes and the CONNECT response.
     pub connect_timeout: Duration,
+    /// A PING goes out this often on every connection (`None`: never); a peer that does
+    /// not answer within `ping_timeout` is dead and its connection dropped.
+    pub ping_interval: Option<Duration>,
+    pub ping_timeout: Duration,
+    /// Most connections open at once to one key (at least 1).
+    pub max_conns_per_key: usize,
+    /// A tunnel whose peer keeps its window shut this long while we have bytes to send is
+    /// reset (`None`: wait forever).
+    pub send_stall_timeout: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -69,6 +92,10 @@ impl Default for PoolConfig {
             max_streams_per_conn: DEFAULT_MAX_STREAMS_PER_CONN,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            ping_interval: Some(DEFAULT_PING_INTERVAL),
+            ping_timeout: DEFAULT_PING_TIMEOUT,
+            max_conns_per_key: DEFAULT_MAX_CONNS_PER_KEY,
+            send_stall_timeout: Some(super::server::DEFAULT_SEND_STALL_TIMEOUT),
         }
     }
 }
@@ -92,6 +119,8 @@ struct PoolInner {
     cfg: PoolConfig,
     entries: Mutex<HashMap<PoolKey, Entry>>,
     next_id: AtomicU64,
+    /// Woken when a stream or a connection goes away, for callers waiting on a full key.
+    capacity: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -122,6 +151,8 @@ pub(crate) struct ConnState {
     last_activity: Mutex<Instant>,
     /// Wakes the connection task when the stream count drops to zero.
     idle: Notify,
+    /// The pool's [`PoolInner::capacity`].
+    capacity: Arc<Notify>,
 }
 
 /// One reserved stream on a pooled connection; released on drop.
@@ -141,6 +172,8 @@ struct OpenError {
 enum Step {
     Reuse(Arc<PooledConn>, StreamSlot),
     Wait(watch::Receiver<DialOutcome>),
+    /// The key has its most connections and none has room: wait for a stream to end.
+    Full,
     // Boxed: the key makes the guard large, and this is the rare step.
     Dial(Box<DialGuard>),
 }
@@ -163,6 +196,7 @@ impl Pool {
                 cfg,
                 entries: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                capacity: Arc::new(Notify::new()),
             }),
         }
     }
@@ -181,8 +215,11 @@ impl Pool {
         D: FnOnce() -> F,
         F: Future<Output = io::Result<TcpStream>>,
     {
+        // A waiter on a full key gives up a little before the overall deadline, so that it
+        // can say why.
         let timeout = self.inner.cfg.connect_timeout;
-        tokio::time::timeout(timeout, self.connect_inner(key, tls, dial, req))
+        let deadline = Instant::now() + timeout.mul_f32(0.95);
+        tokio::time::timeout(timeout, self.connect_inner(key, tls, dial, req, deadline))
             .await
             .unwrap_or(Err(HboneError::Timeout))
     }
@@ -193,6 +230,7 @@ impl Pool {
         tls: Arc<rustls::ClientConfig>,
         dial: D,
         req: http::Request<()>,
+        deadline: Instant,
     ) -> Result<H2Stream, HboneError>
     where
         D: FnOnce() -> F,
@@ -201,9 +239,11 @@ impl Pool {
         let mut dial = Some(dial);
         let mut stale = 0;
         loop {
-            let (conn, slot, fresh) = self.checkout(&key, &tls, &mut dial).await?;
+            let (conn, slot, fresh) = self.checkout(&key, &tls, &mut dial, deadline).await?;
             match open_stream(&conn, slot, clone_request(&req)).await {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => {
+                    return Ok(stream.with_stall_timeout(self.inner.cfg.send_stall_timeout))
+                }
                 Err(e) => {
                     if e.conn_broken {
                         conn.state.closed.store(true, Ordering::Release);
@@ -238,15 +278,25 @@ impl Pool {
         key: &PoolKey,
         tls: &Arc<rustls::ClientConfig>,
         dial: &mut Option<D>,
+        deadline: Instant,
     ) -> Result<(Arc<PooledConn>, StreamSlot, bool), HboneError>
     where
         D: FnOnce() -> F,
         F: Future<Output = io::Result<TcpStream>>,
     {
         loop {
+            // Registered before looking, so a stream ending in between is not missed.
+            let freed = self.inner.capacity.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             let step = self.inner.step(key);
             match step {
                 Step::Reuse(conn, slot) => return Ok((conn, slot, false)),
+                Step::Full => {
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(HboneError::PoolFull);
+                    }
+                }
                 Step::Wait(mut rx) => {
                     let failed = match rx.wait_for(Option::is_some).await {
                         Ok(outcome) => match &*outcome {
@@ -302,7 +352,7 @@ impl Pool {
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(HboneError::Alpn);
         }
-        let (send, conn) = h2::client::Builder::new()
+        let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(MAX_HEADER_LIST_SIZE)
@@ -310,7 +360,9 @@ impl Pool {
             .handshake::<_, Bytes>(tls)
             .await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(ConnState::new(id));
+        let state = Arc::new(ConnState::new(id, self.inner.capacity.clone()));
+        let cfg = &self.inner.cfg;
+        let liveness = Liveness::new(conn.ping_pong(), cfg.ping_interval, cfg.ping_timeout);
         let span = tracing::debug_span!("hbone_client_conn", id, dst = %key.dst_addr);
         tokio::spawn(
             drive(
@@ -318,7 +370,8 @@ impl Pool {
                 state.clone(),
                 Arc::downgrade(&self.inner),
                 key.clone(),
-                self.inner.cfg.idle_timeout,
+                cfg.idle_timeout,
+                liveness,
             )
             .instrument(span),
         );
@@ -401,6 +454,7 @@ async fn drive(
     pool: Weak<PoolInner>,
     key: PoolKey,
     idle_timeout: Duration,
+    mut liveness: Liveness,
 ) {
     tokio::pin!(conn);
     let expired = loop {
@@ -414,6 +468,13 @@ async fn drive(
                 break false;
             }
             () = state.idle.notified() => {}
+            res = liveness.check() => {
+                if let Err(e) = res {
+                    // Dropping the connection below fails its streams at once.
+                    tracing::info!(error = %e, dst = %key.dst_addr, "hbone connection dead; dropping it");
+                    break false;
+                }
+            }
             () = sleep_until_opt(deadline) => {
                 match pool.upgrade() {
                     Some(pool) if pool.expire_if_idle(&key, &state, idle_timeout) => break true,
@@ -427,6 +488,7 @@ async fn drive(
     if let Some(pool) = pool.upgrade() {
         pool.remove(&key, state.id);
     }
+    state.capacity.notify_waiters();
     if expired {
         tracing::debug!("hbone connection idle; closing");
         // The pool's request handle is gone, so h2 sends GOAWAY and finishes by itself.
@@ -464,6 +526,9 @@ impl PoolInner {
         }
         if let Some(rx) = &entry.dialing {
             return Step::Wait(rx.clone());
+        }
+        if entry.conns.len() >= self.cfg.max_conns_per_key.max(1) {
+            return Step::Full;
         }
         let (tx, rx) = watch::channel(None);
         entry.dialing = Some(rx);
@@ -564,9 +629,10 @@ impl PooledConn {
 }
 
 impl ConnState {
-    fn new(id: u64) -> Self {
+    fn new(id: u64, capacity: Arc<Notify>) -> Self {
         ConnState {
             id,
+            capacity,
             active: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             last_activity: Mutex::new(Instant::now()),
@@ -608,5 +674,6 @@ impl Drop for StreamSlot {
         if self.state.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.state.idle.notify_one();
         }
+        self.state.capacity.notify_waiters();
     }
 }

@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::RecvStream;
+use h2::{Reason, RecvStream};
 use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
+use super::guard::{AbuseReason, FrameGuard, Tripped};
+use super::liveness::Liveness;
 use super::stream::H2Stream;
 use super::{HboneError, CONNECTION_WINDOW, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
 
@@ -43,6 +45,25 @@ const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// Recently reset streams remembered, so late frames for them are not connection errors.
 const MAX_CONCURRENT_RESET_STREAMS: usize = 50;
 
+/// Bytes h2 may queue per stream beyond what the socket took. Writers wait for the peer's
+/// window first (`H2Stream`), so this is reached only when the socket itself is stuck.
+const MAX_SEND_BUFFER: usize = 256 * 1024;
+
+/// Default time a tunnel may wait for the peer's window before it is reset: long enough
+/// for a paused reader (Envoy's stream idle timeout has the same default).
+pub const DEFAULT_SEND_STALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Default interval between liveness PINGs on an inbound connection.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Default time the peer has to answer a PING before the connection is closed.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default most PING, SETTINGS, PRIORITY, RST_STREAM or empty DATA frames (each kind
+/// counted alone) a peer may send within one second; WINDOW_UPDATE gets twice that. A
+/// client reading 10 Gbit/s sends about 600 WINDOW_UPDATEs a second with 4 MiB windows
+/// (ours, Istio's ztunnel's); a flood sends hundreds of thousands of frames a second, and
+/// each costs a reply or a wake-up.
+pub const DEFAULT_MAX_CONTROL_FRAMES_PER_SEC: u32 = 1_000;
+
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Most concurrent streams one peer may open on one connection.
@@ -53,6 +74,16 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// A connection without open streams for this long gets GOAWAY and is closed.
     pub idle_timeout: Duration,
+    /// A PING goes out this often (`None`: never); a peer that does not answer within
+    /// `ping_timeout` is dead (half-open, or it stopped reading) and its connection closed.
+    pub ping_interval: Option<Duration>,
+    pub ping_timeout: Duration,
+    /// Most control frames of one kind per second before the connection is cut
+    /// (WINDOW_UPDATE: twice this).
+    pub max_control_frames_per_sec: u32,
+    /// A tunnel whose peer keeps its window shut this long while we have bytes to send is
+    /// reset (`None`: wait forever).
+    pub send_stall_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +93,10 @@ impl Default for ServerConfig {
             max_header_list_size: MAX_HEADER_LIST_SIZE,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            ping_interval: Some(DEFAULT_PING_INTERVAL),
+            ping_timeout: DEFAULT_PING_TIMEOUT,
+            max_control_frames_per_sec: DEFAULT_MAX_CONTROL_FRAMES_PER_SEC,
+            send_stall_timeout: Some(DEFAULT_SEND_STALL_TIMEOUT),
         }
     }
 }
@@ -74,6 +109,7 @@ pub struct InboundRequest {
     headers: HeaderMap,
     body: RecvStream,
     respond: SendResponse<Bytes>,
+    stall_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for InboundRequest {
@@ -134,7 +170,7 @@ impl InboundRequest {
     /// Answers 200 and returns the tunnel.
     pub fn accept(mut self) -> Result<H2Stream, HboneError> {
         let send = self.respond.send_response(Response::new(()), false)?;
-        Ok(H2Stream::new(send, self.body, None))
+        Ok(H2Stream::new(send, self.body, None).with_stall_timeout(self.stall_timeout))
     }
 }
 
@@ -152,6 +188,10 @@ where
 /// [`serve`], plus a drain signal: when `drain` completes the server sends GOAWAY, takes no
 /// new streams, and returns once the open ones have finished. The same happens after
 /// `cfg.idle_timeout` without an open stream.
+///
+/// A peer that crosses a limit (control-frame flood, rapid reset, too many small DATA
+/// frames, oversized or endless header blocks, no answer to PING) ends the connection at
+/// once with an error whose [`HboneError::abuse_reason`] names the limit.
 pub async fn serve_with_drain<IO, H, Fut, S>(
     io: IO,
     cfg: &ServerConfig,
@@ -164,89 +204,117 @@ where
     Fut: Future<Output = ()> + Send + 'static,
     S: Future<Output = ()>,
 {
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(cfg.max_concurrent_streams)
-        .max_header_list_size(cfg.max_header_list_size)
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
-        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
-        .max_concurrent_reset_streams(MAX_CONCURRENT_RESET_STREAMS)
-        .handshake::<_, Bytes>(io);
-    let mut conn = tokio::time::timeout(cfg.handshake_timeout, handshake)
-        .await
-        .map_err(|_| HboneError::HandshakeTimeout)??;
+    // One async fn, no nested one: the connection's future (alive as long as the
+    // connection) then holds the io once, not once per level.
+    let tripped = Tripped::default();
+    let result = 'serve: {
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_concurrent_streams(cfg.max_concurrent_streams)
+            .max_header_list_size(cfg.max_header_list_size)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+            .max_concurrent_reset_streams(MAX_CONCURRENT_RESET_STREAMS)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .handshake::<_, Bytes>(FrameGuard::new(
+                io,
+                cfg.max_control_frames_per_sec,
+                tripped.clone(),
+            ));
+        let mut conn = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => break 'serve Err(HboneError::H2(e)),
+            Err(_) => break 'serve Err(HboneError::HandshakeTimeout),
+        };
+        let mut liveness = Liveness::new(conn.ping_pong(), cfg.ping_interval, cfg.ping_timeout);
 
-    tokio::pin!(drain);
-    let mut draining = false;
-    // Streams whose handler still runs; idle time counts from the last one's end.
-    let open = Arc::new(AtomicUsize::new(0));
-    let ended = Arc::new(tokio::sync::Notify::new());
-    let idle = tokio::time::sleep(cfg.idle_timeout);
-    tokio::pin!(idle);
-    loop {
-        let next = tokio::select! {
-            next = conn.accept() => next,
-            () = &mut drain, if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
-                continue;
-            }
-            () = ended.notified(), if !draining => {
-                if open.load(Ordering::SeqCst) == 0 {
-                    idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
-                }
-                continue;
-            }
-            () = &mut idle, if !draining => {
-                if open.load(Ordering::SeqCst) == 0 {
-                    tracing::debug!(idle_timeout = ?cfg.idle_timeout, "hbone connection idle: closing");
+        tokio::pin!(drain);
+        let mut draining = false;
+        // Streams whose handler still runs; idle time counts from the last one's end.
+        let open = Arc::new(AtomicUsize::new(0));
+        let ended = Arc::new(tokio::sync::Notify::new());
+        let idle = tokio::time::sleep(cfg.idle_timeout);
+        tokio::pin!(idle);
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                () = &mut drain, if !draining => {
                     draining = true;
                     conn.graceful_shutdown();
-                } else {
-                    // Busy: the deadline is set again when the last stream ends.
-                    idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                    continue;
                 }
-                continue;
-            }
-        };
-        let Some(next) = next else {
-            return Ok(());
-        };
-        let (req, respond) = match next {
-            Ok(next) => next,
-            // After our GOAWAY the peer may close the socket before h2 wrote its last frame.
-            Err(e) if draining && e.is_io() => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let (parts, body) = req.into_parts();
-        // Child of the caller's connection span (pod, peer), so the handler's logs carry both.
-        let span = tracing::info_span!(
-            parent: tracing::Span::current(),
-            "hbone_stream",
-            id = %respond.stream_id().as_u32(),
-            authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or_default(),
-        );
-        let req = InboundRequest {
-            method: parts.method,
-            uri: parts.uri,
-            headers: parts.headers,
-            body,
-            respond,
-        };
-        open.fetch_add(1, Ordering::SeqCst);
-        let stream = StreamGuard {
-            open: open.clone(),
-            ended: ended.clone(),
-        };
-        let handled = handler(req);
-        tokio::spawn(
-            async move {
-                let _stream = stream;
-                handled.await
-            }
-            .instrument(span),
-        );
+                () = ended.notified(), if !draining => {
+                    if open.load(Ordering::SeqCst) == 0 {
+                        idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                    }
+                    continue;
+                }
+                () = &mut idle, if !draining => {
+                    if open.load(Ordering::SeqCst) == 0 {
+                        tracing::debug!(idle_timeout = ?cfg.idle_timeout, "hbone connection idle: closing");
+                        draining = true;
+                        conn.graceful_shutdown();
+                    } else {
+                        // Busy: the deadline is set again when the last stream ends.
+                        idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                    }
+                    continue;
+                }
+                res = liveness.check() => {
+                    if let Err(e) = res {
+                        break 'serve Err(e);
+                    }
+                    continue;
+                }
+            };
+            let (req, respond) = match next {
+                None => break 'serve Ok(()),
+                // After our GOAWAY the peer may close the socket before h2 wrote its last
+                // frame.
+                Some(Err(e)) if draining && e.is_io() => break 'serve Ok(()),
+                Some(Err(e)) => break 'serve Err(HboneError::H2(e)),
+                Some(Ok(next)) => next,
+            };
+            let (parts, body) = req.into_parts();
+            // Child of the caller's connection span (pod, peer), so the handler's logs carry
+            // both.
+            let span = tracing::info_span!(
+                parent: tracing::Span::current(),
+                "hbone_stream",
+                id = %respond.stream_id().as_u32(),
+                authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or_default(),
+            );
+            let req = InboundRequest {
+                method: parts.method,
+                uri: parts.uri,
+                headers: parts.headers,
+                body,
+                respond,
+                stall_timeout: cfg.send_stall_timeout,
+            };
+            open.fetch_add(1, Ordering::SeqCst);
+            let stream = StreamGuard {
+                open: open.clone(),
+                ended: ended.clone(),
+            };
+            let handled = handler(req);
+            tokio::spawn(
+                async move {
+                    let _stream = stream;
+                    handled.await
+                }
+                .instrument(span),
+            );
+        }
+    };
+    match (result, tripped.get()) {
+        (Err(_), Some(reason)) => Err(HboneError::Abuse(reason)),
+        // h2 found a protocol violation or crossed one of its own limits and sent GOAWAY.
+        (Err(HboneError::H2(e)), None) if e.is_go_away() && e.is_library() => {
+            Err(HboneError::Abuse(go_away_label(e.reason())))
+        }
+        (result, _) => result,
     }
 }
 
@@ -260,5 +328,16 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::SeqCst);
         self.ended.notify_one();
+    }
+}
+
+fn go_away_label(reason: Option<Reason>) -> AbuseReason {
+    match reason {
+        // Rapid reset, CONTINUATION floods, too many small DATA frames or local resets.
+        Some(Reason::ENHANCE_YOUR_CALM) => "enhance_your_calm",
+        Some(Reason::FRAME_SIZE_ERROR) => "frame_size",
+        Some(Reason::COMPRESSION_ERROR) => "compression",
+        Some(Reason::FLOW_CONTROL_ERROR) => "flow_control",
+        _ => "protocol_error",
     }
 }

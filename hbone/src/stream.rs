@@ -3,10 +3,13 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
+use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 use super::pool::StreamSlot;
 use super::relay::RelayIo;
@@ -22,7 +25,9 @@ const WRITE_BUF_SIZE: usize = 64 * 1024;
 ///
 /// - Reading releases HTTP/2 receive window only as bytes are consumed, so a slow reader
 ///   slows the sender instead of making us buffer.
-/// - Writing waits for send capacity (peer window), so a slow peer slows the writer.
+/// - Writing waits for send capacity (peer window), so a slow peer slows the writer; a peer
+///   that keeps the window shut longer than the stall timeout gets the stream reset
+///   (RELIABILITY 31: zero-window stalls hold memory and a task forever otherwise).
 /// - `poll_shutdown` sends END_STREAM (half-close); reading continues.
 /// - Dropping the stream before both directions finished resets it (RST_STREAM CANCEL).
 pub struct H2Stream {
@@ -33,6 +38,11 @@ pub struct H2Stream {
     read_eof: bool,
     write_closed: bool,
     write_buf: BytesMut,
+    /// How long (ms) a write may wait for the peer's window before the stream is reset;
+    /// 0: forever. Milliseconds in a `u32` keep the struct small (it is per tunnel).
+    stall_ms: u32,
+    /// Running while a write waits for window.
+    stall: Option<Pin<Box<Sleep>>>,
     /// Keeps the pooled connection's stream count until the tunnel is gone.
     _slot: Option<StreamSlot>,
 }
@@ -58,8 +68,18 @@ impl H2Stream {
             read_eof: false,
             write_closed: false,
             write_buf: BytesMut::new(),
+            stall_ms: 0,
+            stall: None,
             _slot: slot,
         }
+    }
+
+    pub(crate) fn with_stall_timeout(mut self, timeout: Option<Duration>) -> Self {
+        // At least 1 ms when set; beyond u32::MAX ms (49 days) is as good as forever.
+        self.stall_ms = timeout.map_or(0, |t| {
+            u32::try_from(t.as_millis()).map_or(0, |ms| ms.max(1))
+        });
+        self
     }
 
     /// Resets the stream (both directions) with `reason`, e.g. when policy revokes it.
@@ -103,15 +123,43 @@ impl H2Stream {
         loop {
             let cap = self.send.capacity();
             if cap > 0 {
+                self.stall = None;
                 return Poll::Ready(Ok(cap.min(want)));
             }
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            match self.send.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(_))) => continue,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
                 // The stream can no longer send: reset by the peer or the connection is gone.
-                None => return Poll::Ready(Err(self.closed_error(cx))),
+                Poll::Ready(None) => return Poll::Ready(Err(self.closed_error(cx))),
+                Poll::Pending => return self.poll_stall(cx),
             }
         }
+    }
+}
+
+impl H2Stream {
+    /// Called while a write waits for window: `Pending` until the stall timeout, then the
+    /// stream is reset and the write fails.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.stall_ms == 0 {
+            return Poll::Pending;
+        }
+        let limit = Duration::from_millis(u64::from(self.stall_ms));
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        ready!(stall.as_mut().poll(cx));
+        self.stall = None;
+        self.send.send_reset(Reason::CANCEL);
+        tracing::debug!(
+            stream = self.send.stream_id().as_u32(),
+            ?limit,
+            "hbone stream: peer window stayed shut; reset"
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("hbone stream: peer window stayed shut for {limit:?}"),
+        )))
     }
 }
 

@@ -1305,6 +1305,469 @@ fn tunnel_ends_are_send_and_small() {
     );
 }
 
+// === hostile peers: the client pool ===
+
+#[tokio::test]
+async fn a_peer_that_takes_no_streams_gets_a_bounded_number_of_dials() {
+    let pki = pki();
+    let cfg = ServerConfig {
+        max_concurrent_streams: 0,
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(pki.server.clone(), cfg, echo).await;
+    let pool = Pool::new(PoolConfig {
+        connect_timeout: Duration::from_millis(500),
+        max_conns_per_key: 2,
+        ..PoolConfig::default()
+    });
+    let dialer = Dialer::new(server.addr);
+    info!("20 concurrent connects to a peer advertising MAX_CONCURRENT_STREAMS 0");
+    let attempts: FuturesUnordered<_> = (0..20)
+        .map(|_| {
+            pool.connect(
+                key(server.addr),
+                pki.client.clone(),
+                dialer.dial(),
+                request(),
+            )
+        })
+        .collect();
+    let results: Vec<_> = attempts.collect().await;
+    assert!(results.iter().all(Result::is_err));
+    let full = results
+        .iter()
+        .filter(|r| matches!(r, Err(HboneError::PoolFull)))
+        .count();
+    assert!(full > 0, "waiters on the full key say why: {results:?}");
+    assert!(dialer.dials() <= 2, "dials: {}", dialer.dials());
+    assert!(server.accepted() <= 2, "accepted: {}", server.accepted());
+}
+
+#[tokio::test]
+async fn callers_beyond_the_connection_cap_wait_for_a_free_stream() {
+    let pki = pki();
+    let cfg = ServerConfig {
+        max_concurrent_streams: 1,
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(pki.server.clone(), cfg, echo).await;
+    let pool = Pool::new(PoolConfig {
+        max_conns_per_key: 1,
+        ..PoolConfig::default()
+    });
+    let dialer = Dialer::new(server.addr);
+    let mut first = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            dialer.dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    ping(&mut first).await;
+    let second = pool.connect(
+        key(server.addr),
+        pki.client.clone(),
+        dialer.dial(),
+        request(),
+    );
+    tokio::pin!(second);
+    info!("the only connection is full: the second caller waits instead of dialing");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut second)
+            .await
+            .is_err()
+    );
+    drop(first);
+    let mut second = tokio::time::timeout(EVENTUALLY, second)
+        .await
+        .unwrap()
+        .unwrap();
+    ping(&mut second).await;
+    assert_eq!(dialer.dials(), 1);
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_dropped_with_its_streams() {
+    let pki = pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
+    let freeze = Arc::new(Notify::new());
+    let frozen = freeze.clone();
+    let _server = AbortOnDrop(tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let mut open = Vec::new();
+        loop {
+            tokio::select! {
+                Some(Ok((_req, mut respond))) = conn.accept() => {
+                    open.push(respond.send_response(http::Response::new(()), false).unwrap());
+                }
+                () = frozen.notified() => break,
+            }
+        }
+        info!("the peer's node vanished: the connection is held but nothing is answered");
+        std::future::pending::<()>().await;
+        drop((conn, open));
+    }));
+    let (interval, timeout) = (Duration::from_millis(200), Duration::from_millis(300));
+    let pool = Pool::new(PoolConfig {
+        ping_interval: Some(interval),
+        ping_timeout: timeout,
+        ..PoolConfig::default()
+    });
+    let dialer = Dialer::new(addr);
+    let mut tunnel = pool
+        .connect(key(addr), pki.client.clone(), dialer.dial(), request())
+        .await
+        .unwrap();
+    info!("a few pings are answered while the peer is alive");
+    tokio::time::sleep(interval * 3).await;
+    assert_eq!(pool.stats().connections, 1);
+    freeze.notify_one();
+    let frozen_at = tokio::time::Instant::now();
+    let mut b = [0u8; 1];
+    let read = tokio::time::timeout(EVENTUALLY, tunnel.read(&mut b))
+        .await
+        .expect("the stream fails once the connection is declared dead");
+    let took = frozen_at.elapsed();
+    assert!(read.is_err(), "{read:?}");
+    assert!(
+        took <= interval + timeout + Duration::from_millis(300),
+        "dead peer noticed after {took:?}"
+    );
+    assert_eq!(pool.stats().connections, 0);
+    drop(tunnel);
+}
+
+// === hostile peers: the server ===
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK for `CONNECT 127.0.0.1:9`: literal fields with indexed names (:authority is
+/// static entry 1, :method entry 2), no Huffman.
+fn connect_headers() -> Vec<u8> {
+    let mut b = vec![0x02, 7];
+    b.extend_from_slice(b"CONNECT");
+    b.extend_from_slice(&[0x01, 11]);
+    b.extend_from_slice(b"127.0.0.1:9");
+    b
+}
+
+/// A hostile HTTP/2 client writing raw frames. A task reads and discards what the server
+/// sends (the attacker keeps reading, so backpressure alone does not stop it) and notes
+/// when the server closed the connection.
+struct RawPeer {
+    w: tokio::net::tcp::OwnedWriteHalf,
+    closed: JoinHandle<tokio::time::Instant>,
+}
+
+impl RawPeer {
+    async fn connect(addr: SocketAddr) -> RawPeer {
+        let (mut r, mut w) = TcpStream::connect(addr).await.unwrap().into_split();
+        w.write_all(PREFACE).await.unwrap();
+        w.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        let closed = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = r.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            tokio::time::Instant::now()
+        });
+        RawPeer { w, closed }
+    }
+
+    /// Writes `unit` (one or more frames, `per_unit` of them counted by the limit) until the
+    /// server closes the connection; returns how long after the limit was crossed it did.
+    async fn flood(mut self, unit: &[u8], per_unit: u32, limit: u32) -> Duration {
+        const BATCH: usize = 100;
+        let batch: Vec<u8> = unit.repeat(BATCH);
+        let mut sent = 0u32;
+        let mut crossed = None;
+        // Bounded: 2000 batches is far beyond any limit under test.
+        for _ in 0..2000 {
+            if self.w.write_all(&batch).await.is_err() {
+                break;
+            }
+            sent += per_unit * u32::try_from(BATCH).unwrap();
+            if sent > limit && crossed.is_none() {
+                crossed = Some(tokio::time::Instant::now());
+            }
+            if self.closed.is_finished() {
+                break;
+            }
+        }
+        let crossed = crossed.expect("the flood crossed the limit");
+        let closed = tokio::time::timeout(EVENTUALLY, self.closed)
+            .await
+            .expect("the server closes a flooding connection")
+            .unwrap();
+        closed.saturating_duration_since(crossed)
+    }
+}
+
+/// Runs one flood against a plain-TCP `serve` and checks the connection was cut within a
+/// second of crossing the limit, for one of `reasons`.
+async fn check_flood(
+    setup: &[Vec<u8>],
+    unit: Vec<u8>,
+    per_unit: u32,
+    limit: u32,
+    reasons: &[&str],
+) {
+    let (addr, _seen, server) = plain_server(ServerConfig::default()).await;
+    let mut peer = RawPeer::connect(addr).await;
+    for f in setup {
+        peer.w.write_all(f).await.unwrap();
+    }
+    let cut_after = peer.flood(&unit, per_unit, limit).await;
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .unwrap()
+        .unwrap();
+    let reason = res.as_ref().err().and_then(HboneError::abuse_reason);
+    info!(?reason, ?cut_after, "flood cut off");
+    assert!(
+        reason.is_some_and(|r| reasons.contains(&r)),
+        "expected one of {reasons:?}: {res:?}"
+    );
+    assert!(
+        cut_after < Duration::from_secs(1),
+        "cut {cut_after:?} after the limit"
+    );
+}
+
+const LIMIT: u32 = crate::server::DEFAULT_MAX_CONTROL_FRAMES_PER_SEC;
+
+#[tokio::test]
+async fn a_ping_flood_is_cut_off() {
+    check_flood(&[], frame(PING, 0, 0, &[7; 8]), 1, LIMIT, &["ping_flood"]).await;
+}
+
+#[tokio::test]
+async fn a_settings_flood_is_cut_off() {
+    check_flood(
+        &[],
+        frame(SETTINGS, 0, 0, &[]),
+        1,
+        LIMIT,
+        &["settings_flood"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_window_update_flood_is_cut_off() {
+    let unit = frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes());
+    // Increments of 1 would overflow the window only after 2^31 frames; the count trips first.
+    let limit = LIMIT * crate::guard::WINDOW_UPDATE_FACTOR;
+    check_flood(&[], unit, 1, limit, &["window_update_flood"]).await;
+}
+
+#[tokio::test]
+async fn an_empty_data_flood_is_cut_off() {
+    let open = frame(HEADERS, END_HEADERS, 1, &connect_headers());
+    // h2 allows 100 empty DATA frames per connection; our own count is the backstop.
+    check_flood(
+        &[open],
+        frame(DATA, 0, 1, &[]),
+        1,
+        100,
+        &["enhance_your_calm", "empty_data_flood"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn rapid_reset_is_cut_off() {
+    // Each unit opens a stream and resets it at once (CVE-2023-44487). Stream ids must
+    // grow, so the units are built one by one rather than repeated.
+    let (addr, _seen, server) = plain_server(ServerConfig::default()).await;
+    let mut peer = RawPeer::connect(addr).await;
+    let mut crossed = None;
+    let limit = LIMIT;
+    for i in 0..50_000u32 {
+        let id = 2 * i + 1;
+        let mut unit = frame(HEADERS, END_HEADERS, id, &connect_headers());
+        unit.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+        if peer.w.write_all(&unit).await.is_err() || peer.closed.is_finished() {
+            break;
+        }
+        if i == limit && crossed.is_none() {
+            crossed = Some(tokio::time::Instant::now());
+        }
+    }
+    let closed = tokio::time::timeout(EVENTUALLY, peer.closed)
+        .await
+        .expect("the server closes a rapid-reset connection")
+        .unwrap();
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .unwrap()
+        .unwrap();
+    let reason = res.as_ref().err().and_then(HboneError::abuse_reason);
+    assert!(
+        matches!(reason, Some("enhance_your_calm" | "rst_stream_flood")),
+        "{res:?}"
+    );
+    // Cut before our limit of resets (h2's own counter), or within 1 s after it.
+    if let Some(crossed) = crossed {
+        assert!(closed.saturating_duration_since(crossed) < Duration::from_secs(1));
+    }
+}
+
+#[tokio::test]
+async fn a_continuation_flood_is_cut_off() {
+    let (addr, _seen, server) = plain_server(ServerConfig::default()).await;
+    let mut peer = RawPeer::connect(addr).await;
+    info!("HEADERS without END_HEADERS, then endless CONTINUATION frames");
+    peer.w
+        .write_all(&frame(HEADERS, 0, 1, &connect_headers()))
+        .await
+        .unwrap();
+    // h2 takes at most max_header_list_size / max_frame_size CONTINUATIONs (+25 %, at
+    // least 5) per header block, however small they are.
+    let cut_after = peer.flood(&frame(CONTINUATION, 0, 1, &[]), 1, 5).await;
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        res.as_ref().err().and_then(HboneError::abuse_reason),
+        Some("enhance_your_calm"),
+        "{res:?}"
+    );
+    assert!(cut_after < Duration::from_secs(1), "{cut_after:?}");
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_cut_off() {
+    let (interval, timeout) = (Duration::from_millis(100), Duration::from_millis(200));
+    let cfg = ServerConfig {
+        ping_interval: Some(interval),
+        ping_timeout: timeout,
+        ..ServerConfig::default()
+    };
+    let (addr, _seen, server) = plain_server(cfg).await;
+    info!("a peer that sends the preface, then never reads again (node gone, stalled)");
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(PREFACE).await.unwrap();
+    tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .unwrap()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(matches!(res, Err(HboneError::PingTimeout)), "{res:?}");
+    assert!(
+        took <= interval + timeout + Duration::from_millis(300),
+        "{took:?}"
+    );
+    drop(tcp);
+}
+
+#[tokio::test]
+async fn a_live_peer_keeps_its_connection_through_many_pings() {
+    let cfg = ServerConfig {
+        ping_interval: Some(Duration::from_millis(50)),
+        ping_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    };
+    let (addr, _seen, server) = plain_server(cfg).await;
+    let client = raw_h2(addr).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !server.is_finished(),
+        "a peer answering pings stays connected"
+    );
+    let (rsp, send) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request(), false)
+        .unwrap();
+    let rsp = rsp.await.unwrap();
+    let mut tunnel = H2Stream::new(send, rsp.into_body(), None);
+    ping(&mut tunnel).await;
+}
+
+#[tokio::test]
+async fn a_tunnel_whose_peer_never_opens_its_window_is_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stall = Duration::from_millis(300);
+    let cfg = ServerConfig {
+        send_stall_timeout: Some(stall),
+        ..ServerConfig::default()
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _server = AbortOnDrop(tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = serve(tcp, &cfg, move |req| {
+            let tx = tx.clone();
+            async move {
+                let mut tunnel = req.accept().unwrap();
+                let chunk = vec![0u8; 16 * 1024];
+                // Bounded: 1 MiB is far more than the client's 64 KiB window.
+                let mut res = Ok(());
+                let mut last_progress = tokio::time::Instant::now();
+                for _ in 0..64 {
+                    res = tunnel.write_all(&chunk).await;
+                    if res.is_err() {
+                        break;
+                    }
+                    last_progress = tokio::time::Instant::now();
+                }
+                let _ = tx.send((res, last_progress.elapsed()));
+            }
+        })
+        .await;
+    }));
+    info!("a client that opens a tunnel and never reads from it");
+    let client = raw_h2(addr).await;
+    let (rsp, _send) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request(), false)
+        .unwrap();
+    let rsp = rsp.await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    let (res, stalled_for) = tokio::time::timeout(EVENTUALLY, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = res.expect_err("the write into a shut window fails");
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    assert!(
+        stalled_for >= stall && stalled_for < stall + Duration::from_millis(500),
+        "{stalled_for:?}"
+    );
+    drop(rsp);
+}
+
 #[tokio::test]
 async fn the_server_closes_a_connection_without_streams_after_its_idle_timeout() {
     let pki = pki();

@@ -185,6 +185,7 @@ async fn handle_conn(
     };
     let detect_timeout = cfg.detect_timeout;
     let drain = inputs.drain.clone();
+    let metrics = inputs.metrics.clone();
     let result = hbone::serve_with_drain(
         stream,
         hbone_cfg,
@@ -201,8 +202,10 @@ async fn handle_conn(
         async move { drain.cancelled().await },
     )
     .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "hbone connection ended with an error");
+    // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
+    // reason, e.g. `H2_PING_FLOOD`.
+    if let Some(reason) = result.err().and_then(|e| e.log_inbound_end(peer)) {
+        metrics.refused(REPORTER, &reason);
     }
 }
 

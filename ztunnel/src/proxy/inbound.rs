@@ -96,6 +96,7 @@ pub(crate) async fn handle_conn(
             _ = pod_released.cancelled() => {}
         }
     };
+    let metrics = pi.metrics.clone();
     let result = hbone::serve_with_drain(
         tls,
         &cfg,
@@ -103,8 +104,10 @@ pub(crate) async fn handle_conn(
         drain,
     )
     .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "hbone connection ended with an error");
+    // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
+    // reason, e.g. `H2_PING_FLOOD`.
+    if let Some(reason) = result.err().and_then(|e| e.log_inbound_end(peer)) {
+        metrics.refused(REPORTER, &reason);
     }
 }
 

@@ -25,8 +25,9 @@ use crate::netns::Netns;
 use crate::netns_source::PodNetnsSource;
 
 // Budgets in bytes, as `cargo test` builds (debug; a release build's futures are smaller, so
-// these hold there too). Measured: outbound 2,464, inbound connection 8,440, inbound stream
-// 2,240, passthrough 1,504 (release: 2,432 / 8,392 / 2,216 / 1,448). The outbound one is what
+// these hold there too). Measured: outbound 2,464, inbound connection 8,768 (8,440 before
+// the HTTP/2 frame guard and PING liveness), inbound stream 2,240, passthrough 1,504
+// (release: 2,432 / 8,392 / 2,216 / 1,448). The outbound one is what
 // every idle tunnelled connection costs the client-side agent: a destination passed as an
 // argument (+72 bytes) cost 1 KiB per idle connection in `mesh-bench --memory`.
 

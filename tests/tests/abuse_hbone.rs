@@ -1,0 +1,585 @@
+//! HTTP/2 abuse straight at port 15008 (RELIABILITY 29-32, 37; issue 14 item 2): a client
+//! outside the mesh, holding a certificate minted from the mesh's own CA, opens TLS to a
+//! pod's 15008 (served by n2's agent) and to the waypoint's 15008, and writes raw HTTP/2
+//! frames. Each flood must get the attacking connection closed within 1 s of crossing the
+//! server's limit, counted in `mesh_connections_refused_total{reason="H2_<LIMIT>"}`, with
+//! the target's RSS growth under [`RSS_BUDGET_KIB`], while a legitimate mesh client (whose
+//! requests cross both targets: n1 → waypoint:15008 → n2:15008 → app) keeps being served
+//! with a p99 within 2× its p99 measured around the attack (just before and just after).
+//!
+//! The frames are written by hand: the `h2` crate refuses to misbehave.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use e2e::waypoint::{log_tail, waypoint_mesh, waypoint_service, CLIENT, WAYPOINT};
+use e2e::{prom, scenarios, Ambient, ChildGuard, Mesh, Pod, Suite};
+use mesh_model::identity::Identity;
+use mesh_pki::ca::{Ca, WorkloadCert};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::ClientConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+
+const TRUST_DOMAIN: &str = "cluster.local";
+const OUTSIDER: &str = "legacy/outsider";
+const SERVER: &str = "default/server";
+const ECHO_VIP: &str = "10.96.0.32";
+const HBONE_PORT: u16 = 15008;
+const APP_PORT: u16 = 8080;
+const REFUSED: &str = "mesh_connections_refused_total";
+/// RSS growth of the attacked process one attack may cause (issue 14: at most 64 MiB).
+const RSS_BUDGET_KIB: u64 = 64 * 1024;
+/// From crossing a limit to the connection being closed.
+const CUT_WITHIN: Duration = Duration::from_secs(1);
+/// How long each attack keeps reconnecting and flooding, so the legitimate client gets a
+/// fair number of requests in under attack.
+const ATTACK_FOR: Duration = Duration::from_secs(4);
+/// Pause between one cut and the next attacking connection. The frame floods are under test
+/// here; the rate of TLS handshakes a peer may force is the listeners' handshake cap.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+/// Requests of the legitimate client for its baseline p99, half just before the attack and
+/// half just after (so a burst of load from elsewhere on the machine weighs on both sides);
+/// about as many as it makes during an attack, so both p99s are as stable.
+const BASELINE_REQUESTS: usize = 600;
+/// Scheduler noise on this shared machine: sub-millisecond p99s double from a single
+/// preemption, so the 2× bound gets this much absolute slack.
+const P99_SLACK: Duration = Duration::from_millis(5);
+/// Bound on every wait on a peer or an effect in another process.
+const WAIT: Duration = Duration::from_secs(10);
+/// The server's limit on control frames of one kind per second
+/// (`mesh_hbone::server::DEFAULT_MAX_CONTROL_FRAMES_PER_SEC`); WINDOW_UPDATE twice that.
+const CONTROL_LIMIT: u32 = 1_000;
+/// The server's limit on concurrent streams per connection.
+const MAX_STREAMS: usize = 1_000;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const CANCEL: u32 = 0x8;
+const REFUSED_STREAM: u32 = 0x7;
+
+fn main() -> ExitCode {
+    e2e::scenario::main(
+        Hbone::build,
+        &scenarios![
+            rapid_reset_is_cut_off,
+            a_continuation_flood_is_cut_off,
+            a_settings_flood_is_cut_off,
+            a_ping_flood_is_cut_off,
+            an_empty_data_flood_is_cut_off,
+            a_window_update_flood_is_cut_off,
+            ten_thousand_idle_streams_are_refused_then_cut,
+        ],
+        &[],
+    )
+}
+
+// === scenarios ===
+
+/// RELIABILITY 29: HEADERS + RST_STREAM, again and again.
+fn rapid_reset_is_cut_off(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let block = connect_block(t.authority);
+        let flood = Flood {
+            setup: Vec::new(),
+            unit: Box::new(move |i| {
+                let id = 2 * i + 1;
+                let mut u = frame(HEADERS, END_HEADERS, id, &block);
+                u.extend(frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+                u
+            }),
+            limit: CONTROL_LIMIT,
+            reasons: &["H2_ENHANCE_YOUR_CALM", "H2_RST_STREAM_FLOOD"],
+        };
+        h.attack(t, "rapid reset", &flood)
+    })
+}
+
+/// RELIABILITY 30: a header block that never ends.
+fn a_continuation_flood_is_cut_off(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let flood = Flood {
+            setup: frame(HEADERS, 0, 1, &connect_block(t.authority)),
+            unit: Box::new(|_| frame(CONTINUATION, 0, 1, &[])),
+            // h2 takes at most 5 CONTINUATIONs per block at our 64 KiB header limit.
+            limit: 5,
+            reasons: &["H2_ENHANCE_YOUR_CALM"],
+        };
+        h.attack(t, "continuation flood", &flood)
+    })
+}
+
+/// RELIABILITY 31.
+fn a_settings_flood_is_cut_off(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let flood = Flood {
+            setup: Vec::new(),
+            unit: Box::new(|_| frame(SETTINGS, 0, 0, &[])),
+            limit: CONTROL_LIMIT,
+            reasons: &["H2_SETTINGS_FLOOD"],
+        };
+        h.attack(t, "settings flood", &flood)
+    })
+}
+
+/// RELIABILITY 31.
+fn a_ping_flood_is_cut_off(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let flood = Flood {
+            setup: Vec::new(),
+            unit: Box::new(|_| frame(PING, 0, 0, &[7; 8])),
+            limit: CONTROL_LIMIT,
+            reasons: &["H2_PING_FLOOD"],
+        };
+        h.attack(t, "ping flood", &flood)
+    })
+}
+
+/// RELIABILITY 31: empty DATA frames on an open tunnel.
+fn an_empty_data_flood_is_cut_off(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let flood = Flood {
+            setup: frame(HEADERS, END_HEADERS, 1, &connect_block(t.authority)),
+            unit: Box::new(|_| frame(DATA, 0, 1, &[])),
+            // h2 takes 100 empty DATA frames per connection; our own limit is the backstop.
+            limit: 100,
+            reasons: &["H2_ENHANCE_YOUR_CALM", "H2_EMPTY_DATA_FLOOD"],
+        };
+        h.attack(t, "empty data flood", &flood)
+    })
+}
+
+/// RELIABILITY 31: WINDOW_UPDATE +1, connection level.
+fn a_window_update_flood_is_cut_off(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let flood = Flood {
+            setup: Vec::new(),
+            unit: Box::new(|_| frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes())),
+            limit: CONTROL_LIMIT * 2,
+            reasons: &["H2_WINDOW_UPDATE_FLOOD"],
+        };
+        h.attack(t, "window update flood", &flood)
+    })
+}
+
+/// RELIABILITY 32: 10,000 CONNECTs that never send a byte. The server takes
+/// [`MAX_STREAMS`], refuses the next ones with REFUSED_STREAM, and after 1024 refusals
+/// (h2's limit on streams it had to reset) closes the connection; memory stays bounded.
+fn ten_thousand_idle_streams_are_refused_then_cut(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let rss_before = rss_kib(t.pid)?;
+        let counted_before = h.refused(t, "H2_ENHANCE_YOUR_CALM")?;
+        let block = connect_block(t.authority);
+        let (refused, closed) = h.rt.block_on(async {
+            let mut conn = Attacker::connect(h, t).await?;
+            let mut batch = Vec::new();
+            for i in 0..10_000u32 {
+                batch.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &block));
+            }
+            // A write error: the server closed the connection before taking all of it.
+            let _ = conn.w.write_all(&batch).await;
+            let closed = tokio::time::timeout(WAIT, &mut conn.closed).await.is_ok();
+            Ok::<_, anyhow::Error>((conn.refused(), closed))
+        })?;
+        let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
+        eprintln!(
+            "{}: 10k idle streams: {refused} refused, connection closed: {closed}; RSS +{grew} KiB",
+            t.name
+        );
+        ensure!(
+            refused >= MAX_STREAMS,
+            "{}: only {refused} streams refused",
+            t.name
+        );
+        ensure!(closed, "{}: the connection stayed open", t.name);
+        ensure!(grew <= RSS_BUDGET_KIB, "{}: RSS grew {grew} KiB", t.name);
+        e2e::eventually("the cut counted", WAIT, || {
+            let got = h.refused(t, "H2_ENHANCE_YOUR_CALM")?;
+            ensure!(got > counted_before, "{got} counted so far");
+            Ok(())
+        })?;
+        h.client_is_served()
+    })
+}
+
+// === the suite ===
+
+/// One of the two 15008 listeners under attack.
+#[derive(Clone, Copy)]
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    /// What CONNECTs on it ask for (a real destination, so streams are accepted).
+    authority: SocketAddr,
+    pid: u32,
+    /// Where its refusals are counted: (node or waypoint pod, reporter).
+    metrics: Metrics,
+}
+
+#[derive(Clone, Copy)]
+enum Metrics {
+    Agent(&'static str),
+    Waypoint,
+}
+
+struct Flood {
+    /// Frames written once after the preface (e.g. HEADERS opening a stream).
+    setup: Vec<u8>,
+    /// The `i`-th repeated unit; each holds one frame the limit counts.
+    unit: Box<dyn Fn(u32) -> Vec<u8> + Send + Sync>,
+    limit: u32,
+    /// The reasons the cut may be counted under.
+    reasons: &'static [&'static str],
+}
+
+struct Hbone {
+    rt: Runtime,
+    client_tls: Arc<ClientConfig>,
+    wp: ChildGuard,
+    _server: ChildGuard,
+    /// Last: dropped once the processes in it are gone.
+    mesh: Mesh,
+}
+
+impl Hbone {
+    fn build() -> Result<Self> {
+        let mesh = waypoint_mesh("abuse_hbone")
+            .namespace("legacy", Ambient::No)
+            .pod(Pod::new("legacy", "outsider").on("n1"))
+            .pod(Pod::echo_server("server", "n2"))
+            .service(waypoint_service("echo", ECHO_VIP, ("app", "echo")))
+            .build()?;
+        let server = mesh.spawn_echo(SERVER, APP_PORT, "server")?;
+        let wp = mesh.spawn_default_waypoint()?;
+        let ca = Ca::load_or_create(&mesh.ca_dir(), TRUST_DOMAIN).context("load the mesh ca")?;
+        let cert = ca.issue(
+            &Identity::new(TRUST_DOMAIN, "legacy", "default"),
+            Duration::from_secs(3600),
+        )?;
+        let verifier = mesh_pki::tls::server_verifier(
+            ca.root_store(),
+            vec![
+                Identity::new(TRUST_DOMAIN, "default", "server"),
+                Identity::new(TRUST_DOMAIN, "default", "waypoint"),
+            ],
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        Ok(Hbone {
+            rt,
+            client_tls: client_config(verifier, &cert)?,
+            wp,
+            _server: server,
+            mesh,
+        })
+    }
+
+    fn targets(&self) -> Result<[Target; 2]> {
+        let server_ip = self.mesh.pod_ip(SERVER)?;
+        let agent = Target {
+            name: "agent n2",
+            addr: SocketAddr::from((server_ip, HBONE_PORT)),
+            authority: SocketAddr::from((server_ip, APP_PORT)),
+            pid: self.mesh.ztunnel_pid("n2").context("n2's agent runs")?,
+            metrics: Metrics::Agent("n2"),
+        };
+        let waypoint = Target {
+            name: "waypoint",
+            addr: SocketAddr::from((self.mesh.pod_ip(WAYPOINT)?, HBONE_PORT)),
+            authority: SocketAddr::from((ECHO_VIP.parse::<Ipv4Addr>()?, 80)),
+            pid: self.wp.pid(),
+            metrics: Metrics::Waypoint,
+        };
+        Ok([agent, waypoint])
+    }
+
+    fn each_target(&mut self, f: impl Fn(&mut Hbone, Target) -> Result<()>) -> Result<()> {
+        for t in self.targets()? {
+            f(self, t).with_context(|| format!("against {}", t.name))?;
+        }
+        Ok(())
+    }
+
+    fn refused(&self, t: Target, reason: &str) -> Result<f64> {
+        let (text, reporter) = match t.metrics {
+            Metrics::Agent(node) => (self.mesh.metrics(node)?, "destination"),
+            Metrics::Waypoint => (self.mesh.waypoint_metrics(WAYPOINT)?, "waypoint"),
+        };
+        Ok(prom::sum(
+            &text,
+            REFUSED,
+            &[("reporter", reporter), ("reason", reason)],
+        ))
+    }
+
+    /// One legitimate request through the mesh (client → waypoint → server), timed.
+    fn legit_request(&self) -> Result<Duration> {
+        let started = Instant::now();
+        let r = self.mesh.http_get(
+            CLIENT,
+            SocketAddr::from((ECHO_VIP.parse::<Ipv4Addr>()?, 80)),
+            "/legit",
+        )?;
+        ensure!(r.status == 200, "legitimate request: {}", r.status);
+        Ok(started.elapsed())
+    }
+
+    fn client_is_served(&self) -> Result<()> {
+        self.legit_request().map(|_| ())
+    }
+
+    /// Floods `t` for [`ATTACK_FOR`] (reconnecting after each cut) while the legitimate
+    /// client runs; checks each cut, the count, the RSS growth and the client's p99.
+    fn attack(&self, t: Target, name: &str, flood: &Flood) -> Result<()> {
+        let mut baseline = (0..BASELINE_REQUESTS / 2)
+            .map(|_| self.legit_request())
+            .collect::<Result<Vec<_>>>()?;
+        let counted_before: f64 = flood
+            .reasons
+            .iter()
+            .map(|r| self.refused(t, r))
+            .sum::<Result<f64>>()?;
+        let rss_before = rss_kib(t.pid)?;
+        let stop = AtomicBool::new(false);
+        let (cuts, during) = std::thread::scope(|s| {
+            let client = s.spawn(|| -> Result<Vec<Duration>> {
+                let mut times = Vec::new();
+                // Bounded by the attack, which stops within ATTACK_FOR + a few WAITs.
+                while !stop.load(Ordering::Relaxed) {
+                    times.push(self.legit_request()?);
+                }
+                Ok(times)
+            });
+            let cuts = self.rt.block_on(async {
+                let started = Instant::now();
+                let mut cuts = Vec::new();
+                // At most 100 rounds; each ends with a cut or an error.
+                for _ in 0..100 {
+                    if started.elapsed() >= ATTACK_FOR && !cuts.is_empty() {
+                        break;
+                    }
+                    cuts.push(one_flood(self, t, flood).await?);
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                }
+                Ok::<_, anyhow::Error>(cuts)
+            });
+            stop.store(true, Ordering::Relaxed);
+            (cuts, client.join())
+        });
+        let cuts = cuts?;
+        let during = during.map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
+        for _ in 0..BASELINE_REQUESTS / 2 {
+            baseline.push(self.legit_request()?);
+        }
+        let slowest_cut = cuts.iter().max().copied().unwrap_or_default();
+        let (p99_base, p99_attack) = (p99(&baseline), p99(&during));
+        eprintln!(
+            "{} / {name}: {} connections cut, slowest {slowest_cut:?} after the limit; \
+             RSS +{grew} KiB; client p99 {p99_base:?} before, {p99_attack:?} during \
+             ({} requests)",
+            t.name,
+            cuts.len(),
+            during.len()
+        );
+        ensure!(
+            slowest_cut <= CUT_WITHIN,
+            "{name}: cut {slowest_cut:?} after the limit"
+        );
+        ensure!(grew <= RSS_BUDGET_KIB, "{name}: RSS grew {grew} KiB");
+        ensure!(
+            !during.is_empty(),
+            "{name}: no legitimate request during the attack"
+        );
+        ensure!(
+            p99_attack <= p99_base * 2 + P99_SLACK,
+            "{name}: client p99 {p99_attack:?} under attack, {p99_base:?} without"
+        );
+        let want = counted_before + cuts.len() as f64;
+        e2e::eventually(&format!("{name} counted {want} times"), WAIT, || {
+            let got: f64 = flood
+                .reasons
+                .iter()
+                .map(|r| self.refused(t, r))
+                .sum::<Result<f64>>()?;
+            ensure!(got >= want, "{got} counted so far");
+            Ok(())
+        })?;
+        self.client_is_served()
+    }
+}
+
+impl Suite for Hbone {
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        log_tail(&self.wp, err)
+    }
+}
+
+/// One attacking connection: floods until cut; returns the time from crossing the limit to
+/// the close.
+async fn one_flood(h: &Hbone, t: Target, flood: &Flood) -> Result<Duration> {
+    let mut conn = Attacker::connect(h, t).await?;
+    conn.w.write_all(&flood.setup).await?;
+    const BATCH: u32 = 100;
+    let mut crossed = None;
+    let mut sent = 0u32;
+    // Bounded: 2,000 batches are far beyond any limit here.
+    for b in 0..2_000u32 {
+        let batch: Vec<u8> = (b * BATCH..(b + 1) * BATCH)
+            .flat_map(|i| (flood.unit)(i))
+            .collect();
+        if conn.w.write_all(&batch).await.is_err() || conn.closed.is_finished() {
+            break;
+        }
+        sent += BATCH;
+        if sent > flood.limit && crossed.is_none() {
+            crossed = Some(tokio::time::Instant::now());
+        }
+    }
+    let closed = tokio::time::timeout(WAIT, conn.closed)
+        .await
+        .context("the server never closed the flooding connection")??;
+    // Not crossed: h2's own, lower limit cut the connection first (rapid reset, empty DATA).
+    Ok(crossed.map_or(Duration::ZERO, |c| closed.saturating_duration_since(c)))
+}
+
+/// A TLS + raw HTTP/2 connection from the outsider pod; a task reads everything the server
+/// sends (a peer that reads, so backpressure alone does not stop it), counts
+/// REFUSED_STREAM resets, and notes when the server closed.
+struct Attacker {
+    w: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    closed: tokio::task::JoinHandle<tokio::time::Instant>,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Attacker {
+    async fn connect(h: &Hbone, t: Target) -> Result<Attacker> {
+        let tcp = h.mesh.connect(OUTSIDER, t.addr)?;
+        tcp.set_nonblocking(true)?;
+        let tcp = tokio::net::TcpStream::from_std(tcp)?;
+        let tls = tokio_rustls::TlsConnector::from(h.client_tls.clone())
+            .connect(mesh_pki::tls::server_name(), tcp)
+            .await
+            .context("tls to 15008")?;
+        let (mut r, mut w) = tokio::io::split(tls);
+        w.write_all(PREFACE).await?;
+        w.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
+        let (first_tx, first_rx) = oneshot::channel();
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = refused.clone();
+        let closed = tokio::spawn(async move {
+            let mut first = Some(first_tx);
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            while let Ok(n) = r.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                while buf.len() >= 9 {
+                    let len =
+                        usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                    if buf.len() < 9 + len {
+                        break;
+                    }
+                    if buf[3] == RST_STREAM
+                        && len == 4
+                        && u32::from_be_bytes([buf[9], buf[10], buf[11], buf[12]]) == REFUSED_STREAM
+                    {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // After a GOAWAY the server closes: reading on finds its end of stream.
+                    buf.drain(..9 + len);
+                }
+            }
+            tokio::time::Instant::now()
+        });
+        // The server's SETTINGS came (it speaks first): acknowledge them, so its limits
+        // (max concurrent streams) apply to what follows.
+        tokio::time::timeout(WAIT, first_rx)
+            .await
+            .context("the server sent nothing after TLS")?
+            .context("the server closed at once")?;
+        w.write_all(&frame(SETTINGS, ACK, 0, &[])).await?;
+        Ok(Attacker { w, closed, refused })
+    }
+
+    fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
+    }
+}
+
+// === helpers ===
+
+/// One frame: 9-byte header and payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len())
+        .unwrap_or(u32::MAX)
+        .to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK for `CONNECT <authority>`: literals with indexed names (:method is static entry
+/// 2, :authority entry 1), no Huffman; the authority is shorter than 127 bytes.
+fn connect_block(authority: SocketAddr) -> Vec<u8> {
+    let authority = authority.to_string();
+    let mut b = vec![0x02, 7];
+    b.extend_from_slice(b"CONNECT");
+    b.extend_from_slice(&[0x01, u8::try_from(authority.len()).unwrap_or(0)]);
+    b.extend_from_slice(authority.as_bytes());
+    b
+}
+
+/// A TLS client presenting `cert`, verifying the server as a mesh client would, ALPN h2.
+fn client_config(
+    verifier: Arc<dyn ServerCertVerifier>,
+    cert: &WorkloadCert,
+) -> Result<Arc<ClientConfig>> {
+    let mut config = ClientConfig::builder_with_provider(mesh_pki::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.enable_sni = false;
+    Ok(Arc::new(config))
+}
+
+/// A process's resident memory (KiB), from `/proc/<pid>/status`.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")
+}
+
+fn p99(samples: &[Duration]) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    let idx = (s.len() * 99).div_ceil(100).saturating_sub(1);
+    s.get(idx).copied().unwrap_or_default()
+}

@@ -207,6 +207,10 @@ async fn manage_workloads(
     stop: CancellationToken,
 ) {
     let mut settled = loaded.reconcile(&mut manager, &model);
+    // The source stops publishing (its sender goes) when it ends, which on shutdown races
+    // with `stop`: the loop only ever ends through `stop`, so the pods' listeners always
+    // close (returning here without `shut_down` left them accepting through the drain).
+    let mut source_open = true;
     loop {
         let retry = async {
             if settled {
@@ -216,13 +220,15 @@ async fn manage_workloads(
             }
         };
         tokio::select! {
+            biased;
             _ = stop.cancelled() => {
                 manager.shut_down();
                 return;
             }
-            changed = rx.changed() => {
+            changed = rx.changed(), if source_open => {
                 if changed.is_err() {
-                    return;
+                    source_open = false;
+                    continue;
                 }
                 settled = loaded.reconcile(&mut manager, &model);
                 let closed = conns.recheck(&model.load_full());

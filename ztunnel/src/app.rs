@@ -237,8 +237,15 @@ async fn manage_workloads(
                 }
             }
             _ = retry => settled = loaded.reconcile(&mut manager, &model),
-            // A certificate arrived, was renewed or refused: readiness and pod states.
-            Ok(()) = certs.changed() => manager.refresh(),
+            // A certificate arrived, was renewed or refused: readiness and pod states, and
+            // the enrollments that waited for it.
+            Ok(()) = certs.changed() => {
+                if settled {
+                    manager.refresh();
+                } else {
+                    settled = loaded.reconcile(&mut manager, &model);
+                }
+            }
         }
     }
 }

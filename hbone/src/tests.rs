@@ -1858,16 +1858,31 @@ async fn a_stream_opened_after_the_drain_is_refused_for_a_retry_elsewhere() {
 
     drain_tx.send(()).unwrap();
     let goaway = read_frame_until(&mut tcp, GOAWAY_FRAME, 0).await;
-    info!(?goaway, "GOAWAY at once; stream 3 was sent before the client read it");
-    tcp.write_all(&frame(HEADERS, END_HEADERS, 3, &connect_headers())).await.unwrap();
+    info!(
+        ?goaway,
+        "GOAWAY at once; stream 3 was sent before the client read it"
+    );
+    tcp.write_all(&frame(HEADERS, END_HEADERS, 3, &connect_headers()))
+        .await
+        .unwrap();
     let reset = read_frame_until(&mut tcp, RST_STREAM, 3).await;
     assert_eq!(
         u32::from_be_bytes([reset[0], reset[1], reset[2], reset[3]]),
         u32::from(h2::Reason::REFUSED_STREAM),
         "stream 3 must be refused (retryable), not served"
     );
-    assert_eq!(served.load(Ordering::SeqCst), 1, "only stream 1 reached the handler");
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        1,
+        "only stream 1 reached the handler"
+    );
     drop(tcp);
-    let res = tokio::time::timeout(EVENTUALLY, server).await.unwrap().unwrap();
-    assert!(res.is_ok() || matches!(res, Err(HboneError::H2(_))), "{res:?}");
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        res.is_ok() || matches!(res, Err(HboneError::H2(_))),
+        "{res:?}"
+    );
 }

@@ -810,7 +810,9 @@ impl Mesh {
     fn ztunnel_log_path(&self, node: &str) -> PathBuf {
         match self.upgrades_of(node) {
             0 => self.log_dir().join(format!("ztunnel-{node}.log")),
-            n => self.log_dir().join(format!("ztunnel-{node}.upgrade{n}.log")),
+            n => self
+                .log_dir()
+                .join(format!("ztunnel-{node}.upgrade{n}.log")),
         }
     }
 

@@ -62,7 +62,11 @@ impl EchoStream {
         self.tcp
             .read_to_end(&mut rest)
             .context("read to the server's end")?;
-        ensure!(rest.is_empty(), "{} unexpected bytes at the end", rest.len());
+        ensure!(
+            rest.is_empty(),
+            "{} unexpected bytes at the end",
+            rest.len()
+        );
         Ok(())
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use e2e::stream::EchoStream;
-use e2e::{wait_until, Mesh, OldAgent, Pod, Signal};
+use e2e::{wait_until, Mesh, OldAgent, Pod, Redirect, Signal};
 
 const APP_PORT: u16 = 8080;
 /// Short connections each phase lasts at least (before the new agent starts, overlap before
@@ -138,6 +138,16 @@ fn upgrades_one_side(name: &str, node: &str) -> Result<()> {
             "{node}'s generation {generation} agent did not report a complete drain:\n{}",
             tail(&up.old_log)
         );
+    }
+    if mesh.redirect() == Some(Redirect::Ebpf) {
+        // Each generation took over the pinned capture (its map now holds its listeners)
+        // rather than attaching a program of its own beside the old one's.
+        for (generation, log) in [(2, &third.old_log), (3, &mesh.ztunnel_log(node))] {
+            ensure!(
+                log.contains("adopted the capture an earlier agent pinned"),
+                "{node}'s generation {generation} agent did not adopt the pinned capture"
+            );
+        }
     }
     // The new generation took over: it served short connections itself.
     let served = count_served(&mesh.ztunnel_log(node));

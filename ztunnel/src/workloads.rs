@@ -240,8 +240,12 @@ impl Manager {
             // ports: what was queued on the old ones moves over instead of being reset.
             match socket::migrate_requests_in(&netns, home) {
                 Ok(true) => {}
-                Ok(false) => tracing::warn!(pod = %key, "kernel without tcp_migrate_req (< 5.14): an upgrade may reset connections queued on the old agent's listeners"),
-                Err(e) => tracing::warn!(pod = %key, error = %e, "an upgrade may reset connections queued on the old agent's listeners"),
+                Ok(false) => {
+                    tracing::warn!(pod = %key, "kernel without tcp_migrate_req (< 5.14): an upgrade may reset connections queued on the old agent's listeners")
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %key, error = %e, "an upgrade may reset connections queued on the old agent's listeners")
+                }
             }
         }
         let listen = |ip, port| socket::listen_in(&netns, home, SocketAddr::new(ip, port), setup);
@@ -278,6 +282,7 @@ impl Manager {
         });
         let pi = &self.pi;
         if ctx.capture.get().is_some_and(|c| c.adopted()) {
+            tracing::info!(pod = %key, "adopted the capture an earlier agent pinned");
             // The earlier agent may still run (an upgrade) and be delivering: its exemptions
             // go once any delivery it had under way has connected or timed out.
             let (pod, wait) = (Arc::downgrade(&ctx), pi.cfg.connect_timeout * 2);

@@ -219,7 +219,8 @@ fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
             batch += &format!("rule add pref {PREF_PROBE} to {PROBE_SOURCE_IP} lookup main\n");
         }
         if missing(PREF_SKIP) {
-            batch += &format!("rule add pref {PREF_SKIP} fwmark {SKIP_MARK:#x}/0xfff lookup main\n");
+            batch +=
+                &format!("rule add pref {PREF_SKIP} fwmark {SKIP_MARK:#x}/0xfff lookup main\n");
         }
         if missing(PREF_CAPTURE) {
             batch += &format!("rule add pref {PREF_CAPTURE} iif lo ipproto tcp lookup {table}\n");

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         &e2e::tests![
             the_client_side_agent_upgrades_without_a_failed_connection,
             the_server_side_agent_upgrades_without_a_failed_connection,
+            a_policy_change_reaches_the_connections_an_old_agent_drains,
         ],
     )
 }
@@ -68,7 +69,7 @@ fn upgrades_one_side(name: &str, node: &str) -> Result<()> {
         )
         .build()?;
     let _server = mesh.spawn_echo("default/server", APP_PORT, "server")?;
-    let server = SocketAddr::new(mesh.pod_ip("default/server")?.into(), APP_PORT);
+    let server = server_addr(&mesh)?;
     let mut stream = EchoStream::open(&mesh, "default/client", server)?;
     stream.exchange(0)?;
     let mut stream = Some(stream);
@@ -160,6 +161,71 @@ fn upgrades_one_side(name: &str, node: &str) -> Result<()> {
     Ok(())
 }
 
+/// Per-process decisions keep working in both agents during the overlap: with a stream still
+/// draining through n2's old agent (SIGTERMed, the new one serving), a policy that denies the
+/// client closes that stream (the old agent re-checks it) and the new agent refuses new
+/// connections; the old agent then exits, its last connection gone.
+fn a_policy_change_reaches_the_connections_an_old_agent_drains() -> Result<()> {
+    let mesh = Mesh::two_nodes("upgrade_policy")
+        .pod(
+            Pod::new("default", "server")
+                .on("n2")
+                .service_account("server"),
+        )
+        .build()?;
+    let _server = mesh.spawn_echo("default/server", APP_PORT, "server")?;
+    let server = server_addr(&mesh)?;
+    let mut stream = EchoStream::open(&mesh, "default/client", server)?;
+    stream.exchange(0)?;
+    let mut old = mesh.start_next_ztunnel("n2")?;
+    old.signal(Signal::SIGTERM)?;
+    stream
+        .exchange(1)
+        .context("the stream while the old agent drains")?;
+    ensure!(old.is_running(), "the old agent exited with a stream open");
+
+    mesh.write_yaml(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  \
+         namespace: default\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        \
+         principals: [\"cluster.local/ns/default/sa/client\"]\n",
+    )?;
+    let written = Instant::now();
+    let mut round = 2;
+    let closed_after = loop {
+        ensure!(
+            written.elapsed() < Duration::from_secs(10),
+            "the denied stream still flows through the draining agent"
+        );
+        if stream.exchange(round).is_err() {
+            break written.elapsed();
+        }
+        round += 1;
+    };
+    wait_exit(&mut old, "n2")?;
+    let exited_after = written.elapsed();
+    // The new agent polls the same config: it refuses the client too once it has it.
+    wait_until(
+        "the new agent refuses the denied client",
+        Duration::from_secs(10),
+        || {
+            let echoed = mesh.echo_roundtrip("default/client", server, b"denied");
+            Ok(!matches!(echoed, Ok(b) if b.as_slice() == b"denied"))
+        },
+    )?;
+    println!(
+        "denied stream closed by the draining agent {closed_after:?} after the policy was \
+         written (config poll included); it exited {exited_after:?} after it"
+    );
+    ensure!(
+        old.log()
+            .contains("policy change closed connections (draining)"),
+        "the old agent did not say it closed the stream:\n{}",
+        tail(&old.log())
+    );
+    Ok(())
+}
+
 /// What one upgrade measured.
 struct Upgrade {
     /// Bytes the long-lived stream echoed while the old agent drained (0 without a stream).
@@ -237,6 +303,13 @@ fn busy(stream: &mut Option<EchoStream>, round: &mut u32, what: &str) -> Result<
         *round += 1;
     }
     Ok(())
+}
+
+fn server_addr(mesh: &Mesh) -> Result<SocketAddr> {
+    Ok(SocketAddr::new(
+        mesh.pod_ip("default/server")?.into(),
+        APP_PORT,
+    ))
 }
 
 fn wait_exit(old: &mut OldAgent, node: &str) -> Result<()> {

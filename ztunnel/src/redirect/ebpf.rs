@@ -4,7 +4,9 @@
 //! Per pod network namespace:
 //! - the capture program, pinned under `<bpf-fs>/ztunnel/<netns file name>/` so that it
 //!   outlives the agent (a restarted agent adopts it; while no agent listens the pod fails
-//!   closed), with the pod's 15006 and 15001 listeners in its socket map;
+//!   closed), with the pod's 15006 and 15001 listeners in its socket map. In an upgrade the
+//!   next agent adopts it while the old one still runs: its listeners replace the old one's
+//!   in the map (one update each), and the old one leaves map and pins alone when it exits;
 //! - policy routing, per address family the pod has (rules are ours by their preference):
 //!   - [`PREF_PROBE`]: replies to the node's probe source leave normally (v4 only);
 //!   - [`PREF_SKIP`]: anything the agent sends (socket mark [`SKIP_MARK`]) leaves normally;

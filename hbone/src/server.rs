@@ -185,8 +185,9 @@ where
     serve_with_drain(io, cfg, handler, std::future::pending()).await
 }
 
-/// [`serve`], plus a drain signal: when `drain` completes the server sends GOAWAY, takes no
-/// new streams, and returns once the open ones have finished. The same happens after
+/// [`serve`], plus a drain signal: when `drain` completes the server sends GOAWAY, refuses
+/// every stream opened after it with REFUSED_STREAM (the client pool retries those on a
+/// fresh connection), and returns once the open ones have finished. The same happens after
 /// `cfg.idle_timeout` without an open stream.
 ///
 /// A peer that crosses a limit (control-frame flood, rapid reset, too many small DATA
@@ -276,6 +277,14 @@ where
                 Some(Err(e)) => break 'serve Err(HboneError::H2(e)),
                 Some(Ok(next)) => next,
             };
+            if draining {
+                // A stream the peer opened before it saw our GOAWAY: never processed, so the
+                // client retries it on another connection (RFC 9113 8.7). Taking it would
+                // keep a draining process serving new work.
+                let mut respond = respond;
+                respond.send_reset(Reason::REFUSED_STREAM);
+                continue;
+            }
             let (parts, body) = req.into_parts();
             // Child of the caller's connection span (pod, peer), so the handler's logs carry
             // both.

@@ -1448,6 +1448,7 @@ async fn a_peer_that_stops_answering_pings_is_dropped_with_its_streams() {
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const GOAWAY_FRAME: u8 = 0x7;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
@@ -1809,5 +1810,79 @@ async fn the_server_closes_a_connection_without_streams_after_its_idle_timeout()
     assert!(
         took < idle + Duration::from_secs(1),
         "closed late: {took:?}"
+    );
+}
+
+/// Reads frames until one of `kind` on `stream` arrives; returns its payload.
+async fn read_frame_until(tcp: &mut TcpStream, kind: u8, stream: u32) -> Vec<u8> {
+    for _ in 0..64 {
+        let mut head = [0u8; 9];
+        tcp.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await.unwrap();
+        if head[3] == kind && id == stream {
+            return payload;
+        }
+    }
+    panic!("no frame of type {kind} on stream {stream}");
+}
+
+#[tokio::test]
+async fn a_stream_opened_after_the_drain_is_refused_for_a_retry_elsewhere() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let drain = async move {
+            let _ = drain_rx.await;
+        };
+        let handler = move |req: InboundRequest| {
+            count.fetch_add(1, Ordering::SeqCst);
+            echo(req)
+        };
+        serve_with_drain(tcp, &ServerConfig::default(), handler, drain).await
+    });
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello.extend(frame(SETTINGS, 0x1, 0, &[]));
+    hello.extend(frame(HEADERS, END_HEADERS, 1, &connect_headers()));
+    tcp.write_all(&hello).await.unwrap();
+    info!("stream 1, opened before the drain, is answered");
+    read_frame_until(&mut tcp, HEADERS, 1).await;
+
+    drain_tx.send(()).unwrap();
+    let goaway = read_frame_until(&mut tcp, GOAWAY_FRAME, 0).await;
+    info!(
+        ?goaway,
+        "GOAWAY at once; stream 3 was sent before the client read it"
+    );
+    tcp.write_all(&frame(HEADERS, END_HEADERS, 3, &connect_headers()))
+        .await
+        .unwrap();
+    let reset = read_frame_until(&mut tcp, RST_STREAM, 3).await;
+    assert_eq!(
+        u32::from_be_bytes([reset[0], reset[1], reset[2], reset[3]]),
+        u32::from(h2::Reason::REFUSED_STREAM),
+        "stream 3 must be refused (retryable), not served"
+    );
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        1,
+        "only stream 1 reached the handler"
+    );
+    drop(tcp);
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        res.is_ok() || matches!(res, Err(HboneError::H2(_))),
+        "{res:?}"
     );
 }

@@ -336,11 +336,12 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 15] = [
+const E2E_SUITES: [&str; 16] = [
     "core",
     "ca_service",
     "enrollment",
     "lifecycle",
+    "upgrade",
     "bad_peers",
     "waypoint",
     "waypoint_routing",

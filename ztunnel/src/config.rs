@@ -63,9 +63,20 @@ pub enum Redirect {
     Loopback,
 }
 
+/// The agent's `--drain-timeout` (the other binaries keep the shared
+/// [`DEFAULT_DRAIN_TIMEOUT`]): on SIGTERM, established connections (both directions) may run
+/// this long. An upgrade (the next agent already serves new connections) must not cut them,
+/// so this is long; the DaemonSet's `terminationGracePeriodSeconds` is a little longer.
+pub const DEFAULT_AGENT_DRAIN_TIMEOUT: &str = "1h";
+
 /// Command line and environment (`ZTUNNEL_*`).
 #[derive(Parser, Debug, Clone)]
-#[command(name = "ztunnel", version, about = "Ambient mesh node agent")]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Ambient mesh node agent",
+    mut_arg("drain_timeout", |a| a.default_value(DEFAULT_AGENT_DRAIN_TIMEOUT))
+)]
 pub struct Args {
     /// Name of this node: the agent serves pods whose `spec.nodeName` equals it.
     #[arg(long, env = "ZTUNNEL_NODE_NAME")]
@@ -223,6 +234,14 @@ mod tests {
         assert_eq!(kube.process.config_source, ConfigSource::Kube);
         assert_eq!(kube.process.config_dir, None);
         assert!(parse(&["--config-source", "etcd"]).is_err());
+    }
+
+    #[test]
+    fn the_agent_drains_for_an_hour_unless_told_otherwise() {
+        let args = parse(&["--config-dir", "/cfg"]).expect("parses");
+        assert_eq!(args.process.drain_timeout, Duration::from_secs(3600));
+        let args = parse(&["--config-dir", "/cfg", "--drain-timeout", "25s"]).expect("parses");
+        assert_eq!(args.process.drain_timeout, Duration::from_secs(25));
     }
 
     /// `/config_dump` shows the settings under these names; tools and tests read them.

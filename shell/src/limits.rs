@@ -223,8 +223,11 @@ pub struct HandshakeCap {
     all: Cap,
     per_source: usize,
     per_sec: f64,
-    sources: Arc<Mutex<HashMap<IpAddr, Source>>>,
+    sources: Sources,
 }
+
+/// Every tracked source address, shared by the cap and its slots.
+type Sources = Arc<Mutex<HashMap<IpAddr, Source>>>;
 
 /// What one source address holds: handshakes in progress and a token bucket of new ones.
 #[derive(Debug)]
@@ -238,7 +241,7 @@ struct Source {
 #[derive(Debug)]
 pub struct HandshakeSlot {
     _all: Slot,
-    source: Option<(IpAddr, Arc<Mutex<HashMap<IpAddr, Source>>>)>,
+    source: Option<(IpAddr, Sources)>,
 }
 
 impl Drop for HandshakeSlot {

@@ -105,6 +105,7 @@ fn main() -> ExitCode {
             ten_thousand_idle_streams_are_refused_then_cut,
             slowloris_handshakes_hold_only_their_sources_share,
             a_tls_handshake_flood_is_held_to_its_sources_rate,
+            an_hpack_bomb_and_an_oversized_header_list_are_refused,
         ],
         &[],
     )
@@ -416,6 +417,69 @@ fn a_tls_handshake_flood_is_held_to_its_sources_rate(h: &mut Hbone) -> Result<()
     })
 }
 
+/// RELIABILITY 30: header lists over the server's 64 KiB limit, both a small block that
+/// decodes to 400 KiB (a 4 KiB header in the HPACK dynamic table, then referenced 100
+/// times) and a plain 70 KiB header: the stream is refused (431 and RST_STREAM) or the
+/// connection closed within 1 s, never tunnelled (no 200), memory bounded; then the same
+/// connection (when still open) and the client are served.
+fn an_hpack_bomb_and_an_oversized_header_list_are_refused(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let rss_before = rss_kib(t.pid)?;
+        let block = connect_block(t.authority);
+        let mut bomb = block.clone();
+        // Literal with incremental indexing, new name: enters the dynamic table (index 62).
+        bomb.push(0x40);
+        bomb.extend(hpack_string(b"x-bomb"));
+        bomb.extend(hpack_string(&[b'b'; 4000]));
+        bomb.extend(std::iter::repeat_n(0x80 | 62, 100));
+        let mut big = block.clone();
+        // Literal without indexing, new name.
+        big.push(0x00);
+        big.extend(hpack_string(b"x-big"));
+        big.extend(hpack_string(&vec![b'g'; 70 * 1024]));
+        for (name, header_block) in [("hpack bomb", bomb), ("70 KiB header", big)] {
+            let (refused, closed, tunnelled, took) = h.rt.block_on(async {
+                let mut conn = Attacker::connect(h, t).await?;
+                let sent = Instant::now();
+                conn.w.write_all(&header_frames(1, &header_block)).await?;
+                let outcome = tokio::time::timeout(CUT_WITHIN, async {
+                    while conn.resets() == 0 && !conn.closed.is_finished() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await;
+                let took = sent.elapsed();
+                let refused = outcome.is_ok() && conn.resets() > 0;
+                let closed = conn.closed.is_finished();
+                let tunnelled = conn.ok_responses();
+                if refused && !closed {
+                    // The connection is still good for a well-formed stream.
+                    conn.w
+                        .write_all(&header_frames(3, &connect_block(t.authority)))
+                        .await?;
+                    e2e::eventually("the next stream answered", WAIT, || {
+                        ensure!(conn.ok_responses() > tunnelled, "no 200 yet");
+                        Ok(())
+                    })?;
+                }
+                Ok::<_, anyhow::Error>((refused, closed, tunnelled, took))
+            })?;
+            eprintln!(
+                "{}: {name}: refused {refused}, connection closed {closed}, after {took:?}",
+                t.name
+            );
+            ensure!(tunnelled == 0, "{name}: tunnelled");
+            ensure!(
+                refused || closed,
+                "{name}: neither refused nor closed within 1 s"
+            );
+        }
+        let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
+        ensure!(grew <= RSS_BUDGET_KIB, "RSS grew {grew} KiB");
+        h.client_is_served()
+    })
+}
+
 // === the suite ===
 
 /// One of the two 15008 listeners under attack.
@@ -671,6 +735,11 @@ struct Attacker {
     w: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
     closed: tokio::task::JoinHandle<tokio::time::Instant>,
     refused: Arc<std::sync::atomic::AtomicUsize>,
+    /// HEADERS from the server whose block starts with `:status 200` (HPACK static index 8,
+    /// how h2 encodes it): tunnels opened.
+    ok: Arc<std::sync::atomic::AtomicUsize>,
+    /// RST_STREAMs from the server, any code.
+    resets: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Attacker {
@@ -692,6 +761,10 @@ impl Attacker {
         let (first_tx, first_rx) = oneshot::channel();
         let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = refused.clone();
+        let ok = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ok_count = ok.clone();
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reset_count = resets.clone();
         let closed = tokio::spawn(async move {
             let mut first = Some(first_tx);
             let mut buf = Vec::new();
@@ -716,6 +789,12 @@ impl Attacker {
                     {
                         count.fetch_add(1, Ordering::SeqCst);
                     }
+                    if buf[3] == RST_STREAM {
+                        reset_count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if buf[3] == HEADERS && len > 0 && buf[9] == 0x88 {
+                        ok_count.fetch_add(1, Ordering::SeqCst);
+                    }
                     // After a GOAWAY the server closes: reading on finds its end of stream.
                     buf.drain(..9 + len);
                 }
@@ -729,11 +808,25 @@ impl Attacker {
             .context("the server sent nothing after TLS")?
             .context("the server closed at once")?;
         w.write_all(&frame(SETTINGS, ACK, 0, &[])).await?;
-        Ok(Attacker { w, closed, refused })
+        Ok(Attacker {
+            w,
+            closed,
+            refused,
+            ok,
+            resets,
+        })
     }
 
     fn refused(&self) -> usize {
         self.refused.load(Ordering::SeqCst)
+    }
+
+    fn ok_responses(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    fn resets(&self) -> usize {
+        self.resets.load(Ordering::SeqCst)
     }
 }
 
@@ -768,6 +861,39 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
     f.extend_from_slice(payload);
     f
+}
+
+/// A header block on stream `id` as HEADERS plus CONTINUATION frames of at most 16 KiB (the
+/// default SETTINGS_MAX_FRAME_SIZE), the last with END_HEADERS.
+fn header_frames(id: u32, block: &[u8]) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+    let last = chunks.len().saturating_sub(1);
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let kind = if i == 0 { HEADERS } else { CONTINUATION };
+        let flags = if i == last { END_HEADERS } else { 0 };
+        out.extend(frame(kind, flags, id, chunk));
+    }
+    out
+}
+
+/// An HPACK string literal (no Huffman): its length as a 7-bit-prefix integer, then bytes.
+fn hpack_string(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut len = bytes.len();
+    if len < 127 {
+        out.push(len as u8);
+    } else {
+        out.push(127);
+        len -= 127;
+        while len >= 128 {
+            out.push((len % 128) as u8 | 0x80);
+            len /= 128;
+        }
+        out.push(len as u8);
+    }
+    out.extend_from_slice(bytes);
+    out
 }
 
 /// HPACK for `CONNECT <authority>`: literals with indexed names (:method is static entry

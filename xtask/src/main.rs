@@ -336,7 +336,7 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 15] = [
+const E2E_SUITES: [&str; 16] = [
     "core",
     "ca_service",
     "enrollment",
@@ -352,6 +352,7 @@ const E2E_SUITES: [&str; 15] = [
     "bypass_l7",
     "bypass_capture",
     "abuse_hbone",
+    "waypoint_abuse",
 ];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
 /// truncated to 15 characters by the kernel, which this fits).

@@ -6,6 +6,8 @@
 //! `mesh_refusals_total{reason="OM"}` and logged within [`LogBudget`]. Defaults are sized
 //! for a 2-core node: each one below states why.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,18 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 16 * 1024;
 /// 128 in flight is ~60 ms of work for two cores, far more than honest clients reach, and
 /// caps the memory of a slowloris handshake flood at 128 handshake states.
 pub const DEFAULT_MAX_TLS_HANDSHAKES: usize = 128;
+/// TLS handshakes in progress from one source address: a quarter of the process's, so one
+/// peer holding its handshakes open (slowloris) leaves the rest to everyone else. Honest
+/// sources rarely have more than a few in flight: the client pool shares one dial per peer
+/// and a handshake takes about a millisecond.
+pub const DEFAULT_MAX_TLS_HANDSHAKES_PER_SOURCE: usize = 32;
+/// TLS handshakes one source address may start per second (bursts of twice as many). A
+/// pooled client needs one per peer it talks to (and keeps it); 100/s from one address
+/// costs the server about a tenth of a core, and more is refused before any cryptography.
+pub const DEFAULT_TLS_HANDSHAKES_PER_SOURCE_PER_SEC: u32 = 100;
+/// Sources whose handshake state is remembered; beyond this, idle entries are forgotten
+/// first and a source that cannot be tracked is held by the process-wide cap only.
+const MAX_TRACKED_SOURCES: usize = 65_536;
 /// A plaintext client that must speak first (SOCKS5 in loopback mode, protocol detection)
 /// has this long to send its first byte.
 pub const DEFAULT_FIRST_BYTE_TIMEOUT: &str = "10s";
@@ -47,6 +61,13 @@ pub struct LimitArgs {
     /// TLS handshakes in progress per process; more connections are closed at once (OM).
     #[arg(long, default_value_t = DEFAULT_MAX_TLS_HANDSHAKES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_tls_handshakes: usize,
+    /// TLS handshakes in progress from one source address; more are closed at once (OM).
+    #[arg(long, default_value_t = DEFAULT_MAX_TLS_HANDSHAKES_PER_SOURCE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_tls_handshakes_per_source: usize,
+    /// TLS handshakes one source address may start per second (bursts of twice as many);
+    /// more are closed at once (OM), before any cryptography.
+    #[arg(long, default_value_t = DEFAULT_TLS_HANDSHAKES_PER_SOURCE_PER_SEC, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tls_handshakes_per_source_per_sec: u32,
     /// Time a plaintext client that must speak first has for its first byte.
     #[arg(long, default_value = DEFAULT_FIRST_BYTE_TIMEOUT, value_parser = parse_duration)]
     #[serde(with = "secs")]
@@ -80,6 +101,15 @@ impl LimitArgs {
             probes: self.tcp_keepalive_probes,
             user_timeout: self.tcp_user_timeout,
         }
+    }
+
+    /// The cap on TLS handshakes of every TLS listener of the process.
+    pub fn handshake_cap(&self) -> HandshakeCap {
+        HandshakeCap::new(
+            self.max_tls_handshakes,
+            self.max_tls_handshakes_per_source,
+            self.tls_handshakes_per_source_per_sec,
+        )
     }
 
     /// The server settings of inbound HBONE connections.
@@ -185,6 +215,128 @@ impl Cap {
     }
 }
 
+/// TLS handshakes in progress, per process ([`Cap`]) and per source address, and the rate
+/// at which one source may start them. [`HandshakeCap::admit`] never waits: a connection
+/// over any of the three is closed at once, before a byte of TLS is read.
+#[derive(Debug, Clone)]
+pub struct HandshakeCap {
+    all: Cap,
+    per_source: usize,
+    per_sec: f64,
+    sources: Sources,
+}
+
+/// Every tracked source address, shared by the cap and its slots.
+type Sources = Arc<Mutex<HashMap<IpAddr, Source>>>;
+
+/// What one source address holds: handshakes in progress and a token bucket of new ones.
+#[derive(Debug)]
+struct Source {
+    in_progress: usize,
+    tokens: f64,
+    last: Instant,
+}
+
+/// One handshake in progress, given back on drop.
+#[derive(Debug)]
+pub struct HandshakeSlot {
+    _all: Slot,
+    source: Option<(IpAddr, Sources)>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        if let Some((ip, sources)) = self.source.take() {
+            let mut map = sources.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = map.get_mut(&ip) {
+                s.in_progress = s.in_progress.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl HandshakeCap {
+    pub fn new(max: usize, per_source: usize, per_sec: u32) -> Self {
+        HandshakeCap {
+            all: Cap::new("max_tls_handshakes", max),
+            per_source: per_source.max(1),
+            per_sec: f64::from(per_sec.max(1)),
+            sources: Arc::default(),
+        }
+    }
+
+    /// A handshake slot for a connection from `peer`, or `None` (counted and logged as
+    /// [`refused_over_limit`]; the caller drops the connection).
+    pub fn admit(
+        &self,
+        metrics: &mesh_telemetry::Metrics,
+        reporter: &str,
+        listener: &str,
+        peer: std::net::SocketAddr,
+    ) -> Option<HandshakeSlot> {
+        match self.try_enter_at(peer.ip(), Instant::now()) {
+            Ok(slot) => Some(slot),
+            Err((limit, max)) => {
+                refused_over_limit(metrics, reporter, listener, peer, limit, max);
+                None
+            }
+        }
+    }
+
+    /// The slot, or the limit that refused it (flag name and value).
+    fn try_enter_at(
+        &self,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Result<HandshakeSlot, (&'static str, usize)> {
+        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let burst = 2.0 * self.per_sec;
+        if map.len() >= MAX_TRACKED_SOURCES && !map.contains_key(&ip) {
+            let per_sec = self.per_sec;
+            // Forget the sources that hold nothing and would have a full bucket by now.
+            map.retain(|_, s| {
+                s.in_progress > 0
+                    || s.tokens + now.saturating_duration_since(s.last).as_secs_f64() * per_sec
+                        < burst
+            });
+        }
+        let tracked = map.len() < MAX_TRACKED_SOURCES || map.contains_key(&ip);
+        if tracked {
+            let s = map.entry(ip).or_insert(Source {
+                in_progress: 0,
+                tokens: burst,
+                last: now,
+            });
+            let refill = now.saturating_duration_since(s.last).as_secs_f64() * self.per_sec;
+            s.tokens = (s.tokens + refill).min(burst);
+            s.last = now;
+            if s.in_progress >= self.per_source {
+                return Err(("max_tls_handshakes_per_source", self.per_source));
+            }
+            if s.tokens < 1.0 {
+                // The flag's value per second, as the operator set it.
+                return Err(("tls_handshakes_per_source_per_sec", self.per_sec as usize));
+            }
+        }
+        let all = self.all.try_enter().ok_or((self.all.name, self.all.max))?;
+        let source = if tracked {
+            if let Some(s) = map.get_mut(&ip) {
+                s.tokens -= 1.0;
+                s.in_progress += 1;
+            }
+            Some((ip, self.sources.clone()))
+        } else {
+            None
+        };
+        Ok(HandshakeSlot { _all: all, source })
+    }
+
+    /// Handshakes in progress now, all sources together.
+    pub fn held(&self) -> usize {
+        self.all.held()
+    }
+}
+
 /// A token bucket for log lines: [`LogBudget::allow`] says whether a line may be written
 /// now, and how many were suppressed since the last one written (to put in that line).
 #[derive(Debug)]
@@ -259,6 +411,63 @@ mod tests {
     }
 
     #[test]
+    fn one_source_gets_its_share_of_handshakes_and_others_keep_theirs() {
+        let cap = HandshakeCap::new(10, 4, 1000);
+        let (a, b): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let t0 = Instant::now();
+        let held: Vec<_> = (0..4)
+            .map(|_| cap.try_enter_at(a, t0).expect("within a's share"))
+            .collect();
+        assert_eq!(
+            cap.try_enter_at(a, t0).err(),
+            Some(("max_tls_handshakes_per_source", 4))
+        );
+        // Another source is not held back by a's.
+        let others: Vec<_> = (0..4)
+            .map(|_| cap.try_enter_at(b, t0).expect("b has its own share"))
+            .collect();
+        assert_eq!(cap.held(), 8);
+        drop(held);
+        assert_eq!(cap.held(), 4);
+        assert!(cap.try_enter_at(a, t0).is_ok());
+        drop(others);
+        assert_eq!(cap.held(), 0);
+        // The process-wide cap holds over every source.
+        let many: Vec<_> = (1..=10u8)
+            .map(|i| cap.try_enter_at([10, 1, 0, i].into(), t0).expect("free"))
+            .collect();
+        assert_eq!(
+            cap.try_enter_at([10, 2, 0, 1].into(), t0).err(),
+            Some(("max_tls_handshakes", 10))
+        );
+        drop(many);
+    }
+
+    #[test]
+    fn one_source_starts_a_burst_then_the_rate() {
+        let cap = HandshakeCap::new(1000, 1000, 50);
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let t0 = Instant::now();
+        // Each slot is given back at once: only the rate limits.
+        let burst = (0..1000)
+            .filter(|_| cap.try_enter_at(ip, t0).is_ok())
+            .count();
+        assert_eq!(burst, 100);
+        assert_eq!(
+            cap.try_enter_at(ip, t0).err(),
+            Some(("tls_handshakes_per_source_per_sec", 50))
+        );
+        // Two seconds later: 100 more (50/s), and no more than that.
+        let t2 = t0 + Duration::from_secs(2);
+        let later = (0..1000)
+            .filter(|_| cap.try_enter_at(ip, t2).is_ok())
+            .count();
+        assert_eq!(later, 100);
+        // Another source still has its whole burst.
+        assert!(cap.try_enter_at([10, 0, 0, 2].into(), t2).is_ok());
+    }
+
+    #[test]
     fn the_log_budget_allows_a_burst_then_the_rate_and_counts_what_it_dropped() {
         let budget = LogBudget::new(4, 2);
         let t0 = Instant::now();
@@ -289,6 +498,8 @@ mod tests {
         let p = <P as clap::Parser>::try_parse_from(["p"]).expect("defaults parse");
         assert_eq!(p.l.max_connections, 16384);
         assert_eq!(p.l.max_tls_handshakes, 128);
+        assert_eq!(p.l.max_tls_handshakes_per_source, 32);
+        assert_eq!(p.l.tls_handshakes_per_source_per_sec, 100);
         assert_eq!(p.l.first_byte_timeout, Duration::from_secs(10));
         assert_eq!(p.l.hbone_idle_timeout, Duration::from_secs(120));
         assert_eq!(p.l.keepalive(), mesh_hbone::tcp::Keepalive::default());

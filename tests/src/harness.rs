@@ -968,6 +968,11 @@ impl Mesh {
         self.wait_ready(node)
     }
 
+    /// Starts the node's ztunnel (again) without waiting for it to be ready.
+    pub fn start_ztunnel_unready(&self, node: &str) -> Result<()> {
+        self.spawn_ztunnel(node)
+    }
+
     /// Stops the node's ztunnel gracefully (SIGTERM; SIGKILL after 10 s).
     pub fn stop_ztunnel(&self, node: &str) -> Result<()> {
         let guard = self.ztunnels().remove(node);

@@ -8,8 +8,15 @@
 //! with a p99 within 2× its p99 measured around the attack (just before and just after).
 //!
 //! The frames are written by hand: the `h2` crate refuses to misbehave.
+//!
+//! Before HTTP/2, the TLS handshake (RELIABILITY 7): one source holding handshakes open
+//! (slowloris) gets only its share of the process's handshake slots, and one source starting
+//! full handshakes as fast as it can is held to its rate; everything over is closed at once,
+//! counted `OM`, while another source still completes its handshake and the legitimate
+//! client's p99 stays within 2×.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +35,9 @@ use tokio::sync::oneshot;
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const OUTSIDER: &str = "legacy/outsider";
+/// Another client outside the mesh, on another address: what one source holds must not
+/// keep it out.
+const BYSTANDER: &str = "legacy/bystander";
 const SERVER: &str = "default/server";
 const ECHO_VIP: &str = "10.96.0.32";
 const HBONE_PORT: u16 = 15008;
@@ -70,6 +80,17 @@ const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const CANCEL: u32 = 0x8;
 const REFUSED_STREAM: u32 = 0x7;
+/// The servers' handshake limits per source (`mesh_shell::limits` defaults): in progress,
+/// and started per second (bursts of twice as many).
+const HANDSHAKES_PER_SOURCE: usize = 32;
+const HANDSHAKES_PER_SEC: f64 = 100.0;
+/// The servers' TLS handshake deadline (`--tls-handshake-timeout` default).
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections one slowloris source opens: several times its share.
+const SLOWLORIS: usize = 200;
+/// The start of a ClientHello: a handshake record announcing 512 bytes, of which only the
+/// message type comes.
+const PARTIAL_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
 
 fn main() -> ExitCode {
     e2e::scenario::main(
@@ -82,6 +103,9 @@ fn main() -> ExitCode {
             an_empty_data_flood_is_cut_off,
             a_window_update_flood_is_cut_off,
             ten_thousand_idle_streams_are_refused_then_cut,
+            slowloris_handshakes_hold_only_their_sources_share,
+            a_tls_handshake_flood_is_held_to_its_sources_rate,
+            an_hpack_bomb_and_an_oversized_header_list_are_refused,
         ],
         &[],
     )
@@ -215,6 +239,247 @@ fn ten_thousand_idle_streams_are_refused_then_cut(h: &mut Hbone) -> Result<()> {
     })
 }
 
+/// RELIABILITY 7: one source opens [`SLOWLORIS`] connections and sends the first bytes of a
+/// ClientHello on each, then nothing. Its share is held until the handshake deadline, the
+/// rest is closed at once and counted; meanwhile another source completes a handshake and
+/// the legitimate client keeps its p99.
+fn slowloris_handshakes_hold_only_their_sources_share(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let baseline = h.legit_requests(BASELINE_REQUESTS / 2)?;
+        let counted_before = h.refused(t, "OM")?;
+        let rss_before = rss_kib(t.pid)?;
+        let mut held = Vec::with_capacity(SLOWLORIS);
+        for _ in 0..SLOWLORIS {
+            let mut c = h.mesh.connect(OUTSIDER, t.addr)?;
+            let opened = Instant::now();
+            // A write error: already closed, which the check below sees.
+            let _ = c.write_all(PARTIAL_HELLO);
+            c.set_nonblocking(true)?;
+            held.push((c, opened));
+        }
+        let last_opened = Instant::now();
+        e2e::eventually("all but the source's share closed", CUT_WITHIN, || {
+            let open = held.iter().filter(|(c, _)| !is_closed(c)).count();
+            ensure!(
+                open <= HANDSHAKES_PER_SOURCE,
+                "{open} of {SLOWLORIS} still open {:?} after the last was opened",
+                last_opened.elapsed()
+            );
+            Ok(())
+        })?;
+        let open_now = held.iter().filter(|(c, _)| !is_closed(c)).count();
+        ensure!(
+            open_now == HANDSHAKES_PER_SOURCE,
+            "{open_now} held open, want the source's share {HANDSHAKES_PER_SOURCE}"
+        );
+        // Another source is served while this one holds its share.
+        h.rt.block_on(Attacker::connect_from(h, t, BYSTANDER))
+            .context("a handshake from another source")?;
+        let during = h.legit_requests(BASELINE_REQUESTS / 2)?;
+        // The share is closed at the handshake deadline.
+        let mut slowest = Duration::ZERO;
+        for (c, opened) in &held {
+            let limit = *opened + HANDSHAKE_DEADLINE + CUT_WITHIN;
+            while !is_closed(c) {
+                ensure!(
+                    Instant::now() < limit,
+                    "a stalled handshake open {:?} after it started",
+                    opened.elapsed()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            slowest = slowest.max(opened.elapsed());
+        }
+        let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
+        let counted = h.refused(t, "OM")? - counted_before;
+        let mut baseline = baseline;
+        baseline.extend(h.legit_requests(BASELINE_REQUESTS / 2)?);
+        let (p99_base, p99_held) = (p99(&baseline), p99(&during));
+        eprintln!(
+            "{}: slowloris: {} of {SLOWLORIS} closed at once ({counted} counted OM), \
+             {HANDSHAKES_PER_SOURCE} held until {slowest:?}; RSS +{grew} KiB; client p99 \
+             {p99_base:?} before, {p99_held:?} while held",
+            t.name,
+            SLOWLORIS - HANDSHAKES_PER_SOURCE
+        );
+        ensure!(
+            counted >= (SLOWLORIS - HANDSHAKES_PER_SOURCE) as f64,
+            "only {counted} refusals counted OM"
+        );
+        ensure!(grew <= RSS_BUDGET_KIB, "RSS grew {grew} KiB");
+        ensure!(
+            p99_held <= p99_base * 2 + P99_SLACK,
+            "client p99 {p99_held:?} while held, {p99_base:?} without"
+        );
+        h.client_is_served()
+    })
+}
+
+/// RELIABILITY 7: one source starts full mTLS handshakes at [`FLOOD_RATE`] a second
+/// (5× what it may) for [`ATTACK_FOR`]. It completes at most its burst plus its rate; the
+/// rest is closed before any cryptography (within 1 s), counted; the client keeps its p99.
+/// The flood is paced rather than flat out so that the attacker's own work on this 2-core
+/// machine does not starve the client: the servers' isolation is under test, not the CPU.
+fn a_tls_handshake_flood_is_held_to_its_sources_rate(h: &mut Hbone) -> Result<()> {
+    const WORKERS: u32 = 8;
+    const FLOOD_RATE: f64 = 5.0 * HANDSHAKES_PER_SEC;
+    h.each_target(|h, t| {
+        // Let the bucket of the previous scenario's source refill.
+        std::thread::sleep(Duration::from_secs(2));
+        let mut baseline = h.legit_requests(BASELINE_REQUESTS / 2)?;
+        let counted_before = h.refused(t, "OM")?;
+        let rss_before = rss_kib(t.pid)?;
+        let stop = AtomicBool::new(false);
+        let started = Instant::now();
+        let (flood, during) = std::thread::scope(|s| {
+            let client = s.spawn(|| -> Result<Vec<Duration>> {
+                let mut times = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    times.push(h.legit_request()?);
+                }
+                Ok(times)
+            });
+            let workers: Vec<_> = (0..WORKERS)
+                .map(|_| {
+                    s.spawn(|| -> Result<(usize, usize, Duration)> {
+                        let (mut done, mut refused, mut slowest) = (0, 0, Duration::ZERO);
+                        let every = Duration::from_secs_f64(f64::from(WORKERS) / FLOOD_RATE);
+                        let mut next = Instant::now();
+                        // Bounded by ATTACK_FOR; each attempt by the connect and TLS timeouts.
+                        while started.elapsed() < ATTACK_FOR {
+                            let tcp = h.mesh.connect(OUTSIDER, t.addr)?;
+                            let at = Instant::now();
+                            match h.rt.block_on(handshake(h, tcp)) {
+                                Ok(()) => done += 1,
+                                Err(_) => {
+                                    refused += 1;
+                                    slowest = slowest.max(at.elapsed());
+                                }
+                            }
+                            next += every;
+                            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                        }
+                        Ok((done, refused, slowest))
+                    })
+                })
+                .collect();
+            let mut flood = (0, 0, Duration::ZERO);
+            let mut failed = None;
+            for w in workers {
+                match w.join() {
+                    Ok(Ok((d, r, s))) => {
+                        flood = (flood.0 + d, flood.1 + r, flood.2.max(s));
+                    }
+                    Ok(Err(e)) => failed = Some(e),
+                    Err(_) => failed = Some(anyhow::anyhow!("a flood thread panicked")),
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            let during = client.join();
+            (failed.map_or(Ok(flood), Err), during)
+        });
+        let elapsed = started.elapsed();
+        let (done, refused, slowest) = flood?;
+        let during = during.map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
+        baseline.extend(h.legit_requests(BASELINE_REQUESTS / 2)?);
+        let (p99_base, p99_attack) = (p99(&baseline), p99(&during));
+        // The bucket: a burst of twice the rate, then the rate.
+        let allowed = 2.0 * HANDSHAKES_PER_SEC + HANDSHAKES_PER_SEC * elapsed.as_secs_f64();
+        eprintln!(
+            "{}: handshake flood for {elapsed:?}: {done} completed (at most {allowed:.0} \
+             allowed), {refused} refused, slowest refusal {slowest:?}; RSS +{grew} KiB; \
+             client p99 {p99_base:?} before, {p99_attack:?} during ({} requests)",
+            t.name,
+            during.len()
+        );
+        ensure!(
+            refused > 0,
+            "the flood never crossed the rate: {done} handshakes in {elapsed:?}"
+        );
+        ensure!(
+            done as f64 <= allowed,
+            "{done} handshakes completed, over the source's {allowed:.0}"
+        );
+        ensure!(slowest <= CUT_WITHIN, "a refusal took {slowest:?}");
+        ensure!(grew <= RSS_BUDGET_KIB, "RSS grew {grew} KiB");
+        ensure!(!during.is_empty(), "no legitimate request during the flood");
+        ensure!(
+            p99_attack <= p99_base * 2 + P99_SLACK,
+            "client p99 {p99_attack:?} under the flood, {p99_base:?} without"
+        );
+        e2e::eventually("the refusals counted", WAIT, || {
+            let got = h.refused(t, "OM")? - counted_before;
+            ensure!(got >= refused as f64, "{got} of {refused} counted");
+            Ok(())
+        })?;
+        h.client_is_served()
+    })
+}
+
+/// RELIABILITY 30: header lists over the server's 64 KiB limit, both a small block that
+/// decodes to 400 KiB (a 4 KiB header in the HPACK dynamic table, then referenced 100
+/// times) and a plain 70 KiB header: the stream is refused (431 and RST_STREAM) or the
+/// connection closed within 1 s, never tunnelled (no 200), memory bounded; then the same
+/// connection (when still open) and the client are served.
+fn an_hpack_bomb_and_an_oversized_header_list_are_refused(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let rss_before = rss_kib(t.pid)?;
+        let block = connect_block(t.authority);
+        let mut bomb = block.clone();
+        // Literal with incremental indexing, new name: enters the dynamic table (index 62).
+        bomb.push(0x40);
+        bomb.extend(hpack_string(b"x-bomb"));
+        bomb.extend(hpack_string(&[b'b'; 4000]));
+        bomb.extend(std::iter::repeat_n(0x80 | 62, 100));
+        let mut big = block.clone();
+        // Literal without indexing, new name.
+        big.push(0x00);
+        big.extend(hpack_string(b"x-big"));
+        big.extend(hpack_string(&vec![b'g'; 70 * 1024]));
+        for (name, header_block) in [("hpack bomb", bomb), ("70 KiB header", big)] {
+            let (refused, closed, tunnelled, took) = h.rt.block_on(async {
+                let mut conn = Attacker::connect(h, t).await?;
+                let sent = Instant::now();
+                conn.w.write_all(&header_frames(1, &header_block)).await?;
+                let outcome = tokio::time::timeout(CUT_WITHIN, async {
+                    while conn.resets() == 0 && !conn.closed.is_finished() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await;
+                let took = sent.elapsed();
+                let refused = outcome.is_ok() && conn.resets() > 0;
+                let closed = conn.closed.is_finished();
+                let tunnelled = conn.ok_responses();
+                if refused && !closed {
+                    // The connection is still good for a well-formed stream.
+                    conn.w
+                        .write_all(&header_frames(3, &connect_block(t.authority)))
+                        .await?;
+                    e2e::eventually("the next stream answered", WAIT, || {
+                        ensure!(conn.ok_responses() > tunnelled, "no 200 yet");
+                        Ok(())
+                    })?;
+                }
+                Ok::<_, anyhow::Error>((refused, closed, tunnelled, took))
+            })?;
+            eprintln!(
+                "{}: {name}: refused {refused}, connection closed {closed}, after {took:?}",
+                t.name
+            );
+            ensure!(tunnelled == 0, "{name}: tunnelled");
+            ensure!(
+                refused || closed,
+                "{name}: neither refused nor closed within 1 s"
+            );
+        }
+        let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
+        ensure!(grew <= RSS_BUDGET_KIB, "RSS grew {grew} KiB");
+        h.client_is_served()
+    })
+}
+
 // === the suite ===
 
 /// One of the two 15008 listeners under attack.
@@ -259,6 +524,7 @@ impl Hbone {
         let mesh = waypoint_mesh("abuse_hbone")
             .namespace("legacy", Ambient::No)
             .pod(Pod::new("legacy", "outsider").on("n1"))
+            .pod(Pod::new("legacy", "bystander").on("n1"))
             .pod(Pod::echo_server("server", "n2"))
             .service(waypoint_service("echo", ECHO_VIP, ("app", "echo")))
             .build()?;
@@ -337,6 +603,10 @@ impl Hbone {
         )?;
         ensure!(r.status == 200, "legitimate request: {}", r.status);
         Ok(started.elapsed())
+    }
+
+    fn legit_requests(&self, n: usize) -> Result<Vec<Duration>> {
+        (0..n).map(|_| self.legit_request()).collect()
     }
 
     fn client_is_served(&self) -> Result<()> {
@@ -465,11 +735,20 @@ struct Attacker {
     w: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
     closed: tokio::task::JoinHandle<tokio::time::Instant>,
     refused: Arc<std::sync::atomic::AtomicUsize>,
+    /// HEADERS from the server whose block starts with `:status 200` (HPACK static index 8,
+    /// how h2 encodes it): tunnels opened.
+    ok: Arc<std::sync::atomic::AtomicUsize>,
+    /// RST_STREAMs from the server, any code.
+    resets: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Attacker {
     async fn connect(h: &Hbone, t: Target) -> Result<Attacker> {
-        let tcp = h.mesh.connect(OUTSIDER, t.addr)?;
+        Attacker::connect_from(h, t, OUTSIDER).await
+    }
+
+    async fn connect_from(h: &Hbone, t: Target, pod: &str) -> Result<Attacker> {
+        let tcp = h.mesh.connect(pod, t.addr)?;
         tcp.set_nonblocking(true)?;
         let tcp = tokio::net::TcpStream::from_std(tcp)?;
         let tls = tokio_rustls::TlsConnector::from(h.client_tls.clone())
@@ -482,6 +761,10 @@ impl Attacker {
         let (first_tx, first_rx) = oneshot::channel();
         let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = refused.clone();
+        let ok = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ok_count = ok.clone();
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reset_count = resets.clone();
         let closed = tokio::spawn(async move {
             let mut first = Some(first_tx);
             let mut buf = Vec::new();
@@ -506,6 +789,12 @@ impl Attacker {
                     {
                         count.fetch_add(1, Ordering::SeqCst);
                     }
+                    if buf[3] == RST_STREAM {
+                        reset_count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if buf[3] == HEADERS && len > 0 && buf[9] == 0x88 {
+                        ok_count.fetch_add(1, Ordering::SeqCst);
+                    }
                     // After a GOAWAY the server closes: reading on finds its end of stream.
                     buf.drain(..9 + len);
                 }
@@ -519,15 +808,49 @@ impl Attacker {
             .context("the server sent nothing after TLS")?
             .context("the server closed at once")?;
         w.write_all(&frame(SETTINGS, ACK, 0, &[])).await?;
-        Ok(Attacker { w, closed, refused })
+        Ok(Attacker {
+            w,
+            closed,
+            refused,
+            ok,
+            resets,
+        })
     }
 
     fn refused(&self) -> usize {
         self.refused.load(Ordering::SeqCst)
     }
+
+    fn ok_responses(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    fn resets(&self) -> usize {
+        self.resets.load(Ordering::SeqCst)
+    }
 }
 
 // === helpers ===
+
+/// A full mTLS handshake as a mesh client on `tcp`, then the connection is dropped.
+async fn handshake(h: &Hbone, tcp: TcpStream) -> Result<()> {
+    tcp.set_nonblocking(true)?;
+    let tcp = tokio::net::TcpStream::from_std(tcp)?;
+    let connect = tokio_rustls::TlsConnector::from(h.client_tls.clone())
+        .connect(mesh_pki::tls::server_name(), tcp);
+    tokio::time::timeout(WAIT, connect).await??;
+    Ok(())
+}
+
+/// Whether the server closed `c` (non-blocking): end of stream or a reset.
+fn is_closed(c: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match (&*c).read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
 
 /// One frame: 9-byte header and payload.
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -538,6 +861,39 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
     f.extend_from_slice(payload);
     f
+}
+
+/// A header block on stream `id` as HEADERS plus CONTINUATION frames of at most 16 KiB (the
+/// default SETTINGS_MAX_FRAME_SIZE), the last with END_HEADERS.
+fn header_frames(id: u32, block: &[u8]) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+    let last = chunks.len().saturating_sub(1);
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let kind = if i == 0 { HEADERS } else { CONTINUATION };
+        let flags = if i == last { END_HEADERS } else { 0 };
+        out.extend(frame(kind, flags, id, chunk));
+    }
+    out
+}
+
+/// An HPACK string literal (no Huffman): its length as a 7-bit-prefix integer, then bytes.
+fn hpack_string(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut len = bytes.len();
+    if len < 127 {
+        out.push(len as u8);
+    } else {
+        out.push(127);
+        len -= 127;
+        while len >= 128 {
+            out.push((len % 128) as u8 | 0x80);
+            len /= 128;
+        }
+        out.push(len as u8);
+    }
+    out.extend_from_slice(bytes);
+    out
 }
 
 /// HPACK for `CONNECT <authority>`: literals with indexed names (:method is static entry

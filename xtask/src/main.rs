@@ -353,6 +353,7 @@ const E2E_SUITES: [&str; 16] = [
     "bypass_l7",
     "bypass_capture",
     "abuse_hbone",
+    "waypoint_abuse",
 ];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
 /// truncated to 15 characters by the kernel, which this fits).

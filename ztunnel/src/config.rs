@@ -283,6 +283,8 @@ mod tests {
             "max_connections_per_pod",
             "max_connections",
             "max_tls_handshakes",
+            "max_tls_handshakes_per_source",
+            "tls_handshakes_per_source_per_sec",
             "first_byte_timeout",
             "hbone_idle_timeout",
             "tcp_keepalive_idle",

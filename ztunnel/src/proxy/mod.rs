@@ -42,7 +42,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mesh_shell::conns::{Active, ActiveGuard};
-use mesh_shell::limits::Cap;
+use mesh_shell::limits::{Cap, HandshakeCap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -90,7 +90,7 @@ pub struct ProxyInputs {
     /// Open connections of the process (`--max-connections`).
     pub conn_cap: Cap,
     /// TLS handshakes in progress on 15008 (`--max-tls-handshakes`).
-    pub handshake_cap: Cap,
+    pub handshake_cap: HandshakeCap,
     round_robin: RoundRobin<NamespacedName>,
 }
 
@@ -108,7 +108,7 @@ impl ProxyInputs {
         drain: tokio_util::sync::CancellationToken,
     ) -> Self {
         let conn_cap = Cap::new("max_connections", cfg.limits.max_connections);
-        let handshake_cap = Cap::new("max_tls_handshakes", cfg.limits.max_tls_handshakes);
+        let handshake_cap = cfg.limits.handshake_cap();
         ProxyInputs {
             conn_cap,
             handshake_cap,

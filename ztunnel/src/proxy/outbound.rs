@@ -124,6 +124,10 @@ fn plan<'a>(
             if let Some(hop) = waypoint_hop(wp, src, dst, td)? {
                 return Ok((Some(svc), vec![hop]));
             }
+        } else if let Some(gw) = model.missing_waypoint_for_service(svc) {
+            // Sending it direct would skip the waypoint's policy: fail closed until it exists.
+            let reason = format!("waypoint {gw} named by the service is not known");
+            return Err((ResponseFlag::NoHealthyUpstream, reason));
         }
         let eps = model.endpoints(svc, port);
         if eps.is_empty() {

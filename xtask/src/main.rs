@@ -336,7 +336,7 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 16] = [
+const E2E_SUITES: [&str; 17] = [
     "core",
     "ca_service",
     "enrollment",

@@ -41,9 +41,12 @@ mod tests;
 
 pub use budget::{ReceiveBudget, Reservation, DEFAULT_RECEIVE_BUFFER_BUDGET, MIN_WINDOW};
 pub use guard::AbuseReason;
-pub use pool::{Pool, PoolConfig, PoolKey, PoolStats};
+pub use pool::{Pool, PoolConfig, PoolKey, PoolStats, DEFAULT_MAX_CONNS_PER_KEY};
 pub use relay::{read_chunk, relay, write_chunk, AsyncIo, Direction, RelayIo};
-pub use server::{connect_authority, serve, serve_with_drain, InboundRequest, ServerConfig};
+pub use server::{
+    connect_authority, serve, serve_with_drain, InboundRequest, ServerConfig,
+    DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONTROL_FRAMES_PER_SEC, MAX_SEND_BUFFER,
+};
 pub use stream::H2Stream;
 
 /// TCP port of the HBONE listener on every mesh workload.

@@ -212,6 +212,9 @@ pub struct UpstreamConfig {
     pub keepalive: hbone::tcp::Keepalive,
     /// Where outlier-detection ejections are counted.
     pub outlier_ejections: Family<ClusterLabels, Counter>,
+    /// The HBONE pool's settings (windows, receive-buffer budget, PING liveness, connections
+    /// per peer, send stalls); `connect_timeout` above replaces its own.
+    pub hbone: hbone::PoolConfig,
 }
 
 /// Opens and pools upstream connections. Shared as `Arc<Upstreams>`.
@@ -233,7 +236,7 @@ impl Upstreams {
     pub fn new(cfg: UpstreamConfig, certs: Arc<CertManager>) -> Arc<Upstreams> {
         let hbone = hbone::Pool::new(hbone::PoolConfig {
             connect_timeout: cfg.connect_timeout,
-            ..hbone::PoolConfig::default()
+            ..cfg.hbone.clone()
         });
         let clusters = Clusters::new(cfg.outlier_ejections.clone());
         Arc::new(Upstreams {

@@ -7,12 +7,16 @@
 //! requests cross both targets: n1 → waypoint:15008 → n2:15008 → app) keeps being served
 //! with a p99 within 2× its p99 measured around the attack (just before and just after).
 //!
+//! Both targets run with short, test-configured HTTP/2 limits ([`LIMITS`]: send-stall
+//! timeout, PING liveness, a small receive-buffer budget), so that zero-window stalls,
+//! half-open peers and a spent budget show within seconds.
+//!
 //! The frames are written by hand: the `h2` crate refuses to misbehave.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -58,6 +62,28 @@ const CONTROL_LIMIT: u32 = 1_000;
 /// The server's limit on concurrent streams per connection.
 const MAX_STREAMS: usize = 1_000;
 
+/// A tunnel whose peer keeps its window shut this long is reset (`--hbone-send-stall-timeout`).
+const SEND_STALL: Duration = Duration::from_secs(2);
+/// PING liveness (`--hbone-ping-interval`, `--hbone-ping-timeout`): a vanished peer is gone
+/// within their sum.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// The receive-buffer budget of each process (`--receive-buffer-budget`): a quarter of it
+/// for windows above the minimum, room for 128 connections at the minimum.
+const BUDGET: u64 = 8 << 20;
+/// HTTP/2's initial window: what a connection gets once the budget's first quarter is used.
+const MIN_WINDOW: u64 = 65_535;
+/// The limits every agent and the waypoint run with here (flag, value).
+const LIMITS: [(&str, &str); 4] = [
+    ("hbone-send-stall-timeout", "2s"),
+    ("hbone-ping-interval", "1s"),
+    ("hbone-ping-timeout", "1s"),
+    ("receive-buffer-budget", "8MiB"),
+];
+/// A port in the server pod where a listener takes connections and never reads (a slow
+/// reader the agent relays into).
+const SINK_PORT: u16 = 9000;
+
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
@@ -70,8 +96,16 @@ const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const CANCEL: u32 = 0x8;
 const REFUSED_STREAM: u32 = 0x7;
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 
 fn main() -> ExitCode {
+    // The waypoint reads every flag from `WAYPOINT_<FLAG>` too, and inherits our environment.
+    for (flag, value) in LIMITS {
+        std::env::set_var(
+            format!("WAYPOINT_{}", flag.to_uppercase().replace('-', "_")),
+            value,
+        );
+    }
     e2e::scenario::main(
         Hbone::build,
         &scenarios![
@@ -82,6 +116,9 @@ fn main() -> ExitCode {
             an_empty_data_flood_is_cut_off,
             a_window_update_flood_is_cut_off,
             ten_thousand_idle_streams_are_refused_then_cut,
+            a_zero_window_stall_is_reset_at_the_send_stall_timeout,
+            a_half_open_peer_is_reaped_by_ping_liveness,
+            a_spent_receive_budget_shrinks_windows_then_refuses,
         ],
         &[],
     )
@@ -175,28 +212,52 @@ fn a_window_update_flood_is_cut_off(h: &mut Hbone) -> Result<()> {
     })
 }
 
-/// RELIABILITY 32: 10,000 CONNECTs that never send a byte. The server takes
-/// [`MAX_STREAMS`], refuses the next ones with REFUSED_STREAM, and after 1024 refusals
-/// (h2's limit on streams it had to reset) closes the connection; memory stays bounded.
+/// RELIABILITY 32: CONNECTs that never send a byte. The server takes [`MAX_STREAMS`] and
+/// refuses the next ones with REFUSED_STREAM; held idle for a while, the streams cost
+/// bounded memory and the legitimate client's p99 stays within 2×; pushed on to 10,000, h2
+/// closes the connection after 1024 refusals (its limit on streams it had to reset).
 fn ten_thousand_idle_streams_are_refused_then_cut(h: &mut Hbone) -> Result<()> {
     h.each_target(|h, t| {
         let rss_before = rss_kib(t.pid)?;
         let counted_before = h.refused(t, "H2_ENHANCE_YOUR_CALM")?;
         let block = connect_block(t.authority);
+        let headers = |ids: std::ops::Range<u32>| -> Vec<u8> {
+            ids.flat_map(|i| frame(HEADERS, END_HEADERS, 2 * i + 1, &block))
+                .collect()
+        };
+        // Beyond the limit by 100: refused, but not enough refusals to close the connection.
+        let held = u32::try_from(MAX_STREAMS)? + 100;
+        let conn = h.rt.block_on(async {
+            let conn = Attacker::connect(h, t).await?;
+            conn.send(&headers(0..held)).await?;
+            e2e::eventually("the extra streams refused", WAIT, || {
+                let got = conn.refused();
+                ensure!(got >= 100, "{got} refused so far");
+                Ok(())
+            })?;
+            Ok::<_, anyhow::Error>(conn)
+        })?;
+        let (grew_idle, open) = h.with_legit_client(t, "idle streams", || {
+            std::thread::sleep(Duration::from_secs(2));
+            Ok((rss_kib(t.pid)?.saturating_sub(rss_before), !conn.closed.is_finished()))
+        })?;
+        let refused_idle = conn.refused();
         let (refused, closed) = h.rt.block_on(async {
-            let mut conn = Attacker::connect(h, t).await?;
-            let mut batch = Vec::new();
-            for i in 0..10_000u32 {
-                batch.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &block));
-            }
             // A write error: the server closed the connection before taking all of it.
-            let _ = conn.w.write_all(&batch).await;
-            let closed = tokio::time::timeout(WAIT, &mut conn.closed).await.is_ok();
-            Ok::<_, anyhow::Error>((conn.refused(), closed))
+            let _ = conn.send(&headers(held..10_000)).await;
+            let closed = tokio::time::timeout(WAIT, conn.closed).await.is_ok();
+            Ok::<_, anyhow::Error>((conn.refused.load(Ordering::SeqCst), closed))
         })?;
         let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
         eprintln!(
-            "{}: 10k idle streams: {refused} refused, connection closed: {closed}; RSS +{grew} KiB",
+            "{}: {held} idle streams: {refused_idle} refused, held open: {open}, RSS +{grew_idle} KiB; \
+             10k: {refused} refused, connection closed: {closed}; RSS +{grew} KiB",
+            t.name
+        );
+        ensure!(open, "{}: the connection with idle streams was closed", t.name);
+        ensure!(
+            (100..=110).contains(&refused_idle),
+            "{}: {refused_idle} of {held} streams refused, expected the 100 over {MAX_STREAMS}",
             t.name
         );
         ensure!(
@@ -205,11 +266,177 @@ fn ten_thousand_idle_streams_are_refused_then_cut(h: &mut Hbone) -> Result<()> {
             t.name
         );
         ensure!(closed, "{}: the connection stayed open", t.name);
+        ensure!(grew_idle <= RSS_BUDGET_KIB, "{}: RSS grew {grew_idle} KiB", t.name);
         ensure!(grew <= RSS_BUDGET_KIB, "{}: RSS grew {grew} KiB", t.name);
         e2e::eventually("the cut counted", WAIT, || {
             let got = h.refused(t, "H2_ENHANCE_YOUR_CALM")?;
             ensure!(got > counted_before, "{got} counted so far");
             Ok(())
+        })?;
+        h.client_is_served()
+    })
+}
+
+/// RELIABILITY 31: a peer that makes the server send (a request to the app behind the
+/// tunnel) but never opens its window (SETTINGS_INITIAL_WINDOW_SIZE 0). The server's
+/// tunnel waits for window [`SEND_STALL`], then resets the stream; the connection lives on.
+fn a_zero_window_stall_is_reset_at_the_send_stall_timeout(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let rss_before = rss_kib(t.pid)?;
+        let request = b"GET /stall HTTP/1.1\r\nhost: echo\r\n\r\n";
+        let (after, reset, alive) = h.rt.block_on(async {
+            let conn = Attacker::connect_with(h, t, &[(SETTINGS_INITIAL_WINDOW_SIZE, 0)])
+                .await?
+                .context("the server refused the connection")?;
+            conn.send(&frame(HEADERS, END_HEADERS, 1, &connect_block(t.authority)))
+                .await?;
+            conn.send(&frame(DATA, 0, 1, request)).await?;
+            let sent = tokio::time::Instant::now();
+            let reset = conn.wait_reset(1, SEND_STALL + WAIT).await?;
+            // Answered PINGs keep it open past a PING round.
+            tokio::time::sleep(PING_INTERVAL + PING_TIMEOUT).await;
+            Ok::<_, anyhow::Error>((reset.1.duration_since(sent), reset.0, !conn.closed.is_finished()))
+        })?;
+        let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
+        eprintln!(
+            "{}: zero window: stream reset ({reset:#x}) {after:?} after the request \
+             (limit {SEND_STALL:?}); connection still open: {alive}; RSS +{grew} KiB",
+            t.name
+        );
+        ensure!(reset == CANCEL, "{}: reset with {reset:#x}", t.name);
+        ensure!(
+            after >= SEND_STALL && after <= SEND_STALL + CUT_WITHIN,
+            "{}: reset {after:?} after the request, the limit is {SEND_STALL:?}",
+            t.name
+        );
+        ensure!(alive, "{}: the whole connection was closed", t.name);
+        ensure!(grew <= RSS_BUDGET_KIB, "{}: RSS grew {grew} KiB", t.name);
+        h.client_is_served()
+    })
+}
+
+/// RELIABILITY 37: an established HBONE connection whose peer vanishes (every packet of the
+/// attacker's pod dropped). The server's PINGs go unanswered; it closes the connection
+/// within the PING interval + timeout (+1 s), and its descriptor count is back to what it
+/// was before the peer came.
+fn a_half_open_peer_is_reaped_by_ping_liveness(h: &mut Hbone) -> Result<()> {
+    h.each_target(|h, t| {
+        let fds_before = fd_count(t.pid)?;
+        let reaped_before = h.refused(t, "H2_PING_TIMEOUT")?;
+        let conn = h.rt.block_on(Attacker::connect(h, t))?;
+        // Answered PINGs keep it open past a PING round.
+        std::thread::sleep(PING_INTERVAL + PING_TIMEOUT + Duration::from_millis(500));
+        ensure!(!conn.closed.is_finished(), "{}: closed while the peer answered", t.name);
+        let fds_open = fd_count(t.pid)?;
+        let vanished = Instant::now();
+        let _blackhole = Blackhole::new(&h.mesh, OUTSIDER)?;
+        let limit = PING_INTERVAL + PING_TIMEOUT;
+        e2e::eventually("the half-open connection reaped", limit + WAIT, || {
+            let got = h.refused(t, "H2_PING_TIMEOUT")?;
+            ensure!(got > reaped_before, "{got} counted so far");
+            Ok(())
+        })?;
+        let reaped = vanished.elapsed();
+        e2e::eventually("the descriptor count back to its baseline", WAIT, || {
+            let fds = fd_count(t.pid)?;
+            ensure!(fds <= fds_before, "{fds} open, {fds_before} before");
+            Ok(())
+        })?;
+        let fds_after = fd_count(t.pid)?;
+        eprintln!(
+            "{}: half-open peer reaped {reaped:?} after it vanished (limit {limit:?} + 1 s); \
+             fds {fds_before} before, {fds_open} with it, {fds_after} after",
+            t.name
+        );
+        ensure!(
+            reaped <= limit + CUT_WITHIN,
+            "{}: reaped {reaped:?} after the peer vanished",
+            t.name
+        );
+        drop(conn);
+        h.client_is_served()
+    })
+}
+
+/// Issue 14 item 1: connections against a small budget ([`BUDGET`]), each sending its whole
+/// window (into a listener that never reads, on the agent). The first ones may get larger
+/// windows, then every one gets HTTP/2's minimum, then the budget is spent and connections
+/// are refused (`OM`); RSS grows less than the bound, the legitimate client keeps its
+/// p99, and once the attackers are gone the budget is whole again.
+fn a_spent_receive_budget_shrinks_windows_then_refuses(h: &mut Hbone) -> Result<()> {
+    const ATTEMPTS: usize = 160;
+    h.each_target(|h, t| {
+        let rss_before = rss_kib(t.pid)?;
+        let om_before = h.refused(t, "OM")?;
+        // On the agent the tunnels go to the listener that never reads.
+        let authority = match t.metrics {
+            Metrics::Agent(_) => SocketAddr::new(t.authority.ip(), SINK_PORT),
+            Metrics::Waypoint => t.authority,
+        };
+        let ((conns, refused), (p99_base, p99_attack)) = h.with_legit_client_p99(t, "budget", || {
+            h.rt.block_on(async {
+                let mut conns = Vec::new();
+                let mut refused = 0usize;
+                for _ in 0..ATTEMPTS {
+                    let Some(conn) = Attacker::connect_with(h, t, &[]).await? else {
+                        refused += 1;
+                        continue;
+                    };
+                    conn.send(&frame(HEADERS, END_HEADERS, 1, &connect_block(authority)))
+                        .await?;
+                    if let Metrics::Agent(_) = t.metrics {
+                        conn.fill(1, conn.stream_room()).await?;
+                    }
+                    conns.push(conn);
+                }
+                Ok::<_, anyhow::Error>((conns, refused))
+            })
+        })?;
+        let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
+        let windows: Vec<u64> = conns.iter().map(Attacker::window).collect();
+        let minimal = windows.iter().filter(|w| **w == MIN_WINDOW).count();
+        let largest = windows.iter().max().copied().unwrap_or_default();
+        eprintln!(
+            "{}: budget {BUDGET} B: {} connections held ({minimal} at the minimum window, \
+             largest {largest} B), {refused} refused; RSS +{grew} KiB; client p99 \
+             {p99_base:?} before, {p99_attack:?} during",
+            t.name,
+            conns.len()
+        );
+        ensure!(refused > 0, "{}: no connection refused", t.name);
+        ensure!(
+            conns.len() as u64 <= BUDGET / MIN_WINDOW,
+            "{}: {} connections held windows from a budget of {BUDGET}",
+            t.name,
+            conns.len()
+        );
+        ensure!(
+            largest <= BUDGET / 4 && windows.last() == Some(&MIN_WINDOW),
+            "{}: windows {windows:?}",
+            t.name
+        );
+        ensure!(
+            windows.windows(2).all(|w| w[1] <= w[0]),
+            "{}: a later connection got a larger window: {windows:?}",
+            t.name
+        );
+        ensure!(
+            grew <= RSS_BUDGET_KIB,
+            "{}: RSS grew {grew} KiB",
+            t.name
+        );
+        let want = om_before + refused as f64;
+        e2e::eventually(&format!("{refused} refusals counted as OM"), WAIT, || {
+            let got = h.refused(t, "OM")?;
+            ensure!(got >= want, "{got} counted so far");
+            Ok(())
+        })?;
+        // Every window comes back when the connections end.
+        drop(conns);
+        e2e::eventually("a new connection gets a window again", WAIT, || {
+            h.rt.block_on(Attacker::connect_with(h, t, &[]))?
+                .map(|_| ())
+                .context("refused")
         })?;
         h.client_is_served()
     })
@@ -250,6 +477,8 @@ struct Hbone {
     client_tls: Arc<ClientConfig>,
     wp: ChildGuard,
     _server: ChildGuard,
+    /// Takes connections on [`SINK_PORT`] in the server pod and never reads them.
+    _sink: std::net::TcpListener,
     /// Last: dropped once the processes in it are gone.
     mesh: Mesh,
 }
@@ -257,12 +486,16 @@ struct Hbone {
 impl Hbone {
     fn build() -> Result<Self> {
         let mesh = waypoint_mesh("abuse_hbone")
+            .ztunnel_args(LIMITS.iter().flat_map(|(flag, value)| [format!("--{flag}"), value.to_string()]))
             .namespace("legacy", Ambient::No)
             .pod(Pod::new("legacy", "outsider").on("n1"))
             .pod(Pod::echo_server("server", "n2"))
             .service(waypoint_service("echo", ECHO_VIP, ("app", "echo")))
             .build()?;
         let server = mesh.spawn_echo(SERVER, APP_PORT, "server")?;
+        let sink = mesh
+            .in_pod(SERVER, || std::net::TcpListener::bind(("0.0.0.0", SINK_PORT)))?
+            .context("listen on the sink port")?;
         let wp = mesh.spawn_default_waypoint()?;
         let ca = Ca::load_or_create(&mesh.ca_dir(), TRUST_DOMAIN).context("load the mesh ca")?;
         let cert = ca.issue(
@@ -285,6 +518,7 @@ impl Hbone {
             client_tls: client_config(verifier, &cert)?,
             wp,
             _server: server,
+            _sink: sink,
             mesh,
         })
     }
@@ -341,6 +575,65 @@ impl Hbone {
 
     fn client_is_served(&self) -> Result<()> {
         self.legit_request().map(|_| ())
+    }
+
+    /// [`Hbone::with_legit_client_p99`], checking the p99s: under attack within 2× (+ slack)
+    /// of the baseline.
+    fn with_legit_client<T>(
+        &self,
+        t: Target,
+        name: &str,
+        attack: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let (out, (p99_base, p99_attack)) = self.with_legit_client_p99(t, name, attack)?;
+        eprintln!("{} / {name}: client p99 {p99_base:?} before, {p99_attack:?} during", t.name);
+        Ok(out)
+    }
+
+    /// Runs `attack` while the legitimate client makes requests; its baseline is measured
+    /// half just before, half just after. Fails when no request got through during the
+    /// attack or the p99 under attack is over 2× (+ [`P99_SLACK`]) the baseline's.
+    fn with_legit_client_p99<T>(
+        &self,
+        t: Target,
+        name: &str,
+        attack: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, (Duration, Duration))> {
+        let mut baseline = (0..BASELINE_REQUESTS / 2)
+            .map(|_| self.legit_request())
+            .collect::<Result<Vec<_>>>()?;
+        let stop = AtomicBool::new(false);
+        let (out, during) = std::thread::scope(|s| {
+            let client = s.spawn(|| -> Result<Vec<Duration>> {
+                let mut times = Vec::new();
+                // Bounded by the attack, which ends within its own bounded waits.
+                while !stop.load(Ordering::Relaxed) {
+                    times.push(self.legit_request()?);
+                }
+                Ok(times)
+            });
+            let out = attack();
+            stop.store(true, Ordering::Relaxed);
+            (out, client.join())
+        });
+        let out = out?;
+        let during = during.map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        for _ in 0..BASELINE_REQUESTS / 2 {
+            baseline.push(self.legit_request()?);
+        }
+        let (p99_base, p99_attack) = (p99(&baseline), p99(&during));
+        ensure!(
+            !during.is_empty(),
+            "{} / {name}: no legitimate request during the attack",
+            t.name
+        );
+        ensure!(
+            p99_attack <= p99_base * 2 + P99_SLACK,
+            "{} / {name}: client p99 {p99_attack:?} under attack, {p99_base:?} without ({} requests)",
+            t.name,
+            during.len()
+        );
+        Ok((out, (p99_base, p99_attack)))
     }
 
     /// Floods `t` for [`ATTACK_FOR`] (reconnecting after each cut) while the legitimate
@@ -433,8 +726,8 @@ impl Suite for Hbone {
 /// One attacking connection: floods until cut; returns the time from crossing the limit to
 /// the close.
 async fn one_flood(h: &Hbone, t: Target, flood: &Flood) -> Result<Duration> {
-    let mut conn = Attacker::connect(h, t).await?;
-    conn.w.write_all(&flood.setup).await?;
+    let conn = Attacker::connect(h, t).await?;
+    conn.send(&flood.setup).await?;
     const BATCH: u32 = 100;
     let mut crossed = None;
     let mut sent = 0u32;
@@ -443,7 +736,7 @@ async fn one_flood(h: &Hbone, t: Target, flood: &Flood) -> Result<Duration> {
         let batch: Vec<u8> = (b * BATCH..(b + 1) * BATCH)
             .flat_map(|i| (flood.unit)(i))
             .collect();
-        if conn.w.write_all(&batch).await.is_err() || conn.closed.is_finished() {
+        if conn.send(&batch).await.is_err() || conn.closed.is_finished() {
             break;
         }
         sent += BATCH;
@@ -459,16 +752,33 @@ async fn one_flood(h: &Hbone, t: Target, flood: &Flood) -> Result<Duration> {
 }
 
 /// A TLS + raw HTTP/2 connection from the outsider pod; a task reads everything the server
-/// sends (a peer that reads, so backpressure alone does not stop it), counts
-/// REFUSED_STREAM resets, and notes when the server closed.
+/// sends (a peer that reads, so backpressure alone does not stop it), answers its PINGs
+/// (a live peer), counts REFUSED_STREAM resets, notes every reset, the windows the server
+/// grants, and when the server closed.
 struct Attacker {
-    w: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    w: Arc<tokio::sync::Mutex<Writer>>,
     closed: tokio::task::JoinHandle<tokio::time::Instant>,
     refused: Arc<std::sync::atomic::AtomicUsize>,
+    /// RST_STREAMs from the server: stream, error code, when.
+    resets: Arc<Mutex<Vec<(u32, u32, tokio::time::Instant)>>>,
+    /// The server's connection window: 65,535 plus its WINDOW_UPDATEs on stream 0.
+    conn_window: Arc<AtomicU64>,
+    /// The server's SETTINGS_INITIAL_WINDOW_SIZE (65,535 until it says otherwise).
+    stream_window: Arc<AtomicU32>,
 }
+
+type Writer = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 impl Attacker {
     async fn connect(h: &Hbone, t: Target) -> Result<Attacker> {
+        Attacker::connect_with(h, t, &[])
+            .await?
+            .context("the server closed at once")
+    }
+
+    /// Connects with our SETTINGS `settings`; `None` when the server closed the connection
+    /// before its first frame (refused).
+    async fn connect_with(h: &Hbone, t: Target, settings: &[(u16, u32)]) -> Result<Option<Attacker>> {
         let tcp = h.mesh.connect(OUTSIDER, t.addr)?;
         tcp.set_nonblocking(true)?;
         let tcp = tokio::net::TcpStream::from_std(tcp)?;
@@ -478,10 +788,24 @@ impl Attacker {
             .context("tls to 15008")?;
         let (mut r, mut w) = tokio::io::split(tls);
         w.write_all(PREFACE).await?;
-        w.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
+        let payload: Vec<u8> = settings
+            .iter()
+            .flat_map(|(id, v)| id.to_be_bytes().into_iter().chain(v.to_be_bytes()))
+            .collect();
+        w.write_all(&frame(SETTINGS, 0, 0, &payload)).await?;
+        let w = Arc::new(tokio::sync::Mutex::new(w));
         let (first_tx, first_rx) = oneshot::channel();
         let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = refused.clone();
+        let resets = Arc::new(Mutex::new(Vec::new()));
+        let conn_window = Arc::new(AtomicU64::new(MIN_WINDOW));
+        let stream_window = Arc::new(AtomicU32::new(65_535));
+        let (count, seen, cw, sw, pong) = (
+            refused.clone(),
+            resets.clone(),
+            conn_window.clone(),
+            stream_window.clone(),
+            w.clone(),
+        );
         let closed = tokio::spawn(async move {
             let mut first = Some(first_tx);
             let mut buf = Vec::new();
@@ -500,11 +824,43 @@ impl Attacker {
                     if buf.len() < 9 + len {
                         break;
                     }
-                    if buf[3] == RST_STREAM
-                        && len == 4
-                        && u32::from_be_bytes([buf[9], buf[10], buf[11], buf[12]]) == REFUSED_STREAM
-                    {
-                        count.fetch_add(1, Ordering::SeqCst);
+                    let (kind, flags) = (buf[3], buf[4]);
+                    let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                    let payload = &buf[9..9 + len];
+                    let word = |at: usize| {
+                        payload
+                            .get(at..at + 4)
+                            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    };
+                    match kind {
+                        RST_STREAM if len == 4 => {
+                            if word(0) == REFUSED_STREAM {
+                                count.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if let Ok(mut v) = seen.lock() {
+                                v.push((stream, word(0), tokio::time::Instant::now()));
+                            }
+                        }
+                        WINDOW_UPDATE if stream == 0 && len == 4 => {
+                            cw.fetch_add(u64::from(word(0) & 0x7fff_ffff), Ordering::SeqCst);
+                        }
+                        SETTINGS if flags & ACK == 0 => {
+                            for at in (0..len).step_by(6) {
+                                let id = payload.get(at..at + 2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                                if id == SETTINGS_INITIAL_WINDOW_SIZE {
+                                    sw.store(word(at + 2), Ordering::SeqCst);
+                                }
+                            }
+                        }
+                        PING if flags & ACK == 0 && len == 8 => {
+                            // Answered off this task, so reading never waits on a writer.
+                            let ack = frame(PING, ACK, 0, payload);
+                            let pong = pong.clone();
+                            tokio::spawn(async move {
+                                let _ = pong.lock().await.write_all(&ack).await;
+                            });
+                        }
+                        _ => {}
                     }
                     // After a GOAWAY the server closes: reading on finds its end of stream.
                     buf.drain(..9 + len);
@@ -514,16 +870,108 @@ impl Attacker {
         });
         // The server's SETTINGS came (it speaks first): acknowledge them, so its limits
         // (max concurrent streams) apply to what follows.
-        tokio::time::timeout(WAIT, first_rx)
+        match tokio::time::timeout(WAIT, first_rx)
             .await
             .context("the server sent nothing after TLS")?
-            .context("the server closed at once")?;
-        w.write_all(&frame(SETTINGS, ACK, 0, &[])).await?;
-        Ok(Attacker { w, closed, refused })
+        {
+            Ok(()) => {}
+            // Closed before its first frame: refused.
+            Err(_) => return Ok(None),
+        }
+        w.lock().await.write_all(&frame(SETTINGS, ACK, 0, &[])).await?;
+        Ok(Some(Attacker {
+            w,
+            closed,
+            refused,
+            resets,
+            conn_window,
+            stream_window,
+        }))
+    }
+
+    async fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.w.lock().await.write_all(bytes).await
     }
 
     fn refused(&self) -> usize {
         self.refused.load(Ordering::SeqCst)
+    }
+
+    /// The connection window the server granted.
+    fn window(&self) -> u64 {
+        self.conn_window.load(Ordering::SeqCst)
+    }
+
+    /// What one stream may send before the server reads: the smaller of its windows.
+    fn stream_room(&self) -> u64 {
+        self.window()
+            .min(u64::from(self.stream_window.load(Ordering::SeqCst)))
+    }
+
+    /// Sends `bytes` of DATA on `stream`, in frames of 16 KiB (the default frame size).
+    async fn fill(&self, stream: u32, bytes: u64) -> Result<()> {
+        let mut left = usize::try_from(bytes)?;
+        let chunk = vec![0x5au8; 16 * 1024];
+        while left > 0 {
+            let n = left.min(chunk.len());
+            self.send(&frame(DATA, 0, stream, &chunk[..n])).await?;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    /// The first RST_STREAM on `stream`: its error code and when it came.
+    async fn wait_reset(&self, stream: u32, within: Duration) -> Result<(u32, tokio::time::Instant)> {
+        let deadline = tokio::time::Instant::now() + within;
+        // Bounded by the deadline; polls every 10 ms.
+        loop {
+            let found = self
+                .resets
+                .lock()
+                .map_err(|_| anyhow::anyhow!("reader panicked"))?
+                .iter()
+                .find(|(s, _, _)| *s == stream)
+                .map(|(_, code, at)| (*code, *at));
+            if let Some(found) = found {
+                return Ok(found);
+            }
+            ensure!(!self.closed.is_finished(), "the server closed the connection");
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no reset of stream {stream} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Drops every packet in and out of a pod's namespace (nftables, our own table), until
+/// dropped: the pod's peers see it vanish.
+struct Blackhole<'a> {
+    mesh: &'a Mesh,
+    pod: &'static str,
+}
+
+const BLACKHOLE_TABLE: &str = "e2e_blackhole";
+
+impl<'a> Blackhole<'a> {
+    fn new(mesh: &'a Mesh, pod: &'static str) -> Result<Self> {
+        let rules = format!(
+            "add table inet {BLACKHOLE_TABLE}; \
+             add chain inet {BLACKHOLE_TABLE} in {{ type filter hook input priority -400; policy drop; }}; \
+             add chain inet {BLACKHOLE_TABLE} out {{ type filter hook output priority -400; policy drop; }}"
+        );
+        mesh.exec_ok(pod, &["nft", &rules])?;
+        Ok(Blackhole { mesh, pod })
+    }
+}
+
+impl Drop for Blackhole<'_> {
+    fn drop(&mut self) {
+        let table = format!("delete table inet {BLACKHOLE_TABLE}");
+        if let Err(e) = self.mesh.exec_ok(self.pod, &["nft", &table]) {
+            eprintln!("remove the blackhole in {}: {e:#}", self.pod);
+        }
     }
 }
 
@@ -564,6 +1012,11 @@ fn client_config(
     config.alpn_protocols = vec![b"h2".to_vec()];
     config.enable_sni = false;
     Ok(Arc::new(config))
+}
+
+/// A process's open file descriptors.
+fn fd_count(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
 /// A process's resident memory (KiB), from `/proc/<pid>/status`.

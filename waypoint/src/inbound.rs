@@ -203,9 +203,22 @@ async fn handle_conn(
     )
     .await;
     // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
-    // reason, e.g. `H2_PING_FLOOD`.
-    if let Some(reason) = result.err().and_then(|e| e.log_inbound_end(peer)) {
-        metrics.refused(REPORTER, &reason);
+    // reason, e.g. `H2_PING_FLOOD`; no room for its receive window is `OM`.
+    match result {
+        Err(hbone::HboneError::OverBudget) => mesh_shell::limits::refused_over_limit(
+            &metrics,
+            REPORTER,
+            "hbone",
+            peer,
+            "receive_buffer_budget",
+            usize::try_from(hbone_cfg.receive_budget.limit()).unwrap_or(usize::MAX),
+        ),
+        Err(e) => {
+            if let Some(reason) = e.log_inbound_end(peer) {
+                metrics.refused(REPORTER, &reason);
+            }
+        }
+        Ok(()) => {}
     }
 }
 

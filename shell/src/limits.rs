@@ -193,7 +193,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
-        other => return Err(format!("size {s:?}: unknown unit {other:?} (B, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "size {s:?}: unknown unit {other:?} (B, KiB, MiB, GiB)"
+            ))
+        }
     };
     n.checked_mul(scale)
         .ok_or_else(|| format!("size {s:?}: too large"))
@@ -417,11 +421,17 @@ mod tests {
             mesh_hbone::ServerConfig::default(),
             mesh_hbone::PoolConfig::default(),
         );
-        assert_eq!(p.l.receive_buffer_budget, mesh_hbone::DEFAULT_RECEIVE_BUFFER_BUDGET);
+        assert_eq!(
+            p.l.receive_buffer_budget,
+            mesh_hbone::DEFAULT_RECEIVE_BUFFER_BUDGET
+        );
         assert_eq!(server.stream_window, mesh_hbone::STREAM_WINDOW);
         assert_eq!(server.connection_window, mesh_hbone::CONNECTION_WINDOW);
         assert_eq!(server.max_concurrent_streams, ds.max_concurrent_streams);
-        assert_eq!(server.max_control_frames_per_sec, ds.max_control_frames_per_sec);
+        assert_eq!(
+            server.max_control_frames_per_sec,
+            ds.max_control_frames_per_sec
+        );
         assert_eq!(server.ping_interval, ds.ping_interval);
         assert_eq!(server.ping_timeout, ds.ping_timeout);
         assert_eq!(server.send_stall_timeout, ds.send_stall_timeout);
@@ -442,9 +452,15 @@ mod tests {
         assert_eq!(set.l.hbone_server().ping_interval, None);
         assert_eq!(set.l.hbone_pool().send_stall_timeout, None);
         assert_eq!(set.l.hbone_stream_window, 65536);
-        for bad in [["--hbone-stream-window", "1KiB"], ["--receive-buffer-budget", "1TB"]] {
+        for bad in [
+            ["--hbone-stream-window", "1KiB"],
+            ["--receive-buffer-budget", "1TB"],
+        ] {
             let args = ["p", bad[0], bad[1]];
-            assert!(<P as clap::Parser>::try_parse_from(args).is_err(), "{bad:?}");
+            assert!(
+                <P as clap::Parser>::try_parse_from(args).is_err(),
+                "{bad:?}"
+            );
         }
     }
 

@@ -71,14 +71,18 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// The receive-buffer budget of each process (`--receive-buffer-budget`): a quarter of it
 /// for windows above the minimum, room for 128 connections at the minimum.
 const BUDGET: u64 = 8 << 20;
+/// The connection window each connection asks for (`--hbone-connection-window`): a few fit
+/// in the budget's first quarter next to the legitimate client's.
+const CONNECTION_WINDOW: u64 = 512 << 10;
 /// HTTP/2's initial window: what a connection gets once the budget's first quarter is used.
 const MIN_WINDOW: u64 = 65_535;
 /// The limits every agent and the waypoint run with here (flag, value).
-const LIMITS: [(&str, &str); 4] = [
+const LIMITS: [(&str, &str); 5] = [
     ("hbone-send-stall-timeout", "2s"),
     ("hbone-ping-interval", "1s"),
     ("hbone-ping-timeout", "1s"),
     ("receive-buffer-budget", "8MiB"),
+    ("hbone-connection-window", "512KiB"),
 ];
 /// A port in the server pod where a listener takes connections and never reads (a slow
 /// reader the agent relays into).
@@ -295,7 +299,11 @@ fn a_zero_window_stall_is_reset_at_the_send_stall_timeout(h: &mut Hbone) -> Resu
             let reset = conn.wait_reset(1, SEND_STALL + WAIT).await?;
             // Answered PINGs keep it open past a PING round.
             tokio::time::sleep(PING_INTERVAL + PING_TIMEOUT).await;
-            Ok::<_, anyhow::Error>((reset.1.duration_since(sent), reset.0, !conn.closed.is_finished()))
+            Ok::<_, anyhow::Error>((
+                reset.1.duration_since(sent),
+                reset.0,
+                !conn.closed.is_finished(),
+            ))
         })?;
         let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
         eprintln!(
@@ -326,7 +334,11 @@ fn a_half_open_peer_is_reaped_by_ping_liveness(h: &mut Hbone) -> Result<()> {
         let conn = h.rt.block_on(Attacker::connect(h, t))?;
         // Answered PINGs keep it open past a PING round.
         std::thread::sleep(PING_INTERVAL + PING_TIMEOUT + Duration::from_millis(500));
-        ensure!(!conn.closed.is_finished(), "{}: closed while the peer answered", t.name);
+        ensure!(
+            !conn.closed.is_finished(),
+            "{}: closed while the peer answered",
+            t.name
+        );
         let fds_open = fd_count(t.pid)?;
         let vanished = Instant::now();
         let _blackhole = Blackhole::new(&h.mesh, OUTSIDER)?;
@@ -359,9 +371,9 @@ fn a_half_open_peer_is_reaped_by_ping_liveness(h: &mut Hbone) -> Result<()> {
 }
 
 /// Issue 14 item 1: connections against a small budget ([`BUDGET`]), each sending its whole
-/// window (into a listener that never reads, on the agent). The first ones may get larger
-/// windows, then every one gets HTTP/2's minimum, then the budget is spent and connections
-/// are refused (`OM`); RSS grows less than the bound, the legitimate client keeps its
+/// window (into a listener that never reads, on the agent). The first ones get the window
+/// they ask for ([`CONNECTION_WINDOW`]) while the budget's first quarter lasts, then every
+/// one gets HTTP/2's minimum, then the budget is spent and connections are refused (`OM`); RSS grows less than the bound, the legitimate client keeps its
 /// p99, and once the attackers are gone the budget is whole again.
 fn a_spent_receive_budget_shrinks_windows_then_refuses(h: &mut Hbone) -> Result<()> {
     const ATTEMPTS: usize = 160;
@@ -373,25 +385,30 @@ fn a_spent_receive_budget_shrinks_windows_then_refuses(h: &mut Hbone) -> Result<
             Metrics::Agent(_) => SocketAddr::new(t.authority.ip(), SINK_PORT),
             Metrics::Waypoint => t.authority,
         };
-        let ((conns, refused), (p99_base, p99_attack)) = h.with_legit_client_p99(t, "budget", || {
-            h.rt.block_on(async {
-                let mut conns = Vec::new();
-                let mut refused = 0usize;
-                for _ in 0..ATTEMPTS {
-                    let Some(conn) = Attacker::connect_with(h, t, &[]).await? else {
-                        refused += 1;
-                        continue;
-                    };
-                    conn.send(&frame(HEADERS, END_HEADERS, 1, &connect_block(authority)))
-                        .await?;
-                    if let Metrics::Agent(_) = t.metrics {
-                        conn.fill(1, conn.stream_room()).await?;
+        let ((conns, refused), (p99_base, p99_attack)) =
+            h.with_legit_client_p99(t, "budget", || {
+                h.rt.block_on(async {
+                    let mut conns = Vec::new();
+                    let mut refused = 0usize;
+                    for i in 0..ATTEMPTS {
+                        let Some(conn) = Attacker::connect_with(h, t, &[]).await? else {
+                            refused += 1;
+                            continue;
+                        };
+                        conn.send(&frame(HEADERS, END_HEADERS, 1, &connect_block(authority)))
+                            .await
+                            .with_context(|| format!("connection {i}: open a stream"))?;
+                        if let Metrics::Agent(_) = t.metrics {
+                            let room = conn.stream_room();
+                            conn.fill(1, room)
+                                .await
+                                .with_context(|| format!("connection {i}: send {room} B"))?;
+                        }
+                        conns.push(conn);
                     }
-                    conns.push(conn);
-                }
-                Ok::<_, anyhow::Error>((conns, refused))
-            })
-        })?;
+                    Ok::<_, anyhow::Error>((conns, refused))
+                })
+            })?;
         let grew = rss_kib(t.pid)?.saturating_sub(rss_before);
         let windows: Vec<u64> = conns.iter().map(Attacker::window).collect();
         let minimal = windows.iter().filter(|w| **w == MIN_WINDOW).count();
@@ -411,8 +428,14 @@ fn a_spent_receive_budget_shrinks_windows_then_refuses(h: &mut Hbone) -> Result<
             conns.len()
         );
         ensure!(
-            largest <= BUDGET / 4 && windows.last() == Some(&MIN_WINDOW),
-            "{}: windows {windows:?}",
+            largest > MIN_WINDOW && largest <= CONNECTION_WINDOW,
+            "{}: the first connections got no larger window: {windows:?}",
+            t.name
+        );
+        ensure!(
+            windows.last() == Some(&MIN_WINDOW)
+                && minimal as u64 >= BUDGET * 3 / 4 / MIN_WINDOW - 1,
+            "{}: {minimal} connections at the minimum window: {windows:?}",
             t.name
         );
         ensure!(
@@ -420,11 +443,7 @@ fn a_spent_receive_budget_shrinks_windows_then_refuses(h: &mut Hbone) -> Result<
             "{}: a later connection got a larger window: {windows:?}",
             t.name
         );
-        ensure!(
-            grew <= RSS_BUDGET_KIB,
-            "{}: RSS grew {grew} KiB",
-            t.name
-        );
+        ensure!(grew <= RSS_BUDGET_KIB, "{}: RSS grew {grew} KiB", t.name);
         let want = om_before + refused as f64;
         e2e::eventually(&format!("{refused} refusals counted as OM"), WAIT, || {
             let got = h.refused(t, "OM")?;
@@ -486,7 +505,11 @@ struct Hbone {
 impl Hbone {
     fn build() -> Result<Self> {
         let mesh = waypoint_mesh("abuse_hbone")
-            .ztunnel_args(LIMITS.iter().flat_map(|(flag, value)| [format!("--{flag}"), value.to_string()]))
+            .ztunnel_args(
+                LIMITS
+                    .iter()
+                    .flat_map(|(flag, value)| [format!("--{flag}"), value.to_string()]),
+            )
             .namespace("legacy", Ambient::No)
             .pod(Pod::new("legacy", "outsider").on("n1"))
             .pod(Pod::echo_server("server", "n2"))
@@ -494,7 +517,9 @@ impl Hbone {
             .build()?;
         let server = mesh.spawn_echo(SERVER, APP_PORT, "server")?;
         let sink = mesh
-            .in_pod(SERVER, || std::net::TcpListener::bind(("0.0.0.0", SINK_PORT)))?
+            .in_pod(SERVER, || {
+                std::net::TcpListener::bind(("0.0.0.0", SINK_PORT))
+            })?
             .context("listen on the sink port")?;
         let wp = mesh.spawn_default_waypoint()?;
         let ca = Ca::load_or_create(&mesh.ca_dir(), TRUST_DOMAIN).context("load the mesh ca")?;
@@ -586,7 +611,10 @@ impl Hbone {
         attack: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         let (out, (p99_base, p99_attack)) = self.with_legit_client_p99(t, name, attack)?;
-        eprintln!("{} / {name}: client p99 {p99_base:?} before, {p99_attack:?} during", t.name);
+        eprintln!(
+            "{} / {name}: client p99 {p99_base:?} before, {p99_attack:?} during",
+            t.name
+        );
         Ok(out)
     }
 
@@ -761,11 +789,25 @@ struct Attacker {
     refused: Arc<std::sync::atomic::AtomicUsize>,
     /// RST_STREAMs from the server: stream, error code, when.
     resets: Arc<Mutex<Vec<(u32, u32, tokio::time::Instant)>>>,
-    /// The server's connection window: 65,535 plus its WINDOW_UPDATEs on stream 0.
-    conn_window: Arc<AtomicU64>,
+    /// The connection window granted at the handshake (before any DATA of ours): 65,535
+    /// plus the server's WINDOW_UPDATEs on stream 0 until then.
+    granted: u64,
     /// The server's SETTINGS_INITIAL_WINDOW_SIZE (65,535 until it says otherwise).
     stream_window: Arc<AtomicU32>,
+    /// Stops the reader (and with it the PONGs and the socket) when the attacker goes.
+    _reader: AbortOnDrop,
 }
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The payload of the PING each attacker sends once after the handshake.
+const MARK: [u8; 8] = *b"attacker";
 
 type Writer = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
@@ -778,7 +820,11 @@ impl Attacker {
 
     /// Connects with our SETTINGS `settings`; `None` when the server closed the connection
     /// before its first frame (refused).
-    async fn connect_with(h: &Hbone, t: Target, settings: &[(u16, u32)]) -> Result<Option<Attacker>> {
+    async fn connect_with(
+        h: &Hbone,
+        t: Target,
+        settings: &[(u16, u32)],
+    ) -> Result<Option<Attacker>> {
         let tcp = h.mesh.connect(OUTSIDER, t.addr)?;
         tcp.set_nonblocking(true)?;
         let tcp = tokio::net::TcpStream::from_std(tcp)?;
@@ -787,14 +833,19 @@ impl Attacker {
             .await
             .context("tls to 15008")?;
         let (mut r, mut w) = tokio::io::split(tls);
-        w.write_all(PREFACE).await?;
         let payload: Vec<u8> = settings
             .iter()
             .flat_map(|(id, v)| id.to_be_bytes().into_iter().chain(v.to_be_bytes()))
             .collect();
-        w.write_all(&frame(SETTINGS, 0, 0, &payload)).await?;
+        let mut hello = PREFACE.to_vec();
+        hello.extend(frame(SETTINGS, 0, 0, &payload));
+        // A server that refuses closes right after the handshake: then this fails, and the
+        // reader below finds the end of the stream.
+        let wrote = w.write_all(&hello).await;
         let w = Arc::new(tokio::sync::Mutex::new(w));
         let (first_tx, first_rx) = oneshot::channel();
+        let (acked_tx, acked_rx) = oneshot::channel::<()>();
+        let (ponged_tx, ponged_rx) = oneshot::channel::<()>();
         let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let resets = Arc::new(Mutex::new(Vec::new()));
         let conn_window = Arc::new(AtomicU64::new(MIN_WINDOW));
@@ -808,6 +859,8 @@ impl Attacker {
         );
         let closed = tokio::spawn(async move {
             let mut first = Some(first_tx);
+            let mut acked = Some(acked_tx);
+            let mut ponged = Some(ponged_tx);
             let mut buf = Vec::new();
             let mut chunk = vec![0u8; 64 * 1024];
             while let Ok(n) = r.read(&mut chunk).await {
@@ -844,12 +897,26 @@ impl Attacker {
                         WINDOW_UPDATE if stream == 0 && len == 4 => {
                             cw.fetch_add(u64::from(word(0) & 0x7fff_ffff), Ordering::SeqCst);
                         }
-                        SETTINGS if flags & ACK == 0 => {
+                        // h2 sends its connection WINDOW_UPDATE with its SETTINGS, before it
+                        // reads ours and acknowledges them.
+                        SETTINGS if flags & ACK != 0 => {
+                            if let Some(tx) = acked.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        SETTINGS => {
                             for at in (0..len).step_by(6) {
-                                let id = payload.get(at..at + 2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                                let id = payload
+                                    .get(at..at + 2)
+                                    .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
                                 if id == SETTINGS_INITIAL_WINDOW_SIZE {
                                     sw.store(word(at + 2), Ordering::SeqCst);
                                 }
+                            }
+                        }
+                        PING if flags & ACK != 0 && payload == MARK => {
+                            if let Some(tx) = ponged.take() {
+                                let _ = tx.send(());
                             }
                         }
                         PING if flags & ACK == 0 && len == 8 => {
@@ -876,15 +943,35 @@ impl Attacker {
         {
             Ok(()) => {}
             // Closed before its first frame: refused.
-            Err(_) => return Ok(None),
+            Err(_) => {
+                closed.abort();
+                return Ok(None);
+            }
         }
-        w.lock().await.write_all(&frame(SETTINGS, ACK, 0, &[])).await?;
+        wrote?;
+        w.lock()
+            .await
+            .write_all(&frame(SETTINGS, ACK, 0, &[]))
+            .await?;
+        tokio::time::timeout(WAIT, acked_rx)
+            .await
+            .context("the server never acknowledged our SETTINGS")?
+            .context("the server closed before acknowledging our SETTINGS")?;
+        // A PING round trip after that: whatever the server queued at the handshake (its
+        // connection WINDOW_UPDATE) has come in before the answer.
+        w.lock().await.write_all(&frame(PING, 0, 0, &MARK)).await?;
+        tokio::time::timeout(WAIT, ponged_rx)
+            .await
+            .context("the server never answered our PING")?
+            .context("the server closed before answering our PING")?;
+        let granted = conn_window.load(Ordering::SeqCst);
         Ok(Some(Attacker {
+            granted,
             w,
+            _reader: AbortOnDrop(closed.abort_handle()),
             closed,
             refused,
             resets,
-            conn_window,
             stream_window,
         }))
     }
@@ -897,14 +984,14 @@ impl Attacker {
         self.refused.load(Ordering::SeqCst)
     }
 
-    /// The connection window the server granted.
+    /// The connection window the server granted at the handshake.
     fn window(&self) -> u64 {
-        self.conn_window.load(Ordering::SeqCst)
+        self.granted
     }
 
     /// What one stream may send before the server reads: the smaller of its windows.
     fn stream_room(&self) -> u64 {
-        self.window()
+        self.granted
             .min(u64::from(self.stream_window.load(Ordering::SeqCst)))
     }
 
@@ -921,7 +1008,11 @@ impl Attacker {
     }
 
     /// The first RST_STREAM on `stream`: its error code and when it came.
-    async fn wait_reset(&self, stream: u32, within: Duration) -> Result<(u32, tokio::time::Instant)> {
+    async fn wait_reset(
+        &self,
+        stream: u32,
+        within: Duration,
+    ) -> Result<(u32, tokio::time::Instant)> {
         let deadline = tokio::time::Instant::now() + within;
         // Bounded by the deadline; polls every 10 ms.
         loop {
@@ -935,7 +1026,10 @@ impl Attacker {
             if let Some(found) = found {
                 return Ok(found);
             }
-            ensure!(!self.closed.is_finished(), "the server closed the connection");
+            ensure!(
+                !self.closed.is_finished(),
+                "the server closed the connection"
+            );
             ensure!(
                 tokio::time::Instant::now() < deadline,
                 "no reset of stream {stream} within {within:?}"

@@ -718,10 +718,24 @@ async fn budget_settles_at(budget: &ReceiveBudget, bytes: u64) {
     .unwrap_or_else(|_| panic!("budget used {} never became {bytes}", budget.used()));
 }
 
+/// A tunnel from `pool` to `server` for the source service account `sa` (its own pool key,
+/// so its own connection).
+async fn tunnel_as(
+    pool: &Pool,
+    sa: &str,
+    server: &TestServer,
+    pki: &Pki,
+    dialer: &Dialer,
+) -> Result<H2Stream, HboneError> {
+    let key = key_for(sa, server.addr);
+    pool.connect(key, pki.client.clone(), dialer.dial(), request())
+        .await
+}
+
 #[tokio::test]
 async fn server_connections_reserve_their_window_and_a_spent_budget_refuses_more() {
     let pki = pki();
-    // Room for three minimum windows: the third connection finds none.
+    // Room for two minimum windows: the third connection finds none.
     let budget = ReceiveBudget::new(3 * u64::from(MIN_WINDOW) - 1);
     let cfg = ServerConfig {
         receive_budget: budget.clone(),
@@ -732,28 +746,13 @@ async fn server_connections_reserve_their_window_and_a_spent_budget_refuses_more
     let dialer = Dialer::new(server.addr);
     let mut open = Vec::new();
     for sa in ["a", "b"] {
-        let mut tunnel = pool
-            .connect(
-                key_for(sa, server.addr),
-                pki.client.clone(),
-                dialer.dial(),
-                request(),
-            )
-            .await
-            .unwrap();
+        let mut tunnel = tunnel_as(&pool, sa, &server, &pki, &dialer).await.unwrap();
         ping(&mut tunnel).await;
         open.push(tunnel);
     }
     assert_eq!(budget.used(), 2 * u64::from(MIN_WINDOW));
     info!("a third connection: no room left for its window");
-    let third = pool
-        .connect(
-            key_for("c", server.addr),
-            pki.client.clone(),
-            dialer.dial(),
-            request(),
-        )
-        .await;
+    let third = tunnel_as(&pool, "c", &server, &pki, &dialer).await;
     assert!(third.is_err(), "{third:?}");
     let end = server.connection_end().await;
     assert!(matches!(end, Err(HboneError::OverBudget)), "{end:?}");
@@ -773,25 +772,10 @@ async fn the_pool_reserves_before_it_dials_and_gives_the_window_back() {
         ..PoolConfig::default()
     });
     let dialer = Dialer::new(server.addr);
-    let mut tunnel = pool
-        .connect(
-            key_for("a", server.addr),
-            pki.client.clone(),
-            dialer.dial(),
-            request(),
-        )
-        .await
-        .unwrap();
+    let mut tunnel = tunnel_as(&pool, "a", &server, &pki, &dialer).await.unwrap();
     ping(&mut tunnel).await;
     assert_eq!(budget.used(), u64::from(MIN_WINDOW));
-    let refused = pool
-        .connect(
-            key_for("b", server.addr),
-            pki.client.clone(),
-            dialer.dial(),
-            request(),
-        )
-        .await;
+    let refused = tunnel_as(&pool, "b", &server, &pki, &dialer).await;
     assert!(
         matches!(refused, Err(HboneError::OverBudget)),
         "{refused:?}"
@@ -800,15 +784,7 @@ async fn the_pool_reserves_before_it_dials_and_gives_the_window_back() {
     drop(tunnel);
     info!("idle expiry closes the connection and returns its window");
     budget_settles_at(&budget, 0).await;
-    let mut again = pool
-        .connect(
-            key_for("b", server.addr),
-            pki.client.clone(),
-            dialer.dial(),
-            request(),
-        )
-        .await
-        .unwrap();
+    let mut again = tunnel_as(&pool, "b", &server, &pki, &dialer).await.unwrap();
     ping(&mut again).await;
 }
 

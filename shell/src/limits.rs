@@ -243,6 +243,38 @@ pub fn refused_over_limit(
     }
 }
 
+/// Counts how an inbound HBONE connection from `peer` ended: cut for crossing an HTTP/2
+/// limit, under its reason (`H2_PING_FLOOD`, access log line); refused because the
+/// receive-buffer budget had no room for its window, as `OM` (within [`REFUSAL_LOG`]).
+pub fn hbone_conn_ended(
+    metrics: &mesh_telemetry::Metrics,
+    reporter: &str,
+    listener: &str,
+    peer: std::net::SocketAddr,
+    cfg: &mesh_hbone::ServerConfig,
+    result: Result<(), mesh_hbone::HboneError>,
+) {
+    match result {
+        Err(mesh_hbone::HboneError::OverBudget) => {
+            let budget = usize::try_from(cfg.receive_budget.limit()).unwrap_or(usize::MAX);
+            refused_over_limit(
+                metrics,
+                reporter,
+                listener,
+                peer,
+                "receive_buffer_budget",
+                budget,
+            );
+        }
+        Err(e) => {
+            if let Some(reason) = e.log_inbound_end(peer) {
+                metrics.refused(reporter, &reason);
+            }
+        }
+        Ok(()) => {}
+    }
+}
+
 mod secs {
     pub fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,

@@ -204,22 +204,7 @@ async fn handle_conn(
     .await;
     // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
     // reason, e.g. `H2_PING_FLOOD`; no room for its receive window is `OM`.
-    match result {
-        Err(hbone::HboneError::OverBudget) => mesh_shell::limits::refused_over_limit(
-            &metrics,
-            REPORTER,
-            "hbone",
-            peer,
-            "receive_buffer_budget",
-            usize::try_from(hbone_cfg.receive_budget.limit()).unwrap_or(usize::MAX),
-        ),
-        Err(e) => {
-            if let Some(reason) = e.log_inbound_end(peer) {
-                metrics.refused(REPORTER, &reason);
-            }
-        }
-        Ok(()) => {}
-    }
+    mesh_shell::limits::hbone_conn_ended(&metrics, REPORTER, "hbone", peer, hbone_cfg, result);
 }
 
 /// Validates one CONNECT and resolves what it is for.

@@ -106,22 +106,7 @@ pub(crate) async fn handle_conn(
     .await;
     // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
     // reason, e.g. `H2_PING_FLOOD`; no room for its receive window is `OM`.
-    match result {
-        Err(hbone::HboneError::OverBudget) => mesh_shell::limits::refused_over_limit(
-            &metrics,
-            REPORTER,
-            "inbound_hbone",
-            peer,
-            "receive_buffer_budget",
-            usize::try_from(cfg.receive_budget.limit()).unwrap_or(usize::MAX),
-        ),
-        Err(e) => {
-            if let Some(reason) = e.log_inbound_end(peer) {
-                metrics.refused(REPORTER, &reason);
-            }
-        }
-        Ok(()) => {}
-    }
+    mesh_shell::limits::hbone_conn_ended(&metrics, REPORTER, "inbound_hbone", peer, &cfg, result);
 }
 
 /// Validates one CONNECT stream; `Err` is the answer, flag and reason of a refusal.

@@ -87,7 +87,7 @@ pub(crate) async fn handle_conn(
         Ok(id) => Arc::new(id),
         Err(e) => return refuse(format!("peer identity: {e}")),
     };
-    let cfg = pi.cfg.limits.hbone_server();
+    let cfg = pi.hbone_server.clone();
     // GOAWAY when the agent shuts down or the pod is released: no new streams, open ones finish.
     let (agent_drain, pod_released) = (pi.drain.clone(), pod.stop.clone());
     let drain = async move {

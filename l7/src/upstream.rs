@@ -481,10 +481,11 @@ impl Upstreams {
                 }))
             }
             UpstreamProto::Http2 => {
-                let (stream_window, conn_window) = window.as_ref().map_or(
-                    (hbone::STREAM_WINDOW, hbone::CONNECTION_WINDOW),
-                    |w| (w.stream_window(hbone::STREAM_WINDOW), w.window()),
-                );
+                let (stream_window, conn_window) = window
+                    .as_ref()
+                    .map_or((hbone::STREAM_WINDOW, hbone::CONNECTION_WINDOW), |w| {
+                        (w.stream_window(hbone::STREAM_WINDOW), w.window())
+                    });
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .initial_stream_window_size(stream_window)

@@ -241,6 +241,9 @@ fn ten_thousand_idle_streams_are_refused_then_cut(h: &mut Hbone) -> Result<()> {
             })?;
             Ok::<_, anyhow::Error>(conn)
         })?;
+        // Idle means set up: on the agent each taken stream dials the app; wait until the
+        // target's descriptor count holds still.
+        settled(t.pid)?;
         let (grew_idle, open) = h.with_legit_client(t, "idle streams", || {
             std::thread::sleep(Duration::from_secs(2));
             Ok((rss_kib(t.pid)?.saturating_sub(rss_before), !conn.closed.is_finished()))
@@ -1085,6 +1088,19 @@ fn client_config(
     config.alpn_protocols = vec![b"h2".to_vec()];
     config.enable_sni = false;
     Ok(Arc::new(config))
+}
+
+/// Waits (within [`WAIT`]) until `pid`'s descriptor count is the same over 300 ms.
+fn settled(pid: u32) -> Result<()> {
+    let mut last = fd_count(pid)?;
+    e2e::eventually("the descriptor count to settle", WAIT, || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = fd_count(pid)?;
+        let same = now == last;
+        last = now;
+        ensure!(same, "{now} descriptors, still moving");
+        Ok(())
+    })
 }
 
 /// A process's open file descriptors.

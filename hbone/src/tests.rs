@@ -707,6 +707,87 @@ async fn a_full_connection_makes_the_pool_open_another() {
     );
 }
 
+/// Waits until `budget` has exactly `bytes` reserved.
+async fn budget_settles_at(budget: &ReceiveBudget, bytes: u64) {
+    tokio::time::timeout(EVENTUALLY, async {
+        while budget.used() != bytes {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("budget used {} never became {bytes}", budget.used()));
+}
+
+/// A tunnel from `pool` to `server` for the source service account `sa` (its own pool key,
+/// so its own connection).
+async fn tunnel_as(
+    pool: &Pool,
+    sa: &str,
+    server: &TestServer,
+    pki: &Pki,
+    dialer: &Dialer,
+) -> Result<H2Stream, HboneError> {
+    let key = key_for(sa, server.addr);
+    pool.connect(key, pki.client.clone(), dialer.dial(), request())
+        .await
+}
+
+#[tokio::test]
+async fn server_connections_reserve_their_window_and_a_spent_budget_refuses_more() {
+    let pki = pki();
+    // Room for two minimum windows: the third connection finds none.
+    let budget = ReceiveBudget::new(3 * u64::from(MIN_WINDOW) - 1);
+    let cfg = ServerConfig {
+        receive_budget: budget.clone(),
+        ..ServerConfig::default()
+    };
+    let mut server = TestServer::start(pki.server.clone(), cfg, echo).await;
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(server.addr);
+    let mut open = Vec::new();
+    for sa in ["a", "b"] {
+        let mut tunnel = tunnel_as(&pool, sa, &server, &pki, &dialer).await.unwrap();
+        ping(&mut tunnel).await;
+        open.push(tunnel);
+    }
+    assert_eq!(budget.used(), 2 * u64::from(MIN_WINDOW));
+    info!("a third connection: no room left for its window");
+    let third = tunnel_as(&pool, "c", &server, &pki, &dialer).await;
+    assert!(third.is_err(), "{third:?}");
+    let end = server.connection_end().await;
+    assert!(matches!(end, Err(HboneError::OverBudget)), "{end:?}");
+    info!("the windows come back when the connections end");
+    drop(open);
+    drop(pool);
+    budget_settles_at(&budget, 0).await;
+}
+
+#[tokio::test]
+async fn the_pool_reserves_before_it_dials_and_gives_the_window_back() {
+    let (pki, server) = echo_server().await;
+    let budget = ReceiveBudget::new(u64::from(MIN_WINDOW));
+    let pool = Pool::new(PoolConfig {
+        receive_budget: budget.clone(),
+        idle_timeout: Duration::from_millis(100),
+        ..PoolConfig::default()
+    });
+    let dialer = Dialer::new(server.addr);
+    let mut tunnel = tunnel_as(&pool, "a", &server, &pki, &dialer).await.unwrap();
+    ping(&mut tunnel).await;
+    assert_eq!(budget.used(), u64::from(MIN_WINDOW));
+    let refused = tunnel_as(&pool, "b", &server, &pki, &dialer).await;
+    assert!(
+        matches!(refused, Err(HboneError::OverBudget)),
+        "{refused:?}"
+    );
+    assert_eq!(dialer.dials(), 1, "no dial without a window");
+    drop(tunnel);
+    info!("idle expiry closes the connection and returns its window");
+    budget_settles_at(&budget, 0).await;
+    let mut again = tunnel_as(&pool, "b", &server, &pki, &dialer).await.unwrap();
+    ping(&mut again).await;
+}
+
 #[tokio::test]
 async fn the_peers_stream_limit_is_honoured() {
     let pki = pki();

@@ -203,10 +203,8 @@ async fn handle_conn(
     )
     .await;
     // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
-    // reason, e.g. `H2_PING_FLOOD`.
-    if let Some(reason) = result.err().and_then(|e| e.log_inbound_end(peer)) {
-        metrics.refused(REPORTER, &reason);
-    }
+    // reason, e.g. `H2_PING_FLOOD`; no room for its receive window is `OM`.
+    mesh_shell::limits::hbone_conn_ended(&metrics, REPORTER, "hbone", peer, hbone_cfg, result);
 }
 
 /// Validates one CONNECT and resolves what it is for.

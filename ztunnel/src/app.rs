@@ -69,7 +69,7 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
     let model = installed.model.clone();
     let pool = Pool::new(PoolConfig {
         connect_timeout: cfg.connect_timeout,
-        ..PoolConfig::default()
+        ..cfg.limits.hbone_pool()
     });
     let conns = Arc::new(ConnTracker::default());
     let stop = CancellationToken::new();

@@ -91,6 +91,9 @@ pub struct ProxyInputs {
     pub conn_cap: Cap,
     /// TLS handshakes in progress on 15008 (`--max-tls-handshakes`).
     pub handshake_cap: HandshakeCap,
+    /// The HTTP/2 settings of every inbound HBONE connection, built once from the flags
+    /// (shared, so that each connection's future holds one pointer).
+    pub hbone_server: Arc<mesh_hbone::ServerConfig>,
     round_robin: RoundRobin<NamespacedName>,
 }
 
@@ -112,6 +115,7 @@ impl ProxyInputs {
         ProxyInputs {
             conn_cap,
             handshake_cap,
+            hbone_server: Arc::new(cfg.limits.hbone_server()),
             cfg,
             model,
             certs,

@@ -405,11 +405,12 @@ const KNOWN_BROKEN: [(Fault, Option<Redirect>, &str); 3] = [
     ),
 ];
 
+/// Known-broken faults left out of a run, with the reason.
+type Skipped = Vec<(Fault, &'static str)>;
+
 /// The faults to inject: `SOAK_FAULTS` exactly when set, else all but the known-broken ones
 /// of this backend (returned with the reason, for the report).
-fn enabled_faults(
-    backend: Option<Redirect>,
-) -> Result<(BTreeSet<Fault>, Vec<(Fault, &'static str)>)> {
+fn enabled_faults(backend: Option<Redirect>) -> Result<(BTreeSet<Fault>, Skipped)> {
     let Ok(list) = std::env::var("SOAK_FAULTS") else {
         let skipped: Vec<(Fault, &str)> = KNOWN_BROKEN
             .iter()
@@ -1149,8 +1150,11 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 /// RSS of every agent process, sampled every [`RSS_EVERY`] while the load runs.
 struct RssSampler {
     /// (node, pid) → (time since the process was first tracked, RSS) samples.
-    series: Mutex<BTreeMap<(String, u32), (Instant, Vec<(Duration, u64)>)>>,
+    series: Mutex<BTreeMap<(String, u32), Samples>>,
 }
+
+/// When a process was first tracked, and its (time since then, RSS) samples.
+type Samples = (Instant, Vec<(Duration, u64)>);
 
 struct RssReport {
     text: String,

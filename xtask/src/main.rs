@@ -368,7 +368,9 @@ fn soak(minutes: f64, redirect: Option<&str>) -> Result<()> {
             stale.describe()
         );
     }
-    run(cargo().args(["build", "-p", "ztunnel", "-p", "control", "-p", "e2e", "--bins"]))?;
+    run(cargo().args([
+        "build", "-p", "ztunnel", "-p", "control", "-p", "e2e", "--bins",
+    ]))?;
     let backends = match redirect {
         Some(one) => vec![one],
         None => vec!["ebpf", "nftables"],
@@ -387,7 +389,10 @@ fn soak(minutes: f64, redirect: Option<&str>) -> Result<()> {
     let left = clean()?;
     result?;
     if !left.is_empty() {
-        bail!("the soak left things behind (now removed): {}", left.describe());
+        bail!(
+            "the soak left things behind (now removed): {}",
+            left.describe()
+        );
     }
     Ok(())
 }
@@ -723,6 +728,30 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Cmd, clap::Error> {
         Cli::try_parse_from(std::iter::once("cargo xtask").chain(args.iter().copied()))
             .map(|c| c.command)
+    }
+
+    #[test]
+    fn the_soak_command_parses_as_documented() {
+        let check = |args: &[&str], expected: Option<(f64, Option<&str>)>| {
+            let got = match parse(args) {
+                Ok(Cmd::Soak { minutes, redirect }) => Some((minutes, redirect)),
+                _ => None,
+            };
+            assert_eq!(
+                got,
+                expected.map(|(m, r)| (m, r.map(str::to_owned))),
+                "{args:?}"
+            );
+        };
+        check(&["soak"], Some((15.0, None)));
+        check(&["soak", "--minutes", "2.5"], Some((2.5, None)));
+        check(
+            &["soak", "--minutes", "20", "--redirect", "nftables"],
+            Some((20.0, Some("nftables"))),
+        );
+        check(&["soak", "--redirect", "ebpf"], Some((15.0, Some("ebpf"))));
+        check(&["soak", "--redirect", "iptables"], None);
+        check(&["soak", "--minutes", "soon"], None);
     }
 
     #[test]

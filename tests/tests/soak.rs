@@ -678,7 +678,7 @@ fn client_serial(mesh: &Mesh) -> Result<String> {
 
 // === the load ===
 
-/// Which fault is underway when a connection's outcome is known.
+/// Which fault is underway (set by the fault cycle, read by the load).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 enum Phase {
@@ -731,13 +731,21 @@ struct Event {
     dest: Dest,
     kind: Kind,
     outcome: Outcome,
+    /// The fault underway when it started, and when its outcome was known.
     phase: Phase,
+    ended_in: Phase,
     sent: u64,
     received: u64,
     error: Option<String>,
 }
 
 impl Event {
+    /// Whether the fault `phase` was underway when the connection started or ended: an
+    /// outcome decided by an agent just before a phase ended can reach the client just after.
+    fn during(&self, phase: Phase) -> bool {
+        self.phase == phase || self.ended_in == phase
+    }
+
     fn is_refused_or_cut(&self) -> bool {
         matches!(self.outcome, Outcome::Refused | Outcome::Cut)
     }
@@ -802,6 +810,7 @@ impl Load {
             kind: Kind::Stream,
             outcome: Outcome::Refused,
             phase: self.phase(),
+            ended_in: self.phase(),
             sent: 0,
             received: 0,
             error: None,
@@ -876,7 +885,7 @@ impl Load {
                     read_error,
                 )
             });
-        event.phase = self.phase();
+        event.ended_in = self.phase();
         event.sent = sent;
         event.received = received;
         event.error = read_error;
@@ -912,6 +921,7 @@ impl Load {
             kind: Kind::Short,
             outcome: Outcome::Refused,
             phase: self.phase(),
+            ended_in: self.phase(),
             sent: size as u64,
             received: 0,
             error: None,
@@ -929,7 +939,7 @@ impl Load {
                 Err(e) => Err((back, format!("read: {e}"))),
             }
         })();
-        event.phase = self.phase();
+        event.ended_in = self.phase();
         let (back, clean) = match result {
             Ok(back) => (back, true),
             Err((back, e)) => {
@@ -1022,7 +1032,7 @@ impl Tally {
             .iter()
             .filter(|e| e.dest == dest && e.outcome == outcome)
             .filter(|e| kind.is_none_or(|k| e.kind == k))
-            .filter(|e| phase.is_none_or(|p| e.phase == p))
+            .filter(|e| phase.is_none_or(|p| e.during(p)))
             .count()
     }
 
@@ -1044,14 +1054,14 @@ impl Tally {
     fn gap_refused(&self) -> usize {
         self.events
             .iter()
-            .filter(|e| e.outcome == Outcome::Refused && e.phase == Phase::Restart)
+            .filter(|e| e.outcome == Outcome::Refused && e.during(Phase::Restart))
             .count()
     }
 
     fn denied_failures(&self) -> usize {
         self.events
             .iter()
-            .filter(|e| e.dest == Dest::B && e.phase == Phase::Policy && e.is_refused_or_cut())
+            .filter(|e| e.dest == Dest::B && e.during(Phase::Policy) && e.is_refused_or_cut())
             .count()
     }
 
@@ -1059,8 +1069,8 @@ impl Tally {
     fn unexplaining(&self) -> impl Iterator<Item = &Event> {
         self.events.iter().filter(|e| {
             e.outcome != Outcome::Exact
-                && !(e.outcome == Outcome::Refused && e.phase == Phase::Restart)
-                && !(e.dest == Dest::B && e.phase == Phase::Policy && e.is_refused_or_cut())
+                && !(e.outcome == Outcome::Refused && e.during(Phase::Restart))
+                && !(e.dest == Dest::B && e.during(Phase::Policy) && e.is_refused_or_cut())
         })
     }
 

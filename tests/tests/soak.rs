@@ -400,8 +400,8 @@ const KNOWN_BROKEN: [(Fault, Option<Redirect>, &str); 3] = [
         Fault::Restart,
         Some(Redirect::Nftables),
         "when the new agent installs a pod's redirection, connections the old one still \
-         drains into that pod are sometimes cut (orderly EOF, the last echo lost; 2 runs in \
-         3, up to 3 of 6 streams) (issue 14 item 5, hitless upgrade)",
+         drains into that pod are often cut (orderly EOF, the last echo lost; 3 runs in 4, \
+         from 1 to all 6 streams) (issue 14 item 5, hitless upgrade)",
     ),
 ];
 

@@ -8,8 +8,8 @@
 //! Load, for the whole run: [`STREAMS_A`] + [`STREAMS_B`] long-lived echo streams sending
 //! pseudo-random bytes at a modest rate, and one bounded loop of short connections per
 //! destination (connect, send a few KiB, half-close, read the echo). sha256 of every byte
-//! sent and received, per connection. A denied or cut stream to `b` reopens once `b` is
-//! allowed again.
+//! sent and received, per connection. A stream that ends early (to `b` while it is denied)
+//! is counted and another one opened [`REOPEN_AFTER`] later; each refused attempt counts.
 //!
 //! Faults, in a cycle: (1) n2's agent replaced as an upgrade does it today
 //! ([`Mesh::restart_ztunnel_draining`]: SIGTERM, the old one drains what it holds, a new one

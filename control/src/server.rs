@@ -12,7 +12,7 @@ use hyper_util::service::TowerToHyperService;
 use mesh_pki::ca::Ca;
 use mesh_pki::proto::istio_certificate_service_server::IstioCertificateServiceServer;
 use mesh_shell::conns::Active;
-use mesh_shell::limits::{Cap, Keepalive};
+use mesh_shell::limits::{Cap, HandshakeCap, Keepalive};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
@@ -107,7 +107,7 @@ pub struct GrpcServer {
     /// Open connections and TLS handshakes in progress (`--max-connections`,
     /// `--max-tls-handshakes`): more are closed at once (flag OM).
     conn_cap: Cap,
-    handshake_cap: Cap,
+    handshake_cap: HandshakeCap,
     keepalive: Keepalive,
     metrics: Arc<mesh_telemetry::Metrics>,
 }
@@ -130,7 +130,7 @@ impl GrpcServer {
             service,
             handshake_timeout,
             conn_cap: Cap::new("max_connections", limits.max_connections),
-            handshake_cap: Cap::new("max_tls_handshakes", limits.max_tls_handshakes),
+            handshake_cap: limits.handshake_cap(),
             keepalive: limits.keepalive(),
             metrics,
         })

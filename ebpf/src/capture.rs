@@ -148,6 +148,7 @@ pub fn attach_capture(
         pins: None,
         keep: AtomicBool::new(false),
         adopted: false,
+        stale: Mutex::default(),
     };
     guard.set_inbound_listener(listener)?;
     debug!(hbone_port = config.hbone_port, "attached capture sk_lookup");
@@ -158,8 +159,10 @@ pub fn attach_capture(
 /// on a bpffs mount, one per pod, created if missing) so the capture survives the agent.
 ///
 /// If `pin_dir` already holds a link (an earlier agent's), that attachment is adopted:
-/// `listener` replaces the earlier one, the earlier agent's exemptions are cleared (its
-/// deliveries died with it), and `config` is NOT applied (the running program keeps the
+/// `listener` replaces the earlier one, the earlier agent's exemptions are noted as stale
+/// (removed by [`CaptureGuard::clear_stale_exemptions`]: not at once, because during an
+/// upgrade the earlier agent still runs and may be in the middle of a delivery), and
+/// `config` is NOT applied (the running program keeps the
 /// settings it was loaded with; detach first to change them). [`CaptureGuard::adopted`] tells
 /// which happened.
 pub fn attach_capture_pinned(
@@ -176,13 +179,14 @@ pub fn attach_capture_pinned(
         })?;
         let [listener_map, delivery_map] = MAP_PINS.map(|name| open_pinned(pin_dir, name));
         let maps = Maps::new(listener_map?, delivery_map?)?;
-        maps.clear_exemptions();
+        let stale = maps.exemption_keys();
         let mut guard = CaptureGuard {
             link: Some(Attachment::Pinned(link)),
             maps,
             pins: Some(pin_dir.to_path_buf()),
             keep: AtomicBool::new(false),
             adopted: true,
+            stale: Mutex::new(stale),
         };
         guard.set_inbound_listener(listener)?;
         debug!(pin_dir = %pin_dir.display(), "adopted pinned capture sk_lookup");
@@ -226,6 +230,7 @@ pub fn attach_capture_pinned(
         pins: Some(pin_dir.to_path_buf()),
         keep: AtomicBool::new(false),
         adopted: false,
+        stale: Mutex::default(),
     };
     guard.set_inbound_listener(listener)?;
     debug!(pin_dir = %pin_dir.display(), hbone_port = config.hbone_port, "attached pinned capture sk_lookup");
@@ -242,6 +247,8 @@ pub struct CaptureGuard {
     /// Set by [`CaptureGuard::keep_pinned`]: dropping leaves a pinned attachment in place.
     keep: AtomicBool,
     adopted: bool,
+    /// The exemptions found when adopting an earlier agent's attachment.
+    stale: Mutex<Vec<u64>>,
 }
 
 /// While alive, a new connection from `source` to the pod is not steered: the agent holds one
@@ -323,6 +330,19 @@ impl CaptureGuard {
             key,
             source,
         })
+    }
+
+    /// Removes the exemptions an earlier agent held when this guard adopted its attachment
+    /// (an agent that died mid-delivery leaves its entry behind). Call it once the earlier
+    /// agent's deliveries in progress then are surely over (each is bounded by its connect
+    /// timeout). Returns how many were still there.
+    pub fn clear_stale_exemptions(&self) -> usize {
+        let stale = std::mem::take(&mut *lock(&self.stale));
+        let mut delivery = lock(&self.maps.delivery);
+        stale
+            .into_iter()
+            .filter(|key| delivery.remove(key).is_ok())
+            .count()
     }
 
     /// Whether this guard took over an attachment pinned by an earlier agent.
@@ -419,12 +439,8 @@ impl Maps {
         })
     }
 
-    fn clear_exemptions(&self) {
-        let mut delivery = lock(&self.delivery);
-        let stale: Vec<u64> = delivery.keys().filter_map(Result::ok).collect();
-        for key in stale {
-            let _ = delivery.remove(&key);
-        }
+    fn exemption_keys(&self) -> Vec<u64> {
+        lock(&self.delivery).keys().filter_map(Result::ok).collect()
     }
 }
 

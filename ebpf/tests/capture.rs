@@ -151,6 +151,68 @@ fn a_pinned_capture_outlives_its_guard_and_is_adopted_by_the_next_agent() -> Res
 }
 
 #[test]
+fn an_upgrade_adopts_the_capture_while_the_old_agent_still_runs() -> Result<()> {
+    let topo = Topology::new()?;
+    ip(&[
+        "-n",
+        &topo.pod.name,
+        "route",
+        "add",
+        "local",
+        &format!("{CLIENT_IP}/32"),
+        "dev",
+        "lo",
+    ])?;
+    let bpffs = Bpffs::mount()?;
+    let pin_dir = bpffs.path.join("pod");
+    let mut pod = topo.pod_listeners()?;
+    let config = CaptureConfig::new(HBONE_PORT);
+    let old = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+
+    // The old agent is delivering a connection when the new one adopts the capture.
+    let delivery = topo.pod.run(|| -> Result<(Socket, SocketAddrV4)> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.bind(&SocketAddr::V4(SocketAddrV4::new(CLIENT_IP, 0)).into())?;
+        let bound = socket.local_addr()?.as_socket_ipv4().context("v4")?;
+        Ok((socket, bound))
+    })??;
+    let exemption = old.exempt(delivery.1)?;
+
+    // The new agent's listener (any listening socket will do for the map) replaces the old
+    // one's in the map while the old one still listens.
+    let old_listener = std::mem::replace(&mut pod.agent, topo.pod.run(placeholder)??);
+    let new = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+    assert!(new.adopted());
+    assert_eq!(topo.sk_lookup_links()?, 1, "adopted, not attached twice");
+    check(&topo, &pod, From::Node, APP_PORT, Lands::Agent);
+
+    // The old agent's delivery under way is not steered to the new agent by the adoption.
+    let dst = SocketAddr::V4(SocketAddrV4::new(POD_IP, APP_PORT));
+    let (socket, _) = delivery;
+    let client = topo.pod.run(move || {
+        socket
+            .connect_timeout(&dst.into(), ACCEPT_WITHIN)
+            .map(|()| socket)
+    })??;
+    let accepted = accept_within(&pod.app, ACCEPT_WITHIN).context("delivery reached the app")?;
+    assert_eq!(
+        accepted.peer_addr()?,
+        client.local_addr()?.as_socket().context("addr")?
+    );
+    drop(exemption);
+    // Later, whatever an earlier agent left is removed (here: nothing is left).
+    assert_eq!(new.clear_stale_exemptions(), 0);
+
+    // The old agent exits, leaving the capture pinned: the new agent's entry stays.
+    old.keep_pinned();
+    drop(old);
+    drop(old_listener);
+    check(&topo, &pod, From::Node, APP_PORT, Lands::Agent);
+    assert_eq!(topo.sk_lookup_links()?, 1);
+    Ok(())
+}
+
+#[test]
 fn outgoing_connections_routed_over_lo_land_on_the_outbound_listener() -> Result<()> {
     let topo = Topology::new()?;
     let pod = topo.pod_listeners()?;

@@ -9,6 +9,8 @@
 //!   on the server side (property tests in `prop_tests.rs`, fuzz targets in `fuzz/`).
 //! - [`Pool`] (client) multiplexes streams over pooled connections per [`PoolKey`].
 //! - [`serve`] (server) runs the HTTP/2 side of one accepted connection.
+//! - [`ReceiveBudget`]: the per-process budget every connection reserves its receive window
+//!   from (module `budget`).
 //! - [`tcp`]: keepalive and `TCP_USER_TIMEOUT` for every socket the mesh opens or accepts.
 //! - [`H2Stream`] is a tunnel end (`AsyncRead + AsyncWrite`), [`relay`] copies between two ends.
 //!
@@ -23,6 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
 
+mod budget;
 mod guard;
 mod liveness;
 mod pool;
@@ -36,10 +39,14 @@ mod prop_tests;
 #[cfg(test)]
 mod tests;
 
+pub use budget::{ReceiveBudget, Reservation, DEFAULT_RECEIVE_BUFFER_BUDGET, MIN_WINDOW};
 pub use guard::AbuseReason;
-pub use pool::{Pool, PoolConfig, PoolKey, PoolStats};
+pub use pool::{Pool, PoolConfig, PoolKey, PoolStats, DEFAULT_MAX_CONNS_PER_KEY};
 pub use relay::{read_chunk, relay, write_chunk, AsyncIo, Direction, RelayIo};
-pub use server::{connect_authority, serve, serve_with_drain, InboundRequest, ServerConfig};
+pub use server::{
+    connect_authority, serve, serve_with_drain, InboundRequest, ServerConfig,
+    DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONTROL_FRAMES_PER_SEC, MAX_SEND_BUFFER,
+};
 pub use stream::H2Stream;
 
 /// TCP port of the HBONE listener on every mesh workload.
@@ -48,11 +55,12 @@ pub const HBONE_PORT: u16 = 15008;
 /// ALPN protocol both sides must negotiate.
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// Per-stream receive window we advertise. HTTP/2's 64 KiB default caps one stream at
+/// Default per-stream receive window we advertise. HTTP/2's 64 KiB default caps one stream at
 /// about window/RTT; 4 MiB lets a single tunnel fill a fast link, as Istio's ztunnel does.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// Connection receive window: a few streams at full speed before one slow reader can starve
+/// Default connection receive window (each connection reserves it from the process's
+/// [`ReceiveBudget`] and may get less): a few streams at full speed before one slow reader can starve
 /// the others, and a bound on what one peer can make us buffer per connection.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
@@ -89,6 +97,8 @@ pub enum HboneError {
     Abuse(AbuseReason),
     #[error("hbone connect: the peer takes no more streams and the pool holds its most connections to it")]
     PoolFull,
+    #[error("hbone: the receive-buffer budget has no room for another connection's window")]
+    OverBudget,
 }
 
 impl HboneError {
@@ -113,6 +123,7 @@ impl HboneError {
             HboneError::PingTimeout => HboneError::PingTimeout,
             HboneError::Abuse(r) => HboneError::Abuse(r),
             HboneError::PoolFull => HboneError::PoolFull,
+            HboneError::OverBudget => HboneError::OverBudget,
         }
     }
 

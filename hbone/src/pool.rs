@@ -13,6 +13,10 @@
 //! for a stream to free up, within the connect timeout, then fail with
 //! [`HboneError::PoolFull`]. Every connection is PINGed every `ping_interval`; one that does
 //! not answer within `ping_timeout` is dropped from the pool and its streams fail.
+//!
+//! Responses are buffered too: each connection reserves its receive window from
+//! `receive_budget` before it dials, holds it until the last of its streams is gone, and is
+//! not dialed ([`HboneError::OverBudget`]) when the budget has no room.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,6 +36,7 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tracing::Instrument;
 
+use super::budget::{ReceiveBudget, Reservation};
 use super::liveness::Liveness;
 use super::stream::H2Stream;
 use super::{HboneError, ALPN_H2, CONNECTION_WINDOW, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
@@ -84,6 +89,12 @@ pub struct PoolConfig {
     /// A tunnel whose peer keeps its window shut this long while we have bytes to send is
     /// reset (`None`: wait forever).
     pub send_stall_timeout: Option<Duration>,
+    /// Receive window per stream (never above the connection's).
+    pub stream_window: u32,
+    /// Receive window per connection we ask `receive_budget` for; we may get less.
+    pub connection_window: u32,
+    /// Where each connection's window is reserved.
+    pub receive_budget: ReceiveBudget,
 }
 
 impl Default for PoolConfig {
@@ -96,6 +107,9 @@ impl Default for PoolConfig {
             ping_timeout: DEFAULT_PING_TIMEOUT,
             max_conns_per_key: DEFAULT_MAX_CONNS_PER_KEY,
             send_stall_timeout: Some(super::server::DEFAULT_SEND_STALL_TIMEOUT),
+            stream_window: STREAM_WINDOW,
+            connection_window: CONNECTION_WINDOW,
+            receive_budget: ReceiveBudget::default(),
         }
     }
 }
@@ -153,6 +167,8 @@ pub(crate) struct ConnState {
     idle: Notify,
     /// The pool's [`PoolInner::capacity`].
     capacity: Arc<Notify>,
+    /// The receive window, given back once the connection task and every stream are gone.
+    _window: Reservation,
 }
 
 /// One reserved stream on a pooled connection; released on drop.
@@ -343,6 +359,11 @@ impl Pool {
         D: FnOnce() -> F,
         F: Future<Output = io::Result<TcpStream>>,
     {
+        let cfg = &self.inner.cfg;
+        let window = cfg
+            .receive_budget
+            .reserve(cfg.connection_window)
+            .ok_or(HboneError::OverBudget)?;
         let tcp = dial().await.map_err(HboneError::Dial)?;
         // HBONE peers are verified by SPIFFE identity, not by name; SNI is off.
         let tls = tokio_rustls::TlsConnector::from(with_h2_alpn(tls))
@@ -353,15 +374,14 @@ impl Pool {
             return Err(HboneError::Alpn);
         }
         let (send, mut conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_window_size(window.stream_window(cfg.stream_window))
+            .initial_connection_window_size(window.window())
             .max_header_list_size(MAX_HEADER_LIST_SIZE)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(ConnState::new(id, self.inner.capacity.clone()));
-        let cfg = &self.inner.cfg;
+        let state = Arc::new(ConnState::new(id, self.inner.capacity.clone(), window));
         let liveness = Liveness::new(conn.ping_pong(), cfg.ping_interval, cfg.ping_timeout);
         let span = tracing::debug_span!("hbone_client_conn", id, dst = %key.dst_addr);
         tokio::spawn(
@@ -629,10 +649,11 @@ impl PooledConn {
 }
 
 impl ConnState {
-    fn new(id: u64, capacity: Arc<Notify>) -> Self {
+    fn new(id: u64, capacity: Arc<Notify>, window: Reservation) -> Self {
         ConnState {
             id,
             capacity,
+            _window: window,
             active: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             last_activity: Mutex::new(Instant::now()),

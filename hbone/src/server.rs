@@ -17,6 +17,7 @@ use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
+use super::budget::{ReceiveBudget, Reservation};
 use super::guard::{AbuseReason, FrameGuard, Tripped};
 use super::liveness::Liveness;
 use super::stream::H2Stream;
@@ -46,8 +47,10 @@ const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 const MAX_CONCURRENT_RESET_STREAMS: usize = 50;
 
 /// Bytes h2 may queue per stream beyond what the socket took. Writers wait for the peer's
-/// window first (`H2Stream`), so this is reached only when the socket itself is stuck.
-const MAX_SEND_BUFFER: usize = 256 * 1024;
+/// window first (`H2Stream`), so this is reached only when the socket itself is stuck; the
+/// send side of a connection thus holds at most `max_concurrent_streams` × this (and a
+/// socket stuck that long stops PONGs, so liveness closes it).
+pub const MAX_SEND_BUFFER: usize = 256 * 1024;
 
 /// Default time a tunnel may wait for the peer's window before it is reset: long enough
 /// for a paused reader (Envoy's stream idle timeout has the same default).
@@ -84,6 +87,13 @@ pub struct ServerConfig {
     /// A tunnel whose peer keeps its window shut this long while we have bytes to send is
     /// reset (`None`: wait forever).
     pub send_stall_timeout: Option<Duration>,
+    /// Receive window per stream (never above the connection's).
+    pub stream_window: u32,
+    /// Receive window per connection we ask `receive_budget` for; we may get less.
+    pub connection_window: u32,
+    /// Where the connection window is reserved; a connection it has no room for is closed
+    /// at once with [`HboneError::OverBudget`].
+    pub receive_budget: ReceiveBudget,
 }
 
 impl Default for ServerConfig {
@@ -97,6 +107,9 @@ impl Default for ServerConfig {
             ping_timeout: DEFAULT_PING_TIMEOUT,
             max_control_frames_per_sec: DEFAULT_MAX_CONTROL_FRAMES_PER_SEC,
             send_stall_timeout: Some(DEFAULT_SEND_STALL_TIMEOUT),
+            stream_window: STREAM_WINDOW,
+            connection_window: CONNECTION_WINDOW,
+            receive_budget: ReceiveBudget::default(),
         }
     }
 }
@@ -185,13 +198,16 @@ where
     serve_with_drain(io, cfg, handler, std::future::pending()).await
 }
 
-/// [`serve`], plus a drain signal: when `drain` completes the server sends GOAWAY, takes no
-/// new streams, and returns once the open ones have finished. The same happens after
+/// [`serve`], plus a drain signal: when `drain` completes the server sends GOAWAY, refuses
+/// every stream opened after it with REFUSED_STREAM (the client pool retries those on a
+/// fresh connection), and returns once the open ones have finished. The same happens after
 /// `cfg.idle_timeout` without an open stream.
 ///
 /// A peer that crosses a limit (control-frame flood, rapid reset, too many small DATA
 /// frames, oversized or endless header blocks, no answer to PING) ends the connection at
-/// once with an error whose [`HboneError::abuse_reason`] names the limit.
+/// once with an error whose [`HboneError::abuse_reason`] names the limit. A connection whose
+/// window `cfg.receive_budget` has no room for ends before the HTTP/2 handshake with
+/// [`HboneError::OverBudget`].
 pub async fn serve_with_drain<IO, H, Fut, S>(
     io: IO,
     cfg: &ServerConfig,
@@ -207,10 +223,16 @@ where
     // One async fn, no nested one: the connection's future (alive as long as the
     // connection) then holds the io once, not once per level.
     let tripped = Tripped::default();
+    // Held by the connection and every stream task: the window's bytes may sit in a
+    // stream's receive buffer until its task drops it.
+    let Some(window) = cfg.receive_budget.reserve(cfg.connection_window) else {
+        return Err(HboneError::OverBudget);
+    };
+    let window = Arc::new(window);
     let result = 'serve: {
         let handshake = h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_window_size(window.stream_window(cfg.stream_window))
+            .initial_connection_window_size(window.window())
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .max_header_list_size(cfg.max_header_list_size)
             .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
@@ -276,6 +298,14 @@ where
                 Some(Err(e)) => break 'serve Err(HboneError::H2(e)),
                 Some(Ok(next)) => next,
             };
+            if draining {
+                // A stream the peer opened before it saw our GOAWAY: never processed, so the
+                // client retries it on another connection (RFC 9113 8.7). Taking it would
+                // keep a draining process serving new work.
+                let mut respond = respond;
+                respond.send_reset(Reason::REFUSED_STREAM);
+                continue;
+            }
             let (parts, body) = req.into_parts();
             // Child of the caller's connection span (pod, peer), so the handler's logs carry
             // both.
@@ -297,6 +327,7 @@ where
             let stream = StreamGuard {
                 open: open.clone(),
                 ended: ended.clone(),
+                _window: window.clone(),
             };
             let handled = handler(req);
             tokio::spawn(
@@ -322,6 +353,7 @@ where
 struct StreamGuard {
     open: Arc<AtomicUsize>,
     ended: Arc<tokio::sync::Notify>,
+    _window: Arc<Reservation>,
 }
 
 impl Drop for StreamGuard {

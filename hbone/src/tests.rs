@@ -707,6 +707,87 @@ async fn a_full_connection_makes_the_pool_open_another() {
     );
 }
 
+/// Waits until `budget` has exactly `bytes` reserved.
+async fn budget_settles_at(budget: &ReceiveBudget, bytes: u64) {
+    tokio::time::timeout(EVENTUALLY, async {
+        while budget.used() != bytes {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("budget used {} never became {bytes}", budget.used()));
+}
+
+/// A tunnel from `pool` to `server` for the source service account `sa` (its own pool key,
+/// so its own connection).
+async fn tunnel_as(
+    pool: &Pool,
+    sa: &str,
+    server: &TestServer,
+    pki: &Pki,
+    dialer: &Dialer,
+) -> Result<H2Stream, HboneError> {
+    let key = key_for(sa, server.addr);
+    pool.connect(key, pki.client.clone(), dialer.dial(), request())
+        .await
+}
+
+#[tokio::test]
+async fn server_connections_reserve_their_window_and_a_spent_budget_refuses_more() {
+    let pki = pki();
+    // Room for two minimum windows: the third connection finds none.
+    let budget = ReceiveBudget::new(3 * u64::from(MIN_WINDOW) - 1);
+    let cfg = ServerConfig {
+        receive_budget: budget.clone(),
+        ..ServerConfig::default()
+    };
+    let mut server = TestServer::start(pki.server.clone(), cfg, echo).await;
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(server.addr);
+    let mut open = Vec::new();
+    for sa in ["a", "b"] {
+        let mut tunnel = tunnel_as(&pool, sa, &server, &pki, &dialer).await.unwrap();
+        ping(&mut tunnel).await;
+        open.push(tunnel);
+    }
+    assert_eq!(budget.used(), 2 * u64::from(MIN_WINDOW));
+    info!("a third connection: no room left for its window");
+    let third = tunnel_as(&pool, "c", &server, &pki, &dialer).await;
+    assert!(third.is_err(), "{third:?}");
+    let end = server.connection_end().await;
+    assert!(matches!(end, Err(HboneError::OverBudget)), "{end:?}");
+    info!("the windows come back when the connections end");
+    drop(open);
+    drop(pool);
+    budget_settles_at(&budget, 0).await;
+}
+
+#[tokio::test]
+async fn the_pool_reserves_before_it_dials_and_gives_the_window_back() {
+    let (pki, server) = echo_server().await;
+    let budget = ReceiveBudget::new(u64::from(MIN_WINDOW));
+    let pool = Pool::new(PoolConfig {
+        receive_budget: budget.clone(),
+        idle_timeout: Duration::from_millis(100),
+        ..PoolConfig::default()
+    });
+    let dialer = Dialer::new(server.addr);
+    let mut tunnel = tunnel_as(&pool, "a", &server, &pki, &dialer).await.unwrap();
+    ping(&mut tunnel).await;
+    assert_eq!(budget.used(), u64::from(MIN_WINDOW));
+    let refused = tunnel_as(&pool, "b", &server, &pki, &dialer).await;
+    assert!(
+        matches!(refused, Err(HboneError::OverBudget)),
+        "{refused:?}"
+    );
+    assert_eq!(dialer.dials(), 1, "no dial without a window");
+    drop(tunnel);
+    info!("idle expiry closes the connection and returns its window");
+    budget_settles_at(&budget, 0).await;
+    let mut again = tunnel_as(&pool, "b", &server, &pki, &dialer).await.unwrap();
+    ping(&mut again).await;
+}
+
 #[tokio::test]
 async fn the_peers_stream_limit_is_honoured() {
     let pki = pki();
@@ -1448,6 +1529,7 @@ async fn a_peer_that_stops_answering_pings_is_dropped_with_its_streams() {
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const GOAWAY_FRAME: u8 = 0x7;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
@@ -1809,5 +1891,79 @@ async fn the_server_closes_a_connection_without_streams_after_its_idle_timeout()
     assert!(
         took < idle + Duration::from_secs(1),
         "closed late: {took:?}"
+    );
+}
+
+/// Reads frames until one of `kind` on `stream` arrives; returns its payload.
+async fn read_frame_until(tcp: &mut TcpStream, kind: u8, stream: u32) -> Vec<u8> {
+    for _ in 0..64 {
+        let mut head = [0u8; 9];
+        tcp.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await.unwrap();
+        if head[3] == kind && id == stream {
+            return payload;
+        }
+    }
+    panic!("no frame of type {kind} on stream {stream}");
+}
+
+#[tokio::test]
+async fn a_stream_opened_after_the_drain_is_refused_for_a_retry_elsewhere() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let drain = async move {
+            let _ = drain_rx.await;
+        };
+        let handler = move |req: InboundRequest| {
+            count.fetch_add(1, Ordering::SeqCst);
+            echo(req)
+        };
+        serve_with_drain(tcp, &ServerConfig::default(), handler, drain).await
+    });
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello.extend(frame(SETTINGS, 0x1, 0, &[]));
+    hello.extend(frame(HEADERS, END_HEADERS, 1, &connect_headers()));
+    tcp.write_all(&hello).await.unwrap();
+    info!("stream 1, opened before the drain, is answered");
+    read_frame_until(&mut tcp, HEADERS, 1).await;
+
+    drain_tx.send(()).unwrap();
+    let goaway = read_frame_until(&mut tcp, GOAWAY_FRAME, 0).await;
+    info!(
+        ?goaway,
+        "GOAWAY at once; stream 3 was sent before the client read it"
+    );
+    tcp.write_all(&frame(HEADERS, END_HEADERS, 3, &connect_headers()))
+        .await
+        .unwrap();
+    let reset = read_frame_until(&mut tcp, RST_STREAM, 3).await;
+    assert_eq!(
+        u32::from_be_bytes([reset[0], reset[1], reset[2], reset[3]]),
+        u32::from(h2::Reason::REFUSED_STREAM),
+        "stream 3 must be refused (retryable), not served"
+    );
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        1,
+        "only stream 1 reached the handler"
+    );
+    drop(tcp);
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        res.is_ok() || matches!(res, Err(HboneError::H2(_))),
+        "{res:?}"
     );
 }

@@ -41,20 +41,29 @@ const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 pub async fn serve<I: Io>(io: I, h2: bool, ctx: Arc<ConnCtx>, inputs: Arc<Inputs>) {
     let drain = inputs.drain.clone();
     let metrics = inputs.http_metrics.clone();
+    let (budget, refused) = (inputs.receive_budget.clone(), inputs.metrics.clone());
     let svc = service_fn(move |req| {
         let (ctx, inputs) = (ctx.clone(), inputs.clone());
         async move { Ok::<_, Infallible>(handle(req, &ctx, &inputs, h2).await) }
     });
     let io = TokioIo::new(io);
     let result = if h2 {
+        // HTTP/2 buffers what the client sends ahead of the handlers: the window comes from
+        // the process's budget and is held until the connection is gone.
+        let Some(window) = budget.reserve(mesh_hbone::CONNECTION_WINDOW) else {
+            // Counted (OM); logged at debug only: a flood must not fill the disk.
+            refused.refused(crate::telemetry::REPORTER, "OM");
+            tracing::debug!("downstream http/2 refused: the receive-buffer budget is spent");
+            return;
+        };
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
-            .initial_stream_window_size(mesh_hbone::STREAM_WINDOW)
-            .initial_connection_window_size(mesh_hbone::CONNECTION_WINDOW);
+            .initial_stream_window_size(window.stream_window(mesh_hbone::STREAM_WINDOW))
+            .initial_connection_window_size(window.window());
         let conn = builder.serve_connection(io, svc);
         tokio::pin!(conn);
         tokio::select! {

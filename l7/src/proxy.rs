@@ -45,6 +45,9 @@ pub struct Inputs {
     /// Cancelled on shutdown: HBONE connections send GOAWAY, HTTP connections finish the
     /// requests in flight and close.
     pub drain: CancellationToken,
+    /// The process's receive-buffer budget: each downstream HTTP/2 connection reserves its
+    /// connection window here (`crate::http::serve`).
+    pub receive_budget: mesh_hbone::ReceiveBudget,
 }
 
 /// One downstream tunnel: who sent it and what it is for.

@@ -89,7 +89,8 @@ pub enum UpstreamError {
         source: hyper::Error,
     },
     /// `http1MaxPendingRequests` already wait for a connection, or none became free within
-    /// [`MAX_PENDING_WAIT`].
+    /// [`MAX_PENDING_WAIT`], or the receive-buffer budget has no room for a new HTTP/2
+    /// connection's window.
     #[error("upstream {addr}: connection pool overflow ({why})")]
     Overflow { addr: SocketAddr, why: &'static str },
 }
@@ -212,6 +213,9 @@ pub struct UpstreamConfig {
     pub keepalive: hbone::tcp::Keepalive,
     /// Where outlier-detection ejections are counted.
     pub outlier_ejections: Family<ClusterLabels, Counter>,
+    /// The HBONE pool's settings (windows, receive-buffer budget, PING liveness, connections
+    /// per peer, send stalls); `connect_timeout` above replaces its own.
+    pub hbone: hbone::PoolConfig,
 }
 
 /// Opens and pools upstream connections. Shared as `Arc<Upstreams>`.
@@ -233,7 +237,7 @@ impl Upstreams {
     pub fn new(cfg: UpstreamConfig, certs: Arc<CertManager>) -> Arc<Upstreams> {
         let hbone = hbone::Pool::new(hbone::PoolConfig {
             connect_timeout: cfg.connect_timeout,
-            ..hbone::PoolConfig::default()
+            ..cfg.hbone.clone()
         });
         let clusters = Clusters::new(cfg.outlier_ejections.clone());
         Arc::new(Upstreams {
@@ -425,6 +429,21 @@ impl Upstreams {
             },
         };
         let timeout = limits.connect_timeout.unwrap_or(self.cfg.connect_timeout);
+        // HTTP/2 buffers responses ahead of the handlers: its window comes from the process's
+        // receive-buffer budget (held by the connection task), and no room is an overflow.
+        let window = match proto {
+            UpstreamProto::Http2 => Some(
+                self.cfg
+                    .hbone
+                    .receive_budget
+                    .reserve(hbone::CONNECTION_WINDOW)
+                    .ok_or(UpstreamError::Overflow {
+                        addr: ep.addr,
+                        why: "receive-buffer budget spent",
+                    })?,
+            ),
+            UpstreamProto::Http1 => None,
+        };
         let io = TokioIo::new(
             self.connect_app(
                 ep,
@@ -462,16 +481,22 @@ impl Upstreams {
                 }))
             }
             UpstreamProto::Http2 => {
+                let (stream_window, conn_window) = window
+                    .as_ref()
+                    .map_or((hbone::STREAM_WINDOW, hbone::CONNECTION_WINDOW), |w| {
+                        (w.stream_window(hbone::STREAM_WINDOW), w.window())
+                    });
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
-                    .initial_stream_window_size(hbone::STREAM_WINDOW)
-                    .initial_connection_window_size(hbone::CONNECTION_WINDOW)
+                    .initial_stream_window_size(stream_window)
+                    .initial_connection_window_size(conn_window)
                     .max_header_list_size(hbone::MAX_HEADER_LIST_SIZE)
                     .handshake(io)
                     .await
                     .map_err(|source| UpstreamError::Handshake { addr, source })?;
                 tokio::spawn(
                     async move {
+                        let _window = window;
                         if let Err(e) = conn.await {
                             tracing::debug!(error = %e, "upstream connection ended");
                         }

@@ -7,6 +7,12 @@
 //!   `gateway-error` = 502/503/504 or the same failures; `reset` = no response, including a
 //!   per-try timeout; `connect-failure`; `retriable-4xx` = 409; `refused-stream`; listed
 //!   status codes; gRPC statuses from the response's `grpc-status` header).
+//! - [`may_replay`]: whether the request may be sent again after that outcome. Unlike
+//!   Envoy, which replays any buffered request, a request with a method that is not
+//!   idempotent (POST, PATCH, CONNECT or unknown) is sent again only when the upstream cannot
+//!   have acted on it (no connection, a refused stream) or when the response's gRPC status
+//!   is one the route's `retryOn` names (every gRPC call is a POST; naming its status is the
+//!   route's statement that the call is safe to repeat). A 503 to a POST reaches the client.
 //! - [`backoff`]: Envoy's exponential backoff with full jitter, 25 ms base, capped at 250 ms.
 //! - [`fault`]: whether a request is delayed and/or aborted (VirtualService `fault`).
 //! - [`selected`]: whether a percentage-based action (mirror, fault) applies to a roll.
@@ -78,6 +84,29 @@ pub fn should_retry(on: &RetryOn, outcome: &AttemptOutcome) -> bool {
     }
 }
 
+/// Whether a request with `method` may be sent again after `outcome` (see the module docs);
+/// [`should_retry`] decides whether it is worth it.
+pub fn may_replay(method: &http::Method, outcome: &AttemptOutcome, on: &RetryOn) -> bool {
+    use http::Method;
+    let idempotent = [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method);
+    idempotent
+        || match *outcome {
+            AttemptOutcome::ConnectFailure | AttemptOutcome::RefusedStream => true,
+            AttemptOutcome::Reset | AttemptOutcome::Timeout => false,
+            AttemptOutcome::Response { grpc_status, .. } => {
+                grpc_status.is_some_and(|g| on.grpc_statuses.contains(&g))
+            }
+        }
+}
+
 /// The wait before retry number `retry` (1 = the first retry): uniformly in
 /// `[0, min(base * (2^retry - 1), cap))`, `roll` in `[0, 1)`.
 pub fn backoff(retry: u32, roll: f64) -> Duration {
@@ -126,6 +155,59 @@ pub fn shadow_authority(authority: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_idempotent_requests_are_replayed_after_the_upstream_may_have_acted() {
+        use http::Method;
+        let on = on("5xx,reset,unavailable");
+        let r503 = AttemptOutcome::Response {
+            status: 503,
+            grpc_status: None,
+        };
+        let grpc_unavailable = AttemptOutcome::Response {
+            status: 200,
+            grpc_status: Some(14),
+        };
+        let grpc_internal = AttemptOutcome::Response {
+            status: 200,
+            grpc_status: Some(13),
+        };
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
+            for o in [r503, AttemptOutcome::Reset, AttemptOutcome::Timeout] {
+                assert!(may_replay(&m, &o, &on), "{m} after {o:?}");
+            }
+        }
+        let custom = Method::from_bytes(b"PURGE").expect("a token");
+        for m in [Method::POST, Method::PATCH, custom] {
+            for o in [
+                AttemptOutcome::ConnectFailure,
+                AttemptOutcome::RefusedStream,
+            ] {
+                assert!(may_replay(&m, &o, &on), "{m}: nothing reached the upstream");
+            }
+            for o in [
+                r503,
+                AttemptOutcome::Reset,
+                AttemptOutcome::Timeout,
+                grpc_internal,
+            ] {
+                assert!(
+                    !may_replay(&m, &o, &on),
+                    "{m} after {o:?} may have been acted on"
+                );
+            }
+            assert!(
+                may_replay(&m, &grpc_unavailable, &on),
+                "{m}: a named gRPC status"
+            );
+        }
+    }
     use crate::model::{FaultAbort, FaultDelay, RetryPolicy};
 
     fn on(list: &str) -> RetryOn {

@@ -70,6 +70,37 @@ const POD_IF: &str = "eth0";
 const READINESS_PORT: u16 = 15021;
 const METRICS_PORT: u16 = 15020;
 const ADMIN_PORT: u16 = 15000;
+/// See [`Mesh::endpoint_offset`].
+pub const UPGRADE_PORT_SHIFT: u16 = 100;
+
+/// The agent an upgrade replaced ([`Mesh::start_next_ztunnel`]), still running until it has
+/// drained; killed when dropped if it has not exited by then.
+pub struct OldAgent {
+    guard: ChildGuard,
+    log: PathBuf,
+}
+
+impl OldAgent {
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// Sends `signal` (SIGTERM: what the kubelet sends once the new agent is ready).
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        self.guard.signal(signal)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.guard.is_running()
+    }
+
+    /// Everything it logged.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+}
 
 /// Bounds on everything a test does through the harness.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -113,6 +144,9 @@ pub struct Mesh {
     work_dir: Option<tempfile::TempDir>,
     work_path: PathBuf,
     ztunnels: Mutex<BTreeMap<String, ChildGuard>>,
+    /// Per node, how many agents an upgrade started after the first (see
+    /// [`Mesh::start_next_ztunnel`]); absent: 0.
+    upgrades: Mutex<BTreeMap<String, u32>>,
     /// The CA service (with [`CaMode::Service`]); see `control.rs`.
     pub(crate) control: Mutex<Option<ChildGuard>>,
     /// The backend the harness asks for (`None`: the ztunnel arguments name one).
@@ -193,6 +227,7 @@ impl Mesh {
             work_dir: Some(work_dir),
             work_path,
             ztunnels: Mutex::new(BTreeMap::new()),
+            upgrades: Mutex::new(BTreeMap::new()),
             control: Mutex::new(None),
             redirect,
             bpffs: None,
@@ -691,7 +726,7 @@ impl Mesh {
         method: &str,
         path: &str,
     ) -> Result<HttpResponse> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port + self.endpoint_offset(node)));
         let mut stream = self
             .in_node(node, move || {
                 TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
@@ -773,7 +808,80 @@ impl Mesh {
     }
 
     fn ztunnel_log_path(&self, node: &str) -> PathBuf {
-        self.log_dir().join(format!("ztunnel-{node}.log"))
+        match self.upgrades_of(node) {
+            0 => self.log_dir().join(format!("ztunnel-{node}.log")),
+            n => self
+                .log_dir()
+                .join(format!("ztunnel-{node}.upgrade{n}.log")),
+        }
+    }
+
+    fn upgrades_of(&self, node: &str) -> u32 {
+        let upgrades = self.upgrades.lock().unwrap_or_else(|e| e.into_inner());
+        upgrades.get(node).copied().unwrap_or(0)
+    }
+
+    /// Added to the node agent's admin, metrics and readiness ports: in the node's namespace
+    /// two agents overlap during an upgrade (in a cluster each agent pod has its own), so
+    /// generations alternate between the usual ports and these plus [`UPGRADE_PORT_SHIFT`].
+    fn endpoint_offset(&self, node: &str) -> u16 {
+        if self.upgrades_of(node) % 2 == 1 {
+            UPGRADE_PORT_SHIFT
+        } else {
+            0
+        }
+    }
+
+    /// The endpoint flags of an agent on the shifted ports (none on the usual ones).
+    fn endpoint_args(&self, node: &str) -> Vec<String> {
+        let offset = self.endpoint_offset(node);
+        if offset == 0 {
+            return Vec::new();
+        }
+        vec![
+            "--admin-addr".to_owned(),
+            format!("127.0.0.1:{}", ADMIN_PORT + offset),
+            "--metrics-addr".to_owned(),
+            format!("0.0.0.0:{}", METRICS_PORT + offset),
+            "--readiness-addr".to_owned(),
+            format!("0.0.0.0:{}", READINESS_PORT + offset),
+        ]
+    }
+
+    /// An upgrade, as a DaemonSet rolling update with `maxSurge: 1` does it: starts the next
+    /// agent on `node` beside the running one (same pod ports, `SO_REUSEPORT`; the admin,
+    /// metrics and readiness ports of the other set, see [`Mesh::endpoint_offset`]; a log
+    /// of its own) and waits until it is ready. From then on the node's agent in every
+    /// other method is the new one; the old one, still running, is returned: SIGTERM it
+    /// ([`OldAgent::signal`]) as the kubelet would. A third generation may start once the
+    /// first has exited (it takes the first one's ports back).
+    pub fn start_next_ztunnel(&self, node: &str) -> Result<OldAgent> {
+        if self.ztunnel_pid(node).is_none() {
+            bail!("no ztunnel running on {node} to upgrade");
+        }
+        let old_log = self.ztunnel_log_path(node);
+        let generation = {
+            let mut upgrades = self.upgrades.lock().unwrap_or_else(|e| e.into_inner());
+            let n = upgrades.entry(node.to_owned()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let cmd = self.ztunnel_command(node)?;
+        let guard = ChildGuard::spawn_logging_to(
+            cmd,
+            &format!("ztunnel-{node}-upgrade{generation}"),
+            &self.ztunnel_log_path(node),
+        )?;
+        let old = self
+            .ztunnels()
+            .insert(node.to_owned(), guard)
+            .with_context(|| format!("no ztunnel on {node}"))?;
+        let old = OldAgent {
+            guard: old,
+            log: old_log,
+        };
+        self.wait_ready(node)?;
+        Ok(old)
     }
 
     fn spawn_ztunnel(&self, node: &str) -> Result<()> {
@@ -833,6 +941,7 @@ impl Mesh {
                     .flat_map(|fs| [std::ffi::OsStr::new("--bpf-fs"), fs.path().as_os_str()]),
             )
             .args(&self.spec.ztunnel_args)
+            .args(self.endpoint_args(node))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
@@ -857,6 +966,11 @@ impl Mesh {
     pub fn start_ztunnel(&self, node: &str) -> Result<()> {
         self.spawn_ztunnel(node)?;
         self.wait_ready(node)
+    }
+
+    /// Starts the node's ztunnel (again) without waiting for it to be ready.
+    pub fn start_ztunnel_unready(&self, node: &str) -> Result<()> {
+        self.spawn_ztunnel(node)
     }
 
     /// Stops the node's ztunnel gracefully (SIGTERM; SIGKILL after 10 s).

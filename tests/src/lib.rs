@@ -63,6 +63,7 @@ mod process;
 pub mod prom;
 pub mod scenario;
 mod spec;
+pub mod stream;
 mod sys;
 pub mod tls;
 mod wait;
@@ -71,7 +72,7 @@ mod yaml;
 
 pub use capture::{parse_pcap, Capture, CaptureSummary, Packet, Proto};
 pub use control::CA_SERVER_NAME;
-pub use harness::{echo_once, Labelled, Mesh, PROBE_SOURCE};
+pub use harness::{echo_once, Labelled, Mesh, OldAgent, PROBE_SOURCE, UPGRADE_PORT_SHIFT};
 pub use netns::{cleanup_stale, in_netns, StaleCleanup};
 pub use nix::sys::signal::Signal;
 pub use process::ChildGuard;

@@ -281,19 +281,23 @@ impl Client {
     /// `POST target` with `len` body bytes, which must be answered 200 by mesh-echo: its JSON
     /// reply.
     pub fn post(&mut self, target: &str, len: usize) -> Result<serde_json::Value> {
+        let r = self.send_body("POST", target, len)?;
+        anyhow::ensure!(r.status == 200, "POST {target}: {} {}", r.status, r.text());
+        r.json()
+    }
+
+    /// `method target` with `len` body bytes: the response, whatever its status.
+    pub fn send_body(&mut self, method: &str, target: &str, len: usize) -> Result<HttpResponse> {
         let head = format!(
-            "POST {target} HTTP/1.1\r\nhost: {}\r\ncontent-length: {len}\r\n\r\n",
+            "{method} {target} HTTP/1.1\r\nhost: {}\r\ncontent-length: {len}\r\n\r\n",
             self.host
         );
         self.stream
             .write_all(head.as_bytes())
-            .with_context(|| format!("send POST {target}"))?;
+            .with_context(|| format!("send {method} {target}"))?;
         self.stream.write_all(&vec![b'x'; len])?;
         self.sent += 1;
-        let r = read_response(&mut self.reader)
-            .with_context(|| format!("response to POST {target}"))?;
-        anyhow::ensure!(r.status == 200, "POST {target}: {} {}", r.status, r.text());
-        r.json()
+        read_response(&mut self.reader).with_context(|| format!("response to {method} {target}"))
     }
 
     /// `GET target`, which must be answered 200 by mesh-echo: its JSON reply.

@@ -38,6 +38,8 @@ const UDP_PORT: u16 = 9999;
 const SKIP_MARK: u32 = 0x539;
 /// The agent's ports in every pod.
 const AGENT_PORTS: [u16; 3] = [15001, 15006, 15008];
+/// The agents' admin listener (`--admin-addr`, default 127.0.0.1:15000).
+const ADMIN_PORT: u16 = 15000;
 /// Bound on one attempt's connect and on each of its reads.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a config change or a counter update may take.
@@ -486,6 +488,16 @@ fn the_agents_ports_are_no_way_in(s: &mut Bypass) -> Result<()> {
                     Ok(s.refused()? > before)
                 })?;
             }
+            println!("blocked as expected: {attempt:?} -> {outcome:?}");
+        }
+    }
+    // RELIABILITY 10: the agents' admin port (config dump, log level, quitquitquit) listens
+    // on the node's loopback only: from a pod, the node's address gets no answer.
+    for node in ["n1", "n2"] {
+        let to = SocketAddr::new(s.mesh.node_ip(node)?.into(), ADMIN_PORT);
+        for attempt in [Attempt::to(to), Attempt::to(to).marked()] {
+            let outcome = try_tcp(&s.mesh, ATTACKER, attempt)?;
+            ensure!(!outcome.answered(), "{attempt:?} answered: {outcome:?}");
             println!("blocked as expected: {attempt:?} -> {outcome:?}");
         }
     }

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use e2e::waypoint::{waypoint_mesh, WAYPOINT};
@@ -226,6 +226,63 @@ fn a_pod_enrolled_while_the_ca_is_down_waits_then_is_served_once_it_returns() ->
             "node".into()
         )),
         "{issued:?}"
+    );
+    Ok(())
+}
+
+/// RELIABILITY 35: an agent that starts while the CA is down serves none of its pods (no
+/// plaintext, not ready) and retries with backoff; once the CA is back it is served
+/// within one backoff step (at most 30 s, `mesh_pki::certs::RETRY_MAX`; after this
+/// outage's few failures, a few seconds), without a restart.
+#[test]
+fn an_agent_started_while_the_ca_is_down_serves_nothing_until_it_returns() -> Result<()> {
+    let mesh = with_server("ca_down_start").build()?;
+    let _server = mesh.spawn_echo(SERVER, APP, "server")?;
+    let server = server_addr(&mesh)?;
+    ensure!(reaches(&mesh, server), "served before the outage");
+    mesh.stop_control()?;
+    mesh.stop_ztunnel("n2")?;
+    let down = Instant::now();
+    mesh.start_ztunnel_unready("n2")?;
+    eventually(
+        "n2 up, its server pending: the CA is unreachable",
+        CA_ANSWER,
+        || {
+            // Still captured (the previous agent's capture stays): the new agent takes the
+            // pod over once it holds the pod's certificate.
+            let state = pod_state(&mesh, "n2", SERVER)?;
+            ensure!(state.starts_with("pending"), "state {state:?}");
+            Ok(state)
+        },
+    )?;
+    ensure!(
+        mesh.readiness_status("n2")? == 503,
+        "n2 ready without its certificates"
+    );
+    ensure!(
+        !reaches(&mesh, server),
+        "the server was reached without its identity"
+    );
+    let agent = mesh.ztunnel_pid("n2").context("n2 runs")?;
+    let outage = down.elapsed();
+    mesh.start_control()?;
+    let back = Instant::now();
+    wait_until("the server served once the CA is back", CA_ANSWER, || {
+        Ok(reaches(&mesh, server))
+    })?;
+    let took = back.elapsed();
+    // Equal-jitter doubling from 500 ms: the step pending when the CA returns is at most
+    // about four times the outage so far, and never over 30 s.
+    let step = (outage * 4 + Duration::from_secs(1)).min(Duration::from_secs(31));
+    println!("CA down {outage:?} at the agent's start; served {took:?} after it returned");
+    ensure!(
+        took <= step,
+        "served {took:?} after the CA returned (step bound {step:?})"
+    );
+    ensure!(mesh.readiness_status("n2")? == 200, "n2 ready");
+    ensure!(
+        mesh.ztunnel_pid("n2") == Some(agent),
+        "the agent was restarted"
     );
     Ok(())
 }

@@ -21,6 +21,8 @@ const ECHO_VIP: &str = "10.96.0.10";
 const TCP_VIP: &str = "10.96.0.12";
 /// Same pods, no waypoint.
 const DIRECT_VIP: &str = "10.96.0.11";
+/// Service `orphan`: its `istio.io/use-waypoint` names a Gateway the mesh does not have.
+const ORPHAN_VIP: &str = "10.96.0.13";
 const WAYPOINT_SA: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
 const CLIENT_SA: &str = "spiffe://cluster.local/ns/default/sa/client";
 
@@ -63,6 +65,10 @@ fn mesh(test: &str) -> Result<Mesh> {
                 .labels([(USE_WAYPOINT_LABEL, "waypoint")]),
         )
         .service(http_service("direct", DIRECT_VIP, ("app", "echo")))
+        .service(
+            http_service("orphan", ORPHAN_VIP, ("app", "echo"))
+                .labels([(USE_WAYPOINT_LABEL, "no-such-waypoint")]),
+        )
         .yaml("policies.yaml", POLICIES)
         .build()
 }
@@ -160,6 +166,7 @@ fn main() -> ExitCode {
             the_agents_see_the_waypoint_between_client_and_server,
             a_service_without_a_waypoint_is_reached_directly,
             tcp_ports_are_relayed_and_undeclared_ports_detected,
+            a_service_naming_an_unknown_waypoint_fails_closed,
         ],
         &tests![
             plain_tcp_to_the_waypoint_hbone_port_is_refused,
@@ -334,6 +341,45 @@ fn a_service_without_a_waypoint_is_reached_directly(l: &mut L7) -> Result<()> {
     assert_eq!(
         prom::sum(&after, "istio_requests_total", &[("reporter", "waypoint")]),
         11.0
+    );
+    Ok(())
+}
+
+/// RELIABILITY 18: a Service whose `istio.io/use-waypoint` names a Gateway the mesh does not
+/// have (a typo, a waypoint deleted or not created yet) fails closed: the client's agent
+/// refuses its connections (`UH`, naming the Gateway) rather than send them around the
+/// waypoint, whose L7 policy would then be skipped. The same servers answer through other
+/// Services.
+fn a_service_naming_an_unknown_waypoint_fails_closed(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
+    let refused = || -> Result<f64> {
+        Ok(prom::sum(
+            &mesh.metrics("n1")?,
+            "mesh_connections_refused_total",
+            &[("reporter", "source"), ("reason", "UH")],
+        ))
+    };
+    let before = refused()?;
+    let orphan = format!("{ORPHAN_VIP}:80").parse()?;
+    for _ in 0..3 {
+        if let Ok(r) = mesh.http_get(CLIENT, orphan, "/orphan") {
+            bail!("answered {} around the unknown waypoint", r.status);
+        }
+    }
+    e2e::eventually(
+        "3 refusals counted UH",
+        std::time::Duration::from_secs(10),
+        || {
+            let got = refused()? - before;
+            anyhow::ensure!(got == 3.0, "{got} counted");
+            Ok(())
+        },
+    )?;
+    let direct = mesh.http_get(CLIENT, format!("{DIRECT_VIP}:80").parse()?, "/direct")?;
+    anyhow::ensure!(
+        direct.status == 200,
+        "the servers answer: {}",
+        direct.status
     );
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use e2e::prom;
 use e2e::waypoint::{
     http_service, log_tail, server, wait_for_rejection, waypoint_mesh, waypoint_service, with_log,
@@ -177,7 +177,7 @@ fn main() -> ExitCode {
             the_first_matching_entry_wins_and_no_match_is_404,
             a_weighted_split_is_chosen_per_request,
             retries_turn_a_503_into_a_200_unless_disabled_or_exhausted,
-            a_small_body_is_retried_and_a_streamed_one_is_not,
+            a_small_idempotent_body_is_retried_and_a_post_or_a_streamed_one_is_not,
             a_per_try_timeout_gives_up_on_a_slow_attempt,
             fault_abort_answers_half_the_requests,
             fault_delay_slows_half_the_requests,
@@ -241,17 +241,43 @@ fn retries_turn_a_503_into_a_200_unless_disabled_or_exhausted(r: &mut Resilience
     Ok(())
 }
 
-/// A small body is buffered and sent again by the retry; a large one (over 64 KiB) is
-/// streamed, so a 503 after it was sent is not retried.
-fn a_small_body_is_retried_and_a_streamed_one_is_not(r: &mut Resilience) -> Result<()> {
+/// RELIABILITY 28: a request is replayed only when that cannot make the upstream act on it
+/// twice: a small PUT (idempotent, buffered) is retried after a 503; a POST's 503 reaches
+/// the client (not idempotent: the server may have acted on it); a streamed body is never
+/// replayed.
+fn a_small_idempotent_body_is_retried_and_a_post_or_a_streamed_one_is_not(
+    r: &mut Resilience,
+) -> Result<()> {
     let c = &mut r.c;
-    let reply = c.post("/retry-default?fail_first=1&key=post-small", 1000)?;
+    let rsp = c.send_body("PUT", "/retry-default?fail_first=1&key=put-small", 1000)?;
+    ensure!(
+        rsp.status == 200,
+        "PUT retried: {} {}",
+        rsp.status,
+        rsp.text()
+    );
+    assert_eq!(rsp.json()?["body_bytes"], 1000);
+    let rsp = c.send_body("POST", "/retry-default?fail_first=1&key=post-small", 1000)?;
+    ensure!(
+        rsp.status == 503,
+        "POST not replayed: {} {}",
+        rsp.status,
+        rsp.text()
+    );
+    let reply = c.post("/retry-default?key=post-small", 1000)?;
     assert_eq!(reply["body_bytes"], 1000, "{reply}");
     let reply = c.post("/retry-default?key=post-large-ok", 200 * 1024)?;
     assert_eq!(reply["body_bytes"], 200 * 1024, "{reply}");
-    let rsp = c.post("/retry-default?fail_first=1&key=post-large", 200 * 1024);
-    let err = rsp.expect_err("the streamed body's 503 reaches the client");
-    assert!(format!("{err:#}").contains("503"), "{err:#}");
+    let rsp = c.send_body(
+        "PUT",
+        "/retry-default?fail_first=1&key=put-large",
+        200 * 1024,
+    )?;
+    ensure!(
+        rsp.status == 503,
+        "the streamed body's 503 reaches the client: {}",
+        rsp.status
+    );
     Ok(())
 }
 
@@ -424,8 +450,8 @@ fn metrics_count_client_requests_faults_retries_and_mirrors(r: &mut Resilience) 
             ("response_flags", "-"),
             ("destination_service", V1_HOST)
         ]),
-        2.0,
-        "the attempts: 0 request and the streamed POST: {metrics}"
+        3.0,
+        "the attempts: 0 request, the POST not replayed and the streamed PUT: {metrics}"
     );
     let retries = |reason: &str| {
         prom::sum(
@@ -434,7 +460,7 @@ fn metrics_count_client_requests_faults_retries_and_mirrors(r: &mut Resilience) 
             &[("reason", reason)],
         )
     };
-    // 1 (default policy, one 503) + 2 (three 503s) + 1 (small POST) retried responses;
+    // 1 (default policy, one 503) + 2 (three 503s) + 1 (small PUT) retried responses;
     // one per-try timeout.
     assert_eq!(retries("response"), 4.0, "{metrics}");
     assert_eq!(retries("per-try-timeout"), 1.0, "{metrics}");

@@ -76,6 +76,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
             max_idle: cfg.max_idle_per_endpoint,
             keepalive: cfg.limits.keepalive(),
             outlier_ejections: http_metrics.outlier_ejections.clone(),
+            hbone: cfg.limits.hbone_pool(),
         },
         certs.clone(),
     );
@@ -84,6 +85,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         .context("roots for https jwksUri")?;
     let jwks = JwksCache::new(cfg.jwks, jwks_tls, http_metrics.clone());
     let inputs = Arc::new(Inputs {
+        receive_budget: cfg.limits.receive_budget(),
         cfg: cfg.engine(),
         model: model.clone(),
         certs: certs.clone(),

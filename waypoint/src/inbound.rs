@@ -26,7 +26,7 @@ use mesh_model::identity::Identity;
 use mesh_model::model::effective_policy;
 use mesh_model::policy::{Decision, L4Request};
 use mesh_shell::conns::Active;
-use mesh_shell::limits::{Cap, LimitArgs};
+use mesh_shell::limits::{Cap, HandshakeCap, LimitArgs};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -68,7 +68,7 @@ pub struct Inbound {
     /// Open connections (`--max-connections`) and TLS handshakes in progress
     /// (`--max-tls-handshakes`): more are closed at once (flag OM).
     conn_cap: Cap,
-    handshake_cap: Cap,
+    handshake_cap: HandshakeCap,
     keepalive: mesh_hbone::tcp::Keepalive,
     hbone: hbone::ServerConfig,
 }
@@ -99,7 +99,7 @@ impl Inbound {
             inputs,
             active,
             conn_cap: Cap::new("max_connections", limits.max_connections),
-            handshake_cap: Cap::new("max_tls_handshakes", limits.max_tls_handshakes),
+            handshake_cap: limits.handshake_cap(),
             keepalive: limits.keepalive(),
             hbone: limits.hbone_server(),
         })
@@ -156,7 +156,7 @@ async fn handle_conn(
     tls: Arc<rustls::ServerConfig>,
     cfg: InboundConfig,
     hbone_cfg: &hbone::ServerConfig,
-    handshake_cap: &Cap,
+    handshake_cap: &HandshakeCap,
     inputs: Arc<Inputs>,
 ) {
     let local = tcp.local_addr().unwrap_or(peer);
@@ -203,10 +203,8 @@ async fn handle_conn(
     )
     .await;
     // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
-    // reason, e.g. `H2_PING_FLOOD`.
-    if let Some(reason) = result.err().and_then(|e| e.log_inbound_end(peer)) {
-        metrics.refused(REPORTER, &reason);
-    }
+    // reason, e.g. `H2_PING_FLOOD`; no room for its receive window is `OM`.
+    mesh_shell::limits::hbone_conn_ended(&metrics, REPORTER, "hbone", peer, hbone_cfg, result);
 }
 
 /// Validates one CONNECT and resolves what it is for.

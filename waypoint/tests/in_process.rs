@@ -794,7 +794,16 @@ fn held_sockets(addr: std::net::SocketAddr) -> Result<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_say_hello_are_closed_at_the_handshake_deadline() -> Result<()> {
-    let mesh = Mesh::start_with_flags("", &["--tls-handshake-timeout=1s"]).await?;
+    // Every client here dials from 127.0.0.1: the per-source share is lifted to the
+    // process's cap, which is under test (the share: e2e `abuse_hbone`).
+    let mesh = Mesh::start_with_flags(
+        "",
+        &[
+            "--tls-handshake-timeout=1s",
+            "--max-tls-handshakes-per-source=1024",
+        ],
+    )
+    .await?;
     let hbone = mesh.hbone_addr();
     let before = held_sockets(hbone)?;
     let started = Instant::now();

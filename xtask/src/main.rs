@@ -399,11 +399,12 @@ fn soak(minutes: f64, redirect: Option<&str>) -> Result<()> {
 
 /// The e2e test targets that run once per redirection backend (`soak` in its short form:
 /// `SOAK_MINUTES` unset is one minute).
-const E2E_SUITES: [&str; 16] = [
+const E2E_SUITES: [&str; 18] = [
     "core",
     "ca_service",
     "enrollment",
     "lifecycle",
+    "upgrade",
     "bad_peers",
     "waypoint",
     "waypoint_routing",
@@ -415,6 +416,7 @@ const E2E_SUITES: [&str; 16] = [
     "bypass_l7",
     "bypass_capture",
     "abuse_hbone",
+    "waypoint_abuse",
     "soak",
 ];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,

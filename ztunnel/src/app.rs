@@ -69,10 +69,13 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
     let model = installed.model.clone();
     let pool = Pool::new(PoolConfig {
         connect_timeout: cfg.connect_timeout,
-        ..PoolConfig::default()
+        ..cfg.limits.hbone_pool()
     });
     let conns = Arc::new(ConnTracker::default());
     let stop = CancellationToken::new();
+    // Ends what the drain still needs (config, certificate renewal, policy re-checks of the
+    // connections being drained: up to `--drain-timeout`, an hour by default) once it is over.
+    let exit = CancellationToken::new();
     let pi = Arc::new(ProxyInputs::new(
         cfg.clone(),
         model.clone(),
@@ -100,7 +103,7 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
             .await?;
     spawn(
         info_span!("cert_rotation"),
-        certs.clone().run_rotation(stop.clone()),
+        certs.clone().run_rotation(exit.clone()),
     );
 
     source.run(
@@ -110,7 +113,7 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
             rejections: Some(rejections_tx),
             ..mesh_kube::Options::default()
         },
-        stop.clone(),
+        exit.clone(),
     );
     let manager = Manager::new(pi.clone(), ready, pod_status);
     let manager_task = spawn(
@@ -143,9 +146,17 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
         );
         let started = std::time::Instant::now();
         stop.cancel();
-        let _ = manager_task.await;
+        // Connections being drained stay subject to policy: a change that no longer allows
+        // one closes it here too, as in the new agent serving the node meanwhile.
+        if let Ok(changes) = manager_task.await {
+            spawn(
+                info_span!("drain_rechecks"),
+                recheck_while_draining(changes, pi.model.clone(), conns.clone(), exit.clone()),
+            );
+        }
         let drained =
             mesh_shell::process::drain(cfg.drain_timeout, open.idle(), || open.len()).await;
+        exit.cancel();
         let waited_ms = started.elapsed().as_millis() as u64;
         if drained {
             tracing::info!(waited_ms, "drained: every connection finished");
@@ -197,6 +208,32 @@ impl Loaded {
     }
 }
 
+/// After shutdown began: re-checks the open connections against every new model until
+/// `exit`.
+async fn recheck_while_draining(
+    mut changes: watch::Receiver<()>,
+    model: Arc<ArcSwap<Model>>,
+    conns: Arc<ConnTracker>,
+    exit: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = exit.cancelled() => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let closed = conns.recheck(&model.load_full());
+                if closed > 0 {
+                    tracing::info!(closed, "policy change closed connections (draining)");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the node's pods enrolled as models come and go; on `stop` closes their listeners
+/// and returns the model changes for [`recheck_while_draining`].
 async fn manage_workloads(
     mut manager: Manager,
     model: Arc<ArcSwap<Model>>,
@@ -205,8 +242,12 @@ async fn manage_workloads(
     conns: Arc<ConnTracker>,
     mut rx: watch::Receiver<()>,
     stop: CancellationToken,
-) {
+) -> watch::Receiver<()> {
     let mut settled = loaded.reconcile(&mut manager, &model);
+    // The source stops publishing (its sender goes) when it ends, which on shutdown races
+    // with `stop`: the loop only ever ends through `stop`, so the pods' listeners always
+    // close (returning here without `shut_down` left them accepting through the drain).
+    let mut source_open = true;
     loop {
         let retry = async {
             if settled {
@@ -216,13 +257,15 @@ async fn manage_workloads(
             }
         };
         tokio::select! {
+            biased;
             _ = stop.cancelled() => {
                 manager.shut_down();
-                return;
+                return rx;
             }
-            changed = rx.changed() => {
+            changed = rx.changed(), if source_open => {
                 if changed.is_err() {
-                    return;
+                    source_open = false;
+                    continue;
                 }
                 settled = loaded.reconcile(&mut manager, &model);
                 let closed = conns.recheck(&model.load_full());
@@ -231,8 +274,15 @@ async fn manage_workloads(
                 }
             }
             _ = retry => settled = loaded.reconcile(&mut manager, &model),
-            // A certificate arrived, was renewed or refused: readiness and pod states.
-            Ok(()) = certs.changed() => manager.refresh(),
+            // A certificate arrived, was renewed or refused: readiness and pod states, and
+            // the enrollments that waited for it.
+            Ok(()) = certs.changed() => {
+                if settled {
+                    manager.refresh();
+                } else {
+                    settled = loaded.reconcile(&mut manager, &model);
+                }
+            }
         }
     }
 }

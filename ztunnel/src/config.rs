@@ -63,9 +63,20 @@ pub enum Redirect {
     Loopback,
 }
 
+/// The agent's `--drain-timeout` (the other binaries keep the shared
+/// [`DEFAULT_DRAIN_TIMEOUT`]): on SIGTERM, established connections (both directions) may run
+/// this long. An upgrade (the next agent already serves new connections) must not cut them,
+/// so this is long; the DaemonSet's `terminationGracePeriodSeconds` is a little longer.
+pub const DEFAULT_AGENT_DRAIN_TIMEOUT: &str = "1h";
+
 /// Command line and environment (`ZTUNNEL_*`).
 #[derive(Parser, Debug, Clone)]
-#[command(name = "ztunnel", version, about = "Ambient mesh node agent")]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Ambient mesh node agent",
+    mut_arg("drain_timeout", |a| a.default_value(DEFAULT_AGENT_DRAIN_TIMEOUT))
+)]
 pub struct Args {
     /// Name of this node: the agent serves pods whose `spec.nodeName` equals it.
     #[arg(long, env = "ZTUNNEL_NODE_NAME")]
@@ -225,6 +236,14 @@ mod tests {
         assert!(parse(&["--config-source", "etcd"]).is_err());
     }
 
+    #[test]
+    fn the_agent_drains_for_an_hour_unless_told_otherwise() {
+        let args = parse(&["--config-dir", "/cfg"]).expect("parses");
+        assert_eq!(args.process.drain_timeout, Duration::from_secs(3600));
+        let args = parse(&["--config-dir", "/cfg", "--drain-timeout", "25s"]).expect("parses");
+        assert_eq!(args.process.drain_timeout, Duration::from_secs(25));
+    }
+
     /// `/config_dump` shows the settings under these names; tools and tests read them.
     #[test]
     fn the_dump_keeps_every_setting_name() {
@@ -264,12 +283,23 @@ mod tests {
             "max_connections_per_pod",
             "max_connections",
             "max_tls_handshakes",
+            "max_tls_handshakes_per_source",
+            "tls_handshakes_per_source_per_sec",
             "first_byte_timeout",
             "hbone_idle_timeout",
             "tcp_keepalive_idle",
             "tcp_keepalive_interval",
             "tcp_keepalive_probes",
             "tcp_user_timeout",
+            "receive_buffer_budget",
+            "hbone_stream_window",
+            "hbone_connection_window",
+            "hbone_max_concurrent_streams",
+            "hbone_max_control_frames_per_sec",
+            "hbone_ping_interval",
+            "hbone_ping_timeout",
+            "hbone_pool_max_conns_per_peer",
+            "hbone_send_stall_timeout",
         ];
         expected.sort_unstable();
         assert_eq!(keys, expected);
@@ -295,16 +325,26 @@ mod tests {
             "ZTUNNEL_CONNECT_TIMEOUT",
             "ZTUNNEL_DRAIN_TIMEOUT",
             "ZTUNNEL_FIRST_BYTE_TIMEOUT",
+            "ZTUNNEL_HBONE_CONNECTION_WINDOW",
             "ZTUNNEL_HBONE_IDLE_TIMEOUT",
+            "ZTUNNEL_HBONE_MAX_CONCURRENT_STREAMS",
+            "ZTUNNEL_HBONE_MAX_CONTROL_FRAMES_PER_SEC",
+            "ZTUNNEL_HBONE_PING_INTERVAL",
+            "ZTUNNEL_HBONE_PING_TIMEOUT",
+            "ZTUNNEL_HBONE_POOL_MAX_CONNS_PER_PEER",
+            "ZTUNNEL_HBONE_SEND_STALL_TIMEOUT",
+            "ZTUNNEL_HBONE_STREAM_WINDOW",
             "ZTUNNEL_LOG_FORMAT",
             "ZTUNNEL_MAX_CONNECTIONS",
             "ZTUNNEL_MAX_CONNECTIONS_PER_POD",
             "ZTUNNEL_MAX_TLS_HANDSHAKES",
+            "ZTUNNEL_MAX_TLS_HANDSHAKES_PER_SOURCE",
             "ZTUNNEL_METRICS_ADDR",
             "ZTUNNEL_NETNS_DIR",
             "ZTUNNEL_NETNS_PREFIX",
             "ZTUNNEL_NODE_NAME",
             "ZTUNNEL_READINESS_ADDR",
+            "ZTUNNEL_RECEIVE_BUFFER_BUDGET",
             "ZTUNNEL_REDIRECT",
             "ZTUNNEL_RELEASE_ALL",
             "ZTUNNEL_RELEASE_ON_EXIT",
@@ -312,6 +352,7 @@ mod tests {
             "ZTUNNEL_TCP_KEEPALIVE_INTERVAL",
             "ZTUNNEL_TCP_KEEPALIVE_PROBES",
             "ZTUNNEL_TCP_USER_TIMEOUT",
+            "ZTUNNEL_TLS_HANDSHAKES_PER_SOURCE_PER_SEC",
             "ZTUNNEL_TLS_HANDSHAKE_TIMEOUT",
             "ZTUNNEL_TRUST_DOMAIN",
         ];

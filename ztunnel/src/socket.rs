@@ -27,6 +27,12 @@ pub enum SocketError {
         netns: String,
         source: io::Error,
     },
+    #[error("set {name} in netns {netns}: {source}")]
+    Sysctl {
+        name: &'static str,
+        netns: String,
+        source: io::Error,
+    },
     #[error("connect {addr} from netns {netns}: timed out after {timeout:?}")]
     ConnectTimeout {
         addr: SocketAddr,
@@ -55,7 +61,10 @@ pub enum ListenFor {
     Ebpf,
 }
 
-/// Binds a listener on `addr` inside `netns`.
+/// Binds a listener on `addr` inside `netns`, with `SO_REUSEPORT`: during an upgrade the
+/// next agent binds the same pod ports while this one still serves, and the kernel spreads
+/// new connections over both until one closes (`tcp_migrate_req`, set per pod namespace by
+/// [`migrate_requests_in`], moves what was queued on the closed one to the other).
 pub fn listen_in(
     netns: &Netns,
     home: &Netns,
@@ -70,6 +79,7 @@ pub fn listen_in(
     let sock = netns.run(home, || -> io::Result<Socket> {
         let s = Socket::new(domain(&addr), Type::STREAM, Some(Protocol::TCP))?;
         s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
         s.set_nonblocking(true)?;
         if setup == ListenFor::Ebpf {
             // IP_TRANSPARENT also applies to IPv6 sockets (the kernel shares the flag).
@@ -82,6 +92,27 @@ pub fn listen_in(
     })?;
     let sock = sock.map_err(bind_err)?;
     TcpListener::from_std(sock.into()).map_err(bind_err)
+}
+
+/// The sysctl that makes a closing `SO_REUSEPORT` listener hand the connections in its
+/// accept queue (and its half-open requests) to another listener of its group instead of
+/// resetting them (Linux 5.14+, per network namespace).
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Sets `net.ipv4.tcp_migrate_req=1` inside `netns`, so that no connection queued on an
+/// agent's pod listener is lost when that agent closes it while its successor listens on the
+/// same port. `Ok(false)`: the kernel is older than 5.14 (the file is missing).
+pub fn migrate_requests_in(netns: &Netns, home: &Netns) -> Result<bool, SocketError> {
+    let set = netns.run(home, || match std::fs::write(MIGRATE_REQ, b"1") {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    })?;
+    set.map_err(|source| SocketError::Sysctl {
+        name: MIGRATE_REQ,
+        netns: netns.path().display().to_string(),
+        source,
+    })
 }
 
 /// Connects to `dst` from inside `netns`, marked so that redirection ignores it, with TCP

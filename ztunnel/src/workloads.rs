@@ -36,6 +36,8 @@ pub enum EnrollError {
         pod: NamespacedName,
         source: Box<mesh_pki::tls::TlsError>,
     },
+    #[error("already captured; taking over once its certificate is here")]
+    AwaitingCert { pod: NamespacedName },
     #[error("certificate for {pod}: {source}")]
     Cert {
         pod: NamespacedName,
@@ -163,6 +165,10 @@ impl Manager {
                     tracing::info!(pod = %key, identity = %r.ctx.identity, "pod enrolled");
                     self.running.insert(key.clone(), r);
                 }
+                Err(e @ EnrollError::AwaitingCert { .. }) => {
+                    tracing::info!(pod = %key, "{e}");
+                    self.failed.insert(key.clone(), e.to_string());
+                }
                 Err(e) => {
                     tracing::warn!(pod = %key, error = %e, "enrolling pod failed; will retry");
                     self.failed.insert(key.clone(), e.to_string());
@@ -170,7 +176,7 @@ impl Manager {
             }
         }
         if self.pi.cfg.redirect == Redirect::Ebpf {
-            self.sweep_pins(&desired);
+            self.sweep_pins(model, &desired);
         }
         let done = self.failed.is_empty();
         self.refresh();
@@ -199,6 +205,15 @@ impl Manager {
             // connections fail closed (no certificate to present), and the pod shows as
             // waiting with the CA's reason.
             self.pi.certs.want(&identity);
+            // Already captured (an upgrade: the old agent still serves it; or a restart: it
+            // fails closed meanwhile): this agent's listeners would share the pod's ports
+            // with the old one's and fail what they took, so it takes over only once it can
+            // serve. A pod never captured is captured at once (failing closed) instead.
+            let captured = matches!(cfg.redirect, Redirect::Ebpf | Redirect::Nftables)
+                && redirect::has_leftovers(netns.path());
+            if captured && !self.pi.certs.has_all([&identity]) {
+                return Err(EnrollError::AwaitingCert { pod: key });
+            }
         } else {
             // Issue the certificate now so the first connection does not wait for it.
             self.pi
@@ -220,6 +235,19 @@ impl Manager {
             Redirect::Ebpf => ListenFor::Ebpf,
             _ => ListenFor::Nat,
         };
+        if !netns.is_own() {
+            // An upgrade closes the old agent's listeners while the new one's share their
+            // ports: what was queued on the old ones moves over instead of being reset.
+            match socket::migrate_requests_in(&netns, home) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(pod = %key, "kernel without tcp_migrate_req (< 5.14): an upgrade may reset connections queued on the old agent's listeners")
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %key, error = %e, "an upgrade may reset connections queued on the old agent's listeners")
+                }
+            }
+        }
         let listen = |ip, port| socket::listen_in(&netns, home, SocketAddr::new(ip, port), setup);
         let outbound = listen(lo, OUTBOUND_PORT)?;
         let plaintext = listen(any, INBOUND_PLAINTEXT_PORT)?;
@@ -253,6 +281,19 @@ impl Manager {
             ),
         });
         let pi = &self.pi;
+        if ctx.capture.get().is_some_and(|c| c.adopted()) {
+            tracing::info!(pod = %key, "adopted the capture an earlier agent pinned");
+            // The earlier agent may still run (an upgrade) and be delivering: its exemptions
+            // go once any delivery it had under way has connected or timed out.
+            let (pod, wait) = (Arc::downgrade(&ctx), pi.cfg.connect_timeout * 2);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let capture = pod.upgrade().and_then(|p| p.capture.get());
+                if let Some(cleared) = capture.map(|c| c.clear_stale_exemptions()) {
+                    tracing::debug!(cleared, "stale capture exemptions removed");
+                }
+            });
+        }
         let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);
         tokio::spawn(
             proxy::outbound::run(outbound, ctx.clone(), pi.clone(), stop.clone())
@@ -403,7 +444,7 @@ impl Manager {
 
     /// Unpins captures that no pod of this node owns any more (see
     /// [`redirect::ebpf::sweep_pins`]): what pods deleted while no agent ran left behind.
-    fn sweep_pins(&self, desired: &BTreeMap<NamespacedName, &Pod>) {
+    fn sweep_pins(&self, model: &Model, desired: &BTreeMap<NamespacedName, &Pod>) {
         let current: Vec<(NamespacedName, std::path::PathBuf)> = self
             .running
             .iter()
@@ -412,7 +453,15 @@ impl Manager {
                 Some((k.clone(), dir))
             })
             .collect();
-        let wanted: Vec<NamespacedName> = desired.keys().cloned().collect();
+        // Pods on other nodes are never this agent's to touch (a bpffs shared between
+        // nodes, as in the netns harness, holds theirs too).
+        let node = &self.pi.cfg.node_name;
+        let elsewhere = model
+            .pods
+            .iter()
+            .filter(|(_, p)| p.node_name.as_deref().is_some_and(|n| n != node))
+            .map(|(k, _)| k.clone());
+        let wanted: Vec<NamespacedName> = desired.keys().cloned().chain(elsewhere).collect();
         for dir in redirect::ebpf::sweep_pins(&self.pi.cfg.bpf_fs, &current, &wanted) {
             tracing::info!(dir = %dir.display(), "removed the capture of a pod no longer here");
         }

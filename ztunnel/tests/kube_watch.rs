@@ -114,6 +114,12 @@ fn echo_waypoint(m: &Model) -> Option<(Option<IpAddr>, String)> {
     ))
 }
 
+/// The waypoint the echo Service names that the model does not know (its VIP fails closed).
+fn echo_missing_waypoint(m: &Model) -> Option<String> {
+    let svc = m.services.get(&NamespacedName::new("default", "echo"))?;
+    m.missing_waypoint_for_service(svc).map(|k| k.to_string())
+}
+
 /// The watch under test, with fast timings, and what it publishes.
 struct Agent {
     models: watch::Receiver<Arc<Model>>,
@@ -396,10 +402,11 @@ async fn a_waypoint_gateway_steers_its_services_once_its_pod_is_up() -> Result<(
                 .contains_key(&NamespacedName::new("default", "echo"))
         })
         .await?;
+    assert_eq!(echo_waypoint(&m), None, "no Gateway yet");
     assert_eq!(
-        echo_waypoint(&m),
-        None,
-        "no Gateway yet: traffic goes direct"
+        echo_missing_waypoint(&m),
+        Some("default/waypoint".to_owned()),
+        "named but unknown: its VIP fails closed rather than going around the waypoint"
     );
 
     info!("the waypoint's Gateway is created, its pod not yet: steered, but nowhere to go");
@@ -436,12 +443,18 @@ async fn a_waypoint_gateway_steers_its_services_once_its_pod_is_up() -> Result<(
         .context("waypoint pod")?;
     assert!(m.is_waypoint_pod(waypoint_pod), "never captured");
 
-    info!("the Gateway is deleted: the service's traffic goes direct again");
+    assert_eq!(echo_missing_waypoint(&m), None);
+
+    info!("the Gateway is deleted: the service's traffic fails closed again");
     server.delete("Gateway", "default", "waypoint")?;
     let m = agent
         .model("the gateway is gone", |m| m.gateways.is_empty())
         .await?;
     assert_eq!(echo_waypoint(&m), None);
+    assert_eq!(
+        echo_missing_waypoint(&m),
+        Some("default/waypoint".to_owned())
+    );
     assert_eq!(agent.rejections_total(), 0);
     Ok(())
 }

@@ -8,8 +8,9 @@
 //! ([`crate::balance::Cluster::report`]). A connect failure moves on to another endpoint at
 //! once (up to [`MAX_CONNECT_ATTEMPTS`] endpoints: nothing was sent); other retriable
 //! outcomes ([`mesh_model::resilience::should_retry`]) are retried after a jittered backoff
-//! while retries remain (and the cluster's `maxRetries` budget allows) and the body can be
-//! sent again; the route's `timeout` (`timeouts.request`) bounds all attempts from the
+//! while retries remain (and the cluster's `maxRetries` budget allows) and the request may
+//! be sent again (its body buffered, and an idempotent method or an outcome the upstream
+//! cannot have acted on: [`mesh_model::resilience::may_replay`]); the route's `timeout` (`timeouts.request`) bounds all attempts from the
 //! request's arrival; retries running out on a retriable response pass it on with flag
 //! `URX`. With DestinationRule `tls` `SIMPLE`/`MUTUAL` each new connection originates TLS
 //! ([`crate::origin`]); settings whose files cannot be used answer `503 UF` before any
@@ -174,7 +175,7 @@ pub async fn run(
 /// A connect failure moves to the next endpoint (nothing was sent, always safe) up to
 /// [`MAX_CONNECT_ATTEMPTS`] endpoints, and beyond that counts as a retry; other failures
 /// and responses are retried when the policy's `retryOn` says so, retries remain and the
-/// body can be sent again, after a jittered exponential backoff. `Ok((response, true))`:
+/// request may be sent again (buffered body, `may_replay`), after a jittered exponential backoff. `Ok((response, true))`:
 /// the response is retriable but the retries ran out (`URX`).
 async fn forward(
     plan: &AttemptPlan<'_>,
@@ -220,7 +221,8 @@ async fn forward(
         };
         report_outcome(plan, &ep, &outcome);
         let retriable = should_retry(&plan.policy.retry_on, &outcome);
-        let replayable = body.replayable();
+        let replayable = body.replayable()
+            && resilience::may_replay(&head.method, &outcome, &plan.policy.retry_on);
         if outcome == AttemptOutcome::ConnectFailure
             && free_connect_retries > 0
             && tried.len() < plan.eps.len().max(1)

@@ -168,6 +168,7 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
             max_idle: 32,
             keepalive: mesh_hbone::tcp::Keepalive::default(),
             outlier_ejections: http_metrics.outlier_ejections.clone(),
+            hbone: mesh_hbone::PoolConfig::default(),
         },
         certs.clone(),
     );
@@ -180,6 +181,7 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
     let jwks_tls = crate::jwks::tls_config(None).expect("webpki roots");
     let jwks = crate::jwks::JwksCache::new(jwks_settings, jwks_tls, http_metrics.clone());
     Arc::new(crate::proxy::Inputs {
+        receive_budget: mesh_hbone::ReceiveBudget::default(),
         cfg,
         model: Arc::new(arc_swap::ArcSwap::from_pointee(model)),
         certs,

@@ -10,6 +10,12 @@
 //!   of class `istio-waypoint`, or is not for this kind of traffic (`istio.io/waypoint-for`:
 //!   `service` (default) and `all` take Service traffic, `workload` and `all` take traffic to
 //!   pods, `none` takes nothing), the destination uses no waypoint. istiod binds the same way.
+//!   One difference, to fail closed: a Service whose label names a Gateway the model does not
+//!   have as a waypoint (none by that name, or not of class `istio-waypoint`: a typo, a
+//!   deleted or not yet created waypoint) is [`Model::missing_waypoint_for_service`], and
+//!   the node agent refuses traffic to its VIP (`UH`, naming the Gateway) rather than send it
+//!   around the waypoint and its L7 policy (RELIABILITY 18). Traffic to pod IPs is not held:
+//!   a missing Gateway's `waypoint-for` is unknown and by default it takes none.
 //! - A waypoint's address, in local mode (no control plane to allocate one): the first IP of
 //!   the Gateway's `status.addresses` (else `spec.addresses`), else the IP of the first ready
 //!   pod (by name) in the Gateway's namespace labelled
@@ -126,6 +132,15 @@ impl Model {
             .get(&key)
             .filter(|g| g.is_waypoint() && g.waypoint_for.takes_services())?;
         Some(self.waypoint_target(gw))
+    }
+
+    /// The waypoint `svc`'s labels (or its namespace's) name when the model has no waypoint
+    /// Gateway by that name: its VIP fails closed (see the module docs).
+    pub fn missing_waypoint_for_service(&self, svc: &Service) -> Option<NamespacedName> {
+        let ns_labels = self.namespace(&svc.namespace).map(|ns| &ns.labels);
+        let key = use_waypoint(&svc.labels, &svc.namespace, ns_labels)?;
+        let known = self.gateways.get(&key).is_some_and(|g| g.is_waypoint());
+        (!known).then_some(key)
     }
 
     /// The waypoint traffic addressed to `pod`'s own IP goes through, if any.
@@ -429,6 +444,24 @@ spec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}
             assert_eq!(
                 summary(m.waypoint_for_service(svc(service))),
                 want,
+                "{service}"
+            );
+        }
+        // Named but not a known waypoint: held closed. Opted out, unlabelled or steered
+        // elsewhere by the labels' own rules: not.
+        for (service, missing) in [
+            ("app/missing", Some("app/nope")),
+            ("app/not-a-waypoint", Some("app/ingress")),
+            ("app/plain", None),
+            ("app/opted-out", None),
+            ("app/to-workload-wp", None),
+            ("app/cross-ns", None),
+            ("infra/elsewhere", None),
+        ] {
+            assert_eq!(
+                m.missing_waypoint_for_service(svc(service))
+                    .map(|k| k.to_string()),
+                missing.map(str::to_string),
                 "{service}"
             );
         }

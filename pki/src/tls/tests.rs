@@ -450,6 +450,98 @@ async fn server_closes_plaintext_and_garbage_without_hanging() {
     }
 }
 
+/// RELIABILITY 6: a handshake cut into 32-byte records, relayed one byte per TCP write,
+/// completes with both identities.
+#[tokio::test]
+async fn a_handshake_in_tiny_records_and_segments_completes() {
+    let m = mesh();
+    let mut client = (*m.client("web", &["db"])).clone();
+    client.max_fragment_size = Some(32);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    // One byte per write, both ways, until either side closes.
+    async fn trickle(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let mut byte = [0u8; 1];
+        while let Ok(1) = from.read(&mut byte).await {
+            if to.write_all(&byte).await.is_err() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let _ = to.shutdown().await;
+    }
+    tokio::spawn(async move {
+        let (a, _) = relay.accept().await.unwrap();
+        let b = TcpStream::connect(addr).await.unwrap();
+        a.set_nodelay(true).unwrap();
+        b.set_nodelay(true).unwrap();
+        let ((ar, aw), (br, bw)) = (a.into_split(), b.into_split());
+        tokio::join!(trickle(ar, bw), trickle(br, aw));
+    });
+    let server = m.server("db");
+    let server_side = async {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = TlsAcceptor::from(server).accept(tcp).await?;
+        Ok::<_, std::io::Error>(peer_identity(tls.get_ref().1).unwrap())
+    };
+    let client_side = async {
+        let tcp = TcpStream::connect(relay_addr).await.unwrap();
+        let tls = TlsConnector::from(Arc::new(client))
+            .connect(server_name(), tcp)
+            .await?;
+        Ok::<_, std::io::Error>(peer_identity(tls.get_ref().1).unwrap())
+    };
+    let (server, client) = timeout(STEP, async { tokio::join!(server_side, client_side) })
+        .await
+        .expect("a trickled handshake finished in time");
+    assert_eq!(server.expect("server side"), id("web"));
+    assert_eq!(client.expect("client side"), id("db"));
+}
+
+/// RELIABILITY 6: a client that sends its ClientHello and then a close_notify alert, keeping
+/// the connection open, ends the server's handshake with an error at once (not at a
+/// deadline, not with a panic).
+#[tokio::test]
+async fn an_alert_in_the_middle_of_a_handshake_ends_it() {
+    let m = mesh();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(m.server("db"));
+    let server = async {
+        let (tcp, _) = listener.accept().await.unwrap();
+        acceptor.accept(tcp).await.map(|_| ())
+    };
+    let client = async {
+        let mut hello = Vec::new();
+        let mut conn =
+            rustls::ClientConnection::new(m.client("web", &["db"]), server_name()).unwrap();
+        conn.write_tls(&mut hello).unwrap();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(&hello).await.unwrap();
+        // The server's first flight, then close_notify (alert level 1, description 0).
+        let mut first = [0u8; 5];
+        tcp.read_exact(&mut first).await.unwrap();
+        tcp.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x00])
+            .await
+            .unwrap();
+        tcp
+    };
+    let (result, _open) = timeout(Duration::from_secs(1), async {
+        tokio::join!(server, client)
+    })
+    .await
+    .expect("the server ended the handshake within 1 s");
+    assert!(
+        result.is_err(),
+        "a handshake closed by the client succeeded"
+    );
+}
+
 /// Leaves signed by the mesh CA (so the chain verifies) that break one of the mesh's rules.
 #[tokio::test]
 async fn server_refuses_client_leaves_that_break_the_rules() {

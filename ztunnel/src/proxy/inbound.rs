@@ -87,7 +87,7 @@ pub(crate) async fn handle_conn(
         Ok(id) => Arc::new(id),
         Err(e) => return refuse(format!("peer identity: {e}")),
     };
-    let cfg = pi.cfg.limits.hbone_server();
+    let cfg = pi.hbone_server.clone();
     // GOAWAY when the agent shuts down or the pod is released: no new streams, open ones finish.
     let (agent_drain, pod_released) = (pi.drain.clone(), pod.stop.clone());
     let drain = async move {
@@ -105,10 +105,8 @@ pub(crate) async fn handle_conn(
     )
     .await;
     // A peer that crossed a limit (flood, rapid reset, no answer to PING) is counted by
-    // reason, e.g. `H2_PING_FLOOD`.
-    if let Some(reason) = result.err().and_then(|e| e.log_inbound_end(peer)) {
-        metrics.refused(REPORTER, &reason);
-    }
+    // reason, e.g. `H2_PING_FLOOD`; no room for its receive window is `OM`.
+    mesh_shell::limits::hbone_conn_ended(&metrics, REPORTER, "inbound_hbone", peer, &cfg, result);
 }
 
 /// Validates one CONNECT stream; `Err` is the answer, flag and reason of a refusal.

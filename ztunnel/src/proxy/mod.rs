@@ -42,7 +42,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mesh_shell::conns::{Active, ActiveGuard};
-use mesh_shell::limits::Cap;
+use mesh_shell::limits::{Cap, HandshakeCap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -90,7 +90,10 @@ pub struct ProxyInputs {
     /// Open connections of the process (`--max-connections`).
     pub conn_cap: Cap,
     /// TLS handshakes in progress on 15008 (`--max-tls-handshakes`).
-    pub handshake_cap: Cap,
+    pub handshake_cap: HandshakeCap,
+    /// The HTTP/2 settings of every inbound HBONE connection, built once from the flags
+    /// (shared, so that each connection's future holds one pointer).
+    pub hbone_server: Arc<mesh_hbone::ServerConfig>,
     round_robin: RoundRobin<NamespacedName>,
 }
 
@@ -108,10 +111,11 @@ impl ProxyInputs {
         drain: tokio_util::sync::CancellationToken,
     ) -> Self {
         let conn_cap = Cap::new("max_connections", cfg.limits.max_connections);
-        let handshake_cap = Cap::new("max_tls_handshakes", cfg.limits.max_tls_handshakes);
+        let handshake_cap = cfg.limits.handshake_cap();
         ProxyInputs {
             conn_cap,
             handshake_cap,
+            hbone_server: Arc::new(cfg.limits.hbone_server()),
             cfg,
             model,
             certs,

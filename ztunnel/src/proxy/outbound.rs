@@ -124,6 +124,10 @@ fn plan<'a>(
             if let Some(hop) = waypoint_hop(wp, src, dst, td)? {
                 return Ok((Some(svc), vec![hop]));
             }
+        } else if let Some(gw) = model.missing_waypoint_for_service(svc) {
+            // Sending it direct would skip the waypoint's policy: fail closed until it exists.
+            let reason = format!("waypoint {gw} named by the service is not known");
+            return Err((ResponseFlag::NoHealthyUpstream, reason));
         }
         let eps = model.endpoints(svc, port);
         if eps.is_empty() {
@@ -373,16 +377,40 @@ async fn open_hbone(
         ],
         traceparent: None,
     };
-    let req = hbone::connect_request(target, &headers);
-    let netns = pod.netns.clone();
-    let home = pi.home.clone();
     let timeout = pi.cfg.connect_timeout;
     let keepalive = pi.cfg.limits.keepalive();
     let src = pod.dial_source();
-    let dial = move || async move {
-        socket::connect_in(&netns, &home, hbone_addr, src, timeout, &keepalive, None)
-            .await
-            .map_err(std::io::Error::other)
-    };
-    pi.pool.connect(key, tls, dial, req).await
+    // The pool retries a stream its pooled connection refused on a fresh one, but takes a
+    // fresh connection's answer as final. A peer agent that began draining between
+    // accepting that connection and reading the stream (an upgrade's old agent, SIGTERMed)
+    // refuses it unprocessed: one more fresh attempt reaches whoever listens now.
+    let mut attempt = 0;
+    loop {
+        let (netns, home) = (pod.netns.clone(), pi.home.clone());
+        let dial = move || async move {
+            socket::connect_in(&netns, &home, hbone_addr, src, timeout, &keepalive, None)
+                .await
+                .map_err(std::io::Error::other)
+        };
+        let req = hbone::connect_request(target, &headers);
+        match pi.pool.connect(key.clone(), tls.clone(), dial, req).await {
+            Err(e) if attempt == 0 && never_processed(&e) => {
+                tracing::debug!(error = %e, dst = %hbone_addr, "stream refused by a draining peer; trying again");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether the peer refused the stream without processing it (RFC 9113 8.7): REFUSED_STREAM,
+/// or a graceful GOAWAY that came before it.
+fn never_processed(e: &HboneError) -> bool {
+    match e {
+        HboneError::H2(e) => {
+            e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
+        }
+        _ => false,
+    }
 }

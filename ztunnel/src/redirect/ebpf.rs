@@ -4,7 +4,9 @@
 //! Per pod network namespace:
 //! - the capture program, pinned under `<bpf-fs>/ztunnel/<netns file name>/` so that it
 //!   outlives the agent (a restarted agent adopts it; while no agent listens the pod fails
-//!   closed), with the pod's 15006 and 15001 listeners in its socket map;
+//!   closed), with the pod's 15006 and 15001 listeners in its socket map. In an upgrade the
+//!   next agent adopts it while the old one still runs: its listeners replace the old one's
+//!   in the map (one update each), and the old one leaves map and pins alone when it exits;
 //! - policy routing, per address family the pod has (rules are ours by their preference):
 //!   - [`PREF_PROBE`]: replies to the node's probe source leave normally (v4 only);
 //!   - [`PREF_SKIP`]: anything the agent sends (socket mark [`SKIP_MARK`]) leaves normally;
@@ -30,7 +32,7 @@ use std::process::Command;
 use ::ebpf::{CaptureConfig, CaptureGuard};
 use mesh_model::model::NamespacedName;
 
-use super::{block_ipv6, run_in, unblock_ipv6, RedirectError, PREF_NO_IPV6};
+use super::{block_ipv6, rule_exists, run_in, unblock_ipv6, RedirectError, PREF_NO_IPV6};
 use crate::config::{HBONE_PORT, INBOUND_ROUTE_TABLE, PROBE_SOURCE_IP, SKIP_MARK};
 use crate::netns::Netns;
 
@@ -206,22 +208,30 @@ pub fn install(
     Ok(guard)
 }
 
+/// Adds the rules that are missing and replaces the route (atomic), never deleting a rule
+/// first (see [`super::rule_exists`]): an earlier agent's rules, which its established
+/// connections use while it drains during an upgrade, stay in place throughout.
 fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
-    delete_rules(netns, &OUR_PREFS);
     let table = INBOUND_ROUTE_TABLE;
     for (family, default, src) in families(ips) {
         // `ip -batch` takes no per-line options: one batch per address family.
         let mut batch = String::new();
-        if family == "-4" {
+        let missing = |pref| !rule_exists(netns, family, pref);
+        if family == "-4" && missing(PREF_PROBE) {
             batch += &format!("rule add pref {PREF_PROBE} to {PROBE_SOURCE_IP} lookup main\n");
         }
-        batch += &format!(
-            "rule add pref {PREF_SKIP} fwmark {SKIP_MARK:#x}/0xfff lookup main\n\
-             rule add pref {PREF_CAPTURE} iif lo ipproto tcp lookup {table}\n\
-             route replace local {default} dev lo src {src} table {table}\n"
-        );
+        if missing(PREF_SKIP) {
+            batch +=
+                &format!("rule add pref {PREF_SKIP} fwmark {SKIP_MARK:#x}/0xfff lookup main\n");
+        }
+        if missing(PREF_CAPTURE) {
+            batch += &format!("rule add pref {PREF_CAPTURE} iif lo ipproto tcp lookup {table}\n");
+        }
+        batch += &format!("route replace local {default} dev lo src {src} table {table}\n");
         run_in(netns, &["ip", family, "-batch", "-"], Some(&batch))?;
     }
+    // What a release left for its draining flows is covered by the capture rule again.
+    delete_rules(netns, &[PREF_FLOW]);
     block_ipv6(netns, ips)
 }
 

@@ -115,8 +115,13 @@ pub fn has_leftovers(netns: &Path) -> bool {
 /// listener takes it. A pod with an IPv6 address gets none of this: its IPv6 is captured like
 /// its IPv4. Idempotent; a kernel without IPv6 needs nothing.
 fn block_ipv6(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
-    unblock_ipv6(netns);
     if ips.iter().any(IpAddr::is_ipv6) || !Path::new("/proc/net/if_inet6").exists() {
+        unblock_ipv6(netns);
+        return Ok(());
+    }
+    // Kept if there (an earlier agent's, or this one's before an upgrade): never a moment
+    // without it.
+    if rule_exists(netns, "-6", PREF_NO_IPV6) {
         return Ok(());
     }
     let pref = PREF_NO_IPV6.to_string();
@@ -127,6 +132,17 @@ fn block_ipv6(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
         ],
         None,
     )
+}
+
+/// Whether `netns` has a policy-routing rule at preference `pref` (`family`: `-4`/`-6`).
+/// Each of the agent's preferences holds one kind of rule, so installing adds only what is
+/// missing and never deletes first: a rule deleted and added again, even within
+/// milliseconds, lets the packets of established connections (an upgrade's old agent's)
+/// leave the pod unrouted in between, and their peers reset them.
+fn rule_exists(netns: &Path, family: &str, pref: u32) -> bool {
+    let pref = pref.to_string();
+    output_in(netns, &["ip", family, "rule", "show", "pref", &pref])
+        .is_ok_and(|out| !out.trim().is_empty())
 }
 
 /// Removes what [`block_ipv6`] added; a missing rule is not an error.

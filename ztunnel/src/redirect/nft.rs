@@ -16,7 +16,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use super::{block_ipv6, run_in, unblock_ipv6, RedirectError};
+use super::{block_ipv6, rule_exists, run_in, unblock_ipv6, RedirectError};
 use crate::config::{
     HBONE_PORT, INBOUND_CONNMARK, INBOUND_PLAINTEXT_PORT, INBOUND_ROUTE_TABLE, OUTBOUND_PORT,
     PROBE_SOURCE_IP, SKIP_MARK,
@@ -56,26 +56,35 @@ pub fn ruleset() -> String {
     )
 }
 
+/// Policy-routing preference of the reply rule.
+const PREF_REPLY: u32 = 32000;
+
 /// Installs (idempotently: replaces an earlier agent's rules) redirection in `netns`, for a
 /// pod with addresses `ips`.
+///
+/// Hitless for an earlier agent still draining there (an upgrade): one nft transaction
+/// creates the table if missing and replaces its rules (`flush table` empties the chains but
+/// keeps them, so their NAT hooks stay registered and the conntrack entries of established
+/// connections keep their translation; deleting the table would drop it), and the reply rule
+/// is added only if missing.
 pub fn install(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
-    // Flush first so a restarted agent replaces, never duplicates, its predecessor's rules.
     let script = format!(
-        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+        "add table inet {TABLE}\nflush table inet {TABLE}\n{}",
         ruleset()
     );
     run_in(netns, &["nft", "-f", "-"], Some(&script))?;
     let mark = format!("{INBOUND_CONNMARK:#x}/0xfff");
     let table = INBOUND_ROUTE_TABLE.to_string();
-    // `ip rule del` until none is left, then add one: idempotent across restarts.
-    delete_rules(netns, &mark, &table);
-    run_in(
-        netns,
-        &[
-            "ip", "rule", "add", "fwmark", &mark, "table", &table, "pref", "32000",
-        ],
-        None,
-    )?;
+    if !rule_exists(netns, "-4", PREF_REPLY) {
+        let pref = PREF_REPLY.to_string();
+        run_in(
+            netns,
+            &[
+                "ip", "rule", "add", "fwmark", &mark, "table", &table, "pref", &pref,
+            ],
+            None,
+        )?;
+    }
     run_in(
         netns,
         &[

@@ -381,29 +381,12 @@ const ALL_FAULTS: [(&str, Fault); 4] = [
 
 /// Faults today's agents do not survive, skipped unless `SOAK_FAULTS` names them: the fault,
 /// the backend (`None`: both) and what goes wrong. Remove a line when its bug is fixed.
-const KNOWN_BROKEN: [(Fault, Option<Redirect>, &str); 3] = [
-    (
-        Fault::Reenroll,
-        None,
-        "re-enrolling a pod resets its established connections: those it opened while \
-         enrolled (still draining since its release) and those it opened directly while \
-         released (issue 14)",
-    ),
-    (
-        Fault::Restart,
-        Some(Redirect::Ebpf),
-        "the new agent cannot bind 127.0.0.1:15001 in a pod while the old one drains (the \
-         old listener stays in the capture's socket map), so it never becomes ready (issue \
-         14 item 5, hitless upgrade)",
-    ),
-    (
-        Fault::Restart,
-        Some(Redirect::Nftables),
-        "when the new agent installs a pod's redirection, connections the old one still \
-         drains into that pod are often cut (orderly EOF, the last echo lost; 3 runs in 4, \
-         from 1 to all 6 streams) (issue 14 item 5, hitless upgrade)",
-    ),
-];
+const KNOWN_BROKEN: [(Fault, Option<Redirect>, &str); 1] = [(
+    Fault::Reenroll,
+    None,
+    "re-enrolling a pod resets its established connections: those it opened while enrolled \
+     (still draining since its release) and those it opened directly while released (issue 14)",
+)];
 
 /// Known-broken faults left out of a run, with the reason.
 type Skipped = Vec<(Fault, &'static str)>;

@@ -993,6 +993,32 @@ impl Mesh {
         Ok(())
     }
 
+    /// Replaces the node's ztunnel the way a rolling upgrade does today: SIGTERM the running
+    /// one (its listeners, admin ports and config source stop at once; its established
+    /// connections drain until `--drain-timeout`), start a new one as soon as the node's
+    /// readiness port is free, and wait until the new one is ready. Returns the old process,
+    /// still draining: the caller keeps it until it exits (dropping the guard kills it).
+    /// New connections fail between the SIGTERM and the new agent's listeners (the restart
+    /// gap, which a hitless upgrade closes).
+    pub fn restart_ztunnel_draining(&self, node: &str) -> Result<ChildGuard> {
+        let old = self
+            .ztunnels()
+            .remove(node)
+            .with_context(|| format!("no ztunnel running on {node}"))?;
+        old.signal(Signal::SIGTERM)?;
+        wait_until(
+            &format!("the draining ztunnel on {node} to close its readiness port"),
+            STOP_GRACE,
+            || {
+                Ok(self
+                    .node_http(node, READINESS_PORT, "GET", "/healthz/ready")
+                    .is_err())
+            },
+        )?;
+        self.start_ztunnel(node)?;
+        Ok(old)
+    }
+
     /// Sends `signal` to the node's ztunnel (e.g. SIGTERM to test draining) without
     /// forgetting it: [`Mesh::ztunnel_pid`] turns `None` once it has exited.
     pub fn signal_ztunnel(&self, node: &str, signal: Signal) -> Result<()> {

@@ -23,6 +23,10 @@
 //! - `bench [--quick]`: build release binaries, measure every data path (direct, ztunnel
 //!   with each redirection backend, haproxy and nginx baselines) and write `BENCHMARKS.md`
 //!   and `BENCHMARKS.png` (`tests/src/bin/mesh-bench.rs`).
+//! - `soak [--minutes N] [--redirect ebpf|nftables]`: the soak suite (`tests/tests/soak.rs`)
+//!   for N minutes per backend (both when none is named): byte-exact traffic through agent
+//!   restarts, policy flips, certificate rotations, bad config and re-enrollment; its report
+//!   goes to `target/soak-<backend>.txt`.
 //! - `fuzz [--time SECS] [TARGET...]`: run each cargo-fuzz target in `fuzz/` for SECS
 //!   seconds (nightly + cargo-fuzz; [`fuzz`]), print executions/s, fail on a crash.
 //!
@@ -125,6 +129,19 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Run the soak (tests/tests/soak.rs) for --minutes per backend: echo streams and short
+    /// connections with sha256 of every byte while n2's agent restarts, a policy flips,
+    /// certificates rotate, bad config is refused and a pod is re-enrolled; asserts 0 bytes
+    /// lost to allowed destinations, every refusal matched by an agent's flag, 0 leaked fds,
+    /// flat RSS (needs root). Report: target/soak-<backend>.txt.
+    Soak {
+        /// Minutes of load per backend (fractions allowed).
+        #[arg(long, default_value_t = 15.0)]
+        minutes: f64,
+        /// Only this capture backend (default: eBPF, then nftables).
+        #[arg(long, value_parser = ["ebpf", "nftables"])]
+        redirect: Option<String>,
+    },
     /// Run every cargo-fuzz target in fuzz/ (or those named) for --time seconds each, with
     /// the nightly toolchain and cargo-fuzz; fails if one crashes.
     Fuzz {
@@ -183,6 +200,7 @@ fn dispatch(command: Cmd) -> Result<()> {
         Cmd::Waypoint { command } => waypoint_cli::run(command),
         Cmd::Bench { quick } => bench(quick),
         Cmd::Fuzz { time, targets } => fuzz::fuzz(time, &targets),
+        Cmd::Soak { minutes, redirect } => soak(minutes, redirect.as_deref()),
     }
 }
 
@@ -335,8 +353,53 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The e2e test targets that run once per redirection backend.
-const E2E_SUITES: [&str; 17] = [
+/// `cargo xtask soak`: the soak suite with `SOAK_MINUTES`, once per backend asked for, then
+/// the same leftover checks as `test`.
+fn soak(minutes: f64, redirect: Option<&str>) -> Result<()> {
+    if !(minutes.is_finite() && minutes > 0.0) {
+        bail!("--minutes {minutes}: expected a positive number");
+    }
+    require_root("the soak creates network namespaces")?;
+    setup::ensure(setup::Purpose::Test)?;
+    let stale = clean()?;
+    if !stale.is_empty() {
+        println!(
+            "xtask: removed leftovers of an earlier run: {}",
+            stale.describe()
+        );
+    }
+    run(cargo().args([
+        "build", "-p", "ztunnel", "-p", "control", "-p", "e2e", "--bins",
+    ]))?;
+    let backends = match redirect {
+        Some(one) => vec![one],
+        None => vec!["ebpf", "nftables"],
+    };
+    let mut result = Ok(());
+    for backend in backends {
+        println!("xtask: soak for {minutes} min with E2E_REDIRECT={backend}");
+        result = run(cargo()
+            .env("E2E_REDIRECT", backend)
+            .env("SOAK_MINUTES", minutes.to_string())
+            .args(["test", "-p", "e2e", "--test", "soak", "--", "--nocapture"]));
+        if result.is_err() {
+            break;
+        }
+    }
+    let left = clean()?;
+    result?;
+    if !left.is_empty() {
+        bail!(
+            "the soak left things behind (now removed): {}",
+            left.describe()
+        );
+    }
+    Ok(())
+}
+
+/// The e2e test targets that run once per redirection backend (`soak` in its short form:
+/// `SOAK_MINUTES` unset is one minute).
+const E2E_SUITES: [&str; 18] = [
     "core",
     "ca_service",
     "enrollment",
@@ -354,6 +417,7 @@ const E2E_SUITES: [&str; 17] = [
     "bypass_capture",
     "abuse_hbone",
     "waypoint_abuse",
+    "soak",
 ];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,
 /// truncated to 15 characters by the kernel, which this fits).
@@ -666,6 +730,30 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Cmd, clap::Error> {
         Cli::try_parse_from(std::iter::once("cargo xtask").chain(args.iter().copied()))
             .map(|c| c.command)
+    }
+
+    #[test]
+    fn the_soak_command_parses_as_documented() {
+        let check = |args: &[&str], expected: Option<(f64, Option<&str>)>| {
+            let got = match parse(args) {
+                Ok(Cmd::Soak { minutes, redirect }) => Some((minutes, redirect)),
+                _ => None,
+            };
+            assert_eq!(
+                got,
+                expected.map(|(m, r)| (m, r.map(str::to_owned))),
+                "{args:?}"
+            );
+        };
+        check(&["soak"], Some((15.0, None)));
+        check(&["soak", "--minutes", "2.5"], Some((2.5, None)));
+        check(
+            &["soak", "--minutes", "20", "--redirect", "nftables"],
+            Some((20.0, Some("nftables"))),
+        );
+        check(&["soak", "--redirect", "ebpf"], Some((15.0, Some("ebpf"))));
+        check(&["soak", "--redirect", "iptables"], None);
+        check(&["soak", "--minutes", "soon"], None);
     }
 
     #[test]

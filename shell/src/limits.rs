@@ -387,8 +387,39 @@ type Sources = Arc<Mutex<HashMap<IpAddr, Source>>>;
 #[derive(Debug)]
 struct Source {
     in_progress: usize,
+    bucket: Tokens,
+}
+
+/// A token bucket's state: tokens refill at `per_sec` up to `burst` (the caller's rate and
+/// burst, the same at every call), from a full bucket.
+#[derive(Debug, Clone, Copy)]
+struct Tokens {
     tokens: f64,
-    last: Instant,
+    /// When they were last refilled; `None` before the first use.
+    last: Option<Instant>,
+}
+
+impl Tokens {
+    const fn full(burst: f64) -> Self {
+        Tokens {
+            tokens: burst,
+            last: None,
+        }
+    }
+
+    /// The tokens there are at `now`, without taking any.
+    fn at(&self, now: Instant, per_sec: f64, burst: f64) -> f64 {
+        let refill = self.last.map_or(0.0, |last| {
+            now.saturating_duration_since(last).as_secs_f64() * per_sec
+        });
+        (self.tokens + refill).min(burst)
+    }
+
+    /// Brings the bucket to `now`.
+    fn refill(&mut self, now: Instant, per_sec: f64, burst: f64) {
+        self.tokens = self.at(now, per_sec, burst);
+        self.last = Some(now);
+    }
 }
 
 /// One handshake in progress, given back on drop.
@@ -448,26 +479,19 @@ impl HandshakeCap {
         if map.len() >= MAX_TRACKED_SOURCES && !map.contains_key(&ip) {
             let per_sec = self.per_sec;
             // Forget the sources that hold nothing and would have a full bucket by now.
-            map.retain(|_, s| {
-                s.in_progress > 0
-                    || s.tokens + now.saturating_duration_since(s.last).as_secs_f64() * per_sec
-                        < burst
-            });
+            map.retain(|_, s| s.in_progress > 0 || s.bucket.at(now, per_sec, burst) < burst);
         }
         let tracked = map.len() < MAX_TRACKED_SOURCES || map.contains_key(&ip);
         if tracked {
             let s = map.entry(ip).or_insert(Source {
                 in_progress: 0,
-                tokens: burst,
-                last: now,
+                bucket: Tokens::full(burst),
             });
-            let refill = now.saturating_duration_since(s.last).as_secs_f64() * self.per_sec;
-            s.tokens = (s.tokens + refill).min(burst);
-            s.last = now;
+            s.bucket.refill(now, self.per_sec, burst);
             if s.in_progress >= self.per_source {
                 return Err(("max_tls_handshakes_per_source", self.per_source));
             }
-            if s.tokens < 1.0 {
+            if s.bucket.tokens < 1.0 {
                 // The flag's value per second, as the operator set it.
                 return Err(("tls_handshakes_per_source_per_sec", self.per_sec as usize));
             }
@@ -475,7 +499,7 @@ impl HandshakeCap {
         let all = self.all.try_enter().ok_or((self.all.name, self.all.max))?;
         let source = if tracked {
             if let Some(s) = map.get_mut(&ip) {
-                s.tokens -= 1.0;
+                s.bucket.tokens -= 1.0;
                 s.in_progress += 1;
             }
             Some((ip, self.sources.clone()))
@@ -502,8 +526,7 @@ pub struct LogBudget {
 
 #[derive(Debug)]
 struct Bucket {
-    tokens: f64,
-    last: Option<Instant>,
+    tokens: Tokens,
     suppressed: u64,
 }
 
@@ -519,8 +542,7 @@ impl LogBudget {
             burst,
             per_second,
             state: Mutex::new(Bucket {
-                tokens: burst as f64,
-                last: None,
+                tokens: Tokens::full(burst as f64),
                 suppressed: 0,
             }),
         }
@@ -533,13 +555,10 @@ impl LogBudget {
 
     fn allow_at(&self, now: Instant) -> Option<u64> {
         let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(last) = b.last {
-            let refill = now.saturating_duration_since(last).as_secs_f64() * self.per_second as f64;
-            b.tokens = (b.tokens + refill).min(self.burst as f64);
-        }
-        b.last = Some(now);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        b.tokens
+            .refill(now, f64::from(self.per_second), f64::from(self.burst));
+        if b.tokens.tokens >= 1.0 {
+            b.tokens.tokens -= 1.0;
             Some(std::mem::take(&mut b.suppressed))
         } else {
             b.suppressed += 1;

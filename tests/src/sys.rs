@@ -185,3 +185,28 @@ impl Binaries {
         Ok(path)
     }
 }
+
+/// The server side's TCP sockets of `addr` the kernel still has open (peer connected or
+/// gone, not yet closed by the server): ESTABLISHED or CLOSE_WAIT in `/proc/net/tcp` of the
+/// caller's namespace. Per address, so tests running alongside do not disturb the count.
+pub fn held_sockets(addr: std::net::SocketAddr) -> Result<usize> {
+    let std::net::IpAddr::V4(ip) = addr.ip() else {
+        bail!("IPv4 only");
+    };
+    // /proc/net/tcp writes the address as the u32 in host order, in hex.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        addr.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.get(1)?, *f.get(3)?))
+        })
+        .filter(|(l, state)| *l == local && matches!(*state, "01" | "08"))
+        .count())
+}

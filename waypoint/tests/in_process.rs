@@ -769,29 +769,6 @@ async fn over_the_connection_cap_new_connections_are_closed_at_once_then_served_
     mesh.stop().await
 }
 
-/// The waypoint's server-side sockets on `addr` still open (ESTABLISHED or CLOSE_WAIT in
-/// /proc/net/tcp); per address, so tests running alongside do not disturb the count.
-fn held_sockets(addr: std::net::SocketAddr) -> Result<usize> {
-    let std::net::IpAddr::V4(ip) = addr.ip() else {
-        anyhow::bail!("IPv4 only");
-    };
-    let local = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(ip.octets()),
-        addr.port()
-    );
-    let table = std::fs::read_to_string("/proc/net/tcp")?;
-    Ok(table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((*f.get(1)?, *f.get(3)?))
-        })
-        .filter(|(l, state)| *l == local && matches!(*state, "01" | "08"))
-        .count())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_say_hello_are_closed_at_the_handshake_deadline() -> Result<()> {
     // Every client here dials from 127.0.0.1: the per-source share is lifted to the
@@ -805,7 +782,7 @@ async fn connections_that_never_say_hello_are_closed_at_the_handshake_deadline()
     )
     .await?;
     let hbone = mesh.hbone_addr();
-    let before = held_sockets(hbone)?;
+    let before = e2e::held_sockets(hbone)?;
     let started = Instant::now();
     let mut silent = Vec::new();
     for _ in 0..200 {
@@ -844,7 +821,7 @@ async fn connections_that_never_say_hello_are_closed_at_the_handshake_deadline()
     // connection stays).
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        let after = held_sockets(hbone)?;
+        let after = e2e::held_sockets(hbone)?;
         if after <= before + 1 {
             break;
         }

@@ -669,31 +669,6 @@ async fn shutdown_through_the_handle_waits_for_open_connections() -> Result<()> 
 
 // === bounded resources (RELIABILITY 7, 37, 38) ===
 
-/// The server side's TCP sockets of `addr` the kernel still has open for a process (peer
-/// connected or gone, not yet closed by us): ESTABLISHED or CLOSE_WAIT in /proc/net/tcp.
-/// Per pod address, so tests running alongside do not disturb the count.
-fn held_sockets(addr: SocketAddr) -> Result<usize> {
-    let IpAddr::V4(ip) = addr.ip() else {
-        anyhow::bail!("IPv4 only");
-    };
-    // /proc/net/tcp writes the address as the u32 in host order, in hex.
-    let local = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(ip.octets()),
-        addr.port()
-    );
-    let table = std::fs::read_to_string("/proc/net/tcp")?;
-    Ok(table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((*f.get(1)?, *f.get(3)?))
-        })
-        .filter(|(l, state)| *l == local && matches!(*state, "01" | "08"))
-        .count())
-}
-
 /// `ss -o` of the sockets on `addr`: the timer column says `keepalive` when SO_KEEPALIVE is
 /// on and the socket is idle.
 fn ss_timers(addr: SocketAddr) -> Result<String> {
@@ -770,14 +745,14 @@ async fn connections_that_never_say_hello_are_closed_at_the_handshake_deadline()
     let _app = mesh.echo("default/server", APP).await?;
     let hbone = mesh.addr("default/server", HBONE)?;
     let outsider = mesh.ip("legacy/outsider")?;
-    let before = held_sockets(hbone)?;
+    let before = e2e::held_sockets(hbone)?;
     let started = std::time::Instant::now();
     let mut silent = Vec::new();
     for _ in 0..200 {
         silent.push(support::agents::dial(outsider.into(), hbone).await?);
     }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let held = held_sockets(hbone)?;
+    let held = e2e::held_sockets(hbone)?;
     ensure!(held >= before + 200, "{held} sockets held, {before} before");
     // A real client's handshake is served meanwhile.
     let tls = mesh.mesh_tls(
@@ -818,7 +793,7 @@ async fn connections_that_never_say_hello_are_closed_at_the_handshake_deadline()
     drop(silent);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
     loop {
-        let after = held_sockets(hbone)?;
+        let after = e2e::held_sockets(hbone)?;
         if after <= before {
             break;
         }

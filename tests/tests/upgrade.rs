@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use e2e::stream::EchoStream;
-use e2e::{wait_until, Mesh, OldAgent, Pod, Redirect, Signal};
+use e2e::{wait_until, ChildGuard, Mesh, OldAgent, Pod, Redirect, Signal};
 
 const APP_PORT: u16 = 8080;
 /// Short connections each phase lasts at least (before the new agent starts, overlap before
@@ -60,7 +60,9 @@ fn the_server_side_agent_upgrades_without_a_failed_connection() -> Result<()> {
     upgrades_one_side("upgrade_in", "n2")
 }
 
-fn upgrades_one_side(name: &str, node: &str) -> Result<()> {
+/// A mesh with a client on n1 and an echo server on n2 (its process, its address), and a
+/// long-lived stream from the client to it that has echoed once.
+fn with_a_stream(name: &str) -> Result<(Mesh, ChildGuard, SocketAddr, EchoStream)> {
     let mesh = Mesh::two_nodes(name)
         .pod(
             Pod::new("default", "server")
@@ -68,10 +70,15 @@ fn upgrades_one_side(name: &str, node: &str) -> Result<()> {
                 .service_account("server"),
         )
         .build()?;
-    let _server = mesh.spawn_echo("default/server", APP_PORT, "server")?;
+    let server_process = mesh.spawn_echo("default/server", APP_PORT, "server")?;
     let server = server_addr(&mesh)?;
     let mut stream = EchoStream::open(&mesh, "default/client", server)?;
     stream.exchange(0)?;
+    Ok((mesh, server_process, server, stream))
+}
+
+fn upgrades_one_side(name: &str, node: &str) -> Result<()> {
+    let (mesh, _server, server, stream) = with_a_stream(name)?;
     let mut stream = Some(stream);
 
     let short = ShortLoop::default();
@@ -166,17 +173,7 @@ fn upgrades_one_side(name: &str, node: &str) -> Result<()> {
 /// client closes that stream (the old agent re-checks it) and the new agent refuses new
 /// connections; the old agent then exits, its last connection gone.
 fn a_policy_change_reaches_the_connections_an_old_agent_drains() -> Result<()> {
-    let mesh = Mesh::two_nodes("upgrade_policy")
-        .pod(
-            Pod::new("default", "server")
-                .on("n2")
-                .service_account("server"),
-        )
-        .build()?;
-    let _server = mesh.spawn_echo("default/server", APP_PORT, "server")?;
-    let server = server_addr(&mesh)?;
-    let mut stream = EchoStream::open(&mesh, "default/client", server)?;
-    stream.exchange(0)?;
+    let (mesh, _server, server, mut stream) = with_a_stream("upgrade_policy")?;
     let mut old = mesh.start_next_ztunnel("n2")?;
     old.signal(Signal::SIGTERM)?;
     stream

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
-use e2e::{eventually, prom, Ambient, Mesh, Pod};
+use e2e::{eventually, prom, wait_until, Ambient, Mesh, Pod};
 use http::{Method, Request, StatusCode};
 use mesh_model::identity::Identity;
 use mesh_pki::ca::{Ca, WorkloadCert};
@@ -33,6 +33,8 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const HBONE_PORT: u16 = 15008;
 const OUTBOUND_PORT: u16 = 15001;
 const APP_PORT: u16 = 8080;
+/// A second port of the server's app, which an AuthorizationPolicy denies to everyone.
+const DENIED_PORT: u16 = 8081;
 const REFUSED: &str = "mesh_connections_refused_total";
 
 /// Bound on every wait for an effect in another process (a counter, a log entry).
@@ -67,6 +69,21 @@ fn hostile_clients_are_refused_at_15008_and_the_app_sees_nothing() -> Result<()>
     let rt = runtime()?;
     let server_ip = mesh.pod_ip("default/server")?;
     let app = Recorder::start(&mesh, &rt, "default/server", APP_PORT)?;
+    let denied_app = Recorder::start(&mesh, &rt, "default/server", DENIED_PORT)?;
+    mesh.write_yaml(
+        "deny-port.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-port\n  namespace: default\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"{DENIED_PORT}\"]\n"
+        ),
+    )?;
+    let denied = SocketAddr::from((server_ip, DENIED_PORT));
+    wait_until("the DENY policy applies", WAIT, || {
+        Ok(mesh
+            .echo_roundtrip("default/client", denied, b"probe")
+            .is_err())
+    })?;
+    // The probes that went through before the policy applied.
+    let probes = denied_app.seen().len();
 
     let mesh_ca = Ca::load_or_create(&mesh.ca_dir(), TRUST_DOMAIN).context("load the mesh ca")?;
     let server_id = Identity::new(TRUST_DOMAIN, "default", "server");
@@ -193,6 +210,18 @@ fn hostile_clients_are_refused_at_15008_and_the_app_sees_nothing() -> Result<()>
     ensure!(
         !seen.iter().any(|c| contains(&c.received, b"HOSTILE")),
         "hostile bytes reached the app"
+    );
+    // Early data on a CONNECT that policy denies goes nowhere: the denied port was not even
+    // connected to once the policy applied.
+    let denied_seen = denied_app.seen();
+    ensure!(
+        denied_seen.len() == probes,
+        "the denied port saw {} connections after the policy applied: {:?}",
+        denied_seen.len() - probes,
+        denied_seen[probes..]
+            .iter()
+            .map(|c| String::from_utf8_lossy(&c.received).into_owned())
+            .collect::<Vec<_>>()
     );
     // Nothing was counted twice or late.
     let tls_refusals = refused(&mesh, "n2", "destination", "TLS")?;
@@ -463,6 +492,13 @@ impl HostileCtx<'_> {
                 format!("{other_pod}:{APP_PORT}"),
                 StatusCode::UNAUTHORIZED,
                 "NR",
+            ),
+            // Allowed by peer authentication, refused by an AuthorizationPolicy DENY.
+            (
+                Method::CONNECT,
+                format!("{server_ip}:{DENIED_PORT}"),
+                StatusCode::UNAUTHORIZED,
+                "DENY",
             ),
             (
                 Method::CONNECT,

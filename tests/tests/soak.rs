@@ -29,8 +29,7 @@
 //!
 //! `SOAK_MINUTES` (default 1, fractions allowed) sets the length; at least one whole cycle
 //! runs whatever it says. `SOAK_FAULTS` (comma-separated: `restart`, `policy`, `bad-config`,
-//! `reenroll`) chooses the faults; by default all but those [`KNOWN_BROKEN`] lists for the
-//! backend, which the report names.
+//! `reenroll`) chooses the faults; by default all of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -43,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use e2e::{in_netns, prom, wait_until, ChildGuard, Labelled, Mesh, Pod, Redirect};
+use e2e::{in_netns, prom, wait_until, ChildGuard, Labelled, Mesh, Pod};
 use sha2::{Digest, Sha256};
 
 /// Long-lived streams to `a` (always allowed) and to `b` (policy flips).
@@ -180,7 +179,7 @@ fn allowed_traffic_stays_byte_exact_through_the_faults_of_an_agents_life() -> Re
         std::thread::spawn(move || rss.run(&load.stop))
     };
 
-    let (enabled, skipped) = enabled_faults(mesh.redirect())?;
+    let enabled = enabled_faults()?;
     let mut faults = Faults {
         enabled,
         ..Faults::default()
@@ -261,12 +260,6 @@ fn allowed_traffic_stays_byte_exact_through_the_faults_of_an_agents_life() -> Re
         faults.restarts, faults.flips, faults.bad_docs, faults.reenrollments, faults.rotations()
     );
     let _ = writeln!(report, "faults in the cycle: {:?}", faults.enabled);
-    for (fault, why) in &skipped {
-        let _ = writeln!(
-            report,
-            "NOT INJECTED (known to fail today; SOAK_FAULTS names it to reproduce): {fault:?}: {why}"
-        );
-    }
     tally.write(&mut report);
     let _ = writeln!(
         report,
@@ -379,33 +372,10 @@ const ALL_FAULTS: [(&str, Fault); 4] = [
     ("reenroll", Fault::Reenroll),
 ];
 
-/// Faults today's agents do not survive, skipped unless `SOAK_FAULTS` names them: the fault,
-/// the backend (`None`: both) and what goes wrong. Remove a line when its bug is fixed.
-const KNOWN_BROKEN: [(Fault, Option<Redirect>, &str); 1] = [(
-    Fault::Reenroll,
-    None,
-    "re-enrolling a pod resets its established connections: those it opened while enrolled \
-     (still draining since its release) and those it opened directly while released (issue 14)",
-)];
-
-/// Known-broken faults left out of a run, with the reason.
-type Skipped = Vec<(Fault, &'static str)>;
-
-/// The faults to inject: `SOAK_FAULTS` exactly when set, else all but the known-broken ones
-/// of this backend (returned with the reason, for the report).
-fn enabled_faults(backend: Option<Redirect>) -> Result<(BTreeSet<Fault>, Skipped)> {
+/// The faults to inject: those `SOAK_FAULTS` names when set, else all.
+fn enabled_faults() -> Result<BTreeSet<Fault>> {
     let Ok(list) = std::env::var("SOAK_FAULTS") else {
-        let skipped: Vec<(Fault, &str)> = KNOWN_BROKEN
-            .iter()
-            .filter(|(_, on, _)| on.is_none() || *on == backend)
-            .map(|(f, _, why)| (*f, *why))
-            .collect();
-        let enabled = ALL_FAULTS
-            .iter()
-            .map(|(_, f)| *f)
-            .filter(|f| !skipped.iter().any(|(s, _)| s == f))
-            .collect();
-        return Ok((enabled, skipped));
+        return Ok(ALL_FAULTS.iter().map(|(_, f)| *f).collect());
     };
     let enabled = list
         .split(',')
@@ -421,7 +391,7 @@ fn enabled_faults(backend: Option<Redirect>) -> Result<(BTreeSet<Fault>, Skipped
                 })
         })
         .collect::<Result<_>>()?;
-    Ok((enabled, Vec::new()))
+    Ok(enabled)
 }
 
 /// Each agent's log (all processes of the node) next to the report, for a failed run.

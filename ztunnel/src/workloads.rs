@@ -77,13 +77,25 @@ fn listen_ips(redirect: Redirect, ips: &[IpAddr]) -> (IpAddr, IpAddr) {
 struct Running {
     fp: Fingerprint,
     ctx: Arc<PodCtx>,
-    /// Which enrollment of this pod this is; a later one supersedes a pending cleanup.
-    epoch: u64,
 }
 
-/// The latest enrollment epoch per pod, shared with the cleanups that wait for a released
-/// pod's connections to finish.
-type Epochs = Arc<std::sync::Mutex<BTreeMap<NamespacedName, u64>>>;
+/// What holds a pod's redirection in place: its current enrollment, and the released ones
+/// whose connections still run (a pod released, enrolled and released again has two). The
+/// redirection goes when neither is left.
+#[derive(Default)]
+struct Holders {
+    enrolled: bool,
+    draining: Vec<Arc<PodCtx>>,
+}
+
+/// [`Holders`] per pod, shared with the cleanups that wait for a released pod's connections
+/// to finish. Changes to a pod's redirection happen under this lock, so a cleanup never
+/// removes what an enrollment has just installed.
+type Redirections = Arc<std::sync::Mutex<BTreeMap<NamespacedName, Holders>>>;
+
+fn lock(r: &Redirections) -> std::sync::MutexGuard<'_, BTreeMap<NamespacedName, Holders>> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Status of one pod, for `/config_dump` and readiness.
 #[derive(Clone, Debug, Serialize)]
@@ -103,8 +115,7 @@ pub struct Manager {
     pi: Arc<ProxyInputs>,
     running: BTreeMap<NamespacedName, Running>,
     failed: BTreeMap<NamespacedName, String>,
-    epochs: Epochs,
-    next_epoch: u64,
+    redirections: Redirections,
     ready: Arc<AtomicBool>,
     status: Arc<std::sync::Mutex<Vec<PodStatus>>>,
     /// Whether the first reconcile has removed what an earlier agent left in pods that are no
@@ -122,8 +133,7 @@ impl Manager {
             pi,
             running: BTreeMap::new(),
             failed: BTreeMap::new(),
-            epochs: Epochs::default(),
-            next_epoch: 0,
+            redirections: Redirections::default(),
             ready,
             status,
             swept_leftovers: false,
@@ -252,6 +262,7 @@ impl Manager {
         let outbound = listen(lo, OUTBOUND_PORT)?;
         let plaintext = listen(any, INBOUND_PLAINTEXT_PORT)?;
         let hbone = listen(any, HBONE_PORT)?;
+        let mut redirections = lock(&self.redirections);
         let capture = match cfg.redirect {
             Redirect::Nftables => {
                 redirect::nft::install(netns.path(), &pod.ips)?;
@@ -265,6 +276,8 @@ impl Manager {
             }
             Redirect::Auto | Redirect::None | Redirect::Loopback => None,
         };
+        redirections.entry(key.clone()).or_default().enrolled = true;
+        drop(redirections);
         let stop = CancellationToken::new();
         let ctx = Arc::new(PodCtx {
             key: key.clone(),
@@ -307,16 +320,12 @@ impl Manager {
             proxy::inbound::run(hbone, ctx.clone(), pi.clone(), stop.clone())
                 .instrument(span("inbound_hbone")),
         );
-        self.next_epoch += 1;
-        let epoch = self.next_epoch;
-        self.epochs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, epoch);
+        if cfg.redirect == Redirect::Ebpf {
+            tokio::spawn(sweep_direct(ctx.clone()));
+        }
         Ok(Running {
             fp: fingerprint(pod),
             ctx,
-            epoch,
         })
     }
 
@@ -328,8 +337,22 @@ impl Manager {
         let backend = self.pi.cfg.redirect;
         if matches!(backend, Redirect::Nftables | Redirect::Ebpf) && r.ctx.netns.path().exists() {
             let netns = r.ctx.netns.path();
+            let mut redirections = lock(&self.redirections);
+            let holders = redirections.entry(key.clone()).or_default();
+            holders.enrolled = false;
+            holders.draining.retain(|c| !c.active.is_empty());
+            holders.draining.push(r.ctx.clone());
             let stopped = match backend {
-                Redirect::Ebpf => redirect::ebpf::stop_capture(netns, &r.ctx.active.flows()),
+                // Every flow still open keeps its route, also those of earlier enrollments
+                // still draining.
+                Redirect::Ebpf => {
+                    let flows: Vec<_> = holders
+                        .draining
+                        .iter()
+                        .flat_map(|c| c.active.flows())
+                        .collect();
+                    redirect::ebpf::stop_capture(netns, &flows)
+                }
                 _ => redirect::nft::stop_capture(netns),
             };
             if let Err(e) = stopped {
@@ -338,33 +361,13 @@ impl Manager {
             // Detaches the program (and removes its pins) once no delivery holds it: new
             // inbound connections then reach the application directly.
             drop(r.ctx.capture.take());
-            let (ctx, epochs, epoch, key) =
-                (r.ctx.clone(), self.epochs.clone(), r.epoch, key.clone());
+            drop(redirections);
+            let (ctx, redirections, key) = (r.ctx.clone(), self.redirections.clone(), key.clone());
             tokio::spawn(async move {
                 ctx.active.idle().await;
-                let current = epochs
-                    .lock()
-                    .map(|e| e.get(&key) == Some(&epoch))
-                    .unwrap_or(false);
-                // Re-enrolled meanwhile: the new enrollment owns the rules now.
-                if !current || !ctx.netns.path().exists() {
-                    return;
-                }
-                let netns = ctx.netns.path().to_path_buf();
-                let remove = move || match backend {
-                    Redirect::Ebpf => redirect::ebpf::remove(&netns),
-                    _ => redirect::nft::remove(&netns),
-                };
-                match tokio::task::spawn_blocking(remove).await {
-                    Ok(Ok(())) => {
-                        tracing::info!(pod = %key, "released pod drained; redirection removed")
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(pod = %key, error = %e, "removing redirection failed")
-                    }
-                    Err(e) => {
-                        tracing::warn!(pod = %key, error = %e, "removing redirection panicked")
-                    }
+                let remove = move || remove_when_unheld(&redirections, &key, &ctx, backend);
+                if let Err(e) = tokio::task::spawn_blocking(remove).await {
+                    tracing::warn!(error = %e, "removing redirection panicked");
                 }
             });
         }
@@ -506,6 +509,62 @@ impl Manager {
             active: None,
         }));
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = out;
+    }
+}
+
+/// `ctx`, released, has no connection left: it no longer holds the pod's redirection, which
+/// is removed when nothing else holds it (not enrolled again, no other release draining).
+fn remove_when_unheld(
+    redirections: &Redirections,
+    key: &NamespacedName,
+    ctx: &Arc<PodCtx>,
+    backend: Redirect,
+) {
+    let mut redirections = lock(redirections);
+    let Some(holders) = redirections.get_mut(key) else {
+        return;
+    };
+    holders.draining.retain(|c| !Arc::ptr_eq(c, ctx));
+    if holders.enrolled || !holders.draining.is_empty() {
+        return;
+    }
+    redirections.remove(key);
+    let netns = ctx.netns.path();
+    if !netns.exists() {
+        return;
+    }
+    let removed = match backend {
+        Redirect::Ebpf => redirect::ebpf::remove(netns),
+        _ => redirect::nft::remove(netns),
+    };
+    match removed {
+        Ok(()) => tracing::info!(pod = %key, "released pod drained; redirection removed"),
+        Err(e) => tracing::warn!(pod = %key, error = %e, "removing redirection failed"),
+    }
+}
+
+/// How often an enrolled pod's rules for connections it opened while released are checked
+/// for ones that have closed.
+const DIRECT_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// While `ctx` is enrolled, removes the rules that keep its direct connections direct (see
+/// [`redirect::ebpf::sweep_direct`]) as those connections close; stops once none is left. A
+/// stale rule would let a later connection with the same addresses and ports escape capture.
+async fn sweep_direct(ctx: Arc<PodCtx>) {
+    loop {
+        tokio::select! {
+            () = ctx.stop.cancelled() => return,
+            () = tokio::time::sleep(DIRECT_SWEEP_INTERVAL) => {}
+        }
+        let netns = ctx.netns.path().to_path_buf();
+        match tokio::task::spawn_blocking(move || redirect::ebpf::sweep_direct(&netns)).await {
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(pod = %ctx.key, error = %e, "sweeping the rules of closed direct connections failed");
+            }
+            Err(_) => return,
+        }
     }
 }
 

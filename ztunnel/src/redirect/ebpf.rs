@@ -22,7 +22,14 @@
 //! rule per connection still open ([`PREF_FLOW`]) keeps those connections routed to the agent
 //! while every new connection leaves the pod directly. [`remove`] deletes the rest once the
 //! last one has closed.
+//!
+//! Capture again without resets ([`install`] on a released pod): the connections the
+//! application opened directly meanwhile (and those it accepted directly) would be routed to
+//! the agent by the returning capture rule, which has no socket for them; one exact rule each
+//! ([`PREF_DIRECT`], looked up before the capture rule) keeps them on the main table until
+//! they close ([`sweep_direct`] removes the rules of closed ones).
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -37,11 +44,19 @@ use crate::config::{HBONE_PORT, INBOUND_ROUTE_TABLE, PROBE_SOURCE_IP, SKIP_MARK}
 use crate::netns::Netns;
 
 /// Rule preferences (lower is checked first); all below the kernel's `main` rule (32766).
+pub const PREF_DIRECT: u32 = 31987;
 pub const PREF_FLOW: u32 = 31989;
 pub const PREF_PROBE: u32 = 31990;
 pub const PREF_SKIP: u32 = 31991;
 pub const PREF_CAPTURE: u32 = 31992;
-const OUR_PREFS: [u32; 5] = [PREF_NO_IPV6, PREF_FLOW, PREF_PROBE, PREF_SKIP, PREF_CAPTURE];
+const OUR_PREFS: [u32; 6] = [
+    PREF_DIRECT,
+    PREF_NO_IPV6,
+    PREF_FLOW,
+    PREF_PROBE,
+    PREF_SKIP,
+    PREF_CAPTURE,
+];
 
 /// `f_type` of a bpffs mount (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -213,6 +228,15 @@ pub fn install(
 /// connections use while it drains during an upgrade, stay in place throughout.
 fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
     let table = INBOUND_ROUTE_TABLE;
+    // A released pod captured again: what it opened directly keeps going directly. Listed
+    // before the capture rule returns and once more after, for what opened in between.
+    let recapture = families(ips)
+        .iter()
+        .any(|(family, _, _)| !rule_exists(netns, family, PREF_CAPTURE));
+    let mut bypassed = BTreeSet::new();
+    if recapture {
+        bypass_direct(netns, &mut bypassed);
+    }
     for (family, default, src) in families(ips) {
         // `ip -batch` takes no per-line options: one batch per address family.
         let mut batch = String::new();
@@ -230,9 +254,146 @@ fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
         batch += &format!("route replace local {default} dev lo src {src} table {table}\n");
         run_in(netns, &["ip", family, "-batch", "-"], Some(&batch))?;
     }
+    if recapture {
+        bypass_direct(netns, &mut bypassed);
+    }
     // What a release left for its draining flows is covered by the capture rule again.
     delete_rules(netns, &[PREF_FLOW]);
     block_ipv6(netns, ips)
+}
+
+/// Adds a [`PREF_DIRECT`] rule for each connection of the application that the agent is not
+/// part of (see [`direct_flows`]) and not in `done`, then adds them to `done`. A failure is
+/// logged, not returned: the capture must come back either way, and at worst those
+/// connections reset, as they did before this existed.
+fn bypass_direct(netns: &Path, done: &mut BTreeSet<Flow>) {
+    let flows = match super::connected_tcp(netns) {
+        Ok(sockets) => direct_flows(&sockets),
+        Err(e) => {
+            tracing::warn!(netns = %netns.display(), error = %e, "listing the pod's connections failed: those it opened while released may reset");
+            return;
+        }
+    };
+    let new: Vec<Flow> = flows.into_iter().filter(|f| !done.contains(f)).collect();
+    let add = |f: &Flow| {
+        format!(
+            "rule add pref {PREF_DIRECT} {} lookup main",
+            flow_selector(f)
+        )
+    };
+    if let Err(e) = per_flow_rules(netns, &new, add) {
+        tracing::warn!(netns = %netns.display(), error = %e, "keeping the pod's direct connections direct failed: some may reset");
+    }
+    if !new.is_empty() {
+        tracing::info!(netns = %netns.display(), direct = new.len(), "connections opened while released stay direct");
+    }
+    done.extend(new);
+}
+
+/// The connections of the application (unmarked sockets) whose other end is not a socket of
+/// the same namespace (the agent's, for a captured connection): opened or accepted directly.
+/// Loopback connections never leave the namespace and need no rule.
+fn direct_flows(sockets: &[super::TcpSocket]) -> BTreeSet<Flow> {
+    let ends: BTreeSet<(SocketAddr, SocketAddr)> =
+        sockets.iter().map(|s| (s.local, s.peer)).collect();
+    sockets
+        .iter()
+        .filter(|s| s.mark & 0xfff != SKIP_MARK & 0xfff)
+        .filter(|s| !s.local.ip().is_loopback() && !s.peer.ip().is_loopback())
+        .filter(|s| !ends.contains(&(s.peer, s.local)))
+        .map(|s| Flow {
+            app: s.local,
+            peer: s.peer,
+        })
+        .collect()
+}
+
+/// Runs `line(flow)` for each of `flows` as one `ip -batch` per address family; `-force`: a
+/// line that fails (a rule already there, or already gone) does not stop the others.
+fn per_flow_rules(
+    netns: &Path,
+    flows: &[Flow],
+    line: impl Fn(&Flow) -> String,
+) -> Result<(), RedirectError> {
+    for (family, v4) in [("-4", true), ("-6", false)] {
+        let batch: String = flows
+            .iter()
+            .filter(|f| f.app.is_ipv4() == v4)
+            .map(|f| line(f) + "\n")
+            .collect();
+        if !batch.is_empty() {
+            run_in(
+                netns,
+                &["ip", family, "-force", "-batch", "-"],
+                Some(&batch),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The `ip rule` selector of exactly `flow`'s packets from the application.
+fn flow_selector(f: &Flow) -> String {
+    format!(
+        "iif lo ipproto tcp from {} sport {} to {} dport {}",
+        f.app.ip(),
+        f.app.port(),
+        f.peer.ip(),
+        f.peer.port()
+    )
+}
+
+/// Removes the [`PREF_DIRECT`] rules of connections that have closed. Returns how many are
+/// left (0: nothing more to sweep).
+pub fn sweep_direct(netns: &Path) -> Result<usize, RedirectError> {
+    let mut rules = Vec::new();
+    for family in ["-4", "-6"] {
+        let pref = PREF_DIRECT.to_string();
+        let out = super::output_in(netns, &["ip", "-j", family, "rule", "show", "pref", &pref])?;
+        rules.extend(parse_rules(&out));
+    }
+    if rules.is_empty() {
+        return Ok(0);
+    }
+    let rules_count = rules.len();
+    let open: BTreeSet<(SocketAddr, SocketAddr)> = super::connected_tcp(netns)?
+        .iter()
+        .map(|s| (s.local, s.peer))
+        .collect();
+    let closed: Vec<Flow> = rules
+        .into_iter()
+        .filter(|f| !open.contains(&(f.app, f.peer)))
+        .collect();
+    let left = rules_count - closed.len();
+    let del = |f: &Flow| {
+        format!(
+            "rule del pref {PREF_DIRECT} {} lookup main",
+            flow_selector(f)
+        )
+    };
+    per_flow_rules(netns, &closed, del)?;
+    Ok(left)
+}
+
+/// The flows of `ip -j rule show` output (rules without full addresses and ports are not
+/// ours and are skipped).
+fn parse_rules(json: &str) -> Vec<Flow> {
+    #[derive(serde::Deserialize)]
+    struct Rule {
+        src: Option<String>,
+        dst: Option<String>,
+        sport: Option<u16>,
+        dport: Option<u16>,
+    }
+    let rules: Vec<Rule> = serde_json::from_str(json.trim()).unwrap_or_default();
+    rules
+        .into_iter()
+        .filter_map(|r| {
+            let app = SocketAddr::new(r.src?.parse().ok()?, r.sport?);
+            let peer = SocketAddr::new(r.dst?.parse().ok()?, r.dport?);
+            Some(Flow { app, peer })
+        })
+        .collect()
 }
 
 /// The address families of `ips`: `ip` flag, default prefix, and the pod's source address.
@@ -253,27 +414,23 @@ fn families(ips: &[IpAddr]) -> Vec<(&'static str, &'static str, IpAddr)> {
 /// application directly.
 pub fn stop_capture(netns: &Path, flows: &[Flow]) -> Result<(), RedirectError> {
     let table = INBOUND_ROUTE_TABLE;
-    for (family, v4) in [("-4", true), ("-6", false)] {
-        let batch: String = flows
-            .iter()
-            .filter(|f| f.app.is_ipv4() == v4)
-            .map(|f| {
-                format!(
-                    "rule add pref {PREF_FLOW} iif lo ipproto tcp from {} sport {} to {} dport {} lookup {table}\n",
-                    f.app.ip(),
-                    f.app.port(),
-                    f.peer.ip(),
-                    f.peer.port()
-                )
-            })
-            .collect();
-        if !batch.is_empty() {
-            run_in(netns, &["ip", family, "-batch", "-"], Some(&batch))?;
-        }
-    }
+    // Rules an earlier release wrote for flows that are still open are written again below
+    // (the caller passes every flow still open); the capture rule covers them meanwhile.
+    delete_rules(netns, &[PREF_FLOW]);
+    let add = |f: &Flow| {
+        format!(
+            "rule add pref {PREF_FLOW} {} lookup {table}",
+            flow_selector(f)
+        )
+    };
+    // The capture stops even if some flow's rule failed: a released pod must never stay
+    // captured with nothing listening.
+    let kept = per_flow_rules(netns, flows, add);
     delete_rules(netns, &[PREF_CAPTURE]);
+    // Direct connections need no rule of their own once nothing is captured.
+    delete_rules(netns, &[PREF_DIRECT]);
     unblock_ipv6(netns);
-    Ok(())
+    kept
 }
 
 /// Removes the routing [`install`] and [`stop_capture`] added. Missing pieces are not an
@@ -324,6 +481,58 @@ fn delete_rules(netns: &Path, prefs: &[u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redirect::TcpSocket;
+
+    fn sock(local: &str, peer: &str, mark: u32) -> TcpSocket {
+        TcpSocket {
+            local: local.parse().unwrap(),
+            peer: peer.parse().unwrap(),
+            mark,
+        }
+    }
+
+    #[test]
+    fn only_the_applications_connections_without_the_agent_at_the_other_end_are_direct() {
+        let sockets = [
+            // Captured: the agent holds the other end (its socket is marked).
+            sock("10.0.1.2:40000", "10.0.2.3:8080", 0),
+            sock("10.0.2.3:8080", "10.0.1.2:40000", SKIP_MARK),
+            // The agent's own HBONE connection out of the pod.
+            sock("10.0.1.2:41000", "10.0.2.1:15008", SKIP_MARK),
+            // Opened directly while the pod was released, and one accepted directly.
+            sock("10.0.1.2:42000", "10.0.2.3:8080", 0),
+            sock("10.0.1.2:8080", "10.0.3.4:50000", 0),
+            // Loopback stays inside.
+            sock("127.0.0.1:43000", "127.0.0.1:9000", 0),
+        ];
+        let direct: Vec<Flow> = direct_flows(&sockets).into_iter().collect();
+        assert_eq!(
+            direct,
+            vec![
+                Flow {
+                    app: "10.0.1.2:8080".parse().unwrap(),
+                    peer: "10.0.3.4:50000".parse().unwrap()
+                },
+                Flow {
+                    app: "10.0.1.2:42000".parse().unwrap(),
+                    peer: "10.0.2.3:8080".parse().unwrap()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn rules_read_back_as_flows() {
+        let json = r#"[{"priority":31987,"src":"10.0.1.2","dst":"10.0.2.3","iif":"lo","ipproto":"tcp","sport":42000,"dport":8080,"table":"main"},{"priority":31987,"src":"all","table":"main"}]"#;
+        assert_eq!(
+            parse_rules(json),
+            vec![Flow {
+                app: "10.0.1.2:42000".parse().unwrap(),
+                peer: "10.0.2.3:8080".parse().unwrap()
+            }]
+        );
+        assert!(parse_rules("not json").is_empty());
+    }
 
     #[test]
     fn pins_are_named_by_pod_and_namespace_whichever_way_it_was_reached() {

@@ -41,7 +41,7 @@ pub mod ebpf;
 pub mod nft;
 
 use std::io::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -156,6 +156,64 @@ fn unblock_ipv6(netns: &Path) {
     }
 }
 
+/// One TCP socket of a namespace, as `ss` lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    /// `SO_MARK` (0 when unset).
+    pub mark: u32,
+}
+
+/// Every TCP socket of `netns` whose application may still send: connected states but
+/// `TIME-WAIT` (closed on both sides; at most a last ACK is resent).
+pub fn connected_tcp(netns: &Path) -> Result<Vec<TcpSocket>, RedirectError> {
+    let out = output_in(
+        netns,
+        &[
+            "ss",
+            "-H",
+            "-t",
+            "-n",
+            "-e",
+            "state",
+            "connected",
+            "exclude",
+            "time-wait",
+        ],
+    )?;
+    Ok(out.lines().filter_map(parse_ss_line).collect())
+}
+
+/// One line of `ss -H -t -n -e state connected`: state, queues, local and peer address, then
+/// `key:value` details among which `fwmark:0x...` when a mark is set.
+fn parse_ss_line(line: &str) -> Option<TcpSocket> {
+    let mut fields = line.split_whitespace();
+    let _state = fields.next()?;
+    let (_recv_q, _send_q) = (fields.next()?, fields.next()?);
+    let local = parse_ss_addr(fields.next()?)?;
+    let peer = parse_ss_addr(fields.next()?)?;
+    let mark = fields
+        .find_map(|f| f.strip_prefix("fwmark:"))
+        .and_then(|m| u32::from_str_radix(m.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0);
+    Some(TcpSocket { local, peer, mark })
+}
+
+/// `10.0.0.1:80`, `[fd00::1]:80`, `[::ffff:10.0.0.1]:80` (as the IPv4 address it maps) or
+/// `[fe80::1%eth0]:22` (scope dropped).
+fn parse_ss_addr(field: &str) -> Option<SocketAddr> {
+    let (host, port) = field.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = host.split('%').next()?;
+    let ip: IpAddr = host.parse().ok()?;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    Some(SocketAddr::new(ip, port.parse().ok()?))
+}
+
 /// Runs `args` inside `netns` and returns what it printed.
 fn output_in(netns: &Path, args: &[&str]) -> Result<String, RedirectError> {
     let cmd = args.join(" ");
@@ -213,5 +271,33 @@ fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<(), Redire
             netns: netns.to_path_buf(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ss_lines_give_both_ends_and_the_mark() {
+        let marked = "ESTAB 0      0      10.0.1.2:58458 10.0.2.3:9000  ino:15902107 sk:1302 fwmark:0x539 cgroup:unreachable:1 <->";
+        assert_eq!(
+            parse_ss_line(marked),
+            Some(TcpSocket {
+                local: "10.0.1.2:58458".parse().unwrap(),
+                peer: "10.0.2.3:9000".parse().unwrap(),
+                mark: 0x539,
+            })
+        );
+        let v6 = "SYN-SENT 0 1 [fd00::2]:40000 [fe80::1%eth0]:22 ino:1 sk:2 <->";
+        let s = parse_ss_line(v6).unwrap();
+        assert_eq!(s.local, "[fd00::2]:40000".parse().unwrap());
+        assert_eq!(s.peer, "[fe80::1]:22".parse().unwrap());
+        assert_eq!(s.mark, 0);
+        let mapped = "ESTAB 0 0 [::ffff:10.0.1.2]:8080 [::ffff:10.0.2.3]:5000";
+        let s = parse_ss_line(mapped).unwrap();
+        assert_eq!(s.local, "10.0.1.2:8080".parse().unwrap());
+        assert_eq!(parse_ss_line("garbage"), None);
+        assert_eq!(parse_ss_line("ESTAB 0 0 *:* 10.0.0.1:1"), None);
     }
 }

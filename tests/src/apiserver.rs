@@ -126,6 +126,8 @@ type Body = BoxBody<Bytes, Infallible>;
 pub struct Requests {
     pub lists: usize,
     pub watches: usize,
+    /// Lists and watches answered `503` during an [`FakeApiServer::outage`].
+    pub failed: usize,
 }
 
 /// Who a registered token belongs to, as `TokenReview` reports it.
@@ -216,6 +218,8 @@ struct Inner {
     version: u64,
     collections: HashMap<&'static str, Collection>,
     reviews: Reviews,
+    /// Lists and watches answer `503` (see [`FakeApiServer::outage`]).
+    outage: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -227,6 +231,8 @@ enum Broadcast {
     },
     /// Every open watch of `path` gets `410 Gone` and ends.
     Expire { path: &'static str },
+    /// Every open watch ends without a word, as when the API server goes away.
+    Outage,
 }
 
 struct Shared {
@@ -283,6 +289,7 @@ impl FakeApiServer {
                 version: 1,
                 collections,
                 reviews: Reviews::default(),
+                outage: false,
             }),
             events: broadcast::channel(1024).0,
             requested: Notify::new(),
@@ -401,6 +408,17 @@ impl FakeApiServer {
         c.compacted = version;
         let _ = self.shared.events.send(Broadcast::Expire { path });
         Ok(())
+    }
+
+    /// `true`: the API server is unavailable, as in an upgrade of the control plane or a
+    /// partition: every open watch ends, and lists and watches answer `503
+    /// ServiceUnavailable` (counted in [`Requests::failed`]) until called with `false`.
+    /// Changes applied meanwhile are kept and served afterwards.
+    pub fn outage(&self, down: bool) {
+        self.lock().outage = down;
+        if down {
+            let _ = self.shared.events.send(Broadcast::Outage);
+        }
     }
 
     /// Lists of `kind` wait until [`FakeApiServer::release_list`].
@@ -603,6 +621,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     };
     let hold = {
         let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let outage = inner.outage;
         let Some(c) = inner.collections.get_mut(path.as_str()) else {
             return not_found();
         };
@@ -614,6 +633,17 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         shared.requested.notify_waiters();
         if !c.installed {
             return not_found();
+        }
+        if outage {
+            c.requests.failed += 1;
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &status(
+                    503,
+                    "ServiceUnavailable",
+                    "the server is currently unable to handle the request",
+                ),
+            );
         }
         c.hold.subscribe()
     };
@@ -824,6 +854,7 @@ fn watch_response(shared: &Shared, path: &str, from: u64) -> Response<Body> {
                         return;
                     }
                 }
+                Ok(Broadcast::Outage) => return,
                 Ok(Broadcast::Expire { path }) if path == key => {
                     let gone = status(410, "Expired", "too old resource version");
                     let _ = tx.send(Ok(Frame::data(event_line("ERROR", &gone)))).await;

@@ -304,6 +304,80 @@ async fn an_expired_watch_relists_and_drops_what_was_deleted_meanwhile() -> Resu
     Ok(())
 }
 
+/// The API server goes away (every watch ends, lists and watches answer 503) while pods
+/// change: the agent keeps its last model (no model without them is ever published), retries
+/// with backoff rather than in a loop, counts no rejection, and once the server is back the
+/// changes made meanwhile arrive.
+#[tokio::test]
+async fn through_an_api_server_outage_the_last_model_stays_and_changes_arrive_after() -> Result<()>
+{
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("default", true))?;
+    server.apply(pod("a", "10.0.0.1", json!({})))?;
+    server.apply(pod("b", "10.0.0.2", json!({})))?;
+    let mut agent = Agent::start(&server).await?;
+    agent
+        .model("a and b are enrolled", |m| {
+            enrolled(m, "a") && enrolled(m, "b")
+        })
+        .await?;
+    server
+        .wait_for("pods watched", |r| r["Pod"].watches >= 1)
+        .await?;
+
+    // Every model published from here until the server is back.
+    let mut published = agent.models.clone();
+    published.mark_unchanged();
+    let lost = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let recorder = {
+        let lost = lost.clone();
+        tokio::spawn(async move {
+            while published.changed().await.is_ok() {
+                let m = published.borrow_and_update().clone();
+                if !(enrolled(&m, "a") && enrolled(&m, "b")) {
+                    lost.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
+    };
+
+    info!("the API server goes away; b is deleted and c added meanwhile");
+    let before = server.requests("Pod")?;
+    server.outage(true);
+    server.delete("Pod", "default", "b")?;
+    server.apply(pod("c", "10.0.0.3", json!({})))?;
+    let outage = Duration::from_secs(2);
+    tokio::time::sleep(outage).await;
+    let during = server.requests("Pod")?;
+    let failed = during.failed - before.failed;
+    eprintln!("outage: {failed} failed pod requests in {outage:?}");
+    // Retries back off (20 ms doubling to 200 ms here): about 12 in 2 s, never a spin.
+    assert!(
+        (2..=30).contains(&failed),
+        "{failed} failed requests for pods in {outage:?}: the watch should retry, with backoff"
+    );
+    recorder.abort();
+    assert_eq!(
+        lost.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a model without a or b was published during the outage"
+    );
+    let m = agent.models.borrow().clone();
+    assert!(enrolled(&m, "a") && enrolled(&m, "b") && !has_pod(&m, "c"));
+    assert_eq!(agent.rejections_total(), 0, "an outage is not a rejection");
+
+    info!("the API server is back: what changed meanwhile arrives");
+    server.outage(false);
+    let m = agent
+        .model("b is gone and c is in", |m| {
+            !has_pod(m, "b") && enrolled(m, "c")
+        })
+        .await?;
+    assert!(enrolled(&m, "a"));
+    assert_eq!(agent.rejections_total(), 0);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_malformed_object_is_refused_and_its_last_good_version_kept() -> Result<()> {
     let server = FakeApiServer::start().await?;

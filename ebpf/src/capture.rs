@@ -97,6 +97,8 @@ pub enum CaptureError {
         what: &'static str,
         name: &'static str,
     },
+    #[error("the thread that loads eBPF programs is gone (could it not be started?)")]
+    LoaderGone,
     #[error("load program {PROGRAM} into the kernel: {0}")]
     Load(#[source] ProgramError),
     #[error("attach program {PROGRAM} to the network namespace: {0}")]
@@ -466,7 +468,49 @@ pub fn probe() -> Result<(), CaptureError> {
     load(&CaptureConfig::new(0)).map(drop)
 }
 
+/// Loads the program and its maps on the one thread that loads programs (see [`loader`]).
 fn load(config: &CaptureConfig) -> Result<Loaded, CaptureError> {
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    let job: LoadJob = (*config, reply);
+    loader()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send(job)
+        .map_err(|_| CaptureError::LoaderGone)?;
+    answer.recv().map_err(|_| CaptureError::LoaderGone)?
+}
+
+type LoadJob = (
+    CaptureConfig,
+    std::sync::mpsc::SyncSender<Result<Loaded, CaptureError>>,
+);
+
+/// The thread every program load runs on. A load makes aya parse the kernel's BTF (~10 MiB)
+/// and free it again; glibc keeps much of what a thread frees in that thread's own arena, so
+/// loads spread over a runtime's worker and blocking threads would leave up to ~10 MiB
+/// resident per thread that ever enrolled a pod (measured: 3 pods, 41 MiB of anonymous
+/// memory where nftables needs 2.7). On one thread, with a trim after each load, the
+/// retention is that of one arena, whatever the number of pods.
+fn loader() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<LoadJob>> {
+    static LOADER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<LoadJob>>> =
+        std::sync::OnceLock::new();
+    LOADER.get_or_init(|| {
+        let (jobs, queue) = std::sync::mpsc::channel::<LoadJob>();
+        // Lives as long as the process; a failed spawn shows as `LoaderGone` on each load.
+        let _ = std::thread::Builder::new()
+            .name("ebpf-loader".to_owned())
+            .spawn(move || {
+                for (config, reply) in queue {
+                    let loaded = load_here(&config);
+                    crate::trim::release_freed_memory();
+                    let _ = reply.send(loaded);
+                }
+            });
+        std::sync::Mutex::new(jobs)
+    })
+}
+
+fn load_here(config: &CaptureConfig) -> Result<Loaded, CaptureError> {
     let hbone_port = u32::from(config.hbone_port);
     // The C side compares against `remote_ip4`, which holds the address in network order.
     let probe_source = config

@@ -8,10 +8,14 @@
 //! already under way for their key instead of each dialing their own.
 //!
 //! Hostile or broken peers (RELIABILITY 12, 32, 37): at most `max_conns_per_key`
-//! connections are open to one key, so a peer that takes no streams (SETTINGS
-//! MAX_CONCURRENT_STREAMS 0) cannot make us dial once per request; callers beyond that wait
-//! for a stream to free up, within the connect timeout, then fail with
-//! [`HboneError::PoolFull`]. Every connection is PINGed every `ping_interval`; one that does
+//! connections whose peer allows fewer streams than we would carry (its SETTINGS
+//! MAX_CONCURRENT_STREAMS below `max_streams_per_conn`, e.g. 0) are open to one key, so such
+//! a peer cannot make us dial once per request; callers beyond that wait for a stream to free
+//! up, within the connect timeout, then fail with [`HboneError::PoolFull`]. Connections that
+//! take their full share are dialed as demand needs them: demand is the agent's accepted
+//! connections, themselves capped per pod and per process, so one source may hold as many
+//! tunnels to one destination as its connection cap allows (4,096 per pod by default: 41
+//! connections of 100 streams). Every connection is PINGed every `ping_interval`; one that does
 //! not answer within `ping_timeout` is dropped from the pool and its streams fail.
 //!
 //! Responses are buffered too: each connection reserves its receive window from
@@ -52,7 +56,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Default time a peer has to answer a PING.
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default most connections open to one pool key.
+/// Default most connections open to one pool key whose peer allows fewer streams than
+/// we would carry.
 pub const DEFAULT_MAX_CONNS_PER_KEY: usize = 4;
 
 /// How often one `connect` may move on from a pooled connection that turned out to be dead
@@ -84,7 +89,9 @@ pub struct PoolConfig {
     /// not answer within `ping_timeout` is dead and its connection dropped.
     pub ping_interval: Option<Duration>,
     pub ping_timeout: Duration,
-    /// Most connections open at once to one key (at least 1).
+    /// Most connections open at once to one key whose peer allows fewer streams than
+    /// `max_streams_per_conn` (at least 1); connections that take their full share are not
+    /// capped here (see the module docs).
     pub max_conns_per_key: usize,
     /// A tunnel whose peer keeps its window shut this long while we have bytes to send is
     /// reset (`None`: wait forever).
@@ -547,7 +554,12 @@ impl PoolInner {
         if let Some(rx) = &entry.dialing {
             return Step::Wait(rx.clone());
         }
-        if entry.conns.len() >= self.cfg.max_conns_per_key.max(1) {
+        let short = entry
+            .conns
+            .iter()
+            .filter(|c| c.is_short(self.cfg.max_streams_per_conn))
+            .count();
+        if short >= self.cfg.max_conns_per_key.max(1) {
             return Step::Full;
         }
         let (tx, rx) = watch::channel(None);
@@ -633,6 +645,12 @@ impl Drop for DialGuard {
 // === impl PooledConn / ConnState / StreamSlot ===
 
 impl PooledConn {
+    /// Whether the peer allows fewer streams on this connection than we would carry.
+    fn is_short(&self, max_streams: u32) -> bool {
+        let ours = usize::try_from(max_streams).unwrap_or(usize::MAX);
+        self.send.current_max_send_streams() < ours
+    }
+
     /// A stream slot if the connection is open and below both our cap and the peer's.
     /// Called under the pool lock.
     fn try_reserve(&self, max_streams: u32) -> Option<StreamSlot> {

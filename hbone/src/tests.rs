@@ -670,8 +670,11 @@ async fn sequential_streams_for_one_key_share_one_connection() {
 #[tokio::test]
 async fn a_full_connection_makes_the_pool_open_another() {
     let (pki, server) = echo_server().await;
+    // The connection cap is for peers that take fewer streams than we would carry; this one
+    // takes its full share, so it gets as many connections as the tunnels need.
     let pool = Pool::new(PoolConfig {
         max_streams_per_conn: 2,
+        max_conns_per_key: 1,
         ..PoolConfig::default()
     });
     let dialer = Dialer::new(server.addr);

@@ -135,8 +135,10 @@ pub struct LimitArgs {
     #[arg(long, default_value = DEFAULT_HBONE_PING_TIMEOUT, value_parser = parse_duration)]
     #[serde(with = "secs")]
     pub hbone_ping_timeout: Duration,
-    /// HBONE connections the client pool opens to one peer (per source and destination
-    /// identity); callers beyond wait for a stream, then fail.
+    /// HBONE connections the client pool opens to one peer (per source and destination)
+    /// that allows fewer streams per connection than we would carry (a peer advertising
+    /// `MAX_CONCURRENT_STREAMS 0`); callers beyond wait for a stream, then fail. Connections
+    /// to peers that take their full share are opened as demand needs them.
     #[arg(long, default_value_t = mesh_hbone::DEFAULT_MAX_CONNS_PER_KEY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub hbone_pool_max_conns_per_peer: usize,
     /// A tunnel whose peer keeps its HTTP/2 window shut this long while we have bytes for it

@@ -176,7 +176,7 @@ fn allowed_traffic_stays_byte_exact_through_the_faults_of_an_agents_life() -> Re
     }
     let sampler = {
         let (rss, load) = (rss.clone(), load.clone());
-        std::thread::spawn(move || rss.run(&load.stop))
+        std::thread::spawn(move || rss.run(&load))
     };
 
     let enabled = enabled_faults()?;
@@ -1116,8 +1116,9 @@ struct RssSampler {
     series: Mutex<BTreeMap<(String, u32), Samples>>,
 }
 
-/// When a process was first tracked, and its (time since then, RSS) samples.
-type Samples = (Instant, Vec<(Duration, u64)>);
+/// When a process was first tracked, and its (time since then, RSS, fault underway)
+/// samples.
+type Samples = (Instant, Vec<(Duration, u64, Phase)>);
 
 struct RssReport {
     text: String,
@@ -1143,13 +1144,14 @@ impl RssSampler {
             .or_insert_with(|| (Instant::now(), Vec::new()));
     }
 
-    fn run(&self, stop: &AtomicBool) {
-        while !stop.load(Ordering::SeqCst) {
+    fn run(&self, load: &Load) {
+        while !load.stop.load(Ordering::SeqCst) {
             {
+                let phase = load.phase();
                 let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
                 for ((_, pid), (since, samples)) in series.iter_mut() {
                     if let Some(rss) = rss_bytes(*pid) {
-                        samples.push((since.elapsed(), rss));
+                        samples.push((since.elapsed(), rss, phase));
                     }
                 }
             }
@@ -1166,8 +1168,8 @@ impl RssSampler {
         for ((node, pid), (_, samples)) in series.iter() {
             let warm: Vec<u64> = samples
                 .iter()
-                .filter(|(t, _)| *t >= RSS_WARMUP)
-                .map(|(_, r)| *r)
+                .filter(|(t, ..)| *t >= RSS_WARMUP)
+                .map(|(_, r, _)| *r)
                 .collect();
             if warm.len() < RSS_MIN_SAMPLES {
                 let _ = writeln!(
@@ -1186,9 +1188,18 @@ impl RssSampler {
             let trend = mean(&warm[warm.len() - third..]) - mean(&warm[..third]);
             let ok = max - min <= RSS_SPREAD_MAX && trend <= RSS_TREND_MAX as f64;
             flat &= ok;
+            // Where the peak was, and for how many samples RSS stayed above the midpoint:
+            // to tell a transient from a plateau.
+            let peak = samples
+                .iter()
+                .filter(|(t, ..)| *t >= RSS_WARMUP)
+                .max_by_key(|(_, r, _)| *r)
+                .map(|(t, _, phase)| format!("peak at {:.0?} ({phase:?})", t))
+                .unwrap_or_default();
+            let high = warm.iter().filter(|r| **r > min + (max - min) / 2).count();
             let _ = writeln!(
                 text,
-                "rss {node} pid {pid}: {} samples after warm-up, {:.1}–{:.1} MiB (spread {:.1} MiB, bound {:.0}), last third − first third {:+.2} MiB (bound {:+.0}){}",
+                "rss {node} pid {pid}: {} samples after warm-up, {:.1}–{:.1} MiB (spread {:.1} MiB, bound {:.0}; {peak}, {high} samples above the midpoint), last third − first third {:+.2} MiB (bound {:+.0}){}",
                 warm.len(),
                 min as f64 / MIB,
                 max as f64 / MIB,

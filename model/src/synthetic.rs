@@ -2,7 +2,7 @@
 //! on other nodes, one Service per few pods, and AuthorizationPolicies whose selectors match
 //! nothing. For measuring how the proxies' costs grow with the mesh around the workloads a
 //! benchmark measures (`benches/model_size.rs`, a model-size dimension of `cargo xtask
-//! bench`): add [`BigMesh::yaml`] to the measured topology's own documents.
+//! bench`): add [`BigMesh::files`] to the measured topology's own.
 //!
 //! Pure: it writes strings. Its names (`mesh-<n>` namespaces, `node-<n>` nodes with the
 //! caller's prefix) and addresses (the caller's bases) are chosen so as not to meet the
@@ -65,23 +65,25 @@ impl BigMesh {
         n % self.namespaces.max(1)
     }
 
-    /// The whole mesh as one YAML stream (namespaces, pods, Services, policies).
-    pub fn yaml(&self) -> String {
-        let mut out = String::with_capacity(self.pods as usize * 520 + 4096);
-        let used_namespaces = self.namespaces.max(1);
-        for n in 0..used_namespaces {
-            // Infallible: writing to a String.
-            let _ = write!(
-                out,
-                "---\napiVersion: v1\nkind: Namespace\n\
-                 metadata: {{name: mesh-{n}, labels: {{istio.io/dataplane-mode: ambient}}}}\n"
-            );
-        }
+    /// The mesh as YAML files, one per namespace (`mesh-<n>.yaml`: the namespace, its pods,
+    /// Services and policies), each well under [`crate::k8s::MAX_FILE_BYTES`] up to ~10,000
+    /// pods per namespace; what a directory source reads.
+    pub fn files(&self) -> Vec<(String, String)> {
+        let namespaces = self.namespaces.max(1);
+        let mut files: Vec<String> = (0..namespaces)
+            .map(|n| {
+                format!(
+                    "apiVersion: v1\nkind: Namespace\n\
+                     metadata: {{name: mesh-{n}, labels: {{istio.io/dataplane-mode: ambient}}}}\n"
+                )
+            })
+            .collect();
         let per = self.pods_per_service.max(1);
         for i in 0..self.pods {
             let s = i / per;
-            let ns = self.namespace(s);
+            let out = &mut files[self.namespace(s) as usize];
             let node = i % self.nodes.max(1);
+            // Infallible: writing to a String.
             let _ = write!(
                 out,
                 "---\napiVersion: v1\nkind: Pod\n\
@@ -91,6 +93,7 @@ impl BigMesh {
                  spec:\n  nodeName: {prefix}{node}\n  serviceAccountName: app-{s}\n  \
                  containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}]}}]\n\
                  status:\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+                ns = self.namespace(s),
                 prefix = self.node_prefix,
                 ip = self.pod_ip(i),
             );
@@ -98,7 +101,7 @@ impl BigMesh {
         for s in 0..self.services() {
             let ns = self.namespace(s);
             let _ = write!(
-                out,
+                files[ns as usize],
                 "---\napiVersion: v1\nkind: Service\n\
                  metadata: {{name: app-{s}, namespace: mesh-{ns}}}\n\
                  spec:\n  clusterIP: {vip}\n  selector: {{app: app-{s}}}\n  \
@@ -109,14 +112,17 @@ impl BigMesh {
         for p in 0..self.policies {
             let ns = self.namespace(p);
             let _ = write!(
-                out,
+                files[ns as usize],
                 "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
                  metadata: {{name: unmatched-{p}, namespace: mesh-{ns}}}\n\
                  spec:\n  selector: {{matchLabels: {{app: unmatched-{p}}}}}\n  \
                  rules: [{{from: [{{source: {{principals: [\"cluster.local/ns/mesh-{ns}/sa/p{p}\"]}}}}]}}]\n"
             );
         }
-        out
+        (0..namespaces)
+            .zip(files)
+            .map(|(n, yaml)| (format!("mesh-{n}.yaml"), yaml))
+            .collect()
     }
 }
 
@@ -128,7 +134,9 @@ mod tests {
     #[test]
     fn the_mesh_loads_with_its_proportions_and_selects_as_described() {
         let mesh = BigMesh::new(95);
-        let m = crate::k8s::load_docs(&[("big.yaml".to_string(), mesh.yaml())]).expect("valid");
+        let files = mesh.files();
+        assert_eq!(files.len(), 50, "one file per namespace");
+        let m = crate::k8s::load_docs(&files).expect("valid");
         assert_eq!(m.pods.len(), 95);
         assert_eq!(m.services.len(), 10, "one per 10 pods, the last with 5");
         assert_eq!(m.authorization_policies.len(), 1_000);

@@ -467,6 +467,7 @@ impl Model {
 
     fn reindex(&mut self) {
         self.index = Index::build(
+            &self.namespaces,
             &self.pods,
             &self.services,
             &self.peer_authentications,
@@ -488,7 +489,7 @@ impl Model {
 
     /// The service named `key`.
     pub fn service(&self, key: &NamespacedName) -> Option<&Service> {
-        self.services.get(key).map(|s| &**s)
+        index::by_name(&self.index.services_by_name, &key.namespace, &key.name)
     }
 
     /// The L4 AuthorizationPolicies (no `targetRefs`, not CUSTOM) of the root namespace and
@@ -563,13 +564,14 @@ impl Model {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        self.pods
-            .get(&NamespacedName::new(namespace, name))
-            .map(|p| &**p)
+        index::by_name(&self.index.pods, namespace, name)
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
-        self.namespaces.get(name)
+        self.index
+            .namespaces
+            .get(name)
+            .and_then(|ns| ns.namespace.as_ref())
     }
 
     /// Pods scheduled on `node` (`spec.nodeName`), in name order.

@@ -15,18 +15,24 @@
 //! the full selector afterwards. The answers are the naive scans' (`index/tests.rs` compares
 //! them on random models).
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{
-    selector_matches, Action, AuthorizationPolicy, Labels, NamespacedName, PeerAuthentication, Pod,
-    Service, GATEWAY_NAME_LABEL,
+    selector_matches, Action, AuthorizationPolicy, Labels, Namespace, NamespacedName,
+    PeerAuthentication, Pod, Service, GATEWAY_NAME_LABEL,
 };
 use crate::policy::l7::{attach_point, AttachPoint};
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct Index {
+    /// Pods and Services by namespace and name, hashed: the maps' own lookups compare
+    /// O(log n) keys and need an owned key.
+    pub(super) pods: HashSet<ByName<Pod>>,
+    pub(super) services_by_name: HashSet<ByName<Service>>,
     pub(super) pod_by_ip: HashMap<IpAddr, Arc<Pod>>,
     pub(super) service_by_vip: HashMap<IpAddr, Arc<Service>>,
     /// Services in key order: a position in this list orders Services as the model does.
@@ -38,9 +44,88 @@ pub(super) struct Index {
     pub(super) request_authentications: Attachments,
 }
 
+/// An object named by namespace and name, shared with the model's map, hashed and compared
+/// by its name so that a set of them is looked up with a borrowed `(namespace, name)`.
+#[derive(Debug)]
+pub(super) struct ByName<T>(pub(super) Arc<T>);
+
+impl<T> Clone for ByName<T> {
+    fn clone(&self) -> Self {
+        ByName(self.0.clone())
+    }
+}
+
+/// What has a namespace and a name.
+pub(super) trait Named {
+    fn names(&self) -> (&str, &str);
+}
+
+impl Named for Pod {
+    fn names(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl Named for Service {
+    fn names(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl Named for (&str, &str) {
+    fn names(&self) -> (&str, &str) {
+        *self
+    }
+}
+
+impl Hash for dyn Named + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.names().hash(state);
+    }
+}
+
+impl PartialEq for dyn Named + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.names() == other.names()
+    }
+}
+
+impl Eq for dyn Named + '_ {}
+
+impl<T: Named> Hash for ByName<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.names().hash(state);
+    }
+}
+
+impl<T: Named> PartialEq for ByName<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.names() == other.0.names()
+    }
+}
+
+impl<T: Named> Eq for ByName<T> {}
+
+impl<'a, T: Named + 'a> Borrow<dyn Named + 'a> for ByName<T> {
+    fn borrow(&self) -> &(dyn Named + 'a) {
+        &*self.0
+    }
+}
+
+/// The object named `namespace/name` in `set`.
+pub(super) fn by_name<'s, T: Named>(
+    set: &'s HashSet<ByName<T>>,
+    namespace: &str,
+    name: &str,
+) -> Option<&'s T> {
+    set.get(&(namespace, name) as &dyn Named).map(|b| &*b.0)
+}
+
 /// What one namespace's queries read.
 #[derive(Clone, Debug, Default)]
 pub(super) struct NsIndex {
+    /// The namespace itself, when the model has it.
+    pub(super) namespace: Option<Namespace>,
     /// Services with a selector (positions in [`Index::services`]).
     pub(super) services: BySelector,
     /// Each selecting Service's selected pods (ready or not), in name order, by Service name.
@@ -106,8 +191,8 @@ impl BySelector {
 /// Entries attached to waypoints by `targetRefs`, by what they name.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Attachments {
-    gateways: ByName,
-    services: ByName,
+    gateways: Buckets,
+    services: Buckets,
     gateway_class: Vec<u32>,
 }
 
@@ -162,9 +247,9 @@ impl Attachments {
     }
 }
 
-type ByName = HashMap<String, HashMap<String, Vec<u32>>>;
+type Buckets = HashMap<String, HashMap<String, Vec<u32>>>;
 
-fn get<'a>(map: &'a ByName, key: &NamespacedName) -> &'a [u32] {
+fn get<'a>(map: &'a Buckets, key: &NamespacedName) -> &'a [u32] {
     map.get(&key.namespace)
         .and_then(|names| names.get(&key.name))
         .map_or(&[], Vec::as_slice)
@@ -174,12 +259,20 @@ fn get<'a>(map: &'a ByName, key: &NamespacedName) -> &'a [u32] {
 
 impl Index {
     pub(super) fn build(
+        namespaces: &std::collections::BTreeMap<String, Namespace>,
         pods: &std::collections::BTreeMap<NamespacedName, Arc<Pod>>,
         services: &std::collections::BTreeMap<NamespacedName, Arc<Service>>,
         peer_authentications: &[PeerAuthentication],
         authorization_policies: &[AuthorizationPolicy],
     ) -> Index {
-        let mut index = Index::default();
+        let mut index = Index {
+            pods: pods.values().map(|p| ByName(p.clone())).collect(),
+            services_by_name: services.values().map(|s| ByName(s.clone())).collect(),
+            ..Index::default()
+        };
+        for ns in namespaces.values() {
+            index.ns(&ns.name).namespace = Some(ns.clone());
+        }
         // Pods by namespace and label, for selecting: dropped once the Services have theirs.
         let mut labelled: HashMap<&str, HashMap<(&str, &str), Vec<&Arc<Pod>>>> = HashMap::new();
         let mut in_namespace: HashMap<&str, Vec<&Arc<Pod>>> = HashMap::new();

@@ -387,6 +387,16 @@ proptest! {
 
     #[test]
     fn indexed_queries_answer_as_the_scans_do(m in model()) {
+        for ns in NAMESPACES.iter().chain(&["nope"]) {
+            prop_assert_eq!(m.namespace(ns), m.namespaces.get(*ns));
+            for n in 0..12 {
+                let name = format!("p{n}");
+                let key = NamespacedName::new(*ns, &name);
+                prop_assert_eq!(m.pod(ns, &name), m.pods.get(&key).map(|p| &**p));
+                let key = NamespacedName::new(*ns, format!("s{n}"));
+                prop_assert_eq!(m.service(&key), m.services.get(&key).map(|s| &**s));
+            }
+        }
         for pod in m.pods.values() {
             let pod: &Pod = pod;
             prop_assert_eq!(m.services_for_pod(pod), scan_services_for_pod(&m, pod));

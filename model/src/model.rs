@@ -564,7 +564,7 @@ impl Model {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        index::by_name(&self.index.pods, namespace, name)
+        index::by_name(&self.index.pods_by_name, namespace, name)
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {

@@ -31,7 +31,7 @@ use crate::policy::l7::{attach_point, AttachPoint};
 pub(super) struct Index {
     /// Pods and Services by namespace and name, hashed: the maps' own lookups compare
     /// O(log n) keys and need an owned key.
-    pub(super) pods: HashSet<ByName<Pod>>,
+    pub(super) pods_by_name: HashSet<ByName<Pod>>,
     pub(super) services_by_name: HashSet<ByName<Service>>,
     pub(super) pod_by_ip: HashMap<IpAddr, Arc<Pod>>,
     pub(super) service_by_vip: HashMap<IpAddr, Arc<Service>>,
@@ -249,6 +249,9 @@ impl Attachments {
 
 type Buckets = HashMap<String, HashMap<String, Vec<u32>>>;
 
+/// One namespace's pods by `(key, value)` label, while the index is built.
+type PodsByLabel<'a> = HashMap<(&'a str, &'a str), Vec<&'a Arc<Pod>>>;
+
 fn get<'a>(map: &'a Buckets, key: &NamespacedName) -> &'a [u32] {
     map.get(&key.namespace)
         .and_then(|names| names.get(&key.name))
@@ -266,7 +269,7 @@ impl Index {
         authorization_policies: &[AuthorizationPolicy],
     ) -> Index {
         let mut index = Index {
-            pods: pods.values().map(|p| ByName(p.clone())).collect(),
+            pods_by_name: pods.values().map(|p| ByName(p.clone())).collect(),
             services_by_name: services.values().map(|s| ByName(s.clone())).collect(),
             ..Index::default()
         };
@@ -274,7 +277,7 @@ impl Index {
             index.ns(&ns.name).namespace = Some(ns.clone());
         }
         // Pods by namespace and label, for selecting: dropped once the Services have theirs.
-        let mut labelled: HashMap<&str, HashMap<(&str, &str), Vec<&Arc<Pod>>>> = HashMap::new();
+        let mut labelled: HashMap<&str, PodsByLabel<'_>> = HashMap::new();
         let mut in_namespace: HashMap<&str, Vec<&Arc<Pod>>> = HashMap::new();
         for pod in pods.values() {
             let by_label = labelled.entry(pod.namespace.as_str()).or_default();

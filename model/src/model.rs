@@ -508,11 +508,7 @@ impl Model {
         positions
             .into_iter()
             .filter_map(|i| self.authorization_policies.get(i as usize))
-            .filter(|p| {
-                p.selector
-                    .as_ref()
-                    .is_none_or(|s| selector_matches(s, &pod.labels))
-            })
+            .filter(|p| crate::policy::applies_at_l4(p, pod))
             .collect()
     }
 
@@ -631,29 +627,9 @@ impl Model {
         let Some(selector) = &svc.selector else {
             return Vec::new();
         };
-        let family = svc.cluster_ips.first().map(IpAddr::is_ipv4);
         self.selected_pods(svc, selector)
             .filter(|pod| pod.ready)
-            .filter_map(|pod| {
-                let ip = match family {
-                    Some(v4) => pod.ips.iter().find(|ip| ip.is_ipv4() == v4),
-                    None => pod.ips.first(),
-                }?;
-                let target = match &port.target_port {
-                    TargetPort::Number(n) => *n,
-                    TargetPort::Named(name) => {
-                        pod.container_ports
-                            .iter()
-                            .find(|cp| cp.name.as_deref() == Some(name.as_str()))?
-                            .port
-                    }
-                };
-                Some(Endpoint {
-                    pod: NamespacedName::new(&pod.namespace, &pod.name),
-                    ip: *ip,
-                    port: target,
-                })
-            })
+            .filter_map(|pod| endpoint_of(svc, port, pod))
             .collect()
     }
 
@@ -682,6 +658,29 @@ impl Model {
             ),
         }
     }
+}
+
+/// `pod` as an endpoint of `port` of `svc` (see [`Model::endpoints`]), if it has the address
+/// family and the named port it needs; readiness and selection are the caller's.
+fn endpoint_of(svc: &Service, port: &ServicePort, pod: &Pod) -> Option<Endpoint> {
+    let ip = match svc.cluster_ips.first().map(IpAddr::is_ipv4) {
+        Some(v4) => pod.ips.iter().find(|ip| ip.is_ipv4() == v4),
+        None => pod.ips.first(),
+    }?;
+    let target = match &port.target_port {
+        TargetPort::Number(n) => *n,
+        TargetPort::Named(name) => {
+            pod.container_ports
+                .iter()
+                .find(|cp| cp.name.as_deref() == Some(name.as_str()))?
+                .port
+        }
+    };
+    Some(Endpoint {
+        pod: NamespacedName::new(&pod.namespace, &pod.name),
+        ip: *ip,
+        port: target,
+    })
 }
 
 const AMBIENT: &str = "ambient";

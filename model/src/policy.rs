@@ -149,15 +149,19 @@ pub fn policies_for<'a>(model: &'a Model, pod: &Pod) -> Vec<&'a AuthorizationPol
         .refused_policies
         .iter()
         .filter_map(|r| r.deny.as_ref())
-        .filter(|p| p.target_refs.is_empty() && p.action != Action::Custom)
-        .filter(|p| p.namespace == ROOT_NAMESPACE || p.namespace == pod.namespace)
-        .filter(|p| {
-            p.selector
-                .as_ref()
-                .is_none_or(|s| selector_matches(s, &pod.labels))
-        });
+        .filter(|p| applies_at_l4(p, pod));
     policies.extend(refused);
     policies
+}
+
+/// Whether ztunnel enforces `p` for `pod` (see [`policies_for`]).
+pub(crate) fn applies_at_l4(p: &AuthorizationPolicy, pod: &Pod) -> bool {
+    p.target_refs.is_empty()
+        && p.action != Action::Custom
+        && (p.namespace == ROOT_NAMESPACE || p.namespace == pod.namespace)
+        && p.selector
+            .as_ref()
+            .is_none_or(|s| selector_matches(s, &pod.labels))
 }
 
 /// Decides a connection against `policies` (normally [`policies_for`] the destination).

@@ -6,13 +6,14 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use proptest::prelude::*;
 
+use crate::model::endpoint_of;
 use crate::model::{
     selector_matches, Action, AuthorizationPolicy, ContainerPort, Endpoint, Gateway, Labels, Model,
     Namespace, NamespacedName, PeerAuthentication, PeerAuthnMode, Pod, RequestAuthentication,
     Service, ServicePort, TargetPort, TargetRef, WaypointFor, GATEWAY_NAME_LABEL, ROOT_NAMESPACE,
 };
 use crate::policy::l7::{attached, policies_for_waypoint};
-use crate::policy::{peer_authn_mode, policies_for};
+use crate::policy::{applies_at_l4, peer_authn_mode, policies_for};
 
 const NAMESPACES: [&str; 3] = ["a", "b", ROOT_NAMESPACE];
 const KEYS: [&str; 3] = ["app", "tier", GATEWAY_NAME_LABEL];
@@ -276,44 +277,18 @@ fn scan_endpoints(m: &Model, svc: &Service, port: &ServicePort) -> Vec<Endpoint>
     let Some(selector) = &svc.selector else {
         return Vec::new();
     };
-    let family = svc.cluster_ips.first().map(IpAddr::is_ipv4);
     m.pods
         .values()
         .filter(|pod| pod.namespace == svc.namespace && pod.ready)
         .filter(|pod| selector_matches(selector, &pod.labels))
-        .filter_map(|pod| {
-            let ip = match family {
-                Some(v4) => pod.ips.iter().find(|ip| ip.is_ipv4() == v4),
-                None => pod.ips.first(),
-            }?;
-            let target = match &port.target_port {
-                TargetPort::Number(n) => *n,
-                TargetPort::Named(name) => {
-                    pod.container_ports
-                        .iter()
-                        .find(|cp| cp.name.as_deref() == Some(name.as_str()))?
-                        .port
-                }
-            };
-            Some(Endpoint {
-                pod: NamespacedName::new(&pod.namespace, &pod.name),
-                ip: *ip,
-                port: target,
-            })
-        })
+        .filter_map(|pod| endpoint_of(svc, port, pod))
         .collect()
 }
 
 fn scan_policies_for<'a>(m: &'a Model, pod: &Pod) -> Vec<&'a AuthorizationPolicy> {
     m.authorization_policies
         .iter()
-        .filter(|p| p.target_refs.is_empty() && p.action != Action::Custom)
-        .filter(|p| p.namespace == ROOT_NAMESPACE || p.namespace == pod.namespace)
-        .filter(|p| {
-            p.selector
-                .as_ref()
-                .is_none_or(|s| selector_matches(s, &pod.labels))
-        })
+        .filter(|p| applies_at_l4(p, pod))
         .collect()
 }
 

@@ -102,7 +102,7 @@ impl Target {
     pub fn lookup<'m>(&self, model: &'m Model, trust_domain: &str) -> Option<Resolved<'m>> {
         match self {
             Target::Service { svc, port } => {
-                let service = model.services.get(svc)?;
+                let service = model.service(svc)?;
                 let sp = service.ports.iter().find(|p| p.port == *port)?;
                 let endpoints = model
                     .endpoints(service, sp)

@@ -14,6 +14,7 @@
 //! - [`route`]: path normalisation, HTTPRoute / GRPCRoute / VirtualService matching,
 //!   backends, filters; [`resilience`]: retry, backoff, fault and mirror decisions.
 //! - [`round_robin`]: the per-destination rotating start index both proxies balance with.
+//! - [`synthetic`]: a mesh of any size as YAML, for measuring how costs grow with the mesh.
 #![forbid(unsafe_code)]
 
 pub mod duration;
@@ -25,5 +26,6 @@ pub mod policy;
 pub mod resilience;
 pub mod round_robin;
 pub mod route;
+pub mod synthetic;
 
 pub use identity::Identity;

@@ -3,12 +3,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::identity::Identity;
+use index::Index;
 
+mod index;
 mod jwt;
 mod refused;
 mod route;
@@ -254,13 +257,17 @@ impl Gateway {
 }
 
 /// The whole mesh as the proxies see it. Construct with [`Model::new`], which builds the
-/// indexes; treat as immutable afterwards (a new config builds a new `Model`).
+/// indexes (see `model/index.rs`: no per-connection query scans the mesh); treat as immutable
+/// afterwards (a new config builds a new `Model`). Pods and Services are shared with the
+/// indexes.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Model {
     pub namespaces: BTreeMap<String, Namespace>,
     pub service_accounts: BTreeSet<NamespacedName>,
-    pub pods: BTreeMap<NamespacedName, Pod>,
-    pub services: BTreeMap<NamespacedName, Service>,
+    #[serde(serialize_with = "shared_values")]
+    pub pods: BTreeMap<NamespacedName, Arc<Pod>>,
+    #[serde(serialize_with = "shared_values")]
+    pub services: BTreeMap<NamespacedName, Arc<Service>>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Gateways of every class; see [`Model::waypoint_for_service`].
@@ -312,10 +319,12 @@ pub struct RefusedDump<'a> {
     pub workloads: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default)]
-struct Index {
-    pod_by_ip: std::collections::HashMap<IpAddr, NamespacedName>,
-    service_by_vip: std::collections::HashMap<IpAddr, NamespacedName>,
+/// A map of shared values serialized as the map of the values.
+fn shared_values<S: serde::Serializer, K: Serialize, V: Serialize>(
+    map: &BTreeMap<K, Arc<V>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(map.iter().map(|(k, v)| (k, &**v)))
 }
 
 // === impl Model ===
@@ -335,8 +344,11 @@ impl Model {
         let mut m = Model {
             namespaces,
             service_accounts,
-            pods,
-            services,
+            pods: pods.into_iter().map(|(k, p)| (k, Arc::new(p))).collect(),
+            services: services
+                .into_iter()
+                .map(|(k, s)| (k, Arc::new(s)))
+                .collect(),
             peer_authentications,
             authorization_policies,
             gateways: BTreeMap::new(),
@@ -356,8 +368,8 @@ impl Model {
         ModelDump {
             namespaces: self.namespaces.values().collect(),
             service_accounts: self.service_accounts.iter().collect(),
-            pods: self.pods.values().collect(),
-            services: self.services.values().collect(),
+            pods: self.pods.values().map(|p| &**p).collect(),
+            services: self.services.values().map(|s| &**s).collect(),
             peer_authentications: &self.peer_authentications,
             authorization_policies: &self.authorization_policies,
             gateways: self.gateways.values().collect(),
@@ -444,53 +456,102 @@ impl Model {
         mut self,
         request_authentications: Vec<RequestAuthentication>,
     ) -> Self {
+        self.index.request_authentications = index::Attachments::build(
+            request_authentications
+                .iter()
+                .map(|ra| (ra.namespace.as_str(), ra.target_refs.as_slice())),
+        );
         self.request_authentications = request_authentications;
         self
     }
 
     fn reindex(&mut self) {
-        let mut index = Index::default();
-        for (key, pod) in &self.pods {
-            if pod.host_network {
-                continue;
-            }
-            for ip in &pod.ips {
-                // A finished pod keeps its IP in `status` while the IP may already belong to a
-                // new pod: the ready claimant wins, otherwise the first by name.
-                let replace = match index.pod_by_ip.get(ip).and_then(|k| self.pods.get(k)) {
-                    None => true,
-                    Some(current) => pod.ready && !current.ready,
-                };
-                if replace {
-                    index.pod_by_ip.insert(*ip, key.clone());
-                }
-            }
-        }
-        for (key, svc) in &self.services {
-            for ip in &svc.cluster_ips {
-                index.service_by_vip.insert(*ip, key.clone());
-            }
-        }
-        self.index = index;
+        self.index = Index::build(
+            &self.namespaces,
+            &self.pods,
+            &self.services,
+            &self.peer_authentications,
+            &self.authorization_policies,
+        );
     }
 
     /// The (non host-network) pod owning `ip`.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
-        self.index
-            .pod_by_ip
-            .get(&ip)
-            .and_then(|key| self.pods.get(key))
+        self.index.pod_by_ip.get(&ip).map(|p| &**p)
     }
 
     /// The service with cluster IP `ip` and its port `port`.
     pub fn service_by_vip(&self, ip: IpAddr, port: u16) -> Option<(&Service, &ServicePort)> {
-        let svc = self
-            .index
-            .service_by_vip
-            .get(&ip)
-            .and_then(|key| self.services.get(key))?;
+        let svc = self.index.service_by_vip.get(&ip)?;
         let sp = svc.ports.iter().find(|p| p.port == port)?;
         Some((svc, sp))
+    }
+
+    /// The service named `key`.
+    pub fn service(&self, key: &NamespacedName) -> Option<&Service> {
+        index::by_name(&self.index.services_by_name, &key.namespace, &key.name)
+    }
+
+    /// The L4 AuthorizationPolicies (no `targetRefs`, not CUSTOM) of the root namespace and
+    /// of `pod`'s namespace whose selector selects `pod`, in model order.
+    pub(crate) fn l4_policies_for(&self, pod: &Pod) -> Vec<&AuthorizationPolicy> {
+        let mut positions = Vec::new();
+        for ns in [ROOT_NAMESPACE, pod.namespace.as_str()] {
+            if let Some(i) = self.index.namespaces.get(ns) {
+                i.l4_policies.candidates(&pod.labels, &mut positions);
+            }
+            if pod.namespace == ROOT_NAMESPACE {
+                break;
+            }
+        }
+        positions.sort_unstable();
+        positions
+            .into_iter()
+            .filter_map(|i| self.authorization_policies.get(i as usize))
+            .filter(|p| crate::policy::applies_at_l4(p, pod))
+            .collect()
+    }
+
+    /// The AuthorizationPolicies whose `targetRefs` attach them to `waypoint` for a request
+    /// to `service`, in model order.
+    pub(crate) fn waypoint_policies(
+        &self,
+        waypoint: &NamespacedName,
+        service: Option<&NamespacedName>,
+    ) -> impl Iterator<Item = &AuthorizationPolicy> + '_ {
+        let positions = self.index.waypoint_policies.attached(waypoint, service);
+        positions
+            .into_iter()
+            .filter_map(|i| self.authorization_policies.get(i as usize))
+    }
+
+    /// The RequestAuthentications whose `targetRefs` attach them to `waypoint` for a request
+    /// to `service`, in model order.
+    pub(crate) fn waypoint_request_authentications(
+        &self,
+        waypoint: &NamespacedName,
+        service: Option<&NamespacedName>,
+    ) -> impl Iterator<Item = &RequestAuthentication> + '_ {
+        let positions = self
+            .index
+            .request_authentications
+            .attached(waypoint, service);
+        positions
+            .into_iter()
+            .filter_map(|i| self.request_authentications.get(i as usize))
+    }
+
+    /// The PeerAuthentications of `namespace`, in model order.
+    pub(crate) fn peer_authentications_in<'a>(
+        &'a self,
+        namespace: &str,
+    ) -> impl Iterator<Item = &'a PeerAuthentication> + 'a {
+        self.index
+            .namespaces
+            .get(namespace)
+            .map_or(&[][..], |i| i.peer_authentications.as_slice())
+            .iter()
+            .filter_map(|i| self.peer_authentications.get(*i as usize))
     }
 
     /// The SPIFFE identity of `pod` in `trust_domain`.
@@ -499,17 +560,21 @@ impl Model {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        self.pods.get(&NamespacedName::new(namespace, name))
+        index::by_name(&self.index.pods_by_name, namespace, name)
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
-        self.namespaces.get(name)
+        self.index
+            .namespaces
+            .get(name)
+            .and_then(|ns| ns.namespace.as_ref())
     }
 
     /// Pods scheduled on `node` (`spec.nodeName`), in name order.
     pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
         self.pods
             .values()
+            .map(|p| &**p)
             .filter(move |p| p.node_name.as_deref() == Some(node))
     }
 
@@ -534,14 +599,21 @@ impl Model {
     /// Services in the pod's namespace whose selector matches its labels, in name order.
     /// Services without a selector never match (their endpoints are managed elsewhere).
     pub fn services_for_pod(&self, pod: &Pod) -> Vec<&Service> {
-        self.services
-            .values()
-            .filter(|svc| svc.namespace == pod.namespace)
+        let Some(ns) = self.index.namespaces.get(&pod.namespace) else {
+            return Vec::new();
+        };
+        let mut positions = Vec::new();
+        ns.services.candidates(&pod.labels, &mut positions);
+        positions.sort_unstable();
+        positions
+            .into_iter()
+            .filter_map(|i| self.index.services.get(i as usize))
             .filter(|svc| {
                 svc.selector
                     .as_ref()
                     .is_some_and(|sel| selector_matches(sel, &pod.labels))
             })
+            .map(|svc| &**svc)
             .collect()
     }
 
@@ -555,33 +627,60 @@ impl Model {
         let Some(selector) = &svc.selector else {
             return Vec::new();
         };
-        let family = svc.cluster_ips.first().map(IpAddr::is_ipv4);
-        self.pods
-            .values()
-            .filter(|pod| pod.namespace == svc.namespace && pod.ready)
-            .filter(|pod| selector_matches(selector, &pod.labels))
-            .filter_map(|pod| {
-                let ip = match family {
-                    Some(v4) => pod.ips.iter().find(|ip| ip.is_ipv4() == v4),
-                    None => pod.ips.first(),
-                }?;
-                let target = match &port.target_port {
-                    TargetPort::Number(n) => *n,
-                    TargetPort::Named(name) => {
-                        pod.container_ports
-                            .iter()
-                            .find(|cp| cp.name.as_deref() == Some(name.as_str()))?
-                            .port
-                    }
-                };
-                Some(Endpoint {
-                    pod: NamespacedName::new(&pod.namespace, &pod.name),
-                    ip: *ip,
-                    port: target,
-                })
-            })
+        self.selected_pods(svc, selector)
+            .filter(|pod| pod.ready)
+            .filter_map(|pod| endpoint_of(svc, port, pod))
             .collect()
     }
+
+    /// The pods `selector` (`svc`'s) selects in `svc`'s namespace, in name order: from the
+    /// index when `svc` is the model's Service of that name, else by a scan (a Service the
+    /// caller made or kept from another model).
+    fn selected_pods<'a>(
+        &'a self,
+        svc: &'a Service,
+        selector: &'a Labels,
+    ) -> Box<dyn Iterator<Item = &'a Pod> + 'a> {
+        let indexed = self
+            .index
+            .namespaces
+            .get(&svc.namespace)
+            .and_then(|ns| ns.selected.get(&svc.name))
+            .filter(|s| std::ptr::eq(&*s.service, svc) || s.service.selector == svc.selector);
+        match indexed {
+            Some(s) => Box::new(s.pods.iter().map(|p| &**p)),
+            None => Box::new(
+                self.pods
+                    .values()
+                    .map(|p| &**p)
+                    .filter(move |pod| pod.namespace == svc.namespace)
+                    .filter(move |pod| selector_matches(selector, &pod.labels)),
+            ),
+        }
+    }
+}
+
+/// `pod` as an endpoint of `port` of `svc` (see [`Model::endpoints`]), if it has the address
+/// family and the named port it needs; readiness and selection are the caller's.
+fn endpoint_of(svc: &Service, port: &ServicePort, pod: &Pod) -> Option<Endpoint> {
+    let ip = match svc.cluster_ips.first().map(IpAddr::is_ipv4) {
+        Some(v4) => pod.ips.iter().find(|ip| ip.is_ipv4() == v4),
+        None => pod.ips.first(),
+    }?;
+    let target = match &port.target_port {
+        TargetPort::Number(n) => *n,
+        TargetPort::Named(name) => {
+            pod.container_ports
+                .iter()
+                .find(|cp| cp.name.as_deref() == Some(name.as_str()))?
+                .port
+        }
+    };
+    Some(Endpoint {
+        pod: NamespacedName::new(&pod.namespace, &pod.name),
+        ip: *ip,
+        port: target,
+    })
 }
 
 const AMBIENT: &str = "ambient";
@@ -709,7 +808,7 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
     }
 
     fn endpoints(m: &Model, svc: &str, port: u16) -> Vec<(String, IpAddr, u16)> {
-        let svc = &m.services[&NamespacedName::new("shop", svc)];
+        let svc = &*m.services[&NamespacedName::new("shop", svc)];
         let port = svc.ports.iter().find(|p| p.port == port).unwrap();
         m.endpoints(svc, port)
             .into_iter()

@@ -99,18 +99,17 @@ pub fn policy_key(policy: &AuthorizationPolicy) -> String {
 /// policies of one level match, Istio takes the oldest; we take the first by name.
 /// Workload-selector policies in the root namespace are ignored, as istiod does for ambient.
 pub fn peer_authn_mode(model: &Model, pod: &Pod, port: u16) -> PeerAuthnMode {
-    let first = |keep: &dyn Fn(&PeerAuthentication) -> bool| {
+    // Only the root namespace's and the pod's own are read (indexed by namespace).
+    let first = |ns: &str, keep: &dyn Fn(&PeerAuthentication) -> bool| {
         model
-            .peer_authentications
-            .iter()
+            .peer_authentications_in(ns)
             .filter(|pa| keep(pa))
             .min_by(|a, b| a.name.cmp(&b.name))
     };
-    let mesh = first(&|pa| pa.namespace == ROOT_NAMESPACE && !is_workload_policy(pa));
-    let namespace = first(&|pa| pa.namespace == pod.namespace && !is_workload_policy(pa));
-    let workload = first(&|pa| {
-        pa.namespace == pod.namespace
-            && pa.namespace != ROOT_NAMESPACE
+    let mesh = first(ROOT_NAMESPACE, &|pa| !is_workload_policy(pa));
+    let namespace = first(&pod.namespace, &|pa| !is_workload_policy(pa));
+    let workload = first(&pod.namespace, &|pa| {
+        pa.namespace != ROOT_NAMESPACE
             && pa
                 .selector
                 .as_ref()
@@ -143,22 +142,26 @@ fn is_workload_policy(pa: &PeerAuthentication) -> bool {
 /// Refused policies that fail closed ([`crate::model::RefusedPolicy`]) come last, as the
 /// DENY matching everything they are enforced as, named after the refused object.
 pub fn policies_for<'a>(model: &'a Model, pod: &Pod) -> Vec<&'a AuthorizationPolicy> {
+    // Accepted policies from the model's index (the root namespace's and the pod's, by
+    // selector); refused ones (few, API-server source only) by a scan.
+    let mut policies = model.l4_policies_for(pod);
     let refused = model
         .refused_policies
         .iter()
-        .filter_map(|r| r.deny.as_ref());
-    model
-        .authorization_policies
-        .iter()
-        .chain(refused)
-        .filter(|p| p.target_refs.is_empty() && p.action != Action::Custom)
-        .filter(|p| p.namespace == ROOT_NAMESPACE || p.namespace == pod.namespace)
-        .filter(|p| {
-            p.selector
-                .as_ref()
-                .is_none_or(|s| selector_matches(s, &pod.labels))
-        })
-        .collect()
+        .filter_map(|r| r.deny.as_ref())
+        .filter(|p| applies_at_l4(p, pod));
+    policies.extend(refused);
+    policies
+}
+
+/// Whether ztunnel enforces `p` for `pod` (see [`policies_for`]).
+pub(crate) fn applies_at_l4(p: &AuthorizationPolicy, pod: &Pod) -> bool {
+    p.target_refs.is_empty()
+        && p.action != Action::Custom
+        && (p.namespace == ROOT_NAMESPACE || p.namespace == pod.namespace)
+        && p.selector
+            .as_ref()
+            .is_none_or(|s| selector_matches(s, &pod.labels))
 }
 
 /// Decides a connection against `policies` (normally [`policies_for`] the destination).

@@ -424,7 +424,7 @@ async fn relay_l4<D: Io>(
         service: ctx
             .target
             .service_key()
-            .and_then(|k| model.services.get(k))
+            .and_then(|k| model.service(k))
             .cloned(),
         protocol: "tcp",
         mtls: true,

@@ -185,12 +185,13 @@ impl Model {
 
     /// Ready pods implementing `gw`, in name order.
     pub fn waypoint_pods<'a>(&'a self, gw: &'a Gateway) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.pods.values().filter(move |p| {
-            p.namespace == gw.namespace
-                && p.ready
-                && !p.host_network
-                && p.labels.get(GATEWAY_NAME_LABEL) == Some(&gw.name)
-        })
+        self.index
+            .namespaces
+            .get(&gw.namespace)
+            .and_then(|ns| ns.gateway_pods.get(&gw.name))
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .map(|p| &**p)
     }
 
     /// Whether `pod` implements a waypoint Gateway of the model.
@@ -414,7 +415,7 @@ spec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}
         let m = model();
         let svc = |name: &str| {
             let (ns, name) = name.split_once('/').expect("ns/name");
-            &m.services[&NamespacedName::new(ns, name)]
+            &*m.services[&NamespacedName::new(ns, name)]
         };
         let ns_wp = s(
             "app/ns-wp",
@@ -505,7 +506,7 @@ spec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}
     #[test]
     fn identities_follow_the_proxy_trust_domain() {
         let m = model();
-        let svc = &m.services[&NamespacedName::new("app", "plain")];
+        let svc = &*m.services[&NamespacedName::new("app", "plain")];
         let t = m.waypoint_for_service(svc).expect("waypoint");
         assert_eq!(
             t.identity("example.org").uri(),

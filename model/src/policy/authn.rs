@@ -47,9 +47,7 @@ pub fn rules_for_waypoint<'a>(
     service: Option<&NamespacedName>,
 ) -> Vec<&'a JwtRule> {
     model
-        .request_authentications
-        .iter()
-        .filter(|ra| attached(&ra.namespace, &ra.target_refs, waypoint, service))
+        .waypoint_request_authentications(waypoint, service)
         .flat_map(|ra| ra.jwt_rules.iter())
         .collect()
 }

@@ -103,12 +103,39 @@ pub fn policies_for_waypoint<'a>(
         let deny = r.deny.as_ref()?;
         (r.covers_service(service) || targeted(&deny)).then_some(deny)
     });
+    // Accepted policies from the model's index of attachments.
     model
-        .authorization_policies
-        .iter()
-        .filter(targeted)
+        .waypoint_policies(waypoint, service)
         .chain(refused)
         .collect()
+}
+
+/// What a `targetRef` of an object in `namespace` attaches it to, if anything a waypoint
+/// serves: [`target_applies`] compares it with a waypoint and a Service, the model indexes
+/// policies by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AttachPoint<'a> {
+    /// A Service of the object's own namespace.
+    Service { namespace: &'a str, name: &'a str },
+    /// A waypoint's Gateway of the object's own namespace.
+    Gateway { namespace: &'a str, name: &'a str },
+    /// Every waypoint (`GatewayClass` `istio-waypoint`, from the root namespace).
+    GatewayClass,
+}
+
+pub(crate) fn attach_point<'a>(
+    namespace: &'a str,
+    target: &'a TargetRef,
+) -> Option<AttachPoint<'a>> {
+    let name = target.name.as_str();
+    match (canonical_group(&target.group), target.kind.as_str()) {
+        ("", "Service") => Some(AttachPoint::Service { namespace, name }),
+        (GATEWAY_API_GROUP, "Gateway") => Some(AttachPoint::Gateway { namespace, name }),
+        (GATEWAY_API_GROUP, "GatewayClass") => (namespace == ROOT_NAMESPACE
+            && name == WAYPOINT_GATEWAY_CLASS)
+            .then_some(AttachPoint::GatewayClass),
+        _ => None,
+    }
 }
 
 /// Whether `target`, in an object of namespace `namespace`, attaches it to waypoint
@@ -119,18 +146,15 @@ pub fn target_applies(
     waypoint: &NamespacedName,
     service: Option<&NamespacedName>,
 ) -> bool {
-    let group = canonical_group(&target.group);
-    match (group, target.kind.as_str()) {
-        ("", "Service") => {
-            service.is_some_and(|svc| svc.namespace == namespace && svc.name == target.name)
+    match attach_point(namespace, target) {
+        Some(AttachPoint::Service { namespace, name }) => {
+            service.is_some_and(|svc| svc.namespace == namespace && svc.name == name)
         }
-        (GATEWAY_API_GROUP, "Gateway") => {
-            waypoint.namespace == namespace && waypoint.name == target.name
+        Some(AttachPoint::Gateway { namespace, name }) => {
+            waypoint.namespace == namespace && waypoint.name == name
         }
-        (GATEWAY_API_GROUP, "GatewayClass") => {
-            namespace == ROOT_NAMESPACE && target.name == WAYPOINT_GATEWAY_CLASS
-        }
-        _ => false,
+        Some(AttachPoint::GatewayClass) => true,
+        None => false,
     }
 }
 

@@ -624,6 +624,7 @@ pub fn list(files: &[(String, String)], namespace: Option<&str>, dir: &str) -> R
         let pods: Vec<&mesh_model::model::Pod> = model
             .pods
             .values()
+            .map(|p| &**p)
             .filter(|p| {
                 p.namespace == gw.namespace && p.labels.get(GATEWAY_NAME_LABEL) == Some(&gw.name)
             })

@@ -13,7 +13,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use mesh_model::model::Model;
+use mesh_model::model::{Model, NamespacedName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const VERSION: u8 = 5;
@@ -155,10 +155,11 @@ pub fn resolve(model: &Model, name: &str) -> Option<IpAddr> {
         3 => format!("{name}.cluster.local"),
         _ => name.to_string(),
     };
+    // `<name>.<namespace>.svc.cluster.local`; a namespace has no dot, so the last label before
+    // the suffix is it: one lookup, not a scan of the Services.
+    let (svc, ns) = full.strip_suffix(".svc.cluster.local")?.rsplit_once('.')?;
     model
-        .services
-        .values()
-        .find(|svc| svc.hostname() == full)
+        .service(&NamespacedName::new(ns, svc))
         .and_then(|svc| svc.cluster_ips.first().copied())
 }
 

@@ -1,0 +1,417 @@
+//! The indexed queries against the scans they replace, on random models: same answers, same
+//! order. The scans below are the model's queries as they were written before the index.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use proptest::prelude::*;
+
+use crate::model::endpoint_of;
+use crate::model::{
+    selector_matches, Action, AuthorizationPolicy, ContainerPort, Endpoint, Gateway, Labels, Model,
+    Namespace, NamespacedName, PeerAuthentication, PeerAuthnMode, Pod, RequestAuthentication,
+    Service, ServicePort, TargetPort, TargetRef, WaypointFor, GATEWAY_NAME_LABEL, ROOT_NAMESPACE,
+};
+use crate::policy::l7::{attached, policies_for_waypoint};
+use crate::policy::{applies_at_l4, peer_authn_mode, policies_for};
+
+const NAMESPACES: [&str; 3] = ["a", "b", ROOT_NAMESPACE];
+const KEYS: [&str; 3] = ["app", "tier", GATEWAY_NAME_LABEL];
+const VALUES: [&str; 3] = ["x", "y", "wp"];
+
+fn config() -> ProptestConfig {
+    ProptestConfig::with_cases(256)
+}
+
+fn labels() -> impl Strategy<Value = Labels> {
+    proptest::collection::btree_map(
+        (0..KEYS.len()).prop_map(|k| KEYS[k].to_string()),
+        (0..VALUES.len()).prop_map(|v| VALUES[v].to_string()),
+        0..3,
+    )
+}
+
+/// `None`, `{}` or one or two labels.
+fn selector() -> impl Strategy<Value = Option<Labels>> {
+    prop_oneof![
+        1 => Just(None),
+        1 => Just(Some(Labels::new())),
+        4 => labels().prop_map(Some),
+    ]
+}
+
+fn namespace() -> impl Strategy<Value = String> {
+    (0..NAMESPACES.len()).prop_map(|n| NAMESPACES[n].to_string())
+}
+
+fn pod() -> impl Strategy<Value = Pod> {
+    (
+        namespace(),
+        0u8..12,
+        labels(),
+        any::<bool>(),
+        0u8..8,
+        prop_oneof![4 => Just(true), 1 => Just(false)],
+        any::<bool>(),
+    )
+        .prop_map(
+            |(namespace, n, labels, host_network, ip, ready, named_port)| Pod {
+                name: format!("p{n}"),
+                namespace,
+                uid: None,
+                service_account: "default".to_string(),
+                node_name: None,
+                // Few addresses, so that pods claim the same IP.
+                ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, ip))],
+                labels,
+                annotations: Labels::new(),
+                host_network,
+                container_ports: vec![ContainerPort {
+                    name: named_port.then(|| "http".to_string()),
+                    port: 8080,
+                }],
+                ready,
+            },
+        )
+}
+
+fn service() -> impl Strategy<Value = Service> {
+    (namespace(), 0u8..6, selector(), any::<bool>()).prop_map(|(namespace, n, selector, named)| {
+        Service {
+            name: format!("s{n}"),
+            namespace,
+            labels: Labels::new(),
+            cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, n))],
+            ports: vec![ServicePort {
+                name: None,
+                app_protocol: None,
+                port: 80,
+                target_port: if named {
+                    TargetPort::Named("http".to_string())
+                } else {
+                    TargetPort::Number(9090)
+                },
+            }],
+            selector,
+        }
+    })
+}
+
+fn target_ref() -> impl Strategy<Value = TargetRef> {
+    let gw = "gateway.networking.k8s.io";
+    prop_oneof![
+        (0u8..6).prop_map(|n| TargetRef {
+            group: String::new(),
+            kind: "Service".into(),
+            name: format!("s{n}")
+        }),
+        (0u8..6).prop_map(|n| TargetRef {
+            group: "core".into(),
+            kind: "Service".into(),
+            name: format!("s{n}")
+        }),
+        Just(TargetRef {
+            group: gw.into(),
+            kind: "Gateway".into(),
+            name: "wp".into()
+        }),
+        Just(TargetRef {
+            group: gw.into(),
+            kind: "GatewayClass".into(),
+            name: "istio-waypoint".into()
+        }),
+        Just(TargetRef {
+            group: gw.into(),
+            kind: "GatewayClass".into(),
+            name: "other".into()
+        }),
+        Just(TargetRef {
+            group: "x".into(),
+            kind: "Service".into(),
+            name: "s1".into()
+        }),
+    ]
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        Just(Action::Allow),
+        Just(Action::Deny),
+        Just(Action::Audit),
+        Just(Action::Custom)
+    ]
+}
+
+fn authorization_policy() -> impl Strategy<Value = AuthorizationPolicy> {
+    (
+        namespace(),
+        0u8..20,
+        selector(),
+        prop_oneof![2 => Just(Vec::new()), 1 => proptest::collection::vec(target_ref(), 1..3)],
+        action(),
+    )
+        .prop_map(
+            |(namespace, n, selector, target_refs, action)| AuthorizationPolicy {
+                name: format!("ap{n}"),
+                namespace,
+                selector,
+                target_refs,
+                action,
+                rules: Vec::new(),
+                dry_run: false,
+            },
+        )
+}
+
+fn mode() -> impl Strategy<Value = PeerAuthnMode> {
+    prop_oneof![
+        Just(PeerAuthnMode::Unset),
+        Just(PeerAuthnMode::Strict),
+        Just(PeerAuthnMode::Permissive),
+        Just(PeerAuthnMode::Disable)
+    ]
+}
+
+fn peer_authentication() -> impl Strategy<Value = PeerAuthentication> {
+    (namespace(), 0u8..6, selector(), mode(), mode()).prop_map(
+        |(namespace, n, selector, mode, port_mode)| PeerAuthentication {
+            name: format!("pa{n}"),
+            namespace,
+            selector,
+            mode,
+            port_levels: BTreeMap::from([(8080, port_mode)]),
+        },
+    )
+}
+
+fn request_authentication() -> impl Strategy<Value = RequestAuthentication> {
+    (
+        namespace(),
+        0u8..6,
+        proptest::collection::vec(target_ref(), 0..3),
+    )
+        .prop_map(|(namespace, n, target_refs)| RequestAuthentication {
+            name: format!("ra{n}"),
+            namespace,
+            selector: None,
+            target_refs,
+            jwt_rules: Vec::new(),
+        })
+}
+
+fn model() -> impl Strategy<Value = Model> {
+    (
+        proptest::collection::vec(pod(), 0..24),
+        proptest::collection::vec(service(), 0..8),
+        proptest::collection::vec(authorization_policy(), 0..16),
+        proptest::collection::vec(peer_authentication(), 0..6),
+        proptest::collection::vec(request_authentication(), 0..4),
+    )
+        .prop_map(|(pods, services, mut policies, peer_authns, ras)| {
+            let pods = pods
+                .into_iter()
+                .map(|p| (NamespacedName::new(&p.namespace, &p.name), p))
+                .collect();
+            let services = services
+                .into_iter()
+                .map(|s| (NamespacedName::new(&s.namespace, &s.name), s))
+                .collect();
+            // The translator's order: by namespace and name, one of each.
+            policies.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+            policies.dedup_by(|x, y| (&x.namespace, &x.name) == (&y.namespace, &y.name));
+            let namespaces = NAMESPACES
+                .iter()
+                .map(|n| {
+                    (
+                        n.to_string(),
+                        Namespace {
+                            name: n.to_string(),
+                            labels: Labels::new(),
+                        },
+                    )
+                })
+                .collect();
+            let gateways = NAMESPACES
+                .iter()
+                .map(|ns| {
+                    let gw = Gateway {
+                        name: "wp".to_string(),
+                        namespace: ns.to_string(),
+                        class: crate::model::WAYPOINT_GATEWAY_CLASS.to_string(),
+                        labels: Labels::new(),
+                        waypoint_for: WaypointFor::All,
+                        addresses: Vec::new(),
+                    };
+                    (gw.key(), gw)
+                })
+                .collect();
+            Model::new(
+                namespaces,
+                BTreeSet::new(),
+                pods,
+                services,
+                peer_authns,
+                policies,
+            )
+            .with_gateways(gateways)
+            .with_request_authentications(ras)
+        })
+}
+
+// === the scans ===
+
+fn scan_services_for_pod<'a>(m: &'a Model, pod: &Pod) -> Vec<&'a Service> {
+    m.services
+        .values()
+        .filter(|svc| svc.namespace == pod.namespace)
+        .filter(|svc| {
+            svc.selector
+                .as_ref()
+                .is_some_and(|sel| selector_matches(sel, &pod.labels))
+        })
+        .map(|s| &**s)
+        .collect()
+}
+
+fn scan_endpoints(m: &Model, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
+    let Some(selector) = &svc.selector else {
+        return Vec::new();
+    };
+    m.pods
+        .values()
+        .filter(|pod| pod.namespace == svc.namespace && pod.ready)
+        .filter(|pod| selector_matches(selector, &pod.labels))
+        .filter_map(|pod| endpoint_of(svc, port, pod))
+        .collect()
+}
+
+fn scan_policies_for<'a>(m: &'a Model, pod: &Pod) -> Vec<&'a AuthorizationPolicy> {
+    m.authorization_policies
+        .iter()
+        .filter(|p| applies_at_l4(p, pod))
+        .collect()
+}
+
+fn scan_peer_authn_mode(m: &Model, pod: &Pod, port: u16) -> PeerAuthnMode {
+    let workload_policy =
+        |pa: &PeerAuthentication| pa.selector.as_ref().is_some_and(|s| !s.is_empty());
+    let first = |keep: &dyn Fn(&PeerAuthentication) -> bool| {
+        m.peer_authentications
+            .iter()
+            .filter(|pa| keep(pa))
+            .min_by(|a, b| a.name.cmp(&b.name))
+    };
+    let mesh = first(&|pa| pa.namespace == ROOT_NAMESPACE && !workload_policy(pa));
+    let namespace = first(&|pa| pa.namespace == pod.namespace && !workload_policy(pa));
+    let workload = first(&|pa| {
+        pa.namespace == pod.namespace
+            && pa.namespace != ROOT_NAMESPACE
+            && pa
+                .selector
+                .as_ref()
+                .is_some_and(|s| !s.is_empty() && selector_matches(s, &pod.labels))
+    });
+    [
+        mesh.map(|pa| pa.mode),
+        namespace.map(|pa| pa.mode),
+        workload.map(|pa| pa.mode),
+        workload.and_then(|pa| pa.port_levels.get(&port).copied()),
+    ]
+    .into_iter()
+    .flatten()
+    .rfind(|mode| *mode != PeerAuthnMode::Unset)
+    .unwrap_or(PeerAuthnMode::Permissive)
+}
+
+fn scan_waypoint_pods<'a>(m: &'a Model, gw: &'a Gateway) -> Vec<&'a Pod> {
+    m.pods
+        .values()
+        .filter(|p| {
+            p.namespace == gw.namespace
+                && p.ready
+                && !p.host_network
+                && p.labels.get(GATEWAY_NAME_LABEL) == Some(&gw.name)
+        })
+        .map(|p| &**p)
+        .collect()
+}
+
+fn scan_workload_by_ip(m: &Model, ip: IpAddr) -> Option<&Pod> {
+    let mut owner: Option<&Pod> = None;
+    for pod in m
+        .pods
+        .values()
+        .filter(|p| !p.host_network && p.ips.contains(&ip))
+    {
+        if owner.is_none_or(|current| pod.ready && !current.ready) {
+            owner = Some(pod);
+        }
+    }
+    owner
+}
+
+fn names<'a>(items: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<String> {
+    items
+        .into_iter()
+        .map(|(ns, n)| format!("{ns}/{n}"))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn indexed_queries_answer_as_the_scans_do(m in model()) {
+        for ns in NAMESPACES.iter().chain(&["nope"]) {
+            prop_assert_eq!(m.namespace(ns), m.namespaces.get(*ns));
+            for n in 0..12 {
+                let name = format!("p{n}");
+                let key = NamespacedName::new(*ns, &name);
+                prop_assert_eq!(m.pod(ns, &name), m.pods.get(&key).map(|p| &**p));
+                let key = NamespacedName::new(*ns, format!("s{n}"));
+                prop_assert_eq!(m.service(&key), m.services.get(&key).map(|s| &**s));
+            }
+        }
+        for pod in m.pods.values() {
+            let pod: &Pod = pod;
+            prop_assert_eq!(m.services_for_pod(pod), scan_services_for_pod(&m, pod));
+            prop_assert_eq!(policies_for(&m, pod), scan_policies_for(&m, pod));
+            for port in [8080, 9090] {
+                prop_assert_eq!(peer_authn_mode(&m, pod, port), scan_peer_authn_mode(&m, pod, port));
+            }
+            for ip in &pod.ips {
+                prop_assert_eq!(m.workload_by_ip(*ip), scan_workload_by_ip(&m, *ip));
+            }
+        }
+        for svc in m.services.values() {
+            for port in &svc.ports {
+                prop_assert_eq!(m.endpoints(svc, port), scan_endpoints(&m, svc, port));
+                // A Service that is not the model's own (here: another selector) is scanned.
+                let other = Service { selector: Some(Labels::from([("app".into(), "x".into())])), ..(**svc).clone() };
+                prop_assert_eq!(m.endpoints(&other, port), scan_endpoints(&m, &other, port));
+            }
+        }
+        for gw in m.gateways.values() {
+            prop_assert_eq!(m.waypoint_pods(gw).collect::<Vec<_>>(), scan_waypoint_pods(&m, gw));
+            let services = m.services.keys().map(Some).chain([None]);
+            for svc in services {
+                let wp = gw.key();
+                let got = policies_for_waypoint(&m, &wp, svc);
+                let want: Vec<&AuthorizationPolicy> = m
+                    .authorization_policies
+                    .iter()
+                    .filter(|p| attached(&p.namespace, &p.target_refs, &wp, svc))
+                    .collect();
+                prop_assert_eq!(got, want);
+                let got = names(m.waypoint_request_authentications(&wp, svc).map(|r| (r.namespace.as_str(), r.name.as_str())));
+                let want = names(
+                    m.request_authentications
+                        .iter()
+                        .filter(|r| attached(&r.namespace, &r.target_refs, &wp, svc))
+                        .map(|r| (r.namespace.as_str(), r.name.as_str())),
+                );
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+}

@@ -37,6 +37,7 @@ const ACCEPT_WITHIN: Duration = Duration::from_secs(5);
 
 #[test]
 fn inbound_connections_land_on_the_agent_listener_with_the_original_destination() -> Result<()> {
+    let _serial = serial();
     let topo = Topology::new()?;
     let pod = topo.pod_listeners()?;
     let config = CaptureConfig::new(HBONE_PORT).with_probe_source(PROBE_IP);
@@ -63,6 +64,7 @@ fn inbound_connections_land_on_the_agent_listener_with_the_original_destination(
 
 #[test]
 fn the_agents_delivery_to_the_app_is_not_steered_back_to_the_agent() -> Result<()> {
+    let _serial = serial();
     let topo = Topology::new()?;
     ip(&[
         "-n",
@@ -95,6 +97,7 @@ fn the_agents_delivery_to_the_app_is_not_steered_back_to_the_agent() -> Result<(
 
 #[test]
 fn without_the_agent_listener_connections_are_refused_not_passed_to_the_app() -> Result<()> {
+    let _serial = serial();
     let topo = Topology::new()?;
     let mut pod = topo.pod_listeners()?;
     let guard = attach_capture(
@@ -114,6 +117,7 @@ fn without_the_agent_listener_connections_are_refused_not_passed_to_the_app() ->
 
 #[test]
 fn a_pinned_capture_outlives_its_guard_and_is_adopted_by_the_next_agent() -> Result<()> {
+    let _serial = serial();
     let topo = Topology::new()?;
     let bpffs = Bpffs::mount()?;
     let pin_dir = bpffs.path.join("pod");
@@ -152,6 +156,7 @@ fn a_pinned_capture_outlives_its_guard_and_is_adopted_by_the_next_agent() -> Res
 
 #[test]
 fn an_upgrade_adopts_the_capture_while_the_old_agent_still_runs() -> Result<()> {
+    let _serial = serial();
     let topo = Topology::new()?;
     ip(&[
         "-n",
@@ -214,6 +219,7 @@ fn an_upgrade_adopts_the_capture_while_the_old_agent_still_runs() -> Result<()> 
 
 #[test]
 fn outgoing_connections_routed_over_lo_land_on_the_outbound_listener() -> Result<()> {
+    let _serial = serial();
     let topo = Topology::new()?;
     let pod = topo.pod_listeners()?;
     // The agent's routing (ztunnel/src/redirect/ebpf.rs) in miniature: the pod's own TCP is
@@ -471,6 +477,21 @@ impl PodListeners {
 // === namespaces ===
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The tests of this file run one at a time. Run in parallel, about one run in ten sees an
+/// outgoing connection leave a pod whose outbound listener is gone (fail open) in
+/// `outgoing_connections_routed_over_lo_land_on_the_outbound_listener`, and the refusals of
+/// the other tests come back at once instead of timing out: some interference between
+/// concurrent loads and attachments in one process, not understood yet (issue 14's notes).
+/// One at a time, 20 of 20 runs pass. The agent enrolls pods one at a time and loads
+/// programs on one thread.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Two namespaces, pod and node, joined by a veth pair; removed on drop.
 struct Topology {

@@ -81,6 +81,6 @@ pub use spec::{
     Ambient, CaMode, MeshBuilder, Pod, Redirect, Service, CONTROL_GRPC_PORT, CONTROL_IP,
     REDIRECT_ENV,
 };
-pub use sys::{held_sockets, preflight, Binaries, MARKER_ENV};
+pub use sys::{fd_count, held_sockets, preflight, rss_kib, Binaries, MARKER_ENV};
 pub use wait::{eventually, wait_until};
 pub use yaml::Rendered;

@@ -210,3 +210,23 @@ pub fn held_sockets(addr: std::net::SocketAddr) -> Result<usize> {
         .filter(|(l, state)| *l == local && matches!(*state, "01" | "08"))
         .count())
 }
+
+/// A process's open file descriptors (entries of `/proc/<pid>/fd`).
+pub fn fd_count(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("list /proc/{pid}/fd"))?
+        .count())
+}
+
+/// A process's resident memory in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    parse_vm_rss_kib(&status).with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// `VmRSS` of a `/proc/<pid>/status` text, in KiB.
+pub(crate) fn parse_vm_rss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    line.split_whitespace().next()?.parse().ok()
+}

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use e2e::waypoint::{log_tail, waypoint_mesh, waypoint_service, CLIENT, WAYPOINT};
-use e2e::{prom, scenarios, Ambient, ChildGuard, Mesh, Pod, Suite};
+use e2e::{fd_count, prom, rss_kib, scenarios, Ambient, ChildGuard, Mesh, Pod, Suite};
 use mesh_model::identity::Identity;
 use mesh_pki::ca::{Ca, WorkloadCert};
 use rustls::client::danger::ServerCertVerifier;
@@ -1432,22 +1432,6 @@ fn settled(pid: u32) -> Result<()> {
         ensure!(same, "{now} descriptors, still moving");
         Ok(())
     })
-}
-
-/// A process's open file descriptors.
-fn fd_count(pid: u32) -> Result<usize> {
-    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
-}
-
-/// A process's resident memory (KiB), from `/proc/<pid>/status`.
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")
 }
 
 fn p99(samples: &[Duration]) -> Duration {

@@ -11,13 +11,12 @@
 //! agent's descriptors come back to their count before the load and new connections are
 //! accepted again.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use e2e::{prom, wait_until, Ambient, Mesh, Pod};
+use e2e::{echo_once, fd_count, prom, rss_kib, wait_until, Ambient, Mesh, Pod};
 
 const APP_PORT: u16 = 8080;
 const PAIRS: usize = 3;
@@ -78,8 +77,8 @@ fn ten_thousand_idle_connections_are_held_shed_over_the_cap_and_released() -> Re
         echo_once(&mut mesh.connect(&client(i), *to)?, b"warm")?;
     }
     let pids = [pid(&mesh, "n1")?, pid(&mesh, "n2")?];
-    let fds_before = pids.map(fd_count);
-    let rss_before = rss_kib(pids)?;
+    let fds_before = fds(pids);
+    let rss_before = rss(pids)?;
     let om_before = refused_om(&mesh, "n1")?;
 
     // 1. Hold 10,002 connections, each proven to carry bytes.
@@ -96,7 +95,7 @@ fn ten_thousand_idle_connections_are_held_shed_over_the_cap_and_released() -> Re
         failed.first()
     );
     let opened_in = started.elapsed();
-    let rss_held = rss_kib(pids)?;
+    let rss_held = rss(pids)?;
     let per_conn: Vec<f64> = (0..2)
         .map(|n| (rss_held[n] as f64 - rss_before[n] as f64) / held.len() as f64)
         .collect();
@@ -168,7 +167,7 @@ fn ten_thousand_idle_connections_are_held_shed_over_the_cap_and_released() -> Re
     drop(held);
     let mut last = [0, 0];
     wait_until("both agents back at their descriptor count", SETTLE, || {
-        last = pids.map(fd_count);
+        last = fds(pids);
         Ok(
             last[0] <= fds_before[0].saturating_add(1)
                 && last[1] <= fds_before[1].saturating_add(1),
@@ -237,16 +236,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One round trip on a held connection (mesh-echo echoes raw bytes).
-fn echo_once(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
-    let mut back = vec![0u8; msg.len()];
-    c.write_all(msg)
-        .and_then(|()| c.read_exact(&mut back))
-        .context("echo")?;
-    ensure!(back == msg, "echoed {:?}", String::from_utf8_lossy(&back));
-    Ok(())
-}
-
 fn pid(mesh: &Mesh, node: &str) -> Result<u32> {
     mesh.ztunnel_pid(node)
         .with_context(|| format!("no agent runs on {node}"))
@@ -260,22 +249,12 @@ fn refused_om(mesh: &Mesh, node: &str) -> Result<f64> {
     ))
 }
 
-/// A process's open file descriptors (`usize::MAX` if it is gone: no bound then holds).
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(usize::MAX, Iterator::count)
+/// Both agents' open descriptors (`usize::MAX` for one that is gone: no bound then holds).
+fn fds(pids: [u32; 2]) -> [usize; 2] {
+    pids.map(|pid| fd_count(pid).unwrap_or(usize::MAX))
 }
 
-/// Both agents' resident memory (KiB), from `/proc/<pid>/status`.
-fn rss_kib(pids: [u32; 2]) -> Result<[u64; 2]> {
-    let one = |pid: u32| -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("read /proc/{pid}/status"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .context("VmRSS")
-    };
-    Ok([one(pids[0])?, one(pids[1])?])
+/// Both agents' resident memory (KiB).
+fn rss(pids: [u32; 2]) -> Result<[u64; 2]> {
+    Ok([rss_kib(pids[0])?, rss_kib(pids[1])?])
 }

@@ -43,7 +43,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use e2e::{in_netns, prom, wait_until, ChildGuard, Labelled, Mesh, Pod, Redirect};
+use e2e::{
+    fd_count, in_netns, prom, rss_kib, wait_until, ChildGuard, Labelled, Mesh, Pod, Redirect,
+};
 use sha2::{Digest, Sha256};
 
 /// Long-lived streams to `a` (always allowed) and to `b` (policy flips).
@@ -1122,23 +1124,8 @@ fn fd_kinds(pid: u32) -> BTreeMap<String, usize> {
     kinds
 }
 
-fn fd_count(pid: u32) -> Result<usize> {
-    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .with_context(|| format!("list /proc/{pid}/fd"))?
-        .count())
-}
-
 fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
+    rss_kib(pid).ok().map(|kib| kib * 1024)
 }
 
 /// RSS of every agent process, sampled every [`RSS_EVERY`] while the load runs.

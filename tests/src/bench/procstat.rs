@@ -44,9 +44,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
 
 /// `VmRSS` of `/proc/<pid>/status`, in bytes.
 fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    crate::sys::parse_vm_rss_kib(status).map(|kib| kib * 1024)
 }
 
 /// Clock ticks per second for `/proc/<pid>/stat` times.

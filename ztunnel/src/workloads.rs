@@ -403,9 +403,14 @@ impl Manager {
         }
     }
 
+    /// The capture stays in each pod's slot while its connections drain: a stream the old
+    /// agent still accepts on an established HBONE connection (sent before the peer saw the
+    /// GOAWAY) is delivered with an exemption like any other; without one its SYN would be
+    /// steered to the next agent's listener, whose reply leaves the pod for the spoofed client
+    /// address, and the delivery would time out.
     pub fn stop_all(&mut self) {
         for (_, r) in std::mem::take(&mut self.running) {
-            if let Some(capture) = r.ctx.capture.take() {
+            if let Some(capture) = r.ctx.capture.get() {
                 capture.keep_pinned();
             }
             r.ctx.stop.cancel();

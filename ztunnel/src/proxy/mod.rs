@@ -177,7 +177,7 @@ impl CaptureSlot {
         self.guard.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Takes the capture out (release, shutdown).
+    /// Takes the capture out (release; a shutdown leaves it in place for the drain).
     pub fn take(&self) -> Option<Arc<ebpf::CaptureGuard>> {
         self.guard.lock().unwrap_or_else(|e| e.into_inner()).take()
     }

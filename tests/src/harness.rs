@@ -624,6 +624,19 @@ impl Mesh {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Makes `pod` vanish from the network without closing anything: every packet into or
+    /// out of its namespace is dropped (an nftables table of its own, priority -400) until
+    /// the guard drops. Its peers' connections turn half-open.
+    pub fn blackhole<'a>(&'a self, pod: &'static str) -> Result<Blackhole<'a>> {
+        let rules = format!(
+            "add table inet {BLACKHOLE_TABLE}; \
+             add chain inet {BLACKHOLE_TABLE} in {{ type filter hook input priority -400; policy drop; }}; \
+             add chain inet {BLACKHOLE_TABLE} out {{ type filter hook output priority -400; policy drop; }}"
+        );
+        self.exec_ok(pod, &["nft", &rules])?;
+        Ok(Blackhole { mesh: self, pod })
+    }
+
     /// Runs a command inside the node's namespace; killed after 60 s.
     pub fn exec_node(&self, node: &str, argv: &[&str]) -> Result<Output> {
         run_bounded(
@@ -1247,4 +1260,22 @@ fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
 pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+const BLACKHOLE_TABLE: &str = "e2e_blackhole";
+
+/// A pod cut off from the network by [`Mesh::blackhole`]; dropping it lets packets through
+/// again.
+pub struct Blackhole<'a> {
+    mesh: &'a Mesh,
+    pod: &'static str,
+}
+
+impl Drop for Blackhole<'_> {
+    fn drop(&mut self) {
+        let table = format!("delete table inet {BLACKHOLE_TABLE}");
+        if let Err(e) = self.mesh.exec_ok(self.pod, &["nft", &table]) {
+            eprintln!("remove the blackhole in {}: {e:#}", self.pod);
+        }
+    }
 }

@@ -72,7 +72,9 @@ mod yaml;
 
 pub use capture::{parse_pcap, Capture, CaptureSummary, Packet, Proto};
 pub use control::CA_SERVER_NAME;
-pub use harness::{echo_once, Labelled, Mesh, OldAgent, PROBE_SOURCE, UPGRADE_PORT_SHIFT};
+pub use harness::{
+    echo_once, Blackhole, Labelled, Mesh, OldAgent, PROBE_SOURCE, UPGRADE_PORT_SHIFT,
+};
 pub use netns::{cleanup_stale, in_netns, StaleCleanup};
 pub use nix::sys::signal::Signal;
 pub use process::ChildGuard;

@@ -371,7 +371,7 @@ fn a_half_open_peer_is_reaped_by_ping_liveness(h: &mut Hbone) -> Result<()> {
         );
         let fds_open = fd_count(t.pid)?;
         let vanished = Instant::now();
-        let _blackhole = Blackhole::new(&h.mesh, OUTSIDER)?;
+        let _blackhole = h.mesh.blackhole(OUTSIDER)?;
         let limit = PING_INTERVAL + PING_TIMEOUT;
         e2e::eventually("the half-open connection reaped", limit + WAIT, || {
             let got = h.refused(t, "H2_PING_TIMEOUT")?;
@@ -1295,36 +1295,6 @@ impl Attacker {
                 "no reset of stream {stream} within {within:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// Drops every packet in and out of a pod's namespace (nftables, our own table), until
-/// dropped: the pod's peers see it vanish.
-struct Blackhole<'a> {
-    mesh: &'a Mesh,
-    pod: &'static str,
-}
-
-const BLACKHOLE_TABLE: &str = "e2e_blackhole";
-
-impl<'a> Blackhole<'a> {
-    fn new(mesh: &'a Mesh, pod: &'static str) -> Result<Self> {
-        let rules = format!(
-            "add table inet {BLACKHOLE_TABLE}; \
-             add chain inet {BLACKHOLE_TABLE} in {{ type filter hook input priority -400; policy drop; }}; \
-             add chain inet {BLACKHOLE_TABLE} out {{ type filter hook output priority -400; policy drop; }}"
-        );
-        mesh.exec_ok(pod, &["nft", &rules])?;
-        Ok(Blackhole { mesh, pod })
-    }
-}
-
-impl Drop for Blackhole<'_> {
-    fn drop(&mut self) {
-        let table = format!("delete table inet {BLACKHOLE_TABLE}");
-        if let Err(e) = self.mesh.exec_ok(self.pod, &["nft", &table]) {
-            eprintln!("remove the blackhole in {}: {e:#}", self.pod);
         }
     }
 }

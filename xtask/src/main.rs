@@ -399,7 +399,7 @@ fn soak(minutes: f64, redirect: Option<&str>) -> Result<()> {
 
 /// The e2e test targets that run once per redirection backend (`soak` in its short form:
 /// `SOAK_MINUTES` unset is one minute).
-const E2E_SUITES: [&str; 19] = [
+const E2E_SUITES: [&str; 20] = [
     "core",
     "ca_service",
     "enrollment",
@@ -418,6 +418,7 @@ const E2E_SUITES: [&str; 19] = [
     "abuse_hbone",
     "waypoint_abuse",
     "idle_load",
+    "half_open",
     "soak",
 ];
 /// The name the kernel shows for ztunnel's capture program (`zt_capture` in capture.bpf.c,

@@ -29,6 +29,11 @@
 //! e.g. during an agent restart) the program refuses the connection rather than let it reach
 //! the application, or leave the pod, without policy: fail closed.
 //!
+//! Where programs load: in this process, on one thread; or, once [`load_in_child_processes`]
+//! has been called (the agent does), pinned captures and [`probe`] load in a short-lived child
+//! process of the caller's binary, so that aya's parse of the kernel's BTF never raises the
+//! caller's memory.
+//!
 //! Lifetimes: [`attach_capture`] ties the attachment to the guard (and so to the agent's
 //! process: a crash detaches it). [`attach_capture_pinned`] also pins the link and the maps in
 //! a bpffs directory so the capture outlives the agent: a restarted agent calls it again with
@@ -40,7 +45,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, Map, MapData, MapError, SockMap};
 use aya::pin::PinError;
@@ -125,6 +131,13 @@ pub enum CaptureError {
     OpenLink { path: PathBuf, source: LinkError },
     #[error("open pinned map {path}: {source}")]
     OpenMap { path: PathBuf, source: MapError },
+    #[error("load in a child process: {detail}")]
+    Child { detail: String },
+    #[error("open network namespace {path}: {source}")]
+    OpenNetns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("pinned link {link} has no map {map} beside it (not ours?)")]
     Incomplete { link: PathBuf, map: PathBuf },
 }
@@ -173,28 +186,11 @@ pub fn attach_capture_pinned(
     config: &CaptureConfig,
     pin_dir: &Path,
 ) -> Result<CaptureGuard, CaptureError> {
-    let link_path = pin_dir.join(LINK_PIN);
-    if link_path.exists() {
-        let link = PinnedLink::from_pin(&link_path).map_err(|source| CaptureError::OpenLink {
-            path: link_path.clone(),
-            source,
-        })?;
-        let [listener_map, delivery_map] = MAP_PINS.map(|name| open_pinned(pin_dir, name));
-        let maps = Maps::new(listener_map?, delivery_map?)?;
-        let stale = maps.exemption_keys();
-        let mut guard = CaptureGuard {
-            link: Some(Attachment::Pinned(link)),
-            maps,
-            pins: Some(pin_dir.to_path_buf()),
-            keep: AtomicBool::new(false),
-            adopted: true,
-            stale: Mutex::new(stale),
-        };
-        guard.set_inbound_listener(listener)?;
+    if pin_dir.join(LINK_PIN).exists() {
+        let guard = open_pins(pin_dir, listener, true)?;
         debug!(pin_dir = %pin_dir.display(), "adopted pinned capture sk_lookup");
         return Ok(guard);
     }
-
     std::fs::create_dir_all(pin_dir).map_err(|source| CaptureError::PinDir {
         path: pin_dir.to_path_buf(),
         source,
@@ -202,7 +198,26 @@ pub fn attach_capture_pinned(
     // Map pins without a link are what an agent leaves when it dies between pinning the maps
     // and pinning the link (the link died with it): stale, replace them.
     remove_map_pins(pin_dir);
-    let loaded = load(config)?;
+    match child_loader() {
+        Some(exe) => load_in_child(
+            exe,
+            &ChildJob::Pin {
+                netns: proc_fd_path(netns),
+                pin_dir: pin_dir.to_path_buf(),
+                config: *config,
+            },
+        )?,
+        None => load_and_pin(netns, load(config)?, pin_dir)?,
+    }
+    let guard = open_pins(pin_dir, listener, false)?;
+    debug!(pin_dir = %pin_dir.display(), hbone_port = config.hbone_port, "attached pinned capture sk_lookup");
+    Ok(guard)
+}
+
+/// Pins `loaded`'s maps under `pin_dir`, attaches its program to `netns` and pins the link
+/// (maps first, so that a link pin always has its maps beside it). On an error nothing is left
+/// pinned.
+fn load_and_pin(netns: &impl AsFd, loaded: Loaded, pin_dir: &Path) -> Result<(), CaptureError> {
     let pinned = [
         (&loaded.listener, LISTENER_MAP),
         (&loaded.delivery, DELIVERY_MAP),
@@ -218,24 +233,45 @@ pub fn attach_capture_pinned(
     });
     let link = pinned
         .and_then(|()| attach(loaded.ebpf, netns))
-        .and_then(|link| pin_link(link, &link_path));
-    let link = match link {
-        Ok(link) => link,
+        .and_then(|link| pin_link(link, &pin_dir.join(LINK_PIN)));
+    match link {
+        // The pin holds the link (and so the program and its maps) from now on.
+        Ok(_pinned) => Ok(()),
         Err(e) => {
             remove_map_pins(pin_dir);
-            return Err(e);
+            Err(e)
         }
+    }
+}
+
+/// A guard over the capture pinned under `pin_dir`, steering inbound connections to
+/// `listener`. `adopted`: the pins are an earlier agent's, whose exemptions are noted as stale.
+fn open_pins(
+    pin_dir: &Path,
+    listener: &impl AsRawFd,
+    adopted: bool,
+) -> Result<CaptureGuard, CaptureError> {
+    let link_path = pin_dir.join(LINK_PIN);
+    let link = PinnedLink::from_pin(&link_path).map_err(|source| CaptureError::OpenLink {
+        path: link_path.clone(),
+        source,
+    })?;
+    let [listener_map, delivery_map] = MAP_PINS.map(|name| open_pinned(pin_dir, name));
+    let maps = Maps::new(listener_map?, delivery_map?)?;
+    let stale = if adopted {
+        maps.exemption_keys()
+    } else {
+        Vec::new()
     };
     let mut guard = CaptureGuard {
         link: Some(Attachment::Pinned(link)),
-        maps: Maps::new(loaded.listener, loaded.delivery)?,
+        maps,
         pins: Some(pin_dir.to_path_buf()),
         keep: AtomicBool::new(false),
-        adopted: false,
-        stale: Mutex::default(),
+        adopted,
+        stale: Mutex::new(stale),
     };
     guard.set_inbound_listener(listener)?;
-    debug!(pin_dir = %pin_dir.display(), hbone_port = config.hbone_port, "attached pinned capture sk_lookup");
     Ok(guard)
 }
 
@@ -465,7 +501,10 @@ fn delivery_key(source: SocketAddrV4) -> u64 {
 /// falls back to nftables on an error, which says why (no BPF, no BTF, no sk_lookup, no
 /// privilege).
 pub fn probe() -> Result<(), CaptureError> {
-    load(&CaptureConfig::new(0)).map(drop)
+    match child_loader() {
+        Some(exe) => load_in_child(exe, &ChildJob::Probe),
+        None => load(&CaptureConfig::new(0)).map(drop),
+    }
 }
 
 /// Loads the program and its maps on the one thread that loads programs (see [`loader`]).
@@ -485,12 +524,13 @@ type LoadJob = (
     std::sync::mpsc::SyncSender<Result<Loaded, CaptureError>>,
 );
 
-/// The thread every program load runs on. A load makes aya parse the kernel's BTF (~10 MiB)
-/// and free it again; glibc keeps much of what a thread frees in that thread's own arena, so
-/// loads spread over a runtime's worker and blocking threads would leave up to ~10 MiB
-/// resident per thread that ever enrolled a pod (measured: 3 pods, 41 MiB of anonymous
-/// memory where nftables needs 2.7). On one thread, with a trim after each load, the
-/// retention is that of one arena, whatever the number of pods.
+/// The thread every in-process program load runs on (the agent loads in child processes, see
+/// [`load_in_child_processes`]; the unpinned [`attach_capture`] and this crate's tests load
+/// here). A load makes aya parse the kernel's BTF (~16 MiB at its peak) and free it again;
+/// an allocator keeps part of what a thread frees for that thread, so loads spread over a
+/// runtime's worker and blocking threads would leave some resident per thread that ever
+/// loaded (measured with glibc: 3 pods, 41 MiB of anonymous memory where nftables needs 2.7).
+/// On one thread the retention is that of one thread, whatever the number of loads.
 fn loader() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<LoadJob>> {
     static LOADER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<LoadJob>>> =
         std::sync::OnceLock::new();
@@ -501,9 +541,7 @@ fn loader() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<LoadJob>> {
             .name("ebpf-loader".to_owned())
             .spawn(move || {
                 for (config, reply) in queue {
-                    let loaded = load_here(&config);
-                    crate::trim::release_freed_memory();
-                    let _ = reply.send(loaded);
+                    let _ = reply.send(load_here(&config));
                 }
             });
         std::sync::Mutex::new(jobs)
@@ -595,6 +633,162 @@ fn remove_map_pins(dir: &Path) {
     }
 }
 
+// === loading in a child process ===
+
+/// Makes the agent's binary run one [`ChildJob`] and exit (see [`serve_load_job`]).
+const CHILD_JOB_ENV: &str = "ZTUNNEL_EBPF_LOAD_JOB";
+/// How long a child may take before it is killed and its load fails.
+const CHILD_DEADLINE: Duration = Duration::from_secs(30);
+
+static CHILD_LOADER: OnceLock<PathBuf> = OnceLock::new();
+
+/// From now on, [`attach_capture_pinned`] and [`probe`] load programs in a short-lived child
+/// process running `exe` (the caller's own binary, e.g. `/proc/self/exe`, whose `main` must
+/// begin with [`serve_load_job`]): the child loads, pins and attaches, then exits, and this
+/// process opens the pins. A load makes aya parse the kernel's BTF (~16 MiB at its peak,
+/// measured); in the child that memory is gone with the process, where in the agent it would
+/// raise its peak at every enrollment and leave ~1.3 MiB behind in the allocator per load.
+/// [`attach_capture`] (unpinned: the program must stay with this process) still loads here.
+pub fn load_in_child_processes(exe: PathBuf) {
+    let _ = CHILD_LOADER.set(exe);
+}
+
+fn child_loader() -> Option<&'static Path> {
+    CHILD_LOADER.get().map(PathBuf::as_path)
+}
+
+/// What a child process is started to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ChildJob {
+    /// [`probe`].
+    Probe,
+    /// Load with `config`, pin under `pin_dir`, attach to the network namespace at `netns`.
+    Pin {
+        netns: PathBuf,
+        pin_dir: PathBuf,
+        config: CaptureConfig,
+    },
+}
+
+impl ChildJob {
+    /// Tab-separated (paths with a tab or a newline are refused at decoding).
+    fn encode(&self) -> String {
+        match self {
+            Self::Probe => "probe".to_owned(),
+            Self::Pin {
+                netns,
+                pin_dir,
+                config,
+            } => format!(
+                "pin\t{}\t{}\t{}\t{}",
+                netns.display(),
+                pin_dir.display(),
+                config.hbone_port,
+                config
+                    .probe_source
+                    .map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+            ),
+        }
+    }
+
+    fn decode(job: &str) -> Option<Self> {
+        let fields: Vec<&str> = job.split('\t').collect();
+        match fields.as_slice() {
+            ["probe"] => Some(Self::Probe),
+            ["pin", netns, pin_dir, port, probe] => {
+                let mut config = CaptureConfig::new(port.parse().ok()?);
+                if *probe != "-" {
+                    config = config.with_probe_source(probe.parse().ok()?);
+                }
+                Some(Self::Pin {
+                    netns: PathBuf::from(netns),
+                    pin_dir: PathBuf::from(pin_dir),
+                    config,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn run(&self) -> Result<(), CaptureError> {
+        match self {
+            Self::Probe => load_here(&CaptureConfig::new(0)).map(drop),
+            Self::Pin {
+                netns,
+                pin_dir,
+                config,
+            } => {
+                let ns = std::fs::File::open(netns).map_err(|source| CaptureError::OpenNetns {
+                    path: netns.clone(),
+                    source,
+                })?;
+                load_and_pin(&ns, load_here(config)?, pin_dir)
+            }
+        }
+    }
+}
+
+/// In a child started by [`load_in_child_processes`]' loader: runs its job and returns the
+/// process's exit code (0: done; 1: failed, the error on stderr; 2: a job this version does
+/// not understand). In any other process: `None`, at no cost. Call it first in `main`.
+pub fn serve_load_job() -> Option<i32> {
+    let job = std::env::var_os(CHILD_JOB_ENV)?;
+    let Some(job) = job.to_str().and_then(ChildJob::decode) else {
+        eprintln!("{CHILD_JOB_ENV}: not a job: {job:?}");
+        return Some(2);
+    };
+    match job.run() {
+        Ok(()) => Some(0),
+        Err(e) => {
+            eprintln!("{e}");
+            Some(1)
+        }
+    }
+}
+
+/// Runs `job` in a child process of `exe` and waits for it (at most [`CHILD_DEADLINE`]).
+fn load_in_child(exe: &Path, job: &ChildJob) -> Result<(), CaptureError> {
+    use std::io::Read;
+    let failed = |detail: String| CaptureError::Child { detail };
+    let mut child = std::process::Command::new(exe)
+        .env(CHILD_JOB_ENV, job.encode())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| failed(format!("start {}: {e}", exe.display())))?;
+    let deadline = Instant::now() + CHILD_DEADLINE;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed(format!("no answer within {CHILD_DEADLINE:?}")));
+            }
+            Err(e) => return Err(failed(format!("wait: {e}"))),
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    Err(failed(format!("{status}: {}", stderr.trim())))
+}
+
+/// A path this process's children can open `fd` by (the file stays open here meanwhile).
+fn proc_fd_path(fd: &impl AsFd) -> PathBuf {
+    PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        fd.as_fd().as_raw_fd()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,6 +798,27 @@ mod tests {
         // struct delivery_key { __u32 ip4; __u16 port; __u16 pad; }, both in network order.
         let key = delivery_key(SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 7), 0x1f90));
         assert_eq!(key.to_ne_bytes(), [10, 99, 0, 7, 0x1f, 0x90, 0, 0]);
+    }
+
+    #[test]
+    fn child_jobs_read_back_as_written() {
+        let pin = ChildJob::Pin {
+            netns: PathBuf::from("/proc/42/fd/7"),
+            pin_dir: PathBuf::from("/sys/fs/bpf/ztunnel/default.server-4026532"),
+            config: CaptureConfig::new(15008).with_probe_source(Ipv4Addr::new(169, 254, 7, 127)),
+        };
+        for job in [ChildJob::Probe, pin] {
+            assert_eq!(ChildJob::decode(&job.encode()), Some(job));
+        }
+        for bad in [
+            "",
+            "pin",
+            "pin\ta\tb\tnot-a-port\t-",
+            "pin\ta\tb\t1\tnot-an-ip",
+            "load",
+        ] {
+            assert_eq!(ChildJob::decode(bad), None, "{bad:?}");
+        }
     }
 }
 

@@ -9,15 +9,12 @@
 //!   source) and the application's outgoing TCP to the agent's 15001 listener, keeping the
 //!   original destination as the accepted socket's local address. The policy routing that
 //!   makes outgoing TCP visible to it is the agent's (`ztunnel/src/redirect/ebpf.rs`).
-//! - `trim`: returns what loading a program allocated and freed to the kernel (the one
-//!   `unsafe` call of the crate).
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod capture;
-mod trim;
 
 pub use capture::{
-    attach_capture, attach_capture_pinned, probe, CaptureConfig, CaptureError, CaptureGuard,
-    Exemption,
+    attach_capture, attach_capture_pinned, load_in_child_processes, probe, serve_load_job,
+    CaptureConfig, CaptureError, CaptureGuard, Exemption,
 };

@@ -121,6 +121,46 @@ where
     serve_with(Backoff::default(), what, accept, handle, stop).await
 }
 
+/// The most connections [`serve_draining`] accepts from the queue once stopped (a backlog's
+/// worth), and how long it waits for each before deciding the queue is empty.
+pub const MAX_DRAINED: usize = 4096;
+pub const DRAIN_POLL: Duration = Duration::from_millis(2);
+
+/// [`serve`], and once `stop` is cancelled, what is already queued on the listener is
+/// accepted and handed to `handle` too before returning. For a listener with no other
+/// (`SO_REUSEPORT`) listener to take its queue over, closing with connections queued resets
+/// each of them although the client's connect had succeeded.
+pub async fn serve_draining<C, A, F, H>(
+    what: &'static str,
+    mut accept: A,
+    mut handle: H,
+    stop: CancellationToken,
+) where
+    A: FnMut() -> F,
+    F: Future<Output = io::Result<C>>,
+    H: FnMut(C),
+{
+    serve_with(Backoff::default(), what, &mut accept, &mut handle, stop).await;
+    let mut drained = 0;
+    while drained < MAX_DRAINED {
+        match tokio::time::timeout(DRAIN_POLL, accept()).await {
+            Ok(Ok(conn)) => {
+                handle(conn);
+                drained += 1;
+            }
+            // Empty (or failing): nothing more to take.
+            _ => break,
+        }
+    }
+    if drained > 0 {
+        tracing::debug!(
+            listener = what,
+            drained,
+            "accepted what was queued before closing"
+        );
+    }
+}
+
 /// [`serve`] with its own backoff.
 pub async fn serve_with<C, A, F, H>(
     mut backoff: Backoff,
@@ -326,5 +366,42 @@ mod tests {
         assert_eq!(peer, client.local_addr().expect("local"));
         stop.cancel();
         task.await.expect("ends");
+    }
+
+    /// Three connections queued (handshake done, never accepted) when the loop is stopped.
+    async fn queued_then_stopped(draining: bool) -> usize {
+        let listener = Arc::new(
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind"),
+        );
+        let addr = listener.local_addr().expect("addr");
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let handled = Arc::new(AtomicUsize::new(0));
+        let accept = move || {
+            let l = listener.clone();
+            async move { l.accept().await }
+        };
+        let count = handled.clone();
+        let handle = move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+        };
+        if draining {
+            serve_draining("test", accept, handle, stop).await;
+        } else {
+            serve("test", accept, handle, stop).await;
+        }
+        handled.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_draining_loop_takes_what_was_queued_when_stopped() {
+        assert_eq!(queued_then_stopped(true).await, 3);
+        assert_eq!(queued_then_stopped(false).await, 0);
     }
 }

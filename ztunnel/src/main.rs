@@ -7,6 +7,12 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use ztunnel::config::{Args, Config};
 
 fn main() -> anyhow::Result<()> {
+    // A child this binary started to load an eBPF program does that and nothing else.
+    if let Some(code) = ebpf::serve_load_job() {
+        std::process::exit(code);
+    }
+    // Its own binary, even if the file was replaced since (an upgrade on disk).
+    ebpf::load_in_child_processes("/proc/self/exe".into());
     let args = Args::from_env();
     if let Err(e) = args.check() {
         e.exit();

@@ -286,6 +286,7 @@ impl Manager {
             netns,
             server_tls,
             stop: stop.clone(),
+            outbound_stop: CancellationToken::new(),
             active: Arc::default(),
             capture: proxy::CaptureSlot::new(capture),
             conn_cap: mesh_shell::limits::Cap::new(
@@ -309,7 +310,7 @@ impl Manager {
         }
         let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);
         tokio::spawn(
-            proxy::outbound::run(outbound, ctx.clone(), pi.clone(), stop.clone())
+            proxy::outbound::run(outbound, ctx.clone(), pi.clone(), ctx.outbound_stop.clone())
                 .instrument(span("outbound")),
         );
         tokio::spawn(
@@ -351,7 +352,7 @@ impl Manager {
                         .iter()
                         .flat_map(|c| c.active.flows())
                         .collect();
-                    redirect::ebpf::stop_capture(netns, &flows)
+                    redirect::ebpf::stop_capture(netns, &r.ctx.ips, &flows)
                 }
                 _ => redirect::nft::stop_capture(netns),
             };
@@ -361,6 +362,9 @@ impl Manager {
             // Detaches the program (and removes its pins) once no delivery holds it: new
             // inbound connections then reach the application directly.
             drop(r.ctx.capture.take());
+            // Nothing new is captured now: the outbound listener takes what it was handed
+            // (listed above, so their routes stay) and closes.
+            r.ctx.outbound_stop.cancel();
             drop(redirections);
             let (ctx, redirections, key) = (r.ctx.clone(), self.redirections.clone(), key.clone());
             tokio::spawn(async move {
@@ -371,6 +375,8 @@ impl Manager {
                 }
             });
         }
+        // Without a capture (or its namespace gone) there is nothing to wait for.
+        r.ctx.outbound_stop.cancel();
         let still_used = self
             .running
             .values()
@@ -414,6 +420,7 @@ impl Manager {
                 capture.keep_pinned();
             }
             r.ctx.stop.cancel();
+            r.ctx.outbound_stop.cancel();
         }
     }
 

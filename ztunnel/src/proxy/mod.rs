@@ -145,6 +145,10 @@ pub struct PodCtx {
     pub server_tls: Arc<rustls::ServerConfig>,
     /// Cancelled when the pod is released: listeners close, HBONE connections send GOAWAY.
     pub stop: CancellationToken,
+    /// Closes the outbound (15001) listener. A release cancels it only after the capture has
+    /// stopped, so that every connection the capture handed to the listener until then is
+    /// accepted (what is queued when it closes too) and served, instead of reset.
+    pub outbound_stop: CancellationToken,
     /// Connections of this pod still open (all three listeners), so that its remaining
     /// redirection state is removed only once the last one has finished.
     pub active: Arc<ActiveConns>,
@@ -422,7 +426,13 @@ pub(crate) async fn accept_loop<F, Fut>(
             .instrument(span),
         );
     };
-    mesh_shell::accept::serve(kind, || listener.accept(), accepted, stop).await
+    if kind == "outbound" {
+        // Closed only once nothing more is captured (see `PodCtx::outbound_stop`): what is
+        // queued then is the application's, routed here, and served.
+        mesh_shell::accept::serve_draining(kind, || listener.accept(), accepted, stop).await
+    } else {
+        mesh_shell::accept::serve(kind, || listener.accept(), accepted, stop).await
+    }
 }
 
 /// Serves a connection accepted on 15001 or 15006 knowing where it was going: what the

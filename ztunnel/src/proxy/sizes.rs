@@ -76,6 +76,7 @@ fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
         netns: home,
         server_tls,
         stop: CancellationToken::new(),
+        outbound_stop: CancellationToken::new(),
         active: Arc::default(),
         capture: CaptureSlot::new(None),
         conn_cap: mesh_shell::limits::Cap::new("test", 1),

@@ -23,11 +23,17 @@
 //! while every new connection leaves the pod directly. [`remove`] deletes the rest once the
 //! last one has closed.
 //!
+//! Release without resets also covers connections the agent has not accepted yet: the pod's
+//! sockets are listed ([`captured_flows`]) before the capture rule goes and once more after.
+//!
 //! Capture again without resets ([`install`] on a released pod): the connections the
 //! application opened directly meanwhile (and those it accepted directly) would be routed to
 //! the agent by the returning capture rule, which has no socket for them; one exact rule each
 //! ([`PREF_DIRECT`], looked up before the capture rule) keeps them on the main table until
-//! they close ([`sweep_direct`] removes the rules of closed ones).
+//! they close ([`sweep_direct`] removes the rules of closed ones). They are listed before the
+//! capture rule returns and once more after; in between, the program is attached with no
+//! outbound listener, so a packet of one opened in that moment is dropped (and retransmitted
+//! directly once listed), not reset.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -211,14 +217,26 @@ pub fn install(
     outbound: &impl AsRawFd,
     pin_dir: &Path,
 ) -> Result<CaptureGuard, RedirectError> {
-    install_routing(netns.path(), ips)?;
     let config = CaptureConfig::new(HBONE_PORT).with_probe_source(PROBE_SOURCE_IP);
     let capture_err = |source| RedirectError::Capture {
         netns: netns.path().to_path_buf(),
         source: Box::new(source),
     };
+    // The program first, with the inbound listener only: until the outbound one is
+    // registered, what the capture rule routes to the program is dropped, never reset (a
+    // SYN is sent again a second later). That covers the capture rule's return to a released
+    // pod: a connection the application opened directly just before, and which the second
+    // listing of [`install_routing`] has not yet exempted, loses a packet to the drop and
+    // retransmits it directly, where a listener that does not know it would reset it.
     let mut guard =
         ::ebpf::attach_capture_pinned(netns, inbound, &config, pin_dir).map_err(capture_err)?;
+    if let Err(e) = install_routing(netns.path(), ips) {
+        if guard.adopted() {
+            // An earlier agent's capture, which it may still be serving: left as it was.
+            guard.keep_pinned();
+        }
+        return Err(e);
+    }
     guard.set_outbound_listener(outbound).map_err(capture_err)?;
     Ok(guard)
 }
@@ -409,10 +427,14 @@ fn families(ips: &[IpAddr]) -> Vec<(&'static str, &'static str, IpAddr)> {
     v4.into_iter().chain(v6).collect()
 }
 
-/// Stops capturing new connections while `flows` keep working (see the module docs). The
-/// caller drops the pod's [`CaptureGuard`] too, so that inbound connections reach the
-/// application directly.
-pub fn stop_capture(netns: &Path, flows: &[Flow]) -> Result<(), RedirectError> {
+/// Stops capturing new connections while established ones keep working (see the module docs):
+/// `flows` (those the agent registered) and every connection between the application (at one
+/// of `ips`) and the agent that the pod's sockets show, also those the agent has not accepted
+/// yet (queued on its listener, or mid-handshake). The sockets are listed before the capture
+/// rule goes and once more after, for connections the capture took in between. The caller
+/// drops the pod's [`CaptureGuard`] too, so that inbound connections reach the application
+/// directly.
+pub fn stop_capture(netns: &Path, ips: &[IpAddr], flows: &[Flow]) -> Result<(), RedirectError> {
     let table = INBOUND_ROUTE_TABLE;
     // Rules an earlier release wrote for flows that are still open are written again below
     // (the caller passes every flow still open); the capture rule covers them meanwhile.
@@ -423,14 +445,56 @@ pub fn stop_capture(netns: &Path, flows: &[Flow]) -> Result<(), RedirectError> {
             flow_selector(f)
         )
     };
+    let mut kept: BTreeSet<Flow> = flows.iter().copied().collect();
+    kept.extend(listed_captured_flows(netns, ips));
+    let kept_vec: Vec<Flow> = kept.iter().copied().collect();
     // The capture stops even if some flow's rule failed: a released pod must never stay
     // captured with nothing listening.
-    let kept = per_flow_rules(netns, flows, add);
+    let written = per_flow_rules(netns, &kept_vec, add);
     delete_rules(netns, &[PREF_CAPTURE]);
+    let late: Vec<Flow> = listed_captured_flows(netns, ips)
+        .into_iter()
+        .filter(|f| !kept.contains(f))
+        .collect();
+    let written_late = per_flow_rules(netns, &late, add);
+    if !late.is_empty() {
+        tracing::debug!(netns = %netns.display(), late = late.len(), "connections captured while the capture stopped keep their route");
+    }
     // Direct connections need no rule of their own once nothing is captured.
     delete_rules(netns, &[PREF_DIRECT]);
     unblock_ipv6(netns);
-    kept
+    written.and(written_late)
+}
+
+/// [`captured_flows`] of the sockets `netns` has now; a listing that fails is logged and
+/// gives nothing (the registered flows are still kept).
+fn listed_captured_flows(netns: &Path, ips: &[IpAddr]) -> BTreeSet<Flow> {
+    match super::connected_tcp(netns) {
+        Ok(sockets) => captured_flows(&sockets, ips),
+        Err(e) => {
+            tracing::warn!(netns = %netns.display(), error = %e, "listing the pod's connections failed: a connection the agent has not accepted yet may reset");
+            BTreeSet::new()
+        }
+    }
+}
+
+/// The connections of the application (unmarked sockets at one of `ips`) whose other end is
+/// a socket of the same namespace, i.e. the agent's: an outbound connection the capture
+/// handed to the agent (accepted, queued or mid-handshake) or an inbound one the agent
+/// delivered. The pod's connections to itself are not captured and not listed.
+fn captured_flows(sockets: &[super::TcpSocket], ips: &[IpAddr]) -> BTreeSet<Flow> {
+    let ends: BTreeSet<(SocketAddr, SocketAddr)> =
+        sockets.iter().map(|s| (s.local, s.peer)).collect();
+    sockets
+        .iter()
+        .filter(|s| s.mark & 0xfff != SKIP_MARK & 0xfff)
+        .filter(|s| ips.contains(&s.local.ip()) && !ips.contains(&s.peer.ip()))
+        .filter(|s| ends.contains(&(s.peer, s.local)))
+        .map(|s| Flow {
+            app: s.local,
+            peer: s.peer,
+        })
+        .collect()
 }
 
 /// Removes the routing [`install`] and [`stop_capture`] added. Missing pieces are not an
@@ -517,6 +581,43 @@ mod tests {
                     app: "10.0.1.2:42000".parse().unwrap(),
                     peer: "10.0.2.3:8080".parse().unwrap()
                 },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_captured_flows_are_the_applications_ends_of_pairs_with_the_agent() {
+        let pod: IpAddr = "10.0.1.2".parse().unwrap();
+        let sockets = [
+            // Outbound, accepted by the agent (its end is marked).
+            sock("10.0.1.2:40000", "10.0.2.3:8080", 0),
+            sock("10.0.2.3:8080", "10.0.1.2:40000", SKIP_MARK),
+            // Outbound, still mid-handshake on the agent's listener (a request socket
+            // carries no mark).
+            sock("10.0.1.2:40001", "10.0.2.3:8080", 0),
+            sock("10.0.2.3:8080", "10.0.1.2:40001", 0),
+            // Inbound, delivered by the agent from the client's address.
+            sock("10.0.1.2:8080", "10.0.3.4:50000", 0),
+            sock("10.0.3.4:50000", "10.0.1.2:8080", SKIP_MARK),
+            // The agent's HBONE connection, one opened directly, the pod to itself, loopback.
+            sock("10.0.1.2:41000", "10.0.2.1:15008", SKIP_MARK),
+            sock("10.0.1.2:42000", "10.0.2.3:8080", 0),
+            sock("10.0.1.2:43000", "10.0.1.2:9000", 0),
+            sock("10.0.1.2:9000", "10.0.1.2:43000", 0),
+            sock("127.0.0.1:43000", "127.0.0.1:9000", 0),
+            sock("127.0.0.1:9000", "127.0.0.1:43000", 0),
+        ];
+        let flow = |app: &str, peer: &str| Flow {
+            app: app.parse().unwrap(),
+            peer: peer.parse().unwrap(),
+        };
+        let captured: Vec<Flow> = captured_flows(&sockets, &[pod]).into_iter().collect();
+        assert_eq!(
+            captured,
+            vec![
+                flow("10.0.1.2:8080", "10.0.3.4:50000"),
+                flow("10.0.1.2:40000", "10.0.2.3:8080"),
+                flow("10.0.1.2:40001", "10.0.2.3:8080"),
             ]
         );
     }

@@ -121,26 +121,22 @@ where
     serve_with(Backoff::default(), what, accept, handle, stop).await
 }
 
-/// The most connections [`serve_draining`] accepts from the queue once stopped (a backlog's
-/// worth), and how long it waits for each before deciding the queue is empty.
+/// The most connections [`drain_queued`] accepts (a backlog's worth), and how long it waits
+/// for each before deciding the queue is empty.
 pub const MAX_DRAINED: usize = 4096;
 pub const DRAIN_POLL: Duration = Duration::from_millis(2);
 
-/// [`serve`], and once `stop` is cancelled, what is already queued on the listener is
-/// accepted and handed to `handle` too before returning. For a listener with no other
+/// Accepts what is already queued on a listener whose [`serve`] loop has stopped, handing
+/// each connection to `handle`; returns how many. For a listener with no other
 /// (`SO_REUSEPORT`) listener to take its queue over, closing with connections queued resets
-/// each of them although the client's connect had succeeded.
-pub async fn serve_draining<C, A, F, H>(
-    what: &'static str,
-    mut accept: A,
-    mut handle: H,
-    stop: CancellationToken,
-) where
+/// each of them although the client's connect had succeeded. The caller must keep its
+/// process alive until what `handle` started is done.
+pub async fn drain_queued<C, A, F, H>(what: &'static str, mut accept: A, mut handle: H) -> usize
+where
     A: FnMut() -> F,
     F: Future<Output = io::Result<C>>,
     H: FnMut(C),
 {
-    serve_with(Backoff::default(), what, &mut accept, &mut handle, stop).await;
     let mut drained = 0;
     while drained < MAX_DRAINED {
         match tokio::time::timeout(DRAIN_POLL, accept()).await {
@@ -159,6 +155,7 @@ pub async fn serve_draining<C, A, F, H>(
             "accepted what was queued before closing"
         );
     }
+    drained
 }
 
 /// [`serve`] with its own backoff.
@@ -391,10 +388,10 @@ mod tests {
         let handle = move |_| {
             count.fetch_add(1, Ordering::SeqCst);
         };
+        let (mut accept, mut handle) = (accept, handle);
+        serve("test", &mut accept, &mut handle, stop).await;
         if draining {
-            serve_draining("test", accept, handle, stop).await;
-        } else {
-            serve("test", accept, handle, stop).await;
+            assert_eq!(drain_queued("test", accept, handle).await, 3);
         }
         handled.load(Ordering::SeqCst)
     }

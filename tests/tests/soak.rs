@@ -383,13 +383,7 @@ const ALL_FAULTS: [(&str, Fault); 4] = [
 
 /// Faults today's agents do not yet survive on one backend, left out unless `SOAK_FAULTS`
 /// names them: the fault, the backend and what goes wrong. Remove a line when it is fixed.
-const KNOWN_BROKEN: [(Fault, Redirect, &str); 1] = [(
-    Fault::Reenroll,
-    Redirect::Ebpf,
-    "at a re-enrollment a few short connections starting at that moment are reset with no \
-     flag (about 1 in 800 over 15 minutes), and n1's RSS can rise by ~17 MiB for a few \
-     seconds (issue 14)",
-)];
+const KNOWN_BROKEN: [(Fault, Redirect, &str); 0] = [];
 
 /// Known-broken faults left out of a run, with the reason.
 type Skipped = Vec<(Fault, &'static str)>;

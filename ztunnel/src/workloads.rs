@@ -287,6 +287,7 @@ impl Manager {
             server_tls,
             stop: stop.clone(),
             outbound_stop: CancellationToken::new(),
+            released: std::sync::atomic::AtomicBool::new(false),
             active: Arc::default(),
             capture: proxy::CaptureSlot::new(capture),
             conn_cap: mesh_shell::limits::Cap::new(
@@ -334,6 +335,9 @@ impl Manager {
     /// established ones finish, and the rest of the pod's redirection state (mark handling and
     /// reply routing they still depend on) is removed after the last one has closed.
     fn release(&self, key: &NamespacedName, r: Running) {
+        r.ctx
+            .released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         r.ctx.stop.cancel();
         let backend = self.pi.cfg.redirect;
         if matches!(backend, Redirect::Nftables | Redirect::Ebpf) && r.ctx.netns.path().exists() {

@@ -149,6 +149,8 @@ pub struct PodCtx {
     /// stopped, so that every connection the capture handed to the listener until then is
     /// accepted (what is queued when it closes too) and served, instead of reset.
     pub outbound_stop: CancellationToken,
+    /// Set by a release (not a shutdown) before `outbound_stop`.
+    pub released: std::sync::atomic::AtomicBool,
     /// Connections of this pod still open (all three listeners), so that its remaining
     /// redirection state is removed only once the last one has finished.
     pub active: Arc<ActiveConns>,
@@ -426,12 +428,15 @@ pub(crate) async fn accept_loop<F, Fut>(
             .instrument(span),
         );
     };
-    if kind == "outbound" {
-        // Closed only once nothing more is captured (see `PodCtx::outbound_stop`): what is
-        // queued then is the application's, routed here, and served.
-        mesh_shell::accept::serve_draining(kind, || listener.accept(), accepted, stop).await
-    } else {
-        mesh_shell::accept::serve(kind, || listener.accept(), accepted, stop).await
+    let mut accept = || listener.accept();
+    mesh_shell::accept::serve(kind, &mut accept, &accepted, stop).await;
+    if kind == "outbound" && pod.released.load(std::sync::atomic::Ordering::SeqCst) {
+        // Released, after the capture stopped (see `PodCtx::outbound_stop`): what is queued
+        // is the application's, routed here, and no other listener takes it. (On shutdown
+        // the next agent's listener does: `tcp_migrate_req`.) Held open meanwhile, so that
+        // a process exiting with the release waits for these too.
+        let _open = pi.open.enter();
+        mesh_shell::accept::drain_queued(kind, accept, &accepted).await;
     }
 }
 

@@ -77,6 +77,7 @@ fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
         server_tls,
         stop: CancellationToken::new(),
         outbound_stop: CancellationToken::new(),
+        released: std::sync::atomic::AtomicBool::new(false),
         active: Arc::default(),
         capture: CaptureSlot::new(None),
         conn_cap: mesh_shell::limits::Cap::new("test", 1),

@@ -24,16 +24,17 @@
 //! last one has closed.
 //!
 //! Release without resets also covers connections the agent has not accepted yet: the pod's
-//! sockets are listed ([`captured_flows`]) before the capture rule goes and once more after.
+//! sockets are listed ([`captured_flows`]) before the capture rule goes and once more after,
+//! the application's segments other than SYNs held meanwhile ([`HoldSegments`]).
 //!
 //! Capture again without resets ([`install`] on a released pod): the connections the
 //! application opened directly meanwhile (and those it accepted directly) would be routed to
 //! the agent by the returning capture rule, which has no socket for them; one exact rule each
 //! ([`PREF_DIRECT`], looked up before the capture rule) keeps them on the main table until
-//! they close ([`sweep_direct`] removes the rules of closed ones). They are listed before the
-//! capture rule returns and once more after; in between, the program is attached with no
-//! outbound listener, so a packet of one opened in that moment is dropped (and retransmitted
-//! directly once listed), not reset.
+//! they close ([`sweep_direct`] removes the rules of closed ones). They are listed once the
+//! capture rule is back, the application's segments other than SYNs held from just before it
+//! returns until their rules are in ([`HoldSegments`]): none reaches the agent's listener,
+//! which would reset it; a held segment is retransmitted a moment later.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -222,22 +223,21 @@ pub fn install(
         netns: netns.path().to_path_buf(),
         source: Box::new(source),
     };
-    // The program first, with the inbound listener only: until the outbound one is
-    // registered, what the capture rule routes to the program is dropped, never reset (a
-    // SYN is sent again a second later). That covers the capture rule's return to a released
-    // pod: a connection the application opened directly just before, and which the second
-    // listing of [`install_routing`] has not yet exempted, loses a packet to the drop and
-    // retransmits it directly, where a listener that does not know it would reset it.
+    // The program and both listeners first, so that the capture rule, once back, hands new
+    // connections to this agent at once.
     let mut guard =
         ::ebpf::attach_capture_pinned(netns, inbound, &config, pin_dir).map_err(capture_err)?;
-    if let Err(e) = install_routing(netns.path(), ips) {
+    let routed = guard
+        .set_outbound_listener(outbound)
+        .map_err(capture_err)
+        .and_then(|()| install_routing(netns.path(), ips));
+    if let Err(e) = routed {
         if guard.adopted() {
             // An earlier agent's capture, which it may still be serving: left as it was.
             guard.keep_pinned();
         }
         return Err(e);
     }
-    guard.set_outbound_listener(outbound).map_err(capture_err)?;
     Ok(guard)
 }
 
@@ -247,14 +247,13 @@ pub fn install(
 fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
     let table = INBOUND_ROUTE_TABLE;
     // A released pod captured again: what it opened directly keeps going directly. Listed
-    // before the capture rule returns and once more after, for what opened in between.
+    // once the capture rule is back (then nothing more opens directly), while its segments
+    // are held (see [`HoldSegments`]) so that none reaches the agent's listener, which would
+    // reset the connection, before its rule is in.
     let recapture = families(ips)
         .iter()
         .any(|(family, _, _)| !rule_exists(netns, family, PREF_CAPTURE));
-    let mut bypassed = BTreeSet::new();
-    if recapture {
-        bypass_direct(netns, &mut bypassed);
-    }
+    let held = recapture.then(|| HoldSegments::new(netns));
     for (family, default, src) in families(ips) {
         // `ip -batch` takes no per-line options: one batch per address family.
         let mut batch = String::new();
@@ -273,18 +272,18 @@ fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
         run_in(netns, &["ip", family, "-batch", "-"], Some(&batch))?;
     }
     if recapture {
-        bypass_direct(netns, &mut bypassed);
+        bypass_direct(netns);
     }
+    drop(held);
     // What a release left for its draining flows is covered by the capture rule again.
     delete_rules(netns, &[PREF_FLOW]);
     block_ipv6(netns, ips)
 }
 
 /// Adds a [`PREF_DIRECT`] rule for each connection of the application that the agent is not
-/// part of (see [`direct_flows`]) and not in `done`, then adds them to `done`. A failure is
-/// logged, not returned: the capture must come back either way, and at worst those
-/// connections reset, as they did before this existed.
-fn bypass_direct(netns: &Path, done: &mut BTreeSet<Flow>) {
+/// part of (see [`direct_flows`]). A failure is logged, not returned: the capture must come
+/// back either way, and at worst those connections reset, as they did before this existed.
+fn bypass_direct(netns: &Path) {
     let flows = match super::connected_tcp(netns) {
         Ok(sockets) => direct_flows(&sockets),
         Err(e) => {
@@ -292,7 +291,7 @@ fn bypass_direct(netns: &Path, done: &mut BTreeSet<Flow>) {
             return;
         }
     };
-    let new: Vec<Flow> = flows.into_iter().filter(|f| !done.contains(f)).collect();
+    let new: Vec<Flow> = flows.into_iter().collect();
     let add = |f: &Flow| {
         format!(
             "rule add pref {PREF_DIRECT} {} lookup main",
@@ -305,7 +304,61 @@ fn bypass_direct(netns: &Path, done: &mut BTreeSet<Flow>) {
     if !new.is_empty() {
         tracing::info!(netns = %netns.display(), direct = new.len(), "connections opened while released stay direct");
     }
-    done.extend(new);
+}
+
+/// While alive, the application's TCP segments other than SYNs towards addresses that are not
+/// local are dropped in the pod (an nftables filter table of ours, no conntrack): held back,
+/// to be retransmitted by their sender a moment later. Taken around the two moments when the
+/// route of a live connection changes before its own rule is in: the capture rule returning
+/// (a connection opened directly just before would reach the agent's listener, which resets
+/// what it does not know) and the capture rule going (a captured connection not yet listed
+/// would leave the pod, whose far end resets it). New connections (SYNs) pass meanwhile.
+/// If the table cannot be added the moment goes unguarded, as before this existed.
+struct HoldSegments<'a> {
+    netns: &'a Path,
+    held: bool,
+}
+
+const HOLD_TABLE: &str = "ztunnel_hold";
+
+impl<'a> HoldSegments<'a> {
+    fn new(netns: &'a Path) -> Self {
+        let script = format!(
+            "table inet {HOLD_TABLE} {{\n\
+             chain out {{\n\
+             type filter hook output priority raw; policy accept;\n\
+             meta l4proto tcp tcp flags & syn == 0 meta mark & {mask:#x} != {mark:#x} \
+             fib daddr type != local drop\n\
+             }}\n\
+             }}\n",
+            mask = 0xfff,
+            mark = SKIP_MARK & 0xfff,
+        );
+        let held = match run_in(netns, &["nft", "-f", "-"], Some(&script)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(netns = %netns.display(), error = %e, "holding the pod's segments failed: a connection at this moment may reset");
+                false
+            }
+        };
+        Self { netns, held }
+    }
+}
+
+impl Drop for HoldSegments<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            remove_hold(self.netns);
+        }
+    }
+}
+
+/// Deletes the [`HoldSegments`] table (an agent that died holding it left it behind).
+fn remove_hold(netns: &Path) {
+    let table = format!("delete table inet {HOLD_TABLE}");
+    if let Err(e) = run_in(netns, &["nft", &table], None) {
+        tracing::debug!(netns = %netns.display(), error = %e, "no segment hold to remove");
+    }
 }
 
 /// The connections of the application (unmarked sockets) whose other end is not a socket of
@@ -431,7 +484,8 @@ fn families(ips: &[IpAddr]) -> Vec<(&'static str, &'static str, IpAddr)> {
 /// `flows` (those the agent registered) and every connection between the application (at one
 /// of `ips`) and the agent that the pod's sockets show, also those the agent has not accepted
 /// yet (queued on its listener, or mid-handshake). The sockets are listed before the capture
-/// rule goes and once more after, for connections the capture took in between. The caller
+/// rule goes and once more after, for connections the capture took in between, whose segments
+/// are held ([`HoldSegments`]) until their rules are in. The caller
 /// drops the pod's [`CaptureGuard`] too, so that inbound connections reach the application
 /// directly.
 pub fn stop_capture(netns: &Path, ips: &[IpAddr], flows: &[Flow]) -> Result<(), RedirectError> {
@@ -451,12 +505,14 @@ pub fn stop_capture(netns: &Path, ips: &[IpAddr], flows: &[Flow]) -> Result<(), 
     // The capture stops even if some flow's rule failed: a released pod must never stay
     // captured with nothing listening.
     let written = per_flow_rules(netns, &kept_vec, add);
+    let held = HoldSegments::new(netns);
     delete_rules(netns, &[PREF_CAPTURE]);
     let late: Vec<Flow> = listed_captured_flows(netns, ips)
         .into_iter()
         .filter(|f| !kept.contains(f))
         .collect();
     let written_late = per_flow_rules(netns, &late, add);
+    drop(held);
     if !late.is_empty() {
         tracing::debug!(netns = %netns.display(), late = late.len(), "connections captured while the capture stopped keep their route");
     }
@@ -501,6 +557,7 @@ fn captured_flows(sockets: &[super::TcpSocket], ips: &[IpAddr]) -> BTreeSet<Flow
 /// error (the pod may be gone). The capture program goes with its guard.
 pub fn remove(netns: &Path) -> Result<(), RedirectError> {
     delete_rules(netns, &OUR_PREFS);
+    remove_hold(netns);
     let table = INBOUND_ROUTE_TABLE.to_string();
     for family in ["-4", "-6"] {
         let _ = run_in(

@@ -13,10 +13,13 @@ use index::Index;
 
 mod index;
 mod jwt;
+mod labels;
 mod refused;
 mod route;
 mod traffic;
 mod waypoint;
+
+pub use labels::Labels;
 
 pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
 
@@ -39,8 +42,6 @@ pub use waypoint::{
     use_waypoint, WaypointAddress, WaypointFor, WaypointTarget, GATEWAY_NAME_LABEL,
     USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_FOR_LABEL, WAYPOINT_GATEWAY_CLASS,
 };
-
-pub type Labels = BTreeMap<String, String>;
 
 /// The Istio root namespace: policies here apply mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";

@@ -103,7 +103,7 @@ fn workload_name(p: &Pod) -> String {
 
 /// The value of the first of `keys` the pod has.
 fn first_label(p: Option<&Pod>, keys: &[&str]) -> String {
-    or_unknown(p.and_then(|p| keys.iter().find_map(|k| p.labels.get(*k)).cloned()))
+    or_unknown(p.and_then(|p| keys.iter().find_map(|k| p.labels.get(k)).cloned()))
 }
 
 fn or_unknown(value: Option<String>) -> String {

@@ -84,7 +84,10 @@ fn a_full_rule_becomes_typed_model_data() {
                 Some(LoadBalancer::LeastRequest)
             );
             assert_eq!(dr.subsets.len(), 2);
-            assert_eq!(dr.subsets[1].labels["version"], "v2");
+            assert_eq!(
+                dr.subsets[1].labels.get("version").map(String::as_str),
+                Some("v2")
+            );
             let v2 = dr.policy_for(80, Some("v2")).expect("v2");
             assert_eq!(v2.load_balancer, LoadBalancer::Random);
             assert_eq!(v2.connection_pool.http2_max_requests, Some(100));
@@ -396,7 +399,10 @@ fn an_istio_mutual_rule_keeps_its_subsets() {
     labels: {version: v1}
 "#;
     let dr = load(spec).expect("accepted");
-    assert_eq!(dr.subsets[0].labels["version"], "v1");
+    assert_eq!(
+        dr.subsets[0].labels.get("version").map(String::as_str),
+        Some("v1")
+    );
     let p = dr.policy_for(80, Some("v1")).expect("v1");
     assert_eq!(p.tls.map(|t| t.mode), Some(TlsMode::IstioMutual));
     assert!(dr

@@ -16,13 +16,12 @@
 //! [`http::HeaderValue`], regular expressions compiled (with a size limit), durations
 //! [`Duration`]s. Nothing is re-parsed per request.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 use serde::{Serialize, Serializer};
 
-use super::NamespacedName;
+use super::{Labels, NamespacedName};
 
 /// What a route attaches to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -154,7 +153,7 @@ pub struct RouteMatch {
     /// VirtualService `port`: the Service port the request is for.
     pub port: Option<u16>,
     /// VirtualService `sourceLabels`: every label must be on the calling pod.
-    pub source_labels: BTreeMap<String, String>,
+    pub source_labels: Labels,
     /// VirtualService `sourceNamespace`: the calling pod's namespace.
     pub source_namespace: Option<String>,
     /// GRPCRoute only: the method match `path` was made from (ranks the match).
@@ -174,7 +173,7 @@ impl Default for RouteMatch {
             without_headers: Vec::new(),
             ignore_uri_case: false,
             port: None,
-            source_labels: BTreeMap::new(),
+            source_labels: Labels::new(),
             source_namespace: None,
             grpc: None,
         }

@@ -32,7 +32,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use e2e::{Ambient, MeshBuilder, Pod, Service};
 use mesh_model::k8s::{ConfigError, SourceObject};
-use mesh_model::model::{NamespacedName, TargetPort, WaypointFor};
+use mesh_model::model::{Labels, NamespacedName, TargetPort, WaypointFor};
 use serde_yaml::Value;
 
 /// Annotation choosing what runs in a pod (`echo` or `none`).
@@ -216,7 +216,7 @@ impl LocalMesh {
                         .with_context(|| missing(&at, key))?;
                     namespaces.push(NamespaceDecl {
                         name: ns.name.clone(),
-                        labels: ns.labels.clone(),
+                        labels: ns.labels.clone().into(),
                         declared: true,
                     });
                 }
@@ -389,8 +389,9 @@ impl LocalMesh {
                     .namespaces
                     .iter()
                     .find(|n| n.name == svc.namespace)
-                    .map(|n| &n.labels);
-                mesh_model::model::use_waypoint(&svc.labels, &svc.namespace, ns_labels).as_ref()
+                    .map(|n| Labels::from_iter(n.labels.clone()));
+                let own = Labels::from_iter(svc.labels.clone());
+                mesh_model::model::use_waypoint(&own, &svc.namespace, ns_labels.as_ref()).as_ref()
                     == Some(&key)
             })
             .map(|svc| format!("{}/{}", svc.namespace, svc.name))
@@ -531,7 +532,7 @@ fn raw_pod(pod: &mesh_model::model::Pod) -> Result<RawPod> {
         name: pod.name.clone(),
         node: node.to_owned(),
         service_account: pod.service_account.clone(),
-        labels: pod.labels.clone(),
+        labels: pod.labels.clone().into(),
         echo_ports,
         send_to: annotations.get(ANNOTATION_SEND_TO).cloned(),
         run: annotations.get(ANNOTATION_RUN).cloned(),
@@ -573,8 +574,8 @@ fn service(svc: &mesh_model::model::Service) -> Result<ServiceDecl> {
         name: svc.name.clone(),
         vip,
         ports,
-        selector: svc.selector.clone().unwrap_or_default(),
-        labels: svc.labels.clone(),
+        selector: svc.selector.clone().unwrap_or_default().into(),
+        labels: svc.labels.clone().into(),
     })
 }
 

@@ -29,6 +29,7 @@ fn labels() -> impl Strategy<Value = Labels> {
         (0..VALUES.len()).prop_map(|v| VALUES[v].to_string()),
         0..3,
     )
+    .prop_map(|m| m.into_iter().collect())
 }
 
 /// `None`, `{}` or one or two labels.

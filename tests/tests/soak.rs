@@ -330,9 +330,10 @@ fn allowed_traffic_stays_byte_exact_through_the_faults_of_an_agents_life() -> Re
     );
     ensure!(
         tally.unexplained() == 0,
-        "{} connections failed outside a restart gap or b's deny:\n{}",
+        "{} connections failed outside a restart gap or b's deny:\n{}\nn1's last refusals:\n{}",
         tally.unexplained(),
-        tally.unexplained_details()
+        tally.unexplained_details(),
+        refusals(&mesh.ztunnel_log("n1"), 20)
     );
     ensure!(
         tally.gap_refused() as u64 == uf,
@@ -911,10 +912,13 @@ impl Load {
             received: 0,
             error: None,
         };
+        let started = wall_clock();
+        let mut local = None;
         let result = (|| -> Result<Vec<u8>, (Vec<u8>, String)> {
             let mut tcp = self
                 .connect(to)
                 .map_err(|e| (Vec::new(), format!("connect: {e:#}")))?;
+            local = tcp.local_addr().ok();
             tcp.write_all(&payload)
                 .and_then(|()| tcp.shutdown(Shutdown::Write))
                 .map_err(|e| (Vec::new(), format!("write: {e}")))?;
@@ -928,7 +932,9 @@ impl Load {
         let (back, clean) = match result {
             Ok(back) => (back, true),
             Err((back, e)) => {
-                event.error = Some(e);
+                // Where and when, to find it in the agents' logs.
+                let from = local.map_or_else(|| "-".to_owned(), |a| a.to_string());
+                event.error = Some(format!("{e} (from {from}, {started}–{})", wall_clock()));
                 (back, false)
             }
         };
@@ -1237,4 +1243,29 @@ fn report_path(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     target.join(format!("soak-{name}"))
+}
+
+/// The time of day (UTC) as the agents' logs print it, to the millisecond.
+fn wall_clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        now.subsec_millis()
+    )
+}
+
+/// The last `n` access-log lines of an agent with a response flag, but for `b`'s denials.
+fn refusals(log: &str, n: usize) -> String {
+    let flagged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection complete") && !l.contains("flags=\"-\""))
+        .filter(|l| !l.contains("flags=\"UAEX\""))
+        .collect();
+    flagged[flagged.len().saturating_sub(n)..].join("\n")
 }

@@ -121,17 +121,21 @@ where
     serve_with(Backoff::default(), what, accept, handle, stop).await
 }
 
-/// The most connections [`drain_queued`] accepts (a backlog's worth), and how long it waits
-/// for each before deciding the queue is empty.
+/// The most connections [`drain_queued`] accepts (a backlog's worth).
 pub const MAX_DRAINED: usize = 4096;
-pub const DRAIN_POLL: Duration = Duration::from_millis(2);
 
-/// Accepts what is already queued on a listener whose [`serve`] loop has stopped, handing
-/// each connection to `handle`; returns how many. For a listener with no other
-/// (`SO_REUSEPORT`) listener to take its queue over, closing with connections queued resets
-/// each of them although the client's connect had succeeded. The caller must keep its
-/// process alive until what `handle` started is done.
-pub async fn drain_queued<C, A, F, H>(what: &'static str, mut accept: A, mut handle: H) -> usize
+/// Accepts what is queued on a listener whose [`serve`] loop has stopped, and what completes
+/// its handshake there until none has for `quiet`, handing each connection to `handle`;
+/// returns how many. For a listener with no other (`SO_REUSEPORT`) listener to take its
+/// queue over, closing with connections queued or mid-handshake resets each of them although
+/// the client's connect had succeeded (or is about to). The caller must keep its process
+/// alive until what `handle` started is done.
+pub async fn drain_queued<C, A, F, H>(
+    what: &'static str,
+    mut accept: A,
+    mut handle: H,
+    quiet: Duration,
+) -> usize
 where
     A: FnMut() -> F,
     F: Future<Output = io::Result<C>>,
@@ -139,7 +143,7 @@ where
 {
     let mut drained = 0;
     while drained < MAX_DRAINED {
-        match tokio::time::timeout(DRAIN_POLL, accept()).await {
+        match tokio::time::timeout(quiet, accept()).await {
             Ok(Ok(conn)) => {
                 handle(conn);
                 drained += 1;
@@ -391,7 +395,8 @@ mod tests {
         let (mut accept, mut handle) = (accept, handle);
         serve("test", &mut accept, &mut handle, stop).await;
         if draining {
-            assert_eq!(drain_queued("test", accept, handle).await, 3);
+            let quiet = Duration::from_millis(20);
+            assert_eq!(drain_queued("test", accept, handle, quiet).await, 3);
         }
         handled.load(Ordering::SeqCst)
     }

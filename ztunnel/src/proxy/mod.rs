@@ -389,6 +389,12 @@ impl<'a> AccessLog<'a> {
 /// descriptors (EMFILE...) and serving resumes when some are freed (`mesh_shell::accept`). A
 /// connection over the process's or the pod's connection cap is closed at once and counted
 /// (flag OM); the others get TCP keepalive and `TCP_USER_TIMEOUT`.
+/// How long a released pod's outbound listener stays open after the last connection it
+/// accepted. Segments held while the capture stopped (`redirect::ebpf`) include the final
+/// ACK of handshakes then under way: those complete when the application retransmits
+/// (200 ms and up) or answers the listener's SYN-ACK retransmitted after 1 s.
+const RELEASE_DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(1500);
+
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     stop: CancellationToken,
@@ -436,7 +442,7 @@ pub(crate) async fn accept_loop<F, Fut>(
         // the next agent's listener does: `tcp_migrate_req`.) Held open meanwhile, so that
         // a process exiting with the release waits for these too.
         let _open = pi.open.enter();
-        mesh_shell::accept::drain_queued(kind, accept, &accepted).await;
+        mesh_shell::accept::drain_queued(kind, accept, &accepted, RELEASE_DRAIN_QUIET).await;
     }
 }
 

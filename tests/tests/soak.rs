@@ -384,12 +384,7 @@ const ALL_FAULTS: [(&str, Fault); 4] = [
 
 /// Faults today's agents do not yet survive on one backend, left out unless `SOAK_FAULTS`
 /// names them: the fault, the backend and what goes wrong. Remove a line when it is fixed.
-const KNOWN_BROKEN: [(Fault, Redirect, &str); 1] = [(
-    Fault::Reenroll,
-    Redirect::Ebpf,
-    "around a re-enrollment a short connection is, rarely, reset with no flag after sending \
-     and before any echo (2 of ~7,000 over 15 minutes, 33 re-enrollments; issue 14)",
-)];
+const KNOWN_BROKEN: [(Fault, Redirect, &str); 0] = [];
 
 /// Known-broken faults left out of a run, with the reason.
 type Skipped = Vec<(Fault, &'static str)>;

@@ -284,14 +284,13 @@ fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
 /// part of (see [`direct_flows`]). A failure is logged, not returned: the capture must come
 /// back either way, and at worst those connections reset, as they did before this existed.
 fn bypass_direct(netns: &Path) {
-    let flows = match super::connected_tcp(netns) {
-        Ok(sockets) => direct_flows(&sockets),
+    let new: Vec<Flow> = match super::connected_tcp(netns) {
+        Ok(sockets) => direct_flows(&sockets).into_iter().collect(),
         Err(e) => {
             tracing::warn!(netns = %netns.display(), error = %e, "listing the pod's connections failed: those it opened while released may reset");
             return;
         }
     };
-    let new: Vec<Flow> = flows.into_iter().collect();
     let add = |f: &Flow| {
         format!(
             "rule add pref {PREF_DIRECT} {} lookup main",
@@ -365,18 +364,26 @@ fn remove_hold(netns: &Path) {
 /// the same namespace (the agent's, for a captured connection): opened or accepted directly.
 /// Loopback connections never leave the namespace and need no rule.
 fn direct_flows(sockets: &[super::TcpSocket]) -> BTreeSet<Flow> {
+    application_flows(sockets, false).collect()
+}
+
+/// The connections of the application (unmarked sockets, loopback left out) whose other end
+/// is (`with_agent`) or is not a socket of the same namespace.
+fn application_flows(
+    sockets: &[super::TcpSocket],
+    with_agent: bool,
+) -> impl Iterator<Item = Flow> + '_ {
     let ends: BTreeSet<(SocketAddr, SocketAddr)> =
         sockets.iter().map(|s| (s.local, s.peer)).collect();
     sockets
         .iter()
         .filter(|s| s.mark & 0xfff != SKIP_MARK & 0xfff)
         .filter(|s| !s.local.ip().is_loopback() && !s.peer.ip().is_loopback())
-        .filter(|s| !ends.contains(&(s.peer, s.local)))
+        .filter(move |s| ends.contains(&(s.peer, s.local)) == with_agent)
         .map(|s| Flow {
             app: s.local,
             peer: s.peer,
         })
-        .collect()
 }
 
 /// Runs `line(flow)` for each of `flows` as one `ip -batch` per address family; `-force`: a
@@ -539,17 +546,8 @@ fn listed_captured_flows(netns: &Path, ips: &[IpAddr]) -> BTreeSet<Flow> {
 /// handed to the agent (accepted, queued or mid-handshake) or an inbound one the agent
 /// delivered. The pod's connections to itself are not captured and not listed.
 fn captured_flows(sockets: &[super::TcpSocket], ips: &[IpAddr]) -> BTreeSet<Flow> {
-    let ends: BTreeSet<(SocketAddr, SocketAddr)> =
-        sockets.iter().map(|s| (s.local, s.peer)).collect();
-    sockets
-        .iter()
-        .filter(|s| s.mark & 0xfff != SKIP_MARK & 0xfff)
-        .filter(|s| ips.contains(&s.local.ip()) && !ips.contains(&s.peer.ip()))
-        .filter(|s| ends.contains(&(s.peer, s.local)))
-        .map(|s| Flow {
-            app: s.local,
-            peer: s.peer,
-        })
+    application_flows(sockets, true)
+        .filter(|f| ips.contains(&f.app.ip()) && !ips.contains(&f.peer.ip()))
         .collect()
 }
 

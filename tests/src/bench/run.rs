@@ -1209,6 +1209,43 @@ pub fn memory_probe(plan: &ProbePlan, stop: &Stop) -> Result<ProbeReport> {
     })
 }
 
+/// `mesh-bench --hold`: the plain world and the eBPF world (L4 and waypoint paths) kept up
+/// until a stop signal, their addresses and proxy pids printed, for profiling by hand (`perf
+/// record -p <pid>` while `ip netns exec <client netns> wrk ...` runs). Nothing is measured.
+pub fn hold(stop: &Stop) -> Result<()> {
+    let nofile = raise_nofile()?;
+    let plain = World::plain(stop, nofile)?;
+    stop.check()?;
+    let ebpf = World::ztunnel(Redirect::Ebpf, 0, nofile)?;
+    let worlds = Worlds {
+        plain,
+        nftables: None,
+        ebpf: Some(ebpf),
+    };
+    for path in DataPath::ALL {
+        let Some(route) = worlds.route(path)? else {
+            continue;
+        };
+        let pids: Vec<String> = route
+            .proxies
+            .iter()
+            .map(|(side, pid)| format!("{side:?}={pid}"))
+            .collect();
+        println!(
+            "{:<10} client netns {}  http://{}/  proxies [{}]",
+            path.short(),
+            route.client_netns()?,
+            route.http(),
+            pids.join(" ")
+        );
+    }
+    eprintln!("mesh-bench: holding; Ctrl-C removes everything");
+    while !stop.requested() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
 /// Raises the open-file limit for us and every child (10,000 idle connections cost haproxy
 /// two descriptors each): to [`NOFILE`] where allowed, else to the hard limit. Returns the
 /// soft limit now in force.

@@ -6,6 +6,7 @@
 //! mesh-bench [--quick] [--out BENCHMARKS.md] [--chart BENCHMARKS.png] [--json results.json]
 //! mesh-bench --render results.json [--out ..] [--chart ..]   # re-render a saved run
 //! mesh-bench --memory 10000 [--redirect nftables]             # idle-connection memory only
+//! mesh-bench --hold                                           # keep the worlds up, for profiling
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ struct Args {
     /// world: RSS idle, loaded, and 1 s / 5 s / 15 s after the close, printed (no report).
     #[arg(long, value_name = "N")]
     memory: Option<usize>,
+    /// Build the plain and eBPF worlds, print each path's client netns, URL and proxy
+    /// pids, and keep them up until Ctrl-C: for profiling by hand. Nothing is measured.
+    #[arg(long)]
+    hold: bool,
     /// The redirection backend of `--memory`'s world.
     #[arg(long, default_value = "nftables", value_parser = ["nftables", "ebpf"])]
     redirect: String,
@@ -69,6 +74,9 @@ fn main() -> ExitCode {
 
 fn real_main(stop: &Stop) -> Result<()> {
     let args = Args::parse();
+    if args.hold {
+        return run::hold(stop);
+    }
     if let Some(connections) = args.memory {
         let backend = match args.redirect.as_str() {
             "ebpf" => e2e::Redirect::Ebpf,

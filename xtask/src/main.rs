@@ -458,6 +458,9 @@ fn bench(quick: bool) -> Result<()> {
         "ztunnel",
         "-p",
         "waypoint",
+        // The harness's CA (the node agents get their certificates from it).
+        "-p",
+        "control",
         "-p",
         "e2e",
         "--bins",

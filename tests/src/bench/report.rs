@@ -882,32 +882,37 @@ pub fn issue15_targets(r: &Results) -> Vec<GoalRow> {
     }
     {
         let loads = cpu_loads();
-        let pairs: Vec<(Option<f64>, Option<f64>)> = loads
+        let waypoint: Vec<Option<f64>> = loads
+            .iter()
+            .map(|(_, m)| waypoint_process(r, *m).map(|s| s.median))
+            .collect();
+        let nginx: Vec<Option<f64>> = loads
             .iter()
             .map(|(_, m)| {
-                (
-                    waypoint_process(r, *m).map(|s| s.median),
-                    r.spread_both_sides(DataPath::NginxHttp, *m)
-                        .map(|s| s.median),
-                )
+                r.spread_both_sides(DataPath::NginxHttp, *m)
+                    .map(|s| s.median)
             })
             .collect();
         let names: Vec<&str> = loads.iter().map(|(name, _)| name.as_str()).collect();
-        let list = |pick: fn(&(Option<f64>, Option<f64>)) -> Option<f64>| {
-            pairs
+        let list = |values: &[Option<f64>]| {
+            values
                 .iter()
-                .map(|p| pick(p).map(num).unwrap_or_else(|| "—".into()))
+                .map(|v| v.map(num).unwrap_or_else(|| "—".into()))
                 .collect::<Vec<_>>()
                 .join(" / ")
         };
-        let checks: Vec<Option<bool>> = pairs.iter().map(|&(w, n)| Some(w? <= n?)).collect();
+        let checks: Vec<Option<bool>> = waypoint
+            .iter()
+            .zip(&nginx)
+            .map(|(&w, &n)| Some(w? <= n?))
+            .collect();
         rows.push(GoalRow {
             target: format!(
                 "1. CPU per request of the waypoint process ≤ nginx's ({})",
                 names.join(" / ")
             ),
-            ours: format!("{} CPU-s/10k req", list(|p| p.0)),
-            yardstick: format!("nginx {}", list(|p| p.1)),
+            ours: format!("{} CPU-s/10k req", list(&waypoint)),
+            yardstick: format!("nginx {}", list(&nginx)),
             verdict: Verdict::of(&checks),
         });
     }

@@ -926,10 +926,10 @@ pub fn issue15_targets(r: &Results) -> Vec<GoalRow> {
                 "1. one HTTP/2 connection, {H2_STREAMS} streams: waypoint ≥ {WAYPOINT_H2_MIN:.2} × L4"
             ),
             ours: fmt_ratio(v),
-            yardstick: format!(
-                "L4 {} req/s",
-                r.median(l4, m).map(thousands).unwrap_or_else(|| "—".into())
-            ),
+            yardstick: r
+                .median(l4, m)
+                .map(|v| format!("L4 {} req/s", thousands(v)))
+                .unwrap_or_else(|| "L4 no data".into()),
             verdict: Verdict::of(&[v.map(|v| v >= WAYPOINT_H2_MIN)]),
         });
     }

@@ -605,6 +605,10 @@ fn notes_section(out: &mut String, r: &Results) {
         "The harness's kubelet-probe SNAT on the baseline topology's nodes is removed, so \
          the baselines' upstream hops are not NATed."
             .to_owned(),
+        "The agents' connection caps (`--max-connections`, `--max-connections-per-pod`) are \
+         raised to the open-file limit: the memory test holds all its idle connections from \
+         one pod."
+            .to_owned(),
     ];
     notes.extend(r.meta.notes.iter().cloned());
     for note in notes {

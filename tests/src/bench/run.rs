@@ -209,6 +209,13 @@ impl World {
                     .labels([("app", "server")]),
             )
             .yaml("peerauthn.yaml", STRICT_YAML);
+        // The memory measure holds its idle connections from one pod, past the agents'
+        // default per-pod cap (4 Ki): the caps are raised to what the descriptors allow, so
+        // that the run measures what connections cost, not where they are refused.
+        let cap = conns_for(nofile, 1).to_string();
+        builder = builder
+            .ztunnel_env("ZTUNNEL_MAX_CONNECTIONS_PER_POD", &cap)
+            .ztunnel_env("ZTUNNEL_MAX_CONNECTIONS", &cap);
         if backend == Redirect::Ebpf {
             // The L7 path: the same server behind a Service that uses a waypoint on n2.
             builder = builder

@@ -74,8 +74,13 @@ const NEEDS: &[Need] = &[
     need(Probe::Command("curl"), "curl", TESTS),
     need(Probe::Command("socat"), "socat", TESTS),
     need(Probe::Command("iperf3"), "iperf3", &[Test, Ci, Bench]),
-    // One HTTP/2 connection's requests over every endpoint (tests/tests/waypoint.rs).
-    need(Probe::Command("h2load"), "nghttp2-client", TESTS),
+    // One HTTP/2 connection's requests over every endpoint (tests/tests/waypoint.rs), and the
+    // benchmark's one connection with 100 concurrent streams.
+    need(
+        Probe::Command("h2load"),
+        "nghttp2-client",
+        &[Test, Ci, Bench],
+    ),
     need(Probe::Command("ps"), "procps", TESTS),
     // The node dashboard's rendering test (tests/tests/dashboard.rs) loads it headless.
     need(Probe::Command("chromium"), "chromium", TESTS),
@@ -321,7 +326,7 @@ mod tests {
         check(
             Bench,
             &fresh,
-            &with(&["fonts-dejavu-core", "nginx-light", "wrk"]),
+            &with(&["fonts-dejavu-core", "nghttp2-client", "nginx-light", "wrk"]),
         );
     }
 

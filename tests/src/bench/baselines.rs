@@ -6,7 +6,8 @@
 //!   whose backends speak TLS 1.3 with a client certificate to node 2; on node 2, TLS
 //!   frontends (client certificate required) whose backends are the server pod's ports.
 //! - nginx HTTP reverse proxy (L7 baseline) on node 1, keep-alive upstream pool.
-//! - nginx origin in the server pod: `return 200 "ok\n"`.
+//! - nginx origin in the server pod: `return 200 "ok\n"`, over HTTP/1.1 and over h2c (HTTP/2
+//!   with prior knowledge, on its own port).
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -129,14 +130,17 @@ fn nginx_common(out: &mut String, dir: &Path, workers: &str, max_conns: u32) {
     );
 }
 
-/// The HTTP origin in the server pod: every request gets `200` with [`ORIGIN_BODY`].
-pub fn nginx_origin(port: u16, dir: &Path, max_conns: u32) -> String {
+/// The HTTP origin in the server pod: every request gets `200` with [`ORIGIN_BODY`]:
+/// HTTP/1.1 on `port`, h2c (prior knowledge: nginx's `listen ... http2` without TLS) on
+/// `h2c_port`.
+pub fn nginx_origin(port: u16, h2c_port: u16, dir: &Path, max_conns: u32) -> String {
     let mut out = String::new();
     nginx_common(&mut out, dir, "auto", max_conns);
     let _ = writeln!(
         out,
         "    server {{\n\
          \x20       listen {port} reuseport;\n\
+         \x20       listen {h2c_port} http2 reuseport;\n\
          \x20       location / {{ default_type text/plain; return 200 \"ok\\n\"; }}\n\
          \x20   }}\n\
          }}"
@@ -202,10 +206,11 @@ mod tests {
     #[test]
     fn nginx_runs_in_the_foreground_with_files_in_its_directory() {
         let dir = Path::new("/w/nginx");
-        let origin = nginx_origin(8080, dir, 20_000);
+        let origin = nginx_origin(8080, 8082, dir, 20_000);
         assert!(origin.starts_with("daemon off;\n"));
         assert!(origin.contains("pid /w/nginx/nginx.pid;"));
         assert!(origin.contains("listen 8080 reuseport;"));
+        assert!(origin.contains("listen 8082 http2 reuseport;"));
         assert!(origin.contains("worker_connections 20000;"));
         assert!(origin.contains("return 200 \"ok\\n\";"));
         // Balanced braces: nginx refuses the file otherwise.

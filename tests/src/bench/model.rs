@@ -84,22 +84,28 @@ impl DataPath {
     }
 }
 
-/// Which node's proxy process a per-process metric belongs to.
+/// Which proxy process a per-process metric belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Side {
     /// Node 1, the client's side.
     Client,
-    /// Node 2, the server's side.
+    /// Node 2, the server's side (its node agent; the waypoint is [`Side::Waypoint`]).
     Server,
+    /// The waypoint process of the L7 path (its own pod on node 2), measured by itself.
+    Waypoint,
 }
 
 impl Side {
+    /// The two nodes' proxies (what "per side" targets are about).
     pub const BOTH: [Side; 2] = [Side::Client, Side::Server];
+    /// Every proxy process a path may have.
+    pub const ALL: [Side; 3] = [Side::Client, Side::Server, Side::Waypoint];
 
     pub fn label(self) -> &'static str {
         match self {
             Side::Client => "node 1 (client side)",
             Side::Server => "node 2 (server side)",
+            Side::Waypoint => "the waypoint (node 2)",
         }
     }
 }
@@ -159,6 +165,11 @@ pub enum Metric {
     CpuPerGb { side: Side },
     /// CPU seconds of one proxy process per 10,000 requests at 1,000 req/s.
     CpuPer10kRequests { side: Side },
+    /// CPU seconds of one proxy process per 10,000 requests during a wrk saturation run.
+    SaturationCpuPer10k { conns: u16, side: Side },
+    /// One HTTP/2 client connection (h2c, prior knowledge) with `streams` concurrent
+    /// streams (h2load `-c 1 -m streams`): requests per second.
+    Http2Streams { streams: u16 },
     /// CPU of one proxy process at 1,000 req/s, in cores.
     CpuCoresAt1k { side: Side },
     /// Resident memory before any traffic, bytes.
@@ -171,7 +182,8 @@ pub enum Metric {
     BytesPerConnection { side: Side },
     /// How many idle connections the memory test held on the path.
     IdleConnections,
-    /// Resident memory after those connections closed, bytes.
+    /// Resident memory after those connections closed: once the proxy released them and at
+    /// least 15 s after the close (runs before issue 15: as soon as released), bytes.
     RssAfterClose { side: Side },
     /// From writing a new pod's YAML to its first successful request through the mesh, ms.
     EnrollToFirstRequest,
@@ -187,10 +199,14 @@ impl Metric {
         match self {
             Metric::Throughput { .. } => "Gbit/s",
             Metric::FixedRateLatency { .. } | Metric::SaturationLatency { .. } => "µs",
-            Metric::FixedRateAchieved { .. } | Metric::SaturationRate { .. } => "req/s",
+            Metric::FixedRateAchieved { .. }
+            | Metric::SaturationRate { .. }
+            | Metric::Http2Streams { .. } => "req/s",
             Metric::ConnectionRate => "conn/s",
             Metric::CpuPerGb { .. } => "CPU-s/GB",
-            Metric::CpuPer10kRequests { .. } => "CPU-s/10k req",
+            Metric::CpuPer10kRequests { .. } | Metric::SaturationCpuPer10k { .. } => {
+                "CPU-s/10k req"
+            }
             Metric::CpuCoresAt1k { .. } => "cores",
             Metric::RssStart { .. }
             | Metric::RssIdle { .. }
@@ -207,22 +223,26 @@ impl Metric {
             Metric::Throughput { .. }
             | Metric::FixedRateAchieved { .. }
             | Metric::SaturationRate { .. }
+            | Metric::Http2Streams { .. }
             | Metric::ConnectionRate => Better::Higher,
             _ => Better::Lower,
         }
     }
 
-    /// The same metric for the other side, for per-process metrics.
-    pub fn per_side(self) -> Option<fn(Side) -> Metric> {
+    /// The same metric for another side, for per-process metrics (`None` for the others).
+    pub fn with_side(self, side: Side) -> Option<Metric> {
         Some(match self {
-            Metric::CpuPerGb { .. } => |side| Metric::CpuPerGb { side },
-            Metric::CpuPer10kRequests { .. } => |side| Metric::CpuPer10kRequests { side },
-            Metric::CpuCoresAt1k { .. } => |side| Metric::CpuCoresAt1k { side },
-            Metric::RssStart { .. } => |side| Metric::RssStart { side },
-            Metric::RssIdle { .. } => |side| Metric::RssIdle { side },
-            Metric::RssLoaded { .. } => |side| Metric::RssLoaded { side },
-            Metric::BytesPerConnection { .. } => |side| Metric::BytesPerConnection { side },
-            Metric::RssAfterClose { .. } => |side| Metric::RssAfterClose { side },
+            Metric::CpuPerGb { .. } => Metric::CpuPerGb { side },
+            Metric::CpuPer10kRequests { .. } => Metric::CpuPer10kRequests { side },
+            Metric::SaturationCpuPer10k { conns, .. } => {
+                Metric::SaturationCpuPer10k { conns, side }
+            }
+            Metric::CpuCoresAt1k { .. } => Metric::CpuCoresAt1k { side },
+            Metric::RssStart { .. } => Metric::RssStart { side },
+            Metric::RssIdle { .. } => Metric::RssIdle { side },
+            Metric::RssLoaded { .. } => Metric::RssLoaded { side },
+            Metric::BytesPerConnection { .. } => Metric::BytesPerConnection { side },
+            Metric::RssAfterClose { .. } => Metric::RssAfterClose { side },
             _ => return None,
         })
     }
@@ -292,21 +312,21 @@ impl Results {
         self.spread(path, metric).map(|s| s.median)
     }
 
-    /// The per-repetition sum over both sides of a per-process metric, summarised. A
-    /// repetition counts only when every side that has samples in the run has one in it.
+    /// The per-repetition sum over every proxy process of a per-process metric (both nodes,
+    /// and the waypoint where the path has one), summarised. A repetition counts only when
+    /// every side that has samples in the run has one in it.
     pub fn spread_both_sides(&self, path: DataPath, metric: Metric) -> Option<Spread> {
-        let per_side = metric.per_side()?;
-        let sides: Vec<Side> = Side::BOTH
+        // The metric of each side that was measured on this path.
+        let metrics: Vec<Metric> = Side::ALL
             .into_iter()
-            .filter(|&side| self.spread(path, per_side(side)).is_some())
+            .filter_map(|side| metric.with_side(side))
+            .filter(|&m| self.spread(path, m).is_some())
             .collect();
-        if sides.is_empty() {
-            return None;
-        }
+        let first = *metrics.first()?;
         let mut reps: Vec<usize> = self
             .samples
             .iter()
-            .filter(|s| s.path == path && s.metric == per_side(sides[0]))
+            .filter(|s| s.path == path && s.metric == first)
             .map(|s| s.rep)
             .collect();
         reps.sort_unstable();
@@ -314,12 +334,12 @@ impl Results {
         let sums: Vec<f64> = reps
             .into_iter()
             .filter_map(|rep| {
-                sides
+                metrics
                     .iter()
-                    .map(|&side| {
+                    .map(|&m| {
                         self.samples
                             .iter()
-                            .find(|s| s.path == path && s.metric == per_side(side) && s.rep == rep)
+                            .find(|s| s.path == path && s.metric == m && s.rep == rep)
                             .map(|s| s.value)
                     })
                     .sum::<Option<f64>>()
@@ -385,5 +405,31 @@ mod tests {
         assert_eq!(DataPath::Waypoint.baseline(), Some(DataPath::NginxHttp));
         assert_eq!(DataPath::HaproxyTls.baseline(), None);
         assert!(!DataPath::NginxHttp.carries_tcp());
+    }
+
+    #[test]
+    fn the_waypoint_process_is_its_own_side_and_in_the_sums() {
+        let mut r = Results::default();
+        let m = |side| Metric::CpuPer10kRequests { side };
+        r.record(DataPath::Waypoint, m(Side::Client), 0, 1.0);
+        r.record(DataPath::Waypoint, m(Side::Server), 0, 2.0);
+        r.record(DataPath::Waypoint, m(Side::Waypoint), 0, 4.0);
+        assert_eq!(r.median(DataPath::Waypoint, m(Side::Server)), Some(2.0));
+        let s = r
+            .spread_both_sides(DataPath::Waypoint, m(Side::Client))
+            .expect("sum");
+        assert_eq!(s.median, 7.0);
+        let sat = Metric::SaturationCpuPer10k {
+            conns: 16,
+            side: Side::Client,
+        };
+        assert_eq!(
+            sat.with_side(Side::Waypoint),
+            Some(Metric::SaturationCpuPer10k {
+                conns: 16,
+                side: Side::Waypoint
+            })
+        );
+        assert_eq!(Metric::ConnectionRate.with_side(Side::Client), None);
     }
 }

@@ -1,4 +1,5 @@
-//! What the external load tools print, read into numbers: `iperf3 -J` and `wrk --latency`.
+//! What the external load tools print, read into numbers: `iperf3 -J`, `wrk --latency` and
+//! `h2load`.
 //! Pure parsers, unit-tested on the tools' real output formats.
 
 use anyhow::{bail, Context, Result};
@@ -104,6 +105,90 @@ fn parse_wrk_duration_us(text: &str) -> Result<f64> {
     Ok(value * factor)
 }
 
+/// One h2load run that completed every request it finished with a 2xx.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct H2loadRun {
+    /// Requests done (in a timed run, those still in flight at the end are not counted).
+    pub done: u64,
+    pub requests_per_second: f64,
+}
+
+/// Reads the text `h2load` prints. It exits 0 even when every request failed, so a run is
+/// refused unless it spoke `h2c`, finished requests, and every one of them succeeded with a
+/// 2xx (a run with failures measured something else).
+pub fn parse_h2load(text: &str) -> Result<H2loadRun> {
+    let mut protocol = None;
+    let mut rps = None;
+    let mut counts: Option<Vec<(String, u64)>> = None;
+    let mut non_2xx = 0u64;
+    for line in text.lines().map(str::trim) {
+        if let Some(p) = line.strip_prefix("Application protocol:") {
+            protocol = Some(p.trim().to_owned());
+        } else if let Some(rest) = line.strip_prefix("finished in ") {
+            // "finished in 2.00s, 250342.50 req/s, 16.47MB/s"
+            rps = rest
+                .split(", ")
+                .find_map(|part| part.strip_suffix(" req/s"))
+                .and_then(|v| v.parse::<f64>().ok());
+        } else if let Some(rest) = line.strip_prefix("requests:") {
+            // "requests: 500 total, 500 started, 500 done, 500 succeeded, 0 failed, ..."
+            counts = Some(count_pairs(rest));
+        } else if let Some(rest) = line.strip_prefix("status codes:") {
+            // "status codes: 500 2xx, 0 3xx, 0 4xx, 0 5xx"
+            non_2xx = count_pairs(rest)
+                .iter()
+                .filter(|(what, _)| what != "2xx")
+                .map(|(_, n)| n)
+                .sum();
+        }
+    }
+    let (Some(rps), Some(counts)) = (rps, counts) else {
+        bail!(
+            "h2load output has no request rate or counts: {}",
+            text.trim()
+        );
+    };
+    let count = |what: &str| {
+        counts
+            .iter()
+            .find(|(w, _)| w == what)
+            .map(|(_, n)| *n)
+            .with_context(|| format!("h2load output has no {what:?} request count"))
+    };
+    if protocol.as_deref() != Some("h2c") {
+        bail!(
+            "h2load did not speak h2c (application protocol {:?})",
+            protocol.unwrap_or_default()
+        );
+    }
+    let (done, succeeded) = (count("done")?, count("succeeded")?);
+    let (failed, errored, timeout) = (count("failed")?, count("errored")?, count("timeout")?);
+    if failed + errored + timeout > 0 || non_2xx > 0 || succeeded < done {
+        bail!(
+            "h2load: {failed} failed, {errored} errored, {timeout} timed out, {non_2xx} non-2xx \
+             of {done} done"
+        );
+    }
+    if done == 0 {
+        bail!("h2load finished no request");
+    }
+    Ok(H2loadRun {
+        done,
+        requests_per_second: rps,
+    })
+}
+
+/// `500 total, 0 failed` → [("total", 500), ("failed", 0)]; pairs that do not parse are left out.
+fn count_pairs(text: &str) -> Vec<(String, u64)> {
+    text.split(',')
+        .filter_map(|part| {
+            let mut words = part.split_whitespace();
+            let n = words.next()?.parse::<u64>().ok()?;
+            Some((words.next()?.to_owned(), n))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +259,49 @@ Transfer/sec:      2.40MB
         let err = parse_iperf3(failed).expect_err("error run");
         assert!(format!("{err}").contains("Connection refused"));
         assert!(parse_iperf3("not json").is_err());
+    }
+
+    const H2LOAD_OUTPUT: &str = "starting benchmark...
+spawning thread #0: 1 total client(s). Timing-based test with 0.2s of warm-up time and 1s of main duration for measurements.
+Warm-up started for thread #0.
+progress: 100% of clients started
+Warm-up phase is over for thread #0.
+Main benchmark duration is started for thread #0.
+Application protocol: h2c
+Main benchmark duration is over for thread #0. Stopping all clients.
+Stopped all clients for thread #0
+
+finished in 1.20s, 210054.00 req/s, 13.82MB/s
+requests: 210054 total, 210154 started, 210054 done, 210054 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 210054 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 13.82MB (14494170) total, 9.62MB (10082688) headers (space savings 51.02%), 615.39KB (630162) data
+                     min         max         mean         sd        +/- sd
+time for request:       31us      6.97ms       348us       203us    93.93%
+";
+
+    #[test]
+    fn an_h2load_run_yields_its_rate() {
+        let run = parse_h2load(H2LOAD_OUTPUT).expect("valid output");
+        assert_eq!(run.requests_per_second, 210_054.0);
+        assert_eq!(run.done, 210_054);
+    }
+
+    #[test]
+    fn an_h2load_run_with_failures_is_an_error_not_a_number() {
+        // What h2load prints (exit status 0) when the server does not speak HTTP/2.
+        let refused = H2LOAD_OUTPUT
+            .replace("210054.00 req/s", "0.00 req/s")
+            .replace(
+                "210054 total, 210154 started, 210054 done, 210054 succeeded, 0 failed, 0 errored",
+                "5000 total, 100 started, 0 done, 0 succeeded, 5000 failed, 5000 errored",
+            );
+        let err = parse_h2load(&refused).expect_err("failed run");
+        assert!(format!("{err}").contains("5000 failed"), "{err}");
+        let not_2xx = H2LOAD_OUTPUT.replace("0 5xx", "7 5xx");
+        let err = parse_h2load(&not_2xx).expect_err("5xx");
+        assert!(format!("{err}").contains("7 non-2xx"), "{err}");
+        let upgraded = H2LOAD_OUTPUT.replace("protocol: h2c", "protocol: http/1.1");
+        assert!(parse_h2load(&upgraded).is_err());
+        assert!(parse_h2load("connect to 10.96.0.50:8082 failed").is_err());
     }
 }

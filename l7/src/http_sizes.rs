@@ -14,12 +14,14 @@ use crate::engine::select::Selection;
 
 // Budgets in bytes, as `cargo test` builds (debug; a release build's futures are smaller, so
 // these hold there too). Measured: the request 2,976 (11,528 when the attempts were inline),
-// the attempts phase 2,880 (8,144 with the upstream dial inline).
+// the attempts phase 2,880 (8,144 with the upstream dial inline), 3,208 since it drives its
+// HTTP/1.1 connection itself (it holds the connection, which a task spawned per request held
+// before: that task's allocation is gone).
 
 /// Every request, from its head to its response headers (local replies included).
 const REQUEST_LIMIT: usize = 3_200;
 /// The attempts phase of a forwarded request (boxed: only forwarded requests need it).
-const ATTEMPTS_LIMIT: usize = 3_100;
+const ATTEMPTS_LIMIT: usize = 3_300;
 
 /// The size of the future `f` returns (its type is inferred, `f` is never called).
 fn request_future<A, B, C, F: Future>(_f: fn(A, B, C, bool) -> F) -> usize {

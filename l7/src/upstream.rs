@@ -11,6 +11,12 @@
 //!   the old one. A failed handshake is a connect failure (`503 UF`, its reason logged).
 //! - HTTP/1.1 upstream connections (one tunnel each) return to an idle list when their
 //!   exchange has finished, at most `max_idle` per endpoint, closed after `idle_timeout`.
+//!   Such a connection has no task of its own: the request that holds it drives it (hyper's
+//!   dispatcher is polled by [`Upstreams::send`] while the response head is awaited, then by
+//!   the response body, [`ResponseBody`]), so a request crosses no task boundary on its way
+//!   to the tunnel and back. Idle, it is not polled at all; a checkout polls it once, which
+//!   finds a connection the other side closed meanwhile. Only what outlives the response
+//!   (a request body still streaming, a protocol switch) moves it onto a task.
 //!   HTTP/2 upstream connections are shared by all requests to the endpoint.
 //! - Each cluster (Service, port, subset) has a pool of its own, as in Envoy.
 //! - DestinationRule connection-pool limits ([`ConnLimits`], per endpoint): at most
@@ -24,16 +30,19 @@
 //! - The balancer state of every cluster ([`Clusters`]) lives here too, beside the pool.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_hbone::{self as hbone, ConnectHeaders, HboneError, PoolKey, HBONE_PORT};
@@ -132,10 +141,17 @@ pub enum Sender {
     Http2(http2::SendRequest<UpBody>),
 }
 
+/// hyper's HTTP/1.1 client dispatcher for one connection: whoever holds the connection
+/// polls it (see the module docs).
+/// (hyper does not name the type of `with_upgrades`.)
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
 /// An HTTP/1.1 upstream connection and what its limits need.
 pub struct Http1Conn {
     key: Key,
     sender: http1::SendRequest<UpBody>,
+    /// `None` once the connection has ended (closed by either side, or failed).
+    driver: Option<Driver>,
     /// Holds one of `tcp.maxConnections` while the connection lives.
     slot: Option<ConnSlot>,
     /// Requests sent on it so far.
@@ -462,18 +478,12 @@ impl Upstreams {
                     .handshake(io)
                     .await
                     .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                tokio::spawn(
-                    async move {
-                        // `with_upgrades`: a `101` hands the connection to `crate::upgrade`.
-                        if let Err(e) = conn.with_upgrades().await {
-                            tracing::debug!(error = %e, "upstream connection ended");
-                        }
-                    }
-                    .instrument(span),
-                );
+                drop(span);
                 Ok(Sender::Http1(Http1Conn {
                     key: key.clone(),
                     sender,
+                    // `with_upgrades`: a `101` hands the connection to `crate::upgrade`.
+                    driver: Some(Box::pin(conn.with_upgrades())),
                     slot,
                     served: 0,
                     max_requests: limits.max_requests_per_connection,
@@ -591,45 +601,89 @@ impl Upstreams {
     }
 
     fn pooled_h1(&self, key: &Key) -> Option<Http1Conn> {
-        let mut conns = self.conns();
-        let idle = conns.http1.get_mut(key)?;
-        while let Some(entry) = idle.pop() {
-            if entry.since.elapsed() < entry.conn.idle_timeout
-                && !entry.conn.sender.is_closed()
-                && entry.conn.sender.is_ready()
-            {
+        loop {
+            // Taken out of the list first: polling it may close its socket, not under the lock.
+            let mut entry = {
+                let mut conns = self.conns();
+                conns.http1.get_mut(key)?.pop()?
+            };
+            if entry.since.elapsed() >= entry.conn.idle_timeout {
+                continue;
+            }
+            // Nothing polled it while it was idle: one poll reads what arrived meanwhile (the
+            // other side's close, most often).
+            entry.conn.poll_once();
+            if entry.conn.reusable() {
                 return Some(entry.conn);
             }
         }
-        None
     }
 
-    /// Sends `req` on `sender`; an HTTP/1.1 connection goes back to the idle list once the
-    /// exchange (including the response body) has finished.
+    /// Sends `req` on `sender`. An HTTP/1.1 connection is driven by this future until the
+    /// response head arrives, then by the response body, and goes back to the idle list once
+    /// the exchange (including the response body) has finished.
     pub async fn send(
         self: &Arc<Self>,
         // The connection knows its endpoint; kept so callers read the same.
         _ep: &Endpoint,
         sender: Sender,
         req: Request<UpBody>,
-    ) -> Result<Response<Incoming>, hyper::Error> {
+    ) -> Result<Response<ResponseBody>, hyper::Error> {
         match sender {
-            Sender::Http2(mut s) => s.send_request(req).await,
+            Sender::Http2(mut s) => Ok(s.send_request(req).await?.map(ResponseBody::plain)),
             Sender::Http1(mut conn) => {
-                let response = conn.sender.send_request(req);
+                let mut response = std::pin::pin!(conn.sender.send_request(req));
                 conn.served = conn.served.saturating_add(1);
-                let key = conn.key.clone();
-                let this = self.clone();
-                tokio::spawn(async move {
-                    // Resolves once the response body has been read to its end; an error
-                    // means the connection is gone and is simply dropped.
-                    if conn.sender.ready().await.is_ok() {
-                        this.checkin(key, conn);
-                    }
-                });
-                response.await
+                let response = std::future::poll_fn(|cx| {
+                    // The dispatcher first: it writes the request and reads the response.
+                    // When it ends, `response` resolves too (with an error if no response
+                    // came).
+                    conn.poll_driver(cx);
+                    response.as_mut().poll(cx)
+                })
+                .await?;
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    // The dispatcher must run on to hand the connection to the upgrade.
+                    conn.spawn_driver();
+                    return Ok(response.map(ResponseBody::plain));
+                }
+                let pool = self.clone();
+                Ok(response.map(|inner| ResponseBody {
+                    inner,
+                    conn: Some((conn, pool)),
+                }))
             }
         }
+    }
+
+    /// The exchange on `conn` has finished (its response body ended): back to the idle list
+    /// when it can take another request now, else once it can (a request body still
+    /// streaming), on a task of its own.
+    fn finish(self: Arc<Self>, mut conn: Http1Conn) {
+        conn.poll_once();
+        if conn.reusable() {
+            return self.checkin(conn.key.clone(), conn);
+        }
+        let Some(runtime) = conn
+            .driver
+            .as_ref()
+            .and_then(|_| tokio::runtime::Handle::try_current().ok())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let ready = std::future::poll_fn(|cx| {
+                conn.poll_driver(cx);
+                if conn.driver.is_none() {
+                    return Poll::Ready(false);
+                }
+                conn.sender.poll_ready(cx).map(|r| r.is_ok())
+            })
+            .await;
+            if ready {
+                self.checkin(conn.key.clone(), conn);
+            }
+        });
     }
 
     fn checkin(&self, key: Key, conn: Http1Conn) {
@@ -660,5 +714,264 @@ impl Upstreams {
     pub fn pooled_counts(&self) -> (usize, usize) {
         let conns = self.conns();
         (conns.http1.values().map(Vec::len).sum(), conns.http2.len())
+    }
+}
+
+// === impl Http1Conn ===
+
+impl Http1Conn {
+    /// Polls the dispatcher (writes what is queued, reads what arrived); `driver` becomes
+    /// `None` when the connection has ended.
+    fn poll_driver(&mut self, cx: &mut Context<'_>) {
+        let Some(driver) = self.driver.as_mut() else {
+            return;
+        };
+        if let Poll::Ready(result) = driver.as_mut().poll(cx) {
+            if let Err(e) = result {
+                tracing::debug!(addr = %self.key.addr, error = %e, "upstream connection ended");
+            }
+            self.driver = None;
+        }
+    }
+
+    /// [`Http1Conn::poll_driver`] once, outside any task's wakeups: whoever holds the
+    /// connection next polls it with its own.
+    fn poll_once(&mut self) {
+        self.poll_driver(&mut Context::from_waker(std::task::Waker::noop()));
+    }
+
+    /// Open and ready for the next request.
+    fn reusable(&self) -> bool {
+        self.driver.is_some() && !self.sender.is_closed() && self.sender.is_ready()
+    }
+
+    /// Hands the dispatcher to a task of its own (a protocol switch completes there).
+    fn spawn_driver(&mut self) {
+        if let Some(driver) = self.driver.take() {
+            let addr = self.key.addr;
+            tokio::spawn(
+                async move {
+                    if let Err(e) = driver.await {
+                        tracing::debug!(error = %e, "upstream connection ended");
+                    }
+                }
+                .instrument(tracing::debug_span!("upstream_conn", %addr)),
+            );
+        }
+    }
+}
+
+/// The body of an upstream response. On an HTTP/1.1 connection it drives the connection
+/// while it is read (the data arrive through the dispatcher) and returns the connection to
+/// the pool when it ends; dropped before its end, the connection is closed with it (its
+/// unread rest could not be told from the next response).
+pub struct ResponseBody {
+    inner: Incoming,
+    conn: Option<(Http1Conn, Arc<Upstreams>)>,
+}
+
+impl ResponseBody {
+    fn plain(inner: Incoming) -> ResponseBody {
+        ResponseBody { inner, conn: None }
+    }
+
+    fn finish(&mut self) {
+        if let Some((conn, pool)) = self.conn.take() {
+            pool.finish(conn);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some((conn, _)) = this.conn.as_mut() {
+            conn.poll_driver(cx);
+        }
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            None => this.finish(),
+            Some(Err(_)) => this.conn = None,
+            Some(Ok(_)) if this.inner.is_end_stream() => this.finish(),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A body with nothing to read (`Content-Length: 0`, `204`, `304`) may never be
+        // polled: its exchange is over all the same.
+        if self.inner.is_end_stream() {
+            self.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::engine::testing;
+
+    /// How the test origin treats a connection after each response.
+    #[derive(Clone, Copy)]
+    enum After {
+        KeepOpen,
+        /// Closes it 20 ms after the response is written (as an idle timeout would, with
+        /// no `Connection: close`).
+        CloseIdle,
+    }
+
+    /// A plain HTTP/1.1 origin on loopback answering every request with `body`; counts the
+    /// connections it accepted.
+    async fn origin(body: &'static str, after: After) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let rsp = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if tcp.write_all(rsp.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            if let After::CloseIdle = after {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                return;
+                            }
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn endpoint(addr: SocketAddr) -> Endpoint {
+        let model = testing::model(&[]);
+        let pod = model.pod("app", "web-1").expect("pod").clone();
+        Endpoint {
+            pod,
+            addr,
+            identity: None,
+        }
+    }
+
+    fn get() -> Request<UpBody> {
+        let mut req = Request::new(Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync());
+        *req.uri_mut() = "/".parse().expect("uri");
+        req
+    }
+
+    /// One request on a pooled (or new) connection; the response body read to its end
+    /// unless `read_body` is false (the response dropped after its head).
+    async fn exchange(up: &Arc<Upstreams>, ep: &Endpoint, read_body: bool) -> (u16, String) {
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let sender = up
+            .checkout(ep, UpstreamProto::Http1, local, None)
+            .await
+            .expect("checkout");
+        let rsp = up.send(ep, sender, get()).await.expect("response");
+        let status = rsp.status().as_u16();
+        if !read_body {
+            return (status, String::new());
+        }
+        let body = rsp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_driven_by_its_requests_and_reused() {
+        let (addr, accepted) = origin("ok", After::KeepOpen).await;
+        let up = testing::inputs(testing::model(&[])).upstreams.clone();
+        let ep = endpoint(addr);
+        for _ in 0..3 {
+            assert_eq!(exchange(&up, &ep, true).await, (200, "ok".to_string()));
+            // Back in the idle list as soon as the body ended: no task had to run first.
+            assert_eq!(up.pooled_counts(), (1, 0));
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for all three"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_that_is_never_read_still_returns_its_connection() {
+        let (addr, accepted) = origin("", After::KeepOpen).await;
+        let up = testing::inputs(testing::model(&[])).upstreams.clone();
+        let ep = endpoint(addr);
+        for _ in 0..2 {
+            assert_eq!(exchange(&up, &ep, false).await.0, 200);
+            assert_eq!(up.pooled_counts(), (1, 0));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_its_connection() {
+        let (addr, accepted) = origin("not read", After::KeepOpen).await;
+        let up = testing::inputs(testing::model(&[])).upstreams.clone();
+        let ep = endpoint(addr);
+        assert_eq!(exchange(&up, &ep, false).await.0, 200);
+        assert_eq!(
+            up.pooled_counts(),
+            (0, 0),
+            "its unread rest would poison the next"
+        );
+        assert_eq!(exchange(&up, &ep, true).await.1, "not read");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_origin_closed_is_not_reused() {
+        let (addr, accepted) = origin("ok", After::CloseIdle).await;
+        let up = testing::inputs(testing::model(&[])).upstreams.clone();
+        let ep = endpoint(addr);
+        for _ in 0..3 {
+            assert_eq!(exchange(&up, &ep, true).await, (200, "ok".to_string()));
+            assert_eq!(up.pooled_counts(), (1, 0), "idle, open");
+            // The origin's FIN reaches the idle connection, which nothing polls.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Each checkout found the last connection closed and opened a new one; no request
+        // failed on a dead one.
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 }

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use mesh_model::model::RetryPolicy;
 use mesh_model::resilience::{self, should_retry, AttemptOutcome};
 
@@ -36,7 +35,7 @@ use crate::origin::Origin;
 use crate::proxy::Inputs;
 use crate::target::Target;
 use crate::telemetry::ResponseFlag;
-use crate::upstream::{Endpoint, UpBody, UpstreamError, UpstreamProto};
+use crate::upstream::{Endpoint, ResponseBody, UpBody, UpstreamError, UpstreamProto};
 
 /// Endpoints tried for one request before it fails with `UF`.
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -72,7 +71,7 @@ pub struct AttemptPlan<'a> {
 
 /// What the attempts got: the response to pass on.
 pub struct Answered {
-    pub response: Response<Incoming>,
+    pub response: Response<ResponseBody>,
     /// Retries ran out on a retriable response (`URX`).
     pub exhausted: bool,
     /// The request counted as in flight to its endpoint until the response ends.
@@ -182,7 +181,7 @@ async fn forward(
     head: &RequestHead,
     body: &mut RequestBody,
     progress: &mut Progress,
-) -> Result<(Response<Incoming>, bool), LocalReply> {
+) -> Result<(Response<ResponseBody>, bool), LocalReply> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries = 0u32;
     let mut free_connect_retries = MAX_CONNECT_ATTEMPTS.saturating_sub(1);
@@ -300,7 +299,7 @@ async fn attempt(
     ep: &Endpoint,
     head: &RequestHead,
     body: &mut RequestBody,
-) -> Result<Response<Incoming>, (Option<AttemptOutcome>, LocalReply)> {
+) -> Result<Response<ResponseBody>, (Option<AttemptOutcome>, LocalReply)> {
     let limits = plan.cluster.conn_limits();
     // Boxed: a dial (HBONE, TLS) is most of an attempt's state and only a new connection
     // needs it.

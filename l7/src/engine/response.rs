@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use mesh_model::model::HeaderModifier;
 use mesh_model::route::modify_headers;
 
@@ -25,11 +25,11 @@ use super::RequestContext;
 use crate::balance::{Active, RequestGuard};
 use crate::telemetry::{AccessLog, HttpMetrics, LabelInputs, ResponseFlag};
 use crate::upgrade;
-use crate::upstream::UpBody;
+use crate::upstream::{ResponseBody, UpBody};
 
 /// What the attempts phase got from upstream, and what the response phase needs with it.
 pub struct Forwarded {
-    pub response: Response<Incoming>,
+    pub response: Response<ResponseBody>,
     /// Retries ran out on a retriable response.
     pub exhausted: bool,
     /// A fault delay was injected.

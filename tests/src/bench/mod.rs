@@ -23,5 +23,6 @@ pub mod procstat;
 pub mod report;
 pub mod run;
 pub mod signals;
+pub mod sizes;
 pub mod stats;
 pub mod tools;

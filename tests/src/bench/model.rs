@@ -192,6 +192,18 @@ pub enum Metric {
     FirstConnection,
     /// The pod's second connection + request (pooled HBONE connection), ms.
     WarmConnection,
+    /// Model-size dimension ([`super::sizes`]), with `pods` other pods in the model: new
+    /// connections per second through a Service VIP.
+    SizeConnectionRate { pods: u32 },
+    /// Model size: keep-alive latency at 1,000 req/s over one connection through the VIP, µs.
+    SizeLatency { pods: u32, q: Quantile },
+    /// Model size: one agent's resident memory with the model loaded, idle, MiB.
+    SizeRss { pods: u32, side: Side },
+    /// Model size: from an agent's start to its `/healthz/ready` answering 200 (model
+    /// loaded, pods enrolled), ms.
+    SizeTimeToReady { pods: u32, side: Side },
+    /// Model size: from an agent's start to the first request carried through it, ms.
+    SizeFirstRequest { pods: u32, side: Side },
 }
 
 impl Metric {
@@ -211,10 +223,17 @@ impl Metric {
             Metric::RssStart { .. }
             | Metric::RssIdle { .. }
             | Metric::RssLoaded { .. }
-            | Metric::RssAfterClose { .. } => "MiB",
+            | Metric::RssAfterClose { .. }
+            | Metric::SizeRss { .. } => "MiB",
             Metric::BytesPerConnection { .. } => "KiB/conn",
             Metric::IdleConnections => "connections",
-            Metric::EnrollToFirstRequest | Metric::FirstConnection | Metric::WarmConnection => "ms",
+            Metric::EnrollToFirstRequest
+            | Metric::FirstConnection
+            | Metric::WarmConnection
+            | Metric::SizeTimeToReady { .. }
+            | Metric::SizeFirstRequest { .. } => "ms",
+            Metric::SizeConnectionRate { .. } => "conn/s",
+            Metric::SizeLatency { .. } => "µs",
         }
     }
 
@@ -224,7 +243,8 @@ impl Metric {
             | Metric::FixedRateAchieved { .. }
             | Metric::SaturationRate { .. }
             | Metric::Http2Streams { .. }
-            | Metric::ConnectionRate => Better::Higher,
+            | Metric::ConnectionRate
+            | Metric::SizeConnectionRate { .. } => Better::Higher,
             _ => Better::Lower,
         }
     }

@@ -73,6 +73,7 @@ pub fn render(results: &Results, chart: Option<&str>) -> String {
     cpu_section(&mut out, results);
     memory_section(&mut out, results);
     enrollment_section(&mut out, results);
+    super::sizes::section(&mut out, results);
     notes_section(&mut out, results);
     out
 }
@@ -1326,7 +1327,7 @@ pub fn thousands(v: f64) -> String {
     out
 }
 
-fn fmt_spread(s: Spread) -> String {
+pub(super) fn fmt_spread(s: Spread) -> String {
     if s.n > 1 && s.min != s.max {
         format!("{} ({}–{})", num(s.median), num(s.min), num(s.max))
     } else {

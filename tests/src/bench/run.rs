@@ -30,12 +30,13 @@ use super::pki;
 use super::procstat::{group_usage, Usage};
 use super::report::{FIXED_RATES, H2_STREAMS, SATURATION_CONNS, STREAMS};
 use super::signals::Stop;
+use super::sizes::SizePlan;
 use super::stats::percentiles_us;
 use super::tools::{parse_h2load, parse_iperf3, parse_wrk};
 use crate::waypoint::{gateway_yaml, waypoint_pod};
-use crate::{in_netns, wait_until, Ambient, ChildGuard, Mesh, Pod, Redirect, Service};
+use crate::{in_netns, wait_until, Ambient, ChildGuard, Mesh, MeshBuilder, Pod, Redirect, Service};
 
-const CLIENT: &str = "default/client";
+pub(super) const CLIENT: &str = "default/client";
 const WAYPOINT: &str = "default/waypoint";
 /// The VIP of the Service that uses the waypoint, its HTTP/1.1 port and its HTTP/2 port.
 const WAYPOINT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
@@ -43,7 +44,7 @@ const WAYPOINT_PORT: u16 = 80;
 const WAYPOINT_H2_PORT: u16 = 82;
 const SERVER: &str = "default/server";
 const IPERF_PORT: u16 = 5201;
-const HTTP_PORT: u16 = 8080;
+pub(super) const HTTP_PORT: u16 = 8080;
 /// The origin's h2c (HTTP/2 prior knowledge) port.
 const H2C_PORT: u16 = 8082;
 const ECHO_PORT: u16 = 9000;
@@ -52,7 +53,7 @@ const L7_PORT: u16 = 8081;
 /// Ports the haproxy pair tunnels.
 const TUNNELED_PORTS: [u16; 3] = [IPERF_PORT, HTTP_PORT, ECHO_PORT];
 /// Threads of the connection-rate client and of the idle-connection opener.
-const CONN_WORKERS: usize = 4;
+pub(super) const CONN_WORKERS: usize = 4;
 const IDLE_WORKERS: usize = 8;
 /// File-descriptor limit wanted for this process and its children (proxies, servers); a
 /// container may cap the hard limit lower, and then everything is sized to what it allows.
@@ -72,13 +73,13 @@ const ENROLL_IN_FLIGHT: usize = 64;
 /// How long closed idle connections may take to be released by the proxies.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Settling time before memory is sampled.
-const SETTLE: Duration = Duration::from_secs(1);
+pub(super) const SETTLE: Duration = Duration::from_secs(1);
 /// Memory "after close" is sampled no sooner than this after the idle connections close
 /// (issue 15: RSS back near idle 15 s after a burst).
 const AFTER_CLOSE: Duration = Duration::from_secs(15);
-const MIB: f64 = 1024.0 * 1024.0;
+pub(super) const MIB: f64 = 1024.0 * 1024.0;
 
-const STRICT_YAML: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+pub(super) const STRICT_YAML: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
 metadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: STRICT\n";
 
 /// What to run and where to write.
@@ -137,7 +138,7 @@ impl Plan {
 
 /// One harness mesh with its servers and proxies. Fields drop in order: processes, then
 /// the mesh (namespaces, and the nodes' bpffs for eBPF).
-struct World {
+pub(super) struct World {
     name: &'static str,
     children: Vec<ChildGuard>,
     haproxy: Option<(u32, u32)>,
@@ -274,6 +275,30 @@ impl World {
             || Ok(in_netns(&netns, || load::try_request(addr, ENROLL_ATTEMPT))?.is_some()),
         )?;
         Ok(world)
+    }
+
+    /// A ztunnel world of the caller's topology ([`super::sizes`]), built, its namespaces
+    /// tuned and its servers started.
+    pub(super) fn custom(name: &'static str, builder: MeshBuilder, nofile: u64) -> Result<World> {
+        let mesh = builder
+            .build()
+            .with_context(|| format!("build the {name} topology"))?;
+        let mut world = World {
+            name,
+            children: Vec::new(),
+            haproxy: None,
+            nginx: None,
+            waypoint: None,
+            fresh: Vec::new(),
+            mesh,
+        };
+        world.tune()?;
+        world.start_servers(nofile)?;
+        Ok(world)
+    }
+
+    pub(super) fn mesh(&self) -> &Mesh {
+        &self.mesh
     }
 
     fn server_ip(&self) -> Result<Ipv4Addr> {
@@ -663,9 +688,42 @@ pub fn run(opts: &Options, stop: &Stop) -> Result<Results> {
     }
     runner.memory()?;
     runner.enrollment()?;
-    say!("measured in {:.0} s", started.elapsed().as_secs_f64());
     drop(worlds);
+    // One world per model size at a time, after the others are gone.
+    super::sizes::measure(
+        &mut results,
+        &SizePlan::of(opts.quick),
+        Redirect::Ebpf,
+        nofile,
+        stop,
+    )?;
+    say!("measured in {:.0} s", started.elapsed().as_secs_f64());
     Ok(results)
+}
+
+/// `mesh-bench --sizes-only`: only the model-size dimension, on `backend`.
+pub fn sizes_only(quick: bool, backend: Redirect, repo: &Path, stop: &Stop) -> Result<Results> {
+    let plan = SizePlan::of(quick);
+    let nofile = raise_nofile()?;
+    let mut results = Results {
+        meta: Meta {
+            machine: machine::describe(),
+            date: now_rfc3339(),
+            commit: machine::commit(repo),
+            quick,
+            reps: plan.reps,
+            run_secs: plan.run_secs as f64,
+            ..Meta::default()
+        },
+        samples: Vec::new(),
+    };
+    super::sizes::measure(&mut results, &plan, backend, nofile, stop)?;
+    Ok(results)
+}
+
+/// A progress line (as [`say!`] prints them) for the other modules of the run.
+pub(super) fn say_line(line: &str) {
+    say!("{line}");
 }
 
 struct Runner<'a> {
@@ -1140,10 +1198,24 @@ fn first_connection(world: &World, name: &str) -> Result<(Duration, Duration, Du
     }
     let t0 = Instant::now();
     world.mesh.write_yaml(&format!("{name}.yaml"), &yaml)?;
-    // A new attempt every few ms, each on its own thread (inheriting the pod's namespace),
-    // so that an attempt caught half-way through the switch to capture cannot hold up the
-    // measurement: the first to succeed is the answer.
-    let found = in_netns(&netns, || {
+    let found = first_success(&netns, target, t0)?;
+    let (enroll, first) =
+        found.with_context(|| format!("{key}: no request succeeded within {ENROLL_TIMEOUT:?}"))?;
+    let warm = in_netns(&netns, || load::try_request(target, ENROLL_ATTEMPT))?
+        .with_context(|| format!("{key}: the second request failed"))?;
+    Ok((enroll, first, warm))
+}
+
+/// Starts a request from `netns` to `target` every few ms, each on its own thread (at most
+/// [`ENROLL_IN_FLIGHT`] at once), so that an attempt caught half-way through a switch (to
+/// capture, to a new agent) cannot hold up the measurement, until one succeeds or
+/// [`ENROLL_TIMEOUT`] after `t0`: (`t0` → the first success, that attempt alone).
+pub(super) fn first_success(
+    netns: &str,
+    target: SocketAddr,
+    t0: Instant,
+) -> Result<Option<(Duration, Duration)>> {
+    in_netns(netns, || {
         let winner: std::sync::Mutex<Option<(Duration, Duration)>> = std::sync::Mutex::new(None);
         let in_flight = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {
@@ -1168,12 +1240,7 @@ fn first_connection(world: &World, name: &str) -> Result<(Duration, Duration, Du
             }
         });
         winner.into_inner().ok().flatten()
-    })?;
-    let (enroll, first) =
-        found.with_context(|| format!("{key}: no request succeeded within {ENROLL_TIMEOUT:?}"))?;
-    let warm = in_netns(&netns, || load::try_request(target, ENROLL_ATTEMPT))?
-        .with_context(|| format!("{key}: the second request failed"))?;
-    Ok((enroll, first, warm))
+    })
 }
 
 // === the memory probe ===
@@ -1346,7 +1413,7 @@ pub fn hold(stop: &Stop) -> Result<()> {
 /// Raises the open-file limit for us and every child (10,000 idle connections cost haproxy
 /// two descriptors each): to [`NOFILE`] where allowed, else to the hard limit. Returns the
 /// soft limit now in force.
-fn raise_nofile() -> Result<u64> {
+pub(super) fn raise_nofile() -> Result<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit NOFILE")?;
     if soft >= NOFILE {

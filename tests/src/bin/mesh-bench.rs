@@ -7,6 +7,7 @@
 //! mesh-bench --render results.json [--out ..] [--chart ..]   # re-render a saved run
 //! mesh-bench --memory 10000 [--redirect nftables]             # idle-connection memory only
 //! mesh-bench --hold                                           # keep the worlds up, for profiling
+//! mesh-bench --sizes-only [--quick] [--redirect ebpf] [--json ..]  # the model-size dimension only
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use clap::Parser;
 use e2e::bench::model::Results;
 use e2e::bench::run::{self, Options};
 use e2e::bench::signals::Stop;
-use e2e::bench::{chart, report};
+use e2e::bench::{chart, report, sizes};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark the mesh data plane against direct connections and baselines")]
@@ -49,9 +50,14 @@ struct Args {
     /// pids, and keep them up until Ctrl-C: for profiling by hand. Nothing is measured.
     #[arg(long)]
     hold: bool,
-    /// The redirection backend of `--memory`'s world.
-    #[arg(long, default_value = "nftables", value_parser = ["nftables", "ebpf"])]
-    redirect: String,
+    /// Only the model-size dimension (issue 15: empty, 10k, 50k pods; `--quick`: empty and
+    /// 10k): its report section printed, the samples kept with `--json`.
+    #[arg(long)]
+    sizes_only: bool,
+    /// The redirection backend of `--memory`'s world (default nftables) or of
+    /// `--sizes-only`'s (default ebpf).
+    #[arg(long, value_parser = ["nftables", "ebpf"])]
+    redirect: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -77,9 +83,26 @@ fn real_main(stop: &Stop) -> Result<()> {
     if args.hold {
         return run::hold(stop);
     }
+    if args.sizes_only {
+        let backend = match args.redirect.as_deref() {
+            Some("nftables") => e2e::Redirect::Nftables,
+            _ => e2e::Redirect::Ebpf,
+        };
+        let results = run::sizes_only(args.quick, backend, &args.repo, stop)?;
+        if let Some(json) = &args.json {
+            write_file(json, &serde_json::to_string_pretty(&results)?)?;
+        }
+        let mut section = String::new();
+        sizes::section(&mut section, &results);
+        print!("{section}");
+        for note in &results.meta.notes {
+            eprintln!("mesh-bench: note: {note}");
+        }
+        return Ok(());
+    }
     if let Some(connections) = args.memory {
-        let backend = match args.redirect.as_str() {
-            "ebpf" => e2e::Redirect::Ebpf,
+        let backend = match args.redirect.as_deref() {
+            Some("ebpf") => e2e::Redirect::Ebpf,
             _ => e2e::Redirect::Nftables,
         };
         let plan = run::ProbePlan {

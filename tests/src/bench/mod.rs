@@ -11,7 +11,9 @@
 //! - [`machine`]: what machine, which commit.
 //! - IO: [`procstat`] (CPU and RSS of a process group), [`pki`] (baseline certificates),
 //!   [`load`] (fixed-rate, connection-rate and idle-connection clients), [`chart`] (PNG),
-//!   [`signals`] (Ctrl-C between steps), [`run`] (worlds, scenarios, the measuring loop).
+//!   [`signals`] (Ctrl-C between steps), [`run`] (worlds, scenarios, the measuring loop),
+//!   [`sizes`] (the model-size dimension: one world per model size; its ratios and report
+//!   section are pure).
 
 pub mod baselines;
 pub mod chart;

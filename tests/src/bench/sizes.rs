@@ -659,6 +659,13 @@ mod tests {
         assert_eq!(f.order(0), vec![EMPTY, 10_000, LARGEST]);
         assert_eq!(f.order(1), vec![10_000, LARGEST, EMPTY]);
         assert_eq!(f.order(3), f.order(0));
+        // Rough budget per world: build and load (≤ 15 s at 50k), a settle, the two runs, two
+        // restarts (≤ 5 s each); quick must stay small beside the rest of `--quick`.
+        let budget = |p: &SizePlan| {
+            (p.reps * p.sizes.len()) as f64 * (15.0 + 1.0 + 2.0 * p.run_secs as f64 + 10.0)
+        };
+        assert!(budget(&q) < 150.0, "quick: {} s", budget(&q));
+        assert!(budget(&f) < 6.0 * 60.0, "full: {} s", budget(&f));
         assert!(big_mesh(EMPTY).is_none());
         assert_eq!(big_mesh(LARGEST).map(|m| m.services()), Some(5_000));
     }

@@ -70,6 +70,10 @@ const ENROLL_RETRY: Duration = Duration::from_millis(5);
 const ENROLL_ATTEMPT: Duration = Duration::from_millis(2_000);
 /// Most first-connection attempts in flight at once.
 const ENROLL_IN_FLIGHT: usize = 64;
+/// As many attempts in flight as can be: a new one every [`ENROLL_RETRY`] however long the
+/// others wait.
+pub(super) const EVERY_ATTEMPT: usize =
+    (ENROLL_ATTEMPT.as_millis() / ENROLL_RETRY.as_millis()) as usize + 1;
 /// How long closed idle connections may take to be released by the proxies.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Settling time before memory is sampled.
@@ -1198,7 +1202,7 @@ fn first_connection(world: &World, name: &str) -> Result<(Duration, Duration, Du
     }
     let t0 = Instant::now();
     world.mesh.write_yaml(&format!("{name}.yaml"), &yaml)?;
-    let found = first_success(&netns, target, t0)?;
+    let found = first_success(&netns, target, t0, ENROLL_IN_FLIGHT)?;
     let (enroll, first) =
         found.with_context(|| format!("{key}: no request succeeded within {ENROLL_TIMEOUT:?}"))?;
     let warm = in_netns(&netns, || load::try_request(target, ENROLL_ATTEMPT))?
@@ -1207,13 +1211,16 @@ fn first_connection(world: &World, name: &str) -> Result<(Duration, Duration, Du
 }
 
 /// Starts a request from `netns` to `target` every few ms, each on its own thread (at most
-/// [`ENROLL_IN_FLIGHT`] at once), so that an attempt caught half-way through a switch (to
-/// capture, to a new agent) cannot hold up the measurement, until one succeeds or
-/// [`ENROLL_TIMEOUT`] after `t0`: (`t0` → the first success, that attempt alone).
+/// `in_flight` at once), so that an attempt caught half-way through a switch (to capture,
+/// to a new agent) cannot hold up the measurement, until one succeeds or [`ENROLL_TIMEOUT`]
+/// after `t0`: (`t0` → the first success, that attempt alone). Attempts whose SYN was
+/// dropped wait for its retransmission (1 s): with fewer than [`EVERY_ATTEMPT`] in flight,
+/// a run of those stops new attempts and the result jumps to about 1 s.
 pub(super) fn first_success(
     netns: &str,
     target: SocketAddr,
     t0: Instant,
+    in_flight_max: usize,
 ) -> Result<Option<(Duration, Duration)>> {
     in_netns(netns, || {
         let winner: std::sync::Mutex<Option<(Duration, Duration)>> = std::sync::Mutex::new(None);
@@ -1221,7 +1228,7 @@ pub(super) fn first_success(
         std::thread::scope(|scope| {
             let done = || winner.lock().map(|w| w.is_some()).unwrap_or(true);
             while !done() && t0.elapsed() < ENROLL_TIMEOUT {
-                if in_flight.load(std::sync::atomic::Ordering::SeqCst) < ENROLL_IN_FLIGHT {
+                if in_flight.load(std::sync::atomic::Ordering::SeqCst) < in_flight_max {
                     in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let (winner, in_flight) = (&winner, &in_flight);
                     scope.spawn(move || {

@@ -28,7 +28,8 @@ use super::model::{DataPath, Metric, Quantile, Results, Side};
 use super::procstat::group_usage;
 use super::report::{fmt_spread, thousands};
 use super::run::{
-    first_success, say_line, World, CLIENT, CONN_WORKERS, HTTP_PORT, MIB, SETTLE, STRICT_YAML,
+    first_success, say_line, World, CLIENT, CONN_WORKERS, EVERY_ATTEMPT, HTTP_PORT, MIB, SETTLE,
+    STRICT_YAML,
 };
 use super::signals::Stop;
 use super::stats::{percentiles_us, Spread};
@@ -378,7 +379,7 @@ fn measure_size(
     let mesh = world.mesh();
     let netns = mesh.pod_netns(CLIENT)?;
     let vip = SocketAddr::from((VIP, VIP_PORT));
-    first_success(&netns, vip, Instant::now())?
+    first_success(&netns, vip, Instant::now(), EVERY_ATTEMPT)?
         .context("the client never reached the server through the Service VIP")?;
     say_line(&format!(
         "  model size {size}: world built and carrying in {:.1} s",
@@ -491,7 +492,7 @@ fn time_restart(
             }
             None
         });
-        let first = first_success(netns, target, t0);
+        let first = first_success(netns, target, t0, EVERY_ATTEMPT);
         (ready.join().ok().flatten(), first)
     });
     let ready = ready.with_context(|| {

@@ -510,6 +510,7 @@ fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::report::Verdict;
 
     /// Three repetitions of every measure at `sizes`, the cost growing by `grow` per 10,000
     /// pods (rates fall, latencies and memory rise).
@@ -649,6 +650,25 @@ mod tests {
         let back: Results = serde_json::from_str(&text).expect("parse");
         assert_eq!(back, sized);
         assert!(super::super::report::render(&back, None).contains("## Model size"));
+    }
+
+    #[test]
+    fn issue_15s_verdict_table_judges_target_3() {
+        let row = |r: &Results| {
+            super::super::report::issue15_targets(r)
+                .into_iter()
+                .find(|row| row.target.starts_with("3."))
+                .expect("target 3's row")
+        };
+        let grows = row(&results(&[EMPTY, LARGEST], 0.1));
+        assert_eq!(grows.verdict, Verdict::NotMet);
+        assert_eq!(grows.ours, "conn/s 0.67×, 1 / p50 0.67×");
+        assert_eq!(row(&results(&[EMPTY, LARGEST], 0.0)).verdict, Verdict::Met);
+        let quick = row(&results(&[EMPTY, 10_000], 0.0));
+        assert_eq!(
+            (quick.verdict, quick.ours.as_str()),
+            (Verdict::NoData, "not measured")
+        );
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub enum Scope {
     #[default]
     Node,
     /// Also what a waypoint applies: HTTPRoutes, GRPCRoutes, RequestAuthentications,
-    /// VirtualServices and DestinationRules.
+    /// VirtualServices, DestinationRules and Telemetries.
     Waypoint,
 }
 
@@ -124,6 +124,8 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
             "DestinationRule",
             "destinationrules",
         ));
+        // The waypoint's access-log switch (`telemetry.istio.io/v1`, Istio 1.22+).
+        kinds.push(crd("telemetry.istio.io", "v1", "Telemetry", "telemetries"));
     }
     kinds
 }

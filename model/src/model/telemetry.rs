@@ -61,7 +61,8 @@ impl WorkloadMode {
 }
 
 /// How specific the Telemetry that decided is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// Ordered most specific first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TelemetryLevel {
     Workload,
@@ -140,31 +141,37 @@ impl Model {
                 selector_matches(s, &own_label) || pods.iter().any(|l| selector_matches(s, l))
             })
         };
-        let levels: [(TelemetryLevel, &dyn Fn(&Telemetry) -> bool); 3] = [
-            (TelemetryLevel::Workload, &|t| {
-                t.namespace == gateway.namespace && (targets(t) || selects(t))
-            }),
-            (TelemetryLevel::Namespace, &|t| {
-                t.namespace == gateway.namespace && t.unscoped()
-            }),
-            (TelemetryLevel::Root, &|t| {
-                t.namespace == ROOT_NAMESPACE && t.unscoped()
-            }),
-        ];
-        for (level, applies) in levels {
-            let decided = self
-                .telemetries
-                .iter()
-                .filter(|t| applies(t))
-                .find_map(|t| t.server_providers().map(|p| (t, p)));
-            if let Some((t, providers)) = decided {
-                return AccessLogDecision {
-                    enabled: !providers.is_empty(),
-                    telemetry: Some(t.key()),
-                    level: Some(level),
-                    providers,
-                };
+        let level = |t: &Telemetry| {
+            if t.namespace == gateway.namespace {
+                if targets(t) || selects(t) {
+                    return Some(TelemetryLevel::Workload);
+                }
+                if t.unscoped() {
+                    return Some(TelemetryLevel::Namespace);
+                }
+            } else if t.namespace == ROOT_NAMESPACE && t.unscoped() {
+                return Some(TelemetryLevel::Root);
             }
+            None
+        };
+        // The most specific level wins; within one, the first in (namespace, name) order.
+        let mut best: Option<(TelemetryLevel, &Telemetry, Vec<String>)> = None;
+        for t in &self.telemetries {
+            let Some(l) = level(t) else { continue };
+            if best.as_ref().is_some_and(|(b, _, _)| *b <= l) {
+                continue;
+            }
+            if let Some(providers) = t.server_providers() {
+                best = Some((l, t, providers));
+            }
+        }
+        if let Some((level, t, providers)) = best {
+            return AccessLogDecision {
+                enabled: !providers.is_empty(),
+                telemetry: Some(t.key()),
+                level: Some(level),
+                providers,
+            };
         }
         AccessLogDecision::default()
     }

@@ -10,7 +10,7 @@
 //!   PeerAuthentication and AuthorizationPolicy, and `gateway.networking.k8s.io/v1`
 //!   Gateways (waypoints; as [`DynamicObject`]s: there are no generated types); for a
 //!   waypoint ([`Scope::Waypoint`]) also HTTPRoutes, GRPCRoutes, RequestAuthentications,
-//!   VirtualServices and DestinationRules. A cluster
+//!   VirtualServices, DestinationRules and Telemetries. A cluster
 //!   without Istio's CRDs gets a model without policies; one without the Gateway API CRDs a
 //!   model without waypoints (services labelled `istio.io/use-waypoint` then go direct).
 //! - Each kind is listed, then watched from the list's `resourceVersion`; a dropped watch is

@@ -48,7 +48,7 @@ pub enum Scope {
     #[default]
     Node,
     /// Also what a waypoint applies: HTTPRoutes, GRPCRoutes, RequestAuthentications,
-    /// VirtualServices and DestinationRules.
+    /// VirtualServices, DestinationRules and Telemetries.
     Waypoint,
 }
 
@@ -124,6 +124,8 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
             "DestinationRule",
             "destinationrules",
         ));
+        // The waypoint's access-log switch (`telemetry.istio.io/v1`, Istio 1.22+).
+        kinds.push(crd("telemetry.istio.io", "v1", "Telemetry", "telemetries"));
     }
     kinds
 }
@@ -463,5 +465,40 @@ mod tests {
         };
         assert_eq!(describe(&kind("Namespace"), &ns), "Namespace prod");
         assert_eq!(file_name(&kind("Namespace"), &ns), "namespaces/prod");
+    }
+
+    /// Telemetries (the waypoint's access-log switch) are a waypoint's, optional, and reach
+    /// the loader with their spec verbatim.
+    #[test]
+    fn a_waypoint_watches_telemetries_and_an_agent_does_not() {
+        let find = |scope| {
+            kinds_for(scope)
+                .into_iter()
+                .find(|k| k.resource.kind == "Telemetry")
+        };
+        assert!(find(Scope::Node).is_none());
+        let t = find(Scope::Waypoint).expect("a waypoint watches Telemetries");
+        assert_eq!(t.resource.api_version, "telemetry.istio.io/v1");
+        assert_eq!(t.resource.plural, "telemetries");
+        assert!(t.optional, "clusters without Istio's CRDs");
+        let spec =
+            json!({"accessLogging": [{"providers": [{"name": "envoy"}], "disabled": false}]});
+        let doc = document(
+            &t,
+            &object(json!({
+                "metadata": {"name": "logs", "namespace": "shop", "resourceVersion": "3"},
+                "spec": spec,
+                "status": {"observedGeneration": 1},
+            })),
+        );
+        assert_eq!(
+            doc,
+            json!({
+                "apiVersion": "telemetry.istio.io/v1",
+                "kind": "Telemetry",
+                "metadata": {"name": "logs", "namespace": "shop"},
+                "spec": spec,
+            })
+        );
     }
 }

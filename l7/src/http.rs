@@ -145,6 +145,7 @@ async fn handle(
         downstream_h2,
         started,
         inputs.cfg.num_trusted_proxies,
+        inputs.access_log.enabled(),
     );
     match phases(&mut rq, body, model, ctx, inputs).await {
         Ok(fwd) => response::respond(rq, fwd, &inputs.http_metrics),

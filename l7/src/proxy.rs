@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::jwks::JwksCache;
 use crate::protocol::Declared;
 use crate::target::Target;
-use crate::telemetry::HttpMetrics;
+use crate::telemetry::{AccessLogSwitch, HttpMetrics};
 use crate::upstream::{UpstreamProto, Upstreams};
 
 /// Who the proxy running the engine is (a waypoint, a gateway): the binary fills this from
@@ -48,6 +48,8 @@ pub struct Inputs {
     /// The process's receive-buffer budget: each downstream HTTP/2 connection reserves its
     /// connection window here (`crate::http::serve`).
     pub receive_budget: mesh_hbone::ReceiveBudget,
+    /// Whether requests get an access-log line (updated with every model).
+    pub access_log: Arc<AccessLogSwitch>,
 }
 
 /// One downstream tunnel: who sent it and what it is for.

@@ -5,18 +5,21 @@
 //!   labels plus `response_code` and `grpc_response_status`;
 //! - `waypoint_outlier_ejections_total{cluster}`: DestinationRule outlier-detection
 //!   ejections (cluster = Envoy's `outbound|<port>|<subset>|<host>`);
-//! - one `access` log line per request.
+//! - one `access` log line per request, only when the Telemetry API turns it on for this
+//!   waypoint ([`AccessLogSwitch`]; off by default, as for Istio's Envoy-based proxies).
 //!
 //! Registered in the same registry as the shared `mesh_telemetry` families (TCP metrics for
 //! L4-relayed ports, refusals, config reloads, process), so one scrape returns everything.
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use mesh_model::identity::Identity;
-use mesh_model::model::{Pod, Service};
+use mesh_model::model::{AccessLogDecision, Model, NamespacedName, Pod, Service};
 use mesh_telemetry::{Metrics, TcpLabels};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -286,9 +289,57 @@ impl LabelInputs {
     }
 }
 
-/// One access-log line per request (target `access`).
+/// Whether the proxy writes access-log lines (`request complete`, and the L4 relay's
+/// `connection complete`): resolved from the Telemetries once per model
+/// ([`Model::waypoint_access_log`]), read with one atomic load per request. Refusal lines are
+/// not subject to it.
+#[derive(Debug)]
+pub struct AccessLogSwitch {
+    on: AtomicBool,
+    /// What decided, for `/config_dump`.
+    decision: ArcSwap<AccessLogDecision>,
+}
+
+impl Default for AccessLogSwitch {
+    fn default() -> Self {
+        AccessLogSwitch {
+            on: AtomicBool::new(false),
+            decision: ArcSwap::from_pointee(AccessLogDecision::default()),
+        }
+    }
+}
+
+impl AccessLogSwitch {
+    /// Resolves the decision of Gateway `gateway` in `model` (call once per model, before
+    /// it is installed); logs when it changes.
+    pub fn update(&self, model: &Model, gateway: &NamespacedName) {
+        let next = model.waypoint_access_log(gateway);
+        if *self.decision.load_full() != next {
+            tracing::info!(
+                enabled = next.enabled,
+                telemetry = %next.telemetry.as_ref().map_or("-".to_string(), ToString::to_string),
+                "access log {}",
+                if next.enabled { "on" } else { "off" }
+            );
+        }
+        self.on.store(next.enabled, Ordering::Relaxed);
+        self.decision.store(Arc::new(next));
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    pub fn decision(&self) -> Arc<AccessLogDecision> {
+        self.decision.load_full()
+    }
+}
+
+/// One access-log line per request (target `access`), written only when `enabled`.
 #[derive(Debug)]
 pub struct AccessLog {
+    /// The [`AccessLogSwitch`] when the request arrived.
+    pub enabled: bool,
     pub started: Instant,
     pub src: SocketAddr,
     pub src_identity: Option<Identity>,
@@ -312,6 +363,9 @@ pub struct AccessLog {
 
 impl AccessLog {
     pub fn emit(&self, code: u16, flag: Option<ResponseFlag>, req_bytes: u64, rsp_bytes: u64) {
+        if !self.enabled {
+            return;
+        }
         let src_id = self.src_identity.as_ref().map(Identity::to_string);
         let upstream = self.upstream.map(|u| u.to_string());
         tracing::info!(
@@ -336,5 +390,92 @@ impl AccessLog {
             duration_ms = self.started.elapsed().as_millis() as u64,
             "request complete"
         );
+    }
+}
+
+#[cfg(test)]
+mod access_log_tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use mesh_model::k8s::load_docs;
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata};
+
+    use super::*;
+
+    /// Counts events of target `access`.
+    #[derive(Default, Clone)]
+    struct Count(Arc<AtomicUsize>);
+
+    impl tracing::Subscriber for Count {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, e: &Event<'_>) {
+            if e.metadata().target() == "access" {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    fn model(docs: &str) -> Model {
+        load_docs(&[("m.yaml".to_string(), docs.to_string())]).expect("model")
+    }
+
+    fn line(enabled: bool) -> AccessLog {
+        AccessLog {
+            enabled,
+            started: Instant::now(),
+            src: SocketAddr::from(([10, 0, 0, 1], 40000)),
+            src_identity: None,
+            protocol: "HTTP/1.1",
+            method: "GET".to_string(),
+            authority: "web".to_string(),
+            path: "/".to_string(),
+            request_id: "r".to_string(),
+            service: None,
+            attempts: 1,
+            route: None,
+            backend: None,
+            upstream: None,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn the_switch_follows_each_model_and_gates_the_line() {
+        let gw = NamespacedName::new("shop", "waypoint");
+        let switch = AccessLogSwitch::default();
+        assert!(!switch.enabled());
+        let on = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n\
+                  metadata: {name: logs, namespace: shop}\n\
+                  spec: {accessLogging: [{providers: [{name: envoy}]}]}\n";
+        switch.update(&model(on), &gw);
+        assert!(switch.enabled());
+        assert_eq!(
+            switch.decision().telemetry,
+            Some(NamespacedName::new("shop", "logs"))
+        );
+        // Another waypoint's namespace: not this one's.
+        switch.update(&model(on), &NamespacedName::new("other", "waypoint"));
+        assert!(!switch.enabled());
+        switch.update(&model(""), &gw);
+        assert!(!switch.enabled());
+        assert_eq!(*switch.decision(), AccessLogDecision::default());
+
+        let count = Count::default();
+        tracing::subscriber::with_default(count.clone(), || {
+            line(false).emit(200, None, 1, 2);
+            assert_eq!(count.0.load(Ordering::SeqCst), 0);
+            line(true).emit(200, None, 1, 2);
+            assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        });
     }
 }

@@ -16,7 +16,9 @@
 //! `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`) `DestinationRule` (subsets, load
 //! balancing, connection pool, outlier detection: `k8s/destination_rule.rs`) and
 //! `VirtualService` (mesh HTTP routes, retries, faults, mirrors: `k8s/virtual_service.rs`),
-//! and `GRPCRoute` (`v1`; translated into the same model route: `k8s/grpc_route.rs`).
+//! and `GRPCRoute` (`v1`; translated into the same model route: `k8s/grpc_route.rs`), and
+//! `telemetry.istio.io/v1` (or `v1alpha1`) `Telemetry` (the waypoint's access-log switch:
+//! `k8s/telemetry.rs`).
 //! Every other kind
 //! is skipped with a debug log, so the same files can also carry Deployments and the like for
 //! other consumers.
@@ -32,6 +34,7 @@ mod jwt;
 mod refused;
 mod route;
 mod security;
+mod telemetry;
 mod virtual_service;
 mod yaml;
 
@@ -48,7 +51,8 @@ use tracing::debug;
 
 use crate::model::{
     AuthorizationPolicy, DestinationRule, Gateway, HttpRoute, Labels, Model, Namespace,
-    NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
+    NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service, Telemetry,
+    VirtualService,
 };
 use yaml::{FieldError, FieldResult, Node};
 
@@ -278,6 +282,7 @@ struct Loader {
     http_routes: Vec<HttpRoute>,
     destination_rules: Vec<DestinationRule>,
     virtual_services: Vec<VirtualService>,
+    telemetries: BTreeMap<NamespacedName, Telemetry>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
     /// Every object read, when the caller asked for them.
@@ -299,6 +304,7 @@ enum Kind {
     DestinationRule,
     VirtualService,
     GrpcRoute,
+    Telemetry,
 }
 
 impl Kind {
@@ -329,6 +335,7 @@ impl Kind {
                 (Kind::VirtualService, &["v1", "v1beta1", "v1alpha3"])
             }
             ("gateway.networking.k8s.io", "GRPCRoute") => (Kind::GrpcRoute, &["v1"]),
+            ("telemetry.istio.io", "Telemetry") => (Kind::Telemetry, &["v1", "v1alpha1"]),
             _ => return Ok(None),
         };
         if versions.contains(&version) {
@@ -525,6 +532,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.http_routes.push(route);
             }
+            Kind::Telemetry => {
+                let t = telemetry::telemetry(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.telemetries.insert(key, t);
+            }
         }
         Ok(())
     }
@@ -584,6 +596,7 @@ impl Loader {
         .with_destination_rules(self.destination_rules)
         .with_virtual_services(self.virtual_services)
         .with_request_authentications(self.request_authentications.into_values().collect())
+        .with_telemetries(self.telemetries.into_values().collect())
     }
 }
 
@@ -708,3 +721,6 @@ mod refused_tests;
 
 #[cfg(test)]
 mod prop_tests;
+
+#[cfg(test)]
+mod telemetry_tests;

@@ -16,6 +16,7 @@ mod jwt;
 mod labels;
 mod refused;
 mod route;
+mod telemetry;
 mod traffic;
 mod waypoint;
 
@@ -31,6 +32,8 @@ pub use route::{
     PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect, RetryOn, RetryPolicy, RouteKind,
     RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch, VirtualService,
 };
+
+pub use telemetry::{AccessLogDecision, AccessLogging, Telemetry, TelemetryLevel, WorkloadMode};
 
 pub use traffic::{
     effective_policy, ClientTls, ConnectionPool, DestinationRule, EffectivePolicy, Ejection,
@@ -288,6 +291,8 @@ pub struct Model {
     /// Policies the API-server source refused and never accepted, enforced fail closed
     /// (see [`RefusedPolicy`]); always empty with the directory source.
     pub refused_policies: Vec<RefusedPolicy>,
+    /// Telemetries in (namespace, name) order (see [`Model::waypoint_access_log`]).
+    pub telemetries: Vec<Telemetry>,
     #[serde(skip)]
     index: Index,
 }
@@ -308,6 +313,7 @@ pub struct ModelDump<'a> {
     pub virtual_services: &'a [VirtualService],
     pub destination_rules: &'a [DestinationRule],
     pub refused_policies: Vec<RefusedDump<'a>>,
+    pub telemetries: &'a [Telemetry],
 }
 
 /// A refused policy in `/config_dump`: the entry, what it does, and the workloads the node
@@ -358,6 +364,7 @@ impl Model {
             request_authentications: Vec::new(),
             destination_rules: Vec::new(),
             refused_policies: Vec::new(),
+            telemetries: Vec::new(),
             index: Index::default(),
         };
         m.reindex();
@@ -399,6 +406,7 @@ impl Model {
                     },
                 })
                 .collect(),
+            telemetries: &self.telemetries,
         }
     }
 
@@ -463,6 +471,12 @@ impl Model {
                 .map(|ra| (ra.namespace.as_str(), ra.target_refs.as_slice())),
         );
         self.request_authentications = request_authentications;
+        self
+    }
+
+    /// Sets the Telemetries (in (namespace, name) order).
+    pub fn with_telemetries(mut self, telemetries: Vec<Telemetry>) -> Self {
+        self.telemetries = telemetries;
         self
     }
 

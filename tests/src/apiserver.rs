@@ -47,7 +47,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// The kinds the agents watch (ztunnel the first 7, a waypoint all): collection path (all
 /// namespaces), apiVersion, kind.
-pub const KINDS: [(&str, &str, &str); 12] = [
+pub const KINDS: [(&str, &str, &str); 13] = [
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
     ("/api/v1/pods", "v1", "Pod"),
@@ -93,15 +93,21 @@ pub const KINDS: [(&str, &str, &str); 12] = [
         "networking.istio.io/v1",
         "DestinationRule",
     ),
+    (
+        "/apis/telemetry.istio.io/v1/telemetries",
+        "telemetry.istio.io/v1",
+        "Telemetry",
+    ),
 ];
 
 /// The kinds of [`KINDS`] only a waypoint watches (`mesh_kube::Scope::Waypoint`).
-pub const WAYPOINT_ONLY_KINDS: [&str; 5] = [
+pub const WAYPOINT_ONLY_KINDS: [&str; 6] = [
     "HTTPRoute",
     "GRPCRoute",
     "RequestAuthentication",
     "VirtualService",
     "DestinationRule",
+    "Telemetry",
 ];
 
 /// Where `TokenReview`s are created.

@@ -34,6 +34,8 @@ pub const CLIENT: &str = "default/client";
 pub const WAYPOINT: &str = "default/waypoint";
 /// The label that sends a Service's traffic through a waypoint.
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// The waypoint's admin port (`/config_dump`), on its pod's loopback.
+pub const WAYPOINT_ADMIN_PORT: u16 = 15000;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +96,17 @@ pub fn waypoint_pod(namespace: &str, gateway: &str, node: &str) -> Pod {
         .on(node)
         .service_account(gateway)
         .labels([(GATEWAY_NAME_LABEL, gateway)])
+}
+
+/// A `Telemetry` named `name` in `namespace` that turns access logs on with Istio's built-in
+/// `envoy` provider: a waypoint writes its `request complete` lines only with one.
+pub fn access_log_telemetry(namespace: &str, name: &str) -> String {
+    format!(
+        "apiVersion: telemetry.istio.io/v1\n\
+         kind: Telemetry\n\
+         metadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec:\n  accessLogging: [{{providers: [{{name: envoy}}]}}]\n"
+    )
 }
 
 /// The `Gateway` of a waypoint for `namespace`, as `waypoint apply` writes it.
@@ -214,6 +227,15 @@ impl Mesh {
             bail!("waypoint metrics in {pod}: status {}", r.status);
         }
         Ok(r.text())
+    }
+
+    /// The waypoint's `/config_dump` (admin port, loopback of its pod), parsed.
+    pub fn waypoint_config_dump(&self, pod: &str) -> Result<serde_json::Value> {
+        let r = self.waypoint_http(pod, WAYPOINT_ADMIN_PORT, "/config_dump")?;
+        if r.status != 200 {
+            bail!("waypoint config_dump in {pod}: status {}", r.status);
+        }
+        serde_json::from_slice(&r.body).context("config_dump is JSON")
     }
 
     fn waypoint_http(&self, pod: &str, port: u16, path: &str) -> Result<HttpResponse> {

@@ -5,12 +5,13 @@
 
 use std::net::Ipv4Addr;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use e2e::prom;
 use e2e::waypoint::{
-    gateway_yaml, http_service, log_tail, waypoint_mesh, waypoint_pod, waypoint_service, with_log,
-    CLIENT, USE_WAYPOINT_LABEL, WAYPOINT,
+    access_log_telemetry, gateway_yaml, http_service, log_tail, waypoint_mesh, waypoint_pod,
+    waypoint_service, with_log, CLIENT, USE_WAYPOINT_LABEL, WAYPOINT,
 };
 use e2e::{scenarios, tests, Ambient, ChildGuard, Mesh, Pod, Service, Suite};
 use serde_json::Value;
@@ -25,6 +26,8 @@ const DIRECT_VIP: &str = "10.96.0.11";
 const ORPHAN_VIP: &str = "10.96.0.13";
 const WAYPOINT_SA: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
 const CLIENT_SA: &str = "spiffe://cluster.local/ns/default/sa/client";
+/// How long the waypoint may take to apply a changed config file (it polls the directory).
+const RELOAD: Duration = Duration::from_secs(10);
 
 /// An L7 DENY on the waypoint for `/admin*` (attached to the Service), and at the servers an
 /// L4 ALLOW for the identities that may reach them: the waypoint's, and the client's for the
@@ -167,6 +170,7 @@ fn main() -> ExitCode {
             a_service_without_a_waypoint_is_reached_directly,
             tcp_ports_are_relayed_and_undeclared_ports_detected,
             a_service_naming_an_unknown_waypoint_fails_closed,
+            access_log_lines_follow_the_telemetry_api,
         ],
         &tests![
             plain_tcp_to_the_waypoint_hbone_port_is_refused,
@@ -418,6 +422,110 @@ fn tcp_ports_are_relayed_and_undeclared_ports_detected(l: &mut L7) -> Result<()>
     Ok(())
 }
 
+/// The waypoint's access-log lines follow Istio's Telemetry API: none without a Telemetry
+/// (the scenarios before sent HTTP requests and relayed TCP), on with one in the waypoint's
+/// namespace (a line per request with its code and flags, and per relayed connection), off
+/// again with a `disabled` one that targets the waypoint's Gateway (more specific).
+fn access_log_lines_follow_the_telemetry_api(l: &mut L7) -> Result<()> {
+    let requests = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("request complete"))
+            .count()
+    };
+    let relayed = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("connection complete"))
+            .count()
+    };
+    let log = l.wp.stderr();
+    ensure!(
+        requests(&log) == 0 && relayed(&log) == 0,
+        "no access-log line without a Telemetry"
+    );
+    let dump = l.mesh.waypoint_config_dump(WAYPOINT)?;
+    assert_eq!(
+        dump["access_log"]["enabled"], false,
+        "{}",
+        dump["access_log"]
+    );
+
+    let mesh = &l.mesh;
+    mesh.write_yaml("telemetry.yaml", &access_log_telemetry("default", "logs"))?;
+    l.wp.wait_for_stderr("access log on", RELOAD, |log| log.contains("access log on"))?;
+    let dump = mesh.waypoint_config_dump(WAYPOINT)?;
+    assert_eq!(
+        dump["access_log"]["enabled"], true,
+        "{}",
+        dump["access_log"]
+    );
+    assert_eq!(dump["access_log"]["telemetry"]["name"], "logs");
+    assert_eq!(dump["access_log"]["level"], "namespace");
+    let replies = curl(
+        mesh,
+        &[],
+        &[url(ECHO_VIP, "/logged/ok"), url(ECHO_VIP, "/admin/logged")],
+    )?;
+    assert_eq!((replies[0].0, replies[1].0), (200, 403), "{replies:?}");
+    let tcp = format!("{TCP_VIP}:9000").parse()?;
+    assert_eq!(mesh.echo_roundtrip(CLIENT, tcp, b"logged")?, b"logged");
+    l.wp.wait_for_stderr("both request lines and the relay line", RELOAD, |log| {
+        let line = |path: &str, code: &str, flag: &str| {
+            log.lines().any(|l| {
+                l.contains("request complete")
+                    && l.contains(path)
+                    && l.contains(code)
+                    && (l.contains(&format!("flags=\"{flag}\""))
+                        || l.contains(&format!("flags={flag} ")))
+            })
+        };
+        line("/logged/ok", "code=200", "-")
+            && line("/admin/logged", "code=403", "DENY")
+            && relayed(log) == 1
+    })?;
+
+    mesh.write_yaml(
+        "telemetry-gateway.yaml",
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n\
+         metadata: {name: quiet, namespace: default}\n\
+         spec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  \
+         accessLogging: [{disabled: true}]\n",
+    )?;
+    l.wp.wait_for_stderr("access log off", RELOAD, |log| {
+        log.contains("access log off")
+    })?;
+    let dump = mesh.waypoint_config_dump(WAYPOINT)?;
+    assert_eq!(
+        dump["access_log"]["enabled"], false,
+        "{}",
+        dump["access_log"]
+    );
+    assert_eq!(dump["access_log"]["telemetry"]["name"], "quiet");
+    let before = l.wp.stderr();
+    let replies = curl(mesh, &[], &[url(ECHO_VIP, "/quiet")])?;
+    assert_eq!(replies[0].0, 200, "{replies:?}");
+    assert_eq!(mesh.echo_roundtrip(CLIENT, tcp, b"quiet")?, b"quiet");
+    // The request and the relay are answered; their lines would be written by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = l.wp.stderr();
+    assert_eq!(
+        requests(&after),
+        requests(&before),
+        "no request line once disabled"
+    );
+    assert_eq!(
+        relayed(&after),
+        relayed(&before),
+        "no relay line once disabled"
+    );
+    ensure!(
+        !after.contains("path=/quiet"),
+        "the /quiet request was not logged"
+    );
+    mesh.remove_yaml("telemetry-gateway.yaml")?;
+    mesh.remove_yaml("telemetry.yaml")?;
+    Ok(())
+}
+
 fn plain_tcp_to_the_waypoint_hbone_port_is_refused() -> Result<()> {
     let mesh = mesh("waypoint_relay")?;
     let _s1 = mesh.spawn_echo("default/server-1", 8080, "server-1")?;
@@ -464,7 +572,6 @@ fn websocket_and_other_upgrades_pass_through_the_waypoint() -> Result<()> {
 fn upgrade_checks(mesh: &Mesh) -> Result<()> {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpStream;
-    use std::time::Duration;
     use tungstenite::Message;
 
     let addr = format!("{ECHO_VIP}:80");

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use e2e::prom;
 use e2e::waypoint::{
-    http_service, log_tail, server, wait_for_rejection, waypoint_mesh, waypoint_service, with_log,
-    with_two_versions, Client, CLIENT, WAYPOINT,
+    access_log_telemetry, http_service, log_tail, server, wait_for_rejection, waypoint_mesh,
+    waypoint_service, with_log, with_two_versions, Client, CLIENT, WAYPOINT,
 };
 use e2e::{scenarios, wait_until, ChildGuard, Mesh, Pod, Suite};
 use serde_json::Value;
@@ -123,6 +123,8 @@ fn mesh(test: &str) -> Result<Mesh> {
         .service(waypoint_service("web", WEB_VIP, ("version", "v2")))
         .yaml("virtual-service.yaml", VIRTUAL_SERVICE)
         .yaml("route.yaml", ROUTE)
+        // The per-try scenario reads the waypoint's access-log lines.
+        .yaml("telemetry.yaml", &access_log_telemetry("default", "logs"))
         .build()
 }
 

@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use e2e::prom;
 use e2e::waypoint::{
-    log_tail, server, wait_for_rejection, waypoint_mesh, waypoint_service, Client, CLIENT, WAYPOINT,
+    access_log_telemetry, log_tail, server, wait_for_rejection, waypoint_mesh, waypoint_service,
+    Client, CLIENT, WAYPOINT,
 };
 use e2e::{scenarios, wait_until, ChildGuard, Mesh, Pod, Suite};
 
@@ -226,6 +227,8 @@ fn mesh(test: &str, tls: &TlsFiles) -> Result<Mesh> {
     }
     b.yaml("rules.yaml", RULES)
         .yaml("tls-rules.yaml", &tls.rules())
+        // The TLS scenario reads the waypoint's access-log lines.
+        .yaml("telemetry.yaml", &access_log_telemetry("default", "logs"))
         .build()
 }
 

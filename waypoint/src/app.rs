@@ -3,8 +3,9 @@
 //! Configuration is read exactly as the node agent reads it: the same YAML directory
 //! (polled, reloaded on change, an invalid change rejected and the last good model kept) or
 //! the API server (`mesh_kube::watch` with the waypoint's kinds: also HTTPRoutes,
-//! GRPCRoutes, RequestAuthentications, VirtualServices and DestinationRules), the same CA directory (the waypoint issues its own certificate
-//! from it). Not ready until a first good model is in.
+//! GRPCRoutes, RequestAuthentications, VirtualServices, DestinationRules and Telemetries), the same CA directory (the waypoint issues its own certificate
+//! from it). Not ready until a first good model is in. Each model's access-log decision
+//! (Telemetry API, off by default) is resolved as the model is installed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use mesh_l7::jwks::JwksCache;
 use mesh_l7::proxy::Inputs;
-use mesh_l7::telemetry::HttpMetrics;
+use mesh_l7::telemetry::{AccessLogSwitch, HttpMetrics};
 use mesh_l7::upstream::{UpstreamConfig, Upstreams};
 use mesh_model::model::Model;
 use mesh_shell::admin::Control;
@@ -63,9 +64,15 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         .context("set up the config source")?;
     // Not ready until a first good model is in (with the API server: once every kind was
     // listed).
+    // The access-log switch is resolved here, once per model, before the model is installed.
+    let access_log = Arc::new(AccessLogSwitch::default());
     let (installed, _) = Installed::new(source.initial(&metrics), metrics.clone(), {
         let cfg = cfg.clone();
-        move |m: &Model| check_gateway(m, &cfg)
+        let access_log = access_log.clone();
+        move |m: &Model| {
+            check_gateway(m, &cfg);
+            access_log.update(m, &cfg.gateway);
+        }
     });
     let model = installed.model.clone();
     let upstreams = Upstreams::new(
@@ -94,6 +101,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         upstreams,
         jwks: jwks.clone(),
         drain: stop.clone(),
+        access_log: access_log.clone(),
     });
     let active = Arc::new(Active::default());
 
@@ -113,6 +121,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         metrics: metrics.clone(),
         ready: installed.loaded.clone(),
         model: model.clone(),
+        access_log,
         certs: certs.clone(),
         identity: cfg.identity.clone(),
     });

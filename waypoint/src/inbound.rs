@@ -407,7 +407,8 @@ async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoin
     Err((StatusCode::SERVICE_UNAVAILABLE, "UF", last))
 }
 
-/// Relays an opened L4 connection both ways with Istio's TCP metrics and an access line.
+/// Relays an opened L4 connection both ways with Istio's TCP metrics and an access line (when
+/// the Telemetry API turns access logs on: [`Inputs::access_log`]).
 async fn relay_l4<D: Io>(
     down: D,
     (up, ep): (Box<dyn Io>, Endpoint),
@@ -441,6 +442,9 @@ async fn relay_l4<D: Io>(
     })
     .await;
     inputs.metrics.tcp_closed(&tcp);
+    if !inputs.access_log.enabled() {
+        return;
+    }
     let (recv, sent) = result.as_ref().map_or((0, 0), |t| *t);
     tracing::info!(
         target: "access",

@@ -1,12 +1,14 @@
 //! What the waypoint plugs into `mesh_shell`'s endpoints: `/metrics` and `/healthz/ready`
 //! on :15020 and :15021 (both paths on both ports), and on the admin address (loopback
 //! :15000 by default: it shows the whole mesh) also `/config_dump` (the model the waypoint
-//! applies as JSON, as Envoy's admin `config_dump` is), `/logging` and `/quitquitquit`.
+//! applies as JSON, as Envoy's admin `config_dump` is, with `access_log`: whether requests
+//! are logged and which Telemetry decided), `/logging` and `/quitquitquit`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use mesh_l7::telemetry::AccessLogSwitch;
 use mesh_model::identity::Identity;
 use mesh_model::model::Model;
 use mesh_pki::certs::CertManager;
@@ -27,6 +29,8 @@ pub struct StatsState {
     pub ready: Arc<AtomicBool>,
     /// The model in force, for `/config_dump`.
     pub model: Arc<ArcSwap<Model>>,
+    /// Whether requests get access-log lines, and which Telemetry decided.
+    pub access_log: Arc<AccessLogSwitch>,
     /// The waypoint's certificate (from the CA service, or signed here in single-process
     /// mode): not ready without it.
     pub certs: Arc<CertManager>,
@@ -48,6 +52,7 @@ impl AdminApp for StatsState {
             "ready": self.ready(),
             "certificates": self.certs.dump(),
             "certificates_pending": self.certs.pending(),
+            "access_log": *self.access_log.decision(),
             "model": model.dump(),
         }))
     }

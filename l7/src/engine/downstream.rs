@@ -93,7 +93,8 @@ const STANDARD_METHODS: [Method; 9] = [
 
 /// The request's context from its head, as received on the tunnel `ctx`: headers cleaned,
 /// request id set, labels and access-log line started; `trusted_proxies` is the number of
-/// proxies in front of the mesh whose `x-forwarded-for` entries are trusted. Never fails:
+/// proxies in front of the mesh whose `x-forwarded-for` entries are trusted; `access_log`
+/// whether its access-log line is written ([`crate::telemetry::AccessLogSwitch`]). Never fails:
 /// a request that must be refused is marked ([`RequestContext::malformed`]) and refused by
 /// [`verdict`], with its metrics and access log like any other.
 pub fn accept(
@@ -103,6 +104,7 @@ pub fn accept(
     downstream_h2: bool,
     started: Instant,
     trusted_proxies: u32,
+    access_log: bool,
 ) -> RequestContext {
     let derived = framing_error(&parts, downstream_h2)
         .and_then(|()| derive_authority(&parts.uri, &parts.headers, downstream_h2));
@@ -146,6 +148,7 @@ pub fn accept(
         mtls: true,
     };
     let log = AccessLog {
+        enabled: access_log,
         started,
         src: ctx.peer,
         src_identity: Some(ctx.peer_identity.clone()),
@@ -726,7 +729,7 @@ mod tests {
 
     fn accepted(req: Request<()>) -> RequestContext {
         let (parts, ()) = req.into_parts();
-        accept(parts, &conn(), &model(&[]), false, Instant::now(), 0)
+        accept(parts, &conn(), &model(&[]), false, Instant::now(), 0, true)
     }
 
     #[test]

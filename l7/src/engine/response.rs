@@ -2,7 +2,8 @@
 //! the rule's response-header modifiers applied and a generated consistent-hash cookie set;
 //! a `101 Switching Protocols` to an upgrade request keeps `Upgrade`/`Connection` and the
 //! two connections are spliced from then on ([`crate::upgrade`]). Metrics
-//! (`destination_service` = the backend used) and the access-log line (with the rule,
+//! (`destination_service` = the backend used) and the access-log line (when on:
+//! [`crate::telemetry::AccessLogSwitch`]; with the rule,
 //! backend and attempts) are written when the response body ends, or the client goes away
 //! ([`Observed`]), for forwarded and local replies alike.
 

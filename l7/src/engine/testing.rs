@@ -107,6 +107,7 @@ pub fn request_context(grpc: bool) -> RequestContext {
         downstream_upgrade: None,
         labels: LabelInputs::default(),
         log: AccessLog {
+            enabled: true,
             started,
             src: SocketAddr::from(([10, 0, 0, 9], 40000)),
             src_identity: None,
@@ -190,5 +191,6 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
         upstreams,
         jwks,
         drain: tokio_util::sync::CancellationToken::new(),
+        access_log: Arc::default(),
     })
 }

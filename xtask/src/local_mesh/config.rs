@@ -769,6 +769,7 @@ spec:
                 "PeerAuthentication",
                 "AuthorizationPolicy",
                 "AuthorizationPolicy",
+                "Telemetry",
                 "Gateway"
             ]
         );

@@ -272,7 +272,7 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
     for wp in running.waypoints() {
         let _ = writeln!(
             out,
-            "                {}.err  (waypoint {} in {}, access log included)",
+            "                {}.err  (waypoint {} in {}; access log if a Telemetry turns it on)",
             wp.log_label(),
             wp.gateway.key(),
             wp.pod

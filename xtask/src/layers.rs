@@ -102,8 +102,9 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     // The e2e harness runs the binaries as processes; its tests (dev-dependencies) may use
-    // the libraries.
-    ("e2e", &[]),
+    // the libraries. Its benchmark writes the model-size dimension's YAML with the model's
+    // synthetic mesh generator (`mesh_model::synthetic`), the one the model's own benches use.
+    ("e2e", &["mesh-model"]),
     // Automation: YAML is read through mesh-model's translator only.
     ("xtask", &["mesh-model", "mesh-telemetry", "e2e"]),
 ];

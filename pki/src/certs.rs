@@ -44,6 +44,8 @@ pub struct CertManager {
     wake: Notify,
     /// Bumped whenever [`CertManager::dump`] would change.
     generation: watch::Sender<u64>,
+    /// How many [`CertHold`]s each identity has.
+    holds: Mutex<HashMap<Identity, usize>>,
     #[cfg(test)]
     inject_failures: std::sync::atomic::AtomicU32,
 }
@@ -124,6 +126,26 @@ pub struct CertExpiry {
     pub renewal_failures: u32,
 }
 
+/// Keeps one identity's certificate ([`CertManager::hold`]); dropping the last one forgets it.
+pub struct CertHold {
+    certs: Arc<CertManager>,
+    id: Identity,
+}
+
+impl Drop for CertHold {
+    fn drop(&mut self) {
+        self.certs.unhold(&self.id);
+    }
+}
+
+impl std::fmt::Debug for CertHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CertHold")
+            .field(&self.id.to_string())
+            .finish()
+    }
+}
+
 // === impl CertManager ===
 
 impl CertManager {
@@ -168,6 +190,7 @@ impl CertManager {
             pending: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             generation: watch::Sender::new(0),
+            holds: Mutex::new(HashMap::new()),
             #[cfg(test)]
             inject_failures: std::sync::atomic::AtomicU32::new(0),
         })
@@ -238,6 +261,32 @@ impl CertManager {
         self.wake.notify_one();
         self.bump();
         Ok(key)
+    }
+
+    /// Keeps `id`'s certificate (cached, renewed, or still being asked for) while the hold
+    /// lives; the last hold dropped forgets it ([`CertManager::forget`]). A node agent's
+    /// enrollment holds its pod's identity, and so does what a release leaves draining: the
+    /// connections the pod's listener still accepts then need the certificate too.
+    pub fn hold(self: &Arc<Self>, id: &Identity) -> CertHold {
+        *self.lock_holds().entry(id.clone()).or_default() += 1;
+        CertHold {
+            certs: self.clone(),
+            id: id.clone(),
+        }
+    }
+
+    fn unhold(&self, id: &Identity) {
+        // Forgotten under the lock: a hold taken meanwhile either comes first (and keeps it)
+        // or after (and asks again).
+        let mut holds = self.lock_holds();
+        match holds.get_mut(id) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                holds.remove(id);
+                self.forget(id);
+            }
+            None => {}
+        }
     }
 
     /// Stop renewing an identity no longer on this node (drops its key).
@@ -566,6 +615,10 @@ impl CertManager {
             .min(MAX_IDLE)
     }
 
+    fn lock_holds(&self) -> MutexGuard<'_, HashMap<Identity, usize>> {
+        self.holds.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn lock_pending(&self) -> MutexGuard<'_, HashMap<Identity, Pending>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -772,6 +825,20 @@ mod tests {
         let second = certs.certified_key(&web()).unwrap();
         assert!(!Arc::ptr_eq(&first, &second));
         assert_ne!(serial_of(&certs, &web()), serial);
+    }
+
+    #[test]
+    fn a_certificate_stays_until_its_last_hold_is_dropped() {
+        let certs = manager(Duration::from_secs(3600));
+        // A pod enrolled, then released while its drain still runs, then enrolled again.
+        let enrolled = certs.hold(&web());
+        certs.certified_key(&web()).unwrap();
+        let serial = serial_of(&certs, &web());
+        let again = certs.hold(&web());
+        drop(enrolled);
+        assert_eq!(serial_of(&certs, &web()), serial, "still held: kept");
+        drop(again);
+        assert!(certs.dump().is_empty(), "the last hold gone: forgotten");
     }
 
     #[test]

@@ -279,6 +279,7 @@ impl Manager {
         redirections.entry(key.clone()).or_default().enrolled = true;
         drop(redirections);
         let stop = CancellationToken::new();
+        let cert = self.pi.certs.hold(&identity);
         let ctx = Arc::new(PodCtx {
             key: key.clone(),
             ips: pod.ips.clone(),
@@ -294,6 +295,7 @@ impl Manager {
                 "max_connections_per_pod",
                 self.pi.cfg.max_connections_per_pod,
             ),
+            cert,
         });
         let pi = &self.pi;
         if ctx.capture.get().is_some_and(|c| c.adopted()) {
@@ -381,13 +383,8 @@ impl Manager {
         }
         // Without a capture (or its namespace gone) there is nothing to wait for.
         r.ctx.outbound_stop.cancel();
-        let still_used = self
-            .running
-            .values()
-            .any(|other| other.ctx.identity == r.ctx.identity);
-        if !still_used {
-            self.pi.certs.forget(&r.ctx.identity);
-        }
+        // The certificate goes with the last holder of this identity (`PodCtx::cert`): not
+        // before the connections the listener still takes have been served.
         tracing::info!(pod = %key, open = r.ctx.active.len(), "pod released; established connections drain");
     }
 

@@ -158,6 +158,9 @@ pub struct PodCtx {
     pub capture: CaptureSlot,
     /// Open connections of this pod (`--max-connections-per-pod`).
     pub conn_cap: Cap,
+    /// Keeps the pod's certificate while anything of this enrollment lives, including what
+    /// a release leaves draining (its listener still accepts what was queued).
+    pub cert: mesh_pki::certs::CertHold,
 }
 
 /// Holds a pod's eBPF capture while the pod is enrolled. Connections borrow it for the time

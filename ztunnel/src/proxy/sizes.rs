@@ -58,6 +58,7 @@ fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
     let identity = Identity::new("cluster.local", "default", "client");
     let server_tls =
         mesh_pki::tls::server_config(certs.clone(), identity.clone()).expect("server config");
+    let hold = certs.hold(&identity);
     let pi = Arc::new(ProxyInputs::new(
         cfg.clone(),
         Arc::new(ArcSwap::from_pointee(Model::default())),
@@ -81,6 +82,7 @@ fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
         active: Arc::default(),
         capture: CaptureSlot::new(None),
         conn_cap: mesh_shell::limits::Cap::new("test", 1),
+        cert: hold,
     });
     (pi, pod)
 }

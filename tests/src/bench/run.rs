@@ -83,7 +83,7 @@ pub(super) const SETTLE: Duration = Duration::from_secs(1);
 const AFTER_CLOSE: Duration = Duration::from_secs(15);
 pub(super) const MIB: f64 = 1024.0 * 1024.0;
 
-pub(super) const STRICT_YAML: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+const STRICT_YAML: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
 metadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: STRICT\n";
 
 /// What to run and where to write.
@@ -198,22 +198,7 @@ impl World {
     /// A world running ztunnel with redirection `backend` (`nftables` or `ebpf`).
     fn ztunnel(backend: Redirect, fresh_pods: usize, nofile: u64) -> Result<World> {
         let name = backend.as_str();
-        let mut builder = Mesh::builder(&format!("bench-{name}"))
-            .node("n1")
-            .node("n2")
-            .namespace("default", Ambient::Yes)
-            .pod(
-                Pod::new("default", "client")
-                    .on("n1")
-                    .service_account("client"),
-            )
-            .pod(
-                Pod::new("default", "server")
-                    .on("n2")
-                    .service_account("server")
-                    .labels([("app", "server")]),
-            )
-            .yaml("peerauthn.yaml", STRICT_YAML);
+        let mut builder = measured_pair(&format!("bench-{name}"));
         // The memory measure holds its idle connections from one pod, past the agents'
         // default per-pod cap (4 Ki): the caps are raised to what the descriptors allow, so
         // that the run measures what connections cost, not where they are refused.
@@ -243,21 +228,7 @@ impl World {
             builder = builder.pod(Pod::new("default", name).on("n1").unlisted());
         }
         // The harness gives the eBPF world its nodes' bpffs (outliving agent restarts).
-        let mesh = builder
-            .redirect(backend)
-            .build()
-            .with_context(|| format!("build the ztunnel topology ({name})"))?;
-        let mut world = World {
-            name,
-            children: Vec::new(),
-            haproxy: None,
-            nginx: None,
-            waypoint: None,
-            fresh,
-            mesh,
-        };
-        world.tune()?;
-        world.start_servers(nofile)?;
+        let mut world = World::started(name, builder.redirect(backend), fresh, nofile)?;
         if backend == Redirect::Ebpf {
             let guard = world
                 .mesh
@@ -284,6 +255,17 @@ impl World {
     /// A ztunnel world of the caller's topology ([`super::sizes`]), built, its namespaces
     /// tuned and its servers started.
     pub(super) fn custom(name: &'static str, builder: MeshBuilder, nofile: u64) -> Result<World> {
+        World::started(name, builder, Vec::new(), nofile)
+    }
+
+    /// `builder`'s mesh built, its namespaces tuned and its servers started; `fresh` are
+    /// its pods left for the enrollment measure.
+    fn started(
+        name: &'static str,
+        builder: MeshBuilder,
+        fresh: Vec<String>,
+        nofile: u64,
+    ) -> Result<World> {
         let mesh = builder
             .build()
             .with_context(|| format!("build the {name} topology"))?;
@@ -293,7 +275,7 @@ impl World {
             haproxy: None,
             nginx: None,
             waypoint: None,
-            fresh: Vec::new(),
+            fresh,
             mesh,
         };
         world.tune()?;
@@ -450,6 +432,27 @@ impl World {
 }
 
 /// Connections a process may hold with `fds_per_conn` descriptors each under `nofile`.
+/// The measured pair every ztunnel world has: `default/client` on n1, `default/server`
+/// (`app: server`) on n2, both in the mesh, the server STRICT.
+pub(super) fn measured_pair(prefix: &str) -> MeshBuilder {
+    Mesh::builder(prefix)
+        .node("n1")
+        .node("n2")
+        .namespace("default", Ambient::Yes)
+        .pod(
+            Pod::new("default", "client")
+                .on("n1")
+                .service_account("client"),
+        )
+        .pod(
+            Pod::new("default", "server")
+                .on("n2")
+                .service_account("server")
+                .labels([("app", "server")]),
+        )
+        .yaml("peerauthn.yaml", STRICT_YAML)
+}
+
 fn conns_for(nofile: u64, fds_per_conn: u64) -> u32 {
     u32::try_from(nofile.saturating_sub(FD_RESERVE) / fds_per_conn).unwrap_or(u32::MAX)
 }

@@ -28,12 +28,12 @@ use super::model::{DataPath, Metric, Quantile, Results, Side};
 use super::procstat::group_usage;
 use super::report::{fmt_spread, thousands};
 use super::run::{
-    first_success, say_line, World, CLIENT, CONN_WORKERS, EVERY_ATTEMPT, HTTP_PORT, MIB, SETTLE,
-    STRICT_YAML,
+    first_success, measured_pair, say_line, World, CLIENT, CONN_WORKERS, EVERY_ATTEMPT, HTTP_PORT,
+    MIB, SETTLE,
 };
 use super::signals::Stop;
 use super::stats::{percentiles_us, Spread};
-use crate::{Ambient, Mesh, Pod, Redirect, Service};
+use crate::{Mesh, Redirect, Service};
 
 /// The size every other is compared with: no pods besides the measured pair.
 pub const EMPTY: u32 = 0;
@@ -330,28 +330,13 @@ pub fn measure(
 
 /// The measured pair, a Service VIP selecting the server, and the model's extra `yaml`.
 fn topology(pods: u32, backend: Redirect, yaml: &[(String, String)]) -> crate::MeshBuilder {
-    let mut builder = Mesh::builder(&format!("bench-size-{pods}"))
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
-        .pod(
-            Pod::new("default", "server")
-                .on("n2")
-                .service_account("server")
-                .labels([("app", "server")]),
-        )
+    let mut builder = measured_pair(&format!("bench-size-{pods}"))
         .service(
             Service::new("default", "server-vip")
                 .vip(&VIP.to_string())
                 .named_port("http", VIP_PORT, HTTP_PORT)
                 .selector([("app", "server")]),
         )
-        .yaml("peerauthn.yaml", STRICT_YAML)
         .redirect(backend)
         .ready_timeout(READY_TIMEOUT);
     for (name, text) in yaml {

@@ -13,6 +13,7 @@
 //!   from (module `budget`).
 //! - [`tcp`]: keepalive and `TCP_USER_TIMEOUT` for every socket the mesh opens or accepts.
 //! - [`H2Stream`] is a tunnel end (`AsyncRead + AsyncWrite`), [`relay`] copies between two ends.
+//! - [`holding`] spawns a connection's future with its guards without storing it twice.
 //!
 //! This module never builds TLS configurations: it is handed a `rustls::ClientConfig` or an
 //! already-terminated stream, so it holds no keys.
@@ -32,6 +33,7 @@ mod pool;
 mod relay;
 mod server;
 mod stream;
+mod task;
 pub mod tcp;
 
 #[cfg(test)]
@@ -48,6 +50,7 @@ pub use server::{
     DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONTROL_FRAMES_PER_SEC, MAX_SEND_BUFFER,
 };
 pub use stream::H2Stream;
+pub use task::{holding, Holding};
 
 /// TCP port of the HBONE listener on every mesh workload.
 pub const HBONE_PORT: u16 = 15008;

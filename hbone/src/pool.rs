@@ -3,7 +3,10 @@
 //! Connections are pooled per [`PoolKey`] (source identity and IP, destination identity and
 //! address). A connection carries at most `max_streams_per_conn` streams (and never more than
 //! the peer's SETTINGS_MAX_CONCURRENT_STREAMS); when all are full another one is dialed.
-//! A connection closes after `idle_timeout` without streams, and one that failed or got a
+//! A connection closes after `idle_timeout` without streams, or after `spare_idle_timeout`
+//! while another connection to its key is open (a burst's extra connections do not outlive it
+//! by a minute: 10,000 tunnels take 100 connections, and one carries what follows); one that
+//! failed or got a
 //! GOAWAY is never handed out again. Concurrent callers that find no room wait for a dial
 //! already under way for their key instead of each dialing their own.
 //!
@@ -50,6 +53,8 @@ use mesh_model::identity::Identity;
 pub const DEFAULT_MAX_STREAMS_PER_CONN: u32 = 100;
 /// Default time a connection stays open without streams.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time a connection stays open without streams while its key has another one open.
+pub const DEFAULT_SPARE_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default bound on dial + TLS + HTTP/2 handshake + CONNECT response.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval between liveness PINGs on a pooled connection.
@@ -83,6 +88,8 @@ pub struct PoolConfig {
     pub max_streams_per_conn: u32,
     /// A connection without streams for this long is closed.
     pub idle_timeout: Duration,
+    /// ... or for this long (if shorter) while another connection to its key is open.
+    pub spare_idle_timeout: Duration,
     /// Bound on one `connect`: dial, TLS and HTTP/2 handshakes and the CONNECT response.
     pub connect_timeout: Duration,
     /// A PING goes out this often on every connection (`None`: never); a peer that does
@@ -109,6 +116,7 @@ impl Default for PoolConfig {
         PoolConfig {
             max_streams_per_conn: DEFAULT_MAX_STREAMS_PER_CONN,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            spare_idle_timeout: DEFAULT_SPARE_IDLE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             ping_interval: Some(DEFAULT_PING_INTERVAL),
             ping_timeout: DEFAULT_PING_TIMEOUT,
@@ -397,7 +405,10 @@ impl Pool {
                 state.clone(),
                 Arc::downgrade(&self.inner),
                 key.clone(),
-                cfg.idle_timeout,
+                IdleTimeouts {
+                    alone: cfg.idle_timeout,
+                    spare: cfg.spare_idle_timeout.min(cfg.idle_timeout),
+                },
                 liveness,
             )
             .instrument(span),
@@ -473,19 +484,41 @@ fn with_h2_alpn(tls: &Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {
     Arc::new(cfg)
 }
 
+/// How long a connection without streams stays open.
+#[derive(Clone, Copy)]
+struct IdleTimeouts {
+    /// As the only open connection to its key.
+    alone: Duration,
+    /// While its key has another open connection (never longer than `alone`).
+    spare: Duration,
+}
+
+/// What an idle connection's expiry check found.
+enum Expiry {
+    Expired,
+    /// It carries streams again.
+    Busy,
+    /// Idle, but not for long enough: look again then.
+    NotBefore(Instant),
+}
+
 /// Runs one client connection until it fails, the peer closes it, or it has been idle for
-/// `idle_timeout`; then takes it out of the pool.
+/// its timeout (see [`IdleTimeouts`]); then takes it out of the pool.
 async fn drive(
     conn: h2::client::Connection<TlsStream<TcpStream>, Bytes>,
     state: Arc<ConnState>,
     pool: Weak<PoolInner>,
     key: PoolKey,
-    idle_timeout: Duration,
+    timeouts: IdleTimeouts,
     mut liveness: Liveness,
 ) {
     tokio::pin!(conn);
+    // Set when the last check found it idle but the only connection to its key.
+    let mut not_before = None;
     let expired = loop {
-        let deadline = state.idle_deadline(idle_timeout);
+        let deadline = state
+            .idle_deadline(timeouts.spare)
+            .map(|d| not_before.map_or(d, |n: Instant| n.max(d)));
         tokio::select! {
             res = &mut conn => {
                 match res {
@@ -494,7 +527,7 @@ async fn drive(
                 }
                 break false;
             }
-            () = state.idle.notified() => {}
+            () = state.idle.notified() => not_before = None,
             res = liveness.check() => {
                 if let Err(e) = res {
                     // Dropping the connection below fails its streams at once.
@@ -503,10 +536,11 @@ async fn drive(
                 }
             }
             () = sleep_until_opt(deadline) => {
-                match pool.upgrade() {
-                    Some(pool) if pool.expire_if_idle(&key, &state, idle_timeout) => break true,
-                    Some(_) => {}
-                    None => break true,
+                let Some(pool) = pool.upgrade() else { break true };
+                match pool.expire_if_idle(&key, &state, timeouts) {
+                    Expiry::Expired => break true,
+                    Expiry::Busy => not_before = None,
+                    Expiry::NotBefore(t) => not_before = Some(t),
                 }
             }
         }
@@ -572,18 +606,32 @@ impl PoolInner {
         }))
     }
 
-    /// Removes the connection if it still has no streams and has been idle long enough.
-    /// Under the pool lock, so no caller can be reserving a stream on it meanwhile.
-    fn expire_if_idle(&self, key: &PoolKey, state: &ConnState, idle_timeout: Duration) -> bool {
+    /// Removes the connection if it still has no streams and has been idle long enough: the
+    /// spare timeout while its key has another open connection, else the full one. Under the
+    /// pool lock, so no caller can be reserving a stream on it meanwhile, and of several idle
+    /// connections to one key exactly one stays.
+    fn expire_if_idle(&self, key: &PoolKey, state: &ConnState, timeouts: IdleTimeouts) -> Expiry {
         let mut entries = self.lock();
-        if state.active.load(Ordering::Acquire) != 0
-            || state.last_activity() + idle_timeout > Instant::now()
-        {
-            return false;
+        if state.active.load(Ordering::Acquire) != 0 {
+            return Expiry::Busy;
+        }
+        let has_company = entries.get(key).is_some_and(|e| {
+            e.conns
+                .iter()
+                .any(|c| c.state.id != state.id && !c.state.closed.load(Ordering::Acquire))
+        });
+        let timeout = if has_company {
+            timeouts.spare
+        } else {
+            timeouts.alone
+        };
+        let at = state.last_activity() + timeout;
+        if at > Instant::now() {
+            return Expiry::NotBefore(at);
         }
         state.closed.store(true, Ordering::Release);
         Self::remove_locked(&mut entries, key, state.id);
-        true
+        Expiry::Expired
     }
 
     fn remove(&self, key: &PoolKey, id: u64) {

@@ -5,7 +5,7 @@
 //! write, and sends what a socket read filled as the DATA payload, without copying either
 //! (see [`RelayIo`]). A plain socket reads into memory it does not zero first.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -158,18 +158,22 @@ relay_io_via_async!(
 /// flowing. `on_bytes` runs as bytes are written, so metrics move on live connections.
 /// Returns (bytes a→b, bytes b→a); an error in either direction ends both (the streams are
 /// dropped, which resets them).
-pub async fn relay<A, B>(
+///
+/// A plain function returning a future (not an `async fn`, whose arguments would be stored
+/// twice in its state): every open tunnel holds this future for its whole life.
+pub fn relay<A, B, F>(
     mut a: A,
     mut b: B,
-    mut on_bytes: impl FnMut(Direction, u64),
-) -> io::Result<(u64, u64)>
+    mut on_bytes: F,
+) -> impl Future<Output = io::Result<(u64, u64)>>
 where
     A: RelayIo,
     B: RelayIo,
+    F: FnMut(Direction, u64),
 {
     let mut a_to_b = Pipe::new(Direction::AToB);
     let mut b_to_a = Pipe::new(Direction::BToA);
-    poll_fn(|cx| {
+    poll_fn(move |cx| {
         let ab = a_to_b.poll_copy(cx, &mut a, &mut b, &mut on_bytes)?;
         let ba = b_to_a.poll_copy(cx, &mut b, &mut a, &mut on_bytes)?;
         match (ab, ba) {
@@ -177,7 +181,6 @@ where
             _ => Poll::Pending,
         }
     })
-    .await
 }
 
 /// One direction's copy state.

@@ -308,8 +308,8 @@ where
             }
             let (parts, body) = req.into_parts();
             // Child of the caller's connection span (pod, peer), so the handler's logs carry
-            // both.
-            let span = tracing::info_span!(
+            // both. Debug level, like the connection's: no per-stream span at info.
+            let span = tracing::debug_span!(
                 parent: tracing::Span::current(),
                 "hbone_stream",
                 id = %respond.stream_id().as_u32(),
@@ -330,13 +330,7 @@ where
                 _window: window.clone(),
             };
             let handled = handler(req);
-            tokio::spawn(
-                async move {
-                    let _stream = stream;
-                    handled.await
-                }
-                .instrument(span),
-            );
+            tokio::spawn(crate::holding(handled, stream).instrument(span));
         }
     };
     match (result, tripped.get()) {

@@ -5,7 +5,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::{Method, StatusCode};
@@ -889,6 +889,70 @@ async fn an_idle_connection_is_closed() {
     let end = server.connection_end().await;
     assert!(end.is_ok(), "clean close expected: {end:?}");
     assert_eq!(pool.stats(), PoolStats::default());
+}
+
+#[tokio::test]
+async fn of_idle_connections_to_one_key_the_spares_close_soon_and_one_stays() {
+    let (pki, mut server) = echo_server().await;
+    let spare = Duration::from_millis(200);
+    let pool = Pool::new(PoolConfig {
+        max_streams_per_conn: 1,
+        idle_timeout: Duration::from_secs(3600),
+        spare_idle_timeout: spare,
+        ..PoolConfig::default()
+    });
+    let dialer = Dialer::new(server.addr);
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        let mut t = pool
+            .connect(
+                key(server.addr),
+                pki.client.clone(),
+                dialer.dial(),
+                request(),
+            )
+            .await
+            .unwrap();
+        ping(&mut t).await;
+        tunnels.push(t);
+    }
+    assert_eq!(dialer.dials(), 3);
+    let closed_at = Instant::now();
+    drop(tunnels);
+    info!("two of the three close after the spare timeout (GOAWAY, then EOF)");
+    for _ in 0..2 {
+        let end = server.connection_end().await;
+        assert!(end.is_ok(), "clean close expected: {end:?}");
+    }
+    let took = closed_at.elapsed();
+    assert!(
+        took >= spare - Duration::from_millis(50),
+        "closed after {took:?}"
+    );
+    assert!(
+        took < spare + Duration::from_secs(2),
+        "closed after {took:?}"
+    );
+    info!("the last one stays for the full idle timeout, and carries the next tunnel");
+    tokio::time::sleep(spare * 3).await;
+    assert_eq!(
+        pool.stats(),
+        PoolStats {
+            connections: 1,
+            streams: 0
+        }
+    );
+    let mut again = pool
+        .connect(
+            key(server.addr),
+            pki.client.clone(),
+            dialer.dial(),
+            request(),
+        )
+        .await
+        .unwrap();
+    ping(&mut again).await;
+    assert_eq!(dialer.dials(), 3);
 }
 
 #[tokio::test]

@@ -64,6 +64,11 @@ impl NamespacedName {
             name: name.into(),
         }
     }
+
+    /// (namespace, name), borrowed.
+    pub fn parts(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
 }
 
 impl std::fmt::Display for NamespacedName {

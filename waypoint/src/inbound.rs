@@ -134,7 +134,8 @@ impl Inbound {
             if let Err(e) = keepalive.apply(&tcp) {
                 tracing::debug!(error = %e, "tcp keepalive");
             }
-            let span = tracing::info_span!("conn", peer = %peer);
+            // Debug level: no per-connection span at info (the access log names the peer).
+            let span = tracing::debug_span!("conn", peer = %peer);
             let guard = active.enter();
             let (tls, inputs, hbone) = (tls.clone(), inputs.clone(), hbone.clone());
             let handshake_cap = handshake_cap.clone();

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
+    accept_loop, inbound_labels, record_refusal, relay_counted, AccessLog, PodCtx, ProxyInputs,
     ResponseFlag,
 };
 use crate::config::RESERVED_PORTS;
@@ -54,18 +54,9 @@ pub(crate) async fn handle_conn(
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.server_tls.clone());
     let refuse = |reason: String| {
         let model = pi.model.load();
-        let labels = LabelInputs {
-            reporter: REPORTER,
-            src_pod: model.workload_by_ip(peer.ip()),
-            src_identity: None,
-            dst_pod: model.pod(&pod.key.namespace, &pod.key.name),
-            dst_identity: Some(&pod.identity),
-            service: None,
-            flag: None,
-            mtls: false,
-        };
+        let labels = inbound_labels(&model, &pod, peer, None);
         let log = AccessLog::new("inbound", peer, local, Instant::now())
-            .to(Some(&pod.key), Some(&pod.identity));
+            .to(Some(pod.key.parts()), Some(&pod.identity));
         record_refusal(&pi, labels, log, ResponseFlag::Tls, reason);
     };
     // Over the cap on handshakes in progress: closed at once, never queued.
@@ -145,85 +136,83 @@ fn check_connect(
     Ok(dst)
 }
 
-pub(crate) async fn handle_stream(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+pub(crate) fn handle_stream(
     req: InboundRequest,
     peer: SocketAddr,
     local: SocketAddr,
     peer_id: Arc<Identity>,
     pod: Arc<PodCtx>,
     pi: Arc<ProxyInputs>,
-) {
-    let model = pi.model.load_full();
-    let mut log = AccessLog::new("inbound", peer, local, Instant::now())
-        .from(Some(&peer_id))
-        .to(Some(&pod.key), Some(&pod.identity));
-    let labels = LabelInputs {
-        reporter: REPORTER,
-        src_pod: model.workload_by_ip(peer.ip()),
-        src_identity: Some(&peer_id),
-        dst_pod: model.pod(&pod.key.namespace, &pod.key.name),
-        dst_identity: Some(&pod.identity),
-        service: None,
-        flag: None,
-        mtls: true,
-    };
-    let refuse = |req: InboundRequest, log, (status, flag, reason)| {
-        req.reject(status);
-        record_refusal(&pi, labels, log, flag, reason);
-    };
+) -> impl std::future::Future<Output = ()> + Send {
+    // An `async` block, not an `async fn` (whose arguments take room twice), and what only
+    // opening the stream needs is scoped to the inner block: this future is held for the
+    // tunnel's whole life (`sizes.rs`).
+    async move {
+        let model = pi.model.load_full();
+        let cancel = CancellationToken::new();
+        let (relay, _tracked, _flow) = {
+            let mut log = AccessLog::new("inbound", peer, local, Instant::now())
+                .from(Some(&peer_id))
+                .to(Some(pod.key.parts()), Some(&pod.identity));
+            let labels = inbound_labels(&model, &pod, peer, Some(&peer_id));
+            let refuse = |req: InboundRequest, log, (status, flag, reason)| {
+                req.reject(status);
+                record_refusal(&pi, labels, log, flag, reason);
+            };
 
-    let dst = match check_connect(&req, &pod) {
-        Ok(dst) => dst,
-        Err(refusal) => return refuse(req, log, refusal),
-    };
-    log.dst = dst;
-    let admission = Admission {
-        pod: pod.key.clone(),
-        request: L4Request {
-            src_identity: Some((*peer_id).clone()),
-            src_ip: peer.ip(),
-            dst_ip: dst.ip(),
-            dst_port: dst.port(),
-        },
-        mtls: true,
-    };
-    if let Err(why) = admit(&model, &admission) {
-        let status = match why {
-            crate::conns::NotAllowed::PodGone => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::UNAUTHORIZED,
+            let dst = match check_connect(&req, &pod) {
+                Ok(dst) => dst,
+                Err(refusal) => return refuse(req, log, refusal),
+            };
+            log.dst = dst;
+            let admission = Admission {
+                pod: pod.key.clone(),
+                request: L4Request {
+                    src_identity: Some((*peer_id).clone()),
+                    src_ip: peer.ip(),
+                    dst_ip: dst.ip(),
+                    dst_port: dst.port(),
+                },
+                mtls: true,
+            };
+            if let Err(why) = admit(&model, &admission) {
+                let status = match why {
+                    crate::conns::NotAllowed::PodGone => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::UNAUTHORIZED,
+                };
+                return refuse(req, log, (status, why.flag(), why.to_string()));
+            }
+            let tracked = pi.conns.register(TrackedConn {
+                admission,
+                cancel: cancel.clone(),
+            });
+            // Boxed: the dial's state is over once the application's socket is connected.
+            let (app, flow) = match Box::pin(pod.deliver(&pi, dst, peer.ip())).await {
+                Ok(x) => x,
+                Err(e) => {
+                    let refusal = (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ResponseFlag::UpstreamFailure,
+                        e.to_string(),
+                    );
+                    return refuse(req, log, refusal);
+                }
+            };
+            let tunnel = match req.accept() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client went away before the tunnel opened");
+                    return;
+                }
+            };
+            let labels = pi.metrics.intern(labels.build());
+            let relay = relay_counted(tunnel, app, &pi, labels, Some(&cancel), log);
+            (relay, tracked, flow)
         };
-        return refuse(req, log, (status, why.flag(), why.to_string()));
+        relay.await
     }
-    let cancel = CancellationToken::new();
-    let _tracked = pi.conns.register(TrackedConn {
-        admission,
-        cancel: cancel.clone(),
-    });
-    let (app, _flow) = match pod.deliver(&pi, dst, peer.ip()).await {
-        Ok(x) => x,
-        Err(e) => {
-            let refusal = (
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlag::UpstreamFailure,
-                e.to_string(),
-            );
-            return refuse(req, log, refusal);
-        }
-    };
-    let tunnel = match req.accept() {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::debug!(error = %e, "client went away before the tunnel opened");
-            return;
-        }
-    };
-    relay_counted(
-        tunnel,
-        app,
-        &pi,
-        pi.metrics.intern(labels.build()),
-        Some(&cancel),
-        log,
-    )
-    .await;
 }

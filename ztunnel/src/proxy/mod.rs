@@ -316,13 +316,31 @@ pub struct AccessLog<'a> {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub src_identity: Option<&'a Identity>,
-    pub dst_identity: Option<&'a Identity>,
-    pub dst_workload: Option<&'a NamespacedName>,
+    pub dst_identity: Option<LoggedIdentity<'a>>,
+    /// The destination workload's namespace and name.
+    pub dst_workload: Option<(&'a str, &'a str)>,
     pub flag: Option<ResponseFlag>,
     pub reason: Option<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub started: Instant,
+}
+
+/// An identity an access log names: borrowed from the model or the pod, or an outbound hop's
+/// own (computed per connection; boxed, so that every log, and every connection's future
+/// that holds one, stays small).
+pub enum LoggedIdentity<'a> {
+    Borrowed(&'a Identity),
+    Owned(Box<Identity>),
+}
+
+impl LoggedIdentity<'_> {
+    pub fn get(&self) -> &Identity {
+        match self {
+            LoggedIdentity::Borrowed(i) => i,
+            LoggedIdentity::Owned(i) => i,
+        }
+    }
 }
 
 impl<'a> AccessLog<'a> {
@@ -354,18 +372,18 @@ impl<'a> AccessLog<'a> {
 
     pub fn to(
         mut self,
-        workload: Option<&'a NamespacedName>,
+        workload: Option<(&'a str, &'a str)>,
         identity: Option<&'a Identity>,
     ) -> Self {
         self.dst_workload = workload;
-        self.dst_identity = identity;
+        self.dst_identity = identity.map(LoggedIdentity::Borrowed);
         self
     }
 
     pub fn emit(&self) {
         let src_id = self.src_identity.map(|i| i.to_string());
-        let dst_id = self.dst_identity.map(|i| i.to_string());
-        let dst_wl = self.dst_workload.map(|w| w.to_string());
+        let dst_id = self.dst_identity.as_ref().map(|i| i.get().to_string());
+        let dst_wl = self.dst_workload.map(|(ns, name)| format!("{ns}/{name}"));
         tracing::info!(
             target: "access",
             direction = self.direction,
@@ -386,18 +404,29 @@ impl<'a> AccessLog<'a> {
 
 // === shared by the three listeners ===
 
-/// Accepts until `stop`; each connection runs in its own task inside a span naming the
-/// listener, pod and peer, counted in the pod's and the agent's open connections (`open`,
-/// what shutdown drains) until it ends. Accept errors back off while the process is out of
-/// descriptors (EMFILE...) and serving resumes when some are freed (`mesh_shell::accept`). A
-/// connection over the process's or the pod's connection cap is closed at once and counted
-/// (flag OM); the others get TCP keepalive and `TCP_USER_TIMEOUT`.
 /// How long a released pod's outbound listener stays open after the last connection it
 /// accepted. Segments held while the capture stopped (`redirect::ebpf`) include the final
 /// ACK of handshakes then under way: those complete when the application retransmits
 /// (200 ms and up) or answers the listener's SYN-ACK retransmitted after 1 s.
 const RELEASE_DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(1500);
 
+/// What `accept_loop` spawns for one connection: its future, the guards it holds for its life
+/// and its span. Built without an `async` block, which would store `conn` twice (see
+/// [`mesh_hbone::holding`]); `sizes.rs` measures this, not just `conn`.
+pub(crate) fn connection_task<Fut: Future<Output = ()>, H>(
+    conn: Fut,
+    held: H,
+    span: tracing::Span,
+) -> tracing::instrument::Instrumented<mesh_hbone::Holding<Fut, H>> {
+    mesh_hbone::holding(conn, held).instrument(span)
+}
+
+/// Accepts until `stop`; each connection runs in its own task inside a (debug-level) span
+/// naming the listener, pod and peer, counted in the pod's and the agent's open connections
+/// (`open`, what shutdown drains) until it ends. Accept errors back off while the process is
+/// out of descriptors (EMFILE...) and serving resumes when some are freed
+/// (`mesh_shell::accept`). A connection over the process's or the pod's connection cap is
+/// closed at once and counted (flag OM); the others get TCP keepalive and `TCP_USER_TIMEOUT`.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     stop: CancellationToken,
@@ -426,16 +455,17 @@ pub(crate) async fn accept_loop<F, Fut>(
         if let Err(e) = keepalive.apply(&tcp) {
             tracing::debug!(error = %e, "tcp keepalive");
         }
-        let span = tracing::info_span!("conn", listener = kind, pod = %pod.key, peer = %peer);
+        // Debug level: at the default (info) a connection gets no span, which would cost
+        // ~0.4 KiB while it is open and stay in tracing's slab after; its access log line
+        // names the pod and the peer by itself.
+        let span = tracing::debug_span!("conn", listener = kind, pod = %pod.key, peer = %peer);
         let active = (pod.active.enter(), pi.open.enter());
         let conn = handle(tcp, peer);
-        tokio::spawn(
-            async move {
-                let _held = (active, process_slot, pod_slot);
-                conn.await
-            }
-            .instrument(span),
-        );
+        tokio::spawn(connection_task(
+            conn,
+            (active, process_slot, pod_slot),
+            span,
+        ));
     };
     let mut accept = || listener.accept();
     mesh_shell::accept::serve(kind, &mut accept, &accepted, stop).await;
@@ -505,6 +535,15 @@ pub(crate) struct Accepted {
     pub pi: Arc<ProxyInputs>,
 }
 
+impl Accepted {
+    /// Out of its box, which is freed now (destructuring `*boxed` in an async fn keeps the
+    /// allocation until the end of the function: the connection's life).
+    #[allow(clippy::boxed_local, reason = "the point is to free the box")]
+    pub(crate) fn into_inner(self: Box<Self>) -> Accepted {
+        *self
+    }
+}
+
 /// Where a connection was going (see [`with_original_dst`]), as one awaitable step.
 pub(crate) async fn original_dst(
     tcp: &mut TcpStream,
@@ -530,6 +569,26 @@ fn socks5_dst<'a>(
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// The labels of a connection into `pod` (reporter `destination`) from `peer`, mTLS when the
+/// peer presented `src_identity`.
+pub(crate) fn inbound_labels<'a>(
+    model: &'a Model,
+    pod: &'a PodCtx,
+    peer: SocketAddr,
+    src_identity: Option<&'a Identity>,
+) -> LabelInputs<'a> {
+    LabelInputs {
+        reporter: "destination",
+        src_pod: model.workload_by_ip(peer.ip()),
+        src_identity,
+        dst_pod: model.pod(&pod.key.namespace, &pod.key.name),
+        dst_identity: Some(&pod.identity),
+        service: None,
+        flag: None,
+        mtls: src_identity.is_some(),
+    }
 }
 
 /// Logs and counts a refused connection (one flag per cause).
@@ -563,48 +622,81 @@ pub(crate) fn record_refusal(
 ///
 /// `labels` is the interned label set ([`mesh_telemetry::Metrics::intern`]): an open
 /// connection holds one pointer to it, not its own copy of the 23 strings.
-pub(crate) async fn relay_counted<A, B>(
+pub(crate) fn relay_counted<'a, A, B>(
     down: A,
     up: B,
-    pi: &ProxyInputs,
+    pi: &'a ProxyInputs,
     labels: Arc<TcpLabels>,
-    cancel: Option<&CancellationToken>,
-    mut log: AccessLog<'_>,
-) where
-    A: mesh_hbone::RelayIo,
-    B: mesh_hbone::RelayIo,
+    cancel: Option<&'a CancellationToken>,
+    mut log: AccessLog<'a>,
+) -> impl Future<Output = ()> + Send + 'a
+where
+    A: mesh_hbone::RelayIo + Send + 'a,
+    B: mesh_hbone::RelayIo + Send + 'a,
 {
     pi.metrics.tcp_opened(&labels);
     let counters = pi.metrics.tcp_counters(&labels);
-    // Totals for the access log, also when a revocation cuts the relay short.
-    let (rx, tx) = (AtomicU64::new(0), AtomicU64::new(0));
-    let relay = mesh_hbone::relay(down, up, |dir, n| match dir {
+    // Totals for the access log, also when a revocation cuts the relay short. Shared with the
+    // relay's callback (an `Arc`: the relay future is built here, outside the `async` block,
+    // which would otherwise hold `down` and `up` twice, as captures and inside the relay).
+    let totals = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let counted = totals.clone();
+    let relay = mesh_hbone::relay(down, up, move |dir, n| match dir {
         mesh_hbone::Direction::AToB => {
             counters.received(n);
-            rx.fetch_add(n, Ordering::Relaxed);
+            counted.0.fetch_add(n, Ordering::Relaxed);
         }
         mesh_hbone::Direction::BToA => {
             counters.sent(n);
-            tx.fetch_add(n, Ordering::Relaxed);
+            counted.1.fetch_add(n, Ordering::Relaxed);
         }
     });
-    let revoked = async {
-        match cancel {
-            Some(c) => c.cancelled().await,
-            None => std::future::pending().await,
-        }
+    // Combinators, not `async`: an `async fn` stores its arguments twice, and an `async`
+    // block that awaits a future it captured stores that future twice; this future is held
+    // for the connection's whole life (`sizes.rs`).
+    let revocable = Revocable {
+        relay,
+        revoked: cancel.map(CancellationToken::cancelled),
     };
-    tokio::select! {
-        r = relay => if let Err(e) = r {
-            tracing::debug!(error = %e, "relay ended with an error");
-        },
-        _ = revoked => {
-            log.flag = Some(ResponseFlag::Revoked);
-            log.reason = Some("no longer allowed by policy".to_string());
+    futures::FutureExt::map(revocable, move |outcome| {
+        match outcome {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => tracing::debug!(error = %e, "relay ended with an error"),
+            None => {
+                log.flag = Some(ResponseFlag::Revoked);
+                log.reason = Some("no longer allowed by policy".to_string());
+            }
         }
+        pi.metrics.tcp_closed(&labels);
+        log.bytes_received = totals.0.load(Ordering::Relaxed);
+        log.bytes_sent = totals.1.load(Ordering::Relaxed);
+        log.emit();
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// A relay that ends early (`None`) when `revoked` fires.
+    struct Revocable<'a, F> {
+        #[pin]
+        relay: F,
+        #[pin]
+        revoked: Option<tokio_util::sync::WaitForCancellationFuture<'a>>,
     }
-    pi.metrics.tcp_closed(&labels);
-    log.bytes_received = rx.load(Ordering::Relaxed);
-    log.bytes_sent = tx.load(Ordering::Relaxed);
-    log.emit();
+}
+
+impl<F: Future> Future for Revocable<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let Some(revoked) = this.revoked.as_pin_mut() {
+            if revoked.poll(cx).is_ready() {
+                return std::task::Poll::Ready(None);
+            }
+        }
+        this.relay.poll(cx).map(Some)
+    }
 }

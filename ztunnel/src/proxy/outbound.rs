@@ -21,12 +21,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, PodCtx, ProxyInputs,
-    ResponseFlag,
+    accept_loop, record_refusal, relay_counted, AccessLog, LabelInputs, LoggedIdentity, PodCtx,
+    ProxyInputs, ResponseFlag,
 };
 use super::{with_original_dst, Accepted};
 use crate::config::{HBONE_PORT, RESERVED_PORTS};
 use crate::socket;
+use mesh_telemetry::TcpLabels;
 
 const REPORTER: &str = "source";
 
@@ -64,6 +65,16 @@ enum Hop<'a> {
         /// `:authority`: the original destination.
         authority: SocketAddr,
     },
+}
+
+impl Hop<'_> {
+    /// The identity an mTLS hop expects.
+    fn into_identity(self) -> Option<Identity> {
+        match self {
+            Hop::Hbone { identity, .. } | Hop::Waypoint { identity, .. } => Some(identity),
+            Hop::Plain { .. } => None,
+        }
+    }
 }
 
 /// Why no hop could be planned.
@@ -177,36 +188,116 @@ async fn serve(accepted: Box<Accepted>) {
         peer,
         pod,
         pi,
-    } = *accepted;
+    } = accepted.into_inner();
     let model = pi.model.load_full();
-    let mut log = AccessLog::new("outbound", peer, peer, Instant::now()).from(Some(&pod.identity));
-    let labels = LabelInputs {
-        reporter: REPORTER,
-        src_pod: model.pod(&pod.key.namespace, &pod.key.name),
-        src_identity: Some(&pod.identity),
-        dst_pod: None,
-        dst_identity: None,
-        service: None,
-        flag: None,
-        mtls: false,
-    };
-    let refuse = |labels, log, flag, reason| record_refusal(&pi, labels, log, flag, reason);
-
-    let dst = match dst {
-        Ok(d) => d,
-        Err(e) => {
-            let reason = format!("original destination: {e}");
-            return refuse(labels, log, ResponseFlag::NoOriginalDst, reason);
-        }
-    };
-    log.dst = dst;
     let _flow = pod.track_flow(peer, tcp.local_addr());
-    // A connection made straight to 127.0.0.1:15001 (not redirected) would loop forever.
+    // Built in a block so that only what the relay needs outlives it: the block's locals
+    // (labels, log, the plan) would otherwise keep their room in this future, which every
+    // connection carries for its whole life (`sizes.rs`).
+    let relay = {
+        let log = AccessLog::new("outbound", peer, peer, Instant::now()).from(Some(&pod.identity));
+        let labels = LabelInputs {
+            reporter: REPORTER,
+            src_pod: model.pod(&pod.key.namespace, &pod.key.name),
+            src_identity: Some(&pod.identity),
+            dst_pod: None,
+            dst_identity: None,
+            service: None,
+            flag: None,
+            mtls: false,
+        };
+        let dst = match dst {
+            Ok(d) => d,
+            Err(e) => {
+                let reason = format!("original destination: {e}");
+                return record_refusal(&pi, labels, log, ResponseFlag::NoOriginalDst, reason);
+            }
+        };
+        // Boxed: planning and dialing hold far more state than the relay and are over once
+        // the upstream is open.
+        let opened = Box::pin(open_upstream(&model, &pi, &pod, dst, labels, log)).await;
+        let Some((up, labels, log)) = opened else {
+            return;
+        };
+        relay_counted(tcp, up, &pi, labels, None, log)
+    };
+    relay.await
+}
+
+/// An opened upstream: a tunnel (to the destination's agent or its waypoint) or a plain
+/// socket (a destination outside the mesh). One type, so `serve` holds one relay state.
+enum Upstream {
+    Hbone(hbone::H2Stream),
+    Plain(TcpStream),
+}
+
+impl hbone::RelayIo for Upstream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        scratch: &mut bytes::BytesMut,
+    ) -> std::task::Poll<std::io::Result<Option<bytes::Bytes>>> {
+        match self {
+            Upstream::Hbone(s) => s.poll_read_chunk(cx, scratch),
+            Upstream::Plain(s) => s.poll_read_chunk(cx, scratch),
+        }
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        chunk: &mut bytes::Bytes,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self {
+            Upstream::Hbone(s) => s.poll_write_chunk(cx, chunk),
+            Upstream::Plain(s) => s.poll_write_chunk(cx, chunk),
+        }
+    }
+
+    fn poll_flush_io(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self {
+            Upstream::Hbone(s) => s.poll_flush_io(cx),
+            Upstream::Plain(s) => s.poll_flush_io(cx),
+        }
+    }
+
+    fn poll_shutdown_io(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self {
+            Upstream::Hbone(s) => s.poll_shutdown_io(cx),
+            Upstream::Plain(s) => s.poll_shutdown_io(cx),
+        }
+    }
+}
+
+/// The first candidate hop for `dst` that opens, with the labels and access log of the
+/// relay over it; `None` when none does (refused, counted and logged here).
+///
+/// Before dialing, the loopback check: a connection made straight to 127.0.0.1:15001 (not
+/// redirected) would loop forever.
+async fn open_upstream<'a>(
+    model: &'a Model,
+    pi: &ProxyInputs,
+    pod: &'a PodCtx,
+    dst: SocketAddr,
+    labels: LabelInputs<'a>,
+    mut log: AccessLog<'a>,
+) -> Option<(Upstream, Arc<TcpLabels>, AccessLog<'a>)> {
+    log.dst = dst;
+    let refuse = |labels, log, flag, reason| {
+        record_refusal(pi, labels, log, flag, reason);
+        None
+    };
     if dst.ip().is_loopback() && RESERVED_PORTS.contains(&dst.port()) {
         let reason = format!("{dst} is the agent itself");
         return refuse(labels, log, ResponseFlag::Loop, reason);
     }
-    let (svc, hops) = match plan(&model, &pi, &pod, dst) {
+    let (svc, mut hops) = match plan(model, pi, pod, dst) {
         Ok(p) => p,
         Err((flag, reason)) => return refuse(labels, log, flag, reason),
     };
@@ -217,7 +308,7 @@ async fn serve(accepted: Box<Accepted>) {
 
     // Try each candidate in turn; the labels of a refusal name the last one tried.
     let mut failure = (labels, ResponseFlag::UpstreamFailure, String::new());
-    for hop in &hops {
+    for (i, hop) in hops.iter().enumerate() {
         match hop {
             Hop::Hbone {
                 pod: dst_pod,
@@ -235,23 +326,17 @@ async fn serve(accepted: Box<Accepted>) {
                 if let Err(e) = pi.certs.certified_key(&pod.identity) {
                     return refuse(labels, log, ResponseFlag::Tls, e.to_string());
                 }
-                // Boxed: the dial + handshake state is large and only needed until the tunnel
-                // opens; inline it would be carried by every connection for its whole life.
                 let hbone = SocketAddr::new(target.ip(), HBONE_PORT);
-                match Box::pin(open_hbone(&pi, &pod, identity, hbone, *target, svc)).await {
+                match open_hbone(pi, pod, identity, hbone, *target, svc).await {
                     Ok(tunnel) => {
-                        let key = NamespacedName::new(&dst_pod.namespace, &dst_pod.name);
-                        let mut log = log.to(Some(&key), Some(identity));
+                        let labels = pi.metrics.intern(labels.build());
                         log.dst = *target;
-                        return relay_counted(
-                            tcp,
-                            tunnel,
-                            &pi,
-                            pi.metrics.intern(labels.build()),
-                            None,
-                            log,
-                        )
-                        .await;
+                        log.dst_workload = Some((&dst_pod.namespace, &dst_pod.name));
+                        log.dst_identity = hops
+                            .swap_remove(i)
+                            .into_identity()
+                            .map(|i| LoggedIdentity::Owned(Box::new(i)));
+                        return Some((Upstream::Hbone(tunnel), labels, log));
                     }
                     Err(e) => {
                         let denied = matches!(&e, HboneError::Status(s) if s.as_u16() == 401);
@@ -279,20 +364,16 @@ async fn serve(accepted: Box<Accepted>) {
                     ..labels
                 };
                 let hbone = SocketAddr::new(*ip, HBONE_PORT);
-                match Box::pin(open_hbone(&pi, &pod, identity, hbone, *authority, svc)).await {
+                match open_hbone(pi, pod, identity, hbone, *authority, svc).await {
                     Ok(tunnel) => {
-                        let key = wp_pod.map(|p| NamespacedName::new(&p.namespace, &p.name));
-                        let mut log = log.to(key.as_ref(), Some(identity));
+                        let labels = pi.metrics.intern(labels.build());
                         log.dst = hbone;
-                        return relay_counted(
-                            tcp,
-                            tunnel,
-                            &pi,
-                            pi.metrics.intern(labels.build()),
-                            None,
-                            log,
-                        )
-                        .await;
+                        log.dst_workload = wp_pod.map(|p| (p.namespace.as_str(), p.name.as_str()));
+                        log.dst_identity = hops
+                            .swap_remove(i)
+                            .into_identity()
+                            .map(|i| LoggedIdentity::Owned(Box::new(i)));
+                        return Some((Upstream::Hbone(tunnel), labels, log));
                     }
                     Err(e) => {
                         let denied = matches!(&e, HboneError::Status(s) if s.as_u16() == 401);
@@ -323,16 +404,9 @@ async fn serve(accepted: Box<Accepted>) {
                 .await
                 {
                     Ok(up) => {
+                        let labels = pi.metrics.intern(labels.build());
                         log.dst = *target;
-                        return relay_counted(
-                            tcp,
-                            up,
-                            &pi,
-                            pi.metrics.intern(labels.build()),
-                            None,
-                            log,
-                        )
-                        .await;
+                        return Some((Upstream::Plain(up), labels, log));
                     }
                     Err(e) => failure = (labels, ResponseFlag::UpstreamFailure, e.to_string()),
                 }
@@ -340,7 +414,7 @@ async fn serve(accepted: Box<Accepted>) {
         }
     }
     let (labels, flag, reason) = failure;
-    refuse(labels, log, flag, reason);
+    refuse(labels, log, flag, reason)
 }
 
 /// A CONNECT to `target` (the `:authority`) over HBONE to `hbone_addr`, whose certificate

@@ -18,27 +18,38 @@ use mesh_telemetry::Metrics;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{inbound, inbound_passthrough, outbound, CaptureSlot, PodCtx, ProxyInputs};
+use super::{
+    connection_task, inbound, inbound_passthrough, outbound, CaptureSlot, PodCtx, ProxyInputs,
+};
 use crate::config::{Args, Config};
 use crate::conns::ConnTracker;
 use crate::netns::Netns;
 use crate::netns_source::PodNetnsSource;
 
 // Budgets in bytes, as `cargo test` builds (debug; a release build's futures are smaller, so
-// these hold there too). Measured: outbound 2,464, inbound connection 8,768 (8,440 before
-// the HTTP/2 frame guard and PING liveness), inbound stream 2,240, passthrough 1,504
-// (release: 2,432 / 8,392 / 2,216 / 1,448). The outbound one is what
-// every idle tunnelled connection costs the client-side agent: a destination passed as an
-// argument (+72 bytes) cost 1 KiB per idle connection in `mesh-bench --memory`.
+// these hold there too). Measured: outbound 840 as spawned (with its guards and span),
+// inbound connection 8,704, inbound stream 1,056, passthrough 752. The outbound one is what
+// every idle tunnelled connection costs the client-side agent, the stream one the server side.
+//
+// How they got there (2,616 / 2,344 / 1,504 before; heaptrack on `mesh-bench --memory 10000`
+// found 5,367 bytes per outbound task, twice what this test then measured):
+// - an `async` block that awaits a future it captured stores that future twice (the capture
+//   and the awaited copy): tasks are spawned with `mesh_hbone::holding`, the relay and its
+//   revocation are combinators (`Revocable`, `FutureExt::map`);
+// - an `async fn` stores its arguments twice (moved into locals): the per-connection
+//   functions return an `async` block instead (`relay_counted`, `mesh_hbone::relay`,
+//   `inbound::handle_stream`);
+// - a local that lives to the end of its scope keeps its room even when moved out: what
+//   only opening the upstream needs is scoped to a block, and the dials are boxed.
 
 /// The task behind one captured outbound connection (15001), for its whole life.
-const OUTBOUND_LIMIT: usize = 2_600;
+const OUTBOUND_LIMIT: usize = 1_000;
 /// One inbound HBONE connection (15008): TLS + HTTP/2, shared by up to 1,000 streams.
 const INBOUND_CONN_LIMIT: usize = 8_800;
 /// One CONNECT stream on an inbound HBONE connection: one per tunneled connection.
-const INBOUND_STREAM_LIMIT: usize = 2_400;
+const INBOUND_STREAM_LIMIT: usize = 1_200;
 /// One plaintext inbound connection (15006).
-const PASSTHROUGH_LIMIT: usize = 1_700;
+const PASSTHROUGH_LIMIT: usize = 900;
 
 fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
     let ca = mesh_pki::ca::Ca::ephemeral("cluster.local").expect("ephemeral ca");
@@ -113,7 +124,10 @@ fn check(what: &str, size: usize, limit: usize) {
 async fn outbound_connection_future_stays_small() {
     let (pi, pod) = inputs();
     let (tcp, peer) = accepted().await;
-    let fut = outbound::handle(tcp, peer, pod, pi);
+    // What `accept_loop` spawns: the handler's future, its guards and its span.
+    let held = (pod.active.enter(), pi.open.enter());
+    let span = tracing::info_span!("conn");
+    let fut = connection_task(outbound::handle(tcp, peer, pod, pi), held, span);
     check("outbound", std::mem::size_of_val(&fut), OUTBOUND_LIMIT);
 }
 

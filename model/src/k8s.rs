@@ -205,6 +205,40 @@ pub fn dir_fingerprint(dir: &Path) -> std::io::Result<u64> {
     Ok(hasher.finish())
 }
 
+/// What `stat` says of one config file: name, device and inode (a ConfigMap update or an
+/// atomic rename makes a new file), size, and change and modification times.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    name: String,
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// The [`FileStamp`]s of the files [`load_dir`] would read, in its order: a watcher reads and
+/// hashes the files ([`dir_fingerprint`]) only when these changed. File times come from a
+/// coarse clock (a few ms), so a same-size rewrite within one tick keeps its stamp: the
+/// watcher also compares contents now and then.
+pub fn dir_stamp(dir: &Path) -> std::io::Result<Vec<FileStamp>> {
+    use std::os::unix::fs::MetadataExt;
+    config_files(dir)?
+        .into_iter()
+        .map(|path| {
+            let m = std::fs::metadata(&path)?;
+            Ok(FileStamp {
+                name: file_name(&path),
+                dev: m.dev(),
+                ino: m.ino(),
+                len: m.len(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                ctime: (m.ctime(), m.ctime_nsec()),
+            })
+        })
+        .collect()
+}
+
 fn config_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {

@@ -762,17 +762,26 @@ fn load_dir_reads_yaml_files_in_name_order() {
     assert!(model.pod("shop", "web").is_some());
 
     let before = dir_fingerprint(dir.path()).unwrap();
+    let stamp = dir_stamp(dir.path()).unwrap();
     assert_eq!(
         dir_fingerprint(dir.path()).unwrap(),
         before,
         "nothing changed"
     );
+    assert_eq!(dir_stamp(dir.path()).unwrap(), stamp, "nothing changed");
     write("notes.txt", "still ignored");
     assert_eq!(
         dir_fingerprint(dir.path()).unwrap(),
         before,
         "ignored files do not count"
     );
+    assert_eq!(
+        dir_stamp(dir.path()).unwrap(),
+        stamp,
+        "ignored files do not count"
+    );
+    // Past the file clock's tick (a few ms), so the same-size rewrite below gets a new time.
+    std::thread::sleep(std::time::Duration::from_millis(30));
     write(
         "20-pods.yml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web2, namespace: shop}\n",
@@ -781,6 +790,18 @@ fn load_dir_reads_yaml_files_in_name_order() {
         dir_fingerprint(dir.path()).unwrap(),
         before,
         "content changed"
+    );
+    let rewritten = dir_stamp(dir.path()).unwrap();
+    assert_ne!(rewritten, stamp, "content changed");
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    write(
+        "20-pods.yml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web3, namespace: shop}\n",
+    );
+    assert_ne!(
+        dir_stamp(dir.path()).unwrap(),
+        rewritten,
+        "same size, new content: a new modification time"
     );
 
     write(

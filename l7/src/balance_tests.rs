@@ -16,7 +16,7 @@ fn endpoint(name: &str, ip: &str, version: &str) -> Endpoint {
         .collect();
     let ip: IpAddr = ip.parse().expect("ip");
     Endpoint {
-        pod: Pod {
+        pod: std::sync::Arc::new(Pod {
             name: name.to_string(),
             namespace: "shop".to_string(),
             uid: None,
@@ -28,7 +28,7 @@ fn endpoint(name: &str, ip: &str, version: &str) -> Endpoint {
             host_network: false,
             container_ports: Vec::new(),
             ready: true,
-        },
+        }),
         addr: SocketAddr::new(ip, 8080),
         identity: None,
     }
@@ -444,7 +444,7 @@ fn subsets_filter_endpoints_by_pod_labels() {
     let names = |labels: Option<&Labels>| -> Vec<String> {
         subset_endpoints(three(), labels)
             .into_iter()
-            .map(|e| e.pod.name)
+            .map(|e| e.pod.name.clone())
             .collect()
     };
     let v2: Labels = [("version".to_string(), "v2".to_string())].into();

@@ -5,6 +5,7 @@
 //! that use it); the engine takes the [`Target`] it was given.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use mesh_model::model::{
     effective_policy, EffectivePolicy, Model, NamespacedName, Service, ServicePort, SubsetError,
@@ -26,7 +27,7 @@ pub enum Target {
 /// every request, so endpoints follow config changes).
 #[derive(Clone, Debug)]
 pub struct Resolved<'m> {
-    pub service: Option<&'m Service>,
+    pub service: Option<&'m Arc<Service>>,
     pub port: Option<&'m ServicePort>,
     /// Ready endpoints, in the model's order (round robin starts from an offset).
     pub endpoints: Vec<Endpoint>,
@@ -102,13 +103,13 @@ impl Target {
     pub fn lookup<'m>(&self, model: &'m Model, trust_domain: &str) -> Option<Resolved<'m>> {
         match self {
             Target::Service { svc, port } => {
-                let service = model.service(svc)?;
+                let service = model.service_shared(svc)?;
                 let sp = service.ports.iter().find(|p| p.port == *port)?;
                 let endpoints = model
                     .endpoints(service, sp)
                     .into_iter()
                     .filter_map(|ep| {
-                        let pod = model.pod(&ep.pod.namespace, &ep.pod.name)?;
+                        let pod = model.pod_shared(&ep.pod.namespace, &ep.pod.name)?;
                         let addr = SocketAddr::new(ep.ip, ep.port);
                         Some(Endpoint::of(model, pod, addr, trust_domain))
                     })
@@ -120,7 +121,7 @@ impl Target {
                 })
             }
             Target::Workload { pod, port } => {
-                let p = model.pod(&pod.namespace, &pod.name)?;
+                let p = model.pod_shared(&pod.namespace, &pod.name)?;
                 let ip = *p.ips.first()?;
                 let endpoints = if p.ready {
                     vec![Endpoint::of(
@@ -212,7 +213,7 @@ spec:
             let got = r
                 .cluster(&m, "app", subset)
                 .map(|(p, eps)| {
-                    let names: Vec<String> = eps.into_iter().map(|e| e.pod.name).collect();
+                    let names: Vec<String> = eps.into_iter().map(|e| e.pod.name.clone()).collect();
                     (p.load_balancer, names)
                 })
                 .map_err(|e| e.to_string());

@@ -248,11 +248,12 @@ impl HttpMetrics {
 /// the request handler, until the response body ends).
 #[derive(Clone, Debug, Default)]
 pub struct LabelInputs {
-    pub src_pod: Option<Pod>,
+    /// Pods and Services shared with the model (a request copies none).
+    pub src_pod: Option<Arc<Pod>>,
     pub src_identity: Option<Identity>,
-    pub dst_pod: Option<Pod>,
+    pub dst_pod: Option<Arc<Pod>>,
     pub dst_identity: Option<Identity>,
-    pub service: Option<Service>,
+    pub service: Option<Arc<Service>>,
     /// `http` or `grpc`.
     pub protocol: &'static str,
     /// Whether the upstream hop is mTLS (HBONE).
@@ -278,11 +279,11 @@ impl LabelInputs {
     fn shared(&self, flag: Option<ResponseFlag>) -> mesh_telemetry::LabelInputs<'_> {
         mesh_telemetry::LabelInputs {
             reporter: REPORTER,
-            src_pod: self.src_pod.as_ref(),
+            src_pod: self.src_pod.as_deref(),
             src_identity: self.src_identity.as_ref(),
-            dst_pod: self.dst_pod.as_ref(),
+            dst_pod: self.dst_pod.as_deref(),
             dst_identity: self.dst_identity.as_ref(),
-            service: self.service.as_ref(),
+            service: self.service.as_deref(),
             flag,
             mtls: self.mtls,
         }

@@ -107,7 +107,8 @@ pub enum UpstreamError {
 /// One endpoint of a destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub pod: Pod,
+    /// Shared with the model: a request's endpoint list and labels copy no pod.
+    pub pod: Arc<Pod>,
     /// `<pod-ip>:<target-port>`.
     pub addr: SocketAddr,
     /// `Some`: in the mesh, reached over HBONE expecting this identity. `None`: plain TCP.
@@ -116,7 +117,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// `pod` at `addr`, in the mesh (HBONE) when it is enrolled.
-    pub fn of(model: &Model, pod: &Pod, addr: SocketAddr, trust_domain: &str) -> Endpoint {
+    pub fn of(model: &Model, pod: &Arc<Pod>, addr: SocketAddr, trust_domain: &str) -> Endpoint {
         let identity = model
             .is_ambient(pod)
             .then(|| model.identity_of(pod, trust_domain));
@@ -886,7 +887,7 @@ mod tests {
         let model = testing::model(&[]);
         let pod = model.pod("app", "web-1").expect("pod").clone();
         Endpoint {
-            pod,
+            pod: pod.into(),
             addr,
             identity: None,
         }

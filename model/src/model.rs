@@ -500,6 +500,12 @@ impl Model {
         self.index.pod_by_ip.get(&ip).map(|p| &**p)
     }
 
+    /// [`Model::workload_by_ip`], shared: for holders that outlive the borrow (a request's
+    /// labels) without copying the pod.
+    pub fn workload_by_ip_shared(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
+        self.index.pod_by_ip.get(&ip)
+    }
+
     /// The service with cluster IP `ip` and its port `port`.
     pub fn service_by_vip(&self, ip: IpAddr, port: u16) -> Option<(&Service, &ServicePort)> {
         let svc = self.index.service_by_vip.get(&ip)?;
@@ -509,6 +515,11 @@ impl Model {
 
     /// The service named `key`.
     pub fn service(&self, key: &NamespacedName) -> Option<&Service> {
+        index::by_name(&self.index.services_by_name, &key.namespace, &key.name).map(|s| &**s)
+    }
+
+    /// [`Model::service`], shared (see [`Model::workload_by_ip_shared`]).
+    pub fn service_shared(&self, key: &NamespacedName) -> Option<&Arc<Service>> {
         index::by_name(&self.index.services_by_name, &key.namespace, &key.name)
     }
 
@@ -580,6 +591,11 @@ impl Model {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        index::by_name(&self.index.pods_by_name, namespace, name).map(|p| &**p)
+    }
+
+    /// [`Model::pod`], shared (see [`Model::workload_by_ip_shared`]).
+    pub fn pod_shared(&self, namespace: &str, name: &str) -> Option<&Arc<Pod>> {
         index::by_name(&self.index.pods_by_name, namespace, name)
     }
 

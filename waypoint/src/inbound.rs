@@ -419,14 +419,14 @@ async fn relay_l4<D: Io>(
     let started = Instant::now();
     let model = inputs.model.load();
     let labels = LabelInputs {
-        src_pod: model.workload_by_ip(ctx.peer.ip()).cloned(),
+        src_pod: model.workload_by_ip_shared(ctx.peer.ip()).cloned(),
         src_identity: Some(ctx.peer_identity.clone()),
         dst_pod: Some(ep.pod.clone()),
         dst_identity: ep.identity.clone(),
         service: ctx
             .target
             .service_key()
-            .and_then(|k| model.service(k))
+            .and_then(|k| model.service_shared(k))
             .cloned(),
         protocol: "tcp",
         mtls: true,

@@ -437,7 +437,7 @@ mod tests {
     fn endpoints(n: usize) -> Vec<Endpoint> {
         (0..n)
             .map(|i| Endpoint {
-                pod: mesh_model::model::Pod {
+                pod: std::sync::Arc::new(mesh_model::model::Pod {
                     name: format!("p{i}"),
                     namespace: "ns".to_string(),
                     uid: None,
@@ -449,7 +449,7 @@ mod tests {
                     host_network: false,
                     container_ports: Vec::new(),
                     ready: true,
-                },
+                }),
                 addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)),
                 identity: None,
             })

@@ -139,7 +139,7 @@ pub fn accept(
     let grpc_request = is_grpc_request(&parts.headers);
     let grpc = ctx.declared == Declared::Grpc || grpc_request;
     let labels = LabelInputs {
-        src_pod: model.workload_by_ip(ctx.peer.ip()).cloned(),
+        src_pod: model.workload_by_ip_shared(ctx.peer.ip()).cloned(),
         src_identity: Some(ctx.peer_identity.clone()),
         dst_pod: None,
         dst_identity: None,

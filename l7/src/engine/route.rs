@@ -83,7 +83,7 @@ pub fn run(
         path: &normalized.path,
         query: normalized.query.as_deref(),
         headers: &rq.parts.headers,
-        source: rq.labels.src_pod.as_ref(),
+        source: rq.labels.src_pod.as_deref(),
     };
     let sel = match route::route(model, waypoint, svc, port, &request) {
         Routing::Default => return Ok(plan),

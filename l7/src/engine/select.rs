@@ -237,7 +237,10 @@ spec:
         let clusters = Clusters::default();
         let (rq, got) = select(&m, &clusters, &plan("api", None));
         assert!(got.is_ok());
-        assert_eq!(rq.labels.service.map(|s| s.name), Some("api".to_string()));
+        assert_eq!(
+            rq.labels.service.map(|s| s.name.clone()),
+            Some("api".to_string())
+        );
         let (_, got) = select(&m, &clusters, &plan("gone", None));
         assert_eq!(failure(got), (500, Some(ResponseFlag::NoCluster)));
     }

@@ -117,8 +117,8 @@ pub(super) fn by_name<'s, T: Named>(
     set: &'s HashSet<ByName<T>>,
     namespace: &str,
     name: &str,
-) -> Option<&'s T> {
-    set.get(&(namespace, name) as &dyn Named).map(|b| &*b.0)
+) -> Option<&'s Arc<T>> {
+    set.get(&(namespace, name) as &dyn Named).map(|b| &b.0)
 }
 
 /// What one namespace's queries read.

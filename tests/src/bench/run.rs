@@ -431,19 +431,10 @@ impl World {
     }
 }
 
-/// Connections a process may hold with `fds_per_conn` descriptors each under `nofile`.
-/// The measured pair every ztunnel world has: `default/client` on n1, `default/server`
-/// (`app: server`) on n2, both in the mesh, the server STRICT.
+/// The measured pair every ztunnel world has: `default/client` on n1 (the harness's
+/// `two_nodes`), `default/server` (`app: server`) on n2, both in the mesh, the server STRICT.
 pub(super) fn measured_pair(prefix: &str) -> MeshBuilder {
-    Mesh::builder(prefix)
-        .node("n1")
-        .node("n2")
-        .namespace("default", Ambient::Yes)
-        .pod(
-            Pod::new("default", "client")
-                .on("n1")
-                .service_account("client"),
-        )
+    Mesh::two_nodes(prefix)
         .pod(
             Pod::new("default", "server")
                 .on("n2")
@@ -453,6 +444,7 @@ pub(super) fn measured_pair(prefix: &str) -> MeshBuilder {
         .yaml("peerauthn.yaml", STRICT_YAML)
 }
 
+/// Connections a process may hold with `fds_per_conn` descriptors each under `nofile`.
 fn conns_for(nofile: u64, fds_per_conn: u64) -> u32 {
     u32::try_from(nofile.saturating_sub(FD_RESERVE) / fds_per_conn).unwrap_or(u32::MAX)
 }

@@ -68,10 +68,12 @@ enum Hop<'a> {
 }
 
 impl Hop<'_> {
-    /// The identity an mTLS hop expects.
-    fn into_identity(self) -> Option<Identity> {
+    /// The identity an mTLS hop expects, moved into what the access log keeps.
+    fn into_logged_identity(self) -> Option<LoggedIdentity<'static>> {
         match self {
-            Hop::Hbone { identity, .. } | Hop::Waypoint { identity, .. } => Some(identity),
+            Hop::Hbone { identity, .. } | Hop::Waypoint { identity, .. } => {
+                Some(LoggedIdentity::Owned(Box::new(identity)))
+            }
             Hop::Plain { .. } => None,
         }
     }
@@ -332,10 +334,7 @@ async fn open_upstream<'a>(
                         let labels = pi.metrics.intern(labels.build());
                         log.dst = *target;
                         log.dst_workload = Some((&dst_pod.namespace, &dst_pod.name));
-                        log.dst_identity = hops
-                            .swap_remove(i)
-                            .into_identity()
-                            .map(|i| LoggedIdentity::Owned(Box::new(i)));
+                        log.dst_identity = hops.swap_remove(i).into_logged_identity();
                         return Some((Upstream::Hbone(tunnel), labels, log));
                     }
                     Err(e) => {
@@ -369,10 +368,7 @@ async fn open_upstream<'a>(
                         let labels = pi.metrics.intern(labels.build());
                         log.dst = hbone;
                         log.dst_workload = wp_pod.map(|p| (p.namespace.as_str(), p.name.as_str()));
-                        log.dst_identity = hops
-                            .swap_remove(i)
-                            .into_identity()
-                            .map(|i| LoggedIdentity::Owned(Box::new(i)));
+                        log.dst_identity = hops.swap_remove(i).into_logged_identity();
                         return Some((Upstream::Hbone(tunnel), labels, log));
                     }
                     Err(e) => {

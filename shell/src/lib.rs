@@ -11,6 +11,7 @@
 //!   `/logging`, `/quitquitquit`, `/debug/pprof/profile` ([`profile`]: CPU profiles in the
 //!   pprof format); each binary adds its own dump and routes;
 //! - [`accept`]: the accept loop that backs off while the process is out of file descriptors;
+//! - [`allocator`]: idle workers hand their allocation caches back (RSS falls after a burst);
 //! - [`process`]: the open-file limit, SIGTERM/SIGINT and `/quitquitquit` as one shutdown
 //!   trigger, the drain deadline, and [`process::spawn`] (every task carries a span);
 //! - [`limits`]: caps on open connections and TLS handshakes, first-byte and idle
@@ -22,6 +23,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod allocator;
 pub mod certs;
 pub mod config;
 pub mod conns;

@@ -14,7 +14,8 @@ use tracing::Instrument;
 
 /// The body of every binary's `main` once its flags are parsed: installs logging, raises
 /// the open-file limit, runs `run` (given the log handle, for `/logging`) on a multi-threaded
-/// runtime whose threads are named `<name>-worker`, and logs a failure before returning it.
+/// runtime whose threads are named `<name>-worker` (each returning its allocation cache when it
+/// goes idle: [`crate::allocator`]), and logs a failure before returning it.
 pub fn main<F, Fut, E>(name: &str, log_format: LogFormat, run: F) -> Result<(), E>
 where
     F: FnOnce(LogHandle) -> Fut,
@@ -26,6 +27,7 @@ where
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name(format!("{name}-worker"))
+        .on_thread_park(crate::allocator::on_park)
         .build()?;
     let result = rt.block_on(run(log));
     if let Err(e) = &result {

@@ -2,7 +2,8 @@
 //!
 //! - `istio_requests_total`, `istio_request_duration_milliseconds` (histogram, Istio's
 //!   buckets), `istio_request_bytes`, `istio_response_bytes` (histograms) with the standard
-//!   labels plus `response_code` and `grpc_response_status`;
+//!   labels plus `response_code` and `grpc_response_status` (each label set's series
+//!   resolved once and cached by what selects it: a request builds no label strings);
 //! - `waypoint_outlier_ejections_total{cluster}`: DestinationRule outlier-detection
 //!   ejections (cluster = Envoy's `outbound|<port>|<subset>|<host>`);
 //! - one `access` log line per request, only when the Telemetry API turns it on for this
@@ -11,10 +12,13 @@
 //! Registered in the same registry as the shared `mesh_telemetry` families (TCP metrics for
 //! L4-relayed ports, refusals, config reloads, process), so one scrape returns everything.
 
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -86,6 +90,111 @@ pub struct HttpMetrics {
     retries: Family<ReasonLabels, Counter>,
     mirrors: Family<ResultLabels, Counter>,
     downstream_errors: Family<ReasonLabels, Counter>,
+    /// The request families' series by what picks them, so that a request builds and hashes
+    /// no label strings ([`HttpMetrics::record`]).
+    series: Arc<Mutex<SeriesCache>>,
+}
+
+/// Most label sets a waypoint keeps resolved; past it the cache starts over (the families
+/// keep every series regardless: this only bounds the shortcut).
+const MAX_CACHED_SERIES: usize = 4096;
+
+/// The series of the four request families for one label set.
+struct HttpSeries {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// One cached label set: what a request's labels are built from, kept as given (the model's
+/// Pods and Services by pointer: the entry holds them, so no address is reused while it is
+/// cached, and a changed pod is a new `Arc`, so a new entry), and the response.
+struct SeriesEntry {
+    inputs: LabelInputs,
+    code: u16,
+    flag: Option<ResponseFlag>,
+    grpc: Option<String>,
+    series: HttpSeries,
+}
+
+#[derive(Default)]
+struct SeriesCache {
+    /// Keyed by [`SeriesCache::hash`]; a list per hash, as different inputs may collide.
+    entries: HashMap<u64, Vec<SeriesEntry>>,
+    len: usize,
+    hasher: RandomState,
+}
+
+/// What selects a request's series: its label inputs and its response.
+#[derive(Clone, Copy)]
+struct SeriesKey<'a> {
+    inputs: &'a LabelInputs,
+    code: u16,
+    flag: Option<ResponseFlag>,
+    grpc: Option<&'a str>,
+}
+
+impl SeriesCache {
+    fn hash(&self, k: SeriesKey<'_>) -> u64 {
+        let l = k.inputs;
+        let mut h = self.hasher.build_hasher();
+        l.src_pod.as_ref().map(Arc::as_ptr).hash(&mut h);
+        l.src_identity.hash(&mut h);
+        l.dst_pod.as_ref().map(Arc::as_ptr).hash(&mut h);
+        l.dst_identity.hash(&mut h);
+        l.service.as_ref().map(Arc::as_ptr).hash(&mut h);
+        (l.protocol, l.mtls, k.code, k.flag, k.grpc).hash(&mut h);
+        h.finish()
+    }
+
+    fn find(&self, hash: u64, k: SeriesKey<'_>) -> Option<&HttpSeries> {
+        self.entries
+            .get(&hash)?
+            .iter()
+            .find(|e| e.matches(k))
+            .map(|e| &e.series)
+    }
+
+    fn insert(&mut self, hash: u64, k: SeriesKey<'_>, series: HttpSeries) -> &HttpSeries {
+        if self.len >= MAX_CACHED_SERIES {
+            self.entries.clear();
+            self.len = 0;
+        }
+        self.len += 1;
+        let list = self.entries.entry(hash).or_default();
+        list.push(SeriesEntry {
+            inputs: k.inputs.clone(),
+            code: k.code,
+            flag: k.flag,
+            grpc: k.grpc.map(str::to_string),
+            series,
+        });
+        &list[list.len() - 1].series
+    }
+}
+
+impl SeriesEntry {
+    fn matches(&self, k: SeriesKey<'_>) -> bool {
+        fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        let (a, b) = (&self.inputs, k.inputs);
+        self.code == k.code
+            && self.flag == k.flag
+            && self.grpc.as_deref() == k.grpc
+            && a.protocol == b.protocol
+            && a.mtls == b.mtls
+            && same(&a.src_pod, &b.src_pod)
+            && same(&a.dst_pod, &b.dst_pod)
+            && same(&a.service, &b.service)
+            && a.src_identity == b.src_identity
+            && a.dst_identity == b.dst_identity
+    }
 }
 
 impl fmt::Debug for HttpMetrics {
@@ -116,6 +225,7 @@ impl HttpMetrics {
             retries: Family::default(),
             mirrors: Family::default(),
             downstream_errors: Family::default(),
+            series: Arc::default(),
         };
         let registered = http.clone();
         let metrics = Metrics::new_with(move |r: &mut Registry| {
@@ -226,21 +336,46 @@ impl HttpMetrics {
             .inc();
     }
 
+    /// Counts a request whose labels are built from `inputs` and its response (`code`,
+    /// `flag`, `grpc` status). The label set is built once per distinct set of inputs
+    /// (a cache keyed by the model's shared Pods and Services, the identities and the
+    /// response) rather than 25 strings and four family lookups per request.
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
-        l: &HttpLabels,
+        inputs: &LabelInputs,
+        code: u16,
+        flag: Option<ResponseFlag>,
+        grpc: Option<&str>,
         duration_ms: f64,
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        self.requests.get_or_create(l).inc();
-        self.duration.get_or_create(l).observe(duration_ms);
-        self.request_bytes
-            .get_or_create(l)
-            .observe(request_bytes as f64);
-        self.response_bytes
-            .get_or_create(l)
-            .observe(response_bytes as f64);
+        let key = SeriesKey {
+            inputs,
+            code,
+            flag,
+            grpc,
+        };
+        let mut cache = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let hash = cache.hash(key);
+        let series = match cache.find(hash, key) {
+            Some(series) => series,
+            None => {
+                let labels = inputs.build(code, flag, grpc);
+                let series = HttpSeries {
+                    requests: self.requests.get_or_create(&labels).clone(),
+                    duration: self.duration.get_or_create(&labels).clone(),
+                    request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+                    response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+                };
+                cache.insert(hash, key, series)
+            }
+        };
+        series.requests.inc();
+        series.duration.observe(duration_ms);
+        series.request_bytes.observe(request_bytes as f64);
+        series.response_bytes.observe(response_bytes as f64);
     }
 }
 
@@ -391,6 +526,98 @@ impl AccessLog {
             duration_ms = self.started.elapsed().as_millis() as u64,
             "request complete"
         );
+    }
+}
+
+#[cfg(test)]
+mod series_tests {
+    use mesh_model::k8s::load_docs;
+
+    use super::*;
+
+    const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: app, labels: {app: client}}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: app, labels: {app: web, version: v1}}
+status: {podIP: 10.0.0.2}
+"#;
+
+    /// The value of the `istio_requests_total` line whose labels contain all of `want`.
+    fn count(metrics: &Metrics, want: &[&str]) -> u64 {
+        let text = metrics.encode_text();
+        text.lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter(|l| want.iter().all(|w| l.contains(w)))
+            .map(|l| {
+                l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn cached_series_count_as_their_labels_say_and_a_changed_pod_reads_its_new_labels() {
+        let (metrics, http) = HttpMetrics::new();
+        let m = load_docs(&[("m.yaml".to_string(), PODS.to_string())]).expect("model");
+        let pod = |name: &str| m.pod_shared("app", name).cloned();
+        let inputs = LabelInputs {
+            src_pod: pod("client"),
+            dst_pod: pod("web-1"),
+            protocol: "http",
+            mtls: true,
+            ..LabelInputs::default()
+        };
+        for _ in 0..3 {
+            http.record(&inputs, 200, None, None, 1.0, 10, 20);
+        }
+        http.record(
+            &inputs,
+            503,
+            Some(ResponseFlag::UpstreamReset),
+            None,
+            1.0,
+            0,
+            0,
+        );
+        // An equal label set from other inputs (a copy of the pod): the same series.
+        let copy = LabelInputs {
+            dst_pod: inputs.dst_pod.as_deref().cloned().map(Arc::new),
+            ..inputs.clone()
+        };
+        http.record(&copy, 200, None, None, 1.0, 10, 20);
+        let v1 = ["destination_version=\"v1\"", "response_code=\"200\""];
+        assert_eq!(count(&metrics, &v1), 4);
+        assert_eq!(
+            count(
+                &metrics,
+                &["response_code=\"503\"", "response_flags=\"UC\""]
+            ),
+            1
+        );
+        // The pod's labels change in a new model: a new Arc, so its new labels are read.
+        let changed = PODS.replace("version: v1", "version: v2");
+        let m2 = load_docs(&[("m.yaml".to_string(), changed)]).expect("model");
+        let moved = LabelInputs {
+            dst_pod: m2.pod_shared("app", "web-1").cloned(),
+            ..inputs.clone()
+        };
+        http.record(&moved, 200, None, None, 1.0, 10, 20);
+        assert_eq!(count(&metrics, &["destination_version=\"v2\""]), 1);
+        assert_eq!(count(&metrics, &v1), 4);
+        // Past the bound the cache starts over; counting goes on in the same series.
+        for code in 0..(MAX_CACHED_SERIES as u16 + 10) {
+            http.record(&inputs, 1000 + code, None, None, 1.0, 0, 0);
+        }
+        assert!(http.series.lock().expect("cache").len <= MAX_CACHED_SERIES);
+        http.record(&inputs, 200, None, None, 1.0, 10, 20);
+        assert_eq!(count(&metrics, &v1), 5);
     }
 }
 

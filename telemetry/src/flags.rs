@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ResponseFlag {
     /// Denied by AuthorizationPolicy (a waypoint answers 403).
     Deny,

@@ -151,12 +151,17 @@ impl Finish {
             None if downstream_gone => Some(ResponseFlag::DownstreamClosed),
             f => f,
         };
-        let l = self
-            .labels
-            .build(self.code, flag, self.grpc_status.as_deref());
         let req_bytes = self.req_bytes.load(Ordering::Relaxed);
         let ms = self.log.started.elapsed().as_secs_f64() * 1000.0;
-        self.metrics.record(&l, ms, req_bytes, rsp_bytes);
+        self.metrics.record(
+            &self.labels,
+            self.code,
+            flag,
+            self.grpc_status.as_deref(),
+            ms,
+            req_bytes,
+            rsp_bytes,
+        );
         self.log.emit(self.code, flag, req_bytes, rsp_bytes);
     }
 }

@@ -153,11 +153,14 @@ pub fn accept(
         src: ctx.peer,
         src_identity: Some(ctx.peer_identity.clone()),
         protocol: if downstream_h2 { "HTTP/2" } else { "HTTP/1.1" },
-        method: parts.method.to_string(),
-        authority: authority.clone(),
-        path: raw_target.clone(),
+        // What only the access log line shows is copied only when it is written.
+        method: logged(access_log, || parts.method.to_string()),
+        authority: logged(access_log, || authority.clone()),
+        path: logged(access_log, || raw_target.clone()),
         request_id,
-        service: ctx.target.service_key().map(|k| k.to_string()),
+        service: access_log
+            .then(|| ctx.target.service_key().map(|k| k.to_string()))
+            .flatten(),
         attempts: 0,
         route: None,
         backend: None,
@@ -298,6 +301,15 @@ pub fn framing_error(parts: &Parts, h2: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// `make()` when the access log is on, else an empty string (which allocates nothing).
+fn logged(access_log: bool, make: impl FnOnce() -> String) -> String {
+    if access_log {
+        make()
+    } else {
+        String::new()
+    }
+}
+
 /// The client address for `remote.ip` / `remoteIpBlocks`: `source` (the address the mesh
 /// carried) unless `trusted_proxies` is above 0; then the `trusted_proxies`-th address from
 /// the right of `x-forwarded-for` (all its headers in order), else `source` when the list
@@ -381,17 +393,18 @@ fn strip_internal(headers: &mut HeaderMap) -> usize {
 
 /// A random version-4 UUID, as Envoy generates request ids.
 pub fn new_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let r = rand::random::<u128>();
     let r = (r & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let hex = format!("{r:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    // Written digit by digit into one allocation (no intermediate hex string).
+    let mut id = String::with_capacity(36);
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            id.push('-');
+        }
+        id.push(char::from(HEX[((r >> (124 - 4 * i)) & 0xf) as usize]));
+    }
+    id
 }
 
 /// Whether a request is gRPC as Envoy decides it for local replies: `content-type`

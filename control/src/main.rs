@@ -18,8 +18,10 @@ fn main() -> anyhow::Result<()> {
     if let Err(e) = args.check() {
         e.exit();
     }
-    let log_format = args.process.log_format;
-    mesh_shell::process::main("control", log_format, |log| control::app::run(args, log))
+    let (log_format, workers) = (args.process.log_format, args.process.worker_threads);
+    mesh_shell::process::main("control", log_format, workers, |log| {
+        control::app::run(args, log)
+    })
 }
 
 fn mint(args: TokenArgs) -> anyhow::Result<()> {

@@ -114,6 +114,11 @@ pub struct ProcessArgs {
     pub connect_timeout: Duration,
     #[arg(long, value_enum, default_value = DEFAULT_LOG_FORMAT)]
     pub log_format: LogFormat,
+    /// Runtime worker threads (Istio's `ZTUNNEL_WORKER_THREADS`); default: one per CPU the
+    /// process may use. Fewer workers hand a connection's tasks between threads less often
+    /// (less CPU per request) but cap the process at that many cores.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Caps, timeouts and TCP keepalive ([`crate::limits`]).
     #[command(flatten)]
     pub limits: crate::limits::LimitArgs,
@@ -324,5 +329,19 @@ mod tests {
         assert_eq!(a.cert_ttl, Duration::from_secs(24 * 3600));
         assert_eq!(a.log_format, LogFormat::Text);
         assert_eq!(a.config_source, ConfigSource::Dir);
+        assert_eq!(a.worker_threads, None, "one per CPU");
+    }
+
+    #[test]
+    fn worker_threads_are_one_or_more() {
+        let workers = |args: &[&str]| {
+            let base = ["probe", "--name", "n", "--ca-dir", "/ca"];
+            try_parse_from::<Probe, _, _>("PROBE", base.iter().chain(args))
+                .map(|p| p.process.worker_threads)
+                .map_err(|_| ())
+        };
+        assert_eq!(workers(&["--worker-threads", "1"]), Ok(Some(1)));
+        assert_eq!(workers(&["--worker-threads", "0"]), Err(()));
+        assert_eq!(workers(&["--worker-threads", "two"]), Err(()));
     }
 }

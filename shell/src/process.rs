@@ -14,9 +14,15 @@ use tracing::Instrument;
 
 /// The body of every binary's `main` once its flags are parsed: installs logging, raises
 /// the open-file limit, runs `run` (given the log handle, for `/logging`) on a multi-threaded
-/// runtime whose threads are named `<name>-worker` (each returning its allocation cache when it
-/// goes idle: [`crate::allocator`]), and logs a failure before returning it.
-pub fn main<F, Fut, E>(name: &str, log_format: LogFormat, run: F) -> Result<(), E>
+/// runtime of `worker_threads` workers (default one per CPU) named `<name>-worker`, each
+/// returning its allocation cache when it goes idle ([`crate::allocator`]), and logs a
+/// failure before returning it.
+pub fn main<F, Fut, E>(
+    name: &str,
+    log_format: LogFormat,
+    worker_threads: Option<u16>,
+    run: F,
+) -> Result<(), E>
 where
     F: FnOnce(LogHandle) -> Fut,
     Fut: Future<Output = Result<(), E>>,
@@ -24,7 +30,11 @@ where
 {
     let log = crate::logging::init(log_format);
     raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        rt.worker_threads(usize::from(n));
+    }
+    let rt = rt
         .enable_all()
         .thread_name(format!("{name}-worker"))
         .on_thread_park(crate::allocator::on_park)

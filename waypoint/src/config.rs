@@ -299,6 +299,7 @@ mod tests {
             "WAYPOINT_TLS_HANDSHAKE_TIMEOUT",
             "WAYPOINT_TRUST_DOMAIN",
             "WAYPOINT_UPSTREAM_IDLE_TIMEOUT",
+            "WAYPOINT_WORKER_THREADS",
         ];
         assert_eq!(mesh_shell::config::env_names::<Args>(ENV_PREFIX), expected);
     }

@@ -14,7 +14,10 @@ fn main() -> anyhow::Result<()> {
         e.exit();
     }
     let cfg = Config::from(&args);
-    mesh_shell::process::main("waypoint", args.process.log_format, |log| {
-        waypoint::app::run(cfg, log)
-    })
+    mesh_shell::process::main(
+        "waypoint",
+        args.process.log_format,
+        args.process.worker_threads,
+        |log| waypoint::app::run(cfg, log),
+    )
 }

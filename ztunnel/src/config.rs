@@ -355,6 +355,7 @@ mod tests {
             "ZTUNNEL_TLS_HANDSHAKES_PER_SOURCE_PER_SEC",
             "ZTUNNEL_TLS_HANDSHAKE_TIMEOUT",
             "ZTUNNEL_TRUST_DOMAIN",
+            "ZTUNNEL_WORKER_THREADS",
         ];
         assert_eq!(mesh_shell::config::env_names::<Args>(ENV_PREFIX), expected);
     }

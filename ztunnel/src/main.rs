@@ -19,11 +19,15 @@ fn main() -> anyhow::Result<()> {
     }
     let cfg = Config::from(&args);
     if args.release_all {
-        return mesh_shell::process::main("ztunnel", args.process.log_format, |_| async move {
-            ztunnel::uninstall::release_all(&cfg).await.map(|_| ())
-        });
+        return mesh_shell::process::main(
+            "ztunnel",
+            args.process.log_format,
+            None,
+            |_| async move { ztunnel::uninstall::release_all(&cfg).await.map(|_| ()) },
+        );
     }
-    mesh_shell::process::main("ztunnel", args.process.log_format, |log| {
+    let workers = args.process.worker_threads;
+    mesh_shell::process::main("ztunnel", args.process.log_format, workers, |log| {
         ztunnel::app::run(cfg, log)
     })
 }

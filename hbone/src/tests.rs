@@ -630,6 +630,54 @@ async fn draining_finishes_open_tunnels_then_closes() {
     assert!(res.is_ok(), "{res:?}");
 }
 
+#[tokio::test]
+async fn an_idle_pooled_connection_lets_its_draining_server_finish_at_once() {
+    // A peer agent shutting down (SIGTERM) drains its HBONE server: the idle connection our
+    // pool keeps to it must not hold that drain up until the pool's idle timeout.
+    let pki = pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let tls = pki.server.clone();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(tls)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let drain = async move {
+            let _ = drain_rx.await;
+        };
+        serve_with_drain(tls, &ServerConfig::default(), echo, drain).await
+    });
+    let pool = Pool::new(PoolConfig::default());
+    let dialer = Dialer::new(addr);
+    let mut tunnel = pool
+        .connect(key(addr), pki.client.clone(), dialer.dial(), request())
+        .await
+        .unwrap();
+    ping(&mut tunnel).await;
+    drop(tunnel);
+    info!("the pool keeps the connection idle; the server starts draining");
+    let started = Instant::now();
+    drain_tx.send(()).unwrap();
+    let res = tokio::time::timeout(EVENTUALLY, server)
+        .await
+        .expect("the drain ends before the pool's idle timeout")
+        .unwrap();
+    assert!(res.is_ok(), "{res:?}");
+    info!(waited = ?started.elapsed(), "drained");
+    // The pool sees the connection go and does not hand it out again.
+    let deadline = Instant::now() + EVENTUALLY;
+    while pool.stats().connections > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection leaves the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 // === pool ===
 
 #[tokio::test]

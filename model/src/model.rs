@@ -497,7 +497,7 @@ impl Model {
 
     /// The (non host-network) pod owning `ip`.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
-        self.index.pod_by_ip.get(&ip).map(|p| &**p)
+        self.workload_by_ip_shared(ip).map(|p| &**p)
     }
 
     /// [`Model::workload_by_ip`], shared: for holders that outlive the borrow (a request's
@@ -515,7 +515,7 @@ impl Model {
 
     /// The service named `key`.
     pub fn service(&self, key: &NamespacedName) -> Option<&Service> {
-        index::by_name(&self.index.services_by_name, &key.namespace, &key.name).map(|s| &**s)
+        self.service_shared(key).map(|s| &**s)
     }
 
     /// [`Model::service`], shared (see [`Model::workload_by_ip_shared`]).
@@ -591,7 +591,7 @@ impl Model {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        index::by_name(&self.index.pods_by_name, namespace, name).map(|p| &**p)
+        self.pod_shared(namespace, name).map(|p| &**p)
     }
 
     /// [`Model::pod`], shared (see [`Model::workload_by_ip_shared`]).

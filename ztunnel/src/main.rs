@@ -18,16 +18,13 @@ fn main() -> anyhow::Result<()> {
         e.exit();
     }
     let cfg = Config::from(&args);
+    let (log_format, workers) = (args.process.log_format, args.process.worker_threads);
     if args.release_all {
-        return mesh_shell::process::main(
-            "ztunnel",
-            args.process.log_format,
-            None,
-            |_| async move { ztunnel::uninstall::release_all(&cfg).await.map(|_| ()) },
-        );
+        return mesh_shell::process::main("ztunnel", log_format, workers, |_| async move {
+            ztunnel::uninstall::release_all(&cfg).await.map(|_| ())
+        });
     }
-    let workers = args.process.worker_threads;
-    mesh_shell::process::main("ztunnel", args.process.log_format, workers, |log| {
+    mesh_shell::process::main("ztunnel", log_format, workers, |log| {
         ztunnel::app::run(cfg, log)
     })
 }

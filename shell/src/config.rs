@@ -28,6 +28,7 @@ pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 pub const DEFAULT_LOG_FORMAT: &str = "text";
+pub const DEFAULT_THREADING: &str = "per-worker";
 
 /// Where the mesh model comes from (both feed the one translator, `mesh_model::k8s`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -44,6 +45,41 @@ pub enum ConfigSource {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// How the worker threads share the work ([`crate::workers`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Threading {
+    /// One multi-threaded runtime: any worker runs any task (work stealing).
+    Shared,
+    /// A runtime per worker thread, each with its own listeners and pools: a connection's
+    /// tasks stay on the thread that accepted it. The control work (config source,
+    /// certificates, admin endpoints) runs on one more thread of its own.
+    PerWorker,
+}
+
+impl Threading {
+    /// Workers of the process's main runtime: `--worker-threads` when it is shared, one
+    /// (the control thread) per worker.
+    pub fn runtime_workers(self, worker_threads: Option<u16>) -> Option<u16> {
+        match self {
+            Threading::Shared => worker_threads,
+            Threading::PerWorker => Some(1),
+        }
+    }
+
+    /// Per worker, how many data-path workers to start (`--worker-threads`, default one per
+    /// CPU the process may use); `None` when shared.
+    pub fn data_workers(self, worker_threads: Option<u16>) -> Option<usize> {
+        match self {
+            Threading::Shared => None,
+            Threading::PerWorker => Some(worker_threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, usize::from),
+                usize::from,
+            )),
+        }
+    }
 }
 
 /// Istio's path of the projected service-account token a CA client presents.
@@ -343,5 +379,26 @@ mod tests {
         assert_eq!(workers(&["--worker-threads", "1"]), Ok(Some(1)));
         assert_eq!(workers(&["--worker-threads", "0"]), Err(()));
         assert_eq!(workers(&["--worker-threads", "two"]), Err(()));
+    }
+
+    #[test]
+    fn per_worker_threading_gives_the_main_runtime_one_thread_and_the_data_path_the_rest() {
+        let shared = Threading::Shared;
+        assert_eq!(
+            (
+                shared.runtime_workers(Some(3)),
+                shared.data_workers(Some(3))
+            ),
+            (Some(3), None)
+        );
+        let per = Threading::PerWorker;
+        assert_eq!(
+            (per.runtime_workers(Some(3)), per.data_workers(Some(3))),
+            (Some(1), Some(3))
+        );
+        assert!(
+            per.data_workers(None).is_some_and(|n| n >= 1),
+            "one per CPU"
+        );
     }
 }

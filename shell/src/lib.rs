@@ -12,6 +12,8 @@
 //!   pprof format); each binary adds its own dump and routes;
 //! - [`accept`]: the accept loop that backs off while the process is out of file descriptors;
 //! - [`allocator`]: idle workers hand their allocation caches back (RSS falls after a burst);
+//! - [`workers`]: a runtime per worker thread (`--threading per-worker`), so that a
+//!   connection's tasks stay on the thread that accepted it;
 //! - [`process`]: the open-file limit, SIGTERM/SIGINT and `/quitquitquit` as one shutdown
 //!   trigger, the drain deadline, and [`process::spawn`] (every task carries a span);
 //! - [`limits`]: caps on open connections and TLS handshakes, first-byte and idle
@@ -32,3 +34,4 @@ pub mod logging;
 pub mod process;
 pub mod profile;
 pub mod source;
+pub mod workers;

@@ -60,7 +60,13 @@ impl AdminApp for AdminState {
             workloads: pods,
             certificates: self.pi.certs.dump(),
             open_connections: self.pi.conns.len(),
-            pool: format!("{:?}", self.pi.pool.stats()),
+            pool: self.pi.pool_stats(),
+            pool_per_worker: self
+                .pi
+                .pools()
+                .iter()
+                .map(mesh_hbone::Pool::stats)
+                .collect(),
             model: model.dump(),
         })
     }
@@ -121,6 +127,8 @@ struct ConfigDump<'a> {
     workloads: Vec<PodStatus>,
     certificates: Vec<mesh_pki::certs::CertSummary>,
     open_connections: usize,
-    pool: String,
+    /// The HBONE pools' connections and streams, added up and per data worker.
+    pool: mesh_hbone::PoolStats,
+    pool_per_worker: Vec<mesh_hbone::PoolStats>,
     model: mesh_model::model::ModelDump<'a>,
 }

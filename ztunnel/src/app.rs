@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use mesh_hbone::{Pool, PoolConfig};
+use mesh_hbone::PoolConfig;
 use mesh_model::model::Model;
 use mesh_shell::admin::Control;
 use mesh_shell::logging::LogHandle;
 use mesh_shell::process::{spawn, AppHandle};
 use mesh_shell::source::{Installed, Source};
+use mesh_shell::workers::Workers;
 use mesh_telemetry::Metrics;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -67,10 +68,21 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
         )),
     };
     let model = installed.model.clone();
-    let pool = Pool::new(PoolConfig {
+    let pool = PoolConfig {
         connect_timeout: cfg.connect_timeout,
         ..cfg.limits.hbone_pool()
-    });
+    };
+    // `--threading per-worker`: the pods' listeners and the HBONE pools live on these; they
+    // stop (cutting what still runs on them, as an exit does) when the drain is over.
+    let workers = cfg
+        .data_workers
+        .map(|n| Workers::start("ztunnel", n))
+        .transpose()
+        .context("start the data-path workers")?;
+    let handles = workers
+        .as_ref()
+        .map(|w| w.handles().to_vec())
+        .unwrap_or_default();
     let conns = Arc::new(ConnTracker::default());
     let stop = CancellationToken::new();
     // Ends what the drain still needs (config, certificate renewal, policy re-checks of the
@@ -81,6 +93,7 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
         model.clone(),
         certs.clone(),
         pool,
+        handles,
         metrics.clone(),
         conns.clone(),
         home,
@@ -171,6 +184,7 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
         if cfg.release_on_exit {
             release_on_exit(&cfg, &pi.model.load()).await;
         }
+        drop(workers);
     });
     Ok(AppHandle::new(endpoints, ctl.shutdown, done))
 }

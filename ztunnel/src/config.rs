@@ -8,10 +8,10 @@ use clap::{Parser, ValueEnum};
 
 /// The shared flags, defaults and types (`mesh_shell::config`), as the agent's own.
 pub use mesh_shell::config::{
-    parse_duration, ConfigSource, LogFormat, ProcessArgs, DEFAULT_ADMIN_ADDR, DEFAULT_CERT_TTL,
-    DEFAULT_CONFIG_POLL, DEFAULT_CONFIG_SOURCE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_METRICS_ADDR, DEFAULT_READINESS_ADDR, DEFAULT_TLS_HANDSHAKE_TIMEOUT,
-    DEFAULT_TRUST_DOMAIN,
+    parse_duration, ConfigSource, LogFormat, ProcessArgs, Threading, DEFAULT_ADMIN_ADDR,
+    DEFAULT_CERT_TTL, DEFAULT_CONFIG_POLL, DEFAULT_CONFIG_SOURCE, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_METRICS_ADDR, DEFAULT_READINESS_ADDR,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT, DEFAULT_TRUST_DOMAIN,
 };
 
 /// Every flag without an explicit env var is read from `ZTUNNEL_<FLAG>` too.
@@ -109,6 +109,13 @@ pub struct Args {
     /// (counted with flag OM). `--max-connections` bounds the whole process.
     #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_POD", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_POD, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections_per_pod: usize,
+    /// `shared`: one runtime whose `--worker-threads` workers take any task. `per-worker`:
+    /// each worker thread runs its own runtime with its own listeners for every pod
+    /// (`SO_REUSEPORT`: the kernel spreads connections over them) and its own HBONE pool,
+    /// so a connection's tasks stay on the thread that accepted it; the config source,
+    /// certificates and admin endpoints run on one more thread.
+    #[arg(long, env = "ZTUNNEL_THREADING", value_enum, default_value = mesh_shell::config::DEFAULT_THREADING)]
+    pub threading: Threading,
     // The flags every mesh binary has (`ZTUNNEL_<FLAG>`): config source, CA, addresses,
     // timeouts, log format. Pods' network namespaces are named files under `--netns-dir`
     // with `--config-source dir`, and found by pod IP among the node's processes with
@@ -163,6 +170,10 @@ pub struct Config {
     #[serde(with = "secs")]
     pub connect_timeout: Duration,
     pub max_connections_per_pod: usize,
+    /// `--threading`; with `per-worker`, `data_workers` runtimes of their own serve the
+    /// pods' listeners (each pod gets a listener per worker) with one HBONE pool each.
+    pub threading: mesh_shell::config::Threading,
+    pub data_workers: Option<usize>,
     /// Caps, timeouts, keepalive (`max_connections`, `max_tls_handshakes`, ... in the dump).
     #[serde(flatten)]
     pub limits: mesh_shell::limits::LimitArgs,
@@ -198,6 +209,8 @@ impl From<&Args> for Config {
             tls_handshake_timeout: a.tls_handshake_timeout,
             connect_timeout: a.connect_timeout,
             max_connections_per_pod: args.max_connections_per_pod,
+            threading: args.threading,
+            data_workers: args.threading.data_workers(a.worker_threads),
             limits: a.limits.clone(),
         }
     }
@@ -281,6 +294,8 @@ mod tests {
             "tls_handshake_timeout",
             "connect_timeout",
             "max_connections_per_pod",
+            "threading",
+            "data_workers",
             "max_connections",
             "max_tls_handshakes",
             "max_tls_handshakes_per_source",
@@ -352,6 +367,7 @@ mod tests {
             "ZTUNNEL_TCP_KEEPALIVE_INTERVAL",
             "ZTUNNEL_TCP_KEEPALIVE_PROBES",
             "ZTUNNEL_TCP_USER_TIMEOUT",
+            "ZTUNNEL_THREADING",
             "ZTUNNEL_TLS_HANDSHAKES_PER_SOURCE_PER_SEC",
             "ZTUNNEL_TLS_HANDSHAKE_TIMEOUT",
             "ZTUNNEL_TRUST_DOMAIN",

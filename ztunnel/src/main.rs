@@ -18,7 +18,8 @@ fn main() -> anyhow::Result<()> {
         e.exit();
     }
     let cfg = Config::from(&args);
-    let (log_format, workers) = (args.process.log_format, args.process.worker_threads);
+    let log_format = args.process.log_format;
+    let workers = args.threading.runtime_workers(args.process.worker_threads);
     if args.release_all {
         return mesh_shell::process::main("ztunnel", log_format, workers, |_| async move {
             ztunnel::uninstall::release_all(&cfg).await.map(|_| ())

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::SKIP_MARK;
 use crate::netns::{Netns, NetnsError};
@@ -65,12 +65,14 @@ pub enum ListenFor {
 /// next agent binds the same pod ports while this one still serves, and the kernel spreads
 /// new connections over both until one closes (`tcp_migrate_req`, set per pod namespace by
 /// [`migrate_requests_in`], moves what was queued on the closed one to the other).
+/// Non-blocking, and not yet registered with a runtime: the task that serves it does that
+/// ([`tokio::net::TcpListener::from_std`]) on the runtime it runs on.
 pub fn listen_in(
     netns: &Netns,
     home: &Netns,
     addr: SocketAddr,
     setup: ListenFor,
-) -> Result<TcpListener, SocketError> {
+) -> Result<std::net::TcpListener, SocketError> {
     let bind_err = |source| SocketError::Bind {
         addr,
         netns: netns.path().display().to_string(),
@@ -90,8 +92,7 @@ pub fn listen_in(
         s.listen(1024)?;
         Ok(s)
     })?;
-    let sock = sock.map_err(bind_err)?;
-    TcpListener::from_std(sock.into()).map_err(bind_err)
+    Ok(sock.map_err(bind_err)?.into())
 }
 
 /// The sysctl that makes a closing `SO_REUSEPORT` listener hand the connections in its

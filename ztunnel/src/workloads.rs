@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use mesh_model::model::{Model, NamespacedName, Pod};
 use serde::Serialize;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -51,6 +52,38 @@ struct Fingerprint {
     uid: Option<String>,
     ips: Vec<IpAddr>,
     service_account: String,
+}
+
+/// One data worker's listeners for a pod.
+struct Listeners {
+    outbound: std::net::TcpListener,
+    plaintext: std::net::TcpListener,
+    hbone: std::net::TcpListener,
+}
+
+/// Spawns the task serving one of a pod's listeners on its data worker (or on the shared
+/// runtime); the listener is registered with the runtime of the task, so that its wake-ups
+/// come from the thread that serves it.
+fn spawn_on<S, F>(
+    worker: Option<&tokio::runtime::Handle>,
+    span: tracing::Span,
+    listener: std::net::TcpListener,
+    serve: S,
+) where
+    S: FnOnce(TcpListener) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let task = async move {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => serve(listener).await,
+            Err(e) => tracing::error!(error = %e, "a pod listener could not be registered"),
+        }
+    }
+    .instrument(span);
+    match worker {
+        Some(handle) => drop(handle.spawn(task)),
+        None => drop(tokio::spawn(task)),
+    }
 }
 
 fn fingerprint(p: &Pod) -> Fingerprint {
@@ -259,9 +292,17 @@ impl Manager {
             }
         }
         let listen = |ip, port| socket::listen_in(&netns, home, SocketAddr::new(ip, port), setup);
-        let outbound = listen(lo, OUTBOUND_PORT)?;
-        let plaintext = listen(any, INBOUND_PLAINTEXT_PORT)?;
-        let hbone = listen(any, HBONE_PORT)?;
+        // A set of listeners per data worker (one on the shared runtime): each port's
+        // listeners form one `SO_REUSEPORT` group, over which the kernel spreads connections.
+        let sets = (0..self.pi.workers.len().max(1))
+            .map(|_| {
+                Ok::<_, EnrollError>(Listeners {
+                    outbound: listen(lo, OUTBOUND_PORT)?,
+                    plaintext: listen(any, INBOUND_PLAINTEXT_PORT)?,
+                    hbone: listen(any, HBONE_PORT)?,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut redirections = lock(&self.redirections);
         let capture = match cfg.redirect {
             Redirect::Nftables => {
@@ -270,8 +311,15 @@ impl Manager {
             }
             Redirect::Ebpf => {
                 let pins = redirect::ebpf::pin_dir(&cfg.bpf_fs, &key, &netns)?;
+                // The capture hands a connection to one listener of each group; the
+                // kernel's reuseport selection then picks among the group.
+                let first = &sets[0];
                 Some(redirect::ebpf::install(
-                    &netns, &pod.ips, &plaintext, &outbound, &pins,
+                    &netns,
+                    &pod.ips,
+                    &first.plaintext,
+                    &first.outbound,
+                    &pins,
                 )?)
             }
             Redirect::Auto | Redirect::None | Redirect::Loopback => None,
@@ -312,18 +360,22 @@ impl Manager {
             });
         }
         let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);
-        tokio::spawn(
-            proxy::outbound::run(outbound, ctx.clone(), pi.clone(), ctx.outbound_stop.clone())
-                .instrument(span("outbound")),
-        );
-        tokio::spawn(
-            proxy::inbound_passthrough::run(plaintext, ctx.clone(), pi.clone(), stop.clone())
-                .instrument(span("inbound_plaintext")),
-        );
-        tokio::spawn(
-            proxy::inbound::run(hbone, ctx.clone(), pi.clone(), stop.clone())
-                .instrument(span("inbound_hbone")),
-        );
+        for (worker, set) in sets.into_iter().enumerate() {
+            let on = pi.workers.get(worker);
+            let (pod, pi, out_stop, stop) = (&ctx, pi, &ctx.outbound_stop, &stop);
+            spawn_on(on, span("outbound"), set.outbound, {
+                let (pod, pi, stop) = (pod.clone(), pi.clone(), out_stop.clone());
+                move |l| proxy::outbound::run(l, pod, pi, stop)
+            });
+            spawn_on(on, span("inbound_plaintext"), set.plaintext, {
+                let (pod, pi, stop) = (pod.clone(), pi.clone(), stop.clone());
+                move |l| proxy::inbound_passthrough::run(l, pod, pi, stop)
+            });
+            spawn_on(on, span("inbound_hbone"), set.hbone, {
+                let (pod, pi, stop) = (pod.clone(), pi.clone(), stop.clone());
+                move |l| proxy::inbound::run(l, pod, pi, stop)
+            });
+        }
         if cfg.redirect == Redirect::Ebpf {
             tokio::spawn(sweep_direct(ctx.clone()));
         }

@@ -127,6 +127,58 @@ async fn pod_to_pod_across_nodes_goes_over_hbone_with_both_identities() -> Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_worker_threading_serves_each_workers_share_over_its_own_pool() -> Result<()> {
+    // (threading, workers, HBONE connections each pool should hold)
+    for (threading, workers, per_pool) in [("per-worker", 2, 1), ("shared", 2, 1)] {
+        let flags = [
+            format!("--threading={threading}"),
+            format!("--worker-threads={workers}"),
+        ];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mesh = Cluster::start_with_flags(two_nodes(&format!("t_{threading}")), &flags).await?;
+        let _app = mesh.echo("default/server", APP).await?;
+        let mut open = Vec::new();
+        for i in 0..24 {
+            let mut conn = mesh
+                .connect("default/client", mesh.addr("default/server", APP)?)
+                .await?;
+            let payload = format!("connection #{i}");
+            let back = exchange(&mut conn, payload.as_bytes()).await?;
+            ensure!(back == payload.as_bytes(), "{threading}: echo #{i}");
+            open.push(conn);
+        }
+        // The kernel spread the 24 connections over the workers' listeners (by a hash of
+        // each one's addresses: all on one of two has odds of 2^-23), and each worker sent
+        // its share over an HBONE connection of its own pool.
+        let dump = mesh.config_dump("n1").await?;
+        let pools = dump["pool_per_worker"]
+            .as_array()
+            .ok_or_else(|| anyhow::anyhow!("no pool_per_worker in {dump}"))?;
+        let count = |p: &serde_json::Value, k: &str| p[k].as_u64().unwrap_or(u64::MAX);
+        let expected_pools = if threading == "shared" { 1 } else { workers };
+        ensure!(
+            pools.len() == expected_pools
+                && pools.iter().all(|p| count(p, "connections") == per_pool
+                    && (1..=24).contains(&count(p, "streams"))),
+            "{threading}: pools {pools:?}"
+        );
+        let streams: u64 = pools.iter().map(|p| count(p, "streams")).sum();
+        ensure!(
+            streams == 24,
+            "{threading}: {streams} streams for 24 connections"
+        );
+        ensure!(
+            dump["pool"]["streams"] == 24,
+            "{threading}: {}",
+            dump["pool"]
+        );
+        drop(open);
+        mesh.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_vip_is_balanced_round_robin_over_its_two_endpoints() -> Result<()> {
     let mesh = Cluster::start(two_nodes("vip")).await?;
     let (one, two) = (

@@ -75,7 +75,12 @@ pub struct ProxyInputs {
     pub cfg: Arc<Config>,
     pub model: Arc<ArcSwap<Model>>,
     pub certs: Arc<CertManager>,
-    pub pool: Pool,
+    /// The HBONE pools: one per data worker ([`ProxyInputs::pool`] picks the caller's), one
+    /// when the runtime is shared.
+    pools: Vec<Pool>,
+    /// `--threading per-worker`: the data workers' runtimes, where each pod gets a set of
+    /// listeners (empty: the listeners run on the shared runtime).
+    pub workers: Vec<tokio::runtime::Handle>,
     pub metrics: Arc<Metrics>,
     pub conns: Arc<ConnTracker>,
     /// The agent's own network namespace, to return to after opening a socket in a pod's.
@@ -103,7 +108,8 @@ impl ProxyInputs {
         cfg: Arc<Config>,
         model: Arc<ArcSwap<Model>>,
         certs: Arc<CertManager>,
-        pool: Pool,
+        pool: mesh_hbone::PoolConfig,
+        workers: Vec<tokio::runtime::Handle>,
         metrics: Arc<Metrics>,
         conns: Arc<ConnTracker>,
         home: Arc<Netns>,
@@ -119,7 +125,10 @@ impl ProxyInputs {
             cfg,
             model,
             certs,
-            pool,
+            pools: (0..workers.len().max(1))
+                .map(|_| Pool::new(pool.clone()))
+                .collect(),
+            workers,
             metrics,
             conns,
             home,
@@ -128,6 +137,31 @@ impl ProxyInputs {
             open: Arc::default(),
             round_robin: RoundRobin::default(),
         }
+    }
+
+    /// The HBONE pool of the data worker this runs on (the first one off the workers), so
+    /// that a connection and the HTTP/2 connection carrying its stream share a thread.
+    pub fn pool(&self) -> &Pool {
+        let worker = mesh_shell::workers::current().unwrap_or(0);
+        &self.pools[worker % self.pools.len()]
+    }
+
+    /// The HBONE pools, in worker order.
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// The pools' connections and streams added up (`/config_dump`).
+    pub fn pool_stats(&self) -> mesh_hbone::PoolStats {
+        self.pools
+            .iter()
+            .map(Pool::stats)
+            .fold(mesh_hbone::PoolStats::default(), |sum, s| {
+                mesh_hbone::PoolStats {
+                    connections: sum.connections + s.connections,
+                    streams: sum.streams + s.streams,
+                }
+            })
     }
 
     /// The next round-robin start index for a service.

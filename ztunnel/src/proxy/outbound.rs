@@ -463,7 +463,7 @@ async fn open_hbone(
                 .map_err(std::io::Error::other)
         };
         let req = hbone::connect_request(target, &headers);
-        match pi.pool.connect(key.clone(), tls.clone(), dial, req).await {
+        match pi.pool().connect(key.clone(), tls.clone(), dial, req).await {
             Err(e) if attempt == 0 && never_processed(&e) => {
                 tracing::debug!(error = %e, dst = %hbone_addr, "stream refused by a draining peer; trying again");
                 attempt += 1;

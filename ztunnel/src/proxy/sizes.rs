@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use clap::Parser;
-use mesh_hbone::{Pool, PoolConfig};
+use mesh_hbone::PoolConfig;
 use mesh_model::identity::Identity;
 use mesh_model::model::{Model, NamespacedName};
 use mesh_pki::certs::CertManager;
@@ -74,7 +74,8 @@ fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
         cfg.clone(),
         Arc::new(ArcSwap::from_pointee(Model::default())),
         certs,
-        Pool::new(PoolConfig::default()),
+        PoolConfig::default(),
+        Vec::new(),
         Metrics::new(),
         Arc::new(ConnTracker::default()),
         home.clone(),

@@ -1,0 +1,150 @@
+//! One runtime per worker thread for the data path (`--threading per-worker`).
+//!
+//! On the shared multi-threaded runtime the tasks of one connection (the accepted socket's
+//! task, the HTTP/2 connection task it sends its stream through, the task that delivers to
+//! the application) are woken on whichever worker polls the I/O driver and stolen by
+//! whichever is idle: each request crosses threads, which costs a wake-up, a context switch
+//! and cold caches. Here each worker is an OS thread running its own current-thread Tokio
+//! runtime; a binary gives every worker its own listeners (bound with `SO_REUSEPORT`, so the
+//! kernel spreads new connections over them) and its own connection pools, and everything a
+//! connection does then stays on the thread that accepted it.
+//!
+//! [`current`] tells code running on a worker which one it is (to pick that worker's pool).
+//! The workers stop when [`Workers`] is dropped: each runtime is then dropped on its own
+//! thread, which cancels the tasks still on it (open connections close, as at process exit).
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::thread;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+thread_local! {
+    static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The index of the worker this thread is, or `None` off the workers (the control runtime,
+/// a test's runtime, a blocking thread).
+pub fn current() -> Option<usize> {
+    INDEX.with(Cell::get)
+}
+
+/// A set of worker threads, each running its own current-thread runtime until dropped.
+pub struct Workers {
+    handles: Vec<Handle>,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+impl Workers {
+    /// Starts `n` workers (at least one) named `<name>-data-<i>` (Linux keeps 15 bytes of a
+    /// thread name), each with I/O and timers, returning its allocation cache when idle
+    /// ([`crate::allocator`]).
+    pub fn start(name: &str, n: usize) -> io::Result<Workers> {
+        let mut workers = Workers {
+            handles: Vec::with_capacity(n.max(1)),
+            stops: Vec::with_capacity(n.max(1)),
+        };
+        for index in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(crate::allocator::on_park)
+                .build()?;
+            let (stop, stopped) = oneshot::channel::<()>();
+            workers.handles.push(rt.handle().clone());
+            workers.stops.push(stop);
+            // A failed spawn drops `workers`, which stops the ones already running.
+            thread::Builder::new()
+                .name(format!("{name}-data-{index}"))
+                .spawn(move || {
+                    INDEX.with(|i| i.set(Some(index)));
+                    // Ends when the sender is dropped (or sends); the runtime, with the
+                    // tasks left on it, is dropped here on its own thread.
+                    let _ = rt.block_on(stopped);
+                })?;
+        }
+        Ok(workers)
+    }
+
+    /// The number of workers.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Never true: [`Workers::start`] starts at least one.
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Handles to spawn on each worker, in worker order (what [`current`] returns on it).
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+
+    /// Spawns `fut` on worker `index` (modulo the number of workers).
+    pub fn spawn_on<F>(&self, index: usize, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handles[index % self.handles.len()].spawn(fut)
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Dropping the senders wakes every worker's `block_on`; the threads are not joined
+        // (this may run on an async thread, which must not block).
+        self.stops.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn each_worker_runs_its_tasks_on_its_own_thread_and_knows_its_index() {
+        let workers = Workers::start("test", 3).expect("start");
+        assert_eq!(workers.len(), 3);
+        assert_eq!(current(), None, "the test's own runtime is no worker");
+        let mut threads = Vec::new();
+        for i in 0..3 {
+            let (index, thread) = workers
+                .spawn_on(i, async {
+                    // A task it spawns stays on the same worker.
+                    tokio::spawn(async { (current(), thread::current().id()) })
+                        .await
+                        .expect("inner task")
+                })
+                .await
+                .expect("task");
+            assert_eq!(index, Some(i));
+            threads.push(thread);
+        }
+        threads.dedup();
+        assert_eq!(threads.len(), 3, "three distinct threads");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_workers_cancels_what_still_runs_on_them() {
+        let workers = Workers::start("test", 1).expect("start");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = workers.spawn_on(0, async move {
+            let _held = tx;
+            std::future::pending::<()>().await
+        });
+        drop(workers);
+        // The task's future (holding the sender) is dropped with the runtime.
+        let closed = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        assert!(matches!(closed, Ok(Err(_))), "sender dropped: {closed:?}");
+        let joined = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(
+            matches!(joined, Ok(Err(ref e)) if e.is_cancelled()),
+            "{joined:?}"
+        );
+    }
+}

@@ -211,11 +211,11 @@ struct Shared {
     streams: u32,
 }
 
+/// One worker's pooled connections (see [`Upstreams::new`]).
 #[derive(Default)]
 struct Conns {
     http1: HashMap<Key, Vec<Idle>>,
     http2: HashMap<Key, Shared>,
-    slots: HashMap<Key, Arc<Slots>>,
 }
 
 /// Settings of [`Upstreams`].
@@ -233,14 +233,22 @@ pub struct UpstreamConfig {
     /// The HBONE pool's settings (windows, receive-buffer budget, PING liveness, connections
     /// per peer, send stalls); `connect_timeout` above replaces its own.
     pub hbone: hbone::PoolConfig,
+    /// Which data worker the caller runs on (the process shell's `workers::current`;
+    /// `|| None` on a shared runtime): it picks that worker's pools.
+    pub worker: fn() -> Option<usize>,
 }
 
 /// Opens and pools upstream connections. Shared as `Arc<Upstreams>`.
 pub struct Upstreams {
     cfg: UpstreamConfig,
     certs: Arc<CertManager>,
-    hbone: hbone::Pool,
-    conns: Mutex<Conns>,
+    /// Per data worker (`--threading per-worker`; one when the runtime is shared): a
+    /// request and the connections it uses stay on one thread.
+    hbone: Vec<hbone::Pool>,
+    conns: Vec<Mutex<Conns>>,
+    /// `tcp.maxConnections` slots per endpoint: shared by the workers, so that the limit is
+    /// the DestinationRule's for the whole proxy.
+    slots: Mutex<HashMap<Key, Arc<Slots>>>,
     round_robin: RoundRobin<NamespacedName>,
     /// Balancer state per (service, port, subset).
     pub clusters: Clusters,
@@ -251,17 +259,26 @@ pub struct Upstreams {
 // === impl Upstreams ===
 
 impl Upstreams {
-    pub fn new(cfg: UpstreamConfig, certs: Arc<CertManager>) -> Arc<Upstreams> {
-        let hbone = hbone::Pool::new(hbone::PoolConfig {
-            connect_timeout: cfg.connect_timeout,
-            ..cfg.hbone.clone()
-        });
+    /// `workers`: how many data workers pick their own pools (by `cfg.worker`); 1 on a
+    /// shared runtime. Balancing, outlier detection, connection limits and TLS origination
+    /// settings are shared by all.
+    pub fn new(cfg: UpstreamConfig, certs: Arc<CertManager>, workers: usize) -> Arc<Upstreams> {
+        let workers = workers.max(1);
+        let hbone = (0..workers)
+            .map(|_| {
+                hbone::Pool::new(hbone::PoolConfig {
+                    connect_timeout: cfg.connect_timeout,
+                    ..cfg.hbone.clone()
+                })
+            })
+            .collect();
         let clusters = Clusters::new(cfg.outlier_ejections.clone());
         Arc::new(Upstreams {
             cfg,
             certs,
             hbone,
-            conns: Mutex::default(),
+            conns: (0..workers).map(|_| Mutex::default()).collect(),
+            slots: Mutex::default(),
             round_robin: RoundRobin::default(),
             clusters,
             origins: Origins::default(),
@@ -273,13 +290,22 @@ impl Upstreams {
         self.round_robin.next(svc)
     }
 
-    pub fn hbone_stats(&self) -> hbone::PoolStats {
-        self.hbone.stats()
+    /// The HBONE pools' connections and streams, per data worker (`/config_dump`).
+    pub fn hbone_stats(&self) -> Vec<hbone::PoolStats> {
+        self.hbone.iter().map(hbone::Pool::stats).collect()
     }
 
+    /// This data worker's index into the per-worker pools (0 off the workers).
+    fn worker(&self) -> usize {
+        (self.cfg.worker)().unwrap_or(0) % self.conns.len()
+    }
+
+    /// This worker's pooled connections.
     fn conns(&self) -> MutexGuard<'_, Conns> {
         // Every update is a single insert or remove: a panic cannot leave it inconsistent.
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+        self.conns[self.worker()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// A byte stream to `ep`: an HBONE tunnel (from `local_ip`, the waypoint's address, for
@@ -388,8 +414,7 @@ impl Upstreams {
             keepalive.apply(&tcp)?;
             Ok(tcp)
         };
-        let stream = self
-            .hbone
+        let stream = self.hbone[self.worker()]
             .connect(key, tls, dial, req)
             .await
             .map_err(|source| UpstreamError::Hbone { addr, source })?;
@@ -537,12 +562,12 @@ impl Upstreams {
             return Ok(self.pooled_h1(key).ok_or(None));
         };
         let slots = {
-            let mut conns = self.conns();
-            if conns.slots.len() >= MAX_SLOT_ENTRIES {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if slots.len() >= MAX_SLOT_ENTRIES {
                 // Endpoints come and go: forget those without a connection or a waiter.
-                conns.slots.retain(|_, s| Arc::strong_count(s) > 1);
+                slots.retain(|_, s| Arc::strong_count(s) > 1);
             }
-            conns.slots.entry(key.clone()).or_default().clone()
+            slots.entry(key.clone()).or_default().clone()
         };
         let deadline = tokio::time::Instant::now() + MAX_PENDING_WAIT;
         let mut waiting: Option<Pending> = None;

@@ -68,6 +68,20 @@ impl Workers {
         Ok(workers)
     }
 
+    /// `--threading per-worker`'s data workers (`n`, from `Threading::data_workers`), or
+    /// none on a shared runtime (`None`), and handles to spawn on them (empty then).
+    pub fn start_data_path(
+        name: &str,
+        n: Option<usize>,
+    ) -> io::Result<(Option<Workers>, Vec<Handle>)> {
+        let workers = n.map(|n| Workers::start(name, n)).transpose()?;
+        let handles = workers
+            .as_ref()
+            .map(|w| w.handles().to_vec())
+            .unwrap_or_default();
+        Ok((workers, handles))
+    }
+
     /// The number of workers.
     pub fn len(&self) -> usize {
         self.handles.len()

@@ -21,6 +21,7 @@ use mesh_shell::conns::Active;
 use mesh_shell::logging::LogHandle;
 use mesh_shell::process::{spawn, AppHandle};
 use mesh_shell::source::{Installed, Source};
+use mesh_shell::workers::Workers;
 use tokio_util::sync::CancellationToken;
 use tracing::info_span;
 
@@ -75,6 +76,10 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         }
     });
     let model = installed.model.clone();
+    // `--threading per-worker`: the HBONE connections and the upstream pools live on these;
+    // they stop (cutting what still runs on them, as an exit does) when the drain is over.
+    let (workers, handles) = Workers::start_data_path("waypoint", cfg.data_workers)
+        .context("start the data-path workers")?;
     let upstreams = Upstreams::new(
         UpstreamConfig {
             identity: cfg.identity.clone(),
@@ -84,8 +89,10 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
             keepalive: cfg.limits.keepalive(),
             outlier_ejections: http_metrics.outlier_ejections.clone(),
             hbone: cfg.limits.hbone_pool(),
+            worker: mesh_shell::workers::current,
         },
         certs.clone(),
+        handles.len(),
     );
     let stop = CancellationToken::new();
     let jwks_tls = mesh_l7::jwks::tls_config(cfg.jwks_ca_file.as_deref())
@@ -98,7 +105,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         certs: certs.clone(),
         metrics: metrics.clone(),
         http_metrics,
-        upstreams,
+        upstreams: upstreams.clone(),
         jwks: jwks.clone(),
         drain: stop.clone(),
         access_log: access_log.clone(),
@@ -114,6 +121,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         inputs,
         active.clone(),
         &cfg.limits,
+        handles,
     )
     .await?;
     let hbone = inbound.local_addr().unwrap_or(cfg.hbone_addr);
@@ -124,6 +132,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         access_log,
         certs: certs.clone(),
         identity: cfg.identity.clone(),
+        upstreams,
     });
     let endpoints =
         mesh_shell::admin::start(cfg.endpoints, LISTENERS, state, ctl.clone(), stop.clone())
@@ -162,6 +171,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         stop.cancel();
         let _ = inbound_task.await;
         mesh_shell::process::drain(cfg.drain_timeout, active.idle(), || active.len()).await;
+        drop(workers);
     });
     Ok(AppHandle::new(
         Addrs { hbone, endpoints },

@@ -12,9 +12,10 @@ use mesh_model::model::NamespacedName;
 
 /// The shared flags, defaults and types (`mesh_shell::config`), as the waypoint's own.
 pub use mesh_shell::config::{
-    parse_duration, ConfigSource, LogFormat, ProcessArgs, DEFAULT_ADMIN_ADDR, DEFAULT_CERT_TTL,
-    DEFAULT_CONFIG_POLL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_METRICS_ADDR,
-    DEFAULT_READINESS_ADDR, DEFAULT_TLS_HANDSHAKE_TIMEOUT, DEFAULT_TRUST_DOMAIN,
+    parse_duration, ConfigSource, LogFormat, ProcessArgs, Threading, DEFAULT_ADMIN_ADDR,
+    DEFAULT_CERT_TTL, DEFAULT_CONFIG_POLL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_METRICS_ADDR, DEFAULT_READINESS_ADDR, DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+    DEFAULT_TRUST_DOMAIN,
 };
 
 /// Every flag without an explicit env var is read from `WAYPOINT_<FLAG>` too.
@@ -57,6 +58,13 @@ pub struct Args {
     /// HBONE listener (mTLS, HTTP/2 CONNECT).
     #[arg(long, env = "WAYPOINT_HBONE_ADDR", default_value = DEFAULT_HBONE_ADDR)]
     pub hbone_addr: SocketAddr,
+    /// `shared`: one runtime whose `--worker-threads` workers take any task. `per-worker`:
+    /// each worker thread runs its own runtime and upstream pools; accepted HBONE
+    /// connections are dealt to the workers in turn, and each stays, with every request it
+    /// carries and the upstream connections they use, on its worker. Balancing, outlier
+    /// detection and connection limits stay shared.
+    #[arg(long, env = "WAYPOINT_THREADING", value_enum, default_value = mesh_shell::config::DEFAULT_THREADING)]
+    pub threading: Threading,
     // The flags every mesh binary has (`WAYPOINT_<FLAG>`): config source and directory (the
     // same one every node agent reads), CA, trust domain, certificate lifetime, the admin
     // (`/config_dump`, `/logging`, `/quitquitquit`), metrics and readiness addresses,
@@ -117,6 +125,10 @@ pub struct Config {
     pub trust_domain: String,
     pub cert_ttl: Duration,
     pub hbone_addr: SocketAddr,
+    /// `--threading`; with `per-worker`, `data_workers` runtimes serve the HBONE
+    /// connections.
+    pub threading: Threading,
+    pub data_workers: Option<usize>,
     /// Admin, metrics and readiness listeners.
     pub endpoints: mesh_shell::admin::Addrs,
     pub config_poll: Duration,
@@ -165,6 +177,8 @@ impl From<&Args> for Config {
             trust_domain: a.trust_domain.clone(),
             cert_ttl: a.cert_ttl,
             hbone_addr: args.hbone_addr,
+            threading: args.threading,
+            data_workers: args.threading.data_workers(a.worker_threads),
             endpoints: a.endpoints(),
             config_poll: a.config_poll,
             drain_timeout: a.drain_timeout,
@@ -295,6 +309,7 @@ mod tests {
             "WAYPOINT_TCP_KEEPALIVE_INTERVAL",
             "WAYPOINT_TCP_KEEPALIVE_PROBES",
             "WAYPOINT_TCP_USER_TIMEOUT",
+            "WAYPOINT_THREADING",
             "WAYPOINT_TLS_HANDSHAKES_PER_SOURCE_PER_SEC",
             "WAYPOINT_TLS_HANDSHAKE_TIMEOUT",
             "WAYPOINT_TRUST_DOMAIN",

@@ -71,6 +71,9 @@ pub struct Inbound {
     handshake_cap: HandshakeCap,
     keepalive: mesh_hbone::tcp::Keepalive,
     hbone: hbone::ServerConfig,
+    /// `--threading per-worker`: the data workers' runtimes, to which accepted connections
+    /// are dealt in turn (empty: they run on the shared runtime).
+    workers: Vec<tokio::runtime::Handle>,
 }
 
 /// Refusal of one CONNECT: status, `response_flags`/reason label, message.
@@ -84,6 +87,7 @@ impl Inbound {
         inputs: Arc<Inputs>,
         active: Arc<Active>,
         limits: &LimitArgs,
+        workers: Vec<tokio::runtime::Handle>,
     ) -> Result<Inbound, InboundError> {
         let addr = cfg.addr;
         let identity = inputs.cfg.identity.clone();
@@ -102,6 +106,7 @@ impl Inbound {
             handshake_cap: limits.handshake_cap(),
             keepalive: limits.keepalive(),
             hbone: limits.hbone_server(),
+            workers,
         })
     }
 
@@ -112,6 +117,10 @@ impl Inbound {
     /// Accepts until the drain signal; each connection runs in its own task and span.
     /// Accept errors back off while descriptors are short (`mesh_shell::accept`) and never
     /// end the listener. Over the connection cap a connection is closed at once (flag OM).
+    /// With data workers, each connection goes to the next worker in turn: an HBONE
+    /// connection is long-lived and carries many requests, so dealing them (rather than
+    /// `SO_REUSEPORT`'s hash, which can put an agent's two connections on one worker)
+    /// keeps the workers' shares even.
     pub async fn run(self) {
         let Inbound {
             listener,
@@ -123,8 +132,10 @@ impl Inbound {
             handshake_cap,
             keepalive,
             hbone,
+            workers,
         } = self;
         let hbone = Arc::new(hbone);
+        let mut next_worker = 0usize;
         let drain = inputs.drain.clone();
         let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
             let Some(slot) = conn_cap.admit(&inputs.metrics, REPORTER, "hbone", peer) else {
@@ -139,13 +150,32 @@ impl Inbound {
             let guard = active.enter();
             let (tls, inputs, hbone) = (tls.clone(), inputs.clone(), hbone.clone());
             let handshake_cap = handshake_cap.clone();
-            tokio::spawn(
+            let serve = move |tcp| {
                 async move {
                     let _held = (guard, slot);
                     handle_conn(tcp, peer, tls, cfg, &hbone, &handshake_cap, inputs).await;
                 }
-                .instrument(span),
-            );
+                .instrument(span)
+            };
+            if workers.is_empty() {
+                tokio::spawn(serve(tcp));
+                return;
+            }
+            let worker = &workers[next_worker % workers.len()];
+            next_worker = next_worker.wrapping_add(1);
+            // Registered again with the worker's own I/O driver, so that its wake-ups come
+            // from the thread that serves it.
+            match tcp.into_std() {
+                Ok(std) => drop(worker.spawn(async move {
+                    match TcpStream::from_std(std) {
+                        Ok(tcp) => serve(tcp).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, %peer, "hand a connection to a worker")
+                        }
+                    }
+                })),
+                Err(e) => tracing::warn!(error = %e, %peer, "hand a connection to a worker"),
+            }
         };
         mesh_shell::accept::serve("hbone", || listener.accept(), accepted, drain).await
     }

@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     mesh_shell::process::main(
         "waypoint",
         args.process.log_format,
-        args.process.worker_threads,
+        args.threading.runtime_workers(args.process.worker_threads),
         |log| waypoint::app::run(cfg, log),
     )
 }

@@ -35,6 +35,8 @@ pub struct StatsState {
     /// mode): not ready without it.
     pub certs: Arc<CertManager>,
     pub identity: Identity,
+    /// The upstream pools, for their HBONE connection counts per data worker.
+    pub upstreams: Arc<mesh_l7::upstream::Upstreams>,
 }
 
 impl AdminApp for StatsState {
@@ -53,6 +55,7 @@ impl AdminApp for StatsState {
             "certificates": self.certs.dump(),
             "certificates_pending": self.certs.pending(),
             "access_log": *self.access_log.decision(),
+            "upstream_hbone_pools": self.upstreams.hbone_stats(),
             "model": model.dump(),
         }))
     }

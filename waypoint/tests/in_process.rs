@@ -80,6 +80,47 @@ async fn expect_path(client: &support::Client, target: &str, path: &str) -> Resu
     Ok(())
 }
 
+// --- threading ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_worker_threading_deals_hbone_connections_to_workers_with_their_own_pools() -> Result<()>
+{
+    // (threading, upstream HBONE pools)
+    for (threading, pools) in [("per-worker", 2), ("shared", 1)] {
+        let flags = [
+            format!("--threading={threading}"),
+            "--worker-threads=2".into(),
+        ];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mesh = Mesh::start_with_flags("", &flags).await?;
+        // Two identities: two HBONE connections to the waypoint, dealt one to each worker
+        // (per-worker), each then calling the backend over its own worker's pool.
+        for who in [identity("app", "sleep"), identity("app", "other")] {
+            for _ in 0..3 {
+                let reply = mesh.client(who.clone())?.get("/threads").await?;
+                assert_eq!(reply.status, 200, "{threading} {who}: {reply:?}");
+            }
+        }
+        let dump = mesh.config_dump().await?;
+        let stats = dump["upstream_hbone_pools"]
+            .as_array()
+            .with_context(|| format!("no upstream_hbone_pools in {dump}"))?;
+        let connections: Vec<u64> = stats
+            .iter()
+            .map(|p| p["connections"].as_u64().unwrap_or(u64::MAX))
+            .collect();
+        // Each pool holds a connection to each backend its requests were balanced to (one
+        // or both of the two).
+        assert_eq!(connections.len(), pools, "{threading}: {stats:?}");
+        assert!(
+            connections.iter().all(|c| (1..=2).contains(c)),
+            "{threading}: {stats:?}"
+        );
+        mesh.stop().await?;
+    }
+    Ok(())
+}
+
 // --- authorization ---
 
 /// Starts a mesh with `yaml`, then sends each request of `cases` (client `ns/sa`, method,

@@ -74,15 +74,8 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
     };
     // `--threading per-worker`: the pods' listeners and the HBONE pools live on these; they
     // stop (cutting what still runs on them, as an exit does) when the drain is over.
-    let workers = cfg
-        .data_workers
-        .map(|n| Workers::start("ztunnel", n))
-        .transpose()
+    let (workers, handles) = Workers::start_data_path("ztunnel", cfg.data_workers)
         .context("start the data-path workers")?;
-    let handles = workers
-        .as_ref()
-        .map(|w| w.handles().to_vec())
-        .unwrap_or_default();
     let conns = Arc::new(ConnTracker::default());
     let stop = CancellationToken::new();
     // Ends what the drain still needs (config, certificate renewal, policy re-checks of the

@@ -54,11 +54,11 @@ struct Fingerprint {
     service_account: String,
 }
 
-/// One data worker's listeners for a pod.
+/// One data worker's captured listeners for a pod (15008 has one listener, whose
+/// connections are dealt to the workers: `proxy::inbound`).
 struct Listeners {
     outbound: std::net::TcpListener,
     plaintext: std::net::TcpListener,
-    hbone: std::net::TcpListener,
 }
 
 /// Spawns the task serving one of a pod's listeners on its data worker (or on the shared
@@ -292,17 +292,20 @@ impl Manager {
             }
         }
         let listen = |ip, port| socket::listen_in(&netns, home, SocketAddr::new(ip, port), setup);
-        // A set of listeners per data worker (one on the shared runtime): each port's
-        // listeners form one `SO_REUSEPORT` group, over which the kernel spreads connections.
+        // The captured ports get a listener per data worker (one on the shared runtime):
+        // each port's listeners form one `SO_REUSEPORT` group, over which the kernel spreads
+        // the many short connections an application opens. HBONE gets one listener: its few
+        // long-lived connections are dealt to the workers in turn instead (a hash could put
+        // a peer's two on one worker).
         let sets = (0..self.pi.workers.len().max(1))
             .map(|_| {
                 Ok::<_, EnrollError>(Listeners {
                     outbound: listen(lo, OUTBOUND_PORT)?,
                     plaintext: listen(any, INBOUND_PLAINTEXT_PORT)?,
-                    hbone: listen(any, HBONE_PORT)?,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let hbone = listen(any, HBONE_PORT)?;
         let mut redirections = lock(&self.redirections);
         let capture = match cfg.redirect {
             Redirect::Nftables => {
@@ -360,6 +363,10 @@ impl Manager {
             });
         }
         let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);
+        spawn_on(pi.next_worker(), span("inbound_hbone"), hbone, {
+            let (pod, pi, stop) = (ctx.clone(), pi.clone(), stop.clone());
+            move |l| proxy::inbound::run(l, pod, pi, stop)
+        });
         for (worker, set) in sets.into_iter().enumerate() {
             let on = pi.workers.get(worker);
             let (pod, pi, out_stop, stop) = (&ctx, pi, &ctx.outbound_stop, &stop);
@@ -370,10 +377,6 @@ impl Manager {
             spawn_on(on, span("inbound_plaintext"), set.plaintext, {
                 let (pod, pi, stop) = (pod.clone(), pi.clone(), stop.clone());
                 move |l| proxy::inbound_passthrough::run(l, pod, pi, stop)
-            });
-            spawn_on(on, span("inbound_hbone"), set.hbone, {
-                let (pod, pi, stop) = (pod.clone(), pi.clone(), stop.clone());
-                move |l| proxy::inbound::run(l, pod, pi, stop)
             });
         }
         if cfg.redirect == Redirect::Ebpf {

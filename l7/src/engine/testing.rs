@@ -170,8 +170,10 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
             keepalive: mesh_hbone::tcp::Keepalive::default(),
             outlier_ejections: http_metrics.outlier_ejections.clone(),
             hbone: mesh_hbone::PoolConfig::default(),
+            worker: || None,
         },
         certs.clone(),
+        1,
     );
     let jwks_settings = JwksSettings {
         refresh: Duration::from_secs(20 * 60),

@@ -15,6 +15,7 @@ use mesh_model::identity::Identity;
 use mesh_model::policy::L4Request;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{
     accept_loop, inbound_labels, record_refusal, relay_counted, AccessLog, PodCtx, ProxyInputs,
@@ -39,9 +40,35 @@ pub async fn run(
         "inbound_hbone",
         &ctx,
         &inputs,
-        |tcp, peer| handle_conn(tcp, peer, pod.clone(), pi.clone()),
+        |tcp, peer| on_next_worker(tcp, peer, pod.clone(), pi.clone()),
     )
     .await;
+}
+
+/// Serves an accepted HBONE connection on the next data worker in turn (where its streams,
+/// their deliveries to the app and their relays then stay), or here on a shared runtime.
+/// The accepting task keeps the connection's place in the counts and caps until it ends.
+async fn on_next_worker(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<ProxyInputs>) {
+    let Some(worker) = pi.next_worker().cloned() else {
+        return handle_conn(tcp, peer, pod, pi).await;
+    };
+    // Registered again with the worker's own I/O driver, so that its wake-ups come from
+    // the thread that serves it.
+    let std = match tcp.into_std() {
+        Ok(std) => std,
+        Err(e) => return tracing::warn!(error = %e, %peer, "hand a connection to a worker"),
+    };
+    let span = tracing::Span::current();
+    let served = worker.spawn(
+        async move {
+            match TcpStream::from_std(std) {
+                Ok(tcp) => handle_conn(tcp, peer, pod, pi).await,
+                Err(e) => tracing::warn!(error = %e, %peer, "hand a connection to a worker"),
+            }
+        }
+        .instrument(span),
+    );
+    let _ = served.await;
 }
 
 pub(crate) async fn handle_conn(

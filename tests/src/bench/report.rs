@@ -601,7 +601,8 @@ fn notes_section(out: &mut String, r: &Results) {
          absolute numbers are lower than on separate hosts; compare ratios."
             .to_owned(),
         "haproxy and nginx run with their defaults (haproxy: one thread per core; nginx: \
-         `worker_processes auto`), as ztunnel does (one Tokio worker per core)."
+         `worker_processes auto`), as the agents and the waypoint do (one worker per core, \
+         each its own runtime: `--threading per-worker`)."
             .to_owned(),
         "The harness's kubelet-probe SNAT on the baseline topology's nodes is removed, so \
          the baselines' upstream hops are not NATed."

@@ -82,8 +82,9 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// for windows above the minimum, room for 128 connections at the minimum.
 const BUDGET: u64 = 8 << 20;
 /// The connection window each connection asks for (`--hbone-connection-window`): a few fit
-/// in the budget's first quarter next to the legitimate client's.
-const CONNECTION_WINDOW: u64 = 512 << 10;
+/// in the budget's first quarter next to the legitimate client's (with a pool per worker,
+/// up to two connections from the client's agent and two from the waypoint to the server's).
+const CONNECTION_WINDOW: u64 = 256 << 10;
 /// HTTP/2's initial window: what a connection gets once the budget's first quarter is used.
 const MIN_WINDOW: u64 = 65_535;
 /// The limits every agent and the waypoint run with here (flag, value).
@@ -92,7 +93,7 @@ const LIMITS: [(&str, &str); 5] = [
     ("hbone-ping-interval", "1s"),
     ("hbone-ping-timeout", "1s"),
     ("receive-buffer-budget", "8MiB"),
-    ("hbone-connection-window", "512KiB"),
+    ("hbone-connection-window", "256KiB"),
 ];
 /// A port in the server pod where a listener takes connections and never reads (a slow
 /// reader the agent relays into).

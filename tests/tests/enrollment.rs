@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use e2e::{prom, wait_until, Ambient, CaptureSummary, Mesh, Pod, Redirect};
@@ -395,6 +395,19 @@ fn a_killed_agent_fails_closed_and_its_successor_takes_over_cleanly() -> Result<
             "{from} reached {to} while n2's agent was down"
         );
     }
+    // Nothing listens on the pods' HBONE port now: a peer's SYN to it is refused at once
+    // (the reset leaves the pod), so that a peer agent retries soon instead of waiting a
+    // SYN retransmission (a second) for the restarted agent.
+    let hbone = SocketAddr::new(server.ip(), 15008);
+    let started = Instant::now();
+    let dialled = mesh.in_pod("legacy/outsider", || {
+        TcpStream::connect_timeout(&hbone, Duration::from_millis(800))
+    })?;
+    ensure!(
+        matches!(&dialled, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{hbone} while n2's agent was down: {dialled:?} after {:?} (want: refused at once)",
+        started.elapsed()
+    );
 
     mesh.start_ztunnel("n2")?;
     // The first connections after the restart dial new HBONE connections: the capture sees
@@ -452,6 +465,26 @@ fn a_killed_agent_fails_closed_and_its_successor_takes_over_cleanly() -> Result<
     ensure!(
         agents == [new_pid],
         "agents in n2's namespace: {agents:?} (new {new_pid}, old {old_pid})"
+    );
+
+    // Killed again: a connection opened while the agent is down waits for the next one
+    // (the client's agent dials the refusing HBONE port again within its connect timeout)
+    // instead of failing.
+    mesh.kill_ztunnel("n2")?;
+    // (The client's agent hears of the crash from its pooled connection's reset first.)
+    std::thread::sleep(Duration::from_millis(100));
+    let payload = b"opened while the server's agent was down";
+    let (across, started) = std::thread::scope(|scope| {
+        let across = scope.spawn(|| mesh.echo_roundtrip("default/client", server, payload));
+        std::thread::sleep(Duration::from_millis(200));
+        let started = mesh.start_ztunnel("n2");
+        (across.join(), started)
+    });
+    started?;
+    let across = across.map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?;
+    ensure!(
+        matches!(&across, Ok(back) if back == payload),
+        "a connection opened while n2's agent was down: {across:?}"
     );
     Ok(())
 }
@@ -715,12 +748,14 @@ fn expect_setup(mesh: &Mesh, node: &str, pod: &str, want: Setup, why: &str) -> R
 }
 
 /// How many rules (eBPF backend) keep connections the pod opened or accepted while released
-/// off the capture: `lookup main` rules for single connections, below the capture rule.
+/// off the capture: `lookup main` rules for single connections, below the capture rule (not
+/// the one for everything from the HBONE port, which stays while the pod is captured).
 fn direct_rules(mesh: &Mesh, pod: &str) -> Result<usize> {
     let rules = mesh.exec_ok(pod, &["ip", "rule", "show"])?;
     Ok(rules
         .lines()
         .filter(|l| l.contains("sport") && l.contains("lookup main"))
+        .filter(|l| !l.contains("iif lo ipproto tcp sport 15008 lookup main"))
         .count())
 }
 

@@ -12,7 +12,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mesh_hbone::{self as hbone, ConnectHeaders, HboneError, PoolKey};
 use mesh_model::identity::Identity;
@@ -26,6 +26,7 @@ use super::{
 };
 use super::{with_original_dst, Accepted};
 use crate::config::{HBONE_PORT, RESERVED_PORTS};
+use crate::netns::Netns;
 use crate::socket;
 use mesh_telemetry::TcpLabels;
 
@@ -310,7 +311,15 @@ async fn open_upstream<'a>(
 
     // Try each candidate in turn; the labels of a refusal name the last one tried.
     let mut failure = (labels, ResponseFlag::UpstreamFailure, String::new());
+    let last = hops.len().saturating_sub(1);
     for (i, hop) in hops.iter().enumerate() {
+        // A refusing peer agent is waited for (it restarts) only when no other candidate
+        // is left; otherwise the next one is tried at once.
+        let wait = if i == last {
+            AgentRefusal::Wait
+        } else {
+            AgentRefusal::Final
+        };
         match hop {
             Hop::Hbone {
                 pod: dst_pod,
@@ -329,7 +338,7 @@ async fn open_upstream<'a>(
                     return refuse(labels, log, ResponseFlag::Tls, e.to_string());
                 }
                 let hbone = SocketAddr::new(target.ip(), HBONE_PORT);
-                match open_hbone(pi, pod, identity, hbone, *target, svc).await {
+                match open_hbone(pi, pod, identity, hbone, *target, svc, wait).await {
                     Ok(tunnel) => {
                         let labels = pi.metrics.intern(labels.build());
                         log.dst = *target;
@@ -363,7 +372,7 @@ async fn open_upstream<'a>(
                     ..labels
                 };
                 let hbone = SocketAddr::new(*ip, HBONE_PORT);
-                match open_hbone(pi, pod, identity, hbone, *authority, svc).await {
+                match open_hbone(pi, pod, identity, hbone, *authority, svc, wait).await {
                     Ok(tunnel) => {
                         let labels = pi.metrics.intern(labels.build());
                         log.dst = hbone;
@@ -422,6 +431,7 @@ async fn open_hbone(
     hbone_addr: SocketAddr,
     target: SocketAddr,
     svc: Option<&Service>,
+    refusal: AgentRefusal,
 ) -> Result<hbone::H2Stream, HboneError> {
     // Built per connection (about 0.4 µs, and used only when the pool dials): no cache to keep
     // coherent; the certificate itself is resolved at each handshake, so rotation is picked up.
@@ -458,7 +468,7 @@ async fn open_hbone(
     loop {
         let (netns, home) = (pod.netns.clone(), pi.home.clone());
         let dial = move || async move {
-            socket::connect_in(&netns, &home, hbone_addr, src, timeout, &keepalive, None)
+            dial_agent(&netns, &home, hbone_addr, src, timeout, &keepalive, refusal)
                 .await
                 .map_err(std::io::Error::other)
         };
@@ -467,6 +477,53 @@ async fn open_hbone(
             Err(e) if attempt == 0 && never_processed(&e) => {
                 tracing::debug!(error = %e, dst = %hbone_addr, "stream refused by a draining peer; trying again");
                 attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The first pause before dialling a refusing peer agent again, doubled up to
+/// [`REFUSED_PAUSE_MAX`].
+const REFUSED_PAUSE: Duration = Duration::from_millis(10);
+const REFUSED_PAUSE_MAX: Duration = Duration::from_millis(100);
+
+/// What a refused dial to a peer agent's HBONE port means for a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AgentRefusal {
+    /// The last candidate: wait for the agent ([`dial_agent`]).
+    Wait,
+    /// Another candidate is left: try it at once.
+    Final,
+}
+
+/// Connects to a peer agent's HBONE port. A refusal there is an agent restarting (its pods
+/// stay captured and their HBONE port answers with a reset until the next agent listens,
+/// within a moment), so with [`AgentRefusal::Wait`] refused dials are tried again, after
+/// 10 ms and at most every 100 ms, until `timeout` (`--connect-timeout`) is spent: a
+/// connection opened meanwhile waits for the agent instead of failing.
+async fn dial_agent(
+    netns: &Netns,
+    home: &Netns,
+    addr: SocketAddr,
+    src: Option<IpAddr>,
+    timeout: Duration,
+    keepalive: &mesh_hbone::tcp::Keepalive,
+    refusal: AgentRefusal,
+) -> Result<TcpStream, socket::SocketError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = REFUSED_PAUSE;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match socket::connect_in(netns, home, addr, src, left, keepalive, None).await {
+            Err(socket::SocketError::Connect { source, .. })
+                if refusal == AgentRefusal::Wait
+                    && source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(dst = %addr, "peer agent refused the connection; dialling again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(REFUSED_PAUSE_MAX);
             }
             result => return result,
         }

@@ -10,6 +10,14 @@
 //! - policy routing, per address family the pod has (rules are ours by their preference):
 //!   - [`PREF_PROBE`]: replies to the node's probe source leave normally (v4 only);
 //!   - [`PREF_SKIP`]: anything the agent sends (socket mark [`SKIP_MARK`]) leaves normally;
+//!   - [`PREF_HBONE_REPLIES`]: TCP the pod sends from its HBONE port leaves normally. Only
+//!     the agent's marked connections and the kernel's resets use that port: while no agent
+//!     listens (a restart), a peer's SYN to 15008 is answered with a reset that must reach
+//!     it (the capture rule would deliver it locally, where it is lost, and the peer would
+//!     wait a whole SYN retransmission, a second, instead of retrying at once). `iif lo`
+//!     like the capture rule: a rule with ports and no `iif lo` makes the kernel dissect
+//!     every received packet's ports for routing, and the capture rule then matches what
+//!     comes back in over `lo` (measured: HBONE deliveries reset);
 //!   - [`PREF_CAPTURE`]: every other TCP the pod sends (`iif lo`: locally generated) looks up
 //!     table [`INBOUND_ROUTE_TABLE`], whose `local default dev lo src <pod address>` route
 //!     delivers it locally, where the capture program hands new connections to 15001. The same
@@ -55,8 +63,10 @@ pub const PREF_DIRECT: u32 = 31987;
 pub const PREF_FLOW: u32 = 31989;
 pub const PREF_PROBE: u32 = 31990;
 pub const PREF_SKIP: u32 = 31991;
+pub const PREF_HBONE_REPLIES: u32 = 31986;
 pub const PREF_CAPTURE: u32 = 31992;
-const OUR_PREFS: [u32; 6] = [
+const OUR_PREFS: [u32; 7] = [
+    PREF_HBONE_REPLIES,
     PREF_DIRECT,
     PREF_NO_IPV6,
     PREF_FLOW,
@@ -264,6 +274,11 @@ fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
         if missing(PREF_SKIP) {
             batch +=
                 &format!("rule add pref {PREF_SKIP} fwmark {SKIP_MARK:#x}/0xfff lookup main\n");
+        }
+        if missing(PREF_HBONE_REPLIES) {
+            batch += &format!(
+                "rule add pref {PREF_HBONE_REPLIES} iif lo ipproto tcp sport {HBONE_PORT} lookup main\n"
+            );
         }
         if missing(PREF_CAPTURE) {
             batch += &format!("rule add pref {PREF_CAPTURE} iif lo ipproto tcp lookup {table}\n");

@@ -587,6 +587,10 @@ impl Upstreams {
             if took {
                 return Ok(Err(Some(ConnSlot(slots.clone()))));
             }
+            if self.evict_idle_elsewhere(key) {
+                // Its slot is free now: take it (or, raced, wait like the rest).
+                continue;
+            }
             if waiting.is_none() {
                 let limit = limits.max_pending.unwrap_or(u32::MAX);
                 let queued = slots
@@ -610,6 +614,29 @@ impl Upstreams {
                 });
             }
         }
+    }
+
+    /// Closes one idle HTTP/1.1 connection to `key` that another worker keeps, so that its
+    /// `tcp.maxConnections` slot can be taken by this one: the limit is the proxy's while the
+    /// idle lists are per worker, and a worker must not wait on a connection no request of
+    /// its own can use. Whether one was closed.
+    fn evict_idle_elsewhere(&self, key: &Key) -> bool {
+        let own = self.worker();
+        for (worker, conns) in self.conns.iter().enumerate() {
+            if worker == own {
+                continue;
+            }
+            let idle = {
+                let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+                conns.http1.get_mut(key).and_then(Vec::pop)
+            };
+            // Dropped outside the lock: closing it releases its slot.
+            if let Some(idle) = idle {
+                drop(idle);
+                return true;
+            }
+        }
+        false
     }
 
     fn pooled_h2(&self, key: &Key, max_streams: Option<u32>) -> Option<http2::SendRequest<UpBody>> {
@@ -939,6 +966,46 @@ mod tests {
         }
         let body = rsp.into_body().collect().await.expect("body").to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    thread_local! {
+        /// The data worker the test pretends to run on.
+        static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    fn test_worker() -> Option<usize> {
+        WORKER.with(std::cell::Cell::get)
+    }
+
+    #[tokio::test]
+    async fn a_worker_at_the_connection_limit_closes_another_workers_idle_connection() {
+        let (addr, accepted) = origin("ok", After::KeepOpen).await;
+        let ca = mesh_pki::ca::Ca::ephemeral("cluster.local").expect("ephemeral ca");
+        let certs = CertManager::new(Arc::new(ca), Duration::from_secs(3600));
+        let (_, http_metrics) = crate::telemetry::HttpMetrics::new();
+        let wp = Identity::new("cluster.local", "app", "wp");
+        let up = testing::upstreams(&wp, &http_metrics, certs, 2, test_worker);
+        let ep = endpoint(addr);
+        let limits = ConnLimits {
+            max_connections: Some(1),
+            ..ConnLimits::default()
+        };
+        let local = IpAddr::from([127, 0, 0, 1]);
+        for worker in [0, 1, 0] {
+            WORKER.with(|w| w.set(Some(worker)));
+            let checkout =
+                up.checkout_limited(&ep, UpstreamProto::Http1, local, None, limits, None);
+            let sender = tokio::time::timeout(Duration::from_secs(2), checkout)
+                .await
+                .expect("not left waiting for the other worker's idle connection")
+                .expect("checkout");
+            let rsp = up.send(&ep, sender, get()).await.expect("response");
+            let body = rsp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"ok");
+            assert_eq!(up.pooled_counts(), (1, 0), "worker {worker} keeps it idle");
+        }
+        // The limit held throughout: each worker closed the other's idle connection first.
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

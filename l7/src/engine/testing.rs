@@ -143,6 +143,34 @@ pub async fn body_of(rsp: Response<Observed>) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// Upstream pools with the waypoint's default settings, for `workers` data workers (the
+/// caller's told by `worker`).
+pub fn upstreams(
+    identity: &Identity,
+    http_metrics: &crate::telemetry::HttpMetrics,
+    certs: Arc<mesh_pki::certs::CertManager>,
+    workers: usize,
+    worker: fn() -> Option<usize>,
+) -> Arc<crate::upstream::Upstreams> {
+    use std::time::Duration;
+
+    use crate::upstream::{UpstreamConfig, Upstreams};
+    Upstreams::new(
+        UpstreamConfig {
+            identity: identity.clone(),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 32,
+            keepalive: mesh_hbone::tcp::Keepalive::default(),
+            outlier_ejections: http_metrics.outlier_ejections.clone(),
+            hbone: mesh_hbone::PoolConfig::default(),
+            worker,
+        },
+        certs,
+        workers,
+    )
+}
+
 /// The waypoint `app/wp`'s shared inputs with `model` (upstreams that are never dialled by
 /// the tests that use this), with the waypoint's default settings.
 pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
@@ -151,7 +179,6 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
     use crate::jwks::JwksSettings;
     use crate::proxy::EngineConfig;
     use crate::telemetry::HttpMetrics;
-    use crate::upstream::{UpstreamConfig, Upstreams};
     let cfg = EngineConfig {
         gateway: NamespacedName::new("app", "wp"),
         identity: Identity::new("cluster.local", "app", "wp"),
@@ -161,20 +188,7 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
     let ca = mesh_pki::ca::Ca::ephemeral("cluster.local").expect("ephemeral ca");
     let certs = mesh_pki::certs::CertManager::new(Arc::new(ca), Duration::from_secs(3600));
     let (metrics, http_metrics) = HttpMetrics::new();
-    let upstreams = Upstreams::new(
-        UpstreamConfig {
-            identity: cfg.identity.clone(),
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(60),
-            max_idle: 32,
-            keepalive: mesh_hbone::tcp::Keepalive::default(),
-            outlier_ejections: http_metrics.outlier_ejections.clone(),
-            hbone: mesh_hbone::PoolConfig::default(),
-            worker: || None,
-        },
-        certs.clone(),
-        1,
-    );
+    let upstreams = upstreams(&cfg.identity, &http_metrics, certs.clone(), 1, || None);
     let jwks_settings = JwksSettings {
         refresh: Duration::from_secs(20 * 60),
         retry: Duration::from_secs(5),

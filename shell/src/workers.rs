@@ -107,6 +107,31 @@ impl Workers {
     }
 }
 
+/// Serves an accepted connection on the worker `on`: the socket leaves the I/O driver of the
+/// runtime that accepted it and is registered with the worker's (inside the spawned task),
+/// so that its wake-ups come from the thread that serves it. `None` (and a logged warning)
+/// when the socket could not be moved; the task's handle otherwise.
+pub fn serve_on<S, F>(on: &Handle, tcp: tokio::net::TcpStream, serve: S) -> Option<JoinHandle<()>>
+where
+    S: FnOnce(tokio::net::TcpStream) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let peer = tcp.peer_addr().ok();
+    let std = match tcp.into_std() {
+        Ok(std) => std,
+        Err(e) => {
+            tracing::warn!(error = %e, ?peer, "hand a connection to a worker");
+            return None;
+        }
+    };
+    Some(on.spawn(async move {
+        match tokio::net::TcpStream::from_std(std) {
+            Ok(tcp) => serve(tcp).await,
+            Err(e) => tracing::warn!(error = %e, ?peer, "hand a connection to a worker"),
+        }
+    }))
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         // Dropping the senders wakes every worker's `block_on`; the threads are not joined
@@ -141,6 +166,36 @@ mod tests {
         }
         threads.dedup();
         assert_eq!(threads.len(), 3, "three distinct threads");
+    }
+
+    #[tokio::test]
+    async fn an_accepted_connection_served_on_a_worker_runs_and_carries_bytes_there() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let workers = Workers::start("test", 2).expect("start");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            tcp.write_all(b"ping").await.expect("write");
+            let mut back = [0u8; 4];
+            tcp.read_exact(&mut back).await.expect("read");
+            back
+        });
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let (tx, rx) = oneshot::channel();
+        let served = serve_on(&workers.handles()[1], tcp, move |mut tcp| async move {
+            let _ = tx.send(current());
+            let mut buf = [0u8; 4];
+            if tcp.read_exact(&mut buf).await.is_ok() {
+                let _ = tcp.write_all(&buf).await;
+            }
+        })
+        .expect("moved to the worker");
+        assert_eq!(rx.await.expect("ran"), Some(1), "on worker 1");
+        assert_eq!(&client.await.expect("client"), b"ping");
+        served.await.expect("served");
     }
 
     #[tokio::test]

@@ -163,19 +163,7 @@ impl Inbound {
             }
             let worker = &workers[next_worker % workers.len()];
             next_worker = next_worker.wrapping_add(1);
-            // Registered again with the worker's own I/O driver, so that its wake-ups come
-            // from the thread that serves it.
-            match tcp.into_std() {
-                Ok(std) => drop(worker.spawn(async move {
-                    match TcpStream::from_std(std) {
-                        Ok(tcp) => serve(tcp).await,
-                        Err(e) => {
-                            tracing::warn!(error = %e, %peer, "hand a connection to a worker")
-                        }
-                    }
-                })),
-                Err(e) => tracing::warn!(error = %e, %peer, "hand a connection to a worker"),
-            }
+            drop(mesh_shell::workers::serve_on(worker, tcp, serve));
         };
         mesh_shell::accept::serve("hbone", || listener.accept(), accepted, drain).await
     }

@@ -52,23 +52,11 @@ async fn on_next_worker(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: 
     let Some(worker) = pi.next_worker().cloned() else {
         return handle_conn(tcp, peer, pod, pi).await;
     };
-    // Registered again with the worker's own I/O driver, so that its wake-ups come from
-    // the thread that serves it.
-    let std = match tcp.into_std() {
-        Ok(std) => std,
-        Err(e) => return tracing::warn!(error = %e, %peer, "hand a connection to a worker"),
-    };
     let span = tracing::Span::current();
-    let served = worker.spawn(
-        async move {
-            match TcpStream::from_std(std) {
-                Ok(tcp) => handle_conn(tcp, peer, pod, pi).await,
-                Err(e) => tracing::warn!(error = %e, %peer, "hand a connection to a worker"),
-            }
-        }
-        .instrument(span),
-    );
-    let _ = served.await;
+    let serve = move |tcp| handle_conn(tcp, peer, pod, pi).instrument(span);
+    if let Some(served) = mesh_shell::workers::serve_on(&worker, tcp, serve) {
+        let _ = served.await;
+    }
 }
 
 pub(crate) async fn handle_conn(

@@ -61,7 +61,7 @@ pub enum Threading {
 
 impl Threading {
     /// Workers of the process's main runtime: `--worker-threads` when it is shared, one
-    /// (the control thread) per worker.
+    /// (the control thread) with a runtime per worker.
     pub fn runtime_workers(self, worker_threads: Option<u16>) -> Option<u16> {
         match self {
             Threading::Shared => worker_threads,
@@ -69,8 +69,8 @@ impl Threading {
         }
     }
 
-    /// Per worker, how many data-path workers to start (`--worker-threads`, default one per
-    /// CPU the process may use); `None` when shared.
+    /// With a runtime per worker, how many data-path workers to start (`--worker-threads`,
+    /// default one per CPU the process may use); `None` when shared.
     pub fn data_workers(self, worker_threads: Option<u16>) -> Option<usize> {
         match self {
             Threading::Shared => None,

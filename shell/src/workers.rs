@@ -16,6 +16,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 use tokio::runtime::Handle;
@@ -69,41 +70,51 @@ impl Workers {
     }
 
     /// `--threading per-worker`'s data workers (`n`, from `Threading::data_workers`), or
-    /// none on a shared runtime (`None`), and handles to spawn on them (empty then).
-    pub fn start_data_path(
-        name: &str,
-        n: Option<usize>,
-    ) -> io::Result<(Option<Workers>, Vec<Handle>)> {
+    /// none on a shared runtime (`None`), and their [`Turns`] (empty then).
+    pub fn start_data_path(name: &str, n: Option<usize>) -> io::Result<(Option<Workers>, Turns)> {
         let workers = n.map(|n| Workers::start(name, n)).transpose()?;
         let handles = workers
             .as_ref()
             .map(|w| w.handles().to_vec())
             .unwrap_or_default();
-        Ok((workers, handles))
-    }
-
-    /// The number of workers.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Never true: [`Workers::start`] starts at least one.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
+        Ok((workers, Turns::new(handles)))
     }
 
     /// Handles to spawn on each worker, in worker order (what [`current`] returns on it).
     pub fn handles(&self) -> &[Handle] {
         &self.handles
     }
+}
 
-    /// Spawns `fut` on worker `index` (modulo the number of workers).
-    pub fn spawn_on<F>(&self, index: usize, fut: F) -> JoinHandle<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.handles[index % self.handles.len()].spawn(fut)
+/// The data workers' runtimes, and whose turn it is: where a long-lived connection (an
+/// HBONE connection, a pod's listener) goes, dealt in turn so that the workers' shares stay
+/// even (a hash could put a peer's two connections on one worker). Empty on a shared runtime.
+#[derive(Debug, Default)]
+pub struct Turns {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+}
+
+impl Turns {
+    pub fn new(handles: Vec<Handle>) -> Turns {
+        Turns {
+            handles,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Every worker, in worker order (empty on a shared runtime).
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+
+    /// The next worker in turn; `None` on a shared runtime.
+    pub fn next(&self) -> Option<&Handle> {
+        if self.handles.is_empty() {
+            return None;
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        self.handles.get(turn % self.handles.len())
     }
 }
 
@@ -148,12 +159,12 @@ mod tests {
     #[tokio::test]
     async fn each_worker_runs_its_tasks_on_its_own_thread_and_knows_its_index() {
         let workers = Workers::start("test", 3).expect("start");
-        assert_eq!(workers.len(), 3);
+        assert_eq!(workers.handles().len(), 3);
         assert_eq!(current(), None, "the test's own runtime is no worker");
         let mut threads = Vec::new();
         for i in 0..3 {
-            let (index, thread) = workers
-                .spawn_on(i, async {
+            let (index, thread) = workers.handles()[i]
+                .spawn(async {
                     // A task it spawns stays on the same worker.
                     tokio::spawn(async { (current(), thread::current().id()) })
                         .await
@@ -198,11 +209,23 @@ mod tests {
         served.await.expect("served");
     }
 
+    #[test]
+    fn turns_go_round_the_workers_and_a_shared_runtime_has_none() {
+        let workers = Workers::start("test", 2).expect("start");
+        let turns = Turns::new(workers.handles().to_vec());
+        let ids: Vec<_> = (0..4)
+            .map(|_| turns.next().expect("a worker").id())
+            .collect();
+        let [a, b] = [workers.handles()[0].id(), workers.handles()[1].id()];
+        assert_eq!(ids, vec![a, b, a, b]);
+        assert!(Turns::default().next().is_none());
+    }
+
     #[tokio::test]
     async fn dropping_the_workers_cancels_what_still_runs_on_them() {
         let workers = Workers::start("test", 1).expect("start");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = workers.spawn_on(0, async move {
+        let task = workers.handles()[0].spawn(async move {
             let _held = tx;
             std::future::pending::<()>().await
         });

@@ -78,7 +78,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
     let model = installed.model.clone();
     // `--threading per-worker`: the HBONE connections and the upstream pools live on these;
     // they stop (cutting what still runs on them, as an exit does) when the drain is over.
-    let (workers, handles) = Workers::start_data_path("waypoint", cfg.data_workers)
+    let (workers, turns) = Workers::start_data_path("waypoint", cfg.data_workers)
         .context("start the data-path workers")?;
     let upstreams = Upstreams::new(
         UpstreamConfig {
@@ -92,7 +92,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
             worker: mesh_shell::workers::current,
         },
         certs.clone(),
-        handles.len(),
+        turns.handles().len(),
     );
     let stop = CancellationToken::new();
     let jwks_tls = mesh_l7::jwks::tls_config(cfg.jwks_ca_file.as_deref())
@@ -121,7 +121,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         inputs,
         active.clone(),
         &cfg.limits,
-        handles,
+        turns,
     )
     .await?;
     let hbone = inbound.local_addr().unwrap_or(cfg.hbone_addr);

@@ -125,9 +125,8 @@ pub struct Config {
     pub trust_domain: String,
     pub cert_ttl: Duration,
     pub hbone_addr: SocketAddr,
-    /// `--threading`; with `per-worker`, `data_workers` runtimes serve the HBONE
-    /// connections.
-    pub threading: Threading,
+    /// `--threading per-worker`: how many data workers serve the HBONE connections
+    /// (`None`: the shared runtime does).
     pub data_workers: Option<usize>,
     /// Admin, metrics and readiness listeners.
     pub endpoints: mesh_shell::admin::Addrs,
@@ -177,7 +176,6 @@ impl From<&Args> for Config {
             trust_domain: a.trust_domain.clone(),
             cert_ttl: a.cert_ttl,
             hbone_addr: args.hbone_addr,
-            threading: args.threading,
             data_workers: args.threading.data_workers(a.worker_threads),
             endpoints: a.endpoints(),
             config_poll: a.config_poll,

@@ -73,7 +73,7 @@ pub struct Inbound {
     hbone: hbone::ServerConfig,
     /// `--threading per-worker`: the data workers' runtimes, to which accepted connections
     /// are dealt in turn (empty: they run on the shared runtime).
-    workers: Vec<tokio::runtime::Handle>,
+    workers: mesh_shell::workers::Turns,
 }
 
 /// Refusal of one CONNECT: status, `response_flags`/reason label, message.
@@ -87,7 +87,7 @@ impl Inbound {
         inputs: Arc<Inputs>,
         active: Arc<Active>,
         limits: &LimitArgs,
-        workers: Vec<tokio::runtime::Handle>,
+        workers: mesh_shell::workers::Turns,
     ) -> Result<Inbound, InboundError> {
         let addr = cfg.addr;
         let identity = inputs.cfg.identity.clone();
@@ -135,7 +135,6 @@ impl Inbound {
             workers,
         } = self;
         let hbone = Arc::new(hbone);
-        let mut next_worker = 0usize;
         let drain = inputs.drain.clone();
         let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
             let Some(slot) = conn_cap.admit(&inputs.metrics, REPORTER, "hbone", peer) else {
@@ -157,13 +156,10 @@ impl Inbound {
                 }
                 .instrument(span)
             };
-            if workers.is_empty() {
-                tokio::spawn(serve(tcp));
-                return;
+            match workers.next() {
+                Some(worker) => drop(mesh_shell::workers::serve_on(worker, tcp, serve)),
+                None => drop(tokio::spawn(serve(tcp))),
             }
-            let worker = &workers[next_worker % workers.len()];
-            next_worker = next_worker.wrapping_add(1);
-            drop(mesh_shell::workers::serve_on(worker, tcp, serve));
         };
         mesh_shell::accept::serve("hbone", || listener.accept(), accepted, drain).await
     }

@@ -74,7 +74,7 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
     };
     // `--threading per-worker`: the pods' listeners and the HBONE pools live on these; they
     // stop (cutting what still runs on them, as an exit does) when the drain is over.
-    let (workers, handles) = Workers::start_data_path("ztunnel", cfg.data_workers)
+    let (workers, turns) = Workers::start_data_path("ztunnel", cfg.data_workers)
         .context("start the data-path workers")?;
     let conns = Arc::new(ConnTracker::default());
     let stop = CancellationToken::new();
@@ -86,7 +86,7 @@ pub async fn start(mut cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Ad
         model.clone(),
         certs.clone(),
         pool,
-        handles,
+        turns,
         metrics.clone(),
         conns.clone(),
         home,

@@ -297,7 +297,7 @@ impl Manager {
         // the many short connections an application opens. HBONE gets one listener: its few
         // long-lived connections are dealt to the workers in turn instead (a hash could put
         // a peer's two on one worker).
-        let sets = (0..self.pi.workers.len().max(1))
+        let sets = (0..self.pi.workers.handles().len().max(1))
             .map(|_| {
                 Ok::<_, EnrollError>(Listeners {
                     outbound: listen(lo, OUTBOUND_PORT)?,
@@ -363,12 +363,12 @@ impl Manager {
             });
         }
         let span = |name: &'static str| tracing::info_span!("listener", kind = name, pod = %key);
-        spawn_on(pi.next_worker(), span("inbound_hbone"), hbone, {
+        spawn_on(pi.workers.next(), span("inbound_hbone"), hbone, {
             let (pod, pi, stop) = (ctx.clone(), pi.clone(), stop.clone());
             move |l| proxy::inbound::run(l, pod, pi, stop)
         });
         for (worker, set) in sets.into_iter().enumerate() {
-            let on = pi.workers.get(worker);
+            let on = pi.workers.handles().get(worker);
             let (pod, pi, out_stop, stop) = (&ctx, pi, &ctx.outbound_stop, &stop);
             spawn_on(on, span("outbound"), set.outbound, {
                 let (pod, pi, stop) = (pod.clone(), pi.clone(), out_stop.clone());

@@ -49,7 +49,7 @@ pub async fn run(
 /// their deliveries to the app and their relays then stay), or here on a shared runtime.
 /// The accepting task keeps the connection's place in the counts and caps until it ends.
 async fn on_next_worker(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, pi: Arc<ProxyInputs>) {
-    let Some(worker) = pi.next_worker().cloned() else {
+    let Some(worker) = pi.workers.next().cloned() else {
         return handle_conn(tcp, peer, pod, pi).await;
     };
     let span = tracing::Span::current();

@@ -39,7 +39,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use mesh_shell::conns::{Active, ActiveGuard};
 use mesh_shell::limits::{Cap, HandshakeCap};
@@ -80,9 +80,7 @@ pub struct ProxyInputs {
     pools: Vec<Pool>,
     /// `--threading per-worker`: the data workers' runtimes, where each pod gets a set of
     /// listeners (empty: the listeners run on the shared runtime).
-    pub workers: Vec<tokio::runtime::Handle>,
-    /// The worker [`ProxyInputs::next_worker`] hands out next.
-    next_worker: AtomicUsize,
+    pub workers: mesh_shell::workers::Turns,
     pub metrics: Arc<Metrics>,
     pub conns: Arc<ConnTracker>,
     /// The agent's own network namespace, to return to after opening a socket in a pod's.
@@ -111,7 +109,7 @@ impl ProxyInputs {
         model: Arc<ArcSwap<Model>>,
         certs: Arc<CertManager>,
         pool: mesh_hbone::PoolConfig,
-        workers: Vec<tokio::runtime::Handle>,
+        workers: mesh_shell::workers::Turns,
         metrics: Arc<Metrics>,
         conns: Arc<ConnTracker>,
         home: Arc<Netns>,
@@ -127,11 +125,10 @@ impl ProxyInputs {
             cfg,
             model,
             certs,
-            pools: (0..workers.len().max(1))
+            pools: (0..workers.handles().len().max(1))
                 .map(|_| Pool::new(pool.clone()))
                 .collect(),
             workers,
-            next_worker: AtomicUsize::new(0),
             metrics,
             conns,
             home,
@@ -147,16 +144,6 @@ impl ProxyInputs {
     pub fn pool(&self) -> &Pool {
         let worker = mesh_shell::workers::current().unwrap_or(0);
         &self.pools[worker % self.pools.len()]
-    }
-
-    /// The data workers in turn (`None` on a shared runtime): where a pod's HBONE listener
-    /// and each connection it accepts go.
-    pub fn next_worker(&self) -> Option<&tokio::runtime::Handle> {
-        if self.workers.is_empty() {
-            return None;
-        }
-        let turn = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        self.workers.get(turn % self.workers.len())
     }
 
     /// The HBONE pools, in worker order.

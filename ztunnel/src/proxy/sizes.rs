@@ -75,7 +75,7 @@ fn inputs() -> (Arc<ProxyInputs>, Arc<PodCtx>) {
         Arc::new(ArcSwap::from_pointee(Model::default())),
         certs,
         PoolConfig::default(),
-        Vec::new(),
+        mesh_shell::workers::Turns::default(),
         Metrics::new(),
         Arc::new(ConnTracker::default()),
         home.clone(),

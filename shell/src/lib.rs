@@ -21,7 +21,7 @@
 //! - [`conns`]: a count of open connections that shutdown waits on;
 //! - [`certs`]: the certificate manager the CA flags describe (the CA service, or a CA
 //!   directory signing in process).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed only in `allocator::flush_thread_cache` (one mallctl)
 
 pub mod accept;
 pub mod admin;
@@ -35,3 +35,9 @@ pub mod process;
 pub mod profile;
 pub mod source;
 pub mod workers;
+
+/// The unit tests allocate with jemalloc, as the binaries do (`allocator`'s tests read its
+/// counters).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -6,7 +6,10 @@
 //! sources mean exactly the same thing.
 //!
 //! - Watched, in all namespaces: Namespaces, ServiceAccounts, Pods and Services (a service's
-//!   endpoints are pods on every node), Istio's `security.istio.io/v1`
+//!   endpoints are pods on every node), `discovery.k8s.io/v1` EndpointSlices not managed by
+//!   the EndpointSlice controller (the endpoints of Services without a selector, such as
+//!   `default/kubernetes` or hand-written slices; the controller's slices are derived from
+//!   pods, which the model already has), Istio's `security.istio.io/v1`
 //!   PeerAuthentication and AuthorizationPolicy, and `gateway.networking.k8s.io/v1`
 //!   Gateways (waypoints; as [`DynamicObject`]s: there are no generated types); for a
 //!   waypoint ([`Scope::Waypoint`]) also HTTPRoutes, GRPCRoutes, RequestAuthentications,
@@ -136,7 +139,16 @@ pub async fn watch(
         // `any_semantic`: the initial list is served from the API server's watch cache
         // (resourceVersion=0), as client-go informers do; one agent per node must not make
         // every restart a quorum read of all pods.
-        watcher(api, watcher::Config::default().any_semantic())
+        let mut config = watcher::Config::default().any_semantic();
+        // A kind's label selector filters on the API server, so what the mesh derives itself
+        // is never sent: the EndpointSlices the EndpointSlice controller computes from a
+        // Service's selector are the model's pods again (see
+        // `resources::ENDPOINT_SLICE_SELECTOR`); only slices nothing else describes
+        // (Services without a selector) are watched.
+        if let Some(selector) = kind.label_selector {
+            config = config.labels(selector);
+        }
+        watcher(api, config)
             .backoff(Retry::new(opts.retry_min, opts.retry_max))
             .map(move |event| (i, event))
             .boxed()

@@ -27,7 +27,22 @@ pub(crate) enum Body {
     /// put the waypoint, which wins over `spec.addresses`); its conditions carry timestamps
     /// that change without changing the mesh.
     Gateway,
+    /// EndpointSlice: `addressType`, `endpoints` and `ports` reduced to what the loader reads
+    /// (see [`endpoint_slice_body`]). Node names, zones, hints, the `serving`/`terminating`
+    /// conditions and `targetRef.uid`/`resourceVersion` change without changing the mesh.
+    EndpointSlice,
 }
+
+/// The EndpointSlices watched: all but those the EndpointSlice controller derives from a
+/// Service's selector. The model computes those endpoints from the pods themselves, and
+/// watching them too would double every pod change (and in a large cluster, the pods'
+/// slices are most of the slices). What passes is what cannot be computed from pods:
+/// hand-written slices (Services without a selector, usually without this label at all, which
+/// `!=` matches), the API server's own `default/kubernetes` slice (labelled with the service
+/// name only) and slices the EndpointSliceMirroring controller copies from hand-written
+/// Endpoints (`endpointslicemirroring-controller.k8s.io`).
+pub(crate) const ENDPOINT_SLICE_SELECTOR: &str =
+    "endpointslice.kubernetes.io/managed-by!=endpointslice-controller.k8s.io";
 
 /// One watched kind.
 #[derive(Clone, Debug)]
@@ -38,13 +53,16 @@ pub(crate) struct Kind {
     /// policies, without waypoints).
     pub(crate) optional: bool,
     pub(crate) body: Body,
+    /// Only the objects matching this label selector are listed and watched (server side);
+    /// `None`: all of them.
+    pub(crate) label_selector: Option<&'static str>,
 }
 
 /// What a consumer of the model needs watched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Scope {
-    /// What the node agent uses: core kinds, PeerAuthentication, AuthorizationPolicy,
-    /// Gateways.
+    /// What the node agent uses: core kinds (with the EndpointSlices of Services without a
+    /// selector), PeerAuthentication, AuthorizationPolicy, Gateways.
     #[default]
     Node,
     /// Also what a waypoint applies: HTTPRoutes, GRPCRoutes, RequestAuthentications,
@@ -55,10 +73,21 @@ pub enum Scope {
 /// The kinds `scope` needs, in the order the loader documents them.
 pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
     use k8s_openapi::api::core::v1;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     let core = |resource: ApiResource, body: Body| Kind {
         resource,
         optional: false,
         body,
+        label_selector: None,
+    };
+    // Both scopes balance over a Service's endpoints. Not optional: `discovery.k8s.io/v1` is
+    // served by every Kubernetes since 1.21.
+    let endpoint_slices = Kind {
+        label_selector: Some(ENDPOINT_SLICE_SELECTOR),
+        ..core(
+            ApiResource::erase::<EndpointSlice>(&()),
+            Body::EndpointSlice,
+        )
     };
     // `security.istio.io/v1` is served by every Istio since 1.22; the loader also reads
     // v1beta1, but one version per kind keeps each object seen once.
@@ -69,6 +98,7 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
         ),
         optional: true,
         body: Body::Spec,
+        label_selector: None,
     };
     // Waypoints are Gateways of class `istio-waypoint` (Gateway API v1, GA since 1.0); the
     // CRDs are installed separately from Kubernetes, so the kind is optional too.
@@ -79,12 +109,14 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
         ),
         optional: true,
         body: Body::Gateway,
+        label_selector: None,
     };
     let mut kinds = vec![
         core(ApiResource::erase::<v1::Namespace>(&()), Body::None),
         core(ApiResource::erase::<v1::ServiceAccount>(&()), Body::None),
         core(ApiResource::erase::<v1::Pod>(&()), Body::Pod),
         core(ApiResource::erase::<v1::Service>(&()), Body::Spec),
+        endpoint_slices,
         istio("PeerAuthentication", "peerauthentications"),
         istio("AuthorizationPolicy", "authorizationpolicies"),
         gateway,
@@ -98,6 +130,7 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
             ),
             optional: true,
             body: Body::Spec,
+            label_selector: None,
         };
         kinds.push(crd(
             "gateway.networking.k8s.io",
@@ -200,6 +233,11 @@ pub(crate) fn document(kind: &Kind, obj: &DynamicObject) -> Value {
                 }
             }
         }
+        Body::EndpointSlice => {
+            for (field, value) in endpoint_slice_body(&obj.data) {
+                doc.insert(field.into(), value);
+            }
+        }
     }
     Value::Object(doc)
 }
@@ -278,6 +316,57 @@ fn pod_body(data: &Value) -> Vec<(&'static str, Value)> {
         body.push(("status", Value::Object(out)));
     }
     body
+}
+
+/// An EndpointSlice's top-level `addressType`, `endpoints` and `ports` reduced to what
+/// `mesh_model::k8s` reads: per endpoint its `addresses`, `conditions.ready` and
+/// `targetRef` kind/namespace/name; per port its name, port and protocol. A field of
+/// another shape than expected (`endpoints` not a list, an endpoint not an object, ...) is
+/// passed on as it is, so the loader rejects it by field name. (If the loader learns to read
+/// another EndpointSlice field, add it here.)
+fn endpoint_slice_body(data: &Value) -> Vec<(&'static str, Value)> {
+    let mut body = Vec::new();
+    if let Some(address_type) = data.get("addressType") {
+        body.push(("addressType", address_type.clone()));
+    }
+    if let Some(endpoints) = data.get("endpoints") {
+        let reduced = each(endpoints, |endpoint| {
+            let Value::Object(fields) = endpoint else {
+                return endpoint.clone();
+            };
+            let mut out = pick(endpoint, &["addresses"]);
+            if let Some(conditions) = fields.get("conditions") {
+                out.insert("conditions".into(), only(conditions, &["ready"]));
+            }
+            if let Some(target) = fields.get("targetRef") {
+                let kept = only(target, &["kind", "namespace", "name"]);
+                out.insert("targetRef".into(), kept);
+            }
+            Value::Object(out)
+        });
+        body.push(("endpoints", reduced));
+    }
+    if let Some(ports) = data.get("ports") {
+        let reduced = each(ports, |port| only(port, &["name", "port", "protocol"]));
+        body.push(("ports", reduced));
+    }
+    body
+}
+
+/// `f` applied to every item of a list; anything else (also `null`) as it is.
+fn each(value: &Value, f: impl Fn(&Value) -> Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(items.iter().map(f).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The listed fields of an object; anything else as it is (for the loader to reject).
+fn only(value: &Value, fields: &[&str]) -> Value {
+    match value {
+        Value::Object(_) => Value::Object(pick(value, fields)),
+        other => other.clone(),
+    }
 }
 
 /// The listed fields of an object (nothing when `value` is not an object).
@@ -449,6 +538,141 @@ mod tests {
             kind("Gateway").optional,
             "clusters without the Gateway API CRDs"
         );
+    }
+
+    /// A slice as the API server sends it: every field the loader does not read is dropped,
+    /// of the endpoints only addresses, readiness and the target's kind/namespace/name stay.
+    #[test]
+    fn endpoint_slices_keep_only_what_the_loader_reads() {
+        check(
+            "EndpointSlice",
+            json!({
+                "metadata": {
+                    "name": "db-manual",
+                    "namespace": "shop",
+                    "resourceVersion": "7",
+                    "generation": 2,
+                    "labels": {"kubernetes.io/service-name": "db"},
+                    "ownerReferences": [{"kind": "Service", "name": "db", "uid": "s1"}],
+                },
+                "addressType": "IPv4",
+                "endpoints": [
+                    {
+                        "addresses": ["10.0.3.4"],
+                        "conditions": {"ready": true, "serving": true, "terminating": false},
+                        "hostname": "db-0",
+                        "nodeName": "n1",
+                        "zone": "eu-west-1a",
+                        "hints": {"forZones": [{"name": "eu-west-1a"}]},
+                        "deprecatedTopology": {"kubernetes.io/hostname": "n1"},
+                        "targetRef": {
+                            "kind": "Pod",
+                            "namespace": "shop",
+                            "name": "db-0",
+                            "uid": "p1",
+                            "resourceVersion": "99",
+                        },
+                    },
+                    {
+                        "addresses": ["10.0.3.5"],
+                        "conditions": {"serving": true, "terminating": true},
+                    },
+                ],
+                "ports": [
+                    {"name": "sql", "port": 5432, "protocol": "TCP", "appProtocol": "postgresql"},
+                ],
+            }),
+            json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": "db-manual",
+                    "namespace": "shop",
+                    "labels": {"kubernetes.io/service-name": "db"},
+                },
+                "addressType": "IPv4",
+                "endpoints": [
+                    {
+                        "addresses": ["10.0.3.4"],
+                        "conditions": {"ready": true},
+                        "targetRef": {"kind": "Pod", "namespace": "shop", "name": "db-0"},
+                    },
+                    {"addresses": ["10.0.3.5"], "conditions": {}},
+                ],
+                "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}],
+            }),
+        );
+    }
+
+    /// Fields of the wrong shape reach the loader as they are, to be refused by name.
+    #[test]
+    fn malformed_endpoint_slice_fields_pass_through_unchanged() {
+        let unchanged = |body: Value| {
+            let mut expected = json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+            });
+            if let (Some(e), Some(b)) = (expected.as_object_mut(), body.as_object()) {
+                e.extend(b.clone());
+            }
+            check("EndpointSlice", body, expected);
+        };
+        unchanged(json!({
+            "metadata": {"name": "bad", "namespace": "shop"},
+            "addressType": "IPv4",
+            "endpoints": "10.0.3.4",
+            "ports": {"name": "sql", "port": 5432},
+        }));
+        unchanged(json!({
+            "metadata": {"name": "bad", "namespace": "shop"},
+            "addressType": "IPv4",
+            "endpoints": [
+                "10.0.3.4",
+                {"addresses": "10.0.3.5", "conditions": "ready", "targetRef": "db-0"},
+            ],
+            "ports": [8080],
+        }));
+        // A slice without endpoints comes as `null` from the API server (Go's nil slice).
+        unchanged(json!({
+            "metadata": {"name": "empty", "namespace": "shop"},
+            "addressType": "IPv6",
+            "endpoints": null,
+            "ports": null,
+        }));
+    }
+
+    /// Both scopes watch EndpointSlices, right after Services, as a core (not optional) kind
+    /// and only those the EndpointSlice controller does not derive from a Service selector.
+    #[test]
+    fn both_scopes_watch_endpoint_slices_not_managed_by_the_controller() {
+        for scope in [Scope::Node, Scope::Waypoint] {
+            let kinds = kinds_for(scope);
+            let at = kinds
+                .iter()
+                .position(|k| k.resource.kind == "EndpointSlice")
+                .expect("EndpointSlices watched");
+            assert_eq!(kinds[at - 1].resource.kind, "Service", "{scope:?}");
+            let slices = &kinds[at];
+            assert_eq!(slices.resource.api_version, "discovery.k8s.io/v1");
+            assert_eq!(slices.resource.group, "discovery.k8s.io");
+            assert_eq!(slices.resource.plural, "endpointslices");
+            assert!(!slices.optional, "core since Kubernetes 1.21");
+            assert_eq!(slices.body, Body::EndpointSlice);
+            assert_eq!(
+                slices.label_selector,
+                Some("endpointslice.kubernetes.io/managed-by!=endpointslice-controller.k8s.io")
+            );
+            let others: Vec<&str> = kinds
+                .iter()
+                .filter(|k| k.label_selector.is_some())
+                .map(|k| k.resource.kind.as_str())
+                .collect();
+            assert_eq!(
+                others,
+                ["EndpointSlice"],
+                "{scope:?}: every other kind is whole"
+            );
+        }
     }
 
     #[test]

@@ -337,8 +337,40 @@ mod tests {
     use mesh_model::model::NamespacedName;
     use serde_json::json;
 
+    /// The index of `kind` in [`kinds`] (the watch loop's stream index).
+    fn index(kind: &str) -> usize {
+        kinds()
+            .iter()
+            .position(|k| k.resource.kind == kind)
+            .expect("watched kind")
+    }
+
     const NAMESPACE: usize = 0;
     const POD: usize = 2;
+    const AUTHZ: usize = 6;
+
+    /// The constants above follow the order of [`kinds_for`]: Namespace, ServiceAccount, Pod,
+    /// Service, EndpointSlice, PeerAuthentication, AuthorizationPolicy, Gateway.
+    #[test]
+    fn the_test_indices_are_those_of_the_watched_kinds() {
+        assert_eq!(index("Namespace"), NAMESPACE);
+        assert_eq!(index("Pod"), POD);
+        assert_eq!(index("AuthorizationPolicy"), AUTHZ);
+        let names: Vec<String> = kinds().into_iter().map(|k| k.resource.kind).collect();
+        assert_eq!(
+            names,
+            [
+                "Namespace",
+                "ServiceAccount",
+                "Pod",
+                "Service",
+                "EndpointSlice",
+                "PeerAuthentication",
+                "AuthorizationPolicy",
+                "Gateway",
+            ]
+        );
+    }
 
     fn pod(ip: &str, mode: Option<&str>) -> DynamicObject {
         let labels = match mode {
@@ -359,7 +391,7 @@ mod tests {
 
     fn listed_store() -> Store {
         let mut store = Store::new(kinds());
-        for i in 0..6 {
+        for i in 0..kinds().len() {
             store.relist_start(i);
             store.relist_done(i);
         }
@@ -390,6 +422,25 @@ mod tests {
             "an absent optional kind still completes the list"
         );
         assert!(store.listed());
+    }
+
+    /// A well-formed slice (as the kube source reduces it) is admitted by the loader.
+    #[test]
+    fn an_endpoint_slice_is_admitted() {
+        let mut store = listed_store();
+        let slice: DynamicObject = serde_json::from_value(json!({
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["172.18.0.2"], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+        }))
+        .expect("endpoint slice");
+        let change = store.apply(index("EndpointSlice"), &slice);
+        assert_eq!(change.refused, None);
+        assert!(change.model);
+        assert!(store.rejections().is_empty());
+        store.build().expect("model");
     }
 
     #[test]
@@ -443,8 +494,6 @@ mod tests {
         assert_eq!(store.relist_item(POD, &pod("10.0.0.5", None)), None);
         assert_eq!(store.relist_done(POD), Change::default());
     }
-
-    const AUTHZ: usize = 5;
 
     /// AuthorizationPolicy `default/allow-web` selecting `app=web` with `rules`.
     fn policy(rules: serde_json::Value) -> DynamicObject {

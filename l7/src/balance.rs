@@ -683,7 +683,12 @@ pub fn subset_endpoints(
         None => eps,
         Some(l) => eps
             .into_iter()
-            .filter(|e| mesh_model::model::selector_matches(l, &e.pod.labels))
+            // An address outside the mesh has no labels: no subset selects it.
+            .filter(|e| {
+                e.pod
+                    .as_ref()
+                    .is_some_and(|p| mesh_model::model::selector_matches(l, &p.labels))
+            })
             .collect(),
     }
 }

@@ -16,7 +16,7 @@ fn endpoint(name: &str, ip: &str, version: &str) -> Endpoint {
         .collect();
     let ip: IpAddr = ip.parse().expect("ip");
     Endpoint {
-        pod: std::sync::Arc::new(Pod {
+        pod: Some(std::sync::Arc::new(Pod {
             name: name.to_string(),
             namespace: "shop".to_string(),
             uid: None,
@@ -28,7 +28,7 @@ fn endpoint(name: &str, ip: &str, version: &str) -> Endpoint {
             host_network: false,
             container_ports: Vec::new(),
             ready: true,
-        }),
+        })),
         addr: SocketAddr::new(ip, 8080),
         identity: None,
     }
@@ -89,7 +89,7 @@ fn picks(
     (0..n)
         .map(|_| {
             let chosen = c.choose(eps, hash, &[], now, rng).expect("endpoint");
-            eps[chosen.index].pod.name.clone()
+            eps[chosen.index].name()
         })
         .collect()
 }
@@ -176,7 +176,7 @@ fn consistent_hash_keeps_keys_and_moves_few_when_endpoints_change() {
             .map(|k| {
                 let h = hash_bytes(format!("user-{k}").as_bytes());
                 let chosen = c.choose(eps, Some(h), &[], now, rng).expect("ep");
-                eps[chosen.index].pod.name.clone()
+                eps[chosen.index].name()
             })
             .collect()
     };
@@ -291,7 +291,7 @@ fn consecutive_errors_eject_until_the_time_ends() {
         (0..60u64)
             .map(|k| {
                 let chosen = ch.choose(&eps, Some(hash_bytes(&k.to_be_bytes())), &[], t0, rng);
-                eps[chosen.expect("ep").index].pod.name.clone()
+                eps[chosen.expect("ep").index].name()
             })
             .collect()
     };
@@ -444,7 +444,7 @@ fn subsets_filter_endpoints_by_pod_labels() {
     let names = |labels: Option<&Labels>| -> Vec<String> {
         subset_endpoints(three(), labels)
             .into_iter()
-            .map(|e| e.pod.name.clone())
+            .map(|e| e.name())
             .collect()
     };
     let v2: Labels = [("version".to_string(), "v2".to_string())].into();

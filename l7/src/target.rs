@@ -109,9 +109,15 @@ impl Target {
                     .endpoints(service, sp)
                     .into_iter()
                     .filter_map(|ep| {
-                        let pod = model.pod_shared(&ep.pod.namespace, &ep.pod.name)?;
                         let addr = SocketAddr::new(ep.ip, ep.port);
-                        Some(Endpoint::of(model, pod, addr, trust_domain))
+                        match &ep.pod {
+                            Some(pod) => {
+                                let pod = model.pod_shared(&pod.namespace, &pod.name)?;
+                                Some(Endpoint::of(model, pod, addr, trust_domain))
+                            }
+                            // An EndpointSlice address that is no pod: plain TCP.
+                            None => Some(Endpoint::outside(addr)),
+                        }
                     })
                     .collect();
                 Some(Resolved {
@@ -213,7 +219,7 @@ spec:
             let got = r
                 .cluster(&m, "app", subset)
                 .map(|(p, eps)| {
-                    let names: Vec<String> = eps.into_iter().map(|e| e.pod.name.clone()).collect();
+                    let names: Vec<String> = eps.into_iter().map(|e| e.name()).collect();
                     (p.load_balancer, names)
                 })
                 .map_err(|e| e.to_string());
@@ -256,6 +262,32 @@ spec:
     }
 
     #[test]
+    fn a_slice_address_that_is_no_pod_is_an_endpoint_outside_the_mesh() {
+        let m = crate::engine::testing::model(&[
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: app}\nspec: {clusterIP: 10.96.0.77, ports: [{name: http, port: 80}]}\n",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-1, namespace: app, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}, {addresses: [192.0.2.10]}]\n",
+        ]);
+        let target = Target::Service {
+            svc: NamespacedName::new("app", "ext"),
+            port: 80,
+        };
+        let r = target.lookup(&m, "cluster.local").expect("in the model");
+        let eps: Vec<(String, bool, bool)> = r
+            .endpoints
+            .iter()
+            .map(|e| (e.name(), e.pod.is_some(), e.identity.is_some()))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                ("web-1".to_string(), true, true),
+                ("192.0.2.10:8080".to_string(), false, false),
+            ],
+            "the pod's address keeps its pod and identity; the other is plain TCP"
+        );
+    }
+
+    #[test]
     fn endpoints_carry_the_identity_to_expect_or_none_outside_the_mesh() {
         let m = model();
         let target = Target::Service {
@@ -269,7 +301,7 @@ spec:
             .iter()
             .map(|e| {
                 (
-                    e.pod.name.clone(),
+                    e.name(),
                     e.addr.to_string(),
                     e.identity.as_ref().map(|i| i.principal()),
                 )

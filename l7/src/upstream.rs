@@ -107,8 +107,9 @@ pub enum UpstreamError {
 /// One endpoint of a destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Shared with the model: a request's endpoint list and labels copy no pod.
-    pub pod: Arc<Pod>,
+    /// Shared with the model: a request's endpoint list and labels copy no pod. `None`: an
+    /// EndpointSlice address that is no pod (outside the mesh, reached in plain TCP).
+    pub pod: Option<Arc<Pod>>,
     /// `<pod-ip>:<target-port>`.
     pub addr: SocketAddr,
     /// `Some`: in the mesh, reached over HBONE expecting this identity. `None`: plain TCP.
@@ -122,10 +123,26 @@ impl Endpoint {
             .is_ambient(pod)
             .then(|| model.identity_of(pod, trust_domain));
         Endpoint {
-            pod: pod.clone(),
+            pod: Some(pod.clone()),
             addr,
             identity,
         }
+    }
+
+    /// An address outside the mesh (an EndpointSlice address that is no pod): plain TCP.
+    pub fn outside(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            pod: None,
+            addr,
+            identity: None,
+        }
+    }
+
+    /// The pod's name, or the address when there is no pod (logs and tests).
+    pub fn name(&self) -> String {
+        self.pod
+            .as_ref()
+            .map_or_else(|| self.addr.to_string(), |p| p.name.clone())
     }
 }
 
@@ -939,7 +956,7 @@ mod tests {
         let model = testing::model(&[]);
         let pod = model.pod("app", "web-1").expect("pod").clone();
         Endpoint {
-            pod: pod.into(),
+            pod: Some(pod.into()),
             addr,
             identity: None,
         }

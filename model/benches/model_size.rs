@@ -168,7 +168,8 @@ fn outbound(model: &Model) -> usize {
     let eps = model.endpoints(svc, port);
     let mut hops = 0;
     for ep in &eps {
-        let pod = model.pod(&ep.pod.namespace, &ep.pod.name).expect("pod");
+        let name = ep.pod.as_ref().expect("a selector's endpoints are pods");
+        let pod = model.pod(&name.namespace, &name.name).expect("pod");
         if model.is_ambient(pod) {
             black_box(model.identity_of(pod, TD));
             hops += 1;

@@ -9,7 +9,7 @@
 //! The caller keeps its previous model when loading fails.
 //!
 //! Understood kinds: `v1` `Namespace`, `ServiceAccount`, `Pod`, `Service` (and `List` of
-//! them), `security.istio.io/v1` or `v1beta1` `PeerAuthentication`,
+//! them), `discovery.k8s.io/v1` `EndpointSlice` (endpoints of Services without a selector), `security.istio.io/v1` or `v1beta1` `PeerAuthentication`,
 //! `AuthorizationPolicy` and `RequestAuthentication` (JWT rules: `k8s/jwt.rs`), `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
 //! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses) and `HTTPRoute`
 //! (parents, matches, filters, weighted backends, timeouts, mirrors: `k8s/route.rs`), and
@@ -50,8 +50,8 @@ use serde_yaml::Value;
 use tracing::debug;
 
 use crate::model::{
-    AuthorizationPolicy, DestinationRule, Gateway, HttpRoute, Labels, Model, Namespace,
-    NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service, Telemetry,
+    AuthorizationPolicy, DestinationRule, EndpointSlice, Gateway, HttpRoute, Labels, Model,
+    Namespace, NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service, Telemetry,
     VirtualService,
 };
 use yaml::{FieldError, FieldResult, Node};
@@ -317,6 +317,7 @@ struct Loader {
     destination_rules: Vec<DestinationRule>,
     virtual_services: Vec<VirtualService>,
     telemetries: BTreeMap<NamespacedName, Telemetry>,
+    endpoint_slices: BTreeMap<NamespacedName, EndpointSlice>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
     /// Every object read, when the caller asked for them.
@@ -330,6 +331,7 @@ enum Kind {
     ServiceAccount,
     Pod,
     Service,
+    EndpointSlice,
     PeerAuthentication,
     AuthorizationPolicy,
     RequestAuthentication,
@@ -351,6 +353,7 @@ impl Kind {
             ("", "ServiceAccount") => (Kind::ServiceAccount, &["v1"]),
             ("", "Pod") => (Kind::Pod, &["v1"]),
             ("", "Service") => (Kind::Service, &["v1"]),
+            ("discovery.k8s.io", "EndpointSlice") => (Kind::EndpointSlice, &["v1"]),
             ("security.istio.io", "PeerAuthentication") => {
                 (Kind::PeerAuthentication, &["v1", "v1beta1"])
             }
@@ -526,6 +529,13 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.services.insert(key, svc);
             }
+            Kind::EndpointSlice => {
+                let slice = core::endpoint_slice(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                if let Some(slice) = slice {
+                    self.endpoint_slices.insert(key, slice);
+                }
+            }
             Kind::PeerAuthentication => {
                 let pa = security::peer_authentication(obj, meta).map_err(invalid)?;
                 self.remember(origin, &object)?;
@@ -631,6 +641,7 @@ impl Loader {
         .with_virtual_services(self.virtual_services)
         .with_request_authentications(self.request_authentications.into_values().collect())
         .with_telemetries(self.telemetries.into_values().collect())
+        .with_endpoint_slices(self.endpoint_slices)
     }
 }
 

@@ -139,12 +139,48 @@ impl Service {
     }
 }
 
-/// A ready endpoint of a service port: the pod and the resolved target port.
+/// A ready endpoint of a service port: its address, the resolved target port and the pod
+/// behind it. `pod` is `None` only for an EndpointSlice address that is no pod the model
+/// knows (the API server behind the `kubernetes` Service, a VM, an external host): the agent
+/// reaches it in plain TCP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
-    pub pod: NamespacedName,
+    pub pod: Option<NamespacedName>,
     pub ip: IpAddr,
     pub port: u16,
+}
+
+/// A `discovery.k8s.io/v1` EndpointSlice: endpoints of a Service without a selector
+/// (Kubernetes' own slices of a selector's pods are not read: the model derives those from
+/// the pods, see [`Model::endpoints`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointSlice {
+    pub name: String,
+    pub namespace: String,
+    /// The Service it belongs to (label `kubernetes.io/service-name`), in its namespace.
+    pub service: String,
+    /// Its TCP ports (UDP and SCTP ports are not carried by the mesh).
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// A port of an [`EndpointSlice`]: a Service port with the same name (or both unnamed)
+/// reaches the endpoints on `port`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SlicePort {
+    pub name: Option<String>,
+    pub port: u16,
+}
+
+/// An endpoint of an [`EndpointSlice`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SliceEndpoint {
+    /// The first of `addresses` (Kubernetes: the rest are fungible and may be ignored).
+    pub ip: IpAddr,
+    /// `conditions.ready`; true when unset, as Kubernetes reads it.
+    pub ready: bool,
+    /// `targetRef` when it names a Pod.
+    pub pod: Option<NamespacedName>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -298,6 +334,9 @@ pub struct Model {
     pub refused_policies: Vec<RefusedPolicy>,
     /// Telemetries in (namespace, name) order (see [`Model::waypoint_access_log`]).
     pub telemetries: Vec<Telemetry>,
+    /// EndpointSlices (of Services without a selector; see [`Model::endpoints`]).
+    #[serde(serialize_with = "shared_values")]
+    pub endpoint_slices: BTreeMap<NamespacedName, Arc<EndpointSlice>>,
     #[serde(skip)]
     index: Index,
 }
@@ -319,6 +358,7 @@ pub struct ModelDump<'a> {
     pub destination_rules: &'a [DestinationRule],
     pub refused_policies: Vec<RefusedDump<'a>>,
     pub telemetries: &'a [Telemetry],
+    pub endpoint_slices: Vec<&'a EndpointSlice>,
 }
 
 /// A refused policy in `/config_dump`: the entry, what it does, and the workloads the node
@@ -370,6 +410,7 @@ impl Model {
             destination_rules: Vec::new(),
             refused_policies: Vec::new(),
             telemetries: Vec::new(),
+            endpoint_slices: BTreeMap::new(),
             index: Index::default(),
         };
         m.reindex();
@@ -412,6 +453,7 @@ impl Model {
                 })
                 .collect(),
             telemetries: &self.telemetries,
+            endpoint_slices: self.endpoint_slices.values().map(|s| &**s).collect(),
         }
     }
 
@@ -476,6 +518,13 @@ impl Model {
                 .map(|ra| (ra.namespace.as_str(), ra.target_refs.as_slice())),
         );
         self.request_authentications = request_authentications;
+        self
+    }
+
+    /// The model with `slices`, indexed by the Service they belong to.
+    pub fn with_endpoint_slices(mut self, slices: BTreeMap<NamespacedName, EndpointSlice>) -> Self {
+        self.endpoint_slices = slices.into_iter().map(|(k, s)| (k, Arc::new(s))).collect();
+        self.index.slices = index::slices_by_service(self.endpoint_slices.values());
         self
     }
 
@@ -661,7 +710,7 @@ impl Model {
     /// headless services use the pod's primary IP.
     pub fn endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
         let Some(selector) = &svc.selector else {
-            return Vec::new();
+            return self.slice_endpoints(svc, port);
         };
         self.selected_pods(svc, selector)
             .filter(|pod| pod.ready)
@@ -696,6 +745,53 @@ impl Model {
     }
 }
 
+impl Model {
+    /// The ready endpoints of `port` of `svc`, a Service without a selector, from its
+    /// EndpointSlices (in slice name order, each address once): the slice port named as the
+    /// Service port (both unnamed is a match) gives the target port, an address of the other
+    /// family than the Service's cluster IP is skipped. The pod behind an address is the
+    /// slice's `targetRef` when the model has that pod, else the pod owning the address.
+    fn slice_endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
+        let Some(slices) = self
+            .index
+            .slices
+            .get(&svc.namespace)
+            .and_then(|by_svc| by_svc.get(&svc.name))
+        else {
+            return Vec::new();
+        };
+        let family = svc.cluster_ips.first().map(IpAddr::is_ipv4);
+        let mut seen = BTreeSet::new();
+        let mut eps = Vec::new();
+        for slice in slices {
+            let Some(sp) = slice.ports.iter().find(|p| p.name == port.name) else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                let family_ok = family.is_none_or(|v4| ep.ip.is_ipv4() == v4);
+                if !ep.ready || !family_ok || !seen.insert((ep.ip, sp.port)) {
+                    continue;
+                }
+                let pod = ep
+                    .pod
+                    .as_ref()
+                    .filter(|p| self.pod(&p.namespace, &p.name).is_some())
+                    .cloned()
+                    .or_else(|| {
+                        let p = self.workload_by_ip(ep.ip)?;
+                        Some(NamespacedName::new(&p.namespace, &p.name))
+                    });
+                eps.push(Endpoint {
+                    pod,
+                    ip: ep.ip,
+                    port: sp.port,
+                });
+            }
+        }
+        eps
+    }
+}
+
 /// `pod` as an endpoint of `port` of `svc` (see [`Model::endpoints`]), if it has the address
 /// family and the named port it needs; readiness and selection are the caller's.
 fn endpoint_of(svc: &Service, port: &ServicePort, pod: &Pod) -> Option<Endpoint> {
@@ -713,7 +809,7 @@ fn endpoint_of(svc: &Service, port: &ServicePort, pod: &Pod) -> Option<Endpoint>
         }
     };
     Some(Endpoint {
-        pod: NamespacedName::new(&pod.namespace, &pod.name),
+        pod: Some(NamespacedName::new(&pod.namespace, &pod.name)),
         ip: *ip,
         port: target,
     })
@@ -848,7 +944,13 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
         let port = svc.ports.iter().find(|p| p.port == port).unwrap();
         m.endpoints(svc, port)
             .into_iter()
-            .map(|e| (e.pod.name, e.ip, e.port))
+            .map(|e| {
+                (
+                    e.pod.map_or_else(|| "-".to_string(), |p| p.name),
+                    e.ip,
+                    e.port,
+                )
+            })
             .collect()
     }
 
@@ -887,6 +989,132 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
             vec![],
             "no selector, no endpoints"
         );
+    }
+
+    const SLICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 10.96.0.9, ports: [{name: https, port: 443}, {name: admin, port: 9000}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-b, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{name: https, port: 6443}, {name: dns, port: 53, protocol: UDP}]
+endpoints:
+- addresses: [203.0.113.7]
+- addresses: [10.0.0.2]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-a, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{name: https, port: 6443}, {name: admin, port: 9001}]
+endpoints:
+- addresses: [10.0.0.1]
+  targetRef: {kind: Pod, name: web-1}
+- addresses: [203.0.113.7, 203.0.113.8]
+  conditions: {ready: true, serving: true}
+- addresses: [10.0.0.3]
+  conditions: {ready: false}
+- addresses: [10.0.0.44]
+  targetRef: {kind: Pod, name: gone}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-v6, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv6
+ports: [{name: https, port: 6443}]
+endpoints: [{addresses: ["fd00::9"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-names, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: FQDN
+ports: [{name: https, port: 6443}]
+endpoints: [{addresses: [api.example.com]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-x, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 7777}]
+endpoints: [{addresses: [203.0.113.50]}]
+"#;
+
+    fn sliced(extra: &str) -> Result<Model, crate::k8s::ConfigError> {
+        load_docs(&[
+            ("mesh.yaml".to_string(), MESH.to_string()),
+            ("slices.yaml".to_string(), extra.to_string()),
+        ])
+    }
+
+    #[test]
+    fn a_service_without_a_selector_has_the_ready_addresses_of_its_slices() {
+        let m = sliced(SLICES).unwrap();
+        // Slices in name order, each address once; the targetRef's pod, else the pod owning
+        // the address, else none (203.0.113.7: outside the mesh); not ready, IPv6 (the
+        // Service is IPv4) and FQDN slices skipped; a targetRef to a pod the model lacks
+        // falls back to the address (10.0.0.44 is nobody's).
+        assert_eq!(
+            endpoints(&m, "api", 443),
+            vec![
+                ("web-1".to_string(), ip("10.0.0.1"), 6443),
+                ("-".to_string(), ip("203.0.113.7"), 6443),
+                ("-".to_string(), ip("10.0.0.44"), 6443),
+                ("web-2".to_string(), ip("10.0.0.2"), 6443),
+            ]
+        );
+        // The port named as the Service port: only api-a has `admin`.
+        assert_eq!(
+            endpoints(&m, "api", 9000),
+            vec![
+                ("web-1".to_string(), ip("10.0.0.1"), 9001),
+                ("-".to_string(), ip("203.0.113.7"), 9001),
+                ("-".to_string(), ip("10.0.0.44"), 9001),
+            ]
+        );
+        // A Service with a selector keeps its pods: a slice naming it is not read.
+        assert!(endpoints(&m, "web", 80)
+            .iter()
+            .all(|(_, ip, _)| *ip != "203.0.113.50".parse::<IpAddr>().unwrap()));
+        assert_eq!(
+            endpoints(&m, "manual", 80),
+            vec![],
+            "no slice, no endpoints"
+        );
+        assert_eq!(
+            m.dump().endpoint_slices.len(),
+            4,
+            "the FQDN slice is skipped"
+        );
+    }
+
+    #[test]
+    fn a_malformed_endpoint_slice_is_refused_by_field() {
+        let slice = |body: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s, namespace: shop, labels: {{kubernetes.io/service-name: api}}}}\n{body}\n"
+            )
+        };
+        let refused = |body: &str| sliced(&slice(body)).unwrap_err().to_string();
+        let e = refused("addressType: IPv4\nendpoints: [{addresses: [\"fd00::1\"]}]");
+        assert!(
+            e.contains("endpoints[0].addresses[0]") && e.contains("not an IPv4"),
+            "{e}"
+        );
+        let e = refused("addressType: IPv5\nendpoints: []");
+        assert!(e.contains("addressType") && e.contains("IPv5"), "{e}");
+        let e = refused("addressType: IPv4\nendpoints: [{addresses: []}]");
+        assert!(e.contains("at least one address"), "{e}");
+        let e = refused("addressType: IPv4\nports: [{name: https, port: 70000}]");
+        assert!(e.contains("ports[0].port"), "{e}");
+        let e = refused("endpoints: []");
+        assert!(e.contains("addressType"), "{e}");
+        // Without the Service label it belongs to nothing: skipped, not refused.
+        let orphan = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: o, namespace: shop}\naddressType: IPv4\n";
+        assert!(sliced(orphan).unwrap().endpoint_slices.is_empty());
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //!   at the current version, then changes as they happen. A version older than the last
 //!   compaction gets one `ERROR` event with a `410 Gone` Status, as a real API server does, and
 //!   [`FakeApiServer::expire_watches`] sends that to open watches (forcing a re-list).
+//! - `labelSelector` (`key=value`, `key==value`, `key!=value`, `key`, `!key`, comma-separated)
+//!   filters lists and watches as the API server does; an object that stops matching is not
+//!   turned into a `DELETED` event (tests do not relabel objects across a selector).
 //! - A kind whose CRD is not installed answers `404` with a `NotFound` Status.
 //! - A kind's list can be held back ([`FakeApiServer::hold_list`]) to see what the client
 //!   does before it has everything.
@@ -45,13 +48,18 @@ use tokio::task::JoinHandle;
 /// How long [`FakeApiServer::wait_for`] waits for the client to do something.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The kinds the agents watch (ztunnel the first 7, a waypoint all): collection path (all
+/// The kinds the agents watch (ztunnel the first 8, a waypoint all): collection path (all
 /// namespaces), apiVersion, kind.
-pub const KINDS: [(&str, &str, &str); 13] = [
+pub const KINDS: [(&str, &str, &str); 14] = [
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
     ("/api/v1/pods", "v1", "Pod"),
     ("/api/v1/services", "v1", "Service"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+    ),
     (
         "/apis/security.istio.io/v1/peerauthentications",
         "security.istio.io/v1",
@@ -234,6 +242,8 @@ enum Broadcast {
         path: &'static str,
         version: u64,
         line: Bytes,
+        /// The object's `metadata.labels`, for watches with a label selector.
+        labels: Value,
     },
     /// Every open watch of `path` gets `410 Gone` and ends.
     Expire { path: &'static str },
@@ -369,6 +379,7 @@ impl FakeApiServer {
             path,
             version,
             line: event_line(event, &obj),
+            labels: obj["metadata"]["labels"].clone(),
         });
         Ok(())
     }
@@ -388,6 +399,7 @@ impl FakeApiServer {
             path,
             version,
             line: event_line("DELETED", &obj),
+            labels: obj["metadata"]["labels"].clone(),
         });
         Ok(())
     }
@@ -615,6 +627,23 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let selector = match query
+        .get("labelSelector")
+        .map(|s| Selector::parse(&percent_decode(s)))
+    {
+        None => Selector::default(),
+        Some(Ok(selector)) => selector,
+        Some(Err(e)) => {
+            return full(
+                StatusCode::BAD_REQUEST,
+                &status(
+                    400,
+                    "BadRequest",
+                    &format!("unable to parse requirement: {e}"),
+                ),
+            )
+        }
+    };
     let not_found = || {
         full(
             StatusCode::NOT_FOUND,
@@ -658,12 +687,12 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             .get("resourceVersion")
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        watch_response(shared, &path, version)
+        watch_response(shared, &path, version, selector)
     } else {
         // Held lists wait; a dropped sender (server gone) ends the wait.
         let mut hold = hold;
         let _ = hold.wait_for(|held| !held).await;
-        list_response(shared, &path)
+        list_response(shared, &path, &selector)
     }
 }
 
@@ -783,7 +812,79 @@ fn check_token(
     Ok((user.clone(), audiences))
 }
 
-fn list_response(shared: &Shared, path: &str) -> Response<Body> {
+/// A parsed `labelSelector`: every requirement must hold.
+#[derive(Clone, Debug, Default)]
+struct Selector(Vec<Requirement>);
+
+#[derive(Clone, Debug)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+impl Selector {
+    fn parse(text: &str) -> std::result::Result<Selector, String> {
+        let mut requirements = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let requirement = if let Some((k, v)) = part.split_once("!=") {
+                Requirement::NotEquals(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once("==") {
+                Requirement::Equals(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once('=') {
+                Requirement::Equals(k.trim().into(), v.trim().into())
+            } else if let Some(k) = part.strip_prefix('!') {
+                Requirement::NotExists(k.trim().into())
+            } else if part.contains(' ') {
+                return Err(format!("{part:?}: set-based selectors are not supported"));
+            } else {
+                Requirement::Exists(part.into())
+            };
+            requirements.push(requirement);
+        }
+        Ok(Selector(requirements))
+    }
+
+    /// Whether an object with these `metadata.labels` (`null` when it has none) matches.
+    fn matches(&self, labels: &Value) -> bool {
+        let get = |k: &str| labels.get(k).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            Requirement::Equals(k, v) => get(k) == Some(v.as_str()),
+            // As the API server: a missing label is "not equal".
+            Requirement::NotEquals(k, v) => get(k) != Some(v.as_str()),
+            Requirement::Exists(k) => get(k).is_some(),
+            Requirement::NotExists(k) => get(k).is_none(),
+        })
+    }
+}
+
+/// `%XX` escapes and `+` of a query value decoded (kube-rs form-encodes its parameters).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
+        };
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn list_response(shared: &Shared, path: &str, selector: &Selector) -> Response<Body> {
     let inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
     let Some(c) = inner.collections.get(path) else {
         return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "gone"));
@@ -792,12 +893,16 @@ fn list_response(shared: &Shared, path: &str) -> Response<Body> {
         "kind": format!("{}List", c.kind),
         "apiVersion": c.api_version,
         "metadata": {"resourceVersion": inner.version.to_string()},
-        "items": c.objects.values().collect::<Vec<_>>(),
+        "items": c
+            .objects
+            .values()
+            .filter(|o| selector.matches(&o["metadata"]["labels"]))
+            .collect::<Vec<_>>(),
     });
     full(StatusCode::OK, &list)
 }
 
-fn watch_response(shared: &Shared, path: &str, from: u64) -> Response<Body> {
+fn watch_response(shared: &Shared, path: &str, from: u64, selector: Selector) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
     let body = StreamBody::new(rx).boxed();
     let mut resp = Response::new(body);
@@ -829,7 +934,7 @@ fn watch_response(shared: &Shared, path: &str, from: u64) -> Response<Body> {
         let backlog: Vec<Bytes> = c
             .history
             .iter()
-            .filter(|(v, _, _)| *v > from)
+            .filter(|(v, _, obj)| *v > from && selector.matches(&obj["metadata"]["labels"]))
             .map(|(_, event, obj)| event_line(event, obj))
             .collect();
         let bookmark = json!({
@@ -855,7 +960,8 @@ fn watch_response(shared: &Shared, path: &str, from: u64) -> Response<Body> {
                     path,
                     version,
                     line,
-                }) if path == key && version > current => {
+                    labels,
+                }) if path == key && version > current && selector.matches(&labels) => {
                     if tx.send(Ok(Frame::data(line))).await.is_err() {
                         return;
                     }
@@ -894,6 +1000,74 @@ mod tests {
             Ok(user) => Ok(user.username),
             Err(ReviewError::Rejected(m)) => Err(m),
             Err(e @ ReviewError::Unavailable(_)) => panic!("{e}"),
+        }
+    }
+
+    /// Lists and watches honour `labelSelector` as the API server does (a missing label is
+    /// "not equal"), as the agents' EndpointSlice watch relies on.
+    #[tokio::test]
+    async fn lists_and_watches_filter_by_label_selector() {
+        use futures::{StreamExt, TryStreamExt};
+        use kube::api::{Api, DynamicObject, ListParams, WatchParams};
+        use kube::discovery::ApiResource;
+
+        let slice = |name: &str, managed_by: Option<&str>| {
+            let labels = match managed_by {
+                Some(m) => json!({"kubernetes.io/service-name": "db",
+                                  "endpointslice.kubernetes.io/managed-by": m}),
+                None => json!({"kubernetes.io/service-name": "db"}),
+            };
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": name, "namespace": "shop", "labels": labels},
+                   "addressType": "IPv4", "endpoints": [], "ports": []})
+        };
+        let fake = FakeApiServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let client = fake.client(dir.path()).await.unwrap();
+        fake.apply(slice("manual", None)).unwrap();
+        fake.apply(slice("derived", Some("endpointslice-controller.k8s.io")))
+            .unwrap();
+        fake.apply(slice(
+            "mirrored",
+            Some("endpointslicemirroring-controller.k8s.io"),
+        ))
+        .unwrap();
+        let selector = "endpointslice.kubernetes.io/managed-by!=endpointslice-controller.k8s.io";
+        let resource = ApiResource::erase::<k8s_openapi::api::discovery::v1::EndpointSlice>(&());
+        let api: Api<DynamicObject> = Api::all_with(client, &resource);
+        let names = |items: Vec<DynamicObject>| {
+            let mut n: Vec<String> = items.into_iter().filter_map(|o| o.metadata.name).collect();
+            n.sort();
+            n
+        };
+        let list = api
+            .list(&ListParams::default().labels(selector))
+            .await
+            .unwrap();
+        let version = list.metadata.resource_version.clone().unwrap();
+        assert_eq!(names(list.items), ["manual", "mirrored"]);
+
+        let mut events = api
+            .watch(&WatchParams::default().labels(selector), &version)
+            .await
+            .unwrap()
+            .boxed();
+        fake.apply(slice("derived-2", Some("endpointslice-controller.k8s.io")))
+            .unwrap();
+        fake.apply(slice("manual-2", None)).unwrap();
+        let first = async {
+            loop {
+                match events.try_next().await.unwrap() {
+                    Some(kube::api::WatchEvent::Bookmark(_)) => continue,
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(WAIT, first).await.unwrap() {
+            Some(kube::api::WatchEvent::Added(o)) => {
+                assert_eq!(o.metadata.name.as_deref(), Some("manual-2"))
+            }
+            other => panic!("{other:?}"),
         }
     }
 

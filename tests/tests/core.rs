@@ -596,6 +596,74 @@ fn outside_the_mesh_passes_through_and_a_dead_endpoint_is_skipped() -> Result<()
     Ok(())
 }
 
+/// An EndpointSlice of the Service `default/ext` (no selector) listing `ip` on port 8080,
+/// with a Pod `targetRef` when `pod` names one.
+fn ext_slice(ip: &str, pod: Option<&str>) -> String {
+    let target = pod
+        .map(|p| format!("\n    targetRef: {{kind: Pod, namespace: default, name: {p}}}"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: ext-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: ext}}\naddressType: IPv4\nports: [{{name: port-80, port: 8080, protocol: TCP}}]\nendpoints:\n  - addresses: [{ip}]{target}\n"
+    )
+}
+
+#[test]
+fn a_service_without_a_selector_reaches_the_addresses_of_its_endpoint_slices() -> Result<()> {
+    const EXT: &str = "10.96.0.20";
+    let mesh = Mesh::two_nodes("endpoint_slices")
+        .pod(Pod::echo_server("server", "n2"))
+        .service(Service::new("default", "ext").vip(EXT).port(80, 8080))
+        .build()?;
+    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let ext = SocketAddr::new(EXT.parse().context("vip")?, 80);
+    let answered_by = |mesh: &Mesh| -> Option<String> {
+        let r = mesh.http_get("default/client", ext, "/ext").ok()?;
+        (r.status == 200).then(|| r.json().ok()?["server"].as_str().map(str::to_string))?
+    };
+    // No selector and no slice: no endpoint.
+    ensure!(
+        answered_by(&mesh).is_none(),
+        "ext answered without endpoints"
+    );
+
+    // A slice naming the server pod: reached over HBONE (the server's identity is in the
+    // client agent's access log).
+    let server_ip = mesh.pod_ip("default/server")?.to_string();
+    mesh.write_yaml("slices.yaml", &ext_slice(&server_ip, Some("server")))?;
+    wait_until("ext reaches the server pod", APPLY, || {
+        Ok(answered_by(&mesh).as_deref() == Some("server"))
+    })?;
+    wait_until("the slice's pod reached over HBONE", APPLY, || {
+        Ok(mesh.ztunnel_log("n1").lines().any(|l| {
+            l.contains("connection complete")
+                && l.contains("direction=\"outbound\"")
+                && l.contains("spiffe://cluster.local/ns/default/sa/server")
+        }))
+    })?;
+
+    // A slice naming an address outside the mesh (the n2 node itself): plain TCP.
+    let echo = mesh.binaries().mesh_echo()?;
+    let echo = echo.to_string_lossy();
+    let mut node_echo = mesh.spawn_node("n2", &[&echo, "--port", "8080", "--name", "node"])?;
+    node_echo.wait_for_stdout("listening on", Duration::from_secs(10))?;
+    let node_ip = mesh.node_ip("n2")?.to_string();
+    mesh.write_yaml("slices.yaml", &ext_slice(&node_ip, None))?;
+    wait_until("ext reaches the address outside the mesh", APPLY, || {
+        Ok(answered_by(&mesh).as_deref() == Some("node"))
+    })?;
+
+    // A slice whose only endpoint is not ready: no endpoint again.
+    let unready = ext_slice(&node_ip, None).replace(
+        &format!("[{node_ip}]"),
+        &format!("[{node_ip}]\n    conditions: {{ready: false}}"),
+    );
+    mesh.write_yaml("slices.yaml", &unready)?;
+    wait_until("an unready endpoint is not used", APPLY, || {
+        Ok(answered_by(&mesh).is_none())
+    })?;
+    Ok(())
+}
+
 #[test]
 fn sigterm_lets_established_connections_finish() -> Result<()> {
     let mesh = two_node_mesh("drain")?;

@@ -171,6 +171,7 @@ fn main() -> ExitCode {
             tcp_ports_are_relayed_and_undeclared_ports_detected,
             a_service_naming_an_unknown_waypoint_fails_closed,
             access_log_lines_follow_the_telemetry_api,
+            a_service_without_a_selector_is_served_from_its_endpoint_slices,
         ],
         &tests![
             plain_tcp_to_the_waypoint_hbone_port_is_refused,
@@ -346,6 +347,56 @@ fn a_service_without_a_waypoint_is_reached_directly(l: &mut L7) -> Result<()> {
         prom::sum(&after, "istio_requests_total", &[("reporter", "waypoint")]),
         11.0
     );
+    Ok(())
+}
+
+/// A Service without a selector, through the waypoint: its EndpointSlice's pod is reached
+/// over HBONE and its address outside the mesh (the n2 node) in plain TCP, both balanced.
+fn a_service_without_a_selector_is_served_from_its_endpoint_slices(l: &mut L7) -> Result<()> {
+    const EXT_VIP: &str = "10.96.0.14";
+    let mesh = &l.mesh;
+    let echo = mesh.binaries().mesh_echo()?;
+    let echo = echo.to_string_lossy();
+    let mut node = mesh.spawn_node("n2", &[&echo, "--port", "8080", "--name", "node-2"])?;
+    node.wait_for_stdout("listening on", Duration::from_secs(10))?;
+    let server = mesh.pod_ip("default/server-1")?;
+    let node_ip = mesh.node_ip("n2")?;
+    let yaml = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: ext, namespace: default, labels: {{{USE_WAYPOINT_LABEL}: waypoint}}}}
+spec: {{clusterIP: {EXT_VIP}, ports: [{{name: http, port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: ext-1, namespace: default, labels: {{kubernetes.io/service-name: ext}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: [{server}]
+  targetRef: {{kind: Pod, namespace: default, name: server-1}}
+- addresses: [{node_ip}]
+"#
+    );
+    mesh.write_yaml("ext.yaml", &yaml)?;
+    let mut seen = std::collections::BTreeMap::new();
+    let deadline = std::time::Instant::now() + RELOAD;
+    while seen.len() < 2 && std::time::Instant::now() < deadline {
+        let urls: Vec<String> = (0..4).map(|i| url(EXT_VIP, &format!("/ext-{i}"))).collect();
+        for (status, _, body) in curl(mesh, &[], &urls).unwrap_or_default() {
+            if status == 200 {
+                let reply = json(&body)?;
+                let by = reply["server"].as_str().unwrap_or_default().to_string();
+                seen.insert(by, peer_ip(&reply)?);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        seen.get("server-1") == Some(&l.waypoint_ip) && seen.get("node-2") == Some(&l.waypoint_ip),
+        "both slice endpoints answer the waypoint: {seen:?}"
+    );
+    mesh.remove_yaml("ext.yaml")?;
     Ok(())
 }
 

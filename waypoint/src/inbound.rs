@@ -435,7 +435,7 @@ async fn relay_l4<D: Io>(
     let labels = LabelInputs {
         src_pod: model.workload_by_ip_shared(ctx.peer.ip()).cloned(),
         src_identity: Some(ctx.peer_identity.clone()),
-        dst_pod: Some(ep.pod.clone()),
+        dst_pod: ep.pod.clone(),
         dst_identity: ep.identity.clone(),
         service: ctx
             .target

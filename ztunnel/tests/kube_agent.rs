@@ -445,3 +445,71 @@ async fn socks5_connect_plain(
     let tcp = dial(src.into(), SocketAddr::new(web.ip(), 15006)).await?;
     socks5_connect(tcp, &Dest::Addr(web)).await
 }
+
+/// Issue 16: a pod in an ambient namespace reaches the API server through the `kubernetes`
+/// Service, which has no selector: its endpoints are the EndpointSlice the API server
+/// writes (no `managed-by` label; the address is no pod, so the agent connects in plain
+/// TCP). A slice the EndpointSlice controller manages is not watched (the agent derives a
+/// selector's endpoints from pods itself). Real TCP through the agent (`--redirect
+/// loopback`: the client pod is an address here, naming its destination over SOCKS5 on its
+/// 15001).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_service_reaches_the_api_server_by_its_endpoint_slice() -> Result<()> {
+    use support::agents::{dial, roundtrip, socks5_connect, Dest, Echo, OUTBOUND};
+    let marker = prefix();
+    let dir = tempfile::tempdir()?;
+    let net = |last| std::net::Ipv4Addr::new(127, (std::process::id() % 254) as u8 + 1, 251, last);
+    let client = net(20);
+    // The "API server" behind the Service: an echo on an address that is no pod.
+    let api = SocketAddr::new(net(30).into(), 6443);
+    let _api = Echo::start(api).await?;
+
+    let server = FakeApiServer::start().await?;
+    server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "default", "labels": {"istio.io/dataplane-mode": "ambient"}}}))?;
+    server.apply(pod("client", NODE, &client.to_string(), None))?;
+    server.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                 "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}}))?;
+    server.apply(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [api.ip().to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}),
+    )?;
+    server.apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes-managed", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "kubernetes",
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [net(31).to_string()]}],
+        "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}))?;
+    let kubeconfig = server.write_kubeconfig(dir.path())?;
+    let agent = Agent::start_with(dir.path(), &kubeconfig, &marker, "loopback")?;
+    agent
+        .eventually("the agent is ready", || agent.ready())
+        .await?;
+    let dump = agent.config_dump().await?;
+    let slices: Vec<&str> = dump["model"]["endpoint_slices"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        slices,
+        ["kubernetes"],
+        "only the API server's own slice is watched"
+    );
+
+    let vip = SocketAddr::from(([10, 96, 0, 1], 443));
+    for i in 0..3 {
+        let tcp = dial(client.into(), SocketAddr::new(client.into(), OUTBOUND)).await?;
+        let mut tcp = socks5_connect(tcp, &Dest::Addr(vip)).await?;
+        let payload = format!("GET /version {i}");
+        let back = roundtrip(&mut tcp, payload.as_bytes()).await?;
+        assert_eq!(back, payload.as_bytes(), "{}", agent.log_text());
+    }
+    Ok(())
+}

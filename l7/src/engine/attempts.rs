@@ -149,7 +149,7 @@ pub async fn run(
     };
     rq.log.attempts = progress.attempts;
     if let Some(ep) = &progress.chosen {
-        rq.labels.dst_pod = Some(ep.pod.clone());
+        rq.labels.dst_pod = ep.pod.clone();
         rq.labels.dst_identity = ep.identity.clone();
     }
     match result {
@@ -437,7 +437,7 @@ mod tests {
     fn endpoints(n: usize) -> Vec<Endpoint> {
         (0..n)
             .map(|i| Endpoint {
-                pod: std::sync::Arc::new(mesh_model::model::Pod {
+                pod: Some(std::sync::Arc::new(mesh_model::model::Pod {
                     name: format!("p{i}"),
                     namespace: "ns".to_string(),
                     uid: None,
@@ -449,7 +449,7 @@ mod tests {
                     host_network: false,
                     container_ports: Vec::new(),
                     ready: true,
-                }),
+                })),
                 addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)),
                 identity: None,
             })

@@ -220,7 +220,7 @@ spec:
         let clusters = Clusters::default();
         let (_, got) = select(&m, &clusters, &plan("web", Some("v1")));
         let s = got.map_err(|r| r.reason).expect("selected");
-        let names: Vec<&str> = s.eps.iter().map(|e| e.pod.name.as_str()).collect();
+        let names: Vec<String> = s.eps.iter().map(|e| e.name()).collect();
         assert_eq!(names, ["web-1"]);
         assert_eq!(s.proto, UpstreamProto::Http1);
         assert_eq!(s.host.as_deref(), Some("web.app.svc.cluster.local"));

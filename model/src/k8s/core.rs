@@ -1,4 +1,5 @@
-//! Core Kubernetes kinds: Pod and Service (Namespace and ServiceAccount need only metadata).
+//! Core Kubernetes kinds: Pod, Service and EndpointSlice (Namespace and ServiceAccount need
+//! only metadata).
 
 use std::net::IpAddr;
 
@@ -6,7 +7,10 @@ use tracing::debug;
 
 use super::yaml::{FieldResult, Node};
 use super::{dns_subdomain, Meta};
-use crate::model::{ContainerPort, Pod, Service, ServicePort, TargetPort};
+use crate::model::{
+    ContainerPort, EndpointSlice, NamespacedName, Pod, Service, ServicePort, SliceEndpoint,
+    SlicePort, TargetPort,
+};
 
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -144,6 +148,84 @@ pub(super) fn service(obj: &Node<'_>, meta: Meta) -> FieldResult<Service> {
         ports,
         selector,
     })
+}
+
+/// The label that names an EndpointSlice's Service.
+pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A `discovery.k8s.io/v1` EndpointSlice; `None` for one the mesh cannot use: without the
+/// [`SERVICE_NAME_LABEL`] (it belongs to no Service) or of `addressType: FQDN` (names, not
+/// addresses). Every address must be of the slice's type; a port without a number (any
+/// port, in Kubernetes' words) and UDP/SCTP ports are skipped.
+pub(super) fn endpoint_slice(obj: &Node<'_>, meta: Meta) -> FieldResult<Option<EndpointSlice>> {
+    let key = meta.key();
+    let address_type = obj.required("addressType")?;
+    let v4 = match address_type.str()? {
+        "IPv4" => true,
+        "IPv6" => false,
+        "FQDN" => {
+            debug!(slice = %key, "skipping an EndpointSlice of FQDN addresses");
+            return Ok(None);
+        }
+        other => return Err(address_type.err(format!("invalid address type {other:?}"))),
+    };
+    let Some(service) = meta.labels.get(SERVICE_NAME_LABEL).cloned() else {
+        debug!(slice = %key, "skipping an EndpointSlice without {SERVICE_NAME_LABEL}");
+        return Ok(None);
+    };
+    let mut ports = Vec::new();
+    for port in obj.opt_items("ports")? {
+        let Some(number) = port.get("port")? else {
+            continue;
+        };
+        if !is_tcp(&port)? {
+            continue;
+        }
+        let name = match port.get("name")? {
+            Some(node) if node.str()?.is_empty() => None,
+            Some(node) => Some(port_name(&node)?),
+            None => None,
+        };
+        ports.push(SlicePort {
+            name,
+            port: number.port()?,
+        });
+    }
+    let mut endpoints = Vec::new();
+    for ep in obj.opt_items("endpoints")? {
+        let addresses = ep.required("addresses")?.items()?;
+        let Some(first) = addresses.first() else {
+            return Err(ep.err("addresses: at least one address"));
+        };
+        for node in &addresses {
+            if node.ip()?.is_ipv4() != v4 {
+                return Err(node.err(format!("not an {} address", address_type.str()?)));
+            }
+        }
+        let ready = match ep.get("conditions")? {
+            Some(c) => c.opt_bool("ready")?.unwrap_or(true),
+            None => true,
+        };
+        let pod = match ep.get("targetRef")? {
+            Some(t) if t.opt_str("kind")? == Some("Pod") => Some(NamespacedName::new(
+                t.opt_str("namespace")?.unwrap_or(&meta.namespace),
+                t.required("name")?.str()?,
+            )),
+            _ => None,
+        };
+        endpoints.push(SliceEndpoint {
+            ip: first.ip()?,
+            ready,
+            pod,
+        });
+    }
+    Ok(Some(EndpointSlice {
+        name: meta.name,
+        namespace: meta.namespace,
+        service,
+        ports,
+        endpoints,
+    }))
 }
 
 /// `spec.clusterIPs` (or `spec.clusterIP`); `None` means headless, which has no VIP.

@@ -22,8 +22,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{
-    selector_matches, Action, AuthorizationPolicy, Labels, Namespace, NamespacedName,
-    PeerAuthentication, Pod, Service, GATEWAY_NAME_LABEL,
+    selector_matches, Action, AuthorizationPolicy, EndpointSlice, Labels, Namespace,
+    NamespacedName, PeerAuthentication, Pod, Service, GATEWAY_NAME_LABEL,
 };
 use crate::policy::l7::{attach_point, AttachPoint};
 
@@ -42,6 +42,23 @@ pub(super) struct Index {
     pub(super) waypoint_policies: Attachments,
     /// RequestAuthentications (positions in their list), by what they attach to.
     pub(super) request_authentications: Attachments,
+    /// EndpointSlices by namespace, then Service name, in slice name order.
+    pub(super) slices: HashMap<String, HashMap<String, Vec<Arc<EndpointSlice>>>>,
+}
+
+/// `slices` (in name order) grouped by namespace and Service.
+pub(super) fn slices_by_service<'a>(
+    slices: impl Iterator<Item = &'a Arc<EndpointSlice>>,
+) -> HashMap<String, HashMap<String, Vec<Arc<EndpointSlice>>>> {
+    let mut by: HashMap<String, HashMap<String, Vec<Arc<EndpointSlice>>>> = HashMap::new();
+    for slice in slices {
+        by.entry(slice.namespace.clone())
+            .or_default()
+            .entry(slice.service.clone())
+            .or_default()
+            .push(slice.clone());
+    }
+    by
 }
 
 /// An object named by namespace and name, shared with the model's map, hashed and compared

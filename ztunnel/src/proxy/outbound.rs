@@ -152,8 +152,12 @@ fn plan<'a>(
         let hops = (0..eps.len())
             .filter_map(|i| {
                 let Endpoint { pod, ip, port } = &eps[(start + i) % eps.len()];
-                let p = model.pod(&pod.namespace, &pod.name)?;
-                Some(hop_to(p, SocketAddr::new(*ip, *port)))
+                let target = SocketAddr::new(*ip, *port);
+                match pod {
+                    Some(pod) => Some(hop_to(model.pod(&pod.namespace, &pod.name)?, target)),
+                    // An EndpointSlice address outside the mesh: plain TCP, as Istio does.
+                    None => Some(Hop::Plain { pod: None, target }),
+                }
             })
             .collect();
         return Ok((Some(svc), hops));

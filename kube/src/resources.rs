@@ -62,7 +62,7 @@ pub(crate) struct Kind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Scope {
     /// What the node agent uses: core kinds (with the EndpointSlices of Services without a
-    /// selector), PeerAuthentication, AuthorizationPolicy, Gateways.
+    /// selector), PeerAuthentication, AuthorizationPolicy, Gateways, ServiceEntries.
     #[default]
     Node,
     /// Also what a waypoint applies: HTTPRoutes, GRPCRoutes, RequestAuthentications,
@@ -120,6 +120,17 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
         istio("PeerAuthentication", "peerauthentications"),
         istio("AuthorizationPolicy", "authorizationpolicies"),
         gateway,
+        // Destinations outside the registry (`networking.istio.io/v1`, Istio 1.22+); an
+        // optional CRD like the other Istio kinds.
+        Kind {
+            resource: ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("networking.istio.io", "v1", "ServiceEntry"),
+                "serviceentries",
+            ),
+            optional: true,
+            body: Body::Spec,
+            label_selector: None,
+        },
     ];
     if scope == Scope::Waypoint {
         // Optional like the other CRD kinds: a cluster without them has no routes / JWT rules.

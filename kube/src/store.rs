@@ -350,7 +350,7 @@ mod tests {
     const AUTHZ: usize = 6;
 
     /// The constants above follow the order of [`kinds_for`]: Namespace, ServiceAccount, Pod,
-    /// Service, EndpointSlice, PeerAuthentication, AuthorizationPolicy, Gateway.
+    /// Service, EndpointSlice, PeerAuthentication, AuthorizationPolicy, Gateway, ServiceEntry.
     #[test]
     fn the_test_indices_are_those_of_the_watched_kinds() {
         assert_eq!(index("Namespace"), NAMESPACE);
@@ -368,6 +368,7 @@ mod tests {
                 "PeerAuthentication",
                 "AuthorizationPolicy",
                 "Gateway",
+                "ServiceEntry",
             ]
         );
     }

@@ -16,6 +16,7 @@
 //! `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`) `DestinationRule` (subsets, load
 //! balancing, connection pool, outlier detection: `k8s/destination_rule.rs`) and
 //! `VirtualService` (mesh HTTP routes, retries, faults, mirrors: `k8s/virtual_service.rs`),
+//! `ServiceEntry` (destinations outside the registry: `k8s/service_entry.rs`),
 //! and `GRPCRoute` (`v1`; translated into the same model route: `k8s/grpc_route.rs`), and
 //! `telemetry.istio.io/v1` (or `v1alpha1`) `Telemetry` (the waypoint's access-log switch:
 //! `k8s/telemetry.rs`).
@@ -34,6 +35,7 @@ mod jwt;
 mod refused;
 mod route;
 mod security;
+mod service_entry;
 mod telemetry;
 mod virtual_service;
 mod yaml;
@@ -51,8 +53,8 @@ use tracing::debug;
 
 use crate::model::{
     AuthorizationPolicy, DestinationRule, EndpointSlice, Gateway, HttpRoute, Labels, Model,
-    Namespace, NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service, Telemetry,
-    VirtualService,
+    Namespace, NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service,
+    ServiceEntry, Telemetry, VirtualService,
 };
 use yaml::{FieldError, FieldResult, Node};
 
@@ -318,6 +320,7 @@ struct Loader {
     virtual_services: Vec<VirtualService>,
     telemetries: BTreeMap<NamespacedName, Telemetry>,
     endpoint_slices: BTreeMap<NamespacedName, EndpointSlice>,
+    service_entries: BTreeMap<NamespacedName, ServiceEntry>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
     /// Every object read, when the caller asked for them.
@@ -339,6 +342,7 @@ enum Kind {
     HttpRoute,
     DestinationRule,
     VirtualService,
+    ServiceEntry,
     GrpcRoute,
     Telemetry,
 }
@@ -367,6 +371,9 @@ impl Kind {
             ("gateway.networking.k8s.io", "HTTPRoute") => (Kind::HttpRoute, &["v1", "v1beta1"]),
             ("networking.istio.io", "DestinationRule") => {
                 (Kind::DestinationRule, &["v1", "v1beta1", "v1alpha3"])
+            }
+            ("networking.istio.io", "ServiceEntry") => {
+                (Kind::ServiceEntry, &["v1", "v1beta1", "v1alpha3"])
             }
             ("networking.istio.io", "VirtualService") => {
                 (Kind::VirtualService, &["v1", "v1beta1", "v1alpha3"])
@@ -571,6 +578,11 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.virtual_services.push(vs);
             }
+            Kind::ServiceEntry => {
+                let se = service_entry::service_entry(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.service_entries.insert(key, se);
+            }
             Kind::GrpcRoute => {
                 let route = grpc_route::grpc_route(obj, meta).map_err(invalid)?;
                 self.remember(origin, &object)?;
@@ -642,6 +654,7 @@ impl Loader {
         .with_request_authentications(self.request_authentications.into_values().collect())
         .with_telemetries(self.telemetries.into_values().collect())
         .with_endpoint_slices(self.endpoint_slices)
+        .with_service_entries(self.service_entries.into_values().collect())
     }
 }
 

@@ -16,6 +16,7 @@ mod jwt;
 mod labels;
 mod refused;
 mod route;
+mod service_entry;
 mod telemetry;
 mod traffic;
 mod waypoint;
@@ -32,6 +33,8 @@ pub use route::{
     PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect, RetryOn, RetryPolicy, RouteKind,
     RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch, VirtualService,
 };
+
+pub use service_entry::{SeAddress, SeEndpoint, SeLocation, SePort, SeResolution, ServiceEntry};
 
 pub use telemetry::{AccessLogDecision, AccessLogging, Telemetry, TelemetryLevel, WorkloadMode};
 
@@ -337,6 +340,8 @@ pub struct Model {
     /// EndpointSlices (of Services without a selector; see [`Model::endpoints`]).
     #[serde(serialize_with = "shared_values")]
     pub endpoint_slices: BTreeMap<NamespacedName, Arc<EndpointSlice>>,
+    /// ServiceEntries in (namespace, name) order (see [`Model::service_entry_for`]).
+    pub service_entries: Vec<ServiceEntry>,
     #[serde(skip)]
     index: Index,
 }
@@ -359,6 +364,7 @@ pub struct ModelDump<'a> {
     pub refused_policies: Vec<RefusedDump<'a>>,
     pub telemetries: &'a [Telemetry],
     pub endpoint_slices: Vec<&'a EndpointSlice>,
+    pub service_entries: &'a [ServiceEntry],
 }
 
 /// A refused policy in `/config_dump`: the entry, what it does, and the workloads the node
@@ -411,6 +417,7 @@ impl Model {
             refused_policies: Vec::new(),
             telemetries: Vec::new(),
             endpoint_slices: BTreeMap::new(),
+            service_entries: Vec::new(),
             index: Index::default(),
         };
         m.reindex();
@@ -454,6 +461,7 @@ impl Model {
                 .collect(),
             telemetries: &self.telemetries,
             endpoint_slices: self.endpoint_slices.values().map(|s| &**s).collect(),
+            service_entries: &self.service_entries,
         }
     }
 
@@ -526,6 +534,90 @@ impl Model {
         self.endpoint_slices = slices.into_iter().map(|(k, s)| (k, Arc::new(s))).collect();
         self.index.slices = index::slices_by_service(self.endpoint_slices.values());
         self
+    }
+
+    /// The model with `entries` (in (namespace, name) order), their addresses indexed.
+    pub fn with_service_entries(mut self, entries: Vec<ServiceEntry>) -> Self {
+        self.index.service_entries = index::SeAddresses::build(&entries);
+        // Each selecting entry's pods, from its namespace's range of the pod map.
+        self.index.service_entry_pods = entries
+            .iter()
+            .map(|se| {
+                let Some(selector) = &se.workload_selector else {
+                    return Box::default();
+                };
+                self.pods
+                    .range(NamespacedName::new(&se.namespace, "")..)
+                    .take_while(|(k, _)| k.namespace == se.namespace)
+                    .map(|(_, p)| p)
+                    .filter(|p| selector_matches(selector, &p.labels))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        self.service_entries = entries;
+        self
+    }
+
+    /// The ServiceEntry a workload in `namespace` reaches by connecting to `dst`: the first
+    /// (in (namespace, name) order) that is exported to `namespace`, has `dst`'s IP among
+    /// its addresses (an IP, or inside a CIDR) and `dst`'s port, and that port.
+    pub fn service_entry_for(
+        &self,
+        namespace: &str,
+        dst: std::net::SocketAddr,
+    ) -> Option<(&ServiceEntry, &SePort)> {
+        self.index
+            .service_entries
+            .candidates(dst.ip())
+            .filter_map(|i| self.service_entries.get(i))
+            .filter(|se| se.visible_in(namespace) && se.has_address(dst.ip()))
+            .find_map(|se| Some((se, se.port(dst.port())?)))
+    }
+
+    /// The endpoints of `port` of `se` with `STATIC` resolution: its listed IP endpoints
+    /// (the pod owning an address, when there is one), or the ready pods its
+    /// `workloadSelector` selects in its namespace (their first IP, on the port's
+    /// `targetPort` or number). Empty for other resolutions.
+    pub fn service_entry_endpoints(&self, se: &ServiceEntry, port: &SePort) -> Vec<Endpoint> {
+        if se.resolution != SeResolution::Static {
+            return Vec::new();
+        }
+        if se.workload_selector.is_some() {
+            let position = self
+                .service_entries
+                .iter()
+                .position(|e| std::ptr::eq(e, se));
+            let selected = position.and_then(|i| self.index.service_entry_pods.get(i));
+            return selected
+                .into_iter()
+                .flatten()
+                .filter(|p| p.ready)
+                .filter_map(|p| {
+                    Some(Endpoint {
+                        pod: Some(NamespacedName::new(&p.namespace, &p.name)),
+                        ip: *p.ips.first()?,
+                        port: port.target_port.unwrap_or(port.number),
+                    })
+                })
+                .collect();
+        }
+        se.endpoints
+            .iter()
+            .filter_map(|ep| {
+                let SeAddress::Ip(ip) = ep.address else {
+                    return None;
+                };
+                let pod = self
+                    .workload_by_ip(ip)
+                    .map(|p| NamespacedName::new(&p.namespace, &p.name));
+                Some(Endpoint {
+                    pod,
+                    ip,
+                    port: ep.port_for(port),
+                })
+            })
+            .collect()
     }
 
     /// Sets the Telemetries (in (namespace, name) order).

@@ -54,6 +54,9 @@ pub enum ResponseFlag {
     /// Closed at once because a limit of this process was reached (open connections of the
     /// process or the pod, TLS handshakes in progress): Envoy's overload-manager flag.
     Overload,
+    /// A destination outside the mesh's registry refused by `REGISTRY_ONLY` (node agent):
+    /// Istio's BlackHoleCluster.
+    BlackHole,
 }
 
 impl ResponseFlag {
@@ -81,6 +84,7 @@ impl ResponseFlag {
             ResponseFlag::DelayInjected => "DI",
             ResponseFlag::FaultInjected => "FI",
             ResponseFlag::Overload => "OM",
+            ResponseFlag::BlackHole => "BLACKHOLE",
         }
     }
 }
@@ -110,6 +114,7 @@ mod tests {
         check(UpstreamDenied, "UAEX");
         check(Revoked, "REVOKED");
         check(NoOriginalDst, "NOORIGDST");
+        check(BlackHole, "BLACKHOLE");
         // The waypoint's.
         check(UpstreamReset, "UC");
         check(DownstreamClosed, "DC");

@@ -48,9 +48,9 @@ use tokio::task::JoinHandle;
 /// How long [`FakeApiServer::wait_for`] waits for the client to do something.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The kinds the agents watch (ztunnel the first 8, a waypoint all): collection path (all
+/// The kinds the agents watch (ztunnel the first 9, a waypoint all): collection path (all
 /// namespaces), apiVersion, kind.
-pub const KINDS: [(&str, &str, &str); 14] = [
+pub const KINDS: [(&str, &str, &str); 15] = [
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
     ("/api/v1/pods", "v1", "Pod"),
@@ -74,6 +74,11 @@ pub const KINDS: [(&str, &str, &str); 14] = [
         "/apis/gateway.networking.k8s.io/v1/gateways",
         "gateway.networking.k8s.io/v1",
         "Gateway",
+    ),
+    (
+        "/apis/networking.istio.io/v1/serviceentries",
+        "networking.istio.io/v1",
+        "ServiceEntry",
     ),
     // What a waypoint also watches.
     (

@@ -664,6 +664,88 @@ fn a_service_without_a_selector_reaches_the_addresses_of_its_endpoint_slices() -
     Ok(())
 }
 
+/// Issue 16: with `REGISTRY_ONLY` an address the mesh does not know is refused (BLACKHOLE,
+/// counted) while pods and Services still work; a ServiceEntry makes it known: `STATIC`
+/// sends its virtual address to its endpoints, `NONE` lets its own address through.
+#[test]
+fn registry_only_refuses_unknown_addresses_and_service_entries_let_them_in() -> Result<()> {
+    let mesh = Mesh::two_nodes("service_entries")
+        .pod(Pod::echo_server("server", "n2"))
+        .service(
+            Service::new("default", "echo")
+                .vip(VIP)
+                .port(80, 8080)
+                .selector([("app", "echo")]),
+        )
+        .ztunnel_args(["--outbound-traffic-policy", "registry-only"])
+        .build()?;
+    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let echo = mesh.binaries().mesh_echo()?;
+    let echo = echo.to_string_lossy();
+    let mut outside = mesh.spawn_node("n2", &[&echo, "--port", "8080", "--name", "outside"])?;
+    outside.wait_for_stdout("listening on", Duration::from_secs(10))?;
+    let node = SocketAddr::new(mesh.node_ip("n2")?.into(), 8080);
+    let answered_by = |to: SocketAddr| -> Option<String> {
+        let r = mesh.http_get("default/client", to, "/se").ok()?;
+        (r.status == 200).then(|| r.json().ok()?["server"].as_str().map(str::to_string))?
+    };
+
+    ensure!(
+        answered_by(vip(80)).as_deref() == Some("server"),
+        "a Service still works"
+    );
+    ensure!(
+        answered_by(node).is_none(),
+        "an unknown address passed REGISTRY_ONLY"
+    );
+    ensure!(
+        refused(&mesh, "n1", "BLACKHOLE")? >= 1.0,
+        "the refusal is not counted"
+    );
+
+    // STATIC: a virtual address and port of the entry go to its endpoint (outside the mesh,
+    // plain TCP, port by name); NONE: the entry's own address passes.
+    let node_ip = node.ip();
+    mesh.write_yaml(
+        "entries.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: outside-vip, namespace: default}}
+spec:
+  hosts: [outside.example.com]
+  addresses: [240.240.0.1]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {node_ip}, ports: {{http: 8080}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: outside-direct, namespace: default}}
+spec:
+  hosts: [direct.example.com]
+  addresses: ["{node_ip}/32"]
+  ports: [{{number: 8080, name: http}}]
+"#
+        ),
+    )?;
+    let se_vip = SocketAddr::from(([240, 240, 0, 1], 80));
+    wait_until(
+        "the ServiceEntry's address reaches its endpoint",
+        APPLY,
+        || Ok(answered_by(se_vip).as_deref() == Some("outside")),
+    )?;
+    ensure!(
+        answered_by(node).as_deref() == Some("outside"),
+        "NONE: its address passes"
+    );
+    ensure!(
+        answered_by(SocketAddr::new(node_ip, 9999)).is_none(),
+        "a port the entry does not list is still unknown"
+    );
+    Ok(())
+}
+
 #[test]
 fn sigterm_lets_established_connections_finish() -> Result<()> {
     let mesh = two_node_mesh("drain")?;

@@ -45,6 +45,16 @@ pub const PROBE_SOURCE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254
 /// Policy-routing table that sends marked replies to the local stack.
 pub const INBOUND_ROUTE_TABLE: u32 = 133;
 
+/// Istio's `outboundTrafficPolicy.mode` (see `--outbound-traffic-policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboundTrafficPolicy {
+    /// `ALLOW_ANY`: unknown destinations pass through (Istio's default).
+    AllowAny,
+    /// `REGISTRY_ONLY`: only pods, Services and ServiceEntries are reachable.
+    RegistryOnly,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Redirect {
@@ -109,6 +119,12 @@ pub struct Args {
     /// (counted with flag OM). `--max-connections` bounds the whole process.
     #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_POD", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_POD, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections_per_pod: usize,
+    /// Istio's mesh `outboundTrafficPolicy.mode`: what a connection from an enrolled pod to
+    /// a destination the mesh does not know (no pod, Service VIP or ServiceEntry address)
+    /// gets: `allow-any` passes it through in plain TCP, `registry-only` refuses it
+    /// (counted with flag BLACKHOLE).
+    #[arg(long, env = "ZTUNNEL_OUTBOUND_TRAFFIC_POLICY", value_enum, default_value_t = OutboundTrafficPolicy::AllowAny)]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
     /// `shared`: one runtime whose `--worker-threads` workers take any task. `per-worker`:
     /// each worker thread runs its own runtime with its own listeners for every pod
     /// (`SO_REUSEPORT`: the kernel spreads connections over them) and its own HBONE pool,
@@ -170,6 +186,7 @@ pub struct Config {
     #[serde(with = "secs")]
     pub connect_timeout: Duration,
     pub max_connections_per_pod: usize,
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
     /// `--threading`; with `per-worker`, `data_workers` runtimes of their own serve the
     /// pods' listeners (each pod gets a listener per worker) with one HBONE pool each.
     pub threading: mesh_shell::config::Threading,
@@ -209,6 +226,7 @@ impl From<&Args> for Config {
             tls_handshake_timeout: a.tls_handshake_timeout,
             connect_timeout: a.connect_timeout,
             max_connections_per_pod: args.max_connections_per_pod,
+            outbound_traffic_policy: args.outbound_traffic_policy,
             threading: args.threading,
             data_workers: args.threading.data_workers(a.worker_threads),
             limits: a.limits.clone(),
@@ -294,6 +312,7 @@ mod tests {
             "tls_handshake_timeout",
             "connect_timeout",
             "max_connections_per_pod",
+            "outbound_traffic_policy",
             "threading",
             "data_workers",
             "max_connections",
@@ -358,6 +377,7 @@ mod tests {
             "ZTUNNEL_NETNS_DIR",
             "ZTUNNEL_NETNS_PREFIX",
             "ZTUNNEL_NODE_NAME",
+            "ZTUNNEL_OUTBOUND_TRAFFIC_POLICY",
             "ZTUNNEL_READINESS_ADDR",
             "ZTUNNEL_RECEIVE_BUFFER_BUDGET",
             "ZTUNNEL_REDIRECT",

@@ -625,3 +625,41 @@ async fn a_waypoint_watch_also_follows_routes_and_jwt_rules_and_the_node_watch_d
     );
     Ok(())
 }
+
+/// Issue 16: ServiceEntries come from the API server like every other kind: one applied is
+/// in the model by its address, and gone when deleted.
+#[tokio::test]
+async fn a_service_entry_from_the_api_server_is_in_the_model_by_its_address() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("default", true))?;
+    let mut agent = Agent::start(&server).await?;
+    agent
+        .model("the namespace is in", |m| {
+            m.namespaces.contains_key("default")
+        })
+        .await?;
+    server.apply(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "payments", "namespace": "default"},
+        "spec": {"hosts": ["pay.example.com"], "addresses": ["240.0.0.1"],
+                 "ports": [{"number": 443, "name": "https", "protocol": "TLS"}],
+                 "resolution": "STATIC", "endpoints": [{"address": "192.0.2.10"}]},
+    }))?;
+    let dst = "240.0.0.1:443".parse()?;
+    let m = agent
+        .model("the entry is in", |m| {
+            m.service_entry_for("default", dst).is_some()
+        })
+        .await?;
+    let (se, port) = m.service_entry_for("default", dst).context("entry")?;
+    let eps = m.service_entry_endpoints(se, port);
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].ip.to_string(), "192.0.2.10");
+    server.delete("ServiceEntry", "default", "payments")?;
+    agent
+        .model("the entry is gone", |m| {
+            m.service_entry_for("default", dst).is_none()
+        })
+        .await?;
+    Ok(())
+}

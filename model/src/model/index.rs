@@ -42,8 +42,51 @@ pub(super) struct Index {
     pub(super) waypoint_policies: Attachments,
     /// RequestAuthentications (positions in their list), by what they attach to.
     pub(super) request_authentications: Attachments,
+    /// ServiceEntries (positions in their list) by address.
+    pub(super) service_entries: SeAddresses,
+    /// The pods each ServiceEntry's `workloadSelector` selects (empty without one), by
+    /// position.
+    pub(super) service_entry_pods: Vec<Box<[Arc<Pod>]>>,
     /// EndpointSlices by namespace, then Service name, in slice name order.
     pub(super) slices: HashMap<String, HashMap<String, Vec<Arc<EndpointSlice>>>>,
+}
+
+/// ServiceEntries by address: single addresses hashed, CIDRs (few) listed.
+#[derive(Clone, Debug, Default)]
+pub(super) struct SeAddresses {
+    by_ip: HashMap<IpAddr, Vec<usize>>,
+    cidrs: Vec<usize>,
+}
+
+impl SeAddresses {
+    pub(super) fn build(entries: &[super::ServiceEntry]) -> SeAddresses {
+        let mut a = SeAddresses::default();
+        for (i, se) in entries.iter().enumerate() {
+            for net in &se.addresses {
+                if net.prefix_len() == net.max_prefix_len() {
+                    a.by_ip.entry(net.addr()).or_default().push(i);
+                } else if a.cidrs.last() != Some(&i) {
+                    a.cidrs.push(i);
+                }
+            }
+        }
+        a
+    }
+
+    /// Positions of the entries that may have `ip`, in order (the caller checks).
+    pub(super) fn candidates(&self, ip: IpAddr) -> impl Iterator<Item = usize> + '_ {
+        let mut all: Vec<usize> = self
+            .by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .chain(self.cidrs.iter())
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all.into_iter()
+    }
 }
 
 /// `slices` (in name order) grouped by namespace and Service.

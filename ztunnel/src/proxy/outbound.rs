@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use mesh_hbone::{self as hbone, ConnectHeaders, HboneError, PoolKey};
 use mesh_model::identity::Identity;
-use mesh_model::model::{Endpoint, Model, NamespacedName, Pod, Service, WaypointTarget};
+use mesh_model::model::{
+    Endpoint, Model, NamespacedName, Pod, SePort, SeResolution, Service, ServiceEntry,
+    WaypointTarget,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +28,7 @@ use super::{
     ProxyInputs, ResponseFlag,
 };
 use super::{with_original_dst, Accepted};
-use crate::config::{HBONE_PORT, RESERVED_PORTS};
+use crate::config::{OutboundTrafficPolicy, HBONE_PORT, RESERVED_PORTS};
 use crate::netns::Netns;
 use crate::socket;
 use mesh_telemetry::TcpLabels;
@@ -149,18 +152,10 @@ fn plan<'a>(
             return Err((ResponseFlag::NoHealthyUpstream, reason));
         }
         let start = pi.next_index(&NamespacedName::new(&svc.namespace, &svc.name));
-        let hops = (0..eps.len())
-            .filter_map(|i| {
-                let Endpoint { pod, ip, port } = &eps[(start + i) % eps.len()];
-                let target = SocketAddr::new(*ip, *port);
-                match pod {
-                    Some(pod) => Some(hop_to(model.pod(&pod.namespace, &pod.name)?, target)),
-                    // An EndpointSlice address outside the mesh: plain TCP, as Istio does.
-                    None => Some(Hop::Plain { pod: None, target }),
-                }
-            })
-            .collect();
-        return Ok((Some(svc), hops));
+        return Ok((Some(svc), endpoint_hops(model, &eps, start, &hop_to)));
+    }
+    if let Some((se, port)) = model.service_entry_for(&src.key.namespace, dst) {
+        return service_entry_hops(model, pi, se, port, dst, &hop_to);
     }
     if let Some(p) = model.workload_by_ip(dst.ip()) {
         if let Some(wp) = model.waypoint_for_workload(p) {
@@ -170,6 +165,10 @@ fn plan<'a>(
         }
         return Ok((None, vec![hop_to(p, dst)]));
     }
+    if pi.cfg.outbound_traffic_policy == OutboundTrafficPolicy::RegistryOnly {
+        let reason = format!("{dst} is not in the mesh's registry (REGISTRY_ONLY)");
+        return Err((ResponseFlag::BlackHole, reason));
+    }
     Ok((
         None,
         vec![Hop::Plain {
@@ -177,6 +176,61 @@ fn plan<'a>(
             target: dst,
         }],
     ))
+}
+
+/// The hops for `dst`, an address and port of the ServiceEntry `se`: with `STATIC`
+/// resolution its endpoints in turn (a pod over HBONE when enrolled, any other address in
+/// plain TCP); otherwise (`NONE`, `DNS`: what the application resolved) `dst` itself, a
+/// pod's or in plain TCP.
+fn service_entry_hops<'a>(
+    model: &'a Model,
+    pi: &ProxyInputs,
+    se: &ServiceEntry,
+    port: &SePort,
+    dst: SocketAddr,
+    hop_to: &impl Fn(&'a Pod, SocketAddr) -> Hop<'a>,
+) -> Result<(Option<&'a Service>, Vec<Hop<'a>>), NoPlan> {
+    if se.resolution != SeResolution::Static {
+        let hop = match model.workload_by_ip(dst.ip()) {
+            Some(p) => hop_to(p, dst),
+            None => Hop::Plain {
+                pod: None,
+                target: dst,
+            },
+        };
+        return Ok((None, vec![hop]));
+    }
+    let eps = model.service_entry_endpoints(se, port);
+    if eps.is_empty() {
+        let reason = format!(
+            "no endpoint for {dst} (ServiceEntry {}/{})",
+            se.namespace, se.name
+        );
+        return Err((ResponseFlag::NoHealthyUpstream, reason));
+    }
+    let start = pi.next_index(&NamespacedName::new(&se.namespace, &se.name));
+    Ok((None, endpoint_hops(model, &eps, start, hop_to)))
+}
+
+/// A hop to each of `eps`, starting at `start` (round robin): a pod by `hop_to`, an
+/// address that is no pod (an EndpointSlice's or ServiceEntry's outside the mesh) in plain
+/// TCP, as Istio does; a pod gone from the model is left out.
+fn endpoint_hops<'a>(
+    model: &'a Model,
+    eps: &[Endpoint],
+    start: usize,
+    hop_to: &impl Fn(&'a Pod, SocketAddr) -> Hop<'a>,
+) -> Vec<Hop<'a>> {
+    (0..eps.len())
+        .filter_map(|i| {
+            let Endpoint { pod, ip, port } = &eps[(start + i) % eps.len()];
+            let target = SocketAddr::new(*ip, *port);
+            match pod {
+                Some(pod) => Some(hop_to(model.pod(&pod.namespace, &pod.name)?, target)),
+                None => Some(Hop::Plain { pod: None, target }),
+            }
+        })
+        .collect()
 }
 
 pub(crate) fn handle(

@@ -1,0 +1,111 @@
+//! Istio `ServiceEntry` (`networking.istio.io`): destinations the Kubernetes registry does
+//! not have (an external API, a database on a VM, a CIDR of them), given hosts, addresses,
+//! ports and endpoints, so that the mesh knows them (routes, policy, `REGISTRY_ONLY`).
+//!
+//! What the node agent does with one (`ztunnel/src/proxy/outbound.rs`): a connection to one
+//! of its `addresses` on one of its ports goes to its endpoints: `STATIC` the listed
+//! endpoints (an address that is an enrolled pod over HBONE, any other in plain TCP) or the
+//! pods its `workloadSelector` selects; `NONE` and `DNS` the address the application
+//! connected to (what it resolved), in plain TCP for `MESH_EXTERNAL`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use super::Labels;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceEntry {
+    pub name: String,
+    pub namespace: String,
+    /// Host names (`api.example.com`, `*.example.com`, a short name), at least one.
+    pub hosts: Vec<String>,
+    /// Virtual addresses or CIDRs a connection may name; empty: none.
+    pub addresses: Vec<IpNet>,
+    pub ports: Vec<SePort>,
+    pub location: SeLocation,
+    pub resolution: SeResolution,
+    pub endpoints: Vec<SeEndpoint>,
+    /// `workloadSelector.labels`: the pods in its namespace that are its endpoints.
+    pub workload_selector: Option<Labels>,
+    /// `exportTo`; empty: every namespace (`*`).
+    pub export_to: Vec<String>,
+}
+
+/// A port of a [`ServiceEntry`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SePort {
+    pub number: u16,
+    pub name: String,
+    /// `protocol` as written (`HTTP`, `HTTPS`, `TCP`, `TLS`, `GRPC`, `HTTP2`, `MONGO`...).
+    pub protocol: Option<String>,
+    /// `targetPort`: the endpoints' port when they do not name one.
+    pub target_port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum SeLocation {
+    MeshExternal,
+    MeshInternal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum SeResolution {
+    /// The address the application connected to.
+    None,
+    /// The listed endpoints (or the selected pods).
+    Static,
+    /// The hosts (or endpoint host names) resolved by DNS.
+    Dns,
+    DnsRoundRobin,
+}
+
+/// An endpoint of a [`ServiceEntry`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SeEndpoint {
+    pub address: SeAddress,
+    /// Port by [`SePort::name`]; absent: the port's `targetPort`, else its number.
+    pub ports: BTreeMap<String, u16>,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum SeAddress {
+    Ip(IpAddr),
+    /// A host name (only with `DNS` resolution).
+    Host(String),
+}
+
+impl ServiceEntry {
+    /// The port `port` of this entry, when it has it.
+    pub fn port(&self, port: u16) -> Option<&SePort> {
+        self.ports.iter().find(|p| p.number == port)
+    }
+
+    /// Whether `ip` is one of its addresses (or inside one of its CIDRs).
+    pub fn has_address(&self, ip: IpAddr) -> bool {
+        self.addresses.iter().any(|a| a.contains(&ip))
+    }
+
+    /// Whether a workload in `namespace` sees this entry (`exportTo`).
+    pub fn visible_in(&self, namespace: &str) -> bool {
+        self.export_to.is_empty()
+            || self
+                .export_to
+                .iter()
+                .any(|e| e == "*" || e == namespace || (e == "." && self.namespace == namespace))
+    }
+}
+
+impl SeEndpoint {
+    /// The port this endpoint is reached on for `port` of its entry.
+    pub fn port_for(&self, port: &SePort) -> u16 {
+        self.ports
+            .get(&port.name)
+            .copied()
+            .or(port.target_port)
+            .unwrap_or(port.number)
+    }
+}

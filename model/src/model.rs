@@ -34,7 +34,9 @@ pub use route::{
     RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch, VirtualService,
 };
 
-pub use service_entry::{SeAddress, SeEndpoint, SeLocation, SePort, SeResolution, ServiceEntry};
+pub use service_entry::{
+    SeAddress, SeConflict, SeEndpoint, SeLocation, SePort, SeResolution, ServiceEntry,
+};
 
 pub use telemetry::{AccessLogDecision, AccessLogging, Telemetry, TelemetryLevel, WorkloadMode};
 
@@ -342,6 +344,8 @@ pub struct Model {
     pub endpoint_slices: BTreeMap<NamespacedName, Arc<EndpointSlice>>,
     /// ServiceEntries in (namespace, name) order (see [`Model::service_entry_for`]).
     pub service_entries: Vec<ServiceEntry>,
+    /// Address and port claims of a ServiceEntry an earlier one already makes (not used).
+    pub service_entry_conflicts: Vec<SeConflict>,
     #[serde(skip)]
     index: Index,
 }
@@ -365,6 +369,7 @@ pub struct ModelDump<'a> {
     pub telemetries: &'a [Telemetry],
     pub endpoint_slices: Vec<&'a EndpointSlice>,
     pub service_entries: &'a [ServiceEntry],
+    pub service_entry_conflicts: &'a [SeConflict],
 }
 
 /// A refused policy in `/config_dump`: the entry, what it does, and the workloads the node
@@ -418,6 +423,7 @@ impl Model {
             telemetries: Vec::new(),
             endpoint_slices: BTreeMap::new(),
             service_entries: Vec::new(),
+            service_entry_conflicts: Vec::new(),
             index: Index::default(),
         };
         m.reindex();
@@ -462,6 +468,7 @@ impl Model {
             telemetries: &self.telemetries,
             endpoint_slices: self.endpoint_slices.values().map(|s| &**s).collect(),
             service_entries: &self.service_entries,
+            service_entry_conflicts: &self.service_entry_conflicts,
         }
     }
 
@@ -554,6 +561,11 @@ impl Model {
                     .cloned()
                     .collect()
             })
+            .collect();
+        self.service_entry_conflicts = entries
+            .iter()
+            .enumerate()
+            .flat_map(|(i, later)| entries[..i].iter().flat_map(|e| later.conflicts_with(e)))
             .collect();
         self.service_entries = entries;
         self

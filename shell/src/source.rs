@@ -145,6 +145,15 @@ impl Installed {
     /// Installs `next`; returns whether it was the first good model.
     fn install(&self, next: Arc<Model>) -> bool {
         (self.check)(&next);
+        for c in &next.service_entry_conflicts {
+            tracing::warn!(
+                entry = %c.entry,
+                kept = %c.kept,
+                address = %c.address,
+                port = c.port,
+                "ServiceEntry addresses overlap: the first in namespace/name order keeps them"
+            );
+        }
         self.model.store(next);
         let first = !self.loaded.swap(true, Ordering::SeqCst);
         let _ = self.changed.send(());

@@ -328,6 +328,53 @@ spec:
     }
 
     #[test]
+    fn an_overlapping_claim_is_named_and_the_first_entry_keeps_the_address() {
+        let later = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: zz-overlap, namespace: shop}
+spec:
+  hosts: [other.example.com]
+  addresses: [198.51.100.20, 240.0.0.1]
+  ports: [{number: 5432, name: pg}, {number: 9000, name: other}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: elsewhere, namespace: other}
+spec:
+  hosts: [x.example.com]
+  addresses: [198.51.100.30]
+  ports: [{number: 5432, name: pg}]
+  exportTo: ["."]
+"#;
+        let m = model(later).unwrap();
+        let conflicts: Vec<String> = m
+            .service_entry_conflicts
+            .iter()
+            .map(|c| format!("{} -> {} {}:{}", c.entry, c.kept, c.address, c.port))
+            .collect();
+        // 198.51.100.20:5432 is inside legacy-dbs's CIDR (seen in `shop`, like zz-overlap);
+        // 240.0.0.1 shares no port with payments; `other/elsewhere` is seen only in `other`,
+        // where legacy-dbs is not.
+        assert_eq!(
+            conflicts,
+            ["shop/zz-overlap -> shop/legacy-dbs 198.51.100.20/32:5432"]
+        );
+        let (se, _) = m
+            .service_entry_for("shop", at("198.51.100.20:5432"))
+            .unwrap();
+        assert_eq!(se.name, "legacy-dbs", "the first entry keeps it");
+        let (se, _) = m
+            .service_entry_for("shop", at("198.51.100.20:9000"))
+            .unwrap();
+        assert_eq!(se.name, "zz-overlap", "its other port is its own");
+        let (se, _) = m
+            .service_entry_for("other", at("198.51.100.30:5432"))
+            .unwrap();
+        assert_eq!(se.name, "elsewhere");
+    }
+
+    #[test]
     fn a_malformed_entry_is_refused_by_field() {
         let entry = |spec: &str| {
             format!(

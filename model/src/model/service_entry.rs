@@ -99,6 +99,73 @@ impl ServiceEntry {
     }
 }
 
+/// Two ServiceEntries that claim the same address and port for a namespace that sees both:
+/// connections go to `kept` (the first in (namespace, name) order); `entry`'s claim on
+/// `address`:`port` is not used. Shown in `/config_dump` and logged at each config change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SeConflict {
+    /// `namespace/name` of the entry whose claim is not used.
+    pub entry: String,
+    /// `namespace/name` of the entry connections go to.
+    pub kept: String,
+    /// The overlapping address (the narrower of the two).
+    pub address: IpNet,
+    pub port: u16,
+}
+
+impl ServiceEntry {
+    /// Whether a namespace could see both `self` and `other` (`exportTo`).
+    fn seen_together(&self, other: &ServiceEntry) -> bool {
+        let everywhere =
+            |se: &ServiceEntry| se.export_to.is_empty() || se.export_to.iter().any(|e| e == "*");
+        let names = |se: &ServiceEntry| -> Vec<String> {
+            se.export_to
+                .iter()
+                .map(|e| {
+                    if e == "." {
+                        se.namespace.clone()
+                    } else {
+                        e.clone()
+                    }
+                })
+                .collect()
+        };
+        everywhere(self)
+            || everywhere(other)
+            || names(self).iter().any(|n| names(other).contains(n))
+    }
+
+    /// Where `self` (later) overlaps `earlier`: each shared port with the narrower address.
+    pub fn conflicts_with(&self, earlier: &ServiceEntry) -> Vec<SeConflict> {
+        if !self.seen_together(earlier) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for a in &self.addresses {
+            for b in &earlier.addresses {
+                let narrower = if b.contains(a) {
+                    *a
+                } else if a.contains(b) {
+                    *b
+                } else {
+                    continue;
+                };
+                for p in &self.ports {
+                    if earlier.port(p.number).is_some() {
+                        out.push(SeConflict {
+                            entry: format!("{}/{}", self.namespace, self.name),
+                            kept: format!("{}/{}", earlier.namespace, earlier.name),
+                            address: narrower,
+                            port: p.number,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 impl SeEndpoint {
     /// The port this endpoint is reached on for `port` of its entry.
     pub fn port_for(&self, port: &SePort) -> u16 {

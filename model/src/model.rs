@@ -1,7 +1,7 @@
 //! The internal mesh model: what the proxies query. Built from Kubernetes YAML by
 //! [`crate::k8s`]; does no IO. Every field is already parsed (IPs, ports, CIDRs, identities).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -547,21 +547,25 @@ impl Model {
     pub fn with_service_entries(mut self, entries: Vec<ServiceEntry>) -> Self {
         self.index.service_entries = index::SeAddresses::build(&entries);
         // Each selecting entry's pods, from its namespace's range of the pod map.
-        self.index.service_entry_pods = entries
-            .iter()
-            .map(|se| {
-                let Some(selector) = &se.workload_selector else {
-                    return Box::default();
-                };
-                self.pods
-                    .range(NamespacedName::new(&se.namespace, "")..)
-                    .take_while(|(k, _)| k.namespace == se.namespace)
-                    .map(|(_, p)| p)
-                    .filter(|p| selector_matches(selector, &p.labels))
-                    .cloned()
-                    .collect()
-            })
-            .collect();
+        let mut selected: index::ByNamespaceAndName<Box<[Arc<Pod>]>> = HashMap::new();
+        for se in &entries {
+            let Some(selector) = &se.workload_selector else {
+                continue;
+            };
+            let pods = self
+                .pods
+                .range(NamespacedName::new(&se.namespace, "")..)
+                .take_while(|(k, _)| k.namespace == se.namespace)
+                .map(|(_, p)| p)
+                .filter(|p| selector_matches(selector, &p.labels))
+                .cloned()
+                .collect();
+            selected
+                .entry(se.namespace.clone())
+                .or_default()
+                .insert(se.name.clone(), pods);
+        }
+        self.index.service_entry_pods = selected;
         self.service_entry_conflicts = entries
             .iter()
             .enumerate()
@@ -596,11 +600,11 @@ impl Model {
             return Vec::new();
         }
         if se.workload_selector.is_some() {
-            let position = self
-                .service_entries
-                .iter()
-                .position(|e| std::ptr::eq(e, se));
-            let selected = position.and_then(|i| self.index.service_entry_pods.get(i));
+            let selected = self
+                .index
+                .service_entry_pods
+                .get(&se.namespace)
+                .and_then(|by_name| by_name.get(&se.name));
             return selected
                 .into_iter()
                 .flatten()

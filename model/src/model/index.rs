@@ -44,12 +44,15 @@ pub(super) struct Index {
     pub(super) request_authentications: Attachments,
     /// ServiceEntries (positions in their list) by address.
     pub(super) service_entries: SeAddresses,
-    /// The pods each ServiceEntry's `workloadSelector` selects (empty without one), by
-    /// position.
-    pub(super) service_entry_pods: Vec<Box<[Arc<Pod>]>>,
+    /// The pods each ServiceEntry's `workloadSelector` selects, by namespace and name (entries
+    /// without one are absent).
+    pub(super) service_entry_pods: ByNamespaceAndName<Box<[Arc<Pod>]>>,
     /// EndpointSlices by namespace, then Service name, in slice name order.
-    pub(super) slices: HashMap<String, HashMap<String, Vec<Arc<EndpointSlice>>>>,
+    pub(super) slices: ByNamespaceAndName<Vec<Arc<EndpointSlice>>>,
 }
+
+/// Values by namespace, then name (looked up with borrowed strings).
+pub(super) type ByNamespaceAndName<T> = HashMap<String, HashMap<String, T>>;
 
 /// ServiceEntries by address: single addresses hashed, CIDRs (few) listed.
 #[derive(Clone, Debug, Default)]
@@ -92,8 +95,8 @@ impl SeAddresses {
 /// `slices` (in name order) grouped by namespace and Service.
 pub(super) fn slices_by_service<'a>(
     slices: impl Iterator<Item = &'a Arc<EndpointSlice>>,
-) -> HashMap<String, HashMap<String, Vec<Arc<EndpointSlice>>>> {
-    let mut by: HashMap<String, HashMap<String, Vec<Arc<EndpointSlice>>>> = HashMap::new();
+) -> ByNamespaceAndName<Vec<Arc<EndpointSlice>>> {
+    let mut by: ByNamespaceAndName<Vec<Arc<EndpointSlice>>> = HashMap::new();
     for slice in slices {
         by.entry(slice.namespace.clone())
             .or_default()

@@ -666,7 +666,9 @@ fn a_service_without_a_selector_reaches_the_addresses_of_its_endpoint_slices() -
 
 /// Issue 16: with `REGISTRY_ONLY` an address the mesh does not know is refused (BLACKHOLE,
 /// counted) while pods and Services still work; a ServiceEntry makes it known: `STATIC`
-/// sends its virtual address to its endpoints, `NONE` lets its own address through.
+/// sends its virtual address to its endpoints, `NONE` lets its own address through, `DNS`
+/// sends it to what its endpoint's host name resolves to (the agent resolves `localhost`:
+/// the client pod's own loopback, where an echo listens).
 #[test]
 fn registry_only_refuses_unknown_addresses_and_service_entries_let_them_in() -> Result<()> {
     let mesh = Mesh::two_nodes("service_entries")
@@ -726,6 +728,16 @@ spec:
   hosts: [direct.example.com]
   addresses: ["{node_ip}/32"]
   ports: [{{number: 8080, name: http}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: by-name, namespace: default}}
+spec:
+  hosts: [by-name.example.com]
+  addresses: [240.240.0.2]
+  ports: [{{number: 80, name: http}}]
+  resolution: DNS
+  endpoints: [{{address: localhost, ports: {{http: 8081}}}}]
 "#
         ),
     )?;
@@ -738,6 +750,12 @@ spec:
     ensure!(
         answered_by(node).as_deref() == Some("outside"),
         "NONE: its address passes"
+    );
+    let _local = mesh.spawn_echo("default/client", 8081, "resolved")?;
+    let by_name = SocketAddr::from(([240, 240, 0, 2], 80));
+    ensure!(
+        answered_by(by_name).as_deref() == Some("resolved"),
+        "DNS: the endpoint's host name is resolved by the agent"
     );
     ensure!(
         answered_by(SocketAddr::new(node_ip, 9999)).is_none(),

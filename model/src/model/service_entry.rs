@@ -5,8 +5,10 @@
 //! What the node agent does with one (`ztunnel/src/proxy/outbound.rs`): a connection to one
 //! of its `addresses` on one of its ports goes to its endpoints: `STATIC` the listed
 //! endpoints (an address that is an enrolled pod over HBONE, any other in plain TCP) or the
-//! pods its `workloadSelector` selects; `NONE` and `DNS` the address the application
-//! connected to (what it resolved), in plain TCP for `MESH_EXTERNAL`.
+//! pods its `workloadSelector` selects; `DNS` what its endpoints' host names (else its first
+//! host that is no wildcard) resolve to, by the agent's resolver when it dials; `NONE` the
+//! address the application connected to (what it resolved), in plain TCP for
+//! `MESH_EXTERNAL`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mesh_hbone::{self as hbone, ConnectHeaders, HboneError, PoolKey};
 use mesh_model::identity::Identity;
 use mesh_model::model::{
-    Endpoint, Model, NamespacedName, Pod, SePort, SeResolution, Service, ServiceEntry,
+    Endpoint, Model, NamespacedName, Pod, SeAddress, SePort, SeResolution, Service, ServiceEntry,
     WaypointTarget,
 };
 use tokio::net::{TcpListener, TcpStream};
@@ -60,6 +60,9 @@ enum Hop<'a> {
         pod: Option<&'a Pod>,
         target: SocketAddr,
     },
+    /// A ServiceEntry's host name (`resolution: DNS`), resolved by the agent when dialed: each
+    /// of its addresses in plain TCP.
+    Resolve { host: String, port: u16 },
     /// Through the destination's waypoint.
     Waypoint {
         pod: Option<&'a Pod>,
@@ -78,7 +81,7 @@ impl Hop<'_> {
             Hop::Hbone { identity, .. } | Hop::Waypoint { identity, .. } => {
                 Some(LoggedIdentity::Owned(Box::new(identity)))
             }
-            Hop::Plain { .. } => None,
+            Hop::Plain { .. } | Hop::Resolve { .. } => None,
         }
     }
 }
@@ -180,8 +183,9 @@ fn plan<'a>(
 
 /// The hops for `dst`, an address and port of the ServiceEntry `se`: with `STATIC`
 /// resolution its endpoints in turn (a pod over HBONE when enrolled, any other address in
-/// plain TCP); otherwise (`NONE`, `DNS`: what the application resolved) `dst` itself, a
-/// pod's or in plain TCP.
+/// plain TCP); with `DNS` its endpoints, host names resolved by the agent when dialed (no
+/// endpoints: its first host that is no wildcard); with `NONE` `dst` itself, a pod's or in
+/// plain TCP.
 fn service_entry_hops<'a>(
     model: &'a Model,
     pi: &ProxyInputs,
@@ -190,6 +194,37 @@ fn service_entry_hops<'a>(
     dst: SocketAddr,
     hop_to: &impl Fn(&'a Pod, SocketAddr) -> Hop<'a>,
 ) -> Result<(Option<&'a Service>, Vec<Hop<'a>>), NoPlan> {
+    if matches!(
+        se.resolution,
+        SeResolution::Dns | SeResolution::DnsRoundRobin
+    ) {
+        let hops = match se.endpoints.as_slice() {
+            [] => se
+                .hosts
+                .iter()
+                .find(|h| !h.starts_with('*'))
+                .map(|h| Hop::Resolve {
+                    host: h.clone(),
+                    port: port.target_port.unwrap_or(port.number),
+                })
+                .into_iter()
+                .collect(),
+            eps => eps
+                .iter()
+                .map(|ep| match &ep.address {
+                    SeAddress::Ip(ip) => Hop::Plain {
+                        pod: None,
+                        target: SocketAddr::new(*ip, ep.port_for(port)),
+                    },
+                    SeAddress::Host(host) => Hop::Resolve {
+                        host: host.clone(),
+                        port: ep.port_for(port),
+                    },
+                })
+                .collect(),
+        };
+        return Ok((None, hops));
+    }
     if se.resolution != SeResolution::Static {
         let hop = match model.workload_by_ip(dst.ip()) {
             Some(p) => hop_to(p, dst),
@@ -358,9 +393,13 @@ async fn open_upstream<'a>(
         let reason = format!("{dst} is the agent itself");
         return refuse(labels, log, ResponseFlag::Loop, reason);
     }
-    let (svc, mut hops) = match plan(model, pi, pod, dst) {
+    let (svc, hops) = match plan(model, pi, pod, dst) {
         Ok(p) => p,
         Err((flag, reason)) => return refuse(labels, log, flag, reason),
+    };
+    let mut hops = match resolve_hops(hops, pi.cfg.connect_timeout).await {
+        Ok(hops) => hops,
+        Err(reason) => return refuse(labels, log, ResponseFlag::NoHealthyUpstream, reason),
     };
     let labels = LabelInputs {
         service: svc,
@@ -450,6 +489,8 @@ async fn open_upstream<'a>(
                     }
                 }
             }
+            // Replaced by its addresses before the loop (`resolve_hops`).
+            Hop::Resolve { .. } => {}
             Hop::Plain {
                 pod: dst_pod,
                 target,
@@ -478,6 +519,33 @@ async fn open_upstream<'a>(
     }
     let (labels, flag, reason) = failure;
     refuse(labels, log, flag, reason)
+}
+
+/// `hops` with each [`Hop::Resolve`] replaced by a plain hop to each address its host name
+/// resolves to (the agent's resolver, within `timeout`); `Err` when nothing is left and a
+/// name did not resolve.
+async fn resolve_hops(hops: Vec<Hop<'_>>, timeout: Duration) -> Result<Vec<Hop<'_>>, String> {
+    if !hops.iter().any(|h| matches!(h, Hop::Resolve { .. })) {
+        return Ok(hops);
+    }
+    let mut out = Vec::with_capacity(hops.len());
+    let mut failed = None;
+    for hop in hops {
+        let Hop::Resolve { host, port } = hop else {
+            out.push(hop);
+            continue;
+        };
+        let lookup = tokio::net::lookup_host(format!("{host}:{port}"));
+        match tokio::time::timeout(timeout, lookup).await {
+            Ok(Ok(addrs)) => out.extend(addrs.map(|target| Hop::Plain { pod: None, target })),
+            Ok(Err(e)) => failed = Some(format!("resolve {host}: {e}")),
+            Err(_) => failed = Some(format!("resolve {host}: timed out after {timeout:?}")),
+        }
+    }
+    match (out.is_empty(), failed) {
+        (true, Some(reason)) => Err(reason),
+        _ => Ok(out),
+    }
 }
 
 /// A CONNECT to `target` (the `:authority`) over HBONE to `hbone_addr`, whose certificate

@@ -37,6 +37,11 @@ impl Declared {
         }
     }
 
+    /// The protocol of a ServiceEntry port (`protocol: HTTP`, `TCP`, `TLS`, `GRPC`...).
+    pub fn of_protocol(protocol: &str) -> Declared {
+        Self::from_token(protocol)
+    }
+
     fn from_token(token: &str) -> Declared {
         match token.to_ascii_lowercase().as_str() {
             "http" => Declared::Http,

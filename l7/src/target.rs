@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_model::model::{
-    effective_policy, EffectivePolicy, Model, NamespacedName, Service, ServicePort, SubsetError,
+    effective_policy, EffectivePolicy, Model, NamespacedName, SeAddress, SeResolution, Service,
+    ServicePort, SubsetError,
 };
 
 use crate::protocol::Declared;
@@ -21,6 +22,13 @@ pub enum Target {
     Service { svc: NamespacedName, port: u16 },
     /// A pod addressed directly, and the port asked for.
     Workload { pod: NamespacedName, port: u16 },
+    /// A ServiceEntry (by key), one of its ports, and the address the client connected to
+    /// (the destination itself for `resolution: NONE`).
+    ServiceEntry {
+        entry: NamespacedName,
+        port: u16,
+        addr: SocketAddr,
+    },
 }
 
 /// What the proxy needs to know about a target now (re-read from the current model on
@@ -79,18 +87,27 @@ impl Target {
         match self {
             Target::Service { svc, .. } => svc.clone(),
             Target::Workload { pod, .. } => pod.clone(),
+            Target::ServiceEntry { entry, .. } => entry.clone(),
         }
     }
 
     pub fn service_key(&self) -> Option<&NamespacedName> {
         match self {
             Target::Service { svc, .. } => Some(svc),
-            Target::Workload { .. } => None,
+            Target::Workload { .. } | Target::ServiceEntry { .. } => None,
         }
     }
 
-    /// The protocol the destination declares (workloads declare none).
+    /// The protocol the destination declares (workloads declare none; a ServiceEntry port
+    /// by its `protocol`).
     pub fn declared(&self, model: &Model) -> Declared {
+        if let Target::ServiceEntry { entry, port, .. } = self {
+            let protocol = model
+                .service_entry(&entry.namespace, &entry.name)
+                .and_then(|se| se.port(*port))
+                .and_then(|p| p.protocol.as_deref());
+            return protocol.map_or(Declared::Unknown, Declared::of_protocol);
+        }
         match self.lookup(model, "") {
             Some(Resolved {
                 port: Some(port), ..
@@ -138,6 +155,48 @@ impl Target {
                     )]
                 } else {
                     Vec::new()
+                };
+                Some(Resolved {
+                    service: None,
+                    port: None,
+                    endpoints,
+                })
+            }
+            Target::ServiceEntry { entry, port, addr } => {
+                let se = model.service_entry(&entry.namespace, &entry.name)?;
+                let sp = se.port(*port)?;
+                let endpoints = match se.resolution {
+                    SeResolution::Static => model
+                        .service_entry_endpoints(se, sp)
+                        .into_iter()
+                        .filter_map(|ep| {
+                            let addr = SocketAddr::new(ep.ip, ep.port);
+                            match &ep.pod {
+                                Some(pod) => {
+                                    let pod = model.pod_shared(&pod.namespace, &pod.name)?;
+                                    Some(Endpoint::of(model, pod, addr, trust_domain))
+                                }
+                                None => Some(Endpoint::outside(addr)),
+                            }
+                        })
+                        .collect(),
+                    // The address the client connected to.
+                    SeResolution::None => vec![match model.workload_by_ip_shared(addr.ip()) {
+                        Some(pod) => Endpoint::of(model, pod, *addr, trust_domain),
+                        None => Endpoint::outside(*addr),
+                    }],
+                    // Host names are resolved by the node agent, not here yet: its IP
+                    // endpoints only.
+                    SeResolution::Dns | SeResolution::DnsRoundRobin => se
+                        .endpoints
+                        .iter()
+                        .filter_map(|ep| match ep.address {
+                            SeAddress::Ip(ip) => {
+                                Some(Endpoint::outside(SocketAddr::new(ip, ep.port_for(sp))))
+                            }
+                            SeAddress::Host(_) => None,
+                        })
+                        .collect(),
                 };
                 Some(Resolved {
                     service: None,

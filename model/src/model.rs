@@ -566,6 +566,14 @@ impl Model {
                 .insert(se.name.clone(), pods);
         }
         self.index.service_entry_pods = selected;
+        let mut positions: index::ByNamespaceAndName<usize> = HashMap::new();
+        for (i, se) in entries.iter().enumerate() {
+            positions
+                .entry(se.namespace.clone())
+                .or_default()
+                .insert(se.name.clone(), i);
+        }
+        self.index.service_entry_positions = positions;
         self.service_entry_conflicts = entries
             .iter()
             .enumerate()
@@ -573,6 +581,16 @@ impl Model {
             .collect();
         self.service_entries = entries;
         self
+    }
+
+    /// The ServiceEntry `namespace/name`.
+    pub fn service_entry(&self, namespace: &str, name: &str) -> Option<&ServiceEntry> {
+        let position = self
+            .index
+            .service_entry_positions
+            .get(namespace)?
+            .get(name)?;
+        self.service_entries.get(*position)
     }
 
     /// The ServiceEntry a workload in `namespace` reaches by connecting to `dst`: the first

@@ -172,6 +172,7 @@ fn main() -> ExitCode {
             a_service_naming_an_unknown_waypoint_fails_closed,
             access_log_lines_follow_the_telemetry_api,
             a_service_without_a_selector_is_served_from_its_endpoint_slices,
+            a_service_entry_that_uses_the_waypoint_is_served_through_it,
         ],
         &tests![
             plain_tcp_to_the_waypoint_hbone_port_is_refused,
@@ -397,6 +398,76 @@ endpoints:
         "both slice endpoints answer the waypoint: {seen:?}"
     );
     mesh.remove_yaml("ext.yaml")?;
+    Ok(())
+}
+
+/// Issue 16 (egress through a waypoint): a ServiceEntry labelled `istio.io/use-waypoint` is
+/// reached through the waypoint, which applies L7 (an HTTP port: a request id is added) and
+/// connects to the entry's endpoint outside the mesh (the n2 node) in plain TCP; an entry
+/// without the label is reached straight from the client's agent.
+fn a_service_entry_that_uses_the_waypoint_is_served_through_it(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
+    let echo = mesh.binaries().mesh_echo()?;
+    let echo = echo.to_string_lossy();
+    let mut node = mesh.spawn_node("n2", &[&echo, "--port", "8090", "--name", "egress"])?;
+    node.wait_for_stdout("listening on", Duration::from_secs(10))?;
+    let node_ip = mesh.node_ip("n2")?;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: egress, namespace: default, labels: {{{USE_WAYPOINT_LABEL}: waypoint}}}}
+spec:
+  hosts: [egress.example.com]
+  addresses: [240.240.1.1]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {node_ip}, ports: {{http: 8090}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: direct-egress, namespace: default}}
+spec:
+  hosts: [direct.example.com]
+  addresses: [240.240.1.2]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {node_ip}, ports: {{http: 8090}}}}]
+"#
+    );
+    mesh.write_yaml("egress.yaml", &yaml)?;
+    let answered = |vip: &str| -> Option<Value> {
+        let replies = curl(mesh, &[], &[url(vip, "/egress")]).ok()?;
+        let (status, _, body) = replies.into_iter().next()?;
+        (status == 200).then(|| json(&body).ok())?
+    };
+    let deadline = std::time::Instant::now() + RELOAD;
+    let mut through = None;
+    while through.is_none() && std::time::Instant::now() < deadline {
+        through = answered("240.240.1.1");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let through = through.context("the entry through the waypoint never answered")?;
+    assert_eq!(through["server"], "egress", "{through}");
+    assert_eq!(
+        peer_ip(&through)?,
+        l.waypoint_ip,
+        "called by the waypoint: {through}"
+    );
+    let request_id = through["headers"]["x-request-id"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        request_id.len(),
+        36,
+        "the waypoint's L7 added a request id: {through}"
+    );
+    let direct = answered("240.240.1.2").context("the entry without a waypoint")?;
+    assert_eq!(
+        peer_ip(&direct)?,
+        l.client_ip,
+        "straight from the client: {direct}"
+    );
+    mesh.remove_yaml("egress.yaml")?;
     Ok(())
 }
 

@@ -1,8 +1,8 @@
 //! What a CONNECT to this waypoint asks for: the engine's [`Target`], if this waypoint
 //! serves it. Pure over the model, table-tested.
 //!
-//! The `:authority` is a Service VIP:port (service traffic) or a pod IP:port (workload
-//! traffic). The waypoint serves it only when the model says that destination uses *this*
+//! The `:authority` is a Service VIP:port (service traffic), a ServiceEntry address and
+//! port (egress through the waypoint) or a pod IP:port (workload traffic). The waypoint serves it only when the model says that destination uses *this*
 //! waypoint: anything else is refused, so the waypoint is never an open relay.
 
 use std::net::SocketAddr;
@@ -42,6 +42,26 @@ pub fn resolve(
         return Ok(Target::Service {
             svc: key,
             port: port.port,
+        });
+    }
+    // ServiceEntries as the waypoint's own namespace sees them (`exportTo`).
+    if let Some((se, port)) = model.service_entry_for(&waypoint.namespace, authority) {
+        let key = NamespacedName::new(&se.namespace, &se.name);
+        if !ours(
+            model
+                .waypoint_for_service_entry(se)
+                .map(|t| t.gateway.key()),
+        ) {
+            return Err(NotServed::OtherWaypoint {
+                addr: authority,
+                what: format!("ServiceEntry {key}"),
+                waypoint: waypoint.clone(),
+            });
+        }
+        return Ok(Target::ServiceEntry {
+            entry: key,
+            port: port.number,
+            addr: authority,
         });
     }
     if let Some(pod) = model.workload_by_ip(authority.ip()) {
@@ -114,6 +134,22 @@ apiVersion: v1
 kind: Service
 metadata: {name: direct, namespace: app}
 spec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: egress, namespace: app, labels: {istio.io/use-waypoint: wp}}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.0.1]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: unwaypointed, namespace: app}
+spec:
+  hosts: [other.example.com]
+  addresses: [240.0.0.2]
+  ports: [{number: 80, name: http}]
 "#;
 
     fn model() -> Model {
@@ -127,6 +163,9 @@ spec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{port: 80}]}
         let got = match resolve(&m, &wp, addr) {
             Ok(Target::Service { svc, port }) => Ok(format!("service {svc}:{port}")),
             Ok(Target::Workload { pod, port }) => Ok(format!("pod {pod}:{port}")),
+            Ok(Target::ServiceEntry { entry, port, addr }) => {
+                Ok(format!("entry {entry}:{port} at {addr}"))
+            }
             Err(e) => Err(e.to_string()),
         };
         match (&got, want) {
@@ -150,5 +189,11 @@ spec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{port: 80}]}
         check("10.0.0.2:8080", Err("pod app/web-2) does not use waypoint"));
         check("10.0.0.100:15008", Err("does not use waypoint"));
         check("192.168.1.1:80", Err("not a service port or workload"));
+        check("240.0.0.1:443", Ok("entry app/egress:443 at 240.0.0.1:443"));
+        check(
+            "240.0.0.2:80",
+            Err("(ServiceEntry app/unwaypointed) does not use waypoint"),
+        );
+        check("240.0.0.1:80", Err("not a service port or workload"));
     }
 }

@@ -128,6 +128,7 @@ pub(super) fn service_entry(obj: &Node<'_>, meta: Meta) -> FieldResult<ServiceEn
     Ok(ServiceEntry {
         name: meta.name,
         namespace: meta.namespace,
+        labels: meta.labels,
         hosts,
         addresses,
         ports,

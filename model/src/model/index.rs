@@ -47,6 +47,8 @@ pub(super) struct Index {
     /// The pods each ServiceEntry's `workloadSelector` selects, by namespace and name (entries
     /// without one are absent).
     pub(super) service_entry_pods: ByNamespaceAndName<Box<[Arc<Pod>]>>,
+    /// ServiceEntries (positions in their list) by namespace and name.
+    pub(super) service_entry_positions: ByNamespaceAndName<usize>,
     /// EndpointSlices by namespace, then Service name, in slice name order.
     pub(super) slices: ByNamespaceAndName<Vec<Arc<EndpointSlice>>>,
 }

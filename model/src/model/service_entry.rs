@@ -22,6 +22,8 @@ use super::Labels;
 pub struct ServiceEntry {
     pub name: String,
     pub namespace: String,
+    /// `metadata.labels` (`istio.io/use-waypoint` sends its traffic through a waypoint).
+    pub labels: Labels,
     /// Host names (`api.example.com`, `*.example.com`, a short name), at least one.
     pub hosts: Vec<String>,
     /// Virtual addresses or CIDRs a connection may name; empty: none.

@@ -28,7 +28,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::{Gateway, Labels, Model, NamespacedName, Pod, Service};
+use super::{Gateway, Labels, Model, NamespacedName, Pod, Service, ServiceEntry};
 use crate::identity::Identity;
 
 /// Names the waypoint a namespace, Service or Pod uses (`none` opts out).
@@ -139,6 +139,27 @@ impl Model {
     pub fn missing_waypoint_for_service(&self, svc: &Service) -> Option<NamespacedName> {
         let ns_labels = self.namespace(&svc.namespace).map(|ns| &ns.labels);
         let key = use_waypoint(&svc.labels, &svc.namespace, ns_labels)?;
+        let known = self.gateways.get(&key).is_some_and(|g| g.is_waypoint());
+        (!known).then_some(key)
+    }
+
+    /// The waypoint traffic to `se`'s addresses goes through, if any (its labels, else its
+    /// namespace's, as for a Service).
+    pub fn waypoint_for_service_entry(&self, se: &ServiceEntry) -> Option<WaypointTarget<'_>> {
+        let ns_labels = self.namespace(&se.namespace).map(|ns| &ns.labels);
+        let key = use_waypoint(&se.labels, &se.namespace, ns_labels)?;
+        let gw = self
+            .gateways
+            .get(&key)
+            .filter(|g| g.is_waypoint() && g.waypoint_for.takes_services())?;
+        Some(self.waypoint_target(gw))
+    }
+
+    /// The waypoint `se` names when the model has no waypoint Gateway by that name: its
+    /// addresses fail closed, as a Service's VIP does.
+    pub fn missing_waypoint_for_service_entry(&self, se: &ServiceEntry) -> Option<NamespacedName> {
+        let ns_labels = self.namespace(&se.namespace).map(|ns| &ns.labels);
+        let key = use_waypoint(&se.labels, &se.namespace, ns_labels)?;
         let known = self.gateways.get(&key).is_some_and(|g| g.is_waypoint());
         (!known).then_some(key)
     }

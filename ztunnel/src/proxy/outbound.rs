@@ -158,6 +158,14 @@ fn plan<'a>(
         return Ok((Some(svc), endpoint_hops(model, &eps, start, &hop_to)));
     }
     if let Some((se, port)) = model.service_entry_for(&src.key.namespace, dst) {
+        if let Some(wp) = model.waypoint_for_service_entry(se) {
+            if let Some(hop) = waypoint_hop(wp, src, dst, td)? {
+                return Ok((None, vec![hop]));
+            }
+        } else if let Some(gw) = model.missing_waypoint_for_service_entry(se) {
+            let reason = format!("waypoint {gw} named by the ServiceEntry is not known");
+            return Err((ResponseFlag::NoHealthyUpstream, reason));
+        }
         return service_entry_hops(model, pi, se, port, dst, &hop_to);
     }
     if let Some(p) = model.workload_by_ip(dst.ip()) {

@@ -124,18 +124,8 @@ impl Target {
                 let sp = service.ports.iter().find(|p| p.port == *port)?;
                 let endpoints = model
                     .endpoints(service, sp)
-                    .into_iter()
-                    .filter_map(|ep| {
-                        let addr = SocketAddr::new(ep.ip, ep.port);
-                        match &ep.pod {
-                            Some(pod) => {
-                                let pod = model.pod_shared(&pod.namespace, &pod.name)?;
-                                Some(Endpoint::of(model, pod, addr, trust_domain))
-                            }
-                            // An EndpointSlice address that is no pod: plain TCP.
-                            None => Some(Endpoint::outside(addr)),
-                        }
-                    })
+                    .iter()
+                    .filter_map(|ep| upstream_endpoint(model, ep, trust_domain))
                     .collect();
                 Some(Resolved {
                     service: Some(service),
@@ -168,17 +158,8 @@ impl Target {
                 let endpoints = match se.resolution {
                     SeResolution::Static => model
                         .service_entry_endpoints(se, sp)
-                        .into_iter()
-                        .filter_map(|ep| {
-                            let addr = SocketAddr::new(ep.ip, ep.port);
-                            match &ep.pod {
-                                Some(pod) => {
-                                    let pod = model.pod_shared(&pod.namespace, &pod.name)?;
-                                    Some(Endpoint::of(model, pod, addr, trust_domain))
-                                }
-                                None => Some(Endpoint::outside(addr)),
-                            }
-                        })
+                        .iter()
+                        .filter_map(|ep| upstream_endpoint(model, ep, trust_domain))
                         .collect(),
                     // The address the client connected to.
                     SeResolution::None => vec![match model.workload_by_ip_shared(addr.ip()) {
@@ -205,6 +186,24 @@ impl Target {
                 })
             }
         }
+    }
+}
+
+/// The model's endpoint `ep` as the upstream reaches it: its pod (over HBONE when enrolled),
+/// or, for an address that is no pod (an EndpointSlice's or ServiceEntry's), plain TCP;
+/// `None` when its pod has gone from the model.
+fn upstream_endpoint(
+    model: &Model,
+    ep: &mesh_model::model::Endpoint,
+    trust_domain: &str,
+) -> Option<Endpoint> {
+    let addr = SocketAddr::new(ep.ip, ep.port);
+    match &ep.pod {
+        Some(pod) => {
+            let pod = model.pod_shared(&pod.namespace, &pod.name)?;
+            Some(Endpoint::of(model, pod, addr, trust_domain))
+        }
+        None => Some(Endpoint::outside(addr)),
     }
 }
 

@@ -125,43 +125,46 @@ pub fn use_waypoint(
 impl Model {
     /// The waypoint traffic to `svc`'s VIP goes through, if any (see the module docs).
     pub fn waypoint_for_service(&self, svc: &Service) -> Option<WaypointTarget<'_>> {
-        let ns_labels = self.namespace(&svc.namespace).map(|ns| &ns.labels);
-        let key = use_waypoint(&svc.labels, &svc.namespace, ns_labels)?;
+        self.service_waypoint(&svc.labels, &svc.namespace)
+    }
+
+    /// The waypoint a service-like destination with `labels` in `namespace` uses (its
+    /// labels, else its namespace's), when the model has it and it takes service traffic.
+    fn service_waypoint(&self, labels: &Labels, namespace: &str) -> Option<WaypointTarget<'_>> {
+        let ns_labels = self.namespace(namespace).map(|ns| &ns.labels);
+        let key = use_waypoint(labels, namespace, ns_labels)?;
         let gw = self
             .gateways
             .get(&key)
             .filter(|g| g.is_waypoint() && g.waypoint_for.takes_services())?;
         Some(self.waypoint_target(gw))
+    }
+
+    /// The waypoint `labels` (or `namespace`'s) name when the model has no waypoint Gateway
+    /// by that name.
+    fn missing_waypoint(&self, labels: &Labels, namespace: &str) -> Option<NamespacedName> {
+        let ns_labels = self.namespace(namespace).map(|ns| &ns.labels);
+        let key = use_waypoint(labels, namespace, ns_labels)?;
+        let known = self.gateways.get(&key).is_some_and(|g| g.is_waypoint());
+        (!known).then_some(key)
     }
 
     /// The waypoint `svc`'s labels (or its namespace's) name when the model has no waypoint
     /// Gateway by that name: its VIP fails closed (see the module docs).
     pub fn missing_waypoint_for_service(&self, svc: &Service) -> Option<NamespacedName> {
-        let ns_labels = self.namespace(&svc.namespace).map(|ns| &ns.labels);
-        let key = use_waypoint(&svc.labels, &svc.namespace, ns_labels)?;
-        let known = self.gateways.get(&key).is_some_and(|g| g.is_waypoint());
-        (!known).then_some(key)
+        self.missing_waypoint(&svc.labels, &svc.namespace)
     }
 
     /// The waypoint traffic to `se`'s addresses goes through, if any (its labels, else its
     /// namespace's, as for a Service).
     pub fn waypoint_for_service_entry(&self, se: &ServiceEntry) -> Option<WaypointTarget<'_>> {
-        let ns_labels = self.namespace(&se.namespace).map(|ns| &ns.labels);
-        let key = use_waypoint(&se.labels, &se.namespace, ns_labels)?;
-        let gw = self
-            .gateways
-            .get(&key)
-            .filter(|g| g.is_waypoint() && g.waypoint_for.takes_services())?;
-        Some(self.waypoint_target(gw))
+        self.service_waypoint(&se.labels, &se.namespace)
     }
 
     /// The waypoint `se` names when the model has no waypoint Gateway by that name: its
     /// addresses fail closed, as a Service's VIP does.
     pub fn missing_waypoint_for_service_entry(&self, se: &ServiceEntry) -> Option<NamespacedName> {
-        let ns_labels = self.namespace(&se.namespace).map(|ns| &ns.labels);
-        let key = use_waypoint(&se.labels, &se.namespace, ns_labels)?;
-        let known = self.gateways.get(&key).is_some_and(|g| g.is_waypoint());
-        (!known).then_some(key)
+        self.missing_waypoint(&se.labels, &se.namespace)
     }
 
     /// The waypoint traffic addressed to `pod`'s own IP goes through, if any.

@@ -120,11 +120,11 @@ pub(super) fn service_entry(obj: &Node<'_>, meta: Meta) -> FieldResult<ServiceEn
         }
         _ => {}
     }
-    let export_to = spec
-        .opt_string_list("exportTo")?
-        .into_iter()
-        .filter(|e| e != "*")
-        .collect();
+    // `*` anywhere in the list exports everywhere (kept as the empty list).
+    let mut export_to = spec.opt_string_list("exportTo")?;
+    if export_to.iter().any(|e| e == "*") {
+        export_to.clear();
+    }
     Ok(ServiceEntry {
         name: meta.name,
         namespace: meta.namespace,
@@ -401,6 +401,18 @@ spec:
             let e = refused(spec);
             assert!(e.contains(want), "{spec:?}: {e}");
         }
+        // `*` beside `.` exports everywhere; `~` nowhere.
+        let exported = |list: &str| {
+            let m = model(&entry(&format!(
+                "  hosts: [a.example]\n  addresses: [240.1.1.1]\n  ports: [{{number: 80}}]\n  exportTo: {list}"
+            )))
+            .unwrap();
+            ["shop", "other"].map(|ns| m.service_entry_for(ns, at("240.1.1.1:80")).is_some())
+        };
+        assert_eq!(exported("['.', '*']"), [true, true]);
+        assert_eq!(exported("['.']"), [true, false]);
+        assert_eq!(exported("['~']"), [false, false]);
+        assert_eq!(exported("[other]"), [false, true]);
         // DNS with host-name endpoints is fine.
         let dns = entry("  hosts: ['*.example']\n  ports: [{number: 80}]\n  resolution: DNS\n  endpoints: [{address: lb.example}]");
         assert_eq!(model(&dns).unwrap().service_entries.len(), 4);

@@ -89,27 +89,25 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
             Body::EndpointSlice,
         )
     };
-    // `security.istio.io/v1` is served by every Istio since 1.22; the loader also reads
-    // v1beta1, but one version per kind keeps each object seen once.
-    let istio = |kind: &str, plural: &str| Kind {
+    // A CRD kind (Istio's, the Gateway API's): optional, as a cluster may not have it (then
+    // no policies, no waypoints, no routes / JWT rules).
+    let crd = |group: &str, version: &str, kind: &str, plural: &str| Kind {
         resource: ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("security.istio.io", "v1", kind),
+            &GroupVersionKind::gvk(group, version, kind),
             plural,
         ),
         optional: true,
         body: Body::Spec,
         label_selector: None,
     };
+    // `security.istio.io/v1` is served by every Istio since 1.22; the loader also reads
+    // v1beta1, but one version per kind keeps each object seen once.
+    let istio = |kind: &str, plural: &str| crd("security.istio.io", "v1", kind, plural);
     // Waypoints are Gateways of class `istio-waypoint` (Gateway API v1, GA since 1.0); the
     // CRDs are installed separately from Kubernetes, so the kind is optional too.
     let gateway = Kind {
-        resource: ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
-            "gateways",
-        ),
-        optional: true,
         body: Body::Gateway,
-        label_selector: None,
+        ..crd("gateway.networking.k8s.io", "v1", "Gateway", "gateways")
     };
     let mut kinds = vec![
         core(ApiResource::erase::<v1::Namespace>(&()), Body::None),
@@ -120,29 +118,15 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
         istio("PeerAuthentication", "peerauthentications"),
         istio("AuthorizationPolicy", "authorizationpolicies"),
         gateway,
-        // Destinations outside the registry (`networking.istio.io/v1`, Istio 1.22+); an
-        // optional CRD like the other Istio kinds.
-        Kind {
-            resource: ApiResource::from_gvk_with_plural(
-                &GroupVersionKind::gvk("networking.istio.io", "v1", "ServiceEntry"),
-                "serviceentries",
-            ),
-            optional: true,
-            body: Body::Spec,
-            label_selector: None,
-        },
+        // Destinations outside the registry (`networking.istio.io/v1`, Istio 1.22+).
+        crd(
+            "networking.istio.io",
+            "v1",
+            "ServiceEntry",
+            "serviceentries",
+        ),
     ];
     if scope == Scope::Waypoint {
-        // Optional like the other CRD kinds: a cluster without them has no routes / JWT rules.
-        let crd = |group: &str, version: &str, kind: &str, plural: &str| Kind {
-            resource: ApiResource::from_gvk_with_plural(
-                &GroupVersionKind::gvk(group, version, kind),
-                plural,
-            ),
-            optional: true,
-            body: Body::Spec,
-            label_selector: None,
-        };
         kinds.push(crd(
             "gateway.networking.k8s.io",
             "v1",
@@ -295,16 +279,8 @@ fn pod_body(data: &Value) -> Vec<(&'static str, Value)> {
             ],
         );
         if let Some(containers) = spec.get("containers") {
-            let reduced = match containers {
-                Value::Array(items) => Value::Array(
-                    items
-                        .iter()
-                        .map(|c| Value::Object(pick(c, &["name", "ports"])))
-                        .collect(),
-                ),
-                // Not a list: pass it on so the loader rejects it by field.
-                other => other.clone(),
-            };
+            // Not a list: passed on so the loader rejects it by field.
+            let reduced = each(containers, |c| Value::Object(pick(c, &["name", "ports"])));
             out.insert("containers".into(), reduced);
         }
         body.push(("spec", Value::Object(out)));

@@ -546,9 +546,14 @@ impl Model {
     /// The model with `entries` (in (namespace, name) order), their addresses indexed.
     pub fn with_service_entries(mut self, entries: Vec<ServiceEntry>) -> Self {
         self.index.service_entries = index::SeAddresses::build(&entries);
-        // Each selecting entry's pods, from its namespace's range of the pod map.
+        let mut positions: index::ByNamespaceAndName<usize> = HashMap::new();
         let mut selected: index::ByNamespaceAndName<Box<[Arc<Pod>]>> = HashMap::new();
-        for se in &entries {
+        for (i, se) in entries.iter().enumerate() {
+            positions
+                .entry(se.namespace.clone())
+                .or_default()
+                .insert(se.name.clone(), i);
+            // A selecting entry's pods, from its namespace's range of the pod map.
             let Some(selector) = &se.workload_selector else {
                 continue;
             };
@@ -565,15 +570,8 @@ impl Model {
                 .or_default()
                 .insert(se.name.clone(), pods);
         }
-        self.index.service_entry_pods = selected;
-        let mut positions: index::ByNamespaceAndName<usize> = HashMap::new();
-        for (i, se) in entries.iter().enumerate() {
-            positions
-                .entry(se.namespace.clone())
-                .or_default()
-                .insert(se.name.clone(), i);
-        }
         self.index.service_entry_positions = positions;
+        self.index.service_entry_pods = selected;
         self.service_entry_conflicts = entries
             .iter()
             .enumerate()
@@ -642,11 +640,8 @@ impl Model {
                 let SeAddress::Ip(ip) = ep.address else {
                     return None;
                 };
-                let pod = self
-                    .workload_by_ip(ip)
-                    .map(|p| NamespacedName::new(&p.namespace, &p.name));
                 Some(Endpoint {
-                    pod,
+                    pod: self.pod_name_at(ip),
                     ip,
                     port: ep.port_for(port),
                 })
@@ -668,6 +663,13 @@ impl Model {
             &self.peer_authentications,
             &self.authorization_policies,
         );
+    }
+
+    /// The name of the (non host-network) pod owning `ip`: the pod behind an endpoint address
+    /// (an EndpointSlice's, a ServiceEntry's).
+    fn pod_name_at(&self, ip: IpAddr) -> Option<NamespacedName> {
+        let p = self.workload_by_ip(ip)?;
+        Some(NamespacedName::new(&p.namespace, &p.name))
     }
 
     /// The (non host-network) pod owning `ip`.
@@ -903,10 +905,7 @@ impl Model {
                     .as_ref()
                     .filter(|p| self.pod(&p.namespace, &p.name).is_some())
                     .cloned()
-                    .or_else(|| {
-                        let p = self.workload_by_ip(ep.ip)?;
-                        Some(NamespacedName::new(&p.namespace, &p.name))
-                    });
+                    .or_else(|| self.pod_name_at(ep.ip));
                 eps.push(Endpoint {
                     pod,
                     ip: ep.ip,

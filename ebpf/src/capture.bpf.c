@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Capture for one pod network namespace: an `sk_lookup` program that hands new TCP connections
-// to the agent's listeners.
+// Capture for one pod network namespace: an `sk_lookup` program that hands new TCP connections,
+// and the pod's DNS queries, to the agent's sockets.
 //
 // - Inbound: every new connection arriving from outside the pod goes to the agent's inbound
 //   (15006) listener, except connections to the HBONE port, which the agent's own 15008
@@ -9,20 +9,27 @@
 // - Outbound: the application's own connections to destinations outside the pod reach this
 //   program because the agent's policy routing (see the loader's docs) delivers locally
 //   generated TCP locally, over `lo`; they go to the agent's outbound (15001) listener.
+// - DNS (IPv4 only; the agent's DNS sockets are IPv4, and a v4 socket cannot take a v6
+//   lookup): the application's UDP datagrams to port 53, which the agent's policy routing
+//   delivers locally over `lo` like outgoing TCP, go to the agent's DNS UDP socket; its TCP
+//   connections to port 53 go to the agent's DNS TCP listener (or, while there is none, to
+//   the outbound listener as any other connection).
 //
-// sk_lookup runs when the kernel looks up a listening socket for a SYN, after routing has
-// decided the packet is local, and it does not rewrite any address: the socket the agent
-// accepts keeps the ORIGINAL destination as its local address, so no conntrack and no
-// SO_ORIGINAL_DST are needed.
+// sk_lookup runs when the kernel looks up a socket for a TCP SYN or a UDP datagram (every
+// datagram: UDP has no connection), after routing has decided the packet is local, and it
+// does not rewrite any address: the socket the agent accepts keeps the ORIGINAL destination as
+// its local address, and a datagram keeps it as its destination (IP_RECVORIGDSTADDR reads it),
+// so no conntrack and no SO_ORIGINAL_DST are needed.
 //
 // How the two directions are told apart: `ingress_ifindex` is the device of the route that
 // made the packet local. For the pod's own address that is eth0 (the address's device), for a
-// loopback address and for the capture route (`local default dev lo`) it is `lo`. So a SYN
+// loopback address and for the capture route (`local default dev lo`) it is `lo`. So a packet
 // "received" on lo for a destination that is not a loopback address is the application
-// connecting out.
+// sending out.
 //
 // What is never steered:
-// - anything that is not TCP over IPv4 or IPv6;
+// - anything that is not TCP or UDP over IPv4 or IPv6; UDP other than the application's IPv4
+//   datagrams to port 53 (UDP arriving from outside the pod included);
 // - connections to a loopback address, and connections from the pod's own address to itself;
 // - connections from a source address:port the agent has exempted (`agent_delivery`): the
 //   agent hands each inbound connection to the application from a socket bound to the
@@ -34,7 +41,11 @@
 //
 // Fail closed: when the agent's listener for a direction is missing from the map (the agent
 // restarts, or has not registered yet) the connection is refused instead of reaching the
-// application, or leaving the pod, unchecked.
+// application, or leaving the pod, unchecked. A DNS datagram with no DNS socket in the map
+// is dropped (there is no refusal for UDP: the kernel answers "port unreachable" only for a
+// local destination address, and the nameserver's is not one, so the resolver waits for its
+// timeout and retries); passing it to the normal lookup instead would hand it to any socket of
+// the pod bound to the wildcard address and port 53 (a DNS server of the application's own).
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -44,9 +55,15 @@
 // The loopback device is created first in every network namespace, so its index is always 1.
 #define LOOPBACK_IFINDEX 1
 
-// Slots of the agent's listeners in `listeners`.
+// Slots of the agent's sockets in `listeners`.
 #define INBOUND_LISTENER_KEY 0
 #define OUTBOUND_LISTENER_KEY 1
+#define DNS_UDP_KEY 2
+#define DNS_TCP_KEY 3
+#define LISTENER_SLOTS 4
+
+#define DNS_PORT 53
+#define AF_INET 2
 
 // Set by the loader before the program is loaded (`.rodata`, so the verifier sees constants).
 // Ports in host byte order (sk_lookup's `local_port` is host order).
@@ -70,24 +87,45 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
-	__uint(max_entries, 2);
+	__uint(max_entries, LISTENER_SLOTS);
 	__type(key, __u32);
 	__type(value, __u32); // a socket fd on update (aya checks a 4-byte value)
 } listeners SEC(".maps");
 
-static __always_inline int steer(struct bpf_sk_lookup *ctx, __u32 key)
+static __always_inline struct bpf_sock *listener(__u32 key)
 {
-	struct bpf_sock *sk = bpf_map_lookup_elem(&listeners, &key);
-	if (!sk)
-		return SK_DROP;
+	return bpf_map_lookup_elem(&listeners, &key);
+}
+
+// Hands the lookup to `sk` (a reference from `listener`, released here).
+static __always_inline int assign(struct bpf_sk_lookup *ctx, struct bpf_sock *sk)
+{
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	return err ? SK_DROP : SK_PASS;
 }
 
+static __always_inline int steer(struct bpf_sk_lookup *ctx, __u32 key)
+{
+	struct bpf_sock *sk = listener(key);
+	if (!sk)
+		return SK_DROP;
+	return assign(ctx, sk);
+}
+
+// The application's DNS connection over TCP: to the agent's DNS listener, or while there is
+// none to the outbound listener like any other connection.
+static __always_inline int steer_dns_tcp(struct bpf_sk_lookup *ctx)
+{
+	struct bpf_sock *sk = listener(DNS_TCP_KEY);
+	if (!sk)
+		return steer(ctx, OUTBOUND_LISTENER_KEY);
+	return assign(ctx, sk);
+}
+
 static __always_inline int is_loopback(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->family == 2 /* AF_INET */)
+	if (ctx->family == AF_INET)
 		// 127.0.0.0/8; local_ip4 is in network order, so its first byte is the first octet.
 		return (ctx->local_ip4 & 0xff) == 127;
 	// ::1
@@ -97,7 +135,7 @@ static __always_inline int is_loopback(struct bpf_sk_lookup *ctx)
 
 static __always_inline int to_itself(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->family == 2 /* AF_INET */)
+	if (ctx->family == AF_INET)
 		return ctx->remote_ip4 == ctx->local_ip4;
 	return ctx->remote_ip6[0] == ctx->local_ip6[0] && ctx->remote_ip6[1] == ctx->local_ip6[1] &&
 	       ctx->remote_ip6[2] == ctx->local_ip6[2] && ctx->remote_ip6[3] == ctx->local_ip6[3];
@@ -105,18 +143,26 @@ static __always_inline int to_itself(struct bpf_sk_lookup *ctx)
 
 static __always_inline int try_steer(struct bpf_sk_lookup *ctx)
 {
+	if (ctx->protocol == IPPROTO_UDP) {
+		if (ctx->ingress_ifindex == LOOPBACK_IFINDEX && ctx->family == AF_INET &&
+		    ctx->local_port == DNS_PORT && !is_loopback(ctx))
+			return steer(ctx, DNS_UDP_KEY);
+		return SK_PASS;
+	}
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
 	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX) {
 		if (is_loopback(ctx))
 			return SK_PASS;
+		if (ctx->family == AF_INET && ctx->local_port == DNS_PORT)
+			return steer_dns_tcp(ctx);
 		return steer(ctx, OUTBOUND_LISTENER_KEY);
 	}
 	if (ctx->local_port == hbone_port)
 		return SK_PASS;
 	if (to_itself(ctx))
 		return SK_PASS;
-	if (ctx->family == 2 /* AF_INET */) {
+	if (ctx->family == AF_INET) {
 		if (probe_source_ip4 != 0 && ctx->remote_ip4 == probe_source_ip4)
 			return SK_PASS;
 		struct delivery_key delivery = {

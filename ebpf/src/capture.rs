@@ -2,8 +2,8 @@
 //!
 //! How it is attached: one program instance per pod, loaded with the pod's settings as
 //! read-only globals, attached to the pod's network namespace with a BPF link
-//! (`BPF_SK_LOOKUP` takes a netns fd; no cgroup is involved). The agent's listeners go into the
-//! program's two-slot `SOCKMAP`:
+//! (`BPF_SK_LOOKUP` takes a netns fd; no cgroup is involved). The agent's sockets go into the
+//! program's four-slot `SOCKMAP`:
 //! - inbound (15006): for every TCP SYN that arrives from outside the pod on any port but the
 //!   HBONE port, the kernel's listener lookup returns that socket instead;
 //! - outbound (15001, optional): for every TCP SYN the application sends to a destination
@@ -13,9 +13,16 @@
 //!   program recognises them as "arrived on lo, to an address that is not loopback". The
 //!   outbound listener must be `IP_TRANSPARENT`, because its connections' local address is the
 //!   (non-local) original destination.
+//! - DNS (optional, [`CaptureGuard::set_dns_listeners`]; IPv4): a UDP socket for every datagram
+//!   the application sends to port 53 of an address outside the pod, and a TCP listener for
+//!   its connections to port 53 (while there is none, those go to the outbound listener). The
+//!   datagrams only reach a socket lookup once the agent's policy routing delivers the pod's
+//!   UDP to port 53 locally over `lo` (`iif lo ipproto udp dport 53`, as for TCP). With no DNS
+//!   socket registered such a datagram is dropped (fail closed, see below).
 //!
 //! No address is rewritten, so the accepted socket's `local_addr()` is the original
-//! destination in both directions.
+//! destination in both directions, and a datagram steered to the DNS socket keeps its original
+//! destination, which `recvmsg` reports with `IP_RECVORIGDSTADDR`.
 //!
 //! What is not steered: the HBONE port (the agent's own 15008 listener gets it by the normal
 //! lookup); loopback destinations and the pod connecting to its own address; connections from
@@ -27,7 +34,12 @@
 //!
 //! Failure mode: when the map holds no listener for a direction (the agent's listener closed,
 //! e.g. during an agent restart) the program refuses the connection rather than let it reach
-//! the application, or leave the pod, without policy: fail closed.
+//! the application, or leave the pod, without policy: fail closed. A DNS datagram routed to
+//! `lo` while no DNS socket is registered is dropped: UDP has no refusal here (the kernel
+//! sends "port unreachable" only from a local address, and the nameserver's is not one, so
+//! the resolver waits for its timeout and retries), and the normal lookup would hand it to any
+//! socket of the pod bound to the wildcard address and port 53. The agent routes DNS to `lo`
+//! only while it serves it (`ztunnel/src/redirect/ebpf.rs`).
 //!
 //! Where programs load: in this process, on one thread; or, once [`load_in_child_processes`]
 //! has been called (the agent does), pinned captures and [`probe`] load in a short-lived child
@@ -61,9 +73,11 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture
 const PROGRAM: &str = "zt_capture";
 const LISTENER_MAP: &str = "listeners";
 const DELIVERY_MAP: &str = "agent_delivery";
-/// The listeners' slots in [`LISTENER_MAP`] (`*_LISTENER_KEY` in the C program).
+/// The sockets' slots in [`LISTENER_MAP`] (`*_KEY` in the C program).
 const INBOUND_KEY: u32 = 0;
 const OUTBOUND_KEY: u32 = 1;
+const DNS_UDP_KEY: u32 = 2;
+const DNS_TCP_KEY: u32 = 3;
 /// File names inside a pin directory. The maps are pinned before the link, so a link pin
 /// always has its maps beside it.
 const LINK_PIN: &str = "link";
@@ -140,6 +154,12 @@ pub enum CaptureError {
     },
     #[error("pinned link {link} has no map {map} beside it (not ours?)")]
     Incomplete { link: PathBuf, map: PathBuf },
+    #[error(
+        "the attached capture program predates DNS capture (its map {LISTENER_MAP} has \
+         {slots} slots, DNS needs {needed}); it keeps the settings it was loaded with until \
+         the pod is released and captured again"
+    )]
+    NoDnsSlots { slots: u32, needed: u32 },
 }
 
 /// Steers the pod's inbound TCP to `listener` until the guard is dropped (outbound too, once
@@ -343,6 +363,41 @@ impl CaptureGuard {
         self.set(OUTBOUND_KEY, listener)
     }
 
+    /// Steers the application's DNS to the agent from now on (IPv4 only): its UDP datagrams
+    /// to port 53 to `udp`, its TCP connections to port 53 to `tcp`.
+    ///
+    /// `udp` is a bound, unconnected IPv4 UDP socket (a socket map takes UDP sockets from Linux
+    /// 5.7, and only bound ones); the datagrams keep their original destination, which
+    /// `recvmsg` reports with `IP_RECVORIGDSTADDR`. `tcp` is a listening IPv4 socket, which
+    /// must be `IP_TRANSPARENT` like the outbound listener (its connections' local address is
+    /// the original destination). The datagrams are only seen once the pod's routing delivers
+    /// them over `lo`; see the module docs.
+    ///
+    /// Both or neither: if `tcp` cannot be registered, `udp` is taken out again. A capture
+    /// adopted from an agent that predates DNS capture has no slots for them:
+    /// [`CaptureError::NoDnsSlots`], and the capture goes on as before.
+    pub fn set_dns_listeners(
+        &mut self,
+        udp: &impl AsRawFd,
+        tcp: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        self.set(DNS_UDP_KEY, udp).map_err(no_dns_slots)?;
+        if let Err(e) = self.set(DNS_TCP_KEY, tcp) {
+            self.clear(DNS_UDP_KEY);
+            return Err(no_dns_slots(e));
+        }
+        Ok(())
+    }
+
+    /// Takes the DNS sockets out of the map (an earlier agent's, when this one does not
+    /// capture DNS): the application's TCP to port 53 goes to the outbound listener again,
+    /// and its UDP to port 53, should it still be routed to `lo`, is dropped. Nothing to do on
+    /// a capture without DNS slots.
+    pub fn clear_dns_listeners(&mut self) {
+        self.clear(DNS_UDP_KEY);
+        self.clear(DNS_TCP_KEY);
+    }
+
     fn set(&mut self, key: u32, listener: &impl AsRawFd) -> Result<(), CaptureError> {
         self.maps
             .listener
@@ -351,6 +406,16 @@ impl CaptureGuard {
                 map: LISTENER_MAP,
                 source,
             })
+    }
+
+    /// Empties `key`'s slot; an empty slot, or one the map does not have, is no error.
+    fn clear(&mut self, key: u32) {
+        match self.maps.listener.clear_index(&key) {
+            Ok(()) | Err(MapError::OutOfBounds { .. }) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            }
+            Err(e) => warn!(slot = key, error = %e, "clear capture socket map slot"),
+        }
     }
 
     /// Lets the next connection from `source` (the address the agent's delivery socket is
@@ -400,6 +465,20 @@ impl CaptureGuard {
     /// use [`CaptureGuard::exempt`].
     pub fn keep_pinned(&self) {
         self.keep.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A DNS slot beyond the end of the map: the map (and so the program) is an older version's.
+fn no_dns_slots(e: CaptureError) -> CaptureError {
+    match e {
+        CaptureError::Map {
+            source: MapError::OutOfBounds { max_entries, .. },
+            ..
+        } => CaptureError::NoDnsSlots {
+            slots: max_entries,
+            needed: DNS_TCP_KEY + 1,
+        },
+        e => e,
     }
 }
 

@@ -1,11 +1,12 @@
-//! Inbound capture with sk_lookup, in network namespaces these tests create: a "pod" namespace
-//! and a "node" namespace joined by a veth pair. The node side has two addresses: the node's
+//! Capture with sk_lookup (inbound, outbound, DNS), in network namespaces these tests create: a
+//! "pod" namespace and a "node" namespace joined by a veth pair. The node side has two addresses: the node's
 //! own, and the probe source. Nothing is sent outside those namespaces. Needs root.
 
 use std::fs::File;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,9 +14,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ebpf::{attach_capture, attach_capture_pinned, CaptureConfig, CaptureGuard};
+use ebpf::{attach_capture, attach_capture_pinned, CaptureConfig, CaptureError, CaptureGuard};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockaddrIn,
+};
 use socket2::{Domain, Socket, Type};
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -30,6 +35,11 @@ const CLOSED_PORT: u16 = 9999;
 const INBOUND_PORT: u16 = 15006;
 const HBONE_PORT: u16 = 15008;
 const OUTBOUND_PORT: u16 = 15001;
+const DNS_PORT: u16 = 53;
+/// The agent's DNS sockets (UDP and TCP).
+const DNS_PROXY_PORT: u16 = 15053;
+/// A UDP port that is not DNS.
+const OTHER_UDP_PORT: u16 = 5353;
 /// The agent's socket mark (ztunnel's `SKIP_MARK`).
 const SKIP_MARK: u32 = 0x539;
 /// Upper bound for a connection to show up in a listener's accept queue.
@@ -216,41 +226,8 @@ fn an_upgrade_adopts_the_capture_while_the_old_agent_still_runs() -> Result<()> 
 fn outgoing_connections_routed_over_lo_land_on_the_outbound_listener() -> Result<()> {
     let topo = Topology::new()?;
     let pod = topo.pod_listeners()?;
-    // The agent's routing (ztunnel/src/redirect/ebpf.rs) in miniature: the pod's own TCP is
-    // delivered locally unless it carries the agent's mark.
-    let pod_ns = topo.pod.name.as_str();
-    let table = "133";
-    let skip = format!("{SKIP_MARK:#x}/0xfff");
-    ip(&[
-        "-n", pod_ns, "rule", "add", "fwmark", &skip, "lookup", "main", "pref", "31999",
-    ])?;
-    ip(&[
-        "-n", pod_ns, "rule", "add", "iif", "lo", "ipproto", "tcp", "lookup", table, "pref",
-        "32000",
-    ])?;
-    let src = POD_IP.to_string();
-    ip(&[
-        "-n",
-        pod_ns,
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "src",
-        &src,
-        "table",
-        table,
-    ])?;
-    let outbound = topo.pod.run(|| -> std::io::Result<TcpListener> {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-        s.set_ip_transparent(true)?;
-        s.set_reuse_address(true)?;
-        s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)).into())?;
-        s.listen(16)?;
-        Ok(s.into())
-    })??;
+    topo.capture_routing()?;
+    let outbound = topo.pod.run(|| transparent_listener(OUTBOUND_PORT))??;
     let node_app = topo.node.listen(APP_PORT)?;
 
     let mut guard = attach_capture(
@@ -317,6 +294,297 @@ fn outgoing_connections_routed_over_lo_land_on_the_outbound_listener() -> Result
     Ok(())
 }
 
+#[test]
+fn dns_over_udp_lands_on_the_agents_dns_socket_with_the_original_destination() -> Result<()> {
+    let topo = Topology::new()?;
+    let pod = topo.pod_listeners()?;
+    topo.capture_routing()?;
+    let dns = topo.pod.run(DnsSockets::bind)??;
+    // The resolver the pod is configured with: nothing may reach it while DNS is captured.
+    let resolver = topo.node.run(|| UdpSocket::bind((NODE_IP, DNS_PORT)))??;
+    let mut guard = attach_capture(
+        &topo.pod.file()?,
+        &pod.agent,
+        &CaptureConfig::new(HBONE_PORT),
+    )?;
+    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
+
+    // The application's query, from a connected socket as glibc's resolver sends it.
+    let nameserver = SocketAddrV4::new(NODE_IP, DNS_PORT);
+    let app = topo.pod.run(move || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(nameserver)?;
+        s.send(b"query")?;
+        Ok(s)
+    })??;
+    let query = recv_within(&dns.udp, ACCEPT_WITHIN)?.context("no query reached the agent")?;
+    assert_eq!(query.data, b"query");
+    assert_eq!(SocketAddr::V4(query.from), app.local_addr()?, "sender");
+    assert_eq!(*query.from.ip(), POD_IP, "the pod's address is the source");
+    assert_eq!(query.orig_dst, Some(nameserver), "original destination");
+    assert!(
+        recv_within(&resolver, Duration::ZERO)?.is_none(),
+        "the query left the pod"
+    );
+
+    // Replying from the agent's socket with IP_PKTINFO sets the source address only: the
+    // reply comes from the agent's port, which no resolver accepts (a connected socket does not
+    // even receive it).
+    let unconnected = topo.pod.run(move || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.send_to(b"query", nameserver)?;
+        Ok(s)
+    })??;
+    let query = recv_within(&dns.udp, ACCEPT_WITHIN)?.context("second query")?;
+    assert_eq!(query.orig_dst, Some(nameserver));
+    send_from(
+        &dns.udp,
+        *query.orig_dst.context("orig dst")?.ip(),
+        query.from,
+        b"answer",
+    )?;
+    let (_, from) = recv_from_within(&unconnected)?;
+    assert_eq!(
+        from,
+        SocketAddr::from((NODE_IP, DNS_PROXY_PORT)),
+        "IP_PKTINFO keeps the socket's port"
+    );
+
+    // So the agent replies from a socket bound to the original destination (IP_TRANSPARENT, as
+    // it is not a local address; SO_REUSEADDR, as any number may be bound to it; the agent's
+    // mark; unconnected: see below), and IP_PKTINFO is not needed for the address either.
+    let reply = topo.pod.run(move || reply_socket(nameserver))??;
+    reply.send_to(b"answer", app.local_addr()?)?;
+    let (answer, from) = recv_from_within(&app)?;
+    assert_eq!(answer, b"answer");
+    assert_eq!(
+        from,
+        SocketAddr::V4(nameserver),
+        "the answer comes from the nameserver"
+    );
+
+    // The reply socket, kept open for the next answers, takes no query: the program still
+    // hands them to the agent's DNS socket (only a *connected* socket bound to the nameserver
+    // would take the datagrams of its peer before the program runs).
+    app.send(b"again")?;
+    let query = recv_within(&dns.udp, ACCEPT_WITHIN)?.context("a query after the answer")?;
+    assert_eq!(query.data, b"again");
+    assert!(recv_within(&reply, Duration::ZERO)?.is_none());
+    assert!(recv_within(&resolver, Duration::ZERO)?.is_none());
+    Ok(())
+}
+
+#[test]
+fn other_udp_is_not_steered() -> Result<()> {
+    let topo = Topology::new()?;
+    let pod = topo.pod_listeners()?;
+    topo.capture_routing()?;
+    let dns = topo.pod.run(DnsSockets::bind)??;
+    let mut guard = attach_capture(
+        &topo.pod.file()?,
+        &pod.agent,
+        &CaptureConfig::new(HBONE_PORT),
+    )?;
+    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
+    let node = topo
+        .node
+        .run(|| UdpSocket::bind((NODE_IP, OTHER_UDP_PORT)))??;
+    // A DNS server in the pod, on its loopback and on its own address.
+    let pod_server = topo
+        .pod
+        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, DNS_PORT)))??;
+
+    // The pod's UDP to another port leaves the pod.
+    let to_node = SocketAddr::from((NODE_IP, OTHER_UDP_PORT));
+    let sender = topo.pod.run(move || send_once(to_node))??;
+    let (_, from) = recv_from_within(&node)?;
+    assert_eq!(
+        from,
+        SocketAddr::from((POD_IP, sender.local_addr()?.port()))
+    );
+
+    // UDP to port 53 from outside the pod, to the pod's loopback and to its own address
+    // reaches the pod's server.
+    let to_pod = SocketAddr::from((POD_IP, DNS_PORT));
+    for (ns, dst) in [
+        (&topo.node, to_pod),
+        (&topo.pod, SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PORT))),
+        (&topo.pod, to_pod),
+    ] {
+        ns.run(move || send_once(dst))??;
+        recv_from_within(&pod_server).with_context(|| format!("to {dst} from {}", ns.name))?;
+    }
+    assert!(
+        recv_within(&dns.udp, Duration::ZERO)?.is_none(),
+        "the agent's DNS socket took a datagram"
+    );
+    Ok(())
+}
+
+#[test]
+fn dns_over_tcp_lands_on_the_dns_listener_or_else_on_the_outbound_one() -> Result<()> {
+    let topo = Topology::new()?;
+    let pod = topo.pod_listeners()?;
+    topo.capture_routing()?;
+    let dns = topo.pod.run(DnsSockets::bind)??;
+    let outbound = topo.pod.run(|| transparent_listener(OUTBOUND_PORT))??;
+    let resolver = topo.node.listen(DNS_PORT)?;
+    let mut guard = attach_capture(
+        &topo.pod.file()?,
+        &pod.agent,
+        &CaptureConfig::new(HBONE_PORT),
+    )?;
+    guard.set_outbound_listener(&outbound)?;
+    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
+
+    let nameserver = SocketAddr::from((NODE_IP, DNS_PORT));
+    let connect_out = || topo.pod.run(move || connect(None, nameserver, None));
+    let client = connect_out()??;
+    let accepted =
+        accept_within(&dns.tcp, ACCEPT_WITHIN).context("nothing reached the DNS listener")?;
+    assert_eq!(accepted.local_addr()?, nameserver, "original destination");
+    assert_eq!(accepted.peer_addr()?, client.local_addr()?, "peer");
+    echo_once(&client, &accepted)?;
+    assert!(accept_within(&outbound, Duration::ZERO).is_none());
+
+    // Without a DNS listener, TCP to port 53 is captured like any other connection.
+    guard.clear_dns_listeners();
+    let client = connect_out()??;
+    let accepted =
+        accept_within(&outbound, ACCEPT_WITHIN).context("nothing reached the outbound listener")?;
+    assert_eq!(accepted.local_addr()?, nameserver, "original destination");
+    assert_eq!(accepted.peer_addr()?, client.local_addr()?, "peer");
+    assert!(accept_within(&dns.tcp, Duration::ZERO).is_none());
+    assert!(
+        accept_within(&resolver, Duration::ZERO).is_none(),
+        "nothing left the pod"
+    );
+    Ok(())
+}
+
+#[test]
+fn without_the_dns_socket_udp_to_port_53_reaches_no_socket() -> Result<()> {
+    let topo = Topology::new()?;
+    let pod = topo.pod_listeners()?;
+    topo.capture_routing()?;
+    let resolver = topo.node.run(|| UdpSocket::bind((NODE_IP, DNS_PORT)))??;
+    // A DNS server of the application's own, on the wildcard address: the normal lookup would
+    // hand it datagrams to any address.
+    let pod_server = topo
+        .pod
+        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, DNS_PORT)))??;
+    let mut dns = topo.pod.run(DnsSockets::bind)??;
+    let mut guard = attach_capture(
+        &topo.pod.file()?,
+        &pod.agent,
+        &CaptureConfig::new(HBONE_PORT),
+    )?;
+    let nameserver = SocketAddrV4::new(NODE_IP, DNS_PORT);
+    let lost = |dns: &DnsSockets, what: &str| -> Result<()> {
+        let app = topo.pod.run(move || -> std::io::Result<UdpSocket> {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            s.connect(nameserver)?;
+            s.send(b"query")?;
+            Ok(s)
+        })??;
+        // No answer, and no refusal either: the kernel sends "port unreachable" only from a
+        // local address, and the nameserver's is not one of the pod's.
+        app.set_read_timeout(Some(Duration::from_millis(300)))?;
+        let mut buf = [0u8; 16];
+        let answer = app.recv(&mut buf);
+        let nothing = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::ConnectionRefused
+            )
+        };
+        assert!(
+            matches!(&answer, Err(e) if nothing(e)),
+            "{what}: got {answer:?}"
+        );
+        for (socket, name) in [
+            (&dns.udp, "the agent's unregistered DNS socket"),
+            (&pod_server, "the pod's own DNS server"),
+            (&resolver, "the resolver (the query left the pod)"),
+        ] {
+            assert!(
+                recv_within(socket, Duration::ZERO)?.is_none(),
+                "{what}: {name} received the query"
+            );
+        }
+        Ok(())
+    };
+
+    // Never registered.
+    lost(&dns, "no DNS socket registered")?;
+    // Registered, then taken out.
+    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
+    guard.clear_dns_listeners();
+    lost(&dns, "DNS sockets cleared")?;
+    // Registered, then closed (the agent exits): the kernel takes it out of the map.
+    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
+    dns = topo.pod.run(DnsSockets::bind_other)??;
+    lost(&dns, "DNS socket closed")?;
+    Ok(())
+}
+
+#[test]
+fn an_adopted_capture_without_dns_slots_says_so() -> Result<()> {
+    let topo = Topology::new()?;
+    let bpffs = Bpffs::mount()?;
+    let pin_dir = bpffs.path.join("pod");
+    let pod = topo.pod_listeners()?;
+    let dns = topo.pod.run(DnsSockets::bind)??;
+    let config = CaptureConfig::new(HBONE_PORT);
+    let first = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+    first.keep_pinned();
+    drop(first);
+    // An agent from before DNS capture pinned a two-slot socket map.
+    let map_pin = pin_dir.join("listeners");
+    std::fs::remove_file(&map_pin)?;
+    run(
+        &tool("bpftool")?,
+        &[
+            "map",
+            "create",
+            &map_pin.to_string_lossy(),
+            "type",
+            "sockmap",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "2",
+            "name",
+            "listeners",
+        ],
+    )?;
+
+    let mut adopted = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+    assert!(adopted.adopted());
+    let err = adopted
+        .set_dns_listeners(&dns.udp, &dns.tcp)
+        .expect_err("a two-slot map has no DNS slots");
+    assert!(
+        matches!(
+            err,
+            CaptureError::NoDnsSlots {
+                slots: 2,
+                needed: 4
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("predates DNS capture"), "{err}");
+    // The rest of the capture is usable as before.
+    adopted.clear_dns_listeners();
+    adopted.set_inbound_listener(&pod.agent)?;
+    drop(adopted);
+    assert!(!pin_dir.exists(), "pin directory removed");
+    Ok(())
+}
+
 /// Sends a byte each way between the two ends of one connection.
 fn echo_once(a: &TcpStream, b: &TcpStream) -> Result<()> {
     use std::io::{Read, Write};
@@ -328,6 +596,139 @@ fn echo_once(a: &TcpStream, b: &TcpStream) -> Result<()> {
         assert_eq!(&buf, b"x");
     }
     Ok(())
+}
+
+// === DNS helpers ===
+
+/// The agent's DNS sockets as it opens them in the pod: IPv4, on loopback, `IP_TRANSPARENT`
+/// (the TCP listener's connections, and the UDP socket's answers, have the nameserver's
+/// address as their local one), with the agent's mark, the UDP socket reporting each
+/// datagram's original destination (`IP_RECVORIGDSTADDR`).
+struct DnsSockets {
+    udp: UdpSocket,
+    tcp: TcpListener,
+}
+
+impl DnsSockets {
+    fn bind() -> std::io::Result<Self> {
+        Self::bind_on(DNS_PROXY_PORT)
+    }
+
+    /// Another agent's sockets (the first ones may be held a moment longer by a forked child).
+    fn bind_other() -> std::io::Result<Self> {
+        Self::bind_on(DNS_PROXY_PORT + 100)
+    }
+
+    fn bind_on(port: u16) -> std::io::Result<Self> {
+        let udp = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+        udp.set_ip_transparent(true)?;
+        udp.set_mark(SKIP_MARK)?;
+        udp.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+        let udp = UdpSocket::from(udp);
+        setsockopt(&udp, sockopt::Ipv4OrigDstAddr, &true)?;
+        Ok(Self {
+            udp,
+            tcp: transparent_listener(port)?,
+        })
+    }
+}
+
+/// What the agent sends an answer from: a socket bound to the nameserver's address and port.
+fn reply_socket(nameserver: SocketAddrV4) -> std::io::Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    s.set_ip_transparent(true)?;
+    s.set_reuse_address(true)?;
+    s.set_mark(SKIP_MARK)?;
+    s.bind(&SocketAddr::V4(nameserver).into())?;
+    Ok(s.into())
+}
+
+/// A datagram as the agent's DNS socket receives it.
+struct Datagram {
+    data: Vec<u8>,
+    from: SocketAddrV4,
+    orig_dst: Option<SocketAddrV4>,
+}
+
+/// The next datagram on `socket` within `within`, with its original destination if the
+/// socket reports it.
+fn recv_within(socket: &UdpSocket, within: Duration) -> Result<Option<Datagram>> {
+    if !readable_within(socket.as_fd(), within) {
+        return Ok(None);
+    }
+    let mut buf = [0u8; 512];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
+    let msg = recvmsg::<SockaddrIn>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )?;
+    let from = msg.address.context("no sender address")?;
+    let orig_dst = msg.cmsgs()?.find_map(|c| match c {
+        ControlMessageOwned::Ipv4OrigDstAddr(addr) => {
+            Some(SocketAddrV4::from(SockaddrIn::from(addr)))
+        }
+        _ => None,
+    });
+    let len = msg.bytes;
+    Ok(Some(Datagram {
+        data: buf[..len].to_vec(),
+        from: SocketAddrV4::from(from),
+        orig_dst,
+    }))
+}
+
+/// The next datagram on `socket` and its sender, within [`ACCEPT_WITHIN`].
+fn recv_from_within(socket: &UdpSocket) -> Result<(Vec<u8>, SocketAddr)> {
+    socket.set_read_timeout(Some(ACCEPT_WITHIN))?;
+    let mut buf = [0u8; 512];
+    let (len, from) = socket.recv_from(&mut buf).context("no datagram")?;
+    Ok((buf[..len].to_vec(), from))
+}
+
+/// Sends `data` to `to` from `socket` with `src` as the source address (`IP_PKTINFO`).
+fn send_from(socket: &UdpSocket, src: Ipv4Addr, to: SocketAddrV4, data: &[u8]) -> Result<()> {
+    let info = nix::libc::in_pktinfo {
+        ipi_ifindex: 0,
+        ipi_spec_dst: nix::libc::in_addr {
+            s_addr: u32::from_ne_bytes(src.octets()),
+        },
+        ipi_addr: nix::libc::in_addr { s_addr: 0 },
+    };
+    sendmsg(
+        socket.as_raw_fd(),
+        &[IoSlice::new(data)],
+        &[ControlMessage::Ipv4PacketInfo(&info)],
+        MsgFlags::empty(),
+        Some(&SockaddrIn::from(to)),
+    )?;
+    Ok(())
+}
+
+/// Sends one datagram to `dst` from an ephemeral port.
+fn send_once(dst: SocketAddr) -> std::io::Result<UdpSocket> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    s.send_to(b"datagram", dst)?;
+    Ok(s)
+}
+
+fn readable_within(fd: std::os::fd::BorrowedFd<'_>, within: Duration) -> bool {
+    let millis = u16::try_from(within.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::from(millis)), Ok(n) if n > 0)
+}
+
+/// A listening IPv4 socket on loopback that takes connections to any address (the agent's
+/// outbound and DNS listeners).
+fn transparent_listener(port: u16) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_ip_transparent(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+    s.listen(16)?;
+    Ok(s.into())
 }
 
 // === scenario helper ===
@@ -549,6 +950,41 @@ impl Topology {
             app: self.pod.listen(APP_PORT)?,
             hbone: self.pod.listen(HBONE_PORT)?,
         })
+    }
+
+    /// The agent's routing (ztunnel/src/redirect/ebpf.rs) in miniature: the pod's own TCP, and
+    /// its UDP to port 53, are delivered locally unless they carry the agent's mark.
+    fn capture_routing(&self) -> Result<()> {
+        let pod = self.pod.name.as_str();
+        let table = "133";
+        let skip = format!("{SKIP_MARK:#x}/0xfff");
+        let rules: [&[&str]; 3] = [
+            &["fwmark", &skip, "lookup", "main", "pref", "31999"],
+            &[
+                "iif", "lo", "ipproto", "tcp", "lookup", table, "pref", "32000",
+            ],
+            &[
+                "iif", "lo", "ipproto", "udp", "dport", "53", "lookup", table, "pref", "32001",
+            ],
+        ];
+        for rule in rules {
+            ip(&[&["-n", pod, "rule", "add"], rule].concat())?;
+        }
+        let src = POD_IP.to_string();
+        ip(&[
+            "-n",
+            pod,
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "src",
+            &src,
+            "table",
+            table,
+        ])
     }
 
     /// sk_lookup links attached to the pod namespace, as bpftool sees them.

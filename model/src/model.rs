@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::identity::Identity;
 use index::Index;
 
+mod dns;
 mod index;
 mod jwt;
 mod labels;
@@ -20,6 +21,9 @@ mod service_entry;
 mod telemetry;
 mod traffic;
 mod waypoint;
+
+pub(crate) use dns::service_name;
+pub use dns::{DnsRecords, SeVip};
 
 pub use labels::Labels;
 
@@ -53,6 +57,8 @@ pub use waypoint::{
 
 /// The Istio root namespace: policies here apply mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
+/// The cluster's DNS domain: a Service is `<name>.<namespace>.svc.<CLUSTER_DOMAIN>`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// Label that enrolls a namespace (or pod) in ambient mode.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
@@ -138,9 +144,9 @@ pub struct Service {
 }
 
 impl Service {
-    /// `<name>.<namespace>.svc.cluster.local`
+    /// `<name>.<namespace>.svc.cluster.local` (see [`CLUSTER_DOMAIN`]).
     pub fn hostname(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
     }
 }
 
@@ -370,6 +376,9 @@ pub struct ModelDump<'a> {
     pub endpoint_slices: Vec<&'a EndpointSlice>,
     pub service_entries: &'a [ServiceEntry],
     pub service_entry_conflicts: &'a [SeConflict],
+    /// The VIPs auto-allocated to ServiceEntries without `addresses` (see
+    /// [`Model::service_entry_host_at`]).
+    pub service_entry_vips: Vec<SeVip>,
 }
 
 /// A refused policy in `/config_dump`: the entry, what it does, and the workloads the node
@@ -469,6 +478,7 @@ impl Model {
             endpoint_slices: self.endpoint_slices.values().map(|s| &**s).collect(),
             service_entries: &self.service_entries,
             service_entry_conflicts: &self.service_entry_conflicts,
+            service_entry_vips: self.service_entry_vips(),
         }
     }
 
@@ -543,9 +553,23 @@ impl Model {
         self
     }
 
-    /// The model with `entries` (in (namespace, name) order), their addresses indexed.
+    /// The model with `entries` (in (namespace, name) order): their addresses indexed, VIPs
+    /// auto-allocated to those without addresses and their hosts indexed for DNS (see
+    /// `model/dns.rs`). Call after [`Model::new`]: allocation avoids the Services' cluster IPs.
     pub fn with_service_entries(mut self, entries: Vec<ServiceEntry>) -> Self {
-        self.index.service_entries = index::SeAddresses::build(&entries);
+        let in_use = self
+            .services
+            .values()
+            .flat_map(|svc| svc.cluster_ips.iter().copied())
+            .chain(
+                entries
+                    .iter()
+                    .flat_map(|se| se.addresses.iter())
+                    .filter(|net| net.prefix_len() == net.max_prefix_len())
+                    .map(|net| net.addr()),
+            );
+        self.index.se_dns = dns::SeDns::build(&entries, in_use);
+        self.index.service_entries = index::SeAddresses::build(&entries, self.index.se_dns.vips());
         let mut positions: index::ByNamespaceAndName<usize> = HashMap::new();
         let mut selected: index::ByNamespaceAndName<Box<[Arc<Pod>]>> = HashMap::new();
         for (i, se) in entries.iter().enumerate() {
@@ -593,18 +617,24 @@ impl Model {
 
     /// The ServiceEntry a workload in `namespace` reaches by connecting to `dst`: the first
     /// (in (namespace, name) order) that is exported to `namespace`, has `dst`'s IP among
-    /// its addresses (an IP, or inside a CIDR) and `dst`'s port, and that port.
+    /// its addresses (an IP, or inside a CIDR) or as the VIP auto-allocated to one of its
+    /// hosts (an entry without addresses; see [`Model::service_entry_host_at`]), and has
+    /// `dst`'s port; and that port.
     pub fn service_entry_for(
         &self,
         namespace: &str,
         dst: std::net::SocketAddr,
     ) -> Option<(&ServiceEntry, &SePort)> {
+        let ip = dst.ip();
         self.index
             .service_entries
-            .candidates(dst.ip())
-            .filter_map(|i| self.service_entries.get(i))
-            .filter(|se| se.visible_in(namespace) && se.has_address(dst.ip()))
-            .find_map(|se| Some((se, se.port(dst.port())?)))
+            .candidates(ip)
+            .filter_map(|i| Some((i, self.service_entries.get(i)?)))
+            .filter(|(i, se)| {
+                se.visible_in(namespace)
+                    && (se.has_address(ip) || self.index.se_dns.is_vip_of(ip, *i))
+            })
+            .find_map(|(_, se)| Some((se, se.port(dst.port())?)))
     }
 
     /// The endpoints of `port` of `se` with `STATIC` resolution: its listed IP endpoints

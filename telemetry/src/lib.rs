@@ -6,6 +6,7 @@
 //! - `mesh_connections_refused_total{reporter,reason}`, `mesh_config_rejections_total{source}`,
 //!   `mesh_config_reloads_total`, `mesh_policies_failed_closed{kind,namespace,name}` (1 for
 //!   each refused policy enforced fail closed);
+//! - `mesh_dns_requests_total{result}` (the node agent's DNS proxy);
 //! - `process_*` read from `/proc/self` at scrape time.
 //!
 //! [`ResponseFlag`] names why a connection or request was refused, in both binaries;
@@ -111,6 +112,11 @@ struct RefusedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DnsLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabels {
     source: String,
 }
@@ -133,6 +139,7 @@ pub struct Metrics {
     config_rejections: Family<SourceLabels, Counter>,
     config_reloads: Counter,
     failed_closed: Family<PolicyLabels, Gauge>,
+    dns_requests: Family<DnsLabels, Counter>,
     /// One shared copy of every TCP label set seen (see [`Metrics::intern`]).
     interned: Mutex<HashSet<Arc<TcpLabels>>>,
 }
@@ -164,6 +171,7 @@ impl Metrics {
         let config_rejections = Family::default();
         let config_reloads = Counter::default();
         let failed_closed = Family::default();
+        let dns_requests = Family::default();
         registry.register(
             "istio_tcp_connections_opened",
             "The total number of TCP connections opened",
@@ -204,6 +212,11 @@ impl Metrics {
             "Refused policies enforced fail closed (deny all, or reject their tokens), by kind, namespace and name",
             failed_closed.clone(),
         );
+        registry.register(
+            "mesh_dns_requests",
+            "DNS queries of enrolled pods, by result (answered, nodata, forwarded, upstream_failed, refused, malformed, overloaded)",
+            dns_requests.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         register(&mut registry);
         Arc::new(Metrics {
@@ -216,6 +229,7 @@ impl Metrics {
             config_rejections,
             config_reloads,
             failed_closed,
+            dns_requests,
             interned: Mutex::default(),
         })
     }
@@ -266,6 +280,11 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// `mesh_dns_requests_total{result}` (the agent's DNS proxy).
+    pub fn dns_request(&self, result: &'static str) {
+        self.dns_requests.get_or_create(&DnsLabels { result }).inc();
     }
 
     /// `mesh_config_rejections_total{source}`.

@@ -173,6 +173,11 @@ impl Binaries {
         self.binary("mesh-grpc")
     }
 
+    /// Path of the `mesh-dns` binary (the tests' stand-in for a pod's resolver).
+    pub fn mesh_dns(&self) -> Result<PathBuf> {
+        self.binary("mesh-dns")
+    }
+
     fn binary(&self, name: &str) -> Result<PathBuf> {
         let path = self.dir.join(name);
         if !path.is_file() {

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use e2e::{echo_once, prom, wait_until, Ambient, Mesh, Pod, Service};
+use e2e::{echo_once, prom, wait_until, Ambient, ChildGuard, Mesh, Pod, Service};
 
 /// How long a config change may take to apply (the agent polls every 500 ms).
 const APPLY: Duration = Duration::from_secs(10);
@@ -664,14 +664,10 @@ fn a_service_without_a_selector_reaches_the_addresses_of_its_endpoint_slices() -
     Ok(())
 }
 
-/// Issue 16: with `REGISTRY_ONLY` an address the mesh does not know is refused (BLACKHOLE,
-/// counted) while pods and Services still work; a ServiceEntry makes it known: `STATIC`
-/// sends its virtual address to its endpoints, `NONE` lets its own address through, `DNS`
-/// sends it to what its endpoint's host name resolves to (the agent resolves `localhost`:
-/// the client pod's own loopback, where an echo listens).
-#[test]
-fn registry_only_refuses_unknown_addresses_and_service_entries_let_them_in() -> Result<()> {
-    let mesh = Mesh::two_nodes("service_entries")
+/// A registry-only mesh with the `echo` Service on n2's server pod, and an echo server named
+/// `outside` on n2's node address (outside the mesh) on port 8080.
+fn registry_only_mesh(name: &str) -> Result<(Mesh, ChildGuard, ChildGuard)> {
+    let mesh = Mesh::two_nodes(name)
         .pod(Pod::echo_server("server", "n2"))
         .service(
             Service::new("default", "echo")
@@ -681,11 +677,22 @@ fn registry_only_refuses_unknown_addresses_and_service_entries_let_them_in() -> 
         )
         .ztunnel_args(["--outbound-traffic-policy", "registry-only"])
         .build()?;
-    let _s = mesh.spawn_echo("default/server", 8080, "server")?;
+    let server = mesh.spawn_echo("default/server", 8080, "server")?;
     let echo = mesh.binaries().mesh_echo()?;
     let echo = echo.to_string_lossy();
     let mut outside = mesh.spawn_node("n2", &[&echo, "--port", "8080", "--name", "outside"])?;
     outside.wait_for_stdout("listening on", Duration::from_secs(10))?;
+    Ok((mesh, server, outside))
+}
+
+/// Issue 16: with `REGISTRY_ONLY` an address the mesh does not know is refused (BLACKHOLE,
+/// counted) while pods and Services still work; a ServiceEntry makes it known: `STATIC`
+/// sends its virtual address to its endpoints, `NONE` lets its own address through, `DNS`
+/// sends it to what its endpoint's host name resolves to (the agent resolves `localhost`:
+/// the client pod's own loopback, where an echo listens).
+#[test]
+fn registry_only_refuses_unknown_addresses_and_service_entries_let_them_in() -> Result<()> {
+    let (mesh, _server, _outside) = registry_only_mesh("service_entries")?;
     let node = SocketAddr::new(mesh.node_ip("n2")?.into(), 8080);
     let answered_by = |to: SocketAddr| -> Option<String> {
         let r = mesh.http_get("default/client", to, "/se").ok()?;
@@ -760,6 +767,149 @@ spec:
     ensure!(
         answered_by(SocketAddr::new(node_ip, 9999)).is_none(),
         "a port the entry does not list is still unknown"
+    );
+    Ok(())
+}
+
+/// The DNS proxy: an enrolled pod's DNS (UDP and TCP 53) is captured. Mesh names are
+/// answered by the agent (a Service by its full and short names, a ServiceEntry without
+/// `addresses` with an auto-allocated VIP that REGISTRY_ONLY then lets through to the entry's
+/// endpoint); every other query reaches the resolver the pod asked and its answer comes back
+/// as if from it; a malformed query gets FORMERR and changes nothing.
+#[test]
+fn pod_dns_is_answered_for_mesh_names_and_forwarded_to_the_pods_resolver() -> Result<()> {
+    let (mesh, _server, _outside) = registry_only_mesh("dns_proxy")?;
+    let node_ip = mesh.node_ip("n2")?;
+    let dns = mesh.binaries().mesh_dns()?;
+    let listen = format!("{node_ip}:53");
+    let mut resolver = mesh.spawn_node(
+        "n2",
+        &[
+            &dns.to_string_lossy(),
+            "--listen",
+            &listen,
+            "--answer",
+            "192.0.2.10",
+        ],
+    )?;
+    resolver.wait_for_stdout("listening on", Duration::from_secs(10))?;
+    let at = format!("@{node_ip}");
+    let dig = |args: &[&str]| -> Result<Vec<String>> {
+        let mut argv = vec!["dig", "+short", "+time=2", "+tries=1", at.as_str()];
+        argv.extend_from_slice(args);
+        let out = mesh.exec_ok("default/client", &argv)?;
+        Ok(out.lines().map(str::to_string).collect())
+    };
+
+    for (args, why) in [
+        (
+            &["echo.default.svc.cluster.local"][..],
+            "a Service's name over UDP",
+        ),
+        (&["+tcp", "echo.default.svc.cluster.local"][..], "over TCP"),
+        (&["ECHO.default.svc.cluster.local."][..], "in another case"),
+        (&["echo.default"][..], "<svc>.<ns>"),
+        (&["echo"][..], "<svc> in the pod's namespace"),
+    ] {
+        ensure!(dig(args)? == [VIP], "{why}: {:?}", dig(args)?);
+    }
+    ensure!(
+        dig(&["AAAA", "echo.default.svc.cluster.local"])?.is_empty(),
+        "an IPv4 Service has no AAAA record"
+    );
+    ensure!(
+        dig(&["unknown.example.org"])? == ["192.0.2.10"],
+        "another name is answered by the pod's resolver over UDP"
+    );
+    ensure!(
+        dig(&["+tcp", "tcp.example.org"])? == ["192.0.2.10"],
+        "and over TCP"
+    );
+    let asked = resolver.stdout();
+    ensure!(
+        asked.contains("query udp unknown.example.org.")
+            && asked.contains("query tcp tcp.example.org."),
+        "the resolver saw: {asked}"
+    );
+    ensure!(
+        !asked.to_lowercase().contains("echo"),
+        "a mesh name reached the resolver: {asked}"
+    );
+
+    // Malformed: a header announcing a question that is not there gets FORMERR (same id).
+    let formerr = mesh.in_pod("default/client", || -> Result<Vec<u8>> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+        sock.send_to(
+            &[
+                0xbe, 0xef, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 7, b'b', b'r',
+            ],
+            (node_ip, 53),
+        )?;
+        let mut buf = [0u8; 512];
+        let (n, from) = sock.recv_from(&mut buf)?;
+        ensure!(
+            from == SocketAddr::from((node_ip, 53)),
+            "answered from {from}"
+        );
+        Ok(buf[..n].to_vec())
+    })??;
+    ensure!(
+        formerr.len() >= 4 && formerr[..2] == [0xbe, 0xef] && formerr[3] & 0x0f == 1,
+        "FORMERR expected: {formerr:?}"
+    );
+    ensure!(dig(&["echo"])? == [VIP], "the proxy still answers");
+
+    // A ServiceEntry without addresses: its host resolves to an auto-allocated VIP, which
+    // REGISTRY_ONLY lets through to the entry's endpoint.
+    mesh.write_yaml(
+        "entry.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: outside-api, namespace: default}}
+spec:
+  hosts: [api.outside.test]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {node_ip}, ports: {{http: 8080}}}}]
+"#
+        ),
+    )?;
+    // Until the entry applies, the name is the pod resolver's (which answers every name).
+    let mut allocated = Vec::new();
+    wait_until("the entry's host resolves to a VIP", APPLY, || {
+        allocated = dig(&["api.outside.test"])?;
+        Ok(allocated.first().is_some_and(|a| a.starts_with("240.240.")))
+    })?;
+    let [allocated] = allocated.as_slice() else {
+        bail!("one address expected: {allocated:?}");
+    };
+    let se_vip: std::net::Ipv4Addr = allocated.parse().context("an IPv4 address")?;
+    ensure!(
+        se_vip.octets()[..2] == [240, 240],
+        "allocated from 240.240.0.0/16: {se_vip}"
+    );
+    let r = mesh.http_get("default/client", SocketAddr::from((se_vip, 80)), "/by-name")?;
+    ensure!(
+        r.status == 200 && r.json()?["server"] == "outside",
+        "the VIP reaches the endpoint: {} {}",
+        r.status,
+        r.text()
+    );
+
+    let metrics = mesh.metrics("n1")?;
+    let count = |result| prom::sum(&metrics, "mesh_dns_requests_total", &[("result", result)]);
+    ensure!(count("answered") >= 7.0, "answered: {}", count("answered"));
+    ensure!(
+        count("forwarded") >= 2.0,
+        "forwarded: {}",
+        count("forwarded")
+    );
+    ensure!(
+        count("malformed") >= 1.0,
+        "malformed: {}",
+        count("malformed")
     );
     Ok(())
 }

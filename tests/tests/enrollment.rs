@@ -41,6 +41,8 @@ const NFT_TABLE: &str = "table inet ztunnel";
 const AGENT_RULE: &str = "lookup 133";
 /// The eBPF backend's rule that captures every new outgoing connection.
 const EBPF_CAPTURE_RULE: &str = "iif lo ipproto tcp lookup 133";
+/// What tells the eBPF backend's DNS rule (`iif lo ipproto udp dport 53 lookup 133`) apart.
+const DNS_RULE: &str = "dport 53";
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const REFUSED: &str = "mesh_connections_refused_total";
 
@@ -681,8 +683,10 @@ struct PodSetup {
     /// New connections are captured (nftables: the redirect chains hold rules; eBPF: the link
     /// and the outgoing-capture rule).
     capturing: bool,
-    /// The agent's policy-routing rules.
+    /// The agent's policy-routing rules, besides the eBPF backend's DNS one.
     ip_rules: usize,
+    /// The eBPF backend's rule routing the pod's DNS (UDP 53) to the agent.
+    dns_rule: bool,
     outbound_listener: bool,
 }
 
@@ -713,7 +717,13 @@ fn setup_in_pod(mesh: &Mesh, pod: &str) -> Result<PodSetup> {
     Ok(PodSetup {
         installed,
         capturing,
-        ip_rules: rules.lines().filter(|l| l.contains(AGENT_RULE)).count(),
+        ip_rules: rules
+            .lines()
+            .filter(|l| l.contains(AGENT_RULE) && !l.contains(DNS_RULE))
+            .count(),
+        dns_rule: rules
+            .lines()
+            .any(|l| l.contains(AGENT_RULE) && l.contains(DNS_RULE)),
         // Columns: state, recv-q, send-q, local address:port, peer address:port.
         outbound_listener: listeners.lines().any(|l| {
             l.split_whitespace()
@@ -726,13 +736,22 @@ fn setup_in_pod(mesh: &Mesh, pod: &str) -> Result<PodSetup> {
 /// Waits until `pod`'s agent on `node` and the pod's namespace both show `want`.
 fn expect_setup(mesh: &Mesh, node: &str, pod: &str, want: Setup, why: &str) -> Result<()> {
     let enrolled = want == Setup::Enrolled;
+    let dns_routed = backend(mesh) == Redirect::Ebpf;
     let matches = |setup: &PodSetup| match want {
         Setup::Enrolled => {
-            setup.installed && setup.capturing && setup.ip_rules == 1 && setup.outbound_listener
+            setup.installed
+                && setup.capturing
+                && setup.ip_rules == 1
+                && setup.dns_rule == dns_routed
+                && setup.outbound_listener
         }
-        Setup::Released => !setup.capturing && !setup.outbound_listener,
+        Setup::Released => !setup.capturing && !setup.dns_rule && !setup.outbound_listener,
         Setup::Gone => {
-            !setup.installed && !setup.capturing && setup.ip_rules == 0 && !setup.outbound_listener
+            !setup.installed
+                && !setup.capturing
+                && setup.ip_rules == 0
+                && !setup.dns_rule
+                && !setup.outbound_listener
         }
     };
     let mut last = None;

@@ -74,6 +74,8 @@ const NEEDS: &[Need] = &[
     need(Probe::Command("curl"), "curl", TESTS),
     need(Probe::Command("socat"), "socat", TESTS),
     need(Probe::Command("iperf3"), "iperf3", &[Test, Ci, Bench]),
+    // A pod's DNS through the agent's DNS proxy (tests/tests/core.rs).
+    need(Probe::Command("dig"), "dnsutils", TESTS),
     // One HTTP/2 connection's requests over every endpoint (tests/tests/waypoint.rs), and the
     // benchmark's one connection with 100 concurrent streams.
     need(

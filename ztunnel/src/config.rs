@@ -29,8 +29,10 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_POD: usize = 4096;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
+/// The DNS proxy (UDP and TCP) in every enrolled pod, where its port-53 traffic is captured.
+pub const DNS_PROXY_PORT: u16 = 15053;
 /// Ports that must never be the original destination of a captured connection (loops).
-pub const RESERVED_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
+pub const RESERVED_PORTS: [u16; 7] = [15000, 15001, 15006, 15008, 15020, 15021, 15053];
 
 /// SO_MARK on every socket the agent opens inside a pod namespace: the redirection rules skip
 /// marked packets, so the agent never captures its own traffic.
@@ -125,6 +127,12 @@ pub struct Args {
     /// (counted with flag BLACKHOLE).
     #[arg(long, env = "ZTUNNEL_OUTBOUND_TRAFFIC_POLICY", value_enum, default_value_t = OutboundTrafficPolicy::AllowAny)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// Capture each enrolled pod's DNS (UDP and TCP port 53, IPv4) to the agent's DNS proxy
+    /// on 15053 in the pod: Service and ServiceEntry names are answered from the model
+    /// (ServiceEntries without addresses get an auto-allocated VIP), every other query goes
+    /// on to the resolver the pod asked. `false`: pod DNS is left alone.
+    #[arg(long, env = "ZTUNNEL_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_capture: bool,
     /// `shared`: one runtime whose `--worker-threads` workers take any task. `per-worker`:
     /// each worker thread runs its own runtime with its own listeners for every pod
     /// (`SO_REUSEPORT`: the kernel spreads connections over them) and its own HBONE pool,
@@ -187,6 +195,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub max_connections_per_pod: usize,
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// `--dns-capture` (never with `--redirect none` or `loopback`: nothing is captured).
+    pub dns_capture: bool,
     /// `--threading`; with `per-worker`, `data_workers` runtimes of their own serve the
     /// pods' listeners (each pod gets a listener per worker) with one HBONE pool each.
     pub threading: mesh_shell::config::Threading,
@@ -227,6 +237,11 @@ impl From<&Args> for Config {
             connect_timeout: a.connect_timeout,
             max_connections_per_pod: args.max_connections_per_pod,
             outbound_traffic_policy: args.outbound_traffic_policy,
+            dns_capture: args.dns_capture
+                && matches!(
+                    args.redirect,
+                    Redirect::Auto | Redirect::Ebpf | Redirect::Nftables
+                ),
             threading: args.threading,
             data_workers: args.threading.data_workers(a.worker_threads),
             limits: a.limits.clone(),
@@ -313,6 +328,7 @@ mod tests {
             "connect_timeout",
             "max_connections_per_pod",
             "outbound_traffic_policy",
+            "dns_capture",
             "threading",
             "data_workers",
             "max_connections",
@@ -357,6 +373,7 @@ mod tests {
             "ZTUNNEL_CONFIG_POLL",
             "ZTUNNEL_CONFIG_SOURCE",
             "ZTUNNEL_CONNECT_TIMEOUT",
+            "ZTUNNEL_DNS_CAPTURE",
             "ZTUNNEL_DRAIN_TIMEOUT",
             "ZTUNNEL_FIRST_BYTE_TIMEOUT",
             "ZTUNNEL_HBONE_CONNECTION_WINDOW",

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{Redirect, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::config::{Redirect, DNS_PROXY_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::proxy::{self, PodCtx, ProxyInputs};
 use crate::socket::ListenFor;
 use crate::{redirect, socket};
@@ -306,10 +306,18 @@ impl Manager {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let hbone = listen(any, HBONE_PORT)?;
+        // The DNS proxy's two sockets (IPv4: where port-53 traffic is captured to).
+        let dns = match cfg.dns_capture && !netns.is_own() {
+            true => Some((
+                crate::dns::bind_udp(&netns, home)?,
+                listen(Ipv4Addr::LOCALHOST.into(), DNS_PROXY_PORT)?,
+            )),
+            false => None,
+        };
         let mut redirections = lock(&self.redirections);
         let capture = match cfg.redirect {
             Redirect::Nftables => {
-                redirect::nft::install(netns.path(), &pod.ips)?;
+                redirect::nft::install(netns.path(), &pod.ips, dns.is_some())?;
                 None
             }
             Redirect::Ebpf => {
@@ -323,6 +331,7 @@ impl Manager {
                     &first.plaintext,
                     &first.outbound,
                     &pins,
+                    dns.as_ref().map(|(udp, tcp)| (udp, tcp)),
                 )?)
             }
             Redirect::Auto | Redirect::None | Redirect::Loopback => None,
@@ -377,6 +386,17 @@ impl Manager {
             spawn_on(on, span("inbound_plaintext"), set.plaintext, {
                 let (pod, pi, stop) = (pod.clone(), pi.clone(), stop.clone());
                 move |l| proxy::inbound_passthrough::run(l, pod, pi, stop)
+            });
+        }
+        if let Some((udp, tcp)) = dns {
+            // Stopped with the outbound listener: after the capture, so nothing captured
+            // meanwhile finds no socket.
+            let stop = &ctx.outbound_stop;
+            let udp_task = crate::dns::run_udp(udp, ctx.clone(), pi.clone(), stop.clone());
+            drop(tokio::spawn(udp_task.instrument(span("dns_udp"))));
+            spawn_on(None, span("dns_tcp"), tcp, {
+                let (pod, pi, stop) = (ctx.clone(), pi.clone(), stop.clone());
+                move |l| crate::dns::run_tcp(l, pod, pi, stop)
             });
         }
         if cfg.redirect == Redirect::Ebpf {

@@ -18,7 +18,7 @@ use super::{dns_label, Meta};
 use crate::duration::parse_duration;
 use crate::model::{
     ClientTls, ConnectionPool, DestinationRule, HashKey, LoadBalancer, OutlierDetection,
-    PortTrafficPolicy, Subset, TlsMode, TrafficPolicy,
+    PortTrafficPolicy, Subset, TlsMode, TrafficPolicy, CLUSTER_DOMAIN,
 };
 
 /// Bounds so that a hostile rule stays small (RELIABILITY 34).
@@ -94,7 +94,7 @@ fn host(node: &Node<'_>, ns: &str) -> FieldResult<String> {
     if h.contains('.') {
         Ok(h)
     } else {
-        Ok(format!("{h}.{ns}.svc.cluster.local"))
+        Ok(format!("{h}.{ns}.svc.{CLUSTER_DOMAIN}"))
     }
 }
 

@@ -29,9 +29,10 @@ use super::route::{bounded, header_modifier_map, match_path, object_name, patter
 use super::yaml::{FieldResult, Node};
 use super::{dns_label, dns_subdomain, Meta};
 use crate::model::{
-    AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters, HeaderMatch,
-    Mirror, NamespacedName, PathMatch, PathModifier, QueryMatch, RequestRedirect, RetryOn,
-    RetryPolicy, RouteMatch, RouteRule, Timeouts, UrlRewrite, ValueMatch, VirtualService,
+    service_name, AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters,
+    HeaderMatch, Mirror, NamespacedName, PathMatch, PathModifier, QueryMatch, RequestRedirect,
+    RetryOn, RetryPolicy, RouteMatch, RouteRule, Timeouts, UrlRewrite, ValueMatch, VirtualService,
+    CLUSTER_DOMAIN,
 };
 
 const MAX_HOSTS: usize = 64;
@@ -42,8 +43,6 @@ const MAX_HEADER_MATCHES: usize = 32;
 const MAX_MIRRORS: usize = 16;
 /// Largest direct-response body (Envoy's default `max_direct_response_body_size_bytes`).
 pub const MAX_DIRECT_BODY: usize = 4096;
-/// The cluster domain of Service FQDNs.
-const CLUSTER_SUFFIX: &str = "svc.cluster.local";
 
 pub(super) fn virtual_service(obj: &Node<'_>, meta: Meta) -> FieldResult<VirtualService> {
     let created = meta.created.clone();
@@ -94,7 +93,7 @@ fn vs_host(node: &Node<'_>, ns: &str) -> FieldResult<String> {
     if h.starts_with('*') || h.contains('.') {
         Ok(h)
     } else {
-        Ok(format!("{h}.{ns}.{CLUSTER_SUFFIX}"))
+        Ok(format!("{h}.{ns}.svc.{CLUSTER_DOMAIN}"))
     }
 }
 
@@ -104,12 +103,8 @@ fn destination_service(node: &Node<'_>, vs_ns: &str) -> FieldResult<NamespacedNa
     if !dns_subdomain(&host) {
         return Err(node.err(format!("invalid destination host {host:?}")));
     }
-    let labels: Vec<&str> = host.split('.').collect();
-    let key = match labels.as_slice() {
-        [name] => NamespacedName::new(vs_ns, *name),
-        [name, ns] | [name, ns, "svc"] | [name, ns, "svc", "cluster", "local"] if dns_label(ns) => {
-            NamespacedName::new(*ns, *name)
-        }
+    let key = match service_name(vs_ns, &host) {
+        Some((ns, name)) if dns_label(ns) => NamespacedName::new(ns, name),
         _ => NamespacedName::new("", &host),
     };
     Ok(key)

@@ -42,8 +42,10 @@ pub(super) struct Index {
     pub(super) waypoint_policies: Attachments,
     /// RequestAuthentications (positions in their list), by what they attach to.
     pub(super) request_authentications: Attachments,
-    /// ServiceEntries (positions in their list) by address.
+    /// ServiceEntries (positions in their list) by address, auto-allocated VIPs included.
     pub(super) service_entries: SeAddresses,
+    /// ServiceEntry hosts for DNS and the VIPs auto-allocated to them.
+    pub(super) se_dns: super::dns::SeDns,
     /// The pods each ServiceEntry's `workloadSelector` selects, by namespace and name (entries
     /// without one are absent).
     pub(super) service_entry_pods: ByNamespaceAndName<Box<[Arc<Pod>]>>,
@@ -56,7 +58,8 @@ pub(super) struct Index {
 /// Values by namespace, then name (looked up with borrowed strings).
 pub(super) type ByNamespaceAndName<T> = HashMap<String, HashMap<String, T>>;
 
-/// ServiceEntries by address: single addresses hashed, CIDRs (few) listed.
+/// ServiceEntries by address: single addresses and auto-allocated VIPs hashed, CIDRs (few)
+/// listed.
 #[derive(Clone, Debug, Default)]
 pub(super) struct SeAddresses {
     by_ip: HashMap<IpAddr, Vec<usize>>,
@@ -64,8 +67,15 @@ pub(super) struct SeAddresses {
 }
 
 impl SeAddresses {
-    pub(super) fn build(entries: &[super::ServiceEntry]) -> SeAddresses {
+    /// `vips`: each auto-allocated VIP and its entry's position.
+    pub(super) fn build(
+        entries: &[super::ServiceEntry],
+        vips: impl Iterator<Item = (IpAddr, usize)>,
+    ) -> SeAddresses {
         let mut a = SeAddresses::default();
+        for (ip, i) in vips {
+            a.by_ip.entry(ip).or_default().push(i);
+        }
         for (i, se) in entries.iter().enumerate() {
             for net in &se.addresses {
                 if net.prefix_len() == net.max_prefix_len() {

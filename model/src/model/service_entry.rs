@@ -9,6 +9,18 @@
 //! host that is no wildcard) resolve to, by the agent's resolver when it dials; `NONE` the
 //! address the application connected to (what it resolved), in plain TCP for
 //! `MESH_EXTERNAL`.
+//!
+//! An entry without `addresses` (resolution not `NONE`) gets a VIP per host that is no
+//! wildcard, auto-allocated in `240.240.0.0/16` as Istio's DNS auto-allocation does
+//! (`model/dns.rs`): the agent's DNS proxy answers the host with it, a connection to it is
+//! the entry's as if it were one of its addresses ([`Model::service_entry_for`]), and a
+//! `DNS` entry reached there resolves that host ([`Model::service_entry_host_at`]). The
+//! agent's DNS proxy also answers an entry's hosts with its IP `addresses`
+//! ([`Model::dns_lookup`]), for the namespaces it is exported to.
+//!
+//! [`Model::service_entry_for`]: super::Model::service_entry_for
+//! [`Model::service_entry_host_at`]: super::Model::service_entry_host_at
+//! [`Model::dns_lookup`]: super::Model::dns_lookup
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -207,12 +207,17 @@ fn service_entry_hops<'a>(
         SeResolution::Dns | SeResolution::DnsRoundRobin
     ) {
         let hops = match se.endpoints.as_slice() {
-            [] => se
-                .hosts
-                .iter()
-                .find(|h| !h.starts_with('*'))
+            // The host an auto-allocated VIP stands for, else the entry's first real host.
+            [] => model
+                .service_entry_host_at(dst.ip())
+                .or_else(|| {
+                    se.hosts
+                        .iter()
+                        .map(String::as_str)
+                        .find(|h| !h.starts_with('*'))
+                })
                 .map(|h| Hop::Resolve {
-                    host: h.clone(),
+                    host: h.to_string(),
                     port: port.target_port.unwrap_or(port.number),
                 })
                 .into_iter()

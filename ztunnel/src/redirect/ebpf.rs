@@ -4,9 +4,10 @@
 //! Per pod network namespace:
 //! - the capture program, pinned under `<bpf-fs>/ztunnel/<netns file name>/` so that it
 //!   outlives the agent (a restarted agent adopts it; while no agent listens the pod fails
-//!   closed), with the pod's 15006 and 15001 listeners in its socket map. In an upgrade the
-//!   next agent adopts it while the old one still runs: its listeners replace the old one's
-//!   in the map (one update each), and the old one leaves map and pins alone when it exits;
+//!   closed), with the pod's 15006 and 15001 listeners in its socket map, and with DNS capture
+//!   its 15053 UDP socket and TCP listener. In an upgrade the next agent adopts it while the
+//!   old one still runs: its listeners replace the old one's in the map (one update each),
+//!   and the old one leaves map and pins alone when it exits;
 //! - policy routing, per address family the pod has (rules are ours by their preference):
 //!   - [`PREF_PROBE`]: replies to the node's probe source leave normally (v4 only);
 //!   - [`PREF_SKIP`]: anything the agent sends (socket mark [`SKIP_MARK`]) leaves normally;
@@ -23,13 +24,25 @@
 //!     delivers it locally, where the capture program hands new connections to 15001. The same
 //!     rule brings the application's replies to inbound clients (whose addresses the agent
 //!     borrows with transparent sockets) back to the agent.
+//!   - [`PREF_DNS`] (with DNS capture; v4 only): the UDP the pod sends to port 53 (`iif lo`,
+//!     unmarked: the agent's own queries matched [`PREF_SKIP`] first) looks up the same
+//!     table, so it is delivered locally too, where the capture program hands it to the
+//!     agent's DNS socket with its original destination intact. Its TCP to port 53 needs no
+//!     rule of its own: the capture rule covers it, and the program picks the DNS listener.
+//!     Added only once the DNS sockets are in the program's map (a datagram routed to `lo`
+//!     with no DNS socket there is dropped), removed when the agent does not capture DNS, and
+//!     left out, with a warning, when the capture adopted from an earlier agent's program has
+//!     no DNS slots (the pod's DNS then goes to its resolver directly until it is captured
+//!     anew);
 //!   - [`PREF_NO_IPV6`] (a pod without an IPv6 address only): its IPv6 TCP fails closed (see
 //!     [`super::block_ipv6`]).
 //!
 //! Release without resets ([`stop_capture`]): replacing the broad capture rule by one exact
 //! rule per connection still open ([`PREF_FLOW`]) keeps those connections routed to the agent
-//! while every new connection leaves the pod directly. [`remove`] deletes the rest once the
-//! last one has closed.
+//! while every new connection leaves the pod directly. The DNS rule goes at once (the pod's
+//! next query goes to its resolver; an answer the agent still sends is delivered, its
+//! destination being the pod's own address). [`remove`] deletes the rest once the last one
+//! has closed.
 //!
 //! Release without resets also covers connections the agent has not accepted yet: the pod's
 //! sockets are listed ([`captured_flows`]) before the capture rule goes and once more after,
@@ -45,7 +58,7 @@
 //! which would reset it; a held segment is retransmitted a moment later.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -65,7 +78,9 @@ pub const PREF_PROBE: u32 = 31990;
 pub const PREF_SKIP: u32 = 31991;
 pub const PREF_HBONE_REPLIES: u32 = 31986;
 pub const PREF_CAPTURE: u32 = 31992;
-const OUR_PREFS: [u32; 7] = [
+/// After [`PREF_SKIP`], so that the agent's own (marked) queries leave normally.
+pub const PREF_DNS: u32 = 31993;
+const OUR_PREFS: [u32; 8] = [
     PREF_HBONE_REPLIES,
     PREF_DIRECT,
     PREF_NO_IPV6,
@@ -73,7 +88,11 @@ const OUR_PREFS: [u32; 7] = [
     PREF_PROBE,
     PREF_SKIP,
     PREF_CAPTURE,
+    PREF_DNS,
 ];
+
+/// The port whose UDP [`PREF_DNS`] routes to the capture.
+const DNS_PORT: u16 = 53;
 
 /// `f_type` of a bpffs mount (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -221,27 +240,26 @@ pub fn sweep_pins(
 /// in `netns` for a pod with addresses `ips`. `inbound` and `outbound` are the pod's 15006 and
 /// 15001 listeners; `outbound` must be `IP_TRANSPARENT` (its connections' local address is the
 /// original destination), and every agent socket in the pod must carry [`SKIP_MARK`].
+///
+/// `dns`: the pod's DNS sockets, to capture its IPv4 DNS (UDP and TCP to port 53) to; see
+/// [`::ebpf::CaptureGuard::set_dns_listeners`] for what they must be. `None` takes an earlier
+/// agent's DNS capture away. If the capture adopted from an earlier agent cannot take them
+/// (its program predates DNS capture), a warning is logged and the pod's DNS goes to its
+/// resolver directly; the rest of the capture is installed as usual.
 pub fn install(
     netns: &Netns,
     ips: &[IpAddr],
     inbound: &impl AsRawFd,
     outbound: &impl AsRawFd,
     pin_dir: &Path,
+    dns: Option<(&UdpSocket, &TcpListener)>,
 ) -> Result<CaptureGuard, RedirectError> {
     let config = CaptureConfig::new(HBONE_PORT).with_probe_source(PROBE_SOURCE_IP);
-    let capture_err = |source| RedirectError::Capture {
-        netns: netns.path().to_path_buf(),
-        source: Box::new(source),
-    };
-    // The program and both listeners first, so that the capture rule, once back, hands new
+    // The program and the listeners first, so that the capture rule, once back, hands new
     // connections to this agent at once.
-    let mut guard =
-        ::ebpf::attach_capture_pinned(netns, inbound, &config, pin_dir).map_err(capture_err)?;
-    let routed = guard
-        .set_outbound_listener(outbound)
-        .map_err(capture_err)
-        .and_then(|()| install_routing(netns.path(), ips));
-    if let Err(e) = routed {
+    let mut guard = ::ebpf::attach_capture_pinned(netns, inbound, &config, pin_dir)
+        .map_err(|source| capture_err(netns.path(), source))?;
+    if let Err(e) = register(&mut guard, netns.path(), ips, outbound, dns) {
         if guard.adopted() {
             // An earlier agent's capture, which it may still be serving: left as it was.
             guard.keep_pinned();
@@ -251,10 +269,51 @@ pub fn install(
     Ok(guard)
 }
 
+fn capture_err(netns: &Path, source: ::ebpf::CaptureError) -> RedirectError {
+    RedirectError::Capture {
+        netns: netns.to_path_buf(),
+        source: Box::new(source),
+    }
+}
+
+/// Registers the outbound listener and the DNS sockets, then installs the routing that sends
+/// the pod's traffic to them.
+fn register(
+    guard: &mut CaptureGuard,
+    netns: &Path,
+    ips: &[IpAddr],
+    outbound: &impl AsRawFd,
+    dns: Option<(&UdpSocket, &TcpListener)>,
+) -> Result<(), RedirectError> {
+    guard
+        .set_outbound_listener(outbound)
+        .map_err(|source| capture_err(netns, source))?;
+    let dns_captured = match dns {
+        None => false,
+        Some((udp, tcp)) => match guard.set_dns_listeners(udp, tcp) {
+            Ok(()) => true,
+            Err(e) if guard.adopted() => {
+                tracing::warn!(netns = %netns.display(), error = %e, "the pod's DNS is not captured: the capture adopted from an earlier agent cannot take the DNS sockets; its DNS goes to its resolver directly until the pod is captured anew");
+                false
+            }
+            Err(e) => return Err(capture_err(netns, e)),
+        },
+    };
+    install_routing(netns, ips, dns_captured)?;
+    if dns.is_none() {
+        // An earlier agent's DNS sockets, now that its rule is gone: TCP to port 53 goes to
+        // this agent's outbound listener.
+        guard.clear_dns_listeners();
+    }
+    Ok(())
+}
+
 /// Adds the rules that are missing and replaces the route (atomic), never deleting a rule
 /// first (see [`super::rule_exists`]): an earlier agent's rules, which its established
-/// connections use while it drains during an upgrade, stay in place throughout.
-fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
+/// connections use while it drains during an upgrade, stay in place throughout. `dns`: route
+/// the pod's UDP to port 53 to the capture too ([`PREF_DNS`]); without, an earlier agent's
+/// DNS rule is removed.
+fn install_routing(netns: &Path, ips: &[IpAddr], dns: bool) -> Result<(), RedirectError> {
     let table = INBOUND_ROUTE_TABLE;
     // A released pod captured again: what it opened directly keeps going directly. Listed
     // once the capture rule is back (then nothing more opens directly), while its segments
@@ -283,6 +342,11 @@ fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
         if missing(PREF_CAPTURE) {
             batch += &format!("rule add pref {PREF_CAPTURE} iif lo ipproto tcp lookup {table}\n");
         }
+        if family == "-4" && dns && missing(PREF_DNS) {
+            batch += &format!(
+                "rule add pref {PREF_DNS} iif lo ipproto udp dport {DNS_PORT} lookup {table}\n"
+            );
+        }
         batch += &format!("route replace local {default} dev lo src {src} table {table}\n");
         run_in(netns, &["ip", family, "-batch", "-"], Some(&batch))?;
     }
@@ -292,6 +356,9 @@ fn install_routing(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
     drop(held);
     // What a release left for its draining flows is covered by the capture rule again.
     delete_rules(netns, &[PREF_FLOW]);
+    if !dns && rule_exists(netns, "-4", PREF_DNS) {
+        delete_rules(netns, &[PREF_DNS]);
+    }
     block_ipv6(netns, ips)
 }
 
@@ -527,6 +594,8 @@ pub fn stop_capture(netns: &Path, ips: &[IpAddr], flows: &[Flow]) -> Result<(), 
     // The capture stops even if some flow's rule failed: a released pod must never stay
     // captured with nothing listening.
     let written = per_flow_rules(netns, &kept_vec, add);
+    // The pod's DNS goes straight to its resolver again (UDP: no connection to keep).
+    delete_rules(netns, &[PREF_DNS]);
     let held = HoldSegments::new(netns);
     delete_rules(netns, &[PREF_CAPTURE]);
     let late: Vec<Flow> = listed_captured_flows(netns, ips)
@@ -703,6 +772,180 @@ mod tests {
             }]
         );
         assert!(parse_rules("not json").is_empty());
+    }
+
+    /// A namespace of this test's (`ip netns add`), deleted on drop.
+    struct TestNs(String);
+
+    impl TestNs {
+        fn path(&self) -> PathBuf {
+            Path::new("/var/run/netns").join(&self.0)
+        }
+    }
+
+    impl Drop for TestNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    /// A private bpffs on a fresh directory, unmounted and removed on drop.
+    struct TestBpffs(tempfile::TempDir);
+
+    impl Drop for TestBpffs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+
+    fn sh(args: &[&str]) {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("spawn");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The pod's DNS rule comes with `dns` and goes without it and at release, and the UDP it
+    /// routes reaches the DNS socket with its original destination. Needs root (creates a
+    /// namespace and loads the capture program); skipped otherwise.
+    #[test]
+    fn dns_capture_is_routed_to_the_dns_socket_and_taken_away() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+        use socket2::{Domain, Socket, Type};
+        use std::io::IoSliceMut;
+        use std::net::{Ipv4Addr, SocketAddrV4};
+
+        let ns = TestNs(format!("zt-dns-test-{}", std::process::id()));
+        sh(&["ip", "netns", "add", &ns.0]);
+        let pod_ip = Ipv4Addr::new(10, 78, 0, 2);
+        let nameserver = SocketAddrV4::new(Ipv4Addr::new(10, 78, 0, 1), DNS_PORT);
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec![
+                "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+            ],
+            vec!["addr", "add", "10.78.0.2/24", "dev", "eth0"],
+            vec!["link", "set", "eth0", "up"],
+            vec!["link", "set", "peer0", "up"],
+        ] {
+            sh(&[&["ip", "-n", &ns.0][..], &args].concat());
+        }
+        let fs = TestBpffs(tempfile::tempdir().expect("tempdir"));
+        sh(&["mount", "-t", "bpf", "bpf", &fs.0.path().to_string_lossy()]);
+        let pin_dir = fs.0.path().join("pod");
+        let home = Netns::current().expect("own netns");
+        let netns = Netns::open(&ns.path()).expect("open netns");
+
+        let listener = |port: u16| -> std::io::Result<TcpListener> {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_ip_transparent(true)?;
+            s.set_mark(SKIP_MARK)?;
+            s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+            s.listen(16)?;
+            Ok(s.into())
+        };
+        let (inbound, outbound, udp, tcp) = netns
+            .run(&home, || -> std::io::Result<_> {
+                let udp = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+                udp.set_ip_transparent(true)?;
+                udp.set_mark(SKIP_MARK)?;
+                udp.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 15053)).into())?;
+                let udp = UdpSocket::from(udp);
+                setsockopt(&udp, sockopt::Ipv4OrigDstAddr, &true)?;
+                udp.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                Ok((listener(15006)?, listener(15001)?, udp, listener(15053)?))
+            })
+            .expect("enter netns")
+            .expect("sockets");
+        let ips = [IpAddr::V4(pod_ip)];
+        let dns_rule = || {
+            super::super::output_in(&ns.path(), &["ip", "-4", "rule", "show", "pref", "31993"])
+                .expect("ip rule show")
+        };
+
+        let guard = install(
+            &netns,
+            &ips,
+            &inbound,
+            &outbound,
+            &pin_dir,
+            Some((&udp, &tcp)),
+        )
+        .expect("install with DNS");
+        assert!(
+            dns_rule().contains("iif lo ipproto udp dport 53 lookup 133"),
+            "{}",
+            dns_rule()
+        );
+        // The application's query reaches the DNS socket, addressed to the nameserver.
+        let app = netns
+            .run(&home, || -> std::io::Result<UdpSocket> {
+                let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+                s.send_to(b"query", nameserver)?;
+                Ok(s)
+            })
+            .expect("enter netns")
+            .expect("send");
+        let mut buf = [0u8; 64];
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
+        let msg = recvmsg::<nix::sys::socket::SockaddrIn>(
+            udp.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .expect("the query reached the DNS socket");
+        let orig_dst = msg.cmsgs().expect("cmsgs").find_map(|c| match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(a) => Some(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )),
+            _ => None,
+        });
+        assert_eq!(orig_dst, Some(nameserver));
+        assert_eq!(
+            msg.address.map(|a| SocketAddr::V4(a.into())),
+            Some(SocketAddr::from((
+                pod_ip,
+                app.local_addr().expect("addr").port()
+            )))
+        );
+
+        // An agent without DNS capture adopts the pod: the rule goes.
+        guard.keep_pinned();
+        drop(guard);
+        let guard = install(&netns, &ips, &inbound, &outbound, &pin_dir, None)
+            .expect("install without DNS");
+        assert!(dns_rule().trim().is_empty(), "{}", dns_rule());
+
+        // Back with DNS; then released: the rule goes with the capture rule.
+        guard.keep_pinned();
+        drop(guard);
+        let guard = install(
+            &netns,
+            &ips,
+            &inbound,
+            &outbound,
+            &pin_dir,
+            Some((&udp, &tcp)),
+        )
+        .expect("install with DNS again");
+        assert!(!dns_rule().trim().is_empty());
+        stop_capture(&ns.path(), &ips, &[]).expect("stop capture");
+        assert!(dns_rule().trim().is_empty(), "{}", dns_rule());
+        assert!(!rule_exists(&ns.path(), "-4", PREF_CAPTURE));
+        drop(guard);
+        remove(&ns.path()).expect("remove");
     }
 
     #[test]

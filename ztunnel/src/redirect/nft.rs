@@ -11,6 +11,12 @@
 //!   connection gets conntrack mark [`INBOUND_CONNMARK`]. The application's replies carry that
 //!   mark and a policy-routing rule sends them to table [`INBOUND_ROUTE_TABLE`], whose `local`
 //!   default route hands them back to the agent's socket instead of the pod's default route.
+//! - DNS (with `--dns-capture`, IPv4): TCP to port 53 is redirected to the DNS proxy's
+//!   15053 like other TCP to 15001. UDP to port 53 cannot be NATed and keep its original
+//!   destination, which the proxy needs (it forwards to the resolver the pod asked, and
+//!   answers from it): chain `dns_route` marks it [`INBOUND_CONNMARK`], so the reply rule's
+//!   table routes it over `lo`, where chain `dns_tproxy` hands it unchanged to the proxy's
+//!   transparent socket (`tproxy`).
 //! - IPv6 in a pod without an IPv6 address fails closed (see [`super::block_ipv6`]).
 
 use std::net::IpAddr;
@@ -18,14 +24,30 @@ use std::path::Path;
 
 use super::{block_ipv6, rule_exists, run_in, unblock_ipv6, RedirectError};
 use crate::config::{
-    HBONE_PORT, INBOUND_CONNMARK, INBOUND_PLAINTEXT_PORT, INBOUND_ROUTE_TABLE, OUTBOUND_PORT,
-    PROBE_SOURCE_IP, SKIP_MARK,
+    DNS_PROXY_PORT, HBONE_PORT, INBOUND_CONNMARK, INBOUND_PLAINTEXT_PORT, INBOUND_ROUTE_TABLE,
+    OUTBOUND_PORT, PROBE_SOURCE_IP, SKIP_MARK,
 };
 
 pub const TABLE: &str = "ztunnel";
 
-/// The nftables ruleset for one pod namespace.
-pub fn ruleset() -> String {
+/// The nftables ruleset for one pod namespace; `dns`: capture its DNS too. The DNS chains
+/// exist either way (empty without `dns`), so that [`stop_capture`] can always flush them.
+pub fn ruleset(dns: bool) -> String {
+    let (dns_tcp, dns_route, dns_tproxy) = if dns {
+        (
+            format!("meta nfproto ipv4 tcp dport 53 redirect to :{DNS_PROXY_PORT}\n    "),
+            format!(
+                "meta mark & 0xfff == {SKIP_MARK:#x} return\n    \
+                 meta nfproto ipv4 udp dport 53 ip daddr != 127.0.0.0/8 meta mark set {INBOUND_CONNMARK:#x}"
+            ),
+            format!(
+                "iifname \"lo\" meta nfproto ipv4 udp dport 53 meta mark & 0xfff == {INBOUND_CONNMARK:#x} \
+                 tproxy ip to 127.0.0.1:{DNS_PROXY_PORT}"
+            ),
+        )
+    } else {
+        Default::default()
+    };
     format!(
         r#"table inet {TABLE} {{
   chain prerouting_mangle {{
@@ -49,7 +71,15 @@ pub fn ruleset() -> String {
     oifname "lo" return
     ip daddr 127.0.0.0/8 return
     ip6 daddr ::1 return
-    meta l4proto tcp redirect to :{OUTBOUND_PORT}
+    {dns_tcp}meta l4proto tcp redirect to :{OUTBOUND_PORT}
+  }}
+  chain dns_route {{
+    type route hook output priority mangle; policy accept;
+    {dns_route}
+  }}
+  chain dns_tproxy {{
+    type filter hook prerouting priority mangle; policy accept;
+    {dns_tproxy}
   }}
 }}
 "#
@@ -67,10 +97,10 @@ const PREF_REPLY: u32 = 32000;
 /// keeps them, so their NAT hooks stay registered and the conntrack entries of established
 /// connections keep their translation; deleting the table would drop it), and the reply rule
 /// is added only if missing.
-pub fn install(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
+pub fn install(netns: &Path, ips: &[IpAddr], dns: bool) -> Result<(), RedirectError> {
     let script = format!(
         "add table inet {TABLE}\nflush table inet {TABLE}\n{}",
-        ruleset()
+        ruleset(dns)
     );
     run_in(netns, &["nft", "-f", "-"], Some(&script))?;
     let mark = format!("{INBOUND_CONNMARK:#x}/0xfff");
@@ -110,8 +140,10 @@ pub fn install(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
 /// app's next packet leaves untranslated and is reset), while removing the reply routing would
 /// send the app's replies to inbound clients out of the pod instead of back to the agent.
 pub fn stop_capture(netns: &Path) -> Result<(), RedirectError> {
-    let script =
-        format!("flush chain inet {TABLE} output_nat\nflush chain inet {TABLE} prerouting_nat\n");
+    let script = format!(
+        "flush chain inet {TABLE} output_nat\nflush chain inet {TABLE} prerouting_nat\n\
+         flush chain inet {TABLE} dns_route\nflush chain inet {TABLE} dns_tproxy\n"
+    );
     run_in(netns, &["nft", "-f", "-"], Some(&script))?;
     unblock_ipv6(netns);
     Ok(())

@@ -165,7 +165,9 @@ async fn phases(
         gateway: &inputs.cfg.gateway,
         trust_domain: &inputs.cfg.trust_domain,
     };
-    let resolved = ctx.target.lookup(&model, scope.trust_domain);
+    let resolved = ctx
+        .target
+        .lookup_with(&model, scope.trust_domain, &ctx.hosts);
     rq.labels.service = resolved.as_ref().and_then(|r| r.service).cloned();
     downstream::verdict(rq)?;
     let path = downstream::normalize(rq)?;

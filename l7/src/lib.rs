@@ -27,6 +27,7 @@ pub mod mirror;
 pub mod origin;
 pub mod protocol;
 pub mod proxy;
+pub mod resolve;
 pub mod target;
 pub mod telemetry;
 pub mod upgrade;

@@ -50,6 +50,8 @@ pub struct Inputs {
     pub receive_budget: mesh_hbone::ReceiveBudget,
     /// Whether requests get an access-log line (updated with every model).
     pub access_log: Arc<AccessLogSwitch>,
+    /// Host names of `DNS` ServiceEntries, resolved by the proxy.
+    pub hosts: Arc<crate::resolve::HostCache>,
 }
 
 /// One downstream tunnel: who sent it and what it is for.
@@ -67,6 +69,9 @@ pub struct ConnCtx {
     pub authority: SocketAddr,
     pub target: Target,
     pub declared: Declared,
+    /// The addresses of the host names the target needs (a `DNS` ServiceEntry's), resolved
+    /// when the tunnel opened ([`crate::resolve::HostCache::for_target`]); empty otherwise.
+    pub hosts: Arc<[crate::target::HostAddrs]>,
 }
 
 impl ConnCtx {

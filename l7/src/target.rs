@@ -4,12 +4,12 @@
 //! Which targets a proxy serves at all is its own decision (the waypoint's: the destinations
 //! that use it); the engine takes the [`Target`] it was given.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_model::model::{
-    effective_policy, EffectivePolicy, Model, NamespacedName, SeAddress, SeResolution, Service,
-    ServicePort, SubsetError,
+    effective_policy, effective_policy_for_host, EffectivePolicy, Model, NamespacedName, SeAddress,
+    SeResolution, Service, ServiceEntry, ServicePort, SubsetError,
 };
 
 use crate::protocol::Declared;
@@ -37,9 +37,25 @@ pub enum Target {
 pub struct Resolved<'m> {
     pub service: Option<&'m Arc<Service>>,
     pub port: Option<&'m ServicePort>,
+    /// A ServiceEntry target.
+    pub entry: Option<EntryTarget<'m>>,
     /// Ready endpoints, in the model's order (round robin starts from an offset).
     pub endpoints: Vec<Endpoint>,
 }
+
+/// A ServiceEntry as a target: the entry, the host the connection is for (the host of the
+/// auto-allocated VIP it connected to, else the entry's first host that is no wildcard: its
+/// DestinationRule's host, and the TLS server name of TLS originated to it) and the port.
+#[derive(Clone, Copy, Debug)]
+pub struct EntryTarget<'m> {
+    pub entry: &'m ServiceEntry,
+    pub host: &'m str,
+    pub port: u16,
+}
+
+/// A host name and the addresses it resolved to (a `DNS` ServiceEntry's host or endpoint,
+/// resolved by the proxy: [`crate::resolve::HostCache`]).
+pub type HostAddrs = (String, Arc<[IpAddr]>);
 
 /// Why a resolved target has nothing to send a request to.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -53,6 +69,16 @@ pub enum Unselectable {
 }
 
 impl Resolved<'_> {
+    /// The destination's host name: a Service's fully qualified name, a ServiceEntry's host
+    /// (the TLS server name of TLS originated to its endpoints); none for a pod.
+    pub fn host(&self) -> Option<String> {
+        match (self.service, self.entry) {
+            (Some(svc), _) => Some(svc.hostname()),
+            (None, Some(t)) => Some(t.host.to_string()),
+            (None, None) => None,
+        }
+    }
+
     /// The cluster these endpoints form with `subset`, as a proxy in `client_ns` sees it:
     /// its DestinationRule policy ([`effective_policy`]; defaults for a pod addressed
     /// directly) and the endpoints in the subset (pod labels), never empty.
@@ -62,6 +88,21 @@ impl Resolved<'_> {
         client_ns: &str,
         subset: Option<&str>,
     ) -> Result<(EffectivePolicy, Vec<Endpoint>), Unselectable> {
+        if let Some(t) = self.entry {
+            let ns = &t.entry.namespace;
+            let policy = effective_policy_for_host(model, client_ns, t.host, ns, t.port, subset)?;
+            // A subset selects endpoints by their pods' labels (an address outside the mesh
+            // has none, so no subset selects it).
+            let labels = subset.and_then(|name| {
+                let dr = model.destination_rule_for_host(client_ns, t.host, ns)?;
+                Some(dr.subset(name)?.labels.clone())
+            });
+            let eps = crate::balance::subset_endpoints(self.endpoints, labels.as_ref());
+            if eps.is_empty() {
+                return Err(Unselectable::NoEndpoint);
+            }
+            return Ok((policy, eps));
+        }
         let Some((svc, port)) = self.service.zip(self.port) else {
             return match self.endpoints.is_empty() {
                 true => Err(Unselectable::NoEndpoint),
@@ -116,8 +157,20 @@ impl Target {
         }
     }
 
-    /// The target in `model`; `None` when it has gone from the model.
+    /// The target in `model`; `None` when it has gone from the model. A `DNS` ServiceEntry's
+    /// host names resolve to nothing here: see [`Target::lookup_with`].
     pub fn lookup<'m>(&self, model: &'m Model, trust_domain: &str) -> Option<Resolved<'m>> {
+        self.lookup_with(model, trust_domain, &[])
+    }
+
+    /// [`Target::lookup`] with the addresses of the host names a `DNS` ServiceEntry target
+    /// needs ([`Target::hosts_to_resolve`], resolved by the caller).
+    pub fn lookup_with<'m>(
+        &self,
+        model: &'m Model,
+        trust_domain: &str,
+        hosts: &[HostAddrs],
+    ) -> Option<Resolved<'m>> {
         match self {
             Target::Service { svc, port } => {
                 let service = model.service_shared(svc)?;
@@ -130,6 +183,7 @@ impl Target {
                 Some(Resolved {
                     service: Some(service),
                     port: Some(sp),
+                    entry: None,
                     endpoints,
                 })
             }
@@ -149,6 +203,7 @@ impl Target {
                 Some(Resolved {
                     service: None,
                     port: None,
+                    entry: None,
                     endpoints,
                 })
             }
@@ -166,27 +221,105 @@ impl Target {
                         Some(pod) => Endpoint::of(model, pod, *addr, trust_domain),
                         None => Endpoint::outside(*addr),
                     }],
-                    // Host names are resolved by the node agent, not here yet: its IP
-                    // endpoints only.
-                    SeResolution::Dns | SeResolution::DnsRoundRobin => se
-                        .endpoints
-                        .iter()
-                        .filter_map(|ep| match ep.address {
-                            SeAddress::Ip(ip) => {
-                                Some(Endpoint::outside(SocketAddr::new(ip, ep.port_for(sp))))
-                            }
-                            SeAddress::Host(_) => None,
-                        })
-                        .collect(),
+                    // Host names as resolved (all their addresses for `DNS`, Envoy's
+                    // STRICT_DNS; the first for `DNS_ROUND_ROBIN`, its LOGICAL_DNS), IP
+                    // endpoints as they are; all in plain TCP.
+                    SeResolution::Dns | SeResolution::DnsRoundRobin => {
+                        let first_only = se.resolution == SeResolution::DnsRoundRobin;
+                        let resolved = |host: &str, port: u16| {
+                            let addrs = hosts
+                                .iter()
+                                .find(|(h, _)| h.eq_ignore_ascii_case(host))
+                                .map(|(_, a)| &a[..])
+                                .unwrap_or_default();
+                            let addrs = if first_only {
+                                &addrs[..addrs.len().min(1)]
+                            } else {
+                                addrs
+                            };
+                            addrs
+                                .iter()
+                                .map(move |ip| Endpoint::outside(SocketAddr::new(*ip, port)))
+                                .collect::<Vec<_>>()
+                        };
+                        if se.endpoints.is_empty() {
+                            entry_host(model, se, *addr)
+                                .map(|h| resolved(h, sp.target_port.unwrap_or(sp.number)))
+                                .unwrap_or_default()
+                        } else {
+                            se.endpoints
+                                .iter()
+                                .flat_map(|ep| match &ep.address {
+                                    SeAddress::Ip(ip) => vec![Endpoint::outside(SocketAddr::new(
+                                        *ip,
+                                        ep.port_for(sp),
+                                    ))],
+                                    SeAddress::Host(h) => resolved(h, ep.port_for(sp)),
+                                })
+                                .collect()
+                        }
+                    }
                 };
                 Some(Resolved {
                     service: None,
                     port: None,
+                    entry: entry_host(model, se, *addr).map(|host| EntryTarget {
+                        entry: se,
+                        host,
+                        port: *port,
+                    }),
                     endpoints,
                 })
             }
         }
     }
+
+    /// The host names to resolve before [`Target::lookup_with`]: a `DNS` ServiceEntry's
+    /// endpoint host names, or without endpoints the host the connection is for; none for
+    /// any other target.
+    pub fn hosts_to_resolve(&self, model: &Model) -> Vec<String> {
+        let Target::ServiceEntry { entry, addr, .. } = self else {
+            return Vec::new();
+        };
+        let Some(se) = model.service_entry(&entry.namespace, &entry.name) else {
+            return Vec::new();
+        };
+        if !matches!(
+            se.resolution,
+            SeResolution::Dns | SeResolution::DnsRoundRobin
+        ) {
+            return Vec::new();
+        }
+        if se.endpoints.is_empty() {
+            return entry_host(model, se, *addr)
+                .filter(|h| !h.starts_with('*'))
+                .map(str::to_string)
+                .into_iter()
+                .collect();
+        }
+        se.endpoints
+            .iter()
+            .filter_map(|ep| match &ep.address {
+                SeAddress::Host(h) => Some(h.clone()),
+                SeAddress::Ip(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The host of `se` a connection to `addr` is for: the host of the VIP allocated to it,
+/// else its first host that is no wildcard, else its first.
+fn entry_host<'m>(model: &'m Model, se: &'m ServiceEntry, addr: SocketAddr) -> Option<&'m str> {
+    model
+        .service_entry_host_at(addr.ip())
+        .filter(|h| se.hosts.iter().any(|x| x == h))
+        .or_else(|| {
+            se.hosts
+                .iter()
+                .map(String::as_str)
+                .find(|h| !h.starts_with('*'))
+        })
+        .or_else(|| se.hosts.first().map(String::as_str))
 }
 
 /// The model's endpoint `ep` as the upstream reaches it: its pod (over HBONE when enrolled),
@@ -393,5 +526,108 @@ spec:
                 .len(),
             1
         );
+    }
+
+    /// A `DNS` entry's host names get the addresses the proxy resolved (all of them for
+    /// `DNS`, the first for `DNS_ROUND_ROBIN`), on the port's `targetPort`; the host of an
+    /// auto-allocated VIP is the one resolved, and the DestinationRule of that host applies
+    /// (its `tls` originates TLS to the entry).
+    #[test]
+    fn a_dns_entry_uses_the_resolved_addresses_and_the_rule_of_its_host() {
+        let entries = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: app}
+spec:
+  hosts: [api.example.com, other.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS, targetPort: 8443}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: one, namespace: app}
+spec:
+  hosts: [one.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS_ROUND_ROBIN
+  endpoints: [{address: backend.example.net}, {address: 192.0.2.9}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: other, namespace: app}
+spec:
+  host: other.example.com
+  trafficPolicy: {tls: {mode: SIMPLE}}
+"#;
+        let m = crate::engine::testing::model(&[entries]);
+        let se = m.service_entry("app", "api").expect("api");
+        // The VIP of the entry's second host.
+        let vip = (0..=255u8)
+            .flat_map(|hi| (0..=255u8).map(move |lo| IpAddr::from([240, 240, hi, lo])))
+            .find(|ip| m.service_entry_host_at(*ip) == Some("other.example.com"))
+            .expect("a VIP for other.example.com");
+        let target = Target::ServiceEntry {
+            entry: NamespacedName::new("app", "api"),
+            port: 443,
+            addr: SocketAddr::new(vip, 443),
+        };
+        assert_eq!(target.hosts_to_resolve(&m), ["other.example.com"]);
+        let addrs: Arc<[IpAddr]> = Arc::from([
+            "192.0.2.1".parse().expect("ip"),
+            "192.0.2.2".parse().expect("ip"),
+        ]);
+        let hosts = [("other.example.com".to_string(), addrs)];
+        assert!(target
+            .lookup(&m, "cluster.local")
+            .expect("api")
+            .endpoints
+            .is_empty());
+        let r = target
+            .lookup_with(&m, "cluster.local", &hosts)
+            .expect("api");
+        let eps: Vec<String> = r.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(eps, ["192.0.2.1:8443", "192.0.2.2:8443"]);
+        assert_eq!(r.host().as_deref(), Some("other.example.com"));
+        let (policy, _) = r.cluster(&m, "app", None).expect("cluster");
+        assert!(
+            policy.origination().is_some(),
+            "the rule of the VIP's host: tls SIMPLE"
+        );
+        // Another address of the entry: its first host, which no rule names.
+        let first = Target::ServiceEntry {
+            entry: NamespacedName::new("app", "api"),
+            port: 443,
+            addr: SocketAddr::from(([240, 240, 0, 0], 443)),
+        };
+        assert_eq!(first.hosts_to_resolve(&m), ["api.example.com"]);
+        let r = first.lookup_with(&m, "cluster.local", &hosts).expect("api");
+        assert!(
+            r.endpoints.is_empty(),
+            "other.example.com's addresses are not api's"
+        );
+        assert!(se.port(443).is_some());
+        // DNS_ROUND_ROBIN: the first address of each host name, IP endpoints as they are.
+        let one = Target::ServiceEntry {
+            entry: NamespacedName::new("app", "one"),
+            port: 80,
+            addr: SocketAddr::from(([240, 240, 0, 0], 80)),
+        };
+        assert_eq!(one.hosts_to_resolve(&m), ["backend.example.net"]);
+        let hosts = [(
+            "backend.example.net".to_string(),
+            Arc::from([
+                "198.51.100.1".parse::<IpAddr>().expect("ip"),
+                "198.51.100.2".parse().expect("ip"),
+            ]),
+        )];
+        let r = one.lookup_with(&m, "cluster.local", &hosts).expect("one");
+        let eps: Vec<String> = r.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(eps, ["198.51.100.1:80", "192.0.2.9:80"]);
+        // Other targets need no resolution.
+        let web = Target::Service {
+            svc: NamespacedName::new("app", "web"),
+            port: 80,
+        };
+        assert!(web.hosts_to_resolve(&m).is_empty());
     }
 }

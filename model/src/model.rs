@@ -45,9 +45,9 @@ pub use service_entry::{
 pub use telemetry::{AccessLogDecision, AccessLogging, Telemetry, TelemetryLevel, WorkloadMode};
 
 pub use traffic::{
-    effective_policy, ClientTls, ConnectionPool, DestinationRule, EffectivePolicy, Ejection,
-    HashKey, LoadBalancer, OutlierDetection, PortTrafficPolicy, Subset, SubsetError, TlsMode,
-    TrafficPolicy, DEFAULT_MAX_RETRIES, MAX_EJECTION_TIME,
+    effective_policy, effective_policy_for_host, ClientTls, ConnectionPool, DestinationRule,
+    EffectivePolicy, Ejection, HashKey, LoadBalancer, OutlierDetection, PortTrafficPolicy, Subset,
+    SubsetError, TlsMode, TrafficPolicy, DEFAULT_MAX_RETRIES, MAX_EJECTION_TIME,
 };
 
 pub use waypoint::{

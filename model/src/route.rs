@@ -18,14 +18,18 @@
 //! 6. `.` segments are removed and `..` removes the segment before it, never above the root
 //!    (RFC 3986 §5.2.4); a trailing `/` (or a final `.`/`..`) is kept as a trailing `/`.
 //!
-//! ## Which routes apply ([`routes_for`])
-//! Only routes in the namespace of what they attach to count (a Service's producer routes, a
-//! waypoint's own routes: Istio's default `allowedRoutes: Same`). Routes whose `parentRefs`
-//! name the destination Service (and its port by `port` or `sectionName`, when given) win;
-//! only when there are none do routes attached to the waypoint `Gateway` (with `port` = the
-//! Service port, when given) apply. With no route at all, the request goes to the Service
-//! itself ([`Routing::Default`]); with routes but no matching rule it is answered 404
-//! ([`Routing::NoMatch`], Envoy's `NR`), as the Gateway API requires.
+//! ## Which routes apply ([`routes_for_target`])
+//! A request is for a Service port or, through an egress waypoint, a ServiceEntry port
+//! ([`RouteTarget`]); a ServiceEntry is routed exactly as a Service is, with its own
+//! `parentRefs` kind (`group: networking.istio.io`, `kind: ServiceEntry`) and its port
+//! names for `sectionName`. Only routes in the namespace of what they attach to count (a
+//! Service's producer routes, a waypoint's own routes: Istio's default `allowedRoutes:
+//! Same`). Routes whose `parentRefs` name the destination Service (and its port by `port` or
+//! `sectionName`, when given) win; only when there are none do routes attached to the
+//! waypoint `Gateway` (with `port` = the Service port, when given) apply. With no route at
+//! all, the request goes to the Service itself ([`Routing::Default`]); with routes but no
+//! matching rule it is answered 404 ([`Routing::NoMatch`], Envoy's `NR`), as the Gateway API
+//! requires.
 //!
 //! GRPCRoutes ([`RouteKind::Grpc`]) attach the same way, but the two kinds are never merged:
 //! for a Service parent, GRPCRoutes win and its HTTPRoutes are ignored (GEP-1426, as the
@@ -33,16 +37,24 @@
 //! hostnames intersect (no hostnames = every host) conflict and only the older one (then the
 //! first by `namespace/name`) applies, as the GRPCRoute spec requires for one Listener.
 //!
-//! ## Which routing object applies ([`route`])
+//! ## Which routing object applies ([`route_to`])
 //! For a Service, in this order (first non-empty wins): HTTPRoutes attached to the Service;
-//! else the first VirtualService ([`virtual_service_for`]) whose `hosts` name the Service's
-//! FQDN (exactly, by a `*.suffix` wildcard, or `*`) and that applies to mesh traffic
+//! else the first VirtualService ([`virtual_service_for_target`]) whose `hosts` name the
+//! Service's FQDN (exactly, by a `*.suffix` wildcard, or `*`; for a ServiceEntry: one of its
+//! hosts, the one the connection is for when known) and that applies to mesh traffic
 //! (`gateways` empty or containing `mesh`), VirtualServices taken oldest first
 //! (`creationTimestamp`, those without one last), then by namespace and name, in any
 //! namespace (Istio exports them everywhere by default); else HTTPRoutes attached to the
 //! waypoint Gateway; else the Service itself. A VirtualService's `http[]` entries are tried
 //! in order and the first whose `match` (any of them; none = everything) holds wins
 //! ([`select_virtual_service`]); none → 404 (`NR`).
+//!
+//! ## Where the rule sends it ([`backend_target`])
+//! A backend names a Service, or a ServiceEntry (`backendRefs` of kind `ServiceEntry`; a
+//! VirtualService destination `host` that is one of the entry's hosts): for a request to that
+//! entry, its own endpoints, so that a route on an entry can add headers, retries or
+//! timeouts and still send the request where it was going. Another ServiceEntry is not a
+//! backend this data plane can reach (answered 500 `NC`).
 //!
 //! ## Which rule ([`select`])
 //! Across every match of every rule of those routes, the Gateway API's precedence (Istio's
@@ -62,11 +74,12 @@
 use std::cmp::Ordering;
 
 use http::HeaderMap;
+use serde::Serialize;
 
 use crate::model::{
     BackendRef, HeaderModifier, HttpRoute, Model, NamespacedName, ParentKind, PathMatch,
-    PathModifier, Pod, RequestRedirect, RouteKind, RouteMatch, RouteRule, Scheme, Service,
-    ServicePort, ValueMatch, VirtualService,
+    PathModifier, Pod, RequestRedirect, RouteKind, RouteMatch, RouteRule, Scheme, SePort, Service,
+    ServiceEntry, ServicePort, ValueMatch, VirtualService,
 };
 
 // === path normalisation ===
@@ -242,38 +255,118 @@ pub enum Routing<'m> {
     Matched(Selected<'m>),
 }
 
-/// The routes for traffic to `port` of `svc` through `waypoint`, in model order, and which
-/// kind of parent they were attached by; see the module docs.
+/// What a request through a waypoint is for, as routing sees it.
+#[derive(Clone, Copy, Debug)]
+pub enum RouteTarget<'a> {
+    /// A port of a Service.
+    Service {
+        svc: &'a Service,
+        port: &'a ServicePort,
+    },
+    /// A port of a ServiceEntry (egress through the waypoint). `host`: the one of its hosts
+    /// the connection is for, when known (the host of the auto-allocated VIP it connected
+    /// to); `None`: any of them.
+    ServiceEntry {
+        entry: &'a ServiceEntry,
+        port: &'a SePort,
+        host: Option<&'a str>,
+    },
+}
+
+impl RouteTarget<'_> {
+    /// The namespace and name of the Service or ServiceEntry.
+    fn key(&self) -> (&str, &str) {
+        match self {
+            RouteTarget::Service { svc, .. } => (&svc.namespace, &svc.name),
+            RouteTarget::ServiceEntry { entry, .. } => (&entry.namespace, &entry.name),
+        }
+    }
+
+    /// The `parentRefs` kind that attaches a route to it.
+    fn parent_kind(&self) -> ParentKind {
+        match self {
+            RouteTarget::Service { .. } => ParentKind::Service,
+            RouteTarget::ServiceEntry { .. } => ParentKind::ServiceEntry,
+        }
+    }
+
+    /// The port number the request is for.
+    pub fn port(&self) -> u16 {
+        match self {
+            RouteTarget::Service { port, .. } => port.port,
+            RouteTarget::ServiceEntry { port, .. } => port.number,
+        }
+    }
+
+    /// The port's name (a `parentRefs` `sectionName`).
+    fn port_name(&self) -> Option<&str> {
+        match self {
+            RouteTarget::Service { port, .. } => port.name.as_deref(),
+            RouteTarget::ServiceEntry { port, .. } => Some(&port.name),
+        }
+    }
+
+    /// The host names a VirtualService's `hosts` are matched against, lower-case: a
+    /// Service's FQDN; a ServiceEntry's host the connection is for, else all its hosts.
+    fn hostnames(&self) -> Vec<String> {
+        match self {
+            RouteTarget::Service { svc, .. } => vec![svc.hostname().to_ascii_lowercase()],
+            RouteTarget::ServiceEntry {
+                host: Some(host), ..
+            } => vec![host.to_ascii_lowercase()],
+            RouteTarget::ServiceEntry { entry, .. } => {
+                entry.hosts.iter().map(|h| h.to_ascii_lowercase()).collect()
+            }
+        }
+    }
+}
+
+/// The routes for traffic to `port` of `svc` through `waypoint` ([`routes_for_target`]).
 pub fn routes_for<'m>(
     model: &'m Model,
     waypoint: &NamespacedName,
     svc: &Service,
     port: &ServicePort,
 ) -> (Vec<&'m HttpRoute>, ParentKind) {
-    let service_routes: Vec<&HttpRoute> = model
+    routes_for_target(model, waypoint, &RouteTarget::Service { svc, port })
+}
+
+/// The routes for traffic to `target` through `waypoint`, in model order, and which kind of
+/// parent they were attached by ([`ParentKind::Gateway`] when none names the target itself);
+/// see the module docs.
+pub fn routes_for_target<'m>(
+    model: &'m Model,
+    waypoint: &NamespacedName,
+    target: &RouteTarget<'_>,
+) -> (Vec<&'m HttpRoute>, ParentKind) {
+    let (namespace, name) = target.key();
+    let kind = target.parent_kind();
+    let port = target.port();
+    let port_name = target.port_name();
+    let own_routes: Vec<&HttpRoute> = model
         .http_routes
         .iter()
         .filter(|r| {
-            r.namespace == svc.namespace
+            r.namespace == namespace
                 && r.parents.iter().any(|p| {
-                    p.kind == ParentKind::Service
-                        && p.target.namespace == svc.namespace
-                        && p.target.name == svc.name
-                        && p.port.is_none_or(|n| n == port.port)
+                    p.kind == kind
+                        && p.target.namespace == namespace
+                        && p.target.name == name
+                        && p.port.is_none_or(|n| n == port)
                         && p.section_name
                             .as_deref()
-                            .is_none_or(|s| port.name.as_deref() == Some(s))
+                            .is_none_or(|s| port_name == Some(s))
                 })
         })
         .collect();
-    if !service_routes.is_empty() {
+    if !own_routes.is_empty() {
         // GEP-1426: a GRPCRoute on the Service wins over its HTTPRoutes.
-        let grpc = service_routes.iter().any(|r| r.kind == RouteKind::Grpc);
-        let kept = service_routes
+        let grpc = own_routes.iter().any(|r| r.kind == RouteKind::Grpc);
+        let kept = own_routes
             .into_iter()
             .filter(|r| !grpc || r.kind == RouteKind::Grpc)
             .collect();
-        return (kept, ParentKind::Service);
+        return (kept, kind);
     }
     let gateway_routes: Vec<&HttpRoute> = model
         .http_routes
@@ -283,7 +376,7 @@ pub fn routes_for<'m>(
                 && r.parents.iter().any(|p| {
                     p.kind == ParentKind::Gateway
                         && &p.target == waypoint
-                        && p.port.is_none_or(|n| n == port.port)
+                        && p.port.is_none_or(|n| n == port)
                 })
         })
         .collect();
@@ -327,8 +420,7 @@ fn hostname_pair_intersects(a: &str, b: &str) -> bool {
     a == b || covers(a, b) || covers(b, a)
 }
 
-/// The rule for `req`: Service-attached HTTPRoutes, else a VirtualService, else
-/// Gateway-attached HTTPRoutes (see the module docs).
+/// The rule for `req` to `port` of `svc` ([`route_to`]).
 pub fn route<'m>(
     model: &'m Model,
     waypoint: &NamespacedName,
@@ -336,28 +428,57 @@ pub fn route<'m>(
     port: &ServicePort,
     req: &RouteRequest<'_>,
 ) -> Routing<'m> {
-    let (routes, kind) = routes_for(model, waypoint, svc, port);
-    if kind == ParentKind::Service && !routes.is_empty() {
+    route_to(model, waypoint, &RouteTarget::Service { svc, port }, req)
+}
+
+/// The rule for `req` to `target`: HTTPRoutes attached to the Service (or ServiceEntry),
+/// else a VirtualService, else Gateway-attached HTTPRoutes (see the module docs).
+pub fn route_to<'m>(
+    model: &'m Model,
+    waypoint: &NamespacedName,
+    target: &RouteTarget<'_>,
+    req: &RouteRequest<'_>,
+) -> Routing<'m> {
+    let (routes, kind) = routes_for_target(model, waypoint, target);
+    if kind != ParentKind::Gateway && !routes.is_empty() {
         return select(&routes, kind, req);
     }
-    if let Some(vs) = virtual_service_for(model, svc) {
-        return select_virtual_service(vs, port.port, req);
+    if let Some(vs) = virtual_service_for_target(model, target) {
+        return select_virtual_service(vs, target.port(), req);
     }
     select(&routes, kind, req)
 }
 
-/// The VirtualService that applies to traffic for `svc` through a waypoint: the first in
-/// model order (oldest, then namespace/name) that applies to mesh traffic and whose `hosts`
-/// name the Service's FQDN.
+/// The VirtualService that applies to traffic for `svc` ([`virtual_service_for_target`]).
 pub fn virtual_service_for<'m>(model: &'m Model, svc: &Service) -> Option<&'m VirtualService> {
     let fqdn = svc.hostname().to_ascii_lowercase();
-    model
-        .virtual_services
-        .iter()
-        .find(|vs| vs.mesh && vs.hosts.iter().any(|h| vs_host_matches(h, &fqdn)))
+    virtual_service_naming(model, &[fqdn])
 }
 
-/// A VirtualService host (`*`, `*.suffix` or an FQDN) against a Service FQDN.
+/// The VirtualService that applies to traffic for `target` through a waypoint: the first in
+/// model order (oldest, then namespace/name) that applies to mesh traffic and whose `hosts`
+/// name the Service's FQDN (a ServiceEntry's host: [`RouteTarget::ServiceEntry`]).
+pub fn virtual_service_for_target<'m>(
+    model: &'m Model,
+    target: &RouteTarget<'_>,
+) -> Option<&'m VirtualService> {
+    virtual_service_naming(model, &target.hostnames())
+}
+
+/// The first mesh VirtualService whose `hosts` name one of `names` (lower-case).
+fn virtual_service_naming<'m>(model: &'m Model, names: &[String]) -> Option<&'m VirtualService> {
+    model.virtual_services.iter().find(|vs| {
+        vs.mesh
+            && vs
+                .hosts
+                .iter()
+                .any(|h| names.iter().any(|n| vs_host_matches(h, n)))
+    })
+}
+
+/// A VirtualService host (`*`, `*.suffix` or an FQDN) against a Service FQDN or a
+/// ServiceEntry host (lower-case; an entry's own `*.suffix` host is matched by the same
+/// wildcard, or one that covers it).
 fn vs_host_matches(host: &str, fqdn: &str) -> bool {
     match host.strip_prefix('*') {
         Some("") => true,
@@ -418,7 +539,8 @@ pub fn select<'m>(
     let mut best: Option<(Rank, Selected<'m>)> = None;
     for route in routes {
         let host_rank = match kind {
-            ParentKind::Service => Some((0, 0)),
+            // The destination is already decided: GAMMA ignores `hostnames`.
+            ParentKind::Service | ParentKind::ServiceEntry => Some((0, 0)),
             ParentKind::Gateway => hostname_rank(&route.hostnames, &host),
         };
         let Some((host_exact, host_wildcard)) = host_rank else {
@@ -621,6 +743,58 @@ pub fn percent_decode(s: &str) -> String {
 
 // === backends ===
 
+/// What a [`BackendRef`] names (its `group`/`kind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum BackendKind {
+    /// A Service: a core-group `backendRef`, every VirtualService destination (see
+    /// [`BackendRef::host`] for one that names a ServiceEntry's host).
+    #[default]
+    Service,
+    /// A ServiceEntry (`group: networking.istio.io`, `kind: ServiceEntry`).
+    ServiceEntry,
+}
+
+/// Where a chosen backend sends a request ([`backend_target`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendTarget<'a> {
+    /// A Service, by key (one the model does not have is answered 500 `NC`).
+    Service(&'a NamespacedName),
+    /// The ServiceEntry the request is for: its own endpoints.
+    OwnEntry,
+    /// Another ServiceEntry, by key: not a backend this data plane reaches (500 `NC`).
+    OtherEntry(&'a NamespacedName),
+}
+
+/// Where `backend` sends a request for `target`: a `ServiceEntry` backend that is the
+/// request's own entry, or a VirtualService destination whose `host` is one of that entry's
+/// hosts (case-insensitively), is the entry itself; anything else keeps its kind.
+pub fn backend_target<'a>(backend: &'a BackendRef, target: &RouteTarget<'_>) -> BackendTarget<'a> {
+    let own = match target {
+        RouteTarget::ServiceEntry { entry, .. } => Some(*entry),
+        RouteTarget::Service { .. } => None,
+    };
+    match backend.kind {
+        BackendKind::ServiceEntry => match own {
+            Some(se)
+                if se.namespace == backend.service.namespace && se.name == backend.service.name =>
+            {
+                BackendTarget::OwnEntry
+            }
+            _ => BackendTarget::OtherEntry(&backend.service),
+        },
+        BackendKind::Service => {
+            let names_own = own
+                .zip(backend.host.as_deref())
+                .is_some_and(|(se, host)| se.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)));
+            if names_own {
+                BackendTarget::OwnEntry
+            } else {
+                BackendTarget::Service(&backend.service)
+            }
+        }
+    }
+}
+
 /// The backend a roll of the dice picks, by weight: `roll` is any random number (reduced
 /// modulo the total weight). `None` when every weight is 0 (or there is no backend).
 pub fn pick_backend(backends: &[BackendRef], roll: u64) -> Option<&BackendRef> {
@@ -750,6 +924,9 @@ mod vs_tests;
 
 #[cfg(test)]
 mod grpc_tests;
+
+#[cfg(test)]
+mod se_tests;
 
 #[cfg(test)]
 mod prop_tests;

@@ -771,6 +771,23 @@ spec:
     Ok(())
 }
 
+/// `mesh-dns` on `node`'s address, port 53: a resolver answering every A query with
+/// 192.0.2.10 and printing each query it gets.
+fn spawn_resolver(mesh: &Mesh, node: &str) -> Result<ChildGuard> {
+    let dns = mesh.binaries().mesh_dns()?;
+    let listen = format!("{}:53", mesh.node_ip(node)?);
+    let argv = [
+        &*dns.to_string_lossy(),
+        "--listen",
+        &listen,
+        "--answer",
+        "192.0.2.10",
+    ];
+    let mut resolver = mesh.spawn_node(node, &argv)?;
+    resolver.wait_for_stdout("listening on", Duration::from_secs(10))?;
+    Ok(resolver)
+}
+
 /// The DNS proxy: an enrolled pod's DNS (UDP and TCP 53) is captured. Mesh names are
 /// answered by the agent (a Service by its full and short names, a ServiceEntry without
 /// `addresses` with an auto-allocated VIP that REGISTRY_ONLY then lets through to the entry's
@@ -780,19 +797,7 @@ spec:
 fn pod_dns_is_answered_for_mesh_names_and_forwarded_to_the_pods_resolver() -> Result<()> {
     let (mesh, _server, _outside) = registry_only_mesh("dns_proxy")?;
     let node_ip = mesh.node_ip("n2")?;
-    let dns = mesh.binaries().mesh_dns()?;
-    let listen = format!("{node_ip}:53");
-    let mut resolver = mesh.spawn_node(
-        "n2",
-        &[
-            &dns.to_string_lossy(),
-            "--listen",
-            &listen,
-            "--answer",
-            "192.0.2.10",
-        ],
-    )?;
-    resolver.wait_for_stdout("listening on", Duration::from_secs(10))?;
+    let resolver = spawn_resolver(&mesh, "n2")?;
     let at = format!("@{node_ip}");
     let dig = |args: &[&str]| -> Result<Vec<String>> {
         let mut argv = vec!["dig", "+short", "+time=2", "+tries=1", at.as_str()];
@@ -911,6 +916,74 @@ spec:
         "malformed: {}",
         count("malformed")
     );
+    Ok(())
+}
+
+/// A DNS flood from one pod: its forwarded queries in flight are capped (the rest dropped and
+/// counted `overloaded`), while its mesh names are still answered and another pod's queries
+/// still reach their resolver.
+#[test]
+fn a_dns_flood_is_capped_per_pod_and_other_pods_still_resolve() -> Result<()> {
+    let mesh = Mesh::two_nodes("dns_flood")
+        .pod(
+            Pod::new("default", "client2")
+                .on("n1")
+                .service_account("client2"),
+        )
+        .pod(Pod::echo_server("server", "n2"))
+        .service(
+            Service::new("default", "echo")
+                .vip(VIP)
+                .port(80, 8080)
+                .selector([("app", "echo")]),
+        )
+        .build()?;
+    // A resolver that never answers (n2) and one that does (n1).
+    let (n1, n2) = (mesh.node_ip("n1")?, mesh.node_ip("n2")?);
+    let sink = format!("UDP-RECV:53,bind={n2}");
+    let mut silent = mesh.spawn_node("n2", &["socat", "-u", &sink, "/dev/null"])?;
+    let _resolver = spawn_resolver(&mesh, "n1")?;
+    ensure!(silent.is_running(), "socat: {}", silent.stderr());
+    let dig = |pod: &str, at: std::net::Ipv4Addr, name: &str| -> Result<String> {
+        let at = format!("@{at}");
+        let out = mesh.exec_ok(pod, &["dig", "+short", "+time=3", "+tries=1", &at, name])?;
+        Ok(out.trim().to_string())
+    };
+    ensure!(dig("default/client2", n1, "before.example.org")? == "192.0.2.10");
+
+    let sent = mesh.in_pod("default/client", move || -> Result<usize> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let mut sent = 0;
+        for i in 0..2000u16 {
+            // A query for `f<i>.example.org`, type A, class IN.
+            let mut q = vec![(i >> 8) as u8, i as u8, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+            let label = format!("f{i}");
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+            q.extend_from_slice(b"\x07example\x03org\x00\x00\x01\x00\x01");
+            if sock.send_to(&q, (n2, 53)).is_ok() {
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    })??;
+    ensure!(sent >= 1000, "only {sent} queries sent");
+    // While the flood's forwards wait for the silent resolver: the flooding pod's mesh names
+    // are answered, the other pod's queries are forwarded and answered.
+    ensure!(
+        dig("default/client", n2, "echo")? == VIP,
+        "a mesh name during the flood"
+    );
+    ensure!(
+        dig("default/client2", n1, "during.example.org")? == "192.0.2.10",
+        "another pod's forwarded query during the flood"
+    );
+    let overloaded = prom::sum(
+        &mesh.metrics("n1")?,
+        "mesh_dns_requests_total",
+        &[("result", "overloaded")],
+    );
+    ensure!(overloaded >= 1.0, "overloaded: {overloaded}");
     Ok(())
 }
 

@@ -173,6 +173,7 @@ fn main() -> ExitCode {
             access_log_lines_follow_the_telemetry_api,
             a_service_without_a_selector_is_served_from_its_endpoint_slices,
             a_service_entry_that_uses_the_waypoint_is_served_through_it,
+            egress_by_name_through_the_waypoint_originates_tls,
         ],
         &tests![
             plain_tcp_to_the_waypoint_hbone_port_is_refused,
@@ -468,6 +469,121 @@ spec:
         "straight from the client: {direct}"
     );
     mesh.remove_yaml("egress.yaml")?;
+    Ok(())
+}
+
+/// Istio's ambient egress, by name: a `DNS` ServiceEntry without `addresses` that uses the
+/// waypoint, and a DestinationRule for its host with `tls` `SIMPLE`. The client resolves the
+/// host through its agent's DNS proxy (an auto-allocated VIP) and sends plain HTTP to it;
+/// the agent tunnels it to the waypoint, which resolves the entry's endpoint host name
+/// (`localhost`: an HTTPS echo on the waypoint pod's loopback) and originates TLS with the
+/// entry's host as SNI. An HTTPRoute attached to the entry adds a header, and an
+/// AuthorizationPolicy targeting it denies one path.
+fn egress_by_name_through_the_waypoint_originates_tls(l: &mut L7) -> Result<()> {
+    let mesh = &l.mesh;
+    let dir = tempfile::tempdir()?;
+    let ca = e2e::tls::TestCa::new(dir.path(), "egress")?;
+    let leaf = ca.issue(&["secure.egress.test"], false)?;
+    let echo = mesh.binaries().mesh_echo()?;
+    let (cert, key) = (leaf.cert.to_string_lossy(), leaf.key.to_string_lossy());
+    let mut https = mesh.spawn(
+        WAYPOINT,
+        &[
+            &echo.to_string_lossy(),
+            "--listen",
+            "::",
+            "--port",
+            "8443",
+            "--name",
+            "secure",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    )?;
+    https.wait_for_stdout("listening on", Duration::from_secs(10))?;
+    let ca_file = ca.cert.display();
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: default, labels: {{{USE_WAYPOINT_LABEL}: waypoint}}}}
+spec:
+  hosts: [secure.egress.test]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]
+  resolution: DNS
+  endpoints: [{{address: localhost}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure, namespace: default}}
+spec:
+  host: secure.egress.test
+  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {ca_file}}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: secure, namespace: default}}
+spec:
+  parentRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: secure}}]
+  rules:
+  - filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {{add: [{{name: x-egress, value: routed}}]}}
+    backendRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: secure, port: 80}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: secure, namespace: default}}
+spec:
+  targetRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: secure}}]
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: [/forbidden]}}}}]}}]
+"#
+    );
+    mesh.write_yaml("secure-egress.yaml", &yaml)?;
+    let deadline = std::time::Instant::now() + RELOAD;
+    let mut reply = None;
+    while reply.is_none() && std::time::Instant::now() < deadline {
+        reply = curl(
+            mesh,
+            &[],
+            &["http://secure.egress.test/by-name".to_string()],
+        )
+        .ok()
+        .and_then(|r| r.into_iter().next())
+        .filter(|(status, _, _)| *status == 200)
+        .and_then(|(_, _, body)| json(&body).ok());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let reply = reply.context("secure.egress.test never answered through the waypoint")?;
+    assert_eq!(reply["server"], "secure", "{reply}");
+    assert_eq!(reply["tls"]["sni"], "secure.egress.test", "{reply}");
+    assert_eq!(reply["tls"]["alpn"], "http/1.1", "{reply}");
+    let request_id = reply["headers"]["x-request-id"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(request_id.len(), 36, "through the waypoint's L7: {reply}");
+    assert_eq!(
+        reply["headers"]["x-egress"], "routed",
+        "the HTTPRoute on the entry: {reply}"
+    );
+    let denied = curl(
+        mesh,
+        &[],
+        &["http://secure.egress.test/forbidden".to_string()],
+    )?;
+    assert_eq!(
+        denied.first().map(|r| r.0),
+        Some(403),
+        "the AuthorizationPolicy on the entry: {denied:?}"
+    );
+    let vip = mesh.exec_ok(CLIENT, &["dig", "+short", "secure.egress.test"])?;
+    assert!(
+        vip.trim().starts_with("240.240."),
+        "an auto-allocated VIP: {vip}"
+    );
+    mesh.remove_yaml("secure-egress.yaml")?;
     Ok(())
 }
 

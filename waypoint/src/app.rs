@@ -109,6 +109,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         jwks: jwks.clone(),
         drain: stop.clone(),
         access_log: access_log.clone(),
+        hosts: Arc::new(mesh_l7::resolve::HostCache::new(cfg.connect_timeout)),
     });
     let active = Arc::new(Active::default());
 

@@ -23,7 +23,7 @@ use mesh_l7::proxy::{ConnCtx, Inputs};
 use mesh_l7::telemetry::{LabelInputs, REPORTER};
 use mesh_l7::upstream::Endpoint;
 use mesh_model::identity::Identity;
-use mesh_model::model::effective_policy;
+use mesh_model::model::{effective_policy, effective_policy_for_host};
 use mesh_model::policy::{Decision, L4Request};
 use mesh_shell::conns::Active;
 use mesh_shell::limits::{Cap, HandshakeCap, LimitArgs};
@@ -254,6 +254,7 @@ fn check_connect(
         authority,
         target,
         declared,
+        hosts: Arc::from([]),
     })
 }
 
@@ -279,10 +280,14 @@ async fn handle_stream(
             "tunnel refused"
         );
     };
-    let ctx = match check_connect(&req, peer, local, peer_identity.clone(), &inputs) {
+    let mut ctx = match check_connect(&req, peer, local, peer_identity.clone(), &inputs) {
         Ok(ctx) => ctx,
         Err(refusal) => return refuse(req, refusal),
     };
+    // A `DNS` ServiceEntry's host names, resolved once for the tunnel (cached process-wide).
+    let model = inputs.model.load_full();
+    ctx.hosts = inputs.hosts.for_target(&model, &ctx.target).await;
+    drop(model);
     let ctx = Arc::new(ctx);
 
     if ctx.declared == Declared::Tcp {
@@ -358,10 +363,10 @@ async fn sniff<T: Io>(stream: &mut T, timeout: Duration) -> (BytesMut, Detected)
 /// DestinationRule says `tls` `SIMPLE` / `MUTUAL` (no ALPN: the bytes are the client's).
 async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoint), Refusal> {
     let model = inputs.model.load_full();
-    let policies = mesh_model::policy::l7::policies_for_waypoint(
+    let policies = mesh_model::policy::l7::policies_for_destination(
         &model,
         &inputs.cfg.gateway,
-        ctx.target.service_key(),
+        mesh_l7::engine::authz::destination(&ctx.target),
     );
     let eval = mesh_model::policy::evaluate_l4(
         &policies,
@@ -382,7 +387,7 @@ async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoin
     }
     let resolved = ctx
         .target
-        .lookup(&model, &inputs.cfg.trust_domain)
+        .lookup_with(&model, &inputs.cfg.trust_domain, &ctx.hosts)
         .filter(|r| !r.endpoints.is_empty())
         .ok_or_else(|| {
             let reason = format!("no ready endpoint for {}", ctx.authority);
@@ -391,12 +396,23 @@ async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoin
     let rr_key = ctx.target.rr_key();
     let eps = &resolved.endpoints;
     let start = inputs.upstreams.next_index(&rr_key);
-    let host = resolved.service.map(|s| s.hostname());
-    // DestinationRule `tls` SIMPLE / MUTUAL: TLS originated over the relayed connection.
-    let tls = resolved.service.zip(resolved.port).and_then(|(svc, port)| {
-        let policy = effective_policy(&model, &inputs.cfg.gateway.namespace, svc, port.port, None);
-        policy.ok()?.origination().cloned()
-    });
+    let host = resolved.host();
+    // DestinationRule `tls` SIMPLE / MUTUAL (of the Service, or of the ServiceEntry's host):
+    // TLS originated over the relayed connection.
+    let client_ns = &inputs.cfg.gateway.namespace;
+    let policy = match (resolved.service.zip(resolved.port), resolved.entry) {
+        (Some((svc, port)), _) => Some(effective_policy(&model, client_ns, svc, port.port, None)),
+        (None, Some(t)) => Some(effective_policy_for_host(
+            &model,
+            client_ns,
+            t.host,
+            &t.entry.namespace,
+            t.port,
+            None,
+        )),
+        (None, None) => None,
+    };
+    let tls = policy.and_then(|p| p.ok()?.origination().cloned());
     let origin = match (&tls, &host) {
         (Some(tls), Some(host)) => match inputs.upstreams.origins.get(&model, tls, host) {
             Ok(origin) => Some(origin),

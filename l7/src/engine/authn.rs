@@ -1,5 +1,5 @@
 //! Phase 2, authenticate: the RequestAuthentication rules for the proxy's Gateway and the
-//! destination Service ([`mesh_model::policy::authn`]). Client copies of their
+//! destination Service or ServiceEntry ([`mesh_model::policy::authn`]). Client copies of their
 //! `outputPayloadToHeader` headers are dropped; no token → unauthenticated; an invalid token
 //! (or one whose `jwksUri` keys are not available: fail closed) → `401 Jwt verification
 //! fails` (flag `JWT`, `waypoint_jwt_rejected_total{reason}`); a valid one gives
@@ -14,8 +14,9 @@ use http::StatusCode;
 use mesh_model::jwt::{Jwks, JwtError, RequestAuth, VERIFICATION_FAILED_BODY};
 use mesh_model::model::{JwksSource, Model, NamespacedName};
 use mesh_model::policy::authn::{
-    self, output_headers, refused_for_waypoint, rules_for_waypoint, Denial, Outcome,
+    self, output_headers, refused_for_destination, rules_for_destination, Denial, Outcome,
 };
+use mesh_model::policy::l7::Destination;
 use mesh_model::route::NormalizedPath;
 
 use super::{LocalReply, RequestContext};
@@ -34,7 +35,7 @@ pub fn run(
     let outcome = authenticate(
         model,
         gateway,
-        ctx.target.service_key(),
+        super::authz::destination(&ctx.target),
         &mut rq.parts.headers,
         path.query.as_deref(),
         unix_now(),
@@ -50,24 +51,24 @@ pub fn run(
     })
 }
 
-/// Authenticates a request for `service` at `now` (Unix seconds) with the rules `waypoint`
+/// Authenticates a request for `dest` at `now` (Unix seconds) with the rules `waypoint`
 /// applies, editing its `headers` as the rules say; `remote` gives a `jwksUri`'s current
 /// keys.
 pub fn authenticate(
     model: &Model,
     waypoint: &NamespacedName,
-    service: Option<&NamespacedName>,
+    dest: Destination<'_>,
     headers: &mut HeaderMap,
     query: Option<&str>,
     now: u64,
     remote: impl Fn(&str) -> Option<Arc<Jwks>>,
 ) -> Result<Option<RequestAuth>, Denial> {
-    let rules = rules_for_waypoint(model, waypoint, service);
+    let rules = rules_for_destination(model, waypoint, dest);
     for name in output_headers(&rules) {
         // Only the waypoint writes these (RELIABILITY 26).
         headers.remove(name);
     }
-    let refused = refused_for_waypoint(model, waypoint, service);
+    let refused = refused_for_destination(model, waypoint, dest);
     if let Some(denial) = authn::refused_token(&refused, headers, query) {
         return Err(denial);
     }
@@ -144,8 +145,32 @@ mod tests {
     ) -> (Result<Option<RequestAuth>, Denial>, HeaderMap) {
         let mut h = crate::engine::testing::headers(headers);
         let svc = NamespacedName::new("app", service);
-        let got = authenticate(model, &waypoint(), Some(&svc), &mut h, None, 1, |_| None);
+        let dest = Destination::Service(&svc);
+        let got = authenticate(model, &waypoint(), dest, &mut h, None, 1, |_| None);
         (got, h)
+    }
+
+    #[test]
+    fn rules_on_a_service_entry_authenticate_its_egress_requests() {
+        let on_entry = rules().replace(
+            "{kind: Service, group: \"\", name: web}",
+            "{kind: ServiceEntry, group: networking.istio.io, name: httpbin}",
+        );
+        let m = model(&[crate::engine::testing::ENTRY, &on_entry]);
+        let entry = NamespacedName::new("app", "httpbin");
+        let mut h = crate::engine::testing::headers(&[("x-payload", "forged")]);
+        let dest = Destination::ServiceEntry(&entry);
+        let got = authenticate(&m, &waypoint(), dest, &mut h, None, 1, |_| None);
+        assert_eq!(got, Ok(None));
+        assert!(h.get("x-payload").is_none(), "the entry's rules apply");
+        let mut h = crate::engine::testing::headers(&[("authorization", "Bearer not-a-jwt")]);
+        let got = authenticate(&m, &waypoint(), dest, &mut h, None, 1, |_| None);
+        assert!(got.is_err(), "an invalid token is refused");
+        // Not a Service of that name, nor the Service `web` the rules named before.
+        let (_, h) = check(&m, "httpbin", &[("x-payload", "kept")]);
+        assert!(h.get("x-payload").is_some());
+        let (_, h) = check(&m, "web", &[("x-payload", "kept")]);
+        assert!(h.get("x-payload").is_some());
     }
 
     #[test]

@@ -1,17 +1,28 @@
-//! Phase 3, authorize: L7 AuthorizationPolicy ([`mesh_model::policy::l7::authorize_l7`]) for
-//! the proxy's Gateway and the destination Service, on the normalised path and with the
-//! principal the authn phase found; a denial is answered `403 RBAC: access denied`
-//! (flag `DENY`). Audit and dry-run matches are logged.
+//! Phase 3, authorize: L7 AuthorizationPolicy ([`mesh_model::policy::l7::authorize_l7_to`])
+//! for the proxy's Gateway and the destination Service or ServiceEntry ([`destination`]), on
+//! the normalised path and with the principal the authn phase found; a denial is answered
+//! `403 RBAC: access denied` (flag `DENY`). Audit and dry-run matches are logged.
 
 use http::StatusCode;
 use mesh_model::jwt::RequestAuth;
 use mesh_model::model::{Model, NamespacedName};
-use mesh_model::policy::l7::{authorize_l7, L7Request, DENIED_BODY};
+use mesh_model::policy::l7::{authorize_l7_to, Destination, L7Request, DENIED_BODY};
 use mesh_model::policy::Decision;
 
 use super::{LocalReply, RequestContext};
 use crate::proxy::ConnCtx;
+use crate::target::Target;
 use crate::telemetry::ResponseFlag;
+
+/// What `target` is to policy attachment (`targetRefs`): a Service, a ServiceEntry or a
+/// workload.
+pub fn destination(target: &Target) -> Destination<'_> {
+    match target {
+        Target::Service { svc, .. } => Destination::Service(svc),
+        Target::ServiceEntry { entry, .. } => Destination::ServiceEntry(entry),
+        Target::Workload { .. } => Destination::Workload,
+    }
+}
 
 /// The phase: `Err(403)` when policy denies the request `rq` for `path` (path and query,
 /// normalised).
@@ -35,7 +46,7 @@ pub fn run(
         headers: &rq.parts.headers,
         auth,
     };
-    let eval = authorize_l7(model, waypoint, ctx.target.service_key(), &l7);
+    let eval = authorize_l7_to(model, waypoint, destination(&ctx.target), &l7);
     for policy in &eval.audited {
         tracing::info!(%policy, request_id = %rq.log.request_id, "audit policy matched");
     }
@@ -62,7 +73,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::testing::{conn, model, request_context, waypoint};
+    use crate::engine::testing::{conn, entry_conn, model, request_context, waypoint, ENTRY};
 
     const ONLY_GET_PUBLIC: &str = r#"
 apiVersion: security.istio.io/v1
@@ -92,5 +103,32 @@ spec:
         assert_eq!(reply.flag, Some(ResponseFlag::Deny));
         // No policy: everything is allowed.
         assert_eq!(check(&model(&[]), "/private"), Ok(()));
+    }
+
+    #[test]
+    fn a_policy_on_a_service_entry_guards_its_egress_requests() {
+        let egress = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: egress, namespace: app}
+spec:
+  targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: httpbin}]
+  action: ALLOW
+  rules: [{to: [{operation: {methods: [GET], paths: ["/get"]}}]}]
+"#;
+        let m = model(&[ENTRY, egress]);
+        let check = |ctx: &ConnCtx, path: &str| {
+            run(&m, &waypoint(), ctx, &request_context(false), path, None)
+                .map_err(|r| (r.status.as_u16(), r.flag))
+        };
+        let entry = entry_conn();
+        assert_eq!(check(&entry, "/get"), Ok(()));
+        assert_eq!(check(&entry, "/post"), Err((403, Some(ResponseFlag::Deny))));
+        // Not the waypoint's other destinations.
+        assert_eq!(check(&conn(), "/post"), Ok(()));
+        assert_eq!(
+            destination(&entry.target),
+            Destination::ServiceEntry(&NamespacedName::new("app", "httpbin"))
+        );
     }
 }

@@ -1,10 +1,15 @@
 //! Phase 4, route: the HTTPRoute, GRPCRoute or VirtualService rule for the request
-//! ([`mesh_model::route::route`]). None applies → the Service itself; one applies but no rule
-//! matches → `404 NR`; a redirect or a VirtualService `directResponse` is answered here
-//! (nothing sent upstream); otherwise a backend is picked by weight for this request,
-//! request-header modifiers and rewrites are applied, and the rest of the rule is kept for
-//! later phases in the [`RoutePlan`]: response-header modifiers, timeouts, the retry policy
-//! (Istio's default when the rule has none), fault and mirrors.
+//! ([`mesh_model::route::route_to`]) to a Service or, through an egress waypoint, a
+//! ServiceEntry ([`route_target`]). None applies → the Service (or entry) itself; one applies
+//! but no rule matches → `404 NR`; a redirect or a VirtualService `directResponse` is
+//! answered here (nothing sent upstream); otherwise a backend is picked by weight for this
+//! request (a Service, or the request's own ServiceEntry:
+//! [`mesh_model::route::backend_target`]), request-header modifiers and rewrites are
+//! applied, and the rest of the rule is kept for later phases in the [`RoutePlan`]:
+//! response-header modifiers, timeouts, the retry policy (Istio's default when the rule has
+//! none), fault and mirrors.
+
+use std::net::SocketAddr;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
@@ -12,8 +17,8 @@ use mesh_model::model::{
     Fault, HeaderModifier, Mirror, Model, NamespacedName, RetryPolicy, Timeouts,
 };
 use mesh_model::route::{
-    self, modify_headers, modify_path, pick_backend, redirect_location, NormalizedPath,
-    RouteRequest, Routing, Selected,
+    self, modify_headers, modify_path, pick_backend, redirect_location, BackendTarget,
+    NormalizedPath, RouteRequest, RouteTarget, Routing, Selected,
 };
 
 use super::reply::Shape;
@@ -47,6 +52,32 @@ pub struct RoutePlan {
     pub mirrors: Vec<Mirror>,
 }
 
+/// What routing sees of `target` in `model` (`resolved`: the target as looked up there): a
+/// Service port, a ServiceEntry port (with the host of the VIP the connection named, when it
+/// is one of the entry's), or `None`: nothing to route (a pod addressed directly, or a
+/// destination gone from the model), the request goes to the target itself.
+pub fn route_target<'m>(
+    model: &'m Model,
+    target: &Target,
+    resolved: Option<&Resolved<'m>>,
+) -> Option<RouteTarget<'m>> {
+    match target {
+        Target::Service { .. } => {
+            let (svc, port) = resolved.and_then(|r| r.service.zip(r.port))?;
+            Some(RouteTarget::Service { svc, port })
+        }
+        Target::ServiceEntry { entry, port, addr } => {
+            let entry = model.service_entry(&entry.namespace, &entry.name)?;
+            let port = entry.port(*port)?;
+            let host = model
+                .service_entry_host_at(addr.ip())
+                .filter(|h| entry.hosts.iter().any(|x| x.eq_ignore_ascii_case(h)));
+            Some(RouteTarget::ServiceEntry { entry, port, host })
+        }
+        Target::Workload { .. } => None,
+    }
+}
+
 /// The phase: the plan for the request `rq` to `ctx`'s target (as `resolved` in `model`),
 /// its headers edited by the rule; `roll` picks among weighted backends.
 pub fn run(
@@ -74,7 +105,7 @@ pub fn run(
         fault: None,
         mirrors: Vec::new(),
     };
-    let Some((svc, port)) = resolved.and_then(|r| r.service.zip(r.port)) else {
+    let Some(dest) = route_target(model, &ctx.target, resolved) else {
         return Ok(plan);
     };
     let request = RouteRequest {
@@ -85,7 +116,7 @@ pub fn run(
         headers: &rq.parts.headers,
         source: rq.labels.src_pod.as_deref(),
     };
-    let sel = match route::route(model, waypoint, svc, port, &request) {
+    let sel = match route::route_to(model, waypoint, &dest, &request) {
         Routing::Default => return Ok(plan),
         Routing::NoMatch => {
             return Err(LocalReply::new(
@@ -142,17 +173,34 @@ pub fn run(
             "cross-namespace backendRef needs a ReferenceGrant (not supported)",
         ));
     }
-    // Port 0: a VirtualService destination without a port, the request's own.
+    // Port 0: a VirtualService destination (or ServiceEntry backendRef) without a port, the
+    // request's own.
     let backend_port = if chosen.port == 0 {
         service_port
     } else {
         chosen.port
     };
-    rq.log.backend = Some(format!("{}:{backend_port}", chosen.service));
-    plan.backend = Target::Service {
-        svc: chosen.service.clone(),
-        port: backend_port,
+    plan.backend = match route::backend_target(chosen, &dest) {
+        BackendTarget::Service(svc) => Target::Service {
+            svc: svc.clone(),
+            port: backend_port,
+        },
+        BackendTarget::OwnEntry => match &ctx.target {
+            Target::ServiceEntry { entry, addr, .. } => Target::ServiceEntry {
+                entry: entry.clone(),
+                port: backend_port,
+                addr: SocketAddr::new(addr.ip(), backend_port),
+            },
+            // Only a ServiceEntry target has an entry of its own.
+            other => other.clone(),
+        },
+        BackendTarget::OtherEntry(entry) => {
+            return Err(LocalReply::no_backend(format!(
+                "ServiceEntry backend {entry}: only the entry the request is for can be one"
+            )))
+        }
     };
+    rq.log.backend = Some(format!("{}:{backend_port}", plan.backend.rr_key()));
     plan.timeouts = rule.timeouts;
     if let Some(r) = &rule.retries {
         plan.retry_policy = r.clone();
@@ -209,7 +257,7 @@ fn rule_label(sel: &Selected<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::testing::{conn, model, request_context, waypoint};
+    use crate::engine::testing::{conn, entry_conn, model, request_context, waypoint, ENTRY};
     use mesh_model::route::normalize_path;
 
     const ROUTES: &str = r#"
@@ -244,7 +292,16 @@ spec:
 "#;
 
     fn plan(m: &Model, target: &str) -> (RequestContext, Result<RoutePlan, LocalReply>) {
-        let ctx = conn();
+        plan_to(m, &conn(), target)
+    }
+
+    /// [`plan`] for a tunnel `ctx`.
+    fn plan_to(
+        m: &Model,
+        ctx: &ConnCtx,
+        target: &str,
+    ) -> (RequestContext, Result<RoutePlan, LocalReply>) {
+        let ctx = ctx.clone();
         let mut rq = request_context(false);
         rq.raw_target = target.to_string();
         let normalized = normalize_path(target).expect("path");
@@ -326,5 +383,117 @@ spec:
         );
         assert!(r.reason.contains("ReferenceGrant"), "{}", r.reason);
         assert!(plan(&m, "/").1.is_ok());
+    }
+
+    const EGRESS_ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: httpbin, namespace: app}
+spec:
+  parentRefs: [{group: networking.istio.io, kind: ServiceEntry, name: httpbin, port: 80}]
+  rules:
+  - name: decorate
+    matches: [{path: {value: /get}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-egress, value: "1"}]}
+    backendRefs: [{group: networking.istio.io, kind: ServiceEntry, name: httpbin}]
+    timeouts: {request: 3s}
+  - name: tls-port
+    matches: [{path: {value: /tls}}]
+    backendRefs: [{group: networking.istio.io, kind: ServiceEntry, name: httpbin, port: 443}]
+  - name: to-service
+    matches: [{path: {value: /api}}]
+    backendRefs: [{name: api, port: 80}]
+  - name: other-entry
+    matches: [{path: {value: /other}}]
+    backendRefs: [{group: networking.istio.io, kind: ServiceEntry, name: other}]
+"#;
+
+    fn entry_on(port: u16) -> Target {
+        Target::ServiceEntry {
+            entry: NamespacedName::new("app", "httpbin"),
+            port,
+            addr: std::net::SocketAddr::from(([240, 1, 0, 1], port)),
+        }
+    }
+
+    #[test]
+    fn a_route_on_a_service_entry_decorates_requests_to_its_own_endpoints() {
+        let m = model(&[ENTRY, EGRESS_ROUTES]);
+        let ctx = entry_conn();
+        let (rq, got) = plan_to(&m, &ctx, "/get?a=1");
+        let p = got.map_err(|r| r.reason).expect("routed");
+        assert_eq!(
+            p.backend, ctx.target,
+            "the entry itself, as the tunnel named it"
+        );
+        assert_eq!(p.timeouts.request, Some(std::time::Duration::from_secs(3)));
+        assert_eq!(p.path, "/get?a=1");
+        assert_eq!(rq.parts.headers["x-egress"], "1");
+        assert_eq!(rq.log.route.as_deref(), Some("app/httpbin/decorate"));
+        assert_eq!(rq.log.backend.as_deref(), Some("app/httpbin:80"));
+        // The entry on another of its ports; a Service; not another entry; no rule: 404.
+        let (_, got) = plan_to(&m, &ctx, "/tls");
+        assert_eq!(
+            got.map(|p| p.backend).map_err(|r| r.reason),
+            Ok(entry_on(443))
+        );
+        let (_, got) = plan_to(&m, &ctx, "/api");
+        assert_eq!(got.map(|p| p.backend).map_err(|r| r.reason), Ok(api()));
+        let r = plan_to(&m, &ctx, "/other").1.expect_err("no backend");
+        assert_eq!(
+            (r.status.as_u16(), r.flag),
+            (500, Some(ResponseFlag::NoCluster))
+        );
+        assert!(r.reason.contains("app/other"), "{}", r.reason);
+        let r = plan_to(&m, &ctx, "/nothing").1.expect_err("no rule");
+        assert_eq!(
+            (r.status.as_u16(), r.flag),
+            (404, Some(ResponseFlag::NoRoute))
+        );
+        // Without routes the request goes to the entry with Istio's default retries.
+        let (_, got) = plan_to(&model(&[ENTRY]), &ctx, "/get");
+        let p = got.map_err(|r| r.reason).expect("default");
+        assert_eq!(
+            (p.backend, p.retry_policy),
+            (ctx.target, RetryPolicy::default())
+        );
+    }
+
+    #[test]
+    fn a_virtual_service_for_an_entry_host_routes_to_the_entry() {
+        let vs = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: client}
+spec:
+  hosts: [HTTPBIN.org]
+  http:
+  - name: to-entry
+    match: [{uri: {prefix: /status}}]
+    headers: {request: {set: {x-vs: "1"}}}
+    retries: {attempts: 5, retryOn: 5xx}
+    route: [{destination: {host: httpbin.org, port: {number: 443}}}]
+  - name: to-service
+    route: [{destination: {host: api.app.svc.cluster.local}}]
+"#;
+        let m = model(&[ENTRY, vs]);
+        let ctx = entry_conn();
+        let (rq, got) = plan_to(&m, &ctx, "/status/200");
+        let p = got.map_err(|r| r.reason).expect("routed");
+        assert_eq!(p.backend, entry_on(443));
+        assert_eq!(p.retry_policy.attempts, 5);
+        assert_eq!(rq.parts.headers["x-vs"], "1");
+        assert_eq!(rq.log.route.as_deref(), Some("client/httpbin/to-entry"));
+        // A destination without a port takes the request's (80), here on the Service `api`.
+        let (_, got) = plan_to(&m, &ctx, "/x");
+        assert_eq!(got.map(|p| p.backend).map_err(|r| r.reason), Ok(api()));
+        // The VirtualService is for the entry's host, not for the Service `web`.
+        let (_, got) = plan(&m, "/status/200");
+        assert_eq!(
+            got.map(|p| p.backend).map_err(|r| r.reason),
+            Ok(conn().target)
+        );
     }
 }

@@ -57,11 +57,15 @@ pub fn run(
 ) -> Result<Selection, LocalReply> {
     let routed = plan.backend != ctx.target;
     let (resolved, proto) = if routed {
-        let r = plan.backend.lookup(model, scope.trust_domain);
-        let declared = r
-            .as_ref()
-            .and_then(|r| r.port)
-            .map_or(Declared::Unknown, Declared::of);
+        let r = plan
+            .backend
+            .lookup_with(model, scope.trust_domain, &ctx.hosts);
+        // A Service port declares by its name or appProtocol, a ServiceEntry port by its
+        // protocol.
+        let declared = match r.as_ref().and_then(|r| r.port) {
+            Some(port) => Declared::of(port),
+            None => plan.backend.declared(model),
+        };
         match &r {
             Some(r) => rq.labels.service = r.service.cloned(),
             None => {
@@ -87,8 +91,12 @@ pub fn run(
             format!("no ready endpoint for {}: not in the model", ctx.authority),
         ));
     };
-    let host = resolved.service.map(|s| s.hostname());
-    let cluster_port = resolved.port.map_or(ctx.authority.port(), |p| p.port);
+    let host = resolved.host();
+    let cluster_port = match (resolved.port, resolved.entry) {
+        (Some(p), _) => p.port,
+        (None, Some(t)) => t.port,
+        (None, None) => ctx.authority.port(),
+    };
     let subset = plan.subset.as_deref();
     let (policy, eps) = match resolved.cluster(model, &scope.gateway.namespace, subset) {
         Ok(selected) => selected,

@@ -84,6 +84,7 @@ pub fn conn() -> ConnCtx {
             port: 80,
         },
         declared: Declared::Http,
+        hosts: Arc::from([]),
     }
 }
 
@@ -208,5 +209,37 @@ pub fn inputs(model: Model) -> Arc<crate::proxy::Inputs> {
         jwks,
         drain: tokio_util::sync::CancellationToken::new(),
         access_log: Arc::default(),
+        hosts: Arc::new(crate::resolve::HostCache::new(
+            std::time::Duration::from_secs(2),
+        )),
     })
+}
+
+/// `app/httpbin`: a ServiceEntry for `httpbin.org` (address 240.1.0.1, ports 80 http and
+/// 443 https, one static endpoint outside the mesh) whose traffic goes through `app/wp`: an
+/// egress waypoint.
+pub const ENTRY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: app, labels: {istio.io/use-waypoint: wp}}
+spec:
+  hosts: [httpbin.org]
+  addresses: [240.1.0.1]
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 443, name: https, protocol: HTTPS}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.10}]
+"#;
+
+/// A tunnel from a client pod to the ServiceEntry [`ENTRY`] on port 80.
+pub fn entry_conn() -> ConnCtx {
+    let addr = SocketAddr::from(([240, 1, 0, 1], 80));
+    ConnCtx {
+        authority: addr,
+        target: Target::ServiceEntry {
+            entry: NamespacedName::new("app", "httpbin"),
+            port: 80,
+            addr,
+        },
+        ..conn()
+    }
 }

@@ -257,3 +257,28 @@ fn a_rule_level_request_mirror_is_read_as_httproute_s() {
     assert_eq!(mirrors[0].percent, 25.0);
     assert_eq!(mirrors[0].port, Some(9000));
 }
+
+#[test]
+fn a_grpcroute_attaches_to_a_service_entry_and_sends_to_it() {
+    check(
+        r#"
+  parentRefs: [{group: networking.istio.io, kind: ServiceEntry, name: grpc-api, sectionName: grpc}]
+  rules:
+  - backendRefs: [{group: networking.istio.io, kind: ServiceEntry, name: grpc-api, port: 9000}]
+"#,
+        Ok(|r| {
+            assert_eq!(r.kind, RouteKind::Grpc);
+            assert_eq!(r.parents[0].kind, ParentKind::ServiceEntry);
+            assert_eq!(r.parents[0].section_name.as_deref(), Some("grpc"));
+            let b = &r.rules[0].backends[0];
+            assert_eq!(
+                (b.kind, b.service.name.as_str(), b.port),
+                (crate::route::BackendKind::ServiceEntry, "grpc-api", 9000)
+            );
+        }),
+    );
+    check(
+        "  parentRefs: [{group: networking.istio.io, kind: WorkloadEntry, name: x}]\n",
+        Err("spec.parentRefs[0]: unsupported parent"),
+    );
+}

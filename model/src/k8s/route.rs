@@ -8,6 +8,11 @@
 //! unsupported features (`ExtensionRef`, `CORS`, non-Service backends) are refused with a
 //! named error rather than ignored, because ignoring them would route differently from what
 //! the user wrote.
+//!
+//! Istio's egress waypoint kinds are understood besides the Gateway API's: a parent or a
+//! backend of `group: networking.istio.io`, `kind: ServiceEntry` (a parent attaches the
+//! route to the entry as a Service parent does; a backend is the entry's own endpoints, its
+//! `port` optional: the request's).
 
 use std::time::Duration;
 
@@ -20,9 +25,11 @@ use crate::model::{
     ParentKind, ParentRef, PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect,
     RouteKind, RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch,
 };
-use crate::route::normalize_path;
+use crate::route::{normalize_path, BackendKind};
 
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// Istio's networking API group (`ServiceEntry`).
+pub(super) const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
 
 /// The Gateway API's `maxItems`.
 pub(super) const MAX_PARENT_REFS: usize = 32;
@@ -103,9 +110,11 @@ pub(super) fn parent_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<ParentR
     let kind = match (group, kind_name) {
         ("" | "core", "Service") => ParentKind::Service,
         (GATEWAY_GROUP, "Gateway") => ParentKind::Gateway,
+        (ISTIO_NETWORKING_GROUP, "ServiceEntry") => ParentKind::ServiceEntry,
         _ => {
             return Err(node.err(format!(
-                "unsupported parent {group:?}/{kind_name} (expected a core Service or a Gateway)"
+                "unsupported parent {group:?}/{kind_name} (expected a core Service, a \
+                 {ISTIO_NETWORKING_GROUP} ServiceEntry or a Gateway)"
             )))
         }
     };
@@ -562,17 +571,28 @@ pub(super) fn backend_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<Backen
         "filters",
     ])?;
     let group = node.opt_str("group")?.unwrap_or("");
-    let kind = node.opt_str("kind")?.unwrap_or("Service");
-    if !matches!(group, "" | "core") || kind != "Service" {
-        return Err(node.err(format!(
-            "unsupported backend {group:?}/{kind} (expected a core Service)"
-        )));
-    }
+    let kind_name = node.opt_str("kind")?.unwrap_or("Service");
+    let kind = match (group, kind_name) {
+        ("" | "core", "Service") => BackendKind::Service,
+        (ISTIO_NETWORKING_GROUP, "ServiceEntry") => BackendKind::ServiceEntry,
+        _ => {
+            return Err(node.err(format!(
+                "unsupported backend {group:?}/{kind_name} (expected a core Service or a \
+                 {ISTIO_NETWORKING_GROUP} ServiceEntry)"
+            )))
+        }
+    };
     let service = NamespacedName::new(
         namespace(node, route_ns)?,
         object_name(&node.required("name")?)?,
     );
-    let port = node.required("port")?.port()?;
+    // A Service's port must be given (the Gateway API's rule); an entry's defaults to the
+    // port the request was for (0).
+    let port = match (kind, node.get("port")?) {
+        (_, Some(n)) => n.port()?,
+        (BackendKind::ServiceEntry, None) => 0,
+        (BackendKind::Service, None) => node.required("port")?.port()?,
+    };
     let weight = match node.get("weight")? {
         None => 1,
         Some(n) => {
@@ -584,7 +604,9 @@ pub(super) fn backend_ref(node: &Node<'_>, route_ns: &str) -> FieldResult<Backen
         }
     };
     Ok(BackendRef {
+        kind,
         service,
+        host: None,
         port,
         subset: None,
         weight,

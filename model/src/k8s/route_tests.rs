@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::model::{ParentKind, PathMatch, PathModifier, Scheme, ValueMatch};
+use crate::route::BackendKind;
 
 /// Loads `route` (a YAML `spec` body, indented by two) as `default/r`; `Ok` the route, `Err`
 /// the message.
@@ -296,5 +297,74 @@ fn request_mirrors_name_a_service_and_a_share() {
                 ]
             );
         }),
+    );
+}
+
+#[test]
+fn a_service_entry_is_a_parent_and_a_backend_of_istio_networking() {
+    // Istio's egress waypoint: a route on a ServiceEntry, its backend the entry itself (port
+    // optional: the request's) or a Service.
+    check(
+        r#"
+  parentRefs:
+  - {group: networking.istio.io, kind: ServiceEntry, name: httpbin.org, port: 443}
+  - {group: networking.istio.io, kind: ServiceEntry, name: api, namespace: other, sectionName: http}
+  rules:
+  - backendRefs:
+    - {group: networking.istio.io, kind: ServiceEntry, name: httpbin.org}
+    - {group: networking.istio.io, kind: ServiceEntry, name: httpbin.org, port: 8443, weight: 0}
+    - {name: proxy, port: 3128}
+"#,
+        Ok(|r| {
+            assert_eq!(r.parents[0].kind, ParentKind::ServiceEntry);
+            assert_eq!(
+                r.parents[0].target,
+                NamespacedName::new("default", "httpbin.org")
+            );
+            assert_eq!(
+                (r.parents[0].port, r.parents[0].section_name.as_deref()),
+                (Some(443), None)
+            );
+            assert_eq!(r.parents[1].kind, ParentKind::ServiceEntry);
+            assert_eq!(r.parents[1].target, NamespacedName::new("other", "api"));
+            assert_eq!(r.parents[1].section_name.as_deref(), Some("http"));
+            let b = &r.rules[0].backends;
+            let kinds: Vec<(BackendKind, &str, u16)> = b
+                .iter()
+                .map(|b| (b.kind, b.service.name.as_str(), b.port))
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    (BackendKind::ServiceEntry, "httpbin.org", 0),
+                    (BackendKind::ServiceEntry, "httpbin.org", 8443),
+                    (BackendKind::Service, "proxy", 3128),
+                ]
+            );
+            assert!(b.iter().all(|b| b.host.is_none()), "not a VirtualService");
+        }),
+    );
+    let bad = |spec: &str, want: &str| check(spec, Err(want));
+    // The kind is Istio's: another group (or none) is not a ServiceEntry.
+    bad(
+        "  parentRefs: [{group: '', kind: ServiceEntry, name: httpbin}]\n",
+        "spec.parentRefs[0]: unsupported parent \"\"/ServiceEntry",
+    );
+    bad(
+        "  parentRefs: [{kind: ServiceEntry, name: httpbin}]\n",
+        "spec.parentRefs[0]: unsupported parent \"gateway.networking.k8s.io\"/ServiceEntry",
+    );
+    bad(
+        "  rules: [{backendRefs: [{kind: ServiceEntry, name: httpbin}]}]\n",
+        "spec.rules[0].backendRefs[0]: unsupported backend \"\"/ServiceEntry",
+    );
+    bad(
+        "  rules: [{backendRefs: [{group: networking.istio.io, kind: VirtualService, name: x}]}]\n",
+        "spec.rules[0].backendRefs[0]: unsupported backend",
+    );
+    // Mirrors still name Services only.
+    bad(
+        "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {group: networking.istio.io, kind: ServiceEntry, name: m, port: 80}}}]}]\n",
+        "requestMirror.backendRef: unsupported mirror backend",
     );
 }

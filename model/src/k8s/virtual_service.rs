@@ -16,10 +16,12 @@
 //! (RELIABILITY 34).
 //!
 //! A destination host becomes a Service key: `name` → (VS namespace, name), `name.ns`,
-//! `name.ns.svc` and `name.ns.svc.cluster.local` → (ns, name). Any other host (a
-//! ServiceEntry's, which this data plane does not have) becomes a key with an empty
-//! namespace that no Service has, so a request routed there is answered 500 `NC`. A
-//! destination without `port` goes to the port the request was for (port 0 in the model).
+//! `name.ns.svc` and `name.ns.svc.cluster.local` → (ns, name). Any other host becomes a key
+//! with an empty namespace that no Service has, so a request routed there is answered 500
+//! `NC`. The host is kept as written ([`BackendRef::host`]): for a request to a ServiceEntry
+//! (an egress waypoint), a destination that is one of the entry's hosts is the entry itself
+//! ([`crate::route::backend_target`]). A destination without `port` goes to the port the
+//! request was for (port 0 in the model).
 
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ use crate::model::{
     RetryOn, RetryPolicy, RouteMatch, RouteRule, Timeouts, UrlRewrite, ValueMatch, VirtualService,
     CLUSTER_DOMAIN,
 };
+use crate::route::BackendKind;
 
 const MAX_HOSTS: usize = 64;
 const MAX_HTTP: usize = 256;
@@ -97,8 +100,9 @@ fn vs_host(node: &Node<'_>, ns: &str) -> FieldResult<String> {
     }
 }
 
-/// A destination host → the Service key it names (see the module docs).
-fn destination_service(node: &Node<'_>, vs_ns: &str) -> FieldResult<NamespacedName> {
+/// A destination host → the Service key it names (see the module docs) and the host,
+/// lower-case.
+fn destination_service(node: &Node<'_>, vs_ns: &str) -> FieldResult<(NamespacedName, String)> {
     let host = node.str()?.to_ascii_lowercase();
     if !dns_subdomain(&host) {
         return Err(node.err(format!("invalid destination host {host:?}")));
@@ -107,7 +111,15 @@ fn destination_service(node: &Node<'_>, vs_ns: &str) -> FieldResult<NamespacedNa
         Some((ns, name)) if dns_label(ns) => NamespacedName::new(ns, name),
         _ => NamespacedName::new("", &host),
     };
-    Ok(key)
+    Ok((key, host))
+}
+
+/// A destination: the Service key, the host as written (lower-case), port and subset.
+struct Destination {
+    service: NamespacedName,
+    host: String,
+    port: u16,
+    subset: Option<String>,
 }
 
 fn http_route(node: &Node<'_>, ns: &str, regexes: &mut usize) -> FieldResult<RouteRule> {
@@ -344,12 +356,9 @@ fn header_matches(
 }
 
 /// `{host, subset, port: {number}}`.
-fn destination_parts(
-    node: &Node<'_>,
-    ns: &str,
-) -> FieldResult<(NamespacedName, u16, Option<String>)> {
+fn destination_parts(node: &Node<'_>, ns: &str) -> FieldResult<Destination> {
     node.only(&["host", "subset", "port"])?;
-    let service = destination_service(&node.required("host")?, ns)?;
+    let (service, host) = destination_service(&node.required("host")?, ns)?;
     let port = match node.get("port")? {
         None => 0,
         Some(p) => {
@@ -358,12 +367,22 @@ fn destination_parts(
         }
     };
     let subset = node.get("subset")?.map(|s| object_name(&s)).transpose()?;
-    Ok((service, port, subset))
+    Ok(Destination {
+        service,
+        host,
+        port,
+        subset,
+    })
 }
 
 fn destination(node: &Node<'_>, ns: &str, any_weight: bool) -> FieldResult<BackendRef> {
     node.only(&["destination", "weight", "headers"])?;
-    let (service, port, subset) = destination_parts(&node.required("destination")?, ns)?;
+    let Destination {
+        service,
+        host,
+        port,
+        subset,
+    } = destination_parts(&node.required("destination")?, ns)?;
     let weight = match node.get("weight")? {
         Some(w) => {
             let v = w.int()?;
@@ -383,7 +402,9 @@ fn destination(node: &Node<'_>, ns: &str, any_weight: bool) -> FieldResult<Backe
         filters.response_headers = response;
     }
     Ok(BackendRef {
+        kind: BackendKind::Service,
         service,
+        host: Some(host),
         port,
         subset,
         weight,
@@ -533,7 +554,12 @@ fn mirrors(node: &Node<'_>, ns: &str) -> FieldResult<Vec<Mirror>> {
 
 /// One mirror: its destination, and the share of requests it gets (default all).
 fn mirror(destination: &Node<'_>, share: Option<Node<'_>>, ns: &str) -> FieldResult<Mirror> {
-    let (service, port, subset) = destination_parts(destination, ns)?;
+    let Destination {
+        service,
+        port,
+        subset,
+        ..
+    } = destination_parts(destination, ns)?;
     let percent = share.map(|p| percentage(&p)).transpose()?.unwrap_or(100.0);
     Ok(Mirror {
         service,

@@ -151,3 +151,38 @@ fn gateways_decide_whether_the_waypoint_applies_it() {
     let both = load("  hosts: [web]\n  gateways: [mesh, shop/ingress]\n  http: [{route: [{destination: {host: web}}]}]\n").expect("valid");
     assert!(both.mesh);
 }
+
+#[test]
+fn destination_hosts_are_kept_as_written_for_service_entries() {
+    let vs = load(
+        r#"
+  hosts: [API.Example.com]
+  http:
+  - route:
+    - {destination: {host: API.Example.com}}
+    - {destination: {host: web, port: {number: 80}}}
+"#,
+    )
+    .expect("valid");
+    assert_eq!(vs.hosts, ["api.example.com"]);
+    let b: Vec<(&str, &str, Option<&str>)> = vs.rules[0]
+        .backends
+        .iter()
+        .map(|b| {
+            (
+                b.service.namespace.as_str(),
+                b.service.name.as_str(),
+                b.host.as_deref(),
+            )
+        })
+        .collect();
+    // A host that names no Service keeps an empty namespace; both keep their host, which
+    // names a ServiceEntry when one of its hosts is it.
+    assert_eq!(
+        b,
+        [
+            ("", "api.example.com", Some("api.example.com")),
+            ("shop", "web", Some("web")),
+        ]
+    );
+}

@@ -31,19 +31,23 @@ pub enum ParentKind {
     /// `kind: Gateway` (group `gateway.networking.k8s.io`): the waypoint itself, for every
     /// Service it serves.
     Gateway,
+    /// `kind: ServiceEntry` (group `networking.istio.io`): traffic for that ServiceEntry,
+    /// through its waypoint (an egress waypoint), attached as to a Service.
+    ServiceEntry,
 }
 
 /// One `parentRefs` entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ParentRef {
     pub kind: ParentKind,
-    /// Namespace and name of the Service or Gateway (namespace defaults to the route's).
+    /// Namespace and name of the Service, ServiceEntry or Gateway (namespace defaults to the
+    /// route's).
     pub target: NamespacedName,
-    /// `sectionName`: the Service port's name (for a Gateway, a listener name: not used,
-    /// a waypoint has one listener).
+    /// `sectionName`: the Service (or ServiceEntry) port's name (for a Gateway, a listener
+    /// name: not used, a waypoint has one listener).
     pub section_name: Option<String>,
-    /// `port`: the Service port the route applies to (for a Gateway: the port of the
-    /// Service the traffic is for); `None` = every port.
+    /// `port`: the Service (or ServiceEntry) port the route applies to (for a Gateway: the
+    /// port of the destination the traffic is for); `None` = every port.
     pub port: Option<u16>,
 }
 
@@ -274,13 +278,22 @@ pub struct Filters {
     pub mirrors: Vec<Mirror>,
 }
 
-/// One `backendRefs` entry: a Service port and its weight.
+/// One `backendRefs` entry (or VirtualService destination): a Service or ServiceEntry port
+/// and its weight.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendRef {
-    /// A VirtualService destination host that is not a Service name has an empty namespace
-    /// (no Service has one): routing there answers 500 `NC`.
+    pub kind: crate::route::BackendKind,
+    /// The Service or ServiceEntry. A VirtualService destination host that is not a Service
+    /// name has an empty namespace (no Service has one): routing there answers 500 `NC`,
+    /// unless [`BackendRef::host`] names the request's ServiceEntry.
     pub service: NamespacedName,
-    /// 0 = the port the request was for (a VirtualService destination without a port).
+    /// A VirtualService destination's `host` as written (lower-case): when it is one of the
+    /// hosts of the ServiceEntry the request is for, the destination is that entry (see
+    /// [`crate::route::backend_target`]). `None` for `backendRefs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// 0 = the port the request was for (a VirtualService destination without a port, a
+    /// ServiceEntry `backendRef` without one).
     pub port: u16,
     /// A `DestinationRule` subset of the Service (only a VirtualService destination names
     /// one); `None` = every endpoint.

@@ -349,12 +349,36 @@ pub fn effective_policy(
     port: u16,
     subset: Option<&str>,
 ) -> Result<EffectivePolicy, SubsetError> {
-    match (model.destination_rule_for(client_ns, svc), subset) {
+    effective_policy_for_host(
+        model,
+        client_ns,
+        &svc.hostname(),
+        &svc.namespace,
+        port,
+        subset,
+    )
+}
+
+/// [`effective_policy`] for any host: a Service's, or a ServiceEntry host (`host_ns`: the
+/// namespace that declares it), as egress through a waypoint needs (a rule with `host:
+/// api.example.com` and `tls.mode: SIMPLE` originates TLS to the entry's endpoints).
+pub fn effective_policy_for_host(
+    model: &Model,
+    client_ns: &str,
+    host: &str,
+    host_ns: &str,
+    port: u16,
+    subset: Option<&str>,
+) -> Result<EffectivePolicy, SubsetError> {
+    match (
+        model.destination_rule_for_host(client_ns, host, host_ns),
+        subset,
+    ) {
         (Some(dr), subset) => dr.policy_for(port, subset),
         (None, None) => Ok(EffectivePolicy::default()),
         (None, Some(name)) => Err(SubsetError::Unknown {
             subset: name.to_string(),
-            host: svc.hostname(),
+            host: host.to_string(),
         }),
     }
 }
@@ -366,13 +390,25 @@ impl Model {
     /// oldest rule wins, then the first by name ([`Model::destination_rules`] is kept in
     /// that order).
     pub fn destination_rule_for(&self, client_ns: &str, svc: &Service) -> Option<&DestinationRule> {
-        let host = svc.hostname();
-        for ns in [client_ns, svc.namespace.as_str(), ROOT_NAMESPACE] {
+        self.destination_rule_for_host(client_ns, &svc.hostname(), &svc.namespace)
+    }
+
+    /// [`Model::destination_rule_for`] by host: a Service's fully qualified name, or a
+    /// ServiceEntry host declared in `host_ns`.
+    pub fn destination_rule_for_host(
+        &self,
+        client_ns: &str,
+        host: &str,
+        host_ns: &str,
+    ) -> Option<&DestinationRule> {
+        for ns in [client_ns, host_ns, ROOT_NAMESPACE] {
             let in_ns = || self.destination_rules.iter().filter(|d| d.namespace == ns);
-            if let Some(dr) = in_ns().find(|d| d.host.eq_ignore_ascii_case(&host)) {
+            if let Some(dr) = in_ns().find(|d| d.host.eq_ignore_ascii_case(host)) {
                 return Some(dr);
             }
-            if let Some(dr) = in_ns().find(|d| d.host.starts_with('*') && d.matches(svc)) {
+            if let Some(dr) =
+                in_ns().find(|d| d.host.starts_with('*') && host_matches(&d.host, host))
+            {
                 return Some(dr);
             }
         }

@@ -4,8 +4,9 @@
 //!
 //! Semantics, as Istio configures Envoy's `jwt_authn` for a waypoint:
 //! - The rules of every RequestAuthentication whose `targetRefs` name the waypoint's
-//!   `Gateway`, the destination `Service`, or (from the root namespace) the `istio-waypoint`
-//!   `GatewayClass` apply, in model order.
+//!   `Gateway`, the destination `Service` or `ServiceEntry`, or (from the root namespace) the
+//!   `istio-waypoint` `GatewayClass` apply, in model order (the attachment of AuthorizationPolicy,
+//!   [`crate::policy::l7`]).
 //! - Each rule looks for its token in `fromHeaders` (value after `prefix`) and `fromParams`;
 //!   with neither, in `Authorization: Bearer <token>` and `?access_token=`.
 //! - **No token** anywhere → [`Outcome::Anonymous`]: authentication passes and the request
@@ -30,7 +31,7 @@ use crate::jwt::{Jwks, JwtError, RequestAuth, Token};
 use crate::model::{
     JwksSource, JwtRule, Model, NamespacedName, RefusedKind, RefusedPolicy, RefusedScope,
 };
-use crate::policy::l7::attached;
+use crate::policy::l7::{attached_to, index_key, Destination};
 
 /// Default token header and prefix (matched case-insensitively), and query parameter.
 pub const DEFAULT_HEADER: &str = "authorization";
@@ -40,34 +41,58 @@ pub const DEFAULT_PARAM: &str = "access_token";
 /// Distinct tokens looked at in one request; a request carrying more is refused.
 pub const MAX_TOKENS: usize = 4;
 
-/// The rules a waypoint `waypoint` applies to a request for `service`, in model order.
+/// The rules a waypoint `waypoint` applies to a request for `service` (`None`: a
+/// workload), in model order ([`rules_for_destination`]).
 pub fn rules_for_waypoint<'a>(
     model: &'a Model,
     waypoint: &NamespacedName,
     service: Option<&NamespacedName>,
 ) -> Vec<&'a JwtRule> {
+    rules_for_destination(model, waypoint, Destination::of_service(service))
+}
+
+/// The rules a waypoint `waypoint` applies to a request for `dest`, in model order.
+pub fn rules_for_destination<'a>(
+    model: &'a Model,
+    waypoint: &NamespacedName,
+    dest: Destination<'_>,
+) -> Vec<&'a JwtRule> {
+    let key = index_key(dest);
     model
-        .waypoint_request_authentications(waypoint, service)
+        .waypoint_request_authentications(waypoint, key.as_deref())
+        .filter(|ra| {
+            !dest.is_service_entry() || attached_to(&ra.namespace, &ra.target_refs, waypoint, dest)
+        })
         .flat_map(|ra| ra.jwt_rules.iter())
         .collect()
 }
 
 /// The refused RequestAuthentications a waypoint `waypoint` applies to a request for
-/// `service`: those whose `targetRefs` attach as an accepted one's would, and those whose
-/// selection could not be read, for every Service of their namespace (of the mesh, from the
-/// root namespace).
+/// `service` ([`refused_for_destination`]).
 pub fn refused_for_waypoint<'a>(
     model: &'a Model,
     waypoint: &NamespacedName,
     service: Option<&NamespacedName>,
+) -> Vec<&'a RefusedPolicy> {
+    refused_for_destination(model, waypoint, Destination::of_service(service))
+}
+
+/// The refused RequestAuthentications a waypoint `waypoint` applies to a request for `dest`:
+/// those whose `targetRefs` attach as an accepted one's would, and those whose selection
+/// could not be read, for every Service and ServiceEntry of their namespace (of the mesh,
+/// from the root namespace).
+pub fn refused_for_destination<'a>(
+    model: &'a Model,
+    waypoint: &NamespacedName,
+    dest: Destination<'_>,
 ) -> Vec<&'a RefusedPolicy> {
     model
         .refused_policies
         .iter()
         .filter(|r| r.kind == RefusedKind::RequestAuthentication)
         .filter(|r| match &r.scope {
-            RefusedScope::TargetRefs(refs) => attached(&r.namespace, refs, waypoint, service),
-            RefusedScope::Namespace => r.covers_service(service),
+            RefusedScope::TargetRefs(refs) => attached_to(&r.namespace, refs, waypoint, dest),
+            RefusedScope::Namespace => r.covers_service(dest.key()),
             RefusedScope::Selector(_) => false,
         })
         .collect()

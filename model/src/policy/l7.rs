@@ -4,19 +4,22 @@
 //! (403, body [`DENIED_BODY`]). Rules, clauses and lists combine exactly as at L4; what is new
 //! is that every HTTP attribute can be seen.
 //!
-//! Which policies apply ([`policies_for_waypoint`]) follows istiod's attachment rules for
+//! Which policies apply ([`policies_for_destination`]) follows istiod's attachment rules for
 //! waypoints: only `targetRefs` count. A policy applies when it targets
 //! - the waypoint's `Gateway` (same namespace, same name),
-//! - the destination `Service` (same namespace as the policy, same name), or
+//! - the destination `Service` (same namespace as the policy, same name),
+//! - the destination `ServiceEntry` (`group: networking.istio.io`; same namespace as the
+//!   policy, same name): egress through the waypoint, or
 //! - the `GatewayClass` `istio-waypoint`, from the root namespace.
 //!
 //! Selector-based and namespace-wide policies (no `targetRefs`) are for ztunnel; a waypoint
-//! ignores them, as Istio's does.
+//! ignores them, as Istio's does. A policy with `targetRefs` is never ztunnel's
+//! ([`crate::policy::policies_for`]), whatever it targets.
 //!
 //! Refused policies that fail closed ([`crate::model::RefusedPolicy`]) follow the accepted
 //! ones: one with `targetRefs` attaches as above; one whose selection could not be read at
-//! all applies to every Service of its namespace (of the mesh, from the root namespace).
-//! Each is a DENY matching every request.
+//! all applies to every Service and ServiceEntry of its namespace (of the mesh, from the
+//! root namespace). Each is a DENY matching every request.
 //!
 //! Attribute semantics, where Istio's translation to Envoy RBAC defines them:
 //! - **Wildcards.** Principals, namespaces, request principals, hosts, methods, paths and
@@ -43,6 +46,7 @@
 //!   evaluated like a DENY's.
 //! - **Dry-run** and **`AUDIT`** are reported in [`Evaluation`] as at L4.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::HeaderMap;
@@ -65,6 +69,44 @@ pub const DENIED_BODY: &str = "RBAC: access denied";
 pub const WAYPOINT_GATEWAY_CLASS: &str = crate::model::WAYPOINT_GATEWAY_CLASS;
 
 const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
+
+/// The model's index of `targetRefs` attachments has buckets for Services, Gateways and the
+/// GatewayClass; a ServiceEntry target is filed in the Services' bucket under this
+/// pseudo-namespace (no namespace is named so: namespaces are lower-case DNS labels) and its
+/// name, so that the entries attached to one ServiceEntry are found without a scan and never
+/// among a Service's. [`policies_for_destination`] keeps those of the entry's namespace.
+const SERVICE_ENTRY_BUCKET: &str = "ServiceEntry";
+
+/// What a request through a waypoint is for, as policy attachment sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination<'a> {
+    /// A Service (namespace and name).
+    Service(&'a NamespacedName),
+    /// A ServiceEntry (namespace and name): egress through the waypoint.
+    ServiceEntry(&'a NamespacedName),
+    /// A workload addressed directly.
+    Workload,
+}
+
+impl<'a> Destination<'a> {
+    /// A Service, or a workload when `None` (what the `service` arguments below mean).
+    pub fn of_service(service: Option<&'a NamespacedName>) -> Self {
+        service.map_or(Destination::Workload, Destination::Service)
+    }
+
+    /// The Service or ServiceEntry, `None` for a workload.
+    pub fn key(&self) -> Option<&'a NamespacedName> {
+        match *self {
+            Destination::Service(k) | Destination::ServiceEntry(k) => Some(k),
+            Destination::Workload => None,
+        }
+    }
+
+    pub(crate) fn is_service_entry(&self) -> bool {
+        matches!(self, Destination::ServiceEntry(_))
+    }
+}
 
 /// What a waypoint knows about a request when it authorizes it.
 #[derive(Clone, Copy, Debug)]
@@ -91,31 +133,59 @@ pub struct L7Request<'a> {
 // === policy selection ===
 
 /// The policies a waypoint `waypoint` (its Gateway's namespace and name) enforces for a
-/// request to `service` (`None`: addressed to a workload, not a service), in model order.
+/// request to `service` (`None`: addressed to a workload, not a service), in model order
+/// ([`policies_for_destination`]).
 pub fn policies_for_waypoint<'a>(
     model: &'a Model,
     waypoint: &NamespacedName,
     service: Option<&NamespacedName>,
 ) -> Vec<&'a AuthorizationPolicy> {
+    policies_for_destination(model, waypoint, Destination::of_service(service))
+}
+
+/// The policies a waypoint `waypoint` (its Gateway's namespace and name) enforces for a
+/// request to `dest`, in model order.
+pub fn policies_for_destination<'a>(
+    model: &'a Model,
+    waypoint: &NamespacedName,
+    dest: Destination<'_>,
+) -> Vec<&'a AuthorizationPolicy> {
     let targeted =
-        |p: &&AuthorizationPolicy| attached(&p.namespace, &p.target_refs, waypoint, service);
+        |p: &&AuthorizationPolicy| attached_to(&p.namespace, &p.target_refs, waypoint, dest);
     let refused = model.refused_policies.iter().filter_map(|r| {
         let deny = r.deny.as_ref()?;
-        (r.covers_service(service) || targeted(&deny)).then_some(deny)
+        (r.covers_service(dest.key()) || targeted(&deny)).then_some(deny)
     });
     // Accepted policies from the model's index of attachments.
+    let key = index_key(dest);
     model
-        .waypoint_policies(waypoint, service)
+        .waypoint_policies(waypoint, key.as_deref())
+        .filter(|p| !dest.is_service_entry() || targeted(p))
         .chain(refused)
         .collect()
 }
 
+/// What the model's index of `targetRefs` attachments files `dest` under: a Service by its
+/// key, a ServiceEntry by its name in [`SERVICE_ENTRY_BUCKET`] (those of every namespace: the
+/// caller keeps the entry's own, [`attached_to`]).
+pub(crate) fn index_key(dest: Destination<'_>) -> Option<Cow<'_, NamespacedName>> {
+    match dest {
+        Destination::Service(svc) => Some(Cow::Borrowed(svc)),
+        Destination::ServiceEntry(entry) => Some(Cow::Owned(NamespacedName::new(
+            SERVICE_ENTRY_BUCKET,
+            &entry.name,
+        ))),
+        Destination::Workload => None,
+    }
+}
+
 /// What a `targetRef` of an object in `namespace` attaches it to, if anything a waypoint
-/// serves: [`target_applies`] compares it with a waypoint and a Service, the model indexes
-/// policies by it.
+/// serves: [`target_applies_to`] compares it with a waypoint and a destination, the model
+/// indexes policies by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AttachPoint<'a> {
-    /// A Service of the object's own namespace.
+    /// A Service of the object's own namespace; a ServiceEntry of it in the pseudo-namespace
+    /// [`SERVICE_ENTRY_BUCKET`].
     Service { namespace: &'a str, name: &'a str },
     /// A waypoint's Gateway of the object's own namespace.
     Gateway { namespace: &'a str, name: &'a str },
@@ -128,6 +198,12 @@ pub(crate) fn attach_point<'a>(
     target: &'a TargetRef,
 ) -> Option<AttachPoint<'a>> {
     let name = target.name.as_str();
+    if service_entry_ref(target) {
+        return Some(AttachPoint::Service {
+            namespace: SERVICE_ENTRY_BUCKET,
+            name,
+        });
+    }
     match (canonical_group(&target.group), target.kind.as_str()) {
         ("", "Service") => Some(AttachPoint::Service { namespace, name }),
         (GATEWAY_API_GROUP, "Gateway") => Some(AttachPoint::Gateway { namespace, name }),
@@ -138,18 +214,42 @@ pub(crate) fn attach_point<'a>(
     }
 }
 
+/// Whether `target` names a ServiceEntry (`group: networking.istio.io`).
+fn service_entry_ref(target: &TargetRef) -> bool {
+    target.group == ISTIO_NETWORKING_GROUP && target.kind == "ServiceEntry"
+}
+
 /// Whether `target`, in an object of namespace `namespace`, attaches it to waypoint
-/// `waypoint` for a request to `service` (also used for RequestAuthentication).
+/// `waypoint` for a request to `service` ([`target_applies_to`]).
 pub fn target_applies(
     namespace: &str,
     target: &TargetRef,
     waypoint: &NamespacedName,
     service: Option<&NamespacedName>,
 ) -> bool {
+    target_applies_to(
+        namespace,
+        target,
+        waypoint,
+        Destination::of_service(service),
+    )
+}
+
+/// Whether `target`, in an object of namespace `namespace`, attaches it to waypoint
+/// `waypoint` for a request to `dest` (also used for RequestAuthentication).
+pub fn target_applies_to(
+    namespace: &str,
+    target: &TargetRef,
+    waypoint: &NamespacedName,
+    dest: Destination<'_>,
+) -> bool {
+    if service_entry_ref(target) {
+        return matches!(dest, Destination::ServiceEntry(se)
+            if se.namespace == namespace && se.name == target.name);
+    }
     match attach_point(namespace, target) {
-        Some(AttachPoint::Service { namespace, name }) => {
-            service.is_some_and(|svc| svc.namespace == namespace && svc.name == name)
-        }
+        Some(AttachPoint::Service { namespace, name }) => matches!(dest, Destination::Service(svc)
+            if svc.namespace == namespace && svc.name == name),
         Some(AttachPoint::Gateway { namespace, name }) => {
             waypoint.namespace == namespace && waypoint.name == name
         }
@@ -166,8 +266,19 @@ pub fn attached(
     waypoint: &NamespacedName,
     service: Option<&NamespacedName>,
 ) -> bool {
+    attached_to(namespace, refs, waypoint, Destination::of_service(service))
+}
+
+/// Whether any of `refs`, in an object of namespace `namespace`, attaches it to waypoint
+/// `waypoint` for a request to `dest` ([`target_applies_to`]).
+pub fn attached_to(
+    namespace: &str,
+    refs: &[TargetRef],
+    waypoint: &NamespacedName,
+    dest: Destination<'_>,
+) -> bool {
     refs.iter()
-        .any(|t| target_applies(namespace, t, waypoint, service))
+        .any(|t| target_applies_to(namespace, t, waypoint, dest))
 }
 
 /// The core API group may be written `""` or `core`.
@@ -211,7 +322,17 @@ pub fn authorize_l7(
     service: Option<&NamespacedName>,
     req: &L7Request<'_>,
 ) -> Evaluation {
-    evaluate_l7(&policies_for_waypoint(model, waypoint, service), req)
+    authorize_l7_to(model, waypoint, Destination::of_service(service), req)
+}
+
+/// [`evaluate_l7`] over [`policies_for_destination`].
+pub fn authorize_l7_to(
+    model: &Model,
+    waypoint: &NamespacedName,
+    dest: Destination<'_>,
+    req: &L7Request<'_>,
+) -> Evaluation {
+    evaluate_l7(&policies_for_destination(model, waypoint, dest), req)
 }
 
 /// What an attribute we cannot evaluate does to a condition.

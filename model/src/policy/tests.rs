@@ -1013,3 +1013,55 @@ fn policies_for_lists_what_applies_in_model_order() {
         .collect();
     assert_eq!(keys, ["istio-system/mesh", "shop/a", "shop/b"]);
 }
+
+#[test]
+fn a_policy_on_a_service_entry_is_its_waypoints_never_a_pods() {
+    // The entry's endpoints are the pod `shop/web` itself (`workloadSelector`): still the
+    // policy is the egress waypoint's, for requests to the entry, never ztunnel's.
+    let entry = "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web-ext, namespace: shop, labels: {istio.io/use-waypoint: wp}}
+spec:
+  hosts: [web.example.com]
+  addresses: [240.1.0.1]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: web}}
+";
+    let policies = [
+        ap(
+            "shop",
+            "egress-deny",
+            "{targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: web-ext}], action: DENY, rules: [{}]}",
+        ),
+        ap(
+            "shop",
+            "egress-allow",
+            "{targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: web-ext}], rules: [{from: [{source: {namespaces: [nobody]}}]}]}",
+        ),
+    ]
+    .concat();
+    let files = vec![
+        ("destination.yaml".to_string(), DESTINATION.to_string()),
+        ("entry.yaml".to_string(), entry.to_string()),
+        ("policies.yaml".to_string(), policies),
+    ];
+    let model = load_docs(&files).unwrap();
+    let pod = model.pod("shop", "web").unwrap();
+    assert!(policies_for(&model, pod).is_empty());
+    assert_eq!(authorize(&model, pod, &client()), allow());
+    assert_eq!(
+        authorize(&model, pod, &plaintext("10.1.0.5", 80)),
+        allow(),
+        "the entry's port on the pod too"
+    );
+    let key = crate::model::NamespacedName::new("shop", "web-ext");
+    let wp = crate::model::NamespacedName::new("shop", "wp");
+    let keys: Vec<String> =
+        l7::policies_for_destination(&model, &wp, l7::Destination::ServiceEntry(&key))
+            .into_iter()
+            .map(policy_key)
+            .collect();
+    assert_eq!(keys, ["shop/egress-allow", "shop/egress-deny"]);
+}

@@ -357,7 +357,9 @@ fn backends(weights: &[u32]) -> Vec<BackendRef> {
         .iter()
         .enumerate()
         .map(|(i, w)| BackendRef {
+            kind: BackendKind::Service,
             service: NamespacedName::new("ns", format!("b{i}")),
+            host: None,
             port: 80,
             subset: None,
             weight: *w,

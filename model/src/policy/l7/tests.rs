@@ -51,6 +51,8 @@ struct Req {
     headers: HeaderMap,
     auth: Option<RequestAuth>,
     service: Option<NamespacedName>,
+    /// A ServiceEntry destination (egress), instead of `service`.
+    entry: Option<NamespacedName>,
 }
 
 fn req() -> Req {
@@ -65,6 +67,7 @@ fn req() -> Req {
         headers: HeaderMap::new(),
         auth: None,
         service: Some(NamespacedName::new("shop", "web")),
+        entry: None,
     }
 }
 
@@ -106,6 +109,11 @@ impl Req {
     }
     fn for_service(mut self, svc: Option<(&str, &str)>) -> Self {
         self.service = svc.map(|(ns, n)| NamespacedName::new(ns, n));
+        self
+    }
+    fn for_entry(mut self, ns: &str, name: &str) -> Self {
+        self.service = None;
+        self.entry = Some(NamespacedName::new(ns, name));
         self
     }
     /// A validated JWT from `issuer` for `subject`; `claims` is the whole payload.
@@ -170,7 +178,10 @@ fn check(case: &str, policies: &[String], r: Req, want: Evaluation) {
         auth: r.auth.as_ref(),
     };
     let waypoint = NamespacedName::new("shop", "waypoint");
-    let got = authorize_l7(&model, &waypoint, r.service.as_ref(), &l7);
+    let got = match &r.entry {
+        Some(entry) => authorize_l7_to(&model, &waypoint, Destination::ServiceEntry(entry), &l7),
+        None => authorize_l7(&model, &waypoint, r.service.as_ref(), &l7),
+    };
     assert_eq!(got, want, "{case}");
 }
 
@@ -365,6 +376,131 @@ fn which_policies_apply() {
     for (case, policy, r, want) in cases {
         check(case, &[policy], r, want);
     }
+}
+
+#[test]
+fn a_policy_targeting_a_service_entry_applies_to_its_egress_requests() {
+    let deny_all = "action: DENY, rules: [{}]";
+    let on_entry = |ns: &str, group: &str, name: &str| {
+        ap(
+            ns,
+            "egress",
+            &format!(
+                "{{targetRefs: [{{group: {group}, kind: ServiceEntry, name: {name}}}], {deny_all}}}"
+            ),
+        )
+    };
+    let istio = "networking.istio.io";
+    let cases: Vec<(&str, String, Req, Evaluation)> = vec![
+        (
+            "a policy on the destination ServiceEntry applies",
+            on_entry("shop", istio, "httpbin"),
+            req().for_entry("shop", "httpbin"),
+            denied_by("shop/egress"),
+        ),
+        (
+            "not to a Service of the same name",
+            on_entry("shop", istio, "httpbin"),
+            req().for_service(Some(("shop", "httpbin"))),
+            allow(),
+        ),
+        (
+            "not to a ServiceEntry of the same name in another namespace",
+            on_entry("shop", istio, "httpbin"),
+            req().for_entry("other", "httpbin"),
+            allow(),
+        ),
+        (
+            "it must live in the entry's namespace",
+            on_entry("other", istio, "httpbin"),
+            req().for_entry("shop", "httpbin"),
+            allow(),
+        ),
+        (
+            "not to another entry",
+            on_entry("shop", istio, "api"),
+            req().for_entry("shop", "httpbin"),
+            allow(),
+        ),
+        (
+            "not to traffic addressed to a workload",
+            on_entry("shop", istio, "httpbin"),
+            req().for_service(None),
+            allow(),
+        ),
+        (
+            "the kind is Istio's: another group names nothing",
+            on_entry("shop", "\"\"", "httpbin"),
+            req().for_entry("shop", "httpbin"),
+            allow(),
+        ),
+        (
+            "a Service policy of the entry's name does not apply to the entry",
+            ap(
+                "shop",
+                "svc",
+                &format!("{{targetRefs: [{{kind: Service, name: httpbin}}], {deny_all}}}"),
+            ),
+            req().for_entry("shop", "httpbin"),
+            allow(),
+        ),
+        (
+            "the waypoint's own policies apply to egress too",
+            wp("deny-all", ""),
+            req().for_entry("shop", "httpbin"),
+            not_allowed(),
+        ),
+        (
+            "as do the root namespace's on the istio-waypoint GatewayClass",
+            ap(
+                "istio-system",
+                "all-waypoints",
+                &format!(
+                    "{{targetRefs: [{{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}}], {deny_all}}}"
+                ),
+            ),
+            req().for_entry("shop", "httpbin"),
+            denied_by("istio-system/all-waypoints"),
+        ),
+    ];
+    for (case, policy, r, want) in cases {
+        check(case, &[policy], r, want);
+    }
+    // ALLOW on the entry next to one on a same-named entry elsewhere (one index bucket):
+    // only the entry's own decides, in model order with the waypoint's.
+    let policies = [
+        ap(
+            "other",
+            "allow-post",
+            "{targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: httpbin}], rules: [{to: [{operation: {methods: [POST]}}]}]}",
+        ),
+        ap(
+            "shop",
+            "allow-get",
+            "{targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: httpbin}], rules: [{to: [{operation: {methods: [GET]}}]}]}",
+        ),
+    ];
+    check(
+        "GET allowed",
+        &policies,
+        req().for_entry("shop", "httpbin"),
+        allow(),
+    );
+    check(
+        "POST not allowed",
+        &policies,
+        req().for_entry("shop", "httpbin").method("POST"),
+        not_allowed(),
+    );
+    let model = load_docs(&[("p.yaml".to_string(), policies.concat())]).expect("valid");
+    let entry = NamespacedName::new("other", "httpbin");
+    let waypoint = NamespacedName::new("shop", "waypoint");
+    let names: Vec<String> =
+        policies_for_destination(&model, &waypoint, Destination::ServiceEntry(&entry))
+            .iter()
+            .map(|p| crate::policy::policy_key(p))
+            .collect();
+    assert_eq!(names, ["other/allow-post"]);
 }
 
 #[test]

@@ -751,29 +751,26 @@ impl Model {
     }
 
     /// The AuthorizationPolicies whose `targetRefs` attach them to `waypoint` for a request
-    /// to `service`, in model order.
+    /// to `dest`, in model order.
     pub(crate) fn waypoint_policies(
         &self,
         waypoint: &NamespacedName,
-        service: Option<&NamespacedName>,
+        dest: crate::policy::l7::Destination<'_>,
     ) -> impl Iterator<Item = &AuthorizationPolicy> + '_ {
-        let positions = self.index.waypoint_policies.attached(waypoint, service);
+        let positions = self.index.waypoint_policies.attached(waypoint, dest);
         positions
             .into_iter()
             .filter_map(|i| self.authorization_policies.get(i as usize))
     }
 
     /// The RequestAuthentications whose `targetRefs` attach them to `waypoint` for a request
-    /// to `service`, in model order.
+    /// to `dest`, in model order.
     pub(crate) fn waypoint_request_authentications(
         &self,
         waypoint: &NamespacedName,
-        service: Option<&NamespacedName>,
+        dest: crate::policy::l7::Destination<'_>,
     ) -> impl Iterator<Item = &RequestAuthentication> + '_ {
-        let positions = self
-            .index
-            .request_authentications
-            .attached(waypoint, service);
+        let positions = self.index.request_authentications.attached(waypoint, dest);
         positions
             .into_iter()
             .filter_map(|i| self.request_authentications.get(i as usize))

@@ -25,7 +25,7 @@ use super::{
     selector_matches, Action, AuthorizationPolicy, EndpointSlice, Labels, Namespace,
     NamespacedName, PeerAuthentication, Pod, Service, GATEWAY_NAME_LABEL,
 };
-use crate::policy::l7::{attach_point, AttachPoint};
+use crate::policy::l7::{attach_point, AttachPoint, Destination};
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct Index {
@@ -268,6 +268,7 @@ impl BySelector {
 pub(super) struct Attachments {
     gateways: Buckets,
     services: Buckets,
+    service_entries: Buckets,
     gateway_class: Vec<u32>,
 }
 
@@ -291,6 +292,12 @@ impl Attachments {
                         .or_default()
                         .entry(name.to_string())
                         .or_default(),
+                    Some(AttachPoint::ServiceEntry { namespace, name }) => a
+                        .service_entries
+                        .entry(namespace.to_string())
+                        .or_default()
+                        .entry(name.to_string())
+                        .or_default(),
                     Some(AttachPoint::GatewayClass) => &mut a.gateway_class,
                     None => continue,
                 };
@@ -303,18 +310,16 @@ impl Attachments {
         a
     }
 
-    /// Positions of the entries attached to `waypoint` for a request to `service`, ascending
+    /// Positions of the entries attached to `waypoint` for a request to `dest`, ascending
     /// and without repeats.
-    pub(super) fn attached(
-        &self,
-        waypoint: &NamespacedName,
-        service: Option<&NamespacedName>,
-    ) -> Vec<u32> {
+    pub(super) fn attached(&self, waypoint: &NamespacedName, dest: Destination<'_>) -> Vec<u32> {
         let mut out = Vec::new();
         out.extend_from_slice(&self.gateway_class);
         out.extend_from_slice(get(&self.gateways, waypoint));
-        if let Some(svc) = service {
-            out.extend_from_slice(get(&self.services, svc));
+        match dest {
+            Destination::Service(svc) => out.extend_from_slice(get(&self.services, svc)),
+            Destination::ServiceEntry(se) => out.extend_from_slice(get(&self.service_entries, se)),
+            Destination::Workload => {}
         }
         out.sort_unstable();
         out.dedup();

@@ -31,7 +31,7 @@ use crate::jwt::{Jwks, JwtError, RequestAuth, Token};
 use crate::model::{
     JwksSource, JwtRule, Model, NamespacedName, RefusedKind, RefusedPolicy, RefusedScope,
 };
-use crate::policy::l7::{attached_to, index_key, Destination};
+use crate::policy::l7::{attached_to, Destination};
 
 /// Default token header and prefix (matched case-insensitively), and query parameter.
 pub const DEFAULT_HEADER: &str = "authorization";
@@ -57,12 +57,8 @@ pub fn rules_for_destination<'a>(
     waypoint: &NamespacedName,
     dest: Destination<'_>,
 ) -> Vec<&'a JwtRule> {
-    let key = index_key(dest);
     model
-        .waypoint_request_authentications(waypoint, key.as_deref())
-        .filter(|ra| {
-            !dest.is_service_entry() || attached_to(&ra.namespace, &ra.target_refs, waypoint, dest)
-        })
+        .waypoint_request_authentications(waypoint, dest)
         .flat_map(|ra| ra.jwt_rules.iter())
         .collect()
 }

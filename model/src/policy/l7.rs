@@ -46,7 +46,6 @@
 //!   evaluated like a DENY's.
 //! - **Dry-run** and **`AUDIT`** are reported in [`Evaluation`] as at L4.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::HeaderMap;
@@ -71,13 +70,6 @@ pub const WAYPOINT_GATEWAY_CLASS: &str = crate::model::WAYPOINT_GATEWAY_CLASS;
 const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
 const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
 
-/// The model's index of `targetRefs` attachments has buckets for Services, Gateways and the
-/// GatewayClass; a ServiceEntry target is filed in the Services' bucket under this
-/// pseudo-namespace (no namespace is named so: namespaces are lower-case DNS labels) and its
-/// name, so that the entries attached to one ServiceEntry are found without a scan and never
-/// among a Service's. [`policies_for_destination`] keeps those of the entry's namespace.
-const SERVICE_ENTRY_BUCKET: &str = "ServiceEntry";
-
 /// What a request through a waypoint is for, as policy attachment sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Destination<'a> {
@@ -101,10 +93,6 @@ impl<'a> Destination<'a> {
             Destination::Service(k) | Destination::ServiceEntry(k) => Some(k),
             Destination::Workload => None,
         }
-    }
-
-    pub(crate) fn is_service_entry(&self) -> bool {
-        matches!(self, Destination::ServiceEntry(_))
     }
 }
 
@@ -157,26 +145,10 @@ pub fn policies_for_destination<'a>(
         (r.covers_service(dest.key()) || targeted(&deny)).then_some(deny)
     });
     // Accepted policies from the model's index of attachments.
-    let key = index_key(dest);
     model
-        .waypoint_policies(waypoint, key.as_deref())
-        .filter(|p| !dest.is_service_entry() || targeted(p))
+        .waypoint_policies(waypoint, dest)
         .chain(refused)
         .collect()
-}
-
-/// What the model's index of `targetRefs` attachments files `dest` under: a Service by its
-/// key, a ServiceEntry by its name in [`SERVICE_ENTRY_BUCKET`] (those of every namespace: the
-/// caller keeps the entry's own, [`attached_to`]).
-pub(crate) fn index_key(dest: Destination<'_>) -> Option<Cow<'_, NamespacedName>> {
-    match dest {
-        Destination::Service(svc) => Some(Cow::Borrowed(svc)),
-        Destination::ServiceEntry(entry) => Some(Cow::Owned(NamespacedName::new(
-            SERVICE_ENTRY_BUCKET,
-            &entry.name,
-        ))),
-        Destination::Workload => None,
-    }
 }
 
 /// What a `targetRef` of an object in `namespace` attaches it to, if anything a waypoint
@@ -184,9 +156,10 @@ pub(crate) fn index_key(dest: Destination<'_>) -> Option<Cow<'_, NamespacedName>
 /// indexes policies by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AttachPoint<'a> {
-    /// A Service of the object's own namespace; a ServiceEntry of it in the pseudo-namespace
-    /// [`SERVICE_ENTRY_BUCKET`].
+    /// A Service of the object's own namespace.
     Service { namespace: &'a str, name: &'a str },
+    /// A ServiceEntry of the object's own namespace (egress through the waypoint).
+    ServiceEntry { namespace: &'a str, name: &'a str },
     /// A waypoint's Gateway of the object's own namespace.
     Gateway { namespace: &'a str, name: &'a str },
     /// Every waypoint (`GatewayClass` `istio-waypoint`, from the root namespace).
@@ -199,10 +172,7 @@ pub(crate) fn attach_point<'a>(
 ) -> Option<AttachPoint<'a>> {
     let name = target.name.as_str();
     if service_entry_ref(target) {
-        return Some(AttachPoint::Service {
-            namespace: SERVICE_ENTRY_BUCKET,
-            name,
-        });
+        return Some(AttachPoint::ServiceEntry { namespace, name });
     }
     match (canonical_group(&target.group), target.kind.as_str()) {
         ("", "Service") => Some(AttachPoint::Service { namespace, name }),
@@ -243,13 +213,13 @@ pub fn target_applies_to(
     waypoint: &NamespacedName,
     dest: Destination<'_>,
 ) -> bool {
-    if service_entry_ref(target) {
-        return matches!(dest, Destination::ServiceEntry(se)
-            if se.namespace == namespace && se.name == target.name);
-    }
     match attach_point(namespace, target) {
         Some(AttachPoint::Service { namespace, name }) => matches!(dest, Destination::Service(svc)
             if svc.namespace == namespace && svc.name == name),
+        Some(AttachPoint::ServiceEntry { namespace, name }) => {
+            matches!(dest, Destination::ServiceEntry(se)
+                if se.namespace == namespace && se.name == name)
+        }
         Some(AttachPoint::Gateway { namespace, name }) => {
             waypoint.namespace == namespace && waypoint.name == name
         }

@@ -404,7 +404,7 @@ proptest! {
                     .filter(|p| attached(&p.namespace, &p.target_refs, &wp, svc))
                     .collect();
                 prop_assert_eq!(got, want);
-                let got = names(m.waypoint_request_authentications(&wp, svc).map(|r| (r.namespace.as_str(), r.name.as_str())));
+                let got = names(m.waypoint_request_authentications(&wp, crate::policy::l7::Destination::of_service(svc)).map(|r| (r.namespace.as_str(), r.name.as_str())));
                 let want = names(
                     m.request_authentications
                         .iter()

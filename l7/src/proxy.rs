@@ -63,8 +63,9 @@ pub struct ConnCtx {
     pub peer: SocketAddr,
     /// Our own address on that connection.
     pub local: SocketAddr,
-    /// The client's identity, from its certificate.
-    pub peer_identity: Identity,
+    /// The client's identity, from its certificate; `None` for a client outside the mesh
+    /// (an ingress gateway's plain or TLS listener).
+    pub peer_identity: Option<Identity>,
     /// The CONNECT `:authority`.
     pub authority: SocketAddr,
     pub target: Target,

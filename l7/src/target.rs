@@ -29,6 +29,10 @@ pub enum Target {
         port: u16,
         addr: SocketAddr,
     },
+    /// A port of an ingress Gateway (class `istio`): each request goes where the routes
+    /// attached to the port's listener for its host decide
+    /// ([`mesh_model::model::Model::routes_for_listener`]); with none matching, nowhere (404).
+    Listener { gateway: NamespacedName, port: u16 },
 }
 
 /// What the proxy needs to know about a target now (re-read from the current model on
@@ -129,19 +133,23 @@ impl Target {
             Target::Service { svc, .. } => svc.clone(),
             Target::Workload { pod, .. } => pod.clone(),
             Target::ServiceEntry { entry, .. } => entry.clone(),
+            Target::Listener { gateway, .. } => gateway.clone(),
         }
     }
 
     pub fn service_key(&self) -> Option<&NamespacedName> {
         match self {
             Target::Service { svc, .. } => Some(svc),
-            Target::Workload { .. } | Target::ServiceEntry { .. } => None,
+            Target::Workload { .. } | Target::ServiceEntry { .. } | Target::Listener { .. } => None,
         }
     }
 
     /// The protocol the destination declares (workloads declare none; a ServiceEntry port
     /// by its `protocol`).
     pub fn declared(&self, model: &Model) -> Declared {
+        if let Target::Listener { .. } = self {
+            return Declared::Http;
+        }
         if let Target::ServiceEntry { entry, port, .. } = self {
             let protocol = model
                 .service_entry(&entry.namespace, &entry.name)
@@ -205,6 +213,16 @@ impl Target {
                     port: None,
                     entry: None,
                     endpoints,
+                })
+            }
+            // Nothing of its own to send to: its routes name the backends.
+            Target::Listener { gateway, .. } => {
+                model.gateways.get(gateway)?;
+                Some(Resolved {
+                    service: None,
+                    port: None,
+                    entry: None,
+                    endpoints: Vec::new(),
                 })
             }
             Target::ServiceEntry { entry, port, addr } => {

@@ -11,7 +11,11 @@
 //! Understood kinds: `v1` `Namespace`, `ServiceAccount`, `Pod`, `Service` (and `List` of
 //! them), `discovery.k8s.io/v1` `EndpointSlice` (endpoints of Services without a selector), `security.istio.io/v1` or `v1beta1` `PeerAuthentication`,
 //! `AuthorizationPolicy` and `RequestAuthentication` (JWT rules: `k8s/jwt.rs`), `gateway.networking.k8s.io/v1` or `v1beta1` `Gateway` (waypoints:
-//! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses) and `HTTPRoute`
+//! class `istio-waypoint`, label `istio.io/waypoint-for`, addresses; ingress gateways: class
+//! `istio`, listeners validated: `k8s/gateway.rs`), `ReferenceGrant` (`v1beta1` or `v1`:
+//! `k8s/reference_grant.rs`), `v1` `Secret` (type `kubernetes.io/tls` with PEM certificate
+//! and key become TLS secrets; others are kept out, with the reason, never refused:
+//! `k8s/secret.rs`) and `HTTPRoute`
 //! (parents, matches, filters, weighted backends, timeouts, mirrors: `k8s/route.rs`), and
 //! `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`) `DestinationRule` (subsets, load
 //! balancing, connection pool, outlier detection: `k8s/destination_rule.rs`) and
@@ -32,8 +36,10 @@ mod destination_rule;
 mod gateway;
 mod grpc_route;
 mod jwt;
+mod reference_grant;
 mod refused;
 mod route;
+mod secret;
 mod security;
 mod service_entry;
 mod telemetry;
@@ -53,8 +59,8 @@ use tracing::debug;
 
 use crate::model::{
     AuthorizationPolicy, DestinationRule, EndpointSlice, Gateway, HttpRoute, Labels, Model,
-    Namespace, NamespacedName, PeerAuthentication, Pod, RequestAuthentication, Service,
-    ServiceEntry, Telemetry, VirtualService,
+    Namespace, NamespacedName, PeerAuthentication, Pod, ReferenceGrant, RequestAuthentication,
+    Service, ServiceEntry, Telemetry, TlsSecret, VirtualService,
 };
 use yaml::{FieldError, FieldResult, Node};
 
@@ -321,6 +327,11 @@ struct Loader {
     telemetries: BTreeMap<NamespacedName, Telemetry>,
     endpoint_slices: BTreeMap<NamespacedName, EndpointSlice>,
     service_entries: BTreeMap<NamespacedName, ServiceEntry>,
+    /// Usable `kubernetes.io/tls` Secrets.
+    tls_secrets: BTreeMap<NamespacedName, TlsSecret>,
+    /// Every other Secret, and why it is not a TLS secret.
+    secret_problems: BTreeMap<NamespacedName, String>,
+    reference_grants: BTreeMap<NamespacedName, ReferenceGrant>,
     /// First definition of each object, to report duplicates.
     seen: HashMap<ObjectRef, (String, usize)>,
     /// Every object read, when the caller asked for them.
@@ -345,6 +356,8 @@ enum Kind {
     ServiceEntry,
     GrpcRoute,
     Telemetry,
+    Secret,
+    ReferenceGrant,
 }
 
 impl Kind {
@@ -357,6 +370,7 @@ impl Kind {
             ("", "ServiceAccount") => (Kind::ServiceAccount, &["v1"]),
             ("", "Pod") => (Kind::Pod, &["v1"]),
             ("", "Service") => (Kind::Service, &["v1"]),
+            ("", "Secret") => (Kind::Secret, &["v1"]),
             ("discovery.k8s.io", "EndpointSlice") => (Kind::EndpointSlice, &["v1"]),
             ("security.istio.io", "PeerAuthentication") => {
                 (Kind::PeerAuthentication, &["v1", "v1beta1"])
@@ -379,6 +393,9 @@ impl Kind {
                 (Kind::VirtualService, &["v1", "v1beta1", "v1alpha3"])
             }
             ("gateway.networking.k8s.io", "GRPCRoute") => (Kind::GrpcRoute, &["v1"]),
+            ("gateway.networking.k8s.io", "ReferenceGrant") => {
+                (Kind::ReferenceGrant, &["v1beta1", "v1"])
+            }
             ("telemetry.istio.io", "Telemetry") => (Kind::Telemetry, &["v1", "v1alpha1"]),
             _ => return Ok(None),
         };
@@ -593,6 +610,24 @@ impl Loader {
                 self.remember(origin, &object)?;
                 self.telemetries.insert(key, t);
             }
+            Kind::Secret => {
+                let outcome = secret::secret(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                match outcome {
+                    Ok(tls) => {
+                        self.tls_secrets.insert(key, tls);
+                    }
+                    Err(problem) => {
+                        debug!(file = origin.file, doc = origin.doc, secret = %key, problem, "not a TLS secret");
+                        self.secret_problems.insert(key, problem);
+                    }
+                }
+            }
+            Kind::ReferenceGrant => {
+                let grant = reference_grant::reference_grant(obj, meta).map_err(invalid)?;
+                self.remember(origin, &object)?;
+                self.reference_grants.insert(key, grant);
+            }
         }
         Ok(())
     }
@@ -655,6 +690,8 @@ impl Loader {
         .with_telemetries(self.telemetries.into_values().collect())
         .with_endpoint_slices(self.endpoint_slices)
         .with_service_entries(self.service_entries.into_values().collect())
+        .with_tls_secrets(self.tls_secrets, self.secret_problems)
+        .with_reference_grants(self.reference_grants.into_values().collect())
     }
 }
 
@@ -782,3 +819,6 @@ mod prop_tests;
 
 #[cfg(test)]
 mod telemetry_tests;
+
+#[cfg(test)]
+pub(crate) mod ingress_tests;

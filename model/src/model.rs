@@ -13,6 +13,7 @@ use index::Index;
 
 mod dns;
 mod index;
+mod ingress;
 mod jwt;
 mod labels;
 mod refused;
@@ -26,6 +27,14 @@ pub(crate) use dns::service_name;
 pub use dns::{DnsRecords, SeVip};
 
 pub use labels::Labels;
+
+pub use ingress::{
+    hostname_rank, AllowedRoutes, ConditionReason, ConditionType, GatewayStatus, Listener,
+    ListenerProtocol, ListenerRefError, ListenerStatus, ListenerTls, ListenerTlsMode,
+    ReferenceGrant, ReferenceGrantFrom, ReferenceGrantTo, RouteNamespaces, SecretProblem,
+    SecretRef, StatusCondition, TlsSecret, GATEWAY_API_GROUP, INGRESS_GATEWAY_CLASS,
+    NAMESPACE_NAME_LABEL, REDACTED, TLS_SECRET_TYPE,
+};
 
 pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
 
@@ -287,8 +296,9 @@ pub struct AuthorizationPolicy {
     pub dry_run: bool,
 }
 
-/// A Gateway API `Gateway` (`gateway.networking.k8s.io/v1`). Only those of class
-/// [`WAYPOINT_GATEWAY_CLASS`] mean anything to the data plane: they are waypoints.
+/// A Gateway API `Gateway` (`gateway.networking.k8s.io/v1`): a waypoint (class
+/// [`WAYPOINT_GATEWAY_CLASS`]), an ingress gateway (class [`INGRESS_GATEWAY_CLASS`], see
+/// `model/ingress.rs`), or another controller's (kept, not used).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Gateway {
     pub name: String,
@@ -300,6 +310,11 @@ pub struct Gateway {
     pub waypoint_for: WaypointFor,
     /// IP addresses from `status.addresses`, else `spec.addresses` (type `IPAddress`).
     pub addresses: Vec<IpAddr>,
+    /// `spec.listeners`, in order. Validated for an ingress gateway (at least one, names
+    /// unique, TLS as its protocol needs); for other classes read as far as they read (a
+    /// waypoint's `HBONE` listener is [`ListenerProtocol::Unsupported`]; one without a
+    /// name, port or protocol is left out), as nothing uses them.
+    pub listeners: Vec<Listener>,
 }
 
 impl Gateway {
@@ -309,6 +324,16 @@ impl Gateway {
 
     pub fn is_waypoint(&self) -> bool {
         self.class == WAYPOINT_GATEWAY_CLASS
+    }
+
+    /// Of class [`INGRESS_GATEWAY_CLASS`] (`istio`).
+    pub fn is_ingress(&self) -> bool {
+        self.class == INGRESS_GATEWAY_CLASS
+    }
+
+    /// The listener named `name`.
+    pub fn listener(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.name == name)
     }
 }
 
@@ -352,6 +377,15 @@ pub struct Model {
     pub service_entries: Vec<ServiceEntry>,
     /// Address and port claims of a ServiceEntry an earlier one already makes (not used).
     pub service_entry_conflicts: Vec<SeConflict>,
+    /// Secrets of type `kubernetes.io/tls` with a PEM certificate and key (see
+    /// [`Model::tls_secret`]); the keys never show in `Debug` or JSON.
+    #[serde(serialize_with = "shared_values")]
+    pub tls_secrets: BTreeMap<NamespacedName, Arc<TlsSecret>>,
+    /// Every other Secret read, and why it is not a TLS secret (see
+    /// [`Model::secret_problem`]).
+    pub secret_problems: BTreeMap<NamespacedName, String>,
+    /// ReferenceGrants in (namespace, name) order (see [`Model::reference_granted`]).
+    pub reference_grants: Vec<ReferenceGrant>,
     #[serde(skip)]
     index: Index,
 }
@@ -379,6 +413,11 @@ pub struct ModelDump<'a> {
     /// The VIPs auto-allocated to ServiceEntries without `addresses` (see
     /// [`Model::service_entry_host_at`]).
     pub service_entry_vips: Vec<SeVip>,
+    /// TLS Secrets, keys redacted.
+    pub tls_secrets: Vec<&'a TlsSecret>,
+    /// Secrets that are not usable TLS Secrets, and why.
+    pub secret_problems: Vec<SecretProblem>,
+    pub reference_grants: &'a [ReferenceGrant],
 }
 
 /// A refused policy in `/config_dump`: the entry, what it does, and the workloads the node
@@ -433,6 +472,9 @@ impl Model {
             endpoint_slices: BTreeMap::new(),
             service_entries: Vec::new(),
             service_entry_conflicts: Vec::new(),
+            tls_secrets: BTreeMap::new(),
+            secret_problems: BTreeMap::new(),
+            reference_grants: Vec::new(),
             index: Index::default(),
         };
         m.reindex();
@@ -479,6 +521,17 @@ impl Model {
             service_entries: &self.service_entries,
             service_entry_conflicts: &self.service_entry_conflicts,
             service_entry_vips: self.service_entry_vips(),
+            tls_secrets: self.tls_secrets.values().map(|s| &**s).collect(),
+            secret_problems: self
+                .secret_problems
+                .iter()
+                .map(|(k, problem)| SecretProblem {
+                    namespace: k.namespace.clone(),
+                    name: k.name.clone(),
+                    problem: problem.clone(),
+                })
+                .collect(),
+            reference_grants: &self.reference_grants,
         }
     }
 
@@ -514,6 +567,7 @@ impl Model {
                     b.kind,
                 ))
         });
+        self.index.routes_by_gateway = index::routes_by_gateway(&routes);
         self.http_routes = routes;
         self
     }

@@ -385,7 +385,7 @@ pub fn routes_for_target<'m>(
 
 /// `routes` (in model order, oldest first) without each route that shares a hostname with
 /// an older, kept route of the other kind (HTTPRoute vs GRPCRoute on one Listener).
-fn without_kind_conflicts(routes: Vec<&HttpRoute>) -> Vec<&HttpRoute> {
+pub(crate) fn without_kind_conflicts(routes: Vec<&HttpRoute>) -> Vec<&HttpRoute> {
     let mut kept: Vec<&HttpRoute> = Vec::with_capacity(routes.len());
     for r in routes {
         let conflict = kept

@@ -36,6 +36,7 @@ use x509_parser::extensions::GeneralName;
 use crate::certs::CertManager;
 use mesh_model::identity::{Identity, IdentityError};
 
+pub mod ingress;
 pub mod origin;
 
 /// The only application protocol spoken on HBONE connections.

@@ -41,8 +41,9 @@ const NFT_TABLE: &str = "table inet ztunnel";
 const AGENT_RULE: &str = "lookup 133";
 /// The eBPF backend's rule that captures every new outgoing connection.
 const EBPF_CAPTURE_RULE: &str = "iif lo ipproto tcp lookup 133";
-/// What tells the eBPF backend's DNS rule (`iif lo ipproto udp dport 53 lookup 133`) apart.
-const DNS_RULE: &str = "dport 53";
+/// What tells the eBPF backend's DNS rule (`iif lo ipproto udp dport 53 lookup 133`) apart
+/// (whole words: a flow rule's `dport 53317` is no DNS rule).
+const DNS_RULE: &str = "ipproto udp dport 53 lookup";
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const REFUSED: &str = "mesh_connections_refused_total";
 
@@ -762,7 +763,16 @@ fn expect_setup(mesh: &Mesh, node: &str, pod: &str, want: Setup, why: &str) -> R
         Ok(listed == enrolled && matches(&setup))
     });
     result.with_context(|| {
-        format!("{pod} on {node} should be {want:?}; last seen (listed, setup): {last:?}")
+        let rules = mesh
+            .exec_ok(pod, &["ip", "rule", "show"])
+            .unwrap_or_default();
+        let log = mesh.ztunnel_log(node);
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        format!(
+            "{pod} on {node} should be {want:?}; last seen (listed, setup): {last:?}\n\
+             its rules:\n{rules}\n{node}'s agent, last lines:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     })
 }
 

@@ -15,7 +15,7 @@ use mesh_l7::jwks::JwksCache;
 use mesh_l7::proxy::Inputs;
 use mesh_l7::telemetry::{AccessLogSwitch, HttpMetrics};
 use mesh_l7::upstream::{UpstreamConfig, Upstreams};
-use mesh_model::model::Model;
+use mesh_model::model::{Model, INGRESS_GATEWAY_CLASS};
 use mesh_shell::admin::Control;
 use mesh_shell::conns::Active;
 use mesh_shell::logging::LogHandle;
@@ -67,12 +67,15 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
     // listed).
     // The access-log switch is resolved here, once per model, before the model is installed.
     let access_log = Arc::new(AccessLogSwitch::default());
+    // Each installed model: the ingress listeners follow it (a Gateway of class `istio`).
+    let (model_changed, model_changes) = tokio::sync::watch::channel(());
     let (installed, _) = Installed::new(source.initial(&metrics), metrics.clone(), {
         let cfg = cfg.clone();
         let access_log = access_log.clone();
         move |m: &Model| {
             check_gateway(m, &cfg);
             access_log.update(m, &cfg.gateway);
+            model_changed.send_replace(());
         }
     });
     let model = installed.model.clone();
@@ -119,7 +122,7 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
             tls_handshake_timeout: cfg.tls_handshake_timeout,
             detect_timeout: cfg.detect_timeout,
         },
-        inputs,
+        inputs.clone(),
         active.clone(),
         &cfg.limits,
         turns,
@@ -161,6 +164,15 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         "waypoint started"
     );
     let inbound_task = spawn(info_span!("inbound"), inbound.run());
+    let ingress = crate::ingress::Ingress::new(
+        cfg.gateway.clone(),
+        inputs.clone(),
+        active.clone(),
+        mesh_shell::limits::Cap::new("max_connections", cfg.limits.max_connections),
+        cfg.hbone_addr.ip(),
+        stop.clone(),
+    );
+    spawn(info_span!("ingress"), ingress.run(model_changes));
 
     let shutdown = ctl.shutdown.clone();
     let done = tokio::spawn(async move {
@@ -185,9 +197,9 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
 /// every CONNECT is refused.
 fn check_gateway(model: &Model, cfg: &Config) {
     match model.gateways.get(&cfg.gateway) {
-        Some(gw) if gw.is_waypoint() => {}
+        Some(gw) if gw.is_waypoint() || gw.class == INGRESS_GATEWAY_CLASS => {}
         Some(gw) => {
-            tracing::warn!(gateway = %cfg.gateway, class = %gw.class, "the gateway is not of class istio-waypoint")
+            tracing::warn!(gateway = %cfg.gateway, class = %gw.class, "the gateway is neither of class istio-waypoint nor istio (ingress)")
         }
         None => {
             tracing::warn!(gateway = %cfg.gateway, "no such Gateway in the config; nothing will be routed here")

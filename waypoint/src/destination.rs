@@ -166,6 +166,7 @@ spec:
             Ok(Target::ServiceEntry { entry, port, addr }) => {
                 Ok(format!("entry {entry}:{port} at {addr}"))
             }
+            Ok(other) => Ok(format!("{other:?}")),
             Err(e) => Err(e.to_string()),
         };
         match (&got, want) {

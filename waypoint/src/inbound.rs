@@ -250,7 +250,7 @@ fn check_connect(
     Ok(ConnCtx {
         peer,
         local,
-        peer_identity,
+        peer_identity: Some(peer_identity),
         authority,
         target,
         declared,
@@ -371,7 +371,7 @@ async fn open_l4(ctx: &ConnCtx, inputs: &Inputs) -> Result<(Box<dyn Io>, Endpoin
     let eval = mesh_model::policy::evaluate_l4(
         &policies,
         &L4Request {
-            src_identity: Some(ctx.peer_identity.clone()),
+            src_identity: ctx.peer_identity.clone(),
             // At L4 `remoteIpBlocks` is this address too (`evaluate_l4`).
             src_ip: ctx.peer.ip(),
             dst_ip: ctx.authority.ip(),
@@ -450,7 +450,7 @@ async fn relay_l4<D: Io>(
     let model = inputs.model.load();
     let labels = LabelInputs {
         src_pod: model.workload_by_ip_shared(ctx.peer.ip()).cloned(),
-        src_identity: Some(ctx.peer_identity.clone()),
+        src_identity: ctx.peer_identity.clone(),
         dst_pod: ep.pod.clone(),
         dst_identity: ep.identity.clone(),
         service: ctx
@@ -480,7 +480,7 @@ async fn relay_l4<D: Io>(
     tracing::info!(
         target: "access",
         src_addr = %ctx.peer,
-        src_identity = %ctx.peer_identity,
+        src_identity = ctx.peer_identity.as_ref().map_or_else(|| "-".to_string(), |i| i.to_string()),
         protocol = "tcp",
         authority = %ctx.authority,
         upstream = %ep.addr,

@@ -1,4 +1,6 @@
-//! The waypoint: an L7 proxy for the Services (or workloads) that use it.
+//! The waypoint: an L7 proxy for the Services (or workloads) that use it; and, for a
+//! Gateway of class `istio`, the mesh's ingress gateway ([`ingress`]: its HTTP and HTTPS
+//! listeners served on their ports to clients outside the mesh, through the same engine).
 //!
 //! Node agents send traffic for such destinations here over HBONE (port 15008, mTLS with
 //! the client's identity, `CONNECT <service-vip>:<port>`). The waypoint authenticates the
@@ -20,4 +22,5 @@ pub mod app;
 pub mod config;
 pub mod destination;
 pub mod inbound;
+pub mod ingress;
 pub mod stats;

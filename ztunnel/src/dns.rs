@@ -397,28 +397,17 @@ pub async fn run_tcp(
     stop: CancellationToken,
 ) {
     let conns = Arc::new(Semaphore::new(MAX_TCP_PER_POD));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::debug!(error = %e, "DNS accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
+    let nat = pi.cfg.redirect == Redirect::Nftables;
+    let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
         let Ok(permit) = conns.clone().try_acquire_owned() else {
             pi.metrics.dns_request("overloaded");
-            continue;
+            return;
         };
-        let nat = pi.cfg.redirect == Redirect::Nftables;
         let upstream = match crate::socket::original_dst(&tcp, nat) {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(error = %e, %peer, "DNS connection without original destination");
-                continue;
+                return;
             }
         };
         let (pod, pi, stop) = (pod.clone(), pi.clone(), stop.clone());
@@ -433,7 +422,8 @@ pub async fn run_tcp(
                 }
             }
         });
-    }
+    };
+    mesh_shell::accept::serve("dns", || listener.accept(), accepted, stop.clone()).await
 }
 
 /// One TCP DNS connection: length-prefixed queries, each answered or forwarded over one

@@ -20,7 +20,8 @@ pub fn destination(target: &Target) -> Destination<'_> {
     match target {
         Target::Service { svc, .. } => Destination::Service(svc),
         Target::ServiceEntry { entry, .. } => Destination::ServiceEntry(entry),
-        Target::Workload { .. } => Destination::Workload,
+        // An ingress listener: the policies attached to its Gateway.
+        Target::Workload { .. } | Target::Listener { .. } => Destination::Workload,
     }
 }
 
@@ -35,7 +36,7 @@ pub fn run(
     auth: Option<&RequestAuth>,
 ) -> Result<(), LocalReply> {
     let l7 = L7Request {
-        src_identity: Some(&ctx.peer_identity),
+        src_identity: ctx.peer_identity.as_ref(),
         src_ip: ctx.peer.ip(),
         remote_ip: rq.remote_ip,
         dst_ip: ctx.authority.ip(),

@@ -140,18 +140,18 @@ pub fn accept(
     let grpc = ctx.declared == Declared::Grpc || grpc_request;
     let labels = LabelInputs {
         src_pod: model.workload_by_ip_shared(ctx.peer.ip()).cloned(),
-        src_identity: Some(ctx.peer_identity.clone()),
+        src_identity: ctx.peer_identity.clone(),
         dst_pod: None,
         dst_identity: None,
         service: None,
         protocol: if grpc { "grpc" } else { "http" },
-        mtls: true,
+        mtls: ctx.peer_identity.is_some(),
     };
     let log = AccessLog {
         enabled: access_log,
         started,
         src: ctx.peer,
-        src_identity: Some(ctx.peer_identity.clone()),
+        src_identity: ctx.peer_identity.clone(),
         protocol: if downstream_h2 { "HTTP/2" } else { "HTTP/1.1" },
         // What only the access log line shows is copied only when it is written.
         method: logged(access_log, || parts.method.to_string()),

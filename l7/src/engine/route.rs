@@ -14,11 +14,12 @@ use std::net::SocketAddr;
 use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
 use mesh_model::model::{
-    Fault, HeaderModifier, Mirror, Model, NamespacedName, RetryPolicy, Timeouts,
+    hostname_rank, Fault, Gateway, HeaderModifier, Listener, ListenerProtocol, Mirror, Model,
+    NamespacedName, ParentKind, RetryPolicy, Timeouts,
 };
 use mesh_model::route::{
     self, modify_headers, modify_path, pick_backend, redirect_location, BackendTarget,
-    NormalizedPath, RouteRequest, RouteTarget, Routing, Selected,
+    NormalizedPath, RouteOwner, RouteRequest, RouteTarget, Routing, Selected,
 };
 
 use super::reply::Shape;
@@ -74,8 +75,22 @@ pub fn route_target<'m>(
                 .filter(|h| entry.hosts.iter().any(|x| x.eq_ignore_ascii_case(h)));
             Some(RouteTarget::ServiceEntry { entry, port, host })
         }
-        Target::Workload { .. } => None,
+        // A pod addressed directly, or an ingress listener (routed by its own routes).
+        Target::Workload { .. } | Target::Listener { .. } => None,
     }
+}
+
+/// The HTTP or HTTPS listener of `gw` on `port` that takes requests for `host` (lower case,
+/// no port): the one whose hostname is `host`, else the longest wildcard covering it, else
+/// one without a hostname (Gateway API listener precedence).
+pub fn listener_for<'g>(gw: &'g Gateway, port: u16, host: &str) -> Option<&'g Listener> {
+    gw.listeners
+        .iter()
+        .filter(|l| l.port == port)
+        .filter(|l| matches!(l.protocol, ListenerProtocol::Http | ListenerProtocol::Https))
+        .filter_map(|l| Some((hostname_rank(l.hostname.as_deref(), host)?, l)))
+        .max_by_key(|(rank, _)| *rank)
+        .map(|(_, l)| l)
 }
 
 /// The phase: the plan for the request `rq` to `ctx`'s target (as `resolved` in `model`),
@@ -105,9 +120,6 @@ pub fn run(
         fault: None,
         mirrors: Vec::new(),
     };
-    let Some(dest) = route_target(model, &ctx.target, resolved) else {
-        return Ok(plan);
-    };
     let request = RouteRequest {
         host: &rq.authority,
         method: rq.parts.method.as_str(),
@@ -116,17 +128,53 @@ pub fn run(
         headers: &rq.parts.headers,
         source: rq.labels.src_pod.as_deref(),
     };
-    let sel = match route::route_to(model, waypoint, &dest, &request) {
-        Routing::Default => return Ok(plan),
-        Routing::NoMatch => {
-            return Err(LocalReply::new(
-                StatusCode::NOT_FOUND,
-                "route not found",
-                Some(ResponseFlag::NoRoute),
-                "no HTTPRoute or VirtualService rule matches",
-            ))
+    let no_route = |why: String| {
+        LocalReply::new(
+            StatusCode::NOT_FOUND,
+            "route not found",
+            Some(ResponseFlag::NoRoute),
+            why,
+        )
+    };
+    // An ingress listener: its attached routes decide (none matching: 404); anything else:
+    // the routes of its Service or ServiceEntry, else the destination itself.
+    let (sel, dest) = match &ctx.target {
+        Target::Listener { gateway, port } => {
+            let host = route::host_without_port(&rq.authority).to_ascii_lowercase();
+            let Some(listener) = model
+                .gateways
+                .get(gateway)
+                .and_then(|gw| listener_for(gw, *port, &host))
+            else {
+                return Err(no_route(format!(
+                    "no listener of {gateway} on port {port} takes host {host}"
+                )));
+            };
+            let routes = model.routes_for_listener(gateway, &listener.name);
+            match route::select(&routes, ParentKind::Gateway, &request) {
+                Routing::Matched(sel) => (sel, None),
+                Routing::Default | Routing::NoMatch => {
+                    return Err(no_route(format!(
+                        "no route attached to listener {} matches",
+                        listener.name
+                    )))
+                }
+            }
         }
-        Routing::Matched(sel) => sel,
+        _ => {
+            let Some(dest) = route_target(model, &ctx.target, resolved) else {
+                return Ok(plan);
+            };
+            match route::route_to(model, waypoint, &dest, &request) {
+                Routing::Default => return Ok(plan),
+                Routing::NoMatch => {
+                    return Err(no_route(
+                        "no HTTPRoute or VirtualService rule matches".to_string(),
+                    ))
+                }
+                Routing::Matched(sel) => (sel, Some(dest)),
+            }
+        }
     };
     let rule = sel.rule;
     rq.log.route = Some(rule_label(&sel));
@@ -165,13 +213,15 @@ pub fn run(
         ));
     };
     rq.log.backend = Some(format!("{}:{}", chosen.service, chosen.port));
-    // VirtualService destinations may name any namespace (Istio allows it).
-    if !sel.route.is_virtual_service() && chosen.service.namespace != sel.route.namespace() {
-        // The Gateway API needs a ReferenceGrant for this; without support for them,
-        // refuse rather than let a route reach into any namespace.
-        return Err(LocalReply::no_backend(
-            "cross-namespace backendRef needs a ReferenceGrant (not supported)",
-        ));
+    // VirtualService destinations may name any namespace (Istio allows it); a route's
+    // backendRef in another namespace needs a ReferenceGrant there (Gateway API).
+    if let RouteOwner::HttpRoute(r) = sel.route {
+        if !model.backend_permitted(r, chosen) {
+            return Err(LocalReply::no_backend(format!(
+                "backendRef {} in another namespace: no ReferenceGrant there allows it",
+                chosen.service
+            )));
+        }
     }
     // Port 0: a VirtualService destination (or ServiceEntry backendRef) without a port, the
     // request's own.
@@ -180,7 +230,15 @@ pub fn run(
     } else {
         chosen.port
     };
-    plan.backend = match route::backend_target(chosen, &dest) {
+    let backend = match &dest {
+        Some(dest) => route::backend_target(chosen, dest),
+        // From an ingress listener: a Service, or a ServiceEntry (which is no request's own).
+        None => match chosen.kind {
+            route::BackendKind::Service => BackendTarget::Service(&chosen.service),
+            route::BackendKind::ServiceEntry => BackendTarget::OtherEntry(&chosen.service),
+        },
+    };
+    plan.backend = match backend {
         BackendTarget::Service(svc) => Target::Service {
             svc: svc.clone(),
             port: backend_port,

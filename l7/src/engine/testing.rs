@@ -77,7 +77,7 @@ pub fn conn() -> ConnCtx {
     ConnCtx {
         peer: SocketAddr::from(([10, 0, 0, 9], 40000)),
         local: SocketAddr::from(([10, 0, 0, 100], 15008)),
-        peer_identity: Identity::new("cluster.local", "app", "client"),
+        peer_identity: Some(Identity::new("cluster.local", "app", "client")),
         authority: SocketAddr::from(([10, 96, 0, 1], 80)),
         target: Target::Service {
             svc: NamespacedName::new("app", "web"),

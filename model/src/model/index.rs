@@ -22,8 +22,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{
-    selector_matches, Action, AuthorizationPolicy, EndpointSlice, Labels, Namespace,
-    NamespacedName, PeerAuthentication, Pod, Service, GATEWAY_NAME_LABEL,
+    selector_matches, Action, AuthorizationPolicy, EndpointSlice, HttpRoute, Labels, Namespace,
+    NamespacedName, ParentKind, PeerAuthentication, Pod, Service, TlsSecret, GATEWAY_NAME_LABEL,
 };
 use crate::policy::l7::{attach_point, AttachPoint, Destination};
 
@@ -53,6 +53,14 @@ pub(super) struct Index {
     pub(super) service_entry_positions: ByNamespaceAndName<usize>,
     /// EndpointSlices by namespace, then Service name, in slice name order.
     pub(super) slices: ByNamespaceAndName<Vec<Arc<EndpointSlice>>>,
+    /// Routes (positions in the model's list, ascending) by namespace and name of each
+    /// Gateway their `parentRefs` name, so that a listener's routes are read without
+    /// scanning every route.
+    pub(super) routes_by_gateway: ByNamespaceAndName<Vec<u32>>,
+    /// ReferenceGrants (positions in their list) by namespace.
+    pub(super) reference_grants: HashMap<String, Vec<u32>>,
+    /// TLS Secrets by namespace and name.
+    pub(super) tls_secrets: ByNamespaceAndName<Arc<TlsSecret>>,
 }
 
 /// Values by namespace, then name (looked up with borrowed strings).
@@ -115,6 +123,25 @@ pub(super) fn slices_by_service<'a>(
             .entry(slice.service.clone())
             .or_default()
             .push(slice.clone());
+    }
+    by
+}
+
+/// `routes` (in model order) by each Gateway their `parentRefs` name, each route once per
+/// Gateway.
+pub(super) fn routes_by_gateway(routes: &[HttpRoute]) -> ByNamespaceAndName<Vec<u32>> {
+    let mut by: ByNamespaceAndName<Vec<u32>> = HashMap::new();
+    for (position, r) in (0u32..).zip(routes) {
+        for p in r.parents.iter().filter(|p| p.kind == ParentKind::Gateway) {
+            let bucket = by
+                .entry(p.target.namespace.clone())
+                .or_default()
+                .entry(p.target.name.clone())
+                .or_default();
+            if bucket.last() != Some(&position) {
+                bucket.push(position);
+            }
+        }
     }
     by
 }

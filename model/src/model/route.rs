@@ -44,7 +44,8 @@ pub struct ParentRef {
     /// route's).
     pub target: NamespacedName,
     /// `sectionName`: the Service (or ServiceEntry) port's name (for a Gateway, a listener
-    /// name: not used, a waypoint has one listener).
+    /// name: an ingress gateway's, see `Model::routes_for_listener`; not used for a
+    /// waypoint, which has one listener).
     pub section_name: Option<String>,
     /// `port`: the Service (or ServiceEntry) port the route applies to (for a Gateway: the
     /// port of the destination the traffic is for); `None` = every port.

@@ -344,7 +344,7 @@ spec: {gatewayClassName: istio-waypoint}
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: ingress, namespace: app}
-spec: {gatewayClassName: istio}
+spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}
 ---
 apiVersion: v1
 kind: Pod

@@ -13,9 +13,15 @@
 //!   PeerAuthentication and AuthorizationPolicy, and `gateway.networking.k8s.io/v1`
 //!   Gateways (waypoints; as [`DynamicObject`]s: there are no generated types); for a
 //!   waypoint ([`Scope::Waypoint`]) also HTTPRoutes, GRPCRoutes, RequestAuthentications,
-//!   VirtualServices, DestinationRules and Telemetries. A cluster
-//!   without Istio's CRDs gets a model without policies; one without the Gateway API CRDs a
-//!   model without waypoints (services labelled `istio.io/use-waypoint` then go direct).
+//!   VirtualServices, DestinationRules and Telemetries; for an ingress gateway
+//!   ([`Scope::Gateway`]) also Secrets, only of type `kubernetes.io/tls` (a field selector:
+//!   no other Secret is ever sent; of each only labels, type, `tls.crt` and `tls.key` are
+//!   kept, the key never logged or dumped) and `gateway.networking.k8s.io/v1beta1`
+//!   ReferenceGrants. A cluster without Istio's CRDs gets a model without policies; one
+//!   without the Gateway API CRDs a model without waypoints (services labelled
+//!   `istio.io/use-waypoint` then go direct).
+//! - [`status`] writes an ingress Gateway's status back (`gateways/status`), the one thing
+//!   this crate writes besides TokenReviews.
 //! - Each kind is listed, then watched from the list's `resourceVersion`; a dropped watch is
 //!   resumed, an expired one (`410 Gone`) re-listed, failures retried with jittered
 //!   exponential backoff ([`Options::retry_min`] .. [`Options::retry_max`]).
@@ -35,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 mod resources;
+pub mod status;
 mod store;
 pub mod token_review;
 
@@ -99,7 +106,7 @@ pub struct Options {
     pub metrics: Option<Arc<Metrics>>,
     /// Receives the refused objects whenever that set changes (for `/config_dump`).
     pub rejections: Option<watch::Sender<Vec<Rejection>>>,
-    /// Which kinds are watched (the node agent's, or also the waypoint's).
+    /// Which kinds are watched (the node agent's, the waypoint's, or the ingress gateway's).
     pub scope: Scope,
 }
 
@@ -147,6 +154,12 @@ pub async fn watch(
         // (Services without a selector) are watched.
         if let Some(selector) = kind.label_selector {
             config = config.labels(selector);
+        }
+        // Likewise the Secrets: only `kubernetes.io/tls` ones are ever sent
+        // (`resources::TLS_SECRET_SELECTOR`), never a token or another application's
+        // credentials.
+        if let Some(selector) = kind.field_selector {
+            config = config.fields(selector);
         }
         watcher(api, config)
             .backoff(Retry::new(opts.retry_min, opts.retry_max))

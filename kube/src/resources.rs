@@ -23,14 +23,22 @@ pub(crate) enum Body {
     /// Service and the Istio policies: `spec` as it is. Policy specs must stay verbatim
     /// because the loader refuses unknown fields in them.
     Spec,
-    /// Gateway: `spec` as it is, and of `status` only `addresses` (where a control plane
-    /// put the waypoint, which wins over `spec.addresses`); its conditions carry timestamps
-    /// that change without changing the mesh.
+    /// Gateway: `spec` as it is, `metadata.generation` (the `observedGeneration` of the
+    /// status an ingress gateway writes back; it changes only with `spec`), and of `status`
+    /// only `addresses` (where a control plane put the waypoint, which wins over
+    /// `spec.addresses`); its conditions carry timestamps that change without changing the
+    /// mesh, and an ingress gateway writes them itself.
     Gateway,
     /// EndpointSlice: `addressType`, `endpoints` and `ports` reduced to what the loader reads
     /// (see [`endpoint_slice_body`]). Node names, zones, hints, the `serving`/`terminating`
     /// conditions and `targetRef.uid`/`resourceVersion` change without changing the mesh.
     EndpointSlice,
+    /// Secret (only `kubernetes.io/tls` ones are listed, see [`TLS_SECRET_SELECTOR`]): of the
+    /// metadata only name, namespace and labels (annotations may carry anything, a copy of
+    /// the whole Secret included), `type`, and of `data` only `tls.crt` and `tls.key`. The
+    /// key stays in the store's accepted document and the model, neither of which is ever
+    /// logged or dumped with it (`TlsSecret` redacts it).
+    Secret,
 }
 
 /// The EndpointSlices watched: all but those the EndpointSlice controller derives from a
@@ -44,6 +52,11 @@ pub(crate) enum Body {
 pub(crate) const ENDPOINT_SLICE_SELECTOR: &str =
     "endpointslice.kubernetes.io/managed-by!=endpointslice-controller.k8s.io";
 
+/// The Secrets watched: `kubernetes.io/tls` only, selected by the API server, so no other
+/// Secret (service-account tokens, credentials of other applications) ever reaches the
+/// process. An ingress gateway reads nothing else of Secrets.
+pub(crate) const TLS_SECRET_SELECTOR: &str = "type=kubernetes.io/tls";
+
 /// One watched kind.
 #[derive(Clone, Debug)]
 pub(crate) struct Kind {
@@ -56,6 +69,8 @@ pub(crate) struct Kind {
     /// Only the objects matching this label selector are listed and watched (server side);
     /// `None`: all of them.
     pub(crate) label_selector: Option<&'static str>,
+    /// Likewise a field selector (server side); `None`: all of them.
+    pub(crate) field_selector: Option<&'static str>,
 }
 
 /// What a consumer of the model needs watched.
@@ -68,6 +83,12 @@ pub enum Scope {
     /// Also what a waypoint applies: HTTPRoutes, GRPCRoutes, RequestAuthentications,
     /// VirtualServices, DestinationRules and Telemetries.
     Waypoint,
+    /// Also what an ingress gateway (a Gateway of class `istio`) needs for its HTTPS
+    /// listeners: Secrets of type `kubernetes.io/tls` (no other Secret is listed) and
+    /// `gateway.networking.k8s.io/v1beta1` ReferenceGrants (optional, as every CRD kind).
+    /// Only an ingress gateway's deployment may read Secrets: a waypoint keeps
+    /// [`Scope::Waypoint`].
+    Gateway,
 }
 
 /// The kinds `scope` needs, in the order the loader documents them.
@@ -79,6 +100,7 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
         optional: false,
         body,
         label_selector: None,
+        field_selector: None,
     };
     // Both scopes balance over a Service's endpoints. Not optional: `discovery.k8s.io/v1` is
     // served by every Kubernetes since 1.21.
@@ -99,6 +121,7 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
         optional: true,
         body: Body::Spec,
         label_selector: None,
+        field_selector: None,
     };
     // `security.istio.io/v1` is served by every Istio since 1.22; the loader also reads
     // v1beta1, but one version per kind keeps each object seen once.
@@ -126,7 +149,7 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
             "serviceentries",
         ),
     ];
-    if scope == Scope::Waypoint {
+    if matches!(scope, Scope::Waypoint | Scope::Gateway) {
         kinds.push(crd(
             "gateway.networking.k8s.io",
             "v1",
@@ -154,6 +177,22 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
         ));
         // The waypoint's access-log switch (`telemetry.istio.io/v1`, Istio 1.22+).
         kinds.push(crd("telemetry.istio.io", "v1", "Telemetry", "telemetries"));
+    }
+    if scope == Scope::Gateway {
+        // Not optional: `v1` Secrets are served by every Kubernetes (a 403 for want of RBAC
+        // is retried, and the gateway stays not ready, as for any core kind).
+        kinds.push(Kind {
+            field_selector: Some(TLS_SECRET_SELECTOR),
+            ..core(ApiResource::erase::<v1::Secret>(&()), Body::Secret)
+        });
+        // `v1beta1`: served by every Gateway API release since 0.6 (`v1` only since 1.3,
+        // and not by all); the loader reads both.
+        kinds.push(crd(
+            "gateway.networking.k8s.io",
+            "v1beta1",
+            "ReferenceGrant",
+            "referencegrants",
+        ));
     }
     kinds
 }
@@ -204,7 +243,7 @@ pub(crate) fn document(kind: &Kind, obj: &DynamicObject) -> Value {
         Value::String(kind.resource.api_version.clone()),
     );
     doc.insert("kind".into(), Value::String(kind.resource.kind.clone()));
-    doc.insert("metadata".into(), metadata(obj));
+    doc.insert("metadata".into(), metadata(obj, kind.body));
     match kind.body {
         Body::None => {}
         Body::Pod => {
@@ -215,6 +254,11 @@ pub(crate) fn document(kind: &Kind, obj: &DynamicObject) -> Value {
         Body::Spec => {
             if let Some(spec) = obj.data.get("spec") {
                 doc.insert("spec".into(), spec.clone());
+            }
+        }
+        Body::Secret => {
+            for (field, value) in secret_body(&obj.data) {
+                doc.insert(field.into(), value);
             }
         }
         Body::Gateway => {
@@ -238,8 +282,9 @@ pub(crate) fn document(kind: &Kind, obj: &DynamicObject) -> Value {
 }
 
 /// The metadata the loader reads; `resourceVersion`, `managedFields` and the like change on
-/// every write and would make identical objects look different.
-fn metadata(obj: &DynamicObject) -> Value {
+/// every write and would make identical objects look different. A Secret's: name, namespace
+/// and labels only; a Gateway's also its `generation`.
+fn metadata(obj: &DynamicObject, body: Body) -> Value {
     let m = &obj.metadata;
     let mut out = Map::new();
     let mut put = |key: &str, value: Option<Value>| {
@@ -249,7 +294,6 @@ fn metadata(obj: &DynamicObject) -> Value {
     };
     put("name", m.name.clone().map(Value::String));
     put("namespace", m.namespace.clone().map(Value::String));
-    put("uid", m.uid.clone().map(Value::String));
     let strings = |map: &std::collections::BTreeMap<String, String>| {
         let kept: Map<String, Value> = map
             .iter()
@@ -258,6 +302,14 @@ fn metadata(obj: &DynamicObject) -> Value {
             .collect();
         Some(Value::Object(kept)).filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
     };
+    if body == Body::Secret {
+        put("labels", m.labels.as_ref().and_then(strings));
+        return Value::Object(out);
+    }
+    put("uid", m.uid.clone().map(Value::String));
+    if body == Body::Gateway {
+        put("generation", m.generation.map(Value::from));
+    }
     put("labels", m.labels.as_ref().and_then(strings));
     put("annotations", m.annotations.as_ref().and_then(strings));
     Value::Object(out)
@@ -336,6 +388,21 @@ fn endpoint_slice_body(data: &Value) -> Vec<(&'static str, Value)> {
     if let Some(ports) = data.get("ports") {
         let reduced = each(ports, |port| only(port, &["name", "port", "protocol"]));
         body.push(("ports", reduced));
+    }
+    body
+}
+
+/// A Secret's `type` and, of `data`, only `tls.crt` and `tls.key` (still base64, as the
+/// API server sends them; the loader decodes and checks them). `data` of another shape than a
+/// mapping is passed on as it is, for the loader to refuse by field. `stringData` is
+/// write-only: the API server never sends it.
+fn secret_body(data: &Value) -> Vec<(&'static str, Value)> {
+    let mut body = Vec::new();
+    if let Some(kind) = data.get("type") {
+        body.push(("type", kind.clone()));
+    }
+    if let Some(fields) = data.get("data") {
+        body.push(("data", only(fields, &["tls.crt", "tls.key"])));
     }
     body
 }
@@ -479,6 +546,8 @@ mod tests {
         );
     }
 
+    /// The generation stays (an ingress gateway's `observedGeneration`), the rest of the
+    /// volatile metadata and every status condition go: a status written back changes nothing.
     #[test]
     fn gateways_keep_their_spec_and_only_the_addresses_of_their_status() {
         let spec = json!({
@@ -488,7 +557,8 @@ mod tests {
         check(
             "Gateway",
             json!({
-                "metadata": {"name": "waypoint", "namespace": "demo",
+                "metadata": {"name": "waypoint", "namespace": "demo", "generation": 4,
+                             "resourceVersion": "77",
                              "labels": {"istio.io/waypoint-for": "service"}},
                 "spec": spec,
                 "status": {
@@ -500,7 +570,7 @@ mod tests {
             json!({
                 "apiVersion": "gateway.networking.k8s.io/v1",
                 "kind": "Gateway",
-                "metadata": {"name": "waypoint", "namespace": "demo",
+                "metadata": {"name": "waypoint", "namespace": "demo", "generation": 4,
                              "labels": {"istio.io/waypoint-for": "service"}},
                 "spec": spec,
                 "status": {"addresses": [{"type": "IPAddress", "value": "10.96.0.99"}]},
@@ -631,8 +701,8 @@ mod tests {
     /// Both scopes watch EndpointSlices, right after Services, as a core (not optional) kind
     /// and only those the EndpointSlice controller does not derive from a Service selector.
     #[test]
-    fn both_scopes_watch_endpoint_slices_not_managed_by_the_controller() {
-        for scope in [Scope::Node, Scope::Waypoint] {
+    fn every_scope_watches_endpoint_slices_not_managed_by_the_controller() {
+        for scope in [Scope::Node, Scope::Waypoint, Scope::Gateway] {
             let kinds = kinds_for(scope);
             let at = kinds
                 .iter()
@@ -711,5 +781,100 @@ mod tests {
                 "spec": spec,
             })
         );
+    }
+
+    fn kind_in(scope: Scope, name: &str) -> Option<Kind> {
+        kinds_for(scope)
+            .into_iter()
+            .find(|k| k.resource.kind == name)
+    }
+
+    /// Only the gateway scope reads Secrets and ReferenceGrants, after everything a
+    /// waypoint reads; Secrets only of type `kubernetes.io/tls`, selected by the API server.
+    #[test]
+    fn only_the_gateway_scope_reads_tls_secrets_and_reference_grants() {
+        for scope in [Scope::Node, Scope::Waypoint] {
+            assert!(kind_in(scope, "Secret").is_none(), "{scope:?}");
+            assert!(kind_in(scope, "ReferenceGrant").is_none(), "{scope:?}");
+        }
+        let waypoint: Vec<String> = kinds_for(Scope::Waypoint)
+            .into_iter()
+            .map(|k| k.resource.kind)
+            .collect();
+        let gateway: Vec<String> = kinds_for(Scope::Gateway)
+            .into_iter()
+            .map(|k| k.resource.kind)
+            .collect();
+        assert_eq!(gateway[..waypoint.len()], waypoint[..]);
+        assert_eq!(gateway[waypoint.len()..], ["Secret", "ReferenceGrant"]);
+
+        let secrets = kind_in(Scope::Gateway, "Secret").expect("secrets");
+        assert_eq!(secrets.resource.api_version, "v1");
+        assert_eq!(secrets.resource.plural, "secrets");
+        assert!(!secrets.optional);
+        assert_eq!(secrets.body, Body::Secret);
+        assert_eq!(secrets.label_selector, None);
+        assert_eq!(
+            secrets.field_selector.map(str::to_string),
+            Some(format!("type={}", mesh_model::model::TLS_SECRET_TYPE))
+        );
+        let others: Vec<String> = kinds_for(Scope::Gateway)
+            .into_iter()
+            .filter(|k| k.field_selector.is_some())
+            .map(|k| k.resource.kind)
+            .collect();
+        assert_eq!(others, ["Secret"]);
+
+        let grants = kind_in(Scope::Gateway, "ReferenceGrant").expect("grants");
+        assert_eq!(
+            grants.resource.api_version,
+            "gateway.networking.k8s.io/v1beta1"
+        );
+        assert_eq!(grants.resource.plural, "referencegrants");
+        assert!(grants.optional, "clusters without the Gateway API CRDs");
+        assert_eq!(grants.body, Body::Spec);
+    }
+
+    /// A TLS Secret as the API server sends it: of the metadata only name, namespace and
+    /// labels, its type, and only the two keys the translator reads.
+    #[test]
+    fn tls_secrets_keep_only_their_type_labels_and_the_two_pem_keys() {
+        let secrets = kind_in(Scope::Gateway, "Secret").expect("secrets");
+        let doc = document(
+            &secrets,
+            &object(json!({
+                "metadata": {
+                    "name": "cert", "namespace": "shop", "uid": "u1",
+                    "resourceVersion": "9", "creationTimestamp": "2025-01-01T00:00:00Z",
+                    "labels": {"app": "web"},
+                    "annotations": {LAST_APPLIED: "{\"data\": {\"tls.key\": \"...\"}}",
+                                    "cert-manager.io/issuer-name": "letsencrypt"},
+                    "managedFields": [{"manager": "cert-manager"}],
+                },
+                "type": "kubernetes.io/tls",
+                "immutable": false,
+                "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5", "ca.crt": "Y2E="},
+            })),
+        );
+        assert_eq!(
+            doc,
+            json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "cert", "namespace": "shop", "labels": {"app": "web"}},
+                "type": "kubernetes.io/tls",
+                "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"},
+            })
+        );
+        // `data` of another shape reaches the loader as it is, to be refused by field.
+        let odd = document(
+            &secrets,
+            &object(json!({
+                "metadata": {"name": "odd", "namespace": "shop"},
+                "type": "kubernetes.io/tls",
+                "data": "not a mapping",
+            })),
+        );
+        assert_eq!(odd["data"], "not a mapping");
     }
 }

@@ -582,4 +582,63 @@ mod tests {
         assert!(store.relist_done(AUTHZ).model);
         assert_eq!(policies(&store), (vec![], vec![]));
     }
+
+    /// A TLS Secret as the gateway scope watches it reaches the model's TLS secrets; one
+    /// whose `data` Kubernetes itself would refuse is refused by field, and neither the
+    /// refusal nor anything the store reports carries the key.
+    #[test]
+    fn a_tls_secret_reaches_the_model_and_a_refusal_never_shows_its_key() {
+        use base64::Engine as _;
+        let kinds = kinds_for(Scope::Gateway);
+        let at = kinds
+            .iter()
+            .position(|k| k.resource.kind == "Secret")
+            .expect("secrets watched");
+        let mut store = Store::new(kinds.clone());
+        for i in 0..kinds.len() {
+            store.relist_start(i);
+            store.relist_done(i);
+        }
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let key =
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n-----END PRIVATE KEY-----\n";
+        let cert = "-----BEGIN CERTIFICATE-----\nY2VydA==\n-----END CERTIFICATE-----\n";
+        let secret = |data: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(json!({
+                "metadata": {"name": "cert", "namespace": "shop"},
+                "type": "kubernetes.io/tls",
+                "data": data,
+            }))
+            .expect("secret")
+        };
+        let change = store.apply(
+            at,
+            &secret(json!({"tls.crt": b64(cert), "tls.key": b64(key)})),
+        );
+        assert!(change.model && change.refused.is_none());
+        let model = store.build().expect("model");
+        let tls = model.tls_secret("shop", "cert").expect("a TLS secret");
+        assert_eq!(tls.key_pem, key);
+
+        let change = store.apply(
+            at,
+            &secret(json!({"tls.crt": b64(cert), "tls.key": format!("{}!", b64(key))})),
+        );
+        let refused = change.refused.expect("refused");
+        assert_eq!(refused.object, "Secret shop/cert");
+        assert!(refused.error.contains("tls.key"), "{}", refused.error);
+        let shown = format!("{refused:?} {:?}", store.rejections());
+        assert!(
+            !shown.contains("c2VjcmV0") && !shown.contains(&b64(key)),
+            "{shown}"
+        );
+        assert!(
+            store
+                .build()
+                .expect("model")
+                .tls_secret("shop", "cert")
+                .is_some(),
+            "the last accepted version stays"
+        );
+    }
 }

@@ -31,6 +31,7 @@ fn endpoint(name: &str, ip: &str, version: &str) -> Endpoint {
         })),
         addr: SocketAddr::new(ip, 8080),
         identity: None,
+        via: None,
     }
 }
 

@@ -114,6 +114,10 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// `Some`: in the mesh, reached over HBONE expecting this identity. `None`: plain TCP.
     pub identity: Option<Identity>,
+    /// Through a waypoint: the HBONE tunnel goes to this waypoint's address (port 15008)
+    /// and asks for `addr` (a Service's VIP and port), as a node agent does for a client
+    /// pod — how an ingress gateway reaches a Service that uses a waypoint.
+    pub via: Option<IpAddr>,
 }
 
 impl Endpoint {
@@ -126,6 +130,7 @@ impl Endpoint {
             pod: Some(pod.clone()),
             addr,
             identity,
+            via: None,
         }
     }
 
@@ -135,6 +140,22 @@ impl Endpoint {
             pod: None,
             addr,
             identity: None,
+            via: None,
+        }
+    }
+
+    /// `authority` (a Service VIP and port) through the waypoint at `waypoint` with
+    /// `identity`: HBONE to the waypoint, CONNECT `authority`.
+    pub fn through_waypoint(
+        authority: SocketAddr,
+        waypoint: IpAddr,
+        identity: Identity,
+    ) -> Endpoint {
+        Endpoint {
+            pod: None,
+            addr: authority,
+            identity: Some(identity),
+            via: Some(waypoint),
         }
     }
 
@@ -405,7 +426,7 @@ impl Upstreams {
             vec![dst.clone()],
         )
         .map_err(|source| UpstreamError::Tls { addr, source })?;
-        let hbone_addr = SocketAddr::new(addr.ip(), HBONE_PORT);
+        let hbone_addr = SocketAddr::new(ep.via.unwrap_or(addr.ip()), HBONE_PORT);
         let key = PoolKey {
             src: self.cfg.identity.clone(),
             src_ip: local_ip,
@@ -959,6 +980,7 @@ mod tests {
             pod: Some(pod.into()),
             addr,
             identity: None,
+            via: None,
         }
     }
 

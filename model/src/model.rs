@@ -310,6 +310,9 @@ pub struct Gateway {
     pub waypoint_for: WaypointFor,
     /// IP addresses from `status.addresses`, else `spec.addresses` (type `IPAddress`).
     pub addresses: Vec<IpAddr>,
+    /// `metadata.generation` (`None` when not written, as in a hand-written file): the
+    /// `observedGeneration` of the status an ingress gateway writes back.
+    pub generation: Option<i64>,
     /// `spec.listeners`, in order. Validated for an ingress gateway (at least one, names
     /// unique, TLS as its protocol needs); for other classes read as far as they read (a
     /// waypoint's `HBONE` listener is [`ListenerProtocol::Unsupported`]; one without a

@@ -9,8 +9,23 @@
 //!   compaction gets one `ERROR` event with a `410 Gone` Status, as a real API server does, and
 //!   [`FakeApiServer::expire_watches`] sends that to open watches (forcing a re-list).
 //! - `labelSelector` (`key=value`, `key==value`, `key!=value`, `key`, `!key`, comma-separated)
-//!   filters lists and watches as the API server does; an object that stops matching is not
-//!   turned into a `DELETED` event (tests do not relabel objects across a selector).
+//!   and `fieldSelector` (`field=value`, `field==value`, `field!=value`; `metadata.name`,
+//!   `metadata.namespace` and the fields the API server supports for the kind, e.g. a
+//!   Secret's `type`; any other field is a `400`, as there) filter lists and watches as the
+//!   API server does; an object that stops matching is not turned into a `DELETED` event
+//!   (tests do not relabel objects across a selector).
+//! - Objects get `metadata.generation` as the API server gives it: 1 when created, one more
+//!   on each change of anything but `metadata` and `status`. A Secret's `stringData` is
+//!   merged into its `data` (base64), as the API server does (it never returns `stringData`).
+//!   Replacing an object with one that has no `status` keeps the status it had, as an
+//!   update of the main resource does; one with a `status` sets it (the test playing the
+//!   controller or kubelet that would write it).
+//! - `GET` of one namespaced object (`.../namespaces/<ns>/<plural>/<name>`, also its
+//!   `/status`), and `PATCH` of its `status` subresource with a JSON merge patch
+//!   (`application/merge-patch+json`: only `status` changes, a `MODIFIED` event follows, the
+//!   generation stays), as a controller writes status; every patch is recorded
+//!   ([`FakeApiServer::status_patches`]) and the object can be read back
+//!   ([`FakeApiServer::object`]). [`FakeApiServer::fail_status_patches`] makes them fail.
 //! - A kind whose CRD is not installed answers `404` with a `NotFound` Status.
 //! - A kind's list can be held back ([`FakeApiServer::hold_list`]) to see what the client
 //!   does before it has everything.
@@ -48,9 +63,9 @@ use tokio::task::JoinHandle;
 /// How long [`FakeApiServer::wait_for`] waits for the client to do something.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The kinds the agents watch (ztunnel the first 9, a waypoint all): collection path (all
-/// namespaces), apiVersion, kind.
-pub const KINDS: [(&str, &str, &str); 15] = [
+/// The kinds the agents watch (ztunnel the first 9, a waypoint the first 15, an ingress
+/// gateway all): collection path (all namespaces), apiVersion, kind.
+pub const KINDS: [(&str, &str, &str); 17] = [
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/serviceaccounts", "v1", "ServiceAccount"),
     ("/api/v1/pods", "v1", "Pod"),
@@ -111,6 +126,13 @@ pub const KINDS: [(&str, &str, &str); 15] = [
         "telemetry.istio.io/v1",
         "Telemetry",
     ),
+    // What an ingress gateway also watches.
+    ("/api/v1/secrets", "v1", "Secret"),
+    (
+        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
+        "gateway.networking.k8s.io/v1beta1",
+        "ReferenceGrant",
+    ),
 ];
 
 /// The kinds of [`KINDS`] only a waypoint watches (`mesh_kube::Scope::Waypoint`).
@@ -122,6 +144,19 @@ pub const WAYPOINT_ONLY_KINDS: [&str; 6] = [
     "DestinationRule",
     "Telemetry",
 ];
+
+/// The kinds of [`KINDS`] only an ingress gateway watches (`mesh_kube::Scope::Gateway`).
+pub const INGRESS_ONLY_KINDS: [&str; 2] = ["Secret", "ReferenceGrant"];
+
+/// Whether a node agent (`mesh_kube::Scope::Node`) watches `kind`.
+pub fn node_watches(kind: &str) -> bool {
+    !WAYPOINT_ONLY_KINDS.contains(&kind) && !INGRESS_ONLY_KINDS.contains(&kind)
+}
+
+/// Whether a waypoint (`mesh_kube::Scope::Waypoint`) watches `kind`.
+pub fn waypoint_watches(kind: &str) -> bool {
+    !INGRESS_ONLY_KINDS.contains(&kind)
+}
 
 /// Where `TokenReview`s are created.
 pub const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
@@ -147,6 +182,8 @@ pub struct Requests {
     pub watches: usize,
     /// Lists and watches answered `503` during an [`FakeApiServer::outage`].
     pub failed: usize,
+    /// `PATCH`es of an object's status (answered or failed).
+    pub status_patches: usize,
 }
 
 /// Who a registered token belongs to, as `TokenReview` reports it.
@@ -239,6 +276,20 @@ struct Inner {
     reviews: Reviews,
     /// Lists and watches answer `503` (see [`FakeApiServer::outage`]).
     outage: bool,
+    /// Status patches applied, in order.
+    patches: Vec<StatusPatch>,
+    /// `Some`: status patches answer this error (see [`FakeApiServer::fail_status_patches`]).
+    patch_failure: Option<u16>,
+}
+
+/// One status `PATCH` the server applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusPatch {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// The patch as sent (`{"status": ...}`).
+    pub patch: Value,
 }
 
 #[derive(Clone, Debug)]
@@ -247,8 +298,8 @@ enum Broadcast {
         path: &'static str,
         version: u64,
         line: Bytes,
-        /// The object's `metadata.labels`, for watches with a label selector.
-        labels: Value,
+        /// The object, for watches with a label or field selector.
+        object: Arc<Value>,
     },
     /// Every open watch of `path` gets `410 Gone` and ends.
     Expire { path: &'static str },
@@ -311,6 +362,8 @@ impl FakeApiServer {
                 collections,
                 reviews: Reviews::default(),
                 outage: false,
+                patches: Vec::new(),
+                patch_failure: None,
             }),
             events: broadcast::channel(1024).0,
             requested: Notify::new(),
@@ -374,6 +427,26 @@ impl FakeApiServer {
         let version = inner.version;
         let (path, c) = inner.collection(&kind)?;
         obj["metadata"]["resourceVersion"] = json!(version.to_string());
+        if kind == "Secret" {
+            string_data_into_data(&mut obj);
+        }
+        if obj.get("status").is_none() {
+            if let Some(status) = c.objects.get(&key).and_then(|old| old.get("status")) {
+                obj["status"] = status.clone();
+            }
+        }
+        let generation = match c.objects.get(&key) {
+            None => 1,
+            Some(old) => {
+                let old_generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                if without_metadata_and_status(old) == without_metadata_and_status(&obj) {
+                    old_generation
+                } else {
+                    old_generation + 1
+                }
+            }
+        };
+        obj["metadata"]["generation"] = json!(generation);
         let event = if c.objects.insert(key, obj.clone()).is_some() {
             "MODIFIED"
         } else {
@@ -384,9 +457,66 @@ impl FakeApiServer {
             path,
             version,
             line: event_line(event, &obj),
-            labels: obj["metadata"]["labels"].clone(),
+            object: Arc::new(obj),
         });
         Ok(())
+    }
+
+    /// The object as the server holds it now (with its resource version, generation and
+    /// status), if it exists.
+    pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Result<Option<Value>> {
+        let mut inner = self.lock();
+        let (_, c) = inner.collection(kind)?;
+        Ok(c.objects
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned())
+    }
+
+    /// The status patches applied to objects of `kind`, in order.
+    pub fn status_patches(&self, kind: &str) -> Vec<StatusPatch> {
+        self.lock()
+            .patches
+            .iter()
+            .filter(|p| p.kind == kind)
+            .cloned()
+            .collect()
+    }
+
+    /// `Some(code)`: every status `PATCH` answers that error Status (`403`: RBAC without
+    /// `patch` on the status subresource; `500`); `None`: they apply again.
+    pub fn fail_status_patches(&self, code: Option<u16>) {
+        self.lock().patch_failure = code;
+    }
+
+    /// Waits until `done` holds for object `kind` `namespace/name` as the server holds it
+    /// (checked after every request the server answers) and returns it.
+    pub async fn wait_for_object(
+        &self,
+        what: &str,
+        (kind, namespace, name): (&str, &str, &str),
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let wait = async {
+            loop {
+                let notified = self.shared.requested.notified();
+                if let Some(obj) = self.object(kind, namespace, name)? {
+                    if done(&obj) {
+                        return Ok::<Value, anyhow::Error>(obj);
+                    }
+                }
+                notified.await;
+            }
+        };
+        let last = || self.object(kind, namespace, name).ok().flatten();
+        match tokio::time::timeout(WAIT, wait).await {
+            Ok(found) => found,
+            Err(_) => {
+                bail!(
+                "fake api server: timed out waiting for {what}; {kind} {namespace}/{name} is {}",
+                last().map(|o| o.to_string()).unwrap_or_else(|| "absent".into())
+            )
+            }
+        }
     }
 
     /// Deletes an object (a `DELETED` event).
@@ -404,7 +534,7 @@ impl FakeApiServer {
             path,
             version,
             line: event_line("DELETED", &obj),
-            labels: obj["metadata"]["labels"].clone(),
+            object: Arc::new(obj),
         });
         Ok(())
     }
@@ -532,6 +662,37 @@ impl Inner {
     }
 }
 
+/// A Secret's `stringData` written into its `data`, base64-encoded (winning over a `data`
+/// entry of the same key), and dropped.
+fn string_data_into_data(secret: &mut Value) {
+    use base64::Engine as _;
+    let Some(fields) = secret.as_object_mut() else {
+        return;
+    };
+    let Some(Value::Object(strings)) = fields.remove("stringData") else {
+        return;
+    };
+    let data = fields.entry("data").or_insert_with(|| json!({}));
+    if !data.is_object() {
+        *data = json!({});
+    }
+    for (key, value) in strings {
+        let text = value.as_str().unwrap_or_default();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+        data[key.as_str()] = Value::String(encoded);
+    }
+}
+
+/// The object without `metadata` and `status`: what a change of bumps the generation.
+fn without_metadata_and_status(obj: &Value) -> Value {
+    let mut rest = obj.clone();
+    if let Some(fields) = rest.as_object_mut() {
+        fields.remove("metadata");
+        fields.remove("status");
+    }
+    rest
+}
+
 fn key_of(obj: &Value) -> Result<(String, String)> {
     let meta = &obj["metadata"];
     let name = meta["name"]
@@ -632,23 +793,27 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
-    let selector = match query
+    let bad_request =
+        |message: &str| full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", message));
+    let labels = match query
         .get("labelSelector")
         .map(|s| Selector::parse(&percent_decode(s)))
     {
         None => Selector::default(),
         Some(Ok(selector)) => selector,
-        Some(Err(e)) => {
-            return full(
-                StatusCode::BAD_REQUEST,
-                &status(
-                    400,
-                    "BadRequest",
-                    &format!("unable to parse requirement: {e}"),
-                ),
-            )
-        }
+        Some(Err(e)) => return bad_request(&format!("unable to parse requirement: {e}")),
     };
+    let fields = match query
+        .get("fieldSelector")
+        .map(|s| Selector::parse_fields(&percent_decode(s)))
+    {
+        None => Selector::default(),
+        Some(Ok(selector)) => selector,
+        Some(Err(e)) => return bad_request(&e),
+    };
+    if let Some(object) = ObjectPath::parse(&path) {
+        return object_request(shared, req, object).await;
+    }
     let not_found = || {
         full(
             StatusCode::NOT_FOUND,
@@ -674,6 +839,9 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         if !c.installed {
             return not_found();
         }
+        if let Some(field) = fields.unsupported(c.kind) {
+            return bad_request(&format!("field label not supported: {field}"));
+        }
         if outage {
             c.requests.failed += 1;
             return full(
@@ -692,12 +860,196 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             .get("resourceVersion")
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        watch_response(shared, &path, version, selector)
+        watch_response(shared, &path, version, Filter { labels, fields })
     } else {
         // Held lists wait; a dropped sender (server gone) ends the wait.
         let mut hold = hold;
         let _ = hold.wait_for(|held| !held).await;
-        list_response(shared, &path, &selector)
+        list_response(shared, &path, &Filter { labels, fields })
+    }
+}
+
+/// `<collection prefix>/namespaces/<ns>/<plural>/<name>[/<subresource>]`: one namespaced
+/// object (or its subresource), and the all-namespaces collection it is served from.
+#[derive(Debug, PartialEq, Eq)]
+struct ObjectPath {
+    /// The all-namespaces collection path, as in [`KINDS`].
+    collection: String,
+    namespace: String,
+    name: String,
+    subresource: Option<String>,
+}
+
+impl ObjectPath {
+    fn parse(path: &str) -> Option<ObjectPath> {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        // `api/v1` or `apis/<group>/<version>`.
+        let prefix_len = match segments.first() {
+            Some(&"api") => 2,
+            Some(&"apis") => 3,
+            _ => return None,
+        };
+        let rest = segments.get(prefix_len..)?;
+        let (namespace, plural, name, subresource) = match rest {
+            ["namespaces", ns, plural, name] => (ns, plural, name, None),
+            ["namespaces", ns, plural, name, sub] => (ns, plural, name, Some(sub.to_string())),
+            _ => return None,
+        };
+        if [namespace, plural, name].iter().any(|s| s.is_empty()) {
+            return None;
+        }
+        let prefix = segments.get(..prefix_len)?.join("/");
+        Some(ObjectPath {
+            collection: format!("/{prefix}/{plural}"),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            subresource,
+        })
+    }
+}
+
+/// `GET` of one object (or its `status`), `PATCH` of its `status` with a JSON merge patch.
+async fn object_request(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    at: ObjectPath,
+) -> Response<Body> {
+    let not_found = |what: &str| full(StatusCode::NOT_FOUND, &status(404, "NotFound", what));
+    let method = req.method().clone();
+    let patch_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return full(
+                StatusCode::BAD_REQUEST,
+                &status(400, "BadRequest", &format!("read the body: {e}")),
+            )
+        }
+    };
+    let answer = {
+        let mut guard = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = &mut *guard;
+        let outage = inner.outage;
+        let failure = inner.patch_failure;
+        let found = inner
+            .collections
+            .iter_mut()
+            .find(|(p, _)| **p == at.collection);
+        let Some((&path, c)) = found else {
+            return not_found("the server could not find the requested resource");
+        };
+        let key = (at.namespace.clone(), at.name.clone());
+        let described = format!("{} {:?} not found", c.kind, at.name);
+        match (&method, at.subresource.as_deref()) {
+            _ if !c.installed => not_found("the server could not find the requested resource"),
+            _ if outage => full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &status(
+                    503,
+                    "ServiceUnavailable",
+                    "the server is currently unable to handle the request",
+                ),
+            ),
+            (&http::Method::GET, None | Some("status")) => match c.objects.get(&key) {
+                Some(obj) => full(StatusCode::OK, obj),
+                None => not_found(&described),
+            },
+            (&http::Method::PATCH, Some("status")) => {
+                c.requests.status_patches += 1;
+                let kind = c.kind;
+                if patch_type.as_deref() != Some("application/merge-patch+json") {
+                    full(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        &status(
+                            415,
+                            "UnsupportedMediaType",
+                            "only JSON merge patches are served",
+                        ),
+                    )
+                } else if let Some(code) = failure {
+                    let reason = if code == 403 {
+                        "Forbidden"
+                    } else {
+                        "InternalError"
+                    };
+                    let message = format!(
+                        "{} \"{}\" is forbidden or failing (the test said {code})",
+                        c.kind, at.name
+                    );
+                    full(
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                        &status(code, reason, &message),
+                    )
+                } else {
+                    match (
+                        serde_json::from_slice::<Value>(&body),
+                        c.objects.get(&key).cloned(),
+                    ) {
+                        (Ok(patch), Some(mut obj)) if patch.is_object() => {
+                            merge_patch(&mut obj["status"], &patch["status"]);
+                            inner.version += 1;
+                            let version = inner.version;
+                            obj["metadata"]["resourceVersion"] = json!(version.to_string());
+                            c.objects.insert(key, obj.clone());
+                            c.history.push((version, "MODIFIED", obj.clone()));
+                            inner.patches.push(StatusPatch {
+                                kind: kind.to_string(),
+                                namespace: at.namespace.clone(),
+                                name: at.name.clone(),
+                                patch,
+                            });
+                            let _ = shared.events.send(Broadcast::Event {
+                                path,
+                                version,
+                                line: event_line("MODIFIED", &obj),
+                                object: Arc::new(obj.clone()),
+                            });
+                            full(StatusCode::OK, &obj)
+                        }
+                        (_, None) => not_found(&described),
+                        _ => full(
+                            StatusCode::BAD_REQUEST,
+                            &status(400, "BadRequest", "the body is not a JSON object"),
+                        ),
+                    }
+                }
+            }
+            _ => full(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &status(
+                    405,
+                    "MethodNotAllowed",
+                    "the fake serves GET of objects and PATCH of their status",
+                ),
+            ),
+        }
+    };
+    shared.requested.notify_waiters();
+    answer
+}
+
+/// RFC 7386: `patch` merged into `target` (an object's members recursively, `null` removes a
+/// member, anything else replaces the target, lists included).
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(members) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(fields) = target {
+        for (key, value) in members {
+            if value.is_null() {
+                fields.remove(key);
+            } else {
+                merge_patch(fields.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
     }
 }
 
@@ -829,7 +1181,91 @@ enum Requirement {
     NotExists(String),
 }
 
+/// A list's or watch's `labelSelector` and `fieldSelector`.
+#[derive(Clone, Debug, Default)]
+struct Filter {
+    labels: Selector,
+    fields: Selector,
+}
+
+impl Filter {
+    fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches(&obj["metadata"]["labels"]) && self.fields.matches_fields(obj)
+    }
+}
+
+/// The fields every kind can be selected by, as the API server allows them.
+const COMMON_FIELDS: [&str; 2] = ["metadata.name", "metadata.namespace"];
+
+/// The other fields the API server lets a list of `kind` be selected by (those the tests
+/// may use; a field the real server would refuse is refused).
+fn kind_fields(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "Secret" => &["type"],
+        "Pod" => &[
+            "spec.nodeName",
+            "spec.serviceAccountName",
+            "status.phase",
+            "status.podIP",
+        ],
+        "Namespace" => &["status.phase"],
+        _ => &[],
+    }
+}
+
 impl Selector {
+    /// A `fieldSelector`: only `=`, `==` and `!=`.
+    fn parse_fields(text: &str) -> std::result::Result<Selector, String> {
+        let mut requirements = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let requirement = if let Some((k, v)) = part.split_once("!=") {
+                Requirement::NotEquals(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once("==") {
+                Requirement::Equals(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once('=') {
+                Requirement::Equals(k.trim().into(), v.trim().into())
+            } else {
+                return Err(format!(
+                    "invalid selector: '{text}'; can't understand '{part}'"
+                ));
+            };
+            requirements.push(requirement);
+        }
+        Ok(Selector(requirements))
+    }
+
+    /// The first field of a field selector the API server does not support for `kind`.
+    fn unsupported(&self, kind: &str) -> Option<&str> {
+        self.0.iter().find_map(|r| {
+            let field = match r {
+                Requirement::Equals(f, _) | Requirement::NotEquals(f, _) => f.as_str(),
+                Requirement::Exists(f) | Requirement::NotExists(f) => f.as_str(),
+            };
+            let known = COMMON_FIELDS.contains(&field) || kind_fields(kind).contains(&field);
+            (!known).then_some(field)
+        })
+    }
+
+    /// Whether `obj` matches as a field selector: a missing field is the empty string.
+    fn matches_fields(&self, obj: &Value) -> bool {
+        let get = |path: &str| {
+            let mut v = obj;
+            for part in path.split('.') {
+                v = &v[part];
+            }
+            match v {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            }
+        };
+        self.0.iter().all(|r| match r {
+            Requirement::Equals(k, v) => get(k) == *v,
+            Requirement::NotEquals(k, v) => get(k) != *v,
+            Requirement::Exists(_) | Requirement::NotExists(_) => false,
+        })
+    }
+
     fn parse(text: &str) -> std::result::Result<Selector, String> {
         let mut requirements = Vec::new();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -889,7 +1325,7 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn list_response(shared: &Shared, path: &str, selector: &Selector) -> Response<Body> {
+fn list_response(shared: &Shared, path: &str, filter: &Filter) -> Response<Body> {
     let inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
     let Some(c) = inner.collections.get(path) else {
         return full(StatusCode::NOT_FOUND, &status(404, "NotFound", "gone"));
@@ -901,13 +1337,13 @@ fn list_response(shared: &Shared, path: &str, selector: &Selector) -> Response<B
         "items": c
             .objects
             .values()
-            .filter(|o| selector.matches(&o["metadata"]["labels"]))
+            .filter(|o| filter.matches(o))
             .collect::<Vec<_>>(),
     });
     full(StatusCode::OK, &list)
 }
 
-fn watch_response(shared: &Shared, path: &str, from: u64, selector: Selector) -> Response<Body> {
+fn watch_response(shared: &Shared, path: &str, from: u64, filter: Filter) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
     let body = StreamBody::new(rx).boxed();
     let mut resp = Response::new(body);
@@ -939,7 +1375,7 @@ fn watch_response(shared: &Shared, path: &str, from: u64, selector: Selector) ->
         let backlog: Vec<Bytes> = c
             .history
             .iter()
-            .filter(|(v, _, obj)| *v > from && selector.matches(&obj["metadata"]["labels"]))
+            .filter(|(v, _, obj)| *v > from && filter.matches(obj))
             .map(|(_, event, obj)| event_line(event, obj))
             .collect();
         let bookmark = json!({
@@ -965,8 +1401,8 @@ fn watch_response(shared: &Shared, path: &str, from: u64, selector: Selector) ->
                     path,
                     version,
                     line,
-                    labels,
-                }) if path == key && version > current && selector.matches(&labels) => {
+                    object,
+                }) if path == key && version > current && filter.matches(&object) => {
                     if tx.send(Ok(Frame::data(line))).await.is_err() {
                         return;
                     }
@@ -1074,6 +1510,263 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn secret(name: &str, type_: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": name, "namespace": "shop"},
+               "type": type_, "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"}})
+    }
+
+    #[test]
+    fn a_secrets_string_data_is_stored_as_data() {
+        let fake = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(FakeApiServer::start())
+            .unwrap();
+        let mut s = secret("cert", "kubernetes.io/tls");
+        s["stringData"] = json!({"tls.key": "key", "extra": "x"});
+        fake.apply(s).unwrap();
+        let stored = fake.object("Secret", "shop", "cert").unwrap().unwrap();
+        assert_eq!(
+            stored["data"],
+            json!({"tls.crt": "Y2VydA==", "tls.key": "a2V5", "extra": "eA=="})
+        );
+        assert!(stored.get("stringData").is_none());
+    }
+
+    /// Lists and watches honour `fieldSelector` (`=`, `!=`) as the API server does, as the
+    /// ingress gateway's Secret watch relies on; a field it does not support is a 400.
+    #[tokio::test]
+    async fn lists_and_watches_filter_by_field_selector() {
+        use futures::{StreamExt, TryStreamExt};
+        use kube::api::{Api, ListParams, WatchParams};
+
+        let fake = FakeApiServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let client = fake.client(dir.path()).await.unwrap();
+        fake.apply(secret("cert", "kubernetes.io/tls")).unwrap();
+        fake.apply(secret("token", "kubernetes.io/service-account-token"))
+            .unwrap();
+        fake.apply(secret("creds", "Opaque")).unwrap();
+        let api: Api<k8s_openapi::api::core::v1::Secret> = Api::all(client);
+        let names = |items: Vec<k8s_openapi::api::core::v1::Secret>| {
+            let mut n: Vec<String> = items.into_iter().filter_map(|o| o.metadata.name).collect();
+            n.sort();
+            n
+        };
+        let tls = "type=kubernetes.io/tls";
+        let list = api.list(&ListParams::default().fields(tls)).await.unwrap();
+        let version = list.metadata.resource_version.clone().unwrap();
+        assert_eq!(names(list.items), ["cert"]);
+        let others = api
+            .list(&ListParams::default().fields("type!=kubernetes.io/tls"))
+            .await
+            .unwrap();
+        assert_eq!(names(others.items), ["creds", "token"]);
+        let both = api
+            .list(&ListParams::default().fields("type=Opaque,metadata.name!=creds"))
+            .await
+            .unwrap();
+        assert!(both.items.is_empty());
+        let bad = api
+            .list(&ListParams::default().fields("data.tls.key=a2V5"))
+            .await
+            .unwrap_err();
+        assert!(
+            bad.to_string().contains("field label not supported"),
+            "{bad}"
+        );
+
+        let mut events = api
+            .watch(&WatchParams::default().fields(tls), &version)
+            .await
+            .unwrap()
+            .boxed();
+        fake.apply(secret("creds-2", "Opaque")).unwrap();
+        fake.apply(secret("cert-2", "kubernetes.io/tls")).unwrap();
+        let first = async {
+            loop {
+                match events.try_next().await.unwrap() {
+                    Some(kube::api::WatchEvent::Bookmark(_)) => continue,
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(WAIT, first).await.unwrap() {
+            Some(kube::api::WatchEvent::Added(o)) => {
+                assert_eq!(o.metadata.name.as_deref(), Some("cert-2"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn gateway(listener_port: u16) -> Value {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"gatewayClassName": "istio",
+                        "listeners": [{"name": "http", "port": listener_port, "protocol": "HTTP"}]}})
+    }
+
+    /// A status merge patch changes only the status (not the generation), is recorded, is
+    /// read back, and reaches watches; the generation counts spec changes only.
+    #[tokio::test]
+    async fn a_status_patch_is_applied_recorded_and_watched() {
+        use futures::{StreamExt, TryStreamExt};
+        use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+
+        let fake = FakeApiServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let client = fake.client(dir.path()).await.unwrap();
+        fake.apply(gateway(80)).unwrap();
+        let key = ("Gateway", "shop", "web");
+        let generation = |o: &Value| o["metadata"]["generation"].as_i64();
+        assert_eq!(
+            fake.object(key.0, key.1, key.2)
+                .unwrap()
+                .as_ref()
+                .and_then(generation),
+            Some(1)
+        );
+        fake.apply(gateway(80)).unwrap();
+        assert_eq!(
+            fake.object(key.0, key.1, key.2)
+                .unwrap()
+                .as_ref()
+                .and_then(generation),
+            Some(1)
+        );
+        fake.apply(gateway(8080)).unwrap();
+        assert_eq!(
+            fake.object(key.0, key.1, key.2)
+                .unwrap()
+                .as_ref()
+                .and_then(generation),
+            Some(2)
+        );
+        // The spec applied again without a status keeps the status written before.
+        let mut with_status = gateway(8080);
+        with_status["status"] = json!({"addresses": [{"value": "10.0.0.1"}]});
+        fake.apply(with_status).unwrap();
+        fake.apply(gateway(8080)).unwrap();
+        let kept = fake.object(key.0, key.1, key.2).unwrap().unwrap();
+        assert_eq!(kept["status"]["addresses"][0]["value"], "10.0.0.1");
+        assert_eq!(kept["metadata"]["generation"], 2);
+
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
+            "gateways",
+        );
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "shop", &resource);
+        let all: Api<DynamicObject> = Api::all_with(client, &resource);
+        let got = api.get("web").await.unwrap();
+        assert_eq!(got.metadata.generation, Some(2));
+        let version = got.metadata.resource_version.clone().unwrap();
+        let mut events = all
+            .watch(&kube::api::WatchParams::default(), &version)
+            .await
+            .unwrap()
+            .boxed();
+
+        let patch = json!({"status": {"conditions": [{"type": "Accepted", "status": "True"}]}});
+        let patched = api
+            .patch_status("web", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        assert_eq!(patched.data["status"]["conditions"][0]["type"], "Accepted");
+        assert_eq!(
+            patched.metadata.generation,
+            Some(2),
+            "status is no spec change"
+        );
+        let next = json!({"status": {"conditions": [{"type": "Programmed", "status": "False"}],
+                                     "listeners": []}});
+        api.patch_status("web", &PatchParams::default(), &Patch::Merge(&next))
+            .await
+            .unwrap();
+        let now = fake.object(key.0, key.1, key.2).unwrap().unwrap();
+        assert_eq!(
+            now["status"],
+            json!({"conditions": [{"type": "Programmed", "status": "False"}], "listeners": [],
+                   "addresses": [{"value": "10.0.0.1"}]}),
+            "lists are replaced, not merged; what the patch does not name stays"
+        );
+        assert_eq!(
+            now["spec"]["listeners"][0]["port"], 8080,
+            "the spec is untouched"
+        );
+        let patches = fake.status_patches("Gateway");
+        assert_eq!(patches.len(), 2);
+        assert_eq!(patches[0].patch, patch);
+        assert_eq!(
+            (patches[1].namespace.as_str(), patches[1].name.as_str()),
+            ("shop", "web")
+        );
+        assert_eq!(fake.requests("Gateway").unwrap().status_patches, 2);
+        let first = async {
+            loop {
+                match events.try_next().await.unwrap() {
+                    Some(kube::api::WatchEvent::Bookmark(_)) => continue,
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(WAIT, first).await.unwrap() {
+            Some(kube::api::WatchEvent::Modified(o)) => {
+                assert_eq!(o.data["status"]["conditions"][0]["type"], "Accepted")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Failing patches answer the error and change nothing; a missing object is a 404.
+        fake.fail_status_patches(Some(403));
+        let refused = api
+            .patch_status("web", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("403") || refused.to_string().contains("forbidden"),
+            "{refused}"
+        );
+        assert_eq!(fake.status_patches("Gateway").len(), 2);
+        assert_eq!(fake.requests("Gateway").unwrap().status_patches, 3);
+        fake.fail_status_patches(None);
+        let missing = api.get("nope").await.unwrap_err();
+        assert!(missing.to_string().contains("not found"), "{missing}");
+    }
+
+    #[test]
+    fn object_paths_name_the_collection_they_are_served_from() {
+        assert_eq!(
+            ObjectPath::parse(
+                "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/web/status"
+            ),
+            Some(ObjectPath {
+                collection: "/apis/gateway.networking.k8s.io/v1/gateways".into(),
+                namespace: "shop".into(),
+                name: "web".into(),
+                subresource: Some("status".into()),
+            })
+        );
+        assert_eq!(
+            ObjectPath::parse("/api/v1/namespaces/shop/secrets/cert").map(|p| p.collection),
+            Some("/api/v1/secrets".into())
+        );
+        for collection in [
+            "/api/v1/pods",
+            "/api/v1/namespaces",
+            "/api/v1/namespaces/shop",
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            TOKEN_REVIEWS,
+        ] {
+            assert_eq!(ObjectPath::parse(collection), None, "{collection}");
+        }
+        let mut target = json!({"a": {"b": 1, "c": [1, 2]}, "d": 1});
+        merge_patch(
+            &mut target,
+            &json!({"a": {"c": [3], "e": null}, "d": null, "f": "x"}),
+        );
+        assert_eq!(target, json!({"a": {"b": 1, "c": [3]}, "f": "x"}));
     }
 
     #[tokio::test]

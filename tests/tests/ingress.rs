@@ -4,14 +4,15 @@
 //! made here, in a Kubernetes TLS Secret), routed by an `HTTPRoute` attached to its
 //! listeners (by header and by weight) to Services in the mesh, whose pods are reached over
 //! HBONE under the gateway's identity: an AuthorizationPolicy on them that allows only the
-//! gateway's principal lets the gateway in and keeps a mesh client out.
+//! gateway's principal lets the gateway in and keeps a mesh client out. A Service that uses
+//! a waypoint is reached through it, whose L7 policy sees the gateway's principal.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use e2e::waypoint::{http_service, waypoint_pod};
+use e2e::waypoint::{gateway_yaml, http_service, waypoint_pod, waypoint_service};
 use e2e::{wait_until, Ambient, Mesh, Pod};
 use serde_json::Value;
 
@@ -20,6 +21,8 @@ const OUTSIDER: &str = "legacy/outsider";
 const HOST: &str = "bookinfo.example.com";
 const V1_VIP: &str = "10.96.0.61";
 const V2_VIP: &str = "10.96.0.62";
+/// `reviews`: a Service that uses the waypoint `default/waypoint`.
+const REVIEWS_VIP: &str = "10.96.0.63";
 const APPLY: Duration = Duration::from_secs(15);
 
 fn mesh(name: &str) -> Result<Mesh> {
@@ -38,6 +41,18 @@ fn mesh(name: &str) -> Result<Mesh> {
         .pod(version("echo-v2", "n1", "v2"))
         .service(http_service("echo-v1", V1_VIP, ("version", "v1")))
         .service(http_service("echo-v2", V2_VIP, ("version", "v2")))
+        .pod(waypoint_pod("default", "waypoint", "n2"))
+        .yaml(
+            "waypoint.yaml",
+            &gateway_yaml("default", "waypoint", "service"),
+        )
+        .pod(
+            Pod::new("default", "reviews")
+                .on("n2")
+                .service_account("reviews")
+                .labels([("app", "reviews")]),
+        )
+        .service(waypoint_service("reviews", REVIEWS_VIP, ("app", "reviews")))
         .build()
 }
 
@@ -80,6 +95,8 @@ spec:
   rules:
   - matches: [{{headers: [{{name: x-version, value: v2}}]}}]
     backendRefs: [{{name: echo-v2, port: 80}}]
+  - matches: [{{path: {{type: PathPrefix, value: /reviews}}}}]
+    backendRefs: [{{name: reviews, port: 80}}]
   - matches: [{{path: {{type: PathPrefix, value: /split}}}}]
     backendRefs: [{{name: echo-v1, port: 80, weight: 50}}, {{name: echo-v2, port: 80, weight: 50}}]
   - backendRefs: [{{name: echo-v1, port: 80}}]
@@ -89,6 +106,14 @@ kind: AuthorizationPolicy
 metadata: {{name: only-the-gateway, namespace: default}}
 spec:
   selector: {{matchLabels: {{app: echo}}}}
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/istio-ingress/sa/ingress]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: reviews-from-the-gateway, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: reviews}}]
   action: ALLOW
   rules: [{{from: [{{source: {{principals: [cluster.local/ns/istio-ingress/sa/ingress]}}}}]}}]
 "#,
@@ -128,6 +153,8 @@ fn a_client_outside_the_mesh_reaches_services_through_the_ingress_gateway() -> R
         APPLY,
         || Ok(mesh.http_get("default/client", direct, "/direct").is_err()),
     )?;
+    let _reviews = mesh.spawn_echo("default/reviews", 8080, "reviews")?;
+    let _waypoint = mesh.spawn_default_waypoint()?;
     let _gateway = mesh.spawn_waypoint(GATEWAY_POD, "istio-ingress", "ingress", "ingress")?;
     let gateway_ip = mesh.pod_ip(GATEWAY_POD)?;
     let http = format!("http://{gateway_ip}/productpage");
@@ -154,6 +181,32 @@ fn a_client_outside_the_mesh_reaches_services_through_the_ingress_gateway() -> R
     );
     let (status, _) = curl(&mesh, &["-H", "Host: other.example.com", &http])?;
     ensure!(status == 404, "a host no listener takes: {status}");
+
+    // A Service that uses a waypoint is reached through it ("ingress → waypoint"): the
+    // waypoint's policy sees the gateway's principal and lets it in, the pod sees the
+    // waypoint; a mesh client the policy does not name is refused there.
+    let reviews = format!("http://{gateway_ip}/reviews");
+    let (status, body) = curl(&mesh, &["-H", &host, &reviews])?;
+    ensure!(
+        status == 200 && body["server"] == "reviews",
+        "through the waypoint: {status} {body}"
+    );
+    let waypoint_ip = mesh.pod_ip("default/waypoint")?;
+    let peer: SocketAddr = body["peer"].as_str().context("peer")?.parse()?;
+    ensure!(
+        peer.ip() == std::net::IpAddr::V4(waypoint_ip),
+        "the pod is called by the waypoint: {body}"
+    );
+    let direct = mesh.http_get(
+        "default/client",
+        SocketAddr::new(REVIEWS_VIP.parse()?, 80),
+        "/",
+    )?;
+    ensure!(
+        direct.status == 403,
+        "the waypoint's policy refuses a mesh client: {}",
+        direct.status
+    );
 
     // By weight: both versions answer.
     let mut seen = BTreeSet::new();

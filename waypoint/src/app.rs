@@ -3,9 +3,12 @@
 //! Configuration is read exactly as the node agent reads it: the same YAML directory
 //! (polled, reloaded on change, an invalid change rejected and the last good model kept) or
 //! the API server (`mesh_kube::watch` with the waypoint's kinds: also HTTPRoutes,
-//! GRPCRoutes, RequestAuthentications, VirtualServices, DestinationRules and Telemetries), the same CA directory (the waypoint issues its own certificate
-//! from it). Not ready until a first good model is in. Each model's access-log decision
-//! (Telemetry API, off by default) is resolved as the model is installed.
+//! GRPCRoutes, RequestAuthentications, VirtualServices, DestinationRules and Telemetries;
+//! with `--ingress` the gateway's, also TLS Secrets and ReferenceGrants), the same CA
+//! directory (the waypoint issues its own certificate from it). Not ready until a first
+//! good model is in. Each model's access-log decision (Telemetry API, off by default) is
+//! resolved as the model is installed. With `--ingress` and the API server, the Gateway's
+//! status is written back after each installed model (`mesh_kube::status`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use mesh_l7::jwks::JwksCache;
 use mesh_l7::proxy::Inputs;
 use mesh_l7::telemetry::{AccessLogSwitch, HttpMetrics};
 use mesh_l7::upstream::{UpstreamConfig, Upstreams};
-use mesh_model::model::{Model, INGRESS_GATEWAY_CLASS};
+use mesh_model::model::{ListenerProtocol, Model, INGRESS_GATEWAY_CLASS};
 use mesh_shell::admin::Control;
 use mesh_shell::conns::Active;
 use mesh_shell::logging::LogHandle;
@@ -25,7 +28,7 @@ use mesh_shell::workers::Workers;
 use tokio_util::sync::CancellationToken;
 use tracing::info_span;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 use crate::inbound::{Inbound, InboundConfig};
 use crate::stats::{StatsState, LISTENERS};
 
@@ -67,17 +70,15 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
     // listed).
     // The access-log switch is resolved here, once per model, before the model is installed.
     let access_log = Arc::new(AccessLogSwitch::default());
-    // Each installed model: the ingress listeners follow it (a Gateway of class `istio`).
-    let (model_changed, model_changes) = tokio::sync::watch::channel(());
-    let (installed, _) = Installed::new(source.initial(&metrics), metrics.clone(), {
-        let cfg = cfg.clone();
-        let access_log = access_log.clone();
-        move |m: &Model| {
-            check_gateway(m, &cfg);
-            access_log.update(m, &cfg.gateway);
-            model_changed.send_replace(());
-        }
-    });
+    let (installed, installed_changes) =
+        Installed::new(source.initial(&metrics), metrics.clone(), {
+            let cfg = cfg.clone();
+            let access_log = access_log.clone();
+            move |m: &Model| {
+                check_gateway(m, &cfg);
+                access_log.update(m, &cfg.gateway);
+            }
+        });
     let model = installed.model.clone();
     // `--threading per-worker`: the HBONE connections and the upstream pools live on these;
     // they stop (cutting what still runs on them, as an exit does) when the drain is over.
@@ -147,11 +148,32 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
     );
     spawn(info_span!("jwks"), jwks.run(model.clone(), stop.clone()));
     let source_name = source.describe();
+    // Only an ingress gateway's deployment may read Secrets (and its RBAC allows it); a
+    // waypoint never lists one.
+    let scope = if cfg.ingress {
+        mesh_kube::Scope::Gateway
+    } else {
+        mesh_kube::Scope::Waypoint
+    };
+    if let (true, Source::Kube(client)) = (cfg.ingress, &source) {
+        // After each installed model (`installed_changes` fires once it is in force).
+        let model = model.clone();
+        spawn(
+            info_span!("gateway_status"),
+            mesh_kube::status::write_gateway_status(
+                client.clone(),
+                cfg.gateway.clone(),
+                installed_changes.clone(),
+                move || model.load_full(),
+                stop.clone(),
+            ),
+        );
+    }
     source.run(
         cfg.config_poll,
         installed,
         mesh_kube::Options {
-            scope: mesh_kube::Scope::Waypoint,
+            scope,
             ..mesh_kube::Options::default()
         },
         stop.clone(),
@@ -172,7 +194,9 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         cfg.hbone_addr.ip(),
         stop.clone(),
     );
-    spawn(info_span!("ingress"), ingress.run(model_changes));
+    // The ingress listeners (a Gateway of class `istio`) follow each installed model
+    // (`installed_changes` fires once it is in force).
+    spawn(info_span!("ingress"), ingress.run(installed_changes));
 
     let shutdown = ctl.shutdown.clone();
     let done = tokio::spawn(async move {
@@ -197,7 +221,18 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
 /// every CONNECT is refused.
 fn check_gateway(model: &Model, cfg: &Config) {
     match model.gateways.get(&cfg.gateway) {
-        Some(gw) if gw.is_waypoint() || gw.class == INGRESS_GATEWAY_CLASS => {}
+        Some(gw) if gw.class == INGRESS_GATEWAY_CLASS => {
+            if !cfg.ingress && cfg.config_source == ConfigSource::Kube {
+                let https = gw
+                    .listeners
+                    .iter()
+                    .any(|l| l.protocol == ListenerProtocol::Https);
+                if https {
+                    tracing::warn!(gateway = %cfg.gateway, "ingress Gateway with HTTPS listeners but no --ingress: no Secret is read, so they are not served (and no status is written)");
+                }
+            }
+        }
+        Some(gw) if gw.is_waypoint() => {}
         Some(gw) => {
             tracing::warn!(gateway = %cfg.gateway, class = %gw.class, "the gateway is neither of class istio-waypoint nor istio (ingress)")
         }

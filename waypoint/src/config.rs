@@ -90,6 +90,16 @@ pub struct Args {
     /// PEM roots trusted for `https` jwksUri besides the Mozilla roots (a private issuer).
     #[arg(long, env = "WAYPOINT_JWKS_CA_FILE")]
     pub jwks_ca_file: Option<PathBuf>,
+    /// Serve an ingress Gateway (class `istio`) in cluster mode: with `--config-source kube`
+    /// the API server is also watched for Secrets of type `kubernetes.io/tls` (no other
+    /// Secret is ever listed) and ReferenceGrants, which the certificates of `HTTPS`
+    /// listeners come from, and the Gateway's status is written back (`gateways/status`).
+    /// Without it a Gateway of class `istio` still has its `HTTP` listeners served, but no
+    /// `HTTPS` one (no certificate is ever read), and no status is written: a waypoint reads
+    /// no Secrets, and its RBAC grants none. With `--config-source dir` everything in the
+    /// directory is read anyway; this flag changes nothing there.
+    #[arg(long, env = "WAYPOINT_INGRESS", default_value_t = false)]
+    pub ingress: bool,
     /// Proxies in front of the mesh whose `x-forwarded-for` entries are trusted for
     /// `remote.ip` / `remoteIpBlocks` (Istio's `gatewayTopology.numTrustedProxies`): the
     /// N-th address from the right. 0: the client address the mesh carried.
@@ -141,6 +151,8 @@ pub struct Config {
     pub jwks_ca_file: Option<PathBuf>,
     /// See [`Args::num_trusted_proxies`].
     pub num_trusted_proxies: u32,
+    /// See [`Args::ingress`].
+    pub ingress: bool,
     /// Caps, timeouts, keepalive (`mesh_shell::limits`).
     pub limits: mesh_shell::limits::LimitArgs,
 }
@@ -193,6 +205,7 @@ impl From<&Args> for Config {
             },
             jwks_ca_file: args.jwks_ca_file.clone(),
             num_trusted_proxies: args.num_trusted_proxies,
+            ingress: args.ingress,
             limits: a.limits.clone(),
         }
     }
@@ -242,6 +255,19 @@ mod tests {
     }
 
     #[test]
+    fn ingress_is_off_unless_asked() {
+        let base = ["waypoint", "--name=gw", "--namespace=shop", "--ca-dir=/ca"];
+        let off = Args::parse_from(base.iter().copied().chain(["--config-source=kube"]));
+        assert!(!Config::from(&off).ingress);
+        let on = Args::parse_from(
+            base.iter()
+                .copied()
+                .chain(["--config-source=kube", "--ingress"]),
+        );
+        assert!(Config::from(&on).ingress);
+    }
+
+    #[test]
     fn a_directory_is_needed_only_for_the_dir_source() {
         let base = [
             "waypoint",
@@ -287,6 +313,7 @@ mod tests {
             "WAYPOINT_HBONE_POOL_MAX_CONNS_PER_PEER",
             "WAYPOINT_HBONE_SEND_STALL_TIMEOUT",
             "WAYPOINT_HBONE_STREAM_WINDOW",
+            "WAYPOINT_INGRESS",
             "WAYPOINT_JWKS_CA_FILE",
             "WAYPOINT_JWKS_FETCH_TIMEOUT",
             "WAYPOINT_JWKS_MAX_STALE",

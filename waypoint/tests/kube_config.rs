@@ -162,6 +162,7 @@ async fn the_waypoint_reads_its_routes_from_the_api_server() -> Result<()> {
     server
         .wait_for("every kind but HTTPRoute listed", |r| {
             r.iter()
+                .filter(|(kind, _)| e2e::apiserver::waypoint_watches(kind))
                 .all(|(kind, r)| *kind == "HTTPRoute" || r.lists >= 1)
         })
         .await?;
@@ -180,6 +181,11 @@ async fn the_waypoint_reads_its_routes_from_the_api_server() -> Result<()> {
         assert_eq!(dump["model"]["gateways"][0]["name"], "waypoint", "{dump}");
         Ok(())
     })?;
+    // Without `--ingress` a waypoint reads no Secret and no ReferenceGrant.
+    for kind in e2e::apiserver::INGRESS_ONLY_KINDS {
+        let asked = server.requests(kind)?;
+        assert_eq!((asked.lists, asked.watches), (0, 0), "{kind}");
+    }
 
     // A change follows; a malformed version is refused and the last good one stays.
     server.apply(http_route("/v2"))?;

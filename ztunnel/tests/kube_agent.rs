@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tracing::info;
 
-use support::apiserver::{FakeApiServer, WAIT, WAYPOINT_ONLY_KINDS};
+use support::apiserver::{node_watches, FakeApiServer, WAIT};
 use support::netns::{prefix, require_root, test_ip, TestNetns, MARKER_ENV};
 
 const NODE: &str = "kn1";
@@ -216,7 +216,7 @@ async fn the_agent_serves_its_nodes_pods_from_the_api_server() -> Result<()> {
     server
         .wait_for("every kind but Pod listed and watched", |r| {
             r.iter()
-                .filter(|(kind, _)| !WAYPOINT_ONLY_KINDS.contains(kind))
+                .filter(|(kind, _)| node_watches(kind))
                 .all(|(kind, r)| r.lists >= 1 && (*kind == "Pod" || r.watches >= 1))
         })
         .await?;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use mesh_kube::{Options, Rejection, Scope};
-use support::apiserver::{FakeApiServer, WAIT, WAYPOINT_ONLY_KINDS};
+use support::apiserver::{node_watches, FakeApiServer, WAIT};
 
 const NODE: &str = "n1";
 
@@ -214,7 +214,7 @@ async fn the_first_model_waits_until_every_kind_is_listed() -> Result<()> {
             "every kind but AuthorizationPolicy listed and watched",
             |r| {
                 r.iter()
-                    .filter(|(kind, _)| !WAYPOINT_ONLY_KINDS.contains(kind))
+                    .filter(|(kind, _)| node_watches(kind))
                     .all(|(kind, r)| {
                         r.lists >= 1 && (*kind == "AuthorizationPolicy" || r.watches >= 1)
                     })
@@ -661,5 +661,111 @@ async fn a_service_entry_from_the_api_server_is_in_the_model_by_its_address() ->
             m.service_entry_for("default", dst).is_none()
         })
         .await?;
+    Ok(())
+}
+
+/// A TLS Secret `shop/<name>` as the API server holds it (PEM as the translator checks it).
+fn tls_secret(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": "shop",
+                     "annotations": {"note": "annotations are not kept"}},
+        "type": "kubernetes.io/tls",
+        "stringData": {
+            "tls.crt": "-----BEGIN CERTIFICATE-----\nY2VydA==\n-----END CERTIFICATE-----\n",
+            "tls.key": "-----BEGIN PRIVATE KEY-----\na2V5\n-----END PRIVATE KEY-----\n",
+        },
+    })
+}
+
+/// The ingress gateway's watch (`Scope::Gateway`) has the TLS Secrets and ReferenceGrants
+/// the waypoint's does not; Secrets of any other type never reach it (the API server
+/// filters them: `fieldSelector=type=kubernetes.io/tls`), so not even their names are in
+/// the model.
+#[tokio::test]
+async fn the_gateway_watch_has_tls_secrets_and_reference_grants_and_no_other_secret() -> Result<()>
+{
+    let server = FakeApiServer::start().await?;
+    server.apply(namespace("shop", false))?;
+    server.apply(tls_secret("web-cert"))?;
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "db-password", "namespace": "shop"},
+        "type": "Opaque", "stringData": {"password": "hunter2"},
+    }))?;
+    server.apply(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "certs", "namespace": "shop"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                           "namespace": "ingress"}],
+                 "to": [{"group": "", "kind": "Secret"}]},
+    }))?;
+    let mut gateway = Agent::start_scoped(&server, Scope::Gateway).await?;
+    let mut waypoint = Agent::start_scoped(&server, Scope::Waypoint).await?;
+    let m = gateway
+        .model("the secret and the grant are in", |m| {
+            m.tls_secret("shop", "web-cert").is_some() && !m.reference_grants.is_empty()
+        })
+        .await?;
+    assert!(
+        m.secret_problems.is_empty(),
+        "another Secret was read: {:?}",
+        m.secret_problems
+    );
+    assert!(m.reference_granted(
+        "gateway.networking.k8s.io",
+        "Gateway",
+        "ingress",
+        "",
+        "Secret",
+        "shop",
+        "web-cert"
+    ));
+    let w = waypoint
+        .model("the namespace is in", |m| m.namespaces.contains_key("shop"))
+        .await?;
+    assert!(w.tls_secrets.is_empty() && w.reference_grants.is_empty());
+    assert_eq!(
+        server.requests("Secret")?.lists,
+        1,
+        "only the gateway lists Secrets"
+    );
+
+    info!("a new TLS Secret follows, a new Opaque one does not, a deleted one goes");
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "api-token", "namespace": "shop"},
+        "type": "Opaque", "stringData": {"token": "t"},
+    }))?;
+    server.apply(tls_secret("api-cert"))?;
+    let m = gateway
+        .model("the second TLS secret is in", |m| {
+            m.tls_secret("shop", "api-cert").is_some()
+        })
+        .await?;
+    assert!(m.secret_problems.is_empty(), "{:?}", m.secret_problems);
+    server.delete("Secret", "shop", "web-cert")?;
+    gateway
+        .model("the deleted secret is gone", |m| {
+            m.tls_secret("shop", "web-cert").is_none()
+        })
+        .await?;
+    Ok(())
+}
+
+/// Without the Gateway API CRDs, ReferenceGrants are absent like Gateways (not an error):
+/// the gateway's watch still publishes, with its TLS Secrets.
+#[tokio::test]
+async fn the_gateway_watch_works_without_the_gateway_api_crds() -> Result<()> {
+    let server = FakeApiServer::without_gateway_api_crds().await?;
+    server.apply(tls_secret("web-cert"))?;
+    let mut gateway = Agent::start_scoped(&server, Scope::Gateway).await?;
+    let m = gateway
+        .model("the secret is in", |m| {
+            m.tls_secret("shop", "web-cert").is_some()
+        })
+        .await?;
+    assert!(m.reference_grants.is_empty() && m.gateways.is_empty());
+    assert!(server.requests("ReferenceGrant")?.lists >= 1);
     Ok(())
 }

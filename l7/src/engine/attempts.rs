@@ -452,6 +452,7 @@ mod tests {
                 })),
                 addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)),
                 identity: None,
+                via: None,
             })
             .collect()
     }

@@ -19,7 +19,7 @@ use crate::balance::{
 use crate::mirror::{self, MirrorTarget};
 use crate::protocol::Declared;
 use crate::proxy::{upstream_proto, ConnCtx};
-use crate::target::{Resolved, Unselectable};
+use crate::target::{Resolved, Target, Unselectable};
 use crate::telemetry::ResponseFlag;
 use crate::upstream::{Endpoint, UpstreamProto};
 
@@ -40,6 +40,44 @@ pub struct Selection {
     pub slot: RequestGuard,
     /// The rule's mirrors in the same model, with their percentages.
     pub mirrors: Vec<(Result<MirrorTarget, String>, f64)>,
+}
+
+/// The endpoint an ingress gateway reaches `svc`'s `port` by when the Service uses a
+/// waypoint: its first VIP through the waypoint; `None` when it uses none (or has no VIP:
+/// headless, its pods directly). A waypoint without an address, or one the Service names
+/// that the model lacks, fails closed (`503 UH`) rather than skip the waypoint's policy.
+fn via_waypoint(
+    model: &Model,
+    trust_domain: &str,
+    svc: &mesh_model::model::Service,
+    port: u16,
+) -> Result<Option<Endpoint>, LocalReply> {
+    let unavailable =
+        |reason: String| LocalReply::unavailable(ResponseFlag::NoHealthyUpstream, reason);
+    let Some(wp) = model.waypoint_for_service(svc) else {
+        return match model.missing_waypoint_for_service(svc) {
+            Some(name) => Err(unavailable(format!(
+                "{} uses waypoint {name}, which is not in the model",
+                svc.hostname()
+            ))),
+            None => Ok(None),
+        };
+    };
+    let Some(vip) = svc.cluster_ips.first() else {
+        return Ok(None);
+    };
+    let Some(addr) = wp.address else {
+        return Err(unavailable(format!(
+            "waypoint {} of {} has no address",
+            wp.gateway.key(),
+            svc.hostname()
+        )));
+    };
+    Ok(Some(Endpoint::through_waypoint(
+        std::net::SocketAddr::new(*vip, port),
+        addr.ip,
+        wp.identity(trust_domain),
+    )))
 }
 
 /// The phase: the cluster of `plan.backend` (`resolved`: the tunnel's own target in `model`,
@@ -96,6 +134,20 @@ pub fn run(
         (Some(p), _) => p.port,
         (None, Some(t)) => t.port,
         (None, None) => ctx.authority.port(),
+    };
+    // From an ingress listener, a Service that uses a waypoint is reached through it (its
+    // policy and routes apply there): one endpoint, the Service's VIP behind the waypoint.
+    let resolved = match (&ctx.target, resolved.service) {
+        (Target::Listener { .. }, Some(svc)) => {
+            match via_waypoint(model, scope.trust_domain, svc, cluster_port)? {
+                Some(ep) => Resolved {
+                    endpoints: vec![ep],
+                    ..resolved
+                },
+                None => resolved,
+            }
+        }
+        _ => resolved,
     };
     let subset = plan.subset.as_deref();
     let (policy, eps) = match resolved.cluster(model, &scope.gateway.namespace, subset) {
@@ -264,5 +316,87 @@ spec:
         drop(first);
         let (_, third) = select(&m, &clusters, &plan("web", None));
         assert!(third.is_ok(), "the slot is free again");
+    }
+
+    /// From an ingress listener, a Service that uses a waypoint is one endpoint: its VIP
+    /// through the waypoint (HBONE to the waypoint, CONNECT to the VIP); without a waypoint
+    /// address it fails closed; a Service without a waypoint keeps its pods.
+    #[test]
+    fn an_ingress_reaches_a_service_with_a_waypoint_through_it() {
+        let ingress = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: edge}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: edge}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]
+"#;
+        let wp_pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: wp-1, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: wp}}\nspec: {serviceAccountName: wp}\nstatus: {podIP: 10.0.0.50}\n";
+        let plain = "apiVersion: v1\nkind: Service\nmetadata: {name: plain, namespace: app}\nspec: {clusterIP: 10.96.0.9, selector: {app: api}, ports: [{name: http, port: 80}]}\n";
+        let clusters = Clusters::default();
+        let from_ingress = |m: &Model, backend: &str| {
+            let mut ctx = conn();
+            ctx.peer_identity = None;
+            ctx.target = Target::Listener {
+                gateway: NamespacedName::new("edge", "ingress"),
+                port: 80,
+            };
+            let mut rq = request_context(false);
+            let gateway = NamespacedName::new("edge", "ingress");
+            let scope = Scope {
+                gateway: &gateway,
+                trust_domain: "cluster.local",
+            };
+            let resolved = ctx.target.lookup(m, scope.trust_domain);
+            let path = normalize_path("/").expect("path");
+            run(
+                m,
+                scope,
+                &clusters,
+                &ctx,
+                &mut rq,
+                resolved,
+                &plan(backend, None),
+                &path,
+            )
+        };
+        let m = model(&[ingress, wp_pod, plain]);
+        let Ok(sel) = from_ingress(&m, "web") else {
+            panic!("web: not selected");
+        };
+        let eps: Vec<_> = sel
+            .eps
+            .iter()
+            .map(|e| (e.addr, e.via, e.identity.clone()))
+            .collect();
+        assert_eq!(
+            eps,
+            [(
+                std::net::SocketAddr::from(([10, 96, 0, 1], 80)),
+                Some(std::net::IpAddr::from([10, 0, 0, 50])),
+                Some(mesh_model::identity::Identity::new(
+                    "cluster.local",
+                    "app",
+                    "wp"
+                ))
+            )]
+        );
+        let Ok(sel) = from_ingress(&m, "plain") else {
+            panic!("plain: not selected");
+        };
+        assert!(
+            sel.eps.iter().all(|e| e.via.is_none() && e.pod.is_some()),
+            "pods directly"
+        );
+        // The waypoint without a pod: no address, fail closed.
+        let m = model(&[ingress]);
+        let Err(reply) = from_ingress(&m, "web") else {
+            panic!("the waypoint was skipped");
+        };
+        assert_eq!(reply.flag, Some(ResponseFlag::NoHealthyUpstream));
     }
 }

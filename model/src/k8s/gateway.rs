@@ -75,6 +75,13 @@ pub(super) fn gateway(obj: &Node<'_>, meta: Meta) -> FieldResult<Gateway> {
     } else {
         lenient_listeners(&spec, &meta.namespace)
     };
+    // Set by the API server (an integer from 1); a file may leave it out. Read leniently,
+    // as metadata the mesh only reports back: anything else is no generation.
+    let generation = obj
+        .get("metadata")?
+        .and_then(|m| m.get("generation").ok().flatten())
+        .and_then(|g| g.value().as_i64())
+        .filter(|g| *g >= 0);
     Ok(Gateway {
         name: meta.name,
         namespace: meta.namespace,
@@ -82,6 +89,7 @@ pub(super) fn gateway(obj: &Node<'_>, meta: Meta) -> FieldResult<Gateway> {
         labels: meta.labels,
         waypoint_for,
         addresses,
+        generation,
         listeners,
     })
 }

@@ -661,3 +661,23 @@ fn a_route_keeps_its_parent_gateway_in_another_namespace() {
         (Some("https"), Some(443))
     );
 }
+
+/// `metadata.generation` is kept (the `observedGeneration` of the status written back);
+/// absent or unreadable, there is none, and the Gateway is not refused for it.
+#[test]
+fn a_gateway_keeps_its_generation() {
+    let listeners = "  listeners:\n  - {name: http, port: 80, protocol: HTTP}\n";
+    let key = NamespacedName::new("istio-ingress", "ingress");
+    let generation = |doc: &str| load("gw.yaml", doc).expect("valid").gateways[&key].generation;
+    let doc = gateway_doc("istio", listeners);
+    assert_eq!(generation(&doc), None);
+    let with = |g: &str| {
+        doc.replace(
+            "namespace: istio-ingress}",
+            &format!("namespace: istio-ingress, generation: {g}}}"),
+        )
+    };
+    assert_eq!(generation(&with("7")), Some(7));
+    assert_eq!(generation(&with("\"7\"")), None);
+    assert_eq!(generation(&with("-1")), None);
+}

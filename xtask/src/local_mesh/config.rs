@@ -957,7 +957,8 @@ spec:
         let gateway = |name: &str, class: &str| {
             format!(
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, \
-                 namespace: demo, labels: {{istio.io/waypoint-for: all}}}}\nspec: {{gatewayClassName: {class}}}\n"
+                 namespace: demo, labels: {{istio.io/waypoint-for: all}}}}\nspec: {{gatewayClassName: {class}, \
+                 listeners: [{{name: http, port: 80, protocol: HTTP}}]}}\n"
             )
         };
         let labelled = |pod_name: &str, gw: &str, extra: &str| {

@@ -242,6 +242,7 @@ fn model() -> impl Strategy<Value = Model> {
                         labels: Labels::new(),
                         waypoint_for: WaypointFor::All,
                         addresses: Vec::new(),
+                        generation: None,
                         listeners: Vec::new(),
                     };
                     (gw.key(), gw)

@@ -261,7 +261,8 @@ impl Target {
                                 .collect::<Vec<_>>()
                         };
                         if se.endpoints.is_empty() {
-                            entry_host(model, se, *addr)
+                            model
+                                .service_entry_host(se, addr.ip())
                                 .map(|h| resolved(h, sp.target_port.unwrap_or(sp.number)))
                                 .unwrap_or_default()
                         } else {
@@ -281,11 +282,13 @@ impl Target {
                 Some(Resolved {
                     service: None,
                     port: None,
-                    entry: entry_host(model, se, *addr).map(|host| EntryTarget {
-                        entry: se,
-                        host,
-                        port: *port,
-                    }),
+                    entry: model
+                        .service_entry_host(se, addr.ip())
+                        .map(|host| EntryTarget {
+                            entry: se,
+                            host,
+                            port: *port,
+                        }),
                     endpoints,
                 })
             }
@@ -309,7 +312,8 @@ impl Target {
             return Vec::new();
         }
         if se.endpoints.is_empty() {
-            return entry_host(model, se, *addr)
+            return model
+                .service_entry_host(se, addr.ip())
                 .filter(|h| !h.starts_with('*'))
                 .map(str::to_string)
                 .into_iter()
@@ -323,21 +327,6 @@ impl Target {
             })
             .collect()
     }
-}
-
-/// The host of `se` a connection to `addr` is for: the host of the VIP allocated to it,
-/// else its first host that is no wildcard, else its first.
-fn entry_host<'m>(model: &'m Model, se: &'m ServiceEntry, addr: SocketAddr) -> Option<&'m str> {
-    model
-        .service_entry_host_at(addr.ip())
-        .filter(|h| se.hosts.iter().any(|x| x == h))
-        .or_else(|| {
-            se.hosts
-                .iter()
-                .map(String::as_str)
-                .find(|h| !h.starts_with('*'))
-        })
-        .or_else(|| se.hosts.first().map(String::as_str))
 }
 
 /// The model's endpoint `ep` as the upstream reaches it: its pod (over HBONE when enrolled),

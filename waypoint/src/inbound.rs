@@ -335,7 +335,7 @@ async fn handle_stream(
 
 /// Reads the first bytes until they tell the protocol, `timeout` passes, the stream ends or
 /// [`SNIFF_LIMIT`] bytes have arrived.
-async fn sniff<T: Io>(stream: &mut T, timeout: Duration) -> (BytesMut, Detected) {
+pub(crate) async fn sniff<T: Io>(stream: &mut T, timeout: Duration) -> (BytesMut, Detected) {
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {

@@ -20,9 +20,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use mesh_l7::io::Rewind;
-use mesh_l7::protocol::{detect, Declared, Detected};
+use mesh_l7::protocol::{Declared, Detected};
 use mesh_l7::proxy::{ConnCtx, Inputs};
 use mesh_l7::target::Target;
 use mesh_model::model::{
@@ -30,7 +29,6 @@ use mesh_model::model::{
 };
 use mesh_shell::conns::Active;
 use mesh_shell::limits::Cap;
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -282,18 +280,7 @@ impl Ingress {
             None => {
                 // Plain: HTTP/1.1, or h2c with prior knowledge.
                 let mut tcp = tcp;
-                let mut buf = BytesMut::with_capacity(1024);
-                let deadline = tokio::time::Instant::now() + FIRST_BYTES_TIMEOUT;
-                let detected = loop {
-                    match detect(&buf) {
-                        Detected::NeedMore if buf.len() < 64 => {}
-                        d => break d,
-                    }
-                    match tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await {
-                        Ok(Ok(n)) if n > 0 => continue,
-                        _ => break detect(&buf),
-                    }
-                };
+                let (buf, detected) = crate::inbound::sniff(&mut tcp, FIRST_BYTES_TIMEOUT).await;
                 let h2 = detected == Detected::Http2;
                 let down = Rewind::new(buf.freeze(), tcp);
                 mesh_l7::http::serve(down, h2, ctx, inputs).await

@@ -86,17 +86,11 @@ pub fn decide(model: &Model, namespace: &str, query: &[u8], udp: bool) -> Reply 
         Ok(m) => m,
         Err(e) => {
             tracing::debug!(error = %e, len = query.len(), "malformed DNS query");
-            return match query {
-                [a, b, ..] if query.len() >= 12 => {
-                    let err = Message::error_msg(
-                        u16::from_be_bytes([*a, *b]),
-                        OpCode::Query,
-                        ResponseCode::FormErr,
-                    );
-                    err.to_vec()
-                        .map_or(Reply::Drop, |b| Reply::Answer(b, "malformed"))
-                }
-                _ => Reply::Drop,
+            // A whole header (12 bytes) to answer to, else nothing.
+            return match query.len() >= 12 {
+                true => error_answer(query, ResponseCode::FormErr)
+                    .map_or(Reply::Drop, |b| Reply::Answer(b, "malformed")),
+                false => Reply::Drop,
             };
         }
     };
@@ -157,16 +151,14 @@ pub fn decide(model: &Model, namespace: &str, query: &[u8], udp: bool) -> Reply 
     }
 }
 
-/// SERVFAIL for `query` (whose header was readable): the pod's resolver did not answer.
-fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+/// An error answer `code` to `query` (its id; nothing when it has none): FORMERR for a
+/// malformed query, SERVFAIL when the pod's resolver did not answer, REFUSED when there is no
+/// resolver to forward to.
+fn error_answer(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
     let [a, b, ..] = query else { return None };
-    Message::error_msg(
-        u16::from_be_bytes([*a, *b]),
-        OpCode::Query,
-        ResponseCode::ServFail,
-    )
-    .to_vec()
-    .ok()
+    Message::error_msg(u16::from_be_bytes([*a, *b]), OpCode::Query, code)
+        .to_vec()
+        .ok()
 }
 
 /// Whether a forwarded query may go to `upstream`: a resolver on port 53 that is not the pod
@@ -304,7 +296,7 @@ pub async fn run_udp(
             Reply::Drop => pi.metrics.dns_request("malformed"),
             Reply::Forward if !forwardable(SocketAddr::V4(d.to)) => {
                 pi.metrics.dns_request("refused");
-                if let Some(b) = refused(query) {
+                if let Some(b) = error_answer(query, ResponseCode::Refused) {
                     let _ = send_as(&pod.netns, &pi.home, d.to, d.from, &b);
                 }
             }
@@ -325,7 +317,7 @@ pub async fn run_udp(
                         Err(e) => {
                             pi.metrics.dns_request("upstream_failed");
                             tracing::debug!(error = %e, upstream = %d.to, "DNS upstream failed");
-                            servfail(&query)
+                            error_answer(&query, ResponseCode::ServFail)
                         }
                     };
                     if let Some(reply) = reply {
@@ -337,18 +329,6 @@ pub async fn run_udp(
             }
         }
     }
-}
-
-/// REFUSED for `query` (whose header was readable).
-fn refused(query: &[u8]) -> Option<Vec<u8>> {
-    let [a, b, ..] = query else { return None };
-    Message::error_msg(
-        u16::from_be_bytes([*a, *b]),
-        OpCode::Query,
-        ResponseCode::Refused,
-    )
-    .to_vec()
-    .ok()
 }
 
 /// Sends `query` to `upstream` from inside the pod (marked: not captured again) and waits
@@ -453,7 +433,7 @@ async fn serve_tcp(
             }
             Reply::Forward if !forwardable(upstream) => {
                 pi.metrics.dns_request("refused");
-                refused(&query).unwrap_or_default()
+                error_answer(&query, ResponseCode::Refused).unwrap_or_default()
             }
             Reply::Forward => match forward_tcp(&mut up, pod, pi, upstream, &query).await {
                 Ok(reply) => {
@@ -464,7 +444,7 @@ async fn serve_tcp(
                     pi.metrics.dns_request("upstream_failed");
                     tracing::debug!(error = %e, %upstream, "DNS upstream failed");
                     up = None;
-                    servfail(&query).unwrap_or_default()
+                    error_answer(&query, ResponseCode::ServFail).unwrap_or_default()
                 }
             },
         };

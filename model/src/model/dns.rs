@@ -294,6 +294,21 @@ impl Model {
             .map(String::as_str)
     }
 
+    /// The host of `se` a connection to `ip` is for: the host of the VIP allocated to it,
+    /// else its first host that is no wildcard, else its first (what a `DNS` entry without
+    /// endpoints resolves, and the host whose DestinationRule applies).
+    pub fn service_entry_host<'a>(&'a self, se: &'a ServiceEntry, ip: IpAddr) -> Option<&'a str> {
+        self.service_entry_host_at(ip)
+            .filter(|h| se.hosts.iter().any(|x| x == h))
+            .or_else(|| {
+                se.hosts
+                    .iter()
+                    .map(String::as_str)
+                    .find(|h| !h.starts_with('*'))
+            })
+            .or_else(|| se.hosts.first().map(String::as_str))
+    }
+
     /// The auto-allocated VIPs, in allocation order (for `/config_dump`).
     pub(super) fn service_entry_vips(&self) -> Vec<SeVip> {
         self.index

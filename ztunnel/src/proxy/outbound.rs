@@ -209,13 +209,8 @@ fn service_entry_hops<'a>(
         let hops = match se.endpoints.as_slice() {
             // The host an auto-allocated VIP stands for, else the entry's first real host.
             [] => model
-                .service_entry_host_at(dst.ip())
-                .or_else(|| {
-                    se.hosts
-                        .iter()
-                        .map(String::as_str)
-                        .find(|h| !h.starts_with('*'))
-                })
+                .service_entry_host(se, dst.ip())
+                .filter(|h| !h.starts_with('*'))
                 .map(|h| Hop::Resolve {
                     host: h.to_string(),
                     port: port.target_port.unwrap_or(port.number),

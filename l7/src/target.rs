@@ -30,8 +30,9 @@ pub enum Target {
         addr: SocketAddr,
     },
     /// A port of an ingress Gateway (class `istio`): each request goes where the routes
-    /// attached to the port's listener for its host decide
-    /// ([`mesh_model::model::Model::routes_for_listener`]); with none matching, nowhere (404).
+    /// attached to the port's listener for its host decide, else the VirtualServices bound
+    /// to the Gateway for its host ([`mesh_model::route::route_listener`]); with none
+    /// matching, nowhere (404).
     Listener { gateway: NamespacedName, port: u16 },
 }
 

@@ -44,7 +44,7 @@ pub use route::{
     AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters,
     GrpcMethodMatch, HeaderMatch, HeaderModifier, HttpRoute, Mirror, ParentKind, ParentRef,
     PathMatch, PathModifier, Pattern, QueryMatch, RequestRedirect, RetryOn, RetryPolicy, RouteKind,
-    RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch, VirtualService,
+    RouteMatch, RouteRule, Scheme, Timeouts, UrlRewrite, ValueMatch, VirtualService, VsGateway,
 };
 
 pub use service_entry::{
@@ -361,7 +361,8 @@ pub struct Model {
     /// settles equal matches (and HTTPRoute/GRPCRoute conflicts) by.
     pub http_routes: Vec<HttpRoute>,
     /// VirtualServices, oldest first (`creationTimestamp`, those without one last), then by
-    /// namespace and name: for one Service host the first that names it applies.
+    /// namespace and name: for one Service host the first that names it applies; at an
+    /// ingress gateway, the rules of those bound to it are tried in this order.
     pub virtual_services: Vec<VirtualService>,
     /// RequestAuthentications in (namespace, name) order.
     pub request_authentications: Vec<RequestAuthentication>,
@@ -575,8 +576,8 @@ impl Model {
         self
     }
 
-    /// The model with `request_authentications` (in the order given).
-    /// The model with `vs`, put in precedence order (see [`Model::virtual_services`]).
+    /// The model with `vs`, put in precedence order (see [`Model::virtual_services`]) and
+    /// indexed by the Gateways they name.
     pub fn with_virtual_services(mut self, mut vs: Vec<VirtualService>) -> Self {
         vs.sort_by(|a, b| {
             (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
@@ -586,10 +587,12 @@ impl Model {
                 &b.name,
             ))
         });
+        self.index.virtual_services_by_gateway = index::virtual_services_by_gateway(&vs);
         self.virtual_services = vs;
         self
     }
 
+    /// The model with `request_authentications` (in the order given).
     pub fn with_request_authentications(
         mut self,
         request_authentications: Vec<RequestAuthentication>,

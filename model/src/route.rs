@@ -47,7 +47,24 @@
 //! namespace (Istio exports them everywhere by default); else HTTPRoutes attached to the
 //! waypoint Gateway; else the Service itself. A VirtualService's `http[]` entries are tried
 //! in order and the first whose `match` (any of them; none = everything) holds wins
-//! ([`select_virtual_service`]); none → 404 (`NR`).
+//! ([`select_virtual_service`]); none → 404 (`NR`). A match whose `gateways` name only
+//! ingress Gateways is skipped for mesh traffic.
+//!
+//! ## At an ingress gateway's listener ([`route_listener`])
+//! The HTTPRoutes and GRPCRoutes attached to the listener
+//! ([`Model::routes_for_listener`]) decide when one of them is for the request's host (its
+//! `hostnames` match it, or it has none): then no VirtualService is consulted, and no
+//! matching rule is a 404, as the Gateway API requires. Otherwise (no route attached, or
+//! none for this host) the VirtualServices whose `gateways` name the Gateway
+//! ([`Model::virtual_services_for_gateway`], an index) and whose `hosts` match the host
+//! (exactly, by a `*.suffix` wildcard, or `*`; the listener was chosen because its
+//! `hostname` takes the host, so the two intersect) decide: their `http[]` entries are
+//! tried in model order (oldest VirtualService first, then namespace/name; each one's
+//! entries in order), skipping matches whose `gateways` do not name this Gateway and
+//! matching `port` against the listener's, and the first that holds wins, as Istio merges
+//! the VirtualServices of one host at a gateway. None holds → 404 (`NR`); no VirtualService
+//! for the host → 404 too. HTTPRoutes win over VirtualServices for a host both name (Istio
+//! would merge them); the listener's `allowedRoutes` does not apply to VirtualServices.
 //!
 //! ## Where the rule sends it ([`backend_target`])
 //! A backend names a Service, or a ServiceEntry (`backendRefs` of kind `ServiceEntry`; a
@@ -77,9 +94,9 @@ use http::HeaderMap;
 use serde::Serialize;
 
 use crate::model::{
-    BackendRef, HeaderModifier, HttpRoute, Model, NamespacedName, ParentKind, PathMatch,
+    BackendRef, HeaderModifier, HttpRoute, Listener, Model, NamespacedName, ParentKind, PathMatch,
     PathModifier, Pod, RequestRedirect, RouteKind, RouteMatch, RouteRule, Scheme, SePort, Service,
-    ServiceEntry, ServicePort, ValueMatch, VirtualService,
+    ServiceEntry, ServicePort, ValueMatch, VirtualService, VsGateway,
 };
 
 // === path normalisation ===
@@ -444,9 +461,50 @@ pub fn route_to<'m>(
         return select(&routes, kind, req);
     }
     if let Some(vs) = virtual_service_for_target(model, target) {
-        return select_virtual_service(vs, target.port(), req);
+        return select_virtual_service(vs, VsTraffic::Mesh, target.port(), req);
     }
     select(&routes, kind, req)
+}
+
+/// The rule for `req` at `listener` of the ingress Gateway `gateway` (the listener that
+/// takes the request's host): the HTTPRoutes and GRPCRoutes attached to it when one of them
+/// is for the host, else the VirtualServices bound to the Gateway (see the module docs).
+/// [`Routing::Default`]: nothing routes the host here (the ingress answers 404).
+pub fn route_listener<'m>(
+    model: &'m Model,
+    gateway: &NamespacedName,
+    listener: &Listener,
+    req: &RouteRequest<'_>,
+) -> Routing<'m> {
+    let host = host_without_port(req.host).to_ascii_lowercase();
+    let routes = model.routes_for_listener(gateway, &listener.name);
+    if routes
+        .iter()
+        .any(|r| hostname_rank(&r.hostnames, &host).is_some())
+    {
+        return select(&routes, ParentKind::Gateway, req);
+    }
+    if crate::model::hostname_rank(listener.hostname.as_deref(), &host).is_none() {
+        return Routing::Default;
+    }
+    let mut bound = false;
+    for vs in model.virtual_services_for_gateway(gateway) {
+        if !vs.hosts.iter().any(|h| vs_host_matches(h, &host)) {
+            continue;
+        }
+        bound = true;
+        let traffic = VsTraffic::Gateway(gateway);
+        if let matched @ Routing::Matched(_) =
+            select_virtual_service(vs, traffic, listener.port, req)
+        {
+            return matched;
+        }
+    }
+    if bound {
+        Routing::NoMatch
+    } else {
+        Routing::Default
+    }
 }
 
 /// The VirtualService that applies to traffic for `svc` ([`virtual_service_for_target`]).
@@ -487,16 +545,37 @@ fn vs_host_matches(host: &str, fqdn: &str) -> bool {
     }
 }
 
-/// The first `http[]` entry of `vs` with a match that holds for `req` on Service port `port`.
+/// The traffic a VirtualService is applied to: a waypoint's, or an ingress Gateway's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VsTraffic<'a> {
+    Mesh,
+    Gateway(&'a NamespacedName),
+}
+
+impl VsTraffic<'_> {
+    /// Whether the `gateways` of `m` (none: all of the VirtualService's) take this traffic.
+    fn admits(self, m: &RouteMatch) -> bool {
+        m.gateways.is_empty()
+            || m.gateways.iter().any(|g| match (g, self) {
+                (VsGateway::Mesh, VsTraffic::Mesh) => true,
+                (VsGateway::Gateway(key), VsTraffic::Gateway(gateway)) => key == gateway,
+                _ => false,
+            })
+    }
+}
+
+/// The first `http[]` entry of `vs` with a match that holds for `req` of `traffic` on port
+/// `port` (a Service port; at an ingress gateway, the listener's).
 pub fn select_virtual_service<'m>(
     vs: &'m VirtualService,
+    traffic: VsTraffic<'_>,
     port: u16,
     req: &RouteRequest<'_>,
 ) -> Routing<'m> {
     let query = Query::parse(req.query);
     for (rule_index, rule) in vs.rules.iter().enumerate() {
         for m in &rule.matches {
-            if m.port.is_none_or(|p| p == port) && matches(m, req, &query) {
+            if traffic.admits(m) && m.port.is_none_or(|p| p == port) && matches(m, req, &query) {
                 return Routing::Matched(Selected {
                     route: RouteOwner::VirtualService(vs),
                     rule_index,

@@ -5,7 +5,10 @@
 //! listeners (by header and by weight) to Services in the mesh, whose pods are reached over
 //! HBONE under the gateway's identity: an AuthorizationPolicy on them that allows only the
 //! gateway's principal lets the gateway in and keeps a mesh client out. A Service that uses
-//! a waypoint is reached through it, whose L7 policy sees the gateway's principal.
+//! a waypoint is reached through it, whose L7 policy sees the gateway's principal. A second
+//! host, on a listener of its own, is routed by an Istio `VirtualService` bound to the
+//! Gateway (`gateways: [istio-ingress/ingress]`), by header to a DestinationRule subset and
+//! by path to a Service.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -19,10 +22,14 @@ use serde_json::Value;
 const GATEWAY_POD: &str = "istio-ingress/ingress";
 const OUTSIDER: &str = "legacy/outsider";
 const HOST: &str = "bookinfo.example.com";
+/// The host the VirtualService bound to the gateway serves.
+const RATINGS_HOST: &str = "ratings.example.com";
 const V1_VIP: &str = "10.96.0.61";
 const V2_VIP: &str = "10.96.0.62";
 /// `reviews`: a Service that uses the waypoint `default/waypoint`.
 const REVIEWS_VIP: &str = "10.96.0.63";
+/// `echo`: both versions (subsets `v1` and `v2` by a DestinationRule).
+const ECHO_VIP: &str = "10.96.0.64";
 const APPLY: Duration = Duration::from_secs(15);
 
 fn mesh(name: &str) -> Result<Mesh> {
@@ -41,6 +48,7 @@ fn mesh(name: &str) -> Result<Mesh> {
         .pod(version("echo-v2", "n1", "v2"))
         .service(http_service("echo-v1", V1_VIP, ("version", "v1")))
         .service(http_service("echo-v2", V2_VIP, ("version", "v2")))
+        .service(http_service("echo", ECHO_VIP, ("app", "echo")))
         .pod(waypoint_pod("default", "waypoint", "n2"))
         .yaml(
             "waypoint.yaml",
@@ -56,7 +64,8 @@ fn mesh(name: &str) -> Result<Mesh> {
         .build()
 }
 
-/// The Gateway, its certificate's Secret, the route and the backends' policy.
+/// The Gateway, its certificate's Secret, the route, the VirtualService for
+/// [`RATINGS_HOST`] with its DestinationRule, and the backends' policy.
 fn config(cert_pem: &str, key_pem: &str) -> String {
     let indent = |pem: &str| {
         pem.lines()
@@ -77,6 +86,7 @@ spec:
     hostname: {HOST}
     tls: {{mode: Terminate, certificateRefs: [{{kind: Secret, name: bookinfo-cert}}]}}
     allowedRoutes: {{namespaces: {{from: All}}}}
+  - {{name: ratings, port: 80, protocol: HTTP, hostname: {RATINGS_HOST}}}
 ---
 apiVersion: v1
 kind: Secret
@@ -100,6 +110,29 @@ spec:
   - matches: [{{path: {{type: PathPrefix, value: /split}}}}]
     backendRefs: [{{name: echo-v1, port: 80, weight: 50}}, {{name: echo-v2, port: 80, weight: 50}}]
   - backendRefs: [{{name: echo-v1, port: 80}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings, namespace: default}}
+spec:
+  hosts: [{RATINGS_HOST}]
+  gateways: [istio-ingress/ingress]
+  http:
+  - name: by-header
+    match: [{{headers: {{x-version: {{exact: v2}}}}}}]
+    route: [{{destination: {{host: echo, subset: v2}}}}]
+  - name: by-path
+    match: [{{uri: {{prefix: /v2}}}}]
+    route: [{{destination: {{host: echo-v2.default.svc.cluster.local, port: {{number: 80}}}}}}]
+  - name: default
+    route: [{{destination: {{host: echo, subset: v1}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: echo, namespace: default}}
+spec:
+  host: echo
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -181,6 +214,28 @@ fn a_client_outside_the_mesh_reaches_services_through_the_ingress_gateway() -> R
     );
     let (status, _) = curl(&mesh, &["-H", "Host: other.example.com", &http])?;
     ensure!(status == 404, "a host no listener takes: {status}");
+
+    // The VirtualService bound to the gateway routes its host (on the `ratings` listener):
+    // by header to the DestinationRule subset `v2` of `echo`, by path to `echo-v2`, else
+    // to the subset `v1` (several requests: round robin over both pods would alternate).
+    let ratings = format!("Host: {RATINGS_HOST}");
+    for (headers, path, want) in [
+        (&[][..], "/ratings", "v1"),
+        (&["-H", "x-version: v2"][..], "/ratings", "v2"),
+        (&[][..], "/v2/ratings", "v2"),
+    ] {
+        for _ in 0..4 {
+            let url = format!("http://{gateway_ip}{path}");
+            let mut args = vec!["-H", ratings.as_str()];
+            args.extend_from_slice(headers);
+            args.push(&url);
+            let (status, body) = curl(&mesh, &args)?;
+            ensure!(
+                status == 200 && body["server"] == want,
+                "VirtualService {path} {headers:?}: {status} {body}"
+            );
+        }
+    }
 
     // A Service that uses a waypoint is reached through it ("ingress → waypoint"): the
     // waypoint's policy sees the gateway's principal and lets it in, the pod sees the

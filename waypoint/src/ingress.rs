@@ -5,7 +5,8 @@
 //! `certificateRefs` (Kubernetes TLS Secrets; another namespace's need a ReferenceGrant),
 //! chosen by the client's SNI among the port's listeners (`mesh_pki::tls::ingress`). Each
 //! request then takes the L7 engine's phases with a [`Target::Listener`]: the routes
-//! attached to the listener that takes its host choose the backend, which the upstream
+//! attached to the listener that takes its host (else the VirtualServices whose `gateways`
+//! name this Gateway and whose `hosts` match) choose the backend, which the upstream
 //! reaches over HBONE under the gateway's own identity (so the backend's policies see the
 //! gateway's principal), and AuthorizationPolicies targeting the Gateway apply first.
 //!

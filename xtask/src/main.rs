@@ -8,7 +8,8 @@
 //!   packages, the pinned `kubernetes-validate`, `cargo-deny`); `up`, `test`, `ci` and
 //!   `bench` do it themselves first ([`setup`]).
 //! - `manifests`: validate every `manifests/*.yaml` offline against the Kubernetes API schemas
-//!   (`kubernetes-validate --strict`, Kubernetes [`MANIFESTS_K8S_VERSION`]), and the Grafana
+//!   (`kubernetes-validate --strict`, Kubernetes [`MANIFESTS_K8S_VERSION`]), with what
+//!   `gateway render` makes of [`gateway_cli::EXAMPLE`], and the Grafana
 //!   dashboards in `manifests/dashboards/` ([`dashboards`]: shape, variables, metric names,
 //!   PromQL through `promtool check rules`); and that only the CA's manifest references the
 //!   signing key ([`key_holder`]).
@@ -20,6 +21,9 @@
 //! - `down`: tear down the mesh of a running or crashed `up`.
 //! - `waypoint apply|delete|list`: deploy, remove and show waypoints, in a local mesh's YAML
 //!   directory or (`--kubectl`) in a cluster ([`waypoint_cli`]).
+//! - `gateway render|apply|delete`: the objects that run each ingress Gateway (class `istio`)
+//!   of a file, rendered from `manifests/ingress-gateway.yaml`, printed or applied with
+//!   `kubectl` ([`gateway_cli`]).
 //! - `bench [--quick]`: build release binaries, measure every data path (direct, ztunnel
 //!   with each redirection backend, haproxy and nginx baselines) and write `BENCHMARKS.md`
 //!   and `BENCHMARKS.png` (`tests/src/bin/mesh-bench.rs`).
@@ -35,8 +39,10 @@
 //! ever matched by process name. The mesh of a live `up` is built the same way and is left
 //! alone by `clean` (its prefix is in `up`'s state file).
 
+mod cluster;
 mod dashboards;
 mod fuzz;
+mod gateway_cli;
 mod key_holder;
 mod layers;
 mod local_mesh;
@@ -84,8 +90,8 @@ enum Cmd {
         #[arg(long = "for", value_enum, default_value_t = setup::Purpose::Ci)]
         purpose: setup::Purpose,
     },
-    /// Validate the Kubernetes manifests (manifests/*.yaml) offline, strictly; only the CA's
-    /// references the signing key.
+    /// Validate the Kubernetes manifests (manifests/*.yaml, and `gateway render` of an example)
+    /// offline, strictly; only the CA's references the signing key.
     Manifests,
     /// Build all binaries, run all tests (needs root), check nothing was left behind.
     Test {
@@ -121,6 +127,12 @@ enum Cmd {
     Waypoint {
         #[command(subcommand)]
         command: waypoint_cli::WaypointCmd,
+    },
+    /// Ingress gateways (Gateways of class istio): `render` the objects that run them, `apply`
+    /// or `delete` them with --kubectl.
+    Gateway {
+        #[command(subcommand)]
+        command: gateway_cli::GatewayCmd,
     },
     /// Build release binaries, benchmark every data path against direct connections and
     /// haproxy/nginx baselines, and write BENCHMARKS.md + BENCHMARKS.png (needs root).
@@ -198,6 +210,7 @@ fn dispatch(command: Cmd) -> Result<()> {
         }),
         Cmd::Down => local_mesh::down(),
         Cmd::Waypoint { command } => waypoint_cli::run(command),
+        Cmd::Gateway { command } => gateway_cli::run(command),
         Cmd::Bench { quick } => bench(quick),
         Cmd::Fuzz { time, targets } => fuzz::fuzz(time, &targets),
         Cmd::Soak { minutes, redirect } => soak(minutes, redirect.as_deref()),
@@ -261,10 +274,11 @@ fn ci() -> Result<()> {
     test(&[])
 }
 
-/// `kubernetes-validate --strict` on every manifest: unknown fields, wrong types and missing
-/// required fields fail, against the schemas of [`MANIFESTS_K8S_VERSION`] shipped in the
-/// package (nothing is fetched). First, that no manifest but the CA's references the signing
-/// key ([`key_holder`]).
+/// `kubernetes-validate --strict` on every manifest and on the ingress gateway objects
+/// rendered from [`gateway_cli::EXAMPLE`]: unknown fields, wrong types and missing required
+/// fields fail, against the schemas of [`MANIFESTS_K8S_VERSION`] shipped in the package
+/// (nothing is fetched). First, that no manifest but the CA's references the signing key
+/// ([`key_holder`]).
 fn manifests() -> Result<()> {
     let dir = workspace_root().join("manifests");
     key_holder::check_dir(&dir)?;
@@ -281,6 +295,8 @@ fn manifests() -> Result<()> {
     if files.is_empty() {
         bail!("no manifests (*.yaml) in {}", dir.display());
     }
+    // What `gateway render` makes of the template must pass too: validated in the same run.
+    files.push(gateway_cli::write_example(&target_dir().join("xtask"))?);
     let mut cmd = match find_tool(VALIDATOR) {
         Some(tool) => Command::new(tool),
         // Installed by pip into a directory not on PATH: the module runs the same.
@@ -817,6 +833,62 @@ mod tests {
                 "--node",
                 "n1",
             ],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn the_gateway_commands_parse_as_documented() {
+        use gateway_cli::GatewayCmd;
+        let cmd = parse(&["gateway", "render", "-f", "gw.yaml", "-n", "shop"]).expect("parses");
+        let Cmd::Gateway {
+            command: GatewayCmd::Render(r),
+        } = cmd
+        else {
+            panic!("not render: {cmd:?}");
+        };
+        assert_eq!(r.input.file, PathBuf::from("gw.yaml"));
+        assert_eq!(r.input.namespace.as_deref(), Some("shop"));
+        let cmd = parse(&["gateway", "delete", "--name", "web", "--kubectl"]).expect("parses");
+        let Cmd::Gateway {
+            command: GatewayCmd::Delete(d),
+        } = cmd
+        else {
+            panic!("not delete: {cmd:?}");
+        };
+        assert_eq!((d.namespace.as_str(), d.name.as_str()), ("default", "web"));
+        assert!(d.mode.kubectl && !d.mode.print);
+        for ok in [
+            &["gateway", "apply", "-f", "gw.yaml", "--kubectl"][..],
+            &[
+                "gateway",
+                "apply",
+                "--filename",
+                "-",
+                "--kubectl",
+                "--print",
+            ],
+            &["gateway", "render", "--file", "gw.yaml"],
+            &[
+                "gateway",
+                "delete",
+                "-n",
+                "shop",
+                "--name",
+                "web",
+                "--kubectl",
+                "--print",
+            ],
+        ] {
+            assert!(parse(ok).is_ok(), "{ok:?} must parse");
+        }
+        for bad in [
+            &["gateway", "render"][..],
+            &["gateway", "apply", "-f", "gw.yaml"],
+            &["gateway", "apply", "-f", "gw.yaml", "--print"],
+            &["gateway", "delete", "--name", "web"],
+            &["gateway", "delete", "--kubectl"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} must be refused");
         }

@@ -71,7 +71,7 @@ const NEEDS: &[Need] = &[
     // What the wire carried: `up`'s report and the tests' captures.
     need(Probe::Command("tshark"), "tshark", &[Up, Test, Ci]),
     need(Probe::Command("dumpcap"), "tshark", &[Up, Test, Ci]),
-    need(Probe::Command("curl"), "curl", TESTS),
+    need(Probe::Command("curl"), "curl", &[Up, Test, Ci]),
     need(Probe::Command("socat"), "socat", TESTS),
     need(Probe::Command("iperf3"), "iperf3", &[Test, Ci, Bench]),
     // A pod's DNS through the agent's DNS proxy (tests/tests/core.rs).

@@ -1,8 +1,11 @@
 //! Phase 4, route: the HTTPRoute, GRPCRoute or VirtualService rule for the request
 //! ([`mesh_model::route::route_to`]) to a Service or, through an egress waypoint, a
-//! ServiceEntry ([`route_target`]). None applies → the Service (or entry) itself; one applies
-//! but no rule matches → `404 NR`; a redirect or a VirtualService `directResponse` is
-//! answered here (nothing sent upstream); otherwise a backend is picked by weight for this
+//! ServiceEntry ([`route_target`]); at an ingress listener, the rule of the routes attached
+//! to it for the request's host, else of the VirtualServices bound to its Gateway
+//! ([`mesh_model::route::route_listener`]; nothing for the host → `404 NR`). None applies
+//! → the Service (or entry) itself; one applies but no rule matches → `404 NR`; a redirect
+//! or a VirtualService `directResponse` is answered here (nothing sent upstream); otherwise
+//! a backend is picked by weight for this
 //! request (a Service, or the request's own ServiceEntry:
 //! [`mesh_model::route::backend_target`]), request-header modifiers and rewrites are
 //! applied, and the rest of the rule is kept for later phases in the [`RoutePlan`]:
@@ -15,7 +18,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
 use mesh_model::model::{
     hostname_rank, Fault, Gateway, HeaderModifier, Listener, ListenerProtocol, Mirror, Model,
-    NamespacedName, ParentKind, RetryPolicy, Timeouts,
+    NamespacedName, RetryPolicy, Timeouts,
 };
 use mesh_model::route::{
     self, modify_headers, modify_path, pick_backend, redirect_location, BackendTarget,
@@ -136,8 +139,9 @@ pub fn run(
             why,
         )
     };
-    // An ingress listener: its attached routes decide (none matching: 404); anything else:
-    // the routes of its Service or ServiceEntry, else the destination itself.
+    // An ingress listener: its attached routes for the host, else the VirtualServices bound
+    // to its Gateway for the host, decide (nothing matching: 404); anything else: the routes
+    // of its Service or ServiceEntry, else the destination itself.
     let (sel, dest) = match &ctx.target {
         Target::Listener { gateway, port } => {
             let host = route::host_without_port(&rq.authority).to_ascii_lowercase();
@@ -150,12 +154,18 @@ pub fn run(
                     "no listener of {gateway} on port {port} takes host {host}"
                 )));
             };
-            let routes = model.routes_for_listener(gateway, &listener.name);
-            match route::select(&routes, ParentKind::Gateway, &request) {
+            match route::route_listener(model, gateway, listener, &request) {
                 Routing::Matched(sel) => (sel, None),
-                Routing::Default | Routing::NoMatch => {
+                Routing::NoMatch => {
                     return Err(no_route(format!(
-                        "no route attached to listener {} matches",
+                        "no route or VirtualService rule for host {host} at listener {} matches",
+                        listener.name
+                    )))
+                }
+                Routing::Default => {
+                    return Err(no_route(format!(
+                        "no route attached to listener {} nor VirtualService bound to \
+                         {gateway} is for host {host}",
                         listener.name
                     )))
                 }
@@ -224,11 +234,18 @@ pub fn run(
         }
     }
     // Port 0: a VirtualService destination (or ServiceEntry backendRef) without a port, the
-    // request's own.
-    let backend_port = if chosen.port == 0 {
-        service_port
-    } else {
-        chosen.port
+    // request's own; from an ingress listener, the Service's port when it has only one (as
+    // Istio), else the listener's.
+    let backend_port = match chosen.port {
+        0 if dest.is_none() => model
+            .service_shared(&chosen.service)
+            .and_then(|svc| match svc.ports.as_slice() {
+                [only] => Some(only.port),
+                _ => None,
+            })
+            .unwrap_or(service_port),
+        0 => service_port,
+        port => port,
     };
     let backend = match &dest {
         Some(dest) => route::backend_target(chosen, dest),
@@ -359,8 +376,16 @@ spec:
         ctx: &ConnCtx,
         target: &str,
     ) -> (RequestContext, Result<RoutePlan, LocalReply>) {
-        let ctx = ctx.clone();
-        let mut rq = request_context(false);
+        plan_request(m, ctx, request_context(false), target)
+    }
+
+    /// The route phase for the request `rq` (its target set to `target`) in tunnel `ctx`.
+    fn plan_request(
+        m: &Model,
+        ctx: &ConnCtx,
+        mut rq: RequestContext,
+        target: &str,
+    ) -> (RequestContext, Result<RoutePlan, LocalReply>) {
         rq.raw_target = target.to_string();
         let normalized = normalize_path(target).expect("path");
         let resolved = ctx.target.lookup(m, "cluster.local");
@@ -553,5 +578,199 @@ spec:
             got.map(|p| p.backend).map_err(|r| r.reason),
             Ok(conn().target)
         );
+    }
+
+    /// `edge/ingress`, an ingress Gateway with one HTTP listener on 8080 for every host
+    /// (routes from every namespace), and `edge/other`; subsets `v1`/`v2` of `app/web`.
+    const INGRESS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: edge}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: edge}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: other, namespace: edge}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 8080, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: app}
+spec:
+  host: web
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+"#;
+
+    /// `ratings.example.com` and `*.wild.example` at `edge/ingress`: `x-version: v2` to
+    /// `web` subset `v2`, `/api` to `api` (no port), the rest to `web` subset `v1`.
+    const RATINGS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: app}
+spec:
+  hosts: [ratings.example.com, "*.wild.example"]
+  gateways: [edge/ingress]
+  http:
+  - name: v2
+    match: [{headers: {x-version: {exact: v2}}}]
+    route: [{destination: {host: web, subset: v2, port: {number: 80}}}]
+  - name: api
+    match: [{uri: {prefix: /api}}]
+    route: [{destination: {host: api.app.svc.cluster.local}}]
+  - name: v1
+    route: [{destination: {host: web, subset: v1, port: {number: 80}}}]
+"#;
+
+    /// A plain HTTP request for `host` to `target` (with `headers`) at `edge/ingress:8080`.
+    fn at_ingress(
+        m: &Model,
+        host: &str,
+        target: &str,
+        headers: &[(&'static str, &'static str)],
+    ) -> (RequestContext, Result<RoutePlan, LocalReply>) {
+        let mut ctx = conn();
+        ctx.peer_identity = None;
+        ctx.authority = std::net::SocketAddr::from(([10, 0, 0, 200], 8080));
+        ctx.target = Target::Listener {
+            gateway: NamespacedName::new("edge", "ingress"),
+            port: 8080,
+        };
+        let mut rq = request_context(false);
+        rq.authority = host.to_string();
+        rq.parts.headers = crate::engine::testing::headers(headers);
+        plan_request(m, &ctx, rq, target)
+    }
+
+    fn web_subset(subset: &str) -> (Target, Option<String>) {
+        let web = Target::Service {
+            svc: NamespacedName::new("app", "web"),
+            port: 80,
+        };
+        (web, Some(subset.to_string()))
+    }
+
+    fn not_found(got: Result<RoutePlan, LocalReply>) -> (u16, Option<ResponseFlag>) {
+        match got {
+            Ok(p) => panic!("routed to {:?}", p.backend),
+            Err(r) => (r.status.as_u16(), r.flag),
+        }
+    }
+
+    #[test]
+    fn a_virtual_service_bound_to_the_ingress_gateway_routes_its_hosts_there() {
+        let m = model(&[INGRESS, RATINGS]);
+        let route = |host: &str, target: &str, headers: &[(&'static str, &'static str)]| {
+            let (rq, got) = at_ingress(&m, host, target, headers);
+            let p = got.map_err(|r| r.reason).expect("routed");
+            (rq.log.route, p.backend, p.subset)
+        };
+        let (rule, backend, subset) = route("ratings.example.com", "/", &[]);
+        assert_eq!(rule.as_deref(), Some("app/ratings/v1"));
+        assert_eq!((backend, subset), web_subset("v1"));
+        // The host without its port, case-insensitively; the first matching entry wins.
+        let (rule, backend, subset) =
+            route("Ratings.Example.COM:8080", "/api", &[("x-version", "v2")]);
+        assert_eq!(rule.as_deref(), Some("app/ratings/v2"));
+        assert_eq!((backend, subset), web_subset("v2"));
+        // A destination without a port: the Service's only port (80), not the listener's.
+        let (rule, backend, subset) = route("a.wild.example", "/api/x", &[]);
+        assert_eq!(rule.as_deref(), Some("app/ratings/api"));
+        assert_eq!((backend, subset), (api(), None));
+        // `*.wild.example` does not take `wild.example`; nor any other host.
+        for host in ["wild.example", "details.example.com"] {
+            let (rq, got) = at_ingress(&m, host, "/", &[]);
+            assert_eq!(not_found(got), (404, Some(ResponseFlag::NoRoute)), "{host}");
+            assert_eq!(rq.log.route, None);
+        }
+    }
+
+    #[test]
+    fn a_virtual_service_for_another_gateway_or_only_the_mesh_is_not_applied_at_the_ingress() {
+        let elsewhere = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: elsewhere, namespace: app}
+spec:
+  hosts: [ratings.example.com]
+  gateways: [edge/other]
+  http: [{route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mesh-only, namespace: app}
+spec:
+  hosts: [ratings.example.com, web]
+  gateways: [mesh]
+  http: [{route: [{destination: {host: api}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: same-name, namespace: edge}
+spec:
+  hosts: [ratings.example.com]
+  gateways: [ingress-two]
+  http: [{route: [{destination: {host: web.app}}]}]
+"#;
+        let m = model(&[INGRESS, elsewhere]);
+        let (_, got) = at_ingress(&m, "ratings.example.com", "/", &[]);
+        assert_eq!(not_found(got), (404, Some(ResponseFlag::NoRoute)));
+        // The mesh-only one still routes the waypoint's traffic for `web`.
+        let (rq, got) = plan(&m, "/");
+        assert_eq!(got.map(|p| p.backend).map_err(|r| r.reason), Ok(api()));
+        assert_eq!(rq.log.route.as_deref(), Some("app/mesh-only/0"));
+    }
+
+    #[test]
+    fn a_virtual_service_bound_only_to_the_ingress_does_not_route_waypoint_traffic() {
+        let web_at_ingress = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-edge, namespace: app}
+spec:
+  hosts: [web]
+  gateways: [edge/ingress]
+  http: [{route: [{destination: {host: api}}]}]
+"#;
+        let m = model(&[INGRESS, web_at_ingress]);
+        let (rq, got) = plan(&m, "/");
+        let p = got.map_err(|r| r.reason).expect("default");
+        assert_eq!((p.backend, rq.log.route), (conn().target, None));
+        // At the ingress, its host (the short name made an FQDN) is routed by it.
+        let (rq, got) = at_ingress(&m, "web.app.svc.cluster.local", "/", &[]);
+        assert_eq!(got.map(|p| p.backend).map_err(|r| r.reason), Ok(api()));
+        assert_eq!(rq.log.route.as_deref(), Some("app/web-edge/0"));
+    }
+
+    #[test]
+    fn routes_attached_to_the_listener_win_for_their_hosts_over_virtual_services() {
+        let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: ratings-route, namespace: app}
+spec:
+  parentRefs: [{name: ingress, namespace: edge}]
+  hostnames: [ratings.example.com]
+  rules: [{name: only, matches: [{path: {type: Exact, value: /only}}], backendRefs: [{name: api, port: 80}]}]
+"#;
+        let m = model(&[INGRESS, RATINGS, route]);
+        let (rq, got) = at_ingress(&m, "ratings.example.com", "/only", &[]);
+        assert_eq!(got.map(|p| p.backend).map_err(|r| r.reason), Ok(api()));
+        assert_eq!(rq.log.route.as_deref(), Some("app/ratings-route/only"));
+        // The route decides its host even where no rule matches: no VirtualService rule.
+        let (_, got) = at_ingress(&m, "ratings.example.com", "/", &[]);
+        assert_eq!(not_found(got), (404, Some(ResponseFlag::NoRoute)));
+        // A host no route is for: the VirtualService.
+        let (rq, got) = at_ingress(&m, "a.wild.example", "/", &[]);
+        let p = got.map_err(|r| r.reason).expect("routed");
+        assert_eq!((p.backend, p.subset), web_subset("v1"));
+        assert_eq!(rq.log.route.as_deref(), Some("app/ratings/v1"));
     }
 }

@@ -1,14 +1,19 @@
 //! `networking.istio.io` `VirtualService` (`v1`, `v1beta1`, `v1alpha3`) for waypoint (mesh)
-//! traffic, translated into the same rule types as HTTPRoute ([`crate::model::RouteRule`]).
+//! and ingress gateway traffic, translated into the same rule types as HTTPRoute
+//! ([`crate::model::RouteRule`]).
 //!
 //! Understood: `hosts` (short names resolved against the VirtualService's namespace as
 //! `<name>.<ns>.svc.cluster.local`, FQDNs and `*`/`*.suffix` kept, lower-cased), `gateways`
-//! (the VirtualService applies to waypoint traffic when it is empty or names `mesh`),
-//! `exportTo` (accepted; visibility is not enforced: every namespace sees every
-//! VirtualService, Istio's default), and `http[]` with `name`, `match[]` (`uri`, `method`,
-//! `authority`, `headers`, `queryParams` as `exact`/`prefix`/`regex`, `withoutHeaders`,
-//! `ignoreUriCase`, `port`, `sourceLabels`, `sourceNamespace`), `route[]` (destination
-//! `host`/`subset`/`port.number`, `weight`, per-destination `headers`), `redirect`,
+//! (the VirtualService applies to waypoint traffic when it is empty or names `mesh`, and to
+//! the traffic of each ingress Gateway it names: `<namespace>/<name>`, a bare `<name>` in the
+//! VirtualService's namespace, or Istio's deprecated `<name>.<namespace>[.svc...]`; kept in
+//! [`VirtualService::gateways`]), `exportTo` (accepted; visibility is not enforced: every
+//! namespace sees every VirtualService, Istio's default), and `http[]` with `name`,
+//! `match[]` (`uri`, `method`, `authority`, `headers`, `queryParams` as
+//! `exact`/`prefix`/`regex`, `withoutHeaders`, `ignoreUriCase`, `port`, `sourceLabels`,
+//! `sourceNamespace`, `gateways`: `mesh` or one of the VirtualService's own Gateways, the
+//! match then applies to that traffic only; any other Gateway is refused), `route[]`
+//! (destination `host`/`subset`/`port.number`, `weight`, per-destination `headers`), `redirect`,
 //! `rewrite` (`uri`, `authority`), `directResponse`, `timeout`, `retries`, `fault`, `headers`,
 //! `mirror`/`mirrorPercentage`/`mirrors[]`. Everything else (`tcp`, `tls`, `delegate`,
 //! `corsPolicy`, `uriRegexRewrite`, ...) is refused with a named error, as are unknown
@@ -21,7 +26,8 @@
 //! `NC`. The host is kept as written ([`BackendRef::host`]): for a request to a ServiceEntry
 //! (an egress waypoint), a destination that is one of the entry's hosts is the entry itself
 //! ([`crate::route::backend_target`]). A destination without `port` goes to the port the
-//! request was for (port 0 in the model).
+//! request was for (port 0 in the model; from an ingress listener: the Service's port when
+//! it has one only, else the listener's).
 
 use std::time::Duration;
 
@@ -34,11 +40,12 @@ use crate::model::{
     service_name, AbortStatus, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, Filters,
     HeaderMatch, Mirror, NamespacedName, PathMatch, PathModifier, QueryMatch, RequestRedirect,
     RetryOn, RetryPolicy, RouteMatch, RouteRule, Timeouts, UrlRewrite, ValueMatch, VirtualService,
-    CLUSTER_DOMAIN,
+    VsGateway, CLUSTER_DOMAIN,
 };
 use crate::route::BackendKind;
 
 const MAX_HOSTS: usize = 64;
+const MAX_GATEWAYS: usize = 64;
 const MAX_HTTP: usize = 256;
 const MAX_MATCHES: usize = 64;
 const MAX_ROUTES: usize = 64;
@@ -66,12 +73,29 @@ pub(super) fn virtual_service(obj: &Node<'_>, meta: Meta) -> FieldResult<Virtual
     if hosts.is_empty() {
         return Err(spec.err("hosts: at least one host is required"));
     }
-    let gateways = spec.opt_string_list("gateways")?;
-    let mesh = gateways.is_empty() || gateways.iter().any(|g| g == "mesh");
+    let mut mesh = false;
+    let mut gateways = Vec::new();
+    let gateway_nodes = bounded(&spec, "gateways", MAX_GATEWAYS)?;
+    for g in &gateway_nodes {
+        match gateway_name(g, &meta.namespace)? {
+            VsGateway::Mesh => mesh = true,
+            VsGateway::Gateway(key) => {
+                if !gateways.contains(&key) {
+                    gateways.push(key);
+                }
+            }
+        }
+    }
+    let mesh = mesh || gateway_nodes.is_empty();
+    let bound = Bound {
+        namespace: &meta.namespace,
+        mesh,
+        gateways: &gateways,
+    };
     let mut regexes = 0;
     let mut rules = Vec::new();
     for node in bounded(&spec, "http", MAX_HTTP)? {
-        rules.push(http_route(&node, &meta.namespace, &mut regexes)?);
+        rules.push(http_route(&node, &bound, &mut regexes)?);
     }
     Ok(VirtualService {
         name: meta.name,
@@ -79,8 +103,42 @@ pub(super) fn virtual_service(obj: &Node<'_>, meta: Meta) -> FieldResult<Virtual
         created,
         hosts,
         mesh,
+        gateways,
         rules,
     })
+}
+
+/// What a VirtualService is bound to, as its matches' `gateways` are checked against.
+struct Bound<'a> {
+    /// The VirtualService's namespace (a bare gateway name's).
+    namespace: &'a str,
+    mesh: bool,
+    gateways: &'a [NamespacedName],
+}
+
+/// A `gateways` entry: `mesh`, `<namespace>/<name>`, a bare `<name>` (in the VirtualService's
+/// namespace `ns`), or Istio's deprecated `<name>.<namespace>[.svc.cluster.local]`.
+fn gateway_name(node: &Node<'_>, ns: &str) -> FieldResult<VsGateway> {
+    let g = node.str()?;
+    if g == "mesh" {
+        return Ok(VsGateway::Mesh);
+    }
+    let key = match g.split_once('/') {
+        Some((gw_ns, name)) => NamespacedName::new(gw_ns, name),
+        None => match g.split_once('.') {
+            Some((name, rest)) => {
+                let gw_ns = rest.split('.').next().unwrap_or_default();
+                NamespacedName::new(gw_ns, name)
+            }
+            None => NamespacedName::new(ns, g),
+        },
+    };
+    if !dns_label(&key.namespace) || !dns_subdomain(&key.name) {
+        return Err(node.err(format!(
+            "invalid gateway {g:?} (expected mesh, <namespace>/<name> or <name>)"
+        )));
+    }
+    Ok(VsGateway::Gateway(key))
 }
 
 /// A `hosts` entry, lower-case: `*`, `*.suffix`, an FQDN, or a short name made an FQDN.
@@ -122,7 +180,8 @@ struct Destination {
     subset: Option<String>,
 }
 
-fn http_route(node: &Node<'_>, ns: &str, regexes: &mut usize) -> FieldResult<RouteRule> {
+fn http_route(node: &Node<'_>, bound: &Bound<'_>, regexes: &mut usize) -> FieldResult<RouteRule> {
+    let ns = bound.namespace;
     node.only(&[
         "name",
         "match",
@@ -141,7 +200,7 @@ fn http_route(node: &Node<'_>, ns: &str, regexes: &mut usize) -> FieldResult<Rou
     let name = node.opt_str("name")?.map(str::to_string);
     let mut matches = Vec::new();
     for m in bounded(node, "match", MAX_MATCHES)? {
-        matches.push(http_match(&m, regexes)?);
+        matches.push(http_match(&m, bound, regexes)?);
     }
     if matches.is_empty() {
         // No match: every request (Istio's catch-all), as a plain "/" prefix.
@@ -206,7 +265,7 @@ fn http_route(node: &Node<'_>, ns: &str, regexes: &mut usize) -> FieldResult<Rou
     })
 }
 
-fn http_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<RouteMatch> {
+fn http_match(node: &Node<'_>, bound: &Bound<'_>, regexes: &mut usize) -> FieldResult<RouteMatch> {
     node.only(&[
         "name",
         "uri",
@@ -223,11 +282,7 @@ fn http_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<RouteMatch> {
         "scheme",
         "statPrefix",
     ])?;
-    if let Some(g) = node.get("gateways")? {
-        if !g.string_list()?.iter().all(|g| g == "mesh") {
-            return Err(g.err("match gateways other than mesh are not supported"));
-        }
-    }
+    let gateways = match_gateways(node, bound)?;
     if let Some(s) = node.get("scheme")? {
         return Err(s.err("scheme matches are not supported"));
     }
@@ -235,6 +290,7 @@ fn http_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<RouteMatch> {
     let mut m = RouteMatch {
         path: PathMatch::StringPrefix("/".to_string()),
         ignore_uri_case,
+        gateways,
         ..RouteMatch::default()
     };
     if let Some(uri) = node.get("uri")? {
@@ -298,6 +354,36 @@ fn http_match(node: &Node<'_>, regexes: &mut usize) -> FieldResult<RouteMatch> {
         m.source_namespace = Some(s.to_string());
     }
     Ok(m)
+}
+
+/// A match's `gateways`: each a Gateway the VirtualService is bound to, or `mesh` (taken
+/// as always: a match for mesh traffic in a VirtualService that is not never applies, as
+/// in Istio); another Gateway is refused.
+fn match_gateways(node: &Node<'_>, bound: &Bound<'_>) -> FieldResult<Vec<VsGateway>> {
+    let mut out = Vec::new();
+    for g in bounded(node, "gateways", MAX_GATEWAYS)? {
+        let gateway = gateway_name(&g, bound.namespace)?;
+        if let VsGateway::Gateway(key) = &gateway {
+            if !bound.gateways.contains(key) {
+                let mut of = bound
+                    .gateways
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>();
+                if bound.mesh {
+                    of.insert(0, "mesh".to_string());
+                }
+                return Err(g.err(format!(
+                    "gateway {key} is not one of the VirtualService's gateways ({})",
+                    of.join(", ")
+                )));
+            }
+        }
+        if !out.contains(&gateway) {
+            out.push(gateway);
+        }
+    }
+    Ok(out)
 }
 
 /// `{exact|prefix|regex: value}`: exactly one of them.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::model::{AbortStatus, PathMatch, PathModifier, ValueMatch, VirtualService};
+use crate::model::{AbortStatus, PathMatch, PathModifier, ValueMatch, VirtualService, VsGateway};
 
 fn load(spec: &str) -> Result<VirtualService, String> {
     let doc = format!(
@@ -144,12 +144,126 @@ fn invalid_virtual_services_are_refused_with_file_doc_and_field() {
     assert!(e.to_string().contains("unsupported version \"v2\""), "{e}");
 }
 
+/// `(mesh, gateways)` of a VirtualService with `gateways` as written (YAML flow list).
+fn bound_to(gateways: &str) -> (bool, Vec<String>) {
+    let spec = format!(
+        "  hosts: [web]\n  gateways: {gateways}\n  http: [{{route: [{{destination: {{host: web}}}}]}}]\n"
+    );
+    let vs = load(&spec).expect(gateways);
+    let names = vs.gateways.iter().map(ToString::to_string).collect();
+    (vs.mesh, names)
+}
+
 #[test]
-fn gateways_decide_whether_the_waypoint_applies_it() {
-    let only_ingress = load("  hosts: [web]\n  gateways: [shop/ingress]\n  http: [{route: [{destination: {host: web}}]}]\n").expect("valid");
-    assert!(!only_ingress.mesh);
-    let both = load("  hosts: [web]\n  gateways: [mesh, shop/ingress]\n  http: [{route: [{destination: {host: web}}]}]\n").expect("valid");
-    assert!(both.mesh);
+fn gateways_decide_whether_the_waypoint_and_which_ingress_gateways_apply_it() {
+    let check = |gateways: &str, mesh: bool, want: &[&str]| {
+        assert_eq!(
+            bound_to(gateways),
+            (mesh, want.iter().map(|s| s.to_string()).collect()),
+            "{gateways}"
+        );
+    };
+    check("[]", true, &[]);
+    check("[mesh]", true, &[]);
+    // Gateway-only: not for the waypoint.
+    check("[istio-ingress/ingress]", false, &["istio-ingress/ingress"]);
+    check(
+        "[mesh, istio-ingress/ingress]",
+        true,
+        &["istio-ingress/ingress"],
+    );
+    // A bare name is in the VirtualService's namespace; Istio's old FQDN form names one too;
+    // each Gateway is kept once, in the order written.
+    check("[ingress]", false, &["shop/ingress"]);
+    check(
+        "[ingress.edge.svc.cluster.local, edge/ingress, b, a, b]",
+        false,
+        &["edge/ingress", "shop/b", "shop/a"],
+    );
+    let without =
+        load("  hosts: [web]\n  http: [{route: [{destination: {host: web}}]}]\n").expect("valid");
+    assert!(without.mesh && without.gateways.is_empty());
+}
+
+#[test]
+fn a_match_may_name_the_virtual_services_own_gateways_or_mesh() {
+    let vs = load(
+        r#"
+  hosts: [web]
+  gateways: [mesh, istio-ingress/ingress, edge]
+  http:
+  - match: [{gateways: [istio-ingress/ingress], uri: {prefix: /a}}, {gateways: [mesh]}, {gateways: [edge, mesh]}, {uri: {prefix: /any}}]
+    route: [{destination: {host: web}}]
+"#,
+    )
+    .expect("valid");
+    let gw = |ns: &str, name: &str| VsGateway::Gateway(NamespacedName::new(ns, name));
+    let got: Vec<&[VsGateway]> = vs.rules[0]
+        .matches
+        .iter()
+        .map(|m| m.gateways.as_slice())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            &[gw("istio-ingress", "ingress")][..],
+            &[VsGateway::Mesh][..],
+            &[gw("shop", "edge"), VsGateway::Mesh][..],
+            &[][..],
+        ]
+    );
+    // `mesh` in a gateway-only VirtualService is accepted (it never applies), as in Istio.
+    let gw_only = load("  hosts: [web]\n  gateways: [ingress]\n  http: [{match: [{gateways: [mesh]}], route: [{destination: {host: web}}]}]\n").expect("valid");
+    assert_eq!(gw_only.rules[0].matches[0].gateways, [VsGateway::Mesh]);
+}
+
+#[test]
+fn the_model_dump_shows_the_bound_gateways() {
+    let doc = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: shop}
+spec:
+  hosts: [ratings.example.com]
+  gateways: [istio-ingress/ingress]
+  http: [{match: [{gateways: [istio-ingress/ingress]}], route: [{destination: {host: web}}]}]
+"#;
+    let m = load_docs(&[("vs.yaml".to_string(), doc.to_string())]).expect("valid");
+    let dump = serde_json::to_value(m.dump()).expect("dump");
+    let vs = &dump["virtual_services"][0];
+    assert_eq!(vs["mesh"], false);
+    assert_eq!(
+        vs["gateways"],
+        serde_json::json!([{"namespace": "istio-ingress", "name": "ingress"}])
+    );
+    assert_eq!(
+        vs["rules"][0]["matches"][0]["gateways"],
+        serde_json::json!(["istio-ingress/ingress"])
+    );
+}
+
+#[test]
+fn unknown_or_invalid_gateways_are_refused() {
+    let bad = |spec: &str, want: &str| {
+        let got = load(spec).expect_err(spec);
+        assert!(got.contains(want), "{got:?} lacks {want:?}\n{spec}");
+    };
+    bad(
+        "  hosts: [web]\n  http: [{match: [{gateways: [istio-ingress/ingress]}], route: [{destination: {host: web}}]}]\n",
+        "spec.http[0].match[0].gateways[0]: gateway istio-ingress/ingress is not one of the VirtualService's gateways (mesh)",
+    );
+    bad(
+        "  hosts: [web]\n  gateways: [istio-ingress/ingress]\n  http: [{match: [{gateways: [other]}], route: [{destination: {host: web}}]}]\n",
+        "gateway shop/other is not one of the VirtualService's gateways (istio-ingress/ingress)",
+    );
+    bad(
+        "  hosts: [web]\n  gateways: [Istio/Ingress]\n  http: [{route: [{destination: {host: web}}]}]\n",
+        "spec.gateways[0]: invalid gateway \"Istio/Ingress\"",
+    );
+    bad(
+        "  hosts: [web]\n  gateways: [istio-ingress/]\n  http: [{route: [{destination: {host: web}}]}]\n",
+        "invalid gateway",
+    );
 }
 
 #[test]

@@ -23,7 +23,8 @@ use std::sync::Arc;
 
 use super::{
     selector_matches, Action, AuthorizationPolicy, EndpointSlice, HttpRoute, Labels, Namespace,
-    NamespacedName, ParentKind, PeerAuthentication, Pod, Service, TlsSecret, GATEWAY_NAME_LABEL,
+    NamespacedName, ParentKind, PeerAuthentication, Pod, Service, TlsSecret, VirtualService,
+    GATEWAY_NAME_LABEL,
 };
 use crate::policy::l7::{attach_point, AttachPoint, Destination};
 
@@ -57,6 +58,9 @@ pub(super) struct Index {
     /// Gateway their `parentRefs` name, so that a listener's routes are read without
     /// scanning every route.
     pub(super) routes_by_gateway: ByNamespaceAndName<Vec<u32>>,
+    /// VirtualServices (positions in the model's list, ascending) by namespace and name of
+    /// each Gateway their `gateways` name, so that an ingress gateway reads its own.
+    pub(super) virtual_services_by_gateway: ByNamespaceAndName<Vec<u32>>,
     /// ReferenceGrants (positions in their list) by namespace.
     pub(super) reference_grants: HashMap<String, Vec<u32>>,
     /// TLS Secrets by namespace and name.
@@ -137,6 +141,27 @@ pub(super) fn routes_by_gateway(routes: &[HttpRoute]) -> ByNamespaceAndName<Vec<
                 .entry(p.target.namespace.clone())
                 .or_default()
                 .entry(p.target.name.clone())
+                .or_default();
+            if bucket.last() != Some(&position) {
+                bucket.push(position);
+            }
+        }
+    }
+    by
+}
+
+/// `virtual_services` (in model order) by each Gateway their `gateways` name (each listed
+/// once per VirtualService by the translator).
+pub(super) fn virtual_services_by_gateway(
+    virtual_services: &[VirtualService],
+) -> ByNamespaceAndName<Vec<u32>> {
+    let mut by: ByNamespaceAndName<Vec<u32>> = HashMap::new();
+    for (position, vs) in (0u32..).zip(virtual_services) {
+        for g in &vs.gateways {
+            let bucket = by
+                .entry(g.namespace.clone())
+                .or_default()
+                .entry(g.name.clone())
                 .or_default();
             if bucket.last() != Some(&position) {
                 bucket.push(position);

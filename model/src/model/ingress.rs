@@ -49,7 +49,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-use super::{Gateway, HttpRoute, Labels, Model, NamespacedName};
+use super::{Gateway, HttpRoute, Labels, Model, NamespacedName, VirtualService};
 use crate::model::{BackendRef, ParentKind};
 use crate::route::{hostnames_intersect, without_kind_conflicts, BackendKind};
 
@@ -623,6 +623,23 @@ impl Model {
             return Vec::new();
         };
         without_kind_conflicts(self.attached_routes(gw, l))
+    }
+
+    /// The VirtualServices whose `gateways` name `gateway`, in model order (oldest first,
+    /// then namespace/name): read from the index, not a scan of every VirtualService.
+    pub fn virtual_services_for_gateway<'m>(
+        &'m self,
+        gateway: &NamespacedName,
+    ) -> impl Iterator<Item = &'m VirtualService> + 'm {
+        let positions = self
+            .index
+            .virtual_services_by_gateway
+            .get(&gateway.namespace)
+            .and_then(|by_name| by_name.get(&gateway.name))
+            .map_or(&[][..], Vec::as_slice);
+        positions
+            .iter()
+            .filter_map(|i| self.virtual_services.get(*i as usize))
     }
 
     /// `gateway` and its listener named `listener`.

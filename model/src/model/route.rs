@@ -164,6 +164,10 @@ pub struct RouteMatch {
     /// GRPCRoute only: the method match `path` was made from (ranks the match).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcMethodMatch>,
+    /// VirtualService `gateways` of a match: the traffic it applies to (each one of the
+    /// VirtualService's own, or `mesh`); empty = all the VirtualService applies to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<VsGateway>,
 }
 
 impl Default for RouteMatch {
@@ -181,6 +185,7 @@ impl Default for RouteMatch {
             source_labels: Labels::new(),
             source_namespace: None,
             grpc: None,
+            gateways: Vec::new(),
         }
     }
 }
@@ -424,7 +429,25 @@ pub enum AbortStatus {
     Grpc(u32),
 }
 
-/// An Istio `VirtualService` as the waypoint applies it.
+/// A name in a VirtualService's `gateways` (or in a match's): `mesh`, the waypoints' (mesh)
+/// traffic, or a Gateway (`<namespace>/<name>`; a bare name is in the VirtualService's
+/// namespace), the traffic of that ingress gateway. Serialized as `mesh` or `ns/name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VsGateway {
+    Mesh,
+    Gateway(NamespacedName),
+}
+
+impl Serialize for VsGateway {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            VsGateway::Mesh => s.serialize_str("mesh"),
+            VsGateway::Gateway(key) => s.collect_str(key),
+        }
+    }
+}
+
+/// An Istio `VirtualService` as the waypoint and the ingress gateway apply it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VirtualService {
     pub name: String,
@@ -436,6 +459,9 @@ pub struct VirtualService {
     pub hosts: Vec<String>,
     /// `gateways` is empty or names `mesh`: it applies to waypoint (mesh) traffic.
     pub mesh: bool,
+    /// The ingress Gateways `gateways` names (without `mesh`), in the order written, each
+    /// once: it applies to their traffic (see `Model::virtual_services_for_gateway`).
+    pub gateways: Vec<NamespacedName>,
     /// `http[]`, in order: the first whose match holds wins.
     pub rules: Vec<RouteRule>,
 }

@@ -284,3 +284,215 @@ fn virtual_service_destinations_and_rewrites() {
         assert_eq!(modify_path(path, matched, &rw(to)), want, "{path} -> {to}");
     }
 }
+
+/// Two ingress Gateways (`edge/ingress`: `http` on 80 for every host, `shop` on 8080 for
+/// `*.shop.example`; `edge/other`), an HTTPRoute for `books.example` and VirtualServices
+/// bound to them (`new` and `mesh-web` to the mesh too).
+const INGRESS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: edge}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {name: http, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}
+  - {name: shop, port: 8080, protocol: HTTP, hostname: "*.shop.example"}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: other, namespace: edge}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{name: http, port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: books, namespace: edge}
+spec:
+  parentRefs: [{name: ingress, sectionName: http}]
+  hostnames: [books.example]
+  rules: [{name: books, matches: [{path: {type: PathPrefix, value: /b}}], backendRefs: [{name: web, namespace: shop, port: 80}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: old, namespace: shop, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [edge/ingress]
+  http: [{name: old-api, match: [{uri: {prefix: /api}}], route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: new, namespace: shop, creationTimestamp: "2024-06-01T00:00:00Z"}
+spec:
+  hosts: [ratings.example.com]
+  gateways: [edge/ingress, mesh]
+  http:
+  - {name: ingress-only, match: [{gateways: [edge/ingress], headers: {x-v: {exact: "2"}}}], route: [{destination: {host: web}}]}
+  - {name: port-9, match: [{port: 9}], route: [{destination: {host: web}}]}
+  - {name: new-all, route: [{destination: {host: web}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: star, namespace: shop, creationTimestamp: "2024-12-01T00:00:00Z"}
+spec:
+  hosts: ["*"]
+  gateways: [edge/ingress]
+  http: [{name: star, match: [{uri: {prefix: /star}}], route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: elsewhere, namespace: shop}
+spec:
+  hosts: [other.example]
+  gateways: [edge/other]
+  http: [{name: other-gw, route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mesh-web, namespace: shop}
+spec:
+  hosts: [web]
+  gateways: [mesh, edge/ingress]
+  http:
+  - {name: web-ingress-only, match: [{gateways: [edge/ingress]}], route: [{destination: {host: web}}]}
+  - {name: web-mesh, route: [{destination: {host: web}}]}
+"#;
+
+/// Routes `GET host/target` (with `headers`) at `listener` of the Gateway `gateway`: the
+/// rule name taken, `default` (nothing for the host) or `404`.
+fn at_listener(
+    m: &Model,
+    gateway: &str,
+    listener: &str,
+    line: &str,
+    headers: &[(&str, &str)],
+) -> String {
+    let (ns, name) = gateway.split_once('/').expect("ns/name");
+    let key = NamespacedName::new(ns, name);
+    let l = m.gateways[&key]
+        .listeners
+        .iter()
+        .find(|l| l.name == listener)
+        .expect("listener");
+    let (host, target) = line.split_once(' ').expect("host target");
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    let n = normalize_path(target).expect("path");
+    let r = RouteRequest {
+        host,
+        method: "GET",
+        path: &n.path,
+        query: n.query.as_deref(),
+        headers: &h,
+        source: None,
+    };
+    match route_listener(m, &key, l, &r) {
+        Routing::Default => "default".to_string(),
+        Routing::NoMatch => "404".to_string(),
+        Routing::Matched(s) => s.rule.name.clone().unwrap_or_default(),
+    }
+}
+
+#[test]
+fn at_an_ingress_listener_its_routes_for_the_host_win_then_the_bound_virtual_services() {
+    let m = load_docs(&[("ingress.yaml".to_string(), INGRESS.to_string())]).expect("valid");
+    let bound: Vec<&str> = m
+        .virtual_services_for_gateway(&NamespacedName::new("edge", "ingress"))
+        .map(|vs| vs.name.as_str())
+        .collect();
+    assert_eq!(
+        bound,
+        ["old", "new", "star", "mesh-web"],
+        "indexed, in model order"
+    );
+    let check =
+        |gateway: &str, listener: &str, line: &str, headers: &[(&str, &str)], want: &str| {
+            assert_eq!(
+                at_listener(&m, gateway, listener, line, headers),
+                want,
+                "{gateway} {listener} {line} {headers:?}"
+            );
+        };
+    let ingress = "edge/ingress";
+    // The HTTPRoute for `books.example` decides its host, also where it has no rule.
+    check(ingress, "http", "books.example /b", &[], "books");
+    check(ingress, "http", "books.example:80 /star", &[], "404");
+    // Other hosts: the VirtualServices' entries in model order (`old` is older than `new`),
+    // each one's in order; a match for this Gateway; `port` against the listener's.
+    check(
+        ingress,
+        "http",
+        "Ratings.Example.com:80 /api",
+        &[],
+        "old-api",
+    );
+    check(
+        ingress,
+        "http",
+        "ratings.example.com /x",
+        &[("x-v", "2")],
+        "ingress-only",
+    );
+    check(ingress, "http", "ratings.example.com /x", &[], "new-all");
+    // `*.example.com` does not take `example.com`; `*` takes every host.
+    check(ingress, "http", "example.com /api", &[], "404");
+    check(ingress, "http", "any.host /star", &[], "star");
+    check(
+        ingress,
+        "http",
+        "web.shop.svc.cluster.local /",
+        &[],
+        "web-ingress-only",
+    );
+    // A listener for `*.shop.example`: only `*` is for its hosts.
+    check(ingress, "shop", "a.shop.example /star", &[], "star");
+    check(ingress, "shop", "a.shop.example /api", &[], "404");
+    // `edge/other`: only its own VirtualService; none for a host: nothing applies.
+    check("edge/other", "http", "other.example /x", &[], "other-gw");
+    check(
+        "edge/other",
+        "http",
+        "ratings.example.com /x",
+        &[],
+        "default",
+    );
+}
+
+#[test]
+fn a_match_for_an_ingress_gateway_is_skipped_for_mesh_traffic() {
+    let m = load_docs(&[("ingress.yaml".to_string(), INGRESS.to_string())]).expect("valid");
+    let svc = &m.services[&NamespacedName::new("shop", "web")];
+    let h = HeaderMap::new();
+    let r = RouteRequest {
+        host: "web.shop.svc.cluster.local",
+        method: "GET",
+        path: "/",
+        query: None,
+        headers: &h,
+        source: None,
+    };
+    let got = match route(
+        &m,
+        &NamespacedName::new("shop", "wp"),
+        svc,
+        &svc.ports[0],
+        &r,
+    ) {
+        Routing::Matched(s) => s.rule.name.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(got.as_deref(), Some("web-mesh"));
+    // `star` (`*`, bound to the ingress only) does not apply to mesh traffic.
+    assert!(virtual_service_for(&m, svc).is_some_and(|vs| vs.name == "mesh-web"));
+}

@@ -14,6 +14,12 @@
 //! - `Gateway` of class `istio-waypoint` → a waypoint: passed through (the agents steer to
 //!   it), and every pod of its namespace labelled `gateway.networking.k8s.io/gateway-name:
 //!   <gateway>` runs the `waypoint` process (identity: the pod's service account);
+//! - `Gateway` of class `istio` → an ingress gateway: passed through, run like a waypoint by
+//!   the pods labelled with its name, its listeners forwarded to `127.0.0.1` on this machine
+//!   (see [`IngressDecl`]);
+//! - `Secret` of type `kubernetes.io/tls` annotated `local-mesh/generate-certificate: "<host>,
+//!   …"` → a certificate for those hosts made by `up` (from a CA of its own) in place of the
+//!   document (see [`CertificateDecl`]);
 //! - anything else (policies, …) → passed through unchanged, one output file per input file.
 //!
 //! Two annotations on Pods drive the local mesh:
@@ -24,6 +30,11 @@
 //!   [.svc[.cluster.local]]]:<port>` (a Service port, sent to its clusterIP), `<namespace>/
 //!   <pod>:<port>` (the pod's IP) or `<ipv4>:<port>`; `=200` (any status) or `=refused`
 //!   states what should happen, which `up --once` checks.
+//!
+//! The same `local-mesh/send-to` on an ingress `Gateway` sends requests from this machine,
+//! outside the mesh, to its listeners: `"http://bookinfo.example/=200, https://bookinfo.example/
+//! end-user:jason=200"` (a URL whose port, 80/443 by default, is a listener's, then request
+//! headers as `name:value`; see [`IngressProbe`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -37,8 +48,11 @@ use serde_yaml::Value;
 
 /// Annotation choosing what runs in a pod (`echo` or `none`).
 pub const ANNOTATION_RUN: &str = "local-mesh/run";
-/// Annotation listing the requests a pod sends once the mesh is up.
+/// Annotation listing the requests a pod (or, from outside, an ingress Gateway) gets sent
+/// once the mesh is up.
 pub const ANNOTATION_SEND_TO: &str = "local-mesh/send-to";
+/// On a `kubernetes.io/tls` Secret: the host names `up` makes its certificate for.
+pub const ANNOTATION_GENERATE_CERTIFICATE: &str = "local-mesh/generate-certificate";
 /// The label that enrolls a namespace in the mesh.
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// On a pod: the Gateway (waypoint) it runs.
@@ -61,6 +75,10 @@ pub struct LocalMesh {
     pub services: Vec<ServiceDecl>,
     /// Waypoint Gateways (class `istio-waypoint`) in file order.
     pub waypoints: Vec<WaypointDecl>,
+    /// Ingress Gateways (class `istio`) in file order.
+    pub ingresses: Vec<IngressDecl>,
+    /// TLS Secrets whose certificate `up` makes, in file order (not in `passthrough`).
+    pub certificates: Vec<CertificateDecl>,
     /// Documents for the node agents as they are: (file name, multi-document YAML).
     pub passthrough: Vec<(String, String)>,
 }
@@ -92,8 +110,9 @@ pub struct PodDecl {
     pub labels: BTreeMap<String, String>,
     /// Ports `mesh-echo` listens on; empty when the pod runs nothing.
     pub echo_ports: Vec<u16>,
-    /// The waypoint Gateway (in the pod's namespace) this pod runs, if any.
-    pub waypoint: Option<String>,
+    /// The Gateway (in the pod's namespace; a waypoint or an ingress gateway) whose proxy
+    /// this pod runs, if any.
+    pub gateway: Option<String>,
     /// Requests it sends once the mesh is up.
     pub probes: Vec<Probe>,
 }
@@ -130,6 +149,74 @@ impl WaypointDecl {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// An ingress gateway: a `Gateway` of class `istio`, run by the pods labelled with its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressDecl {
+    pub namespace: String,
+    pub name: String,
+    /// Its HTTP and HTTPS listeners (the ones `up` forwards), in order.
+    pub listeners: Vec<ListenerDecl>,
+    /// Requests sent to it from this machine once the mesh is up.
+    pub probes: Vec<IngressProbe>,
+}
+
+impl IngressDecl {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Its listener ports, each once, in listener order.
+    pub fn ports(&self) -> Vec<(u16, Scheme)> {
+        let mut out: Vec<(u16, Scheme)> = Vec::new();
+        for l in &self.listeners {
+            if !out.iter().any(|(p, _)| *p == l.port) {
+                out.push((l.port, l.scheme));
+            }
+        }
+        out
+    }
+}
+
+/// An HTTP or HTTPS listener of an ingress gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerDecl {
+    pub name: String,
+    pub port: u16,
+    pub scheme: Scheme,
+    pub hostname: Option<String>,
+}
+
+/// How a client speaks to a listener (the model's redirect scheme: `http` or `https`).
+pub use mesh_model::model::Scheme;
+
+/// One `local-mesh/send-to` entry of an ingress Gateway: a request from outside the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressProbe {
+    /// The entry as written, without the expectation.
+    pub text: String,
+    pub scheme: Scheme,
+    /// The URL's host (lower case): the `Host` header and, over HTTPS, the SNI.
+    pub host: String,
+    /// The listener port it is for.
+    pub port: u16,
+    /// Path and query, from `/`.
+    pub path: String,
+    /// Extra request headers, in order.
+    pub headers: Vec<(String, String)>,
+    pub expect: Option<Expect>,
+}
+
+/// A `kubernetes.io/tls` Secret whose certificate and key `up` makes (for `hosts`, signed by
+/// a CA of its own whose certificate it writes to its work directory), so that no key has
+/// to be kept in the YAML.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateDecl {
+    pub namespace: String,
+    pub name: String,
+    pub hosts: Vec<String>,
 }
 
 /// One Service port.
@@ -201,6 +288,8 @@ impl LocalMesh {
         let mut raw_pods: Vec<(String, RawPod)> = Vec::new();
         let mut services: Vec<ServiceDecl> = Vec::new();
         let mut waypoints: Vec<WaypointDecl> = Vec::new();
+        let mut ingresses: Vec<IngressDecl> = Vec::new();
+        let mut certificates: Vec<CertificateDecl> = Vec::new();
         // Objects for the agents as they are, grouped by file (objects come in file order).
         let mut kept: Vec<(&str, Vec<&Value>)> = Vec::new();
 
@@ -239,9 +328,19 @@ impl LocalMesh {
                             name: gw.name.clone(),
                             waypoint_for: waypoint_for_name(gw.waypoint_for).to_owned(),
                         });
+                    } else if gw.is_ingress() {
+                        ingresses.push(ingress(gw, &object.value).with_context(|| at.clone())?);
                     }
                     keep(&mut kept, object);
                 }
+                Some(("Secret", key)) => match certificate_request(&object.value) {
+                    Some(hosts) => certificates.push(CertificateDecl {
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                        hosts: hosts.with_context(|| format!("{at}: Secret {key}"))?,
+                    }),
+                    None => keep(&mut kept, object),
+                },
                 _ => keep(&mut kept, object),
             }
         }
@@ -262,21 +361,21 @@ impl LocalMesh {
         }
         let mut pods = Vec::new();
         for (at, pod) in raw_pods {
-            let waypoint = pod
+            let gateway = pod
                 .gateway_name
                 .clone()
                 .filter(|gw| {
-                    waypoints
-                        .iter()
-                        .any(|w| w.namespace == pod.namespace && &w.name == gw)
+                    let ours = |ns: &str, name: &str| ns == pod.namespace && name == gw;
+                    waypoints.iter().any(|w| ours(&w.namespace, &w.name))
+                        || ingresses.iter().any(|i| ours(&i.namespace, &i.name))
                 })
                 .filter(|_| pod.run.as_deref() != Some("none"));
-            if waypoint.is_some() && pod.run.as_deref() == Some("echo") {
+            if gateway.is_some() && pod.run.as_deref() == Some("echo") {
                 bail!(
-                    "{at}: Pod {}: runs waypoint {} (label {GATEWAY_NAME_LABEL}); it cannot also \
+                    "{at}: Pod {}: runs gateway {} (label {GATEWAY_NAME_LABEL}); it cannot also \
                      run echo",
                     pod.key(),
-                    waypoint.as_deref().unwrap_or_default()
+                    gateway.as_deref().unwrap_or_default()
                 );
             }
             let probes = parse_probes(&pod, &keys, &services).with_context(|| {
@@ -288,12 +387,12 @@ impl LocalMesh {
                 node: pod.node,
                 service_account: pod.service_account,
                 labels: pod.labels,
-                echo_ports: if waypoint.is_some() {
+                echo_ports: if gateway.is_some() {
                     Vec::new()
                 } else {
                     pod.echo_ports
                 },
-                waypoint,
+                gateway,
                 probes,
             });
         }
@@ -307,6 +406,8 @@ impl LocalMesh {
             pods,
             services,
             waypoints,
+            ingresses,
+            certificates,
             passthrough,
         })
     }
@@ -361,6 +462,7 @@ impl LocalMesh {
             && self.pods == other.pods
             && self.services == other.services
             && self.waypoints == other.waypoints
+            && self.ingresses == other.ingresses
     }
 
     /// The same topology with every namespace, pod and service label removed: two meshes that
@@ -398,9 +500,24 @@ impl LocalMesh {
             .collect()
     }
 
-    /// Number of probes over all pods.
+    /// Number of probes over all pods and ingress gateways.
     pub fn probe_count(&self) -> usize {
-        self.pods.iter().map(|p| p.probes.len()).sum()
+        self.pods.iter().map(|p| p.probes.len()).sum::<usize>()
+            + self.ingresses.iter().map(|i| i.probes.len()).sum::<usize>()
+    }
+
+    /// The ingress Gateway `namespace/name`.
+    pub fn ingress(&self, namespace: &str, name: &str) -> Option<&IngressDecl> {
+        self.ingresses
+            .iter()
+            .find(|i| i.namespace == namespace && i.name == name)
+    }
+
+    /// The waypoint Gateway `namespace/name`.
+    pub fn waypoint(&self, namespace: &str, name: &str) -> Option<&WaypointDecl> {
+        self.waypoints
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)
     }
 }
 
@@ -579,6 +696,160 @@ fn service(svc: &mesh_model::model::Service) -> Result<ServiceDecl> {
     })
 }
 
+/// An ingress Gateway's forwardable listeners and its probes (annotation on the document).
+fn ingress(gw: &mesh_model::model::Gateway, doc: &Value) -> Result<IngressDecl> {
+    use mesh_model::model::ListenerProtocol;
+    let listeners: Vec<ListenerDecl> = gw
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            let scheme = match l.protocol {
+                ListenerProtocol::Http => Scheme::Http,
+                ListenerProtocol::Https => Scheme::Https,
+                _ => return None,
+            };
+            Some(ListenerDecl {
+                name: l.name.clone(),
+                port: l.port,
+                scheme,
+                hostname: l.hostname.clone(),
+            })
+        })
+        .collect();
+    let mut decl = IngressDecl {
+        namespace: gw.namespace.clone(),
+        name: gw.name.clone(),
+        listeners,
+        probes: Vec::new(),
+    };
+    if let Some(list) = annotation(doc, ANNOTATION_SEND_TO) {
+        decl.probes = list
+            .split([',', '\n'])
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| parse_ingress_probe(entry, &decl))
+            .collect::<Result<_>>()
+            .with_context(|| format!("Gateway {}: annotation {ANNOTATION_SEND_TO}", decl.key()))?;
+    }
+    Ok(decl)
+}
+
+/// `Some(hosts)` for a `kubernetes.io/tls` Secret annotated
+/// [`ANNOTATION_GENERATE_CERTIFICATE`] (an error when it also holds a certificate or names
+/// no valid host), `None` for any other Secret.
+fn certificate_request(doc: &Value) -> Option<Result<Vec<String>>> {
+    let list = annotation(doc, ANNOTATION_GENERATE_CERTIFICATE)?;
+    Some((|| {
+        if doc["type"].as_str() != Some(mesh_model::model::TLS_SECRET_TYPE) {
+            bail!(
+                "annotation {ANNOTATION_GENERATE_CERTIFICATE} needs type: {}",
+                mesh_model::model::TLS_SECRET_TYPE
+            );
+        }
+        if !doc["data"].is_null() || !doc["stringData"].is_null() {
+            bail!(
+                "annotation {ANNOTATION_GENERATE_CERTIFICATE}: `up` makes the certificate; \
+                 remove data/stringData (or the annotation)"
+            );
+        }
+        let hosts: Vec<String> = list
+            .split(',')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        if hosts.is_empty() {
+            bail!("annotation {ANNOTATION_GENERATE_CERTIFICATE}: no host name");
+        }
+        for host in &hosts {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            let valid = !bare.is_empty()
+                && bare.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                });
+            if !valid {
+                bail!("annotation {ANNOTATION_GENERATE_CERTIFICATE}: {host:?} is not a host name");
+            }
+        }
+        Ok(hosts)
+    })())
+}
+
+/// `metadata.annotations[name]` of a document, when it is a string.
+fn annotation<'a>(doc: &'a Value, name: &str) -> Option<&'a str> {
+    doc["metadata"]["annotations"][name].as_str()
+}
+
+/// `<scheme>://<host>[:<port>][/<path>] [<header>:<value> …][=<expect>]`.
+fn parse_ingress_probe(entry: &str, gw: &IngressDecl) -> Result<IngressProbe> {
+    let (text, expect) = match entry.rsplit_once('=') {
+        Some((text, expect)) if parse_expect(expect.trim()).is_ok() => {
+            (text.trim(), Some(parse_expect(expect.trim())?))
+        }
+        _ => (entry, None),
+    };
+    let mut words = text.split_whitespace();
+    let url = words.next().context("empty entry")?;
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+        (Scheme::Http, rest)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (Scheme::Https, rest)
+    } else {
+        bail!("{url:?}: expected an http:// or https:// URL");
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .with_context(|| format!("{url:?}: {port:?} is not a port number"))?,
+        ),
+        None => (authority, scheme.default_port()),
+    };
+    if host.is_empty() {
+        bail!("{url:?}: no host");
+    }
+    if !gw
+        .listeners
+        .iter()
+        .any(|l| l.port == port && l.scheme == scheme)
+    {
+        bail!(
+            "{url:?}: Gateway {} has no {} listener on port {port}",
+            gw.key(),
+            scheme.as_str().to_ascii_uppercase()
+        );
+    }
+    let headers = words
+        .map(|word| {
+            let (name, value) = word
+                .split_once(':')
+                .filter(|(name, _)| !name.is_empty())
+                .with_context(|| format!("{word:?}: expected a header as <name>:<value>"))?;
+            Ok((name.to_ascii_lowercase(), value.to_owned()))
+        })
+        .collect::<Result<_>>()?;
+    Ok(IngressProbe {
+        text: text.to_owned(),
+        scheme,
+        host: host.to_ascii_lowercase(),
+        port,
+        path: path.to_owned(),
+        headers,
+        expect,
+    })
+}
+
 // === probes ===
 
 fn parse_probes(
@@ -712,7 +983,10 @@ spec:
             .iter()
             .map(|n| (n.name.as_str(), n.ambient()))
             .collect();
-        assert_eq!(ambient, [("demo", true), ("legacy", false)]);
+        assert_eq!(
+            ambient,
+            [("istio-ingress", false), ("demo", true), ("legacy", false)]
+        );
         let echo: Vec<(String, &str, Vec<u16>)> = mesh
             .pods
             .iter()
@@ -735,8 +1009,21 @@ spec:
             (sleep.node.as_str(), sleep.service_account.as_str()),
             ("n1", "sleep")
         );
+        let sleep_targets: Vec<(&str, Option<Expect>)> = sleep
+            .probes
+            .iter()
+            .map(|p| (p.text.as_str(), p.expect))
+            .collect();
         assert_eq!(
-            sleep.probes,
+            sleep_targets,
+            [
+                ("echo.demo:80", Some(Expect::Status(200))),
+                ("demo/echo-v1:8080", Some(Expect::Refused)),
+                ("echo-v1.demo:80", Some(Expect::Status(403))),
+            ]
+        );
+        assert_eq!(
+            sleep.probes[..2],
             [
                 Probe {
                     text: "echo.demo:80".into(),
@@ -766,14 +1053,63 @@ spec:
         assert_eq!(
             kinds,
             [
+                "Gateway",
+                "HTTPRoute",
                 "PeerAuthentication",
+                "AuthorizationPolicy",
                 "AuthorizationPolicy",
                 "AuthorizationPolicy",
                 "Telemetry",
                 "Gateway"
+            ],
+            "the generated Secret is not passed through"
+        );
+        assert_eq!(mesh.probe_count(), 8);
+
+        // The ingress gateway: its two listeners, its probes from outside, its certificate.
+        let ingress = mesh.ingress("istio-ingress", "ingress").expect("ingress");
+        assert_eq!(ingress.ports(), [(80, Scheme::Http), (443, Scheme::Https)]);
+        type Row<'a> = (&'a str, Scheme, u16, &'a [(String, String)], Option<Expect>);
+        let probes: Vec<Row<'_>> = ingress
+            .probes
+            .iter()
+            .map(|p| (p.host.as_str(), p.scheme, p.port, &p.headers[..], p.expect))
+            .collect();
+        let jason = [("end-user".to_owned(), "jason".to_owned())];
+        assert_eq!(
+            probes,
+            [
+                (
+                    "bookinfo.example",
+                    Scheme::Http,
+                    80,
+                    &[][..],
+                    Some(Expect::Status(200))
+                ),
+                (
+                    "bookinfo.example",
+                    Scheme::Https,
+                    443,
+                    &jason[..],
+                    Some(Expect::Status(200))
+                ),
+                (
+                    "unknown.example",
+                    Scheme::Http,
+                    80,
+                    &[][..],
+                    Some(Expect::Status(404))
+                ),
             ]
         );
-        assert_eq!(mesh.probe_count(), 4);
+        assert_eq!(
+            mesh.certificates,
+            [CertificateDecl {
+                namespace: "istio-ingress".into(),
+                name: "bookinfo-cert".into(),
+                hosts: vec!["bookinfo.example".into()],
+            }]
+        );
 
         // The waypoint of `demo`, run in its own pod, and the Service that uses it.
         let waypoint = WaypointDecl {
@@ -785,10 +1121,173 @@ spec:
         let runs: Vec<(String, &str, &str)> = mesh
             .pods
             .iter()
-            .filter_map(|p| Some((p.key(), p.waypoint.as_deref()?, p.service_account.as_str())))
+            .filter_map(|p| Some((p.key(), p.gateway.as_deref()?, p.service_account.as_str())))
             .collect();
-        assert_eq!(runs, [("demo/waypoint".to_owned(), "waypoint", "waypoint")]);
-        assert_eq!(mesh.services_using(&waypoint), ["demo/echo"]);
+        assert_eq!(
+            runs,
+            [
+                ("istio-ingress/ingress".to_owned(), "ingress", "ingress"),
+                ("demo/waypoint".to_owned(), "waypoint", "waypoint")
+            ]
+        );
+        assert_eq!(
+            mesh.services_using(&waypoint),
+            ["demo/echo", "demo/echo-v1", "demo/echo-v2"]
+        );
+    }
+
+    const INGRESS: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: ingress
+  namespace: demo
+  annotations:
+    local-mesh/send-to: PROBES
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {name: http, port: 80, protocol: HTTP}
+  - {name: alt, port: 8000, protocol: HTTP, hostname: alt.example}
+  - name: https
+    port: 443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: cert}]}
+";
+
+    fn ingress_mesh(probes: &str, secret: &str) -> Result<LocalMesh> {
+        let gw = INGRESS.replace("PROBES", &format!("{probes:?}"));
+        let runner = pod(
+            "demo",
+            "ingress",
+            "  labels: {gateway.networking.k8s.io/gateway-name: ingress}\nspec:\n  nodeName: n1\n",
+        );
+        LocalMesh::from_files(&files(&[
+            ("a.yaml", NAMESPACES),
+            ("b.yaml", &gw),
+            ("c.yaml", &runner),
+            ("d.yaml", secret),
+        ]))
+    }
+
+    #[test]
+    fn an_ingress_gateway_is_run_by_its_pod_and_probed_from_outside() {
+        let mesh = ingress_mesh(
+            "http://a.example/x?y=1 end-user:jason X-Two:a:b=503, https://b.example=refused, \
+             http://alt.example:8000/",
+            "",
+        )
+        .expect("loads");
+        assert_eq!(mesh.pods[0].gateway.as_deref(), Some("ingress"));
+        assert!(mesh.pods[0].echo_ports.is_empty());
+        let gw = &mesh.ingresses[0];
+        assert_eq!(
+            gw.ports(),
+            [
+                (80, Scheme::Http),
+                (8000, Scheme::Http),
+                (443, Scheme::Https)
+            ]
+        );
+        assert_eq!(
+            gw.probes[0],
+            IngressProbe {
+                text: "http://a.example/x?y=1 end-user:jason X-Two:a:b".into(),
+                scheme: Scheme::Http,
+                host: "a.example".into(),
+                port: 80,
+                path: "/x?y=1".into(),
+                headers: vec![
+                    ("end-user".into(), "jason".into()),
+                    ("x-two".into(), "a:b".into())
+                ],
+                expect: Some(Expect::Status(503)),
+            }
+        );
+        assert_eq!(
+            (
+                gw.probes[1].port,
+                gw.probes[1].path.as_str(),
+                gw.probes[1].expect
+            ),
+            (443, "/", Some(Expect::Refused))
+        );
+        assert_eq!((gw.probes[2].port, gw.probes[2].expect), (8000, None));
+        assert_eq!(mesh.probe_count(), 3);
+    }
+
+    #[test]
+    fn bad_ingress_probes_say_why() {
+        for (probes, needle) in [
+            ("ftp://a.example/", "expected an http:// or https:// URL"),
+            ("https://a.example:80/", "has no HTTPS listener on port 80"),
+            ("http://a.example:9/", "has no HTTP listener on port 9"),
+            ("http://a.example:x/", "is not a port number"),
+            ("http:///", "no host"),
+            (
+                "http://a.example/ nocolon",
+                "expected a header as <name>:<value>",
+            ),
+        ] {
+            let e = ingress_mesh(probes, "").expect_err(probes);
+            let text = format!("{e:#}");
+            assert!(text.contains(needle), "{probes}: {text}");
+            assert!(
+                text.contains("Gateway demo/ingress: annotation local-mesh/send-to"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tls_secret_can_ask_up_for_its_certificate() {
+        let secret = |extra: &str| {
+            format!(
+                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: cert\n  namespace: demo\n  \
+                 annotations: {{local-mesh/generate-certificate: \"A.example, *.b.example\"}}\n\
+                 {extra}"
+            )
+        };
+        let mesh = ingress_mesh("", &secret("type: kubernetes.io/tls\n")).expect("loads");
+        assert_eq!(
+            mesh.certificates,
+            [CertificateDecl {
+                namespace: "demo".into(),
+                name: "cert".into(),
+                hosts: vec!["a.example".into(), "*.b.example".into()],
+            }]
+        );
+        assert!(
+            !mesh
+                .passthrough
+                .iter()
+                .any(|(_, t)| t.contains("kind: Secret")),
+            "made by `up`, not passed through"
+        );
+        for (extra, needle) in [
+            ("type: Opaque\n", "needs type: kubernetes.io/tls"),
+            (
+                "type: kubernetes.io/tls\nstringData: {tls.crt: x}\n",
+                "remove data/stringData",
+            ),
+        ] {
+            let e = ingress_mesh("", &secret(extra)).expect_err(extra);
+            assert!(format!("{e:#}").contains(needle), "{e:#}");
+        }
+        let bad = secret("type: kubernetes.io/tls\n").replace("*.b.example", "b..example");
+        let e = ingress_mesh("", &bad).expect_err("bad host");
+        assert!(
+            format!("{e:#}").contains("\"b..example\" is not a host name"),
+            "{e:#}"
+        );
+        // Without the annotation a Secret is the user's, passed through as written.
+        let plain = "apiVersion: v1\nkind: Secret\nmetadata: {name: other, namespace: demo}\n";
+        let mesh = ingress_mesh("", plain).expect("loads");
+        assert!(mesh.certificates.is_empty());
+        assert!(mesh
+            .passthrough
+            .iter()
+            .any(|(_, t)| t.contains("kind: Secret")));
     }
 
     fn check_probe(entry: &str, expected: Result<(Target, Option<Expect>), &str>) {
@@ -953,7 +1452,7 @@ spec:
     }
 
     #[test]
-    fn pods_labelled_with_a_waypoint_gateway_run_it_and_nothing_else() {
+    fn pods_labelled_with_a_gateway_run_its_proxy_and_nothing_else() {
         let gateway = |name: &str, class: &str| {
             format!(
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, \
@@ -995,7 +1494,7 @@ spec:
             .map(|p| {
                 (
                     p.name.as_str(),
-                    p.waypoint.as_deref(),
+                    p.gateway.as_deref(),
                     p.echo_ports.is_empty(),
                 )
             })
@@ -1005,11 +1504,14 @@ spec:
             [
                 ("wp-1", Some("wp"), true),
                 ("wp-2", None, true),
-                ("in-1", None, false),
+                ("in-1", Some("ingress"), true),
                 ("nogw-1", None, false),
             ],
-            "a waypoint pod runs no echo; `run: none` opts out; other classes are no waypoints"
+            "a waypoint's or an ingress gateway's pod runs no echo; `run: none` opts out; a \
+             missing Gateway runs nothing"
         );
+        let ingresses: Vec<String> = mesh.ingresses.iter().map(IngressDecl::key).collect();
+        assert_eq!(ingresses, ["demo/ingress"]);
         // The Gateways go to the agents as they are.
         let passed: usize = mesh
             .passthrough
@@ -1026,7 +1528,7 @@ spec:
                 ]
                 .join("---\n"),
             )],
-            "runs waypoint wp (label gateway.networking.k8s.io/gateway-name); it cannot also run echo",
+            "runs gateway wp (label gateway.networking.k8s.io/gateway-name); it cannot also run echo",
         );
     }
 

@@ -1,7 +1,9 @@
-//! A browser's way into a node: a TCP forward from `127.0.0.1:<port>` in the root namespace
-//! to the node agent's metrics port (`127.0.0.1:15020` inside the node's namespace, where the
-//! dashboard is), for as long as `up` runs. Only loopback on both ends: no namespace is
-//! linked to a real interface. It lives in the `up` process, so a crashed `up` leaves nothing.
+//! This machine's way into the mesh: a TCP forward from `127.0.0.1:<port>` in the root
+//! namespace to an address inside a node's namespace, for as long as `up` runs — a node
+//! agent's metrics port (`127.0.0.1:15020`, where the dashboard is) for a browser, an ingress
+//! gateway's listener (the pod's IP and the listener's port, as a load balancer would reach
+//! it) for `curl`. The root namespace's end is loopback only: no namespace is linked to a
+//! real interface. It lives in the `up` process, so a crashed `up` leaves nothing.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -22,10 +24,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Open = Arc<Mutex<HashMap<u64, TcpStream>>>;
 
-/// One node's forward; dropping it closes the listener and every forwarded connection.
+/// One forward; dropping it closes the listener and every forwarded connection.
 pub struct Forward {
-    pub node: String,
-    /// Where to point a browser (root namespace).
+    /// What it forwards to (a node's name for a dashboard).
+    pub name: String,
+    /// Where to point a browser or `curl` (root namespace).
     pub local: SocketAddr,
     stop: Arc<AtomicBool>,
     open: Open,
@@ -33,24 +36,31 @@ pub struct Forward {
 }
 
 impl Forward {
+    /// A node's dashboard: `127.0.0.1:preferred` (else any free port) to `127.0.0.1:15020`
+    /// in the node's namespace `netns`.
+    pub fn dashboard(node: &str, netns: &str, preferred: u16) -> Result<Forward> {
+        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, NODE_METRICS_PORT));
+        Forward::start(node, netns, target, preferred)
+    }
+
     /// Listens on `127.0.0.1:preferred` (else any free port) and forwards each connection
-    /// into `netns` (a named network namespace) to `127.0.0.1:15020`.
-    pub fn start(node: &str, netns: &str, preferred: u16) -> Result<Forward> {
+    /// into `netns` (a named network namespace) to `target`.
+    pub fn start(name: &str, netns: &str, target: SocketAddr, preferred: u16) -> Result<Forward> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, preferred))
             .or_else(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-            .context("bind a local port for the dashboard forward")?;
+            .with_context(|| format!("bind a local port to forward to {target} ({name})"))?;
         let local = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let open: Open = Arc::default();
         let accept = {
             let (stop, open, netns) = (stop.clone(), open.clone(), netns.to_owned());
             std::thread::Builder::new()
-                .name(format!("forward-{node}"))
-                .spawn(move || accept_loop(listener, &netns, &stop, &open))
-                .context("spawn the dashboard forward")?
+                .name(format!("forward-{name}"))
+                .spawn(move || accept_loop(listener, &netns, target, &stop, &open))
+                .with_context(|| format!("spawn the forward to {target} ({name})"))?
         };
         Ok(Forward {
-            node: node.to_owned(),
+            name: name.to_owned(),
             local,
             stop,
             open,
@@ -78,7 +88,13 @@ impl Drop for Forward {
     }
 }
 
-fn accept_loop(listener: TcpListener, netns: &str, stop: &AtomicBool, open: &Open) {
+fn accept_loop(
+    listener: TcpListener,
+    netns: &str,
+    target: SocketAddr,
+    stop: &AtomicBool,
+    open: &Open,
+) {
     let ids = AtomicU64::new(0);
     for client in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
@@ -86,10 +102,7 @@ fn accept_loop(listener: TcpListener, netns: &str, stop: &AtomicBool, open: &Ope
         }
         let Ok(client) = client else { continue };
         let upstream = e2e::in_netns(netns, || {
-            TcpStream::connect_timeout(
-                &SocketAddr::from((Ipv4Addr::LOCALHOST, NODE_METRICS_PORT)),
-                CONNECT_TIMEOUT,
-            )
+            TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
         });
         let Ok(Ok(upstream)) = upstream else {
             let _ = client.shutdown(Shutdown::Both);

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::config::Target;
-use super::run::{CaReport, ProbeReport, Report, Response, Running, Wire};
+use super::config::{IngressProbe, Target};
+use super::run::{curl_argv, CaReport, ProbeReport, Report, Response, Running, Wire};
 
 /// Longest access-log line shown (the full line is in the log file).
 const MAX_LOG_LINE: usize = 240;
@@ -169,7 +169,7 @@ fn render_probe(out: &mut String, probe: &ProbeReport) {
         };
         let _ = writeln!(
             out,
-            "  waypoint {}: istio_requests_total{{response_code=\"{}\"}} +{} ({} -> {}{flags})",
+            "  {}: istio_requests_total{{response_code=\"{}\"}} +{} ({} -> {}{flags})",
             w.waypoint, w.response_code, w.count, w.source_principal, w.destination_service
         );
     }
@@ -273,9 +273,18 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
         let _ = writeln!(
             out,
             "                {}.err  (waypoint {} in {}; access log if a Telemetry turns it on)",
-            wp.log_label(),
+            wp.proxy.log_label(),
             wp.gateway.key(),
-            wp.pod
+            wp.proxy.pod
+        );
+    }
+    for ingress in running.ingresses() {
+        let _ = writeln!(
+            out,
+            "                {}.err  (ingress gateway {} in {}; access log if a Telemetry turns it on)",
+            ingress.proxy.log_label(),
+            ingress.gateway.key(),
+            ingress.proxy.pod
         );
     }
     if let Some(state) = state_file {
@@ -294,7 +303,7 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
             out,
             "     metrics  ip netns exec {netns} curl -s 127.0.0.1:15020/metrics"
         );
-        if let Some(f) = running.forwards().iter().find(|f| f.node == *node) {
+        if let Some(f) = running.forwards().iter().find(|f| f.name == *node) {
             let _ = writeln!(
                 out,
                 "     dashboard {}  <- open in a browser on this machine (forwarded into the node while `up` runs)",
@@ -349,35 +358,36 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
             );
         }
         for wp in runs {
-            let (Ok(ip), Ok(netns)) = (mesh.pod_ip(&wp.pod), mesh.pod_netns(&wp.pod)) else {
+            let Some((ip, netns, node)) = placed(running, &wp.proxy.pod) else {
                 continue;
             };
-            let node = config
-                .pods
-                .iter()
-                .find(|p| p.key() == wp.pod)
-                .map_or("?", |p| p.node.as_str());
             let _ = writeln!(
                 out,
                 "     {:<20} {ip:<12} on {node}  for {}, {used_by}",
                 decl.key(),
                 decl.waypoint_for
             );
-            let _ = writeln!(out, "       identity {}", wp.identity());
+            let _ = writeln!(out, "       identity {}", wp.proxy.identity());
             let _ = writeln!(
                 out,
                 "       metrics  ip netns exec {netns} curl -s 127.0.0.1:15020/metrics"
             );
         }
     }
+    ingress_whereabouts(&mut out, running);
     out.push_str("  pods\n");
     for pod in &config.pods {
         let key = pod.key();
         let (Ok(ip), Ok(netns)) = (mesh.pod_ip(&key), mesh.pod_netns(&key)) else {
             continue;
         };
-        let mut notes = vec![if let Some(gw) = &pod.waypoint {
-            format!("runs waypoint {}/{gw}", pod.namespace)
+        let mut notes = vec![if let Some(gw) = &pod.gateway {
+            let role = if config.ingress(&pod.namespace, gw).is_some() {
+                "ingress gateway"
+            } else {
+                "waypoint"
+            };
+            format!("runs {role} {}/{gw}", pod.namespace)
         } else if running.in_mesh(pod) {
             "in the mesh".to_owned()
         } else {
@@ -430,6 +440,112 @@ pub fn whereabouts(running: &Running, state_file: Option<&Path>) -> String {
         }
     }
     out
+}
+
+/// Each ingress gateway: where it runs, its identity, and per listener the local address it
+/// is forwarded to with a `curl` to paste (the first probe for that port, else `/`).
+fn ingress_whereabouts(out: &mut String, running: &Running) {
+    let config = running.config();
+    if config.ingresses.is_empty() {
+        return;
+    }
+    out.push_str("  ingress gateways (Gateway class istio)\n");
+    for decl in &config.ingresses {
+        let Some(run) = running.ingresses().iter().find(|i| i.gateway == *decl) else {
+            let _ = writeln!(
+                out,
+                "     {:<20} not running: no pod labelled {}={}",
+                decl.key(),
+                mesh_model::model::GATEWAY_NAME_LABEL,
+                decl.name
+            );
+            continue;
+        };
+        let Some((ip, netns, node)) = placed(running, &run.proxy.pod) else {
+            continue;
+        };
+        let _ = writeln!(out, "     {:<20} {ip:<12} on {node}", decl.key());
+        let _ = writeln!(out, "       identity {}", run.proxy.identity());
+        for listener in &decl.listeners {
+            let Some(local) = run.local(listener.port) else {
+                continue;
+            };
+            let host = listener.hostname.as_deref().map_or("any host", |h| h);
+            let _ = writeln!(
+                out,
+                "       listener {} {} :{} ({host})  <- forwarded from {local}",
+                listener.name,
+                listener.scheme.as_str().to_ascii_uppercase(),
+                listener.port
+            );
+        }
+        for (port, scheme, forward) in &run.forwards {
+            let probe = decl
+                .probes
+                .iter()
+                .find(|p| p.port == *port)
+                .cloned()
+                .unwrap_or_else(|| IngressProbe {
+                    text: String::new(),
+                    scheme: *scheme,
+                    host: decl
+                        .listeners
+                        .iter()
+                        .find(|l| l.port == *port)
+                        .and_then(|l| l.hostname.clone())
+                        .filter(|h| !h.starts_with('*'))
+                        .unwrap_or_else(|| "localhost".to_owned()),
+                    port: *port,
+                    path: "/".to_owned(),
+                    headers: Vec::new(),
+                    expect: None,
+                });
+            let argv = curl_argv(&probe, forward.local, running.ingress_ca(), None);
+            let _ = writeln!(out, "       try      {}", shell_line(&argv));
+        }
+        let _ = writeln!(
+            out,
+            "       metrics  ip netns exec {netns} curl -s 127.0.0.1:15020/metrics"
+        );
+    }
+    if let Some(ca) = running.ingress_ca() {
+        let _ = writeln!(
+            out,
+            "     certificates made by `up` ({}) are signed by {}",
+            super::run::CERTIFICATES_FILE,
+            ca.display()
+        );
+    }
+}
+
+/// Where pod `pod` is: its IP, its network namespace and its node's name.
+fn placed<'r>(running: &'r Running, pod: &str) -> Option<(std::net::Ipv4Addr, String, &'r str)> {
+    let mesh = running.mesh();
+    let (ip, netns) = (mesh.pod_ip(pod).ok()?, mesh.pod_netns(pod).ok()?);
+    let node = running
+        .config()
+        .pods
+        .iter()
+        .find(|p| p.key() == pod)
+        .map_or("?", |p| p.node.as_str());
+    Some((ip, netns, node))
+}
+
+/// A command line as it would be typed: words with spaces or quotes single-quoted.
+fn shell_line(argv: &[String]) -> String {
+    argv.iter()
+        .map(|word| {
+            if word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c))
+            {
+                word.clone()
+            } else {
+                format!("'{}'", word.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The CA's address, when the mesh runs the CA service.

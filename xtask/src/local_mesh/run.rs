@@ -12,7 +12,10 @@ use anyhow::{bail, Context, Result};
 use e2e::prom::{self, Sample};
 use e2e::{eventually, ChildGuard, Labelled, Mesh, Proto};
 
-use super::config::{Expect, LocalMesh, PodDecl, Probe, Target, WaypointDecl};
+use super::config::{
+    CertificateDecl, Expect, IngressDecl, IngressProbe, LocalMesh, PodDecl, Probe, Scheme, Target,
+    WaypointDecl,
+};
 use super::forward::{Forward, FIRST_LOCAL_PORT};
 
 /// The harness "test name" of the local mesh (it seeds the namespace prefix).
@@ -33,6 +36,14 @@ const REFUSED: &str = "mesh_connections_refused_total";
 const CA_REFUSED: &str = "mesh_ca_requests_refused_total";
 /// What a waypoint counts per request.
 const REQUESTS: &str = "istio_requests_total";
+/// The file (in the mesh's config directory) holding the TLS Secrets `up` made.
+pub const CERTIFICATES_FILE: &str = "local-mesh-certificates.yaml";
+/// Where the ingress probes come from, as the report names it.
+const OUTSIDE: &str = "this machine";
+/// The request header that carries an ingress probe's marker (its path is the route's).
+const MARKER_HEADER: &str = "x-local-mesh-probe";
+/// How long one `curl` of an ingress probe may take.
+const CURL_TIMEOUT_SECS: &str = "5";
 /// Log lines of the node agents that describe one finished connection.
 const ACCESS_LOG_MARK: &str = "connection complete";
 /// The access-log fields worth a line in the report (the log file has them all).
@@ -46,11 +57,14 @@ const ACCESS_LOG_FIELDS: [&str; 5] = [
 
 /// A running local mesh. Dropping it stops every process and removes every namespace.
 pub struct Running {
-    // Declared before `mesh`: the forwards, waypoints and echo servers stop before the
+    // Declared before `mesh`: the forwards, gateways and echo servers stop before the
     // namespaces go.
     forwards: Vec<Forward>,
+    ingresses: Vec<IngressRun>,
     waypoints: Vec<WaypointRun>,
     echoes: Vec<(String, ChildGuard)>,
+    /// The CA of the certificates `up` made for TLS Secrets (see [`CertificateDecl`]).
+    ingress_ca: Option<e2e::tls::TestCa>,
     mesh: Mesh,
     /// What the mesh runs (topology as built, pass-through documents as last applied).
     config: LocalMesh,
@@ -59,27 +73,62 @@ pub struct Running {
     last_read: Option<LocalMesh>,
 }
 
-/// A `waypoint` process the mesh runs, in the pod labelled with its Gateway's name.
-pub struct WaypointRun {
-    pub gateway: WaypointDecl,
+/// The proxy process (the `waypoint` binary) of a Gateway, in the pod labelled with the
+/// Gateway's name: a waypoint or an ingress gateway, as the Gateway's class says.
+pub struct ProxyRun {
     /// `namespace/name` of its pod.
     pub pod: String,
+    pub namespace: String,
     pub service_account: String,
     guard: ChildGuard,
 }
 
-impl WaypointRun {
+impl ProxyRun {
     /// Its SPIFFE identity.
     pub fn identity(&self) -> String {
         format!(
             "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
-            self.gateway.namespace, self.service_account
+            self.namespace, self.service_account
         )
     }
 
     /// The name of its output files in the log directory (`<label>.err` is its log).
     pub fn log_label(&self) -> &str {
         self.guard.label()
+    }
+}
+
+/// A waypoint the mesh runs.
+pub struct WaypointRun {
+    pub gateway: WaypointDecl,
+    pub proxy: ProxyRun,
+}
+
+/// An ingress gateway the mesh runs, its listeners forwarded to this machine.
+pub struct IngressRun {
+    pub gateway: IngressDecl,
+    pub proxy: ProxyRun,
+    /// Per listener port (each once): its scheme and the forward from `127.0.0.1`.
+    pub forwards: Vec<(u16, Scheme, Forward)>,
+}
+
+impl IngressRun {
+    /// The local address forwarded to listener port `port`.
+    pub fn local(&self, port: u16) -> Option<SocketAddr> {
+        self.forwards
+            .iter()
+            .find(|(p, _, _)| *p == port)
+            .map(|(_, _, f)| f.local)
+    }
+}
+
+/// The local port a listener port is forwarded from, when free: `8000 + port` below 1024
+/// (80 → 8080, 443 → 8443, as the course's port-forwards do), else the same port.
+pub fn preferred_local_port(port: u16) -> u16 {
+    if port < 1024 {
+        8000 + port
+    } else {
+        port
     }
 }
 
@@ -149,7 +198,7 @@ pub fn issuances(dump: &serde_json::Value) -> Vec<Issuance> {
 /// One `local-mesh/send-to` entry, sent.
 #[derive(Clone, Debug)]
 pub struct ProbeReport {
-    /// `namespace/name` of the sending pod.
+    /// `namespace/name` of the sending pod, or this machine for an ingress probe.
     pub client: String,
     pub client_in_mesh: bool,
     /// The target as written (`echo.demo:80`).
@@ -172,7 +221,7 @@ pub struct ProbeReport {
 /// Requests one waypoint counted (`istio_requests_total`), by outcome.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct WaypointRequests {
-    /// `namespace/name` of the Gateway.
+    /// The gateway process: `waypoint <namespace>/<name> in <pod>` or `ingress …`.
     pub waypoint: String,
     pub source_principal: String,
     pub destination_service: String,
@@ -228,10 +277,11 @@ pub struct Wire {
 }
 
 impl Wire {
-    /// Only HBONE crossed, and no application byte was readable.
+    /// Only HBONE crossed (new connections to 15008, or packets of pooled ones), and no
+    /// application byte was readable.
     pub fn only_hbone(&self) -> bool {
         self.packets > 0
-            && self.server_ports == BTreeSet::from([HBONE_PORT])
+            && self.server_ports.iter().all(|&p| p == HBONE_PORT)
             && self.clear_bytes == 0
             && !self.request_in_clear
     }
@@ -272,7 +322,7 @@ impl Running {
         // The CA service: the harness runs it from its binary directory (`E2E_BIN_DIR`).
         let control = bin_dir.join("control");
         let mut binaries = vec![&ztunnel, &echo, &control];
-        if config.pods.iter().any(|p| p.waypoint.is_some()) {
+        if config.pods.iter().any(|p| p.gateway.is_some()) {
             binaries.push(&waypoint);
         }
         for binary in binaries {
@@ -290,8 +340,10 @@ impl Running {
             .context("build the local mesh")?;
         let mut running = Running {
             forwards: Vec::new(),
+            ingresses: Vec::new(),
             waypoints: Vec::new(),
             echoes: Vec::new(),
+            ingress_ca: None,
             mesh,
             config,
             config_source,
@@ -323,22 +375,17 @@ impl Running {
                 .ok()
                 .and_then(|i| FIRST_LOCAL_PORT.checked_add(i))
                 .unwrap_or(0);
-            let forward = Forward::start(node, &netns, port)
+            let forward = Forward::dashboard(node, &netns, port)
                 .with_context(|| format!("forward the dashboard of {node}"))?;
             running.forwards.push(forward);
         }
-        // The waypoints last: each reports ready once it has loaded the mesh's config.
+        // The certificates of TLS Secrets `up` makes, before the gateways that read them.
+        running.write_certificates()?;
+        // The gateways last: each reports ready once it has loaded the mesh's config.
         for pod in running.config.pods.clone() {
-            let Some(gateway) = &pod.waypoint else {
+            let Some(gateway) = &pod.gateway else {
                 continue;
             };
-            let decl = running
-                .config
-                .waypoints
-                .iter()
-                .find(|w| w.namespace == pod.namespace && &w.name == gateway)
-                .cloned()
-                .with_context(|| format!("no Gateway {}/{gateway}", pod.namespace))?;
             let found = running.mesh.waypoint_binary()?;
             if found != waypoint {
                 bail!(
@@ -348,18 +395,90 @@ impl Running {
                     bin_dir.display()
                 );
             }
+            let waypoint_decl = running.config.waypoint(&pod.namespace, gateway).cloned();
+            let ingress_decl = running.config.ingress(&pod.namespace, gateway).cloned();
+            let key = format!("{}/{gateway}", pod.namespace);
             let guard = running
                 .mesh
                 .spawn_waypoint(&pod.key(), &pod.namespace, gateway, &pod.service_account)
-                .with_context(|| format!("start waypoint {} in {}", decl.key(), pod.key()))?;
-            running.waypoints.push(WaypointRun {
-                gateway: decl,
+                .with_context(|| format!("start the proxy of Gateway {key} in {}", pod.key()))?;
+            let proxy = ProxyRun {
                 pod: pod.key(),
+                namespace: pod.namespace.clone(),
                 service_account: pod.service_account.clone(),
                 guard,
-            });
+            };
+            match (waypoint_decl, ingress_decl) {
+                (Some(decl), _) => running.waypoints.push(WaypointRun {
+                    gateway: decl,
+                    proxy,
+                }),
+                (None, Some(decl)) => {
+                    let forwards = running.forward_listeners(&decl, &pod)?;
+                    running.ingresses.push(IngressRun {
+                        gateway: decl,
+                        proxy,
+                        forwards,
+                    });
+                }
+                (None, None) => bail!("no Gateway {key}"),
+            }
         }
         Ok(running)
+    }
+
+    /// Forwards each listener port of an ingress gateway from `127.0.0.1` here to the pod's
+    /// IP, from its node's namespace (where a load balancer's traffic would come from).
+    fn forward_listeners(
+        &self,
+        decl: &IngressDecl,
+        pod: &PodDecl,
+    ) -> Result<Vec<(u16, Scheme, Forward)>> {
+        let netns = self.mesh.node_netns(&pod.node)?;
+        let ip = self.mesh.pod_ip(&pod.key())?;
+        decl.ports()
+            .into_iter()
+            .map(|(port, scheme)| {
+                let target = SocketAddr::from((ip, port));
+                let name = format!("{}:{port}", decl.key());
+                let forward = Forward::start(&name, &netns, target, preferred_local_port(port))
+                    .with_context(|| format!("forward listener port {port} of {}", decl.key()))?;
+                Ok((port, scheme, forward))
+            })
+            .collect()
+    }
+
+    /// Makes the certificates of the TLS Secrets the YAML asks `up` for (the CA made once)
+    /// and writes them as Secrets into the mesh's config directory.
+    fn write_certificates(&mut self) -> Result<()> {
+        if self.config.certificates.is_empty() {
+            if self.ingress_ca.is_some() {
+                self.mesh.remove_yaml(CERTIFICATES_FILE)?;
+            }
+            return Ok(());
+        }
+        let ca = match self.ingress_ca.take() {
+            Some(ca) => ca,
+            None => {
+                let dir = self.mesh.work_dir().join("ingress-certificates");
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
+                e2e::tls::TestCa::new(&dir, "local-mesh-ingress")?
+            }
+        };
+        let yaml = certificate_secrets(&ca, &self.config.certificates);
+        self.ingress_ca = Some(ca);
+        self.mesh.write_yaml(CERTIFICATES_FILE, &yaml?)
+    }
+
+    /// The CA certificate (PEM file) of the certificates `up` made, if it made any.
+    pub fn ingress_ca(&self) -> Option<&Path> {
+        self.ingress_ca.as_ref().map(|ca| ca.cert.as_path())
+    }
+
+    /// The ingress gateways, in pod order.
+    pub fn ingresses(&self) -> &[IngressRun] {
+        &self.ingresses
     }
 
     /// The local forwards to each node's dashboard, in node order.
@@ -404,6 +523,18 @@ impl Running {
                 probes.push(
                     self.probe(pod, probe, index)
                         .with_context(|| format!("{} -> {}", pod.key(), probe.text))?,
+                );
+            }
+        }
+        for ingress in &self.ingresses {
+            for probe in &ingress.gateway.probes {
+                if stop() {
+                    bail!("stopped by a signal before every probe was sent");
+                }
+                index += 1;
+                probes.push(
+                    self.ingress_probe(ingress, probe, index)
+                        .with_context(|| format!("{OUTSIDE} -> {}", probe.text))?,
                 );
             }
         }
@@ -453,6 +584,75 @@ impl Running {
     fn probe(&self, pod: &PodDecl, probe: &Probe, index: usize) -> Result<ProbeReport> {
         let client = pod.key();
         let addr = self.resolve(&probe.target)?;
+        let sent = Sent {
+            client: client.clone(),
+            client_in_mesh: self.in_mesh(pod),
+            target: probe.text.clone(),
+            addr,
+            expect: probe.expect,
+        };
+        // The marker goes in the path: a pod's probe is any path on the target.
+        self.observe(sent, index, &|marker| match self.mesh.http_get(
+            &client,
+            SocketAddr::V4(addr),
+            &format!("/{marker}"),
+        ) {
+            Ok(reply) => Response::Http {
+                status: reply.status,
+                server: reply
+                    .json()
+                    .ok()
+                    .and_then(|body| body["server"].as_str().map(str::to_owned)),
+            },
+            Err(e) => Response::Failed(e.root_cause().to_string()),
+        })
+    }
+
+    /// An ingress probe: `curl` from this machine to the listener's forward, the URL's host
+    /// resolved to it (Host header and SNI as written), the CA of `up`'s certificates
+    /// trusted over HTTPS (or, for a certificate from the YAML, not checked).
+    fn ingress_probe(
+        &self,
+        ingress: &IngressRun,
+        probe: &IngressProbe,
+        index: usize,
+    ) -> Result<ProbeReport> {
+        let local = ingress
+            .local(probe.port)
+            .with_context(|| format!("no forward to listener port {}", probe.port))?;
+        let SocketAddr::V4(addr) = local else {
+            bail!("the forward listens on {local}, not IPv4");
+        };
+        let sent = Sent {
+            client: OUTSIDE.to_owned(),
+            client_in_mesh: false,
+            target: probe.text.clone(),
+            addr,
+            expect: probe.expect,
+        };
+        // The path is the route's to match: the marker goes in a header.
+        self.observe(sent, index, &|marker| {
+            let argv = curl_argv(probe, local, self.ingress_ca(), Some(marker));
+            curl(&argv)
+        })
+    }
+
+    /// Sends `REQUESTS_PER_PROBE` requests with `send` (given each request's marker; the
+    /// first failure ends the probe) and reports what the agents, the gateways and the wire
+    /// saw of them.
+    fn observe(
+        &self,
+        sent: Sent,
+        index: usize,
+        send: &dyn Fn(&str) -> Response,
+    ) -> Result<ProbeReport> {
+        let Sent {
+            client,
+            client_in_mesh,
+            target,
+            addr,
+            expect,
+        } = sent;
         let before = self.snapshot()?;
         let waypoints_before = self.waypoint_snapshot()?;
         let log_marks: BTreeMap<String, usize> = self
@@ -463,24 +663,16 @@ impl Running {
             .collect();
         let capture = self.mesh.capture_wire()?;
 
-        // A marker in every request path: if it shows up in the capture, the request
-        // crossed the wire in clear.
+        // A marker in every request: if it shows up in the capture, the request crossed the
+        // wire in clear.
         let marker = format!("local-mesh-probe-{index}-");
         let mut responses = Vec::new();
         for i in 0..REQUESTS_PER_PROBE {
-            let path = format!("/{marker}{i}");
-            match self.mesh.http_get(&client, SocketAddr::V4(addr), &path) {
-                Ok(reply) => responses.push(Response::Http {
-                    status: reply.status,
-                    server: reply
-                        .json()
-                        .ok()
-                        .and_then(|body| body["server"].as_str().map(str::to_owned)),
-                }),
-                Err(e) => {
-                    responses.push(Response::Failed(e.root_cause().to_string()));
-                    break;
-                }
+            let response = send(&format!("{marker}{i}"));
+            let failed = matches!(response, Response::Failed(_));
+            responses.push(response);
+            if failed {
+                break;
             }
         }
 
@@ -643,10 +835,10 @@ impl Running {
 
         Ok(ProbeReport {
             client,
-            client_in_mesh: self.in_mesh(pod),
-            target: probe.text.clone(),
+            client_in_mesh,
+            target,
             addr,
-            expect: probe.expect,
+            expect,
             responses,
             flows,
             refusals,
@@ -681,15 +873,25 @@ impl Running {
         }
     }
 
-    /// Per waypoint process (`<gateway> in <pod>`), the samples of `istio_requests_total`.
+    /// Per gateway process, waypoint or ingress (`<gateway> in <pod>`), the samples of
+    /// `istio_requests_total`.
     fn waypoint_snapshot(&self) -> Result<Snapshot> {
         let mut out = Snapshot::new();
-        for wp in &self.waypoints {
+        let proxies = self
+            .waypoints
+            .iter()
+            .map(|w| (format!("waypoint {}", w.gateway.key()), &w.proxy))
+            .chain(
+                self.ingresses
+                    .iter()
+                    .map(|i| (format!("ingress {}", i.gateway.key()), &i.proxy)),
+            );
+        for (key, proxy) in proxies {
             let text = self
                 .mesh
-                .waypoint_metrics(&wp.pod)
-                .with_context(|| format!("metrics of waypoint {}", wp.gateway.key()))?;
-            out.entry(format!("{} in {}", wp.gateway.key(), wp.pod))
+                .waypoint_metrics(&proxy.pod)
+                .with_context(|| format!("metrics of gateway {key}"))?;
+            out.entry(format!("{key} in {}", proxy.pod))
                 .or_default()
                 .extend(
                     prom::parse(&text)
@@ -807,9 +1009,127 @@ impl Running {
                 source.display()
             ));
         }
+        if fresh.certificates != self.config.certificates {
+            self.config.certificates = fresh.certificates.clone();
+            self.write_certificates()?;
+            changed.push(format!("made the certificates of {CERTIFICATES_FILE}"));
+        }
         self.config.passthrough = fresh.passthrough.clone();
         self.last_read = Some(fresh);
         Ok(messages)
+    }
+}
+
+/// What a probe sends, and to where.
+struct Sent {
+    client: String,
+    client_in_mesh: bool,
+    target: String,
+    addr: SocketAddrV4,
+    expect: Option<Expect>,
+}
+
+/// The TLS Secrets of `decls`, each with a new certificate from `ca`, as YAML.
+fn certificate_secrets(ca: &e2e::tls::TestCa, decls: &[CertificateDecl]) -> Result<String> {
+    let mut out = format!(
+        "# Made by `cargo xtask up` for the Secrets annotated {} (CA: {}).\n",
+        super::config::ANNOTATION_GENERATE_CERTIFICATE,
+        ca.cert.display()
+    );
+    for decl in decls {
+        let hosts: Vec<&str> = decl.hosts.iter().map(String::as_str).collect();
+        let leaf = ca.issue(&hosts, false).with_context(|| {
+            format!("a certificate for Secret {}/{}", decl.namespace, decl.name)
+        })?;
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+        };
+        let secret = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": decl.name, "namespace": decl.namespace},
+            "type": mesh_model::model::TLS_SECRET_TYPE,
+            "stringData": {"tls.crt": read(&leaf.cert)?, "tls.key": read(&leaf.key)?},
+        });
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&secret).context("render a Secret")?);
+    }
+    Ok(out)
+}
+
+/// The `curl` command line of an ingress probe sent to `local` (the listener's forward):
+/// the URL with the forward's port, its host resolved to the forward, `-H` per header (and
+/// the marker's), `--cacert` with `up`'s CA over HTTPS (`--insecure` without one). It
+/// prints the body, then the status on a line of its own.
+pub fn curl_argv(
+    probe: &IngressProbe,
+    local: SocketAddr,
+    ca: Option<&Path>,
+    marker: Option<&str>,
+) -> Vec<String> {
+    let port = local.port();
+    let mut argv: Vec<String> = vec!["curl".into(), "-sS".into()];
+    argv.extend([
+        "--resolve".into(),
+        format!("{}:{port}:{}", probe.host, local.ip()),
+    ]);
+    if probe.scheme == Scheme::Https {
+        match ca {
+            Some(ca) => argv.extend(["--cacert".into(), ca.display().to_string()]),
+            None => argv.push("--insecure".into()),
+        }
+    }
+    for (name, value) in &probe.headers {
+        argv.extend(["-H".into(), format!("{name}: {value}")]);
+    }
+    if let Some(marker) = marker {
+        argv.extend(["-H".into(), format!("{MARKER_HEADER}: {marker}")]);
+        argv.extend([
+            "--max-time".into(),
+            CURL_TIMEOUT_SECS.into(),
+            "-w".into(),
+            "\n%{http_code}".into(),
+        ]);
+    }
+    argv.push(format!(
+        "{}://{}:{port}{}",
+        probe.scheme.as_str(),
+        probe.host,
+        probe.path
+    ));
+    argv
+}
+
+/// Runs an ingress probe's `curl`: its status and the echo server named in the body, or why
+/// no HTTP answer came.
+fn curl(argv: &[String]) -> Response {
+    let Some((program, args)) = argv.split_first() else {
+        return Response::Failed("no command".into());
+    };
+    match std::process::Command::new(program).args(args).output() {
+        Ok(output) => curl_response(
+            output.status.success(),
+            &String::from_utf8_lossy(&output.stdout),
+            &String::from_utf8_lossy(&output.stderr),
+        ),
+        Err(e) => Response::Failed(format!("run {program}: {e}")),
+    }
+}
+
+/// What `curl` printed (see [`curl_argv`]), as a response.
+fn curl_response(success: bool, stdout: &str, stderr: &str) -> Response {
+    if !success {
+        return Response::Failed(stderr.trim().trim_start_matches("curl: ").to_owned());
+    }
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", stdout));
+    match status.trim().parse::<u16>() {
+        Ok(status) if status != 0 => Response::Http {
+            status,
+            server: serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["server"].as_str().map(str::to_owned)),
+        },
+        _ => Response::Failed(format!("no HTTP status in curl's output: {status:?}")),
     }
 }
 
@@ -919,6 +1239,61 @@ mod tests {
     }
 
     #[test]
+    fn an_ingress_probe_is_a_curl_to_the_forward_with_the_host_resolved_to_it() {
+        let probe = IngressProbe {
+            text: String::new(),
+            scheme: Scheme::Https,
+            host: "bookinfo.example".into(),
+            port: 443,
+            path: "/p?q=1".into(),
+            headers: vec![("end-user".into(), "jason".into())],
+            expect: None,
+        };
+        let local: SocketAddr = "127.0.0.1:8443".parse().expect("addr");
+        let ca = Path::new("/w/ca.pem");
+        assert_eq!(
+            curl_argv(&probe, local, Some(ca), Some("m-1")).join(" "),
+            "curl -sS --resolve bookinfo.example:8443:127.0.0.1 --cacert /w/ca.pem \
+             -H end-user: jason -H x-local-mesh-probe: m-1 --max-time 5 -w \n%{http_code} \
+             https://bookinfo.example:8443/p?q=1"
+        );
+        // What `up` prints to paste: no marker, and without a CA of its own, not checked.
+        assert_eq!(
+            curl_argv(&probe, local, None, None).join(" "),
+            "curl -sS --resolve bookinfo.example:8443:127.0.0.1 --insecure -H end-user: jason \
+             https://bookinfo.example:8443/p?q=1"
+        );
+        let http = IngressProbe {
+            scheme: Scheme::Http,
+            ..probe
+        };
+        assert!(!curl_argv(&http, local, Some(ca), None).contains(&"--cacert".to_owned()));
+
+        assert_eq!(
+            curl_response(true, "{\"server\":\"echo-v2\"}\n200", ""),
+            Response::Http {
+                status: 200,
+                server: Some("echo-v2".into())
+            }
+        );
+        assert_eq!(
+            curl_response(true, "route not found\n404", ""),
+            Response::Http {
+                status: 404,
+                server: None
+            }
+        );
+        assert_eq!(
+            curl_response(false, "", "curl: (7) Failed to connect\n"),
+            Response::Failed("(7) Failed to connect".into())
+        );
+        assert!(matches!(
+            curl_response(true, "\n000", ""),
+            Response::Failed(_)
+        ));
+    }
+
+    #[test]
     fn deltas_count_only_increases_and_new_label_sets() {
         let before = Snapshot::from([(
             "n2".to_owned(),
@@ -1005,7 +1380,7 @@ mod tests {
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
             let stats = e2e::http::request(&mut s, "GET", &f.local.to_string(), "/stats", b"")?;
             assert_eq!(stats.status, 200);
-            assert_eq!(stats.json()?["node"], f.node.as_str());
+            assert_eq!(stats.json()?["node"], f.name.as_str());
         }
         assert!(whereabouts.contains("127.0.0.1:15020/dashboard"));
 
@@ -1029,7 +1404,7 @@ mod tests {
         let waypoints = running.waypoints();
         assert_eq!(waypoints.len(), 1);
         assert_eq!(waypoints[0].gateway.key(), "demo/waypoint");
-        assert_eq!(waypoints[0].identity(), WAYPOINT);
+        assert_eq!(waypoints[0].proxy.identity(), WAYPOINT);
         let waypoint_ip = running.mesh().pod_ip("demo/waypoint")?;
         assert!(
             whereabouts.lines().any(|l| l.contains("demo/waypoint")
@@ -1151,6 +1526,71 @@ mod tests {
             other.flows
         );
         assert!(text.contains("istio_requests_total{response_code=\"403\"}"));
+
+        // From this machine, outside the mesh, through the ingress gateway's forwarded
+        // listeners: routed by the HTTPRoute, through the waypoint (whose policy admits the
+        // gateway's identity only), over HBONE to the pods.
+        const INGRESS: &str = "spiffe://cluster.local/ns/istio-ingress/sa/ingress";
+        let through_ingress = |target: &str| {
+            report
+                .probes
+                .iter()
+                .find(|p| p.client == OUTSIDE && p.target == target)
+                .unwrap_or_else(|| panic!("no probe to {target}: {report:#?}"))
+        };
+        for target in [
+            "http://bookinfo.example/",
+            "https://bookinfo.example/ end-user:jason",
+            "http://unknown.example/",
+        ] {
+            let probe = through_ingress(target);
+            assert_eq!(probe.met(), Some(true), "{probe:#?}");
+        }
+        let jason = through_ingress("https://bookinfo.example/ end-user:jason");
+        assert!(
+            jason.responses.iter().all(|r| matches!(r,
+                Response::Http { status: 200, server: Some(s) } if s == "echo-v2")),
+            "the header's rule: v2 only: {jason:#?}"
+        );
+        let at_waypoint = |probe: &ProbeReport, code: &str| -> u64 {
+            probe
+                .waypoint_requests
+                .iter()
+                .filter(|w| {
+                    w.waypoint.starts_with("waypoint demo/waypoint")
+                        && w.source_principal == INGRESS
+                        && w.response_code == code
+                })
+                .map(|w| w.count)
+                .sum()
+        };
+        assert_eq!(
+            at_waypoint(jason, "200"),
+            REQUESTS_PER_PROBE as u64,
+            "{jason:#?}"
+        );
+        let weighted = through_ingress("http://bookinfo.example/");
+        assert_eq!(
+            at_waypoint(weighted, "200"),
+            REQUESTS_PER_PROBE as u64,
+            "{weighted:#?}"
+        );
+        let unknown = through_ingress("http://unknown.example/");
+        assert!(
+            unknown
+                .waypoint_requests
+                .iter()
+                .all(|w| w.waypoint.starts_with("ingress ") && w.response_flags == "NR"),
+            "answered 404 by the gateway itself: {unknown:#?}"
+        );
+        // sleep, allowed to call echo, is not the identity the per-version Services admit.
+        let versions = probe(&report, "demo/sleep", "echo-v1.demo:80");
+        assert_eq!(versions.met(), Some(true), "{versions:#?}");
+        assert!(
+            whereabouts.contains("--cacert") && whereabouts.contains("listener https HTTPS :443"),
+            "{whereabouts}"
+        );
+        assert!(issued("istio-ingress/ingress", INGRESS, "own"), "{ca:#?}");
 
         let n1 = report.opened.get("n1").and_then(|r| r.get("source"));
         assert!(

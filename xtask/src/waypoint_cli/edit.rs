@@ -10,7 +10,6 @@
 //! are refused with the reason.
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
 /// One document of a file: its exact text (from its `---` line, or the file's start, to the
@@ -70,14 +69,7 @@ impl Segments {
             });
         }
         // The split must see the same documents a YAML parser does.
-        let mut parsed = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(text) {
-            let value =
-                Value::deserialize(doc).with_context(|| format!("{file}: not valid YAML"))?;
-            if !value.is_null() {
-                parsed.push(value);
-            }
-        }
+        let parsed = crate::cluster::documents(text, file)?;
         let split: Vec<&Value> = out.iter().filter_map(|s| s.value.as_ref()).collect();
         if split.len() != parsed.len() || split.iter().zip(&parsed).any(|(a, b)| *a != b) {
             bail!("{file}: its documents cannot be told apart line by line; cannot edit it safely");

@@ -7,9 +7,11 @@ use std::fmt;
 use anyhow::{bail, Context, Result};
 use serde_yaml::Value;
 
+pub use crate::cluster::{check_name, Kubectl, GATEWAY_NAME_LABEL};
+use crate::cluster::{documents, kind, set_gateway_name, set_metadata, set_subjects, to_yaml};
 // The names Istio gives these labels and the class, as the agents' model reads them.
 pub use mesh_model::model::{
-    GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_FOR_LABEL,
+    USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_FOR_LABEL,
     WAYPOINT_GATEWAY_CLASS as WAYPOINT_CLASS,
 };
 /// The Gateway's one listener: HBONE on 15008, as Istio's waypoints declare it.
@@ -18,8 +20,8 @@ pub const HBONE_PORT: u16 = 15008;
 pub const LOCAL_IMAGE: &str = "ambient-waypoint";
 /// The cluster template: a Deployment, Service and ServiceAccount for `default/waypoint`.
 pub const TEMPLATE: &str = include_str!("../../../manifests/waypoint.yaml");
-/// Longest Kubernetes object name / label value the waypoint's names must fit.
-const MAX_NAME: usize = 63;
+/// How errors name the template.
+const TEMPLATE_PATH: &str = "manifests/waypoint.yaml";
 
 /// `istio.io/waypoint-for`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -91,27 +93,8 @@ impl Waypoint {
 
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+        crate::cluster::spiffe_id(trust_domain, &self.namespace, &self.service_account)
     }
-}
-
-/// A DNS-1123 label: 1 to 63 of `a-z`, `0-9`, `-`, starting and ending alphanumeric.
-pub fn check_name(value: &str) -> Result<()> {
-    let bytes = value.as_bytes();
-    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    if value.is_empty() || value.len() > MAX_NAME {
-        bail!("must be 1 to {MAX_NAME} characters");
-    }
-    if !bytes.iter().all(|b| alnum(b) || *b == b'-') {
-        bail!("may only contain lower-case letters, digits and '-'");
-    }
-    if !bytes.first().is_some_and(alnum) || !bytes.last().is_some_and(alnum) {
-        bail!("must start and end with a letter or digit");
-    }
-    Ok(())
 }
 
 /// The waypoint's `Gateway`, as `waypoint apply` writes it in both modes.
@@ -183,26 +166,11 @@ pub fn local_file_name(wp: &Waypoint) -> String {
 /// The cluster objects of a waypoint: its Gateway, then the template's ServiceAccount,
 /// Deployment and Service renamed for it, as one multi-document YAML for `kubectl apply -f -`.
 pub fn cluster_objects(wp: &Waypoint) -> Result<String> {
-    let mut out = gateway(wp);
-    for mut doc in template_documents()? {
-        rename(&mut doc, wp)?;
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&doc).context("render the waypoint template")?);
+    let mut docs = documents(TEMPLATE, TEMPLATE_PATH)?;
+    for doc in &mut docs {
+        rename(doc, wp)?;
     }
-    Ok(out)
-}
-
-/// The template's documents (comments dropped).
-fn template_documents() -> Result<Vec<Value>> {
-    use serde::Deserialize;
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(TEMPLATE) {
-        let value = Value::deserialize(doc).context("parse manifests/waypoint.yaml")?;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+    Ok(gateway(wp) + &to_yaml(&docs, TEMPLATE_PATH)?)
 }
 
 /// Points one template document at `wp`: its namespace, its name (the ServiceAccount's is the
@@ -210,44 +178,20 @@ fn template_documents() -> Result<Vec<Value>> {
 /// account. Everything else (the waypoint's own flags) comes from the downward API, so the
 /// template needs no other substitution.
 fn rename(doc: &mut Value, wp: &Waypoint) -> Result<()> {
-    let kind = doc
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let name = match kind.as_str() {
+    let name = match kind(doc) {
         "ServiceAccount" => wp.service_account.clone(),
         "Deployment" | "Service" => wp.name.clone(),
         "ClusterRoleBinding" => cluster_role_binding_name(&wp.namespace, &wp.name),
-        other => bail!("manifests/waypoint.yaml: unexpected kind {other:?}"),
+        other => bail!("{TEMPLATE_PATH}: unexpected kind {other:?}"),
     };
-    let metadata = doc
-        .get_mut("metadata")
-        .and_then(Value::as_mapping_mut)
-        .with_context(|| format!("manifests/waypoint.yaml: {kind} without metadata"))?;
-    metadata.insert("name".into(), name.into());
-    if kind == "ClusterRoleBinding" {
-        // Cluster-scoped: no namespace; it binds the waypoint's service account.
-        let subjects = doc
-            .get_mut("subjects")
-            .and_then(Value::as_sequence_mut)
-            .context("manifests/waypoint.yaml: ClusterRoleBinding without subjects")?;
-        for subject in subjects.iter_mut().filter_map(Value::as_mapping_mut) {
-            subject.insert("name".into(), wp.service_account.clone().into());
-            subject.insert("namespace".into(), wp.namespace.clone().into());
-        }
-    } else {
-        metadata.insert("namespace".into(), wp.namespace.clone().into());
+    set_metadata(doc, &name, &wp.namespace, TEMPLATE_PATH)?;
+    if kind(doc) == "ClusterRoleBinding" {
+        // Cluster-scoped: it binds the waypoint's service account.
+        set_subjects(doc, &wp.service_account, &wp.namespace, TEMPLATE_PATH)?;
     }
     set_gateway_name(doc, &wp.name);
-    if kind == "Deployment" {
-        let pod = doc
-            .get_mut("spec")
-            .and_then(|s| s.get_mut("template"))
-            .and_then(|t| t.get_mut("spec"))
-            .and_then(Value::as_mapping_mut)
-            .context("manifests/waypoint.yaml: Deployment without spec.template.spec")?;
-        pod.insert(
+    if kind(doc) == "Deployment" {
+        crate::cluster::pod_spec_mut(doc, TEMPLATE_PATH)?.insert(
             "serviceAccountName".into(),
             wp.service_account.clone().into(),
         );
@@ -260,55 +204,11 @@ fn cluster_role_binding_name(namespace: &str, name: &str) -> String {
     format!("ambient-waypoint-{namespace}-{name}")
 }
 
-/// Sets every `gateway.networking.k8s.io/gateway-name` key (labels, selectors) to `name`.
-fn set_gateway_name(value: &mut Value, name: &str) {
-    match value {
-        Value::Mapping(map) => {
-            for (k, v) in map.iter_mut() {
-                if k.as_str() == Some(GATEWAY_NAME_LABEL) && v.is_string() {
-                    *v = name.into();
-                } else {
-                    set_gateway_name(v, name);
-                }
-            }
-        }
-        Value::Sequence(items) => items.iter_mut().for_each(|v| set_gateway_name(v, name)),
-        _ => {}
-    }
-}
-
 // === kubectl ===
-
-/// One `kubectl` invocation: its arguments and what it reads on stdin.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Kubectl {
-    pub args: Vec<String>,
-    pub stdin: Option<String>,
-}
-
-impl Kubectl {
-    fn new(args: &[&str]) -> Kubectl {
-        Kubectl {
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-            stdin: None,
-        }
-    }
-
-    /// The command line as a user would type it (the stdin noted).
-    pub fn line(&self) -> String {
-        let mut line = format!("kubectl {}", self.args.join(" "));
-        if self.stdin.is_some() {
-            line.push_str(" < (the YAML above)");
-        }
-        line
-    }
-}
 
 /// `waypoint apply --kubectl`: apply the objects, then label the namespace if asked.
 pub fn kubectl_apply(wp: &Waypoint, enroll_namespace: bool) -> Result<Vec<Kubectl>> {
-    let mut apply = Kubectl::new(&["apply", "-f", "-"]);
-    apply.stdin = Some(cluster_objects(wp)?);
-    let mut commands = vec![apply];
+    let mut commands = vec![Kubectl::apply(cluster_objects(wp)?)];
     if enroll_namespace {
         let label = format!("{USE_WAYPOINT_LABEL}={}", wp.name);
         // The waypoint is in the namespace itself: a leftover pointer elsewhere must go.
@@ -377,23 +277,8 @@ mod tests {
         Waypoint::new(namespace, name, sa, waypoint_for).expect("valid names")
     }
 
-    fn check_name_case(value: &str, ok: bool) {
-        assert_eq!(check_name(value).is_ok(), ok, "{value:?}");
-    }
-
     #[test]
     fn names_must_be_dns_labels() {
-        check_name_case("waypoint", true);
-        check_name_case("wp-1", true);
-        check_name_case("1wp", true);
-        check_name_case(&"a".repeat(63), true);
-        check_name_case(&"a".repeat(64), false);
-        check_name_case("", false);
-        check_name_case("Waypoint", false);
-        check_name_case("-wp", false);
-        check_name_case("wp-", false);
-        check_name_case("wp.demo", false);
-        check_name_case("wp/demo", false);
         let err =
             Waypoint::new("demo", "wp", Some("Bad_SA"), WaypointFor::Service).expect_err("refused");
         assert!(
@@ -475,11 +360,7 @@ mod tests {
     }
 
     fn docs(text: &str) -> Vec<Value> {
-        use serde::Deserialize;
-        serde_yaml::Deserializer::from_str(text)
-            .map(|d| Value::deserialize(d).expect("yaml"))
-            .filter(|v| !v.is_null())
-            .collect()
+        documents(text, "rendered").expect("yaml")
     }
 
     #[test]
@@ -531,13 +412,7 @@ mod tests {
         assert_eq!(binding["subjects"][0]["namespace"], "shop");
         let deployment = by_kind("Deployment");
         assert_eq!(deployment["metadata"]["name"], "cart-wp");
-        assert_eq!(
-            deployment["spec"]["selector"]["matchLabels"][GATEWAY_NAME_LABEL],
-            "cart-wp"
-        );
-        let pod = &deployment["spec"]["template"];
-        assert_eq!(pod["metadata"]["labels"][GATEWAY_NAME_LABEL], "cart-wp");
-        assert_eq!(pod["spec"]["serviceAccountName"], "cart-l7");
+        crate::cluster::assert_runs_gateway(deployment, "cart-wp", "cart-l7");
         let service = by_kind("Service");
         assert_eq!(service["metadata"]["name"], "cart-wp");
         assert_eq!(service["spec"]["selector"][GATEWAY_NAME_LABEL], "cart-wp");

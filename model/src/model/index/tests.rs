@@ -10,7 +10,8 @@ use crate::model::endpoint_of;
 use crate::model::{
     selector_matches, Action, AuthorizationPolicy, ContainerPort, Endpoint, Gateway, Labels, Model,
     Namespace, NamespacedName, PeerAuthentication, PeerAuthnMode, Pod, RequestAuthentication,
-    Service, ServicePort, TargetPort, TargetRef, WaypointFor, GATEWAY_NAME_LABEL, ROOT_NAMESPACE,
+    Service, ServicePort, TargetPort, TargetRef, VirtualService, WaypointFor, GATEWAY_NAME_LABEL,
+    ROOT_NAMESPACE,
 };
 use crate::policy::l7::{attached, policies_for_waypoint};
 use crate::policy::{applies_at_l4, peer_authn_mode, policies_for};
@@ -261,6 +262,28 @@ fn model() -> impl Strategy<Value = Model> {
         })
 }
 
+/// A VirtualService in namespace `a` bound to up to four of the Gateways `ingress` and
+/// `other` of [`NAMESPACES`] (a Gateway may repeat, as the translator never gives it).
+fn virtual_service() -> impl Strategy<Value = VirtualService> {
+    (
+        0..6u32,
+        proptest::option::of(1..4u32),
+        proptest::collection::vec((0..NAMESPACES.len(), 0..2usize), 0..4),
+    )
+        .prop_map(|(n, created, gateways)| VirtualService {
+            name: format!("vs{n}"),
+            namespace: "a".to_string(),
+            created: created.map(|day| format!("2024-01-0{day}T00:00:00Z")),
+            hosts: vec!["*".to_string()],
+            mesh: gateways.is_empty(),
+            gateways: gateways
+                .into_iter()
+                .map(|(ns, name)| NamespacedName::new(NAMESPACES[ns], ["ingress", "other"][name]))
+                .collect(),
+            rules: Vec::new(),
+        })
+}
+
 // === the scans ===
 
 fn scan_services_for_pod<'a>(m: &'a Model, pod: &Pod) -> Vec<&'a Service> {
@@ -413,6 +436,29 @@ proptest! {
                         .filter(|r| attached(&r.namespace, &r.target_refs, &wp, svc))
                         .map(|r| (r.namespace.as_str(), r.name.as_str())),
                 );
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn the_virtual_services_bound_to_a_gateway_are_the_scans(
+        virtual_services in proptest::collection::vec(virtual_service(), 0..12),
+    ) {
+        let m = Model::default().with_virtual_services(virtual_services);
+        for ns in NAMESPACES {
+            for name in ["ingress", "other", "none"] {
+                let gw = NamespacedName::new(ns, name);
+                let got: Vec<&VirtualService> = m.virtual_services_for_gateway(&gw).collect();
+                let want: Vec<&VirtualService> = m
+                    .virtual_services
+                    .iter()
+                    .filter(|vs| vs.gateways.contains(&gw))
+                    .collect();
                 prop_assert_eq!(got, want);
             }
         }

@@ -571,7 +571,7 @@ impl Model {
                     b.kind,
                 ))
         });
-        self.index.routes_by_gateway = index::routes_by_gateway(&routes);
+        self.index.routes_by_parent = index::RoutesByParent::build(&routes);
         self.http_routes = routes;
         self
     }
@@ -588,8 +588,38 @@ impl Model {
             ))
         });
         self.index.virtual_services_by_gateway = index::virtual_services_by_gateway(&vs);
+        self.index.mesh_virtual_services = index::VsByHost::build(&vs);
         self.virtual_services = vs;
         self
+    }
+
+    /// The routes whose `parentRefs` name the `kind` parent `namespace/name`, in model
+    /// order, read from the index (each route once, whatever else it names).
+    pub fn routes_naming<'m>(
+        &'m self,
+        kind: ParentKind,
+        namespace: &str,
+        name: &str,
+    ) -> impl Iterator<Item = &'m HttpRoute> + 'm {
+        self.index
+            .routes_by_parent
+            .get(kind, namespace, name)
+            .iter()
+            .filter_map(|i| self.http_routes.get(*i as usize))
+    }
+
+    /// The mesh VirtualServices (`mesh`) that may name one of `names` (lower-case): each one
+    /// with one of them as an exact host and each one with a wildcard host, in model order,
+    /// read from the index (the caller matches the wildcards).
+    pub fn mesh_virtual_services_for<'m>(
+        &'m self,
+        names: &[String],
+    ) -> impl Iterator<Item = &'m VirtualService> + 'm {
+        self.index
+            .mesh_virtual_services
+            .candidates(names)
+            .into_iter()
+            .filter_map(|i| self.virtual_services.get(i as usize))
     }
 
     /// The model with `request_authentications` (in the order given).

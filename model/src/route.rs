@@ -361,8 +361,7 @@ pub fn routes_for_target<'m>(
     let port = target.port();
     let port_name = target.port_name();
     let own_routes: Vec<&HttpRoute> = model
-        .http_routes
-        .iter()
+        .routes_naming(kind, namespace, name)
         .filter(|r| {
             r.namespace == namespace
                 && r.parents.iter().any(|p| {
@@ -386,8 +385,7 @@ pub fn routes_for_target<'m>(
         return (kept, kind);
     }
     let gateway_routes: Vec<&HttpRoute> = model
-        .http_routes
-        .iter()
+        .routes_naming(ParentKind::Gateway, &waypoint.namespace, &waypoint.name)
         .filter(|r| {
             r.namespace == waypoint.namespace
                 && r.parents.iter().any(|p| {
@@ -525,7 +523,7 @@ pub fn virtual_service_for_target<'m>(
 
 /// The first mesh VirtualService whose `hosts` name one of `names` (lower-case).
 fn virtual_service_naming<'m>(model: &'m Model, names: &[String]) -> Option<&'m VirtualService> {
-    model.virtual_services.iter().find(|vs| {
+    model.mesh_virtual_services_for(names).find(|vs| {
         vs.mesh
             && vs
                 .hosts

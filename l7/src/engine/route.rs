@@ -392,7 +392,7 @@ spec:
         let got = run(
             m,
             &waypoint(),
-            &ctx,
+            ctx,
             &mut rq,
             resolved.as_ref(),
             &normalized,

@@ -54,10 +54,16 @@ pub(super) struct Index {
     pub(super) service_entry_positions: ByNamespaceAndName<usize>,
     /// EndpointSlices by namespace, then Service name, in slice name order.
     pub(super) slices: ByNamespaceAndName<Vec<Arc<EndpointSlice>>>,
-    /// Routes (positions in the model's list, ascending) by namespace and name of each
-    /// Gateway their `parentRefs` name, so that a listener's routes are read without
-    /// scanning every route.
-    pub(super) routes_by_gateway: ByNamespaceAndName<Vec<u32>>,
+    /// Routes (positions in the model's list, ascending) by each parent their `parentRefs`
+    /// name, so that a listener's, a Service's or a waypoint's routes are read without
+    /// scanning every route (a request asks).
+    pub(super) routes_by_parent: RoutesByParent,
+    /// Mesh VirtualServices (positions, ascending) by the hosts they name, so that the one
+    /// for a destination is found without scanning them (a request asks).
+    pub(super) mesh_virtual_services: VsByHost,
+    /// DestinationRules (positions, ascending) by namespace and host, so that the one for a
+    /// destination is found without scanning them (a connection or request asks).
+    pub(super) destination_rules: DrByHost,
     /// VirtualServices (positions in the model's list, ascending) by namespace and name of
     /// each Gateway their `gateways` name, so that an ingress gateway reads its own.
     pub(super) virtual_services_by_gateway: ByNamespaceAndName<Vec<u32>>,
@@ -131,23 +137,145 @@ pub(super) fn slices_by_service<'a>(
     by
 }
 
-/// `routes` (in model order) by each Gateway their `parentRefs` name, each route once per
-/// Gateway.
-pub(super) fn routes_by_gateway(routes: &[HttpRoute]) -> ByNamespaceAndName<Vec<u32>> {
-    let mut by: ByNamespaceAndName<Vec<u32>> = HashMap::new();
-    for (position, r) in (0u32..).zip(routes) {
-        for p in r.parents.iter().filter(|p| p.kind == ParentKind::Gateway) {
-            let bucket = by
-                .entry(p.target.namespace.clone())
-                .or_default()
-                .entry(p.target.name.clone())
-                .or_default();
-            if bucket.last() != Some(&position) {
-                bucket.push(position);
+/// Routes by parent: per parent kind, namespace and name, their positions in model order.
+#[derive(Clone, Debug, Default)]
+pub(super) struct RoutesByParent {
+    gateway: ByNamespaceAndName<Vec<u32>>,
+    service: ByNamespaceAndName<Vec<u32>>,
+    service_entry: ByNamespaceAndName<Vec<u32>>,
+}
+
+impl RoutesByParent {
+    /// `routes` (in model order) under each parent their `parentRefs` name, each route once
+    /// per parent.
+    pub(super) fn build(routes: &[HttpRoute]) -> RoutesByParent {
+        let mut by = RoutesByParent::default();
+        for (position, r) in (0u32..).zip(routes) {
+            for p in &r.parents {
+                let bucket = by
+                    .kind_mut(p.kind)
+                    .entry(p.target.namespace.clone())
+                    .or_default()
+                    .entry(p.target.name.clone())
+                    .or_default();
+                if bucket.last() != Some(&position) {
+                    bucket.push(position);
+                }
             }
         }
+        by
     }
-    by
+
+    /// The positions of the routes naming the `kind` parent `namespace/name`, ascending.
+    pub(super) fn get(&self, kind: ParentKind, namespace: &str, name: &str) -> &[u32] {
+        let by = match kind {
+            ParentKind::Gateway => &self.gateway,
+            ParentKind::Service => &self.service,
+            ParentKind::ServiceEntry => &self.service_entry,
+        };
+        by.get(namespace)
+            .and_then(|by_name| by_name.get(name))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    fn kind_mut(&mut self, kind: ParentKind) -> &mut ByNamespaceAndName<Vec<u32>> {
+        match kind {
+            ParentKind::Gateway => &mut self.gateway,
+            ParentKind::Service => &mut self.service,
+            ParentKind::ServiceEntry => &mut self.service_entry,
+        }
+    }
+}
+
+/// DestinationRules by namespace: exact hosts (lower-case) hashed to the first rule for
+/// each, rules with a wildcard host listed; positions in model order.
+#[derive(Clone, Debug, Default)]
+pub(super) struct DrByHost {
+    namespaces: HashMap<String, DrNamespace>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct DrNamespace {
+    exact: HashMap<String, u32>,
+    wildcard: Vec<u32>,
+}
+
+impl DrByHost {
+    pub(super) fn build(rules: &[super::DestinationRule]) -> DrByHost {
+        let mut by = DrByHost::default();
+        for (position, dr) in (0u32..).zip(rules) {
+            let ns = by.namespaces.entry(dr.namespace.clone()).or_default();
+            if dr.host.starts_with('*') {
+                ns.wildcard.push(position);
+            } else {
+                ns.exact
+                    .entry(dr.host.to_ascii_lowercase())
+                    .or_insert(position);
+            }
+        }
+        by
+    }
+
+    /// The first rule in `namespace` whose host is `host` (any case).
+    pub(super) fn exact(&self, namespace: &str, host: &str) -> Option<u32> {
+        let ns = self.namespaces.get(namespace)?;
+        match ns.exact.get(host) {
+            Some(p) => Some(*p),
+            None if host.bytes().any(|b| b.is_ascii_uppercase()) => {
+                ns.exact.get(&host.to_ascii_lowercase()).copied()
+            }
+            None => None,
+        }
+    }
+
+    /// The rules in `namespace` with a wildcard host, in model order.
+    pub(super) fn wildcards(&self, namespace: &str) -> &[u32] {
+        self.namespaces
+            .get(namespace)
+            .map_or(&[], |ns| ns.wildcard.as_slice())
+    }
+}
+
+/// The VirtualServices that apply to mesh traffic (`mesh`), by host: exact hosts hashed,
+/// those with a wildcard host (`*`, `*.suffix`: few) listed; positions in model order.
+#[derive(Clone, Debug, Default)]
+pub(super) struct VsByHost {
+    exact: HashMap<String, Vec<u32>>,
+    wildcard: Vec<u32>,
+}
+
+impl VsByHost {
+    pub(super) fn build(virtual_services: &[VirtualService]) -> VsByHost {
+        let mut by = VsByHost::default();
+        for (position, vs) in (0u32..).zip(virtual_services).filter(|(_, vs)| vs.mesh) {
+            for host in &vs.hosts {
+                let bucket = if host.starts_with('*') {
+                    &mut by.wildcard
+                } else {
+                    by.exact.entry(host.clone()).or_default()
+                };
+                if bucket.last() != Some(&position) {
+                    bucket.push(position);
+                }
+            }
+        }
+        by
+    }
+
+    /// The positions of the mesh VirtualServices that may name one of `names`: those with
+    /// one of them as an exact host, and every one with a wildcard host (the caller matches),
+    /// ascending, each once.
+    pub(super) fn candidates(&self, names: &[String]) -> Vec<u32> {
+        let mut out: Vec<u32> = self.wildcard.clone();
+        for name in names {
+            if let Some(positions) = self.exact.get(name) {
+                out.extend_from_slice(positions);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 /// `virtual_services` (in model order) by each Gateway their `gateways` name (each listed

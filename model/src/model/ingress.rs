@@ -657,18 +657,8 @@ impl Model {
     /// order: read from the routes indexed under the Gateway, without allocating but for
     /// the answer (a request asks).
     fn attached_routes<'m>(&'m self, gw: &Gateway, listener: &Listener) -> Vec<&'m HttpRoute> {
-        let positions = self
-            .index
-            .routes_by_gateway
-            .get(&gw.namespace)
-            .and_then(|by_name| by_name.get(&gw.name));
-        let Some(positions) = positions else {
-            return Vec::new();
-        };
         let hostname = listener.hostname.as_slice();
-        positions
-            .iter()
-            .filter_map(|i| self.http_routes.get(*i as usize))
+        self.routes_naming(ParentKind::Gateway, &gw.namespace, &gw.name)
             .filter(|r| {
                 r.parents.iter().any(|p| {
                     p.kind == ParentKind::Gateway

@@ -24,7 +24,7 @@ use serde::{Serialize, Serializer};
 use super::{Labels, NamespacedName};
 
 /// What a route attaches to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum ParentKind {
     /// `kind: Service` (group `""`/`core`): traffic for that Service, through its waypoint.
     Service,

@@ -401,15 +401,19 @@ impl Model {
         host: &str,
         host_ns: &str,
     ) -> Option<&DestinationRule> {
+        let index = &self.index.destination_rules;
+        let rule = |position: u32| self.destination_rules.get(position as usize);
         for ns in [client_ns, host_ns, ROOT_NAMESPACE] {
-            let in_ns = || self.destination_rules.iter().filter(|d| d.namespace == ns);
-            if let Some(dr) = in_ns().find(|d| d.host.eq_ignore_ascii_case(host)) {
+            if let Some(dr) = index.exact(ns, host).and_then(rule) {
                 return Some(dr);
             }
-            if let Some(dr) =
-                in_ns().find(|d| d.host.starts_with('*') && host_matches(&d.host, host))
-            {
-                return Some(dr);
+            let wildcard = index
+                .wildcards(ns)
+                .iter()
+                .filter_map(|p| rule(*p))
+                .find(|d| host_matches(&d.host, host));
+            if wildcard.is_some() {
+                return wildcard;
             }
         }
         None
@@ -426,6 +430,7 @@ impl Model {
                 &b.name,
             ))
         });
+        self.index.destination_rules = super::index::DrByHost::build(&rules);
         self.destination_rules = rules;
         self
     }

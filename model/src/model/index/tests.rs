@@ -284,6 +284,92 @@ fn virtual_service() -> impl Strategy<Value = VirtualService> {
         })
 }
 
+/// A route in one of [`NAMESPACES`] naming up to four parents of any kind among a few
+/// names (a parent may repeat).
+fn http_route() -> impl Strategy<Value = crate::model::HttpRoute> {
+    (
+        0..6u32,
+        0..NAMESPACES.len(),
+        proptest::collection::vec((0..3usize, 0..NAMESPACES.len(), 0..3usize), 0..4),
+    )
+        .prop_map(|(n, ns, parents)| crate::model::HttpRoute {
+            kind: crate::model::RouteKind::Http,
+            name: format!("r{n}"),
+            namespace: NAMESPACES[ns].to_string(),
+            created: None,
+            parents: parents
+                .into_iter()
+                .map(|(kind, ns, name)| crate::model::ParentRef {
+                    kind: PARENT_KINDS[kind],
+                    target: NamespacedName::new(NAMESPACES[ns], PARENT_NAMES[name]),
+                    section_name: None,
+                    port: None,
+                })
+                .collect(),
+            hostnames: Vec::new(),
+            rules: Vec::new(),
+        })
+}
+
+const PARENT_KINDS: [crate::model::ParentKind; 3] = [
+    crate::model::ParentKind::Gateway,
+    crate::model::ParentKind::Service,
+    crate::model::ParentKind::ServiceEntry,
+];
+const PARENT_NAMES: [&str; 3] = ["wp", "web", "ingress"];
+/// Hosts a VirtualService may name and destinations asked for.
+const VS_HOSTS: [&str; 5] = ["a.example", "b.example", "*.example", "*", "c.other"];
+const DESTINATIONS: [&str; 4] = ["a.example", "b.example", "c.other", "z.example"];
+
+/// A VirtualService for up to three hosts of [`VS_HOSTS`], for mesh traffic or not.
+fn mesh_virtual_service() -> impl Strategy<Value = VirtualService> {
+    (
+        0..6u32,
+        proptest::collection::vec(0..VS_HOSTS.len(), 1..4),
+        any::<bool>(),
+    )
+        .prop_map(|(n, hosts, mesh)| VirtualService {
+            name: format!("vs{n}"),
+            namespace: "a".to_string(),
+            created: None,
+            hosts: hosts.into_iter().map(|h| VS_HOSTS[h].to_string()).collect(),
+            mesh,
+            gateways: Vec::new(),
+            rules: Vec::new(),
+        })
+}
+
+/// DestinationRule hosts (cases and wildcards mixed) and the hosts asked for.
+const DR_HOSTS: [&str; 5] = [
+    "web.a.svc.cluster.local",
+    "WEB.a.svc.cluster.local",
+    "*.a.svc.cluster.local",
+    "*.cluster.local",
+    "api.b.svc.cluster.local",
+];
+const DR_ASKED: [&str; 3] = [
+    "web.a.svc.cluster.local",
+    "Api.b.svc.cluster.local",
+    "db.a.svc.cluster.local",
+];
+
+fn destination_rule() -> impl Strategy<Value = crate::model::DestinationRule> {
+    (
+        0..6u32,
+        0..NAMESPACES.len(),
+        0..DR_HOSTS.len(),
+        proptest::option::of(1..4u32),
+    )
+        .prop_map(|(n, ns, host, created)| crate::model::DestinationRule {
+            name: format!("dr{n}"),
+            namespace: NAMESPACES[ns].to_string(),
+            created: created.map(|day| format!("2024-01-0{day}T00:00:00Z")),
+            host: DR_HOSTS[host].to_string(),
+            traffic_policy: Default::default(),
+            subsets: Vec::new(),
+        })
+}
+
 // === the scans ===
 
 fn scan_services_for_pod<'a>(m: &'a Model, pod: &Pod) -> Vec<&'a Service> {
@@ -460,6 +546,82 @@ proptest! {
                     .filter(|vs| vs.gateways.contains(&gw))
                     .collect();
                 prop_assert_eq!(got, want);
+            }
+        }
+    }
+
+    #[test]
+    fn the_routes_naming_a_parent_are_the_scans(
+        routes in proptest::collection::vec(http_route(), 0..12),
+    ) {
+        let m = Model::default().with_http_routes(routes);
+        for kind in PARENT_KINDS {
+            for ns in NAMESPACES {
+                for name in PARENT_NAMES {
+                    let key = NamespacedName::new(ns, name);
+                    let got: Vec<_> = m.routes_naming(kind, ns, name).collect();
+                    let want: Vec<_> = m
+                        .http_routes
+                        .iter()
+                        .filter(|r| r.parents.iter().any(|p| p.kind == kind && p.target == key))
+                        .collect();
+                    prop_assert_eq!(got, want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_mesh_virtual_service_for_a_host_is_the_scans(
+        virtual_services in proptest::collection::vec(mesh_virtual_service(), 0..10),
+        asked in proptest::collection::vec(0..DESTINATIONS.len(), 1..3),
+    ) {
+        let m = Model::default().with_virtual_services(virtual_services);
+        let names: Vec<String> = asked.into_iter().map(|d| DESTINATIONS[d].to_string()).collect();
+        // The scan as `route::virtual_service_naming` was written before the index.
+        let host_matches = |host: &str, name: &str| match host.strip_prefix('*') {
+            Some("") => true,
+            Some(suffix) => name.ends_with(suffix),
+            None => host == name,
+        };
+        let naming = |vs: &&VirtualService| {
+            vs.mesh && vs.hosts.iter().any(|h| names.iter().any(|n| host_matches(h, n)))
+        };
+        let want = m.virtual_services.iter().find(naming);
+        let got = m.mesh_virtual_services_for(&names).find(naming);
+        prop_assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_destination_rule_for_a_host_is_the_scans(
+        rules in proptest::collection::vec(destination_rule(), 0..10),
+    ) {
+        let m = Model::default().with_destination_rules(rules);
+        // The lookup as it was written before the index.
+        let matches = |pattern: &str, host: &str| match pattern.strip_prefix('*') {
+            Some(suffix) => host.to_ascii_lowercase().ends_with(&suffix.to_ascii_lowercase()),
+            None => pattern.eq_ignore_ascii_case(host),
+        };
+        let scan = |client_ns: &str, host: &str, host_ns: &str| {
+            for ns in [client_ns, host_ns, ROOT_NAMESPACE] {
+                let in_ns = || m.destination_rules.iter().filter(move |d| d.namespace == ns);
+                if let Some(dr) = in_ns().find(|d| d.host.eq_ignore_ascii_case(host)) {
+                    return Some(dr);
+                }
+                if let Some(dr) = in_ns().find(|d| d.host.starts_with('*') && matches(&d.host, host)) {
+                    return Some(dr);
+                }
+            }
+            None
+        };
+        for client in NAMESPACES {
+            for host_ns in NAMESPACES {
+                for host in DR_ASKED {
+                    prop_assert_eq!(
+                        m.destination_rule_for_host(client, host, host_ns),
+                        scan(client, host, host_ns)
+                    );
+                }
             }
         }
     }

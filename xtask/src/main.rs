@@ -137,7 +137,7 @@ enum Cmd {
     /// Build release binaries, benchmark every data path against direct connections and
     /// haproxy/nginx baselines, and write BENCHMARKS.md + BENCHMARKS.png (needs root).
     Bench {
-        /// Short runs (under 3 minutes) for development.
+        /// Short runs (under 4 minutes of measuring) for development.
         #[arg(long)]
         quick: bool,
     },

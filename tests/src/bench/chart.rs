@@ -53,13 +53,13 @@ fn groups(results: &Results, paths: &[DataPath], metrics: [Metric; 2]) -> Vec<Gr
         .collect()
 }
 
-/// Draws the chart to `path` (PNG). `text`: whether a font was registered.
-pub fn draw(results: &Results, path: &Path, text: bool) -> Result<()> {
+/// The two panels' bar groups: throughput of the paths that carry TCP, latency at the first
+/// fixed rate of every path (the HTTP-only L7 paths too), each path with samples.
+fn panel_groups(results: &Results) -> (Vec<Group>, Vec<Group>) {
     let tcp: Vec<DataPath> = DataPath::ALL
         .into_iter()
         .filter(|p| p.carries_tcp())
         .collect();
-    let http: Vec<DataPath> = DataPath::ALL.to_vec();
     let rate = FIXED_RATES[0].0;
     let throughput = groups(
         results,
@@ -68,9 +68,16 @@ pub fn draw(results: &Results, path: &Path, text: bool) -> Result<()> {
     );
     let latency = groups(
         results,
-        &http,
+        &DataPath::ALL,
         [Quantile::P50, Quantile::P99].map(|q| Metric::FixedRateLatency { rate, q }),
     );
+    (throughput, latency)
+}
+
+/// Draws the chart to `path` (PNG). `text`: whether a font was registered.
+pub fn draw(results: &Results, path: &Path, text: bool) -> Result<()> {
+    let (throughput, latency) = panel_groups(results);
+    let rate = FIXED_RATES[0].0;
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("fill chart: {e}"))?;
     let (left, right) = root.split_horizontally(WIDTH / 2);
@@ -80,6 +87,8 @@ pub fn draw(results: &Results, path: &Path, text: bool) -> Result<()> {
         "Throughput, Gbit/s (iperf3)",
         ["1 stream", "8 streams"],
         Scale::Linear,
+        // The baselines' throughput is lowest: the legend goes over them.
+        SeriesLabelPosition::UpperRight,
         text,
     )?;
     panel(
@@ -88,6 +97,8 @@ pub fn draw(results: &Results, path: &Path, text: bool) -> Result<()> {
         &format!("Latency at {rate} req/s, µs, log scale (HTTP/1.1 keep-alive)"),
         ["p50", "p99"],
         Scale::Log { floor: 10.0 },
+        // Direct's latency is lowest, the L7 paths' (last) highest.
+        SeriesLabelPosition::UpperLeft,
         text,
     )?;
     root.present()
@@ -128,6 +139,7 @@ fn panel<DB: DrawingBackend>(
     title: &str,
     series: [&str; 2],
     scale: Scale,
+    legend: SeriesLabelPosition,
     text: bool,
 ) -> Result<()>
 where
@@ -229,7 +241,7 @@ where
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .label_font((FONT_FAMILY, 14))
-            .position(SeriesLabelPosition::UpperRight)
+            .position(legend)
             .draw()
             .map_err(|e| anyhow!("chart legend: {e}"))?;
     }
@@ -249,6 +261,27 @@ mod tests {
         assert_eq!(Scale::Linear.y(2.5), 2.5);
         assert_eq!(Scale::Linear.label(2.5), "2.5");
         assert_eq!(Scale::Linear.label(250.0), "250");
+    }
+
+    #[test]
+    fn the_l7_paths_are_in_the_latency_panel_only() {
+        let mut r = Results::default();
+        let lat = Metric::FixedRateLatency {
+            rate: FIXED_RATES[0].0,
+            q: Quantile::P50,
+        };
+        for p in [DataPath::Direct, DataPath::Waypoint, DataPath::Ingress] {
+            r.record(p, lat, 0, 100.0);
+        }
+        r.record(DataPath::Direct, Metric::Throughput { streams: 1 }, 0, 10.0);
+        let (throughput, latency) = panel_groups(&r);
+        let paths = |g: &[Group]| g.iter().map(|(p, _)| *p).collect::<Vec<_>>();
+        assert_eq!(paths(&throughput), [DataPath::Direct]);
+        assert_eq!(
+            paths(&latency),
+            [DataPath::Direct, DataPath::Waypoint, DataPath::Ingress]
+        );
+        assert_eq!(latency[2].1[0], Some((100.0, 100.0, 100.0)));
     }
 
     #[test]

@@ -22,17 +22,23 @@ pub enum DataPath {
     /// ztunnel + waypoint (L7): client → ztunnel (n1) → waypoint (n2) → ztunnel (n2) →
     /// server, HTTP only, eBPF capture.
     Waypoint,
+    /// The ingress gateway (L7): a client outside the mesh → the gateway (a Gateway of class
+    /// `istio`, its own pod on n1, not captured) → HBONE → ztunnel (n2) → server, routed by an
+    /// HTTPRoute to the server's Service; HTTP only. In nginx's position: an HTTP reverse
+    /// proxy on n1 in front of the server.
+    Ingress,
 }
 
 impl DataPath {
     /// Every path, in report order.
-    pub const ALL: [DataPath; 6] = [
+    pub const ALL: [DataPath; 7] = [
         DataPath::Direct,
         DataPath::ZtunnelEbpf,
         DataPath::ZtunnelNftables,
         DataPath::HaproxyTls,
         DataPath::NginxHttp,
         DataPath::Waypoint,
+        DataPath::Ingress,
     ];
 
     /// How the report names it.
@@ -44,6 +50,7 @@ impl DataPath {
             DataPath::HaproxyTls => "haproxy mTLS pair (L4 baseline)",
             DataPath::NginxHttp => "nginx HTTP proxy (L7 baseline)",
             DataPath::Waypoint => "ztunnel + waypoint (L7)",
+            DataPath::Ingress => "ingress gateway (L7)",
         }
     }
 
@@ -56,6 +63,7 @@ impl DataPath {
             DataPath::HaproxyTls => "haproxy",
             DataPath::NginxHttp => "nginx",
             DataPath::Waypoint => "waypoint",
+            DataPath::Ingress => "ingress",
         }
     }
 
@@ -63,14 +71,17 @@ impl DataPath {
     pub fn baseline(self) -> Option<DataPath> {
         match self {
             DataPath::ZtunnelEbpf | DataPath::ZtunnelNftables => Some(DataPath::HaproxyTls),
-            DataPath::Waypoint => Some(DataPath::NginxHttp),
+            DataPath::Waypoint | DataPath::Ingress => Some(DataPath::NginxHttp),
             DataPath::Direct | DataPath::HaproxyTls | DataPath::NginxHttp => None,
         }
     }
 
     /// Whether it carries any TCP stream (iperf3, idle connections), not only HTTP.
     pub fn carries_tcp(self) -> bool {
-        !matches!(self, DataPath::NginxHttp | DataPath::Waypoint)
+        !matches!(
+            self,
+            DataPath::NginxHttp | DataPath::Waypoint | DataPath::Ingress
+        )
     }
 
     /// Whether it involves proxy processes whose CPU and memory are measured.
@@ -93,19 +104,24 @@ pub enum Side {
     Server,
     /// The waypoint process of the L7 path (its own pod on node 2), measured by itself.
     Waypoint,
+    /// The ingress gateway process (its own pod on node 1), measured by itself. The ingress
+    /// path's other process is node 2's agent ([`Side::Server`]); node 1's agent carries
+    /// none of its traffic (neither the client nor the gateway is captured).
+    Ingress,
 }
 
 impl Side {
     /// The two nodes' proxies (what "per side" targets are about).
     pub const BOTH: [Side; 2] = [Side::Client, Side::Server];
     /// Every proxy process a path may have.
-    pub const ALL: [Side; 3] = [Side::Client, Side::Server, Side::Waypoint];
+    pub const ALL: [Side; 4] = [Side::Client, Side::Server, Side::Waypoint, Side::Ingress];
 
     pub fn label(self) -> &'static str {
         match self {
             Side::Client => "node 1 (client side)",
             Side::Server => "node 2 (server side)",
             Side::Waypoint => "the waypoint (node 2)",
+            Side::Ingress => "the ingress gateway (node 1)",
         }
     }
 }
@@ -174,7 +190,8 @@ pub enum Metric {
     CpuCoresAt1k { side: Side },
     /// Resident memory before any traffic, bytes.
     RssStart { side: Side },
-    /// Resident memory idle, just before the idle-connection test, bytes.
+    /// Resident memory idle after the repetitions: just before the idle-connection test (on
+    /// the HTTP-only paths, which have none, at the same point: after their HTTP runs), bytes.
     RssIdle { side: Side },
     /// Resident memory holding the idle tunneled connections, bytes.
     RssLoaded { side: Side },
@@ -333,8 +350,8 @@ impl Results {
     }
 
     /// The per-repetition sum over every proxy process of a per-process metric (both nodes,
-    /// and the waypoint where the path has one), summarised. A repetition counts only when
-    /// every side that has samples in the run has one in it.
+    /// and the waypoint or the ingress gateway where the path has one), summarised. A
+    /// repetition counts only when every side that has samples in the run has one in it.
     pub fn spread_both_sides(&self, path: DataPath, metric: Metric) -> Option<Spread> {
         // The metric of each side that was measured on this path.
         let metrics: Vec<Metric> = Side::ALL
@@ -451,5 +468,30 @@ mod tests {
             })
         );
         assert_eq!(Metric::ConnectionRate.with_side(Side::Client), None);
+    }
+
+    #[test]
+    fn the_ingress_stands_where_nginx_does_and_counts_its_two_processes() {
+        let p = DataPath::Ingress;
+        assert_eq!(p.baseline(), Some(DataPath::NginxHttp));
+        assert!(!p.carries_tcp() && p.has_proxy() && !p.is_ztunnel());
+        assert_eq!(DataPath::ALL.last(), Some(&p));
+        // The gateway and node 2's agent; node 1's agent is not on the path.
+        let mut r = Results::default();
+        let m = |side| Metric::CpuPer10kRequests { side };
+        r.record(p, m(Side::Ingress), 0, 1.5);
+        r.record(p, m(Side::Server), 0, 0.5);
+        let s = r.spread_both_sides(p, m(Side::Client)).expect("sum");
+        assert_eq!(s.median, 2.0);
+        assert_eq!(
+            Metric::RssIdle { side: Side::Client }.with_side(Side::Ingress),
+            Some(Metric::RssIdle {
+                side: Side::Ingress
+            })
+        );
+        // Runs kept as JSON name the path and the side.
+        let json = serde_json::to_string(&r).expect("json");
+        assert!(json.contains(r#""path":"Ingress""#), "{json}");
+        assert_eq!(serde_json::from_str::<Results>(&json).expect("back"), r);
     }
 }

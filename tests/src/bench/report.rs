@@ -1,7 +1,8 @@
 //! Results → `BENCHMARKS.md`: one table per measure with absolute values (median and
 //! min–max over repetitions) and ratios to direct and to the baseline in the same position,
 //! then where we stand against the targets of issue 4 and of issue 15 (the waypoint against
-//! the L4 path under it, the L4 path against haproxy). Pure: the tables are unit-tested.
+//! the L4 path under it, the L4 path against haproxy), and the ingress gateway against nginx
+//! (no target of its own). Pure: the tables are unit-tested.
 
 use std::fmt::Write as _;
 
@@ -69,6 +70,7 @@ pub fn render(results: &Results, chart: Option<&str>) -> String {
     fixed_rate_section(&mut out, results);
     saturation_section(&mut out, results);
     waypoint_section(&mut out, results);
+    ingress_section(&mut out, results);
     connection_rate_section(&mut out, results);
     cpu_section(&mut out, results);
     memory_section(&mut out, results);
@@ -136,6 +138,15 @@ fn header(out: &mut String, r: &Results, chart: Option<&str>) {
                  (n2) → server, through a Service labelled `istio.io/use-waypoint`; HTTP \
                  measures only; its baseline is nginx (which does no mTLS at all)."
             }
+            DataPath::Ingress => {
+                "a client outside the mesh (a pod on n1 in a namespace no agent captures) → \
+                 the ingress gateway (the `waypoint` binary serving a Gateway of class \
+                 `istio` with one HTTP listener, its own pod on n1, not captured; HTTP \
+                 parsed, the HTTPRoute attached to the listener picks the server's Service) \
+                 → HBONE (mTLS, pooled) → ztunnel (n2, eBPF) → server; HTTP measures only; \
+                 its baseline is nginx, in the same position (an HTTP reverse proxy on n1 in \
+                 front of the server)."
+            }
         };
         let _ = writeln!(out, "- **{}**: {what}", path.label());
     }
@@ -143,8 +154,8 @@ fn header(out: &mut String, r: &Results, chart: Option<&str>) {
         out,
         "\nReading the tables: `× direct` is the path's value divided by direct's, `× base` \
          divided by the baseline's in the same position (haproxy for ztunnel L4, nginx for \
-         the waypoint). For throughput and rates higher is better; for latency, CPU and \
-         memory lower is better. Ratios are what survive a noisy shared machine; absolute \
+         the waypoint and the ingress gateway). For throughput and rates higher is better; \
+         for latency, CPU and memory lower is better. Ratios are what survive a noisy shared machine; absolute \
          values move with the neighbours.\n"
     );
     if let Some(chart) = chart {
@@ -223,14 +234,17 @@ fn fixed_rate_section(out: &mut String, r: &Results) {
 }
 
 /// What each L7 proxy adds to the path under it, at each fixed rate: the waypoint over the
-/// ztunnel L4 eBPF path (same world, same run), nginx over direct (its yardstick).
+/// ztunnel L4 eBPF path (same world, same run), nginx over direct (its yardstick), and the
+/// ingress gateway over direct next to nginx's (both stand between a client outside the mesh
+/// and the server).
 fn increments_table(out: &mut String, r: &Results) {
     let _ = writeln!(
         out,
         "### Increments of the L7 proxies over the path under them\n\n\
-         Median of the L7 path − median of the path under it, from the tables above. \
-         Target (issue 15): the waypoint's increment ≤ +{WAYPOINT_INCREMENT_P50_MAX_US:.0} µs \
-         at p50 and ≤ +{WAYPOINT_INCREMENT_P99_MAX_US:.0} µs at p99 at {} req/s.\n",
+         Median of the L7 path − median of the path under it, from the tables above (for \
+         the ingress gateway, as for nginx in the same position: direct). Target (issue 15): \
+         the waypoint's increment ≤ +{WAYPOINT_INCREMENT_P50_MAX_US:.0} µs at p50 and \
+         ≤ +{WAYPOINT_INCREMENT_P99_MAX_US:.0} µs at p99 at {} req/s.\n",
         thousands(f64::from(FIXED_RATES[0].0))
     );
     let _ = write!(out, "| increment |");
@@ -258,7 +272,7 @@ fn increments_table(out: &mut String, r: &Results) {
 }
 
 /// The rows of [`increments_table`]: (name, L7 path, the path under it).
-const L7_INCREMENTS: [(&str, DataPath, DataPath); 2] = [
+const L7_INCREMENTS: [(&str, DataPath, DataPath); 3] = [
     (
         "waypoint increment over L4 (waypoint − ztunnel L4, eBPF)",
         DataPath::Waypoint,
@@ -267,6 +281,11 @@ const L7_INCREMENTS: [(&str, DataPath, DataPath); 2] = [
     (
         "nginx increment over direct (nginx − direct)",
         DataPath::NginxHttp,
+        DataPath::Direct,
+    ),
+    (
+        "ingress increment over direct (ingress gateway − direct)",
+        DataPath::Ingress,
         DataPath::Direct,
     ),
 ];
@@ -322,60 +341,141 @@ fn waypoint_section(out: &mut String, r: &Results) {
         "| measure | waypoint | compared with | waypoint ÷ that | target |\n\
          |---|---:|---:|---:|---|"
     );
-    let row = |out: &mut String,
-               name: &str,
-               wp: Option<Spread>,
-               other: Option<Spread>,
-               what: &str,
-               target: &str| {
-        let quotient = match (&wp, &other) {
-            (Some(a), Some(b)) if b.median != 0.0 => fmt_ratio(Some(a.median / b.median)),
-            _ => "—".into(),
-        };
-        let cell = |s: Option<Spread>| s.map(fmt_spread).unwrap_or_else(|| "—".into());
-        let _ = writeln!(
-            out,
-            "| {name} | {} | {} ({what}) | {quotient} | {target} |",
-            cell(wp),
-            cell(other)
-        );
-    };
     for conns in SATURATION_CONNS {
         let m = Metric::SaturationRate { conns };
-        row(
+        comparison_row(
             out,
-            &format!(
-                "saturation req/s, {conns} wrk {}",
-                plural(conns, "connection")
-            ),
+            &saturation_row_name(conns),
             r.spread(DataPath::Waypoint, m),
             r.spread(DataPath::ZtunnelEbpf, m),
-            "L4 eBPF",
-            &format!("≥ {WAYPOINT_SATURATION_MIN:.2}×"),
+            Some("L4 eBPF"),
+            Some(&format!("≥ {WAYPOINT_SATURATION_MIN:.2}×")),
         );
     }
     let h2 = Metric::Http2Streams {
         streams: H2_STREAMS,
     };
-    row(
+    comparison_row(
         out,
         &format!("req/s, one HTTP/2 connection, {H2_STREAMS} streams"),
         r.spread(DataPath::Waypoint, h2),
         r.spread(DataPath::ZtunnelEbpf, h2),
-        "L4 eBPF",
-        &format!("≥ {WAYPOINT_H2_MIN:.2}×"),
+        Some("L4 eBPF"),
+        Some(&format!("≥ {WAYPOINT_H2_MIN:.2}×")),
     );
     for (name, m) in cpu_loads() {
-        row(
+        comparison_row(
             out,
             &format!("CPU-s/10k req of the process, {name}"),
             waypoint_process(r, m),
             r.spread_both_sides(DataPath::NginxHttp, m),
-            "nginx",
-            "≤ 1.00×",
+            Some("nginx"),
+            Some("≤ 1.00×"),
         );
     }
     let _ = writeln!(out);
+}
+
+/// The ingress gateway against nginx in the same position (an HTTP reverse proxy on n1 in
+/// front of the server): no target of its own, the ratios for reference. CPU and memory of
+/// the gateway process alone, and of the ingress path's processes together.
+fn ingress_section(out: &mut String, r: &Results) {
+    let _ = writeln!(
+        out,
+        "## The ingress gateway against nginx\n\n\
+         Same load, same position: from a client outside the mesh through an HTTP reverse \
+         proxy on node 1 to the server. The ingress gateway also speaks mTLS and HBONE to \
+         node 2's agent, nginx plaintext straight to the server. No target of its own: the \
+         ratios are for reference. CPU per 10,000 requests (over the 1,000 req/s run and the \
+         saturation runs) and resident memory (idle, after the HTTP runs) are shown for the \
+         gateway process alone (its own process group) and for the ingress path's processes \
+         together (the gateway and node 2's agent, which ends the HBONE tunnel; node 1's \
+         agent carries none of this traffic), each against nginx's (all its processes).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| measure | ingress gateway | nginx | ingress ÷ nginx |\n|---|---:|---:|---:|"
+    );
+    let (ingress, nginx) = (DataPath::Ingress, DataPath::NginxHttp);
+    let same = |out: &mut String, name: String, m: Metric| {
+        comparison_row(
+            out,
+            &name,
+            r.spread(ingress, m),
+            r.spread(nginx, m),
+            None,
+            None,
+        );
+    };
+    for conns in SATURATION_CONNS {
+        same(
+            out,
+            saturation_row_name(conns),
+            Metric::SaturationRate { conns },
+        );
+    }
+    let rate = FIXED_RATES[0].0;
+    for q in [Quantile::P50, Quantile::P99] {
+        same(
+            out,
+            format!("{} µs at {} req/s", q.label(), thousands(f64::from(rate))),
+            Metric::FixedRateLatency { rate, q },
+        );
+    }
+    same(out, "new connections/s".into(), Metric::ConnectionRate);
+    let mut loads: Vec<(String, Metric)> = cpu_loads()
+        .into_iter()
+        .map(|(name, m)| (format!("CPU-s/10k req, {name}"), m))
+        .collect();
+    loads.push((
+        "RSS MiB after the HTTP runs".into(),
+        Metric::RssIdle { side: Side::Client },
+    ));
+    for (name, m) in loads {
+        let base = r.spread_both_sides(nginx, m);
+        comparison_row(
+            out,
+            &format!("{name}: the gateway"),
+            one_process(r, ingress, Side::Ingress, m),
+            base,
+            None,
+            None,
+        );
+        comparison_row(
+            out,
+            &format!("{name}: the gateway + n2's agent"),
+            r.spread_both_sides(ingress, m),
+            base,
+            None,
+            None,
+        );
+    }
+    let _ = writeln!(out);
+}
+
+/// One row of a comparison table: `| name | ours | other (what) | ours ÷ other |`, then
+/// ` target |` where the table has targets.
+fn comparison_row(
+    out: &mut String,
+    name: &str,
+    ours: Option<Spread>,
+    other: Option<Spread>,
+    what: Option<&str>,
+    target: Option<&str>,
+) {
+    let quotient = match (&ours, &other) {
+        (Some(a), Some(b)) if b.median != 0.0 => fmt_ratio(Some(a.median / b.median)),
+        _ => "—".into(),
+    };
+    let cell = |s: Option<Spread>| s.map(fmt_spread).unwrap_or_else(|| "—".into());
+    let what = what.map(|w| format!(" ({w})")).unwrap_or_default();
+    let target = target.map(|t| format!(" {t} |")).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "| {name} | {} | {}{what} | {quotient} |{target}",
+        cell(ours),
+        cell(other)
+    );
 }
 
 /// The loads the waypoint's CPU per request is measured over: (name, the metric on
@@ -397,7 +497,19 @@ fn cpu_loads() -> Vec<(String, Metric)> {
 
 /// `metric` of the waypoint process alone, on the waypoint path.
 fn waypoint_process(r: &Results, metric: Metric) -> Option<Spread> {
-    r.spread(DataPath::Waypoint, metric.with_side(Side::Waypoint)?)
+    one_process(r, DataPath::Waypoint, Side::Waypoint, metric)
+}
+
+/// A per-process `metric` of `side`'s process alone, on `path`.
+fn one_process(r: &Results, path: DataPath, side: Side, metric: Metric) -> Option<Spread> {
+    r.spread(path, metric.with_side(side)?)
+}
+
+fn saturation_row_name(conns: u16) -> String {
+    format!(
+        "saturation req/s, {conns} wrk {}",
+        plural(conns, "connection")
+    )
 }
 
 fn plural(n: u16, word: &str) -> String {
@@ -487,8 +599,10 @@ fn cpu_section(out: &mut String, r: &Results) {
     let _ = writeln!(
         out,
         "n1 = node 1 (client side), n2 = node 2 (server side), wp = the waypoint process (its \
-         own pod on node 2; counted in the sums); nginx runs on n1 only. Istio 1.24 \
-         publishes ≈ 0.06 vCPU for its ztunnel at 1,000 HTTP req/s.\n"
+         own pod on node 2; counted in the sums), gw = the ingress gateway process (its own \
+         pod on node 1; counted in the sums; on the ingress path n2 is node 2's agent, and \
+         node 1's agent, which carries none of its traffic, is not counted); nginx runs on n1 \
+         only. Istio 1.24 publishes ≈ 0.06 vCPU for its ztunnel at 1,000 HTTP req/s.\n"
     );
 }
 
@@ -538,6 +652,45 @@ fn memory_section(out: &mut String, r: &Results) {
         "KiB/conn × base".into(),
         Cell::BothSidesVsBaseline(Metric::BytesPerConnection { side: Side::Client }),
     ));
+    table(
+        out,
+        r,
+        &Table {
+            paths: &paths,
+            columns,
+        },
+    );
+    l7_memory_table(out, r);
+}
+
+/// The HTTP-only paths carry no raw TCP for the idle connections: their proxies' RSS idle
+/// after the HTTP runs, per process and summed, against nginx's.
+fn l7_memory_table(out: &mut String, r: &Results) {
+    let paths: Vec<DataPath> = DataPath::ALL
+        .into_iter()
+        .filter(|p| p.has_proxy() && !p.carries_tcp())
+        .collect();
+    let _ = writeln!(
+        out,
+        "The HTTP-only paths (no idle-connection test): RSS idle after the HTTP runs, per \
+         process (n1, n2, wp, gw as in the CPU table) and summed over the path's processes.\n"
+    );
+    let mut columns: Vec<(String, Cell)> = Side::ALL
+        .into_iter()
+        .map(|side| {
+            (
+                format!("MiB {}", side_short(side)),
+                Cell::Value(Metric::RssIdle { side }),
+            )
+        })
+        .collect();
+    let (idle, start) = (
+        Metric::RssIdle { side: Side::Client },
+        Metric::RssStart { side: Side::Client },
+    );
+    columns.push(("MiB, all".into(), Cell::BothSides(idle)));
+    columns.push(("× base".into(), Cell::BothSidesVsBaseline(idle)));
+    columns.push(("start MiB, all".into(), Cell::BothSides(start)));
     table(
         out,
         r,
@@ -638,6 +791,8 @@ pub enum Verdict {
     /// Met on one backend only.
     Partly,
     NoData,
+    /// Shown for reference, against no target (the ingress gateway against nginx).
+    NoTarget,
 }
 
 impl Verdict {
@@ -647,6 +802,7 @@ impl Verdict {
             Verdict::NotMet => "**not met**",
             Verdict::Partly => "**partly** (one backend)",
             Verdict::NoData => "no data",
+            Verdict::NoTarget => "— (no target; for reference)",
         }
     }
 
@@ -777,6 +933,19 @@ pub fn targets(r: &Results) -> Vec<TargetRow> {
             istio: "—",
             verdict: Verdict::of(&[waypoint.as_ref().map(|v| v.behind.is_empty())]),
             ebpf: fmt_versus(&waypoint),
+            nftables: "—".into(),
+        });
+        // The ingress gateway stands where nginx does; it has no target, only the ratios.
+        let ingress = versus(r, DataPath::Ingress, DataPath::NginxHttp);
+        rows.push(TargetRow {
+            target: "ingress gateway vs the nginx L7 baseline (ratios only)",
+            istio: "—",
+            verdict: if ingress.is_some() {
+                Verdict::NoTarget
+            } else {
+                Verdict::NoData
+            },
+            ebpf: fmt_versus(&ingress),
             nftables: "—".into(),
         });
     }
@@ -1231,6 +1400,7 @@ fn side_short(side: Side) -> &'static str {
         Side::Client => "n1",
         Side::Server => "n2",
         Side::Waypoint => "wp",
+        Side::Ingress => "gw",
     }
 }
 
@@ -1687,6 +1857,91 @@ mod tests {
                 Metric::CpuPer10kRequests { side: Side::Client }
             ),
             Some(6.2)
+        );
+    }
+
+    /// [`waypoint_results`] plus the ingress gateway: slower than nginx, its CPU split between
+    /// the gateway and node 2's agent.
+    fn ingress_results() -> Results {
+        let mut r = waypoint_results();
+        let p = DataPath::Ingress;
+        for rate in [1_000, 5_000] {
+            // Against direct 30 / 60 and nginx 80 / 150.
+            for (q, v) in [(Quantile::P50, 120.0), (Quantile::P99, 300.0)] {
+                r.record(p, Metric::FixedRateLatency { rate, q }, 0, v);
+            }
+        }
+        // nginx: 30,000 req/s on both.
+        for (conns, rps) in [(1, 6_000.0), (16, 15_000.0)] {
+            r.record(p, Metric::SaturationRate { conns }, 0, rps);
+        }
+        let cpu = |side| Metric::CpuPer10kRequests { side };
+        r.record(p, cpu(Side::Ingress), 0, 0.8);
+        r.record(p, cpu(Side::Server), 0, 0.2);
+        for (conns, gw, n2) in [(1, 0.9, 0.3), (16, 0.6, 0.2)] {
+            let m = |side| Metric::SaturationCpuPer10k { conns, side };
+            r.record(p, m(Side::Ingress), 0, gw);
+            r.record(p, m(Side::Server), 0, n2);
+        }
+        let idle = |side| Metric::RssIdle { side };
+        r.record(p, idle(Side::Ingress), 0, 12.0);
+        r.record(p, idle(Side::Server), 0, 16.0);
+        r.record(DataPath::NginxHttp, idle(Side::Client), 0, 6.0);
+        r
+    }
+
+    #[test]
+    fn the_ingress_is_shown_beside_nginx() {
+        let r = ingress_results();
+        let md = render(&r, None);
+        let has = |line: &str| assert!(md.contains(line), "missing {line:?} in\n{md}");
+        // Prose wrapped in the source stays one line of single spaces.
+        for line in md.lines().filter(|l| l.contains("ingress")) {
+            assert!(!line.contains("  "), "a run of spaces in {line:?}");
+        }
+        has("- **ingress gateway (L7)**: a client outside the mesh");
+        // The HTTP tables: × base is against nginx (120 / 80, 300 / 150; 6,000 / 30,000).
+        has("| ingress gateway (L7) | 120 | — | 300 | +90.0 µs | 1.50× | +240 µs | 2.00× | — |");
+        has("| ingress gateway (L7) | 6,000 | 0.15× | 0.20× |");
+        // Its increment over direct next to nginx's.
+        has("| nginx increment over direct (nginx − direct) | +50.0 µs | +90.0 µs | +50.0 µs | +90.0 µs |\n\
+             | ingress increment over direct (ingress gateway − direct) | +90.0 µs | +240 µs | +90.0 µs | +240 µs |");
+        // Its own section: the gateway alone and with node 2's agent, against nginx.
+        has("## The ingress gateway against nginx");
+        has("| saturation req/s, 16 wrk connections | 15,000 | 30,000 | 0.50× |");
+        has("| p50 µs at 1,000 req/s | 120 | 80.0 | 1.50× |");
+        has("| CPU-s/10k req, 1,000 req/s: the gateway | 0.800 | 1.00 | 0.80× |");
+        has("| CPU-s/10k req, 1,000 req/s: the gateway + n2's agent | 1.00 | 1.00 | 1.00× |");
+        has("| CPU-s/10k req, saturation, 1 connection: the gateway + n2's agent | 1.20 | 0.600 | 2.00× |");
+        has("| RSS MiB after the HTTP runs: the gateway | 12.0 | 6.00 | 2.00× |");
+        has("| RSS MiB after the HTTP runs: the gateway + n2's agent | 28.0 | 6.00 | 4.67× |");
+        // The CPU table: n2 and gw columns, summed against nginx.
+        has("| ingress gateway (L7) | — | — | — | — | — | 0.200 | — | 0.800 | 1.00× | — |");
+        // The L7 memory table.
+        has("| nginx HTTP proxy (L7 baseline) | 6.00 | — | — | — | 6.00 | (base) | — |");
+        has("| ingress gateway (L7) | — | 16.0 | — | 12.0 | 28.0 | 4.67× | — |");
+        // The verdict table: ratios against nginx, no target.
+        let row = targets(&r)
+            .into_iter()
+            .find(|row| row.target.starts_with("ingress gateway vs"))
+            .expect("the ingress row");
+        assert_eq!(row.verdict, Verdict::NoTarget);
+        assert_eq!(
+            row.ebpf,
+            "ahead on 1 of 7; behind: p50 @1,000 (0.67×), p99 @1,000 (0.50×), p50 @5,000 \
+             (0.67×), p99 @5,000 (0.50×), saturation req/s c1 (0.20×), saturation req/s c16 \
+             (0.50×)"
+        );
+        has("| ingress gateway vs the nginx L7 baseline (ratios only) | — | ahead on 1 of 7;");
+        has("| — (no target; for reference) |");
+        // Without ingress samples the row says so.
+        let none = targets(&waypoint_results())
+            .into_iter()
+            .find(|row| row.target.starts_with("ingress gateway vs"))
+            .expect("the ingress row");
+        assert_eq!(
+            (none.ebpf.as_str(), none.verdict),
+            ("no data", Verdict::NoData)
         );
     }
 

@@ -24,7 +24,7 @@ use e2e::bench::{chart, report, sizes};
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark the mesh data plane against direct connections and baselines")]
 struct Args {
-    /// Short runs (under 3 minutes) for development; the numbers are noisier.
+    /// Short runs (under 4 minutes of measuring) for development; the numbers are noisier.
     #[arg(long)]
     quick: bool,
     /// Where to write the report.

@@ -306,5 +306,37 @@ fn a_client_outside_the_mesh_reaches_services_through_the_ingress_gateway() -> R
         "HTTP/2 over TLS: {status} {body}"
     );
 
+    // A handshake flood from one source: silent connections to the HTTPS port hold TLS
+    // handshake slots up to the source's share (32 by default); the rest are closed at once
+    // and counted OM, like the HBONE listener's (one budget per process). Once they go, the
+    // source is served again.
+    let refused_om = || -> Result<f64> {
+        Ok(e2e::prom::sum(
+            &mesh.waypoint_metrics(GATEWAY_POD)?,
+            "mesh_connections_refused_total",
+            &[("reporter", "gateway"), ("reason", "OM")],
+        ))
+    };
+    let before = refused_om()?;
+    let tls_port = SocketAddr::new(gateway_ip.into(), 443);
+    let silent = mesh.in_pod(OUTSIDER, || {
+        (0..64)
+            .map(|_| std::net::TcpStream::connect_timeout(&tls_port, Duration::from_secs(2)))
+            .collect::<std::io::Result<Vec<_>>>()
+    })??;
+    wait_until("the flood beyond the source's share is refused", APPLY, || {
+        Ok(refused_om()? - before >= 32.0)
+    })?;
+    drop(silent);
+    let mut again = 0;
+    wait_until("the source is served again once its handshakes end", APPLY, || {
+        again = curl(
+            &mesh,
+            &["--cacert", &ca_file, "--resolve", &resolve, &https],
+        )
+        .map_or(0, |(status, _)| status);
+        Ok(again == 200)
+    })?;
+
     Ok(())
 }

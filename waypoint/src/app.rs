@@ -185,12 +185,19 @@ pub async fn start(cfg: Config, ctl: Control) -> anyhow::Result<AppHandle<Addrs>
         config = %source_name,
         "waypoint started"
     );
+    // The ingress listeners (an ingress gateway's) count against the HBONE listener's caps:
+    // one budget of connections and of TLS handshakes per process.
+    let (conn_cap, handshake_cap) = inbound.caps();
     let inbound_task = spawn(info_span!("inbound"), inbound.run());
     let ingress = crate::ingress::Ingress::new(
         cfg.gateway.clone(),
         inputs.clone(),
         active.clone(),
-        mesh_shell::limits::Cap::new("max_connections", cfg.limits.max_connections),
+        crate::ingress::IngressLimits {
+            conn_cap,
+            handshake_cap,
+            handshake_timeout: cfg.tls_handshake_timeout,
+        },
         cfg.hbone_addr.ip(),
         stop.clone(),
     );

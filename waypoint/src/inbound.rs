@@ -114,6 +114,12 @@ impl Inbound {
         self.listener.local_addr()
     }
 
+    /// The process's caps on connections and TLS handshakes in progress, shared (one budget
+    /// per process) with the ingress listeners of an ingress gateway.
+    pub fn caps(&self) -> (Cap, HandshakeCap) {
+        (self.conn_cap.clone(), self.handshake_cap.clone())
+    }
+
     /// Accepts until the drain signal; each connection runs in its own task and span.
     /// Accept errors back off while descriptors are short (`mesh_shell::accept`) and never
     /// end the listener. Over the connection cap a connection is closed at once (flag OM).

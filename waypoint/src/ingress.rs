@@ -10,13 +10,18 @@
 //! reaches over HBONE under the gateway's own identity (so the backend's policies see the
 //! gateway's principal), and AuthorizationPolicies targeting the Gateway apply first.
 //!
+//! A VirtualService destination that names a subset of a backend Service behind a waypoint
+//! goes to the waypoint without the subset (its routes choose the Service's pods; see
+//! `mesh_l7::engine::select`): the log says so once when such a destination appears in the
+//! config (`Model::subsets_through_waypoints`), not per request.
+//!
 //! The ports follow the model: on every change the wanted set is computed again; a port no
 //! listener uses any more closes (its connections finish), a new one opens, an HTTPS port
 //! gets the certificates of the new model (connections already up keep theirs). A port that
 //! cannot be bound, or an HTTPS port without one usable certificate, is logged and tried
 //! again at the next change; the other ports are unaffected.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +34,7 @@ use mesh_model::model::{
     Gateway, ListenerProtocol, ListenerTlsMode, Model, NamespacedName, INGRESS_GATEWAY_CLASS,
 };
 use mesh_shell::conns::Active;
-use mesh_shell::limits::Cap;
+use mesh_shell::limits::{Cap, HandshakeCap};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -37,8 +42,6 @@ use tracing::Instrument;
 
 /// How long a client has to send its first bytes (plain ports: to tell HTTP/1.1 from h2c).
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Metrics reporter of refusals at the ingress listeners.
 const REPORTER: &str = "gateway";
 
@@ -57,15 +60,28 @@ struct Port {
     stop: CancellationToken,
 }
 
+/// What bounds the ingress listeners' connections: the process's caps (shared with its
+/// HBONE listener) and the TLS handshake timeout.
+pub struct IngressLimits {
+    /// Connections open (`max_connections`): over it, closed at once (flag OM).
+    pub conn_cap: Cap,
+    /// TLS handshakes in progress, per process and per source, and their rate per source:
+    /// over any, closed before a byte of TLS is read (flag OM).
+    pub handshake_cap: HandshakeCap,
+    pub handshake_timeout: Duration,
+}
+
 /// The ingress listeners of one Gateway.
 pub struct Ingress {
     gateway: NamespacedName,
     inputs: Arc<Inputs>,
     active: Arc<Active>,
-    conn_cap: Cap,
+    limits: IngressLimits,
     /// The address listeners bind (the pod's; port 0 replaced by each listener's port).
     bind: std::net::IpAddr,
     ports: Mutex<BTreeMap<u16, Port>>,
+    /// The subsets behind waypoints last said in the log (see the module docs).
+    subsets_said: Mutex<BTreeSet<String>>,
     stop: CancellationToken,
 }
 
@@ -74,7 +90,7 @@ impl Ingress {
         gateway: NamespacedName,
         inputs: Arc<Inputs>,
         active: Arc<Active>,
-        conn_cap: Cap,
+        limits: IngressLimits,
         bind: std::net::IpAddr,
         stop: CancellationToken,
     ) -> Arc<Ingress> {
@@ -82,9 +98,10 @@ impl Ingress {
             gateway,
             inputs,
             active,
-            conn_cap,
+            limits,
             bind,
             ports: Mutex::new(BTreeMap::new()),
+            subsets_said: Mutex::new(BTreeSet::new()),
             stop,
         })
     }
@@ -118,6 +135,7 @@ impl Ingress {
             Some(gw) if gw.class == INGRESS_GATEWAY_CLASS => wanted_ports(gw),
             _ => BTreeMap::new(),
         };
+        self.say_subsets(model);
         // Closed: ports no listener wants any more, or whose kind changed.
         let mut closed = Vec::new();
         {
@@ -174,6 +192,23 @@ impl Ingress {
         }
     }
 
+    /// Logs each VirtualService destination whose subset is not applied here (a Service
+    /// behind a waypoint) once, when it appears in the config.
+    fn say_subsets(&self, model: &Model) {
+        let now: BTreeSet<String> = model
+            .subsets_through_waypoints(&self.gateway)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let mut said = self
+            .subsets_said
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for reason in newly(&mut said, now) {
+            tracing::warn!(%reason, "VirtualService subset not applied at the ingress");
+        }
+    }
+
     /// The TLS configuration of HTTPS port `port`: the certificates of its listeners.
     fn tls_config(&self, model: &Model, port: u16) -> Result<Arc<rustls::ServerConfig>, String> {
         let gw = model
@@ -219,6 +254,7 @@ impl Ingress {
     ) {
         let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
             let Some(slot) = self
+                .limits
                 .conn_cap
                 .admit(&self.inputs.metrics, REPORTER, "ingress", peer)
             else {
@@ -262,19 +298,31 @@ impl Ingress {
         let inputs = self.inputs.clone();
         match tls {
             Some(config) => {
-                let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                let stream =
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            self.inputs.metrics.refused(REPORTER, "TLS");
-                            return tracing::debug!(error = %e, "ingress TLS handshake failed");
-                        }
-                        Err(_) => {
-                            self.inputs.metrics.refused(REPORTER, "TLS");
-                            return tracing::debug!("ingress TLS handshake timed out");
-                        }
-                    };
+                // Over the cap on handshakes in progress (or a source's share or rate): closed
+                // at once, never queued; counted OM.
+                let Some(handshake_slot) = self.limits.handshake_cap.admit(
+                    &self.inputs.metrics,
+                    REPORTER,
+                    "ingress",
+                    peer,
+                ) else {
+                    return;
+                };
+                // Boxed: the handshake state is large and needed only until the connection is up.
+                let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(tcp));
+                let timeout = self.limits.handshake_timeout;
+                let stream = match tokio::time::timeout(timeout, handshake).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        self.inputs.metrics.refused(REPORTER, "TLS");
+                        return tracing::debug!(error = %e, "ingress TLS handshake failed");
+                    }
+                    Err(_) => {
+                        self.inputs.metrics.refused(REPORTER, "TLS");
+                        return tracing::debug!("ingress TLS handshake timed out");
+                    }
+                };
+                drop(handshake_slot);
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                 mesh_l7::http::serve(stream, h2, ctx, inputs).await
             }
@@ -288,6 +336,14 @@ impl Ingress {
             }
         }
     }
+}
+
+/// What is in `now` and was not in `said`, which becomes `now` (a note that leaves the
+/// config and comes back is said again).
+fn newly(said: &mut BTreeSet<String>, now: BTreeSet<String>) -> Vec<String> {
+    let new = now.difference(said).cloned().collect();
+    *said = now;
+    new
 }
 
 /// The ports `gw`'s listeners want served: `HTTP`, or `HTTPS` terminated here. A port that
@@ -314,4 +370,25 @@ fn wanted_ports(gw: &Gateway) -> BTreeMap<u16, PortKind> {
         .into_iter()
         .filter_map(|(port, kind)| Some((port, kind?)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(notes: &[&str]) -> BTreeSet<String> {
+        notes.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// A note is said when it appears, not again while the config keeps it (a model change
+    /// of something else), and again after it left and came back.
+    #[test]
+    fn a_note_is_said_once_while_the_config_has_it() {
+        let mut said = BTreeSet::new();
+        assert_eq!(newly(&mut said, set(&["a"])), ["a"]);
+        assert!(newly(&mut said, set(&["a"])).is_empty());
+        assert_eq!(newly(&mut said, set(&["a", "b"])), ["b"]);
+        assert!(newly(&mut said, set(&["b"])).is_empty());
+        assert_eq!(newly(&mut said, set(&["a", "b"])), ["a"]);
+    }
 }

@@ -5,6 +5,7 @@
 //! object and field, instead of breaking the whole list for everyone.
 
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use mesh_model::model::INGRESS_GATEWAY_CLASS;
 use serde_json::{Map, Value};
 
 /// Annotation `kubectl apply` stores the whole previous object in: often the largest field
@@ -23,11 +24,18 @@ pub(crate) enum Body {
     /// Service and the Istio policies: `spec` as it is. Policy specs must stay verbatim
     /// because the loader refuses unknown fields in them.
     Spec,
+    /// Service for an ingress gateway ([`Scope::Gateway`]): `spec` as it is, and of `status`
+    /// only `loadBalancer.ingress[].ip`/`hostname` (where clients reach the gateway behind
+    /// its LoadBalancer Service, the Gateway's `status.addresses`). Other scopes read no
+    /// Service status, so a load balancer's changes reach no agent or waypoint.
+    ServiceWithLoadBalancer,
     /// Gateway: `spec` as it is, `metadata.generation` (the `observedGeneration` of the
     /// status an ingress gateway writes back; it changes only with `spec`), and of `status`
     /// only `addresses` (where a control plane put the waypoint, which wins over
-    /// `spec.addresses`); its conditions carry timestamps that change without changing the
-    /// mesh, and an ingress gateway writes them itself.
+    /// `spec.addresses`), except for an ingress Gateway (class `istio`), whose
+    /// `status.addresses` this mesh writes itself: so a status written back changes nothing
+    /// read. Conditions carry timestamps that change without changing the mesh, and an
+    /// ingress gateway writes them itself.
     Gateway,
     /// EndpointSlice: `addressType`, `endpoints` and `ports` reduced to what the loader reads
     /// (see [`endpoint_slice_body`]). Node names, zones, hints, the `serving`/`terminating`
@@ -136,7 +144,13 @@ pub(crate) fn kinds_for(scope: Scope) -> Vec<Kind> {
         core(ApiResource::erase::<v1::Namespace>(&()), Body::None),
         core(ApiResource::erase::<v1::ServiceAccount>(&()), Body::None),
         core(ApiResource::erase::<v1::Pod>(&()), Body::Pod),
-        core(ApiResource::erase::<v1::Service>(&()), Body::Spec),
+        core(
+            ApiResource::erase::<v1::Service>(&()),
+            match scope {
+                Scope::Gateway => Body::ServiceWithLoadBalancer,
+                Scope::Node | Scope::Waypoint => Body::Spec,
+            },
+        ),
         endpoint_slices,
         istio("PeerAuthentication", "peerauthentications"),
         istio("AuthorizationPolicy", "authorizationpolicies"),
@@ -261,15 +275,38 @@ pub(crate) fn document(kind: &Kind, obj: &DynamicObject) -> Value {
                 doc.insert(field.into(), value);
             }
         }
-        Body::Gateway => {
+        Body::ServiceWithLoadBalancer => {
             if let Some(spec) = obj.data.get("spec") {
                 doc.insert("spec".into(), spec.clone());
             }
-            if let Some(status) = obj.data.get("status") {
-                let kept = pick(status, &["addresses"]);
-                if !kept.is_empty() {
-                    doc.insert("status".into(), Value::Object(kept));
+            let ingress = obj
+                .data
+                .get("status")
+                .and_then(|s| s.get("loadBalancer"))
+                .and_then(|lb| lb.get("ingress"));
+            if let Some(ingress) = ingress {
+                let kept = each(ingress, |entry| only(entry, &["ip", "hostname"]));
+                doc.insert(
+                    "status".into(),
+                    serde_json::json!({"loadBalancer": {"ingress": kept}}),
+                );
+            }
+        }
+        Body::Gateway => {
+            let spec = obj.data.get("spec");
+            if let Some(spec) = spec {
+                doc.insert("spec".into(), spec.clone());
+            }
+            let class = spec.and_then(|s| s.get("gatewayClassName"));
+            let ingress = class.and_then(Value::as_str) == Some(INGRESS_GATEWAY_CLASS);
+            match obj.data.get("status") {
+                Some(status) if !ingress => {
+                    let kept = pick(status, &["addresses"]);
+                    if !kept.is_empty() {
+                        doc.insert("status".into(), Value::Object(kept));
+                    }
                 }
+                _ => {}
             }
         }
         Body::EndpointSlice => {
@@ -595,6 +632,66 @@ mod tests {
             kind("Gateway").optional,
             "clusters without the Gateway API CRDs"
         );
+        // An ingress Gateway's addresses are the ones its own proxy writes: not read back.
+        let ingress = json!({"gatewayClassName": "istio",
+                             "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]});
+        check(
+            "Gateway",
+            json!({
+                "metadata": {"name": "web", "namespace": "shop", "generation": 2},
+                "spec": ingress,
+                "status": {"addresses": [{"type": "IPAddress", "value": "203.0.113.7"}]},
+            }),
+            json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "web", "namespace": "shop", "generation": 2},
+                "spec": ingress,
+            }),
+        );
+    }
+
+    /// An ingress gateway reads the addresses of its LoadBalancer Service's status (and
+    /// nothing else of it); the agent and waypoints read no Service status at all.
+    #[test]
+    fn only_an_ingress_gateway_reads_a_services_load_balancer() {
+        let spec = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.30",
+                          "ports": [{"port": 80}]});
+        let service = object(json!({
+            "metadata": {"name": "web-istio", "namespace": "shop"},
+            "spec": spec,
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "203.0.113.7", "ipMode": "VIP", "ports": [{"port": 80, "protocol": "TCP"}]},
+                {"hostname": "lb.example.com"},
+            ]}, "conditions": [{"type": "LoadBalancerReady"}]},
+        }));
+        let in_scope = |scope| {
+            kinds_for(scope)
+                .into_iter()
+                .find(|k| k.resource.kind == "Service")
+                .expect("Services watched")
+        };
+        let base = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web-istio", "namespace": "shop"},
+            "spec": spec,
+        });
+        let mut with_lb = base.clone();
+        with_lb["status"] = json!({"loadBalancer": {"ingress": [
+            {"ip": "203.0.113.7"}, {"hostname": "lb.example.com"},
+        ]}});
+        assert_eq!(document(&in_scope(Scope::Gateway), &service), with_lb);
+        for scope in [Scope::Node, Scope::Waypoint] {
+            assert_eq!(document(&in_scope(scope), &service), base, "{scope:?}");
+        }
+        // Not yet assigned: no status.
+        let pending = object(json!({
+            "metadata": {"name": "web-istio", "namespace": "shop"},
+            "spec": spec,
+            "status": {"loadBalancer": {}},
+        }));
+        assert_eq!(document(&in_scope(Scope::Gateway), &pending), base);
     }
 
     /// A slice as the API server sends it: every field the loader does not read is dropped,

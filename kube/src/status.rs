@@ -2,8 +2,9 @@
 //!
 //! The status is computed from the model alone ([`Model::gateway_status`], pure); this module
 //! only renders it as the Gateway API's `status` and writes it, as a JSON merge patch of the
-//! `gateways/status` subresource (`conditions` and `listeners`; `addresses` is left to
-//! whoever sets it):
+//! `gateways/status` subresource (`conditions`, `listeners` and `addresses`: the gateway's
+//! Service's, as `{type: IPAddress|Hostname, value}`; with no such Service in the model the
+//! patch removes `addresses`, which is left out rather than written empty):
 //! - after each installed model, and only when the rendered status differs from the last one
 //!   written (or, at start and after a failed write, from the one the API server holds, read
 //!   once), so an unchanged Gateway costs no write and a restart no flap;
@@ -14,7 +15,8 @@
 //!   (1 s doubling to 1 min) if nothing changes; never fatal, and the proxy keeps serving.
 //!
 //! Nothing else of the Gateway is written, and writing the status changes nothing the model
-//! reads (the watched Gateway keeps only `status.addresses`), so a write never feeds back.
+//! reads (the watched Gateway keeps only `status.addresses`, and not an ingress Gateway's:
+//! see `resources.rs`), so a write never feeds back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +26,8 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use kube::runtime::utils::Backoff;
 use kube::Client;
 use mesh_model::model::{
-    ConditionType, GatewayStatus, ListenerStatus, Model, NamespacedName, StatusCondition,
-    GATEWAY_API_GROUP,
+    ConditionType, GatewayStatus, HostAddress, ListenerStatus, Model, NamespacedName,
+    StatusCondition, GATEWAY_API_GROUP,
 };
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
@@ -95,8 +97,9 @@ pub async fn write_gateway_status(
 struct Writer {
     api: Api<DynamicObject>,
     gateway: NamespacedName,
-    /// The status (`conditions`, `listeners`) last written or read; `None`: unknown, read it
-    /// before writing (at start, after a failure, after the Gateway left the model).
+    /// The status (`conditions`, `listeners`, `addresses`) last written or read; `None`:
+    /// unknown, read it before writing (at start, after a failure, after the Gateway left the
+    /// model).
     known: Option<Value>,
 }
 
@@ -123,7 +126,7 @@ impl Writer {
             self.known = Some(known);
             return Ok(());
         }
-        let patch = json!({ "status": next });
+        let patch = patch(&next);
         self.api
             .patch_status(
                 &self.gateway.name,
@@ -147,8 +150,18 @@ fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// `Accepted=True Programmed=True; http: Programmed=True, https: Programmed=False (...)`:
-/// for the log.
+/// The merge patch that makes the API server's status `next`: `addresses` it lacks are
+/// removed (`null`), not left as they were.
+fn patch(next: &Value) -> Value {
+    let mut status = next.clone();
+    if let Some(fields) = status.as_object_mut() {
+        fields.entry("addresses").or_insert(Value::Null);
+    }
+    json!({ "status": status })
+}
+
+/// `Accepted=True Programmed=True; http: ok, https: InvalidCertificateRef, Invalid;
+/// addresses 203.0.113.7`: for the log.
 fn summary(status: &GatewayStatus) -> String {
     let state =
         |c: &StatusCondition| format!("{:?}={}", c.type_, if c.status { "True" } else { "False" });
@@ -171,11 +184,23 @@ fn summary(status: &GatewayStatus) -> String {
             }
         })
         .collect();
-    format!("{}; {}", gateway.join(" "), listeners.join(", "))
+    let addresses = match &status.addresses {
+        Some(a) if !a.is_empty() => {
+            let a: Vec<String> = a.iter().map(HostAddress::to_string).collect();
+            format!("addresses {}", a.join(", "))
+        }
+        _ => "no addresses".to_string(),
+    };
+    format!(
+        "{}; {}; {addresses}",
+        gateway.join(" "),
+        listeners.join(", ")
+    )
 }
 
-/// The part of a Gateway's `status` this writer owns (`conditions`, `listeners`), as the API
-/// server holds it; missing parts as empty lists.
+/// The part of a Gateway's `status` this writer owns (`conditions`, `listeners`,
+/// `addresses`), as the API server holds it; missing lists as empty ones, `addresses` only
+/// when it lists some (as [`render`] leaves it out).
 fn written_part(status: Option<&Value>) -> Value {
     let list = |key: &str| {
         status
@@ -184,13 +209,19 @@ fn written_part(status: Option<&Value>) -> Value {
             .cloned()
             .unwrap_or_else(|| Value::Array(Vec::new()))
     };
-    json!({"conditions": list("conditions"), "listeners": list("listeners")})
+    let mut out = json!({"conditions": list("conditions"), "listeners": list("listeners")});
+    let addresses = list("addresses");
+    if addresses.as_array().is_some_and(|a| !a.is_empty()) {
+        out["addresses"] = addresses;
+    }
+    out
 }
 
-/// The Gateway API `status` (`conditions` and `listeners`) of `status`, each condition with
-/// `observedGeneration` (when known) and a `lastTransitionTime`: the one of the same
-/// condition (same type; for a listener, of the listener of the same name) in `previous`
-/// when its `status` is unchanged, else `now`. Pure.
+/// The Gateway API `status` (`conditions`, `listeners` and, when there are any,
+/// `addresses`) of `status`, each condition with `observedGeneration` (when known) and a
+/// `lastTransitionTime`: the one of the same condition (same type; for a listener, of the
+/// listener of the same name) in `previous` when its `status` is unchanged, else `now`.
+/// Pure.
 pub(crate) fn render(
     status: &GatewayStatus,
     generation: Option<i64>,
@@ -218,7 +249,15 @@ pub(crate) fn render(
             listener(l, generation, old.map(Vec::as_slice), now)
         })
         .collect();
-    json!({"conditions": conditions, "listeners": listeners})
+    let mut out = json!({"conditions": conditions, "listeners": listeners});
+    if let Some(addresses) = status.addresses.as_ref().filter(|a| !a.is_empty()) {
+        let addresses: Vec<Value> = addresses
+            .iter()
+            .map(|a| json!({"type": a.type_name(), "value": a.to_string()}))
+            .collect();
+        out["addresses"] = Value::Array(addresses);
+    }
+    out
 }
 
 fn listener(
@@ -319,6 +358,55 @@ mod tests {
             .expect("ingress gateway")
     }
 
+    /// The Gateway `shop/web` asking for `requested` (`spec.addresses` YAML) with its
+    /// Service `web-istio` whose load balancer is at `lb` (`status.loadBalancer.ingress`
+    /// YAML).
+    fn status_with_service(requested: &str, lb: &str) -> GatewayStatus {
+        let yaml = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+             metadata: {{name: web, namespace: shop, generation: 3}}\n\
+             spec:\n  gatewayClassName: istio\n  addresses: {requested}\n  listeners:\n\
+             \x20 - {{name: http, port: 80, protocol: HTTP}}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {{name: web-istio, namespace: shop}}\n\
+             spec: {{type: LoadBalancer, clusterIP: 10.96.0.30}}\n\
+             status: {{loadBalancer: {{ingress: {lb}}}}}\n"
+        );
+        mesh_model::k8s::load_docs(&[("m.yaml".to_string(), yaml)])
+            .expect("model")
+            .gateway_status(&NamespacedName::new("shop", "web"))
+            .expect("ingress gateway")
+    }
+
+    /// `status.addresses` are the Service's, typed; a requested address it lacks turns
+    /// Programmed False; without the Service there are none, and the patch removes any.
+    #[test]
+    fn the_addresses_are_the_services_and_a_missing_service_removes_them() {
+        let lb = "[{ip: 203.0.113.7}, {hostname: lb.example.com}]";
+        let s = render(&status_with_service("[]", lb), Some(3), None, T0);
+        assert_eq!(
+            s["addresses"],
+            json!([{"type": "IPAddress", "value": "203.0.113.7"},
+                   {"type": "Hostname", "value": "lb.example.com"}])
+        );
+        assert_eq!(written_part(Some(&s)), s, "read back as written");
+        assert_eq!(patch(&s)["status"]["addresses"], s["addresses"]);
+        assert!(summary(&status_with_service("[]", lb))
+            .ends_with("; addresses 203.0.113.7, lb.example.com"));
+
+        let unusable = status_with_service("[{value: 198.51.100.1}]", lb);
+        let s = render(&unusable, Some(3), Some(&s), T1);
+        let programmed = condition(&s["conditions"], "Programmed");
+        assert_eq!(programmed["status"], "False");
+        assert_eq!(programmed["reason"], "AddressNotUsable");
+        assert_eq!(programmed["lastTransitionTime"], T1);
+        assert_eq!(s["addresses"][0]["value"], "203.0.113.7", "still reported");
+
+        let none = render(&status(false), Some(3), None, T0);
+        assert!(none.get("addresses").is_none(), "{none}");
+        assert_eq!(patch(&none)["status"]["addresses"], Value::Null);
+        assert!(summary(&status(false)).ends_with("; no addresses"));
+    }
+
     fn condition<'a>(conditions: &'a Value, type_: &str) -> &'a Value {
         conditions
             .as_array()
@@ -413,8 +501,17 @@ mod tests {
     fn a_status_read_back_is_compared_as_written() {
         let written = render(&status(false), Some(3), None, T0);
         let mut server = written.clone();
-        server["addresses"] = json!([{"type": "IPAddress", "value": "10.0.0.1"}]);
         assert_eq!(written_part(Some(&server)), written);
+        // Addresses the model does not give (its Service is gone) differ: they are removed.
+        server["addresses"] = json!([{"type": "IPAddress", "value": "10.0.0.1"}]);
+        assert_ne!(written_part(Some(&server)), written);
+        assert_eq!(patch(&written)["status"]["addresses"], Value::Null);
+        server["addresses"] = json!([]);
+        assert_eq!(
+            written_part(Some(&server)),
+            written,
+            "an empty list is none"
+        );
         assert_eq!(
             written_part(None),
             json!({"conditions": [], "listeners": []})

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_model::model::{
-    effective_policy, effective_policy_for_host, EffectivePolicy, Model, NamespacedName, SeAddress,
+    effective_policy, effective_policy_for_host, DnsTarget, EffectivePolicy, Model, NamespacedName,
     SeResolution, Service, ServiceEntry, ServicePort, SubsetError,
 };
 
@@ -261,23 +261,14 @@ impl Target {
                                 .map(move |ip| Endpoint::outside(SocketAddr::new(*ip, port)))
                                 .collect::<Vec<_>>()
                         };
-                        if se.endpoints.is_empty() {
-                            model
-                                .service_entry_host(se, addr.ip())
-                                .map(|h| resolved(h, sp.target_port.unwrap_or(sp.number)))
-                                .unwrap_or_default()
-                        } else {
-                            se.endpoints
-                                .iter()
-                                .flat_map(|ep| match &ep.address {
-                                    SeAddress::Ip(ip) => vec![Endpoint::outside(SocketAddr::new(
-                                        *ip,
-                                        ep.port_for(sp),
-                                    ))],
-                                    SeAddress::Host(h) => resolved(h, ep.port_for(sp)),
-                                })
-                                .collect()
-                        }
+                        model
+                            .dns_entry_targets(se, sp, addr.ip())
+                            .into_iter()
+                            .flat_map(|target| match target {
+                                DnsTarget::Addr(addr) => vec![Endpoint::outside(addr)],
+                                DnsTarget::Host { host, port } => resolved(host, port),
+                            })
+                            .collect()
                     }
                 };
                 Some(Resolved {
@@ -300,31 +291,21 @@ impl Target {
     /// endpoint host names, or without endpoints the host the connection is for; none for
     /// any other target.
     pub fn hosts_to_resolve(&self, model: &Model) -> Vec<String> {
-        let Target::ServiceEntry { entry, addr, .. } = self else {
+        let Target::ServiceEntry { entry, port, addr } = self else {
             return Vec::new();
         };
         let Some(se) = model.service_entry(&entry.namespace, &entry.name) else {
             return Vec::new();
         };
-        if !matches!(
-            se.resolution,
-            SeResolution::Dns | SeResolution::DnsRoundRobin
-        ) {
+        let Some(sp) = se.port(*port) else {
             return Vec::new();
-        }
-        if se.endpoints.is_empty() {
-            return model
-                .service_entry_host(se, addr.ip())
-                .filter(|h| !h.starts_with('*'))
-                .map(str::to_string)
-                .into_iter()
-                .collect();
-        }
-        se.endpoints
-            .iter()
-            .filter_map(|ep| match &ep.address {
-                SeAddress::Host(h) => Some(h.clone()),
-                SeAddress::Ip(_) => None,
+        };
+        model
+            .dns_entry_targets(se, sp, addr.ip())
+            .into_iter()
+            .filter_map(|target| match target {
+                DnsTarget::Host { host, .. } => Some(host.to_string()),
+                DnsTarget::Addr(_) => None,
             })
             .collect()
     }

@@ -2,7 +2,7 @@
 //! [`crate::k8s`]; does no IO. Every field is already parsed (IPs, ports, CIDRs, identities).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -29,11 +29,12 @@ pub use dns::{DnsRecords, SeVip};
 pub use labels::Labels;
 
 pub use ingress::{
-    hostname_rank, AllowedRoutes, ConditionReason, ConditionType, GatewayStatus, Listener,
-    ListenerProtocol, ListenerRefError, ListenerStatus, ListenerTls, ListenerTlsMode,
-    ReferenceGrant, ReferenceGrantFrom, ReferenceGrantTo, RouteNamespaces, SecretProblem,
-    SecretRef, StatusCondition, TlsSecret, GATEWAY_API_GROUP, INGRESS_GATEWAY_CLASS,
-    NAMESPACE_NAME_LABEL, REDACTED, TLS_SECRET_TYPE,
+    hostname_rank, AllowedRoutes, ConditionReason, ConditionType, GatewayStatus, HostAddress,
+    Listener, ListenerProtocol, ListenerRefError, ListenerStatus, ListenerTls, ListenerTlsMode,
+    ReferenceGrant, ReferenceGrantFrom, ReferenceGrantTo, RequestedAddress, RouteNamespaces,
+    SecretProblem, SecretRef, StatusCondition, SubsetThroughWaypoint, TlsSecret, GATEWAY_API_GROUP,
+    INGRESS_GATEWAY_CLASS, INGRESS_SERVICE_SUFFIX, MAX_GATEWAY_ADDRESSES, NAMESPACE_NAME_LABEL,
+    REDACTED, TLS_SECRET_TYPE,
 };
 
 pub use jwt::{JwksSource, JwtHeader, JwtRule, RequestAuthentication};
@@ -48,7 +49,7 @@ pub use route::{
 };
 
 pub use service_entry::{
-    SeAddress, SeConflict, SeEndpoint, SeLocation, SePort, SeResolution, ServiceEntry,
+    DnsTarget, SeAddress, SeConflict, SeEndpoint, SeLocation, SePort, SeResolution, ServiceEntry,
 };
 
 pub use telemetry::{AccessLogDecision, AccessLogging, Telemetry, TelemetryLevel, WorkloadMode};
@@ -150,6 +151,11 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `None`: no selector (endpoints managed elsewhere).
     pub selector: Option<Labels>,
+    /// `status.loadBalancer.ingress`, in order: where a load balancer takes the Service's
+    /// traffic (each entry's IP, else its hostname); empty when none is assigned (or the
+    /// Service is no `LoadBalancer`). Read for an ingress Gateway's `status.addresses`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_ingress: Vec<HostAddress>,
 }
 
 impl Service {
@@ -310,6 +316,11 @@ pub struct Gateway {
     pub waypoint_for: WaypointFor,
     /// IP addresses from `status.addresses`, else `spec.addresses` (type `IPAddress`).
     pub addresses: Vec<IpAddr>,
+    /// `spec.addresses` of an ingress Gateway (class [`INGRESS_GATEWAY_CLASS`]), validated
+    /// (at most [`MAX_GATEWAY_ADDRESSES`], each once): what its status reports as honoured or
+    /// not. Empty for other classes (their addresses are [`Gateway::addresses`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub requested_addresses: Vec<RequestedAddress>,
     /// `metadata.generation` (`None` when not written, as in a hand-written file): the
     /// `observedGeneration` of the status an ingress gateway writes back.
     pub generation: Option<i64>,
@@ -765,6 +776,46 @@ impl Model {
                     ip,
                     port: ep.port_for(port),
                 })
+            })
+            .collect()
+    }
+
+    /// Where a connection to `port` of `se`, a `DNS` or `DNS_ROUND_ROBIN` entry, sent to
+    /// `dst`, goes: each endpoint (an address as it is, a host name to resolve), on its port
+    /// for `port`; without endpoints, the host the connection is for ([`Model::service_entry_host`];
+    /// a wildcard host cannot be resolved: none) on the port's `targetPort` or number. Empty
+    /// for other resolutions.
+    pub fn dns_entry_targets<'m>(
+        &'m self,
+        se: &'m ServiceEntry,
+        port: &SePort,
+        dst: IpAddr,
+    ) -> Vec<DnsTarget<'m>> {
+        if !matches!(
+            se.resolution,
+            SeResolution::Dns | SeResolution::DnsRoundRobin
+        ) {
+            return Vec::new();
+        }
+        if se.endpoints.is_empty() {
+            return self
+                .service_entry_host(se, dst)
+                .filter(|h| !h.starts_with('*'))
+                .map(|host| DnsTarget::Host {
+                    host,
+                    port: port.target_port.unwrap_or(port.number),
+                })
+                .into_iter()
+                .collect();
+        }
+        se.endpoints
+            .iter()
+            .map(|ep| match &ep.address {
+                SeAddress::Ip(ip) => DnsTarget::Addr(SocketAddr::new(*ip, ep.port_for(port))),
+                SeAddress::Host(host) => DnsTarget::Host {
+                    host,
+                    port: ep.port_for(port),
+                },
             })
             .collect()
     }

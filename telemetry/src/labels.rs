@@ -141,6 +141,7 @@ mod tests {
             cluster_ips: vec![],
             ports: vec![],
             selector: None,
+            load_balancer_ingress: vec![],
         }
     }
 

@@ -324,19 +324,25 @@ fn a_client_outside_the_mesh_reaches_services_through_the_ingress_gateway() -> R
             .map(|_| std::net::TcpStream::connect_timeout(&tls_port, Duration::from_secs(2)))
             .collect::<std::io::Result<Vec<_>>>()
     })??;
-    wait_until("the flood beyond the source's share is refused", APPLY, || {
-        Ok(refused_om()? - before >= 32.0)
-    })?;
+    wait_until(
+        "the flood beyond the source's share is refused",
+        APPLY,
+        || Ok(refused_om()? - before >= 32.0),
+    )?;
     drop(silent);
     let mut again = 0;
-    wait_until("the source is served again once its handshakes end", APPLY, || {
-        again = curl(
-            &mesh,
-            &["--cacert", &ca_file, "--resolve", &resolve, &https],
-        )
-        .map_or(0, |(status, _)| status);
-        Ok(again == 200)
-    })?;
+    wait_until(
+        "the source is served again once its handshakes end",
+        APPLY,
+        || {
+            again = curl(
+                &mesh,
+                &["--cacert", &ca_file, "--resolve", &resolve, &https],
+            )
+            .map_or(0, |(status, _)| status);
+            Ok(again == 200)
+        },
+    )?;
 
     Ok(())
 }

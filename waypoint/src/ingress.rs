@@ -200,10 +200,7 @@ impl Ingress {
             .iter()
             .map(ToString::to_string)
             .collect();
-        let mut said = self
-            .subsets_said
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut said = self.subsets_said.lock().unwrap_or_else(|e| e.into_inner());
         for reason in newly(&mut said, now) {
             tracing::warn!(%reason, "VirtualService subset not applied at the ingress");
         }
@@ -253,10 +250,10 @@ impl Ingress {
         stop: CancellationToken,
     ) {
         let accepted = |(tcp, peer): (TcpStream, SocketAddr)| {
-            let Some(slot) = self
-                .limits
-                .conn_cap
-                .admit(&self.inputs.metrics, REPORTER, "ingress", peer)
+            let Some(slot) =
+                self.limits
+                    .conn_cap
+                    .admit(&self.inputs.metrics, REPORTER, "ingress", peer)
             else {
                 return;
             };

@@ -5,8 +5,10 @@
 //! listener whose Secret is missing is `ResolvedRefs=False` (`InvalidCertificateRef`) until
 //! the Secret is created, the HTTP listener `Programmed=True` with its routes counted, each
 //! condition with `observedGeneration`, a transition time that moves only when its status
-//! does, a write only when something changed, and a failed write retried without harm.
-//! Loopback only; no namespaces.
+//! does, `status.addresses` those of the gateway's LoadBalancer Service (`web-istio`) once
+//! it has one (an address asked for in `spec.addresses` that it lacks: `Programmed=False`,
+//! `AddressNotUsable`), a write only when something changed, and a failed write retried
+//! without harm. Loopback only; no namespaces.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -240,6 +242,10 @@ async fn the_ingress_gateway_reads_tls_secrets_and_writes_its_status() -> Result
     let programmed =
         condition(&first["status"]["conditions"], "Programmed").context("Programmed")?;
     assert_eq!(programmed["status"], "True", "some listener is programmed");
+    assert!(
+        first["status"].get("addresses").is_none(),
+        "no Service, no addresses: {first}"
+    );
     assert_eq!(first["metadata"]["generation"], 1);
     assert!(observes(&first, 1), "{first}");
     let http_since = since(&first, "http", "Programmed").context("transition time")?;
@@ -291,20 +297,43 @@ async fn the_ingress_gateway_reads_tls_secrets_and_writes_its_status() -> Result
         assert!(!gw.log().contains("PRIVATE KEY"), "the key is logged");
         Ok(())
     })?;
+    // 2b. The gateway's LoadBalancer Service gets an address from the cloud: it becomes
+    //     the Gateway's `status.addresses`; no condition moves.
+    server.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web-istio", "namespace": "shop"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.30", "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": http.port()}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7", "ipMode": "VIP"}]}}}))?;
+    let addressed = server
+        .wait_for_object("status.addresses", GATEWAY, |o| {
+            o["status"].get("addresses").is_some()
+        })
+        .await?;
+    assert_eq!(
+        addressed["status"]["addresses"],
+        json!([{"type": "IPAddress", "value": "203.0.113.7"}])
+    );
+    assert_eq!(
+        since(&addressed, "http", "Programmed"),
+        Some(http_since.clone())
+    );
     // The gateway's own status writes come back as Gateway events: they change no model,
     // so nothing more is written.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(server.status_patches("Gateway").len(), 2);
+    assert_eq!(server.status_patches("Gateway").len(), 3);
 
     // 3. A write that fails (RBAC, API server trouble) is logged and retried; the gateway
-    //    keeps serving. The spec changes meanwhile: the status then observes generation 2.
+    //    keeps serving. The spec changes meanwhile (a UDP listener; an address the Service
+    //    lacks asked for): the status then observes generation 2.
     server.fail_status_patches(Some(403));
     let failed_before = server.requests("Gateway")?.status_patches;
-    server.apply(gateway(
+    let mut changed = gateway(
         http.port(),
         https.port(),
         &[json!({"name": "udp", "port": 5353, "protocol": "UDP"})],
-    ))?;
+    );
+    changed["spec"]["addresses"] = json!([{"type": "IPAddress", "value": "198.51.100.1"}]);
+    server.apply(changed)?;
     server
         .wait_for("a refused status write", |r| {
             r["Gateway"].status_patches > failed_before
@@ -324,6 +353,24 @@ async fn the_ingress_gateway_reads_tls_secrets_and_writes_its_status() -> Result
         listener_state(&updated, "udp", "Accepted"),
         Some(("False".into(), "UnsupportedProtocol".into()))
     );
+    let programmed =
+        condition(&updated["status"]["conditions"], "Programmed").context("Programmed")?;
+    assert_eq!(
+        (&programmed["status"], &programmed["reason"]),
+        (&json!("False"), &json!("AddressNotUsable")),
+        "{programmed}"
+    );
+    assert!(
+        programmed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("198.51.100.1") && m.contains("shop/web-istio")),
+        "{programmed}"
+    );
+    assert_eq!(
+        updated["status"]["addresses"],
+        json!([{"type": "IPAddress", "value": "203.0.113.7"}]),
+        "the Service's address is still reported"
+    );
     assert_eq!(
         since(&updated, "http", "Programmed"),
         Some(http_since),
@@ -331,6 +378,6 @@ async fn the_ingress_gateway_reads_tls_secrets_and_writes_its_status() -> Result
         server.status_patches("Gateway"),
         gw.log()
     );
-    assert_eq!(server.status_patches("Gateway").len(), 3);
+    assert_eq!(server.status_patches("Gateway").len(), 4);
     Ok(())
 }

@@ -5,10 +5,15 @@
 //! consistent-hash key of the request and one of the cluster's `http2MaxRequests` slots
 //! (else `503 UO`), and the `tls` the proxy originates to the endpoints. The mirrors of the
 //! rule are resolved in the same model.
+//!
+//! From an ingress listener, a Service that uses a waypoint is one endpoint, its VIP through
+//! the waypoint ([`Endpoint::through_waypoint`]); a subset of it keeps its policy but selects
+//! no pods (they are the waypoint's routes' to choose), so the request goes to the waypoint,
+//! as Istio's ingress sends it.
 
 use std::sync::Arc;
 
-use mesh_model::model::{ClientTls, Model};
+use mesh_model::model::{effective_policy, ClientTls, Model};
 use mesh_model::route::NormalizedPath;
 
 use super::route::RoutePlan;
@@ -137,20 +142,34 @@ pub fn run(
     };
     // From an ingress listener, a Service that uses a waypoint is reached through it (its
     // policy and routes apply there): one endpoint, the Service's VIP behind the waypoint.
-    let resolved = match (&ctx.target, resolved.service) {
+    let through_waypoint = match (&ctx.target, resolved.service) {
         (Target::Listener { .. }, Some(svc)) => {
-            match via_waypoint(model, scope.trust_domain, svc, cluster_port)? {
-                Some(ep) => Resolved {
-                    endpoints: vec![ep],
-                    ..resolved
-                },
-                None => resolved,
-            }
+            via_waypoint(model, scope.trust_domain, svc, cluster_port)?.map(|ep| (svc, ep))
         }
-        _ => resolved,
+        _ => None,
     };
     let subset = plan.subset.as_deref();
-    let (policy, eps) = match resolved.cluster(model, &scope.gateway.namespace, subset) {
+    let selected = match through_waypoint {
+        // A subset's labels cannot pick pods behind the waypoint (its own routes choose
+        // them): the subset still has to exist and its policy applies, to that one
+        // endpoint, as at Istio's ingress. The gateway says so once per config
+        // (`Model::subsets_through_waypoints`), not per request.
+        Some((svc, ep)) => {
+            if let Some(s) = subset {
+                tracing::debug!(
+                    request_id = %rq.log.request_id,
+                    subset = s,
+                    service = %svc.hostname(),
+                    "subset not applied here: the Service's waypoint routes to its pods"
+                );
+            }
+            effective_policy(model, &scope.gateway.namespace, svc, cluster_port, subset)
+                .map(|policy| (policy, vec![ep]))
+                .map_err(Unselectable::from)
+        }
+        None => resolved.cluster(model, &scope.gateway.namespace, subset),
+    };
+    let (policy, eps) = match selected {
         Ok(selected) => selected,
         Err(Unselectable::NoCluster(e)) => {
             return Err(LocalReply::unavailable(
@@ -214,8 +233,11 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{IpAddr, SocketAddr};
+
     use crate::engine::testing::{conn, model, request_context, waypoint};
     use crate::target::Target;
+    use mesh_model::identity::Identity;
     use mesh_model::model::NamespacedName;
     use mesh_model::route::normalize_path;
 
@@ -318,12 +340,9 @@ spec:
         assert!(third.is_ok(), "the slot is free again");
     }
 
-    /// From an ingress listener, a Service that uses a waypoint is one endpoint: its VIP
-    /// through the waypoint (HBONE to the waypoint, CONNECT to the VIP); without a waypoint
-    /// address it fails closed; a Service without a waypoint keeps its pods.
-    #[test]
-    fn an_ingress_reaches_a_service_with_a_waypoint_through_it() {
-        let ingress = r#"
+    /// An ingress Gateway `edge/ingress` whose HTTP listener takes routes from every
+    /// namespace.
+    const INGRESS: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: edge}
@@ -335,57 +354,63 @@ spec:
   gatewayClassName: istio
   listeners: [{name: http, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]
 "#;
-        let wp_pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: wp-1, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: wp}}\nspec: {serviceAccountName: wp}\nstatus: {podIP: 10.0.0.50}\n";
-        let plain = "apiVersion: v1\nkind: Service\nmetadata: {name: plain, namespace: app}\nspec: {clusterIP: 10.96.0.9, selector: {app: api}, ports: [{name: http, port: 80}]}\n";
-        let clusters = Clusters::default();
-        let from_ingress = |m: &Model, backend: &str| {
-            let mut ctx = conn();
-            ctx.peer_identity = None;
-            ctx.target = Target::Listener {
-                gateway: NamespacedName::new("edge", "ingress"),
-                port: 80,
-            };
-            let mut rq = request_context(false);
-            let gateway = NamespacedName::new("edge", "ingress");
-            let scope = Scope {
-                gateway: &gateway,
-                trust_domain: "cluster.local",
-            };
-            let resolved = ctx.target.lookup(m, scope.trust_domain);
-            let path = normalize_path("/").expect("path");
-            run(
-                m,
-                scope,
-                &clusters,
-                &ctx,
-                &mut rq,
-                resolved,
-                &plan(backend, None),
-                &path,
-            )
+
+    /// A ready pod of the waypoint `app/wp` (its address: 10.0.0.50).
+    const WP_POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: wp-1, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: wp}}\nspec: {serviceAccountName: wp}\nstatus: {podIP: 10.0.0.50}\n";
+
+    /// The select phase for `plan` as the ingress `edge/ingress` runs it on its port 80.
+    fn from_ingress(
+        m: &Model,
+        clusters: &Clusters,
+        plan: &RoutePlan,
+    ) -> Result<Selection, LocalReply> {
+        let mut ctx = conn();
+        ctx.peer_identity = None;
+        ctx.target = Target::Listener {
+            gateway: NamespacedName::new("edge", "ingress"),
+            port: 80,
         };
-        let m = model(&[ingress, wp_pod, plain]);
-        let Ok(sel) = from_ingress(&m, "web") else {
-            panic!("web: not selected");
+        let mut rq = request_context(false);
+        let gateway = NamespacedName::new("edge", "ingress");
+        let scope = Scope {
+            gateway: &gateway,
+            trust_domain: "cluster.local",
         };
-        let eps: Vec<_> = sel
-            .eps
+        let resolved = ctx.target.lookup(m, scope.trust_domain);
+        let path = normalize_path("/").expect("path");
+        run(m, scope, clusters, &ctx, &mut rq, resolved, plan, &path)
+    }
+
+    /// `(address, via, identity)` of each endpoint selected.
+    fn endpoints(sel: &Selection) -> Vec<(SocketAddr, Option<IpAddr>, Option<Identity>)> {
+        sel.eps
             .iter()
             .map(|e| (e.addr, e.via, e.identity.clone()))
-            .collect();
-        assert_eq!(
-            eps,
-            [(
-                std::net::SocketAddr::from(([10, 96, 0, 1], 80)),
-                Some(std::net::IpAddr::from([10, 0, 0, 50])),
-                Some(mesh_model::identity::Identity::new(
-                    "cluster.local",
-                    "app",
-                    "wp"
-                ))
-            )]
-        );
-        let Ok(sel) = from_ingress(&m, "plain") else {
+            .collect()
+    }
+
+    /// `app/web`'s VIP through the waypoint `app/wp`.
+    fn web_through_waypoint() -> (SocketAddr, Option<IpAddr>, Option<Identity>) {
+        (
+            SocketAddr::from(([10, 96, 0, 1], 80)),
+            Some(IpAddr::from([10, 0, 0, 50])),
+            Some(Identity::new("cluster.local", "app", "wp")),
+        )
+    }
+
+    /// From an ingress listener, a Service that uses a waypoint is one endpoint: its VIP
+    /// through the waypoint (HBONE to the waypoint, CONNECT to the VIP); without a waypoint
+    /// address it fails closed; a Service without a waypoint keeps its pods.
+    #[test]
+    fn an_ingress_reaches_a_service_with_a_waypoint_through_it() {
+        let plain = "apiVersion: v1\nkind: Service\nmetadata: {name: plain, namespace: app}\nspec: {clusterIP: 10.96.0.9, selector: {app: api}, ports: [{name: http, port: 80}]}\n";
+        let clusters = Clusters::default();
+        let m = model(&[INGRESS, WP_POD, plain]);
+        let Ok(sel) = from_ingress(&m, &clusters, &plan("web", None)) else {
+            panic!("web: not selected");
+        };
+        assert_eq!(endpoints(&sel), [web_through_waypoint()]);
+        let Ok(sel) = from_ingress(&m, &clusters, &plan("plain", None)) else {
             panic!("plain: not selected");
         };
         assert!(
@@ -393,10 +418,47 @@ spec:
             "pods directly"
         );
         // The waypoint without a pod: no address, fail closed.
-        let m = model(&[ingress]);
-        let Err(reply) = from_ingress(&m, "web") else {
+        let m = model(&[INGRESS]);
+        let Err(reply) = from_ingress(&m, &clusters, &plan("web", None)) else {
             panic!("the waypoint was skipped");
         };
         assert_eq!(reply.flag, Some(ResponseFlag::NoHealthyUpstream));
+    }
+
+    /// A subset (or a weighted split over subsets) of a Service behind a waypoint, from an
+    /// ingress: the subset's labels pick no pods here (the waypoint's routes choose them),
+    /// so each subset is the one endpoint through the waypoint, with the subset's policy
+    /// (its own `http2MaxRequests` slots); an undefined subset is still `503 NC`. Without
+    /// the waypoint the same subsets pick their pods.
+    #[test]
+    fn an_ingress_sends_a_subset_of_a_service_behind_a_waypoint_to_the_waypoint() {
+        let m = model(&[INGRESS, WP_POD, RULE]);
+        let clusters = Clusters::default();
+        let v1 = from_ingress(&m, &clusters, &plan("web", Some("v1")))
+            .map_err(|r| r.reason)
+            .expect("v1 through the waypoint");
+        assert_eq!(endpoints(&v1), [web_through_waypoint()]);
+        // v9 selects no pod, yet through the waypoint it is the same one endpoint.
+        let v9 = from_ingress(&m, &clusters, &plan("web", Some("v9")))
+            .map_err(|r| r.reason)
+            .expect("v9 through the waypoint");
+        assert_eq!(endpoints(&v9), [web_through_waypoint()]);
+        // The subset's policy holds: its one slot is v1's request's, not v9's.
+        let again = from_ingress(&m, &clusters, &plan("web", Some("v1")));
+        assert_eq!(failure(again), (503, Some(ResponseFlag::UpstreamOverflow)));
+        drop((v1, v9));
+        let unknown = from_ingress(&m, &clusters, &plan("web", Some("v2")));
+        assert_eq!(failure(unknown), (503, Some(ResponseFlag::NoCluster)));
+
+        // A Service without a waypoint: its subsets pick its pods, at the ingress too.
+        let plain = "apiVersion: v1\nkind: Service\nmetadata: {name: plain, namespace: app}\nspec: {clusterIP: 10.96.0.9, selector: {app: api}, ports: [{name: http, port: 80}]}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: plain, namespace: app}\nspec: {host: plain, subsets: [{name: api, labels: {app: api}}, {name: v9, labels: {version: v9}}]}\n";
+        let m = model(&[INGRESS, WP_POD, plain]);
+        let Ok(api) = from_ingress(&m, &clusters, &plan("plain", Some("api"))) else {
+            panic!("api: not selected");
+        };
+        let pods: Vec<String> = api.eps.iter().map(|e| e.name()).collect();
+        assert_eq!(pods, ["api-1"], "the subset's pods");
+        let v9 = from_ingress(&m, &clusters, &plan("plain", Some("v9")));
+        assert_eq!(failure(v9), (503, Some(ResponseFlag::NoHealthyUpstream)));
     }
 }

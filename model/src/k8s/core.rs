@@ -5,11 +5,12 @@ use std::net::IpAddr;
 
 use tracing::debug;
 
+use super::route::hostname as parse_hostname;
 use super::yaml::{FieldResult, Node};
 use super::{dns_subdomain, Meta};
 use crate::model::{
-    ContainerPort, EndpointSlice, NamespacedName, Pod, Service, ServicePort, SliceEndpoint,
-    SlicePort, TargetPort,
+    ContainerPort, EndpointSlice, HostAddress, NamespacedName, Pod, Service, ServicePort,
+    SliceEndpoint, SlicePort, TargetPort, MAX_GATEWAY_ADDRESSES,
 };
 
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -140,6 +141,10 @@ pub(super) fn service(obj: &Node<'_>, meta: Meta) -> FieldResult<Service> {
         // managed elsewhere), not "every pod".
         selector = Some(spec.opt_string_map("selector")?).filter(|s| !s.is_empty());
     }
+    let load_balancer_ingress = match obj.get("status")? {
+        Some(status) => load_balancer_ingress(&status)?,
+        None => Vec::new(),
+    };
     Ok(Service {
         name: meta.name,
         namespace: meta.namespace,
@@ -147,7 +152,44 @@ pub(super) fn service(obj: &Node<'_>, meta: Meta) -> FieldResult<Service> {
         cluster_ips,
         ports,
         selector,
+        load_balancer_ingress,
     })
+}
+
+/// `status.loadBalancer.ingress`: each entry's `ip`, else its `hostname` (as Istio reads
+/// them; one with neither is skipped), each once, the first [`MAX_GATEWAY_ADDRESSES`] (all a
+/// Gateway's `status.addresses` can hold). A value that is not an IP or a DNS name is
+/// refused, as the API server refuses it.
+fn load_balancer_ingress<'a>(status: &Node<'a>) -> FieldResult<Vec<HostAddress>> {
+    let Some(lb) = status.get("loadBalancer")? else {
+        return Ok(Vec::new());
+    };
+    // A field written empty is not there (a string of another type is refused).
+    let written = |entry: &Node<'a>, key: &str| -> FieldResult<Option<Node<'a>>> {
+        match entry.get(key)? {
+            Some(node) if node.str()?.is_empty() => Ok(None),
+            other => Ok(other),
+        }
+    };
+    let mut out = Vec::new();
+    for entry in lb.opt_items("ingress")? {
+        let address = match (written(&entry, "ip")?, written(&entry, "hostname")?) {
+            (Some(node), _) => HostAddress::Ip(node.ip()?),
+            (None, Some(node)) => HostAddress::Hostname(parse_hostname(&node, false)?),
+            (None, None) => continue,
+        };
+        if out.len() == MAX_GATEWAY_ADDRESSES {
+            debug!(
+                field = entry.path(),
+                "skipping load balancer addresses past {MAX_GATEWAY_ADDRESSES}"
+            );
+            break;
+        }
+        if !out.contains(&address) {
+            out.push(address);
+        }
+    }
+    Ok(out)
 }
 
 /// The label that names an EndpointSlice's Service.

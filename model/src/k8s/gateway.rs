@@ -12,6 +12,8 @@
 //! ignoring it would admit more namespaces than written). TLS `options` and
 //! `frontendValidation` are refused: ignoring them would serve TLS other than asked. A
 //! protocol other than `HTTP`, `HTTPS`, `TLS`, `TCP` is kept, for status to call unsupported.
+//! Its `spec.addresses` likewise: at most 16, an `IPAddress` an IP, a `Hostname` a DNS
+//! name, neither twice; another type kept for status (`UnsupportedAddress`).
 //!
 //! Listeners of other classes (waypoints: `HBONE` on 15008) are read leniently, as before
 //! they were not read at all: a listener that does not read is left out, never refused.
@@ -23,9 +25,9 @@ use super::route::{bounded, hostname as parse_hostname, namespace, object_name};
 use super::yaml::{FieldError, FieldResult, Node};
 use super::Meta;
 use crate::model::{
-    AllowedRoutes, Gateway, Listener, ListenerProtocol, ListenerTls, ListenerTlsMode,
-    RouteNamespaces, SecretRef, WaypointFor, GATEWAY_API_GROUP, INGRESS_GATEWAY_CLASS,
-    WAYPOINT_FOR_LABEL,
+    AllowedRoutes, Gateway, HostAddress, Listener, ListenerProtocol, ListenerTls, ListenerTlsMode,
+    RequestedAddress, RouteNamespaces, SecretRef, WaypointFor, GATEWAY_API_GROUP,
+    INGRESS_GATEWAY_CLASS, MAX_GATEWAY_ADDRESSES, WAYPOINT_FOR_LABEL,
 };
 
 /// Most listeners in one Gateway (the Gateway API's `maxItems`).
@@ -39,6 +41,10 @@ const MAX_PROTOCOL_LEN: usize = 255;
 
 /// `addresses[].type` naming an IP address (the default when the type is left out).
 const IP_ADDRESS_TYPE: &str = "IPAddress";
+/// `addresses[].type` naming a DNS name.
+const HOSTNAME_TYPE: &str = "Hostname";
+/// Longest `addresses[].type` and `addresses[].value`.
+const MAX_ADDRESS_LEN: usize = 253;
 
 pub(super) fn gateway(obj: &Node<'_>, meta: Meta) -> FieldResult<Gateway> {
     let spec = obj.required("spec")?;
@@ -70,10 +76,13 @@ pub(super) fn gateway(obj: &Node<'_>, meta: Meta) -> FieldResult<Gateway> {
     if addresses.is_empty() {
         addresses = ip_addresses(&spec)?;
     }
-    let listeners = if class == INGRESS_GATEWAY_CLASS {
-        strict_listeners(&spec, &meta.namespace)?
+    let (listeners, requested_addresses) = if class == INGRESS_GATEWAY_CLASS {
+        (
+            strict_listeners(&spec, &meta.namespace)?,
+            requested_addresses(&spec)?,
+        )
     } else {
-        lenient_listeners(&spec, &meta.namespace)
+        (lenient_listeners(&spec, &meta.namespace), Vec::new())
     };
     // Set by the API server (an integer from 1); a file may leave it out. Read leniently,
     // as metadata the mesh only reports back: anything else is no generation.
@@ -89,9 +98,51 @@ pub(super) fn gateway(obj: &Node<'_>, meta: Meta) -> FieldResult<Gateway> {
         labels: meta.labels,
         waypoint_for,
         addresses,
+        requested_addresses,
         generation,
         listeners,
     })
+}
+
+/// An ingress Gateway's `spec.addresses`, validated as the CRD validates them: at most
+/// [`MAX_GATEWAY_ADDRESSES`]; `type` (default `IPAddress`) and `value` 1-253 characters; an
+/// `IPAddress` value an IP, a `Hostname` value a DNS name; no `IPAddress` or `Hostname`
+/// value twice. Another type is kept as written, for status to call unsupported.
+fn requested_addresses(spec: &Node<'_>) -> FieldResult<Vec<RequestedAddress>> {
+    let mut out: Vec<RequestedAddress> = Vec::new();
+    for item in bounded(spec, "addresses", MAX_GATEWAY_ADDRESSES)? {
+        item.only(&["type", "value"])?;
+        let type_ = match item.get("type")? {
+            Some(node) => {
+                let t = node.str()?;
+                if t.is_empty() || t.len() > MAX_ADDRESS_LEN {
+                    return Err(node.err(format!("must be 1-{MAX_ADDRESS_LEN} characters")));
+                }
+                t
+            }
+            None => IP_ADDRESS_TYPE,
+        };
+        let value_node = item.required("value")?;
+        let value = value_node.str()?;
+        if value.is_empty() || value.len() > MAX_ADDRESS_LEN {
+            return Err(value_node.err(format!("must be 1-{MAX_ADDRESS_LEN} characters")));
+        }
+        let address = match type_ {
+            IP_ADDRESS_TYPE => RequestedAddress::Host(HostAddress::Ip(value_node.ip()?)),
+            HOSTNAME_TYPE => {
+                RequestedAddress::Host(HostAddress::Hostname(parse_hostname(&value_node, false)?))
+            }
+            other => RequestedAddress::Unsupported {
+                type_: other.to_string(),
+                value: value.to_string(),
+            },
+        };
+        if matches!(address, RequestedAddress::Host(_)) && out.contains(&address) {
+            return Err(value_node.err(format!("{type_} {value:?} listed twice")));
+        }
+        out.push(address);
+    }
+    Ok(out)
 }
 
 /// The `IPAddress` entries of `node.addresses`, in order; other types (`Hostname`, named

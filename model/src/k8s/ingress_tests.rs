@@ -681,3 +681,84 @@ fn a_gateway_keeps_its_generation() {
     assert_eq!(generation(&with("\"7\"")), None);
     assert_eq!(generation(&with("-1")), None);
 }
+
+/// An ingress Gateway's `spec.addresses` become typed requests (an unsupported type kept
+/// for status); the CRD's limits are refused by field; other classes keep none.
+#[test]
+fn ingress_gateway_addresses_are_validated() {
+    use crate::model::{HostAddress, RequestedAddress};
+    let listeners = "  listeners:\n  - {name: http, port: 80, protocol: HTTP}\n";
+    let key = NamespacedName::new("istio-ingress", "ingress");
+    let with = |class: &str, addresses: &str| {
+        gateway_doc(class, &format!("{listeners}  addresses: {addresses}\n"))
+    };
+    let doc = with(
+        "istio",
+        "[{value: 203.0.113.7}, {type: Hostname, value: gw.example.com}, \
+         {type: NamedAddress, value: my-pool}]",
+    );
+    let m = load("gw.yaml", &doc).expect("valid");
+    assert_eq!(
+        m.gateways[&key].requested_addresses,
+        vec![
+            RequestedAddress::Host(HostAddress::Ip("203.0.113.7".parse().expect("ip"))),
+            RequestedAddress::Host(HostAddress::Hostname("gw.example.com".into())),
+            RequestedAddress::Unsupported {
+                type_: "NamedAddress".into(),
+                value: "my-pool".into()
+            },
+        ]
+    );
+    let waypoint = with(
+        "istio-waypoint",
+        "[{type: Hostname, value: wp.example.com}]",
+    );
+    let m = load("gw.yaml", &waypoint).expect("valid");
+    assert!(m.gateways[&key].requested_addresses.is_empty());
+
+    let seventeen: Vec<String> = (1..=17).map(|i| format!("{{value: 10.0.0.{i}}}")).collect();
+    let seventeen = format!("[{}]", seventeen.join(", "));
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "more than 16",
+            &seventeen,
+            "spec.addresses: at most 16 entries allowed, found 17",
+        ),
+        (
+            "an IPAddress that is no IP",
+            "[{type: IPAddress, value: gw.example.com}]",
+            "spec.addresses[0].value: invalid IP address",
+        ),
+        (
+            "a Hostname that is no host name",
+            "[{type: Hostname, value: \"*.example.com\"}]",
+            "spec.addresses[0].value: invalid hostname",
+        ),
+        (
+            "an IP twice",
+            "[{value: 10.0.0.1}, {type: IPAddress, value: 10.0.0.1}]",
+            "spec.addresses[1].value: IPAddress \"10.0.0.1\" listed twice",
+        ),
+        (
+            "an empty value",
+            "[{type: NamedAddress, value: \"\"}]",
+            "spec.addresses[0].value: must be 1-253 characters",
+        ),
+        (
+            "no value",
+            "[{type: NamedAddress}]",
+            "spec.addresses[0].value: required",
+        ),
+        (
+            "an unknown field",
+            "[{value: 10.0.0.1, port: 80}]",
+            "spec.addresses[0].port: unknown field",
+        ),
+    ];
+    for (case, addresses, want) in cases {
+        match load("gw.yaml", &with("istio", addresses)) {
+            Ok(_) => panic!("{case}: loaded"),
+            Err(e) => assert!(e.contains(want), "{case}: {e}"),
+        }
+    }
+}

@@ -329,6 +329,65 @@ spec:
     }
 
     #[test]
+    fn a_dns_entry_goes_to_its_endpoints_or_to_the_host_the_connection_is_for() {
+        use crate::model::DnsTarget;
+        let m = model(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.0.9]
+  ports: [{number: 443, name: https, targetPort: 8443}]
+  resolution: DNS
+  endpoints:
+  - address: backend.example.net
+    ports: {https: 9443}
+  - address: 192.0.2.30
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bare, namespace: shop}
+spec:
+  hosts: [bare.example.com]
+  addresses: [240.0.0.10]
+  ports: [{number: 80, name: http}]
+  resolution: DNS_ROUND_ROBIN
+"#,
+        )
+        .unwrap();
+        let targets = |dst: &str| {
+            let (se, port) = m.service_entry_for("shop", at(dst)).expect("entry");
+            m.dns_entry_targets(se, port, at(dst).ip())
+        };
+        assert_eq!(
+            targets("240.0.0.9:443"),
+            [
+                DnsTarget::Host {
+                    host: "backend.example.net",
+                    port: 9443
+                },
+                DnsTarget::Addr(at("192.0.2.30:8443")),
+            ],
+            "each endpoint on its port for the entry's port, else the targetPort"
+        );
+        assert_eq!(
+            targets("240.0.0.10:80"),
+            [DnsTarget::Host {
+                host: "bare.example.com",
+                port: 80
+            }],
+            "no endpoints: the host the connection is for, on the port's number"
+        );
+        // STATIC and NONE entries have no DNS targets.
+        let (se, port) = m.service_entry_for("shop", at("240.0.0.1:443")).unwrap();
+        assert!(m
+            .dns_entry_targets(se, port, at("240.0.0.1:443").ip())
+            .is_empty());
+    }
+
+    #[test]
     fn an_overlapping_claim_is_named_and_the_first_entry_keeps_the_address() {
         let later = r#"
 apiVersion: networking.istio.io/v1

@@ -245,6 +245,95 @@ spec: {clusterIPs: [10.96.0.20, "fd00::20"], selector: {}, ports: [{port: 443}]}
     );
 }
 
+/// A LoadBalancer Service's `status.loadBalancer.ingress` is kept (IP, else hostname; each
+/// once; at most 16), for an ingress Gateway's `status.addresses`; a value the API server
+/// would refuse is refused by field.
+#[test]
+fn a_services_load_balancer_ingress_is_read() {
+    use crate::model::HostAddress;
+    let many: String = (1..=20)
+        .map(|i| format!("{{ip: 203.0.113.{i}}}, "))
+        .collect();
+    let many = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: many}}\n\
+         spec: {{type: LoadBalancer, clusterIP: 10.96.0.31}}\n\
+         status: {{loadBalancer: {{ingress: [{many}]}}}}\n"
+    );
+    let docs = format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web-istio, namespace: shop}}
+spec: {{type: LoadBalancer, clusterIP: 10.96.0.30, ports: [{{port: 80}}]}}
+status:
+  loadBalancer:
+    ingress:
+    - {{ip: 203.0.113.7, hostname: ignored.example.com, ipMode: VIP}}
+    - {{hostname: lb-1.elb.example.com}}
+    - {{ip: "2001:db8::7"}}
+    - {{ip: 203.0.113.7}}
+    - {{ip: "", ports: [{{port: 80, protocol: TCP}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: pending, namespace: shop}}
+spec: {{type: LoadBalancer, clusterIP: 10.96.0.32}}
+status: {{loadBalancer: {{}}}}
+---
+{many}"#
+    );
+    let files = [("svc.yaml".to_string(), docs)];
+    let m = load_docs(&files).expect("valid");
+    assert_eq!(
+        svc(&m, "shop", "web-istio").load_balancer_ingress,
+        vec![
+            HostAddress::Ip(ip("203.0.113.7")),
+            HostAddress::Hostname("lb-1.elb.example.com".into()),
+            HostAddress::Ip(ip("2001:db8::7")),
+        ],
+        "the IP wins over the hostname; each once; an entry with neither is skipped"
+    );
+    assert!(svc(&m, "shop", "pending").load_balancer_ingress.is_empty());
+    let many = &svc(&m, "default", "many").load_balancer_ingress;
+    assert_eq!(many.len(), 16);
+    assert_eq!(many.last(), Some(&HostAddress::Ip(ip("203.0.113.16"))));
+    for (case, status, want) in [
+        (
+            "not an IP",
+            "{loadBalancer: {ingress: [{ip: 203.0.113.300}]}}",
+            r#"Service default/s: status.loadBalancer.ingress[0].ip: invalid IP address "203.0.113.300""#,
+        ),
+        (
+            "not a host name",
+            "{loadBalancer: {ingress: [{ip: 203.0.113.1}, {hostname: \"Not A Name\"}]}}",
+            r#"status.loadBalancer.ingress[1].hostname: invalid hostname "Not A Name""#,
+        ),
+        (
+            "an IP as the host name",
+            "{loadBalancer: {ingress: [{hostname: 203.0.113.1}]}}",
+            "status.loadBalancer.ingress[0].hostname: invalid hostname",
+        ),
+        (
+            "ingress not a list",
+            "{loadBalancer: {ingress: 203.0.113.1}}",
+            "status.loadBalancer.ingress",
+        ),
+        (
+            "an IP that is not a string",
+            "{loadBalancer: {ingress: [{ip: 1}]}}",
+            "status.loadBalancer.ingress[0].ip: expected a string",
+        ),
+    ] {
+        let doc =
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nstatus: {status}\n");
+        let files = [("svc.yaml".to_string(), doc)];
+        match load_docs(&files) {
+            Ok(_) => panic!("{case}: loaded"),
+            Err(e) => assert!(e.to_string().contains(want), "{case}: {e}"),
+        }
+    }
+}
+
 #[test]
 fn documents_and_files() {
     check(

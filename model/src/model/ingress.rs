@@ -42,14 +42,33 @@
 //! `ListenersNotValid`: true while some listener is accepted) and `Programmed` (true while
 //! some listener is programmed). "Programmed" here means the model gives the listener what
 //! it needs to be served; whether a gateway process serves it is for that process to say.
+//!
+//! `addresses` are where clients reach the gateway: those of its Service, `<gateway>-istio`
+//! in its namespace ([`INGRESS_SERVICE_SUFFIX`], the one `cargo xtask gateway render`
+//! creates), i.e. its load balancer's `status.loadBalancer.ingress` (each entry's IP, else
+//! its hostname) when it has one, else its cluster IPs; `None` (left out of the status, not
+//! an empty list) when the model has no such Service. This gateway assigns no address, so
+//! of `spec.addresses` it honours those its Service has: one it does not have makes the
+//! Gateway `Programmed=False` (`AddressNotUsable`), and an address of a type other than
+//! `IPAddress` and `Hostname` makes it `Accepted=False` (`UnsupportedAddress`). Without the
+//! Service nothing is known to compare with, and `Programmed` stays as the listeners say.
+//!
+//! ## Subsets behind a waypoint ([`Model::subsets_through_waypoints`])
+//! A backend Service that uses a waypoint is reached through the waypoint, as one endpoint
+//! (its VIP), not its pods: the waypoint's own routes choose them. A VirtualService
+//! destination `subset` of such a Service therefore selects no pod at the ingress; the
+//! request goes to the waypoint as if it named no subset (Istio's ingress does the same: its
+//! cluster for the subset has the waypoint as its one endpoint), with the subset's traffic
+//! policy. These pure queries list such destinations so the gateway can say so once.
 
 use std::collections::HashSet;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-use super::{Gateway, HttpRoute, Labels, Model, NamespacedName, VirtualService};
+use super::{Gateway, HttpRoute, Labels, Model, NamespacedName, Service, VirtualService};
 use crate::model::{BackendRef, ParentKind};
 use crate::route::{hostnames_intersect, without_kind_conflicts, BackendKind};
 
@@ -63,6 +82,73 @@ const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// The type of a Secret holding a certificate chain and its key.
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+/// An ingress Gateway's Service is named `<gateway><suffix>`, in the Gateway's namespace
+/// (Istio's naming; `cargo xtask gateway render` creates it).
+pub const INGRESS_SERVICE_SUFFIX: &str = "-istio";
+/// Most `addresses` of a Gateway, in `spec` and in `status` (the Gateway API's `maxItems`).
+pub const MAX_GATEWAY_ADDRESSES: usize = 16;
+
+/// An address clients reach something at, of the Gateway API's `IPAddress` or `Hostname`
+/// type: a Gateway's `spec`/`status.addresses` entry, or a Service's
+/// `status.loadBalancer.ingress[]` (an IP, or a cloud load balancer's DNS name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum HostAddress {
+    Ip(IpAddr),
+    /// A DNS name (no wildcard, not an IP), lower-case.
+    Hostname(String),
+}
+
+impl HostAddress {
+    /// The Gateway API's `type` of the address: `IPAddress` or `Hostname`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            HostAddress::Ip(_) => "IPAddress",
+            HostAddress::Hostname(_) => "Hostname",
+        }
+    }
+}
+
+impl fmt::Display for HostAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostAddress::Ip(ip) => ip.fmt(f),
+            HostAddress::Hostname(h) => f.write_str(h),
+        }
+    }
+}
+
+/// A `spec.addresses` entry of an ingress Gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum RequestedAddress {
+    /// Of type `IPAddress` (the default) or `Hostname`.
+    Host(HostAddress),
+    /// Of another type (`NamedAddress`, a domain-prefixed one), as written: this gateway
+    /// cannot honour it (`UnsupportedAddress`).
+    Unsupported { type_: String, value: String },
+}
+
+/// A VirtualService destination of an ingress Gateway that names a DestinationRule subset of
+/// a Service that uses a waypoint: the subset selects no pod here (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SubsetThroughWaypoint {
+    /// The VirtualService.
+    pub route: NamespacedName,
+    pub service: NamespacedName,
+    pub subset: String,
+    pub waypoint: NamespacedName,
+}
+
+impl fmt::Display for SubsetThroughWaypoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "subset {} of {} (VirtualService {}): the Service uses waypoint {}, whose routes \
+             choose its pods; route by subset there (the ingress sends to the waypoint without \
+             the subset)",
+            self.subset, self.service, self.route, self.waypoint
+        )
+    }
+}
 
 /// One `spec.listeners` entry of a Gateway.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -339,6 +425,8 @@ pub enum ConditionReason {
     InvalidCertificateRef,
     RefNotPermitted,
     InvalidRouteKinds,
+    UnsupportedAddress,
+    AddressNotUsable,
 }
 
 /// One condition (`lastTransitionTime` and `observedGeneration` are the writer's).
@@ -396,6 +484,9 @@ impl StatusCondition {
 /// `status` of a Gateway, as computed from the model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct GatewayStatus {
+    /// Where clients reach the gateway: its Service's addresses (see the module docs), at
+    /// most [`MAX_GATEWAY_ADDRESSES`], each once; `None` when the model has no such Service.
+    pub addresses: Option<Vec<HostAddress>>,
     /// `Accepted`, `Programmed`.
     pub conditions: Vec<StatusCondition>,
     /// One per listener, in `spec.listeners` order.
@@ -703,7 +794,21 @@ impl Model {
             listeners.push(status);
         }
         let total = gw.listeners.len();
-        let accepted = if not_accepted.is_empty() {
+        let service = self.ingress_service(gw);
+        let addresses = service.map(service_addresses);
+        let (unsupported, not_usable) =
+            address_problems(&gw.requested_addresses, addresses.as_deref());
+        let accepted = if !unsupported.is_empty() {
+            StatusCondition::new(
+                ConditionType::Accepted,
+                false,
+                ConditionReason::UnsupportedAddress,
+                format!(
+                    "spec.addresses: only types IPAddress and Hostname are supported, not {}",
+                    unsupported.join(", ")
+                ),
+            )
+        } else if not_accepted.is_empty() {
             StatusCondition::new(
                 ConditionType::Accepted,
                 true,
@@ -718,7 +823,30 @@ impl Model {
                 format!("listeners not accepted: {}", not_accepted.join(", ")),
             )
         };
-        let programmed = if not_programmed.len() < total {
+        let programmed = if let (Some(svc), false) = (service, not_usable.is_empty()) {
+            let have: Vec<String> = addresses
+                .iter()
+                .flatten()
+                .map(HostAddress::to_string)
+                .collect();
+            StatusCondition::new(
+                ConditionType::Programmed,
+                false,
+                ConditionReason::AddressNotUsable,
+                format!(
+                    "spec.addresses: {} not among the addresses of Service {}/{} ({}); this \
+                     gateway assigns none",
+                    not_usable.join(", "),
+                    svc.namespace,
+                    svc.name,
+                    if have.is_empty() {
+                        "none".to_string()
+                    } else {
+                        have.join(", ")
+                    }
+                ),
+            )
+        } else if not_programmed.len() < total {
             let mut message = "Resource programmed".to_string();
             if !not_programmed.is_empty() {
                 message = format!(
@@ -741,9 +869,55 @@ impl Model {
             )
         };
         Some(GatewayStatus {
+            addresses,
             conditions: vec![accepted, programmed],
             listeners,
         })
+    }
+
+    /// The Service of the ingress Gateway `gw` (`<name>-istio` in its namespace), when the
+    /// model has it.
+    pub fn ingress_service(&self, gw: &Gateway) -> Option<&Service> {
+        let name = format!("{}{INGRESS_SERVICE_SUFFIX}", gw.name);
+        self.service(&NamespacedName::new(&gw.namespace, &name))
+    }
+
+    /// The destinations of the VirtualServices bound to the ingress Gateway `gateway` that
+    /// name a subset of a Service that uses a waypoint (with a VIP: the ingress reaches it
+    /// through the waypoint), each once, in model order (see the module docs). Empty for
+    /// an unknown Gateway. HTTPRoutes and GRPCRoutes name no subsets.
+    pub fn subsets_through_waypoints(
+        &self,
+        gateway: &NamespacedName,
+    ) -> Vec<SubsetThroughWaypoint> {
+        let mut out: Vec<SubsetThroughWaypoint> = Vec::new();
+        for vs in self.virtual_services_for_gateway(gateway) {
+            let backends = vs.rules.iter().flat_map(|r| &r.backends);
+            for b in backends.filter(|b| b.kind == BackendKind::Service) {
+                let Some(subset) = &b.subset else {
+                    continue;
+                };
+                let Some(svc) = self.service(&b.service) else {
+                    continue;
+                };
+                if svc.cluster_ips.is_empty() {
+                    continue;
+                }
+                let Some(wp) = self.waypoint_for_service(svc) else {
+                    continue;
+                };
+                let found = SubsetThroughWaypoint {
+                    route: vs.key(),
+                    service: b.service.clone(),
+                    subset: subset.clone(),
+                    waypoint: wp.gateway.key(),
+                };
+                if !out.contains(&found) {
+                    out.push(found);
+                }
+            }
+        }
+        out
     }
 
     /// One listener's status; `conflict` from [`listener_conflicts`].
@@ -855,6 +1029,50 @@ impl Model {
         self.reference_grants = grants;
         self
     }
+}
+
+/// Of the `requested` addresses: those of a type this gateway does not support, and those
+/// not among `have`, the Service's (none when the Service is unknown: nothing to compare
+/// with); each as a condition's message names it.
+fn address_problems(
+    requested: &[RequestedAddress],
+    have: Option<&[HostAddress]>,
+) -> (Vec<String>, Vec<String>) {
+    let mut unsupported = Vec::new();
+    let mut not_usable = Vec::new();
+    for a in requested {
+        match (a, have) {
+            (RequestedAddress::Unsupported { type_, value }, _) => {
+                unsupported.push(format!("{value:?} of type {type_}"));
+            }
+            (RequestedAddress::Host(h), Some(have)) if !have.contains(h) => {
+                not_usable.push(h.to_string());
+            }
+            (RequestedAddress::Host(_), _) => {}
+        }
+    }
+    (unsupported, not_usable)
+}
+
+/// Where clients reach the gateway behind `svc`: its load balancer's addresses when it has
+/// any, else its cluster IPs; each once, at most [`MAX_GATEWAY_ADDRESSES`].
+fn service_addresses(svc: &Service) -> Vec<HostAddress> {
+    let all: Vec<HostAddress> = if svc.load_balancer_ingress.is_empty() {
+        svc.cluster_ips
+            .iter()
+            .copied()
+            .map(HostAddress::Ip)
+            .collect()
+    } else {
+        svc.load_balancer_ingress.clone()
+    };
+    let mut out: Vec<HostAddress> = Vec::with_capacity(all.len());
+    for a in all {
+        if out.len() < MAX_GATEWAY_ADDRESSES && !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 /// For each listener, the conflict it is in, if any: `ProtocolConflict` when another on its

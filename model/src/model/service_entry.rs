@@ -182,6 +182,15 @@ impl ServiceEntry {
     }
 }
 
+/// One place a connection to a `DNS` ServiceEntry goes ([`super::Model::dns_entry_targets`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsTarget<'m> {
+    /// An IP endpoint, as listed.
+    Addr(std::net::SocketAddr),
+    /// A host name, resolved when the connection is made, and the port.
+    Host { host: &'m str, port: u16 },
+}
+
 impl SeEndpoint {
     /// The port this endpoint is reached on for `port` of its entry.
     pub fn port_for(&self, port: &SePort) -> u16 {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mesh_hbone::{self as hbone, ConnectHeaders, HboneError, PoolKey};
 use mesh_model::identity::Identity;
 use mesh_model::model::{
-    Endpoint, Model, NamespacedName, Pod, SeAddress, SePort, SeResolution, Service, ServiceEntry,
+    DnsTarget, Endpoint, Model, NamespacedName, Pod, SePort, SeResolution, Service, ServiceEntry,
     WaypointTarget,
 };
 use tokio::net::{TcpListener, TcpStream};
@@ -206,31 +206,17 @@ fn service_entry_hops<'a>(
         se.resolution,
         SeResolution::Dns | SeResolution::DnsRoundRobin
     ) {
-        let hops = match se.endpoints.as_slice() {
-            // The host an auto-allocated VIP stands for, else the entry's first real host.
-            [] => model
-                .service_entry_host(se, dst.ip())
-                .filter(|h| !h.starts_with('*'))
-                .map(|h| Hop::Resolve {
-                    host: h.to_string(),
-                    port: port.target_port.unwrap_or(port.number),
-                })
-                .into_iter()
-                .collect(),
-            eps => eps
-                .iter()
-                .map(|ep| match &ep.address {
-                    SeAddress::Ip(ip) => Hop::Plain {
-                        pod: None,
-                        target: SocketAddr::new(*ip, ep.port_for(port)),
-                    },
-                    SeAddress::Host(host) => Hop::Resolve {
-                        host: host.clone(),
-                        port: ep.port_for(port),
-                    },
-                })
-                .collect(),
-        };
+        let hops = model
+            .dns_entry_targets(se, port, dst.ip())
+            .into_iter()
+            .map(|target| match target {
+                DnsTarget::Addr(target) => Hop::Plain { pod: None, target },
+                DnsTarget::Host { host, port } => Hop::Resolve {
+                    host: host.to_string(),
+                    port,
+                },
+            })
+            .collect();
         return Ok((None, hops));
     }
     if se.resolution != SeResolution::Static {

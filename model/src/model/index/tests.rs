@@ -95,6 +95,7 @@ fn service() -> impl Strategy<Value = Service> {
                 },
             }],
             selector,
+            load_balancer_ingress: Vec::new(),
         }
     })
 }
@@ -243,6 +244,7 @@ fn model() -> impl Strategy<Value = Model> {
                         labels: Labels::new(),
                         waypoint_for: WaypointFor::All,
                         addresses: Vec::new(),
+                        requested_addresses: Vec::new(),
                         generation: None,
                         listeners: Vec::new(),
                     };

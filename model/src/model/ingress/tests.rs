@@ -234,6 +234,7 @@ fn a_waypoint_keeps_attaching_only_routes_of_its_namespace() {
         cluster_ips: vec![],
         ports: vec![],
         selector: None,
+        load_balancer_ingress: vec![],
     };
     let port = crate::model::ServicePort {
         name: None,
@@ -770,4 +771,249 @@ fn a_listener_hostname_ranks_exact_over_wildcard_over_none() {
     ] {
         assert_eq!(hostname_rank(hostname, host), want, "{hostname:?} {host}");
     }
+}
+
+/// `status.addresses` come from the Gateway's Service `<name>-istio` (its load balancer's,
+/// else its cluster IPs; none without the Service); a requested address that Service lacks
+/// is `AddressNotUsable`, a requested type other than IPAddress and Hostname
+/// `UnsupportedAddress`.
+#[test]
+fn gateway_status_addresses_come_from_its_service() {
+    use ConditionReason as R;
+    use ConditionType as T;
+    /// (case, `spec.addresses` YAML, the Service's `spec` and `status` YAML, expected
+    /// addresses, expected Gateway conditions)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<(&'a str, &'a str)>,
+        Option<&'a [&'a str]>,
+        [Cond; 2],
+    );
+    let fine = [
+        (T::Accepted, true, R::Accepted),
+        (T::Programmed, true, R::Programmed),
+    ];
+    let not_usable = [
+        (T::Accepted, true, R::Accepted),
+        (T::Programmed, false, R::AddressNotUsable),
+    ];
+    let lb = "{type: LoadBalancer, clusterIP: 10.96.0.40}";
+    let cases: &[Case<'_>] = &[
+        ("no Service: no addresses", "[]", None, None, fine),
+        (
+            "no Service: nothing to compare a request with",
+            "[{value: 198.51.100.1}]",
+            None,
+            None,
+            fine,
+        ),
+        (
+            "the load balancer's IP",
+            "[]",
+            Some((lb, "{loadBalancer: {ingress: [{ip: 203.0.113.7}]}}")),
+            Some(&["IPAddress 203.0.113.7"]),
+            fine,
+        ),
+        (
+            "the load balancer's host name",
+            "[]",
+            Some((
+                lb,
+                "{loadBalancer: {ingress: [{hostname: lb.example.com}]}}",
+            )),
+            Some(&["Hostname lb.example.com"]),
+            fine,
+        ),
+        (
+            "no load balancer address yet: the cluster IPs",
+            "[]",
+            Some((
+                "{type: LoadBalancer, clusterIPs: [10.96.0.40, \"fd00::40\"]}",
+                "{loadBalancer: {}}",
+            )),
+            Some(&["IPAddress 10.96.0.40", "IPAddress fd00::40"]),
+            fine,
+        ),
+        (
+            "a ClusterIP Service",
+            "[]",
+            Some(("{clusterIP: 10.96.0.41}", "{}")),
+            Some(&["IPAddress 10.96.0.41"]),
+            fine,
+        ),
+        (
+            "requested addresses the Service has",
+            "[{value: 203.0.113.7}, {type: Hostname, value: lb.example.com}]",
+            Some((
+                lb,
+                "{loadBalancer: {ingress: [{ip: 203.0.113.7}, {hostname: lb.example.com}]}}",
+            )),
+            Some(&["IPAddress 203.0.113.7", "Hostname lb.example.com"]),
+            fine,
+        ),
+        (
+            "a requested address the Service lacks",
+            "[{value: 203.0.113.7}, {value: 198.51.100.1}]",
+            Some((lb, "{loadBalancer: {ingress: [{ip: 203.0.113.7}]}}")),
+            Some(&["IPAddress 203.0.113.7"]),
+            not_usable,
+        ),
+        (
+            "the cluster IP is not the load balancer's",
+            "[{value: 10.96.0.40}]",
+            Some((lb, "{loadBalancer: {ingress: [{ip: 203.0.113.7}]}}")),
+            Some(&["IPAddress 203.0.113.7"]),
+            not_usable,
+        ),
+        (
+            "a headless Service has no address",
+            "[{value: 10.96.0.40}]",
+            Some(("{clusterIP: None}", "{}")),
+            Some(&[]),
+            not_usable,
+        ),
+        (
+            "an address type this gateway does not support",
+            "[{type: NamedAddress, value: my-pool}]",
+            Some((lb, "{loadBalancer: {ingress: [{ip: 203.0.113.7}]}}")),
+            Some(&["IPAddress 203.0.113.7"]),
+            [
+                (T::Accepted, false, R::UnsupportedAddress),
+                (T::Programmed, true, R::Programmed),
+            ],
+        ),
+    ];
+    let key = NamespacedName::new("istio-ingress", "addr");
+    for (case, requested, service, want_addresses, want) in cases {
+        let mut docs = status_gateway("addr", &["{name: web, port: 80, protocol: HTTP}"]);
+        docs.push_str(&format!("  addresses: {requested}\n"));
+        if let Some((spec, status)) = service {
+            docs.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\n\
+                 metadata: {{name: addr-istio, namespace: istio-ingress}}\n\
+                 spec: {spec}\nstatus: {status}\n"
+            ));
+        }
+        // A Service of another name is not the gateway's.
+        docs.push_str(
+            "---\napiVersion: v1\nkind: Service\n\
+             metadata: {name: addr, namespace: istio-ingress}\nspec: {clusterIP: 10.96.0.99}\n",
+        );
+        let m = model(&docs);
+        let status = m.gateway_status(&key).expect("status");
+        let addresses: Option<Vec<String>> = status
+            .addresses
+            .as_ref()
+            .map(|a| a.iter().map(|a| format!("{} {a}", a.type_name())).collect());
+        let want_addresses: Option<Vec<String>> =
+            want_addresses.map(|a| a.iter().map(|s| s.to_string()).collect());
+        assert_eq!(addresses, want_addresses, "{case}");
+        assert_eq!(conditions(&status.conditions), *want, "{case}");
+    }
+    // The messages name what is wrong.
+    let docs = format!(
+        "{}  addresses: [{{value: 198.51.100.1}}, {{type: example.com/pool, value: blue}}]\n\
+         ---\napiVersion: v1\nkind: Service\n\
+         metadata: {{name: addr-istio, namespace: istio-ingress}}\n\
+         spec: {{clusterIP: 10.96.0.41}}\n",
+        status_gateway("addr", &["{name: web, port: 80, protocol: HTTP}"])
+    );
+    let m = model(&docs);
+    let status = m.gateway_status(&key).expect("status");
+    let message = |t| {
+        status
+            .condition(t)
+            .map(|c| c.message.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        message(T::Programmed),
+        "spec.addresses: 198.51.100.1 not among the addresses of Service \
+         istio-ingress/addr-istio (10.96.0.41); this gateway assigns none"
+    );
+    assert_eq!(
+        message(T::Accepted),
+        "spec.addresses: only types IPAddress and Hostname are supported, not \"blue\" of \
+         type example.com/pool"
+    );
+}
+
+/// The ingress's VirtualService destinations that name a subset of a Service behind a
+/// waypoint are listed (each once), so the gateway can say once that the subset is the
+/// waypoint's to apply; a Service without a waypoint (or without a VIP) keeps its subsets,
+/// and VirtualServices not bound to the Gateway do not count.
+#[test]
+fn subsets_of_services_behind_a_waypoint_are_listed() {
+    // (name, labels, clusterIP) of each Service of `bookinfo`.
+    let services: String = [
+        ("reviews", "{istio.io/use-waypoint: wp}", "10.96.1.1"),
+        ("ratings", "{}", "10.96.1.2"),
+        ("details", "{istio.io/use-waypoint: wp}", "None"),
+    ]
+    .iter()
+    .map(|(name, labels, ip)| {
+        format!(
+            "apiVersion: v1\nkind: Service\n\
+             metadata: {{name: {name}, namespace: bookinfo, labels: {labels}}}\n\
+             spec: {{clusterIP: {ip}, selector: {{app: {name}}}, ports: [{{port: 9080}}]}}\n---\n"
+        )
+    })
+    .collect();
+    let m = model(&format!(
+        "{services}{}",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo, namespace: bookinfo}
+spec:
+  hosts: [bookinfo.example.com]
+  gateways: [istio-ingress/ingress, mesh]
+  http:
+  - match: [{uri: {prefix: /reviews}}]
+    route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews.bookinfo.svc.cluster.local, subset: v2}, weight: 10}
+  - match: [{uri: {prefix: /again}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - route:
+    - {destination: {host: reviews}, weight: 40}
+    - {destination: {host: ratings, subset: v1}, weight: 30}
+    - {destination: {host: details, subset: v1}, weight: 30}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mesh-only, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v3}}]}]
+"#
+    ));
+    let found: Vec<String> = m
+        .subsets_through_waypoints(&ingress())
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} via {} ({})",
+                s.service, s.subset, s.waypoint, s.route
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "bookinfo/reviews v1 via bookinfo/wp (bookinfo/bookinfo)",
+            "bookinfo/reviews v2 via bookinfo/wp (bookinfo/bookinfo)",
+        ]
+    );
+    let first = &m.subsets_through_waypoints(&ingress())[0];
+    assert_eq!(
+        first.to_string(),
+        "subset v1 of bookinfo/reviews (VirtualService bookinfo/bookinfo): the Service uses \
+         waypoint bookinfo/wp, whose routes choose its pods; route by subset there (the \
+         ingress sends to the waypoint without the subset)"
+    );
+    assert!(m
+        .subsets_through_waypoints(&NamespacedName::new("istio-ingress", "none"))
+        .is_empty());
 }

@@ -9,11 +9,14 @@
 // - Outbound: the application's own connections to destinations outside the pod reach this
 //   program because the agent's policy routing (see the loader's docs) delivers locally
 //   generated TCP locally, over `lo`; they go to the agent's outbound (15001) listener.
-// - DNS (IPv4 only; the agent's DNS sockets are IPv4, and a v4 socket cannot take a v6
-//   lookup): the application's UDP datagrams to port 53, which the agent's policy routing
-//   delivers locally over `lo` like outgoing TCP, go to the agent's DNS UDP socket; its TCP
-//   connections to port 53 go to the agent's DNS TCP listener (or, while there is none, to
-//   the outbound listener as any other connection).
+// - DNS, IPv4 and IPv6: the application's UDP datagrams to port 53, which the agent's policy
+//   routing delivers locally over `lo` like outgoing TCP, go to the agent's DNS UDP socket of
+//   their family; its TCP connections to port 53 go to the agent's DNS TCP listener of their
+//   family (or, while there is none, to the outbound listener as any other connection). One
+//   pair of slots per family: the agent's DNS sockets are bound to loopback (127.0.0.1 and
+//   ::1, never the wildcard address, which would expose them on the pod's addresses), so
+//   neither is dual-stack, and bpf_sk_assign refuses a socket of the other family
+//   (-EAFNOSUPPORT; only a dual-stack AF_INET6 socket may take an IPv4 lookup).
 //
 // sk_lookup runs when the kernel looks up a socket for a TCP SYN or a UDP datagram (every
 // datagram: UDP has no connection), after routing has decided the packet is local, and it
@@ -28,7 +31,7 @@
 // sending out.
 //
 // What is never steered:
-// - anything that is not TCP or UDP over IPv4 or IPv6; UDP other than the application's IPv4
+// - anything that is not TCP or UDP over IPv4 or IPv6; UDP other than the application's
 //   datagrams to port 53 (UDP arriving from outside the pod included);
 // - connections to a loopback address, and connections from the pod's own address to itself;
 // - connections from a source address:port the agent has exempted (`agent_delivery`): the
@@ -55,12 +58,16 @@
 // The loopback device is created first in every network namespace, so its index is always 1.
 #define LOOPBACK_IFINDEX 1
 
-// Slots of the agent's sockets in `listeners`.
+// Slots of the agent's sockets in `listeners`. The IPv6 DNS slots came last: a map pinned by
+// an agent from before them has 4 slots (from before DNS capture, 2), and the loader tells
+// the agent so instead of failing.
 #define INBOUND_LISTENER_KEY 0
 #define OUTBOUND_LISTENER_KEY 1
 #define DNS_UDP_KEY 2
 #define DNS_TCP_KEY 3
-#define LISTENER_SLOTS 4
+#define DNS6_UDP_KEY 4
+#define DNS6_TCP_KEY 5
+#define LISTENER_SLOTS 6
 
 #define DNS_PORT 53
 #define AF_INET 2
@@ -113,11 +120,11 @@ static __always_inline int steer(struct bpf_sk_lookup *ctx, __u32 key)
 	return assign(ctx, sk);
 }
 
-// The application's DNS connection over TCP: to the agent's DNS listener, or while there is
-// none to the outbound listener like any other connection.
+// The application's DNS connection over TCP: to the agent's DNS listener of its family, or
+// while there is none to the outbound listener like any other connection.
 static __always_inline int steer_dns_tcp(struct bpf_sk_lookup *ctx)
 {
-	struct bpf_sock *sk = listener(DNS_TCP_KEY);
+	struct bpf_sock *sk = listener(ctx->family == AF_INET ? DNS_TCP_KEY : DNS6_TCP_KEY);
 	if (!sk)
 		return steer(ctx, OUTBOUND_LISTENER_KEY);
 	return assign(ctx, sk);
@@ -144,9 +151,9 @@ static __always_inline int to_itself(struct bpf_sk_lookup *ctx)
 static __always_inline int try_steer(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol == IPPROTO_UDP) {
-		if (ctx->ingress_ifindex == LOOPBACK_IFINDEX && ctx->family == AF_INET &&
-		    ctx->local_port == DNS_PORT && !is_loopback(ctx))
-			return steer(ctx, DNS_UDP_KEY);
+		if (ctx->ingress_ifindex == LOOPBACK_IFINDEX && ctx->local_port == DNS_PORT &&
+		    !is_loopback(ctx))
+			return steer(ctx, ctx->family == AF_INET ? DNS_UDP_KEY : DNS6_UDP_KEY);
 		return SK_PASS;
 	}
 	if (ctx->protocol != IPPROTO_TCP)
@@ -154,7 +161,7 @@ static __always_inline int try_steer(struct bpf_sk_lookup *ctx)
 	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX) {
 		if (is_loopback(ctx))
 			return SK_PASS;
-		if (ctx->family == AF_INET && ctx->local_port == DNS_PORT)
+		if (ctx->local_port == DNS_PORT)
 			return steer_dns_tcp(ctx);
 		return steer(ctx, OUTBOUND_LISTENER_KEY);
 	}

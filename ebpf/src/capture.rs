@@ -3,7 +3,7 @@
 //! How it is attached: one program instance per pod, loaded with the pod's settings as
 //! read-only globals, attached to the pod's network namespace with a BPF link
 //! (`BPF_SK_LOOKUP` takes a netns fd; no cgroup is involved). The agent's sockets go into the
-//! program's four-slot `SOCKMAP`:
+//! program's six-slot `SOCKMAP`:
 //! - inbound (15006): for every TCP SYN that arrives from outside the pod on any port but the
 //!   HBONE port, the kernel's listener lookup returns that socket instead;
 //! - outbound (15001, optional): for every TCP SYN the application sends to a destination
@@ -13,16 +13,21 @@
 //!   program recognises them as "arrived on lo, to an address that is not loopback". The
 //!   outbound listener must be `IP_TRANSPARENT`, because its connections' local address is the
 //!   (non-local) original destination.
-//! - DNS (optional, [`CaptureGuard::set_dns_listeners`]; IPv4): a UDP socket for every datagram
-//!   the application sends to port 53 of an address outside the pod, and a TCP listener for
-//!   its connections to port 53 (while there is none, those go to the outbound listener). The
-//!   datagrams only reach a socket lookup once the agent's policy routing delivers the pod's
-//!   UDP to port 53 locally over `lo` (`iif lo ipproto udp dport 53`, as for TCP). With no DNS
-//!   socket registered such a datagram is dropped (fail closed, see below).
+//! - DNS (optional; IPv4 with [`CaptureGuard::set_dns_listeners`], IPv6 with
+//!   [`CaptureGuard::set_dns6_listeners`]): per address family, a UDP socket for every
+//!   datagram the application sends to port 53 of an address outside the pod, and a TCP
+//!   listener for its connections to port 53 (while there is none, those go to the outbound
+//!   listener). One pair per family because `bpf_sk_assign` hands a lookup only to a socket of
+//!   its family (or to a dual-stack IPv6 socket, which must be bound to the wildcard address:
+//!   the agent's DNS sockets are bound to loopback instead, so as not to serve the pod's
+//!   addresses). The datagrams only reach a socket lookup once the agent's policy routing
+//!   delivers the pod's UDP to port 53 locally over `lo` (`iif lo ipproto udp dport 53`, as
+//!   for TCP, per family). With no DNS socket of its family registered such a datagram is
+//!   dropped (fail closed, see below).
 //!
 //! No address is rewritten, so the accepted socket's `local_addr()` is the original
 //! destination in both directions, and a datagram steered to the DNS socket keeps its original
-//! destination, which `recvmsg` reports with `IP_RECVORIGDSTADDR`.
+//! destination, which `recvmsg` reports with `IP_RECVORIGDSTADDR` (`IPV6_RECVORIGDSTADDR`).
 //!
 //! What is not steered: the HBONE port (the agent's own 15008 listener gets it by the normal
 //! lookup); loopback destinations and the pod connecting to its own address; connections from
@@ -78,6 +83,27 @@ const INBOUND_KEY: u32 = 0;
 const OUTBOUND_KEY: u32 = 1;
 const DNS_UDP_KEY: u32 = 2;
 const DNS_TCP_KEY: u32 = 3;
+const DNS6_UDP_KEY: u32 = 4;
+const DNS6_TCP_KEY: u32 = 5;
+
+/// One address family's DNS slots in [`LISTENER_MAP`], and what a map without them (an older
+/// program's) is reported as: `missing(slots it has, slots needed)`.
+struct DnsSlots {
+    udp: u32,
+    tcp: u32,
+    missing: fn(u32, u32) -> CaptureError,
+}
+
+const DNS4_SLOTS: DnsSlots = DnsSlots {
+    udp: DNS_UDP_KEY,
+    tcp: DNS_TCP_KEY,
+    missing: |slots, needed| CaptureError::NoDnsSlots { slots, needed },
+};
+const DNS6_SLOTS: DnsSlots = DnsSlots {
+    udp: DNS6_UDP_KEY,
+    tcp: DNS6_TCP_KEY,
+    missing: |slots, needed| CaptureError::NoDns6Slots { slots, needed },
+};
 /// File names inside a pin directory. The maps are pinned before the link, so a link pin
 /// always has its maps beside it.
 const LINK_PIN: &str = "link";
@@ -160,6 +186,12 @@ pub enum CaptureError {
          the pod is released and captured again"
     )]
     NoDnsSlots { slots: u32, needed: u32 },
+    #[error(
+        "the attached capture program predates IPv6 DNS capture (its map {LISTENER_MAP} has \
+         {slots} slots, IPv6 DNS needs {needed}); it keeps the settings it was loaded with \
+         until the pod is released and captured again"
+    )]
+    NoDns6Slots { slots: u32, needed: u32 },
 }
 
 /// Steers the pod's inbound TCP to `listener` until the guard is dropped (outbound too, once
@@ -363,8 +395,8 @@ impl CaptureGuard {
         self.set(OUTBOUND_KEY, listener)
     }
 
-    /// Steers the application's DNS to the agent from now on (IPv4 only): its UDP datagrams
-    /// to port 53 to `udp`, its TCP connections to port 53 to `tcp`.
+    /// Steers the application's IPv4 DNS to the agent from now on: its UDP datagrams to port
+    /// 53 to `udp`, its TCP connections to port 53 to `tcp`.
     ///
     /// `udp` is a bound, unconnected IPv4 UDP socket (a socket map takes UDP sockets from Linux
     /// 5.7, and only bound ones); the datagrams keep their original destination, which
@@ -381,21 +413,61 @@ impl CaptureGuard {
         udp: &impl AsRawFd,
         tcp: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
-        self.set(DNS_UDP_KEY, udp).map_err(no_dns_slots)?;
-        if let Err(e) = self.set(DNS_TCP_KEY, tcp) {
-            self.clear(DNS_UDP_KEY);
-            return Err(no_dns_slots(e));
+        self.set_dns(&DNS4_SLOTS, udp, tcp)
+    }
+
+    /// [`CaptureGuard::set_dns_listeners`] for IPv6: `udp` a bound, unconnected IPv6 UDP
+    /// socket reporting `IPV6_RECVORIGDSTADDR`, `tcp` a listening `IP_TRANSPARENT` IPv6
+    /// socket (an IPv4 socket cannot take an IPv6 lookup). A capture adopted from an agent
+    /// that predates IPv6 DNS capture has no slots for them: [`CaptureError::NoDns6Slots`],
+    /// and the capture goes on as before (its IPv4 DNS slots, if any, still work).
+    pub fn set_dns6_listeners(
+        &mut self,
+        udp: &impl AsRawFd,
+        tcp: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        self.set_dns(&DNS6_SLOTS, udp, tcp)
+    }
+
+    /// Registers `udp` and `tcp` in one family's DNS slots, both or neither.
+    fn set_dns(
+        &mut self,
+        slots: &DnsSlots,
+        udp: &impl AsRawFd,
+        tcp: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        // A slot beyond the end of the map: the map (and so the program) is an older one's.
+        let too_old = |e| match e {
+            CaptureError::Map {
+                source: MapError::OutOfBounds { max_entries, .. },
+                ..
+            } => (slots.missing)(max_entries, slots.tcp + 1),
+            e => e,
+        };
+        self.set(slots.udp, udp).map_err(too_old)?;
+        if let Err(e) = self.set(slots.tcp, tcp) {
+            self.clear(slots.udp);
+            return Err(too_old(e));
         }
         Ok(())
     }
 
-    /// Takes the DNS sockets out of the map (an earlier agent's, when this one does not
-    /// capture DNS): the application's TCP to port 53 goes to the outbound listener again,
-    /// and its UDP to port 53, should it still be routed to `lo`, is dropped. Nothing to do on
-    /// a capture without DNS slots.
+    /// Takes the DNS sockets of both families out of the map (an earlier agent's, when this
+    /// one does not capture DNS): the application's TCP to port 53 goes to the outbound
+    /// listener again, and its UDP to port 53, should it still be routed to `lo`, is dropped.
+    /// Slots the map does not have (a capture from before DNS capture) need nothing.
     pub fn clear_dns_listeners(&mut self) {
-        self.clear(DNS_UDP_KEY);
-        self.clear(DNS_TCP_KEY);
+        for slots in [&DNS4_SLOTS, &DNS6_SLOTS] {
+            self.clear(slots.udp);
+            self.clear(slots.tcp);
+        }
+    }
+
+    /// Takes the IPv6 DNS sockets out of the map (an earlier agent's, when this one does not
+    /// capture the pod's IPv6 DNS).
+    pub fn clear_dns6_listeners(&mut self) {
+        self.clear(DNS6_SLOTS.udp);
+        self.clear(DNS6_SLOTS.tcp);
     }
 
     fn set(&mut self, key: u32, listener: &impl AsRawFd) -> Result<(), CaptureError> {
@@ -465,20 +537,6 @@ impl CaptureGuard {
     /// use [`CaptureGuard::exempt`].
     pub fn keep_pinned(&self) {
         self.keep.store(true, Ordering::SeqCst);
-    }
-}
-
-/// A DNS slot beyond the end of the map: the map (and so the program) is an older version's.
-fn no_dns_slots(e: CaptureError) -> CaptureError {
-    match e {
-        CaptureError::Map {
-            source: MapError::OutOfBounds { max_entries, .. },
-            ..
-        } => CaptureError::NoDnsSlots {
-            slots: max_entries,
-            needed: DNS_TCP_KEY + 1,
-        },
-        e => e,
     }
 }
 

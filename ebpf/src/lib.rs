@@ -8,8 +8,9 @@
 //!   connections to the agent's 15006 listener (except the HBONE port, loopback and the probe
 //!   source) and the application's outgoing TCP to the agent's 15001 listener, keeping the
 //!   original destination as the accepted socket's local address; optionally the application's
-//!   IPv4 DNS (UDP and TCP to port 53) to the agent's DNS sockets. The policy routing that
-//!   makes outgoing TCP and DNS visible to it is the agent's (`ztunnel/src/redirect/ebpf.rs`).
+//!   DNS (UDP and TCP to port 53, IPv4 and IPv6) to the agent's DNS sockets of each family. The
+//!   policy routing that makes outgoing TCP and DNS visible to it is the agent's
+//!   (`ztunnel/src/redirect/ebpf.rs`).
 
 #![forbid(unsafe_code)]
 

@@ -5,7 +5,9 @@
 use std::fs::File;
 use std::io::ErrorKind;
 use std::io::{IoSlice, IoSliceMut};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockaddrIn,
+    SockaddrIn, SockaddrIn6, SockaddrStorage,
 };
 use socket2::{Domain, Socket, Type};
 
@@ -29,6 +31,11 @@ const PROBE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 /// A remote client's address, made local to the pod so that the test can bind to it (the
 /// agent's transparent delivery socket gets the same effect from policy routing).
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 7);
+/// The pod's and the node's IPv6 addresses (a ULA prefix, on the same veth), and the pod's
+/// IPv6 resolver, another address of the node's.
+const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+const NAMESERVER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x53);
 const APP_PORT: u16 = 8080;
 /// A port nobody listens on in the pod.
 const CLOSED_PORT: u16 = 9999;
@@ -65,7 +72,11 @@ fn inbound_connections_land_on_the_agent_listener_with_the_original_destination(
     check(&topo, &pod, From::PodOwnIp, APP_PORT, Lands::App);
 
     drop(guard);
-    assert_eq!(topo.sk_lookup_links()?, 0, "the guard detached the program");
+    assert_eq!(
+        topo.sk_lookup_links_become(0)?,
+        0,
+        "the guard detached the program"
+    );
     check(&topo, &pod, From::Node, APP_PORT, Lands::App);
     check(&topo, &pod, From::Node, CLOSED_PORT, Lands::Refused);
     Ok(())
@@ -154,7 +165,7 @@ fn a_pinned_capture_outlives_its_guard_and_is_adopted_by_the_next_agent() -> Res
 
     // The pod leaves the mesh: the pins and the program go.
     drop(second);
-    assert_eq!(topo.sk_lookup_links()?, 0, "unpinned and detached");
+    assert_eq!(topo.sk_lookup_links_become(0)?, 0, "unpinned and detached");
     assert!(!pin_dir.exists(), "pin directory removed");
     check(&topo, &pod, From::Node, APP_PORT, Lands::App);
     Ok(())
@@ -296,156 +307,176 @@ fn outgoing_connections_routed_over_lo_land_on_the_outbound_listener() -> Result
 
 #[test]
 fn dns_over_udp_lands_on_the_agents_dns_socket_with_the_original_destination() -> Result<()> {
-    let topo = Topology::new()?;
-    let pod = topo.pod_listeners()?;
-    topo.capture_routing()?;
-    let dns = topo.pod.run(DnsSockets::bind)??;
-    // The resolver the pod is configured with: nothing may reach it while DNS is captured.
-    let resolver = topo.node.run(|| UdpSocket::bind((NODE_IP, DNS_PORT)))??;
-    let mut guard = attach_capture(
-        &topo.pod.file()?,
-        &pod.agent,
-        &CaptureConfig::new(HBONE_PORT),
-    )?;
-    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
+    dns_over_udp(Family::V4)
+}
 
-    // The application's query, from a connected socket as glibc's resolver sends it.
-    let nameserver = SocketAddrV4::new(NODE_IP, DNS_PORT);
+#[test]
+fn ipv6_dns_over_udp_lands_on_the_agents_ipv6_dns_socket_with_the_original_destination(
+) -> Result<()> {
+    dns_over_udp(Family::V6)
+}
+
+/// The application's query, from a connected socket as glibc's resolver sends it, reaches the
+/// agent's DNS socket of its family with its original destination; the answer, sent from a
+/// socket bound to the nameserver's address and port, comes back as if from the nameserver.
+fn dns_over_udp(family: Family) -> Result<()> {
+    let CapturedDns { topo, dns, .. } = &CapturedDns::new()?;
+    let nameserver = family.nameserver();
+    // The resolver the pod is configured with: nothing may reach it while DNS is captured.
+    let resolver = topo.node.run(|| UdpSocket::bind(nameserver))??;
+
     let app = topo.pod.run(move || -> std::io::Result<UdpSocket> {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let s = UdpSocket::bind((family.any(), 0))?;
         s.connect(nameserver)?;
         s.send(b"query")?;
         Ok(s)
     })??;
-    let query = recv_within(&dns.udp, ACCEPT_WITHIN)?.context("no query reached the agent")?;
+    let query =
+        recv_within(dns.udp(family), ACCEPT_WITHIN)?.context("no query reached the agent")?;
     assert_eq!(query.data, b"query");
-    assert_eq!(SocketAddr::V4(query.from), app.local_addr()?, "sender");
-    assert_eq!(*query.from.ip(), POD_IP, "the pod's address is the source");
+    assert_eq!(query.from, app.local_addr()?, "sender");
+    assert_eq!(
+        query.from.ip(),
+        family.pod_ip(),
+        "the pod's address is the source"
+    );
     assert_eq!(query.orig_dst, Some(nameserver), "original destination");
+    assert!(
+        recv_within(dns.udp(family.other()), Duration::ZERO)?.is_none(),
+        "the other family's DNS socket took the query"
+    );
     assert!(
         recv_within(&resolver, Duration::ZERO)?.is_none(),
         "the query left the pod"
     );
 
-    // Replying from the agent's socket with IP_PKTINFO sets the source address only: the
-    // reply comes from the agent's port, which no resolver accepts (a connected socket does not
-    // even receive it).
-    let unconnected = topo.pod.run(move || -> std::io::Result<UdpSocket> {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-        s.send_to(b"query", nameserver)?;
-        Ok(s)
-    })??;
-    let query = recv_within(&dns.udp, ACCEPT_WITHIN)?.context("second query")?;
-    assert_eq!(query.orig_dst, Some(nameserver));
-    send_from(
-        &dns.udp,
-        *query.orig_dst.context("orig dst")?.ip(),
-        query.from,
-        b"answer",
-    )?;
-    let (_, from) = recv_from_within(&unconnected)?;
-    assert_eq!(
-        from,
-        SocketAddr::from((NODE_IP, DNS_PROXY_PORT)),
-        "IP_PKTINFO keeps the socket's port"
-    );
-
-    // So the agent replies from a socket bound to the original destination (IP_TRANSPARENT, as
+    // The agent replies from a socket bound to the original destination (IP_TRANSPARENT, as
     // it is not a local address; SO_REUSEADDR, as any number may be bound to it; the agent's
-    // mark; unconnected: see below), and IP_PKTINFO is not needed for the address either.
+    // mark; unconnected: see below).
     let reply = topo.pod.run(move || reply_socket(nameserver))??;
     reply.send_to(b"answer", app.local_addr()?)?;
     let (answer, from) = recv_from_within(&app)?;
     assert_eq!(answer, b"answer");
-    assert_eq!(
-        from,
-        SocketAddr::V4(nameserver),
-        "the answer comes from the nameserver"
-    );
+    assert_eq!(from, nameserver, "the answer comes from the nameserver");
 
     // The reply socket, kept open for the next answers, takes no query: the program still
     // hands them to the agent's DNS socket (only a *connected* socket bound to the nameserver
     // would take the datagrams of its peer before the program runs).
     app.send(b"again")?;
-    let query = recv_within(&dns.udp, ACCEPT_WITHIN)?.context("a query after the answer")?;
+    let query = recv_within(dns.udp(family), ACCEPT_WITHIN)?.context("a query after the answer")?;
     assert_eq!(query.data, b"again");
     assert!(recv_within(&reply, Duration::ZERO)?.is_none());
     assert!(recv_within(&resolver, Duration::ZERO)?.is_none());
     Ok(())
 }
 
+/// Why the agent answers from a socket bound to the nameserver: replying from its DNS socket
+/// with IP_PKTINFO sets the source address only, so the reply comes from the agent's port,
+/// which no resolver accepts (a connected socket does not even receive it).
 #[test]
-fn other_udp_is_not_steered() -> Result<()> {
-    let topo = Topology::new()?;
-    let pod = topo.pod_listeners()?;
-    topo.capture_routing()?;
-    let dns = topo.pod.run(DnsSockets::bind)??;
-    let mut guard = attach_capture(
-        &topo.pod.file()?,
-        &pod.agent,
-        &CaptureConfig::new(HBONE_PORT),
-    )?;
-    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
-    let node = topo
-        .node
-        .run(|| UdpSocket::bind((NODE_IP, OTHER_UDP_PORT)))??;
-    // A DNS server in the pod, on its loopback and on its own address.
-    let pod_server = topo
-        .pod
-        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, DNS_PORT)))??;
-
-    // The pod's UDP to another port leaves the pod.
-    let to_node = SocketAddr::from((NODE_IP, OTHER_UDP_PORT));
-    let sender = topo.pod.run(move || send_once(to_node))??;
-    let (_, from) = recv_from_within(&node)?;
+fn an_answer_from_the_dns_socket_with_ip_pktinfo_keeps_the_agents_port() -> Result<()> {
+    let CapturedDns { topo, dns, .. } = &CapturedDns::new()?;
+    let nameserver = SocketAddrV4::new(NODE_IP, DNS_PORT);
+    let unconnected = topo.pod.run(move || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.send_to(b"query", nameserver)?;
+        Ok(s)
+    })??;
+    let query = recv_within(&dns.v4.udp, ACCEPT_WITHIN)?.context("the query")?;
+    assert_eq!(query.orig_dst, Some(SocketAddr::V4(nameserver)));
+    let SocketAddr::V4(client) = query.from else {
+        bail!("an IPv4 query from {}", query.from);
+    };
+    send_from(&dns.v4.udp, *nameserver.ip(), client, b"answer")?;
+    let (_, from) = recv_from_within(&unconnected)?;
     assert_eq!(
         from,
-        SocketAddr::from((POD_IP, sender.local_addr()?.port()))
-    );
-
-    // UDP to port 53 from outside the pod, to the pod's loopback and to its own address
-    // reaches the pod's server.
-    let to_pod = SocketAddr::from((POD_IP, DNS_PORT));
-    for (ns, dst) in [
-        (&topo.node, to_pod),
-        (&topo.pod, SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PORT))),
-        (&topo.pod, to_pod),
-    ] {
-        ns.run(move || send_once(dst))??;
-        recv_from_within(&pod_server).with_context(|| format!("to {dst} from {}", ns.name))?;
-    }
-    assert!(
-        recv_within(&dns.udp, Duration::ZERO)?.is_none(),
-        "the agent's DNS socket took a datagram"
+        SocketAddr::from((NODE_IP, DNS_PROXY_PORT)),
+        "IP_PKTINFO keeps the socket's port"
     );
     Ok(())
 }
 
 #[test]
-fn dns_over_tcp_lands_on_the_dns_listener_or_else_on_the_outbound_one() -> Result<()> {
-    let topo = Topology::new()?;
-    let pod = topo.pod_listeners()?;
-    topo.capture_routing()?;
-    let dns = topo.pod.run(DnsSockets::bind)??;
-    let outbound = topo.pod.run(|| transparent_listener(OUTBOUND_PORT))??;
-    let resolver = topo.node.listen(DNS_PORT)?;
-    let mut guard = attach_capture(
-        &topo.pod.file()?,
-        &pod.agent,
-        &CaptureConfig::new(HBONE_PORT),
-    )?;
-    guard.set_outbound_listener(&outbound)?;
-    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
+fn other_udp_is_not_steered() -> Result<()> {
+    other_udp(Family::V4)
+}
 
-    let nameserver = SocketAddr::from((NODE_IP, DNS_PORT));
+#[test]
+fn other_ipv6_udp_is_not_steered() -> Result<()> {
+    other_udp(Family::V6)
+}
+
+/// UDP to another port, and UDP to port 53 that the application does not send out of the
+/// pod, reach whoever they would without capture.
+fn other_udp(family: Family) -> Result<()> {
+    let CapturedDns { topo, dns, .. } = &CapturedDns::new()?;
+    let node_ip = family.nameserver().ip();
+    let node = topo
+        .node
+        .run(|| UdpSocket::bind((node_ip, OTHER_UDP_PORT)))??;
+    // A DNS server in the pod, on its loopback and on its own address.
+    let pod_server = topo.pod.run(|| family.wildcard_udp(DNS_PORT))??;
+
+    // The pod's UDP to another port leaves the pod.
+    let to_node = SocketAddr::new(node_ip, OTHER_UDP_PORT);
+    let sender = topo.pod.run(move || send_once(to_node))??;
+    let (_, from) = recv_from_within(&node)?;
+    assert_eq!(
+        from,
+        SocketAddr::new(family.pod_ip(), sender.local_addr()?.port())
+    );
+
+    // UDP to port 53 from outside the pod, to the pod's loopback and to its own address
+    // reaches the pod's server.
+    let to_pod = SocketAddr::new(family.pod_ip(), DNS_PORT);
+    for (ns, dst) in [
+        (&topo.node, to_pod),
+        (&topo.pod, SocketAddr::new(family.loopback(), DNS_PORT)),
+        (&topo.pod, to_pod),
+    ] {
+        ns.run(move || send_once(dst))??;
+        recv_from_within(&pod_server).with_context(|| format!("to {dst} from {}", ns.name))?;
+    }
+    for f in [Family::V4, Family::V6] {
+        assert!(
+            recv_within(dns.udp(f), Duration::ZERO)?.is_none(),
+            "the agent's {f:?} DNS socket took a datagram"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn dns_over_tcp_lands_on_the_dns_listener_or_else_on_the_outbound_one() -> Result<()> {
+    dns_over_tcp(Family::V4)
+}
+
+#[test]
+fn ipv6_dns_over_tcp_lands_on_the_ipv6_dns_listener_or_else_on_the_outbound_one() -> Result<()> {
+    dns_over_tcp(Family::V6)
+}
+
+fn dns_over_tcp(family: Family) -> Result<()> {
+    let CapturedDns {
+        topo, dns, guard, ..
+    } = &mut CapturedDns::new()?;
+    let outbound = topo
+        .pod
+        .run(|| transparent_listener_on(SocketAddr::new(family.loopback(), OUTBOUND_PORT)))??;
+    let nameserver = family.nameserver();
+    let resolver = topo.node.run(|| TcpListener::bind(nameserver))??;
+    guard.set_outbound_listener(&outbound)?;
+
     let connect_out = || topo.pod.run(move || connect(None, nameserver, None));
     let client = connect_out()??;
-    let accepted =
-        accept_within(&dns.tcp, ACCEPT_WITHIN).context("nothing reached the DNS listener")?;
+    let accepted = accept_within(dns.tcp(family), ACCEPT_WITHIN)
+        .context("nothing reached the DNS listener")?;
     assert_eq!(accepted.local_addr()?, nameserver, "original destination");
     assert_eq!(accepted.peer_addr()?, client.local_addr()?, "peer");
     echo_once(&client, &accepted)?;
     assert!(accept_within(&outbound, Duration::ZERO).is_none());
+    assert!(accept_within(dns.tcp(family.other()), Duration::ZERO).is_none());
 
     // Without a DNS listener, TCP to port 53 is captured like any other connection.
     guard.clear_dns_listeners();
@@ -454,7 +485,7 @@ fn dns_over_tcp_lands_on_the_dns_listener_or_else_on_the_outbound_one() -> Resul
         accept_within(&outbound, ACCEPT_WITHIN).context("nothing reached the outbound listener")?;
     assert_eq!(accepted.local_addr()?, nameserver, "original destination");
     assert_eq!(accepted.peer_addr()?, client.local_addr()?, "peer");
-    assert!(accept_within(&dns.tcp, Duration::ZERO).is_none());
+    assert!(accept_within(dns.tcp(family), Duration::ZERO).is_none());
     assert!(
         accept_within(&resolver, Duration::ZERO).is_none(),
         "nothing left the pod"
@@ -464,25 +495,29 @@ fn dns_over_tcp_lands_on_the_dns_listener_or_else_on_the_outbound_one() -> Resul
 
 #[test]
 fn without_the_dns_socket_udp_to_port_53_reaches_no_socket() -> Result<()> {
-    let topo = Topology::new()?;
-    let pod = topo.pod_listeners()?;
-    topo.capture_routing()?;
-    let resolver = topo.node.run(|| UdpSocket::bind((NODE_IP, DNS_PORT)))??;
+    dns_without_its_socket(Family::V4)
+}
+
+#[test]
+fn without_the_ipv6_dns_socket_ipv6_udp_to_port_53_reaches_no_socket() -> Result<()> {
+    dns_without_its_socket(Family::V6)
+}
+
+/// The application's UDP to port 53 of `family`, routed to `lo`, while the agent has no DNS
+/// socket of that family in the map (only the other family's): dropped, neither handed to
+/// the other family's socket nor to a server of the pod's own, nor sent on.
+fn dns_without_its_socket(family: Family) -> Result<()> {
+    let CapturedDns {
+        topo, dns, guard, ..
+    } = &mut CapturedDns::unregistered()?;
+    let nameserver = family.nameserver();
+    let resolver = topo.node.run(|| UdpSocket::bind(nameserver))??;
     // A DNS server of the application's own, on the wildcard address: the normal lookup would
     // hand it datagrams to any address.
-    let pod_server = topo
-        .pod
-        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, DNS_PORT)))??;
-    let mut dns = topo.pod.run(DnsSockets::bind)??;
-    let mut guard = attach_capture(
-        &topo.pod.file()?,
-        &pod.agent,
-        &CaptureConfig::new(HBONE_PORT),
-    )?;
-    let nameserver = SocketAddrV4::new(NODE_IP, DNS_PORT);
+    let pod_server = topo.pod.run(|| family.wildcard_udp(DNS_PORT))??;
     let lost = |dns: &DnsSockets, what: &str| -> Result<()> {
         let app = topo.pod.run(move || -> std::io::Result<UdpSocket> {
-            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            let s = UdpSocket::bind((family.any(), 0))?;
             s.connect(nameserver)?;
             s.send(b"query")?;
             Ok(s)
@@ -503,7 +538,8 @@ fn without_the_dns_socket_udp_to_port_53_reaches_no_socket() -> Result<()> {
             "{what}: got {answer:?}"
         );
         for (socket, name) in [
-            (&dns.udp, "the agent's unregistered DNS socket"),
+            (dns.udp(family), "the agent's unregistered DNS socket"),
+            (dns.udp(family.other()), "the other family's DNS socket"),
             (&pod_server, "the pod's own DNS server"),
             (&resolver, "the resolver (the query left the pod)"),
         ] {
@@ -514,32 +550,120 @@ fn without_the_dns_socket_udp_to_port_53_reaches_no_socket() -> Result<()> {
         }
         Ok(())
     };
+    let register_other = |guard: &mut CaptureGuard, dns: &DnsSockets| match family {
+        Family::V4 => guard.set_dns6_listeners(&dns.v6.udp, &dns.v6.tcp),
+        Family::V6 => guard.set_dns_listeners(&dns.v4.udp, &dns.v4.tcp),
+    };
 
-    // Never registered.
-    lost(&dns, "no DNS socket registered")?;
+    // Never registered (the other family's are).
+    register_other(guard, dns)?;
+    lost(dns, "no DNS socket of its family registered")?;
     // Registered, then taken out.
-    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
+    dns.register(guard)?;
     guard.clear_dns_listeners();
-    lost(&dns, "DNS sockets cleared")?;
+    register_other(guard, dns)?;
+    lost(dns, "DNS sockets cleared")?;
+    if family == Family::V6 {
+        dns.register(guard)?;
+        guard.clear_dns6_listeners();
+        lost(dns, "IPv6 DNS sockets cleared")?;
+    }
     // Registered, then closed (the agent exits): the kernel takes it out of the map.
-    guard.set_dns_listeners(&dns.udp, &dns.tcp)?;
-    dns = topo.pod.run(DnsSockets::bind_other)??;
-    lost(&dns, "DNS socket closed")?;
+    dns.register(guard)?;
+    *dns = topo.pod.run(DnsSockets::bind_other)??;
+    register_other(guard, dns)?;
+    lost(dns, "DNS socket closed")?;
     Ok(())
 }
 
 #[test]
 fn an_adopted_capture_without_dns_slots_says_so() -> Result<()> {
-    let topo = Topology::new()?;
-    let bpffs = Bpffs::mount()?;
+    let (topo, bpffs) = (Topology::new()?, Bpffs::mount()?);
     let pin_dir = bpffs.path.join("pod");
     let pod = topo.pod_listeners()?;
     let dns = topo.pod.run(DnsSockets::bind)??;
+    // An agent from before DNS capture pinned a two-slot socket map.
+    let mut adopted = adopt_with_map_of(&topo, &pod, &pin_dir, 2)?;
+    assert!(adopted.adopted());
+    let err = adopted
+        .set_dns_listeners(&dns.v4.udp, &dns.v4.tcp)
+        .expect_err("a two-slot map has no DNS slots");
+    assert!(
+        matches!(
+            err,
+            CaptureError::NoDnsSlots {
+                slots: 2,
+                needed: 4
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("predates DNS capture"), "{err}");
+    let err = adopted
+        .set_dns6_listeners(&dns.v6.udp, &dns.v6.tcp)
+        .expect_err("nor IPv6 DNS slots");
+    assert!(
+        matches!(
+            err,
+            CaptureError::NoDns6Slots {
+                slots: 2,
+                needed: 6
+            }
+        ),
+        "{err:?}"
+    );
+    // The rest of the capture is usable as before.
+    adopted.clear_dns_listeners();
+    adopted.set_inbound_listener(&pod.agent)?;
+    drop(adopted);
+    assert!(!pin_dir.exists(), "pin directory removed");
+    Ok(())
+}
+
+#[test]
+fn an_adopted_capture_without_ipv6_dns_slots_keeps_its_ipv4_dns_and_says_so() -> Result<()> {
+    let (topo, bpffs) = (Topology::new()?, Bpffs::mount()?);
+    let pin_dir = bpffs.path.join("pod");
+    let pod = topo.pod_listeners()?;
+    let dns = topo.pod.run(DnsSockets::bind)??;
+    // An agent from before IPv6 DNS capture pinned a four-slot socket map.
+    let mut adopted = adopt_with_map_of(&topo, &pod, &pin_dir, 4)?;
+    adopted.set_dns_listeners(&dns.v4.udp, &dns.v4.tcp)?;
+    let err = adopted
+        .set_dns6_listeners(&dns.v6.udp, &dns.v6.tcp)
+        .expect_err("a four-slot map has no IPv6 DNS slots");
+    assert!(
+        matches!(
+            err,
+            CaptureError::NoDns6Slots {
+                slots: 4,
+                needed: 6
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("predates IPv6 DNS capture"),
+        "{err}"
+    );
+    adopted.clear_dns_listeners();
+    drop(adopted);
+    assert!(!pin_dir.exists(), "pin directory removed");
+    Ok(())
+}
+
+/// A capture pinned under `pin_dir` by an earlier agent whose socket map had `slots` slots
+/// (the map pin replaced by one of that size), adopted.
+fn adopt_with_map_of(
+    topo: &Topology,
+    pod: &PodListeners,
+    pin_dir: &Path,
+    slots: u32,
+) -> Result<CaptureGuard> {
     let config = CaptureConfig::new(HBONE_PORT);
-    let first = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+    let first = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, pin_dir)?;
     first.keep_pinned();
     drop(first);
-    // An agent from before DNS capture pinned a two-slot socket map.
     let map_pin = pin_dir.join("listeners");
     std::fs::remove_file(&map_pin)?;
     run(
@@ -555,34 +679,14 @@ fn an_adopted_capture_without_dns_slots_says_so() -> Result<()> {
             "value",
             "4",
             "entries",
-            "2",
+            &slots.to_string(),
             "name",
             "listeners",
         ],
     )?;
-
-    let mut adopted = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, &pin_dir)?;
+    let adopted = attach_capture_pinned(&topo.pod.file()?, &pod.agent, &config, pin_dir)?;
     assert!(adopted.adopted());
-    let err = adopted
-        .set_dns_listeners(&dns.udp, &dns.tcp)
-        .expect_err("a two-slot map has no DNS slots");
-    assert!(
-        matches!(
-            err,
-            CaptureError::NoDnsSlots {
-                slots: 2,
-                needed: 4
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(err.to_string().contains("predates DNS capture"), "{err}");
-    // The rest of the capture is usable as before.
-    adopted.clear_dns_listeners();
-    adopted.set_inbound_listener(&pod.agent)?;
-    drop(adopted);
-    assert!(!pin_dir.exists(), "pin directory removed");
-    Ok(())
+    Ok(adopted)
 }
 
 /// Sends a byte each way between the two ends of one connection.
@@ -600,11 +704,112 @@ fn echo_once(a: &TcpStream, b: &TcpStream) -> Result<()> {
 
 // === DNS helpers ===
 
-/// The agent's DNS sockets as it opens them in the pod: IPv4, on loopback, `IP_TRANSPARENT`
-/// (the TCP listener's connections, and the UDP socket's answers, have the nameserver's
-/// address as their local one), with the agent's mark, the UDP socket reporting each
-/// datagram's original destination (`IP_RECVORIGDSTADDR`).
+/// The address family of a DNS scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn other(self) -> Self {
+        match self {
+            Self::V4 => Self::V6,
+            Self::V6 => Self::V4,
+        }
+    }
+
+    /// The pod's address of this family.
+    fn pod_ip(self) -> IpAddr {
+        match self {
+            Self::V4 => POD_IP.into(),
+            Self::V6 => POD_IP6.into(),
+        }
+    }
+
+    /// The resolver the pod is configured with, on the node's side of the veth.
+    fn nameserver(self) -> SocketAddr {
+        match self {
+            Self::V4 => SocketAddr::from((NODE_IP, DNS_PORT)),
+            Self::V6 => SocketAddr::from((NAMESERVER_IP6, DNS_PORT)),
+        }
+    }
+
+    fn any(self) -> IpAddr {
+        match self {
+            Self::V4 => Ipv4Addr::UNSPECIFIED.into(),
+            Self::V6 => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+
+    fn loopback(self) -> IpAddr {
+        match self {
+            Self::V4 => Ipv4Addr::LOCALHOST.into(),
+            Self::V6 => Ipv6Addr::LOCALHOST.into(),
+        }
+    }
+
+    /// A UDP socket on this family's wildcard address (IPv6: only IPv6, so that an IPv4 one
+    /// may take the same port).
+    fn wildcard_udp(self, port: u16) -> std::io::Result<UdpSocket> {
+        let addr = SocketAddr::new(self.any(), port);
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+        if self == Self::V6 {
+            s.set_only_v6(true)?;
+        }
+        s.bind(&addr.into())?;
+        Ok(s.into())
+    }
+}
+
+/// A pod whose capture (its routing and the program, with the pod's inbound listener) takes
+/// its DNS to the agent's DNS sockets of both families. Fields drop in order: the program
+/// detaches before the namespaces go.
+struct CapturedDns {
+    guard: CaptureGuard,
+    dns: DnsSockets,
+    _pod: PodListeners,
+    topo: Topology,
+}
+
+impl CapturedDns {
+    fn new() -> Result<Self> {
+        let mut captured = Self::unregistered()?;
+        captured.dns.register(&mut captured.guard)?;
+        Ok(captured)
+    }
+
+    /// The DNS sockets bound, not registered with the program.
+    fn unregistered() -> Result<Self> {
+        let topo = Topology::new()?;
+        let pod = topo.pod_listeners()?;
+        topo.capture_routing()?;
+        let dns = topo.pod.run(DnsSockets::bind)??;
+        let guard = attach_capture(
+            &topo.pod.file()?,
+            &pod.agent,
+            &CaptureConfig::new(HBONE_PORT),
+        )?;
+        Ok(Self {
+            guard,
+            dns,
+            _pod: pod,
+            topo,
+        })
+    }
+}
+
+/// The agent's DNS sockets as it opens them in the pod, one pair per family.
 struct DnsSockets {
+    v4: DnsPair,
+    v6: DnsPair,
+}
+
+/// One family's: on loopback, `IP_TRANSPARENT` (the TCP listener's connections, and the UDP
+/// socket's answers, have the nameserver's address as their local one), with the agent's
+/// mark, the UDP socket reporting each datagram's original destination
+/// (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`).
+struct DnsPair {
     udp: UdpSocket,
     tcp: TcpListener,
 }
@@ -620,34 +825,68 @@ impl DnsSockets {
     }
 
     fn bind_on(port: u16) -> std::io::Result<Self> {
-        let udp = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+        Ok(Self {
+            v4: DnsPair::bind(Family::V4, port)?,
+            v6: DnsPair::bind(Family::V6, port)?,
+        })
+    }
+
+    /// Registers both families' sockets with the capture.
+    fn register(&self, guard: &mut CaptureGuard) -> Result<()> {
+        guard.set_dns_listeners(&self.v4.udp, &self.v4.tcp)?;
+        guard.set_dns6_listeners(&self.v6.udp, &self.v6.tcp)?;
+        Ok(())
+    }
+
+    fn udp(&self, family: Family) -> &UdpSocket {
+        match family {
+            Family::V4 => &self.v4.udp,
+            Family::V6 => &self.v6.udp,
+        }
+    }
+
+    fn tcp(&self, family: Family) -> &TcpListener {
+        match family {
+            Family::V4 => &self.v4.tcp,
+            Family::V6 => &self.v6.tcp,
+        }
+    }
+}
+
+impl DnsPair {
+    fn bind(family: Family, port: u16) -> std::io::Result<Self> {
+        let addr = SocketAddr::new(family.loopback(), port);
+        let udp = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
         udp.set_ip_transparent(true)?;
         udp.set_mark(SKIP_MARK)?;
-        udp.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+        udp.bind(&addr.into())?;
         let udp = UdpSocket::from(udp);
-        setsockopt(&udp, sockopt::Ipv4OrigDstAddr, &true)?;
+        match family {
+            Family::V4 => setsockopt(&udp, sockopt::Ipv4OrigDstAddr, &true)?,
+            Family::V6 => setsockopt(&udp, sockopt::Ipv6OrigDstAddr, &true)?,
+        }
         Ok(Self {
             udp,
-            tcp: transparent_listener(port)?,
+            tcp: transparent_listener_on(addr)?,
         })
     }
 }
 
 /// What the agent sends an answer from: a socket bound to the nameserver's address and port.
-fn reply_socket(nameserver: SocketAddrV4) -> std::io::Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+fn reply_socket(nameserver: SocketAddr) -> std::io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(nameserver), Type::DGRAM, None)?;
     s.set_ip_transparent(true)?;
     s.set_reuse_address(true)?;
     s.set_mark(SKIP_MARK)?;
-    s.bind(&SocketAddr::V4(nameserver).into())?;
+    s.bind(&nameserver.into())?;
     Ok(s.into())
 }
 
 /// A datagram as the agent's DNS socket receives it.
 struct Datagram {
     data: Vec<u8>,
-    from: SocketAddrV4,
-    orig_dst: Option<SocketAddrV4>,
+    from: SocketAddr,
+    orig_dst: Option<SocketAddr>,
 }
 
 /// The next datagram on `socket` within `within`, with its original destination if the
@@ -658,24 +897,32 @@ fn recv_within(socket: &UdpSocket, within: Duration) -> Result<Option<Datagram>>
     }
     let mut buf = [0u8; 512];
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
-    let msg = recvmsg::<SockaddrIn>(
+    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in6);
+    let msg = recvmsg::<SockaddrStorage>(
         socket.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
         MsgFlags::MSG_DONTWAIT,
     )?;
     let from = msg.address.context("no sender address")?;
+    let from = match (from.as_sockaddr_in(), from.as_sockaddr_in6()) {
+        (Some(v4), _) => SocketAddr::V4((*v4).into()),
+        (_, Some(v6)) => SocketAddr::V6((*v6).into()),
+        _ => bail!("a sender that is no IP address: {from}"),
+    };
     let orig_dst = msg.cmsgs()?.find_map(|c| match c {
         ControlMessageOwned::Ipv4OrigDstAddr(addr) => {
-            Some(SocketAddrV4::from(SockaddrIn::from(addr)))
+            Some(SocketAddr::V4(SockaddrIn::from(addr).into()))
+        }
+        ControlMessageOwned::Ipv6OrigDstAddr(addr) => {
+            Some(SocketAddr::V6(SockaddrIn6::from(addr).into()))
         }
         _ => None,
     });
     let len = msg.bytes;
     Ok(Some(Datagram {
         data: buf[..len].to_vec(),
-        from: SocketAddrV4::from(from),
+        from,
         orig_dst,
     }))
 }
@@ -709,7 +956,11 @@ fn send_from(socket: &UdpSocket, src: Ipv4Addr, to: SocketAddrV4, data: &[u8]) -
 
 /// Sends one datagram to `dst` from an ephemeral port.
 fn send_once(dst: SocketAddr) -> std::io::Result<UdpSocket> {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let any: IpAddr = match dst {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let s = UdpSocket::bind((any, 0))?;
     s.send_to(b"datagram", dst)?;
     Ok(s)
 }
@@ -721,12 +972,18 @@ fn readable_within(fd: std::os::fd::BorrowedFd<'_>, within: Duration) -> bool {
 }
 
 /// A listening IPv4 socket on loopback that takes connections to any address (the agent's
-/// outbound and DNS listeners).
+/// outbound listener).
 fn transparent_listener(port: u16) -> std::io::Result<TcpListener> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    transparent_listener_on(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
+
+/// A listening socket on `addr` that takes connections to any address of its family (the
+/// agent's outbound and DNS listeners).
+fn transparent_listener_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_ip_transparent(true)?;
     s.set_reuse_address(true)?;
-    s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+    s.bind(&addr.into())?;
     s.listen(16)?;
     Ok(s.into())
 }
@@ -848,7 +1105,7 @@ fn connect(
     dst: SocketAddr,
     exempt: Option<&CaptureGuard>,
 ) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
     if let Some(ip) = source {
         socket.bind(&SocketAddr::V4(SocketAddrV4::new(ip, 0)).into())?;
     }
@@ -927,17 +1184,18 @@ impl Topology {
             "link", "add", "name", "eth0", "netns", &node.name, "type", "veth", "peer", "name",
             "eth0", "netns", &pod.name,
         ])?;
-        for (ns, addrs) in [(&node, vec![NODE_IP, PROBE_IP]), (&pod, vec![POD_IP])] {
+        let node_addrs = [
+            format!("{NODE_IP}/24"),
+            format!("{PROBE_IP}/24"),
+            format!("{NODE_IP6}/64"),
+            format!("{NAMESERVER_IP6}/64"),
+        ];
+        let pod_addrs = [format!("{POD_IP}/24"), format!("{POD_IP6}/64")];
+        for (ns, addrs) in [(&node, &node_addrs[..]), (&pod, &pod_addrs[..])] {
             for addr in addrs {
-                ip(&[
-                    "-n",
-                    &ns.name,
-                    "addr",
-                    "add",
-                    &format!("{addr}/24"),
-                    "dev",
-                    "eth0",
-                ])?;
+                // `nodad`: usable at once (duplicate address detection would hold an IPv6
+                // address back for a second or more; the veth has no one else on it).
+                ip(&["-n", &ns.name, "addr", "add", addr, "dev", "eth0", "nodad"])?;
             }
             ip(&["-n", &ns.name, "link", "set", "eth0", "up"])?;
         }
@@ -952,8 +1210,9 @@ impl Topology {
         })
     }
 
-    /// The agent's routing (ztunnel/src/redirect/ebpf.rs) in miniature: the pod's own TCP, and
-    /// its UDP to port 53, are delivered locally unless they carry the agent's mark.
+    /// The agent's routing (ztunnel/src/redirect/ebpf.rs) in miniature, for both address
+    /// families: the pod's own TCP, and its UDP to port 53, are delivered locally unless they
+    /// carry the agent's mark.
     fn capture_routing(&self) -> Result<()> {
         let pod = self.pod.name.as_str();
         let table = "133";
@@ -967,24 +1226,36 @@ impl Topology {
                 "iif", "lo", "ipproto", "udp", "dport", "53", "lookup", table, "pref", "32001",
             ],
         ];
-        for rule in rules {
-            ip(&[&["-n", pod, "rule", "add"], rule].concat())?;
+        for (family, default, src) in [
+            ("-4", "0.0.0.0/0", IpAddr::from(POD_IP)),
+            ("-6", "::/0", IpAddr::from(POD_IP6)),
+        ] {
+            for rule in rules {
+                ip(&[&["-n", pod, family, "rule", "add"], rule].concat())?;
+            }
+            let src = src.to_string();
+            ip(&[
+                "-n", pod, family, "route", "add", "local", default, "dev", "lo", "src", &src,
+                "table", table,
+            ])?;
         }
-        let src = POD_IP.to_string();
-        ip(&[
-            "-n",
-            pod,
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "src",
-            &src,
-            "table",
-            table,
-        ])
+        Ok(())
+    }
+
+    /// [`Topology::sk_lookup_links`] once it is `expected`, else after [`ACCEPT_WITHIN`]. A
+    /// link the test has just closed may be held a moment longer by a process another test
+    /// thread is spawning, which holds a copy of every descriptor between its fork and its
+    /// exec (see [`reset_by_a_closing_listener`]); the kernel detaches it when that copy
+    /// closes.
+    fn sk_lookup_links_become(&self, expected: usize) -> Result<usize> {
+        let deadline = std::time::Instant::now() + ACCEPT_WITHIN;
+        loop {
+            let links = self.sk_lookup_links()?;
+            if links == expected || std::time::Instant::now() > deadline {
+                return Ok(links);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// sk_lookup links attached to the pod namespace, as bpftool sees them.

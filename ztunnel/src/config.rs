@@ -127,10 +127,11 @@ pub struct Args {
     /// (counted with flag BLACKHOLE).
     #[arg(long, env = "ZTUNNEL_OUTBOUND_TRAFFIC_POLICY", value_enum, default_value_t = OutboundTrafficPolicy::AllowAny)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,
-    /// Capture each enrolled pod's DNS (UDP and TCP port 53, IPv4) to the agent's DNS proxy
-    /// on 15053 in the pod: Service and ServiceEntry names are answered from the model
-    /// (ServiceEntries without addresses get an auto-allocated VIP), every other query goes
-    /// on to the resolver the pod asked. `false`: pod DNS is left alone.
+    /// Capture each enrolled pod's DNS (UDP and TCP port 53; IPv4, and IPv6 in a pod with an
+    /// IPv6 address) to the agent's DNS proxy on 15053 in the pod (127.0.0.1 and [::1]):
+    /// Service and ServiceEntry names are answered from the model (ServiceEntries without
+    /// addresses get an auto-allocated VIP), every other query goes on to the resolver the pod
+    /// asked. `false`: pod DNS is left alone.
     #[arg(long, env = "ZTUNNEL_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub dns_capture: bool,
     /// `shared`: one runtime whose `--worker-threads` workers take any task. `per-worker`:

@@ -1,5 +1,5 @@
-//! The DNS proxy: every enrolled pod's DNS (UDP and TCP to port 53, IPv4) is captured to the
-//! agent's port [`DNS_PROXY_PORT`] inside the pod, like its TCP to 15001. Names the mesh
+//! The DNS proxy: every enrolled pod's DNS (UDP and TCP to port 53, IPv4 and IPv6) is captured
+//! to the agent's port [`DNS_PROXY_PORT`] inside the pod, like its TCP to 15001. Names the mesh
 //! knows are answered from the model ([`Model::dns_lookup`]: Kubernetes Services by their
 //! `svc.cluster.local` names and the short forms a pod's search path makes, ServiceEntry
 //! hosts with their addresses or an auto-allocated VIP); every other query goes on, from the
@@ -9,16 +9,25 @@
 //! resolves to a VIP that the agent's outbound capture recognises (Istio's DNS
 //! auto-allocation), so `REGISTRY_ONLY` and egress waypoints work by name.
 //!
+//! The proxy's sockets ([`bind`]): per address family a UDP socket and a TCP listener on the
+//! family's loopback address (`127.0.0.1:15053`, and `[::1]:15053` for a pod with an IPv6
+//! address, whose IPv6 the capture takes: see [`crate::redirect::captures_ipv6`]). One pair
+//! per family rather than one dual-stack pair: a dual-stack socket must be bound to the
+//! wildcard address, which would serve the pod's own addresses too (anyone outside the pod
+//! could query the proxy on them), and its IPv4 peers would be v4-mapped.
+//!
 //! How a captured datagram keeps its original destination, and how the answer appears to
 //! come from it (see `redirect/nft.rs` and `redirect/ebpf.rs` for the capture):
 //! - nftables: locally generated UDP to port 53 is marked, routed over `lo`, and `tproxy`'d to
-//!   the proxy's socket; eBPF: the same routing, and the `sk_lookup` program assigns it.
-//!   Neither rewrites the packet, so `IP_RECVORIGDSTADDR` gives the resolver's address.
+//!   the proxy's socket of its family; eBPF: the same routing, and the `sk_lookup` program
+//!   assigns it. Neither rewrites the packet, so `IP_RECVORIGDSTADDR` (`IPV6_RECVORIGDSTADDR`)
+//!   gives the resolver's address.
 //! - The answer is sent from a short-lived transparent socket bound to that address and
 //!   port (port 53, so the application's resolver library accepts it), marked so that
 //!   capture skips it.
 //! - TCP: the listener is the outbound one's twin; the original destination is read as for
-//!   15001 (`SO_ORIGINAL_DST` with nftables, the local address with eBPF).
+//!   15001 (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` with nftables, the local address with
+//!   eBPF).
 //!
 //! Bad input and floods: a datagram that is no DNS query gets FORMERR when its header can be
 //! read and is dropped otherwise; each pod may have [`MAX_FORWARDS_PER_POD`] forwarded
@@ -28,7 +37,7 @@
 //! pod sends affects another pod's proxy.
 
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +46,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use mesh_model::model::Model;
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -47,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Redirect, SKIP_MARK};
 use crate::netns::Netns;
 use crate::proxy::{PodCtx, ProxyInputs};
-use crate::socket::SocketError;
+use crate::socket::{ListenFor, SocketError};
 
 pub use crate::config::DNS_PROXY_PORT;
 
@@ -167,21 +176,86 @@ fn forwardable(upstream: SocketAddr) -> bool {
     upstream.port() == DNS_PORT && !upstream.ip().is_loopback() && !upstream.ip().is_unspecified()
 }
 
-/// The pod's UDP DNS socket: bound on `127.0.0.1:15053` inside the pod, transparent (the
-/// capture delivers datagrams for any resolver address to it) and reporting each datagram's
-/// original destination.
-pub fn bind_udp(netns: &Netns, home: &Netns) -> Result<std::net::UdpSocket, SocketError> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PROXY_PORT));
+/// The DNS proxy's sockets in one pod (see the module docs).
+#[derive(Debug)]
+pub struct Sockets {
+    pub v4: FamilySockets,
+    /// For a pod with an IPv6 address only.
+    pub v6: Option<FamilySockets>,
+}
+
+/// One address family's DNS sockets, on its loopback address, port [`DNS_PROXY_PORT`].
+#[derive(Debug)]
+pub struct FamilySockets {
+    /// Transparent (the capture delivers datagrams for any resolver address to it), reporting
+    /// each datagram's original destination.
+    pub udp: std::net::UdpSocket,
+    /// The outbound listener's twin (`setup` as for it).
+    pub tcp: std::net::TcpListener,
+}
+
+/// Binds the DNS proxy's sockets inside `netns` for a pod with addresses `ips`: IPv4, and
+/// IPv6 when the pod's IPv6 is captured. `setup` as for the pod's outbound listener.
+pub fn bind(
+    netns: &Netns,
+    home: &Netns,
+    ips: &[IpAddr],
+    setup: ListenFor,
+) -> Result<Sockets, SocketError> {
+    let family = |ip: IpAddr| -> Result<FamilySockets, SocketError> {
+        let addr = SocketAddr::new(ip, DNS_PROXY_PORT);
+        Ok(FamilySockets {
+            udp: bind_udp(netns, home, addr)?,
+            tcp: crate::socket::listen_in(netns, home, addr, setup)?,
+        })
+    };
+    Ok(Sockets {
+        v4: family(Ipv4Addr::LOCALHOST.into())?,
+        v6: match crate::redirect::captures_ipv6(ips) {
+            true => Some(family(Ipv6Addr::LOCALHOST.into())?),
+            false => None,
+        },
+    })
+}
+
+impl Sockets {
+    /// Each family's UDP socket and TCP listener, IPv4 first.
+    pub fn into_families(self) -> impl Iterator<Item = FamilySockets> {
+        std::iter::once(self.v4).chain(self.v6)
+    }
+}
+
+/// The pod's UDP DNS socket of `addr`'s family, bound there inside the pod.
+fn bind_udp(
+    netns: &Netns,
+    home: &Netns,
+    addr: SocketAddr,
+) -> Result<std::net::UdpSocket, SocketError> {
     let sock = netns
         .run(home, || -> io::Result<Socket> {
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
             s.set_reuse_address(true)?;
             s.set_reuse_port(true)?;
             s.set_nonblocking(true)?;
+            // IP_TRANSPARENT also applies to IPv6 sockets (the kernel shares the flag).
             s.set_ip_transparent(true)?;
             s.set_mark(SKIP_MARK)?;
-            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
-                .map_err(io::Error::from)?;
+            match addr {
+                SocketAddr::V4(_) => nix::sys::socket::setsockopt(
+                    &s,
+                    nix::sys::socket::sockopt::Ipv4OrigDstAddr,
+                    &true,
+                ),
+                SocketAddr::V6(_) => {
+                    s.set_only_v6(true)?;
+                    nix::sys::socket::setsockopt(
+                        &s,
+                        nix::sys::socket::sockopt::Ipv6OrigDstAddr,
+                        &true,
+                    )
+                }
+            }
+            .map_err(io::Error::from)?;
             s.bind(&SockAddr::from(addr))?;
             Ok(s)
         })?
@@ -193,17 +267,17 @@ pub fn bind_udp(netns: &Netns, home: &Netns) -> Result<std::net::UdpSocket, Sock
     Ok(sock.into())
 }
 
-/// One datagram: its bytes, who sent it and where it was going.
+/// One datagram: its bytes, who sent it and where it was going (both of the socket's family).
 struct Datagram {
     len: usize,
-    from: SocketAddrV4,
-    to: SocketAddrV4,
+    from: SocketAddr,
+    to: SocketAddr,
 }
 
 fn receive(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
-    let msg = recvmsg::<SockaddrIn>(
+    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in6);
+    let msg = recvmsg::<SockaddrStorage>(
         fd.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
@@ -212,15 +286,32 @@ fn receive(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     .map_err(io::Error::from)?;
     let from = msg
         .address
-        .map(SocketAddrV4::from)
+        .and_then(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => Some(SocketAddr::V4(SocketAddrV4::from(*v4))),
+            (_, Some(v6)) => Some(SocketAddr::V6(SocketAddrV6::from(*v6))),
+            _ => None,
+        })
         .ok_or_else(|| io::Error::other("datagram without a source"))?;
     let mut to = None;
     for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::Ipv4OrigDstAddr(a) = c {
-            to = Some(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                u16::from_be(a.sin_port),
-            ));
+        match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(a) => {
+                to = Some(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                    u16::from_be(a.sin_port),
+                )));
+            }
+            // The scope is left out: the kernel names `lo` (the capture delivered it there),
+            // which is not where a link-local resolver is.
+            ControlMessageOwned::Ipv6OrigDstAddr(a) => {
+                to = Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(a.sin6_addr.s6_addr),
+                    u16::from_be(a.sin6_port),
+                    0,
+                    0,
+                )));
+            }
+            _ => {}
         }
     }
     let to = to.ok_or_else(|| io::Error::other("datagram without its original destination"))?;
@@ -235,18 +326,18 @@ fn receive(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Datagram> {
 fn send_as(
     netns: &Netns,
     home: &Netns,
-    from: SocketAddrV4,
-    to: SocketAddrV4,
+    from: SocketAddr,
+    to: SocketAddr,
     payload: &[u8],
 ) -> io::Result<()> {
     netns
         .run(home, || -> io::Result<()> {
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            let s = Socket::new(Domain::for_address(from), Type::DGRAM, Some(Protocol::UDP))?;
             s.set_reuse_address(true)?;
             s.set_ip_transparent(true)?;
             s.set_mark(SKIP_MARK)?;
-            s.bind(&SockAddr::from(SocketAddr::V4(from)))?;
-            s.send_to(payload, &SockAddr::from(SocketAddr::V4(to)))?;
+            s.bind(&SockAddr::from(from))?;
+            s.send_to(payload, &SockAddr::from(to))?;
             Ok(())
         })
         .map_err(io::Error::other)?
@@ -294,7 +385,7 @@ pub async fn run_udp(
                 }
             }
             Reply::Drop => pi.metrics.dns_request("malformed"),
-            Reply::Forward if !forwardable(SocketAddr::V4(d.to)) => {
+            Reply::Forward if !forwardable(d.to) => {
                 pi.metrics.dns_request("refused");
                 if let Some(b) = error_answer(query, ResponseCode::Refused) {
                     let _ = send_as(&pod.netns, &pi.home, d.to, d.from, &b);
@@ -309,7 +400,7 @@ pub async fn run_udp(
                 let (pod, pi, query) = (pod.clone(), pi.clone(), query.to_vec());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let reply = match forward_udp(&pod, &pi, SocketAddr::V4(d.to), &query).await {
+                    let reply = match forward_udp(&pod.netns, &pi.home, d.to, &query).await {
                         Ok(reply) => {
                             pi.metrics.dns_request("forwarded");
                             Some(reply)
@@ -331,17 +422,16 @@ pub async fn run_udp(
     }
 }
 
-/// Sends `query` to `upstream` from inside the pod (marked: not captured again) and waits
-/// for the answer with the same id.
+/// Sends `query` to `upstream` from inside the pod's `netns` (marked: not captured again) and
+/// waits for the answer with the same id.
 async fn forward_udp(
-    pod: &PodCtx,
-    pi: &ProxyInputs,
+    netns: &Netns,
+    home: &Netns,
     upstream: SocketAddr,
     query: &[u8],
 ) -> io::Result<Vec<u8>> {
-    let sock = pod
-        .netns
-        .run(&pi.home, || -> io::Result<Socket> {
+    let sock = netns
+        .run(home, || -> io::Result<Socket> {
             let s = Socket::new(
                 Domain::for_address(upstream),
                 Type::DGRAM,
@@ -529,6 +619,14 @@ spec:
   selector: {app: echo}
   ports: [{port: 80, targetPort: 8080}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: default}
+spec:
+  clusterIPs: [10.96.0.20, "fd00:96::20"]
+  selector: {app: dual}
+  ports: [{port: 80}]
+---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: many, namespace: default}
@@ -576,6 +674,21 @@ spec:
         assert_eq!(m.queries.len(), 1);
         let ips: Vec<_> = m.answers.iter().map(|r| r.data.clone()).collect();
         assert_eq!(ips, vec![RData::A(A("10.96.0.10".parse().expect("ip")))]);
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_answered_in_the_family_asked_for() {
+        let ask = |qtype| {
+            let q = query("dual.default.svc.cluster.local.", qtype, false);
+            let (m, result) = answered(decide(&model(), "default", &q, true));
+            assert_eq!(result, "answered", "{qtype}");
+            m.answers.into_iter().map(|r| r.data).collect::<Vec<_>>()
+        };
+        let v6 = RData::AAAA(AAAA("fd00:96::20".parse().expect("ip")));
+        let v4 = RData::A(A("10.96.0.20".parse().expect("ip")));
+        assert_eq!(ask(RecordType::AAAA), vec![v6.clone()]);
+        assert_eq!(ask(RecordType::A), vec![v4.clone()]);
+        assert_eq!(ask(RecordType::ANY), vec![v4, v6]);
     }
 
     #[test]
@@ -667,9 +780,174 @@ spec:
 
     #[test]
     fn only_a_resolver_on_port_53_elsewhere_is_forwarded_to() {
-        assert!(forwardable("10.0.0.10:53".parse().expect("addr")));
-        assert!(!forwardable("127.0.0.1:53".parse().expect("addr")));
-        assert!(!forwardable("10.0.0.10:15053".parse().expect("addr")));
-        assert!(!forwardable("0.0.0.0:53".parse().expect("addr")));
+        for (upstream, expected) in [
+            ("10.0.0.10:53", true),
+            ("[fd00::53]:53", true),
+            ("127.0.0.1:53", false),
+            ("[::1]:53", false),
+            ("10.0.0.10:15053", false),
+            ("[fd00::53]:15053", false),
+            ("0.0.0.0:53", false),
+            ("[::]:53", false),
+        ] {
+            assert_eq!(
+                forwardable(upstream.parse().expect("addr")),
+                expected,
+                "{upstream}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn captured_queries_of_both_families_reach_the_proxy_and_their_resolver_with_nftables() {
+        captured_queries(Redirect::Nftables).await;
+    }
+
+    #[tokio::test]
+    async fn captured_queries_of_both_families_reach_the_proxy_and_their_resolver_with_ebpf() {
+        captured_queries(Redirect::Ebpf).await;
+    }
+
+    /// A pod with an IPv4 and an IPv6 address and a resolver of each family on the node,
+    /// captured by `backend` to the proxy's sockets ([`bind`]); per family: the application's
+    /// UDP query reaches the proxy with the resolver as its original destination
+    /// ([`receive`]), goes on to that resolver from the pod's address ([`forward_udp`]), and
+    /// the resolver's answer reaches the application from the resolver's address
+    /// ([`send_as`]); its TCP connection to the resolver reaches the proxy's listener of its
+    /// family, which reads the resolver back as the original destination. Needs root (creates
+    /// namespaces, installs capture); skipped otherwise.
+    async fn captured_queries(backend: Redirect) {
+        use crate::redirect::testing::{
+            nameserver, skip_unless_root, TestBpffs, TestPod, POD_IP4, POD_IP6,
+        };
+        if skip_unless_root() {
+            return;
+        }
+        let t = TestPod::new(match backend {
+            Redirect::Ebpf => "dns-ebpf",
+            _ => "dns-nft",
+        });
+        let home = Netns::current().expect("own netns");
+        let (netns, node) = (t.pod.open(), t.node.open());
+        let ips = t.ips();
+        let setup = match backend {
+            Redirect::Ebpf => ListenFor::Ebpf,
+            _ => ListenFor::Nat,
+        };
+        let sockets = bind(&netns, &home, &ips, setup).expect("bind the DNS sockets");
+        let fs;
+        let _capture = match backend {
+            Redirect::Ebpf => {
+                fs = TestBpffs::mount();
+                let listen = |port: u16| {
+                    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                    crate::socket::listen_in(&netns, &home, addr, setup).expect("listen")
+                };
+                let (inbound, outbound) = (listen(15006), listen(15001));
+                let pins = fs.path().join("pod");
+                let guard = crate::redirect::ebpf::install(
+                    &netns,
+                    &ips,
+                    &inbound,
+                    &outbound,
+                    &pins,
+                    Some(&sockets),
+                )
+                .expect("install eBPF capture");
+                Some((guard, inbound, outbound))
+            }
+            _ => {
+                crate::redirect::nft::install(&t.pod.path(), &ips, true)
+                    .expect("install nftables capture");
+                None
+            }
+        };
+        let wait = Duration::from_secs(5);
+        let v6 = sockets
+            .v6
+            .as_ref()
+            .expect("IPv6 sockets for a pod with an IPv6 address");
+        for (pod_ip, family) in [(IpAddr::from(POD_IP4), &sockets.v4), (POD_IP6.into(), v6)] {
+            let resolver = nameserver(pod_ip.is_ipv6());
+            let any = SocketAddr::new(
+                match pod_ip {
+                    IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                    IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+                },
+                0,
+            );
+            // The resolver answers one query with its id.
+            let server = node
+                .run(&home, || std::net::UdpSocket::bind(resolver))
+                .expect("enter the node's netns")
+                .expect("bind the resolver");
+            let answering = {
+                let server = server.try_clone().expect("clone");
+                std::thread::spawn(move || -> io::Result<SocketAddr> {
+                    server.set_read_timeout(Some(wait))?;
+                    let mut buf = [0u8; 64];
+                    let (n, from) = server.recv_from(&mut buf)?;
+                    let mut answer = buf[..n.min(2)].to_vec();
+                    answer.extend_from_slice(b"answer");
+                    server.send_to(&answer, from)?;
+                    Ok(from)
+                })
+            };
+
+            let app = netns
+                .run(&home, || -> io::Result<std::net::UdpSocket> {
+                    let s = std::net::UdpSocket::bind(any)?;
+                    s.connect(resolver)?;
+                    s.send(b"\x12\x34query")?;
+                    Ok(s)
+                })
+                .expect("enter the pod's netns")
+                .expect("send the query");
+            let proxy = UdpSocket::from_std(family.udp.try_clone().expect("clone"))
+                .expect("register the DNS socket");
+            tokio::time::timeout(wait, proxy.readable())
+                .await
+                .unwrap_or_else(|_| panic!("{resolver}: no query reached the proxy"))
+                .expect("readable");
+            let mut buf = [0u8; 512];
+            let d = receive(&proxy, &mut buf).expect("receive the query");
+            assert_eq!(d.to, resolver, "original destination");
+            assert_eq!(d.from, app.local_addr().expect("addr"), "the application");
+            assert_eq!(d.from.ip(), pod_ip);
+
+            let answer = forward_udp(&netns, &home, d.to, &buf[..d.len])
+                .await
+                .expect("forwarded to the resolver");
+            assert_eq!(answer, b"\x12\x34answer");
+            let forwarded_from = answering.join().expect("resolver").expect("resolver");
+            assert_eq!(forwarded_from.ip(), pod_ip, "the forward left from the pod");
+            server.set_nonblocking(true).expect("nonblocking");
+            assert!(
+                server.recv_from(&mut buf).is_err(),
+                "{resolver}: the application's query reached the resolver"
+            );
+
+            send_as(&netns, &home, d.to, d.from, &answer).expect("answer");
+            app.set_read_timeout(Some(wait)).expect("timeout");
+            let (n, from) = app.recv_from(&mut buf).expect("the answer");
+            assert_eq!((&buf[..n], from), (&answer[..], resolver));
+
+            let client = netns
+                .run(&home, || {
+                    std::net::TcpStream::connect_timeout(&resolver, wait)
+                })
+                .expect("enter the pod's netns")
+                .expect("connect over TCP");
+            let listener = TcpListener::from_std(family.tcp.try_clone().expect("clone"))
+                .expect("register the DNS listener");
+            let (stream, peer) = tokio::time::timeout(wait, listener.accept())
+                .await
+                .unwrap_or_else(|_| panic!("{resolver}: nothing reached the DNS listener"))
+                .expect("accept");
+            assert_eq!(peer, client.local_addr().expect("addr"));
+            let nat = backend == Redirect::Nftables;
+            let orig_dst = crate::socket::original_dst(&stream, nat).expect("original dst");
+            assert_eq!(orig_dst, resolver);
+        }
     }
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{Redirect, DNS_PROXY_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::config::{Redirect, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::proxy::{self, PodCtx, ProxyInputs};
 use crate::socket::ListenFor;
 use crate::{redirect, socket};
@@ -306,12 +306,10 @@ impl Manager {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let hbone = listen(any, HBONE_PORT)?;
-        // The DNS proxy's two sockets (IPv4: where port-53 traffic is captured to).
+        // The DNS proxy's sockets, where port-53 traffic is captured to (IPv4, and IPv6 for a
+        // pod with an IPv6 address).
         let dns = match cfg.dns_capture && !netns.is_own() {
-            true => Some((
-                crate::dns::bind_udp(&netns, home)?,
-                listen(Ipv4Addr::LOCALHOST.into(), DNS_PROXY_PORT)?,
-            )),
+            true => Some(crate::dns::bind(&netns, home, &pod.ips, setup)?),
             false => None,
         };
         let mut redirections = lock(&self.redirections);
@@ -331,7 +329,7 @@ impl Manager {
                     &first.plaintext,
                     &first.outbound,
                     &pins,
-                    dns.as_ref().map(|(udp, tcp)| (udp, tcp)),
+                    dns.as_ref(),
                 )?)
             }
             Redirect::Auto | Redirect::None | Redirect::Loopback => None,
@@ -388,7 +386,9 @@ impl Manager {
                 move |l| proxy::inbound_passthrough::run(l, pod, pi, stop)
             });
         }
-        if let Some((udp, tcp)) = dns {
+        for crate::dns::FamilySockets { udp, tcp } in
+            dns.into_iter().flat_map(|d| d.into_families())
+        {
             // Stopped with the outbound listener: after the capture, so nothing captured
             // meanwhile finds no socket.
             let stop = &ctx.outbound_stop;

@@ -14,7 +14,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 use tracing::info;
 
 use support::apiserver::{node_watches, FakeApiServer, WAIT};
-use support::netns::{prefix, require_root, test_ip, TestNetns, MARKER_ENV};
+use support::netns::{prefix, require_root, test_ip, TestNetns};
+use support::process::spawn_agent;
 
 const NODE: &str = "kn1";
 
@@ -48,27 +49,16 @@ impl Agent {
     fn start_with(dir: &Path, kubeconfig: &Path, marker: &str, redirect: &str) -> Result<Agent> {
         let [admin, metrics, readiness] = free_ports()?;
         let log = dir.join("ztunnel.log");
-        let out = std::fs::File::create(&log)?;
-        let err = out.try_clone()?;
-        let ca = dir.join("ca");
-        let child = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
-            .args(["--node-name", NODE, "--config-source", "kube"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ztunnel"));
+        cmd.args(["--node-name", NODE, "--config-source", "kube"])
             .arg("--ca-dir")
-            .arg(&ca)
+            .arg(dir.join("ca"))
             .args(["--redirect", redirect])
             .args(["--admin-addr", &admin.to_string()])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--readiness-addr", &readiness.to_string()])
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,ztunnel=debug")
-            .env(MARKER_ENV, marker)
-            .env_remove("ZTUNNEL_CONFIG_DIR")
-            .env_remove("ZTUNNEL_CONFIG_SOURCE")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .context("start ztunnel")?;
+            .env("KUBECONFIG", kubeconfig);
+        let child = spawn_agent(cmd, &log, marker)?;
         Ok(Agent {
             child: std::sync::Mutex::new(child),
             admin,

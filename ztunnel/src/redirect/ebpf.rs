@@ -5,9 +5,10 @@
 //! - the capture program, pinned under `<bpf-fs>/ztunnel/<netns file name>/` so that it
 //!   outlives the agent (a restarted agent adopts it; while no agent listens the pod fails
 //!   closed), with the pod's 15006 and 15001 listeners in its socket map, and with DNS capture
-//!   its 15053 UDP socket and TCP listener. In an upgrade the next agent adopts it while the
-//!   old one still runs: its listeners replace the old one's in the map (one update each),
-//!   and the old one leaves map and pins alone when it exits;
+//!   its 15053 UDP sockets and TCP listeners (one pair per address family the pod's DNS is
+//!   captured in). In an upgrade the next agent adopts it while the old one still runs: its
+//!   listeners replace the old one's in the map (one update each), and the old one leaves
+//!   map and pins alone when it exits;
 //! - policy routing, per address family the pod has (rules are ours by their preference):
 //!   - [`PREF_PROBE`]: replies to the node's probe source leave normally (v4 only);
 //!   - [`PREF_SKIP`]: anything the agent sends (socket mark [`SKIP_MARK`]) leaves normally;
@@ -24,16 +25,18 @@
 //!     delivers it locally, where the capture program hands new connections to 15001. The same
 //!     rule brings the application's replies to inbound clients (whose addresses the agent
 //!     borrows with transparent sockets) back to the agent.
-//!   - [`PREF_DNS`] (with DNS capture; v4 only): the UDP the pod sends to port 53 (`iif lo`,
-//!     unmarked: the agent's own queries matched [`PREF_SKIP`] first) looks up the same
-//!     table, so it is delivered locally too, where the capture program hands it to the
-//!     agent's DNS socket with its original destination intact. Its TCP to port 53 needs no
-//!     rule of its own: the capture rule covers it, and the program picks the DNS listener.
-//!     Added only once the DNS sockets are in the program's map (a datagram routed to `lo`
-//!     with no DNS socket there is dropped), removed when the agent does not capture DNS, and
-//!     left out, with a warning, when the capture adopted from an earlier agent's program has
-//!     no DNS slots (the pod's DNS then goes to its resolver directly until it is captured
-//!     anew);
+//!   - [`PREF_DNS`] (with DNS capture, per family: IPv4, and IPv6 for a pod with an IPv6
+//!     address): the UDP the pod sends to port 53 (`iif lo`, unmarked: the agent's own
+//!     queries matched [`PREF_SKIP`] first) looks up the same table, so it is delivered
+//!     locally too, where the capture program hands it to the agent's DNS socket of its
+//!     family with its original destination intact. Its TCP to port 53 needs no rule of its
+//!     own: the capture rule covers it, and the program picks the DNS listener of its family.
+//!     Added in a family only once that family's DNS sockets are in the program's map (a
+//!     datagram routed to `lo` with no DNS socket there is dropped), removed when the agent
+//!     does not capture that family's DNS, and left out, with a warning, when the capture
+//!     adopted from an earlier agent's program has no slots for it (a program from before
+//!     DNS capture has none, one from before IPv6 DNS capture only IPv4's: that DNS then goes
+//!     to its resolver directly until the pod is captured anew);
 //!   - [`PREF_NO_IPV6`] (a pod without an IPv6 address only): its IPv6 TCP fails closed (see
 //!     [`super::block_ipv6`]).
 //!
@@ -58,7 +61,7 @@
 //! which would reset it; a held segment is retransmitted a moment later.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -241,18 +244,19 @@ pub fn sweep_pins(
 /// 15001 listeners; `outbound` must be `IP_TRANSPARENT` (its connections' local address is the
 /// original destination), and every agent socket in the pod must carry [`SKIP_MARK`].
 ///
-/// `dns`: the pod's DNS sockets, to capture its IPv4 DNS (UDP and TCP to port 53) to; see
-/// [`::ebpf::CaptureGuard::set_dns_listeners`] for what they must be. `None` takes an earlier
-/// agent's DNS capture away. If the capture adopted from an earlier agent cannot take them
-/// (its program predates DNS capture), a warning is logged and the pod's DNS goes to its
-/// resolver directly; the rest of the capture is installed as usual.
+/// `dns`: the pod's DNS sockets, to capture its DNS (UDP and TCP to port 53) of each family
+/// they have a pair for to; see [`::ebpf::CaptureGuard::set_dns_listeners`] for what they
+/// must be. `None` takes an earlier agent's DNS capture away. If the capture adopted from an
+/// earlier agent cannot take them (its program predates DNS capture, or IPv6 DNS capture), a
+/// warning is logged and that DNS goes to its resolver directly; the rest of the capture is
+/// installed as usual.
 pub fn install(
     netns: &Netns,
     ips: &[IpAddr],
     inbound: &impl AsRawFd,
     outbound: &impl AsRawFd,
     pin_dir: &Path,
-    dns: Option<(&UdpSocket, &TcpListener)>,
+    dns: Option<&crate::dns::Sockets>,
 ) -> Result<CaptureGuard, RedirectError> {
     let config = CaptureConfig::new(HBONE_PORT).with_probe_source(PROBE_SOURCE_IP);
     // The program and the listeners first, so that the capture rule, once back, hands new
@@ -276,6 +280,23 @@ fn capture_err(netns: &Path, source: ::ebpf::CaptureError) -> RedirectError {
     }
 }
 
+/// The address families whose DNS the capture takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DnsFamilies {
+    v4: bool,
+    v6: bool,
+}
+
+impl DnsFamilies {
+    /// Whether the DNS of `family` (`-4`/`-6`) is captured.
+    fn has(self, family: &str) -> bool {
+        match family {
+            "-6" => self.v6,
+            _ => self.v4,
+        }
+    }
+}
+
 /// Registers the outbound listener and the DNS sockets, then installs the routing that sends
 /// the pod's traffic to them.
 fn register(
@@ -283,37 +304,49 @@ fn register(
     netns: &Path,
     ips: &[IpAddr],
     outbound: &impl AsRawFd,
-    dns: Option<(&UdpSocket, &TcpListener)>,
+    dns: Option<&crate::dns::Sockets>,
 ) -> Result<(), RedirectError> {
     guard
         .set_outbound_listener(outbound)
         .map_err(|source| capture_err(netns, source))?;
-    let dns_captured = match dns {
-        None => false,
-        Some((udp, tcp)) => match guard.set_dns_listeners(udp, tcp) {
-            Ok(()) => true,
+    // A family's DNS sockets that an adopted capture cannot take leave that family's DNS
+    // alone (logged); any other failure fails the install.
+    let taken = |guard: &CaptureGuard, set: Result<(), ::ebpf::CaptureError>, family: &str| {
+        match set {
+            Ok(()) => Ok(true),
             Err(e) if guard.adopted() => {
-                tracing::warn!(netns = %netns.display(), error = %e, "the pod's DNS is not captured: the capture adopted from an earlier agent cannot take the DNS sockets; its DNS goes to its resolver directly until the pod is captured anew");
-                false
+                tracing::warn!(netns = %netns.display(), family, error = %e, "the pod's DNS of this family is not captured: the capture adopted from an earlier agent cannot take its DNS sockets; that DNS goes to its resolver directly until the pod is captured anew");
+                Ok(false)
             }
-            Err(e) => return Err(capture_err(netns, e)),
-        },
+            Err(e) => Err(capture_err(netns, e)),
+        }
     };
-    install_routing(netns, ips, dns_captured)?;
-    if dns.is_none() {
-        // An earlier agent's DNS sockets, now that its rule is gone: TCP to port 53 goes to
-        // this agent's outbound listener.
-        guard.clear_dns_listeners();
+    let mut captured = DnsFamilies::default();
+    if let Some(dns) = dns {
+        let set = guard.set_dns_listeners(&dns.v4.udp, &dns.v4.tcp);
+        captured.v4 = taken(guard, set, "IPv4")?;
+        if let Some(v6) = &dns.v6 {
+            let set = guard.set_dns6_listeners(&v6.udp, &v6.tcp);
+            captured.v6 = taken(guard, set, "IPv6")?;
+        }
+    }
+    install_routing(netns, ips, captured)?;
+    // An earlier agent's DNS sockets of a family this agent does not capture, now that their
+    // rule is gone: TCP to port 53 goes to this agent's outbound listener.
+    match dns {
+        None => guard.clear_dns_listeners(),
+        Some(dns) if dns.v6.is_none() => guard.clear_dns6_listeners(),
+        Some(_) => {}
     }
     Ok(())
 }
 
 /// Adds the rules that are missing and replaces the route (atomic), never deleting a rule
 /// first (see [`super::rule_exists`]): an earlier agent's rules, which its established
-/// connections use while it drains during an upgrade, stay in place throughout. `dns`: route
-/// the pod's UDP to port 53 to the capture too ([`PREF_DNS`]); without, an earlier agent's
-/// DNS rule is removed.
-fn install_routing(netns: &Path, ips: &[IpAddr], dns: bool) -> Result<(), RedirectError> {
+/// connections use while it drains during an upgrade, stay in place throughout. `dns`: the
+/// families whose UDP to port 53 goes to the capture too ([`PREF_DNS`]); in the others, an
+/// earlier agent's DNS rule is removed.
+fn install_routing(netns: &Path, ips: &[IpAddr], dns: DnsFamilies) -> Result<(), RedirectError> {
     let table = INBOUND_ROUTE_TABLE;
     // A released pod captured again: what it opened directly keeps going directly. Listed
     // once the capture rule is back (then nothing more opens directly), while its segments
@@ -342,7 +375,7 @@ fn install_routing(netns: &Path, ips: &[IpAddr], dns: bool) -> Result<(), Redire
         if missing(PREF_CAPTURE) {
             batch += &format!("rule add pref {PREF_CAPTURE} iif lo ipproto tcp lookup {table}\n");
         }
-        if family == "-4" && dns && missing(PREF_DNS) {
+        if dns.has(family) && missing(PREF_DNS) {
             batch += &format!(
                 "rule add pref {PREF_DNS} iif lo ipproto udp dport {DNS_PORT} lookup {table}\n"
             );
@@ -356,8 +389,10 @@ fn install_routing(netns: &Path, ips: &[IpAddr], dns: bool) -> Result<(), Redire
     drop(held);
     // What a release left for its draining flows is covered by the capture rule again.
     delete_rules(netns, &[PREF_FLOW]);
-    if !dns && rule_exists(netns, "-4", PREF_DNS) {
-        delete_rules(netns, &[PREF_DNS]);
+    for family in ["-4", "-6"] {
+        if !dns.has(family) && rule_exists(netns, family, PREF_DNS) {
+            delete_rules_in(netns, &[family], &[PREF_DNS]);
+        }
     }
     block_ipv6(netns, ips)
 }
@@ -651,12 +686,17 @@ pub fn remove(netns: &Path) -> Result<(), RedirectError> {
     Ok(())
 }
 
-/// Deletes every rule with one of `prefs`, in both families. `ip rule del pref N` removes
-/// one rule per call, so it repeats until it fails (bounded: flows are one rule each, and a
-/// released pod has at most as many as it had connections).
+/// Deletes every rule with one of `prefs`, in both families (see [`delete_rules_in`]).
 fn delete_rules(netns: &Path, prefs: &[u32]) {
+    delete_rules_in(netns, &["-4", "-6"], prefs);
+}
+
+/// Deletes every rule with one of `prefs` in `families` (`-4`, `-6`). `ip rule del pref N`
+/// removes one rule per call, so it repeats until it fails (bounded: flows are one rule each,
+/// and a released pod has at most as many as it had connections).
+fn delete_rules_in(netns: &Path, families: &[&str], prefs: &[u32]) {
     const MAX_RULES: usize = 100_000;
-    for family in ["-4", "-6"] {
+    for family in families {
         for pref in prefs {
             let pref = pref.to_string();
             // One batch of many deletions; `-force` keeps going past the first failure, and
@@ -774,178 +814,114 @@ mod tests {
         assert!(parse_rules("not json").is_empty());
     }
 
-    /// A namespace of this test's (`ip netns add`), deleted on drop.
-    struct TestNs(String);
-
-    impl TestNs {
-        fn path(&self) -> PathBuf {
-            Path::new("/var/run/netns").join(&self.0)
-        }
-    }
-
-    impl Drop for TestNs {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-
-    /// A private bpffs on a fresh directory, unmounted and removed on drop.
-    struct TestBpffs(tempfile::TempDir);
-
-    impl Drop for TestBpffs {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0.path()).status();
-        }
-    }
-
-    fn sh(args: &[&str]) {
-        let out = Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .expect("spawn");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// The pod's DNS rule comes with `dns` and goes without it and at release, and the UDP it
-    /// routes reaches the DNS socket with its original destination. Needs root (creates a
-    /// namespace and loads the capture program); skipped otherwise.
+    /// The pod's DNS rules (one per address family) come with `dns` and go without it and at
+    /// release, and the UDP they route reaches the DNS socket of its family; a capture adopted
+    /// from an agent that predates IPv6 DNS capture gets the IPv4 rule only. Needs root
+    /// (creates namespaces and loads the capture program); skipped otherwise.
     #[test]
     fn dns_capture_is_routed_to_the_dns_socket_and_taken_away() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+        use crate::redirect::testing::{nameserver, sh, skip_unless_root, TestBpffs, TestPod};
+        use crate::socket::ListenFor;
+        use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
+
+        if skip_unless_root() {
             return;
         }
-        use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
-        use socket2::{Domain, Socket, Type};
-        use std::io::IoSliceMut;
-        use std::net::{Ipv4Addr, SocketAddrV4};
-
-        let ns = TestNs(format!("zt-dns-test-{}", std::process::id()));
-        sh(&["ip", "netns", "add", &ns.0]);
-        let pod_ip = Ipv4Addr::new(10, 78, 0, 2);
-        let nameserver = SocketAddrV4::new(Ipv4Addr::new(10, 78, 0, 1), DNS_PORT);
-        for args in [
-            vec!["link", "set", "lo", "up"],
-            vec![
-                "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
-            ],
-            vec!["addr", "add", "10.78.0.2/24", "dev", "eth0"],
-            vec!["link", "set", "eth0", "up"],
-            vec!["link", "set", "peer0", "up"],
-        ] {
-            sh(&[&["ip", "-n", &ns.0][..], &args].concat());
-        }
-        let fs = TestBpffs(tempfile::tempdir().expect("tempdir"));
-        sh(&["mount", "-t", "bpf", "bpf", &fs.0.path().to_string_lossy()]);
-        let pin_dir = fs.0.path().join("pod");
+        let t = TestPod::new("ebpf-dns");
+        let fs = TestBpffs::mount();
+        let pin_dir = fs.path().join("pod");
         let home = Netns::current().expect("own netns");
-        let netns = Netns::open(&ns.path()).expect("open netns");
-
-        let listener = |port: u16| -> std::io::Result<TcpListener> {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-            s.set_ip_transparent(true)?;
-            s.set_mark(SKIP_MARK)?;
-            s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
-            s.listen(16)?;
-            Ok(s.into())
+        let netns = t.pod.open();
+        let ips = t.ips();
+        let listen = |port: u16| {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            crate::socket::listen_in(&netns, &home, addr, ListenFor::Ebpf).expect("listen")
         };
-        let (inbound, outbound, udp, tcp) = netns
-            .run(&home, || -> std::io::Result<_> {
-                let udp = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-                udp.set_ip_transparent(true)?;
-                udp.set_mark(SKIP_MARK)?;
-                udp.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 15053)).into())?;
-                let udp = UdpSocket::from(udp);
-                setsockopt(&udp, sockopt::Ipv4OrigDstAddr, &true)?;
-                udp.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-                Ok((listener(15006)?, listener(15001)?, udp, listener(15053)?))
-            })
-            .expect("enter netns")
-            .expect("sockets");
-        let ips = [IpAddr::V4(pod_ip)];
-        let dns_rule = || {
-            super::super::output_in(&ns.path(), &["ip", "-4", "rule", "show", "pref", "31993"])
-                .expect("ip rule show")
+        let (inbound, outbound) = (listen(15006), listen(15001));
+        let dns = crate::dns::bind(&netns, &home, &ips, ListenFor::Ebpf).expect("DNS sockets");
+        let dns6 = dns
+            .v6
+            .as_ref()
+            .expect("IPv6 DNS sockets for a pod with an IPv6 address");
+        let pref = PREF_DNS.to_string();
+        let rule = |family| t.pod.output(&["ip", family, "rule", "show", "pref", &pref]);
+        let routed = |family| rule(family).contains("iif lo ipproto udp dport 53 lookup 133");
+        let unrouted = |family| rule(family).trim().is_empty();
+        let install =
+            |dns| install(&netns, &ips, &inbound, &outbound, &pin_dir, dns).expect("install");
+        // The next install adopts the capture, as a restarted agent does.
+        let restart = |guard: CaptureGuard| {
+            guard.keep_pinned();
+            drop(guard);
         };
 
-        let guard = install(
-            &netns,
-            &ips,
-            &inbound,
-            &outbound,
-            &pin_dir,
-            Some((&udp, &tcp)),
-        )
-        .expect("install with DNS");
+        let guard = install(Some(&dns));
+        assert!(routed("-4") && routed("-6"), "{}{}", rule("-4"), rule("-6"));
+        // The application's queries of both families reach the DNS socket of their family.
+        for (v6, udp) in [(false, &dns.v4.udp), (true, &dns6.udp)] {
+            let (dst, any) = match v6 {
+                false => (nameserver(false), IpAddr::from(Ipv4Addr::UNSPECIFIED)),
+                true => (nameserver(true), IpAddr::from(Ipv6Addr::UNSPECIFIED)),
+            };
+            netns
+                .run(&home, || UdpSocket::bind((any, 0))?.send_to(b"query", dst))
+                .expect("enter netns")
+                .expect("send");
+            udp.set_nonblocking(false).expect("blocking");
+            udp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .expect("timeout");
+            let (n, _) = udp
+                .recv_from(&mut [0u8; 16])
+                .unwrap_or_else(|e| panic!("{dst}: nothing reached the DNS socket: {e}"));
+            assert_eq!(n, 5);
+        }
+
+        // An agent without DNS capture adopts the pod: both rules go.
+        restart(guard);
+        let guard = install(None);
         assert!(
-            dns_rule().contains("iif lo ipproto udp dport 53 lookup 133"),
-            "{}",
-            dns_rule()
-        );
-        // The application's query reaches the DNS socket, addressed to the nameserver.
-        let app = netns
-            .run(&home, || -> std::io::Result<UdpSocket> {
-                let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-                s.send_to(b"query", nameserver)?;
-                Ok(s)
-            })
-            .expect("enter netns")
-            .expect("send");
-        let mut buf = [0u8; 64];
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
-        let msg = recvmsg::<nix::sys::socket::SockaddrIn>(
-            udp.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::empty(),
-        )
-        .expect("the query reached the DNS socket");
-        let orig_dst = msg.cmsgs().expect("cmsgs").find_map(|c| match c {
-            ControlMessageOwned::Ipv4OrigDstAddr(a) => Some(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                u16::from_be(a.sin_port),
-            )),
-            _ => None,
-        });
-        assert_eq!(orig_dst, Some(nameserver));
-        assert_eq!(
-            msg.address.map(|a| SocketAddr::V4(a.into())),
-            Some(SocketAddr::from((
-                pod_ip,
-                app.local_addr().expect("addr").port()
-            )))
+            unrouted("-4") && unrouted("-6"),
+            "{}{}",
+            rule("-4"),
+            rule("-6")
         );
 
-        // An agent without DNS capture adopts the pod: the rule goes.
-        guard.keep_pinned();
+        // Back with DNS; then released: the rules go with the capture rule.
+        restart(guard);
+        let guard = install(Some(&dns));
+        assert!(routed("-4") && routed("-6"));
+        stop_capture(&t.pod.path(), &ips, &[]).expect("stop capture");
+        assert!(
+            unrouted("-4") && unrouted("-6"),
+            "{}{}",
+            rule("-4"),
+            rule("-6")
+        );
+        assert!(!rule_exists(&t.pod.path(), "-4", PREF_CAPTURE));
         drop(guard);
-        let guard = install(&netns, &ips, &inbound, &outbound, &pin_dir, None)
-            .expect("install without DNS");
-        assert!(dns_rule().trim().is_empty(), "{}", dns_rule());
+        remove(&t.pod.path()).expect("remove");
 
-        // Back with DNS; then released: the rule goes with the capture rule.
-        guard.keep_pinned();
+        // Captured anew by this agent, then adopted by one whose predecessor's program
+        // predates IPv6 DNS capture (stood for by a four-slot socket map in its pins): the IPv4
+        // rule stays, the IPv6 one goes, and the pod's IPv6 DNS goes to its resolver.
+        restart(install(Some(&dns)));
+        let map_pin = pin_dir.join("listeners");
+        std::fs::remove_file(&map_pin).expect("remove the map pin");
+        let create = format!(
+            "bpftool map create {} type sockmap key 4 value 4 entries 4 name listeners",
+            map_pin.display()
+        );
+        sh(&create.split(' ').collect::<Vec<_>>());
+        let guard = install(Some(&dns));
+        assert!(guard.adopted());
+        assert!(
+            routed("-4") && unrouted("-6"),
+            "{}{}",
+            rule("-4"),
+            rule("-6")
+        );
         drop(guard);
-        let guard = install(
-            &netns,
-            &ips,
-            &inbound,
-            &outbound,
-            &pin_dir,
-            Some((&udp, &tcp)),
-        )
-        .expect("install with DNS again");
-        assert!(!dns_rule().trim().is_empty());
-        stop_capture(&ns.path(), &ips, &[]).expect("stop capture");
-        assert!(dns_rule().trim().is_empty(), "{}", dns_rule());
-        assert!(!rule_exists(&ns.path(), "-4", PREF_CAPTURE));
-        drop(guard);
-        remove(&ns.path()).expect("remove");
+        remove(&t.pod.path()).expect("remove");
     }
 
     #[test]

@@ -33,12 +33,16 @@
 //!
 //! IPv6 in a pod the mesh knows only IPv4 addresses of fails closed on both backends
 //! ([`block_ipv6`]: a `prohibit` policy-routing rule for the pod's own IPv6 TCP; inbound IPv6
-//! finds no agent listener and is refused). UDP and other protocols are not captured. What
-//! this leaves open, and the Kubernetes settings that close it, is README's "What the mesh
-//! does not protect against"; `tests/tests/bypass_capture.rs` tries each escape.
+//! finds no agent listener and is refused); a pod with an IPv6 address gets its IPv6 captured
+//! like its IPv4 ([`captures_ipv6`]), DNS included. UDP other than the pod's DNS (with
+//! `--dns-capture`, see `dns.rs`) and other protocols are not captured. What this leaves
+//! open, and the Kubernetes settings that close it, is README's "What the mesh does not
+//! protect against"; `tests/tests/bypass_capture.rs` tries each escape.
 
 pub mod ebpf;
 pub mod nft;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -92,6 +96,13 @@ pub fn resolve(requested: Redirect, bpf_fs: &Path) -> Result<Redirect, RedirectE
     }
 }
 
+/// Whether the capture takes the IPv6 of a pod with addresses `ips` (TCP, and DNS with
+/// `--dns-capture`): when the mesh knows an IPv6 address of it. Otherwise its IPv6 TCP fails
+/// closed ([`block_ipv6`]) and its IPv6 DNS is left alone.
+pub fn captures_ipv6(ips: &[IpAddr]) -> bool {
+    ips.iter().any(IpAddr::is_ipv6)
+}
+
 /// Whether `netns` holds redirection state an agent installed (either backend): a policy
 /// routing rule to the agent's table, or the nftables table. Two cheap commands, so that a
 /// restarted agent can look at every pod of its node and only clean where needed.
@@ -115,7 +126,7 @@ pub fn has_leftovers(netns: &Path) -> bool {
 /// listener takes it. A pod with an IPv6 address gets none of this: its IPv6 is captured like
 /// its IPv4. Idempotent; a kernel without IPv6 needs nothing.
 fn block_ipv6(netns: &Path, ips: &[IpAddr]) -> Result<(), RedirectError> {
-    if ips.iter().any(IpAddr::is_ipv6) || !Path::new("/proc/net/if_inet6").exists() {
+    if captures_ipv6(ips) || !Path::new("/proc/net/if_inet6").exists() {
         unblock_ipv6(netns);
         return Ok(());
     }

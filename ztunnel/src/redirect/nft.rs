@@ -11,18 +11,21 @@
 //!   connection gets conntrack mark [`INBOUND_CONNMARK`]. The application's replies carry that
 //!   mark and a policy-routing rule sends them to table [`INBOUND_ROUTE_TABLE`], whose `local`
 //!   default route hands them back to the agent's socket instead of the pod's default route.
-//! - DNS (with `--dns-capture`, IPv4): TCP to port 53 is redirected to the DNS proxy's
-//!   15053 like other TCP to 15001. UDP to port 53 cannot be NATed and keep its original
+//! - DNS (with `--dns-capture`; IPv4, and IPv6 in a pod with an IPv6 address): TCP to port 53
+//!   is redirected to the DNS proxy's 15053 like other TCP to 15001 (`127.0.0.1` or `::1`:
+//!   the proxy listens on both). UDP to port 53 cannot be NATed and keep its original
 //!   destination, which the proxy needs (it forwards to the resolver the pod asked, and
 //!   answers from it): chain `dns_route` marks it [`INBOUND_CONNMARK`], so the reply rule's
-//!   table routes it over `lo`, where chain `dns_tproxy` hands it unchanged to the proxy's
-//!   transparent socket (`tproxy`).
+//!   table routes it over `lo` (the rule and its `local` default route exist in both
+//!   families' tables), where chain `dns_tproxy` hands it unchanged to the proxy's
+//!   transparent socket of its family (`tproxy ip to 127.0.0.1:15053`, `tproxy ip6 to
+//!   [::1]:15053`).
 //! - IPv6 in a pod without an IPv6 address fails closed (see [`super::block_ipv6`]).
 
 use std::net::IpAddr;
 use std::path::Path;
 
-use super::{block_ipv6, rule_exists, run_in, unblock_ipv6, RedirectError};
+use super::{block_ipv6, captures_ipv6, rule_exists, run_in, unblock_ipv6, RedirectError};
 use crate::config::{
     DNS_PROXY_PORT, HBONE_PORT, INBOUND_CONNMARK, INBOUND_PLAINTEXT_PORT, INBOUND_ROUTE_TABLE,
     OUTBOUND_PORT, PROBE_SOURCE_IP, SKIP_MARK,
@@ -30,24 +33,67 @@ use crate::config::{
 
 pub const TABLE: &str = "ztunnel";
 
-/// The nftables ruleset for one pod namespace; `dns`: capture its DNS too. The DNS chains
-/// exist either way (empty without `dns`), so that [`stop_capture`] can always flush them.
-pub fn ruleset(dns: bool) -> String {
-    let (dns_tcp, dns_route, dns_tproxy) = if dns {
-        (
-            format!("meta nfproto ipv4 tcp dport 53 redirect to :{DNS_PROXY_PORT}\n    "),
-            format!(
-                "meta mark & 0xfff == {SKIP_MARK:#x} return\n    \
-                 meta nfproto ipv4 udp dport 53 ip daddr != 127.0.0.0/8 meta mark set {INBOUND_CONNMARK:#x}"
-            ),
-            format!(
-                "iifname \"lo\" meta nfproto ipv4 udp dport 53 meta mark & 0xfff == {INBOUND_CONNMARK:#x} \
-                 tproxy ip to 127.0.0.1:{DNS_PROXY_PORT}"
-            ),
-        )
-    } else {
-        Default::default()
+/// An address family's names in a ruleset: `meta nfproto`, the address expression and
+/// `tproxy` family, its loopback (a network, and the DNS proxy's address).
+struct Family {
+    nfproto: &'static str,
+    ip: &'static str,
+    loopback_net: &'static str,
+    loopback: &'static str,
+}
+
+const IPV4: Family = Family {
+    nfproto: "ipv4",
+    ip: "ip",
+    loopback_net: "127.0.0.0/8",
+    loopback: "127.0.0.1",
+};
+const IPV6: Family = Family {
+    nfproto: "ipv6",
+    ip: "ip6",
+    loopback_net: "::1",
+    loopback: "[::1]",
+};
+
+/// The nftables ruleset for one pod namespace; `dns`: capture its DNS too, of IPv6 as well
+/// with `v6`. The DNS chains exist either way (empty without `dns`), so that [`stop_capture`]
+/// can always flush them.
+pub fn ruleset(dns: bool, v6: bool) -> String {
+    let families: &[Family] = match (dns, v6) {
+        (false, _) => &[],
+        (true, false) => &[IPV4],
+        (true, true) => &[IPV4, IPV6],
     };
+    let dns_tcp: String = families
+        .iter()
+        .map(|f| {
+            format!(
+                "meta nfproto {} tcp dport 53 redirect to :{DNS_PROXY_PORT}\n    ",
+                f.nfproto
+            )
+        })
+        .collect();
+    let mut dns_route = match dns {
+        true => vec![format!("meta mark & 0xfff == {SKIP_MARK:#x} return")],
+        false => Vec::new(),
+    };
+    dns_route.extend(families.iter().map(|f| {
+        format!(
+            "meta nfproto {} udp dport 53 {} daddr != {} meta mark set {INBOUND_CONNMARK:#x}",
+            f.nfproto, f.ip, f.loopback_net
+        )
+    }));
+    let dns_tproxy: Vec<String> = families
+        .iter()
+        .map(|f| {
+            format!(
+                "iifname \"lo\" meta nfproto {} udp dport 53 meta mark & 0xfff == {INBOUND_CONNMARK:#x} \
+                 tproxy {} to {}:{DNS_PROXY_PORT}",
+                f.nfproto, f.ip, f.loopback
+            )
+        })
+        .collect();
+    let (dns_route, dns_tproxy) = (dns_route.join("\n    "), dns_tproxy.join("\n    "));
     format!(
         r#"table inet {TABLE} {{
   chain prerouting_mangle {{
@@ -90,7 +136,7 @@ pub fn ruleset(dns: bool) -> String {
 const PREF_REPLY: u32 = 32000;
 
 /// Installs (idempotently: replaces an earlier agent's rules) redirection in `netns`, for a
-/// pod with addresses `ips`.
+/// pod with addresses `ips`; `dns`: its DNS too (IPv6 DNS only if [`captures_ipv6`]).
 ///
 /// Hitless for an earlier agent still draining there (an upgrade): one nft transaction
 /// creates the table if missing and replaces its rules (`flush table` empties the chains but
@@ -98,38 +144,37 @@ const PREF_REPLY: u32 = 32000;
 /// connections keep their translation; deleting the table would drop it), and the reply rule
 /// is added only if missing.
 pub fn install(netns: &Path, ips: &[IpAddr], dns: bool) -> Result<(), RedirectError> {
+    let v6 = captures_ipv6(ips);
     let script = format!(
         "add table inet {TABLE}\nflush table inet {TABLE}\n{}",
-        ruleset(dns)
+        ruleset(dns, v6)
     );
     run_in(netns, &["nft", "-f", "-"], Some(&script))?;
     let mark = format!("{INBOUND_CONNMARK:#x}/0xfff");
     let table = INBOUND_ROUTE_TABLE.to_string();
-    if !rule_exists(netns, "-4", PREF_REPLY) {
-        let pref = PREF_REPLY.to_string();
+    let families: &[(&str, &str)] = match v6 {
+        true => &[("-4", "0.0.0.0/0"), ("-6", "::/0")],
+        false => &[("-4", "0.0.0.0/0")],
+    };
+    for (family, default) in families {
+        if !rule_exists(netns, family, PREF_REPLY) {
+            let pref = PREF_REPLY.to_string();
+            run_in(
+                netns,
+                &[
+                    "ip", family, "rule", "add", "fwmark", &mark, "table", &table, "pref", &pref,
+                ],
+                None,
+            )?;
+        }
         run_in(
             netns,
             &[
-                "ip", "rule", "add", "fwmark", &mark, "table", &table, "pref", &pref,
+                "ip", family, "route", "replace", "local", default, "dev", "lo", "table", &table,
             ],
             None,
         )?;
     }
-    run_in(
-        netns,
-        &[
-            "ip",
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ],
-        None,
-    )?;
     block_ipv6(netns, ips)
 }
 
@@ -154,23 +199,124 @@ pub fn remove(netns: &Path) -> Result<(), RedirectError> {
     let _ = run_in(netns, &["nft", "delete", "table", "inet", TABLE], None);
     let mark = format!("{INBOUND_CONNMARK:#x}/0xfff");
     let table = INBOUND_ROUTE_TABLE.to_string();
-    delete_rules(netns, &mark, &table);
-    let _ = run_in(netns, &["ip", "route", "flush", "table", &table], None);
+    for family in ["-4", "-6"] {
+        delete_rules(netns, family, &mark, &table);
+        let _ = run_in(
+            netns,
+            &["ip", family, "route", "flush", "table", &table],
+            None,
+        );
+    }
     unblock_ipv6(netns);
     Ok(())
 }
 
-/// Deletes our policy-routing rule until none is left (bounded: a namespace holds few rules).
-fn delete_rules(netns: &Path, mark: &str, table: &str) {
+/// Deletes our policy-routing rule of `family` until none is left (bounded: a namespace holds
+/// few rules).
+fn delete_rules(netns: &Path, family: &str, mark: &str, table: &str) {
     for _ in 0..16 {
         if run_in(
             netns,
-            &["ip", "rule", "del", "fwmark", mark, "table", table],
+            &["ip", family, "rule", "del", "fwmark", mark, "table", table],
             None,
         )
         .is_err()
         {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redirect::testing::{skip_unless_root, TestNs, TestPod, POD_IP4};
+
+    /// `ruleset(dns, v6)` has each of `present` and none of `absent`.
+    fn check(dns: bool, v6: bool, present: &[&str], absent: &[&str]) {
+        let rules = ruleset(dns, v6);
+        for line in present {
+            assert!(
+                rules.contains(line),
+                "dns={dns} v6={v6}: no {line:?} in\n{rules}"
+            );
+        }
+        for line in absent {
+            assert!(
+                !rules.contains(line),
+                "dns={dns} v6={v6}: {line:?} in\n{rules}"
+            );
+        }
+    }
+
+    #[test]
+    fn dns_is_captured_in_the_families_asked_for() {
+        let v4 = [
+            "meta nfproto ipv4 tcp dport 53 redirect to :15053",
+            "meta nfproto ipv4 udp dport 53 ip daddr != 127.0.0.0/8 meta mark set 0x111",
+            "meta nfproto ipv4 udp dport 53 meta mark & 0xfff == 0x111 tproxy ip to 127.0.0.1:15053",
+        ];
+        let v6 = [
+            "meta nfproto ipv6 tcp dport 53 redirect to :15053",
+            "meta nfproto ipv6 udp dport 53 ip6 daddr != ::1 meta mark set 0x111",
+            "meta nfproto ipv6 udp dport 53 meta mark & 0xfff == 0x111 tproxy ip6 to [::1]:15053",
+        ];
+        let both: Vec<&str> = v4.iter().chain(&v6).copied().collect();
+        check(false, false, &[], &both);
+        check(false, true, &[], &both);
+        check(true, false, &v4, &v6);
+        check(true, true, &both, &[]);
+        // The agent's own queries are never marked for the proxy, in either family.
+        check(true, true, &["meta mark & 0xfff == 0x539 return"], &[]);
+    }
+
+    /// The ruleset loads, and the reply rule and its route exist in the IPv6 tables too for a
+    /// pod with an IPv6 address (not for one without); [`remove`] takes both families' away.
+    /// Needs root (creates namespaces); skipped otherwise.
+    #[test]
+    fn ipv6_dns_capture_is_installed_and_removed_with_its_routing() {
+        if skip_unless_root() {
+            return;
+        }
+        let t = TestPod::new("nft-dns");
+        let path = t.pod.path();
+        // The reply rule and the routes of table 133, in `family`.
+        let routing = |family| {
+            let rules = t
+                .pod
+                .output(&["ip", family, "rule", "show", "pref", "32000"]);
+            let routes = t
+                .pod
+                .output(&["ip", family, "route", "show", "table", "all"]);
+            let ours: Vec<&str> = routes.lines().filter(|l| l.contains("table 133")).collect();
+            format!("{}{}", rules.trim(), ours.join("\n"))
+        };
+        install(&path, &t.ips(), true).expect("install");
+        let table = t.pod.output(&["nft", "list", "table", "inet", TABLE]);
+        assert!(table.contains("tproxy ip6 to [::1]:15053"), "{table}");
+        assert!(table.contains("tproxy ip to 127.0.0.1:15053"), "{table}");
+        for family in ["-4", "-6"] {
+            let routing = routing(family);
+            assert!(
+                routing.contains("fwmark 0x111/0xfff lookup 133")
+                    && routing.contains("local default dev lo table 133"),
+                "{family}: {routing}"
+            );
+        }
+
+        remove(&path).expect("remove");
+        let tables = t.pod.output(&["nft", "list", "tables"]);
+        assert!(!tables.contains(TABLE), "{tables}");
+        for family in ["-4", "-6"] {
+            assert_eq!(routing(family), "", "{family}");
+        }
+
+        let v4_only = TestNs::new("nft-dns-v4");
+        install(&v4_only.path(), &[POD_IP4.into()], true).expect("install");
+        let rules = v4_only.output(&["ip", "-6", "rule", "show", "pref", "32000"]);
+        assert!(rules.trim().is_empty(), "{rules}");
+        let table = v4_only.output(&["nft", "list", "table", "inet", TABLE]);
+        assert!(!table.contains("ip6 to"), "{table}");
+        remove(&v4_only.path()).expect("remove");
     }
 }

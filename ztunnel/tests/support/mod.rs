@@ -6,3 +6,4 @@
 pub mod agents;
 pub use e2e::apiserver;
 pub mod netns;
+pub mod process;

@@ -8,7 +8,10 @@
 //   listener receives by the normal socket lookup.
 // - Outbound: the application's own connections to destinations outside the pod reach this
 //   program because the agent's policy routing (see the loader's docs) delivers locally
-//   generated TCP locally, over `lo`; they go to the agent's outbound (15001) listener.
+//   generated TCP locally, over `lo`; they go to the agent's outbound (15001) listener of their
+//   family. One slot per family, for the reason the DNS slots below give: the agent's outbound
+//   listeners are bound to loopback, so an IPv6 one is v6-only (the kernel makes a socket bound
+//   to an IPv6 address other than the wildcard one v6-only) and cannot take an IPv4 lookup.
 // - DNS, IPv4 and IPv6: the application's UDP datagrams to port 53, which the agent's policy
 //   routing delivers locally over `lo` like outgoing TCP, go to the agent's DNS UDP socket of
 //   their family; its TCP connections to port 53 go to the agent's DNS TCP listener of their
@@ -58,16 +61,18 @@
 // The loopback device is created first in every network namespace, so its index is always 1.
 #define LOOPBACK_IFINDEX 1
 
-// Slots of the agent's sockets in `listeners`. The IPv6 DNS slots came last: a map pinned by
-// an agent from before them has 4 slots (from before DNS capture, 2), and the loader tells
-// the agent so instead of failing.
+// Slots of the agent's sockets in `listeners`. Newer slots come last: a map pinned by an agent
+// from before the IPv6 outbound slot has 6 slots (from before IPv6 DNS capture 4, from before
+// DNS capture 2), and the loader tells the agent so instead of failing. Such an older program
+// steers both families' outbound connections to OUTBOUND_LISTENER_KEY.
 #define INBOUND_LISTENER_KEY 0
 #define OUTBOUND_LISTENER_KEY 1
 #define DNS_UDP_KEY 2
 #define DNS_TCP_KEY 3
 #define DNS6_UDP_KEY 4
 #define DNS6_TCP_KEY 5
-#define LISTENER_SLOTS 6
+#define OUTBOUND6_LISTENER_KEY 6
+#define LISTENER_SLOTS 7
 
 #define DNS_PORT 53
 #define AF_INET 2
@@ -120,13 +125,27 @@ static __always_inline int steer(struct bpf_sk_lookup *ctx, __u32 key)
 	return assign(ctx, sk);
 }
 
+// The application's connection out: to the agent's outbound listener of its family. An IPv6
+// connection goes to OUTBOUND_LISTENER_KEY while the IPv6 slot is empty: an agent from before
+// per-family outbound listeners (adopting this program after a downgrade) registers its one
+// outbound listener, an IPv6 one for a pod with an IPv6 address, there.
+static __always_inline int steer_outbound(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->family != AF_INET) {
+		struct bpf_sock *sk = listener(OUTBOUND6_LISTENER_KEY);
+		if (sk)
+			return assign(ctx, sk);
+	}
+	return steer(ctx, OUTBOUND_LISTENER_KEY);
+}
+
 // The application's DNS connection over TCP: to the agent's DNS listener of its family, or
 // while there is none to the outbound listener like any other connection.
 static __always_inline int steer_dns_tcp(struct bpf_sk_lookup *ctx)
 {
 	struct bpf_sock *sk = listener(ctx->family == AF_INET ? DNS_TCP_KEY : DNS6_TCP_KEY);
 	if (!sk)
-		return steer(ctx, OUTBOUND_LISTENER_KEY);
+		return steer_outbound(ctx);
 	return assign(ctx, sk);
 }
 
@@ -163,7 +182,7 @@ static __always_inline int try_steer(struct bpf_sk_lookup *ctx)
 			return SK_PASS;
 		if (ctx->local_port == DNS_PORT)
 			return steer_dns_tcp(ctx);
-		return steer(ctx, OUTBOUND_LISTENER_KEY);
+		return steer_outbound(ctx);
 	}
 	if (ctx->local_port == hbone_port)
 		return SK_PASS;

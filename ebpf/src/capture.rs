@@ -3,16 +3,20 @@
 //! How it is attached: one program instance per pod, loaded with the pod's settings as
 //! read-only globals, attached to the pod's network namespace with a BPF link
 //! (`BPF_SK_LOOKUP` takes a netns fd; no cgroup is involved). The agent's sockets go into the
-//! program's six-slot `SOCKMAP`:
+//! program's seven-slot `SOCKMAP`:
 //! - inbound (15006): for every TCP SYN that arrives from outside the pod on any port but the
 //!   HBONE port, the kernel's listener lookup returns that socket instead;
-//! - outbound (15001, optional): for every TCP SYN the application sends to a destination
-//!   outside the pod. Those only reach a listener lookup because the agent's policy routing
-//!   delivers the pod's own outgoing TCP locally over `lo` (a `local default dev lo` route in a
-//!   separate table, selected for `iif lo ipproto tcp` unless the agent's mark is set): the
-//!   program recognises them as "arrived on lo, to an address that is not loopback". The
-//!   outbound listener must be `IP_TRANSPARENT`, because its connections' local address is the
-//!   (non-local) original destination.
+//! - outbound (15001, optional; IPv4 with [`CaptureGuard::set_outbound_listener`], IPv6 with
+//!   [`CaptureGuard::set_outbound6_listener`]): for every TCP SYN the application sends to a
+//!   destination outside the pod, to the listener of its family (an IPv6 SYN to the IPv4 slot
+//!   while the IPv6 one is empty: see that method). Those only reach a listener lookup because
+//!   the agent's policy routing delivers the pod's own outgoing TCP locally over `lo` (a `local
+//!   default dev lo` route in a separate table, selected for `iif lo ipproto tcp` unless the
+//!   agent's mark is set): the program recognises them as "arrived on lo, to an address that is
+//!   not loopback". The outbound listeners must be `IP_TRANSPARENT`, because their connections'
+//!   local address is the (non-local) original destination. One per family for the reason
+//!   given for DNS below: a listener on `[::1]` is v6-only (the kernel makes every IPv6
+//!   socket bound to an address other than the wildcard one v6-only) and takes no IPv4 lookup.
 //! - DNS (optional; IPv4 with [`CaptureGuard::set_dns_listeners`], IPv6 with
 //!   [`CaptureGuard::set_dns6_listeners`]): per address family, a UDP socket for every
 //!   datagram the application sends to port 53 of an address outside the pod, and a TCP
@@ -85,6 +89,7 @@ const DNS_UDP_KEY: u32 = 2;
 const DNS_TCP_KEY: u32 = 3;
 const DNS6_UDP_KEY: u32 = 4;
 const DNS6_TCP_KEY: u32 = 5;
+const OUTBOUND6_KEY: u32 = 6;
 
 /// One address family's DNS slots in [`LISTENER_MAP`], and what a map without them (an older
 /// program's) is reported as: `missing(slots it has, slots needed)`.
@@ -192,6 +197,12 @@ pub enum CaptureError {
          until the pod is released and captured again"
     )]
     NoDns6Slots { slots: u32, needed: u32 },
+    #[error(
+        "the attached capture program predates per-family outbound listeners (its map \
+         {LISTENER_MAP} has {slots} slots, an IPv6 outbound listener needs {needed}): it steers \
+         both families to its one outbound slot until the pod is released and captured again"
+    )]
+    NoOutbound6Slot { slots: u32, needed: u32 },
 }
 
 /// Steers the pod's inbound TCP to `listener` until the guard is dropped (outbound too, once
@@ -388,11 +399,32 @@ impl CaptureGuard {
         self.set(INBOUND_KEY, listener)
     }
 
-    /// Steers the application's outgoing connections to `listener` (15001, `IP_TRANSPARENT`)
-    /// from now on. Only connections that the pod's routing delivers over `lo` are seen; see
-    /// the module docs.
+    /// Steers the application's outgoing IPv4 connections to `listener` (15001,
+    /// `IP_TRANSPARENT`) from now on, and its IPv6 ones too while no IPv6 listener is
+    /// registered ([`CaptureGuard::set_outbound6_listener`]; they need a listener that takes
+    /// IPv6, then). A capture adopted from an agent that predates per-family outbound
+    /// listeners steers both families here whatever is registered. Only connections that the
+    /// pod's routing delivers over `lo` are seen; see the module docs.
     pub fn set_outbound_listener(&mut self, listener: &impl AsRawFd) -> Result<(), CaptureError> {
         self.set(OUTBOUND_KEY, listener)
+    }
+
+    /// Steers the application's outgoing IPv6 connections to `listener` (a listening
+    /// `IP_TRANSPARENT` IPv6 socket) from now on. A capture adopted from an agent that
+    /// predates per-family outbound listeners has no slot for it:
+    /// [`CaptureError::NoOutbound6Slot`], and its one outbound slot
+    /// ([`CaptureGuard::set_outbound_listener`]) keeps serving both families.
+    pub fn set_outbound6_listener(&mut self, listener: &impl AsRawFd) -> Result<(), CaptureError> {
+        let missing = |slots, needed| CaptureError::NoOutbound6Slot { slots, needed };
+        self.set(OUTBOUND6_KEY, listener)
+            .map_err(older_map(missing, OUTBOUND6_KEY + 1))
+    }
+
+    /// Takes the IPv6 outbound listener out of the map (an earlier agent's, when this one
+    /// has none): IPv6 connections out go to the IPv4 slot's listener, which refuses them
+    /// unless it takes IPv6. A map without the slot needs nothing.
+    pub fn clear_outbound6_listener(&mut self) {
+        self.clear(OUTBOUND6_KEY);
     }
 
     /// Steers the application's IPv4 DNS to the agent from now on: its UDP datagrams to port
@@ -436,15 +468,8 @@ impl CaptureGuard {
         udp: &impl AsRawFd,
         tcp: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
-        // A slot beyond the end of the map: the map (and so the program) is an older one's.
-        let too_old = |e| match e {
-            CaptureError::Map {
-                source: MapError::OutOfBounds { max_entries, .. },
-                ..
-            } => (slots.missing)(max_entries, slots.tcp + 1),
-            e => e,
-        };
-        self.set(slots.udp, udp).map_err(too_old)?;
+        let too_old = older_map(slots.missing, slots.tcp + 1);
+        self.set(slots.udp, udp).map_err(&too_old)?;
         if let Err(e) = self.set(slots.tcp, tcp) {
             self.clear(slots.udp);
             return Err(too_old(e));
@@ -616,6 +641,21 @@ impl Maps {
 
     fn exemption_keys(&self) -> Vec<u64> {
         lock(&self.delivery).keys().filter_map(Result::ok).collect()
+    }
+}
+
+/// What a slot beyond the end of [`LISTENER_MAP`] means: the map (and so the program) is an
+/// older one's, reported as `missing(slots it has, needed)`; other errors are kept.
+fn older_map(
+    missing: fn(u32, u32) -> CaptureError,
+    needed: u32,
+) -> impl Fn(CaptureError) -> CaptureError {
+    move |e| match e {
+        CaptureError::Map {
+            source: MapError::OutOfBounds { max_entries, .. },
+            ..
+        } => missing(max_entries, needed),
+        e => e,
     }
 }
 

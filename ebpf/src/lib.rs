@@ -6,9 +6,10 @@
 //!
 //! - [`capture`]: an `sk_lookup` program per pod network namespace that steers new inbound TCP
 //!   connections to the agent's 15006 listener (except the HBONE port, loopback and the probe
-//!   source) and the application's outgoing TCP to the agent's 15001 listener, keeping the
-//!   original destination as the accepted socket's local address; optionally the application's
-//!   DNS (UDP and TCP to port 53, IPv4 and IPv6) to the agent's DNS sockets of each family. The
+//!   source) and the application's outgoing TCP to the agent's 15001 listener of its address
+//!   family, keeping the original destination as the accepted socket's local address;
+//!   optionally the application's DNS (UDP and TCP to port 53, IPv4 and IPv6) to the agent's
+//!   DNS sockets of each family. The
 //!   policy routing that makes outgoing TCP and DNS visible to it is the agent's
 //!   (`ztunnel/src/redirect/ebpf.rs`).
 

@@ -306,6 +306,102 @@ fn outgoing_connections_routed_over_lo_land_on_the_outbound_listener() -> Result
 }
 
 #[test]
+fn outgoing_connections_land_on_the_outbound_listener_of_their_family() -> Result<()> {
+    let CapturedOutbound {
+        topo,
+        guard,
+        outbound,
+        ..
+    } = &mut CapturedOutbound::new()?;
+    guard.set_outbound_listener(&outbound.v4)?;
+    guard.set_outbound6_listener(&outbound.v6)?;
+
+    for family in [Family::V4, Family::V6] {
+        let dst = family.node(APP_PORT);
+        let node_app = topo.node.run(|| TcpListener::bind(dst))??;
+        captured_by(topo, outbound.of(family), dst)?;
+        let other = outbound.of(family.other());
+        assert_none_waiting(
+            &dst,
+            &[
+                (other, "the other family's listener"),
+                (&node_app, "the node"),
+            ],
+        );
+    }
+    Ok(())
+}
+
+/// Why a listener per family: one on `[::1]` is v6-only (the kernel makes every IPv6 socket
+/// bound to an address other than the wildcard one v6-only), and the program cannot hand it an
+/// IPv4 lookup. Alone in the IPv4 slot, as agents before per-family listeners registered it
+/// (and still do in a capture adopted from one), it takes a dual-stack pod's IPv6 connections
+/// out (the IPv6 slot being empty), and the pod's IPv4 ones fail closed: they reach neither a
+/// listener nor the network.
+#[test]
+fn an_ipv6_listener_alone_in_the_outbound_slot_takes_ipv6_only() -> Result<()> {
+    let CapturedOutbound {
+        topo,
+        guard,
+        outbound,
+        pod,
+    } = &mut CapturedOutbound::new()?;
+    guard.set_outbound_listener(&outbound.v6)?;
+    let (v4, v6) = (Family::V4.node(APP_PORT), Family::V6.node(APP_PORT));
+    let mut node_apps = Vec::new();
+    for dst in [v4, v6] {
+        node_apps.push(topo.node.run(move || TcpListener::bind(dst))??);
+    }
+
+    captured_by(topo, &outbound.v6, v6).context("IPv6, through the IPv4 slot")?;
+
+    // A SYN is retransmitted after a second: a first one taken by anything would have
+    // connected by then.
+    let attempt = topo.pod.run(move || -> std::io::Result<TcpStream> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.connect_timeout(&v4.into(), Duration::from_secs(1))?;
+        Ok(socket.into())
+    })?;
+    assert!(attempt.is_err(), "IPv4 connected: {attempt:?}");
+    let listeners = [
+        (&outbound.v4, "the IPv4 listener"),
+        (&outbound.v6, "the IPv6 listener"),
+        (&pod.app, "the application"),
+    ];
+    let nodes = node_apps.iter().map(|l| (l, "the node"));
+    assert_none_waiting(&v4, &listeners.into_iter().chain(nodes).collect::<Vec<_>>());
+    Ok(())
+}
+
+/// Asserts that no connection of the scenario `what` waits on any of `listeners` (each with
+/// the name to say).
+fn assert_none_waiting(what: &dyn std::fmt::Display, listeners: &[(&TcpListener, &str)]) {
+    for (listener, name) in listeners {
+        assert!(
+            accept_within(listener, Duration::ZERO).is_none(),
+            "{what}: {name} took a connection"
+        );
+    }
+}
+
+/// The pod's application connects to `dst`, outside the pod: `listener` accepts the
+/// connection with the original destination as its local address and the application's
+/// (at the pod's address) as its peer, and data flows both ways.
+fn captured_by(topo: &Topology, listener: &TcpListener, dst: SocketAddr) -> Result<()> {
+    let client = topo.pod.run(move || connect(None, dst, None))??;
+    let accepted = accept_within(listener, ACCEPT_WITHIN)
+        .with_context(|| format!("{dst}: nothing reached the outbound listener"))?;
+    assert_eq!(accepted.local_addr()?, dst, "original destination");
+    assert_eq!(accepted.peer_addr()?, client.local_addr()?, "peer");
+    let pod_ip = match dst {
+        SocketAddr::V4(_) => IpAddr::from(POD_IP),
+        SocketAddr::V6(_) => POD_IP6.into(),
+    };
+    assert_eq!(client.local_addr()?.ip(), pod_ip, "source");
+    echo_once(&client, &accepted)
+}
+
+#[test]
 fn dns_over_udp_lands_on_the_agents_dns_socket_with_the_original_destination() -> Result<()> {
     dns_over_udp(Family::V4)
 }
@@ -466,7 +562,10 @@ fn dns_over_tcp(family: Family) -> Result<()> {
         .run(|| transparent_listener_on(SocketAddr::new(family.loopback(), OUTBOUND_PORT)))??;
     let nameserver = family.nameserver();
     let resolver = topo.node.run(|| TcpListener::bind(nameserver))??;
-    guard.set_outbound_listener(&outbound)?;
+    match family {
+        Family::V4 => guard.set_outbound_listener(&outbound)?,
+        Family::V6 => guard.set_outbound6_listener(&outbound)?,
+    }
 
     let connect_out = || topo.pod.run(move || connect(None, nameserver, None));
     let client = connect_out()??;
@@ -652,6 +751,40 @@ fn an_adopted_capture_without_ipv6_dns_slots_keeps_its_ipv4_dns_and_says_so() ->
     Ok(())
 }
 
+#[test]
+fn an_adopted_capture_without_an_ipv6_outbound_slot_says_so() -> Result<()> {
+    let (topo, bpffs) = (Topology::new()?, Bpffs::mount()?);
+    let pin_dir = bpffs.path.join("pod");
+    let pod = topo.pod_listeners()?;
+    let outbound = topo.pod.run(OutboundListeners::bind)??;
+    // An agent from before per-family outbound listeners pinned a six-slot socket map.
+    let mut adopted = adopt_with_map_of(&topo, &pod, &pin_dir, 6)?;
+    let err = adopted
+        .set_outbound6_listener(&outbound.v6)
+        .expect_err("a six-slot map has no IPv6 outbound slot");
+    assert!(
+        matches!(
+            err,
+            CaptureError::NoOutbound6Slot {
+                slots: 6,
+                needed: 7
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("predates per-family outbound listeners"),
+        "{err}"
+    );
+    // Its one outbound slot takes a listener as before; the slot it lacks needs no clearing.
+    adopted.set_outbound_listener(&outbound.v6)?;
+    adopted.clear_outbound6_listener();
+    drop(adopted);
+    assert!(!pin_dir.exists(), "pin directory removed");
+    Ok(())
+}
+
 /// A capture pinned under `pin_dir` by an earlier agent whose socket map had `slots` slots
 /// (the map pin replaced by one of that size), adopted.
 fn adopt_with_map_of(
@@ -724,6 +857,14 @@ impl Family {
         match self {
             Self::V4 => POD_IP.into(),
             Self::V6 => POD_IP6.into(),
+        }
+    }
+
+    /// `port` at the node's address of this family, across the veth.
+    fn node(self, port: u16) -> SocketAddr {
+        match self {
+            Self::V4 => SocketAddr::from((NODE_IP, port)),
+            Self::V6 => SocketAddr::from((NODE_IP6, port)),
         }
     }
 
@@ -986,6 +1127,56 @@ fn transparent_listener_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
     s.bind(&addr.into())?;
     s.listen(16)?;
     Ok(s.into())
+}
+
+/// A pod whose capture (its routing and the program, with the pod's inbound listener) takes
+/// its outgoing connections to the agent's outbound listeners, once registered. Fields drop
+/// in order: the program detaches before the namespaces go.
+struct CapturedOutbound {
+    guard: CaptureGuard,
+    outbound: OutboundListeners,
+    pod: PodListeners,
+    topo: Topology,
+}
+
+impl CapturedOutbound {
+    fn new() -> Result<Self> {
+        let topo = Topology::new()?;
+        let pod = topo.pod_listeners()?;
+        topo.capture_routing()?;
+        let outbound = topo.pod.run(OutboundListeners::bind)??;
+        let config = CaptureConfig::new(HBONE_PORT);
+        let guard = attach_capture(&topo.pod.file()?, &pod.agent, &config)?;
+        Ok(Self {
+            guard,
+            outbound,
+            pod,
+            topo,
+        })
+    }
+}
+
+/// The agent's outbound listeners, one per family.
+struct OutboundListeners {
+    v4: TcpListener,
+    v6: TcpListener,
+}
+
+impl OutboundListeners {
+    fn bind() -> std::io::Result<Self> {
+        let on = |f: Family| transparent_listener_on(SocketAddr::new(f.loopback(), OUTBOUND_PORT));
+        Ok(Self {
+            v4: on(Family::V4)?,
+            v6: on(Family::V6)?,
+        })
+    }
+
+    fn of(&self, family: Family) -> &TcpListener {
+        match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
 }
 
 // === scenario helper ===

@@ -845,11 +845,15 @@ spec:
                 };
                 let (inbound, outbound) = (listen(15006), listen(15001));
                 let pins = fs.path().join("pod");
+                let v4_only = crate::redirect::ebpf::Outbound {
+                    v4: &outbound,
+                    v6: None,
+                };
                 let guard = crate::redirect::ebpf::install(
                     &netns,
                     &ips,
                     &inbound,
-                    &outbound,
+                    v4_only,
                     &pins,
                     Some(&sockets),
                 )

@@ -58,6 +58,8 @@ struct Fingerprint {
 /// connections are dealt to the workers: `proxy::inbound`).
 struct Listeners {
     outbound: std::net::TcpListener,
+    /// The IPv6 outbound listener ([`ListenIps::outbound6`]).
+    outbound6: Option<std::net::TcpListener>,
     plaintext: std::net::TcpListener,
 }
 
@@ -94,16 +96,40 @@ fn fingerprint(p: &Pod) -> Fingerprint {
     }
 }
 
-/// Where a pod's listeners bind: (outbound, inbound). In the pod's own namespace outbound
-/// listens on its loopback (only the pod's own connections reach it) and inbound on every
-/// address; with `--redirect loopback` the pod is an address in the agent's namespace, and
-/// all its listeners bind on its first address.
-fn listen_ips(redirect: Redirect, ips: &[IpAddr]) -> (IpAddr, IpAddr) {
-    let v6 = ips.iter().any(IpAddr::is_ipv6);
+/// Where a pod's listeners bind (see [`listen_ips`]).
+#[derive(Debug, PartialEq, Eq)]
+struct ListenIps {
+    /// Outbound (15001): the pod's IPv4 loopback (its first address with `--redirect
+    /// loopback`).
+    outbound: IpAddr,
+    /// A second outbound listener, on the pod's IPv6 loopback, when its IPv6 is captured.
+    outbound6: Option<IpAddr>,
+    /// Inbound (15006, 15008).
+    inbound: IpAddr,
+}
+
+/// Where a pod's listeners bind. In the pod's own namespace outbound listens on its loopback,
+/// so that only the pod's own connections reach it: on `127.0.0.1`, and for a pod whose IPv6
+/// is captured ([`redirect::captures_ipv6`]) on `[::1]` too, as each capture hands a
+/// connection to the listener of its family (a socket on `[::1]` is v6-only); inbound listens
+/// on every address (`[::]` takes both families). With `--redirect loopback` the pod is an
+/// address in the agent's namespace, and all its listeners bind on its first address.
+fn listen_ips(redirect: Redirect, ips: &[IpAddr]) -> ListenIps {
+    let v6 = redirect::captures_ipv6(ips);
     match ips.first() {
-        Some(ip) if redirect == Redirect::Loopback => (*ip, *ip),
-        _ if v6 => (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::UNSPECIFIED.into()),
-        _ => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::UNSPECIFIED.into()),
+        Some(ip) if redirect == Redirect::Loopback => ListenIps {
+            outbound: *ip,
+            outbound6: None,
+            inbound: *ip,
+        },
+        _ => ListenIps {
+            outbound: Ipv4Addr::LOCALHOST.into(),
+            outbound6: v6.then_some(Ipv6Addr::LOCALHOST.into()),
+            inbound: match v6 {
+                true => Ipv6Addr::UNSPECIFIED.into(),
+                false => Ipv4Addr::UNSPECIFIED.into(),
+            },
+        },
     }
 }
 
@@ -273,7 +299,7 @@ impl Manager {
                 source: Box::new(source),
             })?;
         let home = &self.pi.home;
-        let (lo, any) = listen_ips(cfg.redirect, &pod.ips);
+        let at = listen_ips(cfg.redirect, &pod.ips);
         let setup = match cfg.redirect {
             Redirect::Ebpf => ListenFor::Ebpf,
             _ => ListenFor::Nat,
@@ -300,12 +326,16 @@ impl Manager {
         let sets = (0..self.pi.workers.handles().len().max(1))
             .map(|_| {
                 Ok::<_, EnrollError>(Listeners {
-                    outbound: listen(lo, OUTBOUND_PORT)?,
-                    plaintext: listen(any, INBOUND_PLAINTEXT_PORT)?,
+                    outbound: listen(at.outbound, OUTBOUND_PORT)?,
+                    outbound6: at
+                        .outbound6
+                        .map(|ip| listen(ip, OUTBOUND_PORT))
+                        .transpose()?,
+                    plaintext: listen(at.inbound, INBOUND_PLAINTEXT_PORT)?,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let hbone = listen(any, HBONE_PORT)?;
+        let hbone = listen(at.inbound, HBONE_PORT)?;
         // The DNS proxy's sockets, where port-53 traffic is captured to (IPv4, and IPv6 for a
         // pod with an IPv6 address).
         let dns = match cfg.dns_capture && !netns.is_own() {
@@ -323,11 +353,15 @@ impl Manager {
                 // The capture hands a connection to one listener of each group; the
                 // kernel's reuseport selection then picks among the group.
                 let first = &sets[0];
+                let outbound = redirect::ebpf::Outbound {
+                    v4: &first.outbound,
+                    v6: first.outbound6.as_ref(),
+                };
                 Some(redirect::ebpf::install(
                     &netns,
                     &pod.ips,
                     &first.plaintext,
-                    &first.outbound,
+                    outbound,
                     &pins,
                     dns.as_ref(),
                 )?)
@@ -377,10 +411,12 @@ impl Manager {
         for (worker, set) in sets.into_iter().enumerate() {
             let on = pi.workers.handles().get(worker);
             let (pod, pi, out_stop, stop) = (&ctx, pi, &ctx.outbound_stop, &stop);
-            spawn_on(on, span("outbound"), set.outbound, {
-                let (pod, pi, stop) = (pod.clone(), pi.clone(), out_stop.clone());
-                move |l| proxy::outbound::run(l, pod, pi, stop)
-            });
+            for outbound in std::iter::once(set.outbound).chain(set.outbound6) {
+                spawn_on(on, span("outbound"), outbound, {
+                    let (pod, pi, stop) = (pod.clone(), pi.clone(), out_stop.clone());
+                    move |l| proxy::outbound::run(l, pod, pi, stop)
+                });
+            }
             spawn_on(on, span("inbound_plaintext"), set.plaintext, {
                 let (pod, pi, stop) = (pod.clone(), pi.clone(), stop.clone());
                 move |l| proxy::inbound_passthrough::run(l, pod, pi, stop)
@@ -660,36 +696,62 @@ async fn sweep_direct(ctx: Arc<PodCtx>) {
 mod tests {
     use super::*;
 
-    fn check(redirect: Redirect, ips: &[&str], want: (&str, &str)) {
-        let ips: Vec<IpAddr> = ips.iter().map(|ip| ip.parse().expect("ip")).collect();
+    /// `listen_ips(redirect, ips)` binds outbound on `outbound` (one listener each) and
+    /// inbound on `inbound`.
+    fn check(redirect: Redirect, ips: &[&str], outbound: &[&str], inbound: &str) {
+        let parse = |ip: &str| -> IpAddr { ip.parse().expect("ip") };
+        let ips: Vec<IpAddr> = ips.iter().copied().map(parse).collect();
         let got = listen_ips(redirect, &ips);
-        let want = (want.0.parse().expect("ip"), want.1.parse().expect("ip"));
-        assert_eq!(got, want, "{redirect:?} {ips:?}");
+        let got_outbound: Vec<IpAddr> =
+            std::iter::once(got.outbound).chain(got.outbound6).collect();
+        let want: Vec<IpAddr> = outbound.iter().copied().map(parse).collect();
+        assert_eq!(got_outbound, want, "{redirect:?} {ips:?}: outbound");
+        assert_eq!(got.inbound, parse(inbound), "{redirect:?} {ips:?}: inbound");
+        // Outbound is never reachable from outside the pod.
+        if redirect != Redirect::Loopback {
+            assert!(
+                got_outbound.iter().all(IpAddr::is_loopback),
+                "{got_outbound:?}"
+            );
+        }
     }
 
     #[test]
     fn listeners_bind_in_the_pod_namespace_or_on_the_pods_address() {
-        check(Redirect::Ebpf, &["10.244.1.2"], ("127.0.0.1", "0.0.0.0"));
-        check(
-            Redirect::Nftables,
-            &["10.244.1.2"],
-            ("127.0.0.1", "0.0.0.0"),
-        );
-        check(Redirect::None, &["10.244.1.2"], ("127.0.0.1", "0.0.0.0"));
-        check(
-            Redirect::Nftables,
-            &["10.244.1.2", "fd00::2"],
-            ("::1", "::"),
-        );
+        let v4 = ["10.244.1.2"];
+        for redirect in [Redirect::Ebpf, Redirect::Nftables, Redirect::None] {
+            check(redirect, &v4, &["127.0.0.1"], "0.0.0.0");
+        }
         check(
             Redirect::Loopback,
             &["127.3.4.5"],
-            ("127.3.4.5", "127.3.4.5"),
+            &["127.3.4.5"],
+            "127.3.4.5",
         );
         check(
             Redirect::Loopback,
             &["127.3.4.5", "::1"],
-            ("127.3.4.5", "127.3.4.5"),
+            &["127.3.4.5"],
+            "127.3.4.5",
         );
+    }
+
+    /// A dual-stack pod's IPv4 connections out are captured to an IPv4 listener and its IPv6
+    /// ones to an IPv6 listener: the one on `[::1]` is v6-only, and neither capture hands a
+    /// connection to a listener of the other family.
+    #[test]
+    fn a_pod_with_an_ipv6_address_gets_an_outbound_listener_per_family() {
+        let dual = ["10.244.1.2", "fd00::2"];
+        for redirect in [Redirect::Ebpf, Redirect::Nftables, Redirect::None] {
+            check(redirect, &dual, &["127.0.0.1", "::1"], "::");
+        }
+        // IPv6 first, or IPv6 only: IPv4 still has its listener (loopback, harmless).
+        check(
+            Redirect::Nftables,
+            &["fd00::2", "10.244.1.2"],
+            &["127.0.0.1", "::1"],
+            "::",
+        );
+        check(Redirect::Ebpf, &["fd00::2"], &["127.0.0.1", "::1"], "::");
     }
 }

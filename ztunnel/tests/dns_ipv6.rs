@@ -3,18 +3,12 @@
 //! DNS; a dual-stack Service's name is answered by the agent (AAAA from its IPv6 cluster IP),
 //! any other name is forwarded from the pod's IPv6 address to the IPv6 resolver it asked.
 //!
-//! The e2e harness gives pods no IPv6 (its namespaces have IPv6 off), so this test builds its
-//! own: a node namespace where the agent runs (`--config-dir`, pods' namespaces by name), a
-//! pod namespace with an IPv4 and a ULA IPv6 address, and a resolver namespace on the pod's
-//! link holding both resolvers. Nothing leaves these namespaces; all of it is removed on
-//! drop. Needs root.
+//! The namespaces are `support::dual_stack`'s, both resolvers in the one outside the mesh.
+//! Needs root.
 
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::Path;
-use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,9 +16,9 @@ use anyhow::{bail, Context, Result};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use support::netns::{ip, prefix, require_root, TestNetns};
-use support::process::spawn_agent;
-use ztunnel::netns::Netns;
+use support::background::{lock, Background};
+use support::dual_stack::DualStackPod;
+use support::netns::TestNetns;
 
 const POD_IP4: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 2);
 const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
@@ -52,22 +46,10 @@ fn ipv6_dns_is_captured_answered_and_forwarded_with_ebpf() -> Result<()> {
 }
 
 fn ipv6_dns(backend: &str) -> Result<()> {
-    require_root()?;
-    let prefix = prefix();
-    let dir = tempfile::tempdir()?;
-    let node = TestNetns::new(&prefix, "node")?;
-    // `<prefix><namespace>.<name>`: where the agent looks for pod default/client.
-    let pod = TestNetns::new(&prefix, "default.client")?;
-    let dns = TestNetns::new(&prefix, "dns")?;
-    link(&pod, &dns)?;
-    let resolvers = Resolvers::start(&dns)?;
-    std::fs::write(dir.path().join("mesh.yaml"), MESH)?;
-    let bpffs = match backend {
-        "ebpf" => Some(Bpffs::mount(dir.path())?),
-        _ => None,
-    };
-    let mut agent = Agent::start(&node, dir.path(), &prefix, backend, bpffs.as_ref())?;
-    let client = Client::new(&pod)?;
+    let ns = DualStackPod::new((POD_IP4, POD_IP6), "dns", (RESOLVER4, RESOLVER6))?;
+    let resolvers = Resolvers::start(&ns.outside)?;
+    let mut agent = ns.start_agent(backend, SERVICE_YAML)?;
+    let client = Client(&ns.pod);
     let v6 = SocketAddr::from((RESOLVER6, 53));
     let v4 = SocketAddr::from((RESOLVER4, 53));
 
@@ -88,7 +70,7 @@ fn ipv6_dns(backend: &str) -> Result<()> {
     }
     resolvers.forget();
 
-    let (udp, tcp) = (Client::udp as Ask, Client::tcp as Ask);
+    let (udp, tcp) = (Client::udp as Ask<'_>, Client::tcp as Ask<'_>);
     let (a, aaaa) = (RecordType::A, RecordType::AAAA);
     let [vip4, vip6, up4, up6]: [IpAddr; 4] =
         [VIP4.into(), VIP6.into(), UPSTREAM4.into(), UPSTREAM6.into()];
@@ -127,22 +109,8 @@ fn ipv6_dns(backend: &str) -> Result<()> {
     Ok(())
 }
 
-/// The node's config: an ambient namespace, the pod (dual-stack) and a dual-stack Service.
-const MESH: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: client, namespace: default}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: default, labels: {app: client}}
-spec: {nodeName: n1, serviceAccountName: client, containers: [{name: app, image: app}]}
-status: {phase: Running, podIP: 10.79.0.2, podIPs: [{ip: 10.79.0.2}, {ip: "fd00::2"}]}
----
+/// Beside the pod, the node's config has a dual-stack Service.
+const SERVICE_YAML: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: echo, namespace: default}
@@ -151,29 +119,6 @@ spec:
   selector: {app: echo}
   ports: [{port: 80}]
 "#;
-
-/// Joins the pod to the resolvers' namespace with a veth pair, both families on it.
-fn link(pod: &TestNetns, dns: &TestNetns) -> Result<()> {
-    ip(&[
-        "link", "add", "name", "eth0", "netns", &pod.name, "type", "veth", "peer", "name", "eth0",
-        "netns", &dns.name,
-    ])?;
-    let pod_addrs = [format!("{POD_IP4}/24"), format!("{POD_IP6}/64")];
-    let dns_addrs = [format!("{RESOLVER4}/24"), format!("{RESOLVER6}/64")];
-    for (ns, addrs) in [(pod, pod_addrs), (dns, dns_addrs)] {
-        for addr in &addrs {
-            // `nodad`: usable at once (no one else is on the link).
-            ip(&["-n", &ns.name, "addr", "add", addr, "dev", "eth0", "nodad"])?;
-        }
-        ip(&["-n", &ns.name, "link", "set", "eth0", "up"])?;
-    }
-    Ok(())
-}
-
-/// Opens the namespace of `ns` for [`Netns::run`].
-fn open(ns: &TestNetns) -> Result<Netns> {
-    Ok(Netns::open(&ns.path())?)
-}
 
 // === the resolvers ===
 
@@ -184,52 +129,42 @@ type Asked = (String, IpAddr, IpAddr);
 /// every A query with [`UPSTREAM4`] and every AAAA query with [`UPSTREAM6`]; stopped on drop.
 struct Resolvers {
     asked: Arc<Mutex<Vec<Asked>>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    _threads: Background,
 }
 
 impl Resolvers {
     fn start(ns: &TestNetns) -> Result<Resolvers> {
-        let (netns, home) = (open(ns)?, Netns::current()?);
-        let mut resolvers = Resolvers {
-            asked: Arc::default(),
-            stop: Arc::default(),
-            threads: Vec::new(),
-        };
+        let asked: Arc<Mutex<Vec<Asked>>> = Arc::default();
+        let mut threads = Background::default();
         for addr in [IpAddr::from(RESOLVER4), RESOLVER6.into()] {
-            let socket = netns.run(&home, || std::net::UdpSocket::bind((addr, 53)))??;
+            let socket = ns.run(|| std::net::UdpSocket::bind((addr, 53)))??;
             socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-            let (asked, stop) = (resolvers.asked.clone(), resolvers.stop.clone());
-            resolvers.threads.push(std::thread::spawn(move || {
+            let udp_asked = asked.clone();
+            threads.spawn(move |stop| {
                 let mut buf = [0u8; 512];
-                while !stop.load(Ordering::Relaxed) {
+                while !Background::stopped(stop) {
                     let Ok((n, from)) = socket.recv_from(&mut buf) else {
                         continue;
                     };
                     let Some((name, answer)) = answer(&buf[..n]) else {
                         continue;
                     };
-                    lock(&asked).push((name, from.ip(), addr));
+                    lock(&udp_asked).push((name, from.ip(), addr));
                     let _ = socket.send_to(&answer, from);
                 }
-            }));
-            let listener = netns.run(&home, || std::net::TcpListener::bind((addr, 53)))??;
-            listener.set_nonblocking(true)?;
-            let (asked, stop) = (resolvers.asked.clone(), resolvers.stop.clone());
-            resolvers.threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, from)) => {
-                            if let Some(name) = answer_tcp(stream) {
-                                lock(&asked).push((name, from.ip(), addr));
-                            }
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
+            });
+            let listener = ns.run(|| std::net::TcpListener::bind((addr, 53)))??;
+            let tcp_asked = asked.clone();
+            threads.serve_tcp(listener, move |stream, from| {
+                if let Some(name) = answer_tcp(stream) {
+                    lock(&tcp_asked).push((name, from.ip(), addr));
                 }
-            }));
+            })?;
         }
-        Ok(resolvers)
+        Ok(Resolvers {
+            asked,
+            _threads: threads,
+        })
     }
 
     fn asked(&self) -> Vec<Asked> {
@@ -240,19 +175,6 @@ impl Resolvers {
     fn forget(&self) {
         lock(&self.asked).clear();
     }
-}
-
-impl Drop for Resolvers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The resolvers' answer to `query`, and the name it asked.
@@ -301,31 +223,19 @@ fn write_frame(stream: &mut std::net::TcpStream, msg: &[u8]) -> Result<()> {
 // === the pod's DNS client ===
 
 /// One query from the pod: [`Client::udp`] or [`Client::tcp`].
-type Ask = fn(&Client, SocketAddr, &str, RecordType) -> Result<Vec<IpAddr>>;
+type Ask<'a> = fn(&Client<'a>, SocketAddr, &str, RecordType) -> Result<Vec<IpAddr>>;
 
 /// Sends queries from the pod, as its resolver library would.
-struct Client {
-    netns: Netns,
-    home: Netns,
-}
+struct Client<'a>(&'a TestNetns);
 
-impl Client {
-    fn new(pod: &TestNetns) -> Result<Client> {
-        Ok(Client {
-            netns: open(pod)?,
-            home: Netns::current()?,
-        })
-    }
-
+impl Client<'_> {
     /// The addresses in the answer to `name`/`qtype` over UDP from `server`.
     fn udp(&self, server: SocketAddr, name: &str, qtype: RecordType) -> Result<Vec<IpAddr>> {
         let any = match server {
             SocketAddr::V4(_) => IpAddr::from(Ipv4Addr::UNSPECIFIED),
             SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
         };
-        let socket = self
-            .netns
-            .run(&self.home, || std::net::UdpSocket::bind((any, 0)))??;
+        let socket = self.0.run(|| std::net::UdpSocket::bind((any, 0)))??;
         socket.connect(server)?;
         socket.set_read_timeout(Some(Duration::from_secs(2)))?;
         socket.send(&query(name, qtype)?)?;
@@ -337,9 +247,9 @@ impl Client {
     /// The same over TCP.
     fn tcp(&self, server: SocketAddr, name: &str, qtype: RecordType) -> Result<Vec<IpAddr>> {
         let timeout = Duration::from_secs(2);
-        let mut stream = self.netns.run(&self.home, || {
-            std::net::TcpStream::connect_timeout(&server, timeout)
-        })??;
+        let mut stream = self
+            .0
+            .run(|| std::net::TcpStream::connect_timeout(&server, timeout))??;
         stream.set_read_timeout(Some(timeout))?;
         write_frame(&mut stream, &query(name, qtype)?)?;
         addresses(&read_frame(&mut stream)?)
@@ -363,80 +273,4 @@ fn addresses(answer: &[u8]) -> Result<Vec<IpAddr>> {
             _ => None,
         })
         .collect())
-}
-
-// === the agent ===
-
-/// The `ztunnel` binary in the node's namespace; killed on drop.
-struct Agent {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Agent {
-    fn start(
-        node: &TestNetns,
-        dir: &Path,
-        prefix: &str,
-        backend: &str,
-        bpffs: Option<&Bpffs>,
-    ) -> Result<Agent> {
-        let log = dir.join("ztunnel.log");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &node.name, env!("CARGO_BIN_EXE_ztunnel")])
-            .args(["--node-name", "n1", "--config-dir"])
-            .arg(dir)
-            .arg("--ca-dir")
-            .arg(dir.join("ca"))
-            .args(["--netns-prefix", prefix, "--redirect", backend]);
-        if let Some(fs) = bpffs {
-            cmd.arg("--bpf-fs").arg(&fs.path);
-        }
-        let child = spawn_agent(cmd, &log, prefix)?;
-        Ok(Agent { child, log })
-    }
-
-    fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("ztunnel exited ({status}):\n{}", self.log());
-        }
-        Ok(())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A private bpffs for the agent's pins, under `dir`; unmounted on drop.
-struct Bpffs {
-    path: std::path::PathBuf,
-}
-
-impl Bpffs {
-    fn mount(dir: &Path) -> Result<Bpffs> {
-        let path = dir.join("bpffs");
-        std::fs::create_dir(&path)?;
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&path)
-            .status()?;
-        if !status.success() {
-            bail!("mount a bpffs at {}: {status}", path.display());
-        }
-        Ok(Bpffs { path })
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-    }
 }

@@ -4,7 +4,8 @@
 //! Per pod network namespace:
 //! - the capture program, pinned under `<bpf-fs>/ztunnel/<netns file name>/` so that it
 //!   outlives the agent (a restarted agent adopts it; while no agent listens the pod fails
-//!   closed), with the pod's 15006 and 15001 listeners in its socket map, and with DNS capture
+//!   closed), with the pod's 15006 and 15001 listeners in its socket map (15001 one per
+//!   address family the pod's outbound is captured in, see [`Outbound`]), and with DNS capture
 //!   its 15053 UDP sockets and TCP listeners (one pair per address family the pod's DNS is
 //!   captured in). In an upgrade the next agent adopts it while the old one still runs: its
 //!   listeners replace the old one's in the map (one update each), and the old one leaves
@@ -22,9 +23,10 @@
 //!     comes back in over `lo` (measured: HBONE deliveries reset);
 //!   - [`PREF_CAPTURE`]: every other TCP the pod sends (`iif lo`: locally generated) looks up
 //!     table [`INBOUND_ROUTE_TABLE`], whose `local default dev lo src <pod address>` route
-//!     delivers it locally, where the capture program hands new connections to 15001. The same
-//!     rule brings the application's replies to inbound clients (whose addresses the agent
-//!     borrows with transparent sockets) back to the agent.
+//!     delivers it locally, where the capture program hands new connections to the 15001
+//!     listener of their family. The same rule brings the application's replies to inbound
+//!     clients (whose addresses the agent borrows with transparent sockets) back to the
+//!     agent.
 //!   - [`PREF_DNS`] (with DNS capture, per family: IPv4, and IPv6 for a pod with an IPv6
 //!     address): the UDP the pod sends to port 53 (`iif lo`, unmarked: the agent's own
 //!     queries matched [`PREF_SKIP`] first) looks up the same table, so it is delivered
@@ -239,10 +241,25 @@ pub fn sweep_pins(
     removed
 }
 
+/// The pod's outbound (15001) listeners the capture hands the application's connections to,
+/// one per address family: a listener bound to loopback takes no lookup of the other family
+/// (the IPv6 one is v6-only), and nothing outside the pod may reach either.
+#[derive(Clone, Copy, Debug)]
+pub struct Outbound<'a> {
+    /// On `127.0.0.1`.
+    pub v4: &'a std::net::TcpListener,
+    /// On `[::1]`, for a pod whose IPv6 is captured ([`super::captures_ipv6`]).
+    pub v6: Option<&'a std::net::TcpListener>,
+}
+
 /// Installs (idempotently: adopts an earlier agent's attachment and replaces its rules) capture
 /// in `netns` for a pod with addresses `ips`. `inbound` and `outbound` are the pod's 15006 and
-/// 15001 listeners; `outbound` must be `IP_TRANSPARENT` (its connections' local address is the
-/// original destination), and every agent socket in the pod must carry [`SKIP_MARK`].
+/// 15001 listeners; the latter must be `IP_TRANSPARENT` (their connections' local address is
+/// the original destination), and every agent socket in the pod must carry [`SKIP_MARK`]. If
+/// the capture adopted from an earlier agent has one outbound slot for both families (its
+/// program predates per-family outbound listeners), that slot takes `outbound.v6` as it did
+/// then, and the pod's IPv4 connections out fail closed (a warning says so) until the pod is
+/// captured anew.
 ///
 /// `dns`: the pod's DNS sockets, to capture its DNS (UDP and TCP to port 53) of each family
 /// they have a pair for to; see [`::ebpf::CaptureGuard::set_dns_listeners`] for what they
@@ -254,7 +271,7 @@ pub fn install(
     netns: &Netns,
     ips: &[IpAddr],
     inbound: &impl AsRawFd,
-    outbound: &impl AsRawFd,
+    outbound: Outbound<'_>,
     pin_dir: &Path,
     dns: Option<&crate::dns::Sockets>,
 ) -> Result<CaptureGuard, RedirectError> {
@@ -297,18 +314,16 @@ impl DnsFamilies {
     }
 }
 
-/// Registers the outbound listener and the DNS sockets, then installs the routing that sends
+/// Registers the outbound listeners and the DNS sockets, then installs the routing that sends
 /// the pod's traffic to them.
 fn register(
     guard: &mut CaptureGuard,
     netns: &Path,
     ips: &[IpAddr],
-    outbound: &impl AsRawFd,
+    outbound: Outbound<'_>,
     dns: Option<&crate::dns::Sockets>,
 ) -> Result<(), RedirectError> {
-    guard
-        .set_outbound_listener(outbound)
-        .map_err(|source| capture_err(netns, source))?;
+    register_outbound(guard, netns, outbound)?;
     // A family's DNS sockets that an adopted capture cannot take leave that family's DNS
     // alone (logged); any other failure fails the install.
     let taken = |guard: &CaptureGuard, set: Result<(), ::ebpf::CaptureError>, family: &str| {
@@ -339,6 +354,32 @@ fn register(
         Some(_) => {}
     }
     Ok(())
+}
+
+/// Registers the outbound listener of each family, IPv6's first: a capture adopted from an
+/// earlier agent may have no slot for it (see [`install`]), and then its one outbound slot
+/// gets the IPv6 listener straight away (never the IPv4 one meanwhile, which would refuse
+/// the pod's IPv6 connections out). Without an IPv6 listener, an earlier agent's is taken
+/// out of its slot.
+fn register_outbound(
+    guard: &mut CaptureGuard,
+    netns: &Path,
+    outbound: Outbound<'_>,
+) -> Result<(), RedirectError> {
+    let err = |source| capture_err(netns, source);
+    let Some(v6) = outbound.v6 else {
+        guard.set_outbound_listener(outbound.v4).map_err(err)?;
+        guard.clear_outbound6_listener();
+        return Ok(());
+    };
+    match guard.set_outbound6_listener(v6) {
+        Ok(()) => guard.set_outbound_listener(outbound.v4).map_err(err),
+        Err(e @ ::ebpf::CaptureError::NoOutbound6Slot { .. }) if guard.adopted() => {
+            tracing::warn!(netns = %netns.display(), error = %e, "the pod's IPv4 connections out fail closed: the capture adopted from an earlier agent has one outbound slot for both families, which keeps the IPv6 listener as that agent had it; the pod gets one per family once it is captured anew");
+            guard.set_outbound_listener(v6).map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// Adds the rules that are missing and replaces the route (atomic), never deleting a rule
@@ -725,6 +766,7 @@ fn delete_rules_in(netns: &Path, families: &[&str], prefs: &[u32]) {
 mod tests {
     use super::*;
     use crate::redirect::TcpSocket;
+    use crate::socket::ListenFor;
 
     fn sock(local: &str, peer: &str, mark: u32) -> TcpSocket {
         TcpSocket {
@@ -820,23 +862,21 @@ mod tests {
     /// (creates namespaces and loads the capture program); skipped otherwise.
     #[test]
     fn dns_capture_is_routed_to_the_dns_socket_and_taken_away() {
-        use crate::redirect::testing::{nameserver, sh, skip_unless_root, TestBpffs, TestPod};
-        use crate::socket::ListenFor;
+        use crate::redirect::testing::nameserver;
         use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
 
-        if skip_unless_root() {
+        let Some(Pinned {
+            t,
+            pin_dir,
+            home,
+            netns,
+            ips,
+            _fs,
+        }) = Pinned::new("ebpf-dns")
+        else {
             return;
-        }
-        let t = TestPod::new("ebpf-dns");
-        let fs = TestBpffs::mount();
-        let pin_dir = fs.path().join("pod");
-        let home = Netns::current().expect("own netns");
-        let netns = t.pod.open();
-        let ips = t.ips();
-        let listen = |port: u16| {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            crate::socket::listen_in(&netns, &home, addr, ListenFor::Ebpf).expect("listen")
         };
+        let listen = |port| Pinned::listen(&netns, &home, Ipv4Addr::LOCALHOST.into(), port);
         let (inbound, outbound) = (listen(15006), listen(15001));
         let dns = crate::dns::bind(&netns, &home, &ips, ListenFor::Ebpf).expect("DNS sockets");
         let dns6 = dns
@@ -847,8 +887,12 @@ mod tests {
         let rule = |family| t.pod.output(&["ip", family, "rule", "show", "pref", &pref]);
         let routed = |family| rule(family).contains("iif lo ipproto udp dport 53 lookup 133");
         let unrouted = |family| rule(family).trim().is_empty();
+        let outbound = Outbound {
+            v4: &outbound,
+            v6: None,
+        };
         let install =
-            |dns| install(&netns, &ips, &inbound, &outbound, &pin_dir, dns).expect("install");
+            |dns| install(&netns, &ips, &inbound, outbound, &pin_dir, dns).expect("install");
         // The next install adopts the capture, as a restarted agent does.
         let restart = |guard: CaptureGuard| {
             guard.keep_pinned();
@@ -905,13 +949,7 @@ mod tests {
         // predates IPv6 DNS capture (stood for by a four-slot socket map in its pins): the IPv4
         // rule stays, the IPv6 one goes, and the pod's IPv6 DNS goes to its resolver.
         restart(install(Some(&dns)));
-        let map_pin = pin_dir.join("listeners");
-        std::fs::remove_file(&map_pin).expect("remove the map pin");
-        let create = format!(
-            "bpftool map create {} type sockmap key 4 value 4 entries 4 name listeners",
-            map_pin.display()
-        );
-        sh(&create.split(' ').collect::<Vec<_>>());
+        pin_older_map(&pin_dir, 4);
         let guard = install(Some(&dns));
         assert!(guard.adopted());
         assert!(
@@ -922,6 +960,91 @@ mod tests {
         );
         drop(guard);
         remove(&t.pod.path()).expect("remove");
+    }
+
+    /// A dual-stack pod of its own, opened as the agent opens a pod's namespace, and a
+    /// private bpffs for its pins (unmounted when `_fs` goes: bind it when destructuring);
+    /// `None` (the test is skipped) without root.
+    struct Pinned {
+        t: crate::redirect::testing::TestPod,
+        _fs: crate::redirect::testing::TestBpffs,
+        pin_dir: PathBuf,
+        home: Netns,
+        netns: Netns,
+        ips: Vec<IpAddr>,
+    }
+
+    impl Pinned {
+        fn new(tag: &str) -> Option<Pinned> {
+            use crate::redirect::testing::{skip_unless_root, TestBpffs, TestPod};
+            if skip_unless_root() {
+                return None;
+            }
+            let t = TestPod::new(tag);
+            let fs = TestBpffs::mount();
+            Some(Pinned {
+                pin_dir: fs.path().join("pod"),
+                home: Netns::current().expect("own netns"),
+                netns: t.pod.open(),
+                ips: t.ips(),
+                t,
+                _fs: fs,
+            })
+        }
+
+        /// A listener of the agent's in the pod, on `ip`:`port`.
+        fn listen(netns: &Netns, home: &Netns, ip: IpAddr, port: u16) -> std::net::TcpListener {
+            let addr = SocketAddr::new(ip, port);
+            crate::socket::listen_in(netns, home, addr, ListenFor::Ebpf).expect("listen")
+        }
+    }
+
+    /// Stands for the pins of an earlier agent whose program's socket map had `slots` slots:
+    /// the map pin under `pin_dir` replaced by one of that size (the loader reads the size of
+    /// what it adopts from it).
+    fn pin_older_map(pin_dir: &Path, slots: u32) {
+        let map_pin = pin_dir.join("listeners");
+        std::fs::remove_file(&map_pin).expect("remove the map pin");
+        let create = format!(
+            "bpftool map create {} type sockmap key 4 value 4 entries {slots} name listeners",
+            map_pin.display()
+        );
+        crate::redirect::testing::sh(&create.split(' ').collect::<Vec<_>>());
+    }
+
+    /// A dual-stack pod's capture adopted from an agent that predates per-family outbound
+    /// listeners (a six-slot socket map in its pins) is installed all the same: its one
+    /// outbound slot takes the IPv6 listener, as that agent's did (with a warning that the
+    /// pod's IPv4 connections out fail closed). Needs root; skipped otherwise.
+    #[test]
+    fn a_capture_without_an_ipv6_outbound_slot_is_adopted_all_the_same() {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+
+        let Some(p) = Pinned::new("ebpf-out6") else {
+            return;
+        };
+        let listen = |ip, port| Pinned::listen(&p.netns, &p.home, ip, port);
+        let inbound = listen(Ipv4Addr::LOCALHOST.into(), 15006);
+        let v4 = listen(Ipv4Addr::LOCALHOST.into(), 15001);
+        let v6 = listen(Ipv6Addr::LOCALHOST.into(), 15001);
+        let outbound = Outbound {
+            v4: &v4,
+            v6: Some(&v6),
+        };
+        let install = || install(&p.netns, &p.ips, &inbound, outbound, &p.pin_dir, None);
+        let pod = p.t.pod.path();
+
+        let first = install().expect("install");
+        assert!(!first.adopted());
+        first.keep_pinned();
+        drop(first);
+        pin_older_map(&p.pin_dir, 6);
+        let adopted = install().expect("an older capture is adopted, not refused");
+        assert!(adopted.adopted());
+        assert!(rule_exists(&pod, "-4", PREF_CAPTURE));
+        assert!(rule_exists(&pod, "-6", PREF_CAPTURE));
+        drop(adopted);
+        remove(&pod).expect("remove");
     }
 
     #[test]

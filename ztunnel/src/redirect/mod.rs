@@ -11,14 +11,18 @@
 //! How a connection is captured:
 //! - **eBPF**: policy routing sends the pod's own TCP (`iif lo ipproto tcp`, unmarked) to
 //!   table 133, whose `local default dev lo` route delivers it locally, where the `sk_lookup`
-//!   program `ebpf/src/capture.bpf.c` hands the SYN to the agent's 15001 listener
-//!   (`IP_TRANSPARENT`); inbound SYNs from outside the pod (except to 15008, from the probe
+//!   program `ebpf/src/capture.bpf.c` hands the SYN to the agent's 15001 listener of its
+//!   family (`IP_TRANSPARENT`); inbound SYNs from outside the pod (except to 15008, from the probe
 //!   source, or the agent's own announced deliveries) go to 15006. No address is rewritten:
 //!   the accepted socket's `local_addr()` is the original destination. The link and maps are
 //!   pinned under `<bpf-fs>/ztunnel/<ns>_<pod>_<netns inode>/` so they outlive the agent,
 //!   which adopts them when it restarts (the pod fails closed meanwhile).
-//! - **nftables**: NAT redirects to 127.0.0.1:15001 / :15006; the original destination is
-//!   `SO_ORIGINAL_DST`.
+//! - **nftables**: NAT redirects to 127.0.0.1:15001 (IPv6: [::1]:15001) / :15006; the
+//!   original destination is `SO_ORIGINAL_DST`.
+//!
+//! Either way a connection reaches a listener of its own address family: a pod with an IPv6
+//! address gets a 15001 listener on 127.0.0.1 and one on [::1] (a socket bound to [::1] is
+//! v6-only), and its 15006 and 15008 on [::] take both families (`workloads.rs`).
 //!
 //! Node probes (kubelet) are not captured: the node SNATs its own connections to pods to
 //! `169.254.7.127` (as Istio's CNI does) and the pod's rules let that source through. That

@@ -2,8 +2,9 @@
 //!
 //! Rules, per pod namespace (table `inet ztunnel`):
 //! - outbound: TCP the application originates (not marked [`SKIP_MARK`], not to loopback) is
-//!   redirected to the agent's 15001 listener; the original destination is read back with
-//!   `SO_ORIGINAL_DST`.
+//!   redirected to the agent's 15001 listener of its family (`redirect` sends IPv4 to
+//!   127.0.0.1, IPv6 to [::1]: the agent listens on both in a pod with an IPv6 address); the
+//!   original destination is read back with `SO_ORIGINAL_DST` (`IP6T_SO_ORIGINAL_DST`).
 //! - inbound: TCP arriving from outside the pod, except to 15008 (HBONE, served directly) and
 //!   node probes (source [`PROBE_SOURCE_IP`]), is redirected to 15006.
 //! - source-IP preservation: the agent delivers inbound connections from a transparent socket

@@ -80,6 +80,31 @@ impl TestNetns {
         ip(&["-n", n, "link", "set", "eth0", "up"])
     }
 
+    /// Runs `f` on this thread inside the namespace, then returns to the test's: the sockets
+    /// `f` makes stay in the namespace.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let netns = ztunnel::netns::Netns::open(&self.path())?;
+        Ok(netns.run(&ztunnel::netns::Netns::current()?, f)?)
+    }
+
+    /// Joins this namespace to `peer` with a veth pair (`eth0` in each), `addrs` on this end
+    /// and `peer_addrs` on the other (any family, with their prefix length), both up. Nothing
+    /// leaves the two namespaces.
+    pub fn link(&self, addrs: &[String], peer: &TestNetns, peer_addrs: &[String]) -> Result<()> {
+        ip(&[
+            "link", "add", "name", "eth0", "netns", &self.name, "type", "veth", "peer", "name",
+            "eth0", "netns", &peer.name,
+        ])?;
+        for (ns, addrs) in [(self, addrs), (peer, peer_addrs)] {
+            for addr in addrs {
+                // `nodad`: usable at once (no one else is on the link).
+                ip(&["-n", &ns.name, "addr", "add", addr, "dev", "eth0", "nodad"])?;
+            }
+            ip(&["-n", &ns.name, "link", "set", "eth0", "up"])?;
+        }
+        Ok(())
+    }
+
     /// Starts a long sleep inside the namespace (a pod's sandbox process) and returns its pid.
     pub fn spawn_sleeper(&mut self) -> Result<u32> {
         let child = Command::new("ip")

@@ -171,6 +171,48 @@ impl Inbound {
     }
 }
 
+/// What bounds a listener's TLS handshakes, and the names its refusals are counted under.
+pub(crate) struct HandshakeLimits<'a> {
+    pub cap: &'a HandshakeCap,
+    pub timeout: Duration,
+    pub reporter: &'a str,
+    pub listener: &'a str,
+}
+
+/// How a server-side TLS handshake ended.
+pub(crate) enum Handshake {
+    Done(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Over the cap on handshakes in progress (or a source's share or rate): closed at once,
+    /// never queued; counted and logged by the cap (flag OM).
+    OverCap,
+    /// The handshake failed or timed out: the reason, for the caller to count and log.
+    Failed(String),
+}
+
+/// The TLS handshake of `tcp` from `peer` with `tls`, holding a slot of `limits.cap` until it
+/// ends, within `limits.timeout`. Shared by the HBONE listener and an ingress gateway's.
+pub(crate) async fn tls_handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    limits: &HandshakeLimits<'_>,
+    metrics: &mesh_telemetry::Metrics,
+) -> Handshake {
+    let Some(_slot) = limits
+        .cap
+        .admit(metrics, limits.reporter, limits.listener, peer)
+    else {
+        return Handshake::OverCap;
+    };
+    // Boxed: the handshake state is large and needed only until the connection is up.
+    let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(tls).accept(tcp));
+    match tokio::time::timeout(limits.timeout, handshake).await {
+        Ok(Ok(s)) => Handshake::Done(Box::new(s)),
+        Ok(Err(e)) => Handshake::Failed(format!("tls handshake: {e}")),
+        Err(_) => Handshake::Failed("tls handshake timed out".to_string()),
+    }
+}
+
 async fn handle_conn(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -188,18 +230,17 @@ async fn handle_conn(
             tracing::info!(target: "access", src_addr = %peer, flags = "TLS", %reason, suppressed, "connection refused");
         }
     };
-    // Over the cap on handshakes in progress: closed at once, never queued.
-    let Some(handshake_slot) = handshake_cap.admit(&inputs.metrics, REPORTER, "hbone", peer) else {
-        return;
+    let limits = HandshakeLimits {
+        cap: handshake_cap,
+        timeout: cfg.tls_handshake_timeout,
+        reporter: REPORTER,
+        listener: "hbone",
     };
-    // Boxed: the handshake state is large and needed only until the connection is up.
-    let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(tls).accept(tcp));
-    let stream = match tokio::time::timeout(cfg.tls_handshake_timeout, handshake).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return refuse(format!("tls handshake: {e}")),
-        Err(_) => return refuse("tls handshake timed out".to_string()),
+    let stream = match tls_handshake(tcp, peer, tls, &limits, &inputs.metrics).await {
+        Handshake::Done(s) => s,
+        Handshake::OverCap => return,
+        Handshake::Failed(reason) => return refuse(reason),
     };
-    drop(handshake_slot);
     let peer_id = match mesh_pki::tls::peer_identity(stream.get_ref().1) {
         Ok(id) => id,
         Err(e) => return refuse(format!("peer identity: {e}")),

@@ -35,6 +35,8 @@ use mesh_model::model::{
 };
 use mesh_shell::conns::Active;
 use mesh_shell::limits::{Cap, HandshakeCap};
+
+use crate::inbound::Handshake;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -295,31 +297,25 @@ impl Ingress {
         let inputs = self.inputs.clone();
         match tls {
             Some(config) => {
-                // Over the cap on handshakes in progress (or a source's share or rate): closed
-                // at once, never queued; counted OM.
-                let Some(handshake_slot) = self.limits.handshake_cap.admit(
-                    &self.inputs.metrics,
-                    REPORTER,
-                    "ingress",
-                    peer,
-                ) else {
-                    return;
+                let limits = crate::inbound::HandshakeLimits {
+                    cap: &self.limits.handshake_cap,
+                    timeout: self.limits.handshake_timeout,
+                    reporter: REPORTER,
+                    listener: "ingress",
                 };
-                // Boxed: the handshake state is large and needed only until the connection is up.
-                let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(tcp));
-                let timeout = self.limits.handshake_timeout;
-                let stream = match tokio::time::timeout(timeout, handshake).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        self.inputs.metrics.refused(REPORTER, "TLS");
-                        return tracing::debug!(error = %e, "ingress TLS handshake failed");
-                    }
-                    Err(_) => {
-                        self.inputs.metrics.refused(REPORTER, "TLS");
-                        return tracing::debug!("ingress TLS handshake timed out");
+                let metrics = &self.inputs.metrics;
+                let stream = match crate::inbound::tls_handshake(
+                    tcp, peer, config, &limits, metrics,
+                )
+                .await
+                {
+                    Handshake::Done(s) => s,
+                    Handshake::OverCap => return,
+                    Handshake::Failed(reason) => {
+                        metrics.refused(REPORTER, "TLS");
+                        return tracing::debug!(%reason, "ingress TLS handshake failed");
                     }
                 };
-                drop(handshake_slot);
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                 mesh_l7::http::serve(stream, h2, ctx, inputs).await
             }
